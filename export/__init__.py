@@ -1,0 +1,1 @@
+"""ssmstream.export — torch → ONNX step + prefill graphs."""

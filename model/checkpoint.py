@@ -1,0 +1,97 @@
+"""Checkpoint directories: config.json + model.safetensors + train_log.jsonl.
+
+    ckpt/
+      config.json         {"format": "ssmstream-checkpoint", "version": 1, "model": SSMConfig, ...}
+      model.safetensors   the network's state_dict (float32)
+      train_log.jsonl     one JSON object per logged training event (may be empty)
+
+`load_checkpoint` returns the network in eval mode and raises `CheckpointError`
+(a ValueError) naming the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .network import SSMConfig, SSMNetwork
+
+FORMAT = "ssmstream-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, corrupt or does not match its config."""
+
+
+def save_checkpoint(net: SSMNetwork, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `net` (config + weights) to directory `path`; keeps an existing train_log.jsonl.
+
+    `extra` (e.g. the training step and the optimizer state file name) goes into config.json.
+    Files are written to temporary names and renamed, so a crash never leaves half a file.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "version": VERSION, "model": net.cfg.to_dict(), **(extra or {})}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, path / "model.safetensors.tmp")
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+    (path / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(path / "config.json.tmp", path / "config.json")
+    (path / "train_log.jsonl").touch()
+    return path
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """config.json of a checkpoint directory, validated."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: not an ssmstream checkpoint directory")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+        raise CheckpointError(f"{cfg_file} is not an ssmstream checkpoint config")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{cfg_file}: checkpoint version {meta.get('version')} unsupported (want {VERSION})")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> SSMNetwork:
+    """Load a checkpoint directory -> SSMNetwork in eval mode."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    try:
+        cfg = SSMConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: invalid model config: {e}") from e
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    try:
+        state = load_file(weights, device=map_location)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} is corrupt: {e}") from e
+    net = SSMNetwork(cfg)
+    expected = net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(
+                f"{weights}: tensor {k!r} has shape {tuple(v.shape)}, config wants {tuple(expected[k].shape)}"
+            )
+    net.load_state_dict(state)
+    return net.eval()

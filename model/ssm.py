@@ -1,0 +1,152 @@
+"""The SSM math as small pure functions.
+
+Continuous SSM  x'(t) = A x(t) + B u(t),  y(t) = C x(t) + D u(t).
+Discretized with step dt:  x_k = dA x_{k-1} + dB u_k,  y_k = C x_k + D u_k.
+Unrolled, the output is a causal convolution y = K * u with the SSM kernel
+K = (C dB, C dA dB, ..., C dA^{L-1} dB), computed in O(L log L) by FFT.
+
+Training uses the convolution, serving uses the recurrence; both compute the
+same function (tests/model prove it).
+
+References: Gu et al., "On the Parameterization and Initialization of Diagonal
+State Space Models" (S4D, 2022); Smith et al., "Simplified State Space Layers"
+(S5, 2023) for the discretizations side by side.
+
+Dimension letters: L sequence length, N state size (complex modes for the
+diagonal forms), M input width, P output width, '...' any batch of SSMs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+METHODS = ("euler", "backward_euler", "bilinear", "zoh", "gbt")
+
+_ALPHA = {"euler": 0.0, "bilinear": 0.5, "backward_euler": 1.0}
+
+
+def _check_method(method: str, alpha: float) -> float:
+    """The GBT α of a named method; -1 for zoh (not in the GBT family)."""
+    if method == "zoh":
+        return -1.0
+    if method == "gbt":
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] for method='gbt', got {alpha}")
+        return float(alpha)
+    if method in _ALPHA:
+        return _ALPHA[method]
+    raise ValueError(f"unknown discretization method {method!r}; expected one of {METHODS}")
+
+
+def discretize(
+    A: Tensor, B: Tensor, dt: Tensor, method: str = "zoh", alpha: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """Discretize a diagonal SSM (elementwise; A complex [..., N]).
+
+    gbt(α):  dA = (1 + (1-α) dt A) / (1 - α dt A),   dB = dt B / (1 - α dt A)
+             (α=0 euler, α=½ bilinear, α=1 backward_euler)
+    zoh:     dA = exp(dt A),                          dB = (exp(dt A) - 1) / A · B
+
+    Args:
+        A: [..., N] complex diagonal of the state matrix.
+        B: broadcastable to A (e.g. [..., N] or [..., N, M] with A[..., N, 1]).
+        dt: broadcastable step sizes, e.g. [H, 1]; must be positive.
+    Returns:
+        (dA, dB) with the broadcast shapes of (A, dt) and (A, B, dt).
+    """
+    a = _check_method(method, alpha)
+    dtA = dt * A
+    if a < 0:  # zoh
+        dA = torch.exp(dtA)
+        return dA, (dA - 1) / A * B
+    denom = 1 - a * dtA
+    return (1 + (1 - a) * dtA) / denom, dt * B / denom
+
+
+def discretize_dense(
+    A: Tensor, B: Tensor, dt: float | Tensor, method: str = "zoh", alpha: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """Discretize a dense SSM, A [N, N], B [N, M].
+
+    gbt(α):  dA = (I - α dt A)^{-1} (I + (1-α) dt A),  dB = (I - α dt A)^{-1} dt B
+    zoh:     dA = exp(dt A),  dB = A^{-1} (exp(dt A) - I) B
+    """
+    a = _check_method(method, alpha)
+    if A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"A must be square [N, N], got shape {tuple(A.shape)}")
+    if B.dim() != 2 or B.shape[0] != A.shape[0]:
+        raise ValueError(f"B must be [N, M] with N={A.shape[0]}, got shape {tuple(B.shape)}")
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    dtA = dt * A
+    if a < 0:  # zoh
+        dA = torch.linalg.matrix_exp(dtA)
+        return dA, torch.linalg.solve(A, (dA - eye) @ B)
+    lhs = eye - a * dtA
+    return torch.linalg.solve(lhs, eye + (1 - a) * dtA), torch.linalg.solve(lhs, dt * B)
+
+
+def vandermonde(dA: Tensor, L: int) -> Tensor:
+    """Powers dA^l for l = 0..L-1: [..., N] -> [..., N, L].
+
+    Computed as exp(l · log dA), which keeps float64 accuracy for long L.
+    """
+    l = torch.arange(L, device=dA.device, dtype=dA.real.dtype)  # [L]
+    return torch.exp(torch.log(dA).unsqueeze(-1) * l)  # [..., N, L]
+
+
+def ssm_kernel(dA: Tensor, dB: Tensor, C: Tensor, L: int) -> Tensor:
+    """Diagonal SSM kernel  K[..., l] = Σ_n C_n dA_n^l dB_n  (complex).
+
+    dA, dB, C broadcast over [..., N]; the layer applies its conjugate-pair
+    convention (2·Re) on top.
+    Returns: [..., L] complex.
+    """
+    V = vandermonde(dA, L)  # [..., N, L]
+    return torch.einsum("...n,...nl->...l", C * dB, V)
+
+
+def ssm_kernel_dense(dA: Tensor, dB: Tensor, C: Tensor, L: int) -> Tensor:
+    """Dense SSM kernel  K[l] = C dA^l dB,  dA [N, N], dB [N, M], C [P, N] -> [L, P, M]."""
+    K = []
+    x = dB  # [N, M] = dA^0 dB
+    for _ in range(L):
+        K.append(C @ x)  # [P, M]
+        x = dA @ x
+    return torch.stack(K)  # [L, P, M]
+
+
+def causal_conv(u: Tensor, K: Tensor) -> Tensor:
+    """Causal convolution  y_l = Σ_{j ≤ l} K_j u_{l-j}  by FFT (zero-pad to 2L).
+
+    u, K: real, broadcastable [..., L] (K may be shorter than u: zero-extended).
+    Returns: [..., L].
+    """
+    L = u.shape[-1]
+    n = 2 * L
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n), n=n)  # [..., 2L]
+    return y[..., :L]
+
+
+def causal_conv_mimo(u: Tensor, K: Tensor) -> Tensor:
+    """Multi-input causal convolution  y_p = Σ_m K_{p,m} * u_m  by FFT.
+
+    u: [B, H, M, L], K: [H, P, M, L] -> y: [B, H, P, L]. The sum over inputs is done
+    in the frequency domain, so memory stays O(B·H·(M+P)·L) and time O(L log L).
+    """
+    L = u.shape[-1]
+    n = 2 * L
+    U = torch.fft.rfft(u, n=n)  # [B, H, M, n/2+1]
+    Kf = torch.fft.rfft(K, n=n)  # [H, P, M, n/2+1]
+    Y = torch.einsum("bhmf,hpmf->bhpf", U, Kf)  # [B, H, P, n/2+1]
+    return torch.fft.irfft(Y, n=n)[..., :L]
+
+
+def rescale_dt(dt: Tensor, factor: float) -> Tensor:
+    """Inputs sampled at `factor`× the training rate → dt / factor.
+
+    Resampling a signal by c is absorbed by scaling Δ; no retraining.
+    """
+    if not factor > 0:
+        raise ValueError(f"factor must be positive, got {factor}")
+    return dt / factor

@@ -1,0 +1,1 @@
+"""ssmstream.protos — the .proto and its generated stubs."""

@@ -1,0 +1,1 @@
+"""ssmstream.runtime — onnxruntime serving; never imports torch."""

@@ -1,0 +1,44 @@
+"""The `ssmstream` command: one entry point, subcommands imported lazily.
+
+Each subcommand lives in its own module with `main(argv) -> int`; only the chosen
+one is imported, so `ssmstream serve` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv), one-line help)
+COMMANDS = {
+    "train": ("ssmstream.model.train", "train an SSM in convolutional mode (torch)"),
+    "export": ("ssmstream.export.cli", "export a checkpoint to step/prefill ONNX graphs"),
+    "verify": ("ssmstream.export.verify_cli", "re-run the parity check of an exported model"),
+    "info": ("ssmstream.runtime.info", "print an exported model's manifest as a table"),
+    "serve": ("ssmstream.runtime.server", "serve an exported model over gRPC"),
+    "generate": ("ssmstream.runtime.client", "stream a generation from a running server"),
+    "bench": ("ssmstream.runtime.bench", "quick step-latency benchmark of an exported model"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: ssmstream <command> [options]   (ssmstream <command> --help)", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ssmstream: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

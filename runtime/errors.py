@@ -1,0 +1,52 @@
+"""The runtime's own error types. The gRPC server maps each to one status code
+(in one place, runtime/server); library users catch them directly.
+
+    InvalidInput       → INVALID_ARGUMENT   (message names the field)
+    SessionNotFound    → NOT_FOUND          (unknown / closed / evicted: `reason` says which)
+    LimitExceeded      → RESOURCE_EXHAUSTED (capacity, per-principal, sizes)
+    SessionBusy        → FAILED_PRECONDITION (already attached / a step in flight)
+    Unavailable        → UNAVAILABLE        (draining)
+    ModelError         → FAILED_PRECONDITION at load (bad manifest, sha mismatch, foreign snapshot)
+    EngineFailure      → INTERNAL           (onnxruntime failed inside a batch)
+"""
+
+from __future__ import annotations
+
+
+class RuntimeErrorBase(Exception):
+    """Base class of every error the runtime raises on purpose."""
+
+
+class InvalidInput(RuntimeErrorBase, ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class SessionNotFound(RuntimeErrorBase, KeyError):
+    def __init__(self, session_id: str, reason: str = "unknown"):
+        super().__init__(session_id)
+        self.session_id, self.reason = session_id, reason
+
+    def __str__(self) -> str:
+        return f"session {self.session_id!r} not found ({self.reason})"
+
+
+class LimitExceeded(RuntimeErrorBase):
+    pass
+
+
+class SessionBusy(RuntimeErrorBase):
+    pass
+
+
+class Unavailable(RuntimeErrorBase):
+    pass
+
+
+class ModelError(RuntimeErrorBase, ValueError):
+    pass
+
+
+class EngineFailure(RuntimeErrorBase):
+    pass

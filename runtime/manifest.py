@@ -1,0 +1,82 @@
+"""manifest.json: everything a runtime needs to run an exported model, without torch.
+
+Written by `ssmstream.export`, read by `ssmstream.runtime`; this module is the one
+definition of the format both sides use.
+
+    {
+      "format": "ssmstream-model", "format_version": 1,
+      "name": str,                      # model name (the export dir name by default)
+      "model": {...},                   # the SSMConfig as a dict
+      "input_kind": "tokens" | "values",
+      "vocab_size": int | null, "d_input": int | null, "d_output": int,
+      "state_size": S, "state_dtype": "float32",
+      "state_layout": [{"layer": i, "offset": o, "shape": [2, H, N/2], "size": n}],  # re, im
+      "dtype": "fp32" | "fp16" | "int8", "opset": int, "dt_scale": float,
+      "graphs": {
+        "step":    {"file": "step.onnx",    "sha256": hex, "nodes": int, "bytes": int},
+        "prefill": {"file": "prefill.onnx", "sha256": hex, "nodes": int, "bytes": int,
+                    "chunk": C}             # absent with --no-prefill; T must be a multiple of C
+      },
+      "exporter": {"ssmstream": v, "torch": v, "onnx": v, "onnxruntime": v},
+      "parity": {...},                  # the verification report (see ssmstream.export.verify)
+      "created": ISO-8601 time
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import ModelError
+
+FORMAT = "ssmstream-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED = ("name", "input_kind", "d_output", "state_size", "state_layout", "dtype", "graphs")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
+    """Read and validate MODEL_DIR/manifest.json; with check_sha, verify every graph file."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: not an exported ssmstream model directory")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ModelError(f"{path} is not an ssmstream model manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{path}: format_version {m.get('format_version')!r} is not supported "
+            f"(this runtime reads version {FORMAT_VERSION}); re-export the model"
+        )
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        raise ModelError(f"{path}: missing fields {missing}")
+    if m["input_kind"] not in ("tokens", "values"):
+        raise ModelError(f"{path}: input_kind must be 'tokens' or 'values', got {m['input_kind']!r}")
+    if "step" not in m["graphs"]:
+        raise ModelError(f"{path}: graphs.step is missing")
+    for name, g in m["graphs"].items():
+        f = model_dir / g["file"]
+        if not f.is_file():
+            raise ModelError(f"{f} ({name} graph) is missing")
+        if check_sha and sha256_file(f) != g["sha256"]:
+            raise ModelError(
+                f"{f} ({name} graph) does not match the sha256 in {MANIFEST}: "
+                "the file was modified or truncated; re-export the model"
+            )
+    return m
