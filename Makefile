@@ -30,5 +30,9 @@ fmt: $(STAMP)
 	$(BIN)/ruff format model export runtime tests benchmarks examples
 	$(BIN)/ruff check --fix .
 
+# regenerate the committed gRPC/protobuf stubs from protos/inference.proto
+protos: $(STAMP)
+	$(BIN)/python -m ssmstream.protos.generate
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
