@@ -38,7 +38,9 @@ def save_checkpoint(net: SSMNetwork, path: str | os.PathLike, extra: dict | None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "model": net.cfg.to_dict(), **(extra or {})}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()
+    }
     save_file(tensors, path / "model.safetensors.tmp")
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     (path / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
@@ -62,7 +64,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{cfg_file} is not an ssmstream checkpoint config")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{cfg_file}: checkpoint version {meta.get('version')} unsupported (want {VERSION})")
+        raise CheckpointError(
+            f"{cfg_file}: checkpoint version {meta.get('version')} unsupported (want {VERSION})"
+        )
     return meta
 
 
@@ -72,6 +76,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> SSMNe
     meta = read_checkpoint_meta(path)
     try:
         cfg = SSMConfig.from_dict(meta["model"])
+        net = SSMNetwork(cfg)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / 'config.json'}: invalid model config: {e}") from e
     weights = path / "model.safetensors"
@@ -81,17 +86,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> SSMNe
         state = load_file(weights, device=map_location)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is corrupt: {e}") from e
-    net = SSMNetwork(cfg)
     expected = net.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{weights} does not match config.json: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for k, v in state.items():
         if v.shape != expected[k].shape:
             raise CheckpointError(
-                f"{weights}: tensor {k!r} has shape {tuple(v.shape)}, config wants {tuple(expected[k].shape)}"
+                f"{weights}: tensor {k!r} has shape {tuple(v.shape)}, "
+                f"config.json wants {tuple(expected[k].shape)}"
             )
     net.load_state_dict(state)
     return net.eval()

@@ -17,6 +17,12 @@ Two views of one function (Gu et al. 2022, S4D):
     forward(u)   convolution  y = K * u + D u,   K[h,p,m,l] = 2 Re Σ_n C_pn dA_n^l dB_nm
     step(u, x)   recurrence   x = dA x + dB u,   y = 2 Re(C x) + D u
 
+The convolution has two O(L log L) evaluations of the same sum, picked by cost:
+    kernel path (M² ≤ N/2, e.g. SISO)   build K [H, M, M, L], convolve each (p, m) pair
+    mode path   (M² > N/2, e.g. MIMO)   project v = dB u onto the N/2 modes, run the
+                diagonal recurrence for all l at once (`diagonal_scan`), read out 2 Re(C x)
+so a wide MIMO layer never builds its M²·L kernel.
+
 Dimension letters: B batch, L length, D model width, H heads, M head width
 (inputs = outputs per head), N state (N/2 complex modes, written n).
 """
@@ -28,7 +34,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .ssm import METHODS, causal_conv_mimo, discretize, vandermonde
+from .ssm import METHODS, causal_conv_mimo, diagonal_scan, discretize, vandermonde
 
 INITS = ("s4d-lin", "s4d-inv", "s4d-real")
 
@@ -86,7 +92,9 @@ class SSM(nn.Module):
         if heads <= 0 or d_model % heads:
             raise ValueError(f"heads={heads} must be positive and divide d_model={d_model}")
         if discretization not in METHODS:
-            raise ValueError(f"unknown discretization {discretization!r}; expected one of {METHODS}")
+            raise ValueError(
+                f"unknown discretization {discretization!r}; expected one of {METHODS}"
+            )
         if discretization == "gbt" and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if not 0 < dt_min <= dt_max:
@@ -106,8 +114,9 @@ class SSM(nn.Module):
         self.B = nn.Parameter(torch.view_as_real(B))  # [H, N/2, M, 2]
         C = torch.randn(H, M, N2, dtype=torch.cfloat) / math.sqrt(M)  # [H, P=M, N/2]
         self.C = nn.Parameter(torch.view_as_real(C))  # [H, M, N/2, 2]
-        self.D = nn.Parameter(torch.randn(d_model))  # [D]
-        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        self.D = nn.Parameter(torch.randn(d_model, dtype=torch.float32))  # [D]
+        log_dt = torch.rand(H, dtype=torch.float32)  # [H], log-uniform in [dt_min, dt_max]
+        log_dt = log_dt * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         self.log_dt = nn.Parameter(log_dt)  # [H]
 
     def ssm_parameters(self) -> list[nn.Parameter]:
@@ -132,14 +141,31 @@ class SSM(nn.Module):
         K = torch.bmm(W, vandermonde(dA, L))  # [H, P·M, L]
         return 2 * K.real.reshape(H, M, M, L)
 
+    @property
+    def uses_mode_path(self) -> bool:
+        """True when forward convolves in mode space (cheaper when M² > N/2)."""
+        return self.M * self.M > self.N2
+
+    def conv_kernel_path(self, uh: Tensor) -> Tensor:
+        """y = K * u with the explicit kernel. uh: [B, H, M, L] -> [B, H, M, L]."""
+        return causal_conv_mimo(uh, self.kernel(uh.shape[-1]))
+
+    def conv_mode_path(self, uh: Tensor) -> Tensor:
+        """y = 2 Re(C x) with all states x by `diagonal_scan`. uh: [B, H, M, L] -> [B, H, M, L]."""
+        dA, dB, C = self.discrete()  # [H, N/2], [H, N/2, M], [H, M, N/2]
+        v = torch.einsum("hnm,bhml->bhnl", dB, uh.to(dB.dtype))  # [B, H, N/2, L]
+        x = diagonal_scan(dA, v)  # [B, H, N/2, L]
+        return 2 * torch.einsum("hpn,bhnl->bhpl", C, x).real  # [B, H, M, L]
+
     def forward(self, u: Tensor) -> Tensor:
         """Convolution mode. u: [B, L, D] -> y: [B, L, D]."""
-        if u.dim() != 3 or u.shape[-1] != self.d_model:
-            raise ValueError(f"u must be [B, L, {self.d_model}], got shape {tuple(u.shape)}")
+        if u.dim() != 3 or u.shape[-1] != self.d_model or u.shape[1] < 1:
+            raise ValueError(f"u must be [B, L >= 1, {self.d_model}], got shape {tuple(u.shape)}")
         Bsz, L, _ = u.shape
         H, M = self.heads, self.M
         uh = u.transpose(1, 2).reshape(Bsz, H, M, L)  # [B, H, M, L]
-        y = causal_conv_mimo(uh, self.kernel(L))  # [B, H, M, L]
+        conv = self.conv_mode_path if self.uses_mode_path else self.conv_kernel_path
+        y = conv(uh)  # [B, H, M, L]
         y = y.reshape(Bsz, self.d_model, L).transpose(1, 2)  # [B, L, D]
         return y + u * self.D
 
@@ -153,9 +179,10 @@ class SSM(nn.Module):
         """Recurrence mode. u: [B, D], x: [B, H, N/2] complex -> (y [B, D], x [B, H, N/2])."""
         if u.dim() != 2 or u.shape[-1] != self.d_model:
             raise ValueError(f"u must be [B, {self.d_model}], got shape {tuple(u.shape)}")
-        if x.shape != (u.shape[0], self.heads, self.N2):
+        if x.shape != (u.shape[0], self.heads, self.N2) or not x.is_complex():
             raise ValueError(
-                f"x must be [{u.shape[0]}, {self.heads}, {self.N2}], got shape {tuple(x.shape)}"
+                f"x must be complex [{u.shape[0]}, {self.heads}, {self.N2}], "
+                f"got {x.dtype} {tuple(x.shape)}"
             )
         dA, dB, C = self.discrete()
         uh = u.reshape(-1, self.heads, self.M).to(dB.dtype)  # [B, H, M]

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers import SSM
+from .layers import INITS, SSM
+from .ssm import METHODS
 
 
 @dataclass
@@ -66,6 +67,26 @@ class SSMConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        # The layer checks these too; checking here makes a bad config fail when it is
+        # made (CLI flags, config.json), naming the field, before any module is built.
+        if self.d_state % 2:
+            raise ValueError(f"d_state must be even (N/2 conjugate pairs), got {self.d_state}")
+        if self.heads is not None and (self.heads <= 0 or self.d_model % self.heads):
+            raise ValueError(
+                f"heads={self.heads} must be positive and divide d_model={self.d_model}"
+            )
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
+        if self.discretization not in METHODS:
+            raise ValueError(
+                f"unknown discretization {self.discretization!r}; expected one of {METHODS}"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(
+                f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}"
+            )
 
     @property
     def input_kind(self) -> str:
@@ -104,7 +125,9 @@ class Block(nn.Module):
             cfg.dt_min, cfg.dt_max,
         )  # fmt: skip
         self.drop = nn.Dropout(cfg.dropout)
-        self.out = nn.Sequential(nn.Linear(D, 2 * D), nn.GLU(dim=-1)) if cfg.glu else nn.Linear(D, D)
+        self.out = (
+            nn.Sequential(nn.Linear(D, 2 * D), nn.GLU(dim=-1)) if cfg.glu else nn.Linear(D, D)
+        )
 
     def _mix(self, y: Tensor) -> Tensor:
         """Per-time-step part after the SSM (shared by forward and step)."""
@@ -141,7 +164,9 @@ class SSMNetwork(nn.Module):
         cfg, lead = self.cfg, ("B, L" if time_axis else "B")
         if cfg.input_kind == "tokens":
             if inp.dim() != (2 if time_axis else 1) or inp.dtype != torch.long:
-                raise ValueError(f"input must be int64 [{lead}] tokens, got {inp.dtype} {tuple(inp.shape)}")
+                raise ValueError(
+                    f"input must be int64 [{lead}] tokens, got {inp.dtype} {tuple(inp.shape)}"
+                )
         elif inp.dim() != (3 if time_axis else 2) or inp.shape[-1] != cfg.d_input:
             raise ValueError(f"input must be float [{lead}, {cfg.d_input}], got {tuple(inp.shape)}")
 
@@ -162,6 +187,11 @@ class SSMNetwork(nn.Module):
         self._check_input(inp, time_axis=False)
         if len(states) != len(self.blocks):
             raise ValueError(f"states must hold {len(self.blocks)} layer states, got {len(states)}")
+        for i, (ssm, x) in enumerate(zip(self.ssms, states)):
+            want = (inp.shape[0], ssm.heads, ssm.N2)
+            if not isinstance(x, Tensor) or x.shape != want or not x.is_complex():
+                got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"states[{i}] must be complex {list(want)}, got {got}")
         z = self.encoder(inp)  # [B, D]
         new_states = []
         for block, x in zip(self.blocks, states):
@@ -190,7 +220,7 @@ class SSMNetwork(nn.Module):
         """Real [B, S] -> complex per-layer states [B, H, N/2]."""
         S = self.cfg.state_size
         if packed.dim() != 2 or packed.shape[1] != S:
-            raise ValueError(f"state must be [B, {S}], got shape {tuple(packed.shape)}")
+            raise ValueError(f"packed state must be [B, S={S}], got shape {tuple(packed.shape)}")
         states = []
         for entry in self.state_layout():
             o, (_, H, N2) = entry["offset"], entry["shape"]

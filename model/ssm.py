@@ -119,11 +119,13 @@ def ssm_kernel_dense(dA: Tensor, dB: Tensor, C: Tensor, L: int) -> Tensor:
 def causal_conv(u: Tensor, K: Tensor) -> Tensor:
     """Causal convolution  y_l = Σ_{j ≤ l} K_j u_{l-j}  by FFT (zero-pad to 2L).
 
-    u, K: real, broadcastable [..., L] (K may be shorter than u: zero-extended).
+    u, K: real, broadcastable [..., L] (K may be shorter than u: zero-extended; taps
+    beyond L cannot reach y and are dropped, so they do not wrap around the FFT).
     Returns: [..., L].
     """
     L = u.shape[-1]
     n = 2 * L
+    K = K[..., :L]
     y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n), n=n)  # [..., 2L]
     return y[..., :L]
 
@@ -136,10 +138,27 @@ def causal_conv_mimo(u: Tensor, K: Tensor) -> Tensor:
     """
     L = u.shape[-1]
     n = 2 * L
+    K = K[..., :L]  # longer taps cannot reach y (and would wrap around)
     U = torch.fft.rfft(u, n=n)  # [B, H, M, n/2+1]
     Kf = torch.fft.rfft(K, n=n)  # [H, P, M, n/2+1]
     Y = torch.einsum("bhmf,hpmf->bhpf", U, Kf)  # [B, H, P, n/2+1]
     return torch.fft.irfft(Y, n=n)[..., :L]
+
+
+def diagonal_scan(dA: Tensor, v: Tensor) -> Tensor:
+    """All states of the diagonal recurrence  x_l = dA x_{l-1} + v_l  (x_{-1} = 0) by FFT.
+
+    Unrolled, x_l = Σ_{j ≤ l} dA^j v_{l-j}: a causal convolution of v with the geometric
+    kernel (1, dA, dA², …), so time is O(L log L) and nothing is L×L.
+
+    dA: complex [..., N]; v: complex [..., N, L] (leading dims broadcast with dA).
+    Returns: complex [..., N, L], the state after each step.
+    """
+    L = v.shape[-1]
+    n = 2 * L
+    V = vandermonde(dA, L)  # [..., N, L]
+    X = torch.fft.fft(v, n=n) * torch.fft.fft(V, n=n)  # [..., N, 2L]
+    return torch.fft.ifft(X, n=n)[..., :L]
 
 
 def rescale_dt(dt: Tensor, factor: float) -> Tensor:
