@@ -1,0 +1,612 @@
+"""`ssmstream train`: train an SSMNetwork in convolutional mode.
+
+    ssmstream train --out ckpt/                              # byte LM on the Python stdlib
+    ssmstream train --task signal --rate 16 --out sig/       # regression on sinusoids
+    torchrun --nproc-per-node 2 -m ssmstream.model.train ... # DistributedDataParallel
+
+Optimizer: AdamW with two parameter groups,
+
+    ssm    = each layer's ssm_parameters() (A, Δ, B):  lr = ssm_lr, weight decay 0
+    other  = everything else: lr = lr, weight decay on matrices only (dim ≥ 2)
+
+and one schedule for both: linear warm-up over `warmup_steps`, then cosine from 1 to
+`min_lr_ratio` at `steps`,
+
+    s(k) = k / w                                       k < w
+    s(k) = m + (1 − m) · ½ (1 + cos(π (k − w) / (T − w)))   otherwise
+
+Gradients are clipped to a global norm `grad_clip`. The loss is cross-entropy (text,
+nats; bits per byte = loss / ln 2) or mean squared error (signal).
+
+Determinism: the batch and the dropout masks of step k on rank r are drawn from seeds
+derived from (seed, r, k), so `--resume` from a checkpoint at step k continues exactly
+as an uninterrupted run would (same batches, restored AdamW + schedule state).
+
+Distributed: when WORLD_SIZE > 1 (torchrun sets it, with RANK / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT) the network runs under DistributedDataParallel, gloo on
+CPU and nccl on CUDA; `batch_size` is per process. Only rank 0 writes logs and
+checkpoints and shows the progress bar.
+
+Checkpoint directory (`--out`): config.json + model.safetensors (model/checkpoint.py),
+train_log.jsonl (one JSON object per log or eval event) and train_state.pt (optimizer,
+schedule, step), written at every `save_every` steps and at the end.
+
+Dimension letters: B batch (per process), L sequence length, V vocabulary (256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .data import (
+    SIGNAL_TARGETS,
+    VOCAB_SIZE,
+    SignalConfig,
+    TextData,
+    load_text,
+    signal_batch,
+    text_batch,
+)
+from .layers import INITS
+from .network import SSMConfig, SSMNetwork
+from .ssm import METHODS
+
+log = logging.getLogger(__name__)
+
+TASKS = ("text", "signal")
+DEVICES = ("auto", "cpu", "cuda")
+TRAIN_STATE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the network (that is SSMConfig)."""
+
+    task: str = field(default="text", metadata=_help("text (byte LM, vocab 256) or signal"))
+    out: str = field(default="ckpt", metadata=_help("checkpoint directory to write"))
+    data: list[str] | None = field(
+        default=None,
+        metadata=_help("text files/directories (default: the Python stdlib's .py sources)"),
+    )
+    glob: str | None = field(
+        default=None, metadata=_help("file pattern inside --data directories (default: all)")
+    )
+    val_fraction: float = field(default=0.05, metadata=_help("share of files held out for eval"))
+    seq_len: int = field(default=512, metadata=_help("L, bytes per training window (text)"))
+    batch_size: int = field(default=16, metadata=_help("B, sequences per step and process"))
+    steps: int = field(default=2000, metadata=_help("length of the schedule in optimizer steps"))
+    stop_after: int | None = field(
+        default=None,
+        metadata=_help("stop (with a checkpoint) after this step; continue with --resume"),
+    )
+    lr: float = field(default=2e-3, metadata=_help("peak learning rate of non-SSM parameters"))
+    ssm_lr: float = field(default=1e-3, metadata=_help("peak learning rate of A, Δ, B"))
+    weight_decay: float = field(default=0.05, metadata=_help("AdamW decay of weight matrices"))
+    warmup_steps: int = field(default=100, metadata=_help("linear warm-up steps"))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("final lr as a fraction of peak"))
+    grad_clip: float = field(default=1.0, metadata=_help("global gradient-norm clip (0: off)"))
+    log_every: int = field(default=10, metadata=_help("steps between train_log lines"))
+    eval_every: int = field(default=250, metadata=_help("steps between evaluations"))
+    eval_batches: int = field(default=8, metadata=_help("batches per evaluation"))
+    save_every: int | None = field(
+        default=None, metadata=_help("steps between checkpoints (default: --eval-every)")
+    )
+    resume: bool = field(default=False, metadata=_help("continue the run saved in --out"))
+    device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
+    seed: int = field(default=0, metadata=_help("seed of init, batches and dropout"))
+    threads: int | None = field(
+        default=None, metadata=_help("torch CPU threads (default: torch's)")
+    )
+    progress: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+    signal: SignalConfig = field(default_factory=SignalConfig)
+
+    def __post_init__(self):
+        if isinstance(self.signal, dict):
+            self.signal = SignalConfig(**self.signal)
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; expected one of {DEVICES}")
+        positive = ("seq_len", "batch_size", "steps", "log_every", "eval_every", "eval_batches")
+        for name in positive + ("save_every", "stop_after", "threads"):
+            value = getattr(self, name)
+            if (name in positive or value is not None) and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("lr", "ssm_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "warmup_steps", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}"
+            )
+        if self.data is not None and not self.data:
+            raise ValueError("data must name at least one file or directory")
+
+    @property
+    def length(self) -> int:
+        """L of a training sequence for this task."""
+        return self.seq_len if self.task == "text" else self.signal.length
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What `fit` returns: the trained network (unwrapped, eval mode) and where it is saved."""
+
+    net: SSMNetwork
+    checkpoint: Path
+    step: int
+    last_eval: dict | None
+
+
+def default_model_config(task: str, **overrides) -> SSMConfig:
+    """The network for a task: vocab 256 for text, d_input = d_output = 1 for signal."""
+    if task == "text":
+        return SSMConfig(vocab_size=VOCAB_SIZE, **overrides)
+    if task == "signal":
+        return SSMConfig(d_input=1, d_output=1, **overrides)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def check_model_for_task(cfg: SSMConfig, task: str) -> None:
+    """A clear error when the network cannot be trained on the task."""
+    if task == "text" and (cfg.vocab_size != VOCAB_SIZE or cfg.d_output != VOCAB_SIZE):
+        raise ValueError(
+            f"task 'text' needs a token model with vocab_size = d_output = {VOCAB_SIZE}, "
+            f"got vocab_size={cfg.vocab_size}, d_output={cfg.d_output}"
+        )
+    if task == "signal" and (cfg.d_input != 1 or cfg.d_output != 1):
+        raise ValueError(
+            f"task 'signal' needs d_input = d_output = 1, got d_input={cfg.d_input}, "
+            f"d_output={cfg.d_output}"
+        )
+
+
+# --- pieces -----------------------------------------------------------------------------
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple, stable across processes and machines."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Warm-up + cosine multiplier s(k) of the module docstring (k = optimizer steps done)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(net: SSMNetwork, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: SSM (A, Δ, B; own lr, no decay), decayed matrices, the rest undecayed."""
+    ssm_ids = {id(p) for layer in net.ssms for p in layer.ssm_parameters()}
+    ssm, decay, no_decay = [], [], []
+    for p in net.parameters():
+        if id(p) in ssm_ids:
+            ssm.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [
+        {"name": "ssm", "params": ssm, "lr": cfg.ssm_lr, "weight_decay": 0.0},
+        {"name": "decay", "params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(
+    net: SSMNetwork, cfg: TrainConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    groups = [g for g in param_groups(net, cfg) if g["params"]]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: lr_factor(k, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    )
+    return opt, sched
+
+
+def loss_fn(task: str, out: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy in nats (text: out [B, L, V], y int64 [B, L]) or MSE (signal)."""
+    if task == "text":
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return nn.functional.mse_loss(out, y)
+
+
+class Batches:
+    """Training and evaluation batches of a task; batch k of rank r depends on (seed, r, k)."""
+
+    def __init__(self, cfg: TrainConfig, text: TextData | None):
+        self.cfg, self.text = cfg, text
+
+    def get(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        if cfg.task == "text":
+            return text_batch(self.text.split(split), cfg.batch_size, cfg.seq_len, generator)
+        return signal_batch(cfg.signal, cfg.batch_size, generator)
+
+    def train(self, rank: int, step: int) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(derived_seed(self.cfg.seed, "train", rank, step))
+        return self.get("train", g)
+
+    def eval(self) -> list[tuple[Tensor, Tensor]]:
+        """The same `eval_batches` batches at every evaluation, so evals are comparable."""
+        g = torch.Generator().manual_seed(derived_seed(self.cfg.seed, "eval"))
+        return [self.get("val", g) for _ in range(self.cfg.eval_batches)]
+
+
+@torch.no_grad()
+def evaluate(net: SSMNetwork, task: str, batches: list[tuple[Tensor, Tensor]], device) -> dict:
+    """Mean loss over the batches (+ bits per byte for text); leaves `net` in its mode."""
+    was_training = net.training
+    net.eval()
+    total = 0.0
+    for x, y in batches:
+        total += loss_fn(task, net(x.to(device)), y.to(device)).item()
+    net.train(was_training)
+    loss = total / len(batches)
+    return {"loss": loss, "bpb": loss / math.log(2)} if task == "text" else {"loss": loss}
+
+
+# --- distributed ------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a torchrun job (world_size 1 without torchrun)."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        env = os.environ
+        return cls(
+            int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def _save(
+    out: Path, net: SSMNetwork, opt, sched, step: int, cfg: TrainConfig, last_eval: dict | None
+) -> None:
+    """Optimizer state first, then the checkpoint whose config.json names its step."""
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    torch.save(state, out / (TRAIN_STATE + ".tmp"))
+    os.replace(out / (TRAIN_STATE + ".tmp"), out / TRAIN_STATE)
+    extra = {
+        "step": step,
+        "task": cfg.task,
+        "train": cfg.to_dict(),
+        "train_state": TRAIN_STATE,
+        "eval": last_eval,
+    }
+    save_checkpoint(net, out, extra=extra)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _resume(out: Path, model_cfg: SSMConfig | None, device) -> tuple[SSMNetwork, dict, int]:
+    meta = read_checkpoint_meta(out)
+    net = load_checkpoint(out).to(device).train()
+    if model_cfg is not None and model_cfg.to_dict() != net.cfg.to_dict():
+        log.warning("resuming %s: its model config is used, not the one given", out)
+    state_file = out / meta.get("train_state", TRAIN_STATE)
+    if not state_file.is_file():
+        raise ValueError(f"cannot resume: {state_file} is missing")
+    state = torch.load(state_file, map_location=device, weights_only=True)
+    if state["step"] != meta.get("step"):
+        raise ValueError(
+            f"cannot resume: {state_file} is at step {state['step']} but config.json "
+            f"at step {meta.get('step')}"
+        )
+    return net, state, state["step"]
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+def fit(model_cfg: SSMConfig | None, train_cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) and checkpoint; see the module docstring. Returns the result."""
+    cfg = train_cfg
+    dist = DistInfo.from_env()
+    device = resolve_device(cfg.device, dist)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    if cfg.resume and not (out / "config.json").is_file():
+        raise ValueError(f"cannot resume: {out} holds no checkpoint (config.json missing)")
+    if not cfg.resume and (out / "config.json").is_file():
+        raise ValueError(f"{out} already holds a checkpoint: pass resume=True / --resume")
+    if not cfg.resume:
+        model_cfg = model_cfg if model_cfg is not None else default_model_config(cfg.task)
+        check_model_for_task(model_cfg, cfg.task)
+    text = None
+    if cfg.task == "text":
+        text = load_text(cfg.data, cfg.glob, cfg.val_fraction, min_bytes=cfg.seq_len + 1)
+    batches = Batches(cfg, text)
+
+    own_group = dist.world_size > 1 and not torch_dist.is_initialized()
+    if own_group:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch_dist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
+        log.info("rank %d/%d: %s process group", dist.rank, dist.world_size, backend)
+    try:
+        return _loop(model_cfg, cfg, dist, device, out, batches)
+    finally:
+        if own_group:
+            torch_dist.barrier()
+            torch_dist.destroy_process_group()
+
+
+def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batches: Batches):
+    if cfg.resume:
+        net, state, step = _resume(out, model_cfg, device)
+        check_model_for_task(net.cfg, cfg.task)
+    else:
+        torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        net, state, step = SSMNetwork(model_cfg).to(device).train(), None, 0
+    opt, sched = make_optimizer(net, cfg)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    model = net
+    if dist.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    save_every = cfg.save_every or cfg.eval_every
+    log_path = out / LOG_FILE
+    eval_batches = batches.eval() if dist.is_main else []
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            _truncate_log(log_path, step)
+        n_params = sum(p.numel() for p in net.parameters())
+        log.info("%s: %d parameters, steps %d → %d on %s", out, n_params, step, end, device)
+    tokens_per_step = cfg.batch_size * cfg.length * dist.world_size
+    last_eval = None
+    bar = tqdm(
+        total=end, initial=step, disable=not (dist.is_main and cfg.progress), dynamic_ncols=True
+    )
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_window, t_window = 0, 0.0
+    while step < end:
+        t0 = time.perf_counter()
+        torch.manual_seed(derived_seed(cfg.seed, "dropout", dist.rank, step))
+        x, y = batches.train(dist.rank, step)
+        loss = loss_fn(cfg.task, model(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        )
+        opt.step()
+        sched.step()
+        step += 1
+        loss_sum += loss.detach()
+        n_window += 1
+        if step % cfg.log_every == 0 or step == end:
+            if dist.world_size > 1:
+                torch_dist.all_reduce(loss_sum)
+                loss_sum /= dist.world_size
+            mean_loss = loss_sum.item() / n_window  # (syncs the device)
+            if not math.isfinite(mean_loss):
+                raise RuntimeError(f"training diverged: loss {mean_loss} at step {step}")
+            t_window += time.perf_counter() - t0
+            tok_s = tokens_per_step * n_window / t_window
+            entry = {
+                "step": step,
+                "loss": mean_loss,
+                "lr": opt.param_groups[-1]["lr"],
+                "ssm_lr": opt.param_groups[0]["lr"],
+                "tokens_per_s": tok_s,
+            }
+            if grad_norm is not None:
+                entry["grad_norm"] = float(grad_norm)
+            if dist.is_main:
+                _append(log_path, entry)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+            loss_sum.zero_()
+            n_window, t_window = 0, 0.0
+        else:
+            t_window += time.perf_counter() - t0
+        bar.update(1)
+        if dist.is_main and (step % cfg.eval_every == 0 or step == end):
+            last_eval = evaluate(net, cfg.task, eval_batches, device)
+            _append(log_path, {"step": step, "eval": last_eval})
+            log.info("step %d: eval %s", step, _fmt(last_eval))
+        if dist.is_main and (step % save_every == 0 or step == end):
+            _save(out, net, opt, sched, step, cfg, last_eval)
+    bar.close()
+    return TrainResult(net.eval(), out, step, last_eval)
+
+
+def _append(path: Path, entry: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _fmt(d: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in d.items())
+
+
+def train(model_cfg: SSMConfig | None, train_cfg: TrainConfig) -> Path:
+    """Train and return the checkpoint directory (`model_cfg` None → the task's default)."""
+    return fit(model_cfg, train_cfg).checkpoint
+
+
+# --- CLI: flags generated from the dataclass fields -------------------------------------
+
+MODEL_HELP = {
+    "d_model": "D, channels of every layer",
+    "n_layers": "number of residual SSM blocks",
+    "d_state": "N, real state numbers per head (N/2 complex modes; even)",
+    "heads": "H SSMs per layer (default d_model: SISO; 1: MIMO)",
+    "init": "initialization of A",
+    "discretization": "discretization of the continuous SSM",
+    "alpha": "GBT alpha (only with --discretization gbt)",
+    "dt_min": "lower end of the log-uniform Δ init",
+    "dt_max": "upper end of the log-uniform Δ init",
+    "dropout": "dropout after the SSM and after the output projection",
+    "glu": "GLU output projection (--no-glu: Linear)",
+}
+SIGNAL_HELP = {
+    "rate": "samples per unit time",
+    "duration": "signal length in time units (L = duration · rate)",
+    "n_components": "sinusoids per signal",
+    "freq_min": "lowest sinusoid frequency (cycles per unit time)",
+    "freq_max": "highest sinusoid frequency (below rate / 2)",
+    "target": "what to predict from the signal",
+    "tau": "low-pass time constant / delay (time units)",
+    "horizon": "look-ahead of --target next (time units; default one sample)",
+}
+CHOICES = {
+    "task": TASKS,
+    "device": DEVICES,
+    "init": INITS,
+    "discretization": METHODS,
+    "target": SIGNAL_TARGETS,
+}
+_SKIP = {"vocab_size", "d_input", "d_output", "signal"}
+
+
+def _add_fields(group, cls, helps: dict, defaults) -> None:
+    """One flag per dataclass field: --field-name, typed from the annotation."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        text = helps.get(f.name) or f.metadata.get("help", "")
+        kind = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        kind = kind[0]
+        if kind is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, nargs="+", default=default, metavar="PATH", help=text)
+        else:
+            group.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                choices=CHOICES.get(f.name),
+                help=text,
+            )
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: …)' except where the default is None (the help text says it)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ssmstream train",
+        description="Train an S4D-style SSM network in convolutional mode and write a "
+        "checkpoint directory (config.json, model.safetensors, train_log.jsonl, "
+        "train_state.pt). Under `torchrun --nproc-per-node N` it runs "
+        "DistributedDataParallel (gloo on CPU, nccl on CUDA).",
+        formatter_class=_HelpFormatter,
+    )
+    _add_fields(p.add_argument_group("training"), TrainConfig, {}, TrainConfig())
+    _add_fields(p.add_argument_group("model"), SSMConfig, MODEL_HELP, SSMConfig(vocab_size=256))
+    sig = p.add_argument_group("signal task (--task signal)")
+    _add_fields(sig, SignalConfig, SIGNAL_HELP, SignalConfig())
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[SSMConfig, TrainConfig]:
+    """Map parsed flags onto (SSMConfig, TrainConfig); ValueError names a bad field."""
+    pick = lambda cls: {  # noqa: E731
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in _SKIP
+    }
+    signal = SignalConfig(**pick(SignalConfig))
+    train_cfg = TrainConfig(**pick(TrainConfig), signal=signal)
+    return default_model_config(train_cfg.task, **pick(SSMConfig)), train_cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    dist = DistInfo.from_env()
+    logging.basicConfig(
+        level=logging.INFO if dist.is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        model_cfg, train_cfg = configs_from_args(args)
+        result = fit(model_cfg, train_cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    if dist.is_main:
+        log.info("checkpoint at step %d: %s", result.step, result.checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
