@@ -206,11 +206,9 @@ class RestoreRequest(_message.Message):
     def __init__(self, snapshot: _Optional[bytes] = ..., session_id: _Optional[str] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class ForkRequest(_message.Message):
-    __slots__ = ("session_id", "new_session_id", "ttl_seconds")
+    __slots__ = ("session_id", "new_session_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     new_session_id: str
-    ttl_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ...) -> None: ...

@@ -130,9 +130,12 @@ class StreamingInferenceServicer:
 
     def Generate(self, request, context):
         """Server-side sampling: feeds `prompt` (prefill), then samples one token at a time,
-        feeding each sampled token back, until `max_new_tokens` or a stop token. One response
-        per generated token. Token models only. Cancelling the call stops the loop; the
-        session keeps every token fed before the cancel.
+        feeding each sampled token back before sampling the next, until `max_new_tokens` or
+        a stop token. One response per generated token, sent before that token is fed; the
+        last generated token is not fed (send it as the next prompt to continue). So the
+        session never holds a token the client has not received. Token models only.
+        Cancelling the call stops the loop; the session keeps what was fed before the cancel
+        (SnapshotSession tells its position).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,177 @@
+"""Bearer-token authentication: `authorization: Bearer <token>` metadata → principal.
+
+A tokens file has one `<token> <principal>` pair per line (blank lines and lines starting
+with `#` are ignored). The server keeps only sha256(token) and compares digests with
+`hmac.compare_digest` against every entry, so the time a check takes does not depend on
+how much of a token was right nor on which entry matched. Tokens are never logged.
+
+`AuthInterceptor` checks every RPC except the open ones (grpc.health.v1, so load
+balancers can probe without a token) and hands the principal to the handler through a
+context variable (`current_principal()`). Without a tokens file every caller is the
+principal `anonymous`. A session belongs to the principal that created it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+_principal: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "ssmstream_principal", default=ANONYMOUS
+)
+
+
+def current_principal() -> str:
+    """The principal of the RPC being handled (ANONYMOUS when auth is off)."""
+    return _principal.get()
+
+
+class TokenTable:
+    """token → principal, stored as sha256 digests, checked in constant time."""
+
+    def __init__(self, tokens: dict[str, str]):
+        if not tokens:
+            raise ValueError("auth_tokens: the token table is empty")
+        self._entries: list[tuple[bytes, str]] = []
+        for token, principal in tokens.items():
+            if not token or not principal:
+                raise ValueError("auth_tokens: tokens and principals must be non-empty")
+            self._entries.append((_digest(token), principal))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TokenTable:
+        """Read `<token> <principal>` lines; errors name the line, never the token."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"auth_tokens: {path} is not a file")
+        tokens: dict[str, str] = {}
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"auth_tokens: {path}:{n}: expected '<token> <principal>'")
+            token, principal = parts
+            if token in tokens:
+                raise ValueError(f"auth_tokens: {path}:{n}: duplicate token")
+            tokens[token] = principal
+        log.info("auth: %d tokens for %d principals", len(tokens), len(set(tokens.values())))
+        return cls(tokens)
+
+    def principal(self, token: str) -> str | None:
+        """The principal of `token`, or None. Visits every entry whatever matches."""
+        digest = _digest(token)
+        found = None
+        for entry, principal in self._entries:
+            if hmac.compare_digest(entry, digest) and found is None:
+                found = principal
+        return found
+
+    def principal_from_metadata(self, metadata) -> str | None:
+        """The principal named by an `authorization: Bearer <token>` metadata entry."""
+        for key, value in metadata or ():
+            if key.lower() != "authorization":
+                continue
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return self.principal(token.strip())
+            return None
+        return None
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def _wrap_behavior(behavior: Callable, principal: str) -> Callable:
+    """The same RPC behavior, run with `current_principal()` == principal."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def gen(request, context):
+            _principal.set(principal)
+            async for response in behavior(request, context):
+                yield response
+
+        return gen
+
+    async def call(request, context):
+        _principal.set(principal)
+        return await behavior(request, context)
+
+    return call
+
+
+def _with_principal(handler: grpc.RpcMethodHandler, principal: str) -> grpc.RpcMethodHandler:
+    kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+    changes = {
+        k: _wrap_behavior(getattr(handler, k), principal)
+        for k in kinds
+        if getattr(handler, k) is not None
+    }
+    return handler._replace(**changes)
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind that fails with UNAUTHENTICATED."""
+
+    async def abort(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+    return handler._replace(**{k: abort for k in kinds if getattr(handler, k) is not None})
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Resolve the caller's principal for every RPC; refuse unknown callers.
+
+    tokens=None: auth off, every caller is ANONYMOUS. on_denied(method) is called for
+    each refused RPC (metrics).
+    """
+
+    def __init__(
+        self,
+        tokens: TokenTable | None,
+        open_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES,
+        on_denied: Callable[[str], None] | None = None,
+    ):
+        self.tokens = tokens
+        self.open_prefixes = open_prefixes
+        self.on_denied = on_denied
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: grpc answers UNIMPLEMENTED
+        method = handler_call_details.method
+        if self.tokens is None:
+            return _with_principal(handler, ANONYMOUS)
+        if method.startswith(self.open_prefixes):
+            return handler
+        principal = self.tokens.principal_from_metadata(handler_call_details.invocation_metadata)
+        if principal is None:
+            has_header = any(
+                k.lower() == "authorization"
+                for k, _ in handler_call_details.invocation_metadata or ()
+            )
+            reason = "invalid bearer token" if has_header else "missing bearer token"
+            log.info("auth: refused %s (%s)", method, reason)
+            if self.on_denied is not None:
+                self.on_denied(method)
+            return _denied(handler, f"{reason}: send metadata 'authorization: Bearer <token>'")
+        return _with_principal(handler, principal)

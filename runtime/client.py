@@ -1,0 +1,563 @@
+"""Python client of ssmstream.v1.StreamingInference, sync and asyncio, plus `ssmstream generate`.
+
+    from ssmstream.runtime.client import Client
+    with Client("127.0.0.1:50051", token=None) as c:
+        s = c.create_session()
+        r = s.step(tokens=[72, 105])            # StepResult: outputs [1, D], position 2
+        with s.open_stream() as st:             # bidi Stream, one request per send()
+            r = st.send(tokens=[33])
+        for g in s.generate([10], max_new_tokens=20, temperature=0.8, seed=0):
+            ...                                 # GenerateResponse per token
+        snap = s.snapshot(); s2 = c.restore(snap); s3 = s.fork(); s.close()
+
+`AsyncClient` / `AsyncClientSession` are the same API with `await` (and `async for`).
+Errors are `grpc.RpcError` with the server's status code and a message naming the field.
+
+TLS: `tls=True` (system roots) or `root_certificates=PEM path/bytes`; mTLS adds
+`client_cert` and `client_key`. Auth: `token=` sends `authorization: Bearer <token>`.
+
+Dimension letters: T inputs per request, D output width, I d_input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import queue
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from ssmstream.protos import inference_pb2 as pb
+from ssmstream.protos import inference_pb2_grpc as pb_grpc
+
+OUTPUTS = {
+    "last": pb.OUTPUT_LAST,
+    "all": pb.OUTPUT_ALL,
+    "top_k": pb.OUTPUT_TOP_K,
+    "none": pb.OUTPUT_NONE,
+}
+
+
+@dataclass
+class StepResult:
+    """One StepResponse as arrays.
+
+    outputs: float32 [rows, D] (rows = 1 for "last", T for "all"), None otherwise.
+    top_tokens / top_logprobs: int64 [K] / float32 [K] for "top_k", else empty.
+    """
+
+    session_id: str
+    position: int
+    outputs: np.ndarray | None = None
+    top_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+    @classmethod
+    def from_proto(cls, r: pb.StepResponse) -> StepResult:
+        out = None
+        if r.rows:
+            out = np.asarray(r.outputs, dtype=np.float32).reshape(r.rows, r.cols)  # [rows, D]
+        return cls(
+            session_id=r.session_id,
+            position=int(r.position),
+            outputs=out,
+            top_tokens=np.asarray(r.top_tokens, dtype=np.int64),
+            top_logprobs=np.asarray(r.top_logprobs, dtype=np.float32),
+        )
+
+
+def step_request(
+    session_id: str = "",
+    tokens: Sequence[int] | np.ndarray | None = None,
+    values: Sequence[float] | np.ndarray | None = None,
+    output: str = "last",
+    top_k: int = 0,
+) -> pb.StepRequest:
+    """A StepRequest: `tokens` int [T], or `values` float [T, I] (flattened row-major)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output: must be one of {sorted(OUTPUTS)}, got {output!r}")
+    req = pb.StepRequest(session_id=session_id, output=OUTPUTS[output], top_k=top_k)
+    if tokens is not None:
+        req.tokens.extend(np.asarray(tokens, dtype=np.int64).reshape(-1).tolist())
+    if values is not None:
+        req.values.extend(np.asarray(values, dtype=np.float32).reshape(-1).tolist())
+    return req
+
+
+def generate_request(
+    session_id: str,
+    prompt: Sequence[int],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[int] = (),
+    keep_session: bool = False,
+) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(
+        session_id=session_id,
+        prompt=[int(t) for t in prompt],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_tokens=[int(t) for t in stop],
+        keep_session=keep_session,
+    )
+    if seed is not None:
+        req.seed = seed
+    return req
+
+
+def _pem(value: str | os.PathLike | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def channel_credentials(
+    tls: bool = False,
+    root_certificates: str | os.PathLike | bytes | None = None,
+    client_cert: str | os.PathLike | bytes | None = None,
+    client_key: str | os.PathLike | bytes | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials (None: plaintext). Any certificate argument implies TLS."""
+    if not (tls or root_certificates or client_cert or client_key):
+        return None
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert/client_key: give both for mTLS, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(root_certificates),
+        private_key=_pem(client_key),
+        certificate_chain=_pem(client_cert),
+    )
+
+
+class _Base:
+    """What the sync and async clients share: target, credentials, metadata."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates=None,
+        client_cert=None,
+        client_key=None,
+        timeout: float | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ):
+        self.target = target
+        self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
+        self.options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), *options]
+
+    def _kw(self, timeout: float | None = None) -> dict:
+        t = self.timeout if timeout is None else timeout
+        return {"metadata": self.metadata, "timeout": t}
+
+
+# --- sync ---------------------------------------------------------------------------------
+
+
+class Client(_Base):
+    """Blocking client (see the module docstring). Use as a context manager or close()."""
+
+    def __init__(self, target: str, token: str | None = None, tls: bool = False, **kw):
+        super().__init__(target, token, tls, **kw)
+        if self.credentials is None:
+            self.channel = grpc.insecure_channel(target, options=self.options)
+        else:
+            self.channel = grpc.secure_channel(target, self.credentials, options=self.options)
+        self.stub = pb_grpc.StreamingInferenceStub(self.channel)
+
+    def info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
+
+    def create_session(
+        self, session_id: str = "", ttl: float = 0.0, snapshot: bytes = b""
+    ) -> ClientSession:
+        s = self.stub.CreateSession(
+            pb.CreateSessionRequest(session_id=session_id, ttl_seconds=ttl, snapshot=snapshot),
+            **self._kw(),
+        )
+        return ClientSession(self, s.session_id, s.position)
+
+    def session(self, session_id: str, position: int = 0) -> ClientSession:
+        """A handle on an existing session (no RPC)."""
+        return ClientSession(self, session_id, position)
+
+    def restore(self, snapshot: bytes, session_id: str = "", ttl: float = 0.0) -> ClientSession:
+        s = self.stub.RestoreSession(
+            pb.RestoreRequest(snapshot=snapshot, session_id=session_id, ttl_seconds=ttl),
+            **self._kw(),
+        )
+        return ClientSession(self, s.session_id, s.position)
+
+    def generate(self, prompt: Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
+        """Generate on a temporary session (closed at the end); see ClientSession.generate."""
+        return ClientSession(self, "", 0).generate(prompt, **kw)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ClientSession:
+    """A session on the server; `position` follows the responses this handle saw."""
+
+    def __init__(self, client: Client, session_id: str, position: int = 0):
+        self.client, self.id, self.position = client, session_id, position
+
+    def __repr__(self) -> str:
+        return f"ClientSession(id={self.id!r}, position={self.position})"
+
+    def step(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
+        """Feed T inputs (unary Step); returns the selected outputs."""
+        req = step_request(self.id, tokens, values, output, top_k)
+        r = StepResult.from_proto(self.client.stub.Step(req, **self.client._kw()))
+        self.position = r.position
+        return r
+
+    def stream(
+        self, inputs: Iterable, output: str = "last", top_k: int = 0, kind: str = "tokens"
+    ) -> Iterator[StepResult]:
+        """One Stream request per item of `inputs` (token lists, or value arrays with
+        kind="values"); yields one StepResult per item, in order."""
+        reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k) for x in inputs)
+        for resp in self.client.stub.Stream(reqs, metadata=self.client.metadata):
+            r = StepResult.from_proto(resp)
+            self.position = r.position
+            yield r
+
+    def open_stream(self) -> StreamHandle:
+        """An interactive Stream: `send(tokens=...)` returns that request's result."""
+        return StreamHandle(self)
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[int] = (),
+        keep_session: bool = False,
+    ) -> Iterator[pb.GenerateResponse]:
+        """Server-side sampling; yields one GenerateResponse per token as it arrives.
+        Closing the iterator early cancels the call."""
+        req = generate_request(
+            self.id, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, keep_session
+        )
+        call = self.client.stub.Generate(req, metadata=self.client.metadata)
+        try:
+            for r in call:
+                if not self.id:
+                    self.id = r.session_id
+                self.position = r.position
+                yield r
+        finally:
+            call.cancel()
+
+    def snapshot(self) -> bytes:
+        snap = self.client.stub.SnapshotSession(
+            pb.SnapshotRequest(session_id=self.id), **self.client._kw()
+        )
+        self.position = snap.position
+        return snap.data
+
+    def fork(self, new_session_id: str = "") -> ClientSession:
+        s = self.client.stub.ForkSession(
+            pb.ForkRequest(session_id=self.id, new_session_id=new_session_id),
+            **self.client._kw(),
+        )
+        return ClientSession(self.client, s.session_id, s.position)
+
+    def close(self) -> int:
+        """Free the session on the server; returns its final position."""
+        s = self.client.stub.CloseSession(
+            pb.CloseSessionRequest(session_id=self.id), **self.client._kw()
+        )
+        self.position = s.position
+        return s.position
+
+
+class StreamHandle:
+    """A bidi Stream fed from a queue: each `send` writes one request and waits for its
+    response. `close()` (or leaving the `with` block) ends the stream; the session stays."""
+
+    _END = object()
+
+    def __init__(self, session: ClientSession):
+        self.session = session
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._call = session.client.stub.Stream(
+            iter(self._q.get, self._END), metadata=session.client.metadata
+        )
+
+    def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
+        with self._lock:
+            self._q.put(step_request(self.session.id, tokens, values, output, top_k))
+            r = StepResult.from_proto(next(self._call))
+        if not self.session.id:
+            self.session.id = r.session_id
+        self.session.position = r.position
+        return r
+
+    def close(self) -> None:
+        self._q.put(self._END)
+        self._call.cancel()
+
+    def __enter__(self) -> StreamHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- asyncio --------------------------------------------------------------------------------
+
+
+class AsyncClient(_Base):
+    """The asyncio client (grpc.aio); same methods as Client, awaited."""
+
+    def __init__(self, target: str, token: str | None = None, tls: bool = False, **kw):
+        super().__init__(target, token, tls, **kw)
+        if self.credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=self.options)
+        else:
+            self.channel = grpc.aio.secure_channel(target, self.credentials, options=self.options)
+        self.stub = pb_grpc.StreamingInferenceStub(self.channel)
+
+    async def info(self) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
+
+    async def create_session(
+        self, session_id: str = "", ttl: float = 0.0, snapshot: bytes = b""
+    ) -> AsyncClientSession:
+        s = await self.stub.CreateSession(
+            pb.CreateSessionRequest(session_id=session_id, ttl_seconds=ttl, snapshot=snapshot),
+            **self._kw(),
+        )
+        return AsyncClientSession(self, s.session_id, s.position)
+
+    def session(self, session_id: str, position: int = 0) -> AsyncClientSession:
+        return AsyncClientSession(self, session_id, position)
+
+    async def restore(
+        self, snapshot: bytes, session_id: str = "", ttl: float = 0.0
+    ) -> AsyncClientSession:
+        s = await self.stub.RestoreSession(
+            pb.RestoreRequest(snapshot=snapshot, session_id=session_id, ttl_seconds=ttl),
+            **self._kw(),
+        )
+        return AsyncClientSession(self, s.session_id, s.position)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncClientSession:
+    """A session seen through an AsyncClient."""
+
+    def __init__(self, client: AsyncClient, session_id: str, position: int = 0):
+        self.client, self.id, self.position = client, session_id, position
+
+    async def step(
+        self, tokens=None, values=None, output: str = "last", top_k: int = 0
+    ) -> StepResult:
+        req = step_request(self.id, tokens, values, output, top_k)
+        r = StepResult.from_proto(await self.client.stub.Step(req, **self.client._kw()))
+        self.position = r.position
+        return r
+
+    def open_stream(self) -> AsyncStreamHandle:
+        return AsyncStreamHandle(self)
+
+    async def generate(self, prompt: Sequence[int], **kw) -> AsyncIterator[pb.GenerateResponse]:
+        """As ClientSession.generate; an async iterator."""
+        req = generate_request(self.id, prompt, **kw)
+        call = self.client.stub.Generate(req, metadata=self.client.metadata)
+        try:
+            async for r in call:
+                if not self.id:
+                    self.id = r.session_id
+                self.position = r.position
+                yield r
+        finally:
+            call.cancel()
+
+    async def snapshot(self) -> bytes:
+        snap = await self.client.stub.SnapshotSession(
+            pb.SnapshotRequest(session_id=self.id), **self.client._kw()
+        )
+        self.position = snap.position
+        return snap.data
+
+    async def fork(self, new_session_id: str = "") -> AsyncClientSession:
+        s = await self.client.stub.ForkSession(
+            pb.ForkRequest(session_id=self.id, new_session_id=new_session_id),
+            **self.client._kw(),
+        )
+        return AsyncClientSession(self.client, s.session_id, s.position)
+
+    async def close(self) -> int:
+        s = await self.client.stub.CloseSession(
+            pb.CloseSessionRequest(session_id=self.id), **self.client._kw()
+        )
+        self.position = s.position
+        return s.position
+
+
+class AsyncStreamHandle:
+    """An open bidi Stream: `await send(tokens=...)` writes one request, reads its response."""
+
+    def __init__(self, session: AsyncClientSession):
+        self.session = session
+        self._call = session.client.stub.Stream(metadata=session.client.metadata)
+
+    async def send(
+        self, tokens=None, values=None, output: str = "last", top_k: int = 0
+    ) -> StepResult:
+        await self._call.write(step_request(self.session.id, tokens, values, output, top_k))
+        resp = await self._call.read()
+        if resp is grpc.aio.EOF:
+            await self._call  # raises the stream's error status
+            raise grpc.aio.UsageError("stream ended without a response")
+        r = StepResult.from_proto(resp)
+        if not self.session.id:
+            self.session.id = r.session_id
+        self.session.position = r.position
+        return r
+
+    async def close(self) -> None:
+        await self._call.done_writing()
+        self._call.cancel()
+
+    async def __aenter__(self) -> AsyncStreamHandle:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+# --- `ssmstream generate` -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ssmstream generate",
+        description=(
+            "Stream a generation from a running `ssmstream serve`. The prompt is UTF-8 "
+            "bytes for a byte-level model (vocab >= 256), or token ids with --ids; the "
+            "continuation is printed as it arrives."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("prompt", help="prompt text (or comma-separated token ids with --ids)")
+    p.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
+    p.add_argument("--ids", action="store_true", help="prompt and output are token ids")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely; 0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", default="", help="comma-separated stop token ids")
+    p.add_argument("--session", default="", help="continue this session instead of a new one")
+    p.add_argument(
+        "--token-env",
+        default="SSMSTREAM_TOKEN",
+        help="environment variable holding the bearer token (tokens stay out of argv)",
+    )
+    p.add_argument("--tls", action="store_true", help="use TLS with the system roots")
+    p.add_argument("--tls-ca", default=None, help="PEM CA to verify the server (implies TLS)")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", default=None, help="PEM client key (mTLS)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds for each unary call (not the generation)",
+    )
+    return p
+
+
+def _ids(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated integers, got {text!r}")
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    stop = _ids(a.stop, "--stop", parser)
+    client = Client(
+        a.server,
+        token=os.environ.get(a.token_env) or None,
+        tls=a.tls,
+        root_certificates=a.tls_ca,
+        client_cert=a.tls_cert,
+        client_key=a.tls_key,
+        timeout=a.timeout,
+    )
+    out = sys.stdout
+    try:
+        info = client.info() if not a.ids else None
+        if a.ids:
+            prompt = _ids(a.prompt, "prompt", parser)
+        elif info.input_kind != "tokens" or info.vocab_size < 256:
+            parser.error("this model is not byte-level: pass token ids with --ids")
+        else:
+            prompt = list(a.prompt.encode("utf-8"))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        session = client.session(a.session)
+        for r in session.generate(
+            prompt,
+            max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            seed=a.seed,
+            stop=stop,
+        ):
+            if a.ids:
+                out.write(f"{r.token}\n")
+            elif r.token < 256:
+                out.write(decoder.decode(bytes([r.token])))
+            out.flush()
+        if not a.ids:
+            out.write(decoder.decode(b"", final=True) + "\n")
+    except grpc.RpcError as e:
+        sys.stderr.write(f"ssmstream generate: {e.code().name}: {e.details()}\n")
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

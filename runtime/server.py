@@ -1,0 +1,294 @@
+"""`ssmstream serve MODEL_DIR`: the gRPC server (grpc.aio) around Engine, SessionStore, Batcher.
+
+    clients ──gRPC──► AuthInterceptor ─► StreamingInferenceServicer ─► Batcher ─► Engine (ORT)
+                                                        └──────────► SessionStore (state slab)
+
+Also served: grpc.health.v1 (SERVING / NOT_SERVING), server reflection, and Prometheus
+metrics over HTTP on --metrics-port.
+
+Lifecycle:
+  start — open the engine, restore the sessions saved in --state-dir (a corrupt or
+          foreign file stops the start: nothing is dropped silently), start the batcher,
+          bind (TLS / mTLS when configured), health SERVING, one log line with the model,
+          provider, address and limits.
+  stop  — on SIGTERM/SIGINT: health NOT_SERVING, new work refused with UNAVAILABLE, idle
+          Streams ended, in-flight requests get --grace seconds to finish, the batcher
+          stops, then every session is saved to --state-dir (so each step a client saw
+          acknowledged is in the saved state), and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from ssmstream.protos import inference_pb2_grpc as pb_grpc
+
+from .auth import AuthInterceptor, TokenTable
+from .config import ServerConfig, parse_config
+from .errors import RuntimeErrorBase
+from .metrics import ServerMetrics
+from .servicer import SERVICE_NAME, StreamingInferenceServicer
+
+log = logging.getLogger(__name__)
+
+
+def _read(path: str | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (+ --tls-client-ca for mTLS), or None."""
+    if config.tls_cert is None:
+        return None
+    ca = _read(config.tls_client_ca)
+    return grpc.ssl_server_credentials(
+        [(_read(config.tls_key), _read(config.tls_cert))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+class Server:
+    """One serving process's parts; `await start()`, then `await stop()` (or `run()`).
+
+    engine: an already opened Engine to serve (else opened from config.model_dir).
+    """
+
+    def __init__(self, config: ServerConfig, engine=None):
+        self.config = config
+        self.engine = engine
+        self.metrics = ServerMetrics()
+        self.store = self.batcher = self.servicer = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> int:
+        """Open everything and start serving; returns the bound port."""
+        from .batcher import Batcher
+        from .engine import Engine
+        from .sessions import SessionStore
+
+        c = self.config
+        tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
+        credentials = server_credentials(c)
+        if self.engine is None:
+            self.engine = Engine(c.model_dir, device=c.device, threads=c.threads)
+        info = self.engine.info
+        self.store = SessionStore(
+            state_size=int(info["state_size"]),
+            capacity=c.max_sessions,
+            ttl=c.session_ttl,
+            max_per_principal=c.max_sessions_per_principal or None,
+            model_sha=info["step_sha256"],
+        )
+        restored = self.store.load(c.state_dir) if c.state_dir else 0
+        self.batcher = Batcher(self.engine, self.store, c.max_batch, c.max_batch_delay)
+        on_batch = getattr(self.batcher, "on_batch", None)
+        if on_batch is None and hasattr(self.batcher, "add_listener"):
+            self.batcher.add_listener(self.metrics.observe_batch)
+        elif hasattr(self.batcher, "on_batch"):
+            self.batcher.on_batch = self.metrics.observe_batch
+        await self.batcher.start()
+        self.metrics.watch_store(self.store.stats)
+        self.servicer = StreamingInferenceServicer(
+            self.engine, self.store, self.batcher, c, self.metrics
+        )
+
+        options = [
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.max_send_message_length", max(c.max_message_bytes, 64 * 1024 * 1024)),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._grpc = grpc.aio.server(
+            interceptors=[
+                AuthInterceptor(
+                    tokens, on_denied=lambda _m: self.metrics.count_error("UNAUTHENTICATED")
+                )
+            ],
+            options=options,
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs or None,
+        )
+        pb_grpc.add_StreamingInferenceServicer_to_server(self.servicer, self._grpc)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        if credentials is None:
+            self.port = self._grpc.add_insecure_port(c.address)
+        else:
+            self.port = self._grpc.add_secure_port(c.address, credentials)
+        if self.port == 0:
+            raise OSError(f"could not bind {c.address}")
+        await self._grpc.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if c.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
+        self._tasks.append(asyncio.create_task(self._evict_loop()))
+        if c.state_dir and c.save_interval > 0:
+            self._tasks.append(asyncio.create_task(self._save_loop()))
+        if c.port_file:
+            _write_port_file(c.port_file, self.port, self.metrics_port)
+        log.info(
+            "serving model %r (%s, S=%d, %s) on %s:%d via %s%s%s; restored %d sessions; "
+            "limits: max_sessions=%d per_principal=%s ttl=%gs max_batch=%d delay=%gms "
+            "tokens/request=%d message=%dB",
+            info.get("name"),
+            info["input_kind"],
+            int(info["state_size"]),
+            info.get("dtype"),
+            c.host,
+            self.port,
+            info.get("provider"),
+            " with TLS" + (" (mTLS)" if c.tls_client_ca else "") if credentials else "",
+            ", bearer auth" if tokens else "",
+            restored,
+            c.max_sessions,
+            c.max_sessions_per_principal or "none",
+            c.session_ttl,
+            c.max_batch,
+            1e3 * c.max_batch_delay,
+            c.max_tokens_per_request,
+            c.max_message_bytes,
+        )
+        return self.port
+
+    async def _evict_loop(self) -> None:
+        period = min(max(self.config.session_ttl / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            self.store.evict_idle()
+
+    async def _save_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.save_interval)
+            await asyncio.to_thread(self.store.save, self.config.state_dir)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and shut down (see the module docstring); safe to call twice."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.grace if grace is None else grace
+        log.info("draining: refusing new work, %gs grace for in-flight requests", grace)
+        self.metrics.draining.set(1)
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            self.servicer.drain()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.config.state_dir and self.store is not None:
+            self.store.save(self.config.state_dir)
+        self.metrics.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("signal received")
+        await self.stop()
+
+
+def _write_port_file(path: str, port: int, metrics_port: int | None) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+class BackgroundServer:
+    """A Server on its own event loop in a thread (tests, benchmarks, embedding):
+
+    with BackgroundServer(config) as srv:
+        client = Client(f"127.0.0.1:{srv.port}")
+    """
+
+    def __init__(self, config: ServerConfig, engine=None):
+        self.server = Server(config, engine)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def call(self, coro, timeout: float = 60):
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        if self._thread.is_alive():
+            try:
+                self.call(self.server.stop(grace), timeout=60 + (grace or 0))
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(10)
+        if not self.loop.is_running():
+            self.loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(Server(config).run())
+    except (RuntimeErrorBase, OSError, ValueError) as e:
+        log.error("ssmstream serve: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+"""The StreamingInference servicer: protobuf ↔ numpy arrays, delegating everything else.
+
+Sessions live in the SessionStore, steps go through the Batcher (which runs the Engine),
+sampling is runtime/sampling.py. This module only
+
+  * turns a request into arrays and checks it against the model and the limits
+    (before anything changes: a rejected request applies nothing),
+  * turns outputs into a response (output selection: last row, all rows, top-k
+    log-probs, nothing),
+  * keeps which sessions are attached to an open Stream / running Generate,
+  * maps runtime errors to status codes — in one place, `grpc_errors`.
+
+Dimension letters: T inputs in one request, V vocabulary size, D d_output, I d_input,
+K top-k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import math
+import struct
+import time
+
+import grpc
+import numpy as np
+from ssmstream.protos import inference_pb2 as pb
+from ssmstream.protos import inference_pb2_grpc as pb_grpc
+
+from .auth import current_principal
+from .config import ServerConfig
+from .errors import (
+    EngineFailure,
+    InvalidInput,
+    LimitExceeded,
+    ModelError,
+    RuntimeErrorBase,
+    SessionBusy,
+    SessionNotFound,
+    Unavailable,
+)
+from .metrics import ServerMetrics
+from .sampling import Sampler, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamingInference"].full_name
+SERVER_VERSION = "0.1.0"
+
+# --- errors → status codes: the one place ------------------------------------------------
+
+STATUS_OF = (  # first match wins (ModelError before InvalidInput: both are ValueErrors)
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SessionBusy, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (EngineFailure, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a runtime error becomes."""
+    for cls, code in STATUS_OF:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error (see the server log)"
+
+
+def grpc_errors(method):
+    """Decorator for servicer methods (coroutines or async generators): runtime errors
+    end the RPC with their status code (`status_of`), anything unexpected with INTERNAL
+    (logged, details not sent), and each non-OK status is counted in the metrics."""
+
+    async def fail(self, exc: Exception, context) -> None:
+        code, message = status_of(exc)
+        if not isinstance(exc, RuntimeErrorBase):
+            log.exception("unexpected error in %s", method.__name__)
+        self.metrics.count_error(code.name)
+        await context.abort(code, message)
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def gen(self, request, context):
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(self, exc, context)
+
+        return gen
+
+    @functools.wraps(method)
+    async def call(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await fail(self, exc, context)
+
+    return call
+
+
+# --- protobuf ↔ arrays (pure helpers) -------------------------------------------------------
+
+
+def request_inputs(req: pb.StepRequest, info: dict, max_tokens: int, field: str = "") -> np.ndarray:
+    """The inputs of a StepRequest as an array: int64 [T] tokens or float32 [T, I] values.
+
+    Raises InvalidInput naming the field (wrong kind, empty, out of range, NaN, ragged)
+    or LimitExceeded (T > max_tokens).
+    """
+    tokens_field, values_field = field or "tokens", field or "values"
+    if info["input_kind"] == "tokens":
+        if len(req.values):
+            raise InvalidInput("values", "this model takes tokens; send `tokens`, not `values`")
+        T = len(req.tokens)
+        if T == 0:
+            raise InvalidInput(tokens_field, "needs at least one token")
+        _check_length(tokens_field, T, max_tokens)
+        x = np.fromiter(req.tokens, dtype=np.int64, count=T)  # [T]
+        V = int(info["vocab_size"])
+        bad = np.flatnonzero((x < 0) | (x >= V))
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidInput(tokens_field, f"[{i}] = {int(x[i])} is outside [0, {V})")
+        return x
+    if len(req.tokens):
+        raise InvalidInput("tokens", "this model takes values; send `values`, not `tokens`")
+    I = int(info["d_input"])
+    n = len(req.values)
+    if n == 0:
+        raise InvalidInput(values_field, f"needs at least one row of d_input={I} values")
+    if n % I:
+        raise InvalidInput(values_field, f"has {n} floats, not a multiple of d_input={I}")
+    T = n // I
+    _check_length(values_field, T, max_tokens)
+    x = np.asarray(req.values, dtype=np.float32).reshape(T, I)  # [T, I]
+    if not np.isfinite(x).all():
+        i = int(np.flatnonzero(~np.isfinite(x.reshape(-1)))[0])
+        raise InvalidInput(values_field, f"[{i}] is not finite (NaN or inf)")
+    return x
+
+
+def _check_length(field: str, T: int, max_tokens: int) -> None:
+    if T > max_tokens:
+        raise LimitExceeded(
+            f"{field}: {T} inputs in one request exceed max_tokens_per_request={max_tokens}"
+        )
+
+
+def check_output_selection(req: pb.StepRequest, info: dict) -> None:
+    """Refuse an output selection the model cannot answer (before any step runs)."""
+    if req.output not in pb.OutputSelection.values():
+        raise InvalidInput("output", f"unknown OutputSelection {req.output}")
+    if req.output == pb.OUTPUT_TOP_K:
+        if info["input_kind"] != "tokens":
+            raise InvalidInput("output", "OUTPUT_TOP_K needs a token model (logits)")
+        V = int(info["vocab_size"])
+        if not 1 <= req.top_k <= V:
+            raise InvalidInput("top_k", f"must be in [1, vocab_size={V}] with OUTPUT_TOP_K")
+    elif req.top_k:
+        raise InvalidInput("top_k", "is only used with output=OUTPUT_TOP_K")
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log p_v = z_v − log Σ_w exp z_w, in float64: [V] → [V]."""
+    z = z.astype(np.float64)  # [V]
+    m = z.max()
+    return z - (m + np.log(np.exp(z - m).sum()))
+
+
+def step_response(
+    session_id: str, position: int, outputs: np.ndarray, req: pb.StepRequest
+) -> pb.StepResponse:
+    """Fill a StepResponse from outputs [T, D] as `req.output` selects."""
+    resp = pb.StepResponse(session_id=session_id, position=position)
+    if req.output == pb.OUTPUT_NONE:
+        return resp
+    if req.output == pb.OUTPUT_TOP_K:
+        lp = log_softmax(outputs[-1])  # [V]
+        k = int(req.top_k)
+        top = np.argpartition(-lp, k - 1)[:k]  # [K] unordered
+        top = top[np.argsort(-lp[top], kind="stable")]  # [K] most likely first
+        resp.top_tokens.extend(top.tolist())
+        resp.top_logprobs.extend(lp[top].tolist())
+        return resp
+    rows = outputs if req.output == pb.OUTPUT_ALL else outputs[-1:]  # [T or 1, D]
+    resp.rows, resp.cols = rows.shape
+    resp.outputs.extend(rows.reshape(-1).tolist())
+    return resp
+
+
+def model_info(info: dict, config: ServerConfig) -> pb.ModelInfo:
+    """ModelInfo from Engine.info and the server config."""
+    S = int(info["state_size"])
+    return pb.ModelInfo(
+        name=str(info.get("name", "")),
+        input_kind=info["input_kind"],
+        vocab_size=int(info.get("vocab_size") or 0),
+        d_input=int(info.get("d_input") or 0),
+        d_output=int(info["d_output"]),
+        state_size=S,
+        state_bytes=4 * S,
+        dtype=str(info.get("dtype", "")),
+        provider=str(info.get("provider", "")),
+        step_sha256=str(info.get("step_sha256", "")),
+        prefill_sha256=str(info.get("prefill_sha256") or ""),
+        server_version=SERVER_VERSION,
+        limits=pb.Limits(
+            max_sessions=config.max_sessions,
+            max_sessions_per_principal=config.max_sessions_per_principal,
+            max_tokens_per_request=config.max_tokens_per_request,
+            max_message_bytes=config.max_message_bytes,
+            session_ttl_seconds=config.session_ttl,
+            max_batch=config.max_batch,
+            max_batch_delay_ms=1e3 * config.max_batch_delay,
+            max_new_tokens=config.max_new_tokens,
+        ),
+    )
+
+
+def session_message(s) -> pb.Session:
+    return pb.Session(session_id=s.id, position=s.position, ttl_seconds=s.ttl)
+
+
+def request_ttl(value: float, field: str, max_ttl: float) -> float | None:
+    """0 → None (the server default); else 0 < ttl ≤ the server's --session-ttl."""
+    if value == 0:
+        return None
+    if not math.isfinite(value) or not 0 < value <= max_ttl:
+        raise InvalidInput(field, f"must be in (0, {max_ttl:g}] seconds (0: default), got {value}")
+    return float(value)
+
+
+def optional_id(value: str) -> str | None:
+    return value or None
+
+
+_SNAP_POSITION = struct.Struct("<8sIQQ")  # magic, version, S, position (sessions.py format)
+
+
+def sampling_config(req: pb.GenerateRequest, info: dict, max_new_tokens: int) -> SamplingConfig:
+    """Check a GenerateRequest's sampling fields; proto defaults 0 mean "off"."""
+    V = int(info["vocab_size"])
+    if not 1 <= req.max_new_tokens <= max_new_tokens:
+        raise InvalidInput(
+            "max_new_tokens", f"must be in [1, {max_new_tokens}], got {req.max_new_tokens}"
+        )
+    if req.top_k > V:
+        raise InvalidInput("top_k", f"must be in [0, vocab_size={V}] (0: off), got {req.top_k}")
+    top_p = 1.0 if req.top_p == 0 else float(req.top_p)
+    bad_stop = [t for t in req.stop_tokens if not 0 <= t < V]
+    if bad_stop:
+        raise InvalidInput("stop_tokens", f"{bad_stop[0]} is outside [0, {V})")
+    seed = req.seed if req.HasField("seed") else None
+    return SamplingConfig(
+        temperature=float(req.temperature), top_k=int(req.top_k), top_p=top_p, seed=seed
+    )
+
+
+# --- the servicer -----------------------------------------------------------------------------
+
+
+class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
+    """Thin: converts, checks, delegates to `store` (SessionStore) and `batcher` (Batcher)."""
+
+    def __init__(self, engine, store, batcher, config: ServerConfig, metrics: ServerMetrics):
+        self.engine, self.store, self.batcher = engine, store, batcher
+        self.config, self.metrics = config, metrics
+        self.info = engine.info
+        self.draining = False
+        self._attached: dict[str, str] = {}  # session id -> "Stream" | "Generate"
+        self._streams: dict[asyncio.Task, bool] = {}  # open Stream handler -> idle (awaiting)
+        self._drain_cancelled: set[asyncio.Task] = set()
+
+    # --- lifecycle hooks (called by the server) ---
+
+    def drain(self) -> None:
+        """Refuse new work from now on; end Streams that are waiting for their next request."""
+        self.draining = True
+        for task, idle in list(self._streams.items()):
+            if idle:
+                self._drain_cancelled.add(task)
+                task.cancel()
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on the restarted server")
+
+    def _attach(self, session_id: str, rpc: str) -> None:
+        holder = self._attached.get(session_id)
+        if holder is not None:
+            raise SessionBusy(f"session {session_id!r} is attached to an open {holder}")
+        self._attached[session_id] = rpc
+
+    def _check_detached(self, session_id: str) -> None:
+        holder = self._attached.get(session_id)
+        if holder is not None:
+            raise SessionBusy(f"session {session_id!r} is attached to an open {holder}")
+
+    # --- unary RPCs ---
+
+    @grpc_errors
+    async def GetModelInfo(self, request, context):
+        return model_info(self.info, self.config)
+
+    @grpc_errors
+    async def CreateSession(self, request, context):
+        self._check_open()
+        ttl = request_ttl(request.ttl_seconds, "ttl_seconds", self.config.session_ttl)
+        principal, sid = current_principal(), optional_id(request.session_id)
+        if request.snapshot:
+            s = self.store.restore(request.snapshot, principal, sid, ttl)
+        else:
+            s = self.store.create(principal, sid, ttl)
+        return session_message(s)
+
+    @grpc_errors
+    async def CloseSession(self, request, context):
+        principal = current_principal()
+        s = self.store.get(request.session_id, principal)
+        msg = session_message(s)
+        self.store.close(request.session_id, principal)
+        return msg
+
+    @grpc_errors
+    async def SnapshotSession(self, request, context):
+        data = self.store.snapshot(request.session_id, current_principal())
+        position = _SNAP_POSITION.unpack_from(data)[3]
+        return pb.Snapshot(
+            session_id=request.session_id,
+            position=position,
+            model_sha256=self.store.model_sha,
+            data=data,
+        )
+
+    @grpc_errors
+    async def RestoreSession(self, request, context):
+        self._check_open()
+        if not request.snapshot:
+            raise InvalidInput("snapshot", "is empty")
+        ttl = request_ttl(request.ttl_seconds, "ttl_seconds", self.config.session_ttl)
+        s = self.store.restore(
+            request.snapshot, current_principal(), optional_id(request.session_id), ttl
+        )
+        return session_message(s)
+
+    @grpc_errors
+    async def ForkSession(self, request, context):
+        self._check_open()
+        s = self.store.fork(
+            request.session_id, current_principal(), optional_id(request.new_session_id)
+        )
+        return session_message(s)
+
+    @grpc_errors
+    async def Step(self, request, context):
+        t0 = time.perf_counter()
+        self._check_open()
+        if not request.session_id:
+            raise InvalidInput("session_id", "is required (create one with CreateSession)")
+        x = request_inputs(request, self.info, self.config.max_tokens_per_request)
+        check_output_selection(request, self.info)
+        principal = current_principal()
+        self.store.get(request.session_id, principal)  # NOT_FOUND before FAILED_PRECONDITION
+        self._check_detached(request.session_id)
+        outputs, position = await self.batcher.step(request.session_id, x, principal)
+        resp = step_response(request.session_id, position, outputs, request)
+        self.metrics.count_tokens("Step", len(x))
+        self.metrics.observe_request("Step", time.perf_counter() - t0)
+        return resp
+
+    # --- streaming RPCs ---
+
+    @grpc_errors
+    async def Stream(self, request_iterator, context):
+        task = asyncio.current_task()
+        principal = current_principal()
+        session_id = None
+        self._streams[task] = True
+        try:
+            async for req in request_iterator:
+                self._streams[task] = False
+                t0 = time.perf_counter()
+                self._check_open()
+                x = request_inputs(req, self.info, self.config.max_tokens_per_request)
+                check_output_selection(req, self.info)
+                if session_id is None:
+                    if req.session_id:
+                        self.store.get(req.session_id, principal)
+                        sid = req.session_id
+                    else:
+                        sid = self.store.create(principal).id
+                    self._attach(sid, "Stream")
+                    session_id = sid
+                elif req.session_id and req.session_id != session_id:
+                    raise InvalidInput(
+                        "session_id", f"this stream is attached to {session_id!r}; open another"
+                    )
+                outputs, position = await self.batcher.step(session_id, x, principal)
+                yield step_response(session_id, position, outputs, req)
+                self.metrics.count_tokens("Stream", len(x))
+                self.metrics.observe_request("Stream", time.perf_counter() - t0)
+                self._streams[task] = True
+        except asyncio.CancelledError:
+            if task in self._drain_cancelled:
+                raise Unavailable(
+                    "server is shutting down; the session is saved, resume after the restart"
+                ) from None
+            raise
+        finally:
+            self._streams.pop(task, None)
+            self._drain_cancelled.discard(task)
+            if session_id is not None:
+                self._attached.pop(session_id, None)
+
+    @grpc_errors
+    async def Generate(self, request, context):
+        self._check_open()
+        info = self.info
+        if info["input_kind"] != "tokens":
+            raise ModelError("Generate needs a token model; this model takes values (use Step)")
+        if not len(request.prompt):
+            raise InvalidInput(
+                "prompt", "needs at least one token (to continue, send the last generated token)"
+            )
+        prompt = request_inputs(
+            pb.StepRequest(tokens=request.prompt),
+            info,
+            self.config.max_tokens_per_request,
+            "prompt",
+        )
+        sampler = Sampler(sampling_config(request, info, self.config.max_new_tokens))
+        stop = set(request.stop_tokens)
+        principal = current_principal()
+        if request.session_id:
+            sid, temporary = self.store.get(request.session_id, principal).id, False
+        elif request.keep_session:
+            sid, temporary = self.store.create(principal).id, False
+        else:
+            sid, temporary = self.store.create(principal).id, True
+        try:
+            self._attach(sid, "Generate")
+        except SessionBusy:
+            if temporary:
+                self.store.close(sid, principal)
+            raise
+        try:
+            outputs, position = await self.batcher.step(sid, prompt, principal)  # prefill
+            self.metrics.count_tokens("Generate", len(prompt))
+            for i in range(request.max_new_tokens):
+                t0 = time.perf_counter()
+                logits = outputs[-1]  # [V]
+                token = sampler(logits)
+                last = i + 1 == request.max_new_tokens or token in stop
+                reason = pb.FINISH_NONE
+                if token in stop:
+                    reason = pb.FINISH_STOP_TOKEN
+                elif last:
+                    reason = pb.FINISH_MAX_TOKENS
+                yield pb.GenerateResponse(
+                    session_id=sid,
+                    token=token,
+                    logprob=float(log_softmax(logits)[token]),
+                    position=position,
+                    index=i,
+                    finish_reason=reason,
+                )
+                if last:
+                    break
+                self._check_open()
+                x = np.array([token], dtype=np.int64)  # [1]
+                outputs, position = await self.batcher.step(sid, x, principal)
+                self.metrics.count_tokens("Generate", 1)
+                self.metrics.observe_request("Generate", time.perf_counter() - t0)
+        finally:
+            self._attached.pop(sid, None)
+            if temporary:
+                try:
+                    self.store.close(sid, principal)
+                except SessionNotFound:
+                    pass
