@@ -18,6 +18,7 @@ COMMANDS = {
     "serve": ("ssmstream.runtime.server", "serve an exported model over gRPC"),
     "generate": ("ssmstream.runtime.client", "stream a generation from a running server"),
     "bench": ("ssmstream.runtime.bench", "quick step-latency benchmark of an exported model"),
+    "plot": ("ssmstream.model.plots", "plot SSM basis functions and kernels of a checkpoint"),
 }
 
 
