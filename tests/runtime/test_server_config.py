@@ -1,0 +1,116 @@
+"""ServerConfig/flags and the bearer-token table: pure parts of the server, no model needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+from ssmstream.runtime.auth import TokenTable
+from ssmstream.runtime.config import ServerConfig, build_parser, config_fields, parse_config
+
+
+def test_every_config_field_has_a_flag_with_help():
+    parser = build_parser()
+    dests = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(dests) == set(config_fields())
+    for name, action in dests.items():
+        assert action.help and len(action.help) > 5, f"--{name} has no help text"
+
+
+def test_flags_map_onto_the_dataclass():
+    c = parse_config(
+        [
+            "m/",
+            "--port",
+            "0",
+            "--max-sessions",
+            "7",
+            "--max-batch-delay",
+            "0.01",
+            "--session-ttl",
+            "3.5",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ]
+    )
+    assert (c.model_dir, c.port, c.max_sessions) == ("m/", 0, 7)
+    assert (c.max_batch_delay, c.session_ttl) == (0.01, 3.5)
+    assert (c.tls_cert, c.tls_key, c.host) == ("c.pem", "k.pem", "127.0.0.1")
+    # defaults of the parser are the dataclass defaults
+    d = parse_config(["m/"])
+    assert dataclasses.asdict(d) == dataclasses.asdict(ServerConfig(model_dir="m/"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"port": 70000}, "port"),
+        ({"max_sessions": 0}, "max_sessions"),
+        ({"max_batch": -1}, "max_batch"),
+        ({"session_ttl": 0}, "session_ttl"),
+        ({"max_batch_delay": float("nan")}, "max_batch_delay"),
+        ({"grace": -1.0}, "grace"),
+        ({"tls_cert": "c.pem"}, "tls_cert/tls_key"),
+        ({"tls_client_ca": "ca.pem"}, "tls_client_ca"),
+        ({"metrics_port": -2}, "metrics_port"),
+        ({"device": "tpu"}, "device"),
+        ({"max_tokens_per_request": 2.5}, "max_tokens_per_request"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        ServerConfig(model_dir="m", **kwargs)
+
+
+def test_bad_flag_exits_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["m/", "--max-batch", "0"])
+    assert e.value.code == 2
+    assert "--max-batch: must be >= 1" in capsys.readouterr().err
+
+
+def test_ipv6_address_is_bracketed():
+    assert ServerConfig(model_dir="m", host="::1", port=5).address == "[::1]:5"
+    assert ServerConfig(model_dir="m", port=5).address == "127.0.0.1:5"
+
+
+def test_token_table_maps_tokens_to_principals(tmp_path):
+    f = tmp_path / "tokens"
+    f.write_text("# token principal\nsecret-a alice\n\n  secret-b   bob  \nsecret-c alice\n")
+    t = TokenTable.from_file(f)
+    assert t.principal("secret-a") == "alice"
+    assert t.principal("secret-b") == "bob"
+    assert t.principal("secret-c") == "alice"
+    assert t.principal("secret-") is None and t.principal("") is None
+    assert t.principal("secret-a ") is None
+    md = (("user-agent", "x"), ("authorization", "Bearer secret-b"))
+    assert t.principal_from_metadata(md) == "bob"
+    assert t.principal_from_metadata((("authorization", "bearer secret-a"),)) == "alice"
+    assert t.principal_from_metadata((("authorization", "Basic secret-a"),)) is None
+    assert t.principal_from_metadata((("authorization", "Bearer"),)) is None
+    assert t.principal_from_metadata(()) is None
+    # only digests are kept: the table holds no token text
+    digests = {d for d, _ in t._entries}
+    assert digests == {
+        hashlib.sha256(s.encode()).digest() for s in ("secret-a", "secret-b", "secret-c")
+    }
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("only-a-token\n", r":1: expected '<token> <principal>'"),
+        ("tok alice\ntok bob\n", r":2: duplicate token"),
+        ("# nothing\n", "empty"),
+    ],
+)
+def test_bad_token_file_names_the_line_not_the_token(tmp_path, text, match):
+    f = tmp_path / "tokens"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match) as e:
+        TokenTable.from_file(f)
+    assert "tok " not in str(e.value) and "only-a-token" not in str(e.value)
+    assert str(e.value).startswith("auth_tokens: ")
