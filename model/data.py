@@ -29,6 +29,7 @@ Dimension letters: B batch, L length (samples), K sinusoid components.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import math
@@ -72,13 +73,12 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
             found[p.as_posix()] = p
         elif p.is_dir():
             pattern = glob or "*"
-            for f in sorted(p.rglob(pattern)):
-                rel = f.relative_to(p)
-                if not f.is_file() or any(
-                    part.startswith(".") or part in _SKIP_DIRS for part in rel.parts
-                ):
-                    continue
-                found[f"{p.name}/{rel.as_posix()}"] = f
+            for root, dirs, names in os.walk(p):
+                dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS]
+                for name in fnmatch.filter(names, pattern):
+                    f = Path(root, name)
+                    if not name.startswith(".") and f.is_file():
+                        found[f"{p.name}/{f.relative_to(p).as_posix()}"] = f
         else:
             raise ValueError(f"data path {str(p)!r} does not exist")
     return sorted(((path, key) for key, path in found.items()), key=lambda item: item[1])

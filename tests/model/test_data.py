@@ -1,0 +1,195 @@
+"""model/data.py: the byte corpus split and windows, and the continuous signal task.
+
+Signal targets are checked against independent computations: the low-pass against a
+fine-grid RK4 integration of y' = (u − y)/τ, the delay and look-ahead against shifted
+samples of the same signal drawn at a rate where the shift is a whole number of samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+
+import pytest
+import torch
+from ssmstream.model.data import (
+    SignalConfig,
+    default_corpus_dir,
+    find_files,
+    load_text,
+    signal_batch,
+    text_batch,
+)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """200 small text files in nested directories (+ a hidden file and a __pycache__)."""
+    root = tmp_path / "corpus"
+    for i in range(200):
+        f = root / f"d{i % 7}" / f"file{i:03d}.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"file {i}: " + "abcdefghij"[i % 10] * (50 + i))
+    (root / ".hidden").write_text("secret")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "x.txt").write_text("cache")
+    return root
+
+
+def test_split_is_deterministic_disjoint_and_complete(corpus, tmp_path):
+    a, b = load_text([corpus], val_fraction=0.2), load_text([corpus], val_fraction=0.2)
+    assert a.train_files == b.train_files and a.val_files == b.val_files
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    keys = {key for _, key in find_files([corpus])}
+    assert len(keys) == 200  # hidden file and __pycache__ skipped
+    assert set(a.train_files).isdisjoint(a.val_files)
+    assert set(a.train_files) | set(a.val_files) == keys
+    # binomial(200, 0.2): mean 40, sd ≈ 5.7 → a generous 4-sd window
+    assert 17 <= len(a.val_files) <= 63
+    # the bytes are exactly those of the files of each side
+    total = sum(f.stat().st_size for f, _ in find_files([corpus]))
+    assert a.train.numel() + a.val.numel() == total
+    val_bytes = bytes(a.val.tolist())
+    for key in a.val_files[:5]:
+        assert (corpus.parent / key).read_bytes() in val_bytes
+    # the split depends on paths relative to the corpus root, not where it lives
+    moved = tmp_path / "elsewhere" / "corpus"
+    shutil.copytree(corpus, moved)
+    c = load_text([moved], val_fraction=0.2)
+    assert c.val_files == a.val_files and torch.equal(c.val, a.val)
+
+
+def test_single_file_is_split_by_bytes(tmp_path):
+    f = tmp_path / "one.txt"
+    data = bytes(range(256)) * 40
+    f.write_bytes(data)
+    d = load_text([f], val_fraction=0.1, min_bytes=65)
+    assert bytes(d.train.tolist()) + bytes(d.val.tolist()) == data
+    assert d.val.numel() == int(len(data) * 0.1)
+
+
+def test_default_corpus_is_the_stdlib():
+    files = {key for _, key in find_files([default_corpus_dir()], "*.py")}
+    root = default_corpus_dir().name
+    assert f"{root}/os.py" in files and f"{root}/json/decoder.py" in files
+    assert not any("site-packages" in k or "__pycache__" in k for k in files)
+
+
+def test_text_batch_windows_are_contiguous(corpus):
+    d = load_text([corpus], val_fraction=0.2)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x, y = text_batch(d.train, 8, 32, g1)
+    x2, y2 = text_batch(d.train, 8, 32, g2)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    train_bytes = bytes(d.train.tolist())
+    for row_x, row_y in zip(x, y):
+        assert bytes(row_x.tolist()) + bytes(row_y[-1:].tolist()) in train_bytes
+
+
+def test_text_errors(tmp_path, corpus):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "zero.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty corpus"):
+        load_text([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="empty corpus"):
+        load_text([corpus], glob="*.nothing")
+    with pytest.raises(ValueError, match="does-not-exist"):
+        load_text([tmp_path / "does-not-exist"])
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_text([corpus], val_fraction=0.0)
+    with pytest.raises(ValueError, match="too small"):
+        load_text([corpus], min_bytes=10**7)
+    d = load_text([corpus])
+    with pytest.raises(ValueError, match="seq_len"):
+        text_batch(d.val, 2, d.val.numel(), torch.Generator())
+    with pytest.raises(ValueError, match="split"):
+        d.split("test")
+
+
+# --- signals -----------------------------------------------------------------------------
+
+
+def _same_signal_at(cfg: SignalConfig, rate: float, seed: int, batch: int = 4):
+    return signal_batch(
+        dataclasses.replace(cfg, rate=rate), batch, torch.Generator().manual_seed(seed)
+    )
+
+
+def test_signal_is_rate_independent():
+    cfg = SignalConfig(rate=8, duration=16)
+    u1, y1 = _same_signal_at(cfg, 8, seed=5)
+    u2, y2 = _same_signal_at(cfg, 16, seed=5)
+    assert u1.shape == (4, 128, 1) and u2.shape == (4, 256, 1)
+    torch.testing.assert_close(u2[:, ::2], u1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(y2[:, ::2], y1, rtol=0, atol=1e-6)
+    assert u1.dtype == torch.float32 and u1.std() > 0.1
+
+
+def test_lowpass_target_matches_ode_integration():
+    """y' = (u − y)/τ, y(0) = 0, integrated by RK4 on a 64× finer grid of the same signal."""
+    cfg = SignalConfig(rate=4, duration=12, target="lowpass", tau=0.7)
+    fine = 64
+    u_fine, _ = _same_signal_at(cfg, cfg.rate * fine, seed=9)
+    u_fine = u_fine[..., 0].double()  # [B, L·fine], exact samples at t = i / (fine·rate)
+    # RK4 with step 2h needs u at the half step: use step h2 = 2/(fine·rate) on even samples
+    h = 2 / (cfg.rate * fine)
+    y = torch.zeros(u_fine.shape[0], dtype=torch.float64)
+    ys = [y]
+    f = lambda u, y: (u - y) / cfg.tau  # noqa: E731
+    for i in range(0, u_fine.shape[1] - 2, 2):
+        u0, um, u1 = u_fine[:, i], u_fine[:, i + 1], u_fine[:, i + 2]
+        k1 = f(u0, y)
+        k2 = f(um, y + h / 2 * k1)
+        k3 = f(um, y + h / 2 * k2)
+        k4 = f(u1, y + h * k3)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        ys.append(y)
+    y_ode = torch.stack(ys, 1)[:, :: fine // 2]  # [B, L] at the coarse sample times
+    _, y_target = _same_signal_at(cfg, cfg.rate, seed=9)
+    torch.testing.assert_close(y_target[..., 0].double(), y_ode, rtol=0, atol=1e-6)
+
+
+def test_delay_and_next_targets_are_shifted_samples():
+    cfg = SignalConfig(rate=8, duration=8, target="delay", tau=0.5)  # 4 samples
+    u, y = _same_signal_at(cfg, 8, seed=2)
+    torch.testing.assert_close(y[:, 4:], u[:, :-4], rtol=0, atol=1e-6)
+    assert torch.all(y[:, :4] == 0)
+    nxt = dataclasses.replace(cfg, target="next")  # default horizon: one sample
+    u, y = _same_signal_at(nxt, 8, seed=2)
+    torch.testing.assert_close(y[:, :-1], u[:, 1:], rtol=0, atol=1e-6)
+    far = dataclasses.replace(cfg, target="next", horizon=0.25)  # 2 samples at rate 8
+    u, y = _same_signal_at(far, 8, seed=2)
+    torch.testing.assert_close(y[:, :-2], u[:, 2:], rtol=0, atol=1e-6)
+
+
+def test_lowpass_gain_of_a_slow_sinusoid():
+    """A single slow sinusoid passes with gain 1/√(1+(ωτ)²) once the transient is gone."""
+    cfg = SignalConfig(rate=32, duration=40, n_components=1, freq_min=0.1, freq_max=0.1, tau=0.5)
+    u, y = signal_batch(cfg, 3, torch.Generator().manual_seed(0))
+    late = slice(20 * 32, None)  # 40 time constants later
+    w = 2 * math.pi * 0.1
+    ratio = y[:, late].pow(2).mean(1).sqrt() / u[:, late].pow(2).mean(1).sqrt()
+    torch.testing.assert_close(
+        ratio.squeeze(-1), torch.full((3,), 1 / math.sqrt(1 + (w * 0.5) ** 2)), rtol=2e-3, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"rate": 0}, "rate"),
+        ({"duration": -1}, "duration"),
+        ({"tau": 0}, "tau"),
+        ({"n_components": 0}, "n_components"),
+        ({"freq_min": 2.0, "freq_max": 1.0}, "freq_min"),
+        ({"rate": 2, "freq_max": 1.0}, "Nyquist"),
+        ({"target": "square"}, "target"),
+        ({"horizon": -0.1}, "horizon"),
+    ],
+)
+def test_signal_config_errors(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SignalConfig(**kwargs)
