@@ -1,0 +1,85 @@
+"""Stream a text into a session on a running server, one byte per request, then let the
+server continue it — the session's state carries the whole prefix at O(1) cost per step.
+
+    ssmstream serve model/ --port 50051 &
+    python examples/stream_client.py --server 127.0.0.1:50051 "def fibonacci(n):"
+
+For each byte fed, prints the model's top-3 guesses for the next byte (from the log-probs
+the server returns with output=top_k), then the server-side continuation. Works with any
+byte-level token model (vocab >= 256); values models are fed a sine wave instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+
+from ssmstream.runtime.client import Client
+
+log = logging.getLogger("stream_client")
+
+
+def show(b: int) -> str:
+    return repr(chr(b)) if 32 <= b < 127 else f"0x{b:02x}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("text", nargs="?", default="def fibonacci(n):\n", help="prompt text")
+    p.add_argument("--server", default="127.0.0.1:50051", help="server host:port")
+    p.add_argument("--max-new-tokens", type=int, default=120, help="continuation length")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tls-ca", default=None, help="PEM CA of a TLS server")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    token = os.environ.get("SSMSTREAM_TOKEN")  # bearer token, if the server wants one
+    with Client(a.server, token=token, root_certificates=a.tls_ca) as client:
+        info = client.info()
+        log.info(
+            "model %r: %s, state %d floats (%d bytes per session), provider %s",
+            info.name,
+            info.input_kind,
+            info.state_size,
+            info.state_bytes,
+            info.provider,
+        )
+        session = client.create_session()
+        if info.input_kind != "tokens":
+            with session.open_stream() as stream:  # a sine wave, one sample per request
+                for t in range(32):
+                    u = [math.sin(0.3 * t)] * info.d_input
+                    r = stream.send(values=u)
+                    log.info("t=%2d  u=%+.3f  y=%s", t, u[0], r.outputs[0].round(3).tolist())
+            session.close()
+            return 0
+        data = a.text.encode("utf-8")
+        if len(data) < 2:
+            p.error("text: give at least two bytes")
+        with session.open_stream() as stream:  # all bytes but the last: Generate starts there
+            for b in data[:-1]:
+                r = stream.send(tokens=[b], output="top_k", top_k=3)
+                guesses = ", ".join(
+                    f"{show(int(t))} {math.exp(lp):.2f}"
+                    for t, lp in zip(r.top_tokens, r.top_logprobs)
+                )
+                log.info("fed %-6s position %3d  next: %s", show(b), r.position, guesses)
+        # the stream is closed, the session is not. Fork it: two continuations of one prefix.
+        fork = session.fork()
+        for name, s, seed in (("session", session, a.seed), ("fork", fork, a.seed + 1)):
+            out = bytearray()
+            for g in s.generate(data[-1:], max_new_tokens=a.max_new_tokens,
+                                temperature=a.temperature, seed=seed):  # fmt: skip
+                out.append(g.token)
+            text = a.text + out.decode("utf-8", errors="replace")
+            sys.stdout.write(f"--- {name} {s.id} (seed {seed}) ---\n{text}\n")
+            s.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
