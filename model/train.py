@@ -361,12 +361,22 @@ def _resume(out: Path, model_cfg: SSMConfig | None, device) -> tuple[SSMNetwork,
 
 
 def fit(model_cfg: SSMConfig | None, train_cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) and checkpoint; see the module docstring. Returns the result."""
-    cfg = train_cfg
+    """Train (or resume) and checkpoint; see the module docstring. Returns the result.
+
+    `train_cfg.threads` applies for the duration of the call (torch's count is restored).
+    """
+    threads_before = torch.get_num_threads()
+    if train_cfg.threads is not None:
+        torch.set_num_threads(train_cfg.threads)
+    try:
+        return _fit(model_cfg, train_cfg)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
     dist = DistInfo.from_env()
     device = resolve_device(cfg.device, dist)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     if cfg.resume and not (out / "config.json").is_file():
         raise ValueError(f"cannot resume: {out} holds no checkpoint (config.json missing)")
@@ -388,10 +398,12 @@ def fit(model_cfg: SSMConfig | None, train_cfg: TrainConfig) -> TrainResult:
         torch_dist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
         log.info("rank %d/%d: %s process group", dist.rank, dist.world_size, backend)
     try:
-        return _loop(model_cfg, cfg, dist, device, out, batches)
+        result = _loop(model_cfg, cfg, dist, device, out, batches)
+        if own_group:
+            torch_dist.barrier()  # rank 0 has written its checkpoint
+        return result
     finally:
         if own_group:
-            torch_dist.barrier()
             torch_dist.destroy_process_group()
 
 
