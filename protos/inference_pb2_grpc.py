@@ -133,9 +133,10 @@ class StreamingInferenceServicer:
         feeding each sampled token back before sampling the next, until `max_new_tokens` or
         a stop token. One response per generated token, sent before that token is fed; the
         last generated token is not fed (send it as the next prompt to continue). So the
-        session never holds a token the client has not received. Token models only.
+        session only ever holds tokens that were sent to the client. Token models only.
         Cancelling the call stops the loop; the session keeps what was fed before the cancel
-        (SnapshotSession tells its position).
+        (SnapshotSession tells its position; responses still in flight are lost to a client
+        that stops reading, so it should resume from that position).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,7 @@ from .auth import AuthInterceptor, TokenTable
 from .config import ServerConfig, parse_config
 from .errors import RuntimeErrorBase
 from .metrics import ServerMetrics
-from .servicer import SERVICE_NAME, StreamingInferenceServicer
+from .servicer import SERVICE_NAME, DecodeGuard, StreamingInferenceServicer
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class Server:
             interceptors=[
                 AuthInterceptor(
                     tokens, on_denied=lambda _m: self.metrics.count_error("UNAUTHENTICATED")
-                )
+                ),
+                DecodeGuard(self.metrics),
             ],
             options=options,
             maximum_concurrent_rpcs=c.max_concurrent_rpcs or None,

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .metrics import ServerMetrics
 from .sampling import Sampler, SamplingConfig
+from .sessions import SESSION_ID_RE
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,90 @@ def grpc_errors(method):
             await fail(self, exc, context)
 
     return call
+
+
+class Malformed:
+    """What a request that is not valid protobuf deserializes to (see DecodeGuard)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _guard_deserializer(deserialize):
+    def guarded(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf raises DecodeError (and others on odd input)
+            return Malformed(e)
+
+    return guarded
+
+
+def _malformed_detail(m: Malformed) -> str:
+    return f"not a valid protobuf message of this RPC ({type(m.error).__name__})"
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Bytes that are not a valid request message become INVALID_ARGUMENT (grpc would
+    answer UNKNOWN and log a traceback). Only this service's methods are guarded."""
+
+    def __init__(self, metrics: ServerMetrics, prefix: str = f"/{SERVICE_NAME}/"):
+        self.metrics, self.prefix = metrics, prefix
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self.prefix):
+            return handler
+        metrics = self.metrics
+        if handler.request_streaming:
+            behavior = handler.stream_stream or handler.stream_unary
+
+            async def checked(requests):
+                async for r in requests:
+                    if isinstance(r, Malformed):
+                        raise InvalidInput("request", _malformed_detail(r))
+                    yield r
+
+            if inspect.isasyncgenfunction(behavior):
+
+                async def wrapped(requests, context):
+                    async for resp in behavior(checked(requests), context):
+                        yield resp
+
+            else:
+
+                async def wrapped(requests, context):
+                    return await behavior(checked(requests), context)
+
+            kind = "stream_stream" if handler.stream_stream else "stream_unary"
+        else:
+            behavior = handler.unary_stream or handler.unary_unary
+
+            async def reject(request, context):
+                metrics.count_error(grpc.StatusCode.INVALID_ARGUMENT.name)
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, f"request: {_malformed_detail(request)}")
+
+            if inspect.isasyncgenfunction(behavior):
+
+                async def wrapped(request, context):
+                    if isinstance(request, Malformed):
+                        await reject(request, context)
+                    async for resp in behavior(request, context):
+                        yield resp
+
+            else:
+
+                async def wrapped(request, context):
+                    if isinstance(request, Malformed):
+                        await reject(request, context)
+                    return await behavior(request, context)
+
+            kind = "unary_stream" if handler.unary_stream else "unary_unary"
+        return handler._replace(
+            request_deserializer=_guard_deserializer(handler.request_deserializer),
+            **{kind: wrapped},
+        )
 
 
 # --- protobuf ↔ arrays (pure helpers) -------------------------------------------------------
@@ -244,6 +329,15 @@ def optional_id(value: str) -> str | None:
     return value or None
 
 
+def session_ref(value: str, field: str = "session_id") -> str:
+    """A request's reference to an existing session: present and well-formed."""
+    if not value:
+        raise InvalidInput(field, "is required")
+    if not SESSION_ID_RE.match(value):
+        raise InvalidInput(field, f"{value[:64]!r} is not a session id (1-128 of [A-Za-z0-9._:-])")
+    return value
+
+
 _SNAP_POSITION = struct.Struct("<8sIQQ")  # magic, version, S, position (sessions.py format)
 
 
@@ -326,14 +420,14 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     @grpc_errors
     async def CloseSession(self, request, context):
         principal = current_principal()
-        s = self.store.get(request.session_id, principal)
+        s = self.store.get(session_ref(request.session_id), principal)
         msg = session_message(s)
         self.store.close(request.session_id, principal)
         return msg
 
     @grpc_errors
     async def SnapshotSession(self, request, context):
-        data = self.store.snapshot(request.session_id, current_principal())
+        data = self.store.snapshot(session_ref(request.session_id), current_principal())
         position = _SNAP_POSITION.unpack_from(data)[3]
         return pb.Snapshot(
             session_id=request.session_id,
@@ -357,7 +451,9 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     async def ForkSession(self, request, context):
         self._check_open()
         s = self.store.fork(
-            request.session_id, current_principal(), optional_id(request.new_session_id)
+            session_ref(request.session_id),
+            current_principal(),
+            optional_id(request.new_session_id),
         )
         return session_message(s)
 
@@ -365,8 +461,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     async def Step(self, request, context):
         t0 = time.perf_counter()
         self._check_open()
-        if not request.session_id:
-            raise InvalidInput("session_id", "is required (create one with CreateSession)")
+        session_ref(request.session_id)
         x = request_inputs(request, self.info, self.config.max_tokens_per_request)
         check_output_selection(request, self.info)
         principal = current_principal()
@@ -395,7 +490,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 check_output_selection(req, self.info)
                 if session_id is None:
                     if req.session_id:
-                        self.store.get(req.session_id, principal)
+                        self.store.get(session_ref(req.session_id), principal)
                         sid = req.session_id
                     else:
                         sid = self.store.create(principal).id
@@ -442,7 +537,8 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         stop = set(request.stop_tokens)
         principal = current_principal()
         if request.session_id:
-            sid, temporary = self.store.get(request.session_id, principal).id, False
+            sid = self.store.get(session_ref(request.session_id), principal).id
+            temporary = False
         elif request.keep_session:
             sid, temporary = self.store.create(principal).id, False
         else:

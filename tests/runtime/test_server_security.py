@@ -1,0 +1,197 @@
+"""Server security: bearer-token auth per RPC, sessions private to their principal, TLS
+and mTLS with certificates generated in the test (openssl CLI)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import make_certs
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from ssmstream.protos import inference_pb2 as pb
+from ssmstream.runtime import auth
+from ssmstream.runtime.client import Client
+from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.server import BackgroundServer
+
+ALICE, BOB = "tok-alice-3f9a1c", "tok-bob-77e2d0"
+
+
+def code_of(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tiny_token_model, tmp_path_factory):
+    f = tmp_path_factory.mktemp("auth") / "tokens"
+    f.write_text(f"# test tokens\n{ALICE} alice\n{BOB} bob\n")
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]),
+        port=0,
+        device="cpu",
+        auth_tokens=str(f),
+        grace=0.2,
+    )
+    with BackgroundServer(cfg) as srv:
+        yield srv
+
+
+def every_rpc(c: Client, sid: str) -> dict:
+    """One call of each RPC of the service, on session `sid` where it takes one."""
+    s = c.session(sid)
+    return {
+        "GetModelInfo": c.info,
+        "CreateSession": c.create_session,
+        "Step": lambda: s.step(tokens=[1]),
+        "Stream": lambda: list(s.stream([[1]])),
+        "Generate": lambda: list(s.generate([1], max_new_tokens=2)),
+        "SnapshotSession": s.snapshot,
+        "RestoreSession": lambda: c.restore(b"snapshot"),
+        "ForkSession": s.fork,
+        "CloseSession": s.close,
+    }
+
+
+def test_every_rpc_needs_a_valid_token(auth_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    target = f"127.0.0.1:{auth_server.port}"
+    with Client(target, token=ALICE, timeout=30) as alice:
+        sid = alice.create_session().id
+        for token in (None, "wrong-token-5b1e", ""):
+            with Client(target, token=token, timeout=30) as c:
+                for name, fn in every_rpc(c, sid).items():
+                    code, msg = code_of(fn)
+                    assert code == grpc.StatusCode.UNAUTHENTICATED, (name, token, code)
+                    assert "bearer token" in msg and (not token or token not in msg)
+        # a malformed header is refused as well
+        raw = grpc.insecure_channel(target)
+        md = (("authorization", f"Basic {ALICE}"),)
+        code, _ = code_of(
+            lambda: raw.unary_unary("/ssmstream.v1.StreamingInference/GetModelInfo")(
+                pb.GetModelInfoRequest().SerializeToString(), metadata=md, timeout=10
+            )
+        )
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        raw.close()
+        assert alice.session(sid).step(tokens=[1]).position == 1  # untouched by the above
+    for secret in (ALICE, BOB, "wrong-token-5b1e"):
+        assert secret not in caplog.text, "a token was logged"
+
+
+def test_another_principals_session_does_not_exist(auth_server, tiny_token_model):
+    target = f"127.0.0.1:{auth_server.port}"
+    with Client(target, token=ALICE, timeout=30) as alice, Client(target, token=BOB) as bob:
+        s = alice.create_session()
+        before = s.step(tokens=[3, 4], output="all")
+        for name, fn in every_rpc(bob, s.id).items():
+            if name in ("GetModelInfo", "CreateSession", "RestoreSession"):
+                continue
+            code, msg = code_of(fn)
+            assert code == grpc.StatusCode.NOT_FOUND, (name, code, msg)
+            assert "unknown" in msg  # the same answer as for an id that never existed
+        # ids are one namespace: a taken id is refused (that says the id is taken, no more)
+        code, msg = code_of(lambda: bob.create_session(session_id=s.id))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("session_id")
+        # alice's session is untouched by all of it
+        assert s.snapshot() and s.position == 2
+        fork = s.fork()
+        again = fork.step(tokens=[5], output="last")
+        ref = alice.create_session()
+        expect = ref.step(tokens=[3, 4, 5], output="all")
+        np.testing.assert_allclose(again.outputs[0], expect.outputs[-1], atol=2e-4)
+        np.testing.assert_allclose(before.outputs, expect.outputs[:2], atol=2e-4)
+        for h in (s, fork, ref):
+            h.close()
+
+
+def test_health_is_open_and_reflection_needs_a_token(auth_server):
+    target = f"127.0.0.1:{auth_server.port}"
+    with grpc.insecure_channel(target) as ch:
+        hs = health_pb2_grpc.HealthStub(ch)
+        r = hs.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        code, _ = code_of(lambda: list(refl.ServerReflectionInfo(iter([req]), timeout=10)))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        md = (("authorization", f"Bearer {BOB}"),)
+        (resp,) = list(refl.ServerReflectionInfo(iter([req]), metadata=md, timeout=10))
+        names = {s.name for s in resp.list_services_response.service}
+        assert "ssmstream.v1.StreamingInference" in names
+
+
+def test_token_check_visits_every_entry(monkeypatch):
+    """Constant time: every stored digest is compared, whichever (if any) matches."""
+    table = auth.TokenTable({f"token-{i}": f"p{i}" for i in range(5)})
+    calls = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        calls.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    for token, principal in (("token-0", "p0"), ("token-4", "p4"), ("nope", None)):
+        calls.clear()
+        assert table.principal(token) == principal
+        assert len(calls) == 5
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("tls"))
+
+
+def test_tls_server_talks_tls_only(tiny_token_model, certs):
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]),
+        port=0,
+        device="cpu",
+        tls_cert=str(certs.server_cert),
+        tls_key=str(certs.server_key),
+        grace=0.2,
+    )
+    with BackgroundServer(cfg) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with Client(target, root_certificates=certs.ca, timeout=30) as c:
+            s = c.create_session()
+            assert s.step(tokens=[1, 2]).position == 2
+            s.close()
+        with Client(target, timeout=5) as plain:
+            code, _ = code_of(plain.info)
+            assert code == grpc.StatusCode.UNAVAILABLE
+        # a client that does not trust the server's CA refuses it
+        with Client(target, root_certificates=certs.client_cert, timeout=5) as wrong_ca:
+            code, _ = code_of(wrong_ca.info)
+            assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_requires_a_client_certificate(tiny_token_model, certs):
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]),
+        port=0,
+        device="cpu",
+        tls_cert=str(certs.server_cert),
+        tls_key=str(certs.server_key),
+        tls_client_ca=str(certs.ca),
+        grace=0.2,
+    )
+    with BackgroundServer(cfg) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with Client(
+            target,
+            root_certificates=certs.ca,
+            client_cert=certs.client_cert,
+            client_key=certs.client_key,
+            timeout=30,
+        ) as c:
+            assert c.create_session().step(tokens=[1]).position == 1
+        with Client(target, root_certificates=certs.ca, timeout=5) as no_cert:
+            code, _ = code_of(no_cert.info)
+            assert code == grpc.StatusCode.UNAVAILABLE
