@@ -1,0 +1,132 @@
+"""The Python client (sync and asyncio) and `ssmstream generate`, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from ssmstream.runtime import cli
+from ssmstream.runtime.client import AsyncClient, Client, channel_credentials, step_request
+from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.engine import Engine
+from ssmstream.runtime.server import BackgroundServer
+
+ATOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def server(tiny_token_model):
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=0.2
+    )
+    with BackgroundServer(cfg) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_token_model):
+    return Engine(tiny_token_model["model_dir"], device="cpu")
+
+
+def greedy(eng, prompt, n):
+    """In-process greedy decoding: the reference for server-side Generate."""
+    state = eng.new_state(1)
+    for t in prompt:
+        y, state = eng.step(np.array([t], dtype=np.int64), state)
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(y[0]))
+        out.append(t)
+        y, state = eng.step(np.array([t], dtype=np.int64), state)
+    return out
+
+
+def test_async_client_matches_the_sync_client(server, engine):
+    V = int(engine.info["vocab_size"])
+    x = np.random.default_rng(0).integers(0, V, size=6, dtype=np.int64)
+    target = f"127.0.0.1:{server.port}"
+    with Client(target, timeout=30) as c:
+        s = c.create_session()
+        sync_all = s.step(tokens=x, output="all").outputs
+        s.close()
+
+    async def run():
+        async with AsyncClient(target, timeout=30) as c:
+            info = await c.info()
+            s = await c.create_session()
+            first = await s.step(tokens=x[:2], output="all")
+            async with s.open_stream() as st:
+                rest = [await st.send(tokens=[t]) for t in x[2:4]]
+            snap = await s.snapshot()
+            restored = await c.restore(snap)
+            fork = await s.fork()
+            tail = [await h.step(tokens=x[4:], output="all") for h in (s, restored, fork)]
+            gen = [r.token async for r in s.generate([1], max_new_tokens=4, temperature=0.0)]
+            positions = [await h.close() for h in (s, restored, fork)]
+            return info, first, rest, tail, gen, positions
+
+    info, first, rest, tail, gen, positions = asyncio.run(run())
+    assert info.state_size == engine.info["state_size"]
+    got = np.concatenate([first.outputs, np.stack([r.outputs[0] for r in rest])])
+    np.testing.assert_allclose(got, sync_all[:4], atol=ATOL)
+    for t in tail:
+        np.testing.assert_allclose(t.outputs, sync_all[4:], atol=ATOL)
+    assert gen == greedy(engine, list(x) + [1], 4)
+    assert positions == [6 + 4, 6, 6]  # generate fed its prompt and 3 of its 4 tokens
+
+
+def test_stream_handle_creates_a_session_when_it_has_none(server):
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
+        s = c.session("")
+        with s.open_stream() as st:
+            r = st.send(tokens=[1, 2])
+        assert s.id and r.session_id == s.id and s.position == 2
+        assert s.close() == 2
+
+
+def test_generate_cli_prints_token_ids(server, engine, capsys):
+    want = greedy(engine, [1, 2, 3], 5)
+    rc = cli.main(
+        [
+            "generate",
+            "--server",
+            f"127.0.0.1:{server.port}",
+            "--ids",
+            "1,2,3",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+        ]  # fmt: skip
+    )
+    assert rc == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == want
+
+
+def test_generate_cli_text_or_a_clear_error(server, engine, capsys):
+    V = int(engine.info["vocab_size"])
+    argv = ["generate", "--server", f"127.0.0.1:{server.port}", "hi", "--temperature", "0"]
+    if V < 256:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and "--ids" in capsys.readouterr().err
+        return
+    assert cli.main([*argv, "--max-new-tokens", "4"]) == 0
+    want = bytes(greedy(engine, list(b"hi"), 4)).decode("utf-8", errors="replace")
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_generate_cli_reports_server_errors(server, capsys):
+    rc = cli.main(["generate", "--server", f"127.0.0.1:{server.port}", "--ids", "1",
+                   "--max-new-tokens", "0"])  # fmt: skip
+    assert rc == 1
+    assert "INVALID_ARGUMENT: max_new_tokens" in capsys.readouterr().err
+
+
+def test_client_side_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match="^output: "):
+        step_request("s", tokens=[1], output="everything")
+    with pytest.raises(ValueError, match="^client_cert/client_key: "):
+        channel_credentials(client_cert=b"pem")
+    assert channel_credentials() is None

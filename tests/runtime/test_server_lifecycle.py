@@ -1,0 +1,128 @@
+"""Server lifecycle and operations: health, reflection, Prometheus metrics, and a restart
+(SIGTERM the server process, start it again on the same --state-dir, continue: the
+outputs equal an uninterrupted run)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import ServerProcess, scrape
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from ssmstream.runtime.client import Client
+from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.engine import Engine
+from ssmstream.runtime.server import BackgroundServer
+
+ATOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def server(tiny_token_model):
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]),
+        port=0,
+        metrics_port=0,
+        device="cpu",
+        grace=0.2,
+    )
+    with BackgroundServer(cfg) as srv:
+        yield srv
+
+
+def test_health_serves_overall_and_per_service(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "ssmstream.v1.StreamingInference"):
+            r = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING, name
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services_and_describes_the_proto(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reqs = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="ssmstream.v1.StreamingInference"
+            ),
+        ]
+        listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {
+        "ssmstream.v1.StreamingInference",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    (blob,) = described.file_descriptor_response.file_descriptor_proto[:1]
+    assert b"ssmstream/protos/inference.proto" in blob and b"StepRequest" in blob
+
+
+def test_metrics_count_what_happened(server):
+    before = scrape(server.server.metrics_port)
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
+        s = c.create_session()
+        s.step(tokens=[1, 2, 3])
+        list(s.stream([[4], [5]]))
+        with pytest.raises(grpc.RpcError):
+            c.session("missing-one").step(tokens=[1])
+        after = scrape(server.server.metrics_port)
+        assert after["ssmstream_sessions_active"] == before["ssmstream_sessions_active"] + 1
+        s.close()
+
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta('ssmstream_tokens_total{rpc="Step"}') == 3
+    assert delta('ssmstream_tokens_total{rpc="Stream"}') == 2
+    assert delta('ssmstream_requests_total{rpc="Stream"}') == 2
+    assert delta('ssmstream_request_latency_seconds_count{rpc="Step"}') == 1
+    assert delta('ssmstream_errors_total{code="NOT_FOUND"}') == 1
+    assert after["ssmstream_tokens_per_second"] > 0
+    assert after["ssmstream_sessions_capacity"] == 1024
+    assert "ssmstream_sessions_evicted_total" in after and after["ssmstream_draining"] == 0
+
+
+def test_restart_on_the_same_state_dir_continues_exactly(tiny_token_model, tmp_path):
+    model_dir = tiny_token_model["model_dir"]
+    eng = Engine(model_dir, device="cpu")
+    V = int(eng.info["vocab_size"])
+    x = np.random.default_rng(21).integers(0, V, size=12, dtype=np.int64)  # [12]
+    state = eng.new_state(1)
+    expect = []
+    for t in x:  # the uninterrupted run, in-process
+        y, state = eng.step(np.array([t], dtype=np.int64), state)
+        expect.append(y[0])
+    state_dir = tmp_path / "state"
+    args = ("--state-dir", str(state_dir), "--device", "cpu", "--grace", "2")
+
+    first = ServerProcess(model_dir, *args, workdir=tmp_path)
+    try:
+        with Client(first.address, timeout=30) as c:
+            s = c.create_session(session_id="resumable")
+            idle = c.create_session()
+            with s.open_stream() as st:
+                got = [st.send(tokens=[t]) for t in x[:7]]
+        assert first.terminate() == 0
+    finally:
+        first.kill()
+    out = first.output()
+    assert "serving model" in out and "saved 2 sessions" in out, out
+
+    second = ServerProcess(model_dir, *args, workdir=tmp_path)
+    try:
+        with Client(second.address, timeout=30) as c:
+            with c.session("resumable").open_stream() as st:
+                got += [st.send(tokens=[t]) for t in x[7:]]
+            assert c.session(idle.id).close() == 0
+            assert c.session("resumable").close() == 12
+        assert second.terminate() == 0
+    finally:
+        second.kill()
+    assert "restored 2 sessions" in second.output()
+    assert [r.position for r in got] == list(range(1, 13))
+    np.testing.assert_allclose(np.stack([r.outputs[0] for r in got]), np.stack(expect), atol=ATOL)
