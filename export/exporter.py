@@ -1,0 +1,411 @@
+"""Checkpoint → MODEL_DIR with step.onnx, prefill.onnx and manifest.json (DESIGN.md, export/).
+
+    export_model(ckpt_dir, out_dir, dtype="fp32", dt_scale=1.0, prefill=True, verify=True)
+    export_network(net, out_dir, ...)          # same, from an in-memory SSMNetwork
+
+Pipeline: build the export-only torch modules (`modules.py`: discretization folded in as
+float64-computed constants, complex as re/im pairs) → `torch.onnx.export(dynamo=True)`
+with a dynamic batch B (and T = Q·chunks for prefill) → onnxslim → variant (fp16 is built
+into the modules; int8 = onnxruntime dynamic quantization of the weight MatMuls) →
+verification (`verify.py`) → manifest (also embedded in each graph's metadata_props under
+"ssmstream.manifest", minus the graphs' own sha256/bytes, which a file cannot contain).
+
+Everything is written to a temporary directory next to `out_dir` and renamed into place at
+the end, so no error (bad checkpoint, unwritable --out, failed parity, …) leaves a
+half-written model directory behind.
+
+Graph I/O (B batch, T length, S packed state, V outputs):
+    step.onnx     input int64 [B] | float32 [B, d_input], state float32 [B, S]
+                  -> output float32 [B, V], state_out float32 [B, S]
+    prefill.onnx  input int64 [B, T] | float32 [B, T, d_input], state float32 [B, S]
+                  -> output float32 [B, T, V], state_out float32 [B, S]
+                  (T a multiple of graphs.prefill.chunk, at most graphs.prefill.max_len)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+from ssmstream.model import SSMNetwork, load_checkpoint
+from ssmstream.model.checkpoint import CheckpointError
+from ssmstream.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+from .modules import PrefillGraph, StepGraph
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("fp32", "fp16", "int8")
+OPSET = 20
+METADATA_KEY = "ssmstream.manifest"
+VARIANTS = {
+    "fp32": "weights, activations, SSM recurrence and state float32",
+    "fp16": "weights and activations float16 (GPU variant); SSM recurrence and state float32",
+    "int8": "weight MatMuls dynamically quantized to int8 (edge CPU variant); "
+    "SSM recurrence and state float32",
+}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done (bad arguments, checkpoint, output dir or parity)."""
+
+
+@dataclass
+class ExportConfig:
+    """Options of one export (the CLI flags map onto these).
+
+    dtype: "fp32" | "fp16" | "int8".
+    dt_scale: every Δ is multiplied by this (inputs sampled at 1/dt_scale × the training rate).
+    prefill: also write prefill.onnx.
+    verify: run the parity check and refuse to write a model that fails it.
+    chunk: Q, prefill chunk length (power of two); T must be a multiple of it.
+    carry_steps: doubling steps of the prefill's inter-chunk carry: T ≤ Q·(2^carry_steps − 1).
+    optimize: simplify the graphs with onnxslim (kept only when it does not grow them).
+    verify_steps: length of the random sequence the step graph is checked over (≥ 4096).
+    name: model name in the manifest (default: the output directory's name).
+    overwrite: replace an existing output directory.
+    """
+
+    dtype: str = "fp32"
+    dt_scale: float = 1.0
+    prefill: bool = True
+    verify: bool = True
+    chunk: int = 64
+    carry_steps: int = 6
+    opset: int = OPSET
+    optimize: bool = True
+    verify_steps: int = 4096
+    name: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ExportError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
+        if not (isinstance(self.dt_scale, (int, float)) and math.isfinite(self.dt_scale)):
+            raise ExportError(f"dt_scale must be a finite number, got {self.dt_scale!r}")
+        if self.dt_scale <= 0:
+            raise ExportError(f"dt_scale must be positive, got {self.dt_scale}")
+        if self.chunk < 1 or self.chunk & (self.chunk - 1):
+            raise ExportError(f"chunk must be a power of two, got {self.chunk}")
+        if not 1 <= self.carry_steps <= 16:
+            raise ExportError(f"carry_steps must be in [1, 16], got {self.carry_steps}")
+        if self.verify_steps < 1:
+            raise ExportError(f"verify_steps must be positive, got {self.verify_steps}")
+        if self.opset < 18:
+            raise ExportError(f"opset must be >= 18, got {self.opset}")
+
+    @property
+    def max_len(self) -> int:
+        return self.chunk * (2**self.carry_steps - 1)
+
+
+# --- torch -> onnx -------------------------------------------------------------------
+
+
+def _example_inputs(net: SSMNetwork, batch: int, T: int | None) -> tuple[torch.Tensor, ...]:
+    """Example (input, state) for tracing; batch ≥ 2 keeps the batch axis dynamic."""
+    cfg = net.cfg
+    lead = (batch,) if T is None else (batch, T)
+    if cfg.input_kind == "tokens":
+        inp = torch.zeros(lead, dtype=torch.int64)
+    else:
+        inp = torch.zeros((*lead, cfg.d_input), dtype=torch.float32)
+    return inp, torch.zeros(batch, cfg.state_size, dtype=torch.float32)
+
+
+def _rename_dims(model: onnx.ModelProto, names: dict[str, str]) -> None:
+    """Give the symbolic dims readable names (e.g. '64*chunks' -> 'T')."""
+    values = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
+    for v in values:
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in names:
+                d.dim_param = names[d.dim_param]
+
+
+def torch_to_onnx(
+    module: torch.nn.Module, args: tuple, dynamic_shapes: dict, opset: int
+) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo): (input, state) -> (output, state_out), dynamic B (and T)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(),
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=["input", "state"],
+            output_names=["output", "state_out"],
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def slim(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim the graph; keep the result only when it has no more nodes and no more bytes."""
+    import onnxslim
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        slimmed = onnxslim.slim(model)
+    before = (len(model.graph.node), model.ByteSize())
+    after = (len(slimmed.graph.node), slimmed.ByteSize())
+    log.info("onnxslim: nodes %d -> %d, bytes %d -> %d", *before[:1], after[0], before[1], after[1])
+    return slimmed if after[0] <= before[0] and after[1] <= before[1] * 1.05 else model
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """onnxruntime dynamic quantization of the MatMuls/Gemms whose weight is a constant.
+
+    Activations are quantized per call (uint8), weights once (uint8: U8U8 avoids the
+    saturation of U8S8 on CPUs without VNNI). The SSM's own MatMuls (Toeplitz, chunk-end,
+    state terms) have computed operands and stay float32.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        quantize_dynamic(
+            src,
+            dst,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=QuantType.QUInt8,
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+
+def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dict]:
+    """Write out/step.onnx (and out/prefill.onnx); return their graphs entries (no sha yet)."""
+    modules: dict[str, tuple] = {}
+    B = torch.export.Dim("B", min=1, max=1 << 20)
+    step = StepGraph(net, cfg.dt_scale, cfg.dtype)
+    modules["step"] = (step, _example_inputs(net, 2, None), {"input": {0: B}, "state": {0: B}})
+    if cfg.prefill:
+        pre = PrefillGraph(net, cfg.dt_scale, cfg.dtype, cfg.chunk, cfg.carry_steps)
+        n = torch.export.Dim("chunks", min=1, max=2**cfg.carry_steps - 1)
+        T = cfg.chunk * n
+        args = _example_inputs(net, 2, 2 * cfg.chunk)
+        modules["prefill"] = (pre, args, {"input": {0: B, 1: T}, "state": {0: B}})
+    graphs = {}
+    for name, (module, args, dyn) in modules.items():
+        log.info("exporting %s graph (torch.onnx dynamo, opset %d)", name, cfg.opset)
+        model = torch_to_onnx(module, args, dyn, cfg.opset)
+        if cfg.optimize:
+            model = slim(model)
+        _rename_dims(model, {f"{cfg.chunk}*chunks": "T"})
+        path = out / f"{name}.onnx"
+        if cfg.dtype == "int8":
+            fp32 = out / f".{name}.fp32.onnx"
+            onnx.save(model, fp32)
+            quantize_int8(fp32, path)
+            fp32.unlink()
+        else:
+            onnx.save(model, path)
+        graphs[name] = {"file": path.name}
+        if name == "prefill":
+            graphs[name].update(chunk=cfg.chunk, max_len=cfg.max_len)
+    return graphs
+
+
+# --- manifest --------------------------------------------------------------------------
+
+
+def _io_spec(net: SSMNetwork, prefill: bool) -> dict:
+    cfg = net.cfg
+    lead = ["B", "T"] if prefill else ["B"]
+    if cfg.input_kind == "tokens":
+        inp = {"dtype": "int64", "shape": lead}
+    else:
+        inp = {"dtype": "float32", "shape": [*lead, cfg.d_input]}
+    state = {"dtype": "float32", "shape": ["B", cfg.state_size]}
+    return {
+        "inputs": {"input": inp, "state": state},
+        "outputs": {
+            "output": {"dtype": "float32", "shape": [*lead, cfg.d_output]},
+            "state_out": state,
+        },
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnxscript
+
+    try:
+        own = importlib.metadata.version("ssmstream")
+    except importlib.metadata.PackageNotFoundError:  # a source tree without metadata
+        own = "unknown"
+    return {
+        "ssmstream": own,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": ort.__version__,
+        "exporter": "torch.onnx.export(dynamo=True)",
+    }
+
+
+def base_manifest(net: SSMNetwork, cfg: ExportConfig, name: str, graphs: dict) -> dict:
+    """Everything but sha256/bytes/nodes of the graphs, the parity report and the time."""
+    mc = net.cfg
+    for g, entry in graphs.items():
+        entry.update(_io_spec(net, g == "prefill"))
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "model": mc.to_dict(),
+        "input_kind": mc.input_kind,
+        "vocab_size": mc.vocab_size,
+        "d_input": mc.d_input,
+        "d_output": mc.d_output,
+        "state_size": mc.state_size,
+        "state_dtype": "float32",
+        "state_layout": net.state_layout(),
+        "dtype": cfg.dtype,
+        "precision": VARIANTS[cfg.dtype],
+        "opset": cfg.opset,
+        "dt_scale": float(cfg.dt_scale),
+        "graphs": graphs,
+        "exporter": versions(),
+    }
+
+
+def embed_manifest(path: Path, manifest: dict) -> None:
+    """Store the manifest (without the graphs' own sha256/bytes/nodes) in metadata_props."""
+    model = onnx.load(path)
+    inner = json.loads(json.dumps(manifest))
+    for g in inner["graphs"].values():
+        for k in ("sha256", "bytes", "nodes"):
+            g.pop(k, None)
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(inner, sort_keys=True)
+    onnx.save(model, path)
+
+
+def finish_manifest(manifest: dict, out: Path) -> dict:
+    """Embed the manifest into the graphs, then add their sha256, bytes and node counts."""
+    for g in manifest["graphs"].values():
+        embed_manifest(out / g["file"], manifest)
+    for g in manifest["graphs"].values():
+        f = out / g["file"]
+        g["sha256"] = sha256_file(f)
+        g["bytes"] = f.stat().st_size
+        g["nodes"] = len(onnx.load(f).graph.node)
+    return manifest
+
+
+# --- the export ------------------------------------------------------------------------
+
+
+def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
+    """Check the output directory and make a temporary sibling to write into."""
+    if out_dir.exists() and not (out_dir.is_dir() and overwrite):
+        what = "a file" if not out_dir.is_dir() else "a directory"
+        raise ExportError(f"--out {out_dir} already exists ({what}); choose another or overwrite")
+    parent = out_dir.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise ExportError(f"--out {out_dir}: cannot write into {parent}: {e.strerror or e}") from e
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp into out_dir (replacing an existing one only after the new one is complete)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_network(
+    net: SSMNetwork,
+    out_dir: str | os.PathLike,
+    dtype: str = "fp32",
+    dt_scale: float = 1.0,
+    prefill: bool = True,
+    verify: bool = True,
+    source: dict | None = None,
+    **options,
+) -> Path:
+    """Export an in-memory network to `out_dir` (see ExportConfig for `options`).
+
+    Returns the model directory. Raises ExportError (nothing written) on bad arguments,
+    an unusable output directory, or a model that fails its parity check.
+    """
+    cfg = ExportConfig(dtype=dtype, dt_scale=dt_scale, prefill=prefill, verify=verify, **options)
+    if not isinstance(net, SSMNetwork):
+        raise ExportError(f"net must be an SSMNetwork, got {type(net).__name__}")
+    out_dir = Path(out_dir)
+    name = cfg.name or out_dir.absolute().name
+    net = net.eval()
+    tmp = _prepare_out(out_dir, cfg.overwrite)
+    try:
+        graphs = build_graphs(net, cfg, tmp)
+        manifest = base_manifest(net, cfg, name, graphs)
+        manifest["source"] = source or {}
+        if cfg.verify:
+            from .verify import verify_graphs
+
+            report = verify_graphs(tmp, manifest, net, steps=cfg.verify_steps)
+            manifest["parity"] = report
+            if not report["passed"]:
+                raise ExportError(
+                    "exported graphs fail their parity check, model not written:\n"
+                    + json.dumps(report, indent=2)
+                )
+        else:
+            manifest["parity"] = {"passed": None, "skipped": "export ran with verify=False"}
+        manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        finish_manifest(manifest, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _commit(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s to %s", name, out_dir)
+    return out_dir
+
+
+def export_model(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "fp32",
+    dt_scale: float = 1.0,
+    prefill: bool = True,
+    verify: bool = True,
+    **options,
+) -> Path:
+    """`ssmstream export CKPT --out DIR`: load a checkpoint directory and export it."""
+    ExportConfig(dtype=dtype, dt_scale=dt_scale, prefill=prefill, verify=verify, **options)
+    try:
+        net = load_checkpoint(ckpt_dir)
+    except CheckpointError as e:
+        raise ExportError(f"cannot export checkpoint {str(ckpt_dir)!r}: {e}") from e
+    weights = Path(ckpt_dir) / "model.safetensors"
+    source = {"checkpoint": str(Path(ckpt_dir).absolute()), "weights_sha256": sha256_file(weights)}
+    return export_network(net, out_dir, dtype, dt_scale, prefill, verify, source=source, **options)
+
+
+__all__ = ["DTYPES", "ExportConfig", "ExportError", "export_model", "export_network"]

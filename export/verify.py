@@ -1,0 +1,229 @@
+"""Parity check of an exported model: the two views of one function must agree.
+
+    step_vs_torch    ORT step graph, run recurrently over a random sequence of L ≥ 4096
+                     inputs from the zero state, vs the torch network's convolution-mode
+                     forward in float64 (Δ scaled by the manifest's dt_scale).
+    prefill_vs_step  the runtime's policy — full chunks of Q through prefill.onnx (at most
+                     max_len per call), the remainder through step.onnx — vs steps only:
+                     over the same L-long sequence, and over short sequences (Q + 1, 3Q + 7)
+                     starting from the non-zero state the long run ended in.
+
+Errors are max |a − b| divided by the scale of the reference (max |reference|), for the
+outputs and for the final state. Each dtype has its own tolerance (TOLERANCES): fp32 is
+held to 1e-4; fp16 and int8 to what their arithmetic honestly reaches.
+
+Report (manifest "parity"):
+    {"passed": bool, "dtype": str, "tolerance": {...}, "reference": str,
+     "step_vs_torch":   {"length", "batch", "max_abs", "output_scale", "max_rel", "passed"},
+     "prefill_vs_step": {"lengths", "max_rel_output", "max_rel_state", "max_abs_output",
+                         "max_abs_state", "passed"}}
+
+Dimension letters: B batch, L length, V outputs, S packed state, Q chunk.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from ssmstream.model import SSMNetwork, load_checkpoint
+from ssmstream.runtime.errors import ModelError
+from ssmstream.runtime.manifest import load_manifest
+from ssmstream.runtime.ort_options import session_options
+
+log = logging.getLogger(__name__)
+
+# max error / reference scale, per export dtype
+TOLERANCES = {
+    "fp32": {"step_vs_torch": 1e-4, "prefill_vs_step": 1e-4},
+    "fp16": {"step_vs_torch": 3e-2, "prefill_vs_step": 3e-2},
+    "int8": {"step_vs_torch": 1.5e-1, "prefill_vs_step": 1.5e-1},
+}
+
+
+def open_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU onnxruntime session with ssmstream's session options."""
+    return ort.InferenceSession(
+        str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+    )
+
+
+def random_inputs(manifest: dict, batch: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """Random int64 tokens [B, L] or float32 standard-normal values [B, L, d_input]."""
+    if manifest["input_kind"] == "tokens":
+        return rng.integers(0, manifest["vocab_size"], size=(batch, length), dtype=np.int64)
+    return rng.standard_normal((batch, length, manifest["d_input"])).astype(np.float32)
+
+
+def run_steps(
+    step: ort.InferenceSession, inputs: np.ndarray, state: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feed inputs [B, L, …] one position at a time -> (outputs [B, L, V], state [B, S])."""
+    outs = []
+    for t in range(inputs.shape[1]):
+        out, state = step.run(None, {"input": inputs[:, t], "state": state})
+        outs.append(out)
+    return np.stack(outs, axis=1), state
+
+
+def run_chunked(
+    prefill: ort.InferenceSession,
+    step: ort.InferenceSession,
+    inputs: np.ndarray,
+    state: np.ndarray,
+    chunk: int,
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The runtime's prefill policy: full chunks via prefill (≤ max_len per call), rest via step."""
+    L = inputs.shape[1]
+    per_call = max(chunk, max_len // chunk * chunk)
+    outs, t = [], 0
+    while L - t >= chunk:
+        T = min(per_call, (L - t) // chunk * chunk)
+        out, state = prefill.run(None, {"input": inputs[:, t : t + T], "state": state})
+        outs.append(out)
+        t += T
+    if t < L:
+        out, state = run_steps(step, inputs[:, t:], state)
+        outs.append(out)
+    return np.concatenate(outs, axis=1), state
+
+
+def torch_reference(net: SSMNetwork, inputs: np.ndarray, dt_scale: float) -> np.ndarray:
+    """The network's convolution-mode forward in float64 with every Δ scaled: [B, L, V]."""
+    net64 = copy.deepcopy(net).eval().to(torch.float64)
+    with torch.no_grad():
+        for ssm in net64.ssms:
+            ssm.log_dt += math.log(dt_scale)
+        x = torch.from_numpy(inputs)
+        if x.is_floating_point():
+            x = x.to(torch.float64)
+        return net64(x).numpy()
+
+
+def _rel(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max |a - ref|, that divided by max |ref|); inf when anything is non-finite."""
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(ref))):
+        return math.inf, math.inf
+    err = float(np.max(np.abs(a.astype(np.float64) - ref))) if a.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return err, err / max(scale, 1e-12)
+
+
+def verify_graphs(
+    model_dir: str | os.PathLike,
+    manifest: dict,
+    net: SSMNetwork | None = None,
+    steps: int = 4096,
+    batch: int = 2,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict:
+    """Run the parity checks on the graphs in model_dir as described by `manifest`.
+
+    Args:
+        net: the torch network the graphs were exported from; None skips step_vs_torch.
+        steps: L, length of the long random sequence (≥ 4096 for a real check).
+    Returns:
+        the parity report (see the module docstring).
+    """
+    model_dir = Path(model_dir)
+    rng = np.random.default_rng(seed)
+    dtype = manifest["dtype"]
+    tol = TOLERANCES[dtype]
+    S = manifest["state_size"]
+    graphs = manifest["graphs"]
+    step = open_session(model_dir / graphs["step"]["file"], threads)
+    report: dict = {
+        "dtype": dtype,
+        "tolerance": dict(tol),
+        "reference": "torch convolution-mode forward, float64, Δ × dt_scale",
+        "metric": "max |error| / max |reference|",
+        "seed": seed,
+    }
+    x = random_inputs(manifest, batch, steps, rng)  # [B, L, …]
+    zero = np.zeros((batch, S), dtype=np.float32)
+    out_s, state_s = run_steps(step, x, zero)  # [B, L, V], [B, S]
+    passed = True
+    if net is not None:
+        ref = torch_reference(net, x, manifest["dt_scale"])
+        err, rel = _rel(out_s, ref)
+        ok = rel <= tol["step_vs_torch"]
+        report["step_vs_torch"] = {
+            "length": steps,
+            "batch": batch,
+            "max_abs": err,
+            "output_scale": float(np.max(np.abs(ref))) if np.all(np.isfinite(ref)) else math.inf,
+            "max_rel": rel,
+            "passed": bool(ok),
+        }
+        if not np.all(np.isfinite(ref)):
+            report["step_vs_torch"]["error"] = (
+                "the torch reference is not finite: the model diverges over this length "
+                "(unstable discretization?)"
+            )
+        passed &= ok
+    else:
+        report["step_vs_torch"] = {"skipped": "no torch checkpoint given"}
+    if "prefill" in graphs:
+        prefill = open_session(model_dir / graphs["prefill"]["file"], threads)
+        Q, max_len = graphs["prefill"]["chunk"], graphs["prefill"]["max_len"]
+        rel_o, rel_s, abs_o, abs_s = [], [], [], []
+        out_p, state_p = run_chunked(prefill, step, x, zero, Q, max_len)
+        cases = [(out_p, out_s, state_p, state_s)]
+        lengths = [steps]
+        for T in (Q + 1, 3 * Q + 7):
+            xs = random_inputs(manifest, batch, T, rng)
+            o1, s1 = run_steps(step, xs, state_s)
+            o2, s2 = run_chunked(prefill, step, xs, state_s, Q, max_len)
+            cases.append((o2, o1, s2, s1))
+            lengths.append(T)
+        for o2, o1, s2, s1 in cases:
+            e, r = _rel(o2, o1.astype(np.float64))
+            abs_o.append(e), rel_o.append(r)
+            e, r = _rel(s2, s1.astype(np.float64))
+            abs_s.append(e), rel_s.append(r)
+        ok = max(rel_o + rel_s) <= tol["prefill_vs_step"]
+        report["prefill_vs_step"] = {
+            "lengths": lengths,
+            "nonzero_initial_state": lengths[1:],
+            "batch": batch,
+            "max_abs_output": max(abs_o),
+            "max_rel_output": max(rel_o),
+            "max_abs_state": max(abs_s),
+            "max_rel_state": max(rel_s),
+            "passed": bool(ok),
+        }
+        passed &= ok
+    report["passed"] = bool(passed)
+    return report
+
+
+def verify_model(
+    model_dir: str | os.PathLike, ckpt: str | os.PathLike | None = None, steps: int = 4096
+) -> dict:
+    """Re-run the parity check of an exported model directory (sha256 of the graphs checked).
+
+    The torch reference comes from `ckpt`, else from the checkpoint recorded in the manifest
+    (when it still exists); without one only prefill_vs_step is checked.
+    """
+    manifest = load_manifest(model_dir)
+    source = manifest.get("source", {}).get("checkpoint")
+    if ckpt is None and source and Path(source).is_dir():
+        ckpt = source
+    net = None
+    if ckpt is not None:
+        net = load_checkpoint(ckpt)
+        if net.cfg.to_dict() != manifest["model"]:
+            raise ModelError(
+                f"checkpoint {str(ckpt)!r} does not match {model_dir}: its model config differs"
+            )
+    report = verify_graphs(model_dir, manifest, net, steps=steps)
+    report["checkpoint"] = str(ckpt) if ckpt is not None else None
+    return report
