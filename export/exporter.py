@@ -78,6 +78,7 @@ class ExportConfig:
     verify_steps: length of the random sequence the step graph is checked over (≥ 4096).
     name: model name in the manifest (default: the output directory's name).
     overwrite: replace an existing output directory.
+    progress: show tqdm progress bars (the CLI does).
     """
 
     dtype: str = "fp32"
@@ -91,6 +92,7 @@ class ExportConfig:
     verify_steps: int = 4096
     name: str | None = None
     overwrite: bool = False
+    progress: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -140,20 +142,26 @@ def torch_to_onnx(
     module: torch.nn.Module, args: tuple, dynamic_shapes: dict, opset: int
 ) -> onnx.ModelProto:
     """torch.onnx.export (dynamo): (input, state) -> (output, state_out), dynamic B (and T)."""
+    torch_log = logging.getLogger("torch.onnx")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module.eval(),
-            args,
-            dynamo=True,
-            opset_version=opset,
-            input_names=["input", "state"],
-            output_names=["output", "state_out"],
-            dynamic_shapes=dynamic_shapes,
-            external_data=False,
-            optimize=True,
-            verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                module.eval(),
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=["input", "state"],
+                output_names=["output", "state_out"],
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+        finally:
+            torch_log.setLevel(level)
     return program.model_proto
 
 
@@ -368,7 +376,9 @@ def export_network(
         if cfg.verify:
             from .verify import verify_graphs
 
-            report = verify_graphs(tmp, manifest, net, steps=cfg.verify_steps)
+            report = verify_graphs(
+                tmp, manifest, net, steps=cfg.verify_steps, progress=cfg.progress
+            )
             manifest["parity"] = report
             if not report["passed"]:
                 raise ExportError(

@@ -36,6 +36,7 @@ from ssmstream.model import SSMNetwork, load_checkpoint
 from ssmstream.runtime.errors import ModelError
 from ssmstream.runtime.manifest import load_manifest
 from ssmstream.runtime.ort_options import session_options
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,11 @@ def random_inputs(manifest: dict, batch: int, length: int, rng: np.random.Genera
 
 
 def run_steps(
-    step: ort.InferenceSession, inputs: np.ndarray, state: np.ndarray
+    step: ort.InferenceSession, inputs: np.ndarray, state: np.ndarray, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feed inputs [B, L, …] one position at a time -> (outputs [B, L, V], state [B, S])."""
     outs = []
-    for t in range(inputs.shape[1]):
+    for t in tqdm(range(inputs.shape[1]), desc="verify: ORT steps", disable=not progress):
         out, state = step.run(None, {"input": inputs[:, t], "state": state})
         outs.append(out)
     return np.stack(outs, axis=1), state
@@ -124,6 +125,7 @@ def verify_graphs(
     batch: int = 2,
     seed: int = 0,
     threads: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Run the parity checks on the graphs in model_dir as described by `manifest`.
 
@@ -149,7 +151,7 @@ def verify_graphs(
     }
     x = random_inputs(manifest, batch, steps, rng)  # [B, L, …]
     zero = np.zeros((batch, S), dtype=np.float32)
-    out_s, state_s = run_steps(step, x, zero)  # [B, L, V], [B, S]
+    out_s, state_s = run_steps(step, x, zero, progress)  # [B, L, V], [B, S]
     passed = True
     if net is not None:
         ref = torch_reference(net, x, manifest["dt_scale"])

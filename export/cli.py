@@ -1,0 +1,101 @@
+"""`ssmstream export CKPT --out MODEL_DIR`: checkpoint → step.onnx + prefill.onnx + manifest.json.
+
+Writes into a temporary directory next to MODEL_DIR and renames it at the end; on any error
+(missing/corrupt checkpoint, unwritable --out, unknown --dtype, failed parity) it prints
+one clear message, exits non-zero and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .exporter import DTYPES, ExportConfig, ExportError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ExportConfig()
+    p = argparse.ArgumentParser(
+        prog="ssmstream export",
+        description="Export a trained checkpoint to a recurrent step ONNX graph, a chunked "
+        "prefill ONNX graph and manifest.json, verified against the torch model.",
+    )
+    p.add_argument(
+        "ckpt", metavar="CKPT", help="checkpoint directory (config.json + model.safetensors)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to create")
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        help=f"variant: {' | '.join(DTYPES)} (fp16: GPU, weights/activations half, state "
+        "float32; int8: edge CPU, dynamic int8 MatMuls) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dt-scale",
+        type=float,
+        default=d.dt_scale,
+        metavar="S",
+        help="multiply every Δ by S: inputs sampled at 1/S × the training rate, no "
+        "retraining (default: %(default)s)",
+    )
+    p.add_argument("--no-prefill", action="store_true", help="write step.onnx only")
+    p.add_argument("--name", default=None, help="model name in the manifest (default: DIR's name)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=d.chunk,
+        metavar="Q",
+        help="prefill chunk length, a power of two; prefill T must be a multiple of Q "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--verify-steps",
+        type=int,
+        default=d.verify_steps,
+        metavar="L",
+        help="length of the random sequence the parity check runs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the parity check (not recommended)"
+    )
+    p.add_argument("--no-optimize", action="store_true", help="do not run onnxslim")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("ssmstream").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    from .exporter import export_model
+
+    try:
+        out = export_model(
+            args.ckpt,
+            args.out,
+            dtype=args.dtype,
+            dt_scale=args.dt_scale,
+            prefill=not args.no_prefill,
+            verify=not args.no_verify,
+            chunk=args.chunk,
+            verify_steps=args.verify_steps,
+            optimize=not args.no_optimize,
+            name=args.name,
+            overwrite=args.force,
+            progress=not args.quiet,
+        )
+    except ExportError as e:
+        print(f"ssmstream export: error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        from ssmstream.runtime.info import format_manifest
+        from ssmstream.runtime.manifest import load_manifest
+
+        print(format_manifest(load_manifest(out), out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
