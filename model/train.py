@@ -29,7 +29,8 @@ checkpoints and shows the progress bar.
 
 Checkpoint directory (`--out`): config.json + model.safetensors (model/checkpoint.py),
 train_log.jsonl (one JSON object per log or eval event) and train_state.pt (optimizer,
-schedule, step), written at every `save_every` steps and at the end.
+schedule, step), written at every `save_every` steps and at the end. A DDP run also
+records every rank's final weight hash (`weights_sha256`) under "ddp" in config.json.
 
 Dimension letters: B batch (per process), L sequence length, V vocabulary (256).
 """
@@ -316,7 +317,14 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
 
 
 def _save(
-    out: Path, net: SSMNetwork, opt, sched, step: int, cfg: TrainConfig, last_eval: dict | None
+    out: Path,
+    net: SSMNetwork,
+    opt,
+    sched,
+    step: int,
+    cfg: TrainConfig,
+    last_eval: dict | None,
+    ddp: dict | None = None,
 ) -> None:
     """Optimizer state first, then the checkpoint whose config.json names its step."""
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
@@ -329,6 +337,8 @@ def _save(
         "train_state": TRAIN_STATE,
         "eval": last_eval,
     }
+    if ddp is not None:
+        extra["ddp"] = ddp
     save_checkpoint(net, out, extra=extra)
 
 
@@ -423,7 +433,7 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
-    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    start, end = step, (min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps)
     save_every = cfg.save_every or cfg.eval_every
     log_path = out / LOG_FILE
     eval_batches = batches.eval() if dist.is_main else []
@@ -485,10 +495,35 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
             last_eval = evaluate(net, cfg.task, eval_batches, device)
             _append(log_path, {"step": step, "eval": last_eval})
             log.info("step %d: eval %s", step, _fmt(last_eval))
-        if dist.is_main and (step % save_every == 0 or step == end):
+        if dist.is_main and step % save_every == 0 and step < end:
             _save(out, net, opt, sched, step, cfg, last_eval)
     bar.close()
+    if step > start:
+        extra = _ddp_report(net, dist) if dist.world_size > 1 else None
+        if dist.is_main:
+            _save(out, net, opt, sched, step, cfg, last_eval, extra)
     return TrainResult(net.eval(), out, step, last_eval)
+
+
+def weights_sha256(net: nn.Module) -> str:
+    """sha256 over the state_dict: for each name in sorted order, the name (utf-8) then the
+    tensor's float32 little-endian bytes."""
+    h = hashlib.sha256()
+    state = net.state_dict()
+    for name in sorted(state):
+        h.update(name.encode("utf-8"))
+        h.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _ddp_report(net: SSMNetwork, dist: DistInfo) -> dict:
+    """Every rank's weight hash (collective); rank 0 stores them and warns if they differ."""
+    hashes: list = [None] * dist.world_size
+    torch_dist.all_gather_object(hashes, weights_sha256(net))
+    if len(set(hashes)) != 1:
+        log.warning("DDP ranks ended with different weights: %s", hashes)
+    backend = str(torch_dist.get_backend())
+    return {"world_size": dist.world_size, "backend": backend, "weights_sha256": hashes}
 
 
 def _append(path: Path, entry: dict) -> None:
