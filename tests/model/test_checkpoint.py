@@ -1,0 +1,177 @@
+"""Tests of ssmstream.model.checkpoint: round trip, and every broken checkpoint → CheckpointError.
+
+A saved and reloaded network computes the same outputs as the original (forward and step).
+A missing directory, a missing / non-JSON / foreign / wrong-version config.json, an invalid
+model config, a missing or corrupt model.safetensors, and weights that do not match the
+config each give a CheckpointError (a ValueError) whose message names the file and the fault.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ssmstream.model import (
+    CheckpointError,
+    SSMConfig,
+    SSMNetwork,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ssmstream.model.checkpoint import read_checkpoint_meta
+
+
+def small_net(**kw) -> SSMNetwork:
+    torch.manual_seed(0)
+    cfg = SSMConfig(**{"vocab_size": 16, "d_model": 8, "n_layers": 2, "d_state": 4, **kw})
+    return SSMNetwork(cfg)
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    save_checkpoint(small_net(heads=2), tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def edit_config(path: Path, **model_changes) -> None:
+    meta = json.loads((path / "config.json").read_text())
+    meta["model"].update(model_changes)
+    (path / "config.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"heads": 2, "discretization": "bilinear", "init": "s4d-inv"},
+        {"vocab_size": None, "d_input": 3, "d_output": 2, "heads": 1, "glu": False},
+    ],
+    ids=["tokens-multihead", "values-mimo"],
+)
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, cfg):
+    net = small_net(**cfg).eval()
+    save_checkpoint(net, tmp_path / "c", extra={"step": 7})
+    loaded = load_checkpoint(tmp_path / "c")
+    assert not loaded.training  # returned in eval mode
+    assert loaded.cfg == net.cfg
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "train_log.jsonl",
+    ]
+    assert read_checkpoint_meta(tmp_path / "c")["step"] == 7
+    for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    g = torch.Generator().manual_seed(1)
+    if net.cfg.input_kind == "tokens":
+        inp = torch.randint(0, 16, (2, 50), generator=g)
+    else:
+        inp = torch.randn(2, 50, 3, generator=g, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(net(inp), loaded(inp))
+        ya, _ = net.step(inp[:, 0], net.initial_state(2))
+        yb, _ = loaded.step(inp[:, 0], loaded.initial_state(2))
+    assert torch.equal(ya, yb)
+
+
+def test_save_keeps_an_existing_train_log(ckpt):
+    (ckpt / "train_log.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    save_checkpoint(small_net(heads=2), ckpt)
+    assert (ckpt / "train_log.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
+    assert not list(ckpt.glob("*.tmp"))  # written to temporary names, then renamed
+
+
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint directory .*nowhere.* does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", r"config\.json is not valid JSON"),
+        (b"\xff\xfe\x00", r"config\.json is not valid JSON"),
+        ('["a list"]', r"config\.json is not an ssmstream checkpoint config"),
+        ('{"format": "pytorch", "model": {}}', "not an ssmstream checkpoint config"),
+        ('{"format": "ssmstream-checkpoint", "version": 1}', "not an ssmstream checkpoint"),
+        (
+            '{"format": "ssmstream-checkpoint", "version": 99, "model": {}}',
+            "checkpoint version 99 unsupported",
+        ),
+    ],
+)
+def test_corrupt_config(ckpt, text, message):
+    f = ckpt / "config.json"
+    f.write_bytes(text) if isinstance(text, bytes) else f.write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"heads": 3}, r"invalid model config: heads=3 must be positive and divide d_model=8"),
+        ({"d_state": 5}, "invalid model config: d_state must be even"),
+        ({"discretization": "rk4"}, "invalid model config: unknown discretization 'rk4'"),
+        ({"colour": "red"}, r"invalid model config: unknown config fields \['colour'\]"),
+        ({"d_model": "wide"}, "invalid model config"),
+    ],
+)
+def test_invalid_model_config(ckpt, changes, message):
+    edit_config(ckpt, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt)
+
+
+def test_missing_weights(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "bad-header"])
+def test_corrupt_weights(ckpt, damage):
+    f = ckpt / "model.safetensors"
+    raw = f.read_bytes()
+    data = {
+        "garbage": b"this is not a safetensors file",
+        "truncated": raw[: len(raw) // 2],
+        "empty": b"",
+        "bad-header": raw[:8] + b"{oops" + raw[13:],
+    }[damage]
+    f.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
+        load_checkpoint(ckpt)
+
+
+def test_weights_with_the_wrong_shapes(ckpt):
+    """config says d_state=8 but the weights were saved with d_state=4."""
+    edit_config(ckpt, d_state=8)
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'blocks\.0\.ssm\.\w+' has shape \(2, 2.*\), config\.json wants \(2, 4",
+    ):
+        load_checkpoint(ckpt)
+
+
+def test_weights_of_another_architecture(ckpt):
+    """config says 3 layers, the file holds 2: the missing tensors are named."""
+    edit_config(ckpt, n_layers=3)
+    with pytest.raises(
+        CheckpointError, match=r"does not match config\.json: missing \['blocks\.2\."
+    ):
+        load_checkpoint(ckpt)
+    edit_config(ckpt, n_layers=1)
+    with pytest.raises(CheckpointError, match=r"unexpected \['blocks\.1\."):
+        load_checkpoint(ckpt)
