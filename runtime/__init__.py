@@ -1,1 +1,42 @@
-"""ssmstream.runtime — onnxruntime serving; never imports torch."""
+"""ssmstream.runtime — onnxruntime serving and edge embedding; never imports torch.
+
+    from ssmstream.runtime import Engine, SessionStore, Batcher
+    eng = Engine("model/")                      # an exported model directory
+    s = eng.new_state()                         # float32 [1, S]
+    out, s = eng.step(np.array([tok]), s)       # one token -> logits [1, V]
+
+Modules: engine (Engine, StepBuffers), sessions (SessionStore, Session), batcher (Batcher),
+sampling (sample, Sampler, SamplingConfig), errors, manifest; the gRPC server, servicer and
+client sit on top of these. Names are imported lazily, so `import ssmstream.runtime.cli`
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Engine": "engine",
+    "StepBuffers": "engine",
+    "SessionStore": "sessions",
+    "Session": "sessions",
+    "Batcher": "batcher",
+    "Sampler": "sampling",
+    "SamplingConfig": "sampling",
+    "sample": "sampling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ssmstream.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,396 @@
+"""Batcher: cross-session dynamic batching of steps on one Engine (asyncio).
+
+Many sessions each send their next input; one step of the recurrence is the same graph
+for all of them, so requests that arrive close together run as one onnxruntime call:
+
+    states [B, S] = slab[slots]                       gather   (SessionStore)
+    outputs [B, d_out], states' [B, S] = step(inputs [B], states)   one ORT call, worker thread
+    slab[slots] = states', position += 1              scatter  (SessionStore.commit)
+
+Rules:
+- A request with T > 1 inputs is a prefill: it runs on its own through Engine.prefill.
+- Per session, requests run one at a time in arrival order: a second request for a session
+  with one in flight waits in that session's queue (it is not refused).
+- A step request waits at most `max_batch_delay` seconds for others to join its batch, and
+  not at all when waiting cannot help: when the batch is full (`max_batch`) or already holds
+  the next step of every *active* session (one that sent a request within the last
+  `activity_window` seconds). So a lone stream never sits out the delay.
+- onnxruntime, the gather and the scatter run in one worker thread; the event loop only
+  moves requests between queues.
+- A request applies fully or not at all: inputs are validated before queueing; if the
+  session is closed or evicted before its step commits, or onnxruntime fails, its state and
+  position are unchanged and the request raises. A request cancelled while still queued is
+  dropped; one cancelled while running still applies (its result is discarded).
+
+Dimension letters: B batch (sessions in one ORT call), T inputs in one request, S state size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import Engine
+from .errors import EngineFailure, InvalidInput, LimitExceeded, SessionNotFound, Unavailable
+from .sessions import Session, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Request:
+    session: Session
+    inputs: np.ndarray  # [T] tokens | [T, d_in] values, validated
+    future: asyncio.Future
+    enqueued: float = 0.0
+
+    @property
+    def T(self) -> int:
+        return self.inputs.shape[0]
+
+
+@dataclass
+class BatcherStats:
+    """Counters since start: ORT calls, steps and prefills run, requests failed."""
+
+    batches: int = 0
+    steps: int = 0
+    prefills: int = 0
+    prefill_inputs: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    busy_seconds: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.steps / self.batches if self.batches else 0.0
+
+
+class Batcher:
+    """Batches concurrent step requests of many sessions (see the module docstring).
+
+    Args:
+        engine: the Engine to run.
+        store: the SessionStore holding the sessions' states (same state size).
+        max_batch: most sessions in one step call (1 = batching off).
+        max_batch_delay: seconds a step waits for others to join (0 = never wait).
+        max_queue_per_session: requests a session may have waiting behind its running one.
+        activity_window: seconds after its last request that a session counts as active
+            (None: max(20 × max_batch_delay, 10 ms)).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: SessionStore,
+        max_batch: int = 64,
+        max_batch_delay: float = 0.001,
+        max_queue_per_session: int = 64,
+        activity_window: float | None = None,
+    ):
+        if (
+            isinstance(max_batch, bool)
+            or not isinstance(max_batch, (int, np.integer))
+            or max_batch < 1
+        ):
+            raise InvalidInput("max_batch", f"must be a positive integer, got {max_batch!r}")
+        if not isinstance(max_batch_delay, (int, float)) or not 0 <= max_batch_delay < 10:
+            raise InvalidInput(
+                "max_batch_delay", f"must be in [0, 10) seconds, got {max_batch_delay!r}"
+            )
+        if max_queue_per_session < 0:
+            raise InvalidInput(
+                "max_queue_per_session", f"must be >= 0, got {max_queue_per_session}"
+            )
+        if store.state_size != engine.state_size:
+            raise InvalidInput(
+                "store", f"state size {store.state_size} != the engine's {engine.state_size}"
+            )
+        self.engine, self.store = engine, store
+        self.max_batch, self.max_batch_delay = int(max_batch), float(max_batch_delay)
+        self.max_queue_per_session = max_queue_per_session
+        self.activity_window = (
+            max(20 * self.max_batch_delay, 0.01) if activity_window is None else activity_window
+        )
+        self.stats = BatcherStats()
+        self._listeners: list[Callable[[int, float], None]] = []
+        self._steps: deque[_Request] = deque()  # ready T = 1 requests, one per session
+        self._prefills: deque[_Request] = deque()  # ready T > 1 requests
+        self._waiting: dict[str, deque[_Request]] = {}  # behind a session's running request
+        self._busy: set[str] = set()  # sessions with a request ready or running
+        self._recent: dict[str, float] = {}  # session id -> last request time, oldest first
+        self._buffers = engine.step_buffers(self.max_batch)
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+        self._kick: asyncio.Future | None = None
+        self._idle: asyncio.Event | None = None
+        self._closing = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[int, float], None]) -> None:
+        """Call `callback(batch_size, seconds)` after every ORT call (from the event loop)."""
+        self._listeners.append(callback)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start the scheduler task and the worker thread (in the running event loop)."""
+        if self.running:
+            return
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ssmstream-engine")
+        self._task = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
+
+    async def close(self) -> None:
+        """Refuse new requests, finish every queued one, stop the worker."""
+        if self._task is None:
+            return
+        self._closing = True
+        await self._idle.wait()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+        self._executor.shutdown(wait=False)
+        self._executor = None
+
+    def pending(self) -> int:
+        """Requests queued or running."""
+        return len(self._busy) + sum(len(q) for q in self._waiting.values())
+
+    # --- submitting ----------------------------------------------------------------------
+
+    async def step(
+        self, session: str | Session, inputs, principal: str = ""
+    ) -> tuple[np.ndarray, int]:
+        """Feed `inputs` to a session; returns (outputs [T, d_out], new position).
+
+        Args:
+            session: a session id (looked up for `principal`) or a Session from the store.
+            inputs: tokens int [T] (a scalar is [1]) | values float [T, d_in]; T > 1 = prefill.
+            principal: the caller, owner of the session.
+        Raises InvalidInput, SessionNotFound, LimitExceeded (session queue full),
+        Unavailable (closing / not started), EngineFailure. On any error the session's state
+        and position are unchanged.
+        """
+        if self._closing or not self.running:
+            raise Unavailable("batcher is not running (closing or not started)")
+        if isinstance(session, Session):
+            if not session.live:
+                raise SessionNotFound(session.id, "closed")
+            s = session
+        else:
+            s = self.store.get(session, principal)
+        x = np.asarray(inputs)
+        if self.engine.input_kind == "tokens" and x.ndim == 0:
+            x = x.reshape(1)
+        x = self.engine.check_inputs(x[None], "inputs", time_axis=True)[0]  # [T] | [T, d_in]
+        loop = asyncio.get_running_loop()
+        req = _Request(s, x, loop.create_future(), loop.time())
+        sid = s.id
+        if sid in self._busy:
+            q = self._waiting.setdefault(sid, deque())
+            if len(q) >= self.max_queue_per_session:
+                raise LimitExceeded(
+                    f"session {sid!r} already has {len(q)} requests queued "
+                    f"(max_queue_per_session={self.max_queue_per_session})"
+                )
+            self.store.pin(s)
+            q.append(req)
+        else:
+            self.store.pin(s)
+            self._busy.add(sid)
+            self._idle.clear()
+            self._ready(req)
+        self._recent.pop(sid, None)
+        self._recent[sid] = req.enqueued
+        return await req.future
+
+    def _ready(self, req: _Request) -> None:
+        (self._steps if req.T == 1 else self._prefills).append(req)
+        if self._kick is not None and not self._kick.done():
+            self._kick.set_result(None)
+
+    def _finish(self, req: _Request) -> None:
+        """After a request ran (or was dropped): unpin, start the session's next request."""
+        self.store.unpin(req.session)
+        sid = req.session.id
+        q = self._waiting.get(sid)
+        if q:
+            self._ready(q.popleft())
+            if not q:
+                del self._waiting[sid]
+        else:
+            self._busy.discard(sid)
+            if not self._busy:
+                self._idle.set()
+
+    # --- scheduling ----------------------------------------------------------------------
+
+    def _active(self, now: float) -> int:
+        """Sessions that sent a request within the activity window."""
+        horizon = now - self.activity_window
+        while self._recent:
+            sid, t = next(iter(self._recent.items()))
+            if t >= horizon or sid in self._busy:
+                break
+            del self._recent[sid]
+        return len(self._recent)
+
+    def _complete(self, now: float) -> bool:
+        """True when waiting cannot grow the batch: full, or every active session is in it."""
+        n = len(self._steps)
+        return n >= self.max_batch or n + len(self._prefills) >= self._active(now)
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until a request becomes ready (or `timeout` seconds pass)."""
+        loop = asyncio.get_running_loop()
+        self._kick = loop.create_future()
+        handle = None
+        if timeout is not None:
+            handle = loop.call_later(timeout, lambda f=self._kick: f.done() or f.set_result(None))
+        try:
+            await self._kick
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._kick = None
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._steps and not self._prefills:
+                await self._wait(None)
+                continue
+            try:
+                if self._steps:
+                    if self.max_batch_delay > 0:
+                        deadline = self._steps[0].enqueued + self.max_batch_delay
+                        while not self._complete(loop.time()) and loop.time() < deadline:
+                            await self._wait(deadline - loop.time())
+                    batch = self._take_steps()
+                    if batch:
+                        await self._run(batch, self._run_steps)
+                if self._prefills:
+                    req = self._prefills.popleft()
+                    if req.future.cancelled():
+                        self._drop(req)
+                    else:
+                        await self._run([req], self._run_prefill)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not hang every client: fail what is queued
+                log.exception("batcher scheduler failed; failing queued requests")
+                for req in [*self._steps, *self._prefills]:
+                    if not req.future.done():
+                        req.future.set_exception(EngineFailure("batcher scheduler failed"))
+                    self._finish(req)
+                self._steps.clear()
+                self._prefills.clear()
+
+    def _take_steps(self) -> list[_Request]:
+        batch = []
+        while self._steps and len(batch) < self.max_batch:
+            req = self._steps.popleft()
+            if req.future.cancelled():
+                self._drop(req)
+            else:
+                batch.append(req)
+        return batch
+
+    def _drop(self, req: _Request) -> None:
+        self.stats.cancelled += 1
+        self._finish(req)
+
+    async def _run(self, reqs: list[_Request], job: Callable) -> None:
+        """Run `job(reqs)` in the worker; deliver each request's result or exception."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, job, reqs)
+        except Exception as e:  # the job itself failed: nothing was committed
+            log.exception("engine job failed")
+            err = e if isinstance(e, EngineFailure) else EngineFailure(f"batch failed: {e}")
+            results = [err] * len(reqs)
+        seconds = time.perf_counter() - t0
+        st = self.stats
+        st.batches += 1
+        st.busy_seconds += seconds
+        if job == self._run_steps:
+            st.steps += len(reqs)
+            st.batch_sizes[len(reqs)] = st.batch_sizes.get(len(reqs), 0) + 1
+        else:
+            st.prefills += 1
+            st.prefill_inputs += reqs[0].T
+        for req, result in zip(reqs, results):
+            if not req.future.done():
+                if isinstance(result, BaseException):
+                    st.failed += 1
+                    req.future.set_exception(result)
+                else:
+                    req.future.set_result(result)
+            self._finish(req)
+        for callback in self._listeners:
+            try:
+                callback(len(reqs), seconds)
+            except Exception:  # a metrics hook must not break serving
+                log.exception("batch listener %r failed", callback)
+
+    # --- worker thread -------------------------------------------------------------------
+
+    def _run_steps(self, reqs: list[_Request]) -> list:
+        """Gather, one ORT step for all, commit each. Returns a result or exception per request."""
+        results: list = [None] * len(reqs)
+        buf, store = self._buffers, self.store
+        idx = [i for i, r in enumerate(reqs) if r.session.live]
+        while True:
+            try:
+                states = store.gather([reqs[i].session for i in idx], out=buf.states)  # [B, S]
+                break
+            except SessionNotFound:  # closed in the meantime: leave it out
+                idx = [i for i in idx if reqs[i].session.live]
+        for i, r in enumerate(reqs):
+            if not r.session.live:
+                results[i] = SessionNotFound(r.session.id, "closed")
+        if not idx:
+            return results
+        B = len(idx)
+        for j, i in enumerate(idx):
+            buf.inputs[j] = reqs[i].inputs[0]
+        outputs, new_states = self.engine.step_unchecked(buf.inputs[:B], states, out=buf)
+        for j, i in enumerate(idx):
+            r = reqs[i]
+            try:
+                position = store.commit(r.session, new_states[j], 1)
+                results[i] = (outputs[j : j + 1].copy(), position)  # [1, d_out]
+            except SessionNotFound as e:
+                results[i] = e
+        return results
+
+    def _run_prefill(self, reqs: list[_Request]) -> list:
+        (r,) = reqs
+        try:
+            state = self.store.read(r.session)[None]  # [1, S]
+        except SessionNotFound as e:
+            return [e]
+        outputs, new_state = self.engine.prefill_unchecked(r.inputs[None], state)
+        try:
+            position = self.store.commit(r.session, new_state[0], r.T)
+        except SessionNotFound as e:
+            return [e]
+        return [(outputs[0], position)]  # [T, d_out]

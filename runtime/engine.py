@@ -1,0 +1,487 @@
+"""Engine: runs an exported model's step and prefill graphs with onnxruntime (no torch).
+
+The exported step graph is the recurrence of the whole network, one time step for a
+batch of B independent streams:
+
+    x_k = Ā x_{k-1} + B̄ u_k,   y_k = C x_k + D u_k      (per layer, with the MLP in between)
+    step(input [B] | [B, d_in], state [B, S]) -> (output [B, d_out], state_out [B, S])
+
+and the prefill graph computes T such steps at once (chunked scan):
+
+    prefill(input [B, T] | [B, T, d_in], state [B, S]) -> (output [B, T, d_out], state_out [B, S])
+
+with T a multiple of the manifest's `graphs.prefill.chunk` and at most its `max_len`.
+`Engine.prefill` accepts any T: full chunks go through the prefill graph (in pieces of at
+most max_len), the remainder through the step graph.
+
+This is the edge embedding API:
+
+    eng = Engine("model/")                    # CUDA when usable, else CPU
+    s = eng.new_state()                       # float32 [1, S] zeros
+    out, s = eng.step(np.array([tok]), s)     # out: [1, d_out]
+
+`step` returns fresh arrays. For a loop that allocates nothing in steady state, pass
+preallocated `StepBuffers` (`out=eng.step_buffers(max_batch)`): onnxruntime writes into
+them through a cached IOBinding and the returned arrays are views of them.
+
+Dimension letters: B batch, T time steps, S packed state size, V vocabulary,
+d_in / d_out input / output features.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import EngineFailure, InvalidInput, ModelError
+from .manifest import load_manifest
+from .ort_options import session_options
+from .sampling import Sampler, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+GRAPH_INPUTS = ("input", "state")
+GRAPH_OUTPUTS = ("output", "state_out")
+_ORT_TYPES = {
+    "tensor(int64)": np.int64,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+
+
+def cuda_usable() -> tuple[bool, str]:
+    """(usable, why not): the CUDA provider is built in and a CUDA driver can be loaded."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDAExecutionProvider"
+    names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or ""]
+    for name in filter(None, names):
+        try:
+            ctypes.CDLL(name)
+            return True, ""
+        except OSError:
+            continue
+    return False, "no CUDA driver (libcuda) could be loaded"
+
+
+class StepBuffers:
+    """Preallocated arrays for allocation-free steps of up to `max_batch` streams.
+
+    inputs [max_batch] | [max_batch, d_in], states [max_batch, S]: for the caller to fill;
+    outputs [max_batch, d_out], new_states [max_batch, S]: written by `Engine.step(..., out=self)`.
+    One IOBinding per batch size is cached. Use one StepBuffers from one thread at a time;
+    the arrays a step returns are views that the next step with these buffers overwrites.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int):
+        if (
+            isinstance(max_batch, bool)
+            or not isinstance(max_batch, (int, np.integer))
+            or max_batch < 1
+        ):
+            raise InvalidInput("max_batch", f"must be a positive integer, got {max_batch!r}")
+        self.engine, self.max_batch = engine, int(max_batch)
+        S = engine.state_size
+        self.inputs = np.zeros((max_batch, *engine._step_in_shape), dtype=engine._step_in_dtype)
+        self.states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
+        self.outputs = np.zeros((max_batch, engine.d_output), dtype=engine._out_dtype)
+        self.new_states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
+        self._bindings: dict[int, ort.IOBinding] = {}
+        self._values: list[ort.OrtValue] = []  # keeps the bound OrtValues alive
+
+    def binding(self, B: int) -> ort.IOBinding:
+        """The IOBinding whose outputs are outputs[:B] and new_states[:B]."""
+        io = self._bindings.get(B)
+        if io is None:
+            eng = self.engine
+            io = eng._step_session.io_binding()
+            for name, arr in (("output", self.outputs[:B]), ("state_out", self.new_states[:B])):
+                value = ort.OrtValue.ortvalue_from_numpy(arr)  # host memory; ORT copies into it
+                io.bind_ortvalue_output(name, value)
+                self._values.append(value)
+            self._bindings[B] = io
+        return io
+
+
+class Engine:
+    """An exported model opened with onnxruntime (see the module docstring).
+
+    Args:
+        model_dir: directory with manifest.json, step.onnx and (optionally) prefill.onnx.
+        device: "auto" (CUDA when usable, else CPU), "cpu" or "cuda" (an error when not usable).
+        threads: onnxruntime intra-op threads (None: all cores of this process).
+        cuda_options: CUDAExecutionProvider options (e.g. {"device_id": 0}).
+        check_sha: verify each graph file against the manifest's sha256.
+
+    Attributes: manifest, info, provider, input_kind, vocab_size, d_input, d_output,
+    state_size, prefill_chunk (None without a prefill graph), prefill_max_len.
+    Thread-safe: concurrent `step` calls may come from several threads (StepBuffers excepted).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        device: str = "auto",
+        threads: int | None = None,
+        cuda_options: dict | None = None,
+        check_sha: bool = True,
+    ):
+        if device not in DEVICES:
+            raise InvalidInput("device", f"must be one of {DEVICES}, got {device!r}")
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise InvalidInput("threads", f"must be a positive integer or None, got {threads!r}")
+        self.model_dir = Path(model_dir)
+        m = self.manifest = load_manifest(self.model_dir, check_sha=check_sha)
+        self.name = str(m["name"])
+        self.input_kind = m["input_kind"]
+        self.vocab_size = m.get("vocab_size")
+        self.d_input = m.get("d_input")
+        self.d_output = int(m["d_output"])
+        self.state_size = int(m["state_size"])
+        self._check_manifest()
+
+        providers = self._providers(device, cuda_options)
+        opts = session_options(threads)
+        graphs = m["graphs"]
+        self._step_session = self._open(graphs["step"]["file"], opts, providers)
+        self.provider = self._step_session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise InvalidInput("device", f"'cuda' requested but onnxruntime runs {self.provider}")
+        self._prefill_session = None
+        self.prefill_chunk = self.prefill_max_len = None
+        if "prefill" in graphs:
+            self._prefill_session = self._open(graphs["prefill"]["file"], opts, providers)
+            self.prefill_chunk = int(graphs["prefill"].get("chunk", 1))
+            max_len = int(graphs["prefill"].get("max_len", 0)) or 4096
+            self.prefill_max_len = max(self.prefill_chunk, max_len - max_len % self.prefill_chunk)
+        self._check_graph(self._step_session, "step", time_axis=False)
+        if self._prefill_session is not None:
+            self._check_graph(self._prefill_session, "prefill", time_axis=True)
+        step_in = self._step_session.get_inputs()[0]
+        self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
+        self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
+        self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
+        self._local = threading.local()
+        self.info = self._make_info()
+        log.info(
+            "opened %s (%s, S=%d, %s) on %s", self.name, self.input_kind, self.state_size,
+            m["dtype"], self.provider,
+        )  # fmt: skip
+
+    # --- opening -------------------------------------------------------------------------
+
+    def _check_manifest(self) -> None:
+        m = self.manifest
+        where = f"{self.model_dir / 'manifest.json'}"
+        if not isinstance(m["state_size"], int) or m["state_size"] <= 0:
+            raise ModelError(f"{where}: state_size must be a positive integer")
+        if not isinstance(m["d_output"], int) or m["d_output"] <= 0:
+            raise ModelError(f"{where}: d_output must be a positive integer")
+        if self.input_kind == "tokens":
+            if not isinstance(self.vocab_size, int) or self.vocab_size <= 0:
+                raise ModelError(f"{where}: a token model needs a positive vocab_size")
+        elif not isinstance(self.d_input, int) or self.d_input <= 0:
+            raise ModelError(f"{where}: a values model needs a positive d_input")
+
+    def _providers(self, device: str, cuda_options: dict | None) -> list:
+        if device == "cpu":
+            return ["CPUExecutionProvider"]
+        usable, why = cuda_usable()
+        if not usable:
+            if device == "cuda":
+                raise InvalidInput("device", f"'cuda' requested but CUDA is not usable: {why}")
+            log.info("CUDA not usable (%s); running on CPU", why)
+            return ["CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", dict(cuda_options or {})), "CPUExecutionProvider"]
+
+    def _open(self, file: str, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+        path = self.model_dir / file
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own unrelated exception types
+            raise ModelError(f"onnxruntime cannot open {path}: {e}") from e
+
+    def _check_graph(self, sess: ort.InferenceSession, name: str, time_axis: bool) -> None:
+        """The graph's I/O names, ranks and state size match the contract and manifest."""
+        ins = {i.name: i for i in sess.get_inputs()}
+        outs = {o.name: o for o in sess.get_outputs()}
+        if set(ins) != set(GRAPH_INPUTS) or set(outs) != set(GRAPH_OUTPUTS):
+            raise ModelError(
+                f"{name} graph has inputs {sorted(ins)} and outputs {sorted(outs)}; "
+                f"expected {list(GRAPH_INPUTS)} -> {list(GRAPH_OUTPUTS)}"
+            )
+        lead = 2 if time_axis else 1
+        rank = lead if self.input_kind == "tokens" else lead + 1
+        if len(ins["input"].shape) != rank:
+            raise ModelError(
+                f"{name} graph input has rank {len(ins['input'].shape)}, expected {rank}"
+            )
+        for arg in (ins["state"], outs["state_out"]):
+            if arg.shape[-1] != self.state_size or arg.type != "tensor(float)":
+                raise ModelError(
+                    f"{name} graph {arg.name} is {arg.type} {arg.shape}; "
+                    f"manifest says float32 [B, {self.state_size}]"
+                )
+        for arg in (ins["input"], outs["output"]):
+            if arg.type not in _ORT_TYPES:
+                raise ModelError(f"{name} graph {arg.name} has unsupported type {arg.type}")
+
+    def _make_info(self) -> dict:
+        m, g = self.manifest, self.manifest["graphs"]
+        return {
+            "name": self.name,
+            "input_kind": self.input_kind,
+            "vocab_size": self.vocab_size,
+            "d_input": self.d_input,
+            "d_output": self.d_output,
+            "state_size": self.state_size,
+            "state_bytes": 4 * self.state_size,
+            "dtype": m["dtype"],
+            "provider": self.provider,
+            "step_sha256": g["step"]["sha256"],
+            "prefill_sha256": g["prefill"]["sha256"] if "prefill" in g else None,
+            "prefill_chunk": self.prefill_chunk,
+            "prefill_max_len": self.prefill_max_len,
+            "opset": m.get("opset"),
+            "dt_scale": m.get("dt_scale"),
+            "model": m.get("model", {}),
+            "parity_passed": (m.get("parity") or {}).get("passed"),
+            "model_dir": str(self.model_dir),
+        }
+
+    # --- validation ----------------------------------------------------------------------
+
+    def new_state(self, batch: int = 1) -> np.ndarray:
+        """Zero states: float32 [batch, S]."""
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise InvalidInput("batch", f"must be a positive integer, got {batch!r}")
+        return np.zeros((int(batch), self.state_size), dtype=np.float32)
+
+    def step_buffers(self, max_batch: int = 1) -> StepBuffers:
+        """Preallocated buffers for `step(..., out=buffers)` (see StepBuffers)."""
+        return StepBuffers(self, max_batch)
+
+    def check_inputs(self, inputs, field: str = "inputs", time_axis: bool = False) -> np.ndarray:
+        """Validate and convert model inputs; raise InvalidInput naming `field`.
+
+        time_axis=False: tokens int [B] (a scalar is [1]) or values float [B, d_in].
+        time_axis=True:  tokens int [B, T] or values float [B, T, d_in], T >= 1.
+        Tokens must lie in [0, vocab_size); values must be finite.
+        Returns a C-contiguous int64 / float32 (the graph's input dtype) array.
+        """
+        x = np.asarray(inputs)
+        lead = "B, T" if time_axis else "B"
+        if self.input_kind == "tokens":
+            if x.ndim == 0 and not time_axis:
+                x = x.reshape(1)
+            if x.dtype.kind not in "iu":
+                raise InvalidInput(field, f"tokens must be integers, got dtype {x.dtype}")
+            if x.ndim != (2 if time_axis else 1) or x.size == 0:
+                raise InvalidInput(
+                    field, f"tokens must have shape [{lead}] (non-empty), got {x.shape}"
+                )
+            if x.dtype.kind == "u":
+                bad = x >= self.vocab_size
+            else:
+                bad = (x < 0) | (x >= self.vocab_size)
+            if bad.any():
+                v = x[bad].flat[0]
+                raise InvalidInput(field, f"token {v} is outside [0, vocab_size={self.vocab_size})")
+            return np.ascontiguousarray(x, dtype=np.int64)
+        if x.dtype.kind not in "fiu":
+            raise InvalidInput(field, f"values must be real numbers, got dtype {x.dtype}")
+        rank = 3 if time_axis else 2
+        if x.ndim != rank or x.shape[-1] != self.d_input or x.size == 0:
+            raise InvalidInput(
+                field, f"values must have shape [{lead}, d_input={self.d_input}], got {x.shape}"
+            )
+        with np.errstate(over="ignore"):  # an overflow to inf is reported just below
+            x = np.ascontiguousarray(x, dtype=self._step_in_dtype)
+        if not np.isfinite(x).all():
+            raise InvalidInput(field, "values contain NaN or inf (or overflow float32)")
+        return x
+
+    def check_states(self, states, batch: int, field: str = "states") -> np.ndarray:
+        """float32 [batch, S] (C-contiguous; converted if needed) or InvalidInput."""
+        s = np.asarray(states)
+        if s.shape != (batch, self.state_size):
+            raise InvalidInput(
+                field, f"must have shape [{batch}, S={self.state_size}], got {s.shape}"
+            )
+        if s.dtype != np.float32:
+            if s.dtype.kind != "f":
+                raise InvalidInput(field, f"must be float32, got {s.dtype}")
+            s = s.astype(np.float32)
+        return np.ascontiguousarray(s)
+
+    # --- running -------------------------------------------------------------------------
+
+    def step(self, inputs, states, out: StepBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One time step for B streams.
+
+        Args:
+            inputs: tokens int [B] (or a scalar) | values float [B, d_in].
+            states: float32 [B, S].
+            out: optional StepBuffers (B <= out.max_batch) to write into instead of allocating.
+        Returns:
+            (outputs [B, d_out], new_states float32 [B, S]); `states` is not modified.
+        Raises InvalidInput (bad inputs or states), EngineFailure (onnxruntime failed).
+        """
+        x = self.check_inputs(inputs, "inputs")
+        s = self.check_states(states, x.shape[0])
+        return self.step_unchecked(x, s, out)
+
+    def step_unchecked(
+        self, x: np.ndarray, s: np.ndarray, out: StepBuffers | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`step` for inputs already returned by check_inputs / check_states (no validation)."""
+        B = x.shape[0]
+        try:
+            if out is None:
+                y, s_new = self._step_session.run(None, {"input": x, "state": s})
+                return y, s_new
+            if B > out.max_batch:
+                raise InvalidInput("out", f"holds {out.max_batch} streams, the batch has {B}")
+            if np.may_share_memory(s, out.new_states):
+                raise InvalidInput("states", "must not share memory with out.new_states")
+            io = out.binding(B)
+            io.bind_cpu_input("input", x)
+            io.bind_cpu_input("state", s)
+            self._step_session.run_with_iobinding(io)
+            return out.outputs[:B], out.new_states[:B]
+        except InvalidInput:
+            raise
+        except Exception as e:  # onnxruntime's own exception types (Fail, RuntimeException, ...)
+            raise EngineFailure(f"step graph failed for batch {B}: {e}") from e
+
+    def prefill(self, inputs, states) -> tuple[np.ndarray, np.ndarray]:
+        """T time steps for B streams: full chunks via the prefill graph, the rest via step.
+
+        Args:
+            inputs: tokens int [B, T] | values float [B, T, d_in], T >= 1.
+            states: float32 [B, S].
+        Returns:
+            (outputs [B, T, d_out], new_states float32 [B, S]), equal to T calls of `step`.
+        """
+        x = self.check_inputs(inputs, "inputs", time_axis=True)
+        s = self.check_states(states, x.shape[0])
+        return self.prefill_unchecked(x, s)
+
+    def prefill_unchecked(self, x: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`prefill` for inputs already validated (check_inputs(time_axis=True), check_states)."""
+        B, T = x.shape[:2]
+        outputs = np.empty((B, T, self.d_output), dtype=self._out_dtype)  # [B, T, d_out]
+        t = 0
+        C = self.prefill_chunk
+        if self._prefill_session is not None and T > 1 and T >= C:
+            full = T - T % C
+            while t < full:
+                n = min(full - t, self.prefill_max_len)
+                piece = np.ascontiguousarray(x[:, t : t + n])  # [B, n(, d_in)]
+                try:
+                    y, s = self._prefill_session.run(None, {"input": piece, "state": s})
+                except Exception as e:  # onnxruntime's own exception types
+                    raise EngineFailure(f"prefill graph failed for [B={B}, T={n}]: {e}") from e
+                outputs[:, t : t + n] = y
+                t += n
+        while t < T:
+            y, s = self.step_unchecked(np.ascontiguousarray(x[:, t]), s)
+            outputs[:, t] = y
+            t += 1
+        return outputs, s
+
+    def run(self, inputs, states) -> tuple[np.ndarray, np.ndarray]:
+        """A step for [B] / [B, d_in] inputs, a prefill for [B, T] / [B, T, d_in] ones."""
+        x = np.asarray(inputs)
+        per_step = 1 if self.input_kind == "tokens" else 2
+        if x.ndim <= per_step:
+            return self.step(x, states)
+        return self.prefill(x, states)
+
+    # --- generation ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: Iterable[int],
+        state: np.ndarray | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[int] = (),
+    ) -> Iterator[int]:
+        """Stream sampled tokens after `prompt` (token models only).
+
+        Args:
+            prompt: at least one token id (to continue a stream, send its last token).
+            state: None (start from zeros) or a float32 [S] / [1, S] array, updated in place:
+                when the iterator ends or is closed, it holds the state after the prompt and
+                every token yielded (the extra step for the last one runs only then).
+            max_new_tokens: at most this many tokens are yielded.
+            temperature, top_k, top_p, seed: see runtime/sampling.py.
+            stop: token ids that end the generation (the stop token is yielded).
+        Returns:
+            an iterator of ints. Arguments are checked here, before the first token.
+        """
+        if self.input_kind != "tokens":
+            raise InvalidInput("prompt", "generate needs a token model; this model takes values")
+        if not isinstance(prompt, np.ndarray):
+            prompt = list(prompt)
+        p = self.check_inputs(np.asarray(prompt)[None], "prompt", time_axis=True)  # [1, T]
+        n = max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise InvalidInput("max_new_tokens", f"must be an integer >= 0, got {max_new_tokens!r}")
+        sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed))
+        stop_set = {int(t) for t in stop}
+        target = None
+        if state is not None:
+            target = state
+            if (
+                not isinstance(state, np.ndarray)
+                or state.dtype != np.float32
+                or not state.flags.c_contiguous
+                or not state.flags.writeable
+            ):
+                raise InvalidInput(
+                    "state", "must be a writeable C-contiguous float32 array (updated in place)"
+                )
+            if state.shape not in ((self.state_size,), (1, self.state_size)):
+                raise InvalidInput(
+                    "state", f"must be [S] or [1, S] with S={self.state_size}, got {state.shape}"
+                )
+            s0 = state.reshape(1, self.state_size).copy()
+        else:
+            s0 = self.new_state(1)
+        return self._generate(p, s0, target, int(max_new_tokens), sampler, stop_set)
+
+    def _generate(self, prompt, s, target, max_new_tokens, sampler, stop) -> Iterator[int]:
+        logits, s = self.prefill_unchecked(prompt, s)  # [1, T, V], [1, S]
+        logits = logits[0, -1]  # [V]
+        pending = None  # the last yielded token, not yet fed
+        try:
+            for _ in range(max_new_tokens):
+                if pending is not None:
+                    logits, s = self.step_unchecked(np.array([pending], dtype=np.int64), s)
+                    logits, pending = logits[0], None
+                token = sampler(logits)
+                pending = token
+                yield token
+                if token in stop:
+                    break
+        finally:
+            if target is not None:
+                if pending is not None:
+                    _, s = self.step_unchecked(np.array([pending], dtype=np.int64), s)
+                target.reshape(1, self.state_size)[:] = s

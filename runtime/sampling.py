@@ -1,0 +1,153 @@
+"""Sampling the next token from logits (numpy only; used by Engine.generate and the server).
+
+Given logits z ∈ R^V for a vocabulary of V tokens:
+
+    greedy (temperature = 0):  t = argmax_v z_v
+    temperature τ > 0:         p_v = exp(z_v / τ) / Σ_w exp(z_w / τ)
+    top-k (k > 0):             keep the k most likely tokens, renormalize
+    top-p (0 < p < 1):         keep the smallest set of most likely tokens whose
+                               probability sums to ≥ p (nucleus sampling), renormalize
+
+Filters apply in that order (temperature, then top-k, then top-p). A seeded
+`numpy.random.Generator` makes a sample reproducible.
+
+Dimension letters: V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick the next token.
+
+    temperature: 0 → greedy (argmax); > 0 divides the logits.
+    top_k: 0 → off; else keep the k most likely tokens.
+    top_p: 1.0 → off; else nucleus sampling with mass p, 0 < p ≤ 1.
+    seed: None → nondeterministic; else the seed of the generator.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        check_params(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, (int, np.integer))
+            or self.seed < 0
+        ):
+            raise InvalidInput("seed", f"must be a non-negative integer or None, got {self.seed!r}")
+
+    def rng(self) -> np.random.Generator:
+        """A fresh generator seeded with `seed`."""
+        return np.random.default_rng(self.seed)
+
+
+def check_params(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise InvalidInput naming the first bad parameter."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
+        raise InvalidInput("temperature", f"must be a number, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidInput("temperature", f"must be finite and >= 0, got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise InvalidInput("top_k", f"must be an integer >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)):
+        raise InvalidInput("top_p", f"must be a number, got {top_p!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidInput("top_p", f"must be in (0, 1] (1 = off), got {top_p}")
+
+
+def _check_logits(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits)
+    if z.ndim != 1 or z.shape[0] == 0:
+        raise InvalidInput("logits", f"must be a non-empty 1-D array [V], got shape {z.shape}")
+    if not np.issubdtype(z.dtype, np.floating):
+        raise InvalidInput("logits", f"must be floating point, got {z.dtype}")
+    return z.astype(np.float64, copy=False)  # [V]
+
+
+def probabilities(
+    logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> np.ndarray:
+    """The distribution `sample` draws from: float64 [V], sums to 1.
+
+    temperature = 0 gives a one-hot vector at argmax (first index on ties).
+    NaN logits are refused; -inf logits get probability 0.
+    """
+    check_params(temperature, top_k, top_p)
+    z = _check_logits(logits)  # [V]
+    if np.isnan(z).any() or np.isposinf(z).any():
+        raise InvalidInput("logits", "contain NaN or +inf")
+    if not np.isfinite(z).any():
+        raise InvalidInput("logits", "are all -inf: no token can be sampled")
+    V = z.shape[0]
+    p = np.zeros(V, dtype=np.float64)  # [V]
+    if temperature == 0:
+        p[int(np.argmax(z))] = 1.0
+        return p
+    z = z / temperature
+    z = z - z.max()
+    p = np.exp(z)  # [V]
+    if 0 < top_k < V:
+        # zero everything below the k-th largest probability (ties at the cut are kept)
+        kth = np.partition(p, V - top_k)[V - top_k]
+        p[p < kth] = 0.0
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")  # [V] most likely first
+        cum = np.cumsum(p[order])  # [V]
+        keep = int(np.searchsorted(cum, top_p, side="left")) + 1  # smallest prefix with mass >= p
+        drop = order[min(keep, V) :]
+        p[drop] = 0.0
+        p /= p.sum()
+    return p
+
+
+def sample(
+    logits: np.ndarray,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    rng: np.random.Generator | None = None,
+) -> int:
+    """Draw one token id from `logits` [V] (see the module docstring for the filters).
+
+    Args:
+        logits: float [V] unnormalized log-probabilities.
+        temperature, top_k, top_p: the filters; temperature = 0 is greedy and uses no randomness.
+        rng: the random generator (a fresh unseeded one when None).
+    Returns:
+        the token id, an int in [0, V).
+    """
+    p = probabilities(logits, temperature, top_k, top_p)  # [V]
+    if temperature == 0:
+        return int(np.argmax(p))
+    rng = np.random.default_rng() if rng is None else rng
+    cum = np.cumsum(p)  # [V]
+    u = rng.random() * cum[-1]
+    return int(min(np.searchsorted(cum, u, side="right"), p.shape[0] - 1))
+
+
+class Sampler:
+    """A SamplingConfig with its own generator: `Sampler(cfg)(logits) -> token`.
+
+    Two samplers with the same seed produce the same tokens from the same logits.
+    """
+
+    def __init__(self, config: SamplingConfig | None = None):
+        self.config = config or SamplingConfig()
+        self.rng = self.config.rng()
+
+    def __call__(self, logits: np.ndarray) -> int:
+        c = self.config
+        return sample(logits, c.temperature, c.top_k, c.top_p, self.rng)

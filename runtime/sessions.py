@@ -1,0 +1,548 @@
+"""SessionStore: the per-session hidden state of a served model, in one float32 slab.
+
+A session is one stream fed to the recurrent step graph. Its whole memory is the
+packed state x ∈ R^S (float32) plus a little bookkeeping, so the store keeps
+
+    slab  float32 [capacity, S]     row `slot` = the state of one session (S × 4 bytes)
+    map   session_id -> Session     (id, principal, slot, position, last_used, ttl)
+
+`position` counts the inputs the session has consumed. `commit(session, x', n)` is
+the only way a state or position changes: it writes the new row and adds n, all at
+once, and refuses (changing nothing) when the session was closed or evicted in the
+meantime. A slab row costs no physical memory until first touched (calloc'd pages).
+
+Sessions expire when idle longer than their TTL (`evict_idle`, also done lazily on
+access); a closed or evicted id is remembered for a while so `get` can say why it
+is gone (`SessionNotFound.reason` = "unknown" | "closed" | "evicted"). A session is
+invisible to other principals (they get "unknown").
+
+Snapshot format (little endian), `snapshot` / `restore`:
+
+    magic b"SSMSNAP\\0" | u32 version | u64 S | u64 position | u16 len | model sha (ascii)
+    | float32 [S] state | sha256 of everything before (32 bytes)
+
+`save(dir)` writes every session to dir/sessions.bin (temp file + rename):
+
+    magic b"SSMSTOR\\0" | u32 version | u32 header length | JSON header
+    (model_sha, S, sessions: [{id, principal, position, ttl}]) | float32 [n, S] | sha256
+
+Dimension letters: S packed state size, B sessions in a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import struct
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInput, LimitExceeded, ModelError, SessionNotFound
+
+log = logging.getLogger(__name__)
+
+SNAP_MAGIC = b"SSMSNAP\0"
+STORE_MAGIC = b"SSMSTOR\0"
+SNAP_VERSION = 1
+STORE_FILE = "sessions.bin"
+_SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
+_STORE_HEAD = struct.Struct("<8sII")  # magic, version, JSON header length
+_DIGEST = 32  # sha256
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class Session:
+    """One live session. Read-only to callers; the store changes it under its lock.
+
+    id: the session id; principal: its owner; slot: its row in the slab;
+    position: inputs consumed; last_used: store clock time of the last access;
+    ttl: idle seconds before eviction (math.inf = never).
+    """
+
+    __slots__ = ("_id", "_principal", "_slot", "_position", "_last_used", "_ttl", "_live", "_pins")
+
+    def __init__(self, id: str, principal: str, slot: int, position: int, now: float, ttl: float):
+        self._id, self._principal, self._slot = id, principal, slot
+        self._position, self._last_used, self._ttl = position, now, ttl
+        self._live, self._pins = True, 0
+
+    id = property(lambda self: self._id)
+    principal = property(lambda self: self._principal)
+    slot = property(lambda self: self._slot)
+    position = property(lambda self: self._position)
+    last_used = property(lambda self: self._last_used)
+    ttl = property(lambda self: self._ttl)
+    live = property(lambda self: self._live, doc="False once closed or evicted")
+
+    def __repr__(self) -> str:
+        return (
+            f"Session(id={self._id!r}, principal={self._principal!r}, slot={self._slot}, "
+            f"position={self._position}, live={self._live})"
+        )
+
+
+def _check_ttl(ttl, field: str = "ttl") -> float:
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float, np.number)) or math.isnan(ttl):
+        raise InvalidInput(field, f"must be a number of seconds, got {ttl!r}")
+    if ttl <= 0:
+        raise InvalidInput(field, f"must be > 0 seconds (math.inf = never expire), got {ttl}")
+    return float(ttl)
+
+
+class SessionStore:
+    """Sessions and their states (see the module docstring).
+
+    Args:
+        state_size: S, float32 numbers of state per session (Engine.state_size).
+        capacity: maximum number of live sessions (rows of the slab).
+        ttl: default idle time-to-live in seconds (math.inf = never).
+        max_per_principal: maximum live sessions per principal (None = no limit).
+        model_sha: identifies the model the states belong to (Engine.info["step_sha256"]);
+            snapshots and saved stores of another model are refused.
+        clock: a monotonic clock in seconds (tests pass a fake one).
+        tombstones: how many closed/evicted ids to remember for `get`'s reason.
+
+    Thread-safe: every method takes the store's lock.
+    """
+
+    def __init__(
+        self,
+        state_size: int,
+        capacity: int = 1024,
+        ttl: float = 600.0,
+        max_per_principal: int | None = None,
+        model_sha: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        tombstones: int = 65536,
+    ):
+        if (
+            isinstance(state_size, bool)
+            or not isinstance(state_size, (int, np.integer))
+            or state_size <= 0
+        ):
+            raise InvalidInput("state_size", f"must be a positive integer, got {state_size!r}")
+        if (
+            isinstance(capacity, bool)
+            or not isinstance(capacity, (int, np.integer))
+            or capacity <= 0
+        ):
+            raise InvalidInput("capacity", f"must be a positive integer, got {capacity!r}")
+        if max_per_principal is not None and (
+            isinstance(max_per_principal, bool)
+            or not isinstance(max_per_principal, (int, np.integer))
+            or max_per_principal <= 0
+        ):
+            raise InvalidInput(
+                "max_per_principal",
+                f"must be a positive integer or None, got {max_per_principal!r}",
+            )
+        if not isinstance(model_sha, str) or not model_sha.isascii() or len(model_sha) > 1024:
+            raise InvalidInput("model_sha", f"must be an ASCII string, got {model_sha!r}")
+        self.state_size, self.capacity = int(state_size), int(capacity)
+        self.ttl = _check_ttl(ttl)
+        self.max_per_principal = max_per_principal
+        self.model_sha = model_sha
+        self.clock = clock
+        self._slab = np.zeros((self.capacity, self.state_size), dtype=np.float32)  # [capacity, S]
+        self._free = list(range(self.capacity - 1, -1, -1))  # stack of free slots, lowest on top
+        self._sessions: dict[str, Session] = {}
+        self._per_principal: Counter[str] = Counter()
+        self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (principal, reason)
+        self._max_gone = tombstones
+        self._lock = threading.RLock()
+        self._counts = Counter()
+
+    # --- bookkeeping -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def bytes_per_session(self) -> int:
+        """Slab bytes one session occupies: S × 4."""
+        return self._slab.strides[0]
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "sessions": len(self._sessions),
+                "capacity": self.capacity,
+                "free": len(self._free),
+                "state_size": self.state_size,
+                "bytes_per_session": self.bytes_per_session,
+                "slab_bytes": self._slab.nbytes,
+                "principals": len(self._per_principal),
+                "created": self._counts["created"],
+                "closed": self._counts["closed"],
+                "evicted": self._counts["evicted"],
+                "restored": self._counts["restored"],
+                "forked": self._counts["forked"],
+            }
+
+    def sessions(self, principal: str | None = None) -> list[Session]:
+        """Live sessions (of one principal, or all when None)."""
+        with self._lock:
+            return [
+                s for s in self._sessions.values() if principal is None or s._principal == principal
+            ]
+
+    def _new_session(
+        self, principal: str, session_id: str | None, ttl: float | None, position: int
+    ) -> Session:
+        """Check limits, take a zeroed slot, register. Caller holds the lock; no change on error."""
+        if not isinstance(principal, str):
+            raise InvalidInput("principal", f"must be a string, got {type(principal).__name__}")
+        ttl = self.ttl if ttl is None else _check_ttl(ttl)
+        if session_id is None:
+            session_id = str(uuid.uuid4())
+        elif not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
+            raise InvalidInput(
+                "session_id",
+                f"must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit, "
+                f"got {session_id!r}",
+            )
+        elif session_id in self._sessions:
+            raise InvalidInput("session_id", f"{session_id!r} is already in use")
+        if not self._free:
+            self._evict_idle_locked()
+        if not self._free:
+            raise LimitExceeded(
+                f"session store is full ({self.capacity} sessions; capacity={self.capacity})"
+            )
+        if (
+            self.max_per_principal is not None
+            and self._per_principal[principal] >= self.max_per_principal
+        ):
+            raise LimitExceeded(
+                f"principal {principal!r} already has {self._per_principal[principal]} sessions "
+                f"(max_per_principal={self.max_per_principal})"
+            )
+        slot = self._free.pop()
+        self._slab[slot] = 0.0
+        s = Session(session_id, principal, slot, position, self.clock(), ttl)
+        self._sessions[session_id] = s
+        self._per_principal[principal] += 1
+        self._gone.pop(session_id, None)
+        return s
+
+    def _remove(self, s: Session, reason: str) -> None:
+        """Unregister and free the slot. Caller holds the lock."""
+        del self._sessions[s._id]
+        s._live = False
+        self._free.append(s._slot)
+        self._per_principal[s._principal] -= 1
+        if self._per_principal[s._principal] <= 0:
+            del self._per_principal[s._principal]
+        self._gone[s._id] = (s._principal, reason)
+        self._gone.move_to_end(s._id)
+        while len(self._gone) > self._max_gone:
+            self._gone.popitem(last=False)
+        self._counts[reason] += 1
+
+    def _expired(self, s: Session, now: float) -> bool:
+        return s._pins == 0 and now - s._last_used > s._ttl
+
+    def _evict_idle_locked(self) -> list[str]:
+        now = self.clock()
+        victims = [s for s in self._sessions.values() if self._expired(s, now)]
+        for s in victims:
+            self._remove(s, "evicted")
+        if victims:
+            log.info("evicted %d idle sessions", len(victims))
+        return [s._id for s in victims]
+
+    # --- public API --------------------------------------------------------------------
+
+    def create(
+        self, principal: str = "", session_id: str | None = None, ttl: float | None = None
+    ) -> Session:
+        """A new session with a zero state at position 0.
+
+        Raises InvalidInput (bad or duplicate session_id, bad ttl) or LimitExceeded
+        (store full after evicting idle sessions, or the principal's limit reached).
+        """
+        with self._lock:
+            s = self._new_session(principal, session_id, ttl, 0)
+            self._counts["created"] += 1
+            return s
+
+    def get(self, session_id: str, principal: str = "") -> Session:
+        """The live session `session_id` of `principal`; refreshes its idle timer.
+
+        Raises SessionNotFound with reason "unknown" (never existed, or belongs to
+        another principal), "closed" or "evicted" (also when it expired just now).
+        """
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidInput("session_id", f"must be a non-empty string, got {session_id!r}")
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is not None and s._principal == principal:
+                now = self.clock()
+                if self._expired(s, now):
+                    self._remove(s, "evicted")
+                else:
+                    s._last_used = now
+                    return s
+            gone = self._gone.get(session_id)
+            if gone is not None and gone[0] == principal:
+                raise SessionNotFound(session_id, gone[1])
+            raise SessionNotFound(session_id, "unknown")
+
+    def close(self, session_id: str, principal: str = "") -> None:
+        """Free the session's slot; later `get`s say "closed"."""
+        with self._lock:
+            s = self.get(session_id, principal)
+            self._remove(s, "closed")
+
+    def evict_idle(self) -> list[str]:
+        """Evict every session idle longer than its TTL (not those pinned by a running step)."""
+        with self._lock:
+            return self._evict_idle_locked()
+
+    def _check_live(self, s: Session) -> None:
+        if not isinstance(s, Session):
+            raise InvalidInput("session", f"must be a Session, got {type(s).__name__}")
+        if not s._live or self._sessions.get(s._id) is not s:
+            reason = self._gone.get(s._id, ("", "closed"))[1]
+            raise SessionNotFound(s._id, reason)
+
+    def pin(self, s: Session) -> None:
+        """Mark a step in flight: a pinned session is not evicted for idleness."""
+        with self._lock:
+            self._check_live(s)
+            s._pins += 1
+
+    def unpin(self, s: Session) -> None:
+        with self._lock:
+            s._pins = max(0, s._pins - 1)
+            s._last_used = self.clock()
+
+    def read(self, s: Session) -> np.ndarray:
+        """A copy of the session's state: float32 [S]."""
+        with self._lock:
+            self._check_live(s)
+            return self._slab[s._slot].copy()
+
+    def gather(self, sessions: Sequence[Session], out: np.ndarray | None = None) -> np.ndarray:
+        """States of several sessions stacked: float32 [B, S] (into `out[:B]` when given)."""
+        with self._lock:
+            for s in sessions:
+                self._check_live(s)
+            slots = [s._slot for s in sessions]
+            if out is None:
+                return self._slab[slots]  # fancy indexing copies
+            dst = out[: len(slots)]
+            np.take(self._slab, slots, axis=0, out=dst)
+            return dst
+
+    def commit(self, s: Session, new_state: np.ndarray, consumed: int) -> int:
+        """Write the session's new state [S] and advance its position by `consumed`.
+
+        All or nothing: raises (changing nothing) when the session is no longer live
+        or the arguments are malformed. Returns the new position.
+        """
+        if (
+            isinstance(consumed, bool)
+            or not isinstance(consumed, (int, np.integer))
+            or consumed < 0
+        ):
+            raise InvalidInput("consumed", f"must be an integer >= 0, got {consumed!r}")
+        new_state = np.asarray(new_state)
+        if new_state.shape != (self.state_size,):
+            raise InvalidInput(
+                "new_state", f"must have shape [{self.state_size}], got {new_state.shape}"
+            )
+        if new_state.dtype != np.float32:
+            raise InvalidInput("new_state", f"must be float32, got {new_state.dtype}")
+        with self._lock:
+            self._check_live(s)
+            self._slab[s._slot] = new_state
+            s._position += int(consumed)
+            s._last_used = self.clock()
+            return s._position
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    def _pack(self, s: Session) -> bytes:
+        sha = self.model_sha.encode("ascii")
+        head = _SNAP_HEAD.pack(SNAP_MAGIC, SNAP_VERSION, self.state_size, s._position, len(sha))
+        body = head + sha + self._slab[s._slot].astype("<f4", copy=False).tobytes()
+        return body + hashlib.sha256(body).digest()
+
+    def snapshot(self, session_id: str, principal: str = "") -> bytes:
+        """The session's state and position as bytes (format in the module docstring)."""
+        with self._lock:
+            return self._pack(self.get(session_id, principal))
+
+    def _unpack(self, data: bytes) -> tuple[int, np.ndarray]:
+        """Validate a snapshot -> (position, state [S]). Raises InvalidInput / ModelError."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidInput("snapshot", f"must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) < _SNAP_HEAD.size + _DIGEST or not data.startswith(SNAP_MAGIC):
+            raise InvalidInput("snapshot", "is not an ssmstream session snapshot")
+        if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
+            raise InvalidInput("snapshot", "is corrupt (checksum mismatch)")
+        _, version, S, position, sha_len = _SNAP_HEAD.unpack_from(data)
+        if version != SNAP_VERSION:
+            raise InvalidInput(
+                "snapshot", f"version {version} is not supported (want {SNAP_VERSION})"
+            )
+        if len(data) != _SNAP_HEAD.size + sha_len + 4 * S + _DIGEST:
+            raise InvalidInput("snapshot", "is corrupt (length does not match its header)")
+        o = _SNAP_HEAD.size
+        sha = data[o : o + sha_len].decode("ascii", errors="replace")
+        if sha != self.model_sha:
+            raise ModelError(
+                f"snapshot belongs to another model (sha {sha[:16]!r}…, "
+                f"this model {self.model_sha[:16]!r}…)"
+            )
+        if S != self.state_size:
+            raise ModelError(f"snapshot has state size {S}, this model has {self.state_size}")
+        state = np.frombuffer(data, dtype="<f4", count=S, offset=o + sha_len).astype(
+            np.float32
+        )  # [S]
+        if not np.isfinite(state).all():
+            raise InvalidInput("snapshot", "state contains NaN or inf")
+        return int(position), state
+
+    def restore(
+        self,
+        data: bytes,
+        principal: str = "",
+        session_id: str | None = None,
+        ttl: float | None = None,
+    ) -> Session:
+        """A new session holding a snapshot's state and position.
+
+        A corrupt snapshot (InvalidInput) or one of another model (ModelError) is
+        refused before anything changes; limits apply as in `create`.
+        """
+        position, state = self._unpack(data)
+        with self._lock:
+            s = self._new_session(principal, session_id, ttl, position)
+            self._slab[s._slot] = state
+            self._counts["restored"] += 1
+            return s
+
+    def fork(self, session_id: str, principal: str = "", new_id: str | None = None) -> Session:
+        """A new session of the same principal with a copy of the state and position."""
+        with self._lock:
+            parent = self.get(session_id, principal)
+            child = self._new_session(principal, new_id, parent._ttl, parent._position)
+            self._slab[child._slot] = self._slab[parent._slot]
+            self._counts["forked"] += 1
+            return child
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write every live session to directory/sessions.bin atomically (temp file + rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / STORE_FILE
+        with self._lock:
+            live = list(self._sessions.values())
+            header = {
+                "model_sha": self.model_sha,
+                "state_size": self.state_size,
+                "sessions": [
+                    {"id": s._id, "principal": s._principal, "position": s._position, "ttl": s._ttl}
+                    for s in live
+                ],
+            }
+            states = self._slab[[s._slot for s in live]].astype("<f4", copy=False)  # [n, S]
+        head = json.dumps(header, allow_nan=True).encode()
+        h = hashlib.sha256()
+        tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            for part in (
+                _STORE_HEAD.pack(STORE_MAGIC, SNAP_VERSION, len(head)),
+                head,
+                states.tobytes(),
+            ):
+                h.update(part)
+                f.write(part)
+            f.write(h.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        log.info("saved %d sessions to %s", len(live), path)
+        return path
+
+    def load(self, directory: str | os.PathLike) -> int:
+        """Add the sessions saved in directory/sessions.bin; returns how many (0 if no file).
+
+        All or nothing: a corrupt file (InvalidInput), another model's file (ModelError),
+        an id already live here (InvalidInput) or too little room (LimitExceeded)
+        raises before any session is added. Loaded sessions start a fresh idle timer.
+        """
+        path = Path(directory) / STORE_FILE
+        if not path.is_file():
+            log.info("no saved sessions at %s", path)
+            return 0
+        data = path.read_bytes()
+        if len(data) < _STORE_HEAD.size + _DIGEST or not data.startswith(STORE_MAGIC):
+            raise InvalidInput("state_dir", f"{path} is not an ssmstream session store")
+        if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
+            raise InvalidInput("state_dir", f"{path} is corrupt (checksum mismatch)")
+        _, version, hlen = _STORE_HEAD.unpack_from(data)
+        if version != SNAP_VERSION:
+            raise InvalidInput("state_dir", f"{path}: version {version} is not supported")
+        try:
+            header = json.loads(data[_STORE_HEAD.size : _STORE_HEAD.size + hlen])
+            S = int(header["state_size"])
+            entries = [
+                (str(e["id"]), str(e["principal"]), int(e["position"]), _check_ttl(e["ttl"]))
+                for e in header["sessions"]
+            ]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidInput("state_dir", f"{path}: bad header: {e}") from e
+        bad = [e[0] for e in entries if not SESSION_ID_RE.match(e[0]) or e[2] < 0]
+        if bad:
+            raise InvalidInput("state_dir", f"{path}: invalid session entries {bad[:5]}")
+        if header.get("model_sha") != self.model_sha:
+            raise ModelError(
+                f"{path} holds sessions of another model (sha {header.get('model_sha')!r})"
+            )
+        if S != self.state_size:
+            raise ModelError(f"{path} has state size {S}, this model has {self.state_size}")
+        n, o = len(entries), _STORE_HEAD.size + hlen
+        if len(data) != o + 4 * n * S + _DIGEST:
+            raise InvalidInput("state_dir", f"{path} is corrupt (length does not match its header)")
+        states = np.frombuffer(data, dtype="<f4", count=n * S, offset=o).reshape(n, S)  # [n, S]
+        with self._lock:
+            ids = [e[0] for e in entries]
+            clash = [i for i in ids if i in self._sessions]
+            if clash or len(set(ids)) != n:
+                raise InvalidInput(
+                    "state_dir", f"{path}: session ids already live or repeated: {clash[:5]}"
+                )
+            if n > len(self._free):
+                raise LimitExceeded(f"{path} holds {n} sessions, only {len(self._free)} free slots")
+            need = Counter(e[1] for e in entries)
+            if self.max_per_principal is not None:
+                over = [
+                    p
+                    for p, k in need.items()
+                    if self._per_principal[p] + k > self.max_per_principal
+                ]
+                if over:
+                    raise LimitExceeded(
+                        f"{path}: principals {over[:5]} would exceed max_per_principal"
+                    )
+            for (sid, principal, position, ttl), row in zip(entries, states):
+                s = self._new_session(principal, sid, ttl, position)
+                self._slab[s._slot] = row
+        log.info("loaded %d sessions from %s", n, path)
+        return n

@@ -1,0 +1,324 @@
+"""Engine: parity with torch (conv forward and step recurrence), prefill == steps, batching,
+StepBuffers, validation errors and model-dir errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from ssmstream.runtime.engine import Engine, cuda_usable
+from ssmstream.runtime.errors import EngineFailure, InvalidInput, ModelError
+
+
+@pytest.fixture(scope="module")
+def tok_engine(tiny_token_model):
+    return Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def sig_engine(tiny_signal_model):
+    return Engine(tiny_signal_model["model_dir"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def toy_tok(toy_token_model):
+    return Engine(toy_token_model["model_dir"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def toy_sig(toy_signal_model):
+    return Engine(toy_signal_model["model_dir"], device="cpu", threads=1)
+
+
+def random_inputs(eng: Engine, rng, B: int, T: int) -> np.ndarray:
+    if eng.input_kind == "tokens":
+        return rng.integers(0, eng.vocab_size, size=(B, T))  # [B, T]
+    return rng.standard_normal((B, T, eng.d_input)).astype(np.float32)  # [B, T, d_in]
+
+
+def step_loop(eng: Engine, x: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ys = []
+    for t in range(x.shape[1]):
+        y, s = eng.step(x[:, t], s)
+        ys.append(y)
+    return np.stack(ys, axis=1), s  # [B, T, d_out], [B, S]
+
+
+# --- parity with torch ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tokens", "signal"])
+def test_step_matches_torch_conv_forward_and_recurrence(which, request):
+    torch = pytest.importorskip("torch")
+    model = request.getfixturevalue(f"tiny_{'token' if which == 'tokens' else 'signal'}_model")
+    eng = Engine(model["model_dir"], device="cpu", threads=1)
+    net = model["net"]
+    rng = np.random.default_rng(5)
+    x = random_inputs(eng, rng, B=3, T=50)
+    ys, s = step_loop(eng, x, eng.new_state(3))
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()  # conv mode, [B, T, d_out]
+        states = net.initial_state(3)
+        for t in range(x.shape[1]):
+            _, states = net.step(torch.from_numpy(x[:, t]), states)
+        ref_state = net.pack_state(states).numpy()  # [B, S]
+    scale = np.abs(ref).max()
+    assert ys.shape == ref.shape == (3, 50, eng.d_output)
+    assert np.abs(ys - ref).max() <= 1e-4 * scale
+    assert np.abs(s - ref_state).max() <= 1e-4 * max(1.0, np.abs(ref_state).max())
+
+
+@pytest.mark.parametrize("which", ["tokens", "signal"])
+@pytest.mark.parametrize("T", [1, 7, 8, 19, 53])  # chunk 8, max_len 24: 53 = 24 + 24 + 5 steps
+def test_prefill_equals_sequential_steps(which, T, request):
+    eng = request.getfixturevalue("tok_engine" if which == "tokens" else "sig_engine")
+    rng = np.random.default_rng(T)
+    s0 = rng.standard_normal((2, eng.state_size)).astype(np.float32) * 0.1
+    x = random_inputs(eng, rng, B=2, T=T)
+    ys, s = step_loop(eng, x, s0)
+    yp, sp = eng.prefill(x, s0)
+    assert yp.shape == (2, T, eng.d_output)
+    scale = max(1.0, np.abs(ys).max())
+    assert np.abs(yp - ys).max() <= 1e-4 * scale
+    assert np.abs(sp - s).max() <= 1e-4 * max(1.0, np.abs(s).max())
+
+
+def test_batched_step_equals_each_alone(tok_engine):
+    eng, rng = tok_engine, np.random.default_rng(1)
+    B = 5
+    states = rng.standard_normal((B, eng.state_size)).astype(np.float32) * 0.2
+    tokens = rng.integers(0, eng.vocab_size, size=B)
+    yb, sb = eng.step(tokens, states)
+    for i in range(B):
+        y1, s1 = eng.step(tokens[i : i + 1], states[i : i + 1])
+        np.testing.assert_allclose(yb[i], y1[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sb[i], s1[0], rtol=1e-5, atol=1e-6)
+
+
+# --- toy graphs: engine vs an independent numpy recurrence ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["tokens", "values"])
+def test_toy_step_and_prefill_match_numpy_reference(kind, request):
+    toy = request.getfixturevalue("toy_token_model" if kind == "tokens" else "toy_signal_model")
+    eng = Engine(toy["model_dir"], device="cpu", threads=1)
+    rng = np.random.default_rng(2)
+    x = random_inputs(eng, rng, B=3, T=29)
+    s0 = rng.standard_normal((3, toy["S"])).astype(np.float32)
+    ref_y, ref_s = toy["reference"](x, s0)
+    ys, s = step_loop(eng, x, s0)
+    yp, sp = eng.prefill(x, s0)
+    for y, st in ((ys, s), (yp, sp)):
+        np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(st, ref_s, rtol=1e-4, atol=1e-4)
+
+
+class _SpySession:
+    """Records the input shapes a graph is run with."""
+
+    def __init__(self, sess):
+        self.sess, self.shapes = sess, []
+
+    def run(self, names, feeds):
+        self.shapes.append(feeds["input"].shape)
+        return self.sess.run(names, feeds)
+
+
+def test_prefill_splits_into_full_chunks_then_steps(toy_token_model):
+    eng = Engine(toy_token_model["model_dir"], device="cpu", threads=1)  # chunk 4, max_len 12
+    spy = _SpySession(eng._prefill_session)
+    eng._prefill_session = spy
+    x = np.arange(29).reshape(1, 29) % toy_token_model["V"]
+    y, s = eng.prefill(x, eng.new_state())
+    assert spy.shapes == [(1, 12), (1, 12), (1, 4)]  # 28 via prefill, the 29th via step
+    ref_y, ref_s = toy_token_model["reference"](x, eng.new_state())
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4)
+    spy.shapes.clear()
+    eng.prefill(x[:, :3], eng.new_state())  # shorter than a chunk: steps only
+    eng.prefill(x[:, :1], eng.new_state())  # T = 1 is a step
+    assert spy.shapes == []
+
+
+# --- StepBuffers ----------------------------------------------------------------------
+
+
+def test_step_buffers_equal_fresh_outputs_and_are_reused(tok_engine):
+    eng, rng = tok_engine, np.random.default_rng(3)
+    a, b = eng.step_buffers(4), eng.step_buffers(4)
+    s_ref = s = eng.new_state(3)
+    for t in range(6):
+        tokens = rng.integers(0, eng.vocab_size, size=3)
+        y_ref, s_ref = eng.step(tokens, s_ref)
+        buf = a if t % 2 == 0 else b
+        y, s = eng.step(tokens, s, out=buf)
+        assert np.shares_memory(y, buf.outputs) and np.shares_memory(s, buf.new_states)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(s, s_ref)
+    with pytest.raises(InvalidInput, match="states"):
+        eng.step(np.zeros(3, dtype=np.int64), a.new_states[:3], out=a)  # aliasing its output
+    with pytest.raises(InvalidInput, match="out"):
+        eng.step(np.zeros(5, dtype=np.int64), eng.new_state(5), out=a)  # batch > max_batch
+
+
+# --- validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        (np.array([23]), "outside"),  # vocab_size = 23
+        (np.array([-1]), "outside"),
+        (np.array([1.0]), "integers"),
+        (np.array([[1]]), "shape"),
+        (np.array([], dtype=np.int64), "shape"),
+        (np.array(["a"]), "integers"),
+    ],
+)
+def test_bad_tokens_name_the_field_and_change_nothing(tok_engine, inputs, match):
+    s = np.full((1, tok_engine.state_size), 0.5, dtype=np.float32)
+    before = s.copy()
+    with pytest.raises(InvalidInput, match=match) as e:
+        tok_engine.step(inputs, s)
+    assert e.value.field == "inputs"
+    np.testing.assert_array_equal(s, before)
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        (np.array([[np.nan, 0, 0]], dtype=np.float32), "NaN"),
+        (np.array([[np.inf, 0, 0]]), "NaN or inf"),
+        (np.array([[1e300, 0, 0]]), "overflow"),  # finite float64, inf as float32
+        (np.zeros((1, 4), dtype=np.float32), "d_input=3"),
+        (np.zeros(3, dtype=np.float32), "shape"),
+        (np.array([[True, False, True]]), "real numbers"),
+    ],
+)
+def test_bad_values_name_the_field(sig_engine, inputs, match):
+    with pytest.raises(InvalidInput, match=match) as e:
+        sig_engine.step(inputs, sig_engine.new_state())
+    assert e.value.field == "inputs"
+
+
+def test_bad_states_and_arguments(tok_engine):
+    eng = tok_engine
+    with pytest.raises(InvalidInput, match=r"states.*\[2, S=64\]"):
+        eng.step(np.array([1, 2]), eng.new_state(1))
+    with pytest.raises(InvalidInput, match="states"):
+        eng.step(np.array([1]), np.zeros((1, 64), dtype=np.int32))
+    with pytest.raises(InvalidInput, match="batch"):
+        eng.new_state(0)
+    with pytest.raises(InvalidInput, match="inputs"):
+        eng.prefill(np.array([1, 2, 3]), eng.new_state())  # needs [B, T]
+    # a float64 state is accepted and converted, giving the float32 result
+    y64, _ = eng.step(np.array([3]), np.zeros((1, 64)))
+    y32, _ = eng.step(np.array([3]), eng.new_state())
+    np.testing.assert_array_equal(y64, y32)
+    y0, _ = eng.step(3, eng.new_state())  # a scalar token is a batch of one
+    np.testing.assert_array_equal(y0, y32)
+
+
+def test_engine_failure_is_wrapped(toy_tok, monkeypatch):
+    class Broken:
+        def run(self, *a, **k):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(toy_tok, "_step_session", Broken())
+    with pytest.raises(EngineFailure, match="boom"):
+        toy_tok.step(np.array([1]), toy_tok.new_state())
+
+
+def test_model_dir_errors(toy_token_model, tmp_path):
+    with pytest.raises(ModelError, match="missing"):
+        Engine(tmp_path / "nothing")
+    bad = tmp_path / "tampered"
+    shutil.copytree(toy_token_model["model_dir"], bad)
+    with open(bad / "step.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match="sha256"):
+        Engine(bad)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(toy_token_model["model_dir"], renamed)
+    m = json.loads((renamed / "manifest.json").read_text())
+    m["state_size"] = 9  # the graph says 8
+    (renamed / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="state"):
+        Engine(renamed)
+    with pytest.raises(InvalidInput, match="device"):
+        Engine(toy_token_model["model_dir"], device="tpu")
+    with pytest.raises(InvalidInput, match="threads"):
+        Engine(toy_token_model["model_dir"], threads=0)
+
+
+@pytest.mark.skipif(cuda_usable()[0], reason="CUDA is usable here")
+def test_cuda_requested_without_cuda_is_a_clear_error(toy_token_model):
+    with pytest.raises(InvalidInput, match="cuda"):
+        Engine(toy_token_model["model_dir"], device="cuda")
+    assert Engine(toy_token_model["model_dir"], device="auto").provider == "CPUExecutionProvider"
+
+
+def test_info(tok_engine, tiny_token_model):
+    info = tok_engine.info
+    cfg = tiny_token_model["config"]
+    assert info["input_kind"] == "tokens" and info["vocab_size"] == cfg.vocab_size
+    assert info["state_size"] == cfg.state_size and info["state_bytes"] == 4 * cfg.state_size
+    assert info["d_output"] == cfg.d_output and info["prefill_chunk"] == 8
+    assert info["provider"] == "CPUExecutionProvider"
+    m = json.loads((tiny_token_model["model_dir"] / "manifest.json").read_text())
+    assert info["step_sha256"] == m["graphs"]["step"]["sha256"]
+
+
+# --- generate -------------------------------------------------------------------------
+
+
+def test_greedy_generate_follows_argmax_of_manual_steps(tok_engine):
+    eng = tok_engine
+    prompt = [1, 2, 3, 4]
+    got = list(eng.generate(prompt, max_new_tokens=8, temperature=0))
+    y, s = eng.prefill(np.array([prompt]), eng.new_state())
+    want, logits = [], y[0, -1]
+    for _ in range(8):
+        tok = int(np.argmax(logits))
+        want.append(tok)
+        y, s = eng.step(np.array([tok]), s)
+        logits = y[0]
+    assert got == want
+
+
+def test_generate_seeded_stop_and_state_in_place(tok_engine):
+    eng = tok_engine
+    a = list(eng.generate([5, 6], max_new_tokens=12, seed=7, temperature=1.5))
+    b = list(eng.generate([5, 6], max_new_tokens=12, seed=7, temperature=1.5))
+    assert a == b and len(a) == 12 and all(0 <= t < eng.vocab_size for t in a)
+    stop = a[3]
+    c = list(eng.generate([5, 6], max_new_tokens=12, seed=7, temperature=1.5, stop=[stop]))
+    assert c == a[: a.index(stop) + 1]
+    # state in place: prompt + every yielded token consumed
+    state = np.zeros(eng.state_size, dtype=np.float32)
+    toks = list(eng.generate([5, 6], state=state, max_new_tokens=5, seed=3))
+    _, s = eng.prefill(np.array([[5, 6, *toks]]), eng.new_state())
+    np.testing.assert_allclose(state, s[0], rtol=1e-5, atol=1e-6)
+    # closing early also leaves the state consistent
+    state2 = np.zeros((1, eng.state_size), dtype=np.float32)
+    it = eng.generate([5, 6], state=state2, max_new_tokens=50, seed=3)
+    first = [next(it), next(it)]
+    it.close()
+    _, s2 = eng.prefill(np.array([[5, 6, *first]]), eng.new_state())
+    np.testing.assert_allclose(state2, s2, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_bad_arguments(tok_engine, sig_engine):
+    with pytest.raises(InvalidInput, match="prompt"):
+        tok_engine.generate([], max_new_tokens=3)
+    with pytest.raises(InvalidInput, match="prompt"):
+        tok_engine.generate([99], max_new_tokens=3)
+    with pytest.raises(InvalidInput, match="max_new_tokens"):
+        tok_engine.generate([1], max_new_tokens=-1)
+    with pytest.raises(InvalidInput, match="top_p"):
+        tok_engine.generate([1], top_p=0.0)
+    with pytest.raises(InvalidInput, match="state"):
+        tok_engine.generate([1], state=np.zeros(3, dtype=np.float32))
+    with pytest.raises(InvalidInput, match="token model"):
+        sig_engine.generate([1])
