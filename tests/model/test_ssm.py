@@ -216,6 +216,18 @@ def test_ssm_kernel_batched_and_long_is_accurate():
     assert (K - ref).abs().max() / scale < 1e-11
 
 
+def test_kernel_of_a_vanished_mode_is_finite():
+    """dA = 0 (a float32 ZOH mode with Δ·|Re A| > 103 underflows): powers 1, 0, 0, … not NaN."""
+    A = torch.tensor([-2000 + 3j, -0.5 + 1j], dtype=torch.complex64)  # [N]
+    dA, dB = ssm.discretize(A, torch.ones(2, dtype=torch.complex64), torch.tensor(0.1), "zoh")
+    assert dA[0] == 0
+    V = ssm.vandermonde(dA, 4)  # [N, L]
+    ref = torch.stack([dA**l for l in range(4)], -1)  # torch: 0**0 = 1
+    torch.testing.assert_close(V, ref, rtol=1e-6, atol=1e-7)
+    K = ssm.ssm_kernel(dA, dB, torch.ones(2, dtype=torch.complex64), 8)
+    assert torch.isfinite(torch.view_as_real(K)).all()
+
+
 def test_ssm_kernel_dense_equals_matrix_powers_and_diagonal_kernel():
     N, M, P, L = 4, 2, 3, 24
     g = _gen(70)
