@@ -281,6 +281,12 @@ class Engine:
         Returns a C-contiguous int64 / float32 (the graph's input dtype) array.
         """
         x = np.asarray(inputs)
+        if x.dtype == np.int64 and x.ndim == (2 if time_axis else 1) and x.size:
+            # fast path for the common case: int64 tokens of the right rank
+            if self.input_kind == "tokens" and x.flags.c_contiguous:
+                lo, hi = (int(x.flat[0]),) * 2 if x.size == 1 else (x.min(), x.max())
+                if lo >= 0 and hi < self.vocab_size:
+                    return x
         lead = "B, T" if time_axis else "B"
         if self.input_kind == "tokens":
             if x.ndim == 0 and not time_axis:
@@ -315,6 +321,8 @@ class Engine:
     def check_states(self, states, batch: int, field: str = "states") -> np.ndarray:
         """float32 [batch, S] (C-contiguous; converted if needed) or InvalidInput."""
         s = np.asarray(states)
+        if s.dtype == np.float32 and s.shape == (batch, self.state_size) and s.flags.c_contiguous:
+            return s
         if s.shape != (batch, self.state_size):
             raise InvalidInput(
                 field, f"must have shape [{batch}, S={self.state_size}], got {s.shape}"

@@ -1,0 +1,281 @@
+"""Batcher: concurrent clients get exactly their own sequential outputs, per-session order,
+batching actually happens, a lone stream does not wait, failures change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import numpy as np
+import pytest
+from ssmstream.runtime.batcher import Batcher
+from ssmstream.runtime.engine import Engine
+from ssmstream.runtime.errors import (
+    EngineFailure,
+    InvalidInput,
+    LimitExceeded,
+    SessionNotFound,
+    Unavailable,
+)
+from ssmstream.runtime.sessions import SessionStore
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def toy(toy_token_model):
+    return Engine(toy_token_model["model_dir"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def toy_values(toy_signal_model):
+    return Engine(toy_signal_model["model_dir"], device="cpu", threads=1)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def started(engine, **kw) -> tuple[Batcher, SessionStore]:
+    store = SessionStore(engine.state_size, capacity=kw.pop("capacity", 64))
+    batcher = Batcher(engine, store, **kw)
+    await batcher.start()
+    return batcher, store
+
+
+def alone(engine: Engine, requests: list[np.ndarray]) -> list[np.ndarray]:
+    """The same requests run sequentially through Engine.prefill on one state."""
+    s, outs = engine.new_state(), []
+    for x in requests:
+        y, s = engine.prefill(x[None], s)
+        outs.append(y[0])
+    return outs
+
+
+def random_requests(engine, rng, n: int) -> list[np.ndarray]:
+    reqs = []
+    for _ in range(n):
+        T = int(rng.choice([1, 1, 1, 2, 5, 9]))
+        if engine.input_kind == "tokens":
+            reqs.append(rng.integers(0, engine.vocab_size, size=T))  # [T]
+        else:
+            reqs.append(rng.standard_normal((T, engine.d_input)).astype(np.float32))  # [T, d_in]
+    return reqs
+
+
+@pytest.mark.parametrize("which", ["toy", "toy_values"])
+def test_concurrent_clients_each_get_their_own_sequential_outputs(which, request):
+    engine = request.getfixturevalue(which)
+    rng = np.random.default_rng(0)
+    plans = [random_requests(engine, rng, 12) for _ in range(10)]
+
+    async def client(batcher, store, plan, seed):
+        jitter = random.Random(seed)
+        s = store.create(f"p{seed % 3}")
+        outs, positions = [], []
+        for x in plan:
+            await asyncio.sleep(jitter.random() * 0.003)
+            y, pos = await batcher.step(s.id, x, s.principal)
+            outs.append(y)
+            positions.append(pos)
+        return outs, positions
+
+    async def main():
+        batcher, store = await started(engine, max_batch=4, max_batch_delay=0.002)
+        got = await asyncio.gather(*(client(batcher, store, p, i) for i, p in enumerate(plans)))
+        await batcher.close()
+        return got, batcher.stats
+
+    got, stats = run(main())
+    for plan, (outs, positions) in zip(plans, got):
+        for y, want in zip(outs, alone(engine, plan)):
+            np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        assert positions == list(np.cumsum([len(x) for x in plan]))
+    assert stats.batches < stats.steps + stats.prefills  # some steps shared an ORT call
+    assert max(stats.batch_sizes) <= 4
+
+
+def test_real_export_through_the_batcher(tiny_signal_model):
+    engine = Engine(tiny_signal_model["model_dir"], device="cpu", threads=1)
+    rng = np.random.default_rng(1)
+    plans = [random_requests(engine, rng, 6) for _ in range(4)]
+
+    async def main():
+        batcher, store = await started(engine, max_batch=8, max_batch_delay=0.001)
+        sessions = [store.create() for _ in plans]
+
+        async def client(s, plan):
+            return [(await batcher.step(s, x))[0] for x in plan]
+
+        out = await asyncio.gather(*(client(s, p) for s, p in zip(sessions, plans)))
+        await batcher.close()
+        return out
+
+    for outs, plan in zip(run(main()), plans):
+        for y, want in zip(outs, alone(engine, plan)):
+            np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_concurrent_requests_of_one_session_queue_in_order(toy):
+    seq = [np.array([t]) for t in (3, 1, 4, 1, 5, 9, 2, 6)]
+
+    async def main():
+        batcher, store = await started(toy, max_batch=8, max_batch_delay=0.001)
+        s = store.create()
+        results = await asyncio.gather(*(batcher.step(s.id, x) for x in seq))
+        await batcher.close()
+        return results
+
+    results = run(main())
+    assert [pos for _, pos in results] == list(range(1, 9))
+    for (y, _), want in zip(results, alone(toy, seq)):
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_lone_stream_does_not_sit_out_the_batch_delay(toy):
+    async def main():
+        batcher, store = await started(toy, max_batch=64, max_batch_delay=0.25)
+        s = store.create()
+        t0 = time.perf_counter()
+        for t in range(8):
+            await batcher.step(s.id, np.array([t]))
+        elapsed = time.perf_counter() - t0
+        await batcher.close()
+        return elapsed
+
+    assert run(main()) < 0.25  # 8 steps, each would wait 0.25 s if it sat out the delay
+
+
+def test_steps_arriving_together_share_one_call_and_listeners_see_it(toy):
+    sizes = []
+
+    async def main():
+        batcher, store = await started(toy, max_batch=16, max_batch_delay=0.05)
+        batcher.add_listener(lambda n, sec: sizes.append(n))
+        sessions = [store.create() for _ in range(16)]
+        await asyncio.gather(*(batcher.step(s.id, np.array([1])) for s in sessions))
+        await batcher.close()
+
+    run(main())
+    assert sizes == [16]
+
+
+def test_bad_requests_are_refused_and_change_nothing(toy):
+    async def main():
+        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        s = store.create("alice")
+        await batcher.step(s.id, np.array([1, 2]), "alice")
+        before = store.read(s)
+        for bad, exc in [
+            (np.array([toy.vocab_size]), InvalidInput),
+            (np.array([[1, 2]]), InvalidInput),
+            (np.array([0.5]), InvalidInput),
+            (np.array([], dtype=np.int64), InvalidInput),
+        ]:
+            with pytest.raises(exc):
+                await batcher.step(s.id, bad, "alice")
+        with pytest.raises(SessionNotFound):
+            await batcher.step(s.id, np.array([1]), "bob")
+        with pytest.raises(SessionNotFound):
+            await batcher.step("nope", np.array([1]), "alice")
+        np.testing.assert_array_equal(store.read(s), before)
+        assert s.position == 2
+        y, pos = await batcher.step(s, 3, "alice")  # a scalar token
+        assert pos == 3 and y.shape == (1, toy.d_output)
+        await batcher.close()
+
+    run(main())
+
+
+def test_engine_failure_fails_the_batch_without_changing_state(toy, monkeypatch):
+    async def main():
+        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        s = store.create()
+        await batcher.step(s.id, np.array([1]))
+        before = store.read(s)
+        real = toy.step_unchecked
+
+        def broken(*a, **k):
+            raise EngineFailure("simulated onnxruntime failure")
+
+        monkeypatch.setattr(toy, "step_unchecked", broken)
+        with pytest.raises(EngineFailure, match="simulated"):
+            await batcher.step(s.id, np.array([2]))
+        np.testing.assert_array_equal(store.read(s), before)
+        assert s.position == 1 and batcher.stats.failed == 1
+        monkeypatch.setattr(toy, "step_unchecked", real)
+        _, pos = await batcher.step(s.id, np.array([2]))  # the batcher keeps serving
+        await batcher.close()
+        return pos
+
+    assert run(main()) == 2
+
+
+def test_session_closed_while_queued_is_not_applied(toy):
+    async def main():
+        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        a, b = store.create(), store.create()
+        first = asyncio.ensure_future(batcher.step(a.id, np.arange(9) % 11))  # a prefill
+        queued = asyncio.ensure_future(batcher.step(a.id, np.array([1])))
+        await asyncio.sleep(0)
+        store.close(a.id)
+        c = store.create()  # may take a's slot
+        results = await asyncio.gather(first, queued, return_exceptions=True)
+        assert all(isinstance(r, SessionNotFound) or isinstance(r, tuple) for r in results)
+        assert isinstance(results[1], SessionNotFound)
+        np.testing.assert_array_equal(store.read(c), toy.new_state()[0])  # untouched
+        assert c.position == 0
+        _, pos = await batcher.step(b.id, np.array([1]))
+        await batcher.close()
+        return pos
+
+    assert run(main()) == 1
+
+
+def test_cancelled_queued_request_is_dropped(toy):
+    async def main():
+        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        s = store.create()
+        first = asyncio.ensure_future(batcher.step(s.id, np.arange(9) % 11))
+        second = asyncio.ensure_future(batcher.step(s.id, np.array([1])))
+        await asyncio.sleep(0)
+        second.cancel()
+        _, pos = await first
+        await asyncio.sleep(0.01)
+        assert s.position == pos == 9  # the cancelled step never ran
+        _, pos = await batcher.step(s.id, np.array([1]))
+        await batcher.close()
+        return pos
+
+    assert run(main()) == 10
+
+
+def test_queue_limit_close_and_arguments(toy):
+    async def main():
+        batcher, store = await started(
+            toy, max_batch=1, max_batch_delay=0.0, max_queue_per_session=2
+        )
+        s = store.create()
+        futs = [asyncio.ensure_future(batcher.step(s.id, np.array([1]))) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(LimitExceeded, match="max_queue_per_session"):
+            await batcher.step(s.id, np.array([1]))
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable):
+            await batcher.step(s.id, np.array([1]))
+        await closing  # drains what was queued
+        assert [f.result()[1] for f in futs] == [1, 2, 3]
+
+    run(main())
+    store = SessionStore(toy.state_size)
+    for kw, field in [
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_batch_delay": -1}, "max_batch_delay"),
+    ]:
+        with pytest.raises(InvalidInput) as e:
+            Batcher(toy, store, **kw)
+        assert e.value.field == field
+    with pytest.raises(InvalidInput, match="state size"):
+        Batcher(toy, SessionStore(toy.state_size + 1))

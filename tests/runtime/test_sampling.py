@@ -1,0 +1,108 @@
+"""Sampling: the filtered distribution vs a brute-force construction, empirical frequencies,
+seeding, greedy, and bad parameters named in the error."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from ssmstream.runtime.errors import InvalidInput
+from ssmstream.runtime.sampling import Sampler, SamplingConfig, probabilities, sample
+
+
+def brute_force(logits, temperature, top_k, top_p) -> np.ndarray:
+    """Build the distribution from its definition, looping over ranked tokens in Python."""
+    z = [float(v) / temperature for v in logits]
+    m = max(z)
+    w = [np.exp(v - m) for v in z]
+    ranked = sorted(range(len(z)), key=lambda i: (-w[i], i))
+    keep = set(ranked[:top_k]) if top_k else set(ranked)
+    total = sum(w[i] for i in keep)
+    p = [w[i] / total if i in keep else 0.0 for i in range(len(z))]
+    if top_p < 1.0:
+        mass, nucleus = 0.0, set()
+        for i in ranked:
+            if i not in keep:
+                continue
+            nucleus.add(i)
+            mass += p[i]
+            if mass >= top_p:
+                break
+        total = sum(p[i] for i in nucleus)
+        p = [p[i] / total if i in nucleus else 0.0 for i in range(len(z))]
+    return np.array(p)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    list(itertools.product([0.5, 1.0, 2.0], [0, 1, 3, 10], [1.0, 0.9, 0.3])),
+)
+def test_probabilities_match_brute_force(temperature, top_k, top_p):
+    logits = np.random.default_rng(0).standard_normal(10) * 2
+    p = probabilities(logits, temperature, top_k, top_p)
+    np.testing.assert_allclose(p, brute_force(logits, temperature, top_k, top_p), atol=1e-12)
+    assert p.sum() == pytest.approx(1.0)
+
+
+def test_greedy_is_argmax_and_uses_no_randomness():
+    logits = np.array([0.1, 3.0, -1.0, 2.9], dtype=np.float32)
+    assert all(sample(logits, temperature=0, rng=np.random.default_rng(s)) == 1 for s in range(5))
+    np.testing.assert_array_equal(probabilities(logits, 0), [0, 1, 0, 0])
+    assert sample(np.array([1.0, -np.inf, 1.0]), temperature=0) == 0  # first index on ties
+
+
+def test_empirical_frequencies_follow_the_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(1)
+    n = 20000
+    counts = np.bincount([sample(logits, rng=rng) for _ in range(n)], minlength=4)
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    sigma = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts - n * p) < 5 * sigma)
+    counts_k = np.bincount([sample(logits, top_k=2, rng=rng) for _ in range(4000)], minlength=4)
+    assert counts_k[2] == counts_k[3] == 0 and abs(counts_k[0] / 4000 - 0.625) < 0.05
+
+
+def test_seeded_samplers_repeat_and_minus_inf_is_never_drawn():
+    logits = np.array([0.0, -np.inf, 0.5, 0.2, -np.inf])
+    cfg = SamplingConfig(temperature=1.3, top_p=0.95, seed=42)
+    a, b = Sampler(cfg), Sampler(cfg)
+    draws = [a(logits) for _ in range(200)]
+    assert draws == [b(logits) for _ in range(200)]
+    assert set(draws) <= {0, 2, 3} and len(set(draws)) > 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"seed": -3}, "seed"),
+    ],
+)
+def test_bad_parameters_name_the_field(kwargs, field):
+    with pytest.raises(InvalidInput) as e:
+        SamplingConfig(**kwargs)
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize(
+    "logits",
+    [
+        np.array([]),
+        np.zeros((2, 2)),
+        np.array([1, 2]),
+        np.array([np.nan, 1.0]),
+        np.full(3, -np.inf),
+    ],
+)
+def test_bad_logits(logits):
+    with pytest.raises(InvalidInput) as e:
+        sample(logits)
+    assert e.value.field == "logits"

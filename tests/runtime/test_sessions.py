@@ -1,0 +1,317 @@
+"""SessionStore: lifecycle and reasons, TTL with a fake clock, limits, commit atomicity,
+snapshot / restore / fork / save / load continuation, corrupt and foreign data refused."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ssmstream.runtime.engine import Engine
+from ssmstream.runtime.errors import InvalidInput, LimitExceeded, ModelError, SessionNotFound
+from ssmstream.runtime.sessions import STORE_FILE, SessionStore
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def engine(toy_token_model):
+    return Engine(toy_token_model["model_dir"], device="cpu", threads=1)
+
+
+def make_store(engine, **kw) -> SessionStore:
+    kw.setdefault("model_sha", engine.info["step_sha256"])
+    return SessionStore(engine.state_size, **kw)
+
+
+def feed(engine, store, s, tokens) -> np.ndarray:
+    """Step `tokens` through session s one at a time; returns the outputs [T, d_out]."""
+    ys = []
+    for tok in tokens:
+        y, new = engine.step(np.array([tok]), store.read(s)[None])
+        store.commit(s, new[0], 1)
+        ys.append(y[0])
+    return np.stack(ys)
+
+
+# --- lifecycle ------------------------------------------------------------------------
+
+
+def test_create_get_close_and_reasons():
+    store = SessionStore(4, capacity=3)
+    a = store.create("alice")
+    assert store.get(a.id, "alice") is a and a.position == 0 and len(store) == 1
+    np.testing.assert_array_equal(store.read(a), np.zeros(4, dtype=np.float32))
+    with pytest.raises(SessionNotFound) as e:
+        store.get(a.id, "bob")  # another principal's session is invisible
+    assert e.value.reason == "unknown"
+    with pytest.raises(SessionNotFound) as e:
+        store.get("no-such-session", "alice")
+    assert e.value.reason == "unknown"
+    store.close(a.id, "alice")
+    assert not a.live and len(store) == 0
+    with pytest.raises(SessionNotFound) as e:
+        store.get(a.id, "alice")
+    assert e.value.reason == "closed"
+    with pytest.raises(SessionNotFound) as e:
+        store.get(a.id, "bob")
+    assert e.value.reason == "unknown"
+    with pytest.raises(SessionNotFound):
+        store.close(a.id, "alice")
+
+
+def test_session_fields_are_read_only():
+    s = SessionStore(4).create()
+    with pytest.raises(AttributeError):
+        s.position = 5
+    with pytest.raises(AttributeError):
+        s.id = "x"
+
+
+def test_client_ids():
+    store = SessionStore(4)
+    assert store.create(session_id="my-session.1").id == "my-session.1"
+    with pytest.raises(InvalidInput, match="already in use"):
+        store.create(session_id="my-session.1")
+    for bad in ["", "has space", "x" * 129, "-leading", "ümlaut", 7]:
+        with pytest.raises(InvalidInput) as e:
+            store.create(session_id=bad)
+        assert e.value.field == "session_id"
+    ids = {store.create().id for _ in range(20)}
+    assert len(ids) == 20 and all(len(i) == 36 for i in ids)  # uuid4
+
+
+def test_ttl_eviction_with_fake_clock():
+    clock = FakeClock()
+    store = SessionStore(4, capacity=8, ttl=10.0, clock=clock)
+    a, b = store.create(), store.create()
+    c = store.create(ttl=100.0)
+    clock.t += 5
+    store.get(a.id)  # touches a
+    clock.t += 6  # b idle 11 s > 10, a idle 6 s
+    assert store.evict_idle() == [b.id]
+    with pytest.raises(SessionNotFound) as e:
+        store.get(b.id)
+    assert e.value.reason == "evicted"
+    clock.t += 20  # a idle 26 s: expires lazily on access, reported as evicted
+    with pytest.raises(SessionNotFound) as e:
+        store.get(a.id)
+    assert e.value.reason == "evicted"
+    assert store.get(c.id) is c  # its own ttl of 100 s
+    store.pin(c)  # a step in flight: never evicted
+    clock.t += 1000
+    assert store.evict_idle() == []
+    store.unpin(c)
+    clock.t += 101
+    assert store.evict_idle() == [c.id]
+    assert store.stats()["evicted"] == 3
+    never = store.create(ttl=math.inf)
+    clock.t += 1e9
+    assert store.evict_idle() == [] and store.get(never.id) is never
+    for bad in [0, -1, float("nan"), "10"]:
+        with pytest.raises(InvalidInput, match="ttl"):
+            store.create(ttl=bad)
+
+
+def test_capacity_and_per_principal_limits():
+    clock = FakeClock()
+    store = SessionStore(4, capacity=3, ttl=10.0, max_per_principal=2, clock=clock)
+    store.create("p")
+    store.create("p")
+    with pytest.raises(LimitExceeded, match="max_per_principal=2"):
+        store.create("p")
+    q = store.create("q")
+    with pytest.raises(LimitExceeded, match="full"):
+        store.create("r")
+    assert len(store) == 3
+    store.close(q.id, "q")
+    store.create("r")
+    clock.t += 11  # everything idle: a full store evicts idle sessions to make room
+    s = store.create("r")
+    assert len(store) == 1 and store.get(s.id, "r") is s
+
+
+def test_bytes_per_session_is_S_times_4(engine):
+    S = engine.state_size
+    store = make_store(engine, capacity=100)
+    assert store.bytes_per_session == S * 4
+    assert store._slab.nbytes == 100 * S * 4 and store._slab.dtype == np.float32
+    assert store.stats()["bytes_per_session"] == S * 4
+
+
+def test_commit_is_all_or_nothing(engine):
+    store = make_store(engine, capacity=2)
+    s = store.create()
+    feed(engine, store, s, [1, 2])
+    before, pos = store.read(s), s.position
+    for bad, field in [
+        (np.zeros(engine.state_size + 1, dtype=np.float32), "new_state"),
+        (np.zeros(engine.state_size, dtype=np.float64), "new_state"),
+    ]:
+        with pytest.raises(InvalidInput) as e:
+            store.commit(s, bad, 1)
+        assert e.value.field == field
+    with pytest.raises(InvalidInput, match="consumed"):
+        store.commit(s, before, -1)
+    np.testing.assert_array_equal(store.read(s), before)
+    assert s.position == pos == 2
+    # a commit for a closed session must not write into the slot's next owner
+    store.close(s.id)
+    t = store.create()
+    assert t.slot == s.slot
+    with pytest.raises(SessionNotFound):
+        store.commit(s, np.ones(engine.state_size, dtype=np.float32), 1)
+    np.testing.assert_array_equal(store.read(t), np.zeros(engine.state_size, dtype=np.float32))
+    assert t.position == 0
+
+
+def test_gather_stacks_rows(engine):
+    store = make_store(engine)
+    sessions = [store.create() for _ in range(3)]
+    for i, s in enumerate(sessions):
+        store.commit(s, np.full(engine.state_size, i, dtype=np.float32), 0)
+    out = np.empty((8, engine.state_size), dtype=np.float32)
+    g = store.gather(sessions[::-1], out=out)
+    assert g.shape == (3, engine.state_size) and np.shares_memory(g, out)
+    np.testing.assert_array_equal(g[:, 0], [2, 1, 0])
+    np.testing.assert_array_equal(store.gather(sessions[:2])[:, -1], [0, 1])
+
+
+# --- snapshot / restore / fork ---------------------------------------------------------
+
+
+def test_snapshot_restore_gives_identical_next_outputs(engine):
+    store = make_store(engine)
+    s = store.create("alice")
+    feed(engine, store, s, [1, 5, 2, 7])
+    data = store.snapshot(s.id, "alice")
+    r = store.restore(data, "bob")
+    assert r.position == 4 and r.principal == "bob" and r.id != s.id
+    np.testing.assert_array_equal(store.read(r), store.read(s))
+    np.testing.assert_array_equal(feed(engine, store, s, [3, 4]), feed(engine, store, r, [3, 4]))
+    other = make_store(engine)  # a fresh store of the same model accepts it too
+    r2 = other.restore(data, session_id="named")
+    assert r2.id == "named" and r2.position == 4
+
+
+def test_fork_diverges_and_parent_is_unchanged(engine):
+    store = make_store(engine)
+    parent = store.create("p")
+    feed(engine, store, parent, [1, 2, 3])
+    state_before = store.read(parent)
+    child, twin = store.fork(parent.id, "p"), store.fork(parent.id, "p")
+    assert child.position == parent.position == 3 and child.principal == "p"
+    y_child = feed(engine, store, child, [4, 4, 4])
+    np.testing.assert_array_equal(store.read(parent), state_before)
+    assert parent.position == 3 and child.position == 6
+    np.testing.assert_array_equal(feed(engine, store, twin, [4, 4, 4]), y_child)
+    y_parent = feed(engine, store, parent, [9, 9, 9])
+    assert np.abs(y_child - y_parent).max() > 1e-3  # two different streams
+    with pytest.raises(SessionNotFound):
+        store.fork(parent.id, "intruder")
+
+
+def _corruptions(data: bytes) -> list[bytes]:
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    return [bytes(flipped), data[:-1], data[:40], b"", b"garbage" * 20, data + b"\0"]
+
+
+def test_corrupt_and_foreign_snapshots_are_refused_and_change_nothing(engine):
+    store = make_store(engine, capacity=4)
+    s = store.create()
+    feed(engine, store, s, [1, 2])
+    data = store.snapshot(s.id)
+    stats = store.stats()
+    for bad in _corruptions(data):
+        with pytest.raises(InvalidInput) as e:
+            store.restore(bad)
+        assert e.value.field == "snapshot"
+    with pytest.raises(InvalidInput):
+        store.restore("not bytes")
+    foreign = SessionStore(engine.state_size, model_sha="f" * 64)
+    with pytest.raises(ModelError, match="another model"):
+        foreign.restore(data)
+    wrong_size = SessionStore(engine.state_size + 2, model_sha=store.model_sha)
+    with pytest.raises(ModelError, match="state size"):
+        wrong_size.restore(data)
+    assert store.stats() == stats and len(store) == 1 and len(foreign) == 0
+    full = make_store(engine, capacity=1)
+    full.create()
+    with pytest.raises(LimitExceeded):
+        full.restore(data)
+    assert len(full) == 1
+
+
+def test_snapshot_with_nan_state_is_refused(engine):
+    store = make_store(engine)
+    s = store.create()
+    store.commit(s, np.full(engine.state_size, np.nan, dtype=np.float32), 1)
+    with pytest.raises(InvalidInput, match="NaN"):
+        store.restore(store.snapshot(s.id))
+
+
+# --- save / load ----------------------------------------------------------------------
+
+
+def test_save_load_gives_identical_continuation(engine, tmp_path):
+    store = make_store(engine, ttl=30.0)
+    a, b = store.create("alice"), store.create("bob", session_id="bobs", ttl=5.0)
+    feed(engine, store, a, [1, 2, 3])
+    feed(engine, store, b, [7])
+    path = store.save(tmp_path)
+    assert path == tmp_path / STORE_FILE and [p.name for p in tmp_path.iterdir()] == [STORE_FILE]
+    fresh = make_store(engine, ttl=30.0)
+    assert fresh.load(tmp_path) == 2
+    a2, b2 = fresh.get(a.id, "alice"), fresh.get("bobs", "bob")
+    assert (a2.position, b2.position, b2.ttl) == (3, 1, 5.0)
+    np.testing.assert_array_equal(feed(engine, fresh, a2, [4, 5]), feed(engine, store, a, [4, 5]))
+    with pytest.raises(SessionNotFound):
+        fresh.get(a.id, "bob")
+    assert make_store(engine).load(tmp_path / "empty") == 0
+
+
+def test_bad_saved_stores_are_refused_and_change_nothing(engine, tmp_path):
+    store = make_store(engine)
+    s = store.create(session_id="one")
+    feed(engine, store, s, [1])
+    store.save(tmp_path)
+    good = (tmp_path / STORE_FILE).read_bytes()
+    target = make_store(engine, capacity=4)
+    target.create(session_id="keep")
+    for bad in _corruptions(good):
+        (tmp_path / STORE_FILE).write_bytes(bad)
+        with pytest.raises(InvalidInput):
+            target.load(tmp_path)
+    (tmp_path / STORE_FILE).write_bytes(good)
+    with pytest.raises(ModelError):
+        SessionStore(engine.state_size, model_sha="other").load(tmp_path)
+    clash = make_store(engine)
+    clash.create(session_id="one")
+    with pytest.raises(InvalidInput, match="already live"):
+        clash.load(tmp_path)
+    full = make_store(engine, capacity=1)
+    full.create()
+    with pytest.raises(LimitExceeded):
+        full.load(tmp_path)
+    assert len(target) == len(clash) == len(full) == 1
+    assert target.load(tmp_path) == 1 and len(target) == 2
+
+
+def test_constructor_arguments_are_checked():
+    for kw, field in [
+        ({"state_size": 0}, "state_size"),
+        ({"state_size": 4, "capacity": 0}, "capacity"),
+        ({"state_size": 4, "ttl": 0}, "ttl"),
+        ({"state_size": 4, "max_per_principal": 0}, "max_per_principal"),
+        ({"state_size": 4, "model_sha": "é"}, "model_sha"),
+    ]:
+        with pytest.raises(InvalidInput) as e:
+            SessionStore(**kw)
+        assert e.value.field == field
