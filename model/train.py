@@ -38,6 +38,7 @@ Dimension letters: B batch (per process), L sequence length, V vocabulary (256).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -54,6 +55,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data import (
@@ -95,9 +97,9 @@ class TrainConfig:
         default=None, metadata=_help("file pattern inside --data directories (default: all)")
     )
     val_fraction: float = field(default=0.05, metadata=_help("share of files held out for eval"))
-    seq_len: int = field(default=512, metadata=_help("L, bytes per training window (text)"))
+    seq_len: int = field(default=256, metadata=_help("L, bytes per training window (text)"))
     batch_size: int = field(default=16, metadata=_help("B, sequences per step and process"))
-    steps: int = field(default=2000, metadata=_help("length of the schedule in optimizer steps"))
+    steps: int = field(default=1000, metadata=_help("length of the schedule in optimizer steps"))
     stop_after: int | None = field(
         default=None,
         metadata=_help("stop (with a checkpoint) after this step; continue with --resume"),
@@ -105,7 +107,7 @@ class TrainConfig:
     lr: float = field(default=2e-3, metadata=_help("peak learning rate of non-SSM parameters"))
     ssm_lr: float = field(default=1e-3, metadata=_help("peak learning rate of A, Δ, B"))
     weight_decay: float = field(default=0.05, metadata=_help("AdamW decay of weight matrices"))
-    warmup_steps: int = field(default=100, metadata=_help("linear warm-up steps"))
+    warmup_steps: int = field(default=50, metadata=_help("linear warm-up steps"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("final lr as a fraction of peak"))
     grad_clip: float = field(default=1.0, metadata=_help("global gradient-norm clip (0: off)"))
     log_every: int = field(default=10, metadata=_help("steps between train_log lines"))
@@ -114,7 +116,10 @@ class TrainConfig:
     save_every: int | None = field(
         default=None, metadata=_help("steps between checkpoints (default: --eval-every)")
     )
-    resume: bool = field(default=False, metadata=_help("continue the run saved in --out"))
+    resume: bool = field(
+        default=False,
+        metadata=_help("continue the run saved in --out (its model config is used)"),
+    )
     device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
     seed: int = field(default=0, metadata=_help("seed of init, batches and dropout"))
     threads: int | None = field(
@@ -346,7 +351,13 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            log.warning("%s: dropping unreadable log line %r", path, line[:80])
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -396,6 +407,8 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
         model_cfg = model_cfg if model_cfg is not None else default_model_config(cfg.task)
         check_model_for_task(model_cfg, cfg.task)
     text = None
+    if cfg.task == "signal" and cfg.data is not None:
+        log.warning("task 'signal' generates its data: data=%s is ignored", cfg.data)
     if cfg.task == "text":
         text = load_text(cfg.data, cfg.glob, cfg.val_fraction, min_bytes=cfg.seq_len + 1)
     batches = Batches(cfg, text)
@@ -450,53 +463,55 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
     )
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_window, t_window = 0, 0.0
-    while step < end:
-        t0 = time.perf_counter()
-        torch.manual_seed(derived_seed(cfg.seed, "dropout", dist.rank, step))
-        x, y = batches.train(dist.rank, step)
-        loss = loss_fn(cfg.task, model(x.to(device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = (
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        )
-        opt.step()
-        sched.step()
-        step += 1
-        loss_sum += loss.detach()
-        n_window += 1
-        if step % cfg.log_every == 0 or step == end:
-            if dist.world_size > 1:
-                torch_dist.all_reduce(loss_sum)
-                loss_sum /= dist.world_size
-            mean_loss = loss_sum.item() / n_window  # (syncs the device)
-            if not math.isfinite(mean_loss):
-                raise RuntimeError(f"training diverged: loss {mean_loss} at step {step}")
-            t_window += time.perf_counter() - t0
-            tok_s = tokens_per_step * n_window / t_window
-            entry = {
-                "step": step,
-                "loss": mean_loss,
-                "lr": opt.param_groups[-1]["lr"],
-                "ssm_lr": opt.param_groups[0]["lr"],
-                "tokens_per_s": tok_s,
-            }
-            if grad_norm is not None:
-                entry["grad_norm"] = float(grad_norm)
-            if dist.is_main:
-                _append(log_path, entry)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            loss_sum.zero_()
-            n_window, t_window = 0, 0.0
-        else:
-            t_window += time.perf_counter() - t0
-        bar.update(1)
-        if dist.is_main and (step % cfg.eval_every == 0 or step == end):
-            last_eval = evaluate(net, cfg.task, eval_batches, device)
-            _append(log_path, {"step": step, "eval": last_eval})
-            log.info("step %d: eval %s", step, _fmt(last_eval))
-        if dist.is_main and step % save_every == 0 and step < end:
-            _save(out, net, opt, sched, step, cfg, last_eval)
+    # log lines go above the progress bar instead of through it
+    with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
+        while step < end:
+            t0 = time.perf_counter()
+            torch.manual_seed(derived_seed(cfg.seed, "dropout", dist.rank, step))
+            x, y = batches.train(dist.rank, step)
+            loss = loss_fn(cfg.task, model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+            )
+            opt.step()
+            sched.step()
+            step += 1
+            loss_sum += loss.detach()
+            n_window += 1
+            if step % cfg.log_every == 0 or step == end:
+                if dist.world_size > 1:
+                    torch_dist.all_reduce(loss_sum)
+                    loss_sum /= dist.world_size
+                mean_loss = loss_sum.item() / n_window  # (syncs the device)
+                if not math.isfinite(mean_loss):
+                    raise RuntimeError(f"training diverged: loss {mean_loss} at step {step}")
+                t_window += time.perf_counter() - t0
+                tok_s = tokens_per_step * n_window / t_window
+                entry = {
+                    "step": step,
+                    "loss": mean_loss,
+                    "lr": opt.param_groups[-1]["lr"],
+                    "ssm_lr": opt.param_groups[0]["lr"],
+                    "tokens_per_s": tok_s,
+                }
+                if grad_norm is not None:
+                    entry["grad_norm"] = float(grad_norm)
+                if dist.is_main:
+                    _append(log_path, entry)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                loss_sum.zero_()
+                n_window, t_window = 0, 0.0
+            else:
+                t_window += time.perf_counter() - t0
+            bar.update(1)
+            if dist.is_main and (step % cfg.eval_every == 0 or step == end):
+                last_eval = evaluate(net, cfg.task, eval_batches, device)
+                _append(log_path, {"step": step, "eval": last_eval})
+                log.info("step %d: eval %s", step, _fmt(last_eval))
+            if dist.is_main and step % save_every == 0 and step < end:
+                _save(out, net, opt, sched, step, cfg, last_eval)
     bar.close()
     if step > start:
         extra = _ddp_report(net, dist) if dist.world_size > 1 else None
@@ -647,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         model_cfg, train_cfg = configs_from_args(args)
-        result = fit(model_cfg, train_cfg)
+        result = fit(None if train_cfg.resume else model_cfg, train_cfg)
     except ValueError as e:
         parser.error(str(e))
     if dist.is_main:

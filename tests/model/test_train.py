@@ -271,3 +271,20 @@ def test_api_rejects_mismatched_model_and_task(tmp_path):
         fit(SSMConfig(d_input=1, d_model=8), TrainConfig(task="text", out=str(tmp_path)))
     with pytest.raises(ValueError, match="vocab_size"):
         fit(SSMConfig(vocab_size=100, d_model=8), TrainConfig(out=str(tmp_path)))
+
+
+def test_cli_stop_and_resume(corpus, tmp_path):
+    out = tmp_path / "c"
+    argv = ["--data", str(corpus), "--out", str(out), "--steps", "6", "--warmup-steps", "1"]
+    argv += ["--seq-len", "16", "--batch-size", "2", "--d-model", "8", "--n-layers", "1"]
+    argv += ["--d-state", "4", "--log-every", "1", "--threads", "1", "--no-progress"]
+    assert main([*argv, "--stop-after", "3"]) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 3
+    with (out / "train_log.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 1.0\n')  # a torn last line
+    # model flags are ignored on --resume: the checkpoint's config is used
+    assert main([*argv, "--resume", "--d-model", "64"]) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 6
+    assert load_checkpoint(out).cfg.d_model == 8
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()]
+    assert steps == [1, 2, 3, 3, 4, 5, 6, 6]  # train lines + the eval at each stop
