@@ -99,11 +99,7 @@ class Server:
         )
         restored = self.store.load(c.state_dir) if c.state_dir else 0
         self.batcher = Batcher(self.engine, self.store, c.max_batch, c.max_batch_delay)
-        on_batch = getattr(self.batcher, "on_batch", None)
-        if on_batch is None and hasattr(self.batcher, "add_listener"):
-            self.batcher.add_listener(self.metrics.observe_batch)
-        elif hasattr(self.batcher, "on_batch"):
-            self.batcher.on_batch = self.metrics.observe_batch
+        self.batcher.add_listener(self.metrics.observe_batch)
         await self.batcher.start()
         self.metrics.watch_store(self.store.stats)
         self.servicer = StreamingInferenceServicer(

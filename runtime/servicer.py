@@ -504,6 +504,10 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 yield step_response(session_id, position, outputs, req)
                 self.metrics.count_tokens("Stream", len(x))
                 self.metrics.observe_request("Stream", time.perf_counter() - t0)
+                if self.draining:  # do not wait for a next request that would be refused
+                    raise Unavailable(
+                        "server is shutting down; the session is saved, resume after the restart"
+                    )
                 self._streams[task] = True
         except asyncio.CancelledError:
             if task in self._drain_cancelled:

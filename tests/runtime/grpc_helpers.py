@@ -81,7 +81,8 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def output(self) -> str:
-        self._log_f.flush()
+        if not self._log_f.closed:
+            self._log_f.flush()
         return self.log.read_text()
 
     def terminate(self, timeout: float = 30.0) -> int:
@@ -95,7 +96,8 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        self._log_f.close()
+        if not self._log_f.closed:
+            self._log_f.close()
 
 
 def scrape(port: int) -> dict[str, float]:
