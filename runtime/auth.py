@@ -160,7 +160,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
         if self.tokens is None:
-            return _with_principal(handler, ANONYMOUS)
+            return handler  # current_principal() defaults to ANONYMOUS: nothing to wrap
         if method.startswith(self.open_prefixes):
             return handler
         principal = self.tokens.principal_from_metadata(handler_call_details.invocation_metadata)

@@ -125,6 +125,7 @@ class ServerMetrics:
         )
         self.draining = Gauge("ssmstream_draining", "1 while shutting down", registry=r)
         self._rate = _RateWindow()
+        self._children: dict[tuple[int, str], object] = {}
         Gauge(
             "ssmstream_tokens_per_second", f"inputs/s over the last {WINDOW:g} s", registry=r
         ).set_function(self._rate.rate)
@@ -135,12 +136,20 @@ class ServerMetrics:
         self.registry.register(_StoreCollector(stats))
 
     def count_tokens(self, rpc: str, n: int) -> None:
-        self.tokens.labels(rpc).inc(n)
+        self._child(self.tokens, rpc).inc(n)
         self._rate.add(n)
 
     def observe_request(self, rpc: str, seconds: float) -> None:
-        self.requests.labels(rpc).inc()
-        self.latency.labels(rpc).observe(seconds)
+        self._child(self.requests, rpc).inc()
+        self._child(self.latency, rpc).observe(seconds)
+
+    def _child(self, metric, label: str):
+        """metric.labels(label), cached (the hot path runs this per message)."""
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -116,7 +116,7 @@ class Server:
                 AuthInterceptor(
                     tokens, on_denied=lambda _m: self.metrics.count_error("UNAUTHENTICATED")
                 ),
-                DecodeGuard(self.metrics),
+                DecodeGuard(),
             ],
             options=options,
             maximum_concurrent_rpcs=c.max_concurrent_rpcs or None,

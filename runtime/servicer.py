@@ -74,7 +74,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def grpc_errors(method):
     """Decorator for servicer methods (coroutines or async generators): runtime errors
     end the RPC with their status code (`status_of`), anything unexpected with INTERNAL
-    (logged, details not sent), and each non-OK status is counted in the metrics."""
+    (logged, details not sent), and each non-OK status is counted in the metrics. A
+    request that did not decode (DecodeGuard) is INVALID_ARGUMENT."""
 
     async def fail(self, exc: Exception, context) -> None:
         code, message = status_of(exc)
@@ -88,6 +89,7 @@ def grpc_errors(method):
         @functools.wraps(method)
         async def gen(self, request, context):
             try:
+                check_decoded(request)
                 async for response in method(self, request, context):
                     yield response
             except grpc.aio.AbortError:
@@ -100,6 +102,7 @@ def grpc_errors(method):
     @functools.wraps(method)
     async def call(self, request, context):
         try:
+            check_decoded(request)
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -110,10 +113,19 @@ def grpc_errors(method):
 
 
 class Malformed:
-    """What a request that is not valid protobuf deserializes to (see DecodeGuard)."""
+    """What request bytes that are not a valid message deserialize to (see DecodeGuard)."""
 
     def __init__(self, error: Exception):
         self.error = error
+
+
+def check_decoded(request) -> None:
+    """Raise InvalidInput when `request` is a Malformed placeholder (no-op otherwise)."""
+    if isinstance(request, Malformed):
+        raise InvalidInput(
+            "request",
+            f"not a valid protobuf message of this RPC ({type(request.error).__name__})",
+        )
 
 
 def _guard_deserializer(deserialize):
@@ -126,70 +138,21 @@ def _guard_deserializer(deserialize):
     return guarded
 
 
-def _malformed_detail(m: Malformed) -> str:
-    return f"not a valid protobuf message of this RPC ({type(m.error).__name__})"
-
-
 class DecodeGuard(grpc.aio.ServerInterceptor):
-    """Bytes that are not a valid request message become INVALID_ARGUMENT (grpc would
-    answer UNKNOWN and log a traceback). Only this service's methods are guarded."""
+    """Bytes that are not a valid request message become a `Malformed` placeholder, which
+    the servicer refuses with INVALID_ARGUMENT (`check_decoded`, via `grpc_errors` and per
+    Stream message), instead of grpc's UNKNOWN and a logged traceback. Only this service's
+    methods are guarded; their behaviors are not wrapped (no cost per message)."""
 
-    def __init__(self, metrics: ServerMetrics, prefix: str = f"/{SERVICE_NAME}/"):
-        self.metrics, self.prefix = metrics, prefix
+    def __init__(self, prefix: str = f"/{SERVICE_NAME}/"):
+        self.prefix = prefix
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self.prefix):
             return handler
-        metrics = self.metrics
-        if handler.request_streaming:
-            behavior = handler.stream_stream or handler.stream_unary
-
-            async def checked(requests):
-                async for r in requests:
-                    if isinstance(r, Malformed):
-                        raise InvalidInput("request", _malformed_detail(r))
-                    yield r
-
-            if inspect.isasyncgenfunction(behavior):
-
-                async def wrapped(requests, context):
-                    async for resp in behavior(checked(requests), context):
-                        yield resp
-
-            else:
-
-                async def wrapped(requests, context):
-                    return await behavior(checked(requests), context)
-
-            kind = "stream_stream" if handler.stream_stream else "stream_unary"
-        else:
-            behavior = handler.unary_stream or handler.unary_unary
-
-            async def reject(request, context):
-                metrics.count_error(grpc.StatusCode.INVALID_ARGUMENT.name)
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                await context.abort(code, f"request: {_malformed_detail(request)}")
-
-            if inspect.isasyncgenfunction(behavior):
-
-                async def wrapped(request, context):
-                    if isinstance(request, Malformed):
-                        await reject(request, context)
-                    async for resp in behavior(request, context):
-                        yield resp
-
-            else:
-
-                async def wrapped(request, context):
-                    if isinstance(request, Malformed):
-                        await reject(request, context)
-                    return await behavior(request, context)
-
-            kind = "unary_stream" if handler.unary_stream else "unary_unary"
         return handler._replace(
-            request_deserializer=_guard_deserializer(handler.request_deserializer),
-            **{kind: wrapped},
+            request_deserializer=_guard_deserializer(handler.request_deserializer)
         )
 
 
@@ -241,9 +204,12 @@ def _check_length(field: str, T: int, max_tokens: int) -> None:
         )
 
 
+_OUTPUT_SELECTIONS = frozenset(pb.OutputSelection.values())
+
+
 def check_output_selection(req: pb.StepRequest, info: dict) -> None:
     """Refuse an output selection the model cannot answer (before any step runs)."""
-    if req.output not in pb.OutputSelection.values():
+    if req.output not in _OUTPUT_SELECTIONS:
         raise InvalidInput("output", f"unknown OutputSelection {req.output}")
     if req.output == pb.OUTPUT_TOP_K:
         if info["input_kind"] != "tokens":
@@ -485,6 +451,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             async for req in request_iterator:
                 self._streams[task] = False
                 t0 = time.perf_counter()
+                check_decoded(req)
                 self._check_open()
                 x = request_inputs(req, self.info, self.config.max_tokens_per_request)
                 check_output_selection(req, self.info)
