@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 TINY_TOKEN = dict(vocab_size=23, d_model=8, n_layers=2, d_state=4)
 TINY_SIGNAL = dict(d_input=3, d_output=2, d_model=8, n_layers=2, d_state=4, heads=2)
-TINY_EXPORT = dict(chunk=8, carry_steps=2, verify=False)  # prefill max_len = 8·(2²−1) = 24
+TINY_EXPORT = dict(chunk=8, verify=False)  # prefill T: multiples of 8
 
 
 # --- real exports ----------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_step_matches_torch_conv_forward_and_recurrence(which, request):
 
 
 @pytest.mark.parametrize("which", ["tokens", "signal"])
-@pytest.mark.parametrize("T", [1, 7, 8, 19, 53])  # chunk 8, max_len 24: 53 = 24 + 24 + 5 steps
+@pytest.mark.parametrize("T", [1, 7, 8, 19, 53])  # chunk 8: 53 = 48 via prefill + 5 steps
 def test_prefill_equals_sequential_steps(which, T, request):
     eng = request.getfixturevalue("tok_engine" if which == "tokens" else "sig_engine")
     rng = np.random.default_rng(T)
