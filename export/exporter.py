@@ -73,7 +73,7 @@ class ExportConfig:
     prefill: also write prefill.onnx.
     verify: run the parity check and refuse to write a model that fails it.
     chunk: Q, prefill chunk length (power of two); T must be a multiple of it.
-    carry_steps: doubling steps of the prefill's inter-chunk carry: T ≤ Q·(2^carry_steps − 1).
+    max_chunks: chunks per prefill call (its carry is unrolled that often): T ≤ Q·max_chunks.
     optimize: simplify the graphs with onnxslim (kept only when it does not grow them).
     verify_steps: length of the random sequence the step graph is checked over (≥ 4096).
     name: model name in the manifest (default: the output directory's name).
@@ -86,7 +86,7 @@ class ExportConfig:
     prefill: bool = True
     verify: bool = True
     chunk: int = 64
-    carry_steps: int = 6
+    max_chunks: int = 16
     opset: int = OPSET
     optimize: bool = True
     verify_steps: int = 4096
@@ -103,8 +103,8 @@ class ExportConfig:
             raise ExportError(f"dt_scale must be positive, got {self.dt_scale}")
         if self.chunk < 1 or self.chunk & (self.chunk - 1):
             raise ExportError(f"chunk must be a power of two, got {self.chunk}")
-        if not 1 <= self.carry_steps <= 16:
-            raise ExportError(f"carry_steps must be in [1, 16], got {self.carry_steps}")
+        if not 1 <= self.max_chunks <= 256:
+            raise ExportError(f"max_chunks must be in [1, 256], got {self.max_chunks}")
         if self.verify_steps < 1:
             raise ExportError(f"verify_steps must be positive, got {self.verify_steps}")
         if self.opset < 18:
@@ -112,7 +112,7 @@ class ExportConfig:
 
     @property
     def max_len(self) -> int:
-        return self.chunk * (2**self.carry_steps - 1)
+        return self.chunk * self.max_chunks
 
 
 # --- torch -> onnx -------------------------------------------------------------------
@@ -205,8 +205,8 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
     step = StepGraph(net, cfg.dt_scale, cfg.dtype)
     modules["step"] = (step, _example_inputs(net, 2, None), {"input": {0: B}, "state": {0: B}})
     if cfg.prefill:
-        pre = PrefillGraph(net, cfg.dt_scale, cfg.dtype, cfg.chunk, cfg.carry_steps)
-        n = torch.export.Dim("chunks", min=1, max=2**cfg.carry_steps - 1)
+        pre = PrefillGraph(net, cfg.dt_scale, cfg.dtype, cfg.chunk, cfg.max_chunks)
+        n = torch.export.Dim("chunks", min=1, max=cfg.max_chunks)
         T = cfg.chunk * n
         args = _example_inputs(net, 2, 2 * cfg.chunk)
         modules["prefill"] = (pre, args, {"input": {0: B, 1: T}, "state": {0: B}})

@@ -6,25 +6,28 @@ imaginary block — which is exactly the packed-state layout of `SSMNetwork.stat
 The discretization (dA, dB, C) is computed once here, in float64, and folded in as
 constants: no graph recomputes it.
 
-Complex products are written with a "flip": for z = z_r + i z_i and X = [x_r; x_i],
-    z·x = z_r·X + Ẑ·flip(X),   Ẑ = [-z_i; z_i],   flip(X) = [x_i; x_r].
+A complex product z·x is a 2×2 real block per mode, applied as one broadcast Mul and one
+ReduceSum over the re/im axis (2 graph nodes, no copies):
+    [Re zx; Im zx] = Σ_c' R[c, c'] X[c'],   R = [[Re z, -Im z], [Im z, Re z]]   (`rot`, `cmul`)
 
 Step (per layer):
-    X' = dA·X + B̄u                         (x' = dA x + dB u)
-    y  = Σ_{c,n} Ĉ[c,h,p,n] X'[b,c,h,n] + D u   (Ĉ = [2 Re C; -2 Im C], so y = 2 Re(C x'))
+    X' = R(dA)·X + B̄u                           (x' = dA x + dB u)
+    y  = Σ_{c,n} Ĉ[c,h,p,n] X'[b,c,h,n] + D u     (Ĉ = [2 Re C; -2 Im C], so y = 2 Re(C x'))
 
 Prefill (per layer) over T = n·Q positions cut into n chunks of Q (Q = manifest
-graphs.prefill.chunk), with x₀ the incoming state:
-    intra-chunk   y_loc[t] = Σ_{s≤t} K[t-s] u[s]        (kernel path: Toeplitz [H, Q·P, Q·M]
-                  or the local states by a log₂Q-step doubling scan (mode path, wide heads)
-    chunk ends    E_j = Σ_s dA^{Q-1-s} dB u[jQ+s]
-    carry         S_0 = x₀,  S_{j+1} = dA^Q S_j + E_j     by a doubling scan over chunks
-                  (K_c steps with the constants dA^{Q·2^k}: only non-negative powers)
-    state term    y[jQ+t] = y_loc[t] + 2 Re Σ_n C_n dA_n^{t+1} S_j,n
-    final state   S_n = dA^{T} x₀ + …  (the last carry)
-The big per-layer tables (Toeplitz, chunk-end and state-term matrices) are computed inside
-the graph from [H, N/2] parameters, so the file stays small; onnxruntime folds them once at
-session start. T may be any multiple of Q up to Q·(2^K_c − 1).
+graphs.prefill.chunk), with x₀ the incoming state. Rows are (batch, chunk) pairs, so every
+big product is one batched MatMul over the H heads [H, B·n, ·] @ [H, ·, ·]:
+    intra-chunk   y_loc[t] = Σ_{s≤t} K[t-s] u[s]          kernel path: Toeplitz [H, Q·M, Q·P];
+                  mode path (wide heads, M² > N/2): the local states by a log₂Q-step doubling
+                  scan over the chunk, then y = 2 Re(C x)
+    chunk ends    E_j = Σ_s dA^{Q-1-s} dB u[jQ+s]          [H, Q·M, 2·N/2] table
+    carry         S_0 = x₀,  S_{j+1} = dA^Q S_j + E_j       unrolled over n_max chunks on
+                  cache-sized [B, 2, H, N/2] blocks (only non-negative powers: no overflow)
+    state term    y[jQ+t] += 2 Re Σ_n C_n dA_n^{t+1} S_j,n  [H, 2·N/2, Q·P] table
+    final state   S_n
+The big per-layer tables are computed inside the graph from [H, N/2] parameters, so the
+file stays small; onnxruntime's constant folding computes them once at session start.
+T may be any multiple of Q up to Q·n_max (manifest graphs.prefill.max_len).
 
 Dimension letters: B batch, T length, D d_model, H heads, M head width (= P outputs),
 N state (N/2 complex modes, written n), Q chunk length, S packed state.
@@ -53,9 +56,20 @@ def discrete64(ssm: SSM, dt_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return dA, dB, C
 
 
-def _pair(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Complex z -> (z_r, Ẑ = [-z_i; z_i]) as float32, for z·x = z_r·X + Ẑ·flip(X)."""
-    return z.real.float(), torch.stack([-z.imag, z.imag]).float()
+def rot(z: Tensor) -> Tensor:
+    """Complex z [...] -> float32 R [2, 2, ...] with R[c, c'] the 2×2 real block of z·."""
+    return rot_ri(z.real, z.imag).float()
+
+
+def rot_ri(re: Tensor, im: Tensor) -> Tensor:
+    """`rot` of z = re + i·im given as real tensors (usable inside an exported graph)."""
+    return torch.stack([torch.stack([re, -im]), torch.stack([im, re])])
+
+
+def cmul(R: Tensor, X: Tensor, cdim: int) -> Tensor:
+    """z·X for X with re/im on axis `cdim`; R = rot(z) laid out to broadcast against
+    X.unsqueeze(cdim), its (out, in) re/im axes at (cdim, cdim + 1)."""
+    return (X.unsqueeze(cdim) * R).sum(cdim + 1)
 
 
 def _shift(X: Tensor, d: int, dim: int) -> Tensor:
@@ -65,11 +79,6 @@ def _shift(X: Tensor, d: int, dim: int) -> Tensor:
     return nn.functional.pad(X, pad).narrow(dim, 0, L)
 
 
-def _cmul(zr: Tensor, zf: Tensor, X: Tensor, cdim: int) -> Tensor:
-    """z·X for X with re/im on `cdim`: zr·X + zf·flip(X)."""
-    return zr * X + zf * X.flip(cdim)
-
-
 class StepSSM(nn.Module):
     """One layer's recurrence x' = dA x + dB u, y = 2 Re(C x') + D u, on X [B, 2, H, N/2]."""
 
@@ -77,9 +86,7 @@ class StepSSM(nn.Module):
         super().__init__()
         dA, dB, C = discrete64(ssm, dt_scale)  # [H, N/2], [H, N/2, M], [H, M, N/2]
         self.H, self.M, self.N2 = ssm.heads, ssm.M, ssm.N2
-        Ar, Af = _pair(dA)
-        self.register_buffer("Ar", Ar)  # [H, N/2]
-        self.register_buffer("Af", Af)  # [2, H, N/2]
+        self.register_buffer("R", rot(dA))  # [2, 2, H, N/2]
         Cc = torch.stack([2 * C.real, -2 * C.imag])  # [2, H, M, N/2]
         if self.M == 1:
             self.register_buffer("Bs", torch.stack([dB.real, dB.imag])[..., 0].float())  # [2,H,N/2]
@@ -100,7 +107,7 @@ class StepSSM(nn.Module):
         else:
             uh = u.reshape(Bsz, H, M).transpose(0, 1)  # [H, B, M]
             Bu = (uh @ self.Bm).reshape(H, Bsz, 2, N2).permute(1, 2, 0, 3)  # [B, 2, H, N/2]
-        X = _cmul(self.Ar, self.Af, X, 1) + Bu  # [B, 2, H, N/2]
+        X = cmul(self.R, X, 1) + Bu  # [B, 2, H, N/2]
         if M == 1:
             y = (self.Cs * X).sum(dim=(1, 3))  # [B, H]
         else:
@@ -116,7 +123,7 @@ class PrefillSSM(nn.Module):
         ssm: the trained layer.
         dt_scale: Δ multiplier.
         chunk: Q, the chunk length (a power of two).
-        carry_steps: K_c doubling steps of the inter-chunk carry: T ≤ Q·(2^K_c − 1).
+        max_chunks: n_max, chunks per call (the carry is unrolled n_max times): T ≤ Q·n_max.
         mode_path: intra-chunk by a doubling scan over the modes (wide heads, M² > N/2)
             instead of the Toeplitz of the kernel; None → pick like the layer does.
     """
@@ -126,7 +133,7 @@ class PrefillSSM(nn.Module):
         ssm: SSM,
         dt_scale: float,
         chunk: int,
-        carry_steps: int,
+        max_chunks: int,
         mode_path: bool | None = None,
     ):
         super().__init__()
@@ -140,30 +147,28 @@ class PrefillSSM(nn.Module):
         self.register_buffer("logr", torch.log(dA.abs().clamp_min(1e-30)).float())  # [H, N/2]
         self.register_buffer("theta", torch.angle(dA).float())  # [H, N/2]
         self.register_buffer("k", torch.arange(Q + 1, dtype=torch.float32))  # [Q+1]
-        # inter-chunk carry constants dA^{Q·2^k}, exact in float64
-        zs = [dA ** (Q * 2**k) for k in range(carry_steps)]
-        self.register_buffer("Zr", torch.stack([z.real for z in zs]).float())  # [K_c, H, N/2]
-        self.register_buffer(
-            "Zf", torch.stack([torch.stack([-z.imag, z.imag]) for z in zs]).float()
-        )  # [K_c, 2, H, N/2]
-        self.carry_steps = carry_steps
-        Bc = torch.cat([dB.real, dB.imag], dim=1)  # [H, 2·N/2, M]  (re rows, im rows)
-        self.register_buffer("dBr", dB.real.float())  # [H, N/2, M]
-        self.register_buffer("dBi", dB.imag.float())  # [H, N/2, M]
-        self.register_buffer("Cr", C.real.float())  # [H, M, N/2]
-        self.register_buffer("Ci", C.imag.float())  # [H, M, N/2]
-        Cm = torch.cat([2 * C.real, -2 * C.imag], dim=2).transpose(1, 2)  # [H, 2·N/2, M]
-        self.register_buffer("Cm", Cm.float().contiguous())
+        # carry constant dA^Q, exact in float64, as 2×2 blocks [2, 2, H, N/2]
+        self.register_buffer("Rc", rot(dA**Q))
+        self.max_chunks = max_chunks
         if self.mode_path:
-            self.register_buffer("Bm", Bc.transpose(1, 2).float().contiguous())  # [H, M, 2·N/2]
-            zq = [dA ** (2**k) for k in range(int(math.log2(Q)))]
-            self.register_buffer("zqr", torch.stack([z.real for z in zq]).float())  # [log2Q,H,N/2]
-            self.register_buffer(
-                "zqf", torch.stack([torch.stack([-z.imag, z.imag]) for z in zq]).float()
-            )  # [log2Q, 2, H, N/2]
+            Bm = torch.cat([dB.real, dB.imag], dim=1).transpose(1, 2)  # [H, M, 2·N/2]
+            self.register_buffer("Bm", Bm.float().contiguous())
+            Cm = torch.cat([2 * C.real, -2 * C.imag], dim=2).transpose(1, 2)  # [H, 2·N/2, M]
+            self.register_buffer("Cm", Cm.float().contiguous())
+            L2 = int(math.log2(Q))
+            zq = torch.stack([dA ** (2**k) for k in range(L2)])  # [log2 Q, H, N/2]
+            Rq = rot(zq).permute(2, 3, 0, 1, 4).reshape(L2, H, 1, 1, 1, 2, 2, N2)
+            self.register_buffer("Rq", Rq.contiguous())
         else:
             W = torch.einsum("hpn,hnm->hpmn", C, dB).reshape(H, M * M, N2)  # [H, P·M, N/2]
             self.register_buffer("W2", torch.cat([2 * W.real, -2 * W.imag], 2).float())
+            # dB and 2·C in polar form, laid out for the tables (log|·| floored: no -inf)
+            dBt = dB.transpose(1, 2)  # [H, M, N/2]
+            self.register_buffer("lB", torch.log(dBt.abs().clamp_min(1e-30)).float())
+            self.register_buffer("phB", torch.angle(dBt).float())  # [H, M, N/2]
+            Ct = (2 * C).permute(0, 2, 1).unsqueeze(2)  # [H, N/2, 1, P]
+            self.register_buffer("lC", torch.log(Ct.abs().clamp_min(1e-30)).float())
+            self.register_buffer("phC", torch.angle(Ct).float())  # [H, N/2, 1, P]
         self.register_buffer("D", ssm.D.detach().float().clone())  # [D]
 
     def powers(self) -> tuple[Tensor, Tensor]:
@@ -172,82 +177,87 @@ class PrefillSSM(nn.Module):
         ang = self.theta.unsqueeze(-1) * self.k  # [H, N/2, Q+1]
         return mag * torch.cos(ang), mag * torch.sin(ang)
 
+    def tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Kernel path: (Toeplitzᵀ [H, Q·M, Q·P], chunk-end Gᵀ [H, Q·M, 2·N/2],
+        state term Fᵀ [H, 2·N/2, Q·P]), from the [H, N/2] parameters.
+
+        Each is built in its final layout straight from the polar form
+        z·dA^k = exp(log|z| + k·log|dA|) · e^{i(arg z + k·arg dA)}, so that constant folding
+        at session start makes few full-size intermediates (its peak memory).
+        """
+        H, M, N2, Q = self.H, self.M, self.N2, self.Q
+        logr, theta = self.logr.unsqueeze(1), self.theta.unsqueeze(1)  # [H, 1, N/2]
+        k = self.k[:Q]  # [Q]: 0..Q-1
+        # kernel K[h, (p,m), l] = 2 Re Σ_n W[h,(p,m),n] dA^l, l < Q
+        kl = k.unsqueeze(-1)  # [Q, 1]
+        mag, ang = torch.exp(kl * logr), kl * theta  # [H, Q, N/2]
+        P = torch.cat([mag * torch.cos(ang), mag * torch.sin(ang)], dim=2)  # [H, Q(l), 2·N/2]
+        K = self.W2 @ P.transpose(1, 2)  # [H, P·M, Q]
+        Kp = nn.functional.pad(K, [1, 0])  # [H, P·M, Q+1], Kp[..., 0] = 0
+        q = k.to(torch.int64)  # [Q]
+        idx = (q.unsqueeze(0) - q.unsqueeze(1) + 1).clamp_min(0)  # [Q(s), Q(t)]: t-s+1 or 0
+        Toep = Kp[:, :, idx]  # [H, P·M, Q(s), Q(t)]
+        if M == 1:
+            Toep = Toep.reshape(H, Q, Q)
+        else:
+            Toep = Toep.reshape(H, M, M, Q, Q).permute(0, 3, 2, 4, 1).reshape(H, Q * M, Q * M)
+        # chunk ends G[h, (s,m), (c,n)] = dB[h,n,m] dA^{Q-1-s}, re (c=0) / im (c=1)
+        ks = (Q - 1 - k).reshape(Q, 1, 1)  # [Q, 1, 1]
+        expo = ks * logr.unsqueeze(1) + self.lB.unsqueeze(1)  # [H, Q, M, N/2]
+        ang = ks * theta.unsqueeze(1) + self.phB.unsqueeze(1)  # [H, Q, M, N/2]
+        mag = torch.exp(expo)
+        G = torch.cat([mag * torch.cos(ang), mag * torch.sin(ang)], dim=3)  # [H, Q, M, 2·N/2]
+        # state term F[h, (c,n), (t,p)] = (2 Re, -2 Im) of C[h,p,n] dA^{t+1}
+        kt = (k + 1).unsqueeze(-1)  # [Q, 1]
+        expo = self.logr.reshape(H, N2, 1, 1) * kt + self.lC  # [H, N/2, Q, P]
+        ang = self.theta.reshape(H, N2, 1, 1) * kt + self.phC  # [H, N/2, Q, P]
+        mag = torch.exp(expo)
+        F = torch.cat([mag * torch.cos(ang), -(mag * torch.sin(ang))], dim=1)  # [H, 2·N/2, Q, P]
+        return Toep, G.reshape(H, Q * M, 2 * N2), F.reshape(H, 2 * N2, Q * M)
+
     def forward(self, u: Tensor, X0: Tensor) -> tuple[Tensor, Tensor]:
         """u: float32 [B, T, D] (T = n·Q), X0: [B, 2, H, N/2] -> (y [B, T, D], X_T)."""
         Bsz, T = u.shape[0], u.shape[1]
         H, M, N2, Q = self.H, self.M, self.N2, self.Q
         n = T // Q
-        Pr, Pi = self.powers()  # [H, N/2, Q+1]
+        uh = u.reshape(Bsz * T, H, M).transpose(0, 1)  # [H, B·T, M], rows (b, j, s)
         if self.mode_path:
-            y_loc, E, Xloc = self._intra_modes(u, Bsz, n)
-        else:
-            y_loc, E = self._intra_kernel(u, Pr, Pi, Bsz, n)
-            Xloc = None
-        S = self._carry(E, X0, Bsz, n)  # [B, n+1, 2, H, N/2]
-        starts, X_T = S[:, :n], S[:, n]  # [B, n, 2, H, N/2], [B, 2, H, N/2]
-        if self.mode_path:
+            v = (uh @ self.Bm).reshape(H, Bsz, n, Q, 2, N2)  # dB u per position
+            for k in range(self.Rq.shape[0]):  # local states within each chunk
+                v = v + cmul(self.Rq[k], _shift(v, 2**k, 3), 4)
+            E = v[:, :, :, Q - 1].permute(1, 2, 3, 0, 4)  # [B, n, 2, H, N/2]
+            starts, X_T = self._carry(E, X0, n)  # [B, n, 2, H, N/2], [B, 2, H, N/2]
             # x_t = local_t + dA^{t+1} S_j, then y = 2 Re(C x)
-            P1r = Pr[..., 1:].permute(2, 0, 1)  # [Q, H, N/2]
-            P1f = torch.stack([-Pi[..., 1:], Pi[..., 1:]]).permute(3, 0, 1, 2)  # [Q, 2, H, N/2]
-            Xs = starts.unsqueeze(2)  # [B, n, 1, 2, H, N/2]
-            Xfull = Xloc + P1r.unsqueeze(1) * Xs + P1f * Xs.flip(3)  # [B, n, Q, 2, H, N/2]
-            Xh = Xfull.permute(4, 0, 1, 2, 3, 5).reshape(H, Bsz * T, 2 * N2)  # [H, B·T, 2·N/2]
-            y = (Xh @ self.Cm).permute(1, 0, 2)  # [B·T, H, M]
+            Pr, Pi = self.powers()  # [H, N/2, Q+1]
+            P1 = rot_ri(Pr[..., 1:], Pi[..., 1:])  # [2, 2, H, N/2, Q]
+            P1 = P1.permute(2, 4, 0, 1, 3).reshape(H, 1, 1, Q, 2, 2, N2)
+            Sj = starts.permute(3, 0, 1, 2, 4).unsqueeze(3)  # [H, B, n, 1, 2, N/2]
+            x = v + cmul(P1, Sj, 4)  # [H, B, n, Q, 2, N/2]
+            y = x.reshape(H, Bsz * T, 2 * N2) @ self.Cm  # [H, B·T, M]
         else:
-            # state term: F[h, (t,p), (c,n)] = 2 Re/−2 Im of C_pn dA_n^{t+1}
-            P1r, P1i = Pr[..., 1:], Pi[..., 1:]  # [H, N/2, Q]
-            Fr = 2 * (self.Cr.unsqueeze(1) * P1r.transpose(1, 2).unsqueeze(2)) - 2 * (
-                self.Ci.unsqueeze(1) * P1i.transpose(1, 2).unsqueeze(2)
-            )  # [H, Q, P, N/2]
-            Fi = -2 * (self.Cr.unsqueeze(1) * P1i.transpose(1, 2).unsqueeze(2)) - 2 * (
-                self.Ci.unsqueeze(1) * P1r.transpose(1, 2).unsqueeze(2)
-            )  # [H, Q, P, N/2]
-            F = torch.cat([Fr, Fi], dim=3).reshape(H, Q * M, 2 * N2)  # [H, Q·P, 2·N/2]
-            Sh = starts.permute(3, 2, 4, 0, 1).reshape(H, 2 * N2, Bsz * n)  # [H, 2·N/2, B·n]
-            y = y_loc + F @ Sh  # [H, Q·P, B·n]
-            y = y.reshape(H, Q, M, Bsz, n).permute(3, 4, 1, 0, 2)  # [B, n, Q, H, P]
+            Toep, G, F = self.tables()
+            U = uh.reshape(H, Bsz * n, Q * M)  # [H, B·n, Q·M]
+            E = (U @ G).reshape(H, Bsz * n, 2, N2).permute(1, 2, 0, 3)  # [B·n, 2, H, N/2]
+            starts, X_T = self._carry(E.reshape(Bsz, n, 2, H, N2), X0, n)
+            Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
+            y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
+        y = y.reshape(H, Bsz * T, M).transpose(0, 1)  # [B·T, H, P]
         return y.reshape(Bsz, T, H * M) + u * self.D, X_T
 
-    def _intra_kernel(self, u, Pr, Pi, Bsz, n):
-        """Toeplitz of the kernel: y_loc [H, Q·P, B·n] and chunk-end states E [B, n, 2, H, N/2]."""
-        H, M, N2, Q = self.H, self.M, self.N2, self.Q
-        # kernel K[h, (p,m), l] = 2 Re Σ_n W[h,(p,m),n] dA^l, l < Q
-        K = self.W2 @ torch.cat([Pr[..., :Q], Pi[..., :Q]], dim=1)  # [H, P·M, Q]
-        Kp = nn.functional.pad(K, [1, 0])  # [H, P·M, Q+1], Kp[..., 0] = 0
-        q = self.k[:Q].to(torch.int64)  # [Q]
-        idx = (q.unsqueeze(1) - q.unsqueeze(0) + 1).clamp_min(0)  # [Q(t), Q(s)]: t-s+1 or 0
-        Toep = Kp[:, :, idx]  # [H, P·M, Q, Q]
-        Toep = Toep.reshape(H, M, M, Q, Q).permute(0, 3, 1, 4, 2).reshape(H, Q * M, Q * M)
-        uc = u.reshape(Bsz, n, Q, H, M).permute(3, 2, 4, 0, 1).reshape(H, Q * M, Bsz * n)
-        y_loc = Toep @ uc  # [H, Q·P, B·n]
-        # chunk ends: G[h, (c,n), (s,m)] = (dA^{Q-1-s} dB)[h,n,m], re (c=0) / im (c=1)
-        Rr, Ri = Pr[..., :Q].flip(-1), Pi[..., :Q].flip(-1)  # [H, N/2, Q(s)]
-        dBr, dBi = self.dBr.unsqueeze(2), self.dBi.unsqueeze(2)  # [H, N/2, 1, M]
-        Gr = Rr.unsqueeze(-1) * dBr - Ri.unsqueeze(-1) * dBi  # [H, N/2, Q, M]
-        Gi = Rr.unsqueeze(-1) * dBi + Ri.unsqueeze(-1) * dBr  # [H, N/2, Q, M]
-        G = torch.cat([Gr, Gi], dim=1).reshape(H, 2 * N2, Q * M)  # [H, 2·N/2, Q·M]
-        E = (G @ uc).reshape(H, 2, N2, Bsz, n).permute(3, 4, 1, 0, 2)  # [B, n, 2, H, N/2]
-        return y_loc, E
+    def _carry(self, E: Tensor, X0: Tensor, n) -> tuple[Tensor, Tensor]:
+        """S_0 = x₀, S_{j+1} = dA^Q S_j + E_j, unrolled n_max times on [B, 2, H, N/2] blocks.
 
-    def _intra_modes(self, u, Bsz, n):
-        """Local states by doubling within each chunk.
-
-        Returns (None, chunk ends E [B, n, 2, H, N/2], local states X [B, n, Q, 2, H, N/2]).
+        E: chunk-end states [B, n, 2, H, N/2] (n ≤ n_max, zero-padded to n_max here: the
+        padded steps come after everything that is read). Returns (chunk starts
+        S_0..S_{n-1} [B, n, 2, H, N/2], final state S_n [B, 2, H, N/2]).
         """
-        H, M, N2, Q = self.H, self.M, self.N2, self.Q
-        uh = u.reshape(Bsz * n * Q, H, M).transpose(0, 1)  # [H, B·T, M]
-        v = (uh @ self.Bm).reshape(H, Bsz, n, Q, 2, N2).permute(1, 2, 3, 4, 0, 5)
-        X = v  # [B, n, Q, 2, H, N/2]
-        for k in range(self.zqr.shape[0]):
-            X = X + _cmul(self.zqr[k], self.zqf[k], _shift(X, 2**k, 2), 3)
-        return None, X[:, :, Q - 1], X
-
-    def _carry(self, E: Tensor, X0: Tensor, Bsz: int, n) -> Tensor:
-        """S_j = Σ_{i≤j} dA^{Q(j-i)} E'_i with E' = [x₀, E_0, …]: [B, n+1, 2, H, N/2]."""
-        S = torch.cat([X0.unsqueeze(1), E], dim=1)  # [B, n+1, 2, H, N/2]
-        for k in range(self.carry_steps):
-            S = S + _cmul(self.Zr[k], self.Zf[k], _shift(S, 2**k, 1), 2)
-        return S
+        E = nn.functional.pad(E, [0, 0, 0, 0, 0, 0, 0, self.max_chunks - n])
+        S, states = X0, [X0]
+        for Ej in E.unbind(1):  # n_max × [B, 2, H, N/2]
+            S = cmul(self.Rc, S, 1) + Ej
+            states.append(S)
+        S = torch.stack(states, dim=1)  # [B, n_max + 1, 2, H, N/2]
+        return S[:, :n], S[:, n]
 
 
 class _Trunk(nn.Module):
@@ -309,16 +319,16 @@ class PrefillGraph(nn.Module):
         net: SSMNetwork,
         dt_scale: float = 1.0,
         dtype: str = "fp32",
-        chunk: int = 128,
-        carry_steps: int = 6,
+        chunk: int = 64,
+        max_chunks: int = 16,
         mode_path: bool | None = None,
     ):
         super().__init__()
         self.trunk = _Trunk(net, COMPUTE_DTYPES[dtype])
-        self.chunk, self.carry_steps = chunk, carry_steps
-        self.max_len = chunk * (2**carry_steps - 1)
+        self.chunk, self.max_chunks = chunk, max_chunks
+        self.max_len = chunk * max_chunks
         self.ssms = nn.ModuleList(
-            PrefillSSM(s, dt_scale, chunk, carry_steps, mode_path) for s in net.ssms
+            PrefillSSM(s, dt_scale, chunk, max_chunks, mode_path) for s in net.ssms
         )
 
     def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
