@@ -13,8 +13,9 @@ overhead ratio is  p50 per-token latency at 1 client ÷ p50 of a bare in-process
 1 client; tokens/s at 64 clients ≥ 4 × tokens/s at 1 client.
 
 The server runs in a subprocess (`python -m ssmstream.runtime.server`), the clients in this
-process on one asyncio loop (AsyncClient), so client and server do not share a GIL; on a
-small machine they still share the cores, which the report states.
+processes (--client-procs, each one asyncio loop of AsyncClient streams), so client and
+server do not share a GIL; on a small machine they still share the cores, which the
+report states. Clients start measuring together, after a warm-up, at one wall-clock time.
 
     python benchmarks/bench_server.py                     # builds a random-init model
     python benchmarks/bench_server.py --model model/      # an exported model dir
@@ -29,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import signal
@@ -50,12 +52,13 @@ class BenchConfig:
     model: str | None = None  # exported model dir; None: export a random-init model
     d_model: int = 128
     n_layers: int = 4
-    d_state: int = 64
+    d_state: int = 32  # the shipped example's size (examples/checkpoints/byte-lm)
     vocab_size: int = 256
     clients: tuple[int, ...] = (1, 16, 64, 256)
     tokens_per_client: int = 0  # 0: auto (about `budget` tokens in all, at least 20 each)
     budget: int = 3000
     warmup: int = 5
+    client_procs: int = 0  # processes the clients are spread over; 0: min(4, CPUs)
     max_batch: int = 256
     max_batch_delay: float = 0.002
     device: str = "auto"
@@ -153,8 +156,8 @@ class ServerProc:
         self._log.close()
 
 
-async def _client(target: str, V: int, n: int, warmup: int, seed: int, start: asyncio.Event):
-    """One closed-loop Stream client; returns per-token latencies (s) after warm-up."""
+async def _client(target: str, V: int, n: int, warmup: int, seed: int, start_at: float):
+    """One closed-loop Stream client; returns (latencies s, first send, last receive)."""
     from ssmstream.runtime.client import AsyncClient
 
     rng = np.random.default_rng(seed)
@@ -165,27 +168,37 @@ async def _client(target: str, V: int, n: int, warmup: int, seed: int, start: as
         async with s.open_stream() as st:
             for t in tokens[:warmup]:
                 await st.send(tokens=[t])
-            await start.wait()
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            first = time.time()
             for t in tokens[warmup:]:
                 t0 = time.perf_counter()
                 await st.send(tokens=[t])
                 lat.append(time.perf_counter() - t0)
+            last = time.time()
         await s.close()
-    return lat
+    return lat, first, last
 
 
-async def _load(target: str, C: int, V: int, n: int, warmup: int) -> tuple[list[float], float]:
-    start = asyncio.Event()
-    tasks = [asyncio.create_task(_client(target, V, n, warmup, i, start)) for i in range(C)]
-    await asyncio.sleep(0.5 + 0.01 * C)  # let every client finish its warm-up
-    t0 = time.perf_counter()
-    start.set()
-    results = await asyncio.gather(*tasks)
-    return [x for r in results for x in r], time.perf_counter() - t0
+async def _clients(target, V, n, warmup, seeds, start_at):
+    return await asyncio.gather(*(_client(target, V, n, warmup, i, start_at) for i in seeds))
 
 
-def run_load(target: str, C: int, V: int, n: int, warmup: int, batching: bool) -> Run:
-    lat, seconds = asyncio.run(_load(target, C, V, n, warmup))
+def _client_proc(args) -> list:
+    """A client process: its share of the C streams on one asyncio loop."""
+    return asyncio.run(_clients(*args))
+
+
+def run_load(target: str, C: int, V: int, n: int, warmup: int, batching: bool, procs: int) -> Run:
+    """C closed-loop clients spread over `procs` processes, started together."""
+    P = max(1, min(procs, C))
+    shares = [list(range(i, C, P)) for i in range(P)]  # client seeds per process
+    start_at = time.time() + 2.0 + 0.02 * C  # after every client's warm-up
+    args = [(target, V, n, warmup, share, start_at) for share in shares]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(P) as pool:
+        results = [r for part in pool.map(_client_proc, args) for r in part]
+    lat = [x for r, _, _ in results for x in r]
+    seconds = max(r[2] for r in results) - min(r[1] for r in results)
     ms = 1e3 * np.asarray(lat, dtype=np.float64)
     return Run(
         clients=C,
@@ -196,6 +209,7 @@ def run_load(target: str, C: int, V: int, n: int, warmup: int, batching: bool) -
         p50_ms=float(np.percentile(ms, 50)),
         p99_ms=float(np.percentile(ms, 99)),
         mean_ms=float(ms.mean()),
+        extra={"client_processes": P},
     )
 
 
@@ -231,7 +245,8 @@ def write_report(cfg: BenchConfig, bare: dict, runs: list[Run], meta: dict) -> d
         "",
         f"{meta['machine']}; provider {bare['provider']}; model S={bare['state_size']} "
         f"(d_model={cfg.d_model}, n_layers={cfg.n_layers}, d_state={cfg.d_state}, "
-        f"vocab={cfg.vocab_size}); clients and server on the same machine.",
+        f"vocab={cfg.vocab_size}); clients ({cfg.client_procs} processes) and server on the "
+        f"same machine; load average at start {meta['load_average']}.",
         "",
         f"Bare `Engine.step` (1 session, in-process): p50 {bare['p50_ms']:.3f} ms, "
         f"p99 {bare['p99_ms']:.3f} ms.",
@@ -303,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="batching on: max batch")
     p.add_argument("--max-batch-delay", type=float, default=d.max_batch_delay, help="seconds")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--client-procs", type=int, default=0, help="client processes; 0: min(4, CPUs)")
     p.add_argument("--out", default=d.out, help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -318,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_delay=a.max_batch_delay,
         device=a.device,
         out=a.out,
+        client_procs=a.client_procs or min(4, os.cpu_count() or 1),
     )
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = Path(cfg.model) if cfg.model else build_model(cfg, work)
@@ -334,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for C in cfg.clients:
                     n = cfg.tokens_per_client or max(20, cfg.budget // C)
-                    r = run_load(f"127.0.0.1:{server.port}", C, V, n, cfg.warmup, batching)
+                    r = run_load(
+                        f"127.0.0.1:{server.port}", C, V, n, cfg.warmup, batching, cfg.client_procs
+                    )
                     log.info(
                         "C=%3d batching=%-5s %6.0f tok/s  p50 %.3f ms  p99 %.3f ms",
                         C, batching, r.tokens_per_s, r.p50_ms, r.p99_ms,
@@ -346,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_average": load_at_start,
     }
     result = write_report(cfg, bare, runs, meta)
     log.info("summary: %s", json.dumps(result["summary"]))

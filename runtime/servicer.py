@@ -173,11 +173,15 @@ def request_inputs(req: pb.StepRequest, info: dict, max_tokens: int, field: str 
         if T == 0:
             raise InvalidInput(tokens_field, "needs at least one token")
         _check_length(tokens_field, T, max_tokens)
-        x = np.fromiter(req.tokens, dtype=np.int64, count=T)  # [T]
         V = int(info["vocab_size"])
-        bad = np.flatnonzero((x < 0) | (x >= V))
-        if bad.size:
-            i = int(bad[0])
+        if T == 1:  # the streaming hot path: skip the vectorized checks
+            t = req.tokens[0]
+            if not 0 <= t < V:
+                raise InvalidInput(tokens_field, f"[0] = {t} is outside [0, {V})")
+            return np.array([t], dtype=np.int64)  # [1]
+        x = np.fromiter(req.tokens, dtype=np.int64, count=T)  # [T]
+        if x.min() < 0 or x.max() >= V:
+            i = int(np.flatnonzero((x < 0) | (x >= V))[0])
             raise InvalidInput(tokens_field, f"[{i}] = {int(x[i])} is outside [0, {V})")
         return x
     if len(req.tokens):

@@ -59,7 +59,8 @@ def every_rpc(c: Client, sid: str) -> dict:
 
 
 def test_every_rpc_needs_a_valid_token(auth_server, caplog):
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="ssmstream")
+    caplog.set_level(logging.DEBUG, logger="grpc")
     target = f"127.0.0.1:{auth_server.port}"
     with Client(target, token=ALICE, timeout=30) as alice:
         sid = alice.create_session().id
