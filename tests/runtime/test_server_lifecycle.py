@@ -4,6 +4,9 @@ outputs equal an uninterrupted run)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.server import BackgroundServer
+from ssmstream.runtime.sessions import SessionStore
 
 ATOL = 2e-4
 
@@ -85,6 +89,38 @@ def test_metrics_count_what_happened(server):
     assert after["ssmstream_tokens_per_second"] > 0
     assert after["ssmstream_sessions_capacity"] == 1024
     assert "ssmstream_sessions_evicted_total" in after and after["ssmstream_draining"] == 0
+
+
+def test_periodic_save_and_health_going_not_serving(tiny_token_model, tmp_path):
+    state_dir = tmp_path / "state"
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]),
+        port=0,
+        device="cpu",
+        state_dir=str(state_dir),
+        save_interval=0.1,
+        grace=0.5,
+    )
+    eng = Engine(tiny_token_model["model_dir"], device="cpu")
+    srv = BackgroundServer(cfg, engine=eng).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            s = c.create_session(session_id="saved")
+            s.step(tokens=[1, 2, 3])
+            time.sleep(0.4)  # a few save intervals, no shutdown
+            store = SessionStore(eng.state_size, 4, model_sha=eng.info["step_sha256"])
+            assert store.load(state_dir) == 1 and store.get("saved", "anonymous").position == 3
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                watch = health_pb2_grpc.HealthStub(ch).Watch(
+                    health_pb2.HealthCheckRequest(service=""), timeout=30
+                )
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+                stopper = threading.Thread(target=srv.stop, kwargs={"grace": 0.5})
+                stopper.start()
+                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                stopper.join(10)
+    finally:
+        srv.stop()
 
 
 def test_restart_on_the_same_state_dir_continues_exactly(tiny_token_model, tmp_path):
