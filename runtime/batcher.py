@@ -196,10 +196,7 @@ class Batcher:
             s = session
         else:
             s = self.store.get(session, principal)
-        x = np.asarray(inputs)
-        if self.engine.input_kind == "tokens" and x.ndim == 0:
-            x = x.reshape(1)
-        x = self.engine.check_inputs(x[None], "inputs", time_axis=True)[0]  # [T] | [T, d_in]
+        x = self.engine.check_inputs(inputs, "inputs", lead="T")  # [T] | [T, d_in]
         loop = asyncio.get_running_loop()
         req = _Request(s, x, loop.create_future(), loop.time())
         sid = s.id
@@ -355,32 +352,24 @@ class Batcher:
 
     def _run_steps(self, reqs: list[_Request]) -> list:
         """Gather, one ORT step for all, commit each. Returns a result or exception per request."""
-        results: list = [None] * len(reqs)
         buf, store = self._buffers, self.store
-        idx = [i for i, r in enumerate(reqs) if r.session.live]
+        live = sorted((r for r in reqs if r.session.live), key=lambda r: r.session.slot)
         while True:
-            try:
-                states = store.gather([reqs[i].session for i in idx], out=buf.states)  # [B, S]
+            try:  # slot order: consecutive slots are read in place, without a copy
+                states = store.gather([r.session for r in live], out=buf.states, allow_view=True)
                 break
             except SessionNotFound:  # closed in the meantime: leave it out
-                idx = [i for i in idx if reqs[i].session.live]
-        for i, r in enumerate(reqs):
-            if not r.session.live:
-                results[i] = SessionNotFound(r.session.id, "closed")
-        if not idx:
-            return results
-        B = len(idx)
-        for j, i in enumerate(idx):
-            buf.inputs[j] = reqs[i].inputs[0]
-        outputs, new_states = self.engine.step_unchecked(buf.inputs[:B], states, out=buf)
-        for j, i in enumerate(idx):
-            r = reqs[i]
-            try:
-                position = store.commit(r.session, new_states[j], 1)
-                results[i] = (outputs[j : j + 1].copy(), position)  # [1, d_out]
-            except SessionNotFound as e:
-                results[i] = e
-        return results
+                live = [r for r in live if r.session.live]
+        results = {r: SessionNotFound(r.session.id, "closed") for r in reqs}
+        if live:
+            B = len(live)
+            for j, r in enumerate(live):
+                buf.inputs[j] = r.inputs[0]
+            outputs, new_states = self.engine.step_unchecked(buf.inputs[:B], states, out=buf)
+            positions = store.commit_many([r.session for r in live], new_states, 1)
+            for j, (r, pos) in enumerate(zip(live, positions)):
+                results[r] = pos if isinstance(pos, Exception) else (outputs[j : j + 1].copy(), pos)
+        return [results[r] for r in reqs]
 
     def _run_prefill(self, reqs: list[_Request]) -> list:
         (r,) = reqs

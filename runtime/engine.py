@@ -272,12 +272,15 @@ class Engine:
         """Preallocated buffers for `step(..., out=buffers)` (see StepBuffers)."""
         return StepBuffers(self, max_batch)
 
-    def check_inputs(self, inputs, field: str = "inputs", time_axis: bool = False) -> np.ndarray:
+    def check_inputs(
+        self, inputs, field: str = "inputs", time_axis: bool = False, lead: str | None = None
+    ) -> np.ndarray:
         """Validate and convert model inputs; raise InvalidInput naming `field`.
 
         time_axis=False: tokens int [B] (a scalar is [1]) or values float [B, d_in].
         time_axis=True:  tokens int [B, T] or values float [B, T, d_in], T >= 1.
-        Tokens must lie in [0, vocab_size); values must be finite.
+        Tokens must lie in [0, vocab_size); values must be finite. `lead` names the leading
+        dimensions in messages (default "B" / "B, T"; the Batcher checks one request, "T").
         Returns a C-contiguous int64 / float32 (the graph's input dtype) array.
         """
         x = np.asarray(inputs)
@@ -287,7 +290,7 @@ class Engine:
                 lo, hi = (int(x.flat[0]),) * 2 if x.size == 1 else (x.min(), x.max())
                 if lo >= 0 and hi < self.vocab_size:
                     return x
-        lead = "B, T" if time_axis else "B"
+        lead = lead or ("B, T" if time_axis else "B")
         if self.input_kind == "tokens":
             if x.ndim == 0 and not time_axis:
                 x = x.reshape(1)

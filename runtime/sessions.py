@@ -333,16 +333,26 @@ class SessionStore:
             self._check_live(s)
             return self._slab[s._slot].copy()
 
-    def gather(self, sessions: Sequence[Session], out: np.ndarray | None = None) -> np.ndarray:
-        """States of several sessions stacked: float32 [B, S] (into `out[:B]` when given)."""
+    def gather(
+        self, sessions: Sequence[Session], out: np.ndarray | None = None, allow_view: bool = False
+    ) -> np.ndarray:
+        """States of several sessions stacked: float32 [B, S].
+
+        Written into `out[:B]` when given. With allow_view, sessions whose slots are
+        consecutive and ascending come back as a view of the slab instead (no copy): read it
+        before the next commit to these sessions.
+        """
         with self._lock:
             for s in sessions:
                 self._check_live(s)
             slots = [s._slot for s in sessions]
+            B = len(slots)
+            if allow_view and B and slots[-1] - slots[0] == B - 1 and slots == sorted(slots):
+                return self._slab[slots[0] : slots[0] + B]
             if out is None:
                 return self._slab[slots]  # fancy indexing copies
-            dst = out[: len(slots)]
-            np.take(self._slab, slots, axis=0, out=dst)
+            dst = out[:B]
+            np.take(self._slab, slots, axis=0, out=dst, mode="clip")  # "clip": no temp buffer
             return dst
 
     def commit(self, s: Session, new_state: np.ndarray, consumed: int) -> int:
@@ -370,6 +380,32 @@ class SessionStore:
             s._position += int(consumed)
             s._last_used = self.clock()
             return s._position
+
+    def commit_many(
+        self, sessions: Sequence[Session], new_states: np.ndarray, consumed: int
+    ) -> list[int | SessionNotFound]:
+        """`commit` for a batch: row j of new_states [B, S] to sessions[j], each all or nothing.
+
+        Returns per session its new position, or the SessionNotFound it raised (a session
+        closed or evicted meanwhile is skipped; the others are committed).
+        """
+        if new_states.shape != (len(sessions), self.state_size) or new_states.dtype != np.float32:
+            raise InvalidInput(
+                "new_states", f"must be float32 [{len(sessions)}, {self.state_size}], "
+                f"got {new_states.dtype} {new_states.shape}",
+            )  # fmt: skip
+        results: list[int | SessionNotFound] = []
+        with self._lock:
+            now = self.clock()
+            for s, row in zip(sessions, new_states):
+                if not s._live or self._sessions.get(s._id) is not s:
+                    results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
+                    continue
+                self._slab[s._slot] = row
+                s._position += consumed
+                s._last_used = now
+                results.append(s._position)
+        return results
 
     # --- snapshots -----------------------------------------------------------------------
 

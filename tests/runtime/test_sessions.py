@@ -181,6 +181,26 @@ def test_gather_stacks_rows(engine):
     assert g.shape == (3, engine.state_size) and np.shares_memory(g, out)
     np.testing.assert_array_equal(g[:, 0], [2, 1, 0])
     np.testing.assert_array_equal(store.gather(sessions[:2])[:, -1], [0, 1])
+    view = store.gather(sessions, allow_view=True)  # consecutive slots: no copy
+    assert np.shares_memory(view, store._slab)
+    np.testing.assert_array_equal(view[:, 0], [0, 1, 2])
+    shuffled = store.gather(sessions[::-1], allow_view=True)  # not ascending: a copy
+    assert not np.shares_memory(shuffled, store._slab)
+    np.testing.assert_array_equal(shuffled[:, 0], [2, 1, 0])
+
+
+def test_commit_many_skips_closed_sessions_and_commits_the_rest(engine):
+    store = make_store(engine)
+    a, b, c = (store.create() for _ in range(3))
+    store.close(b.id)
+    rows = np.stack([np.full(engine.state_size, v, dtype=np.float32) for v in (1, 2, 3)])
+    res = store.commit_many([a, b, c], rows, 1)
+    assert res[0] == 1 and res[2] == 1 and isinstance(res[1], SessionNotFound)
+    assert res[1].reason == "closed"
+    np.testing.assert_array_equal(store.gather([a, c])[:, 0], [1, 3])
+    with pytest.raises(InvalidInput, match="new_states"):
+        store.commit_many([a], rows, 1)
+    assert a.position == 1
 
 
 # --- snapshot / restore / fork ---------------------------------------------------------

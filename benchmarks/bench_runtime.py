@@ -1,0 +1,433 @@
+"""Runtime benchmark: Engine overhead, Batcher throughput, constant memory, bytes per session.
+
+Measured in one process on one exported model (random init; the numbers do not depend on
+the weights):
+
+1. Engine.step overhead: time per call of `Engine.step` (validation + IOBinding) vs a bare
+   `onnxruntime.InferenceSession.run` of the same step.onnx with the same inputs, at B = 1
+   and B = 64; also `Engine.step(out=StepBuffers)`, the allocation-free path the Batcher
+   uses. Rounds are interleaved and the median of rounds reported.  Target: ratio <= 1.2.
+2. Batcher throughput: C concurrent streams (default 1, 16, 64, 256), each an asyncio
+   task with its own session sending one token per request and awaiting the answer
+   (closed loop), batching on (max_batch, max_batch_delay) vs off (max_batch = 1).
+   Aggregate tokens/s over a fixed window, and p50 / p99 per-token latency.
+   Target: on/off >= 5 at 64 streams.
+3. RSS over a long stream: one session fed N tokens (default 1 M) through Engine.step and
+   SessionStore.commit; RSS sampled along the way. Target: flat.
+4. Memory per session: RSS growth of a SessionStore holding 10 000 sessions whose states
+   were all written, divided by 10 000, vs the slab's S × 4 bytes.
+
+    python benchmarks/bench_runtime.py                    # exports a random-init model once
+    python benchmarks/bench_runtime.py --model model/     # an exported model dir
+
+Writes benchmarks/results/bench_runtime.{json,md,png}.
+Dimension letters: B batch, C concurrent streams, S packed state size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ssmstream.runtime import Batcher, Engine, SessionStore
+from ssmstream.runtime.ort_options import session_options
+
+log = logging.getLogger("bench_runtime")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class BenchConfig:
+    """What to measure (the CLI flags map onto these)."""
+
+    model: str | None = None  # exported model dir; None: export a random-init model once
+    work_dir: str = "/tmp/ssmstream-bench-runtime"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    d_state: int = 64
+    threads: int = 1
+    overhead_calls: int = 2000
+    overhead_rounds: int = 7
+    streams: tuple[int, ...] = (1, 16, 64, 256)
+    seconds: float = 2.0
+    warmup: float = 0.3
+    max_batch: int = 256
+    max_batch_delay: float = 0.001
+    rss_tokens: int = 1_000_000
+    sessions: int = 10_000
+    out: str = str(RESULTS)
+
+    def __post_init__(self):
+        for name in ("threads", "overhead_calls", "overhead_rounds", "max_batch", "sessions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seconds <= 0 or self.warmup < 0 or self.max_batch_delay < 0:
+            raise ValueError("seconds must be > 0, warmup and max_batch_delay >= 0")
+        if self.rss_tokens < 1000:
+            raise ValueError(f"rss_tokens must be >= 1000, got {self.rss_tokens}")
+        if not self.streams or min(self.streams) < 1:
+            raise ValueError(f"streams must be positive counts, got {self.streams}")
+
+
+def rss_bytes() -> int:
+    """Current resident set size (Linux /proc; falls back to the peak elsewhere)."""
+    statm = Path("/proc/self/statm")
+    if statm.exists():
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prepare_model(cfg: BenchConfig) -> Path:
+    """The model dir to benchmark: --model, or a random-init export cached in work_dir."""
+    if cfg.model:
+        return Path(cfg.model)
+    import torch
+
+    from ssmstream.export import export_model
+    from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
+
+    mcfg = SSMConfig(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, d_state=cfg.d_state
+    )
+    work = Path(cfg.work_dir)
+    model_dir = work / f"model-v{cfg.vocab_size}-d{cfg.d_model}-l{cfg.n_layers}-n{cfg.d_state}"
+    manifest = model_dir / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("model") == mcfg.to_dict():
+        return model_dir
+    log.info("exporting a random-init %s to %s", mcfg, model_dir)
+    torch.manual_seed(0)
+    save_checkpoint(SSMNetwork(mcfg), work / "ckpt")
+    export_model(work / "ckpt", model_dir, overwrite=True)
+    return model_dir
+
+
+# --- 1. Engine.step overhead ----------------------------------------------------------
+
+
+def time_calls(fn, n: int) -> float:
+    """Seconds per call of fn() over n calls."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def bench_overhead(engine: Engine, cfg: BenchConfig) -> list[dict]:
+    import onnxruntime as ort
+
+    bare = ort.InferenceSession(
+        str(engine.model_dir / engine.manifest["graphs"]["step"]["file"]),
+        session_options(cfg.threads),
+        providers=[engine.provider],
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for B in (1, 64):
+        x = rng.integers(0, engine.vocab_size, size=B)  # [B] int64
+        s = (rng.standard_normal((B, engine.state_size)) * 0.1).astype(np.float32)  # [B, S]
+        buf = engine.step_buffers(B)
+        np.testing.assert_allclose(
+            engine.step(x, s)[0], bare.run(None, {"input": x, "state": s})[0]
+        )
+        variants = {
+            "bare InferenceSession.run": lambda: bare.run(None, {"input": x, "state": s}),
+            "Engine.step": lambda: engine.step(x, s),
+            "Engine.step(out=StepBuffers)": lambda: engine.step(x, s, out=buf),
+        }
+        n = max(50, cfg.overhead_calls // (1 if B == 1 else 8))
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in tqdm(range(cfg.overhead_rounds), desc=f"overhead B={B}", leave=False):
+            for name, fn in variants.items():
+                fn()
+                times[name].append(time_calls(fn, n))
+        base = statistics.median(times["bare InferenceSession.run"])
+        for name, t in times.items():
+            med = statistics.median(t)
+            rows.append({"B": B, "variant": name, "us_per_call": 1e6 * med, "ratio": med / base})
+    return rows
+
+
+# --- 2. Batcher throughput ------------------------------------------------------------
+
+
+async def _throughput(engine: Engine, streams: int, batching: bool, cfg: BenchConfig) -> dict:
+    store = SessionStore(engine.state_size, capacity=streams)
+    max_batch, delay = (cfg.max_batch, cfg.max_batch_delay) if batching else (1, 0.0)
+    batcher = Batcher(engine, store, max_batch, delay)
+    await batcher.start()
+    loop = asyncio.get_running_loop()
+    begin = loop.time() + cfg.warmup
+    end = begin + cfg.seconds
+    latencies: list[float] = []
+
+    async def client(i: int) -> int:
+        s = store.create()
+        tok = np.array([i % engine.vocab_size], dtype=np.int64)  # [1]
+        done = 0
+        while True:
+            t0 = loop.time()
+            if t0 >= end:
+                return done
+            await batcher.step(s, tok)
+            if t0 >= begin:
+                latencies.append(loop.time() - t0)
+                done += 1
+
+    stats0 = None
+
+    async def mark() -> None:
+        nonlocal stats0
+        await asyncio.sleep(max(0.0, begin - loop.time()))
+        stats0 = (batcher.stats.batches, batcher.stats.steps)
+
+    marker = asyncio.ensure_future(mark())
+    counts = await asyncio.gather(*(client(i) for i in range(streams)))
+    await marker
+    await batcher.close()
+    tokens = sum(counts)
+    batches = batcher.stats.batches - stats0[0]
+    lat = np.array(latencies) * 1e3  # ms
+    return {
+        "streams": streams,
+        "batching": batching,
+        "max_batch": max_batch,
+        "max_batch_delay_ms": 1e3 * delay,
+        "tokens": tokens,
+        "tokens_per_s": tokens / cfg.seconds,
+        "p50_ms": float(np.percentile(lat, 50)) if tokens else None,
+        "p99_ms": float(np.percentile(lat, 99)) if tokens else None,
+        "mean_batch": (batcher.stats.steps - stats0[1]) / batches if batches else 0.0,
+    }
+
+
+def bench_throughput(engine: Engine, cfg: BenchConfig) -> list[dict]:
+    rows = []
+    for streams in tqdm(cfg.streams, desc="batcher throughput", leave=False):
+        for batching in (False, True):
+            rows.append(asyncio.run(_throughput(engine, streams, batching, cfg)))
+            log.info("%s", rows[-1])
+    return rows
+
+
+# --- 3. RSS over a long stream -------------------------------------------------------
+
+
+def bench_rss(engine: Engine, cfg: BenchConfig) -> list[dict]:
+    store = SessionStore(engine.state_size, capacity=1)
+    s = store.create()
+    marks = sorted({m for m in (1000, 10_000, 100_000, 200_000, 500_000) if m < cfg.rss_tokens})
+    marks.append(cfg.rss_tokens)
+    tokens = np.random.default_rng(0).integers(0, engine.vocab_size, size=(4099, 1))  # [n, 1]
+    rows, t0, done = [], time.perf_counter(), 0
+    with tqdm(total=cfg.rss_tokens, desc="RSS stream", unit="tok", leave=False) as bar:
+        for m in marks:
+            for i in range(done, m):
+                _, new = engine.step(tokens[i % 4099], store.read(s)[None])
+                store.commit(s, new[0], 1)
+            bar.update(m - done)
+            done = m
+            rows.append(
+                {"tokens": m, "rss_mib": rss_bytes() / 2**20, "seconds": time.perf_counter() - t0}
+            )
+    assert s.position == cfg.rss_tokens
+    return rows
+
+
+# --- 4. memory per session -----------------------------------------------------------
+
+
+def bench_sessions(engine: Engine, cfg: BenchConfig) -> dict:
+    S, n = engine.state_size, cfg.sessions
+    rng = np.random.default_rng(0)
+    row = rng.standard_normal(S).astype(np.float32)  # [S]
+    before = rss_bytes()
+    store = SessionStore(S, capacity=n, ttl=3600.0)
+    for _ in tqdm(range(n), desc="sessions", leave=False):
+        store.commit(store.create(), row, 1)  # touches every page of the slot
+    after = rss_bytes()
+    return {
+        "sessions": n,
+        "state_size": S,
+        "slab_bytes_per_session": store.bytes_per_session,
+        "S_times_4": 4 * S,
+        "rss_bytes_per_session": (after - before) / n,
+        "bookkeeping_bytes_per_session": (after - before) / n - store.bytes_per_session,
+    }
+
+
+# --- report --------------------------------------------------------------------------
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_runtime.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["model"]
+    lines = [
+        "# bench_runtime",
+        "",
+        f"Model: {m['name']} (tokens, V={m['vocab_size']}, S={m['state_size']}), "
+        f"{result['provider']}, onnxruntime threads={result['config']['threads']}; "
+        f"machine: {result['machine']}.",
+        "",
+        "## Engine.step overhead vs bare InferenceSession.run (target <= 1.2x)",
+        "",
+        "| B | variant | µs / call | ratio |",
+        "|---|---|---|---|",
+    ]
+    for r in result["overhead"]:
+        lines.append(f"| {r['B']} | {r['variant']} | {r['us_per_call']:.1f} | {r['ratio']:.3f} |")
+    lines += [
+        "",
+        "## Batcher throughput, closed-loop streams (target on/off >= 5x at 64)",
+        "",
+        "| streams | batching | tokens/s | p50 ms | p99 ms | mean batch | on/off |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    off = {r["streams"]: r["tokens_per_s"] for r in result["throughput"] if not r["batching"]}
+    for r in result["throughput"]:
+        speedup = (
+            r["tokens_per_s"] / off[r["streams"]] if r["batching"] and off[r["streams"]] else None
+        )
+        lines.append(
+            f"| {r['streams']} | {'on' if r['batching'] else 'off'} | {r['tokens_per_s']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.1f} | "
+            f"{'' if speedup is None else f'{speedup:.1f}x'} |"
+        )
+    lines += [
+        "",
+        "## RSS over one long stream",
+        "",
+        "| tokens | RSS MiB | seconds |",
+        "|---|---|---|",
+    ]
+    for r in result["rss"]:
+        lines.append(f"| {r['tokens']:,} | {r['rss_mib']:.1f} | {r['seconds']:.1f} |")
+    s = result["sessions"]
+    lines += [
+        "",
+        f"## Memory per session ({s['sessions']:,} sessions)",
+        "",
+        f"slab bytes per session {s['slab_bytes_per_session']:,} (S × 4 = {s['S_times_4']:,}); "
+        f"RSS growth per session {s['rss_bytes_per_session']:,.0f} bytes "
+        f"(bookkeeping {s['bookkeeping_bytes_per_session']:,.0f}).",
+        "",
+    ]
+    (out / "bench_runtime.md").write_text("\n".join(lines))
+    plot(result, out / "bench_runtime.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for batching, style in ((False, "o--"), (True, "o-")):
+        rows = [r for r in result["throughput"] if r["batching"] == batching]
+        ax1.plot(
+            [r["streams"] for r in rows],
+            [r["tokens_per_s"] for r in rows],
+            style,
+            label=f"batching {'on' if batching else 'off'}",
+        )
+    ax1.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="tokens / s")
+    ax1.set_title("Batcher aggregate throughput")
+    ax1.legend()
+    rss = result["rss"]
+    ax2.plot([r["tokens"] for r in rss], [r["rss_mib"] for r in rss], "o-")
+    ax2.set(xscale="log", xlabel="tokens streamed into one session", ylabel="RSS (MiB)")
+    ax2.set_ylim(0, max(r["rss_mib"] for r in rss) * 1.2)
+    ax2.set_title("RSS over one long stream")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: BenchConfig) -> dict:
+    model_dir = prepare_model(cfg)
+    engine = Engine(model_dir, device="auto", threads=cfg.threads)
+    info = engine.info
+    result = {
+        "config": asdict(cfg),
+        "model": {k: info[k] for k in ("name", "vocab_size", "state_size", "d_output", "dtype")},
+        "provider": engine.provider,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    result["overhead"] = bench_overhead(engine, cfg)
+    result["throughput"] = bench_throughput(engine, cfg)
+    result["sessions"] = bench_sessions(engine, cfg)
+    result["rss"] = bench_rss(engine, cfg)
+    result["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    write_report(result, Path(cfg.out))
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", help="exported model dir (default: export a random-init model)")
+    p.add_argument("--work-dir", default=d.work_dir, help="where the random-init model is cached")
+    p.add_argument("--d-model", type=int, default=d.d_model, help="random-init model width")
+    p.add_argument("--n-layers", type=int, default=d.n_layers, help="random-init model depth")
+    p.add_argument("--d-state", type=int, default=d.d_state, help="random-init model state N")
+    p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads")
+    p.add_argument("--streams", type=int, nargs="+", default=list(d.streams), help="stream counts")
+    p.add_argument("--seconds", type=float, default=d.seconds, help="measured window per run")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="batching on: max batch")
+    p.add_argument(
+        "--max-batch-delay", type=float, default=d.max_batch_delay, help="batching on: delay (s)"
+    )
+    p.add_argument("--rss-tokens", type=int, default=d.rss_tokens, help="tokens in the RSS stream")
+    p.add_argument("--sessions", type=int, default=d.sessions, help="sessions for memory/session")
+    p.add_argument("--out", default=d.out, help="results directory")
+    a = p.parse_args(argv)
+    return BenchConfig(
+        model=a.model,
+        work_dir=a.work_dir,
+        d_model=a.d_model,
+        n_layers=a.n_layers,
+        d_state=a.d_state,
+        threads=a.threads,
+        streams=tuple(a.streams),
+        seconds=a.seconds,
+        max_batch=a.max_batch,
+        max_batch_delay=a.max_batch_delay,
+        rss_tokens=a.rss_tokens,
+        sessions=a.sessions,
+        out=a.out,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    result = run(cfg)
+    sys.stdout.write((Path(cfg.out) / "bench_runtime.md").read_text())
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
