@@ -39,10 +39,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from ssmstream.runtime import Batcher, Engine, SessionStore
 from ssmstream.runtime.ort_options import session_options
+from tqdm import tqdm
 
 log = logging.getLogger("bench_runtime")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,7 +59,7 @@ class BenchConfig:
     d_state: int = 64
     threads: int = 1
     overhead_calls: int = 2000
-    overhead_rounds: int = 7
+    overhead_rounds: int = 5
     streams: tuple[int, ...] = (1, 16, 64, 256)
     seconds: float = 2.0
     warmup: float = 0.3
@@ -69,6 +68,7 @@ class BenchConfig:
     rss_tokens: int = 1_000_000
     sessions: int = 10_000
     out: str = str(RESULTS)
+    name: str = "bench_runtime"  # results file names: NAME.json / .md / .png
 
     def __post_init__(self):
         for name in ("threads", "overhead_calls", "overhead_rounds", "max_batch", "sessions"):
@@ -97,7 +97,6 @@ def prepare_model(cfg: BenchConfig) -> Path:
     if cfg.model:
         return Path(cfg.model)
     import torch
-
     from ssmstream.export import export_model
     from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
 
@@ -127,6 +126,31 @@ def time_calls(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def _overhead_at(engine: Engine, bare, B: int, cfg: BenchConfig) -> list[dict]:
+    rng = np.random.default_rng(B)
+    x = rng.integers(0, engine.vocab_size, size=B)  # [B] int64
+    s = (rng.standard_normal((B, engine.state_size)) * 0.1).astype(np.float32)  # [B, S]
+    buf = engine.step_buffers(B)
+    np.testing.assert_allclose(engine.step(x, s)[0], bare.run(None, {"input": x, "state": s})[0])
+    variants = {
+        "bare InferenceSession.run": lambda: bare.run(None, {"input": x, "state": s}),
+        "Engine.step": lambda: engine.step(x, s),
+        "Engine.step(out=StepBuffers)": lambda: engine.step(x, s, out=buf),
+    }
+    n = max(20, cfg.overhead_calls // (1 if B == 1 else 32))
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in tqdm(range(cfg.overhead_rounds), desc=f"overhead B={B}", leave=False):
+        for name, fn in variants.items():
+            fn()
+            times[name].append(time_calls(fn, n))
+    base = statistics.median(times["bare InferenceSession.run"])
+    rows = []
+    for name, t in times.items():
+        med = statistics.median(t)
+        rows.append({"B": B, "variant": name, "us_per_call": 1e6 * med, "ratio": med / base})
+    return rows
+
+
 def bench_overhead(engine: Engine, cfg: BenchConfig) -> list[dict]:
     import onnxruntime as ort
 
@@ -135,31 +159,7 @@ def bench_overhead(engine: Engine, cfg: BenchConfig) -> list[dict]:
         session_options(cfg.threads),
         providers=[engine.provider],
     )
-    rng = np.random.default_rng(0)
-    rows = []
-    for B in (1, 64):
-        x = rng.integers(0, engine.vocab_size, size=B)  # [B] int64
-        s = (rng.standard_normal((B, engine.state_size)) * 0.1).astype(np.float32)  # [B, S]
-        buf = engine.step_buffers(B)
-        np.testing.assert_allclose(
-            engine.step(x, s)[0], bare.run(None, {"input": x, "state": s})[0]
-        )
-        variants = {
-            "bare InferenceSession.run": lambda: bare.run(None, {"input": x, "state": s}),
-            "Engine.step": lambda: engine.step(x, s),
-            "Engine.step(out=StepBuffers)": lambda: engine.step(x, s, out=buf),
-        }
-        n = max(50, cfg.overhead_calls // (1 if B == 1 else 8))
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in tqdm(range(cfg.overhead_rounds), desc=f"overhead B={B}", leave=False):
-            for name, fn in variants.items():
-                fn()
-                times[name].append(time_calls(fn, n))
-        base = statistics.median(times["bare InferenceSession.run"])
-        for name, t in times.items():
-            med = statistics.median(t)
-            rows.append({"B": B, "variant": name, "us_per_call": 1e6 * med, "ratio": med / base})
-    return rows
+    return [row for B in (1, 64) for row in _overhead_at(engine, bare, B, cfg)]
 
 
 # --- 2. Batcher throughput ------------------------------------------------------------
@@ -275,10 +275,11 @@ def bench_sessions(engine: Engine, cfg: BenchConfig) -> dict:
 
 def write_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_runtime.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = result["config"]["name"]
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["model"]
     lines = [
-        "# bench_runtime",
+        f"# {name}",
         "",
         f"Model: {m['name']} (tokens, V={m['vocab_size']}, S={m['state_size']}), "
         f"{result['provider']}, onnxruntime threads={result['config']['threads']}; "
@@ -327,8 +328,8 @@ def write_report(result: dict, out: Path) -> None:
         f"(bookkeeping {s['bookkeeping_bytes_per_session']:,.0f}).",
         "",
     ]
-    (out / "bench_runtime.md").write_text("\n".join(lines))
-    plot(result, out / "bench_runtime.png")
+    (out / f"{name}.md").write_text("\n".join(lines))
+    plot(result, out / f"{name}.png")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -399,6 +400,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--rss-tokens", type=int, default=d.rss_tokens, help="tokens in the RSS stream")
     p.add_argument("--sessions", type=int, default=d.sessions, help="sessions for memory/session")
     p.add_argument("--out", default=d.out, help="results directory")
+    p.add_argument("--name", default=d.name, help="base name of the result files")
     a = p.parse_args(argv)
     return BenchConfig(
         model=a.model,
@@ -414,6 +416,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         rss_tokens=a.rss_tokens,
         sessions=a.sessions,
         out=a.out,
+        name=a.name,
     )
 
 
@@ -425,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     result = run(cfg)
-    sys.stdout.write((Path(cfg.out) / "bench_runtime.md").read_text())
+    sys.stdout.write((Path(cfg.out) / f"{cfg.name}.md").read_text())
     return 0 if result else 1
 
 

@@ -70,7 +70,8 @@ def _export_tiny(request, tmp_path_factory, name: str, cfg: dict, seed: int) -> 
     except (ModelError, ValueError):
         import torch
 
-        shutil.rmtree(root, ignore_errors=True)
+        for stale in root.parent.glob(f"{name}-*"):  # exports of older sources
+            shutil.rmtree(stale, ignore_errors=True)
         torch.manual_seed(seed)
         net = SSMNetwork(SSMConfig(**cfg)).eval()
         save_checkpoint(net, ckpt_dir)
