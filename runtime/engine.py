@@ -34,7 +34,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -172,7 +171,6 @@ class Engine:
         self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
         self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
-        self._local = threading.local()
         self.info = self._make_info()
         log.info(
             "opened %s (%s, S=%d, %s) on %s", self.name, self.input_kind, self.state_size,
@@ -259,6 +257,16 @@ class Engine:
             "parity_passed": (m.get("parity") or {}).get("passed"),
             "model_dir": str(self.model_dir),
         }
+
+    @property
+    def step_session(self) -> ort.InferenceSession:
+        """The onnxruntime session of step.onnx (for benchmarks and advanced use)."""
+        return self._step_session
+
+    @property
+    def prefill_session(self) -> ort.InferenceSession | None:
+        """The onnxruntime session of prefill.onnx, None when the model has none."""
+        return self._prefill_session
 
     # --- validation ----------------------------------------------------------------------
 
@@ -438,8 +446,9 @@ class Engine:
         Args:
             prompt: at least one token id (to continue a stream, send its last token).
             state: None (start from zeros) or a float32 [S] / [1, S] array, updated in place:
-                when the iterator ends or is closed, it holds the state after the prompt and
-                every token yielded (the extra step for the last one runs only then).
+                once iteration has started and the iterator ends or is closed, it holds the
+                state after the prompt and every token yielded (the step for the last one
+                runs only then). The prompt is consumed at the first `next()`.
             max_new_tokens: at most this many tokens are yielded.
             temperature, top_k, top_p, seed: see runtime/sampling.py.
             stop: token ids that end the generation (the stop token is yielded).
@@ -455,7 +464,15 @@ class Engine:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise InvalidInput("max_new_tokens", f"must be an integer >= 0, got {max_new_tokens!r}")
         sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed))
-        stop_set = {int(t) for t in stop}
+        stop_set = set()
+        for t in stop:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise InvalidInput("stop", f"must be token ids (ints), got {t!r}")
+            if not 0 <= t < self.vocab_size:
+                raise InvalidInput(
+                    "stop", f"token {t} is outside [0, vocab_size={self.vocab_size})"
+                )
+            stop_set.add(int(t))
         target = None
         if state is not None:
             target = state

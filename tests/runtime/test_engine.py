@@ -320,5 +320,8 @@ def test_generate_bad_arguments(tok_engine, sig_engine):
         tok_engine.generate([1], top_p=0.0)
     with pytest.raises(InvalidInput, match="state"):
         tok_engine.generate([1], state=np.zeros(3, dtype=np.float32))
+    for stop in ([99], ["a"], [1.5]):
+        with pytest.raises(InvalidInput, match="stop"):
+            tok_engine.generate([1], stop=stop)
     with pytest.raises(InvalidInput, match="token model"):
         sig_engine.generate([1])
