@@ -365,6 +365,13 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             raise SessionBusy(f"session {session_id!r} is attached to an open {holder}")
         self._attached[session_id] = rpc
 
+    def _discard(self, session_id: str, principal: str) -> None:
+        """Close a session this server created for a request, if it is still there."""
+        try:
+            self.store.close(session_id, principal)
+        except SessionNotFound:
+            pass
+
     def _check_detached(self, session_id: str) -> None:
         holder = self._attached.get(session_id)
         if holder is not None:
@@ -449,7 +456,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     async def Stream(self, request_iterator, context):
         task = asyncio.current_task()
         principal = current_principal()
-        session_id = None
+        session_id, created = None, False
         self._streams[task] = True
         try:
             async for req in request_iterator:
@@ -460,18 +467,24 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 x = request_inputs(req, self.info, self.config.max_tokens_per_request)
                 check_output_selection(req, self.info)
                 if session_id is None:
-                    if req.session_id:
-                        self.store.get(session_ref(req.session_id), principal)
-                        sid = req.session_id
-                    else:
+                    created = not req.session_id
+                    if created:
                         sid = self.store.create(principal).id
+                    else:
+                        sid = self.store.get(session_ref(req.session_id), principal).id
                     self._attach(sid, "Stream")
                     session_id = sid
                 elif req.session_id and req.session_id != session_id:
                     raise InvalidInput(
                         "session_id", f"this stream is attached to {session_id!r}; open another"
                     )
-                outputs, position = await self.batcher.step(session_id, x, principal)
+                try:
+                    outputs, position = await self.batcher.step(session_id, x, principal)
+                except Exception:
+                    if created:  # the request that created the session failed: undo both
+                        self._discard(session_id, principal)
+                    raise
+                created = False
                 yield step_response(session_id, position, outputs, req)
                 self.metrics.count_tokens("Stream", len(x))
                 self.metrics.observe_request("Stream", time.perf_counter() - t0)
@@ -522,7 +535,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             self._attach(sid, "Generate")
         except SessionBusy:
             if temporary:
-                self.store.close(sid, principal)
+                self._discard(sid, principal)
             raise
         try:
             outputs, position = await self.batcher.step(sid, prompt, principal)  # prefill
@@ -555,7 +568,4 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         finally:
             self._attached.pop(sid, None)
             if temporary:
-                try:
-                    self.store.close(sid, principal)
-                except SessionNotFound:
-                    pass
+                self._discard(sid, principal)

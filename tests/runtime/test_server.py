@@ -446,13 +446,12 @@ def test_draining_refuses_new_work_and_ends_idle_streams(tiny_token_model):
         t0 = time.monotonic()
         stopper = threading.Thread(target=srv.stop, kwargs={"grace": 5.0})
         stopper.start()
-        time.sleep(0.3)
-        code, msg = code_of(lambda: st.send(tokens=[2]))
-        assert code == grpc.StatusCode.UNAVAILABLE, (code, msg)
-        code, _ = code_of(c.create_session)
-        assert code == grpc.StatusCode.UNAVAILABLE
         stopper.join(10)
         assert time.monotonic() - t0 < 4.0  # the idle stream did not hold the grace period
+        code, msg = code_of(lambda: st.send(tokens=[2]))
+        assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in msg, (code, msg)
+        code, _ = code_of(c.create_session)
+        assert code == grpc.StatusCode.UNAVAILABLE
         c.close()
     finally:
         srv.stop()
