@@ -18,6 +18,7 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.client import AsyncClient, Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
+from ssmstream.runtime.errors import EngineFailure
 from ssmstream.runtime.server import BackgroundServer
 
 ATOL = 2e-4  # server (batched step / prefill) vs in-process single steps
@@ -455,6 +456,31 @@ def test_draining_refuses_new_work_and_ends_idle_streams(tiny_token_model):
         c.close()
     finally:
         srv.stop()
+
+
+def test_engine_failure_is_internal_and_changes_nothing(server, client, engine, monkeypatch):
+    x = tokens_for(engine, 3, seed=14)
+    expect, _ = reference(engine, x)
+    s = client.create_session()
+    s.step(tokens=x[:1])
+    eng = server.server.engine
+    real = eng.step_unchecked
+
+    def failing(*args, **kw):
+        raise EngineFailure("injected onnxruntime failure")
+
+    monkeypatch.setattr(eng, "step_unchecked", failing)
+    code, msg = code_of(lambda: s.step(tokens=x[1:2]))
+    assert code == grpc.StatusCode.INTERNAL and "injected" in msg
+    sessions = server.server.store.stats()["sessions"]
+    code, _ = code_of(lambda: list(client.stub.Stream(iter([pb.StepRequest(tokens=[1])]))))
+    assert code == grpc.StatusCode.INTERNAL
+    assert server.server.store.stats()["sessions"] == sessions  # the stream's new session is gone
+    monkeypatch.setattr(eng, "step_unchecked", real)
+    r = s.step(tokens=x[1:2], output="last")  # the session kept its state and position
+    assert r.position == 2
+    np.testing.assert_allclose(r.outputs[0], expect[1], atol=ATOL)
+    s.close()
 
 
 def test_unknown_method_and_raw_garbage_keep_the_server_healthy(server, client):
