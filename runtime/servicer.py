@@ -360,9 +360,8 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             raise Unavailable("server is shutting down; retry on the restarted server")
 
     def _attach(self, session_id: str, rpc: str) -> None:
-        holder = self._attached.get(session_id)
-        if holder is not None:
-            raise SessionBusy(f"session {session_id!r} is attached to an open {holder}")
+        """Mark the session as driven by this Stream / Generate (until it ends)."""
+        self._check_detached(session_id)
         self._attached[session_id] = rpc
 
     def _discard(self, session_id: str, principal: str) -> None:
