@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--max-chunks",
+        type=int,
+        default=d.max_chunks,
+        metavar="N",
+        help="chunks per prefill call: T <= Q*N (manifest graphs.prefill.max_len) "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--verify-steps",
         type=int,
         default=d.verify_steps,
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill=not args.no_prefill,
             verify=not args.no_verify,
             chunk=args.chunk,
+            max_chunks=args.max_chunks,
             verify_steps=args.verify_steps,
             optimize=not args.no_optimize,
             name=args.name,

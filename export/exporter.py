@@ -24,8 +24,10 @@ Graph I/O (B batch, T length, S packed state, V outputs):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -34,6 +36,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +106,8 @@ class ExportConfig:
             raise ExportError(f"dt_scale must be positive, got {self.dt_scale}")
         if self.chunk < 1 or self.chunk & (self.chunk - 1):
             raise ExportError(f"chunk must be a power of two, got {self.chunk}")
-        if not 1 <= self.max_chunks <= 256:
-            raise ExportError(f"max_chunks must be in [1, 256], got {self.max_chunks}")
+        if not 3 <= self.max_chunks <= 256:  # tracing needs an example below the maximum
+            raise ExportError(f"max_chunks must be in [3, 256], got {self.max_chunks}")
         if self.verify_steps < 1:
             raise ExportError(f"verify_steps must be positive, got {self.verify_steps}")
         if self.opset < 18:
@@ -198,25 +201,63 @@ def quantize_int8(src: Path, dst: Path) -> None:
         )
 
 
+# torch -> onnx conversions of this process, keyed by content (network weights + options):
+# exporting several variants or copies of one network converts each graph once.
+_CONVERTED: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+_CONVERTED_MAX = 8
+
+
+def _content_key(net: SSMNetwork, graph: str, options: tuple) -> str:
+    h = hashlib.sha256(json.dumps([graph, options, net.cfg.to_dict()], sort_keys=True).encode())
+    for name, t in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def convert(net: SSMNetwork, graph: str, cfg: ExportConfig, build) -> onnx.ModelProto:
+    """The (slimmed) ONNX model of one graph, converted once per content key.
+
+    build() -> (module, example args, dynamic_shapes) is only called on a miss.
+    """
+    compute = "fp16" if cfg.dtype == "fp16" else "fp32"  # int8 quantizes the fp32 graph
+    options = (compute, cfg.dt_scale, cfg.chunk, cfg.max_chunks, cfg.opset, cfg.optimize)
+    key = _content_key(net, graph, options)
+    if key in _CONVERTED:
+        _CONVERTED.move_to_end(key)
+        log.info("%s graph: reusing this process's conversion", graph)
+        return onnx.load_from_string(_CONVERTED[key])
+    module, args, dyn = build()
+    t0 = time.perf_counter()
+    model = torch_to_onnx(module, args, dyn, cfg.opset)
+    log.info("exported the %s graph in %.1f s", graph, time.perf_counter() - t0)
+    if cfg.optimize:
+        model = slim(model)
+    _rename_dims(model, {f"{cfg.chunk}*chunks": "T"})
+    _CONVERTED[key] = model.SerializeToString()
+    while len(_CONVERTED) > _CONVERTED_MAX:
+        _CONVERTED.popitem(last=False)
+    return model
+
+
 def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dict]:
     """Write out/step.onnx (and out/prefill.onnx); return their graphs entries (no sha yet)."""
-    modules: dict[str, tuple] = {}
     B = torch.export.Dim("B", min=1, max=1 << 20)
-    step = StepGraph(net, cfg.dt_scale, cfg.dtype)
-    modules["step"] = (step, _example_inputs(net, 2, None), {"input": {0: B}, "state": {0: B}})
-    if cfg.prefill:
-        pre = PrefillGraph(net, cfg.dt_scale, cfg.dtype, cfg.chunk, cfg.max_chunks)
-        n = torch.export.Dim("chunks", min=1, max=cfg.max_chunks)
-        T = cfg.chunk * n
+
+    def step():
+        module = StepGraph(net, cfg.dt_scale, cfg.dtype)
+        return module, _example_inputs(net, 2, None), {"input": {0: B}, "state": {0: B}}
+
+    def prefill():
+        module = PrefillGraph(net, cfg.dt_scale, cfg.dtype, cfg.chunk, cfg.max_chunks)
+        T = cfg.chunk * torch.export.Dim("chunks", min=1, max=cfg.max_chunks)
         args = _example_inputs(net, 2, 2 * cfg.chunk)
-        modules["prefill"] = (pre, args, {"input": {0: B, 1: T}, "state": {0: B}})
+        return module, args, {"input": {0: B, 1: T}, "state": {0: B}}
+
+    builders = {"step": step, "prefill": prefill} if cfg.prefill else {"step": step}
     graphs = {}
-    for name, (module, args, dyn) in modules.items():
-        log.info("exporting %s graph (torch.onnx dynamo, opset %d)", name, cfg.opset)
-        model = torch_to_onnx(module, args, dyn, cfg.opset)
-        if cfg.optimize:
-            model = slim(model)
-        _rename_dims(model, {f"{cfg.chunk}*chunks": "T"})
+    for name, build in builders.items():
+        model = convert(net, name, cfg, build)
         path = out / f"{name}.onnx"
         if cfg.dtype == "int8":
             fp32 = out / f".{name}.fp32.onnx"
@@ -376,10 +417,12 @@ def export_network(
         if cfg.verify:
             from .verify import verify_graphs
 
+            t0 = time.perf_counter()
             report = verify_graphs(
                 tmp, manifest, net, steps=cfg.verify_steps, progress=cfg.progress
             )
             manifest["parity"] = report
+            log.info("verified in %.1f s", time.perf_counter() - t0)
             if not report["passed"]:
                 raise ExportError(
                     "exported graphs fail their parity check, model not written:\n"

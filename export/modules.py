@@ -251,7 +251,8 @@ class PrefillSSM(nn.Module):
         padded steps come after everything that is read). Returns (chunk starts
         S_0..S_{n-1} [B, n, 2, H, N/2], final state S_n [B, 2, H, N/2]).
         """
-        E = nn.functional.pad(E, [0, 0, 0, 0, 0, 0, 0, self.max_chunks - n])
+        nmax = self.max_chunks  # a static pad and cut: no shape depends on n_max - n
+        E = nn.functional.pad(E, [0, 0, 0, 0, 0, 0, 0, nmax]).narrow(1, 0, nmax)
         S, states = X0, [X0]
         for Ej in E.unbind(1):  # n_max × [B, 2, H, N/2]
             S = cmul(self.Rc, S, 1) + Ej

@@ -1,0 +1,93 @@
+"""The `ssmstream export`, `ssmstream verify` and `ssmstream info` command lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from export_helpers import EXPORT, TOKEN
+from ssmstream.export import cli as export_cli
+from ssmstream.export import verify_cli
+from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
+from ssmstream.runtime import info
+from ssmstream.runtime.cli import main as ssmstream_main
+from ssmstream.runtime.manifest import load_manifest
+
+CLI_EXPORT = ["--chunk", str(EXPORT["chunk"]), "--max-chunks", str(EXPORT["max_chunks"])]
+
+
+def test_export_cli_writes_a_verified_model(token_ckpt, token_model, tmp_path, capsys):
+    out = tmp_path / "cli_model"
+    rc = export_cli.main([str(token_ckpt), "--out", str(out), "--name", "cli", "-q", *CLI_EXPORT])
+    assert rc == 0
+    m = load_manifest(out)
+    assert m["name"] == "cli" and m["parity"]["passed"] and "prefill" in m["graphs"]
+    # same network and options -> the same graphs as the fixture's export
+    assert m["graphs"]["step"]["nodes"] == load_manifest(token_model)["graphs"]["step"]["nodes"]
+
+
+def test_export_cli_errors(token_ckpt, tmp_path, capsys):
+    assert export_cli.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert export_cli.main([str(token_ckpt), "--out", str(tmp_path / "o"), "--dtype", "bf8"]) == 1
+    assert "unknown dtype 'bf8'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as e:  # argparse: --out is required
+        export_cli.main([str(token_ckpt)])
+    assert e.value.code == 2
+
+
+def test_export_help_is_routed_by_the_main_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        ssmstream_main(["export", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--out", "--dtype", "--dt-scale", "--no-prefill", "--name", "--chunk"):
+        assert flag in out
+
+
+def test_verify_cli_passes_and_reports(token_model, token_ckpt, capsys):
+    assert verify_cli.main([str(token_model), "--ckpt", str(token_ckpt), "--steps", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "PASSED" in out and "step vs torch" in out and "prefill vs step" in out
+    assert verify_cli.main([str(token_model), "--steps", "256", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["step_vs_torch"]["max_rel"] < 1e-4
+
+
+def test_verify_cli_fails_for_other_weights(token_model, tmp_path, capsys):
+    torch.manual_seed(123)  # same config, different weights: the parity must fail
+    other = save_checkpoint(SSMNetwork(SSMConfig(**TOKEN)).eval(), tmp_path / "other")
+    assert verify_cli.main([str(token_model), "--ckpt", str(other), "--steps", "256"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_verify_cli_errors(token_model, signal_ckpt, tmp_path, capsys):
+    shutil.copytree(token_model, tmp_path / "m")
+    (tmp_path / "m" / "prefill.onnx").write_bytes(b"garbage")
+    assert verify_cli.main([str(tmp_path / "m")]) == 2
+    assert "sha256" in capsys.readouterr().err
+    assert verify_cli.main([str(token_model), "--ckpt", str(signal_ckpt)]) == 2
+    assert "does not match" in capsys.readouterr().err
+
+
+def test_info_prints_a_table(token_model, capsys):
+    assert info.main([str(token_model)]) == 0
+    out = capsys.readouterr().out
+    m = load_manifest(token_model)
+    assert f"S = {m['state_size']} float32" in out
+    assert "graph step" in out and "graph prefill" in out and "parity" in out and "passed" in out
+    assert out.count(" ok") >= 2  # both sha256 checked
+    assert info.main([str(token_model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == m["name"]
+
+
+def test_info_errors_and_modified_graph(token_model, tmp_path, capsys):
+    assert info.main([str(tmp_path / "nothing")]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+    shutil.copytree(token_model, tmp_path / "m")
+    (tmp_path / "m" / "step.onnx").write_bytes(b"x")
+    assert info.main([str(tmp_path / "m")]) == 0
+    assert "MODIFIED" in capsys.readouterr().out

@@ -1,0 +1,104 @@
+"""Bad input to the exporter and to the model loader: a clear error, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+from export_helpers import EXPORT
+from ssmstream.export import ExportError, export_model
+from ssmstream.export import verify as verify_mod
+from ssmstream.runtime.errors import ModelError
+from ssmstream.runtime.manifest import load_manifest
+
+
+def leftovers(parent) -> list[str]:
+    """Anything the exporter may have left next to its output (temporary dirs)."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def model_copy(token_model, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(token_model, dst)
+    return dst
+
+
+def test_tampered_graph_is_refused(model_copy):
+    f = model_copy / "step.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"step\.onnx.*does not match the sha256"):
+        load_manifest(model_copy)
+    with pytest.raises(ModelError, match="sha256"):
+        verify_mod.verify_model(model_copy)
+
+
+def test_foreign_format_version_is_refused(model_copy):
+    path = model_copy / "manifest.json"
+    m = json.loads(path.read_text())
+    m["format_version"] = 99
+    path.write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="format_version 99 is not supported"):
+        load_manifest(model_copy)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(ExportError, match=r"cannot export checkpoint .*nope.*does not exist"):
+        export_model(tmp_path / "nope", tmp_path / "out", **EXPORT)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_corrupt_checkpoint(token_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(token_ckpt, ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"\x00not a safetensors file")
+    with pytest.raises(ExportError, match="model.safetensors is corrupt"):
+        export_model(ckpt, tmp_path / "out", **EXPORT)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_unwritable_out(token_ckpt, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match=r"--out .*a_file/model: cannot write into"):
+        export_model(token_ckpt, blocker / "model", **EXPORT)
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_out_needs_overwrite(token_ckpt, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(token_ckpt, tmp_path / "out", **EXPORT)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dtype="int4"), "unknown dtype 'int4'"),
+        (dict(dt_scale=0.0), "dt_scale must be positive"),
+        (dict(dt_scale=-2.0), "dt_scale must be positive"),
+        (dict(dt_scale=math.nan), "dt_scale must be a finite number"),
+        (dict(chunk=12), "chunk must be a power of two"),
+        (dict(max_chunks=2), "max_chunks must be in"),
+    ],
+)
+def test_bad_options_fail_before_any_work(tmp_path, kwargs, message):
+    # the checkpoint does not even exist: options are checked first
+    with pytest.raises(ExportError, match=message):
+        export_model(tmp_path / "no_ckpt", tmp_path / "out", **{**EXPORT, **kwargs})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failing_parity_is_not_written(token_ckpt, token_model, tmp_path, monkeypatch):
+    # an impossible tolerance: the (cached) conversion is fine, the verdict is "fail"
+    impossible = {"step_vs_torch": 0.0, "prefill_vs_step": 0.0}
+    monkeypatch.setitem(verify_mod.TOLERANCES, "fp32", impossible)
+    with pytest.raises(ExportError, match="fail their parity check, model not written"):
+        export_model(token_ckpt, tmp_path / "out", verify_steps=64, **EXPORT)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -1,0 +1,256 @@
+"""Exported graphs run by onnxruntime: parity, prefill, batching, manifest, variants.
+
+Every check compares two independent computations: ORT graphs vs the torch network
+(recurrent step and convolution-mode forward), prefill vs step, batched vs alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from export_helpers import DT_SCALE, EXPORT, ort_steps, rel_err, session
+from ssmstream.export import TOLERANCES
+from ssmstream.export.exporter import METADATA_KEY
+from ssmstream.runtime.manifest import FORMAT, FORMAT_VERSION, load_manifest, sha256_file
+
+FP32_TOL = 1e-4
+
+
+def random_inputs(m: dict, B: int, L: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if m["input_kind"] == "tokens":
+        return rng.integers(0, m["vocab_size"], size=(B, L), dtype=np.int64)
+    return rng.standard_normal((B, L, m["d_input"])).astype(np.float32)
+
+
+def torch_conv(net, x: np.ndarray, dt_scale: float = 1.0) -> np.ndarray:
+    import copy
+
+    net64 = copy.deepcopy(net).to(torch.float64)
+    with torch.no_grad():
+        for ssm in net64.ssms:
+            ssm.log_dt += math.log(dt_scale)
+        t = torch.from_numpy(x)
+        return net64(t.double() if t.is_floating_point() else t).numpy()
+
+
+def warm_state(step, m: dict, B: int, seed: int) -> np.ndarray:
+    """A non-zero state reached by running random inputs."""
+    zero = np.zeros((B, m["state_size"]), np.float32)
+    _, s = ort_steps(step, random_inputs(m, B, 29, seed), zero)
+    assert np.abs(s).max() > 0.1
+    return s
+
+
+# --- manifest ---------------------------------------------------------------------------
+
+
+def test_manifest_describes_the_model(token_model, token_net):
+    m = load_manifest(token_model)  # validates format, version and every sha256
+    cfg = token_net.cfg
+    assert m["format"] == FORMAT and m["format_version"] == FORMAT_VERSION
+    assert m["model"] == cfg.to_dict() and m["name"] == "token"
+    assert (m["input_kind"], m["vocab_size"], m["d_input"], m["d_output"]) == (
+        "tokens", cfg.vocab_size, None, cfg.vocab_size)  # fmt: skip
+    assert m["state_size"] == cfg.state_size == sum(e["size"] for e in m["state_layout"])
+    assert m["state_layout"] == token_net.state_layout() and m["state_dtype"] == "float32"
+    assert (m["dtype"], m["dt_scale"], m["opset"]) == ("fp32", 1.0, 20)
+    for name, g in m["graphs"].items():
+        f = token_model / g["file"]
+        assert g["sha256"] == sha256_file(f) and g["bytes"] == f.stat().st_size
+        model = onnx.load(f)
+        assert g["nodes"] == len(model.graph.node)
+        meta = {p.key: p.value for p in model.metadata_props}
+        inner = json.loads(meta[METADATA_KEY])
+        assert inner["state_layout"] == m["state_layout"] and inner["parity"] == m["parity"]
+        assert "sha256" not in inner["graphs"][name]
+    pre = m["graphs"]["prefill"]
+    assert pre["chunk"] == EXPORT["chunk"]
+    assert pre["max_len"] == EXPORT["chunk"] * EXPORT["max_chunks"]
+    assert {"torch", "onnx", "onnxruntime", "ssmstream"} <= set(m["exporter"])
+    p = m["parity"]
+    assert p["passed"] and p["step_vs_torch"]["length"] >= 4096
+    assert p["step_vs_torch"]["max_rel"] <= FP32_TOL
+    q = p["prefill_vs_step"]
+    assert max(q["max_rel_output"], q["max_rel_state"]) <= FP32_TOL
+
+
+def test_graph_io_contract(token_model, signal_model):
+    for d, dtype in ((token_model, onnx.TensorProto.INT64), (signal_model, onnx.TensorProto.FLOAT)):
+        m = load_manifest(d)
+        for name in ("step", "prefill"):
+            g = onnx.load(d / m["graphs"][name]["file"]).graph
+            ins = {i.name: i.type.tensor_type for i in g.input}
+            outs = {o.name: o.type.tensor_type for o in g.output}
+            assert list(ins) == ["input", "state"] and list(outs) == ["output", "state_out"]
+            assert ins["input"].elem_type == dtype
+            for t in (ins["state"], outs["state_out"], outs["output"]):
+                assert t.elem_type == onnx.TensorProto.FLOAT
+            assert ins["state"].shape.dim[0].dim_param  # dynamic batch
+            assert ins["state"].shape.dim[1].dim_value == m["state_size"]
+            if name == "prefill":
+                assert ins["input"].shape.dim[1].dim_param == "T"
+
+
+# --- parity -----------------------------------------------------------------------------
+
+
+def test_ort_step_equals_torch_step_and_conv_forward(token_model, token_net):
+    m = load_manifest(token_model)
+    step = session(token_model / "step.onnx")
+    x = random_inputs(m, 2, 600, seed=3)
+    y_ort, s_ort = ort_steps(step, x, np.zeros((2, m["state_size"]), np.float32))
+    conv = torch_conv(token_net, x)
+    states, outs = token_net.initial_state(2), []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            out, states = token_net.step(torch.from_numpy(x[:, t]), states)
+            outs.append(out.numpy())
+    y_torch_step = np.stack(outs, 1)
+    assert rel_err(y_ort, conv) < FP32_TOL
+    assert rel_err(y_torch_step, conv) < FP32_TOL
+    assert rel_err(s_ort, token_net.pack_state(states).numpy()) < FP32_TOL
+
+
+def test_signal_model_parity_multihead_bilinear(signal_model, signal_net):
+    m = load_manifest(signal_model)
+    assert m["input_kind"] == "values" and m["d_input"] == 3 and m["d_output"] == 2
+    assert m["parity"]["passed"] and m["parity"]["step_vs_torch"]["max_rel"] <= FP32_TOL
+    step, prefill = session(signal_model / "step.onnx"), session(signal_model / "prefill.onnx")
+    x = random_inputs(m, 2, 300, seed=4)
+    zero = np.zeros((2, m["state_size"]), np.float32)
+    y_step, s_step = ort_steps(step, x, zero)
+    assert rel_err(y_step, torch_conv(signal_net, x, dt_scale=DT_SCALE)) < FP32_TOL
+    y_pre, s_pre = prefill.run(None, {"input": x[:, :32], "state": zero})
+    assert rel_err(y_pre, y_step[:, :32]) < FP32_TOL
+
+
+@pytest.mark.parametrize("T", [8, 16, 32])
+def test_prefill_then_steps_equals_steps_only(token_model, T):
+    m = load_manifest(token_model)
+    step, prefill = session(token_model / "step.onnx"), session(token_model / "prefill.onnx")
+    state = warm_state(step, m, 3, seed=T)
+    x = random_inputs(m, 3, T + 5, seed=100 + T)
+    y_ref, s_ref = ort_steps(step, x, state)
+    y_pre, s = prefill.run(None, {"input": x[:, :T], "state": state})
+    y_rest, s = ort_steps(step, x[:, T:], s)
+    assert y_pre.shape == (3, T, m["d_output"])
+    assert rel_err(np.concatenate([y_pre, y_rest], 1), y_ref) < FP32_TOL
+    assert rel_err(s, s_ref) < FP32_TOL
+
+
+def test_batch_independence(token_model):
+    """B sessions in one call == each session alone (step and prefill)."""
+    m = load_manifest(token_model)
+    step, prefill = session(token_model / "step.onnx"), session(token_model / "prefill.onnx")
+    B = 4
+    states = warm_state(step, m, B, seed=9)
+    x = random_inputs(m, B, 16, seed=10)
+    y_all, s_all = step.run(None, {"input": x[:, 0], "state": states})
+    p_all, ps_all = prefill.run(None, {"input": x, "state": states})
+    for b in range(B):
+        y_b, s_b = step.run(None, {"input": x[b : b + 1, 0], "state": states[b : b + 1]})
+        np.testing.assert_allclose(y_all[b : b + 1], y_b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s_all[b : b + 1], s_b, rtol=1e-5, atol=1e-6)
+        p_b, ps_b = prefill.run(None, {"input": x[b : b + 1], "state": states[b : b + 1]})
+        np.testing.assert_allclose(p_all[b : b + 1], p_b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ps_all[b : b + 1], ps_b, rtol=1e-5, atol=1e-6)
+
+
+RUN_FROM_MANIFEST = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import onnxruntime as ort
+
+    d = sys.argv[1]
+    m = json.load(open(f"{d}/manifest.json"))
+    B, S, V = 3, m["state_size"], m["d_output"]
+    rng = np.random.default_rng(0)
+
+    def inputs(shape):
+        if m["input_kind"] == "tokens":
+            return rng.integers(0, m["vocab_size"], size=shape, dtype=np.int64)
+        return rng.standard_normal((*shape, m["d_input"])).astype(np.float32)
+
+    step = ort.InferenceSession(f"{d}/{m['graphs']['step']['file']}",
+                                providers=["CPUExecutionProvider"])
+    state = np.zeros((B, S), dtype=np.float32)
+    for _ in range(5):
+        out, state = step.run(None, {"input": inputs((B,)), "state": state})
+    assert out.shape == (B, V) and out.dtype == np.float32, out.shape
+    assert state.shape == (B, S) and state.dtype == np.float32
+    T = 2 * m["graphs"]["prefill"]["chunk"]
+    pre = ort.InferenceSession(f"{d}/{m['graphs']['prefill']['file']}",
+                               providers=["CPUExecutionProvider"])
+    out, state2 = pre.run(None, {"input": inputs((B, T)), "state": state})
+    assert out.shape == (B, T, V) and state2.shape == (B, S)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(state2))
+    assert "torch" not in sys.modules and "ssmstream" not in sys.modules
+    print("ok")
+    """
+)
+
+
+def test_manifest_alone_runs_the_graphs(token_model, signal_model):
+    """A fresh process with only json + numpy + onnxruntime runs both graphs."""
+    for d in (token_model, signal_model):
+        r = subprocess.run(
+            [sys.executable, "-c", RUN_FROM_MANIFEST, str(d)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# --- variants ---------------------------------------------------------------------------
+
+
+def test_dt_scale_export_matches_scaled_torch_model(signal_model, signal_net):
+    m = load_manifest(signal_model)
+    assert m["dt_scale"] == DT_SCALE and m["parity"]["passed"]
+    x = random_inputs(m, 2, 256, seed=11)
+    zero = np.zeros((2, m["state_size"]), np.float32)
+    y, _ = ort_steps(session(signal_model / "step.onnx"), x, zero)
+    y_pre, _ = session(signal_model / "prefill.onnx").run(None, {"input": x[:, :32], "state": zero})
+    scaled = torch_conv(signal_net, x, dt_scale=DT_SCALE)
+    assert rel_err(y, scaled) < FP32_TOL
+    assert rel_err(y_pre, scaled[:, :32]) < FP32_TOL
+    assert rel_err(y, torch_conv(signal_net, x)) > 1e-3  # not the unscaled model
+
+
+def test_int8_variant(int8_model, token_model):
+    m = load_manifest(int8_model)
+    assert m["dtype"] == "int8" and m["parity"]["passed"]
+    tol = TOLERANCES["int8"]
+    assert m["parity"]["tolerance"] == tol
+    assert m["parity"]["step_vs_torch"]["max_rel"] <= tol["step_vs_torch"]
+    ops = {n.op_type for n in onnx.load(int8_model / "step.onnx").graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+    x = random_inputs(m, 2, 200, seed=12)
+    zero = np.zeros((2, m["state_size"]), np.float32)
+    y8, s8 = ort_steps(session(int8_model / "step.onnx"), x, zero)
+    y32, _ = ort_steps(session(token_model / "step.onnx"), x, zero)
+    assert s8.dtype == np.float32
+    assert rel_err(y8, y32) <= tol["step_vs_torch"]
+    assert rel_err(y8, y32) > 1e-6  # it is a different (quantized) computation
+
+
+def test_fp16_variant(fp16_model, token_net):
+    m = load_manifest(fp16_model)
+    assert m["dtype"] == "fp16" and m["parity"]["passed"]
+    g = onnx.load(fp16_model / "step.onnx").graph
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer)
+    assert g.input[1].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # state stays fp32
+    x = random_inputs(m, 2, 200, seed=13)
+    zero = np.zeros((2, m["state_size"]), np.float32)
+    y, s = ort_steps(session(fp16_model / "step.onnx"), x, zero)
+    assert y.dtype == np.float32 and s.dtype == np.float32
+    assert rel_err(y, torch_conv(token_net, x)) <= TOLERANCES["fp16"]["step_vs_torch"]

@@ -1,0 +1,162 @@
+"""The export-only torch modules (real arithmetic) against the network's own two views.
+
+StepGraph run recurrently and PrefillGraph run chunk-wise must both equal the network's
+convolution-mode forward (float64), for every discretization and head layout, from zero
+and non-zero states, and with Δ scaled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ssmstream.export.modules import PrefillGraph, StepGraph
+from ssmstream.model import SSMConfig, SSMNetwork
+
+TOL = 1e-4  # max |error| / max |reference| in float32
+
+
+def make_net(seed: int = 0, **kw) -> SSMNetwork:
+    torch.manual_seed(seed)
+    base = dict(d_model=8, n_layers=2, d_state=8)
+    if "d_input" not in kw:
+        base["vocab_size"] = 13
+    return SSMNetwork(SSMConfig(**{**base, **kw})).eval()
+
+
+def inputs(net: SSMNetwork, B: int, L: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cfg = net.cfg
+    if cfg.input_kind == "tokens":
+        return torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+    return torch.randn(B, L, cfg.d_input, generator=g)
+
+
+def conv_reference(net: SSMNetwork, x: torch.Tensor, dt_scale: float = 1.0) -> torch.Tensor:
+    """float64 convolution-mode forward with every Δ scaled (an independent computation)."""
+    import copy
+
+    net64 = copy.deepcopy(net).to(torch.float64)
+    with torch.no_grad():
+        for ssm in net64.ssms:
+            ssm.log_dt += math.log(dt_scale)
+        return net64(x if not x.is_floating_point() else x.double())
+
+
+def run_steps(step: StepGraph, x: torch.Tensor, state: torch.Tensor):
+    outs = []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            out, state = step(x[:, t], state)
+            outs.append(out)
+    return torch.stack(outs, 1), state
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+DISCRETIZATIONS = [
+    dict(discretization="zoh"),
+    dict(discretization="bilinear"),
+    dict(discretization="backward_euler"),
+    dict(discretization="gbt", alpha=0.3),
+    # forward Euler is only stable for small Δ·|A|: keep Δ small
+    dict(discretization="euler", dt_min=1e-3, dt_max=1e-2),
+]
+
+
+@pytest.mark.parametrize("disc", DISCRETIZATIONS, ids=lambda d: d["discretization"])
+def test_step_and_prefill_equal_conv_forward_siso_tokens(disc):
+    net = make_net(**disc)
+    x = inputs(net, B=2, L=192)
+    ref = conv_reference(net, x)
+    state0 = torch.zeros(2, net.cfg.state_size)
+    y_step, s_step = run_steps(StepGraph(net), x, state0)
+    with torch.no_grad():
+        y_pre, s_pre = PrefillGraph(net, chunk=16, max_chunks=12)(x, state0)
+    assert rel(y_step, ref) < TOL
+    assert rel(y_pre, ref) < TOL
+    assert rel(s_pre, s_step) < TOL
+
+
+@pytest.mark.parametrize("heads", [None, 2, 1], ids=["siso", "multihead", "mimo"])
+@pytest.mark.parametrize("mode_path", [False, True], ids=["kernel", "modes"])
+def test_head_layouts_continuous_inputs(heads, mode_path):
+    net = make_net(seed=3, d_input=3, d_output=2, heads=heads)
+    x = inputs(net, B=3, L=128)
+    ref = conv_reference(net, x)
+    state0 = torch.zeros(3, net.cfg.state_size)
+    y_step, s_step = run_steps(StepGraph(net), x, state0)
+    pre = PrefillGraph(net, chunk=16, max_chunks=8, mode_path=mode_path)
+    with torch.no_grad():
+        y_pre, s_pre = pre(x, state0)
+    assert rel(y_step, ref) < TOL
+    assert rel(y_pre, ref) < TOL
+    assert rel(s_pre, s_step) < TOL
+
+
+@pytest.mark.parametrize("T", [16, 48, 128])
+@pytest.mark.parametrize("heads", [None, 4])
+def test_prefill_from_nonzero_state_equals_steps(T, heads):
+    net = make_net(seed=5, heads=heads)
+    step = StepGraph(net)
+    warm, state = run_steps(step, inputs(net, 2, 37, seed=7), torch.zeros(2, net.cfg.state_size))
+    assert state.abs().max() > 0.1  # a real, non-zero starting state
+    x = inputs(net, 2, T, seed=8)
+    y_step, s_step = run_steps(step, x, state)
+    with torch.no_grad():
+        y_pre, s_pre = PrefillGraph(net, chunk=16, max_chunks=8)(x, state)
+    assert rel(y_pre, y_step) < TOL
+    assert rel(s_pre, s_step) < TOL
+
+
+def test_step_equals_network_step_on_packed_state():
+    """The export module's packed state is the network's pack_state of its complex state."""
+    net = make_net(seed=2, heads=2)
+    x = inputs(net, 2, 20)
+    states = net.initial_state(2)
+    packed = torch.zeros(2, net.cfg.state_size)
+    step = StepGraph(net)
+    with torch.no_grad():
+        for t in range(20):
+            ref, states = net.step(x[:, t], states)
+            out, packed = step(x[:, t], packed)
+            assert rel(out, ref) < TOL
+    assert rel(packed, net.pack_state(states)) < TOL
+
+
+def test_dt_scale_matches_scaled_torch_model():
+    net = make_net(seed=4)
+    x = inputs(net, 2, 96)
+    s = 0.37
+    ref = conv_reference(net, x, dt_scale=s)
+    state0 = torch.zeros(2, net.cfg.state_size)
+    y, _ = run_steps(StepGraph(net, dt_scale=s), x, state0)
+    with torch.no_grad():
+        y_pre, _ = PrefillGraph(net, dt_scale=s, chunk=16, max_chunks=6)(x, state0)
+    assert rel(y, ref) < TOL
+    assert rel(y_pre, ref) < TOL
+    assert rel(y, conv_reference(net, x)) > 1e-3  # the scale really changed the function
+
+
+def test_modules_hold_no_complex_tensors():
+    net = make_net(heads=2)
+    for module in (StepGraph(net), PrefillGraph(net, chunk=8, max_chunks=2)):
+        for name, t in list(module.named_buffers()) + list(module.named_parameters()):
+            assert not t.is_complex(), name
+
+
+def test_fp16_variant_keeps_state_float32():
+    net = make_net()
+    step = StepGraph(net, dtype="fp16")
+    x = inputs(net, 2, 64)
+    y, s = run_steps(step, x, torch.zeros(2, net.cfg.state_size))
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    assert rel(y, conv_reference(net, x)) < 2e-2
+
+
+def test_bad_chunk_is_refused():
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        PrefillGraph(make_net(), chunk=12)
