@@ -40,11 +40,14 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-# max error / reference scale, per export dtype
+# max error / reference scale, per export dtype. fp16/int8 measured on random models
+# (d_model 8–64, 4096 steps): fp16 ~4e-4 (step) / ~2e-4 (prefill); int8 ~9e-3 (step) and up
+# to ~6e-2 prefill vs step (dynamic quantization ranges differ between a [B, T] prefill
+# and a [B] step). The tolerances leave ~3–10x headroom over those.
 TOLERANCES = {
     "fp32": {"step_vs_torch": 1e-4, "prefill_vs_step": 1e-4},
-    "fp16": {"step_vs_torch": 3e-2, "prefill_vs_step": 3e-2},
-    "int8": {"step_vs_torch": 1.5e-1, "prefill_vs_step": 1.5e-1},
+    "fp16": {"step_vs_torch": 5e-3, "prefill_vs_step": 5e-3},
+    "int8": {"step_vs_torch": 5e-2, "prefill_vs_step": 1.5e-1},
 }
 
 
