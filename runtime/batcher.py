@@ -181,7 +181,8 @@ class Batcher:
         """Feed `inputs` to a session; returns (outputs [T, d_out], new position).
 
         Args:
-            session: a session id (looked up for `principal`) or a Session from the store.
+            session: a session id (looked up for `principal`), or a Session the caller got
+                from the store (its owner is not checked again).
             inputs: tokens int [T] (a scalar is [1]) | values float [T, d_in]; T > 1 = prefill.
             principal: the caller, owner of the session.
         Raises InvalidInput, SessionNotFound, LimitExceeded (session queue full),

@@ -1,0 +1,109 @@
+"""`ssmstream bench MODEL_DIR`: quick step / prefill latency of an exported model (no torch).
+
+Measures, on this machine, with the Engine only (no server):
+
+    step     per-call latency p50 / p99 of Engine.step at batch B (default 1), and the
+             tokens/s it implies (B / p50)
+    prefill  Engine.prefill of one T-token prompt (default 256) vs T sequential steps
+
+For the full runtime benchmark (Batcher throughput, RSS, memory per session) see
+benchmarks/bench_runtime.py.
+
+Dimension letters: B batch, T prompt length, S packed state size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import numpy as np
+
+from .engine import Engine
+from .errors import RuntimeErrorBase
+
+log = logging.getLogger(__name__)
+
+
+def random_inputs(engine: Engine, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Tokens in [0, V) or standard-normal values, of shape `shape` (+ d_input)."""
+    if engine.input_kind == "tokens":
+        return rng.integers(0, engine.vocab_size, size=shape)
+    return rng.standard_normal((*shape, engine.d_input)).astype(np.float32)
+
+
+def bench_step(engine: Engine, batch: int, steps: int, seed: int = 0) -> dict:
+    """Latency of `steps` calls of Engine.step at batch `batch` (after 10 warm-up calls)."""
+    rng = np.random.default_rng(seed)
+    x = random_inputs(engine, rng, (steps + 10, batch))  # [steps, B(, d_in)]
+    s = engine.new_state(batch)  # [B, S]
+    times = np.empty(steps, dtype=np.float64)
+    for i in range(steps + 10):
+        t0 = time.perf_counter()
+        _, s = engine.step(x[i], s)
+        if i >= 10:
+            times[i - 10] = time.perf_counter() - t0
+    p50, p99 = np.percentile(times, [50, 99])
+    return {"batch": batch, "steps": steps, "p50_us": 1e6 * p50, "p99_us": 1e6 * p99,
+            "tokens_per_s": batch / p50}  # fmt: skip
+
+
+def bench_prefill(engine: Engine, length: int, seed: int = 0) -> dict:
+    """One prompt of `length` inputs: Engine.prefill vs `length` sequential steps."""
+    rng = np.random.default_rng(seed)
+    x = random_inputs(engine, rng, (1, length))  # [1, T(, d_in)]
+    engine.prefill(x, engine.new_state())  # warm-up
+    t0 = time.perf_counter()
+    _, s_pre = engine.prefill(x, engine.new_state())
+    t_prefill = time.perf_counter() - t0
+    s = engine.new_state()
+    t0 = time.perf_counter()
+    for t in range(length):
+        _, s = engine.step(x[:, t], s)
+    t_steps = time.perf_counter() - t0
+    return {
+        "length": length,
+        "prefill_ms": 1e3 * t_prefill,
+        "steps_ms": 1e3 * t_steps,
+        "speedup": t_steps / t_prefill,
+        "max_state_diff": float(np.abs(s_pre - s).max()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="ssmstream bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("model_dir", help="an exported model directory")
+    p.add_argument("--batch", type=int, default=1, help="streams per step call (B)")
+    p.add_argument("--steps", type=int, default=1000, help="timed step calls")
+    p.add_argument("--prefill", type=int, default=256, help="prompt length T (0: skip)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.batch < 1 or a.steps < 1 or a.prefill < 0:
+        p.error("--batch and --steps must be >= 1, --prefill >= 0")
+    try:
+        engine = Engine(a.model_dir, device=a.device, threads=a.threads)
+        info = engine.info
+        log.info("%s: %s, S=%d, %s on %s", info["name"], info["input_kind"],
+                 info["state_size"], info["dtype"], engine.provider)  # fmt: skip
+        r = bench_step(engine, a.batch, a.steps)
+        log.info("step  B=%d: p50 %.1f µs, p99 %.1f µs -> %.0f tokens/s",
+                 r["batch"], r["p50_us"], r["p99_us"], r["tokens_per_s"])  # fmt: skip
+        if a.prefill:
+            r = bench_prefill(engine, a.prefill)
+            log.info("prefill T=%d: %.2f ms vs %.2f ms stepping (%.1fx), state diff %.1e",
+                     r["length"], r["prefill_ms"], r["steps_ms"], r["speedup"],
+                     r["max_state_diff"])  # fmt: skip
+    except RuntimeErrorBase as e:
+        log.error("ssmstream bench: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
