@@ -8,10 +8,17 @@ computes the prefill's Toeplitz / chunk tables once at session start; LayerNorm,
 and MatMul+Add fusions cut the node count).
 
     session_options(threads=None)  ->  ort.SessionOptions
+    trim_heap()                    ->  bool   (call once after opening a prefill graph)
+
+Constant folding of the prefill tables is transient work of a few hundred MB for a large
+model (H·N/2·Q-sized intermediates per layer); glibc keeps that freed memory in the heap,
+so the process RSS stays high until `trim_heap()` hands it back to the OS.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 import onnxruntime as ort
@@ -45,3 +52,15 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only; ORT warns about unused initializers otherwise
     return so
+
+
+def trim_heap() -> bool:
+    """Return freed heap memory to the OS (glibc `malloc_trim(0)`); False where unavailable."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False

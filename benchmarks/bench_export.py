@@ -1,0 +1,477 @@
+"""Benchmark of the exported graphs: ORT step vs torch eager, prefill vs steps, cost vs position.
+
+    python benchmarks/bench_export.py [--out benchmarks/results] [--quick]
+
+One run measures, on this machine, for one exported model (default: the issue's probe size,
+tokens, d_model 256, 4 layers, d_state 128 = 64 complex modes per channel, SISO, fp32):
+
+1. step latency, ORT step graph vs torch eager `SSMNetwork.step`, at B = 1 and B = 64; each
+   timed in its own process (a process that also ran torch slows ORT down);
+2. prefill of T = 1024 tokens (one prefill call) vs 1024 sequential ORT steps, with the
+   graph file size, session start time and the memory the session takes;
+3. per-token cost at stream position L = 256 … 65 536: one recurrent step (flat) vs
+   recomputing the convolution-mode forward over the prefix (growing);
+4. a small sweep of onnxruntime session options for the B = 1 step (what
+   `ssmstream.runtime.ort_options.session_options` picks).
+
+Writes bench_export.json, bench_export.md (tables) and bench_export.png (plots). Timings are
+medians; the machine's load average is recorded because the CPUs may be shared.
+
+Dimension letters: B batch, T prefill length, L stream position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+POSITIONS = [256, 1024, 4096, 16384, 65536]
+
+
+# --- workers (each runs in its own process; prints one JSON object) -----------------------
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MB."""
+    now = peak = 0.0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return now, peak
+
+
+def _timeit(fn, repeat: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def _ms(ts: list[float]) -> dict:
+    ts = sorted(ts)
+    return {
+        "median_ms": 1e3 * statistics.median(ts),
+        "p90_ms": 1e3 * ts[int(0.9 * (len(ts) - 1))],
+        "n": len(ts),
+    }
+
+
+def _ort_session(path: Path, threads: int | None, level: str = "all"):
+    import onnxruntime as ort
+    from ssmstream.runtime.ort_options import session_options
+
+    so = session_options(threads)
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess, time.perf_counter() - t0
+
+
+def _tokens(m: dict, shape, rng):
+    import numpy as np
+
+    if m["input_kind"] == "tokens":
+        return rng.integers(0, m["vocab_size"], size=shape, dtype=np.int64)
+    return rng.standard_normal((*shape, m["d_input"])).astype(np.float32)
+
+
+def worker_ort_step(a) -> dict:
+    import numpy as np
+
+    m = json.loads((Path(a.model_dir) / "manifest.json").read_text())
+    sess, start = _ort_session(Path(a.model_dir) / "step.onnx", a.threads, a.level)
+    rng = np.random.default_rng(0)
+    out = {"session_start_s": start, "threads": a.threads, "level": a.level, "batch": {}}
+    for B in a.batch:
+        state = [np.zeros((B, m["state_size"]), np.float32)]
+        x = _tokens(m, (B,), rng)
+
+        def one(x=x, state=state):
+            _, state[0] = sess.run(None, {"input": x, "state": state[0]})
+
+        reps = a.repeat if B == 1 else max(20, a.repeat // 20)
+        out["batch"][str(B)] = _ms(_timeit(one, reps, warmup=reps // 10 + 5))
+    return out
+
+
+def worker_torch_step(a) -> dict:
+    import torch
+    from ssmstream.model import load_checkpoint
+
+    torch.set_num_threads(a.threads or os.cpu_count())
+    net = load_checkpoint(a.ckpt)
+    out = {"threads": torch.get_num_threads(), "batch": {}}
+    g = torch.Generator().manual_seed(0)
+    for B in a.batch:
+        states = [net.initial_state(B)]
+        if net.cfg.input_kind == "tokens":
+            x = torch.randint(0, net.cfg.vocab_size, (B,), generator=g)
+        else:
+            x = torch.randn(B, net.cfg.d_input, generator=g)
+
+        def one(x=x, states=states):
+            with torch.inference_mode():
+                _, states[0] = net.step(x, states[0])
+
+        reps = a.repeat if B == 1 else max(20, a.repeat // 20)
+        out["batch"][str(B)] = _ms(_timeit(one, reps, warmup=reps // 10 + 5))
+    return out
+
+
+def worker_prefill(a) -> dict:
+    """prefill T (one call) vs T sequential steps, session start, memory."""
+    import numpy as np
+    from ssmstream.runtime.ort_options import trim_heap
+
+    d = Path(a.model_dir)
+    m = json.loads((d / "manifest.json").read_text())
+    rss0, _ = _rss_mb()
+    pre, start = _ort_session(d / "prefill.onnx", a.threads)
+    rss1, peak1 = _rss_mb()
+    trim_heap()
+    rss2, _ = _rss_mb()
+    step, step_start = _ort_session(d / "step.onnx", a.threads)
+    T, S = a.T, m["state_size"]
+    rng = np.random.default_rng(1)
+    x = _tokens(m, (1, T), rng)
+    zero = np.zeros((1, S), np.float32)
+    t_pre = _timeit(lambda: pre.run(None, {"input": x, "state": zero}), a.repeat, warmup=2)
+
+    def steps():
+        s = zero
+        for t in range(T):
+            _, s = step.run(None, {"input": x[:, t], "state": s})
+
+    t_steps = _timeit(steps, max(3, a.repeat // 4), warmup=1)
+    y_pre, s_pre = pre.run(None, {"input": x, "state": zero})
+    s = zero
+    for t in range(T):
+        y, s = step.run(None, {"input": x[:, t], "state": s})
+    err = float(np.max(np.abs(s_pre - s)) / np.max(np.abs(s)))
+    return {
+        "T": T,
+        "prefill": _ms(t_pre),
+        "steps": _ms(t_steps),
+        "speedup": statistics.median(t_steps) / statistics.median(t_pre),
+        "prefill_session_start_s": start,
+        "step_session_start_s": step_start,
+        "rss_mb": {
+            "before": rss0,
+            "after_prefill_session": rss1,
+            "peak_during_session_start": peak1,
+            "after_trim_heap": rss2,
+        },
+        "state_rel_err_prefill_vs_steps": err,
+        "file_mb": {g: (d / m["graphs"][g]["file"]).stat().st_size / 2**20 for g in m["graphs"]},
+        "nodes": {g: m["graphs"][g]["nodes"] for g in m["graphs"]},
+        "chunk": m["graphs"]["prefill"]["chunk"],
+    }
+
+
+def worker_stream(a) -> dict:
+    """Per-token step latency at stream positions L (one stream, window of steps at each L)."""
+    import numpy as np
+
+    d = Path(a.model_dir)
+    m = json.loads((d / "manifest.json").read_text())
+    step, _ = _ort_session(d / "step.onnx", a.threads)
+    rng = np.random.default_rng(2)
+    s = np.zeros((1, m["state_size"]), np.float32)
+    window, out, pos = 64, {}, 0
+    for L in a.positions:
+        xs = _tokens(m, (L - pos, 1), rng)
+        for i in range(L - pos - window):
+            _, s = step.run(None, {"input": xs[i], "state": s})
+        ts = []
+        for i in range(L - pos - window, L - pos):
+            t0 = time.perf_counter()
+            _, s = step.run(None, {"input": xs[i], "state": s})
+            ts.append(time.perf_counter() - t0)
+        out[str(L)] = _ms(ts)
+        pos = L
+    return {"positions": out, "state_finite": bool(np.all(np.isfinite(s)))}
+
+
+def worker_recompute(a) -> dict:
+    """Time of the torch convolution-mode forward over a prefix of length L (B = 1)."""
+    import torch
+    from ssmstream.model import load_checkpoint
+
+    torch.set_num_threads(a.threads or os.cpu_count())
+    net = load_checkpoint(a.ckpt)
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for L in a.positions:
+        x = torch.randint(0, net.cfg.vocab_size, (1, L), generator=g)
+
+        def fwd(x=x):
+            with torch.inference_mode():
+                net(x)
+
+        reps = 5 if L <= 4096 else 2
+        out[str(L)] = _ms(_timeit(fwd, reps, warmup=1))
+    return {"positions": out, "threads": torch.get_num_threads()}
+
+
+WORKERS = {
+    "ort_step": worker_ort_step,
+    "torch_step": worker_torch_step,
+    "prefill": worker_prefill,
+    "stream": worker_stream,
+    "recompute": worker_recompute,
+}
+
+
+# --- driver -----------------------------------------------------------------------------
+
+
+def run_worker(name: str, model_dir: Path, ckpt: Path, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir)]
+    cmd += ["--ckpt", str(ckpt)]
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, (list, tuple)):
+            cmd += [flag, *map(str, v)]
+        elif v is not None:
+            cmd += [flag, str(v)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"worker {name} failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def build_model(args, work: Path) -> tuple[Path, Path, float]:
+    import torch
+    from ssmstream.export import export_model
+    from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = SSMConfig(
+        vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state
+    )
+    ckpt = save_checkpoint(SSMNetwork(cfg).eval(), work / "ckpt")
+    t0 = time.perf_counter()
+    model = export_model(ckpt, work / "model", chunk=args.chunk, name="bench")
+    return ckpt, model, time.perf_counter() - t0
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    s, p, mc = res["step"], res["prefill"], res["model"]
+    lines = [
+        "# bench_export — exported step / prefill graphs (CPU)",
+        "",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; load average "
+        f"{res['load_before'][0]:.1f} before / {res['load_after'][0]:.1f} after (shared CPUs).",
+        f"Model: tokens, vocab {mc['vocab_size']}, d_model {mc['d_model']}, {mc['n_layers']} "
+        f"layers, d_state {mc['d_state']} (SISO, zoh), fp32; S = {res['state_size']} floats. "
+        f"Export took {res['export_s']:.0f} s (incl. parity check: "
+        f"{'passed' if res['parity_passed'] else 'FAILED'}).",
+        "",
+        "## Step latency, B = batch (median per step, each side in its own process)",
+        "",
+        "| B | ORT step (ms) | torch eager step (ms) | ORT speed-up |",
+        "|---|---|---|---|",
+    ]
+    for B in s["ort"]["batch"]:
+        o, t = s["ort"]["batch"][B]["median_ms"], s["torch"]["batch"][B]["median_ms"]
+        lines.append(f"| {B} | {o:.3f} | {t:.3f} | {t / o:.1f}× |")
+    lines += [
+        "",
+        f"ORT: {s['ort']['threads'] or 'all'} intra-op threads, full graph optimization; torch: "
+        f"{s['torch']['threads']} threads.",
+        "",
+        f"## Prefill T = {p['T']} vs {p['T']} sequential ORT steps (B = 1)",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| prefill, one call | {p['prefill']['median_ms']:.1f} ms |",
+        f"| {p['T']} sequential steps | {p['steps']['median_ms']:.1f} ms |",
+        f"| speed-up | {p['speedup']:.1f}× |",
+        f"| final state, prefill vs steps (max rel) | {p['state_rel_err_prefill_vs_steps']:.1e} |",
+        f"| prefill.onnx / step.onnx | {p['file_mb']['prefill']:.1f} MB / "
+        f"{p['file_mb']['step']:.1f} MB |",
+        f"| nodes prefill / step | {p['nodes']['prefill']} / {p['nodes']['step']} |",
+        f"| session start prefill / step | {p['prefill_session_start_s']:.2f} s / "
+        f"{p['step_session_start_s']:.2f} s |",
+        f"| RSS after prefill session (peak during start) | "
+        f"{p['rss_mb']['after_prefill_session']:.0f} MB "
+        f"({p['rss_mb']['peak_during_session_start']:.0f} MB) |",
+        f"| RSS after trim_heap() | {p['rss_mb']['after_trim_heap']:.0f} MB |",
+        f"| chunk Q | {p['chunk']} |",
+        "",
+        "## Per-token cost at stream position L (B = 1)",
+        "",
+        "| L | recurrent ORT step (ms) | recompute torch conv forward over prefix (ms) |",
+        "|---|---|---|",
+    ]
+    for L in res["position"]["stream"]["positions"]:
+        a = res["position"]["stream"]["positions"][L]["median_ms"]
+        b = res["position"]["recompute"]["positions"][L]["median_ms"]
+        lines.append(f"| {int(L):,} | {a:.3f} | {b:.1f} |")
+    lines += [
+        "",
+        "## ORT session options, step at B = 1",
+        "",
+        "| intra-op threads | graph optimization | median (ms) | p90 (ms) |",
+        "|---|---|---|---|",
+    ]
+    for row in res["sweep"]:
+        b1 = row["batch"]["1"]
+        lines.append(
+            f"| {row['threads']} | {row['level']} | {b1['median_ms']:.3f} | {b1['p90_ms']:.3f} |"
+        )
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    Ls = [int(L) for L in res["position"]["stream"]["positions"]]
+    rec = [res["position"]["stream"]["positions"][str(L)]["median_ms"] for L in Ls]
+    conv = [res["position"]["recompute"]["positions"][str(L)]["median_ms"] for L in Ls]
+    ax1.loglog(Ls, rec, "o-", label="recurrent step (ORT)")
+    ax1.loglog(Ls, conv, "s-", label="recompute conv forward over prefix (torch)")
+    ax1.set_xlabel("stream position L")
+    ax1.set_ylabel("cost of the next token (ms)")
+    ax1.set_title("per-token cost vs position")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend()
+    s = res["step"]
+    Bs = list(s["ort"]["batch"])
+    xs = range(len(Bs))
+    ax2.bar([x - 0.2 for x in xs], [s["ort"]["batch"][B]["median_ms"] for B in Bs], 0.4,
+            label="ORT step")  # fmt: skip
+    ax2.bar([x + 0.2 for x in xs], [s["torch"]["batch"][B]["median_ms"] for B in Bs], 0.4,
+            label="torch eager step")  # fmt: skip
+    ax2.set_xticks(list(xs), [f"B={B}" for B in Bs])
+    ax2.set_yscale("log")
+    ax2.set_ylabel("ms per step (median)")
+    ax2.set_title("step latency")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results dir")
+    ap.add_argument("--quick", action="store_true", help="small model and short runs (smoke)")
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--n-layers", type=int, default=4)
+    ap.add_argument("--d-state", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=64, help="prefill chunk Q")
+    ap.add_argument("--work", default=None, help="where to put the checkpoint + model (temp)")
+    # worker mode (internal)
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 64], help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--level", default="all", help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=2000, help=argparse.SUPPRESS)
+    ap.add_argument("--T", type=int, default=1024, help=argparse.SUPPRESS)
+    ap.add_argument("--positions", type=int, nargs="*", default=POSITIONS, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(WORKERS[a.worker](a)))
+        return 0
+
+    if a.quick:
+        a.d_model, a.n_layers, a.d_state, a.vocab = 32, 2, 16, 64
+    positions = [256, 1024, 4096] if a.quick else POSITIONS
+    repeat = 200 if a.quick else 2000
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work or tmp)
+        load_before = os.getloadavg()
+        ckpt, model, export_s = build_model(a, work)
+        m = json.loads((model / "manifest.json").read_text())
+        common = dict(model_dir=model, ckpt=ckpt)
+        res: dict = {
+            "machine": machine(),
+            "load_before": load_before,
+            "model": m["model"],
+            "state_size": m["state_size"],
+            "export_s": export_s,
+            "parity_passed": m["parity"]["passed"],
+            "parity": m["parity"],
+        }
+        print("step latency ...", flush=True)
+        torch_runs = [run_worker("torch_step", **common, repeat=repeat, threads=t) for t in (1, 2)]
+        res["step"] = {
+            "ort": run_worker("ort_step", **common, repeat=repeat),
+            # the baseline is torch at its best thread count (B = 1 decides)
+            "torch": min(torch_runs, key=lambda r: r["batch"]["1"]["median_ms"]),
+            "torch_all": torch_runs,
+        }
+        print("session option sweep ...", flush=True)
+        res["sweep"] = [
+            run_worker("ort_step", **common, batch=[1], threads=t, level=lv, repeat=repeat)
+            for t in (1, 2)
+            for lv in ("basic", "all")
+        ]
+        print("prefill vs steps ...", flush=True)
+        res["prefill"] = run_worker("prefill", **common, T=1024, repeat=10)
+        print("per-token cost vs position ...", flush=True)
+        res["position"] = {
+            "stream": run_worker("stream", **common, positions=positions),
+            "recompute": run_worker("recompute", **common, positions=positions, threads=2),
+        }
+        res["load_after"] = os.getloadavg()
+    (out / "bench_export.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_markdown(res, out / "bench_export.md")
+    plot(res, out / "bench_export.png")
+    print((out / "bench_export.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
