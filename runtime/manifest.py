@@ -12,15 +12,23 @@ definition of the format both sides use.
       "state_size": S, "state_dtype": "float32",
       "state_layout": [{"layer": i, "offset": o, "shape": [2, H, N/2], "size": n}],  # re, im
       "dtype": "fp32" | "fp16" | "int8", "opset": int, "dt_scale": float,
+      "precision": str,                 # what the dtype means (state is always float32)
       "graphs": {
-        "step":    {"file": "step.onnx",    "sha256": hex, "nodes": int, "bytes": int},
+        "step":    {"file": "step.onnx",    "sha256": hex, "nodes": int, "bytes": int,
+                    "inputs": {name: {"dtype", "shape"}}, "outputs": {...}},
         "prefill": {"file": "prefill.onnx", "sha256": hex, "nodes": int, "bytes": int,
-                    "chunk": C}             # absent with --no-prefill; T must be a multiple of C
-      },
-      "exporter": {"ssmstream": v, "torch": v, "onnx": v, "onnxruntime": v},
+                    "inputs": ..., "outputs": ...,
+                    "chunk": C,             # T must be a multiple of C ...
+                    "max_len": T_max}       # ... and at most T_max per call (C · max chunks);
+      },                                    # prefill absent with --no-prefill
+      "exporter": {"ssmstream": v, "torch": v, "onnx": v, "onnxscript": v, "onnxruntime": v},
       "parity": {...},                  # the verification report (see ssmstream.export.verify)
+      "source": {"checkpoint": path, "weights_sha256": hex},   # {} for an in-memory export
       "created": ISO-8601 time
     }
+
+Each graph also carries this manifest (without the graphs' own sha256 / bytes / nodes,
+which a file cannot contain about itself) in its metadata_props["ssmstream.manifest"].
 """
 
 from __future__ import annotations
