@@ -426,11 +426,13 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     @grpc_errors
     async def ForkSession(self, request, context):
         self._check_open()
-        s = self.store.fork(
-            session_ref(request.session_id),
-            current_principal(),
-            optional_id(request.new_session_id),
-        )
+        parent = session_ref(request.session_id)
+        try:
+            s = self.store.fork(parent, current_principal(), optional_id(request.new_session_id))
+        except InvalidInput as e:  # the parent id is checked above: this is about the new id
+            if e.field != "session_id":
+                raise
+            raise InvalidInput("new_session_id", str(e).split(": ", 1)[1]) from e
         return session_message(s)
 
     @grpc_errors
