@@ -59,6 +59,7 @@ _SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
 _STORE_HEAD = struct.Struct("<8sII")  # magic, version, JSON header length
 _DIGEST = 32  # sha256
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_POSITION = 2**63 - 1  # a restored position leaves room to count on (the wire has uint64)
 
 
 class Session:
@@ -436,6 +437,8 @@ class SessionStore:
             )
         if len(data) != _SNAP_HEAD.size + sha_len + 4 * S + _DIGEST:
             raise InvalidInput("snapshot", "is corrupt (length does not match its header)")
+        if position > MAX_POSITION:
+            raise InvalidInput("snapshot", f"position {position} is out of range (> 2**63 - 1)")
         o = _SNAP_HEAD.size
         sha = data[o : o + sha_len].decode("ascii", errors="replace")
         if sha != self.model_sha:
