@@ -161,6 +161,7 @@ class SessionStore:
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (principal, reason)
         self._max_gone = tombstones
         self._lock = threading.RLock()
+        self._save_lock = threading.Lock()  # one save at a time: they share the temp file
         self._counts = Counter()
 
     # --- bookkeeping -----------------------------------------------------------------
@@ -486,8 +487,14 @@ class SessionStore:
     # --- persistence ---------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write every live session to directory/sessions.bin atomically (temp file + rename)."""
-        directory = Path(directory)
+        """Write every live session to directory/sessions.bin atomically (temp file + rename).
+
+        Saves are serialized (a periodic save may still run when the shutdown save starts).
+        """
+        with self._save_lock:
+            return self._save(Path(directory))
+
+    def _save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / STORE_FILE
         with self._lock:
