@@ -69,6 +69,7 @@ class BenchConfig:
     sessions: int = 10_000
     out: str = str(RESULTS)
     name: str = "bench_runtime"  # results file names: NAME.json / .md / .png
+    sections: tuple[str, ...] = ("overhead", "throughput", "sessions", "rss")
 
     def __post_init__(self):
         for name in ("threads", "overhead_calls", "overhead_rounds", "max_batch", "sessions"):
@@ -78,6 +79,9 @@ class BenchConfig:
             raise ValueError("seconds must be > 0, warmup and max_batch_delay >= 0")
         if self.rss_tokens < 1000:
             raise ValueError(f"rss_tokens must be >= 1000, got {self.rss_tokens}")
+        unknown = set(self.sections) - {"overhead", "throughput", "sessions", "rss"}
+        if unknown or not self.sections:
+            raise ValueError(f"unknown sections {sorted(unknown)}")
         if not self.streams or min(self.streams) < 1:
             raise ValueError(f"streams must be positive counts, got {self.streams}")
 
@@ -274,12 +278,16 @@ def write_report(result: dict, out: Path) -> None:
     name = result["config"]["name"]
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["model"]
+    load, load_end = (
+        "n/a" if v is None else "/".join(f"{x:.1f}" for x in v)
+        for v in (result.get("loadavg_start"), result.get("loadavg_end"))
+    )
     lines = [
         f"# {name}",
         "",
         f"Model: {m['name']} (tokens, V={m['vocab_size']}, S={m['state_size']}), "
         f"{result['provider']}, onnxruntime threads={result['config']['threads']}; "
-        f"machine: {result['machine']}.",
+        f"machine: {result['machine']}; load average {load} (start) -> {load_end} (end).",
         "",
         "## Engine.step overhead vs bare InferenceSession.run (target <= 1.2x)",
         "",
@@ -288,6 +296,13 @@ def write_report(result: dict, out: Path) -> None:
     ]
     for r in result["overhead"]:
         lines.append(f"| {r['B']} | {r['variant']} | {r['us_per_call']:.1f} | {r['ratio']:.3f} |")
+    bare = {r["B"]: r["us_per_call"] for r in result["overhead"] if r["variant"].startswith("bare")}
+    lines += [
+        "",
+        f"The step graph alone gains {bare[1] / (bare[64] / 64):.1f}x per token from B = 1 to "
+        f"B = 64 ({bare[1]:.0f} µs vs {bare[64] / 64:.0f} µs per token): the ceiling of what "
+        "batching can add beyond saving the per-call overhead.",
+    ]
     lines += [
         "",
         "## Batcher throughput, closed-loop streams (target on/off >= 5x at 64)",
@@ -356,6 +371,14 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+SECTIONS = {
+    "overhead": bench_overhead,
+    "throughput": bench_throughput,
+    "sessions": bench_sessions,
+    "rss": bench_rss,
+}
+
+
 def run(cfg: BenchConfig) -> dict:
     model_dir = prepare_model(cfg)
     engine = Engine(model_dir, device="auto", threads=cfg.threads)
@@ -367,10 +390,16 @@ def run(cfg: BenchConfig) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-    result["overhead"] = bench_overhead(engine, cfg)
-    result["throughput"] = bench_throughput(engine, cfg)
-    result["sessions"] = bench_sessions(engine, cfg)
-    result["rss"] = bench_rss(engine, cfg)
+    previous = Path(cfg.out) / f"{cfg.name}.json"
+    if set(cfg.sections) != set(SECTIONS) and previous.exists():
+        # a partial rerun: keep the other sections of the earlier result
+        old = json.loads(previous.read_text())
+        if old.get("model") != result["model"]:
+            raise ValueError(f"{previous} is a result of another model; rerun all sections")
+        result = {**old, **result}
+    for name, fn in SECTIONS.items():
+        if name in cfg.sections:
+            result[name] = fn(engine, cfg)
     result["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     write_report(result, Path(cfg.out))
     return result
@@ -397,7 +426,18 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--sessions", type=int, default=d.sessions, help="sessions for memory/session")
     p.add_argument("--out", default=d.out, help="results directory")
     p.add_argument("--name", default=d.name, help="base name of the result files")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(d.sections),
+        help="what to measure; a partial run keeps the other sections of NAME.json",
+    )
+    p.add_argument("--from-json", help="only re-render the report of an earlier result JSON")
     a = p.parse_args(argv)
+    if a.from_json:
+        result = json.loads(Path(a.from_json).read_text())
+        write_report(result, Path(a.out))
+        raise SystemExit(0)
     return BenchConfig(
         model=a.model,
         work_dir=a.work_dir,
@@ -413,6 +453,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         sessions=a.sessions,
         out=a.out,
         name=a.name,
+        sections=tuple(a.sections),
     )
 
 
