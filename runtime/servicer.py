@@ -481,12 +481,12 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                     )
                 try:
                     outputs, position = await self.batcher.step(session_id, x, principal)
-                except Exception:
+                    yield step_response(session_id, position, outputs, req)
+                except BaseException:  # also a cancel: the client never got the new id
                     if created:  # the request that created the session failed: undo both
                         self._discard(session_id, principal)
                     raise
                 created = False
-                yield step_response(session_id, position, outputs, req)
                 self.metrics.count_tokens("Stream", len(x))
                 self.metrics.observe_request("Stream", time.perf_counter() - t0)
                 if self.draining:  # do not wait for a next request that would be refused
