@@ -185,12 +185,13 @@ def idle(srv) -> bool:
 class SlowOrFailingSession:
     """Wraps an onnxruntime InferenceSession to inject faults at the ORT call itself.
 
-    delay: seconds every run sleeps first; fail: how many of the next runs raise (like
-    onnxruntime does on a kernel failure); calls counts runs (with their batch sizes).
+    delay: seconds every run sleeps first; fail: how many runs raise (like onnxruntime does
+    on a kernel failure) after the first `after` runs succeeded; calls: one entry per run
+    (the batch size for `run`, -1 for `run_with_iobinding`).
     """
 
-    def __init__(self, sess, delay: float = 0.0, fail: int = 0):
-        self.sess, self.delay, self.fail, self.calls = sess, delay, fail, []
+    def __init__(self, sess, delay: float = 0.0, fail: int = 0, after: int = 0):
+        self.sess, self.delay, self.fail, self.after, self.calls = sess, delay, fail, after, []
 
     def _fault(self, batch: int) -> None:
         import time
@@ -198,7 +199,7 @@ class SlowOrFailingSession:
         self.calls.append(batch)
         if self.delay:
             time.sleep(self.delay)
-        if self.fail > 0:
+        if self.fail > 0 and len(self.calls) > self.after:
             self.fail -= 1
             raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected kernel failure")
 
@@ -215,11 +216,11 @@ class SlowOrFailingSession:
 
 
 @contextlib.contextmanager
-def inject(engine, graph: str = "step", delay: float = 0.0, fail: int = 0):
+def inject(engine, graph: str = "step", delay: float = 0.0, fail: int = 0, after: int = 0):
     """Replace the engine's step (or prefill) ORT session by a SlowOrFailingSession."""
     attr = f"_{graph}_session"
     real = getattr(engine, attr)
-    fake = SlowOrFailingSession(real, delay, fail)
+    fake = SlowOrFailingSession(real, delay, fail, after)
     setattr(engine, attr, fake)
     try:
         yield fake
