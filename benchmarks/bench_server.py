@@ -59,6 +59,7 @@ class BenchConfig:
     budget: int = 3000
     warmup: int = 5
     client_procs: int = 0  # processes the clients are spread over; 0: min(4, CPUs)
+    threads: int | None = None  # onnxruntime intra-op threads of server and bare engine
     max_batch: int = 256
     max_batch_delay: float = 0.002
     device: str = "auto"
@@ -101,11 +102,13 @@ def build_model(cfg: BenchConfig, workdir: Path) -> Path:
     return model
 
 
-def bare_step_latency(model_dir: Path, device: str, n: int = 2000) -> dict:
+def bare_step_latency(
+    model_dir: Path, device: str, threads: int | None = None, n: int = 2000
+) -> dict:
     """p50/p99 of Engine.step on one session in-process, ms."""
     from ssmstream.runtime.engine import Engine
 
-    eng = Engine(model_dir, device=device)
+    eng = Engine(model_dir, device=device, threads=threads)
     V = int(eng.info["vocab_size"])
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, V, size=n + 50, dtype=np.int64)  # [n + warmup]
@@ -128,7 +131,15 @@ def bare_step_latency(model_dir: Path, device: str, n: int = 2000) -> dict:
 class ServerProc:
     """The server under test in a subprocess; `port` once it is serving."""
 
-    def __init__(self, model_dir: Path, workdir: Path, max_batch: int, delay: float, device: str):
+    def __init__(
+        self,
+        model_dir: Path,
+        workdir: Path,
+        max_batch: int,
+        delay: float,
+        device: str,
+        threads: int | None = None,
+    ):
         port_file = workdir / f"port-{max_batch}.json"
         port_file.unlink(missing_ok=True)
         self.log_path = workdir / f"server-{max_batch}.log"
@@ -138,6 +149,8 @@ class ServerProc:
             "--max-batch", str(max_batch), "--max-batch-delay", str(delay),
             "--max-sessions", "1024", "--log-level", "WARNING",
         ]  # fmt: skip
+        if threads:
+            cmd += ["--threads", str(threads)]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -335,19 +348,25 @@ def main(argv: list[str] | None = None) -> int:
         device=a.device,
         out=a.out,
         client_procs=a.client_procs or min(4, os.cpu_count() or 1),
+        threads=a.threads,
     )
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = Path(cfg.model) if cfg.model else build_model(cfg, work)
-        bare = bare_step_latency(model, cfg.device)
+        bare = bare_step_latency(model, cfg.device, cfg.threads)
         log.info("bare Engine.step: p50 %.3f ms (%s)", bare["p50_ms"], bare["provider"])
         with open(model / "manifest.json") as f:
             V = int(json.load(f)["vocab_size"])
         runs = []
         for batching in (True, False):
             server = ServerProc(
-                model, work, cfg.max_batch if batching else 1, cfg.max_batch_delay, cfg.device
+                model,
+                work,
+                cfg.max_batch if batching else 1,
+                cfg.max_batch_delay,
+                cfg.device,
+                cfg.threads,
             )
             try:
                 for C in cfg.clients:
