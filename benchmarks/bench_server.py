@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-delay", type=float, default=d.max_batch_delay, help="seconds")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--client-procs", type=int, default=0, help="client processes; 0: min(4, CPUs)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime threads (server and bare step)"
+    )
     p.add_argument("--out", default=d.out, help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
