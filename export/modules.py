@@ -99,7 +99,11 @@ class StepSSM(nn.Module):
         self.register_buffer("D", ssm.D.detach().float().clone())  # [D]
 
     def forward(self, u: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
-        """u: float32 [B, D], X: [B, 2, H, N/2] -> (y [B, D], X')."""
+        """u: float32 [B, D], X: [B, 1, 2, H, N/2] or [B, 2, H, N/2] -> (y [B, D], X' [B,2,H,N/2]).
+
+        The singleton axis of X is the `cmul` broadcast axis: the step graph splits the
+        packed state straight into [B, 1, 2, H, N/2] blocks, with no per-layer reshape.
+        """
         Bsz = u.shape[0]
         H, M, N2 = self.H, self.M, self.N2
         if M == 1:
@@ -107,7 +111,8 @@ class StepSSM(nn.Module):
         else:
             uh = u.reshape(Bsz, H, M).transpose(0, 1)  # [H, B, M]
             Bu = (uh @ self.Bm).reshape(H, Bsz, 2, N2).permute(1, 2, 0, 3)  # [B, 2, H, N/2]
-        X = cmul(self.R, X, 1) + Bu  # [B, 2, H, N/2]
+        X5 = X if X.dim() == 5 else X.unsqueeze(1)  # [B, 1, 2, H, N/2]
+        X = (X5 * self.R).sum(2) + Bu  # dA x + dB u: [B, 2, H, N/2]
         if M == 1:
             y = (self.Cs * X).sum(dim=(1, 3))  # [B, H]
         else:
@@ -285,11 +290,17 @@ class _Trunk(nn.Module):
     def output(self, z: Tensor) -> Tensor:
         return self.head(self.norm(z)).float()
 
-    def split_state(self, state: Tensor) -> list[Tensor]:
-        """[B, S] -> per layer [B, 2, H, N/2]."""
-        Bsz = state.shape[0]
-        parts = torch.split(state, [e["size"] for e in self.layout], dim=1)
-        return [p.reshape(Bsz, *e["shape"]) for p, e in zip(parts, self.layout)]
+    def split_state(self, state: Tensor, singleton: bool = False) -> list[Tensor]:
+        """[B, S] -> per layer [B, 2, H, N/2] (or [B, 1, 2, H, N/2]): one Reshape + one Split."""
+        Bsz, L = state.shape[0], len(self.layout)
+        _, H, N2 = self.layout[0]["shape"]  # every layer has the same [2, H, N/2]
+        if singleton:
+            return list(state.reshape(Bsz, L, 2, H, N2).split(1, dim=1))
+        return list(state.reshape(Bsz, 2 * L, H, N2).split(2, dim=1))
+
+    def join_state(self, states: list[Tensor]) -> Tensor:
+        """Per layer [B, 2, H, N/2] -> [B, S]: one Concat + one Reshape."""
+        return torch.cat(states, dim=1).reshape(states[0].shape[0], -1)
 
 
 class StepGraph(nn.Module):
@@ -302,14 +313,13 @@ class StepGraph(nn.Module):
 
     def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         tr = self.trunk
-        Bsz = state.shape[0]
         z = tr.encode(input)  # [B, D]
         outs = []
-        for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state))):
+        for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state, singleton=True))):
             y, X = ssm(tr.norms[i](z).float(), X)  # [B, D], [B, 2, H, N/2]
             z = tr.mix(i, z, y)
-            outs.append(X.reshape(Bsz, -1))
-        return tr.output(z), torch.cat(outs, dim=1)
+            outs.append(X)
+        return tr.output(z), tr.join_state(outs)
 
 
 class PrefillGraph(nn.Module):
@@ -334,11 +344,10 @@ class PrefillGraph(nn.Module):
 
     def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         tr = self.trunk
-        Bsz = state.shape[0]
         z = tr.encode(input)  # [B, T, D]
         outs = []
         for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state))):
             y, X = ssm(tr.norms[i](z).float(), X)  # [B, T, D], [B, 2, H, N/2]
             z = tr.mix(i, z, y)
-            outs.append(X.reshape(Bsz, -1))
-        return tr.output(z), torch.cat(outs, dim=1)
+            outs.append(X)
+        return tr.output(z), tr.join_state(outs)

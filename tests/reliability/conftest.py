@@ -4,7 +4,7 @@ The suite runs real servers (in-process `BackgroundServer`, or `ServerProcess` s
 from tests/runtime/grpc_helpers.py) on the hand-built toy models of tests/runtime/conftest.py
 (`build_toy`): step.onnx + prefill.onnx + manifest.json for the recurrence
 
-    x_t = a ⊙ x_{t-1} + E[u_t],   y_t = tanh(x_t) @ W          (S = 8, V = 11, D = 5)
+    x_t = a ⊙ x_{t-1} + E[u_t],   y_t = tanh(x_t) @ W          (S = 8, V = D = 11)
 
 They build in milliseconds without torch, and come with `reference`, an independent float64
 numpy implementation, so every output and every state the server reports (snapshots) is
@@ -55,8 +55,9 @@ SNAP_HEAD = struct.Struct("<8sIQQH")  # documented in runtime/sessions.py
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory) -> dict:
-    """The token toy model (V=11, S=8, D=5, prefill chunk 4, max_len 12)."""
-    return build_toy(tmp_path_factory.mktemp("rel_toy_tokens"), "tokens", seed=0)
+    """The token toy model: V = D = 11 (its outputs are logits over the vocabulary, as the
+    contract has it for token models), S = 8, prefill chunk 4, max_len 12."""
+    return build_toy(tmp_path_factory.mktemp("rel_toy_tokens"), "tokens", V=11, d_out=11, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +69,7 @@ def toy_values(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def toy_other(tmp_path_factory) -> dict:
     """Another token model with the same shapes (other weights, so another step sha)."""
-    return build_toy(tmp_path_factory.mktemp("rel_toy_other"), "tokens", seed=7)
+    return build_toy(tmp_path_factory.mktemp("rel_toy_other"), "tokens", V=11, d_out=11, seed=7)
 
 
 # --- the independent computation ------------------------------------------------------------
