@@ -153,7 +153,14 @@ class Engine:
         providers = self._providers(device, cuda_options)
         opts = session_options(threads)
         graphs = m["graphs"]
-        self._step_session = self._open(graphs["step"]["file"], opts, providers)
+        try:
+            self._step_session = self._open(graphs["step"]["file"], opts, providers)
+        except ModelError as e:
+            if device != "auto" or len(providers) == 1:
+                raise
+            log.warning("CUDA session failed (%s); falling back to CPU", e)
+            providers = ["CPUExecutionProvider"]
+            self._step_session = self._open(graphs["step"]["file"], opts, providers)
         self.provider = self._step_session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise InvalidInput("device", f"'cuda' requested but onnxruntime runs {self.provider}")

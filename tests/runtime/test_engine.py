@@ -259,6 +259,24 @@ def test_cuda_requested_without_cuda_is_a_clear_error(toy_token_model):
     assert Engine(toy_token_model["model_dir"], device="auto").provider == "CPUExecutionProvider"
 
 
+def test_auto_falls_back_to_cpu_when_the_cuda_session_fails(toy_token_model, monkeypatch):
+    import ssmstream.runtime.engine as engine_module
+
+    real = engine_module.ort.InferenceSession
+
+    def no_gpu(path, opts, providers):
+        if any("CUDA" in (p if isinstance(p, str) else p[0]) for p in providers):
+            raise RuntimeError("CUDA failure: no device")
+        return real(path, opts, providers=providers)
+
+    monkeypatch.setattr(engine_module, "cuda_usable", lambda: (True, ""))
+    monkeypatch.setattr(engine_module.ort, "InferenceSession", no_gpu)
+    eng = Engine(toy_token_model["model_dir"], device="auto")
+    assert eng.provider == "CPUExecutionProvider" and eng.info["provider"] == eng.provider
+    with pytest.raises(ModelError, match="no device"):
+        Engine(toy_token_model["model_dir"], device="cuda")
+
+
 def test_info(tok_engine, tiny_token_model):
     info = tok_engine.info
     cfg = tiny_token_model["config"]
