@@ -201,15 +201,35 @@ def _client_proc(args) -> list:
     return asyncio.run(_clients(*args))
 
 
-def run_load(target: str, C: int, V: int, n: int, warmup: int, batching: bool, procs: int) -> Run:
+def process_cpu_seconds(pid: int) -> float | None:
+    """user + system CPU time of a process (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(
+    target: str,
+    C: int,
+    V: int,
+    n: int,
+    warmup: int,
+    batching: bool,
+    procs: int,
+    server_pid: int | None = None,
+) -> Run:
     """C closed-loop clients spread over `procs` processes, started together."""
     P = max(1, min(procs, C))
     shares = [list(range(i, C, P)) for i in range(P)]  # client seeds per process
     start_at = time.time() + 2.0 + 0.02 * C  # after every client's warm-up
     args = [(target, V, n, warmup, share, start_at) for share in shares]
     ctx = multiprocessing.get_context("spawn")
+    cpu0 = process_cpu_seconds(server_pid) if server_pid else None
     with ctx.Pool(P) as pool:
         results = [r for part in pool.map(_client_proc, args) for r in part]
+    cpu1 = process_cpu_seconds(server_pid) if server_pid else None
     lat = [x for r, _, _ in results for x in r]
     seconds = max(r[2] for r in results) - min(r[1] for r in results)
     ms = 1e3 * np.asarray(lat, dtype=np.float64)
@@ -222,7 +242,14 @@ def run_load(target: str, C: int, V: int, n: int, warmup: int, batching: bool, p
         p50_ms=float(np.percentile(ms, 50)),
         p99_ms=float(np.percentile(ms, 99)),
         mean_ms=float(ms.mean()),
-        extra={"client_processes": P},
+        extra={
+            "client_processes": P,
+            # server CPU per token answered, warm-up and session setup included: a cost
+            # measure that other load on the machine disturbs less than wall time
+            "server_cpu_ms_per_token": None
+            if cpu0 is None or cpu1 is None
+            else 1e3 * (cpu1 - cpu0) / (C * (n + warmup)),
+        },
     )
 
 
@@ -264,13 +291,17 @@ def write_report(cfg: BenchConfig, bare: dict, runs: list[Run], meta: dict) -> d
         f"Bare `Engine.step` (1 session, in-process): p50 {bare['p50_ms']:.3f} ms, "
         f"p99 {bare['p99_ms']:.3f} ms.",
         "",
-        "| clients | batching | tokens | tokens/s | p50 ms | p99 ms | mean ms |",
-        "|---:|:---:|---:|---:|---:|---:|---:|",
+        "| clients | batching | tokens | tokens/s | p50 ms | p99 ms | mean ms "
+        "| server CPU ms/token |",
+        "|---:|:---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(runs, key=lambda r: (r.clients, not r.batching)):
+        cpu = r.extra.get("server_cpu_ms_per_token")
+        cpu_text = "n/a" if cpu is None else f"{cpu:.3f}"
         lines.append(
             f"| {r.clients} | {'on' if r.batching else 'off'} | {r.tokens} | "
-            f"{r.tokens_per_s:.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.mean_ms:.3f} |"
+            f"{r.tokens_per_s:.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.mean_ms:.3f} | "
+            f"{cpu_text} |"
         )
     lines += [
         "",
@@ -375,11 +406,19 @@ def main(argv: list[str] | None = None) -> int:
                 for C in cfg.clients:
                     n = cfg.tokens_per_client or max(20, cfg.budget // C)
                     r = run_load(
-                        f"127.0.0.1:{server.port}", C, V, n, cfg.warmup, batching, cfg.client_procs
+                        f"127.0.0.1:{server.port}",
+                        C,
+                        V,
+                        n,
+                        cfg.warmup,
+                        batching,
+                        cfg.client_procs,
+                        server.proc.pid,
                     )
                     log.info(
-                        "C=%3d batching=%-5s %6.0f tok/s  p50 %.3f ms  p99 %.3f ms",
+                        "C=%3d batching=%-5s %6.0f tok/s  p50 %.3f ms  p99 %.3f ms  cpu %s",
                         C, batching, r.tokens_per_s, r.p50_ms, r.p99_ms,
+                        r.extra["server_cpu_ms_per_token"],
                     )  # fmt: skip
                     runs.append(r)
             finally:
