@@ -36,3 +36,7 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+# export the shipped checkpoint, serve it on 127.0.0.1, stream a generation, snapshot/fork, stop
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py

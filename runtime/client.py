@@ -27,6 +27,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -500,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds for each unary call (not the generation)",
     )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="print tokens, seconds, tokens/s and time to first token on stderr at the end",
+    )
     return p
 
 
@@ -535,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt = list(a.prompt.encode("utf-8"))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         session = client.session(a.session)
+        t0, first, n = time.perf_counter(), None, 0
         for r in session.generate(
             prompt,
             max_new_tokens=a.max_new_tokens,
@@ -544,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=a.seed,
             stop=stop,
         ):
+            n += 1
+            first = time.perf_counter() - t0 if first is None else first
             if a.ids:
                 out.write(f"{r.token}\n")
             elif r.token < 256:
@@ -551,6 +560,12 @@ def main(argv: list[str] | None = None) -> int:
             out.flush()
         if not a.ids:
             out.write(decoder.decode(b"", final=True) + "\n")
+        if a.stats:
+            dt = time.perf_counter() - t0
+            sys.stderr.write(
+                f"[{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s, "
+                f"first token after {1000 * (first or 0):.1f} ms]\n"
+            )
     except grpc.RpcError as e:
         sys.stderr.write(f"ssmstream generate: {e.code().name}: {e.details()}\n")
         return 1

@@ -1,0 +1,142 @@
+"""The whole job in one script (what `make demo` runs).
+
+1. export the shipped checkpoint to ONNX (step + prefill graphs, verified),
+2. start `ssmstream serve` on 127.0.0.1 (a free port),
+3. stream a generation through `ssmstream generate`, printed as it arrives, with tokens/s,
+4. show sessions at work: prefill a prompt, snapshot it, fork it, restore the snapshot —
+   all three continue identically,
+5. stop the server (SIGTERM: drain, save) and exit 0.
+
+    python examples/quickstart.py [--ckpt DIR] [--workdir .demo] [--prompt TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CKPT = ROOT / "examples" / "checkpoints" / "byte-lm"
+
+
+def ssmstream(*args: str) -> list[str]:
+    """The command line of `ssmstream ARGS` with this interpreter (no PATH needed)."""
+    return [sys.executable, "-m", "ssmstream.runtime.cli", *args]
+
+
+def export(ckpt: Path, model_dir: Path) -> None:
+    """Export unless model_dir already holds an export newer than the checkpoint."""
+    manifest = model_dir / "manifest.json"
+    newest = max(p.stat().st_mtime for p in ckpt.iterdir())
+    if manifest.is_file() and manifest.stat().st_mtime > newest:
+        print(f"== using the existing export in {model_dir}")
+        return
+    print(f"== exporting {ckpt} -> {model_dir}")
+    subprocess.run(ssmstream("export", str(ckpt), "--out", str(model_dir), "--force"), check=True)
+
+
+def start_server(model_dir: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
+    port_file = workdir / "server.json"
+    port_file.unlink(missing_ok=True)
+    log = open(workdir / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
+    cmd = ssmstream(
+        "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+        "--port-file", str(port_file), "--state-dir", str(workdir / "state"),
+    )  # fmt: skip
+    print("== starting:", " ".join(cmd[3:]))
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not port_file.is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            sys.exit(f"the server did not start; see {workdir / 'server.log'}")
+        time.sleep(0.1)
+    port = json.loads(port_file.read_text())["port"]
+    print(f"== serving on 127.0.0.1:{port} (log: {workdir / 'server.log'})")
+    return proc, f"127.0.0.1:{port}"
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def sessions_demo(target: str, prompt: str, n: int) -> None:
+    from ssmstream.runtime.client import Client
+
+    data = list(prompt.encode())
+    head, last = data[:-1], data[-1:]  # Generate starts from its last prompt token
+
+    def continuation(session) -> str:
+        toks = [r.token for r in session.generate(last, max_new_tokens=n, temperature=0.7, seed=1)]
+        return bytes(t for t in toks if t < 256).decode("utf-8", errors="replace")
+
+    with Client(target) as client:
+        a = client.create_session()
+        r = a.step(tokens=head)
+        print(f"== session {a.id[:8]}…: prefilled {r.position} bytes of the prompt")
+        snap = a.snapshot()
+        b = a.fork()
+        c = client.restore(snap)
+        print(f"   snapshot: {len(snap)} bytes; fork {b.id[:8]}…; restored {c.id[:8]}…")
+        outs = {name: continuation(s) for name, s in (("parent", a), ("fork", b), ("restored", c))}
+        for name, text in outs.items():
+            print(f"   {name:>8}: {text!r}")
+        same = len(set(outs.values())) == 1
+        print(f"   all three continue identically (same sampling seed): {same}")
+        for s in (a, b, c):
+            s.close()
+        if not same:
+            sys.exit("snapshot/fork/restore diverged")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint to export and serve")
+    p.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="export, logs and state")
+    p.add_argument("--prompt", default="def fibonacci(n):\n    ", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    a = p.parse_args(argv)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = a.workdir / "model"
+    export(a.ckpt, model_dir)
+    proc, target = start_server(model_dir, a.workdir)
+    try:
+        print(f"== ssmstream generate --server {target} {a.prompt!r}\n")
+        sys.stdout.write(a.prompt)
+        sys.stdout.flush()
+        subprocess.run(
+            ssmstream(
+                "generate",
+                "--server",
+                target,
+                "--max-new-tokens",
+                str(a.max_new_tokens),
+                "--seed",
+                "0",
+                "--stats",
+                a.prompt,
+            ),  # fmt: skip
+            check=True,
+        )
+        print()
+        sessions_demo(target, "    def __init__(self, name):\n        self.", n=60)
+    finally:
+        stop_server(proc)
+    state_dir = a.workdir / "state"
+    print(f"== server stopped (exit status {proc.returncode}); sessions saved in {state_dir}")
+    return 0 if proc.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
