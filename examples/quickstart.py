@@ -29,7 +29,7 @@ def ssmstream(*args: str) -> list[str]:
     return [sys.executable, "-m", "ssmstream.runtime.cli", *args]
 
 
-def export(ckpt: Path, model_dir: Path) -> None:
+def export(ckpt: Path, model_dir: Path, verify_steps: int) -> None:
     """Export unless model_dir already holds an export newer than the checkpoint."""
     manifest = model_dir / "manifest.json"
     newest = max(p.stat().st_mtime for p in ckpt.iterdir())
@@ -37,7 +37,11 @@ def export(ckpt: Path, model_dir: Path) -> None:
         print(f"== using the existing export in {model_dir}")
         return
     print(f"== exporting {ckpt} -> {model_dir}")
-    subprocess.run(ssmstream("export", str(ckpt), "--out", str(model_dir), "--force"), check=True)
+    cmd = ssmstream(
+        "export", str(ckpt), "--out", str(model_dir), "--force",
+        "--verify-steps", str(verify_steps),
+    )  # fmt: skip
+    subprocess.run(cmd, check=True)
 
 
 def start_server(model_dir: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -105,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint to export and serve")
     p.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="export, logs and state")
     p.add_argument("--prompt", default="def fibonacci(n):\n    ", help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--verify-steps", type=int, default=4096, help="export parity length")
     a = p.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = a.workdir / "model"
-    export(a.ckpt, model_dir)
+    export(a.ckpt, model_dir, a.verify_steps)
     proc, target = start_server(model_dir, a.workdir)
     try:
         print(f"== ssmstream generate --server {target} {a.prompt!r}\n")
