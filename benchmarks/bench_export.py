@@ -213,24 +213,43 @@ def worker_stream(a) -> dict:
 
 
 def worker_recompute(a) -> dict:
-    """Time of the torch convolution-mode forward over a prefix of length L (B = 1)."""
+    """Cost of recomputing the whole prefix of length L for the next token (B = 1).
+
+    torch: the convolution-mode forward (the training view; its kernel is O(H·N·L) memory,
+    so it runs up to --recompute-max); ORT: the prefill graph over the prefix in calls of
+    max_len (the cheapest stateless recompute this export offers).
+    """
+    import numpy as np
     import torch
     from ssmstream.model import load_checkpoint
 
     torch.set_num_threads(a.threads or os.cpu_count())
     net = load_checkpoint(a.ckpt)
-    g = torch.Generator().manual_seed(3)
-    out = {}
+    d = Path(a.model_dir)
+    m = json.loads((d / "manifest.json").read_text())
+    pre, _ = _ort_session(d / "prefill.onnx", a.threads)
+    T_max = m["graphs"]["prefill"]["max_len"]
+    rng = np.random.default_rng(3)
+    out: dict = {"torch_conv": {}, "ort_prefill": {}}
     for L in a.positions:
-        x = torch.randint(0, net.cfg.vocab_size, (1, L), generator=g)
+        x = _tokens(m, (1, L), rng)
+        reps, warm = (5, 1) if L <= 4096 else (1, 0)
+        if L <= a.recompute_max:
+            xt = torch.from_numpy(x)
 
-        def fwd(x=x):
-            with torch.inference_mode():
-                net(x)
+            def fwd(xt=xt):
+                with torch.inference_mode():
+                    net(xt)
 
-        reps = 5 if L <= 4096 else 2
-        out[str(L)] = _ms(_timeit(fwd, reps, warmup=1))
-    return {"positions": out, "threads": torch.get_num_threads()}
+            out["torch_conv"][str(L)] = _ms(_timeit(fwd, reps, warm))
+
+        def prefix(x=x, L=L):
+            s = np.zeros((1, m["state_size"]), np.float32)
+            for t in range(0, L, T_max):
+                _, s = pre.run(None, {"input": x[:, t : t + T_max], "state": s})
+
+        out["ort_prefill"][str(L)] = _ms(_timeit(prefix, reps, warm))
+    return {**out, "threads": torch.get_num_threads(), "recompute_max": a.recompute_max}
 
 
 WORKERS = {
@@ -342,13 +361,18 @@ def write_markdown(res: dict, path: Path) -> None:
         "",
         "## Per-token cost at stream position L (B = 1)",
         "",
-        "| L | recurrent ORT step (ms) | recompute torch conv forward over prefix (ms) |",
-        "|---|---|---|",
+        "| L | recurrent ORT step (ms) | recompute: ORT prefill over prefix (ms) | "
+        "recompute: torch conv forward over prefix (ms) |",
+        "|---|---|---|---|",
     ]
+    rc = res["position"]["recompute"]
     for L in res["position"]["stream"]["positions"]:
         a = res["position"]["stream"]["positions"][L]["median_ms"]
-        b = res["position"]["recompute"]["positions"][L]["median_ms"]
-        lines.append(f"| {int(L):,} | {a:.3f} | {b:.1f} |")
+        b = rc["ort_prefill"][L]["median_ms"]
+        c = rc["torch_conv"].get(L)
+        skip = f"not run (> {rc['recompute_max']:,}: O(H·N·L) memory)"
+        c = f"{c['median_ms']:.1f}" if c else skip
+        lines.append(f"| {int(L):,} | {a:.3f} | {b:.1f} | {c} |")
     lines += [
         "",
         "## ORT session options, step at B = 1",
@@ -374,9 +398,13 @@ def plot(res: dict, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     Ls = [int(L) for L in res["position"]["stream"]["positions"]]
     rec = [res["position"]["stream"]["positions"][str(L)]["median_ms"] for L in Ls]
-    conv = [res["position"]["recompute"]["positions"][str(L)]["median_ms"] for L in Ls]
+    rc = res["position"]["recompute"]
+    pre = [rc["ort_prefill"][str(L)]["median_ms"] for L in Ls]
+    Lc = [L for L in Ls if str(L) in rc["torch_conv"]]
+    conv = [rc["torch_conv"][str(L)]["median_ms"] for L in Lc]
     ax1.loglog(Ls, rec, "o-", label="recurrent step (ORT)")
-    ax1.loglog(Ls, conv, "s-", label="recompute conv forward over prefix (torch)")
+    ax1.loglog(Ls, pre, "^-", label="recompute prefix: ORT prefill")
+    ax1.loglog(Lc, conv, "s-", label="recompute prefix: torch conv forward")
     ax1.set_xlabel("stream position L")
     ax1.set_ylabel("cost of the next token (ms)")
     ax1.set_title("per-token cost vs position")
@@ -418,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2000, help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--positions", type=int, nargs="*", default=POSITIONS, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--recompute-max",
+        type=int,
+        default=16384,
+        help="longest prefix the torch conv forward is timed on (its kernel is O(H·N·L) memory)",
+    )
+    ap.add_argument("--reuse", action="store_true", help="reuse the model in --work if present")
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(WORKERS[a.worker](a)))
@@ -432,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         load_before = os.getloadavg()
-        ckpt, model, export_s = build_model(a, work)
+        if a.reuse and (work / "model" / "manifest.json").is_file():
+            ckpt, model, export_s = work / "ckpt", work / "model", float("nan")
+        else:
+            ckpt, model, export_s = build_model(a, work)
         m = json.loads((model / "manifest.json").read_text())
         common = dict(model_dir=model, ckpt=ckpt)
         res: dict = {
@@ -444,28 +482,41 @@ def main(argv: list[str] | None = None) -> int:
             "parity_passed": m["parity"]["passed"],
             "parity": m["parity"],
         }
+        partial = out / "bench_export.partial.json"
+
+        def save():
+            partial.write_text(json.dumps(res, indent=2) + "\n")
+
         print("step latency ...", flush=True)
-        torch_runs = [run_worker("torch_step", **common, repeat=repeat, threads=t) for t in (1, 2)]
+        torch_runs = [
+            run_worker("torch_step", **common, repeat=repeat // 4, threads=t) for t in (1, 2)
+        ]
         res["step"] = {
             "ort": run_worker("ort_step", **common, repeat=repeat),
             # the baseline is torch at its best thread count (B = 1 decides)
             "torch": min(torch_runs, key=lambda r: r["batch"]["1"]["median_ms"]),
             "torch_all": torch_runs,
         }
+        save()
         print("session option sweep ...", flush=True)
         res["sweep"] = [
             run_worker("ort_step", **common, batch=[1], threads=t, level=lv, repeat=repeat)
             for t in (1, 2)
             for lv in ("basic", "all")
         ]
+        save()
         print("prefill vs steps ...", flush=True)
         res["prefill"] = run_worker("prefill", **common, T=1024, repeat=10)
+        save()
         print("per-token cost vs position ...", flush=True)
         res["position"] = {
             "stream": run_worker("stream", **common, positions=positions),
-            "recompute": run_worker("recompute", **common, positions=positions, threads=2),
+            "recompute": run_worker(
+                "recompute", **common, positions=positions, recompute_max=a.recompute_max, threads=1
+            ),
         }
         res["load_after"] = os.getloadavg()
+        partial.unlink(missing_ok=True)
     (out / "bench_export.json").write_text(json.dumps(res, indent=2) + "\n")
     write_markdown(res, out / "bench_export.md")
     plot(res, out / "bench_export.png")
