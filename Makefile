@@ -30,6 +30,11 @@ fmt: $(STAMP)
 	$(BIN)/ruff format model export runtime tests benchmarks examples
 	$(BIN)/ruff check --fix .
 
+# every benchmark (long: about an hour on 2 CPUs), then benchmarks/results/REPORT.md;
+# BENCH_ARGS=--quick for a smoke run, BENCH_ARGS=--report-only to rebuild the report only
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
 # regenerate the committed gRPC/protobuf stubs from protos/inference.proto
 protos: $(STAMP)
 	$(BIN)/python -m ssmstream.protos.generate

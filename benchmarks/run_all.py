@@ -1,0 +1,811 @@
+"""Run every benchmark of the project and write benchmarks/results/REPORT.md.
+
+    python benchmarks/run_all.py                  # every benchmark (long: ~1 h on 2 CPUs)
+    python benchmarks/run_all.py --quick          # small models, short runs (a smoke test;
+                                                  #   results go to a temp dir, not results/)
+    python benchmarks/run_all.py --only export server
+    python benchmarks/run_all.py --report-only    # rebuild REPORT.md from results/*.json
+    make bench                                    # == the first line
+
+Each benchmark runs as its own subprocess (`python benchmarks/bench_*.py --out RESULTS ...`)
+and writes RESULTS/NAME.{json,md,png}; one failing does not stop the others. The report
+then reads the JSONs (whatever is there: a benchmark never run shows as "not measured")
+and writes
+
+    REPORT.md                   the machine, ONE table of headline ratios with their
+                                targets (from the issues) and met / NOT met, the plots,
+                                links to each benchmark's own table
+    report_position.png         per-token cost vs stream position (recurrent vs recompute)
+    report_throughput.png       aggregate tokens/s vs concurrent streams (Batcher, server)
+    report_prefill.png          prefill vs sequential steps (ORT) and conv vs steps (torch)
+
+next to REPORT.md. Ratios are "a / b" of two numbers measured in the same run of the
+same script, so a shared, loaded machine moves both; its load average is recorded.
+
+Dimension letters: B batch, L stream position / sequence length, T prefill length,
+C concurrent streams, S packed state size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("run_all")
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+QUICK_RESULTS = Path("/tmp/ssmstream-bench-quick")
+STATUS_FILE = "run_all.json"  # what the last run_all did (exit codes, seconds)
+
+
+# --- the benchmarks ----------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """One benchmark script: its flags for a full and a quick run (`--out` is added)."""
+
+    name: str
+    script: str
+    full: list[str] = field(default_factory=list)
+    quick: list[str] = field(default_factory=list)
+    results: str = ""  # base name of its result files (default: the script's stem)
+
+    def __post_init__(self):
+        self.results = self.results or Path(self.script).stem
+
+    def command(self, out: Path, quick: bool) -> list[str]:
+        args = self.quick if quick else self.full
+        return [sys.executable, str(HERE / self.script), *args, "--out", str(out)]
+
+
+_TINY = ["--d-model", "32", "--n-layers", "2", "--d-state", "16"]
+BENCHMARKS = [
+    Bench(
+        "model",
+        "bench_model.py",
+        quick=["--lengths", "256", "1024", "--conv-repeats", "1", "--train-steps", "2"]
+        + ["--train-warmup", "1", "--train-seq-len", "256", *_TINY],
+    ),
+    Bench("export", "bench_export.py", quick=["--quick"]),
+    Bench(
+        "runtime",
+        "bench_runtime.py",
+        quick=[*_TINY, "--streams", "1", "64", "--seconds", "0.5", "--rss-tokens", "5000"]
+        + ["--sessions", "500", "--work-dir", str(QUICK_RESULTS / "runtime-model")],
+    ),
+    Bench(
+        "runtime_small",
+        "bench_runtime.py",
+        full=["--name", "bench_runtime_small", "--d-model", "64", "--n-layers", "2"]
+        + ["--d-state", "16"],
+        quick=["--name", "bench_runtime_small", *_TINY, "--sections", "overhead"]
+        + ["--work-dir", str(QUICK_RESULTS / "runtime-model")],
+        results="bench_runtime_small",
+    ),
+    Bench(
+        "server",
+        "bench_server.py",
+        quick=[*_TINY, "--clients", "1,64", "--budget", "400"],
+    ),
+    Bench("soak", "soak.py", quick=["--sessions", "16", "--tokens", "40"], results="soak"),
+]
+BY_NAME = {b.name: b for b in BENCHMARKS}
+
+
+def run_benchmarks(names: list[str], out: Path, quick: bool, timeout: float | None) -> list[dict]:
+    """Run the named benchmarks one after the other; returns their status records."""
+    out.mkdir(parents=True, exist_ok=True)
+    status = []
+    for name in names:
+        bench = BY_NAME[name]
+        cmd = bench.command(out, quick)
+        log.info("== %s: %s", name, " ".join(cmd[1:]))
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.run(cmd, cwd=HERE.parent, timeout=timeout, check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        seconds = time.perf_counter() - t0
+        (log.info if rc == 0 else log.error)("== %s: exit %s after %.0f s", name, rc, seconds)
+        status.append({"name": name, "command": cmd[1:], "exit": rc, "seconds": seconds})
+    record = {
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": quick,
+        "benchmarks": status,
+    }
+    (out / STATUS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return status
+
+
+# --- reading the results -----------------------------------------------------------------
+
+
+def load_results(results: Path) -> dict[str, dict]:
+    """{result base name: parsed JSON} for each benchmark whose JSON exists in `results`."""
+    found = {}
+    for bench in BENCHMARKS:
+        path = results / f"{bench.results}.json"
+        if path.is_file():
+            try:
+                found[bench.results] = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                log.warning("%s is not valid JSON (%s): left out of the report", path, e)
+    return found
+
+
+@dataclass
+class Row:
+    """One line of the headline table."""
+
+    measure: str
+    value: str  # the measured number(s), formatted
+    target: str  # "≥ 3×", or "—" where the issues set none
+    met: bool | None  # None: no target, or not measured
+    source: str  # the result file it comes from
+    ratio: float | None = None  # the headline number itself (for tests and tools)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}×" if x < 10 else f"{x:.1f}×" if x < 100 else f"{x:,.0f}×"
+
+
+def _median(d: dict) -> float:
+    return float(d["median_ms"])
+
+
+def row_ort_vs_torch(res: dict, B: str) -> Row:
+    s = res["bench_export"]["step"]
+    ort, torch = _median(s["ort"]["batch"][B]), _median(s["torch"]["batch"][B])
+    r = torch / ort
+    target, met = ("≥ 3× (issue 4)", r >= 3) if B == "1" else ("—", None)
+    value = f"**{_ratio(r)}** ({ort:.3f} ms vs {torch:.3f} ms)"
+    return Row(f"ORT step vs torch eager step, B = {B}", value, target, met, "bench_export", r)
+
+
+def row_prefill(res: dict) -> Row:
+    p = res["bench_export"]["prefill"]
+    pre, steps = _median(p["prefill"]), _median(p["steps"])
+    r = steps / pre
+    value = f"**{_ratio(r)}** ({pre:.1f} ms vs {steps:.0f} ms)"
+    return Row(
+        f"prefill T = {p['T']} (one call) vs {p['T']} sequential ORT steps",
+        value,
+        "≥ 20× (issue 4)",
+        r >= 20,
+        "bench_export",
+        r,
+    )
+
+
+def position_series(res: dict) -> tuple[str, list[int], list[float], dict[str, dict]]:
+    """(source, positions L, recurrent ms at L, {recompute label: {L: ms}}) of the best data.
+
+    bench_export measures the next token's cost at position L directly (ORT step vs
+    recomputing the prefix); without it, bench_model's torch figures stand in (mean
+    torch step per token over L tokens vs one conv forward over L).
+    """
+    if "bench_export" in res:
+        pos = res["bench_export"]["position"]
+        Ls = sorted(int(L) for L in pos["stream"]["positions"])
+        rec = [_median(pos["stream"]["positions"][str(L)]) for L in Ls]
+        rc = pos["recompute"]
+        if "positions" in rc:  # first version: torch conv forward only
+            recompute = {"torch conv forward over prefix": rc["positions"]}
+        else:
+            recompute = {
+                "ORT prefill over prefix": rc.get("ort_prefill", {}),
+                "torch conv forward over prefix": rc.get("torch_conv", {}),
+            }
+        recompute = {k: {int(L): _median(v) for L, v in d.items()} for k, d in recompute.items()}
+        return "bench_export", Ls, rec, {k: d for k, d in recompute.items() if d}
+    rows = res["bench_model"]["conv_vs_steps"]
+    Ls = [int(r["L"]) for r in rows]
+    rec = [r["step_us_per_token"] / 1e3 for r in rows]
+    conv = {int(r["L"]): float(r["conv_ms"]) for r in rows}
+    return "bench_model", Ls, rec, {"torch conv forward over prefix": conv}
+
+
+def row_position(res: dict) -> Row:
+    source, Ls, rec, recompute = position_series(res)
+    L0, L1 = Ls[0], Ls[-1]
+    flat = rec[-1] / rec[0]
+    cheapest = min(d[L1] for d in recompute.values() if L1 in d)
+    r = cheapest / rec[-1]
+    growing = all(d[max(d)] > d[min(d)] for d in recompute.values())
+    what = "ORT step" if source == "bench_export" else "torch eager step (mean over L)"
+    value = (
+        f"recompute / recurrent at L = {L1:,}: **{_ratio(r)}**; recurrent {rec[0]:.3f} → "
+        f"{rec[-1]:.3f} ms from L = {L0:,} ({_ratio(flat)}, {what})"
+    )
+    return Row(
+        "per-token cost at position L: recurrent vs recompute the prefix",
+        value,
+        "recurrent flat (≤ 1.5× over L), recompute growing (issue 4)",
+        flat <= 1.5 and growing,
+        source,
+        r,
+    )
+
+
+def _throughput(res: dict, name: str, C: int, batching: bool) -> float:
+    return next(
+        float(r["tokens_per_s"])
+        for r in res[name]["throughput"]
+        if r["streams"] == C and r["batching"] == batching
+    )
+
+
+def row_batcher(res: dict, name: str = "bench_runtime") -> Row:
+    on, off = _throughput(res, name, 64, True), _throughput(res, name, 64, False)
+    r = on / off
+    S = res[name]["model"]["state_size"]
+    value = f"**{_ratio(r)}** ({on:,.0f} vs {off:,.0f} tokens/s)"
+    return Row(
+        f"Batcher on / off, 64 streams (S = {S:,})", value, "≥ 5× (issue 5)", r >= 5, name, r
+    )
+
+
+def row_engine_overhead(res: dict, name: str = "bench_runtime") -> Row:
+    rows = res[name]["overhead"]
+    ratio = {
+        int(o["B"]): float(o["ratio"]) for o in rows if o["variant"] == "Engine.step"
+    }  # B -> Engine.step / bare run
+    bare = {int(o["B"]): o["us_per_call"] for o in rows if o["variant"].startswith("bare")}
+    S = res[name]["model"]["state_size"]
+    worst = max(ratio.values())
+    value = ", ".join(
+        f"B = {B}: **{_ratio(ratio[B])}** (bare {bare[B]:,.0f} µs)" for B in sorted(ratio)
+    )
+    return Row(
+        f"Engine.step vs bare InferenceSession.run (S = {S:,})",
+        value,
+        "≤ 1.2× (issue 5)",
+        worst <= 1.2,
+        name,
+        worst,
+    )
+
+
+def _server_runs(res: dict) -> dict[tuple[int, bool], dict]:
+    return {(int(r["clients"]), bool(r["batching"])): r for r in res["bench_server"]["runs"]}
+
+
+def row_grpc_overhead(res: dict) -> Row:
+    srv = res["bench_server"]
+    runs = _server_runs(res)
+    one = min((r for (c, _), r in runs.items() if c == 1), key=lambda r: r["p50_ms"])
+    bare = float(srv["bare_engine_step"]["p50_ms"])
+    r = float(one["p50_ms"]) / bare
+    value = f"**{_ratio(r)}** (p50 {one['p50_ms']:.2f} ms vs bare Engine.step {bare:.2f} ms)"
+    return Row(
+        "gRPC per-token overhead, 1 client", value, "≤ 3× (issue 6)", r <= 3, "bench_server", r
+    )
+
+
+def row_server_scaling(res: dict) -> Row:
+    runs = _server_runs(res)
+    a, b = float(runs[(64, True)]["tokens_per_s"]), float(runs[(1, True)]["tokens_per_s"])
+    r = a / b
+    value = f"**{_ratio(r)}** ({a:,.0f} vs {b:,.0f} tokens/s, batching on)"
+    return Row(
+        "server tokens/s, 64 vs 1 client", value, "≥ 4× (issue 6)", r >= 4, "bench_server", r
+    )
+
+
+def row_rss(res: dict) -> Row:
+    rss = {int(r["tokens"]): float(r["rss_mib"]) for r in res["bench_runtime"]["rss"]}
+    lo, hi = min(rss), max(rss)
+    growth = rss[hi] - rss[lo]
+    value = f"**{growth:+.2f} MiB** ({rss[lo]:.1f} → {rss[hi]:.1f} MiB, {lo:,} → {hi:,} tokens)"
+    return Row(
+        "RSS growth, one stream, 1 k → 1 M tokens",
+        value,
+        "flat: < 2 MiB (issue 5)",
+        abs(growth) < 2 and hi >= 1_000_000,
+        "bench_runtime",
+        growth,
+    )
+
+
+def row_bytes_per_session(res: dict) -> Row:
+    s = res["bench_runtime"]["sessions"]
+    S4, slab, rss = (
+        int(s["S_times_4"]),
+        int(s["slab_bytes_per_session"]),
+        s["rss_bytes_per_session"],
+    )
+    r = float(rss) / S4
+    value = (
+        f"slab {slab:,} B = S × 4 = {S4:,} B; RSS **{rss:,.0f} B** per session "
+        f"(**{_ratio(r)}**, {s['sessions']:,} sessions)"
+    )
+    return Row(
+        "bytes per session vs S × 4",
+        value,
+        "slab = S × 4 (issue 5); RSS ≤ 1.1 × S × 4",
+        slab == S4 and r <= 1.1,
+        "bench_runtime",
+        r,
+    )
+
+
+def row_conv_vs_steps(res: dict) -> Row:
+    rows = res["bench_model"]["conv_vs_steps"]
+    last = max(rows, key=lambda r: r["L"])
+    r = float(last["steps_over_conv"])
+    lo = min(float(x["steps_over_conv"]) for x in rows)
+    err = max(float(x["max_abs_diff"]) for x in rows)
+    value = (
+        f"**{_ratio(r)}** at L = {last['L']:,} ({lo:.1f}× or more from L = {rows[0]['L']:,}); "
+        f"max abs(conv − steps) {err:.1e}"
+    )
+    return Row(
+        "torch conv forward vs L sequential torch steps",
+        value,
+        "conv faster: > 1× at every L (issue 3 sets no number)",
+        lo > 1,
+        "bench_model",
+        r,
+    )
+
+
+def row_training(res: dict) -> Row:
+    t, meta = res["bench_model"]["train"], res["bench_model"].get("meta", {})
+    value = (
+        f"**{t['tokens_per_s']:,.0f} tokens/s** (B = {t['batch']}, L = {t['seq_len']}, "
+        f"{t['parameters']:,} parameters, {meta.get('device', 'cpu')}, "
+        f"{meta.get('torch_threads', '?')} thread(s))"
+    )
+    return Row("training tokens/s", value, "—", None, "bench_model", float(t["tokens_per_s"]))
+
+
+def row_soak(res: dict) -> Row:
+    s = res["soak"]
+    errors = sum(s["errors"].values())
+    bad = errors + s["lost_sessions"] + s["corrupted_sessions"]
+    value = (
+        f"**{errors} errors, {s['lost_sessions']} lost, {s['corrupted_sessions']} corrupted** "
+        f"({s['sessions']} sessions × {s['config']['tokens']} tokens, p99 "
+        f"{s['latency_ms']['p99']:.0f} ms, RSS {s['rss']['growth_after_warmup_mb']:+.1f} MB "
+        f"after warm-up)"
+    )
+    return Row(
+        "soak: concurrent sessions over gRPC",
+        value,
+        "0 errors / lost / corrupted (issue 8)",
+        bad == 0 and s.get("server_exit_code") == 0,
+        "soak",
+        float(bad),
+    )
+
+
+# (measure shown when the data is missing, source, row function)
+ROWS: list[tuple[str, str, Callable[[dict], Row]]] = [
+    ("ORT step vs torch eager step, B = 1", "bench_export", lambda r: row_ort_vs_torch(r, "1")),
+    ("ORT step vs torch eager step, B = 64", "bench_export", lambda r: row_ort_vs_torch(r, "64")),
+    ("prefill T = 1024 vs 1024 sequential ORT steps", "bench_export", row_prefill),
+    ("per-token cost at position L: recurrent vs recompute", "bench_export", row_position),
+    ("Batcher on / off, 64 streams", "bench_runtime", row_batcher),
+    (
+        "Batcher on / off, 64 streams (small state)",
+        "bench_runtime_small",
+        lambda r: row_batcher(r, "bench_runtime_small"),
+    ),
+    ("Engine.step vs bare InferenceSession.run", "bench_runtime", row_engine_overhead),
+    (
+        "Engine.step vs bare InferenceSession.run (small state)",
+        "bench_runtime_small",
+        lambda r: row_engine_overhead(r, "bench_runtime_small"),
+    ),
+    ("gRPC per-token overhead, 1 client", "bench_server", row_grpc_overhead),
+    ("server tokens/s, 64 vs 1 client", "bench_server", row_server_scaling),
+    ("RSS growth, one stream, 1 k → 1 M tokens", "bench_runtime", row_rss),
+    ("bytes per session vs S × 4", "bench_runtime", row_bytes_per_session),
+    ("torch conv forward vs L sequential torch steps", "bench_model", row_conv_vs_steps),
+    ("training tokens/s", "bench_model", row_training),
+    ("soak: concurrent sessions over gRPC", "soak", row_soak),
+]
+
+
+def headline_rows(res: dict) -> list[Row]:
+    """The table: one Row per measure; a missing result or field gives a 'not measured' row."""
+    rows = []
+    for measure, source, fn in ROWS:
+        try:
+            rows.append(fn(res))
+        except (KeyError, IndexError, TypeError, ValueError, StopIteration, ZeroDivisionError) as e:
+            if source in res:
+                why = f"not in {source}.json ({type(e).__name__}: {e})"
+            else:
+                why = f"not measured ({source}.json missing)"
+            rows.append(Row(measure, why, "", None, source))
+    return rows
+
+
+# --- plots -------------------------------------------------------------------------------
+
+
+def _x_ticks(ax, xs) -> None:
+    """Label a log x axis at the measured points only (no 3×10² minor labels)."""
+    xs = sorted(set(xs))
+    ax.set_xticks(xs, [f"{x:,}" for x in xs])
+    ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
+
+
+def _figure(ncols: int, width: float = 5.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def plot_position(res: dict, path: Path) -> Path | None:
+    """Per-token cost at stream position L: recurrent step (flat) vs recompute (growing)."""
+    try:
+        source, Ls, rec, recompute = position_series(res)
+    except KeyError:
+        return None
+    fig, (ax,) = _figure(1, 7)
+    label = "recurrent ORT step" if source == "bench_export" else "torch eager step (mean)"
+    ax.loglog(Ls, rec, "o-", label=label)
+    for (name, d), marker in zip(recompute.items(), "s^v"):
+        xs = sorted(d)
+        ax.loglog(xs, [d[L] for L in xs], marker + "--", label=f"recompute: {name}")
+    _x_ticks(ax, Ls)
+    ax.set(
+        xlabel="stream position L (tokens)",
+        ylabel="cost of the next token (ms)",
+        title=f"per-token cost vs position ({source})",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_throughput(res: dict, path: Path) -> Path | None:
+    """Aggregate tokens/s vs concurrent streams: Batcher (in-process) and gRPC server."""
+    series = []  # (label, style, [C], [tokens/s])
+    for name, tag in (("bench_runtime", "Batcher"), ("bench_runtime_small", "Batcher, small S")):
+        if name not in res or "throughput" not in res[name]:
+            continue
+        S = res[name].get("model", {}).get("state_size", "?")
+        for on in (True, False):
+            pts = sorted(
+                (r["streams"], r["tokens_per_s"])
+                for r in res[name]["throughput"]
+                if r["batching"] == on
+            )
+            if pts:
+                style = (
+                    ("o-" if on else "o:") if name == "bench_runtime" else ("^-" if on else "^:")
+                )
+                label = f"{tag} (S={S:,}), batching {'on' if on else 'off'}"
+                series.append((label, style, *zip(*pts)))
+    if "bench_server" in res:
+        runs = res["bench_server"]["runs"]
+        S = res["bench_server"].get("bare_engine_step", {}).get("state_size", "?")
+        for on in (True, False):
+            pts = sorted((r["clients"], r["tokens_per_s"]) for r in runs if r["batching"] == on)
+            if pts:
+                label = f"gRPC server (S={S:,}), batching {'on' if on else 'off'}"
+                series.append((label, "s-" if on else "s:", *zip(*pts)))
+    if not series:
+        return None
+    fig, (ax,) = _figure(1, 7)
+    for label, style, xs, ys in series:
+        ax.plot(xs, ys, style, label=label)
+    ax.set_xscale("log", base=2)
+    _x_ticks(ax, [x for _, _, xs, _ in series for x in xs])
+    ax.set(
+        xlabel="concurrent streams (one token per request, closed loop)",
+        ylabel="aggregate tokens/s",
+        title="throughput vs concurrent streams",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_prefill(res: dict, path: Path) -> Path | None:
+    """Parallel vs sequential: ORT prefill vs T steps; torch conv forward vs L steps."""
+    have_export = "prefill" in res.get("bench_export", {})
+    have_model = "conv_vs_steps" in res.get("bench_model", {})
+    if not (have_export or have_model):
+        return None
+    fig, axes = _figure(int(have_export) + int(have_model))
+    axes = list(axes)
+    if have_export:
+        ax, p = axes.pop(0), res["bench_export"]["prefill"]
+        vals = [_median(p["prefill"]), _median(p["steps"])]
+        bars = ax.bar(["prefill, 1 call", f"{p['T']} steps"], vals, color=["C0", "C1"])
+        ax.bar_label(bars, [f"{v:.1f} ms" for v in vals])
+        ax.set_yscale("log")
+        ax.set(
+            ylabel="ms (median)",
+            title=f"ORT: prefill T={p['T']} vs steps ({_ratio(vals[1] / vals[0])})",
+        )
+    if have_model:
+        ax, rows = axes.pop(0), res["bench_model"]["conv_vs_steps"]
+        Ls = [r["L"] for r in rows]
+        ax.loglog(Ls, [r["conv_ms"] for r in rows], "o-", label="conv forward (FFT), one call")
+        ax.loglog(Ls, [r["steps_ms"] for r in rows], "s-", label="L sequential steps")
+        _x_ticks(ax, Ls)
+        ax.set(xlabel="sequence length L", ylabel="ms", title="torch: conv forward vs steps")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+PLOTS = {
+    "report_position.png": ("Per-token cost vs stream position", plot_position),
+    "report_throughput.png": ("Throughput vs concurrent streams", plot_throughput),
+    "report_prefill.png": ("Prefill vs sequential steps", plot_prefill),
+}
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load(res: dict, name: str) -> str:
+    """'start → end' 1-minute load averages a benchmark recorded, as far as it did."""
+    r = res[name]
+    pairs = {
+        "bench_model": (r.get("meta", {}).get("loadavg"), None),
+        "bench_export": (r.get("load_before"), r.get("load_after")),
+        "bench_runtime": (r.get("loadavg_start"), r.get("loadavg_end")),
+        "bench_runtime_small": (r.get("loadavg_start"), r.get("loadavg_end")),
+        "bench_server": (r.get("meta", {}).get("load_average"), None),
+        "soak": (r.get("meta", {}).get("load_average_at_start"), None),
+    }.get(name, (None, None))
+    parts = [f"{p[0]:.1f}" for p in pairs if p]
+    return " → ".join(parts) or "not recorded"
+
+
+def _model_of(res: dict, name: str) -> str:
+    r = res[name]
+    if name == "bench_model":
+        c = r["config"]
+        return f"torch, d_model {c['d_model']}, {c['n_layers']} layers, N {c['d_state']}"
+    if name == "bench_export":
+        m = r["model"]
+        return (
+            f"d_model {m['d_model']}, {m['n_layers']} layers, N {m['d_state']}; "
+            f"S = {r['state_size']:,}"
+        )
+    if name.startswith("bench_runtime"):
+        c = r["config"]
+        return (
+            f"d_model {c['d_model']}, {c['n_layers']} layers, N {c['d_state']}; "
+            f"S = {r['model']['state_size']:,}; {r.get('provider', '?')}"
+        )
+    if name == "bench_server":
+        c = r["config"]
+        bare = r.get("bare_engine_step", {})
+        return (
+            f"d_model {c['d_model']}, {c['n_layers']} layers, N {c['d_state']}; "
+            f"S = {bare.get('state_size', 0):,}; {bare.get('provider', '?')}"
+        )
+    if name == "soak":
+        return f"S = {r['meta']['state_size']:,}"
+    return ""
+
+
+def _shown(path: Path) -> str:
+    """A results path as the reader knows it: relative to the repository when inside it."""
+    try:
+        return path.resolve().relative_to(HERE.parent).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _rel(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]) -> str:
+    rows = headline_rows(res)
+    met = sum(r.met is True for r in rows)
+    missed = [r for r in rows if r.met is False]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    lines = [
+        "# ssmstream — benchmark report",
+        "",
+        f"Built {now} by `benchmarks/run_all.py` from the results in "
+        f"`{_shown(results)}/` (rebuild: `python benchmarks/run_all.py "
+        "--report-only`; rerun everything: `make bench`).",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {_cpu_model()}, **{_cores()} cores** available to this process "
+        f"({os.cpu_count()} online); {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}",
+        f"- load average when this report was built: {load[0]:.2f} / {load[1]:.2f} / "
+        f"{load[2]:.2f} (1 / 5 / 15 min). The development machine's cores are shared with "
+        "other work, so absolute times move; each ratio below divides two numbers of one run.",
+        "- no GPU: every figure is onnxruntime's CPUExecutionProvider or torch CPU.",
+        "",
+        "| benchmark | results written | load average (1 min) at start → end | model |",
+        "|---|---|---|---|",
+    ]
+    for bench in BENCHMARKS:
+        name = bench.results
+        if name not in res:
+            lines.append(f"| {name} | not run | | |")
+            continue
+        when = datetime.datetime.fromtimestamp((results / f"{name}.json").stat().st_mtime)
+        lines.append(
+            f"| [{name}]({_rel(results / f'{name}.md', report.parent)}) | "
+            f"{when:%Y-%m-%d %H:%M} | {_load(res, name)} | {_model_of(res, name)} |"
+        )
+    lines += [
+        "",
+        "## Headline ratios",
+        "",
+        f"{met} of {sum(r.met is not None for r in rows)} targets met"
+        + (f"; not met: {', '.join(r.measure for r in missed)}." if missed else "."),
+        "",
+        "| measure | measured | target | met? | source |",
+        "|---|---|---|:---:|---|",
+    ]
+    for r in rows:
+        mark = {True: "✅ met", False: "❌ NOT met", None: "—"}[r.met]
+        lines.append(f"| {r.measure} | {r.value} | {r.target} | {mark} | {r.source} |")
+    lines += [
+        "",
+        "Targets are the ones the issues set (numbered); where an issue gave only a shape "
+        '("flat", "growing", "conv vs steps") the stated bound is this report\'s reading of it. '
+        "The per-benchmark pages linked above hold the full tables (all batch sizes, stream "
+        "counts, p50 / p99 latencies, positions).",
+        "",
+        "## Plots",
+        "",
+    ]
+    for file, (title, _) in PLOTS.items():
+        path = plots.get(file)
+        if path is None:
+            lines += [f"**{title}**: not measured yet.", ""]
+        else:
+            lines += [f"**{title}**", "", f"![{title}]({_rel(path, report.parent)})", ""]
+    others = [
+        (bench.results, results / f"{bench.results}.png")
+        for bench in BENCHMARKS
+        if (results / f"{bench.results}.png").is_file()
+    ]
+    if others:
+        lines += ["Each benchmark's own plot:", ""]
+        lines += [f"- [{n}.png]({_rel(p, report.parent)})" for n, p in others]
+        lines.append("")
+    status = results / STATUS_FILE
+    if status.is_file():
+        s = json.loads(status.read_text())
+        lines += [
+            "## Last `run_all.py` run",
+            "",
+            f"{s['time']}{' (quick mode)' if s.get('quick') else ''}:",
+            "",
+            "| benchmark | exit | seconds |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {b['name']} | {b['exit']} | {b['seconds']:.0f} |" for b in s["benchmarks"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: Path, report: Path | None = None) -> tuple[Path, list[Row]]:
+    """Read results/*.json, draw the plots next to `report`, write it; returns (path, rows)."""
+    results = Path(results)
+    report = Path(report) if report else results / "REPORT.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    res = load_results(results)
+    plots = {}
+    for file, (_, fn) in PLOTS.items():
+        target = report.parent / file
+        try:
+            plots[file] = fn(res, target)
+        except ImportError as e:
+            log.warning("no plots: %s (pip install 'ssmstream[plots]')", e)
+            plots[file] = None
+    report.write_text(render(res, results, report, plots) + "\n")
+    log.info("wrote %s (%d result files)", report, len(res))
+    return report, headline_rows(res)
+
+
+# --- CLI ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Run the project's benchmarks (each as a subprocess) and write REPORT.md: "
+        "the machine, one table of headline ratios with their targets, and PNG plots.",
+        epilog="benchmarks: " + ", ".join(f"{b.name} ({b.script})" for b in BENCHMARKS),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small models and short runs (a smoke test); results default to {QUICK_RESULTS}",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild the report from the existing result JSONs",
+    )
+    p.add_argument(
+        "--only", nargs="+", choices=list(BY_NAME), metavar="NAME", help="run only these"
+    )
+    p.add_argument(
+        "--skip", nargs="+", choices=list(BY_NAME), default=[], metavar="NAME", help="skip these"
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help=f"results directory (default: {RESULTS}, or {QUICK_RESULTS} with --quick)",
+    )
+    p.add_argument("--report", default=None, help="report to write (default: RESULTS/REPORT.md)")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds per benchmark (default: none)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if a.report_only and (a.quick or a.only or a.skip):
+        parser.error("--report-only runs nothing: it takes no --quick, --only or --skip")
+    if a.timeout is not None and a.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {a.timeout}")
+    results = Path(a.results) if a.results else (QUICK_RESULTS if a.quick else RESULTS)
+    failed = []
+    if not a.report_only:
+        names = [n for n in (a.only or BY_NAME) if n not in a.skip]
+        status = run_benchmarks(names, results, a.quick, a.timeout)
+        failed = [s["name"] for s in status if s["exit"] != 0]
+    elif not results.is_dir():
+        parser.error(f"--results {str(results)!r} is not a directory")
+    report, rows = write_report(results, a.report)
+    sys.stdout.write(report.read_text())
+    if failed:
+        log.error("benchmarks that failed: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
