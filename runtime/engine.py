@@ -20,6 +20,11 @@ This is the edge embedding API:
     s = eng.new_state()                       # float32 [1, S] zeros
     out, s = eng.step(np.array([tok]), s)     # out: [1, d_out]
 
+On CUDA the provider takes `CudaOptions` (device id, arena growth, cuDNN conv algorithm
+search, CUDA graphs); `enable_cuda_graph` applies to the step graph only and needs fixed
+device buffers, i.e. `ssmstream.runtime.device_state.ResidentBatch(..., cuda_graph=True)`.
+For state that stays on the device between steps see runtime/device_state.py.
+
 `step` returns fresh arrays. For a loop that allocates nothing in steady state, pass
 preallocated `StepBuffers` (`out=eng.step_buffers(max_batch)`): onnxruntime writes into
 them through a cached IOBinding and the returned arrays are views of them.
@@ -35,6 +40,7 @@ import ctypes.util
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +62,74 @@ _ORT_TYPES = {
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
+
+
+ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+CONV_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
+@dataclass
+class CudaOptions:
+    """CUDAExecutionProvider options (onnxruntime's names; see its CUDA EP documentation).
+
+    device_id: GPU ordinal. arena_extend_strategy: how the memory arena grows.
+    cudnn_conv_algo_search: cuDNN convolution algorithm search (the step graph has no conv;
+    the prefill graph may). enable_cuda_graph: capture the step graph once per bound buffer
+    set and replay it (step graph only; needs fixed device buffers, see device_state.py).
+    gpu_mem_limit: arena limit in bytes (0: no limit).
+    """
+
+    device_id: int = 0
+    arena_extend_strategy: str = "kNextPowerOfTwo"
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    enable_cuda_graph: bool = False
+    gpu_mem_limit: int = 0
+
+    def __post_init__(self):
+        for name in ("device_id", "gpu_mem_limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise InvalidInput(f"cuda_options.{name}", f"must be an integer >= 0, got {v!r}")
+        if self.arena_extend_strategy not in ARENA_STRATEGIES:
+            raise InvalidInput(
+                "cuda_options.arena_extend_strategy",
+                f"must be one of {ARENA_STRATEGIES}, got {self.arena_extend_strategy!r}",
+            )
+        if self.cudnn_conv_algo_search not in CONV_SEARCHES:
+            raise InvalidInput(
+                "cuda_options.cudnn_conv_algo_search",
+                f"must be one of {CONV_SEARCHES}, got {self.cudnn_conv_algo_search!r}",
+            )
+        if not isinstance(self.enable_cuda_graph, (bool, np.bool_)):
+            raise InvalidInput(
+                "cuda_options.enable_cuda_graph", f"must be a bool, got {self.enable_cuda_graph!r}"
+            )
+
+    @classmethod
+    def parse(cls, options: CudaOptions | dict | None) -> CudaOptions:
+        """A CudaOptions from itself, None (defaults) or a dict (unknown keys are an error)."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, dict):
+            raise InvalidInput("cuda_options", f"must be a dict or CudaOptions, got {options!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidInput(
+                "cuda_options", f"unknown option(s) {unknown}; known: {sorted(known)}"
+            )
+        return cls(**options)
+
+    def provider_options(self, graph: str = "step") -> dict[str, str]:
+        """The CUDAExecutionProvider option strings for `graph` ("step" or "prefill")."""
+        o = {k: str(v) for k, v in asdict(self).items() if k != "enable_cuda_graph"}
+        o["device_id"], o["gpu_mem_limit"] = str(int(self.device_id)), str(int(self.gpu_mem_limit))
+        if self.gpu_mem_limit == 0:
+            del o["gpu_mem_limit"]
+        o["enable_cuda_graph"] = "1" if (self.enable_cuda_graph and graph == "step") else "0"
+        return o
 
 
 def cuda_usable() -> tuple[bool, str]:
@@ -118,10 +192,12 @@ class Engine:
         model_dir: directory with manifest.json, step.onnx and (optionally) prefill.onnx.
         device: "auto" (CUDA when usable, else CPU), "cpu" or "cuda" (an error when not usable).
         threads: onnxruntime intra-op threads (None: all cores of this process).
-        cuda_options: CUDAExecutionProvider options (e.g. {"device_id": 0}).
+        cuda_options: CudaOptions or a dict of its fields (e.g. {"device_id": 0}); checked
+            even when CUDA is not used.
         check_sha: verify each graph file against the manifest's sha256.
 
-    Attributes: manifest, info, provider, input_kind, vocab_size, d_input, d_output,
+    Attributes: manifest, info, provider, device ("cpu" | "cuda"), device_id, cuda_options,
+    input_kind, vocab_size, d_input, d_output,
     state_size, prefill_chunk (None without a prefill graph), prefill_max_len.
     Thread-safe: concurrent `step` calls may come from several threads (StepBuffers excepted).
     """
@@ -131,7 +207,7 @@ class Engine:
         model_dir: str | os.PathLike,
         device: str = "auto",
         threads: int | None = None,
-        cuda_options: dict | None = None,
+        cuda_options: CudaOptions | dict | None = None,
         check_sha: bool = True,
     ):
         if device not in DEVICES:
@@ -140,6 +216,7 @@ class Engine:
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):
             raise InvalidInput("threads", f"must be a positive integer or None, got {threads!r}")
+        self.cuda_options = CudaOptions.parse(cuda_options)
         self.model_dir = Path(model_dir)
         m = self.manifest = load_manifest(self.model_dir, check_sha=check_sha)
         self.name = str(m["name"])
@@ -150,7 +227,7 @@ class Engine:
         self.state_size = int(m["state_size"])
         self._check_manifest()
 
-        providers = self._providers(device, cuda_options)
+        providers = self._providers(device, "step")
         opts = session_options(threads)
         graphs = m["graphs"]
         try:
@@ -164,10 +241,14 @@ class Engine:
         self.provider = self._step_session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise InvalidInput("device", f"'cuda' requested but onnxruntime runs {self.provider}")
+        on_cuda = self.provider == "CUDAExecutionProvider"
+        self.device = "cuda" if on_cuda else "cpu"
+        self.device_id = self.cuda_options.device_id if on_cuda else 0
         self._prefill_session = None
         self.prefill_chunk = self.prefill_max_len = None
         if "prefill" in graphs:
-            self._prefill_session = self._open(graphs["prefill"]["file"], opts, providers)
+            prefill_providers = self._providers("cuda", "prefill") if on_cuda else providers
+            self._prefill_session = self._open(graphs["prefill"]["file"], opts, prefill_providers)
             self.prefill_chunk = int(graphs["prefill"].get("chunk", 1))
             max_len = int(graphs["prefill"].get("max_len", 0)) or 4096
             self.prefill_max_len = max(self.prefill_chunk, max_len - max_len % self.prefill_chunk)
@@ -179,9 +260,10 @@ class Engine:
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
         self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
         self.info = self._make_info()
+        cuda = f" {self.cuda_options.provider_options()}" if self.device == "cuda" else ""
         log.info(
-            "opened %s (%s, S=%d, %s) on %s", self.name, self.input_kind, self.state_size,
-            m["dtype"], self.provider,
+            "opened %s (%s, S=%d, %s) on %s%s", self.name, self.input_kind, self.state_size,
+            m["dtype"], self.provider, cuda,
         )  # fmt: skip
 
     # --- opening -------------------------------------------------------------------------
@@ -199,16 +281,22 @@ class Engine:
         elif not isinstance(self.d_input, int) or self.d_input <= 0:
             raise ModelError(f"{where}: a values model needs a positive d_input")
 
-    def _providers(self, device: str, cuda_options: dict | None) -> list:
+    def _providers(self, device: str, graph: str) -> list:
+        """The provider list for `graph` on `device` (CUDA first when requested and usable)."""
         if device == "cpu":
             return ["CPUExecutionProvider"]
         usable, why = cuda_usable()
         if not usable:
             if device == "cuda":
-                raise InvalidInput("device", f"'cuda' requested but CUDA is not usable: {why}")
+                raise InvalidInput(
+                    "device",
+                    f"'cuda' requested but CUDA is not usable: {why} "
+                    "(install onnxruntime-gpu and a CUDA driver, or use device='cpu'/'auto')",
+                )
             log.info("CUDA not usable (%s); running on CPU", why)
             return ["CPUExecutionProvider"]
-        return [("CUDAExecutionProvider", dict(cuda_options or {})), "CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", self.cuda_options.provider_options(graph))
+        return [cuda, "CPUExecutionProvider"]
 
     def _open(self, file: str, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         path = self.model_dir / file
@@ -254,6 +342,7 @@ class Engine:
             "state_bytes": 4 * self.state_size,
             "dtype": m["dtype"],
             "provider": self.provider,
+            "device": self.device,
             "step_sha256": g["step"]["sha256"],
             "prefill_sha256": g["prefill"]["sha256"] if "prefill" in g else None,
             "prefill_chunk": self.prefill_chunk,
