@@ -286,7 +286,8 @@ def write_report(cfg: BenchConfig, bare: dict, runs: list[Run], meta: dict) -> d
         f"{meta['machine']}; provider {bare['provider']}; model S={bare['state_size']} "
         f"(d_model={cfg.d_model}, n_layers={cfg.n_layers}, d_state={cfg.d_state}, "
         f"vocab={cfg.vocab_size}); clients ({cfg.client_procs} processes) and server on the "
-        f"same machine; load average at start {meta['load_average']}.",
+        f"same machine; load average (1, 5, 15 min) at start {meta['load_average']}, "
+        f"at end {meta.get('load_average_end')}.",
         "",
         f"Bare `Engine.step` (1 session, in-process): p50 {bare['p50_ms']:.3f} ms, "
         f"p99 {bare['p99_ms']:.3f} ms.",
@@ -428,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "load_average": load_at_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
     result = write_report(cfg, bare, runs, meta)
     log.info("summary: %s", json.dumps(result["summary"]))
