@@ -1,0 +1,135 @@
+"""CUDA provider options (checked everywhere) and the CUDA paths (marked `cuda`, skipped here).
+
+Without a GPU the options are checked by intercepting what the Engine hands to
+onnxruntime's InferenceSession; with one, the CUDA engine, the resident batch and its CUDA
+graph mode are compared with the CPU engine on the same model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ssmstream.runtime.engine as engine_module
+from ssmstream.runtime.device_state import ResidentBatch
+from ssmstream.runtime.engine import CudaOptions, Engine
+from ssmstream.runtime.errors import InvalidInput
+
+
+def test_cuda_options_defaults_and_strings():
+    o = CudaOptions.parse({"device_id": 1, "enable_cuda_graph": True})
+    step, prefill = o.provider_options("step"), o.provider_options("prefill")
+    assert step == {
+        "device_id": "1",
+        "arena_extend_strategy": "kNextPowerOfTwo",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "enable_cuda_graph": "1",
+    }
+    assert prefill["enable_cuda_graph"] == "0"  # variable T: never captured
+    limited = CudaOptions(gpu_mem_limit=2**30).provider_options()
+    assert limited["gpu_mem_limit"] == str(2**30)
+    assert CudaOptions.parse(None) == CudaOptions() and CudaOptions.parse(o) is o
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"device": 0}, "cuda_options"),
+        ({"device_id": -1}, "cuda_options.device_id"),
+        ({"device_id": "0"}, "cuda_options.device_id"),
+        ({"arena_extend_strategy": "grow"}, "cuda_options.arena_extend_strategy"),
+        ({"cudnn_conv_algo_search": "fast"}, "cuda_options.cudnn_conv_algo_search"),
+        ({"enable_cuda_graph": "yes"}, "cuda_options.enable_cuda_graph"),
+        ({"gpu_mem_limit": 1.5}, "cuda_options.gpu_mem_limit"),
+    ],
+)
+def test_bad_cuda_options_name_the_field(toy_token_model, bad, field):
+    with pytest.raises(InvalidInput, match=field.replace(".", r"\.")):
+        Engine(toy_token_model["model_dir"], device="cpu", cuda_options=bad)
+    with pytest.raises(InvalidInput, match="cuda_options"):
+        Engine(toy_token_model["model_dir"], cuda_options=[("device_id", 0)])
+
+
+def test_engine_hands_cuda_options_to_onnxruntime(toy_token_model, monkeypatch):
+    seen: dict[str, list] = {}
+    real = engine_module.ort.InferenceSession
+
+    def record(path, opts, providers):
+        seen[path.rsplit("/", 1)[-1]] = providers
+        cpu = [
+            p for p in providers if (p if isinstance(p, str) else p[0]) == "CPUExecutionProvider"
+        ]
+        return real(path, opts, providers=cpu)  # runs on CPU; get_providers() says CPU
+
+    monkeypatch.setattr(engine_module, "cuda_usable", lambda: (True, ""))
+    monkeypatch.setattr(engine_module.ort, "InferenceSession", record)
+    opts = {"device_id": 3, "cudnn_conv_algo_search": "EXHAUSTIVE", "enable_cuda_graph": True}
+    eng = Engine(toy_token_model["model_dir"], device="auto", cuda_options=opts)
+    (name, step_opts), cpu = seen["step.onnx"]
+    assert name == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
+    assert step_opts["device_id"] == "3" and step_opts["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    assert step_opts["enable_cuda_graph"] == "1"
+    assert eng.device == "cpu"  # the (faked) session reports CPU, so the engine says so
+    # device="cpu" never asks for CUDA, whatever the options
+    seen.clear()
+    Engine(toy_token_model["model_dir"], device="cpu", cuda_options=opts)
+    assert seen["step.onnx"] == ["CPUExecutionProvider"]
+
+
+def test_cuda_requested_without_cuda_says_why(toy_token_model, monkeypatch):
+    monkeypatch.setattr(engine_module, "cuda_usable", lambda: (False, "no CUDA driver (test)"))
+    with pytest.raises(InvalidInput, match=r"device.*no CUDA driver \(test\).*device='cpu'"):
+        Engine(toy_token_model["model_dir"], device="cuda")
+    assert Engine(toy_token_model["model_dir"]).provider == "CPUExecutionProvider"
+
+
+# --- on a GPU ------------------------------------------------------------------------------
+
+
+def _run(eng_or_rb, tokens, x0, eng_cpu):
+    """Outputs of T steps [B, T, d_out] and final states [B, S]."""
+    if isinstance(eng_or_rb, ResidentBatch):
+        rb = eng_or_rb
+        rb.join(x0)
+        ys = [rb.step(tokens[:, t]).copy() for t in range(tokens.shape[1])]
+        return np.stack(ys, axis=1), rb.read(rb.ids)
+    s, ys = x0, []
+    for t in range(tokens.shape[1]):
+        y, s = eng_or_rb.step(tokens[:, t], s)
+        ys.append(y)
+    return np.stack(ys, axis=1), s
+
+
+@pytest.mark.cuda
+def test_cuda_engine_and_resident_batch_match_cpu(tiny_token_model):
+    d = tiny_token_model["model_dir"]
+    cpu = Engine(d, device="cpu")
+    gpu = Engine(d, device="cuda")
+    assert gpu.provider == "CUDAExecutionProvider" and gpu.device == "cuda"
+    rng = np.random.default_rng(0)
+    B, T = 8, 16
+    tokens = rng.integers(0, cpu.vocab_size, size=(B, T))
+    x0 = rng.standard_normal((B, cpu.state_size)).astype(np.float32) * 0.1
+    y_ref, s_ref = _run(cpu, tokens, x0, cpu)
+    for runner in (gpu, ResidentBatch(gpu, capacity=B + 3)):
+        y, s = _run(runner, tokens, x0, cpu)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=1e-4)
+    rb = ResidentBatch(gpu, capacity=4)
+    rb.join(x0[:4])
+    rb.step(tokens[:4, 0])
+    assert rb.stats.last_step_bytes == tokens[:4, 0].astype(np.int64).nbytes + 4 * gpu.d_output * 4
+
+
+@pytest.mark.cuda
+def test_cuda_graph_resident_batch_matches_cpu(tiny_token_model):
+    d = tiny_token_model["model_dir"]
+    cpu = Engine(d, device="cpu")
+    gpu = Engine(d, device="cuda", cuda_options={"enable_cuda_graph": True})
+    rng = np.random.default_rng(1)
+    B, T = 5, 12
+    tokens = rng.integers(0, cpu.vocab_size, size=(B, T))
+    x0 = rng.standard_normal((B, cpu.state_size)).astype(np.float32) * 0.1
+    y_ref, s_ref = _run(cpu, tokens, x0, cpu)
+    y, s = _run(ResidentBatch(gpu, capacity=8, cuda_graph=True), tokens, x0, cpu)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=1e-4)
