@@ -402,9 +402,9 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--prepare-only", action="store_true", help="make the models and stop")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO, format="%(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    for name in ("bench_gpu", "ssmstream"):  # not the exporters' own INFO chatter
+        logging.getLogger(name).setLevel(logging.DEBUG if a.verbose else logging.INFO)
     try:
         cfg = BenchConfig(
             device=a.device,
