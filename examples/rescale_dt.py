@@ -38,7 +38,7 @@ problem (e.g. the ~Δ/2 lag of holding each input sample for one step), which at
 filters run c× too slowly, is wrong by far more than either.
 
     python examples/rescale_dt.py                         # c = 2
-    python examples/rescale_dt.py --factor 4 --work /tmp/rescale
+    python examples/rescale_dt.py --factor 4 --work /tmp/rescale [--reuse]
 
 Dimension letters: B signals (streams), L samples per signal, S packed state size.
 """
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -77,6 +78,7 @@ class RescaleConfig:
     work: str | None = None  # where the two exports go (None: a temporary directory)
     prefill: bool = False  # also export prefill.onnx (this demo streams sample by sample)
     verify: bool = True  # run the exporter's parity check on each export
+    reuse: bool = False  # keep an export in `work` made from the same weights and dt_scale
     threads: int | None = 1  # onnxruntime intra-op threads
 
     def __post_init__(self):
@@ -95,6 +97,21 @@ def training_signal(ckpt: str | Path) -> SignalConfig:
     if train.get("task") != "signal" or "signal" not in train:
         raise ValueError(f"ckpt {str(ckpt)!r} was not trained on the signal task")
     return SignalConfig(**train["signal"])
+
+
+def reusable(model_dir: Path, ckpt: str | Path, dt_scale: float, prefill: bool) -> bool:
+    """Does model_dir hold a passing export of these weights at this dt_scale?"""
+    try:
+        m = json.loads((model_dir / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    weights = hashlib.sha256((Path(ckpt) / "model.safetensors").read_bytes()).hexdigest()
+    return (
+        m.get("dt_scale") == dt_scale
+        and m.get("source", {}).get("weights_sha256") == weights
+        and ("prefill" in m.get("graphs", {})) == prefill
+        and m.get("parity", {}).get("passed") is not False
+    )
 
 
 def stream(eng: Engine, u: np.ndarray) -> np.ndarray:
@@ -116,6 +133,10 @@ def run(cfg: RescaleConfig) -> dict:
         work = Path(cfg.work or tmp)
         dirs = {}
         for name, dt_scale in (("model_r", 1.0), ("model_cr", 1.0 / cfg.factor)):
+            if cfg.reuse and reusable(work / name, cfg.ckpt, dt_scale, cfg.prefill):
+                log.info("reusing the export in %s (dt_scale %g)", work / name, dt_scale)
+                dirs[name] = work / name
+                continue
             t0 = time.perf_counter()
             dirs[name] = export_model(
                 cfg.ckpt,
@@ -224,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.verify,
         help="run the exporter's parity check",
     )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse exports in --work made from the same weights and dt_scale",
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime threads")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead")
     return p
@@ -243,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             work=a.work,
             prefill=a.prefill,
             verify=a.verify,
+            reuse=a.reuse,
             threads=a.threads,
         )
         res = run(cfg)
