@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
-from conftest import Ref, code_of, decode_snapshot, make_snapshot, serve, target
+from rel_helpers import Ref, code_of, decode_snapshot, make_snapshot, serve, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.client import Client
 

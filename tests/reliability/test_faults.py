@@ -28,9 +28,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import Ref, code_of, decode_snapshot, idle, inject, serve, target
-from conftest import wait_until as wait
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rel_helpers import Ref, code_of, decode_snapshot, idle, inject, serve, target
+from rel_helpers import wait_until as wait
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.client import AsyncClient, Client
 
@@ -238,41 +238,57 @@ async def _step_all(address: str, sids: list[str], tokens: list[int], timeouts=N
         return await asyncio.gather(*(one(i) for i in range(len(sids))))
 
 
+def _in_thread(fn) -> tuple[threading.Thread, dict]:
+    """Run fn() in a thread; its result lands in box["r"] (its exception in box["e"])."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["r"] = fn()
+        except Exception as e:  # handed to the test, which asserts on it
+            box["e"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, box
+
+
 def test_ort_failure_inside_a_batch(srv, client, toy):
     """One ORT step call fails for a batch of 4 sessions: each gets INTERNAL and keeps its
-    state; a prefill running meanwhile on another graph succeeds; everything serves on."""
+    state; a prefill queued behind it and the steps after it succeed; health stays SERVING.
+
+    The batch is made deterministic: a blocker step holds the engine's worker (its ORT call
+    waits on a gate) until all four steps and the prefill are queued behind it."""
     batcher = srv.server.batcher
     sessions = [client.create_session() for _ in range(4)]
     prefixes = [seq(10 + i, 3) for i in range(4)]
     for s, p in zip(sessions, prefixes):
         s.step(tokens=p)
-    bystander = client.create_session()
-    ids, nxt = [s.id for s in sessions], [5, 6, 7, 8]
-    old_delay, batcher.max_batch_delay = batcher.max_batch_delay, 0.5  # let the 4 meet
-    try:
-        with inject(srv.server.engine, fail=1, delay=0.05) as fault:
-            results = {}
-            t = threading.Thread(
-                target=lambda: results.update(r=asyncio.run(_step_all(target(srv), ids, nxt)))
-            )
-            t.start()
-            wait(lambda: fault.calls, what="the batch to reach onnxruntime")
-            long = bystander.step(tokens=seq(20, 8), output="all")  # prefill graph: unaffected
+    blocker, bystander = client.create_session(), client.create_session()
+    ids, nxt, gate = [s.id for s in sessions], [5, 6, 7, 8], threading.Event()
+    with inject(srv.server.engine, fail=1, after=1, gate=gate) as fault:
+        t0, b0 = _in_thread(lambda: blocker.step(tokens=[1]))
+        wait(lambda: fault.calls, what="the blocker to hold the worker")
+        t1, b1 = _in_thread(lambda: asyncio.run(_step_all(target(srv), ids, nxt)))
+        wait(lambda: batcher.pending() == 5, what="four steps queued behind the blocker")
+        t2, b2 = _in_thread(lambda: bystander.step(tokens=seq(20, 8), output="all"))
+        wait(lambda: batcher.pending() == 6, what="the prefill queued")
+        gate.set()
+        for t in (t0, t1, t2):
             t.join(30)
-    finally:
-        batcher.max_batch_delay = old_delay
-    assert fault.fail == 0 and len(fault.calls) == 1, fault.calls  # one ORT call for all four
-    for r in results["r"]:
+    assert fault.fail == 0 and len(fault.calls) == 2, fault.calls  # blocker, then the four
+    assert b0["r"].position == 1  # the blocker's own call succeeded
+    for r in b1["r"]:
         assert isinstance(r, grpc.RpcError) and r.code() == C.INTERNAL, r
         assert "injected kernel failure" in r.details()
-    np.testing.assert_allclose(long.outputs, Ref(toy).feed(seq(20, 8)), atol=1e-4)
+    np.testing.assert_allclose(b2["r"].outputs, Ref(toy).feed(seq(20, 8)), atol=1e-4)
     for s, p, t in zip(sessions, prefixes, nxt):  # previous state kept; the retry works
         check_consistent(toy, client, s.id, p, candidates={3})
         r = s.step(tokens=[t])
         assert r.position == 4
         np.testing.assert_allclose(r.outputs[0], Ref(toy).feed([*p, t])[-1], atol=1e-4)
         s.close()
-    bystander.close()
+    blocker.close(), bystander.close()
     assert serving(srv)
 
 
@@ -293,41 +309,54 @@ def test_ort_failure_in_the_second_prefill_piece_applies_nothing(srv, client, to
 # --- deadlines --------------------------------------------------------------------------------
 
 
-def test_deadline_expiring_mid_batch_and_while_queued(srv, client, toy):
-    """With every ORT call slowed to 0.4 s: a Step whose 0.15 s deadline expires while its
-    batch runs (with 3 other sessions), and one whose deadline expires while it waits behind
-    its session's running step. The others get their results; no state is corrupted; the
-    queued one is dropped, a running one applies fully (or, if it had not started, not at all)."""
+def test_deadline_expiring_mid_batch(srv, client, toy):
+    """Four steps queued behind a blocker run as one ORT call that takes 1.5 s; one has a
+    0.8 s deadline, which expires while that call runs. The other three get their results;
+    the expired one applies fully (it was running) and its session is consistent."""
     batcher = srv.server.batcher
     sessions = [client.create_session() for _ in range(4)]
+    blocker, gate = client.create_session(), threading.Event()
     ids, nxt = [s.id for s in sessions], [1, 2, 3, 4]
-    old_delay, batcher.max_batch_delay = batcher.max_batch_delay, 0.05
-    try:
-        with inject(srv.server.engine, delay=0.4):
-            rs = asyncio.run(_step_all(target(srv), ids, nxt, timeouts=[0.15, 10, 10, 10]))
-            assert isinstance(rs[0], grpc.RpcError) and rs[0].code() == C.DEADLINE_EXCEEDED
-            for r, t in zip(rs[1:], nxt[1:]):
-                np.testing.assert_allclose(r.outputs, Ref(toy).feed([t])[-1], atol=1e-4)
-            wait(lambda: idle(srv), what="the expired batch to finish")
-            p0 = check_consistent(toy, client, ids[0], [1], candidates={0, 1})
-
-            queued = client.create_session()
-            first = threading.Thread(target=lambda: queued.step(tokens=[5]))
-            first.start()
-            wait(lambda: batcher.pending() > 0, what="the first step to be running")
-            req = pb.StepRequest(session_id=queued.id, tokens=[6])
-            code, _ = code_of(lambda: client.stub.Step(req, timeout=0.15))
-            assert code == C.DEADLINE_EXCEEDED
-            first.join(10)
-            wait(lambda: idle(srv), what="the queue to drain")
-    finally:
-        batcher.max_batch_delay = old_delay
-    check_consistent(toy, client, queued.id, [5, 6], candidates={1})  # the second was dropped
-    # the expired session continues from wherever it is, exactly
-    r = sessions[0].step(tokens=[9])
-    np.testing.assert_allclose(r.outputs[0], Ref(toy).feed([1][:p0] + [9])[-1], atol=1e-4)
-    for s in (*sessions, queued):
+    with inject(srv.server.engine, delay=1.5, delay_from=1, gate=gate) as fault:
+        t0, _ = _in_thread(lambda: blocker.step(tokens=[1]))
+        wait(lambda: fault.calls, what="the blocker to hold the worker")
+        sent = time.monotonic()
+        t1, b1 = _in_thread(
+            lambda: asyncio.run(_step_all(target(srv), ids, nxt, timeouts=[0.8, 30, 30, 30]))
+        )
+        wait(lambda: batcher.pending() == 5, what="four steps queued behind the blocker")
+        queued_for = time.monotonic() - sent
+        gate.set()
+        t0.join(30), t1.join(30)
+    rs = b1["r"]
+    assert isinstance(rs[0], grpc.RpcError) and rs[0].code() == C.DEADLINE_EXCEEDED
+    for r, t in zip(rs[1:], nxt[1:]):
+        np.testing.assert_allclose(np.asarray(r.outputs), Ref(toy).feed([t])[-1], atol=1e-4)
+    assert len(fault.calls) == 2  # the four ran as one call
+    wait(lambda: idle(srv), what="the batch to finish")
+    # running when the deadline hit → applied (unless the machine took 0.8 s to queue it)
+    p = check_consistent(toy, client, ids[0], [1], candidates={0} if queued_for > 0.7 else {1})
+    r = sessions[0].step(tokens=[9])  # and it continues from there, exactly
+    np.testing.assert_allclose(r.outputs[0], Ref(toy).feed([1][:p] + [9])[-1], atol=1e-4)
+    for s in (*sessions, blocker):
         s.close()
+
+
+def test_deadline_expiring_while_queued_drops_the_request(srv, client, toy):
+    """A Step waiting behind its session's running step (0.4 s) with a 0.15 s deadline is
+    dropped: the session holds the first step only."""
+    batcher = srv.server.batcher
+    queued = client.create_session()
+    with inject(srv.server.engine, delay=0.4):
+        first, _ = _in_thread(lambda: queued.step(tokens=[5]))
+        wait(lambda: batcher.pending() > 0, what="the first step to be running")
+        req = pb.StepRequest(session_id=queued.id, tokens=[6])
+        code, _ = code_of(lambda: client.stub.Step(req, timeout=0.15))
+        assert code == C.DEADLINE_EXCEEDED
+        first.join(10)
+        wait(lambda: idle(srv), what="the queue to drain")
+    check_consistent(toy, client, queued.id, [5, 6], candidates={1})  # the second was dropped
+    queued.close()
 
 
 def test_stream_deadline_mid_request_leaves_the_session_consistent(srv, client, toy):
@@ -424,7 +453,7 @@ def test_at_max_sessions_new_sessions_are_refused_and_streams_go_on(toy):
             with sessions[i].open_stream() as st:
                 for j, t in enumerate(seqs[i]):
                     outs[i].append(st.send(tokens=[t]).outputs[0])
-                    if j == 5:
+                    if i == 0 and j == 5:  # session 0 is at position 6
                         go.set()
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]

@@ -23,10 +23,10 @@ import logging
 import grpc
 import numpy as np
 import pytest
-from conftest import Ref, assert_matches, serve, target
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rel_helpers import Ref, assert_matches, serve, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.client import Client
 

@@ -19,8 +19,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import Ref, code_of, decode_snapshot
 from grpc_helpers import ServerProcess
+from rel_helpers import Ref, code_of, decode_snapshot
 from ssmstream.runtime.client import Client
 from ssmstream.runtime.sessions import STORE_FILE, SessionStore
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from conftest import ATOL, RTOL, Ref, decode_snapshot, serve, target
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -35,6 +34,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from rel_helpers import ATOL, RTOL, Ref, decode_snapshot, serve, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.client import Client
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from conftest import Ref, assert_matches, code_of, decode_snapshot, serve, target
 from grpc_helpers import make_certs
+from rel_helpers import Ref, assert_matches, code_of, decode_snapshot, serve, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.auth import TokenTable
 from ssmstream.runtime.client import Client
