@@ -75,7 +75,9 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     if missing:
         raise ModelError(f"{path}: missing fields {missing}")
     if m["input_kind"] not in ("tokens", "values"):
-        raise ModelError(f"{path}: input_kind must be 'tokens' or 'values', got {m['input_kind']!r}")
+        raise ModelError(
+            f"{path}: input_kind must be 'tokens' or 'values', got {m['input_kind']!r}"
+        )
     if "step" not in m["graphs"]:
         raise ModelError(f"{path}: graphs.step is missing")
     for name, g in m["graphs"].items():
