@@ -314,3 +314,33 @@ def test_benchmark_commands_match_the_scripts(run_all):
                 assert f'"{flag}"' in source, (bench.script, flag)
         assert '"--out"' in source, bench.script
         assert bench.command(Path("/tmp/x"), quick=True)[-2:] == ["--out", "/tmp/x"]
+
+
+# --- Dockerfile (not built in CI: its inputs are checked instead) ---------------------------
+
+
+def test_dockerfile_inputs_exist_and_are_not_ignored():
+    from ssmstream.runtime.config import build_parser
+
+    docker = (ROOT / "Dockerfile").read_text()
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    copies = re.findall(r"^COPY (?!--from)(.+?) \S+$", docker, flags=re.M)
+    sources = [src.rstrip("/") for line in copies for src in line.split()]
+    assert "examples/checkpoints/byte-lm" in sources
+    for src in sources:
+        assert (ROOT / src).exists(), src
+        assert any(src == a or src.startswith(a + "/") for a in allowed), src
+    # torch: the same pin as the Makefile, from the CPU index
+    pin = re.search(r"^TORCH\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert f"pip install {pin.group(1)} --index-url https://download.pytorch.org/whl/cpu" in docker
+    # the served command parses with the server's own parser, as a non-root user
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.+\])$", docker, flags=re.M).group(1))
+    assert entry[:2] == ["ssmstream", "serve"]
+    args = build_parser().parse_args(entry[2:])
+    assert (args.host, args.port, args.model_dir) == ("0.0.0.0", 50051, "/srv/model")
+    assert re.search(r"^USER (?!root)\w+$", docker, flags=re.M)
+    assert re.search(r"^EXPOSE 50051$", docker, flags=re.M)
