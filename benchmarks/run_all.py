@@ -189,6 +189,20 @@ class Row:
     ratio: float | None = None  # the headline number itself (for tests and tools)
 
 
+# targets as the issues state them (where an issue gave only a shape, this report's bound)
+T_ORT = "≥ 3× at B = 1 (issue 4)"
+T_PREFILL = "≥ 20× (issue 4)"
+T_POSITION = "recurrent flat (≤ 1.5× over L), recompute growing (issue 4)"
+T_BATCHER = "≥ 5× (issue 5)"
+T_ENGINE = "≤ 1.2× (issue 5)"
+T_GRPC = "≤ 3× (issue 6)"
+T_SCALING = "≥ 4× (issue 6)"
+T_RSS = "flat: < 2 MiB over 1 M tokens (issue 5)"
+T_SESSION = "slab = S × 4 (issue 5); RSS ≤ 1.1 × S × 4"
+T_CONV = "conv faster: > 1× at every L (issue 3 sets no number)"
+T_SOAK = "0 errors / lost / corrupted (issue 8)"
+
+
 def _ratio(x: float) -> str:
     return f"{x:.2f}×" if x < 10 else f"{x:.1f}×" if x < 100 else f"{x:,.0f}×"
 
@@ -201,7 +215,7 @@ def row_ort_vs_torch(res: dict, B: str) -> Row:
     s = res["bench_export"]["step"]
     ort, torch = _median(s["ort"]["batch"][B]), _median(s["torch"]["batch"][B])
     r = torch / ort
-    target, met = ("≥ 3× (issue 4)", r >= 3) if B == "1" else ("—", None)
+    target, met = (T_ORT, r >= 3) if B == "1" else ("—", None)
     value = f"**{_ratio(r)}** ({ort:.3f} ms vs {torch:.3f} ms)"
     return Row(f"ORT step vs torch eager step, B = {B}", value, target, met, "bench_export", r)
 
@@ -214,7 +228,7 @@ def row_prefill(res: dict) -> Row:
     return Row(
         f"prefill T = {p['T']} (one call) vs {p['T']} sequential ORT steps",
         value,
-        "≥ 20× (issue 4)",
+        T_PREFILL,
         r >= 20,
         "bench_export",
         r,
@@ -264,7 +278,7 @@ def row_position(res: dict) -> Row:
     return Row(
         "per-token cost at position L: recurrent vs recompute the prefix",
         value,
-        "recurrent flat (≤ 1.5× over L), recompute growing (issue 4)",
+        T_POSITION,
         flat <= 1.5 and growing,
         source,
         r,
@@ -284,9 +298,7 @@ def row_batcher(res: dict, name: str = "bench_runtime") -> Row:
     r = on / off
     S = res[name]["model"]["state_size"]
     value = f"**{_ratio(r)}** ({on:,.0f} vs {off:,.0f} tokens/s)"
-    return Row(
-        f"Batcher on / off, 64 streams (S = {S:,})", value, "≥ 5× (issue 5)", r >= 5, name, r
-    )
+    return Row(f"Batcher on / off, 64 streams (S = {S:,})", value, T_BATCHER, r >= 5, name, r)
 
 
 def row_engine_overhead(res: dict, name: str = "bench_runtime") -> Row:
@@ -303,7 +315,7 @@ def row_engine_overhead(res: dict, name: str = "bench_runtime") -> Row:
     return Row(
         f"Engine.step vs bare InferenceSession.run (S = {S:,})",
         value,
-        "≤ 1.2× (issue 5)",
+        T_ENGINE,
         worst <= 1.2,
         name,
         worst,
@@ -321,9 +333,7 @@ def row_grpc_overhead(res: dict) -> Row:
     bare = float(srv["bare_engine_step"]["p50_ms"])
     r = float(one["p50_ms"]) / bare
     value = f"**{_ratio(r)}** (p50 {one['p50_ms']:.2f} ms vs bare Engine.step {bare:.2f} ms)"
-    return Row(
-        "gRPC per-token overhead, 1 client", value, "≤ 3× (issue 6)", r <= 3, "bench_server", r
-    )
+    return Row("gRPC per-token overhead, 1 client", value, T_GRPC, r <= 3, "bench_server", r)
 
 
 def row_server_scaling(res: dict) -> Row:
@@ -331,9 +341,7 @@ def row_server_scaling(res: dict) -> Row:
     a, b = float(runs[(64, True)]["tokens_per_s"]), float(runs[(1, True)]["tokens_per_s"])
     r = a / b
     value = f"**{_ratio(r)}** ({a:,.0f} vs {b:,.0f} tokens/s, batching on)"
-    return Row(
-        "server tokens/s, 64 vs 1 client", value, "≥ 4× (issue 6)", r >= 4, "bench_server", r
-    )
+    return Row("server tokens/s, 64 vs 1 client", value, T_SCALING, r >= 4, "bench_server", r)
 
 
 def row_rss(res: dict) -> Row:
@@ -346,7 +354,7 @@ def row_rss(res: dict) -> Row:
     return Row(
         f"RSS growth, one stream, {lo:,} → {hi:,} tokens",
         value,
-        "flat: < 2 MiB over 1 M tokens (issue 5)",
+        T_RSS,
         abs(growth) < 2 if hi >= 1_000_000 else None,
         "bench_runtime",
         growth,
@@ -368,7 +376,7 @@ def row_bytes_per_session(res: dict) -> Row:
     return Row(
         "bytes per session vs S × 4",
         value,
-        "slab = S × 4 (issue 5); RSS ≤ 1.1 × S × 4",
+        T_SESSION,
         slab == S4 and r <= 1.1,
         "bench_runtime",
         r,
@@ -388,7 +396,7 @@ def row_conv_vs_steps(res: dict) -> Row:
     return Row(
         "torch conv forward vs L sequential torch steps",
         value,
-        "conv faster: > 1× at every L (issue 3 sets no number)",
+        T_CONV,
         lo > 1,
         "bench_model",
         r,
@@ -418,45 +426,62 @@ def row_soak(res: dict) -> Row:
     return Row(
         "soak: concurrent sessions over gRPC",
         value,
-        "0 errors / lost / corrupted (issue 8)",
+        T_SOAK,
         bad == 0 and s.get("server_exit_code") == 0,
         "soak",
         float(bad),
     )
 
 
-# (measure shown when the data is missing, source, row function)
-ROWS: list[tuple[str, str, Callable[[dict], Row]]] = [
-    ("ORT step vs torch eager step, B = 1", "bench_export", lambda r: row_ort_vs_torch(r, "1")),
-    ("ORT step vs torch eager step, B = 64", "bench_export", lambda r: row_ort_vs_torch(r, "64")),
-    ("prefill T = 1024 vs 1024 sequential ORT steps", "bench_export", row_prefill),
-    ("per-token cost at position L: recurrent vs recompute", "bench_export", row_position),
-    ("Batcher on / off, 64 streams", "bench_runtime", row_batcher),
+# (measure shown when the data is missing, source, target, row function)
+ROWS: list[tuple[str, str, str, Callable[[dict], Row]]] = [
+    (
+        "ORT step vs torch eager step, B = 1",
+        "bench_export",
+        T_ORT,
+        lambda r: row_ort_vs_torch(r, "1"),
+    ),
+    (
+        "ORT step vs torch eager step, B = 64",
+        "bench_export",
+        "—",
+        lambda r: row_ort_vs_torch(r, "64"),
+    ),
+    ("prefill T = 1024 vs 1024 sequential ORT steps", "bench_export", T_PREFILL, row_prefill),
+    (
+        "per-token cost at position L: recurrent vs recompute",
+        "bench_export",
+        T_POSITION,
+        row_position,
+    ),
+    ("Batcher on / off, 64 streams", "bench_runtime", T_BATCHER, row_batcher),
     (
         "Batcher on / off, 64 streams (small state)",
         "bench_runtime_small",
+        T_BATCHER,
         lambda r: row_batcher(r, "bench_runtime_small"),
     ),
-    ("Engine.step vs bare InferenceSession.run", "bench_runtime", row_engine_overhead),
+    ("Engine.step vs bare InferenceSession.run", "bench_runtime", T_ENGINE, row_engine_overhead),
     (
         "Engine.step vs bare InferenceSession.run (small state)",
         "bench_runtime_small",
+        T_ENGINE,
         lambda r: row_engine_overhead(r, "bench_runtime_small"),
     ),
-    ("gRPC per-token overhead, 1 client", "bench_server", row_grpc_overhead),
-    ("server tokens/s, 64 vs 1 client", "bench_server", row_server_scaling),
-    ("RSS growth, one stream, 1,000 → 1,000,000 tokens", "bench_runtime", row_rss),
-    ("bytes per session vs S × 4", "bench_runtime", row_bytes_per_session),
-    ("torch conv forward vs L sequential torch steps", "bench_model", row_conv_vs_steps),
-    ("training tokens/s", "bench_model", row_training),
-    ("soak: concurrent sessions over gRPC", "soak", row_soak),
+    ("gRPC per-token overhead, 1 client", "bench_server", T_GRPC, row_grpc_overhead),
+    ("server tokens/s, 64 vs 1 client", "bench_server", T_SCALING, row_server_scaling),
+    ("RSS growth, one stream, 1,000 → 1,000,000 tokens", "bench_runtime", T_RSS, row_rss),
+    ("bytes per session vs S × 4", "bench_runtime", T_SESSION, row_bytes_per_session),
+    ("torch conv forward vs L sequential torch steps", "bench_model", T_CONV, row_conv_vs_steps),
+    ("training tokens/s", "bench_model", "—", row_training),
+    ("soak: concurrent sessions over gRPC", "soak", T_SOAK, row_soak),
 ]
 
 
 def headline_rows(res: dict) -> list[Row]:
     """The table: one Row per measure; a missing result or field gives a 'not measured' row."""
     rows = []
-    for measure, source, fn in ROWS:
+    for measure, source, target, fn in ROWS:
         try:
             rows.append(fn(res))
         except (KeyError, IndexError, TypeError, ValueError, StopIteration, ZeroDivisionError) as e:
@@ -464,7 +489,7 @@ def headline_rows(res: dict) -> list[Row]:
                 why = f"not in {source}.json ({type(e).__name__}: {e})"
             else:
                 why = f"not measured ({source}.json missing)"
-            rows.append(Row(measure, why, "", None, source))
+            rows.append(Row(measure, why, target, None, source))
     return rows
 
 
@@ -699,7 +724,7 @@ def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]
     for bench in BENCHMARKS:
         name = bench.results
         if name not in res:
-            lines.append(f"| {name} | not run | | |")
+            lines.append(f"| {name} | no results yet | | |")
             continue
         when = datetime.datetime.fromtimestamp((results / f"{name}.json").stat().st_mtime)
         lines.append(

@@ -243,10 +243,11 @@ def test_report_only_on_the_real_results(run_all, tmp_path):
     header = "| measure | measured | target | met? | source |"
     table = text.split(header)[1].split("\n\n")[0].strip().splitlines()[1:]
     assert len(table) == len(run_all.ROWS)
-    for line, (_, source, _) in zip(table, run_all.ROWS):
+    for line, (_, source, target, _) in zip(table, run_all.ROWS):
         *_, status, shown = line.strip("| ").split(" | ")
         assert status in ("✅ met", "❌ NOT met", "—"), line
         assert shown in results or (shown == source and "not measured" in line), line
+        assert f"| {target} |" in line, line
 
     # ratios recomputed from the JSONs, independently of run_all's row functions
     if "bench_runtime" in results:
