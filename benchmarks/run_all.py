@@ -807,12 +807,21 @@ def write_report(results: Path, report: Path | None = None) -> tuple[Path, list[
 # --- CLI ---------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: …)' only where the default says something (not None / False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Run the project's benchmarks (each as a subprocess) and write REPORT.md: "
         "the machine, one table of headline ratios with their targets, and PNG plots.",
         epilog="benchmarks: " + ", ".join(f"{b.name} ({b.script})" for b in BENCHMARKS),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--quick",
@@ -837,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--report", default=None, help="report to write (default: RESULTS/REPORT.md)")
     p.add_argument(
-        "--timeout", type=float, default=None, help="seconds per benchmark (default: none)"
+        "--timeout", type=float, default=None, help="seconds per benchmark (none: no limit)"
     )
     return p
 

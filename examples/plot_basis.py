@@ -82,17 +82,31 @@ def plot_basis(
     return paths
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: …)' only where the default says something (not None / False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Plot the SSM basis functions K_n(t) = e^{tA_n} B_n and the discrete kernels "
         "K[l] of one layer of a checkpoint to a PNG, next to the same layer at initialization.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("ckpt", nargs="?", default=str(BYTE_LM), help="checkpoint directory")
     p.add_argument("--out", default="ssm_basis.png", help="PNG to write (+ _init.png)")
     p.add_argument("--layer", type=int, default=0, help="which SSM layer")
     p.add_argument("--head", type=int, default=0, help="head whose basis functions are drawn")
-    p.add_argument("--length", type=int, default=None, help="samples shown (default: auto)")
+    p.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="samples shown (none: until the slowest mode decays)",
+    )
     p.add_argument(
         "--init",
         action=argparse.BooleanOptionalAction,

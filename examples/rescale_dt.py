@@ -220,19 +220,30 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: …)' only where the default says something (not None / False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = RescaleConfig()
     p = argparse.ArgumentParser(
         description="Export the shipped signal model at dt-scale 1 and 1/c, run both with the "
         "runtime Engine on the same continuous signals sampled at r and c·r, and print the "
         "errors: the Δ-rescaled model keeps its error, the unscaled one does not.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--ckpt", default=d.ckpt, help="signal-task checkpoint directory")
     p.add_argument("--factor", type=float, default=d.factor, help="c: new sampling rate = c·r")
     p.add_argument("--signals", type=int, default=d.signals, help="held-out signals (streams)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the held-out signals")
-    p.add_argument("--work", default=None, help="keep the two exports here (default: temp dir)")
+    p.add_argument(
+        "--work", default=None, help="keep the two exports here (none: a temporary directory)"
+    )
     p.add_argument(
         "--prefill",
         action=argparse.BooleanOptionalAction,
