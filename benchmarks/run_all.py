@@ -5,7 +5,11 @@
                                                   #   results go to a temp dir, not results/)
     python benchmarks/run_all.py --only export server
     python benchmarks/run_all.py --report-only    # rebuild REPORT.md from results/*.json
+    python benchmarks/run_all.py --only gpu       # on a GPU machine (benchmarks/gpu/README.md)
     make bench                                    # == the first line
+
+bench_gpu runs by default only where onnxruntime's CUDA provider is usable; its rows say
+which card they were taken on (a `--device cpu` smoke result is shown but not judged).
 
 Each benchmark runs as its own subprocess (`python benchmarks/bench_*.py --out RESULTS ...`)
 and writes RESULTS/NAME.{json,md,png}; one failing does not stop the others. The report
@@ -62,13 +66,16 @@ class Bench:
     full: list[str] = field(default_factory=list)
     quick: list[str] = field(default_factory=list)
     results: str = ""  # base name of its result files (default: the script's stem)
+    out_prefix: bool = False  # its --out is a path without suffix, not a directory
+    needs_cuda: bool = False  # run by default only where CUDA is usable
 
     def __post_init__(self):
         self.results = self.results or Path(self.script).stem
 
     def command(self, out: Path, quick: bool) -> list[str]:
         args = self.quick if quick else self.full
-        return [sys.executable, str(HERE / self.script), *args, "--out", str(out)]
+        dest = out / self.results if self.out_prefix else out
+        return [sys.executable, str(HERE / self.script), *args, "--out", str(dest)]
 
 
 _TINY = ["--d-model", "32", "--n-layers", "2", "--d-state", "16"]
@@ -100,6 +107,13 @@ BENCHMARKS = [
         quick=[*_TINY, "--clients", "1,64", "--budget", "400"],
     ),
     Bench("soak", "soak.py", quick=["--sessions", "16", "--tokens", "40"], results="soak"),
+    Bench(
+        "gpu",
+        "bench_gpu.py",
+        quick=["--batches", "1,64", "--steps", "20", "--warmup", "5"],
+        out_prefix=True,
+        needs_cuda=True,
+    ),
 ]
 BY_NAME = {b.name: b for b in BENCHMARKS}
 
@@ -201,6 +215,8 @@ T_RSS = "flat: < 2 MiB over 1 M tokens (issue 5)"
 T_SESSION = "slab = S × 4 (issue 5); RSS ≤ 1.1 × S × 4"
 T_CONV = "conv faster: > 1× at every L (issue 3 sets no number)"
 T_SOAK = "0 errors / lost / corrupted (issue 8)"
+T_GPU = "≥ 2× at B = 64 (issue 9)"
+T_GPU_BYTES = "inputs + outputs only (issue 9)"
 
 
 def _ratio(x: float) -> str:
@@ -433,6 +449,47 @@ def row_soak(res: dict) -> Row:
     )
 
 
+def _gpu(res: dict) -> tuple[dict, str | None]:
+    """(bench_gpu result, the card's name or None for a CPU smoke run)."""
+    g = res["bench_gpu"]
+    return g, g["env"].get("gpu") if g["env"].get("device") == "cuda" else None
+
+
+def _gpu_row(g: dict, variant: str, B: int) -> dict:
+    return next(r for r in g["results"][variant] if r["batch"] == B and "tokens_per_s" in r)
+
+
+def row_gpu_speedup(res: dict) -> Row:
+    g, card = _gpu(res)
+    ort, eager = _gpu_row(g, "ort_resident", 64), _gpu_row(g, "torch_eager", 64)
+    r = ort["tokens_per_s"] / eager["tokens_per_s"]
+    where = card or "CPU smoke run, not a GPU figure"
+    value = (
+        f"**{_ratio(r)}** ({ort['tokens_per_s']:,.0f} vs {eager['tokens_per_s']:,.0f} "
+        f"tokens/s; {where})"
+    )
+    measure = "GPU: ORT CUDA, device-resident state vs torch eager step, B = 64"
+    return Row(measure, value, T_GPU, (r >= 2) if card else None, "bench_gpu", r)
+
+
+def row_gpu_bytes(res: dict) -> Row:
+    g, card = _gpu(res)
+    B, V = 64, int(g["model"]["d_output"])
+    resident = _gpu_row(g, "ort_resident", B)["bytes_per_step"]
+    io = B * 8 + B * V * 4  # int64 tokens in, float32 logits out
+    value = f"**{resident:,} B** resident (inputs + outputs = {io:,} B)"
+    try:
+        value += (
+            f"; Engine.step with host states {_gpu_row(g, 'ort_fp32', B)['bytes_per_step']:,} B"
+        )
+    except (KeyError, StopIteration):
+        pass
+    measure = "GPU: host↔device bytes per step, B = 64"
+    return Row(
+        measure, value, T_GPU_BYTES, (resident <= io) if card else None, "bench_gpu", resident
+    )
+
+
 # (measure shown when the data is missing, source, target, row function)
 ROWS: list[tuple[str, str, str, Callable[[dict], Row]]] = [
     (
@@ -475,6 +532,8 @@ ROWS: list[tuple[str, str, str, Callable[[dict], Row]]] = [
     ("torch conv forward vs L sequential torch steps", "bench_model", T_CONV, row_conv_vs_steps),
     ("training tokens/s", "bench_model", "—", row_training),
     ("soak: concurrent sessions over gRPC", "soak", T_SOAK, row_soak),
+    ("GPU: ORT CUDA resident state vs torch eager, B = 64", "bench_gpu", T_GPU, row_gpu_speedup),
+    ("GPU: host↔device bytes per step, B = 64", "bench_gpu", T_GPU_BYTES, row_gpu_bytes),
 ]
 
 
@@ -649,6 +708,7 @@ def _load(res: dict, name: str) -> str:
         "bench_runtime_small": (r.get("loadavg_start"), r.get("loadavg_end")),
         "bench_server": (r.get("meta", {}).get("load_average"), None),
         "soak": (r.get("meta", {}).get("load_average_at_start"), None),
+        "bench_gpu": (None, None),
     }.get(name, (None, None))
     parts = [f"{p[0]:.1f}" for p in pairs if p]
     return " → ".join(parts) or "not recorded"
@@ -680,6 +740,9 @@ def _model_of(res: dict, name: str) -> str:
         )
     if name == "soak":
         return f"S = {r['meta']['state_size']:,}"
+    if name == "bench_gpu":
+        card = r["env"].get("gpu") or f"{r['env'].get('device')} smoke run (no GPU)"
+        return f"S = {r['model']['state_size']:,}; {card}"
     return ""
 
 
@@ -693,6 +756,16 @@ def _shown(path: Path) -> str:
 
 def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
+
+
+def gpu_line(res: dict) -> str:
+    card = _gpu(res)[1] if "bench_gpu" in res else None
+    if card:
+        return (
+            f"- GPU figures (the bench_gpu rows) were taken on **{card}**; every other figure "
+            "is the CPU above (onnxruntime CPUExecutionProvider or torch CPU)."
+        )
+    return "- no GPU figures: every number is onnxruntime's CPUExecutionProvider or torch CPU."
 
 
 def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]) -> str:
@@ -716,7 +789,7 @@ def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]
         f"- load average when this report was built: {load[0]:.2f} / {load[1]:.2f} / "
         f"{load[2]:.2f} (1 / 5 / 15 min). The development machine's cores are shared with "
         "other work, so absolute times move; each ratio below divides two numbers of one run.",
-        "- no GPU: every figure is onnxruntime's CPUExecutionProvider or torch CPU.",
+        gpu_line(res),
         "",
         "| benchmark | results written | load average (1 min) at start → end | model |",
         "|---|---|---|---|",
@@ -816,6 +889,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def default_names() -> list[str]:
+    """Every benchmark; those that need CUDA only where it is usable (else logged)."""
+    from ssmstream.runtime.engine import cuda_usable
+
+    usable, why = cuda_usable()
+    if not usable:
+        skipped = [b.name for b in BENCHMARKS if b.needs_cuda]
+        log.info("skipping %s: %s (run it with --only on a GPU machine)", skipped, why)
+    return [b.name for b in BENCHMARKS if usable or not b.needs_cuda]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Run the project's benchmarks (each as a subprocess) and write REPORT.md: "
@@ -862,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(a.results) if a.results else (QUICK_RESULTS if a.quick else RESULTS)
     failed = []
     if not a.report_only:
-        names = [n for n in (a.only or BY_NAME) if n not in a.skip]
+        names = [n for n in (a.only or default_names()) if n not in a.skip]
         status = run_benchmarks(names, results, a.quick, a.timeout)
         failed = [s["name"] for s in status if s["exit"] != 0]
     elif not results.is_dir():

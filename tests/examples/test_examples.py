@@ -319,7 +319,8 @@ def test_benchmark_commands_match_the_scripts(run_all):
             for flag in (a for a in args if a.startswith("--")):
                 assert f'"{flag}"' in source, (bench.script, flag)
         assert '"--out"' in source, bench.script
-        assert bench.command(Path("/tmp/x"), quick=True)[-2:] == ["--out", "/tmp/x"]
+        dest = f"/tmp/x/{bench.results}" if bench.out_prefix else "/tmp/x"
+        assert bench.command(Path("/tmp/x"), quick=True)[-2:] == ["--out", dest]
 
 
 # --- Dockerfile (not built in CI: its inputs are checked instead) ---------------------------
