@@ -351,3 +351,11 @@ def test_dockerfile_inputs_exist_and_are_not_ignored():
     assert (args.host, args.port, args.model_dir) == ("0.0.0.0", 50051, "/srv/model")
     assert re.search(r"^USER (?!root)\w+$", docker, flags=re.M)
     assert re.search(r"^EXPOSE 50051$", docker, flags=re.M)
+
+
+def test_gpu_benchmark_runs_by_default_only_with_cuda(run_all):
+    from ssmstream.runtime.engine import cuda_usable
+
+    names = run_all.default_names()
+    assert ("gpu" in names) == cuda_usable()[0]
+    assert {"model", "export", "runtime", "server", "soak"} <= set(names)
