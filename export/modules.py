@@ -242,10 +242,13 @@ class PrefillSSM(nn.Module):
         else:
             Toep, G, F = self.tables()
             U = uh.reshape(H, Bsz * n, Q * M)  # [H, B·n, Q·M]
-            E = (U @ G).reshape(H, Bsz * n, 2, N2).permute(1, 2, 0, 3)  # [B·n, 2, H, N/2]
+            # one MatMul for both products of U: [Toeplitz | G] -> [y_loc | E]
+            yE = U @ torch.cat([Toep, G], dim=2)  # [H, B·n, Q·P + 2·N/2]
+            y_loc, E = yE[..., : Q * M], yE[..., Q * M :]
+            E = E.reshape(H, Bsz * n, 2, N2).permute(1, 2, 0, 3)  # [B·n, 2, H, N/2]
             starts, X_T = self._carry(E.reshape(Bsz, n, 2, H, N2), X0, n)
             Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
-            y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
+            y = y_loc + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
         y = y.reshape(H, Bsz * T, M).transpose(0, 1)  # [B·T, H, P]
         return y.reshape(Bsz, T, H * M) + u * self.D, X_T
 
