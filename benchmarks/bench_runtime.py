@@ -289,56 +289,64 @@ def write_report(result: dict, out: Path) -> None:
         f"{result['provider']}, onnxruntime threads={result['config']['threads']}; "
         f"machine: {result['machine']}; load average {load} (start) -> {load_end} (end).",
         "",
-        "## Engine.step overhead vs bare InferenceSession.run (target <= 1.2x)",
-        "",
-        "| B | variant | µs / call | ratio |",
-        "|---|---|---|---|",
     ]
-    for r in result["overhead"]:
-        lines.append(f"| {r['B']} | {r['variant']} | {r['us_per_call']:.1f} | {r['ratio']:.3f} |")
-    bare = {r["B"]: r["us_per_call"] for r in result["overhead"] if r["variant"].startswith("bare")}
-    lines += [
-        "",
-        f"The step graph alone gains {bare[1] / (bare[64] / 64):.1f}x per token from B = 1 to "
-        f"B = 64 ({bare[1]:.0f} µs vs {bare[64] / 64:.0f} µs per token): the ceiling of what "
-        "batching can add beyond saving the per-call overhead.",
-    ]
-    lines += [
-        "",
-        "## Batcher throughput, closed-loop streams (target on/off >= 5x at 64)",
-        "",
-        "| streams | batching | tokens/s | p50 ms | p99 ms | mean batch | on/off |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    off = {r["streams"]: r["tokens_per_s"] for r in result["throughput"] if not r["batching"]}
-    for r in result["throughput"]:
-        speedup = (
-            r["tokens_per_s"] / off[r["streams"]] if r["batching"] and off[r["streams"]] else None
-        )
-        lines.append(
-            f"| {r['streams']} | {'on' if r['batching'] else 'off'} | {r['tokens_per_s']:.0f} | "
-            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.1f} | "
-            f"{'' if speedup is None else f'{speedup:.1f}x'} |"
-        )
-    lines += [
-        "",
-        "## RSS over one long stream",
-        "",
-        "| tokens | RSS MiB | seconds |",
-        "|---|---|---|",
-    ]
-    for r in result["rss"]:
-        lines.append(f"| {r['tokens']:,} | {r['rss_mib']:.1f} | {r['seconds']:.1f} |")
-    s = result["sessions"]
-    lines += [
-        "",
-        f"## Memory per session ({s['sessions']:,} sessions)",
-        "",
-        f"slab bytes per session {s['slab_bytes_per_session']:,} (S × 4 = {s['S_times_4']:,}); "
-        f"RSS growth per session {s['rss_bytes_per_session']:,.0f} bytes "
-        f"(bookkeeping {s['bookkeeping_bytes_per_session']:,.0f}).",
-        "",
-    ]
+    if "overhead" in result:
+        lines += [
+            "## Engine.step overhead vs bare InferenceSession.run (target <= 1.2x)",
+            "",
+            "| B | variant | µs / call | ratio |",
+            "|---|---|---|---|",
+        ]
+        rows = result["overhead"]
+        for r in rows:
+            us, ratio = r["us_per_call"], r["ratio"]
+            lines.append(f"| {r['B']} | {r['variant']} | {us:.1f} | {ratio:.3f} |")
+        bare = {r["B"]: r["us_per_call"] for r in rows if r["variant"].startswith("bare")}
+        lines += [
+            "",
+            f"The step graph alone gains {bare[1] / (bare[64] / 64):.1f}x per token from B = 1 to "
+            f"B = 64 ({bare[1]:.0f} µs vs {bare[64] / 64:.0f} µs per token): the ceiling of what "
+            "batching can add beyond saving the per-call overhead.",
+        ]
+    if "throughput" in result:
+        lines += [
+            "",
+            "## Batcher throughput, closed-loop streams (target on/off >= 5x at 64)",
+            "",
+            "| streams | batching | tokens/s | p50 ms | p99 ms | mean batch | on/off |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        off = {r["streams"]: r["tokens_per_s"] for r in result["throughput"] if not r["batching"]}
+        for r in result["throughput"]:
+            base = off[r["streams"]]
+            speedup = r["tokens_per_s"] / base if r["batching"] and base else None
+            mode = "on" if r["batching"] else "off"
+            lines.append(
+                f"| {r['streams']} | {mode} | {r['tokens_per_s']:.0f} | "
+                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.1f} | "
+                f"{'' if speedup is None else f'{speedup:.1f}x'} |"
+            )
+    if "rss" in result:
+        lines += [
+            "",
+            "## RSS over one long stream",
+            "",
+            "| tokens | RSS MiB | seconds |",
+            "|---|---|---|",
+        ]
+        for r in result["rss"]:
+            lines.append(f"| {r['tokens']:,} | {r['rss_mib']:.1f} | {r['seconds']:.1f} |")
+    if "sessions" in result:
+        s = result["sessions"]
+        lines += [
+            "",
+            f"## Memory per session ({s['sessions']:,} sessions)",
+            "",
+            f"slab bytes per session {s['slab_bytes_per_session']:,} (S × 4 = {s['S_times_4']:,}); "
+            f"RSS growth per session {s['rss_bytes_per_session']:,.0f} bytes "
+            f"(bookkeeping {s['bookkeeping_bytes_per_session']:,.0f}).",
+            "",
+        ]
     (out / f"{name}.md").write_text("\n".join(lines))
     plot(result, out / f"{name}.png")
 
@@ -349,6 +357,8 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "throughput" not in result or "rss" not in result:
+        return  # a partial run (--sections): the plot needs both
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for batching, style in ((False, "o--"), (True, "o-")):
         rows = [r for r in result["throughput"] if r["batching"] == batching]
