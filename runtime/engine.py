@@ -48,7 +48,7 @@ import onnxruntime as ort
 
 from .errors import EngineFailure, InvalidInput, ModelError
 from .manifest import load_manifest
-from .ort_options import session_options
+from .ort_options import session_options, trim_heap
 from .sampling import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,7 @@ class Engine:
         if "prefill" in graphs:
             prefill_providers = self._providers("cuda", "prefill") if on_cuda else providers
             self._prefill_session = self._open(graphs["prefill"]["file"], opts, prefill_providers)
+            trim_heap()  # ORT frees the prefill's build-time tables but glibc keeps the pages
             self.prefill_chunk = int(graphs["prefill"].get("chunk", 1))
             max_len = int(graphs["prefill"].get("max_len", 0)) or 4096
             self.prefill_max_len = max(self.prefill_chunk, max_len - max_len % self.prefill_chunk)
