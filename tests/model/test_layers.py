@@ -38,16 +38,6 @@ METHODS = ("zoh", "bilinear", "backward_euler", "gbt", "euler")
 DT_MAX = {"euler": 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of sequential steps on tiny tensors: one intra-op thread is faster, and on a
-    shared, oversubscribed CPU two threads spin-wait on each other (measured 5–10× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_layer(heads, method, seed=0, dtype=torch.float64, **kw) -> SSM:
     torch.manual_seed(seed)
     layer = SSM(

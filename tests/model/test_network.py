@@ -28,16 +28,6 @@ METHODS = ("zoh", "bilinear", "backward_euler", "gbt", "euler")
 DT_MAX = {"euler": 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of sequential steps on tiny tensors: one intra-op thread is faster, and on a
-    shared, oversubscribed CPU two threads spin-wait on each other (measured 5–10× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_net(kind: str, heads, method: str = "zoh", seed: int = 0, **kw) -> SSMNetwork:
     io = {"vocab_size": 16} if kind == "tokens" else {"d_input": 3, "d_output": 2}
     cfg = SSMConfig(

@@ -22,16 +22,6 @@ GBT_METHODS = ("euler", "bilinear", "backward_euler")
 ALPHA_OF = {"euler": 0.0, "bilinear": 0.5, "backward_euler": 1.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of sequential steps on tiny tensors: one intra-op thread is faster, and on a
-    shared, oversubscribed CPU two threads spin-wait on each other (measured 5–10× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
