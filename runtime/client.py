@@ -248,22 +248,11 @@ class ClientSession:
         """An interactive Stream: `send(tokens=...)` returns that request's result."""
         return StreamHandle(self)
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[int] = (),
-        keep_session: bool = False,
-    ) -> Iterator[pb.GenerateResponse]:
+    def generate(self, prompt: Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
         """Server-side sampling; yields one GenerateResponse per token as it arrives.
-        Closing the iterator early cancels the call."""
-        req = generate_request(
-            self.id, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, keep_session
-        )
+        `kw` are generate_request's (max_new_tokens, temperature, top_k, top_p, seed, stop,
+        keep_session). Closing the iterator early cancels the call."""
+        req = generate_request(self.id, prompt, **kw)
         call = self.client.stub.Generate(req, metadata=self.client.metadata)
         try:
             for r in call:
