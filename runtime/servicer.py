@@ -371,6 +371,12 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         except SessionNotFound:
             pass
 
+    async def _local(self, session_id: str, principal: str) -> None:
+        """With a shared state store: make this replica the session's holder (it may load the
+        session from the store, waiting for another replica's lease). No-op otherwise."""
+        if not self.store.held(session_id):
+            await asyncio.to_thread(self.store.fetch, session_id, principal)
+
     def _check_detached(self, session_id: str) -> None:
         holder = self._attached.get(session_id)
         if holder is not None:
@@ -396,14 +402,17 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     @grpc_errors
     async def CloseSession(self, request, context):
         principal = current_principal()
-        s = self.store.get(session_ref(request.session_id), principal)
+        await self._local(session_ref(request.session_id), principal)
+        s = self.store.get(request.session_id, principal)
         msg = session_message(s)
         self.store.close(request.session_id, principal)
         return msg
 
     @grpc_errors
     async def SnapshotSession(self, request, context):
-        data = self.store.snapshot(session_ref(request.session_id), current_principal())
+        principal = current_principal()
+        await self._local(session_ref(request.session_id), principal)
+        data = self.store.snapshot(request.session_id, principal)
         position = _SNAP_POSITION.unpack_from(data)[3]
         return pb.Snapshot(
             session_id=request.session_id,
@@ -426,9 +435,10 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     @grpc_errors
     async def ForkSession(self, request, context):
         self._check_open()
-        parent = session_ref(request.session_id)
+        parent, principal = session_ref(request.session_id), current_principal()
+        await self._local(parent, principal)
         try:
-            s = self.store.fork(parent, current_principal(), optional_id(request.new_session_id))
+            s = self.store.fork(parent, principal, optional_id(request.new_session_id))
         except InvalidInput as e:  # the parent id is checked above: this is about the new id
             if e.field != "session_id":
                 raise
@@ -443,6 +453,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         x = request_inputs(request, self.info, self.config.max_tokens_per_request)
         check_output_selection(request, self.info)
         principal = current_principal()
+        await self._local(request.session_id, principal)
         self.store.get(request.session_id, principal)  # NOT_FOUND before FAILED_PRECONDITION
         self._check_detached(request.session_id)
         outputs, position = await self.batcher.step(request.session_id, x, principal)
@@ -472,13 +483,16 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                     if created:
                         sid = self.store.create(principal).id
                     else:
-                        sid = self.store.get(session_ref(req.session_id), principal).id
+                        await self._local(session_ref(req.session_id), principal)
+                        sid = self.store.get(req.session_id, principal).id
                     self._attach(sid, "Stream")
                     session_id = sid
                 elif req.session_id and req.session_id != session_id:
                     raise InvalidInput(
                         "session_id", f"this stream is attached to {session_id!r}; open another"
                     )
+                elif not self.store.held(session_id):  # shared store: lease lapsed or moved
+                    await self._local(session_id, principal)
                 try:
                     outputs, position = await self.batcher.step(session_id, x, principal)
                     yield step_response(session_id, position, outputs, req)
@@ -526,7 +540,8 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         stop = set(request.stop_tokens)
         principal = current_principal()
         if request.session_id:
-            sid = self.store.get(session_ref(request.session_id), principal).id
+            await self._local(session_ref(request.session_id), principal)
+            sid = self.store.get(request.session_id, principal).id
             temporary = False
         elif request.keep_session:
             sid, temporary = self.store.create(principal).id, False

@@ -92,6 +92,17 @@ class Session:
         )
 
 
+def check_session_id(session_id) -> str:
+    """A client-chosen session id: 1-128 characters of [A-Za-z0-9._:-], else InvalidInput."""
+    if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
+        raise InvalidInput(
+            "session_id",
+            f"must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit, "
+            f"got {session_id!r}",
+        )
+    return session_id
+
+
 def _check_ttl(ttl, field: str = "ttl") -> float:
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float, np.number)) or math.isnan(ttl):
         raise InvalidInput(field, f"must be a number of seconds, got {ttl!r}")
@@ -207,13 +218,7 @@ class SessionStore:
         ttl = self.ttl if ttl is None else _check_ttl(ttl)
         if session_id is None:
             session_id = str(uuid.uuid4())
-        elif not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
-            raise InvalidInput(
-                "session_id",
-                f"must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit, "
-                f"got {session_id!r}",
-            )
-        elif session_id in self._sessions:
+        elif check_session_id(session_id) in self._sessions:
             raise InvalidInput("session_id", f"{session_id!r} is already in use")
         if not self._free:
             self._evict_idle_locked()
@@ -409,12 +414,30 @@ class SessionStore:
                 results.append(s._position)
         return results
 
+    # --- replication (runtime/shared_store.SharedSessionStore overrides these) -----------
+
+    shared = False  # True: sessions are also kept in a store other replicas read
+
+    def held(self, session_id: str) -> bool:
+        """True when this process may step the session without asking anyone (always here)."""
+        return True
+
+    def fetch(self, session_id: str, principal: str = "") -> None:
+        """Make the newest state of `session_id` local (a no-op for a local store)."""
+
+    def flush(self) -> None:
+        """Write what is not yet persisted elsewhere and let go of ownership (no-op here)."""
+
     # --- snapshots -----------------------------------------------------------------------
 
     def _pack(self, s: Session) -> bytes:
+        return self.pack_state(self._slab[s._slot], s._position)
+
+    def pack_state(self, state: np.ndarray, position: int) -> bytes:
+        """A snapshot (format in the module docstring) of state [S] at `position`."""
         sha = self.model_sha.encode("ascii")
-        head = _SNAP_HEAD.pack(SNAP_MAGIC, SNAP_VERSION, self.state_size, s._position, len(sha))
-        body = head + sha + self._slab[s._slot].astype("<f4", copy=False).tobytes()
+        head = _SNAP_HEAD.pack(SNAP_MAGIC, SNAP_VERSION, self.state_size, position, len(sha))
+        body = head + sha + state.astype("<f4", copy=False).tobytes()
         return body + hashlib.sha256(body).digest()
 
     def snapshot(self, session_id: str, principal: str = "") -> bytes:
