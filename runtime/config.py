@@ -30,6 +30,11 @@ class ServerConfig:
     session_ttl: float = 600.0
     state_dir: str | None = None
     save_interval: float = 0.0
+    # scale-out: sessions shared by replicas
+    state_store: str = "memory"
+    persist_every: str = "100ms"
+    lease_ttl: float = 3.0
+    replica_id: str | None = None
     # batching
     max_batch: int = 64
     max_batch_delay: float = 0.002
@@ -85,6 +90,21 @@ class ServerConfig:
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.host:
             raise ValueError("host: must not be empty")
+        if self.state_store != "memory":
+            if not self.state_store.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError(
+                    f"state_store: must be memory or a redis://host:port/db URL, "
+                    f"got {self.state_store!r}"
+                )
+            if self.state_dir is not None:
+                raise ValueError(
+                    "state_dir: sessions persist in --state-store; do not also give --state-dir"
+                )
+        from .shared_store import parse_persist_every
+
+        parse_persist_every(self.persist_every)
+        if not isinstance(self.lease_ttl, (int, float)) or not 0.05 <= self.lease_ttl <= 3600:
+            raise ValueError(f"lease_ttl: must be in [0.05, 3600] seconds, got {self.lease_ttl!r}")
 
     @property
     def address(self) -> str:
@@ -159,6 +179,36 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.save_interval,
         help="also save sessions to --state-dir every this many seconds; 0: only at shutdown",
+    )
+    g = p.add_argument_group(
+        "scale-out",
+        "Several replicas behind a sticky gRPC proxy (deploy/) share sessions through Redis: "
+        "any replica can continue any session.",
+    )
+    g.add_argument(
+        "--state-store",
+        default=d.state_store,
+        help="where sessions live besides memory: memory (this process only) or "
+        "redis://host:port/db (shared by replicas; needs the `redis` extra)",
+    )
+    g.add_argument(
+        "--persist-every",
+        default=d.persist_every,
+        help="with --state-store redis: 1 = write-through (a step is acknowledged once it is "
+        "in Redis); N = every Nth step of a session (a dying replica loses at most N-1 steps "
+        "per session); Nms = write behind every N milliseconds",
+    )
+    g.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=d.lease_ttl,
+        help="seconds a replica's ownership of a session lasts unrenewed: the failover time "
+        "after a replica dies",
+    )
+    g.add_argument(
+        "--replica-id",
+        default=d.replica_id,
+        help="this replica's name in session leases (default host:pid:random)",
     )
     g = p.add_argument_group("batching")
     g.add_argument(

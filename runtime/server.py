@@ -11,10 +11,14 @@ Lifecycle:
           foreign file stops the start: nothing is dropped silently), start the batcher,
           bind (TLS / mTLS when configured), health SERVING, one log line with the model,
           provider, address and limits.
+  shared — with --state-store redis://…, sessions are also kept in Redis (runtime/
+          shared_store.py) and health service "ssmstream.StateStore" says whether Redis is
+          reachable.
   stop  — on SIGTERM/SIGINT: health NOT_SERVING, new work refused with UNAVAILABLE, idle
           Streams ended, in-flight requests get --grace seconds to finish, the batcher
           stops, then every session is saved to --state-dir (so each step a client saw
-          acknowledged is in the saved state), and the process exits.
+          acknowledged is in the saved state) or written to the shared store with its
+          lease released (another replica continues it at once), and the process exits.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from .metrics import ServerMetrics
 from .servicer import SERVICE_NAME, DecodeGuard, StreamingInferenceServicer
 
 log = logging.getLogger(__name__)
+
+STATE_STORE_HEALTH = "ssmstream.StateStore"  # health service name of the shared state store
 
 
 def _read(path: str | None) -> bytes | None:
@@ -90,13 +96,27 @@ class Server:
         if self.engine is None:
             self.engine = Engine(c.model_dir, device=c.device, threads=c.threads)
         info = self.engine.info
-        self.store = SessionStore(
+        store_args = dict(
             state_size=int(info["state_size"]),
             capacity=c.max_sessions,
             ttl=c.session_ttl,
             max_per_principal=c.max_sessions_per_principal or None,
             model_sha=info["step_sha256"],
         )
+        if c.state_store == "memory":
+            self.store = SessionStore(**store_args)
+        else:
+            from .shared_store import SharedSessionStore, StoreCollector
+
+            self.store = SharedSessionStore(
+                url=c.state_store,
+                persist_every=c.persist_every,
+                lease_ttl=c.lease_ttl,
+                replica_id=c.replica_id,
+                **store_args,
+            )
+            self.store.start()
+            self.metrics.registry.register(StoreCollector(self.store))
         restored = self.store.load(c.state_dir) if c.state_dir else 0
         self.batcher = Batcher(self.engine, self.store, c.max_batch, c.max_batch_delay)
         self.batcher.add_listener(self.metrics.observe_batch)
@@ -136,6 +156,8 @@ class Server:
         await self._grpc.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.store.shared:
+            self._tasks.append(asyncio.create_task(self._watch_store()))
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
         self._tasks.append(asyncio.create_task(self._evict_loop()))
@@ -173,6 +195,21 @@ class Server:
             await asyncio.sleep(period)
             self.store.evict_idle()
 
+    async def _watch_store(self) -> None:
+        """Health of STATE_STORE_HEALTH follows the shared store: NOT_SERVING while degraded
+        (Redis unreachable; in-memory sessions are still served, so "" stays SERVING)."""
+        up = None
+        while True:
+            if up is not (not self.store.degraded):
+                up = not self.store.degraded
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if up
+                    else (health_pb2.HealthCheckResponse.NOT_SERVING)
+                )
+                await self._health.set(STATE_STORE_HEALTH, status)
+            await asyncio.sleep(0.25)
+
     async def _save_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.save_interval)
@@ -202,6 +239,9 @@ class Server:
             await self.batcher.close()
         if self.config.state_dir and self.store is not None:
             self.store.save(self.config.state_dir)
+        if self.store is not None and self.store.shared:
+            await asyncio.to_thread(self.store.flush)  # written, leases released: failover now
+            self.store.stop()
         self.metrics.close()
         log.info("stopped")
         self._stopped.set()

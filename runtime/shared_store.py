@@ -1,0 +1,726 @@
+"""Sessions shared by replicas through Redis: any replica can continue any session.
+
+    replica A ─┐            {prefix}:s:{id}   hash  snap (sessions.py snapshot bytes: model
+    replica B ─┼─ Redis ──►                         sha, S, position, state, checksum),
+    replica C ─┘                                    principal, ttl, version
+                            {prefix}:l:{id}   string  the replica id holding the lease (PX)
+
+`SharedSessionStore` is a SessionStore (the in-memory slab stays the working copy) that
+also keeps every session in Redis:
+
+- Ownership is leased. A replica steps a session only while it holds the lease key
+  (SET NX PX; `lease_ttl` seconds, renewed in the background for sessions in use). A
+  replica that does not hold a session (after a failover, or a lapsed lease) `fetch`es
+  it: takes the lease — waiting up to `lease_wait` for another holder's lease to be
+  released or to expire — and loads the newest snapshot. Two replicas never step one
+  session at once.
+- Versions. Each write is a compare-and-set (one Lua script): it applies only while the
+  writer holds the lease and names the version it last read or wrote; the version then
+  goes up by one. A stale replica cannot overwrite a newer state; its session is
+  dropped locally ("moved") and its request fails with UNAVAILABLE (retry).
+- Persistence (`persist_every`, the `--persist-every` flag):
+      "1"     write-through: a step is acknowledged after its state is in Redis;
+      "N"     every Nth step of a session is written through: a replica that dies
+              loses at most the last N-1 acknowledged steps of each session;
+      "Nms"   write-behind: dirty sessions are written every N milliseconds in the
+              background: a replica that dies loses at most the last N ms (+ one write).
+  New, restored and forked sessions are written at once; everything dirty is written,
+  and every lease released, on `flush` (graceful shutdown), so a drained replica's
+  sessions continue elsewhere at once. Close and idle eviction delete the keys; a key
+  also expires after the session's TTL.
+- Snapshots carry the model sha: a replica serving another model refuses them
+  (ModelError → FAILED_PRECONDITION).
+- Redis down: the store turns `degraded` (health and metrics say so), keeps serving the
+  sessions it holds in memory (without leases), creates new ones locally, and refuses
+  only what needs Redis (loading a session it does not hold: UNAVAILABLE). A background
+  ping notices when Redis is back; then the leases are re-taken (a session someone else
+  took meanwhile is dropped here) and what changed is written.
+
+Threads: the batcher's worker thread commits (and writes through); one background
+thread renews leases, writes behind, deletes evicted keys and watches Redis. Redis calls
+from the event loop are single round trips on loopback (create, close); the ones that may
+wait (`fetch`) run in a worker thread (the servicer uses asyncio.to_thread).
+
+Limits: one Redis (or a Sentinel-managed primary) — the scripts touch two keys of one
+session, which Redis Cluster would need hash tags for ({id}); leases use Redis's clock
+(PX), so replica clocks need not agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import (
+    InvalidInput,
+    ModelError,
+    SessionBusy,
+    Unavailable,
+)
+from .sessions import Session, SessionStore, check_session_id
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] lease; ARGV owner, ttl ms. '' when taken (or renewed), else the holder.
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ''
+end
+return cur
+"""
+# KEYS leases; ARGV owner, ttl ms. Per key 1 (renewed) or 0 (not ours any more).
+_RENEW = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then
+    redis.call('PEXPIRE', k, ARGV[2]); out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+# KEYS leases; ARGV owner. Deletes the ones we hold.
+_RELEASE = """
+for _, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then redis.call('DEL', k) end
+end
+return 0
+"""
+# KEYS session, lease; ARGV owner, expected version, snap, principal, ttl, expire ms (0: none).
+# The new version, or -1 (lease not ours) / -2 (version moved on: we are stale).
+_PUT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if v ~= tonumber(ARGV[2]) then return -2 end
+redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
+           'version', v + 1)
+if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
+else redis.call('PERSIST', KEYS[1]) end
+return v + 1
+"""
+# KEYS session, lease; ARGV owner, version we know (-1: any). Deletes both when nobody else
+# holds the lease and the version is ours. 1 deleted, 0 left alone.
+_DROP = """
+local cur = redis.call('GET', KEYS[2])
+if cur ~= false and cur ~= ARGV[1] then return 0 end
+local v = redis.call('HGET', KEYS[1], 'version')
+if v ~= false and tonumber(ARGV[2]) >= 0 and tonumber(v) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+LOST, STALE = -1, -2
+_PERSIST_RE = re.compile(r"^\s*(\d+)\s*(ms)?\s*$")
+
+
+def parse_persist_every(text: str) -> tuple[int, float]:
+    """`--persist-every`: "N" → (N steps, 0.0); "Nms" → (0, N / 1000 seconds)."""
+    m = _PERSIST_RE.match(str(text))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(
+            f"persist_every: must be N (write every Nth step; 1 = write-through) or Nms "
+            f"(write behind every N milliseconds) with N >= 1, got {text!r}"
+        )
+    n = int(m.group(1))
+    return (0, n / 1000.0) if m.group(2) else (n, 0.0)
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class RedisBackend:
+    """The Redis side: session records and leases (scripts above). Raises redis errors."""
+
+    def __init__(self, url: str, prefix: str = "ssmstream", timeout: float = 0.5):
+        try:
+            import redis
+        except ImportError as e:  # the `redis` extra
+            raise ModelError(
+                "--state-store redis://… needs the redis package: pip install 'ssmstream[redis]'"
+            ) from e
+        self.url, self.prefix = url, prefix
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
+        )
+        self.Error = redis.RedisError
+        self._acquire = self.client.register_script(_ACQUIRE)
+        self._renew = self.client.register_script(_RENEW)
+        self._release = self.client.register_script(_RELEASE)
+        self._put = self.client.register_script(_PUT)
+        self._drop = self.client.register_script(_DROP)
+
+    def key(self, session_id: str) -> str:
+        return f"{self.prefix}:s:{session_id}"
+
+    def lease(self, session_id: str) -> str:
+        return f"{self.prefix}:l:{session_id}"
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def acquire(self, session_id: str, owner: str, ttl_ms: int) -> str:
+        """Take or renew the lease: '' on success, else the replica holding it."""
+        held = self._acquire(keys=[self.lease(session_id)], args=[owner, ttl_ms])
+        return held.decode() if isinstance(held, bytes) else str(held or "")
+
+    def renew(self, ids: Sequence[str], owner: str, ttl_ms: int) -> list[bool]:
+        if not ids:
+            return []
+        ok = self._renew(keys=[self.lease(i) for i in ids], args=[owner, ttl_ms])
+        return [bool(x) for x in ok]
+
+    def release(self, ids: Sequence[str], owner: str) -> None:
+        if ids:
+            self._release(keys=[self.lease(i) for i in ids], args=[owner])
+
+    def exists(self, session_id: str) -> bool:
+        return bool(self.client.exists(self.key(session_id)))
+
+    def load(self, session_id: str) -> dict | None:
+        """{snap, principal, ttl, version} or None."""
+        h = self.client.hgetall(self.key(session_id))
+        if not h or b"snap" not in h:
+            return None
+        return {
+            "snap": h[b"snap"],
+            "principal": h[b"principal"].decode(),
+            "ttl": float(h[b"ttl"]),
+            "version": int(h[b"version"]),
+        }
+
+    def put_many(self, items: Sequence[tuple], owner: str) -> list[int]:
+        """items: (session_id, expected version, snap, principal, ttl). New version or LOST/STALE
+        per item, in one pipelined round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for sid, version, snap, principal, ttl in items:
+            expire_ms = 0 if math.isinf(ttl) else int(1000 * ttl) + 60_000
+            self._put(
+                keys=[self.key(sid), self.lease(sid)],
+                args=[owner, version, snap, principal, repr(float(ttl)), expire_ms],
+                client=pipe,
+            )
+        return [int(v) for v in pipe.execute()]
+
+    def drop(self, session_id: str, owner: str, version: int = -1) -> bool:
+        return bool(
+            self._drop(keys=[self.key(session_id), self.lease(session_id)], args=[owner, version])
+        )
+
+
+class SharedSessionStore(SessionStore):
+    """A SessionStore whose sessions live in Redis too (see the module docstring).
+
+    Args (besides SessionStore's):
+        url: redis://host:port/db (rediss:// for TLS).
+        persist_every: "1" | "N" | "Nms" (see the module docstring).
+        lease_ttl: seconds a lease lasts without renewal (the failover time after a replica
+            dies; renewed every lease_ttl / 3 while a session is in use).
+        lease_wait: seconds `fetch` waits for another replica's lease (default lease_ttl + 1).
+        replica_id: this replica's name in the leases (default host:pid:random).
+        prefix: key prefix in Redis.
+        backend: a RedisBackend to use instead of connecting to `url` (tests).
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        state_size: int,
+        url: str = "redis://127.0.0.1:6379/0",
+        persist_every: str = "100ms",
+        lease_ttl: float = 3.0,
+        lease_wait: float | None = None,
+        replica_id: str | None = None,
+        prefix: str = "ssmstream",
+        backend: RedisBackend | None = None,
+        **kw,
+    ):
+        super().__init__(state_size, **kw)
+        if not isinstance(lease_ttl, (int, float)) or not 0.05 <= lease_ttl <= 3600:
+            raise InvalidInput("lease_ttl", f"must be in [0.05, 3600] seconds, got {lease_ttl!r}")
+        self.persist_steps, self.persist_interval = parse_persist_every(persist_every)
+        self.persist_every = str(persist_every).strip()
+        self.lease_ttl = float(lease_ttl)
+        self.lease_wait = self.lease_ttl + 1.0 if lease_wait is None else float(lease_wait)
+        self.replica_id = replica_id or default_replica_id()
+        self.backend = backend or RedisBackend(url, prefix)
+        self._lease_ms = max(50, int(1000 * self.lease_ttl))
+        self._lease_until: dict[str, float] = {}  # id -> time.monotonic() the lease is safe to
+        self._version: dict[str, int] = {}  # id -> the Redis version the local copy builds on
+        self._dirty: dict[str, int] = {}  # id -> steps committed since the last write
+        self._used: set[str] = set()  # stepped since the last renewal
+        self._drops: dict[str, int] = {}  # closed/evicted ids whose keys are still to delete
+        self._io = threading.Lock()  # one Redis conversation about a session set at a time
+        self.degraded = False
+        self.degraded_since: float | None = None
+        self.shared_counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self.backend.ping()
+        except self.backend.Error as e:
+            self._degrade(e)
+
+    # --- background thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background thread (lease renewal, write-behind, deletes, Redis watch)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="state-store", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def _loop(self) -> None:
+        period = self.lease_ttl / 3
+        if self.persist_interval:
+            period = min(period, self.persist_interval)
+        next_renew = 0.0
+        while not self._stop.wait(period):
+            try:
+                if self.degraded:
+                    self._try_recover()
+                    continue
+                if self.persist_interval:
+                    self._write_dirty()
+                if time.monotonic() >= next_renew:
+                    self._renew_used()
+                    next_renew = time.monotonic() + self.lease_ttl / 3
+                self._delete_dropped()
+            except self.backend.Error as e:
+                self._degrade(e)
+            except Exception:  # the thread must survive anything
+                log.exception("state store background work failed")
+
+    # --- health ------------------------------------------------------------------------
+
+    def _degrade(self, exc: BaseException) -> None:
+        self.shared_counts["errors"] += 1
+        if not self.degraded:
+            self.degraded, self.degraded_since = True, time.monotonic()
+            log.warning(
+                "state store %s unavailable (%s): serving the %d sessions held in memory, "
+                "persistence and failover paused",
+                self.backend.url,
+                exc,
+                len(self),
+            )
+
+    def _try_recover(self) -> None:
+        try:
+            self.backend.ping()
+        except self.backend.Error:
+            return
+        with self._lock:
+            local = list(self._sessions.values())
+        moved, written = [], 0
+        with self._io:
+            for s in local:
+                holder = self.backend.acquire(s.id, self.replica_id, self._lease_ms)
+                rec = self.backend.load(s.id)
+                if holder or (rec is not None and rec["version"] != self._version.get(s.id, 0)):
+                    moved.append(s)  # taken over (or advanced) elsewhere meanwhile
+                    continue
+                if rec is None:  # Redis lost it (restarted empty) or never had it: ours is newest
+                    self._version[s.id] = 0
+                self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
+                self._dirty[s.id] = self._dirty.get(s.id, 0) + 1  # write it now
+            for s in moved:
+                self._drop_local(s)
+            written = self._write_dirty_locked()
+        self.degraded, self.degraded_since = False, None
+        log.info(
+            "state store %s is back: %d sessions re-leased and written, %d moved elsewhere",
+            self.backend.url,
+            written,
+            len(moved),
+        )
+
+    def shared_stats(self) -> dict:
+        return {
+            "up": not self.degraded,
+            "dirty": len(self._dirty),
+            **{k: self.shared_counts[k] for k in ("writes", "write_bytes", "loads", "moved")},
+            "errors": self.shared_counts["errors"],
+            "lease_waits": self.shared_counts["lease_waits"],
+        }
+
+    # --- ownership ---------------------------------------------------------------------
+
+    def held(self, session_id: str) -> bool:
+        """True when the session is here and its lease is safely ours (or Redis is down)."""
+        if session_id not in self._sessions:
+            return False
+        return self.degraded or self._lease_until.get(session_id, 0.0) > time.monotonic()
+
+    def fetch(self, session_id: str, principal: str = "") -> None:
+        """Take the session's lease (waiting up to lease_wait for another replica's) and make
+        its newest state local. Blocking: call it off the event loop.
+
+        Raises SessionBusy (another replica keeps the lease), Unavailable (Redis down and
+        the session is not here), ModelError (a snapshot of another model). An unknown
+        session, or one of another principal, raises nothing here: `get` reports it.
+        """
+        if self.held(session_id):
+            return
+        if self.degraded:
+            if session_id in self._sessions:
+                return
+            raise Unavailable(
+                f"state store is unavailable and session {session_id!r} is not held by this "
+                f"replica; retry later"
+            )
+        try:
+            self._fetch(session_id, principal)
+        except self.backend.Error as e:
+            self._degrade(e)
+            raise Unavailable(f"state store failed while loading {session_id!r}: {e}") from e
+
+    def _fetch(self, sid: str, principal: str) -> None:
+        with self._io:
+            rec = self.backend.load(sid)
+            if rec is None or rec["principal"] != principal:
+                local = self._sessions.get(sid)
+                if rec is None and local is not None and local.principal == principal:
+                    self._republish(local)  # our key expired or was lost: ours is the newest
+                return  # nothing to fetch: `get` says unknown / closed
+            t0 = self._take_lease(sid)
+            rec = self.backend.load(sid)  # the newest, now that nobody else can write
+            if rec is None:  # closed by its holder while we waited
+                self.backend.release([sid], self.replica_id)
+                return
+            try:
+                position, state = self._unpack(rec["snap"])
+            except (ModelError, InvalidInput):
+                self.backend.release([sid], self.replica_id)
+                raise
+            with self._lock:
+                s = self._sessions.get(sid)
+                if s is not None and self._version.get(sid) == rec["version"]:
+                    pass  # our copy is current (maybe ahead by unwritten steps): keep it
+                elif s is not None:
+                    self._slab[s._slot] = state
+                    s._position = position
+                    self._dirty.pop(sid, None)
+                else:
+                    try:
+                        s = self._new_session(principal, sid, rec["ttl"], position)
+                    except BaseException:
+                        self.backend.release([sid], self.replica_id)
+                        raise
+                    self._slab[s._slot] = state
+                    self._counts["restored"] += 1
+                self._version[sid] = rec["version"]
+                self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+            self.shared_counts["loads"] += 1
+            log.info("session %s loaded from the state store at position %d", sid, position)
+
+    def _take_lease(self, sid: str) -> float:
+        """Acquire the lease, polling while another replica holds it; returns when we asked."""
+        deadline = time.monotonic() + self.lease_wait
+        waited = False
+        while True:
+            t0 = time.monotonic()
+            holder = self.backend.acquire(sid, self.replica_id, self._lease_ms)
+            if not holder:
+                if waited:
+                    self.shared_counts["lease_waits"] += 1
+                return t0
+            if t0 >= deadline:
+                raise SessionBusy(
+                    f"session {sid!r} is held by replica {holder!r} (its lease was not released "
+                    f"within {self.lease_wait:g}s); retry"
+                )
+            waited = True
+            time.sleep(min(0.05, self.lease_ttl / 10))
+
+    def _renew_used(self) -> None:
+        with self._lock:
+            ids = [i for i in self._used if i in self._sessions]
+            ids += [s.id for s in self._sessions.values() if s._pins and s.id not in self._used]
+            self._used.clear()
+        t0 = time.monotonic()
+        ok = self.backend.renew(ids, self.replica_id, self._lease_ms)
+        lost = []
+        for sid, renewed in zip(ids, ok):
+            if renewed:
+                self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+            else:
+                lost.append(sid)
+        for sid in lost:  # expired and taken by another replica, or never taken (degraded)
+            self._lease_until.pop(sid, None)
+
+    # --- creating sessions: claim the id in Redis, then write the first version ----------
+
+    def _claim(self, session_id: str | None) -> str:
+        sid = str(uuid.uuid4()) if session_id is None else check_session_id(session_id)
+        if self.degraded:
+            return sid
+        try:
+            with self._io:
+                holder = self.backend.acquire(sid, self.replica_id, self._lease_ms)
+                if holder or self.backend.exists(sid):
+                    if not holder:
+                        self.backend.release([sid], self.replica_id)
+                    raise InvalidInput("session_id", f"{sid!r} is already in use")
+        except self.backend.Error as e:
+            self._degrade(e)
+        return sid
+
+    def _created(self, make, session_id: str | None) -> Session:
+        sid = self._claim(session_id)
+        try:
+            s = make(sid)
+        except BaseException:
+            if not self.degraded:
+                self.backend.release([sid], self.replica_id)
+            raise
+        self._lease_until[sid] = time.monotonic() + 0.8 * self.lease_ttl
+        self._version[sid] = 0
+        self._dirty[sid] = 0
+        self._write_now([s])
+        return s
+
+    def create(self, principal="", session_id=None, ttl=None) -> Session:
+        return self._created(
+            lambda sid: super(SharedSessionStore, self).create(principal, sid, ttl), session_id
+        )
+
+    def restore(self, data, principal="", session_id=None, ttl=None) -> Session:
+        self._unpack(data)  # refuse a bad snapshot before claiming anything
+        return self._created(
+            lambda sid: super(SharedSessionStore, self).restore(data, principal, sid, ttl),
+            session_id,
+        )
+
+    def fork(self, session_id, principal="", new_id=None) -> Session:
+        self.get(session_id, principal)  # NOT_FOUND before claiming the new id
+        return self._created(
+            lambda sid: super(SharedSessionStore, self).fork(session_id, principal, sid), new_id
+        )
+
+    # --- steps -------------------------------------------------------------------------
+
+    def _due(self, sid: str) -> bool:
+        return bool(self.persist_steps) and self._dirty.get(sid, 0) + 1 >= self.persist_steps
+
+    def commit(self, s: Session, new_state: np.ndarray, consumed: int) -> int:
+        result = self.commit_many([s], np.asarray(new_state)[None], consumed)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def commit_many(self, sessions, new_states, consumed):
+        """Write through the sessions that are due (before their local commit: a lost lease
+        or stale version fails the step and changes nothing here), then commit locally."""
+        if (
+            isinstance(consumed, bool)
+            or not isinstance(consumed, (int, np.integer))
+            or consumed < 0
+        ):
+            raise InvalidInput("consumed", f"must be an integer >= 0, got {consumed!r}")
+        failed: dict[int, BaseException] = {}
+        written: dict[int, int] = {}
+        due = [j for j, s in enumerate(sessions) if s.live and self._due(s.id)]
+        if due and not self.degraded:
+            items = [(sessions[j], new_states[j], sessions[j].position + consumed) for j in due]
+            try:
+                with self._io:
+                    versions = self._put(items)
+            except self.backend.Error as e:
+                self._degrade(e)
+                versions = []
+            for j, v in zip(due, versions):
+                if v < 0:
+                    failed[j] = self._moved(sessions[j], v)
+                else:
+                    written[j] = v
+        keep = [j for j in range(len(sessions)) if j not in failed]
+        kept = [sessions[j] for j in keep]
+        local = super().commit_many(kept, new_states[keep] if failed else new_states, consumed)
+        results: list = [None] * len(sessions)
+        for j, s, r in zip(keep, kept, local):
+            results[j] = r
+            if isinstance(r, BaseException):
+                continue
+            self._used.add(s.id)
+            if j in written:
+                self._version[s.id] = written[j]
+                self._dirty[s.id] = 0
+            else:
+                self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
+        for j, e in failed.items():
+            results[j] = e
+        return results
+
+    def _put(self, items: Sequence[tuple[Session, np.ndarray, int]]) -> list[int]:
+        """Write (session, state [S], position) items; caller holds _io. Versions / LOST / STALE."""
+        rows = [
+            (
+                s.id,
+                self._version.get(s.id, 0),
+                self.pack_state(state, position),
+                s.principal,
+                s.ttl,
+            )
+            for s, state, position in items
+        ]
+        versions = self.backend.put_many(rows, self.replica_id)
+        self.shared_counts["writes"] += len(rows)
+        self.shared_counts["write_bytes"] += sum(len(r[2]) for r in rows)
+        return versions
+
+    def _moved(self, s: Session, code: int) -> Unavailable:
+        why = "its lease was taken" if code == LOST else "a newer version was written"
+        log.warning("session %s moved to another replica (%s); dropped here", s.id, why)
+        self._drop_local(s)
+        return Unavailable(f"session {s.id!r} is now served by another replica ({why}); retry")
+
+    def _drop_local(self, s: Session) -> None:
+        """Forget our copy of a session another replica owns now (and any lease we took)."""
+        with self._lock:
+            if self._sessions.get(s.id) is s:
+                self._remove(s, "moved")
+                self._gone.pop(s.id, None)
+        self.shared_counts["moved"] += 1
+        try:
+            self.backend.release([s.id], self.replica_id)
+        except self.backend.Error as e:
+            self._degrade(e)
+
+    def _write_now(self, sessions: Sequence[Session]) -> None:
+        """Write these sessions' current local states (new sessions, recovery, flush)."""
+        if self.degraded or not sessions:
+            return
+        with self._lock:
+            items = [(s, self._slab[s._slot].copy(), s._position) for s in sessions if s._live]
+        try:
+            with self._io:
+                versions = self._put(items)
+        except self.backend.Error as e:
+            self._degrade(e)
+            return
+        for (s, _, _), v in zip(items, versions):
+            if v < 0:
+                self._moved(s, v)
+            else:
+                self._version[s.id] = v
+                self._dirty[s.id] = 0
+
+    def _write_dirty(self) -> int:
+        with self._io:
+            return self._write_dirty_locked()
+
+    def _write_dirty_locked(self) -> int:
+        """Write every session with unwritten steps; caller holds _io. Returns how many."""
+        with self._lock:
+            live = [self._sessions.get(i) for i, n in self._dirty.items() if n > 0]
+            items = [(s, self._slab[s._slot].copy(), s._position) for s in live if s is not None]
+        if not items:
+            return 0
+        versions = self._put(items)
+        for (s, _, _), v in zip(items, versions):
+            if v < 0:
+                self._moved(s, v)
+            else:
+                self._version[s.id] = v
+                self._dirty[s.id] = 0
+        return len(items)
+
+    def _republish(self, s: Session) -> None:
+        self._lease_until.pop(s.id, None)
+        self._version[s.id] = 0
+        if not self.backend.acquire(s.id, self.replica_id, self._lease_ms):
+            self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
+            versions = self._put([(s, self.read(s), s.position)])
+            if versions[0] > 0:
+                self._version[s.id] = versions[0]
+
+    # --- closing, eviction, shutdown ---------------------------------------------------
+
+    def _remove(self, s: Session, reason: str) -> None:
+        super()._remove(s, reason)
+        self._lease_until.pop(s.id, None)
+        self._dirty.pop(s.id, None)
+        self._used.discard(s.id)
+        version = self._version.pop(s.id, -1)
+        if reason in ("closed", "evicted"):
+            self._drops[s.id] = version
+
+    def close(self, session_id: str, principal: str = "") -> None:
+        super().close(session_id, principal)
+        if not self.degraded:
+            try:
+                self._delete_dropped()
+            except self.backend.Error as e:
+                self._degrade(e)
+
+    def _delete_dropped(self) -> None:
+        with self._lock:
+            drops, self._drops = self._drops, {}
+        for sid, version in drops.items():
+            self.backend.drop(sid, self.replica_id, version)
+
+    def flush(self) -> None:
+        """Write every unwritten step, delete closed keys, release every lease (shutdown)."""
+        if self.degraded:
+            log.warning("state store unavailable at shutdown: %d sessions not written", len(self))
+            return
+        try:
+            n = self._write_dirty()
+            self._delete_dropped()
+            with self._lock:
+                ids = list(self._sessions)
+            self.backend.release(ids, self.replica_id)
+            for sid in ids:
+                self._lease_until.pop(sid, None)
+            log.info("state store: wrote %d sessions, released %d leases", n, len(ids))
+        except self.backend.Error as e:
+            self._degrade(e)
+
+
+class StoreCollector:
+    """Prometheus collector of a SharedSessionStore (registered by the server)."""
+
+    def __init__(self, store: SharedSessionStore):
+        self.store = store
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.store.shared_stats()
+        yield GaugeMetricFamily(
+            "ssmstream_state_store_up", "1 while the shared state store (Redis) is reachable",
+            value=float(st["up"]),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "ssmstream_state_store_dirty_sessions", "sessions with steps not yet written",
+            value=st["dirty"],
+        )  # fmt: skip
+        for key, help_text in (
+            ("writes", "session states written to the state store"),
+            ("write_bytes", "bytes of session snapshots written to the state store"),
+            ("loads", "sessions loaded from the state store (failover, lapsed lease)"),
+            ("moved", "sessions dropped here because another replica took them over"),
+            ("errors", "state store operations that failed (Redis unreachable)"),
+            ("lease_waits", "loads that had to wait for another replica's lease"),
+        ):
+            yield CounterMetricFamily(f"ssmstream_state_store_{key}", help_text, value=st[key])

@@ -1,0 +1,238 @@
+"""SharedSessionStore against a real redis-server: two stores = two replicas.
+
+The states here are arbitrary float32 rows (the store does not run models); each test
+compares what one replica committed with what the other one loads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from ssmstream.runtime.errors import InvalidInput, ModelError, SessionBusy, Unavailable
+from ssmstream.runtime.shared_store import SharedSessionStore, parse_persist_every
+
+S = 64
+
+
+def replica(redis_server, name: str, persist_every="1", lease_ttl=0.4, **kw) -> SharedSessionStore:
+    kw.setdefault("model_sha", "sha-A")
+    kw.setdefault("lease_wait", 2.0)
+    return SharedSessionStore(
+        S, url=redis_server.url, persist_every=persist_every, lease_ttl=lease_ttl,
+        replica_id=name, **kw,
+    )  # fmt: skip
+
+
+def step(store: SharedSessionStore, sid: str, rng, principal: str = "") -> np.ndarray:
+    """One commit of a fresh random state; returns it."""
+    s = store.get(sid, principal)
+    x = rng.standard_normal(S).astype(np.float32)
+    store.commit(s, x, 1)
+    return x
+
+
+def test_persist_every_parses_steps_and_milliseconds():
+    assert parse_persist_every("1") == (1, 0.0)
+    assert parse_persist_every("16") == (16, 0.0)
+    assert parse_persist_every("250ms") == (0, 0.25)
+    for bad in ("0", "-1", "1s", "ms", "", "1.5"):
+        with pytest.raises(ValueError, match="persist_every"):
+            parse_persist_every(bad)
+
+
+def test_write_through_another_replica_continues_from_the_last_step(redis_server):
+    rng = np.random.default_rng(0)
+    a, b = replica(redis_server, "A"), replica(redis_server, "B")
+    sid = a.create("alice").id
+    for _ in range(5):
+        last = step(a, sid, rng, "alice")
+    assert not b.held(sid)
+    t0 = time.monotonic()
+    b.fetch(sid, "alice")  # A's lease is still fresh: B waits for it to expire (A "died")
+    waited = time.monotonic() - t0
+    assert 0.1 < waited < 2.0
+    s = b.get(sid, "alice")
+    assert s.position == 5
+    np.testing.assert_array_equal(b.read(s), last)
+    assert b.held(sid)
+    # A is stale now: its next step is refused and changes nothing in Redis
+    with pytest.raises(Unavailable, match="another replica"):
+        step(a, sid, rng, "alice")
+    assert sid not in {x.id for x in a.sessions()}
+    rec = b.backend.load(sid)
+    assert rec["version"] == 6 and rec["principal"] == "alice"
+
+
+def test_every_nth_step_loses_at_most_n_minus_1(redis_server):
+    rng = np.random.default_rng(1)
+    a, b = replica(redis_server, "A", persist_every="4"), replica(redis_server, "B")
+    sid = a.create().id
+    states = [step(a, sid, rng) for _ in range(7)]
+    b.fetch(sid)
+    s = b.get(sid)
+    assert s.position == 4  # steps 5..7 were not yet written: 3 = N - 1 lost
+    np.testing.assert_array_equal(b.read(s), states[3])
+
+
+def test_write_behind_writes_within_the_interval(redis_server):
+    rng = np.random.default_rng(2)
+    a = replica(redis_server, "A", persist_every="50ms")
+    a.start()
+    try:
+        sid = a.create().id
+        last = [step(a, sid, rng) for _ in range(3)][-1]
+        assert a.backend.load(sid)["version"] == 1  # only the creation so far
+        deadline = time.monotonic() + 2
+        while a.backend.load(sid)["version"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b = replica(redis_server, "B")
+        a.flush()  # graceful: written and lease released, B takes it at once
+        t0 = time.monotonic()
+        b.fetch(sid)
+        assert time.monotonic() - t0 < 0.2
+        np.testing.assert_array_equal(b.read(b.get(sid)), last)
+        assert b.get(sid).position == 3
+    finally:
+        a.stop()
+
+
+def test_two_replicas_racing_exactly_one_wins_the_lease(redis_server):
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    a.flush()  # released: both B and C may take it
+    b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=0.3)
+    c = replica(redis_server, "C", lease_ttl=5.0, lease_wait=0.3)
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+
+    def take(name, store):
+        barrier.wait()
+        try:
+            store.fetch(sid)
+            results[name] = "won"
+        except SessionBusy as e:
+            results[name] = e
+
+    threads = [threading.Thread(target=take, args=(n, st)) for n, st in (("B", b), ("C", c))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [n for n, r in results.items() if r == "won"]
+    assert len(winners) == 1, results
+    loser = "C" if winners == ["B"] else "B"
+    assert "held by replica" in str(results[loser])
+    win, lose = (b, c) if winners == ["B"] else (c, b)
+    # the loser cannot write either: a commit without the lease is refused
+    assert win.held(sid) and not lose.held(sid)
+    rng = np.random.default_rng(3)
+    x = step(win, sid, rng)
+    np.testing.assert_array_equal(win.read(win.get(sid)), x)
+
+
+def test_a_stale_replica_cannot_overwrite_a_newer_state(redis_server):
+    rng = np.random.default_rng(4)
+    a, b = replica(redis_server, "A", lease_ttl=0.2), replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    step(a, sid, rng)
+    time.sleep(0.3)  # A's lease lapses (A paused: no renewal thread)
+    b.fetch(sid)
+    newer = step(b, sid, rng)
+    b.flush()  # B lets go; A takes the lease back but its copy (and version) is old
+    assert a.backend.acquire(sid, "A", 10_000) == ""
+    a._lease_until[sid] = time.monotonic() + 10
+    with pytest.raises(Unavailable, match="newer version"):
+        step(a, sid, rng)
+    rec = b.backend.load(sid)
+    assert rec["version"] == 3
+    c = replica(redis_server, "C")
+    c.fetch(sid)
+    np.testing.assert_array_equal(c.read(c.get(sid)), newer)
+
+
+def test_refuses_a_snapshot_of_another_model_and_other_principals(redis_server):
+    a = replica(redis_server, "A")
+    sid = a.create("alice").id
+    a.flush()
+    other_model = replica(redis_server, "B", model_sha="sha-B")
+    with pytest.raises(ModelError, match="another model"):
+        other_model.fetch(sid, "alice")
+    assert not other_model.backend.client.exists(other_model.backend.lease(sid))  # released
+    b = replica(redis_server, "C")
+    b.fetch(sid, "mallory")  # not hers: nothing is loaded, get says unknown
+    with pytest.raises(KeyError, match="unknown"):
+        b.get(sid, "mallory")
+
+
+def test_ids_are_unique_across_replicas(redis_server):
+    a, b = replica(redis_server, "A"), replica(redis_server, "B")
+    a.create(session_id="chat-1")
+    with pytest.raises(InvalidInput, match="already in use"):
+        b.create(session_id="chat-1")
+    assert len(b) == 0
+    a.flush()
+    with pytest.raises(InvalidInput, match="already in use"):  # the record exists
+        b.create(session_id="chat-1")
+
+
+def test_close_and_eviction_delete_the_keys(redis_server):
+    now = [0.0]
+    a = replica(redis_server, "A", ttl=10.0, clock=lambda: now[0])
+    s1, s2 = a.create().id, a.create().id
+    assert a.backend.exists(s1) and a.backend.exists(s2)
+    a.close(s1)
+    assert not a.backend.exists(s1)
+    now[0] = 11.0
+    assert a.evict_idle() == [s2]
+    a._delete_dropped()  # the background thread does this
+    assert not a.backend.exists(s2)
+    assert a.backend.client.keys("ssmstream:*") == []
+
+
+def test_fork_and_restore_are_written_at_once(redis_server):
+    rng = np.random.default_rng(5)
+    a, b = replica(redis_server, "A"), replica(redis_server, "B")
+    sid = a.create().id
+    x = step(a, sid, rng)
+    child = a.fork(sid).id
+    restored = a.restore(a.snapshot(sid)).id
+    a.flush()
+    for other in (child, restored):
+        b.fetch(other)
+        s = b.get(other)
+        assert s.position == 1
+        np.testing.assert_array_equal(b.read(s), x)
+
+
+def test_redis_down_keeps_serving_memory_then_recovers(redis_server):
+    rng = np.random.default_rng(6)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    a.start()
+    try:
+        sid = a.create().id
+        step(a, sid, rng)
+        redis_server.stop()
+        states = [step(a, sid, rng) for _ in range(3)]  # served from memory
+        assert a.degraded
+        assert a.shared_stats()["up"] is False
+        fresh = a.create().id  # new sessions still work (locally)
+        with pytest.raises(Unavailable, match="state store"):
+            a.fetch("never-seen-here")
+        assert a.get(sid).position == 4
+        redis_server.start()  # back, and empty (no persistence)
+        deadline = time.monotonic() + 5
+        while a.degraded and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not a.degraded
+        b = replica(redis_server, "B")
+        a.flush()
+        b.fetch(sid)
+        np.testing.assert_array_equal(b.read(b.get(sid)), states[-1])
+        assert b.get(sid).position == 4
+        b.fetch(fresh)
+        assert b.get(fresh).position == 0
+    finally:
+        a.stop()
