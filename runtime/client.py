@@ -16,6 +16,10 @@ Errors are `grpc.RpcError` with the server's status code and a message naming th
 TLS: `tls=True` (system roots) or `root_certificates=PEM path/bytes`; mTLS adds
 `client_cert` and `client_key`. Auth: `token=` sends `authorization: Bearer <token>`.
 
+Scale-out: every call about a session sends `x-session-id: <id>` metadata, which a sticky
+proxy hashes (deploy/nginx); new session ids are chosen here (uuid4) so that even the
+call that creates a session reaches the replica that will serve it.
+
 Dimension letters: T inputs per request, D output width, I d_input.
 """
 
@@ -28,6 +32,7 @@ import queue
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,9 +166,18 @@ class _Base:
         self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
         self.options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), *options]
 
-    def _kw(self, timeout: float | None = None) -> dict:
+    def _kw(self, session_id: str = "", timeout: float | None = None) -> dict:
         t = self.timeout if timeout is None else timeout
-        return {"metadata": self.metadata, "timeout": t}
+        return {"metadata": self._md(session_id), "timeout": t}
+
+    def _md(self, session_id: str = "") -> tuple:
+        """Call metadata: auth, plus `x-session-id` for the sticky proxy."""
+        return (*self.metadata, ("x-session-id", session_id)) if session_id else self.metadata
+
+
+def choose_session_id(session_id: str = "") -> str:
+    """The given id, or a fresh uuid4 (chosen client-side: see the module docstring)."""
+    return session_id or str(uuid.uuid4())
 
 
 # --- sync ---------------------------------------------------------------------------------
@@ -186,9 +200,10 @@ class Client(_Base):
     def create_session(
         self, session_id: str = "", ttl: float = 0.0, snapshot: bytes = b""
     ) -> ClientSession:
+        session_id = choose_session_id(session_id)
         s = self.stub.CreateSession(
             pb.CreateSessionRequest(session_id=session_id, ttl_seconds=ttl, snapshot=snapshot),
-            **self._kw(),
+            **self._kw(session_id),
         )
         return ClientSession(self, s.session_id, s.position)
 
@@ -197,9 +212,10 @@ class Client(_Base):
         return ClientSession(self, session_id, position)
 
     def restore(self, snapshot: bytes, session_id: str = "", ttl: float = 0.0) -> ClientSession:
+        session_id = choose_session_id(session_id)
         s = self.stub.RestoreSession(
             pb.RestoreRequest(snapshot=snapshot, session_id=session_id, ttl_seconds=ttl),
-            **self._kw(),
+            **self._kw(session_id),
         )
         return ClientSession(self, s.session_id, s.position)
 
@@ -229,7 +245,7 @@ class ClientSession:
     def step(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         """Feed T inputs (unary Step); returns the selected outputs."""
         req = step_request(self.id, tokens, values, output, top_k)
-        r = StepResult.from_proto(self.client.stub.Step(req, **self.client._kw()))
+        r = StepResult.from_proto(self.client.stub.Step(req, **self.client._kw(self.id)))
         self.position = r.position
         return r
 
@@ -239,7 +255,7 @@ class ClientSession:
         """One Stream request per item of `inputs` (token lists, or value arrays with
         kind="values"); yields one StepResult per item, in order."""
         reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k) for x in inputs)
-        for resp in self.client.stub.Stream(reqs, metadata=self.client.metadata):
+        for resp in self.client.stub.Stream(reqs, metadata=self.client._md(self.id)):
             r = StepResult.from_proto(resp)
             self.position = r.position
             yield r
@@ -253,7 +269,7 @@ class ClientSession:
         `kw` are generate_request's (max_new_tokens, temperature, top_k, top_p, seed, stop,
         keep_session). Closing the iterator early cancels the call."""
         req = generate_request(self.id, prompt, **kw)
-        call = self.client.stub.Generate(req, metadata=self.client.metadata)
+        call = self.client.stub.Generate(req, metadata=self.client._md(self.id))
         try:
             for r in call:
                 if not self.id:
@@ -265,22 +281,22 @@ class ClientSession:
 
     def snapshot(self) -> bytes:
         snap = self.client.stub.SnapshotSession(
-            pb.SnapshotRequest(session_id=self.id), **self.client._kw()
+            pb.SnapshotRequest(session_id=self.id), **self.client._kw(self.id)
         )
         self.position = snap.position
         return snap.data
 
     def fork(self, new_session_id: str = "") -> ClientSession:
         s = self.client.stub.ForkSession(
-            pb.ForkRequest(session_id=self.id, new_session_id=new_session_id),
-            **self.client._kw(),
+            pb.ForkRequest(session_id=self.id, new_session_id=choose_session_id(new_session_id)),
+            **self.client._kw(self.id),
         )
         return ClientSession(self.client, s.session_id, s.position)
 
     def close(self) -> int:
         """Free the session on the server; returns its final position."""
         s = self.client.stub.CloseSession(
-            pb.CloseSessionRequest(session_id=self.id), **self.client._kw()
+            pb.CloseSessionRequest(session_id=self.id), **self.client._kw(self.id)
         )
         self.position = s.position
         return s.position
@@ -297,7 +313,7 @@ class StreamHandle:
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._call = session.client.stub.Stream(
-            iter(self._q.get, self._END), metadata=session.client.metadata
+            iter(self._q.get, self._END), metadata=session.client._md(session.id)
         )
 
     def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
@@ -340,9 +356,10 @@ class AsyncClient(_Base):
     async def create_session(
         self, session_id: str = "", ttl: float = 0.0, snapshot: bytes = b""
     ) -> AsyncClientSession:
+        session_id = choose_session_id(session_id)
         s = await self.stub.CreateSession(
             pb.CreateSessionRequest(session_id=session_id, ttl_seconds=ttl, snapshot=snapshot),
-            **self._kw(),
+            **self._kw(session_id),
         )
         return AsyncClientSession(self, s.session_id, s.position)
 
@@ -352,9 +369,10 @@ class AsyncClient(_Base):
     async def restore(
         self, snapshot: bytes, session_id: str = "", ttl: float = 0.0
     ) -> AsyncClientSession:
+        session_id = choose_session_id(session_id)
         s = await self.stub.RestoreSession(
             pb.RestoreRequest(snapshot=snapshot, session_id=session_id, ttl_seconds=ttl),
-            **self._kw(),
+            **self._kw(session_id),
         )
         return AsyncClientSession(self, s.session_id, s.position)
 
@@ -378,7 +396,7 @@ class AsyncClientSession:
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
         req = step_request(self.id, tokens, values, output, top_k)
-        r = StepResult.from_proto(await self.client.stub.Step(req, **self.client._kw()))
+        r = StepResult.from_proto(await self.client.stub.Step(req, **self.client._kw(self.id)))
         self.position = r.position
         return r
 
@@ -388,7 +406,7 @@ class AsyncClientSession:
     async def generate(self, prompt: Sequence[int], **kw) -> AsyncIterator[pb.GenerateResponse]:
         """As ClientSession.generate; an async iterator."""
         req = generate_request(self.id, prompt, **kw)
-        call = self.client.stub.Generate(req, metadata=self.client.metadata)
+        call = self.client.stub.Generate(req, metadata=self.client._md(self.id))
         try:
             async for r in call:
                 if not self.id:
@@ -400,21 +418,21 @@ class AsyncClientSession:
 
     async def snapshot(self) -> bytes:
         snap = await self.client.stub.SnapshotSession(
-            pb.SnapshotRequest(session_id=self.id), **self.client._kw()
+            pb.SnapshotRequest(session_id=self.id), **self.client._kw(self.id)
         )
         self.position = snap.position
         return snap.data
 
     async def fork(self, new_session_id: str = "") -> AsyncClientSession:
         s = await self.client.stub.ForkSession(
-            pb.ForkRequest(session_id=self.id, new_session_id=new_session_id),
-            **self.client._kw(),
+            pb.ForkRequest(session_id=self.id, new_session_id=choose_session_id(new_session_id)),
+            **self.client._kw(self.id),
         )
         return AsyncClientSession(self.client, s.session_id, s.position)
 
     async def close(self) -> int:
         s = await self.client.stub.CloseSession(
-            pb.CloseSessionRequest(session_id=self.id), **self.client._kw()
+            pb.CloseSessionRequest(session_id=self.id), **self.client._kw(self.id)
         )
         self.position = s.position
         return s.position
@@ -425,7 +443,7 @@ class AsyncStreamHandle:
 
     def __init__(self, session: AsyncClientSession):
         self.session = session
-        self._call = session.client.stub.Stream(metadata=session.client.metadata)
+        self._call = session.client.stub.Stream(metadata=session.client._md(session.id))
 
     async def send(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0

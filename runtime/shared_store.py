@@ -512,10 +512,19 @@ class SharedSessionStore(SessionStore):
         )
 
     def fork(self, session_id, principal="", new_id=None) -> Session:
+        """As SessionStore.fork; the child is written and its lease let go at once: a sticky
+        proxy routes the child's calls by its own id, maybe to another replica."""
         self.get(session_id, principal)  # NOT_FOUND before claiming the new id
-        return self._created(
+        child = self._created(
             lambda sid: super(SharedSessionStore, self).fork(session_id, principal, sid), new_id
         )
+        if not self.degraded:
+            self._lease_until.pop(child.id, None)
+            try:
+                self.backend.release([child.id], self.replica_id)
+            except self.backend.Error as e:
+                self._degrade(e)
+        return child
 
     # --- steps -------------------------------------------------------------------------
 

@@ -198,6 +198,9 @@ def test_fork_and_restore_are_written_at_once(redis_server):
     sid = a.create().id
     x = step(a, sid, rng)
     child = a.fork(sid).id
+    t0 = time.monotonic()
+    b.fetch(child)  # the fork let go of the child's lease: no wait
+    assert time.monotonic() - t0 < 0.2
     restored = a.restore(a.snapshot(sid)).id
     a.flush()
     for other in (child, restored):
