@@ -358,7 +358,8 @@ class SharedSessionStore(SessionStore):
         return {
             "up": not self.degraded,
             "dirty": len(self._dirty),
-            **{k: self.shared_counts[k] for k in ("writes", "write_bytes", "loads", "moved")},
+            **{k: self.shared_counts[k] for k in ("writes", "write_bytes", "loads", "relocks")},
+            "moved": self.shared_counts["moved"],
             "errors": self.shared_counts["errors"],
             "lease_waits": self.shared_counts["lease_waits"],
         }
@@ -415,8 +416,12 @@ class SharedSessionStore(SessionStore):
             with self._lock:
                 s = self._sessions.get(sid)
                 if s is not None and self._version.get(sid) == rec["version"]:
-                    pass  # our copy is current (maybe ahead by unwritten steps): keep it
-                elif s is not None:
+                    # our copy is current (maybe ahead by unwritten steps): keep it
+                    self._version[sid] = rec["version"]
+                    self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+                    self.shared_counts["relocks"] += 1
+                    return
+                if s is not None:
                     self._slab[s._slot] = state
                     s._position = position
                     self._dirty.pop(sid, None)
@@ -727,7 +732,8 @@ class StoreCollector:
         for key, help_text in (
             ("writes", "session states written to the state store"),
             ("write_bytes", "bytes of session snapshots written to the state store"),
-            ("loads", "sessions loaded from the state store (failover, lapsed lease)"),
+            ("loads", "sessions loaded from the state store (failover, moved, stale copy)"),
+            ("relocks", "leases taken back after lapsing, the local copy still current"),
             ("moved", "sessions dropped here because another replica took them over"),
             ("errors", "state store operations that failed (Redis unreachable)"),
             ("lease_waits", "loads that had to wait for another replica's lease"),
