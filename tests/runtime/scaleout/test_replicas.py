@@ -7,7 +7,6 @@ Every output is compared with one Engine in this process running the same inputs
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +15,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_helpers import ServerProcess, scrape
-from services import NginxProcess, RedisProcess, require
+from grpc_helpers import scrape
+from services import LocalCluster, require
 from ssmstream.runtime import Engine
 from ssmstream.runtime.client import Client
 
@@ -33,45 +32,20 @@ def retryable(e: grpc.RpcError) -> bool:
     )
 
 
-class Cluster:
-    """redis + N replicas + nginx; `replicas[i].metrics_port` for scraping."""
-
-    def __init__(self, model_dir, workdir, n=3, persist_every="1", lease_ttl=1.0):
-        require("redis-server"), require("nginx")
-        self.redis = RedisProcess(workdir)
-        self.replicas: list[ServerProcess] = []
-        self.nginx = None
-        try:
-            for _ in range(n):
-                r = ServerProcess(
-                    model_dir, "--state-store", self.redis.url, "--persist-every", persist_every,
-                    "--lease-ttl", str(lease_ttl), "--metrics-port", "0", "--grace", "1",
-                    "--max-batch-delay", "0.001", workdir=workdir,
-                )  # fmt: skip
-                r.metrics_port = json.loads(r.port_file.read_text())["metrics_port"]
-                self.replicas.append(r)
-            self.nginx = NginxProcess([r.port for r in self.replicas], workdir / "nginx")
-        except BaseException:
-            self.stop()
-            raise
-
-    def metric(self, replica: ServerProcess, name: str) -> float:
-        return scrape(replica.metrics_port).get(name, 0.0)
-
-    def stop(self) -> None:
-        if self.nginx is not None:
-            self.nginx.stop()
-        for r in self.replicas:
-            r.kill()
-        self.redis.stop()
+def metric(replica, name: str) -> float:
+    return scrape(replica.metrics_port).get(name, 0.0)
 
 
 @pytest.fixture
 def cluster_factory(tiny_token_model, tmp_path):
     made = []
 
-    def make(**kw) -> Cluster:
-        c = Cluster(tiny_token_model["model_dir"], tmp_path, **kw)
+    def make(n=3, persist_every="1", lease_ttl=1.0) -> LocalCluster:
+        require("redis-server"), require("nginx")
+        c = LocalCluster(
+            tiny_token_model["model_dir"], tmp_path, n, persist_every, lease_ttl,
+            extra_args=("--grace", "1", "--max-batch-delay", "0.001"),
+        )  # fmt: skip
         made.append(c)
         return c
 
@@ -143,7 +117,7 @@ def stream_resuming(client: Client, sid: str, tokens: list[int], on_step=None, d
 def test_32_sessions_through_nginx_equal_a_single_process_run(cluster_factory, engine):
     c = cluster_factory(persist_every="1")
     V = int(engine.info["vocab_size"])
-    with Client(c.nginx.address, timeout=30) as client:
+    with Client(c.address, timeout=30) as client:
         sids = [client.create_session().id for _ in range(32)]
         toks = {sid: session_tokens(i, 6, V) for i, sid in enumerate(sids)}
         with ThreadPoolExecutor(8) as pool:
@@ -157,11 +131,11 @@ def test_32_sessions_through_nginx_equal_a_single_process_run(cluster_factory, e
         assert lost == 0
         ref = reference(engine, toks[sid])
         np.testing.assert_allclose(np.stack([outputs[i] for i in range(6)]), ref, atol=1e-5)
-    active = [c.metric(r, "ssmstream_sessions_active") for r in c.replicas]
-    loads = [c.metric(r, "ssmstream_state_store_loads_total") for r in c.replicas]
+    active = [metric(r, "ssmstream_sessions_active") for r in c.replicas]
+    loads = [metric(r, "ssmstream_state_store_loads_total") for r in c.replicas]
     assert sum(active) == 32 and all(a > 0 for a in active), active  # spread over replicas
     assert sum(loads) == 0, loads  # sticky: no session ever had to move
-    writes = sum(c.metric(r, "ssmstream_state_store_writes_total") for r in c.replicas)
+    writes = sum(metric(r, "ssmstream_state_store_writes_total") for r in c.replicas)
     assert writes >= 32 * (1 + 6 + 1)  # write-through: creation + every step
 
 
@@ -181,13 +155,13 @@ def test_sigkill_a_replica_its_sessions_continue_on_the_others(
         if acked == n_tokens // 2 and not halfway.is_set():
             halfway.wait(30)  # everybody reaches the middle before the kill
 
-    with Client(c.nginx.address, timeout=30) as client:
+    with Client(c.address, timeout=30) as client:
         sids = [client.create_session().id for _ in range(n_sessions)]
         toks = {sid: session_tokens(i, n_tokens, V) for i, sid in enumerate(sids)}
         with ThreadPoolExecutor(n_sessions) as pool:
             futures = {s: pool.submit(stream_resuming, client, s, toks[s], on_step) for s in sids}
             assert halfway.wait(60)
-            held = [c.metric(r, "ssmstream_sessions_active") for r in c.replicas]
+            held = [metric(r, "ssmstream_sessions_active") for r in c.replicas]
             victim = c.replicas[int(np.argmax(held))]
             killed_at = time.monotonic()
             victim.kill()  # SIGKILL: no drain, no final write
@@ -281,10 +255,10 @@ def test_redis_down_degrades_health_and_recovers(cluster_factory, engine):
             outs += [s.step(tokens=[t]).outputs[-1] for t in toks[4:6]]  # memory keeps serving
             wait_status("ssmstream.StateStore", NOT_SERVING)
             assert status("") == SERVING
-            assert c.metric(r, "ssmstream_state_store_up") == 0.0
+            assert metric(r, "ssmstream_state_store_up") == 0.0
             c.redis.start()
             wait_status("ssmstream.StateStore", SERVING)
-            assert c.metric(r, "ssmstream_state_store_up") == 1.0
+            assert metric(r, "ssmstream_state_store_up") == 1.0
             outs += [s.step(tokens=[t]).outputs[-1] for t in toks[6:]]
         np.testing.assert_allclose(np.stack(outs), reference(engine, toks), atol=1e-5)
         # what was served during the outage reached Redis after the recovery (and shutdown)
