@@ -36,7 +36,7 @@ COPY model/ model/
 COPY export/ export/
 COPY runtime/ runtime/
 COPY protos/ protos/
-RUN pip install ".[serve]" \
+RUN pip install ".[serve,redis]" \
     && rm -rf /src \
     && useradd --create-home --uid 10001 ssm \
     && mkdir -p /var/lib/ssmstream \
