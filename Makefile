@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install test lint fmt demo bench protos clean
+.PHONY: install services test lint fmt demo bench protos clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,24 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian's redis-server and nginx, for the scale-out tests (tests/runtime/scaleout), which
+# skip, saying why, where they cannot be installed (not root, no apt-get, no registry)
+SERVICES := redis-server nginx
+services:
+	@missing=""; for b in $(SERVICES); do command -v $$b >/dev/null || [ -x /usr/sbin/$$b ] \
+	  || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (apt-get)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends $(SERVICES) >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null 2>&1 && \
+	           apt-get install -y -q --no-install-recommends $(SERVICES) >/dev/null 2>&1; } \
+	      || echo "note: could not install$$missing; the scale-out tests will skip"; \
+	  else echo "note:$$missing not installed; the scale-out tests will skip"; fi; \
+	fi
+
+test: $(STAMP) services
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
