@@ -157,6 +157,7 @@ class RedisBackend:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
         )
         self.Error = redis.RedisError
+        self.NoScriptError = redis.exceptions.NoScriptError
         self._acquire = self.client.register_script(_ACQUIRE)
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
@@ -205,15 +206,21 @@ class RedisBackend:
     def put_many(self, items: Sequence[tuple], owner: str) -> list[int]:
         """items: (session_id, expected version, snap, principal, ttl). New version or LOST/STALE
         per item, in one pipelined round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        for sid, version, snap, principal, ttl in items:
-            expire_ms = 0 if math.isinf(ttl) else int(1000 * ttl) + 60_000
-            self._put(
-                keys=[self.key(sid), self.lease(sid)],
-                args=[owner, version, snap, principal, repr(float(ttl)), expire_ms],
-                client=pipe,
-            )
-        return [int(v) for v in pipe.execute()]
+        for attempt in (0, 1):
+            pipe = self.client.pipeline(transaction=False)
+            for sid, version, snap, principal, ttl in items:
+                expire_ms = 0 if math.isinf(ttl) else int(1000 * ttl) + 60_000
+                pipe.evalsha(  # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
+                    self._put.sha, 2, self.key(sid), self.lease(sid),
+                    owner, version, snap, principal, repr(float(ttl)), expire_ms,
+                )  # fmt: skip
+            try:
+                return [int(v) for v in pipe.execute()]
+            except self.NoScriptError:  # Redis restarted (scripts flushed): load, once more
+                if attempt:
+                    raise
+                self.client.script_load(_PUT)
+        raise AssertionError("unreachable")
 
     def drop(self, session_id: str, owner: str, version: int = -1) -> bool:
         return bool(
