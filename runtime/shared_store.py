@@ -271,7 +271,7 @@ class SharedSessionStore(SessionStore):
         self._dirty: dict[str, int] = {}  # id -> steps committed since the last write
         self._used: set[str] = set()  # stepped since the last renewal
         self._drops: dict[str, int] = {}  # closed/evicted ids whose keys are still to delete
-        self._io = threading.Lock()  # one Redis conversation about a session set at a time
+        self._io = threading.RLock()  # orders writes of one session with its commits
         self.degraded = False
         self.degraded_since: float | None = None
         self.shared_counts: Counter[str] = Counter()
@@ -403,47 +403,52 @@ class SharedSessionStore(SessionStore):
             raise Unavailable(f"state store failed while loading {session_id!r}: {e}") from e
 
     def _fetch(self, sid: str, principal: str) -> None:
-        with self._io:
-            rec = self.backend.load(sid)
-            if rec is None or rec["principal"] != principal:
-                local = self._sessions.get(sid)
-                if rec is None and local is not None and local.principal == principal:
+        rec = self.backend.load(sid)
+        if rec is None or rec["principal"] != principal:
+            local = self._sessions.get(sid)
+            if rec is None and local is not None and local.principal == principal:
+                with self._io:
                     self._republish(local)  # our key expired or was lost: ours is the newest
-                return  # nothing to fetch: `get` says unknown / closed
-            t0 = self._take_lease(sid)
+            return  # nothing to fetch: `get` says unknown / closed
+        t0 = self._take_lease(sid)  # may wait for another replica: no lock held meanwhile
+        with self._io:
             rec = self.backend.load(sid)  # the newest, now that nobody else can write
             if rec is None:  # closed by its holder while we waited
                 self.backend.release([sid], self.replica_id)
                 return
             try:
                 position, state = self._unpack(rec["snap"])
-            except (ModelError, InvalidInput):
+                self._install(sid, principal, rec, position, state, t0)
+            except BaseException:
                 self.backend.release([sid], self.replica_id)
                 raise
-            with self._lock:
-                s = self._sessions.get(sid)
-                if s is not None and self._version.get(sid) == rec["version"]:
-                    # our copy is current (maybe ahead by unwritten steps): keep it
-                    self._version[sid] = rec["version"]
-                    self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
-                    self.shared_counts["relocks"] += 1
-                    return
-                if s is not None:
-                    self._slab[s._slot] = state
-                    s._position = position
-                    self._dirty.pop(sid, None)
-                else:
-                    try:
-                        s = self._new_session(principal, sid, rec["ttl"], position)
-                    except BaseException:
-                        self.backend.release([sid], self.replica_id)
-                        raise
-                    self._slab[s._slot] = state
-                    self._counts["restored"] += 1
-                self._version[sid] = rec["version"]
+
+    def _install(self, sid, principal, rec: dict, position: int, state, t0: float) -> None:
+        """Make Redis's record of `sid` our copy (caller holds _io and the lease)."""
+        with self._lock:
+            s = self._sessions.get(sid)
+            if s is not None and self._version.get(sid) == rec["version"]:
+                # our copy is current (maybe ahead by unwritten steps): keep it
                 self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
-            self.shared_counts["loads"] += 1
-            log.info("session %s loaded from the state store at position %d", sid, position)
+                self.shared_counts["relocks"] += 1
+                return
+            if s is not None and s._pins:
+                raise SessionBusy(
+                    f"session {sid!r} changed on another replica while a step of it is in "
+                    f"flight here; retry"
+                )
+            if s is not None:
+                self._slab[s._slot] = state
+                s._position = position
+                self._dirty.pop(sid, None)
+            else:
+                s = self._new_session(principal, sid, rec["ttl"], position)
+                self._slab[s._slot] = state
+                self._counts["restored"] += 1
+            self._version[sid] = rec["version"]
+            self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+        self.shared_counts["loads"] += 1
+        log.info("session %s loaded from the state store at position %d", sid, position)
 
     def _take_lease(self, sid: str) -> float:
         """Acquire the lease, polling while another replica holds it; returns when we asked."""
@@ -558,14 +563,17 @@ class SharedSessionStore(SessionStore):
             or consumed < 0
         ):
             raise InvalidInput("consumed", f"must be an integer >= 0, got {consumed!r}")
+        with self._io:  # a background write must not slip between our write and commit
+            return self._commit_many(sessions, new_states, consumed)
+
+    def _commit_many(self, sessions, new_states, consumed):
         failed: dict[int, BaseException] = {}
         written: dict[int, int] = {}
         due = [j for j, s in enumerate(sessions) if s.live and self._due(s.id)]
         if due and not self.degraded:
             items = [(sessions[j], new_states[j], sessions[j].position + consumed) for j in due]
             try:
-                with self._io:
-                    versions = self._put(items)
+                versions = self._put(items)
             except self.backend.Error as e:
                 self._degrade(e)
                 versions = []
