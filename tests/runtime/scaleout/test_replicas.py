@@ -270,3 +270,27 @@ def test_redis_down_degrades_health_and_recovers(cluster_factory, engine):
         assert int.from_bytes(rec[b"snap"][20:28], "little") == len(toks)  # its position
     finally:
         channel.close()
+
+
+def test_a_replica_of_another_model_refuses_the_session(tiny_token_model, tiny_signal_model,
+                                                        tmp_path):  # fmt: skip
+    require("redis-server")
+    from localcluster import RedisProcess, ReplicaProcess
+
+    redis = RedisProcess(tmp_path)
+    args = ["--state-store", redis.url, "--lease-ttl", "0.5", "--grace", "1"]
+    a = ReplicaProcess(tiny_token_model["model_dir"], args, tmp_path, "tokens")
+    b = ReplicaProcess(tiny_signal_model["model_dir"], args, tmp_path, "signal")
+    try:
+        with Client(a.address, timeout=30) as ca, Client(b.address, timeout=30) as cb:
+            s = ca.create_session()
+            s.step(tokens=[1, 2])
+            with pytest.raises(grpc.RpcError) as e:
+                cb.session(s.id).snapshot()
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "another model" in e.value.details()
+            assert s.step(tokens=[3]).position == 3  # the owner is unaffected
+    finally:
+        a.kill()
+        b.kill()
+        redis.stop()
