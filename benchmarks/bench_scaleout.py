@@ -54,8 +54,7 @@ def retryable(e: grpc.RpcError) -> bool:
     from Core"). Safe to retry: the resume asks the server's position first."""
     details = e.details() or ""
     return e.code() in RETRYABLE or (
-        e.code() == grpc.StatusCode.INTERNAL
-        and ("RST_STREAM" in details or "from Core" in details)
+        e.code() == grpc.StatusCode.INTERNAL and ("RST_STREAM" in details or "from Core" in details)
     )
 
 
@@ -222,34 +221,42 @@ def run_failover(a, workdir: Path, V: int, lease_ttl: float) -> dict:
     return out
 
 
+def table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A markdown section: title, header row, one row per list of cells."""
+    return [
+        "", f"## {title}", "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+    ]  # fmt: skip
+
+
 def write_report(res: dict, out: Path) -> None:
+    m = res["meta"]
     lines = [
         "# bench_scaleout",
         "",
-        f"Machine: {res['meta']['machine']}, load average at start {res['meta']['load_average']}."
-        " Replicas, nginx, Redis and the clients all share these cores.",
-        "",
-        "## Throughput through nginx",
-        "",
-        "| setup | clients | tokens/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|",
+        f"Machine: {m['machine']}, load average at start {m['load_average']}. Replicas, nginx, "
+        "Redis and the clients all share these cores.",
     ]
-    for r in res["throughput"]:
-        lines.append(f"| {r['setup']} | {r['clients']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")  # fmt: skip
-    lines += ["", "## Persistence cost (1 replica, direct)", "",
-              "| --persist-every | clients | p50 ms | p99 ms | tokens/s |",
-              "|---|---|---|---|---|"]  # fmt: skip
-    for r in res["persistence"]:
-        lines.append(f"| {r['mode']} | {r['clients']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} |")  # fmt: skip
-    lines += ["", "## Failover (3 replicas, write-through, SIGKILL one)", "",
-              "| lease TTL s | sessions | moved | failover median s | max s | lost steps |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for f in res["failover"]:
-        lines.append(f"| {f['lease_ttl_s']:g} | {f['sessions']} | {f['moved']} | "
-                     f"{f['failover_s_median']:.2f} | {f['failover_s_max']:.2f} | "
-                     f"{f['lost_steps_total']} |")  # fmt: skip
+    lines += table(
+        "Throughput through nginx",
+        ["setup", "clients", "tokens/s", "p50 ms", "p99 ms"],
+        [[r["setup"], r["clients"], f"{r['tokens_per_s']:.0f}", f"{r['p50_ms']:.2f}",
+          f"{r['p99_ms']:.2f}"] for r in res["throughput"]],
+    )  # fmt: skip
+    lines += table(
+        "Persistence cost (1 replica, direct)",
+        ["--persist-every", "clients", "p50 ms", "p99 ms", "tokens/s"],
+        [[r["mode"], r["clients"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+          f"{r['tokens_per_s']:.0f}"] for r in res["persistence"]],
+    )  # fmt: skip
+    lines += table(
+        "Failover (3 replicas, write-through, SIGKILL one)",
+        ["lease TTL s", "sessions", "moved", "failover median s", "max s", "lost steps"],
+        [[f"{f['lease_ttl_s']:g}", f["sessions"], f["moved"], f"{f['failover_s_median']:.2f}",
+          f"{f['failover_s_max']:.2f}", f["lost_steps_total"]] for f in res["failover"]],
+    )  # fmt: skip
     (out / "bench_scaleout.md").write_text("\n".join(lines) + "\n")
 
 

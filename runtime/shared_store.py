@@ -636,23 +636,14 @@ class SharedSessionStore(SessionStore):
             self._degrade(e)
 
     def _write_now(self, sessions: Sequence[Session]) -> None:
-        """Write these sessions' current local states (new sessions, recovery, flush)."""
+        """Write these sessions' current local states (new sessions)."""
         if self.degraded or not sessions:
             return
-        with self._lock:
-            items = [(s, self._slab[s._slot].copy(), s._position) for s in sessions if s._live]
         try:
             with self._io:
-                versions = self._put(items)
+                self._write_current(sessions)
         except self.backend.Error as e:
             self._degrade(e)
-            return
-        for (s, _, _), v in zip(items, versions):
-            if v < 0:
-                self._moved(s, v)
-            else:
-                self._version[s.id] = v
-                self._dirty[s.id] = 0
 
     def _write_dirty(self) -> int:
         with self._io:
@@ -661,8 +652,13 @@ class SharedSessionStore(SessionStore):
     def _write_dirty_locked(self) -> int:
         """Write every session with unwritten steps; caller holds _io. Returns how many."""
         with self._lock:
-            live = [self._sessions.get(i) for i, n in self._dirty.items() if n > 0]
-            items = [(s, self._slab[s._slot].copy(), s._position) for s in live if s is not None]
+            dirty = [self._sessions.get(i) for i, n in self._dirty.items() if n > 0]
+        return self._write_current([s for s in dirty if s is not None])
+
+    def _write_current(self, sessions: Sequence[Session]) -> int:
+        """Write the sessions' local states as they are now; caller holds _io."""
+        with self._lock:
+            items = [(s, self._slab[s._slot].copy(), s._position) for s in sessions if s._live]
         if not items:
             return 0
         versions = self._put(items)
