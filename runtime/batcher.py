@@ -15,8 +15,10 @@ Rules:
   not at all when waiting cannot help: when the batch is full (`max_batch`) or already holds
   the next step of every *active* session (one that sent a request within the last
   `activity_window` seconds). So a lone stream never sits out the delay.
-- onnxruntime, the gather and the scatter run in one worker thread; the event loop only
-  moves requests between queues.
+- onnxruntime, the gather and the scatter run in one dedicated worker thread; the event
+  loop only moves requests between queues. It hands a job to the worker through a queue
+  and gets the results back in one `call_soon_threadsafe` callback, which also starts the
+  next job: no scheduler task wakes up in between.
 - A request applies fully or not at all: inputs are validated before queueing; if the
   session is closed or evicted before its step commits, or onnxruntime fails, its state and
   position are unchanged and the request raises. A request cancelled while still queued is
@@ -29,10 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,9 +131,13 @@ class Batcher:
         self._busy: set[str] = set()  # sessions with a request ready or running
         self._recent: dict[str, float] = {}  # session id -> last request time, oldest first
         self._buffers = engine.step_buffers(self.max_batch)
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task | None = None
-        self._kick: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: queue.SimpleQueue | None = None  # (requests, job) for the worker; None: stop
+        self._worker: threading.Thread | None = None
+        self._job: Callable | None = None  # the job the worker is running, None while idle
+        self._prefill_turn = False  # after a step batch, a waiting prefill goes first
+        self._pump_soon = False  # a _pump is scheduled for the end of this loop iteration
+        self._timer: asyncio.TimerHandle | None = None  # the batch delay's deadline
         self._idle: asyncio.Event | None = None
         self._closing = False
 
@@ -142,32 +149,33 @@ class Batcher:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._worker is not None
 
     async def start(self) -> None:
-        """Start the scheduler task and the worker thread (in the running event loop)."""
+        """Start the worker thread (results come back to the running event loop)."""
         if self.running:
             return
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ssmstream-engine")
-        self._task = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
+        self._loop = asyncio.get_running_loop()
+        self._jobs = queue.SimpleQueue()
+        self._worker = threading.Thread(
+            target=self._work, args=(self._jobs, self._loop), name="ssmstream-engine", daemon=True
+        )
+        self._worker.start()
 
     async def close(self) -> None:
         """Refuse new requests, finish every queued one, stop the worker."""
-        if self._task is None:
+        if self._worker is None:
             return
         self._closing = True
         await self._idle.wait()
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        self._task = None
-        self._executor.shutdown(wait=False)
-        self._executor = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._jobs.put(None)  # the worker is idle: it exits at once
+        self._worker = self._jobs = None
 
     def pending(self) -> int:
         """Requests queued or running."""
@@ -217,12 +225,13 @@ class Batcher:
             self._ready(req)
         self._recent.pop(sid, None)
         self._recent[sid] = req.enqueued
+        if not self._pump_soon:  # after the other requests of this loop iteration arrived
+            self._pump_soon = True
+            loop.call_soon(self._pump)
         return await req.future
 
     def _ready(self, req: _Request) -> None:
         (self._steps if req.T == 1 else self._prefills).append(req)
-        if self._kick is not None and not self._kick.done():
-            self._kick.set_result(None)
 
     def _finish(self, req: _Request) -> None:
         """After a request ran (or was dropped): unpin, start the session's next request."""
@@ -255,51 +264,58 @@ class Batcher:
         n = len(self._steps)
         return n >= self.max_batch or n + len(self._prefills) >= self._active(now)
 
-    async def _wait(self, timeout: float | None) -> None:
-        """Until a request becomes ready (or `timeout` seconds pass)."""
-        loop = asyncio.get_running_loop()
-        self._kick = loop.create_future()
-        handle = None
-        if timeout is not None:
-            handle = loop.call_later(timeout, lambda f=self._kick: f.done() or f.set_result(None))
+    def _pump(self) -> None:
+        """Start the next job if the worker is free. Runs on the event loop whenever that can
+        change: requests arrived, a job finished, a batch delay ran out."""
+        self._pump_soon = False
+        if self._job is not None or self._jobs is None:
+            return  # the worker is busy: its completion pumps again
         try:
-            await self._kick
-        finally:
-            if handle is not None:
-                handle.cancel()
-            self._kick = None
-
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._steps and not self._prefills:
-                await self._wait(None)
-                continue
-            try:
-                if self._steps:
+            while self._steps or self._prefills:
+                if self._steps and not (self._prefill_turn and self._prefills):
                     if self.max_batch_delay > 0:
+                        now = self._loop.time()
                         deadline = self._steps[0].enqueued + self.max_batch_delay
-                        while not self._complete(loop.time()) and loop.time() < deadline:
-                            await self._wait(deadline - loop.time())
+                        if now < deadline and not self._complete(now):
+                            if self._timer is None:
+                                self._timer = self._loop.call_at(deadline, self._on_deadline)
+                            return
                     batch = self._take_steps()
                     if batch:
-                        await self._run(batch, self._run_steps)
-                if self._prefills:
-                    req = self._prefills.popleft()
-                    if req.future.cancelled():
-                        self._drop(req)
-                    else:
-                        await self._run([req], self._run_prefill)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not hang every client: fail what is queued
-                log.exception("batcher scheduler failed; failing queued requests")
-                for req in [*self._steps, *self._prefills]:
-                    if not req.future.done():
-                        req.future.set_exception(EngineFailure("batcher scheduler failed"))
-                    self._finish(req)
-                self._steps.clear()
-                self._prefills.clear()
+                        self._prefill_turn = True
+                        self._submit(batch, self._run_steps)
+                        return
+                    continue  # every one was cancelled
+                self._prefill_turn = False
+                req = self._prefills.popleft()
+                if req.future.cancelled():
+                    self._drop(req)
+                    continue
+                self._submit([req], self._run_prefill)
+                return
+        except Exception:  # a bug here must not hang every client: fail what is queued
+            log.exception("batcher scheduler failed; failing queued requests")
+            self._fail_queued()
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _fail_queued(self) -> None:
+        reqs = [*self._steps, *self._prefills]
+        self._steps.clear()
+        self._prefills.clear()
+        for req in reqs:
+            if not req.future.done():
+                req.future.set_exception(EngineFailure("batcher scheduler failed"))
+            self._finish(req)
+
+    def _submit(self, reqs: list[_Request], job: Callable) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._job = job
+        self._jobs.put((reqs, job))
 
     def _take_steps(self) -> list[_Request]:
         batch = []
@@ -315,17 +331,20 @@ class Batcher:
         self.stats.cancelled += 1
         self._finish(req)
 
-    async def _run(self, reqs: list[_Request], job: Callable) -> None:
-        """Run `job(reqs)` in the worker; deliver each request's result or exception."""
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
+    def _done(self, reqs: list[_Request], job: Callable, results, seconds: float) -> None:
+        """Back on the event loop after a job: deliver each request's result or exception,
+        then start the next job."""
+        self._job = None
         try:
-            results = await loop.run_in_executor(self._executor, job, reqs)
-        except Exception as e:  # the job itself failed: nothing was committed
-            log.exception("engine job failed")
+            self._deliver(reqs, job, results, seconds)
+        finally:
+            self._pump()
+
+    def _deliver(self, reqs: list[_Request], job: Callable, results, seconds: float) -> None:
+        if isinstance(results, Exception):  # the job itself failed: nothing was committed
+            e = results
             err = e if isinstance(e, EngineFailure) else EngineFailure(f"batch failed: {e}")
             results = [err] * len(reqs)
-        seconds = time.perf_counter() - t0
         st = self.stats
         st.batches += 1
         st.busy_seconds += seconds
@@ -351,6 +370,22 @@ class Batcher:
 
     # --- worker thread -------------------------------------------------------------------
 
+    def _work(self, jobs: queue.SimpleQueue, loop: asyncio.AbstractEventLoop) -> None:
+        """The worker thread: run each job, hand its results back to the event loop."""
+        while (item := jobs.get()) is not None:
+            reqs, job = item
+            t0 = time.perf_counter()
+            try:
+                results = job(reqs)
+            except Exception as e:
+                log.exception("engine job failed")
+                results = e
+            seconds = time.perf_counter() - t0
+            try:
+                loop.call_soon_threadsafe(self._done, reqs, job, results, seconds)
+            except RuntimeError:  # the event loop is closed: nobody waits for these results
+                return
+
     def _run_steps(self, reqs: list[_Request]) -> list:
         """Gather, one ORT step for all, commit each. Returns a result or exception per request."""
         buf, store = self._buffers, self.store
@@ -361,15 +396,19 @@ class Batcher:
                 break
             except SessionNotFound:  # closed in the meantime: leave it out
                 live = [r for r in live if r.session.live]
-        results = {r: SessionNotFound(r.session.id, "closed") for r in reqs}
+        results = {}
         if live:
             B = len(live)
             for j, r in enumerate(live):
                 buf.inputs[j] = r.inputs[0]
             outputs, new_states = self.engine.step_unchecked(buf.inputs[:B], states, out=buf)
             positions = store.commit_many([r.session for r in live], new_states, 1)
+            rows = outputs[:B].copy()  # [B, d_out], one copy: the buffer is reused next call
             for j, (r, pos) in enumerate(zip(live, positions)):
-                results[r] = pos if isinstance(pos, Exception) else (outputs[j : j + 1].copy(), pos)
+                results[r] = pos if isinstance(pos, Exception) else (rows[j : j + 1], pos)
+        gone = [r for r in reqs if r not in results]  # closed before its step ran
+        for r in gone:
+            results[r] = SessionNotFound(r.session.id, "closed")
         return [results[r] for r in reqs]
 
     def _run_prefill(self, reqs: list[_Request]) -> list:
