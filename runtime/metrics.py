@@ -13,18 +13,27 @@
 
 Each server owns its CollectorRegistry, so several servers in one process (tests) do
 not collide.
+
+The per-token metrics (tokens, requests, request latency, batch size and latency, tokens/s)
+are plain counters and bucket lists that the event loop updates without locks and a
+collector turns into metric families at scrape time: prometheus-client's own Counter and
+Histogram take a lock and walk the buckets in Python on every observation, ~10 µs per
+streamed token. Only the event-loop thread writes them; a scrape (HTTP thread) reads a
+consistent-enough snapshot (each count is read once).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import threading
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +45,98 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class _RateWindow:
-    """Events per second over the last `window` seconds, in 1 s bins (thread-safe)."""
+    """Events per second over the last `window` seconds, in 1 s bins. `add` is for one
+    writer thread and takes the lock only when a new second starts; `rate` may run in
+    any thread."""
 
     def __init__(self, window: float = WINDOW, clock: Callable[[], float] = time.monotonic):
         self.window, self.clock = window, clock
-        self.bins: collections.deque[list[float]] = collections.deque()  # [second, count]
+        self.bins: collections.deque[tuple[int, int]] = collections.deque()  # (second, count)
         self.lock = threading.Lock()
         self.start = clock()
+        self._second, self._count = int(self.start), 0  # the current bin
 
     def add(self, n: int) -> None:
         now = int(self.clock())
-        with self.lock:
-            if self.bins and self.bins[-1][0] == now:
-                self.bins[-1][1] += n
-            else:
-                self.bins.append([now, n])
-            self._trim(now)
+        if now != self._second:
+            with self.lock:
+                if self._count:
+                    self.bins.append((self._second, self._count))
+                self._second, self._count = now, 0
+                self._trim(now)
+        self._count += n
 
     def rate(self) -> float:
         now = self.clock()
         with self.lock:
             self._trim(int(now))
             total = sum(c for _, c in self.bins)
+            if self._second > now - self.window:
+                total += self._count
         span = min(self.window, max(now - self.start, 1e-9))
         return total / span
 
     def _trim(self, now: int) -> None:
         while self.bins and self.bins[0][0] <= now - self.window:
             self.bins.popleft()
+
+
+class _Histogram:
+    """Bucket counts of one histogram (one writer, no lock): `counts[i]` observations in
+    (bounds[i-1], bounds[i]], the last one above every bound (+Inf)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs as the exposition format wants them."""
+        counts, total, out = list(self.counts), 0, []
+        for bound, c in zip((*self.bounds, float("inf")), counts):
+            total += c
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class _HotCollector:
+    """The per-token metrics of ServerMetrics, turned into metric families at scrape time."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.m = metrics
+
+    def collect(self):
+        m = self.m
+        for name, doc, values in (
+            ("ssmstream_tokens", "inputs consumed + tokens generated", m._tokens),
+            ("ssmstream_requests", "requests handled", m._requests),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["rpc"])
+            for rpc, n in list(values.items()):
+                family.add_metric([rpc], n)
+            yield family
+        latency = HistogramMetricFamily(
+            "ssmstream_request_latency_seconds",
+            "wall time of one request (one message for Stream, one token for Generate)",
+            labels=["rpc"],
+        )
+        for rpc, h in list(m._latency.items()):
+            latency.add_metric([rpc], h.buckets(), h.sum)
+        yield latency
+        for name, doc, h in (
+            ("ssmstream_batch_size", "sessions per onnxruntime call", m._batch_size),
+            ("ssmstream_batch_latency_seconds", "time of one batched onnxruntime call",
+             m._batch_latency),
+        ):  # fmt: skip
+            family = HistogramMetricFamily(name, doc)
+            family.add_metric([], h.buckets(), h.sum)
+            yield family
 
 
 class _StoreCollector:
@@ -97,35 +170,17 @@ class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.tokens = Counter(
-            "ssmstream_tokens", "inputs consumed + tokens generated", ["rpc"], registry=r
-        )
-        self.requests = Counter("ssmstream_requests", "requests handled", ["rpc"], registry=r)
         self.errors = Counter(
             "ssmstream_errors", "RPCs ended with a non-OK status", ["code"], registry=r
         )
-        self.latency = Histogram(
-            "ssmstream_request_latency_seconds",
-            "wall time of one request (one message for Stream, one token for Generate)",
-            ["rpc"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "ssmstream_batch_size",
-            "sessions per onnxruntime call",
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.batch_latency = Histogram(
-            "ssmstream_batch_latency_seconds",
-            "time of one batched onnxruntime call",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
         self.draining = Gauge("ssmstream_draining", "1 while shutting down", registry=r)
+        self._tokens: dict[str, int] = {}  # rpc -> tokens
+        self._requests: dict[str, int] = {}  # rpc -> requests
+        self._latency: dict[str, _Histogram] = {}  # rpc -> seconds per request
+        self._batch_size = _Histogram(BATCH_BUCKETS)
+        self._batch_latency = _Histogram(LATENCY_BUCKETS)
         self._rate = _RateWindow()
-        self._children: dict[tuple[int, str], object] = {}
+        r.register(_HotCollector(self))
         Gauge(
             "ssmstream_tokens_per_second", f"inputs/s over the last {WINDOW:g} s", registry=r
         ).set_function(self._rate.rate)
@@ -136,24 +191,22 @@ class ServerMetrics:
         self.registry.register(_StoreCollector(stats))
 
     def count_tokens(self, rpc: str, n: int) -> None:
-        self._child(self.tokens, rpc).inc(n)
+        """Inputs consumed / tokens generated by `rpc` (event-loop thread)."""
+        self._tokens[rpc] = self._tokens.get(rpc, 0) + n
         self._rate.add(n)
 
     def observe_request(self, rpc: str, seconds: float) -> None:
-        self._child(self.requests, rpc).inc()
-        self._child(self.latency, rpc).observe(seconds)
-
-    def _child(self, metric, label: str):
-        """metric.labels(label), cached (the hot path runs this per message)."""
-        key = (id(metric), label)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(label)
-        return child
+        """One request of `rpc` took `seconds` (event-loop thread)."""
+        self._requests[rpc] = self._requests.get(rpc, 0) + 1
+        h = self._latency.get(rpc)
+        if h is None:
+            h = self._latency[rpc] = _Histogram(LATENCY_BUCKETS)
+        h.observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.batch_latency.observe(seconds)
+        """One onnxruntime call for `size` sessions took `seconds` (event-loop thread)."""
+        self._batch_size.observe(size)
+        self._batch_latency.observe(seconds)
 
     def count_error(self, code: str) -> None:
         self.errors.labels(code).inc()

@@ -1,4 +1,5 @@
-"""The servicer's pure protobuf ↔ array helpers and the error → status-code table."""
+"""The servicer's pure protobuf ↔ array helpers, the error → status-code table, and the
+metrics it updates per token."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import math
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime import errors
+from ssmstream.runtime.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServerMetrics, _RateWindow
 from ssmstream.runtime.servicer import (
     check_output_selection,
     log_softmax,
+    packed_floats,
     request_inputs,
     request_ttl,
     sampling_config,
@@ -85,6 +89,37 @@ def test_output_selection_shapes():
     assert not none.outputs and not none.top_tokens and none.session_id == "s"
 
 
+@pytest.mark.parametrize("shape", [(1, 10), (3, 200), (1, 1), (0, 4)])
+def test_packed_floats_equal_protobufs_own_encoding(shape):
+    """The hand-written wire format parses to the same message protobuf builds from a list,
+    special values and a float64 input (rounded to float32) included."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape) * 1e3  # float64
+    special = [np.nan, np.inf, -np.inf, -0.0, 1e-45, 3.4e38]
+    x.reshape(-1)[: len(special)] = special[: x.size]
+    built = pb.StepResponse(session_id="s", position=3)
+    built.outputs.extend(float(v) for v in x.reshape(-1))
+    merged = pb.StepResponse(session_id="s", position=3)
+    merged.MergeFromString(packed_floats(3, x))
+    assert merged.SerializeToString() == built.SerializeToString()
+    assert np.asarray(merged.outputs, np.float32).tobytes() == x.astype(np.float32).tobytes()
+    strided = np.asarray(x.T)  # a non-contiguous view is encoded in row-major order
+    merged.Clear()
+    merged.MergeFromString(packed_floats(3, strided))
+    np.testing.assert_array_equal(
+        np.asarray(merged.outputs, np.float32), strided.reshape(-1).astype(np.float32)
+    )
+
+
+def test_step_response_encodes_outputs_as_protobuf_would():
+    outputs = np.random.default_rng(2).standard_normal((5, 300)).astype(np.float32)  # [T, D]
+    for output, rows in [(pb.OUTPUT_LAST, outputs[-1:]), (pb.OUTPUT_ALL, outputs)]:
+        want = pb.StepResponse(session_id="abc", position=9, rows=rows.shape[0], cols=300)
+        want.outputs.extend(rows.reshape(-1).tolist())
+        got = step_response("abc", 9, outputs, pb.StepRequest(output=output))
+        assert got == want and got.SerializeToString() == want.SerializeToString()
+
+
 def test_top_k_log_probs_match_a_direct_softmax():
     z = np.array([0.5, 3.0, -1.0, 2.0, 2.5, 0.0], dtype=np.float32)
     r = step_response("s", 1, z[None], pb.StepRequest(output=pb.OUTPUT_TOP_K, top_k=3))
@@ -148,3 +183,58 @@ def test_sampling_defaults_mean_off():
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed) == (0.0, 0, 1.0, None)
     seeded = pb.GenerateRequest(max_new_tokens=5, seed=0, temperature=0.5)
     assert sampling_config(seeded, TOKENS, 100).seed == 0
+
+
+def _samples(registry) -> set[str]:
+    text = generate_latest(registry).decode()
+    return {
+        ln for ln in text.splitlines() if ln and not ln.startswith("#") and "_created" not in ln
+    }
+
+
+def test_per_token_metrics_expose_what_prometheus_clients_own_metrics_would():
+    """ServerMetrics' lock-free counters and histograms vs prometheus-client's Counter and
+    Histogram fed the same observations: the same samples on /metrics."""
+    rng = np.random.default_rng(3)
+    ours = ServerMetrics()
+    ref = CollectorRegistry()
+    tokens = Counter("ssmstream_tokens", "t", ["rpc"], registry=ref)
+    requests = Counter("ssmstream_requests", "r", ["rpc"], registry=ref)
+    latency = Histogram(
+        "ssmstream_request_latency_seconds", "l", ["rpc"], buckets=LATENCY_BUCKETS, registry=ref
+    )
+    size = Histogram("ssmstream_batch_size", "s", buckets=BATCH_BUCKETS, registry=ref)
+    batch = Histogram("ssmstream_batch_latency_seconds", "b", buckets=LATENCY_BUCKETS, registry=ref)
+    edges = [*LATENCY_BUCKETS, 0.0, 1e3]  # exactly on a bound counts in that bucket (le)
+    for i in range(400):
+        rpc = ["Stream", "Step", "Generate"][i % 3]
+        n = int(rng.integers(1, 9))
+        seconds = float(edges[i] if i < len(edges) else 10 ** rng.uniform(-5, 1.5))
+        ours.count_tokens(rpc, n)
+        ours.observe_request(rpc, seconds)
+        tokens.labels(rpc).inc(n)
+        requests.labels(rpc).inc()
+        latency.labels(rpc).observe(seconds)
+        if i % 4 == 0:
+            B = int(rng.choice([1, 2, 3, 64, 1024, 5000]))
+            ours.observe_batch(B, seconds)
+            size.observe(B)
+            batch.observe(seconds)
+    ours.count_error("NOT_FOUND")
+    Counter("ssmstream_errors", "e", ["code"], registry=ref).labels("NOT_FOUND").inc()
+    Gauge("ssmstream_draining", "d", registry=ref)
+    got = {s for s in _samples(ours.registry) if "tokens_per_second" not in s}
+    assert got == _samples(ref)
+
+
+def test_rate_window_counts_the_last_seconds():
+    now = [100.2]
+    rate = _RateWindow(window=10, clock=lambda: now[0])
+    events = {100: 5, 101: 7, 104: 1, 109: 3, 110: 2, 115: 4}  # second -> events
+    for second, n in events.items():
+        now[0] = second + 0.5
+        rate.add(n)
+    now[0] = 115.9  # the window is the bins of seconds 106..115
+    assert rate.rate() == pytest.approx((3 + 2 + 4) / 10)
+    now[0] = 130.0
+    assert rate.rate() == 0.0
