@@ -12,10 +12,18 @@ overhead ratio is  p50 per-token latency at 1 client ÷ p50 of a bare in-process
 `Engine.step` on one session (same model, same machine). Targets (issue 6): ratio ≤ 3 at
 1 client; tokens/s at 64 clients ≥ 4 × tokens/s at 1 client.
 
-The server runs in a subprocess (`python -m ssmstream.runtime.server`), the clients in this
+The floor: the same clients against a bare grpc.aio echo server (`echo_server`: a
+StreamingInference whose Stream answers each request at once with a prebuilt StepResponse
+of the model's size, no session, no engine) — what Python grpc.aio itself costs on this
+machine. Its p50 at 1 client + the bare step is the least any grpc.aio server that runs
+the step could show, and its own 64-vs-1 tokens/s ratio is the most the clients and the
+transport leave room for (--no-echo skips it).
+
+The server runs in a subprocess (`python -m ssmstream.runtime.server`), the clients in other
 processes (--client-procs, each one asyncio loop of AsyncClient streams), so client and
 server do not share a GIL; on a small machine they still share the cores, which the
-report states. Clients start measuring together, after a warm-up, at one wall-clock time.
+report states, with each side's CPU time per token. Clients start measuring together,
+after a warm-up, at one wall-clock time.
 
     python benchmarks/bench_server.py                     # builds a random-init model
     python benchmarks/bench_server.py --model model/      # an exported model dir
@@ -59,6 +67,8 @@ class BenchConfig:
     budget: int = 3000
     warmup: int = 5
     client_procs: int = 0  # processes the clients are spread over; 0: min(4, CPUs)
+    echo: bool = True  # also measure the bare grpc.aio echo floor
+    repeats: int = 3  # rounds over every (server, C); each row is the median round
     threads: int | None = None  # onnxruntime intra-op threads of server and bare engine
     max_batch: int = 256
     max_batch_delay: float = 0.002
@@ -70,7 +80,7 @@ class BenchConfig:
 @dataclass
 class Run:
     clients: int
-    batching: bool
+    batching: bool  # for the echo floor: False
     tokens: int
     seconds: float
     tokens_per_s: float
@@ -78,6 +88,7 @@ class Run:
     p99_ms: float
     mean_ms: float
     errors: int = 0
+    server: str = "ssmstream"  # or "echo": the bare grpc.aio floor
     extra: dict = field(default_factory=dict)
 
 
@@ -102,13 +113,8 @@ def build_model(cfg: BenchConfig, workdir: Path) -> Path:
     return model
 
 
-def bare_step_latency(
-    model_dir: Path, device: str, threads: int | None = None, n: int = 2000
-) -> dict:
+def bare_step_latency(eng, n: int = 2000) -> dict:
     """p50/p99 of Engine.step on one session in-process, ms."""
-    from ssmstream.runtime.engine import Engine
-
-    eng = Engine(model_dir, device=device, threads=threads)
     V = int(eng.info["vocab_size"])
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, V, size=n + 50, dtype=np.int64)  # [n + warmup]
@@ -169,6 +175,55 @@ class ServerProc:
         self._log.close()
 
 
+def echo_server(port_queue, d_output: int) -> None:
+    """A bare grpc.aio StreamingInference (run in its own process): CreateSession and
+    CloseSession answer at once, Stream answers every request with one prebuilt StepResponse
+    of [1, d_output] outputs. What the transport costs, without sessions or an engine."""
+    import grpc
+    from ssmstream.protos import inference_pb2 as pb
+    from ssmstream.protos import inference_pb2_grpc as pb_grpc
+
+    sid = "echo-0123456789abcdef01"  # as long as a real session id
+    response = pb.StepResponse(session_id=sid, position=1, rows=1, cols=d_output)
+    response.outputs.extend([0.5] * d_output)
+
+    class Echo(pb_grpc.StreamingInferenceServicer):
+        async def CreateSession(self, request, context):
+            return pb.Session(session_id=sid)
+
+        async def CloseSession(self, request, context):
+            return pb.Session(session_id=sid)
+
+        async def Stream(self, request_iterator, context):
+            async for _ in request_iterator:
+                yield response
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_StreamingInferenceServicer_to_server(Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_queue.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+class EchoProc:
+    """echo_server in a process of its own; `port` once it is serving."""
+
+    def __init__(self, d_output: int):
+        ctx = multiprocessing.get_context("spawn")
+        ports = ctx.Queue()
+        self.proc = ctx.Process(target=echo_server, args=(ports, d_output), daemon=True)
+        self.proc.start()
+        self.port = ports.get(timeout=60)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.join(10)
+
+
 async def _client(target: str, V: int, n: int, warmup: int, seed: int, start_at: float):
     """One closed-loop Stream client; returns (latencies s, first send, last receive)."""
     from ssmstream.runtime.client import AsyncClient
@@ -196,9 +251,17 @@ async def _clients(target, V, n, warmup, seeds, start_at):
     return await asyncio.gather(*(_client(target, V, n, warmup, i, start_at) for i in seeds))
 
 
-def _client_proc(args) -> list:
-    """A client process: its share of the C streams on one asyncio loop."""
-    return asyncio.run(_clients(*args))
+def _import_client() -> None:
+    """Pool initializer: import the client before the CPU clock of _client_proc starts."""
+    import ssmstream.runtime.client  # noqa: F401
+
+
+def _client_proc(args) -> tuple[list, float]:
+    """A client process: its share of the C streams on one asyncio loop; returns their
+    results and the CPU seconds the process spent (connecting and warm-up included)."""
+    cpu0 = time.process_time()
+    results = asyncio.run(_clients(*args))
+    return results, time.process_time() - cpu0
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -227,9 +290,11 @@ def run_load(
     args = [(target, V, n, warmup, share, start_at) for share in shares]
     ctx = multiprocessing.get_context("spawn")
     cpu0 = process_cpu_seconds(server_pid) if server_pid else None
-    with ctx.Pool(P) as pool:
-        results = [r for part in pool.map(_client_proc, args) for r in part]
+    with ctx.Pool(P, initializer=_import_client) as pool:
+        parts = pool.map(_client_proc, args)
     cpu1 = process_cpu_seconds(server_pid) if server_pid else None
+    results = [r for part, _ in parts for r in part]
+    client_cpu = sum(cpu for _, cpu in parts)
     lat = [x for r, _, _ in results for x in r]
     seconds = max(r[2] for r in results) - min(r[1] for r in results)
     ms = 1e3 * np.asarray(lat, dtype=np.float64)
@@ -249,34 +314,85 @@ def run_load(
             "server_cpu_ms_per_token": None
             if cpu0 is None or cpu1 is None
             else 1e3 * (cpu1 - cpu0) / (C * (n + warmup)),
+            "client_cpu_ms_per_token": 1e3 * client_cpu / (C * (n + warmup)),
         },
     )
 
 
-def write_report(cfg: BenchConfig, bare: dict, runs: list[Run], meta: dict) -> dict:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def median_run(rs: list[Run]) -> Run:
+    """One row from the repeats of a (server, batching, C): the median of each number."""
+
+    def med(values):
+        values = [v for v in values if v is not None]
+        return float(np.median(values)) if values else None
+
+    extra = {
+        k: med([r.extra.get(k) for r in rs])
+        for k in ("server_cpu_ms_per_token", "client_cpu_ms_per_token")
+    }
+    extra.update(
+        client_processes=rs[0].extra.get("client_processes"),
+        repeats=len(rs),
+        p50_ms_each=[r.p50_ms for r in rs],
+        tokens_per_s_each=[r.tokens_per_s for r in rs],
+    )
+    return Run(
+        clients=rs[0].clients,
+        batching=rs[0].batching,
+        tokens=sum(r.tokens for r in rs),
+        seconds=sum(r.seconds for r in rs),
+        tokens_per_s=med([r.tokens_per_s for r in rs]),
+        p50_ms=med([r.p50_ms for r in rs]),
+        p99_ms=med([r.p99_ms for r in rs]),
+        mean_ms=med([r.mean_ms for r in rs]),
+        errors=sum(r.errors for r in rs),
+        server=rs[0].server,
+        extra=extra,
+    )
+
+
+def summarize(bare: dict, runs: list[Run], echo_runs: list[Run] = ()) -> dict:
+    """The two issue-6 ratios, and the echo floor they are bounded by."""
     by = {(r.clients, r.batching): r for r in runs}
-    one = by.get((1, True)) or by.get((1, False))
-    one_off = by.get((1, False))
-    best_one = min((r for r in (by.get((1, True)), one_off) if r), key=lambda r: r.p50_ms)
-    ratio = best_one.p50_ms / bare["p50_ms"]
+    echo = {r.clients: r for r in echo_runs}
+    ones = [r for r in (by.get((1, True)), by.get((1, False))) if r]
+    best_one = min(ones, key=lambda r: r.p50_ms) if ones else None
+    ratio = best_one.p50_ms / bare["p50_ms"] if best_one else None
     scaling = None
-    if (64, True) in by and one is not None:
+    if (64, True) in by and (1, True) in by:
         scaling = by[(64, True)].tokens_per_s / by[(1, True)].tokens_per_s
     summary = {
         "overhead_ratio_1_client": ratio,
         "overhead_ratio_target": 3.0,
-        "overhead_ok": ratio <= 3.0,
+        "overhead_ok": None if ratio is None else ratio <= 3.0,
         "tokens_per_s_64_over_1": scaling,
         "scaling_target": 4.0,
         "scaling_ok": None if scaling is None else scaling >= 4.0,
     }
+    if 1 in echo:
+        floor = echo[1].p50_ms
+        summary["echo_p50_ms_1_client"] = floor
+        # the least overhead ratio a grpc.aio server that runs the step could show here
+        summary["floor_overhead_ratio"] = (floor + bare["p50_ms"]) / bare["p50_ms"]
+        if best_one:
+            summary["server_minus_echo_p50_ms"] = best_one.p50_ms - floor
+    if 1 in echo and 64 in echo:
+        summary["echo_tokens_per_s_64_over_1"] = echo[64].tokens_per_s / echo[1].tokens_per_s
+    return summary
+
+
+def write_report(
+    cfg: BenchConfig, bare: dict, runs: list[Run], meta: dict, echo_runs: list[Run] = ()
+) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(bare, runs, echo_runs)
     result = {
         "config": asdict(cfg),
         "meta": meta,
         "bare_engine_step": bare,
-        "runs": [asdict(r) for r in runs],
+        "runs": [asdict(r) for r in runs],  # this server
+        "echo_runs": [asdict(r) for r in echo_runs],  # the bare grpc.aio floor
         "summary": summary,
     }
     (out / "bench_server.json").write_text(json.dumps(result, indent=2))
@@ -290,32 +406,58 @@ def write_report(cfg: BenchConfig, bare: dict, runs: list[Run], meta: dict) -> d
         f"at end {meta.get('load_average_end')}.",
         "",
         f"Bare `Engine.step` (1 session, in-process): p50 {bare['p50_ms']:.3f} ms, "
-        f"p99 {bare['p99_ms']:.3f} ms.",
+        f"p99 {bare['p99_ms']:.3f} ms. `echo` rows: the same clients against a bare grpc.aio "
+        "server that answers each Stream request at once (no session, no engine).",
         "",
-        "| clients | batching | tokens | tokens/s | p50 ms | p99 ms | mean ms "
-        "| server CPU ms/token |",
-        "|---:|:---:|---:|---:|---:|---:|---:|---:|",
+        "| server | clients | batching | tokens | tokens/s | p50 ms | p99 ms | mean ms "
+        "| server CPU ms/token | client CPU ms/token |",
+        "|:---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(runs, key=lambda r: (r.clients, not r.batching)):
-        cpu = r.extra.get("server_cpu_ms_per_token")
-        cpu_text = "n/a" if cpu is None else f"{cpu:.3f}"
+
+    def ms(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    for r in [*echo_runs, *sorted(runs, key=lambda r: (r.clients, not r.batching))]:
+        batching = "-" if r.server == "echo" else "on" if r.batching else "off"
         lines.append(
-            f"| {r.clients} | {'on' if r.batching else 'off'} | {r.tokens} | "
+            f"| {r.server} | {r.clients} | {batching} | {r.tokens} | "
             f"{r.tokens_per_s:.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.mean_ms:.3f} | "
-            f"{cpu_text} |"
+            f"{ms(r.extra.get('server_cpu_ms_per_token'))} | "
+            f"{ms(r.extra.get('client_cpu_ms_per_token'))} |"
         )
-    lines += [
-        "",
-        f"- gRPC overhead at 1 client: p50 {best_one.p50_ms:.3f} ms ÷ bare {bare['p50_ms']:.3f} "
-        f"ms = **{ratio:.2f}×** (target ≤ 3×: {'met' if ratio <= 3 else 'NOT met'})",
-    ]
+    ratio, scaling = summary["overhead_ratio_1_client"], summary["tokens_per_s_64_over_1"]
+    lines.append("")
+    if ratio is not None:
+        lines.append(
+            f"- gRPC overhead at 1 client: p50 {ratio * bare['p50_ms']:.3f} ms ÷ bare "
+            f"{bare['p50_ms']:.3f} ms = **{ratio:.2f}×** (target ≤ 3×: "
+            f"{'met' if ratio <= 3 else 'NOT met'})"
+        )
+    if "floor_overhead_ratio" in summary:
+        lines.append(
+            f"- floor: echo p50 at 1 client {summary['echo_p50_ms_1_client']:.3f} ms; "
+            f"(echo + bare step) ÷ bare step = **{summary['floor_overhead_ratio']:.2f}×**, "
+            "the least a grpc.aio server running the step could show on this machine"
+            + (
+                f"; this server adds {summary['server_minus_echo_p50_ms']:.3f} ms to the echo "
+                "p50 (the step included)"
+                if "server_minus_echo_p50_ms" in summary
+                else ""
+            )
+        )
     if scaling is not None:
         lines.append(
             f"- tokens/s at 64 clients ÷ 1 client (batching on): **{scaling:.1f}×** "
             f"(target ≥ 4×: {'met' if scaling >= 4 else 'NOT met'})"
         )
+    echo_scaling = summary.get("echo_tokens_per_s_64_over_1")
+    if echo_scaling is not None:
+        lines.append(
+            f"- the echo server's own 64 ÷ 1 ratio: **{echo_scaling:.1f}×** (clients and "
+            "transport alone, the clients on the same cores)"
+        )
     (out / "bench_server.md").write_text("\n".join(lines) + "\n")
-    _plot(runs, bare, out / "bench_server.png")
+    _plot([*runs, *echo_runs], bare, out / "bench_server.png")
     return result
 
 
@@ -326,11 +468,18 @@ def _plot(runs: list[Run], bare: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for batching, style in ((True, "o-"), (False, "s--")):
-        rs = sorted((r for r in runs if r.batching == batching), key=lambda r: r.clients)
+    series = (
+        ("ssmstream", True, "o-", "batching on"),
+        ("ssmstream", False, "s--", "batching off"),
+        ("echo", False, "^:", "bare grpc.aio echo (floor)"),
+    )
+    for server, batching, style, label in series:
+        rs = sorted(
+            (r for r in runs if r.server == server and r.batching == batching),
+            key=lambda r: r.clients,
+        )
         if not rs:
             continue
-        label = "batching on" if batching else "batching off"
         cs = [r.clients for r in rs]
         a1.plot(cs, [r.tokens_per_s for r in rs], style, label=label)
         a2.plot(cs, [r.p50_ms for r in rs], style, label=f"p50, {label}")
@@ -350,6 +499,60 @@ def _plot(runs: list[Run], bare: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def measure(
+    cfg: BenchConfig, model: Path, work: Path, V: int, d_output: int
+) -> tuple[dict, dict[tuple[str, bool, int], list[Run]]]:
+    """Every server (echo floor, batching on, batching off) runs at once, idle but for the
+    one measured: each round measures the bare step, then each C against each server in
+    turn, so a change in the machine's load hits all of them alike."""
+    from ssmstream.runtime.engine import Engine
+
+    eng = Engine(model, device=cfg.device, threads=cfg.threads)
+    procs, targets = [], []  # targets: (server, batching, pid, port)
+    measured: dict[tuple[str, bool, int], list[Run]] = {}
+    bares = []
+    try:
+        if cfg.echo:
+            procs.append(EchoProc(d_output))
+            targets.append(("echo", False, procs[-1].proc.pid, procs[-1].port))
+        for batching in (True, False):
+            max_batch = cfg.max_batch if batching else 1
+            procs.append(
+                ServerProc(model, work, max_batch, cfg.max_batch_delay, cfg.device, cfg.threads)
+            )
+            targets.append(("ssmstream", batching, procs[-1].proc.pid, procs[-1].port))
+        for i in range(cfg.repeats):
+            bares.append(bare_step_latency(eng))
+            log.info("round %d: bare Engine.step p50 %.3f ms", i, bares[-1]["p50_ms"])
+            for C in cfg.clients:
+                n = cfg.tokens_per_client or max(20, cfg.budget // C)
+                for server, batching, pid, port in targets:
+                    r = run_load(
+                        f"127.0.0.1:{port}", C, V, n, cfg.warmup, batching, cfg.client_procs, pid
+                    )
+                    r.server = server
+                    measured.setdefault((server, batching, C), []).append(r)
+                    log.info(
+                        "C=%3d %-9s %-12s %6.0f tok/s  p50 %.3f ms  p99 %.3f ms  "
+                        "CPU ms/token server %.3f client %.3f",
+                        C, server, "" if server == "echo" else f"batching={batching}",
+                        r.tokens_per_s, r.p50_ms, r.p99_ms,
+                        r.extra["server_cpu_ms_per_token"] or float("nan"),
+                        r.extra["client_cpu_ms_per_token"],
+                    )  # fmt: skip
+    finally:
+        for proc in procs:
+            proc.stop()
+    bare = {
+        "p50_ms": float(np.median([b["p50_ms"] for b in bares])),
+        "p99_ms": float(np.median([b["p99_ms"] for b in bares])),
+        "p50_ms_each": [b["p50_ms"] for b in bares],
+        "provider": bares[0]["provider"],
+        "state_size": bares[0]["state_size"],
+    }
+    return bare, measured
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     d = BenchConfig()
@@ -367,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=None, help="onnxruntime threads (server and bare step)"
     )
+    p.add_argument("--no-echo", action="store_true", help="skip the bare grpc.aio echo floor")
+    p.add_argument(
+        "--repeats", type=int, default=d.repeats, help="rounds; each row is the median round"
+    )
     p.add_argument("--out", default=d.out, help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -383,47 +590,20 @@ def main(argv: list[str] | None = None) -> int:
         device=a.device,
         out=a.out,
         client_procs=a.client_procs or min(4, os.cpu_count() or 1),
+        echo=not a.no_echo,
+        repeats=a.repeats,
         threads=a.threads,
     )
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = Path(cfg.model) if cfg.model else build_model(cfg, work)
-        bare = bare_step_latency(model, cfg.device, cfg.threads)
-        log.info("bare Engine.step: p50 %.3f ms (%s)", bare["p50_ms"], bare["provider"])
         with open(model / "manifest.json") as f:
-            V = int(json.load(f)["vocab_size"])
-        runs = []
-        for batching in (True, False):
-            server = ServerProc(
-                model,
-                work,
-                cfg.max_batch if batching else 1,
-                cfg.max_batch_delay,
-                cfg.device,
-                cfg.threads,
-            )
-            try:
-                for C in cfg.clients:
-                    n = cfg.tokens_per_client or max(20, cfg.budget // C)
-                    r = run_load(
-                        f"127.0.0.1:{server.port}",
-                        C,
-                        V,
-                        n,
-                        cfg.warmup,
-                        batching,
-                        cfg.client_procs,
-                        server.proc.pid,
-                    )
-                    log.info(
-                        "C=%3d batching=%-5s %6.0f tok/s  p50 %.3f ms  p99 %.3f ms  cpu %s",
-                        C, batching, r.tokens_per_s, r.p50_ms, r.p99_ms,
-                        r.extra["server_cpu_ms_per_token"],
-                    )  # fmt: skip
-                    runs.append(r)
-            finally:
-                server.stop()
+            manifest = json.load(f)
+        V = int(manifest["vocab_size"])
+        bare, measured = measure(cfg, model, work, V, int(manifest["d_output"]))
+    runs = [median_run(rs) for (name, _, _), rs in measured.items() if name == "ssmstream"]
+    echo_runs = [median_run(rs) for (name, _, _), rs in measured.items() if name == "echo"]
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
         "python": platform.python_version(),
@@ -431,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": load_at_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
-    result = write_report(cfg, bare, runs, meta)
+    result = write_report(cfg, bare, runs, meta, echo_runs)
     log.info("summary: %s", json.dumps(result["summary"]))
     log.info("wrote %s/bench_server.{json,md,png}", cfg.out)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import numpy as np
@@ -279,3 +280,31 @@ def test_queue_limit_close_and_arguments(toy):
         assert e.value.field == field
     with pytest.raises(InvalidInput, match="state size"):
         Batcher(toy, SessionStore(toy.state_size + 1))
+
+
+def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy):
+    def workers() -> int:
+        return sum(t.name == "ssmstream-engine" for t in threading.enumerate())
+
+    before = workers()
+
+    async def main():
+        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.001)
+        s = store.create()
+        _, first = await batcher.step(s.id, np.array([1]))
+        assert workers() == before + 1
+        await batcher.close()
+        deadline = time.monotonic() + 10
+        while workers() > before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert workers() == before, "the worker thread outlived close()"
+        with pytest.raises(Unavailable):
+            await batcher.step(s.id, np.array([2]))
+        await batcher.start()
+        y, second = await batcher.step(s.id, np.array([2]))
+        await batcher.close()
+        return first, second, y
+
+    first, second, y = run(main())
+    assert (first, second) == (1, 2)
+    np.testing.assert_allclose(y, alone(toy, [np.array([1]), np.array([2])])[1], atol=1e-6)
