@@ -181,12 +181,29 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     return slimmed if after[0] <= before[0] and after[1] <= before[1] * 1.05 else model
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """onnxruntime dynamic quantization of the MatMuls/Gemms whose weight is a constant.
+def non_trunk_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm nodes with a constant operand that is not a trunk weight
+    ("trunk.*"): in the step graph, the SSM's own products with constants."""
+    inits = {i.name for i in model.graph.initializer}
+    names = []
+    for n in model.graph.node:
+        const = [i for i in n.input if i in inits]
+        if n.op_type in ("MatMul", "Gemm") and const and not const[0].startswith("trunk."):
+            names.append(n.name)
+            if n.op_type == "Gemm":  # the quantizer first splits a Gemm into NAME_MatMul + Add
+                names.append(f"{n.name}_MatMul")
+    return names
+
+
+def quantize_int8(src: Path, dst: Path, exclude: list[str] | None = None) -> None:
+    """onnxruntime dynamic quantization of the MatMuls/Gemms whose weight is a constant,
+    except the nodes named in `exclude`.
 
     Activations are quantized per call (uint8), weights once (uint8: U8U8 avoids the
-    saturation of U8S8 on CPUs without VNNI). The SSM's own MatMuls (Toeplitz, chunk-end,
-    state terms) have computed operands and stay float32.
+    saturation of U8S8 on CPUs without VNNI). The prefill SSM's own MatMuls (Toeplitz,
+    chunk-end, state terms) have computed operands and stay float32; the step graph
+    excludes its SSM MatMuls with constant operands (u ⊗ 1, the multi-head dB, C and
+    direct terms), so its recurrence stays float32 too.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -196,6 +213,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
             src,
             dst,
             op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=exclude,
             weight_type=QuantType.QUInt8,
             extra_options={"MatMulConstBOnly": True},
         )
@@ -262,7 +280,7 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
         if cfg.dtype == "int8":
             fp32 = out / f".{name}.fp32.onnx"
             onnx.save(model, fp32)
-            quantize_int8(fp32, path)
+            quantize_int8(fp32, path, non_trunk_matmuls(model) if name == "step" else None)
             fp32.unlink()
         else:
             onnx.save(model, path)

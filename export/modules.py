@@ -10,9 +10,11 @@ A complex product z·x is a 2×2 real block per mode, applied as one broadcast M
 ReduceSum over the re/im axis (2 graph nodes, no copies):
     [Re zx; Im zx] = Σ_c' R[c, c'] X[c'],   R = [[Re z, -Im z], [Im z, Re z]]   (`rot`, `cmul`)
 
-Step (per layer):
-    X' = R(dA)·X + B̄u                           (x' = dA x + dB u)
-    y  = Σ_{c,n} Ĉ[c,h,p,n] X'[b,c,h,n] + D u     (Ĉ = [2 Re C; -2 Im C], so y = 2 Re(C x'))
+Step (all L layers at once on the whole state, [B, L, 2, H, N/2]; see `StepSSMs`):
+    AX = R(dA)·X                                  (dA x: needs only the incoming state)
+    y  = Σ_{c,n} Ĉ[c,h,p,n] AX[b,c,h,n] + Ê u      (Ĉ = [2 Re C; -2 Im C], Ê = 2 Re(C dB) + D,
+                                                    so y = 2 Re(C x') + D u)
+    X' = AX + B̄u                                  (x' = dA x + dB u)
 
 Prefill (per layer) over T = n·Q positions cut into n chunks of Q (Q = manifest
 graphs.prefill.chunk), with x₀ the incoming state. Rows are (batch, chunk) pairs, so every
@@ -79,46 +81,77 @@ def _shift(X: Tensor, d: int, dim: int) -> Tensor:
     return nn.functional.pad(X, pad).narrow(dim, 0, L)
 
 
-class StepSSM(nn.Module):
-    """One layer's recurrence x' = dA x + dB u, y = 2 Re(C x') + D u, on X [B, 2, H, N/2]."""
+class StepSSMs(nn.Module):
+    """Every layer's recurrence x' = dA x + dB u, y = 2 Re(C x') + D u, on the whole packed
+    state X [B, L, 2, H, N/2] at once.
 
-    def __init__(self, ssm: SSM, dt_scale: float):
+    x' is linear in (x, u), so the part of it that needs only the incoming state, AX = dA x,
+    is computed for all L layers before the first layer runs (`rotate`), and so is its share
+    of every layer's output (`readout`: y = 2 Re(C·AX) + (2 Re(C dB) + D) u). The layers
+    then pass only [B, D] tensors (`direct`), and the whole state is written once at the
+    end (`inject`: X' = AX + dB u for every layer). Each state-sized op is one pass over
+    the whole state: no per-layer Split/Concat copies of it, and few graph nodes at B = 1.
+    """
+
+    def __init__(self, ssms: list[SSM], dt_scale: float):
         super().__init__()
-        dA, dB, C = discrete64(ssm, dt_scale)  # [H, N/2], [H, N/2, M], [H, M, N/2]
-        self.H, self.M, self.N2 = ssm.heads, ssm.M, ssm.N2
-        self.register_buffer("R", rot(dA))  # [2, 2, H, N/2]
-        Cc = torch.stack([2 * C.real, -2 * C.imag])  # [2, H, M, N/2]
-        if self.M == 1:
-            self.register_buffer("Bs", torch.stack([dB.real, dB.imag])[..., 0].float())  # [2,H,N/2]
-            self.register_buffer("Cs", Cc[:, :, 0].float())  # [2, H, N/2]
-        else:
-            Bm = torch.cat([dB.real, dB.imag], dim=1).transpose(1, 2)  # [H, M, 2·N/2]
-            self.register_buffer("Bm", Bm.float().contiguous())
-            Cm = Cc.permute(1, 0, 3, 2).reshape(self.H, 2 * self.N2, self.M)  # [H, 2·N/2, M]
-            self.register_buffer("Cm", Cm.float().contiguous())
-        self.register_buffer("D", ssm.D.detach().float().clone())  # [D]
-
-    def forward(self, u: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
-        """u: float32 [B, D], X: [B, 1, 2, H, N/2] or [B, 2, H, N/2] -> (y [B, D], X' [B,2,H,N/2]).
-
-        The singleton axis of X is the `cmul` broadcast axis: the step graph splits the
-        packed state straight into [B, 1, 2, H, N/2] blocks, with no per-layer reshape.
-        """
-        Bsz = u.shape[0]
+        self.L, self.H, self.M, self.N2 = len(ssms), ssms[0].heads, ssms[0].M, ssms[0].N2
         H, M, N2 = self.H, self.M, self.N2
+        R, Bs, Cs, E = [], [], [], []
+        for ssm in ssms:
+            dA, dB, C = discrete64(ssm, dt_scale)  # [H, N/2], [H, N/2, M], [H, M, N/2]
+            D = ssm.D.detach().to(torch.float64)  # [D]
+            CB = 2 * (C @ dB).real  # 2 Re(C dB): [H, P, M]
+            Cc = torch.stack([2 * C.real, -2 * C.imag])  # Ĉ: [2, H, P, N/2]
+            R.append(rot(dA))  # [2, 2, H, N/2]
+            if M == 1:
+                Bs.append(torch.stack([dB.real, dB.imag])[..., 0])  # [2, H, N/2]
+                Cs.append(Cc[:, :, 0])  # [2, H, N/2]
+                E.append(CB[:, 0, 0] + D)  # [D]
+            else:
+                Bs.append(torch.cat([dB.real, dB.imag], dim=1).transpose(1, 2))  # [H, M, 2·N/2]
+                Cs.append(Cc.permute(1, 0, 3, 2).reshape(H, 2 * N2, M))  # [H, 2·N/2, P]
+                # y += u @ Ê with Ê [D, D] = blockdiag_h(2 Re(C dB)[h]ᵀ) + diag(D)
+                E.append(torch.block_diag(*CB.transpose(1, 2)) + torch.diag(D))
+        self.register_buffer("R", torch.stack(R).float())  # [L, 2, 2, H, N/2]
         if M == 1:
-            Bu = self.Bs * u.reshape(Bsz, 1, H, 1)  # [B, 2, H, N/2]
+            self.register_buffer("Bs", torch.stack(Bs).float())  # [L, 2, H, N/2]
+            self.register_buffer("Cs", torch.stack(Cs).float())  # [L, 2, H, N/2]
+            self.register_buffer("ones", torch.ones(1, N2))  # [1, N/2]
         else:
-            uh = u.reshape(Bsz, H, M).transpose(0, 1)  # [H, B, M]
-            Bu = (uh @ self.Bm).reshape(H, Bsz, 2, N2).permute(1, 2, 0, 3)  # [B, 2, H, N/2]
-        X5 = X if X.dim() == 5 else X.unsqueeze(1)  # [B, 1, 2, H, N/2]
-        X = (X5 * self.R).sum(2) + Bu  # dA x + dB u: [B, 2, H, N/2]
+            self.register_buffer("Bm", torch.stack(Bs).float())  # [L, H, M, 2·N/2]
+            self.register_buffer("Cm", torch.stack(Cs).float())  # [L, H, 2·N/2, P]
+        self.register_buffer("E", torch.stack(E).float())  # [L, D] (M = 1) | [L, D, D]
+
+    def rotate(self, X: Tensor) -> Tensor:
+        """AX = dA x for every layer: X [B, L, 2, H, N/2] -> [B, L, 2, H, N/2]."""
+        return cmul(self.R, X, 2)
+
+    def readout(self, AX: Tensor) -> list[Tensor]:
+        """Every layer's 2 Re(C·AX): AX [B, L, 2, H, N/2] -> L × [B, D]."""
+        Bsz, L, H, M, N2 = AX.shape[0], self.L, self.H, self.M, self.N2
         if M == 1:
-            y = (self.Cs * X).sum(dim=(1, 3))  # [B, H]
+            y = (AX * self.Cs).sum(-1).sum(2)  # [B, L, H]
         else:
-            Xh = X.permute(2, 0, 1, 3).reshape(H, Bsz, 2 * N2)  # [H, B, 2·N/2]
-            y = (Xh @ self.Cm).transpose(0, 1)  # [B, H, M]
-        return y.reshape(Bsz, H * M) + u * self.D, X
+            AXh = AX.permute(1, 3, 0, 2, 4).reshape(L, H, Bsz, 2 * N2)  # [L, H, B, 2·N/2]
+            y = (AXh @ self.Cm).permute(2, 0, 1, 3)  # [B, L, H, P]
+        return list(y.reshape(Bsz, L * H * M).split(H * M, dim=1))  # one Split
+
+    def direct(self, i: int, u: Tensor) -> Tensor:
+        """Layer i's input term (2 Re(C dB) + D) u: u [B, D] -> [B, D]."""
+        return u * self.E[i] if self.M == 1 else u @ self.E[i]
+
+    def inject(self, AX: Tensor, U: Tensor) -> Tensor:
+        """X' = AX + dB u for every layer: AX [B, L, 2, H, N/2], U [B, L, D] -> X' [B, S]."""
+        Bsz, L, H, M, N2 = AX.shape[0], self.L, self.H, self.M, self.N2
+        if M == 1:
+            Uo = U.unsqueeze(-1) @ self.ones  # u ⊗ 1 as a MatMul: [B, L, H, N/2]
+            Bu = Uo.unsqueeze(2) * self.Bs  # [B, L, 2, H, N/2]
+        else:
+            Uh = U.reshape(Bsz, L, H, M).permute(1, 2, 0, 3)  # [L, H, B, M]
+            Bu = (Uh @ self.Bm).reshape(L, H, Bsz, 2, N2).permute(2, 0, 3, 1, 4)
+        # reshaped before the Add, so the graph's last op writes state_out itself
+        return AX.reshape(Bsz, -1) + Bu.reshape(Bsz, -1)  # [B, S]
 
 
 class PrefillSSM(nn.Module):
@@ -293,12 +326,10 @@ class _Trunk(nn.Module):
     def output(self, z: Tensor) -> Tensor:
         return self.head(self.norm(z)).float()
 
-    def split_state(self, state: Tensor, singleton: bool = False) -> list[Tensor]:
-        """[B, S] -> per layer [B, 2, H, N/2] (or [B, 1, 2, H, N/2]): one Reshape + one Split."""
+    def split_state(self, state: Tensor) -> list[Tensor]:
+        """[B, S] -> per layer [B, 2, H, N/2]: one Reshape + one Split."""
         Bsz, L = state.shape[0], len(self.layout)
         _, H, N2 = self.layout[0]["shape"]  # every layer has the same [2, H, N/2]
-        if singleton:
-            return list(state.reshape(Bsz, L, 2, H, N2).split(1, dim=1))
         return list(state.reshape(Bsz, 2 * L, H, N2).split(2, dim=1))
 
     def join_state(self, states: list[Tensor]) -> Tensor:
@@ -307,22 +338,30 @@ class _Trunk(nn.Module):
 
 
 class StepGraph(nn.Module):
-    """(input int64 [B] | float32 [B, d_input], state [B, S]) -> (output [B, V], state_out)."""
+    """(input int64 [B] | float32 [B, d_input], state [B, S]) -> (output [B, V], state_out [B, S]).
+
+    The state is read once at the top (`StepSSMs.rotate`, `readout`) and written once at
+    the end (`StepSSMs.inject`); between them only [B, D] tensors flow through the layers.
+    """
 
     def __init__(self, net: SSMNetwork, dt_scale: float = 1.0, dtype: str = "fp32"):
         super().__init__()
         self.trunk = _Trunk(net, COMPUTE_DTYPES[dtype])
-        self.ssms = nn.ModuleList(StepSSM(s, dt_scale) for s in net.ssms)
+        self.ssm = StepSSMs(list(net.ssms), dt_scale)
 
     def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        tr = self.trunk
+        tr, ssm = self.trunk, self.ssm
+        Bsz = state.shape[0]
+        AX = ssm.rotate(state.reshape(Bsz, ssm.L, 2, ssm.H, ssm.N2))  # [B, L, 2, H, N/2]
+        Y = ssm.readout(AX)  # L × [B, D]
         z = tr.encode(input)  # [B, D]
-        outs = []
-        for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state, singleton=True))):
-            y, X = ssm(tr.norms[i](z).float(), X)  # [B, D], [B, 2, H, N/2]
-            z = tr.mix(i, z, y)
-            outs.append(X)
-        return tr.output(z), tr.join_state(outs)
+        us = []
+        for i in range(ssm.L):
+            u = tr.norms[i](z).float()  # [B, D]
+            z = tr.mix(i, z, Y[i] + ssm.direct(i, u))
+            us.append(u)
+        state_out = ssm.inject(AX, torch.cat(us, 1).reshape(Bsz, ssm.L, -1))  # [B, S]
+        return tr.output(z), state_out
 
 
 class PrefillGraph(nn.Module):

@@ -232,8 +232,15 @@ def test_int8_variant(int8_model, token_model):
     tol = TOLERANCES["int8"]
     assert m["parity"]["tolerance"] == tol
     assert m["parity"]["step_vs_torch"]["max_rel"] <= tol["step_vs_torch"]
-    ops = {n.op_type for n in onnx.load(int8_model / "step.onnx").graph.node}
+    g = onnx.load(int8_model / "step.onnx").graph
+    ops = {n.op_type for n in g.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+    # only trunk weights are quantized: the SSM's constants (and so its recurrence) stay fp32
+    ints = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+    quantized = [i.name for i in g.initializer if i.data_type in ints and len(i.dims) == 2]
+    assert quantized and all(n.startswith("trunk.") for n in quantized), quantized
+    ssm = [i for i in g.initializer if i.name.startswith("ssm.")]
+    assert ssm and all(i.data_type == onnx.TensorProto.FLOAT for i in ssm)
     x = random_inputs(m, 2, 200, seed=12)
     zero = np.zeros((2, m["state_size"]), np.float32)
     y8, s8 = ort_steps(session(int8_model / "step.onnx"), x, zero)
