@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -96,8 +97,21 @@ def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def export_sources_sha() -> str:
+    """sha256 of the model and export sources: a cached export made by other sources is stale."""
+    import ssmstream.export
+    import ssmstream.model
+
+    h = hashlib.sha256()
+    for pkg in (ssmstream.model, ssmstream.export):
+        for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 def prepare_model(cfg: BenchConfig) -> Path:
-    """The model dir to benchmark: --model, or a random-init export cached in work_dir."""
+    """The model dir to benchmark: --model, or a random-init export cached in work_dir
+    (re-exported when the model config or the model/export sources changed)."""
     if cfg.model:
         return Path(cfg.model)
     import torch
@@ -109,13 +123,20 @@ def prepare_model(cfg: BenchConfig) -> Path:
     )
     work = Path(cfg.work_dir)
     model_dir = work / f"model-v{cfg.vocab_size}-d{cfg.d_model}-l{cfg.n_layers}-n{cfg.d_state}"
-    manifest = model_dir / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("model") == mcfg.to_dict():
+    manifest, stamp = model_dir / "manifest.json", model_dir / ".export-sources-sha256"
+    sources = export_sources_sha()
+    if (
+        manifest.exists()
+        and json.loads(manifest.read_text()).get("model") == mcfg.to_dict()
+        and stamp.exists()
+        and stamp.read_text() == sources
+    ):
         return model_dir
     log.info("exporting a random-init %s to %s", mcfg, model_dir)
     torch.manual_seed(0)
     save_checkpoint(SSMNetwork(mcfg), work / "ckpt")
     export_model(work / "ckpt", model_dir, overwrite=True)
+    stamp.write_text(sources)
     return model_dir
 
 
