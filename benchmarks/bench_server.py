@@ -469,11 +469,11 @@ def _plot(runs: list[Run], bare: dict, path: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     series = (
-        ("ssmstream", True, "o-", "batching on"),
-        ("ssmstream", False, "s--", "batching off"),
-        ("echo", False, "^:", "bare grpc.aio echo (floor)"),
+        ("ssmstream", True, "o-", "C0", "batching on"),
+        ("ssmstream", False, "s--", "C1", "batching off"),
+        ("echo", False, "^:", "C2", "bare grpc.aio echo (floor)"),
     )
-    for server, batching, style, label in series:
+    for server, batching, style, color, label in series:
         rs = sorted(
             (r for r in runs if r.server == server and r.batching == batching),
             key=lambda r: r.clients,
@@ -481,9 +481,9 @@ def _plot(runs: list[Run], bare: dict, path: Path) -> None:
         if not rs:
             continue
         cs = [r.clients for r in rs]
-        a1.plot(cs, [r.tokens_per_s for r in rs], style, label=label)
-        a2.plot(cs, [r.p50_ms for r in rs], style, label=f"p50, {label}")
-        a2.plot(cs, [r.p99_ms for r in rs], style, alpha=0.4, label=f"p99, {label}")
+        a1.plot(cs, [r.tokens_per_s for r in rs], style, color=color, label=label)
+        a2.plot(cs, [r.p50_ms for r in rs], style, color=color, label=f"p50, {label}")
+        a2.plot(cs, [r.p99_ms for r in rs], style, color=color, alpha=0.4, label=f"p99, {label}")
     a2.axhline(bare["p50_ms"], color="k", lw=0.8, ls=":", label="bare Engine.step p50")
     for a in (a1, a2):
         a.set_xscale("log", base=2)
