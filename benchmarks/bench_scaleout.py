@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,6 +94,22 @@ def measure(address: str, clients: int, seconds: float, warmup: float, V: int) -
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
     }
+
+
+def shipped_model(work_dir: Path) -> str:
+    """examples/checkpoints/byte-lm exported to work_dir/model, unless it is newer than the
+    model/ and export/ sources already."""
+    out = work_dir / "model"
+    sources = [*ROOT.glob("model/*.py"), *ROOT.glob("export/*.py")]
+    manifest = out / "manifest.json"
+    if manifest.is_file() and manifest.stat().st_mtime > max(f.stat().st_mtime for f in sources):
+        return str(out)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ROOT / "examples" / "checkpoints" / "byte-lm"
+    print(f"exporting {ckpt} to {out}", flush=True)
+    subprocess.run([sys.executable, "-m", "ssmstream.runtime.cli", "export", str(ckpt),
+                    "--out", str(out), "--force"], check=True)  # fmt: skip
+    return str(out)
 
 
 def vocab(model: str) -> int:
@@ -265,7 +282,15 @@ def main(argv=None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="exported model dir (ssmstream export)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="exported model dir (ssmstream export); default: the shipped byte-lm checkpoint, "
+        "exported into --work-dir (again only when model/ or export/ changed)",
+    )
+    p.add_argument(
+        "--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "ssmstream-bench-scaleout"
+    )
     p.add_argument("--clients", type=int, default=32, help="concurrent Stream clients")
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
@@ -278,6 +303,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.seconds, a.warmup, a.clients, a.lease_ttl = 1.0, 0.3, 8, [1.0]
+    a.model = a.model or shipped_model(a.work_dir)
     V = vocab(a.model)
     a.out.mkdir(parents=True, exist_ok=True)
     res = {

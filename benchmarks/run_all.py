@@ -104,9 +104,10 @@ BENCHMARKS = [
     Bench(
         "server",
         "bench_server.py",
-        quick=[*_TINY, "--clients", "1,64", "--budget", "400"],
+        quick=[*_TINY, "--clients", "1,64", "--budget", "400", "--repeats", "1"],
     ),
     Bench("soak", "soak.py", quick=["--sessions", "16", "--tokens", "40"], results="soak"),
+    Bench("scaleout", "bench_scaleout.py", quick=["--quick"]),  # needs redis-server, nginx
     Bench(
         "gpu",
         "bench_gpu.py",
@@ -216,6 +217,7 @@ T_SESSION = "slab = S × 4 (issue 5); RSS ≤ 1.1 × S × 4"
 T_CONV = "conv faster: > 1× at every L (issue 3 sets no number)"
 T_SOAK = "0 errors / lost / corrupted (issue 8)"
 T_GPU = "≥ 2× at B = 64 (issue 9)"
+T_FAILOVER = "0 acknowledged steps lost with write-through (issue 10)"
 T_GPU_BYTES = "inputs + outputs only (issue 9)"
 
 
@@ -449,6 +451,45 @@ def row_soak(res: dict) -> Row:
     )
 
 
+def row_scaleout_throughput(res: dict) -> Row:
+    r = res["bench_scaleout"]
+    direct = next(x for x in r["throughput"] if "direct" in x["setup"])
+    proxied = [x for x in r["throughput"] if "nginx" in x["setup"]]
+    value = " / ".join(f"{x['tokens_per_s']:.0f}" for x in proxied) + (
+        f" tokens/s for {' / '.join(str(x['replicas']) for x in proxied)} replicas via nginx "
+        f"vs {direct['tokens_per_s']:.0f} direct ({direct['clients']} clients; 2 cores are "
+        "the ceiling)"
+    )
+    return Row("scale-out: replicas behind nginx", value, "reported (issue 10)", None,
+               "bench_scaleout")  # fmt: skip
+
+
+def row_write_through(res: dict) -> Row:
+    p = {(x["mode"], x["clients"]): x for x in res["bench_scaleout"]["persistence"]}
+    C = max(c for _, c in p)
+    ratio = p[("1", C)]["tokens_per_s"] / p[("memory", C)]["tokens_per_s"]
+    behind = p[("100ms", C)]["tokens_per_s"] / p[("memory", C)]["tokens_per_s"]
+    value = (f"write-through {ratio:.2f}×, write-behind 100 ms {behind:.2f}× the tokens/s of "
+             f"the in-memory store ({C} clients)")  # fmt: skip
+    return Row("scale-out: persistence cost", value, "reported (issue 10)", None,
+               "bench_scaleout", ratio)  # fmt: skip
+
+
+def row_failover(res: dict) -> Row:
+    runs = res["bench_scaleout"]["failover"]
+    lost = sum(f["lost_steps_total"] for f in runs)
+    value = (
+        "; ".join(
+            f"lease {f['lease_ttl_s']:g} s: first token elsewhere after {f['failover_s_median']:.2f} s "
+            f"(median of {f['moved']} moved sessions)"
+            for f in runs
+        )
+        + f"; {lost} acknowledged steps lost"
+    )
+    return Row("scale-out: failover after SIGKILL", value, T_FAILOVER, lost == 0,
+               "bench_scaleout", float(lost))  # fmt: skip
+
+
 def _gpu(res: dict) -> tuple[dict, str | None]:
     """(bench_gpu result, the card's name or None for a CPU smoke run)."""
     g = res["bench_gpu"]
@@ -532,6 +573,14 @@ ROWS: list[tuple[str, str, str, Callable[[dict], Row]]] = [
     ("torch conv forward vs L sequential torch steps", "bench_model", T_CONV, row_conv_vs_steps),
     ("training tokens/s", "bench_model", "—", row_training),
     ("soak: concurrent sessions over gRPC", "soak", T_SOAK, row_soak),
+    (
+        "scale-out: replicas behind nginx",
+        "bench_scaleout",
+        "reported (issue 10)",
+        row_scaleout_throughput,
+    ),
+    ("scale-out: persistence cost", "bench_scaleout", "reported (issue 10)", row_write_through),
+    ("scale-out: failover after SIGKILL", "bench_scaleout", T_FAILOVER, row_failover),
     ("GPU: ORT CUDA resident state vs torch eager, B = 64", "bench_gpu", T_GPU, row_gpu_speedup),
     ("GPU: host↔device bytes per step, B = 64", "bench_gpu", T_GPU_BYTES, row_gpu_bytes),
 ]
@@ -708,6 +757,7 @@ def _load(res: dict, name: str) -> str:
         "bench_runtime_small": (r.get("loadavg_start"), r.get("loadavg_end")),
         "bench_server": (r.get("meta", {}).get("load_average"), None),
         "soak": (r.get("meta", {}).get("load_average_at_start"), None),
+        "bench_scaleout": (r.get("meta", {}).get("load_average"), None),
         "bench_gpu": (None, None),
     }.get(name, (None, None))
     parts = [f"{p[0]:.1f}" for p in pairs if p]
@@ -740,6 +790,8 @@ def _model_of(res: dict, name: str) -> str:
         )
     if name == "soak":
         return f"S = {r['meta']['state_size']:,}"
+    if name == "bench_scaleout":
+        return f"{r['meta']['model']}; {r['meta']['clients']} clients"
     if name == "bench_gpu":
         card = r["env"].get("gpu") or f"{r['env'].get('device')} smoke run (no GPU)"
         return f"S = {r['model']['state_size']:,}; {card}"
