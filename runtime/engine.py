@@ -146,42 +146,49 @@ def cuda_usable() -> tuple[bool, str]:
     return False, "no CUDA driver (libcuda) could be loaded"
 
 
+# State bytes per onnxruntime call on the StepBuffers path: a larger batch runs as several
+# calls on row slices. A chunk that fits the per-core L2 cache with its outputs and
+# intermediates costs less per stream than one call over the whole batch (benchmarks/
+# bench_runtime.py, "chunked steps"); outputs are the same row by row.
+STEP_CHUNK_BYTES = 2 << 20
+
+
 class StepBuffers:
     """Preallocated arrays for allocation-free steps of up to `max_batch` streams.
 
     inputs [max_batch] | [max_batch, d_in], states [max_batch, S]: for the caller to fill;
     outputs [max_batch, d_out], new_states [max_batch, S]: written by `Engine.step(..., out=self)`.
-    One IOBinding per batch size is cached. Use one StepBuffers from one thread at a time;
-    the arrays a step returns are views that the next step with these buffers overwrites.
+    A step runs as onnxruntime calls of at most `chunk_rows` streams (`chunk_bytes` of state
+    each, at least one stream); one IOBinding per (first row, rows) is cached. Use one
+    StepBuffers from one thread at a time; the arrays a step returns are views that the next
+    step with these buffers overwrites.
     """
 
-    def __init__(self, engine: Engine, max_batch: int):
-        if (
-            isinstance(max_batch, bool)
-            or not isinstance(max_batch, (int, np.integer))
-            or max_batch < 1
-        ):
-            raise InvalidInput("max_batch", f"must be a positive integer, got {max_batch!r}")
+    def __init__(self, engine: Engine, max_batch: int, chunk_bytes: int = STEP_CHUNK_BYTES):
+        for name, v in (("max_batch", max_batch), ("chunk_bytes", chunk_bytes)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise InvalidInput(name, f"must be a positive integer, got {v!r}")
         self.engine, self.max_batch = engine, int(max_batch)
         S = engine.state_size
+        self.chunk_rows = max(1, min(self.max_batch, int(chunk_bytes) // (4 * S)))
         self.inputs = np.zeros((max_batch, *engine._step_in_shape), dtype=engine._step_in_dtype)
         self.states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
         self.outputs = np.zeros((max_batch, engine.d_output), dtype=engine._out_dtype)
         self.new_states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
-        self._bindings: dict[int, ort.IOBinding] = {}
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._values: list[ort.OrtValue] = []  # keeps the bound OrtValues alive
 
-    def binding(self, B: int) -> ort.IOBinding:
-        """The IOBinding whose outputs are outputs[:B] and new_states[:B]."""
-        io = self._bindings.get(B)
+    def binding(self, start: int, B: int) -> ort.IOBinding:
+        """The IOBinding whose outputs are outputs[start:start + B], new_states[start:start + B]."""
+        io = self._bindings.get((start, B))
         if io is None:
-            eng = self.engine
+            eng, rows = self.engine, slice(start, start + B)
             io = eng._step_session.io_binding()
-            for name, arr in (("output", self.outputs[:B]), ("state_out", self.new_states[:B])):
+            for name, arr in (("output", self.outputs[rows]), ("state_out", self.new_states[rows])):
                 value = ort.OrtValue.ortvalue_from_numpy(arr)  # host memory; ORT copies into it
                 io.bind_ortvalue_output(name, value)
                 self._values.append(value)
-            self._bindings[B] = io
+            self._bindings[(start, B)] = io
         return io
 
 
@@ -373,9 +380,9 @@ class Engine:
             raise InvalidInput("batch", f"must be a positive integer, got {batch!r}")
         return np.zeros((int(batch), self.state_size), dtype=np.float32)
 
-    def step_buffers(self, max_batch: int = 1) -> StepBuffers:
+    def step_buffers(self, max_batch: int = 1, chunk_bytes: int = STEP_CHUNK_BYTES) -> StepBuffers:
         """Preallocated buffers for `step(..., out=buffers)` (see StepBuffers)."""
-        return StepBuffers(self, max_batch)
+        return StepBuffers(self, max_batch, chunk_bytes)
 
     def check_inputs(
         self, inputs, field: str = "inputs", time_axis: bool = False, lead: str | None = None
@@ -471,10 +478,12 @@ class Engine:
                 raise InvalidInput("out", f"holds {out.max_batch} streams, the batch has {B}")
             if np.may_share_memory(s, out.new_states):
                 raise InvalidInput("states", "must not share memory with out.new_states")
-            io = out.binding(B)
-            io.bind_cpu_input("input", x)
-            io.bind_cpu_input("state", s)
-            self._step_session.run_with_iobinding(io)
+            c = out.chunk_rows
+            for i in range(0, B, c):  # [c] / [c, d_in], [c, S] row slices: contiguous
+                io = out.binding(i, min(c, B - i))
+                io.bind_cpu_input("input", x[i : i + c])
+                io.bind_cpu_input("state", s[i : i + c])
+                self._step_session.run_with_iobinding(io)
             return out.outputs[:B], out.new_states[:B]
         except InvalidInput:
             raise

@@ -404,14 +404,26 @@ class SessionStore:
         results: list[int | SessionNotFound] = []
         with self._lock:
             now = self.clock()
-            for s, row in zip(sessions, new_states):
+            rows, slots = [], []  # the live sessions' rows of new_states and their slots
+            for j, s in enumerate(sessions):
                 if not s._live or self._sessions.get(s._id) is not s:
                     results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
                     continue
-                self._slab[s._slot] = row
+                rows.append(j)
+                slots.append(s._slot)
                 s._position += consumed
                 s._last_used = now
                 results.append(s._position)
+            n = len(slots)
+            if (
+                n
+                and n == len(sessions)
+                and slots[-1] - slots[0] == n - 1
+                and slots == sorted(slots)
+            ):
+                self._slab[slots[0] : slots[0] + n] = new_states  # consecutive: one block copy
+            elif n:
+                self._slab[slots] = new_states[rows] if n < len(sessions) else new_states
         return results
 
     # --- replication (runtime/shared_store.SharedSessionStore overrides these) -----------

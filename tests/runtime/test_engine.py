@@ -162,6 +162,27 @@ def test_step_buffers_equal_fresh_outputs_and_are_reused(tok_engine):
         eng.step(np.zeros(5, dtype=np.int64), eng.new_state(5), out=a)  # batch > max_batch
 
 
+@pytest.mark.parametrize("which", ["tok_engine", "sig_engine"])
+def test_chunked_step_buffers_equal_one_call_per_row(which, request):
+    """A batch run as ORT calls of chunk_rows streams (here 3 rows: 3 + 3 + 1 for B = 7)
+    equals each stream stepped alone, outputs and states, and writes rows in place."""
+    eng, rng = request.getfixturevalue(which), np.random.default_rng(5)
+    B = 7
+    buf = eng.step_buffers(8, chunk_bytes=3 * 4 * eng.state_size)
+    assert buf.chunk_rows == 3
+    assert eng.step_buffers(8, chunk_bytes=1).chunk_rows == 1  # at least one stream per call
+    x = random_inputs(eng, rng, B, 1)[:, 0]  # [B] | [B, d_in]
+    s = (rng.standard_normal((B, eng.state_size)) * 0.1).astype(np.float32)  # [B, S]
+    y, s_new = eng.step(x, s, out=buf)
+    assert np.shares_memory(y, buf.outputs) and np.shares_memory(s_new, buf.new_states)
+    for j in range(B):
+        y_j, s_j = eng.step(x[j : j + 1], s[j : j + 1])  # its own ORT call, no buffers
+        np.testing.assert_allclose(y[j : j + 1], y_j, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s_new[j : j + 1], s_j, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidInput, match="chunk_bytes"):
+        eng.step_buffers(8, chunk_bytes=0)
+
+
 # --- validation -----------------------------------------------------------------------
 
 

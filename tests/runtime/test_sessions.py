@@ -203,6 +203,39 @@ def test_commit_many_skips_closed_sessions_and_commits_the_rest(engine):
     assert a.position == 1
 
 
+@pytest.mark.parametrize("order", ["consecutive", "shuffled", "one closed"])
+def test_commit_many_equals_one_commit_per_session(engine, order):
+    """The batched write (one block copy, or one fancy-indexed write) leaves the slab and
+    positions as a commit per session does, in a second store."""
+    rng = np.random.default_rng(7)
+    stores = make_store(engine), make_store(engine)
+    sessions = [[st.create() for _ in range(6)] for st in stores]
+    for st, ss in zip(stores, sessions):
+        for s in ss[:2]:
+            st.commit(s, np.zeros(engine.state_size, dtype=np.float32), 2)
+    pick = [1, 2, 3, 4] if order == "consecutive" else [4, 0, 5, 2]
+    rows = rng.standard_normal((4, engine.state_size)).astype(np.float32)  # [4, S]
+    if order == "one closed":
+        for st, ss in zip(stores, sessions):
+            st.close(ss[5].id)
+    batched = stores[0].commit_many([sessions[0][j] for j in pick], rows, 3)
+    alone = []
+    for j, row in zip(pick, rows):
+        try:
+            alone.append(stores[1].commit(sessions[1][j], row, 3))
+        except SessionNotFound as e:
+            alone.append(e)
+    assert [r if isinstance(r, int) else type(r) for r in batched] == [
+        r if isinstance(r, int) else type(r) for r in alone
+    ]
+    live = [j for j in range(6) if sessions[1][j].live]
+    np.testing.assert_array_equal(
+        stores[0].gather([sessions[0][j] for j in live]),
+        stores[1].gather([sessions[1][j] for j in live]),
+    )
+    assert [s.position for s in sessions[0]] == [s.position for s in sessions[1]]
+
+
 # --- snapshot / restore / fork ---------------------------------------------------------
 
 
