@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 
 import numpy as np
@@ -283,21 +282,17 @@ def test_queue_limit_close_and_arguments(toy):
 
 
 def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy):
-    def workers() -> int:
-        return sum(t.name == "ssmstream-engine" for t in threading.enumerate())
-
-    before = workers()
-
     async def main():
         batcher, store = await started(toy, max_batch=4, max_batch_delay=0.001)
         s = store.create()
         _, first = await batcher.step(s.id, np.array([1]))
-        assert workers() == before + 1
+        worker = batcher._worker  # this batcher's own thread (other tests' may come and go)
+        assert worker is not None and worker.is_alive() and worker.name == "ssmstream-engine"
         await batcher.close()
         deadline = time.monotonic() + 10
-        while workers() > before and time.monotonic() < deadline:
+        while worker.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        assert workers() == before, "the worker thread outlived close()"
+        assert not worker.is_alive(), "the worker thread outlived close()"
         with pytest.raises(Unavailable):
             await batcher.step(s.id, np.array([2]))
         await batcher.start()
