@@ -480,8 +480,8 @@ def row_failover(res: dict) -> Row:
     lost = sum(f["lost_steps_total"] for f in runs)
     value = (
         "; ".join(
-            f"lease {f['lease_ttl_s']:g} s: first token elsewhere after {f['failover_s_median']:.2f} s "
-            f"(median of {f['moved']} moved sessions)"
+            f"lease {f['lease_ttl_s']:g} s: first token elsewhere after "
+            f"{f['failover_s_median']:.2f} s (median of {f['moved']} moved sessions)"
             for f in runs
         )
         + f"; {lost} acknowledged steps lost"
