@@ -43,20 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
 from localcluster import LocalCluster, ReplicaProcess  # noqa: E402
-from ssmstream.runtime.client import AsyncClient  # noqa: E402
+from ssmstream.runtime.client import AsyncClient, resumable_error  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
-
-
-def retryable(e: grpc.RpcError) -> bool:
-    """Replica gone / lease elsewhere, or a Stream broken under us: nginx resets it
-    (INTERNAL "RST_STREAM"), grpc.aio then fails the next write (INTERNAL "Internal error
-    from Core"). Safe to retry: the resume asks the server's position first."""
-    details = e.details() or ""
-    return e.code() in RETRYABLE or (
-        e.code() == grpc.StatusCode.INTERNAL and ("RST_STREAM" in details or "from Core" in details)
-    )
 
 
 async def client_loop(address: str, seconds: float, warmup: float, V: int, seed: int) -> dict:
@@ -175,7 +164,7 @@ async def resuming_stream(address, sid, V, stop_at, kill_time, seed) -> dict:
                         if failed and resumed_at is None:
                             resumed_at = time.monotonic()
             except grpc.RpcError as e:
-                if not retryable(e):
+                if not resumable_error(e):
                     raise
                 failed = True
                 while True:
@@ -183,7 +172,7 @@ async def resuming_stream(address, sid, V, stop_at, kill_time, seed) -> dict:
                         await s.snapshot()
                         break
                     except grpc.RpcError as e2:
-                        if not retryable(e2):
+                        if not resumable_error(e2):
                             raise
                         await asyncio.sleep(0.02)
                 lost += max(0, acked - s.position)

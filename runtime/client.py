@@ -175,6 +175,21 @@ class _Base:
         return (*self.metadata, ("x-session-id", session_id)) if session_id else self.metadata
 
 
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def resumable_error(e: grpc.RpcError) -> bool:
+    """True for the errors after which a session may be resumed (docs/scaleout.md): its
+    replica is gone or draining (UNAVAILABLE), another replica still holds its lease
+    (FAILED_PRECONDITION), or a proxy reset the Stream whose replica died (INTERNAL
+    "RST_STREAM"; grpc.aio then fails the next write with "Internal error from Core").
+    Resume by reading the session's position (`snapshot()`) and sending from there."""
+    details = e.details() or ""
+    return e.code() in _RESUMABLE or (
+        e.code() == grpc.StatusCode.INTERNAL and ("RST_STREAM" in details or "from Core" in details)
+    )
+
+
 def choose_session_id(session_id: str = "") -> str:
     """The given id, or a fresh uuid4 (chosen client-side: see the module docstring)."""
     return session_id or str(uuid.uuid4())

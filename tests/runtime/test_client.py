@@ -130,3 +130,27 @@ def test_client_side_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match="^client_cert/client_key: "):
         channel_credentials(client_cert=b"pem")
     assert channel_credentials() is None
+
+
+def test_resumable_error_names_the_errors_a_failover_causes():
+    import grpc
+    from ssmstream.runtime.client import resumable_error
+
+    class Err(grpc.RpcError):
+        def __init__(self, code, details):
+            self._c, self._d = code, details
+
+        def code(self):
+            return self._c
+
+        def details(self):
+            return self._d
+
+    S = grpc.StatusCode
+    assert resumable_error(Err(S.UNAVAILABLE, "server is shutting down"))
+    assert resumable_error(Err(S.FAILED_PRECONDITION, "session 'x' is held by replica 'r1'"))
+    assert resumable_error(Err(S.INTERNAL, "Stream removed (RST_STREAM (error code 2))"))
+    assert resumable_error(Err(S.INTERNAL, "Internal error from Core"))
+    assert not resumable_error(Err(S.INTERNAL, "step graph failed for batch 4"))
+    assert not resumable_error(Err(S.INVALID_ARGUMENT, "tokens: [0] = 999 is outside [0, 256)"))
+    assert not resumable_error(Err(S.NOT_FOUND, "session 'x' not found (closed)"))

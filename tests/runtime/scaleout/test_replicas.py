@@ -18,18 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import scrape
 from services import LocalCluster, require
 from ssmstream.runtime import Engine
-from ssmstream.runtime.client import Client
+from ssmstream.runtime.client import Client, resumable_error
 
 pytestmark = pytest.mark.timeout(240)
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
-
-
-def retryable(e: grpc.RpcError) -> bool:
-    """A replica gone (UNAVAILABLE), a lease still held elsewhere (FAILED_PRECONDITION), or
-    nginx resetting a Stream whose upstream died (INTERNAL, "RST_STREAM")."""
-    return e.code() in RETRYABLE or (
-        e.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (e.details() or "")
-    )
 
 
 def metric(replica, name: str) -> float:
@@ -95,7 +86,7 @@ def stream_resuming(client: Client, sid: str, tokens: list[int], on_step=None, d
                     if on_step is not None:
                         on_step(sid, acked)
         except grpc.RpcError as e:
-            if not retryable(e) or time.monotonic() > end:
+            if not resumable_error(e) or time.monotonic() > end:
                 raise
             failed = True
             while True:  # where does the session stand now (on whichever replica has it)?
@@ -103,7 +94,7 @@ def stream_resuming(client: Client, sid: str, tokens: list[int], on_step=None, d
                     s.snapshot()
                     break
                 except grpc.RpcError as e2:
-                    if not retryable(e2) or time.monotonic() > end:
+                    if not resumable_error(e2) or time.monotonic() > end:
                         raise
                     time.sleep(0.05)
             # the request in flight may have applied (written) before its reply was lost: the
