@@ -266,7 +266,7 @@ class SharedSessionStore(SessionStore):
         self.replica_id = replica_id or default_replica_id()
         self.backend = backend or RedisBackend(url, prefix)
         self._lease_ms = max(50, int(1000 * self.lease_ttl))
-        self._lease_until: dict[str, float] = {}  # id -> time.monotonic() the lease is safe to
+        self._lease_until: dict[str, float] = {}  # id -> monotonic time our lease surely lasts
         self._version: dict[str, int] = {}  # id -> the Redis version the local copy builds on
         self._dirty: dict[str, int] = {}  # id -> steps committed since the last write
         self._used: set[str] = set()  # stepped since the last renewal
