@@ -103,6 +103,13 @@ def check_session_id(session_id) -> str:
     return session_id
 
 
+def check_consumed(consumed) -> int:
+    """A commit's input count: an integer >= 0, else InvalidInput."""
+    if isinstance(consumed, bool) or not isinstance(consumed, (int, np.integer)) or consumed < 0:
+        raise InvalidInput("consumed", f"must be an integer >= 0, got {consumed!r}")
+    return int(consumed)
+
+
 def _check_ttl(ttl, field: str = "ttl") -> float:
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float, np.number)) or math.isnan(ttl):
         raise InvalidInput(field, f"must be a number of seconds, got {ttl!r}")
@@ -368,12 +375,7 @@ class SessionStore:
         All or nothing: raises (changing nothing) when the session is no longer live
         or the arguments are malformed. Returns the new position.
         """
-        if (
-            isinstance(consumed, bool)
-            or not isinstance(consumed, (int, np.integer))
-            or consumed < 0
-        ):
-            raise InvalidInput("consumed", f"must be an integer >= 0, got {consumed!r}")
+        check_consumed(consumed)
         new_state = np.asarray(new_state)
         if new_state.shape != (self.state_size,):
             raise InvalidInput(
@@ -396,6 +398,7 @@ class SessionStore:
         Returns per session its new position, or the SessionNotFound it raised (a session
         closed or evicted meanwhile is skipped; the others are committed).
         """
+        consumed = check_consumed(consumed)
         if new_states.shape != (len(sessions), self.state_size) or new_states.dtype != np.float32:
             raise InvalidInput(
                 "new_states", f"must be float32 [{len(sessions)}, {self.state_size}], "

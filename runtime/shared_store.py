@@ -67,7 +67,7 @@ from .errors import (
     SessionBusy,
     Unavailable,
 )
-from .sessions import Session, SessionStore, check_session_id
+from .sessions import Session, SessionStore, check_consumed, check_session_id
 
 log = logging.getLogger(__name__)
 
@@ -557,12 +557,7 @@ class SharedSessionStore(SessionStore):
     def commit_many(self, sessions, new_states, consumed):
         """Write through the sessions that are due (before their local commit: a lost lease
         or stale version fails the step and changes nothing here), then commit locally."""
-        if (
-            isinstance(consumed, bool)
-            or not isinstance(consumed, (int, np.integer))
-            or consumed < 0
-        ):
-            raise InvalidInput("consumed", f"must be an integer >= 0, got {consumed!r}")
+        consumed = check_consumed(consumed)
         with self._io:  # a background write must not slip between our write and commit
             return self._commit_many(sessions, new_states, consumed)
 
