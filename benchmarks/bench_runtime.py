@@ -17,6 +17,9 @@ the weights):
    SessionStore.commit; RSS sampled along the way. Target: flat.
 4. Memory per session: RSS growth of a SessionStore holding 10 000 sessions whose states
    were all written, divided by 10 000, vs the slab's S × 4 bytes.
+5. In-place steps: batching on at 64 streams with the new states written by onnxruntime
+   straight into the slab (`Engine.step_in_place`, the default where the model allows it)
+   vs copied in by `SessionStore.commit_many`, in alternating rounds.
 
     python benchmarks/bench_runtime.py                    # exports a random-init model once
     python benchmarks/bench_runtime.py --model model/     # an exported model dir
@@ -71,7 +74,7 @@ class BenchConfig:
     sessions: int = 10_000
     out: str = str(RESULTS)
     name: str = "bench_runtime"  # results file names: NAME.json / .md / .png
-    sections: tuple[str, ...] = ("overhead", "throughput", "sessions", "rss")
+    sections: tuple[str, ...] = ("overhead", "throughput", "in_place", "sessions", "rss")
 
     def __post_init__(self):
         for name in (
@@ -190,10 +193,12 @@ def bench_overhead(engine: Engine, cfg: BenchConfig) -> list[dict]:
 # --- 2. Batcher throughput ------------------------------------------------------------
 
 
-async def _throughput(engine: Engine, streams: int, batching: bool, cfg: BenchConfig) -> dict:
+async def _throughput(
+    engine: Engine, streams: int, batching: bool, cfg: BenchConfig, in_place: bool = True
+) -> dict:
     store = SessionStore(engine.state_size, capacity=streams)
     max_batch, delay = (cfg.max_batch, cfg.max_batch_delay) if batching else (1, 0.0)
-    batcher = Batcher(engine, store, max_batch, delay)
+    batcher = Batcher(engine, store, max_batch, delay, in_place=in_place)
     await batcher.start()
     loop = asyncio.get_running_loop()
     begin = loop.time() + cfg.warmup
@@ -230,6 +235,7 @@ async def _throughput(engine: Engine, streams: int, batching: bool, cfg: BenchCo
     return {
         "streams": streams,
         "batching": batching,
+        "in_place": batcher.in_place,
         "max_batch": max_batch,
         "max_batch_delay_ms": 1e3 * delay,
         "tokens": tokens,
@@ -255,6 +261,24 @@ def bench_throughput(engine: Engine, cfg: BenchConfig) -> list[dict]:
             row = dict(by_speed[len(by_speed) // 2])
             row["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs[batching]]
             rows.append(row)
+    return rows
+
+
+def bench_in_place(engine: Engine, cfg: BenchConfig, streams: int = 64) -> list[dict]:
+    """Batching on at `streams` streams, new states copied vs written in place, alternating
+    rounds; each row is the round with the median tokens/s."""
+    if not engine.in_place:
+        log.warning("this model's step graph does not run in place: section skipped")
+        return []
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for k in tqdm(range(cfg.throughput_rounds), desc="in-place vs copy", leave=False):
+        for in_place in (False, True) if k % 2 == 0 else (True, False):
+            runs[in_place].append(asyncio.run(_throughput(engine, streams, True, cfg, in_place)))
+    rows = []
+    for in_place in (False, True):
+        by_speed = sorted(runs[in_place], key=lambda r: r["tokens_per_s"])
+        rows.append(dict(by_speed[len(by_speed) // 2]))
+        rows[-1]["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs[in_place]]
     return rows
 
 
@@ -360,6 +384,21 @@ def write_report(result: dict, out: Path) -> None:
                 f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.1f} | "
                 f"{'' if speedup is None else f'{speedup:.1f}x'} |"
             )
+    if result.get("in_place"):
+        copy, in_place = result["in_place"]
+        lines += [
+            "",
+            f"## In-place steps vs copying the new states (batching on, {copy['streams']} streams)",
+            "",
+            "| new states | tokens/s | p50 ms | p99 ms | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for r in (copy, in_place):
+            lines.append(
+                f"| {'written in place' if r['in_place'] else 'copied into the slab'} | "
+                f"{r['tokens_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{r['tokens_per_s'] / copy['tokens_per_s']:.2f}x |"
+            )
     if "rss" in result:
         lines += [
             "",
@@ -418,6 +457,7 @@ def plot(result: dict, path: Path) -> None:
 SECTIONS = {
     "overhead": bench_overhead,
     "throughput": bench_throughput,
+    "in_place": bench_in_place,
     "sessions": bench_sessions,
     "rss": bench_rss,
 }

@@ -7,6 +7,11 @@ for all of them, so requests that arrive close together run as one onnxruntime c
     outputs [B, d_out], states' [B, S] = step(inputs [B], states)   one ORT call, worker thread
     slab[slots] = states', position += 1              scatter  (SessionStore.commit)
 
+A batch runs in slot order as one ORT call per `StepBuffers.chunk_rows` sessions (a chunk
+that stays in cache is cheaper per stream). When a chunk's slots are consecutive, its new
+states are written by onnxruntime straight into those slab rows (`Engine.step_in_place`,
+`SessionStore.lend_rows`): no gather, no scatter copy.
+
 Rules:
 - A request with T > 1 inputs is a prefill: it runs on its own through Engine.prefill.
 - Per session, requests run one at a time in arrival order: a second request for a session
@@ -88,6 +93,8 @@ class Batcher:
         max_queue_per_session: requests a session may have waiting behind its running one.
         activity_window: seconds after its last request that a session counts as active
             (None: max(20 × max_batch_delay, 10 ms)).
+        in_place: write new states straight into the store's slab where the engine
+            (`Engine.in_place`) and the store (`SessionStore.lend_rows`) allow it.
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class Batcher:
         max_batch_delay: float = 0.001,
         max_queue_per_session: int = 64,
         activity_window: float | None = None,
+        in_place: bool = True,
     ):
         if (
             isinstance(max_batch, bool)
@@ -123,6 +131,7 @@ class Batcher:
         self.activity_window = (
             max(20 * self.max_batch_delay, 0.01) if activity_window is None else activity_window
         )
+        self.in_place = bool(in_place) and engine.in_place
         self.stats = BatcherStats()
         self._listeners: list[Callable[[int, float], None]] = []
         self._steps: deque[_Request] = deque()  # ready T = 1 requests, one per session
@@ -387,29 +396,58 @@ class Batcher:
                 return
 
     def _run_steps(self, reqs: list[_Request]) -> list:
-        """Gather, one ORT step for all, commit each. Returns a result or exception per request."""
-        buf, store = self._buffers, self.store
+        """One batch of steps, in slot order, as one ORT call per `chunk_rows` sessions.
+        Returns a result or exception per request; the requests of one call apply or fail
+        together."""
         live = sorted((r for r in reqs if r.session.live), key=lambda r: r.session.slot)
-        while True:
+        c = self._buffers.chunk_rows
+        results = {}
+        for i in range(0, len(live), c):
+            part = live[i : i + c]
+            try:
+                results.update(self._step_part(part))
+            except Exception as e:
+                if not isinstance(e, EngineFailure):
+                    log.exception("step batch failed")
+                    e = EngineFailure(f"batch failed: {e}")
+                results.update((r, e) for r in part)
+        for r in reqs:  # closed before its step ran
+            results.setdefault(r, SessionNotFound(r.session.id, "closed"))
+        return [results[r] for r in reqs]
+
+    def _step_part(self, part: list[_Request]) -> dict:
+        """One ORT call: in place on the slab rows when the sessions' slots are consecutive
+        (and the engine and store allow it), else gather, step, commit."""
+        buf, store = self._buffers, self.store
+        sessions = [r.session for r in part]
+        rows = store.lend_rows(sessions) if self.in_place else None
+        while rows is None:
             try:  # slot order: consecutive slots are read in place, without a copy
-                states = store.gather([r.session for r in live], out=buf.states, allow_view=True)
+                states = store.gather(sessions, out=buf.states, allow_view=True)
                 break
             except SessionNotFound:  # closed in the meantime: leave it out
-                live = [r for r in live if r.session.live]
-        results = {}
-        if live:
-            B = len(live)
-            for j, r in enumerate(live):
-                buf.inputs[j] = r.inputs[0]
+                part = [r for r in part if r.session.live]
+                sessions = [r.session for r in part]
+        B = len(part)
+        if not B:
+            return {}
+        for j, r in enumerate(part):
+            buf.inputs[j] = r.inputs[0]
+        if rows is not None:
+            try:
+                outputs = self.engine.step_in_place(buf.inputs[:B], rows, out=buf)
+            except BaseException:
+                store.return_rows(sessions, 0)  # nothing was written
+                raise
+            positions = store.return_rows(sessions, 1)
+        else:
             outputs, new_states = self.engine.step_unchecked(buf.inputs[:B], states, out=buf)
-            positions = store.commit_many([r.session for r in live], new_states, 1)
-            rows = outputs[:B].copy()  # [B, d_out], one copy: the buffer is reused next call
-            for j, (r, pos) in enumerate(zip(live, positions)):
-                results[r] = pos if isinstance(pos, Exception) else (rows[j : j + 1], pos)
-        gone = [r for r in reqs if r not in results]  # closed before its step ran
-        for r in gone:
-            results[r] = SessionNotFound(r.session.id, "closed")
-        return [results[r] for r in reqs]
+            positions = store.commit_many(sessions, new_states, 1)
+        out = outputs[:B].copy()  # [B, d_out], one copy: the buffer is reused next call
+        return {
+            r: pos if isinstance(pos, Exception) else (out[j : j + 1], pos)
+            for j, (r, pos) in enumerate(zip(part, positions))
+        }
 
     def _run_prefill(self, reqs: list[_Request]) -> list:
         (r,) = reqs

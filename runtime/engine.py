@@ -28,6 +28,11 @@ For state that stays on the device between steps see runtime/device_state.py.
 `step` returns fresh arrays. For a loop that allocates nothing in steady state, pass
 preallocated `StepBuffers` (`out=eng.step_buffers(max_batch)`): onnxruntime writes into
 them through a cached IOBinding and the returned arrays are views of them.
+`step_in_place(x, states, out)` goes one further and writes the new states over `states`
+itself (the Batcher passes the session slab's rows: no copy of the new state), where the
+manifest says the step graph allows it (`graphs.step.in_place`: the node writing
+state_out runs after every other node; see export/exporter.py) and a first run shows
+that it gives the same numbers as a plain step (`Engine.in_place`).
 
 Dimension letters: B batch, T time steps, S packed state size, V vocabulary,
 d_in / d_out input / output features.
@@ -176,6 +181,7 @@ class StepBuffers:
         self.outputs = np.zeros((max_batch, engine.d_output), dtype=engine._out_dtype)
         self.new_states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._in_place: dict[int, ort.IOBinding] = {}  # B -> binding with output = outputs[:B]
         self._values: list[ort.OrtValue] = []  # keeps the bound OrtValues alive
 
     def binding(self, start: int, B: int) -> ort.IOBinding:
@@ -191,6 +197,18 @@ class StepBuffers:
             self._bindings[(start, B)] = io
         return io
 
+    def in_place_binding(self, B: int) -> ort.IOBinding:
+        """The IOBinding of `Engine.step_in_place` for B streams: output = outputs[:B]
+        (inputs and state_out are bound on each call)."""
+        io = self._in_place.get(B)
+        if io is None:
+            io = self.engine._step_session.io_binding()
+            value = ort.OrtValue.ortvalue_from_numpy(self.outputs[:B])
+            io.bind_ortvalue_output("output", value)
+            self._values.append(value)
+            self._in_place[B] = io
+        return io
+
 
 class Engine:
     """An exported model opened with onnxruntime (see the module docstring).
@@ -204,7 +222,7 @@ class Engine:
         check_sha: verify each graph file against the manifest's sha256.
 
     Attributes: manifest, info, provider, device ("cpu" | "cuda"), device_id, cuda_options,
-    input_kind, vocab_size, d_input, d_output,
+    input_kind, vocab_size, d_input, d_output, in_place (step_in_place is allowed),
     state_size, prefill_chunk (None without a prefill graph), prefill_max_len.
     Thread-safe: concurrent `step` calls may come from several threads (StepBuffers excepted).
     """
@@ -267,14 +285,34 @@ class Engine:
         self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
         self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
+        self.in_place = bool(graphs["step"].get("in_place")) and self._in_place_agrees()
         self.info = self._make_info()
         cuda = f" {self.cuda_options.provider_options()}" if self.device == "cuda" else ""
         log.info(
-            "opened %s (%s, S=%d, %s) on %s%s", self.name, self.input_kind, self.state_size,
-            m["dtype"], self.provider, cuda,
+            "opened %s (%s, S=%d, %s) on %s%s%s", self.name, self.input_kind, self.state_size,
+            m["dtype"], self.provider, cuda, ", in-place steps" if self.in_place else "",
         )  # fmt: skip
 
     # --- opening -------------------------------------------------------------------------
+
+    def _in_place_agrees(self) -> bool:
+        """One step of 2 random streams run in place equals the plain step, bit for bit."""
+        rng = np.random.default_rng(0)
+        if self.input_kind == "tokens":
+            x = rng.integers(0, self.vocab_size, size=2)  # [2] int64
+        else:
+            x = rng.standard_normal((2, self.d_input)).astype(self._step_in_dtype)  # [2, d_in]
+        s = (rng.standard_normal((2, self.state_size)) * 0.5).astype(np.float32)  # [2, S]
+        try:
+            want_y, want_s = self._step_session.run(None, {"input": x, "state": s})
+            y = self._run_in_place(x, s, StepBuffers(self, 2))
+        except Exception as e:  # onnxruntime refused the binding: use the plain step
+            log.warning("in-place steps disabled: %s", e)
+            return False
+        if np.array_equal(y, want_y) and np.array_equal(s, want_s):
+            return True
+        log.warning("in-place steps disabled: they differ from the plain step on this provider")
+        return False
 
     def _check_manifest(self) -> None:
         m = self.manifest
@@ -357,6 +395,7 @@ class Engine:
             "prefill_max_len": self.prefill_max_len,
             "opset": m.get("opset"),
             "dt_scale": m.get("dt_scale"),
+            "in_place": self.in_place,
             "model": m.get("model", {}),
             "parity_passed": (m.get("parity") or {}).get("passed"),
             "model_dir": str(self.model_dir),
@@ -489,6 +528,44 @@ class Engine:
             raise
         except Exception as e:  # onnxruntime's own exception types (Fail, RuntimeException, ...)
             raise EngineFailure(f"step graph failed for batch {B}: {e}") from e
+
+    def step_in_place(self, x: np.ndarray, states: np.ndarray, out: StepBuffers) -> np.ndarray:
+        """`step_unchecked` that writes the new states over `states` itself: one onnxruntime
+        call, no copy of the state. Returns outputs [B, d_out] (a view of out.outputs).
+
+        Args:
+            x: validated inputs [B] | [B, d_in] (check_inputs).
+            states: float32 [B, S], C-contiguous and writable (e.g. rows of a state slab).
+            out: StepBuffers with max_batch >= B (for speed keep B <= out.chunk_rows).
+        Only where `self.in_place`. On failure (EngineFailure) `states` is unchanged: the
+        graph writes state_out in the node it runs last.
+        """
+        if not self.in_place:
+            raise InvalidInput("in_place", "this model's step graph does not run in place")
+        B = x.shape[0]
+        if B > out.max_batch:
+            raise InvalidInput("out", f"holds {out.max_batch} streams, the batch has {B}")
+        if (
+            states.shape != (B, self.state_size)
+            or states.dtype != np.float32
+            or not (states.flags.c_contiguous and states.flags.writeable)
+        ):
+            raise InvalidInput(
+                "states", f"must be a writable C-contiguous float32 [{B}, {self.state_size}] array"
+            )
+        try:
+            return self._run_in_place(x, states, out)
+        except Exception as e:  # onnxruntime's own exception types
+            raise EngineFailure(f"step graph failed for batch {B}: {e}") from e
+
+    def _run_in_place(self, x: np.ndarray, states: np.ndarray, out: StepBuffers) -> np.ndarray:
+        B = x.shape[0]
+        io = out.in_place_binding(B)
+        io.bind_cpu_input("input", x)
+        io.bind_cpu_input("state", states)
+        io.bind_output("state_out", "cpu", 0, np.float32, list(states.shape), states.ctypes.data)
+        self._step_session.run_with_iobinding(io)
+        return out.outputs[:B]
 
     def prefill(self, inputs, states) -> tuple[np.ndarray, np.ndarray]:
         """T time steps for B streams: full chunks via the prefill graph, the rest via step.

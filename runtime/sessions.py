@@ -70,12 +70,16 @@ class Session:
     ttl: idle seconds before eviction (math.inf = never).
     """
 
-    __slots__ = ("_id", "_principal", "_slot", "_position", "_last_used", "_ttl", "_live", "_pins")
+    __slots__ = (
+        "_id", "_principal", "_slot", "_position", "_last_used", "_ttl", "_live", "_pins",
+        "_lent",
+    )  # fmt: skip
 
     def __init__(self, id: str, principal: str, slot: int, position: int, now: float, ttl: float):
         self._id, self._principal, self._slot = id, principal, slot
         self._position, self._last_used, self._ttl = position, now, ttl
         self._live, self._pins = True, 0
+        self._lent = False  # its slab row is being written in place (lend_rows)
 
     id = property(lambda self: self._id)
     principal = property(lambda self: self._principal)
@@ -179,6 +183,8 @@ class SessionStore:
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (principal, reason)
         self._max_gone = tombstones
         self._lock = threading.RLock()
+        self._returned = threading.Condition(self._lock)  # notified by return_rows
+        self._lent = 0  # sessions whose rows are lent out
         self._save_lock = threading.Lock()  # one save at a time: they share the temp file
         self._counts = Counter()
 
@@ -253,7 +259,8 @@ class SessionStore:
         """Unregister and free the slot. Caller holds the lock."""
         del self._sessions[s._id]
         s._live = False
-        self._free.append(s._slot)
+        if not s._lent:  # else return_rows frees it: no new session gets a row being written
+            self._free.append(s._slot)
         self._per_principal[s._principal] -= 1
         if self._per_principal[s._principal] <= 0:
             del self._per_principal[s._principal]
@@ -345,6 +352,7 @@ class SessionStore:
         """A copy of the session's state: float32 [S]."""
         with self._lock:
             self._check_live(s)
+            self._wait_returned(s)
             return self._slab[s._slot].copy()
 
     def gather(
@@ -368,6 +376,59 @@ class SessionStore:
             dst = out[:B]
             np.take(self._slab, slots, axis=0, out=dst, mode="clip")  # "clip": no temp buffer
             return dst
+
+    def lend_rows(self, sessions: Sequence[Session]) -> np.ndarray | None:
+        """The slab rows of `sessions` as one writable view [B, S], for a step that writes
+        the new states straight into them (Engine.step_in_place); None unless every session
+        is live and their slots are consecutive and ascending (and the store is not shared).
+
+        Until `return_rows(sessions, ...)`: reading these sessions' states (read, snapshot,
+        fork, save) waits, and the slot of one closed meanwhile is not reused.
+        """
+        if self.shared:  # the states are also written elsewhere, through commit
+            return None
+        with self._lock:
+            slots = [s._slot for s in sessions]
+            B = len(slots)
+            if not B or slots[-1] - slots[0] != B - 1 or slots != sorted(slots):
+                return None
+            if not all(s._live and self._sessions.get(s._id) is s for s in sessions):
+                return None
+            for s in sessions:
+                s._lent = True
+            self._lent += B
+            return self._slab[slots[0] : slots[0] + B]
+
+    def return_rows(
+        self, sessions: Sequence[Session], consumed: int
+    ) -> list[int | SessionNotFound]:
+        """End `lend_rows`: advance each session still live by `consumed` (0 when the step
+        failed and wrote nothing) and return its position, or the SessionNotFound of one
+        closed or evicted meanwhile (its slot is freed now)."""
+        consumed = check_consumed(consumed)
+        results: list[int | SessionNotFound] = []
+        with self._lock:
+            now = self.clock()
+            for s in sessions:
+                s._lent = False
+                if not s._live:
+                    self._free.append(s._slot)
+                    results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
+                    continue
+                s._position += consumed
+                s._last_used = now
+                results.append(s._position)
+            self._lent -= len(sessions)
+            self._returned.notify_all()
+        return results
+
+    def _wait_returned(self, s: Session | None = None) -> None:
+        """Wait (the caller holds the lock) until s's row (None: every row) is not lent;
+        then s must still be live (SessionNotFound)."""
+        while s._lent if s is not None else self._lent:
+            self._returned.wait()
+        if s is not None:
+            self._check_live(s)
 
     def commit(self, s: Session, new_state: np.ndarray, consumed: int) -> int:
         """Write the session's new state [S] and advance its position by `consumed`.
@@ -446,6 +507,7 @@ class SessionStore:
     # --- snapshots -----------------------------------------------------------------------
 
     def _pack(self, s: Session) -> bytes:
+        self._wait_returned(s)
         return self.pack_state(self._slab[s._slot], s._position)
 
     def pack_state(self, state: np.ndarray, position: int) -> bytes:
@@ -517,6 +579,7 @@ class SessionStore:
         """A new session of the same principal with a copy of the state and position."""
         with self._lock:
             parent = self.get(session_id, principal)
+            self._wait_returned(parent)
             child = self._new_session(principal, new_id, parent._ttl, parent._position)
             self._slab[child._slot] = self._slab[parent._slot]
             self._counts["forked"] += 1
@@ -536,6 +599,7 @@ class SessionStore:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / STORE_FILE
         with self._lock:
+            self._wait_returned()
             live = list(self._sessions.values())
             header = {
                 "model_sha": self.model_sha,

@@ -14,6 +14,7 @@ import textwrap
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from export_helpers import DT_SCALE, EXPORT, ort_steps, rel_err, session
@@ -261,3 +262,75 @@ def test_fp16_variant(fp16_model, token_net):
     y, s = ort_steps(session(fp16_model / "step.onnx"), x, zero)
     assert y.dtype == np.float32 and s.dtype == np.float32
     assert rel_err(y, torch_conv(token_net, x)) <= TOLERANCES["fp16"]["step_vs_torch"]
+
+
+# --- in-place steps (manifest graphs.step.in_place) -----------------------------------
+
+
+def _toy_graph(writer: onnx.NodeProto, extra: list[onnx.NodeProto] = ()) -> onnx.ModelProto:
+    """state [B, 4] -> a = state * 2 -> state_out = writer(...), output = a + 1."""
+    h = onnx.helper
+    nodes = [
+        h.make_node("Mul", ["state", "two"], ["a"]),
+        h.make_node("Add", ["a", "two"], ["output"]),
+        *extra,
+        writer,
+    ]
+    vi = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["B", 4]) for n in ("state",)]
+    outs = [
+        h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["B", 4])
+        for n in ("output", "state_out")
+    ]
+    two = onnx.numpy_helper.from_array(np.array([2.0], np.float32), "two")
+    model = h.make_model(
+        h.make_graph(nodes, "g", vi, outs, [two]), opset_imports=[h.make_opsetid("", 20)]
+    )
+    model.ir_version = 9  # what onnxruntime reads
+    return model
+
+
+@pytest.mark.parametrize("which", ["token_model", "signal_model", "int8_model", "fp16_model"])
+def test_exported_step_graphs_run_in_place(which, request):
+    """Every variant's step graph writes state_out in its last node, which waits for `output`
+    too; the runtime opens it with in-place steps on."""
+    from ssmstream.export.exporter import _ancestors, state_in_place
+    from ssmstream.runtime import Engine
+
+    model_dir = request.getfixturevalue(which)
+    m = load_manifest(model_dir)
+    assert m["graphs"]["step"]["in_place"] is True
+    graph = onnx.load(model_dir / "step.onnx")
+    assert state_in_place(graph)
+    nodes = list(graph.graph.node)
+    writer = next(i for i, n in enumerate(nodes) if "state_out" in n.output)
+    output = next(i for i, n in enumerate(nodes) if "output" in n.output)
+    assert output in _ancestors(nodes, writer)
+    assert Engine(model_dir, device="cpu", threads=1).in_place
+
+
+def test_state_in_place_check_and_write_state_last():
+    from ssmstream.export.exporter import state_in_place, write_state_last
+
+    h = onnx.helper
+    # the writer runs before `output`'s node could: write_state_last orders it last
+    g = _toy_graph(h.make_node("Add", ["a", "two"], ["state_out"]))
+    assert not state_in_place(g)
+    fixed = write_state_last(g)
+    onnx.checker.check_model(fixed, full_check=True)
+    assert state_in_place(fixed) and not state_in_place(g)  # g itself is not modified
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    for model in (g, fixed):  # same numbers
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y, s = sess.run(None, {"state": x})
+        np.testing.assert_array_equal(y, x * 2 + 2)
+        np.testing.assert_array_equal(s, x * 2 + 2)
+    # operands that are the state itself, or a view of it: never in place
+    reads_state = write_state_last(_toy_graph(h.make_node("Add", ["a", "state"], ["state_out"])))
+    assert not state_in_place(reads_state)
+    view = [h.make_node("Reshape", ["state", "shape"], ["v"])]
+    g = _toy_graph(h.make_node("Add", ["output", "v"], ["state_out"]), view)
+    g.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"))
+    assert not state_in_place(g)
+    # state_out made by a view op: nothing to order
+    g = _toy_graph(h.make_node("Identity", ["a"], ["state_out"]))
+    assert write_state_last(g) == g and not state_in_place(g)

@@ -117,6 +117,109 @@ def test_real_export_through_the_batcher(tiny_signal_model):
             np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_token_model):
+    return Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
+
+
+class CountingEngine:
+    """Counts the Engine's in-place and copying step calls (batch sizes)."""
+
+    def __init__(self, engine, monkeypatch):
+        self.in_place, self.copied = [], []
+        real_ip, real_cp = engine.step_in_place, engine.step_unchecked
+
+        def step_in_place(x, states, out):
+            self.in_place.append(x.shape[0])
+            return real_ip(x, states, out)
+
+        def step_unchecked(x, s, out=None):
+            self.copied.append(x.shape[0])
+            return real_cp(x, s, out)
+
+        monkeypatch.setattr(engine, "step_in_place", step_in_place)
+        monkeypatch.setattr(engine, "step_unchecked", step_unchecked)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_in_place_and_copying_batches_equal_each_stream_alone(tiny, in_place, monkeypatch):
+    """12 streams in chunks of 5 rows; closing 3 sessions leaves gaps in the slots, so later
+    chunks mix the in-place path (consecutive slots) and the copying one. Every stream's
+    outputs equal its own sequential run, and the paths ran as asked."""
+    rng = np.random.default_rng(4)
+    calls = CountingEngine(tiny, monkeypatch)
+    plans = [rng.integers(0, tiny.vocab_size, size=(10, 1)) for _ in range(12)]  # [12][10, 1]
+
+    async def main():
+        store = SessionStore(tiny.state_size, capacity=16)
+        batcher = Batcher(tiny, store, max_batch=16, max_batch_delay=0.005, in_place=in_place)
+        batcher._buffers = tiny.step_buffers(16, chunk_bytes=5 * 4 * tiny.state_size)
+        await batcher.start()
+        sessions = [store.create() for _ in range(15)]
+        for k in (3, 7, 8):  # gaps: slots 3, 7, 8 freed
+            store.close(sessions[k].id)
+        sessions = [s for k, s in enumerate(sessions) if k not in (3, 7, 8)]
+
+        async def client(s, plan):
+            return [(await batcher.step(s, x))[0] for x in plan]
+
+        out = await asyncio.gather(*(client(s, p) for s, p in zip(sessions, plans)))
+        await batcher.close()
+        return out, batcher.in_place
+
+    outs, used = run(main())
+    assert used == in_place
+    for got, plan in zip(outs, plans):
+        for y, want in zip(got, alone(tiny, list(plan))):
+            np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    assert max(calls.in_place + calls.copied) <= 5  # chunk_rows
+    if in_place:
+        assert calls.in_place and calls.copied  # consecutive chunks in place, the others not
+    else:
+        assert not calls.in_place
+
+
+def test_onnxruntime_failure_in_an_in_place_chunk_changes_nothing(tiny):
+    """The ORT call itself raises (after the rows were lent): those requests fail, their
+    states and positions are unchanged, the rows are returned, and serving goes on."""
+
+    class FailOnce:
+        def __init__(self, sess):
+            self.sess, self.failed = sess, False
+
+        def run_with_iobinding(self, io, *a, **k):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected kernel failure")
+            return self.sess.run_with_iobinding(io, *a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    async def main():
+        batcher, store = await started(tiny, max_batch=4, max_batch_delay=0.0)
+        s = store.create()
+        await batcher.step(s, np.array([1]))
+        before = store.read(s)
+        real = tiny._step_session
+        tiny._step_session = FailOnce(real)
+        try:
+            with pytest.raises(EngineFailure, match="injected"):
+                await batcher.step(s, np.array([2]))
+            np.testing.assert_array_equal(store.read(s), before)  # does not wait: returned
+            assert s.position == 1 and store._lent == 0
+            y, pos = await batcher.step(s, np.array([2]))
+        finally:
+            tiny._step_session = real
+        await batcher.close()
+        return y, pos
+
+    y, pos = run(main())
+    assert pos == 2
+    want = alone(tiny, [np.array([1]), np.array([2])])[1]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
 def test_concurrent_requests_of_one_session_queue_in_order(toy):
     seq = [np.array([t]) for t in (3, 1, 4, 1, 5, 9, 2, 6)]
 

@@ -183,6 +183,85 @@ def test_chunked_step_buffers_equal_one_call_per_row(which, request):
         eng.step_buffers(8, chunk_bytes=0)
 
 
+# --- in-place steps -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tok_engine", "sig_engine"])
+def test_step_in_place_equals_the_plain_step_bit_for_bit(which, request):
+    """An exported step graph runs in place: the new states are written over the input rows
+    (a view into a bigger array, as the Batcher passes slab rows) and equal a plain step's."""
+    eng, rng = request.getfixturevalue(which), np.random.default_rng(11)
+    assert eng.in_place and eng.info["in_place"]
+    slab = (rng.standard_normal((9, eng.state_size)) * 0.1).astype(np.float32)  # [9, S]
+    buf = eng.step_buffers(8)
+    for _ in range(3):
+        x = random_inputs(eng, rng, 5, 1)[:, 0]  # [5] | [5, d_in]
+        rows = slab[2:7]
+        before = slab.copy()
+        y_ref, s_ref = eng.step(x, rows.copy())
+        y = eng.step_in_place(x, rows, out=buf)
+        assert np.shares_memory(y, buf.outputs)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(slab[2:7], s_ref)
+        np.testing.assert_array_equal(slab[:2], before[:2])  # rows around it untouched
+        np.testing.assert_array_equal(slab[7:], before[7:])
+
+
+def test_step_in_place_refusals_and_failure_leave_the_states_unchanged(tok_engine, toy_tok):
+    eng = tok_engine
+    buf, x = eng.step_buffers(4), np.array([1, 2], dtype=np.int64)
+    s = eng.new_state(2)
+    with pytest.raises(InvalidInput, match="in_place"):  # a hand-built graph: no manifest flag
+        toy_tok.step_in_place(x, toy_tok.new_state(2), out=toy_tok.step_buffers(2))
+    assert not toy_tok.in_place
+    with pytest.raises(InvalidInput, match="out"):
+        eng.step_in_place(np.zeros(5, dtype=np.int64), eng.new_state(5), out=buf)
+    with pytest.raises(InvalidInput, match="states"):
+        eng.step_in_place(x, eng.new_state(4)[::2], out=buf)  # not contiguous
+    ro = eng.new_state(2)
+    ro.flags.writeable = False
+    with pytest.raises(InvalidInput, match="states"):
+        eng.step_in_place(x, ro, out=buf)
+    with pytest.raises(InvalidInput, match="states"):
+        eng.step_in_place(x, eng.new_state(3), out=buf)  # 3 rows for 2 inputs
+
+    class Failing:  # onnxruntime raising inside the call
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run_with_iobinding(self, io, *a, **k):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected")
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    s[:] = 0.25
+    real = eng._step_session
+    eng._step_session = Failing(real)
+    try:
+        with pytest.raises(EngineFailure, match="injected"):
+            eng.step_in_place(x, s, out=eng.step_buffers(4))
+    finally:
+        eng._step_session = real
+    np.testing.assert_array_equal(s, np.full_like(s, 0.25))
+
+
+def test_in_place_is_off_when_a_first_run_disagrees(tiny_token_model, monkeypatch, caplog):
+    """The manifest allows it, but a provider computing something else in place (simulated)
+    turns it off, with a warning."""
+    real = Engine._run_in_place
+
+    def off_by_one(self, x, states, out):
+        y = real(self, x, states, out)
+        states += 1.0
+        return y
+
+    monkeypatch.setattr(Engine, "_run_in_place", off_by_one)
+    with caplog.at_level("WARNING", logger="ssmstream.runtime.engine"):
+        eng = Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
+    assert not eng.in_place and "in-place steps disabled" in caplog.text
+
+
 # --- validation -----------------------------------------------------------------------
 
 

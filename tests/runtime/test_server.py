@@ -18,7 +18,6 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.client import AsyncClient, Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
-from ssmstream.runtime.errors import EngineFailure
 from ssmstream.runtime.server import BackgroundServer
 
 ATOL = 2e-4  # server (batched step / prefill) vs in-process single steps
@@ -464,19 +463,24 @@ def test_engine_failure_is_internal_and_changes_nothing(server, client, engine, 
     s = client.create_session()
     s.step(tokens=x[:1])
     eng = server.server.engine
-    real = eng.step_unchecked
+    assert eng.in_place  # the batcher writes states in place: the failure hits that path
+    real = eng._step_session
 
-    def failing(*args, **kw):
-        raise EngineFailure("injected onnxruntime failure")
+    class Failing:  # onnxruntime raising inside the call
+        def run_with_iobinding(self, *args, **kw):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected onnxruntime failure")
 
-    monkeypatch.setattr(eng, "step_unchecked", failing)
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(eng, "_step_session", Failing())
     code, msg = code_of(lambda: s.step(tokens=x[1:2]))
     assert code == grpc.StatusCode.INTERNAL and "injected" in msg
     sessions = server.server.store.stats()["sessions"]
     code, _ = code_of(lambda: list(client.stub.Stream(iter([pb.StepRequest(tokens=[1])]))))
     assert code == grpc.StatusCode.INTERNAL
     assert server.server.store.stats()["sessions"] == sessions  # the stream's new session is gone
-    monkeypatch.setattr(eng, "step_unchecked", real)
+    monkeypatch.setattr(eng, "_step_session", real)
     r = s.step(tokens=x[1:2], output="last")  # the session kept its state and position
     assert r.position == 2
     np.testing.assert_allclose(r.outputs[0], expect[1], atol=ATOL)

@@ -368,3 +368,100 @@ def test_constructor_arguments_are_checked():
         with pytest.raises(InvalidInput) as e:
             SessionStore(**kw)
         assert e.value.field == field
+
+
+# --- rows lent for in-place steps -----------------------------------------------------
+
+
+def test_lend_rows_only_for_consecutive_live_slots_and_return_advances():
+    store = SessionStore(4, capacity=8)
+    a, b, c, d = (store.create() for _ in range(4))  # slots 0..3
+    rows = store.lend_rows([a, b, c])
+    assert rows.shape == (3, 4) and np.shares_memory(rows, store._slab)
+    rows[:] = np.arange(12, dtype=np.float32).reshape(3, 4)  # what an in-place step does
+    assert store.return_rows([a, b, c], 1) == [1, 1, 1]
+    np.testing.assert_array_equal(store.read(b), [4, 5, 6, 7])
+    assert store.lend_rows([a, c]) is None  # slots 0, 2: not consecutive
+    assert store.lend_rows([b, a]) is None  # not ascending
+    assert store.lend_rows([]) is None
+    store.close(d.id)
+    assert store.lend_rows([c, d]) is None  # d is closed
+    rows = store.lend_rows([b])
+    assert store.return_rows([b], 0) == [1]  # a failed step: nothing advances
+    with pytest.raises(InvalidInput, match="consumed"):
+        store.return_rows([b], -1)
+
+
+def test_a_session_closed_while_its_row_is_lent_keeps_its_slot_until_returned():
+    """The in-place write may still be running: no new session may get that row."""
+    store = SessionStore(4, capacity=2)
+    a, _ = store.create(), store.create()
+    store.lend_rows([a])
+    store.close(a.id)
+    with pytest.raises(LimitExceeded):
+        store.create()  # slot 0 is still being written, slot 1 is b's
+    (err,) = store.return_rows([a], 1)
+    assert isinstance(err, SessionNotFound) and err.reason == "closed"
+    c = store.create()
+    assert c.slot == a.slot
+    np.testing.assert_array_equal(store.read(c), np.zeros(4, dtype=np.float32))
+
+
+def test_readers_wait_until_lent_rows_are_returned(tmp_path):
+    """read, snapshot, fork and save of a session whose row is being written wait for the
+    write to end, then see the new state at its new position, never a half-written one."""
+    import threading
+
+    store = SessionStore(4, capacity=8)
+    s = store.create()
+    rows = store.lend_rows([s])
+    got, threads = {}, []
+    readers = {
+        "read": lambda: store.read(s),
+        "snapshot": lambda: store.snapshot(s.id),
+        "fork": lambda: store.fork(s.id),
+        "save": lambda: store.save(tmp_path),
+    }
+    for name, fn in readers.items():
+        threads.append(threading.Thread(target=lambda n=name, f=fn: got.setdefault(n, f())))
+        threads[-1].start()
+    threads[0].join(0.2)
+    assert not got  # all four are waiting
+    rows[0] = 7.0
+    store.return_rows([s], 1)
+    for t in threads:
+        t.join(5)
+    np.testing.assert_array_equal(got["read"], np.full(4, 7.0, dtype=np.float32))
+    child = got["fork"]
+    assert child.position == 1
+    np.testing.assert_array_equal(store.read(child), np.full(4, 7.0, dtype=np.float32))
+    restored = store.restore(got["snapshot"])
+    assert restored.position == 1
+    np.testing.assert_array_equal(store.read(restored), np.full(4, 7.0, dtype=np.float32))
+    other = SessionStore(4, capacity=8)
+    other.load(tmp_path)
+    assert other.get(s.id).position == 1
+    np.testing.assert_array_equal(other.read(other.get(s.id)), np.full(4, 7.0, dtype=np.float32))
+
+
+def test_a_reader_of_a_session_closed_during_the_write_gets_not_found():
+    import threading
+
+    store = SessionStore(4, capacity=4)
+    s = store.create()
+    store.lend_rows([s])
+    err = {}
+
+    def reader():
+        try:
+            store.read(s)
+        except SessionNotFound as e:
+            err["e"] = e
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join(0.1)
+    store.close(s.id)
+    store.return_rows([s], 1)
+    t.join(5)
+    assert err["e"].reason == "closed"
