@@ -23,6 +23,8 @@ the weights):
 
     python benchmarks/bench_runtime.py                    # exports a random-init model once
     python benchmarks/bench_runtime.py --model model/     # an exported model dir
+    python benchmarks/bench_runtime.py --ckpt examples/checkpoints/byte-lm \
+        --name bench_runtime_shipped                      # a checkpoint, exported once
 
 Writes benchmarks/results/bench_runtime.{json,md,png}.
 Dimension letters: B batch, C concurrent streams, S packed state size, V vocabulary.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 from ssmstream.runtime import Batcher, Engine, SessionStore
+from ssmstream.runtime.ort_options import trim_heap
 from tqdm import tqdm
 
 log = logging.getLogger("bench_runtime")
@@ -56,6 +60,7 @@ class BenchConfig:
     """What to measure (the CLI flags map onto these)."""
 
     model: str | None = None  # exported model dir; None: export a random-init model once
+    ckpt: str | None = None  # or a checkpoint dir, exported once into work_dir
     work_dir: str = "/tmp/ssmstream-bench-runtime"
     vocab_size: int = 256
     d_model: int = 128
@@ -87,7 +92,7 @@ class BenchConfig:
             raise ValueError("seconds must be > 0, warmup and max_batch_delay >= 0")
         if self.rss_tokens < 1000:
             raise ValueError(f"rss_tokens must be >= 1000, got {self.rss_tokens}")
-        unknown = set(self.sections) - {"overhead", "throughput", "sessions", "rss"}
+        unknown = set(self.sections) - {"overhead", "throughput", "in_place", "sessions", "rss"}
         if unknown or not self.sections:
             raise ValueError(f"unknown sections {sorted(unknown)}")
         if not self.streams or min(self.streams) < 1:
@@ -125,6 +130,19 @@ def prepare_model(cfg: BenchConfig) -> Path:
     from ssmstream.export import export_model
     from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
 
+    if cfg.ckpt:
+        ckpt = Path(cfg.ckpt)
+        model_dir = Path(cfg.work_dir) / f"ckpt-{ckpt.absolute().name}"
+        stamp = model_dir / ".export-sources-sha256"
+        sources = (
+            export_sources_sha()
+            + hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+        )
+        if not (stamp.exists() and stamp.read_text() == sources):
+            log.info("exporting %s to %s", ckpt, model_dir)
+            export_model(ckpt, model_dir, overwrite=True, name=ckpt.absolute().name)
+            stamp.write_text(sources)
+        return model_dir
     mcfg = SSMConfig(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, d_state=cfg.d_state
     )
@@ -169,6 +187,9 @@ def _overhead_at(engine: Engine, bare, B: int, cfg: BenchConfig) -> list[dict]:
         "Engine.step": lambda: engine.step(x, s),
         "Engine.step(out=StepBuffers)": lambda: engine.step(x, s, out=buf),
     }
+    if engine.in_place:  # its own rows: they advance by one step per call
+        rows = s.copy()
+        variants["Engine.step_in_place"] = lambda: engine.step_in_place(x, rows, out=buf)
     n = max(20, cfg.overhead_calls // (1 if B == 1 else 32))
     times: dict[str, list[float]] = {k: [] for k in variants}
     order = list(variants)
@@ -313,6 +334,8 @@ def bench_sessions(engine: Engine, cfg: BenchConfig) -> dict:
     S, n = engine.state_size, cfg.sessions
     rng = np.random.default_rng(0)
     row = rng.standard_normal(S).astype(np.float32)  # [S]
+    gc.collect()
+    trim_heap()  # memory freed by earlier sections must not shrink RSS during the count
     before = rss_bytes()
     store = SessionStore(S, capacity=n, ttl=3600.0)
     for _ in tqdm(range(n), desc="sessions", leave=False):
@@ -495,6 +518,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", help="exported model dir (default: export a random-init model)")
+    p.add_argument("--ckpt", help="a checkpoint dir to export once (into --work-dir) and measure")
     p.add_argument("--work-dir", default=d.work_dir, help="where the random-init model is cached")
     p.add_argument("--d-model", type=int, default=d.d_model, help="random-init model width")
     p.add_argument("--n-layers", type=int, default=d.n_layers, help="random-init model depth")
@@ -528,6 +552,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         raise SystemExit(0)
     return BenchConfig(
         model=a.model,
+        ckpt=a.ckpt,
         work_dir=a.work_dir,
         d_model=a.d_model,
         n_layers=a.n_layers,

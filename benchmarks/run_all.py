@@ -81,6 +81,13 @@ class Bench:
 _TINY = ["--d-model", "32", "--n-layers", "2", "--d-state", "16"]
 _SHORT = ["--streams", "1", "64", "--seconds", "0.5", "--rss-tokens", "5000", "--sessions", "500"]
 _SMALL = ["--name", "bench_runtime_small", "--d-model", "64", "--n-layers", "2", "--d-state", "16"]
+_SHIPPED = [
+    "--name",
+    "bench_runtime_shipped",
+    "--ckpt",
+    str(HERE.parent / "examples/checkpoints/byte-lm"),
+]
+_SHIPPED += ["--streams", "1", "16", "64", "256", "--throughput-rounds", "5"]
 BENCHMARKS = [
     Bench(
         "model",
@@ -100,6 +107,22 @@ BENCHMARKS = [
         full=_SMALL,
         quick=[*_SMALL, *_SHORT, "--work-dir", str(QUICK_RESULTS / "runtime-model")],
         results="bench_runtime_small",
+    ),
+    Bench(
+        "runtime_shipped",  # the shipped byte-level LM (S = 16,384): the realistic case
+        "bench_runtime.py",
+        full=[*_SHIPPED, "--sections", "overhead", "throughput", "in_place"],
+        quick=[
+            *_SHIPPED,
+            *_SHORT,
+            "--sections",
+            "throughput",
+            "in_place",
+            "--throughput-rounds",
+            "1",
+        ]
+        + ["--work-dir", str(QUICK_RESULTS / "runtime-model")],
+        results="bench_runtime_shipped",
     ),
     Bench(
         "server",
@@ -317,6 +340,16 @@ def row_batcher(res: dict, name: str = "bench_runtime") -> Row:
     S = res[name]["model"]["state_size"]
     value = f"**{_ratio(r)}** ({on:,.0f} vs {off:,.0f} tokens/s)"
     return Row(f"Batcher on / off, 64 streams (S = {S:,})", value, T_BATCHER, r >= 5, name, r)
+
+
+def row_in_place(res: dict, name: str = "bench_runtime_shipped") -> Row:
+    copy, in_place = (float(r["tokens_per_s"]) for r in res[name]["in_place"])
+    S = res[name]["model"]["state_size"]
+    value = f"{_ratio(in_place / copy)} ({in_place:,.0f} vs {copy:,.0f} tokens/s)"
+    r = in_place / copy
+    return Row(
+        f"in-place steps vs copying, 64 streams (S = {S:,})", value, "reported", None, name, r
+    )
 
 
 def row_engine_overhead(res: dict, name: str = "bench_runtime") -> Row:
@@ -558,6 +591,18 @@ ROWS: list[tuple[str, str, str, Callable[[dict], Row]]] = [
         "bench_runtime_small",
         T_BATCHER,
         lambda r: row_batcher(r, "bench_runtime_small"),
+    ),
+    (
+        "Batcher on / off, 64 streams (shipped model)",
+        "bench_runtime_shipped",
+        T_BATCHER,
+        lambda r: row_batcher(r, "bench_runtime_shipped"),
+    ),
+    (
+        "in-place steps vs copying the new states, batching on, 64 streams",
+        "bench_runtime_shipped",
+        "reported",
+        row_in_place,
     ),
     ("Engine.step vs bare InferenceSession.run", "bench_runtime", T_ENGINE, row_engine_overhead),
     (

@@ -44,6 +44,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,6 +157,7 @@ def cuda_usable() -> tuple[bool, str]:
 # intermediates costs less per stream than one call over the whole batch (benchmarks/
 # bench_runtime.py, "chunked steps"); outputs are the same row by row.
 STEP_CHUNK_BYTES = 2 << 20
+IN_PLACE_BINDINGS = 1024  # cached in-place IOBindings per StepBuffers (an address pair each)
 
 
 class StepBuffers:
@@ -181,7 +183,8 @@ class StepBuffers:
         self.outputs = np.zeros((max_batch, engine.d_output), dtype=engine._out_dtype)
         self.new_states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
-        self._in_place: dict[int, ort.IOBinding] = {}  # B -> binding with output = outputs[:B]
+        self._in_place: OrderedDict[tuple, ort.IOBinding] = OrderedDict()  # LRU, by address
+        self._out_values: dict[int, ort.OrtValue] = {}  # B -> outputs[:B]
         self._values: list[ort.OrtValue] = []  # keeps the bound OrtValues alive
 
     def binding(self, start: int, B: int) -> ort.IOBinding:
@@ -197,16 +200,28 @@ class StepBuffers:
             self._bindings[(start, B)] = io
         return io
 
-    def in_place_binding(self, B: int) -> ort.IOBinding:
-        """The IOBinding of `Engine.step_in_place` for B streams: output = outputs[:B]
-        (inputs and state_out are bound on each call)."""
-        io = self._in_place.get(B)
-        if io is None:
-            io = self.engine._step_session.io_binding()
-            value = ort.OrtValue.ortvalue_from_numpy(self.outputs[:B])
-            io.bind_ortvalue_output("output", value)
-            self._values.append(value)
-            self._in_place[B] = io
+    def in_place_binding(self, x: np.ndarray, states: np.ndarray) -> ort.IOBinding:
+        """The IOBinding of `Engine.step_in_place(x, states)`: output = outputs[:B], and x,
+        states and state_out (= states) bound by address, so a later call with arrays at the
+        same addresses (the Batcher's inputs buffer, a session's slab rows) reuses it as is.
+        The IN_PLACE_BINDINGS most recently used are kept."""
+        B = x.shape[0]
+        key = (x.ctypes.data, states.ctypes.data, B)
+        io = self._in_place.get(key)
+        if io is not None:
+            self._in_place.move_to_end(key)
+            return io
+        value = self._out_values.get(B)
+        if value is None:
+            value = self._out_values[B] = ort.OrtValue.ortvalue_from_numpy(self.outputs[:B])
+        io = self.engine._step_session.io_binding()
+        io.bind_ortvalue_output("output", value)
+        io.bind_input("input", "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
+        for bind, name in ((io.bind_input, "state"), (io.bind_output, "state_out")):
+            bind(name, "cpu", 0, np.float32, list(states.shape), states.ctypes.data)
+        self._in_place[key] = io
+        if len(self._in_place) > IN_PLACE_BINDINGS:
+            self._in_place.popitem(last=False)
         return io
 
 
@@ -559,13 +574,9 @@ class Engine:
             raise EngineFailure(f"step graph failed for batch {B}: {e}") from e
 
     def _run_in_place(self, x: np.ndarray, states: np.ndarray, out: StepBuffers) -> np.ndarray:
-        B = x.shape[0]
-        io = out.in_place_binding(B)
-        io.bind_cpu_input("input", x)
-        io.bind_cpu_input("state", states)
-        io.bind_output("state_out", "cpu", 0, np.float32, list(states.shape), states.ctypes.data)
-        self._step_session.run_with_iobinding(io)
-        return out.outputs[:B]
+        x = np.ascontiguousarray(x)  # bound by address
+        self._step_session.run_with_iobinding(out.in_place_binding(x, states))
+        return out.outputs[: x.shape[0]]
 
     def prefill(self, inputs, states) -> tuple[np.ndarray, np.ndarray]:
         """T time steps for B streams: full chunks via the prefill graph, the rest via step.

@@ -32,6 +32,7 @@ Dimension letters: S packed state size, B sessions in a batch.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -177,7 +178,9 @@ class SessionStore:
         self.model_sha = model_sha
         self.clock = clock
         self._slab = np.zeros((self.capacity, self.state_size), dtype=np.float32)  # [capacity, S]
-        self._free = list(range(self.capacity - 1, -1, -1))  # stack of free slots, lowest on top
+        # free slots as a min-heap: a new session takes the lowest, so live sessions stay
+        # packed at the start of the slab and a batch's rows are often consecutive (in place)
+        self._free = list(range(self.capacity))
         self._sessions: dict[str, Session] = {}
         self._per_principal: Counter[str] = Counter()
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (principal, reason)
@@ -247,7 +250,7 @@ class SessionStore:
                 f"principal {principal!r} already has {self._per_principal[principal]} sessions "
                 f"(max_per_principal={self.max_per_principal})"
             )
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self._slab[slot] = 0.0
         s = Session(session_id, principal, slot, position, self.clock(), ttl)
         self._sessions[session_id] = s
@@ -260,7 +263,7 @@ class SessionStore:
         del self._sessions[s._id]
         s._live = False
         if not s._lent:  # else return_rows frees it: no new session gets a row being written
-            self._free.append(s._slot)
+            heapq.heappush(self._free, s._slot)
         self._per_principal[s._principal] -= 1
         if self._per_principal[s._principal] <= 0:
             del self._per_principal[s._principal]
@@ -412,7 +415,7 @@ class SessionStore:
             for s in sessions:
                 s._lent = False
                 if not s._live:
-                    self._free.append(s._slot)
+                    heapq.heappush(self._free, s._slot)
                     results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
                     continue
                 s._position += consumed

@@ -207,6 +207,27 @@ def test_step_in_place_equals_the_plain_step_bit_for_bit(which, request):
         np.testing.assert_array_equal(slab[7:], before[7:])
 
 
+def test_in_place_bindings_are_reused_by_address_and_follow_the_data(tok_engine, monkeypatch):
+    """A binding is cached per (inputs, rows) address: reusing it reads the arrays' current
+    contents; the cache keeps the IN_PLACE_BINDINGS most recently used."""
+    import ssmstream.runtime.engine as engine_mod
+
+    eng, rng = tok_engine, np.random.default_rng(12)
+    monkeypatch.setattr(engine_mod, "IN_PLACE_BINDINGS", 2)
+    buf = eng.step_buffers(4)
+    slab = (rng.standard_normal((8, eng.state_size)) * 0.1).astype(np.float32)  # [8, S]
+    x = np.zeros(2, dtype=np.int64)  # one input buffer, refilled like the Batcher's
+    for _ in range(3):
+        x[:] = rng.integers(0, eng.vocab_size, size=2)
+        y_ref, s_ref = eng.step(x.copy(), slab[0:2].copy())
+        np.testing.assert_array_equal(eng.step_in_place(x, slab[0:2], out=buf), y_ref)
+        np.testing.assert_array_equal(slab[0:2], s_ref)
+    assert len(buf._in_place) == 1
+    for start in (2, 4, 6):
+        eng.step_in_place(x, slab[start : start + 2], out=buf)
+    assert len(buf._in_place) == 2  # the least recently used ones were dropped
+
+
 def test_step_in_place_refusals_and_failure_leave_the_states_unchanged(tok_engine, toy_tok):
     eng = tok_engine
     buf, x = eng.step_buffers(4), np.array([1, 2], dtype=np.int64)

@@ -465,3 +465,14 @@ def test_a_reader_of_a_session_closed_during_the_write_gets_not_found():
     store.return_rows([s], 1)
     t.join(5)
     assert err["e"].reason == "closed"
+
+
+def test_new_sessions_take_the_lowest_free_slot():
+    """Live sessions stay packed at the start of the slab (a batch's rows are then often
+    consecutive, so steps run in place)."""
+    store = SessionStore(4, capacity=8)
+    sessions = [store.create() for _ in range(6)]
+    assert [s.slot for s in sessions] == list(range(6))
+    for k in (4, 1, 3):
+        store.close(sessions[k].id)
+    assert [store.create().slot for _ in range(4)] == [1, 3, 4, 6]
