@@ -21,7 +21,9 @@ Rules:
   the next step of every *active* session (one that sent a request within the last
   `activity_window` seconds). So a lone stream never sits out the delay.
 - onnxruntime, the gather and the scatter run in one dedicated worker thread; the event
-  loop only moves requests between queues. It hands a job to the worker through a queue
+  loop only moves requests between queues. A batch larger than one ORT call hands each
+  call's results back as soon as it is done: those clients' next requests are queued
+  while the rest of the batch runs. It hands a job to the worker through a queue
   and gets the results back in one `call_soon_threadsafe` callback, which also starts the
   next job: no scheduler task wakes up in between.
 - A request applies fully or not at all: inputs are validated before queueing; if the
@@ -58,6 +60,7 @@ class _Request:
     inputs: np.ndarray  # [T] tokens | [T, d_in] values, validated
     future: asyncio.Future
     enqueued: float = 0.0
+    delivered: bool = False  # its result was handed back before its job ended
 
     @property
     def T(self) -> int:
@@ -363,19 +366,24 @@ class Batcher:
         else:
             st.prefills += 1
             st.prefill_inputs += reqs[0].T
-        for req, result in zip(reqs, results):
-            if not req.future.done():
-                if isinstance(result, BaseException):
-                    st.failed += 1
-                    req.future.set_exception(result)
-                else:
-                    req.future.set_result(result)
-            self._finish(req)
+        self._hand_back([(r, x) for r, x in zip(reqs, results) if not r.delivered])
         for callback in self._listeners:
             try:
                 callback(len(reqs), seconds)
             except Exception:  # a metrics hook must not break serving
                 log.exception("batch listener %r failed", callback)
+
+    def _hand_back(self, items: list[tuple[_Request, object]]) -> None:
+        """Resolve each request's future with its result (or exception); start its next."""
+        for req, result in items:
+            req.delivered = True
+            if not req.future.done():
+                if isinstance(result, BaseException):
+                    self.stats.failed += 1
+                    req.future.set_exception(result)
+                else:
+                    req.future.set_result(result)
+            self._finish(req)
 
     # --- worker thread -------------------------------------------------------------------
 
@@ -398,19 +406,26 @@ class Batcher:
     def _run_steps(self, reqs: list[_Request]) -> list:
         """One batch of steps, in slot order, as one ORT call per `chunk_rows` sessions.
         Returns a result or exception per request; the requests of one call apply or fail
-        together."""
+        together. Every call's results but the last are handed back to the event loop at
+        once, so those clients send their next request while the next call runs."""
         live = sorted((r for r in reqs if r.session.live), key=lambda r: r.session.slot)
         c = self._buffers.chunk_rows
         results = {}
         for i in range(0, len(live), c):
             part = live[i : i + c]
             try:
-                results.update(self._step_part(part))
+                done = self._step_part(part)
             except Exception as e:
                 if not isinstance(e, EngineFailure):
                     log.exception("step batch failed")
                     e = EngineFailure(f"batch failed: {e}")
-                results.update((r, e) for r in part)
+                done = dict.fromkeys(part, e)
+            if i + c < len(live):
+                try:
+                    self._loop.call_soon_threadsafe(self._hand_back, list(done.items()))
+                except RuntimeError:  # the event loop is closed: nobody waits for these
+                    pass
+            results.update(done)
         for r in reqs:  # closed before its step ran
             results.setdefault(r, SessionNotFound(r.session.id, "closed"))
         return [results[r] for r in reqs]

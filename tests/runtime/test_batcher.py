@@ -220,6 +220,49 @@ def test_onnxruntime_failure_in_an_in_place_chunk_changes_nothing(tiny):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
+def test_each_ort_call_of_a_batch_is_handed_back_as_soon_as_it_is_done(toy):
+    """6 sessions in ORT calls of 2 rows: the clients of the first two calls get their
+    results while the batch's last call still runs (held on a gate); all are correct."""
+    import threading
+
+    gate = threading.Event()
+
+    async def main():
+        batcher, store = await started(toy, max_batch=8, max_batch_delay=0.02)
+        batcher._buffers = toy.step_buffers(8, chunk_bytes=2 * 4 * toy.state_size)
+        sessions = [store.create() for _ in range(6)]
+        real, seen = batcher._step_part, []
+
+        def step_part(part):
+            if part[0].session is sessions[4]:  # the last call of the batch waits
+                gate.wait(10)
+            return real(part)
+
+        batcher._step_part = step_part
+
+        async def client(k, s):
+            y, pos = await batcher.step(s, np.array([k]))
+            seen.append(k)
+            return y
+
+        tasks = [asyncio.ensure_future(client(k, s)) for k, s in enumerate(sessions)]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(seen) == 4:
+                break
+        early, running = sorted(seen), batcher._job is not None
+        gate.set()
+        outs = await asyncio.gather(*tasks)
+        await batcher.close()
+        return early, running, outs, batcher.stats
+
+    early, running, outs, stats = run(main())
+    assert early == [0, 1, 2, 3] and running  # handed back before the job ended
+    assert stats.batches == 1 and stats.steps == 6
+    for k, y in enumerate(outs):
+        np.testing.assert_allclose(y, alone(toy, [np.array([k])])[0], rtol=1e-6, atol=1e-7)
+
+
 def test_concurrent_requests_of_one_session_queue_in_order(toy):
     seq = [np.array([t]) for t in (3, 1, 4, 1, 5, 9, 2, 6)]
 
