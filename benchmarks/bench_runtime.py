@@ -43,6 +43,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,10 +69,10 @@ class BenchConfig:
     d_state: int = 64
     threads: int = 1
     overhead_calls: int = 2000
-    overhead_rounds: int = 5
+    overhead_rounds: int = 15
     streams: tuple[int, ...] = (1, 16, 64, 256)
     seconds: float = 2.0
-    throughput_rounds: int = 3  # off/on rounds per stream count, median reported
+    throughput_rounds: int = 5  # off/on rounds per stream count, median reported
     warmup: float = 0.3
     max_batch: int = 256
     max_batch_delay: float = 0.001
@@ -267,40 +268,47 @@ async def _throughput(
     }
 
 
+def _alternate(rounds: int, run: Callable[[bool], dict]) -> list[dict]:
+    """`rounds` rounds of run(False) and run(True), in alternating order (load drift hits
+    both). Returns the row with the median tokens/s of each (False first), with every
+    round's tokens/s; the True row also has `pair_ratios`, True / False of each round."""
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for k in range(rounds):
+        for flag in (False, True) if k % 2 == 0 else (True, False):
+            runs[flag].append(run(flag))
+            log.info("%s", runs[flag][-1])
+    rows = []
+    for flag in (False, True):
+        by_speed = sorted(runs[flag], key=lambda r: r["tokens_per_s"])
+        rows.append(dict(by_speed[len(by_speed) // 2]))
+        rows[-1]["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs[flag]]
+    rows[1]["pair_ratios"] = [
+        b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs[False], runs[True])
+    ]
+    return rows
+
+
 def bench_throughput(engine: Engine, cfg: BenchConfig) -> list[dict]:
-    """Per stream count, `throughput_rounds` rounds of off and on in alternating order (load
-    drift hits both); each reported row is the round with the median tokens/s."""
+    """Per stream count, `throughput_rounds` alternating rounds of batching off and on."""
     rows = []
     for streams in tqdm(cfg.streams, desc="batcher throughput", leave=False):
-        runs: dict[bool, list[dict]] = {False: [], True: []}
-        for k in range(cfg.throughput_rounds):
-            for batching in (False, True) if k % 2 == 0 else (True, False):
-                runs[batching].append(asyncio.run(_throughput(engine, streams, batching, cfg)))
-                log.info("%s", runs[batching][-1])
-        for batching in (False, True):
-            by_speed = sorted(runs[batching], key=lambda r: r["tokens_per_s"])
-            row = dict(by_speed[len(by_speed) // 2])
-            row["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs[batching]]
-            rows.append(row)
+        rows += _alternate(
+            cfg.throughput_rounds,
+            lambda on, C=streams: asyncio.run(_throughput(engine, C, on, cfg)),
+        )
     return rows
 
 
 def bench_in_place(engine: Engine, cfg: BenchConfig, streams: int = 64) -> list[dict]:
-    """Batching on at `streams` streams, new states copied vs written in place, alternating
-    rounds; each row is the round with the median tokens/s."""
+    """Batching on at `streams` streams, new states copied vs written in place: at least
+    10 alternating rounds (the difference is smaller than this machine's drift)."""
     if not engine.in_place:
         log.warning("this model's step graph does not run in place: section skipped")
         return []
-    runs: dict[bool, list[dict]] = {False: [], True: []}
-    for k in tqdm(range(cfg.throughput_rounds), desc="in-place vs copy", leave=False):
-        for in_place in (False, True) if k % 2 == 0 else (True, False):
-            runs[in_place].append(asyncio.run(_throughput(engine, streams, True, cfg, in_place)))
-    rows = []
-    for in_place in (False, True):
-        by_speed = sorted(runs[in_place], key=lambda r: r["tokens_per_s"])
-        rows.append(dict(by_speed[len(by_speed) // 2]))
-        rows[-1]["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs[in_place]]
-    return rows
+    return _alternate(
+        max(10, cfg.throughput_rounds),
+        lambda in_place: asyncio.run(_throughput(engine, streams, True, cfg, in_place)),
+    )
 
 
 # --- 3. RSS over a long stream -------------------------------------------------------
@@ -407,21 +415,41 @@ def write_report(result: dict, out: Path) -> None:
                 f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.1f} | "
                 f"{'' if speedup is None else f'{speedup:.1f}x'} |"
             )
+        paired = [r for r in result["throughput"] if r.get("pair_ratios")]
+        if paired:
+            lines += [
+                "",
+                "tokens/s: the median of the rounds; on/off of each round pair (back to back, "
+                "in alternating order), median [all]: "
+                + "; ".join(
+                    f"{r['streams']} streams {statistics.median(r['pair_ratios']):.1f}x "
+                    f"[{', '.join(f'{x:.1f}' for x in r['pair_ratios'])}]"
+                    for r in paired
+                )
+                + ".",
+            ]
     if result.get("in_place"):
         copy, in_place = result["in_place"]
         lines += [
             "",
             f"## In-place steps vs copying the new states (batching on, {copy['streams']} streams)",
             "",
-            "| new states | tokens/s | p50 ms | p99 ms | ratio |",
+            "| new states | tokens/s | p50 ms | p99 ms | in place / copying |",
             "|---|---|---|---|---|",
         ]
-        for r in (copy, in_place):
+        pairs = in_place.get("pair_ratios") or [in_place["tokens_per_s"] / copy["tokens_per_s"]]
+        for r, ratio in ((copy, 1.0), (in_place, statistics.median(pairs))):
             lines.append(
                 f"| {'written in place' if r['in_place'] else 'copied into the slab'} | "
                 f"{r['tokens_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                f"{r['tokens_per_s'] / copy['tokens_per_s']:.2f}x |"
+                f"{ratio:.2f}x |"
             )
+        lines += [
+            "",
+            f"tokens/s: the median of {len(pairs)} rounds each; ratio: the median of the "
+            "rounds' in-place / copying ratios (each pair ran back to back, in alternating "
+            f"order): {', '.join(f'{x:.2f}' for x in pairs)}.",
+        ]
     if "rss" in result:
         lines += [
             "",
