@@ -6,8 +6,9 @@ the weights):
 1. Engine.step overhead: time per call of `Engine.step` (validation + run) vs a bare
    `InferenceSession.run` on the same inputs (the Engine's own session, so only the Engine
    layer differs), at B = 1 and B = 64; also `Engine.step(out=StepBuffers)`, the
-   allocation-free IOBinding path the Batcher uses. Rounds are interleaved in random order
-   and the median of rounds reported.  Target: ratio <= 1.2.
+   allocation-free IOBinding path the Batcher uses, and `Engine.step_in_place`. Calls are
+   interleaved one by one in random order and the median per-call time reported (this
+   machine drifts by up to 2x between seconds).  Target: ratio <= 1.2.
 2. Batcher throughput: C concurrent streams (default 1, 16, 64, 256), each an asyncio
    task with its own session sending one token per request and awaiting the answer
    (closed loop), batching on (max_batch, max_batch_delay) vs off (max_batch = 1).
@@ -68,8 +69,7 @@ class BenchConfig:
     n_layers: int = 4
     d_state: int = 64
     threads: int = 1
-    overhead_calls: int = 2000
-    overhead_rounds: int = 15
+    overhead_calls: int = 5000  # interleaved calls per variant at B = 1 (B = 64: / 32)
     streams: tuple[int, ...] = (1, 16, 64, 256)
     seconds: float = 2.0
     throughput_rounds: int = 5  # off/on rounds per stream count, median reported
@@ -84,7 +84,7 @@ class BenchConfig:
 
     def __post_init__(self):
         for name in (
-            "threads", "overhead_calls", "overhead_rounds", "throughput_rounds", "max_batch",
+            "threads", "overhead_calls", "throughput_rounds", "max_batch",
             "sessions",
         ):  # fmt: skip
             if getattr(self, name) < 1:
@@ -169,14 +169,6 @@ def prepare_model(cfg: BenchConfig) -> Path:
 # --- 1. Engine.step overhead ----------------------------------------------------------
 
 
-def time_calls(fn, n: int) -> float:
-    """Seconds per call of fn() over n calls."""
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n
-
-
 def _overhead_at(engine: Engine, bare, B: int, cfg: BenchConfig) -> list[dict]:
     rng = np.random.default_rng(B)
     x = rng.integers(0, engine.vocab_size, size=B)  # [B] int64
@@ -191,14 +183,18 @@ def _overhead_at(engine: Engine, bare, B: int, cfg: BenchConfig) -> list[dict]:
     if engine.in_place:  # its own rows: they advance by one step per call
         rows = s.copy()
         variants["Engine.step_in_place"] = lambda: engine.step_in_place(x, rows, out=buf)
-    n = max(20, cfg.overhead_calls // (1 if B == 1 else 32))
+    n = max(50, cfg.overhead_calls // (1 if B == 1 else 32))
     times: dict[str, list[float]] = {k: [] for k in variants}
     order = list(variants)
-    for _ in tqdm(range(cfg.overhead_rounds), desc=f"overhead B={B}", leave=False):
-        rng.shuffle(order)  # no variant always runs first (caches, machine load drift)
-        for name in order:
+    for name in order:
+        variants[name]()  # warm-up
+    clock = time.perf_counter
+    for _ in tqdm(range(n), desc=f"overhead B={B}", leave=False):
+        rng.shuffle(order)  # every variant once per iteration, in random order: neighbours
+        for name in order:  # in time, so the machine's drift hits all of them alike
+            t0 = clock()
             variants[name]()
-            times[name].append(time_calls(variants[name], n))
+            times[name].append(clock() - t0)
     base = statistics.median(times["bare InferenceSession.run"])
     rows = []
     for name, t in times.items():
