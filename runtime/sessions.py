@@ -413,15 +413,16 @@ class SessionStore:
         with self._lock:
             now = self.clock()
             for s in sessions:
-                s._lent = False
+                lent, s._lent = s._lent, False
+                self._lent -= lent
                 if not s._live:
-                    heapq.heappush(self._free, s._slot)
+                    if lent:  # _remove left the slot to us
+                        heapq.heappush(self._free, s._slot)
                     results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
                     continue
                 s._position += consumed
                 s._last_used = now
                 results.append(s._position)
-            self._lent -= len(sessions)
             self._returned.notify_all()
         return results
 
