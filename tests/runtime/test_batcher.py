@@ -179,6 +179,59 @@ def test_in_place_and_copying_batches_equal_each_stream_alone(tiny, in_place, mo
         assert not calls.in_place
 
 
+def test_snapshots_racing_in_place_steps_are_consistent(tiny):
+    """8 streams stepping in place while another thread snapshots them as fast as it can:
+    every snapshot's state is the state after exactly `position` of that stream's inputs."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    plans = [rng.integers(0, tiny.vocab_size, size=40) for _ in range(8)]  # [8][40]
+    want = []  # per stream: the states after 0..40 inputs, stepped alone
+    for plan in plans:
+        s = tiny.new_state()
+        states = [s[0].copy()]
+        for tok in plan:
+            _, s = tiny.step(np.array([tok]), s)
+            states.append(s[0].copy())
+        want.append(states)
+    snaps, stop = [], threading.Event()
+
+    async def main():
+        batcher, store = await started(tiny, max_batch=8, max_batch_delay=0.0005)
+        assert batcher.in_place
+        sessions = [store.create() for _ in plans]
+
+        def snapshotter():
+            k = 0
+            while not stop.is_set():
+                k = (k + 1) % len(sessions)
+                snaps.append((k, store.snapshot(sessions[k].id)))
+
+        thread = threading.Thread(target=snapshotter)
+        thread.start()
+
+        async def client(s, plan):
+            for tok in plan:
+                await batcher.step(s, np.array([tok]))
+
+        try:
+            await asyncio.gather(*(client(s, p) for s, p in zip(sessions, plans)))
+        finally:
+            stop.set()
+            thread.join(10)
+        await batcher.close()
+        return store
+
+    store = run(main())
+    assert len(snaps) > 100
+    for k, data in snaps:
+        restored = store.restore(data)
+        np.testing.assert_allclose(
+            store.read(restored), want[k][restored.position], rtol=1e-5, atol=1e-6
+        )
+        store.close(restored.id)
+
+
 def test_onnxruntime_failure_in_an_in_place_chunk_changes_nothing(tiny):
     """The ORT call itself raises (after the rows were lent): those requests fail, their
     states and positions are unchanged, the rows are returned, and serving goes on."""
