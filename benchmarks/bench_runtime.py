@@ -433,7 +433,7 @@ def write_report(result: dict, out: Path) -> None:
             "| new states | tokens/s | p50 ms | p99 ms | in place / copying |",
             "|---|---|---|---|---|",
         ]
-        pairs = in_place.get("pair_ratios") or [in_place["tokens_per_s"] / copy["tokens_per_s"]]
+        pairs = in_place["pair_ratios"]
         for r, ratio in ((copy, 1.0), (in_place, statistics.median(pairs))):
             lines.append(
                 f"| {'written in place' if r['in_place'] else 'copied into the slab'} | "

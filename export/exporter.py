@@ -208,6 +208,12 @@ def _ancestors(nodes: list[onnx.NodeProto], index: int) -> set[int]:
     return seen
 
 
+def _state_writer(nodes) -> int | None:
+    """Index of the one node writing state_out, None when there is not exactly one."""
+    writers = [i for i, n in enumerate(nodes) if "state_out" in n.output]
+    return writers[0] if len(writers) == 1 else None
+
+
 def write_state_last(model: onnx.ModelProto) -> onnx.ModelProto:
     """The step graph with its state_out node made to wait for `output` as well.
 
@@ -218,8 +224,8 @@ def write_state_last(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     model = copy.deepcopy(model)
     nodes = model.graph.node
-    writers = [i for i, n in enumerate(nodes) if "state_out" in n.output]
-    last = nodes[writers[0]] if len(writers) == 1 else None
+    w = _state_writer(nodes)
+    last = None if w is None else nodes[w]
     if last is None or last.op_type in VIEW_OPS or len(last.input) < 2:
         return model
     batch, zero, own, shape, operand, zeros = (
@@ -235,7 +241,7 @@ def write_state_last(model: onnx.ModelProto) -> onnx.ModelProto:
         make("Reshape", [last.input[1], shape], [operand]),
     ]
     last.input[1] = operand
-    kept = [n for i, n in enumerate(nodes) if i != writers[0]]  # no node reads state_out
+    kept = [n for i, n in enumerate(nodes) if i != w]  # no node reads state_out
     del nodes[:]
     nodes.extend([*kept, *new, last])
     return model
@@ -247,11 +253,11 @@ def state_in_place(model: onnx.ModelProto) -> bool:
     read of `state`), nothing reads state_out, and neither operand of it is `state` or a
     view of it."""
     nodes = list(model.graph.node)
-    writers = [i for i, n in enumerate(nodes) if "state_out" in n.output]
-    if len(writers) != 1 or any("state_out" in n.input for n in nodes):
+    w = _state_writer(nodes)
+    if w is None or any("state_out" in n.input for n in nodes):
         return False
-    last = nodes[writers[0]]
-    if last.op_type in VIEW_OPS or len(_ancestors(nodes, writers[0])) != len(nodes) - 1:
+    last = nodes[w]
+    if last.op_type in VIEW_OPS or len(_ancestors(nodes, w)) != len(nodes) - 1:
         return False
     views = {"state"}
     for n in nodes:  # topologically sorted

@@ -436,13 +436,9 @@ class Batcher:
         buf, store = self._buffers, self.store
         sessions = [r.session for r in part]
         rows = store.lend_rows(sessions) if self.in_place else None
-        while rows is None:
-            try:  # slot order: consecutive slots are read in place, without a copy
-                states = store.gather(sessions, out=buf.states, allow_view=True)
-                break
-            except SessionNotFound:  # closed in the meantime: leave it out
-                part = [r for r in part if r.session.live]
-                sessions = [r.session for r in part]
+        if rows is None:
+            part, states = self._gather(part)
+            sessions = [r.session for r in part]
         B = len(part)
         if not B:
             return {}
@@ -463,6 +459,16 @@ class Batcher:
             r: pos if isinstance(pos, Exception) else (out[j : j + 1], pos)
             for j, (r, pos) in enumerate(zip(part, positions))
         }
+
+    def _gather(self, part: list[_Request]) -> tuple[list[_Request], np.ndarray]:
+        """The states of the requests' sessions [B, S], leaving out sessions closed meanwhile;
+        in slot order, consecutive slots are read in place, without a copy."""
+        while True:
+            try:
+                sessions = [r.session for r in part]
+                return part, self.store.gather(sessions, out=self._buffers.states, allow_view=True)
+            except SessionNotFound:
+                part = [r for r in part if r.session.live]
 
     def _run_prefill(self, reqs: list[_Request]) -> list:
         (r,) = reqs

@@ -108,6 +108,11 @@ def check_session_id(session_id) -> str:
     return session_id
 
 
+def _consecutive(slots: list[int]) -> bool:
+    """Non-empty, ascending by one: the rows are one block of the slab."""
+    return bool(slots) and slots[-1] - slots[0] == len(slots) - 1 and slots == sorted(slots)
+
+
 def check_consumed(consumed) -> int:
     """A commit's input count: an integer >= 0, else InvalidInput."""
     if isinstance(consumed, bool) or not isinstance(consumed, (int, np.integer)) or consumed < 0:
@@ -372,7 +377,7 @@ class SessionStore:
                 self._check_live(s)
             slots = [s._slot for s in sessions]
             B = len(slots)
-            if allow_view and B and slots[-1] - slots[0] == B - 1 and slots == sorted(slots):
+            if allow_view and _consecutive(slots):
                 return self._slab[slots[0] : slots[0] + B]
             if out is None:
                 return self._slab[slots]  # fancy indexing copies
@@ -392,15 +397,14 @@ class SessionStore:
             return None
         with self._lock:
             slots = [s._slot for s in sessions]
-            B = len(slots)
-            if not B or slots[-1] - slots[0] != B - 1 or slots != sorted(slots):
+            if not _consecutive(slots):
                 return None
             if not all(s._live and self._sessions.get(s._id) is s for s in sessions):
                 return None
             for s in sessions:
                 s._lent = True
-            self._lent += B
-            return self._slab[slots[0] : slots[0] + B]
+            self._lent += len(slots)
+            return self._slab[slots[0] : slots[0] + len(slots)]
 
     def return_rows(
         self, sessions: Sequence[Session], consumed: int
@@ -483,13 +487,8 @@ class SessionStore:
                 s._last_used = now
                 results.append(s._position)
             n = len(slots)
-            if (
-                n
-                and n == len(sessions)
-                and slots[-1] - slots[0] == n - 1
-                and slots == sorted(slots)
-            ):
-                self._slab[slots[0] : slots[0] + n] = new_states  # consecutive: one block copy
+            if n == len(sessions) and _consecutive(slots):
+                self._slab[slots[0] : slots[0] + n] = new_states  # one block copy
             elif n:
                 self._slab[slots] = new_states[rows] if n < len(sessions) else new_states
         return results
