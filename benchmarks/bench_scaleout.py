@@ -1,4 +1,4 @@
-"""Scale-out benchmark: replicas behind nginx sharing sessions through Redis (issue 10).
+"""Scale-out benchmark: replicas behind nginx sharing sessions through Redis.
 
 Three measurements, every process on this machine (deploy/localcluster.py: redis-server,
 N `ssmstream serve` replicas, nginx with deploy/nginx/nginx.conf):

@@ -9,8 +9,8 @@ bidi Stream, every client sends one token per request and waits for its response
 
 with batching on (--max-batch B, --max-batch-delay d) and off (--max-batch 1). The gRPC
 overhead ratio is  p50 per-token latency at 1 client ÷ p50 of a bare in-process
-`Engine.step` on one session (same model, same machine). Targets (issue 6): ratio ≤ 3 at
-1 client; tokens/s at 64 clients ≥ 4 × tokens/s at 1 client.
+`Engine.step` on one session (same model, same machine). Targets: the gRPC overhead
+ratio ≤ 3 at 1 client; tokens/s at 64 clients ≥ 4 × tokens/s at 1 client.
 
 The floor: the same clients against a bare grpc.aio echo server (`echo_server`: a
 StreamingInference whose Stream answers each request at once with a prebuilt StepResponse
@@ -352,7 +352,7 @@ def median_run(rs: list[Run]) -> Run:
 
 
 def summarize(bare: dict, runs: list[Run], echo_runs: list[Run] = ()) -> dict:
-    """The two issue-6 ratios, and the echo floor they are bounded by."""
+    """The gRPC overhead ratio and the 64-vs-1-client scaling, and the echo floor bounding them."""
     by = {(r.clients, r.batching): r for r in runs}
     echo = {r.clients: r for r in echo_runs}
     ones = [r for r in (by.get((1, True)), by.get((1, False))) if r]
