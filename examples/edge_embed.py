@@ -1,16 +1,23 @@
 """Embed an exported model in-process (edge): onnxruntime + numpy, no server, no torch.
 
-    ssmstream export ckpt/ --out model/
-    python examples/edge_embed.py model/ "The state space model"
+    ssmstream export examples/checkpoints/byte-lm --out /tmp/ssm-model
+    python examples/edge_embed.py /tmp/ssm-model "The state space model "
 
 The whole API an edge device needs:
 
+    import numpy as np
     from ssmstream.runtime import Engine
-    eng = Engine("model/")                       # CUDA when usable, else CPU
-    s = eng.new_state()                          # float32 [1, S]: the entire stream memory
-    out, s = eng.step(np.array([tok]), s)        # one token -> logits [1, V], next state
-    out, s = eng.prefill(np.array([prompt]), s)  # many tokens at once (chunked prefill graph)
-    for tok in eng.generate(prompt, state=s, max_new_tokens=64, temperature=0.8, seed=0): ...
+    eng = Engine("/tmp/ssm-model")                      # CUDA when usable, else CPU
+    prompt = list(b"The state space model ")           # byte-level: token = byte
+    s = eng.new_state()                                 # float32 [1, S]: the entire stream memory
+    out, s = eng.step(np.array([prompt[0]]), s)         # one token -> logits [1, V], next state
+    out, s = eng.prefill(np.array([prompt[1:-1]]), s)   # many tokens at once (chunked prefill)
+    new = list(eng.generate(prompt[-1:], state=s, max_new_tokens=64, temperature=0.8, seed=0))
+
+`generate(tokens, state=s)` feeds `tokens` first, then samples, and updates `s` in place, so
+a stream is continued by passing the tokens it has not seen yet: above, `s` holds every
+prompt byte but the last, and `new` equals a fresh `eng.generate(prompt, ...)` with the same
+seed. (Passing a token the state already holds would feed it twice.)
 
 A state is S float32 numbers whatever the stream length, so a device can keep thousands
 of streams, save one to disk (`s.tobytes()`), or branch one (`s.copy()`). For a loop that
@@ -36,14 +43,23 @@ from ssmstream.runtime import Engine
 log = logging.getLogger("edge_embed")
 
 
-def run_tokens(eng: Engine, text: str, max_new_tokens: int, temperature: float, seed: int) -> None:
+def run_tokens(
+    eng: Engine, text: str, max_new_tokens: int, temperature: float, seed: int
+) -> list[int]:
+    """Step `text` through the model, check prefill agrees, then continue the stream.
+
+    Returns:
+        the generated tokens: equal to a fresh `eng.generate(prompt, ...)` with the same
+        arguments, since the stream is continued from its state before the last prompt byte.
+    """
     prompt = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)  # [T] bytes
     if eng.vocab_size < 256:
         prompt %= eng.vocab_size  # a toy vocabulary: still runs, output is not text
     # 1. token by token: the recurrence, O(1) per token
-    s = eng.new_state()
+    s = eng.new_state()  # [1, S]
     t0 = time.perf_counter()
     for tok in prompt:
+        before = s  # the state before `tok`: step returns a new array
         logits, s = eng.step(np.array([tok]), s)  # [1, V], [1, S]
     per_token = (time.perf_counter() - t0) / len(prompt)
     # 2. the same prompt in one prefill call: the same state
@@ -55,16 +71,16 @@ def run_tokens(eng: Engine, text: str, max_new_tokens: int, temperature: float, 
     )  # fmt: skip
     top = np.argsort(-logits[0])[:3]
     log.info("next-token guesses after the prompt: %s", [int(t) for t in top])
-    # 3. generation continues this stream; `s` is updated in place to include every token
-    state = s[0].copy()  # [S]
-    out = bytearray()
-    for tok in eng.generate(
-        [int(prompt[-1])], state=state, max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed,
-    ):  # fmt: skip
-        out.append(tok % 256)
-    log.info("continuation: %r", out.decode("utf-8", errors="replace"))
+    # 3. continue the stream. generate() feeds the tokens it is given before it samples, so it
+    # starts from the state before the last byte and is given that byte; `state` is updated
+    # in place to include every token fed and generated.
+    state = before[0].copy()  # [S]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    new = [int(tok) for tok in eng.generate(prompt[-1:], state=state, **sampling)]
+    text_out = bytes(t % 256 for t in new).decode("utf-8", errors="replace")
+    log.info("continuation: %r", text_out)
     log.info("the stream's whole memory: %d bytes of state", state.nbytes)
+    return new
 
 
 def run_values(eng: Engine, steps: int) -> None:
