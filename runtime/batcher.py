@@ -48,8 +48,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engine import Engine
-from .errors import EngineFailure, InvalidInput, LimitExceeded, SessionNotFound, Unavailable
+from .errors import (
+    CorruptState,
+    EngineFailure,
+    InvalidInput,
+    LimitExceeded,
+    OutOfRange,
+    SessionNotFound,
+    Unavailable,
+)
 from .sessions import Session, SessionStore
+from .snapshots import MAX_POSITION
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +214,10 @@ class Batcher:
                 from the store (its owner is not checked again).
             inputs: tokens int [T] (a scalar is [1]) | values float [T, d_in]; T > 1 = prefill.
             principal: the caller, owner of the session.
-        Raises InvalidInput, SessionNotFound, LimitExceeded (session queue full),
-        Unavailable (closing / not started), EngineFailure. On any error the session's state
-        and position are unchanged.
+        Raises InvalidInput, SessionNotFound, LimitExceeded (session queue full), OutOfRange
+        (past the largest position), Unavailable (closing / not started), EngineFailure: the
+        session's state and position are unchanged. CorruptState: the step applied, but
+        its outputs are NaN / inf (the state it came from is unusable).
         """
         if self._closing or not self.running:
             raise Unavailable("batcher is not running (closing or not started)")
@@ -218,6 +228,12 @@ class Batcher:
         else:
             s = self.store.get(session, principal)
         x = self.engine.check_inputs(inputs, "inputs", lead="T")  # [T] | [T, d_in]
+        if s.position > MAX_POSITION - x.shape[0]:
+            raise OutOfRange(
+                "inputs",
+                f"session {s.id!r} is at position {s.position}; {x.shape[0]} more inputs pass "
+                f"the largest position, 2**63 - 1",
+            )
         loop = asyncio.get_running_loop()
         req = _Request(s, x, loop.create_future(), loop.time())
         sid = s.id
@@ -240,7 +256,13 @@ class Batcher:
         if not self._pump_soon:  # after the other requests of this loop iteration arrived
             self._pump_soon = True
             loop.call_soon(self._pump)
-        return await req.future
+        outputs, position = await req.future
+        if not np.isfinite(outputs).all():
+            raise CorruptState(
+                f"session {sid!r}: the model's outputs up to position {position} are NaN or inf; "
+                f"its state is unusable (close it, or restore a good snapshot)"
+            )
+        return outputs, position
 
     def _ready(self, req: _Request) -> None:
         (self._steps if req.T == 1 else self._prefills).append(req)

@@ -30,6 +30,7 @@ class ServerConfig:
     session_ttl: float = 600.0
     state_dir: str | None = None
     save_interval: float = 0.0
+    snapshot_key: str | None = None
     # scale-out: sessions shared by replicas
     state_store: str = "memory"
     persist_every: str = "100ms"
@@ -179,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.save_interval,
         help="also save sessions to --state-dir every this many seconds; 0: only at shutdown",
+    )
+    g.add_argument(
+        "--snapshot-key",
+        metavar="FILE",
+        default=d.snapshot_key,
+        help="file holding the key (>= 16 bytes) that signs snapshots and saved sessions "
+        "(HMAC-SHA256); default: DIR/snapshot.key of --state-dir (created on first start), "
+        "else one key per --state-store Redis, else a random key for this process only",
     )
     g = p.add_argument_group(
         "scale-out",

@@ -4,10 +4,13 @@
     InvalidInput       → INVALID_ARGUMENT   (message names the field)
     SessionNotFound    → NOT_FOUND          (unknown / closed / evicted: `reason` says which)
     LimitExceeded      → RESOURCE_EXHAUSTED (capacity, per-principal, sizes)
+    OutOfRange         → OUT_OF_RANGE       (a position past the largest one, 2**63 - 1)
     SessionBusy        → FAILED_PRECONDITION (already attached / a step in flight)
     Unavailable        → UNAVAILABLE        (draining)
     ModelError         → FAILED_PRECONDITION at load (bad manifest, sha mismatch, foreign snapshot)
     EngineFailure      → INTERNAL           (onnxruntime failed inside a batch)
+    CorruptState       → DATA_LOSS          (the model's outputs came out NaN / inf: the
+                                             step applied, the session's state is unusable)
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ class SessionNotFound(RuntimeErrorBase, KeyError):
 
 
 class LimitExceeded(RuntimeErrorBase):
+    pass
+
+
+class OutOfRange(RuntimeErrorBase):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class CorruptState(RuntimeErrorBase):
     pass
 
 

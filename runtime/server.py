@@ -43,6 +43,7 @@ from .config import ServerConfig, parse_config
 from .errors import RuntimeErrorBase
 from .metrics import ServerMetrics
 from .servicer import SERVICE_NAME, DecodeGuard, StreamingInferenceServicer
+from .snapshots import SnapshotKey
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,21 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
+    """--snapshot-key FILE, else DIR/snapshot.key of --state-dir; None: the store decides
+    (one key per Redis for a shared store, else a random key for this process)."""
+    if config.snapshot_key:
+        return SnapshotKey.from_file(config.snapshot_key)
+    if config.state_dir:
+        return SnapshotKey.in_dir(config.state_dir)
+    if config.state_store == "memory":
+        log.warning(
+            "snapshots are signed with a random key: they are valid until this server stops "
+            "(give --snapshot-key or --state-dir to keep them valid across restarts)"
+        )
+    return None
 
 
 class Server:
@@ -102,6 +118,7 @@ class Server:
             ttl=c.session_ttl,
             max_per_principal=c.max_sessions_per_principal or None,
             model_sha=info["step_sha256"],
+            snapshot_key=snapshot_key(c),
         )
         if c.state_store == "memory":
             self.store = SessionStore(**store_args)
@@ -147,12 +164,15 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        if credentials is None:
-            self.port = self._grpc.add_insecure_port(c.address)
-        else:
-            self.port = self._grpc.add_secure_port(c.address, credentials)
+        try:
+            if credentials is None:
+                self.port = self._grpc.add_insecure_port(c.address)
+            else:
+                self.port = self._grpc.add_secure_port(c.address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind to address …"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {c.address}")
+            raise OSError(f"cannot listen on {c.address}: address in use or not available here")
         await self._grpc.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -21,7 +21,6 @@ import functools
 import inspect
 import logging
 import math
-import struct
 import time
 
 import grpc
@@ -32,10 +31,12 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from .auth import current_principal
 from .config import ServerConfig
 from .errors import (
+    CorruptState,
     EngineFailure,
     InvalidInput,
     LimitExceeded,
     ModelError,
+    OutOfRange,
     RuntimeErrorBase,
     SessionBusy,
     SessionNotFound,
@@ -43,7 +44,8 @@ from .errors import (
 )
 from .metrics import ServerMetrics
 from .sampling import Sampler, SamplingConfig
-from .sessions import SESSION_ID_RE
+from .sessions import Session, check_session_id
+from .snapshots import snapshot_position
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,12 @@ STATUS_OF = (  # first match wins (ModelError before InvalidInput: both are Valu
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (SessionBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (EngineFailure, grpc.StatusCode.INTERNAL),
+    (CorruptState, grpc.StatusCode.DATA_LOSS),
 )
 
 
@@ -320,20 +324,16 @@ def request_ttl(value: float, field: str, max_ttl: float) -> float | None:
     return float(value)
 
 
-def optional_id(value: str) -> str | None:
-    return value or None
+def optional_id(value: str, field: str = "session_id") -> str | None:
+    """An optional client-chosen id: empty → None (the server picks one), else well-formed."""
+    return check_session_id(value, field) if value else None
 
 
 def session_ref(value: str, field: str = "session_id") -> str:
     """A request's reference to an existing session: present and well-formed."""
     if not value:
         raise InvalidInput(field, "is required")
-    if not SESSION_ID_RE.match(value):
-        raise InvalidInput(field, f"{value[:64]!r} is not a session id (1-128 of [A-Za-z0-9._:-])")
-    return value
-
-
-_SNAP_POSITION = struct.Struct("<8sIQQ")  # magic, version, S, position (sessions.py format)
+    return check_session_id(value, field)
 
 
 def sampling_config(req: pb.GenerateRequest, info: dict, max_new_tokens: int) -> SamplingConfig:
@@ -366,7 +366,9 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         self.config, self.metrics = config, metrics
         self.info = engine.info
         self.draining = False
-        self._attached: dict[str, str] = {}  # session id -> "Stream" | "Generate"
+        # (session id, incarnation) -> "Stream" | "Generate": an id reused after a close is
+        # another session, which an old Stream neither blocks nor reaches
+        self._attached: dict[tuple[str, str], str] = {}
         self._streams: dict[asyncio.Task, bool] = {}  # open Stream handler -> idle (awaiting)
         self._drain_cancelled: set[asyncio.Task] = set()
 
@@ -384,10 +386,10 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         if self.draining:
             raise Unavailable("server is shutting down; retry on the restarted server")
 
-    def _attach(self, session_id: str, rpc: str) -> None:
+    def _attach(self, s: Session, rpc: str) -> None:
         """Mark the session as driven by this Stream / Generate (until it ends)."""
-        self._check_detached(session_id)
-        self._attached[session_id] = rpc
+        self._check_detached(s)
+        self._attached[s.id, s.incarnation] = rpc
 
     def _discard(self, session_id: str, principal: str) -> None:
         """Close a session this server created for a request, if it is still there."""
@@ -402,10 +404,28 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         if not self.store.held(session_id):
             await asyncio.to_thread(self.store.fetch, session_id, principal)
 
-    def _check_detached(self, session_id: str) -> None:
-        holder = self._attached.get(session_id)
+    def _check_detached(self, s: Session) -> None:
+        holder = self._attached.get((s.id, s.incarnation))
         if holder is not None:
-            raise SessionBusy(f"session {session_id!r} is attached to an open {holder}")
+            raise SessionBusy(f"session {s.id!r} is attached to an open {holder}")
+
+    async def _session(self, session_id: str, principal: str) -> Session:
+        """The live session `session_id` of `principal`, held by this replica."""
+        await self._local(session_id, principal)
+        return self.store.get(session_id, principal)
+
+    async def _rebind(self, bound: Session, principal: str) -> Session:
+        """The session a Stream / Generate attached to, for its next step: NOT_FOUND once it
+        was closed or evicted, also when its id was taken by a new session meanwhile."""
+        if bound.live and self.store.held(bound.id):
+            return bound
+        try:
+            s = await self._session(bound.id, principal)
+        except SessionNotFound:
+            raise SessionNotFound(bound.id, "closed") from None
+        if s.incarnation != bound.incarnation:
+            raise SessionNotFound(bound.id, "closed")
+        return s
 
     # --- unary RPCs ---
 
@@ -438,10 +458,9 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         principal = current_principal()
         await self._local(session_ref(request.session_id), principal)
         data = self.store.snapshot(request.session_id, principal)
-        position = _SNAP_POSITION.unpack_from(data)[3]
         return pb.Snapshot(
             session_id=request.session_id,
-            position=position,
+            position=snapshot_position(data),
             model_sha256=self.store.model_sha,
             data=data,
         )
@@ -462,8 +481,9 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         self._check_open()
         parent, principal = session_ref(request.session_id), current_principal()
         await self._local(parent, principal)
+        new_id = optional_id(request.new_session_id, "new_session_id")
         try:
-            s = self.store.fork(parent, principal, optional_id(request.new_session_id))
+            s = self.store.fork(parent, principal, new_id)
         except InvalidInput as e:  # the parent id is checked above: this is about the new id
             if e.field != "session_id":
                 raise
@@ -478,10 +498,9 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         x = request_inputs(request, self.info, self.config.max_tokens_per_request)
         check_output_selection(request, self.info)
         principal = current_principal()
-        await self._local(request.session_id, principal)
-        self.store.get(request.session_id, principal)  # NOT_FOUND before FAILED_PRECONDITION
-        self._check_detached(request.session_id)
-        outputs, position = await self.batcher.step(request.session_id, x, principal)
+        s = await self._session(request.session_id, principal)  # NOT_FOUND first
+        self._check_detached(s)
+        outputs, position = await self.batcher.step(s, x, principal)
         resp = step_response(request.session_id, position, outputs, request)
         self.metrics.count_tokens("Step", len(x))
         self.metrics.observe_request("Step", time.perf_counter() - t0)
@@ -493,7 +512,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     async def Stream(self, request_iterator, context):
         task = asyncio.current_task()
         principal = current_principal()
-        session_id, created = None, False
+        session, created = None, False
         self._streams[task] = True
         try:
             async for req in request_iterator:
@@ -503,27 +522,26 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 self._check_open()
                 x = request_inputs(req, self.info, self.config.max_tokens_per_request)
                 check_output_selection(req, self.info)
-                if session_id is None:
+                if session is None:
                     created = not req.session_id
                     if created:
-                        sid = self.store.create(principal).id
+                        s = self.store.create(principal)
                     else:
-                        await self._local(session_ref(req.session_id), principal)
-                        sid = self.store.get(req.session_id, principal).id
-                    self._attach(sid, "Stream")
-                    session_id = sid
-                elif req.session_id and req.session_id != session_id:
+                        s = await self._session(session_ref(req.session_id), principal)
+                    self._attach(s, "Stream")
+                    session = s
+                elif req.session_id and req.session_id != session.id:
                     raise InvalidInput(
-                        "session_id", f"this stream is attached to {session_id!r}; open another"
+                        "session_id", f"this stream is attached to {session.id!r}; open another"
                     )
-                elif not self.store.held(session_id):  # shared store: lease lapsed or moved
-                    await self._local(session_id, principal)
+                else:
+                    session = await self._rebind(session, principal)
                 try:
-                    outputs, position = await self.batcher.step(session_id, x, principal)
-                    yield step_response(session_id, position, outputs, req)
+                    outputs, position = await self.batcher.step(session, x, principal)
+                    yield step_response(session.id, position, outputs, req)
                 except BaseException:  # also a cancel: the client never got the new id
                     if created:  # the request that created the session failed: undo both
-                        self._discard(session_id, principal)
+                        self._discard(session.id, principal)
                     raise
                 created = False
                 self.metrics.count_tokens("Stream", len(x))
@@ -542,8 +560,8 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         finally:
             self._streams.pop(task, None)
             self._drain_cancelled.discard(task)
-            if session_id is not None:
-                self._attached.pop(session_id, None)
+            if session is not None:
+                self._attached.pop((session.id, session.incarnation), None)
 
     @grpc_errors
     async def Generate(self, request, context):
@@ -565,21 +583,19 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         stop = set(request.stop_tokens)
         principal = current_principal()
         if request.session_id:
-            await self._local(session_ref(request.session_id), principal)
-            sid = self.store.get(request.session_id, principal).id
+            s = await self._session(session_ref(request.session_id), principal)
             temporary = False
-        elif request.keep_session:
-            sid, temporary = self.store.create(principal).id, False
         else:
-            sid, temporary = self.store.create(principal).id, True
+            s, temporary = self.store.create(principal), not request.keep_session
+        sid = s.id
         try:
-            self._attach(sid, "Generate")
+            self._attach(s, "Generate")
         except SessionBusy:
             if temporary:
                 self._discard(sid, principal)
             raise
         try:
-            outputs, position = await self.batcher.step(sid, prompt, principal)  # prefill
+            outputs, position = await self.batcher.step(s, prompt, principal)  # prefill
             self.metrics.count_tokens("Generate", len(prompt))
             for i in range(request.max_new_tokens):
                 t0 = time.perf_counter()
@@ -603,10 +619,11 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                     break
                 self._check_open()
                 x = np.array([token], dtype=np.int64)  # [1]
-                outputs, position = await self.batcher.step(sid, x, principal)
+                s = await self._rebind(s, principal)
+                outputs, position = await self.batcher.step(s, x, principal)
                 self.metrics.count_tokens("Generate", 1)
                 self.metrics.observe_request("Generate", time.perf_counter() - t0)
         finally:
-            self._attached.pop(sid, None)
+            self._attached.pop((s.id, s.incarnation), None)
             if temporary:
                 self._discard(sid, principal)

@@ -16,29 +16,24 @@ access); a closed or evicted id is remembered for a while so `get` can say why i
 is gone (`SessionNotFound.reason` = "unknown" | "closed" | "evicted"). A session is
 invisible to other principals (they get "unknown").
 
-Snapshot format (little endian), `snapshot` / `restore`:
+A session is also one *incarnation*: a random id given at create / restore / fork (and
+kept through save/load and the shared store), so a Stream bound to a session is never
+rebound to a new session that reuses a closed one's id.
 
-    magic b"SSMSNAP\\0" | u32 version | u64 S | u64 position | u16 len | model sha (ascii)
-    | float32 [S] state | sha256 of everything before (32 bytes)
-
-`save(dir)` writes every session to dir/sessions.bin (temp file + rename):
-
-    magic b"SSMSTOR\\0" | u32 version | u32 header length | JSON header
-    (model_sha, S, sessions: [{id, principal, position, ttl}]) | float32 [n, S] | sha256
+Snapshots (`snapshot` / `restore`) and the session file (`save` / `load`) are signed
+with the store's SnapshotKey: runtime/snapshots.py has their formats and checks.
 
 Dimension letters: S packed state size, B sessions in a batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
 import logging
 import math
 import os
 import re
-import struct
+import secrets
 import threading
 import time
 import uuid
@@ -49,18 +44,19 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput, LimitExceeded, ModelError, SessionNotFound
+from .snapshots import (
+    SnapshotKey,
+    check_state,
+    decode_session_file,
+    decode_snapshot,
+    encode_session_file,
+    encode_snapshot,
+)
 
 log = logging.getLogger(__name__)
 
-SNAP_MAGIC = b"SSMSNAP\0"
-STORE_MAGIC = b"SSMSTOR\0"
-SNAP_VERSION = 1
 STORE_FILE = "sessions.bin"
-_SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
-_STORE_HEAD = struct.Struct("<8sII")  # magic, version, JSON header length
-_DIGEST = 32  # sha256
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-MAX_POSITION = 2**63 - 1  # a restored position leaves room to count on (the wire has uint64)
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # used with fullmatch only
 
 
 class Session:
@@ -68,19 +64,30 @@ class Session:
 
     id: the session id; principal: its owner; slot: its row in the slab;
     position: inputs consumed; last_used: store clock time of the last access;
-    ttl: idle seconds before eviction (math.inf = never).
+    ttl: idle seconds before eviction (math.inf = never); incarnation: random, one per
+    create / restore / fork (an id reused after a close gets a new one).
     """
 
     __slots__ = (
         "_id", "_principal", "_slot", "_position", "_last_used", "_ttl", "_live", "_pins",
-        "_lent",
+        "_lent", "_incarnation",
     )  # fmt: skip
 
-    def __init__(self, id: str, principal: str, slot: int, position: int, now: float, ttl: float):
+    def __init__(
+        self,
+        id: str,
+        principal: str,
+        slot: int,
+        position: int,
+        now: float,
+        ttl: float,
+        incarnation: str | None = None,
+    ):
         self._id, self._principal, self._slot = id, principal, slot
         self._position, self._last_used, self._ttl = position, now, ttl
         self._live, self._pins = True, 0
         self._lent = False  # its slab row is being written in place (lend_rows)
+        self._incarnation = incarnation or secrets.token_hex(8)
 
     id = property(lambda self: self._id)
     principal = property(lambda self: self._principal)
@@ -89,6 +96,7 @@ class Session:
     last_used = property(lambda self: self._last_used)
     ttl = property(lambda self: self._ttl)
     live = property(lambda self: self._live, doc="False once closed or evicted")
+    incarnation = property(lambda self: self._incarnation)
 
     def __repr__(self) -> str:
         return (
@@ -97,13 +105,14 @@ class Session:
         )
 
 
-def check_session_id(session_id) -> str:
-    """A client-chosen session id: 1-128 characters of [A-Za-z0-9._:-], else InvalidInput."""
-    if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
+def check_session_id(session_id, field: str = "session_id") -> str:
+    """A session id: 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit
+    (the whole string: no trailing newline), else InvalidInput."""
+    if not isinstance(session_id, str) or not SESSION_ID_RE.fullmatch(session_id):
         raise InvalidInput(
-            "session_id",
+            field,
             f"must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit, "
-            f"got {session_id!r}",
+            f"got {(session_id[:64] if isinstance(session_id, str) else session_id)!r}",
         )
     return session_id
 
@@ -138,6 +147,8 @@ class SessionStore:
         max_per_principal: maximum live sessions per principal (None = no limit).
         model_sha: identifies the model the states belong to (Engine.info["step_sha256"]);
             snapshots and saved stores of another model are refused.
+        snapshot_key: signs and verifies snapshots and the session file (None: a random
+            key, valid for this store only).
         clock: a monotonic clock in seconds (tests pass a fake one).
         tombstones: how many closed/evicted ids to remember for `get`'s reason.
 
@@ -153,6 +164,7 @@ class SessionStore:
         model_sha: str = "",
         clock: Callable[[], float] = time.monotonic,
         tombstones: int = 65536,
+        snapshot_key: SnapshotKey | None = None,
     ):
         if (
             isinstance(state_size, bool)
@@ -181,6 +193,7 @@ class SessionStore:
         self.ttl = _check_ttl(ttl)
         self.max_per_principal = max_per_principal
         self.model_sha = model_sha
+        self.snapshot_key = snapshot_key or SnapshotKey.generate()
         self.clock = clock
         self._slab = np.zeros((self.capacity, self.state_size), dtype=np.float32)  # [capacity, S]
         # free slots as a min-heap: a new session takes the lowest, so live sessions stay
@@ -231,7 +244,12 @@ class SessionStore:
             ]
 
     def _new_session(
-        self, principal: str, session_id: str | None, ttl: float | None, position: int
+        self,
+        principal: str,
+        session_id: str | None,
+        ttl: float | None,
+        position: int,
+        incarnation: str | None = None,
     ) -> Session:
         """Check limits, take a zeroed slot, register. Caller holds the lock; no change on error."""
         if not isinstance(principal, str):
@@ -257,7 +275,7 @@ class SessionStore:
             )
         slot = heapq.heappop(self._free)
         self._slab[slot] = 0.0
-        s = Session(session_id, principal, slot, position, self.clock(), ttl)
+        s = Session(session_id, principal, slot, position, self.clock(), ttl, incarnation)
         self._sessions[session_id] = s
         self._per_principal[principal] += 1
         self._gone.pop(session_id, None)
@@ -514,50 +532,17 @@ class SessionStore:
         return self.pack_state(self._slab[s._slot], s._position)
 
     def pack_state(self, state: np.ndarray, position: int) -> bytes:
-        """A snapshot (format in the module docstring) of state [S] at `position`."""
-        sha = self.model_sha.encode("ascii")
-        head = _SNAP_HEAD.pack(SNAP_MAGIC, SNAP_VERSION, self.state_size, position, len(sha))
-        body = head + sha + state.astype("<f4", copy=False).tobytes()
-        return body + hashlib.sha256(body).digest()
+        """A signed snapshot (runtime/snapshots.py) of state [S] at `position`."""
+        return encode_snapshot(self.snapshot_key, self.model_sha, state, position)
 
     def snapshot(self, session_id: str, principal: str = "") -> bytes:
-        """The session's state and position as bytes (format in the module docstring)."""
+        """The session's state and position as signed bytes (runtime/snapshots.py)."""
         with self._lock:
             return self._pack(self.get(session_id, principal))
 
     def _unpack(self, data: bytes) -> tuple[int, np.ndarray]:
-        """Validate a snapshot -> (position, state [S]). Raises InvalidInput / ModelError."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidInput("snapshot", f"must be bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if len(data) < _SNAP_HEAD.size + _DIGEST or not data.startswith(SNAP_MAGIC):
-            raise InvalidInput("snapshot", "is not an ssmstream session snapshot")
-        if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
-            raise InvalidInput("snapshot", "is corrupt (checksum mismatch)")
-        _, version, S, position, sha_len = _SNAP_HEAD.unpack_from(data)
-        if version != SNAP_VERSION:
-            raise InvalidInput(
-                "snapshot", f"version {version} is not supported (want {SNAP_VERSION})"
-            )
-        if len(data) != _SNAP_HEAD.size + sha_len + 4 * S + _DIGEST:
-            raise InvalidInput("snapshot", "is corrupt (length does not match its header)")
-        if position > MAX_POSITION:
-            raise InvalidInput("snapshot", f"position {position} is out of range (> 2**63 - 1)")
-        o = _SNAP_HEAD.size
-        sha = data[o : o + sha_len].decode("ascii", errors="replace")
-        if sha != self.model_sha:
-            raise ModelError(
-                f"snapshot belongs to another model (sha {sha[:16]!r}…, "
-                f"this model {self.model_sha[:16]!r}…)"
-            )
-        if S != self.state_size:
-            raise ModelError(f"snapshot has state size {S}, this model has {self.state_size}")
-        state = np.frombuffer(data, dtype="<f4", count=S, offset=o + sha_len).astype(
-            np.float32
-        )  # [S]
-        if not np.isfinite(state).all():
-            raise InvalidInput("snapshot", "state contains NaN or inf")
-        return int(position), state
+        """Verify a snapshot -> (position, state [S]). Raises InvalidInput / ModelError."""
+        return decode_snapshot(self.snapshot_key, data, self.model_sha, self.state_size)
 
     def restore(
         self,
@@ -608,23 +593,21 @@ class SessionStore:
                 "model_sha": self.model_sha,
                 "state_size": self.state_size,
                 "sessions": [
-                    {"id": s._id, "principal": s._principal, "position": s._position, "ttl": s._ttl}
+                    {
+                        "id": s._id,
+                        "principal": s._principal,
+                        "position": s._position,
+                        "ttl": s._ttl,
+                        "incarnation": s._incarnation,
+                    }
                     for s in live
                 ],
             }
-            states = self._slab[[s._slot for s in live]].astype("<f4", copy=False)  # [n, S]
-        head = json.dumps(header, allow_nan=True).encode()
-        h = hashlib.sha256()
+            states = self._slab[[s._slot for s in live]]  # [n, S]
+        data = encode_session_file(self.snapshot_key, header, states)
         tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            for part in (
-                _STORE_HEAD.pack(STORE_MAGIC, SNAP_VERSION, len(head)),
-                head,
-                states.tobytes(),
-            ):
-                h.update(part)
-                f.write(part)
-            f.write(h.digest())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -642,36 +625,30 @@ class SessionStore:
         if not path.is_file():
             log.info("no saved sessions at %s", path)
             return 0
-        data = path.read_bytes()
-        if len(data) < _STORE_HEAD.size + _DIGEST or not data.startswith(STORE_MAGIC):
-            raise InvalidInput("state_dir", f"{path} is not an ssmstream session store")
-        if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
-            raise InvalidInput("state_dir", f"{path} is corrupt (checksum mismatch)")
-        _, version, hlen = _STORE_HEAD.unpack_from(data)
-        if version != SNAP_VERSION:
-            raise InvalidInput("state_dir", f"{path}: version {version} is not supported")
+        header, states = decode_session_file(self.snapshot_key, path.read_bytes(), path)
         try:
-            header = json.loads(data[_STORE_HEAD.size : _STORE_HEAD.size + hlen])
             S = int(header["state_size"])
             entries = [
-                (str(e["id"]), str(e["principal"]), int(e["position"]), _check_ttl(e["ttl"]))
+                (
+                    check_session_id(str(e["id"])),
+                    str(e["principal"]),
+                    int(e["position"]),
+                    _check_ttl(e["ttl"]),
+                    str(e["incarnation"]),
+                )
                 for e in header["sessions"]
             ]
         except (ValueError, KeyError, TypeError) as e:
-            raise InvalidInput("state_dir", f"{path}: bad header: {e}") from e
-        bad = [e[0] for e in entries if not SESSION_ID_RE.match(e[0]) or e[2] < 0]
-        if bad:
-            raise InvalidInput("state_dir", f"{path}: invalid session entries {bad[:5]}")
+            raise InvalidInput("state_dir", f"{path}: bad session entry: {e}") from e
+        for e, row in zip(entries, states):
+            check_state(row, e[2], "state_dir", f"{path}: session {e[0]!r}")
         if header.get("model_sha") != self.model_sha:
             raise ModelError(
                 f"{path} holds sessions of another model (sha {header.get('model_sha')!r})"
             )
         if S != self.state_size:
             raise ModelError(f"{path} has state size {S}, this model has {self.state_size}")
-        n, o = len(entries), _STORE_HEAD.size + hlen
-        if len(data) != o + 4 * n * S + _DIGEST:
-            raise InvalidInput("state_dir", f"{path} is corrupt (length does not match its header)")
-        states = np.frombuffer(data, dtype="<f4", count=n * S, offset=o).reshape(n, S)  # [n, S]
+        n = len(entries)
         with self._lock:
             ids = [e[0] for e in entries]
             clash = [i for i in ids if i in self._sessions]
@@ -692,8 +669,8 @@ class SessionStore:
                     raise LimitExceeded(
                         f"{path}: principals {over[:5]} would exceed max_per_principal"
                     )
-            for (sid, principal, position, ttl), row in zip(entries, states):
-                s = self._new_session(principal, sid, ttl, position)
+            for (sid, principal, position, ttl, incarnation), row in zip(entries, states):
+                s = self._new_session(principal, sid, ttl, position, incarnation)
                 self._slab[s._slot] = row
         log.info("loaded %d sessions from %s", n, path)
         return n

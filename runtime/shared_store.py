@@ -1,9 +1,10 @@
 """Sessions shared by replicas through Redis: any replica can continue any session.
 
-    replica A ─┐            {prefix}:s:{id}   hash  snap (sessions.py snapshot bytes: model
-    replica B ─┼─ Redis ──►                         sha, S, position, state, checksum),
-    replica C ─┘                                    principal, ttl, version
+    replica A ─┐            {prefix}:s:{id}   hash  snap (signed snapshot bytes: model sha,
+    replica B ─┼─ Redis ──►                         S, position, state; runtime/snapshots.py),
+    replica C ─┘                                    principal, ttl, version, incarnation
                             {prefix}:l:{id}   string  the replica id holding the lease (PX)
+                            {prefix}:snapshot-key   the key every replica signs with
 
 `SharedSessionStore` is a SessionStore (the in-memory slab stays the working copy) that
 also keeps every session in Redis:
@@ -29,7 +30,8 @@ also keeps every session in Redis:
   sessions continue elsewhere at once. Close and idle eviction delete the keys; a key
   also expires after the session's TTL.
 - Snapshots carry the model sha: a replica serving another model refuses them
-  (ModelError → FAILED_PRECONDITION).
+  (ModelError → FAILED_PRECONDITION). They are signed with one key per Redis (made by
+  the first replica, SET NX), unless every replica is given `--snapshot-key`.
 - Redis down: the store turns `degraded` (health and metrics say so), keeps serving the
   sessions it holds in memory (without leases), creates new ones locally, and refuses
   only what needs Redis (loading a session it does not hold: UNAVAILABLE). A background
@@ -52,6 +54,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -68,6 +71,7 @@ from .errors import (
     Unavailable,
 )
 from .sessions import Session, SessionStore, check_consumed, check_session_id
+from .snapshots import SnapshotKey
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +103,15 @@ for _, k in ipairs(KEYS) do
 end
 return 0
 """
-# KEYS session, lease; ARGV owner, expected version, snap, principal, ttl, expire ms (0: none).
+# KEYS session, lease; ARGV owner, expected version, snap, principal, ttl, expire ms (0: none),
+# incarnation.
 # The new version, or -1 (lease not ours) / -2 (version moved on: we are stale).
 _PUT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if v ~= tonumber(ARGV[2]) then return -2 end
 redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
-           'version', v + 1)
+           'version', v + 1, 'incarnation', ARGV[7])
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 return v + 1
@@ -191,8 +196,14 @@ class RedisBackend:
     def exists(self, session_id: str) -> bool:
         return bool(self.client.exists(self.key(session_id)))
 
+    def snapshot_key(self) -> bytes:
+        """The key all replicas sign snapshots with: made once per Redis (SET NX)."""
+        name = f"{self.prefix}:snapshot-key"
+        self.client.set(name, secrets.token_hex(32), nx=True)
+        return self.client.get(name)
+
     def load(self, session_id: str) -> dict | None:
-        """{snap, principal, ttl, version} or None."""
+        """{snap, principal, ttl, version, incarnation} or None."""
         h = self.client.hgetall(self.key(session_id))
         if not h or b"snap" not in h:
             return None
@@ -201,18 +212,19 @@ class RedisBackend:
             "principal": h[b"principal"].decode(),
             "ttl": float(h[b"ttl"]),
             "version": int(h[b"version"]),
+            "incarnation": h.get(b"incarnation", b"").decode() or None,
         }
 
     def put_many(self, items: Sequence[tuple], owner: str) -> list[int]:
-        """items: (session_id, expected version, snap, principal, ttl). New version or LOST/STALE
-        per item, in one pipelined round trip."""
+        """items: (session_id, expected version, snap, principal, ttl, incarnation). New version
+        or LOST/STALE per item, in one pipelined round trip."""
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
-            for sid, version, snap, principal, ttl in items:
+            for sid, version, snap, principal, ttl, incarnation in items:
                 expire_ms = 0 if math.isinf(ttl) else int(1000 * ttl) + 60_000
                 pipe.evalsha(  # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
                     self._put.sha, 2, self.key(sid), self.lease(sid),
-                    owner, version, snap, principal, repr(float(ttl)), expire_ms,
+                    owner, version, snap, principal, repr(float(ttl)), expire_ms, incarnation,
                 )  # fmt: skip
             try:
                 return [int(v) for v in pipe.execute()]
@@ -279,8 +291,11 @@ class SharedSessionStore(SessionStore):
         self._thread: threading.Thread | None = None
         try:
             self.backend.ping()
+            if kw.get("snapshot_key") is None:
+                self.snapshot_key = SnapshotKey(self.backend.snapshot_key())
         except self.backend.Error as e:
             self._degrade(e)
+            log.warning("snapshots are signed with a key of this replica only until restarted")
 
     # --- background thread -------------------------------------------------------------
 
@@ -432,6 +447,13 @@ class SharedSessionStore(SessionStore):
                 self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
                 self.shared_counts["relocks"] += 1
                 return
+            if s is not None and s._incarnation != rec["incarnation"]:
+                # closed elsewhere and created again under the same id: another session
+                if s._pins:
+                    raise SessionBusy(f"session {sid!r} was replaced on another replica; retry")
+                self._remove(s, "moved")  # our copy is gone; the key in Redis is the new one's
+                self._gone.pop(sid, None)
+                s = None
             if s is not None and s._pins:
                 raise SessionBusy(
                     f"session {sid!r} changed on another replica while a step of it is in "
@@ -442,7 +464,7 @@ class SharedSessionStore(SessionStore):
                 s._position = position
                 self._dirty.pop(sid, None)
             else:
-                s = self._new_session(principal, sid, rec["ttl"], position)
+                s = self._new_session(principal, sid, rec["ttl"], position, rec["incarnation"])
                 self._slab[s._slot] = state
                 self._counts["restored"] += 1
             self._version[sid] = rec["version"]
@@ -604,6 +626,7 @@ class SharedSessionStore(SessionStore):
                 self.pack_state(state, position),
                 s.principal,
                 s.ttl,
+                s.incarnation,
             )
             for s, state, position in items
         ]

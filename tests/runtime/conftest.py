@@ -80,6 +80,18 @@ def _export_tiny(request, tmp_path_factory, name: str, cfg: dict, seed: int) -> 
     return {"model_dir": model_dir, "ckpt_dir": ckpt_dir, "net": net, "config": net.cfg}
 
 
+SNAPSHOT_KEY = b"0123456789abcdef-test-snapshot-key"  # the key the test servers share
+
+
+@pytest.fixture(scope="session")
+def snapshot_key_file(tmp_path_factory) -> str:
+    """A --snapshot-key file holding SNAPSHOT_KEY (servers that share it accept each
+    other's snapshots)."""
+    path = tmp_path_factory.mktemp("key") / "snapshot.key"
+    path.write_bytes(SNAPSHOT_KEY + b"\n")
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_token_model(request, tmp_path_factory) -> dict:
     return _export_tiny(request, tmp_path_factory, "tokens", TINY_TOKEN, seed=0)

@@ -45,9 +45,10 @@ def engine(tiny_token_model):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_token_model):
+def server(tiny_token_model, snapshot_key_file):
     cfg = ServerConfig(
         model_dir=str(tiny_token_model["model_dir"]),
+        snapshot_key=snapshot_key_file,
         port=0,
         device="cpu",
         max_tokens_per_request=64,
@@ -425,12 +426,28 @@ def test_values_model_over_the_wire(tiny_signal_model):
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "token model" in msg
 
 
-def test_snapshot_of_another_model_is_refused(client, tiny_signal_model):
-    cfg = ServerConfig(model_dir=str(tiny_signal_model["model_dir"]), port=0, device="cpu")
+def test_snapshot_of_another_model_is_refused(client, tiny_signal_model, snapshot_key_file):
+    cfg = ServerConfig(
+        model_dir=str(tiny_signal_model["model_dir"]),
+        port=0,
+        device="cpu",
+        snapshot_key=snapshot_key_file,
+    )
     with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         snap = c.create_session().snapshot()
     code, msg = code_of(lambda: client.restore(snap))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "another model" in msg
+
+
+def test_snapshot_signed_with_another_key_is_refused(client, tiny_token_model):
+    cfg = ServerConfig(model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu")
+    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+        snap = c.create_session().snapshot()  # same model, this server's own random key
+    n = len(client.server_sessions()) if hasattr(client, "server_sessions") else None
+    code, msg = code_of(lambda: client.restore(snap))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert msg.startswith("snapshot: ") and "another server key" in msg
+    assert n is None
 
 
 def test_draining_refuses_new_work_and_ends_idle_streams(tiny_token_model):

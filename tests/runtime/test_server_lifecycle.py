@@ -17,6 +17,7 @@ from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.server import BackgroundServer
+from ssmstream.runtime.snapshots import SnapshotKey
 from ssmstream.runtime.sessions import SessionStore
 
 ATOL = 2e-4
@@ -108,7 +109,12 @@ def test_periodic_save_and_health_going_not_serving(tiny_token_model, tmp_path):
             s = c.create_session(session_id="saved")
             s.step(tokens=[1, 2, 3])
             time.sleep(0.4)  # a few save intervals, no shutdown
-            store = SessionStore(eng.state_size, 4, model_sha=eng.info["step_sha256"])
+            store = SessionStore(
+                eng.state_size,
+                4,
+                model_sha=eng.info["step_sha256"],
+                snapshot_key=SnapshotKey.in_dir(state_dir),
+            )
             assert store.load(state_dir) == 1 and store.get("saved", "anonymous").position == 3
             with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
                 watch = health_pb2_grpc.HealthStub(ch).Watch(

@@ -1,15 +1,36 @@
 """SessionStore: lifecycle and reasons, TTL with a fake clock, limits, commit atomicity,
-snapshot / restore / fork / save / load continuation, corrupt and foreign data refused."""
+snapshot / restore / fork / save / load continuation, corrupt, forged and foreign data
+refused (the signature is recomputed here with hmac, independently of runtime/snapshots)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import struct
 
 import numpy as np
 import pytest
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import InvalidInput, LimitExceeded, ModelError, SessionNotFound
-from ssmstream.runtime.sessions import STORE_FILE, SessionStore
+from ssmstream.runtime.sessions import STORE_FILE, SessionStore, check_session_id
+from ssmstream.runtime.snapshots import SnapshotKey
+
+SECRET = b"sessions-test-key-0123456789"
+KEY = SnapshotKey(SECRET)
+SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
+
+
+def forge(state: np.ndarray, position: int, sha: str, secret: bytes | None = SECRET,
+          version: int = 2) -> bytes:
+    """Snapshot bytes built by hand: signed with `secret` (None: v1's plain sha256)."""
+    s = sha.encode()
+    body = SNAP_HEAD.pack(b"SSMSNAP\0", version, state.shape[0], position, len(s)) + s
+    body += np.asarray(state, dtype="<f4").tobytes()
+    if secret is None:
+        return body + hashlib.sha256(body).digest()
+    body += hmac.new(secret, b"ssmstream snapshot key id", hashlib.sha256).digest()[:8]
+    return body + hmac.new(secret, body, hashlib.sha256).digest()
 
 
 class FakeClock:
@@ -27,6 +48,7 @@ def engine(toy_token_model):
 
 def make_store(engine, **kw) -> SessionStore:
     kw.setdefault("model_sha", engine.info["step_sha256"])
+    kw.setdefault("snapshot_key", KEY)
     return SessionStore(engine.state_size, **kw)
 
 
@@ -288,10 +310,10 @@ def test_corrupt_and_foreign_snapshots_are_refused_and_change_nothing(engine):
         assert e.value.field == "snapshot"
     with pytest.raises(InvalidInput):
         store.restore("not bytes")
-    foreign = SessionStore(engine.state_size, model_sha="f" * 64)
+    foreign = SessionStore(engine.state_size, model_sha="f" * 64, snapshot_key=KEY)
     with pytest.raises(ModelError, match="another model"):
         foreign.restore(data)
-    wrong_size = SessionStore(engine.state_size + 2, model_sha=store.model_sha)
+    wrong_size = SessionStore(engine.state_size + 2, model_sha=store.model_sha, snapshot_key=KEY)
     with pytest.raises(ModelError, match="state size"):
         wrong_size.restore(data)
     assert store.stats() == stats and len(store) == 1 and len(foreign) == 0
@@ -300,6 +322,71 @@ def test_corrupt_and_foreign_snapshots_are_refused_and_change_nothing(engine):
     with pytest.raises(LimitExceeded):
         full.restore(data)
     assert len(full) == 1
+
+
+def test_forged_unsigned_and_foreign_key_snapshots_are_refused(engine):
+    """The hand-built signature is accepted; a state or position edited afterwards, a v1
+    (sha256 only) snapshot and one signed with another key are each refused by name."""
+    store = make_store(engine, capacity=4)
+    sha, S = store.model_sha, engine.state_size
+    state = np.linspace(-1, 1, S, dtype=np.float32)
+    s = store.restore(forge(state, 7, sha))  # our own key, by hand: a valid snapshot
+    assert s.position == 7
+    np.testing.assert_array_equal(store.read(s), state)
+    good = forge(state, 7, sha)
+    head = SNAP_HEAD.size + len(sha)
+    huge = bytearray(good)
+    huge[head : head + 4] = np.float32(3e38).tobytes()  # a finite state that overflows
+    moved = bytearray(good)
+    moved[12:20] = struct.pack("<Q", 2**63 - 1)
+    cases = {
+        "tampered": bytes(huge),
+        "tampered ": bytes(moved),
+        "unsigned": forge(state, 7, sha, secret=None, version=1),
+        "another server key": forge(state, 7, sha, secret=b"someone-elses-key-123456"),
+    }
+    before = store.stats()
+    for words, data in cases.items():
+        with pytest.raises(InvalidInput, match=words.strip()) as e:
+            store.restore(data)
+        assert e.value.field == "snapshot"
+    assert store.stats() == before and len(store) == 1
+
+
+def test_signed_snapshots_are_checked_for_what_a_signature_cannot_vouch_for(engine):
+    store = make_store(engine)
+    S = engine.state_size
+    with pytest.raises(InvalidInput, match="NaN or inf"):
+        store.restore(forge(np.full(S, np.inf, np.float32), 1, store.model_sha))
+    top = store.restore(forge(np.zeros(S, np.float32), 2**63 - 1, store.model_sha))
+    assert top.position == 2**63 - 1  # the largest position: no step may follow (batcher)
+
+
+def test_session_ids_are_matched_whole():
+    for bad in ["abc\n", "\nabc", "a b", "", "-a", "a" * 129, "é"]:
+        with pytest.raises(InvalidInput, match="session_id"):
+            check_session_id(bad)
+    assert check_session_id("a" * 128) == "a" * 128
+    store = SessionStore(4, capacity=4)
+    with pytest.raises(InvalidInput, match="session_id"):
+        store.create(session_id="abc\n")
+    parent = store.create(session_id="p")
+    with pytest.raises(InvalidInput, match="session_id"):
+        store.fork(parent.id, new_id="q\n")
+    assert len(store) == 1
+
+
+def test_incarnations_differ_per_create_and_survive_save_load(engine, tmp_path):
+    store = make_store(engine)
+    a = store.create(session_id="same")
+    store.close("same")
+    b = store.create(session_id="same")
+    assert a.incarnation != b.incarnation and not a.live
+    store.save(tmp_path)
+    fresh = make_store(engine)
+    fresh.load(tmp_path)
+    assert fresh.get("same").incarnation == b.incarnation
+    assert store.fork("same").incarnation != b.incarnation
 
 
 def test_snapshot_with_nan_state_is_refused(engine):
@@ -344,7 +431,9 @@ def test_bad_saved_stores_are_refused_and_change_nothing(engine, tmp_path):
             target.load(tmp_path)
     (tmp_path / STORE_FILE).write_bytes(good)
     with pytest.raises(ModelError):
-        SessionStore(engine.state_size, model_sha="other").load(tmp_path)
+        SessionStore(engine.state_size, model_sha="other", snapshot_key=KEY).load(tmp_path)
+    with pytest.raises(InvalidInput, match="another server key"):
+        make_store(engine, snapshot_key=SnapshotKey.generate()).load(tmp_path)
     clash = make_store(engine)
     clash.create(session_id="one")
     with pytest.raises(InvalidInput, match="already live"):
@@ -412,7 +501,7 @@ def test_readers_wait_until_lent_rows_are_returned(tmp_path):
     write to end, then see the new state at its new position, never a half-written one."""
     import threading
 
-    store = SessionStore(4, capacity=8)
+    store = SessionStore(4, capacity=8, snapshot_key=KEY)
     s = store.create()
     rows = store.lend_rows([s])
     got, threads = {}, []
@@ -438,7 +527,7 @@ def test_readers_wait_until_lent_rows_are_returned(tmp_path):
     restored = store.restore(got["snapshot"])
     assert restored.position == 1
     np.testing.assert_array_equal(store.read(restored), np.full(4, 7.0, dtype=np.float32))
-    other = SessionStore(4, capacity=8)
+    other = SessionStore(4, capacity=8, snapshot_key=KEY)
     other.load(tmp_path)
     assert other.get(s.id).position == 1
     np.testing.assert_array_equal(other.read(other.get(s.id)), np.full(4, 7.0, dtype=np.float32))

@@ -1,0 +1,226 @@
+"""Signed session bytes: snapshots (`SnapshotSession`) and the session file (`--state-dir`).
+
+A session's state leaves the server in two forms, both signed with the server's key
+(HMAC-SHA256), so bytes that did not come from a server holding that key are refused:
+
+Snapshot (format version 2, little endian):
+
+    magic b"SSMSNAP\\0" | u32 version | u64 S | u64 position | u16 len | model sha (ascii)
+    | float32 [S] state | key id (8 bytes) | HMAC-SHA256(key, everything before) (32 bytes)
+
+Session file `sessions.bin`:
+
+    magic b"SSMSTOR\\0" | u32 version | u32 header length | JSON header
+    (model_sha, state_size, sessions: [{id, principal, position, ttl, incarnation}])
+    | float32 [n, S] | key id (8 bytes) | HMAC-SHA256(key, everything before) (32 bytes)
+
+key id = HMAC-SHA256(key, "ssmstream snapshot key id")[:8]: it tells bytes signed with
+another server's key from tampered bytes, and reveals nothing about the key.
+
+On the way in, each check names what failed: not ours (magic), unsigned (format version
+1), an unknown version, signed with another key, tampered (signature mismatch), a length
+that does not match the header; then what a signature cannot vouch for: another model
+(ModelError), a state that is not finite, a position beyond MAX_POSITION.
+
+The key: `--snapshot-key FILE`, else `snapshot.key` in `--state-dir` (created 0600 on
+first start), else the shared store's key (one per Redis, so every replica shares it),
+else a random key for this process only (snapshots then die with the process).
+
+Dimension letters: S packed state size, n sessions in a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInput, ModelError
+
+log = logging.getLogger(__name__)
+
+SNAP_MAGIC = b"SSMSNAP\0"
+STORE_MAGIC = b"SSMSTOR\0"
+VERSION = 2  # 1: sha256 checksum only (unsigned), refused
+KEY_FILE = "snapshot.key"
+MAX_POSITION = 2**63 - 1  # positions count on from here (the wire has uint64)
+MIN_KEY_BYTES = 16
+_SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
+_STORE_HEAD = struct.Struct("<8sII")  # magic, version, JSON header length
+_KEY_ID, _MAC = 8, 32
+_TRAILER = _KEY_ID + _MAC
+
+
+class SnapshotKey:
+    """The server's signing key. `sign(body)` appends key id + HMAC; `verify` checks them."""
+
+    def __init__(self, secret: bytes):
+        if not isinstance(secret, bytes) or len(secret) < MIN_KEY_BYTES:
+            raise InvalidInput("snapshot_key", f"must be at least {MIN_KEY_BYTES} bytes")
+        self._secret = secret
+        self.id = hmac.new(secret, b"ssmstream snapshot key id", hashlib.sha256).digest()[:_KEY_ID]
+
+    @classmethod
+    def generate(cls) -> SnapshotKey:
+        return cls(secrets.token_hex(32).encode())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> SnapshotKey:
+        """The key in a file (its bytes, surrounding whitespace stripped)."""
+        try:
+            secret = Path(path).read_bytes().strip()
+        except OSError as e:
+            raise InvalidInput("snapshot_key", f"cannot read {path}: {e.strerror}") from e
+        if len(secret) < MIN_KEY_BYTES:
+            raise InvalidInput(
+                "snapshot_key", f"{path} holds {len(secret)} bytes; use at least {MIN_KEY_BYTES}"
+            )
+        return cls(secret)
+
+    @classmethod
+    def in_dir(cls, directory: str | os.PathLike) -> SnapshotKey:
+        """The key kept in directory/snapshot.key, created (mode 0600) when missing."""
+        path = Path(directory) / KEY_FILE
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process made it meanwhile: use theirs
+                return cls.from_file(path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(32).encode() + b"\n")
+            log.info("created snapshot signing key %s", path)
+        return cls.from_file(path)
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._secret, body, hashlib.sha256).digest()
+
+    def sign(self, body: bytes) -> bytes:
+        """body | key id | HMAC(key, body | key id)."""
+        body += self.id
+        return body + self._mac(body)
+
+    def verify(self, data: bytes, field: str, what: str) -> bytes:
+        """The body of signed bytes, else InvalidInput naming the failed check."""
+        if len(data) < _TRAILER:
+            raise InvalidInput(field, _say(what, "is truncated"))
+        key_id = data[-_TRAILER:-_MAC]
+        if not hmac.compare_digest(key_id, self.id):
+            raise InvalidInput(
+                field, _say(what, "is signed with another server key (see --snapshot-key)")
+            )
+        if not hmac.compare_digest(self._mac(data[:-_MAC]), data[-_MAC:]):
+            raise InvalidInput(field, _say(what, "was tampered with (signature mismatch)"))
+        return data[:-_TRAILER]
+
+
+def _say(what: str, text: str) -> str:
+    return f"{what} {text}" if what else text
+
+
+def _check_version(version: int, field: str, what: str) -> None:
+    if version == 1:
+        raise InvalidInput(
+            field, _say(what, f"is unsigned (format version 1); this server needs {VERSION}")
+        )
+    if version != VERSION:
+        raise InvalidInput(
+            field, _say(what, f"has format version {version}, not supported (want {VERSION})")
+        )
+
+
+def check_state(state: np.ndarray, position: int, field: str, what: str = "") -> None:
+    """What a signature cannot vouch for: a finite state and a position in range."""
+    if not np.isfinite(state).all():
+        raise InvalidInput(field, _say(what, "has a state that contains NaN or inf"))
+    if not 0 <= position <= MAX_POSITION:
+        raise InvalidInput(
+            field, _say(what, f"has position {position}, out of range [0, 2**63 - 1]")
+        )
+
+
+# --- snapshots ------------------------------------------------------------------------------
+
+
+def encode_snapshot(key: SnapshotKey, model_sha: str, state: np.ndarray, position: int) -> bytes:
+    """A signed snapshot of state [S] at `position`."""
+    sha = model_sha.encode("ascii")
+    head = _SNAP_HEAD.pack(SNAP_MAGIC, VERSION, state.shape[0], position, len(sha))
+    return key.sign(head + sha + state.astype("<f4", copy=False).tobytes())
+
+
+def snapshot_position(data: bytes) -> int:
+    """The position in a snapshot this server made (no checks)."""
+    return _SNAP_HEAD.unpack_from(data)[3]
+
+
+def decode_snapshot(
+    key: SnapshotKey, data: bytes, model_sha: str, state_size: int
+) -> tuple[int, np.ndarray]:
+    """Verify a snapshot → (position, state float32 [S]).
+
+    Raises InvalidInput("snapshot", …) naming the failed check, or ModelError (another
+    model or state size).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInput("snapshot", f"must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < _SNAP_HEAD.size or not data.startswith(SNAP_MAGIC):
+        raise InvalidInput("snapshot", "is not an ssmstream session snapshot")
+    _, version, S, position, sha_len = _SNAP_HEAD.unpack_from(data)
+    _check_version(version, "snapshot", "")
+    body = key.verify(data, "snapshot", "")
+    o = _SNAP_HEAD.size
+    if len(body) != o + sha_len + 4 * S:
+        raise InvalidInput("snapshot", "length does not match its header")
+    sha = body[o : o + sha_len].decode("ascii", errors="replace")
+    if sha != model_sha:
+        raise ModelError(
+            f"snapshot belongs to another model (sha {sha[:16]!r}…, this model {model_sha[:16]!r}…)"
+        )
+    if S != state_size:
+        raise ModelError(f"snapshot has state size {S}, this model has {state_size}")
+    state = np.frombuffer(body, dtype="<f4", count=S, offset=o + sha_len).astype(np.float32)
+    check_state(state, position, "snapshot")
+    return int(position), state  # [S]
+
+
+# --- the session file -----------------------------------------------------------------------
+
+
+def encode_session_file(key: SnapshotKey, header: dict, states: np.ndarray) -> bytes:
+    """Signed session-file bytes: the JSON header and states float32 [n, S]."""
+    head = json.dumps(header, allow_nan=True).encode()
+    body = _STORE_HEAD.pack(STORE_MAGIC, VERSION, len(head)) + head
+    return key.sign(body + states.astype("<f4", copy=False).tobytes())
+
+
+def decode_session_file(key: SnapshotKey, data: bytes, path: Path) -> tuple[dict, np.ndarray]:
+    """Verify session-file bytes → (JSON header, states float32 [n, S]).
+
+    Raises InvalidInput("state_dir", …) naming the file and the failed check; the caller
+    checks the header's model, ids and limits.
+    """
+    what = str(path)
+    if len(data) < _STORE_HEAD.size or not data.startswith(STORE_MAGIC):
+        raise InvalidInput("state_dir", f"{what} is not an ssmstream session store")
+    _, version, hlen = _STORE_HEAD.unpack_from(data)
+    _check_version(version, "state_dir", what)
+    body = key.verify(data, "state_dir", what)
+    try:
+        header = json.loads(body[_STORE_HEAD.size : _STORE_HEAD.size + hlen])
+        S, n = int(header["state_size"]), len(header["sessions"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidInput("state_dir", f"{what}: bad header: {e}") from e
+    o = _STORE_HEAD.size + hlen
+    if len(body) != o + 4 * n * S:
+        raise InvalidInput("state_dir", f"{what}: length does not match its header")
+    states = np.frombuffer(body, dtype="<f4", count=n * S, offset=o).reshape(n, S)  # [n, S]
+    return header, states.astype(np.float32)
