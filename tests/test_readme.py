@@ -1,17 +1,28 @@
 """The README cannot rot: every `ssmstream …` command line in its shell blocks parses with the
-real CLI, and the block marked `<!-- readme-test: run -->` runs as written."""
+real CLI, the block marked `<!-- readme-test: run -->` (the tour's export) runs as written, and
+every ```python block runs as written, each as a script in its own empty directory.
+
+The Python blocks use what the tour makes: its export in /tmp/ssm-model and its server on
+127.0.0.1:50051. Here the export goes to a temp directory and the server (`ssmstream serve` of
+that export) to a free port; those two strings are the only change made to a block before it
+runs."""
 
 import importlib
+import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+TOUR_MODEL = "/tmp/ssm-model"  # where the tour exports to
+TOUR_SERVER = "127.0.0.1:50051"  # where the tour serves it
 PARSERS = {  # subcommand -> module with build_parser()
     "train": "ssmstream.model.train",
     "export": "ssmstream.export.cli",
@@ -63,12 +74,91 @@ def test_readme_command_parses(argv):
     parser.parse_args(argv[1:])  # SystemExit (a failed test) on an unknown flag or bad value
 
 
-def test_readme_run_block_runs(tmp_path):
+def python_blocks(text: str) -> list[str]:
+    """The source of each ```python block."""
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+BLOCKS = python_blocks(README)
+
+
+def _cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "ssmstream.runtime.cli", *argv]
+
+
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory) -> tuple[Path, list[tuple[str, subprocess.CompletedProcess]]]:
+    """The run block with its model directory in a temp dir: (model dir, [(line, result)]),
+    up to the first command that fails."""
+    model = tmp_path_factory.mktemp("tour") / "ssm-model"
     (run_lines,) = [lines for run, lines in shell_blocks(README) if run]
+    done = []
     for line in run_lines:
-        argv = ssmstream_argv(line.replace("/tmp/ssm-model", str(tmp_path / "model")))
-        r = subprocess.run(
-            [sys.executable, "-m", "ssmstream.runtime.cli", *argv],
-            capture_output=True, text=True, timeout=300, cwd=ROOT,
-        )  # fmt: skip
+        argv = ssmstream_argv(line.replace(TOUR_MODEL, str(model)))
+        r = subprocess.run(_cli(*argv), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        done.append((line, r))
+        if r.returncode != 0:
+            break
+    return model, done
+
+
+def test_readme_run_block_runs(tour):
+    _, done = tour
+    for line, r in done:
         assert r.returncode == 0, f"{line}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def tour_model(tour) -> Path:
+    model, done = tour
+    if any(r.returncode != 0 for _, r in done):
+        pytest.fail("the tour's export failed (see test_readme_run_block_runs)")
+    return model
+
+
+@pytest.fixture(scope="module")
+def tour_server(tour_model, tmp_path_factory):
+    """`ssmstream serve` of the tour's export on a free port; yields its address."""
+    work = tmp_path_factory.mktemp("serve")
+    port_file = work / "port.json"
+    with open(work / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            _cli("serve", str(tour_model), "--port", "0", "--port-file", str(port_file)),
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.is_file():
+            assert proc.poll() is None, (work / "server.log").read_text()
+            assert time.monotonic() < deadline, "the server did not report its port"
+            time.sleep(0.05)
+        yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_readme_python_blocks_use_the_tour():
+    assert len(BLOCKS) >= 3
+    assert any(TOUR_MODEL in b for b in BLOCKS) and any(TOUR_SERVER in b for b in BLOCKS)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.splitlines()[-1][:50] for b in BLOCKS])
+def test_readme_python_block_runs(block, request, tmp_path):
+    code = block
+    if TOUR_MODEL in code:
+        code = code.replace(TOUR_MODEL, str(request.getfixturevalue("tour_model")))
+    if TOUR_SERVER in code:
+        code = code.replace(TOUR_SERVER, request.getfixturevalue("tour_server"))
+    script = tmp_path / "block.py"
+    script.write_text(code)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=work
+    )
+    assert r.returncode == 0, f"{block}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
