@@ -180,8 +180,20 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
         slimmed = onnxslim.slim(model)
     before = (len(model.graph.node), model.ByteSize())
     after = (len(slimmed.graph.node), slimmed.ByteSize())
-    log.info("onnxslim: nodes %d -> %d, bytes %d -> %d", *before[:1], after[0], before[1], after[1])
-    return slimmed if after[0] <= before[0] and after[1] <= before[1] * 1.05 else model
+    keep = after[0] <= before[0] and after[1] <= before[1] * 1.05
+    why = "kept the slimmed graph" if keep else (
+        "kept the original graph: the slimmed one has more nodes" if after[0] > before[0]
+        else "kept the original graph: the slimmed one is over 5% larger (constants folded in)"
+    )  # fmt: skip
+    log.info(
+        "onnxslim: nodes %d -> %d, bytes %d -> %d; %s",
+        before[0],
+        after[0],
+        before[1],
+        after[1],
+        why,
+    )
+    return slimmed if keep else model
 
 
 # --- in-place steps ------------------------------------------------------------------
@@ -485,6 +497,9 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
 
 def _commit(tmp: Path, out_dir: Path) -> None:
     """Rename tmp into out_dir (replacing an existing one only after the new one is complete)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the model dir follows the umask
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")

@@ -88,9 +88,9 @@ class TokenTable:
                 continue
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
-            scheme, _, token = value.partition(" ")  # exactly "Bearer <token>": no padding
-            if scheme.lower() == "bearer" and token:
-                return self.principal(token)
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return self.principal(token.strip())
             return None
         return None
 

@@ -638,7 +638,9 @@ class Engine:
         """Stream sampled tokens after `prompt` (token models only).
 
         Args:
-            prompt: at least one token id (to continue a stream, send its last token).
+            prompt: at least one token id not yet fed to `state` (sampling starts from
+                the logits of the last one). To continue after a generate, send its last
+                yielded token: the state holds everything before it.
             state: None (start from zeros) or a float32 [S] / [1, S] array, updated in place:
                 once iteration has started and the iterator ends or is closed, it holds the
                 state after the prompt and every token yielded (the step for the last one

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -64,6 +65,20 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+def check_bindable(host: str, port: int) -> None:
+    """OSError naming the address when nothing can listen on it (port 0: any port will do)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
+            s.bind(addr)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
@@ -107,6 +122,7 @@ class Server:
         from .sessions import SessionStore
 
         c = self.config
+        check_bindable(c.host, c.port)  # before the slow parts, and without grpc's own log
         tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
         credentials = server_credentials(c)
         if self.engine is None:

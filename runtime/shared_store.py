@@ -54,7 +54,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import socket
 import threading
 import time
@@ -196,10 +195,11 @@ class RedisBackend:
     def exists(self, session_id: str) -> bool:
         return bool(self.client.exists(self.key(session_id)))
 
-    def snapshot_key(self) -> bytes:
-        """The key all replicas sign snapshots with: made once per Redis (SET NX)."""
+    def snapshot_key(self, proposed: bytes) -> bytes:
+        """The key all replicas sign snapshots with: the first replica's proposal (SET NX),
+        proposed again by each replica whose Redis came back empty."""
         name = f"{self.prefix}:snapshot-key"
-        self.client.set(name, secrets.token_hex(32), nx=True)
+        self.client.set(name, proposed, nx=True)
         return self.client.get(name)
 
     def load(self, session_id: str) -> dict | None:
@@ -289,13 +289,12 @@ class SharedSessionStore(SessionStore):
         self.shared_counts: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._own_key = kw.get("snapshot_key") is None  # else every replica got --snapshot-key
         try:
             self.backend.ping()
-            if kw.get("snapshot_key") is None:
-                self.snapshot_key = SnapshotKey(self.backend.snapshot_key())
+            self._share_key()
         except self.backend.Error as e:
             self._degrade(e)
-            log.warning("snapshots are signed with a key of this replica only until restarted")
 
     # --- background thread -------------------------------------------------------------
 
@@ -346,9 +345,18 @@ class SharedSessionStore(SessionStore):
                 len(self),
             )
 
+    def _share_key(self) -> None:
+        """Sign with the key kept in Redis (proposing ours: a restarted, empty Redis gets
+        back the key this replica's sessions are signed with)."""
+        if self._own_key:
+            secret = self.backend.snapshot_key(self.snapshot_key.secret)
+            if secret != self.snapshot_key.secret:
+                self.snapshot_key = SnapshotKey(secret)
+
     def _try_recover(self) -> None:
         try:
             self.backend.ping()
+            self._share_key()
         except self.backend.Error:
             return
         with self._lock:

@@ -64,7 +64,7 @@ class SnapshotKey:
     def __init__(self, secret: bytes):
         if not isinstance(secret, bytes) or len(secret) < MIN_KEY_BYTES:
             raise InvalidInput("snapshot_key", f"must be at least {MIN_KEY_BYTES} bytes")
-        self._secret = secret
+        self.secret = secret
         self.id = hmac.new(secret, b"ssmstream snapshot key id", hashlib.sha256).digest()[:_KEY_ID]
 
     @classmethod
@@ -100,7 +100,7 @@ class SnapshotKey:
         return cls.from_file(path)
 
     def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self._secret, body, hashlib.sha256).digest()
+        return hmac.new(self.secret, body, hashlib.sha256).digest()
 
     def sign(self, body: bytes) -> bytes:
         """body | key id | HMAC(key, body | key id)."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -20,8 +23,15 @@ CLI_EXPORT = ["--chunk", str(EXPORT["chunk"]), "--max-chunks", str(EXPORT["max_c
 
 def test_export_cli_writes_a_verified_model(token_ckpt, token_model, tmp_path, capsys):
     out = tmp_path / "cli_model"
-    rc = export_cli.main([str(token_ckpt), "--out", str(out), "--name", "cli", "-q", *CLI_EXPORT])
+    umask = os.umask(0o027)
+    try:
+        rc = export_cli.main(
+            [str(token_ckpt), "--out", str(out), "--name", "cli", "-q", *CLI_EXPORT]
+        )
+    finally:
+        os.umask(umask)
     assert rc == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # the umask's, not mkdtemp's 0700
     m = load_manifest(out)
     assert m["name"] == "cli" and m["parity"]["passed"] and "prefill" in m["graphs"]
     # same network and options -> the same graphs as the fixture's export
@@ -91,3 +101,32 @@ def test_info_errors_and_modified_graph(token_model, tmp_path, capsys):
     (tmp_path / "m" / "step.onnx").write_bytes(b"x")
     assert info.main([str(tmp_path / "m")]) == 0
     assert "MODIFIED" in capsys.readouterr().out
+
+
+def test_onnxslim_log_says_which_graph_was_kept(monkeypatch, caplog):
+    """A slimmed graph with fewer nodes but 10% more bytes is not kept, and the log says so."""
+    import onnx
+    import onnxslim
+    from onnx import TensorProto, helper
+    from ssmstream.export.exporter import slim
+
+    def graph(n_nodes: int, pad: int) -> onnx.ModelProto:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        nodes = [helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"]) for i in range(n_nodes)]
+        nodes[0].input[0] = "x"
+        y = helper.make_tensor_value_info(f"t{n_nodes}", TensorProto.FLOAT, [1])
+        g = helper.make_graph(nodes, "g", [x], [y])
+        g.doc_string = "p" * pad
+        return helper.make_model(g)
+
+    original, bigger = graph(4, 0), graph(2, 4000)
+    monkeypatch.setattr(onnxslim, "slim", lambda m: bigger)
+    with caplog.at_level(logging.INFO, logger="ssmstream.export.exporter"):
+        assert slim(original) is original
+    assert "nodes 4 -> 2" in caplog.text and "kept the original graph" in caplog.text
+    smaller = graph(2, 0)
+    monkeypatch.setattr(onnxslim, "slim", lambda m: smaller)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ssmstream.export.exporter"):
+        assert slim(original) is smaller
+    assert "kept the slimmed graph" in caplog.text

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import importlib.util
 import struct
 import sys
@@ -49,7 +50,9 @@ def _runtime_conftest():
 build_toy = _runtime_conftest().build_toy
 
 ATOL = RTOL = 1e-4  # ORT float32 vs the float64 reference over the short sequences used here
-SNAP_HEAD = struct.Struct("<8sIQQH")  # documented in runtime/sessions.py
+SNAP_HEAD = struct.Struct("<8sIQQH")  # documented in runtime/snapshots.py
+SECRET = b"reliability-suite-snapshot-key"  # the --snapshot-key of the servers of `serve`
+_KEY_FILE: list[Path] = []
 
 
 # --- the independent computation ------------------------------------------------------------
@@ -91,25 +94,46 @@ class Ref:
         return tokens
 
 
-def decode_snapshot(data: bytes) -> tuple[int, np.ndarray, str]:
+def decode_snapshot(data: bytes, secret: bytes | None = None) -> tuple[int, np.ndarray, str]:
     """SnapshotSession bytes → (position, state float32 [S], model sha), parsed per the
-    format documented in runtime/sessions.py (magic, version, S, position, sha, state, sha256)."""
+    format documented in runtime/snapshots.py (magic, version 2, S, position, sha, state,
+    key id, HMAC-SHA256); the HMAC is checked when `secret` is given."""
     magic, version, S, position, sha_len = SNAP_HEAD.unpack_from(data)
-    assert magic == b"SSMSNAP\0" and version == 1
-    assert hashlib.sha256(data[:-32]).digest() == data[-32:], "snapshot checksum"
+    assert magic == b"SSMSNAP\0" and version == 2
     o = SNAP_HEAD.size
+    assert len(data) == o + sha_len + 4 * S + 8 + 32, "snapshot length"
+    if secret is not None:
+        mac = hmac.new(secret, data[:-32], hashlib.sha256).digest()
+        assert hmac.compare_digest(mac, data[-32:]), "snapshot signature"
     sha = data[o : o + sha_len].decode("ascii")
     state = np.frombuffer(data, dtype="<f4", count=S, offset=o + sha_len).astype(np.float32)
     return int(position), state, sha
 
 
-def make_snapshot(position: int, state: np.ndarray, sha: str, version: int = 1) -> bytes:
-    """Snapshot bytes with a valid checksum (to forge well-formed but wrong snapshots)."""
+def make_snapshot(
+    position: int, state: np.ndarray, sha: str, version: int = 2, secret: bytes | None = SECRET
+) -> bytes:
+    """Snapshot bytes signed with `secret` (the servers' key: to forge well-formed but wrong
+    snapshots), or with v1's plain sha256 checksum when secret is None."""
     s = sha.encode("ascii")
     state = np.asarray(state, dtype="<f4")  # [S]
     body = SNAP_HEAD.pack(b"SSMSNAP\0", version, state.shape[0], position, len(s)) + s
     body += state.tobytes()
-    return body + hashlib.sha256(body).digest()
+    if secret is None:
+        return body + hashlib.sha256(body).digest()
+    body += hmac.new(secret, b"ssmstream snapshot key id", hashlib.sha256).digest()[:8]
+    return body + hmac.new(secret, body, hashlib.sha256).digest()
+
+
+def key_file() -> str:
+    """A file holding SECRET, for --snapshot-key."""
+    if not _KEY_FILE:
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="ssm-key-")) / "snapshot.key"
+        path.write_bytes(SECRET)
+        _KEY_FILE.append(path)
+    return str(_KEY_FILE[0])
 
 
 def assert_matches(client_session, ref: Ref, atol: float = ATOL) -> None:
@@ -130,6 +154,8 @@ def serve(model: dict, **overrides) -> Iterator:
 
     kw = dict(port=0, device="cpu", threads=1, grace=0.2, max_batch_delay=0.001)
     kw.update(overrides)
+    if not kw.get("state_dir"):
+        kw.setdefault("snapshot_key", key_file())
     cfg = ServerConfig(model_dir=str(model["model_dir"]), **kw)
     with BackgroundServer(cfg) as srv:
         yield srv

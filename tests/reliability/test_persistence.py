@@ -23,6 +23,7 @@ from grpc_helpers import ServerProcess
 from rel_helpers import Ref, code_of, decode_snapshot
 from ssmstream.runtime.client import Client
 from ssmstream.runtime.sessions import STORE_FILE, SessionStore
+from ssmstream.runtime.snapshots import SnapshotKey
 
 ALICE, BOB = "tok-alice-5d1c0e9b", "tok-bob-c4a0e27f"
 WRONG = "tok-wrong-0f9e8d7c"
@@ -138,8 +139,10 @@ def test_sigterm_under_load_persists_every_acknowledged_step(toy, tmp_path):
 
 def saved_positions(state_dir, toy) -> dict[str, int]:
     """Positions in state_dir/sessions.bin as a fresh store loads them ({} if none/unreadable)."""
-    store = SessionStore(toy["S"], 64, model_sha=_sha(toy))
     try:
+        store = SessionStore(
+            toy["S"], 64, model_sha=_sha(toy), snapshot_key=SnapshotKey.in_dir(state_dir)
+        )
         store.load(state_dir)
     except ValueError:  # being replaced right now: try again later
         return {}
@@ -197,7 +200,8 @@ TEAR = textwrap.dedent(
     from ssmstream.runtime import sessions
 
     state_dir, S, sha = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    store = sessions.SessionStore(S, 8, model_sha=sha)
+    key = sessions.SnapshotKey.in_dir(state_dir)
+    store = sessions.SessionStore(S, 8, model_sha=sha, snapshot_key=key)
     s = store.create("anonymous", "kept")
     store.commit(s, np.arange(S, dtype=np.float32) / S, 5)
     store.save(state_dir)                                  # the last good save
@@ -251,7 +255,8 @@ def test_a_save_torn_by_sigkill_is_ignored_and_the_last_good_one_loads(toy, tmp_
 
 def test_a_corrupt_state_file_stops_the_start_and_is_kept(toy, tmp_path):
     state_dir = tmp_path / "state"
-    store = SessionStore(toy["S"], 4, model_sha=_sha(toy))
+    key = SnapshotKey.in_dir(state_dir)
+    store = SessionStore(toy["S"], 4, model_sha=_sha(toy), snapshot_key=key)
     store.create("anonymous", "precious")
     path = store.save(state_dir)
     data = bytearray(path.read_bytes())
@@ -260,7 +265,7 @@ def test_a_corrupt_state_file_stops_the_start_and_is_kept(toy, tmp_path):
     with pytest.raises(RuntimeError, match="server exited 2") as e:
         ServerProcess(toy["model_dir"], "--state-dir", str(state_dir), "--device", "cpu",
                       workdir=tmp_path)  # fmt: skip
-    assert "state_dir" in str(e.value) and "checksum" in str(e.value)
+    assert "state_dir" in str(e.value) and "tampered" in str(e.value)
     assert path.read_bytes() == bytes(data), "the refused file must be left for an operator"
 
 
@@ -268,7 +273,8 @@ def test_overlapping_saves_do_not_tear_the_file(toy, tmp_path):
     """The server's shutdown save can start while a periodic save still runs (a thread):
     concurrent saves must neither fail nor leave a corrupt file."""
     S = 4096
-    store = SessionStore(S, 64, model_sha="m")
+    key = SnapshotKey.generate()
+    store = SessionStore(S, 64, model_sha="m", snapshot_key=key)
     for i in range(64):
         s = store.create("p", f"s{i}")
         store.commit(s, np.full(S, i, dtype=np.float32), i)
@@ -287,7 +293,7 @@ def test_overlapping_saves_do_not_tear_the_file(toy, tmp_path):
     for t in threads:
         t.join(60)
     assert not errors, errors[:3]
-    loaded = SessionStore(S, 64, model_sha="m")
+    loaded = SessionStore(S, 64, model_sha="m", snapshot_key=key)
     assert loaded.load(tmp_path) == 64
     for i in range(64):
         s = loaded.get(f"s{i}", "p")

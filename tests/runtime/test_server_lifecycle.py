@@ -17,8 +17,8 @@ from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.server import BackgroundServer
-from ssmstream.runtime.snapshots import SnapshotKey
 from ssmstream.runtime.sessions import SessionStore
+from ssmstream.runtime.snapshots import SnapshotKey
 
 ATOL = 2e-4
 

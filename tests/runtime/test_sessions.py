@@ -21,8 +21,9 @@ KEY = SnapshotKey(SECRET)
 SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
 
 
-def forge(state: np.ndarray, position: int, sha: str, secret: bytes | None = SECRET,
-          version: int = 2) -> bytes:
+def forge(
+    state: np.ndarray, position: int, sha: str, secret: bytes | None = SECRET, version: int = 2
+) -> bytes:
     """Snapshot bytes built by hand: signed with `secret` (None: v1's plain sha256)."""
     s = sha.encode()
     body = SNAP_HEAD.pack(b"SSMSNAP\0", version, state.shape[0], position, len(s)) + s
