@@ -1,6 +1,7 @@
 """ServerConfig: every setting of `ssmstream serve`, one dataclass, one flag per field.
 
-`build_parser()` maps flags onto the fields (the `--help` text is the reference);
+Each field carries its flag in its metadata (help, `--help` group, metavar, choices) and
+`build_parser()` builds the parser from `dataclasses.fields`, so a setting is declared once;
 `ServerConfig.__post_init__` validates them and names the offending field, so a config
 built in Python (tests, benchmarks, embedding) is checked the same way as one from argv.
 
@@ -12,48 +13,150 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
+
+GROUPS: dict[str, str | None] = {  # flag groups of `--help`, in order: title -> description
+    "network": None,
+    "engine": None,
+    "sessions": None,
+    "scale-out": (
+        "Several replicas behind a sticky gRPC proxy (deploy/) share sessions through Redis: "
+        "any replica can continue any session."
+    ),
+    "batching": None,
+    "limits": None,
+    "security": None,
+    "operations": None,
+}
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _option(default, group: str | None, help: str, **argparse_kwargs):
+    """A ServerConfig field with a default and its `--flag` in `--help` group `group`.
+
+    `argparse_kwargs` (metavar, choices) go to `add_argument` as they are.
+    """
+    return field(default=default, metadata={"group": group, "help": help, **argparse_kwargs})
 
 
 @dataclass
 class ServerConfig:
-    """Settings of one gRPC server process (see `build_parser` for each flag's help)."""
+    """Settings of one gRPC server process; each field's metadata is its flag's help."""
 
-    model_dir: str
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: str = "auto"
-    threads: int | None = None
-    # sessions
-    max_sessions: int = 1024
-    max_sessions_per_principal: int = 0
-    session_ttl: float = 600.0
-    state_dir: str | None = None
-    save_interval: float = 0.0
-    snapshot_key: str | None = None
-    # scale-out: sessions shared by replicas
-    state_store: str = "memory"
-    persist_every: str = "100ms"
-    lease_ttl: float = 3.0
-    replica_id: str | None = None
-    # batching
-    max_batch: int = 64
-    max_batch_delay: float = 0.002
-    # request limits
-    max_tokens_per_request: int = 4096
-    max_new_tokens: int = 4096
-    max_message_bytes: int = 4 * 1024 * 1024
-    max_concurrent_rpcs: int = 0
-    # security
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_tokens: str | None = None
-    # operations
-    metrics_port: int | None = None
-    grace: float = 10.0
-    port_file: str | None = None
-    log_level: str = "INFO"
+    model_dir: str = field(
+        metadata={"group": None, "help": "exported model directory (from `ssmstream export`)"}
+    )
+    host: str = _option(
+        "127.0.0.1", "network", "address to bind; use 0.0.0.0 to listen on all interfaces"
+    )
+    port: int = _option(50051, "network", "gRPC port; 0 picks a free one")
+    device: str = _option(
+        "auto",
+        "engine",
+        "execution provider: auto uses CUDA when it is usable, else CPU",
+        choices=DEVICES,
+    )
+    threads: int | None = _option(
+        None,
+        "engine",
+        "onnxruntime intra-op threads (default: all cores available to this process)",
+    )
+    max_sessions: int = _option(1024, "sessions", "state slots (sessions in all)")
+    max_sessions_per_principal: int = _option(
+        0, "sessions", "open sessions one principal may hold; 0: no limit"
+    )
+    session_ttl: float = _option(
+        600.0, "sessions", "seconds a session may stay idle before it is evicted"
+    )
+    state_dir: str | None = _option(
+        None,
+        "sessions",
+        "save sessions here on shutdown and restore them on start (default: not saved)",
+    )
+    save_interval: float = _option(
+        0.0,
+        "sessions",
+        "also save sessions to --state-dir every this many seconds; 0: only at shutdown",
+    )
+    snapshot_key: str | None = _option(
+        None,
+        "sessions",
+        "file holding the key (>= 16 bytes) that signs snapshots and saved sessions "
+        "(HMAC-SHA256); default: DIR/snapshot.key of --state-dir (created on first start), "
+        "else one key per --state-store Redis, else a random key for this process only",
+        metavar="FILE",
+    )
+    state_store: str = _option(
+        "memory",
+        "scale-out",
+        "where sessions live besides memory: memory (this process only) or "
+        "redis://host:port/db (shared by replicas; needs the `redis` extra)",
+    )
+    persist_every: str = _option(
+        "100ms",
+        "scale-out",
+        "with --state-store redis: 1 = write-through (a step is acknowledged once it is "
+        "in Redis); N = every Nth step of a session (a dying replica loses at most N-1 steps "
+        "per session); Nms = write behind every N milliseconds",
+    )
+    lease_ttl: float = _option(
+        3.0,
+        "scale-out",
+        "seconds a replica's ownership of a session lasts unrenewed: the failover time "
+        "after a replica dies",
+    )
+    replica_id: str | None = _option(
+        None, "scale-out", "this replica's name in session leases (default: host:pid:random)"
+    )
+    max_batch: int = _option(
+        64,
+        "batching",
+        "steps of different sessions run as one onnxruntime call; 1 turns batching off",
+    )
+    max_batch_delay: float = _option(
+        0.002, "batching", "seconds a step may wait for others to join its batch"
+    )
+    max_tokens_per_request: int = _option(
+        4096, "limits", "inputs (T) per StepRequest and per Generate prompt"
+    )
+    max_new_tokens: int = _option(4096, "limits", "upper bound of GenerateRequest.max_new_tokens")
+    max_message_bytes: int = _option(
+        4 * 1024 * 1024,
+        "limits",
+        "largest request message accepted (larger: RESOURCE_EXHAUSTED)",
+    )
+    max_concurrent_rpcs: int = _option(
+        0, "limits", "RPCs in flight at once (more: RESOURCE_EXHAUSTED); 0: no limit"
+    )
+    tls_cert: str | None = _option(
+        None, "security", "PEM server certificate (enables TLS; default: plaintext)"
+    )
+    tls_key: str | None = _option(None, "security", "PEM private key of --tls-cert")
+    tls_client_ca: str | None = _option(
+        None, "security", "PEM CA bundle: require client certificates signed by it (mTLS)"
+    )
+    auth_tokens: str | None = _option(
+        None,
+        "security",
+        "file of '<token> <principal>' lines: require 'authorization: Bearer <token>' "
+        "metadata; sessions are private to their principal (default: no authentication)",
+    )
+    metrics_port: int | None = _option(
+        None,
+        "operations",
+        "serve Prometheus metrics over HTTP on this port (0 picks one); off when unset",
+    )
+    grace: float = _option(
+        10.0, "operations", "seconds in-flight requests get to finish after SIGTERM/SIGINT"
+    )
+    port_file: str | None = _option(
+        None,
+        "network",
+        "once serving, write {'port': ..., 'metrics_port': ...} as JSON to this file",
+    )
+    log_level: str = _option("INFO", "operations", "logging level", choices=LOG_LEVELS)
 
     def __post_init__(self):
         for name in (
@@ -87,7 +190,7 @@ class ServerConfig:
             raise ValueError("tls_cert/tls_key: give both the certificate and its key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca: mTLS needs --tls-cert/--tls-key as well")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.host:
             raise ValueError("host: must not be empty")
@@ -122,9 +225,43 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name}: must be >= {low}{upper}, got {value}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: …)' except where the default is None (the help text says it)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_flag(group, f: dataclasses.Field, kind: type) -> None:
+    """One argparse argument for field `f`: `--field-name`, typed by its annotation."""
+    meta = {k: v for k, v in f.metadata.items() if k != "group"}
+    if f.metadata["group"] is None:
+        group.add_argument(f.name, type=kind, **meta)
+    elif kind is bool:
+        group.add_argument(
+            _flag_name(f.name), action=argparse.BooleanOptionalAction, default=f.default, **meta
+        )
+    else:
+        group.add_argument(_flag_name(f.name), type=kind, default=f.default, **meta)
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(hint) -> type:
+    """`int | None` -> int; a plain str/int/float/bool stays itself."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if len(kinds) != 1 or kinds[0] not in (str, int, float, bool):
+        raise TypeError(f"no flag type for annotation {hint!r}")
+    return kinds[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `ssmstream serve` argument parser; every dest is a ServerConfig field."""
-    d = ServerConfig(model_dir="")
+    """The `ssmstream serve` argument parser: one argument per ServerConfig field, built
+    from the field's type, default and metadata (help, group, metavar, choices)."""
     p = argparse.ArgumentParser(
         prog="ssmstream serve",
         description=(
@@ -133,165 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
             "session. Also serves grpc.health.v1, server reflection and, with "
             "--metrics-port, Prometheus metrics."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("model_dir", help="exported model directory (from `ssmstream export`)")
-    g = p.add_argument_group("network")
-    g.add_argument(
-        "--host", default=d.host, help="address to bind; use 0.0.0.0 to listen on all interfaces"
-    )
-    g.add_argument("--port", type=int, default=d.port, help="gRPC port; 0 picks a free one")
-    g.add_argument(
-        "--port-file",
-        default=d.port_file,
-        help="once serving, write {'port': ..., 'metrics_port': ...} as JSON to this file",
-    )
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--device",
-        default=d.device,
-        choices=("auto", "cpu", "cuda"),
-        help="execution provider: auto uses CUDA when it is usable, else CPU",
-    )
-    g.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads")
-    g = p.add_argument_group("sessions")
-    g.add_argument(
-        "--max-sessions", type=int, default=d.max_sessions, help="state slots (sessions in all)"
-    )
-    g.add_argument(
-        "--max-sessions-per-principal",
-        type=int,
-        default=d.max_sessions_per_principal,
-        help="open sessions one principal may hold; 0: no limit",
-    )
-    g.add_argument(
-        "--session-ttl",
-        type=float,
-        default=d.session_ttl,
-        help="seconds a session may stay idle before it is evicted",
-    )
-    g.add_argument(
-        "--state-dir",
-        default=d.state_dir,
-        help="save sessions here on shutdown and restore them on start",
-    )
-    g.add_argument(
-        "--save-interval",
-        type=float,
-        default=d.save_interval,
-        help="also save sessions to --state-dir every this many seconds; 0: only at shutdown",
-    )
-    g.add_argument(
-        "--snapshot-key",
-        metavar="FILE",
-        default=d.snapshot_key,
-        help="file holding the key (>= 16 bytes) that signs snapshots and saved sessions "
-        "(HMAC-SHA256); default: DIR/snapshot.key of --state-dir (created on first start), "
-        "else one key per --state-store Redis, else a random key for this process only",
-    )
-    g = p.add_argument_group(
-        "scale-out",
-        "Several replicas behind a sticky gRPC proxy (deploy/) share sessions through Redis: "
-        "any replica can continue any session.",
-    )
-    g.add_argument(
-        "--state-store",
-        default=d.state_store,
-        help="where sessions live besides memory: memory (this process only) or "
-        "redis://host:port/db (shared by replicas; needs the `redis` extra)",
-    )
-    g.add_argument(
-        "--persist-every",
-        default=d.persist_every,
-        help="with --state-store redis: 1 = write-through (a step is acknowledged once it is "
-        "in Redis); N = every Nth step of a session (a dying replica loses at most N-1 steps "
-        "per session); Nms = write behind every N milliseconds",
-    )
-    g.add_argument(
-        "--lease-ttl",
-        type=float,
-        default=d.lease_ttl,
-        help="seconds a replica's ownership of a session lasts unrenewed: the failover time "
-        "after a replica dies",
-    )
-    g.add_argument(
-        "--replica-id",
-        default=d.replica_id,
-        help="this replica's name in session leases (default host:pid:random)",
-    )
-    g = p.add_argument_group("batching")
-    g.add_argument(
-        "--max-batch",
-        type=int,
-        default=d.max_batch,
-        help="steps of different sessions run as one onnxruntime call; 1 turns batching off",
-    )
-    g.add_argument(
-        "--max-batch-delay",
-        type=float,
-        default=d.max_batch_delay,
-        help="seconds a step may wait for others to join its batch",
-    )
-    g = p.add_argument_group("limits")
-    g.add_argument(
-        "--max-tokens-per-request",
-        type=int,
-        default=d.max_tokens_per_request,
-        help="inputs (T) per StepRequest and per Generate prompt",
-    )
-    g.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=d.max_new_tokens,
-        help="upper bound of GenerateRequest.max_new_tokens",
-    )
-    g.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=d.max_message_bytes,
-        help="largest request message accepted (larger: RESOURCE_EXHAUSTED)",
-    )
-    g.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=d.max_concurrent_rpcs,
-        help="RPCs in flight at once (more: RESOURCE_EXHAUSTED); 0: no limit",
-    )
-    g = p.add_argument_group("security")
-    g.add_argument("--tls-cert", default=d.tls_cert, help="PEM server certificate (enables TLS)")
-    g.add_argument("--tls-key", default=d.tls_key, help="PEM private key of --tls-cert")
-    g.add_argument(
-        "--tls-client-ca",
-        default=d.tls_client_ca,
-        help="PEM CA bundle: require client certificates signed by it (mTLS)",
-    )
-    g.add_argument(
-        "--auth-tokens",
-        default=d.auth_tokens,
-        help=(
-            "file of '<token> <principal>' lines: require 'authorization: Bearer <token>' "
-            "metadata; sessions are private to their principal"
-        ),
-    )
-    g = p.add_argument_group("operations")
-    g.add_argument(
-        "--metrics-port",
-        type=int,
-        default=d.metrics_port,
-        help="serve Prometheus metrics over HTTP on this port (0 picks one); off when unset",
-    )
-    g.add_argument(
-        "--grace",
-        type=float,
-        default=d.grace,
-        help="seconds in-flight requests get to finish after SIGTERM/SIGINT",
-    )
-    g.add_argument(
-        "--log-level",
-        default=d.log_level,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="logging level",
-    )
+    hints = typing.get_type_hints(ServerConfig)
+    fields = dataclasses.fields(ServerConfig)
+    unknown = {f.metadata["group"] for f in fields} - {None, *GROUPS}
+    if unknown:
+        raise ValueError(f"ServerConfig fields name undeclared flag groups: {sorted(unknown)}")
+    for f in fields:  # positionals first, in the parser itself
+        if f.metadata["group"] is None:
+            _add_flag(p, f, _field_type(hints[f.name]))
+    for title, description in GROUPS.items():
+        g = p.add_argument_group(title, description)
+        for f in fields:
+            if f.metadata["group"] == title:
+                _add_flag(g, f, _field_type(hints[f.name]))
     return p
 
 
@@ -302,8 +295,8 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     try:
         return ServerConfig(**vars(args))
     except ValueError as e:
-        field = str(e).split(":", 1)[0]
-        flag = "--" + field.replace("_", "-").replace("/", "/--")
+        names = str(e).split(":", 1)[0]
+        flag = "/".join(_flag_name(name) for name in names.split("/"))
         parser.error(f"{flag}: {str(e).split(':', 1)[1].strip()}")
         raise  # parser.error exits; this keeps type checkers informed
 

@@ -2,20 +2,89 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 
 import pytest
 from ssmstream.runtime.auth import TokenTable
-from ssmstream.runtime.config import ServerConfig, build_parser, config_fields, parse_config
+from ssmstream.runtime.config import (
+    GROUPS,
+    ServerConfig,
+    _add_flag,
+    build_parser,
+    config_fields,
+    parse_config,
+)
 
 
-def test_every_config_field_has_a_flag_with_help():
+def test_every_config_field_has_exactly_one_flag_with_help():
     parser = build_parser()
-    dests = {a.dest: a for a in parser._actions if a.dest != "help"}
-    assert set(dests) == set(config_fields())
-    for name, action in dests.items():
-        assert action.help and len(action.help) > 5, f"--{name} has no help text"
+    actions = [a for a in parser._actions if a.dest != "help"]
+    dests = [a.dest for a in actions]
+    assert sorted(dests) == sorted(config_fields())  # each field once, nothing else
+    for action in actions:
+        assert action.help and len(action.help) > 5, f"{action.dest} has no help text"
+        flags = action.option_strings
+        if action.dest == "model_dir":
+            assert flags == [] and action.required, "model_dir stays positional"
+        else:
+            assert flags == ["--" + action.dest.replace("_", "-")], flags
+    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
+    assert list(groups)[2:] == list(GROUPS)  # after "positional arguments" and "options"
+    text = parser.format_help()
+    assert all(f"--{name.replace('_', '-')} " in text for name in config_fields()[1:])
+
+
+def test_parsed_defaults_are_the_dataclass_defaults():
+    parsed = vars(build_parser().parse_args(["m/"]))
+    declared = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    assert parsed == {**declared, "model_dir": "m/"}
+    assert ServerConfig(**parsed) == ServerConfig(model_dir="m/")
+    # each default written out as text parses back to itself: the flag's type fits the field
+    argv = ["m/"]
+    for name, value in declared.items():
+        if name != "model_dir" and value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    again = vars(build_parser().parse_args(argv))
+    assert again == parsed
+    assert [type(v) for v in again.values()] == [type(v) for v in parsed.values()]
+
+
+def test_optional_ints_and_choices_parse_as_flags():
+    c = parse_config(["m/", "--threads", "3", "--metrics-port", "0", "--log-level", "DEBUG"])
+    assert (c.threads, c.metrics_port, c.log_level) == (3, 0, "DEBUG")
+    assert type(c.threads) is int and type(c.metrics_port) is int
+    assert (parse_config(["m/"]).threads, parse_config(["m/"]).metrics_port) == (None, None)
+
+
+def test_a_boolean_field_becomes_a_flag_pair():
+    @dataclasses.dataclass
+    class Flags:
+        tf32: bool = dataclasses.field(default=False, metadata={"group": "g", "help": "TF32"})
+
+    parser = argparse.ArgumentParser()
+    _add_flag(parser, dataclasses.fields(Flags)[0], bool)
+    assert parser.parse_args([]).tf32 is False
+    assert parser.parse_args(["--tf32"]).tf32 is True
+    assert parser.parse_args(["--tf32", "--no-tf32"]).tf32 is False
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "two"], "--threads: invalid int value"),
+        (["--threads", "0"], "--threads: must be >= 1"),
+        (["--device", "tpu"], "--device: invalid choice"),
+        (["--session-ttl", "soon"], "--session-ttl: invalid float value"),
+        (["--tls-cert", "c.pem"], "--tls-cert/--tls-key: give both"),
+    ],
+)
+def test_bad_flag_values_exit_naming_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["m/", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_flags_map_onto_the_dataclass():
@@ -39,9 +108,6 @@ def test_flags_map_onto_the_dataclass():
     assert (c.model_dir, c.port, c.max_sessions) == ("m/", 0, 7)
     assert (c.max_batch_delay, c.session_ttl) == (0.01, 3.5)
     assert (c.tls_cert, c.tls_key, c.host) == ("c.pem", "k.pem", "127.0.0.1")
-    # defaults of the parser are the dataclass defaults
-    d = parse_config(["m/"])
-    assert dataclasses.asdict(d) == dataclasses.asdict(ServerConfig(model_dir="m/"))
 
 
 @pytest.mark.parametrize(
