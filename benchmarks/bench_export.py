@@ -12,7 +12,7 @@ tokens, d_model 256, 4 layers, d_state 128 = 64 complex modes per channel, SISO,
 3. per-token cost at stream position L = 256 … 65 536: one recurrent step (flat) vs
    recomputing the convolution-mode forward over the prefix (growing);
 4. a small sweep of onnxruntime session options for the B = 1 step (what
-   `ssmstream.runtime.ort_options.session_options` picks).
+   `ssmstream.runtime.providers.session_options` picks).
 
 Writes bench_export.json, bench_export.md (tables) and bench_export.png (plots). Timings are
 medians; the machine's load average is recorded because the CPUs may be shared.
@@ -74,7 +74,7 @@ def _ms(ts: list[float]) -> dict:
 
 def _ort_session(path: Path, threads: int | None, level: str = "all"):
     import onnxruntime as ort
-    from ssmstream.runtime.ort_options import session_options
+    from ssmstream.runtime.providers import session_options
 
     so = session_options(threads)
     so.graph_optimization_level = {
@@ -155,7 +155,7 @@ def worker_torch_step(a) -> dict:
 def worker_prefill(a) -> dict:
     """prefill T (one call) vs T sequential steps, session start, memory."""
     import numpy as np
-    from ssmstream.runtime.ort_options import trim_heap
+    from ssmstream.runtime.providers import trim_heap
 
     d = Path(a.model_dir)
     m = json.loads((d / "manifest.json").read_text())

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 from ssmstream.runtime import Batcher, Engine, SessionStore
-from ssmstream.runtime.ort_options import trim_heap
+from ssmstream.runtime.providers import trim_heap
 from tqdm import tqdm
 
 log = logging.getLogger("bench_runtime")

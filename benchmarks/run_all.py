@@ -995,7 +995,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def default_names() -> list[str]:
     """Every benchmark; those that need CUDA only where it is usable (else logged)."""
-    from ssmstream.runtime.engine import cuda_usable
+    from ssmstream.runtime.providers import cuda_usable
 
     usable, why = cuda_usable()
     if not usable:

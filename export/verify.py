@@ -35,7 +35,7 @@ import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
 from ssmstream.runtime.errors import ModelError
 from ssmstream.runtime.manifest import load_manifest
-from ssmstream.runtime.ort_options import session_options
+from ssmstream.runtime.providers import session_options
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)

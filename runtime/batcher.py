@@ -204,30 +204,22 @@ class Batcher:
 
     # --- submitting ----------------------------------------------------------------------
 
-    async def step(
-        self, session: str | Session, inputs, principal: str = ""
-    ) -> tuple[np.ndarray, int]:
-        """Feed `inputs` to a session; returns (outputs [T, d_out], new position).
+    async def step(self, s: Session, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Feed inputs to a session; returns (outputs [T, d_out], new position).
 
         Args:
-            session: a session id (looked up for `principal`), or a Session the caller got
-                from the store (its owner is not checked again).
-            inputs: tokens int [T] (a scalar is [1]) | values float [T, d_in]; T > 1 = prefill.
-            principal: the caller, owner of the session.
-        Raises InvalidInput, SessionNotFound, LimitExceeded (session queue full), OutOfRange
+            s: a live Session from the store (its owner checked by the caller).
+            x: inputs as Engine.check_inputs returns them: tokens int64 [T] | values
+                float32 [T, d_in]; T > 1 = prefill.
+        Raises SessionNotFound, LimitExceeded (session queue full), OutOfRange
         (past the largest position), Unavailable (closing / not started), EngineFailure: the
         session's state and position are unchanged. CorruptState: the step applied, but
         its outputs are NaN / inf (the state it came from is unusable).
         """
         if self._closing or not self.running:
             raise Unavailable("batcher is not running (closing or not started)")
-        if isinstance(session, Session):
-            if not session.live:
-                raise SessionNotFound(session.id, "closed")
-            s = session
-        else:
-            s = self.store.get(session, principal)
-        x = self.engine.check_inputs(inputs, "inputs", lead="T")  # [T] | [T, d_in]
+        if not s.live:
+            raise SessionNotFound(s.id, "closed")
         if s.position > MAX_POSITION - x.shape[0]:
             raise OutOfRange(
                 "inputs",

@@ -40,22 +40,19 @@ d_in / d_out input / output features.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import EngineFailure, InvalidInput, ModelError
+from .generation import GenerateConfig, Generation
 from .manifest import load_manifest
-from .ort_options import session_options, trim_heap
-from .sampling import Sampler, SamplingConfig
+from .providers import CudaOptions, cuda_usable, session_options, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -68,88 +65,6 @@ _ORT_TYPES = {
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
-
-
-ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
-CONV_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
-
-
-@dataclass
-class CudaOptions:
-    """CUDAExecutionProvider options (onnxruntime's names; see its CUDA EP documentation).
-
-    device_id: GPU ordinal. arena_extend_strategy: how the memory arena grows.
-    cudnn_conv_algo_search: cuDNN convolution algorithm search (the step graph has no conv;
-    the prefill graph may). enable_cuda_graph: capture the step graph once per bound buffer
-    set and replay it (step graph only; needs fixed device buffers, see device_state.py).
-    gpu_mem_limit: arena limit in bytes (0: no limit).
-    """
-
-    device_id: int = 0
-    arena_extend_strategy: str = "kNextPowerOfTwo"
-    cudnn_conv_algo_search: str = "HEURISTIC"
-    enable_cuda_graph: bool = False
-    gpu_mem_limit: int = 0
-
-    def __post_init__(self):
-        for name in ("device_id", "gpu_mem_limit"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise InvalidInput(f"cuda_options.{name}", f"must be an integer >= 0, got {v!r}")
-        if self.arena_extend_strategy not in ARENA_STRATEGIES:
-            raise InvalidInput(
-                "cuda_options.arena_extend_strategy",
-                f"must be one of {ARENA_STRATEGIES}, got {self.arena_extend_strategy!r}",
-            )
-        if self.cudnn_conv_algo_search not in CONV_SEARCHES:
-            raise InvalidInput(
-                "cuda_options.cudnn_conv_algo_search",
-                f"must be one of {CONV_SEARCHES}, got {self.cudnn_conv_algo_search!r}",
-            )
-        if not isinstance(self.enable_cuda_graph, (bool, np.bool_)):
-            raise InvalidInput(
-                "cuda_options.enable_cuda_graph", f"must be a bool, got {self.enable_cuda_graph!r}"
-            )
-
-    @classmethod
-    def parse(cls, options: CudaOptions | dict | None) -> CudaOptions:
-        """A CudaOptions from itself, None (defaults) or a dict (unknown keys are an error)."""
-        if options is None:
-            return cls()
-        if isinstance(options, cls):
-            return options
-        if not isinstance(options, dict):
-            raise InvalidInput("cuda_options", f"must be a dict or CudaOptions, got {options!r}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise InvalidInput(
-                "cuda_options", f"unknown option(s) {unknown}; known: {sorted(known)}"
-            )
-        return cls(**options)
-
-    def provider_options(self, graph: str = "step") -> dict[str, str]:
-        """The CUDAExecutionProvider option strings for `graph` ("step" or "prefill")."""
-        o = {k: str(v) for k, v in asdict(self).items() if k != "enable_cuda_graph"}
-        o["device_id"], o["gpu_mem_limit"] = str(int(self.device_id)), str(int(self.gpu_mem_limit))
-        if self.gpu_mem_limit == 0:
-            del o["gpu_mem_limit"]
-        o["enable_cuda_graph"] = "1" if (self.enable_cuda_graph and graph == "step") else "0"
-        return o
-
-
-def cuda_usable() -> tuple[bool, str]:
-    """(usable, why not): the CUDA provider is built in and a CUDA driver can be loaded."""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False, "this onnxruntime build has no CUDAExecutionProvider"
-    names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or ""]
-    for name in filter(None, names):
-        try:
-            ctypes.CDLL(name)
-            return True, ""
-        except OSError:
-            continue
-    return False, "no CUDA driver (libcuda) could be loaded"
 
 
 # State bytes per onnxruntime call on the StepBuffers path: a larger batch runs as several
@@ -421,11 +336,6 @@ class Engine:
         """The onnxruntime session of step.onnx (for benchmarks and advanced use)."""
         return self._step_session
 
-    @property
-    def prefill_session(self) -> ort.InferenceSession | None:
-        """The onnxruntime session of prefill.onnx, None when the model has none."""
-        return self._prefill_session
-
     # --- validation ----------------------------------------------------------------------
 
     def new_state(self, batch: int = 1) -> np.ndarray:
@@ -614,14 +524,6 @@ class Engine:
             t += 1
         return outputs, s
 
-    def run(self, inputs, states) -> tuple[np.ndarray, np.ndarray]:
-        """A step for [B] / [B, d_in] inputs, a prefill for [B, T] / [B, T, d_in] ones."""
-        x = np.asarray(inputs)
-        per_step = 1 if self.input_kind == "tokens" else 2
-        if x.ndim <= per_step:
-            return self.step(x, states)
-        return self.prefill(x, states)
-
     # --- generation ----------------------------------------------------------------------
 
     def generate(
@@ -656,19 +558,9 @@ class Engine:
         if not isinstance(prompt, np.ndarray):
             prompt = list(prompt)
         p = self.check_inputs(np.asarray(prompt)[None], "prompt", time_axis=True)  # [1, T]
-        n = max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise InvalidInput("max_new_tokens", f"must be an integer >= 0, got {max_new_tokens!r}")
-        sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed))
-        stop_set = set()
-        for t in stop:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise InvalidInput("stop", f"must be token ids (ints), got {t!r}")
-            if not 0 <= t < self.vocab_size:
-                raise InvalidInput(
-                    "stop", f"token {t} is outside [0, vocab_size={self.vocab_size})"
-                )
-            stop_set.add(int(t))
+        config = GenerateConfig.check(
+            self.vocab_size, max_new_tokens, temperature, top_k, top_p, seed, stop
+        )
         target = None
         if state is not None:
             target = state
@@ -688,24 +580,23 @@ class Engine:
             s0 = state.reshape(1, self.state_size).copy()
         else:
             s0 = self.new_state(1)
-        return self._generate(p, s0, target, int(max_new_tokens), sampler, stop_set)
+        return self._generate(p, s0, target, config)
 
-    def _generate(self, prompt, s, target, max_new_tokens, sampler, stop) -> Iterator[int]:
+    def _generate(self, prompt, s, target, config: GenerateConfig) -> Iterator[int]:
+        """Drive the generation loop (runtime/generation.py) on one state [1, S]."""
+        if config.max_new_tokens == 0:
+            return
         logits, s = self.prefill_unchecked(prompt, s)  # [1, T, V], [1, S]
-        logits = logits[0, -1]  # [V]
-        pending = None  # the last yielded token, not yet fed
+        gen, position = Generation(config), prompt.shape[1]
+        g = gen(logits[0, -1], position)
         try:
-            for _ in range(max_new_tokens):
-                if pending is not None:
-                    logits, s = self.step_unchecked(np.array([pending], dtype=np.int64), s)
-                    logits, pending = logits[0], None
-                token = sampler(logits)
-                pending = token
-                yield token
-                if token in stop:
-                    break
+            yield g.token
+            while not g.last:
+                logits, s = self.step_unchecked(np.array([g.token], dtype=np.int64), s)
+                position += 1
+                g = gen(logits[0], position)
+                yield g.token
         finally:
-            if target is not None:
-                if pending is not None:
-                    _, s = self.step_unchecked(np.array([pending], dtype=np.int64), s)
+            if target is not None:  # the last yielded token too: the state holds all of them
+                _, s = self.step_unchecked(np.array([g.token], dtype=np.int64), s)
                 target.reshape(1, self.state_size)[:] = s

@@ -1,7 +1,8 @@
 """`ssmstream serve MODEL_DIR`: the gRPC server (grpc.aio) around Engine, SessionStore, Batcher.
 
-    clients ──gRPC──► AuthInterceptor ─► StreamingInferenceServicer ─► Batcher ─► Engine (ORT)
-                                                        └──────────► SessionStore (state slab)
+    clients ──gRPC──► AuthInterceptor ─► StreamingInferenceServicer ─► SessionService
+                                                                     ├─► SessionStore (sessions)
+                                                                     └─► Batcher ─► Engine (ORT)
 
 Also served: grpc.health.v1 (SERVING / NOT_SERVING), server reflection, and Prometheus
 metrics over HTTP on --metrics-port.
@@ -43,6 +44,7 @@ from .auth import AuthInterceptor, TokenTable
 from .config import ServerConfig, parse_config
 from .errors import RuntimeErrorBase
 from .metrics import ServerMetrics
+from .service import ServiceLimits, SessionService
 from .servicer import SERVICE_NAME, DecodeGuard, StreamingInferenceServicer
 from .snapshots import SnapshotKey
 
@@ -106,7 +108,7 @@ class Server:
         self.config = config
         self.engine = engine
         self.metrics = ServerMetrics()
-        self.store = self.batcher = self.servicer = None
+        self.store = self.batcher = self.service = self.servicer = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -155,9 +157,9 @@ class Server:
         self.batcher.add_listener(self.metrics.observe_batch)
         await self.batcher.start()
         self.metrics.watch_store(self.store.stats)
-        self.servicer = StreamingInferenceServicer(
-            self.engine, self.store, self.batcher, c, self.metrics
-        )
+        limits = ServiceLimits(c.max_tokens_per_request, c.max_new_tokens, c.session_ttl)
+        self.service = SessionService(self.engine, self.store, self.batcher, limits)
+        self.servicer = StreamingInferenceServicer(self.service, c, self.metrics)
 
         options = [
             ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -262,8 +264,8 @@ class Server:
         self.metrics.draining.set(1)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self.servicer is not None:
-            self.servicer.drain()
+        if self.service is not None:
+            self.service.drain()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         for t in self._tasks:

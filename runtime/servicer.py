@@ -1,13 +1,10 @@
-"""The StreamingInference servicer: protobuf ↔ numpy arrays, delegating everything else.
+"""The StreamingInference servicer: protobuf ↔ numpy arrays and a call to the SessionService
+(runtime/service.py), which does everything else. This module only
 
-Sessions live in the SessionStore, steps go through the Batcher (which runs the Engine),
-sampling is runtime/sampling.py. This module only
-
-  * turns a request into arrays and checks it against the model and the limits
-    (before anything changes: a rejected request applies nothing),
+  * turns a request's fields into arrays (unchecked: the service validates),
   * turns outputs into a response (output selection: last row, all rows, top-k
-    log-probs, nothing),
-  * keeps which sessions are attached to an open Stream / running Generate,
+    log-probs, nothing; refused before the call when the model cannot answer it),
+  * counts tokens and request latency in the metrics,
   * maps runtime errors to status codes — in one place, `grpc_errors`.
 
 Dimension letters: T inputs in one request, V vocabulary size, D d_output, I d_input,
@@ -20,7 +17,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import math
 import time
 
 import grpc
@@ -42,10 +38,9 @@ from .errors import (
     SessionNotFound,
     Unavailable,
 )
+from .generation import FINISH_MAX, FINISH_STOP, log_softmax
 from .metrics import ServerMetrics
-from .sampling import Sampler, SamplingConfig
-from .sessions import Session, check_session_id
-from .snapshots import snapshot_position
+from .service import DRAINING, SessionService
 
 log = logging.getLogger(__name__)
 
@@ -163,55 +158,16 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 # --- protobuf ↔ arrays (pure helpers) -------------------------------------------------------
 
 
-def request_inputs(req: pb.StepRequest, info: dict, max_tokens: int, field: str = "") -> np.ndarray:
-    """The inputs of a StepRequest as an array: int64 [T] tokens or float32 [T, I] values.
-
-    Raises InvalidInput naming the field (wrong kind, empty, out of range, NaN, ragged)
-    or LimitExceeded (T > max_tokens).
-    """
-    tokens_field, values_field = field or "tokens", field or "values"
-    if info["input_kind"] == "tokens":
-        if len(req.values):
-            raise InvalidInput("values", "this model takes tokens; send `tokens`, not `values`")
-        T = len(req.tokens)
-        if T == 0:
-            raise InvalidInput(tokens_field, "needs at least one token")
-        _check_length(tokens_field, T, max_tokens)
-        V = int(info["vocab_size"])
-        if T == 1:  # the streaming hot path: skip the vectorized checks
-            t = req.tokens[0]
-            if not 0 <= t < V:
-                raise InvalidInput(tokens_field, f"[0] = {t} is outside [0, {V})")
-            return np.array([t], dtype=np.int64)  # [1]
-        x = np.fromiter(req.tokens, dtype=np.int64, count=T)  # [T]
-        if x.min() < 0 or x.max() >= V:
-            i = int(np.flatnonzero((x < 0) | (x >= V))[0])
-            raise InvalidInput(tokens_field, f"[{i}] = {int(x[i])} is outside [0, {V})")
-        return x
-    if len(req.tokens):
-        raise InvalidInput("tokens", "this model takes values; send `values`, not `tokens`")
-    I = int(info["d_input"])
-    n = len(req.values)
-    if n == 0:
-        raise InvalidInput(values_field, f"needs at least one row of d_input={I} values")
-    if n % I:
-        raise InvalidInput(values_field, f"has {n} floats, not a multiple of d_input={I}")
-    T = n // I
-    _check_length(values_field, T, max_tokens)
-    x = np.asarray(req.values, dtype=np.float32).reshape(T, I)  # [T, I]
-    if not np.isfinite(x).all():
-        i = int(np.flatnonzero(~np.isfinite(x.reshape(-1)))[0])
-        raise InvalidInput(values_field, f"[{i}] is not finite (NaN or inf)")
-    return x
+def request_arrays(tokens, values) -> tuple[np.ndarray, np.ndarray]:
+    """A request's `tokens` / `values` fields as arrays: int64 [n], float32 [n] (unchecked)."""
+    if len(tokens) == 1 and not len(values):  # the streaming hot path
+        return np.array(tokens, dtype=np.int64), _NO_VALUES
+    t = np.fromiter(tokens, dtype=np.int64, count=len(tokens)) if len(tokens) else _NO_TOKENS
+    v = np.asarray(values, dtype=np.float32) if len(values) else _NO_VALUES
+    return t, v
 
 
-def _check_length(field: str, T: int, max_tokens: int) -> None:
-    if T > max_tokens:
-        raise LimitExceeded(
-            f"{field}: {T} inputs in one request exceed max_tokens_per_request={max_tokens}"
-        )
-
-
+_NO_TOKENS, _NO_VALUES = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
 _OUTPUT_SELECTIONS = frozenset(pb.OutputSelection.values())
 
 
@@ -229,13 +185,6 @@ def check_output_selection(req: pb.StepRequest, info: dict) -> None:
         raise InvalidInput("top_k", "is only used with output=OUTPUT_TOP_K")
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    """log p_v = z_v − log Σ_w exp z_w, in float64: [V] → [V]."""
-    z = z.astype(np.float64)  # [V]
-    m = z.max()
-    return z - (m + np.log(np.exp(z - m).sum()))
-
-
 def step_response(
     session_id: str, position: int, outputs: np.ndarray, req: pb.StepRequest
 ) -> pb.StepResponse:
@@ -249,37 +198,12 @@ def step_response(
         top = np.argpartition(-lp, k - 1)[:k]  # [K] unordered
         top = top[np.argsort(-lp[top], kind="stable")]  # [K] most likely first
         resp.top_tokens.extend(top.tolist())
-        resp.MergeFromString(packed_floats(_TOP_LOGPROBS, lp[top]))
+        resp.top_logprobs.extend(lp[top].tolist())
         return resp
     rows = outputs if req.output == pb.OUTPUT_ALL else outputs[-1:]  # [T or 1, D]
     resp.rows, resp.cols = rows.shape
-    resp.MergeFromString(packed_floats(_OUTPUTS, rows))
+    resp.outputs.extend(rows.ravel().tolist())
     return resp
-
-
-_OUTPUTS = pb.StepResponse.DESCRIPTOR.fields_by_name["outputs"].number
-_TOP_LOGPROBS = pb.StepResponse.DESCRIPTOR.fields_by_name["top_logprobs"].number
-
-
-def packed_floats(field_number: int, x: np.ndarray) -> bytes:
-    """A packed `repeated float` field in protobuf wire format: the key
-    (field_number << 3 | 2, length-delimited), the byte length as a varint, then the values
-    as little-endian float32. Merged into a message (`MergeFromString`), the values are
-    copied in one go, where `extend(x.tolist())` converts them one Python float at a time
-    (~15 µs for 256 values, the largest cost of a streamed token in this module)."""
-    data = x.astype("<f4", copy=False).tobytes()  # [N] float32 LE, row-major
-    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
-
-
-@functools.lru_cache(maxsize=256)  # the same few keys and lengths, message after message
-def _varint(n: int) -> bytes:
-    """Protobuf base-128 varint of n >= 0: 7 bits per byte, low first, high bit = more."""
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def model_info(info: dict, config: ServerConfig) -> pb.ModelInfo:
@@ -315,119 +239,23 @@ def session_message(s) -> pb.Session:
     return pb.Session(session_id=s.id, position=s.position, ttl_seconds=s.ttl)
 
 
-def request_ttl(value: float, field: str, max_ttl: float) -> float | None:
-    """0 → None (the server default); else 0 < ttl ≤ the server's --session-ttl."""
-    if value == 0:
-        return None
-    if not math.isfinite(value) or not 0 < value <= max_ttl:
-        raise InvalidInput(field, f"must be in (0, {max_ttl:g}] seconds (0: default), got {value}")
-    return float(value)
-
-
-def optional_id(value: str, field: str = "session_id") -> str | None:
-    """An optional client-chosen id: empty → None (the server picks one), else well-formed."""
-    return check_session_id(value, field) if value else None
-
-
-def session_ref(value: str, field: str = "session_id") -> str:
-    """A request's reference to an existing session: present and well-formed."""
-    if not value:
-        raise InvalidInput(field, "is required")
-    return check_session_id(value, field)
-
-
-def sampling_config(req: pb.GenerateRequest, info: dict, max_new_tokens: int) -> SamplingConfig:
-    """Check a GenerateRequest's sampling fields; proto defaults 0 mean "off"."""
-    V = int(info["vocab_size"])
-    if not 1 <= req.max_new_tokens <= max_new_tokens:
-        raise InvalidInput(
-            "max_new_tokens", f"must be in [1, {max_new_tokens}], got {req.max_new_tokens}"
-        )
-    if req.top_k > V:
-        raise InvalidInput("top_k", f"must be in [0, vocab_size={V}] (0: off), got {req.top_k}")
-    top_p = 1.0 if req.top_p == 0 else float(req.top_p)
-    bad_stop = [t for t in req.stop_tokens if not 0 <= t < V]
-    if bad_stop:
-        raise InvalidInput("stop_tokens", f"{bad_stop[0]} is outside [0, {V})")
-    seed = req.seed if req.HasField("seed") else None
-    return SamplingConfig(
-        temperature=float(req.temperature), top_k=int(req.top_k), top_p=top_p, seed=seed
-    )
+_FINISH = {
+    None: pb.FINISH_NONE,
+    FINISH_MAX: pb.FINISH_MAX_TOKENS,
+    FINISH_STOP: pb.FINISH_STOP_TOKEN,
+}
 
 
 # --- the servicer -----------------------------------------------------------------------------
 
 
 class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
-    """Thin: converts, checks, delegates to `store` (SessionStore) and `batcher` (Batcher)."""
+    """Thin: protobuf ↔ arrays, a call to the SessionService, metrics; errors → status codes
+    in `grpc_errors`."""
 
-    def __init__(self, engine, store, batcher, config: ServerConfig, metrics: ServerMetrics):
-        self.engine, self.store, self.batcher = engine, store, batcher
-        self.config, self.metrics = config, metrics
-        self.info = engine.info
-        self.draining = False
-        # (session id, incarnation) -> "Stream" | "Generate": an id reused after a close is
-        # another session, which an old Stream neither blocks nor reaches
-        self._attached: dict[tuple[str, str], str] = {}
-        self._streams: dict[asyncio.Task, bool] = {}  # open Stream handler -> idle (awaiting)
-        self._drain_cancelled: set[asyncio.Task] = set()
-
-    # --- lifecycle hooks (called by the server) ---
-
-    def drain(self) -> None:
-        """Refuse new work from now on; end Streams that are waiting for their next request."""
-        self.draining = True
-        for task, idle in list(self._streams.items()):
-            if idle:
-                self._drain_cancelled.add(task)
-                task.cancel()
-
-    def _check_open(self) -> None:
-        if self.draining:
-            raise Unavailable("server is shutting down; retry on the restarted server")
-
-    def _attach(self, s: Session, rpc: str) -> None:
-        """Mark the session as driven by this Stream / Generate (until it ends)."""
-        self._check_detached(s)
-        self._attached[s.id, s.incarnation] = rpc
-
-    def _discard(self, session_id: str, principal: str) -> None:
-        """Close a session this server created for a request, if it is still there."""
-        try:
-            self.store.close(session_id, principal)
-        except SessionNotFound:
-            pass
-
-    async def _local(self, session_id: str, principal: str) -> None:
-        """With a shared state store: make this replica the session's holder (it may load the
-        session from the store, waiting for another replica's lease). No-op otherwise."""
-        if not self.store.held(session_id):
-            await asyncio.to_thread(self.store.fetch, session_id, principal)
-
-    def _check_detached(self, s: Session) -> None:
-        holder = self._attached.get((s.id, s.incarnation))
-        if holder is not None:
-            raise SessionBusy(f"session {s.id!r} is attached to an open {holder}")
-
-    async def _session(self, session_id: str, principal: str) -> Session:
-        """The live session `session_id` of `principal`, held by this replica."""
-        await self._local(session_id, principal)
-        return self.store.get(session_id, principal)
-
-    async def _rebind(self, bound: Session, principal: str) -> Session:
-        """The session a Stream / Generate attached to, for its next step: NOT_FOUND once it
-        was closed or evicted, also when its id was taken by a new session meanwhile."""
-        if bound.live and self.store.held(bound.id):
-            return bound
-        try:
-            s = await self._session(bound.id, principal)
-        except SessionNotFound:
-            raise SessionNotFound(bound.id, "closed") from None
-        if s.incarnation != bound.incarnation:
-            raise SessionNotFound(bound.id, "closed")
-        return s
-
-    # --- unary RPCs ---
+    def __init__(self, service: SessionService, config: ServerConfig, metrics: ServerMetrics):
+        self.service, self.config, self.metrics = service, config, metrics
+        self.info = service.info
 
     @grpc_errors
     async def GetModelInfo(self, request, context):
@@ -435,195 +263,96 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
 
     @grpc_errors
     async def CreateSession(self, request, context):
-        self._check_open()
-        ttl = request_ttl(request.ttl_seconds, "ttl_seconds", self.config.session_ttl)
-        principal, sid = current_principal(), optional_id(request.session_id)
-        if request.snapshot:
-            s = self.store.restore(request.snapshot, principal, sid, ttl)
-        else:
-            s = self.store.create(principal, sid, ttl)
+        s = await self.service.create(
+            current_principal(), request.session_id, request.ttl_seconds, request.snapshot
+        )
         return session_message(s)
 
     @grpc_errors
     async def CloseSession(self, request, context):
-        principal = current_principal()
-        await self._local(session_ref(request.session_id), principal)
-        s = self.store.get(request.session_id, principal)
-        msg = session_message(s)
-        self.store.close(request.session_id, principal)
-        return msg
+        return session_message(await self.service.close(current_principal(), request.session_id))
 
     @grpc_errors
     async def SnapshotSession(self, request, context):
-        principal = current_principal()
-        await self._local(session_ref(request.session_id), principal)
-        data = self.store.snapshot(request.session_id, principal)
+        data, position = await self.service.snapshot(current_principal(), request.session_id)
         return pb.Snapshot(
             session_id=request.session_id,
-            position=snapshot_position(data),
-            model_sha256=self.store.model_sha,
+            position=position,
+            model_sha256=self.service.store.model_sha,
             data=data,
         )
 
     @grpc_errors
     async def RestoreSession(self, request, context):
-        self._check_open()
-        if not request.snapshot:
-            raise InvalidInput("snapshot", "is empty")
-        ttl = request_ttl(request.ttl_seconds, "ttl_seconds", self.config.session_ttl)
-        s = self.store.restore(
-            request.snapshot, current_principal(), optional_id(request.session_id), ttl
+        s = await self.service.restore(
+            current_principal(), request.snapshot, request.session_id, request.ttl_seconds
         )
         return session_message(s)
 
     @grpc_errors
     async def ForkSession(self, request, context):
-        self._check_open()
-        parent, principal = session_ref(request.session_id), current_principal()
-        await self._local(parent, principal)
-        new_id = optional_id(request.new_session_id, "new_session_id")
-        try:
-            s = self.store.fork(parent, principal, new_id)
-        except InvalidInput as e:  # the parent id is checked above: this is about the new id
-            if e.field != "session_id":
-                raise
-            raise InvalidInput("new_session_id", str(e).split(": ", 1)[1]) from e
+        s = await self.service.fork(current_principal(), request.session_id, request.new_session_id)
         return session_message(s)
 
     @grpc_errors
     async def Step(self, request, context):
         t0 = time.perf_counter()
-        self._check_open()
-        session_ref(request.session_id)
-        x = request_inputs(request, self.info, self.config.max_tokens_per_request)
+        tokens, values = request_arrays(request.tokens, request.values)
         check_output_selection(request, self.info)
-        principal = current_principal()
-        s = await self._session(request.session_id, principal)  # NOT_FOUND first
-        self._check_detached(s)
-        outputs, position = await self.batcher.step(s, x, principal)
-        resp = step_response(request.session_id, position, outputs, request)
-        self.metrics.count_tokens("Step", len(x))
+        outputs, position = await self.service.step(
+            current_principal(), request.session_id, tokens, values
+        )
+        self.metrics.count_tokens("Step", len(outputs))
         self.metrics.observe_request("Step", time.perf_counter() - t0)
-        return resp
-
-    # --- streaming RPCs ---
+        return step_response(request.session_id, position, outputs, request)
 
     @grpc_errors
     async def Stream(self, request_iterator, context):
-        task = asyncio.current_task()
-        principal = current_principal()
-        session, created = None, False
-        self._streams[task] = True
+        a = self.service.attach(current_principal(), "Stream", asyncio.current_task().cancel)
         try:
             async for req in request_iterator:
-                self._streams[task] = False
                 t0 = time.perf_counter()
                 check_decoded(req)
-                self._check_open()
-                x = request_inputs(req, self.info, self.config.max_tokens_per_request)
                 check_output_selection(req, self.info)
-                if session is None:
-                    created = not req.session_id
-                    if created:
-                        s = self.store.create(principal)
-                    else:
-                        s = await self._session(session_ref(req.session_id), principal)
-                    self._attach(s, "Stream")
-                    session = s
-                elif req.session_id and req.session_id != session.id:
-                    raise InvalidInput(
-                        "session_id", f"this stream is attached to {session.id!r}; open another"
-                    )
-                else:
-                    session = await self._rebind(session, principal)
-                try:
-                    outputs, position = await self.batcher.step(session, x, principal)
-                    yield step_response(session.id, position, outputs, req)
-                except BaseException:  # also a cancel: the client never got the new id
-                    if created:  # the request that created the session failed: undo both
-                        self._discard(session.id, principal)
-                    raise
-                created = False
-                self.metrics.count_tokens("Stream", len(x))
+                outputs, position = await a.step(
+                    req.session_id, *request_arrays(req.tokens, req.values)
+                )
+                yield step_response(a.session.id, position, outputs, req)
+                self.metrics.count_tokens("Stream", len(outputs))
                 self.metrics.observe_request("Stream", time.perf_counter() - t0)
-                if self.draining:  # do not wait for a next request that would be refused
-                    raise Unavailable(
-                        "server is shutting down; the session is saved, resume after the restart"
-                    )
-                self._streams[task] = True
+                if self.service.draining:  # do not wait for a next request that would be refused
+                    raise Unavailable(DRAINING)
         except asyncio.CancelledError:
-            if task in self._drain_cancelled:
-                raise Unavailable(
-                    "server is shutting down; the session is saved, resume after the restart"
-                ) from None
+            if a.drained:
+                raise Unavailable(DRAINING) from None
             raise
         finally:
-            self._streams.pop(task, None)
-            self._drain_cancelled.discard(task)
-            if session is not None:
-                self._attached.pop((session.id, session.incarnation), None)
+            a.detach()
 
     @grpc_errors
     async def Generate(self, request, context):
-        self._check_open()
-        info = self.info
-        if info["input_kind"] != "tokens":
-            raise ModelError("Generate needs a token model; this model takes values (use Step)")
-        if not len(request.prompt):
-            raise InvalidInput(
-                "prompt", "needs at least one token (to continue, send the last generated token)"
-            )
-        prompt = request_inputs(
-            pb.StepRequest(tokens=request.prompt),
-            info,
-            self.config.max_tokens_per_request,
-            "prompt",
+        stream = self.service.generate(
+            current_principal(),
+            request.session_id,
+            request_arrays(request.prompt, ())[0],
+            request.max_new_tokens,
+            float(request.temperature),
+            int(request.top_k),
+            1.0 if request.top_p == 0 else float(request.top_p),  # proto default 0: off
+            request.seed if request.HasField("seed") else None,
+            list(request.stop_tokens),
+            request.keep_session,
         )
-        sampler = Sampler(sampling_config(request, info, self.config.max_new_tokens))
-        stop = set(request.stop_tokens)
-        principal = current_principal()
-        if request.session_id:
-            s = await self._session(session_ref(request.session_id), principal)
-            temporary = False
-        else:
-            s, temporary = self.store.create(principal), not request.keep_session
-        sid = s.id
-        try:
-            self._attach(s, "Generate")
-        except SessionBusy:
-            if temporary:
-                self._discard(sid, principal)
-            raise
-        try:
-            outputs, position = await self.batcher.step(s, prompt, principal)  # prefill
-            self.metrics.count_tokens("Generate", len(prompt))
-            for i in range(request.max_new_tokens):
-                t0 = time.perf_counter()
-                logits = outputs[-1]  # [V]
-                token = sampler(logits)
-                last = i + 1 == request.max_new_tokens or token in stop
-                reason = pb.FINISH_NONE
-                if token in stop:
-                    reason = pb.FINISH_STOP_TOKEN
-                elif last:
-                    reason = pb.FINISH_MAX_TOKENS
-                yield pb.GenerateResponse(
-                    session_id=sid,
-                    token=token,
-                    logprob=float(log_softmax(logits)[token]),
-                    position=position,
-                    index=i,
-                    finish_reason=reason,
-                )
-                if last:
-                    break
-                self._check_open()
-                x = np.array([token], dtype=np.int64)  # [1]
-                s = await self._rebind(s, principal)
-                outputs, position = await self.batcher.step(s, x, principal)
-                self.metrics.count_tokens("Generate", 1)
-                self.metrics.observe_request("Generate", time.perf_counter() - t0)
-        finally:
-            self._attached.pop((s.id, s.incarnation), None)
-            if temporary:
-                self._discard(sid, principal)
+        t0, n = time.perf_counter(), len(request.prompt)
+        async for sid, g in stream:
+            self.metrics.count_tokens("Generate", n)
+            self.metrics.observe_request("Generate", time.perf_counter() - t0)
+            yield pb.GenerateResponse(
+                session_id=sid,
+                token=g.token,
+                logprob=g.logprob,
+                position=g.position,
+                index=g.index,
+                finish_reason=_FINISH[g.finish],
+            )
+            t0, n = time.perf_counter(), 1

@@ -354,7 +354,7 @@ def test_dockerfile_inputs_exist_and_are_not_ignored():
 
 
 def test_gpu_benchmark_runs_by_default_only_with_cuda(run_all):
-    from ssmstream.runtime.engine import cuda_usable
+    from ssmstream.runtime.providers import cuda_usable
 
     names = run_all.default_names()
     assert ("gpu" in names) == cuda_usable()[0]

@@ -1,7 +1,7 @@
 """Fixtures and the CUDA skip hook for tests/gpu.
 
 Tests marked `@pytest.mark.cuda` are skipped, with the reason, when onnxruntime's CUDA provider
-is not usable here (`ssmstream.runtime.engine.cuda_usable`). The model fixtures reuse the
+is not usable here (`ssmstream.runtime.providers.cuda_usable`). The model fixtures reuse the
 builders of tests/runtime/conftest.py (the same cached tiny exports and hand-built toys):
 
     toy_token_model / toy_signal_model: {"model_dir", "reference", ...} (numpy reference)
@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from ssmstream.runtime.engine import cuda_usable
+from ssmstream.runtime.providers import cuda_usable
 
 _spec = importlib.util.spec_from_file_location(
     "ssmstream_tests_runtime_conftest", Path(__file__).parents[1] / "runtime" / "conftest.py"

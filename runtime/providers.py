@@ -1,0 +1,156 @@
+"""onnxruntime providers and session options for ssmstream's graphs (torch-free).
+
+The CUDA provider is requested only when it is usable (`cuda_usable`: built into this
+onnxruntime and a CUDA driver loads), else onnxruntime logs an error and falls back
+silently; `CudaOptions` are its options.
+
+Measured by benchmarks/bench_export.py on this project's graphs: a step graph at B = 1
+is ~100 small kernels, so per-node dispatch dominates and a parallel executor or many
+threads only add synchronization; the prefill graph is a few large batched MatMuls that
+do profit from intra-op threads. Both want full graph optimization (constant folding
+computes the prefill's Toeplitz / chunk tables once at session start; LayerNorm, GELU
+and MatMul+Add fusions cut the node count).
+
+    session_options(threads=None)  ->  ort.SessionOptions
+    trim_heap()                    ->  bool   (call once after opening a prefill graph)
+
+Constant folding of the prefill tables is transient work of a few hundred MB for a large
+model (H·N/2·Q-sized intermediates per layer); glibc keeps that freed memory in the heap,
+so the process RSS stays high until `trim_heap()` hands it back to the OS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InvalidInput
+
+
+def default_threads() -> int:
+    """Physical-ish core count available to this process (at least 1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """SessionOptions for ssmstream graphs.
+
+    Args:
+        threads: intra-op threads; None → all cores available to this process. Pass 1 for
+            latency-critical B = 1 stepping when several sessions share the machine.
+    Returns:
+        options with full graph optimization, sequential execution, no inter-op pool,
+        spinning threads allowed (lowest latency for back-to-back steps).
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only; ORT warns about unused initializers otherwise
+    return so
+
+
+def trim_heap() -> bool:
+    """Return freed heap memory to the OS (glibc `malloc_trim(0)`); False where unavailable."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+
+
+ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+CONV_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
+@dataclass
+class CudaOptions:
+    """CUDAExecutionProvider options (onnxruntime's names; see its CUDA EP documentation).
+
+    device_id: GPU ordinal. arena_extend_strategy: how the memory arena grows.
+    cudnn_conv_algo_search: cuDNN convolution algorithm search (the step graph has no conv;
+    the prefill graph may). enable_cuda_graph: capture the step graph once per bound buffer
+    set and replay it (step graph only; needs fixed device buffers, see device_state.py).
+    gpu_mem_limit: arena limit in bytes (0: no limit).
+    """
+
+    device_id: int = 0
+    arena_extend_strategy: str = "kNextPowerOfTwo"
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    enable_cuda_graph: bool = False
+    gpu_mem_limit: int = 0
+
+    def __post_init__(self):
+        for name in ("device_id", "gpu_mem_limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise InvalidInput(f"cuda_options.{name}", f"must be an integer >= 0, got {v!r}")
+        if self.arena_extend_strategy not in ARENA_STRATEGIES:
+            raise InvalidInput(
+                "cuda_options.arena_extend_strategy",
+                f"must be one of {ARENA_STRATEGIES}, got {self.arena_extend_strategy!r}",
+            )
+        if self.cudnn_conv_algo_search not in CONV_SEARCHES:
+            raise InvalidInput(
+                "cuda_options.cudnn_conv_algo_search",
+                f"must be one of {CONV_SEARCHES}, got {self.cudnn_conv_algo_search!r}",
+            )
+        if not isinstance(self.enable_cuda_graph, (bool, np.bool_)):
+            raise InvalidInput(
+                "cuda_options.enable_cuda_graph", f"must be a bool, got {self.enable_cuda_graph!r}"
+            )
+
+    @classmethod
+    def parse(cls, options: CudaOptions | dict | None) -> CudaOptions:
+        """A CudaOptions from itself, None (defaults) or a dict (unknown keys are an error)."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, dict):
+            raise InvalidInput("cuda_options", f"must be a dict or CudaOptions, got {options!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidInput(
+                "cuda_options", f"unknown option(s) {unknown}; known: {sorted(known)}"
+            )
+        return cls(**options)
+
+    def provider_options(self, graph: str = "step") -> dict[str, str]:
+        """The CUDAExecutionProvider option strings for `graph` ("step" or "prefill")."""
+        o = {k: str(v) for k, v in asdict(self).items() if k != "enable_cuda_graph"}
+        o["device_id"], o["gpu_mem_limit"] = str(int(self.device_id)), str(int(self.gpu_mem_limit))
+        if self.gpu_mem_limit == 0:
+            del o["gpu_mem_limit"]
+        o["enable_cuda_graph"] = "1" if (self.enable_cuda_graph and graph == "step") else "0"
+        return o
+
+
+def cuda_usable() -> tuple[bool, str]:
+    """(usable, why not): the CUDA provider is built in and a CUDA driver can be loaded."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDAExecutionProvider"
+    names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or ""]
+    for name in filter(None, names):
+        try:
+            ctypes.CDLL(name)
+            return True, ""
+        except OSError:
+            continue
+    return False, "no CUDA driver (libcuda) could be loaded"

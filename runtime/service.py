@@ -1,0 +1,364 @@
+"""SessionService: what the server does with sessions, without gRPC.
+
+    servicer (protobuf ↔ arrays, status codes)  ─►  SessionService  ─►  SessionStore (ids, slots)
+    in-process users (tests, embedding)          ─►                 ─►  Batcher ─► Engine
+
+Every operation takes the caller's principal and works on that principal's sessions:
+create / close / step / attach (a Stream) / generate / snapshot / restore / fork. Inputs
+are validated here, once, before anything changes (a rejected request applies nothing);
+the store, batcher and engine behind it trust what they get.
+
+Rules that live here:
+- Locality: with a shared state store a session is made local (`store.fetch`, off the
+  event loop) before it is used.
+- Attachment: a Stream or Generate attaches to one session *incarnation*; other Steps,
+  Streams and Generates of it are refused (SessionBusy) until it detaches. Once that
+  session is closed, the attachment's next step is NOT_FOUND — also when a new session
+  took its id meanwhile, which the attachment neither blocks nor reaches.
+- Draining: after `drain()` new work is refused (Unavailable) and idle attachments are
+  told to end (their `on_drain` callback).
+- Generate runs the one generation loop (runtime/generation.py) through the batcher; the
+  last generated token is not fed.
+
+Dimension letters: T inputs in one request, I d_input, D d_output, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batcher import Batcher
+from .engine import Engine
+from .errors import (
+    InvalidInput,
+    LimitExceeded,
+    ModelError,
+    SessionBusy,
+    SessionNotFound,
+    Unavailable,
+)
+from .generation import GenerateConfig, Generated, Generation
+from .sessions import Session, SessionStore, check_session_id
+from .snapshots import snapshot_position
+
+DRAINING = "server is shutting down; the session is saved, resume after the restart"
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Per-request limits (the server's --max-tokens-per-request, --max-new-tokens,
+    --session-ttl)."""
+
+    max_tokens_per_request: int = 4096
+    max_new_tokens: int = 4096
+    max_ttl: float = math.inf
+
+
+class SessionService:
+    """The session operations for one engine, store and batcher (see the module docstring)."""
+
+    def __init__(
+        self, engine: Engine, store: SessionStore, batcher: Batcher, limits: ServiceLimits
+    ):
+        self.engine, self.store, self.batcher, self.limits = engine, store, batcher, limits
+        self.info = engine.info
+        self.draining = False
+        # (session id, incarnation) -> the attachment driving it (a Stream or a Generate)
+        self._attached: dict[tuple[str, str], Attachment] = {}
+        self._open_attachments: set[Attachment] = set()  # also those not yet attached
+
+    # --- checks: the one place ---------------------------------------------------------
+
+    def inputs(self, tokens, values, field: str = "") -> np.ndarray:
+        """A request's inputs as the model takes them: int64 [T] or float32 [T, I].
+
+        tokens: ints [n] (empty if not sent); values: floats [n] row-major (empty if not
+        sent); field: the name to report for the inputs ("tokens"/"values" by default).
+        Raises InvalidInput naming the field, LimitExceeded for T > max_tokens_per_request.
+        """
+        if not isinstance(tokens, np.ndarray):
+            tokens = np.asarray(tokens, dtype=np.int64)
+        if not isinstance(values, np.ndarray):
+            values = np.asarray(values, dtype=np.float32)
+        if self.engine.input_kind == "tokens":
+            name = field or "tokens"
+            if len(values):
+                raise InvalidInput("values", "this model takes tokens; send `tokens`, not `values`")
+            if not len(tokens):
+                raise InvalidInput(name, "needs at least one token")
+            x = tokens
+        else:
+            name = field or "values"
+            I = self.engine.d_input
+            if len(tokens):
+                raise InvalidInput("tokens", "this model takes values; send `values`, not `tokens`")
+            if not len(values):
+                raise InvalidInput(name, f"needs at least one row of d_input={I} values")
+            if len(values) % I:
+                raise InvalidInput(name, f"has {len(values)} floats, not a multiple of d_input={I}")
+            x = values.reshape(-1, I)  # [T, I]
+        T = x.shape[0]
+        if T > self.limits.max_tokens_per_request:
+            raise LimitExceeded(
+                f"{name}: {T} inputs in one request exceed "
+                f"max_tokens_per_request={self.limits.max_tokens_per_request}"
+            )
+        return self.engine.check_inputs(x, name, lead="T")
+
+    def _ttl(self, value: float) -> float | None:
+        """0 → None (the server default); else 0 < ttl ≤ the server's --session-ttl."""
+        if value == 0:
+            return None
+        if not math.isfinite(value) or not 0 < value <= self.limits.max_ttl:
+            raise InvalidInput(
+                "ttl_seconds",
+                f"must be in (0, {self.limits.max_ttl:g}] seconds (0: default), got {value}",
+            )
+        return float(value)
+
+    def _open(self) -> None:
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on the restarted server")
+
+    @staticmethod
+    def _ref(session_id: str, field: str = "session_id") -> str:
+        """A reference to an existing session: present and well-formed."""
+        if not session_id:
+            raise InvalidInput(field, "is required")
+        return check_session_id(session_id, field)
+
+    async def _session(self, session_id: str, principal: str) -> Session:
+        """The live session `session_id` of `principal`, made local to this replica."""
+        self._ref(session_id)
+        if not self.store.held(session_id):
+            await asyncio.to_thread(self.store.fetch, session_id, principal)
+        return self.store.get(session_id, principal)
+
+    def _check_detached(self, s: Session) -> None:
+        holder = self._attached.get((s.id, s.incarnation))
+        if holder is not None:
+            raise SessionBusy(f"session {s.id!r} is attached to an open {holder.rpc}")
+
+    def _discard(self, session_id: str, principal: str) -> None:
+        """Close a session this service created for a request, if it is still there."""
+        try:
+            self.store.close(session_id, principal)
+        except SessionNotFound:
+            pass
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Refuse new work from now on; tell idle attachments to end."""
+        self.draining = True
+        for a in list(self._open_attachments):
+            if a.idle and a.on_drain is not None:
+                a.drained = True
+                a.on_drain()
+
+    # --- unary operations ------------------------------------------------------------------
+
+    async def create(
+        self, principal: str, session_id: str = "", ttl: float = 0.0, snapshot: bytes = b""
+    ) -> Session:
+        """A new session at position 0, or from a snapshot; `session_id` "" lets the store
+        choose."""
+        self._open()
+        ttl_ = self._ttl(ttl)
+        sid = check_session_id(session_id) if session_id else None
+        if snapshot:
+            return self.store.restore(snapshot, principal, sid, ttl_)
+        return self.store.create(principal, sid, ttl_)
+
+    async def restore(
+        self, principal: str, snapshot: bytes, session_id: str = "", ttl: float = 0.0
+    ) -> Session:
+        if not snapshot:
+            raise InvalidInput("snapshot", "is empty")
+        return await self.create(principal, session_id, ttl, snapshot)
+
+    async def close(self, principal: str, session_id: str) -> Session:
+        """Close a session; returns it as it was (its final position)."""
+        s = await self._session(session_id, principal)
+        self.store.close(s.id, principal)
+        return s
+
+    async def snapshot(self, principal: str, session_id: str) -> tuple[bytes, int]:
+        """(signed snapshot bytes, the position they hold)."""
+        s = await self._session(session_id, principal)
+        data = self.store.snapshot(s.id, principal)
+        return data, snapshot_position(data)
+
+    async def fork(self, principal: str, session_id: str, new_session_id: str = "") -> Session:
+        self._open()
+        parent = await self._session(session_id, principal)
+        new_id = check_session_id(new_session_id, "new_session_id") if new_session_id else None
+        try:
+            return self.store.fork(parent.id, principal, new_id)
+        except InvalidInput as e:  # the store speaks of the new session's id as session_id
+            if e.field != "session_id":
+                raise
+            raise InvalidInput("new_session_id", str(e).split(": ", 1)[1]) from None
+
+    async def step(self, principal: str, session_id: str, tokens=(), values=()) -> tuple:
+        """Feed inputs (see `inputs`) to a session not attached elsewhere:
+        (outputs [T, D], the new position)."""
+        self._open()
+        self._ref(session_id)  # the request's fields in order: session_id, then the inputs
+        x = self.inputs(tokens, values)
+        s = await self._session(session_id, principal)  # NOT_FOUND before FAILED_PRECONDITION
+        self._check_detached(s)
+        return await self.batcher.step(s, x)
+
+    # --- attached operations ----------------------------------------------------------------
+
+    def attach(self, principal: str, rpc: str = "Stream", on_drain: Callable | None = None):
+        """An Attachment that steps one session for a Stream (see Attachment); `detach()`
+        it when the Stream ends."""
+        a = Attachment(self, principal, rpc, on_drain)
+        self._open_attachments.add(a)
+        return a
+
+    async def generate(
+        self,
+        principal: str,
+        session_id: str,
+        prompt,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop=(),
+        keep_session: bool = False,
+    ) -> AsyncIterator[tuple[str, Generated]]:
+        """Feed `prompt` (tokens, at least one), then yield (session id, Generated) per token,
+        each before it is fed; the last one is not fed. Without a session_id a new session is
+        used (closed at the end unless keep_session). Sampling: runtime/sampling.py;
+        max_new_tokens in [1, --max-new-tokens]; generation stops after a `stop` token."""
+        self._open()
+        if self.engine.input_kind != "tokens":
+            raise ModelError("Generate needs a token model; this model takes values (use Step)")
+        x = self.inputs(np.asarray(prompt, dtype=np.int64), (), field="prompt")
+        config = GenerateConfig.check(
+            self.engine.vocab_size,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            max_limit=self.limits.max_new_tokens,
+            min_new_tokens=1,
+            stop_field="stop_tokens",
+        )
+        if session_id:
+            check_session_id(session_id)
+        temporary = not session_id and not keep_session
+        a = self.attach(principal, "Generate")
+        try:
+            outputs, position = await a.feed(session_id, x, create=not session_id)
+            gen = Generation(config)
+            g = gen(outputs[-1], position)
+            yield a.session.id, g
+            while not g.last:
+                self._open()
+                outputs, position = await a.feed("", np.array([g.token], dtype=np.int64))
+                g = gen(outputs[-1], position)
+                yield a.session.id, g
+        finally:
+            a.detach()
+            if temporary and a.session is not None:
+                self._discard(a.session.id, principal)
+
+    @property
+    def attached(self) -> int:
+        """Sessions attached to a Stream or Generate now."""
+        return len(self._attached)
+
+    @property
+    def open_streams(self) -> int:
+        """Streams and Generates open now (attached or not yet)."""
+        return len(self._open_attachments)
+
+
+class Attachment:
+    """One Stream's (or Generate's) hold on one session.
+
+    The first `step` attaches: to the session it names, or to a new one (`create`), which
+    is closed again if that first step fails (its id never reached the client). Later steps
+    go to the same incarnation (NOT_FOUND once it is closed). `idle` is True while waiting
+    for the client's next request; `on_drain` is called when the server drains meanwhile.
+    """
+
+    def __init__(self, service: SessionService, principal: str, rpc: str, on_drain):
+        self.service, self.principal, self.rpc, self.on_drain = service, principal, rpc, on_drain
+        self.session: Session | None = None
+        self.idle, self.drained = True, False
+
+    async def step(self, session_id: str, tokens=(), values=()) -> tuple:
+        """(outputs [T, D], position); an empty session_id on the first step creates a
+        session (see the class docstring)."""
+        self.service._open()
+        x = self.service.inputs(tokens, values)
+        return await self.feed(session_id, x, create=self.session is None and not session_id)
+
+    async def feed(self, session_id: str, inputs: np.ndarray, create: bool = False) -> tuple:
+        """`step` for inputs already checked (SessionService.inputs)."""
+        svc = self.service
+        self.idle = False
+        try:
+            if self.session is None:
+                return await self._first(session_id, inputs, create)
+            if session_id and session_id != self.session.id:
+                raise InvalidInput(
+                    "session_id", f"this stream is attached to {self.session.id!r}; open another"
+                )
+            self.session = await self._rebind(self.session)
+            return await svc.batcher.step(self.session, inputs)
+        finally:
+            self.idle = True
+
+    async def _first(self, session_id: str, inputs: np.ndarray, create: bool) -> tuple:
+        svc = self.service
+        if create:
+            s = svc.store.create(self.principal)
+        else:
+            s = await svc._session(session_id, self.principal)
+        try:
+            svc._check_detached(s)
+        except SessionBusy:
+            if create:
+                svc._discard(s.id, self.principal)
+            raise
+        svc._attached[s.id, s.incarnation] = self
+        self.session = s
+        try:
+            return await svc.batcher.step(s, inputs)
+        except BaseException:  # also a cancel: the client never got the new id
+            if create:  # the request that created the session failed: undo both
+                svc._discard(s.id, self.principal)
+            raise
+
+    async def _rebind(self, bound: Session) -> Session:
+        """The attached incarnation, for its next step (NOT_FOUND once it was closed)."""
+        if bound.live and self.service.store.held(bound.id):
+            return bound
+        try:
+            s = await self.service._session(bound.id, self.principal)
+        except SessionNotFound:
+            raise SessionNotFound(bound.id, "closed") from None
+        if s.incarnation != bound.incarnation:
+            raise SessionNotFound(bound.id, "closed")
+        return s
+
+    def detach(self) -> None:
+        self.service._open_attachments.discard(self)
+        s = self.session
+        if s is not None and self.service._attached.get((s.id, s.incarnation)) is self:
+            del self.service._attached[s.id, s.incarnation]

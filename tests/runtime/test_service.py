@@ -1,0 +1,273 @@
+"""SessionService without gRPC: every check in one place (each names its field and changes
+nothing), the session operations for a principal, attachments bound to an incarnation, and
+the one generation loop — compared with Engine.prefill / Engine.step on the same toy model."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+from ssmstream.runtime.batcher import Batcher
+from ssmstream.runtime.engine import Engine
+from ssmstream.runtime.errors import (
+    InvalidInput,
+    LimitExceeded,
+    ModelError,
+    SessionBusy,
+    SessionNotFound,
+    Unavailable,
+)
+from ssmstream.runtime.service import ServiceLimits, SessionService
+from ssmstream.runtime.sessions import SessionStore
+
+LIMITS = ServiceLimits(max_tokens_per_request=8, max_new_tokens=100, max_ttl=60.0)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@pytest.fixture(scope="module")
+def tokens_engine(toy_token_model):
+    return Engine(toy_token_model["model_dir"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def values_engine(toy_signal_model):
+    return Engine(toy_signal_model["model_dir"], device="cpu", threads=1)
+
+
+async def started(engine) -> SessionService:
+    store = SessionStore(engine.state_size, capacity=16)
+    batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0)
+    await batcher.start()
+    return SessionService(engine, store, batcher, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "tokens, values, exc, field",
+    [
+        ([], [], InvalidInput, "tokens"),
+        ([1, 11], [], InvalidInput, "tokens"),
+        ([-1], [], InvalidInput, "tokens"),
+        ([2**63 - 1], [], InvalidInput, "tokens"),
+        ([1], [1.0], InvalidInput, "values"),
+        (list(range(9)), [], LimitExceeded, "tokens"),
+    ],
+)
+def test_bad_token_inputs_name_the_field(tokens_engine, tokens, values, exc, field):
+    svc = SessionService(tokens_engine, None, None, LIMITS)
+    with pytest.raises(exc) as e:
+        svc.inputs(np.array(tokens, dtype=np.int64), np.array(values, dtype=np.float32))
+    assert str(e.value).startswith(f"{field}: "), e.value
+
+
+@pytest.mark.parametrize(
+    "tokens, values, exc",
+    [
+        ([], [1, 2], InvalidInput),
+        ([], [1, 2, math.nan], InvalidInput),
+        ([], [1, 2, math.inf], InvalidInput),
+        ([1], [], InvalidInput),
+        ([], [0.0] * 27, LimitExceeded),
+    ],
+)
+def test_bad_value_inputs_are_refused(values_engine, tokens, values, exc):
+    svc = SessionService(values_engine, None, None, LIMITS)
+    with pytest.raises(exc):
+        svc.inputs(np.array(tokens, dtype=np.int64), np.array(values, dtype=np.float32))
+
+
+def test_good_inputs_come_back_as_the_model_takes_them(tokens_engine, values_engine):
+    t = SessionService(tokens_engine, None, None, LIMITS).inputs([0, 10, 4], [])
+    assert t.dtype == np.int64 and t.tolist() == [0, 10, 4]
+    v = SessionService(values_engine, None, None, LIMITS).inputs([], [1, 2, 3, 4, 5, 6])
+    assert v.dtype == np.float32 and v.shape == (2, 3)
+    np.testing.assert_array_equal(v, [[1, 2, 3], [4, 5, 6]])
+
+
+def test_operations_for_a_principal_match_the_engine(tokens_engine):
+    """create / step / fork / snapshot / restore / close, each compared with Engine.prefill."""
+
+    async def main():
+        svc = await started(tokens_engine)
+        s = await svc.create("alice", "a1", ttl=30.0)
+        assert (s.id, s.position, s.ttl) == ("a1", 0, 30.0)
+        y, pos = await svc.step("alice", "a1", [1, 2, 3])
+        ref_y, ref_s = tokens_engine.prefill(np.array([[1, 2, 3]]), tokens_engine.new_state())
+        np.testing.assert_allclose(y, ref_y[0], atol=1e-5)
+        assert pos == 3
+        child = await svc.fork("alice", "a1", "a2")
+        data, position = await svc.snapshot("alice", "a1")
+        copy = await svc.restore("alice", data)
+        assert position == 3 and child.position == copy.position == 3
+        want, _ = tokens_engine.step(np.array([4]), ref_s)
+        for sid in ("a1", "a2", copy.id):
+            y, pos = await svc.step("alice", sid, [4])
+            np.testing.assert_allclose(y[0], want[0], atol=1e-5)
+            assert pos == 4
+        with pytest.raises(SessionNotFound):
+            await svc.step("bob", "a1", [1])  # another principal's session does not exist
+        closed = await svc.close("alice", "a1")
+        assert closed.position == 4
+        with pytest.raises(SessionNotFound, match="closed"):
+            await svc.step("alice", "a1", [1])
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_bad_requests_change_nothing(tokens_engine):
+    async def main():
+        svc = await started(tokens_engine)
+        await svc.create("alice", "a")
+        await svc.step("alice", "a", [1, 2])
+        before = svc.store.read(svc.store.get("a", "alice"))
+        bad_calls = [
+            (svc.step("alice", "a", [11]), InvalidInput),
+            (svc.step("alice", "a", list(range(9))), LimitExceeded),
+            (svc.step("alice", "a\n", [1]), InvalidInput),
+            (svc.step("alice", "", [1]), InvalidInput),
+            (svc.create("alice", "b", ttl=61.0), InvalidInput),
+            (svc.create("alice", "b", ttl=math.nan), InvalidInput),
+            (svc.create("alice", "a"), InvalidInput),  # in use
+            (svc.fork("alice", "a", "q\n"), InvalidInput),
+            (svc.restore("alice", b""), InvalidInput),
+            (svc.restore("alice", b"garbage"), InvalidInput),
+        ]
+        for call, exc in bad_calls:
+            with pytest.raises(exc):
+                await call
+        s = svc.store.get("a", "alice")
+        assert s.position == 2 and len(svc.store) == 1
+        np.testing.assert_array_equal(svc.store.read(s), before)
+        await svc.batcher.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 101}, "max_new_tokens"),
+        ({"top_k": 12}, "top_k"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"stop": [11]}, "stop_tokens"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [11]}, "prompt"),
+    ],
+)
+def test_bad_generate_fields_name_the_field(tokens_engine, kwargs, field):
+    async def main():
+        svc = await started(tokens_engine)
+        args = {"prompt": [1], "max_new_tokens": 5, **kwargs}
+        with pytest.raises(InvalidInput) as e:
+            async for _ in svc.generate("p", "", **args):
+                pass
+        assert str(e.value).startswith(f"{field}: "), e.value
+        assert len(svc.store) == 0  # the temporary session was not made, or closed again
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_generate_is_the_engines_generation_and_feeds_all_but_the_last(tokens_engine):
+    """Greedy tokens equal Engine.generate's; the session holds the prompt and every token
+    but the last; a stop token ends the loop and is returned."""
+
+    async def main():
+        svc = await started(tokens_engine)
+        await svc.create("p", "g")
+        got = [
+            g async for _, g in svc.generate("p", "g", [3, 1], max_new_tokens=6, temperature=0.0)
+        ]
+        want = list(tokens_engine.generate([3, 1], max_new_tokens=6, temperature=0.0))
+        assert [g.token for g in got] == want
+        assert [g.index for g in got] == list(range(6)) and got[-1].finish == "max_tokens"
+        assert [g.position for g in got] == list(range(2, 8))
+        assert svc.store.get("g", "p").position == 2 + 5
+        stop = want[2]
+        cut = [g async for _, g in svc.generate("p", "", [3, 1], 6, 0.0, stop=[stop])]
+        assert [g.token for g in cut] == want[: want.index(stop) + 1]
+        assert cut[-1].finish == "stop_token" and len(svc.store) == 1  # temporary closed
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_generate_needs_a_token_model(values_engine):
+    async def main():
+        svc = await started(values_engine)
+        with pytest.raises(ModelError, match="token model"):
+            async for _ in svc.generate("p", "", [1], 3):
+                pass
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_an_attachment_excludes_others_and_is_bound_to_its_incarnation(tokens_engine):
+    async def main():
+        svc = await started(tokens_engine)
+        await svc.create("p", "s")
+        a = svc.attach("p")
+        await a.step("s", [1])
+        with pytest.raises(SessionBusy, match="attached to an open Stream"):
+            await svc.step("p", "s", [2])
+        b = svc.attach("p")
+        with pytest.raises(SessionBusy):
+            await b.step("s", [2])
+        b.detach()
+        await svc.close("p", "s")
+        again = await svc.create("p", "s")  # the id's new owner is not blocked
+        assert (await svc.step("p", "s", [5]))[1] == 1
+        with pytest.raises(SessionNotFound, match="closed"):
+            await a.step("", [3])
+        assert svc.store.get("s", "p") is again and again.position == 1
+        a.detach()
+        assert svc.attached == 0 and svc.open_streams == 0
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_an_attachment_that_creates_its_session_undoes_it_when_the_first_step_fails(
+    tokens_engine,
+):
+    async def main():
+        svc = await started(tokens_engine)
+        a = svc.attach("p")
+        with pytest.raises(InvalidInput):
+            await a.step("", [11])  # refused before anything is created
+        assert len(svc.store) == 0
+        await svc.batcher.close()
+        with pytest.raises(Unavailable):
+            await a.step("", [1])  # the batcher is closed: created, then undone
+        assert len(svc.store) == 0
+        a.detach()
+
+    run(main())
+
+
+def test_draining_refuses_new_work_and_ends_idle_attachments(tokens_engine):
+    async def main():
+        svc = await started(tokens_engine)
+        ended = []
+        idle = svc.attach("p", on_drain=lambda: ended.append("idle"))
+        await idle.step("", [1])
+        svc.drain()
+        assert ended == ["idle"] and idle.drained
+        with pytest.raises(Unavailable, match="shutting down"):
+            await svc.create("p")
+        with pytest.raises(Unavailable):
+            await svc.step("p", idle.session.id, [1])
+        idle.detach()
+        await svc.batcher.close()
+
+    run(main())
