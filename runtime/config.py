@@ -204,7 +204,7 @@ class ServerConfig:
                 raise ValueError(
                     "state_dir: sessions persist in --state-store; do not also give --state-dir"
                 )
-        from .shared_store import parse_persist_every
+        from .replication import parse_persist_every
 
         parse_persist_every(self.persist_every)
         if not isinstance(self.lease_ttl, (int, float)) or not 0.05 <= self.lease_ttl <= 3600:

@@ -13,7 +13,7 @@ Lifecycle:
           bind (TLS / mTLS when configured), health SERVING, one log line with the model,
           provider, address and limits.
   shared — with --state-store redis://…, sessions are also kept in Redis (runtime/
-          shared_store.py) and health service "ssmstream.StateStore" says whether Redis is
+          replication.py) and health service "ssmstream.StateStore" says whether Redis is
           reachable.
   stop  — on SIGTERM/SIGINT: health NOT_SERVING, new work refused with UNAVAILABLE, idle
           Streams ended, in-flight requests get --grace seconds to finish, the batcher
@@ -138,20 +138,20 @@ class Server:
             model_sha=info["step_sha256"],
             snapshot_key=snapshot_key(c),
         )
-        if c.state_store == "memory":
-            self.store = SessionStore(**store_args)
-        else:
-            from .shared_store import SharedSessionStore, StoreCollector
+        replication = None
+        if c.state_store != "memory":
+            from .replication import RedisReplication, StoreCollector
 
-            self.store = SharedSessionStore(
+            replication = RedisReplication(
                 url=c.state_store,
                 persist_every=c.persist_every,
                 lease_ttl=c.lease_ttl,
                 replica_id=c.replica_id,
-                **store_args,
             )
-            self.store.start()
-            self.metrics.registry.register(StoreCollector(self.store))
+            self.metrics.registry.register(StoreCollector(replication))
+        self.store = SessionStore(**store_args, replication=replication)
+        if replication is not None:
+            replication.start()
         restored = self.store.load(c.state_dir) if c.state_dir else 0
         self.batcher = Batcher(self.engine, self.store, c.max_batch, c.max_batch_delay)
         self.batcher.add_listener(self.metrics.observe_batch)
@@ -194,7 +194,7 @@ class Server:
         await self._grpc.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.store.shared:
+        if self.store.replication is not None:
             self._tasks.append(asyncio.create_task(self._watch_store()))
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
@@ -238,8 +238,8 @@ class Server:
         (Redis unreachable; in-memory sessions are still served, so "" stays SERVING)."""
         up = None
         while True:
-            if up is not (not self.store.degraded):
-                up = not self.store.degraded
+            if up is not (not self.store.replication.degraded):
+                up = not self.store.replication.degraded
                 status = (
                     health_pb2.HealthCheckResponse.SERVING
                     if up
@@ -277,9 +277,9 @@ class Server:
             await self.batcher.close()
         if self.config.state_dir and self.store is not None:
             self.store.save(self.config.state_dir)
-        if self.store is not None and self.store.shared:
+        if self.store is not None and self.store.replication is not None:
             await asyncio.to_thread(self.store.flush)  # written, leases released: failover now
-            self.store.stop()
+            self.store.replication.stop()
         self.metrics.close()
         log.info("stopped")
         self._stopped.set()

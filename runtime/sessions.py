@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidInput, LimitExceeded, ModelError, SessionNotFound
+from .errors import InvalidInput, LimitExceeded, ModelError, SessionBusy, SessionNotFound
 from .snapshots import (
     SnapshotKey,
     check_state,
@@ -97,6 +97,7 @@ class Session:
     ttl = property(lambda self: self._ttl)
     live = property(lambda self: self._live, doc="False once closed or evicted")
     incarnation = property(lambda self: self._incarnation)
+    pinned = property(lambda self: self._pins > 0, doc="a step of it is queued or running")
 
     def __repr__(self) -> str:
         return (
@@ -149,6 +150,8 @@ class SessionStore:
             snapshots and saved stores of another model are refused.
         snapshot_key: signs and verifies snapshots and the session file (None: a random
             key, valid for this store only).
+        replication: a policy that also keeps the sessions elsewhere (runtime/replication.py
+            RedisReplication), called at create / commit / close / fetch; None: memory only.
         clock: a monotonic clock in seconds (tests pass a fake one).
         tombstones: how many closed/evicted ids to remember for `get`'s reason.
 
@@ -165,6 +168,7 @@ class SessionStore:
         clock: Callable[[], float] = time.monotonic,
         tombstones: int = 65536,
         snapshot_key: SnapshotKey | None = None,
+        replication=None,
     ):
         if (
             isinstance(state_size, bool)
@@ -208,6 +212,9 @@ class SessionStore:
         self._lent = 0  # sessions whose rows are lent out
         self._save_lock = threading.Lock()  # one save at a time: they share the temp file
         self._counts = Counter()
+        self.replication = replication
+        if replication is not None:
+            replication.attach(self, key_given=snapshot_key is not None)
 
     # --- bookkeeping -----------------------------------------------------------------
 
@@ -295,6 +302,8 @@ class SessionStore:
         while len(self._gone) > self._max_gone:
             self._gone.popitem(last=False)
         self._counts[reason] += 1
+        if self.replication is not None:
+            self.replication.removed(s, reason)
 
     def _expired(self, s: Session, now: float) -> bool:
         return s._pins == 0 and now - s._last_used > s._ttl
@@ -318,10 +327,29 @@ class SessionStore:
         Raises InvalidInput (bad or duplicate session_id, bad ttl) or LimitExceeded
         (store full after evicting idle sessions, or the principal's limit reached).
         """
-        with self._lock:
-            s = self._new_session(principal, session_id, ttl, 0)
+
+        def make(sid):
             self._counts["created"] += 1
-            return s
+            return self._new_session(principal, sid, ttl, 0)
+
+        return self._add(session_id, make)
+
+    def _add(self, session_id: str | None, make: Callable, keep_lease: bool = True) -> Session:
+        """A new session from `make(id)` (run under the lock), with the replication's claim of
+        the id before and its first write after."""
+        r = self.replication
+        if r is None:
+            with self._lock:
+                return make(session_id)
+        sid = r.claim(session_id)
+        try:
+            with self._lock:
+                s = make(sid)
+        except BaseException:
+            r.release(sid)
+            raise
+        r.created(s, keep_lease)
+        return s
 
     def get(self, session_id: str, principal: str = "") -> Session:
         """The live session `session_id` of `principal`; refreshes its idle timer.
@@ -350,6 +378,8 @@ class SessionStore:
         with self._lock:
             s = self.get(session_id, principal)
             self._remove(s, "closed")
+        if self.replication is not None:
+            self.replication.closed()
 
     def evict_idle(self) -> list[str]:
         """Evict every session idle longer than its TTL (not those pinned by a running step)."""
@@ -411,7 +441,7 @@ class SessionStore:
         Until `return_rows(sessions, ...)`: reading these sessions' states (read, snapshot,
         fork, save) waits, and the slot of one closed meanwhile is not reused.
         """
-        if self.shared:  # the states are also written elsewhere, through commit
+        if self.replication is not None:  # states also go elsewhere, through commit
             return None
         with self._lock:
             slots = [s._slot for s in sessions]
@@ -462,7 +492,6 @@ class SessionStore:
         All or nothing: raises (changing nothing) when the session is no longer live
         or the arguments are malformed. Returns the new position.
         """
-        check_consumed(consumed)
         new_state = np.asarray(new_state)
         if new_state.shape != (self.state_size,):
             raise InvalidInput(
@@ -470,12 +499,10 @@ class SessionStore:
             )
         if new_state.dtype != np.float32:
             raise InvalidInput("new_state", f"must be float32, got {new_state.dtype}")
-        with self._lock:
-            self._check_live(s)
-            self._slab[s._slot] = new_state
-            s._position += int(consumed)
-            s._last_used = self.clock()
-            return s._position
+        (result,) = self.commit_many([s], new_state[None], consumed)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def commit_many(
         self, sessions: Sequence[Session], new_states: np.ndarray, consumed: int
@@ -491,6 +518,13 @@ class SessionStore:
                 "new_states", f"must be float32 [{len(sessions)}, {self.state_size}], "
                 f"got {new_states.dtype} {new_states.shape}",
             )  # fmt: skip
+        if self.replication is not None:
+            return self.replication.commit(sessions, new_states, consumed, self._commit_local)
+        return self._commit_local(sessions, new_states, consumed)
+
+    def _commit_local(
+        self, sessions: Sequence[Session], new_states: np.ndarray, consumed: int
+    ) -> list[int | SessionNotFound]:
         results: list[int | SessionNotFound] = []
         with self._lock:
             now = self.clock()
@@ -511,19 +545,65 @@ class SessionStore:
                 self._slab[slots] = new_states[rows] if n < len(sessions) else new_states
         return results
 
-    # --- replication (runtime/shared_store.SharedSessionStore overrides these) -----------
-
-    shared = False  # True: sessions are also kept in a store other replicas read
+    # --- replication: what the service and the replication policy call -------------------
 
     def held(self, session_id: str) -> bool:
-        """True when this process may step the session without asking anyone (always here)."""
-        return True
+        """True when this process may step the session without asking anyone: it is here
+        (and, replicated, its lease is ours)."""
+        if self.replication is None:
+            return True
+        return session_id in self._sessions and self.replication.held(session_id)
 
     def fetch(self, session_id: str, principal: str = "") -> None:
-        """Make the newest state of `session_id` local (a no-op for a local store)."""
+        """Make the newest state of `session_id` local (blocking; a no-op unless replicated)."""
+        if self.replication is not None and not self.held(session_id):
+            self.replication.fetch(session_id, principal)
+
+    def local(self, session_id: str) -> Session | None:
+        """The live session `session_id` here, whoever owns it (no timer refresh)."""
+        return self._sessions.get(session_id)
+
+    def install(
+        self,
+        session_id: str,
+        principal: str,
+        ttl: float,
+        position: int,
+        state: np.ndarray,
+        incarnation: str | None,
+    ) -> Session:
+        """Make a session's copy here equal to one kept elsewhere (replication): the local
+        session is updated, or replaced when it is another incarnation, or created.
+        Raises SessionBusy when a step of the local copy is in flight."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is not None and s._pins:
+                raise SessionBusy(
+                    f"session {session_id!r} changed on another replica while a step of it is "
+                    f"in flight here; retry"
+                )
+            if s is not None and s._incarnation != incarnation:
+                self._remove(s, "moved")  # closed elsewhere and created again: another session
+                self._gone.pop(session_id, None)
+                s = None
+            if s is None:
+                s = self._new_session(principal, session_id, ttl, position, incarnation)
+                self._counts["restored"] += 1
+            s._position = position
+            self._slab[s._slot] = state
+            return s
+
+    def drop(self, s: Session) -> None:
+        """Forget the local copy of a session another replica owns now."""
+        with self._lock:
+            if self._sessions.get(s._id) is s:
+                self._remove(s, "moved")
+                self._gone.pop(s._id, None)
 
     def flush(self) -> None:
-        """Write what is not yet persisted elsewhere and let go of ownership (no-op here)."""
+        """Write what is not yet persisted elsewhere and let go of ownership (shutdown)."""
+        if self.replication is not None:
+            self.replication.flush()
 
     # --- snapshots -----------------------------------------------------------------------
 
@@ -540,7 +620,7 @@ class SessionStore:
         with self._lock:
             return self._pack(self.get(session_id, principal))
 
-    def _unpack(self, data: bytes) -> tuple[int, np.ndarray]:
+    def unpack(self, data: bytes) -> tuple[int, np.ndarray]:
         """Verify a snapshot -> (position, state [S]). Raises InvalidInput / ModelError."""
         return decode_snapshot(self.snapshot_key, data, self.model_sha, self.state_size)
 
@@ -556,22 +636,30 @@ class SessionStore:
         A corrupt snapshot (InvalidInput) or one of another model (ModelError) is
         refused before anything changes; limits apply as in `create`.
         """
-        position, state = self._unpack(data)
-        with self._lock:
-            s = self._new_session(principal, session_id, ttl, position)
+        position, state = self.unpack(data)
+
+        def make(sid):
+            s = self._new_session(principal, sid, ttl, position)
             self._slab[s._slot] = state
             self._counts["restored"] += 1
             return s
 
+        return self._add(session_id, make)
+
     def fork(self, session_id: str, principal: str = "", new_id: str | None = None) -> Session:
-        """A new session of the same principal with a copy of the state and position."""
-        with self._lock:
+        """A new session of the same principal with a copy of the state and position
+        (replicated: written at once, its lease let go: a sticky proxy may route it elsewhere)."""
+        self.get(session_id, principal)  # NOT_FOUND before claiming the new id
+
+        def make(sid):
             parent = self.get(session_id, principal)
             self._wait_returned(parent)
-            child = self._new_session(principal, new_id, parent._ttl, parent._position)
+            child = self._new_session(principal, sid, parent._ttl, parent._position)
             self._slab[child._slot] = self._slab[parent._slot]
             self._counts["forked"] += 1
             return child
+
+        return self._add(new_id, make, keep_lease=False)
 
     # --- persistence ---------------------------------------------------------------------
 

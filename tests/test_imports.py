@@ -35,7 +35,6 @@ RUNTIME_EDGE = {
     "cli",
     "auth",
     "metrics",
-    "shared_store",
     "replication",
     "bench",
     "info",

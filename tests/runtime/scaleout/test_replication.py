@@ -1,4 +1,4 @@
-"""SharedSessionStore against a real redis-server: two stores = two replicas.
+"""SessionStore + RedisReplication against a real redis-server: two stores = two replicas.
 
 The states here are arbitrary float32 rows (the store does not run models); each test
 compares what one replica committed with what the other one loads.
@@ -12,21 +12,25 @@ import time
 import numpy as np
 import pytest
 from ssmstream.runtime.errors import InvalidInput, ModelError, SessionBusy, Unavailable
-from ssmstream.runtime.shared_store import SharedSessionStore, parse_persist_every
+from ssmstream.runtime.replication import RedisReplication, parse_persist_every
+from ssmstream.runtime.sessions import SessionStore
 
 S = 64
 
 
-def replica(redis_server, name: str, persist_every="1", lease_ttl=0.4, **kw) -> SharedSessionStore:
+def replica(
+    redis_server, name: str, persist_every="1", lease_ttl=0.4, lease_wait=2.0, **kw
+) -> SessionStore:
+    """One replica's store: a SessionStore composed with a RedisReplication."""
     kw.setdefault("model_sha", "sha-A")
-    kw.setdefault("lease_wait", 2.0)
-    return SharedSessionStore(
-        S, url=redis_server.url, persist_every=persist_every, lease_ttl=lease_ttl,
-        replica_id=name, **kw,
+    replication = RedisReplication(
+        url=redis_server.url, persist_every=persist_every, lease_ttl=lease_ttl,
+        lease_wait=lease_wait, replica_id=name,
     )  # fmt: skip
+    return SessionStore(S, replication=replication, **kw)
 
 
-def step(store: SharedSessionStore, sid: str, rng, principal: str = "") -> np.ndarray:
+def step(store: SessionStore, sid: str, rng, principal: str = "") -> np.ndarray:
     """One commit of a fresh random state; returns it."""
     s = store.get(sid, principal)
     x = rng.standard_normal(S).astype(np.float32)
@@ -62,7 +66,7 @@ def test_write_through_another_replica_continues_from_the_last_step(redis_server
     with pytest.raises(Unavailable, match="another replica"):
         step(a, sid, rng, "alice")
     assert sid not in {x.id for x in a.sessions()}
-    rec = b.backend.load(sid)
+    rec = b.replication.backend.load(sid)
     assert rec["version"] == 6 and rec["principal"] == "alice"
 
 
@@ -80,13 +84,13 @@ def test_every_nth_step_loses_at_most_n_minus_1(redis_server):
 def test_write_behind_writes_within_the_interval(redis_server):
     rng = np.random.default_rng(2)
     a = replica(redis_server, "A", persist_every="50ms")
-    a.start()
+    a.replication.start()
     try:
         sid = a.create().id
         last = [step(a, sid, rng) for _ in range(3)][-1]
-        assert a.backend.load(sid)["version"] == 1  # only the creation so far
+        assert a.replication.backend.load(sid)["version"] == 1  # only the creation so far
         deadline = time.monotonic() + 2
-        while a.backend.load(sid)["version"] < 2 and time.monotonic() < deadline:
+        while a.replication.backend.load(sid)["version"] < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         b = replica(redis_server, "B")
         a.flush()  # graceful: written and lease released, B takes it at once
@@ -96,7 +100,7 @@ def test_write_behind_writes_within_the_interval(redis_server):
         np.testing.assert_array_equal(b.read(b.get(sid)), last)
         assert b.get(sid).position == 3
     finally:
-        a.stop()
+        a.replication.stop()
 
 
 def test_two_replicas_racing_exactly_one_wins_the_lease(redis_server):
@@ -142,11 +146,11 @@ def test_a_stale_replica_cannot_overwrite_a_newer_state(redis_server):
     b.fetch(sid)
     newer = step(b, sid, rng)
     b.flush()  # B lets go; A takes the lease back but its copy (and version) is old
-    assert a.backend.acquire(sid, "A", 10_000) == ""
-    a._lease_until[sid] = time.monotonic() + 10
+    assert a.replication.backend.acquire(sid, "A", 10_000) == ""
+    a.replication._lease_until[sid] = time.monotonic() + 10
     with pytest.raises(Unavailable, match="newer version"):
         step(a, sid, rng)
-    rec = b.backend.load(sid)
+    rec = b.replication.backend.load(sid)
     assert rec["version"] == 3
     c = replica(redis_server, "C")
     c.fetch(sid)
@@ -160,7 +164,9 @@ def test_refuses_a_snapshot_of_another_model_and_other_principals(redis_server):
     other_model = replica(redis_server, "B", model_sha="sha-B")
     with pytest.raises(ModelError, match="another model"):
         other_model.fetch(sid, "alice")
-    assert not other_model.backend.client.exists(other_model.backend.lease(sid))  # released
+    assert not other_model.replication.backend.client.exists(
+        other_model.replication.backend.lease(sid)
+    )  # released
     b = replica(redis_server, "C")
     b.fetch(sid, "mallory")  # not hers: nothing is loaded, get says unknown
     with pytest.raises(KeyError, match="unknown"):
@@ -182,14 +188,14 @@ def test_close_and_eviction_delete_the_keys(redis_server):
     now = [0.0]
     a = replica(redis_server, "A", ttl=10.0, clock=lambda: now[0])
     s1, s2 = a.create().id, a.create().id
-    assert a.backend.exists(s1) and a.backend.exists(s2)
+    assert a.replication.backend.exists(s1) and a.replication.backend.exists(s2)
     a.close(s1)
-    assert not a.backend.exists(s1)
+    assert not a.replication.backend.exists(s1)
     now[0] = 11.0
     assert a.evict_idle() == [s2]
-    a._delete_dropped()  # the background thread does this
-    assert not a.backend.exists(s2)
-    assert a.backend.client.keys("ssmstream:*") == [b"ssmstream:snapshot-key"]
+    a.replication._delete_dropped()  # the background thread does this
+    assert not a.replication.backend.exists(s2)
+    assert a.replication.backend.client.keys("ssmstream:*") == [b"ssmstream:snapshot-key"]
 
 
 def test_fork_and_restore_are_written_at_once(redis_server):
@@ -213,23 +219,23 @@ def test_fork_and_restore_are_written_at_once(redis_server):
 def test_redis_down_keeps_serving_memory_then_recovers(redis_server):
     rng = np.random.default_rng(6)
     a = replica(redis_server, "A", lease_ttl=0.3)
-    a.start()
+    a.replication.start()
     try:
         sid = a.create().id
         step(a, sid, rng)
         redis_server.stop()
         states = [step(a, sid, rng) for _ in range(3)]  # served from memory
-        assert a.degraded
-        assert a.shared_stats()["up"] is False
+        assert a.replication.degraded
+        assert a.replication.stats()["up"] is False
         fresh = a.create().id  # new sessions still work (locally)
         with pytest.raises(Unavailable, match="state store"):
             a.fetch("never-seen-here")
         assert a.get(sid).position == 4
         redis_server.start()  # back, and empty (no persistence)
         deadline = time.monotonic() + 5
-        while a.degraded and time.monotonic() < deadline:
+        while a.replication.degraded and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not a.degraded
+        assert not a.replication.degraded
         b = replica(redis_server, "B")
         a.flush()
         b.fetch(sid)
@@ -238,4 +244,4 @@ def test_redis_down_keeps_serving_memory_then_recovers(redis_server):
         b.fetch(fresh)
         assert b.get(fresh).position == 0
     finally:
-        a.stop()
+        a.replication.stop()

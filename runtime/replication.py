@@ -1,4 +1,4 @@
-"""Sessions shared by replicas through Redis: any replica can continue any session.
+"""Replication of sessions through Redis: any replica can continue any session.
 
     replica A ─┐            {prefix}:s:{id}   hash  snap (signed snapshot bytes: model sha,
     replica B ─┼─ Redis ──►                         S, position, state; runtime/snapshots.py),
@@ -6,8 +6,11 @@
                             {prefix}:l:{id}   string  the replica id holding the lease (PX)
                             {prefix}:snapshot-key   the key every replica signs with
 
-`SharedSessionStore` is a SessionStore (the in-memory slab stays the working copy) that
-also keeps every session in Redis:
+`RedisReplication` is a policy a SessionStore is composed with (`SessionStore(...,
+replication=RedisReplication(url))`): the store keeps the working copy of every session
+and calls the policy at named moments — claim / created / release (a new session),
+commit (a step's new states, around the local commit), removed (close, eviction, moved),
+fetch (make a session local), held, flush (shutdown) — through its public API only:
 
 - Ownership is leased. A replica steps a session only while it holds the lease key
   (SET NX PX; `lease_ttl` seconds, renewed in the background for sessions in use). A
@@ -41,7 +44,7 @@ also keeps every session in Redis:
 Threads: the batcher's worker thread commits (and writes through); one background
 thread renews leases, writes behind, deletes evicted keys and watches Redis. Redis calls
 from the event loop are single round trips on loopback (create, close); the ones that may
-wait (`fetch`) run in a worker thread (the servicer uses asyncio.to_thread).
+wait (`fetch`) run in a worker thread (the service uses asyncio.to_thread).
 
 Limits: one Redis (or a Sentinel-managed primary) — the scripts touch two keys of one
 session, which Redis Cluster would need hash tags for ({id}); leases use Redis's clock
@@ -63,13 +66,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import (
-    InvalidInput,
-    ModelError,
-    SessionBusy,
-    Unavailable,
-)
-from .sessions import Session, SessionStore, check_consumed, check_session_id
+from .errors import InvalidInput, ModelError, SessionBusy, SessionNotFound, Unavailable
+from .sessions import Session, SessionStore, check_session_id
 from .snapshots import SnapshotKey
 
 log = logging.getLogger(__name__)
@@ -240,10 +238,10 @@ class RedisBackend:
         )
 
 
-class SharedSessionStore(SessionStore):
-    """A SessionStore whose sessions live in Redis too (see the module docstring).
+class RedisReplication:
+    """Sessions kept in Redis too, leased to one replica at a time (see the module docstring).
 
-    Args (besides SessionStore's):
+    Args:
         url: redis://host:port/db (rediss:// for TLS).
         persist_every: "1" | "N" | "Nms" (see the module docstring).
         lease_ttl: seconds a lease lasts without renewal (the failover time after a replica
@@ -252,13 +250,13 @@ class SharedSessionStore(SessionStore):
         replica_id: this replica's name in the leases (default host:pid:random).
         prefix: key prefix in Redis.
         backend: a RedisBackend to use instead of connecting to `url` (tests).
-    """
 
-    shared = True
+    `SessionStore(..., replication=this)` attaches it (`attach`): from then on the store
+    calls it; nothing else should.
+    """
 
     def __init__(
         self,
-        state_size: int,
         url: str = "redis://127.0.0.1:6379/0",
         persist_every: str = "100ms",
         lease_ttl: float = 3.0,
@@ -266,9 +264,7 @@ class SharedSessionStore(SessionStore):
         replica_id: str | None = None,
         prefix: str = "ssmstream",
         backend: RedisBackend | None = None,
-        **kw,
     ):
-        super().__init__(state_size, **kw)
         if not isinstance(lease_ttl, (int, float)) or not 0.05 <= lease_ttl <= 3600:
             raise InvalidInput("lease_ttl", f"must be in [0.05, 3600] seconds, got {lease_ttl!r}")
         self.persist_steps, self.persist_interval = parse_persist_every(persist_every)
@@ -277,6 +273,7 @@ class SharedSessionStore(SessionStore):
         self.lease_wait = self.lease_ttl + 1.0 if lease_wait is None else float(lease_wait)
         self.replica_id = replica_id or default_replica_id()
         self.backend = backend or RedisBackend(url, prefix)
+        self.store: SessionStore | None = None
         self._lease_ms = max(50, int(1000 * self.lease_ttl))
         self._lease_until: dict[str, float] = {}  # id -> monotonic time our lease surely lasts
         self._version: dict[str, int] = {}  # id -> the Redis version the local copy builds on
@@ -286,10 +283,15 @@ class SharedSessionStore(SessionStore):
         self._io = threading.RLock()  # orders writes of one session with its commits
         self.degraded = False
         self.degraded_since: float | None = None
-        self.shared_counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._own_key = kw.get("snapshot_key") is None  # else every replica got --snapshot-key
+        self._own_key = True
+
+    def attach(self, store: SessionStore, key_given: bool) -> None:
+        """Called once by the store: sign with the key kept in Redis unless the key was given
+        to every replica (--snapshot-key)."""
+        self.store, self._own_key = store, not key_given
         try:
             self.backend.ping()
             self._share_key()
@@ -334,7 +336,7 @@ class SharedSessionStore(SessionStore):
     # --- health ------------------------------------------------------------------------
 
     def _degrade(self, exc: BaseException) -> None:
-        self.shared_counts["errors"] += 1
+        self.counts["errors"] += 1
         if not self.degraded:
             self.degraded, self.degraded_since = True, time.monotonic()
             log.warning(
@@ -342,16 +344,16 @@ class SharedSessionStore(SessionStore):
                 "persistence and failover paused",
                 self.backend.url,
                 exc,
-                len(self),
+                len(self.store),
             )
 
     def _share_key(self) -> None:
         """Sign with the key kept in Redis (proposing ours: a restarted, empty Redis gets
         back the key this replica's sessions are signed with)."""
         if self._own_key:
-            secret = self.backend.snapshot_key(self.snapshot_key.secret)
-            if secret != self.snapshot_key.secret:
-                self.snapshot_key = SnapshotKey(secret)
+            secret = self.backend.snapshot_key(self.store.snapshot_key.secret)
+            if secret != self.store.snapshot_key.secret:
+                self.store.snapshot_key = SnapshotKey(secret)
 
     def _try_recover(self) -> None:
         try:
@@ -359,11 +361,9 @@ class SharedSessionStore(SessionStore):
             self._share_key()
         except self.backend.Error:
             return
-        with self._lock:
-            local = list(self._sessions.values())
         moved, written = [], 0
         with self._io:
-            for s in local:
+            for s in self.store.sessions():
                 holder = self.backend.acquire(s.id, self.replica_id, self._lease_ms)
                 rec = self.backend.load(s.id)
                 if holder or (rec is not None and rec["version"] != self._version.get(s.id, 0)):
@@ -384,22 +384,20 @@ class SharedSessionStore(SessionStore):
             len(moved),
         )
 
-    def shared_stats(self) -> dict:
+    def stats(self) -> dict:
         return {
             "up": not self.degraded,
             "dirty": len(self._dirty),
-            **{k: self.shared_counts[k] for k in ("writes", "write_bytes", "loads", "relocks")},
-            "moved": self.shared_counts["moved"],
-            "errors": self.shared_counts["errors"],
-            "lease_waits": self.shared_counts["lease_waits"],
+            **{k: self.counts[k] for k in ("writes", "write_bytes", "loads", "relocks")},
+            "moved": self.counts["moved"],
+            "errors": self.counts["errors"],
+            "lease_waits": self.counts["lease_waits"],
         }
 
-    # --- ownership ---------------------------------------------------------------------
+    # --- ownership (the store's held / fetch) ------------------------------------------
 
     def held(self, session_id: str) -> bool:
-        """True when the session is here and its lease is safely ours (or Redis is down)."""
-        if session_id not in self._sessions:
-            return False
+        """True when the lease of a session that is here is safely ours (or Redis is down)."""
         return self.degraded or self._lease_until.get(session_id, 0.0) > time.monotonic()
 
     def fetch(self, session_id: str, principal: str = "") -> None:
@@ -410,10 +408,8 @@ class SharedSessionStore(SessionStore):
         the session is not here), ModelError (a snapshot of another model). An unknown
         session, or one of another principal, raises nothing here: `get` reports it.
         """
-        if self.held(session_id):
-            return
         if self.degraded:
-            if session_id in self._sessions:
+            if self.store.local(session_id) is not None:
                 return
             raise Unavailable(
                 f"state store is unavailable and session {session_id!r} is not held by this "
@@ -428,7 +424,7 @@ class SharedSessionStore(SessionStore):
     def _fetch(self, sid: str, principal: str) -> None:
         rec = self.backend.load(sid)
         if rec is None or rec["principal"] != principal:
-            local = self._sessions.get(sid)
+            local = self.store.local(sid)
             if rec is None and local is not None and local.principal == principal:
                 with self._io:
                     self._republish(local)  # our key expired or was lost: ours is the newest
@@ -440,44 +436,26 @@ class SharedSessionStore(SessionStore):
                 self.backend.release([sid], self.replica_id)
                 return
             try:
-                position, state = self._unpack(rec["snap"])
-                self._install(sid, principal, rec, position, state, t0)
+                self._install(sid, principal, rec, t0)
             except BaseException:
                 self.backend.release([sid], self.replica_id)
                 raise
 
-    def _install(self, sid, principal, rec: dict, position: int, state, t0: float) -> None:
+    def _install(self, sid: str, principal: str, rec: dict, t0: float) -> None:
         """Make Redis's record of `sid` our copy (caller holds _io and the lease)."""
-        with self._lock:
-            s = self._sessions.get(sid)
-            if s is not None and self._version.get(sid) == rec["version"]:
-                # our copy is current (maybe ahead by unwritten steps): keep it
-                self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
-                self.shared_counts["relocks"] += 1
-                return
-            if s is not None and s._incarnation != rec["incarnation"]:
-                # closed elsewhere and created again under the same id: another session
-                if s._pins:
-                    raise SessionBusy(f"session {sid!r} was replaced on another replica; retry")
-                self._remove(s, "moved")  # our copy is gone; the key in Redis is the new one's
-                self._gone.pop(sid, None)
-                s = None
-            if s is not None and s._pins:
-                raise SessionBusy(
-                    f"session {sid!r} changed on another replica while a step of it is in "
-                    f"flight here; retry"
-                )
-            if s is not None:
-                self._slab[s._slot] = state
-                s._position = position
-                self._dirty.pop(sid, None)
-            else:
-                s = self._new_session(principal, sid, rec["ttl"], position, rec["incarnation"])
-                self._slab[s._slot] = state
-                self._counts["restored"] += 1
-            self._version[sid] = rec["version"]
+        local = self.store.local(sid)
+        same = local is not None and local.incarnation == rec["incarnation"]
+        if same and self._version.get(sid) == rec["version"]:
+            # our copy is current (maybe ahead by unwritten steps): keep it
             self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
-        self.shared_counts["loads"] += 1
+            self.counts["relocks"] += 1
+            return
+        position, state = self.store.unpack(rec["snap"])
+        self.store.install(sid, principal, rec["ttl"], position, state, rec["incarnation"])
+        self._dirty.pop(sid, None)
+        self._version[sid] = rec["version"]
+        self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+        self.counts["loads"] += 1
         log.info("session %s loaded from the state store at position %d", sid, position)
 
     def _take_lease(self, sid: str) -> float:
@@ -489,7 +467,7 @@ class SharedSessionStore(SessionStore):
             holder = self.backend.acquire(sid, self.replica_id, self._lease_ms)
             if not holder:
                 if waited:
-                    self.shared_counts["lease_waits"] += 1
+                    self.counts["lease_waits"] += 1
                 return t0
             if t0 >= deadline:
                 raise SessionBusy(
@@ -500,24 +478,20 @@ class SharedSessionStore(SessionStore):
             time.sleep(min(0.05, self.lease_ttl / 10))
 
     def _renew_used(self) -> None:
-        with self._lock:
-            ids = [i for i in self._used if i in self._sessions]
-            ids += [s.id for s in self._sessions.values() if s._pins and s.id not in self._used]
-            self._used.clear()
+        ids = [s.id for s in self.store.sessions() if s.id in self._used or s.pinned]
+        self._used.clear()
         t0 = time.monotonic()
         ok = self.backend.renew(ids, self.replica_id, self._lease_ms)
-        lost = []
         for sid, renewed in zip(ids, ok):
             if renewed:
                 self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
-            else:
-                lost.append(sid)
-        for sid in lost:  # expired and taken by another replica, or never taken (degraded)
-            self._lease_until.pop(sid, None)
+            else:  # expired and taken by another replica, or never taken (degraded)
+                self._lease_until.pop(sid, None)
 
-    # --- creating sessions: claim the id in Redis, then write the first version ----------
+    # --- new sessions: claim the id in Redis, then write the first version -------------
 
-    def _claim(self, session_id: str | None) -> str:
+    def claim(self, session_id: str | None) -> str:
+        """The id a new session will have, reserved in Redis (its lease taken)."""
         sid = str(uuid.uuid4()) if session_id is None else check_session_id(session_id)
         if self.degraded:
             return sid
@@ -532,98 +506,70 @@ class SharedSessionStore(SessionStore):
             self._degrade(e)
         return sid
 
-    def _created(self, make, session_id: str | None) -> Session:
-        sid = self._claim(session_id)
-        try:
-            s = make(sid)
-        except BaseException:
-            if not self.degraded:
-                self.backend.release([sid], self.replica_id)
-            raise
-        self._lease_until[sid] = time.monotonic() + 0.8 * self.lease_ttl
-        self._version[sid] = 0
-        self._dirty[sid] = 0
-        self._write_now([s])
-        return s
-
-    def create(self, principal="", session_id=None, ttl=None) -> Session:
-        return self._created(
-            lambda sid: super(SharedSessionStore, self).create(principal, sid, ttl), session_id
-        )
-
-    def restore(self, data, principal="", session_id=None, ttl=None) -> Session:
-        self._unpack(data)  # refuse a bad snapshot before claiming anything
-        return self._created(
-            lambda sid: super(SharedSessionStore, self).restore(data, principal, sid, ttl),
-            session_id,
-        )
-
-    def fork(self, session_id, principal="", new_id=None) -> Session:
-        """As SessionStore.fork; the child is written and its lease let go at once: a sticky
-        proxy routes the child's calls by its own id, maybe to another replica."""
-        self.get(session_id, principal)  # NOT_FOUND before claiming the new id
-        child = self._created(
-            lambda sid: super(SharedSessionStore, self).fork(session_id, principal, sid), new_id
-        )
+    def release(self, session_id: str) -> None:
+        """Let go of a claimed id whose session was not made after all."""
         if not self.degraded:
-            self._lease_until.pop(child.id, None)
-            try:
-                self.backend.release([child.id], self.replica_id)
-            except self.backend.Error as e:
-                self._degrade(e)
-        return child
+            self.backend.release([session_id], self.replica_id)
+
+    def created(self, s: Session, keep_lease: bool = True) -> None:
+        """Write a new session's first version; a fork lets go of its lease at once (a sticky
+        proxy routes the child's calls by its own id, maybe to another replica)."""
+        self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
+        self._version[s.id] = 0
+        self._dirty[s.id] = 0
+        if self.degraded:
+            return
+        try:
+            with self._io:
+                self._write_current([s])
+            if not keep_lease:
+                self._lease_until.pop(s.id, None)
+                self.backend.release([s.id], self.replica_id)
+        except self.backend.Error as e:
+            self._degrade(e)
 
     # --- steps -------------------------------------------------------------------------
 
     def _due(self, sid: str) -> bool:
         return bool(self.persist_steps) and self._dirty.get(sid, 0) + 1 >= self.persist_steps
 
-    def commit(self, s: Session, new_state: np.ndarray, consumed: int) -> int:
-        result = self.commit_many([s], np.asarray(new_state)[None], consumed)[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def commit_many(self, sessions, new_states, consumed):
+    def commit(self, sessions, new_states, consumed: int, commit_local) -> list:
         """Write through the sessions that are due (before their local commit: a lost lease
-        or stale version fails the step and changes nothing here), then commit locally."""
-        consumed = check_consumed(consumed)
+        or stale version fails the step and changes nothing here), then `commit_local` the
+        rest (the store's own commit). Results as SessionStore.commit_many."""
         with self._io:  # a background write must not slip between our write and commit
-            return self._commit_many(sessions, new_states, consumed)
-
-    def _commit_many(self, sessions, new_states, consumed):
-        failed: dict[int, BaseException] = {}
-        written: dict[int, int] = {}
-        due = [j for j, s in enumerate(sessions) if s.live and self._due(s.id)]
-        if due and not self.degraded:
-            items = [(sessions[j], new_states[j], sessions[j].position + consumed) for j in due]
-            try:
-                versions = self._put(items)
-            except self.backend.Error as e:
-                self._degrade(e)
-                versions = []
-            for j, v in zip(due, versions):
-                if v < 0:
-                    failed[j] = self._moved(sessions[j], v)
+            failed: dict[int, BaseException] = {}
+            written: dict[int, int] = {}
+            due = [j for j, s in enumerate(sessions) if s.live and self._due(s.id)]
+            if due and not self.degraded:
+                items = [(sessions[j], new_states[j], sessions[j].position + consumed) for j in due]
+                try:
+                    versions = self._put(items)
+                except self.backend.Error as e:
+                    self._degrade(e)
+                    versions = []
+                for j, v in zip(due, versions):
+                    if v < 0:
+                        failed[j] = self._moved(sessions[j], v)
+                    else:
+                        written[j] = v
+            keep = [j for j in range(len(sessions)) if j not in failed]
+            kept = [sessions[j] for j in keep]
+            local = commit_local(kept, new_states[keep] if failed else new_states, consumed)
+            results: list = [None] * len(sessions)
+            for j, s, r in zip(keep, kept, local):
+                results[j] = r
+                if isinstance(r, BaseException):
+                    continue
+                self._used.add(s.id)
+                if j in written:
+                    self._version[s.id] = written[j]
+                    self._dirty[s.id] = 0
                 else:
-                    written[j] = v
-        keep = [j for j in range(len(sessions)) if j not in failed]
-        kept = [sessions[j] for j in keep]
-        local = super().commit_many(kept, new_states[keep] if failed else new_states, consumed)
-        results: list = [None] * len(sessions)
-        for j, s, r in zip(keep, kept, local):
-            results[j] = r
-            if isinstance(r, BaseException):
-                continue
-            self._used.add(s.id)
-            if j in written:
-                self._version[s.id] = written[j]
-                self._dirty[s.id] = 0
-            else:
-                self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
-        for j, e in failed.items():
-            results[j] = e
-        return results
+                    self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
+            for j, e in failed.items():
+                results[j] = e
+            return results
 
     def _put(self, items: Sequence[tuple[Session, np.ndarray, int]]) -> list[int]:
         """Write (session, state [S], position) items; caller holds _io. Versions / LOST / STALE."""
@@ -631,7 +577,7 @@ class SharedSessionStore(SessionStore):
             (
                 s.id,
                 self._version.get(s.id, 0),
-                self.pack_state(state, position),
+                self.store.pack_state(state, position),
                 s.principal,
                 s.ttl,
                 s.incarnation,
@@ -639,8 +585,8 @@ class SharedSessionStore(SessionStore):
             for s, state, position in items
         ]
         versions = self.backend.put_many(rows, self.replica_id)
-        self.shared_counts["writes"] += len(rows)
-        self.shared_counts["write_bytes"] += sum(len(r[2]) for r in rows)
+        self.counts["writes"] += len(rows)
+        self.counts["write_bytes"] += sum(len(r[2]) for r in rows)
         return versions
 
     def _moved(self, s: Session, code: int) -> Unavailable:
@@ -651,23 +597,10 @@ class SharedSessionStore(SessionStore):
 
     def _drop_local(self, s: Session) -> None:
         """Forget our copy of a session another replica owns now (and any lease we took)."""
-        with self._lock:
-            if self._sessions.get(s.id) is s:
-                self._remove(s, "moved")
-                self._gone.pop(s.id, None)
-        self.shared_counts["moved"] += 1
+        self.store.drop(s)
+        self.counts["moved"] += 1
         try:
             self.backend.release([s.id], self.replica_id)
-        except self.backend.Error as e:
-            self._degrade(e)
-
-    def _write_now(self, sessions: Sequence[Session]) -> None:
-        """Write these sessions' current local states (new sessions)."""
-        if self.degraded or not sessions:
-            return
-        try:
-            with self._io:
-                self._write_current(sessions)
         except self.backend.Error as e:
             self._degrade(e)
 
@@ -677,14 +610,18 @@ class SharedSessionStore(SessionStore):
 
     def _write_dirty_locked(self) -> int:
         """Write every session with unwritten steps; caller holds _io. Returns how many."""
-        with self._lock:
-            dirty = [self._sessions.get(i) for i, n in self._dirty.items() if n > 0]
+        dirty = [self.store.local(i) for i, n in list(self._dirty.items()) if n > 0]
         return self._write_current([s for s in dirty if s is not None])
 
     def _write_current(self, sessions: Sequence[Session]) -> int:
-        """Write the sessions' local states as they are now; caller holds _io."""
-        with self._lock:
-            items = [(s, self._slab[s._slot].copy(), s._position) for s in sessions if s._live]
+        """Write the sessions' local states as they are now; caller holds _io (no commit
+        runs meanwhile, so each state and position belong together)."""
+        items = []
+        for s in sessions:
+            try:
+                items.append((s, self.store.read(s), s.position))
+            except SessionNotFound:  # closed meanwhile
+                continue
         if not items:
             return 0
         versions = self._put(items)
@@ -701,14 +638,15 @@ class SharedSessionStore(SessionStore):
         self._version[s.id] = 0
         if not self.backend.acquire(s.id, self.replica_id, self._lease_ms):
             self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
-            versions = self._put([(s, self.read(s), s.position)])
+            versions = self._put([(s, self.store.read(s), s.position)])
             if versions[0] > 0:
                 self._version[s.id] = versions[0]
 
     # --- closing, eviction, shutdown ---------------------------------------------------
 
-    def _remove(self, s: Session, reason: str) -> None:
-        super()._remove(s, reason)
+    def removed(self, s: Session, reason: str) -> None:
+        """A session left the store (under the store's lock: bookkeeping only, no I/O);
+        the keys of a closed or evicted one are deleted by `closed` or the background thread."""
         self._lease_until.pop(s.id, None)
         self._dirty.pop(s.id, None)
         self._used.discard(s.id)
@@ -716,30 +654,31 @@ class SharedSessionStore(SessionStore):
         if reason in ("closed", "evicted"):
             self._drops[s.id] = version
 
-    def close(self, session_id: str, principal: str = "") -> None:
-        super().close(session_id, principal)
-        if not self.degraded:
-            try:
-                self._delete_dropped()
-            except self.backend.Error as e:
-                self._degrade(e)
+    def closed(self) -> None:
+        """After a close: delete its keys now."""
+        if self.degraded:
+            return
+        try:
+            self._delete_dropped()
+        except self.backend.Error as e:
+            self._degrade(e)
 
     def _delete_dropped(self) -> None:
-        with self._lock:
-            drops, self._drops = self._drops, {}
+        drops, self._drops = self._drops, {}
         for sid, version in drops.items():
             self.backend.drop(sid, self.replica_id, version)
 
     def flush(self) -> None:
         """Write every unwritten step, delete closed keys, release every lease (shutdown)."""
         if self.degraded:
-            log.warning("state store unavailable at shutdown: %d sessions not written", len(self))
+            log.warning(
+                "state store unavailable at shutdown: %d sessions not written", len(self.store)
+            )
             return
         try:
             n = self._write_dirty()
             self._delete_dropped()
-            with self._lock:
-                ids = list(self._sessions)
+            ids = [s.id for s in self.store.sessions()]
             self.backend.release(ids, self.replica_id)
             for sid in ids:
                 self._lease_until.pop(sid, None)
@@ -749,15 +688,15 @@ class SharedSessionStore(SessionStore):
 
 
 class StoreCollector:
-    """Prometheus collector of a SharedSessionStore (registered by the server)."""
+    """Prometheus collector of a RedisReplication (registered by the server)."""
 
-    def __init__(self, store: SharedSessionStore):
-        self.store = store
+    def __init__(self, replication: RedisReplication):
+        self.replication = replication
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        st = self.store.shared_stats()
+        st = self.replication.stats()
         yield GaugeMetricFamily(
             "ssmstream_state_store_up", "1 while the shared state store (Redis) is reachable",
             value=float(st["up"]),
