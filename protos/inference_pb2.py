@@ -24,45 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ssmstream/protos/inference.proto\x12\x0cssmstream.v1\"\x15\n\x13GetModelInfoRequest\"\xe1\x01\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\"\n\x1amax_sessions_per_principal\x18\x02 \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\r\x12\x1b\n\x13session_ttl_seconds\x18\x05 \x01(\x01\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x1a\n\x12max_batch_delay_ms\x18\x07 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\r\"\x99\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_kind\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0f\n\x07\x64_input\x18\x04 \x01(\r\x12\x10\n\x08\x64_output\x18\x05 \x01(\r\x12\x12\n\nstate_size\x18\x06 \x01(\r\x12\x13\n\x0bstate_bytes\x18\x07 \x01(\x04\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08provider\x18\t \x01(\t\x12\x13\n\x0bstep_sha256\x18\n \x01(\t\x12\x16\n\x0eprefill_sha256\x18\x0b \x01(\t\x12$\n\x06limits\x18\x0c \x01(\x0b\x32\x14.ssmstream.v1.Limits\x12\x16\n\x0eserver_version\x18\r \x01(\t\"Q\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x10\n\x08snapshot\x18\x03 \x01(\x0c\"D\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x7f\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12-\n\x06output\x18\x04 \x01(\x0e\x32\x1d.ssmstream.v1.OutputSelection\x12\r\n\x05top_k\x18\x05 \x01(\r\"\x8b\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x0f\n\x07outputs\x18\x03 \x03(\x02\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12\x0c\n\x04\x63ols\x18\x05 \x01(\r\x12\x12\n\ntop_tokens\x18\x06 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x07 \x03(\x02\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bstop_tokens\x18\x08 \x03(\x03\x12\x14\n\x0ckeep_session\x18\t \x01(\x08\x42\x07\n\x05_seed\"\x9a\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x03\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\r\n\x05index\x18\x05 \x01(\r\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.ssmstream.v1.FinishReason\"%\n\x0fSnapshotRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"T\n\x08Snapshot\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"K\n\x0eRestoreRequest\x12\x10\n\x08snapshot\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"9\n\x0b\x46orkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t*U\n\x0fOutputSelection\x12\x0f\n\x0bOUTPUT_LAST\x10\x00\x12\x0e\n\nOUTPUT_ALL\x10\x01\x12\x10\n\x0cOUTPUT_TOP_K\x10\x02\x12\x0f\n\x0bOUTPUT_NONE\x10\x03*M\n\x0c\x46inishReason\x12\x0f\n\x0b\x46INISH_NONE\x10\x00\x12\x15\n\x11\x46INISH_MAX_TOKENS\x10\x01\x12\x15\n\x11\x46INISH_STOP_TOKEN\x10\x02\x32\x99\x05\n\x12StreamingInference\x12J\n\x0cGetModelInfo\x12!.ssmstream.v1.GetModelInfoRequest\x1a\x17.ssmstream.v1.ModelInfo\x12J\n\rCreateSession\x12\".ssmstream.v1.CreateSessionRequest\x1a\x15.ssmstream.v1.Session\x12H\n\x0c\x43loseSession\x12!.ssmstream.v1.CloseSessionRequest\x1a\x15.ssmstream.v1.Session\x12=\n\x04Step\x12\x19.ssmstream.v1.StepRequest\x1a\x1a.ssmstream.v1.StepResponse\x12\x43\n\x06Stream\x12\x19.ssmstream.v1.StepRequest\x1a\x1a.ssmstream.v1.StepResponse(\x01\x30\x01\x12K\n\x08Generate\x12\x1d.ssmstream.v1.GenerateRequest\x1a\x1e.ssmstream.v1.GenerateResponse0\x01\x12H\n\x0fSnapshotSession\x12\x1d.ssmstream.v1.SnapshotRequest\x1a\x16.ssmstream.v1.Snapshot\x12\x45\n\x0eRestoreSession\x12\x1c.ssmstream.v1.RestoreRequest\x1a\x15.ssmstream.v1.Session\x12?\n\x0b\x46orkSession\x12\x19.ssmstream.v1.ForkRequest\x1a\x15.ssmstream.v1.Sessionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ssmstream/protos/inference.proto\x12\x0cssmstream.v1\"\x15\n\x13GetModelInfoRequest\"\xd6\x02\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\"\n\x1amax_sessions_per_principal\x18\x02 \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\r\x12\x1b\n\x13session_ttl_seconds\x18\x05 \x01(\x01\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x1a\n\x12max_batch_delay_ms\x18\x07 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\r\x12\x15\n\rrewind_window\x18\t \x01(\x04\x12$\n\x1c\x63heckpoint_bytes_per_session\x18\n \x01(\x04\x12\x1a\n\x12prefix_cache_bytes\x18\x0b \x01(\x04\x12\x1a\n\x12prefix_cache_scope\x18\x0c \x01(\t\"\x99\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_kind\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0f\n\x07\x64_input\x18\x04 \x01(\r\x12\x10\n\x08\x64_output\x18\x05 \x01(\r\x12\x12\n\nstate_size\x18\x06 \x01(\r\x12\x13\n\x0bstate_bytes\x18\x07 \x01(\x04\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08provider\x18\t \x01(\t\x12\x13\n\x0bstep_sha256\x18\n \x01(\t\x12\x16\n\x0eprefill_sha256\x18\x0b \x01(\t\x12$\n\x06limits\x18\x0c \x01(\x0b\x32\x14.ssmstream.v1.Limits\x12\x16\n\x0eserver_version\x18\r \x01(\t\"a\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x10\n\x08snapshot\x18\x03 \x01(\x0c\x12\x0e\n\x06prompt\x18\x04 \x03(\x03\"[\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\"5\n\rRewindRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x7f\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12-\n\x06output\x18\x04 \x01(\x0e\x32\x1d.ssmstream.v1.OutputSelection\x12\r\n\x05top_k\x18\x05 \x01(\r\"\x8b\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x0f\n\x07outputs\x18\x03 \x03(\x02\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12\x0c\n\x04\x63ols\x18\x05 \x01(\r\x12\x12\n\ntop_tokens\x18\x06 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x07 \x03(\x02\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bstop_tokens\x18\x08 \x03(\x03\x12\x14\n\x0ckeep_session\x18\t \x01(\x08\x42\x07\n\x05_seed\"\x9a\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x03\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\r\n\x05index\x18\x05 \x01(\r\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.ssmstream.v1.FinishReason\"%\n\x0fSnapshotRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"T\n\x08Snapshot\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"K\n\x0eRestoreRequest\x12\x10\n\x08snapshot\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"9\n\x0b\x46orkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t*U\n\x0fOutputSelection\x12\x0f\n\x0bOUTPUT_LAST\x10\x00\x12\x0e\n\nOUTPUT_ALL\x10\x01\x12\x10\n\x0cOUTPUT_TOP_K\x10\x02\x12\x0f\n\x0bOUTPUT_NONE\x10\x03*M\n\x0c\x46inishReason\x12\x0f\n\x0b\x46INISH_NONE\x10\x00\x12\x15\n\x11\x46INISH_MAX_TOKENS\x10\x01\x12\x15\n\x11\x46INISH_STOP_TOKEN\x10\x02\x32\xde\x05\n\x12StreamingInference\x12J\n\x0cGetModelInfo\x12!.ssmstream.v1.GetModelInfoRequest\x1a\x17.ssmstream.v1.ModelInfo\x12J\n\rCreateSession\x12\".ssmstream.v1.CreateSessionRequest\x1a\x15.ssmstream.v1.Session\x12H\n\x0c\x43loseSession\x12!.ssmstream.v1.CloseSessionRequest\x1a\x15.ssmstream.v1.Session\x12=\n\x04Step\x12\x19.ssmstream.v1.StepRequest\x1a\x1a.ssmstream.v1.StepResponse\x12\x43\n\x06Stream\x12\x19.ssmstream.v1.StepRequest\x1a\x1a.ssmstream.v1.StepResponse(\x01\x30\x01\x12K\n\x08Generate\x12\x1d.ssmstream.v1.GenerateRequest\x1a\x1e.ssmstream.v1.GenerateResponse0\x01\x12H\n\x0fSnapshotSession\x12\x1d.ssmstream.v1.SnapshotRequest\x1a\x16.ssmstream.v1.Snapshot\x12\x45\n\x0eRestoreSession\x12\x1c.ssmstream.v1.RestoreRequest\x1a\x15.ssmstream.v1.Session\x12?\n\x0b\x46orkSession\x12\x19.ssmstream.v1.ForkRequest\x1a\x15.ssmstream.v1.Session\x12\x43\n\rRewindSession\x12\x1b.ssmstream.v1.RewindRequest\x1a\x15.ssmstream.v1.Sessionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ssmstream.protos.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTSELECTION']._serialized_start=1672
-  _globals['_OUTPUTSELECTION']._serialized_end=1757
-  _globals['_FINISHREASON']._serialized_start=1759
-  _globals['_FINISHREASON']._serialized_end=1836
+  _globals['_OUTPUTSELECTION']._serialized_start=1883
+  _globals['_OUTPUTSELECTION']._serialized_end=1968
+  _globals['_FINISHREASON']._serialized_start=1970
+  _globals['_FINISHREASON']._serialized_end=2047
   _globals['_GETMODELINFOREQUEST']._serialized_start=50
   _globals['_GETMODELINFOREQUEST']._serialized_end=71
   _globals['_LIMITS']._serialized_start=74
-  _globals['_LIMITS']._serialized_end=299
-  _globals['_MODELINFO']._serialized_start=302
-  _globals['_MODELINFO']._serialized_end=583
-  _globals['_CREATESESSIONREQUEST']._serialized_start=585
-  _globals['_CREATESESSIONREQUEST']._serialized_end=666
-  _globals['_SESSION']._serialized_start=668
-  _globals['_SESSION']._serialized_end=736
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=738
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=779
-  _globals['_STEPREQUEST']._serialized_start=781
-  _globals['_STEPREQUEST']._serialized_end=908
-  _globals['_STEPRESPONSE']._serialized_start=911
-  _globals['_STEPRESPONSE']._serialized_end=1050
-  _globals['_GENERATEREQUEST']._serialized_start=1053
-  _globals['_GENERATEREQUEST']._serialized_end=1252
-  _globals['_GENERATERESPONSE']._serialized_start=1255
-  _globals['_GENERATERESPONSE']._serialized_end=1409
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1411
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1448
-  _globals['_SNAPSHOT']._serialized_start=1450
-  _globals['_SNAPSHOT']._serialized_end=1534
-  _globals['_RESTOREREQUEST']._serialized_start=1536
-  _globals['_RESTOREREQUEST']._serialized_end=1611
-  _globals['_FORKREQUEST']._serialized_start=1613
-  _globals['_FORKREQUEST']._serialized_end=1670
-  _globals['_STREAMINGINFERENCE']._serialized_start=1839
-  _globals['_STREAMINGINFERENCE']._serialized_end=2504
+  _globals['_LIMITS']._serialized_end=416
+  _globals['_MODELINFO']._serialized_start=419
+  _globals['_MODELINFO']._serialized_end=700
+  _globals['_CREATESESSIONREQUEST']._serialized_start=702
+  _globals['_CREATESESSIONREQUEST']._serialized_end=799
+  _globals['_SESSION']._serialized_start=801
+  _globals['_SESSION']._serialized_end=892
+  _globals['_REWINDREQUEST']._serialized_start=894
+  _globals['_REWINDREQUEST']._serialized_end=947
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=949
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=990
+  _globals['_STEPREQUEST']._serialized_start=992
+  _globals['_STEPREQUEST']._serialized_end=1119
+  _globals['_STEPRESPONSE']._serialized_start=1122
+  _globals['_STEPRESPONSE']._serialized_end=1261
+  _globals['_GENERATEREQUEST']._serialized_start=1264
+  _globals['_GENERATEREQUEST']._serialized_end=1463
+  _globals['_GENERATERESPONSE']._serialized_start=1466
+  _globals['_GENERATERESPONSE']._serialized_end=1620
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1622
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1659
+  _globals['_SNAPSHOT']._serialized_start=1661
+  _globals['_SNAPSHOT']._serialized_end=1745
+  _globals['_RESTOREREQUEST']._serialized_start=1747
+  _globals['_RESTOREREQUEST']._serialized_end=1822
+  _globals['_FORKREQUEST']._serialized_start=1824
+  _globals['_FORKREQUEST']._serialized_end=1881
+  _globals['_STREAMINGINFERENCE']._serialized_start=2050
+  _globals['_STREAMINGINFERENCE']._serialized_end=2784
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_sessions_per_principal", "max_tokens_per_request", "max_message_bytes", "session_ttl_seconds", "max_batch", "max_batch_delay_ms", "max_new_tokens")
+    __slots__ = ("max_sessions", "max_sessions_per_principal", "max_tokens_per_request", "max_message_bytes", "session_ttl_seconds", "max_batch", "max_batch_delay_ms", "max_new_tokens", "rewind_window", "checkpoint_bytes_per_session", "prefix_cache_bytes", "prefix_cache_scope")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_PER_PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,10 @@ class Limits(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REWIND_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_BYTES_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_sessions_per_principal: int
     max_tokens_per_request: int
@@ -49,7 +53,11 @@ class Limits(_message.Message):
     max_batch: int
     max_batch_delay_ms: float
     max_new_tokens: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_sessions_per_principal: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., session_ttl_seconds: _Optional[float] = ..., max_batch: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    rewind_window: int
+    checkpoint_bytes_per_session: int
+    prefix_cache_bytes: int
+    prefix_cache_scope: str
+    def __init__(self, max_sessions: _Optional[int] = ..., max_sessions_per_principal: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., session_ttl_seconds: _Optional[float] = ..., max_batch: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., rewind_window: _Optional[int] = ..., checkpoint_bytes_per_session: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_scope: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "input_kind", "vocab_size", "d_input", "d_output", "state_size", "state_bytes", "dtype", "provider", "step_sha256", "prefill_sha256", "limits", "server_version")
@@ -82,24 +90,36 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_input: _Optional[int] = ..., d_output: _Optional[int] = ..., state_size: _Optional[int] = ..., state_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., provider: _Optional[str] = ..., step_sha256: _Optional[str] = ..., prefill_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("session_id", "ttl_seconds", "snapshot")
+    __slots__ = ("session_id", "ttl_seconds", "snapshot", "prompt")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     ttl_seconds: float
     snapshot: bytes
-    def __init__(self, session_id: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., snapshot: _Optional[bytes] = ...) -> None: ...
+    prompt: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., snapshot: _Optional[bytes] = ..., prompt: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "position", "ttl_seconds")
+    __slots__ = ("session_id", "position", "ttl_seconds", "cached_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     ttl_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class RewindRequest(_message.Message):
+    __slots__ = ("session_id", "position")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    position: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

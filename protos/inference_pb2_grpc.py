@@ -80,6 +80,11 @@ class StreamingInferenceStub:
                 request_serializer=ssmstream_dot_protos_dot_inference__pb2.ForkRequest.SerializeToString,
                 response_deserializer=ssmstream_dot_protos_dot_inference__pb2.Session.FromString,
                 _registered_method=True)
+        self.RewindSession = channel.unary_unary(
+                '/ssmstream.v1.StreamingInference/RewindSession',
+                request_serializer=ssmstream_dot_protos_dot_inference__pb2.RewindRequest.SerializeToString,
+                response_deserializer=ssmstream_dot_protos_dot_inference__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class StreamingInferenceServicer:
@@ -165,6 +170,17 @@ class StreamingInferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewindSession(self, request, context):
+        """Returns the session to an earlier position within the server's rewind window
+        (Limits.rewind_window inputs back from its position): the state it had there, from the
+        nearest checkpoint before it and a replay of the inputs since. OUT_OF_RANGE for a
+        position ahead of the session or before the window; FAILED_PRECONDITION while the
+        session is attached to a Stream or Generate. Regenerate = RewindSession + Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StreamingInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +227,11 @@ def add_StreamingInferenceServicer_to_server(servicer, server):
             'ForkSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ForkSession,
                     request_deserializer=ssmstream_dot_protos_dot_inference__pb2.ForkRequest.FromString,
+                    response_serializer=ssmstream_dot_protos_dot_inference__pb2.Session.SerializeToString,
+            ),
+            'RewindSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewindSession,
+                    request_deserializer=ssmstream_dot_protos_dot_inference__pb2.RewindRequest.FromString,
                     response_serializer=ssmstream_dot_protos_dot_inference__pb2.Session.SerializeToString,
             ),
     }
@@ -457,6 +478,33 @@ class StreamingInference:
             target,
             '/ssmstream.v1.StreamingInference/ForkSession',
             ssmstream_dot_protos_dot_inference__pb2.ForkRequest.SerializeToString,
+            ssmstream_dot_protos_dot_inference__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewindSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ssmstream.v1.StreamingInference/RewindSession',
+            ssmstream_dot_protos_dot_inference__pb2.RewindRequest.SerializeToString,
             ssmstream_dot_protos_dot_inference__pb2.Session.FromString,
             options,
             channel_credentials,

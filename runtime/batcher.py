@@ -70,6 +70,8 @@ class _Request:
     future: asyncio.Future
     enqueued: float = 0.0
     delivered: bool = False  # its result was handed back before its job ended
+    states: dict | None = None  # a prefill's {t: state after t inputs [S]}, when asked for
+    rewind_to: int | None = None  # a rewind (no inputs) to this earlier position
 
     @property
     def T(self) -> int:
@@ -204,7 +206,9 @@ class Batcher:
 
     # --- submitting ----------------------------------------------------------------------
 
-    async def step(self, s: Session, x: np.ndarray) -> tuple[np.ndarray, int]:
+    async def step(
+        self, s: Session, x: np.ndarray, states: dict | None = None
+    ) -> tuple[np.ndarray, int]:
         """Feed inputs to a session; returns (outputs [T, d_out], new position).
 
         Args:
@@ -215,6 +219,8 @@ class Batcher:
         (past the largest position), Unavailable (closing / not started), EngineFailure: the
         session's state and position are unchanged. CorruptState: the step applied, but
         its outputs are NaN / inf (the state it came from is unusable).
+        states: a dict to fill with {t: the state after the first t inputs, float32 [S]} at
+            the prefill's chunk ends and at T (Engine.prefill_unchecked); T > 1 only.
         """
         if self._closing or not self.running:
             raise Unavailable("batcher is not running (closing or not started)")
@@ -227,7 +233,30 @@ class Batcher:
                 f"the largest position, 2**63 - 1",
             )
         loop = asyncio.get_running_loop()
-        req = _Request(s, x, loop.create_future(), loop.time())
+        req = _Request(s, x, loop.create_future(), loop.time(), states=states)
+        outputs, position = await self._enqueue(req)
+        if not np.isfinite(outputs).all():
+            raise CorruptState(
+                f"session {s.id!r}: the model's outputs up to position {position} are NaN or "
+                f"inf; its state is unusable (close it, or restore a good snapshot)"
+            )
+        return outputs, position
+
+    async def rewind(self, s: Session, position: int) -> int:
+        """Return a session to an earlier position from its History (runtime/history.py): in
+        the session's request order, like a step. Raises OutOfRange outside the window."""
+        if self._closing or not self.running:
+            raise Unavailable("batcher is not running (closing or not started)")
+        if not s.live:
+            raise SessionNotFound(s.id, "closed")
+        loop = asyncio.get_running_loop()
+        x = np.empty(0, dtype=np.int64)
+        req = _Request(s, x, loop.create_future(), loop.time(), rewind_to=position)
+        return (await self._enqueue(req))[1]
+
+    async def _enqueue(self, req: _Request) -> tuple[np.ndarray, int]:
+        """Queue a request behind the session's others and wait for its result."""
+        loop, s = asyncio.get_running_loop(), req.session
         sid = s.id
         if sid in self._busy:
             q = self._waiting.setdefault(sid, deque())
@@ -248,13 +277,7 @@ class Batcher:
         if not self._pump_soon:  # after the other requests of this loop iteration arrived
             self._pump_soon = True
             loop.call_soon(self._pump)
-        outputs, position = await req.future
-        if not np.isfinite(outputs).all():
-            raise CorruptState(
-                f"session {sid!r}: the model's outputs up to position {position} are NaN or inf; "
-                f"its state is unusable (close it, or restore a good snapshot)"
-            )
-        return outputs, position
+        return await req.future
 
     def _ready(self, req: _Request) -> None:
         (self._steps if req.T == 1 else self._prefills).append(req)
@@ -465,9 +488,14 @@ class Batcher:
                 store.return_rows(sessions, 0)  # nothing was written
                 raise
             positions = store.return_rows(sessions, 1)
+            new_states = rows
         else:
             outputs, new_states = self.engine.step_unchecked(buf.inputs[:B], states, out=buf)
             positions = store.commit_many(sessions, new_states, 1)
+        for j, (r, pos) in enumerate(zip(part, positions)):
+            h = r.session.history
+            if h is not None and not isinstance(pos, Exception):
+                h.record(r.inputs, pos, {pos: new_states[j]})  # copies it only when due
         out = outputs[:B].copy()  # [B, d_out], one copy: the buffer is reused next call
         return {
             r: pos if isinstance(pos, Exception) else (out[j : j + 1], pos)
@@ -486,13 +514,43 @@ class Batcher:
 
     def _run_prefill(self, reqs: list[_Request]) -> list:
         (r,) = reqs
+        if r.rewind_to is not None:
+            return [self._rewind(r)]
+        h = r.session.history
         try:
             state = self.store.read(r.session)[None]  # [1, S]
         except SessionNotFound as e:
             return [e]
-        outputs, new_state = self.engine.prefill_unchecked(r.inputs[None], state)
+        states = {} if (r.states is not None or h is not None) else None
+        outputs, new_state = self.engine.prefill_unchecked(r.inputs[None], state, states)
         try:
             position = self.store.commit(r.session, new_state[0], r.T)
         except SessionNotFound as e:
             return [e]
+        if states is not None:
+            states = {t: x[0] for t, x in states.items()}  # [S] each
+            if h is not None:
+                h.record(r.inputs, position, {position - r.T + t: x for t, x in states.items()})
+            if r.states is not None:
+                r.states.update(states)
         return [(outputs[0], position)]  # [T, d_out]
+
+    def _rewind(self, r: _Request):
+        """Replay the session's History up to r.rewind_to; (no outputs, the position) or the
+        error. The session's state and position change only when everything worked."""
+        h, s = r.session.history, r.session
+        if h is None:
+            return OutOfRange(
+                "position", f"session {s.id!r} has no rewind history (rewind is off, or it was "
+                "restored after a restart or moved from another replica)",
+            )  # fmt: skip
+        try:
+            state, inputs = h.plan(r.rewind_to)  # [S], [n] | [n, d_in] with n < chunk
+            if len(inputs):
+                _, state = self.engine.prefill_unchecked(inputs[None], state[None])
+                state = state[0]
+            self.store.rewind(s, state, r.rewind_to)
+        except (OutOfRange, SessionNotFound) as e:
+            return e
+        h.rewound(r.rewind_to)
+        return np.empty((0, self.engine.d_output), dtype=np.float32), r.rewind_to

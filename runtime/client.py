@@ -213,14 +213,22 @@ class Client(_Base):
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
 
     def create_session(
-        self, session_id: str = "", ttl: float = 0.0, snapshot: bytes = b""
+        self,
+        session_id: str = "",
+        ttl: float = 0.0,
+        snapshot: bytes = b"",
+        prompt: Sequence[int] = (),
     ) -> ClientSession:
+        """A new session; with `prompt`, after it (its longest cached prefix comes from the
+        server's prefix cache: `cached_tokens` of the returned handle says how many)."""
         session_id = choose_session_id(session_id)
         s = self.stub.CreateSession(
-            pb.CreateSessionRequest(session_id=session_id, ttl_seconds=ttl, snapshot=snapshot),
+            pb.CreateSessionRequest(
+                session_id=session_id, ttl_seconds=ttl, snapshot=snapshot, prompt=list(prompt)
+            ),
             **self._kw(session_id),
         )
-        return ClientSession(self, s.session_id, s.position)
+        return ClientSession(self, s.session_id, s.position, s.cached_tokens)
 
     def session(self, session_id: str, position: int = 0) -> ClientSession:
         """A handle on an existing session (no RPC)."""
@@ -251,11 +259,29 @@ class Client(_Base):
 class ClientSession:
     """A session on the server; `position` follows the responses this handle saw."""
 
-    def __init__(self, client: Client, session_id: str, position: int = 0):
+    def __init__(self, client: Client, session_id: str, position: int = 0, cached_tokens: int = 0):
         self.client, self.id, self.position = client, session_id, position
+        self.cached_tokens = cached_tokens  # prompt inputs the prefix cache served at creation
 
     def __repr__(self) -> str:
         return f"ClientSession(id={self.id!r}, position={self.position})"
+
+    def rewind(self, position: int) -> int:
+        """Return the session to an earlier position within the server's rewind window;
+        returns it (OUT_OF_RANGE outside the window)."""
+        s = self.client.stub.RewindSession(
+            pb.RewindRequest(session_id=self.id, position=position), **self.client._kw(self.id)
+        )
+        self.position = s.position
+        return s.position
+
+    def regenerate(
+        self, position: int, prompt: Sequence[int], **kw
+    ) -> Iterator[pb.GenerateResponse]:
+        """Rewind to `position`, then generate after `prompt` (pass another seed for another
+        continuation): the one call behind "regenerate this answer"."""
+        self.rewind(position)
+        return self.generate(prompt, **kw)
 
     def step(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         """Feed T inputs (unary Step); returns the selected outputs."""
@@ -369,14 +395,21 @@ class AsyncClient(_Base):
         return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
 
     async def create_session(
-        self, session_id: str = "", ttl: float = 0.0, snapshot: bytes = b""
+        self,
+        session_id: str = "",
+        ttl: float = 0.0,
+        snapshot: bytes = b"",
+        prompt: Sequence[int] = (),
     ) -> AsyncClientSession:
+        """As Client.create_session."""
         session_id = choose_session_id(session_id)
         s = await self.stub.CreateSession(
-            pb.CreateSessionRequest(session_id=session_id, ttl_seconds=ttl, snapshot=snapshot),
+            pb.CreateSessionRequest(
+                session_id=session_id, ttl_seconds=ttl, snapshot=snapshot, prompt=list(prompt)
+            ),
             **self._kw(session_id),
         )
-        return AsyncClientSession(self, s.session_id, s.position)
+        return AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
 
     def session(self, session_id: str, position: int = 0) -> AsyncClientSession:
         return AsyncClientSession(self, session_id, position)
@@ -404,8 +437,19 @@ class AsyncClient(_Base):
 class AsyncClientSession:
     """A session seen through an AsyncClient."""
 
-    def __init__(self, client: AsyncClient, session_id: str, position: int = 0):
+    def __init__(
+        self, client: AsyncClient, session_id: str, position: int = 0, cached_tokens: int = 0
+    ):
         self.client, self.id, self.position = client, session_id, position
+        self.cached_tokens = cached_tokens
+
+    async def rewind(self, position: int) -> int:
+        """As ClientSession.rewind."""
+        s = await self.client.stub.RewindSession(
+            pb.RewindRequest(session_id=self.id, position=position), **self.client._kw(self.id)
+        )
+        self.position = s.position
+        return s.position
 
     async def step(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
@@ -509,6 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="", help="comma-separated stop token ids")
     p.add_argument("--session", default="", help="continue this session instead of a new one")
     p.add_argument(
+        "--rewind-to",
+        type=int,
+        default=None,
+        metavar="POSITION",
+        help="with --session: first rewind it to this earlier position (regenerate: the same "
+        "prompt with another --seed gives another continuation from there)",
+    )
+    p.add_argument(
         "--token-env",
         default="SSMSTREAM_TOKEN",
         help="environment variable holding the bearer token (tokens stay out of argv)",
@@ -563,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
             prompt = list(a.prompt.encode("utf-8"))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         session = client.session(a.session)
+        if a.rewind_to is not None:
+            if not a.session:
+                parser.error("--rewind-to needs --session")
+            session.rewind(a.rewind_to)
         t0, first, n = time.perf_counter(), None, 0
         for r in session.generate(
             prompt,

@@ -63,6 +63,12 @@ class ServerConfig:
         "engine",
         "onnxruntime intra-op threads (default: all cores available to this process)",
     )
+    tf32: bool = _option(
+        False,
+        "engine",
+        "on CUDA, let fp32 MatMuls run in TF32 (faster, ~1e-3 relative error); default: exact fp32",
+    )
+
     max_sessions: int = _option(1024, "sessions", "state slots (sessions in all)")
     max_sessions_per_principal: int = _option(
         0, "sessions", "open sessions one principal may hold; 0: no limit"
@@ -87,6 +93,25 @@ class ServerConfig:
         "(HMAC-SHA256); default: DIR/snapshot.key of --state-dir (created on first start), "
         "else one key per --state-store Redis, else a random key for this process only",
         metavar="FILE",
+    )
+    rewind_window: int = _option(
+        4096,
+        "sessions",
+        "inputs a session can be rewound by (RewindSession): a checkpoint of its state every "
+        "prefill chunk and its inputs since the oldest one; 0: rewind is off",
+    )
+    prefix_cache_mb: float = _option(
+        64.0,
+        "sessions",
+        "MiB of prompt-prefix states kept (least recently used out first), so a prompt "
+        "whose prefix was seen is not prefilled again; 0: off",
+    )
+    prefix_cache_scope: str = _option(
+        "principal",
+        "sessions",
+        "principal: each principal hits only its own entries (no timing side channel "
+        "between tenants); global: one cache for everyone",
+        choices=("principal", "global"),
     )
     state_store: str = _option(
         "memory",
@@ -167,13 +192,23 @@ class ServerConfig:
             "max_message_bytes",
         ):
             _check_int(name, getattr(self, name), low=1)
-        for name in ("max_sessions_per_principal", "max_concurrent_rpcs"):
+        for name in ("max_sessions_per_principal", "max_concurrent_rpcs", "rewind_window"):
             _check_int(name, getattr(self, name), low=0)
         _check_int("port", self.port, low=0, high=65535)
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, low=0, high=65535)
         if self.threads is not None:
             _check_int("threads", self.threads, low=1)
+        if not isinstance(self.prefix_cache_mb, (int, float)) or not (
+            0 <= self.prefix_cache_mb < 2**20
+        ):
+            raise ValueError(
+                f"prefix_cache_mb: must be in [0, 2**20), got {self.prefix_cache_mb!r}"
+            )
+        if self.prefix_cache_scope not in ("principal", "global"):
+            raise ValueError(
+                f"prefix_cache_scope: must be principal or global, got {self.prefix_cache_scope!r}"
+            )
         for name, low_exclusive in (
             ("session_ttl", True),
             ("max_batch_delay", False),

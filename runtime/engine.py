@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 GRAPH_INPUTS = ("input", "state")
 GRAPH_OUTPUTS = ("output", "state_out")
+CHUNK_STATES = (
+    "chunk_states"  # optional prefill output [B, T / chunk, S]: the state after each chunk
+)
 _ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(float)": np.float32,
@@ -209,8 +212,11 @@ class Engine:
             max_len = int(graphs["prefill"].get("max_len", 0)) or 4096
             self.prefill_max_len = max(self.prefill_chunk, max_len - max_len % self.prefill_chunk)
         self._check_graph(self._step_session, "step", time_axis=False)
+        self.prefill_chunk_states = False  # the prefill graph reports chunk-end states
         if self._prefill_session is not None:
             self._check_graph(self._prefill_session, "prefill", time_axis=True)
+            outs = [o.name for o in self._prefill_session.get_outputs()]
+            self.prefill_chunk_states = CHUNK_STATES in outs
         step_in = self._step_session.get_inputs()[0]
         self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
@@ -285,7 +291,11 @@ class Engine:
         """The graph's I/O names, ranks and state size match the contract and manifest."""
         ins = {i.name: i for i in sess.get_inputs()}
         outs = {o.name: o for o in sess.get_outputs()}
-        if set(ins) != set(GRAPH_INPUTS) or set(outs) != set(GRAPH_OUTPUTS):
+        extra = {CHUNK_STATES} if time_axis else set()  # the prefill may also give chunk ends
+        if set(ins) != set(GRAPH_INPUTS) or not set(GRAPH_OUTPUTS) <= set(outs) <= {
+            *GRAPH_OUTPUTS,
+            *extra,
+        }:
             raise ModelError(
                 f"{name} graph has inputs {sorted(ins)} and outputs {sorted(outs)}; "
                 f"expected {list(GRAPH_INPUTS)} -> {list(GRAPH_OUTPUTS)}"
@@ -501,27 +511,43 @@ class Engine:
         s = self.check_states(states, x.shape[0])
         return self.prefill_unchecked(x, s)
 
-    def prefill_unchecked(self, x: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`prefill` for inputs already validated (check_inputs(time_axis=True), check_states)."""
+    def prefill_unchecked(
+        self, x: np.ndarray, s: np.ndarray, states: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`prefill` for inputs already validated (check_inputs(time_axis=True), check_states).
+
+        states: when a dict, it is filled with {t: the state after the first t inputs,
+        float32 [B, S]} at every chunk end the prefill graph reports (`prefill_chunk_states`;
+        else at the end of each prefill graph call) and at T.
+        """
         B, T = x.shape[:2]
         outputs = np.empty((B, T, self.d_output), dtype=self._out_dtype)  # [B, T, d_out]
         t = 0
         C = self.prefill_chunk
+        names = ["output", "state_out"]
+        if states is not None and self.prefill_chunk_states:
+            names.append(CHUNK_STATES)
         if self._prefill_session is not None and T > 1 and T >= C:
             full = T - T % C
             while t < full:
                 n = min(full - t, self.prefill_max_len)
                 piece = np.ascontiguousarray(x[:, t : t + n])  # [B, n(, d_in)]
                 try:
-                    y, s = self._prefill_session.run(None, {"input": piece, "state": s})
+                    y, s, *ends = self._prefill_session.run(names, {"input": piece, "state": s})
                 except Exception as e:  # onnxruntime's own exception types
                     raise EngineFailure(f"prefill graph failed for [B={B}, T={n}]: {e}") from e
                 outputs[:, t : t + n] = y
+                if states is not None:
+                    for k in range(ends[0].shape[1] if ends else 0):  # ends[0]: [B, n / C, S]
+                        states[t + (k + 1) * C] = ends[0][:, k]
+                    states[t + n] = s
                 t += n
         while t < T:
             y, s = self.step_unchecked(np.ascontiguousarray(x[:, t]), s)
             outputs[:, t] = y
             t += 1
+        if states is not None:
+            states[T] = s
         return outputs, s
 
     # --- generation ----------------------------------------------------------------------

@@ -224,3 +224,40 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class FeaturesCollector:
+    """The session features' metrics, from SessionService.feature_stats() at each scrape:
+
+    ssmstream_prefix_cache_{hits,misses,cached_tokens,evictions}_total, _bytes, _entries;
+    ssmstream_rewind_checkpoint_bytes (rewind history held by all sessions).
+    """
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self):
+        try:
+            s = self.stats()
+        except Exception:  # a scrape must never take the server down
+            log.exception("metrics: feature_stats() failed")
+            return
+        c = s["prefix_cache"]
+        for key, doc in (
+            ("hits", "prompts whose prefix came from the prefix cache"),
+            ("misses", "prompts with no cached prefix"),
+            ("cached_tokens", "prompt inputs served from the prefix cache"),
+            ("evictions", "prefix cache entries evicted (least recently used)"),
+        ):
+            yield CounterMetricFamily(f"ssmstream_prefix_cache_{key}", doc, value=c[key])
+        yield GaugeMetricFamily(
+            "ssmstream_prefix_cache_bytes", "bytes held by the prefix cache", value=c["bytes"]
+        )
+        yield GaugeMetricFamily(
+            "ssmstream_prefix_cache_entries", "prefix states cached", value=c["entries"]
+        )
+        yield GaugeMetricFamily(
+            "ssmstream_rewind_checkpoint_bytes",
+            "bytes of rewind history (checkpoints and inputs) held by all sessions",
+            value=s["checkpoint_bytes"],
+        )

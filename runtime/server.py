@@ -43,7 +43,7 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from .auth import AuthInterceptor, TokenTable
 from .config import ServerConfig, parse_config
 from .errors import RuntimeErrorBase
-from .metrics import ServerMetrics
+from .metrics import FeaturesCollector, ServerMetrics
 from .service import ServiceLimits, SessionService
 from .servicer import SERVICE_NAME, DecodeGuard, StreamingInferenceServicer
 from .snapshots import SnapshotKey
@@ -128,7 +128,12 @@ class Server:
         tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
         credentials = server_credentials(c)
         if self.engine is None:
-            self.engine = Engine(c.model_dir, device=c.device, threads=c.threads)
+            self.engine = Engine(
+                c.model_dir,
+                device=c.device,
+                threads=c.threads,
+                cuda_options={"use_tf32": c.tf32},
+            )
         info = self.engine.info
         store_args = dict(
             state_size=int(info["state_size"]),
@@ -157,9 +162,17 @@ class Server:
         self.batcher.add_listener(self.metrics.observe_batch)
         await self.batcher.start()
         self.metrics.watch_store(self.store.stats)
-        limits = ServiceLimits(c.max_tokens_per_request, c.max_new_tokens, c.session_ttl)
+        limits = ServiceLimits(
+            c.max_tokens_per_request,
+            c.max_new_tokens,
+            c.session_ttl,
+            rewind_window=c.rewind_window,
+            prefix_cache_bytes=int(c.prefix_cache_mb * 2**20),
+            prefix_cache_scope=c.prefix_cache_scope,
+        )
         self.service = SessionService(self.engine, self.store, self.batcher, limits)
         self.servicer = StreamingInferenceServicer(self.service, c, self.metrics)
+        self.metrics.registry.register(FeaturesCollector(self.service.feature_stats))
 
         options = [
             ("grpc.max_receive_message_length", c.max_message_bytes),

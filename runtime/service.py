@@ -38,11 +38,14 @@ from .errors import (
     InvalidInput,
     LimitExceeded,
     ModelError,
+    OutOfRange,
     SessionBusy,
     SessionNotFound,
     Unavailable,
 )
 from .generation import GenerateConfig, Generated, Generation
+from .history import History
+from .prefix_cache import PrefixCache
 from .sessions import Session, SessionStore, check_session_id
 from .snapshots import snapshot_position
 
@@ -51,12 +54,16 @@ DRAINING = "server is shutting down; the session is saved, resume after the rest
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """Per-request limits (the server's --max-tokens-per-request, --max-new-tokens,
-    --session-ttl)."""
+    """Per-request limits and the session features' sizes (the server's
+    --max-tokens-per-request, --max-new-tokens, --session-ttl, --rewind-window,
+    --prefix-cache-mb, --prefix-cache-scope)."""
 
     max_tokens_per_request: int = 4096
     max_new_tokens: int = 4096
     max_ttl: float = math.inf
+    rewind_window: int = 0
+    prefix_cache_bytes: int = 0
+    prefix_cache_scope: str = "principal"  # or "global"
 
 
 class SessionService:
@@ -68,6 +75,8 @@ class SessionService:
         self.engine, self.store, self.batcher, self.limits = engine, store, batcher, limits
         self.info = engine.info
         self.draining = False
+        self.chunk = engine.prefill_chunk or 64  # checkpoints and cache entries are this far apart
+        self.prefix_cache = PrefixCache(limits.prefix_cache_bytes, self.chunk, store.model_sha)
         # (session id, incarnation) -> the attachment driving it (a Stream or a Generate)
         self._attached: dict[tuple[str, str], Attachment] = {}
         self._open_attachments: set[Attachment] = set()  # also those not yet attached
@@ -144,6 +153,53 @@ class SessionService:
         if holder is not None:
             raise SessionBusy(f"session {s.id!r} is attached to an open {holder.rpc}")
 
+    def _track(self, s: Session) -> Session:
+        """Give a session this service made its rewind History (when rewind is on)."""
+        if self.limits.rewind_window > 0:
+            window, state = self.limits.rewind_window, self.store.read(s)
+            s.history = History(window, self.chunk, s.position, state)
+        return s
+
+    def checkpoint_bytes_per_session(self) -> int:
+        """The most bytes of rewind history one session can hold."""
+        if self.limits.rewind_window <= 0:
+            return 0
+        per_input = 8 if self.engine.input_kind == "tokens" else 4 * self.engine.d_input
+        return History.max_bytes(
+            self.limits.rewind_window, self.chunk, self.engine.state_size, per_input
+        )
+
+    def feature_stats(self) -> dict:
+        """The prefix cache's counters and the bytes of rewind history all sessions hold."""
+        held = sum(s.history.nbytes for s in self.store.sessions() if s.history is not None)
+        return {"prefix_cache": self.prefix_cache.stats(), "checkpoint_bytes": held}
+
+    def _scope(self, principal: str) -> str:
+        return "" if self.limits.prefix_cache_scope == "global" else f"principal:{principal}"
+
+    async def _feed_prompt(self, s: Session, principal: str, prompt: np.ndarray) -> tuple:
+        """Feed a new session (nobody else holds it yet) its prompt, from the prompt's longest
+        cached prefix; cache the states after the prompt's pieces. Returns (the output of
+        the last prompt input [D], how many prompt inputs the cache served)."""
+        cache, scope = self.prefix_cache, self._scope(principal)
+        hit = cache.lookup(scope, prompt)
+        if hit.tokens:
+            self.store.commit(s, hit.state, hit.tokens)
+            self._track(s)
+        rest = prompt[hit.tokens :]
+        if not len(rest):
+            return hit.output, hit.tokens
+        states: dict = {}
+        outputs, _ = await self.batcher.step(s, rest, states if len(rest) > 1 else None)
+        if cache.enabled:
+            states.setdefault(len(rest), self.store.read(s))
+            cache.insert(
+                scope,
+                prompt,
+                {hit.tokens + t: (x, outputs[t - 1]) for t, x in states.items() if t > 0},
+            )
+        return outputs[-1], hit.tokens
+
     def _discard(self, session_id: str, principal: str) -> None:
         """Close a session this service created for a request, if it is still there."""
         try:
@@ -164,23 +220,43 @@ class SessionService:
     # --- unary operations ------------------------------------------------------------------
 
     async def create(
-        self, principal: str, session_id: str = "", ttl: float = 0.0, snapshot: bytes = b""
-    ) -> Session:
-        """A new session at position 0, or from a snapshot; `session_id` "" lets the store
-        choose."""
+        self,
+        principal: str,
+        session_id: str = "",
+        ttl: float = 0.0,
+        snapshot: bytes = b"",
+        prompt=(),
+    ) -> tuple[Session, int]:
+        """A new session at position 0, from a snapshot, or after a prompt (fed from its
+        longest cached prefix); `session_id` "" lets the store choose. Returns the session
+        and how many prompt inputs the prefix cache served."""
         self._open()
         ttl_ = self._ttl(ttl)
         sid = check_session_id(session_id) if session_id else None
+        if len(prompt):
+            if snapshot:
+                raise InvalidInput("prompt", "cannot be combined with a snapshot")
+            if self.engine.input_kind != "tokens":
+                raise InvalidInput("prompt", "needs a token model; this model takes values")
+            x = self.inputs(np.asarray(prompt, dtype=np.int64), (), field="prompt")
         if snapshot:
-            return self.store.restore(snapshot, principal, sid, ttl_)
-        return self.store.create(principal, sid, ttl_)
+            return self._track(self.store.restore(snapshot, principal, sid, ttl_)), 0
+        s = self._track(self.store.create(principal, sid, ttl_))
+        if not len(prompt):
+            return s, 0
+        try:
+            _, cached = await self._feed_prompt(s, principal, x)
+        except BaseException:  # the client never got the id: undo the session
+            self._discard(s.id, principal)
+            raise
+        return s, cached
 
     async def restore(
         self, principal: str, snapshot: bytes, session_id: str = "", ttl: float = 0.0
     ) -> Session:
         if not snapshot:
             raise InvalidInput("snapshot", "is empty")
-        return await self.create(principal, session_id, ttl, snapshot)
+        return (await self.create(principal, session_id, ttl, snapshot))[0]
 
     async def close(self, principal: str, session_id: str) -> Session:
         """Close a session; returns it as it was (its final position)."""
@@ -199,7 +275,7 @@ class SessionService:
         parent = await self._session(session_id, principal)
         new_id = check_session_id(new_session_id, "new_session_id") if new_session_id else None
         try:
-            return self.store.fork(parent.id, principal, new_id)
+            return self._track(self.store.fork(parent.id, principal, new_id))
         except InvalidInput as e:  # the store speaks of the new session's id as session_id
             if e.field != "session_id":
                 raise
@@ -214,6 +290,21 @@ class SessionService:
         s = await self._session(session_id, principal)  # NOT_FOUND before FAILED_PRECONDITION
         self._check_detached(s)
         return await self.batcher.step(s, x)
+
+    async def rewind(self, principal: str, session_id: str, position: int) -> Session:
+        """Return a session to an earlier `position` within the rewind window (OutOfRange
+        outside it); refused while a Stream or Generate is attached."""
+        self._open()
+        s = await self._session(session_id, principal)
+        self._check_detached(s)
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
+            raise InvalidInput("position", f"must be an integer, got {position!r}")
+        if position > s.position:
+            raise OutOfRange(
+                "position", f"{position} is ahead of the session (at position {s.position})"
+            )
+        await self.batcher.rewind(s, int(position))
+        return s
 
     # --- attached operations ----------------------------------------------------------------
 
@@ -262,9 +353,15 @@ class SessionService:
         temporary = not session_id and not keep_session
         a = self.attach(principal, "Generate")
         try:
-            outputs, position = await a.feed(session_id, x, create=not session_id)
+            if session_id:
+                outputs, position = await a.feed(session_id, x)
+                logits = outputs[-1]
+            else:  # a new session: the prompt's prefix may come from the cache
+                a.adopt(self._track(self.store.create(principal)))
+                logits, _ = await self._feed_prompt(a.session, principal, x)
+                position = len(x)
             gen = Generation(config)
-            g = gen(outputs[-1], position)
+            g = gen(logits, position)
             yield a.session.id, g
             while not g.last:
                 self._open()
@@ -324,20 +421,24 @@ class Attachment:
         finally:
             self.idle = True
 
+    def adopt(self, s: Session) -> None:
+        """Attach to a session (FAILED_PRECONDITION when another attachment holds it)."""
+        self.service._check_detached(s)
+        self.service._attached[s.id, s.incarnation] = self
+        self.session = s
+
     async def _first(self, session_id: str, inputs: np.ndarray, create: bool) -> tuple:
         svc = self.service
         if create:
-            s = svc.store.create(self.principal)
+            s = svc._track(svc.store.create(self.principal))
         else:
             s = await svc._session(session_id, self.principal)
         try:
-            svc._check_detached(s)
+            self.adopt(s)
         except SessionBusy:
             if create:
                 svc._discard(s.id, self.principal)
             raise
-        svc._attached[s.id, s.incarnation] = self
-        self.session = s
         try:
             return await svc.batcher.step(s, inputs)
         except BaseException:  # also a cancel: the client never got the new id

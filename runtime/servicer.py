@@ -206,8 +206,9 @@ def step_response(
     return resp
 
 
-def model_info(info: dict, config: ServerConfig) -> pb.ModelInfo:
-    """ModelInfo from Engine.info and the server config."""
+def model_info(info: dict, config: ServerConfig, checkpoint_bytes: int) -> pb.ModelInfo:
+    """ModelInfo from Engine.info, the server config and the most rewind checkpoint bytes
+    per session."""
     S = int(info["state_size"])
     return pb.ModelInfo(
         name=str(info.get("name", "")),
@@ -231,12 +232,18 @@ def model_info(info: dict, config: ServerConfig) -> pb.ModelInfo:
             max_batch=config.max_batch,
             max_batch_delay_ms=1e3 * config.max_batch_delay,
             max_new_tokens=config.max_new_tokens,
+            rewind_window=config.rewind_window,
+            checkpoint_bytes_per_session=checkpoint_bytes,
+            prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
+            prefix_cache_scope=config.prefix_cache_scope,
         ),
     )
 
 
-def session_message(s) -> pb.Session:
-    return pb.Session(session_id=s.id, position=s.position, ttl_seconds=s.ttl)
+def session_message(s, cached_tokens: int = 0) -> pb.Session:
+    return pb.Session(
+        session_id=s.id, position=s.position, ttl_seconds=s.ttl, cached_tokens=cached_tokens
+    )
 
 
 _FINISH = {
@@ -259,14 +266,18 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
 
     @grpc_errors
     async def GetModelInfo(self, request, context):
-        return model_info(self.info, self.config)
+        return model_info(self.info, self.config, self.service.checkpoint_bytes_per_session())
 
     @grpc_errors
     async def CreateSession(self, request, context):
-        s = await self.service.create(
-            current_principal(), request.session_id, request.ttl_seconds, request.snapshot
+        s, cached = await self.service.create(
+            current_principal(),
+            request.session_id,
+            request.ttl_seconds,
+            request.snapshot,
+            request_arrays(request.prompt, ())[0],
         )
-        return session_message(s)
+        return session_message(s, cached)
 
     @grpc_errors
     async def CloseSession(self, request, context):
@@ -292,6 +303,11 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     @grpc_errors
     async def ForkSession(self, request, context):
         s = await self.service.fork(current_principal(), request.session_id, request.new_session_id)
+        return session_message(s)
+
+    @grpc_errors
+    async def RewindSession(self, request, context):
+        s = await self.service.rewind(current_principal(), request.session_id, request.position)
         return session_message(s)
 
     @grpc_errors

@@ -70,7 +70,7 @@ class Session:
 
     __slots__ = (
         "_id", "_principal", "_slot", "_position", "_last_used", "_ttl", "_live", "_pins",
-        "_lent", "_incarnation",
+        "_lent", "_incarnation", "history",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +88,7 @@ class Session:
         self._live, self._pins = True, 0
         self._lent = False  # its slab row is being written in place (lend_rows)
         self._incarnation = incarnation or secrets.token_hex(8)
+        self.history = None  # its rewind History (runtime/history.py), set by the service
 
     id = property(lambda self: self._id)
     principal = property(lambda self: self._principal)
@@ -544,6 +545,18 @@ class SessionStore:
             elif n:
                 self._slab[slots] = new_states[rows] if n < len(sessions) else new_states
         return results
+
+    def rewind(self, s: Session, state: np.ndarray, position: int) -> None:
+        """Set a session back to an earlier `position` with `state` [S] (the caller computed
+        it from the session's History). All or nothing, like commit."""
+        with self._lock:
+            self._check_live(s)
+            if not 0 <= position <= s._position:
+                raise InvalidInput("position", f"must be in [0, {s._position}], got {position}")
+            self._wait_returned(s)
+            self._slab[s._slot] = state
+            s._position = position
+            s._last_used = self.clock()
 
     # --- replication: what the service and the replication policy call -------------------
 

@@ -30,7 +30,7 @@ from ssmstream.runtime.client import Client
 
 C = grpc.StatusCode
 IA, RE = C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED
-FP, NF = C.FAILED_PRECONDITION, C.NOT_FOUND
+FP, NF, OR = C.FAILED_PRECONDITION, C.NOT_FOUND, C.OUT_OF_RANGE
 Req = pb.StepRequest
 TOP_K, NONE = pb.OUTPUT_TOP_K, pb.OUTPUT_NONE
 V, LIMIT, MAX_NEW, MAX_MSG, TTL = 11, 16, 8, 16 * 1024, 60.0
@@ -94,6 +94,11 @@ def restore(ctx: Ctx, **kw) -> pb.Session:
 def fork(ctx: Ctx, **kw) -> pb.Session:
     kw.setdefault("session_id", ctx.victim)
     return ctx.stub.ForkSession(pb.ForkRequest(**kw), timeout=10)
+
+
+def rewind(ctx: Ctx, **kw) -> pb.Session:
+    kw.setdefault("session_id", ctx.victim)
+    return ctx.stub.RewindSession(pb.RewindRequest(**kw), timeout=10)
 
 
 def snapshot(ctx: Ctx, session_id: str) -> pb.Snapshot:
@@ -341,6 +346,20 @@ TOKEN_CASES: list[Case] = [
     Case("CloseSession-empty-request",
          lambda c: c.stub.CloseSession(pb.CloseSessionRequest(), timeout=10),
          IA, "session_id"),
+    # --- RewindSession / CreateSession with a prompt ---
+    Case("RewindSession-empty-request",
+         lambda c: c.stub.RewindSession(pb.RewindRequest(), timeout=10), IA, "session_id"),
+    Case("RewindSession-ahead", lambda c: rewind(c, position=len(PREFIX_TOKENS) + 1),
+         OR, "position"),
+    Case("RewindSession-uint64-max", lambda c: rewind(c, position=2**64 - 1), OR, "position"),
+    Case("RewindSession-unknown", lambda c: rewind(c, session_id="never-created"),
+         NF, text="unknown"),
+    Case("CreateSession-prompt-out-of-range", lambda c: create(c, prompt=[1, V]), IA, "prompt"),
+    Case("CreateSession-prompt-negative", lambda c: create(c, prompt=[-1]), IA, "prompt"),
+    Case("CreateSession-prompt-and-snapshot", lambda c: create(c, prompt=[1], snapshot=c.snap),
+         IA, "prompt"),
+    Case("CreateSession-prompt-over-limit", lambda c: create(c, prompt=[1] * (LIMIT + 1)),
+         RE, "prompt"),
     *_id_cases(),
     *_snapshot_cases(),
 ]  # fmt: skip

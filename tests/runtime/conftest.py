@@ -153,7 +153,7 @@ def build_toy(out: Path, kind: str = "tokens", V=11, d_in=3, S=8, d_out=5, chunk
         "step.onnx",
     )
     body = oh.make_graph(
-        cell("u_t", "x", "x_new", "y_t"),
+        [*cell("u_t", "x", "x_new", "y_t"), oh.make_node("Identity", ["x_new"], ["x_t"])],
         "cell",
         [
             oh.make_tensor_value_info("x", TP.FLOAT, None),
@@ -162,13 +162,22 @@ def build_toy(out: Path, kind: str = "tokens", V=11, d_in=3, S=8, d_out=5, chunk
         [
             oh.make_tensor_value_info("x_new", TP.FLOAT, None),
             oh.make_tensor_value_info("y_t", TP.FLOAT, None),
+            oh.make_tensor_value_info("x_t", TP.FLOAT, None),
         ],
     )
     scan = oh.make_node(
-        "Scan", ["state", "input"], ["state_out", "output"], body=body,
-        num_scan_inputs=1, scan_input_axes=[1], scan_output_axes=[1],
+        "Scan", ["state", "input"], ["state_out", "output", "xs"], body=body,
+        num_scan_inputs=1, scan_input_axes=[1], scan_output_axes=[1, 1],
     )  # fmt: skip
-    save(oh.make_graph([scan], "prefill", *io(["B", "T"]), inits), "prefill.onnx")
+    # chunk_states [B, T / chunk, S]: the state after each chunk (every chunk-th of xs)
+    ends = [
+        oh.make_node("Constant", [], [n], value=nh.from_array(np.array([v], np.int64), n))
+        for n, v in (("c_start", chunk - 1), ("c_end", 2**62), ("c_axis", 1), ("c_step", chunk))
+    ]
+    pick = oh.make_node("Slice", ["xs", "c_start", "c_end", "c_axis", "c_step"], ["chunk_states"])
+    ins, outs = io(["B", "T"])
+    outs.append(oh.make_tensor_value_info("chunk_states", TP.FLOAT, ["B", "n", S]))
+    save(oh.make_graph([scan, *ends, pick], "prefill", ins, outs, inits), "prefill.onnx")
 
     def sha(name: str) -> str:
         return hashlib.sha256((out / name).read_bytes()).hexdigest()

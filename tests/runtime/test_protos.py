@@ -39,6 +39,7 @@ def test_stubs_import_through_package_mapping():
         "SnapshotSession",
         "RestoreSession",
         "ForkSession",
+        "RewindSession",
     }
     stream = service.methods_by_name["Stream"]
     assert stream.client_streaming and stream.server_streaming

@@ -58,7 +58,7 @@ async def started(engine) -> SessionService:
     ],
 )
 def test_bad_token_inputs_name_the_field(tokens_engine, tokens, values, exc, field):
-    svc = SessionService(tokens_engine, None, None, LIMITS)
+    svc = SessionService(tokens_engine, SessionStore(tokens_engine.state_size), None, LIMITS)
     with pytest.raises(exc) as e:
         svc.inputs(np.array(tokens, dtype=np.int64), np.array(values, dtype=np.float32))
     assert str(e.value).startswith(f"{field}: "), e.value
@@ -75,15 +75,19 @@ def test_bad_token_inputs_name_the_field(tokens_engine, tokens, values, exc, fie
     ],
 )
 def test_bad_value_inputs_are_refused(values_engine, tokens, values, exc):
-    svc = SessionService(values_engine, None, None, LIMITS)
+    svc = SessionService(values_engine, SessionStore(values_engine.state_size), None, LIMITS)
     with pytest.raises(exc):
         svc.inputs(np.array(tokens, dtype=np.int64), np.array(values, dtype=np.float32))
 
 
 def test_good_inputs_come_back_as_the_model_takes_them(tokens_engine, values_engine):
-    t = SessionService(tokens_engine, None, None, LIMITS).inputs([0, 10, 4], [])
+    t = SessionService(tokens_engine, SessionStore(tokens_engine.state_size), None, LIMITS).inputs(
+        [0, 10, 4], []
+    )
     assert t.dtype == np.int64 and t.tolist() == [0, 10, 4]
-    v = SessionService(values_engine, None, None, LIMITS).inputs([], [1, 2, 3, 4, 5, 6])
+    v = SessionService(values_engine, SessionStore(values_engine.state_size), None, LIMITS).inputs(
+        [], [1, 2, 3, 4, 5, 6]
+    )
     assert v.dtype == np.float32 and v.shape == (2, 3)
     np.testing.assert_array_equal(v, [[1, 2, 3], [4, 5, 6]])
 
@@ -93,7 +97,7 @@ def test_operations_for_a_principal_match_the_engine(tokens_engine):
 
     async def main():
         svc = await started(tokens_engine)
-        s = await svc.create("alice", "a1", ttl=30.0)
+        s, cached = await svc.create("alice", "a1", ttl=30.0)
         assert (s.id, s.position, s.ttl) == ("a1", 0, 30.0)
         y, pos = await svc.step("alice", "a1", [1, 2, 3])
         ref_y, ref_s = tokens_engine.prefill(np.array([[1, 2, 3]]), tokens_engine.new_state())
@@ -225,7 +229,7 @@ def test_an_attachment_excludes_others_and_is_bound_to_its_incarnation(tokens_en
             await b.step("s", [2])
         b.detach()
         await svc.close("p", "s")
-        again = await svc.create("p", "s")  # the id's new owner is not blocked
+        again, _ = await svc.create("p", "s")  # the id's new owner is not blocked
         assert (await svc.step("p", "s", [5]))[1] == 1
         with pytest.raises(SessionNotFound, match="closed"):
             await a.step("", [3])

@@ -1,0 +1,178 @@
+"""Session features benchmark: the prefix cache and rewind, through gRPC, on one model.
+
+Three measures, each a ratio of two times taken in one run on one server process
+(`python -m ssmstream.runtime.server`, clients in this process, rounds interleaved):
+
+    cache hit      time to first token of `Generate` (max_new_tokens=1) on a new session
+                   whose T-token prompt is cached, vs one whose prompt is new (a miss):
+                   target: the hit is ready ≥ 20× sooner.
+    cache miss     the same miss on a server with the cache on vs one with it off
+                   (--prefix-cache-mb 0): target ≤ 1.05× (what caching a prompt's states
+                   costs the request that fills the cache).
+    rewind         `RewindSession` to a random position in the window, vs one `Step` of
+                   one prefill chunk plus `SnapshotSession` (a checkpoint copy) on the same
+                   server: target ≤ 1× (a rewind costs at most one chunk's replay and one
+                   checkpoint copy).
+
+    python benchmarks/bench_sessions.py --model model/   # an exported model dir
+    python benchmarks/bench_sessions.py                  # exports the shipped checkpoint
+
+Writes benchmarks/results/bench_sessions.{json,md}. Dimension letters: T prompt length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("bench_sessions")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHIPPED = ROOT / "examples" / "checkpoints" / "byte-lm"
+
+
+class Server:
+    """`ssmstream serve` in a subprocess on 127.0.0.1 (an ephemeral port)."""
+
+    def __init__(self, model: str, *flags: str):
+        self.dir = tempfile.mkdtemp(prefix="bench-sessions-")
+        port_file = os.path.join(self.dir, "port.json")
+        cmd = [sys.executable, "-m", "ssmstream.runtime.server", model, "--port", "0",
+               "--port-file", port_file, "--device", "cpu", "--log-level", "WARNING",
+               *flags]  # fmt: skip
+        self.proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(port_file):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {cmd}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{json.loads(Path(port_file).read_text())['port']}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def ttft(client, prompt: list[int]) -> float:
+    """Seconds from sending Generate (1 token) on a new session to its response."""
+    t0 = time.perf_counter()
+    for _ in client.generate(prompt, max_new_tokens=1, temperature=0.0):
+        pass
+    return time.perf_counter() - t0
+
+
+def run(model: str, T: int, rounds: int, seed: int = 0) -> dict:
+    from ssmstream.runtime.client import Client
+
+    rng = np.random.default_rng(seed)
+    on, off = Server(model, "--prefix-cache-mb", "256"), Server(model, "--prefix-cache-mb", "0")
+    try:
+        with Client(on.address, timeout=120) as c_on, Client(off.address, timeout=120) as c_off:
+            V = c_on.info().vocab_size
+            warm = rng.integers(0, V, T).tolist()
+            ttft(c_on, warm), ttft(c_off, warm)
+            hit, miss_on, miss_off = [], [], []
+            cached = rng.integers(0, V, T).tolist()
+            ttft(c_on, cached)  # fills the cache with this prompt
+            for _ in range(rounds):  # interleaved: the machine's drift hits all three alike
+                hit.append(ttft(c_on, cached))
+                miss_on.append(ttft(c_on, rng.integers(0, V, T).tolist()))
+                miss_off.append(ttft(c_off, rng.integers(0, V, T).tolist()))
+            # rewind vs one chunk's Step + a snapshot, on one session
+            info = c_on.info()
+            window = int(info.limits.rewind_window)
+            chunk = 64 if window else 0
+            s = c_on.create_session()
+            for _ in range(window // 256 + 1):
+                s.step(tokens=rng.integers(0, V, 256).tolist(), output="none")
+            rewind, replay = [], []
+            for _ in range(rounds):
+                top = s.position
+                target = int(rng.integers(max(0, top - window + 1), top))
+                t0 = time.perf_counter()
+                s.rewind(target)
+                rewind.append(time.perf_counter() - t0)
+                piece = rng.integers(0, V, chunk).tolist()
+                t0 = time.perf_counter()
+                s.step(tokens=piece, output="none")
+                s.snapshot()
+                replay.append(time.perf_counter() - t0)
+                if top > s.position:  # back to where the window was
+                    s.step(tokens=rng.integers(0, V, top - s.position).tolist(), output="none")
+    finally:
+        on.stop()
+        off.stop()
+    med = {k: float(np.median(v)) for k, v in
+           (("hit", hit), ("miss_on", miss_on), ("miss_off", miss_off), ("rewind", rewind),
+            ("chunk_step_and_snapshot", replay))}  # fmt: skip
+    return {
+        "model": model,
+        "T": T,
+        "rounds": rounds,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
+        "load_avg": list(os.getloadavg()),
+        "median_s": med,
+        "hit_speedup": med["miss_on"] / med["hit"],
+        "miss_cost": med["miss_on"] / med["miss_off"],
+        "rewind_vs_chunk": med["rewind"] / med["chunk_step_and_snapshot"],
+    }
+
+
+def report(r: dict) -> str:
+    m = r["median_s"]
+    ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+    return "\n".join([
+        "# bench_sessions — prefix cache and rewind through gRPC",
+        "",
+        f"{r['machine']}; model {r['model']}; prompt T = {r['T']}; {r['rounds']} interleaved "
+        f"rounds (medians); load average at the end {r['load_avg']}.",
+        "",
+        "| measure | time | ratio | target |",
+        "|---|---:|---:|---|",
+        f"| time to first token, cached prompt vs new prompt | {1e3 * m['hit']:.2f} vs "
+        f"{1e3 * m['miss_on']:.2f} ms | **{r['hit_speedup']:.1f}×** sooner | ≥ 20× "
+        f"({ok(r['hit_speedup'] >= 20)}) |",
+        f"| new prompt, cache on vs off | {1e3 * m['miss_on']:.2f} vs {1e3 * m['miss_off']:.2f} "
+        f"ms | **{r['miss_cost']:.3f}×** | ≤ 1.05× ({ok(r['miss_cost'] <= 1.05)}) |",
+        f"| rewind vs one chunk's Step + a snapshot | {1e3 * m['rewind']:.2f} vs "
+        f"{1e3 * m['chunk_step_and_snapshot']:.2f} ms | **{r['rewind_vs_chunk']:.2f}×** | ≤ 1× "
+        f"({ok(r['rewind_vs_chunk'] <= 1)}) |",
+        "",
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="exported model dir (default: export byte-lm)")
+    p.add_argument("--prompt-len", type=int, default=1024, help="T, prompt tokens")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measure")
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = a.model
+    if model is None:
+        from ssmstream.export import export_model
+
+        model = str(export_model(SHIPPED, Path(tempfile.mkdtemp()) / "model"))
+    r = run(model, a.prompt_len, a.rounds)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_sessions.json").write_text(json.dumps(r, indent=1))
+    (out / "bench_sessions.md").write_text(report(r))
+    log.info("%s", report(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""History: what a session needs to rewind — checkpoints of its state and the inputs since.
+
+A session at position p with a rewind window of W inputs keeps
+
+    checkpoints  (c, x_c) for positions c ≥ p − W, at most Q apart    (Q = the prefill chunk),
+                 plus the latest one below p − W (so p − W itself is reachable)
+    inputs       u[c_0 : p], from the oldest checkpoint c_0 on
+
+so the state at any position r in [max(c_0, p − W), p] is x_r = replay(x_c, u[c : r]) with c
+the latest checkpoint ≤ r: one checkpoint copy and fewer than Q inputs through the model.
+
+Checkpoints come from where states exist: after a single step when Q inputs passed since
+the last one, and from a prefill's chunk-end states (Engine.prefill_states). The batcher's
+worker records them (`record`) and replays a rewind (`plan`, then `rewound`), so a
+session's history changes in the order of its requests; nothing else touches it.
+
+Bytes per session are bounded: at most (W / Q + 2) checkpoints of S × 4 bytes and W + Q
+inputs (`max_bytes`).
+
+Dimension letters: S state size, Q chunk, W window, T inputs of one request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from .errors import OutOfRange
+
+
+class History:
+    """One session's rewind history (see the module docstring).
+
+    Args:
+        window: W, how many inputs back a rewind may go (>= 1).
+        chunk: Q, the most inputs between two checkpoints.
+        position: the session's position now; state: its state there (float32 [S]).
+    """
+
+    def __init__(self, window: int, chunk: int, position: int, state: np.ndarray):
+        self.window, self.chunk = int(window), int(chunk)
+        self.position = int(position)
+        self._checkpoints: deque[tuple[int, np.ndarray]] = deque([(self.position, state.copy())])
+        self._inputs: list = []  # u[base : position], one entry per input
+        self._base = self.position  # the position of _inputs[0] (= the oldest checkpoint's)
+
+    @staticmethod
+    def max_bytes(window: int, chunk: int, state_size: int, input_bytes: int) -> int:
+        """The most bytes one session's history can hold."""
+        return (window // chunk + 2) * 4 * state_size + (window + chunk) * input_bytes
+
+    @property
+    def nbytes(self) -> int:
+        per_input = self._inputs[0].nbytes if self._inputs else 0
+        return sum(x.nbytes for _, x in self._checkpoints) + len(self._inputs) * per_input
+
+    @property
+    def oldest(self) -> int:
+        """The earliest position a rewind can reach now."""
+        return max(self._checkpoints[0][0], self.position - self.window)
+
+    def record(self, inputs: np.ndarray, end: int, states: dict[int, np.ndarray]) -> None:
+        """The session consumed `inputs` ([T] or [T, d_in]) and is at position `end`;
+        `states` holds the states after some of them, {position: float32 [S]} (at least the
+        one at `end` when a checkpoint may be due). Positions that do not follow on from
+        this history (a state installed from elsewhere) restart it."""
+        T = inputs.shape[0]
+        if end - T != self.position:  # not a continuation: start over from here
+            if end in states:
+                self.__init__(self.window, self.chunk, end, states[end])
+            return
+        self._inputs.extend(inputs)  # one row per input (views of the request's array)
+        self.position = end
+        last = self._checkpoints[-1][0]
+        for p in sorted(states):
+            if p - last >= self.chunk:
+                self._checkpoints.append((p, np.array(states[p], np.float32)))
+                last = p
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop checkpoints (and their inputs) no longer needed to reach position − W."""
+        floor = self.position - self.window
+        while len(self._checkpoints) > 1 and self._checkpoints[1][0] <= floor:
+            self._checkpoints.popleft()
+        base = self._checkpoints[0][0]
+        if base > self._base:
+            del self._inputs[: base - self._base]
+            self._base = base
+
+    def plan(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the checkpoint state [S] at or before `position`, the inputs from there to it);
+        OutOfRange naming the window when `position` is outside it."""
+        if not self.oldest <= position <= self.position:
+            raise OutOfRange(
+                "position",
+                f"{position} is outside the rewind window [{self.oldest}, {self.position}] "
+                f"(at most {self.window} inputs back, since the session's first checkpoint)",
+            )
+        c, x = next((c, x) for c, x in reversed(self._checkpoints) if c <= position)
+        rows = self._inputs[c - self._base : position - self._base]
+        return x.copy(), np.array(rows) if rows else np.empty(0)
+
+    def rewound(self, position: int) -> None:
+        """The session is back at `position` (within the window): forget what came after."""
+        while self._checkpoints[-1][0] > position:
+            self._checkpoints.pop()
+        del self._inputs[position - self._base :]
+        self.position = position

@@ -1,0 +1,133 @@
+"""PrefixCache: the states of prompt prefixes, so a prompt seen before is not prefilled again.
+
+An SSM's state after a prefix is S float32 numbers whatever the prefix's length, so keeping
+it is cheap. A prompt u[0:T] is cut into pieces at the prefill chunk boundaries
+(Q = manifest graphs.prefill.chunk) plus its tail:
+
+    pieces   u[0:Q], u[Q:2Q], …, u[(k-1)Q:kQ], u[kQ:T]          (k = ⌊T/Q⌋, tail may be empty)
+    keys     h_0 = sha256(model sha ‖ scope),  h_j = sha256(h_{j-1} ‖ piece_j)
+    entry    h_j → (the prefix u[0:end_j], the state after it [S], the output of u[end_j − 1] [D])
+
+A lookup hashes the prompt's pieces and takes the longest prefix that has an entry whose
+stored prefix equals the prompt's (so a match is exact: a hash is never trusted alone; the
+prefix costs 8 bytes a token, an eighth of a 64 KiB state at 1,024 tokens). Entries are
+evicted least recently used first when their bytes exceed `max_bytes`.
+
+`scope` separates tenants: by default each principal has its own entries (a cache shared
+across principals would tell one tenant, by timing, which prompts another sent); the
+server's `--prefix-cache-scope global` shares them. Used from the event loop only (no lock).
+
+Dimension letters: T prompt length, Q chunk, S state size, D output width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class _Entry:
+    prefix: bytes  # the prefix's tokens, int64 little-endian
+    state: np.ndarray  # float32 [S]
+    output: np.ndarray  # [D]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.prefix) + self.state.nbytes + self.output.nbytes + 32 + 64
+
+
+@dataclass
+class CacheHit:
+    """The longest cached prefix of a prompt: `tokens` of it (0: none), the state after
+    them [S] and the output of the last one [D] (both copies)."""
+
+    tokens: int
+    state: np.ndarray | None = None
+    output: np.ndarray | None = None
+
+
+class PrefixCache:
+    """Exact-prefix state cache (see the module docstring).
+
+    Args:
+        max_bytes: LRU budget (0: the cache is off: lookups miss, inserts do nothing).
+        chunk: Q, the prefill chunk the prompt is cut at.
+        model_sha: the model the states belong to (part of every key).
+    """
+
+    def __init__(self, max_bytes: int, chunk: int, model_sha: str):
+        self.max_bytes, self.chunk, self.model_sha = int(max_bytes), int(chunk), model_sha
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self.bytes = 0
+        self.counts = {"hits": 0, "misses": 0, "cached_tokens": 0, "evictions": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def _pieces(self, scope: str, prompt: np.ndarray):
+        """(end, key, the prefix's bytes) for each piece of the prompt, in order."""
+        key = hashlib.sha256(f"{self.model_sha}\0{scope}".encode()).digest()
+        data = np.asarray(prompt, dtype="<i8").tobytes()  # [T] int64 LE
+        T, Q = len(prompt), self.chunk
+        ends = [*range(Q, T + 1, Q)]
+        if not ends or ends[-1] != T:
+            ends.append(T)
+        start = 0
+        for end in ends:
+            key = hashlib.sha256(key + data[8 * start : 8 * end]).digest()
+            yield end, key, data[: 8 * end]
+            start = end
+
+    def lookup(self, scope: str, prompt: np.ndarray, limit: int | None = None) -> CacheHit:
+        """The longest cached prefix of `prompt` (int64 [T]) of at most `limit` tokens."""
+        if not self.enabled or not len(prompt):
+            return CacheHit(0)
+        best = None
+        for end, key, prefix in self._pieces(scope, prompt):
+            if limit is not None and end > limit:
+                break
+            e = self._entries.get(key)
+            if e is not None and e.prefix == prefix:
+                best = (end, key, e)
+        if best is not None:
+            self._entries.move_to_end(best[1])
+            best = best[0], best[2]
+        if best is None:
+            self.counts["misses"] += 1
+            return CacheHit(0)
+        end, e = best
+        self.counts["hits"] += 1
+        self.counts["cached_tokens"] += end
+        return CacheHit(end, e.state.copy(), e.output.copy())
+
+    def insert(
+        self, scope: str, prompt: np.ndarray, states: dict[int, tuple[np.ndarray, np.ndarray]]
+    ) -> int:
+        """Cache the states after the prompt's pieces that `states` has: {end: (state [S],
+        output of input end-1 [D])}. Returns how many entries were added."""
+        if not self.enabled:
+            return 0
+        added = 0
+        for end, key, prefix in self._pieces(scope, prompt):
+            if key in self._entries or end not in states:
+                continue
+            state, output = states[end]
+            e = _Entry(prefix, np.array(state, np.float32), np.array(output))
+            if e.nbytes > self.max_bytes:
+                continue
+            self._entries[key] = e
+            self.bytes += e.nbytes
+            added += 1
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.counts["evictions"] += 1
+        return added
+
+    def stats(self) -> dict:
+        return {**self.counts, "bytes": self.bytes, "entries": len(self._entries)}

@@ -1,0 +1,89 @@
+"""The prefix cache and rewind over gRPC, the Python client and `ssmstream generate`, checked
+against the toy model's float64 recurrence (`Ref`)."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+
+import grpc
+import pytest
+from rel_helpers import Ref, assert_matches, code_of, serve, target
+from ssmstream.runtime.client import Client
+from ssmstream.runtime.client import main as generate_main
+
+C = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def srv(toy):
+    with serve(toy, rewind_window=12, prefix_cache_mb=1.0, max_tokens_per_request=64) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(srv):
+    with Client(target(srv), timeout=30) as c:
+        yield c
+
+
+def test_limits_say_what_the_server_keeps(client, toy):
+    lim = client.info().limits
+    assert lim.rewind_window == 12 and lim.prefix_cache_bytes == 2**20
+    assert lim.prefix_cache_scope == "principal"
+    # at most 12 / 4 + 2 checkpoints of S float32 and 12 + 4 int64 inputs
+    assert lim.checkpoint_bytes_per_session == (12 // 4 + 2) * 4 * toy["S"] + (12 + 4) * 8
+
+
+def test_create_with_a_prompt_starts_from_the_cache(client, toy):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    first = client.create_session(prompt=prompt)
+    second = client.create_session(prompt=prompt)
+    partly = client.create_session(prompt=[*prompt[:8], 7, 7, 7])
+    assert (first.cached_tokens, second.cached_tokens, partly.cached_tokens) == (0, 10, 8)
+    for s, p in ((first, prompt), (second, prompt), (partly, [*prompt[:8], 7, 7, 7])):
+        ref = Ref(toy)
+        ref.feed(p)
+        assert_matches(s, ref)
+    code, msg = code_of(lambda: client.create_session(prompt=[11]))
+    assert code == C.INVALID_ARGUMENT and msg.startswith("prompt: ")
+
+
+def test_rewind_and_regenerate(srv, client, toy):
+    s = client.create_session()
+    ref = Ref(toy)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    for t in tokens:
+        s.step(tokens=[t])
+    assert s.rewind(4) == 4
+    ref.feed(tokens[:4])
+    assert_matches(s, ref)
+    greedy = [g.token for g in s.regenerate(4, [5], max_new_tokens=3, temperature=0.0)]
+    assert greedy == ref.greedy([5], 3)
+    code, msg = code_of(lambda: s.rewind(100))
+    assert code == C.OUT_OF_RANGE and msg.startswith("position: ") and "ahead" in msg
+    for _ in range(20):
+        s.step(tokens=[1])
+    code, msg = code_of(lambda: s.rewind(1))
+    assert code == C.OUT_OF_RANGE and "rewind window" in msg
+    with s.open_stream() as st:
+        st.send(tokens=[2])
+        code, _ = code_of(lambda: s.rewind(s.position - 1))
+        assert code == C.FAILED_PRECONDITION
+
+
+def test_generate_cli_rewinds_a_session(srv, client, toy):
+    s = client.create_session()
+    s.step(tokens=[1, 2, 3, 4, 5, 6])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = generate_main(
+            [
+                "--server", target(srv), "--ids", "--session", s.id, "--rewind-to", "3",
+                "--temperature", "0", "--max-new-tokens", "2", "4",
+            ]
+        )  # fmt: skip
+    ref = Ref(toy)
+    ref.feed([1, 2, 3])
+    assert rc == 0 and [int(t) for t in out.getvalue().split()] == ref.greedy([4], 2)
+    assert s.rewind(3) == 3

@@ -1,0 +1,268 @@
+"""The exact-prefix state cache and rewind, compared with independent computations: a fresh
+session that prefills the whole prompt, the toy model's float64 recurrence, and the states a
+session reported at each position as it went."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ssmstream.runtime.batcher import Batcher
+from ssmstream.runtime.engine import Engine
+from ssmstream.runtime.errors import OutOfRange, SessionBusy
+from ssmstream.runtime.history import History
+from ssmstream.runtime.prefix_cache import PrefixCache
+from ssmstream.runtime.service import ServiceLimits, SessionService
+from ssmstream.runtime.sessions import SessionStore
+
+V, S = 11, 8  # the toy token model (tests/runtime/conftest.py build_toy): chunk 4
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+@pytest.fixture(scope="module")
+def engine(toy_token_model):
+    return Engine(toy_token_model["model_dir"], device="cpu", threads=1)
+
+
+async def started(engine, **limits) -> SessionService:
+    store = SessionStore(engine.state_size, capacity=64)
+    batcher = Batcher(engine, store, max_batch=8, max_batch_delay=0.0)
+    await batcher.start()
+    kw = {"max_tokens_per_request": 256, "prefix_cache_bytes": 1 << 20, "rewind_window": 16}
+    return SessionService(engine, store, batcher, ServiceLimits(**{**kw, **limits}))
+
+
+def fresh_state(engine, prompt) -> np.ndarray:
+    """The state after `prompt` from zeros, by Engine.prefill alone (no cache, no service)."""
+    _, s = engine.prefill(np.asarray(prompt, np.int64)[None], engine.new_state())
+    return s[0]
+
+
+# --- the cache on its own --------------------------------------------------------------------
+
+
+def test_lookup_is_exact_and_longest():
+    c = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    p = np.arange(10, dtype=np.int64)
+    states = {n: (np.full(S, n, np.float32), np.full(3, n, np.float32)) for n in (4, 8, 10)}
+    assert c.insert("a", p, states) == 3
+    assert c.lookup("a", p).tokens == 10
+    assert c.lookup("a", p[:9]).tokens == 8  # the tail of 9 is not cached: the chunk end is
+    hit = c.lookup("a", np.r_[p[:6], 99, 99])
+    assert hit.tokens == 4 and (hit.state == 4).all() and (hit.output == 4).all()
+    assert c.lookup("a", np.r_[99, p[1:]]).tokens == 0  # the first piece differs
+    assert c.lookup("b", p).tokens == 0  # another scope sees nothing
+    assert c.lookup("a", p, limit=9).tokens == 8
+    hit.state[:] = -1  # a hit is a copy: the cache is not changed through it
+    assert (c.lookup("a", p[:4]).state == 4).all()
+
+
+def test_a_forged_key_collision_does_not_match():
+    """An entry is used only when its stored prefix equals the prompt's: planting another
+    prompt's entry under this prompt's key is not enough."""
+    c = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    p, q = np.arange(4, dtype=np.int64), np.arange(4, dtype=np.int64) + 5
+    c.insert("s", q, {4: (np.ones(S, np.float32), np.ones(3, np.float32))})
+    (entry,) = c._entries.values()
+    ((_, key_p, _),) = list(c._pieces("s", p))
+    c._entries[key_p] = entry  # the key of p now holds q's entry
+    assert c.lookup("s", p).tokens == 0
+
+
+def test_a_later_piece_is_found_without_the_earlier_ones():
+    """A prompt cached only at its end (a prefill graph without chunk-end states) is still
+    found whole; a longer prompt finds prefixes only at its own piece ends."""
+    c = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    p = np.arange(10, dtype=np.int64) % 7
+    c.insert("s", p, {10: (np.ones(S, np.float32), np.ones(3, np.float32))})
+    assert c.lookup("s", p).tokens == 10
+    assert c.lookup("s", np.r_[p, 1, 2]).tokens == 0  # 10 is not a piece end of 12 tokens
+    assert c.lookup("s", p[:8]).tokens == 0
+
+
+def test_eviction_holds_the_byte_limit_least_recently_used_first():
+    one = PrefixCache(1 << 20, 4, "m")
+    one.insert("s", np.arange(4), {4: (np.zeros(S, np.float32), np.zeros(3, np.float32))})
+    size = one.bytes
+    c = PrefixCache(3 * size, chunk=4, model_sha="m")
+    prompts = [np.full(4, i, np.int64) for i in range(5)]
+    for i, p in enumerate(prompts):
+        c.insert("s", p, {4: (np.zeros(S, np.float32), np.zeros(3, np.float32))})
+        if i == 2:
+            assert c.lookup("s", prompts[0]).tokens == 4  # 0 is used: 1 is now the oldest
+        assert c.bytes <= 3 * size
+    assert [c.lookup("s", p).tokens for p in prompts] == [4, 0, 0, 4, 4]
+    assert c.stats()["evictions"] == 2 and c.stats()["entries"] == 3
+
+
+def test_off_caches_nothing():
+    c = PrefixCache(0, 4, "m")
+    assert c.insert("s", np.arange(8), {4: (np.zeros(S), np.zeros(3))}) == 0
+    assert c.lookup("s", np.arange(8)).tokens == 0
+
+
+# --- through the service ---------------------------------------------------------------------
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    shared=st.lists(st.integers(0, V - 1), min_size=0, max_size=14),
+    tails=st.lists(st.lists(st.integers(0, V - 1), min_size=1, max_size=9), min_size=2, max_size=4),
+)
+def test_cached_sessions_equal_fresh_ones(engine, shared, tails):
+    """Prompts sharing a prefix: each session from the cache holds the state a fresh prefill
+    of the whole prompt gives (the same graphs on the same inputs: within the prefill-vs-step
+    parity, 1e-5 here), and the cache served whole chunks of the shared prefix."""
+
+    async def main():
+        svc = await started(engine)
+        for tail in tails:
+            prompt = [*shared, *tail]
+            s, cached = await svc.create("p", prompt=prompt)
+            assert s.position == len(prompt) and cached <= len(prompt)
+            np.testing.assert_allclose(svc.store.read(s), fresh_state(engine, prompt), atol=1e-5)
+        again, cached = await svc.create("p", prompt=[*shared, *tails[0]])
+        assert cached == len(shared) + len(tails[0])  # the whole prompt, the second time
+        assert svc.prefix_cache.stats()["hits"] >= 1
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_principal_never_hits_another_principals_entries(engine):
+    async def main():
+        svc = await started(engine)
+        prompt = list(range(10))
+        _, first = await svc.create("alice", prompt=prompt)
+        _, mine = await svc.create("alice", prompt=prompt)
+        _, theirs = await svc.create("bob", prompt=prompt)
+        assert (first, mine, theirs) == (0, 10, 0)
+        await svc.batcher.close()
+        shared = await started(engine, prefix_cache_scope="global")
+        await shared.create("alice", prompt=prompt)
+        assert (await shared.create("bob", prompt=prompt))[1] == 10
+        await shared.batcher.close()
+
+    run(main())
+
+
+def test_generate_on_a_new_session_uses_the_cache(engine):
+    async def main():
+        svc = await started(engine)
+        prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+        want = list(engine.generate(prompt, max_new_tokens=5, temperature=0.0))
+        for _ in range(2):  # a miss, then a hit of the whole prompt (its last output cached)
+            got = [g.token async for _, g in svc.generate("p", "", prompt, 5, 0.0)]
+            assert got == want
+        assert svc.prefix_cache.stats()["cached_tokens"] == len(prompt)
+        assert len(svc.store) == 0
+        await svc.batcher.close()
+
+    run(main())
+
+
+# --- rewind ------------------------------------------------------------------------------------
+
+
+def test_rewind_to_every_position_in_the_window_equals_the_state_it_had(engine):
+    """A session fed by single steps and prompts of several lengths; after each request its
+    state is read. Rewinding to any position in the window gives that state (bit-identical
+    where the same steps made it, within 1e-5 where a prefill made it), and continuing from
+    there gives the same outputs again."""
+
+    async def main():
+        svc = await started(engine, rewind_window=16)
+        s, _ = await svc.create("p")
+        rng = np.random.default_rng(0)
+        seen = {0: svc.store.read(s)}
+        for n in [1, 1, 6, 1, 1, 1, 9, 1, 1, 2, 1, 5, 1, 1]:
+            x = rng.integers(0, V, n)
+            await svc.step("p", s.id, x)
+            seen[s.position] = svc.store.read(s)
+        top = s.position
+        for target in range(top, top - 17, -1):
+            if target not in seen:
+                continue
+            await svc.rewind("p", s.id, target)
+            assert s.position == target
+            np.testing.assert_allclose(svc.store.read(s), seen[target], atol=1e-5)
+            replay = [p for p in seen if p > target]
+            if not replay:
+                continue
+            x = rng.integers(0, V, 1)
+            y, _ = await svc.step("p", s.id, x)
+            want, _ = engine.step(x, seen[target][None])
+            np.testing.assert_allclose(y, want, atol=1e-5)
+            await svc.rewind("p", s.id, target)  # undo that step too
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_rewind_outside_the_window_is_refused_and_changes_nothing(engine):
+    async def main():
+        svc = await started(engine, rewind_window=8)
+        s, _ = await svc.create("p")
+        for _ in range(20):
+            await svc.step("p", s.id, [1])
+        before = svc.store.read(s)
+        for bad in (20 - 9, 0, 21):
+            with pytest.raises(OutOfRange, match="position"):
+                await svc.rewind("p", s.id, bad)
+            assert s.position == 20
+            np.testing.assert_array_equal(svc.store.read(s), before)
+        await svc.rewind("p", s.id, 12)  # exactly the window back
+        np.testing.assert_allclose(svc.store.read(s), fresh_state(engine, [1] * 12), atol=1e-5)
+        a = svc.attach("p")
+        await a.step(s.id, [2])
+        with pytest.raises(SessionBusy):
+            await svc.rewind("p", s.id, 12)
+        a.detach()
+        off = await started(engine, rewind_window=0)
+        t, _ = await off.create("p")
+        await off.step("p", t.id, [1, 2])
+        with pytest.raises(OutOfRange, match="no rewind history"):
+            await off.rewind("p", t.id, 1)
+        await svc.batcher.close()
+        await off.batcher.close()
+
+    run(main())
+
+
+def test_snapshot_fork_and_restore_of_a_session_with_history(engine):
+    async def main():
+        svc = await started(engine, rewind_window=16)
+        s, _ = await svc.create("p", prompt=list(range(9)))
+        await svc.step("p", s.id, [1])
+        data, position = await svc.snapshot("p", s.id)
+        child = await svc.fork("p", s.id)
+        copy = await svc.restore("p", data)
+        assert position == child.position == copy.position == 10
+        for t in (s, child, copy):  # each rewinds within its own history
+            await svc.step("p", t.id, [2, 3])
+            await svc.rewind("p", t.id, 11)
+            np.testing.assert_allclose(
+                svc.store.read(t), fresh_state(engine, [*range(9), 1, 2]), atol=1e-5
+            )
+        with pytest.raises(OutOfRange):
+            await svc.rewind("p", child.id, 9)  # before the fork: not in the child's history
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_history_bytes_are_bounded_by_the_window():
+    h = History(window=32, chunk=4, position=0, state=np.zeros(S, np.float32))
+    bound = History.max_bytes(32, 4, S, 8)
+    for p in range(1, 500):
+        h.record(np.array([p % V]), p, {p: np.full(S, p, np.float32)})
+        assert h.nbytes <= bound
+    assert h.oldest == 499 - 32
