@@ -294,11 +294,12 @@ class PrefillSSM(nn.Module):
         """
         nmax = self.max_chunks  # a static pad and cut: no shape depends on n_max - n
         E = nn.functional.pad(E, [0, 0, 0, 0, 0, 0, 0, nmax]).narrow(1, 0, nmax)
-        S, states = X0, [X0]
-        for Ej in E.unbind(1):  # n_max × [B, 2, H, N/2]
-            S = cmul(self.Rc, S, 1) + Ej
+        S = X0.unsqueeze(1)  # [B, 1, 2, H, N/2]: the chunk axis kept, no Squeeze/Unsqueeze
+        states = [S]
+        for Ej in E.split(1, dim=1):  # n_max × [B, 1, 2, H, N/2]
+            S = cmul(self.Rc, S, 2) + Ej
             states.append(S)
-        S = torch.stack(states, dim=1)  # [B, n_max + 1, 2, H, N/2]
+        S = torch.cat(states, dim=1)  # [B, n_max + 1, 2, H, N/2]
         return S[:, :n], S[:, n]
 
 
