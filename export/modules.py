@@ -275,13 +275,11 @@ class PrefillSSM(nn.Module):
         else:
             Toep, G, F = self.tables()
             U = uh.reshape(H, Bsz * n, Q * M)  # [H, B·n, Q·M]
-            # one MatMul for both products of U: [Toeplitz | G] -> [y_loc | E]
-            yE = U @ torch.cat([Toep, G], dim=2)  # [H, B·n, Q·P + 2·N/2]
-            y_loc, E = yE[..., : Q * M], yE[..., Q * M :]
+            E = U @ G  # [H, B·n, 2·N/2]: no [Toeplitz | G] product to split
             E = E.reshape(H, Bsz * n, 2, N2).permute(1, 2, 0, 3)  # [B·n, 2, H, N/2]
             starts, X_T = self._carry(E.reshape(Bsz, n, 2, H, N2), X0, n)
             Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
-            y = y_loc + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
+            y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
         y = y.reshape(H, Bsz * T, M).transpose(0, 1)  # [B·T, H, P]
         return y.reshape(Bsz, T, H * M) + u * self.D, X_T
 
@@ -303,6 +301,30 @@ class PrefillSSM(nn.Module):
         return S[:, :n], S[:, n]
 
 
+class _GLU(nn.Module):
+    """Linear(D, 2D) + GLU as two Linear(D, D): a·σ(b) without splitting a [.., 2D] tensor."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        D = lin.out_features // 2
+        self.a, self.b = nn.Linear(lin.in_features, D), nn.Linear(lin.in_features, D)
+        with torch.no_grad():
+            for half, part in zip((self.a, self.b), (slice(0, D), slice(D, 2 * D))):
+                half.weight.copy_(lin.weight[part])
+                half.bias.copy_(lin.bias[part])
+        self.to(lin.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a(x) * torch.sigmoid(self.b(x))
+
+
+def _split_glu(out: nn.Module) -> nn.Module:
+    """A block's Out with a GLU as `_GLU`; a plain Linear as is."""
+    if isinstance(out, nn.Sequential) and isinstance(out[-1], nn.GLU):
+        return _GLU(out[0])
+    return out
+
+
 class _Trunk(nn.Module):
     """The per-time-step parts of the network (encoder, blocks' norm/mix, final norm, head)."""
 
@@ -314,7 +336,7 @@ class _Trunk(nn.Module):
         src = copy.deepcopy(net).eval().to(dtype)
         self.encoder, self.norm, self.head = src.encoder, src.norm, src.head
         self.norms = nn.ModuleList(b.norm for b in src.blocks)
-        self.outs = nn.ModuleList(b.out for b in src.blocks)
+        self.outs = nn.ModuleList(_split_glu(b.out) for b in src.blocks)
         self.layout = net.state_layout()
 
     def encode(self, inp: Tensor) -> Tensor:
