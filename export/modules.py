@@ -30,6 +30,14 @@ big product is one batched MatMul over the H heads [H, B·n, ·] @ [H, ·, ·]:
 The big per-layer tables are computed inside the graph from [H, N/2] parameters, so the
 file stays small; onnxruntime's constant folding computes them once at session start.
 T may be any multiple of Q up to Q·n_max (manifest graphs.prefill.max_len).
+The trunk runs on [B·T, D] rows; a SISO layer hands its output over channels first
+([D, B·T], the layout of its per-head MatMuls), and the block's Out reads it transposed
+(onnxruntime folds that Transpose into the Gemm). A GLU is two Linear(D, D), so no
+[B·T, 2D] tensor is split. Other forms, measured on this project's CPU (2 cores,
+onnxruntime 1.31), were slower: onnxruntime's DFT takes ~12 ms for one layer's forward
+transform alone (H = 128, 2T = 2048); a grouped Conv with a T-tap kernel ~26 ms a layer; a
+log-depth doubling carry more than the unrolled one (O(n log n) elementwise work, and
+elementwise ops are bandwidth-bound here); Q = 32 is no faster than Q = 64.
 
 Dimension letters: B batch, T length, D d_model, H heads, M head width (= P outputs),
 N state (N/2 complex modes, written n), Q chunk length, S packed state.
@@ -208,6 +216,7 @@ class PrefillSSM(nn.Module):
             self.register_buffer("lC", torch.log(Ct.abs().clamp_min(1e-30)).float())
             self.register_buffer("phC", torch.angle(Ct).float())  # [H, N/2, 1, P]
         self.register_buffer("D", ssm.D.detach().float().clone())  # [D]
+        self.register_buffer("Dc", self.D.unsqueeze(-1).clone())  # [D, 1]
 
     def powers(self) -> tuple[Tensor, Tensor]:
         """dA^k for k = 0..Q: (re, im), each [H, N/2, Q+1] (computed in the graph)."""
@@ -280,8 +289,10 @@ class PrefillSSM(nn.Module):
             starts, X_T = self._carry(E.reshape(Bsz, n, 2, H, N2), X0, n)
             Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
             y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
+        if M == 1:  # SISO: channels first, the block's Out reads it transposed
+            return y.reshape(H, Bsz * T) + uh.reshape(H, Bsz * T) * self.Dc, X_T  # [D, B·T]
         y = y.reshape(H, Bsz * T, M).transpose(0, 1)  # [B·T, H, P]
-        return y.reshape(Bsz, T, H * M) + u * self.D, X_T
+        return y.reshape(Bsz * T, H * M) + u.reshape(Bsz * T, H * M) * self.D, X_T
 
     def _carry(self, E: Tensor, X0: Tensor, n) -> tuple[Tensor, Tensor]:
         """S_0 = x₀, S_{j+1} = dA^Q S_j + E_j, unrolled n_max times on [B, 2, H, N/2] blocks.
@@ -410,9 +421,15 @@ class PrefillGraph(nn.Module):
     def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         tr = self.trunk
         z = tr.encode(input)  # [B, T, D]
+        Bsz, T = z.shape[0], z.shape[1]
+        z = z.reshape(Bsz * T, -1)  # [B·T, D]: 2-D, so a transposed operand folds into MatMul
         outs = []
         for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state))):
-            y, X = ssm(tr.norms[i](z).float(), X)  # [B, T, D], [B, 2, H, N/2]
-            z = tr.mix(i, z, y)
+            u = tr.norms[i](z).float().reshape(Bsz, T, -1)  # [B, T, D]
+            y, X = ssm(u, X)  # [D, B·T] (SISO) | [B·T, D], [B, 2, H, N/2]
+            if ssm.M == 1:
+                z = z + tr.outs[i](nn.functional.gelu(y.to(tr.dtype)).transpose(0, 1))
+            else:
+                z = tr.mix(i, z, y)
             outs.append(X)
-        return tr.output(z), tr.join_state(outs)
+        return tr.output(z).reshape(Bsz, T, -1), tr.join_state(outs)
