@@ -2,8 +2,9 @@
 
     python benchmarks/bench_export.py [--out benchmarks/results] [--quick]
 
-One run measures, on this machine, for one exported model (default: the issue's probe size,
-tokens, d_model 256, 4 layers, d_state 128 = 64 complex modes per channel, SISO, fp32):
+One run measures, on this machine, for one exported model (default: the probe model,
+tokens, d_model 256, 4 layers, d_state 128 = 64 complex modes per channel, SISO, fp32), and
+for the shipped checkpoint (examples/checkpoints/byte-lm, sections 2 and 5):
 
 1. step latency, ORT step graph vs torch eager `SSMNetwork.step`, at B = 1 and B = 64; each
    timed in its own process (a process that also ran torch slows ORT down);
@@ -12,7 +13,14 @@ tokens, d_model 256, 4 layers, d_state 128 = 64 complex modes per channel, SISO,
 3. per-token cost at stream position L = 256 … 65 536: one recurrent step (flat) vs
    recomputing the convolution-mode forward over the prefix (growing);
 4. a small sweep of onnxruntime session options for the B = 1 step (what
-   `ssmstream.runtime.providers.session_options` picks).
+   `ssmstream.runtime.providers.session_options` picks);
+5. time to first token for a 1024-token prompt through the gRPC server (a subprocess):
+   unary `Step` with the T tokens (last logits back) and `Generate` (first token back), next
+   to the in-process `Engine.prefill` of the same prompt, interleaved round by round.
+
+Targets, each named by what it measures: prefill T = 1024 in one call ≥ 20× 1024 × the
+median isolated ORT step (B = 1, its own process); parity of prefill vs steps ≤ 1e-4;
+time to first token through gRPC ≤ 1.5× the in-process prefill.
 
 Writes bench_export.json, bench_export.md (tables) and bench_export.png (plots). Timings are
 medians; the machine's load average is recorded because the CPUs may be shared.
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -270,12 +279,103 @@ def worker_recompute(a) -> dict:
     return {**out, "threads": torch.get_num_threads(), "recompute_max": a.recompute_max}
 
 
+def worker_ttft(a) -> dict:
+    """Time to first token of a T-token prompt: in-process Engine.prefill vs the gRPC server.
+
+    The server runs in a subprocess (`python -m ssmstream.runtime.server`, its defaults);
+    each round times, one after the other, the in-process prefill (`Engine.prefill` of the
+    prompt from a new state, the last logits), a unary `Step` with the T tokens on a new
+    session (last logits back; the session is created before and closed after the timed
+    call), and `Generate` with max_new_tokens = 1 (until its first response arrives).
+    """
+    import numpy as np
+    from ssmstream.runtime import Engine
+    from ssmstream.runtime.client import Client
+
+    d = Path(a.model_dir)
+    m = json.loads((d / "manifest.json").read_text())
+    rng = np.random.default_rng(4)
+    prompt = _tokens(m, (1, a.T), rng)
+    eng = Engine(d, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port.json"
+        log_path = Path(tmp) / "server.log"
+        cmd = [sys.executable, "-m", "ssmstream.runtime.server", str(d), "--port", "0"]
+        cmd += ["--port-file", str(port_file), "--device", "cpu", "--log-level", "WARNING"]
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 120
+                while not port_file.is_file():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"server failed to start:\n{log_path.read_text()}")
+                    time.sleep(0.05)
+                port = json.loads(port_file.read_text())["port"]
+                with Client(f"127.0.0.1:{port}") as client:
+                    out = _ttft_rounds(eng, client, prompt, a.repeat)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    return {"T": a.T, **out}
+
+
+def _ttft_rounds(eng, client, prompt, rounds: int) -> dict:
+    """Interleaved rounds of (in-process prefill, gRPC Step, gRPC Generate); see worker_ttft."""
+    tokens = [int(t) for t in prompt[0]]
+    t_in, t_step, t_gen = [], [], []
+
+    def in_process():
+        out, _ = eng.prefill(prompt, eng.new_state(1))
+        return out[0, -1]
+
+    def step():
+        sess = client.create_session()
+        t0 = time.perf_counter()
+        r = sess.step(tokens=tokens, output="last")
+        dt = time.perf_counter() - t0
+        sess.close()
+        return dt, r
+
+    def generate():
+        t0 = time.perf_counter()
+        it = client.generate(tokens, max_new_tokens=1, temperature=0.0)
+        next(it)
+        dt = time.perf_counter() - t0
+        it.close()
+        return dt
+
+    for _ in range(3):  # warm up every path (sessions, thread pools, channel)
+        in_process(), step(), generate()
+    for _ in range(rounds):
+        t_in += _timeit(in_process, 1, warmup=0)
+        time.sleep(0.02)  # let the in-process thread pool stop spinning before the server runs
+        t_step.append(step()[0])
+        t_gen.append(generate())
+        time.sleep(0.02)
+    ref = in_process()
+    got = step()[1]
+    err = float(abs(ref - got.outputs.reshape(ref.shape)).max() / abs(ref).max())
+    med = statistics.median
+    return {
+        "in_process_prefill": _ms(t_in),
+        "grpc_step": _ms(t_step),
+        "grpc_generate": _ms(t_gen),
+        "step_ratio": med(t_step) / med(t_in),
+        "generate_ratio": med(t_gen) / med(t_in),
+        "grpc_step_rel_err": err,
+    }
+
+
 WORKERS = {
     "ort_step": worker_ort_step,
     "torch_step": worker_torch_step,
     "prefill": worker_prefill,
     "stream": worker_stream,
     "recompute": worker_recompute,
+    "ttft": worker_ttft,
 }
 
 
@@ -331,6 +431,63 @@ def build_model(args, work: Path) -> tuple[Path, Path, float]:
     t0 = time.perf_counter()
     model = export_model(ckpt, work / "model", chunk=args.chunk, name="bench")
     return ckpt, model, time.perf_counter() - t0
+
+
+def shipped_model(ckpt: Path, work: Path, repeat: int, ttft_rounds: int) -> dict:
+    """Export a shipped checkpoint and measure its step, prefill and time to first token."""
+    from ssmstream.export import export_model
+
+    t0 = time.perf_counter()
+    model = export_model(ckpt, work / "shipped", name=ckpt.name, overwrite=True)
+    export_s = time.perf_counter() - t0
+    m = json.loads((model / "manifest.json").read_text())
+    common = dict(model_dir=model, ckpt=ckpt)
+    steps = [run_worker("ort_step", **common, batch=[1], repeat=repeat) for _ in range(2)]
+    return {
+        "checkpoint": str(ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt),
+        "model": m["model"],
+        "state_size": m["state_size"],
+        "export_s": export_s,
+        "parity_passed": m["parity"]["passed"],
+        "parity": m["parity"],
+        "step": min(steps, key=lambda r: r["batch"]["1"]["median_ms"]),
+        "prefill": run_worker("prefill", **common, T=1024, repeat=5),
+        "ttft": run_worker("ttft", **common, T=1024, repeat=ttft_rounds),
+    }
+
+
+def targets(res: dict) -> list[dict]:
+    """Each target by what it measures, its value, and whether this run met it."""
+    rows = []
+    models = [("probe model", res)] + (
+        [("shipped model", res["shipped"])] if "shipped" in res else []
+    )
+    for name, r in models:
+        p, T = r["prefill"], r["prefill"]["T"]
+        step = r["step"]["ort"]["batch"]["1"] if "ort" in r["step"] else r["step"]["batch"]["1"]
+        ratio = T * step["median_ms"] / p["prefill"]["median_ms"]
+        rows.append({
+            "measures": f"{name}: prefill T = {T} (one call) vs {T} × the median isolated "
+            "ORT step (B = 1, own process)",
+            "value": ratio, "target": 20.0, "met": ratio >= 20,
+        })  # fmt: skip
+        par = r["parity"]
+        err = max(par["prefill_vs_step"]["max_rel_output"], par["prefill_vs_step"]["max_rel_state"])
+        err = max(err, par["step_vs_torch"]["max_rel"])
+        rows.append({
+            "measures": f"{name}: parity, max rel error (ORT step vs torch convolution, "
+            "prefill vs step)",
+            "value": err, "target": 1e-4, "met": err <= 1e-4,
+        })  # fmt: skip
+        if "ttft" in r:
+            for rpc in ("step", "generate"):
+                v = r["ttft"][f"{rpc}_ratio"]
+                rows.append({
+                    "measures": f"{name}: time to first token, gRPC {rpc.capitalize()} with "
+                    f"{r['ttft']['T']} tokens vs in-process prefill",
+                    "value": v, "target": 1.5, "met": v <= 1.5,
+                })  # fmt: skip
+    return rows
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -406,6 +563,19 @@ def write_markdown(res: dict, path: Path) -> None:
         skip = f"not run (> {rc['recompute_max']:,}: O(H·N·L) memory)"
         c = f"{c['median_ms']:.1f}" if c else skip
         lines.append(f"| {int(L):,} | {a:.3f} | {b:.1f} | {c} |")
+    lines += ttft_lines("probe model", res)
+    if "shipped" in res:
+        lines += shipped_lines(res["shipped"])
+    if "targets" in res:
+        lines += ["", "## Targets (this run)", "", "| measures | value | target | met |"]
+        lines.append("|---|---|---|---|")
+        for t in res["targets"]:
+            fmt = "{:.1e}" if t["target"] < 1 else "{:.2f}×"
+            bound = ("≤ " if t["target"] < 2 else "≥ ") + fmt.format(t["target"])
+            lines.append(
+                f"| {t['measures']} | {fmt.format(t['value'])} | {bound} | "
+                f"{'met' if t['met'] else 'NOT met'} |"
+            )
     lines += [
         "",
         "## ORT session options, step at B = 1",
@@ -420,6 +590,65 @@ def write_markdown(res: dict, path: Path) -> None:
         )
     lines.append("")
     path.write_text("\n".join(lines))
+
+
+def ttft_lines(name: str, r: dict) -> list[str]:
+    """The time-to-first-token table of one model's result (none when it was not measured)."""
+    if "ttft" not in r:
+        return []
+    t = r["ttft"]
+    ref = t["in_process_prefill"]["median_ms"]
+    lines = [
+        "",
+        f"## Time to first token, {t['T']}-token prompt, {name} (B = 1, median of "
+        f"{t['in_process_prefill']['n']} interleaved rounds)",
+        "",
+        "| path | median (ms) | p90 (ms) | vs in-process prefill |",
+        "|---|---|---|---|",
+        f"| in-process `Engine.prefill` | {ref:.1f} | {t['in_process_prefill']['p90_ms']:.1f} "
+        "| 1.00× |",
+    ]
+    for key, label in (("grpc_step", "gRPC `Step` (T tokens, last logits)"),
+                       ("grpc_generate", "gRPC `Generate` (first token)")):  # fmt: skip
+        v = t[key]
+        lines.append(
+            f"| {label} | {v['median_ms']:.1f} | {v['p90_ms']:.1f} | {v['median_ms'] / ref:.2f}× |"
+        )
+    lines.append("")
+    lines.append(
+        f"Last logits through `Step` vs in-process (max rel): {t['grpc_step_rel_err']:.1e}."
+    )
+    return lines
+
+
+def shipped_lines(r: dict) -> list[str]:
+    """Prefill vs steps and time to first token of the shipped checkpoint."""
+    p, mc = r["prefill"], r["model"]
+    step = r["step"]["batch"]["1"]["median_ms"]
+    lines = [
+        "",
+        f"## Shipped model `{r['checkpoint']}`: prefill T = {p['T']} vs {p['T']} steps (B = 1)",
+        "",
+        f"Model: vocab {mc['vocab_size']}, d_model {mc['d_model']}, {mc['n_layers']} layers, "
+        f"d_state {mc['d_state']}; S = {r['state_size']:,} floats. Export took "
+        f"{r['export_s']:.0f} s (parity: {'passed' if r['parity_passed'] else 'FAILED'}).",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| prefill, one call | {p['prefill']['median_ms']:.1f} ms |",
+        f"| {p['T']} sequential steps (interleaved with the prefill runs) | "
+        f"{p['steps']['median_ms']:.1f} ms ({p['speedup']:.1f}×) |",
+        f"| isolated ORT step, B = 1 (own process) | {step:.3f} ms |",
+        f"| {p['T']} × the isolated step | {p['T'] * step:.1f} ms "
+        f"({p['T'] * step / p['prefill']['median_ms']:.1f}×) |",
+        f"| final state, prefill vs steps (max rel) | {p['state_rel_err_prefill_vs_steps']:.1e} |",
+        f"| prefill.onnx / step.onnx | {p['file_mb']['prefill']:.1f} MB / "
+        f"{p['file_mb']['step']:.1f} MB |",
+        f"| nodes prefill / step | {p['nodes']['prefill']} / {p['nodes']['step']} |",
+        f"| session start prefill / step | {p['prefill_session_start_s']:.2f} s / "
+        f"{p['step_session_start_s']:.2f} s |",
+    ]
+    return lines + ttft_lines("shipped model", r)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -490,6 +719,11 @@ def main(argv: list[str] | None = None) -> int:
         default=16384,
         help="longest prefix the torch conv forward is timed on (its kernel is O(H·N·L) memory)",
     )
+    ap.add_argument(
+        "--shipped",
+        default=str(ROOT / "examples" / "checkpoints" / "byte-lm"),
+        help="checkpoint also measured for prefill vs steps and time to first token ('' skips)",
+    )
     ap.add_argument("--reuse", action="store_true", help="reuse the model in --work if present")
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite .md/.png from --out's bench_export.json"
@@ -503,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         a.d_model, a.n_layers, a.d_state, a.vocab = 32, 2, 16, 64
     positions = [256, 1024, 4096] if a.quick else POSITIONS
     repeat = 200 if a.quick else 2000
+    ttft_rounds = 5 if a.quick else 20
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.report_only:
@@ -564,6 +799,13 @@ def main(argv: list[str] | None = None) -> int:
         print("prefill vs steps ...", flush=True)
         res["prefill"] = run_worker("prefill", **common, T=1024, repeat=5)
         save()
+        print("time to first token through gRPC ...", flush=True)
+        res["ttft"] = run_worker("ttft", **common, T=1024, repeat=ttft_rounds)
+        save()
+        if a.shipped:
+            print(f"shipped model {a.shipped}: export, step, prefill, time to first token ...")
+            res["shipped"] = shipped_model(Path(a.shipped), work, repeat, ttft_rounds)
+            save()
         print("per-token cost vs position ...", flush=True)
         res["position"] = {
             "stream": run_worker("stream", **common, positions=positions),
@@ -572,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         res["load_after"] = os.getloadavg()
+        res["targets"] = targets(res)
         partial.unlink(missing_ok=True)
     (out / "bench_export.json").write_text(json.dumps(res, indent=2) + "\n")
     write_markdown(res, out / "bench_export.md")

@@ -30,6 +30,14 @@ big product is one batched MatMul over the H heads [H, B·n, ·] @ [H, ·, ·]:
 The big per-layer tables are computed inside the graph from [H, N/2] parameters, so the
 file stays small; onnxruntime's constant folding computes them once at session start.
 T may be any multiple of Q up to Q·n_max (manifest graphs.prefill.max_len).
+The trunk runs on [B·T, D] rows; a SISO layer hands its output over channels first
+([D, B·T], the layout of its per-head MatMuls), and the block's Out reads it transposed
+(onnxruntime folds that Transpose into the Gemm). A GLU is two Linear(D, D), so no
+[B·T, 2D] tensor is split. Other forms, measured on this project's CPU (2 cores,
+onnxruntime 1.31), were slower: onnxruntime's DFT takes ~12 ms for one layer's forward
+transform alone (H = 128, 2T = 2048); a grouped Conv with a T-tap kernel ~26 ms a layer; a
+log-depth doubling carry more than the unrolled one (O(n log n) elementwise work, and
+elementwise ops are bandwidth-bound here); Q = 32 is no faster than Q = 64.
 
 Dimension letters: B batch, T length, D d_model, H heads, M head width (= P outputs),
 N state (N/2 complex modes, written n), Q chunk length, S packed state.
@@ -208,6 +216,7 @@ class PrefillSSM(nn.Module):
             self.register_buffer("lC", torch.log(Ct.abs().clamp_min(1e-30)).float())
             self.register_buffer("phC", torch.angle(Ct).float())  # [H, N/2, 1, P]
         self.register_buffer("D", ssm.D.detach().float().clone())  # [D]
+        self.register_buffer("Dc", self.D.unsqueeze(-1).clone())  # [D, 1]
 
     def powers(self) -> tuple[Tensor, Tensor]:
         """dA^k for k = 0..Q: (re, im), each [H, N/2, Q+1] (computed in the graph)."""
@@ -275,15 +284,15 @@ class PrefillSSM(nn.Module):
         else:
             Toep, G, F = self.tables()
             U = uh.reshape(H, Bsz * n, Q * M)  # [H, B·n, Q·M]
-            # one MatMul for both products of U: [Toeplitz | G] -> [y_loc | E]
-            yE = U @ torch.cat([Toep, G], dim=2)  # [H, B·n, Q·P + 2·N/2]
-            y_loc, E = yE[..., : Q * M], yE[..., Q * M :]
+            E = U @ G  # [H, B·n, 2·N/2]: no [Toeplitz | G] product to split
             E = E.reshape(H, Bsz * n, 2, N2).permute(1, 2, 0, 3)  # [B·n, 2, H, N/2]
             starts, X_T = self._carry(E.reshape(Bsz, n, 2, H, N2), X0, n)
             Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
-            y = y_loc + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
+            y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
+        if M == 1:  # SISO: channels first, the block's Out reads it transposed
+            return y.reshape(H, Bsz * T) + uh.reshape(H, Bsz * T) * self.Dc, X_T  # [D, B·T]
         y = y.reshape(H, Bsz * T, M).transpose(0, 1)  # [B·T, H, P]
-        return y.reshape(Bsz, T, H * M) + u * self.D, X_T
+        return y.reshape(Bsz * T, H * M) + u.reshape(Bsz * T, H * M) * self.D, X_T
 
     def _carry(self, E: Tensor, X0: Tensor, n) -> tuple[Tensor, Tensor]:
         """S_0 = x₀, S_{j+1} = dA^Q S_j + E_j, unrolled n_max times on [B, 2, H, N/2] blocks.
@@ -294,12 +303,37 @@ class PrefillSSM(nn.Module):
         """
         nmax = self.max_chunks  # a static pad and cut: no shape depends on n_max - n
         E = nn.functional.pad(E, [0, 0, 0, 0, 0, 0, 0, nmax]).narrow(1, 0, nmax)
-        S, states = X0, [X0]
-        for Ej in E.unbind(1):  # n_max × [B, 2, H, N/2]
-            S = cmul(self.Rc, S, 1) + Ej
+        S = X0.unsqueeze(1)  # [B, 1, 2, H, N/2]: the chunk axis kept, no Squeeze/Unsqueeze
+        states = [S]
+        for Ej in E.split(1, dim=1):  # n_max × [B, 1, 2, H, N/2]
+            S = cmul(self.Rc, S, 2) + Ej
             states.append(S)
-        S = torch.stack(states, dim=1)  # [B, n_max + 1, 2, H, N/2]
+        S = torch.cat(states, dim=1)  # [B, n_max + 1, 2, H, N/2]
         return S[:, :n], S[:, n]
+
+
+class _GLU(nn.Module):
+    """Linear(D, 2D) + GLU as two Linear(D, D): a·σ(b) without splitting a [.., 2D] tensor."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        D = lin.out_features // 2
+        self.a, self.b = nn.Linear(lin.in_features, D), nn.Linear(lin.in_features, D)
+        with torch.no_grad():
+            for half, part in zip((self.a, self.b), (slice(0, D), slice(D, 2 * D))):
+                half.weight.copy_(lin.weight[part])
+                half.bias.copy_(lin.bias[part])
+        self.to(lin.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a(x) * torch.sigmoid(self.b(x))
+
+
+def _split_glu(out: nn.Module) -> nn.Module:
+    """A block's Out with a GLU as `_GLU`; a plain Linear as is."""
+    if isinstance(out, nn.Sequential) and isinstance(out[-1], nn.GLU):
+        return _GLU(out[0])
+    return out
 
 
 class _Trunk(nn.Module):
@@ -313,7 +347,7 @@ class _Trunk(nn.Module):
         src = copy.deepcopy(net).eval().to(dtype)
         self.encoder, self.norm, self.head = src.encoder, src.norm, src.head
         self.norms = nn.ModuleList(b.norm for b in src.blocks)
-        self.outs = nn.ModuleList(b.out for b in src.blocks)
+        self.outs = nn.ModuleList(_split_glu(b.out) for b in src.blocks)
         self.layout = net.state_layout()
 
     def encode(self, inp: Tensor) -> Tensor:
@@ -387,9 +421,15 @@ class PrefillGraph(nn.Module):
     def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         tr = self.trunk
         z = tr.encode(input)  # [B, T, D]
+        Bsz, T = z.shape[0], z.shape[1]
+        z = z.reshape(Bsz * T, -1)  # [B·T, D]: 2-D, so a transposed operand folds into MatMul
         outs = []
         for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state))):
-            y, X = ssm(tr.norms[i](z).float(), X)  # [B, T, D], [B, 2, H, N/2]
-            z = tr.mix(i, z, y)
+            u = tr.norms[i](z).float().reshape(Bsz, T, -1)  # [B, T, D]
+            y, X = ssm(u, X)  # [D, B·T] (SISO) | [B·T, D], [B, 2, H, N/2]
+            if ssm.M == 1:
+                z = z + tr.outs[i](nn.functional.gelu(y.to(tr.dtype)).transpose(0, 1))
+            else:
+                z = tr.mix(i, z, y)
             outs.append(X)
-        return tr.output(z), tr.join_state(outs)
+        return tr.output(z).reshape(Bsz, T, -1), tr.join_state(outs)
