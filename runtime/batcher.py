@@ -26,6 +26,14 @@ Rules:
   while the rest of the batch runs. It hands a job to the worker through a queue
   and gets the results back in one `call_soon_threadsafe` callback, which also starts the
   next job: no scheduler task wakes up in between.
+- A lone stream skips the worker (`inline`): while no other session is active and nothing
+  is queued or running, its step runs on the event loop, through the same `_run_steps`,
+  without the hop to the worker and back (a queue put, a thread wake-up, a callback through
+  the loop's self-pipe). The step of the session that is already the only active one runs
+  as soon as it arrives (no future, no scheduler pass); any other batch of one step with
+  no other session active runs in the scheduler pass, so requests that arrive together
+  are still batched. Either holds the loop for one B = 1 step, which that stream would
+  have waited for anyway.
 - A request applies fully or not at all: inputs are validated before queueing; if the
   session is closed or evicted before its step commits, or onnxruntime fails, its state and
   position are unchanged and the request raises. A request cancelled while still queued is
@@ -67,7 +75,7 @@ log = logging.getLogger(__name__)
 class _Request:
     session: Session
     inputs: np.ndarray  # [T] tokens | [T, d_in] values, validated
-    future: asyncio.Future
+    future: asyncio.Future | None  # None: run inline, the caller gets the result directly
     enqueued: float = 0.0
     delivered: bool = False  # its result was handed back before its job ended
     states: dict | None = None  # a prefill's {t: state after t inputs [S]}, when asked for
@@ -80,7 +88,8 @@ class _Request:
 
 @dataclass
 class BatcherStats:
-    """Counters since start: ORT calls, steps and prefills run, requests failed."""
+    """Counters since start: ORT calls, steps and prefills run (`inline`: of those steps, run
+    on the event loop), requests failed."""
 
     batches: int = 0
     steps: int = 0
@@ -88,6 +97,7 @@ class BatcherStats:
     prefill_inputs: int = 0
     failed: int = 0
     cancelled: int = 0
+    inline: int = 0
     busy_seconds: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
@@ -109,6 +119,7 @@ class Batcher:
             (None: max(20 × max_batch_delay, 10 ms)).
         in_place: write new states straight into the store's slab where the engine
             (`Engine.in_place`) and the store (`SessionStore.lend_rows`) allow it.
+        inline: run a lone stream's steps on the event loop (see the module docstring).
     """
 
     def __init__(
@@ -120,6 +131,7 @@ class Batcher:
         max_queue_per_session: int = 64,
         activity_window: float | None = None,
         in_place: bool = True,
+        inline: bool = True,
     ):
         if (
             isinstance(max_batch, bool)
@@ -146,6 +158,7 @@ class Batcher:
             max(20 * self.max_batch_delay, 0.01) if activity_window is None else activity_window
         )
         self.in_place = bool(in_place) and engine.in_place
+        self.inline = bool(inline)
         self.stats = BatcherStats()
         self._listeners: list[Callable[[int, float], None]] = []
         self._steps: deque[_Request] = deque()  # ready T = 1 requests, one per session
@@ -232,15 +245,40 @@ class Batcher:
                 f"session {s.id!r} is at position {s.position}; {x.shape[0]} more inputs pass "
                 f"the largest position, 2**63 - 1",
             )
-        loop = asyncio.get_running_loop()
-        req = _Request(s, x, loop.create_future(), loop.time(), states=states)
-        outputs, position = await self._enqueue(req)
+        loop = self._loop
+        now = loop.time()
+        if (
+            self.inline
+            and not self._busy  # nothing queued or running: the worker's buffers are free
+            and x.shape[0] == 1
+            and self._job is None
+            and self._active(now) == 1
+            and s.id in self._recent  # the one active session already
+        ):
+            outputs, position = self._step_inline(s, x, now)
+        else:
+            req = _Request(s, x, loop.create_future(), now, states=states)
+            outputs, position = await self._enqueue(req)
         if not np.isfinite(outputs).all():
             raise CorruptState(
                 f"session {s.id!r}: the model's outputs up to position {position} are NaN or "
                 f"inf; its state is unusable (close it, or restore a good snapshot)"
             )
         return outputs, position
+
+    def _step_inline(self, s: Session, x: np.ndarray, now: float) -> tuple[np.ndarray, int]:
+        """A lone stream's step, run at once (see `inline`): its (outputs, position)."""
+        req = _Request(s, x, None, now)
+        self._recent[s.id] = now
+        self.store.pin(s)
+        try:
+            (result,) = self._run_inline([req], self._run_steps)
+        finally:
+            self.store.unpin(s)
+        if isinstance(result, BaseException):
+            self.stats.failed += 1
+            raise result
+        return result
 
     async def rewind(self, s: Session, position: int) -> int:
         """Return a session to an earlier position from its History (runtime/history.py): in
@@ -332,6 +370,10 @@ class Batcher:
                     batch = self._take_steps()
                     if batch:
                         self._prefill_turn = True
+                        if self.inline and len(batch) == 1 and self._lone(batch[0]):
+                            results = self._run_inline(batch, self._run_steps)
+                            self._hand_back(list(zip(batch, results)))
+                            continue  # its session's next request may be ready now
                         self._submit(batch, self._run_steps)
                         return
                     continue  # every one was cancelled
@@ -345,6 +387,22 @@ class Batcher:
         except Exception:  # a bug here must not hang every client: fail what is queued
             log.exception("batcher scheduler failed; failing queued requests")
             self._fail_queued()
+
+    def _lone(self, req: _Request) -> bool:
+        """True when `req`'s session is the only active one (see `_active`)."""
+        return self._active(self._loop.time()) <= 1 and req.session.id in self._recent
+
+    def _run_inline(self, reqs: list[_Request], job: Callable) -> list:
+        """Run a job on the event loop, as the worker would, and count it; returns a
+        result or exception per request."""
+        self.stats.inline += len(reqs)
+        t0 = time.perf_counter()
+        try:
+            results = job(reqs)
+        except Exception as e:
+            log.exception("engine job failed")
+            results = e
+        return self._account(reqs, job, results, time.perf_counter() - t0)
 
     def _on_deadline(self) -> None:
         self._timer = None
@@ -390,6 +448,12 @@ class Batcher:
             self._pump()
 
     def _deliver(self, reqs: list[_Request], job: Callable, results, seconds: float) -> None:
+        results = self._account(reqs, job, results, seconds)
+        self._hand_back([(r, x) for r, x in zip(reqs, results) if not r.delivered])
+
+    def _account(self, reqs: list[_Request], job: Callable, results, seconds: float) -> list:
+        """Count a job that ran in the stats and tell the listeners; returns its result or
+        exception per request (a job that failed as a whole fails each)."""
         if isinstance(results, Exception):  # the job itself failed: nothing was committed
             e = results
             err = e if isinstance(e, EngineFailure) else EngineFailure(f"batch failed: {e}")
@@ -403,12 +467,12 @@ class Batcher:
         else:
             st.prefills += 1
             st.prefill_inputs += reqs[0].T
-        self._hand_back([(r, x) for r, x in zip(reqs, results) if not r.delivered])
         for callback in self._listeners:
             try:
                 callback(len(reqs), seconds)
             except Exception:  # a metrics hook must not break serving
                 log.exception("batch listener %r failed", callback)
+        return results
 
     def _hand_back(self, items: list[tuple[_Request, object]]) -> None:
         """Resolve each request's future with its result (or exception); start its next."""
@@ -463,8 +527,10 @@ class Batcher:
                 except RuntimeError:  # the event loop is closed: nobody waits for these
                     pass
             results.update(done)
-        for r in reqs:  # closed before its step ran
-            results.setdefault(r, SessionNotFound(r.session.id, "closed"))
+        if len(results) < len(reqs):
+            for r in reqs:  # closed before its step ran
+                if r not in results:
+                    results[r] = SessionNotFound(r.session.id, "closed")
         return [results[r] for r in reqs]
 
     def _step_part(self, part: list[_Request]) -> dict:

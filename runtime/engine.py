@@ -52,7 +52,7 @@ import onnxruntime as ort
 from .errors import EngineFailure, InvalidInput, ModelError
 from .generation import GenerateConfig, Generation
 from .manifest import load_manifest
-from .providers import CudaOptions, cuda_usable, session_options, trim_heap
+from .providers import STEP_THREADS, CudaOptions, cuda_usable, session_options, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,11 @@ class Engine:
     Args:
         model_dir: directory with manifest.json, step.onnx and (optionally) prefill.onnx.
         device: "auto" (CUDA when usable, else CPU), "cpu" or "cuda" (an error when not usable).
-        threads: onnxruntime intra-op threads (None: all cores of this process).
+        threads: onnxruntime intra-op threads of the prefill graph (None: all cores of this
+            process).
+        step_threads: intra-op threads of the step graph (None: `STEP_THREADS`, i.e. the
+            calling thread alone: a step is ~100 small kernels, more threads only add
+            synchronization). No pool spins while idle (providers.py).
         cuda_options: CudaOptions or a dict of its fields (e.g. {"device_id": 0}); checked
             even when CUDA is not used.
         check_sha: verify each graph file against the manifest's sha256.
@@ -167,13 +171,15 @@ class Engine:
         threads: int | None = None,
         cuda_options: CudaOptions | dict | None = None,
         check_sha: bool = True,
+        step_threads: int | None = None,
     ):
         if device not in DEVICES:
             raise InvalidInput("device", f"must be one of {DEVICES}, got {device!r}")
-        if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-        ):
-            raise InvalidInput("threads", f"must be a positive integer or None, got {threads!r}")
+        for name, value in (("threads", threads), ("step_threads", step_threads)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise InvalidInput(name, f"must be a positive integer or None, got {value!r}")
         self.cuda_options = CudaOptions.parse(cuda_options)
         self.model_dir = Path(model_dir)
         m = self.manifest = load_manifest(self.model_dir, check_sha=check_sha)
@@ -186,7 +192,7 @@ class Engine:
         self._check_manifest()
 
         providers = self._providers(device, "step")
-        opts = session_options(threads)
+        opts = session_options(step_threads or STEP_THREADS)
         graphs = m["graphs"]
         try:
             self._step_session = self._open(graphs["step"]["file"], opts, providers)
@@ -206,7 +212,9 @@ class Engine:
         self.prefill_chunk = self.prefill_max_len = None
         if "prefill" in graphs:
             prefill_providers = self._providers("cuda", "prefill") if on_cuda else providers
-            self._prefill_session = self._open(graphs["prefill"]["file"], opts, prefill_providers)
+            self._prefill_session = self._open(
+                graphs["prefill"]["file"], session_options(threads), prefill_providers
+            )
             trim_heap()  # ORT frees the prefill's build-time tables but glibc keeps the pages
             self.prefill_chunk = int(graphs["prefill"].get("chunk", 1))
             max_len = int(graphs["prefill"].get("max_len", 0)) or 4096

@@ -11,8 +11,16 @@ do profit from intra-op threads. Both want full graph optimization (constant fol
 computes the prefill's Toeplitz / chunk tables once at session start; LayerNorm, GELU
 and MatMul+Add fusions cut the node count).
 
-    session_options(threads=None)  ->  ort.SessionOptions
-    trim_heap()                    ->  bool   (call once after opening a prefill graph)
+Thread pools: onnxruntime's intra-op threads spin while they wait for work by default.
+Between two tokens of a stream the step graph is idle, so spinning threads burn whole
+cores for nothing: with all 16 cores of a host in the step graph's pool a server spent
+14.5 ms of CPU per token against a 0.13 ms step. So the step graph runs on the calling
+thread alone (`STEP_THREADS`: a pool of one thread is no pool), and no pool spins
+(`session.intra_op.allow_spinning` = 0): a waiting worker sleeps. The prefill graph keeps
+a pool, for its large MatMuls.
+
+    session_options(threads=None, spinning=False)  ->  ort.SessionOptions
+    trim_heap()                                    ->  bool   (once after opening a prefill graph)
 
 Constant folding of the prefill tables is transient work of a few hundred MB for a large
 model (H·N/2·Q-sized intermediates per layer); glibc keeps that freed memory in the heap,
@@ -41,15 +49,19 @@ def default_threads() -> int:
     return max(1, n)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+STEP_THREADS = 1  # intra-op threads of the step graph (see the module docstring)
+
+
+def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     """SessionOptions for ssmstream graphs.
 
     Args:
-        threads: intra-op threads; None → all cores available to this process. Pass 1 for
-            latency-critical B = 1 stepping when several sessions share the machine.
+        threads: intra-op threads; None → all cores available to this process. 1 runs the
+            graph on the calling thread (no pool): what the step graph wants.
+        spinning: let idle intra-op threads spin for work (lower latency between
+            back-to-back calls, a busy core per thread while idle); off by default.
     Returns:
-        options with full graph optimization, sequential execution, no inter-op pool,
-        spinning threads allowed (lowest latency for back-to-back steps).
+        options with full graph optimization, sequential execution, no inter-op pool.
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
@@ -58,6 +70,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
+    spin = "1" if spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     so.log_severity_level = 3  # errors only; ORT warns about unused initializers otherwise
     return so
 

@@ -416,7 +416,9 @@ class Attachment:
                 raise InvalidInput(
                     "session_id", f"this stream is attached to {self.session.id!r}; open another"
                 )
-            self.session = await self._rebind(self.session)
+            s = self.session
+            if not (s.live and svc.store.held(s.id)):  # else it is still the one attached
+                self.session = await self._rebind(s)
             return await svc.batcher.step(self.session, inputs)
         finally:
             self.idle = True

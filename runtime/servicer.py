@@ -161,7 +161,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 def request_arrays(tokens, values) -> tuple[np.ndarray, np.ndarray]:
     """A request's `tokens` / `values` fields as arrays: int64 [n], float32 [n] (unchecked)."""
     if len(tokens) == 1 and not len(values):  # the streaming hot path
-        return np.array(tokens, dtype=np.int64), _NO_VALUES
+        return np.array((tokens[0],), dtype=np.int64), _NO_VALUES  # 6x faster than (tokens)
     t = np.fromiter(tokens, dtype=np.int64, count=len(tokens)) if len(tokens) else _NO_TOKENS
     v = np.asarray(values, dtype=np.float32) if len(values) else _NO_VALUES
     return t, v
@@ -171,8 +171,33 @@ _NO_TOKENS, _NO_VALUES = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float
 _OUTPUT_SELECTIONS = frozenset(pb.OutputSelection.values())
 
 
+@functools.lru_cache(maxsize=64)  # a stream's responses are all of one length
+def _varint(n: int) -> bytes:
+    """A protobuf base-128 varint (n >= 0)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def packed_floats(tag: bytes, x: np.ndarray) -> bytes:
+    """`x` as a packed `repeated float` field on the protobuf wire: the field's tag, the byte
+    length, the float32 little-endian values. Merged into a message it equals extending the
+    field by x's values, at a fifth of the cost for 256 floats (no Python float per value)."""
+    data = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    return tag + _varint(len(data)) + data
+
+
+# tag of StepResponse.outputs: field number, wire type 2 (length-delimited, packed)
+_OUTPUTS_TAG = _varint(pb.StepResponse.DESCRIPTOR.fields_by_name["outputs"].number << 3 | 2)
+
+
 def check_output_selection(req: pb.StepRequest, info: dict) -> None:
     """Refuse an output selection the model cannot answer (before any step runs)."""
+    if not req.output and not req.top_k:  # the default, OUTPUT_LAST: always answerable
+        return
     if req.output not in _OUTPUT_SELECTIONS:
         raise InvalidInput("output", f"unknown OutputSelection {req.output}")
     if req.output == pb.OUTPUT_TOP_K:
@@ -202,7 +227,7 @@ def step_response(
         return resp
     rows = outputs if req.output == pb.OUTPUT_ALL else outputs[-1:]  # [T or 1, D]
     resp.rows, resp.cols = rows.shape
-    resp.outputs.extend(rows.ravel().tolist())
+    resp.MergeFromString(packed_floats(_OUTPUTS_TAG, rows))
     return resp
 
 

@@ -425,8 +425,8 @@ def test_cancelled_queued_request_is_dropped(toy):
 
 def test_queue_limit_close_and_arguments(toy):
     async def main():
-        batcher, store = await started(
-            toy, max_batch=1, max_batch_delay=0.0, max_queue_per_session=2
+        batcher, store = await started(  # the worker's queue (inline steps finish at once)
+            toy, max_batch=1, max_batch_delay=0.0, max_queue_per_session=2, inline=False
         )
         s = store.create()
         futs = [asyncio.ensure_future(batcher.step(s, np.array([1]))) for _ in range(3)]
@@ -475,3 +475,91 @@ def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy):
     first, second, y = run(main())
     assert (first, second) == (1, 2)
     np.testing.assert_allclose(y, alone(toy, [np.array([1]), np.array([2])])[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["toy", "toy_values"])
+def test_a_lone_streams_inline_steps_equal_the_worker_threads(which, request):
+    """One session's requests (steps and prefills, some sent back to back so they queue)
+    through a batcher that runs lone steps on the event loop and through one that never
+    does: the same outputs and positions, in order, equal to the requests run alone."""
+    engine = request.getfixturevalue(which)
+    plan = random_requests(engine, np.random.default_rng(3), 24)
+
+    async def main(inline):
+        batcher, store = await started(engine, max_batch=8, max_batch_delay=0.002, inline=inline)
+        s = store.create()
+        results = []
+        for i in range(0, len(plan), 4):  # 4 requests in flight at once, then one at a time
+            results += await asyncio.gather(*(batcher.step(s, x) for x in plan[i : i + 2]))
+            for x in plan[i + 2 : i + 4]:
+                results.append(await batcher.step(s, x))
+        await batcher.close()
+        return results, batcher.stats
+
+    inline, stats_in = run(main(True))
+    worker, stats_w = run(main(False))
+    steps = sum(x.shape[0] == 1 for x in plan)
+    assert stats_in.inline == steps and stats_w.inline == 0  # each path was the one taken
+    want_pos = list(np.cumsum([x.shape[0] for x in plan]))
+    assert [p for _, p in inline] == [p for _, p in worker] == want_pos
+    for (y_in, _), (y_w, _), want in zip(inline, worker, alone(engine, plan)):
+        np.testing.assert_array_equal(y_in, y_w)
+        np.testing.assert_allclose(y_in, want, rtol=1e-5, atol=1e-6)
+
+
+def test_two_active_sessions_are_batched_not_run_inline(toy):
+    """Two sessions stepping together share each ORT call; neither runs on the loop."""
+    sizes = []
+
+    async def main():
+        batcher, store = await started(toy, max_batch=8, max_batch_delay=0.05)
+        batcher.add_listener(lambda n, sec: sizes.append(n))
+        a, b = store.create(), store.create()
+        outs = []
+        for t in range(6):
+            outs.append(
+                await asyncio.gather(
+                    batcher.step(a, np.array([t])), batcher.step(b, np.array([5 - t]))
+                )
+            )
+        await batcher.close()
+        return outs, batcher.stats
+
+    outs, stats = run(main())
+    assert sizes == [2] * 6 and stats.inline == 0
+    want_a = alone(toy, [np.array([t]) for t in range(6)])
+    want_b = alone(toy, [np.array([5 - t]) for t in range(6)])
+    for ((ya, pa), (yb, pb)), wa, wb, pos in zip(outs, want_a, want_b, range(1, 7)):
+        assert pa == pb == pos
+        np.testing.assert_allclose(ya, wa, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(yb, wb, rtol=1e-5, atol=1e-6)
+
+
+def test_an_inline_step_that_fails_changes_nothing(toy, monkeypatch):
+    """onnxruntime failing in a step run on the event loop: EngineFailure, the state and
+    position as before, and the next step serves again."""
+
+    async def main():
+        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        s = store.create()
+        await batcher.step(s, np.array([1]))
+        before = store.read(s)
+
+        def broken(*a, **k):
+            raise RuntimeError("simulated onnxruntime failure")
+
+        with monkeypatch.context() as m:
+            m.setattr(toy, "_run_in_place", broken)
+            m.setattr(toy._step_session, "run_with_iobinding", broken, raising=False)
+            with pytest.raises(EngineFailure, match="simulated"):
+                await batcher.step(s, np.array([2]))
+        after = store.read(s), s.position
+        y, pos = await batcher.step(s, np.array([2]))
+        await batcher.close()
+        return before, after, y, pos, batcher.stats
+
+    before, (state, position), y, pos, stats = run(main())
+    np.testing.assert_array_equal(state, before)
+    assert position == 1 and pos == 2 and stats.failed == 1 and stats.inline == 3
+    want = alone(toy, [np.array([1]), np.array([2])])[1]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)

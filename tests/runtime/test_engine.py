@@ -465,3 +465,29 @@ def test_generate_bad_arguments(tok_engine, sig_engine):
             tok_engine.generate([1], stop=stop)
     with pytest.raises(InvalidInput, match="token model"):
         sig_engine.generate([1])
+
+
+def test_step_graph_runs_on_the_calling_thread_and_no_pool_spins(toy_token_model):
+    """The step graph has no intra-op pool, the prefill graph has the threads asked for,
+    no pool spins while idle; a step graph with a pool of 2 gives the same numbers."""
+    eng = Engine(toy_token_model["model_dir"], device="cpu", threads=2)
+    pooled = Engine(toy_token_model["model_dir"], device="cpu", threads=2, step_threads=2)
+    spin = "session.intra_op.allow_spinning"
+    step, prefill = (
+        eng.step_session.get_session_options(),
+        eng._prefill_session.get_session_options(),
+    )
+    assert step.intra_op_num_threads == 1 and prefill.intra_op_num_threads == 2
+    assert pooled.step_session.get_session_options().intra_op_num_threads == 2
+    assert step.get_session_config_entry(spin) == prefill.get_session_config_entry(spin) == "0"
+    rng = np.random.default_rng(5)
+    s1 = s2 = eng.new_state(3)
+    for _ in range(20):
+        x = rng.integers(0, eng.vocab_size, size=3)  # [3]
+        y1, s1 = eng.step(x, s1)
+        y2, s2 = pooled.step(x, s2)
+        np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidInput) as e:
+        Engine(toy_token_model["model_dir"], step_threads=0)
+    assert e.value.field == "step_threads"
