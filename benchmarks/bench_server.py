@@ -19,11 +19,27 @@ machine. Its p50 at 1 client + the bare step is the least any grpc.aio server th
 the step could show, and its own 64-vs-1 tokens/s ratio is the most the clients and the
 transport leave room for (--no-echo skips it).
 
+The server's own cost per token, each as a ratio of two numbers of the same run:
+
+    own CPU ratio  = (server CPU ms/token − bare batched Engine CPU ms/token at B = C)
+                     ÷ echo server CPU ms/token at C            target ≤ 1.5 at C = 1 and 64
+    latency ratio  = server p50 at 1 client ÷ (echo p50 at 1 client + bare step p50)
+                                                               target ≤ 1.3
+    CPU ÷ step     = server CPU ms/token at 1 client ÷ bare Engine.step CPU ms/token (B = 1)
+                                                               target ≤ 3
+    batching on ÷ off = tokens/s at 64 clients, --max-batch B vs 1
+
+where the bare batched Engine runs B = C streams in-process, as the Batcher does (in place
+on consecutive slab rows where the engine allows it), and its CPU time is the process's
+(onnxruntime's threads included).
+
 The server runs in a subprocess (`python -m ssmstream.runtime.server`), the clients in other
 processes (--client-procs, each one asyncio loop of AsyncClient streams), so client and
 server do not share a GIL; on a small machine they still share the cores, which the
-report states, with each side's CPU time per token. Clients start measuring together,
-after a warm-up, at one wall-clock time.
+report states, with each side's CPU time per token. --server-cpus pins the servers (echo
+included) and the bare Engine to a CPU set, e.g. `--server-cpus 0` for one core; the
+clients keep the rest. Clients start measuring together, after a warm-up, at one
+wall-clock time.
 
     python benchmarks/bench_server.py                     # builds a random-init model
     python benchmarks/bench_server.py --model model/      # an exported model dir
@@ -36,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -70,6 +87,7 @@ class BenchConfig:
     echo: bool = True  # also measure the bare grpc.aio echo floor
     repeats: int = 3  # rounds over every (server, C); each row is the median round
     threads: int | None = None  # onnxruntime intra-op threads of server and bare engine
+    server_cpus: tuple[int, ...] | None = None  # CPU set of servers and bare engine; None: all
     max_batch: int = 256
     max_batch_delay: float = 0.002
     device: str = "auto"
@@ -113,22 +131,57 @@ def build_model(cfg: BenchConfig, workdir: Path) -> Path:
     return model
 
 
+def bare_batch_cpu(eng, B: int, tokens: int = 4000) -> float:
+    """CPU ms per token of the bare Engine stepping B streams as the Batcher does: in place
+    on B consecutive rows of a state slab when the engine allows it, else through StepBuffers;
+    at least 50 calls. The process's CPU time (onnxruntime's threads included)."""
+    V = int(eng.info["vocab_size"])
+    rng = np.random.default_rng(1)
+    buf = eng.step_buffers(B)
+    slab = eng.new_state(B)  # [B, S]
+    calls = max(50, tokens // B)
+    xs = rng.integers(0, V, size=(calls + 10, B), dtype=np.int64)  # [calls + warm-up, B]
+
+    c = buf.chunk_rows  # the Batcher's rows per onnxruntime call
+
+    def one(x):
+        nonlocal slab
+        buf.inputs[:B] = x
+        if eng.in_place:
+            for i in range(0, B, c):
+                eng.step_in_place(buf.inputs[i : i + c], slab[i : i + c], out=buf)
+        else:
+            _, new = eng.step_unchecked(buf.inputs[:B], slab, out=buf)
+            slab[:] = new
+
+    for x in xs[:10]:
+        one(x)
+    cpu0 = time.process_time()
+    for x in xs[10:]:
+        one(x)
+    return 1e3 * (time.process_time() - cpu0) / (calls * B)
+
+
 def bare_step_latency(eng, n: int = 2000) -> dict:
-    """p50/p99 of Engine.step on one session in-process, ms."""
+    """p50/p99 of Engine.step on one session in-process, ms; and its CPU ms per token."""
     V = int(eng.info["vocab_size"])
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, V, size=n + 50, dtype=np.int64)  # [n + warmup]
     state = eng.new_state(1)  # [1, S]
     times = []
     for i, t in enumerate(tokens):
+        if i == 50:
+            cpu0 = time.process_time()
         t0 = time.perf_counter()
         _, state = eng.step(np.array([t], dtype=np.int64), state)
         if i >= 50:
             times.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu0
     ms = 1e3 * np.asarray(times, dtype=np.float64)
     return {
         "p50_ms": float(np.percentile(ms, 50)),
         "p99_ms": float(np.percentile(ms, 99)),
+        "cpu_ms_per_token": 1e3 * cpu / n,
         "provider": eng.info.get("provider"),
         "state_size": int(eng.info["state_size"]),
     }
@@ -145,6 +198,7 @@ class ServerProc:
         delay: float,
         device: str,
         threads: int | None = None,
+        cpus: tuple[int, ...] | None = None,
     ):
         port_file = workdir / f"port-{max_batch}.json"
         port_file.unlink(missing_ok=True)
@@ -158,7 +212,10 @@ class ServerProc:
         if threads:
             cmd += ["--threads", str(threads)]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pin
+        )
         deadline = time.monotonic() + 120
         while not port_file.is_file():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -175,10 +232,13 @@ class ServerProc:
         self._log.close()
 
 
-def echo_server(port_queue, d_output: int) -> None:
-    """A bare grpc.aio StreamingInference (run in its own process): CreateSession and
-    CloseSession answer at once, Stream answers every request with one prebuilt StepResponse
-    of [1, d_output] outputs. What the transport costs, without sessions or an engine."""
+def echo_server(port_queue, d_output: int, cpus: tuple[int, ...] | None = None) -> None:
+    """A bare grpc.aio StreamingInference (run in its own process, on `cpus` if given):
+    CreateSession and CloseSession answer at once, Stream answers every request with one
+    prebuilt StepResponse of [1, d_output] outputs. What the transport costs, without
+    sessions or an engine."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     import grpc
     from ssmstream.protos import inference_pb2 as pb
     from ssmstream.protos import inference_pb2_grpc as pb_grpc
@@ -212,10 +272,10 @@ def echo_server(port_queue, d_output: int) -> None:
 class EchoProc:
     """echo_server in a process of its own; `port` once it is serving."""
 
-    def __init__(self, d_output: int):
+    def __init__(self, d_output: int, cpus: tuple[int, ...] | None = None):
         ctx = multiprocessing.get_context("spawn")
         ports = ctx.Queue()
-        self.proc = ctx.Process(target=echo_server, args=(ports, d_output), daemon=True)
+        self.proc = ctx.Process(target=echo_server, args=(ports, d_output, cpus), daemon=True)
         self.proc.start()
         self.port = ports.get(timeout=60)
 
@@ -378,7 +438,60 @@ def summarize(bare: dict, runs: list[Run], echo_runs: list[Run] = ()) -> dict:
             summary["server_minus_echo_p50_ms"] = best_one.p50_ms - floor
     if 1 in echo and 64 in echo:
         summary["echo_tokens_per_s_64_over_1"] = echo[64].tokens_per_s / echo[1].tokens_per_s
+    summary.update(own_costs(bare, by, echo))
     return summary
+
+
+OWN_CPU_TARGET = 1.5  # (server − bare batched Engine) CPU per token ÷ echo CPU per token
+LATENCY_TARGET = 1.3  # 1-client p50 ÷ (echo p50 + bare step p50)
+CPU_OVER_STEP_TARGET = 3.0  # 1-client server CPU per token ÷ bare step CPU per token
+ON_OFF_TARGET = 5.0  # tokens/s at 64 clients, batching on ÷ off
+
+
+def own_costs(bare: dict, by: dict, echo: dict) -> dict:
+    """The server's own per-token costs against the echo floor and the bare Engine (batching
+    on), each with its target and whether it is met (None where a number is missing)."""
+
+    def cpu(r):
+        return None if r is None else r.extra.get("server_cpu_ms_per_token")
+
+    def verdict(ratio, target, most=True):
+        return None if ratio is None else (ratio <= target if most else ratio >= target)
+
+    out: dict = {"own_cpu": {}}
+    for C in sorted({c for c, batching in by if batching}):
+        server, floor = cpu(by.get((C, True))), cpu(echo.get(C))
+        engine = bare.get("batch_cpu_ms_per_token", {}).get(str(C))
+        if None in (server, floor, engine):
+            continue
+        own = server - engine
+        out["own_cpu"][str(C)] = {
+            "server_cpu_ms_per_token": server,
+            "bare_engine_cpu_ms_per_token": engine,
+            "own_cpu_ms_per_token": own,
+            "echo_cpu_ms_per_token": floor,
+            "ratio": own / floor,
+            "target": OWN_CPU_TARGET,
+            "ok": own / floor <= OWN_CPU_TARGET,
+        }
+    one = by.get((1, True))
+    latency = None
+    if one is not None and 1 in echo:
+        latency = one.p50_ms / (echo[1].p50_ms + bare["p50_ms"])
+    out["latency_1_client_over_echo_plus_step"] = latency
+    out["latency_target"] = LATENCY_TARGET
+    out["latency_ok"] = verdict(latency, LATENCY_TARGET)
+    step_cpu = bare.get("cpu_ms_per_token")
+    cpu_over_step = None if cpu(one) is None or not step_cpu else cpu(one) / step_cpu
+    out["server_cpu_1_client_over_step_cpu"] = cpu_over_step
+    out["cpu_over_step_target"] = CPU_OVER_STEP_TARGET
+    out["cpu_over_step_ok"] = verdict(cpu_over_step, CPU_OVER_STEP_TARGET)
+    on, off = by.get((64, True)), by.get((64, False))
+    on_off = None if on is None or off is None else on.tokens_per_s / off.tokens_per_s
+    out["batching_on_over_off_64"] = on_off
+    out["on_off_target"] = ON_OFF_TARGET
+    out["on_off_ok"] = verdict(on_off, ON_OFF_TARGET, most=False)
+    return out
 
 
 def write_report(
@@ -406,8 +519,12 @@ def write_report(
         f"at end {meta.get('load_average_end')}.",
         "",
         f"Bare `Engine.step` (1 session, in-process): p50 {bare['p50_ms']:.3f} ms, "
-        f"p99 {bare['p99_ms']:.3f} ms. `echo` rows: the same clients against a bare grpc.aio "
-        "server that answers each Stream request at once (no session, no engine).",
+        f"p99 {bare['p99_ms']:.3f} ms, CPU {bare.get('cpu_ms_per_token', float('nan')):.3f} "
+        "ms/token; bare batched Engine CPU ms/token at B = "
+        + ", ".join(f"{B}: {v:.3f}" for B, v in bare.get("batch_cpu_ms_per_token", {}).items())
+        + f". Servers and bare Engine on CPUs {cfg.server_cpus or 'all'}. `echo` rows: the "
+        "same clients against a bare grpc.aio server that answers each Stream request at once "
+        "(no session, no engine).",
         "",
         "| server | clients | batching | tokens | tokens/s | p50 ms | p99 ms | mean ms "
         "| server CPU ms/token | client CPU ms/token |",
@@ -456,9 +573,47 @@ def write_report(
             f"- the echo server's own 64 ÷ 1 ratio: **{echo_scaling:.1f}×** (clients and "
             "transport alone, the clients on the same cores)"
         )
+    lines += own_cost_lines(summary)
     (out / "bench_server.md").write_text("\n".join(lines) + "\n")
     _plot([*runs, *echo_runs], bare, out / "bench_server.png")
     return result
+
+
+def own_cost_lines(summary: dict) -> list[str]:
+    """The report's lines for `own_costs` (batching on)."""
+
+    def met(ok):
+        return "n/a" if ok is None else "met" if ok else "NOT met"
+
+    lines = []
+    for C, o in summary.get("own_cpu", {}).items():
+        lines.append(
+            f"- server's own CPU per token at {C} client(s): server "
+            f"{o['server_cpu_ms_per_token']:.3f} − bare batched Engine (B = {C}) "
+            f"{o['bare_engine_cpu_ms_per_token']:.3f} = {o['own_cpu_ms_per_token']:.3f} ms ÷ echo "
+            f"server {o['echo_cpu_ms_per_token']:.3f} ms = **{o['ratio']:.2f}×** (target ≤ "
+            f"{o['target']:g}×: {met(o['ok'])})"
+        )
+    r = summary.get("latency_1_client_over_echo_plus_step")
+    if r is not None:
+        lines.append(
+            f"- p50 at 1 client ÷ (echo p50 + bare step p50): **{r:.2f}×** (target ≤ "
+            f"{summary['latency_target']:g}×: {met(summary['latency_ok'])})"
+        )
+    r = summary.get("server_cpu_1_client_over_step_cpu")
+    if r is not None:
+        lines.append(
+            f"- server CPU per token at 1 client ÷ bare `Engine.step` CPU per token: "
+            f"**{r:.2f}×** (target ≤ {summary['cpu_over_step_target']:g}×: "
+            f"{met(summary['cpu_over_step_ok'])})"
+        )
+    r = summary.get("batching_on_over_off_64")
+    if r is not None:
+        lines.append(
+            f"- tokens/s at 64 clients, batching on ÷ off: **{r:.1f}×** (target ≥ "
+            f"{summary['on_off_target']:g}×: {met(summary['on_off_ok'])})"
+        )
+    return lines
 
 
 def _plot(runs: list[Run], bare: dict, path: Path) -> None:
@@ -499,6 +654,20 @@ def _plot(runs: list[Run], bare: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def pinned(cpus: tuple[int, ...] | None):
+    """Run the block with this process on `cpus` (no-op for None)."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def measure(
     cfg: BenchConfig, model: Path, work: Path, V: int, d_output: int
 ) -> tuple[dict, dict[tuple[str, bool, int], list[Run]]]:
@@ -507,23 +676,34 @@ def measure(
     turn, so a change in the machine's load hits all of them alike."""
     from ssmstream.runtime.engine import Engine
 
-    eng = Engine(model, device=cfg.device, threads=cfg.threads)
+    cpus = cfg.server_cpus
+    with pinned(cpus):
+        eng = Engine(model, device=cfg.device, threads=cfg.threads)
     procs, targets = [], []  # targets: (server, batching, pid, port)
     measured: dict[tuple[str, bool, int], list[Run]] = {}
-    bares = []
+    bares, batch_cpu = [], {}
     try:
         if cfg.echo:
-            procs.append(EchoProc(d_output))
+            procs.append(EchoProc(d_output, cpus))
             targets.append(("echo", False, procs[-1].proc.pid, procs[-1].port))
         for batching in (True, False):
             max_batch = cfg.max_batch if batching else 1
             procs.append(
-                ServerProc(model, work, max_batch, cfg.max_batch_delay, cfg.device, cfg.threads)
+                ServerProc(
+                    model, work, max_batch, cfg.max_batch_delay, cfg.device, cfg.threads, cpus
+                )
             )
             targets.append(("ssmstream", batching, procs[-1].proc.pid, procs[-1].port))
         for i in range(cfg.repeats):
-            bares.append(bare_step_latency(eng))
-            log.info("round %d: bare Engine.step p50 %.3f ms", i, bares[-1]["p50_ms"])
+            with pinned(cpus):
+                bares.append(bare_step_latency(eng))
+                for C in cfg.clients:
+                    B = min(C, cfg.max_batch)
+                    batch_cpu.setdefault(str(C), []).append(bare_batch_cpu(eng, B))
+            log.info(
+                "round %d: bare Engine.step p50 %.3f ms, CPU ms/token by B %s", i,
+                bares[-1]["p50_ms"], {C: round(v[-1], 4) for C, v in batch_cpu.items()},
+            )  # fmt: skip
             for C in cfg.clients:
                 n = cfg.tokens_per_client or max(20, cfg.budget // C)
                 for server, batching, pid, port in targets:
@@ -547,6 +727,9 @@ def measure(
         "p50_ms": float(np.median([b["p50_ms"] for b in bares])),
         "p99_ms": float(np.median([b["p99_ms"] for b in bares])),
         "p50_ms_each": [b["p50_ms"] for b in bares],
+        "cpu_ms_per_token": float(np.median([b["cpu_ms_per_token"] for b in bares])),
+        # bare Engine stepping B = min(C, max_batch) streams, by C
+        "batch_cpu_ms_per_token": {C: float(np.median(v)) for C, v in batch_cpu.items()},
         "provider": bares[0]["provider"],
         "state_size": bares[0]["state_size"],
     }
@@ -572,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-echo", action="store_true", help="skip the bare grpc.aio echo floor")
     p.add_argument(
+        "--server-cpus", default=None, help="CPU list for servers and bare engine, e.g. 0 or 0,1"
+    )
+    p.add_argument(
         "--repeats", type=int, default=d.repeats, help="rounds; each row is the median round"
     )
     p.add_argument("--out", default=d.out, help="results directory")
@@ -593,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         echo=not a.no_echo,
         repeats=a.repeats,
         threads=a.threads,
+        server_cpus=tuple(int(c) for c in a.server_cpus.split(",")) if a.server_cpus else None,
     )
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
