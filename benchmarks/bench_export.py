@@ -116,7 +116,7 @@ def worker_ort_step(a) -> dict:
         x = _tokens(m, (B,), rng)
 
         def one(x=x, state=state):
-            _, state[0] = sess.run(None, {"input": x, "state": state[0]})
+            _, state[0] = sess.run(["output", "state_out"], {"input": x, "state": state[0]})
 
         reps = a.repeat if B == 1 else max(20, a.repeat // 20)
         out["batch"][str(B)] = _ms(_timeit(one, reps, warmup=reps // 10 + 5))
@@ -188,9 +188,11 @@ def worker_prefill(a) -> dict:
     t_pre, t_steps = [], []
     _timeit(steps, 1, warmup=0)
     for _ in range(a.repeat):
-        t_pre += _timeit(lambda: pre.run(None, {"input": x, "state": zero}), 3, warmup=1)
+        t_pre += _timeit(
+            lambda: pre.run(["output", "state_out"], {"input": x, "state": zero}), 3, warmup=1
+        )
         t_steps += _timeit(steps, 1, warmup=0)
-    y_pre, s_pre = pre.run(None, {"input": x, "state": zero})
+    y_pre, s_pre = pre.run(["output", "state_out"], {"input": x, "state": zero})
     s = zero
     for t in range(T):
         y, s = step.run(None, {"input": x[:, t], "state": s})
@@ -273,7 +275,7 @@ def worker_recompute(a) -> dict:
         def prefix(x=x, L=L):
             s = np.zeros((1, m["state_size"]), np.float32)
             for t in range(0, L, T_max):
-                _, s = pre.run(None, {"input": x[:, t : t + T_max], "state": s})
+                _, s = pre.run(["output", "state_out"], {"input": x[:, t : t + T_max], "state": s})
 
         out["ort_prefill"][str(L)] = _ms(_timeit(prefix, reps, warm))
     return {**out, "threads": torch.get_num_threads(), "recompute_max": a.recompute_max}

@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssmstream export: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
-        from ssmstream.runtime.info import format_manifest
-        from ssmstream.runtime.manifest import load_manifest
+        from ssmstream.runtime.manifest import format_manifest, load_manifest
 
         print(format_manifest(load_manifest(out), out))
     return 0

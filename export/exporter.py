@@ -145,9 +145,9 @@ def _rename_dims(model: onnx.ModelProto, names: dict[str, str]) -> None:
 
 
 def torch_to_onnx(
-    module: torch.nn.Module, args: tuple, dynamic_shapes: dict, opset: int
+    module: torch.nn.Module, args: tuple, dynamic_shapes: dict, opset: int, outputs: list[str]
 ) -> onnx.ModelProto:
-    """torch.onnx.export (dynamo): (input, state) -> (output, state_out), dynamic B (and T)."""
+    """torch.onnx.export (dynamo): (input, state) -> outputs, dynamic B (and T)."""
     torch_log = logging.getLogger("torch.onnx")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices
@@ -160,7 +160,7 @@ def torch_to_onnx(
                 dynamo=True,
                 opset_version=opset,
                 input_names=["input", "state"],
-                output_names=["output", "state_out"],
+                output_names=outputs,
                 dynamic_shapes=dynamic_shapes,
                 external_data=False,
                 optimize=True,
@@ -344,7 +344,8 @@ def convert(net: SSMNetwork, graph: str, cfg: ExportConfig, build) -> onnx.Model
         return onnx.load_from_string(_CONVERTED[key])
     module, args, dyn = build()
     t0 = time.perf_counter()
-    model = torch_to_onnx(module, args, dyn, cfg.opset)
+    outputs = ["output", "state_out"] + (["chunk_states"] if graph == "prefill" else [])
+    model = torch_to_onnx(module, args, dyn, cfg.opset, outputs)
     log.info("exported the %s graph in %.1f s", graph, time.perf_counter() - t0)
     if cfg.optimize:
         model = slim(model)
@@ -402,13 +403,13 @@ def _io_spec(net: SSMNetwork, prefill: bool) -> dict:
     else:
         inp = {"dtype": "float32", "shape": [*lead, cfg.d_input]}
     state = {"dtype": "float32", "shape": ["B", cfg.state_size]}
-    return {
-        "inputs": {"input": inp, "state": state},
-        "outputs": {
-            "output": {"dtype": "float32", "shape": [*lead, cfg.d_output]},
-            "state_out": state,
-        },
+    outputs = {
+        "output": {"dtype": "float32", "shape": [*lead, cfg.d_output]},
+        "state_out": state,
     }
+    if prefill:  # the state after each chunk: T / chunk of them
+        outputs["chunk_states"] = {"dtype": "float32", "shape": ["B", "T/chunk", cfg.state_size]}
+    return {"inputs": {"input": inp, "state": state}, "outputs": outputs}
 
 
 def versions() -> dict[str, str]:
@@ -539,6 +540,7 @@ def export_network(
         if cfg.verify:
             from .verify import verify_graphs
 
+            (tmp / MANIFEST).write_text(json.dumps(manifest))  # the Engine verify opens reads it
             t0 = time.perf_counter()
             report = verify_graphs(
                 tmp, manifest, net, steps=cfg.verify_steps, progress=cfg.progress

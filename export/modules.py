@@ -262,8 +262,9 @@ class PrefillSSM(nn.Module):
         F = torch.cat([mag * torch.cos(ang), -(mag * torch.sin(ang))], dim=1)  # [H, 2·N/2, Q, P]
         return Toep, G.reshape(H, Q * M, 2 * N2), F.reshape(H, 2 * N2, Q * M)
 
-    def forward(self, u: Tensor, X0: Tensor) -> tuple[Tensor, Tensor]:
-        """u: float32 [B, T, D] (T = n·Q), X0: [B, 2, H, N/2] -> (y [B, T, D], X_T)."""
+    def forward(self, u: Tensor, X0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """u: float32 [B, T, D] (T = n·Q), X0: [B, 2, H, N/2] -> (y [B, T, D], X_T, the states
+        after each chunk S_1..S_n [B, n, 2, H, N/2])."""
         Bsz, T = u.shape[0], u.shape[1]
         H, M, N2, Q = self.H, self.M, self.N2, self.Q
         n = T // Q
@@ -273,7 +274,7 @@ class PrefillSSM(nn.Module):
             for k in range(self.Rq.shape[0]):  # local states within each chunk
                 v = v + cmul(self.Rq[k], _shift(v, 2**k, 3), 4)
             E = v[:, :, :, Q - 1].permute(1, 2, 3, 0, 4)  # [B, n, 2, H, N/2]
-            starts, X_T = self._carry(E, X0, n)  # [B, n, 2, H, N/2], [B, 2, H, N/2]
+            starts, X_T, ends = self._carry(E, X0, n)  # [B, n, 2, H, N/2], [B, 2, H, N/2]
             # x_t = local_t + dA^{t+1} S_j, then y = 2 Re(C x)
             Pr, Pi = self.powers()  # [H, N/2, Q+1]
             P1 = rot_ri(Pr[..., 1:], Pi[..., 1:])  # [2, 2, H, N/2, Q]
@@ -286,20 +287,21 @@ class PrefillSSM(nn.Module):
             U = uh.reshape(H, Bsz * n, Q * M)  # [H, B·n, Q·M]
             E = U @ G  # [H, B·n, 2·N/2]: no [Toeplitz | G] product to split
             E = E.reshape(H, Bsz * n, 2, N2).permute(1, 2, 0, 3)  # [B·n, 2, H, N/2]
-            starts, X_T = self._carry(E.reshape(Bsz, n, 2, H, N2), X0, n)
+            starts, X_T, ends = self._carry(E.reshape(Bsz, n, 2, H, N2), X0, n)
             Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
             y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
         if M == 1:  # SISO: channels first, the block's Out reads it transposed
-            return y.reshape(H, Bsz * T) + uh.reshape(H, Bsz * T) * self.Dc, X_T  # [D, B·T]
+            return y.reshape(H, Bsz * T) + uh.reshape(H, Bsz * T) * self.Dc, X_T, ends  # [D, B·T]
         y = y.reshape(H, Bsz * T, M).transpose(0, 1)  # [B·T, H, P]
-        return y.reshape(Bsz * T, H * M) + u.reshape(Bsz * T, H * M) * self.D, X_T
+        return y.reshape(Bsz * T, H * M) + u.reshape(Bsz * T, H * M) * self.D, X_T, ends
 
-    def _carry(self, E: Tensor, X0: Tensor, n) -> tuple[Tensor, Tensor]:
+    def _carry(self, E: Tensor, X0: Tensor, n) -> tuple[Tensor, Tensor, Tensor]:
         """S_0 = x₀, S_{j+1} = dA^Q S_j + E_j, unrolled n_max times on [B, 2, H, N/2] blocks.
 
         E: chunk-end states [B, n, 2, H, N/2] (n ≤ n_max, zero-padded to n_max here: the
         padded steps come after everything that is read). Returns (chunk starts
-        S_0..S_{n-1} [B, n, 2, H, N/2], final state S_n [B, 2, H, N/2]).
+        S_0..S_{n-1} [B, n, 2, H, N/2], final state S_n [B, 2, H, N/2], chunk ends
+        S_1..S_n [B, n, 2, H, N/2]).
         """
         nmax = self.max_chunks  # a static pad and cut: no shape depends on n_max - n
         E = nn.functional.pad(E, [0, 0, 0, 0, 0, 0, 0, nmax]).narrow(1, 0, nmax)
@@ -309,7 +311,7 @@ class PrefillSSM(nn.Module):
             S = cmul(self.Rc, S, 2) + Ej
             states.append(S)
         S = torch.cat(states, dim=1)  # [B, n_max + 1, 2, H, N/2]
-        return S[:, :n], S[:, n]
+        return S[:, :n], S[:, n], S[:, 1 : n + 1]
 
 
 class _GLU(nn.Module):
@@ -399,7 +401,9 @@ class StepGraph(nn.Module):
 
 
 class PrefillGraph(nn.Module):
-    """(input [B, T] | [B, T, d_input], state [B, S]) -> (output [B, T, V], state_out [B, S])."""
+    """(input [B, T] | [B, T, d_input], state [B, S])
+    -> (output [B, T, V], state_out [B, S], chunk_states [B, T / chunk, S]): the packed state
+    after each chunk too (the runtime's prefix cache and rewind checkpoints use them)."""
 
     def __init__(
         self,
@@ -418,18 +422,20 @@ class PrefillGraph(nn.Module):
             PrefillSSM(s, dt_scale, chunk, max_chunks, mode_path) for s in net.ssms
         )
 
-    def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         tr = self.trunk
         z = tr.encode(input)  # [B, T, D]
         Bsz, T = z.shape[0], z.shape[1]
         z = z.reshape(Bsz * T, -1)  # [B·T, D]: 2-D, so a transposed operand folds into MatMul
-        outs = []
+        outs, ends = [], []
         for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state))):
             u = tr.norms[i](z).float().reshape(Bsz, T, -1)  # [B, T, D]
-            y, X = ssm(u, X)  # [D, B·T] (SISO) | [B·T, D], [B, 2, H, N/2]
+            y, X, Xs = ssm(u, X)  # [D, B·T] (SISO) | [B·T, D], [B, 2, H, N/2], [B, n, …]
+            ends.append(Xs)
             if ssm.M == 1:
                 z = z + tr.outs[i](nn.functional.gelu(y.to(tr.dtype)).transpose(0, 1))
             else:
                 z = tr.mix(i, z, y)
             outs.append(X)
-        return tr.output(z).reshape(Bsz, T, -1), tr.join_state(outs)
+        chunk_states = torch.cat(ends, dim=2).reshape(Bsz, T // self.chunk, -1)  # [B, n, S]
+        return tr.output(z).reshape(Bsz, T, -1), tr.join_state(outs), chunk_states

@@ -1,12 +1,16 @@
 """Parity check of an exported model: the two views of one function must agree.
 
-    step_vs_torch    ORT step graph, run recurrently over a random sequence of L ≥ 4096
-                     inputs from the zero state, vs the torch network's convolution-mode
-                     forward in float64 (Δ scaled by the manifest's dt_scale).
-    prefill_vs_step  the runtime's policy — full chunks of Q through prefill.onnx (at most
-                     max_len per call), the remainder through step.onnx — vs steps only:
+    step_vs_torch    the runtime's Engine.step (the step graph on onnxruntime's CPU provider),
+                     run recurrently over a random sequence of L ≥ 4096 inputs from the zero
+                     state, vs the torch network's convolution-mode forward in float64 (Δ
+                     scaled by the manifest's dt_scale).
+    prefill_vs_step  the runtime's Engine.prefill — full chunks of Q through prefill.onnx (at
+                     most max_len per call), the remainder through step.onnx — vs steps only:
                      over the same L-long sequence, and over short sequences (Q + 1, 3Q + 7)
-                     starting from the non-zero state the long run ended in.
+                     starting from the non-zero state the long run ended in; and the
+                     prefill's chunk_states output vs the step states at the chunk ends.
+
+The graphs are run through the runtime's public Engine, exactly as a server runs them.
 
 Errors are max |a − b| divided by the scale of the reference (max |reference|), for the
 outputs and for the final state. Each dtype has its own tolerance (TOLERANCES): fp32 is
@@ -30,12 +34,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
+from ssmstream.runtime import Engine
 from ssmstream.runtime.errors import ModelError
 from ssmstream.runtime.manifest import load_manifest
-from ssmstream.runtime.providers import session_options
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -51,13 +54,6 @@ TOLERANCES = {
 }
 
 
-def open_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session with ssmstream's session options."""
-    return ort.InferenceSession(
-        str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
-    )
-
-
 def random_inputs(manifest: dict, batch: int, length: int, rng: np.random.Generator) -> np.ndarray:
     """Random int64 tokens [B, L] or float32 standard-normal values [B, L, d_input]."""
     if manifest["input_kind"] == "tokens":
@@ -66,37 +62,17 @@ def random_inputs(manifest: dict, batch: int, length: int, rng: np.random.Genera
 
 
 def run_steps(
-    step: ort.InferenceSession, inputs: np.ndarray, state: np.ndarray, progress: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Feed inputs [B, L, …] one position at a time -> (outputs [B, L, V], state [B, S])."""
-    outs = []
+    engine: Engine, inputs: np.ndarray, state: np.ndarray, progress: bool = False, every: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """Feed inputs [B, L, …] one position at a time -> (outputs [B, L, V], state [B, S],
+    {t: the state after t inputs} for t a multiple of `every` (none when 0))."""
+    outs, states = [], {}
     for t in tqdm(range(inputs.shape[1]), desc="verify: ORT steps", disable=not progress):
-        out, state = step.run(None, {"input": inputs[:, t], "state": state})
+        out, state = engine.step(inputs[:, t], state)
         outs.append(out)
-    return np.stack(outs, axis=1), state
-
-
-def run_chunked(
-    prefill: ort.InferenceSession,
-    step: ort.InferenceSession,
-    inputs: np.ndarray,
-    state: np.ndarray,
-    chunk: int,
-    max_len: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The runtime's prefill policy: full chunks via prefill (≤ max_len per call), rest via step."""
-    L = inputs.shape[1]
-    per_call = max(chunk, max_len // chunk * chunk)
-    outs, t = [], 0
-    while L - t >= chunk:
-        T = min(per_call, (L - t) // chunk * chunk)
-        out, state = prefill.run(None, {"input": inputs[:, t : t + T], "state": state})
-        outs.append(out)
-        t += T
-    if t < L:
-        out, state = run_steps(step, inputs[:, t:], state)
-        outs.append(out)
-    return np.concatenate(outs, axis=1), state
+        if every and (t + 1) % every == 0:
+            states[t + 1] = state
+    return np.stack(outs, axis=1), state, states
 
 
 def torch_reference(net: SSMNetwork, inputs: np.ndarray, dt_scale: float) -> np.ndarray:
@@ -144,7 +120,8 @@ def verify_graphs(
     tol = TOLERANCES[dtype]
     S = manifest["state_size"]
     graphs = manifest["graphs"]
-    step = open_session(model_dir / graphs["step"]["file"], threads)
+    engine = Engine(model_dir, device="cpu", threads=threads, check_sha=False)
+    Q = engine.prefill_chunk or 0
     report: dict = {
         "dtype": dtype,
         "tolerance": dict(tol),
@@ -154,7 +131,7 @@ def verify_graphs(
     }
     x = random_inputs(manifest, batch, steps, rng)  # [B, L, …]
     zero = np.zeros((batch, S), dtype=np.float32)
-    out_s, state_s = run_steps(step, x, zero, progress)  # [B, L, V], [B, S]
+    out_s, state_s, ends_s = run_steps(engine, x, zero, progress, Q)  # [B, L, V], [B, S]
     passed = True
     if net is not None:
         ref = torch_reference(net, x, manifest["dt_scale"])
@@ -177,27 +154,29 @@ def verify_graphs(
     else:
         report["step_vs_torch"] = {"skipped": "no torch checkpoint given"}
     if "prefill" in graphs:
-        prefill = open_session(model_dir / graphs["prefill"]["file"], threads)
-        Q, max_len = graphs["prefill"]["chunk"], graphs["prefill"]["max_len"]
         rel_o, rel_s, abs_o, abs_s = [], [], [], []
-        out_p, state_p = run_chunked(prefill, step, x, zero, Q, max_len)
+        ends_p: dict = {}
+        out_p, state_p = engine.prefill_unchecked(x, zero, ends_p)
         cases = [(out_p, out_s, state_p, state_s)]
+        cases += [(None, None, ends_p[t], ends_s[t]) for t in ends_s if t in ends_p]
         lengths = [steps]
         for T in (Q + 1, 3 * Q + 7):
             xs = random_inputs(manifest, batch, T, rng)
-            o1, s1 = run_steps(step, xs, state_s)
-            o2, s2 = run_chunked(prefill, step, xs, state_s, Q, max_len)
+            o1, s1, _ = run_steps(engine, xs, state_s)
+            o2, s2 = engine.prefill(xs, state_s)
             cases.append((o2, o1, s2, s1))
             lengths.append(T)
         for o2, o1, s2, s1 in cases:
-            e, r = _rel(o2, o1.astype(np.float64))
-            abs_o.append(e), rel_o.append(r)
+            if o2 is not None:
+                e, r = _rel(o2, o1.astype(np.float64))
+                abs_o.append(e), rel_o.append(r)
             e, r = _rel(s2, s1.astype(np.float64))
             abs_s.append(e), rel_s.append(r)
         ok = max(rel_o + rel_s) <= tol["prefill_vs_step"]
         report["prefill_vs_step"] = {
             "lengths": lengths,
             "nonzero_initial_state": lengths[1:],
+            "chunk_states_checked": sum(t in ends_p for t in ends_s),
             "batch": batch,
             "max_abs_output": max(abs_o),
             "max_rel_output": max(rel_o),

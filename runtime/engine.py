@@ -337,8 +337,8 @@ class Engine:
             "dtype": m["dtype"],
             "provider": self.provider,
             "device": self.device,
-            "step_sha256": g["step"]["sha256"],
-            "prefill_sha256": g["prefill"]["sha256"] if "prefill" in g else None,
+            "step_sha256": g["step"].get("sha256", ""),  # absent while being exported
+            "prefill_sha256": g["prefill"].get("sha256") if "prefill" in g else None,
             "prefill_chunk": self.prefill_chunk,
             "prefill_max_len": self.prefill_max_len,
             "opset": m.get("opset"),

@@ -23,6 +23,7 @@ from ssmstream.export.exporter import METADATA_KEY
 from ssmstream.runtime.manifest import FORMAT, FORMAT_VERSION, load_manifest, sha256_file
 
 FP32_TOL = 1e-4
+OUTS = ["output", "state_out"]  # a prefill run that does not want chunk_states
 
 
 def random_inputs(m: dict, B: int, L: int, seed: int) -> np.ndarray:
@@ -91,7 +92,9 @@ def test_graph_io_contract(token_model, signal_model):
             g = onnx.load(d / m["graphs"][name]["file"]).graph
             ins = {i.name: i.type.tensor_type for i in g.input}
             outs = {o.name: o.type.tensor_type for o in g.output}
-            assert list(ins) == ["input", "state"] and list(outs) == ["output", "state_out"]
+            extra = ["chunk_states"] if name == "prefill" else []
+            assert list(ins) == ["input", "state"]
+            assert list(outs) == ["output", "state_out", *extra]
             assert ins["input"].elem_type == dtype
             for t in (ins["state"], outs["state_out"], outs["output"]):
                 assert t.elem_type == onnx.TensorProto.FLOAT
@@ -99,6 +102,25 @@ def test_graph_io_contract(token_model, signal_model):
             assert ins["state"].shape.dim[1].dim_value == m["state_size"]
             if name == "prefill":
                 assert ins["input"].shape.dim[1].dim_param == "T"
+                assert outs["chunk_states"].shape.dim[2].dim_value == m["state_size"]
+
+
+def test_prefill_chunk_states_are_the_step_states_at_chunk_ends(token_model):
+    """The prefill's chunk_states [B, T / Q, S] equal the state a step-by-step run reaches
+    after each chunk (two computations: the chunked scan's carry vs the recurrence)."""
+    m = load_manifest(token_model)
+    Q = m["graphs"]["prefill"]["chunk"]
+    step, prefill = session(token_model / "step.onnx"), session(token_model / "prefill.onnx")
+    x = random_inputs(m, 2, 3 * Q, seed=5)
+    s0 = np.random.default_rng(6).standard_normal((2, m["state_size"])).astype(np.float32)
+    _, s_end, ends = prefill.run(None, {"input": x, "state": s0})
+    assert ends.shape == (2, 3, m["state_size"])
+    s = s0
+    for t in range(3 * Q):
+        _, s = step.run(None, {"input": x[:, t], "state": s})
+        if (t + 1) % Q == 0:
+            assert rel_err(ends[:, (t + 1) // Q - 1], s) < FP32_TOL
+    np.testing.assert_array_equal(ends[:, -1], s_end)
 
 
 # --- parity -----------------------------------------------------------------------------
@@ -130,7 +152,7 @@ def test_signal_model_parity_multihead_bilinear(signal_model, signal_net):
     zero = np.zeros((2, m["state_size"]), np.float32)
     y_step, s_step = ort_steps(step, x, zero)
     assert rel_err(y_step, torch_conv(signal_net, x, dt_scale=DT_SCALE)) < FP32_TOL
-    y_pre, s_pre = prefill.run(None, {"input": x[:, :32], "state": zero})
+    y_pre, s_pre = prefill.run(OUTS, {"input": x[:, :32], "state": zero})
     assert rel_err(y_pre, y_step[:, :32]) < FP32_TOL
 
 
@@ -141,7 +163,7 @@ def test_prefill_then_steps_equals_steps_only(token_model, T):
     state = warm_state(step, m, 3, seed=T)
     x = random_inputs(m, 3, T + 5, seed=100 + T)
     y_ref, s_ref = ort_steps(step, x, state)
-    y_pre, s = prefill.run(None, {"input": x[:, :T], "state": state})
+    y_pre, s = prefill.run(OUTS, {"input": x[:, :T], "state": state})
     y_rest, s = ort_steps(step, x[:, T:], s)
     assert y_pre.shape == (3, T, m["d_output"])
     assert rel_err(np.concatenate([y_pre, y_rest], 1), y_ref) < FP32_TOL
@@ -156,12 +178,12 @@ def test_batch_independence(token_model):
     states = warm_state(step, m, B, seed=9)
     x = random_inputs(m, B, 16, seed=10)
     y_all, s_all = step.run(None, {"input": x[:, 0], "state": states})
-    p_all, ps_all = prefill.run(None, {"input": x, "state": states})
+    p_all, ps_all = prefill.run(OUTS, {"input": x, "state": states})
     for b in range(B):
         y_b, s_b = step.run(None, {"input": x[b : b + 1, 0], "state": states[b : b + 1]})
         np.testing.assert_allclose(y_all[b : b + 1], y_b, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(s_all[b : b + 1], s_b, rtol=1e-5, atol=1e-6)
-        p_b, ps_b = prefill.run(None, {"input": x[b : b + 1], "state": states[b : b + 1]})
+        p_b, ps_b = prefill.run(OUTS, {"input": x[b : b + 1], "state": states[b : b + 1]})
         np.testing.assert_allclose(p_all[b : b + 1], p_b, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ps_all[b : b + 1], ps_b, rtol=1e-5, atol=1e-6)
 
@@ -192,7 +214,7 @@ RUN_FROM_MANIFEST = textwrap.dedent(
     T = 2 * m["graphs"]["prefill"]["chunk"]
     pre = ort.InferenceSession(f"{d}/{m['graphs']['prefill']['file']}",
                                providers=["CPUExecutionProvider"])
-    out, state2 = pre.run(None, {"input": inputs((B, T)), "state": state})
+    out, state2 = pre.run(["output", "state_out"], {"input": inputs((B, T)), "state": state})
     assert out.shape == (B, T, V) and state2.shape == (B, S)
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(state2))
     assert "torch" not in sys.modules and "ssmstream" not in sys.modules
@@ -220,7 +242,7 @@ def test_dt_scale_export_matches_scaled_torch_model(signal_model, signal_net):
     x = random_inputs(m, 2, 256, seed=11)
     zero = np.zeros((2, m["state_size"]), np.float32)
     y, _ = ort_steps(session(signal_model / "step.onnx"), x, zero)
-    y_pre, _ = session(signal_model / "prefill.onnx").run(None, {"input": x[:, :32], "state": zero})
+    y_pre, _ = session(signal_model / "prefill.onnx").run(OUTS, {"input": x[:, :32], "state": zero})
     scaled = torch_conv(signal_net, x, dt_scale=DT_SCALE)
     assert rel_err(y, scaled) < FP32_TOL
     assert rel_err(y_pre, scaled[:, :32]) < FP32_TOL

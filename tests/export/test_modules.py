@@ -75,7 +75,7 @@ def test_step_and_prefill_equal_conv_forward_siso_tokens(disc):
     state0 = torch.zeros(2, net.cfg.state_size)
     y_step, s_step = run_steps(StepGraph(net), x, state0)
     with torch.no_grad():
-        y_pre, s_pre = PrefillGraph(net, chunk=16, max_chunks=12)(x, state0)
+        y_pre, s_pre, _ = PrefillGraph(net, chunk=16, max_chunks=12)(x, state0)
     assert rel(y_step, ref) < TOL
     assert rel(y_pre, ref) < TOL
     assert rel(s_pre, s_step) < TOL
@@ -91,7 +91,7 @@ def test_head_layouts_continuous_inputs(heads, mode_path):
     y_step, s_step = run_steps(StepGraph(net), x, state0)
     pre = PrefillGraph(net, chunk=16, max_chunks=8, mode_path=mode_path)
     with torch.no_grad():
-        y_pre, s_pre = pre(x, state0)
+        y_pre, s_pre, _ = pre(x, state0)
     assert rel(y_step, ref) < TOL
     assert rel(y_pre, ref) < TOL
     assert rel(s_pre, s_step) < TOL
@@ -107,7 +107,7 @@ def test_prefill_from_nonzero_state_equals_steps(T, heads):
     x = inputs(net, 2, T, seed=8)
     y_step, s_step = run_steps(step, x, state)
     with torch.no_grad():
-        y_pre, s_pre = PrefillGraph(net, chunk=16, max_chunks=8)(x, state)
+        y_pre, s_pre, _ = PrefillGraph(net, chunk=16, max_chunks=8)(x, state)
     assert rel(y_pre, y_step) < TOL
     assert rel(s_pre, s_step) < TOL
 
@@ -135,7 +135,7 @@ def test_dt_scale_matches_scaled_torch_model():
     state0 = torch.zeros(2, net.cfg.state_size)
     y, _ = run_steps(StepGraph(net, dt_scale=s), x, state0)
     with torch.no_grad():
-        y_pre, _ = PrefillGraph(net, dt_scale=s, chunk=16, max_chunks=6)(x, state0)
+        y_pre, _, _ = PrefillGraph(net, dt_scale=s, chunk=16, max_chunks=6)(x, state0)
     assert rel(y, ref) < TOL
     assert rel(y_pre, ref) < TOL
     assert rel(y, conv_reference(net, x)) > 1e-3  # the scale really changed the function
@@ -154,7 +154,7 @@ def test_fp16_variant_keeps_state_float32():
     state0 = torch.zeros(2, net.cfg.state_size)
     y, s = run_steps(StepGraph(net, dtype="fp16"), x, state0)
     with torch.no_grad():
-        y_pre, s_pre = PrefillGraph(net, dtype="fp16", chunk=16, max_chunks=4)(x, state0)
+        y_pre, s_pre, _ = PrefillGraph(net, dtype="fp16", chunk=16, max_chunks=4)(x, state0)
     for t in (y, s, y_pre, s_pre):
         assert t.dtype == torch.float32
     ref = conv_reference(net, x)
