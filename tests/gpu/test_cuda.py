@@ -23,6 +23,7 @@ def test_cuda_options_defaults_and_strings():
         "device_id": "1",
         "arena_extend_strategy": "kNextPowerOfTwo",
         "cudnn_conv_algo_search": "HEURISTIC",
+        "use_tf32": "0",  # fp32 means fp32 (onnxruntime's own default is TF32 on)
         "enable_cuda_graph": "1",
     }
     assert prefill["enable_cuda_graph"] == "0"  # variable T: never captured

@@ -29,7 +29,9 @@ def test_every_config_field_has_exactly_one_flag_with_help():
         if action.dest == "model_dir":
             assert flags == [] and action.required, "model_dir stays positional"
         else:
-            assert flags == ["--" + action.dest.replace("_", "-")], flags
+            flag = "--" + action.dest.replace("_", "-")
+            bool_pair = [flag, "--no-" + action.dest.replace("_", "-")]
+            assert flags in ([flag], bool_pair), flags
     groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
     assert list(groups)[2:] == list(GROUPS)  # after "positional arguments" and "options"
     text = parser.format_help()
@@ -44,8 +46,11 @@ def test_parsed_defaults_are_the_dataclass_defaults():
     # each default written out as text parses back to itself: the flag's type fits the field
     argv = ["m/"]
     for name, value in declared.items():
-        if name != "model_dir" and value is not None:
-            argv += ["--" + name.replace("_", "-"), str(value)]
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # a flag pair: --x / --no-x
+            argv += [flag if value else "--no-" + name.replace("_", "-")]
+        elif name != "model_dir" and value is not None:
+            argv += [flag, str(value)]
     again = vars(build_parser().parse_args(argv))
     assert again == parsed
     assert [type(v) for v in again.values()] == [type(v) for v in parsed.values()]
