@@ -45,8 +45,9 @@ from .config import ServerConfig, parse_config
 from .errors import RuntimeErrorBase
 from .metrics import FeaturesCollector, ServerMetrics
 from .service import ServiceLimits, SessionService
-from .servicer import SERVICE_NAME, DecodeGuard, StreamingInferenceServicer
+from .servicer import StreamingInferenceServicer
 from .snapshots import SnapshotKey
+from .status import SERVICE_NAME, DecodeGuard
 
 log = logging.getLogger(__name__)
 

@@ -15,145 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import time
 
-import grpc
 import numpy as np
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .auth import current_principal
 from .config import ServerConfig
-from .errors import (
-    CorruptState,
-    EngineFailure,
-    InvalidInput,
-    LimitExceeded,
-    ModelError,
-    OutOfRange,
-    RuntimeErrorBase,
-    SessionBusy,
-    SessionNotFound,
-    Unavailable,
-)
+from .errors import InvalidInput, Unavailable
 from .generation import FINISH_MAX, FINISH_STOP, log_softmax
 from .metrics import ServerMetrics
 from .service import DRAINING, SessionService
+from .status import check_decoded, grpc_errors
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamingInference"].full_name
 SERVER_VERSION = "0.1.0"
-
-# --- errors → status codes: the one place ------------------------------------------------
-
-STATUS_OF = (  # first match wins (ModelError before InvalidInput: both are ValueErrors)
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-    (SessionBusy, grpc.StatusCode.FAILED_PRECONDITION),
-    (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (EngineFailure, grpc.StatusCode.INTERNAL),
-    (CorruptState, grpc.StatusCode.DATA_LOSS),
-)
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a runtime error becomes."""
-    for cls, code in STATUS_OF:
-        if isinstance(exc, cls):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, "internal error (see the server log)"
-
-
-def grpc_errors(method):
-    """Decorator for servicer methods (coroutines or async generators): runtime errors
-    end the RPC with their status code (`status_of`), anything unexpected with INTERNAL
-    (logged, details not sent), and each non-OK status is counted in the metrics. A
-    request that did not decode (DecodeGuard) is INVALID_ARGUMENT."""
-
-    async def fail(self, exc: Exception, context) -> None:
-        code, message = status_of(exc)
-        if not isinstance(exc, RuntimeErrorBase):
-            log.exception("unexpected error in %s", method.__name__)
-        self.metrics.count_error(code.name)
-        await context.abort(code, message)
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def gen(self, request, context):
-            try:
-                check_decoded(request)
-                async for response in method(self, request, context):
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await fail(self, exc, context)
-
-        return gen
-
-    @functools.wraps(method)
-    async def call(self, request, context):
-        try:
-            check_decoded(request)
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await fail(self, exc, context)
-
-    return call
-
-
-class Malformed:
-    """What request bytes that are not a valid message deserialize to (see DecodeGuard)."""
-
-    def __init__(self, error: Exception):
-        self.error = error
-
-
-def check_decoded(request) -> None:
-    """Raise InvalidInput when `request` is a Malformed placeholder (no-op otherwise)."""
-    if isinstance(request, Malformed):
-        raise InvalidInput(
-            "request",
-            f"not a valid protobuf message of this RPC ({type(request.error).__name__})",
-        )
-
-
-def _guard_deserializer(deserialize):
-    def guarded(data: bytes):
-        try:
-            return deserialize(data)
-        except Exception as e:  # protobuf raises DecodeError (and others on odd input)
-            return Malformed(e)
-
-    return guarded
-
-
-class DecodeGuard(grpc.aio.ServerInterceptor):
-    """Bytes that are not a valid request message become a `Malformed` placeholder, which
-    the servicer refuses with INVALID_ARGUMENT (`check_decoded`, via `grpc_errors` and per
-    Stream message), instead of grpc's UNKNOWN and a logged traceback. Only this service's
-    methods are guarded; their behaviors are not wrapped (no cost per message)."""
-
-    def __init__(self, prefix: str = f"/{SERVICE_NAME}/"):
-        self.prefix = prefix
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self.prefix):
-            return handler
-        return handler._replace(
-            request_deserializer=_guard_deserializer(handler.request_deserializer)
-        )
-
 
 # --- protobuf ↔ arrays (pure helpers) -------------------------------------------------------
 

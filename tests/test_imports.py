@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # runtime modules that are not core: the gRPC adapters, the CLIs and the server's policies
 RUNTIME_EDGE = {
     "servicer",
+    "status",
     "server",
     "client",
     "cli",
@@ -40,7 +41,7 @@ RUNTIME_EDGE = {
     "info",
     "device_state",
 }
-ADAPTERS = {"servicer", "server", "client"}
+ADAPTERS = {"servicer", "status", "server", "client"}
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "ssmstream.protos")
 
 

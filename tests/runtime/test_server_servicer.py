@@ -16,9 +16,9 @@ from ssmstream.runtime.servicer import (
     check_output_selection,
     log_softmax,
     request_arrays,
-    status_of,
     step_response,
 )
+from ssmstream.runtime.status import status_of
 
 TOKENS = {"input_kind": "tokens", "vocab_size": 10, "d_input": None, "d_output": 10}
 VALUES = {"input_kind": "values", "vocab_size": None, "d_input": 3, "d_output": 2}
