@@ -100,6 +100,12 @@ class ServerConfig:
         "inputs a session can be rewound by (RewindSession): a checkpoint of its state every "
         "prefill chunk and its inputs since the oldest one; 0: rewind is off",
     )
+    rewind_memory_mb: float = _option(
+        1024.0,
+        "sessions",
+        "MiB of rewind checkpoints all sessions may hold together; past it, the session that "
+        "grows drops its own oldest checkpoints (its rewind window shrinks); 0: no limit",
+    )
     prefix_cache_mb: float = _option(
         64.0,
         "sessions",
@@ -199,12 +205,10 @@ class ServerConfig:
             _check_int("metrics_port", self.metrics_port, low=0, high=65535)
         if self.threads is not None:
             _check_int("threads", self.threads, low=1)
-        if not isinstance(self.prefix_cache_mb, (int, float)) or not (
-            0 <= self.prefix_cache_mb < 2**20
-        ):
-            raise ValueError(
-                f"prefix_cache_mb: must be in [0, 2**20), got {self.prefix_cache_mb!r}"
-            )
+        for name in ("prefix_cache_mb", "rewind_memory_mb"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 2**20:
+                raise ValueError(f"{name}: must be in [0, 2**20) MiB, got {value!r}")
         if self.prefix_cache_scope not in ("principal", "global"):
             raise ValueError(
                 f"prefix_cache_scope: must be principal or global, got {self.prefix_cache_scope!r}"

@@ -15,18 +15,36 @@ worker records them (`record`) and replays a rewind (`plan`, then `rewound`), so
 session's history changes in the order of its requests; nothing else touches it.
 
 Bytes per session are bounded: at most (W / Q + 2) checkpoints of S × 4 bytes and W + Q
-inputs (`max_bytes`).
+inputs (`max_bytes`). All sessions' checkpoints together are bounded by a shared
+`CheckpointBudget` (the server's --rewind-memory-mb): a session that would take the total
+past it drops its own oldest checkpoints first, so its window shrinks instead.
 
 Dimension letters: S state size, Q chunk, W window, T inputs of one request.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 import numpy as np
 
 from .errors import OutOfRange
+
+
+class CheckpointBudget:
+    """Checkpoint bytes held by all sessions' histories, against a limit (0: none)."""
+
+    def __init__(self, limit: int = 0):
+        self.limit, self.used = int(limit), 0
+        self._lock = threading.Lock()  # the batcher's worker and the event loop both count
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.used += n
+
+    def over(self) -> bool:
+        return bool(self.limit) and self.used > self.limit
 
 
 class History:
@@ -36,14 +54,38 @@ class History:
         window: W, how many inputs back a rewind may go (>= 1).
         chunk: Q, the most inputs between two checkpoints.
         position: the session's position now; state: its state there (float32 [S]).
+        budget: the CheckpointBudget shared by all sessions (None: no shared limit).
     """
 
-    def __init__(self, window: int, chunk: int, position: int, state: np.ndarray):
+    def __init__(
+        self,
+        window: int,
+        chunk: int,
+        position: int,
+        state: np.ndarray,
+        budget: CheckpointBudget | None = None,
+    ):
         self.window, self.chunk = int(window), int(chunk)
+        self.budget = budget or CheckpointBudget()
         self.position = int(position)
-        self._checkpoints: deque[tuple[int, np.ndarray]] = deque([(self.position, state.copy())])
+        self._checkpoints: deque[tuple[int, np.ndarray]] = deque()
+        self._add(self.position, state)
         self._inputs: list = []  # u[base : position], one entry per input
         self._base = self.position  # the position of _inputs[0] (= the oldest checkpoint's)
+
+    def _add(self, position: int, state: np.ndarray) -> None:
+        x = np.array(state, np.float32)
+        self._checkpoints.append((position, x))
+        self.budget.add(x.nbytes)
+
+    def _drop_oldest(self) -> None:
+        self.budget.add(-self._checkpoints.popleft()[1].nbytes)
+
+    def release(self) -> None:
+        """The session is gone: give its checkpoint bytes back to the budget."""
+        while self._checkpoints:
+            self._drop_oldest()
+        self._inputs.clear()
 
     @staticmethod
     def max_bytes(window: int, chunk: int, state_size: int, input_bytes: int) -> int:
@@ -68,22 +110,25 @@ class History:
         T = inputs.shape[0]
         if end - T != self.position:  # not a continuation: start over from here
             if end in states:
-                self.__init__(self.window, self.chunk, end, states[end])
+                self.release()
+                self.__init__(self.window, self.chunk, end, states[end], self.budget)
             return
         self._inputs.extend(inputs)  # one row per input (views of the request's array)
         self.position = end
         last = self._checkpoints[-1][0]
         for p in sorted(states):
             if p - last >= self.chunk:
-                self._checkpoints.append((p, np.array(states[p], np.float32)))
+                self._add(p, states[p])
                 last = p
         self._trim()
 
     def _trim(self) -> None:
         """Drop checkpoints (and their inputs) no longer needed to reach position − W."""
         floor = self.position - self.window
-        while len(self._checkpoints) > 1 and self._checkpoints[1][0] <= floor:
-            self._checkpoints.popleft()
+        while len(self._checkpoints) > 1 and (
+            self._checkpoints[1][0] <= floor or self.budget.over()
+        ):
+            self._drop_oldest()
         base = self._checkpoints[0][0]
         if base > self._base:
             del self._inputs[: base - self._base]
@@ -105,6 +150,6 @@ class History:
     def rewound(self, position: int) -> None:
         """The session is back at `position` (within the window): forget what came after."""
         while self._checkpoints[-1][0] > position:
-            self._checkpoints.pop()
+            self.budget.add(-self._checkpoints.pop()[1].nbytes)
         del self._inputs[position - self._base :]
         self.position = position

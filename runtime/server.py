@@ -168,6 +168,7 @@ class Server:
             c.max_new_tokens,
             c.session_ttl,
             rewind_window=c.rewind_window,
+            rewind_memory_bytes=int(c.rewind_memory_mb * 2**20),
             prefix_cache_bytes=int(c.prefix_cache_mb * 2**20),
             prefix_cache_scope=c.prefix_cache_scope,
         )

@@ -44,7 +44,7 @@ from .errors import (
     Unavailable,
 )
 from .generation import GenerateConfig, Generated, Generation
-from .history import History
+from .history import CheckpointBudget, History
 from .prefix_cache import PrefixCache
 from .sessions import Session, SessionStore, check_session_id
 from .snapshots import snapshot_position
@@ -62,6 +62,7 @@ class ServiceLimits:
     max_new_tokens: int = 4096
     max_ttl: float = math.inf
     rewind_window: int = 0
+    rewind_memory_bytes: int = 0  # all sessions' checkpoints together (0: no limit)
     prefix_cache_bytes: int = 0
     prefix_cache_scope: str = "principal"  # or "global"
 
@@ -77,6 +78,7 @@ class SessionService:
         self.draining = False
         self.chunk = engine.prefill_chunk or 64  # checkpoints and cache entries are this far apart
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes, self.chunk, store.model_sha)
+        self.checkpoint_budget = CheckpointBudget(limits.rewind_memory_bytes)
         # (session id, incarnation) -> the attachment driving it (a Stream or a Generate)
         self._attached: dict[tuple[str, str], Attachment] = {}
         self._open_attachments: set[Attachment] = set()  # also those not yet attached
@@ -157,7 +159,9 @@ class SessionService:
         """Give a session this service made its rewind History (when rewind is on)."""
         if self.limits.rewind_window > 0:
             window, state = self.limits.rewind_window, self.store.read(s)
-            s.history = History(window, self.chunk, s.position, state)
+            if s.history is not None:
+                s.history.release()
+            s.history = History(window, self.chunk, s.position, state, self.checkpoint_budget)
         return s
 
     def checkpoint_bytes_per_session(self) -> int:

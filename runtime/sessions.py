@@ -303,6 +303,8 @@ class SessionStore:
         while len(self._gone) > self._max_gone:
             self._gone.popitem(last=False)
         self._counts[reason] += 1
+        if s.history is not None:
+            s.history.release()
         if self.replication is not None:
             self.replication.removed(s, reason)
 

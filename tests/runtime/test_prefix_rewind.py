@@ -266,3 +266,30 @@ def test_history_bytes_are_bounded_by_the_window():
         h.record(np.array([p % V]), p, {p: np.full(S, p, np.float32)})
         assert h.nbytes <= bound
     assert h.oldest == 499 - 32
+
+
+def test_the_shared_budget_bounds_all_sessions_checkpoints_and_is_given_back(engine):
+    """Past the budget the growing session drops its own oldest checkpoints (its window
+    shrinks, rewinds inside it stay exact); closing sessions gives their bytes back."""
+
+    async def main():
+        per_checkpoint = 4 * engine.state_size
+        svc = await started(engine, rewind_window=64, rewind_memory_bytes=6 * per_checkpoint)
+        a, _ = await svc.create("p")
+        b, _ = await svc.create("p")
+        for _ in range(40):
+            await svc.step("p", a.id, [1])
+            await svc.step("p", b.id, [2])
+        assert svc.checkpoint_budget.used <= 6 * per_checkpoint + 2 * per_checkpoint
+        oldest = a.history.oldest
+        assert oldest > 40 - 64  # the window shrank below the configured 64
+        with pytest.raises(OutOfRange):
+            await svc.rewind("p", a.id, oldest - 1)
+        await svc.rewind("p", a.id, oldest)
+        np.testing.assert_allclose(svc.store.read(a), fresh_state(engine, [1] * oldest), atol=1e-5)
+        await svc.close("p", a.id)
+        await svc.close("p", b.id)
+        assert svc.checkpoint_budget.used == 0
+        await svc.batcher.close()
+
+    run(main())
