@@ -512,7 +512,7 @@ SECTIONS = {
 
 def run(cfg: BenchConfig) -> dict:
     model_dir = prepare_model(cfg)
-    engine = Engine(model_dir, device="auto", threads=cfg.threads)
+    engine = Engine(model_dir, device="auto", threads=cfg.threads, step_threads=cfg.threads)
     info = engine.info
     result = {
         "config": asdict(cfg),

@@ -63,6 +63,12 @@ class ServerConfig:
         "engine",
         "onnxruntime intra-op threads (default: all cores available to this process)",
     )
+    step_threads: int | None = _option(
+        None,
+        "engine",
+        "onnxruntime intra-op threads of the step graph (default: 1, the step runs on the "
+        "calling thread with no pool; more can help large batches on many cores)",
+    )
     tf32: bool = _option(
         False,
         "engine",
@@ -203,8 +209,9 @@ class ServerConfig:
         _check_int("port", self.port, low=0, high=65535)
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, low=0, high=65535)
-        if self.threads is not None:
-            _check_int("threads", self.threads, low=1)
+        for name in ("threads", "step_threads"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=1)
         for name in ("prefix_cache_mb", "rewind_memory_mb"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < 2**20:

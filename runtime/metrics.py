@@ -139,6 +139,15 @@ class _HotCollector:
             yield family
 
 
+def _scrape(stats: Callable[[], dict], what: str) -> dict | None:
+    """stats(), or None (logged) when it fails: a scrape must never take the server down."""
+    try:
+        return stats()
+    except Exception:
+        log.exception("metrics: %s failed", what)
+        return None
+
+
 class _StoreCollector:
     """Reads SessionStore.stats() at scrape time (active sessions, evictions, capacity)."""
 
@@ -146,10 +155,8 @@ class _StoreCollector:
         self.stats = stats
 
     def collect(self):
-        try:
-            s = self.stats()
-        except Exception:  # a scrape must never take the server down
-            log.exception("metrics: SessionStore.stats() failed")
+        s = _scrape(self.stats, "SessionStore.stats()")
+        if s is None:
             return
         active = GaugeMetricFamily("ssmstream_sessions_active", "open sessions")
         active.add_metric([], float(s.get("active", s.get("sessions", 0))))
@@ -237,10 +244,8 @@ class FeaturesCollector:
         self.stats = stats
 
     def collect(self):
-        try:
-            s = self.stats()
-        except Exception:  # a scrape must never take the server down
-            log.exception("metrics: feature_stats() failed")
+        s = _scrape(self.stats, "SessionService.feature_stats()")
+        if s is None:
             return
         c = s["prefix_cache"]
         for key, doc in (

@@ -133,6 +133,7 @@ class Server:
                 c.model_dir,
                 device=c.device,
                 threads=c.threads,
+                step_threads=c.step_threads,
                 cuda_options={"use_tf32": c.tf32},
             )
         info = self.engine.info

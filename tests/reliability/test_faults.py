@@ -317,6 +317,9 @@ def test_deadline_expiring_mid_batch(srv, client, toy):
     sessions = [client.create_session() for _ in range(4)]
     blocker, gate = client.create_session(), threading.Event()
     ids, nxt = [s.id for s in sessions], [1, 2, 3, 4]
+    # the blocker alone would run inline, holding the event loop for its (here: gated)
+    # step; this scenario is about requests queueing behind a worker that runs onnxruntime
+    batcher.inline = False
     with inject(srv.server.engine, delay=1.5, delay_from=1, gate=gate) as fault:
         t0, _ = _in_thread(lambda: blocker.step(tokens=[1]))
         wait(lambda: fault.calls, what="the blocker to hold the worker")
@@ -340,6 +343,7 @@ def test_deadline_expiring_mid_batch(srv, client, toy):
     np.testing.assert_allclose(r.outputs[0], Ref(toy).feed([1][:p] + [9])[-1], atol=1e-4)
     for s in (*sessions, blocker):
         s.close()
+    batcher.inline = True
 
 
 def test_deadline_expiring_while_queued_drops_the_request(srv, client, toy):
