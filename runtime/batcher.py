@@ -71,6 +71,17 @@ from .snapshots import MAX_POSITION
 log = logging.getLogger(__name__)
 
 
+def _timed(job: Callable, reqs: list) -> tuple[object, float]:
+    """(job(reqs), or the exception it raised; seconds it took)."""
+    t0 = time.perf_counter()
+    try:
+        results = job(reqs)
+    except Exception as e:
+        log.exception("engine job failed")
+        results = e
+    return results, time.perf_counter() - t0
+
+
 @dataclass(eq=False)
 class _Request:
     session: Session
@@ -396,13 +407,7 @@ class Batcher:
         """Run a job on the event loop, as the worker would, and count it; returns a
         result or exception per request."""
         self.stats.inline += len(reqs)
-        t0 = time.perf_counter()
-        try:
-            results = job(reqs)
-        except Exception as e:
-            log.exception("engine job failed")
-            results = e
-        return self._account(reqs, job, results, time.perf_counter() - t0)
+        return self._account(reqs, job, *_timed(job, reqs))
 
     def _on_deadline(self) -> None:
         self._timer = None
@@ -492,13 +497,7 @@ class Batcher:
         """The worker thread: run each job, hand its results back to the event loop."""
         while (item := jobs.get()) is not None:
             reqs, job = item
-            t0 = time.perf_counter()
-            try:
-                results = job(reqs)
-            except Exception as e:
-                log.exception("engine job failed")
-                results = e
-            seconds = time.perf_counter() - t0
+            results, seconds = _timed(job, reqs)
             try:
                 loop.call_soon_threadsafe(self._done, reqs, job, results, seconds)
             except RuntimeError:  # the event loop is closed: nobody waits for these results
