@@ -105,8 +105,11 @@ def tiny_signal_model(request, tmp_path_factory) -> dict:
 # --- hand-built toy graphs -------------------------------------------------------------
 
 
-def build_toy(out: Path, kind: str = "tokens", V=11, d_in=3, S=8, d_out=5, chunk=4, seed=0) -> dict:
-    """Write a toy model directory; returns {"model_dir", "params", "reference", ...}."""
+def build_toy(
+    out: Path, kind: str = "tokens", V=11, d_in=3, S=8, d_out=5, chunk=4, seed=0, chunk_states=True
+) -> dict:
+    """Write a toy model directory; returns {"model_dir", "params", "reference", ...}.
+    chunk_states=False writes a prefill graph without that output (as older exports)."""
     import onnx
     from onnx import TensorProto as TP
     from onnx import helper as oh
@@ -176,8 +179,11 @@ def build_toy(out: Path, kind: str = "tokens", V=11, d_in=3, S=8, d_out=5, chunk
     ]
     pick = oh.make_node("Slice", ["xs", "c_start", "c_end", "c_axis", "c_step"], ["chunk_states"])
     ins, outs = io(["B", "T"])
-    outs.append(oh.make_tensor_value_info("chunk_states", TP.FLOAT, ["B", "n", S]))
-    save(oh.make_graph([scan, *ends, pick], "prefill", ins, outs, inits), "prefill.onnx")
+    nodes = [scan]
+    if chunk_states:
+        outs.append(oh.make_tensor_value_info("chunk_states", TP.FLOAT, ["B", "n", S]))
+        nodes += [*ends, pick]
+    save(oh.make_graph(nodes, "prefill", ins, outs, inits), "prefill.onnx")
 
     def sha(name: str) -> str:
         return hashlib.sha256((out / name).read_bytes()).hexdigest()

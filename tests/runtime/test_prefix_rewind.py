@@ -293,3 +293,34 @@ def test_the_shared_budget_bounds_all_sessions_checkpoints_and_is_given_back(eng
         await svc.batcher.close()
 
     run(main())
+
+
+def test_a_prefill_graph_without_chunk_states_still_serves_both_features(tmp_path):
+    """Older exports have no chunk_states: the engine reports states at the end of each
+    prefill call instead, the cache still finds whole prompts, and rewind stays exact."""
+    from conftest import build_toy
+
+    toy = build_toy(tmp_path / "old", "tokens", chunk_states=False)
+    engine = Engine(toy["model_dir"], device="cpu", threads=1)
+    assert not engine.prefill_chunk_states
+    states: dict = {}
+    x = np.arange(14, dtype=np.int64)[None] % V  # 3 pieces of 4 (max_len 12) + 2 steps
+    engine.prefill_unchecked(x, engine.new_state(), states)
+    assert sorted(states) == [12, 14]
+    for t, s in states.items():
+        np.testing.assert_allclose(s[0], fresh_state(engine, x[0, :t]), atol=1e-5)
+
+    async def main():
+        svc = await started(engine, rewind_window=32)
+        prompt = list(range(10))
+        await svc.create("p", prompt=prompt)
+        s, cached = await svc.create("p", prompt=prompt)
+        assert cached == 10
+        await svc.step("p", s.id, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+        await svc.rewind("p", s.id, 13)
+        np.testing.assert_allclose(
+            svc.store.read(s), fresh_state(engine, [*prompt, 1, 2, 3]), atol=1e-5
+        )
+        await svc.batcher.close()
+
+    run(main())
