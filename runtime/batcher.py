@@ -560,7 +560,7 @@ class Batcher:
         for j, (r, pos) in enumerate(zip(part, positions)):
             h = r.session.history
             if h is not None and not isinstance(pos, Exception):
-                h.record(r.inputs, pos, {pos: new_states[j]})  # copies it only when due
+                h.step(r.inputs, pos, new_states[j])  # copies the state only when due
         out = outputs[:B].copy()  # [B, d_out], one copy: the buffer is reused next call
         return {
             r: pos if isinstance(pos, Exception) else (out[j : j + 1], pos)

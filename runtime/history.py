@@ -122,6 +122,18 @@ class History:
                 last = p
         self._trim()
 
+    def step(self, inputs: np.ndarray, end: int, state: np.ndarray) -> None:
+        """`record` for one step (inputs [1] or [1, d_in]) and the state after it: the
+        per-token path, without building a dict."""
+        if end - 1 != self.position:
+            self.record(inputs, end, {end: state})
+            return
+        self._inputs.append(inputs[0])
+        self.position = end
+        if end - self._checkpoints[-1][0] >= self.chunk:
+            self._add(end, state)
+            self._trim()
+
     def _trim(self) -> None:
         """Drop checkpoints (and their inputs) no longer needed to reach position − W."""
         floor = self.position - self.window
