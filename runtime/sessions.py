@@ -604,6 +604,9 @@ class SessionStore:
             if s is None:
                 s = self._new_session(principal, session_id, ttl, position, incarnation)
                 self._counts["restored"] += 1
+            elif s.history is not None:  # its steps since went on elsewhere
+                s.history.release()
+                s.history = None
             s._position = position
             self._slab[s._slot] = state
             return s
