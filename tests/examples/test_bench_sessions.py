@@ -1,0 +1,31 @@
+"""benchmarks/bench_sessions.py runs end to end on a toy model (a smoke run: one round, short
+prompts) and its report states each target; the ratios themselves come from real runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(path: Path, name: str):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_bench_sessions_smoke(tmp_path):
+    runtime_conftest = _load(ROOT / "tests" / "runtime" / "conftest.py", "bench_toy_conftest")
+    toy = runtime_conftest.build_toy(tmp_path / "toy", "tokens", V=11, d_out=11)
+    bench = _load(ROOT / "benchmarks" / "bench_sessions.py", "bench_sessions_smoke")
+    r = bench.run(str(toy["model_dir"]), T=16, rounds=1)
+    for key in ("hit", "miss_on", "miss_off", "rewind", "ready_hit", "ready_miss"):
+        assert r["median_s"][key] > 0
+    text = bench.report(r)
+    for words in ("session ready", "time to first token", "cache on vs off", "rewind"):
+        assert words in text
