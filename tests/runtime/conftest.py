@@ -243,5 +243,11 @@ def toy_token_model(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def toy_token_model_without_chunk_states(tmp_path_factory) -> dict:
+    """The token toy as older exports are: its prefill graph has no chunk_states output."""
+    return build_toy(tmp_path_factory.mktemp("toy_old"), "tokens", chunk_states=False)
+
+
+@pytest.fixture(scope="session")
 def toy_signal_model(tmp_path_factory) -> dict:
     return build_toy(tmp_path_factory.mktemp("toy_signal"), "values")

@@ -295,12 +295,12 @@ def test_the_shared_budget_bounds_all_sessions_checkpoints_and_is_given_back(eng
     run(main())
 
 
-def test_a_prefill_graph_without_chunk_states_still_serves_both_features(tmp_path):
+def test_a_prefill_graph_without_chunk_states_still_serves_both_features(
+    toy_token_model_without_chunk_states,
+):
     """Older exports have no chunk_states: the engine reports states at the end of each
     prefill call instead, the cache still finds whole prompts, and rewind stays exact."""
-    from conftest import build_toy
-
-    toy = build_toy(tmp_path / "old", "tokens", chunk_states=False)
+    toy = toy_token_model_without_chunk_states
     engine = Engine(toy["model_dir"], device="cpu", threads=1)
     assert not engine.prefill_chunk_states
     states: dict = {}
