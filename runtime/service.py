@@ -194,7 +194,8 @@ class SessionService:
         if not len(rest):
             return hit.output, hit.tokens
         states: dict = {}
-        outputs, _ = await self.batcher.step(s, rest, states if len(rest) > 1 else None)
+        want = cache.enabled and len(rest) > 1  # a prefill's chunk-end states, to cache
+        outputs, _ = await self.batcher.step(s, rest, states if want else None)
         if cache.enabled:
             states.setdefault(len(rest), self.store.read(s))
             cache.insert(
