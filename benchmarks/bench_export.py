@@ -533,12 +533,7 @@ def write_markdown(res: dict, path: Path) -> None:
         f"| {p['T']} × the isolated median step of the table above | "
         f"{p['T'] * s['ort']['batch']['1']['median_ms']:.1f} ms "
         f"({p['T'] * s['ort']['batch']['1']['median_ms'] / p['prefill']['median_ms']:.1f}×) |",
-        f"| final state, prefill vs steps (max rel) | {p['state_rel_err_prefill_vs_steps']:.1e} |",
-        f"| prefill.onnx / step.onnx | {p['file_mb']['prefill']:.1f} MB / "
-        f"{p['file_mb']['step']:.1f} MB |",
-        f"| nodes prefill / step | {p['nodes']['prefill']} / {p['nodes']['step']} |",
-        f"| session start prefill / step | {p['prefill_session_start_s']:.2f} s / "
-        f"{p['step_session_start_s']:.2f} s |",
+        *graph_rows(p),
         f"| RSS after prefill session (peak during start) | "
         f"{p['rss_mb']['after_prefill_session']:.0f} MB "
         f"({p['rss_mb']['peak_during_session_start']:.0f} MB) |",
@@ -594,6 +589,18 @@ def write_markdown(res: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def graph_rows(p: dict) -> list[str]:
+    """The prefill section's rows about the graphs themselves (parity, size, nodes, start)."""
+    return [
+        f"| final state, prefill vs steps (max rel) | {p['state_rel_err_prefill_vs_steps']:.1e} |",
+        f"| prefill.onnx / step.onnx | {p['file_mb']['prefill']:.1f} MB / "
+        f"{p['file_mb']['step']:.1f} MB |",
+        f"| nodes prefill / step | {p['nodes']['prefill']} / {p['nodes']['step']} |",
+        f"| session start prefill / step | {p['prefill_session_start_s']:.2f} s / "
+        f"{p['step_session_start_s']:.2f} s |",
+    ]
+
+
 def ttft_lines(name: str, r: dict) -> list[str]:
     """The time-to-first-token table of one model's result (none when it was not measured)."""
     if "ttft" not in r:
@@ -643,12 +650,7 @@ def shipped_lines(r: dict) -> list[str]:
         f"| isolated ORT step, B = 1 (own process) | {step:.3f} ms |",
         f"| {p['T']} × the isolated step | {p['T'] * step:.1f} ms "
         f"({p['T'] * step / p['prefill']['median_ms']:.1f}×) |",
-        f"| final state, prefill vs steps (max rel) | {p['state_rel_err_prefill_vs_steps']:.1e} |",
-        f"| prefill.onnx / step.onnx | {p['file_mb']['prefill']:.1f} MB / "
-        f"{p['file_mb']['step']:.1f} MB |",
-        f"| nodes prefill / step | {p['nodes']['prefill']} / {p['nodes']['step']} |",
-        f"| session start prefill / step | {p['prefill_session_start_s']:.2f} s / "
-        f"{p['step_session_start_s']:.2f} s |",
+        *graph_rows(p),
     ]
     return lines + ttft_lines("shipped model", r)
 
