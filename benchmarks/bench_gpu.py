@@ -1,20 +1,31 @@
-"""GPU step throughput: torch eager vs onnxruntime CUDA (fp32, fp16, device-resident, CUDA graphs).
+"""GPU step throughput: torch eager vs onnxruntime CUDA (fp32, fp16, state in a device slab).
 
 For each batch size B in `--batches` and each variant, `--steps` timed steps of the token
 step graph (after `--warmup` untimed ones) give:
 
     tokens/s = B / mean step time,   p50 = median step latency (ms),
     bytes/step = host↔device bytes moved per step (inputs, outputs, and the state when it
-                 travels: Engine.step sends [B, S] in and gets [B, S] back; ResidentBatch not)
+                 travels: Engine.step sends [B, S] in and gets [B, S] back; a slab step not)
 
 Variants: torch_eager (SSMNetwork.step, inputs from / outputs to the host each step),
-ort_fp32 / ort_fp16 (Engine.step with host numpy states), ort_resident / ort_resident_fp16
-(runtime/device_state.ResidentBatch), ort_cuda_graph (ResidentBatch with CUDA graphs,
-every step runs the full bucket B). Parity of each variant's outputs against ort_fp32 over
-the same inputs is recorded (max abs error after the timed steps' first 4 steps).
+ort_fp32 / ort_fp16 (Engine.step with host numpy states), ort_slab / ort_slab_fp16 (the
+states in a StateSlab of B rows on the device, `Engine.new_slab(B)`, every step
+`Engine.run_slots(slab, B, buffers)` over all B rows: only tokens, slots and outputs cross
+host↔device; its bytes/step is the slab's own count, `slab.stats.step_bytes_in/out`).
+Parity of each variant's outputs against ort_fp32 over the same inputs is recorded (max
+abs error after the timed steps' first 4 steps).
+
+No CUDA-graph variant: it needed fixed device buffers for every bound input and output
+(the removed runtime/device_state.ResidentBatch kept them); the slot step binds host
+tokens, slots and outputs, and the runtime provides no fixed device buffers for them now.
+
+Per model (fp32, fp16), the slab variant's p50 step time at B = 64 and 1024 is also set
+against the state's memory floor, 2·B·S·4 bytes (each state row read and written once)
+÷ `--bandwidth-gbs` (default 4800 GB/s, an H200's HBM3e): "ms per step ÷ floor". The
+bandwidth is taken as given, not measured (on CPU the ratio only checks the arithmetic).
 
 Writes benchmarks/results/bench_gpu.{json,md,png} (or `--out`). On a machine without CUDA,
-`--device cpu` is a smoke mode of the same code (CUDA graphs skipped). Models: `--model-dir`
+`--device cpu` is a smoke mode of the same code (tiny sizes). Models: `--model-dir`
 (fp32), `--fp16-model-dir`, `--ckpt`; missing ones are made in `--work` (a random network
 of the `--d-model/--n-layers/--d-state/--vocab` size, exported without parity check).
 See benchmarks/gpu/README.md for running it on the GPU machine.
@@ -38,14 +49,10 @@ import numpy as np
 
 log = logging.getLogger("bench_gpu")
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = (
-    "torch_eager",
-    "ort_fp32",
-    "ort_fp16",
-    "ort_resident",
-    "ort_resident_fp16",
-    "ort_cuda_graph",
-)
+VARIANTS = ("torch_eager", "ort_fp32", "ort_fp16", "ort_slab", "ort_slab_fp16")
+SLAB_VARIANTS = {"fp32": "ort_slab", "fp16": "ort_slab_fp16"}  # model -> its slab variant
+FLOOR_BATCHES = (64, 1024)
+H200_GBS = 4800.0  # HBM3e bandwidth of an H200, GB/s
 
 
 @dataclass
@@ -67,6 +74,7 @@ class BenchConfig:
     out: str = "benchmarks/results/bench_gpu"
     threads: int | None = None
     prepare_only: bool = False
+    bandwidth_gbs: float = H200_GBS  # the device's memory bandwidth, for the state floor
 
     def __post_init__(self):
         if self.device not in ("cuda", "cpu"):
@@ -78,6 +86,8 @@ class BenchConfig:
             raise ValueError(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
         if self.steps < 1 or self.warmup < 0:
             raise ValueError("--steps must be >= 1 and --warmup >= 0")
+        if not self.bandwidth_gbs > 0:
+            raise ValueError(f"--bandwidth-gbs must be > 0, got {self.bandwidth_gbs}")
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -147,19 +157,24 @@ def engine_runner(model_dir: Path, device: str, B: int, threads):
     return step, eng
 
 
-def resident_runner(model_dir: Path, device: str, B: int, threads, cuda_graph: bool = False):
-    from ssmstream.runtime.device_state import ResidentBatch
+def slab_runner(model_dir: Path, device: str, B: int, threads):
+    """Steps of all B rows of a StateSlab on the device (zeros, as Engine.new_state);
+    `step.slab` is the slab, whose stats count each step's host↔device bytes."""
     from ssmstream.runtime.engine import Engine
 
-    opts = {"enable_cuda_graph": True} if cuda_graph else None
-    eng = Engine(model_dir, device=device, threads=threads, cuda_options=opts)
-    rb = ResidentBatch(eng, capacity=B, cuda_graph=cuda_graph)
-    rb.join(eng.new_state(B))
+    eng = Engine(model_dir, device=device, threads=threads)
+    slab = eng.new_slab(B)
+    buf = eng.step_buffers(B)
+    buf.slots[:B, 0] = np.arange(B)
+    st = slab.stats
 
     def step(x: np.ndarray):
-        y = rb.step(x)
-        return y, rb.stats.last_step_bytes
+        before = st.step_bytes_in + st.step_bytes_out
+        buf.inputs[:B] = x
+        y = eng.run_slots(slab, B, buf)  # a view of buf.outputs
+        return y, st.step_bytes_in + st.step_bytes_out - before
 
+    step.slab = slab
     return step, eng
 
 
@@ -184,6 +199,14 @@ def measure(step, B: int, V: int, cfg: BenchConfig, seed: int = 0) -> dict:
         if time.perf_counter() - t_start > cfg.max_seconds and len(lat) >= 3:
             break
     mean = sum(lat) / len(lat)
+    extra = {}
+    slab = getattr(step, "slab", None)
+    if slab is not None:  # the slab's own count, over every step it ran
+        st = slab.stats
+        extra = {
+            "bytes_in_per_step": st.step_bytes_in // st.steps,
+            "bytes_out_per_step": st.step_bytes_out // st.steps,
+        }
     return {
         "batch": B,
         "steps": len(lat),
@@ -191,6 +214,7 @@ def measure(step, B: int, V: int, cfg: BenchConfig, seed: int = 0) -> dict:
         "mean_ms": 1e3 * mean,
         "tokens_per_s": B / mean,
         "bytes_per_step": int(nbytes),
+        **extra,
         "first_outputs": np.stack(first),  # [4, B, V], for parity; dropped from the JSON
         "elapsed_s": time.perf_counter() - t_start,
     }
@@ -200,20 +224,16 @@ def run_variant(name: str, models: dict, cfg: BenchConfig, B: int):
     dev = cfg.device
     if name == "torch_eager":
         return torch_runner(models["ckpt"], dev, B)[0]
-    if name in ("ort_fp16", "ort_resident_fp16") and models["fp16"] is None:
+    if name in ("ort_fp16", "ort_slab_fp16") and models["fp16"] is None:
         raise LookupError("no fp16 model (pass --fp16-model-dir)")
     if name == "ort_fp32":
         return engine_runner(models["fp32"], dev, B, cfg.threads)[0]
     if name == "ort_fp16":
         return engine_runner(models["fp16"], dev, B, cfg.threads)[0]
-    if name == "ort_resident":
-        return resident_runner(models["fp32"], dev, B, cfg.threads)[0]
-    if name == "ort_resident_fp16":
-        return resident_runner(models["fp16"], dev, B, cfg.threads)[0]
-    if name == "ort_cuda_graph":
-        if dev != "cuda":
-            raise LookupError("CUDA graphs need --device cuda")
-        return resident_runner(models["fp32"], dev, B, cfg.threads, cuda_graph=True)[0]
+    if name == "ort_slab":
+        return slab_runner(models["fp32"], dev, B, cfg.threads)[0]
+    if name == "ort_slab_fp16":
+        return slab_runner(models["fp16"], dev, B, cfg.threads)[0]
     raise ValueError(name)
 
 
@@ -287,7 +307,7 @@ def run(cfg: BenchConfig) -> dict:
         for r in rows:
             if "tokens_per_s" in r and r["batch"] in eager:
                 r["speedup_vs_torch_eager"] = r["tokens_per_s"] / eager[r["batch"]]["tokens_per_s"]
-    for name in ("ort_resident", "ort_cuda_graph"):
+    for name in ("ort_slab",):
         at64 = [r for r in results.get(name, []) if r["batch"] == 64 and "tokens_per_s" in r]
         if at64 and "speedup_vs_torch_eager" in at64[0]:
             summary[f"{name}_vs_torch_eager_at_64"] = at64[0]["speedup_vs_torch_eager"]
@@ -298,8 +318,32 @@ def run(cfg: BenchConfig) -> dict:
         "results": results,
         "skipped": skipped,
         "summary": summary,
+        "floor": state_floor(results, S, cfg.bandwidth_gbs),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def state_floor(results: dict, S: int, bandwidth_gbs: float) -> list[dict]:
+    """Per model (fp32, fp16) and B in FLOOR_BATCHES: the slab variant's p50 ms per step ÷
+    the state read+write floor, 2·B·S·4 bytes at `bandwidth_gbs` (no new measurement)."""
+    out = []
+    for model, variant in SLAB_VARIANTS.items():
+        for B in FLOOR_BATCHES:
+            floor_ms = 1e3 * 2 * B * S * 4 / (bandwidth_gbs * 1e9)
+            r = next(
+                (r for r in results.get(variant, []) if r["batch"] == B and "p50_ms" in r), None
+            )
+            out.append(
+                {
+                    "model": model,
+                    "variant": variant,
+                    "batch": B,
+                    "floor_ms": floor_ms,
+                    "p50_ms": None if r is None else r["p50_ms"],
+                    "ratio": None if r is None else r["p50_ms"] / floor_ms,
+                }
+            )
+    return out
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -334,7 +378,38 @@ def to_markdown(rep: dict) -> str:
         lines.append(f"\n- {name} skipped: {why}")
     if rep["summary"]:
         lines.append(f"\nSummary: {json.dumps(rep['summary'])}")
+    lines += floor_lines(rep)
     return "\n".join(lines) + "\n"
+
+
+def floor_lines(rep: dict) -> list[str]:
+    """One line per model: its slab step's p50 ÷ the state read+write floor."""
+    floor = rep.get("floor") or []
+    if not floor:
+        return []
+    bw = rep["config"]["bandwidth_gbs"]
+    where = (
+        ""
+        if rep["env"]["device"] == "cuda"
+        else " (a CPU smoke run: the ratio is not a GPU figure)"
+    )
+    lines = [
+        "",
+        f"ms per step ÷ state read+write floor (2·B·S·4 bytes at {bw:g} GB/s, "
+        f"--bandwidth-gbs, not measured){where}:",
+        "",
+    ]
+    for model in dict.fromkeys(f["model"] for f in floor):
+        rows = [f for f in floor if f["model"] == model]
+        parts = [
+            f"B = {f['batch']}: not measured (floor {1e3 * f['floor_ms']:.3g} µs)"
+            if f["ratio"] is None
+            else f"B = {f['batch']}: {f['p50_ms']:.3f} ms ÷ {1e3 * f['floor_ms']:.3g} µs = "
+            f"{f['ratio']:,.0f}×"
+            for f in rows
+        ]
+        lines.append(f"- {model} ({rows[0]['variant']}): " + "; ".join(parts))
+    return lines
 
 
 def plot(rep: dict, path: Path) -> None:
@@ -377,7 +452,7 @@ def parse_args(argv=None) -> BenchConfig:
     d = BenchConfig()
     p = argparse.ArgumentParser(
         description="Step throughput and latency of torch eager vs onnxruntime CUDA "
-        "(fp32, fp16, device-resident state, CUDA graphs) over batch sizes.",
+        "(fp32, fp16, states in a device slab) over batch sizes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--device", default=d.device, choices=["cuda", "cpu"], help="cpu: smoke mode")
@@ -400,6 +475,10 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--out", default=d.out, help="output path without suffix")
     p.add_argument("--prepare-only", action="store_true", help="make the models and stop")
+    p.add_argument(
+        "--bandwidth-gbs", type=float, default=d.bandwidth_gbs,
+        help="device memory bandwidth in GB/s for the state floor (default: an H200)",
+    )  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -413,7 +492,7 @@ def parse_args(argv=None) -> BenchConfig:
             steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds, vocab=a.vocab,
             d_model=a.d_model, n_layers=a.n_layers, d_state=a.d_state, work=a.work,
             model_dir=a.model_dir, fp16_model_dir=a.fp16_model_dir, ckpt=a.ckpt, out=a.out,
-            threads=a.threads, prepare_only=a.prepare_only,
+            threads=a.threads, prepare_only=a.prepare_only, bandwidth_gbs=a.bandwidth_gbs,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))

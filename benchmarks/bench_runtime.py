@@ -6,9 +6,10 @@ the weights):
 1. Engine.step overhead: time per call of `Engine.step` (validation + run) vs a bare
    `InferenceSession.run` on the same inputs (the Engine's own session, so only the Engine
    layer differs), at B = 1 and B = 64; also `Engine.step(out=StepBuffers)`, the
-   allocation-free IOBinding path the Batcher uses, and `Engine.step_in_place`. Calls are
-   interleaved one by one in random order and the median per-call time reported (this
-   machine drifts by up to 2x between seconds).  Target: ratio <= 1.2.
+   allocation-free IOBinding path, and `Engine.run_slots` (the Batcher's path: B rows of a
+   state slab stepped in place by the slot graph, one call). Calls are interleaved one by
+   one in random order and the median per-call time reported (this machine drifts by up to
+   2x between seconds).  Target: ratio <= 1.2.
 2. Batcher throughput: C concurrent streams (default 1, 16, 64, 256), each an asyncio
    task with its own session sending one token per request and awaiting the answer
    (closed loop), batching on (max_batch, max_batch_delay) vs off (max_batch = 1).
@@ -18,9 +19,15 @@ the weights):
    SessionStore.commit; RSS sampled along the way. Target: flat.
 4. Memory per session: RSS growth of a SessionStore holding 10 000 sessions whose states
    were all written, divided by 10 000, vs the slab's S × 4 bytes.
-5. In-place steps: batching on at 64 streams with the new states written by onnxruntime
-   straight into the slab (`Engine.step_in_place`, the default where the model allows it)
-   vs copied in by `SessionStore.commit_many`, in alternating rounds.
+5. Slot steps ("slab"): at B = 1 and 64, one step of B sessions whose states are rows of a
+   StateSlab of 1,024 rows, in the Batcher's chunks of `StepBuffers.chunk_rows` rows:
+   (a) `Engine.run_slots` on B random distinct slots, (b) the same on B consecutive slots,
+   (c) what a copying store does: numpy gather of the rows, `Engine.step(out=StepBuffers)`,
+   numpy scatter back, and (d) the step the slot graph replaced: the plain step graph
+   through an IOBinding with `state` and `state_out` bound to the same consecutive slab
+   rows (timed only where that aliased run equals `Engine.step` bit for bit; else n/a).
+   Interleaved call by call like section 1; median per call. Target (the issue): at
+   B = 64 the slot step costs no more than the in-place step (ratio <= 1.0).
 
     python benchmarks/bench_runtime.py                    # exports a random-init model once
     python benchmarks/bench_runtime.py --model model/     # an exported model dir
@@ -69,7 +76,9 @@ class BenchConfig:
     n_layers: int = 4
     d_state: int = 64
     threads: int = 1
-    overhead_calls: int = 5000  # interleaved calls per variant at B = 1 (B = 64: / 32)
+    overhead_calls: int = 5000  # interleaved calls per variant at B = 1 (B = 64: / 32;
+    #   the slab section: / 8)
+    slab_capacity: int = 1024  # rows of the slab the slab section steps in
     streams: tuple[int, ...] = (1, 16, 64, 256)
     seconds: float = 2.0
     throughput_rounds: int = 5  # off/on rounds per stream count, median reported
@@ -80,12 +89,12 @@ class BenchConfig:
     sessions: int = 10_000
     out: str = str(RESULTS)
     name: str = "bench_runtime"  # results file names: NAME.json / .md / .png
-    sections: tuple[str, ...] = ("overhead", "throughput", "in_place", "sessions", "rss")
+    sections: tuple[str, ...] = ("overhead", "throughput", "slab", "sessions", "rss")
 
     def __post_init__(self):
         for name in (
             "threads", "overhead_calls", "throughput_rounds", "max_batch",
-            "sessions",
+            "sessions", "slab_capacity",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,9 +102,11 @@ class BenchConfig:
             raise ValueError("seconds must be > 0, warmup and max_batch_delay >= 0")
         if self.rss_tokens < 1000:
             raise ValueError(f"rss_tokens must be >= 1000, got {self.rss_tokens}")
-        unknown = set(self.sections) - {"overhead", "throughput", "in_place", "sessions", "rss"}
+        unknown = set(self.sections) - {"overhead", "throughput", "slab", "sessions", "rss"}
         if unknown or not self.sections:
             raise ValueError(f"unknown sections {sorted(unknown)}")
+        if self.slab_capacity < 128 + 2 * 64:  # two consecutive blocks + two random sets
+            raise ValueError(f"slab_capacity must be >= 256, got {self.slab_capacity}")
         if not self.streams or min(self.streams) < 1:
             raise ValueError(f"streams must be positive counts, got {self.streams}")
 
@@ -169,6 +180,26 @@ def prepare_model(cfg: BenchConfig) -> Path:
 # --- 1. Engine.step overhead ----------------------------------------------------------
 
 
+def _interleave(
+    variants: dict[str, Callable[[], object]], n: int, rng: np.random.Generator, desc: str
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant over n rounds (after one warm-up call each): every
+    round calls every variant once, in a fresh random order, so neighbours in time share the
+    machine's drift."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    order = list(variants)
+    for name in order:
+        variants[name]()  # warm-up
+    clock = time.perf_counter
+    for _ in tqdm(range(n), desc=desc, leave=False):
+        rng.shuffle(order)
+        for name in order:
+            t0 = clock()
+            variants[name]()
+            times[name].append(clock() - t0)
+    return times
+
+
 def _overhead_at(engine: Engine, bare, B: int, cfg: BenchConfig) -> list[dict]:
     rng = np.random.default_rng(B)
     x = rng.integers(0, engine.vocab_size, size=B)  # [B] int64
@@ -180,21 +211,16 @@ def _overhead_at(engine: Engine, bare, B: int, cfg: BenchConfig) -> list[dict]:
         "Engine.step": lambda: engine.step(x, s),
         "Engine.step(out=StepBuffers)": lambda: engine.step(x, s, out=buf),
     }
-    if engine.in_place:  # its own rows: they advance by one step per call
-        rows = s.copy()
-        variants["Engine.step_in_place"] = lambda: engine.step_in_place(x, rows, out=buf)
+    # the Batcher's path, in one call of all B rows (as the bare run): a slab of its own,
+    # whose rows advance by one step per call
+    slab, slot_buf = engine.new_slab(B), engine.step_buffers(B)
+    slot_buf.inputs[:B] = x
+    slot_buf.slots[:B, 0] = np.arange(B)
+    if slab.array is not None:
+        slab.array[:] = s
+    variants["Engine.run_slots"] = lambda: engine.run_slots(slab, B, slot_buf)
     n = max(50, cfg.overhead_calls // (1 if B == 1 else 32))
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    order = list(variants)
-    for name in order:
-        variants[name]()  # warm-up
-    clock = time.perf_counter
-    for _ in tqdm(range(n), desc=f"overhead B={B}", leave=False):
-        rng.shuffle(order)  # every variant once per iteration, in random order: neighbours
-        for name in order:  # in time, so the machine's drift hits all of them alike
-            t0 = clock()
-            variants[name]()
-            times[name].append(clock() - t0)
+    times = _interleave(variants, n, rng, f"overhead B={B}")
     base = statistics.median(times["bare InferenceSession.run"])
     rows = []
     for name, t in times.items():
@@ -211,12 +237,10 @@ def bench_overhead(engine: Engine, cfg: BenchConfig) -> list[dict]:
 # --- 2. Batcher throughput ------------------------------------------------------------
 
 
-async def _throughput(
-    engine: Engine, streams: int, batching: bool, cfg: BenchConfig, in_place: bool = True
-) -> dict:
-    store = SessionStore(engine.state_size, capacity=streams)
+async def _throughput(engine: Engine, streams: int, batching: bool, cfg: BenchConfig) -> dict:
+    store = SessionStore(engine.state_size, capacity=streams, slab=engine.new_slab(streams))
     max_batch, delay = (cfg.max_batch, cfg.max_batch_delay) if batching else (1, 0.0)
-    batcher = Batcher(engine, store, max_batch, delay, in_place=in_place)
+    batcher = Batcher(engine, store, max_batch, delay)
     await batcher.start()
     loop = asyncio.get_running_loop()
     begin = loop.time() + cfg.warmup
@@ -253,7 +277,7 @@ async def _throughput(
     return {
         "streams": streams,
         "batching": batching,
-        "in_place": batcher.in_place,
+        "slab_device": store.slab.device,
         "max_batch": max_batch,
         "max_batch_delay_ms": 1e3 * delay,
         "tokens": tokens,
@@ -295,16 +319,162 @@ def bench_throughput(engine: Engine, cfg: BenchConfig) -> list[dict]:
     return rows
 
 
-def bench_in_place(engine: Engine, cfg: BenchConfig, streams: int = 64) -> list[dict]:
-    """Batching on at `streams` streams, new states copied vs written in place: at least
-    10 alternating rounds (the difference is smaller than this machine's drift)."""
-    if not engine.in_place:
-        log.warning("this model's step graph does not run in place: section skipped")
-        return []
-    return _alternate(
-        max(10, cfg.throughput_rounds),
-        lambda in_place: asyncio.run(_throughput(engine, streams, True, cfg, in_place)),
-    )
+# --- 5. slot steps vs the in-place step and a copying store -------------------------------
+
+SLOT_RANDOM = "Engine.run_slots, random slots"
+SLOT_CONSECUTIVE = "Engine.run_slots, consecutive slots"
+COPYING = "gather + Engine.step(out=StepBuffers) + scatter"
+IN_PLACE = "in-place step (state, state_out aliased)"
+IN_PLACE_NA = "n/a (the graph does not run in place)"
+
+
+def _aliased_bindings(engine: Engine, slab_rows: np.ndarray, buf, c: int) -> list:
+    """Per chunk of c rows, the IOBinding of the plain step graph with `state` and
+    `state_out` both bound to those rows of `slab_rows` (C-contiguous [B, S] rows of the
+    slab), `input` to buf.inputs[:n] and `output` to buf.outputs[:n], by address: the
+    removed `Engine.step_in_place` (whose bindings were cached, as these are)."""
+    sess, S = engine.step_session, engine.state_size
+    B, x, y = slab_rows.shape[0], buf.inputs, buf.outputs
+    out = []
+    for i in range(0, B, c):
+        n, rows = min(c, B - i), slab_rows[i : i + c]
+        io = sess.io_binding()
+        io.bind_input("input", "cpu", 0, x.dtype, [n, *x.shape[1:]], x.ctypes.data)
+        io.bind_input("state", "cpu", 0, np.float32, [n, S], rows.ctypes.data)
+        io.bind_output("state_out", "cpu", 0, np.float32, [n, S], rows.ctypes.data)
+        io.bind_output("output", "cpu", 0, y.dtype, [n, *y.shape[1:]], y.ctypes.data)
+        out.append(io)
+    return out
+
+
+def _slab_at(engine: Engine, B: int, cfg: BenchConfig) -> tuple[list[dict], dict]:
+    """(rows: one per variant, with its median µs per call, and checks) at batch B."""
+    rng = np.random.default_rng(1000 + B)
+    S, V, cap = engine.state_size, engine.vocab_size, cfg.slab_capacity
+    slab = engine.new_slab(cap)
+    slab.array[:] = (rng.standard_normal((cap, S)) * 0.1).astype(np.float32)  # [cap, S]
+    # disjoint rows per variant (none warms another's cache): two consecutive blocks, then
+    # two random sets (distinct, unsorted, as the Batcher sends them) from the rest
+    block_b, block_d = np.arange(0, B), np.arange(B, 2 * B)
+    pool = rng.permutation(np.arange(2 * B, cap))
+    random_a, random_c = pool[:B], pool[B : 2 * B]
+    x = rng.integers(0, V, size=B)  # [B] int64
+    bufs = {k: engine.step_buffers(B) for k in "abcd"}
+    c = bufs["a"].chunk_rows  # the Batcher's rows per onnxruntime call
+    arr = slab.array
+
+    def slot_chunk(buf, slots):
+        def run(i: int, n: int) -> np.ndarray:  # as Batcher._step_part fills its buffers
+            buf.inputs[:n] = x[i : i + n]
+            buf.slots[:n, 0] = slots[i : i + n]
+            return engine.run_slots(slab, n, buf)
+
+        return run
+
+    def copy_chunk(i: int, n: int) -> np.ndarray:  # what the copying store did per chunk
+        buf, rows = bufs["c"], random_c[i : i + n]
+        states = buf.states[:n]
+        np.take(arr, rows, axis=0, out=states, mode="clip")  # gather
+        y, new = engine.step(x[i : i + n], states, out=buf)
+        arr[rows] = new  # scatter
+        return y
+
+    aliased = _aliased_bindings(engine, arr[block_d[0] : block_d[-1] + 1], bufs["d"], c)
+
+    def in_place_chunk(i: int, n: int) -> np.ndarray:
+        bufs["d"].inputs[:n] = x[i : i + n]
+        engine.step_session.run_with_iobinding(aliased[i // c])
+        return bufs["d"].outputs[:n]
+
+    def chunked(run_chunk, collect: list | None = None) -> None:
+        for i in range(0, B, c):
+            y = run_chunk(i, min(c, B - i))
+            if collect is not None:
+                collect.append(y.copy())
+
+    chunk_fns = {
+        SLOT_RANDOM: (slot_chunk(bufs["a"], random_a), random_a),
+        SLOT_CONSECUTIVE: (slot_chunk(bufs["b"], block_b), block_b),
+        COPYING: (copy_chunk, random_c),
+        IN_PLACE: (in_place_chunk, block_d),
+    }
+    # checks, on fresh random states: each variant's outputs and new rows vs a plain
+    # Engine.step of the same states (bit for bit decides whether the aliased run is timed)
+    checks = {}
+    for name, (fn, rows) in chunk_fns.items():
+        equal, err = True, 0.0
+        for _ in range(3):
+            s0 = (rng.standard_normal((B, S)) * 0.5).astype(np.float32)  # [B, S]
+            arr[rows] = s0
+            want_y, want_s = engine.step(x, s0)
+            got: list[np.ndarray] = []
+            chunked(fn, got)
+            got_y, got_s = np.concatenate(got), arr[rows]
+            equal &= np.array_equal(got_y, want_y) and np.array_equal(got_s, want_s)
+            err = max(err, float(np.abs(got_y - want_y).max()), float(np.abs(got_s - want_s).max()))
+        checks[name] = {"bit_equal_to_engine_step": bool(equal), "max_abs_err": err}
+    variants = {name: (lambda fn=fn: chunked(fn)) for name, (fn, _) in chunk_fns.items()}
+    if not checks[IN_PLACE]["bit_equal_to_engine_step"]:
+        log.warning("B=%d: the aliased step differs from Engine.step: not timed", B)
+        del variants[IN_PLACE]
+    n = max(50, cfg.overhead_calls // (1 if B == 1 else 8))
+    times = _interleave(variants, n, rng, f"slab B={B}")
+    med = {k: statistics.median(t) for k, t in times.items()}
+
+    def paired(a: str, b: str) -> dict | None:
+        """a / b per round (the two ran within the same round): median and quartiles."""
+        if a not in times or b not in times:
+            return None
+        q = np.percentile(np.array(times[a]) / np.array(times[b]), [25, 50, 75])
+        return {"p25": float(q[0]), "median": float(q[1]), "p75": float(q[2])}
+
+    rows = []
+    for name in chunk_fns:
+        m = med.get(name)
+        rows.append(
+            {
+                "B": B,
+                "variant": name,
+                "us_per_call": None if m is None else 1e6 * m,
+                "vs_in_place": None if m is None or IN_PLACE not in med else m / med[IN_PLACE],
+                "vs_copying": None if m is None else m / med[COPYING],
+                **checks[name],
+            }
+        )
+    summary = {
+        "B": B,
+        "calls": n,
+        "chunk_rows": c,
+        "chunks": -(-B // c),
+        "in_place_runs": checks[IN_PLACE]["bit_equal_to_engine_step"],
+        "slot_random_vs_in_place": next(
+            r["vs_in_place"] for r in rows if r["variant"] == SLOT_RANDOM
+        ),
+        "slot_random_vs_copying": next(
+            r["vs_copying"] for r in rows if r["variant"] == SLOT_RANDOM
+        ),
+        "slot_consecutive_vs_in_place": next(
+            r["vs_in_place"] for r in rows if r["variant"] == SLOT_CONSECUTIVE
+        ),
+        "paired_slot_random_vs_in_place": paired(SLOT_RANDOM, IN_PLACE),
+        "paired_slot_consecutive_vs_in_place": paired(SLOT_CONSECUTIVE, IN_PLACE),
+        "paired_slot_random_vs_copying": paired(SLOT_RANDOM, COPYING),
+    }
+    return rows, summary
+
+
+def bench_slab(engine: Engine, cfg: BenchConfig) -> dict:
+    """Section 5 at B = 1 and 64 (see the module docstring)."""
+    if engine.device != "cpu":
+        log.warning("the slab section compares with host-memory copies: CPU only, skipped")
+        return {}
+    rows, summaries = [], []
+    for B in (1, 64):
+        r, s = _slab_at(engine, B, cfg)
+        rows += r
+        summaries.append(s)
+        log.info("slab B=%d: %s", B, s)
+    return {"capacity": cfg.slab_capacity, "rows": rows, "summary": summaries}
 
 
 # --- 3. RSS over a long stream -------------------------------------------------------
@@ -424,28 +594,8 @@ def write_report(result: dict, out: Path) -> None:
                 )
                 + ".",
             ]
-    if result.get("in_place"):
-        copy, in_place = result["in_place"]
-        lines += [
-            "",
-            f"## In-place steps vs copying the new states (batching on, {copy['streams']} streams)",
-            "",
-            "| new states | tokens/s | p50 ms | p99 ms | in place / copying |",
-            "|---|---|---|---|---|",
-        ]
-        pairs = in_place["pair_ratios"]
-        for r, ratio in ((copy, 1.0), (in_place, statistics.median(pairs))):
-            lines.append(
-                f"| {'written in place' if r['in_place'] else 'copied into the slab'} | "
-                f"{r['tokens_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                f"{ratio:.2f}x |"
-            )
-        lines += [
-            "",
-            f"tokens/s: the median of {len(pairs)} rounds each; ratio: the median of the "
-            "rounds' in-place / copying ratios (each pair ran back to back, in alternating "
-            f"order): {', '.join(f'{x:.2f}' for x in pairs)}.",
-        ]
+    if result.get("slab"):
+        lines += _slab_lines(result["slab"], result["config"])
     if "rss" in result:
         lines += [
             "",
@@ -469,6 +619,62 @@ def write_report(result: dict, out: Path) -> None:
         ]
     (out / f"{name}.md").write_text("\n".join(lines))
     plot(result, out / f"{name}.png")
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _slab_lines(slab: dict, config: dict) -> list[str]:
+    """The slab section's tables: per B, µs per call of each variant and its ratios."""
+    chunk = {s["B"]: s for s in slab["summary"]}
+    lines = [
+        "",
+        f"## Slot steps vs the in-place step and a copying store (slab of {slab['capacity']:,} "
+        "rows)",
+        "",
+        "One step of B sessions whose states are rows of the slab, in the Batcher's chunks "
+        "of `chunk_rows` rows ("
+        + ", ".join(
+            f"B = {b}: {s['chunks']} call(s) of <= {s['chunk_rows']}" for b, s in chunk.items()
+        )
+        + "); every variant on its own rows, interleaved call by call in random order, "
+        "median per call. In-place: the plain step graph with `state` and `state_out` bound "
+        "to the same consecutive slab rows (the removed `Engine.step_in_place`), timed only "
+        "where that aliased run equals `Engine.step` bit for bit.",
+        "",
+        "| B | variant | µs / call | vs in-place | vs gather+step+scatter | = Engine.step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in slab["rows"]:
+        us = IN_PLACE_NA if r["us_per_call"] is None else f"{r['us_per_call']:.1f}"
+        same = "bit for bit" if r["bit_equal_to_engine_step"] else f"max err {r['max_abs_err']:.1e}"
+        lines.append(
+            f"| {r['B']} | {r['variant']} | {us} | {_x(r['vs_in_place'])} | "
+            f"{_x(r['vs_copying'])} | {same} |"
+        )
+    lines += ["", "Per-round ratios (the two variants in the same round), median [p25, p75]:", ""]
+    for s in slab["summary"]:
+        parts = []
+        for key, label in (
+            ("paired_slot_random_vs_in_place", "slot (random) / in-place"),
+            ("paired_slot_consecutive_vs_in_place", "slot (consecutive) / in-place"),
+            ("paired_slot_random_vs_copying", "slot (random) / gather+step+scatter"),
+        ):
+            q = s.get(key)
+            parts.append(
+                f"{label} {IN_PLACE_NA}" if q is None
+                else f"{label} {q['median']:.3f} [{q['p25']:.3f}, {q['p75']:.3f}]"
+            )  # fmt: skip
+        lines.append(f"- B = {s['B']} ({s['calls']} rounds): " + "; ".join(parts) + ".")
+    at64 = chunk.get(64, {})
+    r = at64.get("slot_random_vs_in_place")
+    verdict = (
+        f"in-place {IN_PLACE_NA}" if r is None
+        else f"slot (random slots) / in-place = {r:.3f}: {'met' if r <= 1.0 else 'NOT met'}"
+    )  # fmt: skip
+    lines += ["", f"Target: the B = 64 slot step costs no more than the in-place step: {verdict}."]
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -501,10 +707,11 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+OBSOLETE_SECTIONS = ("in_place",)  # in-place vs copied Batcher (Engine.step_in_place: removed)
 SECTIONS = {
     "overhead": bench_overhead,
     "throughput": bench_throughput,
-    "in_place": bench_in_place,
+    "slab": bench_slab,
     "sessions": bench_sessions,
     "rss": bench_rss,
 }
@@ -525,6 +732,8 @@ def run(cfg: BenchConfig) -> dict:
     if set(cfg.sections) != set(SECTIONS) and previous.exists():
         # a partial rerun: keep the other sections of the earlier result
         old = json.loads(previous.read_text())
+        for gone in OBSOLETE_SECTIONS:  # measured by code that no longer exists
+            old.pop(gone, None)
         if old.get("model") != result["model"]:
             raise ValueError(f"{previous} is a result of another model; rerun all sections")
         result = {**old, **result}
@@ -560,6 +769,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     )
     p.add_argument("--rss-tokens", type=int, default=d.rss_tokens, help="tokens in the RSS stream")
     p.add_argument("--sessions", type=int, default=d.sessions, help="sessions for memory/session")
+    p.add_argument(
+        "--overhead-calls", type=int, default=d.overhead_calls,
+        help="interleaved calls per variant at B = 1 (overhead, slab; fewer at B = 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--slab-capacity", type=int, default=d.slab_capacity, help="slab rows (slab section)"
+    )
     p.add_argument("--out", default=d.out, help="results directory")
     p.add_argument("--name", default=d.name, help="base name of the result files")
     p.add_argument(
@@ -589,6 +805,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         max_batch_delay=a.max_batch_delay,
         rss_tokens=a.rss_tokens,
         sessions=a.sessions,
+        overhead_calls=a.overhead_calls,
+        slab_capacity=a.slab_capacity,
         out=a.out,
         name=a.name,
         sections=tuple(a.sections),

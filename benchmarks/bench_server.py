@@ -29,8 +29,8 @@ The server's own cost per token, each as a ratio of two numbers of the same run:
                                                                target ≤ 3
     batching on ÷ off = tokens/s at 64 clients, --max-batch B vs 1
 
-where the bare batched Engine runs B = C streams in-process, as the Batcher does (in place
-on consecutive slab rows where the engine allows it), and its CPU time is the process's
+where the bare batched Engine runs B = C streams in-process, as the Batcher does (slot steps
+on B rows of a state slab, `Engine.run_slots`), and its CPU time is the process's
 (onnxruntime's threads included).
 
 The server runs in a subprocess (`python -m ssmstream.runtime.server`), the clients in other
@@ -132,27 +132,26 @@ def build_model(cfg: BenchConfig, workdir: Path) -> Path:
 
 
 def bare_batch_cpu(eng, B: int, tokens: int = 4000) -> float:
-    """CPU ms per token of the bare Engine stepping B streams as the Batcher does: in place
-    on B consecutive rows of a state slab when the engine allows it, else through StepBuffers;
-    at least 50 calls. The process's CPU time (onnxruntime's threads included)."""
+    """CPU ms per token of the bare Engine stepping B streams as the Batcher does: slot steps
+    (`Engine.run_slots`) on the B rows of a state slab, one onnxruntime call per
+    `chunk_rows` rows; at least 50 calls. The process's CPU time (onnxruntime's threads
+    included)."""
     V = int(eng.info["vocab_size"])
     rng = np.random.default_rng(1)
     buf = eng.step_buffers(B)
-    slab = eng.new_state(B)  # [B, S]
+    slab = eng.new_slab(B)  # [B, S] on the engine's device
+    slots = np.arange(B)
     calls = max(50, tokens // B)
     xs = rng.integers(0, V, size=(calls + 10, B), dtype=np.int64)  # [calls + warm-up, B]
 
     c = buf.chunk_rows  # the Batcher's rows per onnxruntime call
 
     def one(x):
-        nonlocal slab
-        buf.inputs[:B] = x
-        if eng.in_place:
-            for i in range(0, B, c):
-                eng.step_in_place(buf.inputs[i : i + c], slab[i : i + c], out=buf)
-        else:
-            _, new = eng.step_unchecked(buf.inputs[:B], slab, out=buf)
-            slab[:] = new
+        for i in range(0, B, c):  # as Batcher._step_part fills its buffers per call
+            n = min(c, B - i)
+            buf.inputs[:n] = x[i : i + n]
+            buf.slots[:n, 0] = slots[i : i + n]
+            eng.run_slots(slab, n, buf)
 
     for x in xs[:10]:
         one(x)

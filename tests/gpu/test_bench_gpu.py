@@ -1,9 +1,9 @@
 """benchmarks/bench_gpu.py in its CPU smoke mode, on the cached tiny export (a few seconds).
 
 Checks the report's structure and two facts computed independently of the bench's
-counters: Engine.step moves inputs + 2 states + outputs per step, the resident batch
-inputs + outputs only (from the model's S and V); and the variants compute the same
-outputs (ORT fp32 vs resident vs torch eager).
+counters: Engine.step moves inputs + 2 states + outputs per step, the slab step inputs +
+slots + outputs only (from the model's S and V); the variants compute the same outputs
+(ORT fp32 vs slab vs torch eager); and the state floor is 2·B·S·4 bytes at the bandwidth.
 """
 
 from __future__ import annotations
@@ -42,17 +42,23 @@ def test_bench_gpu_cpu_smoke(tiny_token_model, tmp_path, capsys):
     cfg = tiny_token_model["config"]
     S, V = cfg.state_size, cfg.vocab_size
     res = rep["results"]
-    assert set(res) == {"torch_eager", "ort_fp32", "ort_resident"}
-    assert set(rep["skipped"]) == {"ort_fp16", "ort_resident_fp16", "ort_cuda_graph"}
+    assert set(res) == {"torch_eager", "ort_fp32", "ort_slab"}
+    assert set(rep["skipped"]) == {"ort_fp16", "ort_slab_fp16"}
     for name in res:
         assert [r["batch"] for r in res[name]] == [1, 4]
     for r in res["ort_fp32"]:
         B = r["batch"]
         assert r["bytes_per_step"] == B * 8 + 2 * B * S * 4 + B * V * 4
         assert r["tokens_per_s"] > 0 and r["p50_ms"] > 0 and r["steps"] == 4
-    for r in res["ort_resident"]:
-        assert r["bytes_per_step"] == r["batch"] * 8 + r["batch"] * V * 4  # no state
+    for r in res["ort_slab"]:
+        B = r["batch"]
+        assert r["bytes_per_step"] == B * 8 + B * 8 + B * V * 4  # tokens, slots, logits: no state
+        assert (r["bytes_in_per_step"], r["bytes_out_per_step"]) == (B * 16, B * V * 4)
         assert r["max_abs_err_vs_ort_fp32"] < 1e-4
+    floor = {(f["model"], f["batch"]): f for f in rep["floor"]}
+    assert set(floor) == {(m, B) for m in ("fp32", "fp16") for B in (64, 1024)}
+    for (_, B), f in floor.items():  # not measured at B = 1, 4; the floor at 4800 GB/s
+        assert f["ratio"] is None and f["floor_ms"] == pytest.approx(1e3 * 2 * B * S * 4 / 4800e9)
     for r in res["torch_eager"]:
         assert r["max_abs_err_vs_ort_fp32"] < 1e-3
     with pytest.raises(SystemExit):
