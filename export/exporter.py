@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import datetime
 import hashlib
 import importlib.metadata
@@ -42,9 +41,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
@@ -196,88 +193,6 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     return slimmed if keep else model
 
 
-# --- in-place steps ------------------------------------------------------------------
-# onnxruntime may write a step's state_out into the memory of its `state` input (the
-# runtime's Engine.step_in_place: no copy of the new state into the session slab) when
-# that cannot change what the graph computes, nor leave a half-written state behind a
-# failed run: the one node writing state_out runs after every other node, and neither of
-# its operands is `state` or a view of it.
-
-VIEW_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")  # outputs may alias
-
-
-def _ancestors(nodes: list[onnx.NodeProto], index: int) -> set[int]:
-    """Indices of the nodes that node `index` depends on, transitively."""
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    seen: set[int] = set()
-    todo = [index]
-    while todo:
-        for name in nodes[todo.pop()].input:
-            i = producer.get(name)
-            if i is not None and i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return seen
-
-
-def _state_writer(nodes) -> int | None:
-    """Index of the one node writing state_out, None when there is not exactly one."""
-    writers = [i for i, n in enumerate(nodes) if "state_out" in n.output]
-    return writers[0] if len(writers) == 1 else None
-
-
-def write_state_last(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The step graph with its state_out node made to wait for `output` as well.
-
-    Its second operand is reshaped to its own shape plus 0 × output's batch size (a view
-    in onnxruntime, 5 tiny shape nodes), so every topological order runs it last; see
-    `state_in_place`. Returns a modified copy; the model is returned as is when it has no
-    single non-view node writing state_out.
-    """
-    model = copy.deepcopy(model)
-    nodes = model.graph.node
-    w = _state_writer(nodes)
-    last = None if w is None else nodes[w]
-    if last is None or last.op_type in VIEW_OPS or len(last.input) < 2:
-        return model
-    batch, zero, own, shape, operand, zeros = (
-        f"state_out_after_output_{k}" for k in ("batch", "zero", "own", "shape", "operand", "0")
-    )
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), zeros))
-    make = onnx.helper.make_node
-    new = [
-        make("Shape", ["output"], [batch], start=0, end=1),  # [B]
-        make("Mul", [batch, zeros], [zero]),  # [0]
-        make("Shape", [last.input[1]], [own]),
-        make("Add", [own, zero], [shape]),  # its own shape, known only after `output`
-        make("Reshape", [last.input[1], shape], [operand]),
-    ]
-    last.input[1] = operand
-    kept = [n for i, n in enumerate(nodes) if i != w]  # no node reads state_out
-    del nodes[:]
-    nodes.extend([*kept, *new, last])
-    return model
-
-
-def state_in_place(model: onnx.ModelProto) -> bool:
-    """True when state_out may be written into the memory of `state` (see above): a single
-    node writes state_out, every other node is its ancestor (so it runs last, after every
-    read of `state`), nothing reads state_out, and neither operand of it is `state` or a
-    view of it."""
-    nodes = list(model.graph.node)
-    w = _state_writer(nodes)
-    if w is None or any("state_out" in n.input for n in nodes):
-        return False
-    last = nodes[w]
-    if last.op_type in VIEW_OPS or len(_ancestors(nodes, w)) != len(nodes) - 1:
-        return False
-    views = {"state"}
-    for n in nodes:  # topologically sorted
-        if n.op_type in VIEW_OPS and n.input and n.input[0] in views:
-            views.update(n.output)
-    return not views.intersection(last.input)
-
-
 def non_trunk_matmuls(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMul/Gemm nodes with a constant operand that is not a trunk weight
     ("trunk.*"): in the step graph, the SSM's own products with constants."""
@@ -374,8 +289,6 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
     graphs = {}
     for name, build in builders.items():
         model = convert(net, name, cfg, build)
-        if name == "step":
-            model = write_state_last(model)
         path = out / f"{name}.onnx"
         if cfg.dtype == "int8":
             fp32 = out / f".{name}.fp32.onnx"
@@ -385,8 +298,6 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
         else:
             onnx.save(model, path)
         graphs[name] = {"file": path.name}
-        if name == "step":
-            graphs[name]["in_place"] = state_in_place(onnx.load(path))
         if name == "prefill":
             graphs[name].update(chunk=cfg.chunk, max_len=cfg.max_len)
     return graphs

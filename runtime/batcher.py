@@ -1,16 +1,15 @@
 """Batcher: cross-session dynamic batching of steps on one Engine (asyncio).
 
 Many sessions each send their next input; one step of the recurrence is the same graph
-for all of them, so requests that arrive close together run as one onnxruntime call:
+for all of them, so requests that arrive close together run as one onnxruntime call of the
+slot graph (runtime/slab.py), on the rows of the store's slab that hold their states:
 
-    states [B, S] = slab[slots]                       gather   (SessionStore)
-    outputs [B, d_out], states' [B, S] = step(inputs [B], states)   one ORT call, worker thread
-    slab[slots] = states', position += 1              scatter  (SessionStore.commit)
+    outputs [B, d_out] = step_slots(inputs [B], slots [B], slab)   slab rows stepped in place
+    position += 1                                                   (SessionStore.give_back)
 
-A batch runs in slot order as one ORT call per `StepBuffers.chunk_rows` sessions (a chunk
-that stays in cache is cheaper per stream). When a chunk's slots are consecutive, its new
-states are written by onnxruntime straight into those slab rows (`Engine.step_in_place`,
-`SessionStore.lend_rows`): no gather, no scatter copy.
+A batch runs as one ORT call per `StepBuffers.chunk_rows` sessions (a chunk that stays in
+cache is cheaper per stream). No state is copied: the graph gathers the rows, steps them
+and scatters them back into the slab, on the engine's device.
 
 Rules:
 - A request with T > 1 inputs is a prefill: it runs on its own through Engine.prefill.
@@ -20,8 +19,8 @@ Rules:
   not at all when waiting cannot help: when the batch is full (`max_batch`) or already holds
   the next step of every *active* session (one that sent a request within the last
   `activity_window` seconds). So a lone stream never sits out the delay.
-- onnxruntime, the gather and the scatter run in one dedicated worker thread; the event
-  loop only moves requests between queues. A batch larger than one ORT call hands each
+- onnxruntime runs in one dedicated worker thread; the event loop only moves requests
+  between queues. A batch larger than one ORT call hands each
   call's results back as soon as it is done: those clients' next requests are queued
   while the rest of the batch runs. It hands a job to the worker through a queue
   and gets the results back in one `call_soon_threadsafe` callback, which also starts the
@@ -52,6 +51,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -128,8 +128,6 @@ class Batcher:
         max_queue_per_session: requests a session may have waiting behind its running one.
         activity_window: seconds after its last request that a session counts as active
             (None: max(20 × max_batch_delay, 10 ms)).
-        in_place: write new states straight into the store's slab where the engine
-            (`Engine.in_place`) and the store (`SessionStore.lend_rows`) allow it.
         inline: run a lone stream's steps on the event loop (see the module docstring).
     """
 
@@ -141,7 +139,6 @@ class Batcher:
         max_batch_delay: float = 0.001,
         max_queue_per_session: int = 64,
         activity_window: float | None = None,
-        in_place: bool = True,
         inline: bool = True,
     ):
         if (
@@ -162,13 +159,17 @@ class Batcher:
             raise InvalidInput(
                 "store", f"state size {store.state_size} != the engine's {engine.state_size}"
             )
+        if (store.slab.device, store.slab.device_id) != (engine.device, engine.device_id):
+            raise InvalidInput(
+                "store", f"its slab is on {store.slab.device}, the engine runs on "
+                f"{engine.device} (make it with slab=engine.new_slab(capacity))",
+            )  # fmt: skip
         self.engine, self.store = engine, store
         self.max_batch, self.max_batch_delay = int(max_batch), float(max_batch_delay)
         self.max_queue_per_session = max_queue_per_session
         self.activity_window = (
             max(20 * self.max_batch_delay, 0.01) if activity_window is None else activity_window
         )
-        self.in_place = bool(in_place) and engine.in_place
         self.inline = bool(inline)
         self.stats = BatcherStats()
         self._listeners: list[Callable[[int, float], None]] = []
@@ -504,11 +505,11 @@ class Batcher:
                 return
 
     def _run_steps(self, reqs: list[_Request]) -> list:
-        """One batch of steps, in slot order, as one ORT call per `chunk_rows` sessions.
-        Returns a result or exception per request; the requests of one call apply or fail
-        together. Every call's results but the last are handed back to the event loop at
-        once, so those clients send their next request while the next call runs."""
-        live = sorted((r for r in reqs if r.session.live), key=lambda r: r.session.slot)
+        """One batch of steps, as one ORT call per `chunk_rows` sessions. Returns a result or
+        exception per request; the requests of one call apply or fail together. Every call's
+        results but the last are handed back to the event loop at once, so those clients
+        send their next request while the next call runs."""
+        live = [r for r in reqs if r.session.live]
         c = self._buffers.chunk_rows
         results = {}
         for i in range(0, len(live), c):
@@ -533,49 +534,40 @@ class Batcher:
         return [results[r] for r in reqs]
 
     def _step_part(self, part: list[_Request]) -> dict:
-        """One ORT call: in place on the slab rows when the sessions' slots are consecutive
-        (and the engine and store allow it), else gather, step, commit."""
+        """One ORT call: the sessions' slab rows, stepped in place (Engine.run_slots)."""
         buf, store = self._buffers, self.store
-        sessions = [r.session for r in part]
-        rows = store.lend_rows(sessions) if self.in_place else None
-        if rows is None:
-            part, states = self._gather(part)
-            sessions = [r.session for r in part]
+        lent = store.lend([r.session for r in part])
+        if len(lent) < len(part):  # closed meanwhile: SessionNotFound from _run_steps
+            kept = set(lent)
+            part = [r for r in part if r.session in kept]
         B = len(part)
         if not B:
             return {}
         for j, r in enumerate(part):
             buf.inputs[j] = r.inputs[0]
-        if rows is not None:
-            try:
-                outputs = self.engine.step_in_place(buf.inputs[:B], rows, out=buf)
-            except BaseException:
-                store.return_rows(sessions, 0)  # nothing was written
-                raise
-            positions = store.return_rows(sessions, 1)
-            new_states = rows
-        else:
-            outputs, new_states = self.engine.step_unchecked(buf.inputs[:B], states, out=buf)
-            positions = store.commit_many(sessions, new_states, 1)
-        for j, (r, pos) in enumerate(zip(part, positions)):
+            buf.slots[j, 0] = r.session.slot
+        try:
+            outputs = self.engine.run_slots(store.slab, B, buf)
+        except BaseException:
+            store.give_back(lent, 0)  # nothing was written
+            raise
+        out = outputs.copy()  # [B, d_out], one copy: the buffer is reused next call
+        positions = store.give_back(lent, 1)
+        for r, pos in zip(part, positions):
             h = r.session.history
             if h is not None and not isinstance(pos, Exception):
-                h.step(r.inputs, pos, new_states[j])  # copies the state only when due
-        out = outputs[:B].copy()  # [B, d_out], one copy: the buffer is reused next call
+                h.step(r.inputs, pos, partial(self._state_of, r.session))  # read when due
         return {
             r: pos if isinstance(pos, Exception) else (out[j : j + 1], pos)
             for j, (r, pos) in enumerate(zip(part, positions))
         }
 
-    def _gather(self, part: list[_Request]) -> tuple[list[_Request], np.ndarray]:
-        """The states of the requests' sessions [B, S], leaving out sessions closed meanwhile;
-        in slot order, consecutive slots are read in place, without a copy."""
-        while True:
-            try:
-                sessions = [r.session for r in part]
-                return part, self.store.gather(sessions, out=self._buffers.states, allow_view=True)
-            except SessionNotFound:
-                part = [r for r in part if r.session.live]
+    def _state_of(self, s: Session) -> np.ndarray | None:
+        """The session's state [S], None once it is gone (a History checkpoint's source)."""
+        try:
+            return self.store.read(s)
+        except SessionNotFound:
+            return None
 
     def _run_prefill(self, reqs: list[_Request]) -> list:
         (r,) = reqs

@@ -21,18 +21,21 @@ This is the edge embedding API:
     out, s = eng.step(np.array([tok]), s)     # out: [1, d_out]
 
 On CUDA the provider takes `CudaOptions` (device id, arena growth, cuDNN conv algorithm
-search, CUDA graphs); `enable_cuda_graph` applies to the step graph only and needs fixed
-device buffers, i.e. `ssmstream.runtime.device_state.ResidentBatch(..., cuda_graph=True)`.
-For state that stays on the device between steps see runtime/device_state.py.
+search, TF32).
 
 `step` returns fresh arrays. For a loop that allocates nothing in steady state, pass
 preallocated `StepBuffers` (`out=eng.step_buffers(max_batch)`): onnxruntime writes into
 them through a cached IOBinding and the returned arrays are views of them.
-`step_in_place(x, states, out)` goes one further and writes the new states over `states`
-itself (the Batcher passes the session slab's rows: no copy of the new state), where the
-manifest says the step graph allows it (`graphs.step.in_place`: the node writing
-state_out runs after every other node; see export/exporter.py) and a first run shows
-that it gives the same numbers as a plain step (`Engine.in_place`).
+
+Served sessions keep their states where the model runs: `new_slab(capacity)` gives a
+StateSlab [capacity, S] on the engine's device (runtime/slab.py), and
+`step_slots(inputs, slots, slab)` steps the rows `slots` of it in one onnxruntime call of
+the *slot graph* (derived from step.onnx when the model opens): it gathers the rows, steps
+them and scatters the new states back in place; only inputs, slots and outputs cross
+host↔device.
+
+    slab = eng.new_slab(1024)
+    y = eng.step_slots(np.array([tok_a, tok_b]), [3, 17], slab)   # rows 3 and 17 step
 
 Dimension letters: B batch, T time steps, S packed state size, V vocabulary,
 d_in / d_out input / output features.
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -53,6 +55,7 @@ from .errors import EngineFailure, InvalidInput, ModelError
 from .generation import GenerateConfig, Generation
 from .manifest import load_manifest
 from .providers import STEP_THREADS, CudaOptions, cuda_usable, session_options, trim_heap
+from .slab import SLOT_OUTPUT, StateSlab, slot_model
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +78,17 @@ _ORT_TYPES = {
 # intermediates costs less per stream than one call over the whole batch (benchmarks/
 # bench_runtime.py, "chunked steps"); outputs are the same row by row.
 STEP_CHUNK_BYTES = 2 << 20
-IN_PLACE_BINDINGS = 1024  # cached in-place IOBindings per StepBuffers (an address pair each)
 
 
 class StepBuffers:
     """Preallocated arrays for allocation-free steps of up to `max_batch` streams.
 
-    inputs [max_batch] | [max_batch, d_in], states [max_batch, S]: for the caller to fill;
-    outputs [max_batch, d_out], new_states [max_batch, S]: written by `Engine.step(..., out=self)`.
-    A step runs as onnxruntime calls of at most `chunk_rows` streams (`chunk_bytes` of state
-    each, at least one stream); one IOBinding per (first row, rows) is cached. Use one
+    inputs [max_batch] | [max_batch, d_in], states [max_batch, S], slots int64
+    [max_batch, 1]: for the caller to fill; outputs [max_batch, d_out], new_states
+    [max_batch, S]: written by `Engine.step(..., out=self)` (outputs also by `run_slots`).
+    `Engine.step` runs as onnxruntime calls of at most `chunk_rows` streams (`chunk_bytes` of
+    state each, at least one stream; the Batcher splits its slot steps the same way); one
+    IOBinding per (first row, rows) is cached, and one per (slab, B) for slot steps. Use one
     StepBuffers from one thread at a time; the arrays a step returns are views that the next
     step with these buffers overwrites.
     """
@@ -100,9 +104,10 @@ class StepBuffers:
         self.states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
         self.outputs = np.zeros((max_batch, engine.d_output), dtype=engine._out_dtype)
         self.new_states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
+        self.slots = np.zeros((max_batch, 1), dtype=np.int64)  # [max_batch, 1]
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
-        self._in_place: OrderedDict[tuple, ort.IOBinding] = OrderedDict()  # LRU, by address
-        self._out_values: dict[int, ort.OrtValue] = {}  # B -> outputs[:B]
+        self._slot_bindings: dict[int, ort.IOBinding] = {}  # B -> binding, for self._slab
+        self._slab: StateSlab | None = None
         self._values: list[ort.OrtValue] = []  # keeps the bound OrtValues alive
 
     def binding(self, start: int, B: int) -> ort.IOBinding:
@@ -118,28 +123,24 @@ class StepBuffers:
             self._bindings[(start, B)] = io
         return io
 
-    def in_place_binding(self, x: np.ndarray, states: np.ndarray) -> ort.IOBinding:
-        """The IOBinding of `Engine.step_in_place(x, states)`: output = outputs[:B], and x,
-        states and state_out (= states) bound by address, so a later call with arrays at the
-        same addresses (the Batcher's inputs buffer, a session's slab rows) reuses it as is.
-        The IN_PLACE_BINDINGS most recently used are kept."""
-        B = x.shape[0]
-        key = (x.ctypes.data, states.ctypes.data, B)
-        io = self._in_place.get(key)
-        if io is not None:
-            self._in_place.move_to_end(key)
-            return io
-        value = self._out_values.get(B)
-        if value is None:
-            value = self._out_values[B] = ort.OrtValue.ortvalue_from_numpy(self.outputs[:B])
-        io = self.engine._step_session.io_binding()
-        io.bind_ortvalue_output("output", value)
-        io.bind_input("input", "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
-        for bind, name in ((io.bind_input, "state"), (io.bind_output, "state_out")):
-            bind(name, "cpu", 0, np.float32, list(states.shape), states.ctypes.data)
-        self._in_place[key] = io
-        if len(self._in_place) > IN_PLACE_BINDINGS:
-            self._in_place.popitem(last=False)
+    def slot_binding(self, slab: StateSlab, B: int) -> ort.IOBinding:
+        """The IOBinding of a slot step of B rows of `slab`: inputs[:B], slots[:B] and
+        outputs[:B] bound by address, `slab` as both `slab` and `slab_out` (one buffer)."""
+        if slab is not self._slab:  # bindings hold one slab's buffer
+            self._slot_bindings.clear()
+            self._slab = slab
+        io = self._slot_bindings.get(B)
+        if io is None:
+            eng = self.engine
+            io = eng._slot_session.io_binding()
+            x = self.inputs[:B]
+            io.bind_input("input", "cpu", 0, x.dtype, list(x.shape), x.ctypes.data)
+            io.bind_input("slots", "cpu", 0, np.int64, [B, 1], self.slots.ctypes.data)
+            io.bind_ortvalue_input("slab", slab.value)
+            io.bind_ortvalue_output(SLOT_OUTPUT, slab.value)
+            y = self.outputs[:B]
+            io.bind_output("output", "cpu", 0, y.dtype, list(y.shape), y.ctypes.data)
+            self._slot_bindings[B] = io
         return io
 
 
@@ -159,8 +160,8 @@ class Engine:
         check_sha: verify each graph file against the manifest's sha256.
 
     Attributes: manifest, info, provider, device ("cpu" | "cuda"), device_id, cuda_options,
-    input_kind, vocab_size, d_input, d_output, in_place (step_in_place is allowed),
-    state_size, prefill_chunk (None without a prefill graph), prefill_max_len.
+    input_kind, vocab_size, d_input, d_output, state_size, prefill_chunk (None without a
+    prefill graph), prefill_max_len.
     Thread-safe: concurrent `step` calls may come from several threads (StepBuffers excepted).
     """
 
@@ -229,34 +230,18 @@ class Engine:
         self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
         self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
-        self.in_place = bool(graphs["step"].get("in_place")) and self._in_place_agrees()
+        step_bytes = (self.model_dir / graphs["step"]["file"]).read_bytes()
+        self._slot_session = self._open(
+            graphs["step"]["file"], opts, providers, slot_model(step_bytes, self.state_size)
+        )
         self.info = self._make_info()
         cuda = f" {self.cuda_options.provider_options()}" if self.device == "cuda" else ""
         log.info(
-            "opened %s (%s, S=%d, %s) on %s%s%s", self.name, self.input_kind, self.state_size,
-            m["dtype"], self.provider, cuda, ", in-place steps" if self.in_place else "",
+            "opened %s (%s, S=%d, %s) on %s%s", self.name, self.input_kind, self.state_size,
+            m["dtype"], self.provider, cuda,
         )  # fmt: skip
 
     # --- opening -------------------------------------------------------------------------
-
-    def _in_place_agrees(self) -> bool:
-        """One step of 2 random streams run in place equals the plain step, bit for bit."""
-        rng = np.random.default_rng(0)
-        if self.input_kind == "tokens":
-            x = rng.integers(0, self.vocab_size, size=2)  # [2] int64
-        else:
-            x = rng.standard_normal((2, self.d_input)).astype(self._step_in_dtype)  # [2, d_in]
-        s = (rng.standard_normal((2, self.state_size)) * 0.5).astype(np.float32)  # [2, S]
-        try:
-            want_y, want_s = self._step_session.run(None, {"input": x, "state": s})
-            y = self._run_in_place(x, s, StepBuffers(self, 2))
-        except Exception as e:  # onnxruntime refused the binding: use the plain step
-            log.warning("in-place steps disabled: %s", e)
-            return False
-        if np.array_equal(y, want_y) and np.array_equal(s, want_s):
-            return True
-        log.warning("in-place steps disabled: they differ from the plain step on this provider")
-        return False
 
     def _check_manifest(self) -> None:
         m = self.manifest
@@ -288,12 +273,16 @@ class Engine:
         cuda = ("CUDAExecutionProvider", self.cuda_options.provider_options(graph))
         return [cuda, "CPUExecutionProvider"]
 
-    def _open(self, file: str, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    def _open(
+        self, file: str, opts: ort.SessionOptions, providers: list, model: bytes | None = None
+    ) -> ort.InferenceSession:
+        """An onnxruntime session of `file` (or of `model`, bytes derived from it)."""
         path = self.model_dir / file
         try:
-            return ort.InferenceSession(str(path), opts, providers=providers)
+            return ort.InferenceSession(model or str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own unrelated exception types
-            raise ModelError(f"onnxruntime cannot open {path}: {e}") from e
+            what = f"the slot graph of {path}" if model else path
+            raise ModelError(f"onnxruntime cannot open {what}: {e}") from e
 
     def _check_graph(self, sess: ort.InferenceSession, name: str, time_axis: bool) -> None:
         """The graph's I/O names, ranks and state size match the contract and manifest."""
@@ -343,7 +332,6 @@ class Engine:
             "prefill_max_len": self.prefill_max_len,
             "opset": m.get("opset"),
             "dt_scale": m.get("dt_scale"),
-            "in_place": self.in_place,
             "model": m.get("model", {}),
             "parity_passed": (m.get("parity") or {}).get("passed"),
             "model_dir": str(self.model_dir),
@@ -363,8 +351,12 @@ class Engine:
         return np.zeros((int(batch), self.state_size), dtype=np.float32)
 
     def step_buffers(self, max_batch: int = 1, chunk_bytes: int = STEP_CHUNK_BYTES) -> StepBuffers:
-        """Preallocated buffers for `step(..., out=buffers)` (see StepBuffers)."""
+        """Preallocated buffers for `step(..., out=buffers)` and `run_slots` (see StepBuffers)."""
         return StepBuffers(self, max_batch, chunk_bytes)
+
+    def new_slab(self, capacity: int) -> StateSlab:
+        """A zeroed StateSlab [capacity, S] on this engine's device (runtime/slab.py)."""
+        return StateSlab(capacity, self.state_size, self.device, self.device_id)
 
     def check_inputs(
         self, inputs, field: str = "inputs", time_axis: bool = False, lead: str | None = None
@@ -472,39 +464,51 @@ class Engine:
         except Exception as e:  # onnxruntime's own exception types (Fail, RuntimeException, ...)
             raise EngineFailure(f"step graph failed for batch {B}: {e}") from e
 
-    def step_in_place(self, x: np.ndarray, states: np.ndarray, out: StepBuffers) -> np.ndarray:
-        """`step_unchecked` that writes the new states over `states` itself: one onnxruntime
-        call, no copy of the state. Returns outputs [B, d_out] (a view of out.outputs).
+    def step_slots(
+        self, inputs, slots, slab: StateSlab, out: StepBuffers | None = None
+    ) -> np.ndarray:
+        """One time step for the sessions whose states are the rows `slots` of `slab`: their
+        new states are written over those rows, in one onnxruntime call.
 
         Args:
-            x: validated inputs [B] | [B, d_in] (check_inputs).
-            states: float32 [B, S], C-contiguous and writable (e.g. rows of a state slab).
-            out: StepBuffers with max_batch >= B (for speed keep B <= out.chunk_rows).
-        Only where `self.in_place`. On failure (EngineFailure) `states` is unchanged: the
-        graph writes state_out in the node it runs last.
+            inputs: tokens int [B] | values float [B, d_in]; row i for slot slots[i].
+            slots: B distinct row numbers of `slab`.
+            slab: a StateSlab of this engine (`new_slab`).
+            out: optional StepBuffers (B <= out.max_batch) to run in; the outputs are then a
+                view of out.outputs.
+        Returns outputs [B, d_out]. Raises InvalidInput (nothing runs), EngineFailure (the
+        slab is unchanged: the scatter is the graph's last node).
         """
-        if not self.in_place:
-            raise InvalidInput("in_place", "this model's step graph does not run in place")
+        x = self.check_inputs(inputs, "inputs")
+        rows = slab.check_slots(slots)
         B = x.shape[0]
-        if B > out.max_batch:
-            raise InvalidInput("out", f"holds {out.max_batch} streams, the batch has {B}")
-        if (
-            states.shape != (B, self.state_size)
-            or states.dtype != np.float32
-            or not (states.flags.c_contiguous and states.flags.writeable)
-        ):
-            raise InvalidInput(
-                "states", f"must be a writable C-contiguous float32 [{B}, {self.state_size}] array"
-            )
-        try:
-            return self._run_in_place(x, states, out)
-        except Exception as e:  # onnxruntime's own exception types
-            raise EngineFailure(f"step graph failed for batch {B}: {e}") from e
+        if rows.shape[0] != B:
+            raise InvalidInput("slots", f"has {rows.shape[0]} slots for {B} inputs")
+        if (slab.device, slab.device_id, slab.state_size) != (
+            self.device, self.device_id, self.state_size
+        ):  # fmt: skip
+            raise InvalidInput("slab", f"{slab!r} is not a slab of this engine ({self.device})")
+        buf = out if out is not None else StepBuffers(self, B)
+        if B > buf.max_batch:
+            raise InvalidInput("out", f"holds {buf.max_batch} streams, the batch has {B}")
+        buf.inputs[:B] = x
+        buf.slots[:B] = rows
+        y = self.run_slots(slab, B, buf)
+        return y if out is not None else y.copy()
 
-    def _run_in_place(self, x: np.ndarray, states: np.ndarray, out: StepBuffers) -> np.ndarray:
-        x = np.ascontiguousarray(x)  # bound by address
-        self._step_session.run_with_iobinding(out.in_place_binding(x, states))
-        return out.outputs[: x.shape[0]]
+    def run_slots(self, slab: StateSlab, B: int, out: StepBuffers) -> np.ndarray:
+        """`step_slots` on inputs and slots already in out.inputs[:B] and out.slots[:B],
+        valid (checked inputs; distinct slots of `slab`): the Batcher's per-token path.
+        Returns outputs [B, d_out], a view of out.outputs."""
+        try:
+            self._slot_session.run_with_iobinding(out.slot_binding(slab, B))
+        except Exception as e:  # onnxruntime's own exception types
+            raise EngineFailure(f"slot step failed for batch {B}: {e}") from e
+        st = slab.stats
+        st.steps += 1
+        st.step_bytes_in += out.inputs[:B].nbytes + 8 * B
+        st.step_bytes_out += out.outputs[:B].nbytes
+        return out.outputs[:B]
 
     def prefill(self, inputs, states) -> tuple[np.ndarray, np.ndarray]:
         """T time steps for B streams: full chunks via the prefill graph, the rest via step.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -122,17 +123,17 @@ class History:
                 last = p
         self._trim()
 
-    def step(self, inputs: np.ndarray, end: int, state: np.ndarray) -> None:
-        """`record` for one step (inputs [1] or [1, d_in]) and the state after it: the
-        per-token path, without building a dict."""
-        if end - 1 != self.position:
-            self.record(inputs, end, {end: state})
+    def step(self, inputs: np.ndarray, end: int, state: Callable[[], np.ndarray | None]) -> None:
+        """`record` for one step (inputs [1] or [1, d_in]); `state()` gives the state after
+        it (float32 [S], None when the session is gone), called only when a checkpoint is
+        due: the per-token path, without building a dict or reading the state."""
+        if end - 1 != self.position or end - self._checkpoints[-1][0] >= self.chunk:
+            x = state()
+            if x is not None:
+                self.record(inputs, end, {end: x})
             return
         self._inputs.append(inputs[0])
         self.position = end
-        if end - self._checkpoints[-1][0] >= self.chunk:
-            self._add(end, state)
-            self._trim()
 
     def _trim(self) -> None:
         """Drop checkpoints (and their inputs) no longer needed to reach position − W."""

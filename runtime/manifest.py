@@ -15,9 +15,7 @@ definition of the format both sides use.
       "precision": str,                 # what the dtype means (state is always float32)
       "graphs": {
         "step":    {"file": "step.onnx",    "sha256": hex, "nodes": int, "bytes": int,
-                    "inputs": {name: {"dtype", "shape"}}, "outputs": {...},
-                    "in_place": bool},      # state_out may be written over `state` (its one
-                                            # writer runs last and reads no view of state)
+                    "inputs": {name: {"dtype", "shape"}}, "outputs": {...}},
         "prefill": {"file": "prefill.onnx", "sha256": hex, "nodes": int, "bytes": int,
                     "inputs": ..., "outputs": ...,
                     "chunk": C,             # T must be a multiple of C ...

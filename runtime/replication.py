@@ -66,7 +66,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InvalidInput, ModelError, SessionBusy, SessionNotFound, Unavailable
+from .errors import InvalidInput, ModelError, SessionBusy, Unavailable
 from .sessions import Session, SessionStore, check_session_id
 from .snapshots import SnapshotKey
 
@@ -533,42 +533,32 @@ class RedisReplication:
     def _due(self, sid: str) -> bool:
         return bool(self.persist_steps) and self._dirty.get(sid, 0) + 1 >= self.persist_steps
 
-    def commit(self, sessions, new_states, consumed: int, commit_local) -> list:
-        """Write through the sessions that are due (before their local commit: a lost lease
-        or stale version fails the step and changes nothing here), then `commit_local` the
-        rest (the store's own commit). Results as SessionStore.commit_many."""
-        with self._io:  # a background write must not slip between our write and commit
-            failed: dict[int, BaseException] = {}
-            written: dict[int, int] = {}
-            due = [j for j, s in enumerate(sessions) if s.live and self._due(s.id)]
-            if due and not self.degraded:
-                items = [(sessions[j], new_states[j], sessions[j].position + consumed) for j in due]
+    def commit(self, sessions, commit_local) -> list:
+        """Commit locally (`commit_local()`: a result per session, as SessionStore.give_back),
+        then write through the sessions that are due. One whose lease was lost or whose
+        version is stale is dropped here (another replica owns it): its result becomes
+        Unavailable and Redis keeps the other replica's newer record."""
+        with self._io:  # a background write must not slip between our commit and write
+            results = commit_local()
+            ok = [j for j, r in enumerate(results) if not isinstance(r, BaseException)]
+            due = [j for j in ok if self._due(sessions[j].id)] if not self.degraded else []
+            versions: dict[int, int] = {}
+            if due:
+                items = [(sessions[j], self.store.read(sessions[j]), results[j]) for j in due]
                 try:
-                    versions = self._put(items)
+                    versions = dict(zip(due, self._put(items)))
                 except self.backend.Error as e:
                     self._degrade(e)
-                    versions = []
-                for j, v in zip(due, versions):
-                    if v < 0:
-                        failed[j] = self._moved(sessions[j], v)
-                    else:
-                        written[j] = v
-            keep = [j for j in range(len(sessions)) if j not in failed]
-            kept = [sessions[j] for j in keep]
-            local = commit_local(kept, new_states[keep] if failed else new_states, consumed)
-            results: list = [None] * len(sessions)
-            for j, s, r in zip(keep, kept, local):
-                results[j] = r
-                if isinstance(r, BaseException):
-                    continue
+            for j in ok:
+                s, v = sessions[j], versions.get(j)
                 self._used.add(s.id)
-                if j in written:
-                    self._version[s.id] = written[j]
-                    self._dirty[s.id] = 0
-                else:
+                if v is None:
                     self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
-            for j, e in failed.items():
-                results[j] = e
+                elif v < 0:
+                    results[j] = self._moved(s, v)
+                else:
+                    self._version[s.id] = v
+                    self._dirty[s.id] = 0
             return results
 
     def _put(self, items: Sequence[tuple[Session, np.ndarray, int]]) -> list[int]:
@@ -618,10 +608,9 @@ class RedisReplication:
         runs meanwhile, so each state and position belong together)."""
         items = []
         for s in sessions:
-            try:
-                items.append((s, self.store.read(s), s.position))
-            except SessionNotFound:  # closed meanwhile
-                continue
+            now = self.store.state_now(s)  # no wait: a step holding its row needs _io to end
+            if now is not None:  # else closed meanwhile, or being stepped: written later
+                items.append((s, *now))
         if not items:
             return 0
         versions = self._put(items)
@@ -638,7 +627,11 @@ class RedisReplication:
         self._version[s.id] = 0
         if not self.backend.acquire(s.id, self.replica_id, self._lease_ms):
             self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
-            versions = self._put([(s, self.store.read(s), s.position)])
+            now = self.store.state_now(s)
+            if now is None:  # being stepped: the background writer sends it
+                self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
+                return
+            versions = self._put([(s, *now)])
             if versions[0] > 0:
                 self._version[s.id] = versions[0]
 

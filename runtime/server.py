@@ -156,7 +156,8 @@ class Server:
                 replica_id=c.replica_id,
             )
             self.metrics.registry.register(StoreCollector(replication))
-        self.store = SessionStore(**store_args, replication=replication)
+        slab = self.engine.new_slab(c.max_sessions)  # every session's state, on its device
+        self.store = SessionStore(**store_args, replication=replication, slab=slab)
         if replication is not None:
             replication.start()
         restored = self.store.load(c.state_dir) if c.state_dir else 0

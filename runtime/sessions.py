@@ -1,15 +1,18 @@
-"""SessionStore: the per-session hidden state of a served model, in one float32 slab.
+"""SessionStore: the sessions of a served model; their states live in the engine's slab.
 
 A session is one stream fed to the recurrent step graph. Its whole memory is the
 packed state x ∈ R^S (float32) plus a little bookkeeping, so the store keeps
 
-    slab  float32 [capacity, S]     row `slot` = the state of one session (S × 4 bytes)
+    slab  StateSlab [capacity, S]   row `slot` = the state of one session (S × 4 bytes),
+                                    on the engine's device (runtime/slab.py)
     map   session_id -> Session     (id, principal, slot, position, last_used, ttl)
 
-`position` counts the inputs the session has consumed. `commit(session, x', n)` is
-the only way a state or position changes: it writes the new row and adds n, all at
-once, and refuses (changing nothing) when the session was closed or evicted in the
-meantime. A slab row costs no physical memory until first touched (calloc'd pages).
+`position` counts the inputs the session has consumed. A state and its position change
+together, in two ways: `commit(session, x', n)` writes a new row computed elsewhere (a
+prefill) and adds n; a step writes the rows in the slab itself between `lend(sessions)`
+and `give_back(sessions, n)`, which adds n. Either refuses (changing nothing) a session
+closed or evicted in the meantime. While rows are lent, reading them (read, snapshot,
+fork, save) waits, and the slot of a session closed meanwhile is not reused.
 
 Sessions expire when idle longer than their TTL (`evict_idle`, also done lazily on
 access); a closed or evicted id is remembered for a while so `get` can say why it
@@ -44,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput, LimitExceeded, ModelError, SessionBusy, SessionNotFound
+from .slab import StateSlab
 from .snapshots import (
     SnapshotKey,
     check_state,
@@ -86,7 +90,7 @@ class Session:
         self._id, self._principal, self._slot = id, principal, slot
         self._position, self._last_used, self._ttl = position, now, ttl
         self._live, self._pins = True, 0
-        self._lent = False  # its slab row is being written in place (lend_rows)
+        self._lent = False  # its slab row is being stepped (lend)
         self._incarnation = incarnation or secrets.token_hex(8)
         self.history = None  # its rewind History (runtime/history.py), set by the service
 
@@ -119,11 +123,6 @@ def check_session_id(session_id, field: str = "session_id") -> str:
     return session_id
 
 
-def _consecutive(slots: list[int]) -> bool:
-    """Non-empty, ascending by one: the rows are one block of the slab."""
-    return bool(slots) and slots[-1] - slots[0] == len(slots) - 1 and slots == sorted(slots)
-
-
 def check_consumed(consumed) -> int:
     """A commit's input count: an integer >= 0, else InvalidInput."""
     if isinstance(consumed, bool) or not isinstance(consumed, (int, np.integer)) or consumed < 0:
@@ -153,6 +152,8 @@ class SessionStore:
             key, valid for this store only).
         replication: a policy that also keeps the sessions elsewhere (runtime/replication.py
             RedisReplication), called at create / commit / close / fetch; None: memory only.
+        slab: where the states live (Engine.new_slab(capacity): on the engine's device);
+            None: a CPU StateSlab of its own.
         clock: a monotonic clock in seconds (tests pass a fake one).
         tombstones: how many closed/evicted ids to remember for `get`'s reason.
 
@@ -170,6 +171,7 @@ class SessionStore:
         tombstones: int = 65536,
         snapshot_key: SnapshotKey | None = None,
         replication=None,
+        slab: StateSlab | None = None,
     ):
         if (
             isinstance(state_size, bool)
@@ -200,16 +202,22 @@ class SessionStore:
         self.model_sha = model_sha
         self.snapshot_key = snapshot_key or SnapshotKey.generate()
         self.clock = clock
-        self._slab = np.zeros((self.capacity, self.state_size), dtype=np.float32)  # [capacity, S]
+        if slab is None:
+            slab = StateSlab(self.capacity, self.state_size)
+        elif (slab.capacity, slab.state_size) != (self.capacity, self.state_size):
+            raise InvalidInput(
+                "slab", f"{slab!r} does not hold {self.capacity} states of size {self.state_size}"
+            )
+        self.slab = slab
         # free slots as a min-heap: a new session takes the lowest, so live sessions stay
-        # packed at the start of the slab and a batch's rows are often consecutive (in place)
+        # packed at the start of the slab (a CPU slab's untouched pages cost no memory)
         self._free = list(range(self.capacity))
         self._sessions: dict[str, Session] = {}
         self._per_principal: Counter[str] = Counter()
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (principal, reason)
         self._max_gone = tombstones
         self._lock = threading.RLock()
-        self._returned = threading.Condition(self._lock)  # notified by return_rows
+        self._returned = threading.Condition(self._lock)  # notified by give_back
         self._lent = 0  # sessions whose rows are lent out
         self._save_lock = threading.Lock()  # one save at a time: they share the temp file
         self._counts = Counter()
@@ -225,7 +233,7 @@ class SessionStore:
     @property
     def bytes_per_session(self) -> int:
         """Slab bytes one session occupies: S × 4."""
-        return self._slab.strides[0]
+        return self.slab.row_bytes
 
     def stats(self) -> dict:
         with self._lock:
@@ -235,7 +243,8 @@ class SessionStore:
                 "free": len(self._free),
                 "state_size": self.state_size,
                 "bytes_per_session": self.bytes_per_session,
-                "slab_bytes": self._slab.nbytes,
+                "slab_bytes": self.slab.nbytes,
+                "slab_device": self.slab.device,
                 "principals": len(self._per_principal),
                 "created": self._counts["created"],
                 "closed": self._counts["closed"],
@@ -282,7 +291,7 @@ class SessionStore:
                 f"(max_per_principal={self.max_per_principal})"
             )
         slot = heapq.heappop(self._free)
-        self._slab[slot] = 0.0
+        self.slab.zero(slot)
         s = Session(session_id, principal, slot, position, self.clock(), ttl, incarnation)
         self._sessions[session_id] = s
         self._per_principal[principal] += 1
@@ -293,7 +302,7 @@ class SessionStore:
         """Unregister and free the slot. Caller holds the lock."""
         del self._sessions[s._id]
         s._live = False
-        if not s._lent:  # else return_rows frees it: no new session gets a row being written
+        if not s._lent:  # else give_back frees it: no new session gets a row being written
             heapq.heappush(self._free, s._slot)
         self._per_principal[s._principal] -= 1
         if self._per_principal[s._principal] <= 0:
@@ -408,78 +417,69 @@ class SessionStore:
             s._last_used = self.clock()
 
     def read(self, s: Session) -> np.ndarray:
-        """A copy of the session's state: float32 [S]."""
+        """A copy of the session's state: float32 [S] (waits while a step writes it)."""
         with self._lock:
             self._check_live(s)
             self._wait_returned(s)
-            return self._slab[s._slot].copy()
+            return self.slab.read(s._slot)
 
-    def gather(
-        self, sessions: Sequence[Session], out: np.ndarray | None = None, allow_view: bool = False
-    ) -> np.ndarray:
-        """States of several sessions stacked: float32 [B, S].
-
-        Written into `out[:B]` when given. With allow_view, sessions whose slots are
-        consecutive and ascending come back as a view of the slab instead (no copy): read it
-        before the next commit to these sessions.
-        """
+    def state_now(self, s: Session) -> tuple[np.ndarray, int] | None:
+        """(state [S], position) of a live session, read together; None when it is gone or
+        its row is being stepped right now (no waiting: for the replication's writes)."""
         with self._lock:
-            for s in sessions:
-                self._check_live(s)
-            slots = [s._slot for s in sessions]
-            B = len(slots)
-            if allow_view and _consecutive(slots):
-                return self._slab[slots[0] : slots[0] + B]
-            if out is None:
-                return self._slab[slots]  # fancy indexing copies
-            dst = out[:B]
-            np.take(self._slab, slots, axis=0, out=dst, mode="clip")  # "clip": no temp buffer
-            return dst
+            if s._lent or not s._live or self._sessions.get(s._id) is not s:
+                return None
+            return self.slab.read(s._slot), s._position
 
-    def lend_rows(self, sessions: Sequence[Session]) -> np.ndarray | None:
-        """The slab rows of `sessions` as one writable view [B, S], for a step that writes
-        the new states straight into them (Engine.step_in_place); None unless every session
-        is live and their slots are consecutive and ascending (and the store is not shared).
-
-        Until `return_rows(sessions, ...)`: reading these sessions' states (read, snapshot,
-        fork, save) waits, and the slot of one closed meanwhile is not reused.
-        """
-        if self.replication is not None:  # states also go elsewhere, through commit
-            return None
+    def lend(self, sessions: Sequence[Session]) -> list[Session]:
+        """The live ones of `sessions` (in order), their rows lent to a step that writes
+        them in the slab (Engine.run_slots) until `give_back`. Meanwhile reading their
+        states waits, and the slot of one closed meanwhile is not reused."""
         with self._lock:
-            slots = [s._slot for s in sessions]
-            if not _consecutive(slots):
-                return None
-            if not all(s._live and self._sessions.get(s._id) is s for s in sessions):
-                return None
-            for s in sessions:
+            lent = [s for s in sessions if s._live and self._sessions.get(s._id) is s]
+            for s in lent:
                 s._lent = True
-            self._lent += len(slots)
-            return self._slab[slots[0] : slots[0] + len(slots)]
+            self._lent += len(lent)
+            return lent
 
-    def return_rows(
-        self, sessions: Sequence[Session], consumed: int
-    ) -> list[int | SessionNotFound]:
-        """End `lend_rows`: advance each session still live by `consumed` (0 when the step
-        failed and wrote nothing) and return its position, or the SessionNotFound of one
-        closed or evicted meanwhile (its slot is freed now)."""
+    def give_back(self, sessions: Sequence[Session], consumed: int) -> list[int | SessionNotFound]:
+        """End `lend`: advance each session still live by `consumed` (0 when the step failed
+        and wrote nothing); returns per session its new position, or the error of one closed
+        or evicted meanwhile (its slot is freed now) or, replicated, moved elsewhere."""
         consumed = check_consumed(consumed)
-        results: list[int | SessionNotFound] = []
-        with self._lock:
-            now = self.clock()
-            for s in sessions:
-                lent, s._lent = s._lent, False
-                self._lent -= lent
-                if not s._live:
-                    if lent:  # _remove left the slot to us
+
+        def local():
+            with self._lock:
+                results = self._advance(sessions, consumed)
+                for s in sessions:
+                    lent, s._lent = s._lent, False
+                    self._lent -= lent
+                    if lent and not s._live:  # _remove left the slot to us
                         heapq.heappush(self._free, s._slot)
-                    results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
-                    continue
-                s._position += consumed
-                s._last_used = now
-                results.append(s._position)
-            self._returned.notify_all()
+                self._returned.notify_all()
+            return results
+
+        return self._commit(sessions, consumed, local)
+
+    def _advance(self, sessions: Sequence[Session], consumed: int) -> list[int | SessionNotFound]:
+        """Add `consumed` to the position of each live session (caller holds the lock)."""
+        results: list[int | SessionNotFound] = []
+        now = self.clock()
+        for s in sessions:
+            if not s._live or self._sessions.get(s._id) is not s:
+                results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
+                continue
+            s._position += consumed
+            s._last_used = now
+            results.append(s._position)
         return results
+
+    def _commit(self, sessions: Sequence[Session], consumed: int, local: Callable) -> list:
+        """Run `local()` (the local commit: its results per session), then, replicated, the
+        write-through of the sessions that are due."""
+        if self.replication is None or not consumed:
+            return local()
+        return self.replication.commit(sessions, local)
 
     def _wait_returned(self, s: Session | None = None) -> None:
         """Wait (the caller holds the lock) until s's row (None: every row) is not lent;
@@ -495,6 +495,7 @@ class SessionStore:
         All or nothing: raises (changing nothing) when the session is no longer live
         or the arguments are malformed. Returns the new position.
         """
+        consumed = check_consumed(consumed)
         new_state = np.asarray(new_state)
         if new_state.shape != (self.state_size,):
             raise InvalidInput(
@@ -502,51 +503,21 @@ class SessionStore:
             )
         if new_state.dtype != np.float32:
             raise InvalidInput("new_state", f"must be float32, got {new_state.dtype}")
-        (result,) = self.commit_many([s], new_state[None], consumed)
+
+        def local():
+            with self._lock:
+                try:
+                    self._check_live(s)
+                    self._wait_returned(s)
+                except SessionNotFound as e:
+                    return [e]
+                self.slab.write(s._slot, new_state)
+                return self._advance([s], consumed)
+
+        (result,) = self._commit([s], consumed, local)
         if isinstance(result, BaseException):
             raise result
         return result
-
-    def commit_many(
-        self, sessions: Sequence[Session], new_states: np.ndarray, consumed: int
-    ) -> list[int | SessionNotFound]:
-        """`commit` for a batch: row j of new_states [B, S] to sessions[j], each all or nothing.
-
-        Returns per session its new position, or the SessionNotFound it raised (a session
-        closed or evicted meanwhile is skipped; the others are committed).
-        """
-        consumed = check_consumed(consumed)
-        if new_states.shape != (len(sessions), self.state_size) or new_states.dtype != np.float32:
-            raise InvalidInput(
-                "new_states", f"must be float32 [{len(sessions)}, {self.state_size}], "
-                f"got {new_states.dtype} {new_states.shape}",
-            )  # fmt: skip
-        if self.replication is not None:
-            return self.replication.commit(sessions, new_states, consumed, self._commit_local)
-        return self._commit_local(sessions, new_states, consumed)
-
-    def _commit_local(
-        self, sessions: Sequence[Session], new_states: np.ndarray, consumed: int
-    ) -> list[int | SessionNotFound]:
-        results: list[int | SessionNotFound] = []
-        with self._lock:
-            now = self.clock()
-            rows, slots = [], []  # the live sessions' rows of new_states and their slots
-            for j, s in enumerate(sessions):
-                if not s._live or self._sessions.get(s._id) is not s:
-                    results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
-                    continue
-                rows.append(j)
-                slots.append(s._slot)
-                s._position += consumed
-                s._last_used = now
-                results.append(s._position)
-            n = len(slots)
-            if n == len(sessions) and _consecutive(slots):
-                self._slab[slots[0] : slots[0] + n] = new_states  # one block copy
-            elif n:
-                self._slab[slots] = new_states[rows] if n < len(sessions) else new_states
-        return results
 
     def rewind(self, s: Session, state: np.ndarray, position: int) -> None:
         """Set a session back to an earlier `position` with `state` [S] (the caller computed
@@ -556,7 +527,7 @@ class SessionStore:
             if not 0 <= position <= s._position:
                 raise InvalidInput("position", f"must be in [0, {s._position}], got {position}")
             self._wait_returned(s)
-            self._slab[s._slot] = state
+            self.slab.write(s._slot, state)
             s._position = position
             s._last_used = self.clock()
 
@@ -608,7 +579,7 @@ class SessionStore:
                 s.history.release()
                 s.history = None
             s._position = position
-            self._slab[s._slot] = state
+            self.slab.write(s._slot, state)
             return s
 
     def drop(self, s: Session) -> None:
@@ -627,7 +598,7 @@ class SessionStore:
 
     def _pack(self, s: Session) -> bytes:
         self._wait_returned(s)
-        return self.pack_state(self._slab[s._slot], s._position)
+        return self.pack_state(self.slab.read(s._slot), s._position)
 
     def pack_state(self, state: np.ndarray, position: int) -> bytes:
         """A signed snapshot (runtime/snapshots.py) of state [S] at `position`."""
@@ -658,7 +629,7 @@ class SessionStore:
 
         def make(sid):
             s = self._new_session(principal, sid, ttl, position)
-            self._slab[s._slot] = state
+            self.slab.write(s._slot, state)
             self._counts["restored"] += 1
             return s
 
@@ -673,7 +644,7 @@ class SessionStore:
             parent = self.get(session_id, principal)
             self._wait_returned(parent)
             child = self._new_session(principal, sid, parent._ttl, parent._position)
-            self._slab[child._slot] = self._slab[parent._slot]
+            self.slab.copy(parent._slot, child._slot)
             self._counts["forked"] += 1
             return child
 
@@ -709,7 +680,7 @@ class SessionStore:
                     for s in live
                 ],
             }
-            states = self._slab[[s._slot for s in live]]  # [n, S]
+            states = self.slab.read_rows([s._slot for s in live])  # [n, S]
         data = encode_session_file(self.snapshot_key, header, states)
         tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -777,6 +748,6 @@ class SessionStore:
                     )
             for (sid, principal, position, ttl, incarnation), row in zip(entries, states):
                 s = self._new_session(principal, sid, ttl, position, incarnation)
-                self._slab[s._slot] = row
+                self.slab.write(s._slot, row)
         log.info("loaded %d sessions from %s", n, path)
         return n

@@ -39,7 +39,6 @@ RUNTIME_EDGE = {
     "replication",
     "bench",
     "info",
-    "device_state",
 }
 ADAPTERS = {"servicer", "status", "server", "client"}
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "ssmstream.protos")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from export_helpers import DT_SCALE, EXPORT, ort_steps, rel_err, session
@@ -286,73 +286,46 @@ def test_fp16_variant(fp16_model, token_net):
     assert rel_err(y, torch_conv(token_net, x)) <= TOLERANCES["fp16"]["step_vs_torch"]
 
 
-# --- in-place steps (manifest graphs.step.in_place) -----------------------------------
-
-
-def _toy_graph(writer: onnx.NodeProto, extra: list[onnx.NodeProto] = ()) -> onnx.ModelProto:
-    """state [B, 4] -> a = state * 2 -> state_out = writer(...), output = a + 1."""
-    h = onnx.helper
-    nodes = [
-        h.make_node("Mul", ["state", "two"], ["a"]),
-        h.make_node("Add", ["a", "two"], ["output"]),
-        *extra,
-        writer,
-    ]
-    vi = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["B", 4]) for n in ("state",)]
-    outs = [
-        h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["B", 4])
-        for n in ("output", "state_out")
-    ]
-    two = onnx.numpy_helper.from_array(np.array([2.0], np.float32), "two")
-    model = h.make_model(
-        h.make_graph(nodes, "g", vi, outs, [two]), opset_imports=[h.make_opsetid("", 20)]
-    )
-    model.ir_version = 9  # what onnxruntime reads
-    return model
+# --- the runtime's slot step (GatherND -> step.onnx -> ScatterND, derived at load) ------
 
 
 @pytest.mark.parametrize("which", ["token_model", "signal_model", "int8_model", "fp16_model"])
-def test_exported_step_graphs_run_in_place(which, request):
-    """Every variant's step graph writes state_out in its last node, which waits for `output`
-    too; the runtime opens it with in-place steps on."""
-    from ssmstream.export.exporter import _ancestors, state_in_place
+def test_exported_step_graphs_step_slab_rows_like_the_plain_step(which, request):
+    """The Engine derives its slot graph from every variant's step graph as exported: it
+    gives the plain step's outputs and new states bit for bit, written into the stepped
+    rows of the slab only, over several steps of slots in no particular order."""
     from ssmstream.runtime import Engine
 
     model_dir = request.getfixturevalue(which)
     m = load_manifest(model_dir)
-    assert m["graphs"]["step"]["in_place"] is True
-    graph = onnx.load(model_dir / "step.onnx")
-    assert state_in_place(graph)
-    nodes = list(graph.graph.node)
-    writer = next(i for i, n in enumerate(nodes) if "state_out" in n.output)
-    output = next(i for i, n in enumerate(nodes) if "output" in n.output)
-    assert output in _ancestors(nodes, writer)
-    assert Engine(model_dir, device="cpu", threads=1).in_place
+    assert "in_place" not in m["graphs"]["step"]  # the exporter no longer marks step graphs
+    eng = Engine(model_dir, device="cpu", threads=1)
+    states = warm_state(session(model_dir / "step.onnx"), m, 8, seed=21)
+    slab = eng.new_slab(8)
+    for i, row in enumerate(states):
+        slab.write(i, row)
+    slots = np.array([5, 0, 3])
+    x = random_inputs(m, len(slots), 4, seed=22)
+    for t in range(x.shape[1]):
+        y_ref, s_ref = eng.step(x[:, t], states[slots])
+        y = eng.step_slots(x[:, t], slots, slab)
+        np.testing.assert_array_equal(y, y_ref)
+        states[slots] = s_ref
+        np.testing.assert_array_equal(slab.read_rows(range(8)), states)  # others untouched
 
 
-def test_state_in_place_check_and_write_state_last():
-    from ssmstream.export.exporter import state_in_place, write_state_last
+def test_manifests_with_the_old_in_place_flag_still_load(token_model, tmp_path):
+    """Models exported before the slot graph carry graphs.step.in_place: still valid."""
+    from ssmstream.runtime import Engine
 
-    h = onnx.helper
-    # the writer runs before `output`'s node could: write_state_last orders it last
-    g = _toy_graph(h.make_node("Add", ["a", "two"], ["state_out"]))
-    assert not state_in_place(g)
-    fixed = write_state_last(g)
-    onnx.checker.check_model(fixed, full_check=True)
-    assert state_in_place(fixed) and not state_in_place(g)  # g itself is not modified
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    for model in (g, fixed):  # same numbers
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        y, s = sess.run(None, {"state": x})
-        np.testing.assert_array_equal(y, x * 2 + 2)
-        np.testing.assert_array_equal(s, x * 2 + 2)
-    # operands that are the state itself, or a view of it: never in place
-    reads_state = write_state_last(_toy_graph(h.make_node("Add", ["a", "state"], ["state_out"])))
-    assert not state_in_place(reads_state)
-    view = [h.make_node("Reshape", ["state", "shape"], ["v"])]
-    g = _toy_graph(h.make_node("Add", ["output", "v"], ["state_out"]), view)
-    g.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"))
-    assert not state_in_place(g)
-    # state_out made by a view op: nothing to order
-    g = _toy_graph(h.make_node("Identity", ["a"], ["state_out"]))
-    assert write_state_last(g) == g and not state_in_place(g)
+    old = tmp_path / "old"
+    shutil.copytree(token_model, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["graphs"]["step"]["in_place"] = True
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert load_manifest(old)["graphs"]["step"]["in_place"] is True
+    eng = Engine(old, device="cpu", threads=1)
+    x = np.array([1, 2], dtype=np.int64)
+    y, _ = eng.step(x, eng.new_state(2))
+    y_ref, _ = Engine(token_model, device="cpu", threads=1).step(x, eng.new_state(2))
+    np.testing.assert_array_equal(y, y_ref)

@@ -1,8 +1,8 @@
 """CUDA provider options (checked everywhere) and the CUDA paths (marked `cuda`, skipped here).
 
 Without a GPU the options are checked by intercepting what the Engine hands to
-onnxruntime's InferenceSession; with one, the CUDA engine, the resident batch and its CUDA
-graph mode are compared with the CPU engine on the same model.
+onnxruntime's InferenceSession; with one, the CUDA engine's plain steps and its slot steps
+on a device slab are compared with the CPU engine on the same model (fp32: TF32 off).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ssmstream.runtime.engine as engine_module
-from ssmstream.runtime.device_state import ResidentBatch
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import InvalidInput
 from ssmstream.runtime.providers import CudaOptions
@@ -56,7 +55,7 @@ def test_engine_hands_cuda_options_to_onnxruntime(toy_token_model, monkeypatch):
     real = engine_module.ort.InferenceSession
 
     def record(path, opts, providers):
-        seen[path.rsplit("/", 1)[-1]] = providers
+        seen["slots" if isinstance(path, bytes) else path.rsplit("/", 1)[-1]] = providers
         cpu = [
             p for p in providers if (p if isinstance(p, str) else p[0]) == "CPUExecutionProvider"
         ]
@@ -70,6 +69,7 @@ def test_engine_hands_cuda_options_to_onnxruntime(toy_token_model, monkeypatch):
     assert name == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
     assert step_opts["device_id"] == "3" and step_opts["cudnn_conv_algo_search"] == "EXHAUSTIVE"
     assert step_opts["enable_cuda_graph"] == "1"
+    assert seen["slots"] == seen["step.onnx"]  # the slot graph runs where the step graph does
     assert eng.device == "cpu"  # the (faked) session reports CPU, so the engine says so
     # device="cpu" never asks for CUDA, whatever the options
     seen.clear()
@@ -87,22 +87,25 @@ def test_cuda_requested_without_cuda_says_why(toy_token_model, monkeypatch):
 # --- on a GPU ------------------------------------------------------------------------------
 
 
-def _run(eng_or_rb, tokens, x0, eng_cpu):
-    """Outputs of T steps [B, T, d_out] and final states [B, S]."""
-    if isinstance(eng_or_rb, ResidentBatch):
-        rb = eng_or_rb
-        rb.join(x0)
-        ys = [rb.step(tokens[:, t]).copy() for t in range(tokens.shape[1])]
-        return np.stack(ys, axis=1), rb.read(rb.ids)
+def _run(eng, tokens, x0, slab=None):
+    """Outputs of T steps [B, T, d_out] and final states [B, S]: plain steps, or slot steps
+    on rows 1, 3, 5, ... of `slab`."""
+    B = tokens.shape[0]
+    if slab is not None:
+        slots = np.arange(B) * 2 + 1
+        for row, state in zip(slots, x0):
+            slab.write(int(row), state)
+        ys = [eng.step_slots(tokens[:, t], slots, slab) for t in range(tokens.shape[1])]
+        return np.stack(ys, axis=1), slab.read_rows(slots)
     s, ys = x0, []
     for t in range(tokens.shape[1]):
-        y, s = eng_or_rb.step(tokens[:, t], s)
+        y, s = eng.step(tokens[:, t], s)
         ys.append(y)
     return np.stack(ys, axis=1), s
 
 
 @pytest.mark.cuda
-def test_cuda_engine_and_resident_batch_match_cpu(tiny_token_model):
+def test_cuda_plain_and_slot_steps_match_cpu_in_fp32(tiny_token_model):
     d = tiny_token_model["model_dir"]
     cpu = Engine(d, device="cpu")
     gpu = Engine(d, device="cuda")
@@ -111,27 +114,13 @@ def test_cuda_engine_and_resident_batch_match_cpu(tiny_token_model):
     B, T = 8, 16
     tokens = rng.integers(0, cpu.vocab_size, size=(B, T))
     x0 = rng.standard_normal((B, cpu.state_size)).astype(np.float32) * 0.1
-    y_ref, s_ref = _run(cpu, tokens, x0, cpu)
-    for runner in (gpu, ResidentBatch(gpu, capacity=B + 3)):
-        y, s = _run(runner, tokens, x0, cpu)
-        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=1e-4)
-    rb = ResidentBatch(gpu, capacity=4)
-    rb.join(x0[:4])
-    rb.step(tokens[:4, 0])
-    assert rb.stats.last_step_bytes == tokens[:4, 0].astype(np.int64).nbytes + 4 * gpu.d_output * 4
-
-
-@pytest.mark.cuda
-def test_cuda_graph_resident_batch_matches_cpu(tiny_token_model):
-    d = tiny_token_model["model_dir"]
-    cpu = Engine(d, device="cpu")
-    gpu = Engine(d, device="cuda", cuda_options={"enable_cuda_graph": True})
-    rng = np.random.default_rng(1)
-    B, T = 5, 12
-    tokens = rng.integers(0, cpu.vocab_size, size=(B, T))
-    x0 = rng.standard_normal((B, cpu.state_size)).astype(np.float32) * 0.1
-    y_ref, s_ref = _run(cpu, tokens, x0, cpu)
-    y, s = _run(ResidentBatch(gpu, capacity=8, cuda_graph=True), tokens, x0, cpu)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(s, s_ref, rtol=1e-4, atol=1e-4)
+    y_ref, s_ref = _run(cpu, tokens, x0)
+    for slab in (None, gpu.new_slab(2 * B + 3)):
+        y, s = _run(gpu, tokens, x0, slab)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(s, s_ref, rtol=1e-5, atol=1e-5)
+    slab = gpu.new_slab(4)
+    before = slab.stats.step_bytes_in, slab.stats.step_bytes_out
+    gpu.step_slots(tokens[:4, 0], [0, 1, 2, 3], slab)
+    moved = slab.stats.step_bytes_in - before[0], slab.stats.step_bytes_out - before[1]
+    assert moved == (4 * 8 + 4 * 8, 4 * gpu.d_output * 4)  # tokens + slots in, outputs out

@@ -225,8 +225,9 @@ class SlowOrFailingSession:
 
 
 @contextlib.contextmanager
-def inject(engine, graph: str = "step", **faults):
-    """Replace the engine's step (or prefill) ORT session by a SlowOrFailingSession(**faults)."""
+def inject(engine, graph: str = "slot", **faults):
+    """Replace the engine's slot-step ORT session (the served steps; or "prefill", "step")
+    by a SlowOrFailingSession(**faults)."""
     attr = f"_{graph}_session"
     real = getattr(engine, attr)
     fake = SlowOrFailingSession(real, **faults)

@@ -122,37 +122,24 @@ def tiny(tiny_token_model):
     return Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
 
 
-class CountingEngine:
-    """Counts the Engine's in-place and copying step calls (batch sizes)."""
-
-    def __init__(self, engine, monkeypatch):
-        self.in_place, self.copied = [], []
-        real_ip, real_cp = engine.step_in_place, engine.step_unchecked
-
-        def step_in_place(x, states, out):
-            self.in_place.append(x.shape[0])
-            return real_ip(x, states, out)
-
-        def step_unchecked(x, s, out=None):
-            self.copied.append(x.shape[0])
-            return real_cp(x, s, out)
-
-        monkeypatch.setattr(engine, "step_in_place", step_in_place)
-        monkeypatch.setattr(engine, "step_unchecked", step_unchecked)
-
-
-@pytest.mark.parametrize("in_place", [True, False])
-def test_in_place_and_copying_batches_equal_each_stream_alone(tiny, in_place, monkeypatch):
-    """12 streams in chunks of 5 rows; closing 3 sessions leaves gaps in the slots, so later
-    chunks mix the in-place path (consecutive slots) and the copying one. Every stream's
-    outputs equal its own sequential run, and the paths ran as asked."""
+def test_chunked_slot_batches_with_gaps_equal_each_stream_alone(tiny, monkeypatch):
+    """12 streams in ORT calls of at most 5 rows; closing 3 sessions leaves gaps in the
+    slots, so calls step scattered rows of the slab. Every stream's outputs equal its own
+    sequential run."""
     rng = np.random.default_rng(4)
-    calls = CountingEngine(tiny, monkeypatch)
+    sizes, real = [], tiny.run_slots
+
+    def run_slots(slab, B, out):
+        sizes.append(B)
+        assert len(set(out.slots[:B, 0])) == B  # distinct slots, as the slot graph needs
+        return real(slab, B, out)
+
+    monkeypatch.setattr(tiny, "run_slots", run_slots)
     plans = [rng.integers(0, tiny.vocab_size, size=(10, 1)) for _ in range(12)]  # [12][10, 1]
 
     async def main():
         store = SessionStore(tiny.state_size, capacity=16)
-        batcher = Batcher(tiny, store, max_batch=16, max_batch_delay=0.005, in_place=in_place)
+        batcher = Batcher(tiny, store, max_batch=16, max_batch_delay=0.005)
         batcher._buffers = tiny.step_buffers(16, chunk_bytes=5 * 4 * tiny.state_size)
         await batcher.start()
         sessions = [store.create() for _ in range(15)]
@@ -165,22 +152,17 @@ def test_in_place_and_copying_batches_equal_each_stream_alone(tiny, in_place, mo
 
         out = await asyncio.gather(*(client(s, p) for s, p in zip(sessions, plans)))
         await batcher.close()
-        return out, batcher.in_place
+        return out
 
-    outs, used = run(main())
-    assert used == in_place
+    outs = run(main())
     for got, plan in zip(outs, plans):
         for y, want in zip(got, alone(tiny, list(plan))):
             np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
-    assert max(calls.in_place + calls.copied) <= 5  # chunk_rows
-    if in_place:
-        assert calls.in_place and calls.copied  # consecutive chunks in place, the others not
-    else:
-        assert not calls.in_place
+    assert max(sizes) == 5 and sum(sizes) == 12 * 10  # chunk_rows; every step ran once
 
 
-def test_snapshots_racing_in_place_steps_are_consistent(tiny):
-    """8 streams stepping in place while another thread snapshots them as fast as it can:
+def test_snapshots_racing_slot_steps_are_consistent(tiny):
+    """8 streams stepping in the slab while another thread snapshots them as fast as it can:
     every snapshot's state is the state after exactly `position` of that stream's inputs."""
     import threading
 
@@ -198,7 +180,6 @@ def test_snapshots_racing_in_place_steps_are_consistent(tiny):
 
     async def main():
         batcher, store = await started(tiny, max_batch=8, max_batch_delay=0.0005)
-        assert batcher.in_place
         sessions = [store.create() for _ in plans]
 
         def snapshotter():
@@ -232,7 +213,7 @@ def test_snapshots_racing_in_place_steps_are_consistent(tiny):
         store.close(restored.id)
 
 
-def test_onnxruntime_failure_in_an_in_place_chunk_changes_nothing(tiny):
+def test_onnxruntime_failure_in_a_slot_step_changes_nothing(tiny):
     """The ORT call itself raises (after the rows were lent): those requests fail, their
     states and positions are unchanged, the rows are returned, and serving goes on."""
 
@@ -254,8 +235,8 @@ def test_onnxruntime_failure_in_an_in_place_chunk_changes_nothing(tiny):
         s = store.create()
         await batcher.step(s, np.array([1]))
         before = store.read(s)
-        real = tiny._step_session
-        tiny._step_session = FailOnce(real)
+        real = tiny._slot_session
+        tiny._slot_session = FailOnce(real)
         try:
             with pytest.raises(EngineFailure, match="injected"):
                 await batcher.step(s, np.array([2]))
@@ -263,7 +244,7 @@ def test_onnxruntime_failure_in_an_in_place_chunk_changes_nothing(tiny):
             assert s.position == 1 and store._lent == 0
             y, pos = await batcher.step(s, np.array([2]))
         finally:
-            tiny._step_session = real
+            tiny._slot_session = real
         await batcher.close()
         return y, pos
 
@@ -366,17 +347,17 @@ def test_engine_failure_fails_the_batch_without_changing_state(toy, monkeypatch)
         s = store.create()
         await batcher.step(s, np.array([1]))
         before = store.read(s)
-        real = toy.step_unchecked
+        real = toy.run_slots
 
         def broken(*a, **k):
             raise EngineFailure("simulated onnxruntime failure")
 
-        monkeypatch.setattr(toy, "step_unchecked", broken)
+        monkeypatch.setattr(toy, "run_slots", broken)
         with pytest.raises(EngineFailure, match="simulated"):
             await batcher.step(s, np.array([2]))
         np.testing.assert_array_equal(store.read(s), before)
         assert s.position == 1 and batcher.stats.failed == 1
-        monkeypatch.setattr(toy, "step_unchecked", real)
+        monkeypatch.setattr(toy, "run_slots", real)
         _, pos = await batcher.step(s, np.array([2]))  # the batcher keeps serving
         await batcher.close()
         return pos
@@ -549,8 +530,7 @@ def test_an_inline_step_that_fails_changes_nothing(toy, monkeypatch):
             raise RuntimeError("simulated onnxruntime failure")
 
         with monkeypatch.context() as m:
-            m.setattr(toy, "_run_in_place", broken)
-            m.setattr(toy._step_session, "run_with_iobinding", broken, raising=False)
+            m.setattr(toy._slot_session, "run_with_iobinding", broken, raising=False)
             with pytest.raises(EngineFailure, match="simulated"):
                 await batcher.step(s, np.array([2]))
         after = store.read(s), s.position

@@ -480,8 +480,7 @@ def test_engine_failure_is_internal_and_changes_nothing(server, client, engine, 
     s = client.create_session()
     s.step(tokens=x[:1])
     eng = server.server.engine
-    assert eng.in_place  # the batcher writes states in place: the failure hits that path
-    real = eng._step_session
+    real = eng._slot_session  # the batcher's steps run the slot graph
 
     class Failing:  # onnxruntime raising inside the call
         def run_with_iobinding(self, *args, **kw):
@@ -490,14 +489,14 @@ def test_engine_failure_is_internal_and_changes_nothing(server, client, engine, 
         def __getattr__(self, name):
             return getattr(real, name)
 
-    monkeypatch.setattr(eng, "_step_session", Failing())
+    monkeypatch.setattr(eng, "_slot_session", Failing())
     code, msg = code_of(lambda: s.step(tokens=x[1:2]))
     assert code == grpc.StatusCode.INTERNAL and "injected" in msg
     sessions = server.server.store.stats()["sessions"]
     code, _ = code_of(lambda: list(client.stub.Stream(iter([pb.StepRequest(tokens=[1])]))))
     assert code == grpc.StatusCode.INTERNAL
     assert server.server.store.stats()["sessions"] == sessions  # the stream's new session is gone
-    monkeypatch.setattr(eng, "_step_session", real)
+    monkeypatch.setattr(eng, "_slot_session", real)
     r = s.step(tokens=x[1:2], output="last")  # the session kept its state and position
     assert r.position == 2
     np.testing.assert_allclose(r.outputs[0], expect[1], atol=ATOL)

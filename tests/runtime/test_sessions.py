@@ -164,7 +164,8 @@ def test_bytes_per_session_is_S_times_4(engine):
     S = engine.state_size
     store = make_store(engine, capacity=100)
     assert store.bytes_per_session == S * 4
-    assert store._slab.nbytes == 100 * S * 4 and store._slab.dtype == np.float32
+    assert store.slab.nbytes == 100 * S * 4 and store.slab.array.dtype == np.float32
+    assert store.slab.value.data_ptr() == store.slab.array.ctypes.data  # one buffer
     assert store.stats()["bytes_per_session"] == S * 4
 
 
@@ -194,69 +195,34 @@ def test_commit_is_all_or_nothing(engine):
     assert t.position == 0
 
 
-def test_gather_stacks_rows(engine):
-    store = make_store(engine)
-    sessions = [store.create() for _ in range(3)]
-    for i, s in enumerate(sessions):
-        store.commit(s, np.full(engine.state_size, i, dtype=np.float32), 0)
-    out = np.empty((8, engine.state_size), dtype=np.float32)
-    g = store.gather(sessions[::-1], out=out)
-    assert g.shape == (3, engine.state_size) and np.shares_memory(g, out)
-    np.testing.assert_array_equal(g[:, 0], [2, 1, 0])
-    np.testing.assert_array_equal(store.gather(sessions[:2])[:, -1], [0, 1])
-    view = store.gather(sessions, allow_view=True)  # consecutive slots: no copy
-    assert np.shares_memory(view, store._slab)
-    np.testing.assert_array_equal(view[:, 0], [0, 1, 2])
-    shuffled = store.gather(sessions[::-1], allow_view=True)  # not ascending: a copy
-    assert not np.shares_memory(shuffled, store._slab)
-    np.testing.assert_array_equal(shuffled[:, 0], [2, 1, 0])
-
-
-def test_commit_many_skips_closed_sessions_and_commits_the_rest(engine):
-    store = make_store(engine)
-    a, b, c = (store.create() for _ in range(3))
-    store.close(b.id)
-    rows = np.stack([np.full(engine.state_size, v, dtype=np.float32) for v in (1, 2, 3)])
-    res = store.commit_many([a, b, c], rows, 1)
-    assert res[0] == 1 and res[2] == 1 and isinstance(res[1], SessionNotFound)
-    assert res[1].reason == "closed"
-    np.testing.assert_array_equal(store.gather([a, c])[:, 0], [1, 3])
-    with pytest.raises(InvalidInput, match="new_states"):
-        store.commit_many([a], rows, 1)
-    assert a.position == 1
-
-
-@pytest.mark.parametrize("order", ["consecutive", "shuffled", "one closed"])
-def test_commit_many_equals_one_commit_per_session(engine, order):
-    """The batched write (one block copy, or one fancy-indexed write) leaves the slab and
-    positions as a commit per session does, in a second store."""
+def test_lent_rows_stepped_in_the_slab_equal_one_commit_per_session(engine):
+    """Rows written in the slab between lend and give_back (what a slot step does), with a
+    session closed meanwhile, leave the slab and positions as a commit per session does in
+    a second store."""
     rng = np.random.default_rng(7)
     stores = make_store(engine), make_store(engine)
     sessions = [[st.create() for _ in range(6)] for st in stores]
-    for st, ss in zip(stores, sessions):
-        for s in ss[:2]:
-            st.commit(s, np.zeros(engine.state_size, dtype=np.float32), 2)
-    pick = [1, 2, 3, 4] if order == "consecutive" else [4, 0, 5, 2]
+    pick = [4, 0, 5, 2]
     rows = rng.standard_normal((4, engine.state_size)).astype(np.float32)  # [4, S]
-    if order == "one closed":
-        for st, ss in zip(stores, sessions):
-            st.close(ss[5].id)
-    batched = stores[0].commit_many([sessions[0][j] for j in pick], rows, 3)
+    lent = stores[0].lend([sessions[0][j] for j in pick])
+    assert lent == [sessions[0][j] for j in pick]
+    for s, row in zip(lent, rows):
+        stores[0].slab.write(s.slot, row)
+    for st, ss in zip(stores, sessions):
+        st.close(ss[5].id)
+    given = stores[0].give_back(lent, 3)
     alone = []
     for j, row in zip(pick, rows):
         try:
             alone.append(stores[1].commit(sessions[1][j], row, 3))
         except SessionNotFound as e:
             alone.append(e)
-    assert [r if isinstance(r, int) else type(r) for r in batched] == [
-        r if isinstance(r, int) else type(r) for r in alone
-    ]
-    live = [j for j in range(6) if sessions[1][j].live]
-    np.testing.assert_array_equal(
-        stores[0].gather([sessions[0][j] for j in live]),
-        stores[1].gather([sessions[1][j] for j in live]),
-    )
-    assert [s.position for s in sessions[0]] == [s.position for s in sessions[1]]
+    assert [r if isinstance(r, int) else r.reason for r in given] == [3, 3, "closed", 3]
+    assert [r if isinstance(r, int) else r.reason for r in alone] == [3, 3, "closed", 3]
+    for a, b in zip(sessions[0][:5], sessions[1][:5]):
+        np.testing.assert_array_equal(stores[0].read(a), stores[1].read(b))
+        assert a.position == b.position
+    assert stores[0].lend([sessions[0][5]]) == []  # closed: nothing to lend
 
 
 # --- snapshot / restore / fork ---------------------------------------------------------
@@ -460,37 +426,34 @@ def test_constructor_arguments_are_checked():
         assert e.value.field == field
 
 
-# --- rows lent for in-place steps -----------------------------------------------------
+# --- rows lent to slot steps ----------------------------------------------------------
 
 
-def test_lend_rows_only_for_consecutive_live_slots_and_return_advances():
+def test_lend_any_live_slots_and_give_back_advances():
     store = SessionStore(4, capacity=8)
     a, b, c, d = (store.create() for _ in range(4))  # slots 0..3
-    rows = store.lend_rows([a, b, c])
-    assert rows.shape == (3, 4) and np.shares_memory(rows, store._slab)
-    rows[:] = np.arange(12, dtype=np.float32).reshape(3, 4)  # what an in-place step does
-    assert store.return_rows([a, b, c], 1) == [1, 1, 1]
-    np.testing.assert_array_equal(store.read(b), [4, 5, 6, 7])
-    assert store.lend_rows([a, c]) is None  # slots 0, 2: not consecutive
-    assert store.lend_rows([b, a]) is None  # not ascending
-    assert store.lend_rows([]) is None
+    assert store.lend([c, a]) == [c, a]  # any slots, any order
+    store.slab.array[[2, 0]] = np.arange(8, dtype=np.float32).reshape(2, 4)  # a slot step
+    assert store.give_back([c, a], 1) == [1, 1]
+    np.testing.assert_array_equal(store.read(a), [4, 5, 6, 7])
+    assert store.lend([]) == []
     store.close(d.id)
-    assert store.lend_rows([c, d]) is None  # d is closed
-    rows = store.lend_rows([b])
-    assert store.return_rows([b], 0) == [1]  # a failed step: nothing advances
+    assert store.lend([c, d]) == [c]  # d is closed
+    assert store.give_back([c], 0) == [1]  # a failed step: nothing advances
     with pytest.raises(InvalidInput, match="consumed"):
-        store.return_rows([b], -1)
+        store.give_back([b], -1)
+    assert store._lent == 0
 
 
 def test_a_session_closed_while_its_row_is_lent_keeps_its_slot_until_returned():
-    """The in-place write may still be running: no new session may get that row."""
+    """The slot step may still be writing: no new session may get that row."""
     store = SessionStore(4, capacity=2)
     a, _ = store.create(), store.create()
-    store.lend_rows([a])
+    store.lend([a])
     store.close(a.id)
     with pytest.raises(LimitExceeded):
         store.create()  # slot 0 is still being written, slot 1 is b's
-    (err,) = store.return_rows([a], 1)
+    (err,) = store.give_back([a], 1)
     assert isinstance(err, SessionNotFound) and err.reason == "closed"
     c = store.create()
     assert c.slot == a.slot
@@ -504,7 +467,7 @@ def test_readers_wait_until_lent_rows_are_returned(tmp_path):
 
     store = SessionStore(4, capacity=8, snapshot_key=KEY)
     s = store.create()
-    rows = store.lend_rows([s])
+    store.lend([s])
     got, threads = {}, []
     readers = {
         "read": lambda: store.read(s),
@@ -517,8 +480,8 @@ def test_readers_wait_until_lent_rows_are_returned(tmp_path):
         threads[-1].start()
     threads[0].join(0.2)
     assert not got  # all four are waiting
-    rows[0] = 7.0
-    store.return_rows([s], 1)
+    store.slab.array[s.slot] = 7.0
+    store.give_back([s], 1)
     for t in threads:
         t.join(5)
     np.testing.assert_array_equal(got["read"], np.full(4, 7.0, dtype=np.float32))
@@ -539,7 +502,7 @@ def test_a_reader_of_a_session_closed_during_the_write_gets_not_found():
 
     store = SessionStore(4, capacity=4)
     s = store.create()
-    store.lend_rows([s])
+    store.lend([s])
     err = {}
 
     def reader():
@@ -552,14 +515,14 @@ def test_a_reader_of_a_session_closed_during_the_write_gets_not_found():
     t.start()
     t.join(0.1)
     store.close(s.id)
-    store.return_rows([s], 1)
+    store.give_back([s], 1)
     t.join(5)
     assert err["e"].reason == "closed"
 
 
 def test_new_sessions_take_the_lowest_free_slot():
-    """Live sessions stay packed at the start of the slab (a batch's rows are then often
-    consecutive, so steps run in place)."""
+    """Live sessions stay packed at the start of the slab (the untouched rest of a CPU slab
+    costs no memory)."""
     store = SessionStore(4, capacity=8)
     sessions = [store.create() for _ in range(6)]
     assert [s.slot for s in sessions] == list(range(6))

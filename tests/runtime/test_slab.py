@@ -1,0 +1,295 @@
+"""The state slab and the slot graph (runtime/slab.py): a slot step equals the plain step of
+each session alone, bit for bit; only inputs, slots and outputs move per step; bad slots
+never reach onnxruntime; a failed step changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ssmstream.runtime.batcher import Batcher
+from ssmstream.runtime.engine import Engine
+from ssmstream.runtime.errors import EngineFailure, InvalidInput, ModelError
+from ssmstream.runtime.sessions import SessionStore
+from ssmstream.runtime.slab import StateSlab, identity_model, slot_model
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_token_model):
+    return Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def sig(tiny_signal_model):
+    return Engine(tiny_signal_model["model_dir"], device="cpu", threads=1)
+
+
+def inputs_for(eng: Engine, rng, B: int) -> np.ndarray:
+    if eng.input_kind == "tokens":
+        return rng.integers(0, eng.vocab_size, size=B)  # [B]
+    return rng.standard_normal((B, eng.d_input)).astype(np.float32)  # [B, d_in]
+
+
+def random_slab(eng: Engine, rng, capacity: int) -> tuple[StateSlab, np.ndarray]:
+    slab = eng.new_slab(capacity)
+    states = (rng.standard_normal((capacity, eng.state_size)) * 0.3).astype(np.float32)
+    for row, state in enumerate(states):
+        slab.write(row, state)
+    return slab, states  # [capacity, S]
+
+
+# --- the slot graph --------------------------------------------------------------------
+
+
+def test_the_slot_graph_is_the_step_graph_with_a_gather_before_and_a_scatter_after(tok):
+    step = (tok.model_dir / "step.onnx").read_bytes()
+    m = onnx.load_from_string(slot_model(step, tok.state_size))
+    onnx.checker.check_model(m, full_check=True)  # valid, topologically sorted, shapes agree
+    plain = onnx.load_from_string(step)
+    assert [i.name for i in m.graph.input] == ["input", "slab", "slots"]
+    assert [o.name for o in m.graph.output] == ["output", "slab_out"]
+    ops = [n.op_type for n in m.graph.node]
+    assert ops == ["GatherND", *(n.op_type for n in plain.graph.node), "ScatterND"]
+    assert len(m.graph.initializer) == len(plain.graph.initializer)  # weights as they were
+
+
+def test_a_graph_without_state_has_no_slot_graph():
+    with pytest.raises(ModelError, match="state"):
+        slot_model(identity_model(), 4)
+
+
+# --- slot steps ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tok", "sig"])
+def test_slot_steps_equal_plain_steps_bit_for_bit_and_touch_only_their_rows(which, request):
+    eng, rng = request.getfixturevalue(which), np.random.default_rng(3)
+    slab, states = random_slab(eng, rng, 12)
+    ptr = slab.value.data_ptr()
+    buf = eng.step_buffers(8)
+    for B in (1, 5, 8, 3):
+        slots = rng.choice(12, size=B, replace=False)  # scattered, unordered
+        x = inputs_for(eng, rng, B)
+        want_y, want_s = eng.step(x, states[slots])
+        y = eng.step_slots(x, slots, slab, out=buf)
+        assert np.shares_memory(y, buf.outputs)
+        np.testing.assert_array_equal(y, want_y)
+        states[slots] = want_s
+        np.testing.assert_array_equal(slab.array, states)  # its rows, and no other row
+    assert slab.value.data_ptr() == ptr == slab.array.ctypes.data
+    for io in buf._slot_bindings.values():  # the slab is bound as input and output at once
+        assert sorted(v.data_ptr() for v in io.get_outputs()) == sorted(
+            [ptr, buf.outputs.ctypes.data]
+        )
+
+
+def test_one_slot_step_equals_each_session_alone_bit_for_bit(tok):
+    """Batch rows do not change each other's numbers: a step of 7 rows equals 7 steps of 1."""
+    rng = np.random.default_rng(5)
+    slab, states = random_slab(tok, rng, 7)
+    x = inputs_for(tok, rng, 7)
+    y = tok.step_slots(x, np.arange(7)[::-1], slab)
+    for j, row in enumerate(range(6, -1, -1)):
+        want_y, want_s = tok.step(x[j : j + 1], states[row : row + 1])
+        np.testing.assert_array_equal(y[j : j + 1], want_y)
+        np.testing.assert_array_equal(slab.read(row)[None], want_s)
+
+
+@pytest.mark.parametrize(
+    "slots, match",
+    [
+        ([0, 12], r"slot 12 is outside \[0, capacity=12\)"),
+        ([-1, 2], "slot -1 is outside"),
+        ([3, 3], "holds a slot twice"),
+        ([1.0, 2.0], "integer"),
+        ([[1, 2]], "1-D"),
+        ([], "non-empty"),
+        ([1, 2, 3], "3 slots for 2 inputs"),
+    ],
+)
+def test_bad_slots_never_reach_onnxruntime(tok, monkeypatch, slots, match):
+    rng = np.random.default_rng(6)
+    slab, states = random_slab(tok, rng, 12)
+
+    class Untouchable:
+        def run_with_iobinding(self, *a, **k):
+            raise AssertionError("bad slots reached onnxruntime")
+
+    monkeypatch.setattr(tok, "_slot_session", Untouchable())
+    with pytest.raises(InvalidInput, match=match) as e:
+        tok.step_slots(np.array([1, 2]), slots, slab)
+    assert e.value.field == "slots"
+    np.testing.assert_array_equal(slab.array, states)
+
+
+def test_a_slab_of_another_shape_or_engine_is_refused(tok, sig):
+    with pytest.raises(InvalidInput, match="slab"):
+        tok.step_slots(np.array([1]), [0], sig.new_slab(2))
+    with pytest.raises(InvalidInput, match="out"):
+        tok.step_slots(np.array([1, 2, 3]), [0, 1, 2], tok.new_slab(4), out=tok.step_buffers(2))
+
+
+def test_a_failed_slot_step_leaves_the_slab_unchanged(tok, monkeypatch):
+    rng = np.random.default_rng(7)
+    slab, states = random_slab(tok, rng, 6)
+
+    real = tok._slot_session
+
+    class Failing:  # onnxruntime raising inside the call
+        def run_with_iobinding(self, *a, **k):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(tok, "_slot_session", Failing())
+    with pytest.raises(EngineFailure, match="injected"):
+        tok.step_slots(np.array([1, 2]), [4, 1], slab)
+    np.testing.assert_array_equal(slab.array, states)
+
+
+# --- row operations --------------------------------------------------------------------
+
+
+def test_row_operations_move_single_rows_and_count_them():
+    slab = StateSlab(5, 3)
+    assert slab.nbytes == 5 * 3 * 4 and slab.row_bytes == 12
+    slab.write(2, np.array([1, 2, 3], dtype=np.float32))
+    slab.copy(2, 4)
+    np.testing.assert_array_equal(slab.read(4), [1, 2, 3])
+    np.testing.assert_array_equal(slab.read_rows([4, 0]), [[1, 2, 3], [0, 0, 0]])
+    slab.zero(2)
+    np.testing.assert_array_equal(slab.array[2], [0, 0, 0])
+    st = slab.stats
+    assert (st.rows_in, st.rows_out) == (3, 4)  # write, copy, zero in; copy, read, 2 out
+    assert (st.bytes_in, st.bytes_out) == (36, 48)
+    for bad, match in ((5, "outside"), (-1, "outside"), (True, "integer"), (1.0, "integer")):
+        with pytest.raises(InvalidInput, match=match):
+            slab.read(bad)
+    with pytest.raises(InvalidInput, match="state"):
+        slab.write(0, np.zeros(4, dtype=np.float32))
+    for bad in (0, -2, "8"):
+        with pytest.raises(InvalidInput, match="capacity"):
+            StateSlab(bad, 3)
+    with pytest.raises(InvalidInput, match="device"):
+        StateSlab(2, 3, device="tpu")
+
+
+def test_served_steps_move_only_inputs_slots_and_outputs(tok):
+    """8 sessions, 20 batched steps: the slab's own buffer is stepped in place (no row is
+    copied in or out by a step, the buffer never moves) and per step only the tokens, the
+    slots and the outputs cross between the host and the slab's device."""
+    rng = np.random.default_rng(8)
+
+    async def main():
+        store = SessionStore(tok.state_size, capacity=16, slab=tok.new_slab(16))
+        batcher = Batcher(tok, store, max_batch=8, max_batch_delay=0.005)
+        await batcher.start()
+        sessions = [store.create() for _ in range(8)]
+        ptr, rows = store.slab.value.data_ptr(), store.slab.stats.rows_in
+        for _ in range(20):
+            x = rng.integers(0, tok.vocab_size, size=8)
+            await asyncio.gather(*(batcher.step(s, x[j : j + 1]) for j, s in enumerate(sessions)))
+        await batcher.close()
+        return store, ptr, rows, batcher.stats
+
+    store, ptr, rows, stats = asyncio.run(main())
+    st = store.slab.stats
+    assert store.slab.value.data_ptr() == ptr and st.rows_in == rows and st.rows_out == 0
+    assert st.steps == stats.batches and stats.steps == 160
+    assert st.step_bytes_in == 160 * (8 + 8)  # an int64 token and an int64 slot per step
+    assert st.step_bytes_out == 160 * 4 * tok.d_output
+
+
+def test_a_store_and_an_engine_on_different_devices_are_refused(tok):
+    store = SessionStore(tok.state_size, capacity=2, slab=StateSlab(2, tok.state_size))
+    store.slab.device = "cuda"  # as a slab made by a CUDA engine would say
+    with pytest.raises(InvalidInput, match="new_slab"):
+        Batcher(tok, store)
+    with pytest.raises(InvalidInput, match="slab"):
+        SessionStore(tok.state_size, capacity=3, slab=StateSlab(2, tok.state_size))
+
+
+# --- any sequence of session operations --------------------------------------------------
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("create")),
+        st.tuples(st.just("close"), st.integers(0, 7)),
+        st.tuples(st.just("fork"), st.integers(0, 7)),
+        st.tuples(st.just("restore"), st.integers(0, 7)),
+        st.tuples(st.just("step"), st.lists(st.integers(0, 7), min_size=1, max_size=6)),
+        st.tuples(st.just("prefill"), st.integers(0, 7), st.integers(2, 9)),
+    ),
+    min_size=1,
+    max_size=14,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=OPS, seed=st.integers(0, 2**16))
+def test_any_sequence_of_session_operations_equals_plain_steps_bit_for_bit(tok, ops, seed):
+    """create / close / fork / restore / batched steps / prefills through the store and the
+    batcher, with sessions joining and leaving batches, against each session's own state
+    stepped alone with Engine.step: states, positions and outputs equal bit for bit."""
+    rng = np.random.default_rng(seed)
+
+    async def main():
+        store = SessionStore(tok.state_size, capacity=8, slab=tok.new_slab(8))
+        batcher = Batcher(tok, store, max_batch=4, max_batch_delay=0.002)
+        await batcher.start()
+        live, want = [], {}  # Session, id -> (state [1, S], position)
+        try:
+            for op in ops:
+                one = len(op) > 1 and isinstance(op[1], int) and live
+                pick = live[op[1] % len(live)] if one else None
+                if op[0] == "create" and len(live) < 8:
+                    s = store.create()
+                    live.append(s)
+                    want[s.id] = (tok.new_state(), 0)
+                elif op[0] == "close" and pick:
+                    store.close(pick.id)
+                    live.remove(pick)
+                elif op[0] in ("fork", "restore") and pick and len(live) < 8:
+                    if op[0] == "fork":
+                        s = store.fork(pick.id)
+                    else:
+                        s = store.restore(store.snapshot(pick.id))
+                    live.append(s)
+                    want[s.id] = want[pick.id]
+                elif op[0] == "step" and live:
+                    chosen = list(dict.fromkeys(live[k % len(live)] for k in op[1]))
+                    x = rng.integers(0, tok.vocab_size, size=len(chosen))
+                    got = await asyncio.gather(
+                        *(batcher.step(s, x[j : j + 1]) for j, s in enumerate(chosen))
+                    )
+                    for j, (s, (y, pos)) in enumerate(zip(chosen, got)):
+                        state, p = want[s.id]
+                        want_y, state = tok.step(x[j : j + 1], state)
+                        np.testing.assert_array_equal(y, want_y)
+                        want[s.id] = (state, p + 1)
+                        assert pos == p + 1
+                elif op[0] == "prefill" and pick:
+                    x = rng.integers(0, tok.vocab_size, size=op[2])
+                    y, pos = await batcher.step(pick, x)
+                    state, p = want[pick.id]
+                    want_y, state = tok.prefill(x[None], state)
+                    np.testing.assert_array_equal(y, want_y[0])
+                    want[pick.id] = (state, p + op[2])
+                    assert pos == p + op[2]
+                for s in live:
+                    state, p = want[s.id]
+                    assert s.position == p
+                    np.testing.assert_array_equal(store.read(s), state[0])
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
