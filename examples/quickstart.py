@@ -5,19 +5,23 @@
 3. stream a generation through `ssmstream generate`, printed as it arrives, with tokens/s,
 4. show sessions at work: prefill a prompt, snapshot it, fork it, restore the snapshot —
    all three continue identically,
-5. stop the server (SIGTERM: drain, save) and exit 0.
+5. say where the model ran (execution provider) and what crossed between the host and the
+   state slab's device per streamed token (from the server's metrics),
+6. stop the server (SIGTERM: drain, save) and exit 0.
 
-    python examples/quickstart.py [--ckpt DIR] [--workdir .demo] [--prompt TEXT]
+    python examples/quickstart.py [--ckpt DIR] [--workdir .demo] [--prompt TEXT] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,13 +48,14 @@ def export(ckpt: Path, model_dir: Path, verify_steps: int) -> None:
     subprocess.run(cmd, check=True)
 
 
-def start_server(model_dir: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, workdir: Path, device: str) -> tuple[subprocess.Popen, str, int]:
     port_file = workdir / "server.json"
     port_file.unlink(missing_ok=True)
     log = open(workdir / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
     cmd = ssmstream(
         "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0",
         "--port-file", str(port_file), "--state-dir", str(workdir / "state"),
+        "--device", device, "--metrics-port", "0",
     )  # fmt: skip
     print("== starting:", " ".join(cmd[3:]))
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -60,9 +65,35 @@ def start_server(model_dir: Path, workdir: Path) -> tuple[subprocess.Popen, str]
             stop_server(proc)
             sys.exit(f"the server did not start; see {workdir / 'server.log'}")
         time.sleep(0.1)
-    port = json.loads(port_file.read_text())["port"]
+    ports = json.loads(port_file.read_text())
+    port = ports["port"]
     print(f"== serving on 127.0.0.1:{port} (log: {workdir / 'server.log'})")
-    return proc, f"127.0.0.1:{port}"
+    return proc, f"127.0.0.1:{port}", ports["metrics_port"]
+
+
+def transfer_report(target: str, metrics_port: int) -> None:
+    """Where the model runs, and the host<->device bytes per batched token (measured)."""
+    from ssmstream.runtime.client import Client
+
+    with Client(target, timeout=30) as client:
+        provider = client.info().provider
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        m = re.match(r"(ssmstream_state_slab_\w+)(\{[^}]*\})? (\S+)$", line)
+        if m:
+            values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    name = "ssmstream_state_slab_transfer_bytes_total"
+    step_in = values.get(f'{name}{{direction="in",path="step"}}', 0.0)
+    step_out = values.get(f'{name}{{direction="out",path="step"}}', 0.0)
+    steps = values.get("ssmstream_state_slab_steps_total", 0.0)
+    print(f"== provider: {provider}; the sessions' states stay in the slab on its device")
+    if steps:
+        print(
+            f"   {int(steps)} batched steps moved {step_in / steps:,.0f} B in (input, slot) and "
+            f"{step_out / steps:,.0f} B out (outputs) per step, host<->device"
+        )
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -111,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="def fibonacci(n):\n    ", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--verify-steps", type=int, default=4096, help="export parity length")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model"
+    )
     a = p.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = a.workdir / "model"
     export(a.ckpt, model_dir, a.verify_steps)
-    proc, target = start_server(model_dir, a.workdir)
+    proc, target, metrics_port = start_server(model_dir, a.workdir, a.device)
     try:
         print(f"== ssmstream generate --server {target} {a.prompt!r}\n")
         sys.stdout.write(a.prompt)
@@ -136,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print()
         sessions_demo(target, "    def __init__(self, name):\n        self.", n=60)
+        transfer_report(target, metrics_port)
     finally:
         stop_server(proc)
     state_dir = a.workdir / "state"

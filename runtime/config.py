@@ -74,6 +74,12 @@ class ServerConfig:
         "engine",
         "on CUDA, let fp32 MatMuls run in TF32 (faster, ~1e-3 relative error); default: exact fp32",
     )
+    cuda_graphs: bool = _option(
+        False,
+        "engine",
+        "on CUDA, capture the batched step once per batch bucket (1, 2, 4, ... max_batch) and "
+        "replay it: fewer kernel launches per token",
+    )
 
     max_sessions: int = _option(1024, "sessions", "state slots (sessions in all)")
     max_sessions_per_principal: int = _option(

@@ -21,7 +21,7 @@ This is the edge embedding API:
     out, s = eng.step(np.array([tok]), s)     # out: [1, d_out]
 
 On CUDA the provider takes `CudaOptions` (device id, arena growth, cuDNN conv algorithm
-search, TF32).
+search, TF32, CUDA graphs of the slot steps: `enable_cuda_graph`, see `run_slots`).
 
 `step` returns fresh arrays. For a loop that allocates nothing in steady state, pass
 preallocated `StepBuffers` (`out=eng.step_buffers(max_batch)`): onnxruntime writes into
@@ -43,6 +43,7 @@ d_in / d_out input / output features.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -71,6 +72,40 @@ _ORT_TYPES = {
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
+
+
+# onnxruntime runs a CUDA-graph session normally this many times (its default
+# min_num_runs_before_cuda_graph_capture is 2) and captures on the next run; a bucket's
+# first runs step only the scratch row (onnxruntime issue 32243: the runs before the capture
+# would otherwise step the batch's rows more than once).
+GRAPH_WARMUPS = 4
+
+
+class _Graph:
+    """One CUDA-graph bucket of b rows: fixed device buffers for inputs, slots and outputs
+    (a captured graph replays with the addresses it was captured with), host staging for
+    them, the IOBinding and the RunOptions naming the graph."""
+
+    def __init__(self, engine: Engine, slab: StateSlab, b: int):
+        dev, did = slab.device, slab.device_id
+        self.x_host = np.zeros((b, *engine._step_in_shape), dtype=engine._step_in_dtype)
+        self.slots_host = np.full((b, 1), slab.scratch, dtype=np.int64)  # [b, 1]
+        new = ort.OrtValue.ortvalue_from_shape_and_type
+        self.x = new(list(self.x_host.shape), self.x_host.dtype, dev, did)
+        self.slots = new([b, 1], np.int64, dev, did)
+        self.y = new([b, engine.d_output], engine._out_dtype, dev, did)
+        self.io = engine._slot_session.io_binding()
+        self.io.bind_ortvalue_input("input", self.x)
+        self.io.bind_ortvalue_input("slots", self.slots)
+        self.io.bind_ortvalue_input("slab", slab.value)
+        self.io.bind_ortvalue_output(SLOT_OUTPUT, slab.value)
+        self.io.bind_ortvalue_output("output", self.y)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("gpu_graph_id", str(next(engine._graph_ids)))
+        self.x.update_inplace(self.x_host)
+        for _ in range(GRAPH_WARMUPS):  # all slots = scratch: the warm-ups touch no session
+            self.slots.update_inplace(self.slots_host)
+            engine._slot_session.run_with_iobinding(self.io, self.run_options)
 
 
 # State bytes per onnxruntime call on the StepBuffers path: a larger batch runs as several
@@ -107,6 +142,7 @@ class StepBuffers:
         self.slots = np.zeros((max_batch, 1), dtype=np.int64)  # [max_batch, 1]
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._slot_bindings: dict[int, ort.IOBinding] = {}  # B -> binding, for self._slab
+        self._graphs: dict[int, _Graph] = {}  # bucket rows -> CUDA graph, for self._slab
         self._slab: StateSlab | None = None
         self._values: list[ort.OrtValue] = []  # keeps the bound OrtValues alive
 
@@ -123,12 +159,29 @@ class StepBuffers:
             self._bindings[(start, B)] = io
         return io
 
+    def _use(self, slab: StateSlab) -> None:
+        if slab is not self._slab:  # bindings and graphs hold one slab's buffer
+            self._slot_bindings.clear()
+            self._graphs.clear()
+            self._slab = slab
+
+    def graph(self, slab: StateSlab, B: int) -> _Graph:
+        """The CUDA-graph bucket for a batch of B rows: b = the next power of two."""
+        self._use(slab)
+        b = 1 << (B - 1).bit_length()
+        g = self._graphs.get(b)
+        if g is None:
+            if slab.scratch is None:
+                raise InvalidInput(
+                    "slab", "CUDA graph steps need a slab with a scratch row (Engine.new_slab)"
+                )
+            g = self._graphs[b] = _Graph(self.engine, slab, b)
+        return g
+
     def slot_binding(self, slab: StateSlab, B: int) -> ort.IOBinding:
         """The IOBinding of a slot step of B rows of `slab`: inputs[:B], slots[:B] and
         outputs[:B] bound by address, `slab` as both `slab` and `slab_out` (one buffer)."""
-        if slab is not self._slab:  # bindings hold one slab's buffer
-            self._slot_bindings.clear()
-            self._slab = slab
+        self._use(slab)
         io = self._slot_bindings.get(B)
         if io is None:
             eng = self.engine
@@ -193,6 +246,7 @@ class Engine:
         self._check_manifest()
 
         providers = self._providers(device, "step")
+        slot_providers = self._providers(device, "slots")
         opts = session_options(step_threads or STEP_THREADS)
         graphs = m["graphs"]
         try:
@@ -201,7 +255,7 @@ class Engine:
             if device != "auto" or len(providers) == 1:
                 raise
             log.warning("CUDA session failed (%s); falling back to CPU", e)
-            providers = ["CPUExecutionProvider"]
+            providers = slot_providers = ["CPUExecutionProvider"]
             self._step_session = self._open(graphs["step"]["file"], opts, providers)
         self.provider = self._step_session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
@@ -209,6 +263,8 @@ class Engine:
         on_cuda = self.provider == "CUDAExecutionProvider"
         self.device = "cuda" if on_cuda else "cpu"
         self.device_id = self.cuda_options.device_id if on_cuda else 0
+        self.cuda_graphs = on_cuda and bool(self.cuda_options.enable_cuda_graph)
+        self._graph_ids = itertools.count(1)  # one gpu_graph_id per captured bucket
         self._prefill_session = None
         self.prefill_chunk = self.prefill_max_len = None
         if "prefill" in graphs:
@@ -232,7 +288,10 @@ class Engine:
         self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
         step_bytes = (self.model_dir / graphs["step"]["file"]).read_bytes()
         self._slot_session = self._open(
-            graphs["step"]["file"], opts, providers, slot_model(step_bytes, self.state_size)
+            graphs["step"]["file"],
+            opts,
+            slot_providers,
+            slot_model(step_bytes, self.state_size),
         )
         self.info = self._make_info()
         cuda = f" {self.cuda_options.provider_options()}" if self.device == "cuda" else ""
@@ -356,7 +415,9 @@ class Engine:
 
     def new_slab(self, capacity: int) -> StateSlab:
         """A zeroed StateSlab [capacity, S] on this engine's device (runtime/slab.py)."""
-        return StateSlab(capacity, self.state_size, self.device, self.device_id)
+        return StateSlab(
+            capacity, self.state_size, self.device, self.device_id, scratch=self.cuda_graphs
+        )
 
     def check_inputs(
         self, inputs, field: str = "inputs", time_axis: bool = False, lead: str | None = None
@@ -499,15 +560,36 @@ class Engine:
     def run_slots(self, slab: StateSlab, B: int, out: StepBuffers) -> np.ndarray:
         """`step_slots` on inputs and slots already in out.inputs[:B] and out.slots[:B],
         valid (checked inputs; distinct slots of `slab`): the Batcher's per-token path.
-        Returns outputs [B, d_out], a view of out.outputs."""
+        Returns outputs [B, d_out], a view of out.outputs.
+
+        With CUDA graphs (`cuda_graphs`: CudaOptions enable_cuda_graph on CUDA) the batch
+        runs in the captured graph of its bucket (the next power of two, b rows): inputs
+        and slots are padded (slots with the slab's scratch row) and copied into the
+        bucket's fixed device buffers; b rows of inputs, slots and outputs cross.
+        """
         try:
-            self._slot_session.run_with_iobinding(out.slot_binding(slab, B))
+            if self.cuda_graphs:
+                g = out.graph(slab, B)
+                g.x_host[:B] = out.inputs[:B]
+                g.slots_host[:B] = out.slots[:B]
+                g.slots_host[B:] = slab.scratch
+                g.x.update_inplace(g.x_host)
+                g.slots.update_inplace(g.slots_host)
+                self._slot_session.run_with_iobinding(g.io, g.run_options)
+                y = g.y.numpy()  # [b, d_out] on the host
+                out.outputs[:B] = y[:B]
+                moved_in, moved_out = g.x_host.nbytes + g.slots_host.nbytes, y.nbytes
+            else:
+                self._slot_session.run_with_iobinding(out.slot_binding(slab, B))
+                moved_in, moved_out = out.inputs[:B].nbytes + 8 * B, out.outputs[:B].nbytes
+        except InvalidInput:
+            raise
         except Exception as e:  # onnxruntime's own exception types
             raise EngineFailure(f"slot step failed for batch {B}: {e}") from e
         st = slab.stats
         st.steps += 1
-        st.step_bytes_in += out.inputs[:B].nbytes + 8 * B
-        st.step_bytes_out += out.outputs[:B].nbytes
+        st.step_bytes_in += moved_in
+        st.step_bytes_out += moved_out
         return out.outputs[:B]
 
     def prefill(self, inputs, states) -> tuple[np.ndarray, np.ndarray]:

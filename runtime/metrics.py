@@ -169,6 +169,22 @@ class _StoreCollector:
         )
         evicted.add_metric([], float(s.get("evicted", s.get("evictions", 0))))
         yield evicted
+        slab = s.get("slab")
+        if slab:
+            moved = CounterMetricFamily(
+                "ssmstream_state_slab_transfer_bytes",
+                "bytes moved into (in) and out of (out) the state slab's device: by the "
+                "batched steps (inputs, slots, outputs) and by row copies (create, restore, "
+                "fork, snapshot, save, prefill)",
+                labels=["path", "direction"],
+            )
+            for path, prefix in (("step", "step_bytes_"), ("rows", "bytes_")):
+                for direction in ("in", "out"):
+                    moved.add_metric([path, direction], float(slab[prefix + direction]))
+            yield moved
+            steps = CounterMetricFamily("ssmstream_state_slab_steps", "batched slot steps run")
+            steps.add_metric([], float(slab["steps"]))
+            yield steps
 
 
 class ServerMetrics:

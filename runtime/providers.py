@@ -99,8 +99,9 @@ class CudaOptions:
 
     device_id: GPU ordinal. arena_extend_strategy: how the memory arena grows.
     cudnn_conv_algo_search: cuDNN convolution algorithm search (the step graph has no conv;
-    the prefill graph may). enable_cuda_graph: capture the step graph once per bound buffer
-    set and replay it (step graph only; needs fixed device buffers, see device_state.py).
+    the prefill graph may). enable_cuda_graph: capture the slot graph once per batch bucket
+    (1, 2, 4, ...; Engine.run_slots pads a batch to its bucket with the slab's scratch row)
+    and replay it; the plain step and the prefill graphs are never captured.
     gpu_mem_limit: arena limit in bytes (0: no limit). use_tf32: let fp32 MatMuls run in
     TF32 (faster on Ampere and later, about 1e-3 relative error; onnxruntime turns it on
     unless told otherwise, so fp32 here means fp32 unless this is set).
@@ -153,7 +154,7 @@ class CudaOptions:
         return cls(**options)
 
     def provider_options(self, graph: str = "step") -> dict[str, str]:
-        """The CUDAExecutionProvider option strings for `graph` ("step" or "prefill")."""
+        """The CUDAExecutionProvider option strings for `graph` ("step", "slots", "prefill")."""
         o = {
             k: str(v) for k, v in asdict(self).items() if k not in ("enable_cuda_graph", "use_tf32")
         }
@@ -161,7 +162,7 @@ class CudaOptions:
         o["device_id"], o["gpu_mem_limit"] = str(int(self.device_id)), str(int(self.gpu_mem_limit))
         if self.gpu_mem_limit == 0:
             del o["gpu_mem_limit"]
-        o["enable_cuda_graph"] = "1" if (self.enable_cuda_graph and graph == "step") else "0"
+        o["enable_cuda_graph"] = "1" if (self.enable_cuda_graph and graph == "slots") else "0"
         return o
 
 

@@ -134,7 +134,7 @@ class Server:
                 device=c.device,
                 threads=c.threads,
                 step_threads=c.step_threads,
-                cuda_options={"use_tf32": c.tf32},
+                cuda_options={"use_tf32": c.tf32, "enable_cuda_graph": c.cuda_graphs},
             )
         info = self.engine.info
         store_args = dict(
@@ -158,6 +158,14 @@ class Server:
             self.metrics.registry.register(StoreCollector(replication))
         slab = self.engine.new_slab(c.max_sessions)  # every session's state, on its device
         self.store = SessionStore(**store_args, replication=replication, slab=slab)
+        e = self.engine
+        log.info(
+            "state slab: %d sessions x %s B on %s (%.1f MiB); per token host<->device: "
+            "%d B in (input, slot), %d B out (outputs); the state stays on the %s%s",
+            c.max_sessions, f"{slab.row_bytes:,}", e.provider, slab.nbytes / 2**20,
+            e._step_in_dtype.itemsize * (e.d_input or 1) + 8, e._out_dtype.itemsize * e.d_output,
+            e.device, ", CUDA graphs per batch bucket" if e.cuda_graphs else "",
+        )  # fmt: skip
         if replication is not None:
             replication.start()
         restored = self.store.load(c.state_dir) if c.state_dir else 0

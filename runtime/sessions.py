@@ -42,6 +42,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,7 @@ class SessionStore:
                 "bytes_per_session": self.bytes_per_session,
                 "slab_bytes": self.slab.nbytes,
                 "slab_device": self.slab.device,
+                "slab": asdict(self.slab.stats),  # row and per-step bytes moved
                 "principals": len(self._per_principal),
                 "created": self._counts["created"],
                 "closed": self._counts["closed"],

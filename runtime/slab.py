@@ -179,11 +179,20 @@ class StateSlab:
     """float32 [capacity, S] on `device` ("cpu" | "cuda"); see the module docstring.
 
     Attributes: capacity, state_size, device, device_id, value (the OrtValue a step binds),
-    nbytes, row_bytes, stats (SlabStats). Row operations are safe from several threads; a
-    caller keeps a row from being stepped while it reads or writes it (SessionStore does).
+    nbytes, row_bytes, stats (SlabStats), scratch (with scratch=True: the row after the
+    last slot, which CUDA graph buckets step as padding; else None). Row operations are
+    safe from several threads; a caller keeps a row from being stepped while it reads or
+    writes it (SessionStore does).
     """
 
-    def __init__(self, capacity: int, state_size: int, device: str = "cpu", device_id: int = 0):
+    def __init__(
+        self,
+        capacity: int,
+        state_size: int,
+        device: str = "cpu",
+        device_id: int = 0,
+        scratch: bool = False,
+    ):
         for name, v in (("capacity", capacity), ("state_size", state_size)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise InvalidInput(name, f"must be a positive integer, got {v!r}")
@@ -192,27 +201,30 @@ class StateSlab:
         self.capacity, self.state_size = int(capacity), int(state_size)
         self.device, self.device_id = device, int(device_id)
         self.row_bytes = 4 * self.state_size
-        self.nbytes = self.capacity * self.row_bytes
+        # one more row for the padding of CUDA graph buckets: slots never name it
+        self.scratch = self.capacity if scratch else None
+        rows = self.capacity + (1 if scratch else 0)
+        self.nbytes = rows * self.row_bytes
         self.stats = SlabStats()
         self._lock = threading.Lock()  # the stats, and the copier's bindings
         if device == "cpu":
             # zero pages cost no memory until first touched; the OrtValue shares the array
-            self.array = np.zeros((self.capacity, self.state_size), dtype=np.float32)
+            self.array = np.zeros((rows, self.state_size), dtype=np.float32)
             self.value = ort.OrtValue.ortvalue_from_numpy(self.array)
             self._copier = None
             return
         self.array = None
         self.value = ort.OrtValue.ortvalue_from_shape_and_type(
-            [self.capacity, self.state_size], np.float32, "cuda", self.device_id
+            [rows, self.state_size], np.float32, "cuda", self.device_id
         )
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 3
         providers = [("CUDAExecutionProvider", {"device_id": str(self.device_id)})]
         self._copier = ort.InferenceSession(identity_model(), so, providers=providers)
-        zeros = np.zeros((min(self.capacity, 1024), self.state_size), dtype=np.float32)
-        for start in range(0, self.capacity, len(zeros)):  # device memory comes uninitialized
-            k = min(len(zeros), self.capacity - start)
+        zeros = np.zeros((min(rows, 1024), self.state_size), dtype=np.float32)
+        for start in range(0, rows, len(zeros)):  # device memory comes uninitialized
+            k = min(len(zeros), rows - start)
             self._copy(("cpu", zeros.ctypes.data), ("cuda", self._ptr(start)), k)
 
     def __repr__(self) -> str:

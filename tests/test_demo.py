@@ -41,6 +41,9 @@ def test_demo_runs_end_to_end(demo):
     assert "tokens/s" in proc.stderr  # generate --stats
     assert "all three continue identically (same sampling seed): True" in proc.stdout
     assert "server stopped (exit status 0)" in proc.stdout
+    # the provider, and per batched step only a token and a slot in, the logits out
+    assert "== provider: CPUExecutionProvider" in proc.stdout
+    assert "moved 16 B in (input, slot) and 1,024 B out (outputs) per step" in proc.stdout
     # no process left behind: the port the server used is free again
     port = json.loads((workdir / "server.json").read_text())["port"]
     with socket.socket() as s:

@@ -17,8 +17,8 @@ from ssmstream.runtime.providers import CudaOptions
 
 def test_cuda_options_defaults_and_strings():
     o = CudaOptions.parse({"device_id": 1, "enable_cuda_graph": True})
-    step, prefill = o.provider_options("step"), o.provider_options("prefill")
-    assert step == {
+    slots, prefill = o.provider_options("slots"), o.provider_options("prefill")
+    assert slots == {
         "device_id": "1",
         "arena_extend_strategy": "kNextPowerOfTwo",
         "cudnn_conv_algo_search": "HEURISTIC",
@@ -26,6 +26,7 @@ def test_cuda_options_defaults_and_strings():
         "enable_cuda_graph": "1",
     }
     assert prefill["enable_cuda_graph"] == "0"  # variable T: never captured
+    assert o.provider_options("step")["enable_cuda_graph"] == "0"  # numpy states: not fixed
     limited = CudaOptions(gpu_mem_limit=2**30).provider_options()
     assert limited["gpu_mem_limit"] == str(2**30)
     assert CudaOptions.parse(None) == CudaOptions() and CudaOptions.parse(o) is o
@@ -68,8 +69,12 @@ def test_engine_hands_cuda_options_to_onnxruntime(toy_token_model, monkeypatch):
     (name, step_opts), cpu = seen["step.onnx"]
     assert name == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
     assert step_opts["device_id"] == "3" and step_opts["cudnn_conv_algo_search"] == "EXHAUSTIVE"
-    assert step_opts["enable_cuda_graph"] == "1"
-    assert seen["slots"] == seen["step.onnx"]  # the slot graph runs where the step graph does
+    assert step_opts["enable_cuda_graph"] == "0"  # only the slot graph is captured
+    (name, slot_opts), _ = seen["slots"]  # the slot graph runs where the step graph does
+    assert name == "CUDAExecutionProvider" and slot_opts["enable_cuda_graph"] == "1"
+    assert {k: v for k, v in slot_opts.items() if k != "enable_cuda_graph"} == {
+        k: v for k, v in step_opts.items() if k != "enable_cuda_graph"
+    }
     assert eng.device == "cpu"  # the (faked) session reports CPU, so the engine says so
     # device="cpu" never asks for CUDA, whatever the options
     seen.clear()
@@ -124,3 +129,28 @@ def test_cuda_plain_and_slot_steps_match_cpu_in_fp32(tiny_token_model):
     gpu.step_slots(tokens[:4, 0], [0, 1, 2, 3], slab)
     moved = slab.stats.step_bytes_in - before[0], slab.stats.step_bytes_out - before[1]
     assert moved == (4 * 8 + 4 * 8, 4 * gpu.d_output * 4)  # tokens + slots in, outputs out
+
+
+@pytest.mark.cuda
+def test_cuda_graph_buckets_match_cpu_and_leave_other_rows_alone(tiny_token_model):
+    """Slot steps replayed from CUDA graphs (buckets 1, 2, 4, 8; padding on the scratch row)
+    equal the CPU engine's steps; rows outside the batch keep their states."""
+    d = tiny_token_model["model_dir"]
+    cpu = Engine(d, device="cpu")
+    gpu = Engine(d, device="cuda", cuda_options={"enable_cuda_graph": True})
+    assert gpu.cuda_graphs
+    rng = np.random.default_rng(2)
+    slab = gpu.new_slab(16)
+    assert slab.scratch == 16
+    want = (rng.standard_normal((16, cpu.state_size)) * 0.1).astype(np.float32)  # [16, S]
+    for row, state in enumerate(want):
+        slab.write(row, state)
+    buf = gpu.step_buffers(8)
+    for B in (1, 3, 8, 5, 2, 7, 1):
+        slots = rng.choice(16, size=B, replace=False)
+        x = rng.integers(0, cpu.vocab_size, size=B)
+        y_ref, s_ref = cpu.step(x, want[slots])
+        y = gpu.step_slots(x, slots, slab, out=buf)
+        want[slots] = s_ref
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(slab.read_rows(range(16)), want, rtol=1e-5, atol=1e-5)

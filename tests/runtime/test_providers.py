@@ -20,7 +20,10 @@ def test_fp32_means_fp32_unless_tf32_is_asked_for():
     assert parse_config(["model/", "--tf32"]).tf32 is True
 
 
-def test_cuda_graphs_only_for_the_step_graph():
+def test_cuda_graphs_only_for_the_slot_graph():
+    """Only the slot graph runs on fixed device buffers (its buckets); the plain step takes
+    numpy states and the prefill a variable T."""
     o = CudaOptions(enable_cuda_graph=True)
-    assert o.provider_options("step")["enable_cuda_graph"] == "1"
+    assert o.provider_options("slots")["enable_cuda_graph"] == "1"
+    assert o.provider_options("step")["enable_cuda_graph"] == "0"
     assert o.provider_options("prefill")["enable_cuda_graph"] == "0"

@@ -90,6 +90,13 @@ def test_metrics_count_what_happened(server):
     assert after["ssmstream_tokens_per_second"] > 0
     assert after["ssmstream_sessions_capacity"] == 1024
     assert "ssmstream_sessions_evicted_total" in after and after["ssmstream_draining"] == 0
+    # the 2 streamed tokens ran as 2 slot steps: a token and a slot in, the outputs out
+    d_out = server.server.engine.d_output
+    assert delta("ssmstream_state_slab_steps_total") == 2
+    assert delta('ssmstream_state_slab_transfer_bytes_total{direction="in",path="step"}') == 32
+    assert delta('ssmstream_state_slab_transfer_bytes_total{direction="out",path="step"}') == (
+        2 * 4 * d_out
+    )
 
 
 def test_periodic_save_and_health_going_not_serving(tiny_token_model, tmp_path):

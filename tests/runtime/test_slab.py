@@ -154,6 +154,36 @@ def test_a_failed_slot_step_leaves_the_slab_unchanged(tok, monkeypatch):
     np.testing.assert_array_equal(slab.array, states)
 
 
+def test_cuda_graph_buckets_pad_with_the_scratch_row(tiny_token_model, monkeypatch):
+    """The CUDA-graph path on CPU buffers (onnxruntime ignores gpu_graph_id there): batches
+    of 1..8 run in buckets of 1, 2, 4, 8 rows padded with the scratch row; outputs and the
+    sessions' rows equal plain steps bit for bit, no other row changes (the warm-up runs
+    before a capture step only the scratch row), and each bucket moves b rows of I/O."""
+    eng = Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
+    monkeypatch.setattr(eng, "cuda_graphs", True)
+    rng = np.random.default_rng(9)
+    slab = eng.new_slab(12)
+    assert slab.scratch == 12 and slab.array.shape == (13, eng.state_size)
+    with pytest.raises(InvalidInput, match="scratch"):
+        eng.step_slots(np.array([1]), [0], StateSlab(12, eng.state_size))
+    states = (rng.standard_normal((12, eng.state_size)) * 0.3).astype(np.float32)
+    slab.array[:12] = states
+    buf = eng.step_buffers(8)
+    for B in (3, 8, 1, 5, 2, 4, 7):
+        slots = rng.choice(12, size=B, replace=False)
+        x = rng.integers(0, eng.vocab_size, size=B)
+        want_y, want_s = eng.step(x, states[slots])
+        before = slab.stats.step_bytes_in, slab.stats.step_bytes_out
+        np.testing.assert_array_equal(eng.step_slots(x, slots, slab, out=buf), want_y)
+        states[slots] = want_s
+        np.testing.assert_array_equal(slab.array[:12], states)
+        b = 1 << (B - 1).bit_length()
+        moved = slab.stats.step_bytes_in - before[0], slab.stats.step_bytes_out - before[1]
+        assert moved == (16 * b, 4 * eng.d_output * b)
+    assert sorted(buf._graphs) == [1, 2, 4, 8]
+    assert not np.array_equal(slab.array[12], np.zeros(eng.state_size))  # padding stepped it
+
+
 # --- row operations --------------------------------------------------------------------
 
 
