@@ -15,9 +15,10 @@ host↔device; its bytes/step is the slab's own count, `slab.stats.step_bytes_in
 Parity of each variant's outputs against ort_fp32 over the same inputs is recorded (max
 abs error after the timed steps' first 4 steps).
 
-No CUDA-graph variant: it needed fixed device buffers for every bound input and output
-(the removed runtime/device_state.ResidentBatch kept them); the slot step binds host
-tokens, slots and outputs, and the runtime provides no fixed device buffers for them now.
+ort_slab_graph: ort_slab with CUDA graphs (`cuda_options={"enable_cuda_graph": True}`,
+the server's `--cuda-graphs`): each batch bucket is captured once and replayed, with fixed
+device buffers for tokens, slots and outputs (B is a bucket here: no padding). On CPU the
+same code runs without capture (onnxruntime ignores the graph id there).
 
 Per model (fp32, fp16), the slab variant's p50 step time at B = 64 and 1024 is also set
 against the state's memory floor, 2·B·S·4 bytes (each state row read and written once)
@@ -49,7 +50,7 @@ import numpy as np
 
 log = logging.getLogger("bench_gpu")
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("torch_eager", "ort_fp32", "ort_fp16", "ort_slab", "ort_slab_fp16")
+VARIANTS = ("torch_eager", "ort_fp32", "ort_fp16", "ort_slab", "ort_slab_fp16", "ort_slab_graph")
 SLAB_VARIANTS = {"fp32": "ort_slab", "fp16": "ort_slab_fp16"}  # model -> its slab variant
 FLOOR_BATCHES = (64, 1024)
 H200_GBS = 4800.0  # HBM3e bandwidth of an H200, GB/s
@@ -157,12 +158,16 @@ def engine_runner(model_dir: Path, device: str, B: int, threads):
     return step, eng
 
 
-def slab_runner(model_dir: Path, device: str, B: int, threads):
+def slab_runner(model_dir: Path, device: str, B: int, threads, graphs: bool = False):
     """Steps of all B rows of a StateSlab on the device (zeros, as Engine.new_state);
-    `step.slab` is the slab, whose stats count each step's host↔device bytes."""
+    `step.slab` is the slab, whose stats count each step's host↔device bytes. graphs: CUDA
+    graphs of the slot step (Engine.cuda_graphs; forced on CPU, where nothing is captured)."""
     from ssmstream.runtime.engine import Engine
 
-    eng = Engine(model_dir, device=device, threads=threads)
+    options = {"enable_cuda_graph": True} if graphs else None
+    eng = Engine(model_dir, device=device, threads=threads, cuda_options=options)
+    if graphs:
+        eng.cuda_graphs = True  # on CUDA already so; on CPU the bucket path without capture
     slab = eng.new_slab(B)
     buf = eng.step_buffers(B)
     buf.slots[:B, 0] = np.arange(B)
@@ -234,6 +239,8 @@ def run_variant(name: str, models: dict, cfg: BenchConfig, B: int):
         return slab_runner(models["fp32"], dev, B, cfg.threads)[0]
     if name == "ort_slab_fp16":
         return slab_runner(models["fp16"], dev, B, cfg.threads)[0]
+    if name == "ort_slab_graph":
+        return slab_runner(models["fp32"], dev, B, cfg.threads, graphs=True)[0]
     raise ValueError(name)
 
 
@@ -307,7 +314,7 @@ def run(cfg: BenchConfig) -> dict:
         for r in rows:
             if "tokens_per_s" in r and r["batch"] in eager:
                 r["speedup_vs_torch_eager"] = r["tokens_per_s"] / eager[r["batch"]]["tokens_per_s"]
-    for name in ("ort_slab",):
+    for name in ("ort_slab", "ort_slab_graph"):
         at64 = [r for r in results.get(name, []) if r["batch"] == 64 and "tokens_per_s" in r]
         if at64 and "speedup_vs_torch_eager" in at64[0]:
             summary[f"{name}_vs_torch_eager_at_64"] = at64[0]["speedup_vs_torch_eager"]

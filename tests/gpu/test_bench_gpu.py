@@ -42,7 +42,7 @@ def test_bench_gpu_cpu_smoke(tiny_token_model, tmp_path, capsys):
     cfg = tiny_token_model["config"]
     S, V = cfg.state_size, cfg.vocab_size
     res = rep["results"]
-    assert set(res) == {"torch_eager", "ort_fp32", "ort_slab"}
+    assert set(res) == {"torch_eager", "ort_fp32", "ort_slab", "ort_slab_graph"}
     assert set(rep["skipped"]) == {"ort_fp16", "ort_slab_fp16"}
     for name in res:
         assert [r["batch"] for r in res[name]] == [1, 4]
@@ -50,7 +50,7 @@ def test_bench_gpu_cpu_smoke(tiny_token_model, tmp_path, capsys):
         B = r["batch"]
         assert r["bytes_per_step"] == B * 8 + 2 * B * S * 4 + B * V * 4
         assert r["tokens_per_s"] > 0 and r["p50_ms"] > 0 and r["steps"] == 4
-    for r in res["ort_slab"]:
+    for r in res["ort_slab"] + res["ort_slab_graph"]:  # B = 1, 4 are buckets: no padding
         B = r["batch"]
         assert r["bytes_per_step"] == B * 8 + B * 8 + B * V * 4  # tokens, slots, logits: no state
         assert (r["bytes_in_per_step"], r["bytes_out_per_step"]) == (B * 16, B * V * 4)
