@@ -25,6 +25,12 @@ against the state's memory floor, 2·B·S·4 bytes (each state row read and writ
 ÷ `--bandwidth-gbs` (default 4800 GB/s, an H200's HBM3e): "ms per step ÷ floor". The
 bandwidth is taken as given, not measured (on CPU the ratio only checks the arithmetic).
 
+The passes over the state are also counted, statically, in the slot graph the Engine runs
+(`state_traffic`): per batch row, the bytes its nodes read and write in state-sized tensors
+(at least S/8 elements per row; views such as Reshape move nothing), ÷ the floor 2·S·4. A
+graph that touched the state once each way would score 1; what it scores above that is the
+ceiling on "ms per step ÷ floor" that no device can beat.
+
 Writes benchmarks/results/bench_gpu.{json,md,png} (or `--out`). On a machine without CUDA,
 `--device cpu` is a smoke mode of the same code (tiny sizes). Models: `--model-dir`
 (fp32), `--fp16-model-dir`, `--ckpt`; missing ones are made in `--work` (a random network
@@ -326,8 +332,45 @@ def run(cfg: BenchConfig) -> dict:
         "skipped": skipped,
         "summary": summary,
         "floor": state_floor(results, S, cfg.bandwidth_gbs),
+        "traffic": state_traffic(models["fp32"]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+VIEW_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Shape")  # no bytes move
+
+
+def state_traffic(model_dir: Path) -> dict:
+    """The slot graph's passes over the state (see the module docstring): bytes per batch
+    row read and written by each node in state-sized tensors, and their sum ÷ 2·S·4."""
+    import onnx
+    from onnx import shape_inference
+    from ssmstream.runtime.manifest import load_manifest
+    from ssmstream.runtime.slab import slot_model
+
+    man = load_manifest(model_dir)
+    S = int(man["state_size"])
+    step = (Path(model_dir) / man["graphs"]["step"]["file"]).read_bytes()
+    model = shape_inference.infer_shapes(onnx.load_from_string(slot_model(step, S)))
+    g = model.graph
+    per_row = {}  # tensor -> bytes per batch row, where its shape is [B, known dims...]
+    for vi in [*g.value_info, *g.input, *g.output]:
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if len(dims) > 1 and all(dims[1:]):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+            per_row[vi.name] = itemsize * int(np.prod(dims[1:]))
+    big = S * 4 // 8
+    nodes = []
+    for n in g.node:
+        if n.op_type in VIEW_OPS:
+            continue
+        ins = [i for i in n.input if not (n.op_type == "ScatterND" and i == "slab")]  # aliased
+        moved = sum(per_row.get(x, 0) for x in [*ins, *n.output] if per_row.get(x, 0) >= big)
+        if moved:
+            nodes.append({"op": n.op_type, "name": n.name, "bytes_per_row": moved})
+    total = sum(n["bytes_per_row"] for n in nodes)
+    return {"state_bytes": 4 * S, "bytes_per_row": total, "passes": total / (8 * S), "nodes": nodes}
 
 
 def state_floor(results: dict, S: int, bandwidth_gbs: float) -> list[dict]:
@@ -386,6 +429,17 @@ def to_markdown(rep: dict) -> str:
     if rep["summary"]:
         lines.append(f"\nSummary: {json.dumps(rep['summary'])}")
     lines += floor_lines(rep)
+    tr = rep.get("traffic")
+    if tr:
+        ops = ", ".join(
+            f"{n['op']} {n['bytes_per_row'] / tr['state_bytes']:.1f}" for n in tr["nodes"]
+        )
+        sizes = tr["bytes_per_row"] / tr["state_bytes"]
+        lines.append(
+            f"\nState traffic of the slot graph (fp32): {sizes:.1f} "
+            f"state sizes read + written per row and step = **{tr['passes']:.1f}× the floor** "
+            f"(one read and one write). Per node, in state sizes: {ops}."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,12 @@ def test_bench_gpu_cpu_smoke(tiny_token_model, tmp_path, capsys):
         assert f["ratio"] is None and f["floor_ms"] == pytest.approx(1e3 * 2 * B * S * 4 / 4800e9)
     for r in res["torch_eager"]:
         assert r["max_abs_err_vs_ort_fp32"] < 1e-3
+    tr = rep["traffic"]  # the slot graph's passes over the state, counted statically
+    ops = {n["op"]: n["bytes_per_row"] for n in tr["nodes"]}
+    assert ops["GatherND"] == ops["ScatterND"] == 2 * 4 * S  # one row read + written, each
+    assert tr["bytes_per_row"] == sum(n["bytes_per_row"] for n in tr["nodes"])
+    assert tr["passes"] == pytest.approx(tr["bytes_per_row"] / (8 * S)) and tr["passes"] > 3
+    assert "the floor" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["--device", "tpu"])
     with pytest.raises(SystemExit):
