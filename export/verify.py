@@ -9,6 +9,10 @@
                      over the same L-long sequence, and over short sequences (Q + 1, 3Q + 7)
                      starting from the non-zero state the long run ended in; and the
                      prefill's chunk_states output vs the step states at the chunk ends.
+    slots_vs_step    the slot graph a server runs (Engine.step_slots: the step graph with a
+                     gather and a scatter by slot around it, on a state slab) vs Engine.step
+                     on the same rows: 16 steps of the batch's rows scattered over a slab,
+                     bit for bit (the same kernels on the same batch), other rows untouched.
 
 The graphs are run through the runtime's public Engine, exactly as a server runs them.
 
@@ -20,7 +24,8 @@ Report (manifest "parity"):
     {"passed": bool, "dtype": str, "tolerance": {...}, "reference": str,
      "step_vs_torch":   {"length", "batch", "max_abs", "output_scale", "max_rel", "passed"},
      "prefill_vs_step": {"lengths", "max_rel_output", "max_rel_state", "max_abs_output",
-                         "max_abs_state", "passed"}}
+                         "max_abs_state", "passed"},
+     "slots_vs_step":   {"steps", "batch", "max_abs_output", "max_abs_state", "passed"}}
 
 Dimension letters: B batch, L length, V outputs, S packed state, Q chunk.
 """
@@ -185,8 +190,42 @@ def verify_graphs(
             "passed": bool(ok),
         }
         passed &= ok
+    report["slots_vs_step"] = slots_vs_step(engine, manifest, state_s, rng)
+    passed &= report["slots_vs_step"]["passed"]
     report["passed"] = bool(passed)
     return report
+
+
+def slots_vs_step(
+    engine: Engine, manifest: dict, states: np.ndarray, rng: np.random.Generator, steps: int = 16
+) -> dict:
+    """The slot step on rows of a slab vs the plain step on the same states (see the module
+    docstring); `states` [B, S] start the batch's rows, the slab's other rows are random."""
+    B, S = states.shape
+    slab = engine.new_slab(3 * B)
+    others = (rng.standard_normal((3 * B, S)) * 0.1).astype(np.float32)
+    for row, x in enumerate(others):
+        slab.write(row, x)
+    slots = rng.choice(3 * B, size=B, replace=False)  # scattered, unordered
+    for row, x in zip(slots, states):
+        slab.write(int(row), x)
+    s, err_o, err_s = states, 0.0, 0.0
+    for _ in range(steps):
+        x = random_inputs(manifest, B, 1, rng)[:, 0]
+        want, s = engine.step(x, s)
+        got = engine.step_slots(x, slots, slab)
+        err_o = max(err_o, float(np.max(np.abs(got.astype(np.float64) - want))))
+        err_s = max(err_s, float(np.max(np.abs(slab.read_rows(slots) - s))))
+    rest = np.setdiff1d(np.arange(3 * B), slots)
+    untouched = bool(np.array_equal(slab.read_rows(rest), others[rest]))
+    return {
+        "steps": steps,
+        "batch": B,
+        "max_abs_output": err_o,
+        "max_abs_state": err_s,
+        "other_rows_untouched": untouched,
+        "passed": err_o == 0.0 and err_s == 0.0 and untouched,
+    }
 
 
 def verify_model(

@@ -58,6 +58,13 @@ def format_report(report: dict) -> str:
             f"  prefill vs step   max rel {worst:.2e} (tol {tol['prefill_vs_step']:.0e}), "
             f"lengths {p['lengths']}" + ("" if p["passed"] else "  <-- FAILED")
         )
+    q = report.get("slots_vs_step")
+    if q is not None:
+        lines.append(
+            f"  slot step         max abs {max(q['max_abs_output'], q['max_abs_state']):.2e} vs "
+            f"the plain step (bit for bit), {q['steps']} steps × batch {q['batch']}"
+            + ("" if q["passed"] else "  <-- FAILED")
+        )
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@
     s = eng.new_state()                         # float32 [1, S]
     out, s = eng.step(np.array([tok]), s)       # one token -> logits [1, V]
 
-Modules: engine (Engine, StepBuffers), sessions (SessionStore, Session), batcher (Batcher),
+Modules: engine (Engine, StepBuffers), slab (StateSlab: every session's state on the engine's
+device), sessions (SessionStore, Session), batcher (Batcher),
 sampling (sample, Sampler, SamplingConfig), errors, manifest; the gRPC server, servicer and
 client sit on top of these. Names are imported lazily, so `import ssmstream.runtime.cli`
 stays cheap.
@@ -18,6 +19,7 @@ import importlib
 _EXPORTS = {
     "Engine": "engine",
     "StepBuffers": "engine",
+    "StateSlab": "slab",
     "SessionStore": "sessions",
     "Session": "sessions",
     "Batcher": "batcher",

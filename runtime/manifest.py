@@ -163,6 +163,9 @@ def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
         rows.append(
             ("  prefill vs step", f"max rel {worst:.2e} (tol {tol.get('prefill_vs_step', 0):.0e})")
         )
+    q = p.get("slots_vs_step", {})
+    if "passed" in q:
+        rows.append(("  slot step", "bit for bit" if q["passed"] else "DIFFERS from the step"))
     ex = m.get("exporter", {})
     rows.append(("exporter", ", ".join(f"{k} {v}" for k, v in ex.items() if k != "exporter")))
     if m.get("source", {}).get("checkpoint"):

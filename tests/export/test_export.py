@@ -83,6 +83,9 @@ def test_manifest_describes_the_model(token_model, token_net):
     assert p["step_vs_torch"]["max_rel"] <= FP32_TOL
     q = p["prefill_vs_step"]
     assert max(q["max_rel_output"], q["max_rel_state"]) <= FP32_TOL
+    sl = p["slots_vs_step"]  # the graph the server runs equals the step graph, bit for bit
+    assert sl["passed"] and sl["max_abs_output"] == sl["max_abs_state"] == 0.0
+    assert sl["other_rows_untouched"] and sl["steps"] == 16
 
 
 def test_graph_io_contract(token_model, signal_model):
