@@ -164,6 +164,11 @@ class Batcher:
                 "store", f"its slab is on {store.slab.device}, the engine runs on "
                 f"{engine.device} (make it with slab=engine.new_slab(capacity))",
             )  # fmt: skip
+        if engine.cuda_graphs and store.slab.scratch is None:
+            raise InvalidInput(
+                "store", "the engine runs CUDA graphs: its slab needs a scratch row "
+                "(make it with slab=engine.new_slab(capacity))",
+            )  # fmt: skip
         self.engine, self.store = engine, store
         self.max_batch, self.max_batch_delay = int(max_batch), float(max_batch_delay)
         self.max_queue_per_session = max_queue_per_session
@@ -203,6 +208,9 @@ class Batcher:
         """Start the worker thread (results come back to the running event loop)."""
         if self.running:
             return
+        if self.engine.cuda_graphs:  # capture every bucket now, while nothing else runs
+            rows = min(self.max_batch, self._buffers.chunk_rows)
+            self.engine.capture_graphs(self.store.slab, rows)
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -537,22 +545,22 @@ class Batcher:
         """One ORT call: the sessions' slab rows, stepped in place (Engine.run_slots)."""
         buf, store = self._buffers, self.store
         lent = store.lend([r.session for r in part])
-        if len(lent) < len(part):  # closed meanwhile: SessionNotFound from _run_steps
-            kept = set(lent)
-            part = [r for r in part if r.session in kept]
-        B = len(part)
-        if not B:
-            return {}
-        for j, r in enumerate(part):
-            buf.inputs[j] = r.inputs[0]
-            buf.slots[j, 0] = r.session.slot
         try:
+            if len(lent) < len(part):  # closed meanwhile: SessionNotFound from _run_steps
+                kept = set(lent)
+                part = [r for r in part if r.session in kept]
+            B = len(part)
+            if not B:
+                return {}
+            for j, r in enumerate(part):
+                buf.inputs[j] = r.inputs[0]
+                buf.slots[j, 0] = r.session.slot
             outputs = self.engine.run_slots(store.slab, B, buf)
         except BaseException:
             store.give_back(lent, 0)  # nothing was written
             raise
         out = outputs.copy()  # [B, d_out], one copy: the buffer is reused next call
-        positions = store.give_back(lent, 1)
+        positions = store.give_back(lent, 1)  # from here on, the steps have applied
         for r, pos in zip(part, positions):
             h = r.session.history
             if h is not None and not isinstance(pos, Exception):
@@ -563,10 +571,14 @@ class Batcher:
         }
 
     def _state_of(self, s: Session) -> np.ndarray | None:
-        """The session's state [S], None once it is gone (a History checkpoint's source)."""
+        """The session's state [S] (a History checkpoint's source), None once it is gone or
+        unreadable: a step that applied is never failed by its checkpoint."""
         try:
             return self.store.read(s)
         except SessionNotFound:
+            return None
+        except Exception:
+            log.exception("rewind checkpoint of session %r skipped", s.id)
             return None
 
     def _run_prefill(self, reqs: list[_Request]) -> list:

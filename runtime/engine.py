@@ -46,6 +46,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class _Graph:
 
     def __init__(self, engine: Engine, slab: StateSlab, b: int):
         dev, did = slab.device, slab.device_id
+        self.slab = slab  # the graph replays with its buffer (and keeps id(slab) taken)
         self.x_host = np.zeros((b, *engine._step_in_shape), dtype=engine._step_in_dtype)
         self.slots_host = np.full((b, 1), slab.scratch, dtype=np.int64)  # [b, 1]
         new = ort.OrtValue.ortvalue_from_shape_and_type
@@ -142,7 +144,6 @@ class StepBuffers:
         self.slots = np.zeros((max_batch, 1), dtype=np.int64)  # [max_batch, 1]
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._slot_bindings: dict[int, ort.IOBinding] = {}  # B -> binding, for self._slab
-        self._graphs: dict[int, _Graph] = {}  # bucket rows -> CUDA graph, for self._slab
         self._slab: StateSlab | None = None
         self._values: list[ort.OrtValue] = []  # keeps the bound OrtValues alive
 
@@ -159,29 +160,12 @@ class StepBuffers:
             self._bindings[(start, B)] = io
         return io
 
-    def _use(self, slab: StateSlab) -> None:
-        if slab is not self._slab:  # bindings and graphs hold one slab's buffer
-            self._slot_bindings.clear()
-            self._graphs.clear()
-            self._slab = slab
-
-    def graph(self, slab: StateSlab, B: int) -> _Graph:
-        """The CUDA-graph bucket for a batch of B rows: b = the next power of two."""
-        self._use(slab)
-        b = 1 << (B - 1).bit_length()
-        g = self._graphs.get(b)
-        if g is None:
-            if slab.scratch is None:
-                raise InvalidInput(
-                    "slab", "CUDA graph steps need a slab with a scratch row (Engine.new_slab)"
-                )
-            g = self._graphs[b] = _Graph(self.engine, slab, b)
-        return g
-
     def slot_binding(self, slab: StateSlab, B: int) -> ort.IOBinding:
         """The IOBinding of a slot step of B rows of `slab`: inputs[:B], slots[:B] and
         outputs[:B] bound by address, `slab` as both `slab` and `slab_out` (one buffer)."""
-        self._use(slab)
+        if slab is not self._slab:  # the bindings hold one slab's buffer
+            self._slot_bindings.clear()
+            self._slab = slab
         io = self._slot_bindings.get(B)
         if io is None:
             eng = self.engine
@@ -265,6 +249,8 @@ class Engine:
         self.device_id = self.cuda_options.device_id if on_cuda else 0
         self.cuda_graphs = on_cuda and bool(self.cuda_options.enable_cuda_graph)
         self._graph_ids = itertools.count(1)  # one gpu_graph_id per captured bucket
+        self._graphs: dict[tuple[int, int], _Graph] = {}  # (id(slab), rows) -> its graph
+        self._graph_lock = threading.Lock()  # one graph run (its staging buffers) at a time
         self._prefill_session = None
         self.prefill_chunk = self.prefill_max_len = None
         if "prefill" in graphs:
@@ -337,6 +323,9 @@ class Engine:
     ) -> ort.InferenceSession:
         """An onnxruntime session of `file` (or of `model`, bytes derived from it)."""
         path = self.model_dir / file
+        if model is not None:  # bytes: say where external weights (if any) are
+            key = "session.model_external_initializers_file_folder_path"
+            opts.add_session_config_entry(key, str(self.model_dir))
         try:
             return ort.InferenceSession(model or str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own unrelated exception types
@@ -569,14 +558,15 @@ class Engine:
         """
         try:
             if self.cuda_graphs:
-                g = out.graph(slab, B)
-                g.x_host[:B] = out.inputs[:B]
-                g.slots_host[:B] = out.slots[:B]
-                g.slots_host[B:] = slab.scratch
-                g.x.update_inplace(g.x_host)
-                g.slots.update_inplace(g.slots_host)
-                self._slot_session.run_with_iobinding(g.io, g.run_options)
-                y = g.y.numpy()  # [b, d_out] on the host
+                with self._graph_lock:
+                    g = self.capture_graphs(slab, B)[-1]
+                    g.x_host[:B] = out.inputs[:B]
+                    g.slots_host[:B] = out.slots[:B]
+                    g.slots_host[B:] = slab.scratch
+                    g.x.update_inplace(g.x_host)
+                    g.slots.update_inplace(g.slots_host)
+                    self._slot_session.run_with_iobinding(g.io, g.run_options)
+                    y = g.y.numpy()  # [b, d_out] on the host
                 out.outputs[:B] = y[:B]
                 moved_in, moved_out = g.x_host.nbytes + g.slots_host.nbytes, y.nbytes
             else:
@@ -591,6 +581,25 @@ class Engine:
         st.step_bytes_in += moved_in
         st.step_bytes_out += moved_out
         return out.outputs[:B]
+
+    def capture_graphs(self, slab: StateSlab, max_batch: int) -> list[_Graph]:
+        """The CUDA graphs of `slab`'s slot steps for the buckets 1, 2, 4, ... up to the one
+        of `max_batch` rows, captured now where missing (a capture runs GRAPH_WARMUPS times
+        on the scratch row). The Batcher captures its buckets before serving: a capture
+        must not run while other threads copy slab rows on the device."""
+        if slab.scratch is None:
+            raise InvalidInput(
+                "slab", "CUDA graph steps need a slab with a scratch row (Engine.new_slab)"
+            )
+        graphs, b = [], 1
+        while True:
+            key = (id(slab), b)
+            if key not in self._graphs:
+                self._graphs[key] = _Graph(self, slab, b)
+            graphs.append(self._graphs[key])
+            if b >= max_batch:
+                return graphs
+            b *= 2
 
     def prefill(self, inputs, states) -> tuple[np.ndarray, np.ndarray]:
         """T time steps for B streams: full chunks via the prefill graph, the rest via step.

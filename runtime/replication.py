@@ -533,20 +533,27 @@ class RedisReplication:
     def _due(self, sid: str) -> bool:
         return bool(self.persist_steps) and self._dirty.get(sid, 0) + 1 >= self.persist_steps
 
-    def commit(self, sessions, commit_local) -> list:
-        """Commit locally (`commit_local()`: a result per session, as SessionStore.give_back),
-        then write through the sessions that are due. One whose lease was lost or whose
-        version is stale is dropped here (another replica owns it): its result becomes
-        Unavailable and Redis keeps the other replica's newer record."""
-        with self._io:  # a background write must not slip between our commit and write
-            results = commit_local()
+    def committed(self, sessions, results: list) -> list:
+        """After a local commit (`results`: a position or an error per session, as
+        SessionStore.give_back returns them): write through the sessions that are due. One
+        whose lease was lost or whose version is stale is dropped here (another replica owns
+        it): its result becomes Unavailable, and Redis keeps the other replica's newer record.
+        Each write reads the session's state and position together (`state_now`); one closed
+        since its step is not written (its step did apply: its result stays)."""
+        results = list(results)
+        with self._io:  # the versions and dirty counts change only under _io
             ok = [j for j, r in enumerate(results) if not isinstance(r, BaseException)]
             due = [j for j in ok if self._due(sessions[j].id)] if not self.degraded else []
             versions: dict[int, int] = {}
-            if due:
-                items = [(sessions[j], self.store.read(sessions[j]), results[j]) for j in due]
+            items, written = [], []
+            for j in due:
+                now = self.store.state_now(sessions[j])
+                if now is not None:
+                    items.append((sessions[j], *now))
+                    written.append(j)
+            if items:
                 try:
-                    versions = dict(zip(due, self._put(items)))
+                    versions = dict(zip(written, self._put(items)))
                 except self.backend.Error as e:
                     self._degrade(e)
             for j in ok:
@@ -628,7 +635,7 @@ class RedisReplication:
         if not self.backend.acquire(s.id, self.replica_id, self._lease_ms):
             self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
             now = self.store.state_now(s)
-            if now is None:  # being stepped: the background writer sends it
+            if now is None:  # being stepped: written at its next due step (or write-behind)
                 self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
                 return
             versions = self._put([(s, *now)])

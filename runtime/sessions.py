@@ -477,11 +477,13 @@ class SessionStore:
         return results
 
     def _commit(self, sessions: Sequence[Session], consumed: int, local: Callable) -> list:
-        """Run `local()` (the local commit: its results per session), then, replicated, the
-        write-through of the sessions that are due."""
+        """Run `local()` (the local commit: its results per session; rows returned, so no
+        reader waits on the replication), then, replicated, the write-through of the
+        sessions that are due."""
+        results = local()
         if self.replication is None or not consumed:
-            return local()
-        return self.replication.commit(sessions, local)
+            return results
+        return self.replication.committed(sessions, results)
 
     def _wait_returned(self, s: Session | None = None) -> None:
         """Wait (the caller holds the lock) until s's row (None: every row) is not lent;

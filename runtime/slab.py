@@ -294,14 +294,23 @@ class StateSlab:
         return row
 
     def read_rows(self, slots: Sequence[int]) -> np.ndarray:
-        """Host copies of several rows: float32 [k, S] (k = 0 allowed)."""
+        """Host copies of several rows: float32 [k, S] (k = 0 allowed). On CUDA, each run of
+        consecutive slots is one copy (live sessions sit packed at the low slots)."""
         slots = [self._check_slot(s, "slots") for s in slots]
+        self._count(rows_out=len(slots))
         if self.array is not None:
-            self._count(rows_out=len(slots))
             return self.array[slots]
-        out = np.empty((len(slots), self.state_size), dtype=np.float32)
-        for i, s in enumerate(slots):
-            out[i] = self.read(s)
+        out = np.empty((len(slots), self.state_size), dtype=np.float32)  # [k, S]
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        i = 0
+        while i < len(order):
+            j = i + 1  # order[i:j]: slots ascending by one
+            while j < len(order) and slots[order[j]] == slots[order[j - 1]] + 1:
+                j += 1
+            run = np.empty((j - i, self.state_size), dtype=np.float32)
+            self._copy(("cuda", self._ptr(slots[order[i]])), ("cpu", run.ctypes.data), j - i)
+            out[order[i:j]] = run
+            i = j
         return out
 
     def write(self, slot: int, state: np.ndarray) -> None:

@@ -180,7 +180,22 @@ def test_cuda_graph_buckets_pad_with_the_scratch_row(tiny_token_model, monkeypat
         b = 1 << (B - 1).bit_length()
         moved = slab.stats.step_bytes_in - before[0], slab.stats.step_bytes_out - before[1]
         assert moved == (16 * b, 4 * eng.d_output * b)
-    assert sorted(buf._graphs) == [1, 2, 4, 8]
+    assert sorted(b for _, b in eng._graphs) == [1, 2, 4, 8]  # one graph per bucket, kept
+    runs = 0
+    real = eng._slot_session
+
+    class Counting:
+        def run_with_iobinding(self, *a, **k):
+            nonlocal runs
+            runs += 1
+            return real.run_with_iobinding(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(eng, "_slot_session", Counting())
+    eng.step_slots(np.array([1, 2, 3]), [0, 1, 2], slab)  # no `out`: the kept graph, 1 run
+    assert runs == 1 and len(eng._graphs) == 4
     assert not np.array_equal(slab.array[12], np.zeros(eng.state_size))  # padding stepped it
 
 
@@ -323,3 +338,56 @@ def test_any_sequence_of_session_operations_equals_plain_steps_bit_for_bit(tok, 
             await batcher.close()
 
     asyncio.run(main())
+
+
+def test_a_batcher_on_cuda_graphs_captures_its_buckets_before_serving(tiny_token_model):
+    """(On CPU buffers, as above.) The buckets up to max_batch are captured at start, none
+    later; served steps equal plain steps; a slab without a scratch row is refused."""
+    eng = Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
+    eng.cuda_graphs = True
+    with pytest.raises(InvalidInput, match="scratch row"):
+        Batcher(eng, SessionStore(eng.state_size, capacity=4))
+    rng = np.random.default_rng(10)
+
+    async def main():
+        store = SessionStore(eng.state_size, capacity=8, slab=eng.new_slab(8))
+        batcher = Batcher(eng, store, max_batch=6, max_batch_delay=0.005)
+        await batcher.start()
+        captured = sorted(b for _, b in eng._graphs)
+        sessions = [store.create() for _ in range(5)]
+        x = rng.integers(0, eng.vocab_size, size=(3, 5))
+        got = []
+        for t in range(3):
+            steps = (batcher.step(s, x[t, j : j + 1]) for j, s in enumerate(sessions))
+            got.append([y for y, _ in await asyncio.gather(*steps)])
+        await batcher.close()
+        return captured, sorted(b for _, b in eng._graphs), got, x
+
+    captured, after, got, x = asyncio.run(main())
+    assert captured == after == [1, 2, 4, 8]
+    s = eng.new_state(5)
+    for t in range(3):
+        want, s = eng.step(x[t], s)
+        np.testing.assert_array_equal(np.concatenate(got[t]), want)
+
+
+def test_a_step_graph_with_external_weights_gets_its_slot_graph(tiny_token_model, tmp_path):
+    """onnxruntime opens the slot graph from bytes: it is told where step.onnx's external
+    weights are, so such a model (hand-made or very large) still serves."""
+    import shutil
+
+    src = tiny_token_model["model_dir"]
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    onnx.save(
+        onnx.load(src / "step.onnx"), tmp_path / "step.onnx",
+        save_as_external_data=True, location="step.weights", size_threshold=200,
+    )  # fmt: skip
+    assert (tmp_path / "step.weights").stat().st_size > 0
+    eng = Engine(tmp_path, device="cpu", check_sha=False)
+    rng = np.random.default_rng(11)
+    slab, states = random_slab(eng, rng, 4)
+    x = inputs_for(eng, rng, 2)
+    want_y, want_s = eng.step(x, states[[3, 1]])
+    np.testing.assert_array_equal(eng.step_slots(x, [3, 1], slab), want_y)
+    np.testing.assert_array_equal(slab.read_rows([3, 1]), want_s)

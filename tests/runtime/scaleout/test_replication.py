@@ -245,3 +245,60 @@ def test_redis_down_keeps_serving_memory_then_recovers(redis_server):
         assert b.get(fresh).position == 0
     finally:
         a.replication.stop()
+
+
+def test_a_close_between_the_local_commit_and_the_write_through_fails_nothing(redis_server):
+    """Rows stepped in the slab are committed locally first, then written through. A session
+    of the batch closed in between is simply not written (its step applied); the others are
+    written with their own state and position, and no result turns into an error."""
+    rng = np.random.default_rng(3)
+    store = replica(redis_server, "A")
+    r = store.replication
+    a, b = store.create(), store.create()
+    lent = store.lend([a, b])
+    for s in lent:  # what a slot step does to the rows
+        store.slab.write(s.slot, rng.standard_normal(S).astype(np.float32))
+    want = store.slab.read(a.slot)
+    real_due, closed = r._due, []
+
+    def due(sid):  # runs after the local commit, before the writes
+        if not closed:
+            closed.append(sid)
+            store.close(b.id)
+        return real_due(sid)
+
+    r._due = due
+    results = store.give_back(lent, 1)
+    assert results == [1, 1] and closed  # both steps applied; no error for a
+    assert r._dirty.get(a.id) == 0 and r.backend.load(a.id)["version"] == 2
+    position, state = store.unpack(r.backend.load(a.id)["snap"])
+    assert position == 1
+    np.testing.assert_array_equal(state, want)
+    assert store._lent == 0 and not b.live
+
+
+def test_readers_of_stepping_rows_do_not_wait_on_the_state_store(redis_server):
+    """The rows of a replicated step are returned before its write-through: a snapshot of a
+    session just stepped does not wait while the state store's lock is held elsewhere."""
+    store = replica(redis_server, "A")
+    s = store.create()
+    lent = store.lend([s])
+    done = threading.Event()
+
+    def hold_io():
+        with store.replication._io:
+            done.wait(5)
+
+    holder = threading.Thread(target=hold_io)
+    holder.start()
+    try:
+        giver = threading.Thread(target=store.give_back, args=(lent, 1))
+        giver.start()
+        t0 = time.monotonic()
+        snap = store.snapshot(s.id)  # waits only for the local commit
+        waited = time.monotonic() - t0
+    finally:
+        done.set()
+        holder.join(5)
+        giver.join(5)
+    assert waited < 1.0 and store.unpack(snap)[0] == 1
