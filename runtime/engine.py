@@ -248,6 +248,8 @@ class Engine:
         self.device = "cuda" if on_cuda else "cpu"
         self.device_id = self.cuda_options.device_id if on_cuda else 0
         self.cuda_graphs = on_cuda and bool(self.cuda_options.enable_cuda_graph)
+        if self.cuda_options.enable_cuda_graph and not on_cuda:
+            log.warning("CUDA graphs requested, but the engine runs on %s: not used", self.provider)
         self._graph_ids = itertools.count(1)  # one gpu_graph_id per captured bucket
         self._graphs: dict[tuple[int, int], _Graph] = {}  # (id(slab), rows) -> its graph
         self._graph_lock = threading.Lock()  # one graph run (its staging buffers) at a time

@@ -391,3 +391,12 @@ def test_a_step_graph_with_external_weights_gets_its_slot_graph(tiny_token_model
     want_y, want_s = eng.step(x, states[[3, 1]])
     np.testing.assert_array_equal(eng.step_slots(x, [3, 1], slab), want_y)
     np.testing.assert_array_equal(slab.read_rows([3, 1]), want_s)
+
+
+def test_cuda_graphs_asked_of_a_cpu_engine_say_they_are_not_used(tiny_token_model, caplog):
+    with caplog.at_level("WARNING", logger="ssmstream.runtime.engine"):
+        eng = Engine(
+            tiny_token_model["model_dir"], device="cpu", cuda_options={"enable_cuda_graph": True}
+        )
+    assert not eng.cuda_graphs and eng.new_slab(2).scratch is None
+    assert "CUDA graphs requested, but the engine runs on CPUExecutionProvider" in caplog.text
