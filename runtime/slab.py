@@ -222,7 +222,8 @@ class StateSlab:
         so.log_severity_level = 3
         providers = [("CUDAExecutionProvider", {"device_id": str(self.device_id)})]
         self._copier = ort.InferenceSession(identity_model(), so, providers=providers)
-        zeros = np.zeros((min(rows, 1024), self.state_size), dtype=np.float32)
+        per_copy = max(1, min(rows, (64 << 20) // self.row_bytes))  # at most 64 MiB of zeros
+        zeros = np.zeros((per_copy, self.state_size), dtype=np.float32)
         for start in range(0, rows, len(zeros)):  # device memory comes uninitialized
             k = min(len(zeros), rows - start)
             self._copy(("cpu", zeros.ctypes.data), ("cuda", self._ptr(start)), k)
