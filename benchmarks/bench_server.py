@@ -91,6 +91,7 @@ class BenchConfig:
     max_batch: int = 256
     max_batch_delay: float = 0.002
     device: str = "auto"
+    server_args: tuple[str, ...] = ()  # more `ssmstream serve` flags, e.g. ("--cuda-graphs",)
     out: str = str(RESULTS)
     seed: int = 0
 
@@ -198,6 +199,7 @@ class ServerProc:
         device: str,
         threads: int | None = None,
         cpus: tuple[int, ...] | None = None,
+        extra: tuple[str, ...] = (),
     ):
         port_file = workdir / f"port-{max_batch}.json"
         port_file.unlink(missing_ok=True)
@@ -210,6 +212,7 @@ class ServerProc:
         ]  # fmt: skip
         if threads:
             cmd += ["--threads", str(threads)]
+        cmd += list(extra)
         self._log = open(self.log_path, "w")
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.proc = subprocess.Popen(
@@ -689,8 +692,15 @@ def measure(
             max_batch = cfg.max_batch if batching else 1
             procs.append(
                 ServerProc(
-                    model, work, max_batch, cfg.max_batch_delay, cfg.device, cfg.threads, cpus
-                )
+                    model,
+                    work,
+                    max_batch,
+                    cfg.max_batch_delay,
+                    cfg.device,
+                    cfg.threads,
+                    cpus,
+                    cfg.server_args,
+                )  # fmt: skip
             )
             targets.append(("ssmstream", batching, procs[-1].proc.pid, procs[-1].port))
         for i in range(cfg.repeats):
@@ -759,6 +769,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeats", type=int, default=d.repeats, help="rounds; each row is the median round"
     )
+    p.add_argument(
+        "--server-arg", action="append", default=[], dest="server_args",
+        help="one more `ssmstream serve` flag for both servers (repeatable), "
+        "e.g. --server-arg=--cuda-graphs",
+    )  # fmt: skip
     p.add_argument("--out", default=d.out, help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -773,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch=a.max_batch,
         max_batch_delay=a.max_batch_delay,
         device=a.device,
+        server_args=tuple(a.server_args),
         out=a.out,
         client_procs=a.client_procs or min(4, os.cpu_count() or 1),
         echo=not a.no_echo,
