@@ -274,13 +274,16 @@ class Engine:
         self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
         self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
-        step_bytes = (self.model_dir / graphs["step"]["file"]).read_bytes()
-        self._slot_session = self._open(
-            graphs["step"]["file"],
-            opts,
-            slot_providers,
-            slot_model(step_bytes, self.state_size),
-        )
+        slots = slot_model((self.model_dir / graphs["step"]["file"]).read_bytes(), self.state_size)
+        try:
+            self._slot_session = self._open(graphs["step"]["file"], opts, slot_providers, slots)
+        except ModelError as e:
+            if not self.cuda_graphs:
+                raise
+            # e.g. onnxruntime placed a node on the CPU: no CUDA graph for this model
+            log.warning("CUDA graphs unavailable for this model (%s); stepping without them", e)
+            self.cuda_graphs = False
+            self._slot_session = self._open(graphs["step"]["file"], opts, providers, slots)
         self.info = self._make_info()
         cuda = f" {self.cuda_options.provider_options()}" if self.device == "cuda" else ""
         log.info(

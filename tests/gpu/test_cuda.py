@@ -82,6 +82,38 @@ def test_engine_hands_cuda_options_to_onnxruntime(toy_token_model, monkeypatch):
     assert seen["step.onnx"] == ["CPUExecutionProvider"]
 
 
+def test_a_model_cuda_graphs_cannot_capture_runs_without_them(toy_token_model, monkeypatch, caplog):
+    """onnxruntime refuses a CUDA-graph session (say, a node it placed on the CPU): the
+    engine says so once and steps without graphs instead of failing to open."""
+    real = engine_module.ort.InferenceSession
+    opened = []
+
+    class OnCuda:  # a CPU session that says it runs on CUDA
+        def __init__(self, sess):
+            self.sess = sess
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    def fake(path, opts, providers):
+        graphs = [p[1].get("enable_cuda_graph") for p in providers if not isinstance(p, str)]
+        opened.append(graphs)
+        if "1" in graphs:
+            raise RuntimeError("This session cannot use the CUDA Graph feature (test)")
+        return OnCuda(real(path, opts, providers=["CPUExecutionProvider"]))
+
+    monkeypatch.setattr(engine_module, "cuda_usable", lambda: (True, ""))
+    monkeypatch.setattr(engine_module.ort, "InferenceSession", fake)
+    with caplog.at_level("WARNING", logger="ssmstream.runtime.engine"):
+        eng = Engine(toy_token_model["model_dir"], cuda_options={"enable_cuda_graph": True})
+    assert eng.device == "cuda" and not eng.cuda_graphs
+    assert opened[-2:] == [["1"], ["0"]]  # the slot graph: refused with graphs, then without
+    assert "CUDA graphs unavailable for this model" in caplog.text
+
+
 def test_cuda_requested_without_cuda_says_why(toy_token_model, monkeypatch):
     monkeypatch.setattr(engine_module, "cuda_usable", lambda: (False, "no CUDA driver (test)"))
     with pytest.raises(InvalidInput, match=r"device.*no CUDA driver \(test\).*device='cpu'"):
