@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -73,21 +72,22 @@ def start_server(model_dir: Path, workdir: Path, device: str) -> tuple[subproces
 
 def transfer_report(target: str, metrics_port: int) -> None:
     """Where the model runs, and the host<->device bytes per batched token (measured)."""
+    from prometheus_client.parser import text_string_to_metric_families
     from ssmstream.runtime.client import Client
 
     with Client(target, timeout=30) as client:
         provider = client.info().provider
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        m = re.match(r"(ssmstream_state_slab_\w+)(\{[^}]*\})? (\S+)$", line)
-        if m:
-            values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    values = {
+        (s.name, s.labels.get("path"), s.labels.get("direction")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     name = "ssmstream_state_slab_transfer_bytes_total"
-    step_in = values.get(f'{name}{{direction="in",path="step"}}', 0.0)
-    step_out = values.get(f'{name}{{direction="out",path="step"}}', 0.0)
-    steps = values.get("ssmstream_state_slab_steps_total", 0.0)
+    step_in = values.get((name, "step", "in"), 0.0)
+    step_out = values.get((name, "step", "out"), 0.0)
+    steps = values.get(("ssmstream_state_slab_steps_total", None, None), 0.0)
     print(f"== provider: {provider}; the sessions' states stay in the slab on its device")
     if steps:
         print(

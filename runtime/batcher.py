@@ -51,7 +51,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 
@@ -564,7 +563,7 @@ class Batcher:
         for r, pos in zip(part, positions):
             h = r.session.history
             if h is not None and not isinstance(pos, Exception):
-                h.step(r.inputs, pos, partial(self._state_of, r.session))  # read when due
+                h.step(r.inputs, pos, self._state_of, r.session)  # read only when due
         return {
             r: pos if isinstance(pos, Exception) else (out[j : j + 1], pos)
             for j, (r, pos) in enumerate(zip(part, positions))

@@ -77,8 +77,8 @@ _ORT_TYPES = {
 
 # onnxruntime runs a CUDA-graph session normally this many times (its default
 # min_num_runs_before_cuda_graph_capture is 2) and captures on the next run; a bucket's
-# first runs step only the scratch row (onnxruntime issue 32243: the runs before the capture
-# would otherwise step the batch's rows more than once).
+# first runs step only the scratch row: with the slab bound as both input and output, the
+# runs before the capture would otherwise step the batch's rows more than once.
 GRAPH_WARMUPS = 4
 
 
@@ -105,8 +105,8 @@ class _Graph:
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(next(engine._graph_ids)))
         self.x.update_inplace(self.x_host)
-        for _ in range(GRAPH_WARMUPS):  # all slots = scratch: the warm-ups touch no session
-            self.slots.update_inplace(self.slots_host)
+        self.slots.update_inplace(self.slots_host)  # all slots = scratch: no session moves
+        for _ in range(GRAPH_WARMUPS):
             engine._slot_session.run_with_iobinding(self.io, self.run_options)
 
 
@@ -198,7 +198,8 @@ class Engine:
 
     Attributes: manifest, info, provider, device ("cpu" | "cuda"), device_id, cuda_options,
     input_kind, vocab_size, d_input, d_output, state_size, prefill_chunk (None without a
-    prefill graph), prefill_max_len.
+    prefill graph), prefill_max_len, cuda_graphs (slot steps replay CUDA graphs),
+    slot_row_bytes ((in, out) host<->device bytes per row of a slot step).
     Thread-safe: concurrent `step` calls may come from several threads (StepBuffers excepted).
     """
 
@@ -274,16 +275,23 @@ class Engine:
         self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
         self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
-        slots = slot_model((self.model_dir / graphs["step"]["file"]).read_bytes(), self.state_size)
+        slot_graph = slot_model(
+            (self.model_dir / graphs["step"]["file"]).read_bytes(), self.state_size
+        )
+        # host<->device bytes per row of a slot step: input and slot in, outputs out
+        row_in = self._step_in_dtype.itemsize * (self.d_input or 1) + 8
+        self.slot_row_bytes = (row_in, self._out_dtype.itemsize * self.d_output)
         try:
-            self._slot_session = self._open(graphs["step"]["file"], opts, slot_providers, slots)
+            self._slot_session = self._open(
+                graphs["step"]["file"], opts, slot_providers, slot_graph
+            )
         except ModelError as e:
             if not self.cuda_graphs:
                 raise
             # e.g. onnxruntime placed a node on the CPU: no CUDA graph for this model
             log.warning("CUDA graphs unavailable for this model (%s); stepping without them", e)
             self.cuda_graphs = False
-            self._slot_session = self._open(graphs["step"]["file"], opts, providers, slots)
+            self._slot_session = self._open(graphs["step"]["file"], opts, providers, slot_graph)
         self.info = self._make_info()
         cuda = f" {self.cuda_options.provider_options()}" if self.device == "cuda" else ""
         log.info(
@@ -564,7 +572,9 @@ class Engine:
         try:
             if self.cuda_graphs:
                 with self._graph_lock:
-                    g = self.capture_graphs(slab, B)[-1]
+                    g = self._graphs.get((id(slab), 1 << (B - 1).bit_length()))
+                    if g is None:  # not captured at start (a Batcher captures its buckets)
+                        g = self.capture_graphs(slab, B)[-1]
                     g.x_host[:B] = out.inputs[:B]
                     g.slots_host[:B] = out.slots[:B]
                     g.slots_host[B:] = slab.scratch
@@ -573,18 +583,18 @@ class Engine:
                     self._slot_session.run_with_iobinding(g.io, g.run_options)
                     y = g.y.numpy()  # [b, d_out] on the host
                 out.outputs[:B] = y[:B]
-                moved_in, moved_out = g.x_host.nbytes + g.slots_host.nbytes, y.nbytes
+                rows = len(y)  # the bucket's: its padding crosses too
             else:
                 self._slot_session.run_with_iobinding(out.slot_binding(slab, B))
-                moved_in, moved_out = out.inputs[:B].nbytes + 8 * B, out.outputs[:B].nbytes
+                rows = B
         except InvalidInput:
             raise
         except Exception as e:  # onnxruntime's own exception types
             raise EngineFailure(f"slot step failed for batch {B}: {e}") from e
         st = slab.stats
         st.steps += 1
-        st.step_bytes_in += moved_in
-        st.step_bytes_out += moved_out
+        st.step_bytes_in += rows * self.slot_row_bytes[0]
+        st.step_bytes_out += rows * self.slot_row_bytes[1]
         return out.outputs[:B]
 
     def capture_graphs(self, slab: StateSlab, max_batch: int) -> list[_Graph]:

@@ -123,12 +123,14 @@ class History:
                 last = p
         self._trim()
 
-    def step(self, inputs: np.ndarray, end: int, state: Callable[[], np.ndarray | None]) -> None:
-        """`record` for one step (inputs [1] or [1, d_in]); `state()` gives the state after
-        it (float32 [S], None when the session is gone), called only when a checkpoint is
-        due: the per-token path, without building a dict or reading the state."""
+    def step(
+        self, inputs: np.ndarray, end: int, state: Callable[..., np.ndarray | None], *args
+    ) -> None:
+        """`record` for one step (inputs [1] or [1, d_in]); `state(*args)` gives the state
+        after it (float32 [S], None when the session is gone), called only when a checkpoint
+        is due: the per-token path, without building a dict or reading the state."""
         if end - 1 != self.position or end - self._checkpoints[-1][0] >= self.chunk:
-            x = state()
+            x = state(*args)
             if x is not None:
                 self.record(inputs, end, {end: x})
             return

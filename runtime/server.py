@@ -163,7 +163,7 @@ class Server:
             "state slab: %d sessions x %s B on %s (%.1f MiB); per token host<->device: "
             "%d B in (input, slot), %d B out (outputs); the state stays on the %s%s",
             c.max_sessions, f"{slab.row_bytes:,}", e.provider, slab.nbytes / 2**20,
-            e._step_in_dtype.itemsize * (e.d_input or 1) + 8, e._out_dtype.itemsize * e.d_output,
+            *e.slot_row_bytes,
             e.device, ", CUDA graphs per batch bucket" if e.cuda_graphs else "",
         )  # fmt: skip
         if replication is not None:

@@ -449,19 +449,15 @@ class SessionStore:
         and wrote nothing); returns per session its new position, or the error of one closed
         or evicted meanwhile (its slot is freed now) or, replicated, moved elsewhere."""
         consumed = check_consumed(consumed)
-
-        def local():
-            with self._lock:
-                results = self._advance(sessions, consumed)
-                for s in sessions:
-                    lent, s._lent = s._lent, False
-                    self._lent -= lent
-                    if lent and not s._live:  # _remove left the slot to us
-                        heapq.heappush(self._free, s._slot)
-                self._returned.notify_all()
-            return results
-
-        return self._commit(sessions, consumed, local)
+        with self._lock:
+            results = self._advance(sessions, consumed)
+            for s in sessions:
+                lent, s._lent = s._lent, False
+                self._lent -= lent
+                if lent and not s._live:  # _remove left the slot to us
+                    heapq.heappush(self._free, s._slot)
+            self._returned.notify_all()
+        return self._write_through(sessions, consumed, results)
 
     def _advance(self, sessions: Sequence[Session], consumed: int) -> list[int | SessionNotFound]:
         """Add `consumed` to the position of each live session (caller holds the lock)."""
@@ -476,11 +472,9 @@ class SessionStore:
             results.append(s._position)
         return results
 
-    def _commit(self, sessions: Sequence[Session], consumed: int, local: Callable) -> list:
-        """Run `local()` (the local commit: its results per session; rows returned, so no
-        reader waits on the replication), then, replicated, the write-through of the
-        sessions that are due."""
-        results = local()
+    def _write_through(self, sessions: Sequence[Session], consumed: int, results: list) -> list:
+        """After a local commit (rows returned: no reader waits on the replication), the
+        replication's write of the sessions that are due; `results` as give_back's."""
         if self.replication is None or not consumed:
             return results
         return self.replication.committed(sessions, results)
@@ -508,17 +502,12 @@ class SessionStore:
         if new_state.dtype != np.float32:
             raise InvalidInput("new_state", f"must be float32, got {new_state.dtype}")
 
-        def local():
-            with self._lock:
-                try:
-                    self._check_live(s)
-                    self._wait_returned(s)
-                except SessionNotFound as e:
-                    return [e]
-                self.slab.write(s._slot, new_state)
-                return self._advance([s], consumed)
-
-        (result,) = self._commit([s], consumed, local)
+        with self._lock:
+            self._check_live(s)
+            self._wait_returned(s)
+            self.slab.write(s._slot, new_state)
+            results = self._advance([s], consumed)
+        (result,) = self._write_through([s], consumed, results)
         if isinstance(result, BaseException):
             raise result
         return result
