@@ -69,38 +69,35 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def _pieces(self, scope: str, prompt: np.ndarray):
-        """(end, key, the prefix's bytes) for each piece of the prompt, in order."""
+    def _pieces(self, scope: str, data: bytes) -> list[tuple[int, bytes]]:
+        """(end, key) for each piece of a prompt given as int64 little-endian bytes, in order."""
         key = hashlib.sha256(f"{self.model_sha}\0{scope}".encode()).digest()
-        data = np.asarray(prompt, dtype="<i8").tobytes()  # [T] int64 LE
-        T, Q = len(prompt), self.chunk
+        T, Q = len(data) // 8, self.chunk
         ends = [*range(Q, T + 1, Q)]
         if not ends or ends[-1] != T:
             ends.append(T)
-        start = 0
+        pieces, start = [], 0
         for end in ends:
             key = hashlib.sha256(key + data[8 * start : 8 * end]).digest()
-            yield end, key, data[: 8 * end]
+            pieces.append((end, key))
             start = end
+        return pieces
 
     def lookup(self, scope: str, prompt: np.ndarray, limit: int | None = None) -> CacheHit:
         """The longest cached prefix of `prompt` (int64 [T]) of at most `limit` tokens."""
         if not self.enabled or not len(prompt):
             return CacheHit(0)
-        best = None
-        for end, key, prefix in self._pieces(scope, prompt):
+        data = _tokens_bytes(prompt)
+        for end, key in reversed(self._pieces(scope, data)):  # the longest prefix first
             if limit is not None and end > limit:
-                break
+                continue
             e = self._entries.get(key)
-            if e is not None and e.prefix == prefix:
-                best = (end, key, e)
-        if best is not None:
-            self._entries.move_to_end(best[1])
-            best = best[0], best[2]
-        if best is None:
+            if e is not None and e.prefix == data[: 8 * end]:
+                break
+        else:
             self.counts["misses"] += 1
             return CacheHit(0)
-        end, e = best
+        self._entries.move_to_end(key)
         self.counts["hits"] += 1
         self.counts["cached_tokens"] += end
         return CacheHit(end, e.state.copy(), e.output.copy())
@@ -112,12 +109,12 @@ class PrefixCache:
         output of input end-1 [D])}. Returns how many entries were added."""
         if not self.enabled:
             return 0
-        added = 0
-        for end, key, prefix in self._pieces(scope, prompt):
+        added, data = 0, _tokens_bytes(prompt)
+        for end, key in self._pieces(scope, data):
             if key in self._entries or end not in states:
                 continue
             state, output = states[end]
-            e = _Entry(prefix, np.array(state, np.float32), np.array(output))
+            e = _Entry(data[: 8 * end], np.array(state, np.float32), np.array(output))
             if e.nbytes > self.max_bytes:
                 continue
             self._entries[key] = e
@@ -131,3 +128,8 @@ class PrefixCache:
 
     def stats(self) -> dict:
         return {**self.counts, "bytes": self.bytes, "entries": len(self._entries)}
+
+
+def _tokens_bytes(prompt: np.ndarray) -> bytes:
+    """A prompt's tokens as int64 little-endian bytes (what keys hash and entries store)."""
+    return np.asarray(prompt, dtype="<i8").tobytes()

@@ -70,9 +70,18 @@ def test_a_forged_key_collision_does_not_match():
     p, q = np.arange(4, dtype=np.int64), np.arange(4, dtype=np.int64) + 5
     c.insert("s", q, {4: (np.ones(S, np.float32), np.ones(3, np.float32))})
     (entry,) = c._entries.values()
-    ((_, key_p, _),) = list(c._pieces("s", p))
+    ((_, key_p),) = c._pieces("s", p.astype("<i8").tobytes())
     c._entries[key_p] = entry  # the key of p now holds q's entry
     assert c.lookup("s", p).tokens == 0
+    # a longer prompt whose longest key is forged still finds its true shorter prefix
+    c2 = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    c2.insert("s", p, {4: (np.full(S, 4, np.float32), np.ones(3, np.float32))})
+    long = np.r_[p, p]
+    c2.insert("s", q, {4: (np.ones(S, np.float32), np.ones(3, np.float32))})
+    forged = c2._entries[c2._pieces("s", q.astype("<i8").tobytes())[0][1]]
+    c2._entries[c2._pieces("s", long.astype("<i8").tobytes())[1][1]] = forged
+    hit = c2.lookup("s", long)
+    assert hit.tokens == 4 and (hit.state == 4).all()
 
 
 def test_a_later_piece_is_found_without_the_earlier_ones():
