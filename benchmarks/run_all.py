@@ -131,6 +131,7 @@ BENCHMARKS = [
         "bench_server.py",
         quick=[*_TINY, "--clients", "1,64", "--budget", "400", "--repeats", "1"],
     ),
+    Bench("sessions", "bench_sessions.py", quick=["--rounds", "3"]),  # exports the shipped model
     Bench("soak", "soak.py", quick=["--sessions", "16", "--tokens", "40"], results="soak"),
     Bench("scaleout", "bench_scaleout.py", quick=["--quick"]),  # needs redis-server, nginx
     Bench(
@@ -247,6 +248,9 @@ T_SLAB = "slot step ≤ the in-place step"
 T_FAILOVER = "0 acknowledged steps lost with write-through"
 T_GPU_BYTES = "inputs + slots + outputs only"
 T_REPORTED = "reported (no target)"
+T_CACHE = "a cached prompt's session ready ≥ 20× sooner"
+T_MISS = "a miss costs ≤ 1.05× the prefill without a cache"
+T_REWIND = "rewind ≤ one chunk's replay + one checkpoint copy"
 
 
 def _ratio(x: float) -> str:
@@ -497,6 +501,44 @@ def row_soak(res: dict) -> Row:
     )
 
 
+def row_prefix_cache(res: dict) -> Row:
+    r = res["bench_sessions"]
+    m = r["median_s"]
+    value = (
+        f"**{r['ready_speedup']:.1f}×** ({1e3 * m['ready_hit']:.2f} vs "
+        f"{1e3 * m['ready_miss']:.2f} ms, T = {r['T']:,}; Generate's first token "
+        f"{r['hit_speedup']:.1f}×)"
+    )
+    if "ready_empty" in m:
+        value += (
+            f"; floor: CreateSession without a prompt {1e3 * m['ready_empty']:.2f} ms, so at most "
+            f"{r['ready_ceiling']:.1f}× through this client"
+        )
+    measure = "prefix cache: session ready, cached vs new prompt"
+    ok = r["ready_speedup"] >= 20
+    return Row(measure, value, T_CACHE, ok, "bench_sessions", r["ready_speedup"])
+
+
+def row_cache_miss(res: dict) -> Row:
+    r = res["bench_sessions"]
+    m = r["median_s"]
+    value = f"**{r['miss_cost']:.3f}×** ({1e3 * m['miss_on']:.2f} vs {1e3 * m['miss_off']:.2f} ms)"
+    measure = "prefix cache: a new prompt, cache on vs off"
+    return Row(measure, value, T_MISS, r["miss_cost"] <= 1.05, "bench_sessions", r["miss_cost"])
+
+
+def row_rewind(res: dict) -> Row:
+    r = res["bench_sessions"]
+    m = r["median_s"]
+    value = (
+        f"**{r['rewind_vs_chunk']:.2f}×** ({1e3 * m['rewind']:.2f} vs "
+        f"{1e3 * m['chunk_step_and_snapshot']:.2f} ms)"
+    )
+    measure = "rewind vs one chunk's Step + a snapshot"
+    ok = r["rewind_vs_chunk"] <= 1
+    return Row(measure, value, T_REWIND, ok, "bench_sessions", r["rewind_vs_chunk"])
+
+
 def row_scaleout_throughput(res: dict) -> Row:
     r = res["bench_scaleout"]
     direct = next(x for x in r["throughput"] if "direct" in x["setup"])
@@ -630,6 +672,9 @@ ROWS: list[tuple[str, str, str, Callable[[dict], Row]]] = [
     ("bytes per session vs S × 4", "bench_runtime", T_SESSION, row_bytes_per_session),
     ("torch conv forward vs L sequential torch steps", "bench_model", T_CONV, row_conv_vs_steps),
     ("training tokens/s", "bench_model", "—", row_training),
+    ("prefix cache: session ready", "bench_sessions", T_CACHE, row_prefix_cache),
+    ("prefix cache: miss cost", "bench_sessions", T_MISS, row_cache_miss),
+    ("rewind vs one chunk's Step + a snapshot", "bench_sessions", T_REWIND, row_rewind),
     ("soak: concurrent sessions over gRPC", "soak", T_SOAK, row_soak),
     (
         "scale-out: replicas behind nginx",
@@ -816,6 +861,7 @@ def _load(res: dict, name: str) -> str:
         "bench_runtime_shipped": (r.get("loadavg_start"), r.get("loadavg_end")),
         "bench_server": (r.get("meta", {}).get("load_average"), None),
         "soak": (r.get("meta", {}).get("load_average_at_start"), None),
+        "bench_sessions": (r.get("load_avg_start"), r.get("load_avg")),
         "bench_scaleout": (r.get("meta", {}).get("load_average"), None),
         "bench_gpu": (None, None),
     }.get(name, (None, None))
@@ -849,6 +895,8 @@ def _model_of(res: dict, name: str) -> str:
         )
     if name == "soak":
         return f"S = {r['meta']['state_size']:,}"
+    if name == "bench_sessions":
+        return f"{r['model']}; prompt T = {r['T']:,}"
     if name == "bench_scaleout":
         return f"{r['meta']['model']}; {r['meta']['clients']} clients"
     if name == "bench_gpu":

@@ -24,8 +24,8 @@ def test_bench_sessions_smoke(tmp_path):
     toy = runtime_conftest.build_toy(tmp_path / "toy", "tokens", V=11, d_out=11)
     bench = _load(ROOT / "benchmarks" / "bench_sessions.py", "bench_sessions_smoke")
     r = bench.run(str(toy["model_dir"]), T=16, rounds=1)
-    for key in ("hit", "miss_on", "miss_off", "rewind", "ready_hit", "ready_miss"):
+    for key in ("hit", "miss_on", "miss_off", "rewind", "ready_hit", "ready_miss", "ready_empty"):
         assert r["median_s"][key] > 0
     text = bench.report(r)
-    for words in ("session ready", "time to first token", "cache on vs off", "rewind"):
+    for words in ("session ready", "floor", "time to first token", "cache on vs off", "rewind"):
         assert words in text
