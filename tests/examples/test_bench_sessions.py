@@ -23,7 +23,7 @@ def test_bench_sessions_smoke(tmp_path):
     runtime_conftest = _load(ROOT / "tests" / "runtime" / "conftest.py", "bench_toy_conftest")
     toy = runtime_conftest.build_toy(tmp_path / "toy", "tokens", V=11, d_out=11)
     bench = _load(ROOT / "benchmarks" / "bench_sessions.py", "bench_sessions_smoke")
-    r = bench.run(str(toy["model_dir"]), T=16, rounds=1)
+    r = bench.run(str(toy["model_dir"]), T=16, rounds=1, cache_mb=0.01)
     for key in ("hit", "miss_on", "miss_off", "rewind", "ready_hit", "ready_miss", "ready_empty"):
         assert r["median_s"][key] > 0
     text = bench.report(r)
