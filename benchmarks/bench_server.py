@@ -208,7 +208,7 @@ class ServerProc:
             sys.executable, "-m", "ssmstream.runtime.server", str(model_dir),
             "--port", "0", "--port-file", str(port_file), "--device", device,
             "--max-batch", str(max_batch), "--max-batch-delay", str(delay),
-            "--max-sessions", "1024", "--log-level", "WARNING",
+            "--max-sessions", "1024", "--log-level", "WARNING", "--metrics-port", "0",
         ]  # fmt: skip
         if threads:
             cmd += ["--threads", str(threads)]
@@ -223,7 +223,8 @@ class ServerProc:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server failed to start:\n{self.log_path.read_text()}")
             time.sleep(0.05)
-        self.port = json.loads(port_file.read_text())["port"]
+        ports = json.loads(port_file.read_text())
+        self.port, self.metrics_port = ports["port"], ports.get("metrics_port")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -326,6 +327,24 @@ def _client_proc(args) -> tuple[list, float]:
     return results, time.process_time() - cpu0
 
 
+def job_seconds(metrics_port: int | None) -> float | None:
+    """Seconds the server's engine jobs took so far (the sum of its
+    ssmstream_batch_latency_seconds histogram: each batch's wall time, in the server)."""
+    if metrics_port is None:
+        return None
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ssmstream_batch_latency_seconds_sum":
+                return sample.value
+    return None
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """user + system CPU time of a process (Linux /proc), None elsewhere."""
     try:
@@ -344,6 +363,7 @@ def run_load(
     batching: bool,
     procs: int,
     server_pid: int | None = None,
+    metrics_port: int | None = None,
 ) -> Run:
     """C closed-loop clients spread over `procs` processes, started together."""
     P = max(1, min(procs, C))
@@ -352,9 +372,11 @@ def run_load(
     args = [(target, V, n, warmup, share, start_at) for share in shares]
     ctx = multiprocessing.get_context("spawn")
     cpu0 = process_cpu_seconds(server_pid) if server_pid else None
+    job0 = job_seconds(metrics_port)
     with ctx.Pool(P, initializer=_import_client) as pool:
         parts = pool.map(_client_proc, args)
     cpu1 = process_cpu_seconds(server_pid) if server_pid else None
+    job1 = job_seconds(metrics_port)
     results = [r for part, _ in parts for r in part]
     client_cpu = sum(cpu for _, cpu in parts)
     lat = [x for r, _, _ in results for x in r]
@@ -377,6 +399,11 @@ def run_load(
             if cpu0 is None or cpu1 is None
             else 1e3 * (cpu1 - cpu0) / (C * (n + warmup)),
             "client_cpu_ms_per_token": 1e3 * client_cpu / (C * (n + warmup)),
+            # the server's engine jobs (batched steps), timed inside it: the step as it runs
+            # there, between gRPC's work, rather than in the bare Engine's tight loop
+            "server_job_ms_per_token": None
+            if job0 is None or job1 is None
+            else 1e3 * (job1 - job0) / (C * (n + warmup)),
         },
     )
 
@@ -390,7 +417,7 @@ def median_run(rs: list[Run]) -> Run:
 
     extra = {
         k: med([r.extra.get(k) for r in rs])
-        for k in ("server_cpu_ms_per_token", "client_cpu_ms_per_token")
+        for k in ("server_cpu_ms_per_token", "client_cpu_ms_per_token", "server_job_ms_per_token")
     }
     extra.update(
         client_processes=rs[0].extra.get("client_processes"),
@@ -467,6 +494,7 @@ def own_costs(bare: dict, by: dict, echo: dict) -> dict:
         if None in (server, floor, engine):
             continue
         own = server - engine
+        job = by[(C, True)].extra.get("server_job_ms_per_token")
         out["own_cpu"][str(C)] = {
             "server_cpu_ms_per_token": server,
             "bare_engine_cpu_ms_per_token": engine,
@@ -475,6 +503,9 @@ def own_costs(bare: dict, by: dict, echo: dict) -> dict:
             "ratio": own / floor,
             "target": OWN_CPU_TARGET,
             "ok": own / floor <= OWN_CPU_TARGET,
+            # the same with the engine jobs as timed inside the server (no target)
+            "in_situ_job_ms_per_token": job,
+            "outside_jobs_ratio": None if job is None else (server - job) / floor,
         }
     one = by.get((1, True))
     latency = None
@@ -596,6 +627,14 @@ def own_cost_lines(summary: dict) -> list[str]:
             f"server {o['echo_cpu_ms_per_token']:.3f} ms = **{o['ratio']:.2f}×** (target ≤ "
             f"{o['target']:g}×: {met(o['ok'])})"
         )
+        if o.get("in_situ_job_ms_per_token") is not None:
+            job, bare = o["in_situ_job_ms_per_token"], o["bare_engine_cpu_ms_per_token"]
+            lines.append(
+                f"  - the engine jobs' wall time inside that server: {job:.3f} ms/token (the bare "
+                f"Engine's {bare:.3f} runs with warm caches; a worker thread's jobs also wait for "
+                f"the GIL); the server's CPU outside them ÷ echo = "
+                f"**{o['outside_jobs_ratio']:.2f}×** (no target: where the rest goes)"
+            )
     r = summary.get("latency_1_client_over_echo_plus_step")
     if r is not None:
         lines.append(
@@ -687,7 +726,7 @@ def measure(
     try:
         if cfg.echo:
             procs.append(EchoProc(d_output, cpus))
-            targets.append(("echo", False, procs[-1].proc.pid, procs[-1].port))
+            targets.append(("echo", False, procs[-1].proc.pid, procs[-1].port, None))
         for batching in (True, False):
             max_batch = cfg.max_batch if batching else 1
             procs.append(
@@ -702,7 +741,8 @@ def measure(
                     cfg.server_args,
                 )  # fmt: skip
             )
-            targets.append(("ssmstream", batching, procs[-1].proc.pid, procs[-1].port))
+            p = procs[-1]
+            targets.append(("ssmstream", batching, p.proc.pid, p.port, p.metrics_port))
         for i in range(cfg.repeats):
             with pinned(cpus):
                 bares.append(bare_step_latency(eng))
@@ -715,10 +755,11 @@ def measure(
             )  # fmt: skip
             for C in cfg.clients:
                 n = cfg.tokens_per_client or max(20, cfg.budget // C)
-                for server, batching, pid, port in targets:
+                for server, batching, pid, port, metrics_port in targets:
                     r = run_load(
-                        f"127.0.0.1:{port}", C, V, n, cfg.warmup, batching, cfg.client_procs, pid
-                    )
+                        f"127.0.0.1:{port}", C, V, n, cfg.warmup, batching, cfg.client_procs, pid,
+                        metrics_port,
+                    )  # fmt: skip
                     r.server = server
                     measured.setdefault((server, batching, C), []).append(r)
                     log.info(
