@@ -3,12 +3,15 @@ and a table of its hottest functions, at C concurrent closed-loop Stream clients
 1 and 64; each client sends one token per request and waits for the answer).
 
 For each C the server (`python -m ssmstream.runtime.server`, batching on) starts, the
-clients stream for the whole window, and py-spy samples the server twice for `--seconds`
-each: once into an SVG flame graph, once into collapsed stacks for the table. py-spy
-cannot tell a thread blocked in epoll or on a queue from a busy one, so the table counts
-those samples as waiting and gives the other areas' shares of the busy samples. gRPC's
-poller thread runs native code only (no Python frame below `Thread.run`): py-spy without
---native cannot split its waiting from its work, so it is an area of its own.
+clients stream through both profiles, and py-spy samples the server twice for `--seconds`
+each:
+
+  * every thread, into an SVG flame graph (onnxruntime's step, which runs without the
+    GIL, shows there; so do threads blocked in epoll or on a queue: py-spy cannot tell
+    them from busy ones without --native);
+  * only the thread holding the GIL (`--gil`), into the table: the server's Python and
+    Cython work, which one core at a time can do. gRPC's Cython callbacks show as
+    `Handle._run`, the step's Python glue under `runtime/`.
 
     python benchmarks/profile_server.py                    # the shipped checkpoint, exported
     python benchmarks/profile_server.py --model model/ --clients 1,64 --seconds 1
@@ -41,16 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHIPPED = ROOT / "examples" / "checkpoints" / "byte-lm"
 
-# Innermost frames that block: the event loop in epoll, the batcher's worker on its queue.
-WAITS = ("EpollSelector.select (", "Batcher._work (")
-POLLER = "Thread.run (threading.py"  # innermost: gRPC's poller thread (native code below)
-# A busy sample is charged to the area of its innermost frame that names one.
+# A GIL sample is charged to the area of its innermost frame that names one.
 AREAS = (
-    ("onnxruntime (the step itself)", ("onnxruntime",)),
-    ("ssmstream runtime (Python)", ("runtime/",)),
-    ("asyncio event loop and gRPC callbacks", ("asyncio/",)),
+    ("onnxruntime's Python wrapper", ("onnxruntime",)),
+    ("ssmstream runtime", ("runtime/",)),
+    ("asyncio event loop and gRPC's Cython callbacks", ("asyncio/",)),
 )
-OTHER = "other (imports, native)"
+OTHER = "other"
 
 
 async def _stream(target: str, V: int, until: float, seed: int) -> int:
@@ -76,40 +76,33 @@ def _clients(target: str, V: int, C: int, until: float, out: list) -> None:
     out.extend(asyncio.run(all_()))
 
 
-def pyspy(pid: int, seconds: float, rate: int, fmt: str, path: Path) -> None:
-    secs = str(max(1, round(seconds)))
-    cmd = ["py-spy", "record", "--pid", str(pid), "--duration", secs, "--rate", str(rate),
-           "--format", fmt, "--output", str(path), "--nonblocking"]  # fmt: skip
+def pyspy(pid: int, seconds: int, rate: int, fmt: str, path: Path, *flags: str) -> None:
+    cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
+           str(rate), "--format", fmt, "--output", str(path), "--nonblocking", *flags]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def summarize(collapsed: Path, top: int = 15) -> tuple[dict, list]:
-    """({"waiting": share of all samples, area: share of the busy samples}, the `top`
-    busy functions by own samples, as shares of the busy samples) of py-spy's raw output."""
-    areas, own, waiting, busy = collections.Counter(), collections.Counter(), 0, 0
+def summarize(collapsed: Path, seconds: int, rate: int, top: int = 15) -> tuple[dict, list]:
+    """({"GIL held": share of the samples py-spy could take, area: share of the GIL
+    samples}, the `top` functions by own GIL samples) of py-spy's raw --gil output."""
+    areas, own, total = collections.Counter(), collections.Counter(), 0
     for line in collapsed.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         frames, n = stack.split(";"), int(n)
-        if frames[-1].startswith(WAITS):
-            waiting += n
-            continue
-        busy += n
+        total += n
         own[frames[-1]] += n
-        if frames[-1].startswith(POLLER):
-            areas["gRPC poller thread (native: waiting and working)"] += n
-            continue
         area = next(
             (name for f in reversed(frames) for name, keys in AREAS if any(k in f for k in keys)),
             OTHER,
         )
         areas[area] += n
-    b = max(busy, 1)
-    shares = {"waiting (epoll, the worker's queue), of all samples": waiting / (waiting + b)}
-    shares |= {a: n / b for a, n in areas.most_common()}
-    return shares, [(f, n / b) for f, n in own.most_common(top)]
+    t = max(total, 1)
+    shares = {"GIL held (share of the sampling window)": total / (seconds * rate)}
+    shares |= {a: n / t for a, n in areas.most_common()}
+    return shares, [(f, n / t) for f, n in own.most_common(top)]
 
 
-def profile(model: str, C: int, seconds: float, rate: int, workdir: Path, out: Path) -> dict:
+def profile(model: str, C: int, seconds: int, rate: int, workdir: Path, out: Path) -> dict:
     server = ServerProc(Path(model), workdir, max_batch=256, delay=0.002, device="cpu")
     try:
         from ssmstream.runtime.client import Client
@@ -126,31 +119,32 @@ def profile(model: str, C: int, seconds: float, rate: int, workdir: Path, out: P
         name = f"profile_server_{C}client{'s' if C > 1 else ''}"
         pyspy(server.proc.pid, seconds, rate, "flamegraph", out / f"{name}.svg")
         raw = workdir / f"{name}.txt"
-        pyspy(server.proc.pid, seconds, rate, "raw", raw)
+        pyspy(server.proc.pid, seconds, rate, "raw", raw, "--gil")
         t.join()
     finally:
         server.stop()
-    areas, top = summarize(raw)
+    areas, top = summarize(raw, seconds, rate)
     return {"clients": C, "tokens": sum(answered), "areas": areas, "top": top, "svg": name}
 
 
-def report(results: list[dict], seconds: float, rate: int) -> str:
+def report(results: list[dict], seconds: int, rate: int, model: str) -> str:
     lines = [
         "# profile_server — where the server's CPU goes while it streams",
         "",
-        f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}; py-spy, {rate} "
-        f"samples/s for {seconds:g} s per profile; clients on the same machine. Shares are of "
-        "the busy samples (see the script's docstring). Reproduce: "
-        "`python benchmarks/profile_server.py`.",
+        f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}; model {model}; "
+        f"the server batches (--max-batch 256, 2 ms); py-spy, {rate} "
+        f"samples/s for {seconds} s per profile; clients on the same machine. The flame "
+        "graphs sample every thread; the tables only the one holding the GIL, as shares of its "
+        "samples (see the script's docstring). Reproduce: `python benchmarks/profile_server.py`.",
         "",
     ]
     for r in results:
         C = r["clients"]
         lines += [f"## {C} client{'s' if C > 1 else ''} ([flame graph]({r['svg']}.svg))", ""]
-        lines += [f"{r['tokens']:,} tokens answered during the window.", ""]
+        lines += [f"{r['tokens']:,} tokens answered while the clients ran (both profiles).", ""]
         lines += ["| area | share |", "|:---|---:|"]
         lines += [f"| {a} | {100 * s:.1f}% |" for a, s in r["areas"].items()]
-        lines += ["", "| busy function (own samples) | share |", "|:---|---:|"]
+        lines += ["", "| function, own GIL samples | share |", "|:---|---:|"]
         lines += [f"| `{f[:110]}` | {100 * s:.1f}% |" for f, s in r["top"]]
         lines.append("")
     return "\n".join(lines)
@@ -160,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="exported model dir (default: export byte-lm)")
     p.add_argument("--clients", default="1,64", help="comma-separated client counts")
-    p.add_argument("--seconds", type=float, default=1.0, help="profile length per client count")
+    p.add_argument("--seconds", type=int, default=1, help="profile length per client count")
     p.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     a = p.parse_args(argv)
@@ -170,16 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model = a.model
+        model, label = a.model, a.model
         if model is None:
             from ssmstream.export import export_model
 
             model = str(export_model(SHIPPED, Path(tmp) / "model"))
+            label = f"{SHIPPED.relative_to(ROOT)} (exported)"
         results = []
         for C in (int(c) for c in a.clients.split(",")):
             log.info("profiling the server at %d client(s)", C)
             results.append(profile(model, C, a.seconds, a.rate, Path(tmp), out))
-    text = report(results, a.seconds, a.rate)
+    text = report(results, a.seconds, a.rate, label)
     (out / "profile_server.md").write_text(text)
     log.info("%s", text)
     return 0
