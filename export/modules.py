@@ -19,7 +19,8 @@ Step (all L layers at once on the whole state, [B, L, 2, H, N/2]; see `StepSSMs`
 Prefill (per layer) over T = n·Q positions cut into n chunks of Q (Q = manifest
 graphs.prefill.chunk), with x₀ the incoming state. Rows are (batch, chunk) pairs, so every
 big product is one batched MatMul over the H heads [H, B·n, ·] @ [H, ·, ·]:
-    intra-chunk   y_loc[t] = Σ_{s≤t} K[t-s] u[s]          kernel path: Toeplitz [H, Q·M, Q·P];
+    intra-chunk   y_loc[t] = Σ_{s≤t} K[t-s] u[s] + D u[t]  kernel path: Toeplitz [H, Q·M, Q·P]
+                  with D folded into its diagonal (K[0] + D: no separate D u term);
                   mode path (wide heads, M² > N/2): the local states by a log₂Q-step doubling
                   scan over the chunk, then y = 2 Re(C x)
     chunk ends    E_j = Σ_s dA^{Q-1-s} dB u[jQ+s]          [H, Q·M, 2·N/2] table
@@ -215,6 +216,10 @@ class PrefillSSM(nn.Module):
             Ct = (2 * C).permute(0, 2, 1).unsqueeze(2)  # [H, N/2, 1, P]
             self.register_buffer("lC", torch.log(Ct.abs().clamp_min(1e-30)).float())
             self.register_buffer("phC", torch.angle(Ct).float())  # [H, N/2, 1, P]
+            # the direct term D u as K[0] += D on the p = m channels: no separate Mul and Add
+            Dk = torch.zeros(H, M, M)
+            Dk[:, range(M), range(M)] = ssm.D.detach().float().reshape(H, M)
+            self.register_buffer("Dk", Dk.reshape(H, M * M, 1))
         self.register_buffer("D", ssm.D.detach().float().clone())  # [D]
         self.register_buffer("Dc", self.D.unsqueeze(-1).clone())  # [D, 1]
 
@@ -225,7 +230,8 @@ class PrefillSSM(nn.Module):
         return mag * torch.cos(ang), mag * torch.sin(ang)
 
     def tables(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Kernel path: (Toeplitzᵀ [H, Q·M, Q·P], chunk-end Gᵀ [H, Q·M, 2·N/2],
+        """Kernel path: (Toeplitzᵀ [H, Q·M, Q·P] of K with D on its diagonal, chunk-end
+        Gᵀ [H, Q·M, 2·N/2],
         state term Fᵀ [H, 2·N/2, Q·P]), from the [H, N/2] parameters.
 
         Each is built in its final layout straight from the polar form
@@ -240,6 +246,7 @@ class PrefillSSM(nn.Module):
         mag, ang = torch.exp(kl * logr), kl * theta  # [H, Q, N/2]
         P = torch.cat([mag * torch.cos(ang), mag * torch.sin(ang)], dim=2)  # [H, Q(l), 2·N/2]
         K = self.W2 @ P.transpose(1, 2)  # [H, P·M, Q]
+        K = K + nn.functional.pad(self.Dk, [0, Q - 1])  # D folded into K[0]
         Kp = nn.functional.pad(K, [1, 0])  # [H, P·M, Q+1], Kp[..., 0] = 0
         q = k.to(torch.int64)  # [Q]
         idx = (q.unsqueeze(0) - q.unsqueeze(1) + 1).clamp_min(0)  # [Q(s), Q(t)]: t-s+1 or 0
@@ -291,9 +298,10 @@ class PrefillSSM(nn.Module):
             Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
             y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
         if M == 1:  # SISO: channels first, the block's Out reads it transposed
-            return y.reshape(H, Bsz * T) + uh.reshape(H, Bsz * T) * self.Dc, X_T, ends  # [D, B·T]
-        y = y.reshape(H, Bsz * T, M).transpose(0, 1)  # [B·T, H, P]
-        return y.reshape(Bsz * T, H * M) + u.reshape(Bsz * T, H * M) * self.D, X_T, ends
+            y = y.reshape(H, Bsz * T)  # [D, B·T]
+            return (y + uh.reshape(H, Bsz * T) * self.Dc if self.mode_path else y), X_T, ends
+        y = y.reshape(H, Bsz * T, M).transpose(0, 1).reshape(Bsz * T, H * M)  # [B·T, H·P]
+        return (y + u.reshape(Bsz * T, H * M) * self.D if self.mode_path else y), X_T, ends
 
     def _carry(self, E: Tensor, X0: Tensor, n) -> tuple[Tensor, Tensor, Tensor]:
         """S_0 = x₀, S_{j+1} = dA^Q S_j + E_j, unrolled n_max times on [B, 2, H, N/2] blocks.
