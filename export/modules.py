@@ -270,8 +270,9 @@ class PrefillSSM(nn.Module):
         return Toep, G.reshape(H, Q * M, 2 * N2), F.reshape(H, 2 * N2, Q * M)
 
     def forward(self, u: Tensor, X0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u: float32 [B, T, D] (T = n·Q), X0: [B, 2, H, N/2] -> (y [B, T, D], X_T, the states
-        after each chunk S_1..S_n [B, n, 2, H, N/2])."""
+        """u: float32 [B, T, D] (T = n·Q), X0: [B, 2, H, N/2] -> (y [B, T, D], the carry's
+        states S_0..S_{n_max} [B, n_max + 1, 2, H, N/2]: S_j is the state after j chunks, those
+        past n are padding)."""
         Bsz, T = u.shape[0], u.shape[1]
         H, M, N2, Q = self.H, self.M, self.N2, self.Q
         n = T // Q
@@ -281,7 +282,8 @@ class PrefillSSM(nn.Module):
             for k in range(self.Rq.shape[0]):  # local states within each chunk
                 v = v + cmul(self.Rq[k], _shift(v, 2**k, 3), 4)
             E = v[:, :, :, Q - 1].permute(1, 2, 3, 0, 4)  # [B, n, 2, H, N/2]
-            starts, X_T, ends = self._carry(E, X0, n)  # [B, n, 2, H, N/2], [B, 2, H, N/2]
+            S = self._carry(E, X0)  # [B, n_max + 1, 2, H, N/2]
+            starts = S[:, :n]  # [B, n, 2, H, N/2]
             # x_t = local_t + dA^{t+1} S_j, then y = 2 Re(C x)
             Pr, Pi = self.powers()  # [H, N/2, Q+1]
             P1 = rot_ri(Pr[..., 1:], Pi[..., 1:])  # [2, 2, H, N/2, Q]
@@ -294,22 +296,22 @@ class PrefillSSM(nn.Module):
             U = uh.reshape(H, Bsz * n, Q * M)  # [H, B·n, Q·M]
             E = U @ G  # [H, B·n, 2·N/2]: no [Toeplitz | G] product to split
             E = E.reshape(H, Bsz * n, 2, N2).permute(1, 2, 0, 3)  # [B·n, 2, H, N/2]
-            starts, X_T, ends = self._carry(E.reshape(Bsz, n, 2, H, N2), X0, n)
+            S = self._carry(E.reshape(Bsz, n, 2, H, N2), X0)  # [B, n_max + 1, 2, H, N/2]
+            starts = S[:, :n]  # [B, n, 2, H, N/2]
             Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
             y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
         if M == 1:  # SISO: channels first, the block's Out reads it transposed
             y = y.reshape(H, Bsz * T)  # [D, B·T]
-            return (y + uh.reshape(H, Bsz * T) * self.Dc if self.mode_path else y), X_T, ends
+            return (y + uh.reshape(H, Bsz * T) * self.Dc if self.mode_path else y), S
         y = y.reshape(H, Bsz * T, M).transpose(0, 1).reshape(Bsz * T, H * M)  # [B·T, H·P]
-        return (y + u.reshape(Bsz * T, H * M) * self.D if self.mode_path else y), X_T, ends
+        return (y + u.reshape(Bsz * T, H * M) * self.D if self.mode_path else y), S
 
-    def _carry(self, E: Tensor, X0: Tensor, n) -> tuple[Tensor, Tensor, Tensor]:
+    def _carry(self, E: Tensor, X0: Tensor) -> Tensor:
         """S_0 = x₀, S_{j+1} = dA^Q S_j + E_j, unrolled n_max times on [B, 2, H, N/2] blocks.
 
         E: chunk-end states [B, n, 2, H, N/2] (n ≤ n_max, zero-padded to n_max here: the
-        padded steps come after everything that is read). Returns (chunk starts
-        S_0..S_{n-1} [B, n, 2, H, N/2], final state S_n [B, 2, H, N/2], chunk ends
-        S_1..S_n [B, n, 2, H, N/2]).
+        padded steps come after everything that is read). Returns S_0..S_{n_max}
+        [B, n_max + 1, 2, H, N/2] (the caller cuts what it reads: no per-layer slices).
         """
         nmax = self.max_chunks  # a static pad and cut: no shape depends on n_max - n
         E = nn.functional.pad(E, [0, 0, 0, 0, 0, 0, 0, nmax]).narrow(1, 0, nmax)
@@ -318,8 +320,7 @@ class PrefillSSM(nn.Module):
         for Ej in E.split(1, dim=1):  # n_max × [B, 1, 2, H, N/2]
             S = cmul(self.Rc, S, 2) + Ej
             states.append(S)
-        S = torch.cat(states, dim=1)  # [B, n_max + 1, 2, H, N/2]
-        return S[:, :n], S[:, n], S[:, 1 : n + 1]
+        return torch.cat(states, dim=1)  # [B, n_max + 1, 2, H, N/2]
 
 
 class _GLU(nn.Module):
@@ -376,10 +377,6 @@ class _Trunk(nn.Module):
         _, H, N2 = self.layout[0]["shape"]  # every layer has the same [2, H, N/2]
         return list(state.reshape(Bsz, 2 * L, H, N2).split(2, dim=1))
 
-    def join_state(self, states: list[Tensor]) -> Tensor:
-        """Per layer [B, 2, H, N/2] -> [B, S]: one Concat + one Reshape."""
-        return torch.cat(states, dim=1).reshape(states[0].shape[0], -1)
-
 
 class StepGraph(nn.Module):
     """(input int64 [B] | float32 [B, d_input], state [B, S]) -> (output [B, V], state_out [B, S]).
@@ -435,15 +432,17 @@ class PrefillGraph(nn.Module):
         z = tr.encode(input)  # [B, T, D]
         Bsz, T = z.shape[0], z.shape[1]
         z = z.reshape(Bsz * T, -1)  # [B·T, D]: 2-D, so a transposed operand folds into MatMul
-        outs, ends = [], []
+        states = []
         for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state))):
             u = tr.norms[i](z).float().reshape(Bsz, T, -1)  # [B, T, D]
-            y, X, Xs = ssm(u, X)  # [D, B·T] (SISO) | [B·T, D], [B, 2, H, N/2], [B, n, …]
-            ends.append(Xs)
+            y, S = ssm(u, X)  # [D, B·T] (SISO) | [B·T, D], [B, n_max + 1, 2, H, N/2]
+            states.append(S)
             if ssm.M == 1:
                 z = z + tr.outs[i](nn.functional.gelu(y.to(tr.dtype)).transpose(0, 1))
             else:
                 z = tr.mix(i, z, y)
-            outs.append(X)
-        chunk_states = torch.cat(ends, dim=2).reshape(Bsz, T // self.chunk, -1)  # [B, n, S]
-        return tr.output(z).reshape(Bsz, T, -1), tr.join_state(outs), chunk_states
+        # every layer's S_0..S_{n_max} as packed states, then one cut writes chunk_states
+        # (S_1..S_n) and one Gather the final state S_n: no per-layer slices or Concat
+        n = T // self.chunk
+        packed = torch.cat(states, dim=2).reshape(Bsz, self.max_chunks + 1, -1)  # [B, n_max+1, S]
+        return tr.output(z).reshape(Bsz, T, -1), packed[:, n], packed[:, 1 : n + 1]
