@@ -27,7 +27,8 @@ big product is one batched MatMul over the H heads [H, B·n, ·] @ [H, ·, ·]:
     carry         S_0 = x₀,  S_{j+1} = dA^Q S_j + E_j       unrolled over n_max chunks on
                   cache-sized [B, 2, H, N/2] blocks (only non-negative powers: no overflow)
     state term    y[jQ+t] += 2 Re Σ_n C_n dA_n^{t+1} S_j,n  [H, 2·N/2, Q·P] table
-    final state   S_n
+    final state   S_n; every layer's S_0..S_{n_max} are packed once, and one cut of them is
+                  chunk_states (S_1..S_n), one Gather state_out
 The big per-layer tables are computed inside the graph from [H, N/2] parameters, so the
 file stays small; onnxruntime's constant folding computes them once at session start.
 T may be any multiple of Q up to Q·n_max (manifest graphs.prefill.max_len).
@@ -39,6 +40,22 @@ onnxruntime 1.31), were slower: onnxruntime's DFT takes ~12 ms for one layer's f
 transform alone (H = 128, 2T = 2048); a grouped Conv with a T-tap kernel ~26 ms a layer; a
 log-depth doubling carry more than the unrolled one (O(n log n) elementwise work, and
 elementwise ops are bandwidth-bound here); Q = 32 is no faster than Q = 64.
+The unrolled carry costs ~6 µs a step (Unsqueeze, Mul, ReduceSum, Add on 4 K floats; the
+ReduceSum is most of it): dropping it altogether saves ~0.5-0.8 ms of a ~7.7-8.4 ms
+shipped-model call (T = 1024, B = 1).
+Measured against it: a scaled CumSum, S_j = P^j (x₀ + Σ_{i<j} P^{-(i+1)} E_i) with P = dA^Q
+(8 nodes instead of 64), saves only ~0.25 ms of the call, and only with |P| clamped to
+≥ 1e-2 so that P^-16 stays in float32 range, which put 2e-4 relative errors into the
+shipped model's states (it has faster modes); in float64 (exact, no clamp) the carry alone
+is 1.7× the float32 one, more than the unrolled carry, and a blocked float32 form needs
+three full passes instead of two. That CumSum in the heads-first layout [H, B, n, 2, N/2]
+(no Transposes of E and of the chunk starts) is slower: onnxruntime's ReduceSum over the
+re/im axis with 16-float inner runs made the whole call 9.9 ms instead of 7.7 ms. A step as
+a per-head MatMul with a block-diagonal [2·N/2, 2·N/2] matrix takes ~27 µs. Not tried in
+the graph: the Toeplitz product transposed, [H, Q, Q] @ [H, Q, B·n], is ~30-40% faster
+alone than [H, B·n, Q] @ [H, Q, Q] (its per-call tables, ~4 MB a shipped layer, come from
+L3/DRAM), but it wants the trunk's rows in (t, b, j) order, and then the chunk states need
+element-strided Transposes (~0.3 ms a layer in onnxruntime).
 
 Dimension letters: B batch, T length, D d_model, H heads, M head width (= P outputs),
 N state (N/2 complex modes, written n), Q chunk length, S packed state.
