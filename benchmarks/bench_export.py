@@ -284,7 +284,8 @@ def worker_recompute(a) -> dict:
 def worker_ttft(a) -> dict:
     """Time to first token of a T-token prompt: in-process Engine.prefill vs the gRPC server.
 
-    The server runs in a subprocess (`python -m ssmstream.runtime.server`, its defaults);
+    The server runs in a subprocess (`python -m ssmstream.runtime.server`, its defaults but
+    --prefix-cache-mb 0: the rounds send one prompt, and a cached prompt is not prefilled);
     each round times, one after the other, the in-process prefill (`Engine.prefill` of the
     prompt from a new state, the last logits), a unary `Step` with the T tokens on a new
     session (last logits back; the session is created before and closed after the timed
@@ -304,6 +305,7 @@ def worker_ttft(a) -> dict:
         log_path = Path(tmp) / "server.log"
         cmd = [sys.executable, "-m", "ssmstream.runtime.server", str(d), "--port", "0"]
         cmd += ["--port-file", str(port_file), "--device", "cpu", "--log-level", "WARNING"]
+        cmd += ["--prefix-cache-mb", "0"]  # every Generate prefills its prompt
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             try:
