@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.chunk,
         metavar="Q",
-        help="prefill chunk length, a power of two; prefill T must be a multiple of Q "
-        "(default: %(default)s)",
+        help="prefill chunk length, a power of two; a prefill call takes whole chunks, the "
+        "last one may end in padding (default: %(default)s)",
     )
     p.add_argument(
         "--max-chunks",

@@ -17,8 +17,11 @@ half-written model directory behind.
 Graph I/O (B batch, T length, S packed state, V outputs):
     step.onnx     input int64 [B] | float32 [B, d_input], state float32 [B, S]
                   -> output float32 [B, V], state_out float32 [B, S]
-    prefill.onnx  input int64 [B, T] | float32 [B, T, d_input], state float32 [B, S]
-                  -> output float32 [B, T, V], state_out float32 [B, S]
+    prefill.onnx  input int64 [B, T] | float32 [B, T, d_input], state float32 [B, S],
+                  length int64 [] (optional: how many of the T inputs are real, the rest is
+                  padding at the end of the last chunk; default: all)
+                  -> output float32 [B, T, V], state_out float32 [B, S] (after input
+                  `length`), chunk_states float32 [B, T / chunk, S]
                   (T a multiple of graphs.prefill.chunk, at most graphs.prefill.max_len)
 """
 
@@ -41,7 +44,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
@@ -75,7 +80,8 @@ class ExportConfig:
     dt_scale: every Δ is multiplied by this (inputs sampled at 1/dt_scale × the training rate).
     prefill: also write prefill.onnx.
     verify: run the parity check and refuse to write a model that fails it.
-    chunk: Q, prefill chunk length (power of two); T must be a multiple of it.
+    chunk: Q, prefill chunk length (power of two); a call's T is a multiple of it (the last
+        chunk may end in padding: the graph's `length` input says how many inputs are real).
     max_chunks: chunks per prefill call (its carry is unrolled that often): T ≤ Q·max_chunks.
     optimize: simplify the graphs with onnxslim (kept only when it does not grow them).
     verify_steps: length of the random sequence the step graph is checked over (≥ 4096).
@@ -141,10 +147,22 @@ def _rename_dims(model: onnx.ModelProto, names: dict[str, str]) -> None:
                 d.dim_param = names[d.dim_param]
 
 
+# `length` of a prefill call that does not feed it: more than any T, so every input is real
+LENGTH_DEFAULT = 1 << 62
+
+
+def _default_length(model: onnx.ModelProto) -> None:
+    """Give the prefill graph's `length` input a default (an initializer of the same name:
+    onnxruntime uses it when the input is not fed), so that callers which feed only input
+    and state keep the graph's old meaning."""
+    init = onnx.numpy_helper.from_array(np.array(LENGTH_DEFAULT, dtype=np.int64), "length")
+    model.graph.initializer.append(init)
+
+
 def torch_to_onnx(
     module: torch.nn.Module, args: tuple, dynamic_shapes: dict, opset: int, outputs: list[str]
 ) -> onnx.ModelProto:
-    """torch.onnx.export (dynamo): (input, state) -> outputs, dynamic B (and T)."""
+    """torch.onnx.export (dynamo): (input, state[, length]) -> outputs, dynamic B (and T)."""
     torch_log = logging.getLogger("torch.onnx")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices
@@ -156,7 +174,7 @@ def torch_to_onnx(
                 args,
                 dynamo=True,
                 opset_version=opset,
-                input_names=["input", "state"],
+                input_names=list(dynamic_shapes),
                 output_names=outputs,
                 dynamic_shapes=dynamic_shapes,
                 external_data=False,
@@ -265,6 +283,8 @@ def convert(net: SSMNetwork, graph: str, cfg: ExportConfig, build) -> onnx.Model
     if cfg.optimize:
         model = slim(model)
     _rename_dims(model, {f"{cfg.chunk}*chunks": "T"})
+    if graph == "prefill":
+        _default_length(model)
     _CONVERTED[key] = model.SerializeToString()
     while len(_CONVERTED) > _CONVERTED_MAX:
         _CONVERTED.popitem(last=False)
@@ -282,8 +302,8 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
     def prefill():
         module = PrefillGraph(net, cfg.dt_scale, cfg.dtype, cfg.chunk, cfg.max_chunks)
         T = cfg.chunk * torch.export.Dim("chunks", min=1, max=cfg.max_chunks)
-        args = _example_inputs(net, 2, 2 * cfg.chunk)
-        return module, args, {"input": {0: B, 1: T}, "state": {0: B}}
+        args = (*_example_inputs(net, 2, 2 * cfg.chunk), torch.tensor(2 * cfg.chunk - 3))
+        return module, args, {"input": {0: B, 1: T}, "state": {0: B}, "length": {}}
 
     builders = {"step": step, "prefill": prefill} if cfg.prefill else {"step": step}
     graphs = {}
@@ -314,13 +334,16 @@ def _io_spec(net: SSMNetwork, prefill: bool) -> dict:
     else:
         inp = {"dtype": "float32", "shape": [*lead, cfg.d_input]}
     state = {"dtype": "float32", "shape": ["B", cfg.state_size]}
+    inputs = {"input": inp, "state": state}
+    if prefill:  # optional (a default: every input is real); see the module docstring
+        inputs["length"] = {"dtype": "int64", "shape": [], "default": LENGTH_DEFAULT}
     outputs = {
         "output": {"dtype": "float32", "shape": [*lead, cfg.d_output]},
         "state_out": state,
     }
     if prefill:  # the state after each chunk: T / chunk of them
         outputs["chunk_states"] = {"dtype": "float32", "shape": ["B", "T/chunk", cfg.state_size]}
-    return {"inputs": {"input": inp, "state": state}, "outputs": outputs}
+    return {"inputs": inputs, "outputs": outputs}
 
 
 def versions() -> dict[str, str]:

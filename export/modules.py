@@ -31,7 +31,15 @@ big product is one batched MatMul over the H heads [H, B·n, ·] @ [H, ·, ·]:
                   chunk_states (S_1..S_n), one Gather state_out
 The big per-layer tables are computed inside the graph from [H, N/2] parameters, so the
 file stays small; onnxruntime's constant folding computes them once at session start.
-T may be any multiple of Q up to Q·n_max (manifest graphs.prefill.max_len).
+T may be any multiple of Q up to Q·n_max (manifest graphs.prefill.max_len). The last chunk
+may end in padding: with r ≤ Q real inputs in it (the graph's `length` input), outputs before
+the padding are unchanged (the scan is causal) and the final state is
+    x_T = dA^r S_{n-1} + Σ_{s<r} dA^{r-1-s} dB u_s   (G applied to the chunk's inputs moved
+                                                      Q - r places later: no negative powers)
+(the mode path reads it off its per-position states), S_n itself when r = Q. The graph
+computes it inside an If on r < Q (torch.cond), so whole chunks cost nothing more: a shipped
+model's T = 1024 call took 1.01× the graph without `length`, and a 1,000-input prompt 0.74×
+(one padded call instead of 960 inputs and 40 steps).
 The trunk runs on [B·T, D] rows; a SISO layer hands its output over channels first
 ([D, B·T], the layout of its per-head MatMuls), and the block's Out reads it transposed
 (onnxruntime folds that Transpose into the Gemm). A GLU is two Linear(D, D), so no
@@ -211,6 +219,7 @@ class PrefillSSM(nn.Module):
         self.register_buffer("logr", torch.log(dA.abs().clamp_min(1e-30)).float())  # [H, N/2]
         self.register_buffer("theta", torch.angle(dA).float())  # [H, N/2]
         self.register_buffer("k", torch.arange(Q + 1, dtype=torch.float32))  # [Q+1]
+        self.register_buffer("kq", torch.arange(Q))  # int64 [Q]: positions in a chunk
         # carry constant dA^Q, exact in float64, as 2×2 blocks [2, 2, H, N/2]
         self.register_buffer("Rc", rot(dA**Q))
         self.max_chunks = max_chunks
@@ -286,10 +295,10 @@ class PrefillSSM(nn.Module):
         F = torch.cat([mag * torch.cos(ang), -(mag * torch.sin(ang))], dim=1)  # [H, 2·N/2, Q, P]
         return Toep, G.reshape(H, Q * M, 2 * N2), F.reshape(H, 2 * N2, Q * M)
 
-    def forward(self, u: Tensor, X0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, u: Tensor, X0: Tensor) -> tuple[Tensor, Tensor, tuple]:
         """u: float32 [B, T, D] (T = n·Q), X0: [B, 2, H, N/2] -> (y [B, T, D], the carry's
         states S_0..S_{n_max} [B, n_max + 1, 2, H, N/2]: S_j is the state after j chunks, those
-        past n are padding)."""
+        past n are padding; what `tail` needs for a last chunk that ends in padding)."""
         Bsz, T = u.shape[0], u.shape[1]
         H, M, N2, Q = self.H, self.M, self.N2, self.Q
         n = T // Q
@@ -308,6 +317,7 @@ class PrefillSSM(nn.Module):
             Sj = starts.permute(3, 0, 1, 2, 4).unsqueeze(3)  # [H, B, n, 1, 2, N/2]
             x = v + cmul(P1, Sj, 4)  # [H, B, n, Q, 2, N/2]
             y = x.reshape(H, Bsz * T, 2 * N2) @ self.Cm  # [H, B·T, M]
+            tail = (x[:, :, -1],)  # the last chunk's states [H, B, Q, 2, N/2]
         else:
             Toep, G, F = self.tables()
             U = uh.reshape(H, Bsz * n, Q * M)  # [H, B·n, Q·M]
@@ -317,11 +327,37 @@ class PrefillSSM(nn.Module):
             starts = S[:, :n]  # [B, n, 2, H, N/2]
             Sh = starts.reshape(Bsz * n, 2, H, N2).permute(2, 0, 1, 3)  # [H, B·n, 2, N/2]
             y = U @ Toep + Sh.reshape(H, Bsz * n, 2 * N2) @ F  # [H, B·n, Q·P]
+            last = U.reshape(H, Bsz, -1, Q * M)[:, :, -1]  # [H, B, Q·M]: the last chunk's inputs
+            tail = (last, S[:, n - 1], G)
         if M == 1:  # SISO: channels first, the block's Out reads it transposed
             y = y.reshape(H, Bsz * T)  # [D, B·T]
-            return (y + uh.reshape(H, Bsz * T) * self.Dc if self.mode_path else y), S
+            return (y + uh.reshape(H, Bsz * T) * self.Dc if self.mode_path else y), S, tail
         y = y.reshape(H, Bsz * T, M).transpose(0, 1).reshape(Bsz * T, H * M)  # [B·T, H·P]
-        return (y + u.reshape(Bsz * T, H * M) * self.D if self.mode_path else y), S
+        return (y + u.reshape(Bsz * T, H * M) * self.D if self.mode_path else y), S, tail
+
+    def tail(self, r: Tensor, *args: Tensor) -> Tensor:
+        """The state after the first r inputs (int64 [], 1..Q) of the last chunk, from
+        forward's tail tuple: [B, 2, H, N/2].
+
+        Mode path: the chunk's per-position states x [H, B, Q, 2, N/2] hold it at r - 1.
+        Kernel path, from (the chunk's inputs [H, B, Q·M], S_{n-1} [B, 2, H, N/2], the table
+        G): dA^r S_{n-1} + Σ_{s<r} dA^{r-1-s} dB u_s, the sum being G applied to the inputs
+        moved Q - r places later (G[s] = dB dA^{Q-1-s}): only non-negative powers."""
+        H, M, N2, Q = self.H, self.M, self.N2, self.Q
+        if self.mode_path:
+            (x,) = args
+            xr = x.index_select(2, (r - 1).reshape(1))  # [H, B, 1, 2, N/2]
+            return xr.reshape(H, -1, 2, N2).permute(1, 2, 0, 3)
+        last, S_prev, G = args
+        Bsz = S_prev.shape[0]
+        src = self.kq - (Q - r)  # [Q]: the input that lands at each position, < 0: none
+        last = last.reshape(H, Bsz, Q, M)
+        moved = last.index_select(2, src.clamp_min(0)) * (src >= 0).to(last.dtype).reshape(Q, 1)
+        Er = (moved.reshape(H, Bsz, Q * M) @ G).reshape(H, Bsz, 2, N2).permute(1, 2, 0, 3)
+        rf = r.to(self.logr.dtype)
+        mag, ang = torch.exp(rf * self.logr), rf * self.theta  # dA^r in polar form [H, N/2]
+        Rr = rot_ri(mag * torch.cos(ang), mag * torch.sin(ang))  # [2, 2, H, N/2]
+        return cmul(Rr, S_prev, 1) + Er  # [B, 2, H, N/2]
 
     def _carry(self, E: Tensor, X0: Tensor) -> Tensor:
         """S_0 = x₀, S_{j+1} = dA^Q S_j + E_j, unrolled n_max times on [B, 2, H, N/2] blocks.
@@ -423,9 +459,16 @@ class StepGraph(nn.Module):
 
 
 class PrefillGraph(nn.Module):
-    """(input [B, T] | [B, T, d_input], state [B, S])
+    """(input [B, T] | [B, T, d_input], state [B, S], length int64 [])
     -> (output [B, T, V], state_out [B, S], chunk_states [B, T / chunk, S]): the packed state
-    after each chunk too (the runtime's prefix cache and rewind checkpoints use them)."""
+    after each chunk too (the runtime's prefix cache and rewind checkpoints use them).
+
+    T is a multiple of the chunk; `length` says how many of the T inputs are real: the last
+    chunk may end in padding (T - length < chunk inputs, after the real ones), which changes
+    no output before it. state_out is then the state after input `length`, and the last of
+    chunk_states (a chunk that is not whole) is not a state of the stream. The exported graph
+    gives `length` a default larger than any T (the whole input is real), so callers that do
+    not feed it see no change."""
 
     def __init__(
         self,
@@ -444,16 +487,21 @@ class PrefillGraph(nn.Module):
             PrefillSSM(s, dt_scale, chunk, max_chunks, mode_path) for s in net.ssms
         )
 
-    def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, input: Tensor, state: Tensor, length: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         tr = self.trunk
         z = tr.encode(input)  # [B, T, D]
         Bsz, T = z.shape[0], z.shape[1]
         z = z.reshape(Bsz * T, -1)  # [B·T, D]: 2-D, so a transposed operand folds into MatMul
-        states = []
+        # r: the inputs in the last chunk (1..Q); the rest of it is padding
+        r = None if length is None else (length - (T - self.chunk)).clamp(1, self.chunk)
+        states, tails = [], []
         for i, (ssm, X) in enumerate(zip(self.ssms, tr.split_state(state))):
             u = tr.norms[i](z).float().reshape(Bsz, T, -1)  # [B, T, D]
-            y, S = ssm(u, X)  # [D, B·T] (SISO) | [B·T, D], [B, n_max + 1, 2, H, N/2]
+            y, S, tail = ssm(u, X)  # [D, B·T] (SISO) | [B·T, D], [B, n_max + 1, 2, H, N/2]
             states.append(S)
+            tails.append(tail)
             if ssm.M == 1:
                 z = z + tr.outs[i](nn.functional.gelu(y.to(tr.dtype)).transpose(0, 1))
             else:
@@ -462,4 +510,21 @@ class PrefillGraph(nn.Module):
         # (S_1..S_n) and one Gather the final state S_n: no per-layer slices or Concat
         n = T // self.chunk
         packed = torch.cat(states, dim=2).reshape(Bsz, self.max_chunks + 1, -1)  # [B, n_max+1, S]
-        return tr.output(z).reshape(Bsz, T, -1), packed[:, n], packed[:, 1 : n + 1]
+        final = packed[:, n]  # [B, S]
+        if r is not None:  # a last chunk with padding ends at the state after input r
+            sizes = [len(t) for t in tails]
+            flat = [a for t in tails for a in t]
+
+            def whole(r, final, *flat):
+                return final.clone()
+
+            def partial(r, final, *flat):
+                parts, k = [], 0
+                for ssm, size in zip(self.ssms, sizes):
+                    parts.append(ssm.tail(r, *flat[k : k + size]))
+                    k += size
+                return torch.cat(parts, 1).reshape(final.shape)
+
+            # an If in the graph: the tail is computed only when the last chunk has padding
+            final = torch.cond(r == self.chunk, whole, partial, (r, final, *flat))
+        return tr.output(z).reshape(Bsz, T, -1), final, packed[:, 1 : n + 1]

@@ -4,11 +4,13 @@
                      run recurrently over a random sequence of L ≥ 4096 inputs from the zero
                      state, vs the torch network's convolution-mode forward in float64 (Δ
                      scaled by the manifest's dt_scale).
-    prefill_vs_step  the runtime's Engine.prefill — full chunks of Q through prefill.onnx (at
-                     most max_len per call), the remainder through step.onnx — vs steps only:
-                     over the same L-long sequence, and over short sequences (Q + 1, 3Q + 7)
-                     starting from the non-zero state the long run ended in; and the
-                     prefill's chunk_states output vs the step states at the chunk ends.
+    prefill_vs_step  the runtime's Engine.prefill — chunks of Q through prefill.onnx (at
+                     most max_len per call; a last partial chunk padded in the same call
+                     when the graph takes `length`, else stepped through step.onnx) — vs
+                     steps only: over the same L-long sequence, and over short sequences
+                     (Q + 1, 3Q + 7, Q/2 + 3) starting from the non-zero state the long run
+                     ended in; and the prefill's chunk_states output vs the step states at
+                     the chunk ends.
     slots_vs_step    the slot graph a server runs (Engine.step_slots: the step graph with a
                      gather and a scatter by slot around it, on a state slab) vs Engine.step
                      on the same rows: 16 steps of the batch's rows scattered over a slab,
@@ -165,7 +167,7 @@ def verify_graphs(
         cases = [(out_p, out_s, state_p, state_s)]
         cases += [(None, None, ends_p[t], ends_s[t]) for t in ends_s if t in ends_p]
         lengths = [steps]
-        for T in (Q + 1, 3 * Q + 7):
+        for T in (Q + 1, 3 * Q + 7, Q // 2 + 3):
             xs = random_inputs(manifest, batch, T, rng)
             o1, s1, _ = run_steps(engine, xs, state_s)
             o2, s2 = engine.prefill(xs, state_s)

@@ -8,11 +8,15 @@ batch of B independent streams:
 
 and the prefill graph computes T such steps at once (chunked scan):
 
-    prefill(input [B, T] | [B, T, d_in], state [B, S]) -> (output [B, T, d_out], state_out [B, S])
+    prefill(input [B, T] | [B, T, d_in], state [B, S][, length]) -> (output [B, T, d_out],
+                                                                   state_out [B, S], ...)
 
-with T a multiple of the manifest's `graphs.prefill.chunk` and at most its `max_len`.
-`Engine.prefill` accepts any T: full chunks go through the prefill graph (in pieces of at
-most max_len), the remainder through the step graph.
+with T a multiple of the manifest's `graphs.prefill.chunk` and at most its `max_len`; graphs
+exported since the optional `length` input (`prefill_any_length`) also take a last chunk
+that ends in padding, `length` saying how many inputs are real. `Engine.prefill` accepts any
+T: the prefill graph takes it in pieces of at most max_len (a last partial chunk padded when
+the graph takes `length`, unless that call would hold under half a chunk; older graphs: whole
+chunks only), the step graph the rest.
 
 This is the edge embedding API:
 
@@ -67,6 +71,8 @@ GRAPH_OUTPUTS = ("output", "state_out")
 CHUNK_STATES = (
     "chunk_states"  # optional prefill output [B, T / chunk, S]: the state after each chunk
 )
+# optional prefill input int64 []: how many inputs are real (the last chunk may end in padding)
+LENGTH = "length"
 _ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(float)": np.float32,
@@ -198,7 +204,8 @@ class Engine:
 
     Attributes: manifest, info, provider, device ("cpu" | "cuda"), device_id, cuda_options,
     input_kind, vocab_size, d_input, d_output, state_size, prefill_chunk (None without a
-    prefill graph), prefill_max_len, cuda_graphs (slot steps replay CUDA graphs),
+    prefill graph), prefill_max_len, prefill_any_length (the prefill graph takes a padded last
+    chunk: prompts of any length run in it), cuda_graphs (slot steps replay CUDA graphs),
     slot_row_bytes ((in, out) host<->device bytes per row of a slot step).
     Thread-safe: concurrent `step` calls may come from several threads (StepBuffers excepted).
     """
@@ -267,10 +274,13 @@ class Engine:
             self.prefill_max_len = max(self.prefill_chunk, max_len - max_len % self.prefill_chunk)
         self._check_graph(self._step_session, "step", time_axis=False)
         self.prefill_chunk_states = False  # the prefill graph reports chunk-end states
+        self.prefill_any_length = False  # ... and takes `length` (graphs exported since)
         if self._prefill_session is not None:
             self._check_graph(self._prefill_session, "prefill", time_axis=True)
             outs = [o.name for o in self._prefill_session.get_outputs()]
             self.prefill_chunk_states = CHUNK_STATES in outs
+            defaults = self._prefill_session.get_overridable_initializers()
+            self.prefill_any_length = LENGTH in {i.name for i in defaults}
         step_in = self._step_session.get_inputs()[0]
         self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
@@ -391,6 +401,7 @@ class Engine:
             "prefill_sha256": g["prefill"].get("sha256") if "prefill" in g else None,
             "prefill_chunk": self.prefill_chunk,
             "prefill_max_len": self.prefill_max_len,
+            "prefill_any_length": self.prefill_any_length,
             "opset": m.get("opset"),
             "dt_scale": m.get("dt_scale"),
             "model": m.get("model", {}),
@@ -629,6 +640,21 @@ class Engine:
         s = self.check_states(states, x.shape[0])
         return self.prefill_unchecked(x, s)
 
+    def _prefill_span(self, T: int) -> int:
+        """How many of T inputs go through the prefill graph (the rest is stepped).
+
+        Whole chunks always; with `prefill_any_length` the inputs after them too (padded to a
+        whole chunk, in the same call), unless the last call would hold fewer than half a
+        chunk of inputs and nothing else: a prefill call costs about as much as stepping
+        half a chunk's inputs (on this project's CPU, ~28 of 64)."""
+        C, L = self.prefill_chunk, self.prefill_max_len
+        if self._prefill_session is None or T < 2:
+            return 0
+        if not self.prefill_any_length:
+            return T - T % C
+        last = T % L or L  # the last call's inputs
+        return T if last >= C // 2 else T - last
+
     def prefill_unchecked(
         self, x: np.ndarray, s: np.ndarray, states: dict | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -645,21 +671,24 @@ class Engine:
         names = ["output", "state_out"]
         if states is not None and self.prefill_chunk_states:
             names.append(CHUNK_STATES)
-        if self._prefill_session is not None and T > 1 and T >= C:
-            full = T - T % C
-            while t < full:
-                n = min(full - t, self.prefill_max_len)
-                piece = np.ascontiguousarray(x[:, t : t + n])  # [B, n(, d_in)]
-                try:
-                    y, s, *ends = self._prefill_session.run(names, {"input": piece, "state": s})
-                except Exception as e:  # onnxruntime's own exception types
-                    raise EngineFailure(f"prefill graph failed for [B={B}, T={n}]: {e}") from e
-                outputs[:, t : t + n] = y
-                if states is not None:
-                    for k in range(ends[0].shape[1] if ends else 0):  # ends[0]: [B, n / C, S]
-                        states[t + (k + 1) * C] = ends[0][:, k]
-                    states[t + n] = s
-                t += n
+        end = self._prefill_span(T)  # inputs [0, end) go through the prefill graph
+        while t < end:
+            n = min(end - t, self.prefill_max_len)
+            feed = {"input": np.ascontiguousarray(x[:, t : t + n]), "state": s}  # [B, n(, d_in)]
+            if n % C:  # a last chunk of padding after the n inputs; the graph is told n
+                pad = np.zeros((B, C - n % C, *x.shape[2:]), dtype=x.dtype)
+                feed["input"] = np.concatenate([feed["input"], pad], 1)  # [B, ⌈n / C⌉·C(, d_in)]
+                feed[LENGTH] = np.array(n, dtype=np.int64)
+            try:
+                y, s, *ends = self._prefill_session.run(names, feed)
+            except Exception as e:  # onnxruntime's own exception types
+                raise EngineFailure(f"prefill graph failed for [B={B}, T={n}]: {e}") from e
+            outputs[:, t : t + n] = y[:, :n]
+            if states is not None:
+                for k in range(n // C if ends else 0):  # ends[0]: [B, ⌈n / C⌉, S]
+                    states[t + (k + 1) * C] = ends[0][:, k]
+                states[t + n] = s
+            t += n
         while t < T:
             y, s = self.step_unchecked(np.ascontiguousarray(x[:, t]), s)
             outputs[:, t] = y

@@ -18,8 +18,10 @@ import onnx
 import pytest
 import torch
 from export_helpers import DT_SCALE, EXPORT, ort_steps, rel_err, session
+from onnx import numpy_helper
 from ssmstream.export import TOLERANCES
 from ssmstream.export.exporter import METADATA_KEY
+from ssmstream.runtime import Engine
 from ssmstream.runtime.manifest import FORMAT, FORMAT_VERSION, load_manifest, sha256_file
 
 FP32_TOL = 1e-4
@@ -96,7 +98,12 @@ def test_graph_io_contract(token_model, signal_model):
             ins = {i.name: i.type.tensor_type for i in g.input}
             outs = {o.name: o.type.tensor_type for o in g.output}
             extra = ["chunk_states"] if name == "prefill" else []
-            assert list(ins) == ["input", "state"]
+            optional = ["length"] if name == "prefill" else []  # has a default: all real
+            assert list(ins) == ["input", "state", *optional]
+            defaults = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+            for opt in optional:
+                assert ins[opt].elem_type == onnx.TensorProto.INT64 and not ins[opt].shape.dim
+                assert defaults[opt] == m["graphs"][name]["inputs"][opt]["default"] > 2**40
             assert list(outs) == ["output", "state_out", *extra]
             assert ins["input"].elem_type == dtype
             for t in (ins["state"], outs["state_out"], outs["output"]):
@@ -106,6 +113,48 @@ def test_graph_io_contract(token_model, signal_model):
             if name == "prefill":
                 assert ins["input"].shape.dim[1].dim_param == "T"
                 assert outs["chunk_states"].shape.dim[2].dim_value == m["state_size"]
+
+
+# chunk Q = 8, at most 32 inputs a call (EXPORT): T -> the inputs of each prefill call
+CALLS = {3: [], 5: [5], 19: [19], 40: [32, 8], 67: [32, 32]}
+
+
+@pytest.mark.parametrize("T", sorted(CALLS))
+def test_engine_prefills_any_length_and_equals_steps(token_model, signal_model, T):
+    """A prompt that is not a multiple of the chunk runs through the prefill graph with its
+    last chunk padded (no steps after it), unless that last call would hold under half a
+    chunk (then those inputs are stepped: 3 of 67, or a 3-input prompt). Outputs, the final
+    state and the states reported at chunk and call ends equal a step-by-step run from a
+    non-zero state (the recurrence vs the chunked scan)."""
+    for d in (token_model, signal_model):
+        eng = Engine(d, device="cpu")
+        Q = eng.prefill_chunk
+        assert (Q, eng.prefill_max_len) == (8, 32)
+        assert eng.prefill_any_length and eng.info["prefill_any_length"]
+        m = load_manifest(d)
+        s0 = np.random.default_rng(7).standard_normal((2, m["state_size"])).astype(np.float32)
+        x = random_inputs(m, 2, T, seed=8)
+        states: dict = {}
+        calls = []  # the input shape of each prefill graph call
+
+        def spy(names, feed, _run=eng._prefill_session.run, _calls=calls):
+            _calls.append(feed["input"].shape)
+            return _run(names, feed)
+
+        eng._prefill_session.run = spy
+        out, s = eng.prefill_unchecked(x, s0, states)
+        assert calls == [(2, -(-n // Q) * Q, *x.shape[2:]) for n in CALLS[T]]
+        span = sum(CALLS[T])
+        assert sorted(states) == sorted({*range(Q, span + 1, Q), span, T} - {0})
+        ref_out, ref_s = [], s0
+        for t in range(T):
+            o, ref_s = eng.step(x[:, t], ref_s)
+            ref_out.append(o)
+            if t + 1 in states:
+                assert np.abs(states[t + 1] - ref_s).max() <= 1e-4 * np.abs(ref_s).max()
+        ref_out = np.stack(ref_out, 1)
+        assert np.abs(out - ref_out).max() <= 1e-4 * np.abs(ref_out).max()
+        assert np.abs(s - ref_s).max() <= 1e-4 * np.abs(ref_s).max()
 
 
 def test_prefill_chunk_states_are_the_step_states_at_chunk_ends(token_model):
@@ -332,3 +381,53 @@ def test_manifests_with_the_old_in_place_flag_still_load(token_model, tmp_path):
     y, _ = eng.step(x, eng.new_state(2))
     y_ref, _ = Engine(token_model, device="cpu", threads=1).step(x, eng.new_state(2))
     np.testing.assert_array_equal(y, y_ref)
+
+
+def test_rewind_replays_a_long_remainder_in_the_prefill_graph(token_model):
+    """A session fed one token at a time, rewound to every position in its window: a
+    remainder of at least half a chunk after the checkpoint is replayed by one padded prefill
+    call (within the fp32 prefill-vs-step bound of the state it had), a shorter one by steps
+    (bit-identical: the same step kernels)."""
+    import asyncio
+
+    from ssmstream.runtime.batcher import Batcher
+    from ssmstream.runtime.service import ServiceLimits, SessionService
+    from ssmstream.runtime.sessions import SessionStore
+
+    eng = Engine(token_model, device="cpu")
+    Q, V = eng.prefill_chunk, eng.vocab_size
+
+    async def main():
+        store = SessionStore(eng.state_size, capacity=4)
+        batcher = Batcher(eng, store, max_batch=4, max_batch_delay=0.0)
+        await batcher.start()
+        limits = ServiceLimits(max_tokens_per_request=64, rewind_window=3 * Q)
+        svc = SessionService(eng, store, batcher, limits)
+        s, _ = await svc.create("p")
+        seen = {}
+        for tok in np.random.default_rng(3).integers(0, V, 3 * Q + 5):
+            await svc.step("p", s.id, np.array([tok]))
+            seen[s.position] = svc.store.read(s)
+        calls = []
+
+        def spy(names, feed, _run=eng._prefill_session.run):
+            calls.append(int(feed.get("length", feed["input"].shape[1])))
+            return _run(names, feed)
+
+        eng._prefill_session.run = spy
+        top = s.position
+        for target in range(top - 1, top - 3 * Q, -1):
+            calls.clear()
+            await svc.rewind("p", s.id, target)
+            r = target % Q  # inputs replayed after the checkpoint at a chunk end
+            got, want = svc.store.read(s), seen[target]
+            if r >= Q // 2:
+                assert calls == [r]
+                assert np.abs(got - want).max() <= FP32_TOL * np.abs(want).max()
+            else:
+                assert calls == [] and np.array_equal(got, want)
+            await svc.step("p", s.id, np.array([1]))  # move on, so the next rewind replays
+            await svc.rewind("p", s.id, target)
+        await batcher.close()
+
+    asyncio.run(main())

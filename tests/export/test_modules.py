@@ -112,6 +112,33 @@ def test_prefill_from_nonzero_state_equals_steps(T, heads):
     assert rel(s_pre, s_step) < TOL
 
 
+@pytest.mark.parametrize("heads", [None, 2, 1], ids=["siso", "multihead", "mimo"])
+@pytest.mark.parametrize("mode_path", [False, True], ids=["kernel", "modes"])
+@pytest.mark.parametrize("T", [1, 5, 16, 37, 47, 48])
+def test_a_padded_last_chunk_gives_the_state_after_the_real_inputs(T, heads, mode_path):
+    """Inputs padded to whole chunks (garbage after the real T) with `length` = T: the outputs
+    of the real inputs and the final state equal T steps from a non-zero state; without
+    `length` (or with a whole last chunk) the graph is the plain one."""
+    net = make_net(seed=11, d_input=3, d_output=2, heads=heads)
+    step = StepGraph(net)
+    _, state = run_steps(step, inputs(net, 2, 29, seed=12), torch.zeros(2, net.cfg.state_size))
+    x = inputs(net, 2, T, seed=13)
+    y_step, s_step = run_steps(step, x, state)
+    Q = 16
+    padded = torch.cat([x, 100 * inputs(net, 2, -T % Q, seed=14)], 1)  # large garbage after T
+    pre = PrefillGraph(net, chunk=Q, max_chunks=4, mode_path=mode_path)
+    with torch.no_grad():
+        y_pre, s_pre, ends = pre(padded, state, torch.tensor(T))
+        y_all, s_all, ends_all = pre(padded, state)  # no length: every input is real
+    assert rel(y_pre[:, :T], y_step) < TOL
+    assert rel(s_pre, s_step) < TOL
+    assert torch.equal(y_pre, y_all) and torch.equal(ends, ends_all)  # only state_out differs
+    if T % Q == 0:
+        assert torch.equal(s_pre, s_all)  # a whole last chunk: the carry's own S_n, unchanged
+    else:
+        assert rel(s_all, s_step) > 1e-2  # the padding is not part of the stream
+
+
 def test_step_equals_network_step_on_packed_state():
     """The export module's packed state is the network's pack_state of its complex state."""
     net = make_net(seed=2, heads=2)
