@@ -19,7 +19,8 @@ Graph I/O (B batch, T length, S packed state, V outputs):
                   -> output float32 [B, V], state_out float32 [B, S]
     prefill.onnx  input int64 [B, T] | float32 [B, T, d_input], state float32 [B, S],
                   length int64 [] (optional: how many of the T inputs are real, the rest is
-                  padding at the end of the last chunk; default: all)
+                  padding at the end of the last chunk; default: all; T - chunk < length ≤ T,
+                  a value outside is clamped into that range)
                   -> output float32 [B, T, V], state_out float32 [B, S] (after input
                   `length`), chunk_states float32 [B, T / chunk, S]
                   (T a multiple of graphs.prefill.chunk, at most graphs.prefill.max_len)
@@ -31,6 +32,7 @@ import collections
 import contextlib
 import datetime
 import hashlib
+import heapq
 import importlib.metadata
 import io
 import json
@@ -249,6 +251,44 @@ def quantize_int8(src: Path, dst: Path, exclude: list[str] | None = None) -> Non
         )
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The values a node reads: its inputs and what its subgraphs read from outside them."""
+    names = {i for i in node.input if i}
+    for attr in node.attribute:
+        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            own = {v.name for v in (*g.input, *g.initializer)}
+            own |= {o for n in g.node for o in n.output}
+            for n in g.node:
+                names |= _reads(n) - own
+    return names
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Order the nodes so that each comes after the producers of everything it (or one of
+    its subgraphs) reads, keeping the given order where it may (onnx's checker requires it)."""
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    needs = [{producer[v] for v in _reads(n) if v in producer} for n in nodes]
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, deps in enumerate(needs):
+        for j in deps:
+            users[j].append(i)
+    waiting = [len(deps) for deps in needs]
+    ready = [i for i, w in enumerate(waiting) if not w]
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users[i]:
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(order)
+
+
 # torch -> onnx conversions of this process, keyed by content (network weights + options):
 # exporting several variants or copies of one network converts each graph once.
 _CONVERTED: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -315,6 +355,9 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
             onnx.save(model, fp32)
             quantize_int8(fp32, path, non_trunk_matmuls(model) if name == "step" else None)
             fp32.unlink()
+            quantized = onnx.load(path)
+            toposort(quantized.graph)  # quantize_dynamic misplaces the If of a prefill graph
+            onnx.save(quantized, path)
         else:
             onnx.save(model, path)
         graphs[name] = {"file": path.name}

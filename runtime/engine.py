@@ -643,17 +643,19 @@ class Engine:
     def _prefill_span(self, T: int) -> int:
         """How many of T inputs go through the prefill graph (the rest is stepped).
 
-        Whole chunks always; with `prefill_any_length` the inputs after them too (padded to a
-        whole chunk, in the same call), unless the last call would hold fewer than half a
-        chunk of inputs and nothing else: a prefill call costs about as much as stepping
-        half a chunk's inputs (on this project's CPU, ~28 of 64)."""
+        Whole chunks always. With `prefill_any_length` also the r inputs after them, in a
+        chunk padded in the same call, when that beats stepping them: measured on this
+        project's CPU (shipped model, C = 64), a padded chunk added to a call of whole chunks
+        costs about 10-16 steps, a call of one padded chunk alone about 28; so r ≥ C/4, or
+        r ≥ C/2 when the call has no whole chunk."""
         C, L = self.prefill_chunk, self.prefill_max_len
         if self._prefill_session is None or T < 2:
             return 0
-        if not self.prefill_any_length:
-            return T - T % C
-        last = T % L or L  # the last call's inputs
-        return T if last >= C // 2 else T - last
+        r = T % C
+        if not self.prefill_any_length or not r:
+            return T - r
+        alone = T % L < C  # the last call would hold the padded chunk only
+        return T if r >= (C // 2 if alone else C // 4) else T - r
 
     def prefill_unchecked(
         self, x: np.ndarray, s: np.ndarray, states: dict | None = None

@@ -21,7 +21,8 @@ definition of the format both sides use.
                     "chunk": C,             # T must be a multiple of C ...
                     "max_len": T_max}       # ... and at most T_max per call (C · max chunks);
                                             # inputs.length (int64 [], with a default: all
-                                            # real) when the last chunk may end in padding
+                                            # real; T - C < length ≤ T) when the last chunk
+                                            # may end in padding
       },                                    # prefill absent with --no-prefill
       "exporter": {"ssmstream": v, "torch": v, "onnx": v, "onnxscript": v, "onnxruntime": v},
       "parity": {...},                  # the verification report (see ssmstream.export.verify)

@@ -115,15 +115,16 @@ def test_graph_io_contract(token_model, signal_model):
                 assert outs["chunk_states"].shape.dim[2].dim_value == m["state_size"]
 
 
-# chunk Q = 8, at most 32 inputs a call (EXPORT): T -> the inputs of each prefill call
-CALLS = {3: [], 5: [5], 19: [19], 40: [32, 8], 67: [32, 32]}
+# chunk Q = 8, at most 32 inputs a call (EXPORT): T -> the inputs of each prefill call (a
+# padded chunk takes r ≥ Q/4 inputs after whole chunks, r ≥ Q/2 alone; the rest is stepped)
+CALLS = {3: [], 5: [5], 17: [16], 19: [19], 40: [32, 8], 67: [32, 32]}
 
 
 @pytest.mark.parametrize("T", sorted(CALLS))
 def test_engine_prefills_any_length_and_equals_steps(token_model, signal_model, T):
     """A prompt that is not a multiple of the chunk runs through the prefill graph with its
-    last chunk padded (no steps after it), unless that last call would hold under half a
-    chunk (then those inputs are stepped: 3 of 67, or a 3-input prompt). Outputs, the final
+    last chunk padded (no steps after it), unless its r inputs past the whole chunks are
+    few (then they are stepped: 1 of 17, 3 of 67, a 3-input prompt). Outputs, the final
     state and the states reported at chunk and call ends equal a step-by-step run from a
     non-zero state (the recurrence vs the chunked scan)."""
     for d in (token_model, signal_model):
@@ -339,6 +340,15 @@ def test_fp16_variant(fp16_model, token_net):
 
 
 # --- the runtime's slot step (GatherND -> step.onnx -> ScatterND, derived at load) ------
+
+
+@pytest.mark.parametrize("which", ["token_model", "signal_model", "int8_model", "fp16_model"])
+def test_every_exported_graph_is_valid_onnx(which, request):
+    """onnx's full checker accepts each graph as written, the prefill graph's If included
+    (the int8 quantizer reorders nodes; the exporter sorts them again)."""
+    model_dir = request.getfixturevalue(which)
+    for graph in load_manifest(model_dir)["graphs"].values():
+        onnx.checker.check_model(str(model_dir / graph["file"]), full_check=True)
 
 
 @pytest.mark.parametrize("which", ["token_model", "signal_model", "int8_model", "fp16_model"])
