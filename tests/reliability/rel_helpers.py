@@ -1,5 +1,6 @@
 """Helpers of the reliability suite (tests/reliability): the toy models' reference, snapshot
-decoding / forging, servers, calls, fault injection. Fixtures are in conftest.py.
+decoding / forging, servers, calls (fault injection: tests/faults.py). Fixtures are in
+conftest.py.
 
 The suite runs real servers (in-process `BackgroundServer`, or `ServerProcess` subprocesses
 from tests/runtime/grpc_helpers.py) on the hand-built toy models of tests/runtime/conftest.py
@@ -185,54 +186,3 @@ def idle(srv) -> bool:
     """No Stream / Generate attached and nothing queued in the batcher."""
     service, batcher = srv.server.service, srv.server.batcher
     return service.attached == 0 and service.open_streams == 0 and batcher.pending() == 0
-
-
-class SlowOrFailingSession:
-    """Wraps an onnxruntime InferenceSession to inject faults at the ORT call itself.
-
-    Per run n (0-based): run 0 first waits for `gate` (a threading.Event, when given: it
-    holds the engine's worker so that requests queue up behind it); runs n >= delay_from
-    sleep `delay` seconds; runs n >= after raise, `fail` times in all (as onnxruntime does on
-    a kernel failure). calls: one entry per run (the batch size for `run`, -1 for
-    `run_with_iobinding`, whose batch is in the binding).
-    """
-
-    def __init__(self, sess, delay=0.0, fail=0, after=0, delay_from=0, gate=None):
-        self.sess, self.delay, self.fail, self.after = sess, delay, fail, after
-        self.delay_from, self.gate, self.calls = delay_from, gate, []
-
-    def _fault(self, batch: int) -> None:
-        n = len(self.calls)
-        self.calls.append(batch)
-        if n == 0 and self.gate is not None:
-            self.gate.wait(30)
-        if self.delay and n >= self.delay_from:
-            time.sleep(self.delay)
-        if self.fail > 0 and n >= self.after:
-            self.fail -= 1
-            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected kernel failure")
-
-    def run(self, names, feeds, *args, **kw):
-        self._fault(int(feeds["input"].shape[0]))
-        return self.sess.run(names, feeds, *args, **kw)
-
-    def run_with_iobinding(self, io, *args, **kw):
-        self._fault(-1)
-        return self.sess.run_with_iobinding(io, *args, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self.sess, name)
-
-
-@contextlib.contextmanager
-def inject(engine, graph: str = "slot", **faults):
-    """Replace the engine's slot-step ORT session (the served steps; or "prefill", "step")
-    by a SlowOrFailingSession(**faults)."""
-    attr = f"_{graph}_session"
-    real = getattr(engine, attr)
-    fake = SlowOrFailingSession(real, **faults)
-    setattr(engine, attr, fake)
-    try:
-        yield fake
-    finally:
-        setattr(engine, attr, real)

@@ -28,8 +28,9 @@ import time
 import grpc
 import numpy as np
 import pytest
+from faults import inject
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rel_helpers import Ref, code_of, decode_snapshot, idle, inject, serve, target
+from rel_helpers import Ref, code_of, decode_snapshot, idle, serve, target
 from rel_helpers import wait_until as wait
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.client import AsyncClient, Client

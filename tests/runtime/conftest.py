@@ -251,3 +251,33 @@ def toy_token_model_without_chunk_states(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def toy_signal_model(tmp_path_factory) -> dict:
     return build_toy(tmp_path_factory.mktemp("toy_signal"), "values")
+
+
+# Engines on the models above: one per test module (CPU, one onnxruntime thread), so that a
+# module that changes an engine (a stand-in session, a slab) does not reach another module.
+
+
+def _cpu_engine(model: dict):
+    from ssmstream.runtime.engine import Engine
+
+    return Engine(model["model_dir"], device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def tok_engine(tiny_token_model):
+    return _cpu_engine(tiny_token_model)
+
+
+@pytest.fixture(scope="module")
+def sig_engine(tiny_signal_model):
+    return _cpu_engine(tiny_signal_model)
+
+
+@pytest.fixture(scope="module")
+def toy_tok(toy_token_model):
+    return _cpu_engine(toy_token_model)
+
+
+@pytest.fixture(scope="module")
+def toy_sig(toy_signal_model):
+    return _cpu_engine(toy_signal_model)

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from faults import inject
 from ssmstream.runtime.batcher import Batcher
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import (
@@ -21,16 +22,6 @@ from ssmstream.runtime.errors import (
 from ssmstream.runtime.sessions import SessionStore
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def toy(toy_token_model):
-    return Engine(toy_token_model["model_dir"], device="cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def toy_values(toy_signal_model):
-    return Engine(toy_signal_model["model_dir"], device="cpu", threads=1)
 
 
 def run(coro):
@@ -64,7 +55,7 @@ def random_requests(engine, rng, n: int) -> list[np.ndarray]:
     return reqs
 
 
-@pytest.mark.parametrize("which", ["toy", "toy_values"])
+@pytest.mark.parametrize("which", ["toy_tok", "toy_sig"])
 def test_concurrent_clients_each_get_their_own_sequential_outputs(which, request):
     engine = request.getfixturevalue(which)
     rng = np.random.default_rng(0)
@@ -217,34 +208,17 @@ def test_onnxruntime_failure_in_a_slot_step_changes_nothing(tiny):
     """The ORT call itself raises (after the rows were lent): those requests fail, their
     states and positions are unchanged, the rows are returned, and serving goes on."""
 
-    class FailOnce:
-        def __init__(self, sess):
-            self.sess, self.failed = sess, False
-
-        def run_with_iobinding(self, io, *a, **k):
-            if not self.failed:
-                self.failed = True
-                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected kernel failure")
-            return self.sess.run_with_iobinding(io, *a, **k)
-
-        def __getattr__(self, name):
-            return getattr(self.sess, name)
-
     async def main():
         batcher, store = await started(tiny, max_batch=4, max_batch_delay=0.0)
         s = store.create()
         await batcher.step(s, np.array([1]))
         before = store.read(s)
-        real = tiny._slot_session
-        tiny._slot_session = FailOnce(real)
-        try:
+        with inject(tiny, fail=1):
             with pytest.raises(EngineFailure, match="injected"):
                 await batcher.step(s, np.array([2]))
             np.testing.assert_array_equal(store.read(s), before)  # does not wait: returned
             assert s.position == 1 and store._lent == 0
             y, pos = await batcher.step(s, np.array([2]))
-        finally:
-            tiny._slot_session = real
         await batcher.close()
         return y, pos
 
@@ -254,7 +228,7 @@ def test_onnxruntime_failure_in_a_slot_step_changes_nothing(tiny):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
-def test_each_ort_call_of_a_batch_is_handed_back_as_soon_as_it_is_done(toy):
+def test_each_ort_call_of_a_batch_is_handed_back_as_soon_as_it_is_done(toy_tok):
     """6 sessions in ORT calls of 2 rows: the clients of the first two calls get their
     results while the batch's last call still runs (held on a gate); all are correct."""
     import threading
@@ -262,8 +236,8 @@ def test_each_ort_call_of_a_batch_is_handed_back_as_soon_as_it_is_done(toy):
     gate = threading.Event()
 
     async def main():
-        batcher, store = await started(toy, max_batch=8, max_batch_delay=0.02)
-        batcher._buffers = toy.step_buffers(8, chunk_bytes=2 * 4 * toy.state_size)
+        batcher, store = await started(toy_tok, max_batch=8, max_batch_delay=0.02)
+        batcher._buffers = toy_tok.step_buffers(8, chunk_bytes=2 * 4 * toy_tok.state_size)
         sessions = [store.create() for _ in range(6)]
         real, seen = batcher._step_part, []
 
@@ -294,14 +268,14 @@ def test_each_ort_call_of_a_batch_is_handed_back_as_soon_as_it_is_done(toy):
     assert early == [0, 1, 2, 3] and running  # handed back before the job ended
     assert stats.batches == 1 and stats.steps == 6
     for k, y in enumerate(outs):
-        np.testing.assert_allclose(y, alone(toy, [np.array([k])])[0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(y, alone(toy_tok, [np.array([k])])[0], rtol=1e-6, atol=1e-7)
 
 
-def test_concurrent_requests_of_one_session_queue_in_order(toy):
+def test_concurrent_requests_of_one_session_queue_in_order(toy_tok):
     seq = [np.array([t]) for t in (3, 1, 4, 1, 5, 9, 2, 6)]
 
     async def main():
-        batcher, store = await started(toy, max_batch=8, max_batch_delay=0.001)
+        batcher, store = await started(toy_tok, max_batch=8, max_batch_delay=0.001)
         s = store.create()
         results = await asyncio.gather(*(batcher.step(s, x) for x in seq))
         await batcher.close()
@@ -309,13 +283,13 @@ def test_concurrent_requests_of_one_session_queue_in_order(toy):
 
     results = run(main())
     assert [pos for _, pos in results] == list(range(1, 9))
-    for (y, _), want in zip(results, alone(toy, seq)):
+    for (y, _), want in zip(results, alone(toy_tok, seq)):
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
-def test_a_lone_stream_does_not_sit_out_the_batch_delay(toy):
+def test_a_lone_stream_does_not_sit_out_the_batch_delay(toy_tok):
     async def main():
-        batcher, store = await started(toy, max_batch=64, max_batch_delay=0.25)
+        batcher, store = await started(toy_tok, max_batch=64, max_batch_delay=0.25)
         s = store.create()
         t0 = time.perf_counter()
         for t in range(8):
@@ -327,11 +301,11 @@ def test_a_lone_stream_does_not_sit_out_the_batch_delay(toy):
     assert run(main()) < 0.25  # 8 steps, each would wait 0.25 s if it sat out the delay
 
 
-def test_steps_arriving_together_share_one_call_and_listeners_see_it(toy):
+def test_steps_arriving_together_share_one_call_and_listeners_see_it(toy_tok):
     sizes = []
 
     async def main():
-        batcher, store = await started(toy, max_batch=16, max_batch_delay=0.05)
+        batcher, store = await started(toy_tok, max_batch=16, max_batch_delay=0.05)
         batcher.add_listener(lambda n, sec: sizes.append(n))
         sessions = [store.create() for _ in range(16)]
         await asyncio.gather(*(batcher.step(s, np.array([1])) for s in sessions))
@@ -341,23 +315,23 @@ def test_steps_arriving_together_share_one_call_and_listeners_see_it(toy):
     assert sizes == [16]
 
 
-def test_engine_failure_fails_the_batch_without_changing_state(toy, monkeypatch):
+def test_engine_failure_fails_the_batch_without_changing_state(toy_tok, monkeypatch):
     async def main():
-        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.0)
         s = store.create()
         await batcher.step(s, np.array([1]))
         before = store.read(s)
-        real = toy.run_slots
+        real = toy_tok.run_slots
 
         def broken(*a, **k):
             raise EngineFailure("simulated onnxruntime failure")
 
-        monkeypatch.setattr(toy, "run_slots", broken)
+        monkeypatch.setattr(toy_tok, "run_slots", broken)
         with pytest.raises(EngineFailure, match="simulated"):
             await batcher.step(s, np.array([2]))
         np.testing.assert_array_equal(store.read(s), before)
         assert s.position == 1 and batcher.stats.failed == 1
-        monkeypatch.setattr(toy, "run_slots", real)
+        monkeypatch.setattr(toy_tok, "run_slots", real)
         _, pos = await batcher.step(s, np.array([2]))  # the batcher keeps serving
         await batcher.close()
         return pos
@@ -365,9 +339,9 @@ def test_engine_failure_fails_the_batch_without_changing_state(toy, monkeypatch)
     assert run(main()) == 2
 
 
-def test_session_closed_while_queued_is_not_applied(toy):
+def test_session_closed_while_queued_is_not_applied(toy_tok):
     async def main():
-        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.0)
         a, b = store.create(), store.create()
         first = asyncio.ensure_future(batcher.step(a, np.arange(9) % 11))  # a prefill
         queued = asyncio.ensure_future(batcher.step(a, np.array([1])))
@@ -377,7 +351,7 @@ def test_session_closed_while_queued_is_not_applied(toy):
         results = await asyncio.gather(first, queued, return_exceptions=True)
         assert all(isinstance(r, SessionNotFound) or isinstance(r, tuple) for r in results)
         assert isinstance(results[1], SessionNotFound)
-        np.testing.assert_array_equal(store.read(c), toy.new_state()[0])  # untouched
+        np.testing.assert_array_equal(store.read(c), toy_tok.new_state()[0])  # untouched
         assert c.position == 0
         _, pos = await batcher.step(b, np.array([1]))
         await batcher.close()
@@ -386,9 +360,9 @@ def test_session_closed_while_queued_is_not_applied(toy):
     assert run(main()) == 1
 
 
-def test_cancelled_queued_request_is_dropped(toy):
+def test_cancelled_queued_request_is_dropped(toy_tok):
     async def main():
-        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.0)
         s = store.create()
         first = asyncio.ensure_future(batcher.step(s, np.arange(9) % 11))
         second = asyncio.ensure_future(batcher.step(s, np.array([1])))
@@ -404,10 +378,10 @@ def test_cancelled_queued_request_is_dropped(toy):
     assert run(main()) == 10
 
 
-def test_queue_limit_close_and_arguments(toy):
+def test_queue_limit_close_and_arguments(toy_tok):
     async def main():
         batcher, store = await started(  # the worker's queue (inline steps finish at once)
-            toy, max_batch=1, max_batch_delay=0.0, max_queue_per_session=2, inline=False
+            toy_tok, max_batch=1, max_batch_delay=0.0, max_queue_per_session=2, inline=False
         )
         s = store.create()
         futs = [asyncio.ensure_future(batcher.step(s, np.array([1]))) for _ in range(3)]
@@ -422,21 +396,21 @@ def test_queue_limit_close_and_arguments(toy):
         assert [f.result()[1] for f in futs] == [1, 2, 3]
 
     run(main())
-    store = SessionStore(toy.state_size)
+    store = SessionStore(toy_tok.state_size)
     for kw, field in [
         ({"max_batch": 0}, "max_batch"),
         ({"max_batch_delay": -1}, "max_batch_delay"),
     ]:
         with pytest.raises(InvalidInput) as e:
-            Batcher(toy, store, **kw)
+            Batcher(toy_tok, store, **kw)
         assert e.value.field == field
     with pytest.raises(InvalidInput, match="state size"):
-        Batcher(toy, SessionStore(toy.state_size + 1))
+        Batcher(toy_tok, SessionStore(toy_tok.state_size + 1))
 
 
-def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy):
+def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy_tok):
     async def main():
-        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.001)
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.001)
         s = store.create()
         _, first = await batcher.step(s, np.array([1]))
         worker = batcher._worker  # this batcher's own thread (other tests' may come and go)
@@ -455,10 +429,10 @@ def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy):
 
     first, second, y = run(main())
     assert (first, second) == (1, 2)
-    np.testing.assert_allclose(y, alone(toy, [np.array([1]), np.array([2])])[1], atol=1e-6)
+    np.testing.assert_allclose(y, alone(toy_tok, [np.array([1]), np.array([2])])[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("which", ["toy", "toy_values"])
+@pytest.mark.parametrize("which", ["toy_tok", "toy_sig"])
 def test_a_lone_streams_inline_steps_equal_the_worker_threads(which, request):
     """One session's requests (steps and prefills, some sent back to back so they queue)
     through a batcher that runs lone steps on the event loop and through one that never
@@ -488,12 +462,12 @@ def test_a_lone_streams_inline_steps_equal_the_worker_threads(which, request):
         np.testing.assert_allclose(y_in, want, rtol=1e-5, atol=1e-6)
 
 
-def test_two_active_sessions_are_batched_not_run_inline(toy):
+def test_two_active_sessions_are_batched_not_run_inline(toy_tok):
     """Two sessions stepping together share each ORT call; neither runs on the loop."""
     sizes = []
 
     async def main():
-        batcher, store = await started(toy, max_batch=8, max_batch_delay=0.05)
+        batcher, store = await started(toy_tok, max_batch=8, max_batch_delay=0.05)
         batcher.add_listener(lambda n, sec: sizes.append(n))
         a, b = store.create(), store.create()
         outs = []
@@ -508,20 +482,20 @@ def test_two_active_sessions_are_batched_not_run_inline(toy):
 
     outs, stats = run(main())
     assert sizes == [2] * 6 and stats.inline == 0
-    want_a = alone(toy, [np.array([t]) for t in range(6)])
-    want_b = alone(toy, [np.array([5 - t]) for t in range(6)])
+    want_a = alone(toy_tok, [np.array([t]) for t in range(6)])
+    want_b = alone(toy_tok, [np.array([5 - t]) for t in range(6)])
     for ((ya, pa), (yb, pb)), wa, wb, pos in zip(outs, want_a, want_b, range(1, 7)):
         assert pa == pb == pos
         np.testing.assert_allclose(ya, wa, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(yb, wb, rtol=1e-5, atol=1e-6)
 
 
-def test_an_inline_step_that_fails_changes_nothing(toy, monkeypatch):
+def test_an_inline_step_that_fails_changes_nothing(toy_tok, monkeypatch):
     """onnxruntime failing in a step run on the event loop: EngineFailure, the state and
     position as before, and the next step serves again."""
 
     async def main():
-        batcher, store = await started(toy, max_batch=4, max_batch_delay=0.0)
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.0)
         s = store.create()
         await batcher.step(s, np.array([1]))
         before = store.read(s)
@@ -530,7 +504,7 @@ def test_an_inline_step_that_fails_changes_nothing(toy, monkeypatch):
             raise RuntimeError("simulated onnxruntime failure")
 
         with monkeypatch.context() as m:
-            m.setattr(toy._slot_session, "run_with_iobinding", broken, raising=False)
+            m.setattr(toy_tok._slot_session, "run_with_iobinding", broken, raising=False)
             with pytest.raises(EngineFailure, match="simulated"):
                 await batcher.step(s, np.array([2]))
         after = store.read(s), s.position
@@ -541,5 +515,5 @@ def test_an_inline_step_that_fails_changes_nothing(toy, monkeypatch):
     before, (state, position), y, pos, stats = run(main())
     np.testing.assert_array_equal(state, before)
     assert position == 1 and pos == 2 and stats.failed == 1 and stats.inline == 3
-    want = alone(toy, [np.array([1]), np.array([2])])[1]
+    want = alone(toy_tok, [np.array([1]), np.array([2])])[1]
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)

@@ -13,26 +13,6 @@ from ssmstream.runtime.errors import EngineFailure, InvalidInput, ModelError
 from ssmstream.runtime.providers import cuda_usable
 
 
-@pytest.fixture(scope="module")
-def tok_engine(tiny_token_model):
-    return Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def sig_engine(tiny_signal_model):
-    return Engine(tiny_signal_model["model_dir"], device="cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def toy_tok(toy_token_model):
-    return Engine(toy_token_model["model_dir"], device="cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def toy_sig(toy_signal_model):
-    return Engine(toy_signal_model["model_dir"], device="cpu", threads=1)
-
-
 def random_inputs(eng: Engine, rng, B: int, T: int) -> np.ndarray:
     if eng.input_kind == "tokens":
         return rng.integers(0, eng.vocab_size, size=(B, T))  # [B, T]

@@ -13,6 +13,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from faults import inject
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.client import AsyncClient, Client
@@ -474,29 +475,18 @@ def test_draining_refuses_new_work_and_ends_idle_streams(tiny_token_model):
         srv.stop()
 
 
-def test_engine_failure_is_internal_and_changes_nothing(server, client, engine, monkeypatch):
+def test_engine_failure_is_internal_and_changes_nothing(server, client, engine):
     x = tokens_for(engine, 3, seed=14)
     expect, _ = reference(engine, x)
     s = client.create_session()
     s.step(tokens=x[:1])
-    eng = server.server.engine
-    real = eng._slot_session  # the batcher's steps run the slot graph
-
-    class Failing:  # onnxruntime raising inside the call
-        def run_with_iobinding(self, *args, **kw):
-            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected onnxruntime failure")
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    monkeypatch.setattr(eng, "_slot_session", Failing())
-    code, msg = code_of(lambda: s.step(tokens=x[1:2]))
-    assert code == grpc.StatusCode.INTERNAL and "injected" in msg
-    sessions = server.server.store.stats()["sessions"]
-    code, _ = code_of(lambda: list(client.stub.Stream(iter([pb.StepRequest(tokens=[1])]))))
-    assert code == grpc.StatusCode.INTERNAL
-    assert server.server.store.stats()["sessions"] == sessions  # the stream's new session is gone
-    monkeypatch.setattr(eng, "_slot_session", real)
+    with inject(server.server.engine, fail=1 << 30):  # the batcher's steps run the slot graph
+        code, msg = code_of(lambda: s.step(tokens=x[1:2]))
+        assert code == grpc.StatusCode.INTERNAL and "injected" in msg
+        sessions = server.server.store.stats()["sessions"]
+        code, _ = code_of(lambda: list(client.stub.Stream(iter([pb.StepRequest(tokens=[1])]))))
+        assert code == grpc.StatusCode.INTERNAL
+        assert server.server.store.stats()["sessions"] == sessions  # the new session is gone
     r = s.step(tokens=x[1:2], output="last")  # the session kept its state and position
     assert r.position == 2
     np.testing.assert_allclose(r.outputs[0], expect[1], atol=ATOL)

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 from ssmstream.runtime.batcher import Batcher
-from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import (
     InvalidInput,
     LimitExceeded,
@@ -27,16 +26,6 @@ LIMITS = ServiceLimits(max_tokens_per_request=8, max_new_tokens=100, max_ttl=60.
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-@pytest.fixture(scope="module")
-def tokens_engine(toy_token_model):
-    return Engine(toy_token_model["model_dir"], device="cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def values_engine(toy_signal_model):
-    return Engine(toy_signal_model["model_dir"], device="cpu", threads=1)
 
 
 async def started(engine) -> SessionService:
@@ -57,8 +46,8 @@ async def started(engine) -> SessionService:
         (list(range(9)), [], LimitExceeded, "tokens"),
     ],
 )
-def test_bad_token_inputs_name_the_field(tokens_engine, tokens, values, exc, field):
-    svc = SessionService(tokens_engine, SessionStore(tokens_engine.state_size), None, LIMITS)
+def test_bad_token_inputs_name_the_field(toy_tok, tokens, values, exc, field):
+    svc = SessionService(toy_tok, SessionStore(toy_tok.state_size), None, LIMITS)
     with pytest.raises(exc) as e:
         svc.inputs(np.array(tokens, dtype=np.int64), np.array(values, dtype=np.float32))
     assert str(e.value).startswith(f"{field}: "), e.value
@@ -74,40 +63,40 @@ def test_bad_token_inputs_name_the_field(tokens_engine, tokens, values, exc, fie
         ([], [0.0] * 27, LimitExceeded),
     ],
 )
-def test_bad_value_inputs_are_refused(values_engine, tokens, values, exc):
-    svc = SessionService(values_engine, SessionStore(values_engine.state_size), None, LIMITS)
+def test_bad_value_inputs_are_refused(toy_sig, tokens, values, exc):
+    svc = SessionService(toy_sig, SessionStore(toy_sig.state_size), None, LIMITS)
     with pytest.raises(exc):
         svc.inputs(np.array(tokens, dtype=np.int64), np.array(values, dtype=np.float32))
 
 
-def test_good_inputs_come_back_as_the_model_takes_them(tokens_engine, values_engine):
-    t = SessionService(tokens_engine, SessionStore(tokens_engine.state_size), None, LIMITS).inputs(
+def test_good_inputs_come_back_as_the_model_takes_them(toy_tok, toy_sig):
+    t = SessionService(toy_tok, SessionStore(toy_tok.state_size), None, LIMITS).inputs(
         [0, 10, 4], []
     )
     assert t.dtype == np.int64 and t.tolist() == [0, 10, 4]
-    v = SessionService(values_engine, SessionStore(values_engine.state_size), None, LIMITS).inputs(
+    v = SessionService(toy_sig, SessionStore(toy_sig.state_size), None, LIMITS).inputs(
         [], [1, 2, 3, 4, 5, 6]
     )
     assert v.dtype == np.float32 and v.shape == (2, 3)
     np.testing.assert_array_equal(v, [[1, 2, 3], [4, 5, 6]])
 
 
-def test_operations_for_a_principal_match_the_engine(tokens_engine):
+def test_operations_for_a_principal_match_the_engine(toy_tok):
     """create / step / fork / snapshot / restore / close, each compared with Engine.prefill."""
 
     async def main():
-        svc = await started(tokens_engine)
+        svc = await started(toy_tok)
         s, cached = await svc.create("alice", "a1", ttl=30.0)
         assert (s.id, s.position, s.ttl) == ("a1", 0, 30.0)
         y, pos = await svc.step("alice", "a1", [1, 2, 3])
-        ref_y, ref_s = tokens_engine.prefill(np.array([[1, 2, 3]]), tokens_engine.new_state())
+        ref_y, ref_s = toy_tok.prefill(np.array([[1, 2, 3]]), toy_tok.new_state())
         np.testing.assert_allclose(y, ref_y[0], atol=1e-5)
         assert pos == 3
         child = await svc.fork("alice", "a1", "a2")
         data, position = await svc.snapshot("alice", "a1")
         copy = await svc.restore("alice", data)
         assert position == 3 and child.position == copy.position == 3
-        want, _ = tokens_engine.step(np.array([4]), ref_s)
+        want, _ = toy_tok.step(np.array([4]), ref_s)
         for sid in ("a1", "a2", copy.id):
             y, pos = await svc.step("alice", sid, [4])
             np.testing.assert_allclose(y[0], want[0], atol=1e-5)
@@ -123,9 +112,9 @@ def test_operations_for_a_principal_match_the_engine(tokens_engine):
     run(main())
 
 
-def test_bad_requests_change_nothing(tokens_engine):
+def test_bad_requests_change_nothing(toy_tok):
     async def main():
-        svc = await started(tokens_engine)
+        svc = await started(toy_tok)
         await svc.create("alice", "a")
         await svc.step("alice", "a", [1, 2])
         before = svc.store.read(svc.store.get("a", "alice"))
@@ -167,9 +156,9 @@ def test_bad_requests_change_nothing(tokens_engine):
         ({"prompt": [11]}, "prompt"),
     ],
 )
-def test_bad_generate_fields_name_the_field(tokens_engine, kwargs, field):
+def test_bad_generate_fields_name_the_field(toy_tok, kwargs, field):
     async def main():
-        svc = await started(tokens_engine)
+        svc = await started(toy_tok)
         args = {"prompt": [1], "max_new_tokens": 5, **kwargs}
         with pytest.raises(InvalidInput) as e:
             async for _ in svc.generate("p", "", **args):
@@ -181,17 +170,17 @@ def test_bad_generate_fields_name_the_field(tokens_engine, kwargs, field):
     run(main())
 
 
-def test_generate_is_the_engines_generation_and_feeds_all_but_the_last(tokens_engine):
+def test_generate_is_the_engines_generation_and_feeds_all_but_the_last(toy_tok):
     """Greedy tokens equal Engine.generate's; the session holds the prompt and every token
     but the last; a stop token ends the loop and is returned."""
 
     async def main():
-        svc = await started(tokens_engine)
+        svc = await started(toy_tok)
         await svc.create("p", "g")
         got = [
             g async for _, g in svc.generate("p", "g", [3, 1], max_new_tokens=6, temperature=0.0)
         ]
-        want = list(tokens_engine.generate([3, 1], max_new_tokens=6, temperature=0.0))
+        want = list(toy_tok.generate([3, 1], max_new_tokens=6, temperature=0.0))
         assert [g.token for g in got] == want
         assert [g.index for g in got] == list(range(6)) and got[-1].finish == "max_tokens"
         assert [g.position for g in got] == list(range(2, 8))
@@ -205,9 +194,9 @@ def test_generate_is_the_engines_generation_and_feeds_all_but_the_last(tokens_en
     run(main())
 
 
-def test_generate_needs_a_token_model(values_engine):
+def test_generate_needs_a_token_model(toy_sig):
     async def main():
-        svc = await started(values_engine)
+        svc = await started(toy_sig)
         with pytest.raises(ModelError, match="token model"):
             async for _ in svc.generate("p", "", [1], 3):
                 pass
@@ -216,9 +205,9 @@ def test_generate_needs_a_token_model(values_engine):
     run(main())
 
 
-def test_an_attachment_excludes_others_and_is_bound_to_its_incarnation(tokens_engine):
+def test_an_attachment_excludes_others_and_is_bound_to_its_incarnation(toy_tok):
     async def main():
-        svc = await started(tokens_engine)
+        svc = await started(toy_tok)
         await svc.create("p", "s")
         a = svc.attach("p")
         await a.step("s", [1])
@@ -242,10 +231,10 @@ def test_an_attachment_excludes_others_and_is_bound_to_its_incarnation(tokens_en
 
 
 def test_an_attachment_that_creates_its_session_undoes_it_when_the_first_step_fails(
-    tokens_engine,
+    toy_tok,
 ):
     async def main():
-        svc = await started(tokens_engine)
+        svc = await started(toy_tok)
         a = svc.attach("p")
         with pytest.raises(InvalidInput):
             await a.step("", [11])  # refused before anything is created
@@ -259,9 +248,9 @@ def test_an_attachment_that_creates_its_session_undoes_it_when_the_first_step_fa
     run(main())
 
 
-def test_draining_refuses_new_work_and_ends_idle_attachments(tokens_engine):
+def test_draining_refuses_new_work_and_ends_idle_attachments(toy_tok):
     async def main():
-        svc = await started(tokens_engine)
+        svc = await started(toy_tok)
         ended = []
         idle = svc.attach("p", on_drain=lambda: ended.append("idle"))
         await idle.step("", [1])

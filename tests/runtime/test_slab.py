@@ -9,6 +9,7 @@ import asyncio
 import numpy as np
 import onnx
 import pytest
+from faults import inject
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ssmstream.runtime.batcher import Batcher
@@ -18,16 +19,6 @@ from ssmstream.runtime.sessions import SessionStore
 from ssmstream.runtime.slab import StateSlab, identity_model, slot_model
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_token_model):
-    return Engine(tiny_token_model["model_dir"], device="cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def sig(tiny_signal_model):
-    return Engine(tiny_signal_model["model_dir"], device="cpu", threads=1)
 
 
 def inputs_for(eng: Engine, rng, B: int) -> np.ndarray:
@@ -47,9 +38,9 @@ def random_slab(eng: Engine, rng, capacity: int) -> tuple[StateSlab, np.ndarray]
 # --- the slot graph --------------------------------------------------------------------
 
 
-def test_the_slot_graph_is_the_step_graph_with_a_gather_before_and_a_scatter_after(tok):
-    step = (tok.model_dir / "step.onnx").read_bytes()
-    m = onnx.load_from_string(slot_model(step, tok.state_size))
+def test_the_slot_graph_is_the_step_graph_with_a_gather_before_and_a_scatter_after(tok_engine):
+    step = (tok_engine.model_dir / "step.onnx").read_bytes()
+    m = onnx.load_from_string(slot_model(step, tok_engine.state_size))
     onnx.checker.check_model(m, full_check=True)  # valid, topologically sorted, shapes agree
     plain = onnx.load_from_string(step)
     assert [i.name for i in m.graph.input] == ["input", "slab", "slots"]
@@ -67,7 +58,7 @@ def test_a_graph_without_state_has_no_slot_graph():
 # --- slot steps ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["tok", "sig"])
+@pytest.mark.parametrize("which", ["tok_engine", "sig_engine"])
 def test_slot_steps_equal_plain_steps_bit_for_bit_and_touch_only_their_rows(which, request):
     eng, rng = request.getfixturevalue(which), np.random.default_rng(3)
     slab, states = random_slab(eng, rng, 12)
@@ -89,14 +80,14 @@ def test_slot_steps_equal_plain_steps_bit_for_bit_and_touch_only_their_rows(whic
         )
 
 
-def test_one_slot_step_equals_each_session_alone_bit_for_bit(tok):
+def test_one_slot_step_equals_each_session_alone_bit_for_bit(tok_engine):
     """Batch rows do not change each other's numbers: a step of 7 rows equals 7 steps of 1."""
     rng = np.random.default_rng(5)
-    slab, states = random_slab(tok, rng, 7)
-    x = inputs_for(tok, rng, 7)
-    y = tok.step_slots(x, np.arange(7)[::-1], slab)
+    slab, states = random_slab(tok_engine, rng, 7)
+    x = inputs_for(tok_engine, rng, 7)
+    y = tok_engine.step_slots(x, np.arange(7)[::-1], slab)
     for j, row in enumerate(range(6, -1, -1)):
-        want_y, want_s = tok.step(x[j : j + 1], states[row : row + 1])
+        want_y, want_s = tok_engine.step(x[j : j + 1], states[row : row + 1])
         np.testing.assert_array_equal(y[j : j + 1], want_y)
         np.testing.assert_array_equal(slab.read(row)[None], want_s)
 
@@ -113,44 +104,36 @@ def test_one_slot_step_equals_each_session_alone_bit_for_bit(tok):
         ([1, 2, 3], "3 slots for 2 inputs"),
     ],
 )
-def test_bad_slots_never_reach_onnxruntime(tok, monkeypatch, slots, match):
+def test_bad_slots_never_reach_onnxruntime(tok_engine, monkeypatch, slots, match):
     rng = np.random.default_rng(6)
-    slab, states = random_slab(tok, rng, 12)
+    slab, states = random_slab(tok_engine, rng, 12)
 
     class Untouchable:
         def run_with_iobinding(self, *a, **k):
             raise AssertionError("bad slots reached onnxruntime")
 
-    monkeypatch.setattr(tok, "_slot_session", Untouchable())
+    monkeypatch.setattr(tok_engine, "_slot_session", Untouchable())
     with pytest.raises(InvalidInput, match=match) as e:
-        tok.step_slots(np.array([1, 2]), slots, slab)
+        tok_engine.step_slots(np.array([1, 2]), slots, slab)
     assert e.value.field == "slots"
     np.testing.assert_array_equal(slab.array, states)
 
 
-def test_a_slab_of_another_shape_or_engine_is_refused(tok, sig):
+def test_a_slab_of_another_shape_or_engine_is_refused(tok_engine, sig_engine):
     with pytest.raises(InvalidInput, match="slab"):
-        tok.step_slots(np.array([1]), [0], sig.new_slab(2))
+        tok_engine.step_slots(np.array([1]), [0], sig_engine.new_slab(2))
     with pytest.raises(InvalidInput, match="out"):
-        tok.step_slots(np.array([1, 2, 3]), [0, 1, 2], tok.new_slab(4), out=tok.step_buffers(2))
+        tok_engine.step_slots(
+            np.array([1, 2, 3]), [0, 1, 2], tok_engine.new_slab(4), out=tok_engine.step_buffers(2)
+        )
 
 
-def test_a_failed_slot_step_leaves_the_slab_unchanged(tok, monkeypatch):
+def test_a_failed_slot_step_leaves_the_slab_unchanged(tok_engine):
     rng = np.random.default_rng(7)
-    slab, states = random_slab(tok, rng, 6)
+    slab, states = random_slab(tok_engine, rng, 6)
 
-    real = tok._slot_session
-
-    class Failing:  # onnxruntime raising inside the call
-        def run_with_iobinding(self, *a, **k):
-            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : injected")
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    monkeypatch.setattr(tok, "_slot_session", Failing())
-    with pytest.raises(EngineFailure, match="injected"):
-        tok.step_slots(np.array([1, 2]), [4, 1], slab)
+    with inject(tok_engine, fail=1), pytest.raises(EngineFailure, match="injected"):
+        tok_engine.step_slots(np.array([1, 2]), [4, 1], slab)
     np.testing.assert_array_equal(slab.array, states)
 
 
@@ -226,20 +209,20 @@ def test_row_operations_move_single_rows_and_count_them():
         StateSlab(2, 3, device="tpu")
 
 
-def test_served_steps_move_only_inputs_slots_and_outputs(tok):
+def test_served_steps_move_only_inputs_slots_and_outputs(tok_engine):
     """8 sessions, 20 batched steps: the slab's own buffer is stepped in place (no row is
     copied in or out by a step, the buffer never moves) and per step only the tokens, the
     slots and the outputs cross between the host and the slab's device."""
     rng = np.random.default_rng(8)
 
     async def main():
-        store = SessionStore(tok.state_size, capacity=16, slab=tok.new_slab(16))
-        batcher = Batcher(tok, store, max_batch=8, max_batch_delay=0.005)
+        store = SessionStore(tok_engine.state_size, capacity=16, slab=tok_engine.new_slab(16))
+        batcher = Batcher(tok_engine, store, max_batch=8, max_batch_delay=0.005)
         await batcher.start()
         sessions = [store.create() for _ in range(8)]
         ptr, rows = store.slab.value.data_ptr(), store.slab.stats.rows_in
         for _ in range(20):
-            x = rng.integers(0, tok.vocab_size, size=8)
+            x = rng.integers(0, tok_engine.vocab_size, size=8)
             await asyncio.gather(*(batcher.step(s, x[j : j + 1]) for j, s in enumerate(sessions)))
         await batcher.close()
         return store, ptr, rows, batcher.stats
@@ -249,16 +232,18 @@ def test_served_steps_move_only_inputs_slots_and_outputs(tok):
     assert store.slab.value.data_ptr() == ptr and st.rows_in == rows and st.rows_out == 0
     assert st.steps == stats.batches and stats.steps == 160
     assert st.step_bytes_in == 160 * (8 + 8)  # an int64 token and an int64 slot per step
-    assert st.step_bytes_out == 160 * 4 * tok.d_output
+    assert st.step_bytes_out == 160 * 4 * tok_engine.d_output
 
 
-def test_a_store_and_an_engine_on_different_devices_are_refused(tok):
-    store = SessionStore(tok.state_size, capacity=2, slab=StateSlab(2, tok.state_size))
+def test_a_store_and_an_engine_on_different_devices_are_refused(tok_engine):
+    store = SessionStore(
+        tok_engine.state_size, capacity=2, slab=StateSlab(2, tok_engine.state_size)
+    )
     store.slab.device = "cuda"  # as a slab made by a CUDA engine would say
     with pytest.raises(InvalidInput, match="new_slab"):
-        Batcher(tok, store)
+        Batcher(tok_engine, store)
     with pytest.raises(InvalidInput, match="slab"):
-        SessionStore(tok.state_size, capacity=3, slab=StateSlab(2, tok.state_size))
+        SessionStore(tok_engine.state_size, capacity=3, slab=StateSlab(2, tok_engine.state_size))
 
 
 # --- any sequence of session operations --------------------------------------------------
@@ -281,15 +266,15 @@ OPS = st.lists(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=OPS, seed=st.integers(0, 2**16))
-def test_any_sequence_of_session_operations_equals_plain_steps_bit_for_bit(tok, ops, seed):
+def test_any_sequence_of_session_operations_equals_plain_steps_bit_for_bit(tok_engine, ops, seed):
     """create / close / fork / restore / batched steps / prefills through the store and the
     batcher, with sessions joining and leaving batches, against each session's own state
     stepped alone with Engine.step: states, positions and outputs equal bit for bit."""
     rng = np.random.default_rng(seed)
 
     async def main():
-        store = SessionStore(tok.state_size, capacity=8, slab=tok.new_slab(8))
-        batcher = Batcher(tok, store, max_batch=4, max_batch_delay=0.002)
+        store = SessionStore(tok_engine.state_size, capacity=8, slab=tok_engine.new_slab(8))
+        batcher = Batcher(tok_engine, store, max_batch=4, max_batch_delay=0.002)
         await batcher.start()
         live, want = [], {}  # Session, id -> (state [1, S], position)
         try:
@@ -299,7 +284,7 @@ def test_any_sequence_of_session_operations_equals_plain_steps_bit_for_bit(tok, 
                 if op[0] == "create" and len(live) < 8:
                     s = store.create()
                     live.append(s)
-                    want[s.id] = (tok.new_state(), 0)
+                    want[s.id] = (tok_engine.new_state(), 0)
                 elif op[0] == "close" and pick:
                     store.close(pick.id)
                     live.remove(pick)
@@ -312,21 +297,21 @@ def test_any_sequence_of_session_operations_equals_plain_steps_bit_for_bit(tok, 
                     want[s.id] = want[pick.id]
                 elif op[0] == "step" and live:
                     chosen = list(dict.fromkeys(live[k % len(live)] for k in op[1]))
-                    x = rng.integers(0, tok.vocab_size, size=len(chosen))
+                    x = rng.integers(0, tok_engine.vocab_size, size=len(chosen))
                     got = await asyncio.gather(
                         *(batcher.step(s, x[j : j + 1]) for j, s in enumerate(chosen))
                     )
                     for j, (s, (y, pos)) in enumerate(zip(chosen, got)):
                         state, p = want[s.id]
-                        want_y, state = tok.step(x[j : j + 1], state)
+                        want_y, state = tok_engine.step(x[j : j + 1], state)
                         np.testing.assert_array_equal(y, want_y)
                         want[s.id] = (state, p + 1)
                         assert pos == p + 1
                 elif op[0] == "prefill" and pick:
-                    x = rng.integers(0, tok.vocab_size, size=op[2])
+                    x = rng.integers(0, tok_engine.vocab_size, size=op[2])
                     y, pos = await batcher.step(pick, x)
                     state, p = want[pick.id]
-                    want_y, state = tok.prefill(x[None], state)
+                    want_y, state = tok_engine.prefill(x[None], state)
                     np.testing.assert_array_equal(y, want_y[0])
                     want[pick.id] = (state, p + op[2])
                     assert pos == p + op[2]
