@@ -7,9 +7,12 @@ Three measures, each a ratio of two times taken in one run on one server process
                    prompt is cached vs when it is new (a miss): target: the hit is ready
                    ≥ 20× sooner; and the same for the time to first token of `Generate`
                    (max_new_tokens=1) on a new session (a streaming call: more transport).
-                   The floor beside it: `CreateSession` without a prompt, what one unary
-                   call costs through this client; miss ÷ floor is the most any cache could
-                   show here.
+                   The floors beside it: `CreateSession` without a prompt on this server,
+                   and the same call carrying the T-token prompt to a bare grpc.aio server
+                   that answers at once (bench_server's echo server: no session, no cache):
+                   what the transport alone costs through this client, so miss ÷ that is
+                   the most any server could show here, and hit − that is what this
+                   server's cache hit itself costs.
     cache miss     the same miss on a server with the cache on vs one with it off
                    (--prefix-cache-mb 0): target ≤ 1.05× (what caching a prompt's states
                    costs the request that fills the cache). The cache (--cache-mb) is full
@@ -44,6 +47,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_server import EchoProc  # noqa: E402
 
 log = logging.getLogger("bench_sessions")
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,25 +103,39 @@ def run(model: str, T: int, rounds: int, seed: int = 0, cache_mb: float = 16) ->
     load_at_start = list(os.getloadavg())
     on = Server(model, "--prefix-cache-mb", str(cache_mb))
     off = Server(model, "--prefix-cache-mb", "0")
+    echo = None
     try:
         with Client(on.address, timeout=120) as c_on, Client(off.address, timeout=120) as c_off:
             info = c_on.info()
+            echo = EchoProc(info.d_output)
+            c_echo = Client(f"127.0.0.1:{echo.port}", timeout=120)
             V = info.vocab_size
             ttft(c_off, rng.integers(0, V, T).tolist())
             # fill the cache: a prompt caches a state per chunk (64) and one at its end
             per_prompt = (T // 64 + 1) * info.state_bytes
             for _ in range(min(500, math.ceil(cache_mb * 2**20 / per_prompt) + 2)):
                 ready(c_on, rng.integers(0, V, T).tolist())
-            hit, miss_on, miss_off, ready_hit, ready_miss, empty = [], [], [], [], [], []
             cached = rng.integers(0, V, T).tolist()
             ttft(c_on, cached)  # fills the cache with this prompt
-            for _ in range(rounds):  # interleaved: the machine's drift hits all alike
-                hit.append(ttft(c_on, cached))
-                miss_on.append(ttft(c_on, rng.integers(0, V, T).tolist()))
-                miss_off.append(ttft(c_off, rng.integers(0, V, T).tolist()))
-                ready_hit.append(ready(c_on, cached))
-                ready_miss.append(ready(c_on, rng.integers(0, V, T).tolist()))
-                empty.append(ready(c_on, []))
+            new = lambda: rng.integers(0, V, T).tolist()  # noqa: E731
+            measures = {  # name: one timed call
+                "hit": lambda: ttft(c_on, cached),
+                "miss_on": lambda: ttft(c_on, new()),
+                "miss_off": lambda: ttft(c_off, new()),
+                "ready_hit": lambda: ready(c_on, cached),
+                "ready_miss": lambda: ready(c_on, new()),
+                "ready_empty": lambda: ready(c_on, []),
+                "echo_ready_prompt": lambda: ready(c_echo, cached),
+                "echo_ready_empty": lambda: ready(c_echo, []),
+            }
+            times = {name: [] for name in measures}
+            # interleaved, so the machine's drift hits all alike, in a new random order each
+            # round: a server that sat idle answers its next call slower, and a fixed order
+            # would hand one measure that cold call every round
+            for _ in range(rounds):
+                for name in rng.permutation(list(measures)):
+                    times[name].append(measures[name]())
+            c_echo.close()
             # rewind vs one chunk's Step + a snapshot, on one session
             window = int(info.limits.rewind_window)
             chunk = 64 if window else 0
@@ -139,10 +159,10 @@ def run(model: str, T: int, rounds: int, seed: int = 0, cache_mb: float = 16) ->
     finally:
         on.stop()
         off.stop()
-    med = {k: float(np.median(v)) for k, v in
-           (("hit", hit), ("miss_on", miss_on), ("miss_off", miss_off), ("rewind", rewind),
-            ("chunk_step_and_snapshot", replay), ("ready_hit", ready_hit),
-            ("ready_miss", ready_miss), ("ready_empty", empty))}  # fmt: skip
+        if echo is not None:
+            echo.stop()
+    times |= {"rewind": rewind, "chunk_step_and_snapshot": replay}
+    med = {k: float(np.median(v)) for k, v in times.items()}
     return {
         "model": model,
         "T": T,
@@ -155,6 +175,7 @@ def run(model: str, T: int, rounds: int, seed: int = 0, cache_mb: float = 16) ->
         "hit_speedup": med["miss_on"] / med["hit"],
         "ready_speedup": med["ready_miss"] / med["ready_hit"],
         "ready_ceiling": med["ready_miss"] / med["ready_empty"],
+        "transport_ceiling": med["ready_miss"] / med["echo_ready_prompt"],
         "miss_cost": med["miss_on"] / med["miss_off"],
         "rewind_vs_chunk": med["rewind"] / med["chunk_step_and_snapshot"],
     }
@@ -177,6 +198,11 @@ def report(r: dict) -> str:
         f"**{r['ready_speedup']:.1f}×** sooner | ≥ 20× ({ok(r['ready_speedup'] >= 20)}) |",
         f"| floor: CreateSession without a prompt | {1e3 * m['ready_empty']:.2f} ms | "
         f"{r['ready_ceiling']:.1f}× (new prompt ÷ floor: the most a cache can show here) | — |",
+        f"| transport floor: CreateSession with the prompt to a bare grpc.aio server that "
+        f"answers at once (without a prompt: {1e3 * m['echo_ready_empty']:.2f} ms) | "
+        f"{1e3 * m['echo_ready_prompt']:.2f} ms | {r['transport_ceiling']:.1f}× (new prompt ÷ "
+        f"this floor: the most any server could show here); the cache hit itself costs "
+        f"{1e3 * (m['ready_hit'] - m['echo_ready_prompt']):.2f} ms above it | — |",
         f"| time to first token (Generate), cached prompt vs new prompt | {1e3 * m['hit']:.2f} vs "
         f"{1e3 * m['miss_on']:.2f} ms | **{r['hit_speedup']:.1f}×** sooner | ≥ 20× "
         f"({ok(r['hit_speedup'] >= 20)}) |",

@@ -594,7 +594,14 @@ def row_prefix_cache(res: dict) -> Row:
         f"{1e3 * m['ready_miss']:.2f} ms, T = {r['T']:,}; Generate's first token "
         f"{r['hit_speedup']:.1f}×)"
     )
-    if "ready_empty" in m:
+    if "echo_ready_prompt" in m:
+        value += (
+            f"; transport floor (the same call to a bare grpc.aio server that answers at once) "
+            f"{1e3 * m['echo_ready_prompt']:.2f} ms, so at most {r['transport_ceiling']:.1f}× "
+            f"through this client; the hit costs "
+            f"{1e3 * (m['ready_hit'] - m['echo_ready_prompt']):.2f} ms above it"
+        )
+    elif "ready_empty" in m:
         value += (
             f"; floor: CreateSession without a prompt {1e3 * m['ready_empty']:.2f} ms, so at most "
             f"{r['ready_ceiling']:.1f}× through this client"

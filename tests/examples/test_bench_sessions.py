@@ -24,8 +24,12 @@ def test_bench_sessions_smoke(tmp_path):
     toy = runtime_conftest.build_toy(tmp_path / "toy", "tokens", V=11, d_out=11)
     bench = _load(ROOT / "benchmarks" / "bench_sessions.py", "bench_sessions_smoke")
     r = bench.run(str(toy["model_dir"]), T=16, rounds=1, cache_mb=0.01)
-    for key in ("hit", "miss_on", "miss_off", "rewind", "ready_hit", "ready_miss", "ready_empty"):
+    keys = ("hit", "miss_on", "miss_off", "rewind", "ready_hit", "ready_miss", "ready_empty")
+    for key in (*keys, "echo_ready_prompt", "echo_ready_empty"):
         assert r["median_s"][key] > 0
+    m = r["median_s"]
+    assert r["transport_ceiling"] == m["ready_miss"] / m["echo_ready_prompt"]
     text = bench.report(r)
-    for words in ("session ready", "floor", "time to first token", "cache on vs off", "rewind"):
+    for words in ("session ready", "floor", "transport floor", "time to first token",
+                  "cache on vs off", "rewind"):  # fmt: skip
         assert words in text
