@@ -2,7 +2,7 @@
 replicas and nginx (deploy/nginx/nginx.conf), all on 127.0.0.1 with free ports.
 
     python deploy/localcluster.py MODEL_DIR --replicas 3 --persist-every 1
-    ssmstream generate 127.0.0.1:<nginx port> --prompt "def " ...   # (printed at start)
+    ssmstream generate --server 127.0.0.1:<nginx port> "def "   # the port is printed at start
 
 Ctrl-C stops everything. The scale-out tests and benchmarks/bench_scaleout.py use the
 same classes. Needs Debian's redis-server and nginx (`make services` installs them).

@@ -424,6 +424,10 @@ class AsyncClient(_Base):
         )
         return AsyncClientSession(self, s.session_id, s.position)
 
+    def generate(self, prompt: Sequence[int], **kw) -> AsyncIterator[pb.GenerateResponse]:
+        """As Client.generate (a temporary session); an async iterator."""
+        return AsyncClientSession(self, "", 0).generate(prompt, **kw)
+
     async def close(self) -> None:
         await self.channel.close()
 
@@ -458,6 +462,29 @@ class AsyncClientSession:
         r = StepResult.from_proto(await self.client.stub.Step(req, **self.client._kw(self.id)))
         self.position = r.position
         return r
+
+    async def regenerate(
+        self, position: int, prompt: Sequence[int], **kw
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """As ClientSession.regenerate: rewind to `position`, then generate after `prompt`."""
+        await self.rewind(position)
+        async for r in self.generate(prompt, **kw):
+            yield r
+
+    async def stream(
+        self, inputs: Iterable, output: str = "last", top_k: int = 0, kind: str = "tokens"
+    ) -> AsyncIterator[StepResult]:
+        """As ClientSession.stream: one Stream request per item of `inputs` (an iterable or
+        an async iterable), one StepResult per item, in order."""
+        if hasattr(inputs, "__aiter__"):
+            reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k)
+                    async for x in inputs)  # fmt: skip
+        else:
+            reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k) for x in inputs)
+        async for resp in self.client.stub.Stream(reqs, metadata=self.client._md(self.id)):
+            r = StepResult.from_proto(resp)
+            self.position = r.position
+            yield r
 
     def open_stream(self) -> AsyncStreamHandle:
         return AsyncStreamHandle(self)

@@ -197,7 +197,7 @@ class ServerConfig:
     port_file: str | None = _option(
         None,
         "network",
-        "once serving, write {'port': ..., 'metrics_port': ...} as JSON to this file",
+        "once serving, write {'port': ..., 'metrics_port': ..., 'pid': ...} as JSON to this file",
     )
     log_level: str = _option("INFO", "operations", "logging level", choices=LOG_LEVELS)
 

@@ -1,10 +1,11 @@
 """The runtime's own error types. The gRPC server maps each to one status code
-(in one place, runtime/server); library users catch them directly.
+(in one place, runtime/status.py); library users catch them directly.
 
     InvalidInput       → INVALID_ARGUMENT   (message names the field)
     SessionNotFound    → NOT_FOUND          (unknown / closed / evicted: `reason` says which)
     LimitExceeded      → RESOURCE_EXHAUSTED (capacity, per-principal, sizes)
-    OutOfRange         → OUT_OF_RANGE       (a position past the largest one, 2**63 - 1)
+    OutOfRange         → OUT_OF_RANGE       (a position past the largest one, 2**63 - 1, or a
+                                             rewind ahead of the session or outside its window)
     SessionBusy        → FAILED_PRECONDITION (already attached / a step in flight)
     Unavailable        → UNAVAILABLE        (draining)
     ModelError         → FAILED_PRECONDITION at load (bad manifest, sha mismatch, foreign snapshot)

@@ -76,6 +76,46 @@ def test_async_client_matches_the_sync_client(server, engine):
     assert positions == [6 + 4, 6, 6]  # generate fed its prompt and 3 of its 4 tokens
 
 
+def test_async_stream_regenerate_and_generate_match_the_sync_client(server, engine):
+    """AsyncClientSession.stream (an iterable or an async iterable of inputs), .regenerate
+    and AsyncClient.generate (a temporary session) give what the sync client's do, and the
+    regenerated and generated tokens are in-process greedy decoding's."""
+    V = int(engine.info["vocab_size"])
+    x = np.random.default_rng(1).integers(0, V, size=6, dtype=np.int64).tolist()
+    target = f"127.0.0.1:{server.port}"
+    with Client(target, timeout=30) as c:
+        s = c.create_session()
+        sync_stream = np.concatenate([r.outputs for r in s.stream([[t] for t in x])])
+        sync_regen = [g.token for g in s.regenerate(3, [1], max_new_tokens=4, temperature=0.0)]
+        s.close()
+        sync_temp = [g.token for g in c.generate([2, 3], max_new_tokens=3, temperature=0.0)]
+
+    async def inputs():
+        for t in x:
+            yield [t]
+
+    async def run():
+        async with AsyncClient(target, timeout=30) as c:
+            s = await c.create_session()
+            streamed = [r async for r in s.stream(inputs())]
+            at = s.position
+            regen = [g async for g in s.regenerate(3, [1], max_new_tokens=4, temperature=0.0)]
+            await s.close()
+            temp = [g.token async for g in c.generate([2, 3], max_new_tokens=3, temperature=0.0)]
+            s2 = await c.create_session()
+            plain = [r.outputs async for r in s2.stream([[t] for t in x[:2]])]
+            await s2.close()
+            return streamed, at, regen, temp, plain
+
+    streamed, at, regen, temp, plain = asyncio.run(run())
+    np.testing.assert_allclose(np.concatenate([r.outputs for r in streamed]), sync_stream)
+    assert [r.position for r in streamed] == list(range(1, 7)) and at == 6
+    assert [g.token for g in regen] == sync_regen == greedy(engine, x[:3] + [1], 4)
+    assert regen[-1].position == 3 + 1 + 3  # rewound to 3, fed the prompt and 3 of 4 tokens
+    assert temp == sync_temp == greedy(engine, [2, 3], 3)
+    np.testing.assert_allclose(np.concatenate(plain), sync_stream[:2])
+
+
 def test_stream_handle_creates_a_session_when_it_has_none(server):
     with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
         s = c.session("")
