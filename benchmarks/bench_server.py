@@ -327,9 +327,10 @@ def _client_proc(args) -> tuple[list, float]:
     return results, time.process_time() - cpu0
 
 
-def job_seconds(metrics_port: int | None) -> float | None:
-    """Seconds the server's engine jobs took so far (the sum of its
-    ssmstream_batch_latency_seconds histogram: each batch's wall time, in the server)."""
+def engine_jobs(metrics_port: int | None) -> tuple[float, float] | None:
+    """(seconds the server's engine jobs took so far, how many there were): the sum and
+    count of its ssmstream_batch_latency_seconds histogram (each batch's wall time, in the
+    server)."""
     if metrics_port is None:
         return None
     import urllib.request
@@ -338,17 +339,20 @@ def job_seconds(metrics_port: int | None) -> float | None:
 
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
+    found = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "ssmstream_batch_latency_seconds_sum":
-                return sample.value
-    return None
+            if sample.name.startswith("ssmstream_batch_latency_seconds_"):
+                found[sample.name.rsplit("_", 1)[1]] = sample.value
+    return (found["sum"], found["count"]) if {"sum", "count"} <= found.keys() else None
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """user + system CPU time of a process (Linux /proc), None elsewhere."""
+def process_cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """user + system CPU time of a process, or of its thread `tid` (Linux /proc), None
+    elsewhere."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -372,11 +376,13 @@ def run_load(
     args = [(target, V, n, warmup, share, start_at) for share in shares]
     ctx = multiprocessing.get_context("spawn")
     cpu0 = process_cpu_seconds(server_pid) if server_pid else None
-    job0 = job_seconds(metrics_port)
+    loop0 = process_cpu_seconds(server_pid, server_pid) if server_pid else None  # main thread
+    job0 = engine_jobs(metrics_port)
     with ctx.Pool(P, initializer=_import_client) as pool:
         parts = pool.map(_client_proc, args)
     cpu1 = process_cpu_seconds(server_pid) if server_pid else None
-    job1 = job_seconds(metrics_port)
+    loop1 = process_cpu_seconds(server_pid, server_pid) if server_pid else None
+    job1 = engine_jobs(metrics_port)
     results = [r for part, _ in parts for r in part]
     client_cpu = sum(cpu for _, cpu in parts)
     lat = [x for r, _, _ in results for x in r]
@@ -399,11 +405,21 @@ def run_load(
             if cpu0 is None or cpu1 is None
             else 1e3 * (cpu1 - cpu0) / (C * (n + warmup)),
             "client_cpu_ms_per_token": 1e3 * client_cpu / (C * (n + warmup)),
+            # of it, the main thread's: the event loop (gRPC's callbacks and, in ssmstream,
+            # the servicer, the service and the batcher's scheduling; a lone stream's step)
+            "server_loop_cpu_ms_per_token": None
+            if loop0 is None or loop1 is None
+            else 1e3 * (loop1 - loop0) / (C * (n + warmup)),
             # the server's engine jobs (batched steps), timed inside it: the step as it runs
             # there, between gRPC's work, rather than in the bare Engine's tight loop
             "server_job_ms_per_token": None
             if job0 is None or job1 is None
-            else 1e3 * (job1 - job0) / (C * (n + warmup)),
+            else 1e3 * (job1[0] - job0[0]) / (C * (n + warmup)),
+            # steps per engine job in the server (one batch, run as one or more ORT calls
+            # of at most chunk_rows sessions): the bare Engine's figure at B = C assumes C
+            "server_mean_batch": None
+            if job0 is None or job1 is None or job1[1] == job0[1]
+            else C * (n + warmup) / (job1[1] - job0[1]),
         },
     )
 
@@ -417,7 +433,13 @@ def median_run(rs: list[Run]) -> Run:
 
     extra = {
         k: med([r.extra.get(k) for r in rs])
-        for k in ("server_cpu_ms_per_token", "client_cpu_ms_per_token", "server_job_ms_per_token")
+        for k in (
+            "server_cpu_ms_per_token",
+            "server_loop_cpu_ms_per_token",
+            "client_cpu_ms_per_token",
+            "server_job_ms_per_token",
+            "server_mean_batch",
+        )
     }
     extra.update(
         client_processes=rs[0].extra.get("client_processes"),
@@ -506,6 +528,10 @@ def own_costs(bare: dict, by: dict, echo: dict) -> dict:
             # the same with the engine jobs as timed inside the server (no target)
             "in_situ_job_ms_per_token": job,
             "outside_jobs_ratio": None if job is None else (server - job) / floor,
+            "server_mean_batch": by[(C, True)].extra.get("server_mean_batch"),
+            # the event loop's thread alone, this server's vs the echo server's
+            "loop_cpu_ms_per_token": by[(C, True)].extra.get("server_loop_cpu_ms_per_token"),
+            "echo_loop_cpu_ms_per_token": echo[C].extra.get("server_loop_cpu_ms_per_token"),
         }
     one = by.get((1, True))
     latency = None
@@ -631,9 +657,23 @@ def own_cost_lines(summary: dict) -> list[str]:
             job, bare = o["in_situ_job_ms_per_token"], o["bare_engine_cpu_ms_per_token"]
             lines.append(
                 f"  - the engine jobs' wall time inside that server: {job:.3f} ms/token (the bare "
-                f"Engine's {bare:.3f} runs with warm caches; a worker thread's jobs also wait for "
-                f"the GIL); the server's CPU outside them ÷ echo = "
+                f"Engine's {bare:.3f} runs alone with warm caches; a job's wall time also holds "
+                f"its waits for a core and for the GIL); the server's CPU outside them ÷ echo = "
                 f"**{o['outside_jobs_ratio']:.2f}×** (no target: where the rest goes)"
+            )
+        loop, echo_loop = o.get("loop_cpu_ms_per_token"), o.get("echo_loop_cpu_ms_per_token")
+        if loop is not None and echo_loop:
+            rest = o["server_cpu_ms_per_token"] - loop
+            echo_rest = o["echo_cpu_ms_per_token"] - echo_loop
+            lines.append(
+                f"  - by thread: the event loop's {loop:.3f} ms/token vs the echo server's "
+                f"{echo_loop:.3f} (**{loop / echo_loop:.2f}×**); the other threads (engine worker, "
+                f"gRPC's pollers) {rest:.3f} vs {echo_rest:.3f} ms/token"
+            )
+        if o.get("server_mean_batch") is not None:
+            lines.append(
+                f"  - steps per engine job in that server: {o['server_mean_batch']:.1f} (the bare "
+                f"Engine's figure is for {C})"
             )
     r = summary.get("latency_1_client_over_echo_plus_step")
     if r is not None:
