@@ -70,6 +70,17 @@ from .snapshots import MAX_POSITION
 log = logging.getLogger(__name__)
 
 
+def _past_end(s: Session, T: int) -> OutOfRange | None:
+    """The error for T more inputs that would take `s` past the largest position, or None."""
+    if s.position <= MAX_POSITION - T:
+        return None
+    return OutOfRange(
+        "inputs",
+        f"session {s.id!r} is at position {s.position}; {T} more inputs pass the largest "
+        f"position, 2**63 - 1",
+    )
+
+
 def _timed(job: Callable, reqs: list) -> tuple[object, float]:
     """(job(reqs), or the exception it raised; seconds it took)."""
     t0 = time.perf_counter()
@@ -251,19 +262,17 @@ class Batcher:
         (past the largest position), Unavailable (closing / not started), EngineFailure: the
         session's state and position are unchanged. CorruptState: the step applied, but
         its outputs are NaN / inf (the state it came from is unusable).
-        states: a dict to fill with {t: the state after the first t inputs, float32 [S]} at
-            the prefill's chunk ends and at T (Engine.prefill_unchecked); T > 1 only.
+        states: a dict to fill with {t: the state after the first t inputs, float32 [S]}: at
+            a prefill's chunk ends and at T (Engine.prefill_unchecked), at 1 for a step; read
+            when the request runs, before any later request of the session.
         """
         if self._closing or not self.running:
             raise Unavailable("batcher is not running (closing or not started)")
         if not s.live:
             raise SessionNotFound(s.id, "closed")
-        if s.position > MAX_POSITION - x.shape[0]:
-            raise OutOfRange(
-                "inputs",
-                f"session {s.id!r} is at position {s.position}; {x.shape[0]} more inputs pass "
-                f"the largest position, 2**63 - 1",
-            )
+        past_end = _past_end(s, x.shape[0])  # checked again when it runs: others may be queued
+        if past_end is not None:
+            raise past_end
         loop = self._loop
         now = loop.time()
         if (
@@ -274,7 +283,7 @@ class Batcher:
             and self._active(now) == 1
             and s.id in self._recent  # the one active session already
         ):
-            outputs, position = self._step_inline(s, x, now)
+            outputs, position = self._step_inline(s, x, now, states)
         else:
             req = _Request(s, x, loop.create_future(), now, states=states)
             outputs, position = await self._enqueue(req)
@@ -285,9 +294,11 @@ class Batcher:
             )
         return outputs, position
 
-    def _step_inline(self, s: Session, x: np.ndarray, now: float) -> tuple[np.ndarray, int]:
+    def _step_inline(
+        self, s: Session, x: np.ndarray, now: float, states: dict | None = None
+    ) -> tuple[np.ndarray, int]:
         """A lone stream's step, run at once (see `inline`): its (outputs, position)."""
-        req = _Request(s, x, None, now)
+        req = _Request(s, x, None, now, states=states)
         self._recent[s.id] = now
         self.store.pin(s)
         try:
@@ -541,8 +552,13 @@ class Batcher:
         return [results[r] for r in reqs]
 
     def _step_part(self, part: list[_Request]) -> dict:
-        """One ORT call: the sessions' slab rows, stepped in place (Engine.run_slots)."""
+        """One ORT call: the sessions' slab rows, stepped in place (Engine.run_slots).
+        A step that would pass the largest position (requests queued together each passed
+        the check at their arrival) is refused here, unapplied."""
         buf, store = self._buffers, self.store
+        refused = {r: e for r in part if (e := _past_end(r.session, 1)) is not None}
+        if refused:
+            part = [r for r in part if r not in refused]
         lent = store.lend([r.session for r in part])
         try:
             if len(lent) < len(part):  # closed meanwhile: SessionNotFound from _run_steps
@@ -550,7 +566,7 @@ class Batcher:
                 part = [r for r in part if r.session in kept]
             B = len(part)
             if not B:
-                return {}
+                return refused
             for j, r in enumerate(part):
                 buf.inputs[j] = r.inputs[0]
                 buf.slots[j, 0] = r.session.slot
@@ -561,13 +577,31 @@ class Batcher:
         out = outputs.copy()  # [B, d_out], one copy: the buffer is reused next call
         positions = store.give_back(lent, 1)  # from here on, the steps have applied
         for r, pos in zip(part, positions):
+            if isinstance(pos, Exception):
+                continue
+            if r.states is not None:  # read now: a later request of the session may be next
+                x = self._state_of(r.session)
+                if x is not None:
+                    r.states[1] = x
             h = r.session.history
-            if h is not None and not isinstance(pos, Exception):
-                h.step(r.inputs, pos, self._state_of, r.session)  # read only when due
-        return {
+            if h is not None:
+                self._keep_history(r.session, h.step, r.inputs, pos, self._state_of, r.session)
+        return refused | {
             r: pos if isinstance(pos, Exception) else (out[j : j + 1], pos)
             for j, (r, pos) in enumerate(zip(part, positions))
         }
+
+    def _keep_history(self, s: Session, update: Callable, *args) -> None:
+        """Apply a History update after a request applied; a failure there never fails the
+        request: the session loses its rewind history instead (rewind then says so)."""
+        try:
+            update(*args)
+        except Exception:
+            if s.live:
+                log.exception("rewind history of session %r dropped", s.id)
+                h, s.history = s.history, None
+                if h is not None:
+                    h.release()
 
     def _state_of(self, s: Session) -> np.ndarray | None:
         """The session's state [S] (a History checkpoint's source), None once it is gone or
@@ -584,6 +618,9 @@ class Batcher:
         (r,) = reqs
         if r.rewind_to is not None:
             return [self._rewind(r)]
+        past_end = _past_end(r.session, r.T)
+        if past_end is not None:
+            return [past_end]
         h = r.session.history
         try:
             state = self.store.read(r.session)[None]  # [1, S]
@@ -596,9 +633,11 @@ class Batcher:
         except SessionNotFound as e:
             return [e]
         if states is not None:
+            states.setdefault(r.T, new_state)
             states = {t: x[0] for t, x in states.items()}  # [S] each
             if h is not None:
-                h.record(r.inputs, position, {position - r.T + t: x for t, x in states.items()})
+                at = {position - r.T + t: x for t, x in states.items()}
+                self._keep_history(r.session, h.record, r.inputs, position, at)
             if r.states is not None:
                 r.states.update(states)
         return [(outputs[0], position)]  # [T, d_out]
@@ -613,12 +652,12 @@ class Batcher:
                 "restored after a restart or moved from another replica)",
             )  # fmt: skip
         try:
-            state, inputs = h.plan(r.rewind_to)  # [S], [n] | [n, d_in] with n < chunk
+            state, inputs = h.plan(r.rewind_to)  # [S], [n] | [n, d_in]
             if len(inputs):
                 _, state = self.engine.prefill_unchecked(inputs[None], state[None])
                 state = state[0]
             self.store.rewind(s, state, r.rewind_to)
         except (OutOfRange, SessionNotFound) as e:
-            return e
+            return e if s.live else SessionNotFound(s.id, "closed")
         h.rewound(r.rewind_to)
         return np.empty((0, self.engine.d_output), dtype=np.float32), r.rewind_to

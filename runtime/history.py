@@ -12,7 +12,10 @@ the latest checkpoint ≤ r: one checkpoint copy and fewer than Q inputs through
 Checkpoints come from where states exist: after a single step when Q inputs passed since
 the last one, and from a prefill's chunk-end states (Engine.prefill_states). The batcher's
 worker records them (`record`) and replays a rewind (`plan`, then `rewound`), so a
-session's history changes in the order of its requests; nothing else touches it.
+session's history changes in the order of its requests. The one other writer is the event
+loop closing the session (`release`), which may land while the worker is still finishing
+that session's step: each history has a lock, and a released history ignores late updates
+(its bytes stay given back) and plans no rewind.
 
 Bytes per session are bounded: at most (W / Q + 2) checkpoints of S × 4 bytes and W + Q
 inputs (`max_bytes`). All sessions' checkpoints together are bounded by a shared
@@ -68,10 +71,19 @@ class History:
     ):
         self.window, self.chunk = int(window), int(chunk)
         self.budget = budget or CheckpointBudget()
-        self.position = int(position)
+        self.released = False  # the session is gone: nothing more is recorded
+        self._lock = threading.Lock()  # the worker's updates vs the event loop's release
         self._checkpoints: deque[tuple[int, np.ndarray]] = deque()
-        self._add(self.position, state)
         self._inputs: list = []  # u[base : position], one entry per input
+        self._start(position, state)
+
+    def _start(self, position: int, state: np.ndarray) -> None:
+        """Begin (again) at `position` with one checkpoint, `state`, and no inputs."""
+        while self._checkpoints:
+            self._drop_oldest()
+        self.position = int(position)
+        self._add(self.position, state)
+        self._inputs.clear()
         self._base = self.position  # the position of _inputs[0] (= the oldest checkpoint's)
 
     def _add(self, position: int, state: np.ndarray) -> None:
@@ -84,9 +96,11 @@ class History:
 
     def release(self) -> None:
         """The session is gone: give its checkpoint bytes back to the budget."""
-        while self._checkpoints:
-            self._drop_oldest()
-        self._inputs.clear()
+        with self._lock:
+            self.released = True
+            while self._checkpoints:
+                self._drop_oldest()
+            self._inputs.clear()
 
     @staticmethod
     def max_bytes(window: int, chunk: int, state_size: int, input_bytes: int) -> int:
@@ -95,12 +109,17 @@ class History:
 
     @property
     def nbytes(self) -> int:
-        per_input = self._inputs[0].nbytes if self._inputs else 0
-        return sum(x.nbytes for _, x in self._checkpoints) + len(self._inputs) * per_input
+        with self._lock:
+            per_input = self._inputs[0].nbytes if self._inputs else 0
+            return sum(x.nbytes for _, x in self._checkpoints) + len(self._inputs) * per_input
 
     @property
     def oldest(self) -> int:
         """The earliest position a rewind can reach now."""
+        with self._lock:
+            return self._oldest()
+
+    def _oldest(self) -> int:
         return max(self._checkpoints[0][0], self.position - self.window)
 
     def record(self, inputs: np.ndarray, end: int, states: dict[int, np.ndarray]) -> None:
@@ -108,11 +127,15 @@ class History:
         `states` holds the states after some of them, {position: float32 [S]} (at least the
         one at `end` when a checkpoint may be due). Positions that do not follow on from
         this history (a state installed from elsewhere) restart it."""
+        with self._lock:
+            if not self.released:
+                self._record(inputs, end, states)
+
+    def _record(self, inputs: np.ndarray, end: int, states: dict[int, np.ndarray]) -> None:
         T = inputs.shape[0]
         if end - T != self.position:  # not a continuation: start over from here
             if end in states:
-                self.release()
-                self.__init__(self.window, self.chunk, end, states[end], self.budget)
+                self._start(end, states[end])
             return
         self._inputs.extend(inputs)  # one row per input (views of the request's array)
         self.position = end
@@ -128,14 +151,19 @@ class History:
     ) -> None:
         """`record` for one step (inputs [1] or [1, d_in]); `state(*args)` gives the state
         after it (float32 [S], None when the session is gone), called only when a checkpoint
-        is due: the per-token path, without building a dict or reading the state."""
-        if end - 1 != self.position or end - self._checkpoints[-1][0] >= self.chunk:
-            x = state(*args)
-            if x is not None:
-                self.record(inputs, end, {end: x})
-            return
-        self._inputs.append(inputs[0])
-        self.position = end
+        is due: the per-token path, without building a dict or reading the state. The state
+        is read outside this history's lock (reading takes the store's lock, which is held
+        while a closing session releases its history)."""
+        with self._lock:
+            if self.released:
+                return
+            if end - 1 == self.position and end - self._checkpoints[-1][0] < self.chunk:
+                self._inputs.append(inputs[0])
+                self.position = end
+                return
+        x = state(*args)
+        if x is not None:
+            self.record(inputs, end, {end: x})
 
     def _trim(self) -> None:
         """Drop checkpoints (and their inputs) no longer needed to reach position − W."""
@@ -151,20 +179,28 @@ class History:
 
     def plan(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(the checkpoint state [S] at or before `position`, the inputs from there to it);
-        OutOfRange naming the window when `position` is outside it."""
-        if not self.oldest <= position <= self.position:
-            raise OutOfRange(
-                "position",
-                f"{position} is outside the rewind window [{self.oldest}, {self.position}] "
-                f"(at most {self.window} inputs back, since the session's first checkpoint)",
-            )
-        c, x = next((c, x) for c, x in reversed(self._checkpoints) if c <= position)
-        rows = self._inputs[c - self._base : position - self._base]
-        return x.copy(), np.array(rows) if rows else np.empty(0)
+        OutOfRange naming the window when `position` is outside it (or the history was
+        released: the session is gone)."""
+        with self._lock:
+            if self.released:
+                raise OutOfRange("position", "the session's rewind history is gone (closed)")
+            oldest = self._oldest()
+            if not oldest <= position <= self.position:
+                raise OutOfRange(
+                    "position",
+                    f"{position} is outside the rewind window [{oldest}, {self.position}] "
+                    f"(at most {self.window} inputs back, since the session's first checkpoint)",
+                )
+            c, x = next((c, x) for c, x in reversed(self._checkpoints) if c <= position)
+            rows = self._inputs[c - self._base : position - self._base]
+            return x.copy(), np.array(rows) if rows else np.empty(0)
 
     def rewound(self, position: int) -> None:
         """The session is back at `position` (within the window): forget what came after."""
-        while self._checkpoints[-1][0] > position:
-            self.budget.add(-self._checkpoints.pop()[1].nbytes)
-        del self._inputs[position - self._base :]
-        self.position = position
+        with self._lock:
+            if self.released:
+                return
+            while self._checkpoints[-1][0] > position:
+                self.budget.add(-self._checkpoints.pop()[1].nbytes)
+            del self._inputs[position - self._base :]
+            self.position = position

@@ -193,11 +193,11 @@ class SessionService:
         rest = prompt[hit.tokens :]
         if not len(rest):
             return hit.output, hit.tokens
-        states: dict = {}
-        want = cache.enabled and len(rest) > 1  # a prefill's chunk-end states, to cache
-        outputs, _ = await self.batcher.step(s, rest, states if want else None)
-        if cache.enabled:
-            states.setdefault(len(rest), self.store.read(s))
+        # the states after the rest's chunk ends and after its end, to cache: the batcher
+        # reads them when the request runs (a Step of the same session may come right after)
+        states: dict | None = {} if cache.enabled else None
+        outputs, _ = await self.batcher.step(s, rest, states)
+        if states:
             cache.insert(
                 scope,
                 prompt,
@@ -205,10 +205,11 @@ class SessionService:
             )
         return outputs[-1], hit.tokens
 
-    def _discard(self, session_id: str, principal: str) -> None:
-        """Close a session this service created for a request, if it is still there."""
+    def _discard(self, s: Session, principal: str) -> None:
+        """Close a session this service created for a request, if it is still there: that
+        incarnation only (its id may have been closed and taken by a new session since)."""
         try:
-            self.store.close(session_id, principal)
+            self.store.close(s.id, principal, incarnation=s.incarnation)
         except SessionNotFound:
             pass
 
@@ -252,7 +253,7 @@ class SessionService:
         try:
             _, cached = await self._feed_prompt(s, principal, x)
         except BaseException:  # the client never got the id: undo the session
-            self._discard(s.id, principal)
+            self._discard(s, principal)
             raise
         return s, cached
 
@@ -357,6 +358,7 @@ class SessionService:
             check_session_id(session_id)
         temporary = not session_id and not keep_session
         a = self.attach(principal, "Generate")
+        sent = False  # a new session's id reaches the client with the first token
         try:
             if session_id:
                 outputs, position = await a.feed(session_id, x)
@@ -368,6 +370,7 @@ class SessionService:
             gen = Generation(config)
             g = gen(logits, position)
             yield a.session.id, g
+            sent = True
             while not g.last:
                 self._open()
                 outputs, position = await a.feed("", np.array([g.token], dtype=np.int64))
@@ -375,8 +378,9 @@ class SessionService:
                 yield a.session.id, g
         finally:
             a.detach()
-            if temporary and a.session is not None:
-                self._discard(a.session.id, principal)
+            created = not session_id and a.session is not None
+            if created and (temporary or not sent):  # not kept, or its id never got out
+                self._discard(a.session, principal)
 
     @property
     def attached(self) -> int:
@@ -444,13 +448,13 @@ class Attachment:
             self.adopt(s)
         except SessionBusy:
             if create:
-                svc._discard(s.id, self.principal)
+                svc._discard(s, self.principal)
             raise
         try:
             return await svc.batcher.step(s, inputs)
         except BaseException:  # also a cancel: the client never got the new id
             if create:  # the request that created the session failed: undo both
-                svc._discard(s.id, self.principal)
+                svc._discard(s, self.principal)
             raise
 
     async def _rebind(self, bound: Session) -> Session:
@@ -459,8 +463,9 @@ class Attachment:
             return bound
         try:
             s = await self.service._session(bound.id, self.principal)
-        except SessionNotFound:
-            raise SessionNotFound(bound.id, "closed") from None
+        except SessionNotFound as e:  # closed or evicted, as the store says
+            reason = e.reason if e.reason in ("closed", "evicted") else "closed"
+            raise SessionNotFound(bound.id, reason) from None
         if s.incarnation != bound.incarnation:
             raise SessionNotFound(bound.id, "closed")
         return s

@@ -343,8 +343,9 @@ class SessionStore:
         """
 
         def make(sid):
-            self._counts["created"] += 1
-            return self._new_session(principal, sid, ttl, 0)
+            s = self._new_session(principal, sid, ttl, 0)
+            self._counts["created"] += 1  # after its checks: a refused create is not counted
+            return s
 
         return self._add(session_id, make)
 
@@ -387,10 +388,13 @@ class SessionStore:
                 raise SessionNotFound(session_id, gone[1])
             raise SessionNotFound(session_id, "unknown")
 
-    def close(self, session_id: str, principal: str = "") -> None:
-        """Free the session's slot; later `get`s say "closed"."""
+    def close(self, session_id: str, principal: str = "", incarnation: str | None = None) -> None:
+        """Free the session's slot; later `get`s say "closed". With `incarnation`, only that
+        incarnation of the id is closed (SessionNotFound "closed" when another holds it)."""
         with self._lock:
             s = self.get(session_id, principal)
+            if incarnation is not None and s._incarnation != incarnation:
+                raise SessionNotFound(session_id, "closed")
             self._remove(s, "closed")
         if self.replication is not None:
             self.replication.closed()

@@ -163,6 +163,66 @@ def test_a_principal_never_hits_another_principals_entries(engine):
     run(main())
 
 
+@pytest.mark.parametrize("prompt", [[5], [5, 6], list(range(4)), list(range(5))])
+def test_a_step_queued_behind_a_prompt_never_reaches_its_cache_entry(engine, prompt):
+    """CreateSession(prompt) under a chosen id with a Step of that id queued right behind it
+    (the Step runs before the create resumes): the cache keeps the state after the prompt,
+    so another principal's session (global scope) starts where a fresh prefill would."""
+
+    async def main():
+        svc = await started(engine, prefix_cache_scope="global")
+        create = asyncio.ensure_future(svc.create("mallory", session_id="m1", prompt=prompt))
+        await asyncio.sleep(0)  # the session exists, its prompt is with the batcher
+        step = asyncio.ensure_future(svc.step("mallory", "m1", [7]))
+        await asyncio.gather(create, step)
+        victim, cached = await svc.create("alice", prompt=prompt)
+        got = svc.store.read(victim)
+        await svc.batcher.close()
+        return cached, got
+
+    cached, got = run(main())
+    assert cached == len(prompt)
+    np.testing.assert_allclose(got, fresh_state(engine, prompt), atol=1e-5)
+
+
+def test_a_session_closed_while_its_batch_finishes_fails_no_other_request(engine):
+    """A CloseSession that lands between a batch's commit and its rewind-history updates:
+    every step of the batch applied, so every request gets its result (none INTERNAL), and
+    the closed session's checkpoint bytes stay given back."""
+
+    async def main():
+        svc = await started(engine)
+        loop = asyncio.get_running_loop()
+        a, _ = await svc.create("p")
+        b, _ = await svc.create("p")
+        real = svc.store.give_back
+
+        def give_back_then_close_a(sessions, consumed):  # on the worker thread
+            out = real(sessions, consumed)
+            if consumed and a in sessions:
+                asyncio.run_coroutine_threadsafe(svc.close("p", a.id), loop).result(10)
+            return out
+
+        svc.store.give_back = give_back_then_close_a
+        try:
+            got = await asyncio.gather(
+                svc.step("p", a.id, [3]), svc.step("p", b.id, [4]), return_exceptions=True
+            )
+        finally:
+            svc.store.give_back = real
+        state_b = svc.store.read(b)
+        budget = svc.checkpoint_budget.used
+        await svc.close("p", b.id)
+        await svc.batcher.close()
+        return got, b.position, state_b, budget, svc.checkpoint_budget.used
+
+    got, position_b, state_b, budget, after = run(main())
+    assert [g[1] for g in got] == [1, 1], got  # both applied and both told so
+    assert position_b == 1
+    np.testing.assert_allclose(state_b, fresh_state(engine, [4]), atol=1e-6)
+    assert budget == S * 4 and after == 0  # only b's first checkpoint; then none
+
+
 def test_generate_on_a_new_session_uses_the_cache(engine):
     async def main():
         svc = await started(engine)

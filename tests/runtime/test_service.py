@@ -9,17 +9,21 @@ import math
 
 import numpy as np
 import pytest
+from faults import inject
 from ssmstream.runtime.batcher import Batcher
 from ssmstream.runtime.errors import (
+    EngineFailure,
     InvalidInput,
     LimitExceeded,
     ModelError,
+    OutOfRange,
     SessionBusy,
     SessionNotFound,
     Unavailable,
 )
 from ssmstream.runtime.service import ServiceLimits, SessionService
 from ssmstream.runtime.sessions import SessionStore
+from ssmstream.runtime.snapshots import MAX_POSITION
 
 LIMITS = ServiceLimits(max_tokens_per_request=8, max_new_tokens=100, max_ttl=60.0)
 
@@ -246,6 +250,119 @@ def test_an_attachment_that_creates_its_session_undoes_it_when_the_first_step_fa
         a.detach()
 
     run(main())
+
+
+def test_requests_queued_together_never_pass_the_largest_position(toy_tok):
+    """Each request passes the position check when it arrives; the ones queued behind it
+    are checked again when they run: refused (OUT_OF_RANGE), unapplied, and the session
+    stays a valid one (its snapshot restores)."""
+
+    async def main():
+        svc = await started(toy_tok)
+        zero = np.zeros(toy_tok.state_size, np.float32)
+        s = await svc.restore("p", svc.store.pack_state(zero, MAX_POSITION - 2))
+        got = await asyncio.gather(
+            svc.step("p", s.id, [1]),  # to MAX - 1
+            svc.step("p", s.id, [2, 3]),  # a prefill: would end at MAX + 1
+            svc.step("p", s.id, [4]),  # to MAX
+            svc.step("p", s.id, [5]),  # would end at MAX + 1
+            return_exceptions=True,
+        )
+        state = svc.store.read(s)
+        data, position = await svc.snapshot("p", s.id)
+        restored = await svc.restore("p", data)
+        await svc.batcher.close()
+        return got, s.position, state, position, restored.position
+
+    got, position, state, snap_position, restored = run(main())
+    assert [g[1] for g in (got[0], got[2])] == [MAX_POSITION - 1, MAX_POSITION]
+    for e in (got[1], got[3]):
+        assert isinstance(e, OutOfRange) and str(e).startswith("inputs: "), e
+    assert position == snap_position == restored == MAX_POSITION
+    _, want = toy_tok.step(np.array([1]), toy_tok.new_state())  # only [1] and [4] applied
+    _, want = toy_tok.step(np.array([4]), want)
+    np.testing.assert_allclose(state, want[0], atol=1e-6)
+
+
+def test_a_failed_or_finished_request_never_closes_a_newer_session_with_its_id(toy_tok):
+    """A session id closed and taken by a new session while the request that created the
+    first one was still running: that request's clean-up closes only its own incarnation."""
+
+    async def main():
+        svc = await started(toy_tok)
+        # CreateSession with a prompt, closed and re-created under it while prefilling
+        first = asyncio.ensure_future(svc.create("p", session_id="x", prompt=list(range(8))))
+        await asyncio.sleep(0)  # "x" exists; its prompt is with the batcher
+        await svc.close("p", "x")
+        second, _ = await svc.create("p", session_id="x")
+        with pytest.raises(SessionNotFound):
+            await first
+        case1 = second.live and svc.store.get("x", "p") is second
+        # a temporary Generate whose id is closed and taken after its first token
+        gen = svc.generate("p", "", [1, 2, 3], 50, 0.0)
+        sid, _ = await gen.__anext__()
+        await svc.close("p", sid)
+        mine, _ = await svc.create("p", session_id=sid)
+        with pytest.raises(SessionNotFound):
+            await gen.__anext__()
+        await gen.aclose()
+        case2 = mine.live and svc.store.get(sid, "p") is mine
+        await svc.batcher.close()
+        return case1, case2
+
+    assert run(main()) == (True, True)
+
+
+def test_a_kept_generate_session_whose_id_never_got_out_is_undone(toy_tok):
+    """Generate with keep_session and no session_id: when it fails or is cancelled before
+    its first token (which carries the new id), the session it made is closed; once that
+    token is out, the session stays."""
+
+    async def main():
+        svc = await started(toy_tok)
+        gen = svc.generate("p", "", [1, 2, 3, 4, 5, 6], 4, 0.0, keep_session=True)
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)  # its prompt is with the batcher
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        after_cancel = len(svc.store)
+        with inject(toy_tok, "prefill", fail=1), pytest.raises(EngineFailure):
+            async for _ in svc.generate("p", "", list(range(8)), 4, 0.0, keep_session=True):
+                pass
+        after_failure = len(svc.store)
+        kept = [g async for g in svc.generate("p", "", [1, 2, 3], 4, 0.0, keep_session=True)]
+        sid = kept[0][0]
+        await svc.batcher.close()
+        return after_cancel, after_failure, [s.id for s in svc.store.sessions("p")], sid
+
+    after_cancel, after_failure, live, sid = run(main())
+    assert (after_cancel, after_failure) == (0, 0)
+    assert live == [sid]
+
+
+def test_an_attachment_whose_session_was_evicted_is_told_evicted(toy_tok):
+    async def main():
+        now = [0.0]
+        store = SessionStore(toy_tok.state_size, capacity=4, ttl=10.0, clock=lambda: now[0])
+        batcher = Batcher(toy_tok, store, max_batch=4, max_batch_delay=0.0)
+        await batcher.start()
+        svc = SessionService(toy_tok, store, batcher, LIMITS)
+        a = svc.attach("p")
+        await a.step("", [1])
+        sid = a.session.id
+        now[0] += 100.0  # idle past its TTL
+        store.evict_idle()
+        errors = []
+        for call in (a.step("", [2]), svc.step("p", sid, [2])):
+            with pytest.raises(SessionNotFound) as e:
+                await call
+            errors.append(e.value.reason)
+        a.detach()
+        await batcher.close()
+        return errors
+
+    assert run(main()) == ["evicted", "evicted"]
 
 
 def test_draining_refuses_new_work_and_ends_idle_attachments(toy_tok):

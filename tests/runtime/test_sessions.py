@@ -158,6 +158,9 @@ def test_capacity_and_per_principal_limits():
     clock.t += 11  # everything idle: a full store evicts idle sessions to make room
     s = store.create("r")
     assert len(store) == 1 and store.get(s.id, "r") is s
+    # refused creates are not counted: created = live + closed + evicted
+    st = store.stats()
+    assert st["created"] == len(store) + st["closed"] + st["evicted"] == 5
 
 
 def test_bytes_per_session_is_S_times_4(engine):
@@ -349,6 +352,9 @@ def test_incarnations_differ_per_create_and_survive_save_load(engine, tmp_path):
     store.close("same")
     b = store.create(session_id="same")
     assert a.incarnation != b.incarnation and not a.live
+    with pytest.raises(SessionNotFound, match="closed"):  # a's incarnation is gone: b stays
+        store.close("same", incarnation=a.incarnation)
+    assert b.live and store.get("same") is b
     store.save(tmp_path)
     fresh = make_store(engine)
     fresh.load(tmp_path)
