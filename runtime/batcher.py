@@ -635,8 +635,8 @@ class Batcher:
         if states is not None:
             states.setdefault(r.T, new_state)
             states = {t: x[0] for t, x in states.items()}  # [S] each
-            if h is not None:
-                at = {position - r.T + t: x for t, x in states.items()}
+            if h is not None:  # its checkpoints may also take the state the prefill began at
+                at = {position - r.T + t: x for t, x in states.items()} | {position - r.T: state[0]}
                 self._keep_history(r.session, h.record, r.inputs, position, at)
             if r.states is not None:
                 r.states.update(states)

@@ -109,8 +109,8 @@ class ServerConfig:
     rewind_window: int = _option(
         4096,
         "sessions",
-        "inputs a session can be rewound by (RewindSession): a checkpoint of its state every "
-        "prefill chunk and its inputs since the oldest one; 0: rewind is off",
+        "inputs a session can be rewound by (RewindSession): checkpoints of its state at most "
+        "a prefill chunk apart and its inputs since the oldest one; 0: rewind is off",
     )
     rewind_memory_mb: float = _option(
         1024.0,

@@ -10,17 +10,21 @@ so the state at any position r in [max(c_0, p − W), p] is x_r = replay(x_c, u[
 the latest checkpoint ≤ r: one checkpoint copy and fewer than Q inputs through the model.
 
 Checkpoints come from where states exist: after a single step when Q inputs passed since
-the last one, and from a prefill's chunk-end states (Engine.prefill_states). The batcher's
+the last one, and from a prefill's states (where it began, its chunk ends and its end; a
+state is kept when Q inputs passed since the last checkpoint, or when the next one there is
+would be more than Q past it, so no two are more than Q apart). The batcher's
 worker records them (`record`) and replays a rewind (`plan`, then `rewound`), so a
 session's history changes in the order of its requests. The one other writer is the event
 loop closing the session (`release`), which may land while the worker is still finishing
 that session's step: each history has a lock, and a released history ignores late updates
 (its bytes stay given back) and plans no rewind.
 
-Bytes per session are bounded: at most (W / Q + 2) checkpoints of S × 4 bytes and W + Q
-inputs (`max_bytes`). All sessions' checkpoints together are bounded by a shared
-`CheckpointBudget` (the server's --rewind-memory-mb): a session that would take the total
-past it drops its own oldest checkpoints first, so its window shrinks instead.
+Bytes per session are bounded: at most 2·W / Q + 3 checkpoints of S × 4 bytes (each is
+more than Q inputs past the one two before it; fed by whole chunks or single steps they are
+Q apart, W / Q + 2 of them) and W + Q inputs (`max_bytes`). All sessions' checkpoints
+together are bounded by a shared `CheckpointBudget` (the server's --rewind-memory-mb): a
+session that would take the total past it drops its own oldest checkpoints first, so its
+window shrinks instead.
 
 Dimension letters: S state size, Q chunk, W window, T inputs of one request.
 """
@@ -105,7 +109,7 @@ class History:
     @staticmethod
     def max_bytes(window: int, chunk: int, state_size: int, input_bytes: int) -> int:
         """The most bytes one session's history can hold."""
-        return (window // chunk + 2) * 4 * state_size + (window + chunk) * input_bytes
+        return (2 * (window // chunk) + 3) * 4 * state_size + (window + chunk) * input_bytes
 
     @property
     def nbytes(self) -> int:
@@ -137,11 +141,17 @@ class History:
             if end in states:
                 self._start(end, states[end])
             return
-        self._inputs.extend(inputs)  # one row per input (views of the request's array)
+        self._inputs.extend(np.array(inputs))  # one row per input (a copy: not the caller's)
         self.position = end
-        last = self._checkpoints[-1][0]
-        for p in sorted(states):
-            if p - last >= self.chunk:
+        # keep checkpoints at most Q apart: a state is kept when Q inputs passed since the last
+        # checkpoint, or when the next state there is would be more than Q past it
+        last, at = (
+            self._checkpoints[-1][0],
+            sorted(p for p in states if p > self._checkpoints[-1][0]),
+        )
+        for i, p in enumerate(at):
+            after = at[i + 1] if i + 1 < len(at) else None
+            if p - last >= self.chunk or (after is not None and after - last > self.chunk):
                 self._add(p, states[p])
                 last = p
         self._trim()
@@ -158,7 +168,7 @@ class History:
             if self.released:
                 return
             if end - 1 == self.position and end - self._checkpoints[-1][0] < self.chunk:
-                self._inputs.append(inputs[0])
+                self._inputs.append(inputs[0].copy())
                 self.position = end
                 return
         x = state(*args)

@@ -328,6 +328,35 @@ def test_snapshot_fork_and_restore_of_a_session_with_history(engine):
     run(main())
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 13), min_size=1, max_size=60))
+def test_checkpoints_are_at_most_a_chunk_apart_and_bounded(lengths):
+    """Requests of any lengths (1: a step, more: a prefill with its states where it began,
+    at its chunk ends and at its end, as the batcher records them): no two checkpoints are
+    more than Q apart (a rewind replays fewer than Q inputs), and the bytes stay within
+    max_bytes."""
+    W, Q = 16, 4
+    h = History(window=W, chunk=Q, position=0, state=np.zeros(S, np.float32))
+    bound = History.max_bytes(W, Q, S, 8)
+    position = 0
+    for T in lengths:
+        end = position + T
+        if T == 1:
+            h.step(np.array([end % V]), end, np.full, S, end, np.float32)
+        else:
+            ends = [*range(position + Q, end, Q), end]
+            states = {p: np.full(S, p, np.float32) for p in [position, *ends]}
+            h.record(np.arange(position, end) % V, end, states)
+        position = end
+        marks = [c for c, _ in h._checkpoints]
+        assert all(b - a <= Q for a, b in zip(marks, marks[1:])), marks
+        assert all(x[0] == c for c, x in h._checkpoints)  # each holds its own state
+        assert h.nbytes <= bound
+        for r in range(h.oldest, position + 1):
+            x, replay = h.plan(r)
+            assert len(replay) < Q and x[0] == max(c for c in marks if c <= r)
+
+
 def test_history_bytes_are_bounded_by_the_window():
     h = History(window=32, chunk=4, position=0, state=np.zeros(S, np.float32))
     bound = History.max_bytes(32, 4, S, 8)
