@@ -657,7 +657,7 @@ class Batcher:
                 _, state = self.engine.prefill_unchecked(inputs[None], state[None])
                 state = state[0]
             self.store.rewind(s, state, r.rewind_to)
-        except (OutOfRange, SessionNotFound) as e:
-            return e if s.live else SessionNotFound(s.id, "closed")
+        except (OutOfRange, SessionNotFound, Unavailable) as e:  # Unavailable: moved away
+            return e if s.live or isinstance(e, Unavailable) else SessionNotFound(s.id, "closed")
         h.rewound(r.rewind_to)
         return np.empty((0, self.engine.d_output), dtype=np.float32), r.rewind_to

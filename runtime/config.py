@@ -202,16 +202,18 @@ class ServerConfig:
     log_level: str = _option("INFO", "operations", "logging level", choices=LOG_LEVELS)
 
     def __post_init__(self):
-        for name in (
-            "max_sessions",
-            "max_batch",
-            "max_tokens_per_request",
-            "max_new_tokens",
-            "max_message_bytes",
+        # upper bounds: what grpc's int options (int32) and ModelInfo.limits (uint32) can hold
+        for name, low, high in (
+            ("max_sessions", 1, UINT32),
+            ("max_batch", 1, UINT32),
+            ("max_tokens_per_request", 1, UINT32),
+            ("max_new_tokens", 1, UINT32),
+            ("max_message_bytes", 1, INT32),
+            ("max_sessions_per_principal", 0, UINT32),
+            ("max_concurrent_rpcs", 0, INT32),
+            ("rewind_window", 0, UINT32),
         ):
-            _check_int(name, getattr(self, name), low=1)
-        for name in ("max_sessions_per_principal", "max_concurrent_rpcs", "rewind_window"):
-            _check_int(name, getattr(self, name), low=0)
+            _check_int(name, getattr(self, name), low=low, high=high)
         _check_int("port", self.port, low=0, high=65535)
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, low=0, high=65535)
@@ -235,9 +237,15 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: must be a finite number of seconds, got {value!r}")
-            if value < 0 or (low_exclusive and value == 0):
+            if value < 0 or (low_exclusive and value == 0) or value > MAX_SECONDS:
                 bound = "> 0" if low_exclusive else ">= 0"
-                raise ValueError(f"{name}: must be {bound} seconds, got {value}")
+                raise ValueError(
+                    f"{name}: must be {bound} and <= {MAX_SECONDS:g} seconds, got {value}"
+                )
+        if self.max_batch_delay >= 10:
+            raise ValueError(f"max_batch_delay: must be < 10 seconds, got {self.max_batch_delay}")
+        if self.save_interval > 0 and not self.state_dir:
+            raise ValueError("save_interval: periodic saves need --state-dir (where to save)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert/tls_key: give both the certificate and its key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -267,6 +275,10 @@ class ServerConfig:
         """host:port as grpc wants it (IPv6 literals bracketed)."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
+
+
+INT32, UINT32 = 2**31 - 1, 2**32 - 1
+MAX_SECONDS = 1e9  # about 31 years: larger durations overflow Redis's millisecond expiries
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:

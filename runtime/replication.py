@@ -54,7 +54,6 @@ session, which Redis Cluster would need hash tags for ({id}); leases use Redis's
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import socket
@@ -219,7 +218,8 @@ class RedisBackend:
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
             for sid, version, snap, principal, ttl, incarnation in items:
-                expire_ms = 0 if math.isinf(ttl) else int(1000 * ttl) + 60_000
+                # past ~1e9 s a key never expires in practice; Redis refuses larger expiries
+                expire_ms = 0 if ttl > 1e9 else int(1000 * ttl) + 60_000
                 pipe.evalsha(  # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
                     self._put.sha, 2, self.key(sid), self.lease(sid),
                     owner, version, snap, principal, repr(float(ttl)), expire_ms, incarnation,
@@ -387,7 +387,7 @@ class RedisReplication:
     def stats(self) -> dict:
         return {
             "up": not self.degraded,
-            "dirty": len(self._dirty),
+            "dirty": sum(1 for n in self._dirty.values() if n > 0),
             **{k: self.counts[k] for k in ("writes", "write_bytes", "loads", "relocks")},
             "moved": self.counts["moved"],
             "errors": self.counts["errors"],
@@ -533,9 +533,10 @@ class RedisReplication:
     def _due(self, sid: str) -> bool:
         return bool(self.persist_steps) and self._dirty.get(sid, 0) + 1 >= self.persist_steps
 
-    def committed(self, sessions, results: list) -> list:
+    def committed(self, sessions, results: list, force: bool = False) -> list:
         """After a local commit (`results`: a position or an error per session, as
-        SessionStore.give_back returns them): write through the sessions that are due. One
+        SessionStore.give_back returns them): write through the sessions that are due (all of
+        them with `force`: a rewind, which a replica taking over must not miss). One
         whose lease was lost or whose version is stale is dropped here (another replica owns
         it): its result becomes Unavailable, and Redis keeps the other replica's newer record.
         Each write reads the session's state and position together (`state_now`); one closed
@@ -543,7 +544,7 @@ class RedisReplication:
         results = list(results)
         with self._io:  # the versions and dirty counts change only under _io
             ok = [j for j, r in enumerate(results) if not isinstance(r, BaseException)]
-            due = [j for j in ok if self._due(sessions[j].id)] if not self.degraded else []
+            due = [j for j in ok if force or self._due(sessions[j].id)] if not self.degraded else []
             versions: dict[int, int] = {}
             items, written = [], []
             for j in due:

@@ -25,7 +25,6 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from .config import ServerConfig, parse_config
 from .errors import RuntimeErrorBase
 from .metrics import FeaturesCollector, ServerMetrics
 from .service import ServiceLimits, SessionService
-from .servicer import StreamingInferenceServicer
+from .servicer import StreamingInferenceServicer, max_send_bytes
 from .snapshots import SnapshotKey
 from .status import SERVICE_NAME, DecodeGuard
 
@@ -188,7 +187,7 @@ class Server:
 
         options = [
             ("grpc.max_receive_message_length", c.max_message_bytes),
-            ("grpc.max_send_message_length", max(c.max_message_bytes, 64 * 1024 * 1024)),
+            ("grpc.max_send_message_length", max_send_bytes(c)),
             ("grpc.so_reuseport", 0),
         ]
         self._grpc = grpc.aio.server(
@@ -274,9 +273,14 @@ class Server:
             await asyncio.sleep(0.25)
 
     async def _save_loop(self) -> None:
+        """Save the sessions every --save-interval seconds; a failed save is logged and the
+        next one tried (a full disk must not end periodic saves, nor the one at shutdown)."""
         while True:
             await asyncio.sleep(self.config.save_interval)
-            await asyncio.to_thread(self.store.save, self.config.state_dir)
+            try:
+                await asyncio.to_thread(self.store.save, self.config.state_dir)
+            except Exception:
+                log.exception("periodic save to %s failed; trying again", self.config.state_dir)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and shut down (see the module docstring); safe to call twice."""
@@ -295,9 +299,13 @@ class Server:
             await self._grpc.stop(grace)
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+        for t in self._tasks:  # a background task's failure must not skip the shutdown save
+            try:
                 await t
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("background task %r failed", t.get_coro().__qualname__)
         if self.batcher is not None:
             await self.batcher.close()
         if self.config.state_dir and self.store is not None:

@@ -24,7 +24,7 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .auth import current_principal
 from .config import ServerConfig
-from .errors import InvalidInput, Unavailable
+from .errors import InvalidInput, LimitExceeded, Unavailable
 from .generation import FINISH_MAX, FINISH_STOP, log_softmax
 from .metrics import ServerMetrics
 from .service import DRAINING, SessionService
@@ -87,6 +87,25 @@ def check_output_selection(req: pb.StepRequest, info: dict) -> None:
             raise InvalidInput("top_k", f"must be in [1, vocab_size={V}] with OUTPUT_TOP_K")
     elif req.top_k:
         raise InvalidInput("top_k", "is only used with output=OUTPUT_TOP_K")
+
+
+def max_send_bytes(config: ServerConfig) -> int:
+    """The largest response message the server sends (grpc.max_send_message_length)."""
+    return max(config.max_message_bytes, 64 * 1024 * 1024)
+
+
+def check_response_size(req: pb.StepRequest, rows: int, d_output: int, max_send: int) -> None:
+    """Refuse, before any step runs, an OUTPUT_ALL whose [rows, d_output] outputs would not fit
+    in one response (else the step would apply and only its response fail)."""
+    if req.output != pb.OUTPUT_ALL:
+        return
+    size = 4 * rows * d_output + 256  # the floats plus the message's other fields
+    if size > max_send:
+        raise LimitExceeded(
+            f"output: OUTPUT_ALL of {rows} inputs x {d_output} outputs is about {size} bytes, "
+            f"more than the largest response ({max_send} bytes); send fewer inputs per request "
+            f"or ask for OUTPUT_LAST"
+        )
 
 
 def step_response(
@@ -167,6 +186,17 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     def __init__(self, service: SessionService, config: ServerConfig, metrics: ServerMetrics):
         self.service, self.config, self.metrics = service, config, metrics
         self.info = service.info
+        self.max_send = max_send_bytes(config)
+        self.d_output = int(self.info["d_output"])
+
+    def _check_request(self, req: pb.StepRequest) -> tuple[np.ndarray, np.ndarray]:
+        """The output selection and the response size, checked before any step runs; the
+        request's inputs as arrays (SessionService checks them)."""
+        check_output_selection(req, self.info)
+        tokens, values = request_arrays(req.tokens, req.values)
+        rows = len(tokens) or len(values) // max(1, int(self.info.get("d_input") or 1))
+        check_response_size(req, rows, self.d_output, self.max_send)
+        return tokens, values
 
     @grpc_errors
     async def GetModelInfo(self, request, context):
@@ -217,8 +247,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     @grpc_errors
     async def Step(self, request, context):
         t0 = time.perf_counter()
-        tokens, values = request_arrays(request.tokens, request.values)
-        check_output_selection(request, self.info)
+        tokens, values = self._check_request(request)
         outputs, position = await self.service.step(
             current_principal(), request.session_id, tokens, values
         )
@@ -233,10 +262,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             async for req in request_iterator:
                 t0 = time.perf_counter()
                 check_decoded(req)
-                check_output_selection(req, self.info)
-                outputs, position = await a.step(
-                    req.session_id, *request_arrays(req.tokens, req.values)
-                )
+                outputs, position = await a.step(req.session_id, *self._check_request(req))
                 yield step_response(a.session.id, position, outputs, req)
                 self.metrics.count_tokens("Stream", len(outputs))
                 self.metrics.observe_request("Stream", time.perf_counter() - t0)

@@ -476,12 +476,15 @@ class SessionStore:
             results.append(s._position)
         return results
 
-    def _write_through(self, sessions: Sequence[Session], consumed: int, results: list) -> list:
+    def _write_through(
+        self, sessions: Sequence[Session], consumed: int, results: list, force: bool = False
+    ) -> list:
         """After a local commit (rows returned: no reader waits on the replication), the
-        replication's write of the sessions that are due; `results` as give_back's."""
+        replication's write of the sessions that are due (all with `force`); `results` as
+        give_back's."""
         if self.replication is None or not consumed:
             return results
-        return self.replication.committed(sessions, results)
+        return self.replication.committed(sessions, results, force)
 
     def _wait_returned(self, s: Session | None = None) -> None:
         """Wait (the caller holds the lock) until s's row (None: every row) is not lent;
@@ -527,6 +530,11 @@ class SessionStore:
             self.slab.write(s._slot, state)
             s._position = position
             s._last_used = self.clock()
+        # replicated: written now, whatever --persist-every says (a replica that takes the
+        # session over must continue from here, not from the state before the rewind)
+        (result,) = self._write_through([s], 1, [position], force=True)
+        if isinstance(result, BaseException):
+            raise result
 
     # --- replication: what the service and the replication policy call -------------------
 

@@ -238,6 +238,12 @@ def build_toy(
 
 
 @pytest.fixture(scope="session")
+def make_toy():
+    """build_toy itself, for a test that needs a toy model of a shape of its own."""
+    return build_toy
+
+
+@pytest.fixture(scope="session")
 def toy_token_model(tmp_path_factory) -> dict:
     return build_toy(tmp_path_factory.mktemp("toy_tokens"), "tokens")
 

@@ -129,6 +129,16 @@ def test_flags_map_onto_the_dataclass():
         ({"metrics_port": -2}, "metrics_port"),
         ({"device": "tpu"}, "device"),
         ({"max_tokens_per_request": 2.5}, "max_tokens_per_request"),
+        # values the server cannot hold (grpc's int32 options, ModelInfo.limits' uint32)
+        ({"max_message_bytes": 2**31}, "max_message_bytes"),
+        ({"max_concurrent_rpcs": 2**31}, "max_concurrent_rpcs"),
+        ({"max_tokens_per_request": 2**32}, "max_tokens_per_request"),
+        ({"max_new_tokens": 2**32}, "max_new_tokens"),
+        ({"max_sessions_per_principal": 2**32}, "max_sessions_per_principal"),
+        ({"rewind_window": 2**62}, "rewind_window"),
+        ({"session_ttl": 1e16}, "session_ttl"),
+        ({"max_batch_delay": 10.0}, "max_batch_delay"),
+        ({"save_interval": 5.0}, "save_interval"),  # without --state-dir: nowhere to save
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):

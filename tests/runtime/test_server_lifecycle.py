@@ -136,6 +136,45 @@ def test_periodic_save_and_health_going_not_serving(tiny_token_model, tmp_path):
         srv.stop()
 
 
+def test_a_failed_periodic_save_is_retried_and_the_shutdown_save_still_runs(
+    tiny_token_model, tmp_path
+):
+    """A save that fails (here a directory where sessions.bin goes) does not end the
+    periodic saves, nor skip the save at shutdown: the restarted server has the session at
+    the position it acknowledged last."""
+    state_dir = tmp_path / "state"
+    kw = dict(model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=0.2)
+    srv = BackgroundServer(ServerConfig(state_dir=str(state_dir), save_interval=0.1, **kw))
+    srv.start()
+    saved = state_dir / "sessions.bin"
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            s = c.create_session(session_id="kept")
+            s.step(tokens=[1, 2, 3])
+            time.sleep(0.3)
+            saved.unlink()
+            saved.mkdir()  # the fault: saves fail
+            time.sleep(0.3)
+            saved.rmdir()  # gone again
+            s.step(tokens=[4])
+            deadline = time.monotonic() + 10
+            while not saved.is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert saved.is_file()  # the periodic saves went on
+            saved.unlink()
+            saved.mkdir()  # failing again when the server stops
+            time.sleep(0.3)
+            saved.rmdir()
+    finally:
+        srv.stop()  # does not raise the periodic save's error; saves at shutdown
+    assert saved.is_file()
+    with BackgroundServer(ServerConfig(state_dir=str(state_dir), **kw)) as again:
+        with Client(f"127.0.0.1:{again.port}", timeout=30) as c:
+            h = c.session("kept")
+            h.snapshot()
+            assert h.position == 4
+
+
 def test_restart_on_the_same_state_dir_continues_exactly(tiny_token_model, tmp_path):
     model_dir = tiny_token_model["model_dir"]
     eng = Engine(model_dir, device="cpu")

@@ -302,3 +302,43 @@ def test_readers_of_stepping_rows_do_not_wait_on_the_state_store(redis_server):
         holder.join(5)
         giver.join(5)
     assert waited < 1.0 and store.unpack(snap)[0] == 1
+
+
+def test_a_rewind_is_written_at_once_whatever_persist_every_says(redis_server):
+    """A rewound session's record is the rewound state: a replica that takes it over
+    continues from there, not from the state before the rewind."""
+    rng = np.random.default_rng(5)
+    a, b = replica(redis_server, "A", persist_every="16"), replica(redis_server, "B")
+    sid = a.create().id
+    states = [step(a, sid, rng) for _ in range(3)]
+    a.rewind(a.get(sid), states[0], 1)
+    a.replication.stop()  # A is gone (its lease expires); B takes over
+    b.fetch(sid)
+    s = b.get(sid)
+    assert s.position == 1
+    np.testing.assert_array_equal(b.read(s), states[0])
+
+
+def test_dirty_counts_only_sessions_with_unwritten_steps(redis_server):
+    rng = np.random.default_rng(6)
+    through, behind = replica(redis_server, "A"), replica(redis_server, "B", persist_every="4")
+    for store in (through, behind):
+        for sid in [store.create().id for _ in range(3)]:
+            step(store, sid, rng)
+    assert through.replication.stats()["dirty"] == 0  # every step written through
+    assert behind.replication.stats()["dirty"] == 3  # one step each, none due yet
+
+
+def test_a_ttl_past_what_redis_expires_is_stored_without_expiry(redis_server):
+    """A TTL too large for Redis's millisecond expiry (it had failed the write after the
+    record was set, and the replica then dropped its own session as moved)."""
+    rng = np.random.default_rng(7)
+    a, b = replica(redis_server, "A", ttl=1e16), replica(redis_server, "B")
+    sid = a.create().id
+    last = [step(a, sid, rng) for _ in range(3)][-1]
+    assert not a.replication.degraded and a.replication.counts["moved"] == 0
+    a.replication.stop()
+    b.fetch(sid)
+    s = b.get(sid)
+    assert s.position == 3
+    np.testing.assert_array_equal(b.read(s), last)
