@@ -71,6 +71,18 @@ from .snapshots import SnapshotKey
 
 log = logging.getLogger(__name__)
 
+# KEYS lease, session; ARGV owner, ttl ms. 1 when the id was free and its lease is now ours
+# (taken here: no one held it and no record exists), else 0 (nothing changed).
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('DEL', KEYS[1])
+    return 0
+  end
+  return 1
+end
+return 0
+"""
 # KEYS[1] lease; ARGV owner, ttl ms. '' when taken (or renewed), else the holder.
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
@@ -159,6 +171,7 @@ class RedisBackend:
         )
         self.Error = redis.RedisError
         self.NoScriptError = redis.exceptions.NoScriptError
+        self._claim = self.client.register_script(_CLAIM)
         self._acquire = self.client.register_script(_ACQUIRE)
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
@@ -173,6 +186,12 @@ class RedisBackend:
 
     def ping(self) -> bool:
         return bool(self.client.ping())
+
+    def claim(self, session_id: str, owner: str, ttl_ms: int) -> bool:
+        """Reserve a new session's id: True when it was free (its lease is now ours); False,
+        changing nothing, when anyone holds its lease or a record of it exists."""
+        keys = [self.lease(session_id), self.key(session_id)]
+        return bool(self._claim(keys=keys, args=[owner, ttl_ms]))
 
     def acquire(self, session_id: str, owner: str, ttl_ms: int) -> str:
         """Take or renew the lease: '' on success, else the replica holding it."""
@@ -491,17 +510,19 @@ class RedisReplication:
     # --- new sessions: claim the id in Redis, then write the first version -------------
 
     def claim(self, session_id: str | None) -> str:
-        """The id a new session will have, reserved in Redis (its lease taken)."""
+        """The id a new session will have, reserved in Redis (its lease newly taken). An id
+        in use, here or on any replica, is refused without touching its lease (a refused
+        create must not take a live session's lease from the replica serving it)."""
         sid = str(uuid.uuid4()) if session_id is None else check_session_id(session_id)
+        in_use = InvalidInput("session_id", f"{sid!r} is already in use")
+        if self.store.local(sid) is not None:
+            raise in_use
         if self.degraded:
             return sid
         try:
             with self._io:
-                holder = self.backend.acquire(sid, self.replica_id, self._lease_ms)
-                if holder or self.backend.exists(sid):
-                    if not holder:
-                        self.backend.release([sid], self.replica_id)
-                    raise InvalidInput("session_id", f"{sid!r} is already in use")
+                if not self.backend.claim(sid, self.replica_id, self._lease_ms):
+                    raise in_use
         except self.backend.Error as e:
             self._degrade(e)
         return sid

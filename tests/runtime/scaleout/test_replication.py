@@ -342,3 +342,26 @@ def test_a_ttl_past_what_redis_expires_is_stored_without_expiry(redis_server):
     s = b.get(sid)
     assert s.position == 3
     np.testing.assert_array_equal(b.read(s), last)
+
+
+def test_a_refused_create_leaves_the_lease_of_the_session_using_the_id(redis_server):
+    """CreateSession with an id in use (on this replica or another) is refused and changes
+    nothing in Redis: the replica serving that session keeps its lease and its next write
+    succeeds (a refused create had deleted that lease)."""
+    rng = np.random.default_rng(8)
+    a, b = replica(redis_server, "A", persist_every="2"), replica(redis_server, "B")
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    lease = a.replication.backend.client.get(a.replication.backend.lease(sid))
+    for store in (a, b):
+        with pytest.raises(InvalidInput, match="already in use"):
+            store.create("mallory", sid)
+    assert a.replication.backend.client.get(a.replication.backend.lease(sid)) == lease
+    last = step(a, sid, rng, "alice")  # due (2nd step): written, not "moved"
+    assert a.replication.counts["moved"] == 0
+    rec = a.replication.backend.load(sid)
+    assert rec["principal"] == "alice" and rec["version"] == 2
+    assert not b.held(sid)
+    a.replication.stop()
+    b.fetch(sid, "alice")
+    np.testing.assert_array_equal(b.read(b.get(sid, "alice")), last)
