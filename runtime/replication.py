@@ -129,13 +129,31 @@ return v + 1
 _DROP = """
 local cur = redis.call('GET', KEYS[2])
 if cur ~= false and cur ~= ARGV[1] then return 0 end
-local v = redis.call('HGET', KEYS[1], 'version')
-if v ~= false and tonumber(ARGV[2]) >= 0 and tonumber(v) ~= tonumber(ARGV[2]) then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation')
+if h[1] ~= false then
+  if ARGV[3] ~= '' and h[2] ~= false and h[2] ~= ARGV[3] then return 0 end
+  if tonumber(ARGV[2]) >= 0 and tonumber(h[1]) ~= tonumber(ARGV[2]) then return 0 end
+end
 redis.call('DEL', KEYS[1], KEYS[2])
+if ARGV[3] ~= '' then
+  if tonumber(ARGV[4]) > 0 then
+    redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+  else
+    redis.call('SET', KEYS[3], ARGV[3])
+  end
+end
 return 1
 """
 
 LOST, STALE = -1, -2
+
+
+def record_expire_ms(ttl: float) -> int:
+    """How long Redis keeps a session's record (and a closed one's tombstone): its TTL and a
+    minute more; past ~1e9 s no expiry (Redis refuses larger expiries)."""
+    return 0 if ttl > 1e9 else int(1000 * ttl) + 60_000
+
+
 _PERSIST_RE = re.compile(r"^\s*(\d+)\s*(ms)?\s*$")
 
 
@@ -237,8 +255,7 @@ class RedisBackend:
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
             for sid, version, snap, principal, ttl, incarnation in items:
-                # past ~1e9 s a key never expires in practice; Redis refuses larger expiries
-                expire_ms = 0 if ttl > 1e9 else int(1000 * ttl) + 60_000
+                expire_ms = record_expire_ms(ttl)
                 pipe.evalsha(  # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
                     self._put.sha, 2, self.key(sid), self.lease(sid),
                     owner, version, snap, principal, repr(float(ttl)), expire_ms, incarnation,
@@ -251,10 +268,27 @@ class RedisBackend:
                 self.client.script_load(_PUT)
         raise AssertionError("unreachable")
 
-    def drop(self, session_id: str, owner: str, version: int = -1) -> bool:
-        return bool(
-            self._drop(keys=[self.key(session_id), self.lease(session_id)], args=[owner, version])
-        )
+    def tomb(self, session_id: str) -> str:
+        return f"{self.prefix}:x:{session_id}"
+
+    def drop(
+        self,
+        session_id: str,
+        owner: str,
+        version: int = -1,
+        incarnation: str = "",
+        expire_ms: int = 0,
+    ) -> bool:
+        """Delete a closed session's record and lease (not another incarnation's, nor one a
+        replica leases now) and leave a tombstone of its incarnation for `expire_ms` (0: no
+        expiry), so a replica holding an old copy knows it was closed, not lost."""
+        keys = [self.key(session_id), self.lease(session_id), self.tomb(session_id)]
+        return bool(self._drop(keys=keys, args=[owner, version, incarnation or "", expire_ms]))
+
+    def closed_incarnation(self, session_id: str) -> str | None:
+        """The incarnation of `session_id` last closed (its tombstone), or None."""
+        v = self.client.get(self.tomb(session_id))
+        return v.decode() if v is not None else None
 
 
 class RedisReplication:
@@ -442,11 +476,26 @@ class RedisReplication:
 
     def _fetch(self, sid: str, principal: str) -> None:
         rec = self.backend.load(sid)
+        local = self.store.local(sid)
+        if (
+            local is not None
+            and rec is not None
+            and rec["incarnation"]
+            not in (
+                None,
+                local.incarnation,
+            )
+        ):  # our copy is of a session closed since: the id is another session's now
+            with self._io:
+                self.store.drop(local)
+            local = None
         if rec is None or rec["principal"] != principal:
-            local = self.store.local(sid)
             if rec is None and local is not None and local.principal == principal:
                 with self._io:
-                    self._republish(local)  # our key expired or was lost: ours is the newest
+                    if self.backend.closed_incarnation(sid) == local.incarnation:
+                        self.store.drop(local, "closed")  # closed on another replica
+                    else:
+                        self._republish(local)  # our key expired or was lost: ours is newest
             return  # nothing to fetch: `get` says unknown / closed
         t0 = self._take_lease(sid)  # may wait for another replica: no lock held meanwhile
         with self._io:
@@ -674,7 +723,7 @@ class RedisReplication:
         self._used.discard(s.id)
         version = self._version.pop(s.id, -1)
         if reason in ("closed", "evicted"):
-            self._drops[s.id] = version
+            self._drops[s.id] = (version, s.incarnation, record_expire_ms(s.ttl))
 
     def closed(self) -> None:
         """After a close: delete its keys now."""
@@ -687,8 +736,8 @@ class RedisReplication:
 
     def _delete_dropped(self) -> None:
         drops, self._drops = self._drops, {}
-        for sid, version in drops.items():
-            self.backend.drop(sid, self.replica_id, version)
+        for sid, (version, incarnation, expire_ms) in drops.items():
+            self.backend.drop(sid, self.replica_id, version, incarnation, expire_ms)
 
     def flush(self) -> None:
         """Write every unwritten step, delete closed keys, release every lease (shutdown)."""

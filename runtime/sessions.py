@@ -587,12 +587,14 @@ class SessionStore:
             self.slab.write(s._slot, state)
             return s
 
-    def drop(self, s: Session) -> None:
-        """Forget the local copy of a session another replica owns now."""
+    def drop(self, s: Session, reason: str = "moved") -> None:
+        """Forget the local copy of a session another replica owns now ("moved"), or one
+        closed on another replica ("closed": later `get`s say so)."""
         with self._lock:
             if self._sessions.get(s._id) is s:
-                self._remove(s, "moved")
-                self._gone.pop(s._id, None)
+                self._remove(s, reason)
+                if reason == "moved":
+                    self._gone.pop(s._id, None)
 
     def flush(self) -> None:
         """Write what is not yet persisted elsewhere and let go of ownership (shutdown)."""

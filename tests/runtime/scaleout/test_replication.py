@@ -11,7 +11,13 @@ import time
 
 import numpy as np
 import pytest
-from ssmstream.runtime.errors import InvalidInput, ModelError, SessionBusy, Unavailable
+from ssmstream.runtime.errors import (
+    InvalidInput,
+    ModelError,
+    SessionBusy,
+    SessionNotFound,
+    Unavailable,
+)
 from ssmstream.runtime.replication import RedisReplication, parse_persist_every
 from ssmstream.runtime.sessions import SessionStore
 
@@ -195,7 +201,12 @@ def test_close_and_eviction_delete_the_keys(redis_server):
     assert a.evict_idle() == [s2]
     a.replication._delete_dropped()  # the background thread does this
     assert not a.replication.backend.exists(s2)
-    assert a.replication.backend.client.keys("ssmstream:*") == [b"ssmstream:snapshot-key"]
+    # left: the snapshot key and a tombstone per closed session, expiring after its TTL
+    client = a.replication.backend.client
+    tombs = {f"ssmstream:x:{sid}".encode() for sid in (s1, s2)}
+    assert set(client.keys("ssmstream:*")) == {b"ssmstream:snapshot-key", *tombs}
+    for key in tombs:
+        assert 0 < client.pttl(key) <= 70_000
 
 
 def test_fork_and_restore_are_written_at_once(redis_server):
@@ -365,3 +376,40 @@ def test_a_refused_create_leaves_the_lease_of_the_session_using_the_id(redis_ser
     a.replication.stop()
     b.fetch(sid, "alice")
     np.testing.assert_array_equal(b.read(b.get(sid, "alice")), last)
+
+
+def test_a_session_closed_on_another_replica_never_comes_back(redis_server):
+    """Replica A keeps an old copy of a session that moved to B and was closed there: A's
+    next fetch of it finds the tombstone of that incarnation and forgets its copy (NOT_FOUND
+    closed), instead of republishing it as if Redis had lost the key."""
+    rng = np.random.default_rng(9)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    time.sleep(0.3)  # A's lease lapses (the session is idle there)
+    b.fetch(sid, "alice")
+    step(b, sid, rng, "alice")
+    b.close(sid, "alice")
+    a.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound, match="closed"):
+        a.get(sid, "alice")
+    assert not a.replication.backend.exists(sid)
+
+
+def test_an_old_copy_is_not_served_once_its_id_is_another_session(redis_server):
+    """The same, with the id taken since by another principal's new session: A drops its
+    old copy instead of serving it to its former owner, and leaves the new session alone."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create("alice", session_id="chat-1").id
+    time.sleep(0.3)
+    b.fetch(sid, "alice")
+    b.close(sid, "alice")
+    new = b.create("mallory", session_id="chat-1")
+    a.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound):
+        a.get(sid, "alice")
+    rec = b.replication.backend.load(sid)
+    assert rec["principal"] == "mallory" and rec["incarnation"] == new.incarnation
+    assert b.get(sid, "mallory") is new
