@@ -10,7 +10,10 @@ the store, batcher and engine behind it trust what they get.
 
 Rules that live here:
 - Locality: with a shared state store a session is made local (`store.fetch`, off the
-  event loop) before it is used.
+  event loop) before it is used. A fetch may wait up to the lease time for another replica:
+  fetches run in a pool of their own (FETCH_THREADS), concurrent fetches of one session are
+  one fetch, and one principal has at most FETCHES_PER_PRINCIPAL in the pool at a time, so
+  no client can keep the others' sessions from loading.
 - Attachment: a Stream or Generate attaches to one session *incarnation*; other Steps,
   Streams and Generates of it are refused (SessionBusy) until it detaches. Once that
   session is closed, the attachment's next step is NOT_FOUND — also when a new session
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +54,8 @@ from .sessions import Session, SessionStore, check_session_id
 from .snapshots import snapshot_position
 
 DRAINING = "server is shutting down; the session is saved, resume after the restart"
+FETCH_THREADS = 16  # threads loading sessions from a shared state store
+FETCHES_PER_PRINCIPAL = 4  # of them, what one principal's requests may hold at a time
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,13 @@ class SessionService:
         self.checkpoint_budget = CheckpointBudget(limits.rewind_memory_bytes)
         # (session id, incarnation) -> the attachment driving it (a Stream or a Generate)
         self._attached: dict[tuple[str, str], Attachment] = {}
+        self._fetching: dict[tuple[str, str], asyncio.Future] = {}  # (id, principal) -> fetch
+        self._fetch_slots: dict[str, asyncio.Semaphore] = {}  # principal -> its share
+        self._fetch_pool = (
+            ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="ssmstream-fetch")
+            if store.replication is not None
+            else None
+        )
         self._open_attachments: set[Attachment] = set()  # also those not yet attached
 
     # --- checks: the one place ---------------------------------------------------------
@@ -147,8 +160,32 @@ class SessionService:
         """The live session `session_id` of `principal`, made local to this replica."""
         self._ref(session_id)
         if not self.store.held(session_id):
-            await asyncio.to_thread(self.store.fetch, session_id, principal)
+            await self._fetch(session_id, principal)
         return self.store.get(session_id, principal)
+
+    async def _fetch(self, session_id: str, principal: str) -> None:
+        """store.fetch in the fetch pool; requests that need the same session meanwhile
+        wait for the same fetch (see the module docstring)."""
+        key = (session_id, principal)
+        fut = self._fetching.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._fetch_once(session_id, principal))
+            self._fetching[key] = fut
+
+            def done(f: asyncio.Future) -> None:
+                self._fetching.pop(key, None)
+                if not f.cancelled():
+                    f.exception()  # retrieved: each waiter raises it, or none is left
+
+            fut.add_done_callback(done)
+        await asyncio.shield(fut)
+
+    async def _fetch_once(self, session_id: str, principal: str) -> None:
+        slots = self._fetch_slots.setdefault(principal, asyncio.Semaphore(FETCHES_PER_PRINCIPAL))
+        async with slots:
+            loop = asyncio.get_running_loop()
+            pool = self._fetch_pool  # None without replication: the default executor
+            await loop.run_in_executor(pool, self.store.fetch, session_id, principal)
 
     def _check_detached(self, s: Session) -> None:
         holder = self._attached.get((s.id, s.incarnation))

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ from ssmstream.runtime.errors import (
     SessionNotFound,
     Unavailable,
 )
-from ssmstream.runtime.service import ServiceLimits, SessionService
+from ssmstream.runtime.service import FETCHES_PER_PRINCIPAL, ServiceLimits, SessionService
 from ssmstream.runtime.sessions import SessionStore
 from ssmstream.runtime.snapshots import MAX_POSITION
 
@@ -363,6 +366,51 @@ def test_an_attachment_whose_session_was_evicted_is_told_evicted(toy_tok):
         return errors
 
     assert run(main()) == ["evicted", "evicted"]
+
+
+def test_fetches_are_shared_per_session_and_no_principal_holds_every_fetch_thread(toy_tok):
+    """With a shared store, sessions not held here are fetched (a fetch may wait up to the
+    lease time): ten requests for one session make one fetch, and one principal's many
+    fetches take at most FETCHES_PER_PRINCIPAL threads, so another principal's fetch starts
+    at once instead of queueing behind them."""
+
+    async def main():
+        svc = await started(toy_tok)
+        store = svc.store
+        mine = [store.create("mallory").id for _ in range(8)]
+        theirs = store.create("alice").id
+        lock, calls, running, done = threading.Lock(), [], {"mallory": 0, "alice": 0}, []
+        peak, seen_done = {"mallory": 0}, []
+
+        def fetch(sid, principal):  # as a replicated store's: blocks while it waits
+            with lock:
+                calls.append(sid)
+                running[principal] += 1
+                peak["mallory"] = max(peak["mallory"], running["mallory"])
+                if principal == "alice":
+                    seen_done.append(len(done))
+            time.sleep(0.1)
+            with lock:
+                running[principal] -= 1
+                if principal == "mallory":
+                    done.append(sid)
+
+        store.held, store.fetch = (lambda sid: False), fetch
+        svc._fetch_pool = ThreadPoolExecutor(16)  # what a replicated store's service has
+        burst = [svc._session(mine[0], "mallory") for _ in range(10)]
+        burst += [svc._session(sid, "mallory") for sid in mine[1:]]
+        tasks = [asyncio.ensure_future(c) for c in burst]
+        await asyncio.sleep(0.01)
+        got = await svc._session(theirs, "alice")
+        sessions = await asyncio.gather(*tasks)
+        await svc.batcher.close()
+        return calls, peak["mallory"], seen_done, got, sessions
+
+    calls, peak, seen_done, got, sessions = run(main())
+    assert calls.count(calls[0]) == 1 and len(calls) == 8 + 1  # one fetch per session
+    assert peak <= FETCHES_PER_PRINCIPAL
+    assert seen_done == [0]  # alice's fetch ran before any of mallory's had finished
+    assert got.principal == "alice" and {s.principal for s in sessions} == {"mallory"}
 
 
 def test_draining_refuses_new_work_and_ends_idle_attachments(toy_tok):
