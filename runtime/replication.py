@@ -332,7 +332,9 @@ class RedisReplication:
         self._version: dict[str, int] = {}  # id -> the Redis version the local copy builds on
         self._dirty: dict[str, int] = {}  # id -> steps committed since the last write
         self._used: set[str] = set()  # stepped since the last renewal
-        self._drops: dict[str, int] = {}  # closed/evicted ids whose keys are still to delete
+        # closed/evicted ids whose keys are still to delete: (version, incarnation, expire ms)
+        self._drops: dict[str, tuple[int, str, int]] = {}
+        self._drops_lock = threading.Lock()  # added under the store's lock, taken by I/O
         self._io = threading.RLock()  # orders writes of one session with its commits
         self.degraded = False
         self.degraded_since: float | None = None
@@ -472,7 +474,8 @@ class RedisReplication:
             self._fetch(session_id, principal)
         except self.backend.Error as e:
             self._degrade(e)
-            raise Unavailable(f"state store failed while loading {session_id!r}: {e}") from e
+            log.warning("state store failed while loading %r: %s", session_id, e)
+            raise Unavailable(f"state store failed while loading {session_id!r}; retry") from e
 
     def _fetch(self, sid: str, principal: str) -> None:
         rec = self.backend.load(sid)
@@ -723,7 +726,8 @@ class RedisReplication:
         self._used.discard(s.id)
         version = self._version.pop(s.id, -1)
         if reason in ("closed", "evicted"):
-            self._drops[s.id] = (version, s.incarnation, record_expire_ms(s.ttl))
+            with self._drops_lock:
+                self._drops[s.id] = (version, s.incarnation, record_expire_ms(s.ttl))
 
     def closed(self) -> None:
         """After a close: delete its keys now."""
@@ -735,7 +739,8 @@ class RedisReplication:
             self._degrade(e)
 
     def _delete_dropped(self) -> None:
-        drops, self._drops = self._drops, {}
+        with self._drops_lock:
+            drops, self._drops = self._drops, {}
         for sid, (version, incarnation, expire_ms) in drops.items():
             self.backend.drop(sid, self.replica_id, version, incarnation, expire_ms)
 
