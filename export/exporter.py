@@ -19,8 +19,9 @@ Graph I/O (B batch, T length, S packed state, V outputs):
                   -> output float32 [B, V], state_out float32 [B, S]
     prefill.onnx  input int64 [B, T] | float32 [B, T, d_input], state float32 [B, S],
                   length int64 [] (optional: how many of the T inputs are real, the rest is
-                  padding at the end of the last chunk; default: all; T - chunk < length ≤ T,
-                  a value outside is clamped into that range)
+                  padding at the end of the last chunk; default: all; T - chunk < length ≤ T:
+                  the graph does not check it, and a value outside gives a wrong state_out
+                  (the runtime only feeds valid ones))
                   -> output float32 [B, T, V], state_out float32 [B, S] (after input
                   `length`), chunk_states float32 [B, T / chunk, S]
                   (T a multiple of graphs.prefill.chunk, at most graphs.prefill.max_len)

@@ -216,8 +216,11 @@ def slots_vs_step(
         x = random_inputs(manifest, B, 1, rng)[:, 0]
         want, s = engine.step(x, s)
         got = engine.step_slots(x, slots, slab)
-        err_o = max(err_o, float(np.max(np.abs(got.astype(np.float64) - want))))
-        err_s = max(err_s, float(np.max(np.abs(slab.read_rows(slots) - s))))
+        d_o = np.abs(got.astype(np.float64) - want)
+        d_s = np.abs(slab.read_rows(slots).astype(np.float64) - s)
+        # a NaN or inf anywhere is an infinite error (Python's max would skip a NaN)
+        err_o = max(err_o, float(d_o.max()) if np.isfinite(d_o).all() else np.inf)
+        err_s = max(err_s, float(d_s.max()) if np.isfinite(d_s).all() else np.inf)
     rest = np.setdiff1d(np.arange(3 * B), slots)
     untouched = bool(np.array_equal(slab.read_rows(rest), others[rest]))
     return {

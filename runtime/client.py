@@ -78,6 +78,28 @@ class StepResult:
         )
 
 
+def _ints(name: str, xs) -> list[int]:
+    """Token ids as ints; ValueError naming `name` for anything but integers (a float is
+    not truncated)."""
+    a = np.asarray(xs if xs is not None else [])
+    if a.size and a.dtype.kind not in "iu":
+        raise ValueError(f"{name}: must be integers, got {a.reshape(-1)[0]!r} ({a.dtype})")
+    return a.astype(np.int64).reshape(-1).tolist()
+
+
+def _count(name: str, v, high: int = 2**32 - 1) -> int:
+    """An integer in [0, high] (the proto's unsigned field); ValueError naming `name`."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= high:
+        raise ValueError(f"{name}: must be an integer in [0, {high}], got {v!r}")
+    return int(v)
+
+
+def _number(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: must be a number, got {v!r}")
+    return float(v)
+
+
 def step_request(
     session_id: str = "",
     tokens: Sequence[int] | np.ndarray | None = None,
@@ -88,11 +110,16 @@ def step_request(
     """A StepRequest: `tokens` int [T], or `values` float [T, I] (flattened row-major)."""
     if output not in OUTPUTS:
         raise ValueError(f"output: must be one of {sorted(OUTPUTS)}, got {output!r}")
-    req = pb.StepRequest(session_id=session_id, output=OUTPUTS[output], top_k=top_k)
+    req = pb.StepRequest(
+        session_id=session_id, output=OUTPUTS[output], top_k=_count("top_k", top_k)
+    )
     if tokens is not None:
-        req.tokens.extend(np.asarray(tokens, dtype=np.int64).reshape(-1).tolist())
+        req.tokens.extend(_ints("tokens", tokens))
     if values is not None:
-        req.values.extend(np.asarray(values, dtype=np.float32).reshape(-1).tolist())
+        try:
+            req.values.extend(np.asarray(values, dtype=np.float32).reshape(-1).tolist())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"values: must be numbers ({e})") from None
     return req
 
 
@@ -107,18 +134,20 @@ def generate_request(
     stop: Sequence[int] = (),
     keep_session: bool = False,
 ) -> pb.GenerateRequest:
+    """A GenerateRequest; ValueError naming the argument for a value of the wrong type or
+    outside its field (the server checks the ranges it allows)."""
     req = pb.GenerateRequest(
         session_id=session_id,
-        prompt=[int(t) for t in prompt],
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop_tokens=[int(t) for t in stop],
-        keep_session=keep_session,
+        prompt=_ints("prompt", prompt),
+        max_new_tokens=_count("max_new_tokens", max_new_tokens),
+        temperature=_number("temperature", temperature),
+        top_k=_count("top_k", top_k),
+        top_p=_number("top_p", top_p),
+        stop_tokens=_ints("stop", stop),
+        keep_session=bool(keep_session),
     )
     if seed is not None:
-        req.seed = seed
+        req.seed = _count("seed", seed, 2**64 - 1)
     return req
 
 
@@ -622,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     stop = _ids(a.stop, "--stop", parser)
+    if a.rewind_to is not None and not a.session:  # before any call to the server
+        parser.error("--rewind-to needs --session")
     client = Client(
         a.server,
         token=os.environ.get(a.token_env) or None,
@@ -643,8 +674,6 @@ def main(argv: list[str] | None = None) -> int:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         session = client.session(a.session)
         if a.rewind_to is not None:
-            if not a.session:
-                parser.error("--rewind-to needs --session")
             session.rewind(a.rewind_to)
         t0, first, n = time.perf_counter(), None, 0
         for r in session.generate(

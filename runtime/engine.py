@@ -48,6 +48,7 @@ d_in / d_out input / output features.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -269,6 +270,7 @@ class Engine:
                 graphs["prefill"]["file"], session_options(threads), prefill_providers
             )
             trim_heap()  # ORT frees the prefill's build-time tables but glibc keeps the pages
+            self._check_embedded(self._prefill_session, graphs["prefill"], "prefill")
             self.prefill_chunk = int(graphs["prefill"].get("chunk", 1))
             max_len = int(graphs["prefill"].get("max_len", 0)) or 4096
             self.prefill_max_len = max(self.prefill_chunk, max_len - max_len % self.prefill_chunk)
@@ -354,6 +356,25 @@ class Engine:
         except Exception as e:  # onnxruntime raises its own unrelated exception types
             what = f"the slot graph of {path}" if model else path
             raise ModelError(f"onnxruntime cannot open {what}: {e}") from e
+
+    @staticmethod
+    def _check_embedded(session: ort.InferenceSession, entry: dict, name: str) -> None:
+        """The manifest's shape fields of a graph against the copy the exporter embedded in the
+        graph itself (metadata "ssmstream.manifest", covered by the graph's sha256): an edited
+        manifest.json must not make the runtime call the graph with the wrong chunk."""
+        text = session.get_modelmeta().custom_metadata_map.get("ssmstream.manifest")
+        if not text:
+            return  # a graph written without it (by hand, or by an older exporter)
+        try:
+            own = json.loads(text)["graphs"][name]
+        except (ValueError, KeyError, TypeError):
+            return
+        for key in ("chunk", "max_len"):
+            if key in own and entry.get(key) != own[key]:
+                raise ModelError(
+                    f"manifest.json: graphs.{name}.{key} is {entry.get(key)!r}, the {name} graph "
+                    f"was exported with {own[key]!r}: the manifest was edited; re-export the model"
+                )
 
     def _check_graph(self, sess: ort.InferenceSession, name: str, time_axis: bool) -> None:
         """The graph's I/O names, ranks and state size match the contract and manifest."""
@@ -759,9 +780,11 @@ class Engine:
 
     def _generate(self, prompt, s, target, config: GenerateConfig) -> Iterator[int]:
         """Drive the generation loop (runtime/generation.py) on one state [1, S]."""
-        if config.max_new_tokens == 0:
-            return
         logits, s = self.prefill_unchecked(prompt, s)  # [1, T, V], [1, S]
+        if config.max_new_tokens == 0:  # nothing to sample: the state holds the prompt
+            if target is not None:
+                target.reshape(1, self.state_size)[:] = s
+            return
         gen, position = Generation(config), prompt.shape[1]
         g = gen(logits[0, -1], position)
         try:

@@ -84,6 +84,18 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     if "step" not in m["graphs"]:
         raise ModelError(f"{path}: graphs.step is missing")
     for name, g in m["graphs"].items():
+        if not (
+            isinstance(g, dict)
+            and isinstance(g.get("file"), str)
+            and (isinstance(g.get("sha256"), str) or not check_sha)
+        ):
+            raise ModelError(f"{path}: graphs.{name} needs a 'file' and its 'sha256' (strings)")
+        for key in ("chunk", "max_len"):
+            v = g.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ModelError(
+                    f"{path}: graphs.{name}.{key} must be a positive integer, got {v!r}"
+                )
         f = model_dir / g["file"]
         if not f.is_file():
             raise ModelError(f"{f} ({name} graph) is missing")

@@ -95,8 +95,7 @@ def probabilities(
     if temperature == 0:
         p[int(np.argmax(z))] = 1.0
         return p
-    z = z / temperature
-    z = z - z.max()
+    z = (z - z.max()) / temperature  # shifted first: a tiny temperature cannot overflow it
     p = np.exp(z)  # [V]
     if 0 < top_k < V:
         # zero everything below the k-th largest probability (ties at the cut are kept)

@@ -441,3 +441,26 @@ def test_rewind_replays_a_long_remainder_in_the_prefill_graph(token_model):
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_the_slot_check_fails_a_slot_graph_that_returns_nan(token_model):
+    """verify's slot-vs-step check counts a NaN or inf as an infinite error (Python's max had
+    skipped it, so a slot graph returning NaN passed with error 0)."""
+    from ssmstream.export.verify import slots_vs_step
+
+    eng = Engine(token_model, device="cpu")
+    m = load_manifest(token_model)
+    states = np.zeros((2, eng.state_size), np.float32)
+    good = slots_vs_step(eng, m, states, np.random.default_rng(0), steps=2)
+    assert good["passed"] and good["max_abs_output"] == 0.0
+    real = eng.step_slots
+
+    def nan_slots(x, slots, slab):
+        out = real(x, slots, slab)
+        for row in slots:
+            slab.write(int(row), np.full(eng.state_size, np.nan, np.float32))
+        return np.full_like(out, np.nan)
+
+    eng.step_slots = nan_slots
+    bad = slots_vs_step(eng, m, states, np.random.default_rng(0), steps=2)
+    assert not bad["passed"] and bad["max_abs_output"] == bad["max_abs_state"] == np.inf

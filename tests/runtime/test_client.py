@@ -7,7 +7,13 @@ import asyncio
 import numpy as np
 import pytest
 from ssmstream.runtime import cli
-from ssmstream.runtime.client import AsyncClient, Client, channel_credentials, step_request
+from ssmstream.runtime.client import (
+    AsyncClient,
+    Client,
+    channel_credentials,
+    generate_request,
+    step_request,
+)
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.server import BackgroundServer
@@ -167,6 +173,30 @@ def test_generate_cli_reports_server_errors(server, capsys):
 def test_client_side_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match="^output: "):
         step_request("s", tokens=[1], output="everything")
+    bad_steps = [
+        (dict(tokens=[1.9, 2.5]), "tokens"),  # not truncated to [1, 2]
+        (dict(tokens=[True]), "tokens"),
+        (dict(values=["x"]), "values"),
+        (dict(tokens=[1], output="top_k", top_k=-2), "top_k"),
+    ]
+    for kw, field in bad_steps:
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            step_request("s", **kw)
+    bad_generates = [
+        ([3.7], {}, "prompt"),
+        ([1], dict(stop=[4.2]), "stop"),
+        ([1], dict(max_new_tokens=-1), "max_new_tokens"),
+        ([1], dict(max_new_tokens=2.0), "max_new_tokens"),
+        ([1], dict(top_k=-1), "top_k"),
+        ([1], dict(seed=-1), "seed"),
+        ([1], dict(temperature="hot"), "temperature"),
+        ([1], dict(top_p=None), "top_p"),
+    ]
+    for prompt, kw, field in bad_generates:
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            generate_request("s", prompt, **kw)
+    ok = generate_request("s", np.array([1, 2]), seed=2**64 - 1, stop=np.array([3]))
+    assert list(ok.prompt) == [1, 2] and ok.seed == 2**64 - 1 and list(ok.stop_tokens) == [3]
     with pytest.raises(ValueError, match="^client_cert/client_key: "):
         channel_credentials(client_cert=b"pem")
     assert channel_credentials() is None

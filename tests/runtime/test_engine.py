@@ -329,6 +329,42 @@ def test_generate_seeded_stop_and_state_in_place(tok_engine):
     np.testing.assert_allclose(state2, s2, rtol=1e-5, atol=1e-6)
 
 
+def test_generate_nothing_still_consumes_the_prompt_into_the_state(tok_engine):
+    eng = tok_engine
+    state = np.zeros(eng.state_size, dtype=np.float32)
+    assert list(eng.generate([5, 6, 7], state=state, max_new_tokens=0)) == []
+    _, s = eng.prefill(np.array([[5, 6, 7]]), eng.new_state())
+    np.testing.assert_allclose(state, s[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_edited_or_malformed_manifest_is_refused_naming_the_field(tiny_token_model, tmp_path):
+    """A manifest whose prefill chunk or max_len differs from what the graph was exported
+    with (the graph carries its own copy) would make the runtime pad and cut prompts wrong:
+    refused when the model opens; a graph entry without file/sha256 or a bad chunk is a
+    ModelError, not a KeyError or ZeroDivisionError."""
+
+    def edited(change):
+        d = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_token_model["model_dir"], d)
+        m = json.loads((d / "manifest.json").read_text())
+        change(m["graphs"])
+        (d / "manifest.json").write_text(json.dumps(m))
+        return d
+
+    chunk = json.loads((tiny_token_model["model_dir"] / "manifest.json").read_text())["graphs"][
+        "prefill"
+    ]["chunk"]
+    for change, words in (
+        (lambda g: g["prefill"].update(chunk=2 * chunk), "graphs.prefill.chunk"),
+        (lambda g: g["prefill"].update(max_len=8 * chunk), "graphs.prefill.max_len"),
+        (lambda g: g["prefill"].update(chunk=0), "graphs.prefill.chunk"),
+        (lambda g: g["step"].pop("sha256"), "graphs.step"),
+        (lambda g: g.update(step=["step.onnx"]), "graphs.step"),
+    ):
+        with pytest.raises(ModelError, match=words.replace(".", r"\.")):
+            Engine(edited(change), device="cpu")
+
+
 def test_generate_bad_arguments(tok_engine, sig_engine):
     with pytest.raises(InvalidInput, match="prompt"):
         tok_engine.generate([], max_new_tokens=3)

@@ -52,6 +52,15 @@ def test_greedy_is_argmax_and_uses_no_randomness():
     assert sample(np.array([1.0, -np.inf, 1.0]), temperature=0) == 0  # first index on ties
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-308, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    """z / T overflowed to inf before the max was subtracted (inf - inf = NaN)."""
+    logits = np.array([3.0, 1.0, 2.0, -1.0, -np.inf])
+    p = probabilities(logits, temperature)
+    np.testing.assert_array_equal(p, [1, 0, 0, 0, 0])
+    assert sample(logits, temperature, rng=np.random.default_rng(0)) == 0
+
+
 def test_empirical_frequencies_follow_the_distribution():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     rng = np.random.default_rng(1)
