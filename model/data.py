@@ -205,8 +205,8 @@ class SignalConfig:
 
     def __post_init__(self):
         for name in ("rate", "duration", "tau"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
         if self.n_components <= 0:
             raise ValueError(f"n_components must be positive, got {self.n_components}")
         if not 0 < self.freq_min <= self.freq_max:
@@ -223,8 +223,10 @@ class SignalConfig:
             raise ValueError(
                 f"unknown signal target {self.target!r}; expected one of {SIGNAL_TARGETS}"
             )
-        if self.horizon is not None and not self.horizon > 0:
-            raise ValueError(f"horizon must be positive, got {self.horizon}")
+        if self.horizon is not None and not 0 < self.horizon < math.inf:
+            raise ValueError(f"horizon must be positive and finite, got {self.horizon}")
+        if not math.isfinite(self.duration * self.rate):
+            raise ValueError(f"duration · rate must be finite, got {self.duration * self.rate}")
         if self.length < 1:
             raise ValueError(f"duration · rate must give at least one sample, got {self.length}")
 

@@ -83,7 +83,7 @@ class SSMConfig:
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0 < self.dt_min <= self.dt_max:
+        if not 0 < self.dt_min <= self.dt_max < math.inf:
             raise ValueError(
                 f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}"
             )

@@ -132,8 +132,10 @@ def plot_layer(
     if title:
         fig.suptitle(title)
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"out: {path} is a directory; give the PNG file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # PNG whatever the name ends in: written as named
     log.info("wrote %s", path)
     return path
 
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             n_modes=args.n_modes,
             n_kernels=args.n_kernels,
         )
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, OSError) as e:  # OSError: --out cannot be written
         parser.error(str(e))
     return 0
 

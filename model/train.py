@@ -12,7 +12,7 @@ Optimizer: AdamW with two parameter groups,
 and one schedule for both: linear warm-up over `warmup_steps`, then cosine from 1 to
 `min_lr_ratio` at `steps`,
 
-    s(k) = k / w                                       k < w
+    s(k) = (k + 1) / w                                 k < w   (step k = 0, 1, …)
     s(k) = m + (1 − m) · ½ (1 + cos(π (k − w) / (T − w)))   otherwise
 
 Gradients are clipped to a global norm `grad_clip`. The loss is cross-entropy (text,
@@ -141,11 +141,13 @@ class TrainConfig:
             if (name in positive or value is not None) and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         for name in ("lr", "ssm_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
         for name in ("weight_decay", "warmup_steps", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # also refuses NaN
+                raise ValueError(
+                    f"{name} must be non-negative and finite, got {getattr(self, name)}"
+                )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps >= self.steps:
@@ -361,8 +363,29 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _resume(out: Path, model_cfg: SSMConfig | None, device) -> tuple[SSMNetwork, dict, int]:
+# what a resumed run may change: where and how it reports, not what it computes
+RESUME_MAY_CHANGE = frozenset(
+    {"out", "stop_after", "log_every", "eval_every", "eval_batches", "save_every", "resume",
+     "device", "threads", "progress"}
+)  # fmt: skip
+
+
+def _resume(
+    out: Path, model_cfg: SSMConfig | None, cfg: TrainConfig, device
+) -> tuple[SSMNetwork, dict, int]:
     meta = read_checkpoint_meta(out)
+    saved = meta.get("train")
+    if isinstance(saved, dict):  # the run continues exactly only with the same schedule/data
+        now = cfg.to_dict()
+        differ = sorted(
+            k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]
+        )
+        if differ:
+            got = ", ".join(f"{k}={now[k]!r} (saved: {saved[k]!r})" for k in differ)
+            raise ValueError(
+                f"cannot resume {out}: {got}; pass the run's original values (use --stop-after "
+                "to stop a run early and --resume to continue it)"
+            )
     net = load_checkpoint(out).to(device).train()
     if model_cfg is not None and model_cfg.to_dict() != net.cfg.to_dict():
         log.warning("resuming %s: its model config is used, not the one given", out)
@@ -432,7 +455,7 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
 
 def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batches: Batches):
     if cfg.resume:
-        net, state, step = _resume(out, model_cfg, device)
+        net, state, step = _resume(out, model_cfg, cfg, device)
         check_model_for_task(net.cfg, cfg.task)
     else:
         torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)

@@ -72,6 +72,18 @@ def test_bad_arguments(tmp_path, capsys):
         main([str(tmp_path / "missing-ckpt")])
     assert "missing-ckpt" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
+    with pytest.raises(ValueError, match="^out: .* is a directory"):
+        plot_layer(layer, tmp_path)
+
+
+def test_plot_writes_the_file_it_names_whatever_its_suffix(tmp_path):
+    """matplotlib had added .png to a name without one, while the log and the return value
+    named the file given (which did not exist)."""
+    layer = SSM(4, d_state=4)
+    for name in ("basis", "basis.img"):
+        path = plot_layer(layer, tmp_path / name, length=16)
+        assert path == tmp_path / name and _png_size(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["basis", "basis.img"]
 
 
 def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):

@@ -185,12 +185,30 @@ def test_resume_refuses_inconsistent_state(trained, tmp_path):
     meta = json.loads((ckpt / "config.json").read_text())
     meta["step"] = 39
     (ckpt / "config.json").write_text(json.dumps(meta))
-    resume = TrainConfig(**{**cfg.to_dict(), "out": str(ckpt), "resume": True, "steps": 50})
+    resume = TrainConfig(**{**cfg.to_dict(), "out": str(ckpt), "resume": True})
     with pytest.raises(ValueError, match="step 40 but config.json at step 39"):
         fit(None, resume)
     (ckpt / "train_state.pt").unlink()
     with pytest.raises(ValueError, match="train_state.pt is missing"):
         fit(None, resume)
+
+
+def test_resume_refuses_a_different_schedule_or_data_and_names_the_fields(trained, tmp_path):
+    """A resumed run continues exactly only with the saved run's schedule, data and seed (a
+    new --steps had restarted the cosine schedule from a higher lr; a missing --seed had
+    silently changed the batches): anything else is refused, naming each field; where and how
+    it reports may change."""
+    result, cfg = trained
+    ckpt = tmp_path / "copy"
+    shutil.copytree(result.checkpoint, ckpt)
+    base = {**cfg.to_dict(), "out": str(ckpt), "resume": True}
+    with pytest.raises(ValueError, match=r"seed=6 \(saved: 0\), steps=80 \(saved: 40\)"):
+        fit(None, TrainConfig(**{**base, "steps": 80, "seed": cfg.seed + 6}))
+    signal = {**cfg.to_dict()["signal"], "rate": 3.0}
+    with pytest.raises(ValueError, match="signal="):
+        fit(None, TrainConfig(**{**base, "signal": signal}))
+    again = fit(None, TrainConfig(**{**base, "log_every": 3, "eval_batches": 1, "progress": False}))
+    assert again.step == 40  # a finished run: nothing more to train, and nothing refused
 
 
 def test_cli_signal_task(tmp_path, capsys):
@@ -232,6 +250,16 @@ def test_ssmstream_train_help(capsys):
         (["--task", "signal", "--rate", "2", "--freq-max", "1.5"], "Nyquist"),
         (["--task", "signal", "--target", "square"], "invalid choice: 'square'"),
         (["--data"], "expected at least one argument"),
+        # not finite: these had passed the checks, then crashed or diverged with a traceback
+        (["--lr", "inf"], "lr must be positive and finite"),
+        (["--ssm-lr", "inf"], "ssm_lr must be positive and finite"),
+        (["--grad-clip", "nan"], "grad_clip must be non-negative and finite"),
+        (["--weight-decay", "nan"], "weight_decay must be non-negative and finite"),
+        (["--dt-max", "inf"], "dt_max"),
+        (["--task", "signal", "--rate", "inf"], "rate must be positive and finite"),
+        (["--task", "signal", "--duration", "inf"], "duration must be positive and finite"),
+        (["--task", "signal", "--rate", "1e308", "--duration", "10"], "duration · rate"),
+        (["--task", "signal", "--target", "next", "--horizon", "inf"], "horizon must be"),
     ],
 )
 def test_cli_rejects_bad_flags(argv, message, tmp_path, capsys):
