@@ -84,6 +84,8 @@ def _ints(name: str, xs) -> list[int]:
     a = np.asarray(xs if xs is not None else [])
     if a.size and a.dtype.kind not in "iu":
         raise ValueError(f"{name}: must be integers, got {a.reshape(-1)[0]!r} ({a.dtype})")
+    if a.size and (a.min() < -(2**63) or a.max() > 2**63 - 1):  # would wrap in int64
+        raise ValueError(f"{name}: must fit in int64, got {a.max()!r}")
     return a.astype(np.int64).reshape(-1).tolist()
 
 

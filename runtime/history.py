@@ -12,7 +12,8 @@ the latest checkpoint ≤ r: one checkpoint copy and fewer than Q inputs through
 Checkpoints come from where states exist: after a single step when Q inputs passed since
 the last one, and from a prefill's states (where it began, its chunk ends and its end; a
 state is kept when Q inputs passed since the last checkpoint, or when the next one there is
-would be more than Q past it, so no two are more than Q apart). The batcher's
+would be more than Q past it, so no two are more than Q apart; with a prefill graph that
+reports no chunk-end states, a prefill leaves states only where its calls end). The batcher's
 worker records them (`record`) and replays a rewind (`plan`, then `rewound`), so a
 session's history changes in the order of its requests. The one other writer is the event
 loop closing the session (`release`), which may land while the worker is still finishing
@@ -170,6 +171,7 @@ class History:
             if end - 1 == self.position and end - self._checkpoints[-1][0] < self.chunk:
                 self._inputs.append(inputs[0].copy())
                 self.position = end
+                self._trim()  # the oldest checkpoint may have left the window
                 return
         x = state(*args)
         if x is not None:

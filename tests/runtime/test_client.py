@@ -176,6 +176,7 @@ def test_client_side_argument_errors_name_the_argument():
     bad_steps = [
         (dict(tokens=[1.9, 2.5]), "tokens"),  # not truncated to [1, 2]
         (dict(tokens=[True]), "tokens"),
+        (dict(tokens=np.array([2**63], np.uint64)), "tokens"),
         (dict(values=["x"]), "values"),
         (dict(tokens=[1], output="top_k", top_k=-2), "top_k"),
     ]
@@ -191,6 +192,8 @@ def test_client_side_argument_errors_name_the_argument():
         ([1], dict(seed=-1), "seed"),
         ([1], dict(temperature="hot"), "temperature"),
         ([1], dict(top_p=None), "top_p"),
+        ([2**63], {}, "prompt"),  # would wrap to a negative id in int64
+        ([1], dict(stop=np.array([2**64 - 1], np.uint64)), "stop"),
     ]
     for prompt, kw, field in bad_generates:
         with pytest.raises(ValueError, match=f"^{field}: "):

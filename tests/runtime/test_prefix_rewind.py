@@ -352,6 +352,9 @@ def test_checkpoints_are_at_most_a_chunk_apart_and_bounded(lengths):
         assert all(b - a <= Q for a, b in zip(marks, marks[1:])), marks
         assert all(x[0] == c for c, x in h._checkpoints)  # each holds its own state
         assert h.nbytes <= bound
+        assert len(h._inputs) <= W + Q and len(marks) <= 2 * W // Q + 3
+        # only the latest checkpoint at or below position - W is kept below the window
+        assert len(marks) == 1 or marks[1] > position - W, (marks, position)
         for r in range(h.oldest, position + 1):
             x, replay = h.plan(r)
             assert len(replay) < Q and x[0] == max(c for c in marks if c <= r)
