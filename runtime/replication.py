@@ -137,9 +137,9 @@ end
 redis.call('DEL', KEYS[1], KEYS[2])
 if ARGV[3] ~= '' then
   if tonumber(ARGV[4]) > 0 then
-    redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+    redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[4])
   else
-    redis.call('SET', KEYS[3], ARGV[3])
+    redis.call('SET', KEYS[3], ARGV[5])
   end
 end
 return 1
@@ -278,17 +278,25 @@ class RedisBackend:
         version: int = -1,
         incarnation: str = "",
         expire_ms: int = 0,
+        reason: str = "closed",
     ) -> bool:
-        """Delete a closed session's record and lease (not another incarnation's, nor one a
-        replica leases now) and leave a tombstone of its incarnation for `expire_ms` (0: no
-        expiry), so a replica holding an old copy knows it was closed, not lost."""
+        """Delete a closed (or evicted: `reason`) session's record and lease (not another
+        incarnation's, nor one a replica leases now) and leave a tombstone of its
+        incarnation and reason for `expire_ms` (0: no expiry), so a replica holding an old
+        copy knows it is gone, not lost."""
         keys = [self.key(session_id), self.lease(session_id), self.tomb(session_id)]
-        return bool(self._drop(keys=keys, args=[owner, version, incarnation or "", expire_ms]))
+        tomb = f"{incarnation} {reason}"
+        args = [owner, version, incarnation or "", expire_ms, tomb]
+        return bool(self._drop(keys=keys, args=args))
 
-    def closed_incarnation(self, session_id: str) -> str | None:
-        """The incarnation of `session_id` last closed (its tombstone), or None."""
+    def gone(self, session_id: str) -> tuple[str, str] | None:
+        """(incarnation, "closed" | "evicted") of the last incarnation of `session_id` that
+        ended (its tombstone), or None."""
         v = self.client.get(self.tomb(session_id))
-        return v.decode() if v is not None else None
+        if v is None:
+            return None
+        incarnation, _, reason = v.decode().partition(" ")
+        return incarnation, reason or "closed"
 
 
 class RedisReplication:
@@ -332,8 +340,9 @@ class RedisReplication:
         self._version: dict[str, int] = {}  # id -> the Redis version the local copy builds on
         self._dirty: dict[str, int] = {}  # id -> steps committed since the last write
         self._used: set[str] = set()  # stepped since the last renewal
-        # closed/evicted ids whose keys are still to delete: (version, incarnation, expire ms)
-        self._drops: dict[str, tuple[int, str, int]] = {}
+        # closed/evicted ids whose keys are still to delete: (version, incarnation, expire ms,
+        # "closed" | "evicted")
+        self._drops: dict[str, tuple[int, str, int, str]] = {}
         self._drops_lock = threading.Lock()  # added under the store's lock, taken by I/O
         self._io = threading.RLock()  # orders writes of one session with its commits
         self.degraded = False
@@ -488,18 +497,19 @@ class RedisReplication:
                 None,
                 local.incarnation,
             )
-        ):  # our copy is of a session closed since: the id is another session's now
+        ):  # our copy is of a session that ended since: the id is another session's now
             with self._io:
-                self.store.drop(local)
+                self.store.drop(local, self._ended(local) or "moved")
             local = None
         if rec is None or rec["principal"] != principal:
             if rec is None and local is not None and local.principal == principal:
                 with self._io:
-                    if self.backend.closed_incarnation(sid) == local.incarnation:
-                        self.store.drop(local, "closed")  # closed on another replica
+                    reason = self._ended(local)
+                    if reason:  # closed or evicted on another replica
+                        self.store.drop(local, reason)
                     else:
                         self._republish(local)  # our key expired or was lost: ours is newest
-            return  # nothing to fetch: `get` says unknown / closed
+            return  # nothing to fetch: `get` says unknown / closed / evicted
         t0 = self._take_lease(sid)  # may wait for another replica: no lock held meanwhile
         with self._io:
             rec = self.backend.load(sid)  # the newest, now that nobody else can write
@@ -511,6 +521,11 @@ class RedisReplication:
             except BaseException:
                 self.backend.release([sid], self.replica_id)
                 raise
+
+    def _ended(self, s: Session) -> str | None:
+        """ "closed" / "evicted" when the tombstone of s's id names s's incarnation, else None."""
+        gone = self.backend.gone(s.id)
+        return gone[1] if gone is not None and gone[0] == s.incarnation else None
 
     def _install(self, sid: str, principal: str, rec: dict, t0: float) -> None:
         """Make Redis's record of `sid` our copy (caller holds _io and the lease)."""
@@ -727,7 +742,7 @@ class RedisReplication:
         version = self._version.pop(s.id, -1)
         if reason in ("closed", "evicted"):
             with self._drops_lock:
-                self._drops[s.id] = (version, s.incarnation, record_expire_ms(s.ttl))
+                self._drops[s.id] = (version, s.incarnation, record_expire_ms(s.ttl), reason)
 
     def closed(self) -> None:
         """After a close: delete its keys now."""
@@ -741,8 +756,8 @@ class RedisReplication:
     def _delete_dropped(self) -> None:
         with self._drops_lock:
             drops, self._drops = self._drops, {}
-        for sid, (version, incarnation, expire_ms) in drops.items():
-            self.backend.drop(sid, self.replica_id, version, incarnation, expire_ms)
+        for sid, (version, incarnation, expire_ms, reason) in drops.items():
+            self.backend.drop(sid, self.replica_id, version, incarnation, expire_ms, reason)
 
     def flush(self) -> None:
         """Write every unwritten step, delete closed keys, release every lease (shutdown)."""

@@ -589,7 +589,7 @@ class SessionStore:
 
     def drop(self, s: Session, reason: str = "moved") -> None:
         """Forget the local copy of a session another replica owns now ("moved"), or one
-        closed on another replica ("closed": later `get`s say so)."""
+        closed or evicted on another replica ("closed" / "evicted": later `get`s say so)."""
         with self._lock:
             if self._sessions.get(s._id) is s:
                 self._remove(s, reason)

@@ -413,3 +413,19 @@ def test_an_old_copy_is_not_served_once_its_id_is_another_session(redis_server):
     rec = b.replication.backend.load(sid)
     assert rec["principal"] == "mallory" and rec["incarnation"] == new.incarnation
     assert b.get(sid, "mallory") is new
+
+
+def test_an_old_copy_of_a_session_evicted_elsewhere_says_evicted(redis_server):
+    now = [0.0]
+    a = replica(redis_server, "A", lease_ttl=0.2, ttl=10.0)  # the record carries the TTL
+    b = replica(redis_server, "B", lease_ttl=0.2, ttl=10.0, clock=lambda: now[0])
+    sid = a.create("alice").id
+    time.sleep(0.3)  # A's lease lapses
+    b.fetch(sid, "alice")
+    now[0] += 11.0  # idle on B past its TTL
+    assert b.evict_idle() == [sid]
+    b.replication._delete_dropped()  # the background thread does this
+    a.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound, match="evicted"):
+        a.get(sid, "alice")
+    assert not a.replication.backend.exists(sid)
