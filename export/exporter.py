@@ -54,7 +54,13 @@ import onnxruntime as ort
 import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
 from ssmstream.model.checkpoint import CheckpointError
-from ssmstream.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ssmstream.runtime.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    METADATA_KEY,
+    sha256_file,
+)
 
 from .modules import PrefillGraph, StepGraph
 
@@ -62,7 +68,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("fp32", "fp16", "int8")
 OPSET = 20
-METADATA_KEY = "ssmstream.manifest"
 VARIANTS = {
     "fp32": "weights, activations, SSM recurrence and state float32",
     "fp16": "weights and activations float16 (GPU variant); SSM recurrence and state float32",

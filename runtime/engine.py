@@ -60,7 +60,7 @@ import onnxruntime as ort
 
 from .errors import EngineFailure, InvalidInput, ModelError
 from .generation import GenerateConfig, Generation
-from .manifest import load_manifest
+from .manifest import METADATA_KEY, load_manifest
 from .providers import STEP_THREADS, CudaOptions, cuda_usable, session_options, trim_heap
 from .slab import SLOT_OUTPUT, StateSlab, slot_model
 
@@ -362,7 +362,7 @@ class Engine:
         """The manifest's shape fields of a graph against the copy the exporter embedded in the
         graph itself (metadata "ssmstream.manifest", covered by the graph's sha256): an edited
         manifest.json must not make the runtime call the graph with the wrong chunk."""
-        text = session.get_modelmeta().custom_metadata_map.get("ssmstream.manifest")
+        text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if not text:
             return  # a graph written without it (by hand, or by an older exporter)
         try:

@@ -84,11 +84,9 @@ class History:
 
     def _start(self, position: int, state: np.ndarray) -> None:
         """Begin (again) at `position` with one checkpoint, `state`, and no inputs."""
-        while self._checkpoints:
-            self._drop_oldest()
+        self._clear()
         self.position = int(position)
         self._add(self.position, state)
-        self._inputs.clear()
         self._base = self.position  # the position of _inputs[0] (= the oldest checkpoint's)
 
     def _add(self, position: int, state: np.ndarray) -> None:
@@ -103,9 +101,13 @@ class History:
         """The session is gone: give its checkpoint bytes back to the budget."""
         with self._lock:
             self.released = True
-            while self._checkpoints:
-                self._drop_oldest()
-            self._inputs.clear()
+            self._clear()
+
+    def _clear(self) -> None:
+        """No checkpoints (their bytes given back to the budget), no inputs."""
+        while self._checkpoints:
+            self._drop_oldest()
+        self._inputs.clear()
 
     @staticmethod
     def max_bytes(window: int, chunk: int, state_size: int, input_bytes: int) -> int:
@@ -146,10 +148,8 @@ class History:
         self.position = end
         # keep checkpoints at most Q apart: a state is kept when Q inputs passed since the last
         # checkpoint, or when the next state there is would be more than Q past it
-        last, at = (
-            self._checkpoints[-1][0],
-            sorted(p for p in states if p > self._checkpoints[-1][0]),
-        )
+        last = self._checkpoints[-1][0]
+        at = sorted(p for p in states if p > last)
         for i, p in enumerate(at):
             after = at[i + 1] if i + 1 < len(at) else None
             if p - last >= self.chunk or (after is not None and after - last > self.chunk):

@@ -46,6 +46,7 @@ from .errors import ModelError
 FORMAT = "ssmstream-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+METADATA_KEY = "ssmstream.manifest"  # the manifest's copy inside each graph's metadata_props
 REQUIRED = ("name", "input_kind", "d_output", "state_size", "state_layout", "dtype", "graphs")
 
 

@@ -137,9 +137,9 @@ end
 redis.call('DEL', KEYS[1], KEYS[2])
 if ARGV[3] ~= '' then
   if tonumber(ARGV[4]) > 0 then
-    redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[4])
+    redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[5], 'PX', ARGV[4])
   else
-    redis.call('SET', KEYS[3], ARGV[5])
+    redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[5])
   end
 end
 return 1
@@ -285,8 +285,7 @@ class RedisBackend:
         incarnation and reason for `expire_ms` (0: no expiry), so a replica holding an old
         copy knows it is gone, not lost."""
         keys = [self.key(session_id), self.lease(session_id), self.tomb(session_id)]
-        tomb = f"{incarnation} {reason}"
-        args = [owner, version, incarnation or "", expire_ms, tomb]
+        args = [owner, version, incarnation or "", expire_ms, reason]
         return bool(self._drop(keys=keys, args=args))
 
     def gone(self, session_id: str) -> tuple[str, str] | None:
@@ -489,15 +488,12 @@ class RedisReplication:
     def _fetch(self, sid: str, principal: str) -> None:
         rec = self.backend.load(sid)
         local = self.store.local(sid)
+        # our copy is of a session that ended since: the id is another incarnation's now
         if (
             local is not None
             and rec is not None
-            and rec["incarnation"]
-            not in (
-                None,
-                local.incarnation,
-            )
-        ):  # our copy is of a session that ended since: the id is another session's now
+            and rec["incarnation"] not in (None, local.incarnation)
+        ):
             with self._io:
                 self.store.drop(local, self._ended(local) or "moved")
             local = None

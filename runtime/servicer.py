@@ -94,11 +94,9 @@ def max_send_bytes(config: ServerConfig) -> int:
     return max(config.max_message_bytes, 64 * 1024 * 1024)
 
 
-def check_response_size(req: pb.StepRequest, rows: int, d_output: int, max_send: int) -> None:
+def check_response_size(rows: int, d_output: int, max_send: int) -> None:
     """Refuse, before any step runs, an OUTPUT_ALL whose [rows, d_output] outputs would not fit
     in one response (else the step would apply and only its response fail)."""
-    if req.output != pb.OUTPUT_ALL:
-        return
     size = 4 * rows * d_output + 256  # the floats plus the message's other fields
     if size > max_send:
         raise LimitExceeded(
@@ -188,14 +186,16 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         self.info = service.info
         self.max_send = max_send_bytes(config)
         self.d_output = int(self.info["d_output"])
+        self.d_input = int(self.info.get("d_input") or 1)  # values per input row
 
     def _check_request(self, req: pb.StepRequest) -> tuple[np.ndarray, np.ndarray]:
         """The output selection and the response size, checked before any step runs; the
         request's inputs as arrays (SessionService checks them)."""
         check_output_selection(req, self.info)
         tokens, values = request_arrays(req.tokens, req.values)
-        rows = len(tokens) or len(values) // max(1, int(self.info.get("d_input") or 1))
-        check_response_size(req, rows, self.d_output, self.max_send)
+        if req.output == pb.OUTPUT_ALL:
+            rows = len(tokens) or len(values) // self.d_input
+            check_response_size(rows, self.d_output, self.max_send)
         return tokens, values
 
     @grpc_errors
