@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,7 @@ class Server:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def ttft(client, prompt: list[int]) -> float:
@@ -226,12 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = a.model
-    if model is None:
-        from ssmstream.export import export_model
+    with tempfile.TemporaryDirectory(prefix="bench-sessions-model-") as tmp:
+        model = a.model
+        if model is None:
+            from ssmstream.export import export_model
 
-        model = str(export_model(SHIPPED, Path(tempfile.mkdtemp()) / "model"))
-    r = run(model, a.prompt_len, a.rounds, cache_mb=a.cache_mb)
+            model = str(export_model(SHIPPED, Path(tmp) / "model"))
+        r = run(model, a.prompt_len, a.rounds, cache_mb=a.cache_mb)
     if a.model is None:
         r["model"] = f"{SHIPPED.relative_to(ROOT)} (exported)"
     out = Path(a.out)

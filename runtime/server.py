@@ -297,6 +297,8 @@ class Server:
             self.service.drain()
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.service is not None:
+            self.service.shutdown()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:  # a background task's failure must not skip the shutdown save

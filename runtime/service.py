@@ -260,6 +260,12 @@ class SessionService:
                 a.drained = True
                 a.on_drain()
 
+    def shutdown(self) -> None:
+        """After the last request: end the fetch pool's threads (fetches not started are
+        cancelled; one in progress ends at its lease wait)."""
+        if self._fetch_pool is not None:
+            self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+
     # --- unary operations ------------------------------------------------------------------
 
     async def create(

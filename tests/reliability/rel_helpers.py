@@ -129,9 +129,13 @@ def make_snapshot(
 def key_file() -> str:
     """A file holding SECRET, for --snapshot-key."""
     if not _KEY_FILE:
+        import atexit
+        import shutil
         import tempfile
 
-        path = Path(tempfile.mkdtemp(prefix="ssm-key-")) / "snapshot.key"
+        tmp = tempfile.mkdtemp(prefix="ssm-key-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        path = Path(tmp) / "snapshot.key"
         path.write_bytes(SECRET)
         _KEY_FILE.append(path)
     return str(_KEY_FILE[0])

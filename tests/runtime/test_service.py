@@ -413,6 +413,35 @@ def test_fetches_are_shared_per_session_and_no_principal_holds_every_fetch_threa
     assert got.principal == "alice" and {s.principal for s in sessions} == {"mallory"}
 
 
+def test_shutdown_ends_the_fetch_pools_threads(toy_tok):
+    """A stopped server leaves no fetch thread behind: shutdown() ends the idle ones and
+    cancels fetches not yet started."""
+    gate = threading.Event()
+
+    async def main():
+        svc = await started(toy_tok)
+        store = svc.store
+        a, b = store.create("p").id, store.create("p").id
+        store.held = lambda sid: False
+        store.fetch = lambda sid, principal: gate.wait(10)
+        svc._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="ssmstream-fetch")
+        first = asyncio.ensure_future(svc._session(a, "p"))  # runs, waiting on the gate
+        queued = asyncio.ensure_future(svc._session(b, "p"))  # waits for the one thread
+        await asyncio.sleep(0.05)
+        svc.shutdown()
+        gate.set()
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        await svc.batcher.close()
+
+    run(main())
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("ssmstream-fetch") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a fetch thread outlived shutdown()"
+        time.sleep(0.01)
+
+
 def test_draining_refuses_new_work_and_ends_idle_attachments(toy_tok):
     async def main():
         svc = await started(toy_tok)
