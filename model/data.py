@@ -57,7 +57,11 @@ def default_corpus_dir() -> Path:
 
 
 def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[tuple[Path, str]]:
-    """Files of a corpus as (path, key) with key = path relative to its root, sorted by key.
+    """Files of a corpus as (path, key), sorted by key; each file once.
+
+    A file found under a directory `.../root` has the key `root/<path below root>`; a file
+    named on its own has the path as given, unless a directory also found it (then the
+    directory's key, so a file's split does not depend on how it was named).
 
     Args:
         paths: files and/or directories (searched recursively; hidden entries,
@@ -65,12 +69,14 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
         glob: file-name pattern inside directories; None → "*.py" for the default
             corpus and every file otherwise. Explicitly named files are always taken.
     Raises:
-        ValueError naming the path that does not exist.
+        ValueError naming the path that does not exist, or the two files that would
+        share a key (e.g. two directories of the same name).
     """
-    found: dict[str, Path] = {}
+    by_file: dict[Path, tuple[Path, str]] = {}  # resolved path -> (path, key)
+    named = []
     for p in map(Path, paths):
         if p.is_file():
-            found[p.as_posix()] = p
+            named.append(p)
         elif p.is_dir():
             pattern = glob or "*"
             for root, dirs, names in os.walk(p):
@@ -78,10 +84,20 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
                 for name in fnmatch.filter(names, pattern):
                     f = Path(root, name)
                     if not name.startswith(".") and f.is_file():
-                        found[f"{p.name}/{f.relative_to(p).as_posix()}"] = f
+                        key = f"{p.name}/{f.relative_to(p).as_posix()}"
+                        by_file.setdefault(f.resolve(), (f, key))
         else:
             raise ValueError(f"data path {str(p)!r} does not exist")
-    return sorted(((path, key) for key, path in found.items()), key=lambda item: item[1])
+    for p in named:
+        by_file.setdefault(p.resolve(), (p, p.as_posix()))
+    keys: dict[str, Path] = {}
+    for path, key in by_file.values():
+        if keys.setdefault(key, path) is not path:
+            raise ValueError(
+                f"data paths {str(keys[key])!r} and {str(path)!r} have the same key {key!r} "
+                "(their directories have the same name); pass their parent directory instead"
+            )
+    return sorted(by_file.values(), key=lambda item: item[1])
 
 
 def _is_val(key: str, val_fraction: float) -> bool:

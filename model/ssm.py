@@ -47,6 +47,7 @@ def discretize(
     gbt(α):  dA = (1 + (1-α) dt A) / (1 - α dt A),   dB = dt B / (1 - α dt A)
              (α=0 euler, α=½ bilinear, α=1 backward_euler)
     zoh:     dA = exp(dt A),                          dB = (exp(dt A) - 1) / A · B
+             (exp(dt A) - 1 as expm1, so it keeps float32 precision at small dt)
 
     Args:
         A: [..., N] complex diagonal of the state matrix.
@@ -58,10 +59,18 @@ def discretize(
     a = _check_method(method, alpha)
     dtA = dt * A
     if a < 0:  # zoh
-        dA = torch.exp(dtA)
-        return dA, (dA - 1) / A * B
+        return torch.exp(dtA), _expm1(dtA) / A * B
     denom = 1 - a * dtA
     return (1 + (1 - a) * dtA) / denom, dt * B / denom
+
+
+def _expm1(z: Tensor) -> Tensor:
+    """exp(z) - 1 for complex z = a + ib without cancellation at small |z|:
+    Re = expm1(a) cos b - 2 sin²(b/2),  Im = exp(a) sin b."""
+    a, b = z.real, z.imag
+    return torch.complex(
+        torch.expm1(a) * torch.cos(b) - 2 * torch.sin(b / 2) ** 2, torch.exp(a) * torch.sin(b)
+    )
 
 
 def discretize_dense(
@@ -70,7 +79,9 @@ def discretize_dense(
     """Discretize a dense SSM, A [N, N], B [N, M].
 
     gbt(α):  dA = (I - α dt A)^{-1} (I + (1-α) dt A),  dB = (I - α dt A)^{-1} dt B
-    zoh:     dA = exp(dt A),  dB = A^{-1} (exp(dt A) - I) B
+    zoh:     dA = exp(dt A),  dB = ∫₀^dt exp(s A) ds B = A^{-1} (exp(dt A) - I) B, both read
+             from exp(dt [[A, B], [0, 0]]) = [[dA, dB], [0, I]] (Van Loan), so a
+             singular A (an integrator) needs no inverse
     """
     a = _check_method(method, alpha)
     if A.dim() != 2 or A.shape[0] != A.shape[1]:
@@ -80,8 +91,11 @@ def discretize_dense(
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     dtA = dt * A
     if a < 0:  # zoh
-        dA = torch.linalg.matrix_exp(dtA)
-        return dA, torch.linalg.solve(A, (dA - eye) @ B)
+        N, M = B.shape
+        block = torch.zeros(N + M, N + M, dtype=A.dtype, device=A.device)  # [[A, B], [0, 0]]
+        block[:N, :N], block[:N, N:] = A, B
+        E = torch.linalg.matrix_exp(dt * block)
+        return E[:N, :N], E[:N, N:]
     lhs = eye - a * dtA
     return torch.linalg.solve(lhs, eye + (1 - a) * dtA), torch.linalg.solve(lhs, dt * B)
 
@@ -96,8 +110,10 @@ def vandermonde(dA: Tensor, L: int) -> Tensor:
     float64), so dA^0 = 1 and dA^l = 0 for l ≥ 1, as in the recurrence.
     """
     l = torch.arange(L, device=dA.device, dtype=dA.real.dtype)  # [L]
-    log_mag = torch.log(dA.abs()).clamp_min(-1000.0).unsqueeze(-1)  # [..., N, 1]
-    phase = torch.angle(dA).unsqueeze(-1) * l  # [..., N, L]
+    gone = dA == 0  # log and angle at 0 have no gradient: take them at 1 and floor the log
+    safe = torch.where(gone, torch.ones_like(dA), dA)
+    log_mag = torch.where(gone, -1000.0, torch.log(safe.abs())).unsqueeze(-1)  # [..., N, 1]
+    phase = torch.angle(safe).unsqueeze(-1) * l  # [..., N, L]
     mag = torch.exp(log_mag * l)  # [..., N, L]
     return torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
 

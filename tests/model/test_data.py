@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +89,32 @@ def test_text_batch_windows_are_contiguous(corpus):
     train_bytes = bytes(d.train.tolist())
     for row_x, row_y in zip(x, y):
         assert bytes(row_x.tolist()) + bytes(row_y[-1:].tolist()) in train_bytes
+
+
+def test_a_file_named_twice_is_in_the_corpus_once_under_its_directorys_key(tmp_path):
+    """A file given both inside its directory and on its own (absolute, or ./relative) is
+    read once, with the key the directory gives it: under two keys it would be hashed twice
+    and could land in both splits."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"f{i}.py").write_text(f"x = {i}\n" * 10)
+    plain = find_files([corpus])
+    for extra in (corpus / "f3.py", Path(os.path.relpath(corpus / "f3.py"))):
+        assert find_files([corpus, extra]) == plain
+        assert find_files([extra, corpus]) == plain
+    assert find_files([corpus, corpus]) == plain
+    d = load_text([corpus, corpus / "f3.py"], val_fraction=0.5)
+    assert sorted(d.train_files + d.val_files) == sorted(k for _, k in plain)
+
+
+def test_two_directories_of_one_name_are_refused_naming_both(tmp_path):
+    for side in ("a", "b"):
+        (tmp_path / side / "data").mkdir(parents=True)
+        (tmp_path / side / "data" / "x.txt").write_text(f"from {side}\n")
+    with pytest.raises(ValueError, match=r"a/data/x.txt.*b/data/x.txt.*same key 'data/x.txt'"):
+        find_files([tmp_path / "a" / "data", tmp_path / "b" / "data"])
+    assert len(find_files([tmp_path / "a", tmp_path / "b"])) == 2  # the parents are distinct
 
 
 def test_text_errors(tmp_path, corpus):

@@ -65,22 +65,49 @@ def test_diagonal_equals_dense_on_a_diagonal_matrix(method):
     torch.testing.assert_close(dB_dense, dB, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["diagonal", "dense"])
-def test_zoh_matches_van_loan_matrix_exponential(dense):
+def test_diagonal_zoh_matches_van_loan_matrix_exponential():
     N, M, dt = 5, 2, 0.21
-    if dense:  # a full (non-normal) real matrix, shifted to be stable
-        g = _gen(3)
-        A = torch.randn(N, N, generator=g, dtype=F64) - 3 * torch.eye(N, dtype=F64)
-        B = torch.randn(N, M, generator=g, dtype=F64)
-        dA, dB = ssm.discretize_dense(A, B, dt, "zoh")
-    else:
-        a = _stable_diag(N, seed=4)
-        A, B = torch.diag(a), _crandn(N, M, seed=5)
-        dA_d, dB = ssm.discretize(a[:, None], B, torch.tensor(dt, dtype=F64), "zoh")
-        dA = torch.diag(dA_d[:, 0])
+    a = _stable_diag(N, seed=4)
+    A, B = torch.diag(a), _crandn(N, M, seed=5)
+    dA_d, dB = ssm.discretize(a[:, None], B, torch.tensor(dt, dtype=F64), "zoh")
     ref_dA, ref_dB = _van_loan_zoh(A, B, dt)
+    torch.testing.assert_close(torch.diag(dA_d[:, 0]), ref_dA, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(dB, ref_dB, rtol=1e-11, atol=1e-12)
+
+
+def test_dense_zoh_matches_the_inverse_formula():
+    """discretize_dense takes ZOH from one block exponential; on an invertible A that is
+    dA = exp(dt A), dB = A⁻¹ (exp(dt A) − I) B."""
+    N, M, dt = 5, 2, 0.21
+    g = _gen(3)  # a full (non-normal) real matrix, shifted to be stable
+    A = torch.randn(N, N, generator=g, dtype=F64) - 3 * torch.eye(N, dtype=F64)
+    B = torch.randn(N, M, generator=g, dtype=F64)
+    dA, dB = ssm.discretize_dense(A, B, dt, "zoh")
+    ref_dA = torch.linalg.matrix_exp(dt * A)
+    ref_dB = torch.linalg.solve(A, (ref_dA - torch.eye(N, dtype=F64)) @ B)
     torch.testing.assert_close(dA, ref_dA, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(dB, ref_dB, rtol=1e-11, atol=1e-12)
+
+
+def test_dense_zoh_of_a_singular_matrix_is_the_closed_form():
+    """The double integrator (A singular, no A⁻¹): dA = [[1, dt], [0, 1]], dB = [dt²/2, dt]."""
+    dt = 0.1
+    A = torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=F64)
+    dA, dB = ssm.discretize_dense(A, torch.tensor([[0.0], [1.0]], dtype=F64), dt, "zoh")
+    torch.testing.assert_close(dA, torch.tensor([[1.0, dt], [0.0, 1.0]], dtype=F64))
+    torch.testing.assert_close(dB, torch.tensor([[dt**2 / 2], [dt]], dtype=F64))
+
+
+@pytest.mark.parametrize("dt", [1e-3, 1e-4, 1e-5])
+def test_float32_zoh_keeps_its_precision_at_small_dt(dt):
+    """exp(dt A) − 1 cancels in float32 at small dt unless taken as expm1: the float32 dB
+    matches the float64 one to float32 precision."""
+    A = -torch.exp(torch.linspace(-1, 1, 16, dtype=F64)) + 1j * torch.linspace(0, 30, 16)
+    B = torch.ones(16, dtype=torch.complex128)
+    _, ref = ssm.discretize(A, B, torch.tensor(dt, dtype=F64), "zoh")
+    _, dB = ssm.discretize(A.to(torch.complex64), B.to(torch.complex64), torch.tensor(dt), "zoh")
+    err = ((dB.to(torch.complex128) - ref).abs() / ref.abs()).max()
+    assert err < 2e-6, err
 
 
 def test_zoh_is_exact_for_piecewise_constant_input():
@@ -216,6 +243,21 @@ def test_kernel_of_a_vanished_mode_is_finite():
     torch.testing.assert_close(V, ref, rtol=1e-6, atol=1e-7)
     K = ssm.ssm_kernel(dA, dB, torch.ones(2, dtype=torch.complex64), 8)
     assert torch.isfinite(torch.view_as_real(K)).all()
+
+
+def test_a_vanished_mode_has_finite_gradients():
+    """Training through a vanished mode: log and angle at dA = 0 must not turn the backward
+    into NaN (with clip_grad_norm_ one NaN would spoil every parameter); the live mode's
+    gradient is the numeric one."""
+    dA = torch.tensor([0j, 0.5 + 0.25j], dtype=torch.complex128, requires_grad=True)
+    ssm.vandermonde(dA, 6).real.sum().backward()
+    grad = dA.grad
+    assert torch.isfinite(torch.view_as_real(grad)).all()
+    f = lambda z: sum((z**l).real for l in range(6))  # noqa: E731
+    z, h = 0.5 + 0.25j, 1e-6
+    torch.testing.assert_close(
+        grad[1].real, torch.tensor((f(z + h) - f(z - h)) / (2 * h), dtype=F64)
+    )
 
 
 def test_ssm_kernel_dense_equals_matrix_powers_and_diagonal_kernel():
