@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (prometheus-client), served over HTTP on --metrics-port.
 
-    ssmstream_tokens_total{rpc}            inputs consumed + tokens generated (counter)
+    ssmstream_tokens_total{rpc}            inputs consumed (Generate: its prompt and the
+                                           generated tokens fed back) (counter)
     ssmstream_tokens_per_second            inputs/s over the last WINDOW seconds (gauge)
     ssmstream_requests_total{rpc}          Step requests / Stream messages / Generate calls …
     ssmstream_errors_total{code}           RPCs that ended with a non-OK status, by code
@@ -218,9 +219,11 @@ class ServerMetrics:
         self._tokens[rpc] = self._tokens.get(rpc, 0) + n
         self._rate.add(n)
 
-    def observe_request(self, rpc: str, seconds: float) -> None:
-        """One request of `rpc` took `seconds` (event-loop thread)."""
-        self._requests[rpc] = self._requests.get(rpc, 0) + 1
+    def observe_request(self, rpc: str, seconds: float, count: bool = True) -> None:
+        """One request of `rpc` (or one token of a Generate call: count only its first)
+        took `seconds` (event-loop thread)."""
+        if count:
+            self._requests[rpc] = self._requests.get(rpc, 0) + 1
         h = self._latency.get(rpc)
         if h is None:
             h = self._latency[rpc] = _Histogram(LATENCY_BUCKETS)

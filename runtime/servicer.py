@@ -286,13 +286,13 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             int(request.top_k),
             1.0 if request.top_p == 0 else float(request.top_p),  # proto default 0: off
             request.seed if request.HasField("seed") else None,
-            list(request.stop_tokens),
+            request.stop_tokens,  # a sequence; its length is checked before it is read
             request.keep_session,
         )
         t0, n = time.perf_counter(), len(request.prompt)
         async for sid, g in stream:
             self.metrics.count_tokens("Generate", n)
-            self.metrics.observe_request("Generate", time.perf_counter() - t0)
+            self.metrics.observe_request("Generate", time.perf_counter() - t0, g.index == 0)
             yield pb.GenerateResponse(
                 session_id=sid,
                 token=g.token,

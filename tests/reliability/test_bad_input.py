@@ -305,6 +305,8 @@ TOKEN_CASES: list[Case] = [
          IA, "stop_tokens"),
     Case("Generate-stop-token-eq-vocab-temporary", lambda c: generate(c, False, stop_tokens=[2, V]),
          IA, "stop_tokens"),
+    Case("Generate-stop-tokens-over-vocab", lambda c: generate(c, stop_tokens=[1] * (V + 1)),
+         IA, "stop_tokens"),
     Case("Generate-unknown-session", lambda c: generate(c, session_id="never-created"),
          NF, text="unknown"),
     # --- CreateSession / RestoreSession ---

@@ -78,6 +78,8 @@ def test_metrics_count_what_happened(server):
         after = scrape(server.server.metrics_port)
         assert after["ssmstream_sessions_active"] == before["ssmstream_sessions_active"] + 1
         s.close()
+        assert len(list(c.generate([1, 2], max_new_tokens=4, temperature=0.0))) == 4
+        generated = scrape(server.server.metrics_port)
 
     def delta(key):
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -86,6 +88,12 @@ def test_metrics_count_what_happened(server):
     assert delta('ssmstream_tokens_total{rpc="Stream"}') == 2
     assert delta('ssmstream_requests_total{rpc="Stream"}') == 2
     assert delta('ssmstream_request_latency_seconds_count{rpc="Step"}') == 1
+    # Generate: one call; inputs consumed: the 2 prompt tokens and the first 3 generated ones
+    # (fed back; the 4th ends it); a latency per generated token
+    g = lambda key: generated.get(key, 0.0) - after.get(key, 0.0)  # noqa: E731
+    assert g('ssmstream_requests_total{rpc="Generate"}') == 1
+    assert g('ssmstream_tokens_total{rpc="Generate"}') == 2 + 3
+    assert g('ssmstream_request_latency_seconds_count{rpc="Generate"}') == 4
     assert delta('ssmstream_errors_total{code="NOT_FOUND"}') == 1
     assert after["ssmstream_tokens_per_second"] > 0
     assert after["ssmstream_sessions_capacity"] == 1024

@@ -159,6 +159,7 @@ def test_bad_requests_change_nothing(toy_tok):
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": 0.0}, "top_p"),
         ({"stop": [11]}, "stop_tokens"),
+        ({"stop": [0] * 12}, "stop_tokens"),  # more stop tokens than the vocabulary has
         ({"prompt": []}, "prompt"),
         ({"prompt": [11]}, "prompt"),
     ],
