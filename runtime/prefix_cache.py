@@ -43,11 +43,13 @@ class _Entry:
 @dataclass
 class CacheHit:
     """The longest cached prefix of a prompt: `tokens` of it (0: none), the state after
-    them [S] and the output of the last one [D] (both copies)."""
+    them [S] and the output of the last one [D] (both copies); with `chain`, also the
+    states after each of its pieces, {end: state [S]} (the cache's own arrays: read only)."""
 
     tokens: int
     state: np.ndarray | None = None
     output: np.ndarray | None = None
+    states: dict[int, np.ndarray] | None = None
 
 
 class PrefixCache:
@@ -83,24 +85,45 @@ class PrefixCache:
             start = end
         return pieces
 
-    def lookup(self, scope: str, prompt: np.ndarray, limit: int | None = None) -> CacheHit:
-        """The longest cached prefix of `prompt` (int64 [T]) of at most `limit` tokens."""
+    def lookup(
+        self,
+        scope: str,
+        prompt: np.ndarray,
+        limit: int | None = None,
+        chain: bool = False,
+        gap: int | None = None,
+    ) -> CacheHit:
+        """The longest cached prefix of `prompt` (int64 [T]) of at most `limit` tokens.
+
+        chain: also the states after the cached pieces up to it, in `states` (a session
+        that may rewind into the prompt takes them as checkpoints); with `gap`, the longest
+        prefix reached through cached pieces at most `gap` inputs apart, from 0.
+        """
         if not self.enabled or not len(prompt):
             return CacheHit(0)
         data = _tokens_bytes(prompt)
-        for end, key in reversed(self._pieces(scope, data)):  # the longest prefix first
-            if limit is not None and end > limit:
-                continue
+        pieces = [
+            (end, key) for end, key in self._pieces(scope, data) if limit is None or end <= limit
+        ]
+        found = []  # (end, key, entry) of the hit (chain: of the cached pieces up to it)
+        for end, key in pieces if chain else reversed(pieces):  # plain: the longest first
+            if chain and gap is not None and end - (found[-1][0] if found else 0) > gap:
+                break
             e = self._entries.get(key)
             if e is not None and e.prefix == data[: 8 * end]:
-                break
-        else:
+                found.append((end, key, e))
+                if not chain:
+                    break
+        if not found:
             self.counts["misses"] += 1
             return CacheHit(0)
-        self._entries.move_to_end(key)
+        for _, key, _ in found:
+            self._entries.move_to_end(key)
+        end, _, e = found[-1]
         self.counts["hits"] += 1
         self.counts["cached_tokens"] += end
-        return CacheHit(end, e.state.copy(), e.output.copy())
+        states = {end: e.state for end, _, e in found} if chain else None
+        return CacheHit(end, e.state.copy(), e.output.copy(), states)
 
     def insert(
         self, scope: str, prompt: np.ndarray, states: dict[int, tuple[np.ndarray, np.ndarray]]

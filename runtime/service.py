@@ -223,10 +223,14 @@ class SessionService:
         cached prefix; cache the states after the prompt's pieces. Returns (the output of
         the last prompt input [D], how many prompt inputs the cache served)."""
         cache, scope = self.prefix_cache, self._scope(principal)
-        hit = cache.lookup(scope, prompt)
+        # a session that may rewind takes the cached states as checkpoints, as far as they
+        # lie at most a chunk apart (as a prefill's would; without chunk states, any)
+        gap = self.chunk if self.engine.prefill_chunk_states else None
+        hit = cache.lookup(scope, prompt, chain=s.history is not None, gap=gap)
         if hit.tokens:
             self.store.commit(s, hit.state, hit.tokens)
-            self._track(s)
+            if s.history is not None:  # as if prefilled: a rewind may go into the prompt
+                s.history.record(prompt[: hit.tokens], hit.tokens, hit.states)
         rest = prompt[hit.tokens :]
         if not len(rest):
             return hit.output, hit.tokens

@@ -95,6 +95,25 @@ def test_a_later_piece_is_found_without_the_earlier_ones():
     assert c.lookup("s", p[:8]).tokens == 0
 
 
+def test_a_chain_lookup_stops_at_the_first_piece_not_cached_and_gives_each_pieces_state():
+    c = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    p = np.arange(14, dtype=np.int64) % 9
+    states = {n: (np.full(S, n, np.float32), np.full(3, n, np.float32)) for n in (4, 8, 12, 14)}
+    c.insert("s", p, states)
+    hit = c.lookup("s", p, chain=True)
+    assert hit.tokens == 14 and sorted(hit.states) == [4, 8, 12, 14]
+    assert all((hit.states[n] == n).all() for n in hit.states)
+    assert c.lookup("s", p, limit=13, chain=True).tokens == 12
+    assert c.lookup("s", p, chain=True, gap=3).tokens == 0  # 0 → 4 is more than 3 apart
+    del c._entries[c._pieces("s", p.astype("<i8").tobytes())[2][1]]  # the state after 12
+    assert c.lookup("s", p).tokens == 14  # a plain lookup still takes the longest
+    hit = c.lookup("s", p, chain=True)
+    assert hit.tokens == 14 and sorted(hit.states) == [4, 8, 14]
+    hit = c.lookup("s", p, chain=True, gap=4)  # 8 → 14 is more than 4 apart
+    assert hit.tokens == 8 and sorted(hit.states) == [4, 8] and (hit.state == 8).all()
+    assert c.lookup("s", p, chain=True, gap=6).tokens == 14
+
+
 def test_eviction_holds_the_byte_limit_least_recently_used_first():
     one = PrefixCache(1 << 20, 4, "m")
     one.insert("s", np.arange(4), {4: (np.zeros(S, np.float32), np.zeros(3, np.float32))})
@@ -271,6 +290,38 @@ def test_rewind_to_every_position_in_the_window_equals_the_state_it_had(engine):
             want, _ = engine.step(x, seen[target][None])
             np.testing.assert_allclose(y, want, atol=1e-5)
             await svc.rewind("p", s.id, target)  # undo that step too
+        await svc.batcher.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("generate", [False, True], ids=["CreateSession", "Generate"])
+def test_a_session_from_a_cached_prompt_rewinds_into_it_as_a_prefilled_one_does(engine, generate):
+    """Whether a prompt came from the cache or was prefilled, the session can rewind to any
+    position of it in the window, with checkpoints at most a chunk apart; the state there is
+    the state after that prefix computed afresh."""
+    prompt = np.arange(14, dtype=np.int64) % V
+
+    async def session(svc):
+        if not generate:
+            return await svc.create("p", prompt=prompt)
+        gen = svc.generate("p", "", prompt, 1, 0.0, keep_session=True)
+        (sid,) = {sid async for sid, _ in gen}
+        return svc.store.get(sid, "p"), svc.prefix_cache.stats()["cached_tokens"]
+
+    async def main():
+        svc = await started(engine, rewind_window=16)
+        cold, cached = await session(svc)
+        assert cached == 0
+        warm, cached = await session(svc)
+        assert svc.prefix_cache.stats()["cached_tokens"] == 14
+        at = [p for p, _ in warm.history._checkpoints]
+        assert at[0] == 0 and max(np.diff(at)) <= svc.chunk, at
+        for target in (13, 5, 3, 0):
+            want = fresh_state(engine, prompt[:target]) if target else engine.new_state()[0]
+            for s in (cold, warm):
+                await svc.rewind("p", s.id, target)
+                np.testing.assert_allclose(svc.store.read(s), want, atol=1e-5)
         await svc.batcher.close()
 
     run(main())
