@@ -236,7 +236,6 @@ class Engine:
         self.d_input = m.get("d_input")
         self.d_output = int(m["d_output"])
         self.state_size = int(m["state_size"])
-        self._check_manifest()
 
         providers = self._providers(device, "step")
         slot_providers = self._providers(device, "slots")
@@ -312,19 +311,6 @@ class Engine:
         )  # fmt: skip
 
     # --- opening -------------------------------------------------------------------------
-
-    def _check_manifest(self) -> None:
-        m = self.manifest
-        where = f"{self.model_dir / 'manifest.json'}"
-        if not isinstance(m["state_size"], int) or m["state_size"] <= 0:
-            raise ModelError(f"{where}: state_size must be a positive integer")
-        if not isinstance(m["d_output"], int) or m["d_output"] <= 0:
-            raise ModelError(f"{where}: d_output must be a positive integer")
-        if self.input_kind == "tokens":
-            if not isinstance(self.vocab_size, int) or self.vocab_size <= 0:
-                raise ModelError(f"{where}: a token model needs a positive vocab_size")
-        elif not isinstance(self.d_input, int) or self.d_input <= 0:
-            raise ModelError(f"{where}: a values model needs a positive d_input")
 
     def _providers(self, device: str, graph: str) -> list:
         """The provider list for `graph` on `device` (CUDA first when requested and usable)."""

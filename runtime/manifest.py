@@ -82,8 +82,19 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
         raise ModelError(
             f"{path}: input_kind must be 'tokens' or 'values', got {m['input_kind']!r}"
         )
-    if "step" not in m["graphs"]:
-        raise ModelError(f"{path}: graphs.step is missing")
+    size = "vocab_size" if m["input_kind"] == "tokens" else "d_input"
+    for key in ("state_size", "d_output", size):
+        if not _positive_int(m.get(key)):
+            raise ModelError(f"{path}: {key} must be a positive integer, got {m.get(key)!r}")
+    layout = m["state_layout"]
+    if not isinstance(layout, list) or not all(
+        isinstance(e, dict) and all(_int(e.get(k)) for k in ("layer", "offset")) for e in layout
+    ):
+        raise ModelError(f"{path}: state_layout must be a list of {{layer, offset, shape}}")
+    if not isinstance(m["graphs"], dict) or "step" not in m["graphs"]:
+        raise ModelError(f"{path}: graphs must be an object with a 'step' graph")
+    if not isinstance(m.get("parity", {}), dict):
+        raise ModelError(f"{path}: parity must be an object")
     for name, g in m["graphs"].items():
         if not (
             isinstance(g, dict)
@@ -93,10 +104,12 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
             raise ModelError(f"{path}: graphs.{name} needs a 'file' and its 'sha256' (strings)")
         for key in ("chunk", "max_len"):
             v = g.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if v is not None and not _positive_int(v):
                 raise ModelError(
                     f"{path}: graphs.{name}.{key} must be a positive integer, got {v!r}"
                 )
+        if ("chunk" in g) != ("max_len" in g):
+            raise ModelError(f"{path}: graphs.{name} needs both 'chunk' and 'max_len', or neither")
         f = model_dir / g["file"]
         if not f.is_file():
             raise ModelError(f"{f} ({name} graph) is missing")
@@ -106,6 +119,14 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
                 "the file was modified or truncated; re-export the model"
             )
     return m
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(v) -> bool:
+    return _int(v) and v > 0
 
 
 # --- a readable table (`ssmstream info`, `ssmstream export`) -------------------------
@@ -161,7 +182,7 @@ def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
             )
         )
     p = m.get("parity") or {}
-    verdict = {True: "passed", False: "FAILED", None: "not run"}[p.get("passed")]
+    verdict = {True: "passed", False: "FAILED", None: "not run"}.get(p.get("passed"), "unknown")
     rows.append(("parity", verdict))
     tol = p.get("tolerance", {})
     s = p.get("step_vs_torch", {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 
@@ -101,6 +102,47 @@ def test_info_errors_and_modified_graph(token_model, tmp_path, capsys):
     (tmp_path / "m" / "step.onnx").write_bytes(b"x")
     assert info.main([str(tmp_path / "m")]) == 0
     assert "MODIFIED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m: m.update(graphs="step"), "graphs"),
+        (lambda m: m.update(state_layout=[{}]), "state_layout"),
+        (lambda m: m.update(state_size="8"), "state_size"),
+        (lambda m: m.update(d_output=True), "d_output"),
+        (lambda m: m.update(vocab_size=0), "vocab_size"),
+        (lambda m: m["graphs"]["prefill"].pop("max_len"), "graphs.prefill"),
+        (lambda m: m.update(parity=[]), "parity"),
+    ],
+)
+def test_info_and_engine_refuse_a_malformed_manifest_naming_the_field(
+    token_model, tmp_path, capsys, change, field
+):
+    """An edited manifest.json is an error naming the field (exit 2), not a traceback; the
+    Engine refuses it the same way (one check, in load_manifest)."""
+    from ssmstream.runtime.engine import Engine
+    from ssmstream.runtime.errors import ModelError
+
+    shutil.copytree(token_model, tmp_path / "m")
+    path = tmp_path / "m" / "manifest.json"
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+    assert info.main([str(tmp_path / "m")]) == 2
+    assert f"manifest.json: {field}" in capsys.readouterr().err
+    with pytest.raises(ModelError, match=f"manifest.json: {field}"):
+        Engine(tmp_path / "m", device="cpu")
+
+
+def test_info_shows_an_unknown_parity_verdict(token_model, tmp_path, capsys):
+    shutil.copytree(token_model, tmp_path / "m")
+    path = tmp_path / "m" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["parity"]["passed"] = "yes"
+    path.write_text(json.dumps(m))
+    assert info.main([str(tmp_path / "m")]) == 0
+    assert re.search(r"^parity +unknown$", capsys.readouterr().out, re.M)
 
 
 def test_onnxslim_log_says_which_graph_was_kept(monkeypatch, caplog):
