@@ -237,6 +237,8 @@ class Batcher:
             return
         self._closing = True
         await self._idle.wait()
+        if self._worker is None:  # another close() finished meanwhile
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -269,7 +271,7 @@ class Batcher:
         if self._closing or not self.running:
             raise Unavailable("batcher is not running (closing or not started)")
         if not s.live:
-            raise SessionNotFound(s.id, "closed")
+            raise s.gone()
         past_end = _past_end(s, x.shape[0])  # checked again when it runs: others may be queued
         if past_end is not None:
             raise past_end
@@ -316,7 +318,7 @@ class Batcher:
         if self._closing or not self.running:
             raise Unavailable("batcher is not running (closing or not started)")
         if not s.live:
-            raise SessionNotFound(s.id, "closed")
+            raise s.gone()
         loop = asyncio.get_running_loop()
         x = np.empty(0, dtype=np.int64)
         req = _Request(s, x, loop.create_future(), loop.time(), rewind_to=position)
@@ -548,7 +550,7 @@ class Batcher:
         if len(results) < len(reqs):
             for r in reqs:  # closed before its step ran
                 if r not in results:
-                    results[r] = SessionNotFound(r.session.id, "closed")
+                    results[r] = r.session.gone()
         return [results[r] for r in reqs]
 
     def _step_part(self, part: list[_Request]) -> dict:
@@ -608,7 +610,7 @@ class Batcher:
         unreadable: a step that applied is never failed by its checkpoint."""
         try:
             return self.store.read(s)
-        except SessionNotFound:
+        except (SessionNotFound, Unavailable):
             return None
         except Exception:
             log.exception("rewind checkpoint of session %r skipped", s.id)
@@ -624,13 +626,13 @@ class Batcher:
         h = r.session.history
         try:
             state = self.store.read(r.session)[None]  # [1, S]
-        except SessionNotFound as e:
+        except (SessionNotFound, Unavailable) as e:
             return [e]
         states = {} if (r.states is not None or h is not None) else None
         outputs, new_state = self.engine.prefill_unchecked(r.inputs[None], state, states)
         try:
             position = self.store.commit(r.session, new_state[0], r.T)
-        except SessionNotFound as e:
+        except (SessionNotFound, Unavailable) as e:  # Unavailable: moved to another replica
             return [e]
         if states is not None:
             states.setdefault(r.T, new_state)
@@ -658,6 +660,6 @@ class Batcher:
                 state = state[0]
             self.store.rewind(s, state, r.rewind_to)
         except (OutOfRange, SessionNotFound, Unavailable) as e:  # Unavailable: moved away
-            return e if s.live or isinstance(e, Unavailable) else SessionNotFound(s.id, "closed")
+            return e if s.live or isinstance(e, Unavailable) else s.gone()
         h.rewound(r.rewind_to)
         return np.empty((0, self.engine.d_output), dtype=np.float32), r.rewind_to

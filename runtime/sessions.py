@@ -47,7 +47,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidInput, LimitExceeded, ModelError, SessionBusy, SessionNotFound
+from .errors import (
+    InvalidInput,
+    LimitExceeded,
+    ModelError,
+    SessionBusy,
+    SessionNotFound,
+    Unavailable,
+)
 from .slab import StateSlab
 from .snapshots import (
     SnapshotKey,
@@ -75,7 +82,7 @@ class Session:
 
     __slots__ = (
         "_id", "_principal", "_slot", "_position", "_last_used", "_ttl", "_live", "_pins",
-        "_lent", "_incarnation", "history",
+        "_lent", "_incarnation", "_ended", "history",
     )  # fmt: skip
 
     def __init__(
@@ -91,6 +98,7 @@ class Session:
         self._id, self._principal, self._slot = id, principal, slot
         self._position, self._last_used, self._ttl = position, now, ttl
         self._live, self._pins = True, 0
+        self._ended = ""  # once not live: "closed" / "evicted" / "moved" (to another replica)
         self._lent = False  # its slab row is being stepped (lend)
         self._incarnation = incarnation or secrets.token_hex(8)
         self.history = None  # its rewind History (runtime/history.py), set by the service
@@ -104,6 +112,13 @@ class Session:
     live = property(lambda self: self._live, doc="False once closed or evicted")
     incarnation = property(lambda self: self._incarnation)
     pinned = property(lambda self: self._pins > 0, doc="a step of it is queued or running")
+
+    def gone(self) -> SessionNotFound | Unavailable:
+        """The error for a request of this session once it is not live: NOT_FOUND saying
+        how it ended, or UNAVAILABLE (retry) when another replica serves it now."""
+        if self._ended == "moved":
+            return Unavailable(f"session {self._id!r} is now served by another replica; retry")
+        return SessionNotFound(self._id, self._ended or "closed")
 
     def __repr__(self) -> str:
         return (
@@ -303,7 +318,7 @@ class SessionStore:
     def _remove(self, s: Session, reason: str) -> None:
         """Unregister and free the slot. Caller holds the lock."""
         del self._sessions[s._id]
-        s._live = False
+        s._live, s._ended = False, reason
         if not s._lent:  # else give_back frees it: no new session gets a row being written
             heapq.heappush(self._free, s._slot)
         self._per_principal[s._principal] -= 1
@@ -408,8 +423,7 @@ class SessionStore:
         if not isinstance(s, Session):
             raise InvalidInput("session", f"must be a Session, got {type(s).__name__}")
         if not s._live or self._sessions.get(s._id) is not s:
-            reason = self._gone.get(s._id, ("", "closed"))[1]
-            raise SessionNotFound(s._id, reason)
+            raise s.gone()
 
     def pin(self, s: Session) -> None:
         """Mark a step in flight: a pinned session is not evicted for idleness."""
@@ -469,7 +483,7 @@ class SessionStore:
         now = self.clock()
         for s in sessions:
             if not s._live or self._sessions.get(s._id) is not s:
-                results.append(SessionNotFound(s._id, self._gone.get(s._id, ("", "closed"))[1]))
+                results.append(s.gone())
                 continue
             s._position += consumed
             s._last_used = now

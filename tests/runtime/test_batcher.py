@@ -408,6 +408,63 @@ def test_queue_limit_close_and_arguments(toy_tok):
         Batcher(toy_tok, SessionStore(toy_tok.state_size + 1))
 
 
+@pytest.mark.parametrize("T", [1, 3], ids=["step", "prefill"])
+def test_a_session_moved_while_queued_is_unavailable_and_one_closed_says_so(toy_tok, T):
+    """A request queued for a session another replica took over meanwhile (the replication
+    policy drops it as "moved") fails UNAVAILABLE, so the client retries where the session
+    lives; one closed or evicted meanwhile says which."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.0)
+        got = {}
+        for reason in ("moved", "closed", "evicted"):
+            s = store.create()
+            fut = asyncio.ensure_future(batcher.step(s, np.arange(T) % 11))
+            await asyncio.sleep(0)  # queued, not yet run
+            store.drop(s, reason)
+            got[reason] = (await asyncio.gather(fut, return_exceptions=True))[0]
+            with pytest.raises(type(got[reason])):  # and so is the next request
+                await batcher.step(s, np.array([1]))
+        await batcher.close()
+        return got
+
+    got = run(main())
+    assert isinstance(got["moved"], Unavailable) and "another replica" in str(got["moved"])
+    for reason in ("closed", "evicted"):
+        assert isinstance(got[reason], SessionNotFound) and got[reason].reason == reason
+
+
+def test_a_prefill_whose_commit_finds_the_session_moved_is_unavailable(toy_tok):
+    """The replication policy refuses a prefill's write-through (another replica owns the
+    session now): UNAVAILABLE, as for a single step, not an engine failure."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.0)
+        s, real = store.create(), store.commit
+
+        def commit(s, state, consumed):  # what RedisReplication does when the lease is lost
+            store.drop(s, "moved")
+            return real(s, state, consumed)
+
+        store.commit = commit
+        with pytest.raises(Unavailable, match="another replica"):
+            await batcher.step(s, np.arange(3))
+        await batcher.close()
+
+    run(main())
+
+
+def test_two_closes_at_once_both_return(toy_tok):
+    async def main():
+        batcher, store = await started(toy_tok)
+        step = asyncio.ensure_future(batcher.step(store.create(), np.arange(5)))
+        await asyncio.sleep(0)  # running: both closes wait for it
+        await asyncio.gather(batcher.close(), batcher.close())
+        assert batcher._worker is None and step.done() and step.result()[1] == 5
+
+    run(main())
+
+
 def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy_tok):
     async def main():
         batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.001)
