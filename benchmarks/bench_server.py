@@ -328,9 +328,9 @@ def _client_proc(args) -> tuple[list, float]:
 
 
 def engine_jobs(metrics_port: int | None) -> tuple[float, float] | None:
-    """(seconds the server's engine jobs took so far, how many there were): the sum and
-    count of its ssmstream_batch_latency_seconds histogram (each batch's wall time, in the
-    server)."""
+    """(seconds the server's onnxruntime calls took so far, how many there were): the sum
+    and count of its ssmstream_batch_latency_seconds histogram (each call's wall time, in
+    the server; a batch of more than chunk_rows sessions is several calls)."""
     if metrics_port is None:
         return None
     import urllib.request
@@ -410,12 +410,12 @@ def run_load(
             "server_loop_cpu_ms_per_token": None
             if loop0 is None or loop1 is None
             else 1e3 * (loop1 - loop0) / (C * (n + warmup)),
-            # the server's engine jobs (batched steps), timed inside it: the step as it runs
-            # there, between gRPC's work, rather than in the bare Engine's tight loop
+            # the server's onnxruntime calls (batched steps), timed inside it: the step as it
+            # runs there, between gRPC's work, rather than in the bare Engine's tight loop
             "server_job_ms_per_token": None
             if job0 is None or job1 is None
             else 1e3 * (job1[0] - job0[0]) / (C * (n + warmup)),
-            # steps per engine job in the server (one batch, run as one or more ORT calls
+            # sessions per onnxruntime call in the server (a batch runs as one or more calls
             # of at most chunk_rows sessions): the bare Engine's figure at B = C assumes C
             "server_mean_batch": None
             if job0 is None or job1 is None or job1[1] == job0[1]
@@ -525,7 +525,7 @@ def own_costs(bare: dict, by: dict, echo: dict) -> dict:
             "ratio": own / floor,
             "target": OWN_CPU_TARGET,
             "ok": own / floor <= OWN_CPU_TARGET,
-            # the same with the engine jobs as timed inside the server (no target)
+            # the same with the onnxruntime calls as timed inside the server (no target)
             "in_situ_job_ms_per_token": job,
             "outside_jobs_ratio": None if job is None else (server - job) / floor,
             "server_mean_batch": by[(C, True)].extra.get("server_mean_batch"),
@@ -656,9 +656,10 @@ def own_cost_lines(summary: dict) -> list[str]:
         if o.get("in_situ_job_ms_per_token") is not None:
             job, bare = o["in_situ_job_ms_per_token"], o["bare_engine_cpu_ms_per_token"]
             lines.append(
-                f"  - the engine jobs' wall time inside that server: {job:.3f} ms/token (the bare "
-                f"Engine's {bare:.3f} runs alone with warm caches; a job's wall time also holds "
-                f"its waits for a core and for the GIL); the server's CPU outside them ÷ echo = "
+                f"  - the onnxruntime calls' wall time inside that server: {job:.3f} ms/token "
+                f"(the bare Engine's {bare:.3f} runs alone with warm caches; a call's wall time "
+                f"also holds its waits for a core and for the GIL); the server's CPU outside "
+                f"them ÷ echo = "
                 f"**{o['outside_jobs_ratio']:.2f}×** (no target: where the rest goes)"
             )
         loop, echo_loop = o.get("loop_cpu_ms_per_token"), o.get("echo_loop_cpu_ms_per_token")
@@ -672,8 +673,8 @@ def own_cost_lines(summary: dict) -> list[str]:
             )
         if o.get("server_mean_batch") is not None:
             lines.append(
-                f"  - steps per engine job in that server: {o['server_mean_batch']:.1f} (the bare "
-                f"Engine's figure is for {C})"
+                f"  - sessions per onnxruntime call in that server: "
+                f"{o['server_mean_batch']:.1f} (the bare Engine's figure is for {C})"
             )
     r = summary.get("latency_1_client_over_echo_plus_step")
     if r is not None:

@@ -109,13 +109,15 @@ class _Request:
 
 @dataclass
 class BatcherStats:
-    """Counters since start: ORT calls, steps and prefills run (`inline`: of those steps, run
-    on the event loop), requests failed."""
+    """Counters since start: ORT calls (`batches`; `batch_sizes`: how many step calls had
+    each number of sessions), steps, prefills and rewinds run (`inline`: of the steps, run on
+    the event loop), requests failed."""
 
     batches: int = 0
     steps: int = 0
     prefills: int = 0
     prefill_inputs: int = 0
+    rewinds: int = 0
     failed: int = 0
     cancelled: int = 0
     inline: int = 0
@@ -198,6 +200,9 @@ class Batcher:
         self._jobs: queue.SimpleQueue | None = None  # (requests, job) for the worker; None: stop
         self._worker: threading.Thread | None = None
         self._job: Callable | None = None  # the job the worker is running, None while idle
+        # (sessions, seconds) of each ORT call of the job running (jobs run one at a time,
+        # inline ones too), counted when it ends (_account)
+        self._calls: list[tuple[int, float]] = []
         self._prefill_turn = False  # after a step batch, a waiting prefill goes first
         self._pump_soon = False  # a _pump is scheduled for the end of this loop iteration
         self._timer: asyncio.TimerHandle | None = None  # the batch delay's deadline
@@ -484,20 +489,25 @@ class Batcher:
             e = results
             err = e if isinstance(e, EngineFailure) else EngineFailure(f"batch failed: {e}")
             results = [err] * len(reqs)
+        calls, self._calls = self._calls, []
         st = self.stats
-        st.batches += 1
+        st.batches += len(calls)
         st.busy_seconds += seconds
         if job == self._run_steps:
             st.steps += len(reqs)
-            st.batch_sizes[len(reqs)] = st.batch_sizes.get(len(reqs), 0) + 1
+            for B, _ in calls:
+                st.batch_sizes[B] = st.batch_sizes.get(B, 0) + 1
+        elif reqs[0].rewind_to is not None:
+            st.rewinds += 1
         else:
             st.prefills += 1
             st.prefill_inputs += reqs[0].T
-        for callback in self._listeners:
-            try:
-                callback(len(reqs), seconds)
-            except Exception:  # a metrics hook must not break serving
-                log.exception("batch listener %r failed", callback)
+        for B, sec in calls:
+            for callback in self._listeners:
+                try:
+                    callback(B, sec)
+                except Exception:  # a metrics hook must not break serving
+                    log.exception("batch listener %r failed", callback)
         return results
 
     def _hand_back(self, items: list[tuple[_Request, object]]) -> None:
@@ -572,7 +582,9 @@ class Batcher:
             for j, r in enumerate(part):
                 buf.inputs[j] = r.inputs[0]
                 buf.slots[j, 0] = r.session.slot
+            t0 = time.perf_counter()
             outputs = self.engine.run_slots(store.slab, B, buf)
+            self._calls.append((B, time.perf_counter() - t0))
         except BaseException:
             store.give_back(lent, 0)  # nothing was written
             raise
@@ -629,7 +641,9 @@ class Batcher:
         except (SessionNotFound, Unavailable) as e:
             return [e]
         states = {} if (r.states is not None or h is not None) else None
+        t0 = time.perf_counter()
         outputs, new_state = self.engine.prefill_unchecked(r.inputs[None], state, states)
+        self._calls.append((1, time.perf_counter() - t0))
         try:
             position = self.store.commit(r.session, new_state[0], r.T)
         except (SessionNotFound, Unavailable) as e:  # Unavailable: moved to another replica
@@ -656,7 +670,9 @@ class Batcher:
         try:
             state, inputs = h.plan(r.rewind_to)  # [S], [n] | [n, d_in]
             if len(inputs):
+                t0 = time.perf_counter()
                 _, state = self.engine.prefill_unchecked(inputs[None], state[None])
+                self._calls.append((1, time.perf_counter() - t0))
                 state = state[0]
             self.store.rewind(s, state, r.rewind_to)
         except (OutOfRange, SessionNotFound, Unavailable) as e:  # Unavailable: moved away

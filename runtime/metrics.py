@@ -6,7 +6,8 @@
     ssmstream_requests_total{rpc}          Step requests / Stream messages / Generate calls …
     ssmstream_errors_total{code}           RPCs that ended with a non-OK status, by code
     ssmstream_request_latency_seconds{rpc} wall time of one request, per-token for streams
-    ssmstream_batch_size                   sessions per onnxruntime call (histogram)
+    ssmstream_batch_size                   sessions per onnxruntime call (histogram; a
+                                           prefill or a rewind's replay counts as one call)
     ssmstream_batch_latency_seconds        time of one batched onnxruntime call (histogram)
     ssmstream_sessions_active              open sessions (from SessionStore.stats())
     ssmstream_sessions_evicted_total       sessions evicted by the idle TTL

@@ -19,6 +19,7 @@ from ssmstream.runtime.errors import (
     SessionNotFound,
     Unavailable,
 )
+from ssmstream.runtime.history import History
 from ssmstream.runtime.sessions import SessionStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -266,7 +267,7 @@ def test_each_ort_call_of_a_batch_is_handed_back_as_soon_as_it_is_done(toy_tok):
 
     early, running, outs, stats = run(main())
     assert early == [0, 1, 2, 3] and running  # handed back before the job ended
-    assert stats.batches == 1 and stats.steps == 6
+    assert stats.batches == 3 and stats.steps == 6  # one job of three ORT calls
     for k, y in enumerate(outs):
         np.testing.assert_allclose(y, alone(toy_tok, [np.array([k])])[0], rtol=1e-6, atol=1e-7)
 
@@ -313,6 +314,44 @@ def test_steps_arriving_together_share_one_call_and_listeners_see_it(toy_tok):
 
     run(main())
     assert sizes == [16]
+
+
+def test_listeners_and_stats_see_each_ort_call_and_only_those(toy_tok, monkeypatch):
+    """Counted per onnxruntime call, as the engine saw them: a batch of 5 in calls of 2
+    rows is 3 calls (2, 2, 1); a rewind to a checkpoint makes no call and is a rewind, not
+    a prefill; a batch whose sessions all closed before it ran makes none."""
+    seen, real = [], toy_tok.run_slots
+
+    def run_slots(slab, B, out):
+        seen.append(B)
+        return real(slab, B, out)
+
+    monkeypatch.setattr(toy_tok, "run_slots", run_slots)
+    heard = []
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch=8, max_batch_delay=0.05)
+        batcher._buffers = toy_tok.step_buffers(8, chunk_bytes=2 * 4 * toy_tok.state_size)
+        batcher.add_listener(lambda n, sec: heard.append(n))
+        sessions = [store.create() for _ in range(5)]
+        await asyncio.gather(*(batcher.step(s, np.array([1])) for s in sessions))
+        assert heard == seen == [2, 2, 1]
+        assert batcher.stats.batches == 3 and batcher.stats.batch_sizes == {2: 2, 1: 1}
+        s = sessions[0]
+        s.history = History(8, 4, s.position, store.read(s))
+        await batcher.rewind(s, 1)  # the checkpoint it began with: no replay
+        assert heard == [2, 2, 1] and batcher.stats.rewinds == 1
+        assert batcher.stats.prefills == 0
+        doomed = [store.create() for _ in range(3)]
+        futs = [asyncio.ensure_future(batcher.step(d, np.array([1]))) for d in doomed]
+        await asyncio.sleep(0)
+        for d in doomed:
+            store.close(d.id)
+        await asyncio.gather(*futs, return_exceptions=True)
+        assert heard == seen == [2, 2, 1] and batcher.stats.batches == 3
+        await batcher.close()
+
+    run(main())
 
 
 def test_engine_failure_fails_the_batch_without_changing_state(toy_tok, monkeypatch):
