@@ -253,6 +253,8 @@ class Engine:
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise InvalidInput("device", f"'cuda' requested but onnxruntime runs {self.provider}")
         on_cuda = self.provider == "CUDAExecutionProvider"
+        if not on_cuda:  # onnxruntime fell back by itself: the other graphs ask for CPU alone
+            providers = slot_providers = ["CPUExecutionProvider"]
         self.device = "cuda" if on_cuda else "cpu"
         self.device_id = self.cuda_options.device_id if on_cuda else 0
         self.cuda_graphs = on_cuda and bool(self.cuda_options.enable_cuda_graph)

@@ -167,14 +167,32 @@ class CudaOptions:
 
 
 def cuda_usable() -> tuple[bool, str]:
-    """(usable, why not): the CUDA provider is built in and a CUDA driver can be loaded."""
+    """(usable, why not): the CUDA provider is built in, a CUDA driver can be loaded and it
+    sees at least one GPU (cuInit, cuDeviceGetCount: a driver mounted into a container
+    without a GPU, or CUDA_VISIBLE_DEVICES="", loads but has none)."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "this onnxruntime build has no CUDAExecutionProvider"
     names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or ""]
     for name in filter(None, names):
         try:
-            ctypes.CDLL(name)
-            return True, ""
+            driver = ctypes.CDLL(name)
         except OSError:
             continue
+        return _gpus(driver)
     return False, "no CUDA driver (libcuda) could be loaded"
+
+
+def _gpus(driver) -> tuple[bool, str]:
+    """(the driver sees a GPU, why not), from the CUDA driver API."""
+    try:
+        rc = driver.cuInit(0)
+        n = ctypes.c_int(0)
+        if rc == 0:
+            rc = driver.cuDeviceGetCount(ctypes.pointer(n))
+    except AttributeError as e:  # not a CUDA driver after all
+        return False, f"the CUDA driver library lacks {e}"
+    if rc != 0:
+        return False, f"the CUDA driver found no usable GPU (CUresult {rc})"
+    if n.value < 1:
+        return False, "the CUDA driver sees no GPU"
+    return True, ""

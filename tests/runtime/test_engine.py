@@ -279,6 +279,27 @@ def test_auto_falls_back_to_cpu_when_the_cuda_session_fails(toy_token_model, mon
         Engine(toy_token_model["model_dir"], device="cuda")
 
 
+def test_graphs_ask_for_cpu_alone_once_onnxruntime_fell_back_by_itself(
+    toy_token_model, monkeypatch
+):
+    """onnxruntime may accept the CUDA provider and still run the step graph on CPU (it
+    logs and falls back); the slot and prefill graphs then do not ask for CUDA again."""
+    import ssmstream.runtime.engine as engine_module
+
+    real, asked = engine_module.ort.InferenceSession, []
+
+    def falls_back(path, opts, providers):
+        asked.append([p if isinstance(p, str) else p[0] for p in providers])
+        return real(path, opts, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(engine_module, "cuda_usable", lambda: (True, ""))
+    monkeypatch.setattr(engine_module.ort, "InferenceSession", falls_back)
+    eng = Engine(toy_token_model["model_dir"], device="auto")
+    assert eng.provider == "CPUExecutionProvider" and eng.prefill_chunk
+    assert asked[0][0] == "CUDAExecutionProvider" and len(asked) == 3  # step, prefill, slots
+    assert asked[1:] == [["CPUExecutionProvider"]] * 2
+
+
 def test_info(tok_engine, tiny_token_model):
     info = tok_engine.info
     cfg = tiny_token_model["config"]

@@ -27,3 +27,38 @@ def test_cuda_graphs_only_for_the_slot_graph():
     assert o.provider_options("slots")["enable_cuda_graph"] == "1"
     assert o.provider_options("step")["enable_cuda_graph"] == "0"
     assert o.provider_options("prefill")["enable_cuda_graph"] == "0"
+
+
+class _Driver:
+    """A stand-in for libcuda: cuInit's result and the GPUs it reports."""
+
+    def __init__(self, init: int, gpus: int):
+        self.init, self.gpus = init, gpus
+
+    def cuInit(self, flags):
+        return self.init
+
+    def cuDeviceGetCount(self, n):
+        n.contents.value = self.gpus
+        return 0
+
+
+@pytest.mark.parametrize(
+    "driver, usable, why",
+    [
+        (_Driver(0, 2), True, ""),
+        (_Driver(100, 0), False, "no usable GPU (CUresult 100)"),  # CUDA_ERROR_NO_DEVICE
+        (_Driver(0, 0), False, "sees no GPU"),
+        (object(), False, "lacks"),  # a library of that name that is not a CUDA driver
+    ],
+)
+def test_cuda_is_usable_only_when_the_driver_sees_a_gpu(monkeypatch, driver, usable, why):
+    """A driver that loads is not enough (a container with the driver mounted and no GPU,
+    CUDA_VISIBLE_DEVICES=""): requesting CUDA there makes onnxruntime log errors and fall
+    back; cuda_usable asks the driver for its GPUs first."""
+    from ssmstream.runtime import providers
+
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(providers.ctypes, "CDLL", lambda name: driver)
+    got, reason = providers.cuda_usable()
+    assert got is usable and why in reason
