@@ -79,8 +79,10 @@ class StepResult:
 
 
 def _ints(name: str, xs) -> list[int]:
-    """Token ids as ints; ValueError naming `name` for anything but integers (a float is
-    not truncated)."""
+    """Token ids as ints (bytes are ids 0..255, as a byte-level model reads them); ValueError
+    naming `name` for anything but integers (a float is not truncated)."""
+    if isinstance(xs, (bytes, bytearray, memoryview)):
+        xs = np.frombuffer(xs, dtype=np.uint8)
     a = np.asarray(xs if xs is not None else [])
     if a.size and a.dtype.kind not in "iu":
         raise ValueError(f"{name}: must be integers, got {a.reshape(-1)[0]!r} ({a.dtype})")

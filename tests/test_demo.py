@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,36 @@ def test_demo_runs_end_to_end(demo):
     port = json.loads((workdir / "server.json").read_text())["port"]
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_stream_client_example_feeds_a_text_and_continues_it(demo, tmp_path):
+    """examples/stream_client.py against a server of the demo's model: each byte fed with
+    its top-3 guesses, then a continuation from the session and one from its fork."""
+    workdir, _ = demo
+    port_file = tmp_path / "port.json"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ssmstream.runtime.server", str(workdir / "model"), "--port", "0",
+         "--port-file", str(port_file), "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.is_file():
+            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        port = json.loads(port_file.read_text())["port"]
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "stream_client.py"), "--server",
+             f"127.0.0.1:{port}", "--max-new-tokens", "8", "def f(x):"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.count("next: ") == len("def f(x):") - 1  # every byte but the last fed
+    assert "--- session " in r.stdout and "--- fork " in r.stdout
+    assert r.stdout.count("def f(x):") == 2
 
 
 def test_demo_export_passes_verify(demo):

@@ -5,6 +5,7 @@ header the clients send. The nginx config is run for real by tests/runtime/scale
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,9 @@ def test_compose_replicas_share_redis_behind_nginx():
     for name in replicas:
         assert f"server {name}:50051" in conf
     assert "hash $ssmstream_route consistent;" in conf and "$http_x_session_id" in conf
+    # nginx's body limit applies to a call's whole request body, a Stream's every request:
+    # any limit would end long streams, so none (the replicas bound each message)
+    assert re.findall(r"^\s*client_max_body_size\s+(\S+);", conf, re.M) == ["0"]
 
 
 def test_kubernetes_example_hashes_the_clients_header():

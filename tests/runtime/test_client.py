@@ -200,6 +200,9 @@ def test_client_side_argument_errors_name_the_argument():
             generate_request("s", prompt, **kw)
     ok = generate_request("s", np.array([1, 2]), seed=2**64 - 1, stop=np.array([3]))
     assert list(ok.prompt) == [1, 2] and ok.seed == 2**64 - 1 and list(ok.stop_tokens) == [3]
+    # bytes are byte ids, as a byte-level model reads them
+    assert list(generate_request("s", b"h\xe9", stop=bytearray(b"\n")).prompt) == [104, 233]
+    assert list(step_request("s", tokens=memoryview(b"ab")).tokens) == [97, 98]
     with pytest.raises(ValueError, match="^client_cert/client_key: "):
         channel_credentials(client_cert=b"pem")
     assert channel_credentials() is None
