@@ -704,7 +704,9 @@ class SessionStore:
             states = self.slab.read_rows([s._slot for s in live])  # [n, S]
         data = encode_session_file(self.snapshot_key, header, states)
         tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        # owner-only, as the key beside it: the file holds every conversation's state
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # a temp file left by a crash may have other bits
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -107,10 +107,17 @@ class SnapshotKey:
         body += self.id
         return body + self._mac(body)
 
-    def verify(self, data: bytes, field: str, what: str) -> bytes:
-        """The body of signed bytes, else InvalidInput naming the failed check."""
+    def verify(self, data: bytes, field: str, what: str, size: int = 0) -> bytes:
+        """The body of signed bytes, else InvalidInput naming the failed check. size: the
+        length the (not yet verified) header declares, so a truncated file or snapshot says
+        so rather than failing the key check (the key id is in the trailer it lost)."""
         if len(data) < _TRAILER:
             raise InvalidInput(field, _say(what, "is truncated"))
+        if len(data) < size:  # the header is not verified yet: it may be the forged part
+            raise InvalidInput(
+                field,
+                _say(what, "is truncated (shorter than its header says) or was tampered with"),
+            )
         key_id = data[-_TRAILER:-_MAC]
         if not hmac.compare_digest(key_id, self.id):
             raise InvalidInput(
@@ -176,7 +183,7 @@ def decode_snapshot(
         raise InvalidInput("snapshot", "is not an ssmstream session snapshot")
     _, version, S, position, sha_len = _SNAP_HEAD.unpack_from(data)
     _check_version(version, "snapshot", "")
-    body = key.verify(data, "snapshot", "")
+    body = key.verify(data, "snapshot", "", _SNAP_HEAD.size + sha_len + 4 * S + _TRAILER)
     o = _SNAP_HEAD.size
     if len(body) != o + sha_len + 4 * S:
         raise InvalidInput("snapshot", "length does not match its header")
@@ -193,6 +200,19 @@ def decode_snapshot(
 
 
 # --- the session file -----------------------------------------------------------------------
+
+
+def _declared_size(data: bytes, hlen: int) -> int:
+    """The length a session file's header declares (0 when it cannot be read: the signature
+    check then says what is wrong)."""
+    o = _STORE_HEAD.size + hlen
+    if len(data) < o:
+        return o + _TRAILER
+    try:
+        header = json.loads(data[_STORE_HEAD.size : o])
+        return o + 4 * int(header["state_size"]) * len(header["sessions"]) + _TRAILER
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def encode_session_file(key: SnapshotKey, header: dict, states: np.ndarray) -> bytes:
@@ -213,7 +233,7 @@ def decode_session_file(key: SnapshotKey, data: bytes, path: Path) -> tuple[dict
         raise InvalidInput("state_dir", f"{what} is not an ssmstream session store")
     _, version, hlen = _STORE_HEAD.unpack_from(data)
     _check_version(version, "state_dir", what)
-    body = key.verify(data, "state_dir", what)
+    body = key.verify(data, "state_dir", what, _declared_size(data, hlen))
     try:
         header = json.loads(body[_STORE_HEAD.size : _STORE_HEAD.size + hlen])
         S, n = int(header["state_size"]), len(header["sessions"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import stat
 import struct
 
 import numpy as np
@@ -314,6 +315,10 @@ def test_forged_unsigned_and_foreign_key_snapshots_are_refused(engine):
         "tampered ": bytes(moved),
         "unsigned": forge(state, 7, sha, secret=None, version=1),
         "another server key": forge(state, 7, sha, secret=b"someone-elses-key-123456"),
+        # the trailer (with the key id) cut off, or the state cut short: truncated, not a
+        # wrong key (which would send an operator off changing --snapshot-key)
+        "truncated": good[:-7],
+        "truncated ": good[: len(good) // 2],
     }
     before = store.stats()
     for words, data in cases.items():
@@ -380,6 +385,7 @@ def test_save_load_gives_identical_continuation(engine, tmp_path):
     feed(engine, store, b, [7])
     path = store.save(tmp_path)
     assert path == tmp_path / STORE_FILE and [p.name for p in tmp_path.iterdir()] == [STORE_FILE]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # every session's state: owner only
     fresh = make_store(engine, ttl=30.0)
     assert fresh.load(tmp_path) == 2
     a2, b2 = fresh.get(a.id, "alice"), fresh.get("bobs", "bob")
@@ -407,6 +413,11 @@ def test_bad_saved_stores_are_refused_and_change_nothing(engine, tmp_path):
         SessionStore(engine.state_size, model_sha="other", snapshot_key=KEY).load(tmp_path)
     with pytest.raises(InvalidInput, match="another server key"):
         make_store(engine, snapshot_key=SnapshotKey.generate()).load(tmp_path)
+    for cut in (len(good) - 50, len(good) // 2, 30):
+        (tmp_path / STORE_FILE).write_bytes(good[:cut])
+        with pytest.raises(InvalidInput, match="sessions.bin is truncated"):
+            target.load(tmp_path)
+    (tmp_path / STORE_FILE).write_bytes(good)
     clash = make_store(engine)
     clash.create(session_id="one")
     with pytest.raises(InvalidInput, match="already live"):
