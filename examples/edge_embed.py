@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     a = p.parse_args(argv)
+    if not a.text:
+        p.error("text: give at least one character")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ssmstream.runtime.errors import RuntimeErrorBase
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,19 +33,26 @@ def ssmstream(*args: str) -> list[str]:
     return [sys.executable, "-m", "ssmstream.runtime.cli", *args]
 
 
-def export(ckpt: Path, model_dir: Path, verify_steps: int) -> None:
-    """Export unless model_dir already holds an export newer than the checkpoint."""
-    manifest = model_dir / "manifest.json"
-    newest = max(p.stat().st_mtime for p in ckpt.iterdir())
-    if manifest.is_file() and manifest.stat().st_mtime > newest:
-        print(f"== using the existing export in {model_dir}")
-        return
+def export(ckpt: Path, model_dir: Path, verify_steps: int) -> bool:
+    """Export unless model_dir already holds a passing export of these weights; returns
+    whether it exported."""
+    from ssmstream.runtime.manifest import sha256_file
+
+    try:
+        m = json.loads((model_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        m = {}
+    weights = sha256_file(ckpt / "model.safetensors")
+    if m.get("source", {}).get("weights_sha256") == weights and m.get("parity", {}).get("passed"):
+        print(f"== using the existing export of {ckpt} in {model_dir}")
+        return False
     print(f"== exporting {ckpt} -> {model_dir}")
     cmd = ssmstream(
         "export", str(ckpt), "--out", str(model_dir), "--force",
         "--verify-steps", str(verify_steps),
     )  # fmt: skip
     subprocess.run(cmd, check=True)
+    return True
 
 
 def start_server(model_dir: Path, workdir: Path, device: str) -> tuple[subprocess.Popen, str, int]:
@@ -148,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = a.workdir / "model"
-    export(a.ckpt, model_dir, a.verify_steps)
+    if not (a.ckpt / "model.safetensors").is_file():
+        p.error(f"--ckpt: {a.ckpt} has no model.safetensors (an `ssmstream train` checkpoint)")
+    if export(a.ckpt, model_dir, a.verify_steps) and (a.workdir / "state").exists():
+        print("== removing the sessions saved with the previous export (another model's)")
+        shutil.rmtree(a.workdir / "state")
+    m = json.loads((model_dir / "manifest.json").read_text())
+    if m["input_kind"] != "tokens" or m["vocab_size"] < 256:
+        p.error("--ckpt: the demo streams text, so it needs a byte-level token model (vocab 256)")
     proc, target, metrics_port = start_server(model_dir, a.workdir, a.device)
     try:
         print(f"== ssmstream generate --server {target} {a.prompt!r}\n")

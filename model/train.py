@@ -422,6 +422,8 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
     dist = DistInfo.from_env()
     device = resolve_device(cfg.device, dist)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file; give a directory for the checkpoint")
     if cfg.resume and not (out / "config.json").is_file():
         raise ValueError(f"cannot resume: {out} holds no checkpoint (config.json missing)")
     if not cfg.resume and (out / "config.json").is_file():

@@ -2,6 +2,7 @@
 snapshot / fork / restore → SIGTERM; then the exported graphs pass `ssmstream verify`."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,6 +80,28 @@ def test_stream_client_example_feeds_a_text_and_continues_it(demo, tmp_path):
     assert r.stderr.count("next: ") == len("def f(x):") - 1  # every byte but the last fed
     assert "--- session " in r.stdout and "--- fork " in r.stdout
     assert r.stdout.count("def f(x):") == 2
+
+
+def test_demo_reuses_an_export_only_of_the_same_weights(demo, tmp_path, monkeypatch):
+    """quickstart.py exports again when the export in its workdir came from other weights
+    (a run with another --ckpt), not only when the checkpoint is newer."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    workdir, _ = demo
+    ran = []
+    monkeypatch.setattr(quickstart.subprocess, "run", lambda cmd, check: ran.append(cmd))
+    assert quickstart.export(CKPT, workdir / "model", 16) is False and ran == []
+    other = tmp_path / "model"
+    shutil.copytree(workdir / "model", other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["source"]["weights_sha256"] = "0" * 64  # exported from another checkpoint
+    (other / "manifest.json").write_text(json.dumps(m))
+    assert quickstart.export(CKPT, other, 16) is True
+    (cmd,) = ran
+    assert cmd[3:] == ["export", str(CKPT), "--out", str(other), "--force", "--verify-steps", "16"]
 
 
 def test_demo_export_passes_verify(demo):

@@ -69,3 +69,6 @@ def test_main_runs(edge, model_dir, caplog):
     assert edge.main([str(model_dir), "hello", "--max-new-tokens", "5", "--device", "cpu"]) == 0
     assert "continuation: " in caplog.text
     assert edge.main([str(model_dir / "nope")]) == 2
+    with pytest.raises(SystemExit) as e:  # an empty prompt: argparse's error, not a traceback
+        edge.main([str(model_dir), ""])
+    assert e.value.code == 2

@@ -273,7 +273,9 @@ def test_cli_rejects_bad_flags(argv, message, tmp_path, capsys):
 def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
     result, _ = trained
     (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("x")
     cases = [
+        (["--out", str(tmp_path / "a-file")], "is a file; give a directory"),
         (["--data", str(tmp_path / "empty")], "empty corpus"),
         (["--data", str(tmp_path / "missing")], "does not exist"),
         (["--out", str(result.checkpoint)], "already holds a checkpoint"),
