@@ -4,6 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
+# where torch comes from: pip's configured index by default; from public PyPI, which serves
+# the CUDA build on Linux, use TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_INDEX ?=
 
 .PHONY: install services test lint fmt demo bench protos clean
 
@@ -13,7 +16,7 @@ $(BIN)/python:
 
 # torch first (the local CPU wheel), so nothing later pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" $(TORCH_INDEX)
 	$(BIN)/pip install -q -e ".[dev,train,export,serve,plots]"
 	touch $(STAMP)
 
