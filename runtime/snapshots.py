@@ -76,11 +76,19 @@ class SnapshotKey:
         """The key in a file (its bytes, surrounding whitespace stripped)."""
         try:
             secret = Path(path).read_bytes().strip()
+            mode = os.stat(path).st_mode & 0o777
         except OSError as e:
             raise InvalidInput("snapshot_key", f"cannot read {path}: {e.strerror}") from e
         if len(secret) < MIN_KEY_BYTES:
             raise InvalidInput(
                 "snapshot_key", f"{path} holds {len(secret)} bytes; use at least {MIN_KEY_BYTES}"
+            )
+        if mode & 0o077:
+            log.warning(
+                "snapshot key %s is readable by other users (mode %o): whoever reads it can sign "
+                "snapshots this server accepts; chmod 600 it",
+                path,
+                mode,
             )
         return cls(secret)
 
