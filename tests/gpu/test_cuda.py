@@ -51,16 +51,26 @@ def test_bad_cuda_options_name_the_field(toy_token_model, bad, field):
         Engine(toy_token_model["model_dir"], cuda_options=[("device_id", 0)])
 
 
+class OnCuda:
+    """A CPU session that says it runs on CUDA."""
+
+    def __init__(self, sess):
+        self.sess = sess
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def __getattr__(self, name):
+        return getattr(self.sess, name)
+
+
 def test_engine_hands_cuda_options_to_onnxruntime(toy_token_model, monkeypatch):
     seen: dict[str, list] = {}
     real = engine_module.ort.InferenceSession
 
     def record(path, opts, providers):
         seen["slots" if isinstance(path, bytes) else path.rsplit("/", 1)[-1]] = providers
-        cpu = [
-            p for p in providers if (p if isinstance(p, str) else p[0]) == "CPUExecutionProvider"
-        ]
-        return real(path, opts, providers=cpu)  # runs on CPU; get_providers() says CPU
+        return OnCuda(real(path, opts, providers=["CPUExecutionProvider"]))
 
     monkeypatch.setattr(engine_module, "cuda_usable", lambda: (True, ""))
     monkeypatch.setattr(engine_module.ort, "InferenceSession", record)
@@ -75,7 +85,9 @@ def test_engine_hands_cuda_options_to_onnxruntime(toy_token_model, monkeypatch):
     assert {k: v for k, v in slot_opts.items() if k != "enable_cuda_graph"} == {
         k: v for k, v in step_opts.items() if k != "enable_cuda_graph"
     }
-    assert eng.device == "cpu"  # the (faked) session reports CPU, so the engine says so
+    (name, prefill_opts), _ = seen["prefill.onnx"]
+    assert name == "CUDAExecutionProvider" and prefill_opts["device_id"] == "3"
+    assert eng.device == "cuda" and eng.device_id == 3  # where the (faked) session says
     # device="cpu" never asks for CUDA, whatever the options
     seen.clear()
     Engine(toy_token_model["model_dir"], device="cpu", cuda_options=opts)
@@ -87,16 +99,6 @@ def test_a_model_cuda_graphs_cannot_capture_runs_without_them(toy_token_model, m
     engine says so once and steps without graphs instead of failing to open."""
     real = engine_module.ort.InferenceSession
     opened = []
-
-    class OnCuda:  # a CPU session that says it runs on CUDA
-        def __init__(self, sess):
-            self.sess = sess
-
-        def get_providers(self):
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-        def __getattr__(self, name):
-            return getattr(self.sess, name)
 
     def fake(path, opts, providers):
         graphs = [p[1].get("enable_cuda_graph") for p in providers if not isinstance(p, str)]

@@ -210,6 +210,8 @@ TEAR = textwrap.dedent(
     class Tearing:                                         # half of the first part, then hang
         def __init__(self, f):
             self.f = f
+        def fileno(self):
+            return self.f.fileno()
         def write(self, b):
             self.f.write(b[: len(b) // 2]); self.f.flush()
             print("torn", flush=True); time.sleep(120)
