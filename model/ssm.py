@@ -110,7 +110,10 @@ def vandermonde(dA: Tensor, L: int) -> Tensor:
     float64), so dA^0 = 1 and dA^l = 0 for l ≥ 1, as in the recurrence.
     """
     l = torch.arange(L, device=dA.device, dtype=dA.real.dtype)  # [L]
-    gone = dA == 0  # log and angle at 0 have no gradient: take them at 1 and floor the log
+    # a mode below sqrt(tiny) counts as gone (its powers from l = 1 on are below 1e-19 in
+    # float32): log and angle have no usable gradient there (angle's divides by |dA|², which
+    # underflows to 0), so they are taken at 1 and the log floored
+    gone = dA.abs() < torch.finfo(dA.real.dtype).tiny ** 0.5
     safe = torch.where(gone, torch.ones_like(dA), dA)
     log_mag = torch.where(gone, -1000.0, torch.log(safe.abs())).unsqueeze(-1)  # [..., N, 1]
     phase = torch.angle(safe).unsqueeze(-1) * l  # [..., N, L]

@@ -81,7 +81,7 @@ class StepResult:
 def _ints(name: str, xs) -> list[int]:
     """Token ids as ints (bytes are ids 0..255, as a byte-level model reads them); ValueError
     naming `name` for anything but integers (a float is not truncated)."""
-    if isinstance(xs, (bytes, bytearray, memoryview)):
+    if isinstance(xs, (bytes, bytearray)) or (isinstance(xs, memoryview) and xs.format in "Bc"):
         xs = np.frombuffer(xs, dtype=np.uint8)
     a = np.asarray(xs if xs is not None else [])
     if a.size and a.dtype.kind not in "iu":

@@ -20,6 +20,7 @@ Dimension letters: V vocabulary size, T prompt length.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +56,9 @@ class GenerateConfig:
         """A checked config; InvalidInput names the first bad field.
 
         max_new_tokens must lie in [min_new_tokens, max_limit] (no upper bound when None);
-        top_k in [0, vocab_size]; stop tokens in [0, vocab_size), at most vocab_size of them
-        (checked before any is read: a request cannot make the server loop over millions).
+        top_k in [0, vocab_size]; stop tokens (any iterable) in [0, vocab_size), at most
+        vocab_size of them (reading stops there: a request cannot make the server loop over
+        millions).
         """
         n, high = max_new_tokens, max_limit
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < min_new_tokens:
@@ -74,10 +76,9 @@ class GenerateConfig:
                 "top_k", f"must be in [0, vocab_size={vocab_size}] (0: off), got {top_k}"
             )
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        stop = list(itertools.islice(stop, vocab_size + 1))  # any iterable; never more
         if len(stop) > vocab_size:
-            raise InvalidInput(
-                stop_field, f"has {len(stop)} tokens, more than vocab_size={vocab_size}"
-            )
+            raise InvalidInput(stop_field, f"has more than vocab_size={vocab_size} tokens")
         stop_set = set()
         for t in stop:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):

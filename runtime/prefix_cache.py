@@ -117,7 +117,7 @@ class PrefixCache:
         if not found:
             self.counts["misses"] += 1
             return CacheHit(0)
-        for _, key, _ in found:
+        for _, key, _ in reversed(found):  # a prompt's first pieces are evicted last
             self._entries.move_to_end(key)
         end, _, e = found[-1]
         self.counts["hits"] += 1
@@ -133,7 +133,7 @@ class PrefixCache:
         if not self.enabled:
             return 0
         added, data = 0, _tokens_bytes(prompt)
-        for end, key in self._pieces(scope, data):
+        for end, key in reversed(self._pieces(scope, data)):  # the first pieces evicted last
             if key in self._entries or end not in states:
                 continue
             state, output = states[end]

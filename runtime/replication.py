@@ -495,7 +495,7 @@ class RedisReplication:
             and rec["incarnation"] not in (None, local.incarnation)
         ):
             with self._io:
-                self.store.drop(local, self._ended(local) or "moved")
+                self.store.drop(local, self._ended(local) or "closed")
             local = None
         if rec is None or rec["principal"] != principal:
             if rec is None and local is not None and local.principal == principal:

@@ -286,7 +286,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             int(request.top_k),
             1.0 if request.top_p == 0 else float(request.top_p),  # proto default 0: off
             request.seed if request.HasField("seed") else None,
-            request.stop_tokens,  # a sequence; its length is checked before it is read
+            request.stop_tokens,  # read only up to the most that can be valid
             request.keep_session,
         )
         t0, n = time.perf_counter(), len(request.prompt)

@@ -588,7 +588,7 @@ class SessionStore:
                     f"in flight here; retry"
                 )
             if s is not None and s._incarnation != incarnation:
-                self._remove(s, "moved")  # closed elsewhere and created again: another session
+                self._remove(s, "closed")  # closed elsewhere and created again: another session
                 self._gone.pop(session_id, None)
                 s = None
             if s is None:

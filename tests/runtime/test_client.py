@@ -203,6 +203,8 @@ def test_client_side_argument_errors_name_the_argument():
     # bytes are byte ids, as a byte-level model reads them
     assert list(generate_request("s", b"h\xe9", stop=bytearray(b"\n")).prompt) == [104, 233]
     assert list(step_request("s", tokens=memoryview(b"ab")).tokens) == [97, 98]
+    wide = memoryview(np.array([1, 2, 300], np.int64))  # a buffer of int64 ids, not bytes
+    assert list(step_request("s", tokens=wide).tokens) == [1, 2, 300]
     with pytest.raises(ValueError, match="^client_cert/client_key: "):
         channel_credentials(client_cert=b"pem")
     assert channel_credentials() is None

@@ -336,6 +336,8 @@ def test_generate_seeded_stop_and_state_in_place(tok_engine):
     stop = a[3]
     c = list(eng.generate([5, 6], max_new_tokens=12, seed=7, temperature=1.5, stop=[stop]))
     assert c == a[: a.index(stop) + 1]
+    stops = (t for t in [stop])  # any iterable of ids, as documented
+    assert list(eng.generate([5, 6], max_new_tokens=12, seed=7, temperature=1.5, stop=stops)) == c
     # state in place: prompt + every yielded token consumed
     state = np.zeros(eng.state_size, dtype=np.float32)
     toks = list(eng.generate([5, 6], state=state, max_new_tokens=5, seed=3))

@@ -114,6 +114,24 @@ def test_a_chain_lookup_stops_at_the_first_piece_not_cached_and_gives_each_piece
     assert c.lookup("s", p, chain=True, gap=6).tokens == 14
 
 
+def test_under_pressure_a_prompts_first_pieces_stay_longest():
+    """A chain lookup (rewind on) needs a prompt's pieces from its start: eviction takes the
+    last pieces first, so a full cache still serves the beginning of an older prompt."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, V, 16) for _ in range(3)]
+    states = {e: (np.zeros(S, np.float32), np.zeros(3, np.float32)) for e in (4, 8, 12, 16)}
+    one = PrefixCache(1 << 20, 4, "m")
+    one.insert("s", prompts[0], states)
+    c = PrefixCache(int(2.5 * one.bytes), chunk=4, model_sha="m")  # room for 2.5 prompts
+    for p in prompts:
+        c.insert("s", p, states)
+    assert c.stats()["evictions"] > 0
+    got = [c.lookup("s", p, chain=True, gap=4).tokens for p in prompts]
+    assert got[1:] == [16, 16] and 0 < got[0] < 16, got
+    hit = c.lookup("s", prompts[0], chain=True, gap=4)
+    assert sorted(hit.states) == list(range(4, hit.tokens + 1, 4))
+
+
 def test_eviction_holds_the_byte_limit_least_recently_used_first():
     one = PrefixCache(1 << 20, 4, "m")
     one.insert("s", np.arange(4), {4: (np.zeros(S, np.float32), np.zeros(3, np.float32))})

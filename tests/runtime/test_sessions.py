@@ -13,7 +13,13 @@ import struct
 import numpy as np
 import pytest
 from ssmstream.runtime.engine import Engine
-from ssmstream.runtime.errors import InvalidInput, LimitExceeded, ModelError, SessionNotFound
+from ssmstream.runtime.errors import (
+    InvalidInput,
+    LimitExceeded,
+    ModelError,
+    SessionNotFound,
+    Unavailable,
+)
 from ssmstream.runtime.sessions import STORE_FILE, SessionStore, check_session_id
 from ssmstream.runtime.snapshots import SnapshotKey
 
@@ -564,3 +570,19 @@ def test_a_key_file_others_can_read_is_used_with_a_warning(tmp_path, caplog):
     with pytest.raises(InvalidInput, match="snapshot_key: .* holds 3 bytes"):
         shared.write_bytes(b"abc")
         SnapshotKey.from_file(shared)
+
+
+def test_a_copy_replaced_by_another_incarnation_says_closed_not_retry(engine):
+    """install() with another incarnation of the id (closed elsewhere, the id created again):
+    the old copy's requests are NOT_FOUND closed; UNAVAILABLE (retry) would land them on a
+    different session. A copy another replica took over (drop "moved") is the retry case."""
+    store = make_store(engine)
+    old = store.create("p", "conv")
+    S = engine.state_size
+    store.install("conv", "p", 60.0, 0, np.zeros(S, np.float32), incarnation="another")
+    assert store.local("conv").incarnation == "another"
+    for err in (old.gone(), pytest.raises(SessionNotFound, store.read, old).value):
+        assert isinstance(err, SessionNotFound) and err.reason == "closed"
+    taken = store.create("p", "taken")
+    store.drop(taken, "moved")
+    assert isinstance(taken.gone(), Unavailable) and "another replica" in str(taken.gone())
