@@ -583,8 +583,10 @@ class Batcher:
                 buf.inputs[j] = r.inputs[0]
                 buf.slots[j, 0] = r.session.slot
             t0 = time.perf_counter()
-            outputs = self.engine.run_slots(store.slab, B, buf)
-            self._calls.append((B, time.perf_counter() - t0))
+            try:
+                outputs = self.engine.run_slots(store.slab, B, buf)
+            finally:  # a call that failed was a call too
+                self._calls.append((B, time.perf_counter() - t0))
         except BaseException:
             store.give_back(lent, 0)  # nothing was written
             raise

@@ -370,6 +370,7 @@ def test_engine_failure_fails_the_batch_without_changing_state(toy_tok, monkeypa
             await batcher.step(s, np.array([2]))
         np.testing.assert_array_equal(store.read(s), before)
         assert s.position == 1 and batcher.stats.failed == 1
+        assert batcher.stats.batches == 2  # the failed onnxruntime call counts as a call
         monkeypatch.setattr(toy_tok, "run_slots", real)
         _, pos = await batcher.step(s, np.array([2]))  # the batcher keeps serving
         await batcher.close()
