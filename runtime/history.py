@@ -89,8 +89,8 @@ class History:
         self._add(self.position, state)
         self._base = self.position  # the position of _inputs[0] (= the oldest checkpoint's)
 
-    def _add(self, position: int, state: np.ndarray) -> None:
-        x = np.array(state, np.float32)
+    def _add(self, position: int, state: np.ndarray, copy: bool = True) -> None:
+        x = np.array(state, np.float32, copy=copy or None)
         self._checkpoints.append((position, x))
         self.budget.add(x.nbytes)
 
@@ -129,16 +129,21 @@ class History:
     def _oldest(self) -> int:
         return max(self._checkpoints[0][0], self.position - self.window)
 
-    def record(self, inputs: np.ndarray, end: int, states: dict[int, np.ndarray]) -> None:
+    def record(
+        self, inputs: np.ndarray, end: int, states: dict[int, np.ndarray], shared: bool = False
+    ) -> None:
         """The session consumed `inputs` ([T] or [T, d_in]) and is at position `end`;
         `states` holds the states after some of them, {position: float32 [S]} (at least the
         one at `end` when a checkpoint may be due). Positions that do not follow on from
-        this history (a state installed from elsewhere) restart it."""
+        this history (a state installed from elsewhere) restart it. shared: the states are
+        arrays nobody writes (the prefix cache's), kept without a copy."""
         with self._lock:
             if not self.released:
-                self._record(inputs, end, states)
+                self._record(inputs, end, states, not shared)
 
-    def _record(self, inputs: np.ndarray, end: int, states: dict[int, np.ndarray]) -> None:
+    def _record(
+        self, inputs: np.ndarray, end: int, states: dict[int, np.ndarray], copy: bool = True
+    ) -> None:
         T = inputs.shape[0]
         if end - T != self.position:  # not a continuation: start over from here
             if end in states:
@@ -153,7 +158,7 @@ class History:
         for i, p in enumerate(at):
             after = at[i + 1] if i + 1 < len(at) else None
             if p - last >= self.chunk or (after is not None and after - last > self.chunk):
-                self._add(p, states[p])
+                self._add(p, states[p], copy)
                 last = p
         self._trim()
 

@@ -230,7 +230,7 @@ class SessionService:
         if hit.tokens:
             self.store.commit(s, hit.state, hit.tokens)
             if s.history is not None:  # as if prefilled: a rewind may go into the prompt
-                s.history.record(prompt[: hit.tokens], hit.tokens, hit.states)
+                s.history.record(prompt[: hit.tokens], hit.tokens, hit.states, shared=True)
         rest = prompt[hit.tokens :]
         if not len(rest):
             return hit.output, hit.tokens
