@@ -81,6 +81,12 @@ def _past_end(s: Session, T: int) -> OutOfRange | None:
     )
 
 
+def _number(v, kind: type = float) -> bool:
+    """A real number (kind float) or an integer (kind int), not a bool."""
+    types = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
+    return isinstance(v, types) and not isinstance(v, bool)
+
+
 def _timed(job: Callable, reqs: list) -> tuple[object, float]:
     """(job(reqs), or the exception it raised; seconds it took)."""
     t0 = time.perf_counter()
@@ -159,13 +165,17 @@ class Batcher:
             or max_batch < 1
         ):
             raise InvalidInput("max_batch", f"must be a positive integer, got {max_batch!r}")
-        if not isinstance(max_batch_delay, (int, float)) or not 0 <= max_batch_delay < 10:
+        if not _number(max_batch_delay) or not 0 <= max_batch_delay < 10:
             raise InvalidInput(
                 "max_batch_delay", f"must be in [0, 10) seconds, got {max_batch_delay!r}"
             )
-        if max_queue_per_session < 0:
+        if not _number(max_queue_per_session, int) or max_queue_per_session < 0:
             raise InvalidInput(
-                "max_queue_per_session", f"must be >= 0, got {max_queue_per_session}"
+                "max_queue_per_session", f"must be an integer >= 0, got {max_queue_per_session!r}"
+            )
+        if activity_window is not None and (not _number(activity_window) or activity_window <= 0):
+            raise InvalidInput(
+                "activity_window", f"must be positive seconds or None, got {activity_window!r}"
             )
         if store.state_size != engine.state_size:
             raise InvalidInput(

@@ -440,6 +440,11 @@ def test_queue_limit_close_and_arguments(toy_tok):
     for kw, field in [
         ({"max_batch": 0}, "max_batch"),
         ({"max_batch_delay": -1}, "max_batch_delay"),
+        ({"max_batch_delay": True}, "max_batch_delay"),  # not one second
+        ({"max_queue_per_session": None}, "max_queue_per_session"),
+        ({"max_queue_per_session": 2.5}, "max_queue_per_session"),
+        ({"activity_window": 0}, "activity_window"),
+        ({"activity_window": "1s"}, "activity_window"),
     ]:
         with pytest.raises(InvalidInput) as e:
             Batcher(toy_tok, store, **kw)
