@@ -292,7 +292,10 @@ class SessionStore:
         if session_id is None:
             session_id = str(uuid.uuid4())
         elif check_session_id(session_id) in self._sessions:
-            raise InvalidInput("session_id", f"{session_id!r} is already in use")
+            held = self._sessions[session_id]
+            if not self._expired(held, self.clock()):
+                raise InvalidInput("session_id", f"{session_id!r} is already in use")
+            self._remove(held, "evicted")  # past its TTL: evicted now, not at the next sweep
         if not self._free:
             self._evict_idle_locked()
         if not self._free:

@@ -149,6 +149,23 @@ def test_ttl_eviction_with_fake_clock():
             store.create(ttl=bad)
 
 
+def test_an_id_held_by_an_expired_session_is_free_before_the_next_sweep():
+    clock = FakeClock()
+    store = SessionStore(4, capacity=8, ttl=10.0, clock=clock)
+    old = store.create("p", "chat")
+    clock.t += 5
+    with pytest.raises(InvalidInput, match="already in use"):
+        store.create("p", "chat")  # still live
+    clock.t += 6  # idle 11 s > 10: expired, not yet swept
+    new = store.create("p", "chat")
+    assert new is not old and store.get("chat", "p") is new
+    assert old.gone().reason == "evicted" and store.stats()["evicted"] == 1
+    store.pin(new)  # a step in flight keeps its id however long it runs
+    clock.t += 100
+    with pytest.raises(InvalidInput, match="already in use"):
+        store.create("p", "chat")
+
+
 def test_capacity_and_per_principal_limits():
     clock = FakeClock()
     store = SessionStore(4, capacity=3, ttl=10.0, max_per_principal=2, clock=clock)
