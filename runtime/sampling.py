@@ -95,7 +95,8 @@ def probabilities(
     if temperature == 0:
         p[int(np.argmax(z))] = 1.0
         return p
-    z = (z - z.max()) / temperature  # shifted first: a tiny temperature cannot overflow it
+    with np.errstate(over="ignore"):  # z - max <= 0: a tiny temperature sends it to -inf (p 0)
+        z = (z - z.max()) / temperature
     p = np.exp(z)  # [V]
     if 0 < top_k < V:
         # zero everything below the k-th largest probability (ties at the cut are kept)
