@@ -657,15 +657,22 @@ def main(argv: list[str] | None = None) -> int:
     stop = _ids(a.stop, "--stop", parser)
     if a.rewind_to is not None and not a.session:  # before any call to the server
         parser.error("--rewind-to needs --session")
-    client = Client(
-        a.server,
-        token=os.environ.get(a.token_env) or None,
-        tls=a.tls,
-        root_certificates=a.tls_ca,
-        client_cert=a.tls_cert,
-        client_key=a.tls_key,
-        timeout=a.timeout,
-    )
+    try:  # the sampling flags, checked as the request will be, before any call
+        generate_request("", [], a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stop)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        client = Client(
+            a.server,
+            token=os.environ.get(a.token_env) or None,
+            tls=a.tls,
+            root_certificates=a.tls_ca,
+            client_cert=a.tls_cert,
+            client_key=a.tls_key,
+            timeout=a.timeout,
+        )
+    except (ValueError, OSError) as e:  # a bad TLS file or pair, named
+        parser.error(str(e))
     out = sys.stdout
     try:
         info = client.info() if not a.ids else None
@@ -707,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         sys.stderr.write(f"ssmstream generate: {e.code().name}: {e.details()}\n")
         return 1
+    except ValueError as e:  # the client's own argument checks name the argument
+        parser.error(str(e))
     finally:
         client.close()
     return 0

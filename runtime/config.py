@@ -254,6 +254,10 @@ class ServerConfig:
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.host:
             raise ValueError("host: must not be empty")
+        if self.host.startswith("[") and self.host.endswith("]"):  # [::1]: the bare literal
+            self.host = self.host[1:-1]
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port: {self.metrics_port} is the gRPC --port too")
         if self.state_store != "memory":
             if not self.state_store.startswith(("redis://", "rediss://", "unix://")):
                 raise ValueError(

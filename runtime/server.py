@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from pathlib import Path
@@ -41,7 +42,7 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .auth import AuthInterceptor, TokenTable
 from .config import ServerConfig, parse_config
-from .errors import RuntimeErrorBase
+from .errors import InvalidInput, RuntimeErrorBase
 from .metrics import FeaturesCollector, ServerMetrics
 from .service import ServiceLimits, SessionService
 from .servicer import StreamingInferenceServicer, max_send_bytes
@@ -69,8 +70,9 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def check_bindable(host: str, port: int) -> None:
-    """OSError naming the address when nothing can listen on it (port 0: any port will do)."""
+def check_bindable(host: str, port: int, field: str = "port") -> None:
+    """InvalidInput naming the flag and the address when nothing can listen on it (port 0:
+    any port will do)."""
     if port == 0:
         return
     try:
@@ -80,7 +82,47 @@ def check_bindable(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
             s.bind(addr)
     except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise InvalidInput(field, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def check_files(config: ServerConfig) -> None:
+    """What start would find wrong only after the engine loaded, or at shutdown: TLS
+    material that does not load, a --state-dir the server cannot write (its sessions would
+    be lost at SIGTERM), a --port-file in a directory that does not exist. InvalidInput
+    names the flag."""
+    c = config
+    if c.tls_cert is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(c.tls_cert, c.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise InvalidInput(
+                "tls_cert/tls_key", f"cannot load {c.tls_cert} / {c.tls_key}: {e}"
+            ) from None
+        if c.tls_client_ca is not None:
+            try:
+                ctx.load_verify_locations(c.tls_client_ca)
+            except (OSError, ssl.SSLError) as e:
+                raise InvalidInput("tls_client_ca", f"cannot load {c.tls_client_ca}: {e}") from None
+    if c.state_dir:
+        from .sessions import STORE_FILE
+
+        d = Path(c.state_dir)
+        saved = d / STORE_FILE
+        if saved.exists() and not saved.is_file():
+            raise InvalidInput("state_dir", f"{saved} is not a file")
+        probe = d / f".write-test.{os.getpid()}"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            os.replace(probe, probe.with_name(probe.name + ".renamed"))
+            probe.with_name(probe.name + ".renamed").unlink()
+        except OSError as e:
+            raise InvalidInput(
+                "state_dir", f"cannot write {d} ({e.strerror or e}): sessions are saved there"
+            ) from None
+    if c.port_file and not Path(c.port_file).absolute().parent.is_dir():
+        raise InvalidInput("port_file", f"{Path(c.port_file).parent} is not a directory")
 
 
 def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
@@ -118,13 +160,25 @@ class Server:
         self._stopping = False
 
     async def start(self) -> int:
-        """Open everything and start serving; returns the bound port."""
+        """Open everything and start serving; returns the bound port. A start that fails
+        undoes what it opened (without saving: a --state-dir it could not load stays as it
+        was) and raises."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(0, save=False)
+            raise
+
+    async def _start(self) -> int:
         from .batcher import Batcher
         from .engine import Engine
         from .sessions import SessionStore
 
         c = self.config
         check_bindable(c.host, c.port)  # before the slow parts, and without grpc's own log
+        if c.metrics_port:
+            check_bindable(c.host, c.metrics_port, "metrics_port")
+        check_files(c)
         tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
         credentials = server_credentials(c)
         if self.engine is None:
@@ -155,7 +209,13 @@ class Server:
                 replica_id=c.replica_id,
             )
             self.metrics.registry.register(StoreCollector(replication))
-        slab = self.engine.new_slab(c.max_sessions)  # every session's state, on its device
+        try:
+            slab = self.engine.new_slab(c.max_sessions)  # every session's state, on its device
+        except MemoryError:
+            need = c.max_sessions * 4 * int(info["state_size"])
+            raise InvalidInput(
+                "max_sessions", f"{c.max_sessions} sessions need {need:,} bytes of state: too many"
+            ) from None
         self.store = SessionStore(**store_args, replication=replication, slab=slab)
         e = self.engine
         log.info(
@@ -282,8 +342,9 @@ class Server:
             except Exception:
                 log.exception("periodic save to %s failed; trying again", self.config.state_dir)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain and shut down (see the module docstring); safe to call twice."""
+    async def stop(self, grace: float | None = None, save: bool = True) -> None:
+        """Drain and shut down (see the module docstring); safe to call twice. save: write
+        the sessions (--state-dir, --state-store); off when a start failed."""
         if self._stopping:
             await self._stopped.wait()
             return
@@ -310,10 +371,11 @@ class Server:
                 log.exception("background task %r failed", t.get_coro().__qualname__)
         if self.batcher is not None:
             await self.batcher.close()
-        if self.config.state_dir and self.store is not None:
+        if save and self.config.state_dir and self.store is not None:
             self.store.save(self.config.state_dir)
         if self.store is not None and self.store.replication is not None:
-            await asyncio.to_thread(self.store.flush)  # written, leases released: failover now
+            if save:
+                await asyncio.to_thread(self.store.flush)  # written, leases released
             self.store.replication.stop()
         self.metrics.close()
         log.info("stopped")
@@ -323,7 +385,8 @@ class Server:
         await self._stopped.wait()
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, then stop gracefully."""
+        """Start, serve until SIGTERM/SIGINT, then stop gracefully; a second signal ends
+        the grace period at once (calls still running are cancelled; sessions are saved)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -331,7 +394,14 @@ class Server:
         await self.start()
         await stop.wait()
         log.info("signal received")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._hurry)
         await self.stop()
+
+    def _hurry(self) -> None:
+        log.info("second signal: ending the grace period now")
+        if self._grpc is not None:
+            asyncio.ensure_future(self._grpc.stop(0))
 
 
 def _write_port_file(path: str, port: int, metrics_port: int | None) -> None:

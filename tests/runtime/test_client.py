@@ -232,3 +232,23 @@ def test_resumable_error_names_the_errors_a_failover_causes():
     assert not resumable_error(Err(S.INTERNAL, "step graph failed for batch 4"))
     assert not resumable_error(Err(S.INVALID_ARGUMENT, "tokens: [0] = 999 is outside [0, 256)"))
     assert not resumable_error(Err(S.NOT_FOUND, "session 'x' not found (closed)"))
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--max-new-tokens", "-1"], "max_new_tokens: "),
+        (["--seed", "-5"], "seed: "),
+        (["--top-k", "-1"], "top_k: "),
+        (["--stop", "99999999999999999999"], "stop: "),
+        (["--tls-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
+        (["--tls-cert", "/etc/hostname"], "client_cert/client_key: "),
+    ],
+)
+def test_generate_cli_bad_flags_are_usage_errors_before_any_call(flags, words, capsys):
+    """Exit 2 with the argument named, not a traceback; no server is needed to find out
+    (port 1 refuses connections)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--server", "127.0.0.1:1", "--ids", "1", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and "Traceback" not in err

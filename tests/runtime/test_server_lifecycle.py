@@ -222,3 +222,122 @@ def test_restart_on_the_same_state_dir_continues_exactly(tiny_token_model, tmp_p
     assert "restored 2 sessions" in second.output()
     assert [r.position for r in got] == list(range(1, 13))
     np.testing.assert_allclose(np.stack([r.outputs[0] for r in got]), np.stack(expect), atol=ATOL)
+
+
+# --- starting and stopping ---------------------------------------------------------------
+
+
+def _start(config: ServerConfig, engine=None):
+    """Server(config).start() on a fresh event loop; returns (the server, what it raised)."""
+    import asyncio
+
+    from ssmstream.runtime.server import Server
+
+    srv = Server(config, engine)
+
+    async def go():
+        try:
+            await srv.start()
+        except Exception as e:
+            return e
+        await srv.stop(0)
+        return None
+
+    return srv, asyncio.run(go())
+
+
+def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, tmp_path):
+    """Checked before the engine loads: TLS material that does not load, a --state-dir the
+    server cannot write (its sessions would be lost at SIGTERM), a --port-file directory
+    that does not exist, a --metrics-port in use; each an error naming the flag."""
+    import socket
+
+    model = str(tiny_token_model["model_dir"])
+    (tmp_path / "garbage.pem").write_text("not a certificate")
+    (tmp_path / "a-file").write_text("x")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases = [
+        (dict(tls_cert=str(tmp_path / "garbage.pem"), tls_key=str(tmp_path / "garbage.pem")),
+         "tls_cert/tls_key: cannot load"),
+        (dict(state_dir=str(tmp_path / "a-file" / "state")), "state_dir: cannot write"),
+        (dict(port_file=str(tmp_path / "missing" / "pf.json")), "port_file: "),
+        (dict(metrics_port=taken.getsockname()[1]), "metrics_port: cannot listen"),
+    ]  # fmt: skip
+    try:
+        for kw, words in cases:
+            srv, err = _start(ServerConfig(model_dir=model, port=0, device="cpu", **kw))
+            assert words in str(err), (kw, err)
+            assert srv.engine is None  # refused before the slow part
+    finally:
+        taken.close()
+
+
+def test_a_start_that_fails_after_binding_closes_its_port_and_saves_nothing(
+    tiny_token_model, tmp_path, monkeypatch
+):
+    import socket
+
+    import ssmstream.runtime.server as server_module
+
+    def no_port_file(*a):
+        raise OSError("disk full (test)")
+
+    monkeypatch.setattr(server_module, "_write_port_file", no_port_file)
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu",
+        state_dir=str(tmp_path / "state"), port_file=str(tmp_path / "pf.json"),
+    )  # fmt: skip
+    srv, err = _start(cfg)
+    assert "disk full (test)" in str(err) and srv.port
+    with socket.socket() as s:  # nothing listens there any more
+        assert s.connect_ex(("127.0.0.1", srv.port)) != 0
+    assert not (tmp_path / "state" / "sessions.bin").exists()
+
+
+def test_a_slab_too_large_for_memory_names_max_sessions(tiny_token_model, monkeypatch):
+    eng = Engine(tiny_token_model["model_dir"], device="cpu")
+
+    def no_memory(capacity):
+        raise MemoryError
+
+    monkeypatch.setattr(eng, "new_slab", no_memory)
+    cfg = ServerConfig(model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu")
+    _, err = _start(cfg, eng)
+    assert str(err).startswith("max_sessions: 1024 sessions need")
+
+
+def test_config_takes_a_bracketed_ipv6_host_and_refuses_one_port_for_both():
+    assert ServerConfig(model_dir="m", host="[::1]").host == "::1"
+    assert ServerConfig(model_dir="m", host="::1", port=5).address == "[::1]:5"
+    with pytest.raises(ValueError, match="metrics_port: 7000 is the gRPC --port too"):
+        ServerConfig(model_dir="m", port=7000, metrics_port=7000)
+
+
+def test_a_second_signal_ends_the_grace_period(tiny_token_model, tmp_path):
+    """An open health Watch keeps a draining server for its whole --grace; a second SIGTERM
+    ends the grace at once, and the sessions are still saved."""
+    import signal
+
+    srv = ServerProcess(
+        tiny_token_model["model_dir"], "--device", "cpu", "--grace", "60",
+        "--state-dir", str(tmp_path / "state"), workdir=tmp_path,
+    )  # fmt: skip
+    try:
+        with Client(srv.address, timeout=30) as c:
+            c.create_session(session_id="kept")
+        channel = grpc.insecure_channel(srv.address)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        time.sleep(0.5)
+        assert srv.proc.poll() is None  # the Watch holds the drain
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0 and time.monotonic() - t0 < 20
+        channel.close()
+    finally:
+        srv.kill()
+    assert "second signal" in srv.output() and "saved 1 sessions" in srv.output()
