@@ -118,8 +118,8 @@ class ExportConfig:
             raise ExportError(f"dt_scale must be a finite number, got {self.dt_scale!r}")
         if self.dt_scale <= 0:
             raise ExportError(f"dt_scale must be positive, got {self.dt_scale}")
-        if self.chunk < 1 or self.chunk & (self.chunk - 1):
-            raise ExportError(f"chunk must be a power of two, got {self.chunk}")
+        if self.chunk < 2 or self.chunk & (self.chunk - 1):
+            raise ExportError(f"chunk must be a power of two >= 2, got {self.chunk}")
         if not 3 <= self.max_chunks <= 256:  # tracing needs an example below the maximum
             raise ExportError(f"max_chunks must be in [3, 256], got {self.max_chunks}")
         if self.verify_steps < 1:
@@ -221,7 +221,8 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def non_trunk_matmuls(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMul/Gemm nodes with a constant operand that is not a trunk weight
-    ("trunk.*"): in the step graph, the SSM's own products with constants."""
+    ("trunk.*"): the SSM's own products with constants (in the prefill graph also the
+    tables constant folding made of them)."""
     inits = {i.name for i in model.graph.initializer}
     names = []
     for n in model.graph.node:
@@ -238,23 +239,28 @@ def quantize_int8(src: Path, dst: Path, exclude: list[str] | None = None) -> Non
     except the nodes named in `exclude`.
 
     Activations are quantized per call (uint8), weights once (uint8: U8U8 avoids the
-    saturation of U8S8 on CPUs without VNNI). The prefill SSM's own MatMuls (Toeplitz,
-    chunk-end, state terms) have computed operands and stay float32; the step graph
-    excludes its SSM MatMuls with constant operands (u ⊗ 1, the multi-head dB, C and
-    direct terms), so its recurrence stays float32 too.
+    saturation of U8S8 on CPUs without VNNI). Both graphs exclude the SSM's MatMuls with
+    constant operands (u ⊗ 1, the multi-head dB, C and direct terms, the prefill's folded
+    Toeplitz and chunk-end tables), so the recurrence and the state stay float32.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        quantize_dynamic(
-            src,
-            dst,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_exclude=exclude,
-            weight_type=QuantType.QUInt8,
-            extra_options={"MatMulConstBOnly": True},
-        )
+    quiet = logging.Filter()  # its advice to pre-process goes to the root logger
+    quiet.filter = lambda record: "pre-processing before quantization" not in record.getMessage()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                src,
+                dst,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_exclude=exclude,
+                weight_type=QuantType.QUInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
@@ -358,8 +364,14 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
         path = out / f"{name}.onnx"
         if cfg.dtype == "int8":
             fp32 = out / f".{name}.fp32.onnx"
-            onnx.save(model, fp32)
-            quantize_int8(fp32, path, non_trunk_matmuls(model) if name == "step" else None)
+            bare = onnx.ModelProto()
+            bare.CopyFrom(model)
+            del bare.graph.value_info[:]  # the quantizer re-infers shapes: stale ones clash
+            onnx.save(bare, fp32)
+            try:  # the SSM's own products (also the prefill's folded tables) stay float32
+                quantize_int8(fp32, path, non_trunk_matmuls(model))
+            except Exception as e:  # onnxruntime.quantization raises its own types
+                raise ExportError(f"int8 quantization of the {name} graph failed: {e}") from e
             fp32.unlink()
             quantized = onnx.load(path)
             toposort(quantized.graph)  # quantize_dynamic misplaces the If of a prefill graph
@@ -467,11 +479,17 @@ def finish_manifest(manifest: dict, out: Path) -> dict:
 
 
 def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
-    """Check the output directory and make a temporary sibling to write into."""
+    """Check the output directory and make a temporary sibling to write into. Overwriting
+    replaces only an exported model (a directory with a manifest.json)."""
     if out_dir.exists() and not (out_dir.is_dir() and overwrite):
         what = "a file" if not out_dir.is_dir() else "a directory"
         raise ExportError(f"--out {out_dir} already exists ({what}); choose another or overwrite")
-    parent = out_dir.absolute().parent
+    if out_dir.exists() and not (out_dir / MANIFEST).is_file():
+        raise ExportError(
+            f"--out {out_dir} is a directory but not an exported model (no {MANIFEST}): "
+            "overwriting replaces only a model; choose another --out"
+        )
+    parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
@@ -485,9 +503,8 @@ def _commit(tmp: Path, out_dir: Path) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the model dir follows the umask
     old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():  # moved aside to a name of its own, removed once the new one is in
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     if old is not None:
@@ -512,8 +529,8 @@ def export_network(
     cfg = ExportConfig(dtype=dtype, dt_scale=dt_scale, prefill=prefill, verify=verify, **options)
     if not isinstance(net, SSMNetwork):
         raise ExportError(f"net must be an SSMNetwork, got {type(net).__name__}")
-    out_dir = Path(out_dir)
-    name = cfg.name or out_dir.absolute().name
+    out_dir = Path(out_dir).resolve()  # `.` and `..` have no name of their own
+    name = cfg.name or out_dir.name
     net = net.eval()
     tmp = _prepare_out(out_dir, cfg.overwrite)
     try:
@@ -564,6 +581,8 @@ def export_model(
     except CheckpointError as e:
         raise ExportError(f"cannot export checkpoint {str(ckpt_dir)!r}: {e}") from e
     weights = Path(ckpt_dir) / "model.safetensors"
+    if Path(out_dir).resolve() in (Path(ckpt_dir).resolve(), *Path(ckpt_dir).resolve().parents):
+        raise ExportError(f"--out {out_dir} holds the checkpoint {ckpt_dir}: choose another --out")
     source = {"checkpoint": str(Path(ckpt_dir).absolute()), "weights_sha256": sha256_file(weights)}
     return export_network(net, out_dir, dtype, dt_scale, prefill, verify, source=source, **options)
 

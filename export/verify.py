@@ -45,7 +45,7 @@ import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
 from ssmstream.runtime import Engine
 from ssmstream.runtime.errors import ModelError
-from ssmstream.runtime.manifest import load_manifest
+from ssmstream.runtime.manifest import load_manifest, sha256_file
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -242,9 +242,17 @@ def verify_model(
     (when it still exists); without one only prefill_vs_step is checked.
     """
     manifest = load_manifest(model_dir)
-    source = manifest.get("source", {}).get("checkpoint")
-    if ckpt is None and source and Path(source).is_dir():
-        ckpt = source
+    source = manifest.get("source", {})
+    recorded = source.get("checkpoint")
+    if ckpt is None and recorded and Path(recorded).is_dir():
+        ckpt = recorded
+        weights = Path(ckpt) / "model.safetensors"
+        sha = source.get("weights_sha256")
+        if sha and weights.is_file() and sha256_file(weights) != sha:
+            raise ModelError(
+                f"the checkpoint recorded in {model_dir}'s manifest, {ckpt}, has other weights "
+                "now (retrained since the export): pass --ckpt with the exported weights"
+            )
     net = None
     if ckpt is not None:
         net = load_checkpoint(ckpt)

@@ -75,6 +75,20 @@ def test_verify_cli_fails_for_other_weights(token_model, tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_verify_says_when_the_recorded_checkpoint_was_retrained(token_model, tmp_path, capsys):
+    """The manifest's checkpoint directory holds other weights now (same config): that is
+    exit 2 naming the checkpoint, not graphs FAILED."""
+    shutil.copytree(token_model, tmp_path / "m")
+    torch.manual_seed(5)
+    retrained = save_checkpoint(SSMNetwork(SSMConfig(**TOKEN)).eval(), tmp_path / "ckpt")
+    path = tmp_path / "m" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["source"]["checkpoint"] = str(retrained)  # the export's weights_sha256 stays
+    path.write_text(json.dumps(m))
+    assert verify_cli.main([str(tmp_path / "m"), "--steps", "256"]) == 2
+    assert "has other weights now" in capsys.readouterr().err
+
+
 def test_verify_cli_errors(token_model, signal_ckpt, tmp_path, capsys):
     shutil.copytree(token_model, tmp_path / "m")
     (tmp_path / "m" / "prefill.onnx").write_bytes(b"garbage")

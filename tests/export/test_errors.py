@@ -77,6 +77,34 @@ def test_existing_out_needs_overwrite(token_ckpt, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_overwrite_replaces_only_a_model_and_never_the_checkpoint(
+    token_ckpt, tmp_path, monkeypatch
+):
+    """overwrite (--force) replaces an exported model, nothing else: not a directory of the
+    user's, not the checkpoint being exported (it was replaced by the model), and not a
+    sibling the user happens to call .NAME.old; `--out .` works."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not an exported model"):
+        export_model(token_ckpt, tmp_path / "mine", overwrite=True, verify=False, **EXPORT)
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(token_ckpt, ckpt)
+    for out in (ckpt, tmp_path):  # the checkpoint itself, a directory holding it
+        with pytest.raises(ExportError, match="holds the checkpoint"):
+            export_model(ckpt, out, overwrite=True, verify=False, **EXPORT)
+    assert (ckpt / "model.safetensors").is_file()
+    model = export_model(ckpt, tmp_path / "model", verify=False, **EXPORT)
+    (tmp_path / ".model.old").mkdir()
+    (tmp_path / ".model.old" / "notes.txt").write_text("mine too")
+    export_model(ckpt, model, overwrite=True, verify=False, **EXPORT)
+    assert (tmp_path / ".model.old" / "notes.txt").read_text() == "mine too"
+    monkeypatch.chdir(model)
+    assert export_model(ckpt, ".", overwrite=True, verify=False, **EXPORT) == model
+    assert load_manifest(model)["name"] == "model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old", "ckpt", "mine", "model"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -85,6 +113,7 @@ def test_existing_out_needs_overwrite(token_ckpt, tmp_path):
         (dict(dt_scale=-2.0), "dt_scale must be positive"),
         (dict(dt_scale=math.nan), "dt_scale must be a finite number"),
         (dict(chunk=12), "chunk must be a power of two"),
+        (dict(chunk=1), "chunk must be a power of two >= 2"),
         (dict(max_chunks=2), "max_chunks must be in"),
     ],
 )

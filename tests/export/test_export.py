@@ -19,7 +19,7 @@ import pytest
 import torch
 from export_helpers import DT_SCALE, EXPORT, ort_steps, rel_err, session
 from onnx import numpy_helper
-from ssmstream.export import TOLERANCES
+from ssmstream.export import TOLERANCES, export_model
 from ssmstream.export.exporter import METADATA_KEY
 from ssmstream.runtime import Engine
 from ssmstream.runtime.manifest import FORMAT, FORMAT_VERSION, load_manifest, sha256_file
@@ -317,6 +317,10 @@ def test_int8_variant(int8_model, token_model):
     assert quantized and all(n.startswith("trunk.") for n in quantized), quantized
     ssm = [i for i in g.initializer if i.name.startswith("ssm.")]
     assert ssm and all(i.data_type == onnx.TensorProto.FLOAT for i in ssm)
+    # the prefill graph too: its folded Toeplitz / chunk-end tables are SSM constants
+    g = onnx.load(int8_model / "prefill.onnx").graph
+    weights = [n.input[1] for n in g.node if n.op_type == "MatMulInteger"]
+    assert weights and all(w.startswith("trunk.") for w in weights), weights
     x = random_inputs(m, 2, 200, seed=12)
     zero = np.zeros((2, m["state_size"]), np.float32)
     y8, s8 = ort_steps(session(int8_model / "step.onnx"), x, zero)
@@ -324,6 +328,19 @@ def test_int8_variant(int8_model, token_model):
     assert s8.dtype == np.float32
     assert rel_err(y8, y32) <= tol["step_vs_torch"]
     assert rel_err(y8, y32) > 1e-6  # it is a different (quantized) computation
+
+
+def test_int8_of_graphs_onnxslim_did_not_touch(token_ckpt, tmp_path):
+    """Without onnxslim (--no-optimize, or when slimming would grow a graph) the converted
+    graphs carry shape annotations the quantizer's own inference contradicts: it failed
+    with an onnx InferenceError traceback. Both graphs quantize and open."""
+    out = export_model(
+        token_ckpt, tmp_path / "m", dtype="int8", optimize=False, verify=False, **EXPORT
+    )
+    for name in ("step", "prefill"):
+        g = onnx.load(out / f"{name}.onnx").graph
+        assert any(n.op_type == "MatMulInteger" for n in g.node), name
+        session(out / f"{name}.onnx")
 
 
 def test_fp16_variant(fp16_model, token_net):
