@@ -199,7 +199,16 @@ class Server:
             snapshot_key=snapshot_key(c),
         )
         replication = None
-        if c.state_store != "memory":
+        if c.state_store == "memory":
+            defaults = ServerConfig(model_dir=c.model_dir)
+            ignored = [
+                f"--{name.replace('_', '-')}"
+                for name in ("persist_every", "lease_ttl", "replica_id")
+                if getattr(c, name) != getattr(defaults, name)
+            ]
+            if ignored:
+                log.warning("%s apply to a shared --state-store: ignored", ", ".join(ignored))
+        else:
             from .replication import RedisReplication, StoreCollector
 
             replication = RedisReplication(

@@ -341,3 +341,14 @@ def test_a_second_signal_ends_the_grace_period(tiny_token_model, tmp_path):
     finally:
         srv.kill()
     assert "second signal" in srv.output() and "saved 1 sessions" in srv.output()
+
+
+def test_scale_out_flags_without_a_shared_store_are_named_as_ignored(tiny_token_model, caplog):
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu",
+        persist_every="1", replica_id="r1",
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="ssmstream.runtime.server"):
+        _, err = _start(cfg)
+    assert err is None
+    assert "--persist-every, --replica-id apply to a shared --state-store: ignored" in caplog.text
