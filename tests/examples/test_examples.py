@@ -324,6 +324,25 @@ def test_report_without_results_says_not_measured(run_all, tmp_path):
     assert "0 of 0 targets met" in text
 
 
+def test_the_latency_row_prints_the_run_its_ratio_comes_from(run_all):
+    """At 1 client batching off may have the lower p50; the ratio is the batching-on run's,
+    and so must be the p50 printed beside it."""
+    bs = _load(ROOT / "benchmarks" / "bench_server.py", "bench_server_row")
+    run = lambda batching, p50, server="ssmstream": bs.Run(  # noqa: E731
+        clients=1, batching=batching, tokens=1, seconds=1, tokens_per_s=1, p50_ms=p50,
+        p99_ms=1, mean_ms=1, server=server,
+    )  # fmt: skip
+    bare = {"p50_ms": 0.1, "cpu_ms_per_token": 0.1, "batch_cpu_ms_per_token": {}}
+    on, off = run(True, 0.6), run(False, 0.3)
+    summary = bs.summarize(bare, [on, off], [run(False, 0.2, "echo")])
+    runs = [{"clients": 1, "batching": r.batching, "p50_ms": r.p50_ms} for r in (on, off)]
+    res = {"bench_server": {"summary": summary, "bare_engine_step": bare, "runs": runs}}
+    row = run_all.row_server_latency(res)
+    assert (
+        row.ratio == pytest.approx(0.6 / (0.2 + 0.1)) and "(p50 0.600 ms vs echo 0.200" in row.value
+    )
+
+
 def test_report_bad_arguments(run_all, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_all.main(["--report-only", "--quick"])
