@@ -860,10 +860,10 @@ def main(argv: list[str] | None = None) -> int:
             res["shipped"] = shipped_model(Path(a.shipped), work, repeat, ttft_rounds)
             save()
         print("per-token cost vs position ...", flush=True)
-        res["position"] = {
+        res["position"] = {  # both sides with the same threads (all cores), as every other row
             "stream": run_worker("stream", **common, positions=positions),
             "recompute": run_worker(
-                "recompute", **common, positions=positions, recompute_max=a.recompute_max, threads=1
+                "recompute", **common, positions=positions, recompute_max=a.recompute_max
             ),
         }
         res["load_after"] = os.getloadavg()
