@@ -755,23 +755,28 @@ class RedisReplication:
         for sid, (version, incarnation, expire_ms, reason) in drops.items():
             self.backend.drop(sid, self.replica_id, version, incarnation, expire_ms, reason)
 
-    def flush(self) -> None:
-        """Write every unwritten step, delete closed keys, release every lease (shutdown)."""
-        if self.degraded:
-            log.warning(
-                "state store unavailable at shutdown: %d sessions not written", len(self.store)
+    def flush(self) -> int:
+        """Write every unwritten step, delete closed keys, release every lease (shutdown).
+        Returns how many sessions have steps that could not be written (0: none lost)."""
+        if not self.degraded:
+            try:
+                n = self._write_dirty()
+                self._delete_dropped()
+                ids = [s.id for s in self.store.sessions()]
+                self.backend.release(ids, self.replica_id)
+                for sid in ids:
+                    self._lease_until.pop(sid, None)
+                log.info("state store: wrote %d sessions, released %d leases", n, len(ids))
+            except self.backend.Error as e:
+                self._degrade(e)
+        lost = sum(1 for n in self._dirty.values() if n > 0)
+        if lost:
+            log.error(
+                "state store unavailable at shutdown: the last steps of %d sessions are not "
+                "written (other replicas will serve them from their last write)",
+                lost,
             )
-            return
-        try:
-            n = self._write_dirty()
-            self._delete_dropped()
-            ids = [s.id for s in self.store.sessions()]
-            self.backend.release(ids, self.replica_id)
-            for sid in ids:
-                self._lease_until.pop(sid, None)
-            log.info("state store: wrote %d sessions, released %d leases", n, len(ids))
-        except self.backend.Error as e:
-            self._degrade(e)
+        return lost
 
 
 class StoreCollector:

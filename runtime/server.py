@@ -158,6 +158,7 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.unsaved = 0  # sessions whose last steps the shutdown could not write
 
     async def start(self) -> int:
         """Open everything and start serving; returns the bound port. A start that fails
@@ -383,8 +384,8 @@ class Server:
         if save and self.config.state_dir and self.store is not None:
             self.store.save(self.config.state_dir)
         if self.store is not None and self.store.replication is not None:
-            if save:
-                await asyncio.to_thread(self.store.flush)  # written, leases released
+            if save:  # written, leases released
+                self.unsaved = await asyncio.to_thread(self.store.flush)
             self.store.replication.stop()
         self.metrics.close()
         log.info("stopped")
@@ -471,12 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    server = Server(config)
     try:
-        asyncio.run(Server(config).run())
+        asyncio.run(server.run())
     except (RuntimeErrorBase, OSError, ValueError) as e:
         log.error("ssmstream serve: %s", e)
         return 2
-    return 0
+    return 1 if server.unsaved else 0  # 1: stopped, but the last steps of some sessions lost
 
 
 if __name__ == "__main__":

@@ -613,10 +613,10 @@ class SessionStore:
                 if reason == "moved":
                     self._gone.pop(s._id, None)
 
-    def flush(self) -> None:
-        """Write what is not yet persisted elsewhere and let go of ownership (shutdown)."""
-        if self.replication is not None:
-            self.replication.flush()
+    def flush(self) -> int:
+        """Write what is not yet persisted elsewhere and let go of ownership (shutdown);
+        returns how many sessions have steps that could not be written."""
+        return self.replication.flush() if self.replication is not None else 0
 
     # --- snapshots -----------------------------------------------------------------------
 

@@ -263,6 +263,20 @@ def test_redis_down_degrades_health_and_recovers(cluster_factory, engine):
         channel.close()
 
 
+def test_a_shutdown_that_cannot_write_its_last_steps_exits_1(cluster_factory, engine):
+    """Redis down at SIGTERM: the steps served from memory since cannot be written; the
+    replica says so and exits 1 (0 would read as a clean stop that lost nothing)."""
+    c = cluster_factory(n=1, lease_ttl=0.5)
+    (r,) = c.replicas
+    V = int(engine.info["vocab_size"])
+    with Client(r.address, timeout=30) as client:
+        s = client.create_session()
+        s.step(tokens=session_tokens(3, 2, V))
+        c.redis.stop()
+        s.step(tokens=[1])  # served from memory, not written
+    assert r.terminate() == 1
+
+
 def test_a_replica_of_another_model_refuses_the_session(tiny_token_model, tiny_signal_model,
                                                         tmp_path):  # fmt: skip
     require("redis-server")

@@ -242,13 +242,14 @@ def test_redis_down_keeps_serving_memory_then_recovers(redis_server):
         with pytest.raises(Unavailable, match="state store"):
             a.fetch("never-seen-here")
         assert a.get(sid).position == 4
+        assert a.flush() == 1  # a shutdown now would lose sid's last steps: it says so
         redis_server.start()  # back, and empty (no persistence)
         deadline = time.monotonic() + 5
         while a.replication.degraded and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not a.replication.degraded
         b = replica(redis_server, "B")
-        a.flush()
+        assert a.flush() == 0  # everything written
         b.fetch(sid)
         np.testing.assert_array_equal(b.read(b.get(sid)), states[-1])
         assert b.get(sid).position == 4
