@@ -643,15 +643,33 @@ class RedisReplication:
                     self._degrade(e)
             for j in ok:
                 s, v = sessions[j], versions.get(j)
+                if v is not None and v < 0:
+                    results[j] = self._moved(s, v)
+                    continue
                 self._used.add(s.id)
                 if v is None:
                     self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
-                elif v < 0:
-                    results[j] = self._moved(s, v)
                 else:
                     self._version[s.id] = v
                     self._dirty[s.id] = 0
+                if not s.live:
+                    self._after_removed(s, v)
             return results
+
+    def _after_removed(self, s: Session, version: int | None) -> None:
+        """A session closed or evicted while its write was in flight (`removed` ran before
+        this bookkeeping): forget it again, and let its pending delete match the version
+        just written (else the delete finds a newer record, deletes nothing, and another
+        replica serves the closed session). Caller holds _io."""
+        if self.store.local(s.id) is None:  # no newer incarnation uses the id here
+            self._dirty.pop(s.id, None)
+            self._used.discard(s.id)
+            self._version.pop(s.id, None)
+        if version is not None:
+            with self._drops_lock:
+                drop = self._drops.get(s.id)
+                if drop is not None and drop[1] == s.incarnation:
+                    self._drops[s.id] = (version, *drop[1:])
 
     def _put(self, items: Sequence[tuple[Session, np.ndarray, int]]) -> list[int]:
         """Write (session, state [S], position) items; caller holds _io. Versions / LOST / STALE."""
@@ -709,9 +727,11 @@ class RedisReplication:
         for (s, _, _), v in zip(items, versions):
             if v < 0:
                 self._moved(s, v)
-            else:
-                self._version[s.id] = v
-                self._dirty[s.id] = 0
+                continue
+            self._version[s.id] = v
+            self._dirty[s.id] = 0
+            if not s.live:
+                self._after_removed(s, v)
         return len(items)
 
     def _republish(self, s: Session) -> None:
@@ -750,10 +770,13 @@ class RedisReplication:
             self._degrade(e)
 
     def _delete_dropped(self) -> None:
-        with self._drops_lock:
-            drops, self._drops = self._drops, {}
-        for sid, (version, incarnation, expire_ms, reason) in drops.items():
-            self.backend.drop(sid, self.replica_id, version, incarnation, expire_ms, reason)
+        """Delete the keys of sessions closed or evicted here, once a write of one still in
+        flight has ended (_io: its bookkeeping gives the delete the version it wrote)."""
+        with self._io:
+            with self._drops_lock:
+                drops, self._drops = self._drops, {}
+            for sid, (version, incarnation, expire_ms, reason) in drops.items():
+                self.backend.drop(sid, self.replica_id, version, incarnation, expire_ms, reason)
 
     def flush(self) -> int:
         """Write every unwritten step, delete closed keys, release every lease (shutdown).
@@ -769,7 +792,7 @@ class RedisReplication:
                 log.info("state store: wrote %d sessions, released %d leases", n, len(ids))
             except self.backend.Error as e:
                 self._degrade(e)
-        lost = sum(1 for n in self._dirty.values() if n > 0)
+        lost = sum(1 for i, n in self._dirty.items() if n > 0 and self.store.local(i) is not None)
         if lost:
             log.error(
                 "state store unavailable at shutdown: the last steps of %d sessions are not "

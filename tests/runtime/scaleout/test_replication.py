@@ -287,6 +287,42 @@ def test_a_close_between_the_local_commit_and_the_write_through_fails_nothing(re
     assert position == 1
     np.testing.assert_array_equal(state, want)
     assert store._lent == 0 and not b.live
+    # nothing is left counted as unwritten for the closed session: a clean shutdown says so
+    assert b.id not in r._dirty and r.stats()["dirty"] == 0 and store.flush() == 0
+
+
+def test_a_close_during_a_write_deletes_the_record_it_wrote(redis_server):
+    """The write-behind thread writes a session; its Close lands while the reply is on the
+    way. The delete waits for that write and compares against the version it wrote, so the
+    record goes and a tombstone stays: another replica does not serve the closed session."""
+    rng = np.random.default_rng(4)
+    a = replica(redis_server, "A", persist_every="50ms", lease_ttl=0.3)
+    b = replica(redis_server, "B", lease_ttl=0.3)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    backend = a.replication.backend
+    real_put = backend.put_many
+
+    def put_many(items, owner):  # the Close arrives while this write's reply is on its way
+        out = real_put(items, owner)
+        closer = threading.Thread(target=a.close, args=(sid, "alice"))
+        closer.start()
+        closer.join(0.2)
+        return out
+
+    backend.put_many = put_many
+    writer = threading.Thread(target=a.replication._write_dirty)
+    writer.start()
+    writer.join(10)
+    backend.put_many = real_put
+    deadline = time.monotonic() + 5
+    while backend.load(sid) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert backend.load(sid) is None and backend.gone(sid)[1] == "closed"
+    time.sleep(0.4)  # A's lease, were it still held, would have lapsed
+    b.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound):
+        b.get(sid, "alice")
 
 
 def test_readers_of_stepping_rows_do_not_wait_on_the_state_store(redis_server):
