@@ -509,8 +509,11 @@ class RedisReplication:
         t0 = self._take_lease(sid)  # may wait for another replica: no lock held meanwhile
         with self._io:
             rec = self.backend.load(sid)  # the newest, now that nobody else can write
-            if rec is None:  # closed by its holder while we waited
+            if rec is None:  # closed by its holder while we waited: our old copy ended too
                 self.backend.release([sid], self.replica_id)
+                local = self.store.local(sid)
+                if local is not None:
+                    self.store.drop(local, self._ended(local) or "closed")
                 return
             try:
                 self._install(sid, principal, rec, t0)
@@ -560,7 +563,21 @@ class RedisReplication:
             time.sleep(min(0.05, self.lease_ttl / 10))
 
     def _renew_used(self) -> None:
-        ids = [s.id for s in self.store.sessions() if s.id in self._used or s.pinned]
+        """Renew the leases of sessions used since the last renewal or running. An idle
+        session with steps not yet written (--persist-every N) is written first and renewed
+        once more: its lease must not lapse while its newest steps exist only here (another
+        replica would load the older record)."""
+        live = self.store.sessions()
+        idle_dirty = [
+            s
+            for s in live
+            if self._dirty.get(s.id, 0) > 0 and s.id not in self._used and not s.pinned
+        ]
+        if idle_dirty:
+            with self._io:
+                self._write_current(idle_dirty)
+        written = {s.id for s in idle_dirty}
+        ids = [s.id for s in live if s.id in self._used or s.pinned or s.id in written]
         self._used.clear()
         t0 = time.monotonic()
         ok = self.backend.renew(ids, self.replica_id, self._lease_ms)

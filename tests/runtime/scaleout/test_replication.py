@@ -325,6 +325,56 @@ def test_a_close_during_a_write_deletes_the_record_it_wrote(redis_server):
         b.get(sid, "alice")
 
 
+def test_an_idle_session_with_unwritten_steps_is_written_before_its_lease_lapses(redis_server):
+    """--persist-every 4: two acknowledged steps exist only on A when the client goes
+    quiet. A writes them before letting the lease go, so B continues from position 2, and
+    A, when the client comes back, continues from B's steps."""
+    rng = np.random.default_rng(8)
+    a = replica(redis_server, "A", persist_every="4", lease_ttl=0.3)
+    b = replica(redis_server, "B", persist_every="4", lease_ttl=0.3)
+    a.replication.start()
+    b.replication.start()
+    try:
+        sid = a.create().id
+        step(a, sid, rng)
+        want = step(a, sid, rng)
+        time.sleep(1.0)  # idle for three lease periods
+        b.fetch(sid)
+        sb = b.get(sid)
+        assert sb.position == 2
+        np.testing.assert_array_equal(b.read(sb), want)
+        for _ in range(3):
+            want = step(b, sid, rng)
+        time.sleep(1.0)
+        a.fetch(sid)
+        sa = a.get(sid)
+        assert sa.position == 5
+        np.testing.assert_array_equal(a.read(sa), want)
+    finally:
+        a.replication.stop()
+        b.replication.stop()
+
+
+def test_a_fetch_that_waited_out_a_close_does_not_serve_the_old_copy(redis_server):
+    """A's copy moved to B; A's fetch waits for B's lease, and B closes the session
+    meanwhile: A drops its old copy (NOT_FOUND closed) instead of serving it."""
+    rng = np.random.default_rng(9)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    sid = a.create("p").id
+    step(a, sid, rng, "p")
+    a.flush()  # A lets the session go (its copy stays local)
+    b.fetch(sid, "p")
+    b.get(sid, "p")  # B holds the lease now
+    closer = threading.Timer(0.3, b.close, args=(sid, "p"))
+    closer.start()
+    a.fetch(sid, "p")  # waits for B's lease; B closes the session meanwhile
+    closer.join()
+    with pytest.raises(SessionNotFound) as e:
+        a.get(sid, "p")
+    assert e.value.reason == "closed"
+
+
 def test_readers_of_stepping_rows_do_not_wait_on_the_state_store(redis_server):
     """The rows of a replicated step are returned before its write-through: a snapshot of a
     session just stepped does not wait while the state store's lock is held elsewhere."""
