@@ -86,6 +86,25 @@ def test_forward_equals_repeated_steps(shape, method):
     assert err32_vs64 < F32_TOL, f"float32 vs float64 forward: {err32_vs64:.2e}"
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_layer_discretizes_with_its_own_method_alpha_and_dt_scale(method):
+    """discrete() from the raw parameters by hand: the layer's method and GBT alpha and
+    the dt_scale reach ssm.discretize (forward and step both read discrete(), so their
+    agreement alone cannot show a wrong alpha)."""
+    torch.manual_seed(0)
+    layer = SSM(4, 8, None, "s4d-lin", method, alpha=0.75).double()
+    A = torch.complex(-torch.exp(layer.log_A_real), layer.A_imag).unsqueeze(-1)
+    dt = torch.exp(layer.log_dt)[:, None, None] * 1.5
+    B = torch.view_as_complex(layer.B)
+    dA, dB = ssm.discretize(A, B, dt, method, alpha=0.75)
+    got_dA, got_dB, _ = layer.discrete(dt_scale=1.5)
+    torch.testing.assert_close(got_dA, dA.squeeze(-1))
+    torch.testing.assert_close(got_dB, dB)
+    if method == "gbt":  # and alpha 0.75 is not the bilinear 0.5
+        other, _ = ssm.discretize(A, B, dt, "gbt", alpha=0.5)
+        assert (got_dA - other.squeeze(-1)).abs().max() > 1e-6
+
+
 @pytest.mark.parametrize("init", ["s4d-inv", "s4d-real"])
 def test_forward_equals_steps_for_other_inits(init):
     layer = make_layer(None, "zoh", init=init)

@@ -11,6 +11,7 @@ import pytest
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import EngineFailure, InvalidInput, ModelError
 from ssmstream.runtime.providers import cuda_usable
+from ssmstream.runtime.sampling import Sampler, SamplingConfig
 
 
 def random_inputs(eng: Engine, rng, B: int, T: int) -> np.ndarray:
@@ -214,12 +215,16 @@ def test_bad_states_and_arguments(tok_engine):
         eng.new_state(0)
     with pytest.raises(InvalidInput, match="inputs"):
         eng.prefill(np.array([1, 2, 3]), eng.new_state())  # needs [B, T]
-    # a float64 state is accepted and converted, giving the float32 result
-    y64, _ = eng.step(np.array([3]), np.zeros((1, 64)))
-    y32, _ = eng.step(np.array([3]), eng.new_state())
+    # a float64 state is accepted and converted (its values kept), giving the float32 result
+    s64 = np.random.default_rng(0).standard_normal((1, eng.state_size)) * 0.1
+    y64, n64 = eng.step(np.array([3]), s64)
+    y32, n32 = eng.step(np.array([3]), s64.astype(np.float32))
     np.testing.assert_array_equal(y64, y32)
+    np.testing.assert_array_equal(n64, n32)
+    y_zero, _ = eng.step(np.array([3]), eng.new_state())
+    assert not np.allclose(y64, y_zero)  # the state's values mattered
     y0, _ = eng.step(3, eng.new_state())  # a scalar token is a batch of one
-    np.testing.assert_array_equal(y0, y32)
+    np.testing.assert_array_equal(y0, y_zero)
 
 
 def test_engine_failure_is_wrapped(toy_tok, monkeypatch):
@@ -336,6 +341,20 @@ def test_generate_seeded_stop_and_state_in_place(tok_engine):
     stop = a[3]
     c = list(eng.generate([5, 6], max_new_tokens=12, seed=7, temperature=1.5, stop=[stop]))
     assert c == a[: a.index(stop) + 1]
+
+    # the seed and temperature reach the sampler: the same draw by hand (Sampler over the
+    # engine's logits, step by step), and another seed draws another sequence
+    def by_hand(seed):
+        sampler = Sampler(SamplingConfig(1.5, 0, 1.0, seed))
+        y, s = eng.prefill(np.array([[5, 6]]), eng.new_state())
+        logits, toks = y[0, -1], []
+        for _ in range(12):
+            toks.append(sampler(logits))
+            y, s = eng.step(np.array([toks[-1]]), s)
+            logits = y[0]
+        return toks
+
+    assert a == by_hand(7) and by_hand(8) != a
     stops = (t for t in [stop])  # any iterable of ids, as documented
     assert list(eng.generate([5, 6], max_new_tokens=12, seed=7, temperature=1.5, stop=stops)) == c
     # state in place: prompt + every yielded token consumed

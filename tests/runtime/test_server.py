@@ -237,9 +237,23 @@ def test_generate_stops_at_a_stop_token_and_continues_a_session(client, engine):
 def test_generate_with_seed_is_reproducible(client, engine):
     prompt = tokens_for(engine, 3, seed=9).tolist()
     kw = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9)
-    a = [r.token for r in client.generate(prompt, seed=123, **kw)]
+    got = list(client.generate(prompt, seed=123, **kw))
+    a = [r.token for r in got]
     b = [r.token for r in client.generate(prompt, seed=123, **kw)]
     assert a == b and len(a) == 12
+    # each logprob is the token's log-probability under the unfiltered distribution
+    y, s = engine.prefill(np.array([prompt]), engine.new_state())
+    logits = y[0, -1].astype(np.float64)
+    for r in got[:3]:
+        want = logits[r.token] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+        assert abs(r.logprob - want) < 1e-4, (r.logprob, want)
+        y, s = engine.step(np.array([r.token]), s)
+        logits = y[0].astype(np.float64)
+    # the server samples as asked: the in-process engine's draw for that seed and those
+    # settings, another seed's differs, and it is not greedy decoding
+    assert a == list(engine.generate(prompt, seed=123, **kw))
+    assert a != [r.token for r in client.generate(prompt, seed=124, **kw)]
+    assert a != greedy_reference(engine, prompt, 12)
 
 
 def test_generate_cancel_leaves_session_consistent(client, engine):
