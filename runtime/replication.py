@@ -424,13 +424,23 @@ class RedisReplication:
             self._share_key()
         except self.backend.Error:
             return
-        moved, written = [], 0
+        moved, ended, written = [], [], 0
         with self._io:
             for s in self.store.sessions():
                 holder = self.backend.acquire(s.id, self.replica_id, self._lease_ms)
                 rec = self.backend.load(s.id)
-                if holder or (rec is not None and rec["version"] != self._version.get(s.id, 0)):
-                    moved.append(s)  # taken over (or advanced) elsewhere meanwhile
+                if holder or (
+                    rec is not None
+                    and (
+                        rec["version"] != self._version.get(s.id, 0)
+                        or rec["incarnation"] not in (None, s.incarnation)
+                    )
+                ):
+                    moved.append(s)  # taken over, advanced or replaced elsewhere meanwhile
+                    continue
+                reason = self._ended(s) if rec is None else None
+                if reason:  # closed or evicted on another replica meanwhile
+                    ended.append((s, reason))
                     continue
                 if rec is None:  # Redis lost it (restarted empty) or never had it: ours is newest
                     self._version[s.id] = 0
@@ -438,6 +448,9 @@ class RedisReplication:
                 self._dirty[s.id] = self._dirty.get(s.id, 0) + 1  # write it now
             for s in moved:
                 self._drop_local(s)
+            for s, reason in ended:
+                self.store.drop(s, reason)
+                self.backend.release([s.id], self.replica_id)
             written = self._write_dirty_locked()
         self.degraded, self.degraded_since = False, None
         log.info(

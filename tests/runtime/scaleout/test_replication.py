@@ -375,6 +375,38 @@ def test_a_fetch_that_waited_out_a_close_does_not_serve_the_old_copy(redis_serve
     assert e.value.reason == "closed"
 
 
+def test_recovering_from_an_outage_does_not_bring_back_what_ended_elsewhere(redis_server):
+    """Only A saw Redis fail (degraded); meanwhile the client moved the session to B and
+    closed it there, or closed it and made a new session with the same id. When Redis
+    answers A again, A drops its old copy: it neither brings the closed session back nor
+    overwrites the new one's record."""
+    rng = np.random.default_rng(10)
+    for recreate in (False, True):
+        a = replica(redis_server, f"A{recreate}", lease_ttl=0.3)
+        b = replica(redis_server, f"B{recreate}", lease_ttl=0.3)
+        sid = a.create("alice", f"conv-{recreate}").id
+        step(a, sid, rng, "alice")
+        a.replication._degrade(TimeoutError("a socket timeout (test)"))
+        time.sleep(0.6)  # A's lease lapses: no renewals while degraded
+        b.fetch(sid, "alice")
+        b.close(sid, "alice")
+        if recreate:
+            new = b.create("alice", sid)
+            b.flush()  # written, B's lease released
+        a.replication._try_recover()
+        rec = a.replication.backend.load(sid)
+        if recreate:
+            assert rec["incarnation"] == new.incarnation  # not overwritten by A's old copy
+            assert a.local(sid) is None
+            a.fetch(sid, "alice")  # A serves the new session now, from its record
+            assert a.get(sid, "alice").incarnation == new.incarnation
+        else:
+            assert rec is None  # stays closed
+            with pytest.raises(SessionNotFound) as e:
+                a.get(sid, "alice")
+            assert e.value.reason == "closed"
+
+
 def test_readers_of_stepping_rows_do_not_wait_on_the_state_store(redis_server):
     """The rows of a replicated step are returned before its write-through: a snapshot of a
     session just stepped does not wait while the state store's lock is held elsewhere."""
