@@ -581,7 +581,8 @@ def export_model(
     except CheckpointError as e:
         raise ExportError(f"cannot export checkpoint {str(ckpt_dir)!r}: {e}") from e
     weights = Path(ckpt_dir) / "model.safetensors"
-    if Path(out_dir).resolve() in (Path(ckpt_dir).resolve(), *Path(ckpt_dir).resolve().parents):
+    ckpt = Path(ckpt_dir).resolve()
+    if Path(out_dir).resolve() in (ckpt, *ckpt.parents):
         raise ExportError(f"--out {out_dir} holds the checkpoint {ckpt_dir}: choose another --out")
     source = {"checkpoint": str(Path(ckpt_dir).absolute()), "weights_sha256": sha256_file(weights)}
     return export_network(net, out_dir, dtype, dt_scale, prefill, verify, source=source, **options)

@@ -592,11 +592,7 @@ class Batcher:
             for j, r in enumerate(part):
                 buf.inputs[j] = r.inputs[0]
                 buf.slots[j, 0] = r.session.slot
-            t0 = time.perf_counter()
-            try:
-                outputs = self.engine.run_slots(store.slab, B, buf)
-            finally:  # a call that failed was a call too
-                self._calls.append((B, time.perf_counter() - t0))
+            outputs = self._call(B, self.engine.run_slots, store.slab, B, buf)
         except BaseException:
             store.give_back(lent, 0)  # nothing was written
             raise
@@ -616,6 +612,15 @@ class Batcher:
             r: pos if isinstance(pos, Exception) else (out[j : j + 1], pos)
             for j, (r, pos) in enumerate(zip(part, positions))
         }
+
+    def _call(self, B: int, run: Callable, *args):
+        """run(*args): one onnxruntime call for B sessions, recorded (sessions, seconds) for
+        the stats and listeners (_account), failed or not."""
+        t0 = time.perf_counter()
+        try:
+            return run(*args)
+        finally:
+            self._calls.append((B, time.perf_counter() - t0))
 
     def _keep_history(self, s: Session, update: Callable, *args) -> None:
         """Apply a History update after a request applied; a failure there never fails the
@@ -653,9 +658,9 @@ class Batcher:
         except (SessionNotFound, Unavailable) as e:
             return [e]
         states = {} if (r.states is not None or h is not None) else None
-        t0 = time.perf_counter()
-        outputs, new_state = self.engine.prefill_unchecked(r.inputs[None], state, states)
-        self._calls.append((1, time.perf_counter() - t0))
+        outputs, new_state = self._call(
+            1, self.engine.prefill_unchecked, r.inputs[None], state, states
+        )
         try:
             position = self.store.commit(r.session, new_state[0], r.T)
         except (SessionNotFound, Unavailable) as e:  # Unavailable: moved to another replica
@@ -682,9 +687,7 @@ class Batcher:
         try:
             state, inputs = h.plan(r.rewind_to)  # [S], [n] | [n, d_in]
             if len(inputs):
-                t0 = time.perf_counter()
-                _, state = self.engine.prefill_unchecked(inputs[None], state[None])
-                self._calls.append((1, time.perf_counter() - t0))
+                _, state = self._call(1, self.engine.prefill_unchecked, inputs[None], state[None])
                 state = state[0]
             self.store.rewind(s, state, r.rewind_to)
         except (OutOfRange, SessionNotFound, Unavailable) as e:  # Unavailable: moved away

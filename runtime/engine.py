@@ -247,7 +247,7 @@ class Engine:
             if device != "auto" or len(providers) == 1:
                 raise
             log.warning("CUDA session failed (%s); falling back to CPU", e)
-            providers = slot_providers = ["CPUExecutionProvider"]
+            providers = ["CPUExecutionProvider"]
             self._step_session = self._open(graphs["step"]["file"], opts, providers)
         self.provider = self._step_session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":

@@ -463,7 +463,7 @@ class RedisReplication:
     def stats(self) -> dict:
         return {
             "up": not self.degraded,
-            "dirty": sum(1 for n in self._dirty.values() if n > 0),
+            "dirty": self._unwritten(),
             **{k: self.counts[k] for k in ("writes", "write_bytes", "loads", "relocks")},
             "moved": self.counts["moved"],
             "errors": self.counts["errors"],
@@ -508,7 +508,7 @@ class RedisReplication:
             and rec["incarnation"] not in (None, local.incarnation)
         ):
             with self._io:
-                self.store.drop(local, self._ended(local) or "closed")
+                self._drop_ended(local)
             local = None
         if rec is None or rec["principal"] != principal:
             if rec is None and local is not None and local.principal == principal:
@@ -526,13 +526,22 @@ class RedisReplication:
                 self.backend.release([sid], self.replica_id)
                 local = self.store.local(sid)
                 if local is not None:
-                    self.store.drop(local, self._ended(local) or "closed")
+                    self._drop_ended(local)
                 return
             try:
                 self._install(sid, principal, rec, t0)
             except BaseException:
                 self.backend.release([sid], self.replica_id)
                 raise
+
+    def _unwritten(self) -> int:
+        """Sessions held here with steps not written to Redis yet."""
+        return sum(1 for i, n in self._dirty.items() if n > 0 and self.store.local(i) is not None)
+
+    def _drop_ended(self, local: Session) -> None:
+        """Forget a local copy of a session that ended elsewhere (its tombstone says how;
+        without one it was closed: the id is gone or another incarnation's)."""
+        self.store.drop(local, self._ended(local) or "closed")
 
     def _ended(self, s: Session) -> str | None:
         """ "closed" / "evicted" when the tombstone of s's id names s's incarnation, else None."""
@@ -822,7 +831,7 @@ class RedisReplication:
                 log.info("state store: wrote %d sessions, released %d leases", n, len(ids))
             except self.backend.Error as e:
                 self._degrade(e)
-        lost = sum(1 for i, n in self._dirty.items() if n > 0 and self.store.local(i) is not None)
+        lost = self._unwritten()
         if lost:
             log.error(
                 "state store unavailable at shutdown: the last steps of %d sessions are not "

@@ -25,6 +25,7 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -111,12 +112,11 @@ def check_files(config: ServerConfig) -> None:
         saved = d / STORE_FILE
         if saved.exists() and not saved.is_file():
             raise InvalidInput("state_dir", f"{saved} is not a file")
-        probe = d / f".write-test.{os.getpid()}"
+        probe = d / f".write-test.{os.getpid()}"  # a save writes a temp file there, then renames
         try:
             d.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
-            os.replace(probe, probe.with_name(probe.name + ".renamed"))
-            probe.with_name(probe.name + ".renamed").unlink()
+            probe.unlink()
         except OSError as e:
             raise InvalidInput(
                 "state_dir", f"cannot write {d} ({e.strerror or e}): sessions are saved there"
@@ -201,11 +201,11 @@ class Server:
         )
         replication = None
         if c.state_store == "memory":
-            defaults = ServerConfig(model_dir=c.model_dir)
+            defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
             ignored = [
                 f"--{name.replace('_', '-')}"
                 for name in ("persist_every", "lease_ttl", "replica_id")
-                if getattr(c, name) != getattr(defaults, name)
+                if getattr(c, name) != defaults[name]
             ]
             if ignored:
                 log.warning("%s apply to a shared --state-store: ignored", ", ".join(ignored))

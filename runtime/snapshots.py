@@ -210,19 +210,6 @@ def decode_snapshot(
 # --- the session file -----------------------------------------------------------------------
 
 
-def _declared_size(data: bytes, hlen: int) -> int:
-    """The length a session file's header declares (0 when it cannot be read: the signature
-    check then says what is wrong)."""
-    o = _STORE_HEAD.size + hlen
-    if len(data) < o:
-        return o + _TRAILER
-    try:
-        header = json.loads(data[_STORE_HEAD.size : o])
-        return o + 4 * int(header["state_size"]) * len(header["sessions"]) + _TRAILER
-    except (ValueError, KeyError, TypeError):
-        return 0
-
-
 def encode_session_file(key: SnapshotKey, header: dict, states: np.ndarray) -> bytes:
     """Signed session-file bytes: the JSON header and states float32 [n, S]."""
     head = json.dumps(header, allow_nan=True).encode()
@@ -241,13 +228,18 @@ def decode_session_file(key: SnapshotKey, data: bytes, path: Path) -> tuple[dict
         raise InvalidInput("state_dir", f"{what} is not an ssmstream session store")
     _, version, hlen = _STORE_HEAD.unpack_from(data)
     _check_version(version, "state_dir", what)
-    body = key.verify(data, "state_dir", what, _declared_size(data, hlen))
-    try:
-        header = json.loads(body[_STORE_HEAD.size : _STORE_HEAD.size + hlen])
-        S, n = int(header["state_size"]), len(header["sessions"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise InvalidInput("state_dir", f"{what}: bad header: {e}") from e
+    # the header is read before the signature is checked, to tell a truncated file from one
+    # signed with another key by the length it declares; it is trusted only after the check
     o = _STORE_HEAD.size + hlen
+    try:
+        header = json.loads(data[_STORE_HEAD.size : o])
+        S, n = int(header["state_size"]), len(header["sessions"])
+        bad, size = None, o + 4 * n * S + _TRAILER
+    except (ValueError, KeyError, TypeError) as e:
+        bad, size = e, (o + _TRAILER if len(data) < o else 0)
+    body = key.verify(data, "state_dir", what, size)
+    if bad is not None:
+        raise InvalidInput("state_dir", f"{what}: bad header: {bad}") from bad
     if len(body) != o + 4 * n * S:
         raise InvalidInput("state_dir", f"{what}: length does not match its header")
     states = np.frombuffer(body, dtype="<f4", count=n * S, offset=o).reshape(n, S)  # [n, S]
