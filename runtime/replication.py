@@ -4,7 +4,9 @@
     replica B ─┼─ Redis ──►                         S, position, state; runtime/snapshots.py),
     replica C ─┘                                    principal, ttl, version, incarnation
                             {prefix}:l:{id}   string  the replica id holding the lease (PX)
+                            {prefix}:x:{id}:{incarnation}   "closed" | "evicted" (a tombstone)
                             {prefix}:snapshot-key   the key every replica signs with
+                            {prefix}:generation     a random token: this Redis's data set
 
 `RedisReplication` is a policy a SessionStore is composed with (`SessionStore(...,
 replication=RedisReplication(url))`): the store keeps the working copy of every session
@@ -21,7 +23,10 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
 - Versions. Each write is a compare-and-set (one Lua script): it applies only while the
   writer holds the lease and names the version it last read or wrote; the version then
   goes up by one. A stale replica cannot overwrite a newer state; its session is
-  dropped locally ("moved") and its request fails with UNAVAILABLE (retry).
+  dropped locally ("moved") and its request fails with UNAVAILABLE (retry). Taking a
+  session over (a load under a newly taken lease) also raises the version, so a copy left
+  on the previous replica matches nothing: neither its writes nor its delete (an idle
+  eviction there) touch the record the new holder builds on.
 - Persistence (`persist_every`, the `--persist-every` flag):
       "1"     write-through: a step is acknowledged after its state is in Redis;
       "N"     every Nth step of a session is written through: a replica that dies
@@ -38,8 +43,18 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
 - Redis down: the store turns `degraded` (health and metrics say so), keeps serving the
   sessions it holds in memory (without leases), creates new ones locally, and refuses
   only what needs Redis (loading a session it does not hold: UNAVAILABLE). A background
-  ping notices when Redis is back; then the leases are re-taken (a session someone else
-  took meanwhile is dropped here) and what changed is written.
+  ping notices when Redis is back; then every session held here is written back with its
+  lease re-taken (one Lua script each: _RESTORE), unless Redis has a newer version of it
+  or its tombstone (taken over, or closed, elsewhere meanwhile: dropped here). The newest
+  copy wins whichever replica writes back first.
+- Redis back empty (restarted without persistence, flushed): the client reconnects
+  quietly, so no outage may be seen. Each Redis data set carries a generation token
+  (SET NX by the first replica); every write checks it, and the background thread reads
+  it each period. A replica that finds another token (or none) handles it as an outage
+  that just ended: it proposes a new token and the snapshot key (the first proposal wins,
+  so every replica ends up on one), re-takes its leases and writes its sessions back;
+  a write that found the token gone is not taken for a lost lease (which would drop the
+  only copy of its session).
 
 Threads: the batcher's worker thread commits (and writes through); one background
 thread renews leases, writes behind, deletes evicted keys and watches Redis. Redis calls
@@ -111,10 +126,12 @@ for _, k in ipairs(KEYS) do
 end
 return 0
 """
-# KEYS session, lease; ARGV owner, expected version, snap, principal, ttl, expire ms (0: none),
-# incarnation.
-# The new version, or -1 (lease not ours) / -2 (version moved on: we are stale).
+# KEYS session, lease, generation; ARGV owner, expected version, snap, principal, ttl, expire ms
+# (0: none), incarnation, generation token.
+# The new version, or -1 (lease not ours) / -2 (version moved on: we are stale) / -3 (the
+# generation token is not ours: Redis lost its data, or another replica saw that first).
 _PUT = """
+if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if v ~= tonumber(ARGV[2]) then return -2 end
@@ -124,8 +141,43 @@ if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 return v + 1
 """
-# KEYS session, lease; ARGV owner, version we know (-1: any). Deletes both when nobody else
-# holds the lease and the version is ours. 1 deleted, 0 left alone.
+# KEYS session, lease, generation, tombstone; ARGV owner, our copy's version, snap, principal,
+# ttl, expire ms (0: none), incarnation, generation token, lease ms. Recovery's write: our copy
+# becomes the record (version: ours + 1) and the lease ours, unless that incarnation ended (-4),
+# or the record is another incarnation's or newer than our copy (-2: ours is stale; a take-over
+# raises the version, so the copy of the last holder is the newest). -3: generation.
+_RESTORE = """
+if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return -4 end
+local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation')
+if h[1] ~= false then
+  if h[2] ~= false and h[2] ~= ARGV[7] then return -2 end
+  if tonumber(h[1]) > tonumber(ARGV[2]) then return -2 end
+end
+local v = tonumber(ARGV[2]) + 1
+redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
+           'version', v, 'incarnation', ARGV[7])
+if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
+else redis.call('PERSIST', KEYS[1]) end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[9])
+return v
+"""
+# KEYS session, lease; ARGV owner. A take-over's load: {2, HGETALL after the version went up by
+# one and the expiry was renewed (as a write would)}; {1} no record; {0} the lease is not ours.
+_TAKE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
+if redis.call('HEXISTS', KEYS[1], 'snap') == 0 then return {1} end
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl'))
+if ttl == nil or ttl > 1e9 then redis.call('PERSIST', KEYS[1])
+else redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 1000) + 60000) end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, 2)
+return out
+"""
+# KEYS session, lease, tombstone; ARGV owner, version we know (-1: any), incarnation, tombstone
+# expire ms (0: none), reason. Deletes both when nobody else holds the lease and the version is
+# ours, and leaves the incarnation's tombstone. 1 deleted, 0 left alone.
 _DROP = """
 local cur = redis.call('GET', KEYS[2])
 if cur ~= false and cur ~= ARGV[1] then return 0 end
@@ -137,15 +189,21 @@ end
 redis.call('DEL', KEYS[1], KEYS[2])
 if ARGV[3] ~= '' then
   if tonumber(ARGV[4]) > 0 then
-    redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[5], 'PX', ARGV[4])
+    redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[4])
   else
-    redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[5])
+    redis.call('SET', KEYS[3], ARGV[5])
   end
 end
 return 1
 """
 
-LOST, STALE = -1, -2
+LOST, STALE, RESET, ENDED = -1, -2, -3, -4
+
+
+class StoreReset(Exception):
+    """Redis's generation token is not the one this replica joined: its data were lost
+    (restarted empty, flushed) or another replica noticed that first. Handled as an outage
+    that just ended (see the module docstring)."""
 
 
 def record_expire_ms(ttl: float) -> int:
@@ -173,6 +231,20 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def _record(h: dict) -> dict | None:
+    """A session record's hash (bytes → bytes) as {snap, principal, ttl, version,
+    incarnation}; None when there is none."""
+    if not h or b"snap" not in h:
+        return None
+    return {
+        "snap": h[b"snap"],
+        "principal": h[b"principal"].decode(),
+        "ttl": float(h[b"ttl"]),
+        "version": int(h[b"version"]),
+        "incarnation": h.get(b"incarnation", b"").decode() or None,
+    }
+
+
 class RedisBackend:
     """The Redis side: session records and leases (scripts above). Raises redis errors."""
 
@@ -187,14 +259,17 @@ class RedisBackend:
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
         )
-        self.Error = redis.RedisError
+        self.Error = (redis.RedisError, StoreReset)
         self.NoScriptError = redis.exceptions.NoScriptError
+        self.generation = ""  # the token of the Redis data set we joined (`join`)
         self._claim = self.client.register_script(_CLAIM)
         self._acquire = self.client.register_script(_ACQUIRE)
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
         self._put = self.client.register_script(_PUT)
         self._drop = self.client.register_script(_DROP)
+        self._take = self.client.register_script(_TAKE)
+        self._restore = self.client.register_script(_RESTORE)
 
     def key(self, session_id: str) -> str:
         return f"{self.prefix}:s:{session_id}"
@@ -236,40 +311,75 @@ class RedisBackend:
         self.client.set(name, proposed, nx=True)
         return self.client.get(name)
 
+    def join(self) -> None:
+        """Join this Redis's data set: propose a new generation token (SET NX) and keep the
+        one Redis holds (the first proposal since the data set began)."""
+        name = f"{self.prefix}:generation"
+        self.client.set(name, uuid.uuid4().hex, nx=True)
+        self.generation = (self.client.get(name) or b"").decode()
+
+    def check_generation(self) -> None:
+        """Raise StoreReset when Redis's generation token is not the one we joined."""
+        now = self.client.get(f"{self.prefix}:generation")
+        if now is None or now.decode() != self.generation:
+            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+
     def load(self, session_id: str) -> dict | None:
         """{snap, principal, ttl, version, incarnation} or None."""
-        h = self.client.hgetall(self.key(session_id))
-        if not h or b"snap" not in h:
-            return None
-        return {
-            "snap": h[b"snap"],
-            "principal": h[b"principal"].decode(),
-            "ttl": float(h[b"ttl"]),
-            "version": int(h[b"version"]),
-            "incarnation": h.get(b"incarnation", b"").decode() or None,
-        }
+        return _record(self.client.hgetall(self.key(session_id)))
+
+    def take(self, session_id: str, owner: str) -> dict | None:
+        """A take-over's load under our lease: the record (as `load`) after its version went
+        up by one, or None when it no longer exists. Raises SessionBusy when the lease is
+        not ours any more."""
+        out = self._take(keys=[self.key(session_id), self.lease(session_id)], args=[owner])
+        if out[0] == 0:
+            raise SessionBusy(f"the lease of session {session_id!r} lapsed while loading; retry")
+        return _record(dict(zip(out[1::2], out[2::2]))) if out[0] == 2 else None
 
     def put_many(self, items: Sequence[tuple], owner: str) -> list[int]:
         """items: (session_id, expected version, snap, principal, ttl, incarnation). New version
-        or LOST/STALE per item, in one pipelined round trip."""
+        or LOST/STALE per item, in one pipelined round trip. Raises StoreReset (nothing
+        written) when the generation token is not ours."""
+        generation = f"{self.prefix}:generation"
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
             for sid, version, snap, principal, ttl, incarnation in items:
                 expire_ms = record_expire_ms(ttl)
                 pipe.evalsha(  # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
-                    self._put.sha, 2, self.key(sid), self.lease(sid),
+                    self._put.sha, 3, self.key(sid), self.lease(sid), generation,
                     owner, version, snap, principal, repr(float(ttl)), expire_ms, incarnation,
+                    self.generation,
                 )  # fmt: skip
             try:
-                return [int(v) for v in pipe.execute()]
+                versions = [int(v) for v in pipe.execute()]
             except self.NoScriptError:  # Redis restarted (scripts flushed): load, once more
                 if attempt:
                     raise
                 self.client.script_load(_PUT)
+                continue
+            if RESET in versions:  # the token is checked first: then nothing was written
+                raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+            return versions
         raise AssertionError("unreachable")
 
-    def tomb(self, session_id: str) -> str:
-        return f"{self.prefix}:x:{session_id}"
+    def restore_many(self, items: Sequence[tuple], owner: str, lease_ms: int) -> list[int]:
+        """Recovery's writes (script _RESTORE), items as put_many's with our copies' versions:
+        per item the new version, or STALE / ENDED. Raises StoreReset when the generation
+        token is not ours."""
+        generation = f"{self.prefix}:generation"
+        out = []
+        for sid, version, snap, principal, ttl, incarnation in items:
+            keys = [self.key(sid), self.lease(sid), generation, self.tomb(sid, incarnation)]
+            args = [owner, version, snap, principal, repr(float(ttl)), record_expire_ms(ttl),
+                    incarnation, self.generation, lease_ms]  # fmt: skip
+            out.append(int(self._restore(keys=keys, args=args)))
+        if RESET in out:
+            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+        return out
+
+    def tomb(self, session_id: str, incarnation: str) -> str:
+        return f"{self.prefix}:x:{session_id}:{incarnation}"
 
     def drop(
         self,
@@ -284,18 +394,15 @@ class RedisBackend:
         incarnation's, nor one a replica leases now) and leave a tombstone of its
         incarnation and reason for `expire_ms` (0: no expiry), so a replica holding an old
         copy knows it is gone, not lost."""
-        keys = [self.key(session_id), self.lease(session_id), self.tomb(session_id)]
+        keys = [self.key(session_id), self.lease(session_id), self.tomb(session_id, incarnation)]
         args = [owner, version, incarnation or "", expire_ms, reason]
         return bool(self._drop(keys=keys, args=args))
 
-    def gone(self, session_id: str) -> tuple[str, str] | None:
-        """(incarnation, "closed" | "evicted") of the last incarnation of `session_id` that
-        ended (its tombstone), or None."""
-        v = self.client.get(self.tomb(session_id))
-        if v is None:
-            return None
-        incarnation, _, reason = v.decode().partition(" ")
-        return incarnation, reason or "closed"
+    def gone(self, session_id: str, incarnation: str) -> str | None:
+        """ "closed" | "evicted" when that incarnation of `session_id` ended (its tombstone),
+        else None."""
+        v = self.client.get(self.tomb(session_id, incarnation))
+        return None if v is None else (v.decode() or "closed")
 
 
 class RedisReplication:
@@ -358,6 +465,7 @@ class RedisReplication:
         try:
             self.backend.ping()
             self._share_key()
+            self.backend.join()
         except self.backend.Error as e:
             self._degrade(e)
 
@@ -385,6 +493,7 @@ class RedisReplication:
                 if self.degraded:
                     self._try_recover()
                     continue
+                self.backend.check_generation()  # Redis back empty: seen within one period
                 if self.persist_interval:
                     self._write_dirty()
                 if time.monotonic() >= next_renew:
@@ -402,10 +511,12 @@ class RedisReplication:
         self.counts["errors"] += 1
         if not self.degraded:
             self.degraded, self.degraded_since = True, time.monotonic()
+            what = "lost its data" if isinstance(exc, StoreReset) else "unavailable"
             log.warning(
-                "state store %s unavailable (%s): serving the %d sessions held in memory, "
-                "persistence and failover paused",
+                "state store %s %s (%s): serving the %d sessions held in memory, "
+                "persistence and failover paused until they are written back",
                 self.backend.url,
+                what,
                 exc,
                 len(self.store),
             )
@@ -419,45 +530,57 @@ class RedisReplication:
                 self.store.snapshot_key = SnapshotKey(secret)
 
     def _try_recover(self) -> None:
+        """Redis answers again (after an outage, or back empty): write back every session
+        held here whose copy is still the newest (`_RESTORE`: its lease re-taken), drop the
+        ones that ended or moved elsewhere meanwhile. Sessions being stepped right now are
+        tried again next period, the store staying degraded until all are written."""
         try:
             self.backend.ping()
             self._share_key()
+            self.backend.join()
         except self.backend.Error:
             return
-        moved, ended, written = [], [], 0
         with self._io:
-            for s in self.store.sessions():
-                holder = self.backend.acquire(s.id, self.replica_id, self._lease_ms)
-                rec = self.backend.load(s.id)
-                if holder or (
-                    rec is not None
-                    and (
-                        rec["version"] != self._version.get(s.id, 0)
-                        or rec["incarnation"] not in (None, s.incarnation)
-                    )
-                ):
-                    moved.append(s)  # taken over, advanced or replaced elsewhere meanwhile
-                    continue
-                reason = self._ended(s) if rec is None else None
-                if reason:  # closed or evicted on another replica meanwhile
-                    ended.append((s, reason))
-                    continue
-                if rec is None:  # Redis lost it (restarted empty) or never had it: ours is newest
-                    self._version[s.id] = 0
-                self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
-                self._dirty[s.id] = self._dirty.get(s.id, 0) + 1  # write it now
-            for s in moved:
-                self._drop_local(s)
-            for s, reason in ended:
-                self.store.drop(s, reason)
-                self.backend.release([s.id], self.replica_id)
-            written = self._write_dirty_locked()
-        self.degraded, self.degraded_since = False, None
+            live = self.store.sessions()
+            items = []
+            for s in live:
+                now = self.store.state_now(s)  # no wait: a step holding its row needs _io
+                if now is not None:
+                    items.append((s, *now))
+            rows = [self._row(s, state, position) for s, state, position in items]
+            t0 = time.monotonic()
+            try:
+                versions = self.backend.restore_many(rows, self.replica_id, self._lease_ms)
+            except self.backend.Error as e:
+                log.warning("state store %s: write-back failed (%s); retrying", self.backend.url, e)
+                return
+            self.counts["writes"] += len(rows)
+            self.counts["write_bytes"] += sum(len(r[2]) for r in rows)
+            moved = 0
+            for (s, _, _), v in zip(items, versions):
+                if v == STALE:  # taken over, advanced or replaced elsewhere meanwhile
+                    self._drop_local(s)
+                    moved += 1
+                elif v == ENDED:  # closed or evicted on another replica meanwhile
+                    self.store.drop(s, self._ended(s) or "closed")
+                else:
+                    self._version[s.id], self._dirty[s.id] = v, 0
+                    self._lease_until[s.id] = t0 + 0.8 * self.lease_ttl
+            if len(items) < len(live):
+                log.info(
+                    "state store %s is back: %d of %d sessions written back, the rest are "
+                    "being stepped (next try in a moment)",
+                    self.backend.url,
+                    len(items),
+                    len(live),
+                )
+                return
+            self.degraded, self.degraded_since = False, None
         log.info(
-            "state store %s is back: %d sessions re-leased and written, %d moved elsewhere",
+            "state store %s is back: %d sessions written back and re-leased, %d moved elsewhere",
             self.backend.url,
-            written,
-            len(moved),
+            len(items) - moved,
+            moved,
         )
 
     def stats(self) -> dict:
@@ -521,7 +644,11 @@ class RedisReplication:
             return  # nothing to fetch: `get` says unknown / closed / evicted
         t0 = self._take_lease(sid)  # may wait for another replica: no lock held meanwhile
         with self._io:
-            rec = self.backend.load(sid)  # the newest, now that nobody else can write
+            try:  # the newest, now that nobody else can write; its version goes up
+                rec = self.backend.take(sid, self.replica_id)
+            except SessionBusy:
+                self._lease_until.pop(sid, None)
+                raise
             if rec is None:  # closed by its holder while we waited: our old copy ended too
                 self.backend.release([sid], self.replica_id)
                 local = self.store.local(sid)
@@ -544,16 +671,17 @@ class RedisReplication:
         self.store.drop(local, self._ended(local) or "closed")
 
     def _ended(self, s: Session) -> str | None:
-        """ "closed" / "evicted" when the tombstone of s's id names s's incarnation, else None."""
-        gone = self.backend.gone(s.id)
-        return gone[1] if gone is not None and gone[0] == s.incarnation else None
+        """ "closed" / "evicted" when s's incarnation has a tombstone, else None."""
+        return self.backend.gone(s.id, s.incarnation)
 
     def _install(self, sid: str, principal: str, rec: dict, t0: float) -> None:
-        """Make Redis's record of `sid` our copy (caller holds _io and the lease)."""
+        """Make Redis's record of `sid` (as `take` returned it: its version raised by one) our
+        copy (caller holds _io and the lease)."""
         local = self.store.local(sid)
         same = local is not None and local.incarnation == rec["incarnation"]
-        if same and self._version.get(sid) == rec["version"]:
+        if same and self._version.get(sid) == rec["version"] - 1:
             # our copy is current (maybe ahead by unwritten steps): keep it
+            self._version[sid] = rec["version"]
             self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
             self.counts["relocks"] += 1
             return
@@ -712,21 +840,17 @@ class RedisReplication:
 
     def _put(self, items: Sequence[tuple[Session, np.ndarray, int]]) -> list[int]:
         """Write (session, state [S], position) items; caller holds _io. Versions / LOST / STALE."""
-        rows = [
-            (
-                s.id,
-                self._version.get(s.id, 0),
-                self.store.pack_state(state, position),
-                s.principal,
-                s.ttl,
-                s.incarnation,
-            )
-            for s, state, position in items
-        ]
+        rows = [self._row(s, state, position) for s, state, position in items]
         versions = self.backend.put_many(rows, self.replica_id)
         self.counts["writes"] += len(rows)
         self.counts["write_bytes"] += sum(len(r[2]) for r in rows)
         return versions
+
+    def _row(self, s: Session, state: np.ndarray, position: int) -> tuple:
+        """A write's item: (id, the version our copy builds on, snapshot, principal, ttl,
+        incarnation)."""
+        snap = self.store.pack_state(state, position)
+        return s.id, self._version.get(s.id, 0), snap, s.principal, s.ttl, s.incarnation
 
     def _moved(self, s: Session, code: int) -> Unavailable:
         why = "its lease was taken" if code == LOST else "a newer version was written"
@@ -819,8 +943,13 @@ class RedisReplication:
 
     def flush(self) -> int:
         """Write every unwritten step, delete closed keys, release every lease (shutdown).
-        Returns how many sessions have steps that could not be written (0: none lost)."""
-        if not self.degraded:
+        Returns how many sessions have steps that could not be written (0: none lost). A
+        store that is degraded, or finds Redis's data set replaced, writes back first."""
+        for _ in range(2):
+            if self.degraded:
+                self._try_recover()  # Redis may be back while the background thread sleeps
+            if self.degraded:
+                break
             try:
                 n = self._write_dirty()
                 self._delete_dropped()
@@ -829,6 +958,7 @@ class RedisReplication:
                 for sid in ids:
                     self._lease_until.pop(sid, None)
                 log.info("state store: wrote %d sessions, released %d leases", n, len(ids))
+                break
             except self.backend.Error as e:
                 self._degrade(e)
         lost = self._unwritten()

@@ -73,7 +73,7 @@ def test_write_through_another_replica_continues_from_the_last_step(redis_server
         step(a, sid, rng, "alice")
     assert sid not in {x.id for x in a.sessions()}
     rec = b.replication.backend.load(sid)
-    assert rec["version"] == 6 and rec["principal"] == "alice"
+    assert rec["version"] == 7 and rec["principal"] == "alice"  # 1 + 5 writes, B's take-over
 
 
 def test_every_nth_step_loses_at_most_n_minus_1(redis_server):
@@ -157,7 +157,7 @@ def test_a_stale_replica_cannot_overwrite_a_newer_state(redis_server):
     with pytest.raises(Unavailable, match="newer version"):
         step(a, sid, rng)
     rec = b.replication.backend.load(sid)
-    assert rec["version"] == 3
+    assert rec["version"] == 4  # A's create and step, B's take-over and step
     c = replica(redis_server, "C")
     c.fetch(sid)
     np.testing.assert_array_equal(c.read(c.get(sid)), newer)
@@ -193,7 +193,9 @@ def test_ids_are_unique_across_replicas(redis_server):
 def test_close_and_eviction_delete_the_keys(redis_server):
     now = [0.0]
     a = replica(redis_server, "A", ttl=10.0, clock=lambda: now[0])
-    s1, s2 = a.create().id, a.create().id
+    s1, s2 = a.create(), a.create()
+    incarnations = {s.id: s.incarnation for s in (s1, s2)}
+    s1, s2 = s1.id, s2.id
     assert a.replication.backend.exists(s1) and a.replication.backend.exists(s2)
     a.close(s1)
     assert not a.replication.backend.exists(s1)
@@ -201,10 +203,12 @@ def test_close_and_eviction_delete_the_keys(redis_server):
     assert a.evict_idle() == [s2]
     a.replication._delete_dropped()  # the background thread does this
     assert not a.replication.backend.exists(s2)
-    # left: the snapshot key and a tombstone per closed session, expiring after its TTL
+    # left: the snapshot key, the generation token and a tombstone per closed session
+    # (incarnation), expiring after its TTL
     client = a.replication.backend.client
-    tombs = {f"ssmstream:x:{sid}".encode() for sid in (s1, s2)}
-    assert set(client.keys("ssmstream:*")) == {b"ssmstream:snapshot-key", *tombs}
+    tombs = {f"ssmstream:x:{sid}:{inc}".encode() for sid, inc in incarnations.items()}
+    shared = {b"ssmstream:snapshot-key", b"ssmstream:generation"}
+    assert set(client.keys("ssmstream:*")) == shared | tombs
     for key in tombs:
         assert 0 < client.pttl(key) <= 70_000
 
@@ -298,7 +302,8 @@ def test_a_close_during_a_write_deletes_the_record_it_wrote(redis_server):
     rng = np.random.default_rng(4)
     a = replica(redis_server, "A", persist_every="50ms", lease_ttl=0.3)
     b = replica(redis_server, "B", lease_ttl=0.3)
-    sid = a.create("alice").id
+    s = a.create("alice")
+    sid = s.id
     step(a, sid, rng, "alice")
     backend = a.replication.backend
     real_put = backend.put_many
@@ -318,7 +323,7 @@ def test_a_close_during_a_write_deletes_the_record_it_wrote(redis_server):
     deadline = time.monotonic() + 5
     while backend.load(sid) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert backend.load(sid) is None and backend.gone(sid)[1] == "closed"
+    assert backend.load(sid) is None and backend.gone(sid, s.incarnation) == "closed"
     time.sleep(0.4)  # A's lease, were it still held, would have lapsed
     b.fetch(sid, "alice")
     with pytest.raises(SessionNotFound):
@@ -548,3 +553,162 @@ def test_an_old_copy_of_a_session_evicted_elsewhere_says_evicted(redis_server):
     with pytest.raises(SessionNotFound, match="evicted"):
         a.get(sid, "alice")
     assert not a.replication.backend.exists(sid)
+
+
+def wait_recovered(store: SessionStore, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while store.replication.degraded and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not store.replication.degraded
+
+
+def test_a_redis_that_restarts_empty_between_two_writes_loses_no_session(redis_server):
+    """Redis restarts without its data while no call is in flight: the client reconnects
+    quietly, so no outage is seen. The next write finds Redis's marker of this generation
+    gone and recovers (re-lease, write back) instead of reading the missing lease as "moved"
+    and dropping what is then the only copy."""
+    rng = np.random.default_rng(11)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    a.replication.start()
+    try:
+        sid = a.create("alice").id
+        step(a, sid, rng, "alice")
+        redis_server.stop()
+        redis_server.start()  # empty
+        x = step(a, sid, rng, "alice")  # acknowledged; not dropped
+        assert a.get(sid, "alice").position == 2
+        wait_recovered(a)
+        b = replica(redis_server, "B")
+        b.fetch(sid, "alice")
+        np.testing.assert_array_equal(b.read(b.get(sid, "alice")), x)
+        assert b.get(sid, "alice").position == 2
+    finally:
+        a.replication.stop()
+
+
+def test_after_an_empty_restart_replicas_old_and_new_share_one_snapshot_key(redis_server):
+    """A replica started after Redis came back empty proposes the first snapshot key and
+    generation; an older replica notices (its background check) and signs with that key,
+    so its sessions load on the new replica."""
+    rng = np.random.default_rng(12)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    a.replication.start()
+    try:
+        sid = a.create().id
+        x = step(a, sid, rng)
+        redis_server.stop()
+        redis_server.start()
+        c = replica(redis_server, "C")
+        deadline = time.monotonic() + 5
+        while not c.replication.backend.exists(sid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # A notices the new generation and writes its sessions back
+        c.fetch(sid)
+        np.testing.assert_array_equal(c.read(c.get(sid)), x)
+        assert a.snapshot_key.secret == c.snapshot_key.secret
+    finally:
+        a.replication.stop()
+
+
+def test_an_old_copy_stays_closed_when_its_id_was_reused_and_closed_again(redis_server):
+    """Tombstones are per incarnation: closing a second session of the same id does not
+    erase the record that the first one was closed."""
+    rng = np.random.default_rng(13)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create("alice", session_id="chat-1").id
+    step(a, sid, rng, "alice")
+    time.sleep(0.3)  # A's lease lapses
+    b.fetch(sid, "alice")
+    b.close(sid, "alice")
+    b.create("alice", session_id="chat-1")
+    b.close(sid, "alice")
+    a.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound, match="closed"):
+        a.get(sid, "alice")
+    assert not a.replication.backend.exists(sid)
+
+
+def test_evicting_a_stale_copy_leaves_the_record_of_the_replica_that_took_over(redis_server):
+    """A copy that another replica took over (and only read, so it wrote nothing) reaches
+    its idle TTL here: its delete must not remove the record the new holder builds on."""
+    now = [0.0]
+    rng = np.random.default_rng(14)
+    a = replica(redis_server, "A", lease_ttl=0.2, ttl=10.0, clock=lambda: now[0])
+    b = replica(redis_server, "B", lease_ttl=0.2, ttl=10.0)
+    sid = a.create("alice").id
+    x = step(a, sid, rng, "alice")
+    time.sleep(0.3)  # A's lease lapses
+    b.fetch(sid, "alice")  # B takes over and only reads
+    np.testing.assert_array_equal(b.read(b.get(sid, "alice")), x)
+    time.sleep(0.3)  # B's lease lapses too (idle)
+    now[0] += 11.0  # A's stale copy reaches its idle TTL
+    assert a.evict_idle() == [sid]
+    a.replication._delete_dropped()
+    assert b.replication.backend.exists(sid)
+    b.fetch(sid, "alice")
+    y = step(b, sid, rng, "alice")
+    assert b.get(sid, "alice").position == 2
+    np.testing.assert_array_equal(b.read(b.get(sid, "alice")), y)
+
+
+@pytest.mark.parametrize("first", ["stale", "newest"])
+def test_after_redis_lost_its_data_the_newest_copy_is_written_back(redis_server, first):
+    """Two replicas hold copies of one session (B took it over from A, so A's is stale) when
+    Redis restarts empty. Whichever writes back first, the record ends as B's copy: a
+    take-over raised the version, and a write-back never replaces a newer version."""
+    rng = np.random.default_rng(15)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    step(a, sid, rng)
+    time.sleep(0.3)  # A's lease lapses; its copy stays
+    b.fetch(sid)
+    newer = step(b, sid, rng)
+    redis_server.stop()
+    redis_server.start()  # empty
+    order = (a, b) if first == "stale" else (b, a)
+    for r in order:
+        r.replication._try_recover()  # the background thread's write-back, in this order
+    c = replica(redis_server, "C")
+    c.fetch(sid)
+    np.testing.assert_array_equal(c.read(c.get(sid)), newer)
+    assert c.get(sid).position == 2
+    with pytest.raises((Unavailable, SessionNotFound)):
+        step(a, sid, rng)  # A's copy is stale: dropped now, or at the write-back
+    assert sid not in {s.id for s in a.sessions()}
+
+
+def test_a_write_back_waits_for_sessions_being_stepped(redis_server):
+    """A session whose row a step holds is not read by the write-back (no waiting on
+    the batcher while holding the replication's lock): the store stays degraded and the
+    next period writes it."""
+    rng = np.random.default_rng(16)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    sid = a.create().id
+    x = step(a, sid, rng)
+    redis_server.stop()
+    redis_server.start()
+    a.replication._degrade(RuntimeError("test"))
+    (s,) = a.lend([a.get(sid)])
+    a.replication._try_recover()
+    assert a.replication.degraded and not a.replication.backend.exists(sid)
+    a.give_back([s], 0)
+    a.replication._try_recover()
+    assert not a.replication.degraded
+    b = replica(redis_server, "B")
+    b.fetch(sid)
+    np.testing.assert_array_equal(b.read(b.get(sid)), x)
+
+
+def test_a_shutdown_after_an_unseen_empty_restart_writes_everything_back(redis_server):
+    rng = np.random.default_rng(17)
+    a = replica(redis_server, "A", persist_every="8")  # steps not written yet
+    sid = a.create().id
+    x = [step(a, sid, rng) for _ in range(3)][-1]
+    redis_server.stop()
+    redis_server.start()  # empty; A's background thread is not running: nothing noticed
+    assert a.flush() == 0
+    b = replica(redis_server, "B")
+    b.fetch(sid)
+    np.testing.assert_array_equal(b.read(b.get(sid)), x)
+    assert b.get(sid).position == 3
