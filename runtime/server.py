@@ -15,7 +15,7 @@ Lifecycle:
   shared — with --state-store redis://…, sessions are also kept in Redis (runtime/
           replication.py) and health service "ssmstream.StateStore" says whether Redis is
           reachable.
-  stop  — on SIGTERM/SIGINT: health NOT_SERVING, new work refused with UNAVAILABLE, idle
+  stop  — on SIGTERM/SIGINT/SIGHUP: health NOT_SERVING, new work refused with UNAVAILABLE, idle
           Streams ended, in-flight requests get --grace seconds to finish, the batcher
           stops, then every session is saved to --state-dir (so each step a client saw
           acknowledged is in the saved state) or written to the shared store with its
@@ -53,6 +53,7 @@ from .status import SERVICE_NAME, DecodeGuard
 log = logging.getLogger(__name__)
 
 STATE_STORE_HEALTH = "ssmstream.StateStore"  # health service name of the shared state store
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each starts a graceful stop
 
 
 def _read(path: str | None) -> bytes | None:
@@ -388,6 +389,8 @@ class Server:
                 self.unsaved = await asyncio.to_thread(self.store.flush)
             self.store.replication.stop()
         self.metrics.close()
+        if self.config.port_file:
+            _remove_port_file(self.config.port_file)
         log.info("stopped")
         self._stopped.set()
 
@@ -395,16 +398,18 @@ class Server:
         await self._stopped.wait()
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, then stop gracefully; a second signal ends
-        the grace period at once (calls still running are cancelled; sessions are saved)."""
+        """Start, serve until SIGTERM/SIGINT/SIGHUP (a closed terminal), then stop
+        gracefully; a second signal ends the grace period at once (calls still running are
+        cancelled; sessions are saved)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        received: list[str] = []
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
         await self.start()
         await stop.wait()
-        log.info("signal received")
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        log.info("%s received", received[0])
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._hurry)
         await self.stop()
 
@@ -419,6 +424,16 @@ def _write_port_file(path: str, port: int, metrics_port: int | None) -> None:
     with open(tmp, "w") as f:
         json.dump({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}, f)
     os.replace(tmp, path)
+
+
+def _remove_port_file(path: str) -> None:
+    """Remove the port file at stop, unless another process has written it since (a
+    reader must not find the port of a server that is gone)."""
+    try:
+        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
+            os.remove(path)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class BackgroundServer:

@@ -4,6 +4,8 @@ outputs equal an uninterrupted run)."""
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 
@@ -352,3 +354,37 @@ def test_scale_out_flags_without_a_shared_store_are_named_as_ignored(tiny_token_
         _, err = _start(cfg)
     assert err is None
     assert "--persist-every, --replica-id apply to a shared --state-store: ignored" in caplog.text
+
+
+def test_sighup_stops_gracefully_and_the_port_file_goes(tiny_token_model, tmp_path):
+    """A closed terminal (SIGHUP) stops the server like SIGTERM: sessions saved, exit 0; and
+    the port file, which names a port nobody listens on any more, is removed."""
+    import signal
+
+    srv = ServerProcess(
+        tiny_token_model["model_dir"], "--device", "cpu", "--grace", "2",
+        "--state-dir", str(tmp_path / "state"), workdir=tmp_path,
+    )  # fmt: skip
+    try:
+        with Client(srv.address, timeout=30) as c:
+            c.create_session(session_id="kept")
+        assert srv.port_file.is_file()
+        srv.proc.send_signal(signal.SIGHUP)
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.kill()
+    out = srv.output()
+    assert "SIGHUP received" in out and "saved 1 sessions" in out, out
+    assert not srv.port_file.exists()
+
+
+def test_the_port_file_of_another_process_is_left_alone(tmp_path):
+    from ssmstream.runtime.server import _remove_port_file, _write_port_file
+
+    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
+    _write_port_file(str(ours), 1234, None)
+    theirs.write_text(json.dumps({"port": 1, "metrics_port": None, "pid": os.getpid() + 1}))
+    _remove_port_file(str(ours))
+    _remove_port_file(str(theirs))
+    _remove_port_file(str(tmp_path / "missing.json"))
+    assert not ours.exists() and theirs.exists()
