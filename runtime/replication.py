@@ -2,7 +2,7 @@
 
     replica A ─┐            {prefix}:s:{id}   hash  snap (signed snapshot bytes: model sha,
     replica B ─┼─ Redis ──►                         S, position, state; runtime/snapshots.py),
-    replica C ─┘                                    principal, ttl, version, incarnation
+    replica C ─┘                                    principal, ttl, version, incarnation, term
                             {prefix}:l:{id}   string  the replica id holding the lease (PX)
                             {prefix}:x:{id}:{incarnation}   "closed" | "evicted" (a tombstone)
                             {prefix}:snapshot-key   the key every replica signs with
@@ -23,10 +23,12 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
 - Versions. Each write is a compare-and-set (one Lua script): it applies only while the
   writer holds the lease and names the version it last read or wrote; the version then
   goes up by one. A stale replica cannot overwrite a newer state; its session is
-  dropped locally ("moved") and its request fails with UNAVAILABLE (retry). Taking a
-  session over (a load under a newly taken lease) also raises the version, so a copy left
-  on the previous replica matches nothing: neither its writes nor its delete (an idle
-  eviction there) touch the record the new holder builds on.
+  dropped locally ("moved") and its request fails with UNAVAILABLE (retry).
+- Terms. Taking a session over (a load under a newly taken lease, `_TAKE`) raises its
+  term by one; writes and deletes also compare the term. So a copy left on the previous
+  replica matches nothing: neither its writes nor its delete (an idle eviction there)
+  touch the record the new holder builds on; and of two copies the one with the higher
+  term is the newer, however many versions the other wrote (what a write-back decides by).
 - Persistence (`persist_every`, the `--persist-every` flag):
       "1"     write-through: a step is acknowledged after its state is in Redis;
       "N"     every Nth step of a session is written through: a replica that dies
@@ -44,17 +46,20 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
   sessions it holds in memory (without leases), creates new ones locally, and refuses
   only what needs Redis (loading a session it does not hold: UNAVAILABLE). A background
   ping notices when Redis is back; then every session held here is written back with its
-  lease re-taken (one Lua script each: _RESTORE), unless Redis has a newer version of it
-  or its tombstone (taken over, or closed, elsewhere meanwhile: dropped here). The newest
-  copy wins whichever replica writes back first.
+  lease re-taken (`_RESTORE`), unless Redis has a later term of it or its tombstone
+  (taken over, or closed, elsewhere meanwhile: dropped here). The newest copy wins
+  whichever replica writes back first. A session a step holds at that moment stays
+  pending (served from memory) and is written back by its commit or the next period.
+  A record that expired while a replica still holds the session is written back the same
+  way when that replica is asked for it.
 - Redis back empty (restarted without persistence, flushed): the client reconnects
   quietly, so no outage may be seen. Each Redis data set carries a generation token
-  (SET NX by the first replica); every write checks it, and the background thread reads
-  it each period. A replica that finds another token (or none) handles it as an outage
-  that just ended: it proposes a new token and the snapshot key (the first proposal wins,
-  so every replica ends up on one), re-takes its leases and writes its sessions back;
-  a write that found the token gone is not taken for a lost lease (which would drop the
-  only copy of its session).
+  (SET NX by the first replica); every write, write-back and take-over checks it, and the
+  background thread and a shutdown read it. A replica that finds another token (or none)
+  handles it as an outage that just ended: it proposes a new token and the snapshot key
+  (the first proposal wins, so every replica ends up on one) and writes its sessions
+  back; a write that found the token gone is not taken for a lost lease (which would drop
+  the only copy of its session).
 
 Threads: the batcher's worker thread commits (and writes through); one background
 thread renews leases, writes behind, deletes evicted keys and watches Redis. Redis calls
@@ -127,47 +132,59 @@ end
 return 0
 """
 # KEYS session, lease, generation; ARGV owner, expected version, snap, principal, ttl, expire ms
-# (0: none), incarnation, generation token.
-# The new version, or -1 (lease not ours) / -2 (version moved on: we are stale) / -3 (the
-# generation token is not ours: Redis lost its data, or another replica saw that first).
+# (0: none), incarnation, generation token, term.
+# The new version, or -1 (lease not ours) / -2 (version or term moved on: we are stale) / -3
+# (the generation token is not ours: Redis lost its data, or another replica saw that first).
 _PUT = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if v ~= tonumber(ARGV[2]) then return -2 end
+local h = redis.call('HMGET', KEYS[1], 'version', 'term')
+local v = tonumber(h[1] or '0')
+if v ~= tonumber(ARGV[2]) or tonumber(h[2] or ARGV[9]) ~= tonumber(ARGV[9]) then return -2 end
 redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
-           'version', v + 1, 'incarnation', ARGV[7])
+           'version', v + 1, 'incarnation', ARGV[7], 'term', ARGV[9])
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 return v + 1
 """
 # KEYS session, lease, generation, tombstone; ARGV owner, our copy's version, snap, principal,
-# ttl, expire ms (0: none), incarnation, generation token, lease ms. Recovery's write: our copy
-# becomes the record (version: ours + 1) and the lease ours, unless that incarnation ended (-4),
-# or the record is another incarnation's or newer than our copy (-2: ours is stale; a take-over
-# raises the version, so the copy of the last holder is the newest). -3: generation.
+# ttl, expire ms (0: none), incarnation, generation token, lease ms, our copy's term.
+# A write-back (after an outage, an empty restart, or an expired record): our copy becomes the
+# record and the lease ours, unless that incarnation ended (-4 closed, -5 evicted) or the record
+# is another incarnation's or of a later term (-2: ours is stale). Terms go up only at a
+# take-over, so the copy of the last holder has the highest term, however often a stale copy
+# was written and stepped since; a record of our own term is our own earlier write. The new
+# version, or -3: generation.
 _RESTORE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
-if redis.call('EXISTS', KEYS[4]) == 1 then return -4 end
-local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation')
+local t = redis.call('GET', KEYS[4])
+if t then
+  if t == 'evicted' then return -5 end
+  return -4
+end
+local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term')
+local v = tonumber(ARGV[2])
 if h[1] ~= false then
   if h[2] ~= false and h[2] ~= ARGV[7] then return -2 end
-  if tonumber(h[1]) > tonumber(ARGV[2]) then return -2 end
+  if tonumber(h[3] or '0') > tonumber(ARGV[10]) then return -2 end
+  v = math.max(v, tonumber(h[1]))
 end
-local v = tonumber(ARGV[2]) + 1
+v = v + 1
 redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
-           'version', v, 'incarnation', ARGV[7])
+           'version', v, 'incarnation', ARGV[7], 'term', ARGV[10])
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[9])
 return v
 """
-# KEYS session, lease; ARGV owner. A take-over's load: {2, HGETALL after the version went up by
-# one and the expiry was renewed (as a write would)}; {1} no record; {0} the lease is not ours.
+# KEYS session, lease, generation; ARGV owner, generation token. A take-over's load: {2, HGETALL
+# after the term went up by one and the expiry was renewed (as a write would)}; {1} no record;
+# {0} the lease is not ours; {-3} generation.
 _TAKE = """
+if redis.call('GET', KEYS[3]) ~= ARGV[2] then return {-3} end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 if redis.call('HEXISTS', KEYS[1], 'snap') == 0 then return {1} end
-redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HINCRBY', KEYS[1], 'term', 1)
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl'))
 if ttl == nil or ttl > 1e9 then redis.call('PERSIST', KEYS[1])
 else redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 1000) + 60000) end
@@ -176,15 +193,17 @@ table.insert(out, 1, 2)
 return out
 """
 # KEYS session, lease, tombstone; ARGV owner, version we know (-1: any), incarnation, tombstone
-# expire ms (0: none), reason. Deletes both when nobody else holds the lease and the version is
-# ours, and leaves the incarnation's tombstone. 1 deleted, 0 left alone.
+# expire ms (0: none), reason, term we know (-1: any). Deletes both when nobody else holds the
+# lease and the version and term are ours, and leaves the incarnation's tombstone. 1 deleted, 0
+# left alone.
 _DROP = """
 local cur = redis.call('GET', KEYS[2])
 if cur ~= false and cur ~= ARGV[1] then return 0 end
-local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation')
+local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term')
 if h[1] ~= false then
   if ARGV[3] ~= '' and h[2] ~= false and h[2] ~= ARGV[3] then return 0 end
   if tonumber(ARGV[2]) >= 0 and tonumber(h[1]) ~= tonumber(ARGV[2]) then return 0 end
+  if tonumber(ARGV[6]) >= 0 and tonumber(h[3] or '0') ~= tonumber(ARGV[6]) then return 0 end
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 if ARGV[3] ~= '' then
@@ -197,7 +216,7 @@ end
 return 1
 """
 
-LOST, STALE, RESET, ENDED = -1, -2, -3, -4
+LOST, STALE, RESET, CLOSED, EVICTED = -1, -2, -3, -4, -5
 
 
 class StoreReset(Exception):
@@ -233,7 +252,7 @@ def default_replica_id() -> str:
 
 def _record(h: dict) -> dict | None:
     """A session record's hash (bytes → bytes) as {snap, principal, ttl, version,
-    incarnation}; None when there is none."""
+    incarnation, term}; None when there is none."""
     if not h or b"snap" not in h:
         return None
     return {
@@ -242,6 +261,7 @@ def _record(h: dict) -> dict | None:
         "ttl": float(h[b"ttl"]),
         "version": int(h[b"version"]),
         "incarnation": h.get(b"incarnation", b"").decode() or None,
+        "term": int(h.get(b"term", b"0")),
     }
 
 
@@ -262,6 +282,7 @@ class RedisBackend:
         self.Error = (redis.RedisError, StoreReset)
         self.NoScriptError = redis.exceptions.NoScriptError
         self.generation = ""  # the token of the Redis data set we joined (`join`)
+        self._generation_key = f"{prefix}:generation"
         self._claim = self.client.register_script(_CLAIM)
         self._acquire = self.client.register_script(_ACQUIRE)
         self._renew = self.client.register_script(_RENEW)
@@ -314,69 +335,64 @@ class RedisBackend:
     def join(self) -> None:
         """Join this Redis's data set: propose a new generation token (SET NX) and keep the
         one Redis holds (the first proposal since the data set began)."""
-        name = f"{self.prefix}:generation"
-        self.client.set(name, uuid.uuid4().hex, nx=True)
-        self.generation = (self.client.get(name) or b"").decode()
+        self.client.set(self._generation_key, uuid.uuid4().hex, nx=True)
+        self.generation = (self.client.get(self._generation_key) or b"").decode()
 
     def check_generation(self) -> None:
         """Raise StoreReset when Redis's generation token is not the one we joined."""
-        now = self.client.get(f"{self.prefix}:generation")
+        now = self.client.get(self._generation_key)
         if now is None or now.decode() != self.generation:
             raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
 
     def load(self, session_id: str) -> dict | None:
-        """{snap, principal, ttl, version, incarnation} or None."""
+        """{snap, principal, ttl, version, incarnation, term} or None."""
         return _record(self.client.hgetall(self.key(session_id)))
 
     def take(self, session_id: str, owner: str) -> dict | None:
-        """A take-over's load under our lease: the record (as `load`) after its version went
-        up by one, or None when it no longer exists. Raises SessionBusy when the lease is
-        not ours any more."""
-        out = self._take(keys=[self.key(session_id), self.lease(session_id)], args=[owner])
+        """A take-over's load under our lease: the record (as `load`) after its term went up
+        by one, or None when it no longer exists. Raises SessionBusy when the lease is not
+        ours any more, StoreReset when the generation token is not ours."""
+        keys = [self.key(session_id), self.lease(session_id), self._generation_key]
+        out = self._take(keys=keys, args=[owner, self.generation])
+        if out[0] == RESET:
+            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
         if out[0] == 0:
             raise SessionBusy(f"the lease of session {session_id!r} lapsed while loading; retry")
         return _record(dict(zip(out[1::2], out[2::2]))) if out[0] == 2 else None
 
-    def put_many(self, items: Sequence[tuple], owner: str) -> list[int]:
-        """items: (session_id, expected version, snap, principal, ttl, incarnation). New version
-        or LOST/STALE per item, in one pipelined round trip. Raises StoreReset (nothing
-        written) when the generation token is not ours."""
-        generation = f"{self.prefix}:generation"
+    def write_many(self, items: Sequence[tuple], owner: str, lease_ms: int) -> list[int]:
+        """items: (session_id, version, term, snap, principal, ttl, incarnation, restore), in
+        one pipelined round trip. A write (`_PUT`, compare-and-set on the version and term
+        under our lease) gives the new version or LOST / STALE; a write-back (restore: True,
+        `_RESTORE`) the new version or STALE / CLOSED / EVICTED. Raises StoreReset when the
+        generation token is not ours (the token is checked first: such a call wrote nothing).
+        """
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
-            for sid, version, snap, principal, ttl, incarnation in items:
-                expire_ms = record_expire_ms(ttl)
-                pipe.evalsha(  # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
-                    self._put.sha, 3, self.key(sid), self.lease(sid), generation,
-                    owner, version, snap, principal, repr(float(ttl)), expire_ms, incarnation,
-                    self.generation,
-                )  # fmt: skip
+            for sid, version, term, snap, principal, ttl, incarnation, restore in items:
+                args = (owner, version, snap, principal, repr(float(ttl)), record_expire_ms(ttl),
+                        incarnation, self.generation)  # fmt: skip
+                keys = (self.key(sid), self.lease(sid), self._generation_key)
+                if restore:
+                    keys += (self.tomb(sid, incarnation),)
+                    args += (lease_ms, term)
+                else:
+                    args += (term,)
+                script = self._restore if restore else self._put
+                # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
-                versions = [int(v) for v in pipe.execute()]
+                codes = [int(v) for v in pipe.execute()]
             except self.NoScriptError:  # Redis restarted (scripts flushed): load, once more
                 if attempt:
                     raise
                 self.client.script_load(_PUT)
+                self.client.script_load(_RESTORE)
                 continue
-            if RESET in versions:  # the token is checked first: then nothing was written
+            if RESET in codes:
                 raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
-            return versions
+            return codes
         raise AssertionError("unreachable")
-
-    def restore_many(self, items: Sequence[tuple], owner: str, lease_ms: int) -> list[int]:
-        """Recovery's writes (script _RESTORE), items as put_many's with our copies' versions:
-        per item the new version, or STALE / ENDED. Raises StoreReset when the generation
-        token is not ours."""
-        generation = f"{self.prefix}:generation"
-        out = []
-        for sid, version, snap, principal, ttl, incarnation in items:
-            keys = [self.key(sid), self.lease(sid), generation, self.tomb(sid, incarnation)]
-            args = [owner, version, snap, principal, repr(float(ttl)), record_expire_ms(ttl),
-                    incarnation, self.generation, lease_ms]  # fmt: skip
-            out.append(int(self._restore(keys=keys, args=args)))
-        if RESET in out:
-            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
-        return out
 
     def tomb(self, session_id: str, incarnation: str) -> str:
         return f"{self.prefix}:x:{session_id}:{incarnation}"
@@ -389,13 +405,14 @@ class RedisBackend:
         incarnation: str = "",
         expire_ms: int = 0,
         reason: str = "closed",
+        term: int = -1,
     ) -> bool:
         """Delete a closed (or evicted: `reason`) session's record and lease (not another
-        incarnation's, nor one a replica leases now) and leave a tombstone of its
-        incarnation and reason for `expire_ms` (0: no expiry), so a replica holding an old
-        copy knows it is gone, not lost."""
+        incarnation's, nor one of another version or term (-1: any), nor one a replica
+        leases now) and leave a tombstone of its incarnation and reason for `expire_ms` (0:
+        no expiry), so a replica holding an old copy knows it is gone, not lost."""
         keys = [self.key(session_id), self.lease(session_id), self.tomb(session_id, incarnation)]
-        args = [owner, version, incarnation or "", expire_ms, reason]
+        args = [owner, version, incarnation or "", expire_ms, reason, term]
         return bool(self._drop(keys=keys, args=args))
 
     def gone(self, session_id: str, incarnation: str) -> str | None:
@@ -444,11 +461,15 @@ class RedisReplication:
         self._lease_ms = max(50, int(1000 * self.lease_ttl))
         self._lease_until: dict[str, float] = {}  # id -> monotonic time our lease surely lasts
         self._version: dict[str, int] = {}  # id -> the Redis version the local copy builds on
+        self._term: dict[str, int] = {}  # id -> the term (take-overs) of the local copy
         self._dirty: dict[str, int] = {}  # id -> steps committed since the last write
         self._used: set[str] = set()  # stepped since the last renewal
-        # closed/evicted ids whose keys are still to delete: (version, incarnation, expire ms,
-        # "closed" | "evicted")
-        self._drops: dict[str, tuple[int, str, int, str]] = {}
+        # to write back (_RESTORE) after an outage / empty restart / expired record; until
+        # then served from memory without a lease
+        self._pending: set[str] = set()
+        # closed/evicted ids whose keys are still to delete: (version, term, incarnation,
+        # expire ms, "closed" | "evicted")
+        self._drops: dict[str, tuple[int, int, str, int, str]] = {}
         self._drops_lock = threading.Lock()  # added under the store's lock, taken by I/O
         self._io = threading.RLock()  # orders writes of one session with its commits
         self.degraded = False
@@ -496,6 +517,8 @@ class RedisReplication:
                 self.backend.check_generation()  # Redis back empty: seen within one period
                 if self.persist_interval:
                     self._write_dirty()
+                elif self._pending:
+                    self._write_pending()
                 if time.monotonic() >= next_renew:
                     self._renew_used()
                     next_renew = time.monotonic() + self.lease_ttl / 3
@@ -531,56 +554,31 @@ class RedisReplication:
 
     def _try_recover(self) -> None:
         """Redis answers again (after an outage, or back empty): write back every session
-        held here whose copy is still the newest (`_RESTORE`: its lease re-taken), drop the
-        ones that ended or moved elsewhere meanwhile. Sessions being stepped right now are
-        tried again next period, the store staying degraded until all are written."""
+        held here (`_RESTORE`: its lease re-taken) unless a later term of it (a take-over
+        elsewhere meanwhile) or its tombstone is in Redis (then it is dropped here). A
+        session being stepped right now stays pending: written by its commit or next period.
+        """
         try:
             self.backend.ping()
             self._share_key()
             self.backend.join()
-        except self.backend.Error:
+            with self._io:
+                live = self.store.sessions()
+                self._pending.update(s.id for s in live)
+                before = self.counts["moved"]
+                self._write_current(live)
+                moved = self.counts["moved"] - before
+        except self.backend.Error as e:
+            log.warning("state store %s: write-back failed (%s); retrying", self.backend.url, e)
             return
-        with self._io:
-            live = self.store.sessions()
-            items = []
-            for s in live:
-                now = self.store.state_now(s)  # no wait: a step holding its row needs _io
-                if now is not None:
-                    items.append((s, *now))
-            rows = [self._row(s, state, position) for s, state, position in items]
-            t0 = time.monotonic()
-            try:
-                versions = self.backend.restore_many(rows, self.replica_id, self._lease_ms)
-            except self.backend.Error as e:
-                log.warning("state store %s: write-back failed (%s); retrying", self.backend.url, e)
-                return
-            self.counts["writes"] += len(rows)
-            self.counts["write_bytes"] += sum(len(r[2]) for r in rows)
-            moved = 0
-            for (s, _, _), v in zip(items, versions):
-                if v == STALE:  # taken over, advanced or replaced elsewhere meanwhile
-                    self._drop_local(s)
-                    moved += 1
-                elif v == ENDED:  # closed or evicted on another replica meanwhile
-                    self.store.drop(s, self._ended(s) or "closed")
-                else:
-                    self._version[s.id], self._dirty[s.id] = v, 0
-                    self._lease_until[s.id] = t0 + 0.8 * self.lease_ttl
-            if len(items) < len(live):
-                log.info(
-                    "state store %s is back: %d of %d sessions written back, the rest are "
-                    "being stepped (next try in a moment)",
-                    self.backend.url,
-                    len(items),
-                    len(live),
-                )
-                return
-            self.degraded, self.degraded_since = False, None
+        self.degraded, self.degraded_since = False, None
         log.info(
-            "state store %s is back: %d sessions written back and re-leased, %d moved elsewhere",
+            "state store %s is back: %d sessions written back and re-leased, %d moved "
+            "elsewhere, %d being stepped (written next)",
             self.backend.url,
-            len(items) - moved,
+            len(live) - moved - len(self._pending),
             moved,
+            len(self._pending),
         )
 
     def stats(self) -> dict:
@@ -596,8 +594,13 @@ class RedisReplication:
     # --- ownership (the store's held / fetch) ------------------------------------------
 
     def held(self, session_id: str) -> bool:
-        """True when the lease of a session that is here is safely ours (or Redis is down)."""
-        return self.degraded or self._lease_until.get(session_id, 0.0) > time.monotonic()
+        """True when the lease of a session that is here is safely ours, or Redis is down, or
+        the session is pending a write-back (which takes the lease)."""
+        return (
+            self.degraded
+            or session_id in self._pending
+            or self._lease_until.get(session_id, 0.0) > time.monotonic()
+        )
 
     def fetch(self, session_id: str, principal: str = "") -> None:
         """Take the session's lease (waiting up to lease_wait for another replica's) and make
@@ -635,12 +638,8 @@ class RedisReplication:
             local = None
         if rec is None or rec["principal"] != principal:
             if rec is None and local is not None and local.principal == principal:
-                with self._io:
-                    reason = self._ended(local)
-                    if reason:  # closed or evicted on another replica
-                        self.store.drop(local, reason)
-                    else:
-                        self._republish(local)  # our key expired or was lost: ours is newest
+                with self._io:  # its record expired or was lost: ours is newest, unless it ended
+                    self._republish(local)
             return  # nothing to fetch: `get` says unknown / closed / evicted
         t0 = self._take_lease(sid)  # may wait for another replica: no lock held meanwhile
         with self._io:
@@ -662,8 +661,9 @@ class RedisReplication:
                 raise
 
     def _unwritten(self) -> int:
-        """Sessions held here with steps not written to Redis yet."""
-        return sum(1 for i, n in self._dirty.items() if n > 0 and self.store.local(i) is not None)
+        """Sessions held here with steps not written to Redis yet (or not written back)."""
+        ids = {i for i, n in self._dirty.items() if n > 0} | self._pending
+        return sum(1 for i in ids if self.store.local(i) is not None)
 
     def _drop_ended(self, local: Session) -> None:
         """Forget a local copy of a session that ended elsewhere (its tombstone says how;
@@ -675,20 +675,25 @@ class RedisReplication:
         return self.backend.gone(s.id, s.incarnation)
 
     def _install(self, sid: str, principal: str, rec: dict, t0: float) -> None:
-        """Make Redis's record of `sid` (as `take` returned it: its version raised by one) our
+        """Make Redis's record of `sid` (as `take` returned it: its term raised by one) our
         copy (caller holds _io and the lease)."""
         local = self.store.local(sid)
+        self._pending.discard(sid)
         same = local is not None and local.incarnation == rec["incarnation"]
-        if same and self._version.get(sid) == rec["version"] - 1:
-            # our copy is current (maybe ahead by unwritten steps): keep it
-            self._version[sid] = rec["version"]
+        if (
+            same
+            and self._term.get(sid) == rec["term"] - 1
+            and self._version.get(sid) == rec["version"]
+        ):
+            # we held it last: our copy is current (maybe ahead by unwritten steps): keep it
+            self._term[sid] = rec["term"]
             self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
             self.counts["relocks"] += 1
             return
         position, state = self.store.unpack(rec["snap"])
         self.store.install(sid, principal, rec["ttl"], position, state, rec["incarnation"])
         self._dirty.pop(sid, None)
-        self._version[sid] = rec["version"]
+        self._version[sid], self._term[sid] = rec["version"], rec["term"]
         self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
         self.counts["loads"] += 1
         log.info("session %s loaded from the state store at position %d", sid, position)
@@ -766,7 +771,7 @@ class RedisReplication:
         """Write a new session's first version; a fork lets go of its lease at once (a sticky
         proxy routes the child's calls by its own id, maybe to another replica)."""
         self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
-        self._version[s.id] = 0
+        self._version[s.id], self._term[s.id] = 0, 0
         self._dirty[s.id] = 0
         if self.degraded:
             return
@@ -781,21 +786,19 @@ class RedisReplication:
 
     # --- steps -------------------------------------------------------------------------
 
-    def _due(self, sid: str) -> bool:
-        return bool(self.persist_steps) and self._dirty.get(sid, 0) + 1 >= self.persist_steps
-
     def committed(self, sessions, results: list, force: bool = False) -> list:
         """After a local commit (`results`: a position or an error per session, as
         SessionStore.give_back returns them): write through the sessions that are due (all of
-        them with `force`: a rewind, which a replica taking over must not miss). One
-        whose lease was lost or whose version is stale is dropped here (another replica owns
-        it): its result becomes Unavailable, and Redis keeps the other replica's newer record.
-        Each write reads the session's state and position together (`state_now`); one closed
-        since its step is not written (its step did apply: its result stays)."""
+        them with `force`: a rewind, which a replica taking over must not miss; and those
+        pending a write-back). One whose lease was lost or whose version is stale is dropped
+        here (another replica owns it): its result becomes Unavailable, and Redis keeps the
+        other replica's newer record. Each write reads the session's state and position
+        together (`state_now`); one closed since its step is not written (its step did apply:
+        its result stays)."""
         results = list(results)
         with self._io:  # the versions and dirty counts change only under _io
             ok = [j for j, r in enumerate(results) if not isinstance(r, BaseException)]
-            due = [j for j in ok if force or self._due(sessions[j].id)] if not self.degraded else []
+            due = [] if self.degraded else [j for j in ok if force or self._due(sessions[j].id)]
             versions: dict[int, int] = {}
             items, written = [], []
             for j in due:
@@ -811,7 +814,7 @@ class RedisReplication:
             for j in ok:
                 s, v = sessions[j], versions.get(j)
                 if v is not None and v < 0:
-                    results[j] = self._moved(s, v)
+                    results[j] = self._lost(s, v)
                     continue
                 self._used.add(s.id)
                 if v is None:
@@ -822,6 +825,11 @@ class RedisReplication:
                 if not s.live:
                     self._after_removed(s, v)
             return results
+
+    def _due(self, sid: str) -> bool:
+        if sid in self._pending:  # a write-back: as soon as its row is free
+            return True
+        return bool(self.persist_steps) and self._dirty.get(sid, 0) + 1 >= self.persist_steps
 
     def _after_removed(self, s: Session, version: int | None) -> None:
         """A session closed or evicted while its write was in flight (`removed` ran before
@@ -835,24 +843,38 @@ class RedisReplication:
         if version is not None:
             with self._drops_lock:
                 drop = self._drops.get(s.id)
-                if drop is not None and drop[1] == s.incarnation:
+                if drop is not None and drop[2] == s.incarnation:
                     self._drops[s.id] = (version, *drop[1:])
 
     def _put(self, items: Sequence[tuple[Session, np.ndarray, int]]) -> list[int]:
-        """Write (session, state [S], position) items; caller holds _io. Versions / LOST / STALE."""
+        """Write (session, state [S], position) items, a session pending a write-back by
+        `_RESTORE` (which takes its lease), the others by compare-and-set; caller holds _io.
+        New versions, or LOST / STALE / CLOSED / EVICTED."""
         rows = [self._row(s, state, position) for s, state, position in items]
-        versions = self.backend.put_many(rows, self.replica_id)
+        t0 = time.monotonic()
+        codes = self.backend.write_many(rows, self.replica_id, self._lease_ms)
         self.counts["writes"] += len(rows)
-        self.counts["write_bytes"] += sum(len(r[2]) for r in rows)
-        return versions
+        self.counts["write_bytes"] += sum(len(r[3]) for r in rows)
+        for row, v in zip(rows, codes):
+            if row[-1] and v > 0:  # written back: the lease is ours again
+                self._pending.discard(row[0])
+                self._lease_until[row[0]] = t0 + 0.8 * self.lease_ttl
+        return codes
 
     def _row(self, s: Session, state: np.ndarray, position: int) -> tuple:
-        """A write's item: (id, the version our copy builds on, snapshot, principal, ttl,
-        incarnation)."""
+        """A write's item (RedisBackend.write_many): id, the version and term our copy builds
+        on, snapshot, principal, ttl, incarnation, whether it is a write-back."""
         snap = self.store.pack_state(state, position)
-        return s.id, self._version.get(s.id, 0), snap, s.principal, s.ttl, s.incarnation
+        version, term = self._version.get(s.id, 0), self._term.get(s.id, 0)
+        return s.id, version, term, snap, s.principal, s.ttl, s.incarnation, s.id in self._pending
 
-    def _moved(self, s: Session, code: int) -> Unavailable:
+    def _lost(self, s: Session, code: int) -> Exception:
+        """A write found that the session ended elsewhere or belongs to another replica now:
+        drop our copy; returns the error its request gets."""
+        self._pending.discard(s.id)
+        if code in (CLOSED, EVICTED):  # its tombstone: closed / evicted on another replica
+            self.store.drop(s, "evicted" if code == EVICTED else "closed")
+            return s.gone()
         why = "its lease was taken" if code == LOST else "a newer version was written"
         log.warning("session %s moved to another replica (%s); dropped here", s.id, why)
         self._drop_local(s)
@@ -872,9 +894,17 @@ class RedisReplication:
             return self._write_dirty_locked()
 
     def _write_dirty_locked(self) -> int:
-        """Write every session with unwritten steps; caller holds _io. Returns how many."""
-        dirty = [self.store.local(i) for i, n in list(self._dirty.items()) if n > 0]
-        return self._write_current([s for s in dirty if s is not None])
+        """Write every session with unwritten steps or pending a write-back; caller holds
+        _io. Returns how many."""
+        ids = [i for i, n in list(self._dirty.items()) if n > 0]
+        ids += [i for i in list(self._pending) if i not in ids]
+        return self._write_current([s for s in map(self.store.local, ids) if s is not None])
+
+    def _write_pending(self) -> int:
+        with self._io:
+            here = [s for s in map(self.store.local, list(self._pending)) if s is not None]
+            self._pending.intersection_update(s.id for s in here)
+            return self._write_current(here)
 
     def _write_current(self, sessions: Sequence[Session]) -> int:
         """Write the sessions' local states as they are now; caller holds _io (no commit
@@ -889,7 +919,7 @@ class RedisReplication:
         versions = self._put(items)
         for (s, _, _), v in zip(items, versions):
             if v < 0:
-                self._moved(s, v)
+                self._lost(s, v)
                 continue
             self._version[s.id] = v
             self._dirty[s.id] = 0
@@ -898,17 +928,11 @@ class RedisReplication:
         return len(items)
 
     def _republish(self, s: Session) -> None:
-        self._lease_until.pop(s.id, None)
-        self._version[s.id] = 0
-        if not self.backend.acquire(s.id, self.replica_id, self._lease_ms):
-            self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
-            now = self.store.state_now(s)
-            if now is None:  # being stepped: written at its next due step (or write-behind)
-                self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
-                return
-            versions = self._put([(s, *now)])
-            if versions[0] > 0:
-                self._version[s.id] = versions[0]
+        """Write back our copy of a session Redis has no record of (it expired, or Redis lost
+        it), unless a later term of it or its tombstone turns up (then it is dropped here).
+        Being stepped right now: written by its commit. Caller holds _io."""
+        self._pending.add(s.id)
+        self._write_current([s])
 
     # --- closing, eviction, shutdown ---------------------------------------------------
 
@@ -918,10 +942,12 @@ class RedisReplication:
         self._lease_until.pop(s.id, None)
         self._dirty.pop(s.id, None)
         self._used.discard(s.id)
-        version = self._version.pop(s.id, -1)
+        self._pending.discard(s.id)
+        version, term = self._version.pop(s.id, -1), self._term.pop(s.id, -1)
         if reason in ("closed", "evicted"):
+            expire_ms = record_expire_ms(s.ttl)
             with self._drops_lock:
-                self._drops[s.id] = (version, s.incarnation, record_expire_ms(s.ttl), reason)
+                self._drops[s.id] = (version, term, s.incarnation, expire_ms, reason)
 
     def closed(self) -> None:
         """After a close: delete its keys now."""
@@ -938,8 +964,10 @@ class RedisReplication:
         with self._io:
             with self._drops_lock:
                 drops, self._drops = self._drops, {}
-            for sid, (version, incarnation, expire_ms, reason) in drops.items():
-                self.backend.drop(sid, self.replica_id, version, incarnation, expire_ms, reason)
+            for sid, (version, term, incarnation, expire_ms, reason) in drops.items():
+                self.backend.drop(
+                    sid, self.replica_id, version, incarnation, expire_ms, reason, term
+                )
 
     def flush(self) -> int:
         """Write every unwritten step, delete closed keys, release every lease (shutdown).
@@ -951,6 +979,7 @@ class RedisReplication:
             if self.degraded:
                 break
             try:
+                self.backend.check_generation()  # an empty restart nobody has noticed yet
                 n = self._write_dirty()
                 self._delete_dropped()
                 ids = [s.id for s in self.store.sessions()]

@@ -73,7 +73,8 @@ def test_write_through_another_replica_continues_from_the_last_step(redis_server
         step(a, sid, rng, "alice")
     assert sid not in {x.id for x in a.sessions()}
     rec = b.replication.backend.load(sid)
-    assert rec["version"] == 7 and rec["principal"] == "alice"  # 1 + 5 writes, B's take-over
+    assert rec["version"] == 6 and rec["principal"] == "alice"  # 1 + 5 writes
+    assert rec["term"] == 1  # B's take-over
 
 
 def test_every_nth_step_loses_at_most_n_minus_1(redis_server):
@@ -157,7 +158,7 @@ def test_a_stale_replica_cannot_overwrite_a_newer_state(redis_server):
     with pytest.raises(Unavailable, match="newer version"):
         step(a, sid, rng)
     rec = b.replication.backend.load(sid)
-    assert rec["version"] == 4  # A's create and step, B's take-over and step
+    assert (rec["version"], rec["term"]) == (3, 1)  # A's create and step, B's step; B took over
     c = replica(redis_server, "C")
     c.fetch(sid)
     np.testing.assert_array_equal(c.read(c.get(sid)), newer)
@@ -306,20 +307,20 @@ def test_a_close_during_a_write_deletes_the_record_it_wrote(redis_server):
     sid = s.id
     step(a, sid, rng, "alice")
     backend = a.replication.backend
-    real_put = backend.put_many
+    real_put = backend.write_many
 
-    def put_many(items, owner):  # the Close arrives while this write's reply is on its way
-        out = real_put(items, owner)
+    def write_many(*args):  # the Close arrives while this write's reply is on its way
+        out = real_put(*args)
         closer = threading.Thread(target=a.close, args=(sid, "alice"))
         closer.start()
         closer.join(0.2)
         return out
 
-    backend.put_many = put_many
+    backend.write_many = write_many
     writer = threading.Thread(target=a.replication._write_dirty)
     writer.start()
     writer.join(10)
-    backend.put_many = real_put
+    backend.write_many = real_put
     deadline = time.monotonic() + 5
     while backend.load(sid) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -678,10 +679,12 @@ def test_after_redis_lost_its_data_the_newest_copy_is_written_back(redis_server,
     assert sid not in {s.id for s in a.sessions()}
 
 
-def test_a_write_back_waits_for_sessions_being_stepped(redis_server):
-    """A session whose row a step holds is not read by the write-back (no waiting on
-    the batcher while holding the replication's lock): the store stays degraded and the
-    next period writes it."""
+@pytest.mark.parametrize("step_applies", [True, False])
+def test_a_session_being_stepped_is_written_back_when_its_row_returns(redis_server, step_applies):
+    """The write-back does not wait for a row a step holds (no waiting on the batcher while
+    holding the replication's lock), nor does the store stay degraded for it: the session
+    stays pending, served from memory, and is written back by its step's commit, or (a
+    step that failed) by the next background period."""
     rng = np.random.default_rng(16)
     a = replica(redis_server, "A", lease_ttl=0.3)
     sid = a.create().id
@@ -691,13 +694,17 @@ def test_a_write_back_waits_for_sessions_being_stepped(redis_server):
     a.replication._degrade(RuntimeError("test"))
     (s,) = a.lend([a.get(sid)])
     a.replication._try_recover()
-    assert a.replication.degraded and not a.replication.backend.exists(sid)
-    a.give_back([s], 0)
-    a.replication._try_recover()
-    assert not a.replication.degraded
+    assert not a.replication.degraded and not a.replication.backend.exists(sid)
+    assert a.held(sid) and a.replication.stats()["dirty"] == 1
+    a.give_back([s], 1 if step_applies else 0)
+    if not step_applies:
+        assert not a.replication.backend.exists(sid)
+        a.replication._write_pending()  # the background thread does this
+    assert a.replication.stats()["dirty"] == 0
     b = replica(redis_server, "B")
     b.fetch(sid)
     np.testing.assert_array_equal(b.read(b.get(sid)), x)
+    assert b.get(sid).position == (2 if step_applies else 1)
 
 
 def test_a_shutdown_after_an_unseen_empty_restart_writes_everything_back(redis_server):
@@ -712,3 +719,198 @@ def test_a_shutdown_after_an_unseen_empty_restart_writes_everything_back(redis_s
     b.fetch(sid)
     np.testing.assert_array_equal(b.read(b.get(sid)), x)
     assert b.get(sid).position == 3
+
+
+def test_a_stale_copy_written_back_first_and_stepped_still_loses(redis_server):
+    """Terms go up only at a take-over: a stale copy that wrote itself back first and was
+    stepped since has a lower term than the copy of the replica that took the session over,
+    however many versions it wrote."""
+    rng = np.random.default_rng(31)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    step(a, sid, rng)
+    time.sleep(0.3)  # A's lease lapses; its copy stays
+    b.fetch(sid)
+    newest = step(b, sid, rng)
+    redis_server.stop()
+    redis_server.start()  # empty
+    a.replication._try_recover()  # A writes back first and takes the lease
+    assert not a.replication.degraded and a.held(sid)
+    step(a, sid, rng)  # a request routed back to A
+    step(a, sid, rng)
+    b.replication._try_recover()
+    c = replica(redis_server, "C")
+    c.fetch(sid)
+    np.testing.assert_array_equal(c.read(c.get(sid)), newest)
+    with pytest.raises(Unavailable, match="another replica"):
+        step(a, sid, rng)  # A's lease was taken by B's write-back
+
+
+def test_repeated_write_backs_of_a_stale_copy_do_not_make_it_win(redis_server):
+    """A replica that writes back every period (a session of its own stays pending) does
+    not raise its stale copy of another session above the newest copy."""
+    rng = np.random.default_rng(41)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid, busy = a.create().id, a.create().id
+    step(a, sid, rng)
+    time.sleep(0.3)
+    b.fetch(sid)
+    newest = step(b, sid, rng)
+    redis_server.stop()
+    redis_server.start()
+    (lent,) = a.lend([a.get(busy)])
+    for _ in range(3):
+        a.replication._try_recover()
+    a.give_back([lent], 0)
+    b.replication._try_recover()
+    c = replica(redis_server, "C")
+    c.fetch(sid)
+    np.testing.assert_array_equal(c.read(c.get(sid)), newest)
+
+
+def test_a_write_back_whose_reply_was_lost_keeps_our_copy(redis_server):
+    """Redis applied a write-back but the reply timed out: the next try finds a record of our
+    own term and writes again, instead of taking it for a newer copy and dropping ours."""
+    import redis
+
+    rng = np.random.default_rng(71)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    sid = a.create().id
+    step(a, sid, rng)
+    a.replication._degrade(redis.ConnectionError("outage"))
+    step(a, sid, rng)  # served from memory
+    backend = a.replication.backend
+    real = backend.write_many
+
+    def applied_then_timed_out(*args):
+        real(*args)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    backend.write_many = applied_then_timed_out
+    a.replication._try_recover()
+    assert a.replication.degraded
+    backend.write_many = real
+    last = step(a, sid, rng)
+    a.replication._try_recover()
+    assert not a.replication.degraded and a.get(sid).position == 3
+    b = replica(redis_server, "B")
+    b.fetch(sid)
+    np.testing.assert_array_equal(b.read(b.get(sid)), last)
+
+
+def test_write_back_completes_while_a_session_streams(redis_server):
+    """A session stepped back to back (its row lent most of the time) does not keep the
+    store degraded: it is written back by one of its commits."""
+    rng = np.random.default_rng(51)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    sid = a.create().id
+    step(a, sid, rng)
+    a.replication.start()
+    stop = threading.Event()
+
+    def batcher():  # the worker thread: lend, run the step (20 ms), give back, repeat
+        while not stop.is_set():
+            rows = a.lend([a.get(sid)])
+            time.sleep(0.02)
+            a.give_back(rows, 1)
+
+    t = threading.Thread(target=batcher)
+    t.start()
+    try:
+        time.sleep(0.2)
+        redis_server.stop()
+        redis_server.start()
+        deadline, seen = time.monotonic() + 5, False
+        while time.monotonic() < deadline and not (seen and not a.replication.degraded):
+            seen |= a.replication.degraded
+            time.sleep(0.01)
+        assert seen and not a.replication.degraded
+        deadline = time.monotonic() + 5
+        while not a.replication.backend.exists(sid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.replication.backend.exists(sid)
+    finally:
+        stop.set()
+        t.join()
+        a.replication.stop()
+
+
+def test_a_shutdown_after_an_unseen_empty_restart_with_every_step_written(redis_server):
+    rng = np.random.default_rng(1)
+    a = replica(redis_server, "A", persist_every="1")  # nothing dirty: no write would notice
+    sid = a.create().id
+    x = step(a, sid, rng)
+    redis_server.stop()
+    redis_server.start()
+    assert a.flush() == 0
+    b = replica(redis_server, "B")
+    b.fetch(sid)
+    np.testing.assert_array_equal(b.read(b.get(sid)), x)
+
+
+def test_a_fetch_before_the_new_generation_is_noticed_asks_to_retry(redis_server):
+    """B has not noticed the empty restart yet (the others signed with a new key since): its
+    take-over meets the new generation and answers UNAVAILABLE (retry), not a signature
+    error on a request that carried no snapshot; B's next try loads the session."""
+    rng = np.random.default_rng(61)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    x = step(a, sid, rng)
+    redis_server.stop()
+    redis_server.start()
+    c = replica(redis_server, "C")  # a new replica: its key and generation are first
+    a.replication._degrade(RuntimeError("A's background check"))
+    a.replication._try_recover()
+    assert a.snapshot_key.secret == c.snapshot_key.secret != b.snapshot_key.secret
+    time.sleep(0.3)  # A idle: its lease lapses; the client is routed to B
+    with pytest.raises(Unavailable, match="retry"):
+        b.fetch(sid)
+    b.replication._try_recover()  # B's background thread
+    b.fetch(sid)
+    np.testing.assert_array_equal(b.read(b.get(sid)), x)
+
+
+@pytest.mark.parametrize("first", ["stale", "newest"])
+def test_the_newest_copy_survives_a_fetch_before_the_restart_is_noticed(redis_server, first):
+    """A request for a session A holds (idle: its lease lapsed) arrives after Redis came back
+    empty, before anyone noticed: A's copy, the newest (A took it over from B), still wins
+    the write-backs, whichever comes first."""
+    rng = np.random.default_rng(21)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = b.create().id
+    step(b, sid, rng)
+    time.sleep(0.3)
+    a.fetch(sid)  # A takes over; B keeps a stale copy
+    newest = step(a, sid, rng)
+    time.sleep(0.3)  # A idle: its lease lapses
+    redis_server.stop()
+    redis_server.start()
+    with pytest.raises(Unavailable, match="retry"):
+        a.fetch(sid)  # its write-back meets the new generation
+    for r in (b, a) if first == "stale" else (a, b):
+        r.replication._try_recover()
+    c = replica(redis_server, "C")
+    c.fetch(sid)
+    assert c.get(sid).position == 2
+    np.testing.assert_array_equal(c.read(c.get(sid)), newest)
+
+
+def test_a_shutdown_whose_write_back_fails_reports_instead_of_raising(redis_server):
+    import redis
+
+    rng = np.random.default_rng(91)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create().id
+    step(a, sid, rng)
+    a.replication._degrade(redis.ConnectionError("outage"))
+
+    def timeout(*args):
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    a.replication.backend.write_many = timeout
+    assert a.flush() == 1  # the session's state is not in Redis: said, not raised
+    assert sid in {s.id for s in a.sessions()}
