@@ -25,10 +25,12 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
   goes up by one. A stale replica cannot overwrite a newer state; its session is
   dropped locally ("moved") and its request fails with UNAVAILABLE (retry).
 - Terms. Taking a session over (a load under a newly taken lease, `_TAKE`) raises its
-  term by one; writes and deletes also compare the term. So a copy left on the previous
-  replica matches nothing: neither its writes nor its delete (an idle eviction there)
-  touch the record the new holder builds on; and of two copies the one with the higher
-  term is the newer, however many versions the other wrote (what a write-back decides by).
+  term by one and names the new holder in the record (undone when the load fails here:
+  another model, a full store); writes and deletes also compare the term. So a copy left
+  on the previous replica matches nothing: neither its writes nor its delete (an idle
+  eviction there) touch the record the new holder builds on; and of two copies the one
+  with the higher term is the newer, however many versions the other wrote (what a
+  write-back decides by; a tie of terms goes to the holder the record names).
 - Persistence (`persist_every`, the `--persist-every` flag):
       "1"     write-through: a step is acknowledged after its state is in Redis;
       "N"     every Nth step of a session is written through: a replica that dies
@@ -50,8 +52,9 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
   (taken over, or closed, elsewhere meanwhile: dropped here). The newest copy wins
   whichever replica writes back first. A session a step holds at that moment stays
   pending (served from memory) and is written back by its commit or the next period.
-  A record that expired while a replica still holds the session is written back the same
-  way when that replica is asked for it.
+  A record that expired (or that Redis evicted) while a replica holds the session is
+  written back the same way by that replica's next write, or when it is asked for it;
+  renewing a used session's lease renews its record's expiry too, so this is rare.
 - Redis back empty (restarted without persistence, flushed): the client reconnects
   quietly, so no outage may be seen. Each Redis data set carries a generation token
   (SET NX by the first replica); every write, write-back and take-over checks it, and the
@@ -112,12 +115,15 @@ if cur == false or cur == ARGV[1] then
 end
 return cur
 """
-# KEYS leases; ARGV owner, ttl ms. Per key 1 (renewed) or 0 (not ours any more).
+# KEYS lease, session per id; ARGV owner, ttl ms, then each session's record expire ms (0:
+# none). Per id 1 (renewed; the record's expiry too, as a write would) or 0 (not ours any more).
 _RENEW = """
 local out = {}
-for i, k in ipairs(KEYS) do
-  if redis.call('GET', k) == ARGV[1] then
-    redis.call('PEXPIRE', k, ARGV[2]); out[i] = 1
+for i = 1, #KEYS / 2 do
+  if redis.call('GET', KEYS[2 * i - 1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[2 * i - 1], ARGV[2])
+    if tonumber(ARGV[2 + i]) > 0 then redis.call('PEXPIRE', KEYS[2 * i], ARGV[2 + i]) end
+    out[i] = 1
   else
     out[i] = 0
   end
@@ -134,15 +140,17 @@ return 0
 # KEYS session, lease, generation; ARGV owner, expected version, snap, principal, ttl, expire ms
 # (0: none), incarnation, generation token, term.
 # The new version, or -1 (lease not ours) / -2 (version or term moved on: we are stale) / -3
-# (the generation token is not ours: Redis lost its data, or another replica saw that first).
+# (the generation token is not ours: Redis lost its data, or another replica saw that first) /
+# -6 (the record we build on is gone: it expired, or Redis evicted it; a write-back is due).
 _PUT = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 local h = redis.call('HMGET', KEYS[1], 'version', 'term')
+if h[1] == false and tonumber(ARGV[2]) > 0 then return -6 end
 local v = tonumber(h[1] or '0')
 if v ~= tonumber(ARGV[2]) or tonumber(h[2] or ARGV[9]) ~= tonumber(ARGV[9]) then return -2 end
 redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
-           'version', v + 1, 'incarnation', ARGV[7], 'term', ARGV[9])
+           'version', v + 1, 'incarnation', ARGV[7], 'term', ARGV[9], 'holder', ARGV[1])
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 return v + 1
@@ -150,11 +158,12 @@ return v + 1
 # KEYS session, lease, generation, tombstone; ARGV owner, our copy's version, snap, principal,
 # ttl, expire ms (0: none), incarnation, generation token, lease ms, our copy's term.
 # A write-back (after an outage, an empty restart, or an expired record): our copy becomes the
-# record and the lease ours, unless that incarnation ended (-4 closed, -5 evicted) or the record
-# is another incarnation's or of a later term (-2: ours is stale). Terms go up only at a
-# take-over, so the copy of the last holder has the highest term, however often a stale copy
-# was written and stepped since; a record of our own term is our own earlier write. The new
-# version, or -3: generation.
+# record and the lease ours, unless that incarnation ended (-4 closed, -5 evicted), or the
+# record is another incarnation's, of a later term, or of our term but another holder's, or
+# there is no record but another replica holds the lease (it serves the session now) (-2: ours
+# is stale). Terms go up only at a take-over, so the copy of the last holder has the highest
+# term, however often a stale copy was written back and stepped since; a record of our term and
+# holder is our own earlier write. The new version, or -3: generation.
 _RESTORE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 local t = redis.call('GET', KEYS[4])
@@ -162,35 +171,52 @@ if t then
   if t == 'evicted' then return -5 end
   return -4
 end
-local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term')
+local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term', 'holder')
 local v = tonumber(ARGV[2])
-if h[1] ~= false then
+if h[1] == false then
+  local cur = redis.call('GET', KEYS[2])
+  if cur and cur ~= ARGV[1] then return -2 end
+else
   if h[2] ~= false and h[2] ~= ARGV[7] then return -2 end
-  if tonumber(h[3] or '0') > tonumber(ARGV[10]) then return -2 end
+  local term, ours = tonumber(h[3] or '0'), tonumber(ARGV[10])
+  if term > ours or (term == ours and h[4] ~= false and h[4] ~= ARGV[1]) then return -2 end
   v = math.max(v, tonumber(h[1]))
 end
 v = v + 1
 redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
-           'version', v, 'incarnation', ARGV[7], 'term', ARGV[10])
+           'version', v, 'incarnation', ARGV[7], 'term', ARGV[10], 'holder', ARGV[1])
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[9])
 return v
 """
 # KEYS session, lease, generation; ARGV owner, generation token. A take-over's load: {2, HGETALL
-# after the term went up by one and the expiry was renewed (as a write would)}; {1} no record;
-# {0} the lease is not ours; {-3} generation.
+# as it was} after the term went up by one, the holder became us and the expiry was renewed (as
+# a write would); {1} no record; {0} the lease is not ours; {-3} generation.
 _TAKE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return {-3} end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 if redis.call('HEXISTS', KEYS[1], 'snap') == 0 then return {1} end
+local out = redis.call('HGETALL', KEYS[1])
 redis.call('HINCRBY', KEYS[1], 'term', 1)
+redis.call('HSET', KEYS[1], 'holder', ARGV[1])
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl'))
 if ttl == nil or ttl > 1e9 then redis.call('PERSIST', KEYS[1])
 else redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 1000) + 60000) end
-local out = redis.call('HGETALL', KEYS[1])
 table.insert(out, 1, 2)
 return out
+"""
+# KEYS session, lease; ARGV owner, the term our take-over gave, the term and holder before it
+# ('' none). Undoes a take-over whose load failed (another model, a full store): 1, or 0 when
+# anything moved on since.
+_UNTAKE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'term', 'holder')
+if h[1] == false or tonumber(h[1]) ~= tonumber(ARGV[2]) or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'term', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'holder', ARGV[4])
+else redis.call('HDEL', KEYS[1], 'holder') end
+return 1
 """
 # KEYS session, lease, tombstone; ARGV owner, version we know (-1: any), incarnation, tombstone
 # expire ms (0: none), reason, term we know (-1: any). Deletes both when nobody else holds the
@@ -216,7 +242,7 @@ end
 return 1
 """
 
-LOST, STALE, RESET, CLOSED, EVICTED = -1, -2, -3, -4, -5
+LOST, STALE, RESET, CLOSED, EVICTED, NOREC = -1, -2, -3, -4, -5, -6
 
 
 class StoreReset(Exception):
@@ -252,7 +278,7 @@ def default_replica_id() -> str:
 
 def _record(h: dict) -> dict | None:
     """A session record's hash (bytes → bytes) as {snap, principal, ttl, version,
-    incarnation, term}; None when there is none."""
+    incarnation, term, holder}; None when there is none."""
     if not h or b"snap" not in h:
         return None
     return {
@@ -262,6 +288,7 @@ def _record(h: dict) -> dict | None:
         "version": int(h[b"version"]),
         "incarnation": h.get(b"incarnation", b"").decode() or None,
         "term": int(h.get(b"term", b"0")),
+        "holder": h.get(b"holder", b"").decode() or None,
     }
 
 
@@ -291,6 +318,7 @@ class RedisBackend:
         self._drop = self.client.register_script(_DROP)
         self._take = self.client.register_script(_TAKE)
         self._restore = self.client.register_script(_RESTORE)
+        self._untake = self.client.register_script(_UNTAKE)
 
     def key(self, session_id: str) -> str:
         return f"{self.prefix}:s:{session_id}"
@@ -312,10 +340,14 @@ class RedisBackend:
         held = self._acquire(keys=[self.lease(session_id)], args=[owner, ttl_ms])
         return held.decode() if isinstance(held, bytes) else str(held or "")
 
-    def renew(self, ids: Sequence[str], owner: str, ttl_ms: int) -> list[bool]:
+    def renew(
+        self, ids: Sequence[str], owner: str, ttl_ms: int, expire_ms: Sequence[int]
+    ) -> list[bool]:
+        """Renew our leases of `ids` and their records' expiry (`expire_ms` each, 0: none)."""
         if not ids:
             return []
-        ok = self._renew(keys=[self.lease(i) for i in ids], args=[owner, ttl_ms])
+        keys = [k for i in ids for k in (self.lease(i), self.key(i))]
+        ok = self._renew(keys=keys, args=[owner, ttl_ms, *expire_ms])
         return [bool(x) for x in ok]
 
     def release(self, ids: Sequence[str], owner: str) -> None:
@@ -345,13 +377,14 @@ class RedisBackend:
             raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
 
     def load(self, session_id: str) -> dict | None:
-        """{snap, principal, ttl, version, incarnation, term} or None."""
+        """{snap, principal, ttl, version, incarnation, term, holder} or None."""
         return _record(self.client.hgetall(self.key(session_id)))
 
     def take(self, session_id: str, owner: str) -> dict | None:
-        """A take-over's load under our lease: the record (as `load`) after its term went up
-        by one, or None when it no longer exists. Raises SessionBusy when the lease is not
-        ours any more, StoreReset when the generation token is not ours."""
+        """A take-over's load under our lease: the record (as `load`) as it was before its
+        term went up by one and its holder became us (`untake` undoes that), or None when it
+        no longer exists. Raises SessionBusy when the lease is not ours any more, StoreReset
+        when the generation token is not ours."""
         keys = [self.key(session_id), self.lease(session_id), self._generation_key]
         out = self._take(keys=keys, args=[owner, self.generation])
         if out[0] == RESET:
@@ -360,16 +393,26 @@ class RedisBackend:
             raise SessionBusy(f"the lease of session {session_id!r} lapsed while loading; retry")
         return _record(dict(zip(out[1::2], out[2::2]))) if out[0] == 2 else None
 
+    def untake(self, session_id: str, owner: str, rec: dict) -> bool:
+        """Undo the take-over that loaded `rec` (its load failed here)."""
+        keys = [self.key(session_id), self.lease(session_id)]
+        args = [owner, rec["term"] + 1, rec["term"], rec["holder"] or ""]
+        return bool(self._untake(keys=keys, args=args))
+
     def write_many(self, items: Sequence[tuple], owner: str, lease_ms: int) -> list[int]:
         """items: (session_id, version, term, snap, principal, ttl, incarnation, restore), in
         one pipelined round trip. A write (`_PUT`, compare-and-set on the version and term
-        under our lease) gives the new version or LOST / STALE; a write-back (restore: True,
-        `_RESTORE`) the new version or STALE / CLOSED / EVICTED. Raises StoreReset when the
-        generation token is not ours (the token is checked first: such a call wrote nothing).
+        under our lease) gives the new version or LOST / STALE / NOREC; a write-back
+        (restore: True, `_RESTORE`) the new version or STALE / CLOSED / EVICTED. Raises
+        StoreReset when the generation token is not ours (the token is checked first: such
+        a call wrote nothing).
         """
+        codes: list = [None] * len(items)
+        todo = list(range(len(items)))
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
-            for sid, version, term, snap, principal, ttl, incarnation, restore in items:
+            for j in todo:
+                sid, version, term, snap, principal, ttl, incarnation, restore = items[j]
                 args = (owner, version, snap, principal, repr(float(ttl)), record_expire_ms(ttl),
                         incarnation, self.generation)  # fmt: skip
                 keys = (self.key(sid), self.lease(sid), self._generation_key)
@@ -381,18 +424,22 @@ class RedisBackend:
                 script = self._restore if restore else self._put
                 # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-            try:
-                codes = [int(v) for v in pipe.execute()]
-            except self.NoScriptError:  # Redis restarted (scripts flushed): load, once more
-                if attempt:
-                    raise
-                self.client.script_load(_PUT)
-                self.client.script_load(_RESTORE)
-                continue
-            if RESET in codes:
-                raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
-            return codes
-        raise AssertionError("unreachable")
+            for j, v in zip(todo, pipe.execute(raise_on_error=False)):
+                codes[j] = v
+            # Redis restarted (scripts flushed): load them and run again only the calls that
+            # did not run (the others applied: running them twice would find them stale)
+            todo = [j for j in todo if isinstance(codes[j], self.NoScriptError)]
+            if not todo or attempt:
+                break
+            self.client.script_load(_PUT)
+            self.client.script_load(_RESTORE)
+        for v in codes:
+            if isinstance(v, Exception):
+                raise v
+        codes = [int(v) for v in codes]
+        if RESET in codes:
+            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+        return codes
 
     def tomb(self, session_id: str, incarnation: str) -> str:
         return f"{self.prefix}:x:{session_id}:{incarnation}"
@@ -467,9 +514,9 @@ class RedisReplication:
         # to write back (_RESTORE) after an outage / empty restart / expired record; until
         # then served from memory without a lease
         self._pending: set[str] = set()
-        # closed/evicted ids whose keys are still to delete: (version, term, incarnation,
-        # expire ms, "closed" | "evicted")
-        self._drops: dict[str, tuple[int, int, str, int, str]] = {}
+        # closed/evicted sessions whose keys are still to delete: (id, incarnation) ->
+        # (version, term, expire ms, "closed" | "evicted")
+        self._drops: dict[tuple[str, str], tuple[int, int, int, str]] = {}
         self._drops_lock = threading.Lock()  # added under the store's lock, taken by I/O
         self._io = threading.RLock()  # orders writes of one session with its commits
         self.degraded = False
@@ -562,23 +609,24 @@ class RedisReplication:
             self.backend.ping()
             self._share_key()
             self.backend.join()
+            self._delete_dropped()  # first: a closed incarnation's record must not stay
             with self._io:
                 live = self.store.sessions()
                 self._pending.update(s.id for s in live)
-                before = self.counts["moved"]
                 self._write_current(live)
-                moved = self.counts["moved"] - before
+                kept = sum(1 for s in live if self.store.local(s.id) is s)
         except self.backend.Error as e:
             log.warning("state store %s: write-back failed (%s); retrying", self.backend.url, e)
             return
         self.degraded, self.degraded_since = False, None
+        waiting = len(self._pending)
         log.info(
-            "state store %s is back: %d sessions written back and re-leased, %d moved "
-            "elsewhere, %d being stepped (written next)",
+            "state store %s is back: %d sessions written back and re-leased, %d dropped (moved "
+            "or ended elsewhere), %d being stepped (written next)",
             self.backend.url,
-            len(live) - moved - len(self._pending),
-            moved,
-            len(self._pending),
+            kept - waiting,
+            len(live) - kept,
+            waiting,
         )
 
     def stats(self) -> dict:
@@ -656,7 +704,9 @@ class RedisReplication:
                 return
             try:
                 self._install(sid, principal, rec, t0)
-            except BaseException:
+            except BaseException:  # not loaded here: the take-over did not happen
+                self._lease_until.pop(sid, None)
+                self.backend.untake(sid, self.replica_id, rec)
                 self.backend.release([sid], self.replica_id)
                 raise
 
@@ -675,25 +725,27 @@ class RedisReplication:
         return self.backend.gone(s.id, s.incarnation)
 
     def _install(self, sid: str, principal: str, rec: dict, t0: float) -> None:
-        """Make Redis's record of `sid` (as `take` returned it: its term raised by one) our
+        """Make Redis's record of `sid` (as `take` returned it, before its term went up) our
         copy (caller holds _io and the lease)."""
         local = self.store.local(sid)
-        self._pending.discard(sid)
         same = local is not None and local.incarnation == rec["incarnation"]
         if (
             same
-            and self._term.get(sid) == rec["term"] - 1
+            and rec["holder"] in (None, self.replica_id)
+            and self._term.get(sid) == rec["term"]
             and self._version.get(sid) == rec["version"]
         ):
             # we held it last: our copy is current (maybe ahead by unwritten steps): keep it
-            self._term[sid] = rec["term"]
+            self._pending.discard(sid)
+            self._term[sid] = rec["term"] + 1
             self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
             self.counts["relocks"] += 1
             return
         position, state = self.store.unpack(rec["snap"])
         self.store.install(sid, principal, rec["ttl"], position, state, rec["incarnation"])
+        self._pending.discard(sid)
         self._dirty.pop(sid, None)
-        self._version[sid], self._term[sid] = rec["version"], rec["term"]
+        self._version[sid], self._term[sid] = rec["version"], rec["term"] + 1
         self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
         self.counts["loads"] += 1
         log.info("session %s loaded from the state store at position %d", sid, position)
@@ -732,10 +784,11 @@ class RedisReplication:
             with self._io:
                 self._write_current(idle_dirty)
         written = {s.id for s in idle_dirty}
-        ids = [s.id for s in live if s.id in self._used or s.pinned or s.id in written]
+        renew = [s for s in live if s.id in self._used or s.pinned or s.id in written]
         self._used.clear()
         t0 = time.monotonic()
-        ok = self.backend.renew(ids, self.replica_id, self._lease_ms)
+        ids, expires = [s.id for s in renew], [record_expire_ms(s.ttl) for s in renew]
+        ok = self.backend.renew(ids, self.replica_id, self._lease_ms, expires)
         for sid, renewed in zip(ids, ok):
             if renewed:
                 self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
@@ -752,7 +805,8 @@ class RedisReplication:
         in_use = InvalidInput("session_id", f"{sid!r} is already in use")
         if self.store.local(sid) is not None:
             raise in_use
-        if self.degraded:
+        if self.degraded:  # nothing reserved: written back (_RESTORE) when Redis is back
+            self._pending.add(sid)
             return sid
         try:
             with self._io:
@@ -764,6 +818,7 @@ class RedisReplication:
 
     def release(self, session_id: str) -> None:
         """Let go of a claimed id whose session was not made after all."""
+        self._pending.discard(session_id)
         if not self.degraded:
             self.backend.release([session_id], self.replica_id)
 
@@ -773,7 +828,8 @@ class RedisReplication:
         self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
         self._version[s.id], self._term[s.id] = 0, 0
         self._dirty[s.id] = 0
-        if self.degraded:
+        if self.degraded:  # only in memory: written back when Redis is back
+            self._pending.add(s.id)
             return
         try:
             with self._io:
@@ -842,9 +898,9 @@ class RedisReplication:
             self._version.pop(s.id, None)
         if version is not None:
             with self._drops_lock:
-                drop = self._drops.get(s.id)
-                if drop is not None and drop[2] == s.incarnation:
-                    self._drops[s.id] = (version, *drop[1:])
+                drop = self._drops.get((s.id, s.incarnation))
+                if drop is not None:
+                    self._drops[(s.id, s.incarnation)] = (version, *drop[1:])
 
     def _put(self, items: Sequence[tuple[Session, np.ndarray, int]]) -> list[int]:
         """Write (session, state [S], position) items, a session pending a write-back by
@@ -853,11 +909,19 @@ class RedisReplication:
         rows = [self._row(s, state, position) for s, state, position in items]
         t0 = time.monotonic()
         codes = self.backend.write_many(rows, self.replica_id, self._lease_ms)
+        gone = [j for j, v in enumerate(codes) if v == NOREC]
+        if gone:  # the record expired under us (or Redis evicted it): write it back instead
+            self._pending.update(rows[j][0] for j in gone)
+            again = [self._row(*items[j]) for j in gone]
+            for j, row, v in zip(
+                gone, again, self.backend.write_many(again, self.replica_id, self._lease_ms)
+            ):
+                rows[j], codes[j] = row, v
         self.counts["writes"] += len(rows)
         self.counts["write_bytes"] += sum(len(r[3]) for r in rows)
         for row, v in zip(rows, codes):
-            if row[-1] and v > 0:  # written back: the lease is ours again
-                self._pending.discard(row[0])
+            if row[-1] and v > 0 and self.store.local(row[0]) is not None:
+                self._pending.discard(row[0])  # written back: the lease is ours again
                 self._lease_until[row[0]] = t0 + 0.8 * self.lease_ttl
         return codes
 
@@ -902,9 +966,9 @@ class RedisReplication:
 
     def _write_pending(self) -> int:
         with self._io:
-            here = [s for s in map(self.store.local, list(self._pending)) if s is not None]
-            self._pending.intersection_update(s.id for s in here)
-            return self._write_current(here)
+            return self._write_current(
+                [s for s in map(self.store.local, list(self._pending)) if s is not None]
+            )
 
     def _write_current(self, sessions: Sequence[Session]) -> int:
         """Write the sessions' local states as they are now; caller holds _io (no commit
@@ -947,7 +1011,7 @@ class RedisReplication:
         if reason in ("closed", "evicted"):
             expire_ms = record_expire_ms(s.ttl)
             with self._drops_lock:
-                self._drops[s.id] = (version, term, s.incarnation, expire_ms, reason)
+                self._drops[(s.id, s.incarnation)] = (version, term, expire_ms, reason)
 
     def closed(self) -> None:
         """After a close: delete its keys now."""
@@ -964,10 +1028,18 @@ class RedisReplication:
         with self._io:
             with self._drops_lock:
                 drops, self._drops = self._drops, {}
-            for sid, (version, term, incarnation, expire_ms, reason) in drops.items():
-                self.backend.drop(
-                    sid, self.replica_id, version, incarnation, expire_ms, reason, term
-                )
+            todo = list(drops.items())
+            try:
+                while todo:
+                    (sid, incarnation), (version, term, expire_ms, reason) = todo[0]
+                    self.backend.drop(
+                        sid, self.replica_id, version, incarnation, expire_ms, reason, term
+                    )
+                    todo.pop(0)
+            finally:  # a failed delete (Redis down) and the ones after it are tried again
+                with self._drops_lock:
+                    for key, drop in todo:
+                        self._drops.setdefault(key, drop)
 
     def flush(self) -> int:
         """Write every unwritten step, delete closed keys, release every lease (shutdown).
