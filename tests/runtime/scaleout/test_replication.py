@@ -652,21 +652,30 @@ def test_evicting_a_stale_copy_leaves_the_record_of_the_replica_that_took_over(r
     np.testing.assert_array_equal(b.read(b.get(sid, "alice")), y)
 
 
+def moved_then_emptied(redis_server, rng, busy: bool = False):
+    """A creates and steps a session, B takes it over and steps it (A keeps a stale copy),
+    then Redis restarts empty. Returns (a, b, the session's id, B's state, A's other
+    session's id when `busy`)."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    other = a.create().id if busy else None
+    step(a, sid, rng)
+    time.sleep(0.3)  # A's lease lapses; its copy stays
+    b.fetch(sid)
+    newest = step(b, sid, rng)
+    redis_server.stop()
+    redis_server.start()  # empty
+    return a, b, sid, newest, other
+
+
 @pytest.mark.parametrize("first", ["stale", "newest"])
 def test_after_redis_lost_its_data_the_newest_copy_is_written_back(redis_server, first):
     """Two replicas hold copies of one session (B took it over from A, so A's is stale) when
     Redis restarts empty. Whichever writes back first, the record ends as B's copy: a
-    take-over raised the version, and a write-back never replaces a newer version."""
+    take-over raised the term, and a write-back never replaces a later term."""
     rng = np.random.default_rng(15)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = a.create().id
-    step(a, sid, rng)
-    time.sleep(0.3)  # A's lease lapses; its copy stays
-    b.fetch(sid)
-    newer = step(b, sid, rng)
-    redis_server.stop()
-    redis_server.start()  # empty
+    a, b, sid, newer, _ = moved_then_emptied(redis_server, rng)
     order = (a, b) if first == "stale" else (b, a)
     for r in order:
         r.replication._try_recover()  # the background thread's write-back, in this order
@@ -726,15 +735,7 @@ def test_a_stale_copy_written_back_first_and_stepped_still_loses(redis_server):
     stepped since has a lower term than the copy of the replica that took the session over,
     however many versions it wrote."""
     rng = np.random.default_rng(31)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = a.create().id
-    step(a, sid, rng)
-    time.sleep(0.3)  # A's lease lapses; its copy stays
-    b.fetch(sid)
-    newest = step(b, sid, rng)
-    redis_server.stop()
-    redis_server.start()  # empty
+    a, b, sid, newest, _ = moved_then_emptied(redis_server, rng)
     a.replication._try_recover()  # A writes back first and takes the lease
     assert not a.replication.degraded and a.held(sid)
     step(a, sid, rng)  # a request routed back to A
@@ -751,15 +752,7 @@ def test_repeated_write_backs_of_a_stale_copy_do_not_make_it_win(redis_server):
     """A replica that writes back every period (a session of its own stays pending) does
     not raise its stale copy of another session above the newest copy."""
     rng = np.random.default_rng(41)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid, busy = a.create().id, a.create().id
-    step(a, sid, rng)
-    time.sleep(0.3)
-    b.fetch(sid)
-    newest = step(b, sid, rng)
-    redis_server.stop()
-    redis_server.start()
+    a, b, sid, newest, busy = moved_then_emptied(redis_server, rng, busy=True)
     (lent,) = a.lend([a.get(busy)])
     for _ in range(3):
         a.replication._try_recover()
