@@ -192,7 +192,7 @@ class ServerConfig:
         "serve Prometheus metrics over HTTP on this port (0 picks one); off when unset",
     )
     grace: float = _option(
-        10.0, "operations", "seconds in-flight requests get to finish after SIGTERM/SIGINT"
+        10.0, "operations", "seconds in-flight requests get to finish after SIGTERM/SIGINT/SIGHUP"
     )
     port_file: str | None = _option(
         None,

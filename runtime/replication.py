@@ -66,8 +66,11 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
 
 Threads: the batcher's worker thread commits (and writes through); one background
 thread renews leases, writes behind, deletes evicted keys and watches Redis. Redis calls
-from the event loop are single round trips on loopback (create, close); the ones that may
-wait (`fetch`) run in a worker thread (the service uses asyncio.to_thread).
+from the event loop are a few round trips on loopback (create and restore 2, fork 3, close
+1), each waiting for a write of the same replica in flight (`_io`); the ones that may wait
+for another replica (`fetch`) run in the service's fetch threads. A step with write-through
+is one round trip; a fetch of a session this replica held last (its lease lapsed while it
+was idle) is one round trip without the snapshot.
 
 Limits: one Redis (or a Sentinel-managed primary) — the scripts touch two keys of one
 session, which Redis Cluster would need hash tags for ({id}); leases use Redis's clock
@@ -105,15 +108,6 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return 1
 end
 return 0
-"""
-# KEYS[1] lease; ARGV owner, ttl ms. '' when taken (or renewed), else the holder.
-_ACQUIRE = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return ''
-end
-return cur
 """
 # KEYS lease, session per id; ARGV owner, ttl ms, then each session's record expire ms (0:
 # none). Per id 1 (renewed; the record's expiry too, as a write would) or 0 (not ours any more).
@@ -190,19 +184,31 @@ else redis.call('PERSIST', KEYS[1]) end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[9])
 return v
 """
-# KEYS session, lease, generation; ARGV owner, generation token. A take-over's load: {2, HGETALL
-# as it was} after the term went up by one, the holder became us and the expiry was renewed (as
-# a write would); {1} no record; {0} the lease is not ours; {-3} generation.
+# KEYS session, lease, generation; ARGV owner, generation token, lease ms, principal, and our
+# copy's incarnation ('' none), term and version (-1 none). Makes a session ours (`fetch`), in
+# one round trip: {-3} generation; {1} no record; {4, incarnation} a record of another
+# principal (nothing taken); {0, holder} another replica holds the lease (nothing taken); else
+# the lease is ours now and the record's expiry renewed, and then {3} when the record is our
+# copy (we held it last: same incarnation, term and version, no other holder) or {2, HGETALL as
+# it was} after a take-over: the term went up by one and the holder became us.
 _TAKE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return {-3} end
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
-if redis.call('HEXISTS', KEYS[1], 'snap') == 0 then return {1} end
-local out = redis.call('HGETALL', KEYS[1])
-redis.call('HINCRBY', KEYS[1], 'term', 1)
-redis.call('HSET', KEYS[1], 'holder', ARGV[1])
+local h = redis.call('HMGET', KEYS[1], 'principal', 'incarnation', 'term', 'version', 'holder')
+if h[1] == false then return {1} end
+if h[1] ~= ARGV[4] then return {4, h[2] or ''} end
+local cur = redis.call('GET', KEYS[2])
+if cur and cur ~= ARGV[1] then return {0, cur} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl'))
 if ttl == nil or ttl > 1e9 then redis.call('PERSIST', KEYS[1])
 else redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 1000) + 60000) end
+if (h[2] or '') == ARGV[5] and tonumber(h[3] or '0') == tonumber(ARGV[6])
+   and tonumber(h[4]) == tonumber(ARGV[7]) and (h[5] == false or h[5] == ARGV[1]) then
+  return {3}
+end
+local out = redis.call('HGETALL', KEYS[1])
+redis.call('HINCRBY', KEYS[1], 'term', 1)
+redis.call('HSET', KEYS[1], 'holder', ARGV[1])
 table.insert(out, 1, 2)
 return out
 """
@@ -243,6 +249,9 @@ return 1
 """
 
 LOST, STALE, RESET, CLOSED, EVICTED, NOREC = -1, -2, -3, -4, -5, -6
+# _TAKE's replies
+HELD, NO_RECORD, TAKEN, CURRENT, OTHER_PRINCIPAL = 0, 1, 2, 3, 4
+PIPELINE_CALLS = 256  # script calls per pipelined round trip
 
 
 class StoreReset(Exception):
@@ -311,7 +320,6 @@ class RedisBackend:
         self.generation = ""  # the token of the Redis data set we joined (`join`)
         self._generation_key = f"{prefix}:generation"
         self._claim = self.client.register_script(_CLAIM)
-        self._acquire = self.client.register_script(_ACQUIRE)
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
         self._put = self.client.register_script(_PUT)
@@ -334,11 +342,6 @@ class RedisBackend:
         changing nothing, when anyone holds its lease or a record of it exists."""
         keys = [self.lease(session_id), self.key(session_id)]
         return bool(self._claim(keys=keys, args=[owner, ttl_ms]))
-
-    def acquire(self, session_id: str, owner: str, ttl_ms: int) -> str:
-        """Take or renew the lease: '' on success, else the replica holding it."""
-        held = self._acquire(keys=[self.lease(session_id)], args=[owner, ttl_ms])
-        return held.decode() if isinstance(held, bytes) else str(held or "")
 
     def renew(
         self, ids: Sequence[str], owner: str, ttl_ms: int, expire_ms: Sequence[int]
@@ -380,18 +383,29 @@ class RedisBackend:
         """{snap, principal, ttl, version, incarnation, term, holder} or None."""
         return _record(self.client.hgetall(self.key(session_id)))
 
-    def take(self, session_id: str, owner: str) -> dict | None:
-        """A take-over's load under our lease: the record (as `load`) as it was before its
-        term went up by one and its holder became us (`untake` undoes that), or None when it
-        no longer exists. Raises SessionBusy when the lease is not ours any more, StoreReset
-        when the generation token is not ours."""
+    def take(
+        self,
+        session_id: str,
+        owner: str,
+        lease_ms: int,
+        principal: str,
+        ours: tuple[str, int, int],
+    ) -> tuple[int, object]:
+        """`_TAKE` with `ours` = our copy's (incarnation, term, version) (("", -1, -1): none):
+        (HELD, the holder) | (NO_RECORD, None) | (OTHER_PRINCIPAL, the record's incarnation)
+        | (CURRENT, None) | (TAKEN, the record as `load` gives it, before its term went up;
+        `untake` undoes that). Raises StoreReset when the generation token is not ours."""
         keys = [self.key(session_id), self.lease(session_id), self._generation_key]
-        out = self._take(keys=keys, args=[owner, self.generation])
-        if out[0] == RESET:
+        args = [owner, self.generation, lease_ms, principal, *ours]
+        out = self._take(keys=keys, args=args)
+        code = int(out[0])
+        if code == RESET:
             raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
-        if out[0] == 0:
-            raise SessionBusy(f"the lease of session {session_id!r} lapsed while loading; retry")
-        return _record(dict(zip(out[1::2], out[2::2]))) if out[0] == 2 else None
+        if code == TAKEN:
+            return code, _record(dict(zip(out[1::2], out[2::2])))
+        if code in (HELD, OTHER_PRINCIPAL):
+            return code, out[1].decode() if isinstance(out[1], bytes) else str(out[1])
+        return code, None
 
     def untake(self, session_id: str, owner: str, rec: dict) -> bool:
         """Undo the take-over that loaded `rec` (its load failed here)."""
@@ -400,67 +414,69 @@ class RedisBackend:
         return bool(self._untake(keys=keys, args=args))
 
     def write_many(self, items: Sequence[tuple], owner: str, lease_ms: int) -> list[int]:
-        """items: (session_id, version, term, snap, principal, ttl, incarnation, restore), in
-        one pipelined round trip. A write (`_PUT`, compare-and-set on the version and term
-        under our lease) gives the new version or LOST / STALE / NOREC; a write-back
-        (restore: True, `_RESTORE`) the new version or STALE / CLOSED / EVICTED. Raises
-        StoreReset when the generation token is not ours (the token is checked first: such
-        a call wrote nothing).
+        """items: (session_id, version, term, snap, principal, ttl, incarnation, restore),
+        pipelined. A write (`_PUT`, compare-and-set on the version and term under our lease)
+        gives the new version or LOST / STALE / NOREC; a write-back (restore: True,
+        `_RESTORE`) the new version or STALE / CLOSED / EVICTED. Raises StoreReset when the
+        generation token is not ours (the token is checked first: such a call wrote nothing).
         """
-        codes: list = [None] * len(items)
-        todo = list(range(len(items)))
-        for attempt in (0, 1):
-            pipe = self.client.pipeline(transaction=False)
-            for j in todo:
-                sid, version, term, snap, principal, ttl, incarnation, restore = items[j]
-                args = (owner, version, snap, principal, repr(float(ttl)), record_expire_ms(ttl),
-                        incarnation, self.generation)  # fmt: skip
-                keys = (self.key(sid), self.lease(sid), self._generation_key)
-                if restore:
-                    keys += (self.tomb(sid, incarnation),)
-                    args += (lease_ms, term)
-                else:
-                    args += (term,)
-                script = self._restore if restore else self._put
-                # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            for j, v in zip(todo, pipe.execute(raise_on_error=False)):
-                codes[j] = v
-            # Redis restarted (scripts flushed): load them and run again only the calls that
-            # did not run (the others applied: running them twice would find them stale)
-            todo = [j for j in todo if isinstance(codes[j], self.NoScriptError)]
-            if not todo or attempt:
-                break
-            self.client.script_load(_PUT)
-            self.client.script_load(_RESTORE)
-        for v in codes:
-            if isinstance(v, Exception):
-                raise v
-        codes = [int(v) for v in codes]
+        calls = []
+        for sid, version, term, snap, principal, ttl, incarnation, restore in items:
+            args = (owner, version, snap, principal, repr(float(ttl)), record_expire_ms(ttl),
+                    incarnation, self.generation)  # fmt: skip
+            keys = (self.key(sid), self.lease(sid), self._generation_key)
+            if restore:
+                calls.append((self._restore, keys + (self.tomb(sid, incarnation),),
+                              args + (lease_ms, term)))  # fmt: skip
+            else:
+                calls.append((self._put, keys, args + (term,)))
+        codes = [int(v) for v in self._run(calls)]
         if RESET in codes:
             raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
         return codes
 
+    def _run(self, calls: Sequence[tuple]) -> list:
+        """Run (script, keys, args) calls pipelined, PIPELINE_CALLS per round trip. A script
+        Redis lost (it restarted) is loaded, and only the calls that did not run run again
+        (the others applied: running them twice would find them stale). Raises the first
+        error."""
+        replies: list = []
+        for i in range(0, len(calls), PIPELINE_CALLS):
+            chunk = calls[i : i + PIPELINE_CALLS]
+            out: list = [None] * len(chunk)
+            todo = list(range(len(chunk)))
+            for attempt in (0, 1):
+                pipe = self.client.pipeline(transaction=False)
+                for j in todo:  # not Script(client=pipe): that adds a SCRIPT EXISTS round trip
+                    script, keys, args = chunk[j]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                for j, v in zip(todo, pipe.execute(raise_on_error=False)):
+                    out[j] = v
+                todo = [j for j in todo if isinstance(out[j], self.NoScriptError)]
+                if not todo or attempt:
+                    break
+                for script in {chunk[j][0].sha: chunk[j][0] for j in todo}.values():
+                    self.client.script_load(script.script)
+            for v in out:
+                if isinstance(v, Exception):
+                    raise v
+            replies += out
+        return replies
+
     def tomb(self, session_id: str, incarnation: str) -> str:
         return f"{self.prefix}:x:{session_id}:{incarnation}"
 
-    def drop(
-        self,
-        session_id: str,
-        owner: str,
-        version: int = -1,
-        incarnation: str = "",
-        expire_ms: int = 0,
-        reason: str = "closed",
-        term: int = -1,
-    ) -> bool:
-        """Delete a closed (or evicted: `reason`) session's record and lease (not another
-        incarnation's, nor one of another version or term (-1: any), nor one a replica
-        leases now) and leave a tombstone of its incarnation and reason for `expire_ms` (0:
-        no expiry), so a replica holding an old copy knows it is gone, not lost."""
-        keys = [self.key(session_id), self.lease(session_id), self.tomb(session_id, incarnation)]
-        args = [owner, version, incarnation or "", expire_ms, reason, term]
-        return bool(self._drop(keys=keys, args=args))
+    def drop_many(self, items: Sequence[tuple], owner: str) -> None:
+        """Delete closed (or evicted) sessions' records and leases, pipelined; items:
+        (session_id, incarnation, version, term, tombstone expire ms (0: none), "closed" |
+        "evicted"). Not another incarnation's record, nor one of another version or term
+        (-1: any), nor one a replica leases now; each leaves the tombstone of its incarnation
+        and reason, so a replica holding an old copy knows it is gone, not lost."""
+        self._run([
+            (self._drop, (self.key(sid), self.lease(sid), self.tomb(sid, incarnation)),
+             (owner, version, incarnation or "", expire_ms, reason, term))
+            for sid, incarnation, version, term, expire_ms, reason in items
+        ])  # fmt: skip
 
     def gone(self, session_id: str, incarnation: str) -> str | None:
         """ "closed" | "evicted" when that incarnation of `session_id` ended (its tombstone),
@@ -673,46 +689,56 @@ class RedisReplication:
             raise Unavailable(f"state store failed while loading {session_id!r}; retry") from e
 
     def _fetch(self, sid: str, principal: str) -> None:
-        rec = self.backend.load(sid)
-        local = self.store.local(sid)
-        # our copy is of a session that ended since: the id is another incarnation's now
-        if (
-            local is not None
-            and rec is not None
-            and rec["incarnation"] not in (None, local.incarnation)
-        ):
+        """Make `sid` ours in one `_TAKE` per try, waiting (without _io) while another replica
+        holds its lease, up to lease_wait."""
+        deadline = time.monotonic() + self.lease_wait
+        waited = False
+        while True:
             with self._io:
-                self._drop_ended(local)
-            local = None
-        if rec is None or rec["principal"] != principal:
-            if rec is None and local is not None and local.principal == principal:
-                with self._io:  # its record expired or was lost: ours is newest, unless it ended
-                    self._republish(local)
-            return  # nothing to fetch: `get` says unknown / closed / evicted
-        t0 = self._take_lease(sid)  # may wait for another replica: no lock held meanwhile
-        with self._io:
-            try:  # the newest, now that nobody else can write; its version goes up
-                rec = self.backend.take(sid, self.replica_id)
-            except SessionBusy:
-                self._lease_until.pop(sid, None)
-                raise
-            if rec is None:  # closed by its holder while we waited: our old copy ended too
-                self.backend.release([sid], self.replica_id)
                 local = self.store.local(sid)
+                ours = ("", -1, -1)
                 if local is not None:
-                    self._drop_ended(local)
-                return
+                    ours = (local.incarnation, self._term.get(sid, -1), self._version.get(sid, -1))
+                t0 = time.monotonic()
+                code, got = self.backend.take(sid, self.replica_id, self._lease_ms, principal, ours)
+                if code != HELD:
+                    self.counts["lease_waits"] += waited
+                    self._took(sid, principal, local, code, got, t0)
+                    return
+            if time.monotonic() >= deadline:
+                raise SessionBusy(
+                    f"session {sid!r} is held by replica {got!r} (its lease was not released "
+                    f"within {self.lease_wait:g}s); retry"
+                )
+            waited = True
+            time.sleep(min(0.05, self.lease_ttl / 10))
+
+    def _took(self, sid: str, principal: str, local, code: int, got, t0: float) -> None:
+        """What `_TAKE` answered `_fetch` (caller holds _io)."""
+        if code == NO_RECORD:  # expired or lost: ours is newest, unless it ended (write-back)
+            if local is not None and local.principal == principal:
+                self._republish(local)
+        elif code == OTHER_PRINCIPAL:  # `get` says unknown; a copy of an ended incarnation goes
+            if local is not None and local.incarnation != got:
+                self._drop_ended(local)
+        elif code == CURRENT:  # we held it last: our copy (maybe ahead by unwritten steps) stays
+            self._pending.discard(sid)
+            self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+            self.counts["relocks"] += 1
+        else:
             try:
-                self._install(sid, principal, rec, t0)
+                self._install(sid, principal, got, t0)
             except BaseException:  # not loaded here: the take-over did not happen
                 self._lease_until.pop(sid, None)
-                self.backend.untake(sid, self.replica_id, rec)
+                self.backend.untake(sid, self.replica_id, got)
                 self.backend.release([sid], self.replica_id)
                 raise
 
     def _unwritten(self) -> int:
-        """Sessions held here with steps not written to Redis yet (or not written back)."""
-        ids = {i for i, n in self._dirty.items() if n > 0} | self._pending
+        """Sessions held here with steps not written to Redis yet (or not written back).
+        Called from the metrics thread too: it iterates copies (list() of a dict or set is
+        atomic under the GIL; a comprehension over the live dict is not)."""
+        ids = {i for i, n in list(self._dirty.items()) if n > 0} | set(list(self._pending))
         return sum(1 for i in ids if self.store.local(i) is not None)
 
     def _drop_ended(self, local: Session) -> None:
@@ -727,20 +753,6 @@ class RedisReplication:
     def _install(self, sid: str, principal: str, rec: dict, t0: float) -> None:
         """Make Redis's record of `sid` (as `take` returned it, before its term went up) our
         copy (caller holds _io and the lease)."""
-        local = self.store.local(sid)
-        same = local is not None and local.incarnation == rec["incarnation"]
-        if (
-            same
-            and rec["holder"] in (None, self.replica_id)
-            and self._term.get(sid) == rec["term"]
-            and self._version.get(sid) == rec["version"]
-        ):
-            # we held it last: our copy is current (maybe ahead by unwritten steps): keep it
-            self._pending.discard(sid)
-            self._term[sid] = rec["term"] + 1
-            self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
-            self.counts["relocks"] += 1
-            return
         position, state = self.store.unpack(rec["snap"])
         self.store.install(sid, principal, rec["ttl"], position, state, rec["incarnation"])
         self._pending.discard(sid)
@@ -749,25 +761,6 @@ class RedisReplication:
         self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
         self.counts["loads"] += 1
         log.info("session %s loaded from the state store at position %d", sid, position)
-
-    def _take_lease(self, sid: str) -> float:
-        """Acquire the lease, polling while another replica holds it; returns when we asked."""
-        deadline = time.monotonic() + self.lease_wait
-        waited = False
-        while True:
-            t0 = time.monotonic()
-            holder = self.backend.acquire(sid, self.replica_id, self._lease_ms)
-            if not holder:
-                if waited:
-                    self.counts["lease_waits"] += 1
-                return t0
-            if t0 >= deadline:
-                raise SessionBusy(
-                    f"session {sid!r} is held by replica {holder!r} (its lease was not released "
-                    f"within {self.lease_wait:g}s); retry"
-                )
-            waited = True
-            time.sleep(min(0.05, self.lease_ttl / 10))
 
     def _renew_used(self) -> None:
         """Renew the leases of sessions used since the last renewal or running. An idle
@@ -817,10 +810,14 @@ class RedisReplication:
         return sid
 
     def release(self, session_id: str) -> None:
-        """Let go of a claimed id whose session was not made after all."""
+        """Let go of a claimed id whose session was not made after all (the create's own
+        error is what its caller raises: a Redis error here only degrades the store)."""
         self._pending.discard(session_id)
         if not self.degraded:
-            self.backend.release([session_id], self.replica_id)
+            try:
+                self.backend.release([session_id], self.replica_id)
+            except self.backend.Error as e:
+                self._degrade(e)
 
     def created(self, s: Session, keep_lease: bool = True) -> None:
         """Write a new session's first version; a fork lets go of its lease at once (a sticky
@@ -917,8 +914,9 @@ class RedisReplication:
                 gone, again, self.backend.write_many(again, self.replica_id, self._lease_ms)
             ):
                 rows[j], codes[j] = row, v
-        self.counts["writes"] += len(rows)
-        self.counts["write_bytes"] += sum(len(r[3]) for r in rows)
+        done = [row for row, v in zip(rows, codes) if v > 0]  # a refused write is not a write
+        self.counts["writes"] += len(done)
+        self.counts["write_bytes"] += sum(len(r[3]) for r in done)
         for row, v in zip(rows, codes):
             if row[-1] and v > 0 and self.store.local(row[0]) is not None:
                 self._pending.discard(row[0])  # written back: the lease is ours again
@@ -1013,33 +1011,37 @@ class RedisReplication:
             with self._drops_lock:
                 self._drops[(s.id, s.incarnation)] = (version, term, expire_ms, reason)
 
-    def closed(self) -> None:
-        """After a close: delete its keys now."""
+    def closed(self, s: Session) -> None:
+        """After a close: delete its keys now (the evictions queued meanwhile are the
+        background thread's)."""
         if self.degraded:
             return
         try:
-            self._delete_dropped()
+            self._delete_dropped((s.id, s.incarnation))
         except self.backend.Error as e:
             self._degrade(e)
 
-    def _delete_dropped(self) -> None:
-        """Delete the keys of sessions closed or evicted here, once a write of one still in
-        flight has ended (_io: its bookkeeping gives the delete the version it wrote)."""
+    def _delete_dropped(self, only: tuple[str, str] | None = None) -> None:
+        """Delete the keys of sessions closed or evicted here (`only` that (id, incarnation)),
+        in one pipelined round trip, once a write of one still in flight has ended (_io: its
+        bookkeeping gives the delete the version it wrote). A failure (Redis down) puts them
+        back to be tried again (a delete that did apply finds nothing the second time)."""
         with self._io:
             with self._drops_lock:
-                drops, self._drops = self._drops, {}
-            todo = list(drops.items())
+                if only is None:
+                    todo, self._drops = list(self._drops.items()), {}
+                else:
+                    drop = self._drops.pop(only, None)
+                    todo = [] if drop is None else [(only, drop)]
+            if not todo:
+                return
             try:
-                while todo:
-                    (sid, incarnation), (version, term, expire_ms, reason) = todo[0]
-                    self.backend.drop(
-                        sid, self.replica_id, version, incarnation, expire_ms, reason, term
-                    )
-                    todo.pop(0)
-            finally:  # a failed delete (Redis down) and the ones after it are tried again
+                self.backend.drop_many([(*k, *d) for k, d in todo], self.replica_id)
+            except BaseException:
                 with self._drops_lock:
                     for key, drop in todo:
                         self._drops.setdefault(key, drop)
+                raise
 
     def flush(self) -> int:
         """Write every unwritten step, delete closed keys, release every lease (shutdown).

@@ -415,7 +415,7 @@ class SessionStore:
                 raise SessionNotFound(session_id, "closed")
             self._remove(s, "closed")
         if self.replication is not None:
-            self.replication.closed()
+            self.replication.closed(s)
 
     def evict_idle(self) -> list[str]:
         """Evict every session idle longer than its TTL (not those pinned by a running step)."""
@@ -724,6 +724,13 @@ class SessionStore:
         an id already live here (InvalidInput) or too little room (LimitExceeded)
         raises before any session is added. Loaded sessions start a fresh idle timer.
         """
+        if self.replication is not None:  # its sessions live in the shared store
+            raise InvalidInput(
+                "state_dir",
+                "a replicated store does not load sessions files: its sessions are kept in the "
+                "shared state store (a copy loaded here could be older than the one another "
+                "replica serves)",
+            )
         path = Path(directory) / STORE_FILE
         if not path.is_file():
             log.info("no saved sessions at %s", path)

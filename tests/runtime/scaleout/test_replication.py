@@ -153,7 +153,8 @@ def test_a_stale_replica_cannot_overwrite_a_newer_state(redis_server):
     b.fetch(sid)
     newer = step(b, sid, rng)
     b.flush()  # B lets go; A takes the lease back but its copy (and version) is old
-    assert a.replication.backend.acquire(sid, "A", 10_000) == ""
+    backend = a.replication.backend
+    assert backend.client.set(backend.lease(sid), "A", px=10_000, nx=True)
     a.replication._lease_until[sid] = time.monotonic() + 10
     with pytest.raises(Unavailable, match="newer version"):
         step(a, sid, rng)
@@ -1006,14 +1007,14 @@ def test_a_delete_that_fails_is_retried(redis_server):
     sid = a.create("alice").id
     step(a, sid, rng, "alice")
     backend = a.replication.backend
-    real = backend.drop
+    real = backend.drop_many
 
     def timeout(*args, **kw):
         raise redis.TimeoutError("Timeout reading from socket")
 
-    backend.drop = timeout
+    backend.drop_many = timeout
     a.close(sid, "alice")  # acknowledged; its delete failed: degraded
-    backend.drop = real
+    backend.drop_many = real
     assert a.replication.degraded
     a.replication._try_recover()  # deletes first
     assert not backend.exists(sid)
@@ -1122,3 +1123,112 @@ def test_a_session_restored_while_degraded_counts_as_unwritten(redis_server):
     assert not a.replication.backend.exists(restored.id)
     assert a.flush() == 0  # Redis answers: the shutdown writes it back first
     assert a.replication.backend.exists(restored.id)
+
+
+class RoundTrips:
+    """Counts the Redis commands a client sends (a pipeline is one send: one round trip)."""
+
+    def __init__(self, monkeypatch):
+        import redis.connection
+
+        self.sends: list[bytes] = []
+        cls = redis.connection.AbstractConnection
+        send = cls.send_packed_command
+
+        def counted(conn, command, check_health=True):
+            parts = [command] if isinstance(command, (bytes, str)) else command
+            self.sends.append(b"".join(bytes(p, "utf-8") if isinstance(p, str) else bytes(p)
+                                       for p in parts))  # fmt: skip
+            return send(conn, command, check_health)
+
+        monkeypatch.setattr(cls, "send_packed_command", counted)
+
+    def __len__(self) -> int:
+        return len(self.sends)
+
+
+def test_taking_back_the_lease_of_a_session_held_last_is_one_round_trip(redis_server, monkeypatch):
+    """A session idle a little longer than the lease (a user reading the reply) needs its
+    lease back: one script, which sends no snapshot when our copy is the record's."""
+    rng = np.random.default_rng(0)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    sid = a.create().id
+    x = step(a, sid, rng)
+    time.sleep(0.4)
+    a.fetch(sid)  # loads the script once
+    time.sleep(0.4)
+    assert not a.held(sid)
+    trips = RoundTrips(monkeypatch)
+    a.fetch(sid)
+    assert a.held(sid) and len(trips) == 1
+    assert a.replication.counts["relocks"] == 2 and a.replication.counts["loads"] == 0
+    rec = a.replication.backend.load(sid)
+    assert (rec["term"], rec["holder"]) == (0, "A")
+    np.testing.assert_array_equal(a.read(a.get(sid)), x)
+
+
+def test_a_close_deletes_its_own_keys_only(redis_server, monkeypatch):
+    """Evictions queue their deletes for the background thread; a close (on the event loop)
+    deletes its own keys in one round trip, not the queue one by one."""
+    now = [0.0]
+    a = replica(redis_server, "A", ttl=10.0, clock=lambda: now[0])
+    idle = [a.create().id for _ in range(20)]
+    now[0] = 11.0
+    keep, warm = a.create().id, a.create().id
+    a.close(warm)  # loads the script once
+    assert sorted(a.evict_idle()) == sorted(idle)
+    trips = RoundTrips(monkeypatch)
+    a.close(keep)
+    assert len(trips) == 1 and not a.replication.backend.exists(keep)
+    assert all(a.replication.backend.exists(i) for i in idle)
+    before = len(trips)
+    a.replication._delete_dropped()  # the background thread: all of them, one round trip
+    assert len(trips) == before + 1
+    assert not any(a.replication.backend.exists(i) for i in idle)
+
+
+def test_a_refused_write_is_not_counted_as_a_write(redis_server):
+    rng = np.random.default_rng(5)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create().id
+    time.sleep(0.3)
+    b = replica(redis_server, "B")
+    b.fetch(sid)  # B took it over: A's next write is refused
+    writes = a.replication.counts["writes"]
+    with pytest.raises(Unavailable, match="another replica"):
+        step(a, sid, rng)
+    assert a.replication.counts["writes"] == writes
+
+
+def test_a_create_refused_while_redis_went_down_raises_its_own_error(redis_server, monkeypatch):
+    from ssmstream.runtime.errors import LimitExceeded
+
+    a = replica(redis_server, "A", capacity=1)
+    a.create()
+    r = a.replication
+    claim = r.claim
+
+    def claim_then_outage(session_id):
+        sid = claim(session_id)
+        redis_server.stop()
+        return sid
+
+    monkeypatch.setattr(r, "claim", claim_then_outage)
+    try:
+        with pytest.raises(LimitExceeded):
+            a.create()
+        assert r.degraded
+    finally:
+        redis_server.start()
+
+
+def test_a_replicated_store_refuses_a_sessions_file(redis_server, tmp_path):
+    """A sessions file's copies may be older than the ones other replicas serve now (their
+    deletes at idle eviction would remove those replicas' records): refused, naming why."""
+    a = replica(redis_server, "A")
+    a.create()
+    a.save(tmp_path)
+    b = replica(redis_server, "B")
+    with pytest.raises(InvalidInput, match="state_dir: a replicated store does not load"):
+        b.load(tmp_path)
+    assert len(b) == 0
