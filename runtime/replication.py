@@ -189,8 +189,10 @@ return v
 # one round trip: {-3} generation; {1} no record; {4, incarnation} a record of another
 # principal (nothing taken); {0, holder} another replica holds the lease (nothing taken); else
 # the lease is ours now and the record's expiry renewed, and then {3} when the record is our
-# copy (we held it last: same incarnation, term and version, no other holder) or {2, HGETALL as
-# it was} after a take-over: the term went up by one and the holder became us.
+# copy (we held it last: same incarnation, term and version, no other holder), {5} when it is
+# of our incarnation but a lower term than our copy (a stale copy written back after the record
+# vanished: ours is to be written back), or {2, HGETALL as it was} after a take-over: the term
+# went up by one and the holder became us.
 _TAKE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return {-3} end
 local h = redis.call('HMGET', KEYS[1], 'principal', 'incarnation', 'term', 'version', 'holder')
@@ -202,9 +204,13 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl'))
 if ttl == nil or ttl > 1e9 then redis.call('PERSIST', KEYS[1])
 else redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 1000) + 60000) end
-if (h[2] or '') == ARGV[5] and tonumber(h[3] or '0') == tonumber(ARGV[6])
-   and tonumber(h[4]) == tonumber(ARGV[7]) and (h[5] == false or h[5] == ARGV[1]) then
-  return {3}
+if (h[2] or '') == ARGV[5] then
+  local term = tonumber(h[3] or '0')
+  if term < tonumber(ARGV[6]) then return {5} end
+  if term == tonumber(ARGV[6]) and tonumber(h[4]) == tonumber(ARGV[7])
+     and (h[5] == false or h[5] == ARGV[1]) then
+    return {3}
+  end
 end
 local out = redis.call('HGETALL', KEYS[1])
 redis.call('HINCRBY', KEYS[1], 'term', 1)
@@ -224,19 +230,27 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'holder', ARGV[4])
 else redis.call('HDEL', KEYS[1], 'holder') end
 return 1
 """
-# KEYS session, lease, tombstone; ARGV owner, version we know (-1: any), incarnation, tombstone
-# expire ms (0: none), reason, term we know (-1: any). Deletes both when nobody else holds the
-# lease and the version and term are ours, and leaves the incarnation's tombstone. 1 deleted, 0
-# left alone.
+# KEYS session, lease, tombstone, generation; ARGV owner, version we know (-1: any), incarnation,
+# tombstone expire ms (0: none), reason, term we know (-1: any), generation token. Deletes both
+# and leaves the incarnation's tombstone when the record is ours (our version and term, nobody
+# else holding the lease) or of a lower term than our copy (a stale copy written back after
+# Redis lost its data: the close wins over it as our copy would have). 1 deleted, 0 left alone
+# (another incarnation, or a newer copy elsewhere), -3 generation.
 _DROP = """
+if redis.call('GET', KEYS[4]) ~= ARGV[7] then return -3 end
 local cur = redis.call('GET', KEYS[2])
-if cur ~= false and cur ~= ARGV[1] then return 0 end
 local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term')
+local older = false
 if h[1] ~= false then
   if ARGV[3] ~= '' and h[2] ~= false and h[2] ~= ARGV[3] then return 0 end
-  if tonumber(ARGV[2]) >= 0 and tonumber(h[1]) ~= tonumber(ARGV[2]) then return 0 end
-  if tonumber(ARGV[6]) >= 0 and tonumber(h[3] or '0') ~= tonumber(ARGV[6]) then return 0 end
+  local term, ours = tonumber(h[3] or '0'), tonumber(ARGV[6])
+  older = ours >= 0 and term < ours
+  if not older then
+    if tonumber(ARGV[2]) >= 0 and tonumber(h[1]) ~= tonumber(ARGV[2]) then return 0 end
+    if ours >= 0 and term ~= ours then return 0 end
+  end
 end
+if cur ~= false and cur ~= ARGV[1] and not older then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
 if ARGV[3] ~= '' then
   if tonumber(ARGV[4]) > 0 then
@@ -250,7 +264,7 @@ return 1
 
 LOST, STALE, RESET, CLOSED, EVICTED, NOREC = -1, -2, -3, -4, -5, -6
 # _TAKE's replies
-HELD, NO_RECORD, TAKEN, CURRENT, OTHER_PRINCIPAL = 0, 1, 2, 3, 4
+HELD, NO_RECORD, TAKEN, CURRENT, OTHER_PRINCIPAL, OLDER = 0, 1, 2, 3, 4, 5
 PIPELINE_CALLS = 256  # script calls per pipelined round trip
 
 
@@ -393,8 +407,9 @@ class RedisBackend:
     ) -> tuple[int, object]:
         """`_TAKE` with `ours` = our copy's (incarnation, term, version) (("", -1, -1): none):
         (HELD, the holder) | (NO_RECORD, None) | (OTHER_PRINCIPAL, the record's incarnation)
-        | (CURRENT, None) | (TAKEN, the record as `load` gives it, before its term went up;
-        `untake` undoes that). Raises StoreReset when the generation token is not ours."""
+        | (CURRENT, None) | (OLDER, None) | (TAKEN, the record as `load` gives it, before its
+        term went up; `untake` undoes that). Raises StoreReset when the generation token is
+        not ours."""
         keys = [self.key(session_id), self.lease(session_id), self._generation_key]
         args = [owner, self.generation, lease_ms, principal, *ours]
         out = self._take(keys=keys, args=args)
@@ -472,11 +487,18 @@ class RedisBackend:
         "evicted"). Not another incarnation's record, nor one of another version or term
         (-1: any), nor one a replica leases now; each leaves the tombstone of its incarnation
         and reason, so a replica holding an old copy knows it is gone, not lost."""
-        self._run([
-            (self._drop, (self.key(sid), self.lease(sid), self.tomb(sid, incarnation)),
-             (owner, version, incarnation or "", expire_ms, reason, term))
+        codes = self._run([
+            (self._drop,
+             (self.key(sid), self.lease(sid), self.tomb(sid, incarnation), self._generation_key),
+             (owner, version, incarnation or "", expire_ms, reason, term, self.generation))
             for sid, incarnation, version, term, expire_ms, reason in items
         ])  # fmt: skip
+        if RESET in codes:
+            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+        for (sid, *_), code in zip(items, codes):
+            if not code:
+                log.info("session %s: its keys were left (another incarnation, or another "
+                         "replica's newer copy)", sid)  # fmt: skip
 
     def gone(self, session_id: str, incarnation: str) -> str | None:
         """ "closed" | "evicted" when that incarnation of `session_id` ended (its tombstone),
@@ -675,7 +697,8 @@ class RedisReplication:
         session, or one of another principal, raises nothing here: `get` reports it.
         """
         if self.degraded:
-            if self.store.local(session_id) is not None:
+            local = self.store.local(session_id)
+            if local is not None and local.principal == principal:  # else: as an unknown id
                 return
             raise Unavailable(
                 f"state store is unavailable and session {session_id!r} is not held by this "
@@ -715,7 +738,7 @@ class RedisReplication:
 
     def _took(self, sid: str, principal: str, local, code: int, got, t0: float) -> None:
         """What `_TAKE` answered `_fetch` (caller holds _io)."""
-        if code == NO_RECORD:  # expired or lost: ours is newest, unless it ended (write-back)
+        if code in (NO_RECORD, OLDER):  # gone, or a stale copy's: ours is newest (write-back)
             if local is not None and local.principal == principal:
                 self._republish(local)
         elif code == OTHER_PRINCIPAL:  # `get` says unknown; a copy of an ended incarnation goes
@@ -803,6 +826,10 @@ class RedisReplication:
             return sid
         try:
             with self._io:
+                with self._drops_lock:  # an ended incarnation's delete first: it may drop the lease
+                    ended = [k for k in self._drops if k[0] == sid]
+                for key in ended:
+                    self._delete_dropped(key)
                 if not self.backend.claim(sid, self.replica_id, self._lease_ms):
                     raise in_use
         except self.backend.Error as e:

@@ -159,7 +159,7 @@ class SessionService:
     async def _session(self, session_id: str, principal: str) -> Session:
         """The live session `session_id` of `principal`, made local to this replica."""
         self._ref(session_id)
-        if not self.store.held(session_id):
+        if not self.store.held(session_id, principal):
             await self._fetch(session_id, principal)
         return self.store.get(session_id, principal)
 

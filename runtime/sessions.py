@@ -555,16 +555,21 @@ class SessionStore:
 
     # --- replication: what the service and the replication policy call -------------------
 
-    def held(self, session_id: str) -> bool:
+    def held(self, session_id: str, principal: str | None = None) -> bool:
         """True when this process may step the session without asking anyone: it is here
-        (and, replicated, its lease is ours)."""
+        (and, replicated, its lease is ours). With `principal`, a session here of another
+        principal is not held (for that principal it is answered as one that is not here:
+        whether an id is held here tells nothing about other principals' sessions)."""
         if self.replication is None:
             return True
-        return session_id in self._sessions and self.replication.held(session_id)
+        s = self._sessions.get(session_id)
+        if s is None or (principal is not None and s._principal != principal):
+            return False
+        return self.replication.held(session_id)
 
     def fetch(self, session_id: str, principal: str = "") -> None:
         """Make the newest state of `session_id` local (blocking; a no-op unless replicated)."""
-        if self.replication is not None and not self.held(session_id):
+        if self.replication is not None and not self.held(session_id, principal):
             self.replication.fetch(session_id, principal)
 
     def local(self, session_id: str) -> Session | None:

@@ -396,7 +396,7 @@ def test_fetches_are_shared_per_session_and_no_principal_holds_every_fetch_threa
                 if principal == "mallory":
                     done.append(sid)
 
-        store.held, store.fetch = (lambda sid: False), fetch
+        store.held, store.fetch = (lambda sid, principal=None: False), fetch
         svc._fetch_pool = ThreadPoolExecutor(16)  # what a replicated store's service has
         burst = [svc._session(mine[0], "mallory") for _ in range(10)]
         burst += [svc._session(sid, "mallory") for sid in mine[1:]]
@@ -423,7 +423,7 @@ def test_shutdown_ends_the_fetch_pools_threads(toy_tok):
         svc = await started(toy_tok)
         store = svc.store
         a, b = store.create("p").id, store.create("p").id
-        store.held = lambda sid: False
+        store.held = lambda sid, principal=None: False
         store.fetch = lambda sid, principal: gate.wait(10)
         svc._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="ssmstream-fetch")
         first = asyncio.ensure_future(svc._session(a, "p"))  # runs, waiting on the gate

@@ -1232,3 +1232,88 @@ def test_a_replicated_store_refuses_a_sessions_file(redis_server, tmp_path):
     with pytest.raises(InvalidInput, match="state_dir: a replicated store does not load"):
         b.load(tmp_path)
     assert len(b) == 0
+
+
+def test_a_copy_of_a_later_term_wins_over_a_stale_copy_written_back_first(redis_server):
+    """B took the session over (term 1) and stepped it; A keeps a stale copy (term 0). The
+    record vanishes (Redis evicted it) while both are idle; A is asked first and writes its
+    copy back; then B is asked: its copy, of the later term, is written back over A's."""
+    rng = np.random.default_rng(1)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    step(a, sid, rng)
+    time.sleep(0.3)
+    b.fetch(sid)
+    newest = step(b, sid, rng)
+    time.sleep(0.3)  # B idle: its lease lapses
+    backend = a.replication.backend
+    backend.client.delete(backend.key(sid))
+    a.fetch(sid)
+    b.fetch(sid)
+    assert b.get(sid).position == 2
+    np.testing.assert_array_equal(b.read(b.get(sid)), newest)
+    rec = backend.load(sid)
+    assert (rec["term"], rec["holder"]) == (1, "B")
+    with pytest.raises(Unavailable, match="another replica"):
+        step(a, sid, rng)  # B's write-back took A's lease
+
+
+def test_a_close_after_an_unseen_empty_restart_wins_over_a_stale_write_back(redis_server):
+    """B holds the newest copy; A a stale one. Redis restarts empty and A writes its copy
+    back first; the client then closes the session on B, which has not noticed the restart:
+    the close meets the new generation (B writes back, then deletes), and the delete wins over
+    A's copy of a lower term, so no replica serves the closed session."""
+    rng = np.random.default_rng(2)
+    a, b, sid, _, _ = moved_then_emptied(redis_server, rng)
+    a.replication._degrade(RuntimeError("A saw the new generation first"))
+    a.replication._try_recover()
+    assert a.replication.backend.exists(sid)
+    b.close(sid)
+    b.replication._try_recover()  # B's background thread
+    backend = b.replication.backend
+    assert not backend.exists(sid)
+    c = replica(redis_server, "C", lease_ttl=0.2, lease_wait=1.0)
+    c.fetch(sid)
+    with pytest.raises(SessionNotFound):
+        c.get(sid)
+    with pytest.raises(Unavailable, match="another replica"):
+        step(a, sid, rng)
+
+
+def test_while_redis_is_down_an_id_held_here_is_answered_like_one_that_is_not(redis_server):
+    """Another principal cannot tell that a (client-chosen) id is held on this replica."""
+    a = replica(redis_server, "A")
+    a.create("alice", session_id="chat-1")
+    _outage(a)
+    with pytest.raises(Unavailable, match="not held by this replica"):
+        a.fetch("chat-2", "eve")
+    with pytest.raises(Unavailable, match="not held by this replica"):
+        a.fetch("chat-1", "eve")
+    a.fetch("chat-1", "alice")  # hers: served from memory
+
+
+def test_a_queued_delete_of_an_old_incarnation_runs_before_the_id_is_claimed(
+    redis_server, monkeypatch
+):
+    """An evicted incarnation's delete is queued for the background thread; a create of the
+    same id runs it first, so a background delete cannot remove the new incarnation's lease
+    between its claim and its first write."""
+    now = [0.0]
+    a = replica(redis_server, "A", ttl=10.0, clock=lambda: now[0])
+    sid = a.create(session_id="chat-1").id
+    r = a.replication
+    r.backend.client.delete(r.backend.key(sid))  # Redis evicted the record
+    now[0] = 11.0
+    assert a.evict_idle() == [sid]
+    claim = r.claim
+
+    def claim_then_background(session_id):
+        got = claim(session_id)
+        r._delete_dropped()  # the background thread's period falls here
+        return got
+
+    monkeypatch.setattr(r, "claim", claim_then_background)
+    s = a.create(session_id="chat-1")
+    assert s.live and a.local("chat-1") is s and r.counts["moved"] == 0
+    assert r.backend.exists("chat-1")
