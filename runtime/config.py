@@ -197,7 +197,8 @@ class ServerConfig:
     port_file: str | None = _option(
         None,
         "network",
-        "once serving, write {'port': ..., 'metrics_port': ..., 'pid': ...} as JSON to this file",
+        "once serving, write {'port': ..., 'metrics_port': ..., 'pid': ..., 'instance': ...} as "
+        "JSON to this file; removed at stop",
     )
     log_level: str = _option("INFO", "operations", "logging level", choices=LOG_LEVELS)
 

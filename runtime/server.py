@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -53,7 +54,8 @@ from .status import SERVICE_NAME, DecodeGuard
 log = logging.getLogger(__name__)
 
 STATE_STORE_HEALTH = "ssmstream.StateStore"  # health service name of the shared state store
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each starts a graceful stop
+# each starts a graceful stop; SIGHUP (a closed terminal) only where it is not ignored (nohup)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _read(path: str | None) -> bytes | None:
@@ -159,6 +161,7 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._port_file: str | None = None  # the text this server wrote to --port-file
         self.unsaved = 0  # sessions whose last steps the shutdown could not write
 
     async def start(self) -> int:
@@ -297,7 +300,7 @@ class Server:
         if c.state_dir and c.save_interval > 0:
             self._tasks.append(asyncio.create_task(self._save_loop()))
         if c.port_file:
-            _write_port_file(c.port_file, self.port, self.metrics_port)
+            self._port_file = _write_port_file(c.port_file, self.port, self.metrics_port)
         log.info(
             "serving model %r (%s, S=%d, %s) on %s:%d via %s%s%s; restored %d sessions; "
             "limits: max_sessions=%d per_principal=%s ttl=%gs max_batch=%d delay=%gms "
@@ -360,6 +363,15 @@ class Server:
             await self._stopped.wait()
             return
         self._stopping = True
+        try:
+            await self._shut_down(grace, save)
+        finally:  # also when the shutdown save failed: no port file names a port that is gone
+            if self._port_file is not None:
+                _remove_port_file(self.config.port_file, self._port_file)
+            self._stopped.set()
+        log.info("stopped")
+
+    async def _shut_down(self, grace: float | None, save: bool) -> None:
         grace = self.config.grace if grace is None else grace
         log.info("draining: refusing new work, %gs grace for in-flight requests", grace)
         self.metrics.draining.set(1)
@@ -389,10 +401,6 @@ class Server:
                 self.unsaved = await asyncio.to_thread(self.store.flush)
             self.store.replication.stop()
         self.metrics.close()
-        if self.config.port_file:
-            _remove_port_file(self.config.port_file)
-        log.info("stopped")
-        self._stopped.set()
 
     async def wait(self) -> None:
         await self._stopped.wait()
@@ -404,12 +412,13 @@ class Server:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         received: list[str] = []
-        for sig in STOP_SIGNALS:
+        signals = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        for sig in signals:
             loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
         await self.start()
         await stop.wait()
         log.info("%s received", received[0])
-        for sig in STOP_SIGNALS:
+        for sig in signals:
             loop.add_signal_handler(sig, self._hurry)
         await self.stop()
 
@@ -419,20 +428,25 @@ class Server:
             asyncio.ensure_future(self._grpc.stop(0))
 
 
-def _write_port_file(path: str, port: int, metrics_port: int | None) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
+def _write_port_file(path: str, port: int, metrics_port: int | None) -> str:
+    """Write the port file atomically; returns its text (`instance` tells this server's file
+    from another's: servers in one process, or containers that all run as pid 1)."""
+    info = {"port": port, "metrics_port": metrics_port, "pid": os.getpid()}
+    text = json.dumps({**info, "instance": secrets.token_hex(8)})
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}, f)
+        f.write(text)
     os.replace(tmp, path)
+    return text
 
 
-def _remove_port_file(path: str) -> None:
-    """Remove the port file at stop, unless another process has written it since (a
-    reader must not find the port of a server that is gone)."""
+def _remove_port_file(path: str, written: str) -> None:
+    """Remove the port file at stop if it is still the one this server wrote (a reader
+    must not find the port of a server that is gone, nor lose another server's file)."""
     try:
-        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
+        if Path(path).read_text() == written:
             os.remove(path)
-    except (OSError, ValueError, AttributeError):
+    except OSError:
         pass
 
 

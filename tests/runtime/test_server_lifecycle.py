@@ -5,7 +5,6 @@ outputs equal an uninterrupted run)."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
@@ -378,13 +377,61 @@ def test_sighup_stops_gracefully_and_the_port_file_goes(tiny_token_model, tmp_pa
     assert not srv.port_file.exists()
 
 
-def test_the_port_file_of_another_process_is_left_alone(tmp_path):
-    from ssmstream.runtime.server import _remove_port_file, _write_port_file
+def test_the_port_file_of_another_server_is_left_alone(tiny_token_model, tmp_path):
+    """Two servers in one process (same pid) with one --port-file: stopping the first leaves
+    the file the second wrote; stopping the second removes it."""
+    port_file = tmp_path / "port.json"
+    cfg = dict(model_dir=tiny_token_model["model_dir"], port=0, device="cpu",
+               port_file=str(port_file))  # fmt: skip
+    first = BackgroundServer(ServerConfig(**cfg)).start()
+    second = BackgroundServer(ServerConfig(**cfg)).start()
+    try:
+        assert json.loads(port_file.read_text())["port"] == second.port
+        first.stop()
+        assert json.loads(port_file.read_text())["port"] == second.port
+    finally:
+        first.stop()
+        second.stop()
+    assert not port_file.exists()
 
-    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
-    _write_port_file(str(ours), 1234, None)
-    theirs.write_text(json.dumps({"port": 1, "metrics_port": None, "pid": os.getpid() + 1}))
-    _remove_port_file(str(ours))
-    _remove_port_file(str(theirs))
-    _remove_port_file(str(tmp_path / "missing.json"))
-    assert not ours.exists() and theirs.exists()
+
+def test_a_shutdown_that_fails_still_removes_the_port_file(tiny_token_model, tmp_path):
+    """The shutdown save fails (its --state-dir became a file): the server exits with status 2
+    and its port file is gone, not left naming a port nobody listens on."""
+    import signal
+
+    state = tmp_path / "state"
+    srv = ServerProcess(
+        tiny_token_model["model_dir"], "--device", "cpu", "--grace", "1",
+        "--state-dir", str(state), workdir=tmp_path,
+    )  # fmt: skip
+    try:
+        import shutil
+
+        shutil.rmtree(state)
+        state.write_text("not a directory")
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 2
+    finally:
+        srv.kill()
+    assert not srv.port_file.exists(), srv.output()
+
+
+def test_a_server_started_with_sighup_ignored_keeps_serving_on_sighup(tiny_token_model, tmp_path):
+    """`nohup ssmstream serve` ignores SIGHUP: a closed terminal must not stop it."""
+    import signal
+
+    srv = ServerProcess(
+        tiny_token_model["model_dir"], "--device", "cpu", workdir=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        srv.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert srv.proc.poll() is None
+        with Client(srv.address, timeout=30) as c:
+            c.create_session()
+        assert srv.terminate() == 0
+    finally:
+        srv.kill()
+    assert "SIGHUP received" not in srv.output()

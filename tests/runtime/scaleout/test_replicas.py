@@ -299,3 +299,53 @@ def test_a_replica_of_another_model_refuses_the_session(tiny_token_model, tiny_s
         a.kill()
         b.kill()
         redis.stop()
+
+
+def test_redis_restarting_empty_while_sessions_stream_loses_nothing(cluster_factory, engine):
+    """Redis restarts without its data while 6 sessions stream through nginx to 3
+    write-through replicas: every session ends at its acknowledged position with the
+    outputs of a single-process run, and the replicas write their sessions back."""
+    c = cluster_factory(persist_every="1", lease_ttl=1.0)
+    V, n_sessions, n_tokens = int(engine.info["vocab_size"]), 6, 24
+    progress: dict[str, int] = {}
+    halfway = threading.Event()
+
+    def on_step(sid, acked):
+        progress[sid] = acked
+        if len(progress) == n_sessions and min(progress.values()) >= n_tokens // 2:
+            halfway.set()
+        if acked == n_tokens // 2 and not halfway.is_set():
+            halfway.wait(30)
+
+    with Client(c.address, timeout=30) as client:
+        sids = [client.create_session().id for _ in range(n_sessions)]
+        toks = {sid: session_tokens(i, n_tokens, V) for i, sid in enumerate(sids)}
+        with ThreadPoolExecutor(n_sessions) as pool:
+            futures = {s: pool.submit(stream_resuming, client, s, toks[s], on_step) for s in sids}
+            assert halfway.wait(60)
+            c.redis.stop()
+            c.redis.start()  # empty
+            results = {s: f.result(120) for s, f in futures.items()}
+        for sid in sids:
+            s = client.session(sid)
+            s.snapshot()  # through the proxy: where the session stands
+            assert s.position == n_tokens
+    for sid in sids:
+        outputs, lost, _ = results[sid]
+        assert lost == 0, sid
+        ref = reference(engine, toks[sid])
+        seen = sorted(outputs)
+        np.testing.assert_allclose(np.stack([outputs[i] for i in seen]), ref[seen], atol=1e-5)
+    import redis
+
+    kept = redis.Redis.from_url(c.redis.url)
+    deadline = time.monotonic() + 10  # each replica notices within a background period
+
+    def written_back():  # every session in Redis again, no replica still recovering
+        return all(kept.exists(f"ssmstream:s:{sid}") for sid in sids) and all(
+            metric(r, "ssmstream_state_store_up") == 1 for r in c.replicas
+        )
+
+    while time.monotonic() < deadline and not written_back():
+        time.sleep(0.1)
+    assert written_back()
