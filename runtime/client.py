@@ -214,10 +214,14 @@ _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 def resumable_error(e: grpc.RpcError) -> bool:
     """True for the errors after which a session may be resumed (docs/scaleout.md): its
     replica is gone or draining (UNAVAILABLE), another replica still holds its lease
-    (FAILED_PRECONDITION), or a proxy reset the Stream whose replica died (INTERNAL
-    "RST_STREAM"; grpc.aio then fails the next write with "Internal error from Core").
-    Resume by reading the session's position (`snapshot()`) and sending from there."""
+    (FAILED_PRECONDITION "held by replica"; not "another model": a replica serving another
+    model, as in a rolling update, refuses it every time), or a proxy reset the Stream whose
+    replica died (INTERNAL "RST_STREAM"; grpc.aio then fails the next write with "Internal
+    error from Core"). Resume by reading the session's position (`snapshot()`) and sending
+    from there."""
     details = e.details() or ""
+    if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "another model" in details:
+        return False
     return e.code() in _RESUMABLE or (
         e.code() == grpc.StatusCode.INTERNAL and ("RST_STREAM" in details or "from Core" in details)
     )

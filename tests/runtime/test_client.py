@@ -232,6 +232,9 @@ def test_resumable_error_names_the_errors_a_failover_causes():
     assert not resumable_error(Err(S.INTERNAL, "step graph failed for batch 4"))
     assert not resumable_error(Err(S.INVALID_ARGUMENT, "tokens: [0] = 999 is outside [0, 256)"))
     assert not resumable_error(Err(S.NOT_FOUND, "session 'x' not found (closed)"))
+    assert not resumable_error(  # a replica of another model refuses it every time
+        Err(S.FAILED_PRECONDITION, "snapshot belongs to another model (sha 'ab'…)")
+    )
 
 
 @pytest.mark.parametrize(
