@@ -130,12 +130,11 @@ def test_32_sessions_through_nginx_equal_a_single_process_run(cluster_factory, e
     assert writes >= 32 * (1 + 6 + 1)  # write-through: creation + every step
 
 
-@pytest.mark.parametrize("persist_every, window", [("1", 0), ("4", 3)])
-def test_sigkill_a_replica_its_sessions_continue_on_the_others(
-    cluster_factory, engine, persist_every, window
-):
-    c = cluster_factory(persist_every=persist_every, lease_ttl=1.0)
-    V, n_sessions, n_tokens = int(engine.info["vocab_size"]), 12, 16
+def stream_with_a_fault_halfway(engine, client, n_sessions: int, n_tokens: int, fault):
+    """Stream `n_sessions` new sessions of `n_tokens` each through the proxy
+    (`stream_resuming`); once every one is halfway (they wait there), call `fault()`.
+    Returns (ids, tokens {id: list}, results {id: stream_resuming's result})."""
+    V = int(engine.info["vocab_size"])
     progress: dict[str, int] = {}
     halfway = threading.Event()
 
@@ -144,19 +143,34 @@ def test_sigkill_a_replica_its_sessions_continue_on_the_others(
         if len(progress) == n_sessions and min(progress.values()) >= n_tokens // 2:
             halfway.set()
         if acked == n_tokens // 2 and not halfway.is_set():
-            halfway.wait(30)  # everybody reaches the middle before the kill
+            halfway.wait(30)  # everybody reaches the middle before the fault
+
+    sids = [client.create_session().id for _ in range(n_sessions)]
+    toks = {sid: session_tokens(i, n_tokens, V) for i, sid in enumerate(sids)}
+    with ThreadPoolExecutor(n_sessions) as pool:
+        futures = {s: pool.submit(stream_resuming, client, s, toks[s], on_step) for s in sids}
+        assert halfway.wait(60)
+        fault()
+        results = {s: f.result(120) for s, f in futures.items()}
+    return sids, toks, results
+
+
+@pytest.mark.parametrize("persist_every, window", [("1", 0), ("4", 3)])
+def test_sigkill_a_replica_its_sessions_continue_on_the_others(
+    cluster_factory, engine, persist_every, window
+):
+    c = cluster_factory(persist_every=persist_every, lease_ttl=1.0)
+    n_tokens, killed_at = 16, []
+
+    def sigkill_the_busiest():
+        held = [metric(r, "ssmstream_sessions_active") for r in c.replicas]
+        killed_at.append(time.monotonic())
+        c.replicas[int(np.argmax(held))].kill()  # SIGKILL: no drain, no final write
 
     with Client(c.address, timeout=30) as client:
-        sids = [client.create_session().id for _ in range(n_sessions)]
-        toks = {sid: session_tokens(i, n_tokens, V) for i, sid in enumerate(sids)}
-        with ThreadPoolExecutor(n_sessions) as pool:
-            futures = {s: pool.submit(stream_resuming, client, s, toks[s], on_step) for s in sids}
-            assert halfway.wait(60)
-            held = [metric(r, "ssmstream_sessions_active") for r in c.replicas]
-            victim = c.replicas[int(np.argmax(held))]
-            killed_at = time.monotonic()
-            victim.kill()  # SIGKILL: no drain, no final write
-            results = {s: f.result(120) for s, f in futures.items()}
+        sids, toks, results = stream_with_a_fault_halfway(
+            engine, client, 12, n_tokens, sigkill_the_busiest
+        )
     moved = [s for s, (_, lost, resumed) in results.items() if resumed is not None]
     assert len(moved) >= 1
     for sid in sids:
@@ -167,7 +181,7 @@ def test_sigkill_a_replica_its_sessions_continue_on_the_others(
         assert len(seen) >= n_tokens - 1
         got = np.stack([outputs[i] for i in seen])
         np.testing.assert_allclose(got, ref[seen], atol=1e-5, rtol=1e-5)
-    failover = min(results[s][2] for s in moved) - killed_at
+    failover = min(results[s][2] for s in moved) - killed_at[0]
     assert failover < 1.0 + 3.0  # lease TTL + nginx noticing + loading
     print(f"\nfailover ({persist_every=}): first token elsewhere after {failover:.2f} s; "
           f"lost steps {[results[s][1] for s in moved]}")  # fmt: skip
@@ -306,26 +320,16 @@ def test_redis_restarting_empty_while_sessions_stream_loses_nothing(cluster_fact
     write-through replicas: every session ends at its acknowledged position with the
     outputs of a single-process run, and the replicas write their sessions back."""
     c = cluster_factory(persist_every="1", lease_ttl=1.0)
-    V, n_sessions, n_tokens = int(engine.info["vocab_size"]), 6, 24
-    progress: dict[str, int] = {}
-    halfway = threading.Event()
+    n_tokens = 24
 
-    def on_step(sid, acked):
-        progress[sid] = acked
-        if len(progress) == n_sessions and min(progress.values()) >= n_tokens // 2:
-            halfway.set()
-        if acked == n_tokens // 2 and not halfway.is_set():
-            halfway.wait(30)
+    def restart_redis_empty():
+        c.redis.stop()
+        c.redis.start()
 
     with Client(c.address, timeout=30) as client:
-        sids = [client.create_session().id for _ in range(n_sessions)]
-        toks = {sid: session_tokens(i, n_tokens, V) for i, sid in enumerate(sids)}
-        with ThreadPoolExecutor(n_sessions) as pool:
-            futures = {s: pool.submit(stream_resuming, client, s, toks[s], on_step) for s in sids}
-            assert halfway.wait(60)
-            c.redis.stop()
-            c.redis.start()  # empty
-            results = {s: f.result(120) for s, f in futures.items()}
+        sids, toks, results = stream_with_a_fault_halfway(
+            engine, client, 6, n_tokens, restart_redis_empty
+        )
         for sid in sids:
             s = client.session(sid)
             s.snapshot()  # through the proxy: where the session stands
