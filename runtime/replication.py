@@ -391,7 +391,10 @@ class RedisBackend:
         """Raise StoreReset when Redis's generation token is not the one we joined."""
         now = self.client.get(self._generation_key)
         if now is None or now.decode() != self.generation:
-            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+            raise self._reset()
+
+    def _reset(self) -> StoreReset:
+        return StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
 
     def load(self, session_id: str) -> dict | None:
         """{snap, principal, ttl, version, incarnation, term, holder} or None."""
@@ -415,7 +418,7 @@ class RedisBackend:
         out = self._take(keys=keys, args=args)
         code = int(out[0])
         if code == RESET:
-            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+            raise self._reset()
         if code == TAKEN:
             return code, _record(dict(zip(out[1::2], out[2::2])))
         if code in (HELD, OTHER_PRINCIPAL):
@@ -447,7 +450,7 @@ class RedisBackend:
                 calls.append((self._put, keys, args + (term,)))
         codes = [int(v) for v in self._run(calls)]
         if RESET in codes:
-            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+            raise self._reset()
         return codes
 
     def _run(self, calls: Sequence[tuple]) -> list:
@@ -484,9 +487,11 @@ class RedisBackend:
     def drop_many(self, items: Sequence[tuple], owner: str) -> None:
         """Delete closed (or evicted) sessions' records and leases, pipelined; items:
         (session_id, incarnation, version, term, tombstone expire ms (0: none), "closed" |
-        "evicted"). Not another incarnation's record, nor one of another version or term
-        (-1: any), nor one a replica leases now; each leaves the tombstone of its incarnation
-        and reason, so a replica holding an old copy knows it is gone, not lost."""
+        "evicted"), as `_DROP` decides: not another incarnation's record, nor a newer copy
+        (another version or term, -1: any; or a lease another replica holds), except a record
+        of a lower term (a stale copy written back); each leaves the tombstone of its
+        incarnation and reason, so a replica holding an old copy knows it is gone, not lost.
+        Refusals are logged."""
         codes = self._run([
             (self._drop,
              (self.key(sid), self.lease(sid), self.tomb(sid, incarnation), self._generation_key),
@@ -494,7 +499,7 @@ class RedisBackend:
             for sid, incarnation, version, term, expire_ms, reason in items
         ])  # fmt: skip
         if RESET in codes:
-            raise StoreReset(f"{self.url} holds another data set (restarted empty or flushed)")
+            raise self._reset()
         for (sid, *_), code in zip(items, codes):
             if not code:
                 log.info("session %s: its keys were left (another incarnation, or another "
@@ -766,12 +771,8 @@ class RedisReplication:
 
     def _drop_ended(self, local: Session) -> None:
         """Forget a local copy of a session that ended elsewhere (its tombstone says how;
-        without one it was closed: the id is gone or another incarnation's)."""
-        self.store.drop(local, self._ended(local) or "closed")
-
-    def _ended(self, s: Session) -> str | None:
-        """ "closed" / "evicted" when s's incarnation has a tombstone, else None."""
-        return self.backend.gone(s.id, s.incarnation)
+        without one it was closed: the id is another incarnation's)."""
+        self.store.drop(local, self.backend.gone(local.id, local.incarnation) or "closed")
 
     def _install(self, sid: str, principal: str, rec: dict, t0: float) -> None:
         """Make Redis's record of `sid` (as `take` returned it, before its term went up) our
@@ -985,8 +986,7 @@ class RedisReplication:
     def _write_dirty_locked(self) -> int:
         """Write every session with unwritten steps or pending a write-back; caller holds
         _io. Returns how many."""
-        ids = [i for i, n in list(self._dirty.items()) if n > 0]
-        ids += [i for i in list(self._pending) if i not in ids]
+        ids = dict.fromkeys([i for i, n in list(self._dirty.items()) if n > 0] + [*self._pending])
         return self._write_current([s for s in map(self.store.local, ids) if s is not None])
 
     def _write_pending(self) -> int:
