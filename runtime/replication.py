@@ -568,6 +568,7 @@ class RedisReplication:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._own_key = True
+        self._final = False  # flush(final=True) ran: fetches are refused (no lease is taken)
 
     def attach(self, store: SessionStore, key_given: bool) -> None:
         """Called once by the store: sign with the key kept in Redis unless the key was given
@@ -701,6 +702,8 @@ class RedisReplication:
         the session is not here), ModelError (a snapshot of another model). An unknown
         session, or one of another principal, raises nothing here: `get` reports it.
         """
+        if self._final:
+            raise Unavailable(f"replica is shutting down; retry {session_id!r} elsewhere")
         if self.degraded:
             local = self.store.local(session_id)
             if local is not None and local.principal == principal:  # else: as an unknown id
@@ -723,6 +726,8 @@ class RedisReplication:
         waited = False
         while True:
             with self._io:
+                if self._final:  # the shutdown's flush ran while this fetch waited
+                    raise Unavailable(f"replica is shutting down; retry {sid!r} elsewhere")
                 local = self.store.local(sid)
                 ours = ("", -1, -1)
                 if local is not None:
@@ -1070,10 +1075,15 @@ class RedisReplication:
                         self._drops.setdefault(key, drop)
                 raise
 
-    def flush(self) -> int:
+    def flush(self, final: bool = False) -> int:
         """Write every unwritten step, delete closed keys, release every lease (shutdown).
         Returns how many sessions have steps that could not be written (0: none lost). A
-        store that is degraded, or finds Redis's data set replaced, writes back first."""
+        store that is degraded, or finds Redis's data set replaced, writes back first.
+        final: fetches are refused from now on, also one waiting for a lease meanwhile (it
+        would take a lease that nobody releases: the next replica would wait it out)."""
+        if final:
+            with self._io:  # after a take in progress, before the next one
+                self._final = True
         for _ in range(2):
             if self.degraded:
                 self._try_recover()  # Redis may be back while the background thread sleeps

@@ -398,7 +398,7 @@ class Server:
             self.store.save(self.config.state_dir)
         if self.store is not None and self.store.replication is not None:
             if save:  # written, leases released
-                self.unsaved = await asyncio.to_thread(self.store.flush)
+                self.unsaved = await asyncio.to_thread(self.store.flush, True)
             self.store.replication.stop()
         self.metrics.close()
 

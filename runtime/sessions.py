@@ -618,10 +618,11 @@ class SessionStore:
                 if reason == "moved":
                     self._gone.pop(s._id, None)
 
-    def flush(self) -> int:
+    def flush(self, final: bool = False) -> int:
         """Write what is not yet persisted elsewhere and let go of ownership (shutdown);
-        returns how many sessions have steps that could not be written."""
-        return self.replication.flush() if self.replication is not None else 0
+        returns how many sessions have steps that could not be written. final: no session is
+        fetched from then on (`fetch` raises Unavailable)."""
+        return self.replication.flush(final) if self.replication is not None else 0
 
     # --- snapshots -----------------------------------------------------------------------
 

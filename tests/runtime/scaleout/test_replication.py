@@ -382,6 +382,38 @@ def test_a_fetch_that_waited_out_a_close_does_not_serve_the_old_copy(redis_serve
     assert e.value.reason == "closed"
 
 
+def test_a_fetch_waiting_through_the_shutdown_flush_takes_no_lease(redis_server):
+    """B's fetch waits for A's lease while B shuts down (flush(final=True)); A lets go
+    after that: B's fetch answers UNAVAILABLE instead of taking a lease that nobody would
+    release (the next replica would have waited it out), and a shut-down B fetches nothing."""
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=3.0)
+    sid, other = a.create("p").id, a.create("p").id
+    backend = a.replication.backend
+    outcome: list[BaseException | None] = []
+
+    def fetch():
+        try:
+            b.fetch(sid, "p")
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=fetch)
+    waiter.start()
+    time.sleep(0.3)  # B's fetch is waiting for A's lease
+    assert b.flush(final=True) == 0
+    a.flush()  # A lets go: the waiting fetch may try again now
+    waiter.join(5)
+    assert isinstance(outcome[0], Unavailable) and "shutting down" in str(outcome[0])
+    assert not backend.client.exists(backend.lease(sid)) and b.local(sid) is None
+    with pytest.raises(Unavailable, match="shutting down"):
+        b.fetch(other, "p")
+    assert not backend.client.exists(backend.lease(other))
+    a.fetch(sid, "p")  # a plain flush only lets go: A takes its session back
+    assert a.held(sid, "p")
+
+
 def test_recovering_from_an_outage_does_not_bring_back_what_ended_elsewhere(redis_server):
     """Only A saw Redis fail (degraded); meanwhile the client moved the session to B and
     closed it there, or closed it and made a new session with the same id. When Redis
