@@ -557,6 +557,7 @@ class RedisReplication:
         # to write back (_RESTORE) after an outage / empty restart / expired record; until
         # then served from memory without a lease
         self._pending: set[str] = set()
+        self._unleased: set[str] = set()  # forks made while degraded: let go once written back
         # closed/evicted sessions whose keys are still to delete: (id, incarnation) ->
         # (version, term, expire ms, "closed" | "evicted")
         self._drops: dict[tuple[str, str], tuple[int, int, int, str]] = {}
@@ -860,6 +861,8 @@ class RedisReplication:
         self._dirty[s.id] = 0
         if self.degraded:  # only in memory: written back when Redis is back
             self._pending.add(s.id)
+            if not keep_lease:
+                self._unleased.add(s.id)
             return
         try:
             with self._io:
@@ -903,6 +906,7 @@ class RedisReplication:
                     results[j] = self._lost(s, v)
                     continue
                 self._used.add(s.id)
+                self._unleased.discard(s.id)  # stepped here: its lease stays here
                 if v is None:
                     self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
                 else:
@@ -954,6 +958,15 @@ class RedisReplication:
             if row[-1] and v > 0 and self.store.local(row[0]) is not None:
                 self._pending.discard(row[0])  # written back: the lease is ours again
                 self._lease_until[row[0]] = t0 + 0.8 * self.lease_ttl
+        let_go = [row[0] for row, v in zip(rows, codes) if v > 0 and row[0] in self._unleased]
+        if let_go:  # forks made while degraded: released as `created` releases a fork's
+            self._unleased.difference_update(let_go)
+            for sid in let_go:
+                self._lease_until.pop(sid, None)
+            try:
+                self.backend.release(let_go, self.replica_id)
+            except self.backend.Error as e:  # written: the lease just lapses
+                log.warning("state store: releasing %d leases failed: %s", len(let_go), e)
         return codes
 
     def _row(self, s: Session, state: np.ndarray, position: int) -> tuple:
@@ -1037,6 +1050,7 @@ class RedisReplication:
         self._dirty.pop(s.id, None)
         self._used.discard(s.id)
         self._pending.discard(s.id)
+        self._unleased.discard(s.id)
         version, term = self._version.pop(s.id, -1), self._term.pop(s.id, -1)
         if reason in ("closed", "evicted"):
             expire_ms = record_expire_ms(s.ttl)

@@ -233,6 +233,35 @@ def test_fork_and_restore_are_written_at_once(redis_server):
         np.testing.assert_array_equal(b.read(s), x)
 
 
+def test_a_fork_made_while_redis_was_down_lets_go_of_the_child_once_written_back(redis_server):
+    """As a fork does when Redis is up: the child's write-back does not keep its lease (the
+    proxy routes the child by its own id, maybe to another replica, which would wait the
+    lease out); the parent's lease stays, and so does that of a child stepped here."""
+    rng = np.random.default_rng(15)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=0.3)
+    backend = a.replication.backend
+    sid = a.create().id
+    x = step(a, sid, rng)
+    a.replication._degrade(RuntimeError("test"))
+    child, used = a.fork(sid).id, a.fork(sid).id
+    y = step(a, used, rng)
+    a.replication._try_recover()
+    assert not a.replication.degraded
+    assert not backend.client.exists(backend.lease(child))
+    assert {backend.client.get(backend.lease(i)) for i in (sid, used)} == {b"A"}
+    t0 = time.monotonic()
+    b.fetch(child)
+    assert time.monotonic() - t0 < 0.2
+    s = b.get(child)
+    assert s.position == 1
+    np.testing.assert_array_equal(b.read(s), x)
+    with pytest.raises(SessionBusy):
+        b.fetch(used)
+    assert a.get(used).position == 2
+    np.testing.assert_array_equal(a.read(a.get(used)), y)
+
+
 def test_redis_down_keeps_serving_memory_then_recovers(redis_server):
     rng = np.random.default_rng(6)
     a = replica(redis_server, "A", lease_ttl=0.3)
