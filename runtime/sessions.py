@@ -296,16 +296,14 @@ class SessionStore:
             if not self._expired(held, self.clock()):
                 raise InvalidInput("session_id", f"{session_id!r} is already in use")
             self._remove(held, "evicted")  # past its TTL: evicted now, not at the next sweep
-        if not self._free:
-            self._evict_idle_locked()
+        limit = self.max_per_principal
+        if not self._free or (limit is not None and self._per_principal[principal] >= limit):
+            self._evict_idle_locked()  # past their TTL: evicted now, not at the next sweep
         if not self._free:
             raise LimitExceeded(
                 f"session store is full ({self.capacity} sessions; capacity={self.capacity})"
             )
-        if (
-            self.max_per_principal is not None
-            and self._per_principal[principal] >= self.max_per_principal
-        ):
+        if limit is not None and self._per_principal[principal] >= limit:
             raise LimitExceeded(
                 f"principal {principal!r} already has {self._per_principal[principal]} sessions "
                 f"(max_per_principal={self.max_per_principal})"

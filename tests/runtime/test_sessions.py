@@ -182,9 +182,14 @@ def test_capacity_and_per_principal_limits():
     clock.t += 11  # everything idle: a full store evicts idle sessions to make room
     s = store.create("r")
     assert len(store) == 1 and store.get(s.id, "r") is s
+    clock.t += 11  # r's session is idle: it does not count against max_per_principal
+    p1, p2 = store.create("r"), store.create("r")
+    with pytest.raises(SessionNotFound, match="evicted"):
+        store.get(s.id, "r")
+    assert store.get(p1.id, "r") is p1 and store.get(p2.id, "r") is p2
     # refused creates are not counted: created = live + closed + evicted
     st = store.stats()
-    assert st["created"] == len(store) + st["closed"] + st["evicted"] == 5
+    assert st["created"] == len(store) + st["closed"] + st["evicted"] == 7
 
 
 def test_bytes_per_session_is_S_times_4(engine):
