@@ -74,12 +74,24 @@ CHUNK_STATES = (
 )
 # optional prefill input int64 []: how many inputs are real (the last chunk may end in padding)
 LENGTH = "length"
+# manifest fields checked against the copy embedded in each graph (Engine._check_embedded)
+EMBEDDED_FIELDS = ("input_kind", "vocab_size", "d_input", "d_output", "state_size")
+GRAPH_FIELDS = ("chunk", "max_len")  # ... and these of graphs.<name>
 _ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
+
+
+def _array(value, field: str) -> np.ndarray:
+    """np.asarray, with a ragged nested list (rows of different lengths) refused naming
+    `field` instead of numpy's own ValueError."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise InvalidInput(field, f"must be a rectangular array: {e}") from e
 
 
 # onnxruntime runs a CUDA-graph session normally this many times (its default
@@ -271,10 +283,11 @@ class Engine:
                 graphs["prefill"]["file"], session_options(threads), prefill_providers
             )
             trim_heap()  # ORT frees the prefill's build-time tables but glibc keeps the pages
-            self._check_embedded(self._prefill_session, graphs["prefill"], "prefill")
+            self._check_embedded(self._prefill_session, "prefill")
             self.prefill_chunk = int(graphs["prefill"].get("chunk", 1))
             max_len = int(graphs["prefill"].get("max_len", 0)) or 4096
             self.prefill_max_len = max(self.prefill_chunk, max_len - max_len % self.prefill_chunk)
+        self._check_embedded(self._step_session, "step")
         self._check_graph(self._step_session, "step", time_axis=False)
         self.prefill_chunk_states = False  # the prefill graph reports chunk-end states
         self.prefill_any_length = False  # ... and takes `length` (graphs exported since)
@@ -345,23 +358,29 @@ class Engine:
             what = f"the slot graph of {path}" if model else path
             raise ModelError(f"onnxruntime cannot open {what}: {e}") from e
 
-    @staticmethod
-    def _check_embedded(session: ort.InferenceSession, entry: dict, name: str) -> None:
-        """The manifest's shape fields of a graph against the copy the exporter embedded in the
-        graph itself (metadata "ssmstream.manifest", covered by the graph's sha256): an edited
-        manifest.json must not make the runtime call the graph with the wrong chunk."""
+    def _check_embedded(self, session: ort.InferenceSession, name: str) -> None:
+        """The manifest's shape fields against the copy the exporter embedded in the graph
+        itself (metadata "ssmstream.manifest", covered by the graph's sha256): an edited
+        manifest.json must not make the runtime check inputs against another vocabulary, size
+        its outputs wrong or call the graph with the wrong chunk."""
         text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if not text:
             return  # a graph written without it (by hand, or by an older exporter)
+        entry = self.manifest["graphs"][name]
         try:
-            own = json.loads(text)["graphs"][name]
-        except (ValueError, KeyError, TypeError):
+            own = json.loads(text)
+            graph = own["graphs"].get(name, {})
+            fields = [(k, self.manifest.get(k), own[k]) for k in EMBEDDED_FIELDS if k in own]
+            fields += [
+                (f"graphs.{name}.{k}", entry.get(k), graph[k]) for k in GRAPH_FIELDS if k in graph
+            ]
+        except (ValueError, KeyError, TypeError, AttributeError):
             return
-        for key in ("chunk", "max_len"):
-            if key in own and entry.get(key) != own[key]:
+        for key, given, exported in fields:
+            if given != exported:
                 raise ModelError(
-                    f"manifest.json: graphs.{name}.{key} is {entry.get(key)!r}, the {name} graph "
-                    f"was exported with {own[key]!r}: the manifest was edited; re-export the model"
+                    f"manifest.json: {key} is {given!r}, the {name} graph was exported with "
+                    f"{exported!r}: the manifest was edited; re-export the model"
                 )
 
     def _check_graph(self, sess: ort.InferenceSession, name: str, time_axis: bool) -> None:
@@ -452,7 +471,7 @@ class Engine:
         dimensions in messages (default "B" / "B, T"; the Batcher checks one request, "T").
         Returns a C-contiguous int64 / float32 (the graph's input dtype) array.
         """
-        x = np.asarray(inputs)
+        x = _array(inputs, field)
         if x.dtype == np.int64 and x.ndim == (2 if time_axis else 1) and x.size:
             # fast path for the common case: int64 tokens of the right rank
             if self.input_kind == "tokens" and x.flags.c_contiguous:
@@ -492,7 +511,7 @@ class Engine:
 
     def check_states(self, states, batch: int, field: str = "states") -> np.ndarray:
         """float32 [batch, S] (C-contiguous; converted if needed) or InvalidInput."""
-        s = np.asarray(states)
+        s = _array(states, field)
         if s.dtype == np.float32 and s.shape == (batch, self.state_size) and s.flags.c_contiguous:
             return s
         if s.shape != (batch, self.state_size):
@@ -531,6 +550,7 @@ class Engine:
             if out is None:
                 y, s_new = self._step_session.run(None, {"input": x, "state": s})
                 return y, s_new
+            self._check_buffers(out)
             if B > out.max_batch:
                 raise InvalidInput("out", f"holds {out.max_batch} streams, the batch has {B}")
             if np.may_share_memory(s, out.new_states):
@@ -546,6 +566,10 @@ class Engine:
             raise
         except Exception as e:  # onnxruntime's own exception types (Fail, RuntimeException, ...)
             raise EngineFailure(f"step graph failed for batch {B}: {e}") from e
+
+    def _check_buffers(self, out: StepBuffers) -> None:
+        if not isinstance(out, StepBuffers) or out.engine is not self:
+            raise InvalidInput("out", "must be StepBuffers of this engine (step_buffers())")
 
     def step_slots(
         self, inputs, slots, slab: StateSlab, out: StepBuffers | None = None
@@ -571,6 +595,8 @@ class Engine:
             self.device, self.device_id, self.state_size
         ):  # fmt: skip
             raise InvalidInput("slab", f"{slab!r} is not a slab of this engine ({self.device})")
+        if out is not None:
+            self._check_buffers(out)
         buf = out if out is not None else StepBuffers(self, B)
         if B > buf.max_batch:
             raise InvalidInput("out", f"holds {buf.max_batch} streams, the batch has {B}")
@@ -725,8 +751,9 @@ class Engine:
 
         Args:
             prompt: at least one token id not yet fed to `state` (sampling starts from
-                the logits of the last one). To continue after a generate, send its last
-                yielded token: the state holds everything before it.
+                the logits of the last one); a single id may be given as an int. After a
+                generate the state holds every yielded token too: to continue, send only
+                tokens that came after them.
             state: None (start from zeros) or a float32 [S] / [1, S] array, updated in place:
                 once iteration has started and the iterator ends or is closed, it holds the
                 state after the prompt and every token yielded (the step for the last one
@@ -739,9 +766,16 @@ class Engine:
         """
         if self.input_kind != "tokens":
             raise InvalidInput("prompt", "generate needs a token model; this model takes values")
-        if not isinstance(prompt, np.ndarray):
+        if isinstance(prompt, (int, np.integer)) and not isinstance(prompt, bool):
+            prompt = [prompt]
+        elif not isinstance(prompt, (np.ndarray, Iterable)):
+            raise InvalidInput("prompt", f"must be token ids, got {type(prompt).__name__}")
+        elif not isinstance(prompt, np.ndarray):
             prompt = list(prompt)
-        p = self.check_inputs(np.asarray(prompt)[None], "prompt", time_axis=True)  # [1, T]
+        prompt = _array(prompt, "prompt")
+        if prompt.ndim != 1:
+            raise InvalidInput("prompt", f"must be one sequence of token ids, got {prompt.shape}")
+        p = self.check_inputs(prompt[None], "prompt", time_axis=True)  # [1, T]
         config = GenerateConfig.check(
             self.vocab_size, max_new_tokens, temperature, top_k, top_p, seed, stop
         )

@@ -21,6 +21,7 @@ Dimension letters: V vocabulary size, T prompt length.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,8 @@ class GenerateConfig:
                 "top_k", f"must be in [0, vocab_size={vocab_size}] (0: off), got {top_k}"
             )
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        if not isinstance(stop, Iterable):
+            raise InvalidInput(stop_field, f"must be an iterable of token ids, got {stop!r}")
         stop = list(itertools.islice(stop, vocab_size + 1))  # any iterable; never more
         if len(stop) > vocab_size:
             raise InvalidInput(stop_field, f"has more than vocab_size={vocab_size} tokens")

@@ -225,6 +225,24 @@ def test_bad_states_and_arguments(tok_engine):
     assert not np.allclose(y64, y_zero)  # the state's values mattered
     y0, _ = eng.step(3, eng.new_state())  # a scalar token is a batch of one
     np.testing.assert_array_equal(y0, y_zero)
+    # ragged nested lists (prompts of different lengths, a short state row) name the field
+    S = eng.state_size
+    for call, field in (
+        (lambda: eng.prefill([[1, 2], [3]], eng.new_state(2)), "inputs"),
+        (lambda: eng.step([[1], [2, 3]], eng.new_state(2)), "inputs"),
+        (lambda: eng.step([1, 2], [[0.0] * S, [0.0] * (S - 1)]), "states"),
+    ):
+        with pytest.raises(InvalidInput, match="rectangular") as e:
+            call()
+        assert e.value.field == field
+    # StepBuffers hold IOBindings of the engine that made them: another engine's are refused
+    other = Engine(eng.model_dir, device="cpu").step_buffers(2)
+    with pytest.raises(InvalidInput, match="this engine") as e:
+        eng.step(np.array([1, 2]), eng.new_state(2), out=other)
+    assert e.value.field == "out"
+    with pytest.raises(InvalidInput, match="this engine") as e:
+        eng.step_slots(np.array([1]), [0], eng.new_slab(2), out=other)
+    assert e.value.field == "out"
 
 
 def test_engine_failure_is_wrapped(toy_tok, monkeypatch):
@@ -381,15 +399,17 @@ def test_generate_nothing_still_consumes_the_prompt_into_the_state(tok_engine):
 
 def test_an_edited_or_malformed_manifest_is_refused_naming_the_field(tiny_token_model, tmp_path):
     """A manifest whose prefill chunk or max_len differs from what the graph was exported
-    with (the graph carries its own copy) would make the runtime pad and cut prompts wrong:
-    refused when the model opens; a graph entry without file/sha256 or a bad chunk is a
-    ModelError, not a KeyError or ZeroDivisionError."""
+    with (the graph carries its own copy) would make the runtime pad and cut prompts wrong,
+    one whose vocab_size or d_output does would check tokens against another vocabulary or
+    size outputs wrong: refused when the model opens (by the step graph's copy too); a graph
+    entry without file/sha256 or a bad chunk is a ModelError, not a KeyError or
+    ZeroDivisionError."""
 
     def edited(change):
         d = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
         shutil.copytree(tiny_token_model["model_dir"], d)
         m = json.loads((d / "manifest.json").read_text())
-        change(m["graphs"])
+        change(m)
         (d / "manifest.json").write_text(json.dumps(m))
         return d
 
@@ -397,11 +417,17 @@ def test_an_edited_or_malformed_manifest_is_refused_naming_the_field(tiny_token_
         "prefill"
     ]["chunk"]
     for change, words in (
-        (lambda g: g["prefill"].update(chunk=2 * chunk), "graphs.prefill.chunk"),
-        (lambda g: g["prefill"].update(max_len=8 * chunk), "graphs.prefill.max_len"),
-        (lambda g: g["prefill"].update(chunk=0), "graphs.prefill.chunk"),
-        (lambda g: g["step"].pop("sha256"), "graphs.step"),
-        (lambda g: g.update(step=["step.onnx"]), "graphs.step"),
+        (lambda m: m["graphs"]["prefill"].update(chunk=2 * chunk), "graphs.prefill.chunk"),
+        (lambda m: m["graphs"]["prefill"].update(max_len=8 * chunk), "graphs.prefill.max_len"),
+        (lambda m: m["graphs"]["prefill"].update(chunk=0), "graphs.prefill.chunk"),
+        (lambda m: m["graphs"]["step"].pop("sha256"), "graphs.step"),
+        (lambda m: m["graphs"].update(step=["step.onnx"]), "graphs.step"),
+        (lambda m: m.update(vocab_size=30), "vocab_size is 30, the prefill graph"),
+        (lambda m: m.update(d_output=30), "d_output is 30, the prefill graph"),
+        (
+            lambda m: (m.update(vocab_size=30), m["graphs"].pop("prefill")),
+            "vocab_size is 30, the step",
+        ),
     ):
         with pytest.raises(ModelError, match=words.replace(".", r"\.")):
             Engine(edited(change), device="cpu")
@@ -418,9 +444,16 @@ def test_generate_bad_arguments(tok_engine, sig_engine):
         tok_engine.generate([1], top_p=0.0)
     with pytest.raises(InvalidInput, match="state"):
         tok_engine.generate([1], state=np.zeros(3, dtype=np.float32))
-    for stop in ([99], ["a"], [1.5]):
+    for stop in ([99], ["a"], [1.5], 5, None):
         with pytest.raises(InvalidInput, match="stop"):
             tok_engine.generate([1], stop=stop)
+    for prompt in (None, [[1], [2, 3]], np.array([[1, 2]]), 1.5):
+        with pytest.raises(InvalidInput) as e:
+            tok_engine.generate(prompt)
+        assert e.value.field == "prompt"
+    # a single id is a one-token prompt, as a scalar token is a batch of one for step
+    one = list(tok_engine.generate(np.int64(5), max_new_tokens=3, temperature=0))
+    assert one == list(tok_engine.generate([5], max_new_tokens=3, temperature=0))
     with pytest.raises(InvalidInput, match="token model"):
         sig_engine.generate([1])
 
