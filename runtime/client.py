@@ -155,6 +155,18 @@ def generate_request(
     return req
 
 
+def create_request(
+    session_id: str, ttl: float = 0.0, snapshot: bytes = b"", prompt: Sequence[int] = ()
+) -> pb.CreateSessionRequest:
+    """A CreateSessionRequest; ValueError naming the argument, as generate_request."""
+    return pb.CreateSessionRequest(
+        session_id=session_id,
+        ttl_seconds=_number("ttl", ttl),
+        snapshot=snapshot,
+        prompt=_ints("prompt", prompt),
+    )
+
+
 def _pem(value: str | os.PathLike | bytes | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -208,22 +220,26 @@ class _Base:
         return (*self.metadata, ("x-session-id", session_id)) if session_id else self.metadata
 
 
-_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+# FAILED_PRECONDITION is also the code of permanent refusals (a snapshot of another model,
+# Generate on a values model): only these (the server's SessionBusy) pass once retried
+_BUSY = ("held by replica", "attached to an open", "in flight")
 
 
 def resumable_error(e: grpc.RpcError) -> bool:
     """True for the errors after which a session may be resumed (docs/scaleout.md): its
     replica is gone or draining (UNAVAILABLE), another replica still holds its lease
-    (FAILED_PRECONDITION "held by replica"; not "another model": a replica serving another
-    model, as in a rolling update, refuses it every time), or a proxy reset the Stream whose
+    (FAILED_PRECONDITION "held by replica"; the session's last Stream is still attached
+    there, or a step of it is in flight; not the permanent ones, such as "another model": a
+    replica serving another model, as in a rolling update, refuses it every time), or a
+    proxy reset the Stream whose
     replica died (INTERNAL "RST_STREAM"; grpc.aio then fails the next write with "Internal
     error from Core"). Resume by reading the session's position (`snapshot()`) and sending
     from there."""
-    details = e.details() or ""
-    if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "another model" in details:
-        return False
-    return e.code() in _RESUMABLE or (
-        e.code() == grpc.StatusCode.INTERNAL and ("RST_STREAM" in details or "from Core" in details)
+    details, code = e.details() or "", e.code()
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return any(words in details for words in _BUSY)
+    return code == grpc.StatusCode.UNAVAILABLE or (
+        code == grpc.StatusCode.INTERNAL and ("RST_STREAM" in details or "from Core" in details)
     )
 
 
@@ -260,9 +276,7 @@ class Client(_Base):
         server's prefix cache: `cached_tokens` of the returned handle says how many)."""
         session_id = choose_session_id(session_id)
         s = self.stub.CreateSession(
-            pb.CreateSessionRequest(
-                session_id=session_id, ttl_seconds=ttl, snapshot=snapshot, prompt=list(prompt)
-            ),
+            create_request(session_id, ttl, snapshot, prompt),
             **self._kw(session_id),
         )
         return ClientSession(self, s.session_id, s.position, s.cached_tokens)
@@ -274,7 +288,9 @@ class Client(_Base):
     def restore(self, snapshot: bytes, session_id: str = "", ttl: float = 0.0) -> ClientSession:
         session_id = choose_session_id(session_id)
         s = self.stub.RestoreSession(
-            pb.RestoreRequest(snapshot=snapshot, session_id=session_id, ttl_seconds=ttl),
+            pb.RestoreRequest(
+                snapshot=snapshot, session_id=session_id, ttl_seconds=_number("ttl", ttl)
+            ),
             **self._kw(session_id),
         )
         return ClientSession(self, s.session_id, s.position)
@@ -307,7 +323,8 @@ class ClientSession:
         """Return the session to an earlier position within the server's rewind window;
         returns it (OUT_OF_RANGE outside the window)."""
         s = self.client.stub.RewindSession(
-            pb.RewindRequest(session_id=self.id, position=position), **self.client._kw(self.id)
+            pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1)),
+            **self.client._kw(self.id),
         )
         self.position = s.position
         return s.position
@@ -441,9 +458,7 @@ class AsyncClient(_Base):
         """As Client.create_session."""
         session_id = choose_session_id(session_id)
         s = await self.stub.CreateSession(
-            pb.CreateSessionRequest(
-                session_id=session_id, ttl_seconds=ttl, snapshot=snapshot, prompt=list(prompt)
-            ),
+            create_request(session_id, ttl, snapshot, prompt),
             **self._kw(session_id),
         )
         return AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
@@ -456,7 +471,9 @@ class AsyncClient(_Base):
     ) -> AsyncClientSession:
         session_id = choose_session_id(session_id)
         s = await self.stub.RestoreSession(
-            pb.RestoreRequest(snapshot=snapshot, session_id=session_id, ttl_seconds=ttl),
+            pb.RestoreRequest(
+                snapshot=snapshot, session_id=session_id, ttl_seconds=_number("ttl", ttl)
+            ),
             **self._kw(session_id),
         )
         return AsyncClientSession(self, s.session_id, s.position)
@@ -487,7 +504,8 @@ class AsyncClientSession:
     async def rewind(self, position: int) -> int:
         """As ClientSession.rewind."""
         s = await self.client.stub.RewindSession(
-            pb.RewindRequest(session_id=self.id, position=position), **self.client._kw(self.id)
+            pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1)),
+            **self.client._kw(self.id),
         )
         self.position = s.position
         return s.position
@@ -661,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = _ids(a.stop, "--stop", parser)
     if a.rewind_to is not None and not a.session:  # before any call to the server
         parser.error("--rewind-to needs --session")
+    if a.rewind_to is not None and a.rewind_to < 0:
+        parser.error(f"--rewind-to: must be a position >= 0, got {a.rewind_to}")
     try:  # the sampling flags, checked as the request will be, before any call
         generate_request("", [], a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stop)
     except ValueError as e:

@@ -1,10 +1,14 @@
 """Prometheus metrics of one server (prometheus-client), served over HTTP on --metrics-port.
 
     ssmstream_tokens_total{rpc}            inputs consumed (Generate: its prompt and the
-                                           generated tokens fed back) (counter)
+                                           generated tokens fed back; CreateSession: its
+                                           prompt) (counter)
     ssmstream_tokens_per_second            inputs/s over the last WINDOW seconds (gauge)
     ssmstream_requests_total{rpc}          Step requests / Stream messages / Generate calls …
     ssmstream_errors_total{code}           RPCs that ended with a non-OK status, by code
+                                           (those the server answers: grpc refuses a
+                                           message over --max-message-bytes and calls over
+                                           --max-concurrent-rpcs itself, uncounted)
     ssmstream_request_latency_seconds{rpc} wall time of one request, per-token for streams
     ssmstream_batch_size                   sessions per onnxruntime call (histogram; a
                                            prefill or a rewind's replay counts as one call)
@@ -29,6 +33,7 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -73,9 +78,11 @@ class _RateWindow:
         with self.lock:
             self._trim(int(now))
             total = sum(c for _, c in self.bins)
-            if self._second > now - self.window:
+            if self._second > int(now) - self.window:  # the bin being filled, kept as _trim does
                 total += self._count
-        span = min(self.window, max(now - self.start, 1e-9))
+        # the kept bins cover whole seconds from the oldest one not trimmed, up to now
+        covered = now - (math.floor(int(now) - self.window) + 1)
+        span = min(covered, max(now - self.start, 1e-9))
         return total / span
 
     def _trim(self, now: int) -> None:

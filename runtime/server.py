@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -75,17 +76,21 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 def check_bindable(host: str, port: int, field: str = "port") -> None:
-    """InvalidInput naming the flag and the address when nothing can listen on it (port 0:
-    any port will do)."""
-    if port == 0:
-        return
+    """InvalidInput naming the flag and the address when nothing can listen on it: `host`
+    when it does not resolve or is not this machine's, else `field` (port 0: any port will
+    do, only the host is checked)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, addr = infos[0]
+    except OSError as e:
+        raise InvalidInput("host", f"cannot listen on {host}: {e.strerror or e}") from None
+    family, kind, proto, _, addr = infos[0]
+    try:
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
             s.bind(addr)
     except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:  # an address of another machine
+            field = "host"
         raise InvalidInput(field, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
@@ -126,6 +131,8 @@ def check_files(config: ServerConfig) -> None:
             ) from None
     if c.port_file and not Path(c.port_file).absolute().parent.is_dir():
         raise InvalidInput("port_file", f"{Path(c.port_file).parent} is not a directory")
+    if c.port_file and Path(c.port_file).is_dir():
+        raise InvalidInput("port_file", f"{c.port_file} is a directory, not a file")
 
 
 def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
@@ -434,9 +441,13 @@ def _write_port_file(path: str, port: int, metrics_port: int | None) -> str:
     info = {"port": port, "metrics_port": metrics_port, "pid": os.getpid()}
     text = json.dumps({**info, "instance": secrets.token_hex(8)})
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return text
 
 

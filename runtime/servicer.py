@@ -211,6 +211,8 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             request.snapshot,
             request_arrays(request.prompt, ())[0],
         )
+        if request.prompt:
+            self.metrics.count_tokens("CreateSession", len(request.prompt))
         return session_message(s, cached)
 
     @grpc_errors

@@ -726,7 +726,8 @@ class SessionStore:
 
         All or nothing: a corrupt file (InvalidInput), another model's file (ModelError),
         an id already live here (InvalidInput) or too little room (LimitExceeded)
-        raises before any session is added. Loaded sessions start a fresh idle timer.
+        raises before any session is added. Loaded sessions start a fresh idle timer; their
+        TTL is at most this store's `ttl` (a server restarted with a lower --session-ttl).
         """
         if self.replication is not None:  # its sessions live in the shared store
             raise InvalidInput(
@@ -747,7 +748,7 @@ class SessionStore:
                     check_session_id(str(e["id"])),
                     str(e["principal"]),
                     int(e["position"]),
-                    _check_ttl(e["ttl"]),
+                    min(_check_ttl(e["ttl"]), self.ttl),
                     str(e["incarnation"]),
                 )
                 for e in header["sessions"]

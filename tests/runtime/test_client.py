@@ -11,6 +11,7 @@ from ssmstream.runtime.client import (
     AsyncClient,
     Client,
     channel_credentials,
+    create_request,
     generate_request,
     step_request,
 )
@@ -208,6 +209,17 @@ def test_client_side_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match="^client_cert/client_key: "):
         channel_credentials(client_cert=b"pem")
     assert channel_credentials() is None
+    # the session calls check theirs before sending (port 1: nothing is ever sent)
+    with Client("127.0.0.1:1", timeout=5) as c:
+        for call, field in (
+            (lambda: c.session("s").rewind(-1), "position"),
+            (lambda: c.create_session(prompt=[1.5]), "prompt"),
+            (lambda: c.create_session(ttl="soon"), "ttl"),
+            (lambda: c.restore(b"snap", ttl=None), "ttl"),
+        ):
+            with pytest.raises(ValueError, match=f"^{field}: "):
+                call()
+    assert list(create_request("s", 2, b"", b"hi").prompt) == [104, 105]
 
 
 def test_resumable_error_names_the_errors_a_failover_causes():
@@ -235,6 +247,17 @@ def test_resumable_error_names_the_errors_a_failover_causes():
     assert not resumable_error(  # a replica of another model refuses it every time
         Err(S.FAILED_PRECONDITION, "snapshot belongs to another model (sha 'ab'…)")
     )
+    # FAILED_PRECONDITION resumes only the server's SessionBusy, never its ModelError
+    for busy in (
+        "session 'x' is attached to an open Stream",
+        "session 'x' changed on another replica while a step of it is in flight here; retry",
+    ):
+        assert resumable_error(Err(S.FAILED_PRECONDITION, busy))
+    for permanent in (
+        "Generate needs a token model; this model takes values (use Step)",
+        "snapshot has state size 64, this model has 128",
+    ):
+        assert not resumable_error(Err(S.FAILED_PRECONDITION, permanent))
 
 
 @pytest.mark.parametrize(
@@ -246,6 +269,7 @@ def test_resumable_error_names_the_errors_a_failover_causes():
         (["--stop", "99999999999999999999"], "stop: "),
         (["--tls-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
         (["--tls-cert", "/etc/hostname"], "client_cert/client_key: "),
+        (["--session", "s", "--rewind-to", "-1"], "--rewind-to: "),
     ],
 )
 def test_generate_cli_bad_flags_are_usage_errors_before_any_call(flags, words, capsys):

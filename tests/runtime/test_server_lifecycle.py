@@ -81,6 +81,8 @@ def test_metrics_count_what_happened(server):
         s.close()
         assert len(list(c.generate([1, 2], max_new_tokens=4, temperature=0.0))) == 4
         generated = scrape(server.server.metrics_port)
+        c.create_session(prompt=[3, 1, 4, 1, 5]).close()  # its prompt is consumed too
+        created = scrape(server.server.metrics_port)
 
     def delta(key):
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -95,6 +97,7 @@ def test_metrics_count_what_happened(server):
     assert g('ssmstream_requests_total{rpc="Generate"}') == 1
     assert g('ssmstream_tokens_total{rpc="Generate"}') == 2 + 3
     assert g('ssmstream_request_latency_seconds_count{rpc="Generate"}') == 4
+    assert created.get('ssmstream_tokens_total{rpc="CreateSession"}') == 5
     assert delta('ssmstream_errors_total{code="NOT_FOUND"}') == 1
     assert after["ssmstream_tokens_per_second"] > 0
     assert after["ssmstream_sessions_capacity"] == 1024
@@ -250,12 +253,15 @@ def _start(config: ServerConfig, engine=None):
 def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, tmp_path):
     """Checked before the engine loads: TLS material that does not load, a --state-dir the
     server cannot write (its sessions would be lost at SIGTERM), a --port-file directory
-    that does not exist, a --metrics-port in use; each an error naming the flag."""
+    that does not exist or a --port-file that is a directory, a --metrics-port in use, a
+    --host that does not resolve or is not this machine's (also with --port 0); each an
+    error naming the flag, and no file left behind."""
     import socket
 
     model = str(tiny_token_model["model_dir"])
     (tmp_path / "garbage.pem").write_text("not a certificate")
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -264,15 +270,29 @@ def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, t
          "tls_cert/tls_key: cannot load"),
         (dict(state_dir=str(tmp_path / "a-file" / "state")), "state_dir: cannot write"),
         (dict(port_file=str(tmp_path / "missing" / "pf.json")), "port_file: "),
+        (dict(port_file=str(tmp_path / "a-dir")), "port_file: "),
         (dict(metrics_port=taken.getsockname()[1]), "metrics_port: cannot listen"),
+        (dict(host="no-such-host.invalid"), "host: cannot listen"),
+        (dict(host="no-such-host.invalid", port=50999), "host: cannot listen"),
+        (dict(host="192.0.2.1", port=50999), "host: cannot listen"),  # TEST-NET: not ours
     ]  # fmt: skip
     try:
         for kw, words in cases:
-            srv, err = _start(ServerConfig(model_dir=model, port=0, device="cpu", **kw))
+            srv, err = _start(
+                ServerConfig(**{"model_dir": model, "port": 0, "device": "cpu", **kw})
+            )
             assert words in str(err), (kw, err)
             assert srv.engine is None  # refused before the slow part
     finally:
         taken.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "garbage.pem"]
+    assert not any((tmp_path / "a-dir").iterdir())
+    # a port file that cannot be written after all (made a directory since) leaves no temp
+    from ssmstream.runtime.server import _write_port_file
+
+    with pytest.raises(OSError):
+        _write_port_file(str(tmp_path / "a-dir"), 1234, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "garbage.pem"]
 
 
 def test_a_start_that_fails_after_binding_closes_its_port_and_saves_nothing(

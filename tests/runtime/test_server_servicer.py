@@ -152,7 +152,21 @@ def test_rate_window_counts_the_last_seconds():
     for second, n in events.items():
         now[0] = second + 0.5
         rate.add(n)
-    now[0] = 115.9  # the window is the bins of seconds 106..115
-    assert rate.rate() == pytest.approx((3 + 2 + 4) / 10)
+    now[0] = 115.9  # the window is the bins of seconds 106..115: 9.9 s up to now
+    assert rate.rate() == pytest.approx((3 + 2 + 4) / 9.9)
     now[0] = 130.0
     assert rate.rate() == 0.0
+
+
+def test_rate_window_reads_a_steady_rate_wherever_in_the_second_it_is_read():
+    """100 events/s read at any fraction of a second read 100 (the bins kept cover
+    window - 1 s plus the current fraction; dividing by the window read 90 to 99.8)."""
+    now = [1000.0]
+    rate = _RateWindow(window=10, clock=lambda: now[0])
+    readings = []
+    for i in range(4000):  # one event every 10 ms for 40 s
+        now[0] = 1000.0 + i * 0.01
+        rate.add(1)
+        if i > 2000 and i % 37 == 0:
+            readings.append(rate.rate())
+    assert min(readings) > 98.5 and max(readings) < 101.5, (min(readings), max(readings))

@@ -422,6 +422,10 @@ def test_save_load_gives_identical_continuation(engine, tmp_path):
     with pytest.raises(SessionNotFound):
         fresh.get(a.id, "bob")
     assert make_store(engine).load(tmp_path / "empty") == 0
+    # restarted with a lower TTL: no loaded session keeps a longer one than the store allows
+    lower = make_store(engine, ttl=2.0)
+    lower.load(tmp_path)
+    assert lower.get(a.id, "alice").ttl == lower.get("bobs", "bob").ttl == 2.0
 
 
 def test_bad_saved_stores_are_refused_and_change_nothing(engine, tmp_path):
