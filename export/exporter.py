@@ -531,7 +531,8 @@ def export_network(
         raise ExportError(f"net must be an SSMNetwork, got {type(net).__name__}")
     out_dir = Path(out_dir).resolve()  # `.` and `..` have no name of their own
     name = cfg.name or out_dir.name
-    net = net.eval()
+    training = net.training  # the caller's network is left in its mode
+    net.eval()
     tmp = _prepare_out(out_dir, cfg.overwrite)
     try:
         graphs = build_graphs(net, cfg, tmp)
@@ -561,6 +562,8 @@ def export_network(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        net.train(training)
     log.info("exported %s to %s", name, out_dir)
     return out_dir
 

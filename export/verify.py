@@ -167,7 +167,9 @@ def verify_graphs(
         cases = [(out_p, out_s, state_p, state_s)]
         cases += [(None, None, ends_p[t], ends_s[t]) for t in ends_s if t in ends_p]
         lengths = [steps]
-        for T in (Q + 1, 3 * Q + 7, Q // 2 + 3):
+        # the runtime's three ways to end a prompt (Engine._prefill_span): whole chunks then
+        # steps (r < Q/4), whole chunks and a padded one in one call, a padded chunk alone
+        for T in (Q + 1, 2 * Q + Q // 4 + 1, Q // 2 + 3):
             xs = random_inputs(manifest, batch, T, rng)
             o1, s1, _ = run_steps(engine, xs, state_s)
             o2, s2 = engine.prefill(xs, state_s)

@@ -428,6 +428,14 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"cannot resume: {out} holds no checkpoint (config.json missing)")
     if not cfg.resume and (out / "config.json").is_file():
         raise ValueError(f"{out} already holds a checkpoint: pass resume=True / --resume")
+    if dist.is_main:  # before the slow parts
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"out: cannot create {out}: {e.strerror or e}") from None
+        if not cfg.resume and (out / LOG_FILE).exists():
+            log.info("%s: replacing the log of an earlier run that saved no checkpoint", out)
+            (out / LOG_FILE).unlink()
     if not cfg.resume:
         model_cfg = model_cfg if model_cfg is not None else default_model_config(cfg.task)
         check_model_for_task(model_cfg, cfg.task)
@@ -476,7 +484,6 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
     log_path = out / LOG_FILE
     eval_batches = batches.eval() if dist.is_main else []
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             _truncate_log(log_path, step)
         n_params = sum(p.numel() for p in net.parameters())

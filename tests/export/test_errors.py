@@ -131,3 +131,31 @@ def test_failing_parity_is_not_written(token_ckpt, token_model, tmp_path, monkey
     with pytest.raises(ExportError, match="fail their parity check, model not written"):
         export_model(token_ckpt, tmp_path / "out", verify_steps=64, **EXPORT)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_verify_fails_a_graph_wrong_only_after_whole_chunks_and_a_padded_one(tmp_path, monkeypatch):
+    """The parity check runs each way the runtime ends a prompt at any chunk, here 64:
+    whole chunks then steps, a padded chunk alone, and whole chunks with a padded one in one
+    call (a 150-input prompt). A graph whose state after such a call is wrong (its tail starts
+    from S_0 instead of S_{n-1}) is not written (lengths 65, 199 and 35 had passed it)."""
+    import torch
+    from ssmstream.export import export_network, exporter
+    from ssmstream.export.modules import PrefillSSM
+    from ssmstream.model import SSMConfig, SSMNetwork
+
+    forward = PrefillSSM.forward
+
+    def wrong_tail(self, u, X0):
+        y, S, tail = forward(self, u, X0)
+        return y, S, (tail[0], S[:, 0], tail[2])  # kernel path: (inputs, S_{n-1}, G)
+
+    monkeypatch.setattr(PrefillSSM, "forward", wrong_tail)
+    monkeypatch.setattr(exporter, "_CONVERTED", type(exporter._CONVERTED)())  # no cached graph
+    torch.manual_seed(7)
+    net = SSMNetwork(SSMConfig(vocab_size=23, d_model=8, n_layers=2, d_state=4)).eval()
+    assert not net.ssms[0].uses_mode_path
+    with pytest.raises(ExportError, match="fail their parity check") as e:
+        export_network(net, tmp_path / "out", chunk=64, max_chunks=3, verify_steps=192)
+    report = json.loads(str(e.value).split("\n", 1)[1])["prefill_vs_step"]
+    assert report["lengths"] == [192, 65, 2 * 64 + 16 + 1, 35] and not report["passed"]
+    assert not (tmp_path / "out").exists()

@@ -90,6 +90,25 @@ def test_manifest_describes_the_model(token_model, token_net):
     assert sl["other_rows_untouched"] and sl["steps"] == 16
 
 
+def test_export_network_leaves_a_training_network_training(tmp_path):
+    """Exporting a snapshot in the middle of training: the graph is the eval-mode network
+    (no dropout), and the caller's network keeps training (dropout on)."""
+    import copy
+
+    from ssmstream.export import export_network
+    from ssmstream.model import SSMConfig, SSMNetwork
+
+    torch.manual_seed(3)
+    net = SSMNetwork(SSMConfig(vocab_size=11, d_model=8, n_layers=2, d_state=4, dropout=0.5))
+    net.train()
+    out = export_network(net, tmp_path / "m", prefill=False, verify=False)
+    assert all(m.training for m in net.modules())
+    m = load_manifest(out)
+    x = random_inputs(m, 2, 12, seed=1)
+    got, _ = ort_steps(session(out / "step.onnx"), x, np.zeros((2, m["state_size"]), np.float32))
+    assert rel_err(got, torch_conv(copy.deepcopy(net).eval(), x)) < FP32_TOL
+
+
 def test_graph_io_contract(token_model, signal_model):
     for d, dtype in ((token_model, onnx.TensorProto.INT64), (signal_model, onnx.TensorProto.FLOAT)):
         m = load_manifest(d)

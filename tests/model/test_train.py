@@ -213,6 +213,8 @@ def test_resume_refuses_a_different_schedule_or_data_and_names_the_fields(traine
 
 def test_cli_signal_task(tmp_path, capsys):
     out = tmp_path / "sig"
+    out.mkdir()  # a run stopped before its first checkpoint left its log: a new run replaces it
+    (out / "train_log.jsonl").write_text(json.dumps({"step": 90, "loss": 5.0}) + "\n")
     argv = ["--task", "signal", "--rate", "4", "--duration", "8", "--steps", "6"]
     argv += ["--warmup-steps", "1", "--d-model", "8", "--n-layers", "1", "--d-state", "4"]
     argv += ["--batch-size", "2", "--no-progress", "--out", str(out), "--target", "delay"]
@@ -223,6 +225,8 @@ def test_cli_signal_task(tmp_path, capsys):
     meta = json.loads((out / "config.json").read_text())
     assert meta["train"]["signal"]["target"] == "delay" and meta["train"]["signal"]["rate"] == 4
     assert set(meta["eval"]) == {"loss"}
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()]
+    assert steps and 90 not in steps and steps == sorted(steps)
 
 
 def test_ssmstream_train_help(capsys):
@@ -276,6 +280,7 @@ def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     cases = [
         (["--out", str(tmp_path / "a-file")], "is a file; give a directory"),
+        (["--out", str(tmp_path / "a-file" / "ckpt")], "out: cannot create"),
         (["--data", str(tmp_path / "empty")], "empty corpus"),
         (["--data", str(tmp_path / "missing")], "does not exist"),
         (["--out", str(result.checkpoint)], "already holds a checkpoint"),
