@@ -114,7 +114,8 @@ class StreamingInferenceServicer:
 
     def Step(self, request, context):
         """Feeds 1..T inputs to one session and returns the selected outputs (unary).
-        T > 1 runs the parallel prefill graph when the model has one.
+        Longer inputs run through the parallel prefill graph when the model has one (a few
+        inputs, or a short remainder after whole prefill chunks, are stepped instead).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,8 +149,10 @@ class StreamingInferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SnapshotSession(self, request, context):
-        """The session's state, position and model hash as opaque bytes (restorable on any
-        server that runs the same model, also after a restart).
+        """The session's state, position and model hash as opaque bytes, signed: restorable on
+        any server that runs the same model with the same snapshot key (--snapshot-key, the
+        key in --state-dir, or the one a --state-store shares; without any, only on this
+        server process).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -680,10 +680,7 @@ class Batcher:
         error. The session's state and position change only when everything worked."""
         h, s = r.session.history, r.session
         if h is None:
-            return OutOfRange(
-                "position", f"session {s.id!r} has no rewind history (rewind is off, or it was "
-                "restored after a restart or moved from another replica)",
-            )  # fmt: skip
+            return OutOfRange("position", f"session {s.id!r} has no rewind history (rewind is off)")
         try:
             state, inputs = h.plan(r.rewind_to)  # [S], [n] | [n, d_in]
             if len(inputs):

@@ -95,6 +95,8 @@ class SessionService:
             else None
         )
         self._open_attachments: set[Attachment] = set()  # also those not yet attached
+        for s in store.sessions():  # loaded from --state-dir: their history starts here
+            self._track(s)
 
     # --- checks: the one place ---------------------------------------------------------
 
@@ -159,9 +161,13 @@ class SessionService:
     async def _session(self, session_id: str, principal: str) -> Session:
         """The live session `session_id` of `principal`, made local to this replica."""
         self._ref(session_id)
-        if not self.store.held(session_id, principal):
-            await self._fetch(session_id, principal)
-        return self.store.get(session_id, principal)
+        if self.store.held(session_id, principal):
+            return self.store.get(session_id, principal)
+        await self._fetch(session_id, principal)
+        s = self.store.get(session_id, principal)
+        if s.history is None:  # loaded from the shared store: its history starts here
+            self._track(s)  # (no step of it runs yet: the requests for it awaited the fetch)
+        return s
 
     async def _fetch(self, session_id: str, principal: str) -> None:
         """store.fetch in the fetch pool; requests that need the same session meanwhile
@@ -193,7 +199,8 @@ class SessionService:
             raise SessionBusy(f"session {s.id!r} is attached to an open {holder.rpc}")
 
     def _track(self, s: Session) -> Session:
-        """Give a session this service made its rewind History (when rewind is on)."""
+        """Give a session this service made, loaded or took over its rewind History (when
+        rewind is on), starting at its position."""
         if self.limits.rewind_window > 0:
             window, state = self.limits.rewind_window, self.store.read(s)
             if s.history is not None:

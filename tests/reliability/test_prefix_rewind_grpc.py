@@ -87,3 +87,24 @@ def test_generate_cli_rewinds_a_session(srv, client, toy):
     ref.feed([1, 2, 3])
     assert rc == 0 and [int(t) for t in out.getvalue().split()] == ref.greedy([4], 2)
     assert s.rewind(3) == 3
+
+
+def test_rewind_history_starts_again_after_a_restart(toy, tmp_path):
+    """A restart keeps the session, not its history: rewinds reach back to the position it
+    was loaded at, not before (they had found no history at all)."""
+    state_dir = str(tmp_path / "state")
+    tokens = [1, 2, 3, 4, 5]
+    with serve(toy, state_dir=state_dir, rewind_window=12) as a, Client(target(a)) as c:
+        s = c.create_session()
+        s.step(tokens=tokens[:3])
+        sid = s.id
+    with serve(toy, state_dir=state_dir, rewind_window=12) as b, Client(target(b)) as c:
+        s = c.session(sid, position=3)
+        assert s.step(tokens=tokens[3:]).position == 5
+        assert s.rewind(4) == 4
+        ref = Ref(toy)
+        ref.feed(tokens[:4])
+        assert_matches(s, ref)
+        assert s.rewind(3) == 3
+        code, msg = code_of(lambda: s.rewind(2))  # before the restart: not kept
+        assert code == C.OUT_OF_RANGE and msg.startswith("position: ")

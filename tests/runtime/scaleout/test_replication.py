@@ -1378,3 +1378,49 @@ def test_a_queued_delete_of_an_old_incarnation_runs_before_the_id_is_claimed(
     s = a.create(session_id="chat-1")
     assert s.live and a.local("chat-1") is s and r.counts["moved"] == 0
     assert r.backend.exists("chat-1")
+
+
+def test_a_session_taken_over_keeps_a_rewind_history_from_there(redis_server, toy_token_model):
+    """The service of the replica that takes a session over gives it a rewind history at
+    the position it moved at: rewinds reach back to there, not before (they found none)."""
+    import asyncio
+
+    from ssmstream.runtime.batcher import Batcher
+    from ssmstream.runtime.engine import Engine
+    from ssmstream.runtime.errors import OutOfRange
+    from ssmstream.runtime.service import ServiceLimits, SessionService
+
+    engine = Engine(toy_token_model["model_dir"], device="cpu", threads=1)
+
+    def service(name: str) -> SessionService:
+        replication = RedisReplication(
+            url=redis_server.url, persist_every="1", lease_ttl=0.4, replica_id=name
+        )
+        store = SessionStore(engine.state_size, 8, replication=replication, model_sha="sha-A")
+        batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0)
+        return SessionService(engine, store, batcher, ServiceLimits(rewind_window=16))
+
+    def after(tokens) -> np.ndarray:
+        _, s = engine.prefill(np.asarray(tokens, np.int64)[None], engine.new_state())
+        return s[0]
+
+    async def main():
+        a, b = service("A"), service("B")
+        await a.batcher.start()
+        await b.batcher.start()
+        s, _ = await a.create("p")
+        await a.step("p", s.id, [1, 2, 3])
+        a.store.flush()  # A lets go: B takes the session over at position 3
+        await b.step("p", s.id, [4, 5])
+        moved = b.store.get(s.id, "p")
+        for position in (4, 3):
+            await b.rewind("p", s.id, position)
+            np.testing.assert_allclose(
+                b.store.read(moved), after([1, 2, 3, 4][:position]), atol=1e-5
+            )
+        with pytest.raises(OutOfRange, match="position"):
+            await b.rewind("p", s.id, 2)
+        await a.batcher.close()
+        await b.batcher.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
