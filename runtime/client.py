@@ -333,9 +333,15 @@ class ClientSession:
         self, position: int, prompt: Sequence[int], **kw
     ) -> Iterator[pb.GenerateResponse]:
         """Rewind to `position`, then generate after `prompt` (pass another seed for another
-        continuation): the one call behind "regenerate this answer"."""
+        continuation): the one call behind "regenerate this answer". The arguments are
+        checked here; the rewind runs when iteration starts, as the Generate does."""
+        generate_request(self.id, prompt, **kw)
+        _count("position", position, 2**64 - 1)
+        return self._regenerate(position, prompt, kw)
+
+    def _regenerate(self, position: int, prompt, kw: dict) -> Iterator[pb.GenerateResponse]:
         self.rewind(position)
-        return self.generate(prompt, **kw)
+        yield from self.generate(prompt, **kw)
 
     def step(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         """Feed T inputs (unary Step); returns the selected outputs."""
@@ -352,6 +358,8 @@ class ClientSession:
         reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k) for x in inputs)
         for resp in self.client.stub.Stream(reqs, metadata=self.client._md(self.id)):
             r = StepResult.from_proto(resp)
+            if not self.id:  # the Stream created the session
+                self.id = r.session_id
             self.position = r.position
             yield r
 
@@ -518,10 +526,18 @@ class AsyncClientSession:
         self.position = r.position
         return r
 
-    async def regenerate(
+    def regenerate(
         self, position: int, prompt: Sequence[int], **kw
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """As ClientSession.regenerate: rewind to `position`, then generate after `prompt`."""
+        """As ClientSession.regenerate: rewind to `position`, then generate after `prompt`
+        (arguments checked here, the rewind when iteration starts)."""
+        generate_request(self.id, prompt, **kw)
+        _count("position", position, 2**64 - 1)
+        return self._regenerate(position, prompt, kw)
+
+    async def _regenerate(
+        self, position: int, prompt, kw: dict
+    ) -> AsyncIterator[pb.GenerateResponse]:
         await self.rewind(position)
         async for r in self.generate(prompt, **kw):
             yield r
@@ -538,6 +554,8 @@ class AsyncClientSession:
             reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k) for x in inputs)
         async for resp in self.client.stub.Stream(reqs, metadata=self.client._md(self.id)):
             r = StepResult.from_proto(resp)
+            if not self.id:  # the Stream created the session
+                self.id = r.session_id
             self.position = r.position
             yield r
 
@@ -589,10 +607,12 @@ class AsyncStreamHandle:
     async def send(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
-        await self._call.write(step_request(self.session.id, tokens, values, output, top_k))
-        resp = await self._call.read()
+        req = step_request(self.session.id, tokens, values, output, top_k)
+        if self._call.done():  # ended by an earlier request's error: raise that status
+            await self._call.read()
+        await self._call.write(req)
+        resp = await self._call.read()  # raises the stream's error status
         if resp is grpc.aio.EOF:
-            await self._call  # raises the stream's error status
             raise grpc.aio.UsageError("stream ended without a response")
         r = StepResult.from_proto(resp)
         if not self.session.id:

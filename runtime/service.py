@@ -451,7 +451,8 @@ class Attachment:
     """One Stream's (or Generate's) hold on one session.
 
     The first `step` attaches: to the session it names, or to a new one (`create`), which
-    is closed again if that first step fails (its id never reached the client). Later steps
+    is closed again if that first step fails, or at `detach` if its response was not
+    `delivered` (its id never reached the client). Later steps
     go to the same incarnation (NOT_FOUND once it is closed). `idle` is True while waiting
     for the client's next request; `on_drain` is called when the server drains meanwhile.
     """
@@ -460,6 +461,7 @@ class Attachment:
         self.service, self.principal, self.rpc, self.on_drain = service, principal, rpc, on_drain
         self.session: Session | None = None
         self.idle, self.drained = True, False
+        self._new: Session | None = None  # created by the first step, its id not yet out
 
     async def step(self, session_id: str, tokens=(), values=()) -> tuple:
         """(outputs [T, D], position); an empty session_id on the first step creates a
@@ -505,11 +507,18 @@ class Attachment:
                 svc._discard(s, self.principal)
             raise
         try:
-            return await svc.batcher.step(s, inputs)
+            result = await svc.batcher.step(s, inputs)
         except BaseException:  # also a cancel: the client never got the new id
             if create:  # the request that created the session failed: undo both
                 svc._discard(s, self.principal)
             raise
+        if create:
+            self._new = s
+        return result
+
+    def delivered(self) -> None:
+        """The response of the step that created the session is out: it stays at `detach`."""
+        self._new = None
 
     async def _rebind(self, bound: Session) -> Session:
         """The attached incarnation, for its next step (NOT_FOUND once it was closed)."""
@@ -526,6 +535,9 @@ class Attachment:
 
     def detach(self) -> None:
         self.service._open_attachments.discard(self)
+        if self._new is not None:  # cancelled before the new session's id got out
+            self.service._discard(self._new, self.principal)
+            self._new = None
         s = self.session
         if s is not None and self.service._attached.get((s.id, s.incarnation)) is self:
             del self.service._attached[s.id, s.incarnation]

@@ -266,6 +266,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 check_decoded(req)
                 outputs, position = await a.step(req.session_id, *self._check_request(req))
                 yield step_response(a.session.id, position, outputs, req)
+                a.delivered()
                 self.metrics.count_tokens("Stream", len(outputs))
                 self.metrics.observe_request("Stream", time.perf_counter() - t0)
                 if self.service.draining:  # do not wait for a next request that would be refused

@@ -1,0 +1,141 @@
+"""The clients' streaming calls against a real server: what a handle learns from a Stream, a
+Stream cancelled before its creating response got out, errors after a failed Stream, and
+regenerate's argument checks, the same in the sync and the async client."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+
+import grpc
+import pytest
+from ssmstream.runtime.auth import ANONYMOUS
+from ssmstream.runtime.client import AsyncClient, Client, step_request
+from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.server import BackgroundServer
+
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def serve(model_dir, **kw) -> BackgroundServer:
+    cfg = ServerConfig(model_dir=str(model_dir), port=0, device="cpu", grace=0.2, **kw)
+    return BackgroundServer(cfg)
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(scope="module")
+def srv(toy_token_model):
+    with serve(toy_token_model["model_dir"], rewind_window=64) as s:
+        yield s
+
+
+def target(srv) -> str:
+    return f"127.0.0.1:{srv.port}"
+
+
+def position_on_server(srv, sid: str) -> int:
+    return srv.server.store.get(sid, ANONYMOUS).position
+
+
+def test_a_stream_that_creates_the_session_gives_the_handle_its_id(srv):
+    """A handle without an id: the Stream creates a session, and the handle continues it."""
+    with Client(target(srv), timeout=10) as c:
+        s = c.session("")
+        created = list(s.stream([[1], [2], [3]]))[0].session_id
+        assert created and (s.id, s.position) == (created, 3)
+        assert s.step(tokens=[4]).position == 4
+        s.close()
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = c.session("")
+            created = [r async for r in s.stream([[1], [2], [3]])][0].session_id
+            assert created and (s.id, s.position) == (created, 3)
+            assert (await s.step(tokens=[4])).position == 4
+            await s.close()
+
+    asyncio.run(run())
+
+
+def test_a_stream_cancelled_while_its_creating_response_is_written_leaves_no_session(
+    make_toy, tmp_path
+):
+    """The creating request's step ran, its response (16 MiB, OUTPUT_ALL) is still being
+    written when the client cancels: the new session is closed again (its id never got out;
+    it had stayed until its TTL)."""
+    wide = make_toy(tmp_path / "wide", "tokens", d_out=4096)
+    with serve(wide["model_dir"]) as srv, Client(target(srv), timeout=10) as c:
+        store = srv.server.store
+        requests: queue.Queue = queue.Queue()
+        call = c.stub.Stream(iter(requests.get, None))
+        requests.put(step_request("", [1] * 1024, output="all"))  # 1024 x 4096 floats back
+        assert wait_until(lambda: len(store) == 1 and store.sessions()[0].position == 1024)
+        time.sleep(0.3)  # the response is being written; the client does not read it
+        call.cancel()
+        requests.put(None)
+        assert wait_until(lambda: srv.server.service.open_streams == 0)
+        assert wait_until(lambda: len(store) == 0)
+
+
+def test_a_send_after_the_stream_failed_raises_its_status_in_both_clients(srv):
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        with s.open_stream() as st:
+            st.send(tokens=[1])
+            with pytest.raises(grpc.RpcError):
+                st.send(tokens=[99])  # outside the vocabulary: ends the Stream
+            with pytest.raises(grpc.RpcError) as sync_err:
+                st.send(tokens=[2])
+        s.close()
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            async with s.open_stream() as st:
+                await st.send(tokens=[1])
+                with pytest.raises(grpc.RpcError):
+                    await st.send(tokens=[99])
+                with pytest.raises(grpc.RpcError) as e:  # was asyncio.InvalidStateError
+                    await st.send(tokens=[2])
+            await s.close()
+            return e.value
+
+    async_err = asyncio.run(run())
+    assert sync_err.value.code() == async_err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_regenerate_checks_its_arguments_before_it_rewinds(srv):
+    """A regenerate the client refuses changes nothing (it had rewound first), and a
+    regenerate not iterated yet has not rewound, in both clients (the sync one had)."""
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session(prompt=PROMPT)
+        with pytest.raises(ValueError, match="^temperature: "):
+            s.regenerate(3, [1], max_new_tokens=4, temperature="hot")
+        with pytest.raises(ValueError, match="^position: "):
+            s.regenerate(-1, [1])
+        pending = s.regenerate(3, [1], max_new_tokens=2, seed=0)
+        assert position_on_server(srv, s.id) == 10
+        assert [r.position for r in pending] == [4, 5]
+        s.close()
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session(prompt=PROMPT)
+            with pytest.raises(ValueError, match="^top_k: "):
+                s.regenerate(3, [1], max_new_tokens=4, top_k=-1)
+            pending = s.regenerate(3, [1], max_new_tokens=2, seed=0)
+            await asyncio.sleep(0.05)
+            assert position_on_server(srv, s.id) == 10
+            assert [r.position async for r in pending] == [4, 5]
+            await s.close()
+
+    asyncio.run(run())
