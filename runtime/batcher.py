@@ -345,6 +345,11 @@ class Batcher:
         sid = s.id
         if sid in self._busy:
             q = self._waiting.setdefault(sid, deque())
+            if len(q) >= self.max_queue_per_session:  # the cancelled ones make room first
+                for gone in [r for r in q if r.future.cancelled()]:
+                    q.remove(gone)
+                    self.store.unpin(s)
+                    self.stats.cancelled += 1
             if len(q) >= self.max_queue_per_session:
                 raise LimitExceeded(
                     f"session {sid!r} already has {len(q)} requests queued "

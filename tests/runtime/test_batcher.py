@@ -428,12 +428,18 @@ def test_queue_limit_close_and_arguments(toy_tok):
         await asyncio.sleep(0)
         with pytest.raises(LimitExceeded, match="max_queue_per_session"):
             await batcher.step(s, np.array([1]))
+        futs[2].cancel()  # a cancelled request waiting in the queue makes room
+        await asyncio.sleep(0)
+        futs[2] = asyncio.ensure_future(batcher.step(s, np.array([1])))
+        await asyncio.sleep(0)
+        cancelled = batcher.stats.cancelled
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0)
         with pytest.raises(Unavailable):
             await batcher.step(s, np.array([1]))
         await closing  # drains what was queued
         assert [f.result()[1] for f in futs] == [1, 2, 3]
+        assert cancelled == 1 and not store.local(s.id)._pins
 
     run(main())
     store = SessionStore(toy_tok.state_size)
