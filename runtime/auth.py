@@ -27,7 +27,9 @@ import grpc
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+# health Check stays open for load balancers and probes; Watch (a stream that never ends
+# by itself) needs a token: anonymous watches would take --max-concurrent-rpcs from clients
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/Check",)
 
 _principal: contextvars.ContextVar[str] = contextvars.ContextVar(
     "ssmstream_principal", default=ANONYMOUS
@@ -58,8 +60,11 @@ class TokenTable:
         if not path.is_file():
             raise ValueError(f"auth_tokens: {path} is not a file")
         tokens: dict[str, str] = {}
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            line = line.strip()
+        for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"auth_tokens: {path}:{n}: not valid UTF-8") from None
             if not line or line.startswith("#"):
                 continue
             parts = line.split()

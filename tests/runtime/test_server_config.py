@@ -186,11 +186,12 @@ def test_token_table_maps_tokens_to_principals(tmp_path):
         ("only-a-token\n", r":1: expected '<token> <principal>'"),
         ("tok alice\ntok bob\n", r":2: duplicate token"),
         ("# nothing\n", "empty"),
+        ("tok alice\ntok\xff bob\n", r":2: not valid UTF-8$"),  # no byte of it quoted
     ],
 )
 def test_bad_token_file_names_the_line_not_the_token(tmp_path, text, match):
     f = tmp_path / "tokens"
-    f.write_text(text)
+    f.write_bytes(text.encode("latin-1"))
     with pytest.raises(ValueError, match=match) as e:
         TokenTable.from_file(f)
     assert "tok " not in str(e.value) and "only-a-token" not in str(e.value)

@@ -117,6 +117,14 @@ def test_health_is_open_and_reflection_needs_a_token(auth_server):
         hs = health_pb2_grpc.HealthStub(ch)
         r = hs.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert r.status == health_pb2.HealthCheckResponse.SERVING
+        # Watch never ends by itself: without a token it would hold a concurrent-RPC slot
+        watch = hs.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        code, _ = code_of(lambda: next(watch))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        md = (("authorization", f"Bearer {BOB}"),)
+        watch = hs.Watch(health_pb2.HealthCheckRequest(service=""), metadata=md, timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         code, _ = code_of(lambda: list(refl.ServerReflectionInfo(iter([req]), timeout=10)))
