@@ -160,6 +160,12 @@ class History:
             if p - last >= self.chunk or (after is not None and after - last > self.chunk):
                 self._add(p, states[p], copy)
                 last = p
+                # each checkpoint more than Q past the one two before it (the bound): after
+                # a rewind the one between may not be; without it they are still ≤ Q apart
+                cp = self._checkpoints
+                if len(cp) >= 3 and p - cp[-3][0] <= self.chunk:
+                    self.budget.add(-cp[-2][1].nbytes)
+                    del cp[-2]
         self._trim()
 
     def step(

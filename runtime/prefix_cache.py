@@ -134,7 +134,10 @@ class PrefixCache:
             return 0
         added, data = 0, _tokens_bytes(prompt)
         for end, key in reversed(self._pieces(scope, data)):  # the first pieces evicted last
-            if key in self._entries or end not in states:
+            if key in self._entries:  # (a hit's pieces too: behind the ones added after them)
+                self._entries.move_to_end(key)
+                continue
+            if end not in states:
                 continue
             state, output = states[end]
             e = _Entry(data[: 8 * end], np.array(state, np.float32), np.array(output))

@@ -126,6 +126,11 @@ class SnapshotKey:
                 field,
                 _say(what, "is truncated (shorter than its header says) or was tampered with"),
             )
+        if size and len(data) > size:  # bytes appended (the key id is read from the end)
+            raise InvalidInput(
+                field,
+                _say(what, "is longer than its header says (bytes appended) or was tampered with"),
+            )
         key_id = data[-_TRAILER:-_MAC]
         if not hmac.compare_digest(key_id, self.id):
             raise InvalidInput(
@@ -235,7 +240,7 @@ def decode_session_file(key: SnapshotKey, data: bytes, path: Path) -> tuple[dict
         header = json.loads(data[_STORE_HEAD.size : o])
         S, n = int(header["state_size"]), len(header["sessions"])
         bad, size = None, o + 4 * n * S + _TRAILER
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
         bad, size = e, (o + _TRAILER if len(data) < o else 0)
     body = key.verify(data, "state_dir", what, size)
     if bad is not None:

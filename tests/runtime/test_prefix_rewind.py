@@ -132,6 +132,25 @@ def test_under_pressure_a_prompts_first_pieces_stay_longest():
     assert sorted(hit.states) == list(range(4, hit.tokens + 1, 4))
 
 
+def test_a_partly_cached_prompts_beginning_stays_longest_too():
+    """A prompt whose first pieces were cached by an earlier one: inserting it puts those
+    pieces behind its new ones in the LRU order, so pressure takes its last piece first and
+    a chain lookup still finds 12 of its 13 tokens (its first pieces had gone first)."""
+    a = np.arange(8) % V
+    b = np.r_[a, [3, 1, 4, 1, 5]]  # pieces 4, 8 (a's), 12, 13
+    states = {e: (np.zeros(S, np.float32), np.zeros(3, np.float32)) for e in (4, 8, 12, 13)}
+    all_b, other = PrefixCache(1 << 20, 4, "m"), PrefixCache(1 << 20, 4, "m")
+    all_b.insert("s", b, states)
+    other.insert("s", np.full(4, 9), {4: states[4]})
+    c = PrefixCache(all_b.bytes + other.bytes // 2, chunk=4, model_sha="m")  # b's, not more
+    c.insert("s", a, states)
+    assert c.lookup("s", b, chain=True, gap=4).tokens == 8
+    c.insert("s", b, states)
+    c.insert("s", np.full(4, 9), {4: states[4]})  # one piece too many: one goes
+    assert c.stats()["evictions"] == 1
+    assert c.lookup("s", b, chain=True, gap=4).tokens == 12
+
+
 def test_eviction_holds_the_byte_limit_least_recently_used_first():
     one = PrefixCache(1 << 20, 4, "m")
     one.insert("s", np.arange(4), {4: (np.zeros(S, np.float32), np.zeros(3, np.float32))})
@@ -414,20 +433,25 @@ def test_snapshot_fork_and_restore_of_a_session_with_history(engine):
     run(main())
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 13), min_size=1, max_size=60))
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-6, 13).filter(bool), min_size=1, max_size=60))
+@example([6, *[-3, 4] * 20])  # rewinds and prefills in turn: a begin state kept each time
 def test_checkpoints_are_at_most_a_chunk_apart_and_bounded(lengths):
     """Requests of any lengths (1: a step, more: a prefill with its states where it began,
-    at its chunk ends and at its end, as the batcher records them): no two checkpoints are
-    more than Q apart (a rewind replays fewer than Q inputs), and the bytes stay within
-    max_bytes."""
+    at its chunk ends and at its end, as the batcher records them; < 0: a rewind that many
+    inputs back, within the window): no two checkpoints are more than Q apart (a rewind
+    replays fewer than Q inputs), and the bytes stay within max_bytes."""
     W, Q = 16, 4
     h = History(window=W, chunk=Q, position=0, state=np.zeros(S, np.float32))
     bound = History.max_bytes(W, Q, S, 8)
     position = 0
     for T in lengths:
         end = position + T
-        if T == 1:
+        if T < 0:
+            end = max(end, h.oldest)
+            x, replay = h.plan(end)
+            h.rewound(end)
+        elif T == 1:
             h.step(np.array([end % V]), end, np.full, S, end, np.float32)
         else:
             ends = [*range(position + Q, end, Q), end]

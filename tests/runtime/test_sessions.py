@@ -21,7 +21,7 @@ from ssmstream.runtime.errors import (
     Unavailable,
 )
 from ssmstream.runtime.sessions import STORE_FILE, SessionStore, check_session_id
-from ssmstream.runtime.snapshots import SnapshotKey
+from ssmstream.runtime.snapshots import _STORE_HEAD, STORE_MAGIC, VERSION, SnapshotKey
 
 SECRET = b"sessions-test-key-0123456789"
 KEY = SnapshotKey(SECRET)
@@ -347,6 +347,8 @@ def test_forged_unsigned_and_foreign_key_snapshots_are_refused(engine):
         # wrong key (which would send an operator off changing --snapshot-key)
         "truncated": good[:-7],
         "truncated ": good[: len(good) // 2],
+        # bytes appended (a newline when saved to a file): not a wrong key either
+        "longer than its header": good + b"\n",
     }
     before = store.stats()
     for words, data in cases.items():
@@ -449,6 +451,15 @@ def test_bad_saved_stores_are_refused_and_change_nothing(engine, tmp_path):
         (tmp_path / STORE_FILE).write_bytes(good[:cut])
         with pytest.raises(InvalidInput, match="sessions.bin is truncated"):
             target.load(tmp_path)
+    (tmp_path / STORE_FILE).write_bytes(good + b"\n")
+    with pytest.raises(InvalidInput, match="sessions.bin is longer than its header says"):
+        target.load(tmp_path)
+    for head in (b'{"state_size": 1e999, "sessions": []}', b"[" * 100_000):  # a foreign file
+        bad = _STORE_HEAD.pack(STORE_MAGIC, VERSION, len(head)) + head + bytes(40)
+        (tmp_path / STORE_FILE).write_bytes(bad)
+        with pytest.raises(InvalidInput) as e:  # not OverflowError / RecursionError
+            target.load(tmp_path)
+        assert e.value.field == "state_dir"
     (tmp_path / STORE_FILE).write_bytes(good)
     clash = make_store(engine)
     clash.create(session_id="one")
