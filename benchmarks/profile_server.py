@@ -76,9 +76,16 @@ def _clients(target: str, V: int, C: int, until: float, out: list) -> None:
     out.extend(asyncio.run(all_()))
 
 
+def pyspy_path() -> str | None:
+    """py-spy next to this Python (a venv's bin, not necessarily on PATH), else on PATH."""
+    here = str(Path(sys.executable).parent)
+    return shutil.which("py-spy", path=os.pathsep.join([here, os.environ.get("PATH", "")]))
+
+
 def pyspy(pid: int, seconds: int, rate: int, fmt: str, path: Path, *flags: str) -> None:
-    cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
-           str(rate), "--format", fmt, "--output", str(path), "--nonblocking", *flags]  # fmt: skip
+    cmd = [pyspy_path() or "py-spy", "record", "--pid", str(pid), "--duration", str(seconds),
+           "--rate", str(rate), "--format", fmt, "--output", str(path), "--nonblocking",
+           *flags]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
 
 
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if shutil.which("py-spy") is None:
+    if pyspy_path() is None:
         p.error("py-spy is not installed: pip install py-spy (it is in the dev extras)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

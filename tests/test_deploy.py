@@ -53,11 +53,20 @@ def test_kubernetes_example_hashes_the_clients_header():
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     config = parse_config(serve_args(container["command"]))
     assert config.state_store.startswith("redis://ssmstream-redis:")
-    assert docs["Service/ssmstream"]["spec"]["clusterIP"] == "None"  # headless: every pod
+    assert docs["Service/ssmstream-pods"]["spec"]["clusterIP"] == "None"  # Envoy: every pod
     rule = docs["DestinationRule/ssmstream-sticky-sessions"]
     assert rule["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"] == {
         "httpHeaderName": "x-session-id"
     }
+    # Istio hashes only for a ClusterIP Service (a headless one's traffic goes to the pod)
+    assert "clusterIP" not in docs["Service/" + rule["spec"]["host"]]["spec"]
+    # Redis keeps its append-only file on a volume: a restart must not come back empty
+    redis = docs["Deployment/ssmstream-redis"]["spec"]["template"]["spec"]
+    (mount,) = redis["containers"][0]["volumeMounts"]
+    (volume,) = [v for v in redis["volumes"] if v["name"] == mount["name"]]
+    assert mount["mountPath"] == "/data" and "--appendonly" in redis["containers"][0]["args"]
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    assert docs[f"PersistentVolumeClaim/{claim}"]["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
 def test_the_client_sends_the_header_the_proxies_hash():

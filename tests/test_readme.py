@@ -162,3 +162,15 @@ def test_readme_python_block_runs(block, request, tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=work
     )
     assert r.returncode == 0, f"{block}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+
+
+def test_the_scale_out_rows_show_the_committed_results():
+    """The README's table takes its headline figures from benchmarks/results: the scale-out
+    rows show bench_scaleout.json's numbers (an earlier run's had stayed)."""
+    readme = (ROOT / "README.md").read_text()
+    res = json.loads((ROOT / "benchmarks/results/bench_scaleout.json").read_text())
+    row = next(line for line in readme.splitlines() if "replicas behind nginx" in line)
+    shown = [int(x.replace(",", "")) for x in re.findall(r"\d[\d,]*(?= |$)", row.split("|")[2])]
+    proxied = [round(x["tokens_per_s"]) for x in res["throughput"] if "nginx" in x["setup"]]
+    direct = next(round(x["tokens_per_s"]) for x in res["throughput"] if "direct" in x["setup"])
+    assert shown[:3] == proxied and direct in shown, (shown, proxied, direct)
