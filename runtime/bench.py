@@ -81,20 +81,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1000, help="timed step calls")
     p.add_argument("--prefill", type=int, default=256, help="prompt length T (0: skip)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="onnxruntime intra-op threads of the prefill graph (default: all cores)",
+    )  # fmt: skip
+    p.add_argument(
+        "--step-threads", type=int, default=None,
+        help="intra-op threads of the step graph (default: 1, as `ssmstream serve`)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.batch < 1 or a.steps < 1 or a.prefill < 0:
         p.error("--batch and --steps must be >= 1, --prefill >= 0")
     try:
-        engine = Engine(a.model_dir, device=a.device, threads=a.threads)
+        engine = Engine(
+            a.model_dir, device=a.device, threads=a.threads, step_threads=a.step_threads
+        )
         info = engine.info
         log.info("%s: %s, S=%d, %s on %s", info["name"], info["input_kind"],
                  info["state_size"], info["dtype"], engine.provider)  # fmt: skip
         r = bench_step(engine, a.batch, a.steps)
         log.info("step  B=%d: p50 %.1f µs, p99 %.1f µs -> %.0f tokens/s",
                  r["batch"], r["p50_us"], r["p99_us"], r["tokens_per_s"])  # fmt: skip
-        if a.prefill:
+        if a.prefill and engine.info["prefill_sha256"] is None:
+            log.info("prefill: the model has no prefill graph (exported with --no-prefill)")
+        elif a.prefill:
             r = bench_prefill(engine, a.prefill)
             log.info("prefill T=%d: %.2f ms vs %.2f ms stepping (%.1fx), state diff %.1e",
                      r["length"], r["prefill_ms"], r["steps_ms"], r["speedup"],

@@ -675,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=30.0,
-        help="seconds for each unary call (not the generation)",
+        help="seconds for each unary call (not the generation); inf: no limit",
     )
     p.add_argument(
         "--stats",
@@ -701,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rewind-to needs --session")
     if a.rewind_to is not None and a.rewind_to < 0:
         parser.error(f"--rewind-to: must be a position >= 0, got {a.rewind_to}")
+    if not a.timeout > 0:  # NaN too: every call would fail DEADLINE_EXCEEDED
+        parser.error(f"--timeout: must be > 0 seconds (inf: no limit), got {a.timeout}")
     try:  # the sampling flags, checked as the request will be, before any call
         generate_request("", [], a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stop)
     except ValueError as e:
@@ -713,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             root_certificates=a.tls_ca,
             client_cert=a.tls_cert,
             client_key=a.tls_key,
-            timeout=a.timeout,
+            timeout=a.timeout if a.timeout < 1e9 else None,  # grpc takes no larger deadline
         )
     except (ValueError, OSError) as e:  # a bad TLS file or pair, named
         parser.error(str(e))
@@ -725,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         elif info.input_kind != "tokens" or info.vocab_size < 256:
             parser.error("this model is not byte-level: pass token ids with --ids")
         else:
-            prompt = list(a.prompt.encode("utf-8"))
+            prompt = list(os.fsencode(a.prompt))  # the bytes given, also ones not UTF-8
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         session = client.session(a.session)
         if a.rewind_to is not None:

@@ -245,6 +245,13 @@ class ServerConfig:
                 )
         if self.max_batch_delay >= 10:
             raise ValueError(f"max_batch_delay: must be < 10 seconds, got {self.max_batch_delay}")
+        for name in (  # a blank path (an unset $VAR) must not turn the feature off quietly
+            "state_dir", "snapshot_key", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens",
+            "port_file", "replica_id",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ValueError(f"{name}: must not be empty (leave the flag out instead)")
         if self.save_interval > 0 and not self.state_dir:
             raise ValueError("save_interval: periodic saves need --state-dir (where to save)")
         if (self.tls_cert is None) != (self.tls_key is None):

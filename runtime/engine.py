@@ -249,6 +249,17 @@ class Engine:
         self.d_output = int(m["d_output"])
         self.state_size = int(m["state_size"])
 
+        if device != "cpu":  # decided once: one log line when CUDA is not usable
+            usable, why = cuda_usable()
+            if not usable and device == "cuda":
+                raise InvalidInput(
+                    "device",
+                    f"'cuda' requested but CUDA is not usable: {why} "
+                    "(install onnxruntime-gpu and a CUDA driver, or use device='cpu'/'auto')",
+                )
+            if not usable:
+                log.info("CUDA not usable (%s); running on CPU", why)
+                device = "cpu"
         providers = self._providers(device, "step")
         slot_providers = self._providers(device, "slots")
         opts = session_options(step_threads or STEP_THREADS)
@@ -328,18 +339,9 @@ class Engine:
     # --- opening -------------------------------------------------------------------------
 
     def _providers(self, device: str, graph: str) -> list:
-        """The provider list for `graph` on `device` (CUDA first when requested and usable)."""
+        """The provider list for `graph` on `device` (CUDA first unless "cpu"; the caller
+        has checked that CUDA is usable)."""
         if device == "cpu":
-            return ["CPUExecutionProvider"]
-        usable, why = cuda_usable()
-        if not usable:
-            if device == "cuda":
-                raise InvalidInput(
-                    "device",
-                    f"'cuda' requested but CUDA is not usable: {why} "
-                    "(install onnxruntime-gpu and a CUDA driver, or use device='cpu'/'auto')",
-                )
-            log.info("CUDA not usable (%s); running on CPU", why)
             return ["CPUExecutionProvider"]
         cuda = ("CUDAExecutionProvider", self.cuda_options.provider_options(graph))
         return [cuda, "CPUExecutionProvider"]

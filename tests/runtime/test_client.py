@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -164,6 +165,28 @@ def test_generate_cli_text_or_a_clear_error(server, engine, capsys):
     assert capsys.readouterr().out == want + "\n"
 
 
+def test_generate_cli_sends_the_prompts_bytes_also_when_not_utf8(make_toy, tmp_path, capsys):
+    """A byte-level model: a prompt argument that is not UTF-8 (on Linux, an undecodable
+    byte reaches Python as a surrogate escape) is sent as its bytes, as --ids would send them
+    (it had failed to encode, naming no argument)."""
+    toy = make_toy(tmp_path / "bytes", "tokens", V=256, d_out=256)
+    cfg = ServerConfig(model_dir=str(toy["model_dir"]), port=0, device="cpu", grace=0.2)
+    with BackgroundServer(cfg) as srv:
+        base = ["generate", "--server", f"127.0.0.1:{srv.port}", "--temperature", "0"]
+        base += ["--max-new-tokens", "3", "--ids"]
+        assert cli.main([*base[:-1], "a" + os.fsdecode(b"\xff")]) == 0
+        text = capsys.readouterr().out
+        assert cli.main([*base, "97,255"]) == 0
+        ids = [int(t) for t in capsys.readouterr().out.split()]
+    assert text == bytes(ids).decode("utf-8", errors="replace") + "\n"
+
+
+def test_generate_cli_timeout_inf_is_no_limit(server, capsys):
+    argv = ["generate", "--server", f"127.0.0.1:{server.port}", "--ids", "1"]
+    assert cli.main([*argv, "--max-new-tokens", "2", "--timeout", "inf"]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
+
+
 def test_generate_cli_reports_server_errors(server, capsys):
     rc = cli.main(["generate", "--server", f"127.0.0.1:{server.port}", "--ids", "1",
                    "--max-new-tokens", "0"])  # fmt: skip
@@ -270,6 +293,8 @@ def test_resumable_error_names_the_errors_a_failover_causes():
         (["--tls-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
         (["--tls-cert", "/etc/hostname"], "client_cert/client_key: "),
         (["--session", "s", "--rewind-to", "-1"], "--rewind-to: "),
+        (["--timeout", "0"], "--timeout: "),  # every call would fail DEADLINE_EXCEEDED
+        (["--timeout", "nan"], "--timeout: "),
     ],
 )
 def test_generate_cli_bad_flags_are_usage_errors_before_any_call(flags, words, capsys):

@@ -278,10 +278,14 @@ def test_model_dir_errors(toy_token_model, tmp_path):
 
 
 @pytest.mark.skipif(cuda_usable()[0], reason="CUDA is usable here")
-def test_cuda_requested_without_cuda_is_a_clear_error(toy_token_model):
+def test_cuda_requested_without_cuda_is_a_clear_error(toy_token_model, caplog):
     with pytest.raises(InvalidInput, match="cuda"):
         Engine(toy_token_model["model_dir"], device="cuda")
-    assert Engine(toy_token_model["model_dir"], device="auto").provider == "CPUExecutionProvider"
+    with caplog.at_level("INFO", logger="ssmstream.runtime.engine"):
+        eng = Engine(toy_token_model["model_dir"], device="auto")
+    assert eng.provider == "CPUExecutionProvider"
+    said = [r.getMessage() for r in caplog.records if "CUDA not usable" in r.getMessage()]
+    assert len(said) == 1, said  # once, not once per graph
 
 
 def test_auto_falls_back_to_cpu_when_the_cuda_session_fails(toy_token_model, monkeypatch):

@@ -25,3 +25,24 @@ def test_bench_cli(toy_token_model, tmp_path, caplog):
     assert cli.main(["bench", str(tmp_path)]) == 2  # not a model dir
     with pytest.raises(SystemExit):
         cli.main(["bench", str(toy_token_model["model_dir"]), "--batch", "0"])
+
+
+def test_bench_sets_the_step_graphs_threads_and_says_when_there_is_no_prefill(
+    toy_token_model, tmp_path, caplog, monkeypatch
+):
+    import json
+    import shutil
+
+    made = []
+    monkeypatch.setattr(bench, "Engine", lambda *a, **kw: made.append(Engine(*a, **kw)) or made[-1])
+    model = str(toy_token_model["model_dir"])
+    assert cli.main(["bench", model, "--steps", "5", "--prefill", "0", "--step-threads", "2"]) == 0
+    assert made[-1].step_session.get_session_options().intra_op_num_threads == 2
+    step_only = tmp_path / "step-only"  # a model exported with --no-prefill
+    shutil.copytree(model, step_only)
+    m = json.loads((step_only / "manifest.json").read_text())
+    del m["graphs"]["prefill"]
+    (step_only / "manifest.json").write_text(json.dumps(m))
+    caplog.set_level("INFO")
+    assert cli.main(["bench", str(step_only), "--steps", "5", "--prefill", "9"]) == 0
+    assert "no prefill graph" in caplog.text and "prefill T=9" not in caplog.text

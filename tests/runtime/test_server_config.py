@@ -139,6 +139,12 @@ def test_flags_map_onto_the_dataclass():
         ({"session_ttl": 1e16}, "session_ttl"),
         ({"max_batch_delay": 10.0}, "max_batch_delay"),
         ({"save_interval": 5.0}, "save_interval"),  # without --state-dir: nowhere to save
+        # a blank path (an unset $VAR) had turned the feature off: auth, saving, the key
+        ({"auth_tokens": ""}, "auth_tokens"),
+        ({"state_dir": " "}, "state_dir"),
+        ({"snapshot_key": ""}, "snapshot_key"),
+        ({"port_file": ""}, "port_file"),
+        ({"tls_cert": "", "tls_key": ""}, "tls_cert"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
