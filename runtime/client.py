@@ -655,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="", help="comma-separated stop token ids")
     p.add_argument("--session", default="", help="continue this session instead of a new one")
     p.add_argument(
+        "--keep-session",
+        action="store_true",
+        help="keep the new session after the generation and print its id to stderr (for "
+        "--session and --rewind-to later)",
+    )
+    p.add_argument(
         "--rewind-to",
         type=int,
         default=None,
@@ -741,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=a.top_p,
             seed=a.seed,
             stop=stop,
+            keep_session=a.keep_session,
         ):
             n += 1
             first = time.perf_counter() - t0 if first is None else first
@@ -751,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
             out.flush()
         if not a.ids:
             out.write(decoder.decode(b"", final=True) + "\n")
+        if a.keep_session and not a.session:
+            # the last token is not fed: it starts the next prompt of this session
+            sys.stderr.write(f"session: {session.id} (position {session.position})\n")
         if a.stats:
             dt = time.perf_counter() - t0
             sys.stderr.write(

@@ -4,6 +4,7 @@ against the toy model's float64 recurrence (`Ref`)."""
 from __future__ import annotations
 
 import io
+import re
 from contextlib import redirect_stdout
 
 import grpc
@@ -87,6 +88,24 @@ def test_generate_cli_rewinds_a_session(srv, client, toy):
     ref.feed([1, 2, 3])
     assert rc == 0 and [int(t) for t in out.getvalue().split()] == ref.greedy([4], 2)
     assert s.rewind(3) == 3
+
+
+def test_generate_cli_keeps_its_session_for_a_later_rewind(srv, toy, capsys):
+    """--keep-session prints the new session's id and position; --session ID --rewind-to
+    then regenerates from inside that generation."""
+    argv = ["--server", target(srv), "--ids", "--temperature", "0"]
+    assert generate_main([*argv, "--max-new-tokens", "3", "--keep-session", "1,2,3,4"]) == 0
+    out = capsys.readouterr()
+    first = [int(t) for t in out.out.split()]
+    sid, position = re.fullmatch(r"session: (\S+) \(position (\d+)\)\n", out.err).groups()
+    assert int(position) == 4 + 3 - 1  # the last token is not fed
+    again = [*argv, "--session", sid, "--rewind-to", "5", "--max-new-tokens", "2"]
+    assert generate_main([*again, str(first[1])]) == 0  # the same second token, fed again
+    ref = Ref(toy)
+    ref.feed([1, 2, 3, 4, first[0]])
+    assert [int(t) for t in capsys.readouterr().out.split()] == ref.greedy([first[1]], 2)
+    with Client(target(srv)) as c:
+        assert c.session(sid).close() == 5 + 1 + 1
 
 
 def test_rewind_history_starts_again_after_a_restart(toy, tmp_path):
