@@ -118,7 +118,7 @@ class NginxProcess:
         binary = find_binary("nginx")
         if binary is None:
             raise FileNotFoundError("nginx is not installed (Debian: nginx)")
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # nginx reads -c relative to its -p prefix
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = self.workdir / "nginx.conf"
@@ -152,7 +152,11 @@ class ReplicaProcess:
                "--metrics-port", "0", "--port-file", str(self.port_file), "--replica-id", name,
                *args]  # fmt: skip
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            # its own session: Ctrl-C reaches only localcluster, whose stop() sends one SIGTERM
+            # (a second signal would end the replica's grace period at once)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + 120
         while not self.port_file.is_file():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lease-ttl", type=float, default=3.0, help="as `ssmstream serve`")
     p.add_argument("--workdir", default=None, help="logs and configs (default: a temp dir)")
     args = p.parse_args(argv)
+    if args.replicas < 1:
+        p.error(f"--replicas: must be >= 1, got {args.replicas}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ssmstream-cluster-"))
     cluster = LocalCluster(
         args.model_dir, workdir, args.replicas, args.persist_every, args.lease_ttl

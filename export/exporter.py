@@ -483,7 +483,10 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
     replaces only an exported model (a directory with a manifest.json)."""
     if out_dir.exists() and not (out_dir.is_dir() and overwrite):
         what = "a file" if not out_dir.is_dir() else "a directory"
-        raise ExportError(f"--out {out_dir} already exists ({what}); choose another or overwrite")
+        raise ExportError(
+            f"--out {out_dir} already exists ({what}); choose another, or replace a model "
+            "with --force (overwrite=True)"
+        )
     if out_dir.exists() and not (out_dir / MANIFEST).is_file():
         raise ExportError(
             f"--out {out_dir} is a directory but not an exported model (no {MANIFEST}): "

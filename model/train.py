@@ -83,6 +83,10 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite (the checkpoint keeps the last finite save)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything about a training run except the network (that is SSMConfig)."""
@@ -518,7 +522,11 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
                     loss_sum /= dist.world_size
                 mean_loss = loss_sum.item() / n_window  # (syncs the device)
                 if not math.isfinite(mean_loss):
-                    raise RuntimeError(f"training diverged: loss {mean_loss} at step {step}")
+                    raise TrainingDiverged(
+                        f"training diverged: loss {mean_loss} at step {step} (try a lower "
+                        "--lr or --ssm-lr, or a smaller Δ: --dt-max; euler is only "
+                        "conditionally stable)"
+                    )
                 t_window += time.perf_counter() - t0
                 tok_s = tokens_per_step * n_window / t_window
                 entry = {
@@ -697,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
         result = fit(None if train_cfg.resume else model_cfg, train_cfg)
     except ValueError as e:
         parser.error(str(e))
+    except TrainingDiverged as e:  # valid flags, a run that did not work out: no traceback
+        log.error("ssmstream train: %s", e)
+        return 1
     if dist.is_main:
         log.info("checkpoint at step %d: %s", result.step, result.checkpoint)
     return 0

@@ -42,6 +42,8 @@ import numpy as np
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
+from .sampling import check_params
+
 OUTPUTS = {
     "last": pb.OUTPUT_LAST,
     "all": pb.OUTPUT_ALL,
@@ -165,6 +167,29 @@ def create_request(
         snapshot=snapshot,
         prompt=_ints("prompt", prompt),
     )
+
+
+def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRequest:
+    """The ranges the server checks a GenerateRequest against (ValueError naming the field),
+    checked before a call that must not half-happen (regenerate: its rewind comes first)."""
+    if info.input_kind != "tokens":
+        raise ValueError("prompt: Generate needs a token model; this model takes values")
+    V, limits = info.vocab_size, info.limits
+    if not 1 <= len(req.prompt) <= limits.max_tokens_per_request:
+        raise ValueError(
+            f"prompt: needs 1 to {limits.max_tokens_per_request} tokens, got {len(req.prompt)}"
+        )
+    if not 1 <= req.max_new_tokens <= limits.max_new_tokens:
+        raise ValueError(
+            f"max_new_tokens: must be in [1, {limits.max_new_tokens}], got {req.max_new_tokens}"
+        )
+    for name, ids in (("prompt", req.prompt), ("stop", req.stop_tokens)):
+        if any(not 0 <= t < V for t in ids):
+            raise ValueError(f"{name}: tokens must be in [0, vocab_size={V})")
+    if req.top_k > V:
+        raise ValueError(f"top_k: must be in [0, vocab_size={V}] (0: off), got {req.top_k}")
+    check_params(req.temperature, req.top_k, req.top_p or 1.0)  # InvalidInput: a ValueError
+    return req
 
 
 def _pem(value: str | os.PathLike | bytes | None) -> bytes | None:
@@ -334,9 +359,10 @@ class ClientSession:
     ) -> Iterator[pb.GenerateResponse]:
         """Rewind to `position`, then generate after `prompt` (pass another seed for another
         continuation): the one call behind "regenerate this answer". The arguments are
-        checked here; the rewind runs when iteration starts, as the Generate does."""
-        generate_request(self.id, prompt, **kw)
+        checked here (against the model's `info()`), so a refused call changes nothing; the
+        rewind runs when iteration starts, as the Generate does."""
         _count("position", position, 2**64 - 1)
+        check_generate(generate_request(self.id, prompt, **kw), self.client.info())
         return self._regenerate(position, prompt, kw)
 
     def _regenerate(self, position: int, prompt, kw: dict) -> Iterator[pb.GenerateResponse]:
@@ -530,14 +556,16 @@ class AsyncClientSession:
         self, position: int, prompt: Sequence[int], **kw
     ) -> AsyncIterator[pb.GenerateResponse]:
         """As ClientSession.regenerate: rewind to `position`, then generate after `prompt`
-        (arguments checked here, the rewind when iteration starts)."""
-        generate_request(self.id, prompt, **kw)
+        (the arguments' types checked here; the model's ranges, then the rewind, when
+        iteration starts)."""
+        req = generate_request(self.id, prompt, **kw)
         _count("position", position, 2**64 - 1)
-        return self._regenerate(position, prompt, kw)
+        return self._regenerate(position, prompt, kw, req)
 
     async def _regenerate(
-        self, position: int, prompt, kw: dict
+        self, position: int, prompt, kw: dict, req: pb.GenerateRequest
     ) -> AsyncIterator[pb.GenerateResponse]:
+        check_generate(req, await self.client.info())
         await self.rewind(position)
         async for r in self.generate(prompt, **kw):
             yield r
@@ -650,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely; 0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 (or 0): off")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", default="", help="comma-separated stop token ids")
     p.add_argument("--session", default="", help="continue this session instead of a new one")
@@ -727,28 +755,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     out = sys.stdout
     try:
-        info = client.info() if not a.ids else None
+        info = client.info()
+        if info.input_kind != "tokens":
+            parser.error("this model takes values: Generate needs a token model (use Step)")
         if a.ids:
             prompt = _ids(a.prompt, "prompt", parser)
-        elif info.input_kind != "tokens" or info.vocab_size < 256:
+        elif info.vocab_size < 256:
             parser.error("this model is not byte-level: pass token ids with --ids")
         else:
             prompt = list(os.fsencode(a.prompt))  # the bytes given, also ones not UTF-8
+        kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                  top_p=a.top_p, seed=a.seed, stop=stop, keep_session=a.keep_session)  # fmt: skip
+        check_generate(generate_request(a.session, prompt, **kw), info)  # before the rewind
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         session = client.session(a.session)
         if a.rewind_to is not None:
             session.rewind(a.rewind_to)
         t0, first, n = time.perf_counter(), None, 0
-        for r in session.generate(
-            prompt,
-            max_new_tokens=a.max_new_tokens,
-            temperature=a.temperature,
-            top_k=a.top_k,
-            top_p=a.top_p,
-            seed=a.seed,
-            stop=stop,
-            keep_session=a.keep_session,
-        ):
+        for r in session.generate(prompt, **kw):
             n += 1
             first = time.perf_counter() - t0 if first is None else first
             if a.ids:

@@ -80,6 +80,7 @@ session, which Redis Cluster would need hash tags for ({id}); leases use Redis's
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -565,6 +566,7 @@ class RedisReplication:
         self._io = threading.RLock()  # orders writes of one session with its commits
         self.degraded = False
         self.degraded_since: float | None = None
+        self._retry_said = -math.inf  # when a failed write-back was last logged as a warning
         self.counts: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -660,10 +662,16 @@ class RedisReplication:
                 self._pending.update(s.id for s in live)
                 self._write_current(live)
                 kept = sum(1 for s in live if self.store.local(s.id) is s)
-        except self.backend.Error as e:
-            log.warning("state store %s: write-back failed (%s); retrying", self.backend.url, e)
+        except self.backend.Error as e:  # tried every period: a warning at most every 30 s
+            now = time.monotonic()
+            loud = now - self._retry_said >= 30
+            if loud:
+                self._retry_said = now
+            (log.warning if loud else log.debug)(
+                "state store %s: write-back failed (%s); retrying", self.backend.url, e
+            )
             return
-        self.degraded, self.degraded_since = False, None
+        self.degraded, self.degraded_since, self._retry_said = False, None, -math.inf
         waiting = len(self._pending)
         log.info(
             "state store %s is back: %d sessions written back and re-leased, %d dropped (moved "

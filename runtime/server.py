@@ -219,7 +219,10 @@ class Server:
                 if getattr(c, name) != defaults[name]
             ]
             if ignored:
-                log.warning("%s apply to a shared --state-store: ignored", ", ".join(ignored))
+                log.warning(
+                    "%s: only for a shared --state-store; ignored with the in-memory store",
+                    ", ".join(ignored),
+                )
         else:
             from .replication import RedisReplication, StoreCollector
 

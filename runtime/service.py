@@ -425,8 +425,7 @@ class SessionService:
             g = gen(logits, position)
             yield a.session.id, g
             sent = True
-            while not g.last:
-                self._open()
+            while not g.last:  # in flight: it finishes while the server drains (its grace)
                 outputs, position = await a.feed("", np.array([g.token], dtype=np.int64))
                 g = gen(outputs[-1], position)
                 yield a.session.id, g

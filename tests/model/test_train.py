@@ -229,6 +229,18 @@ def test_cli_signal_task(tmp_path, capsys):
     assert steps and 90 not in steps and steps == sorted(steps)
 
 
+def test_cli_a_run_that_diverges_says_so_without_a_traceback(tmp_path, caplog):
+    """Valid flags, an unstable model (forward Euler with a large Δ): exit 1 and one error
+    line that says what to try (it was a traceback)."""
+    argv = ["--task", "signal", "--rate", "4", "--duration", "8", "--steps", "12"]
+    argv += ["--warmup-steps", "1", "--d-model", "8", "--n-layers", "1", "--d-state", "4"]
+    argv += ["--batch-size", "2", "--no-progress", "--out", str(tmp_path / "o"), "--threads", "1"]
+    argv += ["--discretization", "euler", "--dt-min", "5", "--dt-max", "10", "--log-every", "2"]
+    assert main(argv) == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "training diverged: loss nan" in line and "--dt-max" in line
+
+
 def test_ssmstream_train_help(capsys):
     from ssmstream.runtime.cli import main as ssmstream
 

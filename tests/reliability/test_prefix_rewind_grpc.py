@@ -104,6 +104,9 @@ def test_generate_cli_keeps_its_session_for_a_later_rewind(srv, toy, capsys):
     ref = Ref(toy)
     ref.feed([1, 2, 3, 4, first[0]])
     assert [int(t) for t in capsys.readouterr().out.split()] == ref.greedy([first[1]], 2)
+    for refused in (["--temperature", "-1"], ["--max-new-tokens", "0"], ["--top-k", "999"]):
+        with pytest.raises(SystemExit):  # a usage error before the rewind: nothing changes
+            generate_main([*again, *refused, "1"])
     with Client(target(srv)) as c:
         assert c.session(sid).close() == 5 + 1 + 1
 

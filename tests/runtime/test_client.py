@@ -181,6 +181,17 @@ def test_generate_cli_sends_the_prompts_bytes_also_when_not_utf8(make_toy, tmp_p
     assert text == bytes(ids).decode("utf-8", errors="replace") + "\n"
 
 
+def test_generate_cli_on_a_values_model_says_so(make_toy, tmp_path, capsys):
+    toy = make_toy(tmp_path / "values", "values")
+    cfg = ServerConfig(model_dir=str(toy["model_dir"]), port=0, device="cpu", grace=0.2)
+    with BackgroundServer(cfg) as srv:
+        for prompt in (["hi"], ["--ids", "1"]):  # not "pass token ids with --ids"
+            with pytest.raises(SystemExit) as e:
+                cli.main(["generate", "--server", f"127.0.0.1:{srv.port}", *prompt])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "takes values" in err and "with --ids" not in err
+
+
 def test_generate_cli_timeout_inf_is_no_limit(server, capsys):
     argv = ["generate", "--server", f"127.0.0.1:{server.port}", "--ids", "1"]
     assert cli.main([*argv, "--max-new-tokens", "2", "--timeout", "inf"]) == 0
@@ -189,9 +200,18 @@ def test_generate_cli_timeout_inf_is_no_limit(server, capsys):
 
 def test_generate_cli_reports_server_errors(server, capsys):
     rc = cli.main(["generate", "--server", f"127.0.0.1:{server.port}", "--ids", "1",
-                   "--max-new-tokens", "0"])  # fmt: skip
+                   "--session", "no-such-session"])  # fmt: skip
     assert rc == 1
-    assert "INVALID_ARGUMENT: max_new_tokens" in capsys.readouterr().err
+    assert "NOT_FOUND: session 'no-such-session' not found" in capsys.readouterr().err
+    # what the model info tells is checked before any call that changes something: exit 2
+    V = server.server.engine.vocab_size
+    for flags, words in (
+        (["--max-new-tokens", "0"], "max_new_tokens: "),
+        (["--top-k", str(V + 1)], "top_k: "),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["generate", "--server", f"127.0.0.1:{server.port}", "--ids", "1", *flags])
+        assert e.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_client_side_argument_errors_name_the_argument():

@@ -122,6 +122,13 @@ def test_regenerate_checks_its_arguments_before_it_rewinds(srv):
             s.regenerate(3, [1], max_new_tokens=4, temperature="hot")
         with pytest.raises(ValueError, match="^position: "):
             s.regenerate(-1, [1])
+        for bad, field in (  # the server's ranges too, from the model's info
+            (dict(temperature=-1.0), "temperature"), (dict(top_p=1.5), "top_p"),
+            (dict(max_new_tokens=0), "max_new_tokens"), (dict(prompt=[]), "prompt"),
+            (dict(prompt=[99]), "prompt"), (dict(top_k=99), "top_k"),
+        ):  # fmt: skip
+            with pytest.raises(ValueError, match=f"^{field}: "):
+                s.regenerate(3, **{"prompt": [1], **bad})
         pending = s.regenerate(3, [1], max_new_tokens=2, seed=0)
         assert position_on_server(srv, s.id) == 10
         assert [r.position for r in pending] == [4, 5]
@@ -132,6 +139,8 @@ def test_regenerate_checks_its_arguments_before_it_rewinds(srv):
             s = await c.create_session(prompt=PROMPT)
             with pytest.raises(ValueError, match="^top_k: "):
                 s.regenerate(3, [1], max_new_tokens=4, top_k=-1)
+            with pytest.raises(ValueError, match="^temperature: "):  # when iteration starts
+                [r async for r in s.regenerate(3, [1], temperature=-1.0)]
             pending = s.regenerate(3, [1], max_new_tokens=2, seed=0)
             await asyncio.sleep(0.05)
             assert position_on_server(srv, s.id) == 10

@@ -489,6 +489,28 @@ def test_draining_refuses_new_work_and_ends_idle_streams(tiny_token_model):
         srv.stop()
 
 
+def test_a_generate_in_flight_finishes_while_the_server_drains(tiny_token_model):
+    """In-flight work finishes within --grace: a Generate running when the server starts
+    draining yields all its tokens (it was cut at its next token with UNAVAILABLE)."""
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=30.0
+    )
+    srv = BackgroundServer(cfg).start()
+    got, n = [], 400
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            stream = c.generate([1, 2, 3], max_new_tokens=n, temperature=0.0)
+            got += [next(stream).token for _ in range(5)]
+            stopper = threading.Thread(target=srv.stop, kwargs={"grace": 30.0})
+            stopper.start()
+            time.sleep(0.2)  # draining now
+            got += [g.token for g in stream]
+            stopper.join(30)
+    finally:
+        srv.stop()
+    assert len(got) == n
+
+
 def test_engine_failure_is_internal_and_changes_nothing(server, client, engine):
     x = tokens_for(engine, 3, seed=14)
     expect, _ = reference(engine, x)

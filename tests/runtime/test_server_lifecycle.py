@@ -372,7 +372,7 @@ def test_scale_out_flags_without_a_shared_store_are_named_as_ignored(tiny_token_
     with caplog.at_level("WARNING", logger="ssmstream.runtime.server"):
         _, err = _start(cfg)
     assert err is None
-    assert "--persist-every, --replica-id apply to a shared --state-store: ignored" in caplog.text
+    assert "--persist-every, --replica-id: only for a shared --state-store; ignored" in caplog.text
 
 
 def test_sighup_stops_gracefully_and_the_port_file_goes(tiny_token_model, tmp_path):

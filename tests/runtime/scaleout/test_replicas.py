@@ -7,9 +7,11 @@ Every output is compared with one Engine in this process running the same inputs
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -107,6 +109,9 @@ def stream_resuming(client: Client, sid: str, tokens: list[int], on_step=None, d
 
 def test_32_sessions_through_nginx_equal_a_single_process_run(cluster_factory, engine):
     c = cluster_factory(persist_every="1")
+    # each replica in its own session: a terminal's Ctrl-C reaches localcluster alone, whose
+    # stop() then sends one SIGTERM (two signals had ended the replicas' grace period)
+    assert all(os.getsid(r.proc.pid) not in (os.getsid(0), os.getpid()) for r in c.replicas)
     V = int(engine.info["vocab_size"])
     with Client(c.address, timeout=30) as client:
         sids = [client.create_session().id for _ in range(32)]
@@ -353,3 +358,25 @@ def test_redis_restarting_empty_while_sessions_stream_loses_nothing(cluster_fact
     while time.monotonic() < deadline and not written_back():
         time.sleep(0.1)
     assert written_back()
+
+
+def test_localcluster_takes_a_relative_workdir_and_refuses_no_replicas(
+    tmp_path, monkeypatch, capsys
+):
+    """nginx reads -c relative to its -p prefix: a relative workdir is made absolute (it
+    failed after Redis and the replicas had started); --replicas 0 is a usage error before
+    anything starts."""
+    import localcluster
+    from services import NginxProcess
+
+    require("nginx")
+    monkeypatch.chdir(tmp_path)
+    nginx = NginxProcess([localcluster.free_port()], Path("cluster") / "nginx")
+    try:
+        assert nginx.proc.poll() is None and nginx.workdir.is_absolute()
+    finally:
+        nginx.stop()
+    with pytest.raises(SystemExit) as e:
+        localcluster.main(["model", "--replicas", "0", "--workdir", "unused"])
+    assert e.value.code == 2 and "--replicas" in capsys.readouterr().err
+    assert not (tmp_path / "unused").exists()

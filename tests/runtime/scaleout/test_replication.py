@@ -262,7 +262,7 @@ def test_a_fork_made_while_redis_was_down_lets_go_of_the_child_once_written_back
     np.testing.assert_array_equal(a.read(a.get(used)), y)
 
 
-def test_redis_down_keeps_serving_memory_then_recovers(redis_server):
+def test_redis_down_keeps_serving_memory_then_recovers(redis_server, caplog):
     rng = np.random.default_rng(6)
     a = replica(redis_server, "A", lease_ttl=0.3)
     a.replication.start()
@@ -272,6 +272,11 @@ def test_redis_down_keeps_serving_memory_then_recovers(redis_server):
         redis_server.stop()
         states = [step(a, sid, rng) for _ in range(3)]  # served from memory
         assert a.replication.degraded
+        with caplog.at_level("DEBUG", logger="ssmstream.runtime.replication"):
+            for _ in range(5):  # the background thread's tries, every period
+                a.replication._try_recover()
+        tries = [r for r in caplog.records if "write-back failed" in r.getMessage()]
+        assert len(tries) >= 5 and [r.levelname for r in tries].count("WARNING") <= 1
         assert a.replication.stats()["up"] is False
         fresh = a.create().id  # new sessions still work (locally)
         with pytest.raises(Unavailable, match="state store"):
