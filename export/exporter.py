@@ -534,9 +534,9 @@ def export_network(
         raise ExportError(f"net must be an SSMNetwork, got {type(net).__name__}")
     out_dir = Path(out_dir).resolve()  # `.` and `..` have no name of their own
     name = cfg.name or out_dir.name
-    training = net.training  # the caller's network is left in its mode
-    net.eval()
     tmp = _prepare_out(out_dir, cfg.overwrite)
+    modes = [(m, m.training) for m in net.modules()]  # the caller's, each module's kept
+    net.eval()
     try:
         graphs = build_graphs(net, cfg, tmp)
         manifest = base_manifest(net, cfg, name, graphs)
@@ -566,7 +566,8 @@ def export_network(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        net.train(training)
+        for m, training in modes:
+            m.training = training
     log.info("exported %s to %s", name, out_dir)
     return out_dir
 

@@ -432,14 +432,7 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"cannot resume: {out} holds no checkpoint (config.json missing)")
     if not cfg.resume and (out / "config.json").is_file():
         raise ValueError(f"{out} already holds a checkpoint: pass resume=True / --resume")
-    if dist.is_main:  # before the slow parts
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"out: cannot create {out}: {e.strerror or e}") from None
-        if not cfg.resume and (out / LOG_FILE).exists():
-            log.info("%s: replacing the log of an earlier run that saved no checkpoint", out)
-            (out / LOG_FILE).unlink()
+    _check_creatable(out)  # before the slow parts, and without making anything yet
     if not cfg.resume:
         model_cfg = model_cfg if model_cfg is not None else default_model_config(cfg.task)
         check_model_for_task(model_cfg, cfg.task)
@@ -488,8 +481,12 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
     log_path = out / LOG_FILE
     eval_batches = batches.eval() if dist.is_main else []
     if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             _truncate_log(log_path, step)
+        elif log_path.exists():  # a run stopped before its first checkpoint left it
+            log.info("%s: replacing the log of an earlier run that saved no checkpoint", out)
+            log_path.unlink()
         n_params = sum(p.numel() for p in net.parameters())
         log.info("%s: %d parameters, steps %d → %d on %s", out, n_params, step, end, device)
     tokens_per_step = cfg.batch_size * cfg.length * dist.world_size
@@ -579,6 +576,16 @@ def _ddp_report(net: SSMNetwork, dist: DistInfo) -> dict:
         log.warning("DDP ranks ended with different weights: %s", hashes)
     backend = str(torch_dist.get_backend())
     return {"world_size": dist.world_size, "backend": backend, "weights_sha256": hashes}
+
+
+def _check_creatable(out: Path) -> None:
+    """ValueError naming --out when its directory could not be made (nothing is made here:
+    a refused command changes nothing)."""
+    base = out.absolute()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"out: cannot create {out}: {base} is not a writable directory")
 
 
 def _append(path: Path, entry: dict) -> None:

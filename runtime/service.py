@@ -95,8 +95,6 @@ class SessionService:
             else None
         )
         self._open_attachments: set[Attachment] = set()  # also those not yet attached
-        for s in store.sessions():  # loaded from --state-dir: their history starts here
-            self._track(s)
 
     # --- checks: the one place ---------------------------------------------------------
 
@@ -161,12 +159,11 @@ class SessionService:
     async def _session(self, session_id: str, principal: str) -> Session:
         """The live session `session_id` of `principal`, made local to this replica."""
         self._ref(session_id)
-        if self.store.held(session_id, principal):
-            return self.store.get(session_id, principal)
-        await self._fetch(session_id, principal)
+        if not self.store.held(session_id, principal):
+            await self._fetch(session_id, principal)
         s = self.store.get(session_id, principal)
-        if s.history is None:  # loaded from the shared store: its history starts here
-            self._track(s)  # (no step of it runs yet: the requests for it awaited the fetch)
+        if s.history is None and self.limits.rewind_window > 0 and not s.pinned:
+            self._track(s)  # loaded from --state-dir or another replica: its history starts here
         return s
 
     async def _fetch(self, session_id: str, principal: str) -> None:

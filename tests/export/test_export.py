@@ -19,7 +19,7 @@ import pytest
 import torch
 from export_helpers import DT_SCALE, EXPORT, ort_steps, rel_err, session
 from onnx import numpy_helper
-from ssmstream.export import TOLERANCES, export_model
+from ssmstream.export import TOLERANCES, ExportError, export_model
 from ssmstream.export.exporter import METADATA_KEY
 from ssmstream.runtime import Engine
 from ssmstream.runtime.manifest import FORMAT, FORMAT_VERSION, load_manifest, sha256_file
@@ -101,8 +101,13 @@ def test_export_network_leaves_a_training_network_training(tmp_path):
     torch.manual_seed(3)
     net = SSMNetwork(SSMConfig(vocab_size=11, d_model=8, n_layers=2, d_state=4, dropout=0.5))
     net.train()
+    net.ssms[0].eval()  # a caller's mix of modes comes back as it was
+    modes = [m.training for m in net.modules()]
     out = export_network(net, tmp_path / "m", prefill=False, verify=False)
-    assert all(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == modes and net.training
+    with pytest.raises(ExportError, match="already exists"):  # refused: modes kept too
+        export_network(net, out, prefill=False, verify=False)
+    assert [m.training for m in net.modules()] == modes
     m = load_manifest(out)
     x = random_inputs(m, 2, 12, seed=1)
     got, _ = ort_steps(session(out / "step.onnx"), x, np.zeros((2, m["state_size"]), np.float32))

@@ -300,11 +300,21 @@ def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))
+    (tmp_path / "stopped").mkdir()  # an earlier run's log: a refused command keeps it
+    (tmp_path / "stopped" / "train_log.jsonl").write_text('{"step": 3}\n')
+    cases.append(
+        (
+            ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "stopped")],
+            "does not exist",
+        )
+    )
     for argv, message in cases:
         argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "o")]
         with pytest.raises(SystemExit):
             main([*argv, "--no-progress", "--seq-len", "16"])
         assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "o").exists()  # a refused command makes nothing
+    assert (tmp_path / "stopped" / "train_log.jsonl").read_text() == '{"step": 3}\n'
 
 
 def test_api_rejects_mismatched_model_and_task(tmp_path):
