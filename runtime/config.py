@@ -260,10 +260,10 @@ class ServerConfig:
             raise ValueError("tls_client_ca: mTLS needs --tls-cert/--tls-key as well")
         if self.device not in DEVICES:
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
-        if not self.host:
-            raise ValueError("host: must not be empty")
         if self.host.startswith("[") and self.host.endswith("]"):  # [::1]: the bare literal
             self.host = self.host[1:-1]
+        if not self.host:
+            raise ValueError("host: must not be empty")
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError(f"metrics_port: {self.metrics_port} is the gRPC --port too")
         if self.state_store != "memory":

@@ -192,6 +192,8 @@ def decode_snapshot(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidInput("snapshot", f"must be bytes, got {type(data).__name__}")
     data = bytes(data)
+    if data and len(data) < _SNAP_HEAD.size and SNAP_MAGIC.startswith(data[: len(SNAP_MAGIC)]):
+        raise InvalidInput("snapshot", "is truncated (cut inside its header)")
     if len(data) < _SNAP_HEAD.size or not data.startswith(SNAP_MAGIC):
         raise InvalidInput("snapshot", "is not an ssmstream session snapshot")
     _, version, S, position, sha_len = _SNAP_HEAD.unpack_from(data)

@@ -141,6 +141,7 @@ def test_flags_map_onto_the_dataclass():
         ({"save_interval": 5.0}, "save_interval"),  # without --state-dir: nowhere to save
         # a blank path (an unset $VAR) had turned the feature off: auth, saving, the key
         ({"auth_tokens": ""}, "auth_tokens"),
+        ({"host": "[]"}, "host"),  # brackets around nothing: no address either
         ({"state_dir": " "}, "state_dir"),
         ({"snapshot_key": ""}, "snapshot_key"),
         ({"port_file": ""}, "port_file"),

@@ -347,6 +347,7 @@ def test_forged_unsigned_and_foreign_key_snapshots_are_refused(engine):
         # wrong key (which would send an operator off changing --snapshot-key)
         "truncated": good[:-7],
         "truncated ": good[: len(good) // 2],
+        "truncated  ": good[: SNAP_HEAD.size - 3],  # inside the header: not "not a snapshot"
         # bytes appended (a newline when saved to a file): not a wrong key either
         "longer than its header": good + b"\n",
     }
