@@ -123,9 +123,12 @@ def step_request(
         req.tokens.extend(_ints("tokens", tokens))
     if values is not None:
         try:
-            req.values.extend(np.asarray(values, dtype=np.float32).reshape(-1).tolist())
+            v = np.asarray(values)
+            if v.size and v.dtype.kind not in "fiu":  # not bools or numeric strings either
+                raise TypeError(f"got {v.dtype}")
+            req.values.extend(v.astype(np.float32).reshape(-1).tolist())
         except (TypeError, ValueError) as e:
-            raise ValueError(f"values: must be numbers ({e})") from None
+            raise ValueError(f"values: must be real numbers ({e})") from None
     return req
 
 

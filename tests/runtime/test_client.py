@@ -222,6 +222,8 @@ def test_client_side_argument_errors_name_the_argument():
         (dict(tokens=[True]), "tokens"),
         (dict(tokens=np.array([2**63], np.uint64)), "tokens"),
         (dict(values=["x"]), "values"),
+        (dict(values=["1.5"]), "values"),  # a numeric string is not a number either
+        (dict(values=[True, False]), "values"),  # as the engine refuses bools
         (dict(tokens=[1], output="top_k", top_k=-2), "top_k"),
     ]
     for kw, field in bad_steps:
