@@ -178,6 +178,11 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
     if info.input_kind != "tokens":
         raise ValueError("prompt: Generate needs a token model; this model takes values")
     V, limits = info.vocab_size, info.limits
+    if info.d_output > V:
+        raise ValueError(
+            f"prompt: Generate samples token ids from the outputs; d_output={info.d_output} "
+            f"is more than vocab_size={V}"
+        )
     if not 1 <= len(req.prompt) <= limits.max_tokens_per_request:
         raise ValueError(
             f"prompt: needs 1 to {limits.max_tokens_per_request} tokens, got {len(req.prompt)}"

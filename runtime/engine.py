@@ -85,6 +85,14 @@ _ORT_TYPES = {
 }
 
 
+# Generate samples the next input from the outputs (logits): more outputs than the vocabulary
+# would sample ids the model cannot take (fewer: it samples among the first d_output ids)
+NOT_LOGITS = (
+    "generate samples token ids from the outputs; this model's d_output={} is more than its "
+    "vocab_size={}"
+)
+
+
 def _array(value, field: str) -> np.ndarray:
     """np.asarray, with a ragged nested list (rows of different lengths) refused naming
     `field` instead of numpy's own ValueError."""
@@ -588,6 +596,8 @@ class Engine:
         Returns outputs [B, d_out]. Raises InvalidInput (nothing runs), EngineFailure (the
         slab is unchanged: the scatter is the graph's last node).
         """
+        if not isinstance(slab, StateSlab):
+            raise InvalidInput("slab", "must be a StateSlab of this engine (new_slab)")
         x = self.check_inputs(inputs, "inputs")
         rows = slab.check_slots(slots)
         B = x.shape[0]
@@ -768,6 +778,8 @@ class Engine:
         """
         if self.input_kind != "tokens":
             raise InvalidInput("prompt", "generate needs a token model; this model takes values")
+        if self.d_output > self.vocab_size:
+            raise ModelError(NOT_LOGITS.format(self.d_output, self.vocab_size))
         if isinstance(prompt, (int, np.integer)) and not isinstance(prompt, bool):
             prompt = [prompt]
         elif not isinstance(prompt, (np.ndarray, Iterable)):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batcher import Batcher
-from .engine import Engine
+from .engine import NOT_LOGITS, Engine
 from .errors import (
     InvalidInput,
     LimitExceeded,
@@ -392,6 +392,8 @@ class SessionService:
         self._open()
         if self.engine.input_kind != "tokens":
             raise ModelError("Generate needs a token model; this model takes values (use Step)")
+        if self.engine.d_output > self.engine.vocab_size:
+            raise ModelError(NOT_LOGITS.format(self.engine.d_output, self.engine.vocab_size))
         x = self.inputs(np.asarray(prompt, dtype=np.int64), (), field="prompt")
         config = GenerateConfig.check(
             self.engine.vocab_size,

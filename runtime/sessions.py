@@ -458,6 +458,8 @@ class SessionStore:
         states waits, and the slot of one closed meanwhile is not reused."""
         with self._lock:
             lent = [s for s in sessions if s._live and self._sessions.get(s._id) is s]
+            if any(s._lent for s in lent) or len(set(map(id, lent))) < len(lent):
+                raise SessionBusy("a session's row is lent to a step already (or given twice)")
             for s in lent:
                 s._lent = True
             self._lent += len(lent)
@@ -469,6 +471,8 @@ class SessionStore:
         or evicted meanwhile (its slot is freed now) or, replicated, moved elsewhere."""
         consumed = check_consumed(consumed)
         with self._lock:
+            if not all(s._lent for s in sessions):  # a state and its position move together
+                raise InvalidInput("sessions", "give_back takes only sessions `lend` lent")
             results = self._advance(sessions, consumed)
             for s in sessions:
                 lent, s._lent = s._lent, False

@@ -437,7 +437,7 @@ def test_an_edited_or_malformed_manifest_is_refused_naming_the_field(tiny_token_
             Engine(edited(change), device="cpu")
 
 
-def test_generate_bad_arguments(tok_engine, sig_engine):
+def test_generate_bad_arguments(tok_engine, sig_engine, make_toy, tmp_path):
     with pytest.raises(InvalidInput, match="prompt"):
         tok_engine.generate([], max_new_tokens=3)
     with pytest.raises(InvalidInput, match="prompt"):
@@ -455,6 +455,10 @@ def test_generate_bad_arguments(tok_engine, sig_engine):
         with pytest.raises(InvalidInput) as e:
             tok_engine.generate(prompt)
         assert e.value.field == "prompt"
+    # more outputs than tokens: it would sample ids the model cannot take (fewer: a subset)
+    wide = Engine(make_toy(tmp_path / "wide", "tokens", V=11, d_out=40)["model_dir"], device="cpu")
+    with pytest.raises(ModelError, match="d_output=40 is more than its vocab_size=11"):
+        wide.generate([1], max_new_tokens=3)
     # a single id is a one-token prompt, as a scalar token is a batch of one for step
     one = list(tok_engine.generate(np.int64(5), max_new_tokens=3, temperature=0))
     assert one == list(tok_engine.generate([5], max_new_tokens=3, temperature=0))

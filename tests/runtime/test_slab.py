@@ -122,6 +122,9 @@ def test_bad_slots_never_reach_onnxruntime(tok_engine, monkeypatch, slots, match
 def test_a_slab_of_another_shape_or_engine_is_refused(tok_engine, sig_engine):
     with pytest.raises(InvalidInput, match="slab"):
         tok_engine.step_slots(np.array([1]), [0], sig_engine.new_slab(2))
+    for not_a_slab in (None, np.zeros((4, tok_engine.state_size), np.float32)):
+        with pytest.raises(InvalidInput, match="slab"):  # not AttributeError
+            tok_engine.step_slots(np.array([1]), [0], not_a_slab)
     with pytest.raises(InvalidInput, match="out"):
         tok_engine.step_slots(
             np.array([1, 2, 3]), [0, 1, 2], tok_engine.new_slab(4), out=tok_engine.step_buffers(2)
