@@ -26,6 +26,7 @@ Dimension letters: T inputs per request, D output width, I d_input.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import codecs
 import os
 import queue
@@ -342,6 +343,49 @@ class Client(_Base):
         self.close()
 
 
+class _Requests:
+    """A Stream's requests, one per input, for a client session (sync or async); an input
+    the client refuses ends them (the stream half-closes after the earlier ones) and its
+    ValueError is raised once their results are in (`raise_refused`)."""
+
+    def __init__(self, session, kind: str, output: str, top_k: int):
+        self.session, self.kind, self.output, self.top_k = session, kind, output, top_k
+        self.refused: ValueError | None = None
+
+    def _make(self, x) -> pb.StepRequest | None:
+        try:
+            return step_request(self.session.id, **{self.kind: x}, output=self.output,
+                                top_k=self.top_k)  # fmt: skip
+        except ValueError as e:
+            self.refused = e
+            return None
+
+    def of(self, inputs: Iterable) -> Iterator[pb.StepRequest]:
+        for x in inputs:
+            if (req := self._make(x)) is None:
+                return
+            yield req
+
+    async def of_async(self, inputs) -> AsyncIterator[pb.StepRequest]:
+        async for x in inputs:
+            if (req := self._make(x)) is None:
+                return
+            yield req
+
+    def result(self, resp: pb.StepResponse) -> StepResult:
+        """A response's result; the session learns its id (a Stream that created it) and
+        position."""
+        r = StepResult.from_proto(resp)
+        if not self.session.id:
+            self.session.id = r.session_id
+        self.session.position = r.position
+        return r
+
+    def raise_refused(self, cause: BaseException | None = None) -> None:
+        if self.refused is not None:
+            raise self.refused from cause
+
+
 class ClientSession:
     """A session on the server; `position` follows the responses this handle saw."""
 
@@ -388,14 +432,16 @@ class ClientSession:
         self, inputs: Iterable, output: str = "last", top_k: int = 0, kind: str = "tokens"
     ) -> Iterator[StepResult]:
         """One Stream request per item of `inputs` (token lists, or value arrays with
-        kind="values"); yields one StepResult per item, in order."""
-        reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k) for x in inputs)
-        for resp in self.client.stub.Stream(reqs, metadata=self.client._md(self.id)):
-            r = StepResult.from_proto(resp)
-            if not self.id:  # the Stream created the session
-                self.id = r.session_id
-            self.position = r.position
-            yield r
+        kind="values"); yields one StepResult per item, in order. An item the client refuses
+        ends the requests there: its ValueError is raised after the earlier items' results."""
+        reqs = _Requests(self, kind, output, top_k)
+        try:
+            for resp in self.client.stub.Stream(reqs.of(inputs), metadata=self.client._md(self.id)):
+                yield reqs.result(resp)
+        except grpc.RpcError as e:
+            reqs.raise_refused(e)
+            raise
+        reqs.raise_refused()
 
     def open_stream(self) -> StreamHandle:
         """An interactive Stream: `send(tokens=...)` returns that request's result."""
@@ -543,6 +589,9 @@ class AsyncClientSession:
         self.client, self.id, self.position = client, session_id, position
         self.cached_tokens = cached_tokens
 
+    def __repr__(self) -> str:
+        return f"AsyncClientSession(id={self.id!r}, position={self.position})"
+
     async def rewind(self, position: int) -> int:
         """As ClientSession.rewind."""
         s = await self.client.stub.RewindSession(
@@ -583,17 +632,15 @@ class AsyncClientSession:
     ) -> AsyncIterator[StepResult]:
         """As ClientSession.stream: one Stream request per item of `inputs` (an iterable or
         an async iterable), one StepResult per item, in order."""
-        if hasattr(inputs, "__aiter__"):
-            reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k)
-                    async for x in inputs)  # fmt: skip
-        else:
-            reqs = (step_request(self.id, **{kind: x}, output=output, top_k=top_k) for x in inputs)
-        async for resp in self.client.stub.Stream(reqs, metadata=self.client._md(self.id)):
-            r = StepResult.from_proto(resp)
-            if not self.id:  # the Stream created the session
-                self.id = r.session_id
-            self.position = r.position
-            yield r
+        reqs = _Requests(self, kind, output, top_k)
+        made = reqs.of_async(inputs) if hasattr(inputs, "__aiter__") else reqs.of(inputs)
+        try:
+            async for resp in self.client.stub.Stream(made, metadata=self.client._md(self.id)):
+                yield reqs.result(resp)
+        except grpc.RpcError as e:
+            reqs.raise_refused(e)
+            raise
+        reqs.raise_refused()
 
     def open_stream(self) -> AsyncStreamHandle:
         return AsyncStreamHandle(self)
@@ -634,20 +681,29 @@ class AsyncClientSession:
 
 
 class AsyncStreamHandle:
-    """An open bidi Stream: `await send(tokens=...)` writes one request, reads its response."""
+    """An open bidi Stream: `await send(tokens=...)` writes one request, reads its response
+    (concurrent sends from several tasks take turns, as StreamHandle's threads do)."""
 
     def __init__(self, session: AsyncClientSession):
         self.session = session
         self._call = session.client.stub.Stream(metadata=session.client._md(session.id))
+        self._turn = asyncio.Lock()  # one write and its read at a time
+        self._closed = False
 
     async def send(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
         req = step_request(self.session.id, tokens, values, output, top_k)
-        if self._call.done():  # ended by an earlier request's error: raise that status
-            await self._call.read()
-        await self._call.write(req)
-        resp = await self._call.read()  # raises the stream's error status
+        async with self._turn:
+            if self._closed:  # grpc.aio would raise CancelledError, as if the task was
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                    details="this stream was closed",
+                )  # fmt: skip
+            if self._call.done():  # ended by an earlier request's error: raise that status
+                await self._call.read()
+            await self._call.write(req)
+            resp = await self._call.read()  # raises the stream's error status
         if resp is grpc.aio.EOF:
             raise grpc.aio.UsageError("stream ended without a response")
         r = StepResult.from_proto(resp)
@@ -657,6 +713,7 @@ class AsyncStreamHandle:
         return r
 
     async def close(self) -> None:
+        self._closed = True
         await self._call.done_writing()
         self._call.cancel()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -148,3 +149,68 @@ def test_regenerate_checks_its_arguments_before_it_rewinds(srv):
             await s.close()
 
     asyncio.run(run())
+
+
+def test_concurrent_sends_on_one_handle_take_turns_in_both_clients(srv):
+    """Threads on one StreamHandle and tasks on one AsyncStreamHandle each get their own
+    response (the async sends had overlapped on the call: INTERNAL, or a hang)."""
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        with s.open_stream() as st, ThreadPoolExecutor(3) as pool:
+            assert sorted(pool.map(lambda t: st.send(tokens=[t]).position, [1, 2, 3])) == [1, 2, 3]
+        s.close()
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            async with s.open_stream() as st:
+                got = await asyncio.gather(*(st.send(tokens=[t]) for t in (1, 2, 3)))
+            await s.close()
+            return sorted(r.position for r in got)
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == [1, 2, 3]
+
+
+def test_a_send_after_close_is_an_rpc_error_in_both_clients(srv):
+    """Not asyncio.CancelledError, which looks like the caller's own task was cancelled."""
+    with Client(target(srv), timeout=10) as c:
+        st = c.create_session().open_stream()
+        st.send(tokens=[1])
+        st.close()
+        with pytest.raises(grpc.RpcError):
+            st.send(tokens=[2])
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            st = (await c.create_session()).open_stream()
+            await st.send(tokens=[1])
+            await st.close()
+            with pytest.raises(grpc.RpcError) as e:
+                await st.send(tokens=[2])
+            return e.value.code()
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == grpc.StatusCode.CANCELLED
+
+
+def test_a_stream_item_the_client_refuses_is_its_value_error_after_the_earlier_ones(srv):
+    """As step() names the field: [1.5] is not a token (it had been RpcError UNKNOWN in the
+    sync client and a bare CancelledError in the async one); the items before it applied."""
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        got = []
+        with pytest.raises(ValueError, match="^tokens: "):
+            for r in s.stream([[1], [1.5], [2]]):
+                got.append(r.position)
+        assert got == [1] and s.position == 1
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            got = []
+            with pytest.raises(ValueError, match="^tokens: "):
+                async for r in s.stream([[1], [2], [1.5], [3]]):
+                    got.append(r.position)
+            assert repr(s) == f"AsyncClientSession(id={s.id!r}, position=2)"
+            return got
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == [1, 2]
