@@ -500,12 +500,12 @@ class StreamHandle:
         )
 
     def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
-        with self._lock:
+        with self._lock:  # the session's id and position follow the responses in order
             self._q.put(step_request(self.session.id, tokens, values, output, top_k))
             r = StepResult.from_proto(next(self._call))
-        if not self.session.id:
-            self.session.id = r.session_id
-        self.session.position = r.position
+            if not self.session.id:
+                self.session.id = r.session_id
+            self.session.position = r.position
         return r
 
     def close(self) -> None:
