@@ -70,6 +70,11 @@ from .snapshots import MAX_POSITION
 log = logging.getLogger(__name__)
 
 
+def _key(s: Session) -> tuple[str, str]:
+    """A session's key in the scheduler: its incarnation, not only its id."""
+    return s.id, s.incarnation
+
+
 def _past_end(s: Session, T: int) -> OutOfRange | None:
     """The error for T more inputs that would take `s` past the largest position, or None."""
     if s.position <= MAX_POSITION - T:
@@ -202,9 +207,10 @@ class Batcher:
         self._listeners: list[Callable[[int, float], None]] = []
         self._steps: deque[_Request] = deque()  # ready T = 1 requests, one per session
         self._prefills: deque[_Request] = deque()  # ready T > 1 requests
-        self._waiting: dict[str, deque[_Request]] = {}  # behind a session's running request
-        self._busy: set[str] = set()  # sessions with a request ready or running
-        self._recent: dict[str, float] = {}  # session id -> last request time, oldest first
+        # keyed by (id, incarnation): a new session under a closed one's id shares nothing
+        self._waiting: dict[tuple, deque[_Request]] = {}  # behind a session's running request
+        self._busy: set[tuple] = set()  # sessions with a request ready or running
+        self._recent: dict[tuple, float] = {}  # session -> last request time, oldest first
         self._buffers = engine.step_buffers(self.max_batch)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue | None = None  # (requests, job) for the worker; None: stop
@@ -298,7 +304,7 @@ class Batcher:
             and x.shape[0] == 1
             and self._job is None
             and self._active(now) == 1
-            and s.id in self._recent  # the one active session already
+            and _key(s) in self._recent  # the one active session already
         ):
             outputs, position = self._step_inline(s, x, now, states)
         else:
@@ -316,7 +322,7 @@ class Batcher:
     ) -> tuple[np.ndarray, int]:
         """A lone stream's step, run at once (see `inline`): its (outputs, position)."""
         req = _Request(s, x, None, now, states=states)
-        self._recent[s.id] = now
+        self._recent[_key(s)] = now
         self.store.pin(s)
         try:
             (result,) = self._run_inline([req], self._run_steps)
@@ -342,28 +348,28 @@ class Batcher:
     async def _enqueue(self, req: _Request) -> tuple[np.ndarray, int]:
         """Queue a request behind the session's others and wait for its result."""
         loop, s = asyncio.get_running_loop(), req.session
-        sid = s.id
-        if sid in self._busy:
-            q = self._waiting.setdefault(sid, deque())
+        key = _key(s)
+        if key in self._busy:
+            q = self._waiting.setdefault(key, deque())
             if len(q) >= self.max_queue_per_session:  # the cancelled ones make room first
                 for gone in [r for r in q if r.future.cancelled()]:
                     q.remove(gone)
-                    self.store.unpin(s)
+                    self.store.unpin(gone.session)
                     self.stats.cancelled += 1
             if len(q) >= self.max_queue_per_session:
                 raise LimitExceeded(
-                    f"session {sid!r} already has {len(q)} requests queued "
+                    f"session {s.id!r} already has {len(q)} requests queued "
                     f"(max_queue_per_session={self.max_queue_per_session})"
                 )
             self.store.pin(s)
             q.append(req)
         else:
             self.store.pin(s)
-            self._busy.add(sid)
+            self._busy.add(key)
             self._idle.clear()
             self._ready(req)
-        self._recent.pop(sid, None)
-        self._recent[sid] = req.enqueued
+        self._recent.pop(key, None)
+        self._recent[key] = req.enqueued
         if not self._pump_soon:  # after the other requests of this loop iteration arrived
             self._pump_soon = True
             loop.call_soon(self._pump)
@@ -375,14 +381,14 @@ class Batcher:
     def _finish(self, req: _Request) -> None:
         """After a request ran (or was dropped): unpin, start the session's next request."""
         self.store.unpin(req.session)
-        sid = req.session.id
-        q = self._waiting.get(sid)
+        key = _key(req.session)
+        q = self._waiting.get(key)
         if q:
             self._ready(q.popleft())
             if not q:
-                del self._waiting[sid]
+                del self._waiting[key]
         else:
-            self._busy.discard(sid)
+            self._busy.discard(key)
             if not self._busy:
                 self._idle.set()
 
@@ -392,10 +398,10 @@ class Batcher:
         """Sessions that sent a request within the activity window."""
         horizon = now - self.activity_window
         while self._recent:
-            sid, t = next(iter(self._recent.items()))
-            if t >= horizon or sid in self._busy:
+            key, t = next(iter(self._recent.items()))
+            if t >= horizon or key in self._busy:
                 break
-            del self._recent[sid]
+            del self._recent[key]
         return len(self._recent)
 
     def _complete(self, now: float) -> bool:
@@ -442,7 +448,7 @@ class Batcher:
 
     def _lone(self, req: _Request) -> bool:
         """True when `req`'s session is the only active one (see `_active`)."""
-        return self._active(self._loop.time()) <= 1 and req.session.id in self._recent
+        return self._active(self._loop.time()) <= 1 and _key(req.session) in self._recent
 
     def _run_inline(self, reqs: list[_Request], job: Callable) -> list:
         """Run a job on the event loop, as the worker would, and count it; returns a

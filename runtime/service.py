@@ -522,6 +522,9 @@ class Attachment:
         """The attached incarnation, for its next step (NOT_FOUND once it was closed)."""
         if bound.live and self.service.store.held(bound.id):
             return bound
+        err = None if bound.live else bound.gone()
+        if isinstance(err, SessionNotFound):  # ended here: say how (a new session may use
+            raise err  # its id by now)
         try:
             s = await self.service._session(bound.id, self.principal)
         except SessionNotFound as e:  # closed or evicted, as the store says

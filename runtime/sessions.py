@@ -427,9 +427,14 @@ class SessionStore:
             raise s.gone()
 
     def pin(self, s: Session) -> None:
-        """Mark a step in flight: a pinned session is not evicted for idleness."""
+        """Mark a step in flight: a pinned session is not evicted for idleness. One idle past
+        its TTL is evicted now, as `get` does (a Stream attached to it holds no pin between
+        requests): SessionNotFound evicted."""
         with self._lock:
             self._check_live(s)
+            if self._expired(s, self.clock()):
+                self._remove(s, "evicted")
+                raise s.gone()
             s._pins += 1
 
     def unpin(self, s: Session) -> None:
@@ -791,5 +796,6 @@ class SessionStore:
             for (sid, principal, position, ttl, incarnation), row in zip(entries, states):
                 s = self._new_session(principal, sid, ttl, position, incarnation)
                 self.slab.write(s._slot, row)
+            self._counts["restored"] += n  # created + restored + forked = live + ended
         log.info("loaded %d sessions from %s", n, path)
         return n
