@@ -61,11 +61,13 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
 
     A file found under a directory `.../root` has the key `root/<path below root>`; a file
     named on its own has the path as given, unless a directory also found it (then the
-    directory's key, so a file's split does not depend on how it was named).
+    directory's key, so a file's split does not depend on how it was named). A file found
+    under two names (a symlink) takes the smaller key, whatever order the directory lists.
 
     Args:
         paths: files and/or directories (searched recursively; hidden entries,
-            `site-packages`, `dist-packages` and `__pycache__` skipped).
+            `site-packages`, `dist-packages` and `__pycache__` skipped, and symlinked
+            directories not followed: each is logged).
         glob: file-name pattern inside directories; None → "*.py" for the default
             corpus and every file otherwise. Explicitly named files are always taken.
     Raises:
@@ -79,13 +81,19 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
             named.append(p)
         elif p.is_dir():
             pattern = glob or "*"
+            top = Path(os.path.abspath(p)).name  # `--data .` is keyed by the folder's name
             for root, dirs, names in os.walk(p):
                 dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS]
+                for d in dirs:
+                    if Path(root, d).is_symlink():
+                        log.info("data: %s is a symlinked directory, not followed", Path(root, d))
                 for name in fnmatch.filter(names, pattern):
                     f = Path(root, name)
                     if not name.startswith(".") and f.is_file():
-                        key = f"{p.name}/{f.relative_to(p).as_posix()}"
-                        by_file.setdefault(f.resolve(), (f, key))
+                        key = f"{top}/{f.relative_to(p).as_posix()}"
+                        seen = by_file.setdefault(f.resolve(), (f, key))
+                        if key < seen[1]:  # found twice: the smaller key, in any listing order
+                            by_file[f.resolve()] = (f, key)
         else:
             raise ValueError(f"data path {str(p)!r} does not exist")
     for p in named:
@@ -101,7 +109,8 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
 
 
 def _is_val(key: str, val_fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    # surrogateescape: a file name that is not UTF-8 hashes as its bytes (valid ones as before)
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()[:8], "big")
     return h / 2**64 < val_fraction
 
 

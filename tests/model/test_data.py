@@ -108,6 +108,32 @@ def test_a_file_named_twice_is_in_the_corpus_once_under_its_directorys_key(tmp_p
     assert sorted(d.train_files + d.val_files) == sorted(k for _, k in plain)
 
 
+def test_keys_do_not_depend_on_how_the_directory_is_named_or_listed(tmp_path, monkeypatch, caplog):
+    """`--data .` keys files as naming the folder does (it gave '/a.txt'); a file found under
+    two names takes the smaller key whatever order the directory lists (the split is the same
+    on every machine); a file name that is not UTF-8 is split like any other (its key hashes
+    as its bytes; it had stopped the whole corpus); a symlinked directory is logged."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text(f"{name}\n" * 20)
+    (corpus / "z.txt").symlink_to(corpus / "a.txt")
+    (corpus / os.fsdecode(b"caf\xe9.txt")).write_text("latin-1 name\n" * 20)
+    (tmp_path / "elsewhere").mkdir()
+    (corpus / "linked").symlink_to(tmp_path / "elsewhere")
+    named = find_files([corpus])
+    assert [k for _, k in named] == ["corpus/a.txt", "corpus/b.txt", "corpus/caf\udce9.txt"]
+    monkeypatch.chdir(corpus)
+    assert [k for _, k in find_files(["."])] == [k for _, k in named]
+    walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda p: ((r, d, n[::-1]) for r, d, n in walk(p)))
+    assert [k for _, k in find_files(["."])] == [k for _, k in named]  # listed the other way
+    with caplog.at_level("INFO", logger="ssmstream.model.data"):
+        d = load_text([corpus], val_fraction=0.5)
+    assert sorted(d.train_files + d.val_files) == [k for _, k in named]
+    assert "linked is a symlinked directory, not followed" in caplog.text
+
+
 def test_two_directories_of_one_name_are_refused_naming_both(tmp_path):
     for side in ("a", "b"):
         (tmp_path / side / "data").mkdir(parents=True)
