@@ -351,14 +351,17 @@ class _Requests:
     def __init__(self, session, kind: str, output: str, top_k: int):
         self.session, self.kind, self.output, self.top_k = session, kind, output, top_k
         self.refused: ValueError | None = None
+        self.sent = self.answered = 0
 
     def _make(self, x) -> pb.StepRequest | None:
         try:
-            return step_request(self.session.id, **{self.kind: x}, output=self.output,
-                                top_k=self.top_k)  # fmt: skip
+            req = step_request(self.session.id, **{self.kind: x}, output=self.output,
+                               top_k=self.top_k)  # fmt: skip
         except ValueError as e:
             self.refused = e
             return None
+        self.sent += 1
+        return req
 
     def of(self, inputs: Iterable) -> Iterator[pb.StepRequest]:
         for x in inputs:
@@ -375,6 +378,7 @@ class _Requests:
     def result(self, resp: pb.StepResponse) -> StepResult:
         """A response's result; the session learns its id (a Stream that created it) and
         position."""
+        self.answered += 1
         r = StepResult.from_proto(resp)
         if not self.session.id:
             self.session.id = r.session_id
@@ -382,7 +386,9 @@ class _Requests:
         return r
 
     def raise_refused(self, cause: BaseException | None = None) -> None:
-        if self.refused is not None:
+        """The refused item's ValueError, once every request sent before it was answered
+        (a server error for one of those, `cause`, is that request's: raised by the caller)."""
+        if self.refused is not None and self.answered == self.sent:
             raise self.refused from cause
 
 

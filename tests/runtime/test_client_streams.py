@@ -214,3 +214,24 @@ def test_a_stream_item_the_client_refuses_is_its_value_error_after_the_earlier_o
             return got
 
     assert asyncio.run(asyncio.wait_for(run(), 30)) == [1, 2]
+
+
+def test_the_servers_error_for_an_item_wins_over_a_later_refused_one(srv):
+    """[999] ends the stream on the server; [1.5], refused by the client, was never sent:
+    the caller gets the server's INVALID_ARGUMENT about 999, in both clients."""
+    items = [[1], [999], [1.5]]
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        with pytest.raises(grpc.RpcError) as e:
+            list(s.stream(items))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "999" in e.value.details()
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            with pytest.raises(grpc.RpcError) as e:
+                [r async for r in s.stream(items)]
+            return e.value.code(), e.value.details()
+
+    code, details = asyncio.run(asyncio.wait_for(run(), 30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "999" in details
