@@ -895,6 +895,8 @@ class RedisReplication:
         results = list(results)
         with self._io:  # the versions and dirty counts change only under _io
             ok = [j for j, r in enumerate(results) if not isinstance(r, BaseException)]
+            for j in ok:  # stepped here: its lease stays here (before a write-back lets go)
+                self._unleased.discard(sessions[j].id)
             due = [] if self.degraded else [j for j in ok if force or self._due(sessions[j].id)]
             versions: dict[int, int] = {}
             items, written = [], []
@@ -914,7 +916,6 @@ class RedisReplication:
                     results[j] = self._lost(s, v)
                     continue
                 self._used.add(s.id)
-                self._unleased.discard(s.id)  # stepped here: its lease stays here
                 if v is None:
                     self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
                 else:

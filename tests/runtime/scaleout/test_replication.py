@@ -262,6 +262,25 @@ def test_a_fork_made_while_redis_was_down_lets_go_of_the_child_once_written_back
     np.testing.assert_array_equal(a.read(a.get(used)), y)
 
 
+def test_a_fork_child_stepped_as_redis_returns_keeps_its_lease(redis_server):
+    """A fork made while Redis was down whose row was being stepped when Redis came back:
+    that step's commit writes it back, and it was stepped here, so its lease stays here (the
+    write-back had let it go, and another replica could take over a session served here)."""
+    rng = np.random.default_rng(16)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    backend = a.replication.backend
+    sid = a.create().id
+    step(a, sid, rng)
+    a.replication._degrade(RuntimeError("test"))
+    child = a.fork(sid)
+    (lent,) = a.lend([child])  # the batcher steps the child's row ...
+    a.replication._try_recover()  # ... as the outage ends: the child stays pending
+    assert not a.replication.degraded
+    a.slab.write(child.slot, rng.standard_normal(S).astype(np.float32))
+    assert a.give_back([lent], 1) == [2]  # its step: the commit writes it back
+    assert backend.client.get(backend.lease(child.id)) == b"A" and a.held(child.id)
+
+
 def test_redis_down_keeps_serving_memory_then_recovers(redis_server, caplog):
     rng = np.random.default_rng(6)
     a = replica(redis_server, "A", lease_ttl=0.3)
