@@ -56,6 +56,7 @@ import numpy as np
 
 from .engine import Engine
 from .errors import (
+    INTERNAL_ERROR,
     CorruptState,
     EngineFailure,
     InvalidInput,
@@ -508,7 +509,7 @@ class Batcher:
         exception per request (a job that failed as a whole fails each)."""
         if isinstance(results, Exception):  # the job itself failed: nothing was committed
             e = results
-            err = e if isinstance(e, EngineFailure) else EngineFailure(f"batch failed: {e}")
+            err = e if isinstance(e, EngineFailure) else EngineFailure(INTERNAL_ERROR)  # logged
             results = [err] * len(reqs)
         calls, self._calls = self._calls, []
         st = self.stats
@@ -568,9 +569,9 @@ class Batcher:
             try:
                 done = self._step_part(part)
             except Exception as e:
-                if not isinstance(e, EngineFailure):
+                if not isinstance(e, EngineFailure):  # a bug: its text stays in the log
                     log.exception("step batch failed")
-                    e = EngineFailure(f"batch failed: {e}")
+                    e = EngineFailure(INTERNAL_ERROR)
                 done = dict.fromkeys(part, e)
             if i + c < len(live):
                 try:

@@ -64,3 +64,7 @@ class ModelError(RuntimeErrorBase, ValueError):
 
 class EngineFailure(RuntimeErrorBase):
     pass
+
+
+# what a client is told of a server bug (the details and traceback go to the server log only)
+INTERNAL_ERROR = "internal error (see the server log)"

@@ -19,6 +19,7 @@ import grpc
 from ssmstream.protos import inference_pb2 as pb
 
 from .errors import (
+    INTERNAL_ERROR,
     CorruptState,
     EngineFailure,
     InvalidInput,
@@ -53,7 +54,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
             return code, str(exc)
-    return grpc.StatusCode.INTERNAL, "internal error (see the server log)"
+    return grpc.StatusCode.INTERNAL, INTERNAL_ERROR
 
 
 def grpc_errors(method):

@@ -511,6 +511,28 @@ def test_a_generate_in_flight_finishes_while_the_server_drains(tiny_token_model)
     assert len(got) == n
 
 
+@pytest.mark.parametrize("T", [1, 3], ids=["slot-step", "prefill"])
+def test_a_bug_inside_a_batch_is_internal_and_its_text_stays_in_the_log(
+    server, client, engine, T, monkeypatch
+):
+    """Not onnxruntime failing but a bug (KeyError with internal text): INTERNAL 'internal
+    error (see the server log)', as for a bug anywhere else (it had sent 'batch failed:
+    <the text>'); the session keeps its state and position."""
+    secret = "/srv/secret/internal_detail.py"
+    s = client.create_session()
+    s.step(tokens=[1])
+
+    def bug(*a, **k):
+        raise KeyError(secret)
+
+    monkeypatch.setattr(server.server.engine, "run_slots" if T == 1 else "prefill_unchecked", bug)
+    code, msg = code_of(lambda: s.step(tokens=[2] * T))
+    assert code == grpc.StatusCode.INTERNAL and msg == "internal error (see the server log)"
+    monkeypatch.undo()
+    assert s.step(tokens=[3]).position == 2
+    s.close()
+
+
 def test_engine_failure_is_internal_and_changes_nothing(server, client, engine):
     x = tokens_for(engine, 3, seed=14)
     expect, _ = reference(engine, x)
