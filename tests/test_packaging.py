@@ -104,7 +104,8 @@ def test_each_subcommand_starts_with_its_extras_alone(command, extras, modules):
         ("linux", "x86_64", "onnxruntime-gpu"),
         ("linux", "aarch64", "onnxruntime"),  # edge devices: no onnxruntime-gpu wheel
         ("darwin", "arm64", "onnxruntime"),
-        ("win32", "AMD64", "onnxruntime"),
+        ("win32", "AMD64", "onnxruntime-gpu"),  # published for Windows x86_64 too
+        ("win32", "ARM64", "onnxruntime"),
     ],
 )
 def test_one_onnxruntime_build_fits_each_platform(platform, machine, wanted):
