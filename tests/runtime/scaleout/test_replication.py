@@ -738,18 +738,23 @@ def test_evicting_a_stale_copy_leaves_the_record_of_the_replica_that_took_over(r
     np.testing.assert_array_equal(b.read(b.get(sid, "alice")), y)
 
 
-def moved_then_emptied(redis_server, rng, busy: bool = False):
-    """A creates and steps a session, B takes it over and steps it (A keeps a stale copy),
-    then Redis restarts empty. Returns (a, b, the session's id, B's state, A's other
-    session's id when `busy`)."""
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
+def moved(redis_server, rng, names=("A", "B")):
+    """The first replica creates and steps a session, the second takes it over and steps it
+    (the first keeps a stale copy). Returns (first, second, the session's id, its state)."""
+    a = replica(redis_server, names[0], lease_ttl=0.2)
+    b = replica(redis_server, names[1], lease_ttl=0.2)
     sid = a.create().id
-    other = a.create().id if busy else None
     step(a, sid, rng)
-    time.sleep(0.3)  # A's lease lapses; its copy stays
+    time.sleep(0.3)  # the first's lease lapses; its copy stays
     b.fetch(sid)
-    newest = step(b, sid, rng)
+    return a, b, sid, step(b, sid, rng)
+
+
+def moved_then_emptied(redis_server, rng, busy: bool = False):
+    """`moved`, then Redis restarts empty. Returns (a, b, the session's id, B's state, A's
+    other session's id when `busy`)."""
+    a, b, sid, newest = moved(redis_server, rng)
+    other = a.create().id if busy else None
     redis_server.stop()
     redis_server.start()  # empty
     return a, b, sid, newest, other
@@ -1155,13 +1160,7 @@ def test_a_write_back_does_not_replace_a_take_over_made_since_in_the_same_term(r
     (also term 1), writes back later: the record is of A's term but C's, so A's copy loses
     (its steps since its last write are lost: the documented cost of an empty restart)."""
     rng = np.random.default_rng(9)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = b.create().id
-    step(b, sid, rng)
-    time.sleep(0.3)
-    a.fetch(sid)
-    step(a, sid, rng)
+    b, a, sid, _ = moved(redis_server, rng, ("B", "A"))
     time.sleep(0.3)
     redis_server.stop()
     redis_server.start()
@@ -1324,13 +1323,7 @@ def test_a_copy_of_a_later_term_wins_over_a_stale_copy_written_back_first(redis_
     record vanishes (Redis evicted it) while both are idle; A is asked first and writes its
     copy back; then B is asked: its copy, of the later term, is written back over A's."""
     rng = np.random.default_rng(1)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = a.create().id
-    step(a, sid, rng)
-    time.sleep(0.3)
-    b.fetch(sid)
-    newest = step(b, sid, rng)
+    a, b, sid, newest = moved(redis_server, rng)
     time.sleep(0.3)  # B idle: its lease lapses
     backend = a.replication.backend
     backend.client.delete(backend.key(sid))
