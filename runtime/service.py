@@ -452,7 +452,9 @@ class Attachment:
     is closed again if that first step fails, or at `detach` if its response was not
     `delivered` (its id never reached the client). Later steps
     go to the same incarnation (NOT_FOUND once it is closed). `idle` is True while waiting
-    for the client's next request; `on_drain` is called when the server drains meanwhile.
+    for the client's next request: before the first step, and from each step's `delivered`
+    (its response is written) or failure on; `on_drain` is called when the server drains
+    meanwhile. A step's response being written is not idle: a drain then lets it finish.
     """
 
     def __init__(self, service: SessionService, principal: str, rpc: str, on_drain):
@@ -483,8 +485,9 @@ class Attachment:
             if not (s.live and svc.store.held(s.id)):  # else it is still the one attached
                 self.session = await self._rebind(s)
             return await svc.batcher.step(self.session, inputs)
-        finally:
+        except BaseException:
             self.idle = True
+            raise
 
     def adopt(self, s: Session) -> None:
         """Attach to a session (FAILED_PRECONDITION when another attachment holds it)."""
@@ -515,8 +518,10 @@ class Attachment:
         return result
 
     def delivered(self) -> None:
-        """The response of the step that created the session is out: it stays at `detach`."""
+        """The step's response is out: the attachment is idle again, and a session that step
+        created stays at `detach`."""
         self._new = None
+        self.idle = True
 
     async def _rebind(self, bound: Session) -> Session:
         """The attached incarnation, for its next step (NOT_FOUND once it was closed)."""

@@ -511,6 +511,44 @@ def test_a_generate_in_flight_finishes_while_the_server_drains(tiny_token_model)
     assert len(got) == n
 
 
+def test_a_drain_while_a_stream_response_is_written_delivers_it(tiny_token_model, monkeypatch):
+    """SIGTERM's drain arriving while a Stream writes a step's response: that response
+    reaches the client and the Stream then ends UNAVAILABLE (resumable) at once. The
+    attachment counted as idle there, so the drain cancelled the write: the client lost the
+    reply of a step the server applied and got CANCELLED when the grace ran out."""
+    import ssmstream.runtime.servicer as servicer
+
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=5.0
+    )
+    real, calls, acked, ended = servicer.step_response, [], [], []
+
+    def drain_while_answering(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the drain runs while this 2nd response is written
+            asyncio.get_running_loop().call_soon(srv.server.service.drain)
+        return real(*a, **kw)
+
+    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=10) as c:
+        s = c.create_session()
+        monkeypatch.setattr(servicer, "step_response", drain_while_answering)
+
+        def stream():
+            try:
+                with s.open_stream() as st:
+                    for t in (1, 2, 3):
+                        acked.append(st.send(tokens=[t]).position)
+            except grpc.RpcError as e:
+                ended.append(e.code())
+
+        th = threading.Thread(target=stream, daemon=True)
+        th.start()
+        th.join(3.0)  # well before the grace: a drained stream ends now
+        got, codes = list(acked), list(ended)
+        (session,) = srv.server.store.sessions("anonymous")
+        assert (session.position, got, codes) == (2, [1, 2], [grpc.StatusCode.UNAVAILABLE])
+
+
 @pytest.mark.parametrize("T", [1, 3], ids=["slot-step", "prefill"])
 def test_a_bug_inside_a_batch_is_internal_and_its_text_stays_in_the_log(
     server, client, engine, T, monkeypatch

@@ -448,14 +448,20 @@ def test_draining_refuses_new_work_and_ends_idle_attachments(toy_tok):
         svc = await started(toy_tok)
         ended = []
         idle = svc.attach("p", on_drain=lambda: ended.append("idle"))
+        writing = svc.attach("p", on_drain=lambda: ended.append("writing"))
         await idle.step("", [1])
+        idle.delivered()  # its response is out: it waits for the next request
+        await writing.step("", [1])  # its response is being written: a drain lets it finish
         svc.drain()
-        assert ended == ["idle"] and idle.drained
+        assert ended == ["idle"] and idle.drained and not writing.drained
+        writing.delivered()
+        assert writing.idle
         with pytest.raises(Unavailable, match="shutting down"):
             await svc.create("p")
         with pytest.raises(Unavailable):
             await svc.step("p", idle.session.id, [1])
         idle.detach()
+        writing.detach()
         await svc.batcher.close()
 
     run(main())
