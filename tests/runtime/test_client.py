@@ -7,11 +7,13 @@ import os
 
 import numpy as np
 import pytest
+from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime import cli
 from ssmstream.runtime.client import (
     AsyncClient,
     Client,
     channel_credentials,
+    check_generate,
     create_request,
     generate_request,
     step_request,
@@ -326,3 +328,51 @@ def test_generate_cli_bad_flags_are_usage_errors_before_any_call(flags, words, c
         cli.main(["generate", "--server", "127.0.0.1:1", "--ids", "1", *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and words in err and "Traceback" not in err
+
+
+def test_seed_zero_is_a_seed():
+    """seed=0 is sent (a reproducible run); no seed leaves the field unset (random)."""
+    req = pb.GenerateRequest.FromString(generate_request("s", [1], seed=0).SerializeToString())
+    assert req.HasField("seed") and req.seed == 0
+    assert not generate_request("s", [1]).HasField("seed")
+
+
+def test_check_generate_refuses_what_the_server_would_naming_the_field():
+    """The ranges regenerate checks before its rewind, against GetModelInfo (V = 10)."""
+
+    def info(V=10, d_output=10, kind="tokens"):
+        limits = pb.Limits(max_tokens_per_request=4, max_new_tokens=64)
+        return pb.ModelInfo(input_kind=kind, vocab_size=V, d_output=d_output, limits=limits)
+
+    ok = generate_request("s", [9], max_new_tokens=64, stop=[9], top_k=10)
+    assert check_generate(ok, info()) is ok
+    bad = [
+        (ok, info(kind="values"), "prompt: Generate needs a token model; this model takes values"),
+        (
+            ok,
+            info(d_output=12),
+            "prompt: Generate samples token ids from the outputs; "
+            "d_output=12 is more than vocab_size=10",
+        ),
+        (generate_request("s", [1] * 5), info(), "prompt: needs 1 to 4 tokens, got 5"),
+        (
+            generate_request("s", [1], max_new_tokens=65),
+            info(),
+            "max_new_tokens: must be in [1, 64], got 65",
+        ),
+        (generate_request("s", [10]), info(), "prompt: tokens must be in [0, vocab_size=10)"),
+        (
+            generate_request("s", [1], stop=[10]),
+            info(),
+            "stop: tokens must be in [0, vocab_size=10)",
+        ),
+        (
+            generate_request("s", [1], top_k=11),
+            info(),
+            "top_k: must be in [0, vocab_size=10] (0: off), got 11",
+        ),
+    ]
+    for req, model, message in bad:
+        with pytest.raises(ValueError) as e:
+            check_generate(req, model)
+        assert str(e.value) == message

@@ -203,3 +203,35 @@ def test_bad_token_file_names_the_line_not_the_token(tmp_path, text, match):
         TokenTable.from_file(f)
     assert "tok " not in str(e.value) and "only-a-token" not in str(e.value)
     assert str(e.value).startswith("auth_tokens: ")
+
+
+@pytest.mark.parametrize("name", ["prefix_cache_mb", "rewind_memory_mb"])
+def test_mib_settings_stop_below_2_to_the_20(name):
+    assert getattr(ServerConfig(model_dir="m", **{name: 2**20 - 1}), name) == 2**20 - 1
+    with pytest.raises(ValueError) as e:
+        ServerConfig(model_dir="m", **{name: 2**20})
+    assert str(e.value) == f"{name}: must be in [0, 2**20) MiB, got {2**20}"
+
+
+def test_a_state_dir_with_a_shared_state_store_is_refused():
+    with pytest.raises(ValueError) as e:
+        ServerConfig(model_dir="m", state_store="redis://127.0.0.1:6379/0", state_dir="/tmp/s")
+    assert str(e.value) == (
+        "state_dir: sessions persist in --state-store; do not also give --state-dir"
+    )
+    assert ServerConfig(model_dir="m", state_store="redis://127.0.0.1:6379/0").state_dir is None
+
+
+def test_token_table_refuses_empty_tokens_and_principals():
+    for table in ({"tok-1": ""}, {"": "alice"}):
+        with pytest.raises(ValueError) as e:
+            TokenTable(table)
+        assert str(e.value) == "auth_tokens: tokens and principals must be non-empty"
+
+
+def test_only_the_first_authorization_entry_counts_whatever_its_scheme():
+    t = TokenTable({"tok-bob": "bob"})
+    assert t.principal_from_metadata((("authorization", "Bearer tok-bob"),)) == "bob"
+    for first in ("Basic dXNlcjpwdw==", "tok-bob"):
+        md = (("authorization", first), ("authorization", "Bearer tok-bob"))
+        assert t.principal_from_metadata(md) is None

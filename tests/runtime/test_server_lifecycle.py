@@ -11,13 +11,15 @@ import time
 import grpc
 import numpy as np
 import pytest
+import ssmstream.runtime.server as server_module
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import ServerProcess, scrape
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
-from ssmstream.runtime.server import BackgroundServer
+from ssmstream.runtime.errors import InvalidInput
+from ssmstream.runtime.server import BackgroundServer, check_files
 from ssmstream.runtime.sessions import SessionStore
 from ssmstream.runtime.snapshots import SnapshotKey
 
@@ -455,3 +457,45 @@ def test_a_server_started_with_sighup_ignored_keeps_serving_on_sighup(tiny_token
     finally:
         srv.kill()
     assert "SIGHUP received" not in srv.output()
+
+
+def test_a_state_dir_whose_sessions_file_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "state" / "sessions.bin").mkdir(parents=True)
+    with pytest.raises(InvalidInput) as e:
+        check_files(ServerConfig(model_dir="m", state_dir=str(tmp_path / "state")))
+    assert e.value.field == "state_dir"
+    assert str(e.value) == f"state_dir: {tmp_path / 'state' / 'sessions.bin'} is not a file"
+
+
+def test_a_background_server_whose_start_fails_saves_nothing(
+    toy_token_model, tmp_path, monkeypatch
+):
+    """A start that fails after the listener is up (here: its --port-file cannot be
+    written) stops the server without saving; BackgroundServer then stops it again, and
+    that second stop must not save the (empty) sessions over --state-dir either."""
+
+    def no_port_file(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(server_module, "_write_port_file", no_port_file)
+    state = tmp_path / "state"
+    cfg = ServerConfig(
+        model_dir=str(toy_token_model["model_dir"]),
+        port=0,
+        device="cpu",
+        grace=0.1,
+        state_dir=str(state),
+        port_file=str(tmp_path / "port.json"),
+    )
+    with pytest.raises(OSError, match="disk full"):
+        BackgroundServer(cfg).start()
+    assert not (state / "sessions.bin").exists()
+
+
+@pytest.mark.parametrize("unsaved, code", [(3, 1), (0, 0)])
+def test_serve_exits_1_when_sessions_could_not_be_saved(monkeypatch, unsaved, code):
+    async def run(self):
+        self.unsaved = unsaved
+
+    monkeypatch.setattr(server_module.Server, "run", run)
+    assert server_module.main(["m", "--port", "0"]) == code

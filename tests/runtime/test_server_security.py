@@ -3,8 +3,10 @@ and mTLS with certificates generated in the test (openssl CLI)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -204,3 +206,28 @@ def test_mtls_requires_a_client_certificate(tiny_token_model, certs):
         with Client(target, root_certificates=certs.ca, timeout=5) as no_cert:
             code, _ = code_of(no_cert.info)
             assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_each_refused_call_is_reported_to_on_denied_with_its_method():
+    """The interceptor reports every refusal (ssmstream_errors_total{code="UNAUTHENTICATED"}
+    counts them), with its method; accepted and open calls are not reported."""
+    denied = []
+    interceptor = auth.AuthInterceptor(auth.TokenTable({"tok-a": "alice"}), on_denied=denied.append)
+
+    async def behavior(request, context):
+        return b"ok"
+
+    async def continuation(details):
+        return grpc.unary_unary_rpc_method_handler(behavior)
+
+    def call(method, *metadata):
+        details = SimpleNamespace(method=method, invocation_metadata=metadata)
+        asyncio.run(interceptor.intercept_service(continuation, details))
+
+    step, generate = (f"/ssmstream.v1.StreamingInference/{m}" for m in ("Step", "Generate"))
+    call(step, ("authorization", "Bearer tok-a"))
+    call("/grpc.health.v1.Health/Check")
+    assert denied == []
+    call(step)
+    call(generate, ("authorization", "Bearer nope"))
+    assert denied == [step, generate]

@@ -3,6 +3,7 @@ metrics it updates per token. (Input and sampling checks: test_service.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import grpc
@@ -11,8 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime import errors
+from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServerMetrics, _RateWindow
 from ssmstream.runtime.servicer import (
+    StreamingInferenceServicer,
     check_output_selection,
     log_softmax,
     request_arrays,
@@ -170,3 +173,68 @@ def test_rate_window_reads_a_steady_rate_wherever_in_the_second_it_is_read():
         if i > 2000 and i % 37 == 0:
             readings.append(rate.rate())
     assert min(readings) > 98.5 and max(readings) < 101.5, (min(readings), max(readings))
+
+
+def test_rate_window_in_the_first_seconds_divides_by_the_time_since_start():
+    """Right after a start the window is not full yet: 50 events in the first second read
+    50/s (dividing by the whole window read about a tenth of it)."""
+    now = [100.0]
+    rate = _RateWindow(window=10, clock=lambda: now[0])
+    now[0] = 100.5
+    rate.add(50)
+    now[0] = 101.0
+    assert rate.rate() == pytest.approx(50.0)
+    now[0] = 102.0
+    rate.add(0)
+    assert rate.rate() == pytest.approx(25.0)  # 50 events in 2 s
+
+
+class _Recorder:
+    """A SessionService stand-in for the servicer: records generate's arguments."""
+
+    def __init__(self, info: dict):
+        self.info, self.calls = info, []
+
+    def generate(self, *args):
+        self.calls.append(args)
+
+        async def none():
+            return
+            yield
+
+        return none()
+
+
+def _servicer(info: dict) -> tuple[StreamingInferenceServicer, _Recorder]:
+    svc = _Recorder(info)
+    return StreamingInferenceServicer(svc, ServerConfig(model_dir="m"), ServerMetrics()), svc
+
+
+def test_generate_without_a_seed_asks_for_an_unseeded_generation():
+    """No seed: None (a fresh random generator); seed 0 is a seed like any other."""
+    servicer, svc = _servicer({**TOKENS, "state_size": 4})
+
+    async def generate(**seed):
+        request = pb.GenerateRequest(prompt=[1], max_new_tokens=3, **seed)
+        return [r async for r in servicer.Generate(request, None)]
+
+    for seed in ({}, {"seed": 0}, {"seed": 7}):
+        asyncio.run(generate(**seed))
+    assert [args[7] for args in svc.calls] == [None, 0, 7]  # generate(…, top_p, seed, …)
+
+
+def test_output_all_of_a_values_model_counts_rows_not_values():
+    """A values request of T rows × d_input values answers T output rows: the response size
+    check counts rows (counting values refused answers that fit)."""
+    d_in, d_out = 8, 2**20  # 4 MiB per output row; the response limit is 64 MiB
+    servicer, _ = _servicer({"input_kind": "values", "d_input": d_in, "d_output": d_out})
+    assert servicer.max_send == 64 * 2**20
+
+    def request(rows):
+        values = np.ones(rows * d_in, np.float32).tolist()
+        return pb.StepRequest(values=values, output=pb.OUTPUT_ALL)
+
+    tokens, values = servicer._check_request(request(8))  # 32 MiB: fits
+    assert tokens.size == 0 and values.shape == (8 * d_in,)
+    with pytest.raises(errors.LimitExceeded, match="^output: OUTPUT_ALL of 17 inputs x 1048576"):
+        servicer._check_request(request(17))  # 68 MiB
