@@ -244,9 +244,10 @@ class Engine:
             raise InvalidInput("device", f"must be one of {DEVICES}, got {device!r}")
         for name, value in (("threads", threads), ("step_threads", step_threads)):
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
+                isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
             ):
                 raise InvalidInput(name, f"must be a positive integer or None, got {value!r}")
+        threads, step_threads = (None if v is None else int(v) for v in (threads, step_threads))
         self.cuda_options = CudaOptions.parse(cuda_options)
         self.model_dir = Path(model_dir)
         m = self.manifest = load_manifest(self.model_dir, check_sha=check_sha)

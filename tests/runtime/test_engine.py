@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import EngineFailure, InvalidInput, ModelError
+from ssmstream.runtime.manifest import load_manifest
 from ssmstream.runtime.providers import cuda_usable
 from ssmstream.runtime.sampling import Sampler, SamplingConfig
 
@@ -490,3 +491,288 @@ def test_step_graph_runs_on_the_calling_thread_and_no_pool_spins(toy_token_model
     with pytest.raises(InvalidInput) as e:
         Engine(toy_token_model["model_dir"], step_threads=0)
     assert e.value.field == "step_threads"
+
+
+def _copy_with_manifest(src, dst, change):
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    change(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+class _SpySession:
+    """Records the input shapes the prefill graph is run with."""
+
+    def __init__(self, sess):
+        self.sess, self.shapes = sess, []
+
+    def run(self, names, feeds):
+        self.shapes.append(feeds["input"].shape)
+        return self.sess.run(names, feeds)
+
+
+@pytest.mark.parametrize("name", ["threads", "step_threads"])
+def test_a_bool_thread_count_is_refused_naming_the_field(toy_token_model, name):
+    """A bool is not a thread count; a numpy integer is one (as for step_buffers)."""
+    with pytest.raises(InvalidInput) as e:
+        Engine(toy_token_model["model_dir"], device="cpu", **{name: True})
+    assert e.value.field == name
+    assert "must be a positive integer or None, got True" in str(e.value)
+    eng = Engine(toy_token_model["model_dir"], device="cpu", **{name: np.int64(2)})
+    y, _ = eng.step(np.array([1]), eng.new_state())
+    want, _ = Engine(toy_token_model["model_dir"], device="cpu").step(
+        np.array([1]), eng.new_state()
+    )
+    np.testing.assert_array_equal(y, want)
+
+
+def test_max_len_not_a_multiple_of_the_chunk_is_rounded_down(toy_token_model, tmp_path):
+    """A hand-written manifest (no embedded copy) with max_len 14, chunk 4: the engine calls
+    the prefill graph with at most 12 inputs (whole chunks; this graph takes no `length`)."""
+    d = _copy_with_manifest(
+        toy_token_model["model_dir"],
+        tmp_path / "m",
+        lambda m: m["graphs"]["prefill"].update(max_len=14),
+    )
+    eng = Engine(d, device="cpu", threads=1)
+    assert eng.prefill_chunk == 4 and eng.prefill_max_len == 12
+    assert eng.info["prefill_max_len"] == 12
+    spy = _SpySession(eng._prefill_session)
+    eng._prefill_session = spy
+    x = np.arange(29).reshape(1, 29) % toy_token_model["V"]
+    y, s = eng.prefill(x, eng.new_state())
+    assert spy.shapes == [(1, 12), (1, 12), (1, 4)]
+    ref_y, ref_s = toy_token_model["reference"](x, eng.new_state())
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s, ref_s, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_chunk_thresholds_of_an_any_length_prefill(tok_engine):
+    """chunk C = 8, max_len 128, the graph takes `length`: a prompt's r = T % C trailing inputs
+    go through the prefill graph (in a padded chunk) when r >= C/2 for a call that holds only
+    that chunk, r >= C/4 after whole chunks; else they are stepped. Outputs equal steps."""
+    eng = tok_engine
+    assert eng.prefill_any_length and eng.prefill_chunk == 8 and eng.prefill_max_len == 128
+    assert eng.info["prefill_any_length"] is True
+    real = eng._prefill_session
+    spy = _SpySession(real)
+    eng._prefill_session = spy
+    try:
+        rng = np.random.default_rng(0)
+        for T, want in (
+            (3, []),  # alone, r = 3 < 4: stepped
+            (4, [(1, 8)]),  # alone, r = 4 = C/2: one padded chunk
+            (9, [(1, 8)]),  # after a whole chunk, r = 1 < 2: 8 via prefill, 1 step
+            (10, [(1, 16)]),  # after a whole chunk, r = 2 = C/4: padded
+        ):
+            spy.shapes.clear()
+            x = rng.integers(0, eng.vocab_size, size=(1, T))
+            y, s = eng.prefill(x, eng.new_state())
+            assert spy.shapes == want, T
+            ys, st = [], eng.new_state()
+            for t in range(T):
+                yt, st = eng.step(x[:, t], st)
+                ys.append(yt)
+            np.testing.assert_allclose(y, np.stack(ys, 1), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(s, st, rtol=1e-4, atol=1e-5)
+    finally:
+        eng._prefill_session = real
+
+
+def test_a_batch_of_exactly_max_batch_fits_the_step_buffers(toy_tok):
+    eng = toy_tok
+    buf = eng.step_buffers(4)
+    x = np.array([1, 2, 3, 4])
+    s = (np.random.default_rng(0).standard_normal((4, eng.state_size)) * 0.1).astype(np.float32)
+    want_y, want_s = eng.step(x, s)
+    y, s_new = eng.step(x, s, out=buf)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(s_new, want_s)
+    with pytest.raises(InvalidInput, match="holds 4 streams, the batch has 5") as e:
+        eng.step(np.arange(5), eng.new_state(5), out=buf)
+    assert e.value.field == "out"
+
+
+def test_fewer_slots_than_inputs_is_refused_and_changes_nothing(toy_tok):
+    slab = toy_tok.new_slab(4)
+    before = (np.random.default_rng(1).standard_normal((4, toy_tok.state_size))).astype(np.float32)
+    slab.array[:] = before
+    with pytest.raises(InvalidInput, match="has 1 slots for 2 inputs") as e:
+        toy_tok.step_slots(np.array([1, 2]), [0], slab)
+    assert e.value.field == "slots"
+    np.testing.assert_array_equal(slab.array, before)
+
+
+def _bad_states(S):
+    ro = np.zeros(S, dtype=np.float32)
+    ro.flags.writeable = False
+    return {
+        "read-only": ro,
+        "strided": np.zeros(2 * S, dtype=np.float32)[::2],
+        "float64": np.zeros(S, dtype=np.float64),
+    }
+
+
+@pytest.mark.parametrize("which", ["read-only", "strided", "float64"])
+def test_generate_refuses_a_state_it_cannot_update_in_place(toy_tok, which):
+    """Checked when generate is called, before any token: not a late ValueError from the
+    write-back, an EngineFailure from onnxruntime, or a silent success."""
+    state = _bad_states(toy_tok.state_size)[which]
+    with pytest.raises(InvalidInput) as e:
+        toy_tok.generate([1, 2], state=state, max_new_tokens=3, temperature=0)
+    assert e.value.field == "state"
+    assert "writeable C-contiguous float32" in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint32, np.uint64])
+def test_unsigned_token_equal_to_vocab_size_is_refused(toy_tok, dtype):
+    V = toy_tok.vocab_size
+    with pytest.raises(InvalidInput) as e:
+        toy_tok.step(np.array([V], dtype=dtype), toy_tok.new_state())
+    assert e.value.field == "inputs"
+    assert f"token {V} is outside [0, vocab_size={V})" in str(e.value)
+    y, _ = toy_tok.step(np.array([V - 1], dtype=dtype), toy_tok.new_state())  # the last id is fine
+    want, _ = toy_tok.step(np.array([V - 1]), toy_tok.new_state())
+    np.testing.assert_array_equal(y, want)
+
+
+def test_a_manifest_input_kind_that_contradicts_the_graph_is_refused(toy_token_model, tmp_path):
+    d = _copy_with_manifest(
+        toy_token_model["model_dir"],
+        tmp_path / "m",
+        lambda m: m.update(input_kind="values", vocab_size=None, d_input=3),
+    )
+    with pytest.raises(ModelError, match=r"graph input has rank 1, expected 2"):
+        Engine(d, device="cpu")
+
+
+def test_a_graph_input_of_an_unsupported_type_is_a_model_error(toy_token_model, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    d = _copy_with_manifest(
+        toy_token_model["model_dir"], tmp_path / "m", lambda m: m["graphs"].pop("prefill")
+    )
+    model = onnx.load(d / "step.onnx")
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT32  # Gather takes it
+    onnx.save(model, d / "step.onnx")
+    with pytest.raises(ModelError, match=r"graph input has unsupported type tensor\(int32\)"):
+        Engine(d, device="cpu", check_sha=False)
+
+
+def test_step_buffers_reused_with_another_slab_step_that_slab(toy_tok):
+    """StepBuffers cache the slot binding per batch size for one slab; stepping another slab
+    with the same buffers must rebind, not step the first slab's rows."""
+    eng = toy_tok
+    rng = np.random.default_rng(4)
+    buf = eng.step_buffers(4)
+    slabs, states = [], []
+    for _ in range(2):
+        slab = eng.new_slab(3)
+        st = (rng.standard_normal((3, eng.state_size)) * 0.3).astype(np.float32)
+        slab.array[:] = st
+        slabs.append(slab)
+        states.append(st)
+    x = np.array([1, 2])
+    for slab, st in zip(slabs, states):
+        want_y, want_s = eng.step(x, st[[2, 0]])
+        y = eng.step_slots(x, [2, 0], slab, out=buf)
+        np.testing.assert_array_equal(y, want_y)
+        st[[2, 0]] = want_s
+    for slab, st in zip(slabs, states):
+        np.testing.assert_array_equal(slab.array, st)
+
+
+def test_prefill_chunk_states_never_report_the_padding(tok_engine):
+    """prefill_unchecked(states={}) reports the state after every whole chunk and after T; a
+    padded last chunk's end (past T, the state after the padding) is not a state of the
+    prompt: with chunk 8, T = 21 runs in one call padded to 24 and reports {8, 16, 21}."""
+    eng = tok_engine
+    assert eng.prefill_any_length and eng.prefill_chunk_states and eng.prefill_chunk == 8
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, eng.vocab_size, size=(1, 21))
+    s0 = (rng.standard_normal((1, eng.state_size)) * 0.1).astype(np.float32)
+    states = {}
+    _, s = eng.prefill_unchecked(x, s0, states)
+    assert sorted(states) == [8, 16, 21]
+    st = s0
+    for t in range(21):
+        _, st = eng.step(x[:, t], st)
+        if t + 1 in states:
+            np.testing.assert_allclose(states[t + 1], st, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(states[21], s)
+
+
+def _recording_sessions(monkeypatch, usable):
+    """cuda_usable() -> usable; every InferenceSession records the providers asked for and
+    runs on CPU (as onnxruntime does when it falls back by itself)."""
+    import ssmstream.runtime.engine as engine_module
+
+    real, asked = engine_module.ort.InferenceSession, []
+
+    def session(path, opts, providers):
+        asked.append([p if isinstance(p, str) else p[0] for p in providers])
+        return real(path, opts, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(engine_module, "cuda_usable", lambda: usable)
+    monkeypatch.setattr(engine_module.ort, "InferenceSession", session)
+    return asked
+
+
+def test_cuda_requested_but_run_on_cpu_is_refused(toy_token_model, monkeypatch):
+    """device='cuda' is a promise: onnxruntime accepting the CUDA provider and then running the
+    graph on CPU is an error naming the device, not a silent CPU engine."""
+    _recording_sessions(monkeypatch, (True, ""))
+    with pytest.raises(InvalidInput) as e:
+        Engine(toy_token_model["model_dir"], device="cuda")
+    assert e.value.field == "device"
+    assert "'cuda' requested but onnxruntime runs CPUExecutionProvider" in str(e.value)
+
+
+def test_auto_without_usable_cuda_asks_for_cpu_only(toy_token_model, monkeypatch):
+    asked = _recording_sessions(monkeypatch, (False, "no driver"))
+    eng = Engine(toy_token_model["model_dir"], device="auto")
+    assert eng.device == "cpu" and eng.provider == "CPUExecutionProvider"
+    assert asked == [["CPUExecutionProvider"]] * 3  # step, prefill, slots
+
+
+def _edited(toy, tmp_path, change, name="m"):
+    d = tmp_path / name
+    shutil.copytree(toy["model_dir"], d)
+    m = json.loads((d / "manifest.json").read_text())
+    change(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+@pytest.mark.parametrize("kind", ["text", None, 3])
+def test_an_unknown_input_kind_is_refused_naming_the_field(toy_token_model, tmp_path, kind):
+    d = _edited(toy_token_model, tmp_path, lambda m: m.update(input_kind=kind))
+    with pytest.raises(ModelError, match=rf"input_kind must be 'tokens' or 'values', got {kind!r}"):
+        load_manifest(d)
+    with pytest.raises(ModelError, match="input_kind"):
+        Engine(d, device="cpu")
+
+
+def test_graphs_without_a_step_graph_are_refused(toy_token_model, tmp_path):
+    d = _edited(toy_token_model, tmp_path, lambda m: m["graphs"].pop("step"))
+    with pytest.raises(ModelError, match="graphs must be an object with a 'step' graph"):
+        load_manifest(d)
+    with pytest.raises(ModelError, match="'step' graph"):  # not a KeyError
+        Engine(d, device="cpu")
+
+
+def test_a_graph_path_that_is_a_directory_is_missing(toy_token_model, tmp_path):
+    d = _edited(toy_token_model, tmp_path, lambda m: None)
+    (d / "prefill.onnx").unlink()
+    (d / "prefill.onnx").mkdir()
+    with pytest.raises(ModelError, match=r"prefill\.onnx \(prefill graph\) is missing"):
+        load_manifest(d, check_sha=False)
+
+
+@pytest.mark.parametrize(
+    "change", [lambda m: m.pop("format_version"), lambda m: m.update(format_version=0)]
+)
+def test_a_missing_or_older_format_version_is_refused(toy_token_model, tmp_path, change):
+    d = _edited(toy_token_model, tmp_path, change)
+    with pytest.raises(ModelError, match=r"format_version (None|0) is not supported"):
+        load_manifest(d)

@@ -4,9 +4,10 @@ is what onnxruntime reads; tests/gpu runs them on a device where there is one)."
 from __future__ import annotations
 
 import pytest
+from ssmstream.runtime import providers
 from ssmstream.runtime.config import parse_config
 from ssmstream.runtime.errors import InvalidInput
-from ssmstream.runtime.providers import CudaOptions
+from ssmstream.runtime.providers import CudaOptions, session_options
 
 
 def test_fp32_means_fp32_unless_tf32_is_asked_for():
@@ -62,3 +63,66 @@ def test_cuda_is_usable_only_when_the_driver_sees_a_gpu(monkeypatch, driver, usa
     monkeypatch.setattr(providers.ctypes, "CDLL", lambda name: driver)
     got, reason = providers.cuda_usable()
     assert got is usable and why in reason
+
+
+def test_threads_none_means_every_core_of_this_process(monkeypatch):
+    monkeypatch.setattr(providers, "default_threads", lambda: 3)
+    assert session_options(None).intra_op_num_threads == 3
+    assert session_options(2).intra_op_num_threads == 2
+    with pytest.raises(ValueError, match="threads must be >= 1 or None, got 0"):
+        session_options(0)
+
+
+def test_no_gpu_mem_limit_is_passed_when_unlimited():
+    """gpu_mem_limit 0 means no limit: the option is left out (onnxruntime's default,
+    unlimited) rather than passed as a limit of "0"."""
+    assert "gpu_mem_limit" not in CudaOptions().provider_options()
+    assert CudaOptions(gpu_mem_limit=1 << 30).provider_options()["gpu_mem_limit"] == str(1 << 30)
+
+
+def test_unknown_cuda_options_are_named():
+    with pytest.raises(InvalidInput) as e:
+        CudaOptions.parse({"device_id": 0, "arena": "big", "zz": 1})
+    assert e.value.field == "cuda_options"
+    assert "unknown option(s) ['arena', 'zz']" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"arena_extend_strategy": "kDoubling"}, "cuda_options.arena_extend_strategy"),
+        ({"device_id": True}, "cuda_options.device_id"),
+        ({"gpu_mem_limit": False}, "cuda_options.gpu_mem_limit"),
+        ({"enable_cuda_graph": "yes"}, "cuda_options.enable_cuda_graph"),
+        ({"enable_cuda_graph": 1}, "cuda_options.enable_cuda_graph"),
+    ],
+)
+def test_bad_cuda_options_name_the_field(kwargs, field):
+    with pytest.raises(InvalidInput) as e:
+        CudaOptions(**kwargs)
+    assert e.value.field == field
+
+
+def test_cuda_usable_tries_the_next_driver_name_when_one_does_not_load(monkeypatch):
+    """libcuda.so.1 missing but libcuda.so present (a dev install): that driver is asked."""
+
+    class Driver:
+        def cuInit(self, flags):
+            return 0
+
+        def cuDeviceGetCount(self, n):
+            n.contents.value = 1
+            return 0
+
+    tried = []
+
+    def cdll(name):
+        tried.append(name)
+        if name == "libcuda.so.1":
+            raise OSError("libcuda.so.1: cannot open shared object file")
+        return Driver()
+
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(providers.ctypes, "CDLL", cdll)
+    assert providers.cuda_usable() == (True, "")
+    assert tried[:2] == ["libcuda.so.1", "libcuda.so"]

@@ -8,6 +8,12 @@ import itertools
 import numpy as np
 import pytest
 from ssmstream.runtime.errors import InvalidInput
+from ssmstream.runtime.generation import (
+    FINISH_MAX,
+    FINISH_STOP,
+    GenerateConfig,
+    Generation,
+)
 from ssmstream.runtime.sampling import Sampler, SamplingConfig, probabilities, sample
 
 
@@ -115,3 +121,85 @@ def test_bad_logits(logits):
     with pytest.raises(InvalidInput) as e:
         sample(logits)
     assert e.value.field == "logits"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, words",
+    [
+        ({"temperature": float("inf")}, "temperature", "must be finite and >= 0, got inf"),
+        ({"temperature": True}, "temperature", "must be a number, got True"),
+        ({"top_k": True}, "top_k", "must be an integer >= 0 (0 = off), got True"),
+        ({"top_p": True}, "top_p", "must be a number, got True"),
+        ({"seed": True}, "seed", "must be a non-negative integer or None, got True"),
+    ],
+)
+def test_infinite_or_bool_parameters_are_refused(kwargs, field, words):
+    with pytest.raises(InvalidInput) as e:
+        SamplingConfig(**kwargs)
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_empty_logits_say_so():
+    with pytest.raises(
+        InvalidInput, match=r"must be a non-empty 1-D array \[V\], got shape \(0,\)"
+    ):
+        sample(np.array([], dtype=np.float32))
+
+
+@pytest.mark.parametrize("logits", [[np.inf, 0.0], [1.0, np.inf, np.inf]])
+def test_positive_infinite_logits_are_refused(logits):
+    with pytest.raises(InvalidInput, match=r"contain NaN or \+inf") as e:
+        probabilities(np.array(logits))
+    assert e.value.field == "logits"
+
+
+def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_p_exactly():
+    """p = [0.5, 0.25, 0.25] exactly (powers of two): top_p = 0.5 is reached by the first
+    token alone, top_p = 0.75 by two."""
+    logits = np.log(np.array([0.5, 0.25, 0.25]))
+    np.testing.assert_array_equal(probabilities(logits, top_p=0.5), [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(probabilities(logits, top_p=0.75), [2 / 3, 1 / 3, 0.0])
+    rng = np.random.default_rng(0)
+    assert {sample(logits, top_p=0.5, rng=rng) for _ in range(50)} == {0}
+
+
+V = 5
+
+
+def test_max_new_tokens_may_equal_the_limit():
+    assert GenerateConfig.check(V, 8, max_limit=8, min_new_tokens=1).max_new_tokens == 8
+    with pytest.raises(InvalidInput, match=r"must be in \[1, 8\], got 9") as e:
+        GenerateConfig.check(V, 9, max_limit=8, min_new_tokens=1)
+    assert e.value.field == "max_new_tokens"
+
+
+def test_stop_may_list_every_token_once_but_no_more():
+    """At most vocab_size stop tokens: exactly V is fine, V + 1 (even with a repeat) is refused
+    rather than silently cut to the first V."""
+    assert GenerateConfig.check(V, 3, stop=range(V)).stop == frozenset(range(V))
+    with pytest.raises(InvalidInput, match="has more than vocab_size=5 tokens") as e:
+        GenerateConfig.check(V, 3, stop=[0, 1, 2, 3, 4, 0], stop_field="stop_tokens")
+    assert e.value.field == "stop_tokens"
+
+
+@pytest.mark.parametrize(
+    "stop, words",
+    [
+        ([True], "must be token ids (ints), got True"),
+    ],
+)
+def test_bool_stop_tokens_are_refused(stop, words):
+    with pytest.raises(InvalidInput) as e:
+        GenerateConfig.check(V, 3, stop=stop, stop_field="stop_tokens")
+    assert e.value.field == "stop_tokens" and words in str(e.value)
+
+
+def test_a_stop_token_sampled_last_finishes_as_a_stop():
+    """The stop token wins over the max_new_tokens count when both end the generation."""
+    logits = np.array([0.0, 5.0, 1.0, -1.0, 2.0])  # greedy: token 1
+    gen = Generation(GenerateConfig.check(V, 1, temperature=0, stop=[1]))
+    g = gen(logits, 7)
+    assert (g.token, g.index, g.position, g.finish) == (1, 0, 7, FINISH_STOP)
+    gen = Generation(GenerateConfig.check(V, 2, temperature=0))
+    a, b = gen(logits, 3), gen(logits, 4)
+    assert (a.index, a.finish, b.index, b.finish) == (0, None, 1, FINISH_MAX)

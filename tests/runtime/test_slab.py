@@ -388,3 +388,50 @@ def test_cuda_graphs_asked_of_a_cpu_engine_say_they_are_not_used(tiny_token_mode
         )
     assert not eng.cuda_graphs and eng.new_slab(2).scratch is None
     assert "CUDA graphs requested, but the engine runs on CPUExecutionProvider" in caplog.text
+
+
+def test_nbytes_counts_the_scratch_row():
+    """nbytes is the buffer's size: with scratch=True it holds capacity + 1 rows."""
+    plain, padded = StateSlab(4, 3), StateSlab(4, 3, scratch=True)
+    assert plain.nbytes == 4 * 12 == plain.array.nbytes
+    assert padded.scratch == 4 and padded.nbytes == 5 * 12 == padded.array.nbytes
+    assert "0.0 MiB" in repr(padded)
+
+
+def test_unsigned_slots_are_accepted(toy_tok):
+    """check_slots takes any integer dtype (documented: 'integer array'), unsigned included."""
+    eng = toy_tok
+    slab = eng.new_slab(4)
+    states = (np.random.default_rng(2).standard_normal((4, eng.state_size)) * 0.3).astype(
+        np.float32
+    )
+    slab.array[:] = states
+    x = np.array([3, 5])
+    want_y, want_s = eng.step(x, states[[2, 0]])
+    y = eng.step_slots(x, np.array([2, 0], dtype=np.uint32), slab)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(slab.array[[2, 0]], want_s)
+    np.testing.assert_array_equal(
+        slab.check_slots(np.array([3, 1], dtype=np.uint8)), np.array([[3], [1]], dtype=np.int64)
+    )
+
+
+def test_copy_names_the_bad_destination():
+    slab = StateSlab(3, 2)
+    with pytest.raises(InvalidInput, match=r"slot 3 is outside \[0, capacity=3\)") as e:
+        slab.copy(0, 3)
+    assert e.value.field == "dst"
+    with pytest.raises(InvalidInput) as e:
+        slab.copy(-1, 0)
+    assert e.value.field == "src"
+
+
+def test_write_refuses_a_batched_state_shape():
+    """write takes one row float32 [S]; [1, S] is refused (a caller passing the wrong shape
+    must not be silently broadcast)."""
+    slab = StateSlab(3, 2)
+    with pytest.raises(InvalidInput, match=r"must have shape \[2\], got \(1, 2\)") as e:
+        slab.write(0, np.ones((1, 2), dtype=np.float32))
+    assert e.value.field == "state"
+    np.testing.assert_array_equal(slab.array, np.zeros((3, 2)))
+    assert slab.stats.rows_in == 0
