@@ -625,3 +625,82 @@ def test_an_inline_step_that_fails_changes_nothing(toy_tok, monkeypatch):
     assert position == 1 and pos == 2 and stats.failed == 1 and stats.inline == 3
     want = alone(toy_tok, [np.array([1]), np.array([2])])[1]
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_max_queue_per_session_zero_means_no_request_waits(toy_tok):
+    """0 is a valid queue limit (">= 0"): a session's second
+    request while one runs is refused at once instead of queued."""
+
+    async def main():
+        store = SessionStore(toy_tok.state_size, capacity=4)
+        batcher = Batcher(
+            toy_tok, store, max_batch_delay=0.0, max_queue_per_session=0, inline=False
+        )
+        await batcher.start()
+        try:
+            s = store.create()
+            first = asyncio.ensure_future(batcher.step(s, np.array([1])))
+            await asyncio.sleep(0)
+            with pytest.raises(LimitExceeded) as e:
+                await batcher.step(s, np.array([2]))
+            assert "max_queue_per_session=0" in str(e.value)
+            assert (await first)[1] == 1 and s.position == 1
+        finally:
+            await batcher.close()
+
+    run(main())
+
+
+def test_a_rewind_queued_behind_a_step_of_a_session_then_closed_is_not_found(toy_tok):
+    """The session closed while its rewind waited: its history was
+    released, and the rewind answers NOT_FOUND "closed" (as a queued step does), not the
+    history's OutOfRange."""
+    from ssmstream.runtime.errors import SessionNotFound
+    from ssmstream.runtime.history import History
+
+    async def main():
+        store = SessionStore(toy_tok.state_size, capacity=4)
+        batcher = Batcher(toy_tok, store, max_batch_delay=0.0, inline=False)
+        await batcher.start()
+        try:
+            s = store.create("", "a")
+            s.history = History(8, 4, 0, store.read(s))
+            assert (await batcher.step(s, np.array([1, 2, 3])))[1] == 3
+            step = asyncio.ensure_future(batcher.step(s, np.array([4])))
+            rewind = asyncio.ensure_future(batcher.rewind(s, 1))
+            await asyncio.sleep(0)  # both queued: the step first, the rewind behind it
+            store.close("a")
+            await asyncio.gather(step, return_exceptions=True)
+            with pytest.raises(SessionNotFound) as e:
+                await rewind
+            assert e.value.reason == "closed" and e.value.session_id == "a"
+        finally:
+            await batcher.close()
+
+    run(main())
+
+
+def test_a_rewind_of_a_closed_session_is_not_found_even_when_its_queue_is_full(toy_tok):
+    """A closed session's rewind is NOT_FOUND up front, not
+    LIMIT_EXCEEDED because requests queued before the close still fill its queue."""
+    from ssmstream.runtime.errors import SessionNotFound
+
+    async def main():
+        store = SessionStore(toy_tok.state_size, capacity=4)
+        batcher = Batcher(
+            toy_tok, store, max_batch_delay=0.0, max_queue_per_session=1, inline=False
+        )
+        await batcher.start()
+        try:
+            s = store.create("", "a")
+            queued = [asyncio.ensure_future(batcher.step(s, np.array([1]))) for _ in range(2)]
+            await asyncio.sleep(0)  # one ready or running, one waiting: the queue is full
+            store.close("a")
+            with pytest.raises(SessionNotFound) as e:
+                await batcher.rewind(s, 0)
+            assert e.value.reason == "closed"
+            await asyncio.gather(*queued, return_exceptions=True)
+        finally:
+            await batcher.close()
+
+    run(main())

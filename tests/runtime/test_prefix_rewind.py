@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ssmstream.runtime.batcher import Batcher
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import OutOfRange, SessionBusy
-from ssmstream.runtime.history import History
+from ssmstream.runtime.history import CheckpointBudget, History
 from ssmstream.runtime.prefix_cache import PrefixCache
 from ssmstream.runtime.service import ServiceLimits, SessionService
 from ssmstream.runtime.sessions import SessionStore
@@ -535,3 +535,51 @@ def test_a_prefill_graph_without_chunk_states_still_serves_both_features(
         await svc.batcher.close()
 
     run(main())
+
+
+def test_a_released_history_plans_nothing_and_ignores_late_updates():
+    """After release, plan says the history is gone (OutOfRange on
+    `position`) and a late record / step neither records nor takes budget bytes."""
+    budget = CheckpointBudget()
+    h = History(8, 4, 0, np.zeros(4, np.float32), budget)
+    h.record(np.arange(4), 4, {4: np.ones(4, np.float32)})
+    assert budget.used == 2 * 16
+    h.release()
+    assert budget.used == 0 and h.released
+    with pytest.raises(OutOfRange) as e:
+        h.plan(4)
+    assert e.value.field == "position"
+    assert str(e.value) == "position: the session's rewind history is gone (closed)"
+    h.record(np.arange(4), 8, {8: np.ones(4, np.float32)})
+    h.step(np.arange(1), 9, lambda: np.ones(4, np.float32))
+    assert budget.used == 0 and h.nbytes == 0
+
+
+def _states(*ends, S=4, D=2):
+    return {n: (np.full(S, n, np.float32), np.full(D, n, np.float32)) for n in ends}
+
+
+def test_lookup_limit_is_inclusive():
+    """`limit` is the most tokens the hit may have."""
+    c = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    p = np.arange(10, dtype=np.int64)
+    assert c.insert("s", p, _states(4, 8, 10)) == 3
+    assert c.lookup("s", p, limit=8).tokens == 8
+    assert c.lookup("s", p, limit=10).tokens == 10
+    assert c.lookup("s", p, limit=9).tokens == 8
+    assert c.lookup("s", p, limit=4).tokens == 4
+    assert c.lookup("s", p, limit=3).tokens == 0
+
+
+def test_an_entry_larger_than_the_whole_budget_is_not_cached_and_evicts_nothing():
+    """An entry over max_bytes is skipped; it must not flush
+    the entries that fit (and then itself)."""
+    c = PrefixCache(300, chunk=4, model_sha="m")
+    small = np.arange(4, dtype=np.int64)
+    assert c.insert("s", small, _states(4)) == 1  # 32 + 16 + 8 + 96 = 152 bytes
+    big = np.arange(100, 140, dtype=np.int64)
+    assert c.insert("s", big, _states(40)) == 0  # 320 + 16 + 8 + 96 = 440 > 300
+    assert c.stats() == {
+        "hits": 0, "misses": 0, "cached_tokens": 0, "evictions": 0, "bytes": 152, "entries": 1,
+    }  # fmt: skip
+    assert c.lookup("s", small).tokens == 4

@@ -35,11 +35,11 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-async def started(engine) -> SessionService:
+async def started(engine, limits: ServiceLimits = LIMITS) -> SessionService:
     store = SessionStore(engine.state_size, capacity=16)
     batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0)
     await batcher.start()
-    return SessionService(engine, store, batcher, LIMITS)
+    return SessionService(engine, store, batcher, limits)
 
 
 @pytest.mark.parametrize(
@@ -462,6 +462,179 @@ def test_draining_refuses_new_work_and_ends_idle_attachments(toy_tok):
             await svc.step("p", idle.session.id, [1])
         idle.detach()
         writing.detach()
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_ttl_equal_to_the_server_limit_is_accepted(toy_tok):
+    """ttl_seconds is in (0, --session-ttl], the bound included."""
+
+    async def main():
+        svc = await started(toy_tok)
+        s, _ = await svc.create("p", "a", ttl=60.0)
+        assert s.ttl == 60.0
+        with pytest.raises(InvalidInput) as e:
+            await svc.create("p", "b", ttl=60.5)
+        assert str(e.value) == "ttl_seconds: must be in (0, 60] seconds (0: default), got 60.5"
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_fork_is_refused_while_draining_and_creates_nothing(toy_tok):
+    """After drain() new work is refused (Unavailable), a fork (which
+    creates a session) included, as create / step / rewind are."""
+    from ssmstream.runtime.errors import Unavailable
+
+    async def main():
+        svc = await started(toy_tok)
+        s, _ = await svc.create("p", "a")
+        await svc.step("p", "a", tokens=[1, 2])
+        svc.drain()
+        with pytest.raises(Unavailable) as e:
+            await svc.fork("p", "a", "b")
+        assert str(e.value) == "server is shutting down; retry on the restarted server"
+        assert len(svc.store) == 1 and svc.store.local("b") is None
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_prompt_create_that_fails_leaves_no_session(toy_tok):
+    """The client never got the id of a session whose prompt
+    failed: it is closed again (its id free, nothing counted as live)."""
+    from ssmstream.runtime.errors import SessionNotFound, Unavailable
+
+    async def main():
+        svc = await started(toy_tok)
+        await svc.batcher.close()  # the prompt's prefill will fail: Unavailable
+        with pytest.raises(Unavailable):
+            await svc.create("p", "a", prompt=[1, 2, 3])
+        assert len(svc.store) == 0
+        with pytest.raises(SessionNotFound) as e:
+            svc.store.get("a", "p")
+        assert e.value.reason == "closed"
+
+    run(main())
+
+
+def test_cached_prefix_outputs_are_the_output_of_the_prefix_last_input(toy_tok):
+    """The cache entry for u[0:end] keeps the output of input
+    end-1 (what a Generate from that prompt samples its first token from)."""
+    limits = ServiceLimits(max_tokens_per_request=64, max_new_tokens=8, prefix_cache_bytes=1 << 20)
+
+    async def main():
+        svc = await started(toy_tok, limits)
+        assert svc.chunk == 4
+        prompt = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5], np.int64)
+        await svc.create("p", "a", prompt=prompt)
+        outputs, _ = toy_tok.prefill(prompt[None], toy_tok.new_state())  # [1, T, D]
+        for end in (4, 8, 9):
+            hit = svc.prefix_cache.lookup(svc._scope("p"), prompt[:end])
+            assert hit.tokens == end
+            np.testing.assert_allclose(hit.output, outputs[0, end - 1], rtol=1e-5, atol=1e-6)
+        # a Generate served wholly from the cache samples from that output
+        logits = outputs[0, 3].astype(np.float64)
+        logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        first = [g async for _, g in svc.generate("p", "", list(prompt[:4]), 1, 0.0)][0]
+        assert first.token == int(np.argmax(logits)) and first.position == 4
+        assert first.logprob == pytest.approx(logp[first.token], rel=1e-4, abs=1e-5)
+        await svc.batcher.close()
+
+    run(main())
+
+
+async def _attached_stream(svc, sid="a"):
+    """A Stream attached to session `sid` (created here), after one step."""
+    svc.store.create("p", sid)
+    a = svc.attach("p")
+    _, pos = await a.step(sid, tokens=[1])
+    assert pos == 1 and a.session.id == sid
+    return a
+
+
+def test_a_stream_whose_session_moved_away_and_was_replaced_by_another_incarnation_is_not_found(
+    toy_tok,
+):
+    """The replica lost the session ("moved"), and what
+    it loads back under the id is another incarnation (closed and created again elsewhere):
+    the Stream is NOT_FOUND "closed", never rebound to the other session."""
+    from ssmstream.runtime.errors import SessionNotFound
+
+    async def main():
+        svc = await started(toy_tok)
+        a = await _attached_stream(svc)
+        old = a.session
+        svc.store.drop(old, "moved")  # what the replication does when another replica takes it
+        new = svc.store.install(
+            "a", "p", 60.0, 7, np.zeros(toy_tok.state_size, np.float32), "other"
+        )
+        with pytest.raises(SessionNotFound) as e:
+            await a.step("", tokens=[2])
+        assert (e.value.session_id, e.value.reason) == ("a", "closed")
+        assert new.position == 7 and a.session is old
+        a.detach()
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_stream_whose_moved_session_is_gone_everywhere_is_told_closed(toy_tok):
+    """The attached session moved away and no longer
+    exists: the store says "unknown" (it forgets a moved id), the Stream, which held it, says
+    "closed"."""
+    from ssmstream.runtime.errors import SessionNotFound
+
+    async def main():
+        svc = await started(toy_tok)
+        a = await _attached_stream(svc)
+        svc.store.drop(a.session, "moved")
+        with pytest.raises(SessionNotFound) as e:
+            svc.store.get("a", "p")
+        assert e.value.reason == "unknown"
+        with pytest.raises(SessionNotFound) as e:
+            await a.step("", tokens=[2])
+        assert (e.value.session_id, e.value.reason) == ("a", "closed")
+        a.detach()
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_rewind_refuses_a_bool_position_and_changes_nothing(toy_tok):
+    """True is not a position (it would rewind to 1)."""
+    limits = ServiceLimits(max_tokens_per_request=8, rewind_window=16)
+
+    async def main():
+        svc = await started(toy_tok, limits)
+        await svc.create("p", "a")
+        _, pos = await svc.step("p", "a", tokens=[1, 2, 3])
+        assert pos == 3
+        with pytest.raises(InvalidInput) as e:
+            await svc.rewind("p", "a", True)
+        assert str(e.value) == "position: must be an integer, got True"
+        assert svc.store.get("a", "p").position == 3
+        assert (await svc.rewind("p", "a", 1)).position == 1  # an int is fine
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_an_infinite_ttl_is_refused_even_without_a_server_limit(toy_tok):
+    """ttl_seconds must be finite; with --session-ttl unlimited
+    (max_ttl = inf) a client must still not make a session that never expires."""
+    import math
+
+    async def main():
+        svc = await started(toy_tok, ServiceLimits(max_ttl=math.inf))
+        for bad in (math.inf, math.nan, -1.0):
+            with pytest.raises(InvalidInput) as e:
+                await svc.create("p", "a", ttl=bad)
+            assert e.value.field == "ttl_seconds"
+        assert len(svc.store) == 0
+        s, _ = await svc.create("p", "a", ttl=1e9)
+        assert s.ttl == 1e9
         await svc.batcher.close()
 
     run(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import stat
 import struct
 
@@ -22,7 +23,13 @@ from ssmstream.runtime.errors import (
     Unavailable,
 )
 from ssmstream.runtime.sessions import STORE_FILE, SessionStore, check_session_id
-from ssmstream.runtime.snapshots import _STORE_HEAD, STORE_MAGIC, VERSION, SnapshotKey
+from ssmstream.runtime.snapshots import (
+    _STORE_HEAD,
+    MIN_KEY_BYTES,
+    STORE_MAGIC,
+    VERSION,
+    SnapshotKey,
+)
 
 SECRET = b"sessions-test-key-0123456789"
 KEY = SnapshotKey(SECRET)
@@ -634,3 +641,176 @@ def test_a_copy_replaced_by_another_incarnation_says_closed_not_retry(engine):
     taken = store.create("p", "taken")
     store.drop(taken, "moved")
     assert isinstance(taken.gone(), Unavailable) and "another replica" in str(taken.gone())
+
+
+def test_commit_and_give_back_refuse_a_bool_consumed():
+    """True is not an input count; nothing changes."""
+    store = SessionStore(4, capacity=2)
+    s = store.create("p", "a")
+    with pytest.raises(InvalidInput) as e:
+        store.commit(s, np.ones(4, np.float32), True)
+    assert e.value.field == "consumed"
+    assert str(e.value) == "consumed: must be an integer >= 0, got True"
+    assert s.position == 0 and np.array_equal(store.read(s), np.zeros(4, np.float32))
+    (lent,) = store.lend([s])
+    with pytest.raises(InvalidInput, match="^consumed: "):
+        store.give_back([lent], False)
+    assert store.give_back([lent], 0) == [0]
+
+
+def test_a_model_sha_over_1024_characters_is_refused():
+    """The sha is written in every snapshot header (u16 length);
+    over 1024 ASCII characters is refused up front, 1024 is fine."""
+    SessionStore(4, model_sha="a" * 1024)
+    with pytest.raises(InvalidInput) as e:
+        SessionStore(4, model_sha="a" * 1025)
+    assert e.value.field == "model_sha"
+    assert str(e.value).startswith("model_sha: must be an ASCII string, got 'aaaa")
+
+
+def test_an_id_taken_by_another_principal_is_unknown_to_its_former_owner():
+    """Once another principal's
+    session holds the id, the former owner is told "unknown" (the id is not theirs, and its
+    old tombstone no longer describes it), not "closed"."""
+    from ssmstream.runtime.errors import SessionNotFound
+
+    store = SessionStore(4, capacity=2)
+    store.create("alice", "x")
+    store.close("x", "alice")
+    with pytest.raises(SessionNotFound) as e:
+        store.get("x", "alice")
+    assert e.value.reason == "closed"
+    store.create("bob", "x")
+    with pytest.raises(SessionNotFound) as e:
+        store.get("x", "alice")
+    assert e.value.reason == "unknown"
+
+
+def test_stats_count_only_principals_with_live_sessions():
+    """A principal whose last session ended is not counted."""
+    store = SessionStore(4, capacity=4)
+    a = store.create("alice")
+    b1, b2 = store.create("bob"), store.create("bob")
+    assert store.stats()["principals"] == 2
+    store.close(a.id, "alice")
+    store.close(b1.id, "bob")
+    assert store.stats()["principals"] == 1
+    store.close(b2.id, "bob")
+    assert store.stats()["principals"] == 0
+
+
+def test_the_tombstones_argument_is_how_many_ended_ids_are_remembered():
+    """tombstones=2 remembers exactly the last two ended ids."""
+    from ssmstream.runtime.errors import SessionNotFound
+
+    store = SessionStore(4, capacity=4, tombstones=2)
+    for sid in ("a", "b", "c"):
+        store.create("p", sid)
+        store.close(sid, "p")
+    reasons = {}
+    for sid in ("a", "b", "c"):
+        with pytest.raises(SessionNotFound) as e:
+            store.get(sid, "p")
+        reasons[sid] = e.value.reason
+    assert reasons == {"a": "unknown", "b": "closed", "c": "closed"}
+
+
+def test_a_session_idle_exactly_its_ttl_is_still_live():
+    """Sessions expire when idle *longer* than their TTL."""
+    from ssmstream.runtime.errors import SessionNotFound
+
+    clock = FakeClock()
+    store = SessionStore(4, capacity=2, ttl=10.0, clock=clock)
+    s = store.create("p", "a")
+    clock.t += 10.0
+    assert store.evict_idle() == []
+    assert store.get("a", "p") is s  # refreshes its timer
+    clock.t += 10.0
+    store.pin(s)  # exactly the TTL idle: pin does not evict either
+    store.unpin(s)
+    clock.t += 10.5
+    with pytest.raises(SessionNotFound) as e:
+        store.get("a", "p")
+    assert e.value.reason == "evicted"
+
+
+def test_a_long_step_restarts_the_idle_timer_when_it_ends():
+    """A step pinned longer than the TTL leaves the session a full
+    TTL of idle time after it ends, not an already-expired one."""
+    clock = FakeClock()
+    store = SessionStore(4, capacity=2, ttl=10.0, clock=clock)
+    s = store.create("p", "a")
+    store.pin(s)
+    clock.t += 100.0
+    assert store.evict_idle() == []  # pinned: never evicted
+    store.unpin(s)
+    clock.t += 5.0
+    assert store.evict_idle() == []
+    assert store.get("a", "p") is s
+
+
+def test_state_now_does_not_read_a_row_being_stepped():
+    """While a row is lent its state and position do not match
+    (the step writes the row before give_back advances the position): state_now says None."""
+    store = SessionStore(4, capacity=2)
+    s = store.create("p", "a")
+    store.commit(s, np.full(4, 2.0, np.float32), 3)
+    state, pos = store.state_now(s)
+    assert pos == 3 and np.array_equal(state, np.full(4, 2.0, np.float32))
+    (lent,) = store.lend([s])
+    assert store.state_now(s) is None
+    store.give_back([lent], 1)
+    state, pos = store.state_now(s)
+    assert pos == 4
+
+
+def test_commit_and_give_back_restart_the_idle_timer():
+    """A session that consumed inputs is not idle since then."""
+    clock = FakeClock()
+    store = SessionStore(4, capacity=2, ttl=10.0, clock=clock)
+    s = store.create("p", "a")
+    clock.t += 8.0
+    assert store.commit(s, np.ones(4, np.float32), 2) == 2
+    clock.t += 8.0
+    assert store.evict_idle() == []
+    (lent,) = store.lend([s])
+    clock.t += 8.0
+    assert store.give_back([lent], 1) == [3]
+    clock.t += 8.0
+    assert store.evict_idle() == [] and s.live and s.position == 3
+
+
+def test_a_session_file_repeating_an_id_is_refused_whole(tmp_path):
+    """A (signed) file naming one id twice adds nothing, and says so."""
+    from ssmstream.runtime.sessions import STORE_FILE
+    from ssmstream.runtime.snapshots import encode_session_file
+
+    store = SessionStore(4, capacity=4, model_sha="m")
+    entry = {"id": "dup", "principal": "p", "position": 1, "ttl": 60.0, "incarnation": "i1"}
+    header = {
+        "model_sha": "m",
+        "state_size": 4,
+        "sessions": [entry, {**entry, "incarnation": "i2"}],
+    }
+    data = encode_session_file(store.snapshot_key, header, np.zeros((2, 4), np.float32))
+    (tmp_path / STORE_FILE).write_bytes(data)
+    with pytest.raises(InvalidInput) as e:
+        store.load(tmp_path)
+    assert e.value.field == "state_dir"
+    assert "session ids already live or repeated" in str(e.value)
+    assert len(store) == 0 and store.stats()["free"] == 4 and store.stats()["restored"] == 0
+
+
+def test_a_key_file_of_exactly_the_minimum_length_is_accepted(tmp_path):
+    """MIN_KEY_BYTES (16) bytes is enough, 15 is not."""
+    assert MIN_KEY_BYTES == 16
+    ok, short = tmp_path / "ok.key", tmp_path / "short.key"
+    ok.write_bytes(b"k" * 16 + b"\n")
+    short.write_bytes(b"k" * 15 + b"\n")
+    os.chmod(ok, 0o600)
+    os.chmod(short, 0o600)
+    assert SnapshotKey.from_file(ok).secret == b"k" * 16
+    with pytest.raises(InvalidInput) as e:
+        SnapshotKey.from_file(short)
+    assert e.value.field == "snapshot_key"
+    assert str(e.value) == f"snapshot_key: {short} holds 15 bytes; use at least 16"
