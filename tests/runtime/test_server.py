@@ -467,19 +467,19 @@ def test_snapshot_signed_with_another_key_is_refused(client, tiny_token_model):
 
 def test_draining_refuses_new_work_and_ends_idle_streams(tiny_token_model):
     cfg = ServerConfig(
-        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=5.0
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=30.0
     )
     srv = BackgroundServer(cfg).start()
     try:
-        c = Client(f"127.0.0.1:{srv.port}", timeout=30)
+        c = Client(f"127.0.0.1:{srv.port}", timeout=40)
         s = c.create_session()
         st = s.open_stream()
         assert st.send(tokens=[1]).position == 1
         t0 = time.monotonic()
-        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 5.0})
+        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 30.0})
         stopper.start()
-        stopper.join(10)
-        assert time.monotonic() - t0 < 4.0  # the idle stream did not hold the grace period
+        stopper.join(40)
+        assert time.monotonic() - t0 < 15.0  # the idle stream did not hold the 30 s grace
         code, msg = code_of(lambda: st.send(tokens=[2]))
         assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in msg, (code, msg)
         code, _ = code_of(c.create_session)
@@ -519,7 +519,7 @@ def test_a_drain_while_a_stream_response_is_written_delivers_it(tiny_token_model
     import ssmstream.runtime.servicer as servicer
 
     cfg = ServerConfig(
-        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=5.0
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=30.0
     )
     real, calls, acked, ended = servicer.step_response, [], [], []
 
@@ -529,7 +529,7 @@ def test_a_drain_while_a_stream_response_is_written_delivers_it(tiny_token_model
             asyncio.get_running_loop().call_soon(srv.server.service.drain)
         return real(*a, **kw)
 
-    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=10) as c:
+    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=40) as c:
         s = c.create_session()
         monkeypatch.setattr(servicer, "step_response", drain_while_answering)
 
@@ -543,7 +543,7 @@ def test_a_drain_while_a_stream_response_is_written_delivers_it(tiny_token_model
 
         th = threading.Thread(target=stream, daemon=True)
         th.start()
-        th.join(3.0)  # well before the grace: a drained stream ends now
+        th.join(10.0)  # well before the 30 s grace: a drained stream ends at once
         got, codes = list(acked), list(ended)
         (session,) = srv.server.store.sessions("anonymous")
         assert (session.position, got, codes) == (2, [1, 2], [grpc.StatusCode.UNAVAILABLE])
