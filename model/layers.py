@@ -97,8 +97,10 @@ class SSM(nn.Module):
             )
         if discretization == "gbt" and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if not 0 < dt_min <= dt_max < math.inf:
+            raise ValueError(
+                f"need 0 < dt_min <= dt_max < inf, got dt_min={dt_min}, dt_max={dt_max}"
+            )
         self.d_model, self.d_state, self.heads = d_model, d_state, heads
         self.discretization, self.alpha = discretization, alpha
         H, M, N2 = heads, d_model // heads, d_state // 2

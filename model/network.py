@@ -85,7 +85,7 @@ class SSMConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0 < self.dt_min <= self.dt_max < math.inf:
             raise ValueError(
-                f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}"
+                f"need 0 < dt_min <= dt_max < inf, got dt_min={self.dt_min}, dt_max={self.dt_max}"
             )
 
     @property

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from ssmstream.model import (
     CheckpointError,
     SSMConfig,
@@ -175,3 +176,69 @@ def test_weights_of_another_architecture(ckpt):
     edit_config(ckpt, n_layers=1)
     with pytest.raises(CheckpointError, match=r"unexpected \['blocks\.1\."):
         load_checkpoint(ckpt)
+
+
+def _tiny(**kw) -> SSMNetwork:
+    torch.manual_seed(0)
+    return SSMNetwork(
+        SSMConfig(**{"vocab_size": 16, "d_model": 8, "n_layers": 2, "d_state": 4, **kw})
+    )
+
+
+def _ckpt(tmp_path):
+    return save_checkpoint(_tiny(heads=2), tmp_path / "ckpt")
+
+
+def test_config_without_a_version_is_refused(tmp_path):
+    ckpt = _ckpt(tmp_path)
+    meta = json.loads((ckpt / "config.json").read_text())
+    del meta["version"]
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="checkpoint version None unsupported"):
+        load_checkpoint(ckpt)
+
+
+def test_a_float64_network_is_saved_as_float32(tmp_path):
+    net = _tiny().double()
+    path = save_checkpoint(net, tmp_path / "c64")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.float32}
+    assert load_checkpoint(path).encoder.weight.dtype == torch.float32
+
+
+def test_mismatch_message_lists_up_to_five_missing_tensors(tmp_path):
+    ckpt = _ckpt(tmp_path)
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"]["n_layers"] = 3
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ckpt)
+    missing = sorted(
+        k for k in _tiny(heads=2, n_layers=3).state_dict() if k.startswith("blocks.2.")
+    )
+    assert f"missing {missing[:5]}, unexpected []" in str(e.value)
+
+
+def test_weights_path_that_is_unreadable_is_a_checkpoint_error(tmp_path, monkeypatch):
+    ckpt = _ckpt(tmp_path)
+    import ssmstream.model.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(ck, "load_file", boom)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt: disk on fire"):
+        load_checkpoint(ckpt)
+
+
+def test_a_file_given_as_checkpoint_directory(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(CheckpointError, match=r"checkpoint directory '.*afile' does not exist"):
+        load_checkpoint(f)
+
+
+def test_save_checkpoint_creates_missing_parents(tmp_path):
+    path = save_checkpoint(_tiny(), tmp_path / "runs" / "exp1" / "ckpt")
+    assert load_checkpoint(path).cfg == _tiny().cfg

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ssmstream.model import data as data_mod
 from ssmstream.model.data import (
     SignalConfig,
     default_corpus_dir,
@@ -247,3 +248,100 @@ def test_lowpass_gain_of_a_slow_sinusoid():
 def test_signal_config_errors(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SignalConfig(**kwargs)
+
+
+def test_byte_split_gives_val_at_least_min_bytes(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_bytes(bytes(range(100)))  # 5% would be 5 bytes; min_bytes asks for 20
+    d = load_text([f], val_fraction=0.05, min_bytes=20)
+    assert bytes(d.val.tolist()) == bytes(range(80, 100))
+    assert bytes(d.train.tolist()) == bytes(range(80))
+
+
+def test_empty_files_are_not_listed_in_a_split(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    for i in range(40):
+        (root / f"f{i:02d}.txt").write_text(f"file {i}\n" * 20)
+    (root / "empty.txt").write_bytes(b"")
+    d = load_text([root], val_fraction=0.3)
+    assert "c/empty.txt" not in d.train_files + d.val_files
+    assert len(d.train_files) + len(d.val_files) == 40
+
+
+def test_text_batch_with_data_exactly_one_window_long():
+    data = torch.arange(9, dtype=torch.uint8)
+    x, y = text_batch(data, 3, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.arange(8).expand(3, 8)) and torch.equal(
+        y, torch.arange(1, 9).expand(3, 8)
+    )
+
+
+def test_text_batch_can_start_at_the_last_window():
+    data = torch.arange(12, dtype=torch.uint8)  # windows of 9 bytes start at 0..3
+    x, _ = text_batch(data, 400, 8, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1, 2, 3}
+
+
+def test_val_fraction_one_is_refused_naming_it(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.0"):
+        load_text([f], val_fraction=1.0)
+
+
+def test_signal_config_with_no_samples_is_refused():
+    with pytest.raises(ValueError, match="duration · rate must give at least one sample, got 0"):
+        SignalConfig(rate=4.0, duration=0.1, freq_min=0.5, freq_max=1.0)
+
+
+def test_signal_config_with_infinite_length_is_refused():
+    with pytest.raises(ValueError, match="duration · rate must be finite"):
+        SignalConfig(rate=1e300, duration=1e300)
+
+
+def test_default_corpus_takes_only_py_files(tmp_path, monkeypatch):
+    (tmp_path / "lib").mkdir()
+    for i in range(30):
+        (tmp_path / "lib" / f"m{i}.py").write_text(f"x = {i}\n" * 10)
+        (tmp_path / "lib" / f"n{i}.txt").write_text("not python\n" * 10)
+    monkeypatch.setattr(data_mod, "default_corpus_dir", lambda: tmp_path / "lib")
+    d = load_text(None, val_fraction=0.3)
+    keys = d.train_files + d.val_files
+    assert len(keys) == 30 and all(k.endswith(".py") for k in keys)
+
+
+def test_single_file_byte_split_names_the_file_as_train(tmp_path):
+    files = []
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        f = tmp_path / name
+        f.write_bytes(b"x" * 200)
+        d = load_text([f], val_fraction=0.1, min_bytes=20)
+        files.append((d.train_files, d.val_files))
+    # whichever side the file's hash picked, the bytes split puts its key in train
+    assert files == [
+        ([p], ["<tail of the corpus>"])
+        for p in (str(tmp_path / n) for n in ("a.txt", "b.txt", "c.txt", "d.txt"))
+    ]
+
+
+@pytest.mark.parametrize("name", ["rate", "duration", "tau"])
+def test_signal_config_refuses_infinite_values_naming_them(name):
+    with pytest.raises(ValueError, match=f"{name} must be positive and finite, got inf"):
+        SignalConfig(**{name: math.inf})
+
+
+def test_signal_power_is_one_half_whatever_the_number_of_components():
+    for K in (1, 4, 9):
+        cfg = SignalConfig(n_components=K, duration=64.0)
+        u, _ = signal_batch(cfg, 512, torch.Generator().manual_seed(K))
+        assert u.double().pow(2).mean().item() == pytest.approx(0.5, rel=0.08), K
+
+
+def test_named_file_takes_its_directorys_key_not_its_path(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.py").write_text("a\n")
+    (root / "b.txt").write_text("b\n")
+    keys = [k for _, k in data_mod.find_files([root / "a.py", root])]
+    assert keys == ["corpus/a.py", "corpus/b.txt"]  # every file in a directory (glob None)

@@ -18,7 +18,11 @@ import time
 
 import pytest
 import torch
-from ssmstream.model import ssm
+from ssmstream.model import (
+    SSMConfig,
+    SSMNetwork,
+    ssm,
+)
 from ssmstream.model.layers import SSM
 
 L = 1024
@@ -256,3 +260,16 @@ def test_bad_shapes_name_the_argument():
         layer.step(torch.zeros(3, 8, dtype=torch.float32), x)
     with pytest.raises(ValueError, match="x must be complex"):
         layer.step(torch.zeros(2, 8, dtype=torch.float32), x.real.contiguous())
+
+
+def test_layer_accepts_dt_min_equal_dt_max_and_uses_that_dt():
+    layer = SSM(4, 4, dt_min=0.01, dt_max=0.01)
+    torch.testing.assert_close(layer.log_dt.exp(), torch.full((4,), 0.01), rtol=1e-6, atol=0)
+    cfg = SSMConfig(vocab_size=4, d_model=4, d_state=4, dt_min=0.01, dt_max=0.01)
+    assert SSMNetwork(cfg).cfg.dt_max == 0.01
+
+
+def test_layer_refuses_an_infinite_dt_max_like_the_config_does():
+    """An infinite Δ made every output NaN; SSMConfig already refused it."""
+    with pytest.raises(ValueError, match=r"need 0 < dt_min <= dt_max < inf, .*dt_max=inf"):
+        SSM(4, 4, dt_max=math.inf)

@@ -12,10 +12,14 @@ Letters: B batch, L length, D d_model, H heads, N d_state, S packed state size.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
-from ssmstream.model import SSMConfig, SSMNetwork
+from ssmstream.model import (
+    SSMConfig,
+    SSMNetwork,
+)
 
 L = 1024
 F64_TOL = 1e-9
@@ -223,3 +227,61 @@ def test_float32_step_matches_float64_reference():
         a = run_steps_packed(net32, tokens, torch.float32)
         b = run_steps_packed(net64, tokens, torch.float64)
     assert rel_err(a.double(), b) < 1e-5
+
+
+def _tiny(**kw) -> SSMNetwork:
+    torch.manual_seed(0)
+    return SSMNetwork(
+        SSMConfig(**{"vocab_size": 16, "d_model": 8, "n_layers": 2, "d_state": 4, **kw})
+    )
+
+
+def test_config_refuses_an_infinite_dt_max_naming_it():
+    with pytest.raises(
+        ValueError, match=r"need 0 < dt_min <= dt_max < inf, got dt_min=0.001, dt_max=inf"
+    ):
+        SSMConfig(vocab_size=16, d_model=8, d_state=4, dt_max=math.inf)
+
+
+def test_config_accepts_alpha_zero_and_one():
+    for a in (0.0, 1.0):
+        cfg = SSMConfig(vocab_size=16, d_model=8, d_state=4, discretization="gbt", alpha=a)
+        assert cfg.alpha == a
+
+
+def test_unpack_state_refuses_a_3d_or_1d_packed_state():
+    net = _tiny()
+    S = net.cfg.state_size
+    with pytest.raises(
+        ValueError, match=rf"packed state must be \[B, S={S}\], got shape \(2, {S}, 3\)"
+    ):
+        net.unpack_state(torch.zeros(2, S, 3))
+    with pytest.raises(ValueError, match=rf"packed state must be \[B, S={S}\], got shape \({S},\)"):
+        net.unpack_state(torch.zeros(S))
+
+
+def test_step_refuses_too_many_layer_states():
+    net = _tiny()
+    states = net.initial_state(2)
+    with pytest.raises(ValueError, match="states must hold 2 layer states, got 3"):
+        net.step(torch.zeros(2, dtype=torch.long), [*states, states[0]])
+
+
+def test_step_refuses_a_real_state_of_the_right_shape():
+    net = _tiny()
+    states = net.initial_state(2)
+    with pytest.raises(
+        ValueError, match=r"states\[1\] must be complex \[2, 8, 2\], got torch.float32"
+    ):
+        net.step(torch.zeros(2, dtype=torch.long), [states[0], states[1].real.contiguous()])
+
+
+def test_packed_state_puts_real_parts_first():
+    net = _tiny()
+    states = [
+        torch.complex(torch.full((1, 8, 2), float(i + 1)), torch.full((1, 8, 2), -float(i + 1)))
+        for i in range(2)
+    ]
+    packed = net.pack_state(states)
+    assert packed[0, :16].eq(1).all() and packed[0, 16:32].eq(-1).all()
+    assert packed[0, 32:48].eq(2).all() and packed[0, 48:].eq(-2).all()

@@ -13,9 +13,14 @@ All tight checks run in float64 (complex128). Letters: N state, M inputs, P outp
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from ssmstream.model import ssm
+from ssmstream.model import (
+    ssm,
+)
+from ssmstream.model import ssm as ssm_mod
 
 F64, C128 = torch.float64, torch.complex128
 GBT_METHODS = ("euler", "bilinear", "backward_euler")
@@ -355,3 +360,10 @@ def test_bad_arguments_name_the_argument():
         ssm.discretize_dense(torch.eye(2, dtype=F64), torch.ones(3, 1, dtype=F64), 0.1)
     with pytest.raises(ValueError, match="factor must be positive"):
         ssm.rescale_dt(dt, 0.0)
+
+
+def test_rescale_dt_refuses_nan_factor():
+    dt = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    with pytest.raises(ValueError, match="factor must be positive, got nan"):
+        ssm_mod.rescale_dt(dt, math.nan)
+    torch.testing.assert_close(ssm_mod.rescale_dt(dt, 2.0), dt / 2, rtol=0, atol=0)

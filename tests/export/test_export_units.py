@@ -1,0 +1,464 @@
+"""The export package's own logic, without a real export: ExportConfig bounds, the output
+directory, manifest fields, the conversion cache, the int8 and onnxslim paths, verify's
+report (against a fake Engine) and the CLI's flag mapping.
+
+The expensive parts (torch.onnx conversion, quantization, the Engine) are replaced by stubs
+where a test is about the code around them; tests/export/test_export.py runs the real thing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from ssmstream.export import ExportError, exporter
+from ssmstream.export import cli as export_cli
+from ssmstream.export import verify as verify_mod
+from ssmstream.export.exporter import ExportConfig
+from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
+from ssmstream.runtime.manifest import sha256_file
+
+
+def tiny_net(seed=0, **kw) -> SSMNetwork:
+    torch.manual_seed(seed)
+    return SSMNetwork(
+        SSMConfig(**{"vocab_size": 5, "d_model": 4, "n_layers": 1, "d_state": 2, **kw})
+    )
+
+
+def identity_model(pad: int = 0, n_nodes: int = 1) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    nodes = [
+        helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(n_nodes)
+    ]
+    nodes[0].input[0] = "x"
+    y = helper.make_tensor_value_info(f"t{n_nodes}", TensorProto.FLOAT, [1])
+    g = helper.make_graph(nodes, "g", [x], [y])
+    g.doc_string = "p" * pad
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_chunks=257), r"max_chunks must be in \[3, 256\], got 257"),
+        (dict(verify_steps=0), "verify_steps must be positive, got 0"),
+        (dict(opset=17), "opset must be >= 18, got 17"),
+        (dict(dt_scale="2"), "dt_scale must be a finite number, got '2'"),
+    ],
+)
+def test_export_config_bounds(kwargs, message):
+    with pytest.raises(ExportError, match=message):
+        ExportConfig(**kwargs)
+
+
+def test_export_config_accepts_its_inclusive_bounds():
+    assert ExportConfig(max_chunks=256, verify_steps=1, opset=18, chunk=2).max_len == 512
+
+
+def test_out_that_is_a_file_is_named_a_file_even_with_overwrite(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"afile already exists \(a file\)"):
+            exporter.export_network(tiny_net(), f, overwrite=overwrite, verify=False)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ExportError, match=r"adir already exists \(a directory\)"):
+        exporter.export_network(tiny_net(), tmp_path / "adir", verify=False)
+    assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "adir",
+        "afile",
+    ]
+
+
+def test_export_network_refuses_a_non_network_and_leaves_nothing(tmp_path):
+    with pytest.raises(ExportError, match="net must be an SSMNetwork, got str"):
+        exporter.export_network("not a net", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_model_records_the_absolute_checkpoint_path(tmp_path, monkeypatch):
+    save_checkpoint(tiny_net(), tmp_path / "ckpt")
+    seen = {}
+    monkeypatch.setattr(exporter, "export_network", lambda *a, **k: seen.update(k) or a[1])
+    monkeypatch.chdir(tmp_path)
+    exporter.export_model("ckpt", "out")
+    assert seen["source"] == {
+        "checkpoint": str(tmp_path / "ckpt"),
+        "weights_sha256": sha256_file(tmp_path / "ckpt" / "model.safetensors"),
+    }
+
+
+def _stub_graphs(net, cfg, out):
+    onnx.save(identity_model(), out / "step.onnx")
+    return {"step": {"file": "step.onnx"}}
+
+
+def test_in_memory_unverified_export_manifest_fields(tmp_path, monkeypatch):
+    """export_network: source {} (no checkpoint) and parity 'passed': None with the reason."""
+    from ssmstream.runtime import info
+
+    monkeypatch.setattr(exporter, "build_graphs", _stub_graphs)
+    out = exporter.export_network(tiny_net(), tmp_path / "m", prefill=False, verify=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["source"] == {}
+    assert m["parity"] == {"passed": None, "skipped": "export ran with verify=False"}
+    assert m["opset"] == 20 and m["dt_scale"] == 1.0
+    inner = json.loads(
+        {p.key: p.value for p in onnx.load(out / "step.onnx").metadata_props}["ssmstream.manifest"]
+    )
+    assert inner["source"] == {} and inner["parity"]["passed"] is None
+    assert info.format_manifest(m, out)  # the table reads source.checkpoint
+
+
+def test_manifest_records_the_configured_opset():
+    m = exporter.base_manifest(tiny_net(), ExportConfig(opset=18), "n", {})
+    assert m["opset"] == 18
+
+
+def test_io_spec_of_prefill_and_values_models():
+    tok = exporter._io_spec(tiny_net(), prefill=True)
+    assert tok["inputs"]["length"] == {
+        "dtype": "int64",
+        "shape": [],
+        "default": exporter.LENGTH_DEFAULT,
+    }
+    sig = tiny_net(vocab_size=None, d_input=3, d_output=2)
+    spec = exporter._io_spec(sig, prefill=True)
+    assert spec["inputs"]["input"] == {"dtype": "float32", "shape": ["B", "T", 3]}
+    assert exporter._io_spec(sig, prefill=False)["inputs"]["input"]["shape"] == ["B", 3]
+    assert spec["outputs"]["output"]["shape"] == ["B", "T", 2]
+
+
+@pytest.fixture
+def counted_conversions(monkeypatch):
+    calls = []
+    monkeypatch.setattr(exporter, "_CONVERTED", type(exporter._CONVERTED)())
+    monkeypatch.setattr(exporter, "torch_to_onnx", lambda *a, **k: identity_model())
+    return calls
+
+
+def _convert(net, cfg, calls):
+    def build():
+        calls.append(cfg.dt_scale)
+        return None, (), {}
+
+    exporter.convert(net, "step", cfg, build)
+
+
+def test_conversion_cache_key_includes_dt_scale(counted_conversions):
+    calls, net = counted_conversions, tiny_net()
+    _convert(net, ExportConfig(optimize=False), calls)
+    _convert(net, ExportConfig(optimize=False), calls)  # same content: reused
+    _convert(net, ExportConfig(optimize=False, dt_scale=0.5), calls)  # other Δ: converted
+    assert calls == [1.0, 0.5]
+
+
+def test_conversion_cache_key_includes_the_weights(counted_conversions):
+    calls = counted_conversions
+    _convert(tiny_net(seed=0), ExportConfig(optimize=False), calls)
+    _convert(tiny_net(seed=1), ExportConfig(optimize=False), calls)  # same config, new weights
+    assert len(calls) == 2
+
+
+def test_int8_build_leaves_only_the_graph_and_wraps_quantizer_errors(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(exporter, "convert", lambda net, g, cfg, build: identity_model())
+    monkeypatch.setattr(exporter, "quantize_int8", lambda src, dst, ex: shutil.copy(src, dst))
+    cfg = ExportConfig(dtype="int8", prefill=False)
+    (tmp_path / "a").mkdir()
+    assert exporter.build_graphs(tiny_net(), cfg, tmp_path / "a") == {"step": {"file": "step.onnx"}}
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step.onnx"]
+
+    def broken(src, dst, ex):
+        raise RuntimeError("quantizer exploded")
+
+    monkeypatch.setattr(exporter, "quantize_int8", broken)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(
+        ExportError, match="int8 quantization of the step graph failed: quantizer exploded"
+    ):
+        exporter.build_graphs(tiny_net(), cfg, tmp_path / "b")
+
+
+def test_non_trunk_gemm_is_excluded_with_its_split_matmul_name():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    w = onnx.numpy_helper.from_array(np.eye(2, dtype=np.float32), "ssm.W")
+    t = onnx.numpy_helper.from_array(np.eye(2, dtype=np.float32), "trunk.W")
+    nodes = [helper.make_node("Gemm", ["x", "ssm.W"], ["h"], name="g"),
+             helper.make_node("Gemm", ["h", "trunk.W"], ["y"], name="tg")]  # fmt: skip
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, t]))
+    assert exporter.non_trunk_matmuls(model) == ["g", "g_MatMul"]
+
+
+def test_slim_keeps_equal_nodes_and_refuses_over_5_percent_more_bytes(monkeypatch):
+    import onnxslim
+
+    original = identity_model(pad=1000, n_nodes=3)
+    same_nodes_smaller = identity_model(pad=0, n_nodes=3)
+    monkeypatch.setattr(onnxslim, "slim", lambda m: same_nodes_smaller)
+    assert exporter.slim(original) is same_nodes_smaller
+    size = original.ByteSize()
+    grown = identity_model(pad=1000 + size // 5, n_nodes=2)  # fewer nodes, ~20% more bytes
+    assert 1.1 * size < grown.ByteSize() < 1.4 * size
+    monkeypatch.setattr(onnxslim, "slim", lambda m: grown)
+    assert exporter.slim(original) is original
+
+
+class FakeSlab:
+    def __init__(self, n, S):
+        self.rows = np.zeros((n, S), np.float32)
+
+    def write(self, row, x):
+        self.rows[row] = x
+
+    def read_rows(self, rows):
+        return self.rows[np.asarray(list(rows), dtype=np.int64)].copy()
+
+
+class FakeEngine:
+    """A 2-number linear recurrence over tokens 0..4 with the Engine's verify-facing API."""
+
+    S, Q = 2, 4
+
+    def __init__(self, *a, **k):
+        self.prefill_chunk = self.Q
+        self.a = np.array([0.9, 0.5], np.float32)
+
+    def step(self, x, state):
+        s = (state * self.a + np.stack([x, -x], 1).astype(np.float32)).astype(np.float32)
+        return s.copy(), s
+
+    def _run(self, x, state, ends=None):
+        outs = []
+        for t in range(x.shape[1]):
+            o, state = self.step(x[:, t], state)
+            outs.append(o)
+            if ends is not None and (t + 1) % self.Q == 0:
+                ends[t + 1] = state
+        return np.stack(outs, 1), state
+
+    def prefill_unchecked(self, x, state, ends):
+        return self._run(x, state, ends)
+
+    def prefill(self, x, state):
+        return self._run(x, state)
+
+    def new_slab(self, n):
+        return FakeSlab(n, self.S)
+
+    def step_slots(self, x, slots, slab):
+        out, s = self.step(x, slab.read_rows(slots))
+        for r, row in zip(slots, s):
+            slab.write(int(r), row)
+        return out
+
+
+MANIFEST = {"dtype": "fp32", "state_size": 2, "input_kind": "tokens", "vocab_size": 5,
+            "graphs": {"step": {}, "prefill": {}}, "dt_scale": 1.0}  # fmt: skip
+
+
+def _verify(monkeypatch, engine_cls, steps=32):
+    monkeypatch.setattr(verify_mod, "Engine", engine_cls)
+    return verify_mod.verify_graphs("unused", MANIFEST, None, steps=steps)
+
+
+def test_fake_engine_passes_and_every_chunk_state_is_checked(monkeypatch):
+    r = _verify(monkeypatch, FakeEngine)
+    assert r["passed"] and r["step_vs_torch"] == {"skipped": "no torch checkpoint given"}
+    assert r["prefill_vs_step"]["chunk_states_checked"] == 32 // FakeEngine.Q
+    assert r["prefill_vs_step"]["lengths"] == [32, 5, 2 * 4 + 1 + 1, 2 + 3]
+
+
+def test_wrong_slot_graph_fails_the_whole_report(monkeypatch):
+    class BadSlots(FakeEngine):
+        def step_slots(self, x, slots, slab):
+            return super().step_slots(x, slots, slab) + 1.0
+
+    r = _verify(monkeypatch, BadSlots)
+    assert not r["slots_vs_step"]["passed"] and r["passed"] is False
+
+
+def test_slot_graph_that_writes_other_rows_fails(monkeypatch):
+    class Scribbler(FakeEngine):
+        def step_slots(self, x, slots, slab):
+            out = super().step_slots(x, slots, slab)
+            other = next(i for i in range(len(slab.rows)) if i not in set(map(int, slots)))
+            slab.rows[other] += 1.0
+            return out
+
+    rep = verify_mod.slots_vs_step(Scribbler(), MANIFEST, np.zeros((2, 2), np.float32),
+                                   np.random.default_rng(0), steps=2)  # fmt: skip
+    assert rep["max_abs_output"] == rep["max_abs_state"] == 0.0
+    assert rep["other_rows_untouched"] is False and rep["passed"] is False
+
+
+def test_wrong_chunk_states_fail_prefill_vs_step(monkeypatch):
+    class BadEnds(FakeEngine):
+        def prefill_unchecked(self, x, state, ends):
+            out, s = self._run(x, state, ends)
+            for t in ends:
+                ends[t] = ends[t] + 1.0
+            return out, s
+
+    r = _verify(monkeypatch, BadEnds)
+    assert not r["prefill_vs_step"]["passed"] and not r["passed"]
+
+
+def test_prefill_that_ignores_the_incoming_state_fails(monkeypatch):
+    class Stateless(FakeEngine):
+        def prefill(self, x, state):
+            return self._run(x, np.zeros_like(state))
+
+    r = _verify(monkeypatch, Stateless)
+    assert not r["prefill_vs_step"]["passed"] and not r["passed"]
+
+
+def test_non_finite_outputs_are_an_infinite_error(monkeypatch):
+    class NaNPrefill(FakeEngine):
+        def prefill_unchecked(self, x, state, ends):
+            out, s = self._run(x, state, ends)
+            return out * np.nan, s
+
+    r = _verify(monkeypatch, NaNPrefill)
+    q = r["prefill_vs_step"]
+    assert q["max_rel_output"] == math.inf and q["max_abs_output"] == math.inf and not q["passed"]
+
+
+def test_fp32_tolerance_is_1e4():
+    assert verify_mod.TOLERANCES["fp32"] == {"step_vs_torch": 1e-4, "prefill_vs_step": 1e-4}
+
+
+def test_verify_model_reports_the_explicit_checkpoint(tmp_path, monkeypatch):
+    net = tiny_net()
+    mine = save_checkpoint(net, tmp_path / "mine")
+    recorded = save_checkpoint(tiny_net(seed=3), tmp_path / "recorded")
+    manifest = {"model": net.cfg.to_dict(), "source": {"checkpoint": str(recorded)}}
+    monkeypatch.setattr(verify_mod, "load_manifest", lambda d: manifest)
+    seen = {}
+
+    def fake_verify(model_dir, m, n, steps):
+        seen["net"] = n
+        return {"passed": True}
+
+    monkeypatch.setattr(verify_mod, "verify_graphs", fake_verify)
+    report = verify_mod.verify_model(tmp_path / "model", ckpt=mine)
+    assert report["checkpoint"] == str(mine)
+    assert torch.equal(seen["net"].encoder.weight, net.encoder.weight)
+
+
+def test_export_cli_maps_every_flag(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_export(ckpt, out, **kw):
+        seen.update(ckpt=ckpt, out=out, **kw)
+        return out
+
+    monkeypatch.setattr(exporter, "export_model", fake_export)
+    argv = ["ck", "--out", "o", "--dtype", "int8", "--dt-scale", "0.25", "--no-prefill",
+            "--name", "nm", "--chunk", "16", "--max-chunks", "5", "--verify-steps", "77",
+            "--no-verify", "--no-optimize", "--force", "-q"]  # fmt: skip
+    assert export_cli.main(argv) == 0
+    assert seen == dict(ckpt="ck", out="o", dtype="int8", dt_scale=0.25, prefill=False,
+                        verify=False, chunk=16, max_chunks=5, verify_steps=77, optimize=False,
+                        name="nm", overwrite=True, progress=False)  # fmt: skip
+    assert logging.getLogger("ssmstream").level == logging.WARNING
+    assert capsys.readouterr().out == ""
+
+
+def test_export_cli_without_quiet_shows_progress_logs_info_and_prints_the_manifest(
+    monkeypatch, capsys
+):
+    import ssmstream.runtime.manifest as manifest_mod
+
+    seen = {}
+    monkeypatch.setattr(exporter, "export_model", lambda c, o, **kw: seen.update(kw) or o)
+    monkeypatch.setattr(manifest_mod, "load_manifest", lambda d: {"name": "x"})
+    monkeypatch.setattr(manifest_mod, "format_manifest", lambda m, d: f"TABLE {m['name']} {d}")
+    assert export_cli.main(["ck", "--out", "o"]) == 0
+    assert seen["progress"] is True and seen["prefill"] is True and seen["overwrite"] is False
+    assert (seen["dt_scale"], seen["chunk"], seen["max_chunks"], seen["verify_steps"]) == (
+        1.0,
+        64,
+        16,
+        4096,
+    )
+    assert logging.getLogger("ssmstream").level == logging.INFO
+    assert capsys.readouterr().out == "TABLE x o\n"
+
+
+def test_non_finite_torch_reference_is_reported(monkeypatch):
+    monkeypatch.setattr(verify_mod, "Engine", FakeEngine)
+    monkeypatch.setattr(verify_mod, "torch_reference", lambda net, x, s: np.full((2, 8, 2), np.nan))
+    r = verify_mod.verify_graphs("unused", MANIFEST, object(), steps=8)
+    s = r["step_vs_torch"]
+    assert s["output_scale"] == math.inf and s["max_rel"] == math.inf and not s["passed"]
+    assert "the torch reference is not finite" in s["error"] and r["passed"] is False
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(net, cfg, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "build_graphs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_network(tiny_net(), tmp_path / "m", verify=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_precision_names_the_variant():
+    for dtype in ("fp32", "fp16", "int8"):
+        m = exporter.base_manifest(tiny_net(), ExportConfig(dtype=dtype), "n", {})
+        assert m["dtype"] == dtype and m["precision"] == exporter.VARIANTS[dtype]
+
+
+def test_conversion_cache_keeps_the_8_most_recently_used(counted_conversions):
+    calls = counted_conversions
+    nets = [tiny_net(seed=i) for i in range(10)]
+    cfg = ExportConfig(optimize=False)
+    for net in nets[:8]:
+        _convert(net, cfg, calls)
+    _convert(nets[0], cfg, calls)  # a hit: nets[0] becomes the most recent
+    _convert(nets[8], cfg, calls)  # evicts the least recently used: nets[1]
+    assert len(calls) == 9
+    _convert(nets[8], cfg, calls)  # the newest entry is kept
+    _convert(nets[0], cfg, calls)  # and so is the one just used
+    assert len(calls) == 9
+    _convert(nets[1], cfg, calls)  # the evicted one is converted again
+    assert len(calls) == 10
+
+
+def test_verify_model_refuses_a_checkpoint_of_another_config(tmp_path, monkeypatch):
+    from ssmstream.runtime.errors import ModelError
+
+    ckpt = save_checkpoint(tiny_net(), tmp_path / "ck")
+    other = tiny_net(d_model=8).cfg.to_dict()
+    monkeypatch.setattr(verify_mod, "load_manifest", lambda d: {"model": other, "source": {}})
+    monkeypatch.setattr(verify_mod, "verify_graphs", lambda *a, **k: {"passed": True})
+    with pytest.raises(
+        ModelError, match=r"checkpoint '.*ck' does not match .*model: its model config differs"
+    ):
+        verify_mod.verify_model(tmp_path / "model", ckpt=ckpt)
+
+
+def test_step_vs_torch_failure_fails_the_report(monkeypatch):
+    monkeypatch.setattr(verify_mod, "Engine", FakeEngine)
+    monkeypatch.setattr(verify_mod, "torch_reference", lambda net, x, s: np.ones((2, 8, 2)) * 100.0)
+    r = verify_mod.verify_graphs("unused", MANIFEST, object(), steps=8)
+    assert r["step_vs_torch"]["passed"] is False and r["passed"] is False
+    assert r["prefill_vs_step"]["passed"] and r["slots_vs_step"]["passed"]
+
+
+def test_prefill_module_refuses_chunk_zero():
+    from ssmstream.export.modules import PrefillGraph
+
+    with pytest.raises(ValueError, match="chunk must be a power of two, got 0"):
+        PrefillGraph(tiny_net(), chunk=0, max_chunks=3)
