@@ -233,20 +233,22 @@ return 1
 """
 # KEYS session, lease, tombstone, generation; ARGV owner, version we know (-1: any), incarnation,
 # tombstone expire ms (0: none), reason, term we know (-1: any), generation token. Deletes both
-# and leaves the incarnation's tombstone when the record is ours (our version and term, nobody
-# else holding the lease) or of a lower term than our copy (a stale copy written back after
-# Redis lost its data: the close wins over it as our copy would have). 1 deleted, 0 left alone
-# (another incarnation, or a newer copy elsewhere), -3 generation.
+# and leaves the incarnation's tombstone when the record is ours (our version and term, or our
+# term and us its holder: our own write whose reply was lost; nobody else holding the lease) or
+# of a lower term than our copy (a stale copy written back after Redis lost its data: the close
+# wins over it as our copy would have). 1 deleted, 0 left alone (another incarnation, or a newer
+# copy elsewhere), -3 generation.
 _DROP = """
 if redis.call('GET', KEYS[4]) ~= ARGV[7] then return -3 end
 local cur = redis.call('GET', KEYS[2])
-local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term')
+local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term', 'holder')
 local older = false
 if h[1] ~= false then
   if ARGV[3] ~= '' and h[2] ~= false and h[2] ~= ARGV[3] then return 0 end
   local term, ours = tonumber(h[3] or '0'), tonumber(ARGV[6])
   older = ours >= 0 and term < ours
-  if not older then
+  local mine = ours >= 0 and term == ours and h[4] == ARGV[1]
+  if not (older or mine) then
     if tonumber(ARGV[2]) >= 0 and tonumber(h[1]) ~= tonumber(ARGV[2]) then return 0 end
     if ours >= 0 and term ~= ours then return 0 end
   end

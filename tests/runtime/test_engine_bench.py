@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+
+import numpy as np
 import pytest
 from ssmstream.runtime import bench, cli
 from ssmstream.runtime.engine import Engine
@@ -46,3 +49,71 @@ def test_bench_sets_the_step_graphs_threads_and_says_when_there_is_no_prefill(
     caplog.set_level("INFO")
     assert cli.main(["bench", str(step_only), "--steps", "5", "--prefill", "9"]) == 0
     assert "no prefill graph" in caplog.text and "prefill T=9" not in caplog.text
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def perf_counter(self):
+        return self.t
+
+
+class FakeEngine:
+    """The k-th step call (1-based) takes (100 - k) µs (getting faster, so the first timed
+    call is the slowest); prefill takes `prefill_s`; each step
+    of bench_prefill's sequential loop takes `step_s` once `timed_steps` is set."""
+
+    input_kind = "tokens"
+    vocab_size = 7
+    d_input = 1
+
+    def __init__(self, clock, prefill_s=0.0, step_s=None):
+        self.clock, self.calls, self.prefill_s, self.step_s = clock, 0, prefill_s, step_s
+
+    def new_state(self, batch=1):
+        return np.zeros((batch, 4), np.float32)
+
+    def step(self, x, s):
+        self.calls += 1
+        self.clock.t += self.step_s if self.step_s is not None else (100 - self.calls) * 1e-6
+        return None, s + 1
+
+    def prefill(self, x, s):
+        self.clock.t += self.prefill_s
+        return None, s + x.shape[1]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = FakeClock()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=c.perf_counter))
+    return c
+
+
+def test_bench_step_times_exactly_the_calls_after_the_10_warm_up_calls(clock):
+    r = bench.bench_step(FakeEngine(clock), batch=2, steps=20)
+    times = (100 - np.arange(11, 31)) * 1e-6  # calls 11..30 (the first 10 are warm-up)
+    p50, p99 = np.percentile(times, [50, 99])
+    assert r["batch"] == 2 and r["steps"] == 20
+    assert r["p50_us"] == pytest.approx(1e6 * p50)
+    assert r["p99_us"] == pytest.approx(1e6 * p99)
+    assert r["p99_us"] > r["p50_us"]  # p99 is its own percentile, not p50
+    assert r["tokens_per_s"] == pytest.approx(2 / p50)
+
+
+def test_bench_prefill_speedup_is_stepping_time_over_prefill_time(clock):
+    eng = FakeEngine(clock, prefill_s=0.002, step_s=0.001)
+    r = bench.bench_prefill(eng, 8)
+    assert r["prefill_ms"] == pytest.approx(2.0)
+    assert r["steps_ms"] == pytest.approx(8.0)
+    assert r["speedup"] == pytest.approx(4.0)  # 8 ms of steps / 2 ms of prefill
+    assert r["length"] == 8
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch", "0"], ["--prefill", "-1"]])
+def test_bench_refuses_bad_counts_before_loading_the_model(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        bench.main([str(tmp_path), *argv])  # not a model dir: the check comes first
+    assert e.value.code == 2
+    assert "--batch and --steps must be >= 1, --prefill >= 0" in capsys.readouterr().err

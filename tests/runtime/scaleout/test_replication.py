@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 from ssmstream.runtime.errors import (
     InvalidInput,
     ModelError,
@@ -20,6 +21,7 @@ from ssmstream.runtime.errors import (
 )
 from ssmstream.runtime.replication import RedisReplication, parse_persist_every
 from ssmstream.runtime.sessions import SessionStore
+from ssmstream.runtime.snapshots import SnapshotKey
 
 S = 64
 
@@ -1441,3 +1443,509 @@ def test_a_session_taken_over_keeps_a_rewind_history_from_there(redis_server, to
         await b.batcher.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+URL = "redis://127.0.0.1:1/0"  # never connected to: the constructor does no I/O
+
+
+@pytest.mark.parametrize("ttl", [0.05, 3600, 3600.0])
+def test_lease_ttl_bounds_are_inclusive(ttl):
+    assert RedisReplication(url=URL, lease_ttl=ttl).lease_ttl == float(ttl)
+
+
+@pytest.mark.parametrize("ttl", [0.049, 3600.001, 0, -1, "3"])
+def test_a_lease_ttl_out_of_range_names_the_field(ttl):
+    with pytest.raises(InvalidInput) as e:
+        RedisReplication(url=URL, lease_ttl=ttl)
+    assert e.value.field == "lease_ttl"
+    assert str(e.value) == f"lease_ttl: must be in [0.05, 3600] seconds, got {ttl!r}"
+
+
+def test_lease_wait_defaults_to_one_second_past_the_lease():
+    assert RedisReplication(url=URL, lease_ttl=0.4).lease_wait == pytest.approx(1.4)
+    assert RedisReplication(url=URL, lease_ttl=0.4, lease_wait=0.0).lease_wait == 0.0
+
+
+def test_a_replica_given_a_snapshot_key_signs_with_it_not_with_the_one_in_redis(redis_server):
+    """--snapshot-key given to every replica: the key Redis keeps (proposed by a replica
+    without one) must not replace it."""
+    a = replica(redis_server, "A")  # proposes its generated key: Redis keeps it
+    given = SnapshotKey(b"k" * 32)
+    b = replica(redis_server, "B", snapshot_key=given)
+    assert a.snapshot_key.secret != given.secret
+    assert b.snapshot_key.secret == given.secret
+    b.replication._share_key()  # as a recovery after an outage runs it
+    assert b.snapshot_key.secret == given.secret
+
+
+def test_a_failed_write_counts_one_error(redis_server):
+    rng = np.random.default_rng(1)
+    a = replica(redis_server, "A")
+    sid = a.create().id
+    assert a.replication.stats()["errors"] == 0
+    redis_server.stop()
+    step(a, sid, rng)  # served from memory; the write-through failed
+    st = a.replication.stats()
+    assert st["up"] is False and st["errors"] == 1 and st["dirty"] == 1
+
+
+def test_a_session_taken_over_elsewhere_counts_as_moved(redis_server):
+    rng = np.random.default_rng(2)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create().id
+    time.sleep(0.3)
+    b = replica(redis_server, "B")
+    b.fetch(sid)
+    with pytest.raises(Unavailable, match="another replica"):
+        step(a, sid, rng)
+    assert a.replication.stats()["moved"] == 1
+    assert b.replication.stats()["moved"] == 0 and b.replication.stats()["loads"] == 1
+
+
+def test_a_fetch_that_waited_for_a_lease_counts_one_lease_wait(redis_server):
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=3.0)
+    timer = threading.Timer(0.3, a.flush)  # A lets go while B waits
+    timer.start()
+    try:
+        b.fetch(sid)
+    finally:
+        timer.join()
+    assert b.held(sid)
+    assert b.replication.stats()["lease_waits"] == 1
+    c = replica(redis_server, "C", lease_ttl=5.0)
+    sid2 = a.create().id
+    a.flush()
+    c.fetch(sid2)  # free at once: no wait
+    assert c.replication.stats()["lease_waits"] == 0
+
+
+def test_recovering_from_an_outage_after_an_eviction_elsewhere_says_evicted(redis_server):
+    """Only A saw Redis fail; meanwhile the session moved to B and B evicted it (idle past its
+    TTL). A's write-back finds the 'evicted' tombstone: A drops its copy and says evicted
+    (not closed), as a fetch of such a copy does."""
+
+    rng = np.random.default_rng(11)
+    now = [0.0]
+    a = replica(redis_server, "A", lease_ttl=0.3, ttl=10.0)
+    b = replica(redis_server, "B", lease_ttl=0.3, ttl=10.0, clock=lambda: now[0])
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    a.replication._degrade(TimeoutError("a socket timeout (test)"))
+    time.sleep(0.6)  # A's lease lapses: no renewals while degraded
+    b.fetch(sid, "alice")
+    now[0] += 11.0
+    assert b.evict_idle() == [sid]
+    b.replication._delete_dropped()
+    a.replication._try_recover()
+    assert not a.replication.degraded
+    assert a.local(sid) is None and a.replication.backend.load(sid) is None
+    with pytest.raises(SessionNotFound) as e:
+        a.get(sid, "alice")
+    assert e.value.reason == "evicted"
+
+
+def test_a_create_is_two_round_trips_and_its_first_write_is_a_plain_write(
+    redis_server, monkeypatch
+):
+    """The module's contract: create = claim + first write (a compare-and-set on version 0),
+    not a write that finds "no record" and is then retried as a write-back."""
+    a = replica(redis_server, "A")
+    a.create()  # loads the scripts once
+    trips = RoundTrips(monkeypatch)
+    s = a.create()
+    assert len(trips) == 2
+    rec = a.replication.backend.load(s.id)
+    assert (rec["version"], rec["term"], rec["holder"]) == (1, 0, "A")
+    assert a.replication.counts["writes"] == 2
+
+
+def test_a_stale_copy_of_the_same_version_but_an_older_term_cannot_overwrite(redis_server):
+    """B took the session over (its term went up; the version did not: B has not stepped it)
+    and let go. A's copy has the record's version but the older term: even holding the lease
+    again, A's write is refused (the compare-and-set compares the term too) and the record
+    stays B's."""
+    rng = np.random.default_rng(12)
+    a, b = replica(redis_server, "A", lease_ttl=0.2), replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    step(a, sid, rng)  # version 2, term 0
+    time.sleep(0.3)  # A's lease lapses
+    b.fetch(sid)  # term 1, version still 2
+    b.flush()  # B lets go without a step
+    backend = a.replication.backend
+    before = backend.load(sid)
+    assert (before["version"], before["term"], before["holder"]) == (2, 1, "B")
+    assert backend.client.set(backend.lease(sid), "A", px=10_000, nx=True)
+    a.replication._lease_until[sid] = time.monotonic() + 10
+    with pytest.raises(Unavailable, match="newer version"):
+        step(a, sid, rng)
+    after = backend.load(sid)
+    assert (after["version"], after["term"], after["holder"], after["snap"]) == (
+        2, 1, "B", before["snap"])  # fmt: skip
+
+
+def test_a_write_back_after_one_whose_reply_was_lost_still_raises_the_version(redis_server):
+    """Versions only go up: a write-back that finds our own earlier write-back (applied, its
+    reply lost) builds on that record's version, not on our copy's older one, so two
+    different states never carry one version."""
+    import redis
+
+    rng = np.random.default_rng(71)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    sid = a.create().id
+    step(a, sid, rng)  # version 2
+    a.replication._degrade(redis.ConnectionError("outage"))
+    step(a, sid, rng)  # served from memory
+    backend = a.replication.backend
+    real = backend.write_many
+
+    def applied_then_timed_out(*args):
+        real(*args)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    backend.write_many = applied_then_timed_out
+    a.replication._try_recover()  # applied: version 3
+    backend.write_many = real
+    first = backend.load(sid)
+    assert first["version"] == 3
+    step(a, sid, rng)
+    a.replication._try_recover()
+    second = backend.load(sid)
+    assert not a.replication.degraded and second["snap"] != first["snap"]
+    assert second["version"] == 4
+    assert a.replication._version[sid] == 4
+
+
+def test_a_write_back_never_replaces_another_incarnations_record(redis_server):
+    """Redis lost its data (tombstones too); meanwhile the id was taken by a new session on B
+    (another incarnation, term 0). A's old copy of the id (term 1: A took it over once) is
+    written back when A notices: it must not replace the new session's record, whatever the
+    terms say: A drops its copy instead."""
+    rng = np.random.default_rng(13)
+    x = replica(redis_server, "X", lease_ttl=0.2)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = x.create("alice", "chat-1").id
+    step(x, sid, rng, "alice")
+    time.sleep(0.3)
+    a.fetch(sid, "alice")  # A took it over: term 1
+    step(a, sid, rng, "alice")
+    a.replication.backend.client.flushall()  # Redis restarted empty
+    b = replica(redis_server, "B")
+    new = b.create("mallory", "chat-1")
+    b.flush()
+    a.replication._degrade(TimeoutError("noticed the empty restart (test)"))
+    a.replication._try_recover()
+    rec = b.replication.backend.load(sid)
+    assert (rec["principal"], rec["incarnation"]) == ("mallory", new.incarnation)
+    assert a.local(sid) is None
+    assert b.get(sid, "mallory") is new
+
+
+@pytest.mark.parametrize("same_replica", [False, True])
+def test_taking_a_lease_renews_the_records_expiry(redis_server, same_replica):
+    """A fetch (take-over, or taking back our own lapsed lease) renews the record's expiry to
+    its TTL + 60 s, as a write would: a session picked up again must not expire under its
+    new holder before its first write."""
+    rng = np.random.default_rng(14)
+    a = replica(redis_server, "A", lease_ttl=0.2, ttl=30.0)
+    b = replica(redis_server, "B", lease_ttl=0.2, ttl=30.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    backend = a.replication.backend
+    backend.client.pexpire(backend.key(sid), 1500)
+    time.sleep(0.3)  # A's lease lapses
+    (a if same_replica else b).fetch(sid)
+    assert 80_000 < backend.client.pttl(backend.key(sid)) <= 90_000
+
+
+def test_a_close_of_a_copy_of_the_same_term_leaves_the_replica_serving_it(redis_server):
+    """After an empty restart, B writes back its stale copy (term 0) and C takes the session
+    over (term 1, as A's copy) and steps it. A then closes its own copy (term 1): a record
+    of the same term with C holding its lease is not A's to delete (only a LOWER term is
+    taken for a stale write-back that the close wins over)."""
+    rng = np.random.default_rng(16)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = b.create().id
+    step(b, sid, rng)
+    time.sleep(0.3)
+    a.fetch(sid)  # A took it over: term 1
+    step(a, sid, rng)
+    time.sleep(0.3)
+    redis_server.stop()
+    redis_server.start()  # empty
+    b.replication._degrade(RuntimeError("B's background check"))
+    b.replication._try_recover()  # B's stale copy (term 0) written back
+    b.flush()
+    c = replica(redis_server, "C", lease_ttl=5.0)
+    c.fetch(sid)  # term 1, holder C
+    acked = step(c, sid, rng)
+    a.replication._degrade(RuntimeError("A's background check"))
+    a.close(sid)  # queued while degraded
+    a.replication._try_recover()  # runs the queued delete first
+    rec = c.replication.backend.load(sid)
+    assert rec is not None and rec["holder"] == "C"
+    assert c.held(sid)
+    np.testing.assert_array_equal(c.unpack(rec["snap"])[1], acked)
+
+
+def test_forgetting_an_old_copy_never_deletes_the_new_sessions_record(redis_server):
+    """A keeps an old copy of chat-1 (alice's, closed on B); the id is mallory's new session
+    now. A's fetch drops its copy, which queues the delete of that OLD incarnation's keys:
+    once B's lease has lapsed too (idle), that delete (the background thread's) must not
+    touch mallory's record (same version and term as A's copy: only the incarnation
+    differs)."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create("alice", session_id="chat-1").id  # version 1, term 0
+    time.sleep(0.3)
+    b.fetch(sid, "alice")
+    b.close(sid, "alice")
+    new = b.create("mallory", session_id="chat-1")  # version 1, term 0
+    a.fetch(sid, "alice")
+    assert a.local(sid) is None
+    time.sleep(0.3)  # B's lease of the new session lapses (idle)
+    a.replication._delete_dropped()  # the background thread does this
+    rec = b.replication.backend.load(sid)
+    assert rec is not None and (rec["principal"], rec["incarnation"]) == (
+        "mallory",
+        new.incarnation,
+    )
+
+
+def test_a_close_leaves_the_keys_while_another_replica_holds_the_lease(redis_server):
+    """_DROP deletes only a record that is ours: our version and term AND nobody else holding
+    its lease. Here A's lease lapsed and B holds it (B is taking the session over: the record
+    is still A's version and term); A's close of its copy must leave B's lease and the
+    record."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create().id
+    time.sleep(0.3)  # A's lease lapses
+    backend = a.replication.backend
+    assert backend.client.set(backend.lease(sid), "B", px=10_000, nx=True)
+    a.close(sid)
+    assert backend.exists(sid)
+    assert backend.client.get(backend.lease(sid)) == b"B"
+
+
+@pytest.mark.parametrize("persist_every", ["1", "4"])
+def test_the_background_thread_writes_back_a_pending_session_in_step_mode(
+    redis_server, persist_every
+):
+    """--persist-every N (no write-behind interval): a session left pending by a write-back
+    (its row was lent; its step then failed, so no commit wrote it) is written back by the
+    background thread's next period, not only when a later step or the shutdown comes."""
+    rng = np.random.default_rng(17)
+    a = replica(redis_server, "A", persist_every=persist_every, lease_ttl=0.3)
+    sid = a.create().id
+    x = step(a, sid, rng)
+    a.flush()  # all written (so only the pending write-back is left)
+    redis_server.stop()
+    redis_server.start()  # empty
+    a.replication._degrade(RuntimeError("test"))
+    (s,) = a.lend([a.get(sid)])
+    a.replication._try_recover()
+    assert not a.replication.degraded and not a.replication.backend.exists(sid)
+    a.give_back([s], 0)  # the step failed: nothing committed, nothing written
+    a.replication.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while not a.replication.backend.exists(sid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert a.replication.backend.exists(sid)
+        assert a.replication.stats()["dirty"] == 0
+    finally:
+        a.replication.stop()
+    position, state = a.unpack(a.replication.backend.load(sid)["snap"])
+    assert position == 1
+    np.testing.assert_array_equal(state, x)
+
+
+def test_a_session_with_a_step_queued_keeps_its_lease(redis_server):
+    """A pinned session (a step queued or running, not committed yet) has its lease renewed
+    by every renewal, used since the last one or not: its lease must not lapse under a long
+    queue (another replica would take it over mid-step)."""
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    s = a.create()
+    a.pin(s)
+    backend = a.replication.backend
+    try:
+        for _ in range(6):  # 0.6 s: twice the lease
+            time.sleep(0.1)
+            a.replication._renew_used()  # the background thread, every lease_ttl / 3
+        assert backend.client.get(backend.lease(s.id)) == b"A"
+        assert a.held(s.id)
+    finally:
+        a.unpin(s)
+
+
+def test_a_renewal_writes_idle_dirty_sessions_but_not_one_with_a_step_queued(redis_server):
+    """_renew_used writes a session with unwritten steps that is idle (its lease must not
+    lapse with its newest steps only here), but not one a queued step pins (its commit is
+    about to write or count it): only the idle one's record moves on."""
+    rng = np.random.default_rng(18)
+    a = replica(redis_server, "A", persist_every="8", lease_ttl=5.0)
+    idle, busy = a.create().id, a.create().id
+    for sid in (idle, busy):
+        step(a, sid, rng)
+    a.replication._renew_used()  # both were used: renewed, nothing written
+    backend = a.replication.backend
+    assert backend.load(idle)["version"] == 1 and backend.load(busy)["version"] == 1
+    s = a.get(busy)
+    a.pin(s)
+    try:
+        a.replication._renew_used()  # now idle-dirty: idle is written, busy (pinned) not
+        assert backend.load(idle)["version"] == 2
+        assert backend.load(busy)["version"] == 1
+    finally:
+        a.unpin(s)
+
+
+def test_a_take_over_keeps_a_long_ttl_records_expiry_as_a_write_would(redis_server):
+    """The record of a session with a TTL of 1e7 s (within what Redis expires) gets
+    TTL + 60 s from a take-over too, as from a write; only past 1e9 s is it kept without
+    expiry."""
+    rng = np.random.default_rng(19)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create(ttl=1e7).id
+    step(a, sid, rng)
+    backend = a.replication.backend
+    expect = int(1e10) + 60_000
+    assert expect - 5_000 < backend.client.pttl(backend.key(sid)) <= expect
+    time.sleep(0.3)
+    b.fetch(sid)
+    assert expect - 5_000 < backend.client.pttl(backend.key(sid)) <= expect
+    forever = a.create(ttl=2e9).id
+    assert backend.client.pttl(backend.key(forever)) == -1
+
+
+def test_an_undone_take_over_of_a_record_without_holder_leaves_it_without_one(redis_server):
+    """A record without a holder field (written before holders were recorded) taken over by
+    a replica that then cannot load it: the undo restores the record exactly (term and no
+    holder), so the copy's holder is not mistaken for another replica's."""
+    from ssmstream.runtime.errors import ModelError
+
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create().id
+    backend = a.replication.backend
+    backend.client.hdel(backend.key(sid), "holder")
+    time.sleep(0.3)
+    other = replica(redis_server, "B", model_sha="sha-B")
+    with pytest.raises(ModelError):
+        other.fetch(sid)
+    rec = backend.load(sid)
+    assert (rec["term"], rec["holder"]) == (0, None)
+
+
+def test_another_principal_asking_for_a_session_does_not_end_it(redis_server):
+    """Mallory asks replica A for alice's session id after A's lease of it lapsed (idle):
+    the fetch finds a record of another principal — of the very incarnation A holds — and
+    must leave alone both A's copy and the record (mallory just gets "unknown")."""
+
+    rng = np.random.default_rng(20)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create("alice").id
+    x = step(a, sid, rng, "alice")
+    time.sleep(0.3)  # A's lease lapses
+    a.fetch(sid, "mallory")
+    with pytest.raises(SessionNotFound):
+        a.get(sid, "mallory")
+    a.replication._delete_dropped()  # the background thread's deletes: none for alice's
+    assert a.replication.backend.exists(sid)
+    a.fetch(sid, "alice")
+    np.testing.assert_array_equal(a.read(a.get(sid, "alice")), x)
+
+
+def test_a_session_pending_its_write_back_counts_as_held(redis_server):
+    """After an empty restart, a session whose row a step holds stays pending (written back
+    by its commit): until then it is held here (the write-back takes the lease), also once
+    the lease it had before the outage would have lapsed; a request for it is served from
+    memory, without a fetch."""
+    rng = np.random.default_rng(22)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create().id
+    x = step(a, sid, rng)
+    redis_server.stop()
+    redis_server.start()  # empty
+    a.replication._degrade(RuntimeError("test"))
+    time.sleep(0.3)  # the lease A had is long gone
+    (s,) = a.lend([a.get(sid)])
+    a.replication._try_recover()
+    assert not a.replication.degraded and not a.replication.backend.exists(sid)
+    assert a.held(sid)
+    loads, relocks = a.replication.counts["loads"], a.replication.counts["relocks"]
+    a.fetch(sid)  # no-op: held
+    assert (a.replication.counts["loads"], a.replication.counts["relocks"]) == (loads, relocks)
+    a.give_back([s], 1)  # its commit writes it back
+    assert a.replication.backend.exists(sid) and a.held(sid)
+    np.testing.assert_array_equal(a.read(a.get(sid)), x)
+
+
+def test_a_close_while_redis_is_down_does_not_try_redis_and_deletes_on_recovery(redis_server):
+    """While degraded a close is bookkeeping only (no Redis call on the event loop, no new
+    error counted); its keys are deleted when Redis is back."""
+    rng = np.random.default_rng(23)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    sid = a.create().id
+    step(a, sid, rng)
+    redis_server.stop()
+    step(a, sid, rng)  # the write-through fails: degraded
+    assert a.replication.degraded and a.replication.stats()["errors"] == 1
+    a.close(sid)
+    assert a.replication.stats()["errors"] == 1
+    redis_server.start()
+    a.replication._try_recover()
+    assert not a.replication.degraded and not a.replication.backend.exists(sid)
+
+
+def test_write_behind_runs_every_interval_even_when_the_lease_is_long(redis_server):
+    """--persist-every 50ms with a 3 s lease: dirty sessions are written within ~50 ms, not
+    at the lease renewal period (lease_ttl / 3 = 1 s)."""
+    rng = np.random.default_rng(24)
+    a = replica(redis_server, "A", persist_every="50ms", lease_ttl=3.0)
+    sid = a.create().id
+    a.replication.start()
+    try:
+        time.sleep(0.1)
+        x = step(a, sid, rng)
+        t0 = time.monotonic()
+        backend = a.replication.backend
+        while backend.load(sid)["version"] < 2 and time.monotonic() - t0 < 2.0:
+            time.sleep(0.01)
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        a.replication.stop()
+    np.testing.assert_array_equal(a.unpack(backend.load(sid)["snap"])[1], x)
+
+
+def test_a_session_closed_after_a_write_whose_reply_was_lost_stays_closed(redis_server):
+    """A write-through Redis applied but whose reply was lost (version 3 there; A knows 2 and
+    degrades), then a close on A: at recovery the queued delete must still delete the record
+    (of A's term, A its holder: A's own write) and leave the tombstone. It was left alone, and
+    once A's lease lapsed another replica fetched and served the closed session."""
+    rng = np.random.default_rng(7)
+    a = replica(redis_server, "A", lease_ttl=0.3)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    backend = a.replication.backend
+    real = backend.write_many
+
+    def applied_then_timed_out(*args):
+        real(*args)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    backend.write_many = applied_then_timed_out
+    step(a, sid, rng, "alice")  # applied in Redis, the reply lost: A degrades
+    backend.write_many = real
+    assert a.replication.degraded
+    a.close(sid, "alice")  # the client ends the session
+    a.replication._try_recover()
+    assert not a.replication.degraded
+    assert backend.load(sid) is None
+    time.sleep(0.4)  # A's lease lapses
+    b = replica(redis_server, "B")
+    b.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound):
+        b.get(sid, "alice")
