@@ -632,11 +632,9 @@ def test_max_queue_per_session_zero_means_no_request_waits(toy_tok):
     request while one runs is refused at once instead of queued."""
 
     async def main():
-        store = SessionStore(toy_tok.state_size, capacity=4)
-        batcher = Batcher(
-            toy_tok, store, max_batch_delay=0.0, max_queue_per_session=0, inline=False
+        batcher, store = await started(
+            toy_tok, capacity=4, max_batch_delay=0.0, max_queue_per_session=0, inline=False
         )
-        await batcher.start()
         try:
             s = store.create()
             first = asyncio.ensure_future(batcher.step(s, np.array([1])))
@@ -655,13 +653,9 @@ def test_a_rewind_queued_behind_a_step_of_a_session_then_closed_is_not_found(toy
     """The session closed while its rewind waited: its history was
     released, and the rewind answers NOT_FOUND "closed" (as a queued step does), not the
     history's OutOfRange."""
-    from ssmstream.runtime.errors import SessionNotFound
-    from ssmstream.runtime.history import History
 
     async def main():
-        store = SessionStore(toy_tok.state_size, capacity=4)
-        batcher = Batcher(toy_tok, store, max_batch_delay=0.0, inline=False)
-        await batcher.start()
+        batcher, store = await started(toy_tok, capacity=4, max_batch_delay=0.0, inline=False)
         try:
             s = store.create("", "a")
             s.history = History(8, 4, 0, store.read(s))
@@ -683,14 +677,11 @@ def test_a_rewind_queued_behind_a_step_of_a_session_then_closed_is_not_found(toy
 def test_a_rewind_of_a_closed_session_is_not_found_even_when_its_queue_is_full(toy_tok):
     """A closed session's rewind is NOT_FOUND up front, not
     LIMIT_EXCEEDED because requests queued before the close still fill its queue."""
-    from ssmstream.runtime.errors import SessionNotFound
 
     async def main():
-        store = SessionStore(toy_tok.state_size, capacity=4)
-        batcher = Batcher(
-            toy_tok, store, max_batch_delay=0.0, max_queue_per_session=1, inline=False
+        batcher, store = await started(
+            toy_tok, capacity=4, max_batch_delay=0.0, max_queue_per_session=1, inline=False
         )
-        await batcher.start()
         try:
             s = store.create("", "a")
             queued = [asyncio.ensure_future(batcher.step(s, np.array([1]))) for _ in range(2)]

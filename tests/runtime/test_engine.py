@@ -501,17 +501,6 @@ def _copy_with_manifest(src, dst, change):
     return dst
 
 
-class _SpySession:
-    """Records the input shapes the prefill graph is run with."""
-
-    def __init__(self, sess):
-        self.sess, self.shapes = sess, []
-
-    def run(self, names, feeds):
-        self.shapes.append(feeds["input"].shape)
-        return self.sess.run(names, feeds)
-
-
 @pytest.mark.parametrize("name", ["threads", "step_threads"])
 def test_a_bool_thread_count_is_refused_naming_the_field(toy_token_model, name):
     """A bool is not a thread count; a numpy integer is one (as for step_buffers)."""
