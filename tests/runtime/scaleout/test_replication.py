@@ -6,6 +6,7 @@ compares what one replica committed with what the other one loads.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -44,6 +45,23 @@ def step(store: SessionStore, sid: str, rng, principal: str = "") -> np.ndarray:
     x = rng.standard_normal(S).astype(np.float32)
     store.commit(s, x, 1)
     return x
+
+
+@contextlib.contextmanager
+def replies_lost(store: SessionStore):
+    """Redis applies the store's writes, but their replies time out (a network cut)."""
+    backend = store.replication.backend
+    real = backend.write_many
+
+    def applied_then_timed_out(*args):
+        real(*args)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    backend.write_many = applied_then_timed_out
+    try:
+        yield
+    finally:
+        backend.write_many = real
 
 
 def test_persist_every_parses_steps_and_milliseconds():
@@ -859,25 +877,15 @@ def test_repeated_write_backs_of_a_stale_copy_do_not_make_it_win(redis_server):
 def test_a_write_back_whose_reply_was_lost_keeps_our_copy(redis_server):
     """Redis applied a write-back but the reply timed out: the next try finds a record of our
     own term and writes again, instead of taking it for a newer copy and dropping ours."""
-    import redis
-
     rng = np.random.default_rng(71)
     a = replica(redis_server, "A", lease_ttl=0.3)
     sid = a.create().id
     step(a, sid, rng)
     a.replication._degrade(redis.ConnectionError("outage"))
     step(a, sid, rng)  # served from memory
-    backend = a.replication.backend
-    real = backend.write_many
-
-    def applied_then_timed_out(*args):
-        real(*args)
-        raise redis.TimeoutError("Timeout reading from socket")
-
-    backend.write_many = applied_then_timed_out
-    a.replication._try_recover()
+    with replies_lost(a):
+        a.replication._try_recover()
     assert a.replication.degraded
-    backend.write_many = real
     last = step(a, sid, rng)
     a.replication._try_recover()
     assert not a.replication.degraded and a.get(sid).position == 3
@@ -1589,8 +1597,6 @@ def test_a_write_back_after_one_whose_reply_was_lost_still_raises_the_version(re
     """Versions only go up: a write-back that finds our own earlier write-back (applied, its
     reply lost) builds on that record's version, not on our copy's older one, so two
     different states never carry one version."""
-    import redis
-
     rng = np.random.default_rng(71)
     a = replica(redis_server, "A", lease_ttl=0.3)
     sid = a.create().id
@@ -1598,15 +1604,8 @@ def test_a_write_back_after_one_whose_reply_was_lost_still_raises_the_version(re
     a.replication._degrade(redis.ConnectionError("outage"))
     step(a, sid, rng)  # served from memory
     backend = a.replication.backend
-    real = backend.write_many
-
-    def applied_then_timed_out(*args):
-        real(*args)
-        raise redis.TimeoutError("Timeout reading from socket")
-
-    backend.write_many = applied_then_timed_out
-    a.replication._try_recover()  # applied: version 3
-    backend.write_many = real
+    with replies_lost(a):
+        a.replication._try_recover()  # applied: version 3
     first = backend.load(sid)
     assert first["version"] == 3
     step(a, sid, rng)
@@ -1930,15 +1929,8 @@ def test_a_session_closed_after_a_write_whose_reply_was_lost_stays_closed(redis_
     sid = a.create("alice").id
     step(a, sid, rng, "alice")
     backend = a.replication.backend
-    real = backend.write_many
-
-    def applied_then_timed_out(*args):
-        real(*args)
-        raise redis.TimeoutError("Timeout reading from socket")
-
-    backend.write_many = applied_then_timed_out
-    step(a, sid, rng, "alice")  # applied in Redis, the reply lost: A degrades
-    backend.write_many = real
+    with replies_lost(a):
+        step(a, sid, rng, "alice")  # applied in Redis, the reply lost: A degrades
     assert a.replication.degraded
     a.close(sid, "alice")  # the client ends the session
     a.replication._try_recover()
