@@ -1283,11 +1283,7 @@ def test_a_close_deletes_its_own_keys_only(redis_server, monkeypatch):
 
 def test_a_refused_write_is_not_counted_as_a_write(redis_server):
     rng = np.random.default_rng(5)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    sid = a.create().id
-    time.sleep(0.3)
-    b = replica(redis_server, "B")
-    b.fetch(sid)  # B took it over: A's next write is refused
+    a, _, sid, _ = moved(redis_server, rng)  # B took it over: A's next write is refused
     writes = a.replication.counts["writes"]
     with pytest.raises(Unavailable, match="another replica"):
         step(a, sid, rng)
@@ -1499,11 +1495,7 @@ def test_a_failed_write_counts_one_error(redis_server):
 
 def test_a_session_taken_over_elsewhere_counts_as_moved(redis_server):
     rng = np.random.default_rng(2)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    sid = a.create().id
-    time.sleep(0.3)
-    b = replica(redis_server, "B")
-    b.fetch(sid)
+    a, b, sid, _ = moved(redis_server, rng)
     with pytest.raises(Unavailable, match="another replica"):
         step(a, sid, rng)
     assert a.replication.stats()["moved"] == 1
