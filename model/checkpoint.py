@@ -70,8 +70,14 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> SSMNetwork:
-    """Load a checkpoint directory -> SSMNetwork in eval mode."""
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> SSMNetwork:
+    """Load a checkpoint directory -> SSMNetwork in eval mode, on the device `map_location`."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"map_location: {map_location!r} is not a torch device: {e}") from e
     path = Path(path)
     meta = read_checkpoint_meta(path)
     try:
@@ -83,7 +89,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> SSMNe
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing")
     try:
-        state = load_file(weights, device=map_location)
+        state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is corrupt: {e}") from e
     expected = net.state_dict()
@@ -100,4 +106,4 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> SSMNe
                 f"config.json wants {tuple(expected[k].shape)}"
             )
     net.load_state_dict(state)
-    return net.eval()
+    return net.to(device).eval()

@@ -242,3 +242,23 @@ def test_a_file_given_as_checkpoint_directory(tmp_path):
 def test_save_checkpoint_creates_missing_parents(tmp_path):
     path = save_checkpoint(_tiny(), tmp_path / "runs" / "exp1" / "ckpt")
     assert load_checkpoint(path).cfg == _tiny().cfg
+
+
+def test_map_location_is_the_returned_networks_device(ckpt):
+    """map_location places the network itself (its parameters and buffers), not only the
+    loaded tensors, which had been copied into a network built on the CPU."""
+    net = load_checkpoint(ckpt, map_location="meta")
+    tensors = [*net.parameters(), *net.buffers()]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert not net.training
+    with pytest.raises(ValueError, match=r"map_location: 'gpu0' is not a torch device"):
+        load_checkpoint(ckpt, map_location="gpu0")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_to_cuda_computes_what_the_cpu_network_does(ckpt):
+    u = torch.randint(0, 16, (2, 12))
+    ref = load_checkpoint(ckpt)(u)
+    net = load_checkpoint(ckpt, map_location=torch.device("cuda"))
+    assert all(p.is_cuda for p in net.parameters())
+    torch.testing.assert_close(net(u.cuda()).cpu(), ref, atol=1e-5, rtol=1e-5)
