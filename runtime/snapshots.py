@@ -94,17 +94,28 @@ class SnapshotKey:
 
     @classmethod
     def in_dir(cls, directory: str | os.PathLike) -> SnapshotKey:
-        """The key kept in directory/snapshot.key, created (mode 0600) when missing."""
+        """The key kept in directory/snapshot.key, created (mode 0600) when missing.
+
+        A new key is written whole to a private file and then linked into place, so servers
+        starting together on one directory never read a half-written key, and all of them
+        end up with the one that was linked first."""
         path = Path(directory) / KEY_FILE
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
+            secret = secrets.token_hex(32).encode() + b"\n"
+            tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secret)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)
+                log.info("created snapshot signing key %s", path)
             except FileExistsError:  # another process made it meanwhile: use theirs
-                return cls.from_file(path)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_hex(32).encode() + b"\n")
-            log.info("created snapshot signing key %s", path)
+                pass
+            finally:
+                tmp.unlink()
         return cls.from_file(path)
 
     def _mac(self, body: bytes) -> bytes:

@@ -814,3 +814,23 @@ def test_a_key_file_of_exactly_the_minimum_length_is_accepted(tmp_path):
         SnapshotKey.from_file(short)
     assert e.value.field == "snapshot_key"
     assert str(e.value) == f"snapshot_key: {short} holds 15 bytes; use at least 16"
+
+
+def test_servers_creating_the_key_together_share_one_whole_key(tmp_path, monkeypatch):
+    """A second server starting on the same directory while the first is still writing its
+    new key: it never sees a half-written (empty) key file, and both use one key."""
+    from ssmstream.runtime import snapshots
+
+    token_hex, others = snapshots.secrets.token_hex, []
+
+    def meanwhile(n):
+        if not others:  # the first key being made: the other server starts now
+            others.append(None)
+            others[0] = SnapshotKey.in_dir(tmp_path)
+        return token_hex(n)
+
+    monkeypatch.setattr(snapshots.secrets, "token_hex", meanwhile)
+    first = SnapshotKey.in_dir(tmp_path)
+    assert first.id == others[0].id and first.secret == others[0].secret
+    assert len(first.secret) == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.key"]  # no temp file left
