@@ -137,25 +137,30 @@ def test_32_sessions_through_nginx_equal_a_single_process_run(cluster_factory, e
 
 def stream_with_a_fault_halfway(engine, client, n_sessions: int, n_tokens: int, fault):
     """Stream `n_sessions` new sessions of `n_tokens` each through the proxy
-    (`stream_resuming`); once every one is halfway (they wait there), call `fault()`.
+    (`stream_resuming`); once every one is halfway, call `fault()`. The streams wait there,
+    open, until the fault is done: none can finish before it (a fast one had, and then
+    the fault met no stream).
     Returns (ids, tokens {id: list}, results {id: stream_resuming's result})."""
     V = int(engine.info["vocab_size"])
     progress: dict[str, int] = {}
-    halfway = threading.Event()
+    halfway, faulted = threading.Event(), threading.Event()
 
     def on_step(sid, acked):
         progress[sid] = acked
         if len(progress) == n_sessions and min(progress.values()) >= n_tokens // 2:
             halfway.set()
-        if acked == n_tokens // 2 and not halfway.is_set():
-            halfway.wait(30)  # everybody reaches the middle before the fault
+        if acked == n_tokens // 2:
+            faulted.wait(60)
 
     sids = [client.create_session().id for _ in range(n_sessions)]
     toks = {sid: session_tokens(i, n_tokens, V) for i, sid in enumerate(sids)}
     with ThreadPoolExecutor(n_sessions) as pool:
         futures = {s: pool.submit(stream_resuming, client, s, toks[s], on_step) for s in sids}
         assert halfway.wait(60)
-        fault()
+        try:
+            fault()
+        finally:
+            faulted.set()
         results = {s: f.result(120) for s, f in futures.items()}
     return sids, toks, results
 
@@ -165,7 +170,7 @@ def test_sigkill_a_replica_its_sessions_continue_on_the_others(
     cluster_factory, engine, persist_every, window
 ):
     c = cluster_factory(persist_every=persist_every, lease_ttl=1.0)
-    n_tokens, killed_at = 16, []
+    n_tokens, killed_at = 18, []  # killed at 9 acknowledged steps: the last write was at 8
 
     def sigkill_the_busiest():
         held = [metric(r, "ssmstream_sessions_active") for r in c.replicas]
@@ -178,6 +183,7 @@ def test_sigkill_a_replica_its_sessions_continue_on_the_others(
         )
     moved = [s for s, (_, lost, resumed) in results.items() if resumed is not None]
     assert len(moved) >= 1
+    assert all(results[s][1] == 9 % int(persist_every) for s in moved)
     for sid in sids:
         outputs, lost, _ = results[sid]
         assert 0 <= lost <= window, (sid, lost)
