@@ -192,3 +192,26 @@ def test_fp16_variant_keeps_state_float32():
 def test_bad_chunk_is_refused():
     with pytest.raises(ValueError, match="chunk must be a power of two"):
         PrefillGraph(make_net(), chunk=12)
+
+
+@pytest.mark.parametrize("mode_path", [False, True], ids=["kernel", "modes"])
+def test_a_mode_that_decays_to_exactly_zero_in_one_step(mode_path):
+    """A mode with Δ·Re A = -1000 has dA = exp(-1000) = 0 even in float64. Its powers are
+    dA^0 = 1 and 0 after: the prefill's tables (built from log|dA|) stay finite and equal
+    the steps and the network's own forward."""
+    net = make_net(seed=3, heads=2)
+    with torch.no_grad():
+        for ssm in net.ssms:
+            ssm.log_A_real[0, 0] = math.log(1000.0) - ssm.log_dt[0]  # Δ·|Re A| = 1000
+    step = StepGraph(net)
+    _, state = run_steps(step, inputs(net, 2, 19, seed=4), torch.zeros(2, net.cfg.state_size))
+    x = inputs(net, 2, 32, seed=5)
+    y_step, s_step = run_steps(step, x, state)
+    with torch.no_grad():
+        y_pre, s_pre, _ = PrefillGraph(net, chunk=16, max_chunks=4, mode_path=mode_path)(x, state)
+        y0, _, _ = PrefillGraph(net, chunk=16, max_chunks=4, mode_path=mode_path)(
+            x, torch.zeros_like(state)
+        )
+    assert torch.isfinite(y_pre).all() and torch.isfinite(s_pre).all()
+    assert rel(y_pre, y_step) < TOL and rel(s_pre, s_step) < TOL
+    assert rel(y0, conv_reference(net, x)) < TOL
