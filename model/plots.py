@@ -77,7 +77,9 @@ def basis_functions(layer: SSM, t: Tensor, head: int = 0, input: int = 0) -> Ten
 def default_length(layer: SSM, head: int = 0) -> int:
     """Samples until the slowest mode of `head` has decayed by e^{-4} (clipped to 32..4096)."""
     decay = torch.exp(layer.log_A_real[head]).min().item() * torch.exp(layer.log_dt[head]).item()
-    return int(min(4096, max(32, math.ceil(4.0 / decay))))
+    if decay * 4096 <= 4.0:  # also a mode that does not decay at all (exp underflowed to 0)
+        return 4096
+    return max(32, math.ceil(4.0 / decay))
 
 
 @torch.no_grad()

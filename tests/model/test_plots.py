@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
+from ssmstream.model import SSMConfig, SSMNetwork, plots, save_checkpoint
 from ssmstream.model.layers import SSM
-from ssmstream.model.plots import basis_functions, main, plot_checkpoint, plot_layer
+from ssmstream.model.plots import basis_functions, default_length, main, plot_checkpoint, plot_layer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,3 +92,141 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
     with pytest.raises(ImportError, match=r"pip install 'ssmstream\[plots\]'"):
         plot_layer(SSM(4, d_state=4), tmp_path / "a.png")
+
+
+def _layer(a_real, dt, d_model=None, d_state=None) -> SSM:
+    """An SSM whose A real parts ([H, N/2]) and Δ ([H]) are set exactly."""
+    a_real = torch.as_tensor(a_real, dtype=torch.float32)
+    H, N2 = a_real.shape
+    torch.manual_seed(0)
+    layer = SSM(H if d_model is None else d_model, d_state=2 * N2, heads=H)
+    with torch.no_grad():
+        layer.log_A_real.copy_(torch.log(a_real))
+        layer.log_dt.copy_(torch.log(torch.as_tensor(dt, dtype=torch.float32)))
+    return layer
+
+
+def test_default_length_is_ceil_of_4_over_the_slowest_decay_of_the_head():
+    # head 0: slowest mode 0.3 (not 2.0) at Δ 0.01 → 4 / 0.003 = 1333.3 → 1334 samples
+    # head 1: slowest mode 0.5 at Δ 2⁻⁶ (exact in float32) → 4 / 2⁻⁷ = 512
+    layer = _layer([[2.0, 0.3], [0.5, 4.0]], [0.01, 2**-6])
+    assert default_length(layer, 0) == 1334
+    assert default_length(layer, 1) == 512
+    # clipped to [32, 4096]
+    assert default_length(_layer([[1e-4, 1.0]], [0.01]), 0) == 4096
+    assert default_length(_layer([[50.0, 60.0]], [0.1]), 0) == 32
+
+
+def test_negative_indices_are_refused():
+    layer = SSM(4, d_state=4)
+    with pytest.raises(ValueError, match=r"^head must be in \[0, 4\), got -1$"):
+        basis_functions(layer, torch.zeros(2), head=-1)
+    with pytest.raises(ValueError, match=r"^input must be in \[0, 1\), got -1$"):
+        basis_functions(layer, torch.zeros(2), input=-1)
+
+
+def test_n_kernels_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="^n_kernels must be positive, got 0$"):
+        plot_layer(SSM(4, d_state=4), tmp_path / "a.png", n_kernels=0, length=8)
+    assert not (tmp_path / "a.png").exists()
+
+
+class _Axes:
+    def __init__(self):
+        self.lines, self.props = [], {}
+
+    def plot(self, x, y, **kw):
+        self.lines.append((torch.as_tensor(x).clone(), torch.as_tensor(y).clone(), kw))
+
+    def set(self, **kw):
+        self.props.update(kw)
+
+    def legend(self, **kw):
+        pass
+
+
+class _Figure:
+    made: list = []
+
+    def __init__(self, **kw):
+        self.axes, self.suptitle_text = [_Axes(), _Axes()], None
+        _Figure.made.append(self)
+
+    def subplots(self, rows, cols):
+        return self.axes
+
+    def suptitle(self, text):
+        self.suptitle_text = text
+
+    def savefig(self, path, **kw):
+        open(path, "wb").write(b"fake")
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    _Figure.made = []
+    monkeypatch.setattr(plots, "_figure_class", lambda: (_Figure, lambda fig: None))
+    return _Figure.made
+
+
+def test_plotted_basis_functions_and_kernels_are_the_layers(tmp_path, recording):
+    """The left panel is Re K_n(t) of the chosen head at t = samples · Δ_head; the right panel
+    is K[h, 0, 0, :] of the first n_kernels heads."""
+    torch.manual_seed(0)
+    layer = _layer([[0.5, 1.0, 2.0], [0.2, 0.7, 3.0], [1.5, 0.1, 0.9]], [0.05, 0.3, 0.01])
+    plot_layer(layer, tmp_path / "p.png", head=1, n_modes=2, n_kernels=3)
+    (fig,) = recording
+    basis, kern = fig.axes
+    L = default_length(layer, 1)  # head 1: 4 / (0.2 · 0.3) → 67 (head 0 would give 160)
+    assert L == 67
+    samples = torch.linspace(0, L - 1, 8 * L, dtype=torch.float64)
+    want = basis_functions(layer, samples * 0.3, head=1).real
+    assert len(basis.lines) == 2
+    for n, (x, y, _) in enumerate(basis.lines):
+        torch.testing.assert_close(x, samples)
+        torch.testing.assert_close(y, want[n], rtol=1e-5, atol=1e-6)
+    K = layer.kernel(L).detach()
+    assert len(kern.lines) == 3
+    for h, (x, y, kw) in enumerate(kern.lines):
+        assert torch.equal(x, torch.arange(L)) and kw["label"] == f"head {h}"
+        torch.testing.assert_close(y, K[h, 0, 0])
+
+
+def test_kernel_panel_is_output_0_of_input_0_of_each_head(tmp_path, recording):
+    torch.manual_seed(1)
+    layer = SSM(4, d_state=4, heads=2)  # M = 2: K[h] is [2, 2, L]
+    plot_layer(layer, tmp_path / "p.png", length=10, n_kernels=5)
+    kern = recording[0].axes[1]
+    K = layer.kernel(10).detach()
+    assert len(kern.lines) == 2  # only 2 heads exist
+    for h, (_, y, _) in enumerate(kern.lines):
+        torch.testing.assert_close(y, K[h, 0, 0])
+
+
+def test_checkpoint_plot_title_names_the_layer(tmp_path, recording):
+    torch.manual_seed(0)
+    net = SSMNetwork(SSMConfig(vocab_size=256, d_model=8, n_layers=2, d_state=8))
+    save_checkpoint(net, tmp_path / "ckpt")
+    plot_checkpoint(tmp_path / "ckpt", tmp_path / "k.png", layer=1, length=8)
+    assert recording[0].suptitle_text == "ckpt: layer 1 of 2"
+
+
+def test_cli_out_that_cannot_be_written_is_a_usage_error(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    net = SSMNetwork(SSMConfig(vocab_size=256, d_model=4, n_layers=1, d_state=4))
+    save_checkpoint(net, tmp_path / "ckpt")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        plots.main(
+            [str(tmp_path / "ckpt"), "--out", str(tmp_path / "a-file" / "k.png"), "--length", "8"]
+        )
+    assert e.value.code == 2
+    assert "a-file" in capsys.readouterr().err
+
+
+def test_default_length_of_a_non_decaying_mode_is_the_upper_clip():
+    layer = SSM(2, d_state=4)
+    with torch.no_grad():
+        layer.log_A_real[0, 0] = -120.0  # exp → 0.0 in float32
+    assert default_length(layer, 0) == 4096
