@@ -9,21 +9,33 @@ is compared with an uninterrupted one weight by weight.
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
 import shutil
+import types
 
 import pytest
 import torch
 from ssmstream.model import SSMConfig, SSMNetwork, load_checkpoint
-from ssmstream.model.data import default_corpus_dir, load_text
+from ssmstream.model import train as train_mod
+from ssmstream.model.data import SignalConfig, TextData, default_corpus_dir, load_text
 from ssmstream.model.train import (
+    Batches,
+    DistInfo,
     TrainConfig,
+    TrainingDiverged,
+    build_parser,
+    check_model_for_task,
     default_model_config,
+    derived_seed,
+    evaluate,
     fit,
     lr_factor,
     main,
     make_optimizer,
+    resolve_device,
 )
 from torch import nn
 
@@ -345,3 +357,331 @@ def test_cli_stop_and_resume(corpus, tmp_path):
     assert load_checkpoint(out).cfg.d_model == 8
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()]
     assert steps == [1, 2, 3, 3, 4, 5, 6, 6]  # train lines + the eval at each stop
+
+
+@pytest.mark.parametrize("name", ["save_every", "stop_after", "threads"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_optional_counts_must_be_positive(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be positive, got {value}$"):
+        TrainConfig(**{name: value})
+    TrainConfig(**{name: None})  # None: the default
+
+
+@pytest.mark.parametrize("name", ["lr", "ssm_lr"])
+def test_zero_learning_rate_is_refused(name):
+    with pytest.raises(ValueError, match=f"^{name} must be positive and finite, got 0.0$"):
+        TrainConfig(**{name: 0.0})
+
+
+def test_min_lr_ratio_bounds():
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="^min_lr_ratio must be in \\[0, 1\\]"):
+            TrainConfig(min_lr_ratio=bad)
+    TrainConfig(min_lr_ratio=1.0)
+    TrainConfig(min_lr_ratio=0.0)
+
+
+def test_warmup_must_be_shorter_than_the_schedule():
+    with pytest.raises(ValueError, match="^warmup_steps=10 must be smaller than steps=10$"):
+        TrainConfig(warmup_steps=10, steps=10)
+    TrainConfig(warmup_steps=9, steps=10)
+
+
+def test_zero_warmup_weight_decay_and_clip_are_allowed():
+    cfg = TrainConfig(warmup_steps=0, weight_decay=0.0, grad_clip=0.0)
+    assert (cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip) == (0, 0.0, 0.0)
+
+
+def test_empty_data_list_is_refused():
+    with pytest.raises(ValueError, match="^data must name at least one file or directory$"):
+        TrainConfig(data=[])
+
+
+def test_signal_dict_becomes_a_signal_config():
+    cfg = TrainConfig(task="signal", signal={"rate": 4.0, "duration": 8.0})
+    assert isinstance(cfg.signal, SignalConfig) and cfg.signal.length == 32
+
+
+def test_length_is_the_tasks_sequence_length():
+    assert TrainConfig(task="text", seq_len=48).length == 48
+    sig = TrainConfig(task="signal", seq_len=48, signal=SignalConfig(rate=4.0, duration=8.0))
+    assert sig.length == 32
+
+
+def test_check_model_for_task_checks_d_output_too():
+    with pytest.raises(ValueError, match="got vocab_size=256, d_output=10"):
+        check_model_for_task(SSMConfig(vocab_size=256, d_output=10, d_model=8), "text")
+    with pytest.raises(ValueError, match="got d_input=1, d_output=2"):
+        check_model_for_task(SSMConfig(d_input=1, d_output=2, d_model=8), "signal")
+    check_model_for_task(SSMConfig(vocab_size=256, d_model=8), "text")
+    check_model_for_task(SSMConfig(d_input=1, d_model=8), "signal")
+
+
+def test_dist_info_from_env(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    d = DistInfo.from_env()
+    assert (d.world_size, d.rank, d.local_rank) == (8, 5, 1) and not d.is_main
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    assert DistInfo.from_env() == DistInfo(1, 0, 0)
+
+
+def test_resolve_device_uses_local_rank_and_auto_picks_cuda(monkeypatch):
+    """Multi-node: global rank 5, local rank 1 on a 2-GPU node → cuda:1 (not cuda:5 % 2)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    node = DistInfo(world_size=8, rank=4, local_rank=1)
+    assert resolve_device("cuda", node) == torch.device("cuda", 1)
+    assert resolve_device("auto", node) == torch.device("cuda", 1)
+    assert resolve_device("cpu", node) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", node) == torch.device("cpu")
+
+
+def test_help_shows_no_default_none():
+    text = " ".join(build_parser().format_help().split())  # unwrapped
+    assert "(default: None)" not in text and "default: None" not in text
+    assert "(default: 1000)" in text  # --steps
+
+
+MODEL = dict(d_model=8, n_layers=1, d_state=4)
+SIGNAL = SignalConfig(rate=4.0, duration=8.0)  # L = 32
+
+
+def _signal_cfg(out, **kw) -> TrainConfig:
+    base = dict(
+        task="signal", out=str(out), signal=SIGNAL, batch_size=2, steps=6, warmup_steps=1,
+        log_every=2, eval_every=3, eval_batches=1, progress=False, threads=1,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _signal_model(**kw):
+    return default_model_config("signal", **{**MODEL, **kw})
+
+
+def _log_lines(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").open()]
+
+
+def test_stop_after_beyond_the_schedule_ends_at_steps(tmp_path):
+    result = fit(_signal_model(), _signal_cfg(tmp_path / "o", stop_after=10))
+    assert result.step == 6
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["step"] == 6
+
+
+@pytest.mark.parametrize(
+    "save_every, eval_every, saved", [(2, 100, [2, 4, 6, 7]), (None, 3, [3, 6, 7])]
+)
+def test_checkpoints_every_save_every_and_at_the_end(
+    tmp_path, monkeypatch, save_every, eval_every, saved
+):
+    steps, real = [], train_mod._save
+
+    def save(out, net, opt, sched, step, *a):
+        steps.append(step)
+        return real(out, net, opt, sched, step, *a)
+
+    monkeypatch.setattr(train_mod, "_save", save)
+    fit(
+        _signal_model(),
+        _signal_cfg(tmp_path / "o", steps=7, save_every=save_every, eval_every=eval_every),
+    )
+    assert steps == saved
+
+
+def test_train_log_has_a_line_at_the_last_step(tmp_path):
+    fit(_signal_model(), _signal_cfg(tmp_path / "o", steps=7, log_every=2, eval_every=100))
+    log = _log_lines(tmp_path / "o")
+    assert [e["step"] for e in log if "loss" in e] == [2, 4, 6, 7]
+    assert [e["step"] for e in log if "eval" in e] == [7]
+
+
+def test_tokens_per_s_is_tokens_over_the_windows_time(tmp_path, monkeypatch):
+    """With a clock that advances 1 s per reading, every step lasts 1 s: tokens_per_s is
+    B · L (world size 1) in every window, whatever its length."""
+    clock = itertools.count()
+    monkeypatch.setattr(
+        train_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
+    )
+    fit(_signal_model(), _signal_cfg(tmp_path / "o", steps=7, log_every=3, eval_every=100))
+    lines = [e for e in _log_lines(tmp_path / "o") if "loss" in e]
+    assert [e["step"] for e in lines] == [3, 6, 7]
+    assert [e["tokens_per_s"] for e in lines] == [2 * 32] * 3
+
+
+def test_logged_loss_is_the_mean_over_the_window(tmp_path, monkeypatch):
+    losses = []
+    real = train_mod.loss_fn
+
+    def spy(task, out, y):
+        loss = real(task, out, y)
+        if torch.is_grad_enabled():  # training steps, not evals
+            losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(train_mod, "loss_fn", spy)
+    fit(_signal_model(), _signal_cfg(tmp_path / "o", steps=7, log_every=3, eval_every=100))
+    lines = [e for e in _log_lines(tmp_path / "o") if "loss" in e]
+    want = [sum(losses[0:3]) / 3, sum(losses[3:6]) / 3, losses[6]]
+    assert [e["loss"] for e in lines] == pytest.approx(want, rel=1e-6)
+
+
+def test_grad_clip_zero_turns_clipping_off(tmp_path):
+    torch.manual_seed(0)
+    result = fit(_signal_model(), _signal_cfg(tmp_path / "o", grad_clip=0.0))
+    lines = [e for e in _log_lines(tmp_path / "o") if "loss" in e]
+    assert lines and all("grad_norm" not in e for e in lines)
+    torch.manual_seed(0)  # the trainer's init (seed 0)
+    init = train_mod.SSMNetwork(_signal_model())
+    # the SSM group has no weight decay: it moves only through gradients (clip 0 would zero them)
+    assert not torch.equal(result.net.ssms[0].log_dt, init.ssms[0].log_dt)
+
+
+def test_grad_norm_is_the_gradient_norm_before_clipping(tmp_path, monkeypatch):
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda *a, **k: norms.append(real(*a, **k)) or norms[-1]
+    )
+    fit(_signal_model(), _signal_cfg(tmp_path / "o", steps=4, log_every=2, eval_every=100))
+    lines = [e for e in _log_lines(tmp_path / "o") if "loss" in e]
+    assert [e["grad_norm"] for e in lines] == pytest.approx([float(norms[1]), float(norms[3])])
+
+
+def test_an_infinite_loss_is_divergence(tmp_path, monkeypatch):
+    real = train_mod.loss_fn
+    # an infinite value with finite gradients: the weights stay finite, the loss is inf
+    monkeypatch.setattr(train_mod, "loss_fn", lambda task, out, y: real(task, out, y) + math.inf)
+    with pytest.raises(TrainingDiverged, match="training diverged: loss inf at step 2"):
+        fit(_signal_model(), _signal_cfg(tmp_path / "o"))
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    out = tmp_path / "o"
+    fit(_signal_model(), _signal_cfg(out))
+    meta = (out / "config.json").read_text()
+    state = (out / "train_state.pt").read_bytes()
+    assert json.loads(meta)["eval"] is not None
+    again = fit(None, _signal_cfg(out, resume=True))
+    assert again.step == 6
+    assert (out / "config.json").read_text() == meta  # its eval kept (was overwritten by None)
+    assert (out / "train_state.pt").read_bytes() == state
+
+
+def test_resume_may_change_device_threads_and_save_every(tmp_path):
+    out = tmp_path / "o"
+    fit(_signal_model(), _signal_cfg(out, stop_after=3, device="auto"))
+    resumed = fit(None, _signal_cfg(out, resume=True, device="cpu", threads=2, save_every=2))
+    assert resumed.step == 6
+
+
+def test_resume_warns_when_a_different_model_config_is_given(tmp_path, caplog):
+    out = tmp_path / "o"
+    fit(_signal_model(), _signal_cfg(out, stop_after=3))
+    with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
+        fit(_signal_model(d_model=16), _signal_cfg(out, resume=True, stop_after=4))
+    assert any("its model config is used" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
+        fit(_signal_model(), _signal_cfg(out, resume=True, stop_after=5))
+    assert not any("its model config is used" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_resume_ignores_model_flags_without_a_warning(tmp_path, caplog):
+    argv = ["--task", "signal", "--rate", "4", "--duration", "8", "--steps", "4"]
+    argv += ["--warmup-steps", "1", "--batch-size", "2", "--no-progress", "--threads", "1"]
+    argv += ["--out", str(tmp_path / "o")]
+    model = ["--d-model", "8", "--n-layers", "1", "--d-state", "4"]
+    assert main([*argv, *model, "--stop-after", "2"]) == 0
+    caplog.clear()
+    assert main([*argv, "--resume"]) == 0  # no model flags: the defaults, ignored
+    assert not any("its model config is used" in r.getMessage() for r in caplog.records)
+
+
+def test_fit_restores_torchs_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit(_signal_model(), _signal_cfg(tmp_path / "o", threads=1, steps=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_evaluate_runs_in_eval_mode_and_keeps_the_mode():
+    torch.manual_seed(0)
+    net = train_mod.SSMNetwork(_signal_model(dropout=0.5))
+    cfg = _signal_cfg("unused", eval_batches=2)
+    batches = Batches(cfg, None).eval()
+    with torch.no_grad():
+        net.eval()
+        want = sum(torch.nn.functional.mse_loss(net(x), y).item() for x, y in batches) / 2
+    net.train()
+    assert evaluate(net, "signal", batches, "cpu") == {"loss": pytest.approx(want, rel=1e-6)}
+    assert net.training
+    net.eval()
+    assert evaluate(net, "signal", batches, "cpu")["loss"] == pytest.approx(want, rel=1e-6)
+    assert not net.training
+
+
+def test_train_batches_depend_on_rank_and_step():
+    b = Batches(_signal_cfg("unused"), None)
+    x00, x01, x10 = b.train(0, 0)[0], b.train(0, 1)[0], b.train(1, 0)[0]
+    assert torch.equal(x00, b.train(0, 0)[0])
+    assert not torch.equal(x00, x01) and not torch.equal(x00, x10)
+
+
+def test_eval_batches_come_from_the_val_split():
+    text = TextData(torch.full((500,), ord("t"), dtype=torch.uint8),
+                    torch.full((500,), ord("v"), dtype=torch.uint8), ["a"], ["b"])  # fmt: skip
+    cfg = TrainConfig(seq_len=16, batch_size=2, eval_batches=3)
+    evals = Batches(cfg, text).eval()
+    assert len(evals) == 3 and all(bool((x == ord("v")).all()) for x, _ in evals)
+    x, _ = Batches(cfg, text).train(0, 0)
+    assert bool((x == ord("t")).all())
+
+
+def test_dropout_masks_are_seeded_per_rank_and_step(tmp_path, monkeypatch):
+    seeds = []
+    real = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (seeds.append(s), real(s))[1])
+    fit(_signal_model(dropout=0.1), _signal_cfg(tmp_path / "o", steps=3, seed=7))
+    assert seeds == [7] + [derived_seed(7, "dropout", 0, k) for k in range(3)]
+
+
+def test_text_corpus_needs_seq_len_plus_one_bytes_per_split(tmp_path):
+    (tmp_path / "c.txt").write_bytes(bytes(range(33)))  # split by bytes: 16 train, 17 val
+    cfg = TrainConfig(data=[str(tmp_path / "c.txt")], out=str(tmp_path / "o"), seq_len=16,
+                      batch_size=2, steps=2, warmup_steps=0, progress=False, threads=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"train split has 16 bytes, need at least 17"):
+        fit(default_model_config("text", **MODEL), cfg)
+
+
+def test_resume_without_a_log_file_starts_a_new_log(tmp_path):
+    out = tmp_path / "o"
+    fit(_signal_model(), _signal_cfg(out, stop_after=4))
+    (out / "train_log.jsonl").unlink()
+    assert fit(None, _signal_cfg(out, resume=True)).step == 6
+    assert [e["step"] for e in _log_lines(out)] == [6, 6]  # the train line and the eval at the end
+
+
+def test_truncate_log_drops_lines_without_a_step(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"loss": 2.0}\n[3]\n7\n{"step": 2, "eval": {}}\n{"step": 9}\n')
+    train_mod._truncate_log(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2, "eval": {}}\n'
+
+
+def test_out_below_an_executable_file_is_refused_before_training(tmp_path):
+    """The check names --out also when the blocking file is executable (os.access alone
+    would pass it as root, and the run would fail later with an OSError)."""
+    exe = tmp_path / "tool"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    with pytest.raises(
+        ValueError, match=r"^out: cannot create .*tool/ckpt: .*tool is not a writable directory$"
+    ):
+        fit(_signal_model(), _signal_cfg(exe / "ckpt"))
