@@ -1083,9 +1083,13 @@ def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]
             lines.append(f"| {name} | no results yet | | |")
             continue
         when = datetime.datetime.fromtimestamp((results / f"{name}.json").stat().st_mtime)
+        try:
+            model = _model_of(res, name)
+        except (KeyError, TypeError, AttributeError) as e:  # an older or partial result
+            model = f"not recorded ({type(e).__name__}: {e})"
         lines.append(
             f"| [{name}]({_rel(results / f'{name}.md', report.parent)}) | "
-            f"{when:%Y-%m-%d %H:%M} | {_load(res, name)} | {_model_of(res, name)} |"
+            f"{when:%Y-%m-%d %H:%M} | {_load(res, name)} | {model} |"
         )
     lines += [
         "",

@@ -3,27 +3,14 @@ prompts) and its report states each target; the ratios themselves come from real
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(path: Path, name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from scripts import load_script
 
 
 def test_bench_sessions_smoke(tmp_path, monkeypatch):
-    runtime_conftest = _load(ROOT / "tests" / "runtime" / "conftest.py", "bench_toy_conftest")
-    toy = runtime_conftest.build_toy(tmp_path / "toy", "tokens", V=11, d_out=11)
-    bench = _load(ROOT / "benchmarks" / "bench_sessions.py", "bench_sessions_smoke")
+    toy = load_script("tests/runtime/conftest.py").build_toy(tmp_path / "toy", V=11, d_out=11)
+    bench = load_script("benchmarks/bench_sessions.py")
     scratch = tmp_path / "scratch"  # where the servers' temporary directories go
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -34,6 +21,11 @@ def test_bench_sessions_smoke(tmp_path, monkeypatch):
         assert r["median_s"][key] > 0
     m = r["median_s"]
     assert r["transport_ceiling"] == m["ready_miss"] / m["echo_ready_prompt"]
+    assert r["ready_speedup"] == m["ready_miss"] / m["ready_hit"]  # > 1: the hit is faster
+    assert r["hit_speedup"] == m["miss_on"] / m["hit"]
+    assert r["ready_ceiling"] == m["ready_miss"] / m["ready_empty"]
+    assert r["miss_cost"] == m["miss_on"] / m["miss_off"]  # ≤ 1.05: the cache costs little
+    assert r["rewind_vs_chunk"] == m["rewind"] / m["chunk_step_and_snapshot"]
     text = bench.report(r)
     for words in ("session ready", "floor", "transport floor", "time to first token",
                   "cache on vs off", "rewind"):  # fmt: skip

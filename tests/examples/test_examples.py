@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import re
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGNAL = ROOT / "examples" / "checkpoints" / "signal"
@@ -32,19 +31,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _load(path: Path, name: str):
-    """Import a script (examples/, benchmarks/ are not packages) as a module."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def rescale_mod():
     pytest.importorskip("torch")
-    return _load(ROOT / "examples" / "rescale_dt.py", "example_rescale_dt")
+    return load_script("examples/rescale_dt.py")
 
 
 def _export_key() -> str:
@@ -203,7 +193,7 @@ def test_rescale_bad_arguments(rescale_mod, tmp_path, capsys):
 
 def test_plot_basis_writes_trained_and_init_pngs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    mod = _load(ROOT / "examples" / "plot_basis.py", "example_plot_basis")
+    mod = load_script("examples/plot_basis.py")
     paths = mod.main([str(SIGNAL), "--out", str(tmp_path / "basis.png"), "--layer", "1"])
     assert [p.name for p in paths] == ["basis.png", "basis_init.png"]
     images = [p.read_bytes() for p in paths]
@@ -221,7 +211,7 @@ def test_plot_basis_writes_trained_and_init_pngs(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def run_all():
-    return _load(ROOT / "benchmarks" / "run_all.py", "bench_run_all")
+    return load_script("benchmarks/run_all.py")
 
 
 def _row(text: str, measure: str) -> str:
@@ -327,7 +317,7 @@ def test_report_without_results_says_not_measured(run_all, tmp_path):
 def test_the_latency_row_prints_the_run_its_ratio_comes_from(run_all):
     """At 1 client batching off may have the lower p50; the ratio is the batching-on run's,
     and so must be the p50 printed beside it."""
-    bs = _load(ROOT / "benchmarks" / "bench_server.py", "bench_server_row")
+    bs = load_script("benchmarks/bench_server.py")
     run = lambda batching, p50, server="ssmstream": bs.Run(  # noqa: E731
         clients=1, batching=batching, tokens=1, seconds=1, tokens_per_s=1, p50_ms=p50,
         p99_ms=1, mean_ms=1, server=server,
