@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             info.state_bytes,
             info.provider,
         )
+        data = a.text.encode("utf-8")
+        if info.input_kind == "tokens" and len(data) < 2:  # before a session is made
+            p.error("text: give at least two bytes")
         session = client.create_session()
         if info.input_kind != "tokens":
             with session.open_stream() as stream:  # a sine wave, one sample per request
@@ -57,9 +60,6 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("t=%2d  u=%+.3f  y=%s", t, u[0], r.outputs[0].round(3).tolist())
             session.close()
             return 0
-        data = a.text.encode("utf-8")
-        if len(data) < 2:
-            p.error("text: give at least two bytes")
         with session.open_stream() as stream:  # all bytes but the last: Generate starts there
             for b in data[:-1]:
                 r = stream.send(tokens=[b], output="top_k", top_k=3)

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "deploy"))
 
+import localcluster  # noqa: E402
 from localcluster import (  # noqa: E402
     LocalCluster,
     NginxProcess,
@@ -23,7 +24,14 @@ from localcluster import (  # noqa: E402
     nginx_config,
 )
 
-__all__ = ["LocalCluster", "NginxProcess", "RedisProcess", "nginx_config", "require"]
+__all__ = [
+    "LocalCluster",
+    "NginxProcess",
+    "RedisProcess",
+    "localcluster",
+    "nginx_config",
+    "require",
+]
 
 
 def require(binary: str) -> str:

@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -364,25 +363,3 @@ def test_redis_restarting_empty_while_sessions_stream_loses_nothing(cluster_fact
     while time.monotonic() < deadline and not written_back():
         time.sleep(0.1)
     assert written_back()
-
-
-def test_localcluster_takes_a_relative_workdir_and_refuses_no_replicas(
-    tmp_path, monkeypatch, capsys
-):
-    """nginx reads -c relative to its -p prefix: a relative workdir is made absolute (it
-    failed after Redis and the replicas had started); --replicas 0 is a usage error before
-    anything starts."""
-    import localcluster
-    from services import NginxProcess
-
-    require("nginx")
-    monkeypatch.chdir(tmp_path)
-    nginx = NginxProcess([localcluster.free_port()], Path("cluster") / "nginx")
-    try:
-        assert nginx.proc.poll() is None and nginx.workdir.is_absolute()
-    finally:
-        nginx.stop()
-    with pytest.raises(SystemExit) as e:
-        localcluster.main(["model", "--replicas", "0", "--workdir", "unused"])
-    assert e.value.code == 2 and "--replicas" in capsys.readouterr().err
-    assert not (tmp_path / "unused").exists()

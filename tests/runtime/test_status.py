@@ -1,0 +1,96 @@
+"""runtime/status.py: grpc_errors counts each refusal in the metrics it aborts with, and
+DecodeGuard guards only this service's methods (health, reflection keep their own)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from ssmstream.runtime.errors import SessionNotFound
+from ssmstream.runtime.status import SERVICE_NAME, DecodeGuard, Malformed, grpc_errors
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    def __init__(self):
+        self.aborted = None
+
+    async def abort(self, code, message):
+        self.aborted = (code, message)
+        raise Aborted
+
+
+class Metrics:
+    def __init__(self):
+        self.errors = []
+
+    def count_error(self, code: str) -> None:
+        self.errors.append(code)
+
+
+class Servicer:
+    def __init__(self):
+        self.metrics, self.ran = Metrics(), False
+
+    @grpc_errors
+    async def Snapshot(self, request, context):
+        self.ran = True
+        raise SessionNotFound("abc")
+
+    @grpc_errors
+    async def Generate(self, request, context):
+        self.ran = True
+        yield 1
+
+
+def test_a_refused_call_is_counted_by_its_code():
+    s, ctx = Servicer(), Context()
+    with pytest.raises(Aborted):
+        asyncio.run(s.Snapshot(object(), ctx))
+    assert ctx.aborted[0] == grpc.StatusCode.NOT_FOUND and "abc" in ctx.aborted[1]
+    assert s.metrics.errors == ["NOT_FOUND"]
+
+
+def test_a_malformed_stream_request_is_refused_before_the_method_runs_and_counted():
+    s, ctx = Servicer(), Context()
+
+    async def drain():
+        return [r async for r in s.Generate(Malformed(ValueError("bad")), ctx)]
+
+    with pytest.raises(Aborted):
+        asyncio.run(drain())
+    assert not s.ran
+    assert ctx.aborted == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request: not a valid protobuf message of this RPC (ValueError)",
+    )
+    assert s.metrics.errors == ["INVALID_ARGUMENT"]
+
+
+class Details:
+    def __init__(self, method):
+        self.method = method
+
+
+def test_decode_guard_wraps_only_this_service_s_methods():
+    def deserialize(data: bytes):
+        raise ValueError("not protobuf")
+
+    handler = grpc.unary_unary_rpc_method_handler(lambda r, c: r, request_deserializer=deserialize)
+
+    async def continuation(details):
+        return handler
+
+    guard = DecodeGuard()
+    other = asyncio.run(
+        guard.intercept_service(continuation, Details("/grpc.health.v1.Health/Check"))
+    )
+    assert other is handler  # another service's handler: untouched
+    ours = asyncio.run(guard.intercept_service(continuation, Details(f"/{SERVICE_NAME}/Step")))
+    assert ours is not handler
+    placeholder = ours.request_deserializer(b"\xff")
+    assert isinstance(placeholder, Malformed) and str(placeholder.error) == "not protobuf"
