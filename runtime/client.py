@@ -243,7 +243,8 @@ class _Base:
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
-        self.options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), *options]
+        # grpc takes the first of repeated channel args: the caller's go before the default
+        self.options = [*options, ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
     def _kw(self, session_id: str = "", timeout: float | None = None) -> dict:
         t = self.timeout if timeout is None else timeout

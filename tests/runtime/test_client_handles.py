@@ -1,0 +1,404 @@
+"""The client's own logic against a toy server: each argument check names its argument and
+stops at the wire type's bound, handles follow the server's position (sync and asyncio),
+timeouts and channel options reach grpc, and `ssmstream generate`'s flags do what they say.
+
+Dimension letters: V vocabulary (11 for the toy), T inputs per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+from ssmstream.protos import inference_pb2 as pb
+from ssmstream.runtime import client as client_mod
+from ssmstream.runtime.auth import ANONYMOUS
+from ssmstream.runtime.client import (
+    AsyncClient,
+    Client,
+    channel_credentials,
+    check_generate,
+    choose_session_id,
+    create_request,
+    generate_request,
+    step_request,
+)
+from ssmstream.runtime.client import main as generate_main
+from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.server import BackgroundServer
+
+
+def serve(model_dir, **kw) -> BackgroundServer:
+    cfg = ServerConfig(model_dir=str(model_dir), port=0, device="cpu", grace=0.2, **kw)
+    return BackgroundServer(cfg)
+
+
+def target(srv) -> str:
+    return f"127.0.0.1:{srv.port}"
+
+
+@pytest.fixture(scope="module")
+def toy_server(toy_token_model):
+    with serve(toy_token_model["model_dir"], rewind_window=64) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def values_server(toy_signal_model):
+    with serve(toy_signal_model["model_dir"]) as s:
+        yield s
+
+
+def test_counts_stop_at_the_uint32_field_and_name_the_argument():
+    assert step_request("s", tokens=[1], output="top_k", top_k=2**32 - 1).top_k == 2**32 - 1
+    with pytest.raises(ValueError) as e:
+        step_request("s", tokens=[1], output="top_k", top_k=2**32)
+    assert str(e.value) == "top_k: must be an integer in [0, 4294967295], got 4294967296"
+    with pytest.raises(ValueError) as e:
+        generate_request("s", [1], max_new_tokens=2**32)
+    assert str(e.value).startswith("max_new_tokens: must be an integer in [0, 4294967295]")
+
+
+def test_numpy_integers_are_counts():
+    req = generate_request("s", [1], max_new_tokens=np.int64(7), top_k=np.int32(3),
+                           seed=np.uint64(2**64 - 1))  # fmt: skip
+    assert (req.max_new_tokens, req.top_k, req.seed) == (7, 3, 2**64 - 1)
+    assert step_request("s", tokens=[1], output="top_k", top_k=np.int64(2)).top_k == 2
+
+
+def test_numpy_floats_are_numbers():
+    req = generate_request("s", [1], temperature=np.float32(0.5), top_p=np.float64(0.25))
+    assert (req.temperature, req.top_p) == (0.5, 0.25)
+    assert create_request("s", ttl=np.float64(2.5)).ttl_seconds == 2.5
+
+
+def test_a_2d_token_array_is_sent_row_major():
+    assert list(step_request("s", tokens=np.array([[1, 2], [3, 4]])).tokens) == [1, 2, 3, 4]
+    assert list(generate_request("s", [[5], [6]]).prompt) == [5, 6]
+
+
+def test_values_are_sent_as_float32_row_major():
+    v = np.array([[0.1, 1.0001, -3.14159], [1e-5, 65504.5, 7.0]])  # [T=2, I=3]
+    req = step_request("s", values=v)
+    assert req.values == v.astype(np.float32).reshape(-1).tolist()
+    assert list(step_request("s", values=[[1, 2, 3], [4, 5, 6]]).values) == [1, 2, 3, 4, 5, 6]
+
+
+def test_keep_session_is_sent():
+    assert generate_request("s", [1], keep_session=True).keep_session is True
+    assert generate_request("s", [1]).keep_session is False
+
+
+def test_create_request_carries_ttl_and_snapshot():
+    req = create_request("s", ttl=12.5, snapshot=b"SNAP", prompt=[1, 2])
+    assert (req.session_id, req.ttl_seconds, req.snapshot, list(req.prompt)) == (
+        "s",
+        12.5,
+        b"SNAP",
+        [1, 2],
+    )
+
+
+def _info(V=10, max_new=64):
+    limits = pb.Limits(max_tokens_per_request=4, max_new_tokens=max_new)
+    return pb.ModelInfo(input_kind="tokens", vocab_size=V, d_output=V, limits=limits)
+
+
+def test_check_generate_bounds_are_inclusive_and_ids_non_negative():
+    ok = generate_request("s", [0, 9, 9, 9], max_new_tokens=64, stop=[0])
+    assert check_generate(ok, _info()) is ok  # 4 tokens, 64 new: both limits allowed
+    for req, msg in (
+        (generate_request("s", [-1]), "prompt: tokens must be in [0, vocab_size=10)"),
+        (generate_request("s", [1], stop=[-2]), "stop: tokens must be in [0, vocab_size=10)"),
+    ):
+        with pytest.raises(ValueError) as e:
+            check_generate(req, _info())
+        assert str(e.value) == msg
+
+
+def test_root_certificates_alone_mean_tls():
+    assert channel_credentials() is None
+    assert isinstance(channel_credentials(root_certificates=b"-----BEGIN"), grpc_creds())
+
+
+def grpc_creds():
+    import grpc
+
+    return grpc.ChannelCredentials
+
+
+def test_a_new_session_id_is_a_uuid4():
+    sid = choose_session_id()
+    assert uuid.UUID(sid).version == 4 and choose_session_id() != sid
+    assert choose_session_id("mine") == "mine"
+
+
+def test_resumable_error_with_no_details():
+    import grpc
+    from ssmstream.runtime.client import resumable_error
+
+    class Err(grpc.RpcError):
+        def __init__(self, code):
+            self._c = code
+
+        def code(self):
+            return self._c
+
+        def details(self):
+            return None  # what grpc gives for a status without a message
+
+    S = grpc.StatusCode
+    assert resumable_error(Err(S.UNAVAILABLE))
+    assert not resumable_error(Err(S.FAILED_PRECONDITION))
+    assert not resumable_error(Err(S.INTERNAL))
+
+
+PROMPT = [1, 2, 3, 4, 5, 6]
+
+
+def on_server(srv, sid):
+    return srv.server.store.get(sid, ANONYMOUS).position
+
+
+def test_sync_handles_follow_the_servers_position(toy_server):
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session(prompt=PROMPT)
+        assert s.position == 6 == on_server(toy_server, s.id)
+        assert s.rewind(2) == 2 and s.position == 2
+        s.step(tokens=[7, 8, 9])
+        r = c.restore(s.snapshot())
+        f = s.fork()
+        assert (r.position, f.position) == (5, 5)
+        r.step(tokens=[1])
+        fresh = c.session(r.id)
+        assert fresh.position == 0 and fresh.close() == 6 and fresh.position == 6
+        for h in (s, f):
+            h.close()
+
+
+def test_sync_generate_tells_the_handle_its_session_and_position(toy_server):
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.session("")
+        got = list(s.generate([1, 2], max_new_tokens=3, temperature=0.0, keep_session=True))
+        assert s.id == got[0].session_id != ""
+        assert s.position == got[-1].position == 2 + 3 - 1 == on_server(toy_server, s.id)
+        s.close()
+
+
+def test_async_handles_follow_the_servers_position(toy_server):
+    async def run():
+        async with AsyncClient(target(toy_server), timeout=10) as c:
+            fresh = [10, 10, 9, 9, 8, 8]  # a prompt no other test sends
+            a = await c.create_session(prompt=fresh)
+            b = await c.create_session(prompt=fresh)  # from the prefix cache
+            assert (a.position, b.position) == (6, 6)
+            assert (a.cached_tokens, b.cached_tokens) == (0, 6)
+            await a.step(tokens=[7])
+            assert a.position == 7
+            r = await c.restore(await a.snapshot())
+            assert r.position == 7
+            for h in (a, b, r):
+                await h.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_sync_cached_tokens(toy_server):
+    with Client(target(toy_server), timeout=10) as c:
+        a = c.create_session(prompt=[9, 8, 7, 6])
+        b = c.create_session(prompt=[9, 8, 7, 6, 5])
+        assert (a.cached_tokens, b.cached_tokens) == (0, 4)
+        a.close(), b.close()
+
+
+def test_async_regenerate_refuses_a_negative_position_when_called(toy_server):
+    async def run():
+        async with AsyncClient(target(toy_server), timeout=10) as c:
+            s = await c.create_session(prompt=PROMPT)
+            with pytest.raises(ValueError) as e:
+                s.regenerate(-1, [1])  # not only once iterated
+            assert (
+                str(e.value) == "position: must be an integer in [0, 18446744073709551615], got -1"
+            )
+            assert on_server(toy_server, s.id) == 6
+            await s.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_the_clients_timeout_bounds_its_unary_calls():
+    """A peer that accepts TCP but never speaks HTTP/2: info() fails DEADLINE_EXCEEDED after
+    the client's timeout (sync and async), it does not wait for the connect timeout."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(8)
+        tgt = f"127.0.0.1:{lsock.getsockname()[1]}"
+        result = {}
+
+        def call():
+            try:
+                with Client(tgt, timeout=0.5) as c:
+                    c.info()
+            except grpc.RpcError as e:
+                result["code"] = e.code()
+
+        t0 = time.monotonic()
+        th = threading.Thread(target=call, daemon=True)
+        th.start()
+        th.join(4)
+        assert result.get("code") == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 4
+
+        async def acall():
+            async with AsyncClient(tgt, timeout=0.5) as c:
+                with pytest.raises(grpc.RpcError) as e:
+                    await asyncio.wait_for(c.info(), 4)
+                return e.value.code()
+
+        assert asyncio.run(acall()) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_ttl_reaches_the_server_on_create_and_restore(toy_server):
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session(ttl=123.5)
+        assert toy_server.server.store.get(s.id, ANONYMOUS).ttl == 123.5
+        r = c.restore(s.snapshot(), ttl=77.25)
+        assert toy_server.server.store.get(r.id, ANONYMOUS).ttl == 77.25
+        s.close(), r.close()
+
+
+def test_async_fork_rewind_close_update_positions(toy_server):
+    async def run():
+        async with AsyncClient(target(toy_server), timeout=10) as c:
+            s = await c.create_session()
+            await s.step(tokens=[1, 2, 3, 4])
+            f = await s.fork()
+            assert f.position == 4
+            assert await s.rewind(1) == 1 and s.position == 1
+            other = c.session(f.id)  # a handle that saw nothing of it
+            assert other.position == 0
+            assert await other.close() == 4 and other.position == 4
+            await s.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_rewind_to_without_session_is_a_usage_error_before_any_call(capsys):
+    with pytest.raises(SystemExit) as e:  # port 1: nothing listens
+        generate_main(["--server", "127.0.0.1:1", "--ids", "--rewind-to", "3", "1"])
+    assert e.value.code == 2 and "--rewind-to needs --session" in capsys.readouterr().err
+
+
+def test_rewind_to_zero_rewinds_to_the_start(toy_server, capsys):
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session(prompt=[1, 2, 3])
+        argv = ["--server", target(toy_server), "--ids", "--session", s.id, "--rewind-to", "0",
+                "--temperature", "0", "--max-new-tokens", "1", "4"]  # fmt: skip
+        assert generate_main(argv) == 0
+        assert len(capsys.readouterr().out.split()) == 1
+        # from position 0: the prompt's 1 token fed, the 1 generated token not fed
+        assert s.close() == 1
+
+
+class _FakeSession:
+    def __init__(self, tokens):
+        self.id, self.position, self.tokens = "fake", 0, tokens
+
+    def generate(self, prompt, **kw):
+        for i, t in enumerate(self.tokens):
+            self.position = len(prompt) + i
+            yield pb.GenerateResponse(token=t, position=self.position)
+
+
+def _fake_client(monkeypatch, vocab, tokens):
+    class FakeClient:
+        def __init__(self, target, token=None, **kw):
+            FakeClient.token = token
+
+        def info(self):
+            limits = pb.Limits(max_tokens_per_request=64, max_new_tokens=64)
+            return pb.ModelInfo(
+                input_kind="tokens", vocab_size=vocab, d_output=vocab, limits=limits
+            )
+
+        def session(self, session_id):
+            return _FakeSession(tokens)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(client_mod, "Client", FakeClient)
+    return FakeClient
+
+
+@pytest.mark.parametrize(
+    "vocab, tokens, text",
+    [
+        (256, [0x68, 0xC3], "h\ufffd\n"),  # a truncated UTF-8 sequence at the end
+        (256, [0xFF, 0x69], "\ufffdi\n"),  # an invalid byte is shown, not dropped
+        (256, [0xC3, 0xA9], "\u00e9\n"),  # a 2-byte character split over two tokens
+        (300, [0x61, 256 + 0x2C, 0x62], "ab\n"),  # ids >= 256 are not bytes
+    ],
+)
+def test_generated_bytes_are_decoded_as_utf8(monkeypatch, capsys, vocab, tokens, text):
+    _fake_client(monkeypatch, vocab, tokens)
+    assert generate_main(["--server", "x:1", "--max-new-tokens", str(len(tokens)), "hi"]) == 0
+    assert capsys.readouterr().out == text
+
+
+def test_the_token_comes_from_the_token_env_variable(monkeypatch):
+    fake = _fake_client(monkeypatch, 256, [0x61])
+    monkeypatch.setenv("MY_TOKEN", "s3cret")
+    assert (
+        generate_main(["--server", "x:1", "--max-new-tokens", "1", "--token-env", "MY_TOKEN", "hi"])
+        == 0
+    )
+    assert fake.token == "s3cret"
+    monkeypatch.setenv("SSMSTREAM_TOKEN", "")
+    assert generate_main(["--server", "x:1", "--max-new-tokens", "1", "hi"]) == 0
+    assert fake.token is None  # an empty variable is no token
+
+
+def test_no_token_is_a_missing_token_not_an_invalid_one(toy_token_model, tmp_path):
+    """Against a server with --auth-tokens, a client given no token (None or "") sends no
+    authorization header: the server says the token is missing (not that "None" is invalid)."""
+    f = tmp_path / "tokens"
+    f.write_text("tok-0123456789abcdef alice\n")
+    with serve(toy_token_model["model_dir"], auth_tokens=str(f)) as srv:
+        for token in (None, ""):
+            with Client(target(srv), token=token, timeout=10) as c:
+                with pytest.raises(grpc.RpcError) as e:
+                    c.info()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert e.value.details().startswith("missing bearer token: ")
+        with Client(target(srv), token="tok-0123456789abcdef", timeout=10) as c:
+            assert c.info().input_kind == "tokens"
+
+
+SMALL = [("grpc.max_receive_message_length", 100)]  # bytes; a [10, 5] float32 answer is ~240
+
+
+def test_a_callers_receive_limit_applies_in_the_sync_client(toy_server):
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session()
+    with Client(target(toy_server), timeout=10, options=SMALL) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.session(s.id).step(tokens=[1] * 10, output="all")
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_callers_receive_limit_applies_in_the_async_client(toy_server):
+    async def run():
+        async with AsyncClient(target(toy_server), timeout=10, options=SMALL) as c:
+            s = await c.create_session()
+            with pytest.raises(grpc.RpcError) as e:
+                await s.step(tokens=[1] * 10, output="all")
+            return e.value.code()
+
+    assert asyncio.run(asyncio.wait_for(run(), 20)) == grpc.StatusCode.RESOURCE_EXHAUSTED
