@@ -638,3 +638,243 @@ def test_an_infinite_ttl_is_refused_even_without_a_server_limit(toy_tok):
         await svc.batcher.close()
 
     run(main())
+
+
+def test_an_empty_session_id_is_required_not_malformed(toy_tok):
+    """A missing session_id says "is required" (not the id-format message), for
+    step, close, snapshot, fork and rewind alike."""
+
+    async def main():
+        svc = await started(toy_tok)
+        calls = [
+            lambda: svc.step("p", "", tokens=[1]),
+            lambda: svc.close("p", ""),
+            lambda: svc.snapshot("p", ""),
+            lambda: svc.fork("p", ""),
+            lambda: svc.rewind("p", "", 0),
+        ]
+        for c in calls:
+            with pytest.raises(InvalidInput) as e:
+                await c()
+            assert e.value.field == "session_id"
+            assert str(e.value) == "session_id: is required"
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_prompt_cannot_be_combined_with_a_snapshot(toy_tok):
+    """Prompt + snapshot is refused (field prompt) and creates nothing; the
+    mutant silently restored the snapshot and dropped the prompt."""
+
+    async def main():
+        svc = await started(toy_tok)
+        await svc.create("p", "a")
+        await svc.step("p", "a", tokens=[1, 2])
+        data, pos = await svc.snapshot("p", "a")
+        assert pos == 2
+        with pytest.raises(InvalidInput) as e:
+            await svc.create("p", "b", snapshot=data, prompt=[3, 4])
+        assert e.value.field == "prompt"
+        assert str(e.value) == "prompt: cannot be combined with a snapshot"
+        assert len(svc.store) == 1
+        with pytest.raises(SessionNotFound) as e2:
+            svc.store.get("b", "p")
+        assert e2.value.reason == "unknown"
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_prompt_on_a_value_model_names_the_prompt_field(toy_sig):
+    """A prompt needs a token model; on a value model the error names the
+    prompt (not `tokens`, a field the request did not send) and creates nothing."""
+
+    async def main():
+        svc = await started(toy_sig)
+        with pytest.raises(InvalidInput) as e:
+            await svc.create("p", "a", prompt=[1, 2])
+        assert e.value.field == "prompt"
+        assert str(e.value) == "prompt: needs a token model; this model takes values"
+        assert len(svc.store) == 0
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_an_attached_stream_refuses_steps_naming_another_session(toy_tok):
+    """Once attached, a step naming another session id is refused
+    (and steps nothing); the attached session stays where it was."""
+
+    async def main():
+        svc = await started(toy_tok)
+        await svc.create("p", "a")
+        await svc.create("p", "b")
+        a = svc.attach("p")
+        _, pos = await a.step("a", tokens=[1, 2])
+        a.delivered()
+        assert pos == 2
+        with pytest.raises(InvalidInput) as e:
+            await a.step("b", tokens=[3])
+        assert e.value.field == "session_id"
+        assert str(e.value) == "session_id: this stream is attached to 'a'; open another"
+        assert svc.store.get("a", "p").position == 2 and svc.store.get("b", "p").position == 0
+        assert a.idle
+        _, pos = await a.step("a", tokens=[3])  # its own id (or none) still works
+        assert pos == 3
+        a.detach()
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_stream_created_session_whose_response_was_delivered_stays_after_detach(toy_tok):
+    """Once the first step's response (with the new id) is out,
+    the session the stream created is the client's: detach leaves it open."""
+
+    async def main():
+        svc = await started(toy_tok)
+        a = svc.attach("p")
+        await a.step("", tokens=[1, 2, 3])
+        sid = a.session.id
+        a.delivered()
+        a.detach()
+        s = svc.store.get(sid, "p")
+        assert s.live and s.position == 3 and len(svc.store) == 1
+        # not delivered: undone at detach
+        b = svc.attach("p")
+        await b.step("", tokens=[1])
+        bid = b.session.id
+        b.detach()
+        with pytest.raises(SessionNotFound) as e:
+            svc.store.get(bid, "p")
+        assert e.value.reason == "closed"
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_too_many_inputs_name_the_field_they_came_in(toy_tok, toy_sig):
+    """The LimitExceeded for T > max_tokens_per_request names the request's
+    field (prompt / values), not always `tokens`."""
+
+    async def main():
+        from ssmstream.runtime.errors import LimitExceeded
+
+        svc = await started(toy_tok)
+        with pytest.raises(LimitExceeded) as e:
+            await svc.create("p", "a", prompt=list(range(1, 10)))
+        assert str(e.value) == "prompt: 9 inputs in one request exceed max_tokens_per_request=8"
+        assert len(svc.store) == 0
+        await svc.batcher.close()
+        sig = await started(toy_sig)
+        I = toy_sig.d_input
+        with pytest.raises(LimitExceeded) as e:
+            sig.inputs((), np.zeros(9 * I, np.float32))
+        assert str(e.value) == "values: 9 inputs in one request exceed max_tokens_per_request=8"
+        await sig.batcher.close()
+
+    run(main())
+
+
+def test_an_idle_stream_step_after_drain_is_refused_and_steps_nothing(toy_tok):
+    """After drain() a Stream's next request is new work: Unavailable,
+    its session not stepped."""
+    from ssmstream.runtime.errors import Unavailable
+
+    async def main():
+        svc = await started(toy_tok)
+        await svc.create("p", "a")
+        a = svc.attach("p")
+        await a.step("a", tokens=[1, 2])
+        a.delivered()
+        svc.drain()
+        with pytest.raises(Unavailable) as e:
+            await a.step("a", tokens=[3])
+        assert str(e.value) == "server is shutting down; retry on the restarted server"
+        assert svc.store.get("a", "p").position == 2
+        a.detach()
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_second_detach_does_not_release_another_streams_hold(toy_tok):
+    """Detach removes only this attachment's hold; a repeated detach
+    after another Stream attached to the same incarnation leaves that Stream's hold."""
+    from ssmstream.runtime.errors import SessionBusy
+
+    async def main():
+        svc = await started(toy_tok)
+        await svc.create("p", "a")
+        first = svc.attach("p")
+        await first.step("a", tokens=[1])
+        first.delivered()
+        first.detach()
+        second = svc.attach("p")
+        await second.step("a", tokens=[2])
+        second.delivered()
+        first.detach()  # again (a handler's finally after an explicit detach)
+        assert svc.attached == 1
+        with pytest.raises(SessionBusy) as e:
+            await svc.step("p", "a", tokens=[3])
+        assert str(e.value) == "session 'a' is attached to an open Stream"
+        assert svc.store.get("a", "p").position == 2
+        second.detach()
+        assert svc.attached == 0
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_stream_whose_step_failed_is_idle_and_ended_by_a_drain(toy_tok):
+    """A failed step leaves the Stream idle (waiting for the client),
+    so a drain tells it to end."""
+    ended = []
+
+    async def main():
+        svc = await started(toy_tok)
+        await svc.create("p", "a")
+        a = svc.attach("p", on_drain=lambda: ended.append(1))
+        await a.step("a", tokens=[1])
+        a.delivered()
+        with pytest.raises(InvalidInput):
+            await a.step("b", tokens=[2])  # another session's id: refused
+        assert a.idle
+        svc.store.close("a", "p")
+        with pytest.raises(SessionNotFound) as e:
+            await a.step("", tokens=[2])
+        assert e.value.reason == "closed"
+        assert a.idle
+        svc.drain()
+        assert ended == [1] and a.drained
+        a.detach()
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_an_empty_token_list_says_it_needs_a_token(toy_tok):
+    """No tokens is refused with this message, naming the request's field."""
+    svc = SessionService(toy_tok, SessionStore(toy_tok.state_size), None, LIMITS)
+    for field, expected in (("", "tokens"), ("prompt", "prompt")):
+        with pytest.raises(InvalidInput) as e:
+            svc.inputs(np.array([], np.int64), np.array([], np.float32), field=field)
+        assert e.value.field == expected
+        assert str(e.value) == f"{expected}: needs at least one token"
+
+
+def test_step_reports_a_bad_session_id_before_bad_inputs(toy_tok):
+    """The request's fields are checked in order: session_id, then the inputs."""
+
+    async def main():
+        svc = await started(toy_tok)
+        with pytest.raises(InvalidInput) as e:
+            await svc.step("p", "-bad", tokens=[])
+        assert e.value.field == "session_id"
+        with pytest.raises(InvalidInput) as e:
+            await svc.step("p", "", tokens=[99])
+        assert str(e.value) == "session_id: is required"
+        await svc.batcher.close()
+
+    run(main())

@@ -834,3 +834,180 @@ def test_servers_creating_the_key_together_share_one_whole_key(tmp_path, monkeyp
     assert first.id == others[0].id and first.secret == others[0].secret
     assert len(first.secret) == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.key"]  # no temp file left
+
+
+def test_check_session_id_reports_the_field_it_is_given():
+    """The error names the caller's field (new_session_id of a
+    fork, ...), not always session_id."""
+    with pytest.raises(InvalidInput) as e:
+        check_session_id("-bad", "new_session_id")
+    assert e.value.field == "new_session_id"
+    assert str(e.value) == (
+        "new_session_id: must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter "
+        "or digit, got '-bad'"
+    )
+    assert check_session_id("ok-1", "new_session_id") == "ok-1"
+
+
+def test_a_principal_that_is_not_a_string_is_refused_and_nothing_changes():
+    """The principal must be a str; a refused create takes no slot."""
+    store = SessionStore(4, capacity=2)
+    with pytest.raises(InvalidInput) as e:
+        store.create(None, "a")
+    assert e.value.field == "principal"
+    assert str(e.value) == "principal: must be a string, got NoneType"
+    with pytest.raises(InvalidInput, match="^principal: must be a string, got int$"):
+        store.restore(store.pack_state(np.ones(4, np.float32), 2), 7, "b")
+    assert len(store) == 0 and store.stats()["free"] == 2 and store.stats()["created"] == 0
+
+
+def test_get_of_an_empty_id_is_invalid_not_unknown():
+    """An empty id is a malformed request (InvalidInput), not a NOT_FOUND."""
+    store = SessionStore(4, capacity=2)
+    store.create("p", "a")
+    with pytest.raises(InvalidInput) as e:
+        store.get("", "p")
+    assert e.value.field == "session_id"
+    assert str(e.value) == "session_id: must be a non-empty string, got ''"
+    with pytest.raises(InvalidInput, match="^session_id: must be a non-empty string"):
+        store.close("", "p")
+
+
+def test_rewind_refuses_a_negative_position_and_changes_nothing():
+    """Position in [0, position]; -1 is refused, state and position kept."""
+    store = SessionStore(4, capacity=2)
+    s = store.create("p", "a")
+    x = np.arange(4, dtype=np.float32)
+    store.commit(s, x, 3)
+    with pytest.raises(InvalidInput) as e:
+        store.rewind(s, np.zeros(4, np.float32), -1)
+    assert e.value.field == "position"
+    assert str(e.value) == "position: must be in [0, 3], got -1"
+    assert s.position == 3 and np.array_equal(store.read(s), x)
+    store.rewind(s, np.zeros(4, np.float32), 0)
+    assert s.position == 0
+
+
+def test_a_rewind_restarts_the_idle_timer():
+    """A rewind is an access: the session's idle time starts again."""
+    clock = FakeClock()
+    store = SessionStore(4, capacity=2, ttl=10.0, clock=clock)
+    s = store.create("p", "a")
+    store.commit(s, np.ones(4, np.float32), 2)  # last_used = 1000
+    clock.t = 1008.0
+    store.rewind(s, np.zeros(4, np.float32), 1)
+    assert s.last_used == 1008.0
+    clock.t = 1015.0  # 15 s after the commit, 7 s after the rewind
+    assert store.evict_idle() == []
+    assert store.get("a", "p") is s and s.position == 1
+
+
+def test_a_fork_keeps_the_parents_ttl():
+    """The child has the parent's TTL, not the store's default."""
+    clock = FakeClock()
+    store = SessionStore(4, capacity=3, ttl=600.0, clock=clock)
+    parent = store.create("p", "a", ttl=5.0)
+    store.commit(parent, np.ones(4, np.float32), 2)
+    child = store.fork("a", "p", "b")
+    assert child.ttl == 5.0 and child.position == 2
+    clock.t += 6.0
+    assert sorted(store.evict_idle()) == ["a", "b"]
+    with pytest.raises(SessionNotFound) as e:
+        store.get("b", "p")
+    assert e.value.reason == "evicted"
+
+
+def test_restore_is_counted_in_stats():
+    """Created + restored + forked = live + ended; a restore counts."""
+    store = SessionStore(4, capacity=3)
+    a = store.create("p", "a")
+    store.commit(a, np.ones(4, np.float32), 2)
+    store.restore(store.snapshot("a", "p"), "p", "b")
+    store.fork("a", "p", "c")
+    st = store.stats()
+    assert (st["created"], st["restored"], st["forked"]) == (1, 1, 1)
+    assert st["sessions"] == 3
+
+
+def _write_file(tmp_path, store, entries, states):
+    from ssmstream.runtime.snapshots import encode_session_file
+
+    header = {"model_sha": store.model_sha, "state_size": store.state_size, "sessions": entries}
+    (tmp_path / "sessions.bin").write_bytes(
+        encode_session_file(store.snapshot_key, header, np.asarray(states, np.float32))
+    )
+
+
+@pytest.mark.parametrize(
+    "row, position, says",
+    [
+        ([0.0, float("nan"), 0.0, 0.0], 1, "has a state that contains NaN or inf"),
+        ([0.0, 1.0, 2.0, 3.0], -1, "has position -1, out of range [0, 2**63 - 1]"),
+    ],
+)
+def test_a_signed_session_file_with_a_bad_state_or_position_is_refused_whole(
+    tmp_path, row, position, says
+):
+    """A signature cannot vouch for a finite state and a position in range; a
+    file with one bad session loads nothing."""
+    store = SessionStore(4, capacity=4)
+    entries = [
+        {"id": "good", "principal": "p", "position": 2, "ttl": 60.0, "incarnation": "i1"},
+        {"id": "bad", "principal": "p", "position": position, "ttl": 60.0, "incarnation": "i2"},
+    ]
+    _write_file(tmp_path, store, entries, [[1.0, 1.0, 1.0, 1.0], row])
+    with pytest.raises(InvalidInput) as e:
+        store.load(tmp_path)
+    assert e.value.field == "state_dir"
+    assert str(e.value) == f"state_dir: {tmp_path / 'sessions.bin'}: session 'bad' {says}"
+    assert len(store) == 0 and store.stats()["restored"] == 0
+
+
+def test_a_session_file_of_another_state_size_is_refused_whole(tmp_path):
+    """A file whose state size is not this model's is a ModelError, even when
+    its model_sha matches (nothing is loaded)."""
+    from ssmstream.runtime.errors import ModelError
+
+    big = SessionStore(8, capacity=2, model_sha="m")
+    s = big.create("p", "a")
+    big.commit(s, np.ones(8, np.float32), 1)
+    big.save(tmp_path)
+    small = SessionStore(4, capacity=2, model_sha="m", snapshot_key=big.snapshot_key)
+    with pytest.raises(ModelError) as e:
+        small.load(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'sessions.bin'} has state size 8, this model has 4"
+    assert len(small) == 0 and small.stats()["restored"] == 0
+
+
+def test_load_respects_max_per_principal_exactly(tmp_path):
+    """A file that would take a principal one past max_per_principal is refused
+    whole; exactly up to the limit loads."""
+    from ssmstream.runtime.errors import LimitExceeded
+
+    src = SessionStore(4, capacity=4)
+    for sid in ("a", "b", "c"):
+        src.create("p", sid)
+    src.save(tmp_path)
+    dst = SessionStore(4, capacity=8, max_per_principal=2, snapshot_key=src.snapshot_key)
+    with pytest.raises(LimitExceeded) as e:
+        dst.load(tmp_path)
+    path = tmp_path / "sessions.bin"
+    assert str(e.value) == f"{path}: principals ['p'] would exceed max_per_principal"
+    assert len(dst) == 0
+    dst3 = SessionStore(4, capacity=8, max_per_principal=3, snapshot_key=src.snapshot_key)
+    assert dst3.load(tmp_path) == 3
+
+
+def test_pin_refuses_a_closed_session_and_a_non_session():
+    """A step of a session closed meanwhile is NOT_FOUND "closed" at pin (no pin
+    taken); a non-Session is InvalidInput."""
+    store = SessionStore(4, capacity=2)
+    s = store.create("p", "a")
+    store.close("a", "p")
+    with pytest.raises(SessionNotFound) as e:
+        store.pin(s)
+    assert (e.value.session_id, e.value.reason) == ("a", "closed")
+    assert not s.pinned
+    with pytest.raises(InvalidInput) as e2:
+        store.pin("a")
+    assert str(e2.value) == "session: must be a Session, got str"
