@@ -381,7 +381,7 @@ def test_fetches_are_shared_per_session_and_no_principal_holds_every_fetch_threa
         mine = [store.create("mallory").id for _ in range(8)]
         theirs = store.create("alice").id
         lock, calls, running, done = threading.Lock(), [], {"mallory": 0, "alice": 0}, []
-        peak, seen_done = {"mallory": 0}, []
+        peak, seen_done, alice_in = {"mallory": 0}, [], threading.Event()
 
         def fetch(sid, principal):  # as a replicated store's: blocks while it waits
             with lock:
@@ -390,7 +390,11 @@ def test_fetches_are_shared_per_session_and_no_principal_holds_every_fetch_threa
                 peak["mallory"] = max(peak["mallory"], running["mallory"])
                 if principal == "alice":
                     seen_done.append(len(done))
-            time.sleep(0.1)
+                    alice_in.set()
+            # mallory's fetches wait until alice's has started (not a fixed time, which a
+            # loaded machine can outlast): queued behind them, hers would start only after
+            # they time out
+            alice_in.wait(10)
             with lock:
                 running[principal] -= 1
                 if principal == "mallory":
