@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import numpy as np
@@ -16,11 +17,13 @@ from ssmstream.runtime.errors import (
     EngineFailure,
     InvalidInput,
     LimitExceeded,
+    OutOfRange,
     SessionNotFound,
     Unavailable,
 )
 from ssmstream.runtime.history import History
 from ssmstream.runtime.sessions import SessionStore
+from ssmstream.runtime.snapshots import MAX_POSITION
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -695,3 +698,357 @@ def test_a_rewind_of_a_closed_session_is_not_found_even_when_its_queue_is_full(t
             await batcher.close()
 
     run(main())
+
+
+def test_the_default_activity_window_is_20_batch_delays_but_at_least_10_ms(toy_tok):
+    """activity_window=None means max(20 x max_batch_delay, 10 ms)."""
+    store = SessionStore(toy_tok.state_size, capacity=2)
+    assert Batcher(toy_tok, store, max_batch_delay=0.002).activity_window == pytest.approx(0.04)
+    assert Batcher(toy_tok, store).activity_window == pytest.approx(0.02)
+    assert Batcher(toy_tok, store, max_batch_delay=0.0).activity_window == pytest.approx(0.01)
+    assert Batcher(toy_tok, store, activity_window=0.5).activity_window == 0.5
+
+
+def test_starting_twice_keeps_one_worker_and_close_stops_it(toy_tok):
+    """A second start() of a running batcher does nothing: one
+    worker thread, gone after close()."""
+
+    def workers():
+        return [t for t in threading.enumerate() if t.name == "ssmstream-engine" and t.is_alive()]
+
+    before = len(workers())
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0)
+        await batcher.start()
+        n = len(workers()) - before
+        s = store.create()
+        await batcher.step(s, np.array([1]))
+        await batcher.close()
+        return n
+
+    assert run(main()) == 1
+    deadline = time.monotonic() + 2
+    while len(workers()) > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(workers()) == before
+
+
+def test_pending_counts_running_and_waiting_requests(toy_tok):
+    """Requests queued behind a session's running one count too."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch=1, max_batch_delay=0.0, inline=False)
+        s = store.create()
+        futs = [asyncio.ensure_future(batcher.step(s, np.array([t]))) for t in (1, 2, 3)]
+        await asyncio.sleep(0)
+        n = batcher.pending()
+        await asyncio.gather(*futs)
+        after = batcher.pending()
+        await batcher.close()
+        return n, after
+
+    assert run(main()) == (3, 0)
+
+
+def test_a_rewind_while_the_batcher_closes_is_unavailable(toy_tok):
+    """Once close() began, a rewind is refused UNAVAILABLE at once
+    (like a step), not queued."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0, inline=False)
+        s = store.create()
+        running = asyncio.ensure_future(batcher.step(s, np.arange(9) % 11))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable):
+            await batcher.rewind(s, 0)
+        await closing
+        return (await running)[1], s.position
+
+    assert run(main()) == (9, 9)
+
+
+def test_a_request_past_the_largest_position_is_refused_before_it_queues(toy_tok):
+    """A request that would pass position 2**63 - 1 is OutOfRange at
+    once, even while the session's queue is full (not LimitExceeded), and counts as no
+    failed step."""
+
+    async def main():
+        batcher, store = await started(
+            toy_tok, max_batch_delay=0.0, max_queue_per_session=0, inline=False
+        )
+        zero = np.zeros(toy_tok.state_size, np.float32)
+        s = store.restore(store.pack_state(zero, MAX_POSITION - 1))
+        running = asyncio.ensure_future(batcher.step(s, np.array([1])))  # to MAX
+        await asyncio.sleep(0)
+        with pytest.raises(OutOfRange) as e:
+            await batcher.step(s, np.array([2, 3]))
+        assert e.value.field == "inputs"
+        assert (await running)[1] == MAX_POSITION
+        with pytest.raises(OutOfRange):
+            await batcher.step(s, np.array([4]))
+        failed = batcher.stats.failed
+        await batcher.close()
+        return failed, batcher.stats.steps, s.position
+
+    assert run(main()) == (0, 1, MAX_POSITION)
+
+
+def test_a_full_batch_does_not_wait_for_other_active_sessions(toy_tok):
+    """A batch of max_batch steps runs at once, even though
+    another session is active and the delay is long."""
+
+    async def main():
+        batcher, store = await started(
+            toy_tok, max_batch=2, max_batch_delay=8.0, activity_window=30.0, inline=False
+        )
+        a, b, c = store.create(), store.create(), store.create()
+        await batcher.step(c, np.array([1]))  # c is active (and alone: no wait)
+        t0 = time.perf_counter()
+        await asyncio.gather(batcher.step(a, np.array([1])), batcher.step(b, np.array([2])))
+        dt = time.perf_counter() - t0
+        await batcher.close()
+        return dt, dict(batcher.stats.batch_sizes)
+
+    dt, sizes = run(main())
+    assert dt < 4.0 and sizes == {1: 1, 2: 1}  # far below the delay, on a loaded machine too
+
+
+def test_a_queued_prefill_counts_as_present_so_steps_do_not_wait_for_it(toy_tok):
+    """When every active session has a request ready (one a
+    prefill), the step batch runs at once instead of waiting out the delay."""
+
+    async def main():
+        batcher, store = await started(
+            toy_tok, max_batch=4, max_batch_delay=8.0, activity_window=30.0, inline=False
+        )
+        a, b = store.create(), store.create()
+        t0 = time.perf_counter()
+        got = await asyncio.gather(
+            batcher.step(a, np.arange(5) % 11), batcher.step(b, np.array([2]))
+        )
+        dt = time.perf_counter() - t0
+        await batcher.close()
+        return dt, [g[1] for g in got]
+
+    dt, positions = run(main())
+    assert positions == [5, 1] and dt < 4.0  # far below the delay, on a loaded machine too
+
+
+def test_after_a_step_batch_a_waiting_prefill_goes_before_the_next_steps(toy_tok):
+    """Steps and prefills alternate: a prefill waiting while a step
+    batch runs goes next, before steps that became ready meanwhile."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.0, inline=False)
+        a, b = store.create(), store.create()
+        order = []
+        futs = {
+            "a-prefill": asyncio.ensure_future(batcher.step(a, np.arange(5) % 11)),
+            "b-step-1": asyncio.ensure_future(batcher.step(b, np.array([1]))),
+            "b-step-2": asyncio.ensure_future(batcher.step(b, np.array([2]))),
+        }
+        await asyncio.sleep(0)  # all three queued (b's second behind its first)
+        for name, f in futs.items():
+            f.add_done_callback(lambda _, name=name: order.append(name))
+        await asyncio.gather(*futs.values())
+        await batcher.close()
+        return order
+
+    assert run(main()) == ["b-step-1", "a-prefill", "b-step-2"]
+
+
+def test_a_cancelled_queued_prefill_is_dropped(toy_tok):
+    """A prefill cancelled while it waited behind the session's
+    running request never runs: state and position unchanged."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.0, inline=False)
+        s = store.create()
+        first = asyncio.ensure_future(batcher.step(s, np.arange(9) % 11))
+        second = asyncio.ensure_future(batcher.step(s, np.array([1, 2, 3])))
+        await asyncio.sleep(0)
+        second.cancel()
+        _, pos = await first
+        state = store.read(s).copy()
+        await asyncio.sleep(0.05)
+        cancelled = batcher.stats.cancelled
+        after = s.position, store.read(s).copy()
+        await batcher.close()
+        return pos, after, state, cancelled, batcher.stats.prefills
+
+    pos, (position, state_after), state, cancelled, prefills = run(main())
+    assert pos == position == 9 and cancelled == 1 and prefills == 1
+    np.testing.assert_array_equal(state_after, state)
+
+
+def test_busy_seconds_add_up_the_time_jobs_ran(toy_tok, monkeypatch):
+    """stats.busy_seconds is the time the engine jobs took."""
+    real = toy_tok.run_slots
+
+    def slow(*a):
+        time.sleep(0.05)
+        return real(*a)
+
+    monkeypatch.setattr(toy_tok, "run_slots", slow)
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0)
+        s = store.create()
+        for t in (1, 2, 3):
+            await batcher.step(s, np.array([t]))
+        await batcher.close()
+        return batcher.stats.busy_seconds
+
+    assert 0.14 <= run(main()) < 2.0
+
+
+def test_a_listener_that_raises_does_not_break_serving(toy_tok):
+    """A metrics hook that raises is logged; requests still get
+    their results and later requests run."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0, inline=False)
+        calls = []
+
+        def bad(B, sec):
+            calls.append(B)
+            raise RuntimeError("hook bug")
+
+        batcher.add_listener(bad)
+        s = store.create()
+        positions = [(await batcher.step(s, np.array([t])))[1] for t in (1, 2)]
+        await batcher.close()
+        return positions, calls
+
+    assert asyncio.run(asyncio.wait_for(main(), 3)) == ([1, 2], [1, 1])
+
+
+def test_an_unexpected_error_in_a_prefill_job_is_an_internal_engine_failure(toy_tok, monkeypatch):
+    """A job that raises something other than EngineFailure (a
+    bug) fails its request with EngineFailure(INTERNAL_ERROR): the exception's text (paths,
+    internals) stays in the log; the session is unchanged and serves on."""
+    from ssmstream.runtime.errors import INTERNAL_ERROR, EngineFailure
+
+    real = toy_tok.prefill_unchecked
+
+    def broken(*a, **k):
+        raise RuntimeError("secret /internal/path")
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0)
+        s = store.create()
+        monkeypatch.setattr(toy_tok, "prefill_unchecked", broken)
+        with pytest.raises(EngineFailure) as e:
+            await batcher.step(s, np.arange(5) % 11)
+        monkeypatch.setattr(toy_tok, "prefill_unchecked", real)
+        _, pos = await batcher.step(s, np.array([1, 2]))
+        await batcher.close()
+        return str(e.value), pos, batcher.stats.failed
+
+    text, pos, failed = run(main())
+    assert text == str(EngineFailure(INTERNAL_ERROR)) and "secret" not in text
+    assert pos == 2 and failed == 1
+
+
+def test_a_prefill_offers_the_state_it_began_at_as_a_checkpoint(toy_tok):
+    """History checkpoints stay at most Q apart: a prefill
+    that starts 3 inputs after the last checkpoint and ends 7 after it keeps the state it
+    began at, so a rewind into it replays fewer than Q inputs (Q = 4)."""
+    from ssmstream.runtime.history import History
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0)
+        s = store.create()
+        s.history = History(8, 4, 0, store.read(s))
+        for t in (1, 2, 3):
+            await batcher.step(s, np.array([t]))
+        at3 = store.read(s).copy()
+        await batcher.step(s, np.array([4, 5, 6, 7]))
+        state, inputs = s.history.plan(6)
+        await batcher.rewind(s, 6)
+        after = store.read(s).copy(), s.position
+        await batcher.close()
+        return at3, state, inputs, after
+
+    at3, state, inputs, (rewound, position) = run(main())
+    assert len(inputs) == 3 and position == 6
+    np.testing.assert_array_equal(state, at3)
+    _, want = toy_tok.prefill(np.array([[1, 2, 3, 4, 5, 6]]), toy_tok.new_state())
+    np.testing.assert_allclose(rewound, want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_session_with_requests_still_queued_stays_pinned_and_is_not_evicted(toy_tok):
+    """Every request queued behind a session's running one pins
+    the session: after the first finishes, the session is still pinned, and an idle sweep
+    past its TTL does not evict it while its queued steps wait; they all apply."""
+    now = [0.0]
+
+    async def main():
+        store = SessionStore(toy_tok.state_size, capacity=4, ttl=10.0, clock=lambda: now[0])
+        batcher = Batcher(toy_tok, store, max_batch=1, max_batch_delay=0.0, inline=False)
+        await batcher.start()
+        s = store.create()
+        futs = [asyncio.ensure_future(batcher.step(s, np.array([t]))) for t in (1, 2, 3)]
+        await asyncio.sleep(0)
+        await futs[0]
+        pinned = s.pinned
+        now[0] += 100.0  # far past the TTL
+        evicted = store.evict_idle()
+        positions = [(await f)[1] for f in futs[1:]]
+        await batcher.close()
+        return pinned, evicted, positions, s.live
+
+    assert run(main()) == (True, [], [2, 3], True)
+
+
+def test_a_lone_streams_steps_keep_it_active_and_run_without_yielding(toy_tok):
+    """Each inline step renews the session's activity, so a
+    lone stream stepping more often than activity_window stays on the inline fast path
+    for good: its steps return without yielding to the event loop (no future, no
+    scheduler pass), also long after its first request."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0, activity_window=0.1)
+        s = store.create()
+        await batcher.step(s, np.array([1]))  # the first one goes through the scheduler
+        yielded = []
+        for t in range(8):  # 8 x 40 ms: well past the window after the first request
+            await asyncio.sleep(0.04)
+            ran = []
+            asyncio.get_running_loop().call_soon(ran.append, 1)
+            await batcher.step(s, np.array([t % 11]))
+            yielded.append(bool(ran))
+        await batcher.close()
+        return yielded, s.position, batcher.stats.inline
+
+    yielded, position, inline = run(main())
+    assert yielded == [False] * 8 and position == 9 and inline == 9
+
+
+def test_a_step_that_waited_behind_a_long_job_still_counts_its_session_active(toy_tok, monkeypatch):
+    """A session with a request queued or running stays active
+    even when that request is older than activity_window; so a lone step that waited
+    behind another session's long prefill is still that lone stream's step and runs inline
+    (no hop to the worker) once the worker is free."""
+    real = toy_tok.prefill_unchecked
+
+    def slow(*a, **k):
+        time.sleep(0.3)
+        return real(*a, **k)
+
+    monkeypatch.setattr(toy_tok, "prefill_unchecked", slow)
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0, activity_window=0.1)
+        a, b = store.create(), store.create()
+        long = asyncio.ensure_future(batcher.step(a, np.arange(5) % 11))
+        await asyncio.sleep(0.01)
+        _, pos = await batcher.step(b, np.array([1]))
+        await long
+        await batcher.close()
+        return pos, batcher.stats.inline, batcher.stats.steps
+
+    assert run(main()) == (1, 1, 1)

@@ -765,3 +765,120 @@ def test_a_missing_or_older_format_version_is_refused(toy_token_model, tmp_path,
     d = _edited(toy_token_model, tmp_path, change)
     with pytest.raises(ModelError, match=r"format_version (None|0) is not supported"):
         load_manifest(d)
+
+
+def _edit_manifest(model_dir, change):
+    m = json.loads((model_dir / "manifest.json").read_text())
+    change(m)
+    (model_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_prefill_graph_without_chunk_or_max_len_takes_chunks_of_one_up_to_4096(
+    make_toy, tmp_path
+):
+    """A manifest whose prefill entry gives neither chunk nor
+    max_len means chunk 1 and max_len 4096 (the documented defaults), and prefill still
+    equals the reference recurrence."""
+    toy = make_toy(tmp_path / "m", "tokens")
+
+    def drop(m):
+        del m["graphs"]["prefill"]["chunk"], m["graphs"]["prefill"]["max_len"]
+
+    _edit_manifest(toy["model_dir"], drop)
+    eng = Engine(toy["model_dir"], device="cpu", threads=1)
+    assert (eng.prefill_chunk, eng.prefill_max_len) == (1, 4096)
+    assert (eng.info["prefill_chunk"], eng.info["prefill_max_len"]) == (1, 4096)
+    x = np.arange(7, dtype=np.int64)[None] % toy["V"]
+    y, s = eng.prefill(x, eng.new_state())
+    ry, rs = toy["reference"](x, np.zeros((1, toy["S"])))
+    np.testing.assert_allclose(y, ry, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s, rs, rtol=1e-5, atol=1e-5)
+
+
+def _rewrite_graph(model_dir, name, change):
+    """Edit graph `name` with onnx and update its sha256 in the manifest."""
+    import hashlib
+
+    import onnx
+
+    f = model_dir / name
+    model = onnx.load(f)
+    change(model)
+    onnx.save(model, f)
+    key = name.removesuffix(".onnx")
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    _edit_manifest(model_dir, lambda m: m["graphs"][key].update(sha256=sha))
+
+
+def test_a_step_graph_with_an_extra_input_is_a_model_error_naming_its_inputs(make_toy, tmp_path):
+    """A graph whose inputs are not exactly [input, state] is
+    refused when the model opens, saying what it has and what is expected."""
+    from onnx import TensorProto
+    from onnx import helper as oh
+    from ssmstream.runtime.errors import ModelError
+
+    toy = make_toy(tmp_path / "m", "tokens")
+    _rewrite_graph(
+        toy["model_dir"], "step.onnx",
+        lambda m: m.graph.input.append(oh.make_tensor_value_info("extra", TensorProto.FLOAT, [1])),
+    )  # fmt: skip
+    with pytest.raises(ModelError) as e:
+        Engine(toy["model_dir"], device="cpu", threads=1)
+    assert "step graph has inputs ['extra', 'input', 'state']" in str(e.value)
+    assert "expected ['input', 'state'] -> ['output', 'state_out']" in str(e.value)
+
+
+def test_integer_values_are_accepted_and_equal_their_float_values(toy_sig):
+    """Values may be integers (dtype kind i/u), converted to
+    float32."""
+    xi = np.array([[1, 0, 2], [3, 1, 0]], dtype=np.int64)
+    for x in (xi, xi.astype(np.uint8)):
+        y, s = toy_sig.step(x, toy_sig.new_state(2))
+        yf, sf = toy_sig.step(xi.astype(np.float32), toy_sig.new_state(2))
+        np.testing.assert_array_equal(y, yf)
+        np.testing.assert_array_equal(s, sf)
+
+
+def test_a_short_remainder_after_max_len_inputs_is_stepped_not_padded(tok_engine):
+    """With C = 8, max_len 128, a prompt of 130 = 128 + 2 has
+    a last prefill call that would hold only the padded chunk ("alone": r >= C/2 needed),
+    so its 2 trailing inputs are stepped; the outputs still equal steps."""
+    eng = tok_engine
+    assert (eng.prefill_chunk, eng.prefill_max_len, eng.prefill_any_length) == (8, 128, True)
+    real, spy = eng._prefill_session, _SpySession(eng._prefill_session)
+    eng._prefill_session = spy
+    try:
+        x = np.random.default_rng(0).integers(0, eng.vocab_size, size=(1, 130))
+        y, s = eng.prefill(x, eng.new_state())
+        assert spy.shapes == [(1, 128)]
+        spy.shapes.clear()
+        # 128 + 4: r = C/2 is worth a padded call of its own
+        x = np.random.default_rng(1).integers(0, eng.vocab_size, size=(1, 132))
+        eng.prefill(x, eng.new_state())
+        assert spy.shapes == [(1, 128), (1, 8)]
+    finally:
+        eng._prefill_session = real
+    st, ys = eng.new_state(), []
+    x = np.random.default_rng(0).integers(0, eng.vocab_size, size=(1, 130))
+    for t in range(130):
+        yt, st = eng.step(x[:, t], st)
+        ys.append(yt)
+    np.testing.assert_allclose(y, np.stack(ys, 1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s, st, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_refuses_a_state_of_the_right_size_but_wrong_shape(toy_tok):
+    """The state must be [S] or [1, S]; [S, 1] (same size) is
+    refused naming `state` and left unchanged."""
+    st = np.zeros((toy_tok.state_size, 1), dtype=np.float32)
+    with pytest.raises(InvalidInput) as e:
+        toy_tok.generate([1, 2], state=st, max_new_tokens=2)
+    assert e.value.field == "state" and "got (8, 1)" in str(e.value)
+    assert not st.any()
+
+
+def test_step_buffers_chunk_rows_never_exceed_max_batch(toy_tok):
+    """Chunk_rows (streams per onnxruntime call) is at most
+    max_batch."""
+    assert toy_tok.step_buffers(3).chunk_rows == 3
+    assert toy_tok.step_buffers(3, chunk_bytes=4 * toy_tok.state_size * 2).chunk_rows == 2
