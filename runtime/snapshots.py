@@ -102,7 +102,7 @@ class SnapshotKey:
         path = Path(directory) / KEY_FILE
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            secret = secrets.token_hex(32).encode() + b"\n"
+            secret = cls.generate().secret + b"\n"
             tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:

@@ -12,25 +12,19 @@ steps them one at a time.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "examples" / "checkpoints" / "byte-lm"
 
 
 @pytest.fixture(scope="module")
 def edge():
-    spec = importlib.util.spec_from_file_location(
-        "example_edge_embed", ROOT / "examples" / "edge_embed.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/edge_embed.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Helpers of the gRPC tests (tests/runtime/test_server*.py, test_client*.py): certificates
-made with the openssl CLI, a server subprocess that reports its port, a metrics scrape."""
+made with the openssl CLI, a server in this process or a subprocess that reports its port, a
+metrics scrape."""
 
 from __future__ import annotations
 
@@ -15,6 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ssmstream.runtime.auth import ANONYMOUS
+from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.server import BackgroundServer
+
+
+def serve(model_dir, **kw) -> BackgroundServer:
+    """A server in this process (CPU, port 0, short grace); use it as a context manager."""
+    cfg = ServerConfig(model_dir=str(model_dir), port=0, device="cpu", grace=0.2, **kw)
+    return BackgroundServer(cfg)
+
+
+def target(srv) -> str:
+    return f"127.0.0.1:{srv.port}"
+
+
+def position_on_server(srv, sid: str) -> int:
+    """The position the in-process server's store holds for an anonymous session."""
+    return srv.server.store.get(sid, ANONYMOUS).position
 
 
 @dataclass

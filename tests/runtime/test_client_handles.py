@@ -16,6 +16,7 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+from grpc_helpers import position_on_server, serve, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime import client as client_mod
 from ssmstream.runtime.auth import ANONYMOUS
@@ -30,17 +31,6 @@ from ssmstream.runtime.client import (
     step_request,
 )
 from ssmstream.runtime.client import main as generate_main
-from ssmstream.runtime.config import ServerConfig
-from ssmstream.runtime.server import BackgroundServer
-
-
-def serve(model_dir, **kw) -> BackgroundServer:
-    cfg = ServerConfig(model_dir=str(model_dir), port=0, device="cpu", grace=0.2, **kw)
-    return BackgroundServer(cfg)
-
-
-def target(srv) -> str:
-    return f"127.0.0.1:{srv.port}"
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +152,10 @@ def test_resumable_error_with_no_details():
 PROMPT = [1, 2, 3, 4, 5, 6]
 
 
-def on_server(srv, sid):
-    return srv.server.store.get(sid, ANONYMOUS).position
-
-
 def test_sync_handles_follow_the_servers_position(toy_server):
     with Client(target(toy_server), timeout=10) as c:
         s = c.create_session(prompt=PROMPT)
-        assert s.position == 6 == on_server(toy_server, s.id)
+        assert s.position == 6 == position_on_server(toy_server, s.id)
         assert s.rewind(2) == 2 and s.position == 2
         s.step(tokens=[7, 8, 9])
         r = c.restore(s.snapshot())
@@ -187,7 +173,7 @@ def test_sync_generate_tells_the_handle_its_session_and_position(toy_server):
         s = c.session("")
         got = list(s.generate([1, 2], max_new_tokens=3, temperature=0.0, keep_session=True))
         assert s.id == got[0].session_id != ""
-        assert s.position == got[-1].position == 2 + 3 - 1 == on_server(toy_server, s.id)
+        assert s.position == got[-1].position == 2 + 3 - 1 == position_on_server(toy_server, s.id)
         s.close()
 
 
@@ -226,7 +212,7 @@ def test_async_regenerate_refuses_a_negative_position_when_called(toy_server):
             assert (
                 str(e.value) == "position: must be an integer in [0, 18446744073709551615], got -1"
             )
-            assert on_server(toy_server, s.id) == 6
+            assert position_on_server(toy_server, s.id) == 6
             await s.close()
 
     asyncio.run(asyncio.wait_for(run(), 30))

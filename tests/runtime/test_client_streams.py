@@ -11,17 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from ssmstream.runtime.auth import ANONYMOUS
+from grpc_helpers import position_on_server, serve, target
 from ssmstream.runtime.client import AsyncClient, Client, step_request
-from ssmstream.runtime.config import ServerConfig
-from ssmstream.runtime.server import BackgroundServer
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
-
-
-def serve(model_dir, **kw) -> BackgroundServer:
-    cfg = ServerConfig(model_dir=str(model_dir), port=0, device="cpu", grace=0.2, **kw)
-    return BackgroundServer(cfg)
 
 
 def wait_until(predicate, timeout: float = 5.0) -> bool:
@@ -37,14 +30,6 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
 def srv(toy_token_model):
     with serve(toy_token_model["model_dir"], rewind_window=64) as s:
         yield s
-
-
-def target(srv) -> str:
-    return f"127.0.0.1:{srv.port}"
-
-
-def position_on_server(srv, sid: str) -> int:
-    return srv.server.store.get(sid, ANONYMOUS).position
 
 
 def test_a_stream_that_creates_the_session_gives_the_handle_its_id(srv):

@@ -973,13 +973,7 @@ def test_the_newest_copy_survives_a_fetch_before_the_restart_is_noticed(redis_se
     empty, before anyone noticed: A's copy, the newest (A took it over from B), still wins
     the write-backs, whichever comes first."""
     rng = np.random.default_rng(21)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = b.create().id
-    step(b, sid, rng)
-    time.sleep(0.3)
-    a.fetch(sid)  # A takes over; B keeps a stale copy
-    newest = step(a, sid, rng)
+    b, a, sid, newest = moved(redis_server, rng, ("B", "A"))  # B keeps a stale copy
     time.sleep(0.3)  # A idle: its lease lapses
     redis_server.stop()
     redis_server.start()
@@ -1656,13 +1650,7 @@ def test_a_close_of_a_copy_of_the_same_term_leaves_the_replica_serving_it(redis_
     of the same term with C holding its lease is not A's to delete (only a LOWER term is
     taken for a stale write-back that the close wins over)."""
     rng = np.random.default_rng(16)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    sid = b.create().id
-    step(b, sid, rng)
-    time.sleep(0.3)
-    a.fetch(sid)  # A took it over: term 1
-    step(a, sid, rng)
+    b, a, sid, _ = moved(redis_server, rng, ("B", "A"))  # A took it over: term 1
     time.sleep(0.3)
     redis_server.stop()
     redis_server.start()  # empty
