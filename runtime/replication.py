@@ -136,11 +136,19 @@ return 0
 # (0: none), incarnation, generation token, term.
 # The new version, or -1 (lease not ours) / -2 (version or term moved on: we are stale) / -3
 # (the generation token is not ours: Redis lost its data, or another replica saw that first) /
-# -6 (the record we build on is gone: it expired, or Redis evicted it; a write-back is due).
+# -6 (the record we build on is gone: it expired, or Redis evicted it; or it went back to an
+# older version of our own writes, with no other holder since: Redis came back from an older
+# dump or a lagging replica; a write-back is due).
 _PUT = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-local h = redis.call('HMGET', KEYS[1], 'version', 'term')
+local cur = redis.call('GET', KEYS[2])
+local h = redis.call('HMGET', KEYS[1], 'version', 'term', 'holder', 'incarnation')
+if h[1] ~= false and tonumber(h[1]) < tonumber(ARGV[2])
+   and tonumber(h[2] or '-1') == tonumber(ARGV[9]) and h[3] == ARGV[1] and h[4] == ARGV[7]
+   and (cur == false or cur == ARGV[1]) then
+  return -6
+end
+if cur ~= ARGV[1] then return -1 end
 if h[1] == false and tonumber(ARGV[2]) > 0 then return -6 end
 local v = tonumber(h[1] or '0')
 if v ~= tonumber(ARGV[2]) or tonumber(h[2] or ARGV[9]) ~= tonumber(ARGV[9]) then return -2 end
@@ -191,9 +199,10 @@ return v
 # principal (nothing taken); {0, holder} another replica holds the lease (nothing taken); else
 # the lease is ours now and the record's expiry renewed, and then {3} when the record is our
 # copy (we held it last: same incarnation, term and version, no other holder), {5} when it is
-# of our incarnation but a lower term than our copy (a stale copy written back after the record
-# vanished: ours is to be written back), or {2, HGETALL as it was} after a take-over: the term
-# went up by one and the holder became us.
+# of our incarnation but older than our copy: of a lower term (a stale copy written back after
+# the record vanished), or of our term and holding no other replica's writes but fewer of ours
+# (Redis came back from an older dump or a lagging replica): ours is to be written back; or
+# {2, HGETALL as it was} after a take-over: the term went up by one and the holder became us.
 _TAKE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return {-3} end
 local h = redis.call('HMGET', KEYS[1], 'principal', 'incarnation', 'term', 'version', 'holder')
@@ -208,9 +217,9 @@ else redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 1000) + 60000) end
 if (h[2] or '') == ARGV[5] then
   local term = tonumber(h[3] or '0')
   if term < tonumber(ARGV[6]) then return {5} end
-  if term == tonumber(ARGV[6]) and tonumber(h[4]) == tonumber(ARGV[7])
-     and (h[5] == false or h[5] == ARGV[1]) then
-    return {3}
+  if term == tonumber(ARGV[6]) and (h[5] == false or h[5] == ARGV[1]) then
+    if tonumber(h[4]) == tonumber(ARGV[7]) then return {3} end
+    if tonumber(h[4]) < tonumber(ARGV[7]) then return {5} end
   end
 end
 local out = redis.call('HGETALL', KEYS[1])

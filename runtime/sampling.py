@@ -17,6 +17,7 @@ Dimension letters: V vocabulary size.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,14 +56,14 @@ class SamplingConfig:
 
 def check_params(temperature: float, top_k: int, top_p: float) -> None:
     """Raise InvalidInput naming the first bad parameter."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
-        raise InvalidInput("temperature", f"must be a number, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise InvalidInput("temperature", f"must be a real number, got {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidInput("temperature", f"must be finite and >= 0, got {temperature}")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InvalidInput("top_k", f"must be an integer >= 0 (0 = off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)):
-        raise InvalidInput("top_p", f"must be a number, got {top_p!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+        raise InvalidInput("top_p", f"must be a real number, got {top_p!r}")
     if not 0.0 < top_p <= 1.0:
         raise InvalidInput("top_p", f"must be in (0, 1] (1 = off), got {top_p}")
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
-from ssmstream.export import ExportError, exporter
+from ssmstream.export import ExportError, exporter, verify_cli
 from ssmstream.export import cli as export_cli
 from ssmstream.export import verify as verify_mod
 from ssmstream.export.exporter import ExportConfig
-from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
+from ssmstream.model import CheckpointError, SSMConfig, SSMNetwork, save_checkpoint
 from ssmstream.runtime.manifest import sha256_file
 
 
@@ -141,15 +142,16 @@ def counted_conversions(monkeypatch):
     calls = []
     monkeypatch.setattr(exporter, "_CONVERTED", type(exporter._CONVERTED)())
     monkeypatch.setattr(exporter, "torch_to_onnx", lambda *a, **k: identity_model())
+    monkeypatch.setattr(exporter, "slim", lambda m: m)
     return calls
 
 
-def _convert(net, cfg, calls):
+def _convert(net, cfg, calls, graph="step"):
     def build():
         calls.append(cfg.dt_scale)
         return None, (), {}
 
-    exporter.convert(net, "step", cfg, build)
+    exporter.convert(net, graph, cfg, build)
 
 
 def test_conversion_cache_key_includes_dt_scale(counted_conversions):
@@ -266,9 +268,9 @@ MANIFEST = {"dtype": "fp32", "state_size": 2, "input_kind": "tokens", "vocab_siz
             "graphs": {"step": {}, "prefill": {}}, "dt_scale": 1.0}  # fmt: skip
 
 
-def _verify(monkeypatch, engine_cls, steps=32):
+def _verify(monkeypatch, engine_cls, steps=32, net=None):
     monkeypatch.setattr(verify_mod, "Engine", engine_cls)
-    return verify_mod.verify_graphs("unused", MANIFEST, None, steps=steps)
+    return verify_mod.verify_graphs("unused", MANIFEST, net, steps=steps)
 
 
 def test_fake_engine_passes_and_every_chunk_state_is_checked(monkeypatch):
@@ -462,3 +464,383 @@ def test_prefill_module_refuses_chunk_zero():
 
     with pytest.raises(ValueError, match="chunk must be a power of two, got 0"):
         PrefillGraph(tiny_net(), chunk=0, max_chunks=3)
+
+
+def test_export_creates_missing_parent_directories(tmp_path, monkeypatch):
+    """--out a/b/model with a/b missing is created (parents=True)."""
+    monkeypatch.setattr(exporter, "build_graphs", _stub_graphs)
+    out = exporter.export_network(
+        tiny_net(), tmp_path / "a" / "b" / "m", prefill=False, verify=False
+    )
+    assert out == tmp_path / "a" / "b" / "m" and (out / "manifest.json").is_file()
+
+
+def test_commit_leaves_the_process_umask_as_it_was(tmp_path):
+    """_commit reads the umask with os.umask(0) and must put it back."""
+    old = os.umask(0o027)
+    try:
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        exporter._commit(tmp, tmp_path / "model")
+        now = os.umask(0o027)
+    finally:
+        os.umask(old)
+    assert now == 0o027
+    assert (tmp_path / "model").is_dir() and not tmp.exists()
+
+
+def test_slim_log_says_larger_not_more_nodes_for_an_equal_node_count(monkeypatch, caplog):
+    """Same number of nodes but >5% more bytes: the log gives the bytes as the reason."""
+    import onnxslim
+
+    original = identity_model(pad=100, n_nodes=3)
+    bigger = identity_model(pad=5000, n_nodes=3)
+    monkeypatch.setattr(onnxslim, "slim", lambda m: bigger)
+    with caplog.at_level(logging.INFO, logger="ssmstream.export.exporter"):
+        assert exporter.slim(original) is original
+    assert "nodes 3 -> 3" in caplog.text
+    assert "the slimmed one is over 5% larger" in caplog.text
+    assert "has more nodes" not in caplog.text
+
+
+def test_quantize_int8_removes_its_root_logger_filter(tmp_path, monkeypatch):
+    """The filter quieting the quantizer's advice is taken off the root logger again."""
+    import onnxruntime.quantization as q
+
+    seen = {}
+
+    def fake_quantize_dynamic(src, dst, **kw):
+        seen["filters"] = list(logging.getLogger().filters)
+        seen["exclude"] = kw["nodes_to_exclude"]
+
+    monkeypatch.setattr(q, "quantize_dynamic", fake_quantize_dynamic)
+    before = list(logging.getLogger().filters)
+    exporter.quantize_int8(tmp_path / "a.onnx", tmp_path / "b.onnx", ["n1"])
+    assert len(seen["filters"]) == len(before) + 1 and seen["exclude"] == ["n1"]
+    assert logging.getLogger().filters == before
+
+
+def test_toposort_refuses_a_cycle():
+    """A cyclic graph is an error, not a graph with its cycle's nodes silently dropped."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])
+    nodes = [
+        helper.make_node("Add", ["x", "b"], ["a"], name="n0"),
+        helper.make_node("Identity", ["a"], ["b"], name="n1"),
+        helper.make_node("Identity", ["a"], ["c"], name="n2"),
+    ]
+    g = helper.make_graph(nodes, "g", [x], [y])
+    with pytest.raises(ValueError, match="the graph has a cycle"):
+        exporter.toposort(g)
+    assert [n.name for n in g.node] == ["n0", "n1", "n2"]  # left as it was
+
+
+def test_toposort_places_an_if_after_what_its_branches_read():
+    """An If whose branch reads an outer value `v` comes after v's producer."""
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])
+
+    def branch(name):
+        o = helper.make_tensor_value_info(f"{name}_o", TensorProto.FLOAT, [1])
+        return helper.make_graph(
+            [helper.make_node("Identity", ["v"], [f"{name}_o"], name=f"{name}_id")], name, [], [o]
+        )
+
+    nodes = [
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["out"],
+            name="if",
+            then_branch=branch("then"),
+            else_branch=branch("else"),
+        ),  # fmt: skip
+        helper.make_node("Identity", ["x"], ["v"], name="make_v"),
+    ]
+    g = helper.make_graph(nodes, "g", [cond, x], [out])
+    exporter.toposort(g)
+    assert [n.name for n in g.node] == ["make_v", "if"]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [dict(max_chunks=5), dict(optimize=False), dict(dtype="fp16")],
+    ids=["max_chunks", "optimize", "fp16"],
+)
+def test_conversion_cache_key_includes_each_option(counted_conversions, other):
+    """A prefill unrolled for other max_chunks, an unslimmed graph or an fp16
+    graph is a conversion of its own, not the cached fp32 one."""
+    calls, net = counted_conversions, tiny_net()
+    _convert(net, ExportConfig(), calls, "prefill")
+    _convert(net, ExportConfig(), calls, "prefill")  # same: reused
+    _convert(net, ExportConfig(**other), calls, "prefill")
+    assert len(calls) == 2
+
+
+def test_int8_reuses_the_fp32_conversion(counted_conversions):
+    """int8 quantizes the fp32 graph: the same conversion."""
+    calls, net = counted_conversions, tiny_net()
+    _convert(net, ExportConfig(), calls)
+    _convert(net, ExportConfig(dtype="int8"), calls)
+    assert len(calls) == 1
+
+
+def test_io_spec_chunk_states_shape():
+    """Chunk_states is [B, T/chunk, S]; the step graph has none."""
+    net = tiny_net()
+    spec = exporter._io_spec(net, prefill=True)
+    assert spec["outputs"]["chunk_states"] == {
+        "dtype": "float32",
+        "shape": ["B", "T/chunk", net.cfg.state_size],
+    }
+    assert "chunk_states" not in exporter._io_spec(net, prefill=False)["outputs"]
+
+
+def test_export_writes_into_a_temporary_sibling_of_out(tmp_path, monkeypatch):
+    """The temporary directory is made next to --out (same filesystem: the final
+    os.replace is a rename), named .NAME.*.tmp, and is gone afterwards."""
+    seen = {}
+
+    def graphs(net, cfg, out):
+        seen["tmp"] = out
+        return _stub_graphs(net, cfg, out)
+
+    monkeypatch.setattr(exporter, "build_graphs", graphs)
+    out = exporter.export_network(tiny_net(), tmp_path / "m", prefill=False, verify=False)
+    assert seen["tmp"].parent == tmp_path and seen["tmp"].name.startswith(".m.")
+    assert seen["tmp"].name.endswith(".tmp") and not seen["tmp"].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and out == tmp_path / "m"
+
+
+def test_manifest_created_is_an_aware_utc_timestamp(tmp_path, monkeypatch):
+    """Manifest["created"] is ISO 8601 in UTC with its offset."""
+    import datetime
+
+    monkeypatch.setattr(exporter, "build_graphs", _stub_graphs)
+    out = exporter.export_network(tiny_net(), tmp_path / "m", prefill=False, verify=False)
+    created = datetime.datetime.fromisoformat(
+        json.loads((out / "manifest.json").read_text())["created"]
+    )
+    assert created.utcoffset() == datetime.timedelta(0)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert abs((now - created).total_seconds()) < 60
+
+
+def test_int8_quantizes_only_matmuls_with_a_constant_weight(tmp_path):
+    """A MatMul of two computed tensors (like the prefill's in-graph Toeplitz/G/F
+    tables, which are no initializers) stays a float32 MatMul; the trunk's weight MatMul is
+    quantized (MatMulConstBOnly)."""
+    rng = np.random.default_rng(0)
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 16])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])
+    w = onnx.numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "trunk.W")
+    nodes = [
+        helper.make_node("MatMul", ["a", "trunk.W"], ["h"], name="trunk_mm"),
+        helper.make_node("Relu", ["b"], ["t"], name="table"),  # a computed operand
+        helper.make_node("MatMul", ["h", "t"], ["y"], name="act_mm"),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [a, b], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 20)])  # fmt: skip
+    onnx.save(model, tmp_path / "f.onnx")
+    exporter.quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", [])
+    q = onnx.load(tmp_path / "q.onnx")
+    by_name = {n.name: n.op_type for n in q.graph.node}
+    assert by_name.get("act_mm") == "MatMul"  # left float32
+    assert "trunk_mm" not in by_name and "MatMulInteger" in by_name.values()
+
+
+def test_random_tokens_cover_the_whole_vocabulary():
+    """The check feeds every token id, the last one (vocab_size - 1) included."""
+    x = verify_mod.random_inputs({"input_kind": "tokens", "vocab_size": 3}, 4, 200,
+                                 np.random.default_rng(0))  # fmt: skip
+    assert x.dtype == np.int64 and x.shape == (4, 200) and set(np.unique(x)) == {0, 1, 2}
+
+
+def test_random_values_are_standard_normal():
+    """Continuous inputs are N(0, 1) float32 (negative values included), [B, L, d_input]."""
+    x = verify_mod.random_inputs({"input_kind": "values", "d_input": 3}, 4, 500,
+                                 np.random.default_rng(0))  # fmt: skip
+    assert x.dtype == np.float32 and x.shape == (4, 500, 3)
+    assert x.min() < -2.0 and abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1) < 0.1
+
+
+def test_rel_of_an_all_zero_reference_is_finite():
+    """A zero reference (e.g. a zero state) gives err / 1e-12, not a ZeroDivisionError."""
+    z = np.zeros((2, 3))
+    assert verify_mod._rel(z.astype(np.float32), z) == (0.0, 0.0)
+    err, rel = verify_mod._rel(np.full((2, 3), 1e-13, np.float32), z)
+    assert err == pytest.approx(1e-13) and rel == pytest.approx(0.1)
+
+
+def test_prefill_report_lists_the_lengths_run_from_a_nonzero_state(monkeypatch):
+    """The long run starts from zero; only the three short ones from a non-zero state."""
+    q = _verify(monkeypatch, FakeEngine)["prefill_vs_step"]
+    assert q["lengths"] == [32, 5, 10, 5] and q["nonzero_initial_state"] == [5, 10, 5]
+
+
+def test_prefill_report_fields_keep_outputs_and_states_apart(monkeypatch):
+    """A prefill whose outputs are off by 0.5 but whose states are right reports the
+    error under *_output only; max_rel_state and max_abs_state stay 0."""
+
+    class OffOutputs(FakeEngine):
+        def prefill_unchecked(self, x, state, ends):
+            out, s = self._run(x, state, ends)
+            return out + 0.5, s
+
+        def prefill(self, x, state):
+            out, s = self._run(x, state)
+            return out + 0.5, s
+
+    q = _verify(monkeypatch, OffOutputs)["prefill_vs_step"]
+    assert q["max_abs_output"] == pytest.approx(0.5) and q["max_rel_output"] > 0.01
+    assert q["max_abs_state"] == 0.0 and q["max_rel_state"] == 0.0
+    assert not q["passed"]
+
+
+def test_slot_check_fails_a_slot_graph_that_ignores_the_slots(monkeypatch):
+    """The slots are scattered over the slab, so a slot graph that works on rows 0..B-1
+    whatever the slots is caught."""
+
+    class FirstRows(FakeEngine):
+        def step_slots(self, x, slots, slab):
+            return super().step_slots(x, np.arange(len(slots)), slab)
+
+    monkeypatch.setattr(verify_mod, "Engine", FirstRows)
+    verdicts = [verify_mod.verify_graphs("unused", MANIFEST, None, steps=32, seed=seed)["passed"]
+                for seed in range(1, 4)]  # fmt: skip
+    assert verdicts == [False, False, False]
+
+
+def test_step_vs_torch_passes_at_exactly_the_tolerance(monkeypatch):
+    """Rel <= tolerance passes (the bound is inclusive)."""
+    monkeypatch.setattr(verify_mod, "Engine", FakeEngine)
+    ref = {}
+
+    def torch_ref(net, x, s):
+        out, _ = FakeEngine()._run(x, np.zeros((x.shape[0], 2), np.float32))
+        ref["v"] = out.astype(np.float64) * 1.001
+        return ref["v"]
+
+    monkeypatch.setattr(verify_mod, "torch_reference", torch_ref)
+    r = verify_mod.verify_graphs("unused", MANIFEST, object(), steps=8)
+    rel = r["step_vs_torch"]["max_rel"]
+    assert 0 < rel and not r["step_vs_torch"]["passed"]  # 1e-3 > fp32's 1e-4
+    monkeypatch.setitem(verify_mod.TOLERANCES, "fp32",
+                        {"step_vs_torch": rel, "prefill_vs_step": 1e-4})  # fmt: skip
+    r = verify_mod.verify_graphs("unused", MANIFEST, object(), steps=8)
+    assert r["step_vs_torch"]["max_rel"] == rel and r["step_vs_torch"]["passed"] is True
+    assert r["passed"] is True
+
+
+def test_slot_check_fails_a_tiny_write_to_another_row():
+    """Other rows must be bit-for-bit untouched (a 1e-5 change is a failure)."""
+
+    class Nudger(FakeEngine):
+        def step_slots(self, x, slots, slab):
+            out = super().step_slots(x, slots, slab)
+            other = next(i for i in range(len(slab.rows)) if i not in set(map(int, slots)))
+            slab.rows[other] += 1e-5
+            return out
+
+    rep = verify_mod.slots_vs_step(Nudger(), MANIFEST, np.zeros((2, 2), np.float32),
+                                   np.random.default_rng(0), steps=2)  # fmt: skip
+    assert rep["max_abs_output"] == rep["max_abs_state"] == 0.0
+    assert rep["other_rows_untouched"] is False and rep["passed"] is False
+
+
+def _fake_verify(seen):
+    def fake(model_dir, m, n, steps=4096):
+        seen.update(net=n, steps=steps)
+        return {"passed": True}
+
+    return fake
+
+
+def test_verify_model_with_a_recorded_checkpoint_that_lost_its_weights(tmp_path, monkeypatch):
+    """The recorded checkpoint directory exists but its model.safetensors is gone: a
+    CheckpointError naming the missing file (the CLI's exit 2), not a FileNotFoundError."""
+    ck = save_checkpoint(tiny_net(), tmp_path / "ck")
+    (ck / "model.safetensors").unlink()
+    manifest = {"model": tiny_net().cfg.to_dict(),
+                "source": {"checkpoint": str(ck), "weights_sha256": "0" * 64}}  # fmt: skip
+    monkeypatch.setattr(verify_mod, "load_manifest", lambda d: manifest)
+    monkeypatch.setattr(verify_mod, "verify_graphs", _fake_verify({}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        verify_mod.verify_model(tmp_path / "model")
+
+
+def test_verify_model_skips_torch_when_the_recorded_checkpoint_is_gone(tmp_path, monkeypatch):
+    """A recorded checkpoint that no longer exists is not an error: no torch reference."""
+    manifest = {
+        "model": tiny_net().cfg.to_dict(),
+        "source": {"checkpoint": str(tmp_path / "deleted"), "weights_sha256": "0" * 64},
+    }
+    monkeypatch.setattr(verify_mod, "load_manifest", lambda d: manifest)
+    seen = {}
+    monkeypatch.setattr(verify_mod, "verify_graphs", _fake_verify(seen))
+    report = verify_mod.verify_model(tmp_path / "model", steps=64)
+    assert seen == {"net": None, "steps": 64} and report["checkpoint"] is None
+
+
+def test_verify_model_passes_steps_on(tmp_path, monkeypatch):
+    """Verify_model(steps=L) runs the check over L steps (the CLI's --steps)."""
+    monkeypatch.setattr(verify_mod, "load_manifest", lambda d: {"model": {}, "source": {}})
+    seen = {}
+    monkeypatch.setattr(verify_mod, "verify_graphs", _fake_verify(seen))
+    verify_mod.verify_model(tmp_path / "model", steps=123)
+    assert seen["steps"] == 123
+
+
+def test_verify_cli_refuses_zero_steps(tmp_path, monkeypatch, capsys):
+    """--steps 0 is refused by the CLI itself (exit 2) before the model is read."""
+    monkeypatch.setattr(verify_mod, "verify_model", lambda *a, **k: pytest.fail("ran"))
+    assert verify_cli.main([str(tmp_path), "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "ssmstream verify: error: --steps must be positive\n"
+
+
+def test_verify_cli_missing_ckpt_is_exit_2(tmp_path, monkeypatch, capsys):
+    """--ckpt that does not exist: a CheckpointError -> exit 2 with one line."""
+    monkeypatch.setattr(verify_mod, "load_manifest", lambda d: {"model": {}, "source": {}})
+    monkeypatch.setattr(verify_mod, "verify_graphs", lambda *a, **k: pytest.fail("ran"))
+    assert verify_cli.main([str(tmp_path), "--ckpt", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("ssmstream verify: error: checkpoint directory") and "does not exist" in err
+    )
+
+
+REPORT = {
+    "passed": False, "dtype": "fp32",
+    "tolerance": {"step_vs_torch": 1e-4, "prefill_vs_step": 1e-4},
+    "step_vs_torch": {"length": 64, "batch": 2, "max_abs": 0.5, "max_rel": 0.25, "passed": False},
+    "prefill_vs_step": {"lengths": [64, 5], "max_rel_output": 1e-6, "max_rel_state": 3e-2,
+                        "passed": False},
+    "slots_vs_step": {"steps": 16, "batch": 2, "max_abs_output": 0.0, "max_abs_state": 0.0,
+                      "passed": True},
+}  # fmt: skip
+
+
+def test_format_report_marks_each_failed_check_and_shows_the_worst_error():
+    """The prefill line's max rel is the worse of outputs and states, and each
+    failed line carries the FAILED marker."""
+    lines = verify_cli.format_report(REPORT).splitlines()
+    assert lines[0] == "parity (fp32): FAILED"
+    assert lines[1].startswith("  step vs torch     max rel 2.50e-01 (tol 1e-04)")
+    assert lines[1].endswith("  <-- FAILED")
+    assert (
+        lines[2] == "  prefill vs step   max rel 3.00e-02 (tol 1e-04), lengths [64, 5]  <-- FAILED"
+    )
+    assert "FAILED" not in lines[3]
+
+
+def test_export_cli_defaults_verify_and_optimize(monkeypatch, capsys):
+    """Without --no-verify / --no-optimize the export verifies and slims; name None."""
+    seen = {}
+    monkeypatch.setattr(exporter, "export_model", lambda c, o, **kw: seen.update(kw) or o)
+    assert export_cli.main(["ck", "--out", "o", "-q"]) == 0
+    assert seen["verify"] is True and seen["optimize"] is True and seen["name"] is None
+    assert seen["dtype"] == "fp32"
+    assert export_cli.main(["ck", "--out", "o", "-q", "--no-verify"]) == 0
+    assert seen["verify"] is False and seen["optimize"] is True

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from ssmstream.export.modules import PrefillGraph, StepGraph
+from ssmstream.export.modules import PrefillGraph, PrefillSSM, StepGraph
 from ssmstream.model import SSMConfig, SSMNetwork
 
 TOL = 1e-4  # max |error| / max |reference| in float32
@@ -215,3 +215,37 @@ def test_a_mode_that_decays_to_exactly_zero_in_one_step(mode_path):
     assert torch.isfinite(y_pre).all() and torch.isfinite(s_pre).all()
     assert rel(y_pre, y_step) < TOL and rel(s_pre, s_step) < TOL
     assert rel(y0, conv_reference(net, x)) < TOL
+
+
+def values_net(**kw) -> SSMNetwork:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=None, d_input=3, d_output=2, d_model=8, n_layers=2, d_state=4)
+    return SSMNetwork(SSMConfig(**{**cfg, **kw})).eval()
+
+
+def test_fp16_step_graph_takes_float32_values():
+    """A continuous-input fp16 graph takes float32 inputs (cast to fp16 inside) and
+    computes what the fp32 graph does, to fp16 precision."""
+    net = values_net()
+    x = torch.randn(2, 3)
+    state = torch.zeros(2, net.cfg.state_size)
+    with torch.no_grad():
+        y16, s16 = StepGraph(net, dtype="fp16")(x, state)
+        y32, s32 = StepGraph(net, dtype="fp32")(x, state)
+    assert y16.dtype == s16.dtype == torch.float32
+    torch.testing.assert_close(y16, y32, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(s16, s32, atol=2e-2, rtol=2e-2)
+
+
+def test_prefill_ssm_takes_the_path_it_is_asked_for():
+    """Mode_path=True/False overrides the layer's own choice (the tests of both paths
+    rely on it); None follows the layer."""
+    ssm = values_net().ssms[0]  # SISO: the layer itself uses the kernel path
+    assert ssm.uses_mode_path is False
+    forced = PrefillSSM(ssm, 1.0, 8, 3, mode_path=True)
+    assert forced.mode_path is True and hasattr(forced, "Rq") and not hasattr(forced, "W2")
+    own = PrefillSSM(ssm, 1.0, 8, 3)
+    assert own.mode_path is False and hasattr(own, "W2")
+    wide = values_net(heads=1).ssms[0]  # one 8-wide head: M² > N/2
+    assert wide.uses_mode_path is True
+    assert PrefillSSM(wide, 1.0, 8, 3, mode_path=False).mode_path is False

@@ -262,3 +262,14 @@ def test_load_to_cuda_computes_what_the_cpu_network_does(ckpt):
     net = load_checkpoint(ckpt, map_location=torch.device("cuda"))
     assert all(p.is_cuda for p in net.parameters())
     torch.testing.assert_close(net(u.cuda()).cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", [3.5, None, ["cpu"]])
+def test_map_location_of_a_wrong_type_is_a_value_error(tmp_path, where):
+    """Torch.device raises TypeError for a non-str/int/device: that is the same
+    ValueError naming map_location as a bad device string."""
+    torch.manual_seed(0)
+    net = SSMNetwork(SSMConfig(vocab_size=5, d_model=4, n_layers=1, d_state=2))
+    ck = save_checkpoint(net, tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"map_location: .* is not a torch device"):
+        load_checkpoint(ck, map_location=where)

@@ -583,3 +583,147 @@ def test_an_entry_larger_than_the_whole_budget_is_not_cached_and_evicts_nothing(
         "hits": 0, "misses": 0, "cached_tokens": 0, "evictions": 0, "bytes": 152, "entries": 1,
     }  # fmt: skip
     assert c.lookup("s", small).tokens == 4
+
+
+S, D = 8, 3  # the state and output sizes of the History and PrefixCache unit tests below
+
+
+def _x(p: int) -> np.ndarray:
+    return np.full(S, p, np.float32)
+
+
+@pytest.mark.parametrize("W", [2, 6, 8])
+def test_nbytes_counts_checkpoints_and_held_inputs_exactly_step_by_step(W):
+    """Fed single steps, checkpoints sit at multiples of Q; the oldest one kept is the
+    latest at or below position - W (trimmed at every step, not only at checkpoints), and
+    the inputs from it on are held: nbytes = checkpoints * 4S + inputs * 8."""
+    Q = 4
+    h = History(window=W, chunk=Q, position=0, state=_x(0))
+    for p in range(1, 40):
+        h.step(np.array([p % 11], np.int64), p, lambda p=p: _x(p))
+        cps = [c for c in range(0, p + 1, Q)]
+        while len(cps) > 1 and cps[1] <= p - W:
+            cps.pop(0)
+        want = len(cps) * 4 * S + (p - cps[0]) * 8
+        assert h.nbytes == want, p
+        assert h.oldest == max(cps[0], p - W)
+
+
+def test_a_restart_holds_no_stale_inputs_so_a_replay_uses_the_inputs_after_it():
+    """A record that does not follow on (a state installed from elsewhere) restarts the
+    history at its end with no inputs: a later replay from there feeds the later inputs."""
+    h = History(window=16, chunk=4, position=0, state=_x(0))
+    h.record(np.array([1, 2], np.int64), 2, {2: _x(2)})
+    h.record(np.array([7, 8, 9], np.int64), 13, {13: _x(13)})  # 13 - 3 != 2: restart at 13
+    assert h.oldest == 13 and h.nbytes == 4 * S
+    h.record(np.array([5], np.int64), 14, {14: _x(14)})
+    x, rows = h.plan(14)
+    np.testing.assert_array_equal(x, _x(13))
+    assert rows.tolist() == [5]
+    with pytest.raises(OutOfRange, match=r"outside the rewind window \[13, 14\]"):
+        h.plan(12)
+
+
+def test_a_single_step_that_does_not_follow_on_restarts_the_history():
+    """`step` is `record` for one input: a step ending anywhere but position + 1 restarts
+    the history there, even when a checkpoint would not yet be due."""
+    h = History(window=16, chunk=4, position=0, state=_x(0))
+    for p in range(1, 6):
+        h.step(np.array([p], np.int64), p, lambda p=p: _x(p))
+    assert h.position == 5 and h.oldest == 0
+    h.step(np.array([3], np.int64), 7, lambda: _x(70))  # skips position 6: not a continuation
+    assert h.position == 7 and h.oldest == 7
+    x, rows = h.plan(7)
+    np.testing.assert_array_equal(x, _x(70))
+    assert rows.size == 0
+    with pytest.raises(OutOfRange):
+        h.plan(5)
+
+
+def test_pruning_a_middle_checkpoint_gives_its_bytes_back_to_the_budget():
+    """After a rewind a checkpoint between two others may become redundant and is dropped:
+    its bytes go back to the shared budget, so a released history leaves the budget at 0."""
+    budget = CheckpointBudget()
+    h = History(window=16, chunk=4, position=0, state=_x(0), budget=budget)
+    h.record(np.arange(6, dtype=np.int64), 6, {1: _x(1), 6: _x(6)})  # checkpoints 0, 1, 6
+    h.rewound(1)  # checkpoints 0, 1
+    h.record(np.arange(5, dtype=np.int64), 6, {2: _x(2), 6: _x(6)})  # 2 makes 1 redundant
+    assert h.nbytes == 3 * 4 * S + 6 * 8  # checkpoints 0, 2, 6 and inputs 0..5
+    assert budget.used == 3 * 4 * S
+    h.release()
+    assert budget.used == 0
+
+
+def test_a_prefill_state_at_the_last_checkpoint_is_not_kept_twice():
+    """A prefill reports the state where it began, which is the latest checkpoint already:
+    it is not added again (one checkpoint per position)."""
+    budget = CheckpointBudget()
+    h = History(window=32, chunk=4, position=4, state=_x(4), budget=budget)
+    h.record(np.arange(9, dtype=np.int64), 13, {4: _x(4), 13: _x(13)})  # no chunk-end states
+    assert h.nbytes == 2 * 4 * S + 9 * 8
+    assert budget.used == 2 * 4 * S
+    x, rows = h.plan(6)
+    np.testing.assert_array_equal(x, _x(4))
+    assert rows.tolist() == [0, 1]
+
+
+def _entry_bytes(end):  # prefix + state + output + 96 (see _Entry.nbytes)
+    return 8 * end + 4 * S + 4 * D + 96
+
+
+def test_a_chain_lookup_keeps_the_prompts_first_piece_longest():
+    """After a chain lookup (a session with rewind) the prompt's first piece is the most
+    recently used, its last piece the least: under pressure the last one goes first."""
+    p = np.arange(12, dtype=np.int64)
+    other = np.full(4, 99, np.int64)
+    budget = sum(_entry_bytes(e) for e in (4, 8, 12)) + _entry_bytes(4) - 1
+    c = PrefixCache(budget, chunk=4, model_sha="m")
+    assert c.insert("s", p, _states(4, 8, 12, S=S, D=D)) == 3
+    hit = c.lookup("s", p, chain=True)
+    assert hit.tokens == 12 and sorted(hit.states) == [4, 8, 12]
+    assert (
+        c.insert("s", other, _states(4, S=S, D=D)) == 1
+    )  # evicts one entry: the least recently used
+    assert c.stats()["evictions"] == 1
+    assert c.lookup("s", p[:4]).tokens == 4  # the first piece stayed
+    assert c.lookup("s", p[:8]).tokens == 8
+    assert c.lookup("s", p).tokens == 8  # the last piece went
+
+
+def test_an_empty_prompt_is_neither_a_hit_nor_a_miss():
+    """Nothing to look up: the counters (exported as metrics) do not move."""
+    c = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    c.insert("s", np.arange(4, dtype=np.int64), _states(4, S=S, D=D))
+    hit = c.lookup("s", np.empty(0, np.int64))
+    assert hit.tokens == 0 and hit.state is None
+    assert c.stats() == {
+        "hits": 0,
+        "misses": 0,
+        "cached_tokens": 0,
+        "evictions": 0,
+        "bytes": _entry_bytes(4),
+        "entries": 1,
+    }
+
+
+def test_an_entry_is_a_copy_of_the_callers_state_and_output():
+    """insert copies: a caller that reuses its buffers afterwards does not change the cache."""
+    c = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    state, output = np.full(S, 1.5, np.float32), np.full(D, 2.5, np.float32)
+    c.insert("s", np.arange(4, dtype=np.int64), {4: (state, output)})
+    state[:] = -1.0
+    output[:] = -1.0
+    hit = c.lookup("s", np.arange(4, dtype=np.int64))
+    np.testing.assert_array_equal(hit.state, np.full(S, 1.5, np.float32))
+    np.testing.assert_array_equal(hit.output, np.full(D, 2.5, np.float32))
+
+
+def test_a_plain_lookup_takes_the_longest_prefix_whatever_the_gap():
+    """`gap` only limits a chain lookup (a session with rewind takes the pieces' states as
+    checkpoints); the service passes it for every lookup, so a plain one must ignore it."""
+    c = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    p = np.arange(12, dtype=np.int64)
+    c.insert("s", p, _states(12, S=S, D=D))  # only the whole prompt: 12 inputs from 0
+    assert c.lookup("s", p, chain=False, gap=4).tokens == 12
+    assert c.lookup("s", p, chain=True, gap=4).tokens == 0  # the chain cannot reach it
+    assert c.lookup("s", p, chain=True, gap=None).tokens == 12

@@ -126,3 +126,63 @@ def test_cuda_usable_tries_the_next_driver_name_when_one_does_not_load(monkeypat
     monkeypatch.setattr(providers.ctypes, "CDLL", cdll)
     assert providers.cuda_usable() == (True, "")
     assert tried[:2] == ["libcuda.so.1", "libcuda.so"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, words",
+    [
+        (
+            {"cudnn_conv_algo_search": "FAST"},
+            "cuda_options.cudnn_conv_algo_search",
+            "must be one of ('EXHAUSTIVE', 'HEURISTIC', 'DEFAULT'), got 'FAST'",
+        ),
+        ({"use_tf32": "no"}, "cuda_options.use_tf32", "must be a bool, got 'no'"),
+        ({"use_tf32": 0}, "cuda_options.use_tf32", "must be a bool, got 0"),
+    ],
+)
+def test_bad_cuda_options_name_the_field_and_the_value(kwargs, field, words):
+    with pytest.raises(InvalidInput) as e:
+        CudaOptions(**kwargs)
+    assert e.value.field == field
+    assert words in str(e.value)
+    with pytest.raises(InvalidInput) as e:  # the same through parse (the server's dict)
+        CudaOptions.parse(kwargs)
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("options", ["device_id=1", ["device_id"], 0])
+def test_cuda_options_that_are_not_a_dict_are_refused_naming_them(options):
+    with pytest.raises(InvalidInput) as e:
+        CudaOptions.parse(options)
+    assert e.value.field == "cuda_options"
+    assert f"must be a dict or CudaOptions, got {options!r}" in str(e.value)
+
+
+def test_session_options_optimize_fully_and_never_spin_unless_asked():
+    import onnxruntime as ort
+    from ssmstream.runtime.providers import session_options
+
+    so = session_options(2)
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 1)
+    for pool in ("intra_op", "inter_op"):
+        assert so.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"
+        spin = session_options(2, spinning=True)
+        assert spin.get_session_config_entry(f"session.{pool}.allow_spinning") == "1"
+
+
+def test_a_build_without_the_cuda_provider_is_not_usable_even_with_a_driver(monkeypatch):
+    from ssmstream.runtime import providers
+
+    class Driver:
+        def cuInit(self, flags):
+            return 0
+
+        def cuDeviceGetCount(self, n):
+            n.contents.value = 1
+            return 0
+
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(providers.ctypes, "CDLL", lambda name: Driver())
+    assert providers.cuda_usable() == (False, "this onnxruntime build has no CUDAExecutionProvider")

@@ -127,9 +127,9 @@ def test_bad_logits(logits):
     "kwargs, field, words",
     [
         ({"temperature": float("inf")}, "temperature", "must be finite and >= 0, got inf"),
-        ({"temperature": True}, "temperature", "must be a number, got True"),
+        ({"temperature": True}, "temperature", "must be a real number, got True"),
         ({"top_k": True}, "top_k", "must be an integer >= 0 (0 = off), got True"),
-        ({"top_p": True}, "top_p", "must be a number, got True"),
+        ({"top_p": True}, "top_p", "must be a real number, got True"),
         ({"seed": True}, "seed", "must be a non-negative integer or None, got True"),
     ],
 )
@@ -203,3 +203,38 @@ def test_a_stop_token_sampled_last_finishes_as_a_stop():
     gen = Generation(GenerateConfig.check(V, 2, temperature=0))
     a, b = gen(logits, 3), gen(logits, 4)
     assert (a.index, a.finish, b.index, b.finish) == (0, None, 1, FINISH_MAX)
+
+
+@pytest.mark.parametrize("seed", [-1, -2, np.int64(-1)])
+def test_every_negative_seed_is_refused_naming_the_seed(seed):
+    with pytest.raises(InvalidInput) as e:
+        SamplingConfig(seed=seed)
+    assert e.value.field == "seed"
+    assert f"must be a non-negative integer or None, got {seed!r}" in str(e.value)
+    assert SamplingConfig(seed=0).seed == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": np.complex128(1 + 1j)}, "temperature"),
+        ({"temperature": np.complex64(1)}, "temperature"),
+        ({"top_p": np.complex128(0.5 + 3j)}, "top_p"),
+    ],
+)
+def test_complex_sampling_parameters_are_refused_naming_the_field(kwargs, field):
+    """check_params accepts any np.number, which includes numpy complex scalars: a complex
+    temperature passes (the imaginary part is dropped by a ComplexWarning in the range
+    check) and probabilities() then returns complex "probabilities"."""
+    with pytest.raises(InvalidInput) as e:
+        SamplingConfig(**kwargs)
+    assert e.value.field == field
+
+
+def test_probabilities_are_real_float64_for_any_accepted_temperature():
+    z = np.array([1.0, 2.0, 3.0])
+    try:
+        p = probabilities(z, np.complex128(1 + 1j))
+    except InvalidInput:
+        return  # refused: fine
+    assert p.dtype == np.float64 and p.sum() == pytest.approx(1.0)

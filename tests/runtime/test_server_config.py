@@ -235,3 +235,73 @@ def test_only_the_first_authorization_entry_counts_whatever_its_scheme():
     for first in ("Basic dXNlcjpwdw==", "tok-bob"):
         md = (("authorization", first), ("authorization", "Bearer tok-bob"))
         assert t.principal_from_metadata(md) is None
+
+
+def test_zero_mib_turns_the_prefix_cache_and_the_rewind_memory_limit_off():
+    """0 is the documented 'off' of --prefix-cache-mb ('0: off') and --rewind-memory-mb
+    ('0: no limit'); it must be accepted, from Python and from argv."""
+    c = ServerConfig(model_dir="m", prefix_cache_mb=0, rewind_memory_mb=0.0)
+    assert (c.prefix_cache_mb, c.rewind_memory_mb) == (0, 0.0)
+    c = parse_config(["m", "--prefix-cache-mb", "0", "--rewind-memory-mb", "0"])
+    assert (c.prefix_cache_mb, c.rewind_memory_mb) == (0.0, 0.0)
+
+
+def test_an_unknown_prefix_cache_scope_is_refused_in_python_too():
+    """Argparse's choices guard only argv; a config built in Python is checked the same."""
+    with pytest.raises(ValueError) as e:
+        ServerConfig(model_dir="m", prefix_cache_scope="tenant")
+    assert str(e.value) == "prefix_cache_scope: must be principal or global, got 'tenant'"
+    assert ServerConfig(model_dir="m", prefix_cache_scope="global").prefix_cache_scope == "global"
+
+
+def test_a_tls_redis_url_is_a_state_store():
+    """Rediss:// (Redis over TLS) is accepted like redis:// and unix://."""
+    for url in ("rediss://cache.example:6380/0", "redis://h:6379/1", "unix:///run/redis.sock"):
+        assert ServerConfig(model_dir="m", state_store=url).state_store == url
+    with pytest.raises(ValueError, match=r"^state_store: must be memory or a redis://"):
+        ServerConfig(model_dir="m", state_store="http://h:6379")
+
+
+@pytest.mark.parametrize("value", ["0", "fast", "10s", ""])
+def test_a_bad_persist_every_is_refused_when_the_config_is_built(value, capsys):
+    """--persist-every is checked in ServerConfig (a usage error naming the flag), not
+    only when a shared store starts."""
+    with pytest.raises(ValueError) as e:
+        ServerConfig(model_dir="m", persist_every=value)
+    assert str(e.value).startswith("persist_every: must be N (write every Nth step")
+    assert str(e.value).endswith(f"got {value!r}")
+    with pytest.raises(SystemExit) as ex:
+        parse_config(["m", "--persist-every", value])
+    assert ex.value.code == 2
+    assert "--persist-every: must be N" in capsys.readouterr().err
+
+
+def test_grace_zero_is_a_valid_stop_at_once():
+    """--grace 0 (cancel in-flight calls at once) is allowed (>= 0), unlike --session-ttl 0."""
+    assert ServerConfig(model_dir="m", grace=0).grace == 0
+    assert parse_config(["m", "--grace", "0"]).grace == 0.0
+    with pytest.raises(ValueError, match=r"^grace: must be >= 0 and <= 1e\+09 seconds, got -0.5$"):
+        ServerConfig(model_dir="m", grace=-0.5)
+
+
+def test_the_largest_values_the_server_can_hold_are_accepted():
+    """The upper bounds are inclusive: port 65535, int32 / uint32 maxima."""
+    c = ServerConfig(
+        model_dir="m", port=65535, metrics_port=65534, max_message_bytes=2**31 - 1,
+        max_concurrent_rpcs=2**31 - 1, max_sessions_per_principal=2**32 - 1,
+        max_new_tokens=2**32 - 1, rewind_window=2**32 - 1,
+    )  # fmt: skip
+    assert (c.port, c.max_message_bytes, c.max_new_tokens) == (65535, 2**31 - 1, 2**32 - 1)
+    with pytest.raises(ValueError) as e:
+        ServerConfig(model_dir="m", max_message_bytes=2**31)
+    assert str(e.value) == f"max_message_bytes: must be >= 1 and <= {2**31 - 1}, got {2**31}"
+
+
+def test_help_shows_no_default_for_flags_whose_default_is_none():
+    """A None default is described by the help text itself; '(default: None)' is not
+    shown, while real defaults are."""
+    from ssmstream.runtime.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "default: None" not in text
+    assert "(default: 50051)" in text and "(default: memory)" in text

@@ -5,6 +5,7 @@ outputs equal an uninterrupted run)."""
 from __future__ import annotations
 
 import json
+import pathlib
 import threading
 import time
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import ssmstream.runtime.server as server_module
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_helpers import ServerProcess, scrape
+from grpc_helpers import ServerProcess, make_certs, scrape, serve, target
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
@@ -499,3 +500,183 @@ def test_serve_exits_1_when_sessions_could_not_be_saved(monkeypatch, unsaved, co
 
     monkeypatch.setattr(server_module.Server, "run", run)
     assert server_module.main(["m", "--port", "0"]) == code
+
+
+def test_a_state_dir_that_cannot_be_written_is_refused_at_start(tmp_path, monkeypatch):
+    """An existing --state-dir whose files cannot be created (read-only mount, another
+    owner) is refused before serving: the sessions would be lost at shutdown. Writing is
+    made to fail here (as root, permissions would not stop it)."""
+    d = tmp_path / "state"
+    d.mkdir()
+    real = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.parent == d:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    with pytest.raises(InvalidInput) as e:
+        check_files(ServerConfig(model_dir="m", state_dir=str(d)))
+    assert e.value.field == "state_dir"
+    assert (
+        str(e.value) == f"state_dir: cannot write {d} (Permission denied): sessions are saved there"
+    )
+    assert list(d.iterdir()) == []
+
+
+def _client(srv):
+    from ssmstream.runtime.client import Client
+
+    return Client(target(srv), timeout=30)
+
+
+def test_rewind_memory_mb_is_mebibytes(toy_token_model):
+    """--rewind-memory-mb 1 lets a session keep the rewind history of 300 inputs
+    (~3.5 KB for the toy model): a rewind to position 5 works. Read as KiB (1024 bytes) the
+    session would have dropped its oldest checkpoints and position 5 be out of range."""
+    with serve(toy_token_model["model_dir"], rewind_memory_mb=1.0) as srv, _client(srv) as c:
+        s = c.create_session()
+        for i in range(3):
+            s.step(tokens=[(7 * j + i) % toy_token_model["V"] for j in range(100)])
+        assert s.position == 300
+        assert s.rewind(5) == 5
+        assert s.step(tokens=[1]).position == 6
+
+
+def test_prefix_cache_mb_is_mebibytes(toy_token_model):
+    """--prefix-cache-mb 1 caches the states of a 1000-token prompt (~8 KB of tokens):
+    the second session created with it starts from the cache. Read as KiB the entry would
+    not fit and nothing be cached."""
+    prompt = [(3 * j + 1) % toy_token_model["V"] for j in range(1000)]
+    with (
+        serve(
+            toy_token_model["model_dir"], prefix_cache_mb=1.0, max_tokens_per_request=2000
+        ) as srv,
+        _client(srv) as c,
+    ):
+        first = c.create_session(prompt=prompt)
+        second = c.create_session(prompt=prompt)
+        assert first.cached_tokens == 0
+        assert second.cached_tokens == 1000
+        assert second.position == first.position == 1000
+
+
+def test_the_port_file_names_the_metrics_port(toy_token_model, tmp_path):
+    """The port file carries the bound metrics port (--metrics-port 0 picks one: the
+    file is how a supervisor finds it)."""
+    import json
+    import urllib.request
+
+    pf = tmp_path / "port.json"
+    with serve(toy_token_model["model_dir"], metrics_port=0, port_file=str(pf)) as srv:
+        info = json.loads(pf.read_text())
+        assert info["port"] == srv.port
+        assert isinstance(info["metrics_port"], int) and info["metrics_port"] > 0
+        assert info["metrics_port"] == srv.server.metrics_port != srv.port
+        url = f"http://127.0.0.1:{info['metrics_port']}/metrics"
+        assert b"ssmstream_draining" in urllib.request.urlopen(url, timeout=10).read()
+    assert not pf.exists()
+
+
+def test_a_client_ca_that_does_not_load_is_blamed_on_tls_client_ca(tmp_path):
+    """With a good certificate and key, an unreadable --tls-client-ca is reported under
+    its own flag, not under --tls-cert/--tls-key."""
+    certs = make_certs(tmp_path / "certs")
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a CA bundle")
+    cfg = ServerConfig(
+        model_dir="m", tls_cert=str(certs.server_cert), tls_key=str(certs.server_key),
+        tls_client_ca=str(bad),
+    )  # fmt: skip
+    with pytest.raises(InvalidInput) as e:
+        check_files(cfg)
+    assert e.value.field == "tls_client_ca"
+    assert str(e.value).startswith(f"tls_client_ca: cannot load {bad}: ")
+    ok = ServerConfig(model_dir="m", tls_cert=str(certs.server_cert), tls_key=str(certs.server_key),
+                      tls_client_ca=str(certs.ca))  # fmt: skip
+    check_files(ok)
+
+
+def test_the_draining_gauge_goes_to_one_when_the_server_stops(toy_token_model):
+    """Ssmstream_draining is 0 while serving and 1 from the start of the shutdown."""
+    srv = serve(toy_token_model["model_dir"], metrics_port=0).start()
+    reg = srv.server.metrics.registry
+    try:
+        assert scrape(srv.server.metrics_port)["ssmstream_draining"] == 0
+        assert reg.get_sample_value("ssmstream_draining") == 0.0
+    finally:
+        srv.stop()
+    assert reg.get_sample_value("ssmstream_draining") == 1.0
+
+
+def test_metrics_http_is_closed_when_the_server_stops(toy_token_model):
+    """After stop nothing answers on the metrics port (its socket is closed)."""
+    import urllib.error
+
+    srv = serve(toy_token_model["model_dir"], metrics_port=0).start()
+    port = srv.server.metrics_port
+    try:
+        assert "ssmstream_draining" in scrape(port)
+    finally:
+        srv.stop()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        scrape(port)
+
+
+def test_snapshot_key_file_wins_over_the_state_dir_key(toy_token_model, tmp_path):
+    """With both --snapshot-key and --state-dir, snapshots are signed with the key file,
+    so another server holding only that key file restores them."""
+    import grpc
+
+    key = tmp_path / "snapshot.key"
+    key.write_bytes(b"0123456789abcdef-h8-shared-key\n")
+    with (
+        serve(
+            toy_token_model["model_dir"], state_dir=str(tmp_path / "state"), snapshot_key=str(key)
+        ) as a,
+        _client(a) as c,
+    ):
+        s = c.create_session()
+        s.step(tokens=[1, 2, 3])
+        data = s.snapshot()
+    assert (tmp_path / "state").is_dir()
+    with serve(toy_token_model["model_dir"], snapshot_key=str(key)) as b, _client(b) as c:
+        try:
+            r = c.restore(data)
+        except grpc.RpcError as e:
+            pytest.fail(f"restore refused: {e.code()} {e.details()}")
+        assert r.position == 3
+
+
+def test_a_port_file_removed_by_someone_else_does_not_fail_the_stop(toy_token_model, tmp_path):
+    """Stop tolerates a --port-file that is already gone (an operator's cleanup)."""
+    pf = tmp_path / "port.json"
+    srv = serve(toy_token_model["model_dir"], port_file=str(pf)).start()
+    assert pf.is_file()
+    pf.unlink()
+    srv.stop()  # must not raise
+    assert srv.server._stopped.is_set() and not pf.exists()
+
+
+def test_stop_grace_argument_overrides_the_configured_grace(toy_token_model, tmp_path):
+    """Server.stop(grace) uses the grace it is given (BackgroundServer.stop(0), a failed
+    start's stop(0)), not --grace: an open health Watch does not hold it for --grace."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ssmstream.runtime.server import BackgroundServer
+
+    cfg = ServerConfig(model_dir=str(toy_token_model["model_dir"]), port=0, device="cpu", grace=8.0)
+    srv = BackgroundServer(cfg).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    try:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        t0 = time.monotonic()
+        srv.stop(grace=0.1)
+        assert time.monotonic() - t0 < 4.0
+    finally:
+        channel.close()
+        srv.stop()

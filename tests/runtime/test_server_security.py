@@ -16,6 +16,7 @@ from grpc_helpers import make_certs
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime import auth
+from ssmstream.runtime.auth import TokenTable
 from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.server import BackgroundServer
@@ -231,3 +232,12 @@ def test_each_refused_call_is_reported_to_on_denied_with_its_method():
     call(step)
     call(generate, ("authorization", "Bearer nope"))
     assert denied == [step, generate]
+
+
+def test_a_tokens_path_that_is_not_a_file_is_a_value_error_naming_the_flag(tmp_path):
+    """A directory or a missing path is ValueError 'auth_tokens: PATH is not a file'
+    (what main reports as a usage error), not an IsADirectoryError / FileNotFoundError."""
+    for path in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(ValueError) as e:
+            TokenTable.from_file(path)
+        assert str(e.value) == f"auth_tokens: {path} is not a file"

@@ -9,11 +9,19 @@ import math
 import grpc
 import numpy as np
 import pytest
+from grpc_helpers import serve, target
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from ssmstream.protos import inference_pb2 as pb
+from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime import errors
 from ssmstream.runtime.config import ServerConfig
-from ssmstream.runtime.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServerMetrics, _RateWindow
+from ssmstream.runtime.metrics import (
+    BATCH_BUCKETS,
+    LATENCY_BUCKETS,
+    FeaturesCollector,
+    ServerMetrics,
+    _RateWindow,
+)
 from ssmstream.runtime.servicer import (
     StreamingInferenceServicer,
     check_output_selection,
@@ -238,3 +246,112 @@ def test_output_all_of_a_values_model_counts_rows_not_values():
     assert tokens.size == 0 and values.shape == (8 * d_in,)
     with pytest.raises(errors.LimitExceeded, match="^output: OUTPUT_ALL of 17 inputs x 1048576"):
         servicer._check_request(request(17))  # 68 MiB
+
+
+@pytest.fixture(scope="module")
+def stub(toy_token_model):
+    with serve(toy_token_model["model_dir"]) as srv:
+        with grpc.insecure_channel(target(srv)) as ch:
+            yield pb_grpc.StreamingInferenceStub(ch)
+
+
+def test_snapshot_names_the_step_graph_its_state_belongs_to(stub):
+    """Snapshot.model_sha256 is the served step graph's sha256 (ModelInfo.step_sha256),
+    the field a client checks before restoring the snapshot elsewhere."""
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    s = stub.CreateSession(pb.CreateSessionRequest(), timeout=10)
+    stub.Step(pb.StepRequest(session_id=s.session_id, tokens=[1, 2]), timeout=10)
+    snap = stub.SnapshotSession(pb.SnapshotRequest(session_id=s.session_id), timeout=10)
+    assert len(info.step_sha256) == 64
+    assert snap.model_sha256 == info.step_sha256
+    assert (snap.session_id, snap.position) == (s.session_id, 2)
+
+
+def test_limits_report_the_rewind_checkpoint_bytes_per_session(stub, toy_token_model):
+    """ModelInfo.limits.checkpoint_bytes_per_session is the service's bound, not 0
+    (rewind_window defaults to 4096, so rewind history is kept)."""
+    lim = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits
+    assert lim.rewind_window == 4096
+    # History.max_bytes: at most 2 * W / chunk + 3 checkpoints of S float32, W + chunk int64 inputs
+    W, chunk, S = 4096, toy_token_model["chunk"], toy_token_model["S"]
+    assert lim.checkpoint_bytes_per_session == (2 * W // chunk + 3) * 4 * S + (W + chunk) * 8
+
+
+def test_metrics_listen_only_on_the_host_they_are_given():
+    """Serve(port, host) binds that address (127.0.0.1: not reachable from outside),
+    not every interface."""
+    m = ServerMetrics()
+    port = m.serve(0, "127.0.0.1")
+    try:
+        assert m._http.server_address[:2] == ("127.0.0.1", port)
+        assert m._http.socket.getsockname()[:2] == ("127.0.0.1", port)
+    finally:
+        m.close()
+
+
+def test_a_scrape_whose_stats_fail_still_answers_the_other_metrics(caplog):
+    """A stats() that raises (any exception) is logged and its families left out; the
+    scrape still answers (a scrape must never take the server down)."""
+    m = ServerMetrics()
+
+    def broken():
+        raise RuntimeError("store is gone")
+
+    def broken_features():
+        raise KeyError("prefix_cache")
+
+    m.watch_store(broken)
+    m.registry.register(FeaturesCollector(broken_features))
+    m.count_tokens("Step", 3)
+    text = generate_latest(m.registry).decode()
+    assert 'ssmstream_tokens_total{rpc="Step"} 3.0' in text
+    assert "ssmstream_sessions_active" not in text and "ssmstream_prefix_cache" not in text
+    assert "metrics: SessionStore.stats() failed" in caplog.text
+    assert "metrics: SessionService.feature_stats() failed" in caplog.text
+
+
+def test_feature_metrics_map_each_stat_to_its_own_family():
+    """Each prefix-cache / rewind stat lands in its own family (distinct values, so a
+    swapped pair shows)."""
+    from prometheus_client import CollectorRegistry
+
+    stats = {
+        "prefix_cache": {"hits": 3, "misses": 5, "cached_tokens": 70, "evictions": 2,
+                         "bytes": 4096, "entries": 7},
+        "checkpoint_bytes": 1234,
+    }  # fmt: skip
+    reg = CollectorRegistry()
+    reg.register(FeaturesCollector(lambda: stats))
+    got = {
+        name: reg.get_sample_value(name)
+        for name in (
+            "ssmstream_prefix_cache_hits_total", "ssmstream_prefix_cache_misses_total",
+            "ssmstream_prefix_cache_cached_tokens_total", "ssmstream_prefix_cache_evictions_total",
+            "ssmstream_prefix_cache_bytes", "ssmstream_prefix_cache_entries",
+            "ssmstream_rewind_checkpoint_bytes",
+        )
+    }  # fmt: skip
+    assert got == {
+        "ssmstream_prefix_cache_hits_total": 3.0, "ssmstream_prefix_cache_misses_total": 5.0,
+        "ssmstream_prefix_cache_cached_tokens_total": 70.0,
+        "ssmstream_prefix_cache_evictions_total": 2.0, "ssmstream_prefix_cache_bytes": 4096.0,
+        "ssmstream_prefix_cache_entries": 7.0, "ssmstream_rewind_checkpoint_bytes": 1234.0,
+    }  # fmt: skip
+
+
+def test_a_bin_leaves_the_rate_when_its_second_leaves_the_window():
+    """Events of second 100 count while second 100 is in the window (up to 109.x) and
+    not from 110.0 on, also when no later event started a new bin (the current bin is
+    kept exactly as _trim keeps finished ones)."""
+    from ssmstream.runtime.metrics import _RateWindow
+
+    now = [100.0]
+    rate = _RateWindow(window=10, clock=lambda: now[0])
+    now[0] = 100.5
+    rate.add(50)
+    now[0] = 109.5
+    assert rate.rate() == 50 / 9.5  # seconds 100..109.5
+    now[0] = 110.25
+    assert rate.rate() == 0.0
+    rate.add(4)  # a new bin (second 110) starts; second 100's bin is dropped
+    assert rate.rate() == 4 / 9.25

@@ -29,6 +29,7 @@ from ssmstream.runtime.snapshots import (
     STORE_MAGIC,
     VERSION,
     SnapshotKey,
+    decode_snapshot,
 )
 
 SECRET = b"sessions-test-key-0123456789"
@@ -1011,3 +1012,29 @@ def test_pin_refuses_a_closed_session_and_a_non_session():
     with pytest.raises(InvalidInput) as e2:
         store.pin("a")
     assert str(e2.value) == "session: must be a Session, got str"
+
+
+@pytest.mark.parametrize("n", [0, 1, 15])
+def test_a_key_shorter_than_16_bytes_is_refused_however_it_is_made(n):
+    with pytest.raises(InvalidInput) as e:
+        SnapshotKey(b"k" * n)
+    assert e.value.field == "snapshot_key"
+    assert "must be at least 16 bytes" in str(e.value)
+    assert SnapshotKey(b"k" * 16).secret == b"k" * 16
+
+
+@pytest.mark.parametrize("version", [0, 3])
+def test_a_signed_snapshot_of_another_format_version_is_refused_naming_it(version):
+    data = forge(np.zeros(4, np.float32), 5, "m", version=version)
+    with pytest.raises(InvalidInput) as e:
+        decode_snapshot(KEY, data, "m", 4)
+    assert e.value.field == "snapshot"
+    assert f"has format version {version}, not supported (want 2)" in str(e.value)
+    assert decode_snapshot(KEY, forge(np.ones(4, np.float32), 5, "m"), "m", 4)[0] == 5
+
+
+def test_a_snapshot_shorter_than_its_signature_is_truncated():
+    good = forge(np.ones(4, np.float32), 5, "m")
+    with pytest.raises(InvalidInput) as e:
+        KEY.verify(good[:39], "snapshot", "")
+    assert e.value.field == "snapshot" and str(e.value).endswith("is truncated")

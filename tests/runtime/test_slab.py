@@ -435,3 +435,26 @@ def test_write_refuses_a_batched_state_shape():
     assert e.value.field == "state"
     np.testing.assert_array_equal(slab.array, np.zeros((3, 2)))
     assert slab.stats.rows_in == 0
+
+
+def test_read_rows_counts_every_row_and_names_the_slots_field():
+    slab = StateSlab(4, 2)
+    before = slab.stats.rows_out
+    rows = slab.read_rows([0, 2, 3])
+    assert rows.shape == (3, 2)
+    assert slab.stats.rows_out - before == 3 and slab.stats.bytes_out == 3 * 8
+    with pytest.raises(InvalidInput) as e:
+        slab.read_rows([1, 4])
+    assert e.value.field == "slots"
+    assert "slot 4 is outside [0, capacity=4)" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "slots, words",
+    [([[0], [1]], "int64 (2, 1)"), ([], "float64 (0,)"), (np.empty(0, np.int64), "int64 (0,)")],
+)
+def test_slots_that_are_not_a_non_empty_vector_are_refused(slots, words):
+    with pytest.raises(InvalidInput) as e:
+        StateSlab(3, 2).check_slots(slots)
+    assert e.value.field == "slots"
+    assert f"must be a non-empty 1-D integer array, got {words}" in str(e.value)

@@ -20,7 +20,13 @@ from ssmstream.runtime.errors import (
     SessionNotFound,
     Unavailable,
 )
-from ssmstream.runtime.replication import RedisReplication, parse_persist_every
+from ssmstream.runtime.replication import (
+    PIPELINE_CALLS,
+    RedisReplication,
+    StoreCollector,
+    parse_persist_every,
+    record_expire_ms,
+)
 from ssmstream.runtime.sessions import SessionStore
 from ssmstream.runtime.snapshots import SnapshotKey
 
@@ -1005,8 +1011,6 @@ def test_a_shutdown_whose_write_back_fails_reports_instead_of_raising(redis_serv
 
 
 def _outage(store: SessionStore) -> None:
-    import redis
-
     store.replication._degrade(redis.ConnectionError("outage"))
 
 
@@ -1921,3 +1925,478 @@ def test_a_session_closed_after_a_write_whose_reply_was_lost_stays_closed(redis_
     b.fetch(sid, "alice")
     with pytest.raises(SessionNotFound):
         b.get(sid, "alice")
+
+
+def test_refetching_a_session_whose_lease_is_still_ours_in_redis_does_not_wait(redis_server):
+    """Held() says no from 0.8 x lease_ttl after the last renewal (a safety margin), while
+    Redis still has our lease: a fetch then must take it back at once (CURRENT), not wait for
+    its own lease to lapse as if another replica held it."""
+    a = replica(redis_server, "A", lease_ttl=5.0, lease_wait=0.5)
+    sid = a.create().id
+    step(a, sid, np.random.default_rng(0))
+    a.replication._lease_until[sid] = 0.0  # as 0.8 x lease_ttl after the last renewal
+    assert not a.held(sid)
+    assert redis.Redis.from_url(redis_server.url).get(f"ssmstream:l:{sid}") == b"A"
+    t0 = time.monotonic()
+    a.fetch(sid)
+    assert time.monotonic() - t0 < 0.4
+    assert a.held(sid)
+    st = a.replication.stats()
+    assert (st["relocks"], st["lease_waits"], st["loads"]) == (1, 0, 0)
+
+
+def test_a_ttl_of_exactly_1e9_seconds_still_expires_like_the_take_over_script_says(redis_server):
+    """Past 1e9 s a record gets no expiry; at exactly 1e9 s it does (the write and the
+    take-over scripts must agree on the bound, else a take-over makes a persisted record
+    expire or the other way round)."""
+    assert record_expire_ms(1e9) == 1_000_000_060_000
+    assert record_expire_ms(1e9 + 1) == 0
+    a = replica(redis_server, "A", ttl=1e9)
+    sid = a.create().id
+    cli = redis.Redis.from_url(redis_server.url)
+    written = cli.pttl(f"ssmstream:s:{sid}")
+    assert written > 999_000_000_000
+    a.flush()
+    b = replica(redis_server, "B")
+    b.fetch(sid)  # _TAKE renews the record's expiry by its own rule (ttl > 1e9: none)
+    assert cli.pttl(f"ssmstream:s:{sid}") > 999_000_000_000
+
+
+def test_a_flush_of_more_sessions_than_one_pipeline_writes_every_one(redis_server):
+    """Writes are pipelined PIPELINE_CALLS (256) script calls per round trip: a shutdown
+    with more dirty sessions than that must write every one (none lost at a chunk's edge)."""
+    rng = np.random.default_rng(3)
+    n = PIPELINE_CALLS + 4
+    a = replica(redis_server, "A", persist_every="10000ms", lease_ttl=5.0, capacity=n)
+    ids = [a.create().id for _ in range(n)]
+    last = {sid: step(a, sid, rng) for sid in ids}
+    assert a.replication.stats()["dirty"] == n
+    assert a.flush() == 0
+    assert a.replication.stats()["dirty"] == 0
+    be = a.replication.backend
+    for sid in ids:
+        assert be.load(sid)["version"] == 2, sid
+    b = replica(redis_server, "B", capacity=n)
+    probe = ids[PIPELINE_CALLS - 1]  # the last call of the first chunk
+    b.fetch(probe)
+    np.testing.assert_array_equal(b.read(b.get(probe)), last[probe])
+
+
+def test_a_session_taken_over_keeps_its_own_ttl(redis_server):
+    """The record carries the session's TTL: the replica taking it over keeps it (not
+    its store's default)."""
+    a = replica(redis_server, "A", lease_ttl=5.0, ttl=600.0)
+    sid = a.create(ttl=42.5).id
+    a.flush()
+    b = replica(redis_server, "B", ttl=600.0)
+    b.fetch(sid)
+    assert b.get(sid).ttl == 42.5
+    assert b.replication.backend.load(sid)["ttl"] == 42.5
+
+
+def test_an_undone_take_over_gives_the_record_back_to_its_holder(redis_server):
+    """A replica of another model refuses a session: the take-over is undone, term AND
+    holder, so the record again names the replica that wrote it."""
+    rng = np.random.default_rng(5)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create().id
+    step(a, sid, rng)
+    time.sleep(0.3)  # A's lease lapses
+    other = replica(redis_server, "B", model_sha="sha-B")
+    with pytest.raises(ModelError):
+        other.fetch(sid)
+    rec = a.replication.backend.load(sid)
+    assert (rec["term"], rec["holder"]) == (0, "A")
+
+
+def test_an_id_in_use_is_refused_naming_the_session_id_field(redis_server):
+    """The refusal of an id in use names the request field."""
+    a, b = replica(redis_server, "A"), replica(redis_server, "B")
+    a.create(session_id="chat-1")
+    with pytest.raises(InvalidInput) as e:
+        b.create(session_id="chat-1")
+    assert e.value.field == "session_id"
+    assert str(e.value) == "session_id: 'chat-1' is already in use"
+
+
+def test_a_refused_write_adds_no_bytes_written(redis_server):
+    """Write_bytes counts what was written: a refused write adds nothing."""
+    rng = np.random.default_rng(7)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    before = dict(a.replication.counts)
+    assert before["write_bytes"] > 0
+    redis.Redis.from_url(redis_server.url).set(f"ssmstream:l:{sid}", "B")
+    with pytest.raises(Unavailable):
+        step(a, sid, rng)
+    assert a.replication.counts["writes"] == before["writes"]
+    assert a.replication.counts["write_bytes"] == before["write_bytes"]
+
+
+def test_the_collector_exports_the_replications_stats(redis_server):
+    """Every stat is exported under its own name."""
+    rng = np.random.default_rng(8)
+    a = replica(redis_server, "A", persist_every="4", lease_ttl=0.2)
+    sid = a.create().id
+    a.create()
+    step(a, sid, rng)  # dirty: not written yet
+    time.sleep(0.3)
+    a.fetch(sid)  # a relock
+    got = {m.name: m.samples[0].value for m in StoreCollector(a.replication).collect()}
+    st = a.replication.stats()
+    assert st["dirty"] == 1 and st["writes"] == 2 and st["relocks"] == 1
+    assert got == {
+        "ssmstream_state_store_up": 1.0,
+        "ssmstream_state_store_dirty_sessions": 1.0,
+        "ssmstream_state_store_writes": 2.0,
+        "ssmstream_state_store_write_bytes": float(st["write_bytes"]),
+        "ssmstream_state_store_loads": 0.0,
+        "ssmstream_state_store_relocks": 1.0,
+        "ssmstream_state_store_moved": 0.0,
+        "ssmstream_state_store_errors": 0.0,
+        "ssmstream_state_store_lease_waits": 0.0,
+    }
+
+
+def test_a_failed_renewal_means_the_lease_is_not_held(redis_server):
+    """A renewal that finds the lease taken by another replica: not held from then on
+    (the next step fetches instead of writing without a lease)."""
+    rng = np.random.default_rng(10)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)  # used: renewed at the next renewal
+    assert a.held(sid)
+    redis.Redis.from_url(redis_server.url).set(f"ssmstream:l:{sid}", "B")
+    a.replication._renew_used()  # the background thread's renewal
+    assert not a.held(sid)
+
+
+def test_the_background_thread_deletes_an_evicted_sessions_keys(redis_server):
+    """An idle eviction only queues its delete (no I/O under the store's lock): the
+    background thread must run it within a period, leaving the 'evicted' tombstone."""
+    now = [0.0]
+    a = replica(redis_server, "A", lease_ttl=0.3, ttl=10.0, clock=lambda: now[0])
+    a.replication.start()
+    try:
+        s = a.create()
+        sid, inc = s.id, s.incarnation
+        now[0] = 11.0
+        assert a.evict_idle() == [sid]
+        cli = redis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 2.0
+        while cli.exists(f"ssmstream:s:{sid}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not cli.exists(f"ssmstream:s:{sid}")
+        assert not cli.exists(f"ssmstream:l:{sid}")
+        assert cli.get(f"ssmstream:x:{sid}:{inc}") == b"evicted"
+    finally:
+        a.replication.stop()
+
+
+def _fake_clock(monkeypatch):
+    """The replication module's monotonic clock, set by the test (everything else real)."""
+    import types
+
+    import ssmstream.runtime.replication as rep
+
+    clock = [1000.0]
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=time.sleep, time=time.time)
+    monkeypatch.setattr(rep, "time", fake)
+    return clock
+
+
+def _tries(caplog):
+    return [r.levelname for r in caplog.records if "write-back failed" in r.getMessage()]
+
+
+def test_failed_write_backs_warn_at_most_every_30_seconds(redis_server, monkeypatch, caplog):
+    """A write-back retried every period while Redis is down logs a WARNING at most every
+    30 s (DEBUG in between)."""
+    clock = _fake_clock(monkeypatch)
+    a = replica(redis_server, "A")
+    a.create()
+    redis_server.stop()
+    _outage(a)
+    with caplog.at_level("DEBUG", logger="ssmstream.runtime.replication"):
+        for t in (1000.0, 1010.0, 1029.0, 1030.5, 1040.0):
+            clock[0] = t
+            a.replication._try_recover()
+    assert _tries(caplog) == ["WARNING", "DEBUG", "DEBUG", "WARNING", "DEBUG"]
+
+
+def test_a_new_outage_after_a_recovery_warns_at_once(redis_server, monkeypatch, caplog):
+    """The 30 s throttle of write-back warnings starts afresh with each outage: the first
+    failed write-back of a new outage is a WARNING even right after the last one."""
+    clock = _fake_clock(monkeypatch)
+    a = replica(redis_server, "A")
+    a.create()
+    redis_server.stop()
+    _outage(a)
+    with caplog.at_level("DEBUG", logger="ssmstream.runtime.replication"):
+        a.replication._try_recover()  # WARNING
+        redis_server.start()
+        clock[0] += 5
+        a.replication._try_recover()
+        assert not a.replication.degraded
+        redis_server.stop()
+        _outage(a)
+        clock[0] += 5
+        a.replication._try_recover()
+    assert _tries(caplog) == ["WARNING", "WARNING"]
+
+
+def test_a_create_refused_while_degraded_does_not_try_redis(redis_server):
+    """While Redis is down, a create whose claim reserved nothing (degraded) and that is
+    then refused (a bad ttl) lets go of the id without calling Redis: no second error."""
+    a = replica(redis_server, "A")
+    redis_server.stop()
+    _outage(a)
+    assert a.replication.stats()["errors"] == 1
+    with pytest.raises(InvalidInput) as e:
+        a.create(session_id="chat-9", ttl=-1)
+    assert e.value.field == "ttl"
+    assert a.replication.stats()["errors"] == 1
+    assert not a.held("chat-9") and "chat-9" not in a.replication._pending
+
+
+def test_a_script_error_other_than_a_lost_script_is_not_run_again(redis_server):
+    """_run re-runs only the calls Redis answered NOSCRIPT (it lost its scripts): a call
+    that failed otherwise (here WRONGTYPE: the lease key is not a string) ran, maybe in part
+    (Lua has no rollback), and is not run a second time: one pipelined round trip, its error
+    raised (the store turns degraded)."""
+    rng = np.random.default_rng(11)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    cli = redis.Redis.from_url(redis_server.url)
+    cli.delete(f"ssmstream:l:{sid}")
+    cli.hset(f"ssmstream:l:{sid}", "x", "1")  # WRONGTYPE for GET
+    client = a.replication.backend.client
+    pipes, loads = [], []
+    real_pipe, real_load = client.pipeline, client.script_load
+    client.pipeline = lambda *a_, **k: pipes.append(1) or real_pipe(*a_, **k)
+    client.script_load = lambda *a_, **k: loads.append(1) or real_load(*a_, **k)
+    step(a, sid, rng)  # served; the write failed
+    assert a.replication.degraded and a.replication.stats()["errors"] == 1
+    assert (len(pipes), len(loads)) == (1, 0)
+
+
+def test_a_shutdown_deletes_the_keys_of_sessions_evicted_since_the_last_period(redis_server):
+    """An eviction queues its delete for the background thread: a shutdown before the
+    next period runs it (else the evicted session's record stays for its TTL, and another
+    replica serves the session that was evicted here)."""
+    now = [0.0]
+    a = replica(redis_server, "A", lease_ttl=5.0, ttl=10.0, clock=lambda: now[0])
+    s = a.create()
+    sid, inc = s.id, s.incarnation
+    now[0] = 11.0
+    assert a.evict_idle() == [sid]
+    assert a.replication.backend.exists(sid)  # queued, not yet deleted
+    assert a.flush(final=True) == 0
+    cli = redis.Redis.from_url(redis_server.url)
+    assert not cli.exists(f"ssmstream:s:{sid}")
+    assert cli.get(f"ssmstream:x:{sid}:{inc}") == b"evicted"
+    b = replica(redis_server, "B")
+    b.fetch(sid)
+    with pytest.raises(SessionNotFound):
+        b.get(sid)
+
+
+def test_busy_names_the_replica_holding_the_lease(redis_server):
+    """A fetch that waited lease_wait in vain says which replica keeps the lease."""
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=0.2)
+    with pytest.raises(SessionBusy) as e:
+        b.fetch(sid)
+    assert str(e.value) == (
+        f"session {sid!r} is held by replica 'A' (its lease was not released within 0.2s); retry"
+    )
+
+
+def test_another_principal_asking_for_a_session_whose_record_expired_writes_nothing(redis_server):
+    """The record of alice's session expired while A holds it: only alice's own request
+    writes it back (and takes its lease). Mallory asking for the id changes nothing in Redis
+    (and is answered as for an unknown id)."""
+    rng = np.random.default_rng(12)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    sid = a.create("alice").id
+    x = step(a, sid, rng, "alice")
+    cli = redis.Redis.from_url(redis_server.url)
+    cli.delete(f"ssmstream:s:{sid}")  # the record expired (or Redis evicted it)
+    time.sleep(0.3)  # and A's lease lapsed
+    a.fetch(sid, "mallory")
+    assert not cli.exists(f"ssmstream:s:{sid}")
+    assert not cli.exists(f"ssmstream:l:{sid}")
+    with pytest.raises(SessionNotFound):
+        a.get(sid, "mallory")
+    a.fetch(sid, "alice")  # alice's request writes it back
+    rec = a.replication.backend.load(sid)
+    assert rec["principal"] == "alice" and a.held(sid, "alice")
+    np.testing.assert_array_equal(a.read(a.get(sid, "alice")), x)
+
+
+def _old_copy_then_id_reused(redis_server, end: str):
+    """A holds an old copy of alice's chat-1; B took it over and it ended there (`end`:
+    "closed" | "evicted"), then mallory made a new chat-1 on B. Returns (a, b, sid, the old
+    incarnation)."""
+    now = [0.0]
+    a = replica(redis_server, "A", lease_ttl=0.2, ttl=10.0)
+    b = replica(redis_server, "B", lease_ttl=0.2, ttl=10.0, clock=lambda: now[0])
+    old = a.create("alice", session_id="chat-1")
+    time.sleep(0.3)  # A's lease lapses
+    b.fetch("chat-1", "alice")
+    if end == "evicted":
+        now[0] += 11.0
+        assert b.evict_idle() == ["chat-1"]
+        b.replication._delete_dropped()  # the background thread does this
+    else:
+        b.close("chat-1", "alice")
+    b.create("mallory", session_id="chat-1")
+    return a, b, "chat-1", old.incarnation
+
+
+def test_an_old_copy_whose_id_was_reused_after_an_eviction_says_evicted(redis_server):
+    """The tombstone of the old incarnation says how it ended: its owner is told
+    'evicted' (not 'closed') when it was evicted elsewhere, even though the id is another
+    principal's session now."""
+    a, b, sid, inc = _old_copy_then_id_reused(redis_server, "evicted")
+    assert b.replication.backend.gone(sid, inc) == "evicted"
+    a.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound) as e:
+        a.get(sid, "alice")
+    assert e.value.reason == "evicted"
+    assert b.replication.backend.load(sid)["principal"] == "mallory"
+
+
+def test_an_old_copy_whose_tombstone_expired_says_closed(redis_server):
+    """Without a tombstone (it expired) the old incarnation is reported closed: the id is
+    another session's now."""
+    a, b, sid, inc = _old_copy_then_id_reused(redis_server, "evicted")
+    redis.Redis.from_url(redis_server.url).delete(f"ssmstream:x:{sid}:{inc}")  # expired
+    assert b.replication.backend.gone(sid, inc) is None
+    a.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound) as e:
+        a.get(sid, "alice")
+    assert e.value.reason == "closed"
+
+
+def test_a_create_refused_while_degraded_leaves_nothing_to_write_back(redis_server, caplog):
+    """A create refused while Redis is down (its id reserved nothing: pending a
+    write-back) lets go of the id entirely: the recovery writes back the one real session and
+    reports nothing left waiting (not a phantom 'being stepped' session and -1 written)."""
+    a = replica(redis_server, "A")
+    sid = a.create().id
+    redis_server.stop()
+    _outage(a)
+    with pytest.raises(InvalidInput):
+        a.create(session_id="chat-9", ttl=-1)
+    redis_server.start()
+    with caplog.at_level("INFO", logger="ssmstream.runtime.replication"):
+        a.replication._try_recover()
+    assert not a.replication.degraded
+    back = [r.getMessage() for r in caplog.records if "is back" in r.getMessage()]
+    assert len(back) == 1
+    assert back[0].endswith(
+        ": 1 sessions written back and re-leased, 0 dropped (moved or "
+        "ended elsewhere), 0 being stepped (written next)"
+    )
+    assert a.replication.backend.exists(sid) and not a.replication.backend.exists("chat-9")
+    assert a.replication.stats()["dirty"] == 0
+
+
+def test_each_failed_operation_counts_one_error_also_while_degraded(redis_server):
+    """`errors` counts state store operations that failed, not outages: a fetch waiting
+    for another replica's lease and a write-through that both fail when Redis goes away are
+    two errors."""
+    rng = np.random.default_rng(13)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    # B's background thread (every lease_ttl / 3) stays out of the count
+    b = replica(redis_server, "B", lease_ttl=30.0, lease_wait=3.0)
+    own = b.create().id
+    got = []
+
+    def fetch():
+        try:
+            b.fetch(sid)
+        except Exception as e:  # noqa: BLE001
+            got.append(e)
+
+    t = threading.Thread(target=fetch)
+    t.start()
+    time.sleep(0.3)  # B's fetch waits for A's lease
+    redis_server.stop()
+    step(b, own, rng)  # served from memory; its write-through failed
+    t.join(5)
+    assert len(got) == 1 and isinstance(got[0], Unavailable)
+    assert str(got[0]) == f"state store failed while loading {sid!r}; retry"
+    st = b.replication.stats()
+    assert st["up"] is False and st["errors"] == 2
+
+
+def roll_back(redis_server, sid: str, record: dict) -> None:
+    """Redis comes back from an older dump (RDB or AOF), or fails over to a replica that
+    lags: the generation token is the same, the session's record is `record` (as HGETALL gave
+    it earlier) and its lease has expired."""
+    cli = redis.Redis.from_url(redis_server.url)
+    cli.delete(f"ssmstream:l:{sid}", f"ssmstream:s:{sid}")
+    cli.hset(f"ssmstream:s:{sid}", mapping=record)
+
+
+def written(store: SessionStore, sid: str) -> tuple[int, np.ndarray, int]:
+    """Redis's record of `sid`: position, state, version."""
+    rec = store.replication.backend.load(sid)
+    position, state = store.unpack(rec["snap"])
+    return position, state, rec["version"]
+
+
+def test_a_record_redis_rolled_back_is_overwritten_by_the_next_write_of_the_newer_copy(
+    redis_server,
+):
+    """The replica that held the session last writes its newer copy back at its next write
+    (here before any lease renewal noticed the lapse): no acknowledged step is lost, and the
+    session is not dropped as 'moved'."""
+    rng = np.random.default_rng(1)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
+    step(a, sid, rng)
+    step(a, sid, rng)
+    assert written(a, sid)[2] == 4
+    roll_back(redis_server, sid, old)
+    assert written(a, sid)[0] == 1 and a.held(sid)
+    x = step(a, sid, rng)
+    position, state, version = written(a, sid)
+    assert (position, a.get(sid).position) == (4, 4) and version > 4
+    np.testing.assert_array_equal(state, x)
+    assert a.replication.stats()["moved"] == 0
+
+
+def test_a_record_redis_rolled_back_is_overwritten_when_the_holder_fetches_it_again(
+    redis_server,
+):
+    """After a renewal found the lease gone, the holder's next fetch finds the record behind
+    its copy (same incarnation and term, held by no one else since) and writes its copy back
+    instead of loading the older record."""
+    rng = np.random.default_rng(2)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
+    step(a, sid, rng)
+    last = step(a, sid, rng)
+    roll_back(redis_server, sid, old)
+    a.replication._lease_until[sid] = 0.0  # as after a renewal that found the lease gone
+    a.fetch(sid)
+    s = a.get(sid)
+    assert s.position == 3
+    np.testing.assert_array_equal(a.read(s), last)
+    position, state, version = written(a, sid)
+    assert position == 3 and version > 4
+    np.testing.assert_array_equal(state, last)
+    assert a.replication.stats()["loads"] == 0
+    x = step(a, sid, rng)
+    assert written(a, sid)[0] == 4
+    np.testing.assert_array_equal(written(a, sid)[1], x)

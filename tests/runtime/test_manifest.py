@@ -1,0 +1,97 @@
+"""load_manifest: malformed manifests are ModelErrors naming what is wrong.
+
+A minimal manifest is written by hand (load_manifest checks fields and graph files only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from ssmstream.runtime.errors import ModelError
+from ssmstream.runtime.manifest import load_manifest
+
+
+def _model(tmp_path, change=lambda m: None):
+    d = tmp_path / "m"
+    d.mkdir()
+    for name in ("step.onnx", "prefill.onnx"):
+        (d / name).write_bytes(name.encode())
+    sha = {n: hashlib.sha256(n.encode()).hexdigest() for n in ("step.onnx", "prefill.onnx")}
+    m = {
+        "format": "ssmstream-model",
+        "format_version": 1,
+        "name": "m",
+        "input_kind": "tokens",
+        "vocab_size": 11,
+        "d_input": None,
+        "d_output": 11,
+        "state_size": 8,
+        "state_layout": [{"layer": 0, "offset": 0, "shape": [2, 2, 2], "size": 8}],
+        "dtype": "fp32",
+        "graphs": {
+            "step": {"file": "step.onnx", "sha256": sha["step.onnx"]},
+            "prefill": {
+                "file": "prefill.onnx",
+                "sha256": sha["prefill.onnx"],
+                "chunk": 4,
+                "max_len": 16,
+            },
+        },
+    }
+    change(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def test_the_hand_written_manifest_loads(tmp_path):
+    assert load_manifest(_model(tmp_path))["graphs"]["prefill"]["max_len"] == 16
+
+
+def test_a_manifest_json_that_is_a_directory_is_missing(tmp_path):
+    d = tmp_path / "m"
+    (d / "manifest.json").mkdir(parents=True)
+    with pytest.raises(ModelError, match=r"manifest\.json is missing: not an exported ssmstream"):
+        load_manifest(d)
+
+
+def test_a_manifest_that_is_not_utf8_is_not_valid_json(tmp_path):
+    d = _model(tmp_path)
+    (d / "manifest.json").write_bytes(b'{"format": "\xff\xfe"}')
+    with pytest.raises(ModelError, match=r"manifest\.json is not valid JSON"):
+        load_manifest(d)
+
+
+@pytest.mark.parametrize("doc", ["[1, 2]", '"ssmstream-model"', "3"])
+def test_a_manifest_that_is_not_an_object_is_not_a_manifest(tmp_path, doc):
+    d = _model(tmp_path)
+    (d / "manifest.json").write_text(doc)
+    with pytest.raises(ModelError, match=r"manifest\.json is not an ssmstream model manifest"):
+        load_manifest(d)
+
+
+@pytest.mark.parametrize("offset", [None, "0", 1.5, True])
+def test_a_state_layout_entry_without_an_integer_offset_is_refused(tmp_path, offset):
+    def change(m):
+        m["state_layout"][0]["offset"] = offset
+
+    with pytest.raises(ModelError, match=r"manifest\.json: state_layout must be a list"):
+        load_manifest(_model(tmp_path, change))
+
+
+@pytest.mark.parametrize("max_len", [0, -4, "16", 2.0])
+def test_a_prefill_max_len_that_is_not_a_positive_integer_is_refused_naming_it(tmp_path, max_len):
+    def change(m):
+        m["graphs"]["prefill"]["max_len"] = max_len
+
+    with pytest.raises(ModelError) as e:
+        load_manifest(_model(tmp_path, change))
+    assert f"graphs.prefill.max_len must be a positive integer, got {max_len!r}" in str(e.value)
+
+
+def test_a_manifest_missing_required_fields_names_them(tmp_path):
+    def change(m):
+        del m["name"], m["dtype"]
+
+    with pytest.raises(ModelError, match=r"manifest\.json: missing fields \['name', 'dtype'\]"):
+        load_manifest(_model(tmp_path, change))
