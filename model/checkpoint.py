@@ -32,12 +32,16 @@ class CheckpointError(ValueError):
 def save_checkpoint(net: SSMNetwork, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `net` (config + weights) to directory `path`; keeps an existing train_log.jsonl.
 
-    `extra` (e.g. the training step and the optimizer state file name) goes into config.json.
+    `extra` (e.g. the training step and the optimizer state file name) goes into config.json,
+    beside the reserved keys `format`, `version` and `model` (ValueError if it names one).
     Files are written to temporary names and renamed, so a crash never leaves half a file.
     """
+    meta = {"format": FORMAT, "version": VERSION, "model": net.cfg.to_dict()}
+    if reserved := sorted(meta.keys() & (extra or {}).keys()):
+        raise ValueError(f"extra: {', '.join(reserved)} are checkpoint fields, not extras")
+    meta.update(extra or {})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "version": VERSION, "model": net.cfg.to_dict(), **(extra or {})}
     tensors = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()
     }

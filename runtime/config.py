@@ -223,7 +223,7 @@ class ServerConfig:
                 _check_int(name, getattr(self, name), low=1)
         for name in ("prefix_cache_mb", "rewind_memory_mb"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 2**20:
+            if not _is_number(value) or not 0 <= value < 2**20:
                 raise ValueError(f"{name}: must be in [0, 2**20) MiB, got {value!r}")
         if self.prefix_cache_scope not in ("principal", "global"):
             raise ValueError(
@@ -236,7 +236,7 @@ class ServerConfig:
             ("save_interval", False),
         ):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{name}: must be a finite number of seconds, got {value!r}")
             if value < 0 or (low_exclusive and value == 0) or value > MAX_SECONDS:
                 bound = "> 0" if low_exclusive else ">= 0"
@@ -279,7 +279,7 @@ class ServerConfig:
         from .replication import parse_persist_every
 
         parse_persist_every(self.persist_every)
-        if not isinstance(self.lease_ttl, (int, float)) or not 0.05 <= self.lease_ttl <= 3600:
+        if not _is_number(self.lease_ttl) or not 0.05 <= self.lease_ttl <= 3600:
             raise ValueError(f"lease_ttl: must be in [0.05, 3600] seconds, got {self.lease_ttl!r}")
 
     @property
@@ -291,6 +291,11 @@ class ServerConfig:
 
 INT32, UINT32 = 2**31 - 1, 2**32 - 1
 MAX_SECONDS = 1e9  # about 31 years: larger durations overflow Redis's millisecond expiries
+
+
+def _is_number(value) -> bool:
+    """int or float, not bool (True is an int to Python, not a number of seconds to us)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:

@@ -273,3 +273,15 @@ def test_map_location_of_a_wrong_type_is_a_value_error(tmp_path, where):
     ck = save_checkpoint(net, tmp_path / "ck")
     with pytest.raises(ValueError, match=r"map_location: .* is not a torch device"):
         load_checkpoint(ck, map_location=where)
+
+
+@pytest.mark.parametrize("key", ["format", "version", "model"])
+def test_extra_may_not_replace_a_checkpoint_field(tmp_path, key):
+    """A checkpoint whose `version` or `model` came from `extra` could not be loaded; the
+    save is refused before anything is written."""
+    net = SSMNetwork(SSMConfig(vocab_size=5, d_model=4, n_layers=1, d_state=2))
+    with pytest.raises(ValueError, match=rf"^extra: {key} are checkpoint fields, not extras$"):
+        save_checkpoint(net, tmp_path / "c", extra={"step": 1, key: 2})
+    assert not (tmp_path / "c").exists()
+    save_checkpoint(net, tmp_path / "c", extra={"step": 1})
+    assert load_checkpoint(tmp_path / "c").cfg == net.cfg

@@ -305,3 +305,21 @@ def test_help_shows_no_default_for_flags_whose_default_is_none():
     text = " ".join(build_parser().format_help().split())
     assert "default: None" not in text
     assert "(default: 50051)" in text and "(default: memory)" in text
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("session_ttl", "must be a finite number of seconds, got True"),
+        ("grace", "must be a finite number of seconds, got True"),
+        ("prefix_cache_mb", r"must be in \[0, 2\*\*20\) MiB, got True"),
+        ("rewind_memory_mb", r"must be in \[0, 2\*\*20\) MiB, got True"),
+        ("lease_ttl", r"must be in \[0.05, 3600\] seconds, got True"),
+    ],
+)
+def test_a_bool_is_not_a_number_of_seconds_or_mebibytes(name, message):
+    """From Python, True would pass as 1 (bool is an int); the integer settings refuse it,
+    and so do the number ones."""
+    with pytest.raises(ValueError, match=rf"^{name}: {message}$"):
+        ServerConfig(model_dir="m", **{name: True})
+    assert getattr(ServerConfig(model_dir="m", **{name: 1}), name) == 1
