@@ -289,12 +289,15 @@ def test_wrong_slot_graph_fails_the_whole_report(monkeypatch):
     assert not r["slots_vs_step"]["passed"] and r["passed"] is False
 
 
-def test_slot_graph_that_writes_other_rows_fails(monkeypatch):
+@pytest.mark.parametrize("change", [1.0, 1e-5])
+def test_slot_graph_that_writes_other_rows_fails(monkeypatch, change):
+    """Other rows must be untouched bit for bit: a change of 1e-5 fails too."""
+
     class Scribbler(FakeEngine):
         def step_slots(self, x, slots, slab):
             out = super().step_slots(x, slots, slab)
             other = next(i for i in range(len(slab.rows)) if i not in set(map(int, slots)))
-            slab.rows[other] += 1.0
+            slab.rows[other] += change
             return out
 
     rep = verify_mod.slots_vs_step(Scribbler(), MANIFEST, np.zeros((2, 2), np.float32),
@@ -732,22 +735,6 @@ def test_step_vs_torch_passes_at_exactly_the_tolerance(monkeypatch):
     r = verify_mod.verify_graphs("unused", MANIFEST, object(), steps=8)
     assert r["step_vs_torch"]["max_rel"] == rel and r["step_vs_torch"]["passed"] is True
     assert r["passed"] is True
-
-
-def test_slot_check_fails_a_tiny_write_to_another_row():
-    """Other rows must be bit-for-bit untouched (a 1e-5 change is a failure)."""
-
-    class Nudger(FakeEngine):
-        def step_slots(self, x, slots, slab):
-            out = super().step_slots(x, slots, slab)
-            other = next(i for i in range(len(slab.rows)) if i not in set(map(int, slots)))
-            slab.rows[other] += 1e-5
-            return out
-
-    rep = verify_mod.slots_vs_step(Nudger(), MANIFEST, np.zeros((2, 2), np.float32),
-                                   np.random.default_rng(0), steps=2)  # fmt: skip
-    assert rep["max_abs_output"] == rep["max_abs_state"] == 0.0
-    assert rep["other_rows_untouched"] is False and rep["passed"] is False
 
 
 def _fake_verify(seen):

@@ -10,6 +10,17 @@ from ssmstream.runtime.errors import InvalidInput
 from ssmstream.runtime.providers import CudaOptions, session_options
 
 
+class Driver:
+    """libcuda as ctypes sees it: initializes and reports one GPU."""
+
+    def cuInit(self, flags):
+        return 0
+
+    def cuDeviceGetCount(self, n):
+        n.contents.value = 1
+        return 0
+
+
 def test_fp32_means_fp32_unless_tf32_is_asked_for():
     """onnxruntime's CUDA provider runs fp32 MatMuls in TF32 unless use_tf32 is 0."""
     assert CudaOptions().provider_options()["use_tf32"] == "0"
@@ -106,14 +117,6 @@ def test_bad_cuda_options_name_the_field(kwargs, field):
 def test_cuda_usable_tries_the_next_driver_name_when_one_does_not_load(monkeypatch):
     """libcuda.so.1 missing but libcuda.so present (a dev install): that driver is asked."""
 
-    class Driver:
-        def cuInit(self, flags):
-            return 0
-
-        def cuDeviceGetCount(self, n):
-            n.contents.value = 1
-            return 0
-
     tried = []
 
     def cdll(name):
@@ -173,15 +176,6 @@ def test_session_options_optimize_fully_and_never_spin_unless_asked():
 
 
 def test_a_build_without_the_cuda_provider_is_not_usable_even_with_a_driver(monkeypatch):
-    from ssmstream.runtime import providers
-
-    class Driver:
-        def cuInit(self, flags):
-            return 0
-
-        def cuDeviceGetCount(self, n):
-            n.contents.value = 1
-            return 0
 
     monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     monkeypatch.setattr(providers.ctypes, "CDLL", lambda name: Driver())

@@ -2106,6 +2106,16 @@ def _fake_clock(monkeypatch):
     return clock
 
 
+def _down(redis_server, monkeypatch):
+    """A replica with one session, Redis stopped and the outage noticed; the fake clock."""
+    clock = _fake_clock(monkeypatch)
+    a = replica(redis_server, "A")
+    a.create()
+    redis_server.stop()
+    _outage(a)
+    return clock, a
+
+
 def _tries(caplog):
     return [r.levelname for r in caplog.records if "write-back failed" in r.getMessage()]
 
@@ -2113,11 +2123,7 @@ def _tries(caplog):
 def test_failed_write_backs_warn_at_most_every_30_seconds(redis_server, monkeypatch, caplog):
     """A write-back retried every period while Redis is down logs a WARNING at most every
     30 s (DEBUG in between)."""
-    clock = _fake_clock(monkeypatch)
-    a = replica(redis_server, "A")
-    a.create()
-    redis_server.stop()
-    _outage(a)
+    clock, a = _down(redis_server, monkeypatch)
     with caplog.at_level("DEBUG", logger="ssmstream.runtime.replication"):
         for t in (1000.0, 1010.0, 1029.0, 1030.5, 1040.0):
             clock[0] = t
@@ -2128,11 +2134,7 @@ def test_failed_write_backs_warn_at_most_every_30_seconds(redis_server, monkeypa
 def test_a_new_outage_after_a_recovery_warns_at_once(redis_server, monkeypatch, caplog):
     """The 30 s throttle of write-back warnings starts afresh with each outage: the first
     failed write-back of a new outage is a WARNING even right after the last one."""
-    clock = _fake_clock(monkeypatch)
-    a = replica(redis_server, "A")
-    a.create()
-    redis_server.stop()
-    _outage(a)
+    clock, a = _down(redis_server, monkeypatch)
     with caplog.at_level("DEBUG", logger="ssmstream.runtime.replication"):
         a.replication._try_recover()  # WARNING
         redis_server.start()
@@ -2335,13 +2337,23 @@ def test_each_failed_operation_counts_one_error_also_while_degraded(redis_server
     assert st["up"] is False and st["errors"] == 2
 
 
-def roll_back(redis_server, sid: str, record: dict) -> None:
-    """Redis comes back from an older dump (RDB or AOF), or fails over to a replica that
-    lags: the generation token is the same, the session's record is `record` (as HGETALL gave
-    it earlier) and its lease has expired."""
+def rolled_back(redis_server, rng) -> tuple[SessionStore, str, np.ndarray]:
+    """Replica A steps a session 3 times, then Redis comes back from an older dump (RDB or
+    AOF), or fails over to a replica that lags: the generation token is the same, the
+    session's record is as after step 1 and its lease has expired. A, the session's id and
+    the state of step 3."""
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
     cli = redis.Redis.from_url(redis_server.url)
+    old = cli.hgetall(f"ssmstream:s:{sid}")
+    step(a, sid, rng)
+    last = step(a, sid, rng)
+    assert written(a, sid)[2] == 4
     cli.delete(f"ssmstream:l:{sid}", f"ssmstream:s:{sid}")
-    cli.hset(f"ssmstream:s:{sid}", mapping=record)
+    cli.hset(f"ssmstream:s:{sid}", mapping=old)
+    assert written(a, sid)[0] == 1
+    return a, sid, last
 
 
 def written(store: SessionStore, sid: str) -> tuple[int, np.ndarray, int]:
@@ -2358,15 +2370,8 @@ def test_a_record_redis_rolled_back_is_overwritten_by_the_next_write_of_the_newe
     (here before any lease renewal noticed the lapse): no acknowledged step is lost, and the
     session is not dropped as 'moved'."""
     rng = np.random.default_rng(1)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
-    step(a, sid, rng)
-    step(a, sid, rng)
-    assert written(a, sid)[2] == 4
-    roll_back(redis_server, sid, old)
-    assert written(a, sid)[0] == 1 and a.held(sid)
+    a, sid, _ = rolled_back(redis_server, rng)
+    assert a.held(sid)
     x = step(a, sid, rng)
     position, state, version = written(a, sid)
     assert (position, a.get(sid).position) == (4, 4) and version > 4
@@ -2381,13 +2386,7 @@ def test_a_record_redis_rolled_back_is_overwritten_when_the_holder_fetches_it_ag
     its copy (same incarnation and term, held by no one else since) and writes its copy back
     instead of loading the older record."""
     rng = np.random.default_rng(2)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
-    step(a, sid, rng)
-    last = step(a, sid, rng)
-    roll_back(redis_server, sid, old)
+    a, sid, last = rolled_back(redis_server, rng)
     a.replication._lease_until[sid] = 0.0  # as after a renewal that found the lease gone
     a.fetch(sid)
     s = a.get(sid)
