@@ -136,9 +136,11 @@ return 0
 # (0: none), incarnation, generation token, term.
 # The new version, or -1 (lease not ours) / -2 (version or term moved on: we are stale) / -3
 # (the generation token is not ours: Redis lost its data, or another replica saw that first) /
-# -6 (the record we build on is gone: it expired, or Redis evicted it; or it went back to an
-# older version of our own writes, with no other holder since: Redis came back from an older
-# dump or a lagging replica; a write-back is due).
+# -6 (the record we build on is gone: it expired, or Redis evicted it; a write-back is due) /
+# -7 (it went back to fewer of our own writes, with no other holder since: Redis came back from
+# an older dump or a lagging replica; its term went up by one, as at a take-over, so that a copy
+# from a take-over the older data lack ties with ours and loses on the holder; a write-back of
+# ours at that term is due).
 _PUT = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 local cur = redis.call('GET', KEYS[2])
@@ -146,7 +148,8 @@ local h = redis.call('HMGET', KEYS[1], 'version', 'term', 'holder', 'incarnation
 if h[1] ~= false and tonumber(h[1]) < tonumber(ARGV[2])
    and tonumber(h[2] or '-1') == tonumber(ARGV[9]) and h[3] == ARGV[1] and h[4] == ARGV[7]
    and (cur == false or cur == ARGV[1]) then
-  return -6
+  redis.call('HSET', KEYS[1], 'term', tonumber(ARGV[9]) + 1)
+  return -7
 end
 if cur ~= ARGV[1] then return -1 end
 if h[1] == false and tonumber(ARGV[2]) > 0 then return -6 end
@@ -199,10 +202,11 @@ return v
 # principal (nothing taken); {0, holder} another replica holds the lease (nothing taken); else
 # the lease is ours now and the record's expiry renewed, and then {3} when the record is our
 # copy (we held it last: same incarnation, term and version, no other holder), {5} when it is
-# of our incarnation but older than our copy: of a lower term (a stale copy written back after
-# the record vanished), or of our term and holding no other replica's writes but fewer of ours
-# (Redis came back from an older dump or a lagging replica): ours is to be written back; or
-# {2, HGETALL as it was} after a take-over: the term went up by one and the holder became us.
+# of our incarnation but older than our copy: {5} of a lower term (a stale copy written back
+# after the record vanished), {5, new term} of our term and holding no other replica's writes
+# but fewer of ours (Redis came back from an older dump or a lagging replica: the term goes up
+# by one as at a take-over, see _PUT's -7); ours is to be written back; or {2, HGETALL as it
+# was} after a take-over: the term went up by one and the holder became us.
 _TAKE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return {-3} end
 local h = redis.call('HMGET', KEYS[1], 'principal', 'incarnation', 'term', 'version', 'holder')
@@ -219,7 +223,10 @@ if (h[2] or '') == ARGV[5] then
   if term < tonumber(ARGV[6]) then return {5} end
   if term == tonumber(ARGV[6]) and (h[5] == false or h[5] == ARGV[1]) then
     if tonumber(h[4]) == tonumber(ARGV[7]) then return {3} end
-    if tonumber(h[4]) < tonumber(ARGV[7]) then return {5} end
+    if tonumber(h[4]) < tonumber(ARGV[7]) then
+      redis.call('HSET', KEYS[1], 'term', term + 1, 'holder', ARGV[1])
+      return {5, term + 1}
+    end
   end
 end
 local out = redis.call('HGETALL', KEYS[1])
@@ -274,7 +281,7 @@ end
 return 1
 """
 
-LOST, STALE, RESET, CLOSED, EVICTED, NOREC = -1, -2, -3, -4, -5, -6
+LOST, STALE, RESET, CLOSED, EVICTED, NOREC, BEHIND = -1, -2, -3, -4, -5, -6, -7
 # _TAKE's replies
 HELD, NO_RECORD, TAKEN, CURRENT, OTHER_PRINCIPAL, OLDER = 0, 1, 2, 3, 4, 5
 PIPELINE_CALLS = 256  # script calls per pipelined round trip
@@ -422,8 +429,9 @@ class RedisBackend:
     ) -> tuple[int, object]:
         """`_TAKE` with `ours` = our copy's (incarnation, term, version) (("", -1, -1): none):
         (HELD, the holder) | (NO_RECORD, None) | (OTHER_PRINCIPAL, the record's incarnation)
-        | (CURRENT, None) | (OLDER, None) | (TAKEN, the record as `load` gives it, before its
-        term went up; `untake` undoes that). Raises StoreReset when the generation token is
+        | (CURRENT, None) | (OLDER, None, or the term a rolled-back record went up to)
+        | (TAKEN, the record as `load` gives it, before its term went up; `untake` undoes
+        that). Raises StoreReset when the generation token is
         not ours."""
         keys = [self.key(session_id), self.lease(session_id), self._generation_key]
         args = [owner, self.generation, lease_ms, principal, *ours]
@@ -433,6 +441,8 @@ class RedisBackend:
             raise self._reset()
         if code == TAKEN:
             return code, _record(dict(zip(out[1::2], out[2::2])))
+        if code == OLDER:  # a rolled-back record of our term: the term it went up to
+            return code, int(out[1]) if len(out) > 1 else None
         if code in (HELD, OTHER_PRINCIPAL):
             return code, out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         return code, None
@@ -446,7 +456,7 @@ class RedisBackend:
     def write_many(self, items: Sequence[tuple], owner: str, lease_ms: int) -> list[int]:
         """items: (session_id, version, term, snap, principal, ttl, incarnation, restore),
         pipelined. A write (`_PUT`, compare-and-set on the version and term under our lease)
-        gives the new version or LOST / STALE / NOREC; a write-back (restore: True,
+        gives the new version or LOST / STALE / NOREC / BEHIND; a write-back (restore: True,
         `_RESTORE`) the new version or STALE / CLOSED / EVICTED. Raises StoreReset when the
         generation token is not ours (the token is checked first: such a call wrote nothing).
         """
@@ -770,6 +780,8 @@ class RedisReplication:
         """What `_TAKE` answered `_fetch` (caller holds _io)."""
         if code in (NO_RECORD, OLDER):  # gone, or a stale copy's: ours is newest (write-back)
             if local is not None and local.principal == principal:
+                if code == OLDER and got is not None:  # written back as a take-over would
+                    self._term[sid] = got
                 self._republish(local)
         elif code == OTHER_PRINCIPAL:  # `get` says unknown; a copy of an ended incarnation goes
             if local is not None and local.incarnation != got:
@@ -963,7 +975,10 @@ class RedisReplication:
         rows = [self._row(s, state, position) for s, state, position in items]
         t0 = time.monotonic()
         codes = self.backend.write_many(rows, self.replica_id, self._lease_ms)
-        gone = [j for j, v in enumerate(codes) if v == NOREC]
+        for row, v in zip(rows, codes):
+            if v == BEHIND:  # a rolled-back record: its term went up (a copy of a take-over
+                self._term[row[0]] = row[2] + 1  # Redis forgot must not win over ours)
+        gone = [j for j, v in enumerate(codes) if v in (NOREC, BEHIND)]
         if gone:  # the record expired under us (or Redis evicted it): write it back instead
             self._pending.update(rows[j][0] for j in gone)
             again = [self._row(*items[j]) for j in gone]

@@ -6,7 +6,6 @@ compares what one replica committed with what the other one loads.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -29,45 +28,7 @@ from ssmstream.runtime.replication import (
 )
 from ssmstream.runtime.sessions import SessionStore
 from ssmstream.runtime.snapshots import SnapshotKey
-
-S = 64
-
-
-def replica(
-    redis_server, name: str, persist_every="1", lease_ttl=0.4, lease_wait=2.0, **kw
-) -> SessionStore:
-    """One replica's store: a SessionStore composed with a RedisReplication."""
-    kw.setdefault("model_sha", "sha-A")
-    replication = RedisReplication(
-        url=redis_server.url, persist_every=persist_every, lease_ttl=lease_ttl,
-        lease_wait=lease_wait, replica_id=name,
-    )  # fmt: skip
-    return SessionStore(S, replication=replication, **kw)
-
-
-def step(store: SessionStore, sid: str, rng, principal: str = "") -> np.ndarray:
-    """One commit of a fresh random state; returns it."""
-    s = store.get(sid, principal)
-    x = rng.standard_normal(S).astype(np.float32)
-    store.commit(s, x, 1)
-    return x
-
-
-@contextlib.contextmanager
-def replies_lost(store: SessionStore):
-    """Redis applies the store's writes, but their replies time out (a network cut)."""
-    backend = store.replication.backend
-    real = backend.write_many
-
-    def applied_then_timed_out(*args):
-        real(*args)
-        raise redis.TimeoutError("Timeout reading from socket")
-
-    backend.write_many = applied_then_timed_out
-    try:
-        yield
-    finally:
-        backend.write_many = real
+from stores import S, outage, replica, replies_lost, step
 
 
 def test_persist_every_parses_steps_and_milliseconds():
@@ -1010,10 +971,6 @@ def test_a_shutdown_whose_write_back_fails_reports_instead_of_raising(redis_serv
     assert sid in {s.id for s in a.sessions()}
 
 
-def _outage(store: SessionStore) -> None:
-    store.replication._degrade(redis.ConnectionError("outage"))
-
-
 def test_a_take_over_that_fails_to_load_leaves_the_term_as_it_was(redis_server):
     """A replica of another model is asked for a session (a rolling model update) and refuses
     it: the take-over is undone, so the holder's copy (with steps served from memory during
@@ -1022,7 +979,7 @@ def test_a_take_over_that_fails_to_load_leaves_the_term_as_it_was(redis_server):
     a = replica(redis_server, "A", lease_ttl=0.2)
     sid = a.create().id
     step(a, sid, rng)
-    _outage(a)
+    outage(a)
     last = step(a, sid, rng)  # acknowledged while degraded: only A has it
     time.sleep(0.3)  # A's lease lapses
     other = replica(redis_server, "B", model_sha="sha-B")
@@ -1061,7 +1018,7 @@ def test_an_id_closed_twice_while_degraded_leaves_both_tombstones(redis_server):
     a = replica(redis_server, "A", lease_ttl=0.2)
     first = a.create("alice", "chat-1")
     step(a, "chat-1", rng, "alice")
-    _outage(a)
+    outage(a)
     a.close("chat-1", "alice")
     second = a.create("alice", "chat-1")
     a.close("chat-1", "alice")
@@ -1085,7 +1042,7 @@ def test_an_id_closed_and_created_again_while_degraded_keeps_the_new_session(red
     a = replica(redis_server, "A", lease_ttl=0.2)
     a.create("alice", "chat-1")
     step(a, "chat-1", rng, "alice")
-    _outage(a)
+    outage(a)
     a.close("chat-1", "alice")
     new = a.create("alice", "chat-1")
     x = step(a, "chat-1", rng, "alice")
@@ -1188,7 +1145,7 @@ def test_a_write_back_does_not_replace_a_take_over_made_since_in_the_same_term(r
 def test_a_create_whose_claim_ran_degraded_survives_a_recovery_before_its_write(redis_server):
     a = replica(redis_server, "A", lease_ttl=0.2)
     r = a.replication
-    _outage(a)
+    outage(a)
     real_claim = r.claim
 
     def claim(sid):
@@ -1209,7 +1166,7 @@ def test_a_session_restored_while_degraded_counts_as_unwritten(redis_server):
     sid = a.create().id
     step(a, sid, rng)
     snap = a.snapshot(sid)
-    _outage(a)
+    outage(a)
     restored = a.restore(snap)  # acknowledged: its state is only here
     assert a.replication.stats()["dirty"] == 1
     assert not a.replication.backend.exists(restored.id)
@@ -1367,7 +1324,7 @@ def test_while_redis_is_down_an_id_held_here_is_answered_like_one_that_is_not(re
     """Another principal cannot tell that a (client-chosen) id is held on this replica."""
     a = replica(redis_server, "A")
     a.create("alice", session_id="chat-1")
-    _outage(a)
+    outage(a)
     with pytest.raises(Unavailable, match="not held by this replica"):
         a.fetch("chat-2", "eve")
     with pytest.raises(Unavailable, match="not held by this replica"):
@@ -2112,7 +2069,7 @@ def _down(redis_server, monkeypatch):
     a = replica(redis_server, "A")
     a.create()
     redis_server.stop()
-    _outage(a)
+    outage(a)
     return clock, a
 
 
@@ -2142,7 +2099,7 @@ def test_a_new_outage_after_a_recovery_warns_at_once(redis_server, monkeypatch, 
         a.replication._try_recover()
         assert not a.replication.degraded
         redis_server.stop()
-        _outage(a)
+        outage(a)
         clock[0] += 5
         a.replication._try_recover()
     assert _tries(caplog) == ["WARNING", "WARNING"]
@@ -2153,7 +2110,7 @@ def test_a_create_refused_while_degraded_does_not_try_redis(redis_server):
     then refused (a bad ttl) lets go of the id without calling Redis: no second error."""
     a = replica(redis_server, "A")
     redis_server.stop()
-    _outage(a)
+    outage(a)
     assert a.replication.stats()["errors"] == 1
     with pytest.raises(InvalidInput) as e:
         a.create(session_id="chat-9", ttl=-1)
@@ -2290,7 +2247,7 @@ def test_a_create_refused_while_degraded_leaves_nothing_to_write_back(redis_serv
     a = replica(redis_server, "A")
     sid = a.create().id
     redis_server.stop()
-    _outage(a)
+    outage(a)
     with pytest.raises(InvalidInput):
         a.create(session_id="chat-9", ttl=-1)
     redis_server.start()
@@ -2335,67 +2292,3 @@ def test_each_failed_operation_counts_one_error_also_while_degraded(redis_server
     assert str(got[0]) == f"state store failed while loading {sid!r}; retry"
     st = b.replication.stats()
     assert st["up"] is False and st["errors"] == 2
-
-
-def rolled_back(redis_server, rng) -> tuple[SessionStore, str, np.ndarray]:
-    """Replica A steps a session 3 times, then Redis comes back from an older dump (RDB or
-    AOF), or fails over to a replica that lags: the generation token is the same, the
-    session's record is as after step 1 and its lease has expired. A, the session's id and
-    the state of step 3."""
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    cli = redis.Redis.from_url(redis_server.url)
-    old = cli.hgetall(f"ssmstream:s:{sid}")
-    step(a, sid, rng)
-    last = step(a, sid, rng)
-    assert written(a, sid)[2] == 4
-    cli.delete(f"ssmstream:l:{sid}", f"ssmstream:s:{sid}")
-    cli.hset(f"ssmstream:s:{sid}", mapping=old)
-    assert written(a, sid)[0] == 1
-    return a, sid, last
-
-
-def written(store: SessionStore, sid: str) -> tuple[int, np.ndarray, int]:
-    """Redis's record of `sid`: position, state, version."""
-    rec = store.replication.backend.load(sid)
-    position, state = store.unpack(rec["snap"])
-    return position, state, rec["version"]
-
-
-def test_a_record_redis_rolled_back_is_overwritten_by_the_next_write_of_the_newer_copy(
-    redis_server,
-):
-    """The replica that held the session last writes its newer copy back at its next write
-    (here before any lease renewal noticed the lapse): no acknowledged step is lost, and the
-    session is not dropped as 'moved'."""
-    rng = np.random.default_rng(1)
-    a, sid, _ = rolled_back(redis_server, rng)
-    assert a.held(sid)
-    x = step(a, sid, rng)
-    position, state, version = written(a, sid)
-    assert (position, a.get(sid).position) == (4, 4) and version > 4
-    np.testing.assert_array_equal(state, x)
-    assert a.replication.stats()["moved"] == 0
-
-
-def test_a_record_redis_rolled_back_is_overwritten_when_the_holder_fetches_it_again(
-    redis_server,
-):
-    """After a renewal found the lease gone, the holder's next fetch finds the record behind
-    its copy (same incarnation and term, held by no one else since) and writes its copy back
-    instead of loading the older record."""
-    rng = np.random.default_rng(2)
-    a, sid, last = rolled_back(redis_server, rng)
-    a.replication._lease_until[sid] = 0.0  # as after a renewal that found the lease gone
-    a.fetch(sid)
-    s = a.get(sid)
-    assert s.position == 3
-    np.testing.assert_array_equal(a.read(s), last)
-    position, state, version = written(a, sid)
-    assert position == 3 and version > 4
-    np.testing.assert_array_equal(state, last)
-    assert a.replication.stats()["loads"] == 0
-    x = step(a, sid, rng)
-    assert written(a, sid)[0] == 4
-    np.testing.assert_array_equal(written(a, sid)[1], x)

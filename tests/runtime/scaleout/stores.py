@@ -1,0 +1,71 @@
+"""Two replicas in one process: SessionStores composed with RedisReplications on one real
+redis-server, and what the scale-out tests do to them (steps, lost replies, outages, Redis
+going back to older data)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import redis
+from ssmstream.runtime.replication import RedisReplication
+from ssmstream.runtime.sessions import SessionStore
+
+S = 64
+
+
+def replica(
+    redis_server, name: str, persist_every="1", lease_ttl=0.4, lease_wait=2.0, **kw
+) -> SessionStore:
+    """One replica's store: a SessionStore composed with a RedisReplication."""
+    kw.setdefault("model_sha", "sha-A")
+    replication = RedisReplication(
+        url=redis_server.url, persist_every=persist_every, lease_ttl=lease_ttl,
+        lease_wait=lease_wait, replica_id=name,
+    )  # fmt: skip
+    return SessionStore(S, replication=replication, **kw)
+
+
+def step(store: SessionStore, sid: str, rng, principal: str = "") -> np.ndarray:
+    """One commit of a fresh random state; returns it."""
+    s = store.get(sid, principal)
+    x = rng.standard_normal(S).astype(np.float32)
+    store.commit(s, x, 1)
+    return x
+
+
+@contextlib.contextmanager
+def replies_lost(store: SessionStore):
+    """Redis applies the store's writes, but their replies time out (a network cut)."""
+    backend = store.replication.backend
+    real = backend.write_many
+
+    def applied_then_timed_out(*args):
+        real(*args)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    backend.write_many = applied_then_timed_out
+    try:
+        yield
+    finally:
+        backend.write_many = real
+
+
+def outage(store: SessionStore) -> None:
+    store.replication._degrade(redis.ConnectionError("outage"))
+
+
+def roll_back(redis_server, sid: str, record: dict) -> None:
+    """Redis comes back from an older dump (RDB or AOF), or fails over to a replica that
+    lags: the generation token is the same, the session's record is `record` (as HGETALL gave
+    it earlier) and its lease has expired."""
+    cli = redis.Redis.from_url(redis_server.url)
+    cli.delete(f"ssmstream:l:{sid}", f"ssmstream:s:{sid}")
+    cli.hset(f"ssmstream:s:{sid}", mapping=record)
+
+
+def written(store: SessionStore, sid: str) -> tuple[int, np.ndarray, int]:
+    """Redis's record of `sid`: position, state, version."""
+    rec = store.replication.backend.load(sid)
+    position, state = store.unpack(rec["snap"])
+    return position, state, rec["version"]
