@@ -74,17 +74,25 @@ def test_a_record_redis_rolled_back_is_overwritten_when_the_holder_fetches_it_ag
     np.testing.assert_array_equal(written(a, sid)[1], x)
 
 
-def _forked_history(redis_server):
-    rng = np.random.default_rng(7)
+def taken_over(redis_server, rng):
+    """A steps alice's session twice (`old`: its record after the first step: version 2,
+    term 0, holder A); A's lease lapses (A paused) and B takes the session over (term 1,
+    holder B) and steps it once. A, B, the session's id, `old`."""
     a = replica(redis_server, "A", lease_ttl=0.2)
     b = replica(redis_server, "B", lease_ttl=0.2)
     sid = a.create("alice").id
     step(a, sid, rng, "alice")
-    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")  # v2, term 0, A
-    step(a, sid, rng, "alice")  # v3
-    time.sleep(0.3)  # A's lease lapses (A paused)
-    b.fetch(sid, "alice")  # take-over: term 1, holder B
+    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
+    step(a, sid, rng, "alice")
+    time.sleep(0.3)
+    b.fetch(sid, "alice")
     step(b, sid, rng, "alice")
+    return a, b, sid, old
+
+
+def _forked_history(redis_server):
+    rng = np.random.default_rng(7)
+    a, b, sid, old = taken_over(redis_server, rng)
     step(b, sid, rng, "alice")  # B's copy: term 1, v5
     roll_back(redis_server, sid, old)  # Redis lost B's take-over and writes
     assert not a.held(sid)
@@ -121,17 +129,9 @@ def test_the_replica_whose_take_over_was_rolled_back_does_not_steal_a_live_sessi
 
 def test_the_write_path_too_leaves_no_copy_that_beats_the_written_back_one(redis_server):
     """As above, but A notices the rollback at a write (its lease still valid here: `_PUT`
-    answers -6), not at a fetch."""
+    answers BEHIND), not at a fetch."""
     rng = np.random.default_rng(9)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
-    step(a, sid, rng, "alice")
-    time.sleep(0.3)
-    b.fetch(sid, "alice")
-    step(b, sid, rng, "alice")
+    a, b, sid, old = taken_over(redis_server, rng)
     roll_back(redis_server, sid, old)
     a.replication._lease_until[sid] = time.monotonic() + 10  # A still believes it holds it
     newest = step(a, sid, rng, "alice")  # _PUT: rolled back → written back via _RESTORE
@@ -150,15 +150,7 @@ def test_the_write_path_too_leaves_no_copy_that_beats_the_written_back_one(redis
 )
 def test_an_outage_write_back_over_a_rolled_back_take_over(redis_server):
     rng = np.random.default_rng(10)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
-    step(a, sid, rng, "alice")
-    time.sleep(0.3)
-    b.fetch(sid, "alice")
-    step(b, sid, rng, "alice")
+    a, b, sid, old = taken_over(redis_server, rng)
     outage(a)
     newest = step(a, sid, rng, "alice")  # served from memory while degraded
     roll_back(redis_server, sid, old)
