@@ -50,6 +50,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -82,8 +83,8 @@ class RescaleConfig:
     threads: int | None = 1  # onnxruntime intra-op threads
 
     def __post_init__(self):
-        if not self.factor > 0:
-            raise ValueError(f"factor must be positive, got {self.factor}")
+        if not 0 < self.factor < math.inf:
+            raise ValueError(f"factor must be positive and finite, got {self.factor}")
         if self.signals < 1:
             raise ValueError(f"signals must be at least 1, got {self.signals}")
         if not (Path(self.ckpt) / "config.json").is_file():

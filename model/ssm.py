@@ -18,6 +18,8 @@ diagonal forms), M input width, P output width, '...' any batch of SSMs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -192,6 +194,6 @@ def rescale_dt(dt: Tensor, factor: float) -> Tensor:
 
     Resampling a signal by c is absorbed by scaling Δ; no retraining.
     """
-    if not factor > 0:
-        raise ValueError(f"factor must be positive, got {factor}")
+    if not 0 < factor < math.inf:
+        raise ValueError(f"factor must be positive and finite, got {factor}")
     return dt / factor

@@ -173,10 +173,11 @@ def test_rescale_report_prints_the_numbers(rescaled, rescale_mod):
 
 
 def test_rescale_bad_arguments(rescale_mod, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        rescale_mod.main(["--factor", "0"])
-    assert e.value.code == 2
-    assert "factor must be positive" in capsys.readouterr().err
+    for factor in ("0", "inf"):
+        with pytest.raises(SystemExit) as e:
+            rescale_mod.main(["--factor", factor])
+        assert e.value.code == 2
+        assert "factor must be positive and finite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         rescale_mod.main(["--ckpt", str(tmp_path)])
     assert "is not a checkpoint directory" in capsys.readouterr().err

@@ -345,3 +345,76 @@ def test_named_file_takes_its_directorys_key_not_its_path(tmp_path):
     (root / "b.txt").write_text("b\n")
     keys = [k for _, k in data_mod.find_files([root / "a.py", root])]
     assert keys == ["corpus/a.py", "corpus/b.txt"]  # every file in a directory (glob None)
+
+
+F64 = torch.float64
+
+
+def test_non_utf8_file_names_split_by_the_hash_of_their_bytes(tmp_path):
+    import hashlib
+    import os
+    import sys
+
+    from ssmstream.model.data import load_text
+
+    if sys.platform != "linux":
+        pytest.skip("needs a file system that takes non-UTF-8 names")
+    root = os.fsencode(tmp_path / "c")
+    os.mkdir(root)
+    for name, body in ((b"\xff.txt", b"ff" * 8), (b"\xfe.txt", b"fe" * 8), (b"a.txt", b"aa" * 8)):
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(body)
+
+    def frac(raw: bytes) -> float:
+        return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") / 2**64
+
+    # raw-byte hashes: c/\xfe.txt 0.024 < 0.7 (val), c/\xff.txt 0.743 and c/a.txt 0.832 (train);
+    # the name with '?' for the bad byte would hash to 0.657 (val)
+    assert frac(b"c/\xfe.txt") < 0.7 < frac(b"c/\xff.txt") < frac(b"c/a.txt")
+    assert frac(b"c/?.txt") < 0.7
+    d = load_text([tmp_path / "c"], val_fraction=0.7)
+    assert d.val_files == ["c/" + os.fsdecode(b"\xfe.txt")]
+    assert d.train_files == ["c/a.txt", "c/" + os.fsdecode(b"\xff.txt")]
+    assert bytes(d.val.tolist()) == b"fe" * 8
+
+
+def test_files_are_ordered_by_key_not_by_path(tmp_path):
+    from ssmstream.model.data import find_files, load_text
+
+    (tmp_path / "z" / "alpha").mkdir(parents=True)
+    (tmp_path / "a" / "beta").mkdir(parents=True)
+    (tmp_path / "z" / "alpha" / "x.txt").write_bytes(b"ALPHA")
+    (tmp_path / "a" / "beta" / "x.txt").write_bytes(b"BETA")
+    dirs = [tmp_path / "a" / "beta", tmp_path / "z" / "alpha"]
+    assert [key for _, key in find_files(dirs)] == ["alpha/x.txt", "beta/x.txt"]
+    d = load_text(dirs, val_fraction=0.01, min_bytes=2)  # both files hash to train: split by bytes
+    assert d.train_files == ["alpha/x.txt", "beta/x.txt"]
+    assert bytes(d.train.tolist()) + bytes(d.val.tolist()) == b"ALPHABETA"
+
+
+def test_signal_length_rounds_the_product():
+    from ssmstream.model.data import SignalConfig, signal_batch
+
+    cfg = SignalConfig(rate=100.0, duration=0.29, freq_max=1.0)
+    assert 0.29 * 100.0 < 29
+    assert cfg.length == 29
+    u, y = signal_batch(cfg, 2, torch.Generator().manual_seed(0))
+    assert u.shape == (2, 29, 1) and y.shape == (2, 29, 1)
+
+
+def test_empty_corpus_error_names_the_glob_and_the_path(tmp_path):
+    import re
+
+    from ssmstream.model.data import load_text
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_bytes(b"hello")
+    (tmp_path / "d" / "empty.py").write_bytes(b"")
+    where = re.escape(str(tmp_path / "d"))
+    with pytest.raises(
+        ValueError, match=rf"^empty corpus: no non-empty files matching '\*\.py' under {where}$"
+    ):
+        load_text([tmp_path / "d"], glob="*.py")
+    (tmp_path / "e").mkdir()
+    with pytest.raises(ValueError, match=r"no non-empty files matching '\*' under "):
+        load_text([tmp_path / "e"])

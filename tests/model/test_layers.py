@@ -273,3 +273,36 @@ def test_layer_refuses_an_infinite_dt_max_like_the_config_does():
     """An infinite Δ made every output NaN; SSMConfig already refused it."""
     with pytest.raises(ValueError, match=r"need 0 < dt_min <= dt_max < inf, .*dt_max=inf"):
         SSM(4, 4, dt_max=math.inf)
+
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("method", ["zoh", "bilinear", "euler", "backward_euler"])
+def test_alpha_outside_0_1_is_ignored_by_non_gbt_methods(method):
+    torch.manual_seed(0)
+    a = SSM(4, 4, discretization=method, alpha=5.0)
+    torch.manual_seed(0)
+    b = SSM(4, 4, discretization=method)
+    for x, y in zip(a.discrete(), b.discrete()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 5.0"):
+        SSM(4, 4, discretization="gbt", alpha=5.0)
+
+
+def test_multihead_b_and_c_init_have_variance_one_over_m():
+    torch.manual_seed(1)
+    M = 16
+    layer = SSM(64, 512, heads=4)  # M = 16, 4 * 256 * 16 = 16384 complex draws each
+    B = torch.view_as_complex(layer.B.detach())
+    C = torch.view_as_complex(layer.C.detach())
+    assert B.abs().pow(2).mean().item() == pytest.approx(1 / M, rel=0.05)
+    assert C.abs().pow(2).mean().item() == pytest.approx(1 / M, rel=0.05)
+    siso = SSM(4, 4)
+    assert torch.equal(siso.B.detach(), torch.view_as_real(torch.ones(4, 2, 1, dtype=torch.cfloat)))
+
+
+@pytest.mark.parametrize("heads", [None, 1, 3])
+def test_zero_d_model_is_refused_naming_d_model(heads):
+    with pytest.raises(ValueError, match=r"^d_model must be positive, got 0$"):
+        SSM(0, 4, heads=heads)

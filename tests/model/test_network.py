@@ -20,6 +20,7 @@ from ssmstream.model import (
     SSMConfig,
     SSMNetwork,
 )
+from ssmstream.model.network import Block
 
 L = 1024
 F64_TOL = 1e-9
@@ -285,3 +286,38 @@ def test_packed_state_puts_real_parts_first():
     packed = net.pack_state(states)
     assert packed[0, :16].eq(1).all() and packed[0, 16:32].eq(-1).all()
     assert packed[0, 32:48].eq(2).all() and packed[0, 48:].eq(-2).all()
+
+
+F64 = torch.float64
+
+
+def test_block_applies_dropout_after_gelu_and_after_out():
+    cfg = SSMConfig(vocab_size=8, d_model=6, n_layers=1, d_state=4, dropout=0.5)
+    torch.manual_seed(0)
+    block = Block(cfg).double().train()
+    y = torch.randn(3, 5, 6, dtype=F64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    got = block._mix(y)
+    torch.manual_seed(7)
+    h = torch.nn.functional.dropout(torch.nn.functional.gelu(y), 0.5, training=True)
+    want = torch.nn.functional.dropout(block.out(h), 0.5, training=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    block.eval()  # no dropout at all in eval mode
+    torch.testing.assert_close(
+        block._mix(y), block.out(torch.nn.functional.gelu(y)), rtol=0, atol=0
+    )
+
+
+def test_step_refuses_a_non_tensor_layer_state_naming_its_type():
+    from ssmstream.model.network import SSMNetwork
+
+    torch.manual_seed(0)
+    net = SSMNetwork(SSMConfig(vocab_size=8, d_model=4, n_layers=2, d_state=4))
+    states = net.initial_state(2)
+    tok = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(
+        ValueError, match=r"^states\[1\] must be complex \[2, 4, 2\], got NoneType$"
+    ):
+        net.step(tok, [states[0], None])
+    with pytest.raises(ValueError, match=r"^states\[0\] must be complex \[2, 4, 2\], got list$"):
+        net.step(tok, [states[0].tolist(), states[1]])

@@ -17,10 +17,7 @@ import math
 
 import pytest
 import torch
-from ssmstream.model import (
-    ssm,
-)
-from ssmstream.model import ssm as ssm_mod
+from ssmstream.model import ssm
 
 F64, C128 = torch.float64, torch.complex128
 GBT_METHODS = ("euler", "bilinear", "backward_euler")
@@ -362,8 +359,38 @@ def test_bad_arguments_name_the_argument():
         ssm.rescale_dt(dt, 0.0)
 
 
-def test_rescale_dt_refuses_nan_factor():
+@pytest.mark.parametrize("factor", [math.nan, math.inf])
+def test_rescale_dt_refuses_a_factor_that_is_not_a_positive_finite_number(factor):
+    """An infinite factor would make Δ = 0: the layer would output D·u alone."""
     dt = torch.tensor([0.1, 0.2], dtype=torch.float64)
-    with pytest.raises(ValueError, match="factor must be positive, got nan"):
-        ssm_mod.rescale_dt(dt, math.nan)
-    torch.testing.assert_close(ssm_mod.rescale_dt(dt, 2.0), dt / 2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"^factor must be positive and finite, got {factor}$"):
+        ssm.rescale_dt(dt, factor)
+    torch.testing.assert_close(ssm.rescale_dt(dt, 2.0), dt / 2, rtol=0, atol=0)
+
+
+F64 = torch.float64
+
+
+def _direct(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """y[..., l] = sum_{j<=l} K[..., j] u[..., l-j] by a double loop (K truncated to L)."""
+    L = u.shape[-1]
+    y = torch.zeros(torch.broadcast_shapes(u.shape[:-1], K.shape[:-1]) + (L,), dtype=u.dtype)
+    for l in range(L):
+        for j in range(min(l + 1, K.shape[-1])):
+            y[..., l] += K[..., j] * u[..., l - j]
+    return y
+
+
+def test_causal_conv_mimo_truncates_a_longer_kernel():
+    g = torch.Generator().manual_seed(3)
+    Bsz, H, M, P, L = 2, 2, 2, 3, 17
+    u = torch.randn(Bsz, H, M, L, generator=g, dtype=F64)
+    K = torch.randn(H, P, M, 3 * L, generator=g, dtype=F64)  # longer than u
+    y = ssm.causal_conv_mimo(u, K)
+    assert y.shape == (Bsz, H, P, L)
+    ref = torch.zeros(Bsz, H, P, L, dtype=F64)
+    for p in range(P):
+        for m in range(M):
+            ref[:, :, p] += _direct(u[:, :, m], K[:, p, m])
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, ssm.causal_conv_mimo(u, K[..., :L]), rtol=0, atol=1e-12)
