@@ -133,7 +133,9 @@ end
 return 0
 """
 # KEYS session, lease, generation; ARGV owner, expected version, snap, principal, ttl, expire ms
-# (0: none), incarnation, generation token, term.
+# (0: none), incarnation, generation token, term, lease ms. A lease no one holds over a record
+# that is exactly our copy (incarnation, term, version, us its holder: our lease lapsed, or
+# older data lack it, and no one took the session over since) is taken back.
 # The new version, or -1 (lease not ours) / -2 (version or term moved on: we are stale) / -3
 # (the generation token is not ours: Redis lost its data, or another replica saw that first) /
 # -6 (the record we build on is gone: it expired, or Redis evicted it; a write-back is due) /
@@ -151,7 +153,12 @@ if h[1] ~= false and tonumber(h[1]) < tonumber(ARGV[2])
   redis.call('HSET', KEYS[1], 'term', tonumber(ARGV[9]) + 1)
   return -7
 end
-if cur ~= ARGV[1] then return -1 end
+if cur == false and h[1] ~= false and tonumber(h[1]) == tonumber(ARGV[2])
+   and tonumber(h[2] or '-1') == tonumber(ARGV[9]) and h[3] == ARGV[1] and h[4] == ARGV[7] then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[10])  -- our lease lapsed and no one took over
+elseif cur ~= ARGV[1] then
+  return -1
+end
 if h[1] == false and tonumber(ARGV[2]) > 0 then return -6 end
 local v = tonumber(h[1] or '0')
 if v ~= tonumber(ARGV[2]) or tonumber(h[2] or ARGV[9]) ~= tonumber(ARGV[9]) then return -2 end
@@ -469,7 +476,7 @@ class RedisBackend:
                 calls.append((self._restore, keys + (self.tomb(sid, incarnation),),
                               args + (lease_ms, term)))  # fmt: skip
             else:
-                calls.append((self._put, keys, args + (term,)))
+                calls.append((self._put, keys, args + (term, lease_ms)))
         codes = [int(v) for v in self._run(calls)]
         if RESET in codes:
             raise self._reset()

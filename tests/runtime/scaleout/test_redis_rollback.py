@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import redis
-from ssmstream.runtime.errors import SessionNotFound, Unavailable
+from ssmstream.runtime.errors import SessionBusy, SessionNotFound, Unavailable
 from ssmstream.runtime.sessions import SessionStore
 from stores import outage, replica, replies_lost, roll_back, step, written
 
@@ -392,12 +392,9 @@ def test_the_outage_path_is_unchanged_by_a_rollback(redis_server):
     np.testing.assert_array_equal(written(a, sid)[1], last)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/scaleout.md): older data that lack only the lease (the "
-    "record at our version) make the holder drop its unwritten steps as 'moved'",
-)
 def test_write_behind_keeps_dirty_steps_when_only_the_lease_was_rolled_back(redis_server):
+    """The record is our copy's last write, only the lease is gone: the write takes the
+    lease back and writes the unwritten steps (it used to drop them as 'moved')."""
     rng = np.random.default_rng(13)
     a = replica(redis_server, "A", persist_every="10000ms", lease_ttl=5.0)
     sid = a.create().id
@@ -408,3 +405,58 @@ def test_write_behind_keeps_dirty_steps_when_only_the_lease_was_rolled_back(redi
     a.replication._write_dirty()
     assert sid in {s.id for s in a.sessions()}
     np.testing.assert_array_equal(written(a, sid)[1], last)
+
+
+def test_a_lapsed_lease_no_one_took_is_taken_back_by_the_next_write(redis_server):
+    """Write-through: the holder's lease lapsed (a long pause) and no replica took the
+    session over: its next write takes the lease back instead of dropping the session as
+    'moved'. Another replica then waits for that lease, as for any held session."""
+    rng = np.random.default_rng(14)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    cli = redis.Redis.from_url(redis_server.url)
+    cli.delete(f"ssmstream:l:{sid}")
+    last = step(a, sid, rng)
+    assert written(a, sid)[0] == 2 and a.replication.stats()["moved"] == 0
+    np.testing.assert_array_equal(written(a, sid)[1], last)
+    assert cli.get(f"ssmstream:l:{sid}") == b"A" and 4000 < cli.pttl(f"ssmstream:l:{sid}") <= 5000
+    b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=0.2)
+    with pytest.raises(SessionBusy, match="held by replica 'A'"):
+        b.fetch(sid)
+
+
+def test_a_lapsed_lease_another_replica_took_over_is_not_taken_back(redis_server):
+    """The same pause, but another replica took the session over meanwhile (the term went
+    up): the holder's write is refused and its copy dropped; the other replica keeps it."""
+    rng = np.random.default_rng(15)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    time.sleep(0.3)  # A's lease lapses
+    b.fetch(sid)
+    mine = step(b, sid, rng)
+    a.replication._lease_until[sid] = time.monotonic() + 10  # A still believes it holds it
+    with pytest.raises(Unavailable, match="another replica"):
+        step(a, sid, rng)
+    assert redis.Redis.from_url(redis_server.url).get(f"ssmstream:l:{sid}") == b"B"
+    np.testing.assert_array_equal(written(b, sid)[1], mine)
+
+
+def test_a_refused_write_after_a_take_over_takes_no_lease(redis_server):
+    """Another replica took the session over without stepping it (same version, a higher
+    term) and its lease lapsed too: the old holder's write is refused and leaves the lease
+    free, for whichever replica the session's next request reaches."""
+    rng = np.random.default_rng(16)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    step(a, sid, rng)
+    time.sleep(0.3)  # A's lease lapses
+    b.fetch(sid)  # term 1, version unchanged
+    time.sleep(0.3)  # B's lease lapses
+    a.replication._lease_until[sid] = time.monotonic() + 10  # A still believes it holds it
+    with pytest.raises(Unavailable, match="another replica"):
+        step(a, sid, rng)
+    assert redis.Redis.from_url(redis_server.url).get(f"ssmstream:l:{sid}") is None
