@@ -147,18 +147,20 @@ _PUT = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 local cur = redis.call('GET', KEYS[2])
 local h = redis.call('HMGET', KEYS[1], 'version', 'term', 'holder', 'incarnation')
-if h[1] ~= false and tonumber(h[1]) < tonumber(ARGV[2])
-   and tonumber(h[2] or '-1') == tonumber(ARGV[9]) and h[3] == ARGV[1] and h[4] == ARGV[7]
-   and (cur == false or cur == ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'term', tonumber(ARGV[9]) + 1)
-  return -7
+-- a record of our incarnation and term that we wrote last, under no one else's lease
+if h[1] ~= false and tonumber(h[2] or '-1') == tonumber(ARGV[9]) and h[3] == ARGV[1]
+   and h[4] == ARGV[7] and (cur == false or cur == ARGV[1]) then
+  if tonumber(h[1]) < tonumber(ARGV[2]) then  -- fewer of our writes: older data
+    redis.call('HSET', KEYS[1], 'term', tonumber(ARGV[9]) + 1)
+    return -7
+  end
+  -- our lease lapsed (or older data lack it), no one took over, the record is our copy
+  if cur == false and tonumber(h[1]) == tonumber(ARGV[2]) then
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[10])
+    cur = ARGV[1]
+  end
 end
-if cur == false and h[1] ~= false and tonumber(h[1]) == tonumber(ARGV[2])
-   and tonumber(h[2] or '-1') == tonumber(ARGV[9]) and h[3] == ARGV[1] and h[4] == ARGV[7] then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[10])  -- our lease lapsed and no one took over
-elseif cur ~= ARGV[1] then
-  return -1
-end
+if cur ~= ARGV[1] then return -1 end
 if h[1] == false and tonumber(ARGV[2]) > 0 then return -6 end
 local v = tonumber(h[1] or '0')
 if v ~= tonumber(ARGV[2]) or tonumber(h[2] or ARGV[9]) ~= tonumber(ARGV[9]) then return -2 end

@@ -55,6 +55,11 @@ def outage(store: SessionStore) -> None:
     store.replication._degrade(redis.ConnectionError("outage"))
 
 
+def record(redis_server, sid: str) -> dict:
+    """Redis's record of `sid` as HGETALL gives it (what `roll_back` puts back)."""
+    return redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
+
+
 def roll_back(redis_server, sid: str, record: dict) -> None:
     """Redis comes back from an older dump (RDB or AOF), or fails over to a replica that
     lags: the generation token is the same, the session's record is `record` (as HGETALL gave

@@ -15,7 +15,7 @@ import pytest
 import redis
 from ssmstream.runtime.errors import SessionBusy, SessionNotFound, Unavailable
 from ssmstream.runtime.sessions import SessionStore
-from stores import outage, replica, replies_lost, roll_back, step, written
+from stores import outage, record, replica, replies_lost, roll_back, step, written
 
 
 def rolled_back(redis_server, rng) -> tuple[SessionStore, str, np.ndarray]:
@@ -26,8 +26,7 @@ def rolled_back(redis_server, rng) -> tuple[SessionStore, str, np.ndarray]:
     a = replica(redis_server, "A", lease_ttl=5.0)
     sid = a.create().id
     step(a, sid, rng)
-    cli = redis.Redis.from_url(redis_server.url)
-    old = cli.hgetall(f"ssmstream:s:{sid}")
+    old = record(redis_server, sid)
     step(a, sid, rng)
     last = step(a, sid, rng)
     assert written(a, sid)[2] == 4
@@ -82,7 +81,7 @@ def taken_over(redis_server, rng):
     b = replica(redis_server, "B", lease_ttl=0.2)
     sid = a.create("alice").id
     step(a, sid, rng, "alice")
-    old = redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
+    old = record(redis_server, sid)
     step(a, sid, rng, "alice")
     time.sleep(0.3)
     b.fetch(sid, "alice")
@@ -161,17 +160,13 @@ def test_an_outage_write_back_over_a_rolled_back_take_over(redis_server):
     np.testing.assert_array_equal(b.read(b.get(sid, "alice")), newest)
 
 
-def _rec(redis_server, sid):
-    return redis.Redis.from_url(redis_server.url).hgetall(f"ssmstream:s:{sid}")
-
-
 def test_write_behind_writes_back_dirty_steps_over_a_rolled_back_record(redis_server):
     rng = np.random.default_rng(1)
     a = replica(redis_server, "A", persist_every="10000ms", lease_ttl=5.0)
     sid = a.create().id
     step(a, sid, rng)
     a.replication._write_dirty()  # v2
-    old = _rec(redis_server, sid)
+    old = record(redis_server, sid)
     step(a, sid, rng)
     a.replication._write_dirty()  # v3
     last = step(a, sid, rng)  # dirty
@@ -190,7 +185,7 @@ def test_every_nth_step_writes_back_the_dirty_steps_at_its_next_due_write(redis_
     sid = a.create().id
     step(a, sid, rng)
     step(a, sid, rng)  # written: v2
-    old = _rec(redis_server, sid)
+    old = record(redis_server, sid)
     step(a, sid, rng)
     step(a, sid, rng)  # v3
     step(a, sid, rng)  # dirty
@@ -207,7 +202,7 @@ def test_a_shutdown_flush_writes_back_dirty_steps_and_hands_the_newest_over(redi
     sid = a.create().id
     step(a, sid, rng)
     a.replication._write_dirty()
-    old = _rec(redis_server, sid)
+    old = record(redis_server, sid)
     step(a, sid, rng)
     a.replication._write_dirty()
     last = step(a, sid, rng)
@@ -231,7 +226,7 @@ def test_a_shutdown_flush_of_a_clean_session_after_a_rollback(redis_server):
     a = replica(redis_server, "A", lease_ttl=5.0)
     sid = a.create().id
     step(a, sid, rng)
-    old = _rec(redis_server, sid)
+    old = record(redis_server, sid)
     last = step(a, sid, rng)  # write-through: acknowledged and written
     roll_back(redis_server, sid, old)
     a.flush(final=True)
@@ -245,7 +240,7 @@ def test_a_lost_reply_then_a_rollback_recovers_the_newest_copy(redis_server):
     a = replica(redis_server, "A", lease_ttl=5.0)
     sid = a.create().id
     step(a, sid, rng)
-    old = _rec(redis_server, sid)  # v2
+    old = record(redis_server, sid)  # v2
     with replies_lost(a):
         last = step(a, sid, rng)  # applied (v3), reply lost: degraded
     assert a.replication.degraded
@@ -280,7 +275,7 @@ def test_a_close_after_a_rollback_stays_closed(redis_server):
     a = replica(redis_server, "A", lease_ttl=5.0)
     sid = a.create("alice").id
     step(a, sid, rng, "alice")
-    old = _rec(redis_server, sid)
+    old = record(redis_server, sid)
     step(a, sid, rng, "alice")
     roll_back(redis_server, sid, old)
     a.close(sid, "alice")
@@ -300,7 +295,7 @@ def test_an_evicted_copy_is_not_written_back_by_its_old_holder(redis_server):
     a = replica(redis_server, "A", lease_ttl=5.0, ttl=10.0, clock=lambda: now[0])
     sid = a.create().id
     step(a, sid, rng)
-    old = _rec(redis_server, sid)
+    old = record(redis_server, sid)
     now[0] = 11.0
     assert a.evict_idle() == [sid]
     a.replication._delete_dropped()
@@ -317,7 +312,7 @@ def test_a_take_over_between_the_refused_write_and_its_write_back_wins_alone(red
     b = replica(redis_server, "B", lease_ttl=5.0)
     sid = a.create().id
     step(a, sid, rng)
-    old = _rec(redis_server, sid)
+    old = record(redis_server, sid)
     step(a, sid, rng)
     roll_back(redis_server, sid, old)
     be = a.replication.backend
@@ -351,7 +346,7 @@ def test_another_incarnations_rolled_back_record_is_not_overwritten(redis_server
     step(a, "chat-1", rng)
     step(a, "chat-1", rng)
     step(a, "chat-1", rng)
-    old = _rec(redis_server, "chat-1")  # v4 of the first incarnation
+    old = record(redis_server, "chat-1")  # v4 of the first incarnation
     a.close("chat-1")
     a.create(session_id="chat-1")
     for _ in range(5):
@@ -370,7 +365,7 @@ def test_a_fork_made_on_the_holder_then_rolled_back_is_written_back(redis_server
     child = a.fork(parent).id  # written (v1), lease released
     a.fetch(child)
     step(a, child, rng)
-    old = _rec(redis_server, child)  # v2
+    old = record(redis_server, child)  # v2
     last = step(a, child, rng)  # v3
     roll_back(redis_server, child, old)
     a.replication._lease_until[child] = 0.0
@@ -383,7 +378,7 @@ def test_the_outage_path_is_unchanged_by_a_rollback(redis_server):
     a = replica(redis_server, "A", lease_ttl=5.0)
     sid = a.create().id
     step(a, sid, rng)
-    old = _rec(redis_server, sid)
+    old = record(redis_server, sid)
     step(a, sid, rng)
     outage(a)
     last = step(a, sid, rng)  # served from memory
@@ -401,7 +396,7 @@ def test_write_behind_keeps_dirty_steps_when_only_the_lease_was_rolled_back(redi
     step(a, sid, rng)
     a.replication._write_dirty()
     last = step(a, sid, rng)  # dirty
-    roll_back(redis_server, sid, _rec(redis_server, sid))  # same record, lease gone
+    roll_back(redis_server, sid, record(redis_server, sid))  # same record, lease gone
     a.replication._write_dirty()
     assert sid in {s.id for s in a.sessions()}
     np.testing.assert_array_equal(written(a, sid)[1], last)

@@ -955,8 +955,6 @@ def test_the_newest_copy_survives_a_fetch_before_the_restart_is_noticed(redis_se
 
 
 def test_a_shutdown_whose_write_back_fails_reports_instead_of_raising(redis_server):
-    import redis
-
     rng = np.random.default_rng(91)
     a = replica(redis_server, "A", lease_ttl=0.2)
     sid = a.create().id
@@ -1055,8 +1053,6 @@ def test_an_id_closed_and_created_again_while_degraded_keeps_the_new_session(red
 
 
 def test_a_delete_that_fails_is_retried(redis_server):
-    import redis
-
     rng = np.random.default_rng(7)
     a = replica(redis_server, "A", lease_ttl=0.2)
     sid = a.create("alice").id
