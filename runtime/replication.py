@@ -37,10 +37,10 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
               loses at most the last N-1 acknowledged steps of each session;
       "Nms"   write-behind: dirty sessions are written every N milliseconds in the
               background: a replica that dies loses at most the last N ms (+ one write).
-  New, restored and forked sessions are written at once; everything dirty is written,
-  and every lease released, on `flush` (graceful shutdown), so a drained replica's
-  sessions continue elsewhere at once. Close and idle eviction delete the keys; a key
-  also expires after the session's TTL.
+  New, restored and forked sessions are written at once; everything dirty is written (and
+  every record that went back to older data or vanished), and every lease released, on
+  `flush` (graceful shutdown), so a drained replica's sessions continue elsewhere at once.
+  Close and idle eviction delete the keys; a key also expires after the session's TTL.
 - Snapshots carry the model sha: a replica serving another model refuses them
   (ModelError → FAILED_PRECONDITION). They are signed with one key per Redis (made by
   the first replica, SET NX), unless every replica is given `--snapshot-key`.
@@ -178,7 +178,9 @@ return v + 1
 # there is no record but another replica holds the lease (it serves the session now) (-2: ours
 # is stale). Terms go up only at a take-over, so the copy of the last holder has the highest
 # term, however often a stale copy was written back and stepped since; a record of our term and
-# holder is our own earlier write. The new version, or -3: generation.
+# holder (or none) is our own earlier write, and one with fewer versions than our copy went back
+# to older data (as at _PUT's -7): the term goes up by one. {the new version, the record's term},
+# or -3: generation.
 _RESTORE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 local t = redis.call('GET', KEYS[4])
@@ -187,23 +189,24 @@ if t then
   return -4
 end
 local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term', 'holder')
-local v = tonumber(ARGV[2])
+local v, term = tonumber(ARGV[2]), tonumber(ARGV[10])
 if h[1] == false then
   local cur = redis.call('GET', KEYS[2])
   if cur and cur ~= ARGV[1] then return -2 end
 else
   if h[2] ~= false and h[2] ~= ARGV[7] then return -2 end
-  local term, ours = tonumber(h[3] or '0'), tonumber(ARGV[10])
-  if term > ours or (term == ours and h[4] ~= false and h[4] ~= ARGV[1]) then return -2 end
+  local had = tonumber(h[3] or '0')
+  if had > term or (had == term and h[4] ~= false and h[4] ~= ARGV[1]) then return -2 end
+  if had == term and tonumber(h[1]) < v then term = term + 1 end
   v = math.max(v, tonumber(h[1]))
 end
 v = v + 1
 redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
-           'version', v, 'incarnation', ARGV[7], 'term', ARGV[10], 'holder', ARGV[1])
+           'version', v, 'incarnation', ARGV[7], 'term', term, 'holder', ARGV[1])
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[9])
-return v
+return {v, term}
 """
 # KEYS session, lease, generation; ARGV owner, generation token, lease ms, principal, and our
 # copy's incarnation ('' none), term and version (-1 none). Makes a session ours (`fetch`), in
@@ -456,18 +459,33 @@ class RedisBackend:
             return code, out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         return code, None
 
+    def heads(self, ids: Sequence[str]) -> list[tuple[str, int, int, str] | None]:
+        """Each session's (incarnation, term, version, holder) ('' none), or None where there
+        is no record; pipelined, without the snapshots."""
+        pipe = self.client.pipeline(transaction=False)
+        for sid in ids:
+            pipe.hmget(self.key(sid), "incarnation", "term", "version", "holder")
+        return [
+            None if v is None else ((i or b"").decode(), int(t or 0), int(v), (h or b"").decode())
+            for i, t, v, h in pipe.execute()
+        ]
+
     def untake(self, session_id: str, owner: str, rec: dict) -> bool:
         """Undo the take-over that loaded `rec` (its load failed here)."""
         keys = [self.key(session_id), self.lease(session_id)]
         args = [owner, rec["term"] + 1, rec["term"], rec["holder"] or ""]
         return bool(self._untake(keys=keys, args=args))
 
-    def write_many(self, items: Sequence[tuple], owner: str, lease_ms: int) -> list[int]:
+    def write_many(
+        self, items: Sequence[tuple], owner: str, lease_ms: int
+    ) -> list[tuple[int, int]]:
         """items: (session_id, version, term, snap, principal, ttl, incarnation, restore),
-        pipelined. A write (`_PUT`, compare-and-set on the version and term under our lease)
-        gives the new version or LOST / STALE / NOREC / BEHIND; a write-back (restore: True,
-        `_RESTORE`) the new version or STALE / CLOSED / EVICTED. Raises StoreReset when the
-        generation token is not ours (the token is checked first: such a call wrote nothing).
+        pipelined. Per item (code, the record's term now). A write (`_PUT`, compare-and-set on
+        the version and term under our lease) gives the new version or LOST / STALE / NOREC /
+        BEHIND (the term went up by one); a write-back (restore: True, `_RESTORE`) the new
+        version (and the term, up by one over a record that went back to older data) or
+        STALE / CLOSED / EVICTED. Raises StoreReset when the generation token is not ours (the
+        token is checked first: such a call wrote nothing).
         """
         calls = []
         for sid, version, term, snap, principal, ttl, incarnation, restore in items:
@@ -479,10 +497,15 @@ class RedisBackend:
                               args + (lease_ms, term)))  # fmt: skip
             else:
                 calls.append((self._put, keys, args + (term, lease_ms)))
-        codes = [int(v) for v in self._run(calls)]
-        if RESET in codes:
+        out = []
+        for item, v in zip(items, self._run(calls)):
+            if isinstance(v, list):  # a write-back: {version, term}
+                out.append((int(v[0]), int(v[1])))
+            else:
+                out.append((int(v), item[2] + 1 if int(v) == BEHIND else item[2]))
+        if any(code == RESET for code, _ in out):
             raise self._reset()
-        return codes
+        return out
 
     def _run(self, calls: Sequence[tuple]) -> list:
         """Run (script, keys, args) calls pipelined, PIPELINE_CALLS per round trip. A script
@@ -983,17 +1006,12 @@ class RedisReplication:
         New versions, or LOST / STALE / CLOSED / EVICTED."""
         rows = [self._row(s, state, position) for s, state, position in items]
         t0 = time.monotonic()
-        codes = self.backend.write_many(rows, self.replica_id, self._lease_ms)
-        for row, v in zip(rows, codes):
-            if v == BEHIND:  # a rolled-back record: its term went up (a copy of a take-over
-                self._term[row[0]] = row[2] + 1  # Redis forgot must not win over ours)
+        codes = self._write(rows)
         gone = [j for j, v in enumerate(codes) if v in (NOREC, BEHIND)]
         if gone:  # the record expired under us (or Redis evicted it): write it back instead
             self._pending.update(rows[j][0] for j in gone)
             again = [self._row(*items[j]) for j in gone]
-            for j, row, v in zip(
-                gone, again, self.backend.write_many(again, self.replica_id, self._lease_ms)
-            ):
+            for j, row, v in zip(gone, again, self._write(again)):
                 rows[j], codes[j] = row, v
         done = [row for row, v in zip(rows, codes) if v > 0]  # a refused write is not a write
         self.counts["writes"] += len(done)
@@ -1012,6 +1030,15 @@ class RedisReplication:
             except self.backend.Error as e:  # written: the lease just lapses
                 log.warning("state store: releasing %d leases failed: %s", len(let_go), e)
         return codes
+
+    def _write(self, rows: list[tuple]) -> list[int]:
+        """write_many, keeping the term of each record that went back to older data (it went
+        up, so that a copy from a take-over Redis forgot does not win over ours)."""
+        replies = self.backend.write_many(rows, self.replica_id, self._lease_ms)
+        for row, (_, term) in zip(rows, replies):
+            if term != row[2]:
+                self._term[row[0]] = term
+        return [code for code, _ in replies]
 
     def _row(self, s: Session, state: np.ndarray, position: int) -> tuple:
         """A write's item (RedisBackend.write_many): id, the version and term our copy builds
@@ -1078,6 +1105,28 @@ class RedisReplication:
                 self._after_removed(s, v)
         return len(items)
 
+    def _write_behind_records(self) -> int:
+        """Write back each session without unwritten steps whose record is gone (it expired,
+        or Redis evicted it) or older than our copy (Redis went back to older data: a lower
+        term, or our term and no other holder but fewer versions), as its next write would;
+        for a shutdown, which hands the record over. Caller holds _io. Returns how many."""
+        live = self.store.sessions()
+        clean = [s for s in live if not self._dirty.get(s.id) and s.id not in self._pending]
+        behind = []
+        for s, head in zip(clean, self.backend.heads([s.id for s in clean])):
+            if head is not None:
+                incarnation, term, version, holder = head
+                ours = self._term.get(s.id, 0)
+                if incarnation not in ("", s.incarnation) or term > ours:
+                    continue  # another incarnation, or a take-over: not ours to write
+                if term == ours and (
+                    holder not in ("", self.replica_id) or version >= self._version.get(s.id, 0)
+                ):
+                    continue  # our copy, or ahead of it (a reply lost), or another holder's
+            behind.append(s)
+        self._pending.update(s.id for s in behind)
+        return self._write_current(behind)
+
     def _republish(self, s: Session) -> None:
         """Write back our copy of a session Redis has no record of (it expired, or Redis lost
         it), unless a later term of it or its tombstone turns up (then it is dropped here).
@@ -1134,7 +1183,8 @@ class RedisReplication:
                 raise
 
     def flush(self, final: bool = False) -> int:
-        """Write every unwritten step, delete closed keys, release every lease (shutdown).
+        """Write every unwritten step (and write back every record found older than our copy,
+        or gone), delete closed keys, release every lease (shutdown).
         Returns how many sessions have steps that could not be written (0: none lost). A
         store that is degraded, or finds Redis's data set replaced, writes back first.
         final: fetches are refused from now on, also one waiting for a lease meanwhile (it
@@ -1149,7 +1199,8 @@ class RedisReplication:
                 break
             try:
                 self.backend.check_generation()  # an empty restart nobody has noticed yet
-                n = self._write_dirty()
+                with self._io:
+                    n = self._write_dirty_locked() + self._write_behind_records()
                 self._delete_dropped()
                 ids = [s.id for s in self.store.sessions()]
                 self.backend.release(ids, self.replica_id)

@@ -141,12 +141,6 @@ def test_the_write_path_too_leaves_no_copy_that_beats_the_written_back_one(redis
     np.testing.assert_array_equal(b.read(b.get(sid, "alice")), newest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/scaleout.md): an outage write-back (_RESTORE) over a "
-    "rolled-back record of our term keeps the term, so a forgotten take-over's copy (a "
-    "higher term) still wins later",
-)
 def test_an_outage_write_back_over_a_rolled_back_take_over(redis_server):
     rng = np.random.default_rng(10)
     a, b, sid, old = taken_over(redis_server, rng)
@@ -216,11 +210,6 @@ def test_a_shutdown_flush_writes_back_dirty_steps_and_hands_the_newest_over(redi
     np.testing.assert_array_equal(b.read(b.get(sid)), last)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/scaleout.md): a flush writes only sessions with unwritten "
-    "steps, so the rolled-back record of one without is handed over as it is",
-)
 def test_a_shutdown_flush_of_a_clean_session_after_a_rollback(redis_server):
     rng = np.random.default_rng(4)
     a = replica(redis_server, "A", lease_ttl=5.0)
@@ -233,6 +222,54 @@ def test_a_shutdown_flush_of_a_clean_session_after_a_rollback(redis_server):
     b = replica(redis_server, "B")
     b.fetch(sid)
     np.testing.assert_array_equal(b.read(b.get(sid)), last)
+
+
+def test_a_shutdown_flush_writes_back_clean_sessions_whose_record_vanished_or_is_stale(
+    redis_server,
+):
+    """A session without unwritten steps whose record vanished (it expired, or Redis
+    evicted it) or went back to a stale copy of a lower term is written back by the flush
+    that hands it over."""
+    rng = np.random.default_rng(11)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    cli = redis.Redis.from_url(redis_server.url)
+    gone = a.create("alice").id
+    gone_state = step(a, gone, rng, "alice")
+    cli.delete(f"ssmstream:s:{gone}")
+    lower = b.create("alice").id  # B holds it at term 0
+    old = record(redis_server, lower)
+    b.replication._lease_until[lower] = 0.0
+    cli.delete(f"ssmstream:l:{lower}")  # B's lease lapsed: A takes the session over (term 1)
+    a.fetch(lower, "alice")
+    lower_state = step(a, lower, rng, "alice")
+    roll_back(redis_server, lower, old)  # Redis went back to B's record of term 0
+    writes = a.replication.stats()["writes"]
+
+    assert a.flush(final=True) == 0
+    assert a.replication.stats()["writes"] == writes + 2
+    np.testing.assert_array_equal(written(a, gone)[1], gone_state)
+    np.testing.assert_array_equal(written(a, lower)[1], lower_state)
+    assert int(record(redis_server, lower)[b"term"]) == 1
+    c = replica(redis_server, "C")
+    c.fetch(lower, "alice")
+    np.testing.assert_array_equal(c.read(c.get(lower, "alice")), lower_state)
+
+
+def test_a_shutdown_flush_leaves_current_records_and_take_overs_alone(redis_server):
+    """A flush writes no clean session whose record is its copy, and none another replica
+    took over (that replica's steps stay)."""
+    rng = np.random.default_rng(12)
+    a, b, taken, _ = taken_over(redis_server, rng)  # A's copy of `taken` is stale
+    mine = a.create("alice").id
+    step(a, mine, rng, "alice")
+    before = {sid: record(redis_server, sid) for sid in (taken, mine)}
+    writes = a.replication.stats()["writes"]
+
+    assert a.flush(final=True) == 0
+    assert a.replication.stats()["writes"] == writes
+    assert a.replication.stats()["moved"] == 0  # A's stale copy was not even tried
+    assert {sid: record(redis_server, sid) for sid in (taken, mine)} == before
 
 
 def test_a_lost_reply_then_a_rollback_recovers_the_newest_copy(redis_server):
