@@ -178,9 +178,9 @@ return v + 1
 # there is no record but another replica holds the lease (it serves the session now) (-2: ours
 # is stale). Terms go up only at a take-over, so the copy of the last holder has the highest
 # term, however often a stale copy was written back and stepped since; a record of our term and
-# holder (or none) is our own earlier write, and one with fewer versions than our copy went back
-# to older data (as at _PUT's -7): the term goes up by one. {the new version, the record's term},
-# or -3: generation.
+# holder (or none) is our own earlier write, and one of the next term naming us as holder is our
+# own term raise whose reply was lost (_PUT's -7, _TAKE's {5, term}): we take that term on.
+# {the new version, the term written}, or -3: generation.
 _RESTORE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 local t = redis.call('GET', KEYS[4])
@@ -196,8 +196,8 @@ if h[1] == false then
 else
   if h[2] ~= false and h[2] ~= ARGV[7] then return -2 end
   local had = tonumber(h[3] or '0')
+  if had == term + 1 and h[4] == ARGV[1] then term = had end
   if had > term or (had == term and h[4] ~= false and h[4] ~= ARGV[1]) then return -2 end
-  if had == term and tonumber(h[1]) < v then term = term + 1 end
   v = math.max(v, tonumber(h[1]))
 end
 v = v + 1
@@ -483,8 +483,8 @@ class RedisBackend:
         pipelined. Per item (code, the record's term now). A write (`_PUT`, compare-and-set on
         the version and term under our lease) gives the new version or LOST / STALE / NOREC /
         BEHIND (the term went up by one); a write-back (restore: True, `_RESTORE`) the new
-        version (and the term, up by one over a record that went back to older data) or
-        STALE / CLOSED / EVICTED. Raises StoreReset when the generation token is not ours (the
+        version (and the term: one up where a term raise of ours lost its reply) or STALE /
+        CLOSED / EVICTED. Raises StoreReset when the generation token is not ours (the
         token is checked first: such a call wrote nothing).
         """
         calls = []
@@ -1006,13 +1006,16 @@ class RedisReplication:
         New versions, or LOST / STALE / CLOSED / EVICTED."""
         rows = [self._row(s, state, position) for s, state, position in items]
         t0 = time.monotonic()
-        codes = self._write(rows)
-        gone = [j for j, v in enumerate(codes) if v in (NOREC, BEHIND)]
-        if gone:  # the record expired under us (or Redis evicted it): write it back instead
-            self._pending.update(rows[j][0] for j in gone)
-            again = [self._row(*items[j]) for j in gone]
-            for j, row, v in zip(gone, again, self._write(again)):
-                rows[j], codes[j] = row, v
+        replies = self._write(rows)
+        gone = [j for j, (v, _) in enumerate(replies) if v in (NOREC, BEHIND)]
+        if gone:  # the record expired under us (or Redis evicted it), or went back: write back
+            self._pending.update(
+                rows[j][0] for j in gone if self.store.local(rows[j][0]) is not None
+            )
+            again = [(*rows[j][:2], replies[j][1], *rows[j][3:7], True) for j in gone]
+            for j, row, reply in zip(gone, again, self._write(again)):
+                rows[j], replies[j] = row, reply
+        codes = [v for v, _ in replies]
         done = [row for row, v in zip(rows, codes) if v > 0]  # a refused write is not a write
         self.counts["writes"] += len(done)
         self.counts["write_bytes"] += sum(len(r[3]) for r in done)
@@ -1031,14 +1034,22 @@ class RedisReplication:
                 log.warning("state store: releasing %d leases failed: %s", len(let_go), e)
         return codes
 
-    def _write(self, rows: list[tuple]) -> list[int]:
-        """write_many, keeping the term of each record that went back to older data (it went
-        up, so that a copy from a take-over Redis forgot does not win over ours)."""
+    def _write(self, rows: list[tuple]) -> list[tuple[int, int]]:
+        """write_many, keeping the term of each record that went up (it went back to older
+        data, and a copy from a take-over Redis forgot must not win over ours). A session
+        closed or evicted while its write was in flight has its delete name the new term
+        (else the delete finds a newer term and leaves the record of a closed session)."""
         replies = self.backend.write_many(rows, self.replica_id, self._lease_ms)
         for row, (_, term) in zip(rows, replies):
-            if term != row[2]:
-                self._term[row[0]] = term
-        return [code for code, _ in replies]
+            if term == row[2]:
+                continue
+            with self._drops_lock:
+                drop = self._drops.get((row[0], row[6]))
+                if drop is not None:
+                    self._drops[(row[0], row[6])] = (drop[0], term, *drop[2:])
+                    continue
+            self._term[row[0]] = term
+        return replies
 
     def _row(self, s: Session, state: np.ndarray, position: int) -> tuple:
         """A write's item (RedisBackend.write_many): id, the version and term our copy builds
@@ -1109,7 +1120,9 @@ class RedisReplication:
         """Write back each session without unwritten steps whose record is gone (it expired,
         or Redis evicted it) or older than our copy (Redis went back to older data: a lower
         term, or our term and no other holder but fewer versions), as its next write would;
-        for a shutdown, which hands the record over. Caller holds _io. Returns how many."""
+        for a shutdown, which hands the record over. The term stays: a copy from a take-over
+        the older data lack (a higher term) still wins where it turns up. Caller holds _io.
+        Returns how many."""
         live = self.store.sessions()
         clean = [s for s in live if not self._dirty.get(s.id) and s.id not in self._pending]
         behind = []

@@ -141,6 +141,12 @@ def test_the_write_path_too_leaves_no_copy_that_beats_the_written_back_one(redis
     np.testing.assert_array_equal(b.read(b.get(sid, "alice")), newest)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (docs/scaleout.md): two replicas stepped the session, one of them "
+    "during an outage, and Redis went back to older data: the copy of the forgotten take-over "
+    "wins, whichever stepped last",
+)
 def test_an_outage_write_back_over_a_rolled_back_take_over(redis_server):
     rng = np.random.default_rng(10)
     a, b, sid, old = taken_over(redis_server, rng)

@@ -1,0 +1,243 @@
+"""Redis going back to older data, combined with what else happens around it: a lost reply of
+a write that raised the term, a close while such a write is in flight, and a replica holding an
+idle copy that another replica's take-over (which the older data lack) made stale."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+from ssmstream.runtime.errors import SessionNotFound, Unavailable
+from stores import outage, record, replica, replies_lost, roll_back, step, written
+
+
+def _second_reply_lost(store):
+    """The store's first write_many goes through; the second applies but its reply is lost."""
+    backend = store.replication.backend
+    real = backend.write_many
+    calls = []
+
+    def flaky(*args):
+        calls.append(args)
+        out = real(*args)
+        if len(calls) == 2:
+            raise redis.TimeoutError("Timeout reading from socket")
+        return out
+
+    backend.write_many = flaky
+    return real, calls
+
+
+# --- 1. a term raise whose reply is lost makes the raiser's own copy "stale" ----------------
+
+
+def test_a_lost_reply_of_an_outage_write_back_that_raised_the_term_keeps_later_steps(
+    redis_server,
+):
+    """Redis comes back from an older dump after an outage; A's write-back applies but its
+    reply is lost (A stays degraded). The step A serves from memory meanwhile is written back
+    at the next recovery."""
+    rng = np.random.default_rng(21)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    old = record(redis_server, sid)
+    step(a, sid, rng)
+    outage(a)
+    step(a, sid, rng)  # served from memory
+    roll_back(redis_server, sid, old)
+    with replies_lost(a):
+        a.replication._try_recover()  # applied, reply lost
+    assert a.replication.degraded
+    last = step(a, sid, rng)  # acknowledged, served from memory
+    a.replication._try_recover()
+    assert not a.replication.degraded
+    assert a.replication.stats()["moved"] == 0
+    assert sid in {s.id for s in a.sessions()}
+    np.testing.assert_array_equal(written(a, sid)[1], last)
+
+
+def test_a_lost_reply_of_the_write_back_after_a_behind_write_keeps_later_steps(redis_server):
+    """Write-through after Redis went back: _PUT answers BEHIND (term 0 -> 1), and the reply
+    of the write-back that follows is lost. The step A serves from memory meanwhile is written
+    back at the recovery (the write-back keeps the term it was given)."""
+    rng = np.random.default_rng(22)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    old = record(redis_server, sid)
+    step(a, sid, rng)
+    roll_back(redis_server, sid, old)
+    real, calls = _second_reply_lost(a)
+    step(a, sid, rng)  # _PUT BEHIND, then _RESTORE applied with its reply lost: degraded
+    a.replication.backend.write_many = real
+    assert len(calls) == 2 and a.replication.degraded
+    last = step(a, sid, rng)  # served from memory
+    a.replication._try_recover()
+    assert a.replication.stats()["moved"] == 0
+    assert sid in {s.id for s in a.sessions()}
+    np.testing.assert_array_equal(written(a, sid)[1], last)
+
+
+def test_a_lost_reply_of_the_write_back_after_an_older_fetch_keeps_later_steps(redis_server):
+    """A's fetch finds its record went back: _TAKE answers OLDER and raises the term 0 -> 1;
+    the reply of the write-back that follows is lost (the fetch fails, A degrades and keeps
+    its copy). The step A serves from memory meanwhile is written back at the recovery."""
+    rng = np.random.default_rng(28)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    old = record(redis_server, sid)
+    step(a, sid, rng)
+    roll_back(redis_server, sid, old)
+    a.replication._lease_until[sid] = 0.0  # as after a renewal that found the lease gone
+    with replies_lost(a), pytest.raises(Unavailable):
+        a.fetch(sid)
+    assert a.replication.degraded and sid in {s.id for s in a.sessions()}
+    last = step(a, sid, rng)  # served from memory
+    a.replication._try_recover()
+    assert a.replication.stats()["moved"] == 0
+    assert sid in {s.id for s in a.sessions()}
+    np.testing.assert_array_equal(written(a, sid)[1], last)
+
+
+def test_a_lost_reply_of_a_behind_write_keeps_the_steps(redis_server):
+    """_PUT answers BEHIND and raises the term 0 -> 1, but the reply is lost: A still has
+    term 0. Its recovery write-back finds the next term naming A as holder, its own raise,
+    takes that term on and writes its copy (not refused as stale, which would drop it)."""
+    rng = np.random.default_rng(23)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    old = record(redis_server, sid)
+    step(a, sid, rng)
+    roll_back(redis_server, sid, old)
+    with replies_lost(a):
+        step(a, sid, rng)  # _PUT applied (term raised), reply lost: degraded
+    last = step(a, sid, rng)  # served from memory
+    a.replication._try_recover()
+    assert sid in {s.id for s in a.sessions()}
+    np.testing.assert_array_equal(written(a, sid)[1], last)
+
+
+# --- 2. a close racing a write that raised the term: its delete is refused --------------------
+
+
+def test_a_close_during_an_outage_write_back_that_raised_the_term_deletes_the_record(
+    redis_server,
+):
+    """The session is closed while the recovery's write-back over a rolled-back record is in
+    flight (the close's `removed` runs under the store's lock, not _io): the queued delete
+    still removes the record, and no other replica serves the closed session."""
+    rng = np.random.default_rng(24)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    old = record(redis_server, sid)
+    step(a, sid, rng, "alice")
+    outage(a)
+    roll_back(redis_server, sid, old)
+    be = a.replication.backend
+    real = be.write_many
+
+    def closing(*args):
+        a.close(sid, "alice")  # degraded: `closed` only queues the delete
+        return real(*args)
+
+    be.write_many = closing
+    a.replication._try_recover()
+    be.write_many = real
+    assert not a.replication.degraded
+    a.replication._delete_dropped()  # the background thread's next period
+    assert not be.exists(sid)
+    redis.Redis.from_url(redis_server.url).delete(f"ssmstream:l:{sid}")  # A's lease lapses
+    b = replica(redis_server, "B")
+    b.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound):
+        b.get(sid, "alice")
+
+
+def test_a_close_during_a_write_through_that_raised_the_term_deletes_the_record(redis_server):
+    """A close lands while a step's write-through is in flight; the write finds the record
+    went back (BEHIND: term 0 -> 1) and writes back at term 1: the queued delete names the new
+    term, so it removes the record."""
+    rng = np.random.default_rng(25)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    old = record(redis_server, sid)
+    step(a, sid, rng, "alice")
+    roll_back(redis_server, sid, old)
+    be = a.replication.backend
+    real = be.write_many
+    closer: list[threading.Thread] = []
+
+    def closing(*args):
+        if not closer:
+            t = threading.Thread(target=a.close, args=(sid, "alice"))
+            closer.append(t)
+            t.start()
+            while a.local(sid) is not None:  # `removed` ran; `closed` waits for _io
+                time.sleep(0.001)
+        return real(*args)
+
+    be.write_many = closing
+    step(a, sid, rng, "alice")
+    be.write_many = real
+    closer[0].join(5)
+    a.replication._delete_dropped()
+    assert not be.exists(sid)
+
+
+# --- 3. an idle stale copy now beats the replica that took the session over ------------------
+
+
+def _stale_copy_on_a(redis_server, rng):
+    """A steps alice's session to v3 (`old`: its record at v2, term 0, holder A); A's lease
+    lapses (A idle) and B takes the session over (term 1) and steps it twice: B's copy holds
+    every step A's does and more. Redis then goes back to `old` (older than A's copy, and
+    without B's take-over). A, B, the id, B's newest state."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    old = record(redis_server, sid)
+    step(a, sid, rng, "alice")
+    time.sleep(0.3)
+    b.fetch(sid, "alice")
+    step(b, sid, rng, "alice")
+    newest = step(b, sid, rng, "alice")
+    roll_back(redis_server, sid, old)
+    return a, b, sid, newest
+
+
+def test_an_idle_stale_copy_written_back_at_recovery_does_not_beat_the_take_over(redis_server):
+    """Both replicas saw the outage of a Redis that came back from an older dump. A, whose
+    copy is an idle prefix of B's, writes back first, at its term; B's write-back (the higher
+    term of its take-over) wins: the newest copy wins whichever replica writes back first."""
+    rng = np.random.default_rng(26)
+    a, b, sid, newest = _stale_copy_on_a(redis_server, rng)
+    outage(a)
+    outage(b)
+    a.replication._try_recover()
+    b.replication._try_recover()
+    c = replica(redis_server, "C", lease_wait=6.0)
+    redis.Redis.from_url(redis_server.url).delete(f"ssmstream:l:{sid}")
+    c.fetch(sid, "alice")
+    np.testing.assert_array_equal(c.read(c.get(sid, "alice")), newest)
+
+
+def test_a_shutdown_flush_of_an_idle_stale_copy_does_not_beat_the_take_over(redis_server):
+    """A shuts down holding the idle stale copy (its lease lapsed long ago); its flush writes
+    that copy back at its own term. B, the replica serving the session, finds its lease gone
+    and fetches: the record's term is below B's copy's, so B writes its newest copy back."""
+    rng = np.random.default_rng(27)
+    a, b, sid, newest = _stale_copy_on_a(redis_server, rng)
+    assert not a.replication.held(sid)  # A knows its lease lapsed
+    assert a.flush(final=True) == 0
+    b.replication._lease_until[sid] = 0.0  # as after a renewal that found the lease gone
+    b.fetch(sid, "alice")
+    np.testing.assert_array_equal(b.read(b.get(sid, "alice")), newest)
