@@ -2,7 +2,8 @@
 
     replica A ─┐            {prefix}:s:{id}   hash  snap (signed snapshot bytes: model sha,
     replica B ─┼─ Redis ──►                         S, position, state; runtime/snapshots.py),
-    replica C ─┘                                    principal, ttl, version, incarnation, term
+    replica C ─┘                                    principal, ttl, version, incarnation, term,
+                                                    holder, raised
                             {prefix}:l:{id}   string  the replica id holding the lease (PX)
                             {prefix}:x:{id}:{incarnation}   "closed" | "evicted" (a tombstone)
                             {prefix}:snapshot-key   the key every replica signs with
@@ -138,11 +139,12 @@ return 0
 # older data lack it, and no one took the session over since) is taken back.
 # The new version, or -1 (lease not ours) / -2 (version or term moved on: we are stale) / -3
 # (the generation token is not ours: Redis lost its data, or another replica saw that first) /
-# -6 (the record we build on is gone: it expired, or Redis evicted it; a write-back is due) /
+# -6 (the record we build on is gone: it expired, or Redis evicted it; or it is a stale copy of
+# a lower term under no one else's lease; a write-back is due) /
 # -7 (it went back to fewer of our own writes, with no other holder since: Redis came back from
 # an older dump or a lagging replica; its term went up by one, as at a take-over, so that a copy
-# from a take-over the older data lack ties with ours and loses on the holder; a write-back of
-# ours at that term is due).
+# from a take-over the older data lack ties with ours and loses on the holder, and `raised`
+# names us until the next write; a write-back of ours at that term is due).
 _PUT = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
 local cur = redis.call('GET', KEYS[2])
@@ -151,7 +153,7 @@ local h = redis.call('HMGET', KEYS[1], 'version', 'term', 'holder', 'incarnation
 if h[1] ~= false and tonumber(h[2] or '-1') == tonumber(ARGV[9]) and h[3] == ARGV[1]
    and h[4] == ARGV[7] and (cur == false or cur == ARGV[1]) then
   if tonumber(h[1]) < tonumber(ARGV[2]) then  -- fewer of our writes: older data
-    redis.call('HSET', KEYS[1], 'term', tonumber(ARGV[9]) + 1)
+    redis.call('HSET', KEYS[1], 'term', tonumber(ARGV[9]) + 1, 'raised', ARGV[1])
     return -7
   end
   -- our lease lapsed (or older data lack it), no one took over, the record is our copy
@@ -160,12 +162,17 @@ if h[1] ~= false and tonumber(h[2] or '-1') == tonumber(ARGV[9]) and h[3] == ARG
     cur = ARGV[1]
   end
 end
+-- a record of our incarnation and a lower term, under no one else's lease: a stale copy
+-- (written back after the record vanished, or older data that lack our take-over); ours wins
+if h[1] ~= false and h[4] == ARGV[7] and tonumber(h[2] or '0') < tonumber(ARGV[9])
+   and (cur == false or cur == ARGV[1]) then return -6 end
 if cur ~= ARGV[1] then return -1 end
 if h[1] == false and tonumber(ARGV[2]) > 0 then return -6 end
 local v = tonumber(h[1] or '0')
 if v ~= tonumber(ARGV[2]) or tonumber(h[2] or ARGV[9]) ~= tonumber(ARGV[9]) then return -2 end
 redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
-           'version', v + 1, 'incarnation', ARGV[7], 'term', ARGV[9], 'holder', ARGV[1])
+           'version', v + 1, 'incarnation', ARGV[7], 'term', ARGV[9], 'holder', ARGV[1],
+           'raised', '')
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 return v + 1
@@ -178,8 +185,9 @@ return v + 1
 # there is no record but another replica holds the lease (it serves the session now) (-2: ours
 # is stale). Terms go up only at a take-over, so the copy of the last holder has the highest
 # term, however often a stale copy was written back and stepped since; a record of our term and
-# holder (or none) is our own earlier write, and one of the next term naming us as holder is our
-# own term raise whose reply was lost (_PUT's -7, _TAKE's {5, term}): we take that term on.
+# holder (or none) is our own earlier write, and one of the next term naming us as holder and
+# as `raised` is our own term raise whose reply was lost (_PUT's -7, _TAKE's {5, term}; not a
+# take-over, which clears `raised`): we take that term on.
 # {the new version, the term written}, or -3: generation.
 _RESTORE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[8] then return -3 end
@@ -188,7 +196,7 @@ if t then
   if t == 'evicted' then return -5 end
   return -4
 end
-local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term', 'holder')
+local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term', 'holder', 'raised')
 local v, term = tonumber(ARGV[2]), tonumber(ARGV[10])
 if h[1] == false then
   local cur = redis.call('GET', KEYS[2])
@@ -196,13 +204,13 @@ if h[1] == false then
 else
   if h[2] ~= false and h[2] ~= ARGV[7] then return -2 end
   local had = tonumber(h[3] or '0')
-  if had == term + 1 and h[4] == ARGV[1] then term = had end
+  if had == term + 1 and h[4] == ARGV[1] and h[5] == ARGV[1] then term = had end
   if had > term or (had == term and h[4] ~= false and h[4] ~= ARGV[1]) then return -2 end
   v = math.max(v, tonumber(h[1]))
 end
 v = v + 1
 redis.call('HSET', KEYS[1], 'snap', ARGV[3], 'principal', ARGV[4], 'ttl', ARGV[5],
-           'version', v, 'incarnation', ARGV[7], 'term', term, 'holder', ARGV[1])
+           'version', v, 'incarnation', ARGV[7], 'term', term, 'holder', ARGV[1], 'raised', '')
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6])
 else redis.call('PERSIST', KEYS[1]) end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[9])
@@ -236,14 +244,14 @@ if (h[2] or '') == ARGV[5] then
   if term == tonumber(ARGV[6]) and (h[5] == false or h[5] == ARGV[1]) then
     if tonumber(h[4]) == tonumber(ARGV[7]) then return {3} end
     if tonumber(h[4]) < tonumber(ARGV[7]) then
-      redis.call('HSET', KEYS[1], 'term', term + 1, 'holder', ARGV[1])
+      redis.call('HSET', KEYS[1], 'term', term + 1, 'holder', ARGV[1], 'raised', ARGV[1])
       return {5, term + 1}
     end
   end
 end
 local out = redis.call('HGETALL', KEYS[1])
 redis.call('HINCRBY', KEYS[1], 'term', 1)
-redis.call('HSET', KEYS[1], 'holder', ARGV[1])
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'raised', '')
 table.insert(out, 1, 2)
 return out
 """
@@ -262,20 +270,22 @@ return 1
 # KEYS session, lease, tombstone, generation; ARGV owner, version we know (-1: any), incarnation,
 # tombstone expire ms (0: none), reason, term we know (-1: any), generation token. Deletes both
 # and leaves the incarnation's tombstone when the record is ours (our version and term, or our
-# term and us its holder: our own write whose reply was lost; nobody else holding the lease) or
+# term and us its holder: our own write whose reply was lost, or the next term naming us as
+# holder and `raised`: our own term raise whose reply was lost; nobody else holding the lease) or
 # of a lower term than our copy (a stale copy written back after Redis lost its data: the close
 # wins over it as our copy would have). 1 deleted, 0 left alone (another incarnation, or a newer
 # copy elsewhere), -3 generation.
 _DROP = """
 if redis.call('GET', KEYS[4]) ~= ARGV[7] then return -3 end
 local cur = redis.call('GET', KEYS[2])
-local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term', 'holder')
+local h = redis.call('HMGET', KEYS[1], 'version', 'incarnation', 'term', 'holder', 'raised')
 local older = false
 if h[1] ~= false then
   if ARGV[3] ~= '' and h[2] ~= false and h[2] ~= ARGV[3] then return 0 end
   local term, ours = tonumber(h[3] or '0'), tonumber(ARGV[6])
   older = ours >= 0 and term < ours
-  local mine = ours >= 0 and term == ours and h[4] == ARGV[1]
+  local mine = ours >= 0 and h[4] == ARGV[1]
+    and (term == ours or (term == ours + 1 and h[5] == ARGV[1]))  -- a raise of ours, reply lost
   if not (older or mine) then
     if tonumber(ARGV[2]) >= 0 and tonumber(h[1]) ~= tonumber(ARGV[2]) then return 0 end
     if ours >= 0 and term ~= ours then return 0 end

@@ -123,6 +123,102 @@ def test_a_lost_reply_of_a_behind_write_keeps_the_steps(redis_server):
     np.testing.assert_array_equal(written(a, sid)[1], last)
 
 
+def _take_reply_lost(store):
+    """The store's next `take` (_TAKE) applies in Redis but its reply times out."""
+    be = store.replication.backend
+    real = be.take
+
+    def applied_then_timed_out(*args, **kw):
+        be.take = real
+        real(*args, **kw)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    be.take = applied_then_timed_out
+
+
+def test_a_lost_take_over_reply_is_not_taken_for_a_term_raise_of_ones_own(
+    redis_server,
+):
+    """Redis goes back to before B's take-over; A, the holder, raises the term (fetch: OLDER,
+    term 0 -> 1) and steps: A's copy is the newest, B's (term 1, the forgotten take-over) ties
+    and must lose on the holder. B's fetch takes the session over (term 1 -> 2, holder B) to
+    load A's record, but the reply is lost: B keeps its own stale term-1 copy. B's recovery
+    write-back finds the next term naming B, but from a take-over, not a term raise of B's
+    own: it is refused as stale, and A's acknowledged step stays."""
+    rng = np.random.default_rng(31)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    old = record(redis_server, sid)
+    step(a, sid, rng, "alice")
+    time.sleep(0.3)
+    b.fetch(sid, "alice")  # take-over: term 1, holder B
+    step(b, sid, rng, "alice")
+    roll_back(redis_server, sid, old)  # term 0, holder A, v2: B's take-over forgotten
+    a.fetch(sid, "alice")  # OLDER: term 0 -> 1, A's copy written back at term 1
+    assert a.replication._term[sid] == 1
+    newest = step(a, sid, rng, "alice")  # acknowledged (write-through)
+    np.testing.assert_array_equal(written(a, sid)[1], newest)
+    time.sleep(0.3)  # A idle: its lease lapses
+    b.replication._lease_until[sid] = 0.0
+    _take_reply_lost(b)
+    with pytest.raises(Unavailable):
+        b.fetch(sid, "alice")  # TAKEN applied (term 2, holder B), reply lost
+    assert b.replication.degraded and b.local(sid) is not None
+    b.replication._try_recover()
+    np.testing.assert_array_equal(written(a, sid)[1], newest)  # A's step is not lost
+
+
+def test_a_close_after_a_lost_reply_of_a_term_raise_deletes_the_record(redis_server):
+    """A's write finds its record went back (BEHIND: term 0 -> 1, holder A) but the reply is
+    lost; A degrades and the client closes the session. The queued delete names term 0
+    and takes the record of term 1 that A raised as A's own: it is deleted, and no other
+    replica serves the closed session."""
+    rng = np.random.default_rng(32)
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    old = record(redis_server, sid)
+    step(a, sid, rng, "alice")
+    roll_back(redis_server, sid, old)
+    with replies_lost(a):
+        step(a, sid, rng, "alice")  # _PUT applied (term raised), reply lost: degraded
+    assert a.replication.degraded
+    a.close(sid, "alice")  # degraded: the delete is queued
+    a.replication._try_recover()  # deletes queued first
+    assert not a.replication.degraded
+    a.replication._delete_dropped()
+    redis.Redis.from_url(redis_server.url).delete(f"ssmstream:l:{sid}")
+    b = replica(redis_server, "B")
+    b.fetch(sid, "alice")
+    with pytest.raises(SessionNotFound):
+        b.get(sid, "alice")
+
+
+def test_a_take_over_copy_wins_at_its_next_write_after_redis_went_back(redis_server):
+    """B took the session over (term 1) and serves it; Redis goes back to before the take-over
+    (term 0, holder A, no lease). B still holds its lease locally and steps: _PUT finds a
+    stale record of a lower term under no one's lease, and B writes its newest copy back
+    (instead of dropping it as moved)."""
+    rng = np.random.default_rng(33)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    old = record(redis_server, sid)
+    step(a, sid, rng, "alice")
+    time.sleep(0.3)
+    b.fetch(sid, "alice")
+    step(b, sid, rng, "alice")  # acknowledged: only B's copy will hold it
+    roll_back(redis_server, sid, old)
+    assert b.replication.held(sid)  # B's lease (5 s) still holds as far as B knows
+    newest = step(b, sid, rng, "alice")
+    assert b.local(sid) is not None and b.replication.stats()["moved"] == 0
+    np.testing.assert_array_equal(written(b, sid)[1], newest)
+    assert int(record(redis_server, sid)[b"term"]) == 1
+
+
 # --- 2. a close racing a write that raised the term: its delete is refused --------------------
 
 
