@@ -5,6 +5,7 @@ going back to older data)."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import redis
@@ -74,3 +75,30 @@ def written(store: SessionStore, sid: str) -> tuple[int, np.ndarray, int]:
     rec = store.replication.backend.load(sid)
     position, state = store.unpack(rec["snap"])
     return position, state, rec["version"]
+
+
+def stepped_twice(redis_server, rng, principal: str = "") -> tuple[SessionStore, str, dict]:
+    """Replica A (lease 5 s) steps a new session twice: A, the session's id, and its record
+    after the first step (what `roll_back` puts back: older data than A's copy)."""
+    a = replica(redis_server, "A", lease_ttl=5.0)
+    sid = a.create(principal).id
+    step(a, sid, rng, principal)
+    old = record(redis_server, sid)
+    step(a, sid, rng, principal)
+    return a, sid, old
+
+
+def taken_over(redis_server, rng):
+    """A steps alice's session twice (`old`: its record after the first step: version 2,
+    term 0, holder A); A's lease lapses (A paused) and B takes the session over (term 1,
+    holder B) and steps it once. A, B, the session's id, `old`."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    old = record(redis_server, sid)
+    step(a, sid, rng, "alice")
+    time.sleep(0.3)
+    b.fetch(sid, "alice")
+    step(b, sid, rng, "alice")
+    return a, b, sid, old

@@ -15,7 +15,16 @@ import pytest
 import redis
 from ssmstream.runtime.errors import SessionBusy, SessionNotFound, Unavailable
 from ssmstream.runtime.sessions import SessionStore
-from stores import outage, record, replica, replies_lost, roll_back, step, written
+from stores import (
+    outage,
+    record,
+    replica,
+    replies_lost,
+    roll_back,
+    step,
+    taken_over,
+    written,
+)
 
 
 def rolled_back(redis_server, rng) -> tuple[SessionStore, str, np.ndarray]:
@@ -71,22 +80,6 @@ def test_a_record_redis_rolled_back_is_overwritten_when_the_holder_fetches_it_ag
     x = step(a, sid, rng)
     assert written(a, sid)[0] == 4
     np.testing.assert_array_equal(written(a, sid)[1], x)
-
-
-def taken_over(redis_server, rng):
-    """A steps alice's session twice (`old`: its record after the first step: version 2,
-    term 0, holder A); A's lease lapses (A paused) and B takes the session over (term 1,
-    holder B) and steps it once. A, B, the session's id, `old`."""
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = record(redis_server, sid)
-    step(a, sid, rng, "alice")
-    time.sleep(0.3)
-    b.fetch(sid, "alice")
-    step(b, sid, rng, "alice")
-    return a, b, sid, old
 
 
 def _forked_history(redis_server):

@@ -11,7 +11,24 @@ import numpy as np
 import pytest
 import redis
 from ssmstream.runtime.errors import SessionNotFound, Unavailable
-from stores import outage, record, replica, replies_lost, roll_back, step, written
+from stores import (
+    outage,
+    record,
+    replica,
+    replies_lost,
+    roll_back,
+    step,
+    stepped_twice,
+    taken_over,
+    written,
+)
+
+
+def kept_and_written(store, sid: str, state: np.ndarray) -> None:
+    """The store still serves `sid` (not dropped as moved) and Redis holds `state` for it."""
+    assert store.replication.stats()["moved"] == 0
+    assert sid in {s.id for s in store.sessions()}
+    np.testing.assert_array_equal(written(store, sid)[1], state)
 
 
 def _second_reply_lost(store):
@@ -31,7 +48,7 @@ def _second_reply_lost(store):
     return real, calls
 
 
-# --- 1. a term raise whose reply is lost makes the raiser's own copy "stale" ----------------
+# --- lost replies of writes around a term raise: the raiser's copy is not taken for stale ---
 
 
 def test_a_lost_reply_of_an_outage_write_back_that_raised_the_term_keeps_later_steps(
@@ -41,11 +58,7 @@ def test_a_lost_reply_of_an_outage_write_back_that_raised_the_term_keeps_later_s
     reply is lost (A stays degraded). The step A serves from memory meanwhile is written back
     at the next recovery."""
     rng = np.random.default_rng(21)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    old = record(redis_server, sid)
-    step(a, sid, rng)
+    a, sid, old = stepped_twice(redis_server, rng)
     outage(a)
     step(a, sid, rng)  # served from memory
     roll_back(redis_server, sid, old)
@@ -55,9 +68,7 @@ def test_a_lost_reply_of_an_outage_write_back_that_raised_the_term_keeps_later_s
     last = step(a, sid, rng)  # acknowledged, served from memory
     a.replication._try_recover()
     assert not a.replication.degraded
-    assert a.replication.stats()["moved"] == 0
-    assert sid in {s.id for s in a.sessions()}
-    np.testing.assert_array_equal(written(a, sid)[1], last)
+    kept_and_written(a, sid, last)
 
 
 def test_a_lost_reply_of_the_write_back_after_a_behind_write_keeps_later_steps(redis_server):
@@ -65,11 +76,7 @@ def test_a_lost_reply_of_the_write_back_after_a_behind_write_keeps_later_steps(r
     of the write-back that follows is lost. The step A serves from memory meanwhile is written
     back at the recovery (the write-back keeps the term it was given)."""
     rng = np.random.default_rng(22)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    old = record(redis_server, sid)
-    step(a, sid, rng)
+    a, sid, old = stepped_twice(redis_server, rng)
     roll_back(redis_server, sid, old)
     real, calls = _second_reply_lost(a)
     step(a, sid, rng)  # _PUT BEHIND, then _RESTORE applied with its reply lost: degraded
@@ -77,9 +84,7 @@ def test_a_lost_reply_of_the_write_back_after_a_behind_write_keeps_later_steps(r
     assert len(calls) == 2 and a.replication.degraded
     last = step(a, sid, rng)  # served from memory
     a.replication._try_recover()
-    assert a.replication.stats()["moved"] == 0
-    assert sid in {s.id for s in a.sessions()}
-    np.testing.assert_array_equal(written(a, sid)[1], last)
+    kept_and_written(a, sid, last)
 
 
 def test_a_lost_reply_of_the_write_back_after_an_older_fetch_keeps_later_steps(redis_server):
@@ -87,11 +92,7 @@ def test_a_lost_reply_of_the_write_back_after_an_older_fetch_keeps_later_steps(r
     the reply of the write-back that follows is lost (the fetch fails, A degrades and keeps
     its copy). The step A serves from memory meanwhile is written back at the recovery."""
     rng = np.random.default_rng(28)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    old = record(redis_server, sid)
-    step(a, sid, rng)
+    a, sid, old = stepped_twice(redis_server, rng)
     roll_back(redis_server, sid, old)
     a.replication._lease_until[sid] = 0.0  # as after a renewal that found the lease gone
     with replies_lost(a), pytest.raises(Unavailable):
@@ -99,9 +100,7 @@ def test_a_lost_reply_of_the_write_back_after_an_older_fetch_keeps_later_steps(r
     assert a.replication.degraded and sid in {s.id for s in a.sessions()}
     last = step(a, sid, rng)  # served from memory
     a.replication._try_recover()
-    assert a.replication.stats()["moved"] == 0
-    assert sid in {s.id for s in a.sessions()}
-    np.testing.assert_array_equal(written(a, sid)[1], last)
+    kept_and_written(a, sid, last)
 
 
 def test_a_lost_reply_of_a_behind_write_keeps_the_steps(redis_server):
@@ -109,11 +108,7 @@ def test_a_lost_reply_of_a_behind_write_keeps_the_steps(redis_server):
     term 0. Its recovery write-back finds the next term naming A as holder, its own raise,
     takes that term on and writes its copy (not refused as stale, which would drop it)."""
     rng = np.random.default_rng(23)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    old = record(redis_server, sid)
-    step(a, sid, rng)
+    a, sid, old = stepped_twice(redis_server, rng)
     roll_back(redis_server, sid, old)
     with replies_lost(a):
         step(a, sid, rng)  # _PUT applied (term raised), reply lost: degraded
@@ -146,15 +141,7 @@ def test_a_lost_take_over_reply_is_not_taken_for_a_term_raise_of_ones_own(
     write-back finds the next term naming B, but from a take-over, not a term raise of B's
     own: it is refused as stale, and A's acknowledged step stays."""
     rng = np.random.default_rng(31)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = record(redis_server, sid)
-    step(a, sid, rng, "alice")
-    time.sleep(0.3)
-    b.fetch(sid, "alice")  # take-over: term 1, holder B
-    step(b, sid, rng, "alice")
+    a, b, sid, old = taken_over(redis_server, rng)  # B's take-over: term 1, holder B
     roll_back(redis_server, sid, old)  # term 0, holder A, v2: B's take-over forgotten
     a.fetch(sid, "alice")  # OLDER: term 0 -> 1, A's copy written back at term 1
     assert a.replication._term[sid] == 1
@@ -176,11 +163,7 @@ def test_a_close_after_a_lost_reply_of_a_term_raise_deletes_the_record(redis_ser
     and takes the record of term 1 that A raised as A's own: it is deleted, and no other
     replica serves the closed session."""
     rng = np.random.default_rng(32)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = record(redis_server, sid)
-    step(a, sid, rng, "alice")
+    a, sid, old = stepped_twice(redis_server, rng, "alice")
     roll_back(redis_server, sid, old)
     with replies_lost(a):
         step(a, sid, rng, "alice")  # _PUT applied (term raised), reply lost: degraded
@@ -202,24 +185,16 @@ def test_a_take_over_copy_wins_at_its_next_write_after_redis_went_back(redis_ser
     stale record of a lower term under no one's lease, and B writes its newest copy back
     (instead of dropping it as moved)."""
     rng = np.random.default_rng(33)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=5.0)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = record(redis_server, sid)
-    step(a, sid, rng, "alice")
-    time.sleep(0.3)
-    b.fetch(sid, "alice")
-    step(b, sid, rng, "alice")  # acknowledged: only B's copy will hold it
+    a, b, sid, old = taken_over(redis_server, rng)  # B's step: only B's copy holds it
     roll_back(redis_server, sid, old)
-    assert b.replication.held(sid)  # B's lease (5 s) still holds as far as B knows
+    b.replication._lease_until[sid] = time.monotonic() + 5.0  # B's lease holds, as B knows
     newest = step(b, sid, rng, "alice")
     assert b.local(sid) is not None and b.replication.stats()["moved"] == 0
     np.testing.assert_array_equal(written(b, sid)[1], newest)
     assert int(record(redis_server, sid)[b"term"]) == 1
 
 
-# --- 2. a close racing a write that raised the term: its delete is refused --------------------
+# --- a close racing a write that raised the term: its delete still applies ------------------
 
 
 def test_a_close_during_an_outage_write_back_that_raised_the_term_deletes_the_record(
@@ -229,11 +204,7 @@ def test_a_close_during_an_outage_write_back_that_raised_the_term_deletes_the_re
     flight (the close's `removed` runs under the store's lock, not _io): the queued delete
     still removes the record, and no other replica serves the closed session."""
     rng = np.random.default_rng(24)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = record(redis_server, sid)
-    step(a, sid, rng, "alice")
+    a, sid, old = stepped_twice(redis_server, rng, "alice")
     outage(a)
     roll_back(redis_server, sid, old)
     be = a.replication.backend
@@ -261,11 +232,7 @@ def test_a_close_during_a_write_through_that_raised_the_term_deletes_the_record(
     went back (BEHIND: term 0 -> 1) and writes back at term 1: the queued delete names the new
     term, so it removes the record."""
     rng = np.random.default_rng(25)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = record(redis_server, sid)
-    step(a, sid, rng, "alice")
+    a, sid, old = stepped_twice(redis_server, rng, "alice")
     roll_back(redis_server, sid, old)
     be = a.replication.backend
     real = be.write_many
@@ -288,7 +255,7 @@ def test_a_close_during_a_write_through_that_raised_the_term_deletes_the_record(
     assert not be.exists(sid)
 
 
-# --- 3. an idle stale copy now beats the replica that took the session over ------------------
+# --- an idle stale copy does not beat the replica that took the session over ----------------
 
 
 def _stale_copy_on_a(redis_server, rng):
@@ -296,15 +263,7 @@ def _stale_copy_on_a(redis_server, rng):
     lapses (A idle) and B takes the session over (term 1) and steps it twice: B's copy holds
     every step A's does and more. Redis then goes back to `old` (older than A's copy, and
     without B's take-over). A, B, the id, B's newest state."""
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    sid = a.create("alice").id
-    step(a, sid, rng, "alice")
-    old = record(redis_server, sid)
-    step(a, sid, rng, "alice")
-    time.sleep(0.3)
-    b.fetch(sid, "alice")
-    step(b, sid, rng, "alice")
+    a, b, sid, old = taken_over(redis_server, rng)
     newest = step(b, sid, rng, "alice")
     roll_back(redis_server, sid, old)
     return a, b, sid, newest
