@@ -255,14 +255,14 @@ redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'raised', '')
 table.insert(out, 1, 2)
 return out
 """
-# KEYS session, lease; ARGV owner, the term our take-over gave, the term and holder before it
-# ('' none). Undoes a take-over whose load failed (another model, a full store): 1, or 0 when
-# anything moved on since.
+# KEYS session, lease; ARGV owner, the term our take-over gave, the term, holder and raised
+# before it ('' none). Undoes a take-over whose load failed (another model, a full store): 1,
+# or 0 when anything moved on since.
 _UNTAKE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local h = redis.call('HMGET', KEYS[1], 'term', 'holder')
 if h[1] == false or tonumber(h[1]) ~= tonumber(ARGV[2]) or h[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'term', ARGV[3])
+redis.call('HSET', KEYS[1], 'term', ARGV[3], 'raised', ARGV[5])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'holder', ARGV[4])
 else redis.call('HDEL', KEYS[1], 'holder') end
 return 1
@@ -353,6 +353,7 @@ def _record(h: dict) -> dict | None:
         "incarnation": h.get(b"incarnation", b"").decode() or None,
         "term": int(h.get(b"term", b"0")),
         "holder": h.get(b"holder", b"").decode() or None,
+        "raised": h.get(b"raised", b"").decode() or None,
     }
 
 
@@ -469,21 +470,25 @@ class RedisBackend:
             return code, out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         return code, None
 
-    def heads(self, ids: Sequence[str]) -> list[tuple[str, int, int, str] | None]:
-        """Each session's (incarnation, term, version, holder) ('' none), or None where there
-        is no record; pipelined, without the snapshots."""
+    def heads(self, ids: Sequence[str]) -> list[tuple[str, int, int | None, str, str]]:
+        """Each session's (incarnation, term, version, holder, lease holder) ('' none; the
+        version None where there is no record); pipelined, without the snapshots."""
         pipe = self.client.pipeline(transaction=False)
         for sid in ids:
             pipe.hmget(self.key(sid), "incarnation", "term", "version", "holder")
-        return [
-            None if v is None else ((i or b"").decode(), int(t or 0), int(v), (h or b"").decode())
-            for i, t, v, h in pipe.execute()
-        ]
+            pipe.get(self.lease(sid))
+        out = pipe.execute()
+        heads = []
+        for (incarnation, term, version, holder), lease in zip(out[::2], out[1::2]):
+            text = [(x or b"").decode() for x in (incarnation, holder, lease)]
+            version = None if version is None else int(version)
+            heads.append((text[0], int(term or 0), version, *text[1:]))
+        return heads
 
     def untake(self, session_id: str, owner: str, rec: dict) -> bool:
         """Undo the take-over that loaded `rec` (its load failed here)."""
         keys = [self.key(session_id), self.lease(session_id)]
-        args = [owner, rec["term"] + 1, rec["term"], rec["holder"] or ""]
+        args = [owner, rec["term"] + 1, rec["term"], rec["holder"] or "", rec["raised"] or ""]
         return bool(self._untake(keys=keys, args=args))
 
     def write_many(
@@ -1129,16 +1134,19 @@ class RedisReplication:
     def _write_behind_records(self) -> int:
         """Write back each session without unwritten steps whose record is gone (it expired,
         or Redis evicted it) or older than our copy (Redis went back to older data: a lower
-        term, or our term and no other holder but fewer versions), as its next write would;
-        for a shutdown, which hands the record over. The term stays: a copy from a take-over
+        term, or our term and no other holder but fewer versions) and whose lease no other
+        replica holds, as its next write would; for a shutdown, which hands the record over.
+        The term stays: a copy from a take-over
         the older data lack (a higher term) still wins where it turns up. Caller holds _io.
         Returns how many."""
         live = self.store.sessions()
         clean = [s for s in live if not self._dirty.get(s.id) and s.id not in self._pending]
         behind = []
         for s, head in zip(clean, self.backend.heads([s.id for s in clean])):
-            if head is not None:
-                incarnation, term, version, holder = head
+            incarnation, term, version, holder, lease = head
+            if lease not in ("", self.replica_id):
+                continue  # another replica serves it (it wrote its copy back there)
+            if version is not None:
                 ours = self._term.get(s.id, 0)
                 if incarnation not in ("", s.incarnation) or term > ours:
                     continue  # another incarnation, or a take-over: not ours to write

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import redis
-from ssmstream.runtime.errors import SessionNotFound, Unavailable
+from ssmstream.runtime.errors import ModelError, SessionNotFound, Unavailable
 from stores import (
     outage,
     record,
@@ -296,3 +296,81 @@ def test_a_shutdown_flush_of_an_idle_stale_copy_does_not_beat_the_take_over(redi
     b.replication._lease_until[sid] = 0.0  # as after a renewal that found the lease gone
     b.fetch(sid, "alice")
     np.testing.assert_array_equal(b.read(b.get(sid, "alice")), newest)
+
+
+# --- take-overs, leases and the shutdown write-back ------------------------------------
+
+
+def test_an_undone_take_over_keeps_the_raised_marker_of_a_lost_raise(redis_server):
+    """Redis goes back to older data; A's next write raises the term (BEHIND, 0 -> 1, raised
+    A) but its reply is lost: A degrades and serves from memory. B (another model) takes the
+    session over (1 -> 2, raised cleared) and its load fails: _UNTAKE puts back term 1,
+    holder A and `raised`, so A's recovery write-back still recognises its own raise and
+    writes its acknowledged steps."""
+    rng = np.random.default_rng(301)
+    a, sid, old = stepped_twice(redis_server, rng)
+    roll_back(redis_server, sid, old)
+    with replies_lost(a):
+        step(a, sid, rng)  # _PUT BEHIND applied (term 1, raised A), reply lost: degraded
+    assert a.replication.degraded
+    last = step(a, sid, rng)  # acknowledged, served from memory
+    b = replica(redis_server, "B", model_sha="sha-B")
+    with pytest.raises(ModelError):
+        b.fetch(sid)  # TAKEN then _UNTAKE
+    assert int(record(redis_server, sid)[b"term"]) == 1
+    a.replication._try_recover()
+    assert sid in {s.id for s in a.sessions()}, "A dropped its newest copy as stale"
+    np.testing.assert_array_equal(written(a, sid)[1], last)
+
+
+def test_a_shutdown_flush_does_not_overwrite_a_session_another_replica_serves(redis_server):
+    """B took alice's session over (term 1) and went idle (lease lapsed); Redis then evicted
+    the record (maxmemory) and A, whose idle copy is of term 0, was asked for it: NO_RECORD,
+    A writes its copy back, holds the lease and serves a step. B shuts down: its flush finds
+    a record of a lower term than its copy, but under A's lease: A serves the session, so
+    B's flush leaves it alone (as a write or a fetch of B's would), and A's step stays."""
+    rng = np.random.default_rng(302)
+    a, b, sid, _ = taken_over(redis_server, rng)
+    time.sleep(0.3)  # B's lease lapses (B idle)
+    redis.Redis.from_url(redis_server.url).delete(f"ssmstream:s:{sid}")  # evicted
+    a.replication._lease_ms = 5000
+    a.fetch(sid, "alice")  # NO_RECORD: A writes its copy back and holds the lease
+    served = step(a, sid, rng, "alice")
+    assert written(a, sid)[1].tolist() == served.tolist()
+    assert redis.Redis.from_url(redis_server.url).get(f"ssmstream:l:{sid}") == b"A"
+    assert b.flush(final=True) == 0
+    np.testing.assert_array_equal(written(a, sid)[1], served)
+    step(a, sid, rng, "alice")
+    assert a.replication.stats()["moved"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (docs/scaleout.md): of two take-overs the older data lack, the copy "
+    "written back first wins",
+)
+def test_the_newest_of_two_forgotten_take_overs_wins_after_a_rollback(redis_server):
+    """A (term 0), then B (term 1), then C (term 2) served the session; Redis goes back to A's
+    record (term 0, no lease). B and C both still think they hold the lease. B steps first:
+    it writes its copy back over the lower term (term 1) and takes the lease. C's copy (term
+    2) holds every step B's does and more, but C's next write finds B's lease."""
+    rng = np.random.default_rng(303)
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    c = replica(redis_server, "C", lease_ttl=0.2)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    old = record(redis_server, sid)
+    time.sleep(0.3)
+    b.fetch(sid, "alice")
+    step(b, sid, rng, "alice")
+    time.sleep(0.3)
+    c.fetch(sid, "alice")
+    step(c, sid, rng, "alice")
+    roll_back(redis_server, sid, old)
+    for store in (b, c):
+        store.replication._lease_until[sid] = time.monotonic() + 5.0
+    step(b, sid, rng, "alice")  # the stale middle copy writes itself back (term 1)
+    newest = step(c, sid, rng, "alice")
+    assert c.replication.stats()["moved"] == 0
+    np.testing.assert_array_equal(written(c, sid)[1], newest)
