@@ -159,7 +159,6 @@ def test_chunked_slot_batches_with_gaps_equal_each_stream_alone(tiny, monkeypatc
 def test_snapshots_racing_slot_steps_are_consistent(tiny):
     """8 streams stepping in the slab while another thread snapshots them as fast as it can:
     every snapshot's state is the state after exactly `position` of that stream's inputs."""
-    import threading
 
     rng = np.random.default_rng(9)
     plans = [rng.integers(0, tiny.vocab_size, size=40) for _ in range(8)]  # [8][40]
@@ -235,7 +234,6 @@ def test_onnxruntime_failure_in_a_slot_step_changes_nothing(tiny):
 def test_each_ort_call_of_a_batch_is_handed_back_as_soon_as_it_is_done(toy_tok):
     """6 sessions in ORT calls of 2 rows: the clients of the first two calls get their
     results while the batch's last call still runs (held on a gate); all are correct."""
-    import threading
 
     gate = threading.Event()
 
@@ -707,31 +705,6 @@ def test_the_default_activity_window_is_20_batch_delays_but_at_least_10_ms(toy_t
     assert Batcher(toy_tok, store).activity_window == pytest.approx(0.02)
     assert Batcher(toy_tok, store, max_batch_delay=0.0).activity_window == pytest.approx(0.01)
     assert Batcher(toy_tok, store, activity_window=0.5).activity_window == 0.5
-
-
-def test_starting_twice_keeps_one_worker_and_close_stops_it(toy_tok):
-    """A second start() of a running batcher does nothing: one
-    worker thread, gone after close()."""
-
-    def workers():
-        return [t for t in threading.enumerate() if t.name == "ssmstream-engine" and t.is_alive()]
-
-    before = len(workers())
-
-    async def main():
-        batcher, store = await started(toy_tok, max_batch_delay=0.0)
-        await batcher.start()
-        n = len(workers()) - before
-        s = store.create()
-        await batcher.step(s, np.array([1]))
-        await batcher.close()
-        return n
-
-    assert run(main()) == 1
-    deadline = time.monotonic() + 2
-    while len(workers()) > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(workers()) == before
 
 
 def test_pending_counts_running_and_waiting_requests(toy_tok):
