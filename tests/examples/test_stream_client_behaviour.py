@@ -1,0 +1,74 @@
+"""examples/stream_client.py against in-process servers of hand-built toy models: it closes
+every session it makes, sends the bearer token from SSMSTREAM_TOKEN, and on a values model
+streams a sine wave over all d_input channels through one session's state (its outputs
+recomputed here with the toy's float64 reference recurrence)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scripts import load_script
+
+build_toy = load_script("tests/runtime/conftest.py").build_toy
+grpc_helpers = load_script("tests/runtime/grpc_helpers.py")
+
+
+@pytest.fixture(scope="module")
+def sc():
+    return load_script("examples/stream_client.py")
+
+
+@pytest.fixture(scope="module")
+def byte_toy(tmp_path_factory) -> dict:
+    return build_toy(tmp_path_factory.mktemp("byte_toy"), "tokens", V=256, d_out=256)
+
+
+@pytest.fixture(scope="module")
+def values_toy(tmp_path_factory) -> dict:
+    return build_toy(tmp_path_factory.mktemp("values_toy"), "values", d_in=3, d_out=5)
+
+
+def test_token_model_session_and_fork_are_closed(sc, byte_toy, capsys):
+    """After the two continuations no session is left open on the server."""
+    with grpc_helpers.serve(byte_toy["model_dir"]) as srv:
+        assert sc.main(["abc", "--server", grpc_helpers.target(srv),
+                        "--max-new-tokens", "2"]) == 0  # fmt: skip
+        stats = srv.server.store.stats()
+        assert (stats["created"], stats["forked"]) == (1, 1)
+        assert len(srv.server.store) == 0
+    assert capsys.readouterr().out.count("--- ") == 2
+
+
+def test_values_model_streams_all_channels_through_one_state(sc, values_toy, caplog):
+    """32 samples of sin(0.3 t) on every input channel, fed in order through one state:
+    each logged output equals the reference recurrence's; the session is then closed."""
+    caplog.set_level("INFO", logger="stream_client")
+    with grpc_helpers.serve(values_toy["model_dir"]) as srv:
+        assert sc.main(["--server", grpc_helpers.target(srv)]) == 0
+        assert len(srv.server.store) == 0
+    rows = [r.args for r in caplog.records if r.getMessage().startswith("t=")]
+    assert [t for t, _, _ in rows] == list(range(32))
+    u = np.array([[math.sin(0.3 * t)] * 3 for t in range(32)])[None]  # [1, 32, 3]
+    want, _ = values_toy["reference"](u, np.zeros((1, values_toy["S"])))  # [1, 32, 5]
+    got = np.array([y for _, _, y in rows])  # [32, 5], rounded to 3 decimals
+    np.testing.assert_allclose(got, want[0], atol=1.5e-3, rtol=0)
+    np.testing.assert_allclose([u0 for _, u0, _ in rows], u[0, :, 0], rtol=0, atol=1e-12)
+
+
+def test_bearer_token_comes_from_the_environment(sc, byte_toy, monkeypatch, tmp_path, capsys):
+    """A server that requires a bearer token accepts the one in SSMSTREAM_TOKEN."""
+    import grpc
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-0123456789abcdef alice\n")
+    with grpc_helpers.serve(byte_toy["model_dir"], auth_tokens=str(tokens)) as srv:
+        argv = ["ab", "--server", grpc_helpers.target(srv), "--max-new-tokens", "2"]
+        monkeypatch.delenv("SSMSTREAM_TOKEN", raising=False)
+        with pytest.raises(grpc.RpcError) as e:
+            sc.main(argv)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        monkeypatch.setenv("SSMSTREAM_TOKEN", "tok-0123456789abcdef")
+        assert sc.main(argv) == 0
+    assert "--- fork " in capsys.readouterr().out
