@@ -11,22 +11,10 @@ import numpy as np
 import pytest
 from scripts import load_script
 
-build_toy = load_script("tests/runtime/conftest.py").build_toy
-
 
 @pytest.fixture(scope="module")
 def edge():
     return load_script("examples/edge_embed.py")
-
-
-@pytest.fixture(scope="module")
-def byte_toy(tmp_path_factory) -> dict:
-    return build_toy(tmp_path_factory.mktemp("byte_toy"), "tokens", V=256, d_out=256)
-
-
-@pytest.fixture(scope="module")
-def values_toy(tmp_path_factory) -> dict:
-    return build_toy(tmp_path_factory.mktemp("values_toy"), "values", d_in=3, d_out=5)
 
 
 def _logged(caplog, prefix: str) -> list[tuple]:

@@ -4,6 +4,7 @@ training; servers run hand-built toy models."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -383,3 +384,266 @@ def test_stream_client_prints_probabilities_and_two_seeds(sc, byte_server, capsy
     out = capsys.readouterr().out
     assert re.search(r"^--- session \S+ \(seed 5\) ---$", out, re.M)
     assert re.search(r"^--- fork \S+ \(seed 6\) ---$", out, re.M)
+
+
+class FakeServer:
+    """A `subprocess.Popen` stand-in: writes its port file on its first poll() (as a real
+    server does some time after launch), or exits at once when `dies`."""
+
+    launched: list = []
+    dies = False
+
+    def __init__(self, cmd, stdout=None, stderr=None):
+        FakeServer.launched.append(cmd)
+        self.cmd = cmd
+        self.returncode = None
+
+    def poll(self):
+        if FakeServer.dies:
+            self.returncode = 1
+            return 1
+        port_file = self.cmd[self.cmd.index("--port-file") + 1]
+        with open(port_file, "w") as f:
+            json.dump({"port": 4242, "metrics_port": 4343, "pid": 1}, f)
+        return None
+
+
+@pytest.fixture
+def fake_popen(quick, monkeypatch):
+    FakeServer.launched, FakeServer.dies = [], False
+    monkeypatch.setattr(quick.subprocess, "Popen", FakeServer)
+    return FakeServer
+
+
+def test_server_listens_on_loopback_and_reports_its_fresh_port(quick, fake_popen, tmp_path):
+    """The server is bound to 127.0.0.1; the port read is the one this server wrote, not one
+    left in server.json by an earlier run."""
+    (tmp_path / "server.json").write_text(json.dumps({"port": 1111, "metrics_port": 1112}))
+    proc, target, metrics_port = quick.start_server(tmp_path / "model", tmp_path, "cpu")
+    (cmd,) = fake_popen.launched
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--port") + 1] == "0" and cmd[cmd.index("--device") + 1] == "cpu"
+    assert (target, metrics_port) == ("127.0.0.1:4242", 4343)
+
+
+def test_a_server_that_exits_at_once_is_reported_without_waiting(quick, fake_popen, monkeypatch,
+                                                                  tmp_path):  # fmt: skip
+    """A server process that has exited is noticed at the next poll: the script exits with
+    a message naming the log, instead of waiting out the start deadline."""
+    fake_popen.dies = True
+    sleeps = []
+
+    def sleep(s):
+        sleeps.append(s)
+        assert len(sleeps) < 20, "kept waiting for a server that had exited"
+
+    monkeypatch.setattr(quick.time, "sleep", sleep)
+    with pytest.raises(SystemExit) as e:
+        quick.start_server(tmp_path / "model", tmp_path, "cpu")
+    assert e.value.code == f"the server did not start; see {tmp_path / 'server.log'}"
+    assert sleeps == []
+
+
+def test_sessions_of_a_reused_export_are_kept(quick, monkeypatch, tmp_path):
+    """When the existing export is reused (same weights), the sessions saved with it stay."""
+    work = tmp_path / "w"
+    (work / "model").mkdir(parents=True)
+    (work / "state").mkdir()
+    (work / "state" / "old.snap").write_bytes(b"x")
+    (work / "model" / "manifest.json").write_text(json.dumps({"input_kind": "tokens",
+                                                              "vocab_size": 256}))  # fmt: skip
+
+    class Proc:
+        returncode = 0
+
+    monkeypatch.setattr(quick, "export", lambda *a: False)  # reused
+    monkeypatch.setattr(quick, "start_server", lambda *a: (Proc(), "127.0.0.1:1", 2))
+    monkeypatch.setattr(quick.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(quick, "sessions_demo", lambda *a, **k: None)
+    monkeypatch.setattr(quick, "transfer_report", lambda *a: None)
+    monkeypatch.setattr(quick, "stop_server", lambda proc: None)
+    assert quick.main(["--workdir", str(work)]) == 0
+    assert (work / "state" / "old.snap").read_bytes() == b"x"
+
+
+def test_sessions_demo_closes_parent_fork_and_restored(quick, monkeypatch, capsys):
+    """Each of the three sessions the demo makes is closed once."""
+    import ssmstream.runtime.client as client_mod
+
+    closed = []
+
+    class Token:
+        token = ord("a")
+
+    class Session:
+        def __init__(self, sid):
+            self.id, self.position = sid, 0
+
+        def step(self, tokens):
+            self.position += len(tokens)
+            return self
+
+        def snapshot(self):
+            return b"snap"
+
+        def fork(self):
+            return Session("fork-0000")
+
+        def generate(self, last, max_new_tokens, temperature, seed):
+            return [Token()] * max_new_tokens
+
+        def close(self):
+            closed.append(self.id)
+            return 0
+
+    class Client:
+        def __init__(self, target, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def create_session(self):
+            return Session("parent-0")
+
+        def restore(self, snap):
+            return Session("restored")
+
+    monkeypatch.setattr(client_mod, "Client", Client)
+    quick.sessions_demo("127.0.0.1:1", "abcd", n=2)
+    assert sorted(closed) == ["fork-0000", "parent-0", "restored"]
+
+
+def test_transfer_report_before_any_step_and_after_three(quick, tmp_path, capsys):
+    """A server that has not stepped yet gets the provider line only (no per-step figures);
+    after three one-token steps of a 256-logit model: 3 steps, per step a token and a slot
+    in (2 × int64) and 256 float32 logits out."""
+    from ssmstream.runtime.client import Client
+
+    toy = build_toy(tmp_path / "toy", "tokens", V=256, d_out=256)
+    with grpc_helpers.serve(toy["model_dir"], metrics_port=0) as srv:
+        target, metrics_port = grpc_helpers.target(srv), srv.server.metrics_port
+        quick.transfer_report(target, metrics_port)
+        out = capsys.readouterr().out
+        assert "== provider: CPUExecutionProvider;" in out and "batched steps" not in out
+        with Client(target, timeout=10) as c:
+            s = c.create_session()
+            with s.open_stream() as stream:
+                for b in b"abc":
+                    stream.send(tokens=[b])
+            s.close()
+        quick.transfer_report(target, metrics_port)
+        out = capsys.readouterr().out
+        assert "   3 batched steps moved 16 B in (input, slot) and 1,024 B out (outputs)" in out
+
+
+class IdentityEngine:
+    """y = u, stateless: the outputs are the input samples themselves."""
+
+    d_output = 1
+    manifest = {"parity": {"passed": True}}
+
+    def __init__(self, model_dir, device="cpu", threads=None):
+        pass
+
+    def new_state(self, B=1):
+        return np.zeros((B, 1), np.float32)
+
+    def step(self, u, s):
+        return np.asarray(u, np.float32)[:, :1], s
+
+
+@pytest.fixture
+def exports(rescale_mod, monkeypatch) -> list[dict]:
+    """export_model replaced by one that writes a manifest `reusable` accepts; returns the
+    calls made."""
+    calls = []
+    weights = hashlib.sha256((SIGNAL / "model.safetensors").read_bytes()).hexdigest()
+
+    def fake_export(ckpt, out, dt_scale=1.0, prefill=True, **kw):
+        calls.append({"out": Path(out), "dt_scale": dt_scale})
+        Path(out).mkdir(parents=True, exist_ok=True)
+        m = {"dt_scale": dt_scale, "source": {"weights_sha256": weights},
+             "graphs": {"step": {}, **({"prefill": {}} if prefill else {})},
+             "parity": {"passed": True}}  # fmt: skip
+        (Path(out) / "manifest.json").write_text(json.dumps(m))
+        return Path(out)
+
+    monkeypatch.setattr(rescale_mod, "Engine", IdentityEngine)
+    monkeypatch.setattr(rescale_mod, "export_model", fake_export)
+    return calls
+
+
+def _signals(rescale_mod, rate_factor: float, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+    from ssmstream.model.data import signal_batch
+
+    sig = rescale_mod.training_signal(SIGNAL)
+    sig = dataclasses.replace(sig, rate=sig.rate * rate_factor)
+    u, y = signal_batch(sig, n, torch.Generator().manual_seed(seed))
+    return u.numpy().astype(np.float64), y.numpy().astype(np.float64)
+
+
+def test_errors_are_relative_to_the_target_power(rescale_mod, exports, tmp_path):
+    """target_power is the mean square of the target at rate r (not of the input), and the
+    MSEs are those of the outputs (here the inputs) against the targets."""
+    res = rescale_mod.run(rescale_mod.RescaleConfig(factor=2.0, signals=3, seed=7,
+                                                    work=str(tmp_path)))  # fmt: skip
+    u_r, y_r = _signals(rescale_mod, 1.0, 3, 7)
+    u_cr, y_cr = _signals(rescale_mod, 2.0, 3, 7)
+    assert res["target_power"] == pytest.approx(np.mean(y_r**2), rel=1e-9)
+    assert res["target_power"] != pytest.approx(np.mean(u_r**2), rel=1e-3)
+    assert res["mse_r"] == pytest.approx(np.mean((u_r - y_r) ** 2), rel=1e-9)
+    assert res["mse_cr_rescaled"] == pytest.approx(np.mean((u_cr - y_cr) ** 2), rel=1e-9)
+
+
+def test_the_gap_compares_the_samples_the_two_rates_share(rescale_mod, exports, tmp_path):
+    """Sample c·k at rate c·r is taken at the time of sample k at rate r: an output that
+    only depends on the current input (y = u) has no gap at all, and the factor-2 signal's
+    every other sample is exactly the rate-r signal."""
+    u_r, _ = _signals(rescale_mod, 1.0, 2, 12345)
+    u_cr, _ = _signals(rescale_mod, 2.0, 2, 12345)
+    assert np.array_equal(u_cr[:, ::2], u_r)  # the premise: shared sample times
+    res = rescale_mod.run(rescale_mod.RescaleConfig(factor=2.0, signals=2, work=str(tmp_path)))
+    assert res["gap_rescaled"] == 0.0 and res["gap_unscaled"] == 0.0
+
+
+def test_an_export_is_reused_only_when_asked(rescale_mod, exports, tmp_path):
+    """Without reuse both models are exported again even when `work` holds matching
+    exports; with reuse, matching exports are not redone."""
+    cfg = dict(factor=2.0, signals=1, work=str(tmp_path))
+    rescale_mod.run(rescale_mod.RescaleConfig(**cfg))
+    assert [c["dt_scale"] for c in exports] == [1.0, 0.5]
+    rescale_mod.run(rescale_mod.RescaleConfig(**cfg))  # reuse=False (the default)
+    assert [c["dt_scale"] for c in exports] == [1.0, 0.5, 1.0, 0.5]
+    rescale_mod.run(rescale_mod.RescaleConfig(**cfg, reuse=True))
+    assert len(exports) == 4
+
+
+def test_a_corrupt_manifest_is_not_reusable(rescale_mod, tmp_path):
+    """A manifest.json that is not JSON (an interrupted export) means: export again."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "manifest.json").write_text('{"dt_scale": 0.5, "source": {')
+    assert rescale_mod.reusable(model, ckpt, 0.5, False) is False
+
+
+def test_json_flag_prints_the_returned_numbers(rescale_mod, monkeypatch, capsys):
+    """--json prints exactly the dict main returns, as JSON; without it, the report."""
+    res = {
+        "rate": 8, "factor": 2.0, "dt_scale": 0.5, "signals": 3, "samples_r": 256,
+        "samples_cr": 512, "target_power": 2.0, "mse_r": 0.01, "mse_cr_rescaled": 0.02,
+        "mse_cr_unscaled": 0.5, "rescaled_over_r": 2.0, "unscaled_over_rescaled": 25.0,
+    }  # fmt: skip
+    monkeypatch.setattr(rescale_mod, "run", lambda cfg: dict(res))
+    assert rescale_mod.main(["--json"]) == res
+    assert json.loads(capsys.readouterr().out) == res
+    rescale_mod.main([])
+    out = capsys.readouterr().out
+    assert out.startswith("3 held-out signals, target power 2.0000; ")

@@ -11,23 +11,12 @@ import numpy as np
 import pytest
 from scripts import load_script
 
-build_toy = load_script("tests/runtime/conftest.py").build_toy
 grpc_helpers = load_script("tests/runtime/grpc_helpers.py")
 
 
 @pytest.fixture(scope="module")
 def sc():
     return load_script("examples/stream_client.py")
-
-
-@pytest.fixture(scope="module")
-def byte_toy(tmp_path_factory) -> dict:
-    return build_toy(tmp_path_factory.mktemp("byte_toy"), "tokens", V=256, d_out=256)
-
-
-@pytest.fixture(scope="module")
-def values_toy(tmp_path_factory) -> dict:
-    return build_toy(tmp_path_factory.mktemp("values_toy"), "values", d_in=3, d_out=5)
 
 
 def test_token_model_session_and_fork_are_closed(sc, byte_toy, capsys):
