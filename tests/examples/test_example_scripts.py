@@ -301,7 +301,7 @@ def _fake_client(log: dict, diverge: bool):
             return [_Gen(tok)] * max_new_tokens
 
         def close(self):
-            pass
+            log.setdefault("closed", []).append(self.name)
 
     class Client:
         def __init__(self, target, **kw):
@@ -466,55 +466,14 @@ def test_sessions_of_a_reused_export_are_kept(quick, monkeypatch, tmp_path):
     assert (work / "state" / "old.snap").read_bytes() == b"x"
 
 
-def test_sessions_demo_closes_parent_fork_and_restored(quick, monkeypatch, capsys):
+def test_sessions_demo_closes_parent_fork_and_restored(quick, monkeypatch):
     """Each of the three sessions the demo makes is closed once."""
     import ssmstream.runtime.client as client_mod
 
-    closed = []
-
-    class Token:
-        token = ord("a")
-
-    class Session:
-        def __init__(self, sid):
-            self.id, self.position = sid, 0
-
-        def step(self, tokens):
-            self.position += len(tokens)
-            return self
-
-        def snapshot(self):
-            return b"snap"
-
-        def fork(self):
-            return Session("fork-0000")
-
-        def generate(self, last, max_new_tokens, temperature, seed):
-            return [Token()] * max_new_tokens
-
-        def close(self):
-            closed.append(self.id)
-            return 0
-
-    class Client:
-        def __init__(self, target, **kw):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def create_session(self):
-            return Session("parent-0")
-
-        def restore(self, snap):
-            return Session("restored")
-
-    monkeypatch.setattr(client_mod, "Client", Client)
+    log = {}
+    monkeypatch.setattr(client_mod, "Client", _fake_client(log, diverge=False))
     quick.sessions_demo("127.0.0.1:1", "abcd", n=2)
-    assert sorted(closed) == ["fork-0000", "parent-0", "restored"]
+    assert sorted(log["closed"]) == ["fork", "parent", "restored"]
 
 
 def test_transfer_report_before_any_step_and_after_three(quick, tmp_path, capsys):

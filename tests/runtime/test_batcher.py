@@ -678,9 +678,10 @@ def test_a_rewind_queued_behind_a_step_of_a_session_then_closed_is_not_found(toy
     run(main())
 
 
-def test_a_rewind_of_a_closed_session_is_not_found_even_when_its_queue_is_full(toy_tok):
-    """A closed session's rewind is NOT_FOUND up front, not
-    LIMIT_EXCEEDED because requests queued before the close still fill its queue."""
+@pytest.mark.parametrize("what", ["step", "rewind"])
+def test_a_closed_sessions_request_is_not_found_even_when_its_queue_is_full(toy_tok, what):
+    """A closed session's step or rewind is NOT_FOUND "closed" up front, not LIMIT_EXCEEDED
+    because requests queued before the close still fill its queue."""
 
     async def main():
         batcher, store = await started(
@@ -692,7 +693,10 @@ def test_a_rewind_of_a_closed_session_is_not_found_even_when_its_queue_is_full(t
             await asyncio.sleep(0)  # one ready or running, one waiting: the queue is full
             store.close("a")
             with pytest.raises(SessionNotFound) as e:
-                await batcher.rewind(s, 0)
+                if what == "step":
+                    await batcher.step(s, np.array([2]))
+                else:
+                    await batcher.rewind(s, 0)
             assert e.value.reason == "closed"
             await asyncio.gather(*queued, return_exceptions=True)
         finally:
@@ -1073,29 +1077,6 @@ def test_a_second_start_starts_no_second_worker(toy_tok):
     (worker,) = new
     worker.join(5)
     assert not worker.is_alive()
-
-
-def test_a_step_for_a_closed_session_is_not_found_even_when_its_queue_is_full(toy_tok):
-    """A closed session's step is NOT_FOUND "closed" up front, not LIMIT_EXCEEDED because
-    requests queued before the close still fill its queue."""
-
-    async def main():
-        batcher, store = await started(
-            toy_tok, capacity=4, max_batch_delay=0.0, max_queue_per_session=1, inline=False
-        )
-        try:
-            s = store.create("", "a")
-            queued = [asyncio.ensure_future(batcher.step(s, np.array([1]))) for _ in range(2)]
-            await asyncio.sleep(0)  # one ready or running, one waiting: the queue is full
-            store.close("a")
-            with pytest.raises(SessionNotFound) as e:
-                await batcher.step(s, np.array([2]))
-            assert e.value.reason == "closed"
-            await asyncio.gather(*queued, return_exceptions=True)
-        finally:
-            await batcher.close()
-
-    run(main())
 
 
 def test_a_lone_streams_steps_leave_its_session_unpinned_and_evictable(toy_tok):
