@@ -173,19 +173,6 @@ def test_rescale_gap_only_for_an_integer_factor(rescale_mod, monkeypatch, tmp_pa
     """The shared-sample gap needs sample c·k of the c·r signal to be sample k of the r one:
     computed for factor 2, left out for 2.5 (whose 2.5·L samples have no such alignment)."""
 
-    class IdentityEngine:  # y = u: the numbers are the signals' own
-        d_output = 1
-        manifest = {"parity": {"passed": True}}
-
-        def __init__(self, model_dir, device="cpu", threads=None):
-            pass
-
-        def new_state(self, B=1):
-            return np.zeros((B, 1), np.float32)
-
-        def step(self, u, s):
-            return np.asarray(u, np.float32)[:, :1], s
-
     def fake_export(ckpt, out, **kw):
         Path(out).mkdir(parents=True, exist_ok=True)
         return Path(out)

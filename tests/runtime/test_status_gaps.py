@@ -15,6 +15,7 @@ import pytest
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.errors import INTERNAL_ERROR, LimitExceeded
 from ssmstream.runtime.status import SERVICE_NAME, DecodeGuard, Malformed, grpc_errors
+from test_status import Details, Metrics
 
 
 class Context:
@@ -26,14 +27,6 @@ class Context:
     async def abort(self, code, message):
         self.aborts.append((code, message))
         raise grpc.aio.AbortError()
-
-
-class Metrics:
-    def __init__(self):
-        self.errors = []
-
-    def count_error(self, code: str) -> None:
-        self.errors.append(code)
 
 
 class Servicer:
@@ -120,11 +113,6 @@ def test_a_malformed_unary_request_is_refused_before_the_method_runs():
         )
     ]
     assert s.metrics.errors == ["INVALID_ARGUMENT"]
-
-
-class Details:
-    def __init__(self, method):
-        self.method = method
 
 
 def test_decode_guard_turns_a_protobuf_decode_error_into_a_placeholder():
