@@ -73,18 +73,15 @@ def make_certs(d: Path) -> Certs:
 class ServerProcess:
     """`python -m ssmstream.runtime.server MODEL_DIR --port 0 ...` in a subprocess."""
 
-    def __init__(
-        self, model_dir, *args: str, workdir: Path, env: dict | None = None, preexec_fn=None
-    ):
+    def __init__(self, model_dir, *args: str, workdir: Path, env: dict | None = None):
         self.port_file = workdir / f"port-{time.monotonic_ns()}.json"
         self.log = workdir / f"server-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "ssmstream.runtime.server", str(model_dir), "--port", "0",
                "--port-file", str(self.port_file), *args]  # fmt: skip
         self._log_f = open(self.log, "w")
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log_f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            preexec_fn=preexec_fn,
-        )  # fmt: skip
+            cmd, stdout=self._log_f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         self.port = self._wait_port()
 
     def _wait_port(self, timeout: float = 60.0) -> int:
