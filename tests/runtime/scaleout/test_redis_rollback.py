@@ -22,6 +22,7 @@ from stores import (
     replies_lost,
     roll_back,
     step,
+    stepped_twice,
     taken_over,
     written,
 )
@@ -32,11 +33,7 @@ def rolled_back(redis_server, rng) -> tuple[SessionStore, str, np.ndarray]:
     AOF), or fails over to a replica that lags: the generation token is the same, the
     session's record is as after step 1 and its lease has expired. A, the session's id and
     the state of step 3."""
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    old = record(redis_server, sid)
-    step(a, sid, rng)
+    a, sid, old = stepped_twice(redis_server, rng)
     last = step(a, sid, rng)
     assert written(a, sid)[2] == 4
     roll_back(redis_server, sid, old)
@@ -411,11 +408,7 @@ def test_a_fork_made_on_the_holder_then_rolled_back_is_written_back(redis_server
 
 def test_the_outage_path_is_unchanged_by_a_rollback(redis_server):
     rng = np.random.default_rng(12)
-    a = replica(redis_server, "A", lease_ttl=5.0)
-    sid = a.create().id
-    step(a, sid, rng)
-    old = record(redis_server, sid)
-    step(a, sid, rng)
+    a, sid, old = stepped_twice(redis_server, rng)
     outage(a)
     last = step(a, sid, rng)  # served from memory
     roll_back(redis_server, sid, old)
