@@ -2263,14 +2263,25 @@ def test_a_create_refused_while_degraded_leaves_nothing_to_write_back(redis_serv
 def test_each_failed_operation_counts_one_error_also_while_degraded(redis_server):
     """`errors` counts state store operations that failed, not outages: a fetch waiting
     for another replica's lease and a write-through that both fail when Redis goes away are
-    two errors."""
+    two errors, in either order; the second one fails while the store is degraded."""
     rng = np.random.default_rng(13)
     a = replica(redis_server, "A", lease_ttl=5.0)
     sid = a.create().id
     # B's background thread (every lease_ttl / 3) stays out of the count
     b = replica(redis_server, "B", lease_ttl=30.0, lease_wait=3.0)
     own = b.create().id
-    got = []
+    got, stepped, waiting = [], threading.Event(), threading.Event()
+    take = b.replication.backend.take
+
+    def take_after_the_step(*args):  # the fetch's next try waits until the step failed
+        if waiting.is_set():
+            stepped.wait(5)
+        try:
+            return take(*args)
+        finally:
+            waiting.set()
+
+    b.replication.backend.take = take_after_the_step
 
     def fetch():
         try:
@@ -2280,9 +2291,11 @@ def test_each_failed_operation_counts_one_error_also_while_degraded(redis_server
 
     t = threading.Thread(target=fetch)
     t.start()
-    time.sleep(0.3)  # B's fetch waits for A's lease
+    assert waiting.wait(5)  # B's fetch waits for A's lease
     redis_server.stop()
     step(b, own, rng)  # served from memory; its write-through failed
+    assert b.replication.stats()["errors"] == 1
+    stepped.set()
     t.join(5)
     assert len(got) == 1 and isinstance(got[0], Unavailable)
     assert str(got[0]) == f"state store failed while loading {sid!r}; retry"
