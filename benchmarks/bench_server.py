@@ -214,10 +214,9 @@ class ServerProc:
             cmd += ["--threads", str(threads)]
         cmd += list(extra)
         self._log = open(self.log_path, "w")
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pin
-        )
+        with pinned(cpus):  # inherited across fork and exec (no preexec_fn: this process
+            # may run gRPC threads, and Python code between fork and exec can deadlock)
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not port_file.is_file():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -115,12 +115,6 @@ def _worker(rank: int, port: int, out: str) -> None:
     assert meta["step"] == 2, f"rank {rank} returned before rank 0's final checkpoint"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(60)
 def test_ddp_logs_the_mean_loss_of_the_ranks_and_returns_after_the_checkpoint(tmp_path):
     from ssmstream.model.train import Batches, SSMNetwork, default_model_config, loss_fn
