@@ -49,8 +49,8 @@ def test_torchrun_two_gloo_ranks_end_with_identical_weights(tmp_path):
     for i in range(30):
         (corpus / f"f{i}.txt").write_text(f"document {i}\n" + "the quick brown fox " * (10 + i))
     out = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    # --standalone: torchrun binds a free port itself (no race for a port picked here)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["-m", "ssmstream.model.train", "--data", str(corpus), "--out", str(out)]
     cmd += ["--seq-len", "32", "--batch-size", "2", "--steps", "6", "--warmup-steps", "1"]
     cmd += ["--d-model", "8", "--n-layers", "2", "--d-state", "4", "--device", "cpu"]
