@@ -175,7 +175,8 @@ class StreamingInferenceServicer:
 
     def RewindSession(self, request, context):
         """Returns the session to an earlier position within the server's rewind window
-        (Limits.rewind_window inputs back from its position): the state it had there, from the
+        (Limits.rewind_window inputs back from the furthest position the session reached: a
+        rewind does not widen it again): the state it had there, from the
         nearest checkpoint before it and a replay of the inputs since. OUT_OF_RANGE for a
         position ahead of the session or before the window; FAILED_PRECONDITION while the
         session is attached to a Stream or Generate. Regenerate = RewindSession + Generate.

@@ -290,8 +290,7 @@ class Batcher:
             a prefill's chunk ends and at T (Engine.prefill_unchecked), at 1 for a step; read
             when the request runs, before any later request of the session.
         """
-        if self._closing or not self.running:
-            raise Unavailable("batcher is not running (closing or not started)")
+        self._check_open()
         if not s.live:
             raise s.gone()
         past_end = _past_end(s, x.shape[0])  # checked again when it runs: others may be queued
@@ -336,15 +335,27 @@ class Batcher:
 
     async def rewind(self, s: Session, position: int) -> int:
         """Return a session to an earlier position from its History (runtime/history.py): in
-        the session's request order, like a step. Raises OutOfRange outside the window."""
-        if self._closing or not self.running:
-            raise Unavailable("batcher is not running (closing or not started)")
+        the session's request order, like a step: OutOfRange for a position ahead of the
+        session or outside the window when its turn comes."""
+        self._check_open()
         if not s.live:
             raise s.gone()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         x = np.empty(0, dtype=np.int64)
         req = _Request(s, x, loop.create_future(), loop.time(), rewind_to=position)
         return (await self._enqueue(req))[1]
+
+    def _check_open(self) -> None:
+        """Unavailable unless running; RuntimeError off the event loop that started it (the
+        request's future and the queues belong to that loop: nothing is applied)."""
+        if self._closing or not self.running:
+            raise Unavailable("batcher is not running (closing or not started)")
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError(
+                "the Batcher (and the SessionService over it) runs on the event loop that "
+                "started it; call it from that loop (from another thread: "
+                "asyncio.run_coroutine_threadsafe(coro, loop))"
+            )
 
     async def _enqueue(self, req: _Request) -> tuple[np.ndarray, int]:
         """Queue a request behind the session's others and wait for its result."""
@@ -691,6 +702,10 @@ class Batcher:
         """Replay the session's History up to r.rewind_to; (no outputs, the position) or the
         error. The session's state and position change only when everything worked."""
         h, s = r.session.history, r.session
+        if r.rewind_to > s.position:  # checked here, at its turn: steps may have been queued
+            return OutOfRange(
+                "position", f"{r.rewind_to} is ahead of the session (at position {s.position})"
+            )
         if h is None:
             return OutOfRange("position", f"session {s.id!r} has no rewind history (rewind is off)")
         try:

@@ -93,7 +93,7 @@ NOT_LOGITS = (
 )
 
 
-def _array(value, field: str) -> np.ndarray:
+def as_array(value, field: str) -> np.ndarray:
     """np.asarray, with a ragged nested list (rows of different lengths) refused naming
     `field` instead of numpy's own ValueError."""
     try:
@@ -482,7 +482,7 @@ class Engine:
         dimensions in messages (default "B" / "B, T"; the Batcher checks one request, "T").
         Returns a C-contiguous int64 / float32 (the graph's input dtype) array.
         """
-        x = _array(inputs, field)
+        x = as_array(inputs, field)
         if x.dtype == np.int64 and x.ndim == (2 if time_axis else 1) and x.size:
             # fast path for the common case: int64 tokens of the right rank
             if self.input_kind == "tokens" and x.flags.c_contiguous:
@@ -522,7 +522,7 @@ class Engine:
 
     def check_states(self, states, batch: int, field: str = "states") -> np.ndarray:
         """float32 [batch, S] (C-contiguous; converted if needed) or InvalidInput."""
-        s = _array(states, field)
+        s = as_array(states, field)
         if s.dtype == np.float32 and s.shape == (batch, self.state_size) and s.flags.c_contiguous:
             return s
         if s.shape != (batch, self.state_size):
@@ -787,7 +787,7 @@ class Engine:
             raise InvalidInput("prompt", f"must be token ids, got {type(prompt).__name__}")
         elif not isinstance(prompt, np.ndarray):
             prompt = list(prompt)
-        prompt = _array(prompt, "prompt")
+        prompt = as_array(prompt, "prompt")
         if prompt.ndim != 1:
             raise InvalidInput("prompt", f"must be one sequence of token ids, got {prompt.shape}")
         p = self.check_inputs(prompt[None], "prompt", time_axis=True)  # [1, T]

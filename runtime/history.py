@@ -212,7 +212,8 @@ class History:
                 raise OutOfRange(
                     "position",
                     f"{position} is outside the rewind window [{oldest}, {self.position}] "
-                    f"(at most {self.window} inputs back, since the session's first checkpoint)",
+                    f"(at most {self.window} inputs back from the furthest position the "
+                    f"session reached, and not before its first checkpoint)",
                 )
             c, x = next((c, x) for c, x in reversed(self._checkpoints) if c <= position)
             rows = self._inputs[c - self._base : position - self._base]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,12 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batcher import Batcher
-from .engine import NOT_LOGITS, Engine
+from .engine import NOT_LOGITS, Engine, as_array
 from .errors import (
     InvalidInput,
     LimitExceeded,
     ModelError,
-    OutOfRange,
     SessionBusy,
     SessionNotFound,
     Unavailable,
@@ -101,31 +101,30 @@ class SessionService:
     def inputs(self, tokens, values, field: str = "") -> np.ndarray:
         """A request's inputs as the model takes them: int64 [T] or float32 [T, I].
 
-        tokens: ints [n] (empty if not sent); values: floats [n] row-major (empty if not
-        sent); field: the name to report for the inputs ("tokens"/"values" by default).
+        tokens: integers [n] or one integer (empty if not sent); values: floats [n] row-major
+        or [n / d_input, d_input] (empty if not sent); field: the name to report for the
+        inputs ("tokens"/"values" by default). Nothing is converted before it is checked:
+        floats, bools or strings as tokens are refused, not truncated.
         Raises InvalidInput naming the field, LimitExceeded for T > max_tokens_per_request.
         """
-        if not isinstance(tokens, np.ndarray):
-            tokens = np.asarray(tokens, dtype=np.int64)
-        if not isinstance(values, np.ndarray):
-            values = np.asarray(values, dtype=np.float32)
+        tokens, values = as_array(tokens, field or "tokens"), as_array(values, field or "values")
         if self.engine.input_kind == "tokens":
             name = field or "tokens"
-            if len(values):
+            if values.size:
                 raise InvalidInput("values", "this model takes tokens; send `tokens`, not `values`")
-            if not len(tokens):
+            if not tokens.size:
                 raise InvalidInput(name, "needs at least one token")
-            x = tokens
+            x = tokens.reshape(1) if tokens.ndim == 0 else tokens
         else:
             name = field or "values"
             I = self.engine.d_input
-            if len(tokens):
+            if tokens.size:
                 raise InvalidInput("tokens", "this model takes values; send `values`, not `tokens`")
-            if not len(values):
+            if not values.size:
                 raise InvalidInput(name, f"needs at least one row of d_input={I} values")
-            if len(values) % I:
-                raise InvalidInput(name, f"has {len(values)} floats, not a multiple of d_input={I}")
-            x = values.reshape(-1, I)  # [T, I]
+            if values.ndim == 1 and values.size % I:
+                raise InvalidInput(name, f"has {values.size} floats, not a multiple of d_input={I}")
+            x = values.reshape(-1, I) if values.ndim == 1 else values  # [T, I]: checked below
         T = x.shape[0]
         if T > self.limits.max_tokens_per_request:
             raise LimitExceeded(
@@ -134,10 +133,12 @@ class SessionService:
             )
         return self.engine.check_inputs(x, name, lead="T")
 
-    def _ttl(self, value: float) -> float | None:
-        """0 → None (the server default); else 0 < ttl ≤ the server's --session-ttl."""
-        if value == 0:
+    def _ttl(self, value: float | None) -> float | None:
+        """0 or None → None (the server default); else 0 < ttl ≤ the server's --session-ttl."""
+        if value is None or (isinstance(value, numbers.Real) and value == 0):
             return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidInput("ttl_seconds", f"must be a number of seconds, got {value!r}")
         if not math.isfinite(value) or not 0 < value <= self.limits.max_ttl:
             raise InvalidInput(
                 "ttl_seconds",
@@ -290,16 +291,17 @@ class SessionService:
         self._open()
         ttl_ = self._ttl(ttl)
         sid = check_session_id(session_id) if session_id else None
-        if len(prompt):
+        prompt = as_array(prompt, "prompt")
+        if prompt.size:
             if snapshot:
                 raise InvalidInput("prompt", "cannot be combined with a snapshot")
             if self.engine.input_kind != "tokens":
                 raise InvalidInput("prompt", "needs a token model; this model takes values")
-            x = self.inputs(np.asarray(prompt, dtype=np.int64), (), field="prompt")
+            x = self.inputs(prompt, (), field="prompt")
         if snapshot:
             return self._track(self.store.restore(snapshot, principal, sid, ttl_)), 0
         s = self._track(self.store.create(principal, sid, ttl_))
-        if not len(prompt):
+        if not prompt.size:
             return s, 0
         try:
             _, cached = await self._feed_prompt(s, principal, x)
@@ -350,17 +352,14 @@ class SessionService:
 
     async def rewind(self, principal: str, session_id: str, position: int) -> Session:
         """Return a session to an earlier `position` within the rewind window (OutOfRange
-        outside it); refused while a Stream or Generate is attached."""
+        outside it, or ahead of the session when its turn comes after the steps queued before
+        it); refused while a Stream or Generate is attached."""
         self._open()
         s = await self._session(session_id, principal)
         self._check_detached(s)
         if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
             raise InvalidInput("position", f"must be an integer, got {position!r}")
-        if position > s.position:
-            raise OutOfRange(
-                "position", f"{position} is ahead of the session (at position {s.position})"
-            )
-        await self.batcher.rewind(s, int(position))
+        await self.batcher.rewind(s, int(position))  # ahead or outside: checked at its turn
         return s
 
     # --- attached operations ----------------------------------------------------------------
@@ -394,7 +393,7 @@ class SessionService:
             raise ModelError("Generate needs a token model; this model takes values (use Step)")
         if self.engine.d_output > self.engine.vocab_size:
             raise ModelError(NOT_LOGITS.format(self.engine.d_output, self.engine.vocab_size))
-        x = self.inputs(np.asarray(prompt, dtype=np.int64), (), field="prompt")
+        x = self.inputs(prompt, (), field="prompt")
         config = GenerateConfig.check(
             self.engine.vocab_size,
             max_new_tokens,

@@ -130,3 +130,65 @@ def test_rewind_history_starts_again_after_a_restart(toy, tmp_path):
         assert s.rewind(3) == 3
         code, msg = code_of(lambda: s.rewind(2))  # before the restart: not kept
         assert code == C.OUT_OF_RANGE and msg.startswith("position: ")
+
+
+def test_a_rewind_does_not_widen_the_window_again(client, toy):
+    """The window counts back from the furthest position the session reached: after 30
+    inputs and a rewind to 24, position 14 (10 back from 24) had already left it. Refused
+    naming the window, nothing changes; 18 = 30 − 12 is still there."""
+    tokens = [(7 * i + 3) % toy["V"] for i in range(30)]
+    s = client.create_session()
+    s.step(tokens=tokens)
+    assert s.rewind(24) == 24
+    code, details = code_of(lambda: s.rewind(14))
+    assert code == C.OUT_OF_RANGE
+    assert re.fullmatch(
+        r"position: 14 is outside the rewind window \[1[6-8], 24\] \(at most 12 inputs back "
+        r"from the furthest position the session reached, and not before its first checkpoint\)",
+        details,
+    )
+    ref = Ref(toy)
+    ref.feed(tokens[:24])
+    assert_matches(s, ref)  # unchanged
+    assert s.rewind(18) == 18
+    ref = Ref(toy)
+    ref.feed(tokens[:18])
+    assert_matches(s, ref)
+
+
+def test_a_rewind_queued_behind_steps_is_checked_at_its_turn(toy):
+    """A rewind runs in the session's request order, like a step: a position the steps queued
+    before it reach is not "ahead of the session", and one they do not reach is refused when
+    its turn comes, naming the position the session is at then."""
+    from rel_helpers import wait_until
+    from ssmstream.protos import inference_pb2 as pb
+
+    tokens = list(range(1, 11))
+    with (
+        serve(toy, rewind_window=64, max_batch_delay=0.5) as srv,
+        Client(target(srv), timeout=30) as c,
+    ):
+        other, s = c.create_session(), c.create_session()
+        s.step(tokens=tokens)
+        other.step(tokens=[1])  # two active sessions: a lone step waits for its batch
+
+        def queued(*requests):
+            futures = [c.stub.Step.future(r) for r in requests]
+            wait_until(lambda: srv.server.batcher.pending() >= len(requests), what="queued")
+            return futures
+
+        fs = queued(pb.StepRequest(session_id=s.id, tokens=[3]))
+        fs += queued(pb.StepRequest(session_id=s.id, tokens=[4]))
+        assert c.stub.RewindSession(pb.RewindRequest(session_id=s.id, position=11)).position == 11
+        assert [f.result().position for f in fs] == [11, 12]
+        ref = Ref(toy)
+        ref.feed([*tokens, 3])
+        assert_matches(s, ref)
+        fs = queued(pb.StepRequest(session_id=s.id, tokens=[5]))
+        ahead = pb.RewindRequest(session_id=s.id, position=13)
+        # at 11 when it came, at 12 when its turn came: checked then
+        said = "position: 13 is ahead of the session (at position 12)"
+        assert code_of(lambda: c.stub.RewindSession(ahead)) == (C.OUT_OF_RANGE, said)
+        assert fs[0].result().position == 12
+        ref.feed([5])
+        assert_matches(s, ref)

@@ -1183,3 +1183,113 @@ def test_a_rewinding_session_takes_cached_states_only_a_chunk_apart(toy_tok):
     _, want = toy_tok.prefill(prompt[None], toy_tok.new_state())
     assert (cached, position) == (4, 12)
     np.testing.assert_allclose(state, want[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tokens, says",
+    [
+        ([1.7], "tokens: tokens must be integers, got dtype float64"),
+        ([True], "tokens: tokens must be integers, got dtype bool"),
+        (["5"], "tokens: tokens must be integers, got dtype <U1"),
+        ([2**63], "tokens: token 9223372036854775808 is outside [0, vocab_size=11)"),
+        ([[1, 2]], "tokens: tokens must have shape [T] (non-empty), got (1, 2)"),
+    ],
+    ids=repr,
+)
+def test_in_process_tokens_are_checked_not_converted(toy_tok, tokens, says):
+    """A Python list is checked as it is: floats are not truncated, bools and strings are not
+    token ids, an int past int64 is out of range (as Engine.step says); nothing applies."""
+
+    async def main():
+        svc = await started(toy_tok)
+        try:
+            s, _ = await svc.create("p")
+            with pytest.raises(InvalidInput) as e:
+                await svc.step("p", s.id, tokens=tokens)
+            assert str(e.value) == says
+            with pytest.raises(InvalidInput) as e:
+                await svc.create("p", prompt=tokens)
+            assert str(e.value) == says.replace("tokens: ", "prompt: ", 1)
+            assert s.position == 0 and len(svc.store) == 1
+        finally:
+            await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_scalar_token_is_one_input_and_ttl_none_is_the_default(toy_tok):
+    async def main():
+        svc = await started(toy_tok)
+        try:
+            s, _ = await svc.create("p", ttl=None)
+            ref, _ = await svc.create("p", ttl=0)
+            assert s.ttl == ref.ttl == svc.store.ttl
+            out, position = await svc.step("p", s.id, tokens=np.int64(5))
+            want, _ = await svc.step("p", ref.id, tokens=[5])
+            assert position == 1 and np.array_equal(out, want)
+            p, _ = await svc.create("p", prompt=5)
+            assert p.position == 1
+            assert np.array_equal(svc.store.read(p), svc.store.read(s))
+            for bad in ("5", True, [1]):
+                with pytest.raises(InvalidInput, match=r"^ttl_seconds: must be a number"):
+                    await svc.create("p", ttl=bad)
+        finally:
+            await svc.batcher.close()
+
+    run(main())
+
+
+def test_values_rows_must_be_d_input_wide(toy_sig):
+    """d_input = 3: a [3, 2] array is refused (not taken as two rows of 3); a [2, 3] array
+    is the same two rows as their six floats in a row."""
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((2, 3)).astype(np.float32)
+
+    async def main():
+        svc = await started(toy_sig)
+        try:
+            s, _ = await svc.create("p")
+            ref, _ = await svc.create("p")
+            with pytest.raises(InvalidInput) as e:
+                await svc.step("p", s.id, values=rows.reshape(3, 2))
+            assert str(e.value) == "values: values must have shape [T, d_input=3], got (3, 2)"
+            assert s.position == 0
+            out, _ = await svc.step("p", s.id, values=rows)
+            want, _ = await svc.step("p", ref.id, values=rows.ravel().tolist())
+            assert out.shape == (2, toy_sig.d_output) and np.array_equal(out, want)
+        finally:
+            await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_call_from_another_event_loop_is_refused_and_applies_nothing(toy_tok):
+    """The service runs on the loop that started its batcher: a step or rewind awaited on
+    another thread's loop is refused before it is queued; the session stays usable."""
+
+    async def main():
+        svc = await started(toy_tok, ServiceLimits(rewind_window=8))
+        try:
+            s, _ = await svc.create("p")
+            await svc.step("p", s.id, tokens=[1, 2])
+            errors = []
+
+            def elsewhere():
+                for call in (
+                    lambda: svc.step("p", s.id, tokens=[1, 2, 3]),
+                    lambda: svc.rewind("p", s.id, 1),
+                ):
+                    try:
+                        asyncio.run(asyncio.wait_for(call(), 10))
+                    except RuntimeError as e:
+                        errors.append(str(e))
+
+            await asyncio.get_running_loop().run_in_executor(None, elsewhere)
+            assert len(errors) == 2
+            assert all("runs on the event loop that started it" in e for e in errors)
+            assert s.position == 2 and svc.batcher.pending() == 0
+            assert (await svc.step("p", s.id, tokens=[3]))[1] == 3
+        finally:
+            await svc.batcher.close()
+
+    run(main())
