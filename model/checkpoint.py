@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,12 +30,21 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, corrupt or does not match its config."""
 
 
-def save_checkpoint(net: SSMNetwork, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    net: SSMNetwork,
+    path: str | os.PathLike,
+    extra: dict | None = None,
+    also: dict[str, Callable[[Path], None]] | None = None,
+) -> Path:
     """Write `net` (config + weights) to directory `path`; keeps an existing train_log.jsonl.
 
     `extra` (e.g. the training step and the optimizer state file name) goes into config.json,
     beside the reserved keys `format`, `version` and `model` (ValueError if it names one).
-    Files are written to temporary names and renamed, so a crash never leaves half a file.
+    `also`: {file name: a function writing that file to the path it is given} (the optimizer
+    state), saved with the weights.
+    Every file is written whole to a temporary name first; then all are renamed, config.json
+    last, and the renames finish even when interrupted (Ctrl-C) between two of them: an
+    interrupted save leaves the previous checkpoint or this one, never a mix.
     """
     meta = {"format": FORMAT, "version": VERSION, "model": net.cfg.to_dict()}
     if reserved := sorted(meta.keys() & (extra or {}).keys()):
@@ -45,12 +55,30 @@ def save_checkpoint(net: SSMNetwork, path: str | os.PathLike, extra: dict | None
     tensors = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()
     }
+    names = [*(also or {}), "model.safetensors", "config.json"]
+    for name, write in (also or {}).items():
+        write(path / f"{name}.tmp")
     save_file(tensors, path / "model.safetensors.tmp")
-    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     (path / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(path / "config.json.tmp", path / "config.json")
+    _commit(path, names)
     (path / "train_log.jsonl").touch()
     return path
+
+
+def _commit(path: Path, names: list[str]) -> None:
+    """Rename each `name.tmp` in `path` to `name`, in order. A KeyboardInterrupt or SystemExit
+    (Ctrl-C, a SIGTERM handler) that lands between two renames is raised after the last one."""
+    stop: BaseException | None = None
+    for name in names:
+        while True:
+            try:
+                if (path / f"{name}.tmp").exists():
+                    os.replace(path / f"{name}.tmp", path / name)
+                break
+            except (KeyboardInterrupt, SystemExit) as e:
+                stop = e
+    if stop is not None:
+        raise stop
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:

@@ -337,10 +337,9 @@ def _save(
     last_eval: dict | None,
     ddp: dict | None = None,
 ) -> None:
-    """Optimizer state first, then the checkpoint whose config.json names its step."""
+    """The checkpoint whose config.json names its step, with the optimizer state (one commit:
+    an interrupted save leaves the previous checkpoint whole)."""
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-    torch.save(state, out / (TRAIN_STATE + ".tmp"))
-    os.replace(out / (TRAIN_STATE + ".tmp"), out / TRAIN_STATE)
     extra = {
         "step": step,
         "task": cfg.task,
@@ -350,7 +349,7 @@ def _save(
     }
     if ddp is not None:
         extra["ddp"] = ddp
-    save_checkpoint(net, out, extra=extra)
+    save_checkpoint(net, out, extra=extra, also={TRAIN_STATE: lambda p: torch.save(state, p)})
 
 
 def _truncate_log(path: Path, step: int) -> None:
