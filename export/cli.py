@@ -8,8 +8,11 @@ one clear message, exits non-zero and leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 
 from .exporter import DTYPES, ExportConfig, ExportError
 
@@ -80,21 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     from .exporter import export_model
 
     try:
-        out = export_model(
-            args.ckpt,
-            args.out,
-            dtype=args.dtype,
-            dt_scale=args.dt_scale,
-            prefill=not args.no_prefill,
-            verify=not args.no_verify,
-            chunk=args.chunk,
-            max_chunks=args.max_chunks,
-            verify_steps=args.verify_steps,
-            optimize=not args.no_optimize,
-            name=args.name,
-            overwrite=args.force,
-            progress=not args.quiet,
-        )
+        with _sigterm_exits():
+            out = export_model(
+                args.ckpt,
+                args.out,
+                dtype=args.dtype,
+                dt_scale=args.dt_scale,
+                prefill=not args.no_prefill,
+                verify=not args.no_verify,
+                chunk=args.chunk,
+                max_chunks=args.max_chunks,
+                verify_steps=args.verify_steps,
+                optimize=not args.no_optimize,
+                name=args.name,
+                overwrite=args.force,
+                progress=not args.quiet,
+            )
     except ExportError as e:
         print(f"ssmstream export: error: {e}", file=sys.stderr)
         return 1
@@ -103,6 +107,25 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_manifest(load_manifest(out), out))
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (a timeout, `docker stop`, a CI cancel) raises SystemExit(143) like Ctrl-C
+    raises KeyboardInterrupt, so the export removes its temporary directory; the previous
+    handler is back afterwards. Signals are set in the main thread only: elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -583,15 +583,24 @@ def export_model(
 ) -> Path:
     """`ssmstream export CKPT --out DIR`: load a checkpoint directory and export it."""
     ExportConfig(dtype=dtype, dt_scale=dt_scale, prefill=prefill, verify=verify, **options)
-    try:
-        net = load_checkpoint(ckpt_dir)
-    except CheckpointError as e:
-        raise ExportError(f"cannot export checkpoint {str(ckpt_dir)!r}: {e}") from e
     weights = Path(ckpt_dir) / "model.safetensors"
+    for _ in range(3):  # the recorded sha256 is that of the weights loaded
+        try:
+            before = sha256_file(weights) if weights.is_file() else None
+            net = load_checkpoint(ckpt_dir)
+        except CheckpointError as e:
+            raise ExportError(f"cannot export checkpoint {str(ckpt_dir)!r}: {e}") from e
+        if (sha := sha256_file(weights)) == before:
+            break
+    else:
+        raise ExportError(
+            f"{weights} changed while it was read, three times (is a training run saving into "
+            f"{str(ckpt_dir)!r}?): export once it has finished"
+        )
     ckpt = Path(ckpt_dir).resolve()
     if Path(out_dir).resolve() in (ckpt, *ckpt.parents):
         raise ExportError(f"--out {out_dir} holds the checkpoint {ckpt_dir}: choose another --out")
-    source = {"checkpoint": str(Path(ckpt_dir).absolute()), "weights_sha256": sha256_file(weights)}
+    source = {"checkpoint": str(Path(ckpt_dir).absolute()), "weights_sha256": sha}
     return export_network(net, out_dir, dtype, dt_scale, prefill, verify, source=source, **options)
 
 
