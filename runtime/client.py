@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import contextlib
 import os
 import queue
 import sys
@@ -192,6 +193,8 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
         raise ValueError(
             f"max_new_tokens: must be in [1, {limits.max_new_tokens}], got {req.max_new_tokens}"
         )
+    if len(req.stop_tokens) > V:  # repeats count, as on the server
+        raise ValueError(f"stop: has more than vocab_size={V} tokens")
     for name, ids in (("prompt", req.prompt), ("stop", req.stop_tokens)):
         if any(not 0 <= t < V for t in ids):
             raise ValueError(f"{name}: tokens must be in [0, vocab_size={V})")
@@ -868,6 +871,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as e:  # the client's own argument checks name the argument
         parser.error(str(e))
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
+        with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as the shell reports a tool a closed pipe stopped
     finally:
         client.close()
     return 0

@@ -7,6 +7,9 @@ toy server's own answers or values written down independently."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 
 import pytest
 from grpc_helpers import position_on_server, serve, target
@@ -181,3 +184,38 @@ def test_generate_cli_shows_only_ids_below_256_as_bytes(monkeypatch, capsys):
     monkeypatch.setattr(client_mod, "Client", FakeClient)
     assert generate_main(["--server", "x:1", "--max-new-tokens", "3", "hi"]) == 0
     assert capsys.readouterr().out == "ab\n"
+
+
+def test_regenerate_with_more_stop_tokens_than_the_vocabulary_does_not_rewind(toy_server, capsys):
+    """The server takes at most vocab_size stop tokens, repeats counted: the client checks it
+    before the rewind (regenerate and `ssmstream generate --rewind-to`), so nothing changes."""
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session(prompt=PROMPT)
+        with pytest.raises(ValueError, match=r"^stop: has more than vocab_size=11 tokens$"):
+            list(s.regenerate(3, [1], max_new_tokens=2, stop=[1] * 12))
+        argv = _cli(toy_server, "--session", s.id, "--rewind-to", "3", "--stop", "1," * 11 + "1")
+        with pytest.raises(SystemExit) as e:
+            generate_main([*argv, "--max-new-tokens", "2", "1"])
+        assert e.value.code == 2
+        assert "stop: has more than vocab_size=11 tokens" in capsys.readouterr().err
+        assert position_on_server(toy_server, s.id) == len(PROMPT)
+        assert [t.token for t in s.generate([1], max_new_tokens=1, stop=[1] * 11)]  # 11: taken
+        s.close()
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(toy_server):
+    """`ssmstream generate … | head -n 2`: no traceback when the reader goes away; the exit
+    status is a closed pipe's (141), and its temporary session is closed on the server."""
+    srv = toy_server.server
+    before = len(srv.store)
+    cmd = [sys.executable, "-m", "ssmstream.runtime.cli", "generate", *_cli(toy_server),
+           "--max-new-tokens", "4000", "--temperature", "0", "1"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.readline()) > 0 and len(p.stdout.readline()) > 0
+    p.stdout.close()
+    _, err = p.communicate(timeout=60)
+    assert (p.returncode, err.decode()) == (141, "")
+    deadline = time.monotonic() + 10
+    while len(srv.store) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(srv.store) == before
