@@ -34,12 +34,12 @@ def ssmstream(*args: str) -> list[str]:
 
 
 def export(ckpt: Path, model_dir: Path, verify_steps: int) -> bool:
-    """Export unless model_dir already holds a passing export of these weights; returns
-    whether it exported."""
-    from ssmstream.runtime.manifest import sha256_file
+    """Export unless model_dir already holds a passing export of these weights whose graphs
+    are the ones its manifest names (as the server checks them); returns whether it exported."""
+    from ssmstream.runtime.manifest import load_manifest, sha256_file
 
     try:
-        m = json.loads((model_dir / "manifest.json").read_text())
+        m = load_manifest(model_dir)  # ModelError (a ValueError): a graph missing or changed
     except (OSError, ValueError):
         m = {}
     weights = sha256_file(ckpt / "model.safetensors")

@@ -12,12 +12,15 @@ byte-level token model (vocab >= 256); values models are fed a sine wave instead
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 
-from ssmstream.runtime.client import Client
+import grpc
+
+from ssmstream.runtime.client import Client, check_generate, generate_request
 
 log = logging.getLogger("stream_client")
 
@@ -49,35 +52,50 @@ def main(argv: list[str] | None = None) -> int:
             info.provider,
         )
         data = a.text.encode("utf-8")
-        if info.input_kind == "tokens" and len(data) < 2:  # before a session is made
-            p.error("text: give at least two bytes")
-        session = client.create_session()
-        if info.input_kind != "tokens":
-            with session.open_stream() as stream:  # a sine wave, one sample per request
-                for t in range(32):
-                    u = [math.sin(0.3 * t)] * info.d_input
-                    r = stream.send(values=u)
-                    log.info("t=%2d  u=%+.3f  y=%s", t, u[0], r.outputs[0].round(3).tolist())
-            session.close()
-            return 0
-        with session.open_stream() as stream:  # all bytes but the last: Generate starts there
-            for b in data[:-1]:
-                r = stream.send(tokens=[b], output="top_k", top_k=3)
-                guesses = ", ".join(
-                    f"{show(int(t))} {math.exp(lp):.2f}"
-                    for t, lp in zip(r.top_tokens, r.top_logprobs)
-                )
-                log.info("fed %-6s position %3d  next: %s", show(b), r.position, guesses)
-        # the stream is closed, the session is not. Fork it: two continuations of one prefix.
-        fork = session.fork()
-        for name, s, seed in (("session", session, a.seed), ("fork", fork, a.seed + 1)):
-            out = bytearray()
-            for g in s.generate(data[-1:], max_new_tokens=a.max_new_tokens,
-                                temperature=a.temperature, seed=seed):  # fmt: skip
-                out.append(g.token)
-            text = a.text + out.decode("utf-8", errors="replace")
-            sys.stdout.write(f"--- {name} {s.id} (seed {seed}) ---\n{text}\n")
-            s.close()
+        if info.input_kind == "tokens":  # every check before a session is made
+            if len(data) < 2:
+                p.error("text: give at least two bytes")
+            for seed in (a.seed, a.seed + 1):  # the session's and the fork's
+                kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=seed)
+                try:
+                    check_generate(generate_request("", data[-1:], **kw), info)
+                except ValueError as e:  # "field: what" -> "--field: what"
+                    field, what = str(e).split(": ", 1)
+                    p.error(f"--{field.replace('_', '-')}: {what}")
+        sessions = [client.create_session()]
+        try:
+            return run(a, info, data, sessions)
+        finally:  # also after an error: nothing is left open on the server
+            for s in sessions:
+                with contextlib.suppress(grpc.RpcError):  # the error that ended it goes on
+                    s.close()
+
+
+def run(a, info, data: bytes, sessions: list) -> int:
+    session = sessions[0]
+    if info.input_kind != "tokens":
+        with session.open_stream() as stream:  # a sine wave, one sample per request
+            for t in range(32):
+                u = [math.sin(0.3 * t)] * info.d_input
+                r = stream.send(values=u)
+                log.info("t=%2d  u=%+.3f  y=%s", t, u[0], r.outputs[0].round(3).tolist())
+        return 0
+    with session.open_stream() as stream:  # all bytes but the last: Generate starts there
+        for b in data[:-1]:
+            r = stream.send(tokens=[b], output="top_k", top_k=3)
+            guesses = ", ".join(
+                f"{show(int(t))} {math.exp(lp):.2f}" for t, lp in zip(r.top_tokens, r.top_logprobs)
+            )
+            log.info("fed %-6s position %3d  next: %s", show(b), r.position, guesses)
+    # the stream is closed, the session is not. Fork it: two continuations of one prefix.
+    sessions.append(session.fork())
+    for name, s, seed in zip(("session", "fork"), sessions, (a.seed, a.seed + 1)):
+        out = bytearray()
+        for g in s.generate(data[-1:], max_new_tokens=a.max_new_tokens,
+                            temperature=a.temperature, seed=seed):  # fmt: skip
+            out.append(g.token)
+        text = a.text + out.decode("utf-8", errors="replace")
+        sys.stdout.write(f"--- {name} {s.id} (seed {seed}) ---\n{text}\n")
     return 0
 
 

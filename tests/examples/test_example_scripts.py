@@ -194,19 +194,28 @@ def quick():
     return load_script("examples/quickstart.py")
 
 
-def test_quickstart_exports_again_when_the_existing_export_failed_parity(quick, monkeypatch,
-                                                                         tmp_path):  # fmt: skip
+def test_quickstart_exports_again_unless_the_export_is_whole_and_passed(quick, monkeypatch,
+                                                                          tmp_path):  # fmt: skip
+    """An export of these weights that passed parity is reused; one that failed parity, or
+    whose graph no longer matches its manifest's sha256 (the server would refuse it), is
+    exported again."""
     ran = []
     monkeypatch.setattr(quick.subprocess, "run", lambda cmd, check: ran.append(cmd))
-    sha = hashlib.sha256((BYTE_LM / "model.safetensors").read_bytes()).hexdigest()
     model = tmp_path / "model"
-    model.mkdir()
-    m = {"source": {"weights_sha256": sha}, "parity": {"passed": True}}
+    build_toy(model, "tokens", V=256, d_out=256)
+    m = json.loads((model / "manifest.json").read_text())
+    sha = hashlib.sha256((BYTE_LM / "model.safetensors").read_bytes()).hexdigest()
+    m.update(source={"weights_sha256": sha}, parity={"passed": True})
     (model / "manifest.json").write_text(json.dumps(m))
     assert quick.export(BYTE_LM, model, 16) is False and ran == []
     m["parity"]["passed"] = False
     (model / "manifest.json").write_text(json.dumps(m))
     assert quick.export(BYTE_LM, model, 16) is True and len(ran) == 1
+    m["parity"]["passed"] = True
+    (model / "manifest.json").write_text(json.dumps(m))
+    step = model / m["graphs"]["step"]["file"]
+    step.write_bytes(step.read_bytes()[: step.stat().st_size // 2])  # a truncated copy
+    assert quick.export(BYTE_LM, model, 16) is True and len(ran) == 2
 
 
 def test_quickstart_refuses_a_ckpt_without_weights(quick, monkeypatch, tmp_path, capsys):

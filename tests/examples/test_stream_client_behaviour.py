@@ -61,3 +61,43 @@ def test_bearer_token_comes_from_the_environment(sc, byte_toy, monkeypatch, tmp_
         monkeypatch.setenv("SSMSTREAM_TOKEN", "tok-0123456789abcdef")
         assert sc.main(argv) == 0
     assert "--- fork " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--max-new-tokens", "0", "--max-new-tokens: must be in [1, "),
+        ("--temperature", "-1", "--temperature: "),
+        ("--seed", "-1", "--seed: "),
+        ("--seed", str(2**64 - 1), "--seed: "),  # the fork's seed is one more
+    ],
+)
+def test_a_bad_sampling_flag_is_a_usage_error_before_any_session(
+    sc, byte_toy, capsys, flag, value, says
+):
+    with grpc_helpers.serve(byte_toy["model_dir"]) as srv:
+        with pytest.raises(SystemExit) as e:
+            sc.main(["abc", "--server", grpc_helpers.target(srv), flag, value])
+        assert e.value.code == 2 and srv.server.store.stats()["created"] == 0
+    assert says in capsys.readouterr().err
+
+
+def test_sessions_are_closed_when_a_continuation_fails(sc, byte_toy, monkeypatch):
+    """An error after the fork (here the second Generate) still closes both sessions."""
+    import grpc
+    from ssmstream.runtime import client as client_mod
+
+    real, calls = client_mod.ClientSession.generate, []
+
+    def generate(self, *a, **kw):
+        calls.append(self.id)
+        if len(calls) == 2:
+            raise grpc.RpcError("the server went away")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(client_mod.ClientSession, "generate", generate)
+    with grpc_helpers.serve(byte_toy["model_dir"]) as srv:
+        with pytest.raises(grpc.RpcError):
+            sc.main(["abc", "--server", grpc_helpers.target(srv), "--max-new-tokens", "2"])
+        stats = srv.server.store.stats()
+        assert (stats["created"], stats["forked"], len(srv.server.store)) == (1, 1, 0)
