@@ -19,7 +19,6 @@ import os
 import sys
 
 import grpc
-
 from ssmstream.runtime.client import Client, check_generate, generate_request
 
 log = logging.getLogger("stream_client")
