@@ -165,26 +165,26 @@ def test_a_rewind_queued_behind_steps_is_checked_at_its_turn(toy):
 
     tokens = list(range(1, 11))
     with (
-        serve(toy, rewind_window=64, max_batch_delay=0.5) as srv,
+        serve(toy, rewind_window=64, max_batch_delay=1.0) as srv,
         Client(target(srv), timeout=30) as c,
     ):
         other, s = c.create_session(), c.create_session()
         s.step(tokens=tokens)
         other.step(tokens=[1])  # two active sessions: a lone step waits for its batch
 
-        def queued(*requests):
-            futures = [c.stub.Step.future(r) for r in requests]
-            wait_until(lambda: srv.server.batcher.pending() >= len(requests), what="queued")
-            return futures
+        def queued(token, behind=0):  # a Step, once it waits (behind `behind` others)
+            f = c.stub.Step.future(pb.StepRequest(session_id=s.id, tokens=[token]))
+            wait_until(lambda: srv.server.batcher.pending() > behind, what="a queued step")
+            return [f]
 
-        fs = queued(pb.StepRequest(session_id=s.id, tokens=[3]))
-        fs += queued(pb.StepRequest(session_id=s.id, tokens=[4]))
+        fs = queued(3)
+        fs += queued(4, behind=1)  # in this order
         assert c.stub.RewindSession(pb.RewindRequest(session_id=s.id, position=11)).position == 11
         assert [f.result().position for f in fs] == [11, 12]
         ref = Ref(toy)
         ref.feed([*tokens, 3])
         assert_matches(s, ref)
-        fs = queued(pb.StepRequest(session_id=s.id, tokens=[5]))
+        fs = queued(5)
         ahead = pb.RewindRequest(session_id=s.id, position=13)
         # at 11 when it came, at 12 when its turn came: checked then
         said = "position: 13 is ahead of the session (at position 12)"
