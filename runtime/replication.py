@@ -87,6 +87,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -357,6 +358,21 @@ def _record(h: dict) -> dict | None:
     }
 
 
+def without_password(url: str) -> str:
+    """The URL with its password (redis://user:PASSWORD@host…, ?password=…) replaced by ***:
+    for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        parts = parts._replace(netloc=netloc)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "password" for k, _ in query):
+        hidden = [(k, "***" if k == "password" else v) for k, v in query]
+        parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*"))
+    scheme, netloc, path, q, _ = parts  # unsplit by hand: unix:///path keeps its "//"
+    return f"{scheme}://{netloc}{path}" + (f"?{q}" if q else "")
+
+
 class RedisBackend:
     """The Redis side: session records and leases (scripts above). Raises redis errors."""
 
@@ -367,7 +383,7 @@ class RedisBackend:
             raise ModelError(
                 "--state-store redis://… needs the redis package: pip install 'ssmstream[redis]'"
             ) from e
-        self.url, self.prefix = url, prefix
+        self.url, self.prefix = without_password(url), prefix  # self.url goes into logs
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
         )

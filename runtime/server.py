@@ -43,9 +43,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
+from .admission import RpcLimit
 from .auth import AuthInterceptor, TokenTable
 from .config import ServerConfig, parse_config
 from .errors import InvalidInput, RuntimeErrorBase
+from .health import Health
 from .metrics import FeaturesCollector, ServerMetrics
 from .service import ServiceLimits, SessionService
 from .servicer import StreamingInferenceServicer, max_send_bytes
@@ -164,7 +166,7 @@ class Server:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._health: Health | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -274,18 +276,18 @@ class Server:
             ("grpc.max_send_message_length", max_send_bytes(c)),
             ("grpc.so_reuseport", 0),
         ]
-        self._grpc = grpc.aio.server(
-            interceptors=[
-                AuthInterceptor(
-                    tokens, on_denied=lambda _m: self.metrics.count_error("UNAUTHENTICATED")
-                ),
-                DecodeGuard(),
-            ],
-            options=options,
-            maximum_concurrent_rpcs=c.max_concurrent_rpcs or None,
-        )
+        interceptors = [
+            AuthInterceptor(
+                tokens, on_denied=lambda _m: self.metrics.count_error("UNAUTHENTICATED")
+            ),
+            DecodeGuard(),
+        ]
+        if c.max_concurrent_rpcs:
+            refused = lambda: self.metrics.count_error("RESOURCE_EXHAUSTED")  # noqa: E731
+            interceptors.append(RpcLimit(c.max_concurrent_rpcs, on_refused=refused))
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_StreamingInferenceServicer_to_server(self.servicer, self._grpc)
-        self._health = health.aio.HealthServicer()
+        self._health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
@@ -392,6 +394,7 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.service is not None:
+            await self.service.settled()  # cancelled handlers' cleanup, before the save
             self.service.shutdown()
         for t in self._tasks:
             t.cancel()

@@ -269,6 +269,15 @@ class SessionService:
                 a.drained = True
                 a.on_drain()
 
+    async def settled(self, timeout: float = 2.0) -> None:
+        """Wait (at most `timeout` s) until every Stream and Generate has let go of its
+        session: handlers grpc cancelled at the end of the grace finish their cleanup (a
+        temporary Generate's session closed) before the sessions are saved."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._open_attachments and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
     def shutdown(self) -> None:
         """After the last request: end the fetch pool's threads (fetches not started are
         cancelled; one in progress ends at its lease wait)."""

@@ -14,6 +14,7 @@ K top-k.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -280,7 +281,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
 
     @grpc_errors
     async def Generate(self, request, context):
-        stream = self.service.generate(
+        stream = self.service.generate(  # closed (its session let go) when this one is
             current_principal(),
             request.session_id,
             request_arrays(request.prompt, ())[0],
@@ -293,15 +294,16 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             request.keep_session,
         )
         t0, n = time.perf_counter(), len(request.prompt)
-        async for sid, g in stream:
-            self.metrics.count_tokens("Generate", n)
-            self.metrics.observe_request("Generate", time.perf_counter() - t0, g.index == 0)
-            yield pb.GenerateResponse(
-                session_id=sid,
-                token=g.token,
-                logprob=g.logprob,
-                position=g.position,
-                index=g.index,
-                finish_reason=_FINISH[g.finish],
-            )
-            t0, n = time.perf_counter(), 1
+        async with contextlib.aclosing(stream):
+            async for sid, g in stream:
+                self.metrics.count_tokens("Generate", n)
+                self.metrics.observe_request("Generate", time.perf_counter() - t0, g.index == 0)
+                yield pb.GenerateResponse(
+                    session_id=sid,
+                    token=g.token,
+                    logprob=g.logprob,
+                    position=g.position,
+                    index=g.index,
+                    finish_reason=_FINISH[g.finish],
+                )
+                t0, n = time.perf_counter(), 1

@@ -690,7 +690,8 @@ class SessionStore:
     # --- persistence ---------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write every live session to directory/sessions.bin atomically (temp file + rename).
+        """Write every live session to directory/sessions.bin atomically (temp file + rename);
+        sessions idle past their TTL are evicted first, as the sweep would.
 
         Saves are serialized (a periodic save may still run when the shutdown save starts).
         """
@@ -702,6 +703,7 @@ class SessionStore:
         path = directory / STORE_FILE
         with self._lock:
             self._wait_returned()
+            self._evict_idle_locked()  # past their TTL: evicted now, not saved for a restart
             live = list(self._sessions.values())
             header = {
                 "model_sha": self.model_sha,

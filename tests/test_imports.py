@@ -32,6 +32,8 @@ RUNTIME_EDGE = {
     "servicer",
     "status",
     "server",
+    "health",
+    "admission",
     "client",
     "cli",
     "auth",
@@ -40,7 +42,7 @@ RUNTIME_EDGE = {
     "bench",
     "info",
 }
-ADAPTERS = {"servicer", "status", "server", "client"}
+ADAPTERS = {"servicer", "status", "server", "health", "admission", "client"}
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "ssmstream.protos")
 
 

@@ -16,6 +16,8 @@ import ssmstream.runtime.server as server_module
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import ServerProcess, make_certs, scrape, serve, target
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from ssmstream.protos import inference_pb2 as pb
+from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
@@ -340,25 +342,27 @@ def test_config_takes_a_bracketed_ipv6_host_and_refuses_one_port_for_both():
 
 
 def test_a_second_signal_ends_the_grace_period(tiny_token_model, tmp_path):
-    """An open health Watch keeps a draining server for its whole --grace; a second SIGTERM
-    ends the grace at once, and the sessions are still saved."""
+    """A Generate in flight keeps a draining server for its whole --grace (here a long one
+    whose client stopped reading); a second SIGTERM ends the grace at once, the Generate's
+    temporary session is let go, and the sessions are still saved."""
     import signal
 
     srv = ServerProcess(
         tiny_token_model["model_dir"], "--device", "cpu", "--grace", "60",
-        "--state-dir", str(tmp_path / "state"), workdir=tmp_path,
+        "--state-dir", str(tmp_path / "state"), "--max-new-tokens", "10000000",
+        workdir=tmp_path,
     )  # fmt: skip
     try:
         with Client(srv.address, timeout=30) as c:
             c.create_session(session_id="kept")
         channel = grpc.insecure_channel(srv.address)
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.StreamingInferenceStub(channel)
+        generate = stub.Generate(pb.GenerateRequest(prompt=[1], max_new_tokens=10_000_000))
+        next(generate)  # in flight; not read further
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
-        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         time.sleep(0.5)
-        assert srv.proc.poll() is None  # the Watch holds the drain
+        assert srv.proc.poll() is None  # the Generate holds the drain
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(20) == 0 and time.monotonic() - t0 < 20
         channel.close()
