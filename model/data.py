@@ -153,7 +153,10 @@ def load_text(
     chunks = {"train": [], "val": []}
     names = {"train": [], "val": []}
     for path, key in files:
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as e:  # unreadable (permissions, a directory's race): named, no traceback
+            raise ValueError(f"data: cannot read {path}: {e.strerror or e}") from e
         if not data:
             continue
         side = "val" if _is_val(key, val_fraction) else "train"

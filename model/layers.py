@@ -135,9 +135,15 @@ class SSM(nn.Module):
         )  # [H, N/2, 1], [H, N/2, M]
         return dA.squeeze(-1), dB, torch.view_as_complex(self.C)
 
-    def kernel(self, L: int) -> Tensor:
-        """K[h, p, m, l] = 2 Re Σ_n C[h,p,n] dA[h,n]^l dB[h,n,m]  -> [H, M, M, L] real."""
+    def kernel(self, L: int, entry: tuple[int, int] | None = None) -> Tensor:
+        """K[h, p, m, l] = 2 Re Σ_n C[h,p,n] dA[h,n]^l dB[h,n,m]  -> [H, M, M, L] real;
+        with entry=(p, m) only that input m → output p kernel of each head, [H, L] (no
+        M²·L kernel built)."""
         dA, dB, C = self.discrete()
+        if entry is not None:
+            p, m = entry
+            W = (C[:, p, :] * dB[:, :, m]).unsqueeze(1)  # [H, 1, N/2]
+            return 2 * torch.bmm(W, vandermonde(dA, L)).real.squeeze(1)
         H, M, N2 = self.heads, self.M, self.N2
         W = torch.einsum("hpn,hnm->hpmn", C, dB).reshape(H, M * M, N2)  # [H, P·M, N/2]
         K = torch.bmm(W, vandermonde(dA, L))  # [H, P·M, L]

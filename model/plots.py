@@ -111,7 +111,7 @@ def plot_layer(
     dt = torch.exp(layer.log_dt[head]).item()
     samples = torch.linspace(0, L - 1, 8 * L, dtype=torch.float64)  # [T], in samples
     Kn = basis_functions(layer, samples * dt, head).real.cpu()  # [N/2, T]
-    K = layer.kernel(L)[:, 0, 0, :].cpu()  # [H, L]: input 0 → output 0 of each head
+    K = layer.kernel(L, entry=(0, 0)).cpu()  # [H, L]: input 0 → output 0 of each head
 
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     Canvas(fig)

@@ -84,7 +84,21 @@ def _help(text: str) -> dict:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite (the checkpoint keeps the last finite save)."""
+    """The loss or the weights became NaN or infinite (the checkpoint keeps the last finite
+    save: the weights are checked before each evaluation and save)."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"{what} (try a lower --lr or --ssm-lr, or a smaller Δ: --dt-max; euler is only "
+            "conditionally stable)"
+        )
+
+
+def _check_finite(net: nn.Module, step: int) -> None:
+    bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingDiverged(f"training diverged: non-finite weights at step {step} ({names})")
 
 
 @dataclass
@@ -154,6 +168,8 @@ class TrainConfig:
                 )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
         if self.warmup_steps >= self.steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}"
@@ -366,7 +382,10 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-# what a resumed run may change: where and how it reports, not what it computes
+# what a resumed run may change: where and how it reports, and where it runs (device and
+# threads compute the same numbers up to the order of float sums: bit-identity to one long
+# run needs the same ones, and a change is logged)
+RUN_ON = ("device", "threads")
 RESUME_MAY_CHANGE = frozenset(
     {"out", "stop_after", "log_every", "eval_every", "eval_batches", "save_every", "resume",
      "device", "threads", "progress"}
@@ -388,6 +407,14 @@ def _resume(
             raise ValueError(
                 f"cannot resume {out}: {got}; pass the run's original values (use --stop-after "
                 "to stop a run early and --resume to continue it)"
+            )
+        if moved := [k for k in RUN_ON if k in saved and saved[k] != now[k]]:
+            log.warning(
+                "resuming %s with other %s (%s): the run continues, but float sums may round "
+                "differently, so it is no longer bit-identical to one long run",
+                out,
+                " and ".join(moved),
+                ", ".join(f"{k}={now[k]!r}, saved {saved[k]!r}" for k in moved),
             )
     net = load_checkpoint(out).to(device).train()
     if model_cfg is not None and model_cfg.to_dict() != net.cfg.to_dict():
@@ -518,11 +545,7 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
                     loss_sum /= dist.world_size
                 mean_loss = loss_sum.item() / n_window  # (syncs the device)
                 if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(
-                        f"training diverged: loss {mean_loss} at step {step} (try a lower "
-                        "--lr or --ssm-lr, or a smaller Δ: --dt-max; euler is only "
-                        "conditionally stable)"
-                    )
+                    raise TrainingDiverged(f"training diverged: loss {mean_loss} at step {step}")
                 t_window += time.perf_counter() - t0
                 tok_s = tokens_per_step * n_window / t_window
                 entry = {
@@ -542,6 +565,8 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
             else:
                 t_window += time.perf_counter() - t0
             bar.update(1)
+            if step % cfg.eval_every == 0 or step % save_every == 0 or step == end:
+                _check_finite(net, step)  # every rank (DDP: the same weights), before a save
             if dist.is_main and (step % cfg.eval_every == 0 or step == end):
                 last_eval = evaluate(net, cfg.task, eval_batches, device)
                 _append(log_path, {"step": step, "eval": last_eval})

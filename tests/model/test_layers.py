@@ -131,6 +131,10 @@ def test_kernel_equals_ssm_kernel_elementwise(shape):
             for m in range(M):
                 ref = 2 * ssm.ssm_kernel(dA[h], dB[h, :, m], C[h, p], Lk).real
                 torch.testing.assert_close(K[h, p, m], ref, rtol=1e-12, atol=1e-13)
+    for p, m in {(0, 0), (M - 1, 0), (0, M - 1)}:  # one entry alone: the same numbers
+        with torch.no_grad():
+            one = layer.kernel(Lk, entry=(p, m))
+        torch.testing.assert_close(one, K[:, p, m], rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("heads", [None, 4, 2, 1])

@@ -285,3 +285,19 @@ def test_cli_without_matplotlib_is_a_usage_error(tmp_path, ckpt, monkeypatch, ca
     assert e.value.code == 2
     assert "pip install 'ssmstream[plots]'" in capsys.readouterr().err
     assert not (tmp_path / "k.png").exists()
+
+
+def test_a_wide_mimo_layer_is_plotted_without_its_m_squared_kernel(tmp_path, monkeypatch):
+    """The kernel panel needs input 0 → output 0 only: the [H, M, M, L] kernel (M² · L
+    numbers: GBs for a 512-wide MIMO layer at L = 4096) is never built."""
+
+    torch.manual_seed(0)
+    layer = SSM(64, 16, heads=1)  # M = 64
+    real = SSM.kernel
+
+    def kernel(self, L, entry=None):
+        assert entry is not None, "the whole M²·L kernel was built"
+        return real(self, L, entry)
+
+    monkeypatch.setattr(SSM, "kernel", kernel)
+    assert plot_layer(layer, tmp_path / "mimo.png", length=256).is_file()

@@ -16,6 +16,7 @@ import math
 import re
 import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +255,28 @@ def test_cli_a_run_that_diverges_says_so_without_a_traceback(tmp_path, caplog):
     assert "training diverged: loss nan" in line and "--dt-max" in line
 
 
+def test_cli_names_an_unreadable_corpus_file(tmp_path, monkeypatch, capsys):
+    """A file of --data that cannot be read (permissions): a usage error naming it, exit 2,
+    no traceback and no checkpoint."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("hello there, general kenobi. " * 40)
+    (corpus / "b.txt").write_text("you are a bold one. " * 40)
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "b.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(corpus), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert e.value.code == 2
+    assert f"data: cannot read {corpus / 'b.txt'}: Permission denied" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_ssmstream_train_help(capsys):
     from ssmstream.runtime.cli import main as ssmstream
 
@@ -289,6 +312,8 @@ def test_ssmstream_train_help(capsys):
         (["--task", "signal", "--duration", "inf"], "duration must be positive and finite"),
         (["--task", "signal", "--rate", "1e308", "--duration", "10"], "duration · rate"),
         (["--task", "signal", "--target", "next", "--horizon", "inf"], "horizon must be"),
+        (["--seed", str(2**64)], "seed must be in [-2**63, 2**64 - 1], got 18446744073709551616"),
+        (["--seed", str(-(2**63) - 1)], "seed must be in [-2**63, 2**64 - 1]"),
     ],
 )
 def test_cli_rejects_bad_flags(argv, message, tmp_path, capsys):
@@ -560,6 +585,38 @@ def test_an_infinite_loss_is_divergence(tmp_path, monkeypatch):
         fit(_signal_model(), _signal_cfg(tmp_path / "o"))
 
 
+def test_weights_that_turn_nan_between_log_lines_are_never_saved(tmp_path, monkeypatch):
+    """The update of step 3 makes a weight NaN (the loss logged every 10 steps would say so
+    only at step 10): the evaluation of step 3 refuses the weights, naming the one, and the
+    checkpoint stays the finite one of step 2, with no NaN evaluation logged."""
+    real = train_mod.make_optimizer
+
+    def make_optimizer(net, cfg):
+        opt, sched = real(net, cfg)
+        step, n = opt.step, []
+
+        def poisoned(*a, **k):
+            out = step(*a, **k)
+            n.append(1)
+            if len(n) == 3:
+                with torch.no_grad():
+                    net.encoder.bias[0] = math.nan
+            return out
+
+        opt.step = poisoned
+        return opt, sched
+
+    monkeypatch.setattr(train_mod, "make_optimizer", make_optimizer)
+    out = tmp_path / "o"
+    cfg = _signal_cfg(out, steps=8, log_every=10, eval_every=3, save_every=2)
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights at step 3 \(encoder\.bias\)"):
+        fit(_signal_model(), cfg)
+    assert json.loads((out / "config.json").read_text())["step"] == 2
+    net = load_checkpoint(out)
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values())
+    assert _log_lines(out) == []  # no evaluation ran (the first was due at step 3)
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path):
     out = tmp_path / "o"
     fit(_signal_model(), _signal_cfg(out))
@@ -572,11 +629,23 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert (out / "train_state.pt").read_bytes() == state
 
 
-def test_resume_may_change_device_threads_and_save_every(tmp_path):
+def test_resume_may_change_device_threads_and_save_every(tmp_path, caplog):
+    """Allowed, but another thread count (or device) may round float sums differently: the
+    run says it is no longer bit-identical to one long run; another save_every says nothing."""
     out = tmp_path / "o"
     fit(_signal_model(), _signal_cfg(out, stop_after=3, device="auto"))
-    resumed = fit(None, _signal_cfg(out, resume=True, device="cpu", threads=2, save_every=2))
+    with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
+        resumed = fit(None, _signal_cfg(out, resume=True, device="cpu", threads=2, save_every=2))
     assert resumed.step == 6
+    said = [r.getMessage() for r in caplog.records if "bit-identical" in r.getMessage()]
+    assert len(said) == 1 and "other device and threads (device='cpu', saved 'auto', " in said[0]
+    assert "threads=2, saved 1)" in said[0]
+    caplog.clear()
+    out2 = tmp_path / "o2"
+    fit(_signal_model(), _signal_cfg(out2, stop_after=3))
+    with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
+        fit(None, _signal_cfg(out2, resume=True, save_every=2))
+    assert not [r for r in caplog.records if "bit-identical" in r.getMessage()]
 
 
 def test_resume_warns_when_a_different_model_config_is_given(tmp_path, caplog):
