@@ -75,7 +75,7 @@ CHUNK_STATES = (
 # optional prefill input int64 []: how many inputs are real (the last chunk may end in padding)
 LENGTH = "length"
 # manifest fields checked against the copy embedded in each graph (Engine._check_embedded)
-EMBEDDED_FIELDS = ("input_kind", "vocab_size", "d_input", "d_output", "state_size")
+EMBEDDED_FIELDS = ("input_kind", "vocab_size", "d_input", "d_output", "state_size", "dtype")
 GRAPH_FIELDS = ("chunk", "max_len")  # ... and these of graphs.<name>
 _ORT_TYPES = {
     "tensor(int64)": np.int64,
@@ -140,7 +140,8 @@ class _Graph:
 # State bytes per onnxruntime call on the StepBuffers path: a larger batch runs as several
 # calls on row slices. A chunk that fits the per-core L2 cache with its outputs and
 # intermediates costs less per stream than one call over the whole batch (benchmarks/
-# bench_runtime.py, "chunked steps"); outputs are the same row by row.
+# bench_runtime.py, "chunked steps"); outputs are the same row by row for SISO layers (the
+# per-head MatMuls of multi-head and MIMO layers round by the call's row count).
 STEP_CHUNK_BYTES = 2 << 20
 
 
@@ -320,6 +321,8 @@ class Engine:
         step_in = self._step_session.get_inputs()[0]
         self._step_in_dtype = np.dtype(_ORT_TYPES[step_in.type])
         self._step_in_shape = () if self.input_kind == "tokens" else (self.d_input,)
+        # an fp16 export casts its float32 values to float16 in the graph: larger ones are inf
+        self._value_limit = float(np.finfo(np.float16).max) if m["dtype"] == "fp16" else None
         self._out_dtype = np.dtype(_ORT_TYPES[self._step_session.get_outputs()[0].type])
         slot_graph = slot_model(
             (self.model_dir / graphs["step"]["file"]).read_bytes(), self.state_size
@@ -518,6 +521,10 @@ class Engine:
             x = np.ascontiguousarray(x, dtype=self._step_in_dtype)
         if not np.isfinite(x).all():
             raise InvalidInput(field, "values contain NaN or inf (or overflow float32)")
+        if self._value_limit is not None and np.abs(x).max() > self._value_limit:
+            raise InvalidInput(
+                field, f"values beyond ±{self._value_limit:g} overflow this fp16 export's inputs"
+            )
         return x
 
     def check_states(self, states, batch: int, field: str = "states") -> np.ndarray:
