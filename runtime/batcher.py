@@ -350,7 +350,12 @@ class Batcher:
         request's future and the queues belong to that loop: nothing is applied)."""
         if self._closing or not self.running:
             raise Unavailable("batcher is not running (closing or not started)")
-        if asyncio.get_running_loop() is not self._loop:
+        self.check_loop()
+
+    def check_loop(self) -> None:
+        """RuntimeError when called off the event loop that started the batcher (before the
+        start: nothing to check)."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
             raise RuntimeError(
                 "the Batcher (and the SessionService over it) runs on the event loop that "
                 "started it; call it from that loop (from another thread: "

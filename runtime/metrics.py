@@ -7,8 +7,8 @@
     ssmstream_requests_total{rpc}          Step requests / Stream messages / Generate calls …
     ssmstream_errors_total{code}           RPCs that ended with a non-OK status, by code
                                            (those the server answers: grpc refuses a
-                                           message over --max-message-bytes and calls over
-                                           --max-concurrent-rpcs itself, uncounted)
+                                           message over --max-message-bytes itself,
+                                           uncounted)
     ssmstream_request_latency_seconds{rpc} wall time of one request, per-token for streams
     ssmstream_batch_size                   sessions per onnxruntime call (histogram; a
                                            prefill or a rewind's replay counts as one call)

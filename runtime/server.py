@@ -49,7 +49,7 @@ from .config import ServerConfig, parse_config
 from .errors import InvalidInput, RuntimeErrorBase
 from .health import Health
 from .metrics import FeaturesCollector, ServerMetrics
-from .service import ServiceLimits, SessionService
+from .service import DRAINING, ServiceLimits, SessionService
 from .servicer import StreamingInferenceServicer, max_send_bytes
 from .snapshots import SnapshotKey
 from .status import SERVICE_NAME, DecodeGuard
@@ -268,6 +268,8 @@ class Server:
             prefix_cache_scope=c.prefix_cache_scope,
         )
         self.service = SessionService(self.engine, self.store, self.batcher, limits)
+        if c.state_dir:
+            self.service.draining_says = DRAINING["state_dir"]
         self.servicer = StreamingInferenceServicer(self.service, c, self.metrics)
         self.metrics.registry.register(FeaturesCollector(self.service.feature_stats))
 

@@ -53,7 +53,13 @@ from .prefix_cache import PrefixCache
 from .sessions import Session, SessionStore, check_session_id
 from .snapshots import snapshot_position
 
-DRAINING = "server is shutting down; the session is saved, resume after the restart"
+# what a Stream ended by the drain is told, by where its session lives on (see `draining_says`)
+DRAINING = {
+    "memory": "server is shutting down; its sessions end with it",
+    "state_dir": "server is shutting down; the session is saved, resume after the restart",
+    "shared": "server is shutting down; the session is in the shared state store, resume on "
+    "another replica",
+}
 FETCH_THREADS = 16  # threads loading sessions from a shared state store
 FETCHES_PER_PRINCIPAL = 4  # of them, what one principal's requests may hold at a time
 
@@ -82,6 +88,8 @@ class SessionService:
         self.engine, self.store, self.batcher, self.limits = engine, store, batcher, limits
         self.info = engine.info
         self.draining = False
+        # said to a Stream the drain ends; the server sets DRAINING["state_dir"] with --state-dir
+        self.draining_says = DRAINING["shared" if store.replication is not None else "memory"]
         self.chunk = engine.prefill_chunk or 64  # checkpoints and cache entries are this far apart
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes, self.chunk, store.model_sha)
         self.checkpoint_budget = CheckpointBudget(limits.rewind_memory_bytes)
@@ -147,8 +155,15 @@ class SessionService:
         return float(value)
 
     def _open(self) -> None:
+        self._on_loop()
         if self.draining:
             raise Unavailable("server is shutting down; retry on the restarted server")
+
+    def _on_loop(self) -> None:
+        """Every operation runs on the loop that started the batcher (RuntimeError, nothing
+        applied, elsewhere)."""
+        if self.batcher is not None:
+            self.batcher.check_loop()
 
     @staticmethod
     def _ref(session_id: str, field: str = "session_id") -> str:
@@ -158,6 +173,7 @@ class SessionService:
         return check_session_id(session_id, field)
 
     async def _session(self, session_id: str, principal: str) -> Session:
+        self._on_loop()
         """The live session `session_id` of `principal`, made local to this replica."""
         self._ref(session_id)
         if not self.store.held(session_id, principal):

@@ -28,7 +28,7 @@ from .config import ServerConfig
 from .errors import InvalidInput, LimitExceeded, Unavailable
 from .generation import FINISH_MAX, FINISH_STOP, log_softmax
 from .metrics import ServerMetrics
-from .service import DRAINING, SessionService
+from .service import SessionService
 from .status import check_decoded, grpc_errors
 
 log = logging.getLogger(__name__)
@@ -271,10 +271,10 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 self.metrics.count_tokens("Stream", len(outputs))
                 self.metrics.observe_request("Stream", time.perf_counter() - t0)
                 if self.service.draining:  # do not wait for a next request that would be refused
-                    raise Unavailable(DRAINING)
+                    raise Unavailable(self.service.draining_says)
         except asyncio.CancelledError:
             if a.drained:
-                raise Unavailable(DRAINING) from None
+                raise Unavailable(self.service.draining_says) from None
             raise
         finally:
             a.detach()

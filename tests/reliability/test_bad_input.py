@@ -479,3 +479,12 @@ def test_battery_covers_every_rpc():
     # GetModelInfo takes no fields: only undecodable bytes can be wrong (test_fuzz.py)
     assert methods - covered == {"GetModelInfo"}, methods - covered
     assert len(TOKEN_CASES) + len(VALUE_CASES) >= 150
+
+
+def test_the_guarantees_page_counts_the_cases_of_this_table():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "guarantees.md").read_text()
+    t, v = len(TOKEN_CASES), len(VALUE_CASES)
+    assert f"`test_bad_input.py` ({t + v} cases)" in text
+    assert f"{t + v} table cases ({t} on a token model over all 9 session RPCs, {v} on a" in text

@@ -134,3 +134,33 @@ def test_the_redis_password_never_reaches_the_log(toy_token_model, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "state store redis://:***@127.0.0.1:1/0 unavailable" in logged
     assert password not in logged
+
+
+@pytest.mark.parametrize("state_dir", [False, True])
+def test_a_stream_ended_by_the_drain_is_told_what_becomes_of_its_session(
+    toy_token_model, tmp_path, state_dir
+):
+    """Without --state-dir the sessions end with the process: the stream is not told to
+    resume after the restart; with it, it is (and can)."""
+    from ssmstream.runtime.config import ServerConfig
+    from ssmstream.runtime.server import BackgroundServer
+
+    extra = {"state_dir": str(tmp_path / "state")} if state_dir else {}
+    cfg = ServerConfig(model_dir=str(toy_token_model["model_dir"]), port=0, device="cpu", **extra)
+    srv = BackgroundServer(cfg).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            st = c.create_session().open_stream()
+            assert st.send(tokens=[1]).position == 1
+            stopper = threading.Thread(target=srv.stop, kwargs={"grace": 5.0})
+            stopper.start()
+            stopper.join(30)
+            code, details = _code_of(lambda: st.send(tokens=[2]))
+    finally:
+        srv.stop()
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert details == (
+        "server is shutting down; the session is saved, resume after the restart"
+        if state_dir
+        else "server is shutting down; its sessions end with it"
+    )

@@ -1264,8 +1264,8 @@ def test_values_rows_must_be_d_input_wide(toy_sig):
 
 
 def test_a_call_from_another_event_loop_is_refused_and_applies_nothing(toy_tok):
-    """The service runs on the loop that started its batcher: a step or rewind awaited on
-    another thread's loop is refused before it is queued; the session stays usable."""
+    """The service runs on the loop that started its batcher: any operation awaited on
+    another thread's loop is refused before it applies anything; the session stays usable."""
 
     async def main():
         svc = await started(toy_tok, ServiceLimits(rewind_window=8))
@@ -1274,20 +1274,27 @@ def test_a_call_from_another_event_loop_is_refused_and_applies_nothing(toy_tok):
             await svc.step("p", s.id, tokens=[1, 2])
             errors = []
 
+            calls = (
+                lambda: svc.step("p", s.id, tokens=[1, 2, 3]),
+                lambda: svc.rewind("p", s.id, 1),
+                lambda: svc.close("p", s.id),
+                lambda: svc.fork("p", s.id),
+                lambda: svc.create("p"),
+                lambda: svc.snapshot("p", s.id),
+                lambda: svc.generate("p", s.id, [1], 2).__anext__(),
+            )
+
             def elsewhere():
-                for call in (
-                    lambda: svc.step("p", s.id, tokens=[1, 2, 3]),
-                    lambda: svc.rewind("p", s.id, 1),
-                ):
+                for call in calls:
                     try:
                         asyncio.run(asyncio.wait_for(call(), 10))
                     except RuntimeError as e:
                         errors.append(str(e))
 
             await asyncio.get_running_loop().run_in_executor(None, elsewhere)
-            assert len(errors) == 2
+            assert len(errors) == len(calls)
             assert all("runs on the event loop that started it" in e for e in errors)
-            assert s.position == 2 and svc.batcher.pending() == 0
+            assert s.position == 2 and svc.batcher.pending() == 0 and len(svc.store) == 1
             assert (await svc.step("p", s.id, tokens=[3]))[1] == 3
         finally:
             await svc.batcher.close()
