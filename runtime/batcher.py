@@ -212,7 +212,8 @@ class Batcher:
         self._waiting: dict[tuple, deque[_Request]] = {}  # behind a session's running request
         self._busy: set[tuple] = set()  # sessions with a request ready or running
         self._recent: dict[tuple, float] = {}  # session -> last request time, oldest first
-        self._buffers = engine.step_buffers(self.max_batch)
+        # a batch holds distinct sessions: never more rows than the store has
+        self._buffers = engine.step_buffers(min(self.max_batch, store.capacity))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue | None = None  # (requests, job) for the worker; None: stop
         self._worker: threading.Thread | None = None
@@ -707,6 +708,8 @@ class Batcher:
         """Replay the session's History up to r.rewind_to; (no outputs, the position) or the
         error. The session's state and position change only when everything worked."""
         h, s = r.session.history, r.session
+        if not s.live:  # closed or evicted while it waited
+            return s.gone()
         if r.rewind_to > s.position:  # checked here, at its turn: steps may have been queued
             return OutOfRange(
                 "position", f"{r.rewind_to} is ahead of the session (at position {s.position})"

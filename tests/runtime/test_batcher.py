@@ -653,10 +653,11 @@ def test_max_queue_per_session_zero_means_no_request_waits(toy_tok):
     run(main())
 
 
-def test_a_rewind_queued_behind_a_step_of_a_session_then_closed_is_not_found(toy_tok):
+@pytest.mark.parametrize("to", [1, 4])  # inside the window; where the queued step would end
+def test_a_rewind_queued_behind_a_step_of_a_session_then_closed_is_not_found(toy_tok, to):
     """The session closed while its rewind waited: its history was
     released, and the rewind answers NOT_FOUND "closed" (as a queued step does), not the
-    history's OutOfRange."""
+    history's OutOfRange nor "ahead of the session"."""
 
     async def main():
         batcher, store = await started(toy_tok, capacity=4, max_batch_delay=0.0, inline=False)
@@ -665,7 +666,7 @@ def test_a_rewind_queued_behind_a_step_of_a_session_then_closed_is_not_found(toy
             s.history = History(8, 4, 0, store.read(s))
             assert (await batcher.step(s, np.array([1, 2, 3])))[1] == 3
             step = asyncio.ensure_future(batcher.step(s, np.array([4])))
-            rewind = asyncio.ensure_future(batcher.rewind(s, 1))
+            rewind = asyncio.ensure_future(batcher.rewind(s, to))
             await asyncio.sleep(0)  # both queued: the step first, the rewind behind it
             store.close("a")
             await asyncio.gather(step, return_exceptions=True)
@@ -1266,3 +1267,22 @@ def test_mean_batch_is_steps_per_step_call(toy_tok):
     empty, st = run(main())
     assert empty == 0.0 and st.batch_sizes == {4: 1, 1: 1}
     assert st.mean_batch == pytest.approx(2.5)
+
+
+def test_a_max_batch_beyond_the_store_allocates_rows_for_the_store_only(toy_tok):
+    """A batch holds distinct sessions: --max-batch 2**32 - 1 over a store of 4 allocates
+    step buffers of 4 rows (it had asked numpy for 32 GiB), and batches still form."""
+
+    async def main():
+        batcher, store = await started(toy_tok, capacity=4, max_batch=2**32 - 1)
+        try:
+            assert batcher._buffers.max_batch == 4
+            sessions = [store.create("", f"s{i}") for i in range(4)]
+            got = await asyncio.gather(
+                *(batcher.step(s, np.array([i])) for i, s in enumerate(sessions))
+            )
+            assert [p for _, p in got] == [1, 1, 1, 1]
+        finally:
+            await batcher.close()
+
+    run(main())
