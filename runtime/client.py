@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,15 @@ def _ints(name: str, xs) -> list[int]:
     naming `name` for anything but integers (a float is not truncated)."""
     if isinstance(xs, (bytes, bytearray)) or (isinstance(xs, memoryview) and xs.format in "Bc"):
         xs = np.frombuffer(xs, dtype=np.uint8)
-    a = np.asarray(xs if xs is not None else [])
+    try:
+        a = np.asarray(xs if xs is not None else [])
+    except (ValueError, TypeError) as e:  # ragged
+        raise ValueError(f"{name}: must be a flat sequence of integers ({e})") from None
+    if a.dtype.kind in "fO" and isinstance(xs, (list, tuple)) and all(type(x) is int for x in xs):
+        # Python ints past int64, which numpy made floats or objects
+        wide = next((x for x in xs if not -(2**63) <= x <= 2**63 - 1), None)
+        if wide is not None:
+            raise ValueError(f"{name}: must fit in int64, got {wide!r}")
     if a.size and a.dtype.kind not in "iu":
         raise ValueError(f"{name}: must be integers, got {a.reshape(-1)[0]!r} ({a.dtype})")
     if a.size and (a.min() < -(2**63) or a.max() > 2**63 - 1):  # would wrap in int64
@@ -105,7 +114,29 @@ def _count(name: str, v, high: int = 2**32 - 1) -> int:
 def _number(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name}: must be a number, got {v!r}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{name}: must be a number in float range, got {v!r}") from None
+
+
+def _timeout(v) -> float | None:
+    """Seconds per call: None or inf (or more than grpc's deadlines reach, 1e9 s) is no
+    limit; ValueError for a non-positive or NaN one (grpc failed every call with it)."""
+    if v is None:
+        return None
+    t = _number("timeout", v)
+    if not t > 0:
+        raise ValueError(f"timeout: must be > 0 seconds (None or inf: no limit), got {v!r}")
+    return None if t >= 1e9 else t
+
+
+def _token(token: str) -> str:
+    """A bearer token as HTTP/2 metadata carries it: visible ASCII (a trailing newline from a
+    file, a space or a non-ASCII character made every call fail with INTERNAL)."""
+    if not isinstance(token, str) or not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError("token: must be visible ASCII characters (strip the newline of a file)")
+    return token
 
 
 def step_request(
@@ -200,6 +231,11 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
             raise ValueError(f"{name}: tokens must be in [0, vocab_size={V})")
     if req.top_k > V:
         raise ValueError(f"top_k: must be in [0, vocab_size={V}] (0: off), got {req.top_k}")
+    if limits.max_message_bytes and req.ByteSize() > limits.max_message_bytes:
+        raise ValueError(
+            f"prompt: the request is {req.ByteSize()} bytes, more than the server's "
+            f"max_message_bytes={limits.max_message_bytes}"
+        )
     check_params(req.temperature, req.top_k, req.top_p or 1.0)  # InvalidInput: a ValueError
     return req
 
@@ -216,8 +252,15 @@ def channel_credentials(
     client_cert: str | os.PathLike | bytes | None = None,
     client_key: str | os.PathLike | bytes | None = None,
 ) -> grpc.ChannelCredentials | None:
-    """TLS credentials (None: plaintext). Any certificate argument implies TLS."""
-    if not (tls or root_certificates or client_cert or client_key):
+    """TLS credentials (None: plaintext). Any certificate argument implies TLS; an empty one
+    (an unset variable) is refused, not taken as "not given" (plaintext)."""
+    for name, v in (("root_certificates", root_certificates), ("client_cert", client_cert),
+                    ("client_key", client_key)):  # fmt: skip
+        if v is not None and not (v if isinstance(v, bytes) else str(v)):
+            raise ValueError(f"{name}: is empty (give a PEM file or bytes, or leave it out)")
+    if not (
+        tls or root_certificates is not None or client_cert is not None or client_key is not None
+    ):
         return None
     if (client_cert is None) != (client_key is None):
         raise ValueError("client_cert/client_key: give both for mTLS, or neither")
@@ -243,14 +286,14 @@ class _Base:
         options: Sequence[tuple[str, object]] = (),
     ):
         self.target = target
-        self.timeout = timeout
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = _timeout(timeout)
+        self.metadata = (("authorization", f"Bearer {_token(token)}"),) if token else ()
         self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
         # grpc takes the first of repeated channel args: the caller's go before the default
         self.options = [*options, ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
     def _kw(self, session_id: str = "", timeout: float | None = None) -> dict:
-        t = self.timeout if timeout is None else timeout
+        t = self.timeout if timeout is None else _timeout(timeout)
         return {"metadata": self._md(session_id), "timeout": t}
 
     def _md(self, session_id: str = "") -> tuple:
@@ -299,6 +342,7 @@ class Client(_Base):
         else:
             self.channel = grpc.secure_channel(target, self.credentials, options=self.options)
         self.stub = pb_grpc.StreamingInferenceStub(self.channel)
+        self._handles: weakref.WeakSet[StreamHandle] = weakref.WeakSet()  # closed with it
 
     def info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
@@ -338,6 +382,9 @@ class Client(_Base):
         return ClientSession(self, "", 0).generate(prompt, **kw)
 
     def close(self) -> None:
+        """Close the channel, and the stream handles left open (their request threads end)."""
+        for h in list(self._handles):
+            h.close()
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -353,8 +400,10 @@ class _Requests:
     ValueError is raised once their results are in (`raise_refused`)."""
 
     def __init__(self, session, kind: str, output: str, top_k: int):
+        if kind not in ("tokens", "values"):
+            raise ValueError(f"kind: must be 'tokens' or 'values', got {kind!r}")
         self.session, self.kind, self.output, self.top_k = session, kind, output, top_k
-        self.refused: ValueError | None = None
+        self.refused: Exception | None = None  # also the caller's iterable's own error
         self.sent = self.answered = 0
 
     def _make(self, x) -> pb.StepRequest | None:
@@ -368,13 +417,29 @@ class _Requests:
         return req
 
     def of(self, inputs: Iterable) -> Iterator[pb.StepRequest]:
-        for x in inputs:
+        items = iter(inputs)
+        while True:
+            try:
+                x = next(items)
+            except StopIteration:
+                return
+            except Exception as e:  # raised to the caller, not lost in grpc's request thread
+                self.refused = e
+                return
             if (req := self._make(x)) is None:
                 return
             yield req
 
     async def of_async(self, inputs) -> AsyncIterator[pb.StepRequest]:
-        async for x in inputs:
+        items = aiter(inputs)
+        while True:
+            try:
+                x = await anext(items)
+            except StopAsyncIteration:
+                return
+            except Exception as e:
+                self.refused = e
+                return
             if (req := self._make(x)) is None:
                 return
             yield req
@@ -390,7 +455,8 @@ class _Requests:
         return r
 
     def raise_refused(self, cause: BaseException | None = None) -> None:
-        """The refused item's ValueError, once every request sent before it was answered
+        """The refused item's ValueError (or the error of the caller's iterable), once every
+        request sent before it was answered
         (a server error for one of those, `cause`, is that request's: raised by the caller)."""
         if self.refused is not None and self.answered == self.sent:
             raise self.refused from cause
@@ -508,6 +574,7 @@ class StreamHandle:
         self._call = session.client.stub.Stream(
             iter(self._q.get, self._END), metadata=session.client._md(session.id)
         )
+        session.client._handles.add(self)
 
     def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         with self._lock:  # the session's id and position follow the responses in order
@@ -521,6 +588,9 @@ class StreamHandle:
     def close(self) -> None:
         self._q.put(self._END)
         self._call.cancel()
+
+    def __del__(self) -> None:  # dropped unclosed: end grpc's thread that reads the queue
+        self._q.put(self._END)
 
     def __enter__(self) -> StreamHandle:
         return self
@@ -644,12 +714,15 @@ class AsyncClientSession:
         an async iterable), one StepResult per item, in order."""
         reqs = _Requests(self, kind, output, top_k)
         made = reqs.of_async(inputs) if hasattr(inputs, "__aiter__") else reqs.of(inputs)
+        call = self.client.stub.Stream(made, metadata=self.client._md(self.id))
         try:
-            async for resp in self.client.stub.Stream(made, metadata=self.client._md(self.id)):
+            async for resp in call:
                 yield reqs.result(resp)
         except grpc.RpcError as e:
             reqs.raise_refused(e)
             raise
+        finally:  # left early (break, aclose): no more inputs are sent
+            call.cancel()
         reqs.raise_refused()
 
     def open_stream(self) -> AsyncStreamHandle:
@@ -711,6 +784,11 @@ class AsyncStreamHandle:
                     details="this stream was closed",
                 )  # fmt: skip
             if self._call.done():  # ended by an earlier request's error: raise that status
+                if self._call.cancelled():  # an earlier send was cancelled (a timeout)
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                        details="this stream was cancelled by an earlier send's cancellation",
+                    )  # fmt: skip
                 await self._call.read()
             await self._call.write(req)
             resp = await self._call.read()  # raises the stream's error status
@@ -735,6 +813,13 @@ class AsyncStreamHandle:
 
 
 # --- `ssmstream generate` -------------------------------------------------------------------
+
+
+def _say_kept(a, session) -> None:
+    """A new session kept by --keep-session: its id and position on stderr (the last token
+    printed is not fed: it starts the session's next prompt)."""
+    if a.keep_session and not a.session and session is not None and session.id:
+        sys.stderr.write(f"session: {session.id} (position {session.position})\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -828,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, OSError) as e:  # a bad TLS file or pair, named
         parser.error(str(e))
-    out = sys.stdout
+    out, session = sys.stdout, None
     try:
         info = client.info()
         if info.input_kind != "tokens":
@@ -857,9 +942,7 @@ def main(argv: list[str] | None = None) -> int:
             out.flush()
         if not a.ids:
             out.write(decoder.decode(b"", final=True) + "\n")
-        if a.keep_session and not a.session:
-            # the last token is not fed: it starts the next prompt of this session
-            sys.stderr.write(f"session: {session.id} (position {session.position})\n")
+        _say_kept(a, session)
         if a.stats:
             dt = time.perf_counter() - t0
             sys.stderr.write(
@@ -871,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as e:  # the client's own argument checks name the argument
         parser.error(str(e))
+    except KeyboardInterrupt:  # Ctrl-C stops the generation; a kept session is still named
+        _say_kept(a, session)
+        return 130  # 128 + SIGINT
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
         with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,0 +1,316 @@
+"""The Python client's edges: arguments it refuses naming them (timeouts grpc cannot hold,
+an empty certificate argument that would have meant plaintext, a token HTTP/2 metadata cannot
+carry, ints past int64, ragged lists), streams left early or cancelled, stream handles left
+open, a regenerate too large for the server, and `ssmstream generate` stopped by Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_helpers import position_on_server, serve, target
+from ssmstream.runtime.client import (
+    AsyncClient,
+    Client,
+    channel_credentials,
+    create_request,
+    generate_request,
+    step_request,
+)
+from ssmstream.runtime.client import main as generate_main
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: create_request("s", ttl=10**400), "ttl"),
+        (lambda: generate_request("s", [1], temperature=10**400), "temperature"),
+        (lambda: generate_request("s", [1], top_p=-(10**400)), "top_p"),
+    ],
+    ids=["ttl", "temperature", "top_p"],
+)
+def test_a_huge_int_number_is_a_value_error_naming_it(call, name):
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        call()
+
+
+def test_a_ragged_token_list_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="^tokens: "):
+        step_request("s", tokens=[[1], [1, 2]])
+    with pytest.raises(ValueError, match="^prompt: "):
+        generate_request("s", [[1], [1, 2]])
+
+
+@pytest.mark.parametrize("ids", [[2**64], [-1, 2**63], [-(2**63) - 1]], ids=str)
+def test_an_integer_beyond_int64_is_refused_as_such(ids):
+    with pytest.raises(ValueError, match="^prompt: must fit in int64"):
+        generate_request("s", ids)
+
+
+@pytest.fixture(scope="module")
+def srv(toy_token_model):
+    with serve(toy_token_model["model_dir"]) as s:
+        yield s
+
+
+def test_a_send_after_a_timed_out_send_is_an_rpc_error_not_a_cancelled_task(srv):
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            st = s.open_stream()
+            await st.send(tokens=[1])
+            task = asyncio.ensure_future(st.send(tokens=[2]))
+            await asyncio.sleep(0)  # the send is now suspended in grpc (its write or read)
+            task.cancel()  # what asyncio.wait_for / asyncio.timeout do when time is up
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            try:
+                await st.send(tokens=[3])
+            except asyncio.CancelledError:
+                return "asyncio.CancelledError"
+            except grpc.RpcError as e:
+                return e.code()
+            finally:
+                await st.close()
+                await s.close()
+            return "no error"
+
+    got = asyncio.run(asyncio.wait_for(run(), 30))
+    assert got == grpc.StatusCode.CANCELLED, f"the next send raised {got}"
+
+
+N = 3000
+
+
+def test_closing_an_async_stream_early_stops_its_inputs_and_detaches(srv):
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            async with contextlib.aclosing(s.stream([[1]] * N)) as g:
+                async for r in g:
+                    if r.position == 3:
+                        break
+            step_error = None
+            for _ in range(20):  # "detached within moments"
+                try:
+                    await s.step(tokens=[1])
+                    break
+                except grpc.RpcError as e:
+                    step_error = f"{e.code().name}: {e.details()}"
+                    await asyncio.sleep(0.05)
+            else:
+                await asyncio.sleep(1.0)
+                return position_on_server(srv, s.id), step_error
+            await asyncio.sleep(0.5)
+            return position_on_server(srv, s.id), None
+
+    where, err = asyncio.run(asyncio.wait_for(run(), 60))
+    assert err is None and where < N // 3, (
+        f"left at position 3; one second later at {where} of {N}; step: {err}"
+    )
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e12], ids=["inf", "1e12"])
+def test_a_generous_timeout_does_not_fail_every_call(srv, timeout):
+    with Client(target(srv), timeout=timeout) as c:
+        assert c.info().vocab_size > 0
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=timeout) as c:
+            return (await c.info()).vocab_size
+
+    assert asyncio.run(run()) > 0
+
+
+@pytest.mark.parametrize("timeout", [-1.0, 0, math.nan, "10"], ids=["negative", "0", "nan", "str"])
+def test_a_meaningless_timeout_is_refused_naming_it(timeout):
+    """grpc failed every call with these (DEADLINE_EXCEEDED): a slow server, it seemed."""
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=r"^timeout: must be"):
+            make("127.0.0.1:1", timeout=timeout)
+
+
+def test_a_timeout_of_numpy_type_is_a_float_and_inf_is_none():
+    assert Client("127.0.0.1:1", timeout=np.float32(30)).timeout == 30.0
+    assert type(Client("127.0.0.1:1", timeout=np.float32(30)).timeout) is float
+    assert Client("127.0.0.1:1", timeout=math.inf).timeout is None
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"root_certificates": ""},
+        {"root_certificates": b""},
+        {"client_cert": "", "client_key": ""},
+    ],
+    ids=["ca-empty-path", "ca-empty-bytes", "mtls-empty-paths"],
+)
+def test_an_empty_certificate_argument_never_means_plaintext(kw):
+    """An unset variable (`--tls-ca "$CA"`) must not silently mean plaintext."""
+    with pytest.raises(ValueError, match=rf"^{next(iter(kw))}: is empty"):
+        channel_credentials(**kw)
+
+
+@pytest.fixture(scope="module")
+def plaintext_server(toy_token_model):
+    with serve(toy_token_model["model_dir"]) as s:
+        yield s
+
+
+def test_generate_cli_with_an_empty_tls_ca_does_not_talk_plaintext(plaintext_server, capsys):
+    argv = ["--server", target(plaintext_server), "--ids", "1", "--max-new-tokens", "2",
+            "--tls-ca", ""]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        generate_main(argv)
+    assert e.value.code == 2
+    said = capsys.readouterr()
+    assert said.out == "" and "root_certificates: is empty" in said.err
+
+
+@pytest.fixture(scope="module")
+def byte_server(make_toy, tmp_path_factory):
+    toy = make_toy(tmp_path_factory.mktemp("toy256"), "tokens", V=256, d_out=256)
+    with serve(toy["model_dir"], max_new_tokens=100000) as s:
+        yield s
+
+
+def test_ctrl_c_prints_the_kept_session_and_no_traceback(byte_server):
+    cmd = [sys.executable, "-m", "ssmstream.runtime.cli", "generate", "--server",
+           target(byte_server), "--max-new-tokens", "100000", "--temperature", "1",
+           "--ids", "1", "--keep-session"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.read(50)  # tokens are arriving
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    err = err.decode(errors="replace")
+    assert "Traceback" not in err, err[-300:]
+    assert "session: " in err, err[-300:]
+
+
+@pytest.fixture(scope="module")
+def small_msgs(toy_token_model):
+    with serve(toy_token_model["model_dir"], rewind_window=64, max_message_bytes=256) as s:
+        yield s
+
+
+def test_a_regenerate_too_large_for_the_server_does_not_rewind(small_msgs):
+    with Client(target(small_msgs), timeout=10) as c:
+        s = c.create_session(prompt=[1, 2, 3, 4, 5, 6])
+        big_prompt = [7] * 400  # 400 tokens: under max_tokens_per_request, over 256 bytes
+        assert c.info().limits.max_tokens_per_request >= len(big_prompt)
+        with pytest.raises((ValueError, grpc.RpcError)) as e:
+            list(s.regenerate(2, big_prompt, max_new_tokens=2))
+        where = position_on_server(small_msgs, s.id)
+        s.close()
+    assert where == 6, f"refused ({e.value!r:.120}) yet the session was rewound to {where}"
+
+
+def _threads() -> set[threading.Thread]:
+    return set(threading.enumerate())
+
+
+def test_handles_left_open_leave_no_thread_after_the_client_closes(srv):
+    with Client(target(srv), timeout=10) as c:  # warm the channel's own threads up
+        c.info()
+    before = _threads()
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        for _ in range(3):
+            st = s.open_stream()
+            st.send(tokens=[1])
+            del st  # dropped without close()
+        st = s.open_stream()
+        with pytest.raises(grpc.RpcError):
+            st.send(tokens=[999])  # the server ends this stream: INVALID_ARGUMENT
+        del st
+        gc.collect()
+        s.close()
+    deadline = time.monotonic() + 5
+    while (left := _threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    names = sorted(t.name for t in left)
+    assert not left, f"{len(left)} threads left after Client.close(): {names}"
+
+
+def _catch(fn):
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - CancelledError is a BaseException
+        return e
+    return None
+
+
+def test_a_bad_kind_is_a_value_error_naming_it_in_both_clients(srv):
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        e = _catch(lambda: list(s.stream([[1], [2]], kind="token")))
+        assert isinstance(e, ValueError) and "kind" in str(e), f"sync: {type(e).__name__}: {e}"
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            try:
+                [r async for r in s.stream([[1], [2]], kind="token")]
+            except BaseException as e:  # noqa: BLE001
+                return e
+            return None
+
+    e = asyncio.run(asyncio.wait_for(run(), 30))
+    assert isinstance(e, ValueError) and "kind" in str(e), f"async: {type(e).__name__}: {e}"
+
+
+class MicError(OSError):
+    pass
+
+
+def _inputs():
+    yield [1]
+    raise MicError("microphone unplugged")
+
+
+async def _ainputs():
+    yield [1]
+    raise MicError("microphone unplugged")
+
+
+def test_the_callers_own_iterable_error_reaches_the_caller_in_both_clients(srv):
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        e = _catch(lambda: list(s.stream(_inputs())))
+        assert isinstance(e, MicError), f"sync: {type(e).__name__}: {e}"
+
+    async def run(make):
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            try:
+                [r async for r in s.stream(make())]
+            except BaseException as e:  # noqa: BLE001
+                return e
+            return None
+
+    for make in (_inputs, _ainputs):
+        e = asyncio.run(asyncio.wait_for(run(make), 30))
+        assert isinstance(e, MicError), f"async ({make.__name__}): {type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize("token", ["s3cret\n", "s3cr\u00e9t"], ids=["newline", "non-ascii"])
+def test_a_token_grpc_cannot_send_is_named_not_an_internal_error(srv, token):
+    """A token read from a file with its newline made every call fail with INTERNAL."""
+    with pytest.raises(ValueError, match=r"^token: must be visible ASCII"):
+        Client(target(srv), token=token, timeout=10)
+    sendable = token.strip().encode("ascii", "replace").decode()
+    with Client(target(srv), token=sendable, timeout=10) as c:
+        assert c.info().vocab_size > 0  # no auth on this server: a sendable token is taken
