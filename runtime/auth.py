@@ -60,7 +60,8 @@ class TokenTable:
         if not path.is_file():
             raise ValueError(f"auth_tokens: {path} is not a file")
         tokens: dict[str, str] = {}
-        for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # an editor's UTF-8 BOM
+        for n, raw in enumerate(data.splitlines(), start=1):
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
@@ -71,6 +72,11 @@ class TokenTable:
             if len(parts) != 2:
                 raise ValueError(f"auth_tokens: {path}:{n}: expected '<token> <principal>'")
             token, principal = parts
+            if not (token.isascii() and token.isprintable()):  # HTTP/2 metadata carries no other
+                raise ValueError(
+                    f"auth_tokens: {path}:{n}: the token must be visible ASCII (no client can "
+                    "send another)"
+                )
             if token in tokens:
                 raise ValueError(f"auth_tokens: {path}:{n}: duplicate token")
             tokens[token] = principal

@@ -241,3 +241,20 @@ def test_a_tokens_path_that_is_not_a_file_is_a_value_error_naming_the_flag(tmp_p
         with pytest.raises(ValueError) as e:
             TokenTable.from_file(path)
         assert str(e.value) == f"auth_tokens: {path} is not a file"
+
+
+def test_a_tokens_file_with_a_bom_keeps_its_first_token_and_non_ascii_tokens_are_refused(
+    tmp_path,
+):
+    """An editor's UTF-8 BOM was read as part of the first token (which then never matched);
+    a token no gRPC client can send (non-ASCII) is refused naming its line, not its text."""
+    path = tmp_path / "tokens"
+    path.write_bytes("\ufefftok-a alice\ntok-b bob\n".encode())
+    table = TokenTable.from_file(path)
+    assert table.principal("tok-a") == "alice" and table.principal("tok-b") == "bob"
+    path.write_text("tok-a alice\ntök-b bob\n")
+    with pytest.raises(ValueError) as e:
+        TokenTable.from_file(path)
+    assert str(e.value) == (
+        f"auth_tokens: {path}:2: the token must be visible ASCII (no client can send another)"
+    )
