@@ -10,12 +10,16 @@ it is cheap. A prompt u[0:T] is cut into pieces at the prefill chunk boundaries
 
 A lookup hashes the prompt's pieces and takes the longest prefix that has an entry whose
 stored prefix equals the prompt's (so a match is exact: a hash is never trusted alone; the
-prefix costs 8 bytes a token, an eighth of a 64 KiB state at 1,024 tokens). Entries are
-evicted least recently used first when their bytes exceed `max_bytes`.
+prefix costs 8 bytes a token, an eighth of a 64 KiB state at 1,024 tokens). When the entries'
+bytes exceed `max_bytes`, the scope holding the most bytes gives up its least recently used
+entries first.
 
 `scope` separates tenants: by default each principal has its own entries (a cache shared
 across principals would tell one tenant, by timing, which prompts another sent); the
-server's `--prefix-cache-scope global` shares them. Used from the event loop only (no lock).
+server's `--prefix-cache-scope global` shares them. Evicting from the largest scope keeps one
+tenant's prompts from pushing out another's smaller share, so a tenant's hits do not tell how
+much others sent (unless it holds the largest share itself). Used from the event loop only
+(no lock).
 
 Dimension letters: T prompt length, Q chunk, S state size, D output width.
 """
@@ -63,7 +67,8 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int, chunk: int, model_sha: str):
         self.max_bytes, self.chunk, self.model_sha = int(max_bytes), int(chunk), model_sha
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._entries: dict[str, OrderedDict[bytes, _Entry]] = {}  # scope -> its LRU entries
+        self._scope_bytes: dict[str, int] = {}
         self.bytes = 0
         self.counts = {"hits": 0, "misses": 0, "cached_tokens": 0, "evictions": 0}
 
@@ -105,11 +110,12 @@ class PrefixCache:
         pieces = [
             (end, key) for end, key in self._pieces(scope, data) if limit is None or end <= limit
         ]
+        entries = self._entries.get(scope, {})
         found = []  # (end, key, entry) of the hit (chain: of the cached pieces up to it)
         for end, key in pieces if chain else reversed(pieces):  # plain: the longest first
             if chain and gap is not None and end - (found[-1][0] if found else 0) > gap:
                 break
-            e = self._entries.get(key)
+            e = entries.get(key)
             if e is not None and e.prefix == data[: 8 * end]:
                 found.append((end, key, e))
                 if not chain:
@@ -118,7 +124,7 @@ class PrefixCache:
             self.counts["misses"] += 1
             return CacheHit(0)
         for _, key, _ in reversed(found):  # a prompt's first pieces are evicted last
-            self._entries.move_to_end(key)
+            entries.move_to_end(key)
         end, _, e = found[-1]
         self.counts["hits"] += 1
         self.counts["cached_tokens"] += end
@@ -133,9 +139,10 @@ class PrefixCache:
         if not self.enabled:
             return 0
         added, data = 0, _tokens_bytes(prompt)
+        entries = self._entries.setdefault(scope, OrderedDict())
         for end, key in reversed(self._pieces(scope, data)):  # the first pieces evicted last
-            if key in self._entries:  # (a hit's pieces too: behind the ones added after them)
-                self._entries.move_to_end(key)
+            if key in entries:  # (a hit's pieces too: behind the ones added after them)
+                entries.move_to_end(key)
                 continue
             if end not in states:
                 continue
@@ -143,17 +150,25 @@ class PrefixCache:
             e = _Entry(data[: 8 * end], np.array(state, np.float32), np.array(output))
             if e.nbytes > self.max_bytes:
                 continue
-            self._entries[key] = e
+            entries[key] = e
+            self._scope_bytes[scope] = self._scope_bytes.get(scope, 0) + e.nbytes
             self.bytes += e.nbytes
             added += 1
         while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
+            largest = max(self._scope_bytes, key=self._scope_bytes.__getitem__)
+            _, old = self._entries[largest].popitem(last=False)
+            self._scope_bytes[largest] -= old.nbytes
             self.bytes -= old.nbytes
             self.counts["evictions"] += 1
+            if not self._entries[largest]:
+                del self._entries[largest], self._scope_bytes[largest]
+        if not entries and scope in self._entries:  # nothing of it was kept
+            del self._entries[scope], self._scope_bytes[scope]
         return added
 
     def stats(self) -> dict:
-        return {**self.counts, "bytes": self.bytes, "entries": len(self._entries)}
+        entries = sum(len(e) for e in self._entries.values())
+        return {**self.counts, "bytes": self.bytes, "entries": entries}
 
 
 def _tokens_bytes(prompt: np.ndarray) -> bytes:

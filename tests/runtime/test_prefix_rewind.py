@@ -69,17 +69,17 @@ def test_a_forged_key_collision_does_not_match():
     c = PrefixCache(1 << 20, chunk=4, model_sha="m")
     p, q = np.arange(4, dtype=np.int64), np.arange(4, dtype=np.int64) + 5
     c.insert("s", q, {4: (np.ones(S, np.float32), np.ones(3, np.float32))})
-    (entry,) = c._entries.values()
+    (entry,) = c._entries["s"].values()
     ((_, key_p),) = c._pieces("s", p.astype("<i8").tobytes())
-    c._entries[key_p] = entry  # the key of p now holds q's entry
+    c._entries["s"][key_p] = entry  # the key of p now holds q's entry
     assert c.lookup("s", p).tokens == 0
     # a longer prompt whose longest key is forged still finds its true shorter prefix
     c2 = PrefixCache(1 << 20, chunk=4, model_sha="m")
     c2.insert("s", p, {4: (np.full(S, 4, np.float32), np.ones(3, np.float32))})
     long = np.r_[p, p]
     c2.insert("s", q, {4: (np.ones(S, np.float32), np.ones(3, np.float32))})
-    forged = c2._entries[c2._pieces("s", q.astype("<i8").tobytes())[0][1]]
-    c2._entries[c2._pieces("s", long.astype("<i8").tobytes())[1][1]] = forged
+    forged = c2._entries["s"][c2._pieces("s", q.astype("<i8").tobytes())[0][1]]
+    c2._entries["s"][c2._pieces("s", long.astype("<i8").tobytes())[1][1]] = forged
     hit = c2.lookup("s", long)
     assert hit.tokens == 4 and (hit.state == 4).all()
 
@@ -105,7 +105,7 @@ def test_a_chain_lookup_stops_at_the_first_piece_not_cached_and_gives_each_piece
     assert all((hit.states[n] == n).all() for n in hit.states)
     assert c.lookup("s", p, limit=13, chain=True).tokens == 12
     assert c.lookup("s", p, chain=True, gap=3).tokens == 0  # 0 → 4 is more than 3 apart
-    del c._entries[c._pieces("s", p.astype("<i8").tobytes())[2][1]]  # the state after 12
+    del c._entries["s"][c._pieces("s", p.astype("<i8").tobytes())[2][1]]  # the state after 12
     assert c.lookup("s", p).tokens == 14  # a plain lookup still takes the longest
     hit = c.lookup("s", p, chain=True)
     assert hit.tokens == 14 and sorted(hit.states) == [4, 8, 14]
@@ -727,3 +727,27 @@ def test_a_plain_lookup_takes_the_longest_prefix_whatever_the_gap():
     assert c.lookup("s", p, chain=False, gap=4).tokens == 12
     assert c.lookup("s", p, chain=True, gap=4).tokens == 0  # the chain cannot reach it
     assert c.lookup("s", p, chain=True, gap=None).tokens == 12
+
+
+def test_eviction_takes_from_the_scope_holding_the_most_so_others_hits_stay():
+    """Room for 4 entries: bob caches 2 prompts, then alice sends 10. Alice's own oldest go;
+    bob's stay hits, so his hits do not tell how much alice sent. When bob holds the most,
+    his least recently used entry goes first, even before alice's older one."""
+    one = lambda n: {4: (np.full(S, n, np.float32), np.ones(3, np.float32))}  # noqa: E731
+    prompt = lambda n: np.full(4, n, dtype=np.int64)  # noqa: E731
+    probe = PrefixCache(1 << 20, chunk=4, model_sha="m")
+    probe.insert("x", prompt(0), one(0))
+    c = PrefixCache(4 * probe.bytes, chunk=4, model_sha="m")
+    for n in (1, 2):
+        c.insert("bob", prompt(n), one(n))
+    for n in range(10, 20):
+        c.insert("alice", prompt(n), one(n))
+        assert c.bytes <= c.max_bytes
+    assert [c.lookup("bob", prompt(n)).tokens for n in (1, 2)] == [4, 4]
+    assert [c.lookup("alice", prompt(n)).tokens for n in (17, 18, 19)] == [0, 4, 4]
+    assert c.stats()["entries"] == 4 and c.stats()["evictions"] == 8
+    assert c.bytes == sum(c._scope_bytes.values()) == 4 * probe.bytes
+    c.insert("bob", prompt(3), one(3))  # bob 3, alice 2: bob's least recent (1) goes
+    assert c.lookup("bob", prompt(1)).tokens == 0
+    assert [c.lookup("bob", prompt(n)).tokens for n in (2, 3)] == [4, 4]
+    assert [c.lookup("alice", prompt(n)).tokens for n in (18, 19)] == [4, 4]
