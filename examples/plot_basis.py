@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         paths = plot_basis(a.ckpt, a.out, a.layer, a.head, a.length, a.init, a.seed)
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, OSError) as e:  # OSError: --out cannot be written
         parser.error(str(e))
     return paths
 

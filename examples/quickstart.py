@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model"
     )
     a = p.parse_args(argv)
+    if not a.prompt:
+        p.error("--prompt: give at least one character")
+    if a.max_new_tokens < 1:
+        p.error(f"--max-new-tokens: must be at least 1, got {a.max_new_tokens}")
     a.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = a.workdir / "model"
     if not (a.ckpt / "model.safetensors").is_file():
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--seed",
                 "0",
                 "--stats",
+                "--",  # the prompt may start with "-"
                 a.prompt,
             ),  # fmt: skip
             check=True,

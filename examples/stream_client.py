@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                 kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=seed)
                 try:
                     check_generate(generate_request("", data[-1:], **kw), info)
-                except ValueError as e:  # "field: what" -> "--field: what"
+                except ValueError as e:  # "field: what" -> "--field: what" (prompt: the text)
                     field, what = str(e).split(": ", 1)
-                    p.error(f"--{field.replace('_', '-')}: {what}")
+                    p.error(
+                        f"{'text' if field == 'prompt' else '--' + field.replace('_', '-')}: {what}"
+                    )
         sessions = [client.create_session()]
         try:
             return run(a, info, data, sessions)
@@ -92,7 +94,8 @@ def run(a, info, data: bytes, sessions: list) -> int:
         out = bytearray()
         for g in s.generate(data[-1:], max_new_tokens=a.max_new_tokens,
                             temperature=a.temperature, seed=seed):  # fmt: skip
-            out.append(g.token)
+            if g.token < 256:  # a byte; larger ids (a vocabulary past bytes) are not text
+                out.append(g.token)
         text = a.text + out.decode("utf-8", errors="replace")
         sys.stdout.write(f"--- {name} {s.id} (seed {seed}) ---\n{text}\n")
     return 0

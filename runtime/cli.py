@@ -21,6 +21,15 @@ COMMANDS = {
     "plot": ("ssmstream.model.plots", "plot SSM basis functions and kernels of a checkpoint"),
 }
 
+# the pyproject extra each command needs beyond the runtime's own dependencies
+EXTRAS = {
+    "train": "train",
+    "export": "export",
+    "verify": "export",
+    "serve": "serve",
+    "plot": "plots",
+}
+
 
 def usage() -> str:
     lines = ["usage: ssmstream <command> [options]   (ssmstream <command> --help)", "", "commands:"]
@@ -37,7 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"ssmstream: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:  # an extra not installed: say which
+        extra = EXTRAS.get(name, "")
+        print(
+            f"ssmstream {name}: needs the {e.name!r} package: pip install 'ssmstream[{extra}]'"
+            if extra
+            else f"ssmstream {name}: needs the {e.name!r} package, which is not installed",
+            file=sys.stderr,
+        )
+        return 2
     return int(module.main(rest) or 0)
 
 
