@@ -1,11 +1,14 @@
-"""A session that moved to another replica (and was closed there) keeps counting against the
-limits of the replica it left, until its idle TTL (default 600 s) there."""
+"""A session that moved to another replica (and maybe was closed there) leaves a copy on the
+replica it left. That copy no longer holds `--max-sessions`, `--max-sessions-per-principal` or
+its id there: when a new session needs the room or the id, copies whose steps are all in Redis
+and whose lease lapsed are dropped (Redis decides whether the id is still in use)."""
+
 import time
 
 import grpc
 import pytest
-from services import RedisProcess, require
 from localcluster import ReplicaProcess
+from services import RedisProcess, require
 from ssmstream.runtime.client import Client
 
 pytestmark = pytest.mark.timeout(120)
@@ -14,7 +17,17 @@ pytestmark = pytest.mark.timeout(120)
 def _two_replicas(model_dir, tmp_path, extra):
     require("redis-server")
     redis = RedisProcess(tmp_path)
-    args = ["--state-store", redis.url, "--persist-every", "1", "--lease-ttl", "0.5", "--grace", "1", *extra]
+    args = [
+        "--state-store",
+        redis.url,
+        "--persist-every",
+        "1",
+        "--lease-ttl",
+        "0.5",
+        "--grace",
+        "1",
+        *extra,
+    ]
     reps = []
     try:
         reps.append(ReplicaProcess(model_dir, args, tmp_path, "a"))
@@ -53,8 +66,9 @@ def test_sessions_moved_away_and_closed_do_not_count_against_the_replica_they_le
 @pytest.mark.parametrize("limit", [["--max-sessions", "2"]])
 def test_a_replica_whose_sessions_moved_away_accepts_new_ones(tiny_token_model, tmp_path, limit):
     """Without any close: the sessions are live on B (write-through, so Redis has their
-    newest state); A holds only stale, clean copies whose leases lapsed, yet refuses a new
-    session as full until their idle TTL (600 s by default)."""
+    newest state); A holds only stale, clean copies whose leases lapsed: they give way to a
+    new session (they had until their idle TTL, 600 s by default). An id live on B stays
+    refused on A, and the session comes back to A with B's newest state."""
     redis, (a, b) = _two_replicas(tiny_token_model["model_dir"], tmp_path, limit)
     try:
         with Client(a.address, timeout=30) as ca, Client(b.address, timeout=30) as cb:
@@ -64,6 +78,13 @@ def test_a_replica_whose_sessions_moved_away_accepts_new_ones(tiny_token_model, 
                 assert cb.session(sid).step(tokens=[3]).position == 1
             s = ca.create_session()
             assert s.step(tokens=[1]).position == 1
+            with pytest.raises(grpc.RpcError) as e:
+                ca.create_session(session_id=ids[0])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "already in use" in e.value.details()
+            s.close()
+            time.sleep(1.5)  # B's leases lapse; A loads the session back from Redis
+            assert ca.session(ids[0]).step(tokens=[4]).position == 2
     finally:
         a.kill()
         b.kill()
