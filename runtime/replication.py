@@ -920,11 +920,8 @@ class RedisReplication:
         create must not take a live session's lease from the replica serving it)."""
         sid = str(uuid.uuid4()) if session_id is None else check_session_id(session_id)
         in_use = InvalidInput("session_id", f"{sid!r} is already in use")
-        if (local := self.store.local(sid)) is not None:
-            with self._io:  # a copy that moved away (closed there, maybe): Redis decides below
-                if not self.forgettable([local]):
-                    raise in_use
-                self.store.drop(local, "moved")
+        if self.store.local(sid) is not None:
+            raise in_use
         if self.degraded:  # nothing reserved: written back (_RESTORE) when Redis is back
             self._pending.add(sid)
             return sid
@@ -1185,27 +1182,6 @@ class RedisReplication:
         self._write_current([s])
 
     # --- closing, eviction, shutdown ---------------------------------------------------
-
-    def forgettable(self, sessions: Sequence[Session]) -> list[Session]:
-        """Of these local copies, those this replica may drop to make room (no I/O): Redis has
-        all their steps and no lease of ours covers them (they moved to another replica, maybe
-        closed there, or wait here idle: a later request loads them again). None while a
-        fetch or write is deciding (it holds `_io`) or while degraded (Redis may lack them)."""
-        if self.degraded or not self._io.acquire(blocking=False):
-            return []
-        try:
-            now = time.monotonic()
-            return [
-                s
-                for s in sessions
-                if not s.pinned
-                and not self._dirty.get(s.id)
-                and s.id not in self._pending
-                and s.id not in self._unleased
-                and self._lease_until.get(s.id, 0.0) <= now
-            ]
-        finally:
-            self._io.release()
 
     def removed(self, s: Session, reason: str) -> None:
         """A session left the store (under the store's lock: bookkeeping only, no I/O);

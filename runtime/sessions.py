@@ -299,12 +299,6 @@ class SessionStore:
         limit = self.max_per_principal
         if not self._free or (limit is not None and self._per_principal[principal] >= limit):
             self._evict_idle_locked()  # past their TTL: evicted now, not at the next sweep
-        if self.replication is not None and (
-            not self._free or (limit is not None and self._per_principal[principal] >= limit)
-        ):  # copies whose sessions moved away (their steps are in Redis): dropped for room
-            for s in self.replication.forgettable(list(self._sessions.values())):
-                self._remove(s, "moved")
-                self._gone.pop(s._id, None)
         if not self._free:
             raise LimitExceeded(
                 f"session store is full ({self.capacity} sessions; capacity={self.capacity})"
