@@ -343,6 +343,7 @@ class Client(_Base):
             self.channel = grpc.secure_channel(target, self.credentials, options=self.options)
         self.stub = pb_grpc.StreamingInferenceStub(self.channel)
         self._handles: weakref.WeakSet[StreamHandle] = weakref.WeakSet()  # closed with it
+        self._handles_lock = threading.Lock()  # handles are opened from any thread
 
     def info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
@@ -383,7 +384,9 @@ class Client(_Base):
 
     def close(self) -> None:
         """Close the channel, and the stream handles left open (their request threads end)."""
-        for h in list(self._handles):
+        with self._handles_lock:
+            handles = list(self._handles)
+        for h in handles:
             h.close()
         self.channel.close()
 
@@ -574,7 +577,8 @@ class StreamHandle:
         self._call = session.client.stub.Stream(
             iter(self._q.get, self._END), metadata=session.client._md(session.id)
         )
-        session.client._handles.add(self)
+        with session.client._handles_lock:
+            session.client._handles.add(self)
 
     def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         with self._lock:  # the session's id and position follow the responses in order

@@ -314,3 +314,31 @@ def test_a_token_grpc_cannot_send_is_named_not_an_internal_error(srv, token):
     sendable = token.strip().encode("ascii", "replace").decode()
     with Client(target(srv), token=sendable, timeout=10) as c:
         assert c.info().vocab_size > 0  # no auth on this server: a sendable token is taken
+
+
+def test_close_while_another_thread_opens_stream_handles(srv):
+    """Client.close() and StreamHandle() from another thread at once: close never raises
+    ("Set changed size during iteration") and the channel is closed."""
+    c = Client(target(srv), timeout=10)
+    sessions = [c.create_session() for _ in range(4)]
+    stop, errors = threading.Event(), []
+
+    def open_many():
+        while not stop.is_set():
+            for s in sessions:
+                try:
+                    s.open_stream().close()
+                except (grpc.RpcError, ValueError):  # the channel closed under it: fine
+                    return
+
+    t = threading.Thread(target=open_many)
+    t.start()
+    try:
+        time.sleep(0.2)
+        c.close()
+    except RuntimeError as e:  # noqa: PERF203
+        errors.append(e)
+    finally:
+        stop.set()
+        t.join(10)
+    assert errors == []
