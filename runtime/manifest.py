@@ -121,6 +121,14 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     return m
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(v) -> float:
+    return float(v) if _number(v) else 0.0
+
+
 def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -140,8 +148,13 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _obj(value) -> dict:
+    """A manifest field that should be an object; anything else (a hand edit) shows as empty."""
+    return value if isinstance(value, dict) else {}
+
+
 def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
-    cfg = m.get("model", {})
+    cfg = _obj(m.get("model"))
     heads = cfg.get("heads") or cfg.get("d_model")
     if m["input_kind"] == "tokens":
         inp = f"tokens, vocab {m.get('vocab_size')}"
@@ -177,36 +190,35 @@ def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
         rows.append(
             (
                 f"graph {name}",
-                f"{g['file']}: {g.get('nodes')} nodes, {_bytes(g.get('bytes', 0))}{extra}, "
+                f"{g['file']}: {g.get('nodes')} nodes, {_bytes(g.get('bytes') or 0)}{extra}, "
                 f"sha256 {str(g.get('sha256'))[:12]}… {status}",
             )
         )
-    p = m.get("parity") or {}
+    p = _obj(m.get("parity"))
     verdict = {True: "passed", False: "FAILED", None: "not run"}.get(p.get("passed"), "unknown")
     rows.append(("parity", verdict))
-    tol = p.get("tolerance", {})
-    s = p.get("step_vs_torch", {})
-    if "max_rel" in s:
+    tol = _obj(p.get("tolerance"))
+    s = _obj(p.get("step_vs_torch"))
+    if _number(s.get("max_rel")):
         rows.append(
             (
                 "  step vs torch",
-                f"max rel {s['max_rel']:.2e} (tol {tol.get('step_vs_torch', 0):.0e}) over "
-                f"{s['length']} steps",
+                f"max rel {s['max_rel']:.2e} (tol {_num(tol.get('step_vs_torch')):.0e}) over "
+                f"{s.get('length')} steps",
             )
         )
-    q = p.get("prefill_vs_step", {})
-    if "max_rel_output" in q:
+    q = _obj(p.get("prefill_vs_step"))
+    if _number(q.get("max_rel_output")) and _number(q.get("max_rel_state")):
         worst = max(q["max_rel_output"], q["max_rel_state"])
-        rows.append(
-            ("  prefill vs step", f"max rel {worst:.2e} (tol {tol.get('prefill_vs_step', 0):.0e})")
-        )
-    q = p.get("slots_vs_step", {})
+        tol_q = _num(tol.get("prefill_vs_step"))
+        rows.append(("  prefill vs step", f"max rel {worst:.2e} (tol {tol_q:.0e})"))
+    q = _obj(p.get("slots_vs_step"))
     if "passed" in q:
         rows.append(("  slot step", "bit for bit" if q["passed"] else "DIFFERS from the step"))
-    ex = m.get("exporter", {})
+    ex = _obj(m.get("exporter"))
     rows.append(("exporter", ", ".join(f"{k} {v}" for k, v in ex.items() if k != "exporter")))
-    if m.get("source", {}).get("checkpoint"):
-        rows.append(("source", m["source"]["checkpoint"]))
+    if _obj(m.get("source")).get("checkpoint"):
+        rows.append(("source", str(m["source"]["checkpoint"])))
     rows.append(("created", str(m.get("created"))))
     return rows
 

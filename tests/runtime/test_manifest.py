@@ -95,3 +95,27 @@ def test_a_manifest_missing_required_fields_names_them(tmp_path):
 
     with pytest.raises(ModelError, match=r"manifest\.json: missing fields \['name', 'dtype'\]"):
         load_manifest(_model(tmp_path, change))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("model", None),
+        ("source", None),
+        ("exporter", None),
+        ("parity", {"passed": True, "step_vs_torch": {"max_rel": 1e-5}}),  # no "length"
+        ("parity", {"passed": False, "prefill_vs_step": {"max_rel_output": "x"}}),
+    ],
+)
+def test_info_shows_hand_edited_fields_without_a_traceback(tmp_path, field, value):
+    """`ssmstream info` of a manifest the loader accepts (these fields are free-form) prints
+    its table; a field of another type shows as empty, not an AttributeError / KeyError."""
+    from ssmstream.runtime.manifest import format_manifest
+
+    d = _model(tmp_path, lambda m: m.update({field: value}))
+    text = format_manifest(load_manifest(d), d)
+    assert text.splitlines()[0].split() == ["name", "m"]
+    assert "graph step" in text and "graph prefill" in text
+    if field == "parity":
+        verdict = "passed" if value["passed"] else "FAILED"
+        assert any(line.split() == ["parity", verdict] for line in text.splitlines())
