@@ -165,7 +165,7 @@ def test_a_rewind_queued_behind_steps_is_checked_at_its_turn(toy):
 
     tokens = list(range(1, 11))
     with (
-        serve(toy, rewind_window=64, max_batch_delay=1.0) as srv,
+        serve(toy, rewind_window=64, max_batch_delay=2.0) as srv,
         Client(target(srv), timeout=30) as c,
     ):
         other, s = c.create_session(), c.create_session()
