@@ -376,10 +376,18 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     try:
         return ServerConfig(**vars(args))
     except ValueError as e:
-        names = str(e).split(":", 1)[0]
-        flag = "/".join(_flag_name(name) for name in names.split("/"))
-        parser.error(f"{flag}: {str(e).split(':', 1)[1].strip()}")
+        parser.error(with_flags(str(e)))
         raise  # parser.error exits; this keeps type checkers informed
+
+
+def with_flags(message: str) -> str:
+    """A message "field: what" (or "a/b: what") about ServerConfig fields, said of their flags:
+    "--field: what"; any other message as it is."""
+    names, sep, what = message.partition(":")
+    fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    if not sep or not all(n in fields for n in names.split("/")):
+        return message
+    return "/".join(_flag_name(n) for n in names.split("/")) + f": {what.strip()}"
 
 
 def config_fields() -> list[str]:

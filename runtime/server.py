@@ -45,7 +45,7 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .admission import RpcLimit
 from .auth import AuthInterceptor, TokenTable
-from .config import ServerConfig, parse_config
+from .config import ServerConfig, parse_config, with_flags
 from .errors import InvalidInput, RuntimeErrorBase
 from .health import Health
 from .metrics import FeaturesCollector, ServerMetrics
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(server.run())
     except (RuntimeErrorBase, OSError, ValueError) as e:
-        log.error("ssmstream serve: %s", e)
+        log.error("ssmstream serve: %s", with_flags(str(e)))
         return 2
     return 1 if server.unsaved else 0  # 1: stopped, but the last steps of some sessions lost
 

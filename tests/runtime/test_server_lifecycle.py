@@ -687,3 +687,19 @@ def test_stop_grace_argument_overrides_the_configured_grace(toy_token_model, tmp
     finally:
         channel.close()
         srv.stop()
+
+
+def test_a_start_up_error_about_a_setting_names_its_flag(tiny_token_model, tmp_path, caplog):
+    """Errors found when the server starts (a file a flag names) say the flag, as argument
+    errors do: `--snapshot-key: …`, not the config field `snapshot_key: …`."""
+    key = tmp_path / "short.key"
+    key.write_bytes(b"12345")
+    key.chmod(0o600)
+    argv = [str(tiny_token_model["model_dir"]), "--port", "0", "--device", "cpu",
+            "--snapshot-key", str(key)]  # fmt: skip
+    with caplog.at_level("ERROR", logger="ssmstream.runtime.server"):
+        assert server_module.main(argv) == 2
+    (said,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said.startswith(f"ssmstream serve: --snapshot-key: {key} holds 5 bytes"), said
+    assert server_module.with_flags("not_a_field: x") == "not_a_field: x"
+    assert server_module.with_flags("tls_cert/tls_key: both") == "--tls-cert/--tls-key: both"
