@@ -267,7 +267,7 @@ def test_a_corrupt_state_file_stops_the_start_and_is_kept(toy, tmp_path):
     with pytest.raises(RuntimeError, match="server exited 2") as e:
         ServerProcess(toy["model_dir"], "--state-dir", str(state_dir), "--device", "cpu",
                       workdir=tmp_path)  # fmt: skip
-    assert "state_dir" in str(e.value) and "tampered" in str(e.value)
+    assert "--state-dir: " in str(e.value) and "tampered" in str(e.value)
     assert path.read_bytes() == bytes(data), "the refused file must be left for an operator"
 
 
