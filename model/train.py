@@ -388,7 +388,7 @@ def _truncate_log(path: Path, step: int) -> None:
 RUN_ON = ("device", "threads")
 RESUME_MAY_CHANGE = frozenset(
     {"out", "stop_after", "log_every", "eval_every", "eval_batches", "save_every", "resume",
-     "device", "threads", "progress"}
+     "progress", *RUN_ON}
 )  # fmt: skip
 
 

@@ -155,13 +155,13 @@ class SessionService:
         return float(value)
 
     def _open(self) -> None:
-        self._on_loop()
         if self.draining:
             raise Unavailable("server is shutting down; retry on the restarted server")
 
     def _on_loop(self) -> None:
         """Every operation runs on the loop that started the batcher (RuntimeError, nothing
-        applied, elsewhere)."""
+        applied, elsewhere): checked where an operation starts (`_session`, `create`,
+        `generate`); a Stream's later steps meet the batcher's own check."""
         if self.batcher is not None:
             self.batcher.check_loop()
 
@@ -173,8 +173,8 @@ class SessionService:
         return check_session_id(session_id, field)
 
     async def _session(self, session_id: str, principal: str) -> Session:
-        self._on_loop()
         """The live session `session_id` of `principal`, made local to this replica."""
+        self._on_loop()
         self._ref(session_id)
         if not self.store.held(session_id, principal):
             await self._fetch(session_id, principal)
@@ -313,6 +313,7 @@ class SessionService:
         """A new session at position 0, from a snapshot, or after a prompt (fed from its
         longest cached prefix); `session_id` "" lets the store choose. Returns the session
         and how many prompt inputs the prefix cache served."""
+        self._on_loop()
         self._open()
         ttl_ = self._ttl(ttl)
         sid = check_session_id(session_id) if session_id else None
@@ -413,6 +414,7 @@ class SessionService:
         each before it is fed; the last one is not fed. Without a session_id a new session is
         used (closed at the end unless keep_session). Sampling: runtime/sampling.py;
         max_new_tokens in [1, --max-new-tokens]; generation stops after a `stop` token."""
+        self._on_loop()
         self._open()
         if self.engine.input_kind != "tokens":
             raise ModelError("Generate needs a token model; this model takes values (use Step)")
