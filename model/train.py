@@ -474,6 +474,12 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        # DDP imports torch.distributed.nn, whose functions take `group=group.WORLD` as a
+        # default argument: imported after the group exists, they hold it for good, so
+        # destroy_process_group cannot end gloo's threads, and one of them may drop a tensor
+        # while the interpreter exits (std::terminate, SIGABRT). Imported first, they hold None.
+        import torch.distributed.nn  # noqa: F401
+
         torch_dist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
         log.info("rank %d/%d: %s process group", dist.rank, dist.world_size, backend)
     try:

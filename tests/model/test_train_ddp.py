@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,11 @@ def _signal_cfg(out):
     )  # fmt: skip
 
 
+def _threads() -> list[str]:
+    tasks = Path("/proc/self/task")
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(
         WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -113,6 +119,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     assert result.step == 2
     meta = json.loads((result.checkpoint / "config.json").read_text())
     assert meta["step"] == 2, f"rank {rank} returned before rank 0's final checkpoint"
+    # the process group is gone with its threads: none is left to run while the interpreter
+    # exits (a gloo thread dropping a tensor then aborts the process)
+    assert not [t for t in _threads() if "gloo" in t], _threads()
 
 
 @pytest.mark.timeout(60)
