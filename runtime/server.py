@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -75,6 +76,20 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+def cleartext_tokens(config: ServerConfig) -> bool:
+    """Whether bearer tokens would cross a network unencrypted: --auth-tokens without TLS on
+    an address other machines reach (a loopback address: only this machine, or a proxy on it
+    that terminates TLS)."""
+    if config.auth_tokens is None or config.tls_cert is not None:
+        return False
+    if config.host.strip("[]").lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(config.host.strip("[]")).is_loopback
+    except ValueError:  # a host name: where it points is not known here
+        return True
 
 
 def check_bindable(host: str, port: int, field: str = "port") -> None:
@@ -194,6 +209,12 @@ class Server:
             check_bindable(c.host, c.metrics_port, "metrics_port")
         check_files(c)
         tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
+        if cleartext_tokens(c):
+            log.warning(
+                "--auth-tokens without --tls-cert: bearer tokens reach %s in clear text; serve "
+                "TLS (--tls-cert/--tls-key) or bind a loopback --host behind a TLS proxy",
+                c.host,
+            )
         credentials = server_credentials(c)
         if self.engine is None:
             self.engine = Engine(

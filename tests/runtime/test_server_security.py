@@ -4,6 +4,7 @@ and mTLS with certificates generated in the test (openssl CLI)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 from types import SimpleNamespace
@@ -258,3 +259,49 @@ def test_a_tokens_file_with_a_bom_keeps_its_first_token_and_non_ascii_tokens_are
     assert str(e.value) == (
         f"auth_tokens: {path}:2: the token must be visible ASCII (no client can send another)"
     )
+
+
+@pytest.mark.parametrize(
+    ("host", "tls", "warned"),
+    [
+        ("0.0.0.0", False, True),
+        ("::", False, True),
+        ("10.1.2.3", False, True),
+        ("my-host.example", False, True),
+        ("127.0.0.1", False, False),
+        ("127.8.0.1", False, False),
+        ("::1", False, False),
+        ("[::1]", False, False),
+        ("localhost", False, False),
+        ("0.0.0.0", True, False),
+    ],
+)
+def test_tokens_in_clear_text_on_a_reachable_address_are_warned_of(host, tls, warned):
+    from ssmstream.runtime.server import cleartext_tokens
+
+    tls_args = dict(tls_cert="c.pem", tls_key="k.pem") if tls else {}
+    cfg = ServerConfig(model_dir="m", host=host, auth_tokens="tokens", **tls_args)
+    assert cleartext_tokens(cfg) is warned
+    assert cleartext_tokens(dataclasses.replace(cfg, auth_tokens=None)) is False
+
+
+def test_the_start_logs_the_clear_text_warning(tiny_token_model, tmp_path, caplog, monkeypatch):
+    """The check runs at start: the server on 127.0.0.1 says nothing; told its host is
+    reachable, it warns (the bind itself stays on loopback: the check is patched)."""
+    from ssmstream.runtime import server
+
+    f = tmp_path / "tokens"
+    f.write_text(f"{ALICE} alice\n")
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu",
+        auth_tokens=str(f), grace=0.2,
+    )  # fmt: skip
+    says = "bearer tokens reach 127.0.0.1 in clear text"
+    with caplog.at_level(logging.WARNING, logger="ssmstream.runtime.server"):
+        with BackgroundServer(cfg):
+            pass
+        assert says not in caplog.text
+        monkeypatch.setattr(server, "cleartext_tokens", lambda c: True)
+        with BackgroundServer(cfg):
+            pass
+    assert says in caplog.text
