@@ -15,6 +15,10 @@ Step (all L layers at once on the whole state, [B, L, 2, H, N/2]; see `StepSSMs`
     y  = Σ_{c,n} Ĉ[c,h,p,n] AX[b,c,h,n] + Ê u      (Ĉ = [2 Re C; -2 Im C], Ê = 2 Re(C dB) + D,
                                                     so y = 2 Re(C x') + D u)
     X' = AX + B̄u                                  (x' = dA x + dB u)
+A multi-head or MIMO layer's per-head products Ĉ·AX and B̄u are Mul + ReduceSum, not batched
+MatMuls: onnxruntime's batched MatMul rounds a row by the call's row count, so a session's
+step would depend on its batch mates; measured the same speed (0.97-1.03× at B = 1, 8, 64
+for 4 heads and MIMO, d_model 256, N 64; 0.74× with 16 heads at B = 64).
 
 Prefill (per layer) over T = n·Q positions cut into n chunks of Q (Q = manifest
 graphs.prefill.chunk), with x₀ the incoming state. Rows are (batch, chunk) pairs, so every
@@ -166,9 +170,9 @@ class StepSSMs(nn.Module):
         Bsz, L, H, M, N2 = AX.shape[0], self.L, self.H, self.M, self.N2
         if M == 1:
             y = (AX * self.Cs).sum(-1).sum(2)  # [B, L, H]
-        else:
-            AXh = AX.permute(1, 3, 0, 2, 4).reshape(L, H, Bsz, 2 * N2)  # [L, H, B, 2·N/2]
-            y = (AXh @ self.Cm).permute(2, 0, 1, 3)  # [B, L, H, P]
+        else:  # Mul + ReduceSum, not a batched MatMul: see `inject`
+            AXh = AX.transpose(2, 3).reshape(Bsz, L, H, 2 * N2, 1)  # [B, L, H, 2·N/2, 1]
+            y = (AXh * self.Cm).sum(3)  # [B, L, H, P]
         return list(y.reshape(Bsz, L * H * M).split(H * M, dim=1))  # one Split
 
     def direct(self, i: int, u: Tensor) -> Tensor:
@@ -182,8 +186,11 @@ class StepSSMs(nn.Module):
             Uo = U.unsqueeze(-1) @ self.ones  # u ⊗ 1 as a MatMul: [B, L, H, N/2]
             Bu = Uo.unsqueeze(2) * self.Bs  # [B, L, 2, H, N/2]
         else:
-            Uh = U.reshape(Bsz, L, H, M).permute(1, 2, 0, 3)  # [L, H, B, M]
-            Bu = (Uh @ self.Bm).reshape(L, H, Bsz, 2, N2).permute(2, 0, 3, 1, 4)
+            # Mul + ReduceSum: onnxruntime's batched MatMul [L, H, B, ·] @ [L, H, ·, ·] rounds
+            # a row by the call's row count; this sums each row the same way whatever B is,
+            # so a session's step does not depend on its batch mates
+            Uh = U.reshape(Bsz, L, H, M, 1)  # [B, L, H, M, 1]
+            Bu = (Uh * self.Bm).sum(3).reshape(Bsz, L, H, 2, N2).transpose(2, 3)
         # reshaped before the Add, so the graph's last op writes state_out itself
         return AX.reshape(Bsz, -1) + Bu.reshape(Bsz, -1)  # [B, S]
 

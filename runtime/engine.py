@@ -140,8 +140,8 @@ class _Graph:
 # State bytes per onnxruntime call on the StepBuffers path: a larger batch runs as several
 # calls on row slices. A chunk that fits the per-core L2 cache with its outputs and
 # intermediates costs less per stream than one call over the whole batch (benchmarks/
-# bench_runtime.py, "chunked steps"); outputs are the same row by row for SISO layers (the
-# per-head MatMuls of multi-head and MIMO layers round by the call's row count).
+# bench_runtime.py, "chunked steps"); outputs are the same row by row whatever the chunks
+# (the step graph has no op whose rounding depends on the row count).
 STEP_CHUNK_BYTES = 2 << 20
 
 

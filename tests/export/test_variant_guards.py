@@ -82,26 +82,12 @@ def _batch_vs_alone(eng, B: int = 7):
     return got, (np.concatenate([a[0] for a in alone]), np.concatenate([a[1] for a in alone]))
 
 
-def test_batch_mates_change_a_session_by_float_rounding_at_most(kind_engine):
-    """Every layer kind: a session stepped in a batch is within float32 rounding of itself
-    stepped alone (docs/guarantees.md); SISO layers are bit-identical."""
+def test_batch_mates_do_not_change_a_session(kind_engine):
+    """Every layer kind: a session stepped in a batch of 7 is bit-identical to itself stepped
+    alone (docs/guarantees.md). Multi-head and MIMO layers: the per-head products are Mul +
+    ReduceSum; as onnxruntime batched MatMuls they rounded a row by the row count."""
     kind, eng = kind_engine
     (y, s), (y1, s1) = _batch_vs_alone(eng)
-    if kind == "siso":
-        assert np.array_equal(y, y1) and np.array_equal(s, s1)
-    np.testing.assert_allclose(y, y1, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(s, s1, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/guarantees.md): a multi-head or MIMO layer's per-head products "
-    "are onnxruntime MatMuls over the batch's rows, whose rounding depends on the row count",
-)
-@pytest.mark.parametrize("kind", ["multi-head", "mimo"])
-def test_multi_head_and_mimo_batches_are_bit_identical(kind, tmp_path):
-    torch.manual_seed(1)
-    net = SSMNetwork(SSMConfig(**LAYER_KINDS[kind])).eval()
-    export_network(net, tmp_path / "m", chunk=8, verify=False, prefill=False)
-    (y, s), (y1, s1) = _batch_vs_alone(Engine(tmp_path / "m", device="cpu"))
-    assert np.array_equal(y, y1) and np.array_equal(s, s1)
+    assert np.abs(s).max() > 0.1 and np.abs(y).max() > 0.1  # real values, not zeros
+    assert np.array_equal(y, y1), f"{kind}: outputs differ by {np.abs(y - y1).max()}"
+    assert np.array_equal(s, s1), f"{kind}: states differ by {np.abs(s - s1).max()}"
