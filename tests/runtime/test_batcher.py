@@ -989,15 +989,20 @@ def test_a_lone_streams_steps_keep_it_active_and_run_without_yielding(toy_tok):
     """Each inline step renews the session's activity, so a
     lone stream stepping more often than activity_window stays on the inline fast path
     for good: its steps return without yielding to the event loop (no future, no
-    scheduler pass), also long after its first request."""
+    scheduler pass), also long after its first request. The loop's clock is the test's (a
+    loaded machine's stalls would otherwise space the steps wider than the window)."""
 
     async def main():
         batcher, store = await started(toy_tok, max_batch_delay=0.0, activity_window=0.1)
+        loop = asyncio.get_running_loop()
+        now = [loop.time()]
+        loop.time = lambda: now[0]  # the Batcher reads the loop's clock
         s = store.create()
         await batcher.step(s, np.array([1]))  # the first one goes through the scheduler
         yielded = []
         for t in range(8):  # 8 x 40 ms: well past the window after the first request
-            await asyncio.sleep(0.04)
+            now[0] += 0.04
+            await asyncio.sleep(0)
             ran = []
             asyncio.get_running_loop().call_soon(ran.append, 1)
             await batcher.step(s, np.array([t % 11]))
