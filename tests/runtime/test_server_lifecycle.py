@@ -132,14 +132,22 @@ def test_periodic_save_and_health_going_not_serving(tiny_token_model, tmp_path):
         with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
             s = c.create_session(session_id="saved")
             s.step(tokens=[1, 2, 3])
-            time.sleep(0.4)  # a few save intervals, no shutdown
-            store = SessionStore(
-                eng.state_size,
-                4,
-                model_sha=eng.info["step_sha256"],
-                snapshot_key=SnapshotKey.in_dir(state_dir),
-            )
-            assert store.load(state_dir) == 1 and store.get("saved", "anonymous").position == 3
+
+            def saved_position():  # what a periodic save wrote so far (no shutdown)
+                store = SessionStore(
+                    eng.state_size,
+                    4,
+                    model_sha=eng.info["step_sha256"],
+                    snapshot_key=SnapshotKey.in_dir(state_dir),
+                )
+                if store.load(state_dir) != 1:
+                    return None
+                return store.get("saved", "anonymous").position
+
+            deadline = time.monotonic() + 30  # saves every 0.1 s: a loaded machine is slower
+            while saved_position() != 3:
+                assert time.monotonic() < deadline, "no periodic save of the step"
+                time.sleep(0.05)
             with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
                 watch = health_pb2_grpc.HealthStub(ch).Watch(
                     health_pb2.HealthCheckRequest(service=""), timeout=30
@@ -154,33 +162,54 @@ def test_periodic_save_and_health_going_not_serving(tiny_token_model, tmp_path):
 
 
 def test_a_failed_periodic_save_is_retried_and_the_shutdown_save_still_runs(
-    tiny_token_model, tmp_path
+    tiny_token_model, tmp_path, caplog
 ):
     """A save that fails (here a directory where sessions.bin goes) does not end the
     periodic saves, nor skip the save at shutdown: the restarted server has the session at
-    the position it acknowledged last."""
+    the position it acknowledged last.
+
+    Each step waits for what it needs (a save, a failed save) instead of sleeping: the
+    periodic saves run every 0.1 s in the server's threads, so a fixed sleep could end before
+    the save it meant to wait for, and a save could land between an unlink and a mkdir."""
     state_dir = tmp_path / "state"
     kw = dict(model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=0.2)
     srv = BackgroundServer(ServerConfig(state_dir=str(state_dir), save_interval=0.1, **kw))
+    caplog.set_level("ERROR", logger=server_module.__name__)
     srv.start()
     saved = state_dir / "sessions.bin"
+
+    def wait_for(predicate, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    def failed_saves() -> int:
+        return sum("periodic save" in r.getMessage() for r in caplog.records)
+
+    def saves_fail() -> None:
+        """The fault: a directory where sessions.bin goes, until the next periodic save has
+        failed on it (a save that lands between the unlink and the mkdir is simply undone)."""
+        failed = failed_saves()
+        while True:
+            saved.unlink(missing_ok=True)
+            try:
+                saved.mkdir()
+                break
+            except FileExistsError:
+                continue
+        wait_for(lambda: failed_saves() > failed, "a periodic save to fail")
+
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
             s = c.create_session(session_id="kept")
             s.step(tokens=[1, 2, 3])
-            time.sleep(0.3)
-            saved.unlink()
-            saved.mkdir()  # the fault: saves fail
-            time.sleep(0.3)
+            wait_for(saved.is_file, "a periodic save")
+            saves_fail()
             saved.rmdir()  # gone again
             s.step(tokens=[4])
-            deadline = time.monotonic() + 10
-            while not saved.is_file() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert saved.is_file()  # the periodic saves went on
-            saved.unlink()
-            saved.mkdir()  # failing again when the server stops
-            time.sleep(0.3)
+            wait_for(saved.is_file, "a periodic save after the failed one")  # they went on
+            saves_fail()  # failing again when the server stops
             saved.rmdir()
     finally:
         srv.stop()  # does not raise the periodic save's error; saves at shutdown

@@ -182,7 +182,12 @@ def test_sigkill_a_replica_its_sessions_continue_on_the_others(
         )
     moved = [s for s, (_, lost, resumed) in results.items() if resumed is not None]
     assert len(moved) >= 1
-    assert all(results[s][1] == 9 % int(persist_every) for s in moved)
+    # steps since the last due write (at 8 with --persist-every 4), or none: a session that
+    # sat idle at halfway for a renewal period or two (its stream waiting for a slower one on
+    # a loaded machine) had its unwritten step written by the lease renewal (idle-dirty)
+    assert all(results[s][1] in {0, 9 % int(persist_every)} for s in moved), [
+        results[s][1] for s in moved
+    ]
     for sid in sids:
         outputs, lost, _ = results[sid]
         assert 0 <= lost <= window, (sid, lost)
