@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from export_helpers import conv_reference, rel, run_steps
 from ssmstream.export.modules import PrefillGraph, PrefillSSM, StepGraph
 from ssmstream.model import SSMConfig, SSMNetwork
 
@@ -31,30 +32,6 @@ def inputs(net: SSMNetwork, B: int, L: int, seed: int = 1) -> torch.Tensor:
     if cfg.input_kind == "tokens":
         return torch.randint(0, cfg.vocab_size, (B, L), generator=g)
     return torch.randn(B, L, cfg.d_input, generator=g)
-
-
-def conv_reference(net: SSMNetwork, x: torch.Tensor, dt_scale: float = 1.0) -> torch.Tensor:
-    """float64 convolution-mode forward with every Δ scaled (an independent computation)."""
-    import copy
-
-    net64 = copy.deepcopy(net).to(torch.float64)
-    with torch.no_grad():
-        for ssm in net64.ssms:
-            ssm.log_dt += math.log(dt_scale)
-        return net64(x if not x.is_floating_point() else x.double())
-
-
-def run_steps(step: StepGraph, x: torch.Tensor, state: torch.Tensor):
-    outs = []
-    with torch.no_grad():
-        for t in range(x.shape[1]):
-            out, state = step(x[:, t], state)
-            outs.append(out)
-    return torch.stack(outs, 1), state
-
-
-def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 DISCRETIZATIONS = [

@@ -20,29 +20,11 @@ import copy
 
 import pytest
 import torch
+from export_helpers import conv_reference, rel, run_steps
 from ssmstream.export.modules import PrefillGraph, StepGraph
 from ssmstream.model import SSMConfig, SSMNetwork
 
 TOL = 1e-4  # max |error| / max |reference|, float32 graphs
-
-
-def conv_reference(net: SSMNetwork, x: torch.Tensor) -> torch.Tensor:
-    net64 = copy.deepcopy(net).to(torch.float64)
-    with torch.no_grad():
-        return net64(x.double() if x.is_floating_point() else x)
-
-
-def run_steps(step: StepGraph, x: torch.Tensor, state: torch.Tensor):
-    outs = []
-    with torch.no_grad():
-        for t in range(x.shape[1]):
-            out, state = step(x[:, t], state)
-            outs.append(out)
-    return torch.stack(outs, 1), state
-
-
-def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def check_all_views(net: SSMNetwork, seed: int) -> None:
