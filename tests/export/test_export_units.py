@@ -831,3 +831,45 @@ def test_export_cli_defaults_verify_and_optimize(monkeypatch, capsys):
     assert seen["dtype"] == "fp32"
     assert export_cli.main(["ck", "--out", "o", "-q", "--no-verify"]) == 0
     assert seen["verify"] is False and seen["optimize"] is True
+
+
+def test_a_slot_graph_with_right_outputs_but_a_wrong_state_fails():
+    """Outputs all right, only the last state write wrong (nothing reads it afterwards, so
+    no output shows it): the report fails on max_abs_state alone."""
+    steps = 4
+
+    class LastWriteWrong(FakeEngine):
+        calls = 0
+
+        def step_slots(self, x, slots, slab):
+            out = super().step_slots(x, slots, slab)
+            LastWriteWrong.calls += 1
+            if LastWriteWrong.calls == steps:  # the last step: its state is never read again
+                for r in slots:
+                    slab.rows[int(r)] += 1e-3
+            return out
+
+    x0 = np.ones((2, 2), np.float32)
+    good = verify_mod.slots_vs_step(FakeEngine(), MANIFEST, x0, np.random.default_rng(0), steps)
+    assert good["passed"] and good["max_abs_state"] == 0.0
+    rep = verify_mod.slots_vs_step(LastWriteWrong(), MANIFEST, x0, np.random.default_rng(0), steps)
+    assert rep["max_abs_output"] == 0.0 and rep["other_rows_untouched"]
+    assert rep["max_abs_state"] > 0
+    assert rep["passed"] is False
+
+
+def test_verify_graphs_of_a_training_network_uses_its_eval_mode(tmp_path):
+    """verify_graphs(net=...) is public: its torch reference is the eval-mode network also when
+    the caller's network is training (dropout on); a reference with dropout failed a correct
+    export."""
+    from ssmstream.export import export_network, verify_graphs
+    from ssmstream.runtime.manifest import load_manifest
+
+    torch.manual_seed(3)
+    net = SSMNetwork(SSMConfig(vocab_size=7, d_model=8, n_layers=2, d_state=4, dropout=0.5))
+    out = export_network(net, tmp_path / "m", prefill=False, verify=False)  # net.eval() inside
+    net.train()  # a training loop checks its export
+    report = verify_graphs(out, load_manifest(out), net, steps=64)
+    assert report["step_vs_torch"]["max_rel"] < 1e-4, report["step_vs_torch"]
+    assert report["passed"] is True
+    assert net.training  # the caller's network is left as it was
