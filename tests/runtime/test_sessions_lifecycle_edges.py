@@ -1,6 +1,7 @@
 """SessionStore edges: unbalanced unpins, rewinds only backwards, install over the same
 incarnation, what a dropped copy answers, TTLs through restore / save / load, a session file
-that exactly fills the store, NaN TTLs, a slab of the wrong capacity, and a save over the
+that exactly fills the store and one that overfills it (nothing loaded), free slots while a
+closed session's row is still lent, NaN TTLs, a slab of the wrong capacity, and a save over the
 temp file of a crashed save."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from ssmstream.runtime.errors import InvalidInput, SessionNotFound
+from ssmstream.runtime.errors import InvalidInput, LimitExceeded, SessionNotFound
 from ssmstream.runtime.sessions import SessionStore
 from ssmstream.runtime.slab import StateSlab
 
@@ -172,3 +173,40 @@ def test_save_over_a_leftover_temp_file_still_writes_an_owner_only_file(tmp_path
     assert not leftover.exists()
     again = SessionStore(4, capacity=2, snapshot_key=store.snapshot_key)
     assert again.load(tmp_path) == 1
+
+
+def test_load_with_too_few_free_slots_adds_no_session(tmp_path):
+    """3 saved sessions, 2 free slots: LimitExceeded before any session is added (not two
+    of them loaded, then a failure on the third)."""
+    src = SessionStore(4, capacity=3)
+    for sid in ("a", "b", "c"):
+        s = src.create("p", sid)
+        src.commit(s, np.full(4, len(sid), np.float32), 1)
+    src.save(tmp_path)
+
+    target = SessionStore(4, capacity=3, snapshot_key=src.snapshot_key)
+    target.create("q", "mine")  # 2 free slots left
+    before = target.stats()
+    with pytest.raises(LimitExceeded):
+        target.load(tmp_path)
+    assert [s.id for s in target.sessions()] == ["mine"]
+    after = target.stats()
+    assert after["free"] == before["free"] == 2
+    assert after["restored"] == before["restored"] == 0
+    assert after["principals"] == 1
+
+
+def test_stats_free_counts_a_closed_sessions_lent_row_as_taken():
+    """While a closed session's row is still lent to a step, its slot is not free: stats
+    says so, in agreement with create() (not capacity minus live sessions)."""
+    store = SessionStore(4, capacity=2)
+    a, _ = store.create(), store.create()
+    store.lend([a])
+    store.close(a.id)
+    assert store.stats()["free"] == 0
+    with pytest.raises(LimitExceeded):
+        store.create()
+    store.give_back([a], 1)
+    assert store.stats()["free"] == 1
+    store.create()
+    assert store.stats()["free"] == 0

@@ -1,0 +1,71 @@
+"""PrefixCache and History behaviour at their edges:
+
+- under pressure the scope holding the most bytes gives up entries, also when the insert
+  that went over the budget is another, smaller scope's (the existing test only inserts
+  into the largest scope);
+- a lookup that finds nothing is counted as a miss;
+- a checkpoint budget used exactly up to its limit is not "over": the session's oldest
+  checkpoint stays, so the whole window is reachable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ssmstream.runtime.history import CheckpointBudget, History
+from ssmstream.runtime.prefix_cache import PrefixCache, _Entry
+
+S, D, Q = 8, 3, 4
+
+
+def _entry_bytes(tokens: int) -> int:
+    return _Entry(b"\0" * 8 * tokens, np.zeros(S, np.float32), np.zeros(D, np.float32)).nbytes
+
+
+def _states(n: int, fill: float) -> dict:
+    return {n: (np.full(S, fill, np.float32), np.full(D, fill, np.float32))}
+
+
+def test_a_smaller_scopes_insert_evicts_from_the_largest_scope():
+    """Budget of 4 one-piece entries: "big" holds 3, "small" adds 2 -> one entry goes, and
+    it is big's least recently used one; both of small's prompts stay cached (evicting
+    from the inserting scope would drop small's first prompt)."""
+    c = PrefixCache(4 * _entry_bytes(3), chunk=Q, model_sha="m")
+    big = [np.array([1, 2, k], np.int64) for k in range(3)]
+    small = [np.array([5, 6, k], np.int64) for k in range(2)]
+    for i, p in enumerate(big):
+        assert c.insert("big", p, _states(3, i)) == 1
+    for i, p in enumerate(small):
+        assert c.insert("small", p, _states(3, 10 + i)) == 1
+    assert c.stats()["evictions"] == 1 and c.stats()["entries"] == 4
+    assert [c.lookup("small", p).tokens for p in small] == [3, 3]
+    assert [c.lookup("big", p).tokens for p in big] == [0, 3, 3]
+
+
+def test_a_lookup_that_finds_nothing_counts_a_miss():
+    c = PrefixCache(1 << 20, chunk=Q, model_sha="m")
+    p = np.arange(6, dtype=np.int64)
+    assert c.lookup("a", p).tokens == 0
+    assert c.stats()["misses"] == 1 and c.stats()["hits"] == 0
+    c.insert("a", p, _states(6, 1.0))
+    assert c.lookup("a", p).tokens == 6
+    assert c.lookup("a", np.r_[9, p]).tokens == 0
+    st = c.stats()
+    assert (st["hits"], st["misses"], st["cached_tokens"]) == (1, 2, 6)
+
+
+def test_a_budget_used_exactly_to_its_limit_keeps_the_oldest_checkpoint():
+    """Three checkpoints of S float32 each fit a budget of exactly their bytes: none is
+    dropped, position 0 (window 8 back from 8) stays reachable (a budget used exactly
+    is not over it: the checkpoint at 0 stays)."""
+    per = 4 * S
+    budget = CheckpointBudget(limit=3 * per)
+    h = History(8, Q, 0, np.zeros(S, np.float32), budget)
+    tokens = np.arange(8, dtype=np.int64)
+    h.record(tokens[:4], 4, {4: np.full(S, 4, np.float32)})
+    h.record(tokens[4:], 8, {8: np.full(S, 8, np.float32)})
+    assert budget.used == 3 * per and not budget.over()
+    assert h.oldest == 0
+    state, inputs = h.plan(0)
+    assert (state == 0).all() and len(inputs) == 0
+    state, inputs = h.plan(2)
+    assert (state == 0).all() and list(inputs) == [0, 1]
