@@ -368,18 +368,42 @@ def test_deadline_expiring_mid_batch(srv, client, toy):
 
 
 def test_deadline_expiring_while_queued_drops_the_request(srv, client, toy):
-    """A Step waiting behind its session's running step (0.4 s) with a 0.15 s deadline is
-    dropped: the session holds the first step only."""
+    """A Step waiting behind its session's running step (held by a gate) whose deadline
+    expires while it waits is dropped when its turn comes, not run: the session holds the
+    first step only, and the batcher counts one request cancelled."""
     batcher = srv.server.batcher
-    queued = client.create_session()
-    with inject(srv.server.engine, delay=0.4):
-        first, _ = _in_thread(lambda: queued.step(tokens=[5]))
-        wait(lambda: batcher.pending() > 0, what="the first step to be running")
-        req = pb.StepRequest(session_id=queued.id, tokens=[6])
-        code, _ = code_of(lambda: client.stub.Step(req, timeout=0.15))
-        assert code == C.DEADLINE_EXCEEDED
-        first.join(10)
-        wait(lambda: idle(srv), what="the queue to drain")
+    queued, gate = client.create_session(), threading.Event()
+
+    def waiting() -> list:  # requests queued behind their session's running one (only ours)
+        return [r for q in list(batcher._waiting.values()) for r in list(q)]
+
+    # the first step alone would run inline, holding the event loop for its (here: gated)
+    # step; this scenario is about a request queueing behind a worker that runs onnxruntime
+    batcher.inline = False
+    try:
+        with inject(srv.server.engine, gate=gate) as fault:
+            first, _ = _in_thread(lambda: queued.step(tokens=[5]))
+            wait(lambda: fault.calls, what="the first step to hold the worker")
+            dropped = batcher.stats.cancelled
+            req = pb.StepRequest(session_id=queued.id, tokens=[6])
+            # the deadline only has to outlast the trip to the queue (a stalled machine: a
+            # second or two); nothing runs until the gate opens, whenever it expires
+            call = client.stub.Step.future(req, timeout=4.0)
+            wait(lambda: len(waiting()) == 1 or call.done(), what="the second step queued")
+            assert len(waiting()) == 1, "the second step never queued (deadline hit first?)"
+            code, _ = code_of(call.result)
+            assert code == C.DEADLINE_EXCEEDED
+            # the server cancels its handler at the deadline too (its own timer): only once
+            # the queued request is cancelled does the first step end
+            wait(lambda: all(r.future.cancelled() for r in waiting()), what="the cancel")
+            gate.set()
+            first.join(30)
+            wait(lambda: idle(srv), what="the queue to drain")
+    finally:
+        gate.set()
+        batcher.inline = True
+    assert len(fault.calls) == 1, fault.calls  # the second never reached onnxruntime
+    assert batcher.stats.cancelled - dropped == 1
     check_consistent(toy, client, queued.id, [5, 6], candidates={1})  # the second was dropped
     queued.close()
 

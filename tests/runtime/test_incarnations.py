@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -32,6 +33,15 @@ def toy(toy_token_model):
 @pytest.fixture(scope="module")
 def engine(toy):
     return Engine(toy["model_dir"], device="cpu", threads=1)
+
+
+async def until(predicate, timeout: float = 30.0) -> None:
+    """Yield to the event loop until predicate() is true (e.g. a request reached the
+    worker's onnxruntime call); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the worker"
+        await asyncio.sleep(0.005)
 
 
 def want_state(toy, tokens) -> np.ndarray:
@@ -125,9 +135,9 @@ def test_a_new_incarnation_is_not_refused_for_the_old_ones_queue(engine, toy):
         svc = await service(engine, now, inline=False)
         await svc.create("p", "x")
         gate = threading.Event()
-        with inject(engine, gate=gate):
+        with inject(engine, gate=gate) as fault:
             old = [asyncio.ensure_future(svc.step("p", "x", [1]))]
-            await asyncio.sleep(0.05)  # the first one is in onnxruntime, held by the gate
+            await until(lambda: len(fault.calls) >= 1)  # in onnxruntime, held by the gate
             old += [asyncio.ensure_future(svc.step("p", "x", [2])) for _ in range(64)]
             await asyncio.sleep(0)  # all 64 queued behind it
             await svc.close("p", "x")
@@ -163,9 +173,9 @@ def test_dropping_the_old_incarnations_cancelled_requests_keeps_the_new_ones_pin
         await svc.create("p", "x")
         gate = threading.Event()
         # run 0: held by the gate; runs >= 2 (the new session's second step) take 0.3 s
-        with inject(engine, gate=gate, delay=0.3, delay_from=2):
+        with inject(engine, gate=gate, delay=0.3, delay_from=2) as fault:
             a = asyncio.ensure_future(svc.step("p", "x", [1]))
-            await asyncio.sleep(0.05)  # in onnxruntime, held
+            await until(lambda: len(fault.calls) >= 1)  # in onnxruntime, held
             b = asyncio.ensure_future(svc.step("p", "x", [2]))
             await asyncio.sleep(0)
             b.cancel()  # cancelled while queued: stays in the queue until dropped
@@ -179,7 +189,10 @@ def test_dropping_the_old_incarnations_cancelled_requests_keeps_the_new_ones_pin
             pins_with_two_queued = new._pins
             gate.set()
             await d
-            await asyncio.sleep(0.05)  # c is in onnxruntime now (0.3 s)
+            # runs: 0 a, 1 d, 2 c. Once c is in onnxruntime it is running: its result (and
+            # unpin) comes back through this event loop, so nothing can end it before the
+            # sweep below, which runs with no await in between, however slow the machine
+            await until(lambda: len(fault.calls) >= 3)
             now[0] += 100.0  # the sweep runs while c is running
             evicted = store.evict_idle()
             got = await asyncio.gather(c, a, return_exceptions=True)

@@ -388,12 +388,21 @@ def test_a_second_signal_ends_the_grace_period(tiny_token_model, tmp_path):
         stub = pb_grpc.StreamingInferenceStub(channel)
         generate = stub.Generate(pb.GenerateRequest(prompt=[1], max_new_tokens=10_000_000))
         next(generate)  # in flight; not read further
+        srv.proc.send_signal(signal.SIGTERM)
+        # the second SIGTERM goes only once the server has taken the first and is draining
+        # (its second-signal handler is in place then): two sent a fixed time apart can
+        # reach a server that was not scheduled meanwhile as one pending signal
+        deadline = time.monotonic() + 30
+        while "draining: refusing new work" not in srv.output():
+            assert srv.proc.poll() is None, srv.output()
+            assert time.monotonic() < deadline, f"no drain after SIGTERM:\n{srv.output()}"
+            time.sleep(0.05)
+        time.sleep(1.0)  # draining, and with a 60 s grace it stays so: not stopped at once
+        assert srv.proc.poll() is None, srv.output()  # the Generate holds the drain
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert srv.proc.poll() is None  # the Generate holds the drain
-        srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(20) == 0 and time.monotonic() - t0 < 20
+        # without the second signal it would wait out the 60 s grace
+        assert srv.proc.wait(40) == 0 and time.monotonic() - t0 < 40
         channel.close()
     finally:
         srv.kill()
@@ -697,22 +706,31 @@ def test_a_port_file_removed_by_someone_else_does_not_fail_the_stop(toy_token_mo
 
 def test_stop_grace_argument_overrides_the_configured_grace(toy_token_model, tmp_path):
     """Server.stop(grace) uses the grace it is given (BackgroundServer.stop(0), a failed
-    start's stop(0)), not --grace: an open health Watch does not hold it for --grace."""
+    start's stop(0)), not --grace: neither an open health Watch nor a Generate in flight
+    (which a draining server waits for, up to the grace) holds it for --grace."""
     import time
 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from ssmstream.runtime.server import BackgroundServer
 
-    cfg = ServerConfig(model_dir=str(toy_token_model["model_dir"]), port=0, device="cpu", grace=8.0)
+    # --grace 30: held for it, the stop would take 30 s; with its own 0.1 s, well under 15 s
+    # even on a loaded machine
+    cfg = ServerConfig(
+        model_dir=str(toy_token_model["model_dir"]), port=0, device="cpu", grace=30,
+        max_new_tokens=10_000_000,
+    )  # fmt: skip
     srv = BackgroundServer(cfg).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     try:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.StreamingInferenceStub(channel)
+        generate = stub.Generate(pb.GenerateRequest(prompt=[1], max_new_tokens=10_000_000))
+        next(generate)  # in flight; not read further
         t0 = time.monotonic()
         srv.stop(grace=0.1)
-        assert time.monotonic() - t0 < 4.0
+        assert time.monotonic() - t0 < 15.0
     finally:
         channel.close()
         srv.stop()

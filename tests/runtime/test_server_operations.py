@@ -58,8 +58,9 @@ def test_health_check_answers_while_the_rpc_limit_is_taken_by_streams(toy_token_
 
 def test_a_health_watch_ends_at_the_shutdown_after_not_serving(toy_token_model, tmp_path):
     """A load balancer's open Watch gets NOT_SERVING and its stream ends: an idle server
-    stops at once, not after its whole --grace."""
-    srv = ServerProcess(toy_token_model["model_dir"], "--device", "cpu", "--grace", "8",
+    stops at once, not after its whole --grace (30 s here: a bound well under it holds on a
+    loaded machine, where a process's stop and exit alone can take seconds)."""
+    srv = ServerProcess(toy_token_model["model_dir"], "--device", "cpu", "--grace", "30",
                         workdir=tmp_path)  # fmt: skip
     try:
         with grpc.insecure_channel(srv.address) as ch:
@@ -73,7 +74,7 @@ def test_a_health_watch_ends_at_the_shutdown_after_not_serving(toy_token_model, 
             assert [r.status for r in watch] == [HEALTH.NOT_SERVING]  # then the end
             stopper.join(60)
             took = time.monotonic() - t0
-        assert rc == [0] and took < 4, f"an idle server took {took:.1f} s to stop (grace 8 s)"
+        assert rc == [0] and took < 15, f"an idle server took {took:.1f} s to stop (grace 30 s)"
     finally:
         srv.kill()
 

@@ -421,18 +421,27 @@ def test_fetches_are_shared_per_session_and_no_principal_holds_every_fetch_threa
 def test_shutdown_ends_the_fetch_pools_threads(toy_tok):
     """A stopped server leaves no fetch thread behind: shutdown() ends the idle ones and
     cancels fetches not yet started."""
-    gate = threading.Event()
+    gate, fetching = threading.Event(), threading.Event()
+
+    def fetch(sid, principal):  # a replicated store's fetch, blocked in its lease wait
+        fetching.set()
+        gate.wait(10)
 
     async def main():
         svc = await started(toy_tok)
         store = svc.store
         a, b = store.create("p").id, store.create("p").id
         store.held = lambda sid, principal=None: False
-        store.fetch = lambda sid, principal: gate.wait(10)
+        store.fetch = fetch
         svc._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="ssmstream-fetch")
         first = asyncio.ensure_future(svc._session(a, "p"))  # runs, waiting on the gate
         queued = asyncio.ensure_future(svc._session(b, "p"))  # waits for the one thread
-        await asyncio.sleep(0.05)
+        # the pool's thread has taken the first fetch (both were handed to the pool in the
+        # loop's first passes, before this wait can end); a fixed sleep could end first
+        deadline = time.monotonic() + 30
+        while not fetching.is_set():
+            assert time.monotonic() < deadline, "the first fetch never started"
+            await asyncio.sleep(0.005)
         svc.shutdown()
         gate.set()
         await first
@@ -441,7 +450,7 @@ def test_shutdown_ends_the_fetch_pools_threads(toy_tok):
         await svc.batcher.close()
 
     run(main())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20  # it exits within ms; left running, it never would
     while any(t.name.startswith("ssmstream-fetch") for t in threading.enumerate()):
         assert time.monotonic() < deadline, "a fetch thread outlived shutdown()"
         time.sleep(0.01)

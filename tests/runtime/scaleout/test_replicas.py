@@ -197,7 +197,10 @@ def test_sigkill_a_replica_its_sessions_continue_on_the_others(
         got = np.stack([outputs[i] for i in seen])
         np.testing.assert_allclose(got, ref[seen], atol=1e-5, rtol=1e-5)
     failover = min(results[s][2] for s in moved) - killed_at[0]
-    assert failover < 1.0 + 3.0  # lease TTL + nginx noticing + loading
+    # the lease TTL (1 s) + nginx noticing + loading elsewhere: about 1-2 s here, seconds more
+    # on a loaded machine; a session held past its dead replica's lease for many TTLs (or
+    # until some other timeout) fails
+    assert failover < 1.0 + 6.0
     print(f"\nfailover ({persist_every=}): first token elsewhere after {failover:.2f} s; "
           f"lost steps {[results[s][1] for s in moved]}")  # fmt: skip
 
