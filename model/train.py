@@ -478,7 +478,7 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
         # default argument: imported after the group exists, they hold it for good, so
         # destroy_process_group cannot end gloo's threads, and one of them may drop a tensor
         # while the interpreter exits (std::terminate, SIGABRT). Imported first, they hold None.
-        import torch.distributed.nn  # noqa: F401
+        import torch.distributed.nn as _defaults  # noqa: F401 (`as`: no local name `torch`)
 
         torch_dist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
         log.info("rank %d/%d: %s process group", dist.rank, dist.world_size, backend)
