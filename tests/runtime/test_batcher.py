@@ -1367,3 +1367,38 @@ def test_a_rewind_whose_session_closes_while_it_replays_is_not_found(toy_tok):
             await batcher.close()
 
     run(main())
+
+
+def test_a_request_handed_back_early_is_finished_once_so_its_sessions_queue_stays_in_order(toy_tok):
+    """4 sessions in ORT calls of 2 rows; session 0 has 3 requests queued. Its first is
+    handed back with the batch's first call; when the job ends it must not be finished a
+    second time (finished again, it made session 0's third request ready beside its
+    second: both in the next batch, the row lent twice, both failing as internal errors)."""
+    seq = [np.array([t]) for t in (3, 1, 4)]
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch=8, max_batch_delay=0.02, inline=False)
+        try:
+            batcher._buffers = toy_tok.step_buffers(8, chunk_bytes=2 * 4 * toy_tok.state_size)
+            sessions = [store.create() for _ in range(4)]
+            mine = [asyncio.ensure_future(batcher.step(sessions[0], x)) for x in seq]
+            others = [
+                asyncio.ensure_future(batcher.step(s, np.array([k])))
+                for k, s in enumerate(sessions[1:], 1)
+            ]
+            got = await asyncio.gather(*mine, *others, return_exceptions=True)
+            return got, [s.position for s in sessions], batcher.stats.failed, batcher.pending()
+        finally:
+            await batcher.close()
+
+    got, positions, failed, pending = run(main())
+    errors = [g for g in got if isinstance(g, BaseException)]
+    assert not errors, errors
+    assert [pos for _, pos in got[:3]] == [1, 2, 3]
+    assert positions == [3, 1, 1, 1] and failed == 0 and pending == 0
+    s, expected = toy_tok.new_state(), []
+    for x in seq:
+        y, s = toy_tok.prefill(x[None], s)
+        expected.append(y[0])
+    for (y, _), want in zip(got[:3], expected):
+        np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-7)

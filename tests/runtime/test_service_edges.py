@@ -8,7 +8,9 @@
 - with rewind off (window 0) the checkpoint bound the server reports in ModelInfo.limits is
   0, not the bound of a window of 0 inputs;
 - ServiceLimits' request limits default to the server's (--max-tokens-per-request,
-  --max-new-tokens), so an embedding user gets the limits the server documents.
+  --max-new-tokens), so an embedding user gets the limits the server documents;
+- a kept Generate whose consumer closed it right after the first token (the id never got
+  out) leaves no session behind.
 """
 
 from __future__ import annotations
@@ -106,3 +108,27 @@ def test_service_limits_default_to_the_servers_request_limits():
     assert limits.max_tokens_per_request == config.max_tokens_per_request == 4096
     assert limits.max_new_tokens == config.max_new_tokens == 4096
     assert limits.prefix_cache_scope == config.prefix_cache_scope == "principal"
+
+
+def test_a_kept_generate_closed_right_after_its_first_token_leaves_no_session(toy_tok):
+    """The servicer writes each token before it asks for the next: a consumer that took the
+    first token and then closed the generator (its write failed: the client never saw the
+    new id) must not leave the session behind (an orphan counting against the principal
+    until its TTL)."""
+
+    async def main():
+        svc = await started(toy_tok, ServiceLimits(max_new_tokens=100))
+        try:
+            gen = svc.generate("p", "", [1, 2, 3], 4, 0.0, keep_session=True)
+            sid, _ = await gen.__anext__()
+            assert [s.id for s in svc.store.sessions("p")] == [sid]
+            await gen.aclose()  # the first token's write failed: the id never got out
+            orphans = [s.id for s in svc.store.sessions("p")]
+            kept = [g async for g in svc.generate("p", "", [1, 2, 3], 4, 0.0, keep_session=True)]
+            return orphans, kept[0][0], [s.id for s in svc.store.sessions("p")]
+        finally:
+            await svc.batcher.close()
+
+    orphans, sid, live = run(main())
+    assert orphans == []
+    assert live == [sid]  # a kept generate read to its end keeps its session
