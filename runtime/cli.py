@@ -9,31 +9,27 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module with main(argv), one-line help)
+# name -> (module with main(argv), one-line help, the pyproject extra it needs beyond the
+# runtime's own dependencies or "")
 COMMANDS = {
-    "train": ("ssmstream.model.train", "train an SSM in convolutional mode (torch)"),
-    "export": ("ssmstream.export.cli", "export a checkpoint to step/prefill ONNX graphs"),
-    "verify": ("ssmstream.export.verify_cli", "re-run the parity check of an exported model"),
-    "info": ("ssmstream.runtime.info", "print an exported model's manifest as a table"),
-    "serve": ("ssmstream.runtime.server", "serve an exported model over gRPC"),
-    "generate": ("ssmstream.runtime.client", "stream a generation from a running server"),
-    "bench": ("ssmstream.runtime.bench", "quick step-latency benchmark of an exported model"),
-    "plot": ("ssmstream.model.plots", "plot SSM basis functions and kernels of a checkpoint"),
-}
-
-# the pyproject extra each command needs beyond the runtime's own dependencies
-EXTRAS = {
-    "train": "train",
-    "export": "export",
-    "verify": "export",
-    "serve": "serve",
-    "plot": "plots",
-}
+    "train": ("ssmstream.model.train", "train an SSM in convolutional mode (torch)", "train"),
+    "export": ("ssmstream.export.cli", "export a checkpoint to step/prefill ONNX graphs", "export"),
+    "verify": (
+        "ssmstream.export.verify_cli", "re-run the parity check of an exported model", "export"
+    ),
+    "info": ("ssmstream.runtime.info", "print an exported model's manifest as a table", ""),
+    "serve": ("ssmstream.runtime.server", "serve an exported model over gRPC", "serve"),
+    "generate": ("ssmstream.runtime.client", "stream a generation from a running server", ""),
+    "bench": ("ssmstream.runtime.bench", "quick step-latency benchmark of an exported model", ""),
+    "plot": (
+        "ssmstream.model.plots", "plot SSM basis functions and kernels of a checkpoint", "plots"
+    ),
+}  # fmt: skip
 
 
 def usage() -> str:
     lines = ["usage: ssmstream <command> [options]   (ssmstream <command> --help)", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_, _) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -46,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"ssmstream: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    path, _, extra = COMMANDS[name]
     try:
-        module = importlib.import_module(COMMANDS[name][0])
+        module = importlib.import_module(path)
     except ModuleNotFoundError as e:  # an extra not installed: say which
-        extra = EXTRAS.get(name, "")
         print(
             f"ssmstream {name}: needs the {e.name!r} package: pip install 'ssmstream[{extra}]'"
             if extra

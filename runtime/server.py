@@ -84,10 +84,9 @@ def cleartext_tokens(config: ServerConfig) -> bool:
     that terminates TLS)."""
     if config.auth_tokens is None or config.tls_cert is not None:
         return False
-    if config.host.strip("[]").lower() == "localhost":
-        return False
+    host = config.host.strip("[]").lower()
     try:
-        return not ipaddress.ip_address(config.host.strip("[]")).is_loopback
+        return host != "localhost" and not ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: where it points is not known here
         return True
 
