@@ -234,11 +234,24 @@ class ServerProc:
         self._log.close()
 
 
-def echo_server(port_queue, d_output: int, cpus: tuple[int, ...] | None = None) -> None:
+def echo_server(
+    port_queue,
+    d_output: int,
+    cpus: tuple[int, ...] | None = None,
+    model: Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+) -> None:
     """A bare grpc.aio StreamingInference (run in its own process, on `cpus` if given):
     CreateSession and CloseSession answer at once, Stream answers every request with one
     prebuilt StepResponse of [1, d_output] outputs. What the transport costs, without
-    sessions or an engine."""
+    sessions or an engine.
+
+    With `model` ("echo+step"), Stream first runs the bare step on the request's token
+    (Engine.step_slots on one row of a slab, on the event loop, as a lone stream's step runs
+    in the server) and answers with its outputs, encoded as the server encodes them: what a
+    grpc.aio server costs that does nothing but the step, without sessions, batcher or
+    checks. Fed one token per request."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     import grpc
@@ -248,6 +261,17 @@ def echo_server(port_queue, d_output: int, cpus: tuple[int, ...] | None = None) 
     sid = "echo-0123456789abcdef01"  # as long as a real session id
     response = pb.StepResponse(session_id=sid, position=1, rows=1, cols=d_output)
     response.outputs.extend([0.5] * d_output)
+    step = None
+    if model is not None:
+        from ssmstream.runtime.engine import Engine
+        from ssmstream.runtime.servicer import step_response
+
+        eng = Engine(model, device=device, threads=threads)
+        slab, buf, slot = eng.new_slab(1), eng.step_buffers(1), np.zeros(1, dtype=np.int64)
+
+        def step(req, position):
+            x = np.array((req.tokens[0],), dtype=np.int64)
+            return step_response(sid, position, eng.step_slots(x, slot, slab, buf), req)
 
     class Echo(pb_grpc.StreamingInferenceServicer):
         async def CreateSession(self, request, context):
@@ -257,8 +281,10 @@ def echo_server(port_queue, d_output: int, cpus: tuple[int, ...] | None = None) 
             return pb.Session(session_id=sid)
 
         async def Stream(self, request_iterator, context):
-            async for _ in request_iterator:
-                yield response
+            position = 0
+            async for req in request_iterator:
+                position += 1
+                yield response if step is None else step(req, position)
 
     async def serve() -> None:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -274,10 +300,18 @@ def echo_server(port_queue, d_output: int, cpus: tuple[int, ...] | None = None) 
 class EchoProc:
     """echo_server in a process of its own; `port` once it is serving."""
 
-    def __init__(self, d_output: int, cpus: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        d_output: int,
+        cpus: tuple[int, ...] | None = None,
+        model: Path | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+    ):
         ctx = multiprocessing.get_context("spawn")
         ports = ctx.Queue()
-        self.proc = ctx.Process(target=echo_server, args=(ports, d_output, cpus), daemon=True)
+        args = (ports, d_output, cpus, model, device, threads)
+        self.proc = ctx.Process(target=echo_server, args=args, daemon=True)
         self.proc.start()
         self.port = ports.get(timeout=60)
 
@@ -461,8 +495,10 @@ def median_run(rs: list[Run]) -> Run:
     )
 
 
-def summarize(bare: dict, runs: list[Run], echo_runs: list[Run] = ()) -> dict:
-    """The gRPC overhead ratio and the 64-vs-1-client scaling, and the echo floor bounding them."""
+def summarize(
+    bare: dict, runs: list[Run], echo_runs: list[Run] = (), step_runs: list[Run] = ()
+) -> dict:
+    """The gRPC overhead ratio and the 64-vs-1-client scaling, and the echo floors bounding them."""
     by = {(r.clients, r.batching): r for r in runs}
     echo = {r.clients: r for r in echo_runs}
     ones = [r for r in (by.get((1, True)), by.get((1, False))) if r]
@@ -489,7 +525,37 @@ def summarize(bare: dict, runs: list[Run], echo_runs: list[Run] = ()) -> dict:
     if 1 in echo and 64 in echo:
         summary["echo_tokens_per_s_64_over_1"] = echo[64].tokens_per_s / echo[1].tokens_per_s
     summary.update(own_costs(bare, by, echo))
+    step_floor = next((r for r in step_runs if r.clients == 1), None)
+    if step_floor is not None and 1 in echo:
+        summary["echo_step"] = echo_step_floor(bare, step_floor, echo[1], by.get((1, True)))
     return summary
+
+
+def echo_step_floor(bare: dict, floor: Run, echo: Run, server: Run | None) -> dict | None:
+    """What the 1-client targets leave room for: the echo server that also runs the bare step
+    (`floor`) scored by the same formulas as this server, the CPU the step costs when it runs
+    between gRPC's work (floor − echo, against the bare step's CPU in a tight loop), and this
+    server's CPU and p50 above that floor (its sessions, batcher, checks and metrics)."""
+    cpu = floor.extra.get("server_cpu_ms_per_token")
+    echo_cpu = echo.extra.get("server_cpu_ms_per_token")
+    step_cpu = bare.get("cpu_ms_per_token")
+    engine = bare.get("batch_cpu_ms_per_token", {}).get("1", step_cpu)
+    if None in (cpu, echo_cpu, step_cpu, engine) or not echo_cpu or not step_cpu:
+        return None
+    out = {
+        "cpu_ms_per_token": cpu,
+        "p50_ms": floor.p50_ms,
+        "own_cpu_ratio": (cpu - engine) / echo_cpu,  # the own CPU target's formula
+        "cpu_over_step": cpu / step_cpu,  # the CPU ÷ step target's formula
+        "latency_over_echo_plus_step": floor.p50_ms / (echo.p50_ms + bare["p50_ms"]),
+        "step_in_situ_ms_per_token": cpu - echo_cpu,
+        "step_in_situ_over_bare": (cpu - echo_cpu) / step_cpu,
+    }
+    server_cpu = None if server is None else server.extra.get("server_cpu_ms_per_token")
+    if server_cpu is not None:
+        out["server_cpu_above_ms_per_token"] = server_cpu - cpu
+        out["server_p50_above_ms"] = server.p50_ms - floor.p50_ms
+    return out
 
 
 OWN_CPU_TARGET = 1.5  # (server − bare batched Engine) CPU per token ÷ echo CPU per token
@@ -553,17 +619,23 @@ def own_costs(bare: dict, by: dict, echo: dict) -> dict:
 
 
 def write_report(
-    cfg: BenchConfig, bare: dict, runs: list[Run], meta: dict, echo_runs: list[Run] = ()
+    cfg: BenchConfig,
+    bare: dict,
+    runs: list[Run],
+    meta: dict,
+    echo_runs: list[Run] = (),
+    step_runs: list[Run] = (),
 ) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(bare, runs, echo_runs)
+    summary = summarize(bare, runs, echo_runs, step_runs)
     result = {
         "config": asdict(cfg),
         "meta": meta,
         "bare_engine_step": bare,
         "runs": [asdict(r) for r in runs],  # this server
         "echo_runs": [asdict(r) for r in echo_runs],  # the bare grpc.aio floor
+        "echo_step_runs": [asdict(r) for r in step_runs],  # the floor with the bare step
         "summary": summary,
     }
     (out / "bench_server.json").write_text(json.dumps(result, indent=2))
@@ -582,7 +654,8 @@ def write_report(
         + ", ".join(f"{B}: {v:.3f}" for B, v in bare.get("batch_cpu_ms_per_token", {}).items())
         + f". Servers and bare Engine on CPUs {cfg.server_cpus or 'all'}. `echo` rows: the "
         "same clients against a bare grpc.aio server that answers each Stream request at once "
-        "(no session, no engine).",
+        "(no session, no engine); `echo+step`: the same server running the bare step on each "
+        "request before it answers (on the event loop, no session, no batcher, no checks).",
         "",
         "| server | clients | batching | tokens | tokens/s | p50 ms | p99 ms | mean ms "
         "| server CPU ms/token | client CPU ms/token |",
@@ -592,8 +665,8 @@ def write_report(
     def ms(x):
         return "n/a" if x is None else f"{x:.3f}"
 
-    for r in [*echo_runs, *sorted(runs, key=lambda r: (r.clients, not r.batching))]:
-        batching = "-" if r.server == "echo" else "on" if r.batching else "off"
+    for r in [*echo_runs, *step_runs, *sorted(runs, key=lambda r: (r.clients, not r.batching))]:
+        batching = "-" if r.server.startswith("echo") else "on" if r.batching else "off"
         lines.append(
             f"| {r.server} | {r.clients} | {batching} | {r.tokens} | "
             f"{r.tokens_per_s:.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.mean_ms:.3f} | "
@@ -694,6 +767,27 @@ def own_cost_lines(summary: dict) -> list[str]:
             f"- tokens/s at 64 clients, batching on ÷ off: **{r:.1f}×** (target ≥ "
             f"{summary['on_off_target']:g}×: {met(summary['on_off_ok'])})"
         )
+    f = summary.get("echo_step")
+    if f:
+        lines.append(
+            f"- floor with the step (`echo+step`, 1 client): {f['cpu_ms_per_token']:.3f} ms CPU "
+            f"per token, p50 {f['p50_ms']:.3f} ms. Scored by the formulas above it would read "
+            f"own CPU **{f['own_cpu_ratio']:.2f}×** the echo's, p50 "
+            f"**{f['latency_over_echo_plus_step']:.2f}×** echo + step, CPU "
+            f"**{f['cpu_over_step']:.2f}×** the bare step's: the least a server that runs the "
+            f"step could read on this machine. Adding the step to the echo server adds "
+            f"{f['step_in_situ_ms_per_token']:.3f} ms CPU per token, "
+            f"**{f['step_in_situ_over_bare']:.1f}×** the bare step's CPU in a tight loop: run "
+            "once per request, between gRPC's work and the waits for the client, the step "
+            "meets cold caches, and gRPC's work around it slows too"
+            + (
+                f". This server spends {f['server_cpu_above_ms_per_token']:.3f} ms CPU per "
+                f"token and {f['server_p50_above_ms']:.3f} ms of p50 above that floor (sessions, "
+                "batcher, checks, metrics)"
+                if "server_cpu_above_ms_per_token" in f
+                else ""
+            )
+        )
     return lines
 
 
@@ -767,6 +861,9 @@ def measure(
         if cfg.echo:
             procs.append(EchoProc(d_output, cpus))
             targets.append(("echo", False, procs[-1].proc.pid, procs[-1].port, None))
+            if 1 in cfg.clients:  # a lone stream's step, unbatched: a floor at 1 client only
+                procs.append(EchoProc(d_output, cpus, model, cfg.device, cfg.threads))
+                targets.append(("echo+step", False, procs[-1].proc.pid, procs[-1].port, None))
         for batching in (True, False):
             max_batch = cfg.max_batch if batching else 1
             procs.append(
@@ -796,6 +893,8 @@ def measure(
             for C in cfg.clients:
                 n = cfg.tokens_per_client or max(20, cfg.budget // C)
                 for server, batching, pid, port, metrics_port in targets:
+                    if server == "echo+step" and C != 1:
+                        continue
                     r = run_load(
                         f"127.0.0.1:{port}", C, V, n, cfg.warmup, batching, cfg.client_procs, pid,
                         metrics_port,
@@ -805,7 +904,7 @@ def measure(
                     log.info(
                         "C=%3d %-9s %-12s %6.0f tok/s  p50 %.3f ms  p99 %.3f ms  "
                         "CPU ms/token server %.3f client %.3f",
-                        C, server, "" if server == "echo" else f"batching={batching}",
+                        C, server, "" if server.startswith("echo") else f"batching={batching}",
                         r.tokens_per_s, r.p50_ms, r.p99_ms,
                         r.extra["server_cpu_ms_per_token"] or float("nan"),
                         r.extra["client_cpu_ms_per_token"],
@@ -887,6 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         bare, measured = measure(cfg, model, work, V, int(manifest["d_output"]))
     runs = [median_run(rs) for (name, _, _), rs in measured.items() if name == "ssmstream"]
     echo_runs = [median_run(rs) for (name, _, _), rs in measured.items() if name == "echo"]
+    step_runs = [median_run(rs) for (name, _, _), rs in measured.items() if name == "echo+step"]
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
         "python": platform.python_version(),
@@ -894,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": load_at_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
-    result = write_report(cfg, bare, runs, meta, echo_runs)
+    result = write_report(cfg, bare, runs, meta, echo_runs, step_runs)
     log.info("summary: %s", json.dumps(result["summary"]))
     log.info("wrote %s/bench_server.{json,md,png}", cfg.out)
     return 0

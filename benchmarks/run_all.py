@@ -439,6 +439,18 @@ def row_server_scaling(res: dict) -> Row:
     return Row("server tokens/s, 64 vs 1 client", value, T_SCALING, r >= 4, "bench_server", r)
 
 
+def _step_floor(res: dict, key: str) -> str:
+    """'; a bare grpc.aio server running only the step: N×' — the same ratio of the echo
+    server that also runs the bare step (bench_server's summary `echo_step`, 1 client), where
+    it was measured; '' otherwise."""
+    floor = res["bench_server"]["summary"].get("echo_step") or {}
+    return (
+        f"; a bare grpc.aio server running only the step: {_ratio(floor[key])}"
+        if key in floor
+        else ""
+    )
+
+
 def row_own_cpu(res: dict, C: int) -> Row:
     """The server's own CPU per token (server − the bare batched Engine at B = C) ÷ the bare
     grpc.aio echo server's, at C clients (bench_server's summary)."""
@@ -447,7 +459,8 @@ def row_own_cpu(res: dict, C: int) -> Row:
     server, bare = o["server_cpu_ms_per_token"], o["bare_engine_cpu_ms_per_token"]
     value = (
         f"**{_ratio(r)}** ({server:.3f} − {bare:.3f} ms vs echo "
-        f"{o['echo_cpu_ms_per_token']:.3f} ms per token)"
+        f"{o['echo_cpu_ms_per_token']:.3f} ms per token"
+        f"{_step_floor(res, 'own_cpu_ratio') if C == 1 else ''})"
     )
     measure = f"server's own CPU per token vs a bare grpc.aio echo server, {C} client(s)"
     return Row(measure, value, T_OWN_CPU, r <= 1.5, "bench_server", r)
@@ -460,7 +473,7 @@ def row_server_latency(res: dict) -> Row:
     bare = float(srv["bare_engine_step"]["p50_ms"])
     value = (
         f"**{_ratio(r)}** (p50 {one['p50_ms']:.3f} ms vs echo {s['echo_p50_ms_1_client']:.3f} + "
-        f"step {bare:.3f} ms)"
+        f"step {bare:.3f} ms{_step_floor(res, 'latency_over_echo_plus_step')})"
     )
     measure = "server p50 at 1 client vs echo p50 + bare step p50"
     return Row(measure, value, T_LATENCY, r <= 1.3, "bench_server", r)
@@ -470,7 +483,10 @@ def row_server_cpu_vs_step(res: dict) -> Row:
     s, srv = res["bench_server"]["summary"], res["bench_server"]
     r = float(s["server_cpu_1_client_over_step_cpu"])
     step = srv["bare_engine_step"]["cpu_ms_per_token"]
-    value = f"**{_ratio(r)}** (bare Engine.step {step:.3f} ms CPU per token)"
+    value = (
+        f"**{_ratio(r)}** (bare Engine.step {step:.3f} ms CPU per token"
+        f"{_step_floor(res, 'cpu_over_step')})"
+    )
     measure = "server CPU per token at 1 client vs the bare step's"
     return Row(measure, value, T_CPU_STEP, r <= 3, "bench_server", r)
 

@@ -54,6 +54,29 @@ def test_outside_jobs_ratio_is_the_servers_cpu_outside_its_onnxruntime_calls(bs)
     assert o["outside_jobs_ratio"] == pytest.approx(2.0)
 
 
+def test_echo_step_floor_is_scored_by_the_servers_formulas(bs):
+    """The echo server that also runs the bare step (CPU 0.75, p50 0.6) against the echo
+    (CPU 0.25, p50 0.5) and the bare step (CPU 0.5, engine at B = 1 0.25, p50 0.25): own CPU
+    (0.75 − 0.25) / 0.25 = 2, CPU ÷ step 0.75 / 0.5 = 1.5, p50 0.6 / (0.5 + 0.25) = 0.8,
+    the step adds 0.75 − 0.25 = 0.5 ms (1× the bare step's CPU); the server (CPU 1.0, p50 0.7)
+    is 0.25 ms CPU and 0.1 ms p50 above it. Shown in the report; absent without the run."""
+    runs = [_run(bs, 1, True, p50=0.7, cpu=1.0)]
+    echo = [_run(bs, 1, False, p50=0.5, cpu=0.25, server="echo")]
+    floor = [_run(bs, 1, False, p50=0.6, cpu=0.75, server="echo+step")]
+    f = bs.summarize(BARE, runs, echo, floor)["echo_step"]
+    assert f["own_cpu_ratio"] == pytest.approx(2.0)
+    assert f["cpu_over_step"] == pytest.approx(1.5)
+    assert f["latency_over_echo_plus_step"] == pytest.approx(0.8)
+    assert f["step_in_situ_ms_per_token"] == pytest.approx(0.5)
+    assert f["step_in_situ_over_bare"] == pytest.approx(1.0)
+    assert f["server_cpu_above_ms_per_token"] == pytest.approx(0.25)
+    assert f["server_p50_above_ms"] == pytest.approx(0.1)
+    line = [x for x in bs.own_cost_lines({"echo_step": f}) if "echo+step" in x]
+    assert len(line) == 1 and "**2.00×**" in line[0] and "0.250 ms CPU per token" in line[0]
+    assert "echo_step" not in bs.summarize(BARE, runs, echo)
+    assert "echo_step" not in bs.summarize(BARE, runs, [], floor)  # no echo: no ratios
+
+
 def test_median_run_sums_seconds_and_takes_the_median_p99(bs):
     rs = [bs.Run(clients=4, batching=True, tokens=10, seconds=s, tokens_per_s=1.0, p50_ms=1.0,
                  p99_ms=p99, mean_ms=m) for s, p99, m in ((1.0, 5.0, 2.0), (2.0, 30.0, 1.0),

@@ -185,6 +185,28 @@ def test_latency_and_cpu_rows_are_met_at_or_below_their_bounds(ra):
         assert row.met is met and row.ratio == pytest.approx(r), r
 
 
+def test_one_client_rows_show_the_echo_step_floor_where_measured(ra):
+    """The 1-client own CPU, latency and CPU ÷ step rows name the ratio the echo server that
+    also runs the bare step reads (summary `echo_step`); the 64-client row and a summary
+    without it name none, and the verdict stays the server's own."""
+    own = {"ratio": 3.0, "server_cpu_ms_per_token": 1.0, "bare_engine_cpu_ms_per_token": 0.25,
+           "echo_cpu_ms_per_token": 0.25}  # fmt: skip
+    floor = {"own_cpu_ratio": 2.5, "latency_over_echo_plus_step": 1.75, "cpu_over_step": 7.25}
+    s = {"own_cpu": {"1": own, "64": own}, "latency_1_client_over_echo_plus_step": 2.0,
+         "echo_p50_ms_1_client": 0.2, "server_cpu_1_client_over_step_cpu": 8.0}  # fmt: skip
+    runs = [_run(1, True, p50=0.5)]
+    floored = _server(runs, {**s, "echo_step": floor})
+    says = "a bare grpc.aio server running only the step: "
+    rows = ((ra.row_own_cpu(floored, 1), "2.50×"), (ra.row_server_latency(floored), "1.75×"),
+            (ra.row_server_cpu_vs_step(floored), "7.25×"))  # fmt: skip
+    for row, shown in rows:
+        assert f"{says}{shown})" in row.value and row.met is False, row.value
+    assert says not in ra.row_own_cpu(floored, 64).value
+    for row in (ra.row_own_cpu(_server(runs, s), 1), ra.row_server_latency(_server(runs, s)),
+                ra.row_server_cpu_vs_step(_server(runs, s))):  # fmt: skip
+        assert says not in row.value
+
+
 # --- bench_model, soak, bench_sessions, scale-out, GPU ------------------------------------------
 
 
