@@ -42,6 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_all import cpu_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = [256, 1024, 4096, 16384, 65536]
 
@@ -433,19 +436,11 @@ def run_worker(name: str, model_dir: Path, ckpt: Path, **kw) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
     import torch
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -68,6 +68,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_all import cpu_model  # noqa: E402
+
 log = logging.getLogger("bench_server")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -989,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
     step_runs = [median_run(rs) for (name, _, _), rs in measured.items() if name == "echo+step"]
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "load_average": load_at_start,

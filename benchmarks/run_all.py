@@ -908,11 +908,12 @@ def plot_throughput(res: dict, path: Path) -> Path | None:
                 series.append((label, style, *zip(*pts)))
     if "bench_server" in res:
         runs = res["bench_server"]["runs"]
-        S = res["bench_server"].get("bare_engine_step", {}).get("state_size", "?")
+        S = res["bench_server"].get("bare_engine_step", {}).get("state_size")
         for on in (True, False):
             pts = sorted((r["clients"], r["tokens_per_s"]) for r in runs if r["batching"] == on)
             if pts:
-                label = f"gRPC server (S={S:,}), batching {'on' if on else 'off'}"
+                size = f"{S:,}" if isinstance(S, int) else "?"
+                label = f"gRPC server (S={size}), batching {'on' if on else 'off'}"
                 series.append((label, "s-" if on else "s:", *zip(*pts)))
     if not series:
         return None
@@ -973,7 +974,8 @@ PLOTS = {
 # --- the report --------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """This machine's CPU model name (/proc/cpuinfo), else what platform says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -1007,6 +1009,15 @@ def _load(res: dict, name: str) -> str:
     }.get(name, (None, None))
     parts = [f"{p[0]:.1f}" for p in pairs if p]
     return " → ".join(parts) or "not recorded"
+
+
+def _cpu_of(res: dict, name: str) -> str:
+    """The CPU a benchmark's results say they were measured on ('not recorded' for the
+    benchmarks, and older results, that do not record it)."""
+    where = {"bench_export": "machine", "bench_server": "meta"}.get(name)
+    record = res[name].get(where) if where else None
+    cpu = record.get("cpu") if isinstance(record, dict) else None
+    return cpu or "not recorded"
 
 
 def _model_of(res: dict, name: str) -> str:
@@ -1082,21 +1093,23 @@ def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]
         "",
         "## Machine",
         "",
-        f"- CPU: {_cpu_model()}, **{_cores()} cores** available to this process "
-        f"({os.cpu_count()} online); {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        f"- this report was built on: {cpu_model()}, **{_cores()} cores** available to this "
+        f"process ({os.cpu_count()} online); {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}. The development machines differ between "
+        "sessions (CPU model, cache sizes): each benchmark's CPU is in the table below where "
+        "its results record one, and a ratio compares two numbers of one run on one machine",
         f"- load average when this report was built: {load[0]:.2f} / {load[1]:.2f} / "
         f"{load[2]:.2f} (1 / 5 / 15 min). The development machine's cores are shared with "
         "other work, so absolute times move; each ratio below divides two numbers of one run.",
         gpu_line(res),
         "",
-        "| benchmark | results written | load average (1 min) at start → end | model |",
-        "|---|---|---|---|",
+        "| benchmark | results written | CPU | load average (1 min) at start → end | model |",
+        "|---|---|---|---|---|",
     ]
     for bench in BENCHMARKS:
         name = bench.results
         if name not in res:
-            lines.append(f"| {name} | no results yet | | |")
+            lines.append(f"| {name} | no results yet | | | |")
             continue
         when = datetime.datetime.fromtimestamp((results / f"{name}.json").stat().st_mtime)
         try:
@@ -1105,7 +1118,7 @@ def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]
             model = f"not recorded ({type(e).__name__}: {e})"
         lines.append(
             f"| [{name}]({_rel(results / f'{name}.md', report.parent)}) | "
-            f"{when:%Y-%m-%d %H:%M} | {_load(res, name)} | {model} |"
+            f"{when:%Y-%m-%d %H:%M} | {_cpu_of(res, name)} | {_load(res, name)} | {model} |"
         )
     lines += [
         "",
