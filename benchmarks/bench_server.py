@@ -301,20 +301,14 @@ def echo_server(
 
 
 class EchoProc:
-    """echo_server in a process of its own; `port` once it is serving."""
+    """echo_server in a process of its own; `port` once it is serving. `step`: echo_server's
+    model, device and threads (echo+step)."""
 
-    def __init__(
-        self,
-        d_output: int,
-        cpus: tuple[int, ...] | None = None,
-        model: Path | None = None,
-        device: str = "auto",
-        threads: int | None = None,
-    ):
+    def __init__(self, d_output: int, cpus: tuple[int, ...] | None = None, **step):
         ctx = multiprocessing.get_context("spawn")
         ports = ctx.Queue()
-        args = (ports, d_output, cpus, model, device, threads)
-        self.proc = ctx.Process(target=echo_server, args=args, daemon=True)
+        args = (ports, d_output, cpus)
+        self.proc = ctx.Process(target=echo_server, args=args, kwargs=step, daemon=True)
         self.proc.start()
         self.port = ports.get(timeout=60)
 
@@ -865,7 +859,9 @@ def measure(
             procs.append(EchoProc(d_output, cpus))
             targets.append(("echo", False, procs[-1].proc.pid, procs[-1].port, None))
             if 1 in cfg.clients:  # a lone stream's step, unbatched: a floor at 1 client only
-                procs.append(EchoProc(d_output, cpus, model, cfg.device, cfg.threads))
+                procs.append(
+                    EchoProc(d_output, cpus, model=model, device=cfg.device, threads=cfg.threads)
+                )
                 targets.append(("echo+step", False, procs[-1].proc.pid, procs[-1].port, None))
         for batching in (True, False):
             max_batch = cfg.max_batch if batching else 1
