@@ -656,6 +656,7 @@ class RedisReplication:
         self._thread: threading.Thread | None = None
         self._own_key = True
         self._final = False  # flush(final=True) ran: fetches are refused (no lease is taken)
+        self._reclaim_after = -math.inf  # a full `reclaim` that dropped nothing waits till then
 
     def attach(self, store: SessionStore, key_given: bool) -> None:
         """Called once by the store: sign with the key kept in Redis unless the key was given
@@ -861,6 +862,49 @@ class RedisReplication:
                 self.backend.untake(sid, self.replica_id, got)
                 self.backend.release([sid], self.replica_id)
                 raise
+
+    def reclaim(self, session_id: str | None = None) -> int:
+        """Forget local copies that Redis shows have moved on, so that they stop holding
+        this replica's limits and ids: copies of sessions another replica took over (a later
+        term) or that ended there (closed or evicted: another incarnation's record, or no
+        record and this incarnation's tombstone). Such a copy can never be written back (a
+        write-back drops it too). A copy whose lease is ours, that a step holds or that waits
+        for a write-back stays, and so does one Redis has neither a record nor a tombstone
+        of (it may be the only copy). session_id: only that id's copy; else every copy, at
+        most once per lease_ttl / 3 while none goes. Blocking (one round trip, plus one per
+        copy without a record or dropped); returns how many copies went."""
+        if self.degraded or self._final:
+            return 0
+        if session_id is None and time.monotonic() < self._reclaim_after:
+            return 0
+        gone = 0
+        try:
+            with self._io:  # no fetch installs a newer copy meanwhile
+                local = (
+                    self.store.sessions() if session_id is None else [self.store.local(session_id)]
+                )
+                copies = [s for s in local if s and not s.pinned and not self.held(s.id)]
+                heads = self.backend.heads([s.id for s in copies]) if copies else []
+                for s, (incarnation, term, version, _, _) in zip(copies, heads):
+                    if version is None:  # no record: closed or evicted there, or lost
+                        ended = self.backend.gone(s.id, s.incarnation)
+                        if ended is None:
+                            continue  # maybe the only copy: written back when due
+                        self.store.drop(s, ended)
+                    elif incarnation != s.incarnation:  # the id is another incarnation's now
+                        self._drop_ended(s)
+                    elif term > self._term.get(s.id, 0):  # taken over by another replica
+                        self._drop_local(s)
+                    else:
+                        continue
+                    gone += 1
+        except self.backend.Error as e:
+            self._degrade(e)
+        if gone:
+            log.info("%d session copies that moved to other replicas or ended there let go", gone)
+        elif session_id is None:
+            self._reclaim_after = time.monotonic() + self.lease_ttl / 3
+        return gone
 
     def _unwritten(self) -> int:
         """Sessions held here with steps not written to Redis yet (or not written back).

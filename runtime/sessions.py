@@ -367,11 +367,24 @@ class SessionStore:
 
     def _add(self, session_id: str | None, make: Callable, keep_lease: bool = True) -> Session:
         """A new session from `make(id)` (run under the lock), with the replication's claim of
-        the id before and its first write after."""
+        the id before and its first write after. Replicated, local copies of sessions that
+        moved on to other replicas give way first to an id in use here and to a full store or
+        principal (RedisReplication.reclaim)."""
         r = self.replication
         if r is None:
             with self._lock:
                 return make(session_id)
+        if isinstance(session_id, str) and self.local(session_id) is not None:
+            r.reclaim(session_id)  # a copy of it that moved on to another replica gives way
+        try:
+            return self._add_replicated(r, session_id, make, keep_lease)
+        except LimitExceeded:
+            if not r.reclaim():  # copies that moved on to other replicas give way to it
+                raise
+        return self._add_replicated(r, session_id, make, keep_lease)
+
+    def _add_replicated(self, r, session_id: str | None, make: Callable, keep_lease: bool):
+        """`_add` with the replication `r`: claim, make, first write."""
         sid = r.claim(session_id)
         try:
             with self._lock:

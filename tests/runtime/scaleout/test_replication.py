@@ -2316,3 +2316,104 @@ def test_each_failed_operation_counts_one_error_also_while_degraded(redis_server
     assert str(got[0]) == f"state store failed while loading {sid!r}; retry"
     st = b.replication.stats()
     assert st["up"] is False and st["errors"] == 2
+
+
+# --- copies that moved on give way to new sessions --------------------------------------------
+
+
+def _lapsed(*stores) -> None:
+    """Wait until the stores' leases of sessions they did not use have lapsed."""
+    time.sleep(max(s.replication.lease_ttl for s in stores) + 0.05)
+
+
+def test_copies_that_moved_on_give_way_to_a_full_store(redis_server):
+    """A's copies of a session B took over (a later term) and of one B closed (its
+    tombstone) stop holding A's capacity: A's next create drops them and succeeds. The
+    closed one answers "closed" on A afterwards; the moved one is B's."""
+    from ssmstream.runtime.errors import LimitExceeded
+
+    a = replica(redis_server, "A", lease_ttl=0.2, capacity=2)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    moved, closed = a.create().id, a.create().id
+    with pytest.raises(LimitExceeded):
+        a.create()  # both copies are A's own: nothing gives way
+    _lapsed(a)
+    b.fetch(moved)
+    b.fetch(closed)
+    b.close(closed)
+    s = a.create()
+    assert a.local(moved) is None and a.local(closed) is None
+    assert a.replication.stats()["moved"] == 1
+    with pytest.raises(SessionNotFound) as e:
+        a.get(closed)
+    assert e.value.reason == "closed"
+    assert b.held(moved) and b.replication.backend.load(moved)["term"] == 1
+    assert a.replication.backend.load(s.id)["version"] == 1  # the new session is written
+
+
+def test_copies_that_may_be_the_only_ones_or_are_busy_stay(redis_server):
+    """A copy whose record vanished without a tombstone (it may be the only copy), one whose
+    lease is still A's, one nobody took over since A's lease lapsed (idle) and one a step
+    holds all stay: the create is refused. A full reclaim
+    that dropped nothing is not repeated within lease_ttl / 3; after it, the copy B took
+    over gives way once no step holds it."""
+    from ssmstream.runtime.errors import LimitExceeded
+
+    a = replica(redis_server, "A", lease_ttl=0.6, capacity=4)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    lost, busy, idle = a.create().id, a.create().id, a.create().id
+    _lapsed(a)
+    held = a.create().id  # its lease is fresh
+    redis.Redis.from_url(redis_server.url).delete(f"ssmstream:s:{lost}")
+    b.fetch(busy)
+    a.pin(a.local(busy))
+    with pytest.raises(LimitExceeded):
+        a.create()
+    assert all(a.local(sid) is not None for sid in (lost, busy, idle, held))
+    a.unpin(a.local(busy))
+    with pytest.raises(LimitExceeded):
+        a.create()  # within lease_ttl / 3 of a reclaim that dropped nothing: not asked again
+    assert a.local(busy) is not None
+    time.sleep(a.replication.lease_ttl / 3 + 0.05)
+    a.create()
+    assert a.local(busy) is None
+    assert all(a.local(sid) is not None for sid in (lost, idle, held))
+
+
+def test_an_id_whose_copy_moved_on_can_be_created_again_here(redis_server):
+    """An id closed on B can be created again on A, whose old copy of it gives way (a new
+    incarnation); an id live on B stays "already in use" on A (A's copy goes all the same);
+    an id whose copy is still A's own is "already in use" and its copy stays."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    old = a.create(session_id="chat-1")
+    a.create(session_id="chat-2")
+    _lapsed(a)
+    b.fetch("chat-1")
+    b.close("chat-1")
+    b.fetch("chat-2")
+    new = a.create(session_id="chat-1")
+    assert new.incarnation != old.incarnation and a.local("chat-1") is new
+    with pytest.raises(InvalidInput, match="already in use"):
+        a.create(session_id="chat-2")
+    assert a.local("chat-2") is None and b.held("chat-2")
+    with pytest.raises(InvalidInput, match="already in use"):
+        a.create(session_id="chat-1")
+    assert a.local("chat-1") is new
+
+
+def test_copies_stay_while_redis_is_down(redis_server):
+    """Degraded, a replica cannot tell a copy that moved on from the only one: it drops
+    none, and a full store stays full."""
+    from ssmstream.runtime.errors import LimitExceeded
+
+    a = replica(redis_server, "A", lease_ttl=0.2, capacity=1)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    sid = a.create().id
+    _lapsed(a)
+    b.fetch(sid)
+    outage(a)
+    assert a.replication.reclaim() == 0 and a.replication.reclaim(sid) == 0
+    with pytest.raises(LimitExceeded):
+        a.create()
+    assert a.local(sid) is not None
