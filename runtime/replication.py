@@ -94,7 +94,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InvalidInput, ModelError, SessionBusy, Unavailable
+from .errors import InvalidInput, LimitExceeded, ModelError, SessionBusy, Unavailable
 from .sessions import Session, SessionStore, check_session_id
 from .snapshots import SnapshotKey
 
@@ -593,8 +593,14 @@ class RedisBackend:
     def gone(self, session_id: str, incarnation: str) -> str | None:
         """ "closed" | "evicted" when that incarnation of `session_id` ended (its tombstone),
         else None."""
-        v = self.client.get(self.tomb(session_id, incarnation))
-        return None if v is None else (v.decode() or "closed")
+        return self.gone_many([(session_id, incarnation)])[0]
+
+    def gone_many(self, items: Sequence[tuple[str, str]]) -> list[str | None]:
+        """`gone` of each (session_id, incarnation), in one round trip (none for no items)."""
+        if not items:
+            return []
+        tombs = self.client.mget([self.tomb(sid, incarnation) for sid, incarnation in items])
+        return [None if v is None else (v.decode() or "closed") for v in tombs]
 
 
 class RedisReplication:
@@ -856,7 +862,12 @@ class RedisReplication:
             self.counts["relocks"] += 1
         else:
             try:
-                self._install(sid, principal, got, t0)
+                try:
+                    self._install(sid, principal, got, t0)
+                except LimitExceeded:
+                    if not self.reclaim():  # copies that moved on give way to it
+                        raise
+                    self._install(sid, principal, got, t0)
             except BaseException:  # not loaded here: the take-over did not happen
                 self._lease_until.pop(sid, None)
                 self.backend.untake(sid, self.replica_id, got)
@@ -871,8 +882,9 @@ class RedisReplication:
         write-back drops it too). A copy whose lease is ours, that a step holds or that waits
         for a write-back stays, and so does one Redis has neither a record nor a tombstone
         of (it may be the only copy). session_id: only that id's copy; else every copy, at
-        most once per lease_ttl / 3 while none goes. Blocking (one round trip, plus one per
-        copy without a record or dropped); returns how many copies went."""
+        most once per lease_ttl / 3 while none goes. Blocking: pipelined round trips for the
+        records, the tombstones needed and the taken-over copies' leases (at most three);
+        returns how many copies went."""
         if self.degraded or self._final:
             return 0
         if session_id is None and time.monotonic() < self._reclaim_after:
@@ -885,19 +897,30 @@ class RedisReplication:
                 )
                 copies = [s for s in local if s and not s.pinned and not self.held(s.id)]
                 heads = self.backend.heads([s.id for s in copies]) if copies else []
-                for s, (incarnation, term, version, _, _) in zip(copies, heads):
-                    if version is None:  # no record: closed or evicted there, or lost
-                        ended = self.backend.gone(s.id, s.incarnation)
-                        if ended is None:
-                            continue  # maybe the only copy: written back when due
-                        self.store.drop(s, ended)
-                    elif incarnation != s.incarnation:  # the id is another incarnation's now
-                        self._drop_ended(s)
+                # a copy of an incarnation Redis does not hold: its tombstone says if it ended
+                unsure = [
+                    s
+                    for s, (incarnation, _, version, _, _) in zip(copies, heads)
+                    if version is None or incarnation not in ("", s.incarnation)
+                ]  # fmt: skip
+                tombs = self.backend.gone_many([(s.id, s.incarnation) for s in unsure])
+                ended = dict(zip(map(id, unsure), tombs))
+                moved = []
+                for s, (_, term, version, _, _) in zip(copies, heads):
+                    if id(s) in ended:
+                        why = ended[id(s)] or (None if version is None else "closed")
+                        if why is None:
+                            continue  # no record, no tombstone: maybe the only copy
+                        self.store.drop(s, why)  # ended there: later `get`s say how
                     elif term > self._term.get(s.id, 0):  # taken over by another replica
-                        self._drop_local(s)
+                        self.store.drop(s)
+                        moved.append(s.id)
                     else:
                         continue
                     gone += 1
+                self.counts["moved"] += len(moved)
+                if moved:
+                    self.backend.release(moved, self.replica_id)
         except self.backend.Error as e:
             self._degrade(e)
         if gone:

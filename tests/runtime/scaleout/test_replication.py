@@ -2417,3 +2417,49 @@ def test_copies_stay_while_redis_is_down(redis_server):
     with pytest.raises(LimitExceeded):
         a.create()
     assert a.local(sid) is not None
+
+
+def test_a_take_over_into_a_full_store_lets_copies_that_moved_on_give_way(redis_server):
+    """A is full of copies B took over; a session made on B comes to A (a failover, or the
+    proxy's ring changed): A's take-over drops the stale copies instead of failing with
+    LimitExceeded, and holds the session's lease."""
+    a = replica(redis_server, "A", lease_ttl=0.2, capacity=2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    moved = [a.create().id, a.create().id]
+    _lapsed(a)
+    for sid in moved:
+        b.fetch(sid)
+    new = b.create().id
+    _lapsed(b)
+    a.fetch(new)
+    assert a.held(new) and a.local(new) is not None
+    assert all(a.local(sid) is None for sid in moved)
+
+
+def test_reclaim_asks_redis_in_few_round_trips_and_counts_one_error(redis_server):
+    """Copies without a record (Redis emptied, not yet noticed) are looked up in one
+    pipelined round trip, not one per copy; a reclaim whose lease release fails counts one
+    error and still lets go of the copies Redis showed had moved on."""
+    a = replica(redis_server, "A", lease_ttl=0.2, capacity=40)
+    ids = [a.create().id for _ in range(40)]
+    _lapsed(a)
+    backend = a.replication.backend
+    asked = []
+    gone_many = backend.gone_many
+    backend.gone_many = lambda items: asked.append(len(items)) or gone_many(items)
+    for sid in ids[:20]:  # records gone without tombstones
+        redis.Redis.from_url(redis_server.url).delete(f"ssmstream:s:{sid}")
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    for sid in ids[20:23]:
+        b.fetch(sid)  # taken over
+
+    def down(*args):
+        raise redis.ConnectionError("gone")
+
+    backend.release = down
+    errors = a.replication.stats()["errors"]
+    assert a.replication.reclaim() == 3
+    assert asked == [20]
+    assert a.replication.stats()["errors"] == errors + 1 and a.replication.degraded
+    assert all(a.local(sid) is None for sid in ids[20:23])
+    assert all(a.local(sid) is not None for sid in ids[:20] + ids[23:])
