@@ -51,6 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import EchoProc  # noqa: E402
+from run_all import cpu_model  # noqa: E402
 
 log = logging.getLogger("bench_sessions")
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +172,7 @@ def run(model: str, T: int, rounds: int, seed: int = 0, cache_mb: float = 16) ->
         "rounds": rounds,
         "cache_mb": cache_mb,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
+        "cpu": cpu_model(),
         "load_avg_start": load_at_start,
         "load_avg": list(os.getloadavg()),
         "median_s": med,

@@ -1012,12 +1012,14 @@ def _load(res: dict, name: str) -> str:
 
 
 def _cpu_of(res: dict, name: str) -> str:
-    """The CPU a benchmark's results say they were measured on ('not recorded' for the
-    benchmarks, and older results, that do not record it)."""
-    where = {"bench_export": "machine", "bench_server": "meta"}.get(name)
-    record = res[name].get(where) if where else None
-    cpu = record.get("cpu") if isinstance(record, dict) else None
-    return cpu or "not recorded"
+    """The CPU a benchmark's results say they were measured on: their `cpu`, at the top or
+    under `machine` or `meta` ('not recorded' for the benchmarks, and older results, that
+    do not record it)."""
+    r = res[name]
+    for record in (r, r.get("machine"), r.get("meta")):
+        if isinstance(record, dict) and isinstance(record.get("cpu"), str):
+            return record["cpu"]
+    return "not recorded"
 
 
 def _model_of(res: dict, name: str) -> str:

@@ -427,9 +427,9 @@ def test_a_result_without_its_model_field_still_gives_a_report(ra, tmp_path):
 
 
 def test_the_machine_table_names_each_benchmarks_recorded_cpu(ra, tmp_path):
-    """The CPU column shows what a result records (bench_export's machine.cpu, bench_server's
-    meta.cpu) and 'not recorded' where it records none; the report's own CPU line says it is
-    only where the report was built."""
+    """The CPU column shows what a result records (bench_server's meta.cpu, bench_sessions'
+    top-level cpu beside its `machine` string) and 'not recorded' where it records none; the
+    report's own CPU line says it is only where the report was built."""
     (tmp_path / "bench_sessions.json").write_text(json.dumps(_bench_sessions()["bench_sessions"]))
     server = _server([_run(1, True)])["bench_server"]
     server["meta"]["cpu"] = "Example CPU 9000"
@@ -442,3 +442,9 @@ def test_the_machine_table_names_each_benchmarks_recorded_cpu(ra, tmp_path):
     row = next(x for x in lines if x.startswith("| [bench_sessions]"))
     assert row.split(" | ")[2] == "not recorded"
     assert any(x.startswith("- this report was built on: ") for x in lines)
+    sessions = {**_bench_sessions()["bench_sessions"], "machine": "x86_64", "cpu": "Other CPU"}
+    (tmp_path / "bench_sessions.json").write_text(json.dumps(sessions))
+    assert ra.main(["--report-only", "--results", str(tmp_path)]) == 0
+    lines = (tmp_path / "REPORT.md").read_text().splitlines()
+    row = next(x for x in lines if x.startswith("| [bench_sessions]"))
+    assert row.split(" | ")[2] == "Other CPU"
