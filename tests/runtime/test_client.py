@@ -376,3 +376,24 @@ def test_check_generate_refuses_what_the_server_would_naming_the_field():
         with pytest.raises(ValueError) as e:
             check_generate(req, model)
         assert str(e.value) == message
+
+
+def test_a_callers_own_deadline_or_cancellation_is_not_a_failover():
+    """DEADLINE_EXCEEDED (the client's timeout) and CANCELLED (the caller's own cancel) say
+    nothing about the session's replica: not resumable, as an unknown error is not."""
+    import grpc
+    from ssmstream.runtime.client import resumable_error
+
+    class Err(grpc.RpcError):
+        def __init__(self, code, details):
+            self._c, self._d = code, details
+
+        def code(self):
+            return self._c
+
+        def details(self):
+            return self._d
+
+    S = grpc.StatusCode
+    for code in (S.DEADLINE_EXCEEDED, S.CANCELLED, S.UNKNOWN, S.RESOURCE_EXHAUSTED):
+        assert not resumable_error(Err(code, "Deadline Exceeded")), code

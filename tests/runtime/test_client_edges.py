@@ -219,3 +219,13 @@ def test_generate_into_a_closed_pipe_stops_quietly(toy_server):
     while len(srv.store) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(srv.store) == before
+
+
+def test_generate_cli_ignores_blank_items_in_id_lists(toy_server, capsys):
+    """A trailing comma or a blank item in --ids' prompt or --stop is skipped, as an empty
+    one is: "1,2, " is the prompt [1, 2] and --stop " " no stop token."""
+    with Client(target(toy_server), timeout=10) as c:
+        want = [g.token for g in c.generate([1, 2], max_new_tokens=4, temperature=0.0)]
+    argv = _cli(toy_server, "--temperature", "0", "--max-new-tokens", "4", "--stop", " , ")
+    assert generate_main([*argv, "1,2, "]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == want

@@ -389,3 +389,96 @@ def test_a_callers_receive_limit_applies_in_the_async_client(toy_server):
             return e.value.code()
 
     assert asyncio.run(asyncio.wait_for(run(), 20)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_memoryview_of_chars_is_byte_ids():
+    """A memoryview in format 'c' (a char buffer) holds bytes: ids 0..255, as bytes do."""
+    chars = memoryview(b"h\xe9").cast("c")
+    assert list(step_request("s", tokens=chars).tokens) == [104, 233]
+    assert list(generate_request("s", chars).prompt) == [104, 233]
+
+
+def test_a_bool_is_neither_a_count_nor_a_number():
+    """True is not 1 here: a flag passed in the wrong place is refused, naming it."""
+    for call, name in (
+        (lambda: generate_request("s", [1], max_new_tokens=True), "max_new_tokens"),
+        (lambda: generate_request("s", [1], top_k=False), "top_k"),
+        (lambda: generate_request("s", [1], seed=True), "seed"),
+        (lambda: step_request("s", tokens=[1], output="top_k", top_k=True), "top_k"),
+        (lambda: generate_request("s", [1], temperature=True), "temperature"),
+        (lambda: generate_request("s", [1], top_p=False), "top_p"),
+        (lambda: create_request("s", ttl=True), "ttl"),
+    ):
+        with pytest.raises(ValueError, match=f"^{name}: must be"):
+            call()
+
+
+def test_check_generate_takes_as_many_stop_tokens_as_the_vocabulary():
+    """The server allows up to vocab_size stop tokens (repeats counted): V pass, V + 1 not."""
+    V = 10
+    ok = generate_request("s", [1], stop=list(range(V)))
+    assert check_generate(ok, _info(V)) is ok
+    with pytest.raises(ValueError) as e:
+        check_generate(generate_request("s", [1], stop=[*range(V), 0]), _info(V))
+    assert str(e.value) == "stop: has more than vocab_size=10 tokens"
+
+
+def test_check_generate_takes_a_request_of_exactly_the_servers_message_limit():
+    """grpc refuses a message larger than max_message_bytes, not one of that size."""
+    req = generate_request("s", [1, 2, 3], max_new_tokens=5, seed=7)
+    info = _info()
+    info.limits.max_message_bytes = req.ByteSize()
+    assert check_generate(req, info) is req
+    info.limits.max_message_bytes = req.ByteSize() - 1
+    with pytest.raises(ValueError, match="^prompt: the request is"):
+        check_generate(req, info)
+
+
+def test_a_fork_of_a_handle_that_saw_nothing_has_the_servers_position(toy_server):
+    """The fork's position is the one the server reports, not the parent handle's."""
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session(prompt=PROMPT)
+        stale = c.session(s.id)  # position 0 on this handle; 6 on the server
+        f = stale.fork()
+        assert f.position == 6 == position_on_server(toy_server, f.id)
+        f.close(), s.close()
+
+
+def test_ttl_reaches_the_server_on_async_restore(toy_server):
+    async def run():
+        async with AsyncClient(target(toy_server), timeout=10) as c:
+            s = await c.create_session(ttl=123.5)
+            r = await c.restore(await s.snapshot(), ttl=77.25)
+            ttls = [toy_server.server.store.get(h.id, ANONYMOUS).ttl for h in (s, r)]
+            await s.close(), await r.close()
+            return ttls
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == [123.5, 77.25]
+
+
+def test_outputs_are_none_unless_the_step_asked_for_them(toy_server):
+    """output="none" and "top_k" return no output rows: `outputs` is None (not an empty
+    array), as for a StepResponse without rows."""
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session()
+        assert s.step(tokens=[1, 2], output="none").outputs is None
+        r = s.step(tokens=[3], output="top_k", top_k=2)
+        assert r.outputs is None and r.top_tokens.shape == (2,) and r.position == 3
+        assert s.step(tokens=[4], output="last").outputs.shape == (1, 5)  # d_output 5
+        s.close()
+
+
+class _InterruptedSession(_FakeSession):
+    def generate(self, prompt, **kw):
+        yield from super().generate(prompt, **kw)
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_exits_130_naming_the_kept_session(monkeypatch, capsys):
+    """Ctrl-C during the generation: exit status 128 + SIGINT, the kept session named."""
+    fake = _fake_client(monkeypatch, 256, [0x61, 0x62])
+    fake.session = lambda self, session_id: _InterruptedSession([0x61, 0x62])
+    argv = ["--server", "x:1", "--max-new-tokens", "2", "--keep-session", "hi"]
+    assert generate_main(argv) == 130
+    said = capsys.readouterr()
+    assert said.out == "ab" and said.err == "session: fake (position 3)\n"

@@ -57,6 +57,13 @@ def test_an_integer_beyond_int64_is_refused_as_such(ids):
         generate_request("s", ids)
 
 
+def test_an_integer_beyond_int64_is_named_not_the_int64_minimum_beside_it():
+    """-(2**63) fits int64: the error names the id that does not."""
+    with pytest.raises(ValueError) as e:
+        generate_request("s", [-(2**63), 2**63])
+    assert str(e.value) == f"prompt: must fit in int64, got {2**63}"
+
+
 @pytest.fixture(scope="module")
 def srv(toy_token_model):
     with serve(toy_token_model["model_dir"]) as s:
@@ -349,3 +356,77 @@ def test_close_while_another_thread_opens_stream_handles(srv):
         stop.set()
         t.join(10)
     assert errors == []
+
+
+def test_a_token_with_a_space_is_refused_naming_it():
+    """A token with a space is not one bearer token (a pasted "Bearer <token>", or a line
+    of the tokens file, "<token> <principal>"): refused before any call."""
+    for token in ("tok-0123 alice", "Bearer tok-0123"):
+        with pytest.raises(ValueError, match=r"^token: must be visible ASCII"):
+            Client("127.0.0.1:1", token=token, timeout=10)
+        with pytest.raises(ValueError, match=r"^token: must be visible ASCII"):
+            AsyncClient("127.0.0.1:1", token=token, timeout=10)
+
+
+def test_close_ends_the_stream_handles_still_held_open(srv):
+    """Client.close() closes the handles the caller still holds: their request threads end
+    (not only those of handles dropped without close)."""
+    with Client(target(srv), timeout=10) as c:  # warm the channel's own threads up
+        c.info()
+    before = _threads()
+    c = Client(target(srv), timeout=10)
+    held = [c.create_session().open_stream() for _ in range(3)]  # one Stream per session
+    for st in held:
+        st.send(tokens=[1])
+    c.close()
+    deadline = time.monotonic() + 30
+    while (left := _threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    names = sorted(t.name for t in left)
+    assert not left, f"{len(left)} threads left with {len(held)} handles held: {names}"
+    with pytest.raises(grpc.RpcError):
+        held[0].send(tokens=[2])
+
+
+def test_closing_an_async_generate_early_stops_the_generation(byte_server):
+    """aclose() on an async generate cancels its call: the kept session stays at the
+    position it had when left, the server does not go on generating all N tokens."""
+    n = 100_000
+
+    async def run():
+        async with AsyncClient(target(byte_server), timeout=10) as c:
+            s = await c.create_session(prompt=[1])
+            g = s.generate([1], max_new_tokens=n, temperature=1.0, seed=0, keep_session=True)
+            async for r in g:
+                if r.position >= 3:
+                    break
+            await g.aclose()
+            await asyncio.sleep(0.5)  # the cancellation reaches the server
+            left_at = position_on_server(byte_server, s.id)
+            await asyncio.sleep(0.5)  # nothing generates on it any more
+            later = position_on_server(byte_server, s.id)
+            await s.close()
+            return left_at, later
+
+    left_at, later = asyncio.run(asyncio.wait_for(run(), 60))
+    assert later == left_at < n // 3, f"left at 3; then {left_at}, {later} of {n}"
+
+
+def test_leaving_the_with_block_closes_the_channel_in_both_clients(srv):
+    """After the `with` block no call goes out: grpc refuses an RPC on the closed channel."""
+    with Client(target(srv), timeout=10) as c:
+        assert c.info().vocab_size > 0
+    with pytest.raises(ValueError, match="closed channel"):
+        c.info()
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            assert (await c.info()).vocab_size > 0
+        try:
+            await c.info()
+        except BaseException as e:  # noqa: BLE001
+            return e
+        return None
+
+    e = asyncio.run(asyncio.wait_for(run(), 30))
+    assert isinstance(e, grpc.aio.UsageError) and "closed" in str(e), repr(e)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_helpers import position_on_server, serve, target
+from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.client import AsyncClient, Client, step_request
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -220,3 +221,109 @@ def test_the_servers_error_for_an_item_wins_over_a_later_refused_one(srv):
 
     code, details = asyncio.run(asyncio.wait_for(run(), 30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "999" in details
+
+
+def test_an_async_send_after_close_says_the_stream_was_closed(srv):
+    """The CANCELLED status of a send on a closed handle says so (not that an earlier send
+    was cancelled)."""
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            st = s.open_stream()
+            await st.send(tokens=[1])
+            await st.close()
+            with pytest.raises(grpc.RpcError) as e:
+                await st.send(tokens=[2])
+            await s.close()
+            return e.value.code(), e.value.details()
+
+    got = asyncio.run(asyncio.wait_for(run(), 30))
+    assert got == (grpc.StatusCode.CANCELLED, "this stream was closed")
+
+
+class _Reset(grpc.RpcError):
+    """What a proxy's reset of the Stream raises (INTERNAL RST_STREAM)."""
+
+    def code(self):
+        return grpc.StatusCode.INTERNAL
+
+    def details(self):
+        return "Stream removed (RST_STREAM (error code 2))"
+
+
+def _answers(req: pb.StepRequest, n: int) -> pb.StepResponse:
+    return pb.StepResponse(session_id=req.session_id, position=n)
+
+
+class _ResetAfterTheAnswers:
+    """A Stream stub that answers every request it reads, then fails with _Reset."""
+
+    def Stream(self, requests, metadata=None):  # noqa: N802 - the stub's method name
+        def responses():
+            for n, req in enumerate(requests, 1):
+                yield _answers(req, n)
+            raise _Reset()
+
+        return responses()
+
+
+class _AsyncResetAfterTheAnswers:
+    """The same for grpc.aio: requests from an iterable or an async iterable."""
+
+    def Stream(self, requests, metadata=None):  # noqa: N802
+        return _AsyncCall(requests)
+
+
+class _AsyncCall:
+    def __init__(self, requests):
+        self.requests = requests
+
+    async def _responses(self):
+        if not hasattr(self.requests, "__aiter__"):
+            self.requests = _aitems(self.requests)
+        n = 0
+        async for req in self.requests:
+            n += 1
+            yield _answers(req, n)
+        raise _Reset()
+
+    def __aiter__(self):
+        return self._responses()
+
+    def cancel(self):
+        return True
+
+
+async def _aitems(items):
+    for x in items:
+        yield x
+
+
+def test_a_refused_item_is_raised_when_the_stream_then_fails_after_every_answer():
+    """Every item sent before the refused one was answered, then the Stream failed (a proxy
+    reset it): the caller gets the refused item's ValueError, caused by that failure, in
+    both clients (port 1: the stub answers, nothing is sent)."""
+    items = [[1], [2], [1.5], [3]]
+    with Client("127.0.0.1:1", timeout=5) as c:
+        c.stub = _ResetAfterTheAnswers()
+        s = c.session("sid")
+        got = []
+        with pytest.raises(ValueError, match="^tokens: ") as e:
+            for r in s.stream(items):
+                got.append(r.position)
+        assert got == [1, 2] and s.position == 2 and isinstance(e.value.__cause__, _Reset)
+
+    async def run(inputs):
+        async with AsyncClient("127.0.0.1:1", timeout=5) as c:
+            c.stub = _AsyncResetAfterTheAnswers()
+            s = c.session("sid")
+            got = []
+            with pytest.raises(ValueError, match="^tokens: ") as e:
+                async for r in s.stream(inputs):
+                    got.append(r.position)
+            return got, s.position, e.value.__cause__
+
+    for inputs in (items, _aitems(items)):
+        got, position, cause = asyncio.run(asyncio.wait_for(run(inputs), 30))
+        assert got == [1, 2] and position == 2 and isinstance(cause, _Reset)
