@@ -492,3 +492,18 @@ def test_a_refused_write_after_a_take_over_takes_no_lease(redis_server):
     with pytest.raises(Unavailable, match="another replica"):
         step(a, sid, rng)
     assert redis.Redis.from_url(redis_server.url).get(f"ssmstream:l:{sid}") is None
+
+
+def test_a_shutdown_flush_writes_back_an_older_record_that_names_no_holder(redis_server):
+    """A record that went back to fewer of A's writes and names no holder (as an older
+    release wrote it) is A's own: A's shutdown flush writes its newer clean copy back."""
+    rng = np.random.default_rng(33)
+    a, sid, old = stepped_twice(redis_server, rng)
+    want = a.read(a.get(sid))
+    del old[b"holder"]
+    roll_back(redis_server, sid, old)
+    assert written(a, sid)[0] == 1
+    assert a.flush() == 0
+    position, state, _ = written(a, sid)
+    assert position == 2
+    np.testing.assert_array_equal(state, want)

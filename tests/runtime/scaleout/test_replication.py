@@ -2318,6 +2318,76 @@ def test_each_failed_operation_counts_one_error_also_while_degraded(redis_server
     assert st["up"] is False and st["errors"] == 2
 
 
+def test_an_evicted_sessions_delete_is_sent_once(redis_server):
+    """The deletes queued by an eviction are sent by the next delete run only: a later run
+    (the next period) sends nothing again."""
+    now = [0.0]
+    a = replica(redis_server, "A", lease_ttl=0.3, ttl=10.0, clock=lambda: now[0])
+    s = a.create()
+    now[0] = 11.0
+    assert a.evict_idle() == [s.id]
+    backend = a.replication.backend
+    sent = []
+    drop_many = backend.drop_many
+    backend.drop_many = lambda items, owner: sent.append(len(items)) or drop_many(items, owner)
+    a.replication._delete_dropped()
+    a.replication._delete_dropped()
+    assert sent == [1]
+    cli = redis.Redis.from_url(redis_server.url)
+    assert cli.get(f"ssmstream:x:{s.id}:{s.incarnation}") == b"evicted"
+
+
+def test_an_idle_session_written_by_the_renewal_keeps_its_lease_one_period_more(
+    redis_server, monkeypatch
+):
+    """--persist-every 4: the renewal that writes an idle session's unwritten step renews
+    its lease too, so the lease is still held past what the previous renewal gave."""
+    clock = _fake_clock(monkeypatch)
+    rng = np.random.default_rng(31)
+    a = replica(redis_server, "A", persist_every="4", lease_ttl=5.0)
+    sid = a.create().id
+    step(a, sid, rng)
+    a.replication._renew_used()  # used since the last renewal: renewed
+    clock[0] += 2.0
+    a.replication._renew_used()  # idle with an unwritten step: written, then renewed
+    assert a.replication.backend.load(sid)["version"] == 2
+    clock[0] += 2.5  # past 0.8 × lease_ttl after the first renewal
+    assert a.held(sid)
+
+
+def test_a_fetch_arriving_while_a_reclaim_lets_the_copy_go_loads_the_session_afresh(
+    redis_server,
+):
+    """A fetch of a session whose stale copy a reclaim is letting go at that moment waits
+    for the reclaim, then loads the session afresh: A holds it and its lease afterwards
+    (it is not left dropped with its lease released)."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=0.2)
+    sid = a.create().id
+    _lapsed(a)
+    b.fetch(sid)
+    _lapsed(b)  # B's lease lapses too: A may take the session back
+    fetches = []
+    real_drop = a.drop
+
+    def drop_while_fetched(s, reason="moved"):
+        t = threading.Thread(target=a.fetch, args=(sid,))
+        t.start()
+        t.join(0.5)
+        fetches.append(t)
+        real_drop(s, reason)
+
+    a.drop = drop_while_fetched
+    try:
+        assert a.replication.reclaim() == 1
+    finally:
+        a.drop = real_drop
+    fetches[0].join(5)
+    assert a.local(sid) is not None and a.held(sid)
+    assert a.replication.backend.client.get(f"ssmstream:l:{sid}") == b"A"
+    assert a.replication.backend.load(sid)["holder"] == "A"
+
+
 # --- copies that moved on give way to new sessions --------------------------------------------
 
 
@@ -2463,3 +2533,122 @@ def test_reclaim_asks_redis_in_few_round_trips_and_counts_one_error(redis_server
     assert a.replication.stats()["errors"] == errors + 1 and a.replication.degraded
     assert all(a.local(sid) is None for sid in ids[20:23])
     assert all(a.local(sid) is not None for sid in ids[:20] + ids[23:])
+
+
+def test_an_old_copy_whose_id_was_reused_elsewhere_gives_way_saying_how_it_ended(redis_server):
+    """A's old copy of a chat-1 that was evicted on B, whose id is now another session of
+    B's (another incarnation's record), gives way to a reclaim; A then answers "evicted"
+    for it, as its tombstone says, and mallory's record on B stays."""
+    a, b, sid, inc = _old_copy_then_id_reused(redis_server, "evicted")
+    assert a.replication.reclaim() == 1
+    assert a.local(sid) is None
+    with pytest.raises(SessionNotFound) as e:
+        a.get(sid, "alice")
+    assert e.value.reason == "evicted"
+    assert b.replication.backend.load(sid)["principal"] == "mallory"
+
+
+def test_an_old_copy_whose_id_was_reused_gives_way_after_its_tombstone_expired(redis_server):
+    """Another incarnation's record without the old incarnation's tombstone (it expired)
+    still shows that A's copy ended: it gives way to a reclaim and is answered "closed"."""
+    a, b, sid, inc = _old_copy_then_id_reused(redis_server, "closed")
+    redis.Redis.from_url(redis_server.url).delete(f"ssmstream:x:{sid}:{inc}")  # expired
+    assert a.replication.reclaim() == 1
+    with pytest.raises(SessionNotFound) as e:
+        a.get(sid, "alice")
+    assert e.value.reason == "closed"
+    assert b.replication.backend.load(sid)["principal"] == "mallory"
+
+
+def test_a_copy_whose_record_names_no_incarnation_is_its_own_and_stays(redis_server):
+    """A record without an incarnation (as an older release wrote it) is the copy's own, as
+    the write-back takes it: A's idle copy of it stays, and a full store stays full."""
+    from ssmstream.runtime.errors import LimitExceeded
+
+    a = replica(redis_server, "A", lease_ttl=0.2, capacity=1)
+    sid = a.create().id
+    _lapsed(a)
+    redis.Redis.from_url(redis_server.url).hdel(f"ssmstream:s:{sid}", "incarnation")
+    with pytest.raises(LimitExceeded):
+        a.create()
+    assert a.local(sid) is not None
+    assert a.replication.reclaim(sid) == 0
+
+
+def test_a_create_of_an_id_that_ended_elsewhere_is_not_held_back_by_a_recent_full_reclaim(
+    redis_server,
+):
+    """Only full reclaims wait lease_ttl / 3 after one that dropped nothing: right after a
+    refused create into a full store, a create naming the id of A's copy that B has closed
+    since still lets that copy go and makes the new session."""
+    from ssmstream.runtime.errors import LimitExceeded
+
+    a = replica(redis_server, "A", lease_ttl=1.5, capacity=1)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    old = a.create(session_id="chat-1")
+    _lapsed(a)
+    with pytest.raises(LimitExceeded):
+        a.create()  # A's copy is current: nothing gives way
+    b.fetch("chat-1")
+    b.close("chat-1")
+    new = a.create(session_id="chat-1")
+    assert new.incarnation != old.incarnation and a.local("chat-1") is new
+
+
+def test_an_id_refused_as_in_use_does_not_hold_back_the_next_full_reclaim(redis_server):
+    """A create naming the id of A's own current copy is refused ("already in use") and
+    lets nothing go; that lookup of one id does not count as a full reclaim, so the next
+    create into the full store at once lets go of the copy B took over."""
+    a = replica(redis_server, "A", lease_ttl=1.5, capacity=2)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    moved, own = a.create().id, a.create().id
+    _lapsed(a)
+    b.fetch(moved)
+    with pytest.raises(InvalidInput, match="already in use"):
+        a.create(session_id=own)
+    a.create()
+    assert a.local(moved) is None and a.local(own) is not None
+
+
+def test_a_reclaim_that_let_copies_go_does_not_hold_back_the_next_one(redis_server):
+    """Only a full reclaim that dropped nothing waits lease_ttl / 3: after one that let a
+    copy go, a copy that a step held then gives way to the very next full create."""
+    a = replica(redis_server, "A", lease_ttl=1.5, capacity=2)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    first, busy = a.create().id, a.create().id
+    _lapsed(a)
+    b.fetch(first)
+    b.fetch(busy)
+    a.pin(a.local(busy))
+    a.create()  # `first` gives way; `busy` is held by a step
+    assert a.local(first) is None and a.local(busy) is not None
+    a.unpin(a.local(busy))
+    a.create()
+    assert a.local(busy) is None
+
+
+def test_a_create_naming_a_new_id_into_a_full_store_lets_copies_that_moved_on_give_way(
+    redis_server,
+):
+    """A create that names its own (new) id into a store full of copies B took over lets
+    those copies go, as one without an id does."""
+    a = replica(redis_server, "A", lease_ttl=0.2, capacity=1)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    moved = a.create().id
+    _lapsed(a)
+    b.fetch(moved)
+    s = a.create(session_id="chat-new")
+    assert a.local(moved) is None and a.local("chat-new") is s
+
+
+def test_a_replica_shut_down_lets_no_copy_go(redis_server):
+    """After the shutdown flush (flush(final=True)) a replica asks Redis nothing more about
+    its copies: a reclaim lets none go, not even one B took over."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    sid = a.create().id
+    _lapsed(a)
+    b.fetch(sid)
+    assert a.flush(final=True) == 0
+    assert a.replication.reclaim() == 0 and a.replication.reclaim(sid) == 0
+    assert a.local(sid) is not None
