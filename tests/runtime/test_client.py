@@ -291,6 +291,10 @@ def test_resumable_error_names_the_errors_a_failover_causes():
     assert not resumable_error(Err(S.INTERNAL, "step graph failed for batch 4"))
     assert not resumable_error(Err(S.INVALID_ARGUMENT, "tokens: [0] = 999 is outside [0, 256)"))
     assert not resumable_error(Err(S.NOT_FOUND, "session 'x' not found (closed)"))
+    # the client's own timeout, the caller's cancel, an unknown error or a limit say nothing
+    # about the session's replica
+    for code in (S.DEADLINE_EXCEEDED, S.CANCELLED, S.UNKNOWN, S.RESOURCE_EXHAUSTED):
+        assert not resumable_error(Err(code, "Deadline Exceeded")), code
     assert not resumable_error(  # a replica of another model refuses it every time
         Err(S.FAILED_PRECONDITION, "snapshot belongs to another model (sha 'ab'…)")
     )
@@ -376,24 +380,3 @@ def test_check_generate_refuses_what_the_server_would_naming_the_field():
         with pytest.raises(ValueError) as e:
             check_generate(req, model)
         assert str(e.value) == message
-
-
-def test_a_callers_own_deadline_or_cancellation_is_not_a_failover():
-    """DEADLINE_EXCEEDED (the client's timeout) and CANCELLED (the caller's own cancel) say
-    nothing about the session's replica: not resumable, as an unknown error is not."""
-    import grpc
-    from ssmstream.runtime.client import resumable_error
-
-    class Err(grpc.RpcError):
-        def __init__(self, code, details):
-            self._c, self._d = code, details
-
-        def code(self):
-            return self._c
-
-        def details(self):
-            return self._d
-
-    S = grpc.StatusCode
-    for code in (S.DEADLINE_EXCEEDED, S.CANCELLED, S.UNKNOWN, S.RESOURCE_EXHAUSTED):
-        assert not resumable_error(Err(code, "Deadline Exceeded")), code

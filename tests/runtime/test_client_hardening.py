@@ -252,11 +252,16 @@ def test_handles_left_open_leave_no_thread_after_the_client_closes(srv):
         s.close()
     # they end within moments (seconds on a loaded machine); a thread left waiting on a
     # dropped handle's queue would never end: polled up to a generous deadline
-    deadline = time.monotonic() + 30
+    left = _threads_left(before)
+    assert not left, f"{len(left)} threads left after Client.close(): {left}"
+
+
+def _threads_left(before: set, seconds: float = 30.0) -> list[str]:
+    """The names of threads started since `before` that have not ended within `seconds`."""
+    deadline = time.monotonic() + seconds
     while (left := _threads() - before) and time.monotonic() < deadline:
         time.sleep(0.1)
-    names = sorted(t.name for t in left)
-    assert not left, f"{len(left)} threads left after Client.close(): {names}"
+    return sorted(t.name for t in left)
 
 
 def _catch(fn):
@@ -379,11 +384,8 @@ def test_close_ends_the_stream_handles_still_held_open(srv):
     for st in held:
         st.send(tokens=[1])
     c.close()
-    deadline = time.monotonic() + 30
-    while (left := _threads() - before) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    names = sorted(t.name for t in left)
-    assert not left, f"{len(left)} threads left with {len(held)} handles held: {names}"
+    left = _threads_left(before)
+    assert not left, f"{len(left)} threads left with {len(held)} handles held: {left}"
     with pytest.raises(grpc.RpcError):
         held[0].send(tokens=[2])
 
