@@ -90,7 +90,8 @@ import time
 import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -99,6 +100,7 @@ from .sessions import Session, SessionStore, check_session_id
 from .snapshots import SnapshotKey
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # KEYS lease, session; ARGV owner, ttl ms. 1 when the id was free and its lease is now ours
 # (taken here: no one held it and no record exists), else 0 (nothing changed).
@@ -862,17 +864,22 @@ class RedisReplication:
             self.counts["relocks"] += 1
         else:
             try:
-                try:
-                    self._install(sid, principal, got, t0)
-                except LimitExceeded:
-                    if not self.reclaim():  # copies that moved on give way to it
-                        raise
-                    self._install(sid, principal, got, t0)
+                self.with_room(lambda: self._install(sid, principal, got, t0))
             except BaseException:  # not loaded here: the take-over did not happen
                 self._lease_until.pop(sid, None)
                 self.backend.untake(sid, self.replica_id, got)
                 self.backend.release([sid], self.replica_id)
                 raise
+
+    def with_room(self, make: Callable[[], T]) -> T:
+        """`make()` (which takes a slot of the store); when the store or the principal is
+        full (LimitExceeded), once more after `reclaim` let copies that moved on go."""
+        try:
+            return make()
+        except LimitExceeded:
+            if not self.reclaim():
+                raise
+        return make()
 
     def reclaim(self, session_id: str | None = None) -> int:
         """Forget local copies that Redis shows have moved on, so that they stop holding
@@ -889,6 +896,8 @@ class RedisReplication:
             return 0
         if session_id is None and time.monotonic() < self._reclaim_after:
             return 0
+        if session_id is not None and self.store.local(session_id) is None:
+            return 0  # no copy of it here: nothing to ask Redis
         gone = 0
         try:
             with self._io:  # no fetch installs a newer copy meanwhile
@@ -902,13 +911,13 @@ class RedisReplication:
                     s
                     for s, (incarnation, _, version, _, _) in zip(copies, heads)
                     if version is None or incarnation not in ("", s.incarnation)
-                ]  # fmt: skip
+                ]
                 tombs = self.backend.gone_many([(s.id, s.incarnation) for s in unsure])
-                ended = dict(zip(map(id, unsure), tombs))
+                ended = dict(zip(unsure, tombs))
                 moved = []
                 for s, (_, term, version, _, _) in zip(copies, heads):
-                    if id(s) in ended:
-                        why = ended[id(s)] or (None if version is None else "closed")
+                    if s in ended:
+                        why = ended[s] or (None if version is None else "closed")
                         if why is None:
                             continue  # no record, no tombstone: maybe the only copy
                         self.store.drop(s, why)  # ended there: later `get`s say how

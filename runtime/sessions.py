@@ -374,14 +374,9 @@ class SessionStore:
         if r is None:
             with self._lock:
                 return make(session_id)
-        if isinstance(session_id, str) and self.local(session_id) is not None:
+        if isinstance(session_id, str):
             r.reclaim(session_id)  # a copy of it that moved on to another replica gives way
-        try:
-            return self._add_replicated(r, session_id, make, keep_lease)
-        except LimitExceeded:
-            if not r.reclaim():  # copies that moved on to other replicas give way to it
-                raise
-        return self._add_replicated(r, session_id, make, keep_lease)
+        return r.with_room(lambda: self._add_replicated(r, session_id, make, keep_lease))
 
     def _add_replicated(self, r, session_id: str | None, make: Callable, keep_lease: bool):
         """`_add` with the replication `r`: claim, make, first write."""
