@@ -68,6 +68,19 @@ the graph: the Toeplitz product transposed, [H, Q, Q] @ [H, Q, B·n], is ~30-40%
 alone than [H, B·n, Q] @ [H, Q, Q] (its per-call tables, ~4 MB a shipped layer, come from
 L3/DRAM), but it wants the trunk's rows in (t, b, j) order, and then the chunk states need
 element-strided Transposes (~0.3 ms a layer in onnxruntime).
+Where a call's time goes (a 256-wide, 4-layer, N = 128 SISO model, T = 1,024, ~27 ms on a
+2-core Intel Xeon): ~9.4 ms in the 12 per-head MatMuls, which read ~80 MB of tables a call
+(G and F 8 MB a layer each, the Toeplitz 4 MB): one of them takes ~0.5 ms alone with its
+table hot, ~0.7 ms in a chain of MatMuls over 96 MB of tables, ~0.9 ms in the graph; ~5.4 ms
+in the dense layers; ~3.9 ms in the unrolled carries; the rest moves data (the Transposes of
+E and of the chunk starts, Split, Concat, cuts). Tried there and dropped: the carry heads
+first ([H, B, n, 2, N/2]: no Transposes of E and the starts), whose ReduceSum over re/im with
+64-float inner runs took twice as long (+1.2 ms a call), while onnxruntime's transpose
+optimizer moved the packing Transposes behind the Concat of all layers (one 1.2 ms
+Transpose); the carry re/im first ([n, 2, B, H, N/2]: no Unsqueeze a step, -0.27 ms), which
+needs a Transpose that moves B to pack the states (+1.2 ms); chunk_states as all n_max + 1
+states (no cut: -0.6 ms, 2%), not worth a change of the graph's outputs; selecting the
+tail's inputs inside the If (nothing measurable).
 
 Dimension letters: B batch, T length, D d_model, H heads, M head width (= P outputs),
 N state (N/2 complex modes, written n), Q chunk length, S packed state.
