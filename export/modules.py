@@ -72,7 +72,8 @@ Where a call's time goes (a 256-wide, 4-layer, N = 128 SISO model, T = 1,024, ~2
 2-core Intel Xeon): ~9.4 ms in the 12 per-head MatMuls, which read ~80 MB of tables a call
 (G and F 8 MB a layer each, the Toeplitz 4 MB): one of them takes ~0.5 ms alone with its
 table hot, ~0.7 ms in a chain of MatMuls over 96 MB of tables, ~0.9 ms in the graph; ~5.4 ms
-in the dense layers; ~3.9 ms in the unrolled carries; the rest moves data (the Transposes of
+in the dense layers; ~3.4 ms in the unrolled carries' arithmetic (the graph without it:
+30.1 → 26.8 ms); the rest moves data (the Transposes of
 E and of the chunk starts, Split, Concat, cuts). Tried there and dropped: the carry heads
 first ([H, B, n, 2, N/2]: no Transposes of E and the starts), whose ReduceSum over re/im with
 64-float inner runs took twice as long (+1.2 ms a call), while onnxruntime's transpose
