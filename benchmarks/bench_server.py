@@ -537,7 +537,7 @@ def echo_step_floor(bare: dict, floor: Run, echo: Run, server: Run | None) -> di
     echo_cpu = echo.extra.get("server_cpu_ms_per_token")
     step_cpu = bare.get("cpu_ms_per_token")
     engine = bare.get("batch_cpu_ms_per_token", {}).get("1", step_cpu)
-    if None in (cpu, echo_cpu, step_cpu, engine) or not echo_cpu or not step_cpu:
+    if cpu is None or engine is None or not echo_cpu or not step_cpu:
         return None
     out = {
         "cpu_ms_per_token": cpu,

@@ -374,7 +374,7 @@ class SessionStore:
         if r is None:
             with self._lock:
                 return make(session_id)
-        if isinstance(session_id, str):
+        if session_id is not None:
             r.reclaim(session_id)  # a copy of it that moved on to another replica gives way
         return r.with_room(lambda: self._add_replicated(r, session_id, make, keep_lease))
 

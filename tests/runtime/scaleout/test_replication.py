@@ -14,6 +14,7 @@ import pytest
 import redis
 from ssmstream.runtime.errors import (
     InvalidInput,
+    LimitExceeded,
     ModelError,
     SessionBusy,
     SessionNotFound,
@@ -1240,8 +1241,6 @@ def test_a_refused_write_is_not_counted_as_a_write(redis_server):
 
 
 def test_a_create_refused_while_redis_went_down_raises_its_own_error(redis_server, monkeypatch):
-    from ssmstream.runtime.errors import LimitExceeded
-
     a = replica(redis_server, "A", capacity=1)
     a.create()
     r = a.replication
@@ -2400,8 +2399,6 @@ def test_copies_that_moved_on_give_way_to_a_full_store(redis_server):
     """A's copies of a session B took over (a later term) and of one B closed (its
     tombstone) stop holding A's capacity: A's next create drops them and succeeds. The
     closed one answers "closed" on A afterwards; the moved one is B's."""
-    from ssmstream.runtime.errors import LimitExceeded
-
     a = replica(redis_server, "A", lease_ttl=0.2, capacity=2)
     b = replica(redis_server, "B", lease_ttl=5.0)
     moved, closed = a.create().id, a.create().id
@@ -2427,8 +2424,6 @@ def test_copies_that_may_be_the_only_ones_or_are_busy_stay(redis_server):
     holds all stay: the create is refused. A full reclaim
     that dropped nothing is not repeated within lease_ttl / 3; after it, the copy B took
     over gives way once no step holds it."""
-    from ssmstream.runtime.errors import LimitExceeded
-
     a = replica(redis_server, "A", lease_ttl=0.6, capacity=4)
     b = replica(redis_server, "B", lease_ttl=5.0)
     lost, busy, idle = a.create().id, a.create().id, a.create().id
@@ -2475,8 +2470,6 @@ def test_an_id_whose_copy_moved_on_can_be_created_again_here(redis_server):
 def test_copies_stay_while_redis_is_down(redis_server):
     """Degraded, a replica cannot tell a copy that moved on from the only one: it drops
     none, and a full store stays full."""
-    from ssmstream.runtime.errors import LimitExceeded
-
     a = replica(redis_server, "A", lease_ttl=0.2, capacity=1)
     b = replica(redis_server, "B", lease_ttl=5.0)
     sid = a.create().id
@@ -2563,8 +2556,6 @@ def test_an_old_copy_whose_id_was_reused_gives_way_after_its_tombstone_expired(r
 def test_a_copy_whose_record_names_no_incarnation_is_its_own_and_stays(redis_server):
     """A record without an incarnation (as an older release wrote it) is the copy's own, as
     the write-back takes it: A's idle copy of it stays, and a full store stays full."""
-    from ssmstream.runtime.errors import LimitExceeded
-
     a = replica(redis_server, "A", lease_ttl=0.2, capacity=1)
     sid = a.create().id
     _lapsed(a)
@@ -2581,8 +2572,6 @@ def test_a_create_of_an_id_that_ended_elsewhere_is_not_held_back_by_a_recent_ful
     """Only full reclaims wait lease_ttl / 3 after one that dropped nothing: right after a
     refused create into a full store, a create naming the id of A's copy that B has closed
     since still lets that copy go and makes the new session."""
-    from ssmstream.runtime.errors import LimitExceeded
-
     a = replica(redis_server, "A", lease_ttl=1.5, capacity=1)
     b = replica(redis_server, "B", lease_ttl=5.0)
     old = a.create(session_id="chat-1")
