@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
 
-from .exporter import DTYPES, ExportConfig, ExportError
+from .exporter import DTYPES, ExportConfig, ExportError, abandon_exports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from .exporter import export_model
 
     try:
-        with _sigterm_exits():
+        with _signals_end_the_export():
             out = export_model(
                 args.ckpt,
                 args.out,
@@ -109,23 +110,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @contextlib.contextmanager
-def _sigterm_exits():
-    """SIGTERM (a timeout, `docker stop`, a CI cancel) raises SystemExit(143) like Ctrl-C
-    raises KeyboardInterrupt, so the export removes its temporary directory; the previous
-    handler is back afterwards. Signals are set in the main thread only: elsewhere a no-op."""
+def _signals_end_the_export():
+    """SIGTERM (a timeout, `docker stop`, a CI cancel) and SIGINT (Ctrl-C) end the export at
+    once with status 128 + the signal, its temporary directory removed. The handler exits the
+    process itself (os._exit) rather than raise: an exception raised from a handler can land
+    inside torch's C++ (an abort that leaves the directory), an import or a __del__ (where it
+    is swallowed). A signal while the finished model is renamed into place lets the renames
+    finish and exits after them. The previous handlers are back afterwards; signals are set
+    in the main thread only: elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: list[int] = []
 
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
+    def stop(signum, frame):
+        if not abandon_exports():
+            pending.append(signum)
+            return
+        print(f"ssmstream export: stopped by {signal.Signals(signum).name}; nothing written",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(128 + signum)
 
-    before = signal.signal(signal.SIGTERM, terminate)
+    before = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if pending:
+        raise SystemExit(128 + pending[0])
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -478,6 +479,32 @@ def finish_manifest(manifest: dict, out: Path) -> dict:
 # --- the export ------------------------------------------------------------------------
 
 
+class _Underway:
+    """This process's exports under way: their temporary directories and whether one is being
+    renamed into place. A signal handler that ends the process at once (cli.py) asks
+    `abandon_exports` to remove them; raising from the handler instead is not safe here: the
+    exception can land in torch's C++ (an abort that leaves the directory), in an import or in
+    a __del__ (where it is swallowed and the export goes on)."""
+
+    def __init__(self) -> None:
+        self.dirs: set[Path] = set()
+        self.renaming = False
+
+
+_underway = _Underway()
+
+
+def abandon_exports() -> bool:
+    """Remove the temporary directories of this process's exports under way, for a signal
+    handler about to end the process. False, and nothing removed, while a finished export is
+    being renamed into place: the handler lets that finish (two renames) and exits after it."""
+    if _underway.renaming:
+        return False
+    for d in list(_underway.dirs):
+        shutil.rmtree(d, ignore_errors=True)
+    return True
+
+
 def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
     """Check the output directory and make a temporary sibling to write into. Overwriting
     replaces only an exported model (a directory with a manifest.json)."""
@@ -495,7 +522,17 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+        while True:
+            tmp = parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
+            _underway.dirs.add(tmp)  # before it exists: no signal can land between the two
+            try:
+                tmp.mkdir(mode=0o700)
+                return tmp
+            except FileExistsError:  # another's name: draw again
+                _underway.dirs.discard(tmp)
+            except OSError:
+                _underway.dirs.discard(tmp)
+                raise
     except OSError as e:
         raise ExportError(f"--out {out_dir}: cannot write into {parent}: {e.strerror or e}") from e
 
@@ -504,14 +541,20 @@ def _commit(tmp: Path, out_dir: Path) -> None:
     """Rename tmp into out_dir (replacing an existing one only after the new one is complete)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the model dir follows the umask
-    old = None
-    if out_dir.exists():  # moved aside to a name of its own, removed once the new one is in
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    os.chmod(tmp, 0o777 & ~umask)  # made 0700; the model dir follows the umask
+    _underway.renaming = True
+    try:
+        old = None
+        if out_dir.exists():  # moved aside to a name of its own, removed once the new one is in
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent)
+            )
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        _underway.renaming = False
 
 
 def export_network(
@@ -566,6 +609,7 @@ def export_network(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        _underway.dirs.discard(tmp)
         for m, training in modes:
             m.training = training
     log.info("exported %s to %s", name, out_dir)

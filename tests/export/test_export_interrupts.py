@@ -1,11 +1,14 @@
-"""An export that is stopped or whose checkpoint changes under it: SIGTERM removes the
-temporary directory as Ctrl-C does, and the manifest's weights_sha256 is that of the weights
-the graphs were made from, also when a training run saves into the checkpoint meanwhile."""
+"""An export that is stopped or whose checkpoint changes under it: SIGTERM or Ctrl-C at any
+moment ends it with 128 + the signal and removes its temporary directory (a signal while the
+finished model is renamed into place lets the renames finish), and the manifest's
+weights_sha256 is that of the weights the graphs were made from, also when a training run
+saves into the checkpoint meanwhile."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -15,31 +18,80 @@ import time
 import pytest
 import torch
 from export_helpers import EXPORT, TOKEN
-from ssmstream.export import exporter
+from ssmstream.export import cli, exporter
 from ssmstream.export.exporter import ExportError
 from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
 
 
-def test_sigterm_during_export_leaves_no_temporary_directory(token_ckpt, tmp_path):
+# The token export takes ~13 s here: the signal lands as its writing starts, in the torch
+# export of the graphs (imports, C++ callbacks: where a raising handler aborted the process or
+# had its exception swallowed) and later.
+@pytest.mark.parametrize("sig, delay", [(signal.SIGTERM, 0.0), (signal.SIGINT, 1.0),
+                                        (signal.SIGTERM, 4.0)])  # fmt: skip
+def test_a_signal_during_export_leaves_no_temporary_directory(token_ckpt, tmp_path, sig, delay):
     work = tmp_path / "w"
     work.mkdir()
     cmd = [sys.executable, "-m", "ssmstream.runtime.cli", "export", str(token_ckpt),
            "--out", str(work / "model"), "-q"]  # fmt: skip
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not list(work.glob(".model.*.tmp")):  # the export has started writing
             if p.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"export ended before its temporary directory appeared: {p.returncode}")
             time.sleep(0.02)
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=60)
+        time.sleep(delay)
+        p.send_signal(sig)
+        err = p.communicate(timeout=60)[1]
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode == 128 + signal.SIGTERM
+    assert p.returncode == 128 + sig, err
+    assert err == f"ssmstream export: stopped by {sig.name}; nothing written\n"
     assert sorted(x.name for x in work.iterdir()) == []
+
+
+def test_abandon_removes_the_directories_of_exports_under_way(tmp_path, monkeypatch):
+    seen = []
+
+    def stopped(net, cfg, out):  # a handler that ends the process runs mid-export
+        seen.append((out.is_dir(), exporter.abandon_exports(), out.exists()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "build_graphs", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_network(SSMNetwork(SSMConfig(**TOKEN)), tmp_path / "m", verify=False)
+    assert seen == [(True, True, False)] and list(tmp_path.iterdir()) == []
+    assert exporter._underway.dirs == set()
+
+
+def test_a_signal_while_the_model_is_renamed_into_place_lets_the_renames_finish(
+    tmp_path, monkeypatch
+):
+    """abandon_exports refuses during the renames, so the handler defers the exit; the
+    context exits with 128 + the signal after them, the new model in place, the old one gone."""
+    out, tmp = tmp_path / "model", tmp_path / ".model.x.tmp"
+    out.mkdir()
+    (out / "old").touch()
+    tmp.mkdir()
+    (tmp / "new").touch()
+    real, calls, before = exporter.os.replace, [], signal.getsignal(signal.SIGTERM)
+
+    def replace(src, dst):
+        calls.append(exporter.abandon_exports())
+        if len(calls) == 1:  # between the old model moved aside and the new one moved in
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, in this thread: it must defer
+        real(src, dst)
+
+    monkeypatch.setattr(exporter.os, "replace", replace)
+    with pytest.raises(SystemExit) as e, cli._signals_end_the_export():
+        exporter._commit(tmp, out)
+    assert e.value.code == 128 + signal.SIGTERM and calls == [False, False]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["model"]
+    assert sorted(x.name for x in out.iterdir()) == ["new"]
+    assert signal.getsignal(signal.SIGTERM) is before and exporter.abandon_exports()
 
 
 def _sha(path) -> str:
