@@ -247,8 +247,8 @@ def echo_server(
 ) -> None:
     """A bare grpc.aio StreamingInference (run in its own process, on `cpus` if given):
     CreateSession and CloseSession answer at once, Stream answers every request with one
-    prebuilt StepResponse of [1, d_output] outputs. What the transport costs, without
-    sessions or an engine.
+    prebuilt StepResponse of [1, d_output] outputs, Generate with one GenerateResponse and
+    ends. What the transport costs, without sessions or an engine.
 
     With `model` ("echo+step"), Stream first runs the bare step on the request's token
     (Engine.step_slots on one row of a slab, on the event loop, as a lone stream's step runs
@@ -288,6 +288,11 @@ def echo_server(
             async for req in request_iterator:
                 position += 1
                 yield response if step is None else step(req, position)
+
+        async def Generate(self, request, context):
+            yield pb.GenerateResponse(
+                session_id=sid, token=1, position=len(request.prompt) + 1, index=0
+            )
 
     async def serve() -> None:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

@@ -608,8 +608,11 @@ def row_prefix_cache(res: dict) -> Row:
     value = (
         f"**{r['ready_speedup']:.1f}×** ({1e3 * m['ready_hit']:.2f} vs "
         f"{1e3 * m['ready_miss']:.2f} ms, T = {r['T']:,}; Generate's first token "
-        f"{r['hit_speedup']:.1f}×)"
-    )
+        f"{r['hit_speedup']:.1f}×"
+        + (f", at most {r['ttft_transport_ceiling']:.1f}× over its transport floor"
+           if "echo_ttft" in m else "")
+        + ")"
+    )  # fmt: skip
     if "echo_ready_prompt" in m:
         value += (
             f"; transport floor (the same call to a bare grpc.aio server that answers at once) "

@@ -11,7 +11,8 @@
     ModelError         → FAILED_PRECONDITION at load (bad manifest, sha mismatch, foreign snapshot)
     EngineFailure      → INTERNAL           (onnxruntime failed inside a batch)
     CorruptState       → DATA_LOSS          (the model's outputs came out NaN / inf: the
-                                             step applied, the session's state is unusable)
+                                             step applied, the session's state is unusable;
+                                             a snapshot of a state that is not finite)
 """
 
 from __future__ import annotations

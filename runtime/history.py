@@ -1,13 +1,15 @@
 """History: what a session needs to rewind — checkpoints of its state and the inputs since.
 
-A session at position p with a rewind window of W inputs keeps
+A session at position p, the furthest it reached being f (f > p after a rewind), with a
+rewind window of W inputs keeps
 
-    checkpoints  (c, x_c) for positions c ≥ p − W, at most Q apart    (Q = the prefill chunk),
-                 plus the latest one below p − W (so p − W itself is reachable)
+    checkpoints  (c, x_c) for positions c ≥ f − W, at most Q apart    (Q = the prefill chunk),
+                 plus the latest one below f − W (so f − W itself is reachable)
     inputs       u[c_0 : p], from the oldest checkpoint c_0 on
 
-so the state at any position r in [max(c_0, p − W), p] is x_r = replay(x_c, u[c : r]) with c
-the latest checkpoint ≤ r: one checkpoint copy and fewer than Q inputs through the model.
+so the state at any position r in [max(c_0, f − W), p] is x_r = replay(x_c, u[c : r]) with c
+the latest checkpoint ≤ r: one checkpoint copy and fewer than Q inputs through the model. The
+window is counted back from f, not p: a rewind does not widen it.
 
 Checkpoints come from where states exist: after a single step when Q inputs passed since
 the last one, and from a prefill's states (where it began, its chunk ends and its end; a
@@ -85,7 +87,7 @@ class History:
     def _start(self, position: int, state: np.ndarray) -> None:
         """Begin (again) at `position` with one checkpoint, `state`, and no inputs."""
         self._clear()
-        self.position = int(position)
+        self.position = self.furthest = int(position)
         self._add(self.position, state)
         self._base = self.position  # the position of _inputs[0] (= the oldest checkpoint's)
 
@@ -127,7 +129,7 @@ class History:
             return self._oldest()
 
     def _oldest(self) -> int:
-        return max(self._checkpoints[0][0], self.position - self.window)
+        return max(self._checkpoints[0][0], self.furthest - self.window)
 
     def record(
         self, inputs: np.ndarray, end: int, states: dict[int, np.ndarray], shared: bool = False
@@ -150,7 +152,7 @@ class History:
                 self._start(end, states[end])
             return
         self._inputs.extend(np.array(inputs))  # one row per input (a copy: not the caller's)
-        self.position = end
+        self.position, self.furthest = end, max(self.furthest, end)
         # keep checkpoints at most Q apart: a state is kept when Q inputs passed since the last
         # checkpoint, or when the next state there is would be more than Q past it
         last = self._checkpoints[-1][0]
@@ -181,7 +183,7 @@ class History:
                 return
             if end - 1 == self.position and end - self._checkpoints[-1][0] < self.chunk:
                 self._inputs.append(inputs[0].copy())
-                self.position = end
+                self.position, self.furthest = end, max(self.furthest, end)
                 self._trim()  # the oldest checkpoint may have left the window
                 return
         x = state(*args)
@@ -189,8 +191,8 @@ class History:
             self.record(inputs, end, {end: x})
 
     def _trim(self) -> None:
-        """Drop checkpoints (and their inputs) no longer needed to reach position − W."""
-        floor = self.position - self.window
+        """Drop checkpoints (and their inputs) no longer needed to reach furthest − W."""
+        floor = self.furthest - self.window
         while len(self._checkpoints) > 1 and (
             self._checkpoints[1][0] <= floor or self.budget.over()
         ):
@@ -220,7 +222,8 @@ class History:
             return x.copy(), np.array(rows) if rows else np.empty(0)
 
     def rewound(self, position: int) -> None:
-        """The session is back at `position` (within the window): forget what came after."""
+        """The session is back at `position` (within the window): forget what came after (the
+        furthest position it reached stays: the window is not widened)."""
         with self._lock:
             if self.released:
                 return

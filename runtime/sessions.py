@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import (
+    CorruptState,
     InvalidInput,
     LimitExceeded,
     ModelError,
@@ -643,7 +644,13 @@ class SessionStore:
 
     def _pack(self, s: Session) -> bytes:
         self._wait_returned(s)
-        return self.pack_state(self.slab.read(s._slot), s._position)
+        state = self.slab.read(s._slot)
+        if not np.isfinite(state).all():  # a restore would refuse it: no snapshot of it
+            raise CorruptState(
+                f"session {s._id!r}: its state contains NaN or inf (the model's outputs came "
+                "out so), so it has no snapshot: close it, or restore a good snapshot"
+            )
+        return self.pack_state(state, s._position)
 
     def pack_state(self, state: np.ndarray, position: int) -> bytes:
         """A signed snapshot (runtime/snapshots.py) of state [S] at `position`."""
@@ -713,6 +720,17 @@ class SessionStore:
             self._wait_returned()
             self._evict_idle_locked()  # past their TTL: evicted now, not saved for a restart
             live = list(self._sessions.values())
+            states = self.slab.read_rows([s._slot for s in live])  # [n, S]
+            usable = np.isfinite(states).all(axis=1)  # [n]
+            if not usable.all():  # a load would refuse the file: they stay out of it
+                bad = [s._id for s, ok in zip(live, usable) if not ok]
+                log.warning(
+                    "not saved: %d sessions whose state contains NaN or inf (unusable; a load "
+                    "would refuse the file): %s",
+                    len(bad),
+                    bad[:5],
+                )
+                live, states = [s for s, ok in zip(live, usable) if ok], states[usable]
             header = {
                 "model_sha": self.model_sha,
                 "state_size": self.state_size,
@@ -727,7 +745,6 @@ class SessionStore:
                     for s in live
                 ],
             }
-            states = self.slab.read_rows([s._slot for s in live])  # [n, S]
         data = encode_session_file(self.snapshot_key, header, states)
         tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
         # owner-only, as the key beside it: the file holds every conversation's state

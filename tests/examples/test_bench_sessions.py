@@ -17,10 +17,11 @@ def test_bench_sessions_smoke(tmp_path, monkeypatch):
     r = bench.run(str(toy["model_dir"]), T=16, rounds=1, cache_mb=0.01)
     assert list(scratch.iterdir()) == []  # each server's directory removed when it stopped
     keys = ("hit", "miss_on", "miss_off", "rewind", "ready_hit", "ready_miss", "ready_empty")
-    for key in (*keys, "echo_ready_prompt", "echo_ready_empty"):
+    for key in (*keys, "echo_ready_prompt", "echo_ready_empty", "echo_ttft"):
         assert r["median_s"][key] > 0
     m = r["median_s"]
     assert r["transport_ceiling"] == m["ready_miss"] / m["echo_ready_prompt"]
+    assert r["ttft_transport_ceiling"] == m["miss_on"] / m["echo_ttft"]
     assert r["ready_speedup"] == m["ready_miss"] / m["ready_hit"]  # > 1: the hit is faster
     assert r["hit_speedup"] == m["miss_on"] / m["hit"]
     assert r["ready_ceiling"] == m["ready_miss"] / m["ready_empty"]
@@ -28,5 +29,6 @@ def test_bench_sessions_smoke(tmp_path, monkeypatch):
     assert r["rewind_vs_chunk"] == m["rewind"] / m["chunk_step_and_snapshot"]
     text = bench.report(r)
     for words in ("session ready", "floor", "transport floor", "time to first token",
-                  "cache on vs off", "rewind"):  # fmt: skip
+                  "Generate with the prompt to the bare server", "cache on vs off",
+                  "rewind"):  # fmt: skip
         assert words in text

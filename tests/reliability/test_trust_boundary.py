@@ -141,6 +141,8 @@ def test_nonfinite_outputs_are_data_loss_not_invalid_argument(srv, client, toy):
     assert code == C.DATA_LOSS and "NaN or inf" in msg
     code, _ = code_of(lambda: list(bad.generate([1], max_new_tokens=3, seed=0)))
     assert code == C.DATA_LOSS
+    code, msg = code_of(bad.snapshot)  # a restore would refuse it
+    assert code == C.DATA_LOSS and "its state contains NaN or inf" in msg
     ref = Ref(toy)
     np.testing.assert_allclose(good.step(tokens=[5]).outputs[-1], ref.feed([5])[-1], atol=1e-4)
 

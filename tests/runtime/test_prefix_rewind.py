@@ -393,7 +393,10 @@ def test_rewind_outside_the_window_is_refused_and_changes_nothing(engine):
                 await svc.rewind("p", s.id, bad)
             assert s.position == 20
             np.testing.assert_array_equal(svc.store.read(s), before)
-        await svc.rewind("p", s.id, 12)  # exactly the window back
+        await svc.rewind("p", s.id, 16)
+        with pytest.raises(OutOfRange, match=r"outside the rewind window \[12, 16\]"):
+            await svc.rewind("p", s.id, 11)  # a rewind does not widen the window
+        await svc.rewind("p", s.id, 12)  # exactly the window back from the furthest, 20
         np.testing.assert_allclose(svc.store.read(s), fresh_state(engine, [1] * 12), atol=1e-5)
         a = svc.attach("p")
         await a.step(s.id, [2])
@@ -607,6 +610,27 @@ def test_nbytes_counts_checkpoints_and_held_inputs_exactly_step_by_step(W):
         want = len(cps) * 4 * S + (p - cps[0]) * 8
         assert h.nbytes == want, p
         assert h.oldest == max(cps[0], p - W)
+
+
+def test_the_window_counts_back_from_the_furthest_position_reached():
+    """A rewind does not widen the window: it stays furthest - W until the session passes
+    its furthest position again, and then moves on with it."""
+    Q, W = 4, 10
+    h = History(window=W, chunk=Q, position=0, state=_x(0))
+    for p in range(1, 21):
+        h.step(np.array([p], np.int64), p, lambda p=p: _x(p))
+    assert h.oldest == 10
+    for back in (15, 12):
+        h.rewound(back)
+        assert h.oldest == 10 and h.furthest == 20
+        with pytest.raises(OutOfRange, match=rf"outside the rewind window \[10, {back}\]"):
+            h.plan(9)
+    for p in range(13, 25):  # on past 20: the window moves with the new furthest position
+        h.step(np.array([p], np.int64), p, lambda p=p: _x(p))
+        assert h.oldest == max(10, p - W) and h.furthest == max(20, p)
+    x, rows = h.plan(14)
+    np.testing.assert_array_equal(x, _x(12))
+    assert rows.tolist() == [13, 14]
 
 
 def test_a_restart_holds_no_stale_inputs_so_a_replay_uses_the_inputs_after_it():

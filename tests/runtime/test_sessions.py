@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import (
+    CorruptState,
     InvalidInput,
     LimitExceeded,
     ModelError,
@@ -407,12 +408,26 @@ def test_incarnations_differ_per_create_and_survive_save_load(engine, tmp_path):
     assert store.fork("same").incarnation != b.incarnation
 
 
-def test_snapshot_with_nan_state_is_refused(engine):
+def test_a_state_that_is_not_finite_has_no_snapshot_and_is_not_saved(engine, tmp_path):
+    """A state gone NaN / inf (a step's outputs came out so: CorruptState) would make a
+    restore, and a load of the whole sessions file, refuse it: no snapshot is taken of it
+    (DATA_LOSS), and a save leaves it out, so the other sessions survive a restart."""
     store = make_store(engine)
-    s = store.create()
-    store.commit(s, np.full(engine.state_size, np.nan, dtype=np.float32), 1)
-    with pytest.raises(InvalidInput, match="NaN"):
-        store.restore(store.snapshot(s.id))
+    bad, inf, good = store.create(session_id="bad"), store.create(), store.create()
+    feed(engine, store, good, [1, 2])
+    store.commit(bad, np.full(engine.state_size, np.nan, dtype=np.float32), 1)
+    state = np.zeros(engine.state_size, dtype=np.float32)
+    state[-1] = np.inf
+    store.commit(inf, state, 1)
+    for s in (bad, inf):
+        with pytest.raises(CorruptState, match=f"session '{s.id}': its state contains NaN or inf"):
+            store.snapshot(s.id)
+    store.save(tmp_path)
+    fresh = make_store(engine)
+    assert fresh.load(tmp_path) == 1 and fresh.get(good.id).position == 2
+    np.testing.assert_array_equal(feed(engine, fresh, fresh.get(good.id), [3]),
+                                  feed(engine, store, good, [3]))  # fmt: skip
+    assert len(store) == 3  # nothing closed: only the file leaves them out
 
 
 # --- save / load ----------------------------------------------------------------------
