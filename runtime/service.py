@@ -267,9 +267,10 @@ class SessionService:
             )
         return outputs[-1], hit.tokens
 
-    def _discard(self, s: Session, principal: str) -> None:
-        """Close a session this service created for a request, if it is still there: that
-        incarnation only (its id may have been closed and taken by a new session since)."""
+    def discard(self, s: Session, principal: str) -> None:
+        """Close a session this service created for a request whose caller never learns its
+        id, if it is still there: that incarnation only (its id may have been closed and taken
+        by a new session since)."""
         try:
             self.store.close(s.id, principal, incarnation=s.incarnation)
         except SessionNotFound:
@@ -332,7 +333,7 @@ class SessionService:
         try:
             _, cached = await self._feed_prompt(s, principal, x)
         except BaseException:  # the client never got the id: undo the session
-            self._discard(s, principal)
+            self.discard(s, principal)
             raise
         return s, cached
 
@@ -458,7 +459,7 @@ class SessionService:
             a.detach()
             created = not session_id and a.session is not None
             if created and (temporary or not sent):  # not kept, or its id never got out
-                self._discard(a.session, principal)
+                self.discard(a.session, principal)
 
     @property
     def attached(self) -> int:
@@ -531,13 +532,13 @@ class Attachment:
             self.adopt(s)
         except SessionBusy:
             if create:
-                svc._discard(s, self.principal)
+                svc.discard(s, self.principal)
             raise
         try:
             result = await svc.batcher.step(s, inputs)
         except BaseException:  # also a cancel: the client never got the new id
             if create:  # the request that created the session failed: undo both
-                svc._discard(s, self.principal)
+                svc.discard(s, self.principal)
             raise
         if create:
             self._new = s
@@ -568,7 +569,7 @@ class Attachment:
     def detach(self) -> None:
         self.service._open_attachments.discard(self)
         if self._new is not None:  # cancelled before the new session's id got out
-            self.service._discard(self._new, self.principal)
+            self.service.discard(self._new, self.principal)
             self._new = None
         s = self.session
         if s is not None and self.service._attached.get((s.id, s.incarnation)) is self:

@@ -19,6 +19,7 @@ import functools
 import logging
 import time
 
+import grpc
 import numpy as np
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
@@ -29,6 +30,7 @@ from .errors import InvalidInput, LimitExceeded, Unavailable
 from .generation import FINISH_MAX, FINISH_STOP, log_softmax
 from .metrics import ServerMetrics
 from .service import SessionService
+from .sessions import Session
 from .status import check_decoded, grpc_errors
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,20 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             check_response_size(rows, self.d_output, self.max_send)
         return tokens, values
 
+    async def _handed_out(self, s: Session, context) -> Session:
+        """`s`, the session this call created, unless the call's deadline passed meanwhile (a
+        long prompt's prefill, the event loop held up): grpc would drop the response, so the
+        client would never learn the id. The session is closed again (not left holding a
+        slot and the principal's quota until its TTL) and the call ends as grpc ends a call
+        it cancels (the client has its DEADLINE_EXCEEDED; a status sent now would fail)."""
+        left = context.time_remaining()
+        if left is None or left > 0:
+            return s
+        self.service.discard(s, current_principal())
+        self.metrics.count_error(grpc.StatusCode.DEADLINE_EXCEEDED.name)
+        log.info("session %r closed again: its call's deadline passed while it was made", s.id)
+        raise asyncio.CancelledError
+
     @grpc_errors
     async def GetModelInfo(self, request, context):
         return model_info(self.info, self.config, self.service.checkpoint_bytes_per_session())
@@ -214,7 +230,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         )
         if request.prompt:
             self.metrics.count_tokens("CreateSession", len(request.prompt))
-        return session_message(s, cached)
+        return session_message(await self._handed_out(s, context), cached)
 
     @grpc_errors
     async def CloseSession(self, request, context):
@@ -235,12 +251,12 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         s = await self.service.restore(
             current_principal(), request.snapshot, request.session_id, request.ttl_seconds
         )
-        return session_message(s)
+        return session_message(await self._handed_out(s, context))
 
     @grpc_errors
     async def ForkSession(self, request, context):
         s = await self.service.fork(current_principal(), request.session_id, request.new_session_id)
-        return session_message(s)
+        return session_message(await self._handed_out(s, context))
 
     @grpc_errors
     async def RewindSession(self, request, context):

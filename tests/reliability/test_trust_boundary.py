@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -55,6 +56,38 @@ def stub(srv):
     """A raw stub: no client-side checks, no x-session-id metadata."""
     with grpc.insecure_channel(target(srv)) as ch:
         yield pb_grpc.StreamingInferenceStub(ch)
+
+
+@pytest.mark.parametrize("rpc", ["create", "fork"])
+def test_a_session_made_after_the_calls_deadline_is_closed_again(srv, stub, monkeypatch, rpc):
+    """The deadline passes while a session is made, the event loop held up (a long prefill
+    ends, other work runs) so grpc cannot cancel the call first: grpc would drop the response
+    and the client never learn the id. The session is closed again (DEADLINE_EXCEEDED)
+    instead of holding a slot and the principal's quota until its TTL."""
+    svc = srv.server.service
+    parent = stub.CreateSession(pb.CreateSessionRequest(prompt=[1, 2])).session_id
+    real, ended = getattr(svc, rpc), []
+
+    async def late(*args, **kw):
+        try:
+            result = await real(*args, **kw)
+            time.sleep(0.6)  # the loop held past the deadline; then the handler goes on at once
+            return result
+        finally:
+            ended.append(True)
+
+    monkeypatch.setattr(svc, rpc, late)
+    before = len(svc.store)
+    call = {
+        "create": lambda: stub.CreateSession(pb.CreateSessionRequest(prompt=[3]), timeout=0.3),
+        "fork": lambda: stub.ForkSession(pb.ForkRequest(session_id=parent), timeout=0.3),
+    }[rpc]
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    assert e.value.code() == C.DEADLINE_EXCEEDED
+    wait_until(lambda: ended and len(svc.store) == before, what="the late session closed again")
+    monkeypatch.undo()
+    assert stub.CloseSession(pb.CloseSessionRequest(session_id=parent)).position == 2
 
 
 def test_a_stream_is_bound_to_the_session_it_attached_to(srv, client, toy):

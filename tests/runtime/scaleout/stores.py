@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import redis
-from ssmstream.runtime.replication import RedisReplication
+from ssmstream.runtime.replication import RedisBackend, RedisReplication
 from ssmstream.runtime.sessions import SessionStore
 
 S = 64
@@ -18,11 +18,14 @@ S = 64
 def replica(
     redis_server, name: str, persist_every="1", lease_ttl=0.4, lease_wait=2.0, **kw
 ) -> SessionStore:
-    """One replica's store: a SessionStore composed with a RedisReplication."""
+    """One replica's store: a SessionStore composed with a RedisReplication. Its Redis I/O
+    timeout is 2 s (the server's is 0.5 s): a loaded CI machine can keep redis-server off the
+    cores that long, and the tests that need a timeout inject one."""
     kw.setdefault("model_sha", "sha-A")
     replication = RedisReplication(
         url=redis_server.url, persist_every=persist_every, lease_ttl=lease_ttl,
         lease_wait=lease_wait, replica_id=name,
+        backend=RedisBackend(redis_server.url, timeout=2.0),
     )  # fmt: skip
     return SessionStore(S, replication=replication, **kw)
 
