@@ -56,6 +56,7 @@ import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
 from ssmstream.model.checkpoint import CheckpointError
 from ssmstream.runtime.manifest import (
+    DTYPES,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -67,7 +68,6 @@ from .modules import PrefillGraph, StepGraph
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("fp32", "fp16", "int8")
 OPSET = 20
 VARIANTS = {
     "fp32": "weights, activations, SSM recurrence and state float32",
@@ -93,7 +93,8 @@ class ExportConfig:
         chunk may end in padding: the graph's `length` input says how many inputs are real).
     max_chunks: chunks per prefill call (its carry is unrolled that often): T ≤ Q·max_chunks.
     optimize: simplify the graphs with onnxslim (kept only when it does not grow them).
-    verify_steps: length of the random sequence the step graph is checked over (≥ 4096).
+    verify_steps: length of the random sequence the step graph is checked over (default
+        4096: long enough for the slow modes' error to build up).
     name: model name in the manifest (default: the output directory's name).
     overwrite: replace an existing output directory.
     progress: show tqdm progress bars (the CLI does).

@@ -244,9 +244,10 @@ def verify_model(
     (when it still exists); without one only prefill_vs_step is checked.
     """
     manifest = load_manifest(model_dir)
-    source = manifest.get("source", {})
+    source = manifest.get("source")
+    source = source if isinstance(source, dict) else {}  # a hand edit: no recorded checkpoint
     recorded = source.get("checkpoint")
-    if ckpt is None and recorded and Path(recorded).is_dir():
+    if ckpt is None and isinstance(recorded, str) and recorded and Path(recorded).is_dir():
         ckpt = recorded
         weights = Path(ckpt) / "model.safetensors"
         sha = source.get("weights_sha256")
@@ -258,7 +259,7 @@ def verify_model(
     net = None
     if ckpt is not None:
         net = load_checkpoint(ckpt)
-        if net.cfg.to_dict() != manifest["model"]:
+        if net.cfg.to_dict() != manifest.get("model"):
             raise ModelError(
                 f"checkpoint {str(ckpt)!r} does not match {model_dir}: its model config differs"
             )

@@ -86,7 +86,8 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
     cfg_file = path / "config.json"
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {str(path)!r} {what}")
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} is missing: not an ssmstream checkpoint directory")
     try:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint
 from .layers import SSM
+from .train import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ssmstream plot",
         description="Plot the SSM basis functions K_n(t) = e_n^T e^{tA} B and the discrete "
         "kernels of one layer of a checkpoint to a PNG (needs matplotlib).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("ckpt", help="checkpoint directory (from ssmstream train)")
     p.add_argument("--out", default="ssm_basis.png", help="PNG to write")
     p.add_argument("--layer", type=int, default=0, help="which SSM layer")
     p.add_argument("--head", type=int, default=0, help="head whose basis functions are drawn")
-    p.add_argument("--length", type=int, default=None, help="samples shown (default: auto)")
+    p.add_argument(
+        "--length", type=int, default=None, help="samples shown (default: from the layer's Δ)"
+    )
     p.add_argument("--n-modes", type=int, default=5, help="basis functions drawn")
     p.add_argument("--n-kernels", type=int, default=4, help="heads whose kernels are drawn")
     return p
@@ -183,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             n_modes=args.n_modes,
             n_kernels=args.n_kernels,
         )
-    except (ValueError, ImportError, OSError) as e:  # OSError: --out cannot be written
+    except (ValueError, ImportError) as e:
         parser.error(str(e))
+    except OSError as e:  # --out cannot be written
+        parser.error(f"--out {args.out}: cannot write it: {e.strerror or e}")
     return 0
 
 

@@ -176,6 +176,10 @@ class TrainConfig:
             )
         if self.data is not None and not self.data:
             raise ValueError("data must name at least one file or directory")
+        if self.data is not None and not all(str(d).strip() for d in self.data):
+            raise ValueError(f"data: an empty path would read the working directory: {self.data}")
+        if not str(self.out).strip():
+            raise ValueError("out must name a directory, got an empty string")
 
     @property
     def length(self) -> int:
@@ -422,7 +426,17 @@ def _resume(
     state_file = out / meta.get("train_state", TRAIN_STATE)
     if not state_file.is_file():
         raise ValueError(f"cannot resume: {state_file} is missing")
-    state = torch.load(state_file, map_location=device, weights_only=True)
+    try:
+        state = torch.load(state_file, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, objects weights_only refuses
+        state, why = None, f"{e.__class__.__name__}: {(str(e).splitlines() or [''])[0]}"
+    else:
+        why = "not a training state"
+    if not (isinstance(state, dict) and {"step", "optimizer", "scheduler"} <= state.keys()):
+        raise ValueError(
+            f"cannot resume: {state_file} is not readable ({why}); resume from a complete "
+            "checkpoint, or start a new --out"
+        )
     if state["step"] != meta.get("step"):
         raise ValueError(
             f"cannot resume: {state_file} is at step {state['step']} but config.json "
@@ -694,7 +708,7 @@ def _add_fields(group, cls, helps: dict, defaults) -> None:
             )
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: …)' except where the default is None (the help text says it)."""
 
     def _get_help_string(self, action):
@@ -710,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint directory (config.json, model.safetensors, train_log.jsonl, "
         "train_state.pt). Under `torchrun --nproc-per-node N` it runs "
         "DistributedDataParallel (gloo on CPU, nccl on CUDA).",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_fields(p.add_argument_group("training"), TrainConfig, {}, TrainConfig())
     _add_fields(p.add_argument_group("model"), SSMConfig, MODEL_HELP, SSMConfig(vocab_size=256))

@@ -1,12 +1,16 @@
 """The `ssmstream` command: one entry point, subcommands imported lazily.
 
 Each subcommand lives in its own module with `main(argv) -> int`; only the chosen
-one is imported, so `ssmstream serve` never imports torch.
+one is imported, so `ssmstream serve` never imports torch. Ctrl-C ends any of them with one
+line and status 130, a closed stdout pipe (`| head`) quietly with 141, as the shell reports
+a tool those signals stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
 
 # name -> (module with main(argv), one-line help, the pyproject extra it needs beyond the
@@ -33,8 +37,26 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def stdout_closed() -> int:
+    """After a BrokenPipeError on stdout (the reader went away): no second error from the
+    interpreter's flush at exit; returns 141 (128 + SIGPIPE), as the shell reports it."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print(f"{' '.join(['ssmstream', *argv[:1]])}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT
+    except BrokenPipeError:
+        return stdout_closed()
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):  # asked for: stdout, 0; missing: stderr, 2
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2

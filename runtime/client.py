@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
-import contextlib
 import os
 import queue
 import sys
@@ -45,6 +44,7 @@ import numpy as np
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
+from .cli import stdout_closed
 from .sampling import check_params
 
 OUTPUTS = {
@@ -962,9 +962,8 @@ def main(argv: list[str] | None = None) -> int:
         _say_kept(a, session)
         return 130  # 128 + SIGINT
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
-        with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, as the shell reports a tool a closed pipe stopped
+        _say_kept(a, session)  # on stderr: the kept session's id is not lost with stdout
+        return stdout_closed()
     finally:
         client.close()
     return 0

@@ -48,6 +48,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METADATA_KEY = "ssmstream.manifest"  # the manifest's copy inside each graph's metadata_props
 REQUIRED = ("name", "input_kind", "d_output", "state_size", "state_layout", "dtype", "graphs")
+DTYPES = ("fp32", "fp16", "int8")  # the variants an export writes (export/exporter.py)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -86,9 +87,15 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     for key in ("state_size", "d_output", size):
         if not _positive_int(m.get(key)):
             raise ModelError(f"{path}: {key} must be a positive integer, got {m.get(key)!r}")
+    if m["dtype"] not in DTYPES:
+        raise ModelError(f"{path}: dtype must be one of {DTYPES}, got {m['dtype']!r}")
     layout = m["state_layout"]
     if not isinstance(layout, list) or not all(
-        isinstance(e, dict) and all(_int(e.get(k)) for k in ("layer", "offset")) for e in layout
+        isinstance(e, dict)
+        and all(_int(e.get(k)) for k in ("layer", "offset"))
+        and isinstance(e.get("shape"), list)
+        and all(_positive_int(d) for d in e["shape"])
+        for e in layout
     ):
         raise ModelError(f"{path}: state_layout must be a list of {{layer, offset, shape}}")
     if not isinstance(m["graphs"], dict) or "step" not in m["graphs"]:
@@ -102,6 +109,11 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
             and (isinstance(g.get("sha256"), str) or not check_sha)
         ):
             raise ModelError(f"{path}: graphs.{name} needs a 'file' and its 'sha256' (strings)")
+        if Path(g["file"]).name != g["file"] or g["file"] in ("", ".", ".."):
+            raise ModelError(
+                f"{path}: graphs.{name}.file must name a file in the model directory, "
+                f"got {g['file']!r}"
+            )
         for key in ("chunk", "max_len"):
             v = g.get(key)
             if v is not None and not _positive_int(v):
@@ -187,10 +199,11 @@ def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
         if f.is_file():
             status = "ok" if sha256_file(f) == g.get("sha256") else "MODIFIED (sha256 mismatch)"
         extra = f", chunk {g['chunk']}, max_len {g['max_len']}" if "chunk" in g else ""
+        size = _bytes(g["bytes"] if _int(g.get("bytes")) else 0)
         rows.append(
             (
                 f"graph {name}",
-                f"{g['file']}: {g.get('nodes')} nodes, {_bytes(g.get('bytes') or 0)}{extra}, "
+                f"{g['file']}: {g.get('nodes')} nodes, {size}{extra}, "
                 f"sha256 {str(g.get('sha256'))[:12]}… {status}",
             )
         )

@@ -771,6 +771,26 @@ def test_verify_model_skips_torch_when_the_recorded_checkpoint_is_gone(tmp_path,
     assert seen == {"net": None, "steps": 64} and report["checkpoint"] is None
 
 
+@pytest.mark.parametrize("source", [[1], "ck", {"checkpoint": 7}, None])
+def test_verify_model_of_a_hand_edited_source_or_model_checks_without_torch(
+    tmp_path, monkeypatch, source
+):
+    """`source` and `model` are free-form in a manifest the loader accepts: one of another
+    type (or none) is no recorded checkpoint, not an AttributeError / TypeError / KeyError; a
+    checkpoint given against a manifest without `model` is refused as not matching."""
+    manifest = {"source": source}
+    monkeypatch.setattr(verify_mod, "load_manifest", lambda d: manifest)
+    seen = {}
+    monkeypatch.setattr(verify_mod, "verify_graphs", _fake_verify(seen))
+    assert verify_mod.verify_model(tmp_path / "model")["checkpoint"] is None
+    assert seen["net"] is None
+    from ssmstream.runtime.errors import ModelError
+
+    ckpt = save_checkpoint(tiny_net(), tmp_path / "ck")
+    with pytest.raises(ModelError, match="its model config differs"):
+        verify_mod.verify_model(tmp_path / "model", ckpt=ckpt)
+
+
 def test_verify_model_passes_steps_on(tmp_path, monkeypatch):
     """Verify_model(steps=L) runs the check over L steps (the CLI's --steps)."""
     monkeypatch.setattr(verify_mod, "load_manifest", lambda d: {"model": {}, "source": {}})

@@ -235,8 +235,10 @@ def test_weights_path_that_is_unreadable_is_a_checkpoint_error(tmp_path, monkeyp
 def test_a_file_given_as_checkpoint_directory(tmp_path):
     f = tmp_path / "afile"
     f.write_text("x")
-    with pytest.raises(CheckpointError, match=r"checkpoint directory '.*afile' does not exist"):
+    with pytest.raises(CheckpointError, match=r"checkpoint directory '.*afile' is a file, not"):
         load_checkpoint(f)
+    with pytest.raises(CheckpointError, match=r"checkpoint directory '.*gone' does not exist"):
+        load_checkpoint(tmp_path / "gone")
 
 
 def test_save_checkpoint_creates_missing_parents(tmp_path):

@@ -202,6 +202,17 @@ def test_resume_refuses_inconsistent_state(trained, tmp_path):
     resume = TrainConfig(**{**cfg.to_dict(), "out": str(ckpt), "resume": True})
     with pytest.raises(ValueError, match="step 40 but config.json at step 39"):
         fit(None, resume)
+    meta["step"] = 40
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    good = (ckpt / "train_state.pt").read_bytes()
+    for bad, why in ((good[:100], "RuntimeError"), (b"garbage\n", "UnpicklingError"),
+                     (None, "not a training state")):  # fmt: skip
+        if bad is None:
+            torch.save({"step": 40}, ckpt / "train_state.pt")
+        else:
+            (ckpt / "train_state.pt").write_bytes(bad)
+        with pytest.raises(ValueError, match=f"train_state.pt is not readable \\({why}"):
+            fit(None, resume)
     (ckpt / "train_state.pt").unlink()
     with pytest.raises(ValueError, match="train_state.pt is missing"):
         fit(None, resume)
@@ -335,6 +346,9 @@ def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
         (["--data", str(tmp_path / "missing")], "does not exist"),
         (["--out", str(result.checkpoint)], "already holds a checkpoint"),
         (["--resume", "--out", str(tmp_path / "nothing")], "cannot resume"),
+        (["--out", ""], "out must name a directory"),
+        (["--data", ""], "data: an empty path would read the working directory"),
+        (["--data", str(tmp_path / "empty"), " "], "data: an empty path"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))

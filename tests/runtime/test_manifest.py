@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 from ssmstream.runtime.errors import ModelError
@@ -79,6 +80,36 @@ def test_a_state_layout_entry_without_an_integer_offset_is_refused(tmp_path, off
         load_manifest(_model(tmp_path, change))
 
 
+@pytest.mark.parametrize("shape", [None, "2x2x2", [2, 0, 2], [2, 2.0, 2]])
+def test_a_state_layout_entry_without_a_shape_of_positive_integers_is_refused(tmp_path, shape):
+    def change(m):
+        if shape is None:
+            del m["state_layout"][0]["shape"]
+        else:
+            m["state_layout"][0]["shape"] = shape
+
+    with pytest.raises(ModelError, match=r"manifest\.json: state_layout must be a list"):
+        load_manifest(_model(tmp_path, change))
+
+
+@pytest.mark.parametrize("dtype", ["fp64", "", None, 32])
+def test_a_dtype_no_export_writes_is_refused_naming_it(tmp_path, dtype):
+    with pytest.raises(ModelError, match=rf"dtype must be one of .*, got {re.escape(repr(dtype))}"):
+        load_manifest(_model(tmp_path, lambda m: m.update(dtype=dtype)))
+
+
+@pytest.mark.parametrize("file", ["../m/step.onnx", "/etc/passwd", "sub/step.onnx", "..", ""])
+def test_a_graph_file_outside_the_model_directory_is_refused(tmp_path, file):
+    """A manifest names its graphs by file name: a path could make a server read (and feed
+    onnxruntime) any file the process can."""
+
+    def change(m):
+        m["graphs"]["step"]["file"] = file
+
+    with pytest.raises(ModelError, match=r"graphs\.step\.file must name a file in the model dir"):
+        load_manifest(_model(tmp_path, change), check_sha=False)
+
+
 @pytest.mark.parametrize("max_len", [0, -4, "16", 2.0])
 def test_a_prefill_max_len_that_is_not_a_positive_integer_is_refused_naming_it(tmp_path, max_len):
     def change(m):
@@ -105,6 +136,7 @@ def test_a_manifest_missing_required_fields_names_them(tmp_path):
         ("exporter", None),
         ("parity", {"passed": True, "step_vs_torch": {"max_rel": 1e-5}}),  # no "length"
         ("parity", {"passed": False, "prefill_vs_step": {"max_rel_output": "x"}}),
+        ("graphs", "bytes"),  # graphs.step.bytes: "big"
     ],
 )
 def test_info_shows_hand_edited_fields_without_a_traceback(tmp_path, field, value):
@@ -112,7 +144,13 @@ def test_info_shows_hand_edited_fields_without_a_traceback(tmp_path, field, valu
     its table; a field of another type shows as empty, not an AttributeError / KeyError."""
     from ssmstream.runtime.manifest import format_manifest
 
-    d = _model(tmp_path, lambda m: m.update({field: value}))
+    def change(m):
+        if field == "graphs":
+            m["graphs"]["step"][value] = "big"
+        else:
+            m[field] = value
+
+    d = _model(tmp_path, change)
     text = format_manifest(load_manifest(d), d)
     assert text.splitlines()[0].split() == ["name", "m"]
     assert "graph step" in text and "graph prefill" in text

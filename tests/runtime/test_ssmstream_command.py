@@ -4,6 +4,9 @@ is a usage error on stderr (exit 2), as argparse's are; each command reaches its
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from ssmstream.runtime import cli
@@ -35,3 +38,31 @@ def test_ssmstream_info_through_the_dispatcher(toy_token_model, tmp_path, capsys
     assert cli.main(["info", str(tmp_path / "nothing")]) == 2
     out, err = capsys.readouterr()
     assert not out and err.startswith("ssmstream info: error: ")
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_130(monkeypatch, capsys):
+    """A KeyboardInterrupt anywhere in a command (torch's kernels in train, a verify, a
+    bench, an import) ends it with one line, not a traceback."""
+    from ssmstream.runtime import info
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "main", interrupted)
+    assert cli.main(["info", "model"]) == 130
+    assert capsys.readouterr() == ("", "ssmstream info: interrupted\n")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["info", "MODEL"], ["info", "MODEL", "--json"]])
+def test_a_closed_stdout_pipe_ends_quietly_with_141(toy_token_model, argv):
+    """`ssmstream info … | head -c 10`: the reader went away; no BrokenPipeError traceback."""
+    model_dir = str(toy_token_model["model_dir"])
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written
+    try:
+        cmd = [sys.executable, "-m", "ssmstream.runtime.cli",
+               *(model_dir if a == "MODEL" else a for a in argv)]  # fmt: skip
+        p = subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr.decode()) == (141, "")
