@@ -488,8 +488,20 @@ class _Underway:
     a __del__ (where it is swallowed and the export goes on)."""
 
     def __init__(self) -> None:
-        self.dirs: set[Path] = set()
+        self.dirs: dict[Path, list[Path]] = {}  # temporary dir -> the parents made for it
         self.renaming = False
+
+    def remove(self, tmp: Path) -> None:
+        """Remove `tmp` and the parent directories made for it (those still empty)."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(self.dirs.get(tmp, ()))
+
+
+def _remove_empty(dirs) -> None:
+    """rmdir each of `dirs` (the deepest first) that is still empty."""
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 _underway = _Underway()
@@ -502,7 +514,7 @@ def abandon_exports() -> bool:
     if _underway.renaming:
         return False
     for d in list(_underway.dirs):
-        shutil.rmtree(d, ignore_errors=True)
+        _underway.remove(d)
     return True
 
 
@@ -521,21 +533,21 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
             "overwriting replaces only a model; choose another --out"
         )
     parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            tmp = parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
-            _underway.dirs.add(tmp)  # before it exists: no signal can land between the two
-            try:
-                tmp.mkdir(mode=0o700)
-                return tmp
-            except FileExistsError:  # another's name: draw again
-                _underway.dirs.discard(tmp)
-            except OSError:
-                _underway.dirs.discard(tmp)
-                raise
-    except OSError as e:
-        raise ExportError(f"--out {out_dir}: cannot write into {parent}: {e.strerror or e}") from e
+    made = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again on failure
+    while True:
+        tmp = parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
+        _underway.dirs[tmp] = made  # before it exists: no signal can land between the two
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(mode=0o700)
+            return tmp
+        except OSError as e:
+            del _underway.dirs[tmp]
+            if not (isinstance(e, FileExistsError) and parent.is_dir()):  # else: another's name
+                _remove_empty(made)
+                raise ExportError(
+                    f"--out {out_dir}: cannot write into {parent}: {e.strerror or e}"
+                ) from e
 
 
 def _commit(tmp: Path, out_dir: Path) -> None:
@@ -607,10 +619,10 @@ def export_network(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _commit(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _underway.remove(tmp)
         raise
     finally:
-        _underway.dirs.discard(tmp)
+        _underway.dirs.pop(tmp, None)
         for m, training in modes:
             m.training = training
     log.info("exported %s to %s", name, out_dir)

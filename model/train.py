@@ -77,6 +77,7 @@ TASKS = ("text", "signal")
 DEVICES = ("auto", "cpu", "cuda")
 TRAIN_STATE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
+MAX_THREADS = 1024  # more than any machine's cores; torch crashes at 10⁵
 
 
 def _help(text: str) -> dict:
@@ -168,6 +169,8 @@ class TrainConfig:
                 )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.threads is not None and self.threads > MAX_THREADS:
+            raise ValueError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
         if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
         if self.warmup_steps >= self.steps:

@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeErrorBase as e:
         log.error("ssmstream bench: %s", e)
         return 2
+    except MemoryError:  # numpy's arrays of --batch states or --prefill inputs
+        log.error("ssmstream bench: not enough memory for --batch %d / --prefill %d: give "
+                  "smaller ones", a.batch, a.prefill)  # fmt: skip
+        return 2
     return 0
 
 

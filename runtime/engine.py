@@ -61,7 +61,14 @@ import onnxruntime as ort
 from .errors import EngineFailure, InvalidInput, ModelError
 from .generation import GenerateConfig, Generation
 from .manifest import METADATA_KEY, load_manifest
-from .providers import STEP_THREADS, CudaOptions, cuda_usable, session_options, trim_heap
+from .providers import (
+    MAX_THREADS,
+    STEP_THREADS,
+    CudaOptions,
+    cuda_usable,
+    session_options,
+    trim_heap,
+)
 from .slab import SLOT_OUTPUT, StateSlab, slot_model
 
 log = logging.getLogger(__name__)
@@ -245,9 +252,13 @@ class Engine:
             raise InvalidInput("device", f"must be one of {DEVICES}, got {device!r}")
         for name, value in (("threads", threads), ("step_threads", step_threads)):
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+                isinstance(value, bool)
+                or not isinstance(value, (int, np.integer))
+                or not 1 <= value <= MAX_THREADS
             ):
-                raise InvalidInput(name, f"must be a positive integer or None, got {value!r}")
+                raise InvalidInput(
+                    name, f"must be an integer in [1, {MAX_THREADS}] or None, got {value!r}"
+                )
         threads, step_threads = (None if v is None else int(v) for v in (threads, step_threads))
         self.cuda_options = CudaOptions.parse(cuda_options)
         self.model_dir = Path(model_dir)

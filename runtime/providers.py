@@ -50,6 +50,7 @@ def default_threads() -> int:
 
 
 STEP_THREADS = 1  # intra-op threads of the step graph (see the module docstring)
+MAX_THREADS = 1024  # more than any machine's cores: onnxruntime takes minutes to start 10⁵
 
 
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:

@@ -63,7 +63,7 @@ def test_abandon_removes_the_directories_of_exports_under_way(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         exporter.export_network(SSMNetwork(SSMConfig(**TOKEN)), tmp_path / "m", verify=False)
     assert seen == [(True, True, False)] and list(tmp_path.iterdir()) == []
-    assert exporter._underway.dirs == set()
+    assert exporter._underway.dirs == {}
 
 
 def test_a_signal_while_the_model_is_renamed_into_place_lets_the_renames_finish(

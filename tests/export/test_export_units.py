@@ -417,6 +417,18 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         exporter.export_network(tiny_net(), tmp_path / "m", verify=False)
     assert list(tmp_path.iterdir()) == []
+    # nor the parent directories it made for --out (those that existed stay)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_network(tiny_net(), tmp_path / "kept" / "a" / "b" / "m", verify=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+    # an --out under a file: refused, nothing made
+    (tmp_path / "kept" / "f").write_text("x")
+    for out in ("f/m", "f/n/m"):
+        with pytest.raises(ExportError, match="cannot write into"):
+            exporter.export_network(tiny_net(), tmp_path / "kept" / out, verify=False)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["f"]
 
 
 def test_manifest_precision_names_the_variant():

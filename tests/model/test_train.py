@@ -347,6 +347,7 @@ def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
         (["--out", str(result.checkpoint)], "already holds a checkpoint"),
         (["--resume", "--out", str(tmp_path / "nothing")], "cannot resume"),
         (["--out", ""], "out must name a directory"),
+        (["--threads", "100000"], "threads must be at most 1024"),  # torch: a segfault
         (["--data", ""], "data: an empty path would read the working directory"),
         (["--data", str(tmp_path / "empty"), " "], "data: an empty path"),
     ]

@@ -503,11 +503,13 @@ def _copy_with_manifest(src, dst, change):
 
 @pytest.mark.parametrize("name", ["threads", "step_threads"])
 def test_a_bool_thread_count_is_refused_naming_the_field(toy_token_model, name):
-    """A bool is not a thread count; a numpy integer is one (as for step_buffers)."""
-    with pytest.raises(InvalidInput) as e:
-        Engine(toy_token_model["model_dir"], device="cpu", **{name: True})
-    assert e.value.field == name
-    assert "must be a positive integer or None, got True" in str(e.value)
+    """A bool is not a thread count, nor are 0 or more than 1,024 (onnxruntime would take
+    minutes to start 10⁵); a numpy integer is one (as for step_buffers)."""
+    for bad in (True, 0, 1025, 100_000):
+        with pytest.raises(InvalidInput) as e:
+            Engine(toy_token_model["model_dir"], device="cpu", **{name: bad})
+        assert e.value.field == name
+        assert f"must be an integer in [1, 1024] or None, got {bad!r}" in str(e.value)
     eng = Engine(toy_token_model["model_dir"], device="cpu", **{name: np.int64(2)})
     y, _ = eng.step(np.array([1]), eng.new_state())
     want, _ = Engine(toy_token_model["model_dir"], device="cpu").step(

@@ -117,3 +117,15 @@ def test_bench_refuses_bad_counts_before_loading_the_model(tmp_path, capsys, arg
         bench.main([str(tmp_path), *argv])  # not a model dir: the check comes first
     assert e.value.code == 2
     assert "--batch and --steps must be >= 1, --prefill >= 0" in capsys.readouterr().err
+
+
+def test_bench_says_when_the_batch_does_not_fit_in_memory(toy_token_model, monkeypatch, caplog):
+    """`--batch 1000000000`: numpy cannot allocate the states; one line, status 2."""
+
+    def too_big(engine, batch, steps):
+        raise MemoryError
+
+    monkeypatch.setattr(bench, "bench_step", too_big)
+    argv = ["bench", str(toy_token_model["model_dir"]), "--batch", "1000000000"]
+    assert cli.main(argv) == 2
+    assert "not enough memory for --batch 1000000000 / --prefill 256" in caplog.text
