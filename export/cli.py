@@ -127,21 +127,30 @@ def _signals_end_the_export():
         return
     pending: list[int] = []
 
+    def say(text: str) -> None:  # not print: the main thread may be inside a write to stderr
+        with contextlib.suppress(OSError):
+            os.write(2, f"ssmstream export: {text}\n".encode())
+
     def stop(signum, frame):
-        if not abandon_exports():
+        removed = abandon_exports()
+        if removed is None:
             pending.append(signum)
             return
-        print(f"ssmstream export: stopped by {signal.Signals(signum).name}; nothing written",
-              file=sys.stderr, flush=True)  # fmt: skip
+        name = signal.Signals(signum).name  # before the export began or after it: no claim
+        say(f"stopped by {name}; nothing written" if removed else f"stopped by {name}")
         os._exit(128 + signum)
 
-    before = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    # a signal ignored when we started (SIGINT of a background job) stays ignored
+    stops = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+    before = {s: signal.signal(s, stop) for s in stops}
     try:
         yield
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
     if pending:
+        say(f"stopped by {signal.Signals(pending[0]).name} as the model was renamed into place; "
+            "it is complete")  # fmt: skip
         raise SystemExit(128 + pending[0])
 
 

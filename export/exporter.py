@@ -507,15 +507,17 @@ def _remove_empty(dirs) -> None:
 _underway = _Underway()
 
 
-def abandon_exports() -> bool:
+def abandon_exports() -> int | None:
     """Remove the temporary directories of this process's exports under way, for a signal
-    handler about to end the process. False, and nothing removed, while a finished export is
-    being renamed into place: the handler lets that finish (two renames) and exits after it."""
+    handler about to end the process; returns how many. None, and nothing removed, while a
+    finished export is being renamed into place: the handler lets that finish (two renames)
+    and exits after it."""
     if _underway.renaming:
-        return False
-    for d in list(_underway.dirs):
+        return None
+    dirs = list(_underway.dirs)
+    for d in dirs:
         _underway.remove(d)
-    return True
+    return len(dirs)
 
 
 def _prepare_out(out_dir: Path, overwrite: bool) -> Path:

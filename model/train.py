@@ -77,7 +77,7 @@ TASKS = ("text", "signal")
 DEVICES = ("auto", "cpu", "cuda")
 TRAIN_STATE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
-MAX_THREADS = 1024  # more than any machine's cores; torch crashes at 10⁵
+MAX_THREADS = 1024  # more than any machine's cores; torch crashes at 10⁵ (runtime: providers)
 
 
 def _help(text: str) -> dict:

@@ -48,7 +48,9 @@ def stdout_closed() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return _run(argv)
+        status = _run(argv)
+        sys.stdout.flush()  # a buffered stdout meets a closed pipe here, not at exit
+        return status
     except KeyboardInterrupt:
         print(f"{' '.join(['ssmstream', *argv[:1]])}: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT

@@ -946,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
             out.flush()
         if not a.ids:
             out.write(decoder.decode(b"", final=True) + "\n")
+            out.flush()
         _say_kept(a, session)
         if a.stats:
             dt = time.perf_counter() - t0

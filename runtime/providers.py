@@ -51,6 +51,7 @@ def default_threads() -> int:
 
 STEP_THREADS = 1  # intra-op threads of the step graph (see the module docstring)
 MAX_THREADS = 1024  # more than any machine's cores: onnxruntime takes minutes to start 10⁵
+# (train's torch threads have the same bound, model/train.py: model never imports runtime)
 
 
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:

@@ -95,7 +95,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from .errors import InvalidInput, LimitExceeded, ModelError, SessionBusy, Unavailable
+from .errors import (
+    CorruptState,
+    InvalidInput,
+    LimitExceeded,
+    ModelError,
+    SessionBusy,
+    Unavailable,
+)
 from .sessions import Session, SessionStore, check_session_id
 from .snapshots import SnapshotKey
 
@@ -952,8 +959,16 @@ class RedisReplication:
 
     def _install(self, sid: str, principal: str, rec: dict, t0: float) -> None:
         """Make Redis's record of `sid` (as `take` returned it, before its term went up) our
-        copy (caller holds _io and the lease)."""
-        position, state = self.store.unpack(rec["snap"])
+        copy (caller holds _io and the lease). A record no snapshot check passes (a state
+        gone NaN / inf on the replica that stepped it, a damaged record) is DATA_LOSS for the
+        session, as its steps were there: the client's request sent no snapshot."""
+        try:
+            position, state = self.store.unpack(rec["snap"])
+        except InvalidInput as e:
+            raise CorruptState(
+                f"session {sid!r}: its copy in the state store is unusable ({e}): close it, or "
+                "restore a good snapshot"
+            ) from e
         self.store.install(sid, principal, rec["ttl"], position, state, rec["incarnation"])
         self._pending.discard(sid)
         self._dirty.pop(sid, None)

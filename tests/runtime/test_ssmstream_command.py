@@ -62,7 +62,8 @@ def test_a_closed_stdout_pipe_ends_quietly_with_141(toy_token_model, argv):
     try:
         cmd = [sys.executable, "-m", "ssmstream.runtime.cli",
                *(model_dir if a == "MODEL" else a for a in argv)]  # fmt: skip
-        p = subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, timeout=60)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered
+        p = subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, timeout=60, env=env)
     finally:
         os.close(w)
     assert (p.returncode, p.stderr.decode()) == (141, "")

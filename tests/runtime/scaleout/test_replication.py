@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 from ssmstream.runtime.errors import (
+    CorruptState,
     InvalidInput,
     LimitExceeded,
     ModelError,
@@ -39,6 +40,19 @@ def test_persist_every_parses_steps_and_milliseconds():
     for bad in ("0", "-1", "1s", "ms", "", "1.5"):
         with pytest.raises(ValueError, match="persist_every"):
             parse_persist_every(bad)
+
+
+def test_a_take_over_of_a_state_gone_nan_is_data_loss_not_a_bad_snapshot(redis_server):
+    """A step whose outputs came out NaN left its state in the slab and wrote it through to
+    Redis; the replica that takes the session over answers as the first one did (DATA_LOSS
+    for that session), not INVALID_ARGUMENT about a `snapshot` the client never sent."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=5.0)
+    sid = a.create("alice").id
+    a.commit(a.get(sid, "alice"), np.full(S, np.nan, np.float32), 1)  # written through
+    with pytest.raises(CorruptState, match=rf"session '{sid}': its copy in the state store"):
+        b.fetch(sid, "alice")
+    assert sid not in {x.id for x in b.sessions()}
 
 
 def test_write_through_another_replica_continues_from_the_last_step(redis_server):
