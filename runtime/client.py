@@ -240,10 +240,13 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
     return req
 
 
-def _pem(value: str | os.PathLike | bytes | None) -> bytes | None:
+def _pem(value: str | os.PathLike | bytes | None, field: str) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
-    return Path(value).read_bytes()
+    try:
+        return Path(value).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{field}: cannot read {str(value)!r}: {e.strerror or e}") from e
 
 
 def channel_credentials(
@@ -265,9 +268,9 @@ def channel_credentials(
     if (client_cert is None) != (client_key is None):
         raise ValueError("client_cert/client_key: give both for mTLS, or neither")
     return grpc.ssl_channel_credentials(
-        root_certificates=_pem(root_certificates),
-        private_key=_pem(client_key),
-        certificate_chain=_pem(client_cert),
+        root_certificates=_pem(root_certificates, "root_certificates (--tls-ca)"),
+        private_key=_pem(client_key, "client_key (--tls-key)"),
+        certificate_chain=_pem(client_cert, "client_cert (--tls-cert)"),
     )
 
 
@@ -915,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
             client_key=a.tls_key,
             timeout=a.timeout if a.timeout < 1e9 else None,  # grpc takes no larger deadline
         )
-    except (ValueError, OSError) as e:  # a bad TLS file or pair, named
+    except ValueError as e:  # a bad TLS file or pair, named
         parser.error(str(e))
     out, session = sys.stdout, None
     try:

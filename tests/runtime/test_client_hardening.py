@@ -173,6 +173,18 @@ def test_an_empty_certificate_argument_never_means_plaintext(kw):
         channel_credentials(**kw)
 
 
+@pytest.mark.parametrize(
+    "kw, flag",
+    [({"root_certificates": "no-ca.pem"}, "--tls-ca"),
+     ({"client_cert": "no-cert.pem", "client_key": b"key"}, "--tls-cert"),
+     ({"client_cert": b"cert", "client_key": "no-key.pem"}, "--tls-key")],
+)  # fmt: skip
+def test_a_certificate_file_that_cannot_be_read_is_named_with_its_flag(tmp_path, kw, flag):
+    kw = {k: str(tmp_path / v) if isinstance(v, str) else v for k, v in kw.items()}
+    with pytest.raises(ValueError, match=rf"\({flag}\): cannot read '.*no-.*\.pem': No such file"):
+        channel_credentials(**kw)
+
+
 @pytest.fixture(scope="module")
 def plaintext_server(toy_token_model):
     with serve(toy_token_model["model_dir"]) as s:
