@@ -16,6 +16,8 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from .providers import MAX_THREADS
+
 GROUPS: dict[str, str | None] = {  # flag groups of `--help`, in order: title -> description
     "network": None,
     "engine": None,
@@ -220,7 +222,7 @@ class ServerConfig:
             _check_int("metrics_port", self.metrics_port, low=0, high=65535)
         for name in ("threads", "step_threads"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), low=1)  # the Engine checks the top
+                _check_int(name, getattr(self, name), low=1, high=MAX_THREADS)
         for name in ("prefix_cache_mb", "rewind_memory_mb"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value < 2**20:

@@ -80,6 +80,7 @@ def test_a_boolean_field_becomes_a_flag_pair():
     [
         (["--threads", "two"], "--threads: invalid int value"),
         (["--threads", "0"], "--threads: must be >= 1"),
+        (["--step-threads", "1025"], "--step-threads: must be >= 1 and <= 1024"),
         (["--device", "tpu"], "--device: invalid choice"),
         (["--session-ttl", "soon"], "--session-ttl: invalid float value"),
         (["--tls-cert", "c.pem"], "--tls-cert/--tls-key: give both"),
