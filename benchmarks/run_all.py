@@ -47,6 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssmstream.runtime.config import HelpFormatter
+
 log = logging.getLogger("run_all")
 
 HERE = Path(__file__).resolve().parent
@@ -1201,15 +1203,6 @@ def write_report(results: Path, report: Path | None = None) -> tuple[Path, list[
 # --- CLI ---------------------------------------------------------------------------------
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: …)' only where the default says something (not None / False)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def default_names() -> list[str]:
     """Every benchmark; those that need CUDA only where it is usable (else logged)."""
     from ssmstream.runtime.providers import cuda_usable
@@ -1226,7 +1219,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the project's benchmarks (each as a subprocess) and write REPORT.md: "
         "the machine, one table of headline ratios with their targets, and PNG plots.",
         epilog="benchmarks: " + ", ".join(f"{b.name} ({b.script})" for b in BENCHMARKS),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--quick",

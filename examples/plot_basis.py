@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
 from ssmstream.model.plots import default_length, plot_layer
+from ssmstream.model.train import HelpFormatter
 
 log = logging.getLogger("plot_basis")
 
@@ -82,20 +83,11 @@ def plot_basis(
     return paths
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: …)' only where the default says something (not None / False)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Plot the SSM basis functions K_n(t) = e^{tA_n} B_n and the discrete kernels "
         "K[l] of one layer of a checkpoint to a PNG, next to the same layer at initialization.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("ckpt", nargs="?", default=str(BYTE_LM), help="checkpoint directory")
     p.add_argument("--out", default="ssm_basis.png", help="PNG to write (+ _init.png)")

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from ssmstream.export import export_model
 from ssmstream.model.data import SignalConfig, signal_batch
+from ssmstream.model.train import HelpFormatter
 from ssmstream.runtime import Engine
 
 log = logging.getLogger("rescale_dt")
@@ -221,22 +222,13 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: …)' only where the default says something (not None / False)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = RescaleConfig()
     p = argparse.ArgumentParser(
         description="Export the shipped signal model at dt-scale 1 and 1/c, run both with the "
         "runtime Engine on the same continuous signals sampled at r and c·r, and print the "
         "errors: the Δ-rescaled model keeps its error, the unscaled one does not.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--ckpt", default=d.ckpt, help="signal-task checkpoint directory")
     p.add_argument("--factor", type=float, default=d.factor, help="c: new sampling rate = c·r")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .network import SSMConfig, SSMNetwork
 
@@ -58,7 +58,8 @@ def save_checkpoint(
     names = [*(also or {}), "model.safetensors", "config.json"]
     for name, write in (also or {}).items():
         write(path / f"{name}.tmp")
-    save_file(tensors, path / "model.safetensors.tmp")
+    # written like the other files (safetensors' save_file makes them 0600 whatever the umask)
+    (path / "model.safetensors.tmp").write_bytes(save(tensors))
     (path / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
     _commit(path, names)
     (path / "train_log.jsonl").touch()

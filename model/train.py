@@ -712,10 +712,11 @@ def _add_fields(group, cls, helps: dict, defaults) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: …)' except where the default is None (the help text says it)."""
+    """Shows '(default: …)' only where the default says something (not None / False) and
+    the help text does not already speak of it."""
 
     def _get_help_string(self, action):
-        if action.default is None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -308,11 +308,12 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name}: must be >= {low}{upper}, got {value}")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: …)' except where the default is None (the help text says it)."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: …)' only where the default says something (not None / False) and
+    the help text does not already speak of it."""
 
     def _get_help_string(self, action):
-        if action.default is None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -353,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
             "session. Also serves grpc.health.v1, server reflection and, with "
             "--metrics-port, Prometheus metrics."
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     hints = typing.get_type_hints(ServerConfig)
     fields = dataclasses.fields(ServerConfig)

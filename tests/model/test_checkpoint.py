@@ -9,6 +9,7 @@ config each give a CheckpointError (a ValueError) whose message names the file a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,21 @@ def test_a_file_given_as_checkpoint_directory(tmp_path):
 def test_save_checkpoint_creates_missing_parents(tmp_path):
     path = save_checkpoint(_tiny(), tmp_path / "runs" / "exp1" / "ckpt")
     assert load_checkpoint(path).cfg == _tiny().cfg
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_checkpoint_file_follows_the_umask(tmp_path, umask):
+    """The weights are written like config.json and the log (safetensors' save_file had
+    made model.safetensors 0600 whatever the umask: unreadable to a serving account)."""
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(_tiny(), tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert modes == dict.fromkeys(
+        ["config.json", "model.safetensors", "train_log.jsonl"], 0o666 & ~umask
+    )
 
 
 def test_map_location_is_the_returned_networks_device(ckpt):

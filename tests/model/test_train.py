@@ -484,7 +484,9 @@ def test_resolve_device_uses_local_rank_and_auto_picks_cuda(monkeypatch):
 def test_help_shows_no_default_none():
     text = " ".join(build_parser().format_help().split())  # unwrapped
     assert "(default: None)" not in text and "default: None" not in text
+    assert "default: False" not in text  # store_true flags
     assert "(default: 1000)" in text  # --steps
+    assert "--seed SEED seed of init, batches and dropout (default: 0)" in text  # 0 == False
 
 
 MODEL = dict(d_model=8, n_layers=1, d_state=4)

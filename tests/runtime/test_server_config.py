@@ -304,8 +304,9 @@ def test_help_shows_no_default_for_flags_whose_default_is_none():
     from ssmstream.runtime.config import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    assert "default: None" not in text
+    assert "default: None" not in text and "default: False" not in text  # store_true flags
     assert "(default: 50051)" in text and "(default: memory)" in text
+    assert "0: only at shutdown (default: 0.0)" in text  # --save-interval: 0.0 == False
 
 
 @pytest.mark.parametrize(
