@@ -28,18 +28,18 @@ def _cfg(out, **kw) -> TrainConfig:
 
 def test_resume_after_an_interrupt_inside_a_periodic_save(tmp_path, monkeypatch):
     out = tmp_path / "o"
-    real, calls = ckpt_mod.save_file, []
+    real, calls = ckpt_mod.save, []
 
-    def save_file(*a, **kw):  # the 2nd checkpoint (step 4) is interrupted mid-write
+    def save(*a, **kw):  # the 2nd checkpoint (step 4) is interrupted mid-write
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", save_file)
+    monkeypatch.setattr(ckpt_mod, "save", save)
     with pytest.raises(KeyboardInterrupt):
         fit(default_model_config("signal", **MODEL), _cfg(out))
-    monkeypatch.setattr(ckpt_mod, "save_file", real)
+    monkeypatch.setattr(ckpt_mod, "save", real)
     assert json.loads((out / "config.json").read_text())["step"] == 2  # the last whole save
 
     result = fit(None, _cfg(out, resume=True))  # ValueError today: train_state at step 4
