@@ -104,6 +104,20 @@ def _ints(name: str, xs) -> list[int]:
     return a.astype(np.int64).reshape(-1).tolist()
 
 
+def _text(name: str, v) -> str:
+    """A string field (a session id); ValueError naming `name` for anything else."""
+    if not isinstance(v, str):
+        raise ValueError(f"{name}: must be a string, got {v!r}")
+    return v
+
+
+def _bytes(name: str, v) -> bytes:
+    """bytes, bytearray or memoryview as bytes; ValueError naming `name` for anything else."""
+    if not isinstance(v, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{name}: must be bytes, got {type(v).__name__}")
+    return bytes(v)
+
+
 def _count(name: str, v, high: int = 2**32 - 1) -> int:
     """An integer in [0, high] (the proto's unsigned field); ValueError naming `name`."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= high:
@@ -147,10 +161,12 @@ def step_request(
     top_k: int = 0,
 ) -> pb.StepRequest:
     """A StepRequest: `tokens` int [T], or `values` float [T, I] (flattened row-major)."""
-    if output not in OUTPUTS:
+    if not isinstance(output, str) or output not in OUTPUTS:
         raise ValueError(f"output: must be one of {sorted(OUTPUTS)}, got {output!r}")
     req = pb.StepRequest(
-        session_id=session_id, output=OUTPUTS[output], top_k=_count("top_k", top_k)
+        session_id=_text("session_id", session_id),
+        output=OUTPUTS[output],
+        top_k=_count("top_k", top_k),
     )
     if tokens is not None:
         req.tokens.extend(_ints("tokens", tokens))
@@ -179,7 +195,7 @@ def generate_request(
     """A GenerateRequest; ValueError naming the argument for a value of the wrong type or
     outside its field (the server checks the ranges it allows)."""
     req = pb.GenerateRequest(
-        session_id=session_id,
+        session_id=_text("session_id", session_id),
         prompt=_ints("prompt", prompt),
         max_new_tokens=_count("max_new_tokens", max_new_tokens),
         temperature=_number("temperature", temperature),
@@ -198,9 +214,9 @@ def create_request(
 ) -> pb.CreateSessionRequest:
     """A CreateSessionRequest; ValueError naming the argument, as generate_request."""
     return pb.CreateSessionRequest(
-        session_id=session_id,
+        session_id=_text("session_id", session_id),
         ttl_seconds=_number("ttl", ttl),
-        snapshot=snapshot,
+        snapshot=_bytes("snapshot", snapshot),
         prompt=_ints("prompt", prompt),
     )
 
@@ -241,8 +257,8 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
 
 
 def _pem(value: str | os.PathLike | bytes | None, field: str) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
+    if value is None or isinstance(value, (bytes, bytearray, memoryview)):
+        return None if value is None else bytes(value)
     try:
         return Path(value).read_bytes()
     except OSError as e:
@@ -259,7 +275,9 @@ def channel_credentials(
     (an unset variable) is refused, not taken as "not given" (plaintext)."""
     for name, v in (("root_certificates", root_certificates), ("client_cert", client_cert),
                     ("client_key", client_key)):  # fmt: skip
-        if v is not None and not (v if isinstance(v, bytes) else str(v)):
+        if v is not None and not (
+            bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) else str(v)
+        ):
             raise ValueError(f"{name}: is empty (give a PEM file or bytes, or leave it out)")
     if not (
         tls or root_certificates is not None or client_cert is not None or client_key is not None
@@ -327,9 +345,9 @@ def resumable_error(e: grpc.RpcError) -> bool:
     )
 
 
-def choose_session_id(session_id: str = "") -> str:
+def choose_session_id(session_id: str = "", field: str = "session_id") -> str:
     """The given id, or a fresh uuid4 (chosen client-side: see the module docstring)."""
-    return session_id or str(uuid.uuid4())
+    return _text(field, session_id) or str(uuid.uuid4())
 
 
 # --- sync ---------------------------------------------------------------------------------
@@ -375,7 +393,9 @@ class Client(_Base):
         session_id = choose_session_id(session_id)
         s = self.stub.RestoreSession(
             pb.RestoreRequest(
-                snapshot=snapshot, session_id=session_id, ttl_seconds=_number("ttl", ttl)
+                snapshot=_bytes("snapshot", snapshot),
+                session_id=session_id,
+                ttl_seconds=_number("ttl", ttl),
             ),
             **self._kw(session_id),
         )
@@ -553,7 +573,10 @@ class ClientSession:
 
     def fork(self, new_session_id: str = "") -> ClientSession:
         s = self.client.stub.ForkSession(
-            pb.ForkRequest(session_id=self.id, new_session_id=choose_session_id(new_session_id)),
+            pb.ForkRequest(
+                session_id=self.id,
+                new_session_id=choose_session_id(new_session_id, "new_session_id"),
+            ),
             **self.client._kw(self.id),
         )
         return ClientSession(self.client, s.session_id, s.position)
@@ -647,7 +670,9 @@ class AsyncClient(_Base):
         session_id = choose_session_id(session_id)
         s = await self.stub.RestoreSession(
             pb.RestoreRequest(
-                snapshot=snapshot, session_id=session_id, ttl_seconds=_number("ttl", ttl)
+                snapshot=_bytes("snapshot", snapshot),
+                session_id=session_id,
+                ttl_seconds=_number("ttl", ttl),
             ),
             **self._kw(session_id),
         )
@@ -757,7 +782,10 @@ class AsyncClientSession:
 
     async def fork(self, new_session_id: str = "") -> AsyncClientSession:
         s = await self.client.stub.ForkSession(
-            pb.ForkRequest(session_id=self.id, new_session_id=choose_session_id(new_session_id)),
+            pb.ForkRequest(
+                session_id=self.id,
+                new_session_id=choose_session_id(new_session_id, "new_session_id"),
+            ),
             **self.client._kw(self.id),
         )
         return AsyncClientSession(self.client, s.session_id, s.position)

@@ -17,6 +17,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 
 class RuntimeErrorBase(Exception):
     """Base class of every error the runtime raises on purpose."""
@@ -65,6 +68,17 @@ class ModelError(RuntimeErrorBase, ValueError):
 
 class EngineFailure(RuntimeErrorBase):
     pass
+
+
+def real_number(value, field: str, what: str = "a number") -> float:
+    """`value` as a float: any real number but a bool (an int too large for a float is ±inf,
+    which the caller's range check sees), else InvalidInput(field, "must be {what}")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidInput(field, f"must be {what}, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range (Fraction, numpy ints convert exactly)
+        return math.inf if value > 0 else -math.inf
 
 
 # what a client is told of a server bug (the details and traceback go to the server log only)

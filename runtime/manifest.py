@@ -67,7 +67,7 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
         raise ModelError(f"{path} is missing: not an exported ssmstream model directory")
     try:
         m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit int, deep nesting
         raise ModelError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ModelError(f"{path} is not an ssmstream model manifest")

@@ -162,8 +162,9 @@ class PrefixCache:
             self.counts["evictions"] += 1
             if not self._entries[largest]:
                 del self._entries[largest], self._scope_bytes[largest]
-        if not entries and scope in self._entries:  # nothing of it was kept
-            del self._entries[scope], self._scope_bytes[scope]
+        if not entries and scope in self._entries:  # nothing of it was kept (or ever added)
+            del self._entries[scope]
+            self._scope_bytes.pop(scope, None)
         return added
 
     def stats(self) -> dict:

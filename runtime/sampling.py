@@ -17,12 +17,11 @@ Dimension letters: V vocabulary size.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidInput
+from .errors import InvalidInput, real_number
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,9 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        check_params(self.temperature, self.top_k, self.top_p)
+        checked = check_params(self.temperature, self.top_k, self.top_p)
+        for name, value in zip(("temperature", "top_k", "top_p"), checked):
+            object.__setattr__(self, name, value)  # a Fraction, np.uint8, … as float / int
         if self.seed is not None and (
             isinstance(self.seed, bool)
             or not isinstance(self.seed, (int, np.integer))
@@ -54,18 +55,18 @@ class SamplingConfig:
         return np.random.default_rng(self.seed)
 
 
-def check_params(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise InvalidInput naming the first bad parameter."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise InvalidInput("temperature", f"must be a real number, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidInput("temperature", f"must be finite and >= 0, got {temperature}")
+def check_params(temperature: float, top_k: int, top_p: float) -> tuple[float, int, float]:
+    """Raise InvalidInput naming the first bad parameter; returns them as (float, int, float)
+    (a Fraction temperature or a numpy uint8 top_k would break the arithmetic later)."""
+    t = real_number(temperature, "temperature", "a real number")
+    if not math.isfinite(t) or t < 0:
+        raise InvalidInput("temperature", f"must be finite and >= 0, got {t}")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InvalidInput("top_k", f"must be an integer >= 0 (0 = off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
-        raise InvalidInput("top_p", f"must be a real number, got {top_p!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidInput("top_p", f"must be in (0, 1] (1 = off), got {top_p}")
+    p = real_number(top_p, "top_p", "a real number")
+    if not 0.0 < p <= 1.0:
+        raise InvalidInput("top_p", f"must be in (0, 1] (1 = off), got {p}")
+    return t, int(top_k), p
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:
@@ -85,7 +86,7 @@ def probabilities(
     temperature = 0 gives a one-hot vector at argmax (first index on ties).
     NaN logits are refused; -inf logits get probability 0.
     """
-    check_params(temperature, top_k, top_p)
+    temperature, top_k, top_p = check_params(temperature, top_k, top_p)
     z = _check_logits(logits)  # [V]
     if np.isnan(z).any() or np.isposinf(z).any():
         raise InvalidInput("logits", "contain NaN or +inf")

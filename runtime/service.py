@@ -46,6 +46,7 @@ from .errors import (
     SessionBusy,
     SessionNotFound,
     Unavailable,
+    real_number,
 )
 from .generation import GenerateConfig, Generated, Generation
 from .history import CheckpointBudget, History
@@ -145,14 +146,13 @@ class SessionService:
         """0 or None → None (the server default); else 0 < ttl ≤ the server's --session-ttl."""
         if value is None or (isinstance(value, numbers.Real) and value == 0):
             return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise InvalidInput("ttl_seconds", f"must be a number of seconds, got {value!r}")
-        if not math.isfinite(value) or not 0 < value <= self.limits.max_ttl:
+        ttl = real_number(value, "ttl_seconds", "a number of seconds")
+        if not math.isfinite(ttl) or not 0 < ttl <= self.limits.max_ttl:
             raise InvalidInput(
                 "ttl_seconds",
-                f"must be in (0, {self.limits.max_ttl:g}] seconds (0: default), got {value}",
+                f"must be in (0, {self.limits.max_ttl:g}] seconds (0: default), got {ttl:g}",
             )
-        return float(value)
+        return ttl
 
     def _open(self) -> None:
         if self.draining:
@@ -340,6 +340,8 @@ class SessionService:
     async def restore(
         self, principal: str, snapshot: bytes, session_id: str = "", ttl: float = 0.0
     ) -> Session:
+        if not isinstance(snapshot, (bytes, bytearray, memoryview)):
+            raise InvalidInput("snapshot", f"must be bytes, got {type(snapshot).__name__}")
         if not snapshot:
             raise InvalidInput("snapshot", "is empty")
         return (await self.create(principal, session_id, ttl, snapshot))[0]

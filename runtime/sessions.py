@@ -55,9 +55,11 @@ from .errors import (
     SessionBusy,
     SessionNotFound,
     Unavailable,
+    real_number,
 )
 from .slab import StateSlab
 from .snapshots import (
+    MAX_POSITION,
     SnapshotKey,
     check_state,
     decode_session_file,
@@ -148,11 +150,12 @@ def check_consumed(consumed) -> int:
 
 
 def _check_ttl(ttl, field: str = "ttl") -> float:
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float, np.number)) or math.isnan(ttl):
+    seconds = real_number(ttl, field, "a number of seconds")  # 10**400: inf, never expires
+    if math.isnan(seconds):
         raise InvalidInput(field, f"must be a number of seconds, got {ttl!r}")
-    if ttl <= 0:
-        raise InvalidInput(field, f"must be > 0 seconds (math.inf = never expire), got {ttl}")
-    return float(ttl)
+    if seconds <= 0:
+        raise InvalidInput(field, f"must be > 0 seconds (math.inf = never expire), got {seconds:g}")
+    return seconds
 
 
 class SessionStore:
@@ -232,7 +235,13 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._per_principal: Counter[str] = Counter()
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (principal, reason)
-        self._max_gone = tombstones
+        if (
+            isinstance(tombstones, bool)
+            or not isinstance(tombstones, (int, np.integer))
+            or tombstones < 0
+        ):
+            raise InvalidInput("tombstones", f"must be an integer >= 0, got {tombstones!r}")
+        self._max_gone = int(tombstones)
         self._lock = threading.RLock()
         self._returned = threading.Condition(self._lock)  # notified by give_back
         self._lent = 0  # sessions whose rows are lent out
@@ -654,6 +663,16 @@ class SessionStore:
 
     def pack_state(self, state: np.ndarray, position: int) -> bytes:
         """A signed snapshot (runtime/snapshots.py) of state [S] at `position`."""
+        if np.shape(state) != (self.state_size,):
+            raise InvalidInput(
+                "state", f"must have shape [{self.state_size}], got {list(np.shape(state))}"
+            )
+        if (
+            isinstance(position, bool)
+            or not isinstance(position, (int, np.integer))
+            or not 0 <= position <= MAX_POSITION
+        ):
+            raise InvalidInput("position", f"must be an integer in [0, 2**63 - 1], got {position}")
         return encode_snapshot(self.snapshot_key, self.model_sha, state, position)
 
     def snapshot(self, session_id: str, principal: str = "") -> bytes:

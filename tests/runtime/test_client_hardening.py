@@ -51,6 +51,26 @@ def test_a_ragged_token_list_is_a_value_error_naming_it():
         generate_request("s", [[1], [1, 2]])
 
 
+def test_arguments_of_the_wrong_type_are_value_errors_naming_them():
+    """They had reached protobuf or a dict lookup: TypeError, not the ValueError naming the
+    argument the client promises."""
+    for call, name in [
+        (lambda: create_request("s", snapshot="abc"), "snapshot"),
+        (lambda: create_request(5), "session_id"),
+        (lambda: generate_request(5, [1]), "session_id"),
+        (lambda: step_request(5, tokens=[1]), "session_id"),
+        (lambda: step_request("s", tokens=[1], output=["last"]), "output"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            call()
+    # bytes-like arguments are bytes (the server's snapshot decoder takes them too)
+    assert create_request("s", snapshot=bytearray(b"ab")).snapshot == b"ab"
+    assert create_request("s", snapshot=memoryview(b"ab")).snapshot == b"ab"
+    assert channel_credentials(root_certificates=bytearray(b"pem")) is not None
+    with pytest.raises(ValueError, match="^root_certificates: is empty"):
+        channel_credentials(root_certificates=bytearray())
+
+
 @pytest.mark.parametrize("ids", [[2**64], [-1, 2**63], [-(2**63) - 1]], ids=str)
 def test_an_integer_beyond_int64_is_refused_as_such(ids):
     with pytest.raises(ValueError, match="^prompt: must fit in int64"):

@@ -56,6 +56,20 @@ def test_a_manifest_json_that_is_a_directory_is_missing(tmp_path):
         load_manifest(d)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"format": ' + "1" * 5000 + "}"],
+    ids=["deep", "long-int"],
+)
+def test_json_that_python_refuses_in_other_ways_is_not_valid_json(tmp_path, text):
+    """Deep nesting (RecursionError) and an int of more than 4,300 digits (a plain
+    ValueError) had escaped load_manifest instead of ModelError naming the file."""
+    d = _model(tmp_path)
+    (d / "manifest.json").write_text(text)
+    with pytest.raises(ModelError, match=r"manifest\.json is not valid JSON"):
+        load_manifest(d)
+
+
 def test_a_manifest_that_is_not_utf8_is_not_valid_json(tmp_path):
     d = _model(tmp_path)
     (d / "manifest.json").write_bytes(b'{"format": "\xff\xfe"}')

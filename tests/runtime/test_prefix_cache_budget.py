@@ -69,3 +69,15 @@ def test_a_budget_used_exactly_to_its_limit_keeps_the_oldest_checkpoint():
     assert (state == 0).all() and len(inputs) == 0
     state, inputs = h.plan(2)
     assert (state == 0).all() and list(inputs) == [0, 1]
+
+
+def test_an_entry_larger_than_the_whole_budget_is_not_kept_and_breaks_nothing():
+    """A budget below one entry: the insert into a new scope keeps nothing (it had raised
+    KeyError on the scope's byte count), and scopes that fit are unaffected."""
+    c = PrefixCache(_entry_bytes(3), chunk=Q, model_sha="m")
+    assert c.insert("a", np.arange(7, dtype=np.int64), _states(7, 1.0)) == 0  # too big
+    assert c.insert("b", np.arange(3, dtype=np.int64), _states(3, 2.0)) == 1  # fits exactly
+    assert c.insert("a", np.arange(7, dtype=np.int64), _states(7, 1.0)) == 0
+    assert c.lookup("a", np.arange(7, dtype=np.int64)).tokens == 0
+    assert c.lookup("b", np.arange(3, dtype=np.int64)).tokens == 3
+    assert c.stats()["bytes"] == c.bytes == _entry_bytes(3) and c.stats()["entries"] == 1

@@ -4,6 +4,7 @@ seeding, greedy, and bad parameters named in the error."""
 from __future__ import annotations
 
 import itertools
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -238,3 +239,42 @@ def test_probabilities_are_real_float64_for_any_accepted_temperature():
     except InvalidInput:
         return  # refused: fine
     assert p.dtype == np.float64 and p.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, reference",
+    [
+        ({"temperature": Fraction(1, 2)}, {"temperature": 0.5}),
+        (
+            {"temperature": np.float16(0.5), "top_p": Fraction(3, 4)},
+            {"temperature": 0.5, "top_p": 0.75},
+        ),
+        ({"top_k": np.uint8(50)}, {"top_k": 50}),  # V - top_k overflowed uint8 (V = 256)
+        ({"top_k": np.int8(3), "top_p": np.float32(0.5)}, {"top_k": 3, "top_p": 0.5}),
+    ],
+)
+def test_any_real_or_integer_type_samples_as_its_python_value(kwargs, reference):
+    """Accepted types are used as the numbers they are: a Fraction temperature had made
+    object arrays (TypeError in np.exp) and a uint8 top_k overflowed in V - top_k."""
+    z = np.random.default_rng(1).standard_normal(256)
+    p = probabilities(z, **kwargs)
+    np.testing.assert_allclose(p, probabilities(z, **reference), rtol=1e-6, atol=1e-15)
+    config = SamplingConfig(**kwargs, seed=7)
+    assert {type(config.temperature), type(config.top_k), type(config.top_p)} <= {float, int}
+    draws = [Sampler(config)(z) for _ in range(3)]
+    assert draws == [Sampler(SamplingConfig(**reference, seed=7))(z)] * 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, words",
+    [
+        ({"temperature": 10**400}, "temperature", "must be finite and >= 0, got inf"),
+        ({"top_p": 10**400}, "top_p", "must be in (0, 1] (1 = off), got inf"),
+        ({"top_p": -(10**400)}, "top_p", "must be in (0, 1] (1 = off), got -inf"),
+    ],
+)
+def test_ints_beyond_float_range_are_refused_naming_the_field(kwargs, field, words):
+    """They had escaped as OverflowError from math.isfinite."""
+    with pytest.raises(InvalidInput) as e:
+        SamplingConfig(**kwargs)
+    assert e.value.field == field and words in str(e.value)

@@ -136,6 +136,8 @@ def test_bad_requests_change_nothing(toy_tok):
             (svc.fork("alice", "a", "q\n"), InvalidInput),
             (svc.restore("alice", b""), InvalidInput),
             (svc.restore("alice", b"garbage"), InvalidInput),
+            (svc.restore("alice", np.zeros(90, np.uint8)), InvalidInput),  # not bytes
+            (svc.create("alice", "b", ttl=10**400), InvalidInput),  # was OverflowError
         ]
         for call, exc in bad_calls:
             with pytest.raises(exc):
@@ -558,6 +560,30 @@ def test_cached_prefix_outputs_are_the_output_of_the_prefix_last_input(toy_tok):
     run(main())
 
 
+def test_a_prefix_cache_smaller_than_one_entry_caches_nothing_and_serves_every_prompt(toy_tok):
+    """--prefix-cache-mb below one entry's bytes: an insert that keeps nothing for a new
+    scope had raised KeyError (INTERNAL for every CreateSession with a prompt and every
+    Generate on a new session); the prompts are served by prefill, and nothing is cached."""
+    limits = ServiceLimits(max_tokens_per_request=64, max_new_tokens=8, prefix_cache_bytes=64)
+
+    async def main():
+        svc = await started(toy_tok, limits)
+        prompt = np.array([3, 1, 4, 1, 5, 9], np.int64)
+        s, cached = await svc.create("p", "a", prompt=prompt)
+        assert (s.position, cached) == (6, 0)
+        outputs, state = toy_tok.prefill(prompt[None], toy_tok.new_state())  # [1, T, D]
+        np.testing.assert_allclose(svc.store.read(s), state[0], rtol=1e-5, atol=1e-6)
+        first = [g async for _, g in svc.generate("p", "", list(prompt), 1, 0.0)][0]
+        assert first.token == int(np.argmax(outputs[0, -1])) and first.position == 6
+        assert svc.prefix_cache.stats() == {
+            "hits": 0, "misses": 2, "cached_tokens": 0, "evictions": 0, "bytes": 0, "entries": 0
+        }  # fmt: skip
+        assert len(svc.store) == 1  # the Generate's temporary session closed
+        await svc.batcher.close()
+
+    run(main())
+
+
 async def _attached_stream(svc, sid="a"):
     """A Stream attached to session `sid` (created here), after one step."""
     svc.store.create("p", sid)
@@ -641,7 +667,7 @@ def test_an_infinite_ttl_is_refused_even_without_a_server_limit(toy_tok):
 
     async def main():
         svc = await started(toy_tok, ServiceLimits(max_ttl=math.inf))
-        for bad in (math.inf, math.nan, -1.0):
+        for bad in (math.inf, math.nan, -1.0, 10**400):  # 10**400: beyond float range
             with pytest.raises(InvalidInput) as e:
                 await svc.create("p", "a", ttl=bad)
             assert e.value.field == "ttl_seconds"

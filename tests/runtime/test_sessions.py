@@ -505,10 +505,33 @@ def test_constructor_arguments_are_checked():
         ({"state_size": 4, "ttl": 0}, "ttl"),
         ({"state_size": 4, "max_per_principal": 0}, "max_per_principal"),
         ({"state_size": 4, "model_sha": "é"}, "model_sha"),
+        ({"state_size": 4, "tombstones": -1}, "tombstones"),  # every close had failed midway
+        ({"state_size": 4, "tombstones": 1.5}, "tombstones"),
+        ({"state_size": 4, "ttl": -(10**400)}, "ttl"),  # was OverflowError
     ]:
         with pytest.raises(InvalidInput) as e:
             SessionStore(**kw)
         assert e.value.field == field
+    assert SessionStore(4, ttl=10**400).ttl == math.inf  # beyond float range: never expires
+
+
+def test_pack_state_refuses_what_no_restore_would_take():
+    """A public pack_state with a negative position had raised struct.error, and a state of
+    another size made a snapshot the same store refuses."""
+    store = SessionStore(4)
+    for state, position, field in [
+        (np.zeros(4, np.float32), -1, "position"),
+        (np.zeros(4, np.float32), 2**63, "position"),
+        (np.zeros(4, np.float32), 1.0, "position"),
+        (np.zeros(3, np.float32), 1, "state"),
+        (np.zeros((1, 4), np.float32), 1, "state"),
+    ]:
+        with pytest.raises(InvalidInput) as e:
+            store.pack_state(state, position)
+        assert e.value.field == field
+    state = np.arange(4, dtype=np.float32)
+    assert store.unpack(store.pack_state(state, 2**63 - 1))[0] == 2**63 - 1
+    np.testing.assert_array_equal(store.unpack(store.pack_state(state, 5))[1], state)
 
 
 # --- rows lent to slot steps ----------------------------------------------------------
