@@ -451,8 +451,10 @@ class SessionService:
                 position = len(x)
             gen = Generation(config)
             g = gen(logits, position)
-            yield a.session.id, g
+            # handed out: a cancel from here on may come after the client read the id (as
+            # the first response's write ends), so a kept session stays from here
             sent = True
+            yield a.session.id, g
             while not g.last:  # in flight: it finishes while the server drains (its grace)
                 outputs, position = await a.feed("", np.array([g.token], dtype=np.int64))
                 g = gen(outputs[-1], position)
@@ -546,10 +548,16 @@ class Attachment:
             self._new = s
         return result
 
+    def handed_out(self) -> Session | None:
+        """The step's response goes to the client now: a session that step created stays at
+        `detach` from here (a cancel that ends the write may come after the client read the
+        id: keep the session rather than close one the client knows). Returns it (None when
+        the step created none)."""
+        s, self._new = self._new, None
+        return s
+
     def delivered(self) -> None:
-        """The step's response is out: the attachment is idle again, and a session that step
-        created stays at `detach`."""
-        self._new = None
+        """The step's response is out: the attachment is idle again."""
         self.idle = True
 
     async def _rebind(self, bound: Session) -> Session:

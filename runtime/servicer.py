@@ -282,6 +282,8 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 t0 = time.perf_counter()
                 check_decoded(req)
                 outputs, position = await a.step(req.session_id, *self._check_request(req))
+                if (new := a.handed_out()) is not None:  # the id goes out with this response
+                    await self._handed_out(new, context)
                 yield step_response(a.session.id, position, outputs, req)
                 a.delivered()
                 self.metrics.count_tokens("Stream", len(outputs))
@@ -312,6 +314,9 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         t0, n = time.perf_counter(), len(request.prompt)
         async with contextlib.aclosing(stream):
             async for sid, g in stream:
+                if g.index == 0 and not request.session_id:  # the new id goes out with it
+                    new = self.service.store.get(sid, current_principal())
+                    await self._handed_out(new, context)
                 self.metrics.count_tokens("Generate", n)
                 self.metrics.observe_request("Generate", time.perf_counter() - t0, g.index == 0)
                 yield pb.GenerateResponse(

@@ -11,6 +11,7 @@ valid message into a placeholder the wrapped method refuses with INVALID_ARGUMEN
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -67,6 +68,14 @@ def grpc_errors(method):
         code, message = status_of(exc)
         if not isinstance(exc, RuntimeErrorBase):
             log.exception("unexpected error in %s", method.__name__)
+        left = context.time_remaining()
+        expired = left is not None and left <= 0
+        if expired or context.cancelled():
+            # the call has ended (its deadline passed, the client cancelled): the client has
+            # its status, and one sent now fails in grpc's core (a logged traceback); end as
+            # grpc ends a call it cancels
+            self.metrics.count_error("DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            raise asyncio.CancelledError
         self.metrics.count_error(code.name)
         await context.abort(code, message)
 

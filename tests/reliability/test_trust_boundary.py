@@ -90,6 +90,39 @@ def test_a_session_made_after_the_calls_deadline_is_closed_again(srv, stub, monk
     assert stub.CloseSession(pb.CloseSessionRequest(session_id=parent)).position == 2
 
 
+@pytest.mark.parametrize("rpc", ["generate", "stream"])
+def test_a_session_a_call_makes_after_its_deadline_is_closed_again(srv, stub, monkeypatch, rpc):
+    """The same for the sessions Generate (keep_session) and Stream (no session_id) make:
+    their first response carries the id; when the deadline passed while the session was
+    made, the response is not sent and the session is closed again."""
+    svc = srv.server.service
+    real, ended = svc.batcher.step, []
+
+    async def late(*args, **kw):
+        try:
+            result = await real(*args, **kw)
+            time.sleep(0.6)  # the loop held past the deadline; then the handler goes on at once
+            return result
+        finally:
+            ended.append(True)
+
+    monkeypatch.setattr(svc.batcher, "step", late)
+    before = len(svc.store)
+    call = {
+        "generate": lambda: list(
+            stub.Generate(
+                pb.GenerateRequest(prompt=[5, 4], max_new_tokens=2, keep_session=True),
+                timeout=0.3,  # a prompt no earlier test cached: it is stepped
+            )
+        ),
+        "stream": lambda: list(stub.Stream(iter([pb.StepRequest(tokens=[3])]), timeout=0.3)),
+    }[rpc]
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    assert e.value.code() == C.DEADLINE_EXCEEDED
+    wait_until(lambda: ended and len(svc.store) == before, what="the late session closed again")
+
+
 def test_a_stream_is_bound_to_the_session_it_attached_to(srv, client, toy):
     old = client.create_session(session_id="B1")
     with old.open_stream() as st:

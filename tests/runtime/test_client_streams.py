@@ -53,12 +53,14 @@ def test_a_stream_that_creates_the_session_gives_the_handle_its_id(srv):
     asyncio.run(run())
 
 
-def test_a_stream_cancelled_while_its_creating_response_is_written_leaves_no_session(
+def test_a_stream_cancelled_while_its_creating_response_is_written_keeps_the_session(
     make_toy, tmp_path
 ):
-    """The creating request's step ran, its response (16 MiB, OUTPUT_ALL) is still being
-    written when the client cancels: the new session is closed again (its id never got out;
-    it had stayed until its TTL)."""
+    """The creating request's step ran, its response (16 MiB, OUTPUT_ALL) is being written
+    when the client cancels. The server cannot tell a client that read the id and cancelled
+    from one that never read it, and closing would lose sessions clients know (11-20% of
+    Generates cancelled right after their first token, under load): the session stays, at
+    the position the response reports, until it is closed or its TTL ends."""
     wide = make_toy(tmp_path / "wide", "tokens", d_out=4096)
     with serve(wide["model_dir"]) as srv, Client(target(srv), timeout=10) as c:
         store = srv.server.store
@@ -67,10 +69,11 @@ def test_a_stream_cancelled_while_its_creating_response_is_written_leaves_no_ses
         requests.put(step_request("", [1] * 1024, output="all"))  # 1024 x 4096 floats back
         assert wait_until(lambda: len(store) == 1 and store.sessions()[0].position == 1024)
         time.sleep(0.3)  # the response is being written; the client does not read it
+        sid = store.sessions()[0].id
         call.cancel()
         requests.put(None)
         assert wait_until(lambda: srv.server.service.open_streams == 0)
-        assert wait_until(lambda: len(store) == 0)
+        assert c.session(sid).close() == 1024 and len(store) == 0
 
 
 def test_a_send_after_the_stream_failed_raises_its_status_in_both_clients(srv):

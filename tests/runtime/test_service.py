@@ -767,16 +767,17 @@ def test_an_attached_stream_refuses_steps_naming_another_session(toy_tok):
     run(main())
 
 
-def test_a_stream_created_session_whose_response_was_delivered_stays_after_detach(toy_tok):
-    """Once the first step's response (with the new id) is out,
-    the session the stream created is the client's: detach leaves it open."""
+def test_a_stream_created_session_whose_response_was_handed_out_stays_after_detach(toy_tok):
+    """Once the first step's response (with the new id) is handed to the transport, the
+    session the stream created is the client's: detach leaves it open, also when the
+    write is never reported done (a cancel as it ends may come after the client read it)."""
 
     async def main():
         svc = await started(toy_tok)
         a = svc.attach("p")
         await a.step("", tokens=[1, 2, 3])
         sid = a.session.id
-        a.delivered()
+        assert a.handed_out() is a.session and a.handed_out() is None  # once
         a.detach()
         s = svc.store.get(sid, "p")
         assert s.live and s.position == 3 and len(svc.store) == 1
@@ -1046,6 +1047,7 @@ def test_a_session_a_stream_created_can_rewind(toy_tok):
         svc = await started(toy_tok, REWIND)
         a = svc.attach("p")
         await a.step("", tokens=[7, 8, 9, 10])
+        a.handed_out()
         a.delivered()
         sid = a.session.id
         a.detach()

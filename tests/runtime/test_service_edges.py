@@ -110,25 +110,32 @@ def test_service_limits_default_to_the_servers_request_limits():
     assert limits.prefix_cache_scope == config.prefix_cache_scope == "principal"
 
 
-def test_a_kept_generate_closed_right_after_its_first_token_leaves_no_session(toy_tok):
+def test_a_kept_generate_closed_right_after_its_first_token_keeps_its_session(toy_tok):
     """The servicer writes each token before it asks for the next: a consumer that took the
-    first token and then closed the generator (its write failed: the client never saw the
-    new id) must not leave the session behind (an orphan counting against the principal
-    until its TTL)."""
+    first token (with the new id) and then closed the generator may be a client that read
+    the id and cancelled at once (Ctrl-C after the first token: 11-20% of such calls had
+    found their kept session closed). The session stays, as when the generate is read to its
+    end; one closed before its first token is undone."""
 
     async def main():
         svc = await started(toy_tok, ServiceLimits(max_new_tokens=100))
         try:
             gen = svc.generate("p", "", [1, 2, 3], 4, 0.0, keep_session=True)
             sid, _ = await gen.__anext__()
-            assert [s.id for s in svc.store.sessions("p")] == [sid]
-            await gen.aclose()  # the first token's write failed: the id never got out
-            orphans = [s.id for s in svc.store.sessions("p")]
-            kept = [g async for g in svc.generate("p", "", [1, 2, 3], 4, 0.0, keep_session=True)]
-            return orphans, kept[0][0], [s.id for s in svc.store.sessions("p")]
+            await gen.aclose()  # cancelled as the first token's write ended
+            after_first = [s.id for s in svc.store.sessions("p")]
+            whole = [g async for g in svc.generate("p", "", [1, 2, 3], 4, 0.0, keep_session=True)]
+            gen = svc.generate("p", "", [1, 2, 3], 4, 0.0, keep_session=True)
+            task = asyncio.ensure_future(gen.__anext__())
+            await asyncio.sleep(0)  # inside the prompt's step: no token handed out yet
+            assert len(svc.store.sessions("p")) == 3
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return sid, after_first, whole[0][0], sorted(s.id for s in svc.store.sessions("p"))
         finally:
             await svc.batcher.close()
 
-    orphans, sid, live = run(main())
-    assert orphans == []
-    assert live == [sid]  # a kept generate read to its end keeps its session
+    sid, after_first, sid2, live = run(main())
+    assert after_first == [sid]
+    assert live == sorted([sid, sid2])  # the third, cancelled before its first token: undone

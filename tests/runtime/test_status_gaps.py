@@ -24,6 +24,12 @@ class Context:
     def __init__(self):
         self.aborts = []
 
+    def time_remaining(self):
+        return None  # no deadline
+
+    def cancelled(self):
+        return False
+
     async def abort(self, code, message):
         self.aborts.append((code, message))
         raise grpc.aio.AbortError()
