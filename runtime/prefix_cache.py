@@ -41,7 +41,13 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        return len(self.prefix) + self.state.nbytes + self.output.nbytes + 32 + 64
+        return entry_bytes(len(self.prefix) // 8, self.state.size, self.output.size)
+
+
+def entry_bytes(tokens: int, state_size: int, d_output: int) -> int:
+    """What an entry counts against the budget: its prefix, state and output (float32), and
+    32 + 64 bytes for its key and bookkeeping."""
+    return 8 * tokens + 4 * state_size + 4 * d_output + 32 + 64
 
 
 @dataclass

@@ -50,6 +50,7 @@ from .config import ServerConfig, parse_config, with_flags
 from .errors import InvalidInput, RuntimeErrorBase
 from .health import Health
 from .metrics import FeaturesCollector, ServerMetrics
+from .prefix_cache import entry_bytes
 from .service import DRAINING, ServiceLimits, SessionService
 from .servicer import StreamingInferenceServicer, max_send_bytes
 from .snapshots import SnapshotKey
@@ -288,6 +289,14 @@ class Server:
             prefix_cache_scope=c.prefix_cache_scope,
         )
         self.service = SessionService(self.engine, self.store, self.batcher, limits)
+        smallest = entry_bytes(1, self.engine.state_size, self.engine.d_output)
+        if 0 < limits.prefix_cache_bytes < smallest:
+            log.warning(
+                "--prefix-cache-mb %g holds no prompt state (one takes at least %d bytes): "
+                "nothing will be cached; use 0 to turn the cache off",
+                c.prefix_cache_mb,
+                smallest,
+            )
         if c.state_dir:
             self.service.draining_says = DRAINING["state_dir"]
         self.servicer = StreamingInferenceServicer(self.service, c, self.metrics)

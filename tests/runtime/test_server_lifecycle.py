@@ -420,6 +420,28 @@ def test_scale_out_flags_without_a_shared_store_are_named_as_ignored(tiny_token_
     assert "--persist-every, --replica-id: only for a shared --state-store; ignored" in caplog.text
 
 
+@pytest.mark.parametrize("mb, warned", [(0.0001, True), (0.0, False), (1.0, False)])
+def test_a_prefix_cache_too_small_for_one_state_is_named(tiny_token_model, caplog, mb, warned):
+    """--prefix-cache-mb below one entry (state, output, a one-token prefix, bookkeeping)
+    caches nothing: the server says so at startup (0 is the cache turned off: no warning)."""
+    from ssmstream.runtime.prefix_cache import PrefixCache, entry_bytes
+
+    cfg = ServerConfig(
+        model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", prefix_cache_mb=mb
+    )
+    with caplog.at_level("WARNING", logger="ssmstream.runtime.server"):
+        srv, err = _start(cfg)
+    assert err is None
+    engine = srv.engine
+    smallest = entry_bytes(1, engine.state_size, engine.d_output)
+    assert ("holds no prompt state" in caplog.text) == warned, caplog.text
+    # the bound is the cache's own: an entry of that size is kept by a cache of that size
+    cache = PrefixCache(smallest, chunk=4, model_sha="m")
+    kept = {1: (np.zeros(engine.state_size, np.float32), np.zeros(engine.d_output, np.float32))}
+    assert cache.insert("s", np.array([7]), kept) == 1 and cache.bytes == smallest
+    assert PrefixCache(smallest - 1, chunk=4, model_sha="m").insert("s", np.array([7]), kept) == 0
+
+
 def test_sighup_stops_gracefully_and_the_port_file_goes(tiny_token_model, tmp_path):
     """A closed terminal (SIGHUP) stops the server like SIGTERM: sessions saved, exit 0; and
     the port file, which names a port nobody listens on any more, is removed."""
