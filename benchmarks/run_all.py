@@ -1040,10 +1040,9 @@ def _model_of(res: dict, name: str) -> str:
         )
     if name.startswith("bench_runtime"):
         c = r["config"]
-        return (
-            f"d_model {c['d_model']}, {c['n_layers']} layers, N {c['d_state']}; "
-            f"S = {r['model']['state_size']:,}; {r.get('provider', '?')}"
-        )
+        given = c.get("ckpt") or c.get("model")  # its own sizes; the size flags went unused
+        sizes = given or f"d_model {c['d_model']}, {c['n_layers']} layers, N {c['d_state']}"
+        return f"{sizes}; S = {r['model']['state_size']:,}; {r.get('provider', '?')}"
     if name == "bench_server":
         c = r["config"]
         bare = r.get("bare_engine_step", {})

@@ -72,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-verify", action="store_true", help="skip the parity check (not recommended)"
     )
     p.add_argument("--no-optimize", action="store_true", help="do not run onnxslim")
-    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DIR if it holds an exported model (never a checkpoint or another directory)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     return p
 

@@ -991,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # the client's own argument checks name the argument
         parser.error(str(e))
     except KeyboardInterrupt:  # Ctrl-C stops the generation; a kept session is still named
+        sys.stderr.write("\nssmstream generate: interrupted\n")  # the tokens end mid-line
         _say_kept(a, session)
         return 130  # 128 + SIGINT
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does

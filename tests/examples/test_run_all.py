@@ -448,3 +448,16 @@ def test_the_machine_table_names_each_benchmarks_recorded_cpu(ra, tmp_path):
     lines = (tmp_path / "REPORT.md").read_text().splitlines()
     row = next(x for x in lines if x.startswith("| [bench_sessions]"))
     assert row.split(" | ")[2] == "Other CPU"
+
+
+def test_a_runtime_benchmark_of_a_given_checkpoint_is_labelled_by_it_not_by_unused_flags(ra):
+    """bench_runtime --ckpt records the size flags' defaults too (d_state 64); the report
+    had labelled the shipped model (d_state 32) with them."""
+    config = {"ckpt": "examples/checkpoints/byte-lm", "model": None, "d_model": 128,
+              "n_layers": 4, "d_state": 64}  # fmt: skip
+    res = {"bench_runtime_shipped": {"config": config, "model": {"state_size": 16384},
+                                     "provider": "CPUExecutionProvider"}}  # fmt: skip
+    label = ra._model_of(res, "bench_runtime_shipped")
+    assert label == "examples/checkpoints/byte-lm; S = 16,384; CPUExecutionProvider"
+    res["bench_runtime_shipped"]["config"] = {**config, "ckpt": None}
+    assert ra._model_of(res, "bench_runtime_shipped").startswith("d_model 128, 4 layers, N 64;")
