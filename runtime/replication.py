@@ -794,6 +794,16 @@ class RedisReplication:
 
     # --- ownership (the store's held / fetch) ------------------------------------------
 
+    def _safe_until(self, t0: float) -> float:
+        """Until when a lease taken or renewed at t0 lets this replica step the session without
+        asking Redis: half of lease_ttl. A step in that window is renewed (or written) by the
+        next renewal, which comes lease_ttl / 3 later, so at the latest at 5/6 of the lease,
+        before Redis expires it (a later step asks Redis first). With 0.8 × lease_ttl, a
+        step of a session idle since the last renewal could land after the last renewal before
+        the expiry: under --persist-every N it then lived only here when another replica took
+        the session over from the older record."""
+        return t0 + 0.5 * self.lease_ttl
+
     def held(self, session_id: str) -> bool:
         """True when the lease of a session that is here is safely ours, or Redis is down, or
         the session is pending a write-back (which takes the lease)."""
@@ -867,7 +877,7 @@ class RedisReplication:
                 self._drop_ended(local)
         elif code == CURRENT:  # we held it last: our copy (maybe ahead by unwritten steps) stays
             self._pending.discard(sid)
-            self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+            self._lease_until[sid] = self._safe_until(t0)
             self.counts["relocks"] += 1
         else:
             try:
@@ -973,7 +983,7 @@ class RedisReplication:
         self._pending.discard(sid)
         self._dirty.pop(sid, None)
         self._version[sid], self._term[sid] = rec["version"], rec["term"] + 1
-        self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+        self._lease_until[sid] = self._safe_until(t0)
         self.counts["loads"] += 1
         log.info("session %s loaded from the state store at position %d", sid, position)
 
@@ -999,7 +1009,7 @@ class RedisReplication:
         ok = self.backend.renew(ids, self.replica_id, self._lease_ms, expires)
         for sid, renewed in zip(ids, ok):
             if renewed:
-                self._lease_until[sid] = t0 + 0.8 * self.lease_ttl
+                self._lease_until[sid] = self._safe_until(t0)
             else:  # expired and taken by another replica, or never taken (degraded)
                 self._lease_until.pop(sid, None)
 
@@ -1041,7 +1051,7 @@ class RedisReplication:
     def created(self, s: Session, keep_lease: bool = True) -> None:
         """Write a new session's first version; a fork lets go of its lease at once (a sticky
         proxy routes the child's calls by its own id, maybe to another replica)."""
-        self._lease_until[s.id] = time.monotonic() + 0.8 * self.lease_ttl
+        self._lease_until[s.id] = self._safe_until(time.monotonic())
         self._version[s.id], self._term[s.id] = 0, 0
         self._dirty[s.id] = 0
         if self.degraded:  # only in memory: written back when Redis is back
@@ -1144,7 +1154,7 @@ class RedisReplication:
         for row, v in zip(rows, codes):
             if row[-1] and v > 0 and self.store.local(row[0]) is not None:
                 self._pending.discard(row[0])  # written back: the lease is ours again
-                self._lease_until[row[0]] = t0 + 0.8 * self.lease_ttl
+                self._lease_until[row[0]] = self._safe_until(t0)
         let_go = [row[0] for row, v in zip(rows, codes) if v > 0 and row[0] in self._unleased]
         if let_go:  # forks made while degraded: released as `created` releases a fork's
             self._unleased.difference_update(let_go)

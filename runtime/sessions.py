@@ -627,9 +627,11 @@ class SessionStore:
             if s is None:
                 s = self._new_session(principal, session_id, ttl, position, incarnation)
                 self._counts["restored"] += 1
-            elif s.history is not None:  # its steps since went on elsewhere
-                s.history.release()
-                s.history = None
+            else:  # used elsewhere since: its idle time counts from now, not from its last use here
+                s._last_used = self.clock()
+                if s.history is not None:  # its steps since went on elsewhere
+                    s.history.release()
+                    s.history = None
             s._position = position
             self.slab.write(s._slot, state)
             return s

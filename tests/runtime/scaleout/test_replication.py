@@ -736,6 +736,31 @@ def test_evicting_a_stale_copy_leaves_the_record_of_the_replica_that_took_over(r
     np.testing.assert_array_equal(b.read(b.get(sid, "alice")), y)
 
 
+def test_a_session_back_on_a_replica_it_left_is_not_evicted_by_its_old_idle_timer(redis_server):
+    """A session moves to B and is used there, while A's old copy sits idle past its TTL;
+    then it comes back to A. The take-over brings A's copy up to date and must count as a
+    use: A had evicted it on the get right after (NOT_FOUND evicted for a session in use)
+    and, holding the lease by then, deleted the record B had built."""
+    now = [0.0]
+    rng = np.random.default_rng(21)
+    a = replica(redis_server, "A", lease_ttl=0.2, ttl=10.0, clock=lambda: now[0])
+    b = replica(redis_server, "B", lease_ttl=0.2, ttl=10.0)
+    sid = a.create("alice").id
+    step(a, sid, rng, "alice")
+    time.sleep(0.3)  # A's lease lapses; its copy stays
+    b.fetch(sid, "alice")
+    y = step(b, sid, rng, "alice")  # in use on B ...
+    now[0] += 11.0  # ... while A's copy sat idle longer than its TTL
+    time.sleep(0.3)  # B's lease lapses
+    a.fetch(sid, "alice")  # the session comes back to A
+    s = a.get(sid, "alice")
+    assert s.position == 2
+    np.testing.assert_array_equal(a.read(s), y)
+    a.replication._delete_dropped()
+    assert a.replication.backend.exists(sid)
+    assert a.evict_idle() == []  # its idle time counts from the take-over
+
+
 def moved(redis_server, rng, names=("A", "B")):
     """The first replica creates and steps a session, the second takes it over and steps it
     (the first keeps a stale copy). Returns (first, second, the session's id, its state)."""
@@ -1910,14 +1935,48 @@ def test_a_session_closed_after_a_write_whose_reply_was_lost_stays_closed(redis_
         b.get(sid, "alice")
 
 
+def test_a_step_after_the_last_renewal_before_the_lease_expires_asks_redis_first(redis_server):
+    """--persist-every 2: a session stepped (and written) and renewed, then idle through two
+    renewals, is stepped again late in its lease. Held() had said yes there (0.8 x lease_ttl)
+    while the next renewal came only as Redis expired the lease: another replica took the
+    session over from the older record, and the acknowledged step lived only on the first
+    (both then answered the same position with different states). The step must take the
+    lease back first, so that the other replica waits for it."""
+    ttl = 1.0
+    rng = np.random.default_rng(41)
+    a = replica(redis_server, "A", persist_every="2", lease_ttl=ttl)
+    b = replica(redis_server, "B", persist_every="2", lease_ttl=ttl, lease_wait=0.1)
+    sid = a.create().id
+    step(a, sid, rng)
+    step(a, sid, rng)  # the second: written (version 2)
+    t0 = time.monotonic()
+    a.replication._renew_used()  # used: renewed, Redis expires the lease at t0 + ttl
+    for k in (1, 2):  # the renewals of the background thread, every ttl / 3: idle, clean
+        time.sleep(max(0.0, t0 + k * ttl / 3 - time.monotonic()))
+        a.replication._renew_used()
+    time.sleep(max(0.0, t0 + 0.7 * ttl - time.monotonic()))
+    if not a.held(sid):  # as the service does before a step
+        a.fetch(sid)
+    x = step(a, sid, rng)  # acknowledged at position 3, not written (the 3rd of 2 per write)
+    time.sleep(max(0.0, t0 + ttl + 0.05 - time.monotonic()))  # past the first lease's expiry
+    a.replication._renew_used()  # the next renewal
+    try:
+        b.fetch(sid)
+    except SessionBusy:  # A's lease was taken back for the step: B waits for A
+        return
+    s = b.get(sid)  # B may load it only as A left it
+    assert s.position == 3
+    np.testing.assert_array_equal(b.read(s), x)
+
+
 def test_refetching_a_session_whose_lease_is_still_ours_in_redis_does_not_wait(redis_server):
-    """Held() says no from 0.8 x lease_ttl after the last renewal (a safety margin), while
+    """Held() says no from 0.5 x lease_ttl after the last renewal (a safety margin), while
     Redis still has our lease: a fetch then must take it back at once (CURRENT), not wait for
     its own lease to lapse as if another replica held it."""
     a = replica(redis_server, "A", lease_ttl=5.0, lease_wait=0.5)
     sid = a.create().id
     step(a, sid, np.random.default_rng(0))
-    a.replication._lease_until[sid] = 0.0  # as 0.8 x lease_ttl after the last renewal
+    a.replication._lease_until[sid] = 0.0  # as 0.5 x lease_ttl after the last renewal
     assert not a.held(sid)
     assert redis.Redis.from_url(redis_server.url).get(f"ssmstream:l:{sid}") == b"A"
     a.fetch(sid)  # waiting for its own lease would end in SessionBusy after lease_wait
@@ -2364,7 +2423,7 @@ def test_an_idle_session_written_by_the_renewal_keeps_its_lease_one_period_more(
     clock[0] += 2.0
     a.replication._renew_used()  # idle with an unwritten step: written, then renewed
     assert a.replication.backend.load(sid)["version"] == 2
-    clock[0] += 2.5  # past 0.8 × lease_ttl after the first renewal
+    clock[0] += 1.0  # past 0.5 × lease_ttl after the first renewal
     assert a.held(sid)
 
 
