@@ -86,8 +86,12 @@ def probabilities(
     temperature = 0 gives a one-hot vector at argmax (first index on ties).
     NaN logits are refused; -inf logits get probability 0.
     """
-    temperature, top_k, top_p = check_params(temperature, top_k, top_p)
-    z = _check_logits(logits)  # [V]
+    params = check_params(temperature, top_k, top_p)  # the parameters' errors first
+    return _probabilities(_check_logits(logits), *params)
+
+
+def _probabilities(z: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """`probabilities` of float64 logits z [V] with checked parameters."""
     if np.isnan(z).any() or np.isposinf(z).any():
         raise InvalidInput("logits", "contain NaN or +inf")
     if not np.isfinite(z).any():
@@ -131,7 +135,13 @@ def sample(
     Returns:
         the token id, an int in [0, V).
     """
-    p = probabilities(logits, temperature, top_k, top_p)  # [V]
+    params = check_params(temperature, top_k, top_p)
+    return _sample(_check_logits(logits), *params, rng)
+
+
+def _sample(z, temperature: float, top_k: int, top_p: float, rng) -> int:
+    """`sample` of float64 logits z [V] with checked parameters."""
+    p = _probabilities(z, temperature, top_k, top_p)  # [V]
     if temperature == 0:
         return int(np.argmax(p))
     rng = np.random.default_rng() if rng is None else rng
@@ -151,5 +161,5 @@ class Sampler:
         self.rng = self.config.rng()
 
     def __call__(self, logits: np.ndarray) -> int:
-        c = self.config
-        return sample(logits, c.temperature, c.top_k, c.top_p, self.rng)
+        c = self.config  # checked when it was made
+        return _sample(_check_logits(logits), c.temperature, c.top_k, c.top_p, self.rng)

@@ -475,10 +475,12 @@ class _InterruptedSession(_FakeSession):
 
 
 def test_ctrl_c_exits_130_naming_the_kept_session(monkeypatch, capsys):
-    """Ctrl-C during the generation: exit status 128 + SIGINT, the kept session named."""
+    """Ctrl-C during the generation: exit status 128 + SIGINT, one line as every command
+    says it (on a line of its own after the tokens), the kept session named."""
     fake = _fake_client(monkeypatch, 256, [0x61, 0x62])
     fake.session = lambda self, session_id: _InterruptedSession([0x61, 0x62])
     argv = ["--server", "x:1", "--max-new-tokens", "2", "--keep-session", "hi"]
     assert generate_main(argv) == 130
     said = capsys.readouterr()
-    assert said.out == "ab" and said.err == "session: fake (position 3)\n"
+    assert said.out == "ab"
+    assert said.err == "\nssmstream generate: interrupted\nsession: fake (position 3)\n"
