@@ -258,6 +258,7 @@ class Batcher:
         """Refuse new requests, finish every queued one, stop the worker."""
         if self._worker is None:
             return
+        self.check_loop()  # from another loop it would wait for ever, refusing everything
         self._closing = True
         await self._idle.wait()
         if self._worker is None:  # another close() finished meanwhile

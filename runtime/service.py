@@ -217,9 +217,8 @@ class SessionService:
         rewind is on), starting at its position."""
         if self.limits.rewind_window > 0:
             window, state = self.limits.rewind_window, self.store.read(s)
-            if s.history is not None:
-                s.history.release()
-            s.history = History(window, self.chunk, s.position, state, self.checkpoint_budget)
+            history = History(window, self.chunk, s.position, state, self.checkpoint_budget)
+            self.store.give_history(s, history)
         return s
 
     def checkpoint_bytes_per_session(self) -> int:
@@ -528,6 +527,7 @@ class Attachment:
 
     async def _first(self, session_id: str, inputs: np.ndarray, create: bool) -> tuple:
         svc = self.service
+        svc._on_loop()  # refused off the loop before anything is made
         if create:
             s = svc._track(svc.store.create(self.principal))
         else:

@@ -460,6 +460,18 @@ class SessionStore:
             s._pins = max(0, s._pins - 1)
             s._last_used = self.clock()
 
+    def give_history(self, s: Session, history) -> None:
+        """Attach a rewind History to a session (the one it had is released). A session
+        that ended meanwhile (closed by another thread) releases it at once: its removal
+        released only the History it had then."""
+        with self._lock:
+            if not s._live:
+                history.release()
+                return
+            if s.history is not None:
+                s.history.release()
+            s.history = history
+
     def read(self, s: Session) -> np.ndarray:
         """A copy of the session's state: float32 [S] (waits while a step writes it)."""
         with self._lock:
@@ -716,7 +728,11 @@ class SessionStore:
         def make(sid):
             parent = self.get(session_id, principal)
             self._wait_returned(parent)
-            child = self._new_session(principal, sid, parent._ttl, parent._position)
+            parent._pins += 1  # not evicted (idle past its TTL after the wait) to make room
+            try:
+                child = self._new_session(principal, sid, parent._ttl, parent._position)
+            finally:
+                parent._pins -= 1
             self.slab.copy(parent._slot, child._slot)
             self._counts["forked"] += 1
             return child

@@ -1300,6 +1300,35 @@ def test_values_rows_must_be_d_input_wide(toy_sig):
     run(main())
 
 
+def test_a_history_made_for_a_session_closed_meanwhile_gives_its_bytes_back(toy_tok):
+    """SessionStore is thread-safe: a session the service creates may be closed by another
+    thread while the service makes its rewind History. That History had been attached
+    after the close released nothing, its bytes held in the shared budget for good."""
+
+    async def main():
+        svc = await started(toy_tok, ServiceLimits(rewind_window=8, rewind_memory_bytes=1 << 20))
+        try:
+            real = svc.store.read
+
+            def read_then_closed_elsewhere(s):
+                state = real(s)
+                svc.store.close(s.id, s.principal)  # another thread, right then
+                return state
+
+            svc.store.read = read_then_closed_elsewhere
+            await svc.create("p", "a")
+            assert svc.checkpoint_budget.used == 0
+            del svc.store.read
+            s, _ = await svc.create("p", "b")  # and a session that stays keeps its history
+            assert s.history is not None and svc.checkpoint_budget.used > 0
+            await svc.close("p", "b")
+            assert svc.checkpoint_budget.used == 0
+        finally:
+            await svc.batcher.close()
+
+    run(main())
+
+
 def test_a_call_from_another_event_loop_is_refused_and_applies_nothing(toy_tok):
     """The service runs on the loop that started its batcher: any operation awaited on
     another thread's loop is refused before it applies anything; the session stays usable."""
@@ -1319,6 +1348,8 @@ def test_a_call_from_another_event_loop_is_refused_and_applies_nothing(toy_tok):
                 lambda: svc.create("p"),
                 lambda: svc.snapshot("p", s.id),
                 lambda: svc.generate("p", s.id, [1], 2).__anext__(),
+                lambda: svc.attach("p").step("", tokens=[1]),  # had made a session, then undone it
+                lambda: svc.batcher.close(),  # had waited for ever, refusing everything since
             )
 
             def elsewhere():
@@ -1332,6 +1363,7 @@ def test_a_call_from_another_event_loop_is_refused_and_applies_nothing(toy_tok):
             assert len(errors) == len(calls)
             assert all("runs on the event loop that started it" in e for e in errors)
             assert s.position == 2 and svc.batcher.pending() == 0 and len(svc.store) == 1
+            assert svc.store.stats()["created"] == 1 and svc.batcher.running
             assert (await svc.step("p", s.id, tokens=[3]))[1] == 3
         finally:
             await svc.batcher.close()

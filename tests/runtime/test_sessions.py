@@ -1076,3 +1076,18 @@ def test_a_snapshot_shorter_than_its_signature_is_truncated():
     with pytest.raises(InvalidInput) as e:
         KEY.verify(good[:39], "snapshot", "")
     assert e.value.field == "snapshot" and str(e.value).endswith("is truncated")
+
+
+def test_a_fork_never_evicts_its_parent_to_make_room_for_the_child():
+    """The parent goes idle past its TTL between the fork's lookup and its room check (a
+    fast clock: a fork that waited for the parent's row). The full store had evicted the
+    parent to make room, given the child its slot, zeroed it and copied that row onto
+    itself: a child at the parent's position with a zero state, the parent gone."""
+    times = iter([0.0] * 4 + [100.0] * 100)  # create, commit, fork's two gets; then later
+    store = SessionStore(4, capacity=1, ttl=10.0, clock=lambda: next(times))
+    s = store.create()
+    store.commit(s, np.full(4, 7.0, np.float32), 5)
+    with pytest.raises(LimitExceeded):
+        store.fork(s.id)
+    assert s.live and len(store) == 1 and store.stats()["forked"] == 0
+    np.testing.assert_array_equal(store.read(s), np.full(4, 7.0, np.float32))
