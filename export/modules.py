@@ -209,6 +209,29 @@ class StepSSMs(nn.Module):
         return AX.reshape(Bsz, -1) + Bu.reshape(Bsz, -1)  # [B, S]
 
 
+def step_drift(net: SSMNetwork, dt_scale: float) -> dict:
+    """How far the step graph may drift from the exact recurrence over streams as long as
+    its slowest mode's memory. StepSSMs holds each dA as float32 (Re, Im), off from dA by
+    e_n = |dA32_n − dA_n| ≤ ~3e-8 per component; a mode's state accumulates that error over
+    its memory 1/δ_n (δ_n = 1 − |dA_n|), to a relative error of about e_n / δ_n. A model
+    whose slowest modes have δ ≪ 1e-3 (small Δ·|Re A|: a trained slow mode, or a small
+    dt_scale) can drift past the fp32 tolerance on streams longer than a parity check; the
+    prefill graph keeps log|dA| instead and does not.
+
+    Returns {"max_rel": max_n e_n / δ_n, "memory": max_n 1 / δ_n (steps)}."""
+    worst, memory = 0.0, 0.0
+    for ssm in net.ssms:
+        dA = discrete64(ssm, dt_scale)[0]  # [H, N/2]
+        R = rot(dA).double()  # the float32 block the graph holds, [2, 2, H, N/2]
+        e = (torch.complex(R[0, 0], R[1, 0]) - dA).abs()  # [H, N/2]
+        decay = 1 - dA.abs()  # δ: > 0 for a stable mode
+        stable = decay > 0
+        if stable.any():
+            worst = max(worst, float((e[stable] / decay[stable]).max()))
+            memory = max(memory, float((1 / decay[stable]).max()))
+    return {"max_rel": worst, "memory": memory}
+
+
 class PrefillSSM(nn.Module):
     """One layer over a chunked sequence (see the module docstring), u [B, T, D], X [B, 2, H, N/2].
 

@@ -25,6 +25,9 @@ held to 1e-4; fp16 and int8 to what their arithmetic honestly reaches.
 Report (manifest "parity"):
     {"passed": bool, "dtype": str, "tolerance": {...}, "reference": str,
      "step_vs_torch":   {"length", "batch", "max_abs", "output_scale", "max_rel", "passed"},
+     "step_drift":      {"max_rel", "memory_steps"}  (an estimate, not checked: see
+                         export/modules.py step_drift; a warning when it exceeds the
+                         tolerance for modes whose memory is longer than the check),
      "prefill_vs_step": {"lengths", "max_rel_output", "max_rel_state", "max_abs_output",
                          "max_abs_state", "passed"},
      "slots_vs_step":   {"steps", "batch", "max_abs_output", "max_abs_state", "passed"}}
@@ -47,6 +50,8 @@ from ssmstream.runtime import Engine
 from ssmstream.runtime.errors import ModelError
 from ssmstream.runtime.manifest import load_manifest, sha256_file
 from tqdm import tqdm
+
+from .modules import step_drift
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +163,18 @@ def verify_graphs(
                 "(unstable discretization?)"
             )
         passed &= ok
+        drift = step_drift(net, manifest["dt_scale"])
+        report["step_drift"] = {"max_rel": drift["max_rel"], "memory_steps": drift["memory"]}
+        if drift["max_rel"] > tol["step_vs_torch"] and drift["memory"] > steps:
+            log.warning(
+                "slow modes (memory up to %.3g steps, beyond the %d checked): over streams that "
+                "long the step graph's float32 dA may drift up to ~%.1e relative from the exact "
+                "recurrence (tolerance %.0e); the prefill graph does not (docs: README, Limits)",
+                drift["memory"],
+                steps,
+                drift["max_rel"],
+                tol["step_vs_torch"],
+            )
     else:
         report["step_vs_torch"] = {"skipped": "no torch checkpoint given"}
     if "prefill" in graphs:

@@ -220,6 +220,15 @@ def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
                 f"{s.get('length')} steps",
             )
         )
+    d = _obj(p.get("step_drift"))
+    if _number(d.get("max_rel")) and _number(d.get("memory_steps")):
+        rows.append(
+            (
+                "  long streams",
+                f"step drift up to ~{d['max_rel']:.1e} (estimate; slowest memory "
+                f"{d['memory_steps']:.3g} steps)",
+            )
+        )
     q = _obj(p.get("prefill_vs_step"))
     if _number(q.get("max_rel_output")) and _number(q.get("max_rel_state")):
         worst = max(q["max_rel_output"], q["max_rel_state"])
