@@ -93,7 +93,7 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{cfg_file} is missing: not an ssmstream checkpoint directory")
     try:
         meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit int, deep nesting
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{cfg_file} is not an ssmstream checkpoint config")

@@ -124,7 +124,8 @@ class StreamingInferenceServicer:
     def Stream(self, request_iterator, context):
         """Bidirectional: one StepResponse per StepRequest, in order. The stream attaches to one
         session: the first request names it (or leaves `session_id` empty to create a new
-        one, whose id the first response carries); later requests may leave it empty. While
+        one, whose id the first response carries: closed again if the stream ends before that
+        response is sent, kept once it is); later requests may leave it empty. While
         a stream is open, the session refuses a second Stream, Step or Generate with
         FAILED_PRECONDITION. When the client goes away the session stays as it is (resumable
         within its TTL). An error ends the stream with its status; the failed request applied

@@ -258,7 +258,8 @@ class Batcher:
         """Refuse new requests, finish every queued one, stop the worker."""
         if self._worker is None:
             return
-        self.check_loop()  # from another loop it would wait for ever, refusing everything
+        if not self._loop.is_closed():  # its loop ended (asyncio.run over): nothing can run
+            self.check_loop()  # from another loop it would wait for ever, refusing everything
         self._closing = True
         await self._idle.wait()
         if self._worker is None:  # another close() finished meanwhile

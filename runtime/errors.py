@@ -77,7 +77,7 @@ def real_number(value, field: str, what: str = "a number") -> float:
         raise InvalidInput(field, f"must be {what}, got {value!r}")
     try:
         return float(value)
-    except OverflowError:  # an int beyond float range (Fraction, numpy ints convert exactly)
+    except OverflowError:  # an int (or Fraction) beyond float range
         return math.inf if value > 0 else -math.inf
 
 

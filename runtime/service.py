@@ -317,6 +317,8 @@ class SessionService:
         self._open()
         ttl_ = self._ttl(ttl)
         sid = check_session_id(session_id) if session_id else None
+        if not isinstance(snapshot, (bytes, bytearray, memoryview)):
+            raise InvalidInput("snapshot", f"must be bytes, got {type(snapshot).__name__}")
         prompt = as_array(prompt, "prompt")
         if prompt.size:
             if snapshot:
@@ -339,10 +341,8 @@ class SessionService:
     async def restore(
         self, principal: str, snapshot: bytes, session_id: str = "", ttl: float = 0.0
     ) -> Session:
-        if not isinstance(snapshot, (bytes, bytearray, memoryview)):
-            raise InvalidInput("snapshot", f"must be bytes, got {type(snapshot).__name__}")
-        if not snapshot:
-            raise InvalidInput("snapshot", "is empty")
+        if isinstance(snapshot, (bytes, bytearray, memoryview)) and not snapshot:
+            raise InvalidInput("snapshot", "is empty")  # (`create` checks the type)
         return (await self.create(principal, session_id, ttl, snapshot))[0]
 
     async def close(self, principal: str, session_id: str) -> Session:
@@ -411,11 +411,15 @@ class SessionService:
         seed: int | None = None,
         stop=(),
         keep_session: bool = False,
+        handed_out: Callable[[Session], object] | None = None,
     ) -> AsyncIterator[tuple[str, Generated]]:
         """Feed `prompt` (tokens, at least one), then yield (session id, Generated) per token,
         each before it is fed; the last one is not fed. Without a session_id a new session is
         used (closed at the end unless keep_session). Sampling: runtime/sampling.py;
-        max_new_tokens in [1, --max-new-tokens]; generation stops after a `stop` token."""
+        max_new_tokens in [1, --max-new-tokens]; generation stops after a `stop` token.
+        `handed_out(session)` is called for a new session just before its id goes out with
+        the first token (the server ends the call there when its deadline passed: the
+        session is then closed again, as when the call ends before that token)."""
         self._on_loop()
         self._open()
         if self.engine.input_kind != "tokens":
@@ -450,6 +454,8 @@ class SessionService:
                 position = len(x)
             gen = Generation(config)
             g = gen(logits, position)
+            if handed_out is not None and not session_id:
+                handed_out(a.session)
             # handed out: a cancel from here on may come after the client read the id (as
             # the first response's write ends), so a kept session stays from here
             sent = True
@@ -480,7 +486,8 @@ class Attachment:
 
     The first `step` attaches: to the session it names, or to a new one (`create`), which
     is closed again if that first step fails, or at `detach` if its response was not
-    `delivered` (its id never reached the client). Later steps
+    `handed_out` (a cancel after that may come after the client read the id: the session
+    stays) nor `delivered`. Later steps
     go to the same incarnation (NOT_FOUND once it is closed). `idle` is True while waiting
     for the client's next request: before the first step, and from each step's `delivered`
     (its response is written) or failure on; `on_drain` is called when the server drains
@@ -557,7 +564,9 @@ class Attachment:
         return s
 
     def delivered(self) -> None:
-        """The step's response is out: the attachment is idle again."""
+        """The step's response is out: the attachment is idle again (and a session the step
+        created stays, if `handed_out` was not called)."""
+        self._new = None
         self.idle = True
 
     async def _rebind(self, bound: Session) -> Session:

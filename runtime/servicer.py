@@ -19,7 +19,6 @@ import functools
 import logging
 import time
 
-import grpc
 import numpy as np
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
@@ -31,7 +30,7 @@ from .generation import FINISH_MAX, FINISH_STOP, log_softmax
 from .metrics import ServerMetrics
 from .service import SessionService
 from .sessions import Session
-from .status import check_decoded, grpc_errors
+from .status import check_decoded, deadline_passed, end_as_expired, grpc_errors
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +200,17 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             check_response_size(rows, self.d_output, self.max_send)
         return tokens, values
 
-    async def _handed_out(self, s: Session, context) -> Session:
+    def _handed_out(self, s: Session, context) -> Session:
         """`s`, the session this call created, unless the call's deadline passed meanwhile (a
         long prompt's prefill, the event loop held up): grpc would drop the response, so the
         client would never learn the id. The session is closed again (not left holding a
         slot and the principal's quota until its TTL) and the call ends as grpc ends a call
         it cancels (the client has its DEADLINE_EXCEEDED; a status sent now would fail)."""
-        left = context.time_remaining()
-        if left is None or left > 0:
+        if not deadline_passed(context):
             return s
         self.service.discard(s, current_principal())
-        self.metrics.count_error(grpc.StatusCode.DEADLINE_EXCEEDED.name)
         log.info("session %r closed again: its call's deadline passed while it was made", s.id)
-        raise asyncio.CancelledError
+        end_as_expired(self.metrics)
 
     @grpc_errors
     async def GetModelInfo(self, request, context):
@@ -230,7 +227,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         )
         if request.prompt:
             self.metrics.count_tokens("CreateSession", len(request.prompt))
-        return session_message(await self._handed_out(s, context), cached)
+        return session_message(self._handed_out(s, context), cached)
 
     @grpc_errors
     async def CloseSession(self, request, context):
@@ -251,12 +248,12 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
         s = await self.service.restore(
             current_principal(), request.snapshot, request.session_id, request.ttl_seconds
         )
-        return session_message(await self._handed_out(s, context))
+        return session_message(self._handed_out(s, context))
 
     @grpc_errors
     async def ForkSession(self, request, context):
         s = await self.service.fork(current_principal(), request.session_id, request.new_session_id)
-        return session_message(await self._handed_out(s, context))
+        return session_message(self._handed_out(s, context))
 
     @grpc_errors
     async def RewindSession(self, request, context):
@@ -283,7 +280,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 check_decoded(req)
                 outputs, position = await a.step(req.session_id, *self._check_request(req))
                 if (new := a.handed_out()) is not None:  # the id goes out with this response
-                    await self._handed_out(new, context)
+                    self._handed_out(new, context)
                 yield step_response(a.session.id, position, outputs, req)
                 a.delivered()
                 self.metrics.count_tokens("Stream", len(outputs))
@@ -310,13 +307,11 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             request.seed if request.HasField("seed") else None,
             request.stop_tokens,  # read only up to the most that can be valid
             request.keep_session,
+            handed_out=lambda s: self._handed_out(s, context),
         )
         t0, n = time.perf_counter(), len(request.prompt)
         async with contextlib.aclosing(stream):
             async for sid, g in stream:
-                if g.index == 0 and not request.session_id:  # the new id goes out with it
-                    new = self.service.store.get(sid, current_principal())
-                    await self._handed_out(new, context)
                 self.metrics.count_tokens("Generate", n)
                 self.metrics.observe_request("Generate", time.perf_counter() - t0, g.index == 0)
                 yield pb.GenerateResponse(

@@ -58,24 +58,33 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_ERROR
 
 
+def deadline_passed(context) -> bool:
+    """The call's deadline has passed: grpc has answered DEADLINE_EXCEEDED for it, and a
+    response or status sent now is dropped (a status fails in grpc's core)."""
+    left = context.time_remaining()
+    return left is not None and left <= 0
+
+
+def end_as_expired(metrics) -> None:
+    """End a call whose deadline passed as grpc ends a call it cancels (counted as the
+    DEADLINE_EXCEEDED its client got)."""
+    metrics.count_error(grpc.StatusCode.DEADLINE_EXCEEDED.name)
+    raise asyncio.CancelledError
+
+
 def grpc_errors(method):
     """Decorator for servicer methods (coroutines or async generators): runtime errors
     end the RPC with their status code (`status_of`), anything unexpected with INTERNAL
     (logged, details not sent), and each non-OK status is counted in the metrics. A
-    request that did not decode (DecodeGuard) is INVALID_ARGUMENT."""
+    request that did not decode (DecodeGuard) is INVALID_ARGUMENT. A call whose deadline
+    passed meanwhile ends quietly (`end_as_expired`)."""
 
     async def fail(self, exc: Exception, context) -> None:
         code, message = status_of(exc)
         if not isinstance(exc, RuntimeErrorBase):
             log.exception("unexpected error in %s", method.__name__)
-        left = context.time_remaining()
-        expired = left is not None and left <= 0
-        if expired or context.cancelled():
-            # the call has ended (its deadline passed, the client cancelled): the client has
-            # its status, and one sent now fails in grpc's core (a logged traceback); end as
-            # grpc ends a call it cancels
-            self.metrics.count_error("DEADLINE_EXCEEDED" if expired else "CANCELLED")
-            raise asyncio.CancelledError
+        if deadline_passed(context):  # a status sent now fails in grpc's core (a traceback)
+            end_as_expired(self.metrics)
         self.metrics.count_error(code.name)
         await context.abort(code, message)
 

@@ -403,7 +403,9 @@ def test_export_cli_without_quiet_shows_progress_logs_info_and_prints_the_manife
 def test_non_finite_torch_reference_is_reported(monkeypatch):
     monkeypatch.setattr(verify_mod, "Engine", FakeEngine)
     monkeypatch.setattr(verify_mod, "torch_reference", lambda net, x, s: np.full((2, 8, 2), np.nan))
-    monkeypatch.setattr(verify_mod, "step_drift", lambda net, s: {"max_rel": 0.0, "memory": 1.0})
+    monkeypatch.setattr(
+        verify_mod, "step_drift", lambda net, s, beyond: {"max_rel": 0, "memory": 1}
+    )
     r = verify_mod.verify_graphs("unused", MANIFEST, object(), steps=8)
     s = r["step_vs_torch"]
     assert s["output_scale"] == math.inf and s["max_rel"] == math.inf and not s["passed"]
@@ -470,7 +472,9 @@ def test_verify_model_refuses_a_checkpoint_of_another_config(tmp_path, monkeypat
 def test_step_vs_torch_failure_fails_the_report(monkeypatch):
     monkeypatch.setattr(verify_mod, "Engine", FakeEngine)
     monkeypatch.setattr(verify_mod, "torch_reference", lambda net, x, s: np.ones((2, 8, 2)) * 100.0)
-    monkeypatch.setattr(verify_mod, "step_drift", lambda net, s: {"max_rel": 0.0, "memory": 1.0})
+    monkeypatch.setattr(
+        verify_mod, "step_drift", lambda net, s, beyond: {"max_rel": 0, "memory": 1}
+    )
     r = verify_mod.verify_graphs("unused", MANIFEST, object(), steps=8)
     assert r["step_vs_torch"]["passed"] is False and r["passed"] is False
     assert r["prefill_vs_step"]["passed"] and r["slots_vs_step"]["passed"]
@@ -741,7 +745,9 @@ def test_step_vs_torch_passes_at_exactly_the_tolerance(monkeypatch):
         return ref["v"]
 
     monkeypatch.setattr(verify_mod, "torch_reference", torch_ref)
-    monkeypatch.setattr(verify_mod, "step_drift", lambda net, s: {"max_rel": 0.0, "memory": 1.0})
+    monkeypatch.setattr(
+        verify_mod, "step_drift", lambda net, s, beyond: {"max_rel": 0, "memory": 1}
+    )
     r = verify_mod.verify_graphs("unused", MANIFEST, object(), steps=8)
     rel = r["step_vs_torch"]["max_rel"]
     assert 0 < rel and not r["step_vs_torch"]["passed"]  # 1e-3 > fp32's 1e-4

@@ -104,6 +104,8 @@ def test_missing_config(ckpt):
     [
         ("{not json", r"config\.json is not valid JSON"),
         (b"\xff\xfe\x00", r"config\.json is not valid JSON"),
+        ('{"format": ' + "1" * 5000 + "}", r"config\.json is not valid JSON"),  # int digits
+        ("[" * 100_000 + "]" * 100_000, r"config\.json is not valid JSON"),  # nesting
         ('["a list"]', r"config\.json is not an ssmstream checkpoint config"),
         ('{"format": "pytorch", "model": {}}', "not an ssmstream checkpoint config"),
         ('{"format": "ssmstream-checkpoint", "version": 1}', "not an ssmstream checkpoint"),

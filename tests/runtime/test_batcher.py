@@ -519,6 +519,17 @@ def test_two_closes_at_once_both_return(toy_tok):
     run(main())
 
 
+def test_a_batcher_whose_loop_ended_closes_from_another_loop(toy_tok):
+    """Started inside one asyncio.run and closed in a later one (the first loop is gone):
+    the close stops the worker. While its own loop still runs, another loop's close is
+    refused (it would wait for ever)."""
+    batcher, store = run(started(toy_tok))
+    worker = batcher._worker
+    run(batcher.close())
+    worker.join(10)
+    assert not batcher.running and not worker.is_alive()
+
+
 def test_close_stops_the_worker_thread_and_a_restart_serves_again(toy_tok):
     async def main():
         batcher, store = await started(toy_tok, max_batch=4, max_batch_delay=0.001)

@@ -203,7 +203,7 @@ class _Recorder:
     def __init__(self, info: dict):
         self.info, self.calls = info, []
 
-    def generate(self, *args):
+    def generate(self, *args, **kw):
         self.calls.append(args)
 
         async def none():

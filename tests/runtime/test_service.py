@@ -137,6 +137,7 @@ def test_bad_requests_change_nothing(toy_tok):
             (svc.restore("alice", b""), InvalidInput),
             (svc.restore("alice", b"garbage"), InvalidInput),
             (svc.restore("alice", np.zeros(90, np.uint8)), InvalidInput),  # not bytes
+            (svc.create("alice", "b", snapshot=np.zeros(90, np.uint8)), InvalidInput),
             (svc.create("alice", "b", ttl=10**400), InvalidInput),  # was OverflowError
         ]
         for call, exc in bad_calls:

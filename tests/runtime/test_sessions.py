@@ -1089,5 +1089,5 @@ def test_a_fork_never_evicts_its_parent_to_make_room_for_the_child():
     store.commit(s, np.full(4, 7.0, np.float32), 5)
     with pytest.raises(LimitExceeded):
         store.fork(s.id)
-    assert s.live and len(store) == 1 and store.stats()["forked"] == 0
+    assert s.live and not s.pinned and len(store) == 1 and store.stats()["forked"] == 0
     np.testing.assert_array_equal(store.read(s), np.full(4, 7.0, np.float32))

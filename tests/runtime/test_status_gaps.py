@@ -27,9 +27,6 @@ class Context:
     def time_remaining(self):
         return None  # no deadline
 
-    def cancelled(self):
-        return False
-
     async def abort(self, code, message):
         self.aborts.append((code, message))
         raise grpc.aio.AbortError()
