@@ -948,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:  # a bad TLS file or pair, named
         parser.error(str(e))
-    out, session = sys.stdout, None
+    out, session, n = sys.stdout, None, 0
     try:
         info = client.info()
         if info.input_kind != "tokens":
@@ -991,7 +991,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # the client's own argument checks name the argument
         parser.error(str(e))
     except KeyboardInterrupt:  # Ctrl-C stops the generation; a kept session is still named
-        sys.stderr.write("\nssmstream generate: interrupted\n")  # the tokens end mid-line
+        # on a line of its own: text tokens end mid-line (ids end with a newline)
+        sys.stderr.write(("\n" if n and not a.ids else "") + "ssmstream generate: interrupted\n")
         _say_kept(a, session)
         return 130  # 128 + SIGINT
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does

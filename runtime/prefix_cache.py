@@ -153,7 +153,7 @@ class PrefixCache:
             if end not in states:
                 continue
             state, output = states[end]
-            e = _Entry(data[: 8 * end], np.array(state, np.float32), np.array(output))
+            e = _Entry(data[: 8 * end], np.array(state, np.float32), np.array(output, np.float32))
             if e.nbytes > self.max_bytes:
                 continue
             entries[key] = e
