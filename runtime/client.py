@@ -609,7 +609,13 @@ class StreamHandle:
     def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         with self._lock:  # the session's id and position follow the responses in order
             self._q.put(step_request(self.session.id, tokens, values, output, top_k))
-            r = StepResult.from_proto(next(self._call))
+            try:
+                r = StepResult.from_proto(next(self._call))
+            except grpc.RpcError:
+                raise
+            except BaseException:  # interrupted while it waited (Ctrl-C): the response still
+                self.close()  # due would answer the next send; later sends raise CANCELLED
+                raise
             if not self.session.id:
                 self.session.id = r.session_id
             self.session.position = r.position
@@ -987,6 +993,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     except grpc.RpcError as e:
         sys.stderr.write(f"ssmstream generate: {e.code().name}: {e.details()}\n")
+        _say_kept(a, session)  # a drain cut the generation: the kept session resumes later
         return 1
     except ValueError as e:  # the client's own argument checks name the argument
         parser.error(str(e))

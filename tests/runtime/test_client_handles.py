@@ -474,6 +474,35 @@ class _InterruptedSession(_FakeSession):
         raise KeyboardInterrupt
 
 
+class _DrainedSession(_FakeSession):
+    def generate(self, prompt, **kw):
+        yield from super().generate(prompt, **kw)
+        raise _Unavailable()
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "server is shutting down; resume after the restart"
+
+
+def test_a_generation_cut_by_a_drain_names_the_kept_session(monkeypatch, capsys):
+    """The server drained (SIGTERM) mid-generation and saved the session: exit 1 with the
+    status, and the kept session's id, which the restarted server resumes (it had not been
+    printed: the session stayed unknown to its user until its TTL)."""
+    fake = _fake_client(monkeypatch, 256, [0x61, 0x62])
+    fake.session = lambda self, session_id: _DrainedSession([0x61, 0x62])
+    argv = ["--server", "x:1", "--max-new-tokens", "2", "--keep-session", "hi"]
+    assert generate_main(argv) == 1
+    said = capsys.readouterr()
+    assert said.err == (
+        "ssmstream generate: UNAVAILABLE: server is shutting down; resume after the restart\n"
+        "session: fake (position 3)\n"
+    )
+
+
 def test_ctrl_c_exits_130_naming_the_kept_session(monkeypatch, capsys):
     """Ctrl-C during the generation: exit status 128 + SIGINT, one line as every command
     says it (on a line of its own after the tokens), the kept session named."""
@@ -484,3 +513,39 @@ def test_ctrl_c_exits_130_naming_the_kept_session(monkeypatch, capsys):
     said = capsys.readouterr()
     assert said.out == "ab"
     assert said.err == "\nssmstream generate: interrupted\nsession: fake (position 3)\n"
+
+
+def test_a_send_interrupted_while_it_waits_ends_the_stream_instead_of_answering_late(toy_server):
+    """Ctrl-C while a sync stream's send waits for its response: that response was still
+    due, and the next send returned it (every later one a response behind, positions stale,
+    no error). The interrupted send ends the stream: the next send raises CANCELLED, as the
+    async handle's does, and the session holds what the server applied."""
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session()
+        with s.open_stream() as st:
+            st.send(tokens=[1, 2])
+
+            class Interrupted:  # the wait for the response is interrupted once
+                def __init__(self, call):
+                    self.call, self.first = call, True
+
+                def __next__(self):
+                    if self.first:
+                        self.first = False
+                        raise KeyboardInterrupt
+                    return next(self.call)
+
+                def cancel(self):
+                    return self.call.cancel()
+
+            st._call = Interrupted(st._call)
+            with pytest.raises(KeyboardInterrupt):
+                st.send(tokens=[3, 4, 5])
+            with pytest.raises(grpc.RpcError) as e:
+                st.send(tokens=[6])
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+        deadline = time.monotonic() + 10
+        while toy_server.server.service.attached and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server lets go of the ended stream
+        assert s.step(tokens=[7]).position in (3, 6)  # the interrupted request: applied or not
+        s.close()
