@@ -104,6 +104,9 @@ def _ints(name: str, xs) -> list[int]:
     return a.astype(np.int64).reshape(-1).tolist()
 
 
+BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
 def _text(name: str, v) -> str:
     """A string field (a session id); ValueError naming `name` for anything else."""
     if not isinstance(v, str):
@@ -113,7 +116,7 @@ def _text(name: str, v) -> str:
 
 def _bytes(name: str, v) -> bytes:
     """bytes, bytearray or memoryview as bytes; ValueError naming `name` for anything else."""
-    if not isinstance(v, (bytes, bytearray, memoryview)):
+    if not isinstance(v, BYTES_LIKE):
         raise ValueError(f"{name}: must be bytes, got {type(v).__name__}")
     return bytes(v)
 
@@ -257,8 +260,10 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
 
 
 def _pem(value: str | os.PathLike | bytes | None, field: str) -> bytes | None:
-    if value is None or isinstance(value, (bytes, bytearray, memoryview)):
-        return None if value is None else bytes(value)
+    if value is None:
+        return None
+    if isinstance(value, BYTES_LIKE):
+        return bytes(value)
     try:
         return Path(value).read_bytes()
     except OSError as e:
@@ -275,9 +280,7 @@ def channel_credentials(
     (an unset variable) is refused, not taken as "not given" (plaintext)."""
     for name, v in (("root_certificates", root_certificates), ("client_cert", client_cert),
                     ("client_key", client_key)):  # fmt: skip
-        if v is not None and not (
-            bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) else str(v)
-        ):
+        if v is not None and not (bytes(v) if isinstance(v, BYTES_LIKE) else str(v)):
             raise ValueError(f"{name}: is empty (give a PEM file or bytes, or leave it out)")
     if not (
         tls or root_certificates is not None or client_cert is not None or client_key is not None

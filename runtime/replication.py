@@ -797,11 +797,9 @@ class RedisReplication:
     def _safe_until(self, t0: float) -> float:
         """Until when a lease taken or renewed at t0 lets this replica step the session without
         asking Redis: half of lease_ttl. A step in that window is renewed (or written) by the
-        next renewal, which comes lease_ttl / 3 later, so at the latest at 5/6 of the lease,
-        before Redis expires it (a later step asks Redis first). With 0.8 × lease_ttl, a
-        step of a session idle since the last renewal could land after the last renewal before
-        the expiry: under --persist-every N it then lived only here when another replica took
-        the session over from the older record."""
+        next renewal, which comes at most lease_ttl / 3 later, so by 5/6 of the lease, before
+        Redis can expire it and another replica take the session over from an older record
+        (a later step asks Redis first)."""
         return t0 + 0.5 * self.lease_ttl
 
     def held(self, session_id: str) -> bool:

@@ -52,7 +52,7 @@ from .generation import GenerateConfig, Generated, Generation
 from .history import CheckpointBudget, History
 from .prefix_cache import PrefixCache
 from .sessions import Session, SessionStore, check_session_id
-from .snapshots import snapshot_position
+from .snapshots import BYTES_LIKE, snapshot_position
 
 # what a Stream ended by the drain is told, by where its session lives on (see `draining_says`)
 DRAINING = {
@@ -317,7 +317,7 @@ class SessionService:
         self._open()
         ttl_ = self._ttl(ttl)
         sid = check_session_id(session_id) if session_id else None
-        if not isinstance(snapshot, (bytes, bytearray, memoryview)):
+        if not isinstance(snapshot, BYTES_LIKE):
             raise InvalidInput("snapshot", f"must be bytes, got {type(snapshot).__name__}")
         prompt = as_array(prompt, "prompt")
         if prompt.size:
@@ -341,7 +341,7 @@ class SessionService:
     async def restore(
         self, principal: str, snapshot: bytes, session_id: str = "", ttl: float = 0.0
     ) -> Session:
-        if isinstance(snapshot, (bytes, bytearray, memoryview)) and not snapshot:
+        if isinstance(snapshot, BYTES_LIKE) and not snapshot:
             raise InvalidInput("snapshot", "is empty")  # (`create` checks the type)
         return (await self.create(principal, session_id, ttl, snapshot))[0]
 

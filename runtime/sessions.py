@@ -142,11 +142,17 @@ def check_session_id(session_id, field: str = "session_id") -> str:
     return session_id
 
 
-def check_consumed(consumed) -> int:
-    """A commit's input count: an integer >= 0, else InvalidInput."""
-    if isinstance(consumed, bool) or not isinstance(consumed, (int, np.integer)) or consumed < 0:
-        raise InvalidInput("consumed", f"must be an integer >= 0, got {consumed!r}")
-    return int(consumed)
+def check_count(value, field: str = "consumed", high: int | None = None) -> int:
+    """An integer in [0, high] (a commit's input count by default), else InvalidInput."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < 0
+        or (high is not None and value > high)
+    ):
+        bounds = ">= 0" if high is None else f"in [0, {high}]"
+        raise InvalidInput(field, f"must be an integer {bounds}, got {value!r}")
+    return int(value)
 
 
 def _check_ttl(ttl, field: str = "ttl") -> float:
@@ -235,13 +241,7 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._per_principal: Counter[str] = Counter()
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (principal, reason)
-        if (
-            isinstance(tombstones, bool)
-            or not isinstance(tombstones, (int, np.integer))
-            or tombstones < 0
-        ):
-            raise InvalidInput("tombstones", f"must be an integer >= 0, got {tombstones!r}")
-        self._max_gone = int(tombstones)
+        self._max_gone = check_count(tombstones, "tombstones")
         self._lock = threading.RLock()
         self._returned = threading.Condition(self._lock)  # notified by give_back
         self._lent = 0  # sessions whose rows are lent out
@@ -504,7 +504,7 @@ class SessionStore:
         """End `lend`: advance each session still live by `consumed` (0 when the step failed
         and wrote nothing); returns per session its new position, or the error of one closed
         or evicted meanwhile (its slot is freed now) or, replicated, moved elsewhere."""
-        consumed = check_consumed(consumed)
+        consumed = check_count(consumed)
         with self._lock:
             if not all(s._lent for s in sessions):  # a state and its position move together
                 raise InvalidInput("sessions", "give_back takes only sessions `lend` lent")
@@ -554,7 +554,7 @@ class SessionStore:
         All or nothing: raises (changing nothing) when the session is no longer live
         or the arguments are malformed. Returns the new position.
         """
-        consumed = check_consumed(consumed)
+        consumed = check_count(consumed)
         new_state = np.asarray(new_state)
         if new_state.shape != (self.state_size,):
             raise InvalidInput(
@@ -681,12 +681,7 @@ class SessionStore:
             raise InvalidInput(
                 "state", f"must have shape [{self.state_size}], got {list(np.shape(state))}"
             )
-        if (
-            isinstance(position, bool)
-            or not isinstance(position, (int, np.integer))
-            or not 0 <= position <= MAX_POSITION
-        ):
-            raise InvalidInput("position", f"must be an integer in [0, 2**63 - 1], got {position}")
+        check_count(position, "position", MAX_POSITION)
         return encode_snapshot(self.snapshot_key, self.model_sha, state, position)
 
     def snapshot(self, session_id: str, principal: str = "") -> bytes:

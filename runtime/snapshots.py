@@ -50,6 +50,7 @@ SNAP_MAGIC = b"SSMSNAP\0"
 STORE_MAGIC = b"SSMSTOR\0"
 VERSION = 2  # 1: sha256 checksum only (unsigned), refused
 KEY_FILE = "snapshot.key"
+BYTES_LIKE = (bytes, bytearray, memoryview)  # what a snapshot may come as
 MAX_POSITION = 2**63 - 1  # positions count on from here (the wire has uint64)
 MIN_KEY_BYTES = 16
 _SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
@@ -200,7 +201,7 @@ def decode_snapshot(
     Raises InvalidInput("snapshot", …) naming the failed check, or ModelError (another
     model or state size).
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    if not isinstance(data, BYTES_LIKE):
         raise InvalidInput("snapshot", f"must be bytes, got {type(data).__name__}")
     data = bytes(data)
     if data and len(data) < _SNAP_HEAD.size and SNAP_MAGIC.startswith(data[: len(SNAP_MAGIC)]):
