@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import errno
 import hashlib
 import heapq
 import importlib.metadata
@@ -64,11 +65,12 @@ from ssmstream.runtime.manifest import (
     sha256_file,
 )
 
-from .modules import PrefillGraph, StepGraph
+from .modules import PrefillGraph, StepGraph, Trunk
 
 log = logging.getLogger(__name__)
 
 OPSET = 20
+MODEL_FILES = (MANIFEST, "step.onnx", "prefill.onnx")  # what an export writes (build_graphs)
 VARIANTS = {
     "fp32": "weights, activations, SSM recurrence and state float32",
     "fp16": "weights and activations float16 (GPU variant); SSM recurrence and state float32",
@@ -221,15 +223,36 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     return slimmed if keep else model
 
 
-def non_trunk_matmuls(model: onnx.ModelProto) -> list[str]:
+def trunk_weights(net: SSMNetwork) -> set[bytes]:
+    """Fingerprints of the trunk's Linear weights as float32, each as is and transposed
+    (`non_trunk_matmuls`)."""
+    trunk = Trunk(net, torch.float32)
+    weights = [m.weight.detach() for m in trunk.modules() if isinstance(m, torch.nn.Linear)]
+    return {_fingerprint(w.numpy()) for W in weights for w in (W, W.T)}
+
+
+def _fingerprint(a: np.ndarray) -> bytes:
+    return hashlib.sha256(repr(a.shape).encode() + np.ascontiguousarray(a).tobytes()).digest()
+
+
+def non_trunk_matmuls(model: onnx.ModelProto, trunk: set[bytes] = frozenset()) -> list[str]:
     """Names of the MatMul/Gemm nodes with a constant operand that is not a trunk weight
-    ("trunk.*"): the SSM's own products with constants (in the prefill graph also the
+    (named "trunk.*", or equal to one of the `trunk_weights` fingerprints: the exporter
+    may fold a transposed weight into a constant of another name, as the prefill graph's
+    values encoder): the SSM's own products with constants (in the prefill graph also the
     tables constant folding made of them)."""
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def is_trunk(name: str) -> bool:
+        if name.startswith("trunk."):
+            return True
+        a = onnx.numpy_helper.to_array(inits[name])
+        return a.dtype == np.float32 and a.ndim == 2 and _fingerprint(a) in trunk
+
     names = []
     for n in model.graph.node:
         const = [i for i in n.input if i in inits]
-        if n.op_type in ("MatMul", "Gemm") and const and not const[0].startswith("trunk."):
+        if n.op_type in ("MatMul", "Gemm") and const and not is_trunk(const[0]):
             names.append(n.name)
             if n.op_type == "Gemm":  # the quantizer first splits a Gemm into NAME_MatMul + Add
                 names.append(f"{n.name}_MatMul")
@@ -360,6 +383,7 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
         return module, args, {"input": {0: B, 1: T}, "state": {0: B}, "length": {}}
 
     builders = {"step": step, "prefill": prefill} if cfg.prefill else {"step": step}
+    trunk = trunk_weights(net) if cfg.dtype == "int8" else set()
     graphs = {}
     for name, build in builders.items():
         model = convert(net, name, cfg, build)
@@ -371,7 +395,7 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
             del bare.graph.value_info[:]  # the quantizer re-infers shapes: stale ones clash
             onnx.save(bare, fp32)
             try:  # the SSM's own products (also the prefill's folded tables) stay float32
-                quantize_int8(fp32, path, non_trunk_matmuls(model))
+                quantize_int8(fp32, path, non_trunk_matmuls(model, trunk))
             except Exception as e:  # onnxruntime.quantization raises its own types
                 raise ExportError(f"int8 quantization of the {name} graph failed: {e}") from e
             fp32.unlink()
@@ -534,6 +558,15 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
             f"--out {out_dir} is a directory but not an exported model (no {MANIFEST}): "
             "overwriting replaces only a model; choose another --out"
         )
+    if out_dir.exists():  # a checkpoint trained into a model's directory, the user's notes …
+        ours = {*MODEL_FILES, *_graph_files(out_dir)}
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+        if foreign:
+            raise ExportError(
+                f"--out {out_dir} holds more than an exported model ({', '.join(foreign[:5])}"
+                f"{', …' if len(foreign) > 5 else ''}): overwriting would delete them; move "
+                "them or choose another --out"
+            )
     parent = out_dir.parent
     made = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again on failure
     while True:
@@ -547,9 +580,24 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
             del _underway.dirs[tmp]
             if not (isinstance(e, FileExistsError) and parent.is_dir()):  # else: another's name
                 _remove_empty(made)
+                if e.errno == errno.ENAMETOOLONG and parent.is_dir():
+                    raise ExportError(
+                        f"--out {out_dir}: the name is too long: the export first writes into "
+                        f"a temporary sibling '.NAME.<8 hex>.tmp' ({len(tmp.name)} characters, "
+                        "more than the filesystem allows); use a shorter name"
+                    ) from e
                 raise ExportError(
                     f"--out {out_dir}: cannot write into {parent}: {e.strerror or e}"
                 ) from e
+
+
+def _graph_files(model_dir: Path) -> list[str]:
+    """The graph files an existing model's manifest names (none when it does not parse)."""
+    try:
+        graphs = json.loads((model_dir / MANIFEST).read_text()).get("graphs")
+        return [g["file"] for g in graphs.values() if isinstance(g.get("file"), str)]
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
+        return []
 
 
 def _commit(tmp: Path, out_dir: Path) -> None:
@@ -566,6 +614,7 @@ def _commit(tmp: Path, out_dir: Path) -> None:
             )
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        _underway.dirs.pop(tmp, None)  # written: a signal from now on ends a finished export
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -225,13 +225,13 @@ def step_drift(net: SSMNetwork, dt_scale: float, beyond: float = 0.0) -> dict:
         dA = discrete64(ssm, dt_scale)[0]  # [H, N/2]
         R = rot(dA).double()  # the float32 block the graph holds, [2, 2, H, N/2]
         e = (torch.complex(R[0, 0], R[1, 0]) - dA).abs()  # [H, N/2]
-        decay = 1 - dA.abs()  # δ: > 0 for a stable mode
-        stable = decay > 0
-        if stable.any():
-            memory = max(memory, float((1 / decay[stable]).max()))
-            long = stable & (decay * beyond < 1)  # memory 1/δ > beyond
-            if long.any():
-                worst = max(worst, float((e[long] / decay[long]).max()))
+        # δ > 0 (the layers' Re A < 0); a |dA| that rounds to 1 in float64 (Δ·|Re A| below
+        # ~1e-16) decays slower than float64 resolves: its memory is at least 2^53 steps
+        decay = (1 - dA.abs()).clamp_min(2.0**-53)
+        memory = max(memory, float((1 / decay).max()))
+        long = decay * beyond < 1  # memory 1/δ > beyond
+        if long.any():
+            worst = max(worst, float((e[long] / decay[long]).max()))
     return {"max_rel": worst, "memory": memory}
 
 
@@ -449,7 +449,7 @@ def _split_glu(out: nn.Module) -> nn.Module:
     return out
 
 
-class _Trunk(nn.Module):
+class Trunk(nn.Module):
     """The per-time-step parts of the network (encoder, blocks' norm/mix, final norm, head)."""
 
     def __init__(self, net: SSMNetwork, dtype: torch.dtype):
@@ -489,7 +489,7 @@ class StepGraph(nn.Module):
 
     def __init__(self, net: SSMNetwork, dt_scale: float = 1.0, dtype: str = "fp32"):
         super().__init__()
-        self.trunk = _Trunk(net, COMPUTE_DTYPES[dtype])
+        self.trunk = Trunk(net, COMPUTE_DTYPES[dtype])
         self.ssm = StepSSMs(list(net.ssms), dt_scale)
 
     def forward(self, input: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -529,7 +529,7 @@ class PrefillGraph(nn.Module):
         mode_path: bool | None = None,
     ):
         super().__init__()
-        self.trunk = _Trunk(net, COMPUTE_DTYPES[dtype])
+        self.trunk = Trunk(net, COMPUTE_DTYPES[dtype])
         self.chunk, self.max_chunks = chunk, max_chunks
         self.max_len = chunk * max_chunks
         self.ssms = nn.ModuleList(

@@ -170,7 +170,7 @@ def verify_graphs(
             log.warning(
                 "slow modes (memory up to %.3g steps, beyond the %d checked): over streams that "
                 "long the step graph's float32 dA may drift up to ~%.1e relative from the exact "
-                "recurrence (tolerance %.0e); the prefill graph does not (docs: README, Limits)",
+                "recurrence (tolerance %g); the prefill graph does not (docs: README, Limits)",
                 drift["memory"],
                 steps,
                 drift["max_rel"],

@@ -47,7 +47,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  step vs torch     skipped: {s['skipped']}")
     else:
         lines.append(
-            f"  step vs torch     max rel {s['max_rel']:.2e} (tol {tol['step_vs_torch']:.0e}), "
+            f"  step vs torch     max rel {s['max_rel']:.2e} (tol {tol['step_vs_torch']:g}), "
             f"max abs {s['max_abs']:.2e}, {s['length']} steps × batch {s['batch']}"
             + ("" if s["passed"] else "  <-- FAILED")
         )
@@ -55,7 +55,7 @@ def format_report(report: dict) -> str:
     if p is not None:
         worst = max(p["max_rel_output"], p["max_rel_state"])
         lines.append(
-            f"  prefill vs step   max rel {worst:.2e} (tol {tol['prefill_vs_step']:.0e}), "
+            f"  prefill vs step   max rel {worst:.2e} (tol {tol['prefill_vs_step']:g}), "
             f"lengths {p['lengths']}" + ("" if p["passed"] else "  <-- FAILED")
         )
     q = report.get("slots_vs_step")

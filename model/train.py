@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data import (
     SIGNAL_TARGETS,
     VOCAB_SIZE,
@@ -137,7 +137,10 @@ class TrainConfig:
     )
     resume: bool = field(
         default=False,
-        metadata=_help("continue the run saved in --out (its model config is used)"),
+        metadata=_help(
+            "continue the run saved in --out (its model config is used: model flags that "
+            "differ are ignored, with a warning)"
+        ),
     )
     device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
     seed: int = field(default=0, metadata=_help("seed of init, batches and dropout"))
@@ -747,6 +750,35 @@ def configs_from_args(args: argparse.Namespace) -> tuple[SSMConfig, TrainConfig]
     return default_model_config(train_cfg.task, **pick(SSMConfig)), train_cfg
 
 
+def model_flags_given(argv: list[str] | None) -> dict:
+    """The model flags given on the command line (their defaults are not given), by field."""
+    names = [f.name for f in dataclasses.fields(SSMConfig) if f.name not in _SKIP]
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(names))
+    args = probe.parse_args(sys.argv[1:] if argv is None else argv)
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _warn_of_ignored_model_flags(out: Path, given: dict) -> None:
+    """A resumed run keeps its checkpoint's model: warn of the model flags given that say
+    otherwise (they are ignored)."""
+    try:
+        saved = read_checkpoint_meta(out)["model"]
+    except CheckpointError:
+        return  # no checkpoint to resume: fit says so
+    differ = {k: v for k, v in given.items() if k in saved and saved[k] != v}
+    if differ:
+        got = ", ".join(
+            f"--{k.replace('_', '-')} {v} (saved: {saved[k]!r})" for k, v in differ.items()
+        )
+        log.warning(
+            "resuming %s: ignoring %s: a resumed run keeps its checkpoint's model (train a new "
+            "model into another --out to change it)",
+            out,
+            got,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -757,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         model_cfg, train_cfg = configs_from_args(args)
+        if train_cfg.resume:
+            _warn_of_ignored_model_flags(Path(train_cfg.out), model_flags_given(argv))
         result = fit(None if train_cfg.resume else model_cfg, train_cfg)
     except ValueError as e:
         parser.error(str(e))

@@ -64,6 +64,8 @@ from .errors import (
     OutOfRange,
     SessionNotFound,
     Unavailable,
+    integer,
+    real_number,
 )
 from .sessions import Session, SessionStore
 from .snapshots import MAX_POSITION
@@ -85,12 +87,6 @@ def _past_end(s: Session, T: int) -> OutOfRange | None:
         f"session {s.id!r} is at position {s.position}; {T} more inputs pass the largest "
         f"position, 2**63 - 1",
     )
-
-
-def _number(v, kind: type = float) -> bool:
-    """A real number (kind float) or an integer (kind int), not a bool."""
-    types = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
-    return isinstance(v, types) and not isinstance(v, bool)
 
 
 def _timed(job: Callable, reqs: list) -> tuple[object, float]:
@@ -123,7 +119,8 @@ class _Request:
 class BatcherStats:
     """Counters since start: ORT calls (`batches`; `batch_sizes`: how many step calls had
     each number of sessions), steps, prefills and rewinds run (`inline`: of the steps, run on
-    the event loop), requests failed."""
+    the event loop), requests failed; `discarded_inputs`: inputs applied to their session
+    after the caller stopped waiting (cancelled while they ran: the outputs were dropped)."""
 
     batches: int = 0
     steps: int = 0
@@ -132,6 +129,7 @@ class BatcherStats:
     rewinds: int = 0
     failed: int = 0
     cancelled: int = 0
+    discarded_inputs: int = 0
     inline: int = 0
     busy_seconds: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
@@ -165,21 +163,16 @@ class Batcher:
         activity_window: float | None = None,
         inline: bool = True,
     ):
-        if (
-            isinstance(max_batch, bool)
-            or not isinstance(max_batch, (int, np.integer))
-            or max_batch < 1
-        ):
-            raise InvalidInput("max_batch", f"must be a positive integer, got {max_batch!r}")
-        if not _number(max_batch_delay) or not 0 <= max_batch_delay < 10:
+        max_batch = integer(max_batch, "max_batch", 1)
+        delay = real_number(max_batch_delay, "max_batch_delay", "seconds")
+        if not 0 <= delay < 10:
             raise InvalidInput(
                 "max_batch_delay", f"must be in [0, 10) seconds, got {max_batch_delay!r}"
             )
-        if not _number(max_queue_per_session, int) or max_queue_per_session < 0:
-            raise InvalidInput(
-                "max_queue_per_session", f"must be an integer >= 0, got {max_queue_per_session!r}"
-            )
-        if activity_window is not None and (not _number(activity_window) or activity_window <= 0):
+        max_queue_per_session = integer(max_queue_per_session, "max_queue_per_session")
+        if activity_window is not None and not (
+            real_number(activity_window, "activity_window", "seconds or None") > 0
+        ):
             raise InvalidInput(
                 "activity_window", f"must be positive seconds or None, got {activity_window!r}"
             )
@@ -198,7 +191,7 @@ class Batcher:
                 "(make it with slab=engine.new_slab(capacity))",
             )  # fmt: skip
         self.engine, self.store = engine, store
-        self.max_batch, self.max_batch_delay = int(max_batch), float(max_batch_delay)
+        self.max_batch, self.max_batch_delay = max_batch, delay
         self.max_queue_per_session = max_queue_per_session
         self.activity_window = (
             max(20 * self.max_batch_delay, 0.01) if activity_window is None else activity_window
@@ -561,6 +554,8 @@ class Batcher:
                     req.future.set_exception(result)
                 else:
                     req.future.set_result(result)
+            elif not isinstance(result, BaseException) and req.rewind_to is None:
+                self.stats.discarded_inputs += req.T  # applied; its caller had gone
             self._finish(req)
 
     # --- worker thread -------------------------------------------------------------------

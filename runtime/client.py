@@ -45,6 +45,7 @@ from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .cli import stdout_closed
+from .errors import integer
 from .sampling import check_params
 
 OUTPUTS = {
@@ -123,9 +124,7 @@ def _bytes(name: str, v) -> bytes:
 
 def _count(name: str, v, high: int = 2**32 - 1) -> int:
     """An integer in [0, high] (the proto's unsigned field); ValueError naming `name`."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= high:
-        raise ValueError(f"{name}: must be an integer in [0, {high}], got {v!r}")
-    return int(v)
+    return integer(v, name, 0, high)
 
 
 def _number(name: str, v) -> float:
@@ -241,7 +240,8 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
         )
     if not 1 <= req.max_new_tokens <= limits.max_new_tokens:
         raise ValueError(
-            f"max_new_tokens: must be in [1, {limits.max_new_tokens}], got {req.max_new_tokens}"
+            f"max_new_tokens: must be an integer in [1, {limits.max_new_tokens}], "
+            f"got {req.max_new_tokens}"
         )
     if len(req.stop_tokens) > V:  # repeats count, as on the server
         raise ValueError(f"stop: has more than vocab_size={V} tokens")

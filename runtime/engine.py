@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineFailure, InvalidInput, ModelError
+from .errors import EngineFailure, InvalidInput, ModelError, integer
 from .generation import GenerateConfig, Generation
 from .manifest import METADATA_KEY, load_manifest
 from .providers import (
@@ -166,12 +166,11 @@ class StepBuffers:
     """
 
     def __init__(self, engine: Engine, max_batch: int, chunk_bytes: int = STEP_CHUNK_BYTES):
-        for name, v in (("max_batch", max_batch), ("chunk_bytes", chunk_bytes)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise InvalidInput(name, f"must be a positive integer, got {v!r}")
-        self.engine, self.max_batch = engine, int(max_batch)
+        self.engine, self.max_batch = engine, integer(max_batch, "max_batch", 1)
         S = engine.state_size
-        self.chunk_rows = max(1, min(self.max_batch, int(chunk_bytes) // (4 * S)))
+        self.chunk_rows = max(
+            1, min(self.max_batch, integer(chunk_bytes, "chunk_bytes", 1) // (4 * S))
+        )
         self.inputs = np.zeros((max_batch, *engine._step_in_shape), dtype=engine._step_in_dtype)
         self.states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
         self.outputs = np.zeros((max_batch, engine.d_output), dtype=engine._out_dtype)
@@ -250,16 +249,8 @@ class Engine:
     ):
         if device not in DEVICES:
             raise InvalidInput("device", f"must be one of {DEVICES}, got {device!r}")
-        for name, value in (("threads", threads), ("step_threads", step_threads)):
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, (int, np.integer))
-                or not 1 <= value <= MAX_THREADS
-            ):
-                raise InvalidInput(
-                    name, f"must be an integer in [1, {MAX_THREADS}] or None, got {value!r}"
-                )
-        threads, step_threads = (None if v is None else int(v) for v in (threads, step_threads))
+        threads = integer(threads, "threads", 1, MAX_THREADS, none=True)
+        step_threads = integer(step_threads, "step_threads", 1, MAX_THREADS, none=True)
         self.cuda_options = CudaOptions.parse(cuda_options)
         self.model_dir = Path(model_dir)
         m = self.manifest = load_manifest(self.model_dir, check_sha=check_sha)
@@ -471,9 +462,7 @@ class Engine:
 
     def new_state(self, batch: int = 1) -> np.ndarray:
         """Zero states: float32 [batch, S]."""
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-            raise InvalidInput("batch", f"must be a positive integer, got {batch!r}")
-        return np.zeros((int(batch), self.state_size), dtype=np.float32)
+        return np.zeros((integer(batch, "batch", 1), self.state_size), dtype=np.float32)
 
     def step_buffers(self, max_batch: int = 1, chunk_bytes: int = STEP_CHUNK_BYTES) -> StepBuffers:
         """Preallocated buffers for `step(..., out=buffers)` and `run_slots` (see StepBuffers)."""

@@ -70,6 +70,29 @@ class EngineFailure(RuntimeErrorBase):
     pass
 
 
+def integer(
+    value, field: str, low: int = 0, high: int | None = None, none: bool = False, note: str = ""
+) -> int | None:
+    """`value` as an int in [low, high] (any integral number but a bool: numpy's too; None
+    passes when `none`), else InvalidInput(field, "must be a positive integer, got …") — the
+    bounds spelled out, `note` after them."""
+    if value is None and none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        if high is not None:
+            bounds = f"an integer in [{low}, {high}]"
+        else:
+            bounds = "a positive integer" if low == 1 else f"an integer >= {low}"
+        also = " or None" if none else ""
+        raise InvalidInput(field, f"must be {bounds}{also}{note}, got {value!r}")
+    return int(value)
+
+
 def real_number(value, field: str, what: str = "a number") -> float:
     """`value` as a float: any real number but a bool (an int too large for a float is ±inf,
     which the caller's range check sees), else InvalidInput(field, "must be {what}")."""

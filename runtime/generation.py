@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidInput
+from .errors import InvalidInput, integer
 from .sampling import Sampler, SamplingConfig
 
 FINISH_STOP, FINISH_MAX = "stop_token", "max_tokens"
@@ -61,22 +61,12 @@ class GenerateConfig:
         vocab_size of them (reading stops there: a request cannot make the server loop over
         millions).
         """
-        n, high = max_new_tokens, max_limit
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < min_new_tokens:
-            raise InvalidInput(
-                "max_new_tokens", f"must be an integer >= {min_new_tokens}, got {n!r}"
-            )
-        if high is not None and n > high:
-            raise InvalidInput("max_new_tokens", f"must be in [{min_new_tokens}, {high}], got {n}")
-        if (
-            not isinstance(top_k, bool)
-            and isinstance(top_k, (int, np.integer))
-            and top_k > vocab_size
-        ):
+        n = integer(max_new_tokens, "max_new_tokens", min_new_tokens, max_limit)
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        if sampling.top_k > vocab_size:
             raise InvalidInput(
                 "top_k", f"must be in [0, vocab_size={vocab_size}] (0: off), got {top_k}"
             )
-        sampling = SamplingConfig(temperature, top_k, top_p, seed)
         if not isinstance(stop, Iterable):
             raise InvalidInput(stop_field, f"must be an iterable of token ids, got {stop!r}")
         stop = list(itertools.islice(stop, vocab_size + 1))  # any iterable; never more

@@ -27,7 +27,7 @@ more than Q inputs past the one two before it; fed by whole chunks or single ste
 Q apart, W / Q + 2 of them) and W + Q inputs (`max_bytes`). All sessions' checkpoints
 together are bounded by a shared `CheckpointBudget` (the server's --rewind-memory-mb): a
 session that would take the total past it drops its own oldest checkpoints first, so its
-window shrinks instead.
+window shrinks instead (and `max_bytes` counts at most the budget for one session).
 
 Dimension letters: S state size, Q chunk, W window, T inputs of one request.
 """
@@ -112,9 +112,16 @@ class History:
         self._inputs.clear()
 
     @staticmethod
-    def max_bytes(window: int, chunk: int, state_size: int, input_bytes: int) -> int:
-        """The most bytes one session's history can hold."""
-        return (2 * (window // chunk) + 3) * 4 * state_size + (window + chunk) * input_bytes
+    def max_bytes(
+        window: int, chunk: int, state_size: int, input_bytes: int, limit: int = 0
+    ) -> int:
+        """The most bytes one session's history can hold; under a CheckpointBudget `limit`
+        its checkpoints hold at most the limit (one at least: a session past it keeps its
+        newest)."""
+        checkpoints = (2 * (window // chunk) + 3) * 4 * state_size
+        if limit:
+            checkpoints = min(checkpoints, max(limit, 4 * state_size))
+        return checkpoints + (window + chunk) * input_bytes
 
     @property
     def nbytes(self) -> int:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InvalidInput
+from .errors import InvalidInput, integer
 
 
 def default_threads() -> int:
@@ -118,9 +118,7 @@ class CudaOptions:
 
     def __post_init__(self):
         for name in ("device_id", "gpu_mem_limit"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise InvalidInput(f"cuda_options.{name}", f"must be an integer >= 0, got {v!r}")
+            integer(getattr(self, name), f"cuda_options.{name}")
         if self.arena_extend_strategy not in ARENA_STRATEGIES:
             raise InvalidInput(
                 "cuda_options.arena_extend_strategy",

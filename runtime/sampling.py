@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidInput, real_number
+from .errors import InvalidInput, integer, real_number
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,7 @@ class SamplingConfig:
         checked = check_params(self.temperature, self.top_k, self.top_p)
         for name, value in zip(("temperature", "top_k", "top_p"), checked):
             object.__setattr__(self, name, value)  # a Fraction, np.uint8, … as float / int
-        if self.seed is not None and (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, (int, np.integer))
-            or self.seed < 0
-        ):
-            raise InvalidInput("seed", f"must be a non-negative integer or None, got {self.seed!r}")
+        object.__setattr__(self, "seed", integer(self.seed, "seed", none=True))
 
     def rng(self) -> np.random.Generator:
         """A fresh generator seeded with `seed`."""
@@ -61,12 +56,11 @@ def check_params(temperature: float, top_k: int, top_p: float) -> tuple[float, i
     t = real_number(temperature, "temperature", "a real number")
     if not math.isfinite(t) or t < 0:
         raise InvalidInput("temperature", f"must be finite and >= 0, got {t}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise InvalidInput("top_k", f"must be an integer >= 0 (0 = off), got {top_k!r}")
+    k = integer(top_k, "top_k", note=" (0 = off)")
     p = real_number(top_p, "top_p", "a real number")
     if not 0.0 < p <= 1.0:
         raise InvalidInput("top_p", f"must be in (0, 1] (1 = off), got {p}")
-    return t, int(top_k), p
+    return t, k, p
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:

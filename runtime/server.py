@@ -279,6 +279,7 @@ class Server:
         self.batcher.add_listener(self.metrics.observe_batch)
         await self.batcher.start()
         self.metrics.watch_store(self.store.stats)
+        self.metrics.watch_batcher(self.batcher.stats)
         limits = ServiceLimits(
             c.max_tokens_per_request,
             c.max_new_tokens,

@@ -46,6 +46,7 @@ from .errors import (
     SessionBusy,
     SessionNotFound,
     Unavailable,
+    integer,
     real_number,
 )
 from .generation import GenerateConfig, Generated, Generation
@@ -227,7 +228,11 @@ class SessionService:
             return 0
         per_input = 8 if self.engine.input_kind == "tokens" else 4 * self.engine.d_input
         return History.max_bytes(
-            self.limits.rewind_window, self.chunk, self.engine.state_size, per_input
+            self.limits.rewind_window,
+            self.chunk,
+            self.engine.state_size,
+            per_input,
+            self.checkpoint_budget.limit,
         )
 
     def feature_stats(self) -> dict:
@@ -385,9 +390,8 @@ class SessionService:
         self._open()
         s = await self._session(session_id, principal)
         self._check_detached(s)
-        if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
-            raise InvalidInput("position", f"must be an integer, got {position!r}")
-        await self.batcher.rewind(s, int(position))  # ahead or outside: checked at its turn
+        position = integer(position, "position")
+        await self.batcher.rewind(s, position)  # ahead or outside: checked at its turn
         return s
 
     # --- attached operations ----------------------------------------------------------------

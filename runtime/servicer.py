@@ -210,7 +210,7 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             return s
         self.service.discard(s, current_principal())
         log.info("session %r closed again: its call's deadline passed while it was made", s.id)
-        end_as_expired(self.metrics)
+        end_as_expired()
 
     @grpc_errors
     async def GetModelInfo(self, request, context):

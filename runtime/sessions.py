@@ -55,6 +55,7 @@ from .errors import (
     SessionBusy,
     SessionNotFound,
     Unavailable,
+    integer,
     real_number,
 )
 from .slab import StateSlab
@@ -71,6 +72,7 @@ from .snapshots import (
 log = logging.getLogger(__name__)
 
 STORE_FILE = "sessions.bin"
+FULL_LOG_INTERVAL = 60.0  # seconds between two "store full" warnings
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # used with fullmatch only
 
 
@@ -142,19 +144,6 @@ def check_session_id(session_id, field: str = "session_id") -> str:
     return session_id
 
 
-def check_count(value, field: str = "consumed", high: int | None = None) -> int:
-    """An integer in [0, high] (a commit's input count by default), else InvalidInput."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < 0
-        or (high is not None and value > high)
-    ):
-        bounds = ">= 0" if high is None else f"in [0, {high}]"
-        raise InvalidInput(field, f"must be an integer {bounds}, got {value!r}")
-    return int(value)
-
-
 def _check_ttl(ttl, field: str = "ttl") -> float:
     seconds = real_number(ttl, field, "a number of seconds")  # 10**400: inf, never expires
     if math.isnan(seconds):
@@ -199,27 +188,11 @@ class SessionStore:
         replication=None,
         slab: StateSlab | None = None,
     ):
-        if (
-            isinstance(state_size, bool)
-            or not isinstance(state_size, (int, np.integer))
-            or state_size <= 0
-        ):
-            raise InvalidInput("state_size", f"must be a positive integer, got {state_size!r}")
-        if (
-            isinstance(capacity, bool)
-            or not isinstance(capacity, (int, np.integer))
-            or capacity <= 0
-        ):
-            raise InvalidInput("capacity", f"must be a positive integer, got {capacity!r}")
-        if max_per_principal is not None and (
-            isinstance(max_per_principal, bool)
-            or not isinstance(max_per_principal, (int, np.integer))
-            or max_per_principal <= 0
-        ):
-            raise InvalidInput(
-                "max_per_principal",
-                f"must be a positive integer or None, got {max_per_principal!r}",
-            )
+        state_size, capacity = (
+            integer(state_size, "state_size", 1),
+            integer(capacity, "capacity", 1),
+        )
+        max_per_principal = integer(max_per_principal, "max_per_principal", 1, none=True)
         if not isinstance(model_sha, str) or not model_sha.isascii() or len(model_sha) > 1024:
             raise InvalidInput("model_sha", f"must be an ASCII string, got {model_sha!r}")
         self.state_size, self.capacity = int(state_size), int(capacity)
@@ -241,12 +214,13 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._per_principal: Counter[str] = Counter()
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (principal, reason)
-        self._max_gone = check_count(tombstones, "tombstones")
+        self._max_gone = integer(tombstones, "tombstones")
         self._lock = threading.RLock()
         self._returned = threading.Condition(self._lock)  # notified by give_back
         self._lent = 0  # sessions whose rows are lent out
         self._save_lock = threading.Lock()  # one save at a time: they share the temp file
         self._counts = Counter()
+        self._full_logged = -math.inf  # when the last "store full" warning was logged
         self.replication = replication
         if replication is not None:
             replication.attach(self, key_given=snapshot_key is not None)
@@ -302,14 +276,22 @@ class SessionStore:
         if session_id is None:
             session_id = str(uuid.uuid4())
         elif check_session_id(session_id) in self._sessions:
-            held = self._sessions[session_id]
-            if not self._expired(held, self.clock()):
+            # past its TTL: evicted now, not at the next sweep
+            if not self._evict_if_idle(self._sessions[session_id], self.clock()):
                 raise InvalidInput("session_id", f"{session_id!r} is already in use")
-            self._remove(held, "evicted")  # past its TTL: evicted now, not at the next sweep
         limit = self.max_per_principal
         if not self._free or (limit is not None and self._per_principal[principal] >= limit):
             self._evict_idle_locked()  # past their TTL: evicted now, not at the next sweep
         if not self._free:
+            now = self.clock()
+            if now - self._full_logged >= FULL_LOG_INTERVAL:  # tell the operator, not per call
+                self._full_logged = now
+                log.warning(
+                    "session store full (capacity=%d): new sessions are refused until some "
+                    "close or sit idle past their TTL (the server's --max-sessions, "
+                    "--session-ttl)",
+                    self.capacity,
+                )
             raise LimitExceeded(
                 f"session store is full ({self.capacity} sessions; capacity={self.capacity})"
             )
@@ -347,6 +329,20 @@ class SessionStore:
 
     def _expired(self, s: Session, now: float) -> bool:
         return s._pins == 0 and now - s._last_used > s._ttl
+
+    def _evict_if_idle(self, s: Session, now: float) -> bool:
+        """Evict `s` if it is idle past its TTL (a request came for it before the sweep
+        did); True if it was. Caller holds the lock."""
+        if not self._expired(s, now):
+            return False
+        self._remove(s, "evicted")
+        log.info(
+            "evicted idle session %r (unused for %.1f s, ttl %g s)",
+            s._id,
+            now - s._last_used,
+            s._ttl,
+        )
+        return True
 
     def _evict_idle_locked(self) -> list[str]:
         now = self.clock()
@@ -412,9 +408,7 @@ class SessionStore:
             s = self._sessions.get(session_id)
             if s is not None and s._principal == principal:
                 now = self.clock()
-                if self._expired(s, now):
-                    self._remove(s, "evicted")
-                else:
+                if not self._evict_if_idle(s, now):
                     s._last_used = now
                     return s
             gone = self._gone.get(session_id)
@@ -450,8 +444,7 @@ class SessionStore:
         requests): SessionNotFound evicted."""
         with self._lock:
             self._check_live(s)
-            if self._expired(s, self.clock()):
-                self._remove(s, "evicted")
+            if self._evict_if_idle(s, self.clock()):
                 raise s.gone()
             s._pins += 1
 
@@ -504,7 +497,7 @@ class SessionStore:
         """End `lend`: advance each session still live by `consumed` (0 when the step failed
         and wrote nothing); returns per session its new position, or the error of one closed
         or evicted meanwhile (its slot is freed now) or, replicated, moved elsewhere."""
-        consumed = check_count(consumed)
+        consumed = integer(consumed, "consumed")
         with self._lock:
             if not all(s._lent for s in sessions):  # a state and its position move together
                 raise InvalidInput("sessions", "give_back takes only sessions `lend` lent")
@@ -554,7 +547,7 @@ class SessionStore:
         All or nothing: raises (changing nothing) when the session is no longer live
         or the arguments are malformed. Returns the new position.
         """
-        consumed = check_count(consumed)
+        consumed = integer(consumed, "consumed")
         new_state = np.asarray(new_state)
         if new_state.shape != (self.state_size,):
             raise InvalidInput(
@@ -681,7 +674,7 @@ class SessionStore:
             raise InvalidInput(
                 "state", f"must have shape [{self.state_size}], got {list(np.shape(state))}"
             )
-        check_count(position, "position", MAX_POSITION)
+        integer(position, "position", 0, MAX_POSITION)
         return encode_snapshot(self.snapshot_key, self.model_sha, state, position)
 
     def snapshot(self, session_id: str, principal: str = "") -> bytes:

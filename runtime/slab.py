@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineFailure, InvalidInput, ModelError
+from .errors import EngineFailure, InvalidInput, ModelError, integer
 
 SLOT_INPUTS = ("slab", "slots")  # the slot graph's inputs besides the step graph's `input`
 SLOT_OUTPUT = "slab_out"
@@ -193,9 +193,10 @@ class StateSlab:
         device_id: int = 0,
         scratch: bool = False,
     ):
-        for name, v in (("capacity", capacity), ("state_size", state_size)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise InvalidInput(name, f"must be a positive integer, got {v!r}")
+        capacity, state_size = (
+            integer(capacity, "capacity", 1),
+            integer(state_size, "state_size", 1),
+        )
         if device not in ("cpu", "cuda"):
             raise InvalidInput("device", f"must be 'cpu' or 'cuda', got {device!r}")
         self.capacity, self.state_size = int(capacity), int(state_size)

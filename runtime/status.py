@@ -65,10 +65,9 @@ def deadline_passed(context) -> bool:
     return left is not None and left <= 0
 
 
-def end_as_expired(metrics) -> None:
-    """End a call whose deadline passed as grpc ends a call it cancels (counted as the
-    DEADLINE_EXCEEDED its client got)."""
-    metrics.count_error(grpc.StatusCode.DEADLINE_EXCEEDED.name)
+def end_as_expired() -> None:
+    """End a call whose deadline passed as grpc ends a call it cancels (`grpc_errors`
+    counts the DEADLINE_EXCEEDED its client got)."""
     raise asyncio.CancelledError
 
 
@@ -77,16 +76,24 @@ def grpc_errors(method):
     end the RPC with their status code (`status_of`), anything unexpected with INTERNAL
     (logged, details not sent), and each non-OK status is counted in the metrics. A
     request that did not decode (DecodeGuard) is INVALID_ARGUMENT. A call whose deadline
-    passed meanwhile ends quietly (`end_as_expired`)."""
+    passed meanwhile ends quietly (`end_as_expired`); one that grpc cancelled (the client
+    cancelled it, its deadline passed, the server stopped) counts as CANCELLED or
+    DEADLINE_EXCEEDED."""
 
     async def fail(self, exc: Exception, context) -> None:
         code, message = status_of(exc)
         if not isinstance(exc, RuntimeErrorBase):
             log.exception("unexpected error in %s", method.__name__)
         if deadline_passed(context):  # a status sent now fails in grpc's core (a traceback)
-            end_as_expired(self.metrics)
+            self.metrics.count_error(grpc.StatusCode.DEADLINE_EXCEEDED.name)
+            end_as_expired()
         self.metrics.count_error(code.name)
         await context.abort(code, message)
+
+    def cancelled(self, context) -> None:
+        expired = deadline_passed(context)
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        self.metrics.count_error(code.name)
 
     if inspect.isasyncgenfunction(method):
 
@@ -97,6 +104,9 @@ def grpc_errors(method):
                 async for response in method(self, request, context):
                     yield response
             except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                cancelled(self, context)
                 raise
             except Exception as exc:
                 await fail(self, exc, context)
@@ -109,6 +119,9 @@ def grpc_errors(method):
             check_decoded(request)
             return await method(self, request, context)
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            cancelled(self, context)
             raise
         except Exception as exc:
             await fail(self, exc, context)

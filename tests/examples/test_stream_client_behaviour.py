@@ -66,7 +66,7 @@ def test_bearer_token_comes_from_the_environment(sc, byte_toy, monkeypatch, tmp_
 @pytest.mark.parametrize(
     "flag, value, says",
     [
-        ("--max-new-tokens", "0", "--max-new-tokens: must be in [1, "),
+        ("--max-new-tokens", "0", "--max-new-tokens: must be an integer in [1, "),
         ("--temperature", "-1", "--temperature: "),
         ("--seed", "-1", "--seed: "),
         ("--seed", str(2**64 - 1), "--seed: "),  # the fork's seed is one more

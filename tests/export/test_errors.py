@@ -105,6 +105,25 @@ def test_overwrite_replaces_only_a_model_and_never_the_checkpoint(
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old", "ckpt", "mine", "model"]
 
 
+def test_overwrite_refuses_a_model_directory_that_also_holds_other_files(token_ckpt, tmp_path):
+    """A model directory that a checkpoint was trained into (train refuses only a directory
+    with a config.json), or that holds the user's notes: --force would delete them with the
+    model. Refused naming them, every file kept; the model alone is replaced."""
+    model = export_model(token_ckpt, tmp_path / "model", prefill=False, verify=False, **EXPORT)
+    shutil.copy(token_ckpt / "model.safetensors", model / "model.safetensors")
+    (model / "train_log.jsonl").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    named = r"holds more than an exported model \(model\.safetensors, train_log\.jsonl\)"
+    with pytest.raises(ExportError, match=named) as e:
+        export_model(token_ckpt, model, overwrite=True, verify=False, **EXPORT)
+    assert "choose another --out" in str(e.value)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    for extra in ("model.safetensors", "train_log.jsonl"):
+        (model / extra).unlink()
+    export_model(token_ckpt, model, overwrite=True, verify=False, **EXPORT)  # prefill.onnx too
+    assert sorted(p.name for p in model.iterdir()) == ["manifest.json", "prefill.onnx", "step.onnx"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -159,3 +178,13 @@ def test_verify_fails_a_graph_wrong_only_after_whole_chunks_and_a_padded_one(tmp
     report = json.loads(str(e.value).split("\n", 1)[1])["prefill_vs_step"]
     assert report["lengths"] == [192, 65, 2 * 64 + 16 + 1, 35] and not report["passed"]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_name_too_long_for_the_temporary_sibling_says_so(token_ckpt, tmp_path):
+    """A directory name of 250 characters can exist, but the export first writes into
+    `.NAME.<8 hex>.tmp` (14 more): refused saying the name is too long, not blaming the
+    parent directory; nothing left behind."""
+    out = tmp_path / ("m" * 250)
+    with pytest.raises(ExportError, match=r"the name is too long: .* \(264 characters"):
+        export_model(token_ckpt, out, verify=False, **EXPORT)
+    assert list(tmp_path.iterdir()) == []

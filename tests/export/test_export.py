@@ -354,6 +354,36 @@ def test_int8_variant(int8_model, token_model):
     assert rel_err(y8, y32) > 1e-6  # it is a different (quantized) computation
 
 
+def test_int8_quantizes_the_same_trunk_weights_in_both_graphs_of_a_values_model(
+    signal_ckpt, signal_net, tmp_path
+):
+    """A values model's prefill graph holds its encoder weight transposed, folded into a
+    constant of another name: it stayed float32 there while the step graph quantized it,
+    so the two graphs computed the first layer differently. Both quantize every trunk Linear
+    (the quantized weights dequantize to the trunk's, within one uint8 step) and nothing else."""
+    from ssmstream.export.modules import Trunk
+
+    model = export_model(signal_ckpt, tmp_path / "int8", dtype="int8", verify=False, **EXPORT)
+    linears = [m.weight.detach().numpy() for m in Trunk(signal_net, torch.float32).modules()
+               if isinstance(m, torch.nn.Linear)]  # fmt: skip
+    for graph in ("step", "prefill"):
+        g = onnx.load(model / f"{graph}.onnx").graph
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+        found = []
+        for n in g.node:
+            if n.op_type != "MatMulInteger" or n.input[1] not in inits:
+                continue
+            scale, zero = (
+                inits[f"{n.input[1][: -len('_quantized')]}_{x}"] for x in ("scale", "zero_point")
+            )
+            w = (inits[n.input[1]].astype(np.float32) - zero.astype(np.float32)) * scale
+            match = [i for i, W in enumerate(linears) for V in (W, W.T)
+                     if w.shape == V.shape and np.abs(w - V).max() <= scale.max()]  # fmt: skip
+            assert match, f"{graph}: a quantized weight {w.shape} that is no trunk Linear"
+            found += match[:1]
+        assert sorted(found) == list(range(len(linears))), (graph, found)
+
+
 def test_int8_of_graphs_onnxslim_did_not_touch(token_ckpt, tmp_path):
     """Without onnxslim (--no-optimize, or when slimming would grow a graph) the converted
     graphs carry shape annotations the quantizer's own inference contradicts: it failed

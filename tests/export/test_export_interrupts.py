@@ -98,6 +98,22 @@ def test_a_signal_while_the_model_is_renamed_into_place_lets_the_renames_finish(
     assert signal.getsignal(signal.SIGTERM) is before and exporter.abandon_exports() == 0
 
 
+def test_a_signal_after_the_rename_does_not_claim_nothing_was_written(tmp_path, monkeypatch):
+    """A signal right after the new model was renamed into place (before export_network
+    returned): the model is complete, so the handler says only "stopped by", not
+    "nothing written" — the temporary directory is off the list as it is renamed."""
+    real, said = exporter._commit, []
+
+    def commit(tmp, out):
+        real(tmp, out)
+        said.append(exporter.abandon_exports())  # what the handler would learn now
+
+    monkeypatch.setattr(exporter, "_commit", commit)
+    out = exporter.export_network(SSMNetwork(SSMConfig(**TOKEN)), tmp_path / "m", verify=False)
+    assert said == [0] and (out / "manifest.json").is_file()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m"]
+
+
 def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

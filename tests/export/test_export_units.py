@@ -855,12 +855,22 @@ def test_format_report_marks_each_failed_check_and_shows_the_worst_error():
     failed line carries the FAILED marker."""
     lines = verify_cli.format_report(REPORT).splitlines()
     assert lines[0] == "parity (fp32): FAILED"
-    assert lines[1].startswith("  step vs torch     max rel 2.50e-01 (tol 1e-04)")
+    assert lines[1].startswith("  step vs torch     max rel 2.50e-01 (tol 0.0001)")
     assert lines[1].endswith("  <-- FAILED")
     assert (
-        lines[2] == "  prefill vs step   max rel 3.00e-02 (tol 1e-04), lengths [64, 5]  <-- FAILED"
+        lines[2] == "  prefill vs step   max rel 3.00e-02 (tol 0.0001), lengths [64, 5]  <-- FAILED"
     )
     assert "FAILED" not in lines[3]
+
+
+def test_the_tolerances_shown_are_the_ones_checked():
+    """int8's prefill tolerance 0.15 read "1e-01" (one significant digit): a 0.12 error
+    looked past its tolerance and passed. verify shows it as it is (info: test_manifest)."""
+    from ssmstream.export.verify import TOLERANCES
+
+    report = {**REPORT, "dtype": "int8", "tolerance": TOLERANCES["int8"]}
+    lines = verify_cli.format_report(report).splitlines()
+    assert "(tol 0.05)" in lines[1] and "(tol 0.15)" in lines[2]
 
 
 def test_export_cli_defaults_verify_and_optimize(monkeypatch, capsys):

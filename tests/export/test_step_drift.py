@@ -75,3 +75,18 @@ def test_the_export_reports_the_drift_and_warns_past_the_checked_length(
     assert ("float32 dA may drift" in caplog.text) == warned, caplog.text
     shown = format_manifest(load_manifest(tmp_path / "m"), tmp_path / "m")  # ssmstream info
     assert f"step drift up to ~{drift['max_rel']:.1e} (estimate" in shown
+
+
+def test_a_mode_too_slow_for_float64_still_counts_as_slow():
+    """Δ·|Re A| ≈ 1e-19 (a tiny --dt-scale): |dA| rounds to 1 in float64, so δ = 1 − |dA| is
+    0. Such modes were skipped: a report of memory 0 and no drift, where a slightly faster
+    mode reported ~1. Their memory counts as 2^53 steps (what float64 resolves), and the
+    drift over it as the float32 error over that memory."""
+    net = slow_net(re_a=0.1)
+    dA = discrete64(net.ssms[0], 1e-15)[0]
+    assert bool((dA.abs() == 1).all())  # the premise: float64 cannot tell these from 1
+    est = step_drift(net, 1e-15, beyond=4096)
+    R = rot(dA).double()
+    e = float((torch.complex(R[0, 0], R[1, 0]) - dA).abs().max())
+    assert est["memory"] == 2.0**53 and est["max_rel"] == pytest.approx(e * 2.0**53)
+    assert 0.9e13 < step_drift(net, 1e-9, beyond=4096)["memory"] < 1.1e13  # resolved: 1 / δ

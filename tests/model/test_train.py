@@ -383,7 +383,7 @@ def test_api_rejects_mismatched_model_and_task(tmp_path):
         fit(SSMConfig(vocab_size=100, d_model=8), TrainConfig(out=str(tmp_path)))
 
 
-def test_cli_stop_and_resume(corpus, tmp_path):
+def test_cli_stop_and_resume(corpus, tmp_path, caplog):
     out = tmp_path / "c"
     argv = ["--data", str(corpus), "--out", str(out), "--steps", "6", "--warmup-steps", "1"]
     argv += ["--seq-len", "16", "--batch-size", "2", "--d-model", "8", "--n-layers", "1"]
@@ -392,8 +392,12 @@ def test_cli_stop_and_resume(corpus, tmp_path):
     assert json.loads((out / "config.json").read_text())["step"] == 3
     with (out / "train_log.jsonl").open("a") as f:
         f.write('{"step": 4, "loss": 1.0\n')  # a torn last line
-    # model flags are ignored on --resume: the checkpoint's config is used
-    assert main([*argv, "--resume", "--d-model", "64"]) == 0
+    # model flags are ignored on --resume: the checkpoint's config is used; the ones that
+    # differ from it are named in a warning (the same ones as before are not)
+    with caplog.at_level(logging.WARNING, logger="ssmstream.model.train"):
+        assert main([*argv, "--resume", "--d-model", "64", "--n-layers", "1"]) == 0
+    (warned,) = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert "ignoring --d-model 64 (saved: 8): a resumed run keeps" in warned
     assert json.loads((out / "config.json").read_text())["step"] == 6
     assert load_checkpoint(out).cfg.d_model == 8
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()]

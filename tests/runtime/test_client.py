@@ -362,7 +362,7 @@ def test_check_generate_refuses_what_the_server_would_naming_the_field():
         (
             generate_request("s", [1], max_new_tokens=65),
             info(),
-            "max_new_tokens: must be in [1, 64], got 65",
+            "max_new_tokens: must be an integer in [1, 64], got 65",
         ),
         (generate_request("s", [10]), info(), "prompt: tokens must be in [0, vocab_size=10)"),
         (

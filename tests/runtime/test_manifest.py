@@ -142,6 +142,24 @@ def test_a_manifest_missing_required_fields_names_them(tmp_path):
         load_manifest(_model(tmp_path, change))
 
 
+def test_info_shows_the_tolerances_with_their_digits(tmp_path):
+    """int8's tolerances (0.05, 0.15) as they are: `.0e` showed 0.15 as "1e-01"."""
+    from ssmstream.runtime.manifest import format_manifest
+
+    def change(m):
+        m["parity"] = {
+            "passed": True,
+            "tolerance": {"step_vs_torch": 0.05, "prefill_vs_step": 0.15},
+            "step_vs_torch": {"max_rel": 0.01, "length": 64},
+            "prefill_vs_step": {"max_rel_output": 0.12, "max_rel_state": 0.02},
+        }
+
+    d = _model(tmp_path, change)
+    text = format_manifest(load_manifest(d), d)
+    assert "max rel 1.00e-02 (tol 0.05) over 64 steps" in text
+    assert "max rel 1.20e-01 (tol 0.15)" in text
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -151,6 +169,8 @@ def test_a_manifest_missing_required_fields_names_them(tmp_path):
         ("parity", {"passed": True, "step_vs_torch": {"max_rel": 1e-5}}),  # no "length"
         ("parity", {"passed": False, "prefill_vs_step": {"max_rel_output": "x"}}),
         ("graphs", "bytes"),  # graphs.step.bytes: "big"
+        ("parity", {"passed": []}),  # unhashable
+        ("parity", {"passed": 1}),
     ],
 )
 def test_info_shows_hand_edited_fields_without_a_traceback(tmp_path, field, value):
@@ -169,5 +189,6 @@ def test_info_shows_hand_edited_fields_without_a_traceback(tmp_path, field, valu
     assert text.splitlines()[0].split() == ["name", "m"]
     assert "graph step" in text and "graph prefill" in text
     if field == "parity":
-        verdict = "passed" if value["passed"] else "FAILED"
+        passed = value["passed"]
+        verdict = ("passed" if passed else "FAILED") if isinstance(passed, bool) else "unknown"
         assert any(line.split() == ["parity", verdict] for line in text.splitlines())

@@ -131,7 +131,7 @@ def test_bad_logits(logits):
         ({"temperature": True}, "temperature", "must be a real number, got True"),
         ({"top_k": True}, "top_k", "must be an integer >= 0 (0 = off), got True"),
         ({"top_p": True}, "top_p", "must be a real number, got True"),
-        ({"seed": True}, "seed", "must be a non-negative integer or None, got True"),
+        ({"seed": True}, "seed", "must be an integer >= 0 or None, got True"),
     ],
 )
 def test_infinite_or_bool_parameters_are_refused(kwargs, field, words):
@@ -169,7 +169,7 @@ V = 5
 
 def test_max_new_tokens_may_equal_the_limit():
     assert GenerateConfig.check(V, 8, max_limit=8, min_new_tokens=1).max_new_tokens == 8
-    with pytest.raises(InvalidInput, match=r"must be in \[1, 8\], got 9") as e:
+    with pytest.raises(InvalidInput, match=r"must be an integer in \[1, 8\], got 9") as e:
         GenerateConfig.check(V, 9, max_limit=8, min_new_tokens=1)
     assert e.value.field == "max_new_tokens"
 
@@ -211,7 +211,7 @@ def test_every_negative_seed_is_refused_naming_the_seed(seed):
     with pytest.raises(InvalidInput) as e:
         SamplingConfig(seed=seed)
     assert e.value.field == "seed"
-    assert f"must be a non-negative integer or None, got {seed!r}" in str(e.value)
+    assert f"must be an integer >= 0 or None, got {seed!r}" in str(e.value)
     assert SamplingConfig(seed=0).seed == 0
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 
 import grpc
+import grpc_helpers
 import numpy as np
 import pytest
 import ssmstream.runtime.server as server_module
@@ -114,6 +115,53 @@ def test_metrics_count_what_happened(server):
     assert delta('ssmstream_state_slab_transfer_bytes_total{direction="out",path="step"}') == (
         2 * 4 * d_out
     )
+
+
+@pytest.mark.parametrize("ends", ["deadline", "cancel"])
+def test_inputs_applied_after_their_call_ended_are_counted(server, monkeypatch, ends):
+    """A Step whose deadline passes (or that its client cancels) while its prefill runs:
+    the prefill applies (the session advances), its inputs count as discarded, not as
+    Step tokens, and the call counts as DEADLINE_EXCEEDED (CANCELLED): both went uncounted."""
+    engine = server.server.engine
+    real, ran = engine.prefill_unchecked, threading.Event()
+
+    def slow(*a, **k):
+        time.sleep(0.6)
+        out = real(*a, **k)
+        ran.set()
+        return out
+
+    monkeypatch.setattr(engine, "prefill_unchecked", slow)
+    code = "DEADLINE_EXCEEDED" if ends == "deadline" else "CANCELLED"
+    before = scrape(server.server.metrics_port)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.StreamingInferenceStub(ch)
+        sid = stub.CreateSession(pb.CreateSessionRequest(), timeout=10).session_id
+        req = pb.StepRequest(session_id=sid, tokens=[1, 2, 3, 4, 5])
+        call = stub.Step.future(req, timeout=0.3 if ends == "deadline" else 30)
+        if ends == "cancel":
+            time.sleep(0.3)
+            call.cancel()
+        with pytest.raises(grpc.FutureCancelledError if ends == "cancel" else grpc.RpcError):
+            call.result()
+        assert ran.wait(10)
+        counted = (f'ssmstream_errors_total{{code="{code}"}}', "ssmstream_tokens_discarded_total")
+        deadline = time.monotonic() + 10  # the result comes back to the event loop after `ran`
+        while True:
+            after = scrape(server.server.metrics_port)
+            if all(after.get(k, 0) != before.get(k, 0) for k in counted):
+                break
+            assert time.monotonic() < deadline, "the ended call was not counted"
+            time.sleep(0.05)
+        assert grpc_helpers.position_on_server(server, sid) == 5  # applied
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=10)
+
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta(f'ssmstream_errors_total{{code="{code}"}}') == 1
+    assert delta("ssmstream_tokens_discarded_total") == 5
+    assert delta('ssmstream_tokens_total{rpc="Step"}') == 0
 
 
 def test_periodic_save_and_health_going_not_serving(tiny_token_model, tmp_path):

@@ -653,7 +653,7 @@ def test_rewind_refuses_a_bool_position_and_changes_nothing(toy_tok):
         assert pos == 3
         with pytest.raises(InvalidInput) as e:
             await svc.rewind("p", "a", True)
-        assert str(e.value) == "position: must be an integer, got True"
+        assert str(e.value) == "position: must be an integer >= 0, got True"
         assert svc.store.get("a", "p").position == 3
         assert (await svc.rewind("p", "a", 1)).position == 1  # an int is fine
         await svc.batcher.close()
@@ -1135,6 +1135,33 @@ def test_a_values_models_rewind_bound_counts_its_input_rows(toy_sig):
     assert bound == (2 * W // Q + 3) * 4 * S + (W + Q) * 4 * I
     assert all(stats == own for stats, own in held)
     assert 0 < max(own for _, own in held) <= bound
+
+
+@pytest.mark.parametrize("states", [1, 3])
+def test_the_rewind_bound_counts_at_most_the_memory_limit_of_checkpoints(toy_sig, states):
+    """Under --rewind-memory-mb below one session's checkpoints, checkpoint_bytes_per_session
+    counts the limit (one state at least: a session keeps its newest checkpoint), and a
+    session stepped through three windows holds no more than that."""
+    W, Q, S, I = 32, 4, toy_sig.state_size, toy_sig.d_input
+    limit = states * 4 * S + 1  # a few bytes past `states` checkpoints: room for exactly them
+    limits = ServiceLimits(max_tokens_per_request=8, rewind_window=W, rewind_memory_bytes=limit)
+
+    async def main():
+        svc = await started(toy_sig, limits)
+        bound = svc.checkpoint_bytes_per_session()
+        s, _ = await svc.create("p", "a")
+        rng = np.random.default_rng(0)
+        held = []
+        for _ in range(3 * W):
+            await svc.step("p", "a", values=rng.standard_normal(I).astype(np.float32))
+            held.append(s.history.nbytes)
+        await svc.batcher.close()
+        return bound, held
+
+    bound, held = run(main())
+    inputs = (W + Q) * 4 * I
+    assert bound == max(limit, 4 * S) + inputs < (2 * W // Q + 3) * 4 * S + inputs
+    assert max(held) <= bound and max(held) > states * 4 * S  # the limit is reached, not passed
 
 
 def test_a_partly_cached_prompt_caches_its_new_pieces_at_their_place_in_the_prompt(toy_tok):

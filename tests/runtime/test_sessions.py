@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import os
 import stat
@@ -174,6 +175,41 @@ def test_an_id_held_by_an_expired_session_is_free_before_the_next_sweep():
     clock.t += 100
     with pytest.raises(InvalidInput, match="already in use"):
         store.create("p", "chat")
+
+
+def test_a_session_evicted_when_a_request_comes_for_it_is_logged(caplog):
+    """Evicted on access (get, pin, a create reusing its id) before the sweep came: one log
+    line each, naming the session and how long it sat idle; the counter agrees."""
+    clock = FakeClock()
+    store = SessionStore(4, capacity=8, ttl=10.0, clock=clock)
+    a, b, c = store.create("p", "a"), store.create("p", "b"), store.create("p", "c")
+    clock.t += 12.5
+    with caplog.at_level(logging.INFO, logger="ssmstream.runtime.sessions"):
+        with pytest.raises(SessionNotFound):
+            store.get("a", "p")
+        with pytest.raises(SessionNotFound):
+            store.pin(b)
+        store.create("p", "c")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"evicted idle session {s.id!r} (unused for 12.5 s, ttl 10 s)" for s in (a, b, c)
+    ]
+    assert store.stats()["evicted"] == 3
+
+
+def test_a_full_store_warns_the_operator_once_a_minute(caplog):
+    """Refusals of a full store are logged as one WARNING per FULL_LOG_INTERVAL (60 s), not
+    one per refused call; the refusals themselves are RESOURCE_EXHAUSTED every time."""
+    clock = FakeClock()
+    store = SessionStore(4, capacity=1, ttl=math.inf, clock=clock)
+    store.create()
+    with caplog.at_level(logging.WARNING, logger="ssmstream.runtime.sessions"):
+        for dt in (0, 1, 58, 1.5, 30):  # refused at 0, 1, 59, 60.5 and 90.5 s
+            clock.t += dt
+            with pytest.raises(LimitExceeded, match="capacity=1"):
+                store.create()
+    warned = [r for r in caplog.records if "session store full (capacity=1)" in r.getMessage()]
+    assert len(warned) == 2 and all(r.levelno == logging.WARNING for r in warned)
 
 
 def test_capacity_and_per_principal_limits():

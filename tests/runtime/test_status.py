@@ -8,7 +8,13 @@ import asyncio
 import grpc
 import pytest
 from ssmstream.runtime.errors import SessionNotFound
-from ssmstream.runtime.status import SERVICE_NAME, DecodeGuard, Malformed, grpc_errors
+from ssmstream.runtime.status import (
+    SERVICE_NAME,
+    DecodeGuard,
+    Malformed,
+    end_as_expired,
+    grpc_errors,
+)
 
 
 class Aborted(Exception):
@@ -67,6 +73,49 @@ def test_a_call_whose_deadline_passed_is_not_aborted_but_ends_as_grpc_ends_it():
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(s.Snapshot(object(), ctx))
     assert ctx.aborted is None and s.metrics.errors == ["DEADLINE_EXCEEDED"]
+
+
+class Cancelled:
+    """Methods that grpc cancels (the client cancelled, or the deadline passed) while
+    they wait, or that end a call whose deadline passed themselves (end_as_expired)."""
+
+    def __init__(self):
+        self.metrics = Metrics()
+
+    @grpc_errors
+    async def Unary(self, request, context):
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError
+
+    @grpc_errors
+    async def Streaming(self, request, context):
+        yield 1
+        raise asyncio.CancelledError
+
+    @grpc_errors
+    async def HandsOut(self, request, context):
+        end_as_expired()
+
+
+@pytest.mark.parametrize(
+    "left, code", [(None, "CANCELLED"), (3.0, "CANCELLED"), (0.0, "DEADLINE_EXCEEDED")]
+)
+@pytest.mark.parametrize("rpc", ["Unary", "Streaming", "HandsOut"])
+def test_a_call_grpc_cancels_is_counted_once_as_what_its_client_got(rpc, left, code):
+    """A cancelled call counts as CANCELLED, or DEADLINE_EXCEEDED when its deadline passed
+    (an expired call that applied its inputs was not counted at all); end_as_expired's
+    call counts once. Nothing is aborted: grpc has ended the call."""
+    s, ctx = Cancelled(), Context(time_remaining=left)
+
+    async def call():
+        if rpc == "Streaming":
+            return [r async for r in s.Streaming(object(), ctx)]
+        return await getattr(s, rpc)(object(), ctx)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(call())
+    want = "DEADLINE_EXCEEDED" if rpc == "HandsOut" and left == 0.0 else code
+    assert ctx.aborted is None and s.metrics.errors == [want]
 
 
 def test_a_malformed_stream_request_is_refused_before_the_method_runs_and_counted():
