@@ -766,6 +766,8 @@ def _warn_of_ignored_model_flags(out: Path, given: dict) -> None:
         saved = read_checkpoint_meta(out)["model"]
     except CheckpointError:
         return  # no checkpoint to resume: fit says so
+    if not isinstance(saved, dict):
+        return  # a malformed config: fit says so
     differ = {k: v for k, v in given.items() if k in saved and saved[k] != v}
     if differ:
         got = ", ".join(

@@ -76,6 +76,8 @@ def integer(
     """`value` as an int in [low, high] (any integral number but a bool: numpy's too; None
     passes when `none`), else InvalidInput(field, "must be a positive integer, got …") — the
     bounds spelled out, `note` after them."""
+    if type(value) is int and value >= low and (high is None or value <= high):
+        return value  # the common case first: a per-step count stays ~0.1 µs
     if value is None and none:
         return None
     if (

@@ -21,6 +21,7 @@ Dimension letters: V vocabulary size, T prompt length.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -62,11 +63,15 @@ class GenerateConfig:
         millions).
         """
         n = integer(max_new_tokens, "max_new_tokens", min_new_tokens, max_limit)
-        sampling = SamplingConfig(temperature, top_k, top_p, seed)
-        if sampling.top_k > vocab_size:
-            raise InvalidInput(
+        if (
+            isinstance(top_k, numbers.Integral)
+            and not isinstance(top_k, bool)
+            and top_k > vocab_size
+        ):
+            raise InvalidInput(  # before the sampling checks, as the client's check_generate
                 "top_k", f"must be in [0, vocab_size={vocab_size}] (0: off), got {top_k}"
             )
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
         if not isinstance(stop, Iterable):
             raise InvalidInput(stop_field, f"must be an iterable of token ids, got {stop!r}")
         stop = list(itertools.islice(stop, vocab_size + 1))  # any iterable; never more

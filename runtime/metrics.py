@@ -11,9 +11,12 @@
     ssmstream_requests_total{rpc}          Step requests / Stream messages / Generate calls …
     ssmstream_errors_total{code}           RPCs that ended with a non-OK status, by code
                                            (those the server answers, and CANCELLED /
-                                           DEADLINE_EXCEEDED for those grpc ended: grpc
-                                           refuses a message over --max-message-bytes
-                                           itself, uncounted)
+                                           DEADLINE_EXCEEDED for those grpc ended — an
+                                           expired call whose client's cancel arrived
+                                           before the server's copy of the deadline
+                                           passed counts as CANCELLED; grpc refuses a
+                                           message over --max-message-bytes itself,
+                                           uncounted)
     ssmstream_request_latency_seconds{rpc} wall time of one request, per-token for streams
     ssmstream_batch_size                   sessions per onnxruntime call (histogram; a
                                            prefill or a rewind's replay counts as one call)

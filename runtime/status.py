@@ -105,8 +105,8 @@ def grpc_errors(method):
                     yield response
             except grpc.aio.AbortError:
                 raise
-            except asyncio.CancelledError:
-                cancelled(self, context)
+            except (asyncio.CancelledError, GeneratorExit):  # the latter: cancelled while grpc
+                cancelled(self, context)  # wrote a response (it then closes the generator)
                 raise
             except Exception as exc:
                 await fail(self, exc, context)

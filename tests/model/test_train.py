@@ -353,6 +353,14 @@ def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))
+    (tmp_path / "null-model").mkdir()  # config.json whose model is not an object
+    meta = json.loads((result.checkpoint / "config.json").read_text())
+    (tmp_path / "null-model" / "config.json").write_text(
+        json.dumps({**meta, "model": None, "train": None})
+    )
+    cases.append(
+        (["--resume", "--d-model", "8", "--out", str(tmp_path / "null-model")], "invalid model")
+    )
     (tmp_path / "stopped").mkdir()  # an earlier run's log: a refused command keeps it
     (tmp_path / "stopped" / "train_log.jsonl").write_text('{"step": 3}\n')
     cases.append(

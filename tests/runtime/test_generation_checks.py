@@ -46,3 +46,21 @@ def test_top_k_equal_to_the_vocabulary_is_accepted_and_keeps_every_token(toy_tok
     with pytest.raises(InvalidInput) as e:
         GenerateConfig.check(V_tok, 4, top_k=V_tok + 1)
     assert e.value.field == "top_k"
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1.0}, {"top_p": 2.0}])
+def test_a_top_k_past_the_vocabulary_is_named_first_as_the_client_names_it(bad):
+    """With top_k > vocab_size and another bad sampling field, the server's check and the
+    client's check_generate (which mirrors it before a call) name the same field: top_k."""
+    from ssmstream.protos import inference_pb2 as pb
+    from ssmstream.runtime.client import check_generate
+
+    for also in ({}, {"seed": -1}):  # a seed the proto cannot carry: the server's check only
+        with pytest.raises(InvalidInput) as e:
+            GenerateConfig.check(V, 2, top_k=V + 1, **bad, **also)
+        assert e.value.field == "top_k"
+    req = pb.GenerateRequest(prompt=[1], max_new_tokens=2, top_k=V + 1, **bad)
+    info = pb.ModelInfo(input_kind="tokens", vocab_size=V, d_output=V)
+    info.limits.max_tokens_per_request, info.limits.max_new_tokens = 8, 8
+    with pytest.raises(ValueError, match=r"^top_k: "):
+        check_generate(req, info)

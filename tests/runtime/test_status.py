@@ -12,6 +12,7 @@ from ssmstream.runtime.status import (
     SERVICE_NAME,
     DecodeGuard,
     Malformed,
+    deadline_passed,
     end_as_expired,
     grpc_errors,
 )
@@ -94,28 +95,84 @@ class Cancelled:
 
     @grpc_errors
     async def HandsOut(self, request, context):
-        end_as_expired()
+        if deadline_passed(context):  # as servicer._handed_out
+            end_as_expired()
+        return "handed out"
 
 
 @pytest.mark.parametrize(
     "left, code", [(None, "CANCELLED"), (3.0, "CANCELLED"), (0.0, "DEADLINE_EXCEEDED")]
 )
-@pytest.mark.parametrize("rpc", ["Unary", "Streaming", "HandsOut"])
-def test_a_call_grpc_cancels_is_counted_once_as_what_its_client_got(rpc, left, code):
+@pytest.mark.parametrize("rpc", ["Unary", "Streaming"])
+def test_a_call_grpc_cancels_is_counted_as_what_its_client_got(rpc, left, code):
     """A cancelled call counts as CANCELLED, or DEADLINE_EXCEEDED when its deadline passed
-    (an expired call that applied its inputs was not counted at all); end_as_expired's
-    call counts once. Nothing is aborted: grpc has ended the call."""
+    (an expired call that applied its inputs was not counted at all). Nothing is aborted:
+    grpc has ended the call."""
     s, ctx = Cancelled(), Context(time_remaining=left)
 
     async def call():
         if rpc == "Streaming":
             return [r async for r in s.Streaming(object(), ctx)]
-        return await getattr(s, rpc)(object(), ctx)
+        return await s.Unary(object(), ctx)
 
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(call())
-    want = "DEADLINE_EXCEEDED" if rpc == "HandsOut" and left == 0.0 else code
-    assert ctx.aborted is None and s.metrics.errors == [want]
+    assert ctx.aborted is None and s.metrics.errors == [code]
+
+
+def test_a_session_handed_out_after_the_deadline_counts_once():
+    """end_as_expired (the servicer's _handed_out past the deadline) counts one
+    DEADLINE_EXCEEDED: grpc_errors counts it, end_as_expired itself no longer does."""
+    s = Cancelled()
+    assert asyncio.run(s.HandsOut(object(), Context(time_remaining=1.0))) == "handed out"
+    assert s.metrics.errors == []
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(s.HandsOut(object(), Context(time_remaining=0.0)))
+    assert s.metrics.errors == ["DEADLINE_EXCEEDED"]
+
+
+def test_a_stream_cancelled_while_grpc_writes_a_response_is_counted():
+    """A real grpc.aio server; the client never reads, so the server's write of a 1 MiB
+    response blocks (flow control), then cancels. The cancel lands in grpc's write, outside
+    the generator, which grpc then closes (GeneratorExit, not CancelledError): counted
+    CANCELLED as well."""
+
+    class Blocked:
+        def __init__(self):
+            self.metrics, self.closed = Metrics(), asyncio.Event()
+
+        @grpc_errors
+        async def Gen(self, request, context):
+            try:
+                while True:
+                    yield b"x" * (1 << 20)
+            finally:
+                self.closed.set()
+
+    async def main():
+        s = Blocked()
+        gen = grpc.unary_stream_rpc_method_handler(
+            s.Gen, request_deserializer=bytes, response_serializer=bytes
+        )
+        handler = grpc.method_handlers_generic_handler("t.T", {"Gen": gen})
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 1 << 24)])
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            options = [("grpc.max_receive_message_length", 1 << 24)]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
+                call = ch.unary_stream("/t.T/Gen", request_serializer=bytes,
+                                       response_deserializer=bytes)(b"")  # fmt: skip
+                await asyncio.sleep(0.5)  # unread: the server's writes block
+                call.cancel()
+                await asyncio.wait_for(s.closed.wait(), 10)
+                await asyncio.sleep(0.1)
+        finally:
+            await server.stop(None)
+        return s.metrics.errors
+
+    assert asyncio.run(main()) == ["CANCELLED"]
 
 
 def test_a_malformed_stream_request_is_refused_before_the_method_runs_and_counted():
