@@ -170,9 +170,10 @@ class Batcher:
                 "max_batch_delay", f"must be in [0, 10) seconds, got {max_batch_delay!r}"
             )
         max_queue_per_session = integer(max_queue_per_session, "max_queue_per_session")
-        if activity_window is not None and not (
-            real_number(activity_window, "activity_window", "seconds or None") > 0
-        ):
+        window = activity_window
+        if window is not None:
+            window = real_number(window, "activity_window", "seconds or None")
+        if window is not None and not window > 0:
             raise InvalidInput(
                 "activity_window", f"must be positive seconds or None, got {activity_window!r}"
             )
@@ -193,9 +194,7 @@ class Batcher:
         self.engine, self.store = engine, store
         self.max_batch, self.max_batch_delay = max_batch, delay
         self.max_queue_per_session = max_queue_per_session
-        self.activity_window = (
-            max(20 * self.max_batch_delay, 0.01) if activity_window is None else activity_window
-        )
+        self.activity_window = max(20 * delay, 0.01) if window is None else window
         self.inline = bool(inline)
         self.stats = BatcherStats()
         self._listeners: list[Callable[[int, float], None]] = []

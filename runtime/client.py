@@ -47,6 +47,7 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from .cli import stdout_closed
 from .errors import integer
 from .sampling import check_params
+from .snapshots import BYTES_LIKE
 
 OUTPUTS = {
     "last": pb.OUTPUT_LAST,
@@ -103,9 +104,6 @@ def _ints(name: str, xs) -> list[int]:
     if a.size and (a.min() < -(2**63) or a.max() > 2**63 - 1):  # would wrap in int64
         raise ValueError(f"{name}: must fit in int64, got {a.max()!r}")
     return a.astype(np.int64).reshape(-1).tolist()
-
-
-BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
 def _text(name: str, v) -> str:

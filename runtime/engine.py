@@ -166,11 +166,13 @@ class StepBuffers:
     """
 
     def __init__(self, engine: Engine, max_batch: int, chunk_bytes: int = STEP_CHUNK_BYTES):
-        self.engine, self.max_batch = engine, integer(max_batch, "max_batch", 1)
-        S = engine.state_size
-        self.chunk_rows = max(
-            1, min(self.max_batch, integer(chunk_bytes, "chunk_bytes", 1) // (4 * S))
+        max_batch, chunk_bytes = (
+            integer(max_batch, "max_batch", 1),
+            integer(chunk_bytes, "chunk_bytes", 1),
         )
+        S = engine.state_size
+        self.engine, self.max_batch = engine, max_batch
+        self.chunk_rows = max(1, min(max_batch, chunk_bytes // (4 * S)))
         self.inputs = np.zeros((max_batch, *engine._step_in_shape), dtype=engine._step_in_dtype)
         self.states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
         self.outputs = np.zeros((max_batch, engine.d_output), dtype=engine._out_dtype)

@@ -188,14 +188,11 @@ class SessionStore:
         replication=None,
         slab: StateSlab | None = None,
     ):
-        state_size, capacity = (
-            integer(state_size, "state_size", 1),
-            integer(capacity, "capacity", 1),
-        )
+        self.state_size = integer(state_size, "state_size", 1)
+        self.capacity = integer(capacity, "capacity", 1)
         max_per_principal = integer(max_per_principal, "max_per_principal", 1, none=True)
         if not isinstance(model_sha, str) or not model_sha.isascii() or len(model_sha) > 1024:
             raise InvalidInput("model_sha", f"must be an ASCII string, got {model_sha!r}")
-        self.state_size, self.capacity = int(state_size), int(capacity)
         self.ttl = _check_ttl(ttl)
         self.max_per_principal = max_per_principal
         self.model_sha = model_sha
@@ -674,7 +671,7 @@ class SessionStore:
             raise InvalidInput(
                 "state", f"must have shape [{self.state_size}], got {list(np.shape(state))}"
             )
-        integer(position, "position", 0, MAX_POSITION)
+        position = integer(position, "position", 0, MAX_POSITION)
         return encode_snapshot(self.snapshot_key, self.model_sha, state, position)
 
     def snapshot(self, session_id: str, principal: str = "") -> bytes:

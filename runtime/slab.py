@@ -193,13 +193,10 @@ class StateSlab:
         device_id: int = 0,
         scratch: bool = False,
     ):
-        capacity, state_size = (
-            integer(capacity, "capacity", 1),
-            integer(state_size, "state_size", 1),
-        )
+        self.capacity = integer(capacity, "capacity", 1)
+        self.state_size = integer(state_size, "state_size", 1)
         if device not in ("cpu", "cuda"):
             raise InvalidInput("device", f"must be 'cpu' or 'cuda', got {device!r}")
-        self.capacity, self.state_size = int(capacity), int(state_size)
         self.device, self.device_id = device, int(device_id)
         self.row_bytes = 4 * self.state_size
         # one more row for the padding of CUDA graph buckets: slots never name it

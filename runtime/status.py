@@ -85,7 +85,7 @@ def grpc_errors(method):
         if not isinstance(exc, RuntimeErrorBase):
             log.exception("unexpected error in %s", method.__name__)
         if deadline_passed(context):  # a status sent now fails in grpc's core (a traceback)
-            self.metrics.count_error(grpc.StatusCode.DEADLINE_EXCEEDED.name)
+            cancelled(self, context)  # counted as the DEADLINE_EXCEEDED its client got
             end_as_expired()
         self.metrics.count_error(code.name)
         await context.abort(code, message)
