@@ -81,7 +81,11 @@ optimizer moved the packing Transposes behind the Concat of all layers (one 1.2 
 Transpose); the carry re/im first ([n, 2, B, H, N/2]: no Unsqueeze a step, -0.27 ms), which
 needs a Transpose that moves B to pack the states (+1.2 ms); chunk_states as all n_max + 1
 states (no cut: -0.6 ms, 2%), not worth a change of the graph's outputs; selecting the
-tail's inputs inside the If (nothing measurable).
+tail's inputs inside the If (nothing measurable); one table V = dA^s [H, Q, 2·N/2] for both
+the chunk ends (dB·(U reversed @ V)) and the state term (V @ (C dA S_j)ᵀ), which halves the
+tables read: its 12 MatMuls took 10.0 ms instead of 10.3 (per-head products run at ~40% of a
+dense layer's GFLOP/s whatever their table's size), and the state term's operand with B·n
+innermost needs an element-strided Transpose (+2 ms a layer).
 
 Dimension letters: B batch, T length, D d_model, H heads, M head width (= P outputs),
 N state (N/2 complex modes, written n), Q chunk length, S packed state.

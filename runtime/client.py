@@ -30,6 +30,7 @@ import asyncio
 import codecs
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -45,7 +46,7 @@ from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .cli import stdout_closed
-from .errors import integer
+from .errors import check_session_id, holds_bool, integer
 from .sampling import check_params
 from .snapshots import BYTES_LIKE
 
@@ -94,6 +95,8 @@ def _ints(name: str, xs) -> list[int]:
         a = np.asarray(xs if xs is not None else [])
     except (ValueError, TypeError) as e:  # ragged
         raise ValueError(f"{name}: must be a flat sequence of integers ({e})") from None
+    if holds_bool(xs):  # numpy made [65, True] the ids [65, 1]
+        raise ValueError(f"{name}: must be integers, got a bool among them")
     if a.dtype.kind in "fO" and isinstance(xs, (list, tuple)) and all(type(x) is int for x in xs):
         # Python ints past int64, which numpy made floats or objects
         wide = next((x for x in xs if not -(2**63) <= x <= 2**63 - 1), None)
@@ -106,11 +109,13 @@ def _ints(name: str, xs) -> list[int]:
     return a.astype(np.int64).reshape(-1).tolist()
 
 
-def _text(name: str, v) -> str:
-    """A string field (a session id); ValueError naming `name` for anything else."""
+def _session_id(name: str, v) -> str:
+    """A session id field: "" (none: the server or choose_session_id picks one) or an id the
+    server accepts (errors.check_session_id), else ValueError naming `name` (an id HTTP/2
+    metadata cannot carry, as "é" or one with a newline, failed with INTERNAL)."""
     if not isinstance(v, str):
         raise ValueError(f"{name}: must be a string, got {v!r}")
-    return v
+    return check_session_id(v, name) if v else v
 
 
 def _bytes(name: str, v) -> bytes:
@@ -121,8 +126,12 @@ def _bytes(name: str, v) -> bytes:
 
 
 def _count(name: str, v, high: int = 2**32 - 1) -> int:
-    """An integer in [0, high] (the proto's unsigned field); ValueError naming `name`."""
-    return integer(v, name, 0, high)
+    """An integer >= 0 that fits the proto's unsigned field (at most `high`); ValueError
+    naming `name`. The range a field allows is the server's (check_generate states it)."""
+    n = integer(v, name)
+    if n > high:
+        raise ValueError(f"{name}: must be at most {high} (the size of its field), got {n}")
+    return n
 
 
 def _number(name: str, v) -> float:
@@ -132,6 +141,17 @@ def _number(name: str, v) -> float:
         return float(v)
     except OverflowError:  # an int past float's range
         raise ValueError(f"{name}: must be a number in float range, got {v!r}") from None
+
+
+# the smallest positive float32: a top_p below it would be 0 on the wire, which means "off"
+_TINY = float(np.nextafter(np.float32(0), np.float32(1)))
+
+
+def _probability(name: str, v) -> float:
+    """A float32 field where 0 means "off": a positive value it would round to 0 is sent as
+    the smallest positive float32 (the same nucleus: the most probable token)."""
+    p = _number(name, v)
+    return _TINY if 0 < p < _TINY else p
 
 
 def _timeout(v) -> float | None:
@@ -164,7 +184,7 @@ def step_request(
     if not isinstance(output, str) or output not in OUTPUTS:
         raise ValueError(f"output: must be one of {sorted(OUTPUTS)}, got {output!r}")
     req = pb.StepRequest(
-        session_id=_text("session_id", session_id),
+        session_id=_session_id("session_id", session_id),
         output=OUTPUTS[output],
         top_k=_count("top_k", top_k),
     )
@@ -175,6 +195,8 @@ def step_request(
             v = np.asarray(values)
             if v.size and v.dtype.kind not in "fiu":  # not bools or numeric strings either
                 raise TypeError(f"got {v.dtype}")
+            if holds_bool(values):
+                raise TypeError("got a bool among them")
             req.values.extend(v.astype(np.float32).reshape(-1).tolist())
         except (TypeError, ValueError) as e:
             raise ValueError(f"values: must be real numbers ({e})") from None
@@ -195,12 +217,12 @@ def generate_request(
     """A GenerateRequest; ValueError naming the argument for a value of the wrong type or
     outside its field (the server checks the ranges it allows)."""
     req = pb.GenerateRequest(
-        session_id=_text("session_id", session_id),
+        session_id=_session_id("session_id", session_id),
         prompt=_ints("prompt", prompt),
         max_new_tokens=_count("max_new_tokens", max_new_tokens),
         temperature=_number("temperature", temperature),
         top_k=_count("top_k", top_k),
-        top_p=_number("top_p", top_p),
+        top_p=_probability("top_p", top_p),
         stop_tokens=_ints("stop", stop),
         keep_session=bool(keep_session),
     )
@@ -214,7 +236,7 @@ def create_request(
 ) -> pb.CreateSessionRequest:
     """A CreateSessionRequest; ValueError naming the argument, as generate_request."""
     return pb.CreateSessionRequest(
-        session_id=_text("session_id", session_id),
+        session_id=_session_id("session_id", session_id),
         ttl_seconds=_number("ttl", ttl),
         snapshot=_bytes("snapshot", snapshot),
         prompt=_ints("prompt", prompt),
@@ -258,14 +280,35 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
 
 
 def _pem(value: str | os.PathLike | bytes | None, field: str) -> bytes | None:
+    """PEM bytes, or a PEM file's; ValueError naming `field` for a file it cannot read or
+    what is not PEM (grpc's core aborted the process on an empty key or certificate)."""
     if value is None:
         return None
     if isinstance(value, BYTES_LIKE):
-        return bytes(value)
-    try:
-        return Path(value).read_bytes()
-    except OSError as e:
-        raise ValueError(f"{field}: cannot read {str(value)!r}: {e.strerror or e}") from e
+        data, where = bytes(value), "the bytes given"
+    else:
+        try:
+            data, where = Path(value).read_bytes(), repr(str(value))
+        except OSError as e:
+            raise ValueError(f"{field}: cannot read {str(value)!r}: {e.strerror or e}") from e
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{field}: {where} is not PEM (no '-----BEGIN ' line)")
+    return data
+
+
+_PORT = re.compile(r":(\d+)$")
+
+
+def _target(target) -> str:
+    """A gRPC target ("host:port", "dns:///host:port", "unix:/path", ...); ValueError for one
+    that is not a string, or a port outside [1, 65535] (grpc took it modulo 65536: another
+    server)."""
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"target (--server): must be host:port, got {target!r}")
+    port = _PORT.search(target)
+    if port and not target.startswith("unix") and not 1 <= int(port.group(1)) <= 65535:
+        raise ValueError(f"target (--server): port {port.group(1)} is outside [1, 65535]")
+    return target
 
 
 def channel_credentials(
@@ -307,7 +350,7 @@ class _Base:
         timeout: float | None = None,
         options: Sequence[tuple[str, object]] = (),
     ):
-        self.target = target
+        self.target = _target(target)
         self.timeout = _timeout(timeout)
         self.metadata = (("authorization", f"Bearer {_token(token)}"),) if token else ()
         self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
@@ -348,7 +391,7 @@ def resumable_error(e: grpc.RpcError) -> bool:
 
 def choose_session_id(session_id: str = "", field: str = "session_id") -> str:
     """The given id, or a fresh uuid4 (chosen client-side: see the module docstring)."""
-    return _text(field, session_id) or str(uuid.uuid4())
+    return _session_id(field, session_id) or str(uuid.uuid4())
 
 
 # --- sync ---------------------------------------------------------------------------------
@@ -388,7 +431,7 @@ class Client(_Base):
 
     def session(self, session_id: str, position: int = 0) -> ClientSession:
         """A handle on an existing session (no RPC)."""
-        return ClientSession(self, session_id, position)
+        return ClientSession(self, _session_id("session_id", session_id), position)
 
     def restore(self, snapshot: bytes, session_id: str = "", ttl: float = 0.0) -> ClientSession:
         session_id = choose_session_id(session_id)
@@ -669,7 +712,7 @@ class AsyncClient(_Base):
         return AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
 
     def session(self, session_id: str, position: int = 0) -> AsyncClientSession:
-        return AsyncClientSession(self, session_id, position)
+        return AsyncClientSession(self, _session_id("session_id", session_id), position)
 
     async def restore(
         self, snapshot: bytes, session_id: str = "", ttl: float = 0.0
@@ -821,10 +864,7 @@ class AsyncStreamHandle:
         req = step_request(self.session.id, tokens, values, output, top_k)
         async with self._turn:
             if self._closed:  # grpc.aio would raise CancelledError, as if the task was
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                    details="this stream was closed",
-                )  # fmt: skip
+                raise self._closed_error()
             if self._call.done():  # ended by an earlier request's error: raise that status
                 if self._call.cancelled():  # an earlier send was cancelled (a timeout)
                     raise grpc.aio.AioRpcError(
@@ -832,8 +872,13 @@ class AsyncStreamHandle:
                         details="this stream was cancelled by an earlier send's cancellation",
                     )  # fmt: skip
                 await self._call.read()
-            await self._call.write(req)
-            resp = await self._call.read()  # raises the stream's error status
+            try:
+                await self._call.write(req)
+                resp = await self._call.read()  # raises the stream's error status
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise  # this task was cancelled
+                raise self._closed_error() from None  # a close() cancelled the call under it
         if resp is grpc.aio.EOF:
             raise grpc.aio.UsageError("stream ended without a response")
         r = StepResult.from_proto(resp)
@@ -842,7 +887,15 @@ class AsyncStreamHandle:
         self.session.position = r.position
         return r
 
+    def _closed_error(self) -> grpc.aio.AioRpcError:
+        what = "this stream" if self._closed else "the stream's client"
+        return grpc.aio.AioRpcError(
+            grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+            details=f"{what} was closed",
+        )  # fmt: skip
+
     async def close(self) -> None:
+        """End the stream; a send in flight raises CANCELLED "this stream was closed"."""
         self._closed = True
         await self._call.done_writing()
         self._call.cancel()
@@ -854,14 +907,50 @@ class AsyncStreamHandle:
         await self.close()
 
 
+def _cancelling() -> bool:
+    """Whether the current task is being cancelled (Python 3.11+ tells; before it, assume
+    it is: the CancelledError is raised as it came)."""
+    task = asyncio.current_task()
+    return task is None or getattr(task, "cancelling", lambda: 1)() > 0
+
+
 # --- `ssmstream generate` -------------------------------------------------------------------
 
 
-def _say_kept(a, session) -> None:
-    """A new session kept by --keep-session: its id and position on stderr (the last token
-    printed is not fed: it starts the session's next prompt)."""
-    if a.keep_session and not a.session and session is not None and session.id:
+def _say_kept(a, session, printed: int, cut: bool = False) -> None:
+    """After a generation on a session that stays (--keep-session, --session). The last token
+    printed is not fed: it starts the session's next prompt. A cut generation (Ctrl-C, a
+    closed pipe, an error) may have fed tokens sampled after it that were never printed: the
+    session is rewound to the position of the last one printed (where that fails, stderr
+    says how to do it). A new kept session's id and position go to stderr."""
+    if session is None or not session.id or not (a.keep_session or a.session):
+        return
+    if cut and printed:
+        position = session.position
+        try:
+            _rewind_after_cut(session, position)
+        except grpc.RpcError as e:
+            sys.stderr.write(
+                f"ssmstream generate: the session may hold tokens sampled after the last one "
+                f"printed ({e.code().name}: {e.details()}); to drop them: --session "
+                f"{session.id} --rewind-to {position}\n"
+            )
+    if a.keep_session and not a.session:
         sys.stderr.write(f"session: {session.id} (position {session.position})\n")
+
+
+def _rewind_after_cut(session: ClientSession, position: int, tries: int = 40) -> None:
+    """Rewind to `position`, waiting (up to ~1 s) for the cancelled Generate to let go of
+    the session (FAILED_PRECONDITION "attached" / "in flight" until the server sees it)."""
+    for attempt in range(tries):
+        try:
+            session.rewind(position)
+            return
+        except grpc.RpcError as e:
+            busy = e.code() == grpc.StatusCode.FAILED_PRECONDITION and resumable_error(e)
+            if not busy or attempt == tries - 1:
+                raise
+            time.sleep(0.025)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -985,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.ids:
             out.write(decoder.decode(b"", final=True) + "\n")
             out.flush()
-        _say_kept(a, session)
+        _say_kept(a, session, n)
         if a.stats:
             dt = time.perf_counter() - t0
             sys.stderr.write(
@@ -994,17 +1083,17 @@ def main(argv: list[str] | None = None) -> int:
             )
     except grpc.RpcError as e:
         sys.stderr.write(f"ssmstream generate: {e.code().name}: {e.details()}\n")
-        _say_kept(a, session)  # a drain cut the generation: the kept session resumes later
+        _say_kept(a, session, n, cut=True)  # a drain cut it: the kept session resumes later
         return 1
     except ValueError as e:  # the client's own argument checks name the argument
         parser.error(str(e))
     except KeyboardInterrupt:  # Ctrl-C stops the generation; a kept session is still named
         # on a line of its own: text tokens end mid-line (ids end with a newline)
         sys.stderr.write(("\n" if n and not a.ids else "") + "ssmstream generate: interrupted\n")
-        _say_kept(a, session)
+        _say_kept(a, session, n, cut=True)
         return 130  # 128 + SIGINT
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
-        _say_kept(a, session)  # on stderr: the kept session's id is not lost with stdout
+        _say_kept(a, session, n, cut=True)  # on stderr: its id is not lost with stdout
         return stdout_closed()
     finally:
         client.close()

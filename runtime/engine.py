@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineFailure, InvalidInput, ModelError, integer
+from .errors import EngineFailure, InvalidInput, ModelError, as_array, integer, zeros
 from .generation import GenerateConfig, Generation
 from .manifest import METADATA_KEY, load_manifest
 from .providers import (
@@ -98,15 +98,6 @@ NOT_LOGITS = (
     "generate samples token ids from the outputs; this model's d_output={} is more than its "
     "vocab_size={}"
 )
-
-
-def as_array(value, field: str) -> np.ndarray:
-    """np.asarray, with a ragged nested list (rows of different lengths) refused naming
-    `field` instead of numpy's own ValueError."""
-    try:
-        return np.asarray(value)
-    except (ValueError, TypeError) as e:
-        raise InvalidInput(field, f"must be a rectangular array: {e}") from e
 
 
 # onnxruntime runs a CUDA-graph session normally this many times (its default
@@ -173,10 +164,10 @@ class StepBuffers:
         S = engine.state_size
         self.engine, self.max_batch = engine, max_batch
         self.chunk_rows = max(1, min(max_batch, chunk_bytes // (4 * S)))
+        self.states = zeros((max_batch, S), np.float32, "max_batch")  # [max_batch, S]
+        self.new_states = zeros((max_batch, S), np.float32, "max_batch")  # [max_batch, S]
         self.inputs = np.zeros((max_batch, *engine._step_in_shape), dtype=engine._step_in_dtype)
-        self.states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
         self.outputs = np.zeros((max_batch, engine.d_output), dtype=engine._out_dtype)
-        self.new_states = np.zeros((max_batch, S), dtype=np.float32)  # [max_batch, S]
         self.slots = np.zeros((max_batch, 1), dtype=np.int64)  # [max_batch, 1]
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._slot_bindings: dict[int, ort.IOBinding] = {}  # B -> binding, for self._slab
@@ -464,7 +455,7 @@ class Engine:
 
     def new_state(self, batch: int = 1) -> np.ndarray:
         """Zero states: float32 [batch, S]."""
-        return np.zeros((integer(batch, "batch", 1), self.state_size), dtype=np.float32)
+        return zeros((integer(batch, "batch", 1), self.state_size), np.float32, "batch")
 
     def step_buffers(self, max_batch: int = 1, chunk_bytes: int = STEP_CHUNK_BYTES) -> StepBuffers:
         """Preallocated buffers for `step(..., out=buffers)` and `run_slots` (see StepBuffers)."""
@@ -776,7 +767,7 @@ class Engine:
                 the logits of the last one); a single id may be given as an int. After a
                 generate the state holds every yielded token too: to continue, send only
                 tokens that came after them.
-            state: None (start from zeros) or a float32 [S] / [1, S] array, updated in place:
+            state: None (start from zeros) or a finite float32 [S] / [1, S] array, updated in place:
                 once iteration has started and the iterator ends or is closed, it holds the
                 state after the prompt and every token yielded (the step for the last one
                 runs only then). The prompt is consumed at the first `next()`.
@@ -819,6 +810,8 @@ class Engine:
                 raise InvalidInput(
                     "state", f"must be [S] or [1, S] with S={self.state_size}, got {state.shape}"
                 )
+            if not np.isfinite(state).all():
+                raise InvalidInput("state", "contains NaN or inf")
             s0 = state.reshape(1, self.state_size).copy()
         else:
             s0 = self.new_state(1)

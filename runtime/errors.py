@@ -1,5 +1,7 @@
-"""The runtime's own error types. The gRPC server maps each to one status code
-(in one place, runtime/status.py); library users catch them directly.
+"""The runtime's own error types, and the argument checks shared by its modules and its
+client (`integer`, `real_number`, `as_array`, `zeros`, `check_session_id`). The gRPC server
+maps each type to one status code (in one place, runtime/status.py); library users catch
+them directly.
 
     InvalidInput       → INVALID_ARGUMENT   (message names the field)
     SessionNotFound    → NOT_FOUND          (unknown / closed / evicted: `reason` says which)
@@ -19,6 +21,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
+
+import numpy as np
 
 
 class RuntimeErrorBase(Exception):
@@ -104,6 +109,56 @@ def real_number(value, field: str, what: str = "a number") -> float:
         return float(value)
     except OverflowError:  # an int (or Fraction) beyond float range
         return math.inf if value > 0 else -math.inf
+
+
+def as_array(value, field: str) -> np.ndarray:
+    """np.asarray, refusing naming `field` what it would convert silently or with its own
+    error: a ragged nested list (rows of different lengths), and a bool among the numbers of
+    a list (numpy would make [65, True] the tokens [65, 1])."""
+    try:
+        a = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise InvalidInput(field, f"must be a rectangular array: {e}") from e
+    if a.dtype.kind in "iuf" and holds_bool(value):
+        raise InvalidInput(field, "holds a bool (True / False) among its numbers")
+    return a
+
+
+def holds_bool(value) -> bool:
+    """Whether a list or tuple (nested too) holds a bool among its items."""
+    if not isinstance(value, (list, tuple)):
+        return False
+    for v in value:
+        if isinstance(v, (bool, np.bool_)) or (isinstance(v, np.ndarray) and v.dtype == bool):
+            return True
+        if holds_bool(v):
+            return True
+    return False
+
+
+def zeros(shape: tuple[int, ...], dtype, field: str) -> np.ndarray:
+    """np.zeros, with a size that cannot be allocated refused naming `field` (the count
+    that made it) instead of numpy's ValueError / MemoryError."""
+    try:
+        return np.zeros(shape, dtype=dtype)
+    except (ValueError, MemoryError) as e:
+        size = " × ".join(map(str, shape))
+        raise InvalidInput(field, f"an array of {size} cannot be allocated ({e})") from e
+
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # used with fullmatch only
+
+
+def check_session_id(session_id, field: str = "session_id") -> str:
+    """A session id: 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit
+    (the whole string: no trailing newline), else InvalidInput."""
+    if not isinstance(session_id, str) or not SESSION_ID_RE.fullmatch(session_id):
+        raise InvalidInput(
+            field,
+            f"must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit, "
+            f"got {(session_id[:64] if isinstance(session_id, str) else session_id)!r}",
+        )
+    return session_id
 
 
 # what a client is told of a server bug (the details and traceback go to the server log only)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidInput, integer
+from .errors import CorruptState, InvalidInput, integer
 from .sampling import Sampler, SamplingConfig
 
 FINISH_STOP, FINISH_MAX = "stop_token", "max_tokens"
@@ -72,7 +72,7 @@ class GenerateConfig:
                 "top_k", f"must be in [0, vocab_size={vocab_size}] (0: off), got {top_k}"
             )
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
-        if not isinstance(stop, Iterable):
+        if not isinstance(stop, Iterable) or (isinstance(stop, np.ndarray) and stop.ndim == 0):
             raise InvalidInput(stop_field, f"must be an iterable of token ids, got {stop!r}")
         stop = list(itertools.islice(stop, vocab_size + 1))  # any iterable; never more
         if len(stop) > vocab_size:
@@ -125,6 +125,10 @@ class Generation:
 
     def __call__(self, logits: np.ndarray, position: int) -> Generated:
         """The next token from logits [V] (call at most max_new_tokens times)."""
+        if not np.isfinite(logits).all():
+            raise CorruptState(
+                f"the model's outputs at position {position} are NaN or inf; the state is unusable"
+            )
         token = self.sampler(logits)
         i, self.index = self.index, self.index + 1
         finish = None

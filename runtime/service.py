@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batcher import Batcher
-from .engine import NOT_LOGITS, Engine, as_array
+from .engine import NOT_LOGITS, Engine
 from .errors import (
     InvalidInput,
     LimitExceeded,
@@ -46,6 +46,7 @@ from .errors import (
     SessionBusy,
     SessionNotFound,
     Unavailable,
+    as_array,
     integer,
     real_number,
 )
@@ -112,9 +113,9 @@ class SessionService:
         """A request's inputs as the model takes them: int64 [T] or float32 [T, I].
 
         tokens: integers [n] or one integer (empty if not sent); values: floats [n] row-major
-        or [n / d_input, d_input] (empty if not sent); field: the name to report for the
-        inputs ("tokens"/"values" by default). Nothing is converted before it is checked:
-        floats, bools or strings as tokens are refused, not truncated.
+        or [n / d_input, d_input], one float for d_input = 1 (empty if not sent); field: the
+        name to report for the inputs ("tokens"/"values" by default). Nothing is converted
+        before it is checked: floats, bools or strings as tokens are refused, not truncated.
         Raises InvalidInput naming the field, LimitExceeded for T > max_tokens_per_request.
         """
         tokens, values = as_array(tokens, field or "tokens"), as_array(values, field or "values")
@@ -132,9 +133,9 @@ class SessionService:
                 raise InvalidInput("tokens", "this model takes values; send `values`, not `tokens`")
             if not values.size:
                 raise InvalidInput(name, f"needs at least one row of d_input={I} values")
-            if values.ndim == 1 and values.size % I:
+            if values.ndim <= 1 and values.size % I:
                 raise InvalidInput(name, f"has {values.size} floats, not a multiple of d_input={I}")
-            x = values.reshape(-1, I) if values.ndim == 1 else values  # [T, I]: checked below
+            x = values.reshape(-1, I) if values.ndim <= 1 else values  # [T, I]: checked below
         T = x.shape[0]
         if T > self.limits.max_tokens_per_request:
             raise LimitExceeded(

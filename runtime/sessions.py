@@ -35,7 +35,6 @@ import heapq
 import logging
 import math
 import os
-import re
 import secrets
 import threading
 import time
@@ -55,6 +54,8 @@ from .errors import (
     SessionBusy,
     SessionNotFound,
     Unavailable,
+    as_array,
+    check_session_id,
     integer,
     real_number,
 )
@@ -73,7 +74,6 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "sessions.bin"
 FULL_LOG_INTERVAL = 60.0  # seconds between two "store full" warnings
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # used with fullmatch only
 
 
 class Session:
@@ -130,18 +130,6 @@ class Session:
             f"Session(id={self._id!r}, principal={self._principal!r}, slot={self._slot}, "
             f"position={self._position}, live={self._live})"
         )
-
-
-def check_session_id(session_id, field: str = "session_id") -> str:
-    """A session id: 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit
-    (the whole string: no trailing newline), else InvalidInput."""
-    if not isinstance(session_id, str) or not SESSION_ID_RE.fullmatch(session_id):
-        raise InvalidInput(
-            field,
-            f"must be 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit, "
-            f"got {(session_id[:64] if isinstance(session_id, str) else session_id)!r}",
-        )
-    return session_id
 
 
 def _check_ttl(ttl, field: str = "ttl") -> float:
@@ -667,10 +655,13 @@ class SessionStore:
 
     def pack_state(self, state: np.ndarray, position: int) -> bytes:
         """A signed snapshot (runtime/snapshots.py) of state [S] at `position`."""
-        if np.shape(state) != (self.state_size,):
+        state = as_array(state, "state")
+        if state.shape != (self.state_size,):
             raise InvalidInput(
-                "state", f"must have shape [{self.state_size}], got {list(np.shape(state))}"
+                "state", f"must have shape [{self.state_size}], got {list(state.shape)}"
             )
+        if state.dtype.kind != "f":  # NaN passes: replication writes a state gone bad through
+            raise InvalidInput("state", f"must be floats, got {state.dtype}")
         position = integer(position, "position", 0, MAX_POSITION)
         return encode_snapshot(self.snapshot_key, self.model_sha, state, position)
 

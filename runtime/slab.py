@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineFailure, InvalidInput, ModelError, integer
+from .errors import EngineFailure, InvalidInput, ModelError, as_array, integer, zeros
 
 SLOT_INPUTS = ("slab", "slots")  # the slot graph's inputs besides the step graph's `input`
 SLOT_OUTPUT = "slab_out"
@@ -207,7 +207,7 @@ class StateSlab:
         self._lock = threading.Lock()  # the stats, and the copier's bindings
         if device == "cpu":
             # zero pages cost no memory until first touched; the OrtValue shares the array
-            self.array = np.zeros((rows, self.state_size), dtype=np.float32)
+            self.array = zeros((rows, self.state_size), np.float32, "capacity")
             self.value = ort.OrtValue.ortvalue_from_numpy(self.array)
             self._copier = None
             return
@@ -221,10 +221,10 @@ class StateSlab:
         providers = [("CUDAExecutionProvider", {"device_id": str(self.device_id)})]
         self._copier = ort.InferenceSession(identity_model(), so, providers=providers)
         per_copy = max(1, min(rows, (64 << 20) // self.row_bytes))  # at most 64 MiB of zeros
-        zeros = np.zeros((per_copy, self.state_size), dtype=np.float32)
-        for start in range(0, rows, len(zeros)):  # device memory comes uninitialized
-            k = min(len(zeros), rows - start)
-            self._copy(("cpu", zeros.ctypes.data), ("cuda", self._ptr(start)), k)
+        blank = np.zeros((per_copy, self.state_size), dtype=np.float32)
+        for start in range(0, rows, len(blank)):  # device memory comes uninitialized
+            k = min(len(blank), rows - start)
+            self._copy(("cpu", blank.ctypes.data), ("cuda", self._ptr(start)), k)
 
     def __repr__(self) -> str:
         return (
@@ -237,7 +237,7 @@ class StateSlab:
     def check_slots(self, slots, field: str = "slots") -> np.ndarray:
         """Slot numbers as int64 [B, 1] for the slot graph: each in [0, capacity) and none
         twice (two writes of one row in one step would race), else InvalidInput."""
-        s = np.asarray(slots)
+        s = as_array(slots, field)
         if s.dtype.kind not in "iu" or s.ndim != 1 or s.size == 0:
             raise InvalidInput(
                 field, f"must be a non-empty 1-D integer array, got {s.dtype} {s.shape}"

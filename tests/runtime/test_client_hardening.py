@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import gc
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from ssmstream.runtime.client import (
     step_request,
 )
 from ssmstream.runtime.client import main as generate_main
+
+PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"  # the shape only
 
 
 @pytest.mark.parametrize(
@@ -66,7 +69,7 @@ def test_arguments_of_the_wrong_type_are_value_errors_naming_them():
     # bytes-like arguments are bytes (the server's snapshot decoder takes them too)
     assert create_request("s", snapshot=bytearray(b"ab")).snapshot == b"ab"
     assert create_request("s", snapshot=memoryview(b"ab")).snapshot == b"ab"
-    assert channel_credentials(root_certificates=bytearray(b"pem")) is not None
+    assert channel_credentials(root_certificates=bytearray(PEM)) is not None
     with pytest.raises(ValueError, match="^root_certificates: is empty"):
         channel_credentials(root_certificates=bytearray())
 
@@ -196,8 +199,8 @@ def test_an_empty_certificate_argument_never_means_plaintext(kw):
 @pytest.mark.parametrize(
     "kw, flag",
     [({"root_certificates": "no-ca.pem"}, "--tls-ca"),
-     ({"client_cert": "no-cert.pem", "client_key": b"key"}, "--tls-cert"),
-     ({"client_cert": b"cert", "client_key": "no-key.pem"}, "--tls-key")],
+     ({"client_cert": "no-cert.pem", "client_key": PEM}, "--tls-cert"),
+     ({"client_cert": PEM, "client_key": "no-key.pem"}, "--tls-key")],
 )  # fmt: skip
 def test_a_certificate_file_that_cannot_be_read_is_named_with_its_flag(tmp_path, kw, flag):
     kw = {k: str(tmp_path / v) if isinstance(v, str) else v for k, v in kw.items()}
@@ -234,15 +237,21 @@ def test_ctrl_c_prints_the_kept_session_and_no_traceback(byte_server):
            "--ids", "1", "--keep-session"]  # fmt: skip
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert p.stdout.read(50)  # tokens are arriving
+        head = p.stdout.read(50)  # tokens are arriving
+        assert head
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
+        out, err = p.communicate(timeout=60)
     finally:
         p.kill()
+    printed = len((head + out).split())
     err = err.decode(errors="replace")
     assert "Traceback" not in err, err[-300:]
     assert p.returncode == 130 and err.startswith("ssmstream generate: interrupted\nsession: "), err
     # (--ids: each id ends its line, so no newline comes first)
+    # the session holds the prompt and the ids printed but the last (the next prompt starts
+    # with it), not the ids the server sampled and fed after it that were never printed
+    sid, position = re.search(r"session: (\S+) \(position (\d+)\)", err).groups()
+    assert int(position) == position_on_server(byte_server, sid) == 1 + printed - 1
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +474,102 @@ def test_leaving_the_with_block_closes_the_channel_in_both_clients(srv):
 
     e = asyncio.run(asyncio.wait_for(run(), 30))
     assert isinstance(e, grpc.aio.UsageError) and "closed" in str(e), repr(e)
+
+
+@pytest.mark.parametrize("field, flag", [("root_certificates", "--tls-ca"),
+                                         ("client_cert", "--tls-cert"),
+                                         ("client_key", "--tls-key")])  # fmt: skip
+@pytest.mark.parametrize("content", [b"", b"not a certificate\n"], ids=["empty", "not-pem"])
+def test_a_certificate_file_that_is_not_pem_is_named_not_a_crash(tmp_path, field, flag, content):
+    """grpc's core aborted the whole process (SIGABRT) on an empty key or certificate file;
+    a CA that is not PEM failed only at connect, UNAVAILABLE without naming --tls-ca."""
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(content)
+    kw = {"client_cert": PEM, "client_key": PEM} if field != "root_certificates" else {}
+    kw[field] = str(bad)
+    with pytest.raises(ValueError, match=rf"^{field} \({flag}\): '.*bad.pem' is not PEM"):
+        Client("127.0.0.1:1", **kw)
+
+
+@pytest.mark.parametrize("sid", ["é", "sess\n", "a b", "-x"])
+def test_a_session_id_metadata_cannot_carry_is_a_value_error_naming_it(srv, sid):
+    """It went into the x-session-id header unchecked: INTERNAL "Invalid metadata" (sync) or
+    a grpc ExecuteBatchError that is no RpcError (async)."""
+    with Client(target(srv), timeout=10) as c:
+        before = len(srv.server.store)
+        for call in (lambda: c.create_session(sid), lambda: c.session(sid),
+                     lambda: c.session("ok").fork(sid)):  # fmt: skip
+            with pytest.raises(ValueError, match=r"^(new_)?session_id: must be 1-128 characters"):
+                call()
+        assert len(srv.server.store) == before
+
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            with pytest.raises(ValueError, match="^session_id: "):
+                await c.create_session(sid)
+            with pytest.raises(ValueError, match="^session_id: "):
+                c.session(sid)
+
+    asyncio.run(run())
+
+
+def test_a_bool_among_tokens_or_values_is_refused_not_sent_as_1():
+    for call, name in [
+        (lambda: step_request("s", tokens=[7, True]), "tokens"),
+        (lambda: generate_request("s", [65, np.True_]), "prompt"),
+        (lambda: generate_request("s", [65], stop=[False]), "stop"),
+        (lambda: create_request("s", prompt=(1, True)), "prompt"),
+        (lambda: step_request("s", values=[1.0, True]), "values"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            call()
+    assert list(step_request("s", tokens=[7, 1]).tokens) == [7, 1]
+
+
+@pytest.mark.parametrize("port", ["65536", "104707", "0"])
+def test_a_port_outside_the_tcp_range_is_refused_not_wrapped(port):
+    """grpc took the port modulo 65536: 104707 reached whatever listens on 39171."""
+    for make in (Client, AsyncClient):
+        for t in (f"127.0.0.1:{port}", f"dns:///localhost:{port}"):
+            with pytest.raises(ValueError, match=rf"^target \(--server\): port {port} is outside"):
+                make(t)
+    assert Client("127.0.0.1:65535").target == "127.0.0.1:65535"
+    assert Client("unix:/tmp/sock:99999").target == "unix:/tmp/sock:99999"  # a path, no port
+
+
+def test_a_top_p_below_float32_is_the_smallest_nucleus_not_off(byte_server):
+    """top_p is a float32 field where 0 means off: 1e-50 rounded to 0 and sampled the whole
+    distribution."""
+    assert generate_request("s", [1], top_p=1e-50).top_p > 0
+    with Client(target(byte_server), timeout=30) as c:
+        greedy = [r.token for r in c.generate([1], max_new_tokens=20, temperature=0)]
+        tiny = [r.token for r in c.generate([1], max_new_tokens=20, top_p=1e-50, seed=3)]
+        full = [r.token for r in c.generate([1], max_new_tokens=20, top_p=1.0, seed=3)]
+    assert tiny == greedy != full
+
+
+def test_an_async_send_in_flight_when_the_handle_closes_is_cancelled_not_a_cancelled_task(
+    byte_server,
+):
+    """The task ended with asyncio.CancelledError (task.cancelled() True, though nothing
+    cancelled it), where the sync handle raises RpcError CANCELLED."""
+
+    async def one() -> object:
+        async with AsyncClient(target(byte_server), timeout=30) as c:
+            s = await c.create_session()
+            h = s.open_stream()
+            await h.send([1])
+            task = asyncio.ensure_future(h.send([2] * 4000))
+            await asyncio.sleep(0)  # the send is suspended in grpc now
+            await h.close()
+            try:
+                await task
+                return "returned"  # it finished first: try again
+            except grpc.RpcError as e:
+                return (e.code(), e.details(), task.cancelled())
+
+    for _ in range(10):
+        got = asyncio.run(asyncio.wait_for(one(), 60))
+        if got != "returned":
+            break
+    assert got == (grpc.StatusCode.CANCELLED, "this stream was closed", False)
