@@ -59,6 +59,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _graph_sha(path: Path, name: str) -> str:
+    """sha256_file of a model's graph file; ModelError naming it where it cannot be read."""
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise ModelError(f"{path} ({name} graph) cannot be read: {e.strerror or e}") from None
+
+
 def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     """Read and validate MODEL_DIR/manifest.json; with check_sha, verify every graph file."""
     model_dir = Path(model_dir)
@@ -67,6 +75,8 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
         raise ModelError(f"{path} is missing: not an exported ssmstream model directory")
     try:
         m = json.loads(path.read_text())
+    except OSError as e:  # a root-owned 0600 file, a directory's permissions
+        raise ModelError(f"{path} cannot be read: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit int, deep nesting
         raise ModelError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -125,7 +135,7 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
         f = model_dir / g["file"]
         if not f.is_file():
             raise ModelError(f"{f} ({name} graph) is missing")
-        if check_sha and sha256_file(f) != g["sha256"]:
+        if check_sha and _graph_sha(f, name) != g["sha256"]:
             raise ModelError(
                 f"{f} ({name} graph) does not match the sha256 in {MANIFEST}: "
                 "the file was modified or truncated; re-export the model"
@@ -197,7 +207,11 @@ def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
         f = model_dir / g["file"]
         status = "missing"
         if f.is_file():
-            status = "ok" if sha256_file(f) == g.get("sha256") else "MODIFIED (sha256 mismatch)"
+            try:
+                same = sha256_file(f) == g.get("sha256")
+                status = "ok" if same else "MODIFIED (sha256 mismatch)"
+            except OSError as e:
+                status = f"unreadable ({e.strerror or e})"
         extra = f", chunk {g['chunk']}, max_len {g['max_len']}" if "chunk" in g else ""
         size = _bytes(g["bytes"] if _int(g.get("bytes")) else 0)
         rows.append(

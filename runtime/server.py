@@ -30,6 +30,7 @@ import errno
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -119,8 +120,12 @@ def check_files(config: ServerConfig) -> None:
     c = config
     if c.tls_cert is not None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            ctx.load_cert_chain(c.tls_cert, c.tls_key)
+        try:  # a key with a passphrase: refused, not asked for on the terminal
+            ctx.load_cert_chain(c.tls_cert, c.tls_key, password=_no_passphrase)
+        except _Encrypted:
+            raise InvalidInput(
+                "tls_key", f"{c.tls_key} is encrypted (has a passphrase); gRPC needs a plain key"
+            ) from None
         except (OSError, ssl.SSLError) as e:
             raise InvalidInput(
                 "tls_cert/tls_key", f"cannot load {c.tls_cert} / {c.tls_key}: {e}"
@@ -137,19 +142,35 @@ def check_files(config: ServerConfig) -> None:
         saved = d / STORE_FILE
         if saved.exists() and not saved.is_file():
             raise InvalidInput("state_dir", f"{saved} is not a file")
-        probe = d / f".write-test.{os.getpid()}"  # a save writes a temp file there, then renames
-        try:
+        _check_writable(d, "state_dir", "sessions are saved there", create=True)
+    if c.port_file:
+        d = Path(c.port_file).absolute().parent
+        if not d.is_dir():
+            raise InvalidInput("port_file", f"{Path(c.port_file).parent} is not a directory")
+        if Path(c.port_file).is_dir():
+            raise InvalidInput("port_file", f"{c.port_file} is a directory, not a file")
+        _check_writable(d, "port_file", "the port file is written there once serving")
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase():
+    raise _Encrypted
+
+
+def _check_writable(d: Path, field: str, why: str, create: bool = False) -> None:
+    """InvalidInput naming `field` unless a file can be written in directory d (created
+    first with `create`; what is written there later goes to a temp file, then is renamed)."""
+    probe = d / f".write-test.{os.getpid()}"
+    try:
+        if create:
             d.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise InvalidInput(
-                "state_dir", f"cannot write {d} ({e.strerror or e}): sessions are saved there"
-            ) from None
-    if c.port_file and not Path(c.port_file).absolute().parent.is_dir():
-        raise InvalidInput("port_file", f"{Path(c.port_file).parent} is not a directory")
-    if c.port_file and Path(c.port_file).is_dir():
-        raise InvalidInput("port_file", f"{c.port_file} is a directory, not a file")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InvalidInput(field, f"cannot write {d} ({e.strerror or e}): {why}") from None
 
 
 def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
@@ -208,6 +229,7 @@ class Server:
         if c.metrics_port:
             check_bindable(c.host, c.metrics_port, "metrics_port")
         check_files(c)
+        key = snapshot_key(c)  # a --snapshot-key that cannot be read: before the model loads
         tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
         if cleartext_tokens(c):
             log.warning(
@@ -231,7 +253,7 @@ class Server:
             ttl=c.session_ttl,
             max_per_principal=c.max_sessions_per_principal or None,
             model_sha=info["step_sha256"],
-            snapshot_key=snapshot_key(c),
+            snapshot_key=key,
         )
         replication = None
         if c.state_store == "memory":
@@ -285,8 +307,8 @@ class Server:
             c.max_new_tokens,
             c.session_ttl,
             rewind_window=c.rewind_window,
-            rewind_memory_bytes=int(c.rewind_memory_mb * 2**20),
-            prefix_cache_bytes=int(c.prefix_cache_mb * 2**20),
+            rewind_memory_bytes=math.ceil(c.rewind_memory_mb * 2**20),  # > 0: a limit
+            prefix_cache_bytes=math.ceil(c.prefix_cache_mb * 2**20),
             prefix_cache_scope=c.prefix_cache_scope,
         )
         self.service = SessionService(self.engine, self.store, self.batcher, limits)
@@ -440,7 +462,14 @@ class Server:
         if self.batcher is not None:
             await self.batcher.close()
         if save and self.config.state_dir and self.store is not None:
-            self.store.save(self.config.state_dir)
+            try:
+                self.store.save(self.config.state_dir)
+            except OSError as e:  # a full disk: the sessions are lost; exit status 1
+                self.unsaved = len(self.store)
+                log.error(
+                    "--state-dir: cannot save %d sessions to %s (%s): they are lost",
+                    self.unsaved, self.config.state_dir, e.strerror or e,
+                )  # fmt: skip
         if self.store is not None and self.store.replication is not None:
             if save:  # written, leases released
                 self.unsaved = await asyncio.to_thread(self.store.flush, True)

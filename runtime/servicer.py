@@ -287,6 +287,9 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 self.metrics.observe_request("Stream", time.perf_counter() - t0)
                 if self.service.draining:  # do not wait for a next request that would be refused
                     raise Unavailable(self.service.draining_says)
+            # a client's cancel ends the requests as a half-close does, and grpc cancels this
+            # task right after: let it land here, so that the call counts as CANCELLED
+            await asyncio.sleep(0)
         except asyncio.CancelledError:
             if a.drained:
                 raise Unavailable(self.service.draining_says) from None

@@ -760,13 +760,16 @@ class SessionStore:
             }
         data = encode_session_file(self.snapshot_key, header, states)
         tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
-        # owner-only, as the key beside it: the file holds every conversation's state
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            os.fchmod(f.fileno(), 0o600)  # a temp file left by a crash may have other bits
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:  # owner-only, as the key beside it: the file holds every conversation's state
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                os.fchmod(f.fileno(), 0o600)  # a temp file left by a crash may have other bits
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no partial file left to keep it full
+            tmp.unlink(missing_ok=True)
+            raise
         log.info("saved %d sessions to %s", len(live), path)
         return path
 
@@ -808,10 +811,13 @@ class SessionStore:
             check_state(row, e[2], "state_dir", f"{path}: session {e[0]!r}")
         if header.get("model_sha") != self.model_sha:
             raise ModelError(
-                f"{path} holds sessions of another model (sha {header.get('model_sha')!r})"
+                f"state_dir: {path} holds sessions of another model "
+                f"(sha {header.get('model_sha')!r})"
             )
         if S != self.state_size:
-            raise ModelError(f"{path} has state size {S}, this model has {self.state_size}")
+            raise ModelError(
+                f"state_dir: {path} has state size {S}, this model has {self.state_size}"
+            )
         n = len(entries)
         with self._lock:
             ids = [e[0] for e in entries]
@@ -821,7 +827,10 @@ class SessionStore:
                     "state_dir", f"{path}: session ids already live or repeated: {clash[:5]}"
                 )
             if n > len(self._free):
-                raise LimitExceeded(f"{path} holds {n} sessions, only {len(self._free)} free slots")
+                raise LimitExceeded(
+                    f"state_dir: {path} holds {n} sessions, only {len(self._free)} free slots "
+                    "(max_sessions)"
+                )
             need = Counter(e[1] for e in entries)
             if self.max_per_principal is not None:
                 over = [
@@ -831,7 +840,8 @@ class SessionStore:
                 ]
                 if over:
                     raise LimitExceeded(
-                        f"{path}: principals {over[:5]} would exceed max_per_principal"
+                        f"state_dir: {path}: principals {over[:5]} would exceed their "
+                        "max_sessions_per_principal"
                     )
             for (sid, principal, position, ttl, incarnation), row in zip(entries, states):
                 s = self._new_session(principal, sid, ttl, position, incarnation)

@@ -361,6 +361,7 @@ def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, t
         (dict(host="no-such-host.invalid"), "host: cannot listen"),
         (dict(host="no-such-host.invalid", port=50999), "host: cannot listen"),
         (dict(host="192.0.2.1", port=50999), "host: cannot listen"),  # TEST-NET: not ours
+        (dict(snapshot_key=str(tmp_path / "no-key")), "snapshot_key: cannot read"),
     ]  # fmt: skip
     try:
         for kw, words in cases:
@@ -535,8 +536,9 @@ def test_the_port_file_of_another_server_is_left_alone(tiny_token_model, tmp_pat
 
 
 def test_a_shutdown_that_fails_still_removes_the_port_file(tiny_token_model, tmp_path):
-    """The shutdown save fails (its --state-dir became a file): the server exits with status 2
-    and its port file is gone, not left naming a port nobody listens on."""
+    """The shutdown save fails (its --state-dir became a file): the server exits with status 1
+    (stopped, its sessions lost), says so naming --state-dir, and its port file is gone, not
+    left naming a port nobody listens on."""
     import signal
 
     state = tmp_path / "state"
@@ -549,10 +551,13 @@ def test_a_shutdown_that_fails_still_removes_the_port_file(tiny_token_model, tmp
 
         shutil.rmtree(state)
         state.write_text("not a directory")
+        with Client(srv.address, timeout=30) as c:
+            c.create_session()
         srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(30) == 2
+        assert srv.proc.wait(30) == 1
     finally:
         srv.kill()
+    assert "ERROR __main__: --state-dir: cannot save 1 sessions" in srv.output()
     assert not srv.port_file.exists(), srv.output()
 
 

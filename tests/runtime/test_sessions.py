@@ -1050,7 +1050,16 @@ def test_a_session_file_of_another_state_size_is_refused_whole(tmp_path):
     small = SessionStore(4, capacity=2, model_sha="m", snapshot_key=big.snapshot_key)
     with pytest.raises(ModelError) as e:
         small.load(tmp_path)
-    assert str(e.value) == f"{tmp_path / 'sessions.bin'} has state size 8, this model has 4"
+    assert str(e.value) == (
+        f"state_dir: {tmp_path / 'sessions.bin'} has state size 8, this model has 4"
+    )
+    other = SessionStore(8, capacity=2, model_sha="n", snapshot_key=big.snapshot_key)
+    with pytest.raises(ModelError) as e:
+        other.load(tmp_path)
+    assert str(e.value) == (
+        f"state_dir: {tmp_path / 'sessions.bin'} holds sessions of another model (sha 'm')"
+    )
+    assert len(small) == len(other) == 0
     assert len(small) == 0 and small.stats()["restored"] == 0
 
 
@@ -1067,7 +1076,9 @@ def test_load_respects_max_per_principal_exactly(tmp_path):
     with pytest.raises(LimitExceeded) as e:
         dst.load(tmp_path)
     path = tmp_path / "sessions.bin"
-    assert str(e.value) == f"{path}: principals ['p'] would exceed max_per_principal"
+    assert str(e.value) == (
+        f"state_dir: {path}: principals ['p'] would exceed their max_sessions_per_principal"
+    )
     assert len(dst) == 0
     dst3 = SessionStore(4, capacity=8, max_per_principal=3, snapshot_key=src.snapshot_key)
     assert dst3.load(tmp_path) == 3

@@ -1,0 +1,173 @@
+"""What an operator meets at the server's edges:
+
+- a `--tls-key` with a passphrase is refused naming it (OpenSSL had asked for the passphrase
+  on the terminal, and without one the error read "[Errno 22] Invalid argument");
+- a `--port-file` directory the server cannot write is refused before the model loads (it
+  was found after the server was serving, naming no flag);
+- a positive `--rewind-memory-mb` below one byte is a limit, not "0: no limit";
+- a save that fails (a full disk) leaves no partial temp file to keep the disk full;
+- a Stream its client cancels while the server waits for its next request counts as
+  CANCELLED (it ended as a half-close does, counted nowhere);
+- `ssmstream info` of a manifest or graph it cannot read says so (a traceback).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import queue
+import shutil
+import subprocess
+import time
+
+import grpc
+import pytest
+import ssmstream.runtime.manifest as manifest_module
+from grpc_helpers import scrape, serve
+from ssmstream.protos import inference_pb2 as pb
+from ssmstream.protos import inference_pb2_grpc as pb_grpc
+from ssmstream.runtime.client import Client
+from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.errors import InvalidInput
+from ssmstream.runtime.info import main as info_main
+from ssmstream.runtime.server import check_files
+from ssmstream.runtime.sessions import SessionStore
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_tls_key_with_a_passphrase_is_refused_naming_it(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available to generate an encrypted key")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-keyout", "enc.key", "-out", "cert.pem", "-days", "1", "-subj", "/CN=x",
+         "-passout", "pass:secret"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    cfg = ServerConfig(
+        model_dir="m", tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "enc.key")
+    )
+    with pytest.raises(InvalidInput) as e:
+        check_files(cfg)
+    assert e.value.field == "tls_key"
+    assert str(e.value).endswith("enc.key is encrypted (has a passphrase); gRPC needs a plain key")
+
+
+def test_a_port_file_directory_that_cannot_be_written_is_refused_naming_it(tmp_path, monkeypatch):
+    d = tmp_path / "ro"
+    d.mkdir()
+    real = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):  # a read-only file system there (root writes past chmod)
+        if self.parent == d:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    with pytest.raises(InvalidInput) as e:
+        check_files(ServerConfig(model_dir="m", port_file=str(d / "port.json")))
+    assert e.value.field == "port_file"
+    assert str(e.value) == (
+        f"port_file: cannot write {d} (Read-only file system): the port file is written there "
+        "once serving"
+    )
+    assert list(d.iterdir()) == []
+
+
+def test_a_rewind_memory_below_one_byte_is_a_limit_not_none(tiny_token_model):
+    def checkpoint_bytes(mb: float) -> int:
+        with serve(tiny_token_model["model_dir"], rewind_memory_mb=mb) as s:
+            with Client(f"127.0.0.1:{s.port}", timeout=30) as c:
+                return c.info().limits.checkpoint_bytes_per_session
+
+    # 1e-7 MiB is 0.1 byte, 2e-6 MiB 2 bytes: both below one state, so one checkpoint a
+    # session (History.max_bytes); 0 is no limit: the whole window's checkpoints
+    assert checkpoint_bytes(1e-7) == checkpoint_bytes(2e-6) < checkpoint_bytes(0)
+
+
+def test_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    store = SessionStore(4, capacity=2)
+    store.create("p", "a")
+    store.save(tmp_path)
+    saved = (tmp_path / "sessions.bin").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    store.create("p", "b")
+    with pytest.raises(OSError, match="No space left"):
+        store.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["sessions.bin"]
+    assert (tmp_path / "sessions.bin").read_bytes() == saved  # the last good save is kept
+
+
+@pytest.fixture(scope="module")
+def metered(tiny_token_model):
+    with serve(tiny_token_model["model_dir"], metrics_port=0) as s:
+        yield s
+
+
+def test_a_stream_cancelled_while_it_waits_for_a_request_counts_as_cancelled(metered):
+    key = 'ssmstream_errors_total{code="CANCELLED"}'
+    stub = pb_grpc.StreamingInferenceStub(grpc.insecure_channel(f"127.0.0.1:{metered.port}"))
+    sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
+
+    def one_stream(cancel: bool) -> None:
+        q = queue.Queue()
+        call = stub.Stream(iter(q.get, None))
+        q.put(pb.StepRequest(session_id=sid, tokens=[1]))
+        next(call)
+        time.sleep(0.2)  # the server waits for the next request now
+        if cancel:
+            call.cancel()
+        q.put(None)  # (a half-close for the one not cancelled)
+        if not cancel:
+            assert list(call) == []
+
+    def cancelled_after(cancel: bool) -> float:
+        before = scrape(metered.server.metrics_port).get(key, 0.0)
+        for _ in range(3):
+            one_stream(cancel)
+        deadline = time.monotonic() + 10
+        while True:
+            got = scrape(metered.server.metrics_port).get(key, 0.0) - before
+            if got >= 3 or time.monotonic() > deadline or not cancel:
+                return got
+            time.sleep(0.05)
+
+    time.sleep(0.2)
+    assert cancelled_after(cancel=False) == 0  # a half-close is a normal end
+    assert cancelled_after(cancel=True) == 3
+
+
+def test_info_of_files_it_cannot_read_says_so(tiny_token_model, monkeypatch, capsys):
+    model = pathlib.Path(tiny_token_model["model_dir"])
+    real_read, real_open = pathlib.Path.read_text, open
+
+    def read_text(self, *a, **kw):
+        if self.name == "manifest.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    assert info_main([str(model)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"ssmstream info: error: {model / 'manifest.json'} cannot be read: Permission denied\n"
+    )
+    monkeypatch.setattr(pathlib.Path, "read_text", real_read)
+
+    def denied_open(path, *a, **kw):  # the graph files (sha256_file) cannot be read
+        if str(path).endswith(".onnx"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(manifest_module, "open", denied_open, raising=False)
+    assert info_main([str(model)]) == 0
+    assert "unreadable (Permission denied)" in capsys.readouterr().out
+    with pytest.raises(Exception, match=r"step\.onnx \(step graph\) cannot be read: Permission"):
+        manifest_module.load_manifest(model)
