@@ -83,9 +83,10 @@ needs a Transpose that moves B to pack the states (+1.2 ms); chunk_states as all
 states (no cut: -0.6 ms, 2%), not worth a change of the graph's outputs; selecting the
 tail's inputs inside the If (nothing measurable); one table V = dA^s [H, Q, 2·N/2] for both
 the chunk ends (dB·(U reversed @ V)) and the state term (V @ (C dA S_j)ᵀ), which halves the
-tables read: its 12 MatMuls took 10.0 ms instead of 10.3 (per-head products run at ~40% of a
-dense layer's GFLOP/s whatever their table's size), and the state term's operand with B·n
-innermost needs an element-strided Transpose (+2 ms a layer).
+tables read: its 12 MatMuls summed 10.0 ms instead of 10.3 in one run's node profile (the
+~9.4 ms above is another run's; per-head products run at ~40% of a dense layer's GFLOP/s
+whatever their table's size), and the state term's operand with B·n innermost needs an
+element-strided Transpose (+2 ms a layer).
 
 Dimension letters: B batch, T length, D d_model, H heads, M head width (= P outputs),
 N state (N/2 complex modes, written n), Q chunk length, S packed state.

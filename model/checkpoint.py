@@ -56,11 +56,16 @@ def save_checkpoint(
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()
     }
     names = [*(also or {}), "model.safetensors", "config.json"]
-    for name, write in (also or {}).items():
-        write(path / f"{name}.tmp")
-    # written like the other files (safetensors' save_file makes them 0600 whatever the umask)
-    (path / "model.safetensors.tmp").write_bytes(save(tensors))
-    (path / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    try:
+        for name, write in (also or {}).items():
+            write(path / f"{name}.tmp")
+        # written like the other files (safetensors' save_file makes them 0600 whatever the umask)
+        (path / "model.safetensors.tmp").write_bytes(save(tensors))
+        (path / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    except OSError:  # a full disk: no partial files left to keep it full
+        for name in names:
+            (path / f"{name}.tmp").unlink(missing_ok=True)
+        raise
     _commit(path, names)
     (path / "train_log.jsonl").touch()
     return path

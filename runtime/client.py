@@ -31,6 +31,7 @@ import codecs
 import os
 import queue
 import re
+import ssl
 import sys
 import threading
 import time
@@ -96,7 +97,7 @@ def _ints(name: str, xs) -> list[int]:
     except (ValueError, TypeError) as e:  # ragged
         raise ValueError(f"{name}: must be a flat sequence of integers ({e})") from None
     if holds_bool(xs):  # numpy made [65, True] the ids [65, 1]
-        raise ValueError(f"{name}: must be integers, got a bool among them")
+        raise ValueError(f"{name}: holds a bool (True / False) among its numbers")
     if a.dtype.kind in "fO" and isinstance(xs, (list, tuple)) and all(type(x) is int for x in xs):
         # Python ints past int64, which numpy made floats or objects
         wide = next((x for x in xs if not -(2**63) <= x <= 2**63 - 1), None)
@@ -130,7 +131,7 @@ def _count(name: str, v, high: int = 2**32 - 1) -> int:
     naming `name`. The range a field allows is the server's (check_generate states it)."""
     n = integer(v, name)
     if n > high:
-        raise ValueError(f"{name}: must be at most {high} (the size of its field), got {n}")
+        raise ValueError(f"{name}: must be at most {high} (the largest its field holds), got {n}")
     return n
 
 
@@ -196,7 +197,7 @@ def step_request(
             if v.size and v.dtype.kind not in "fiu":  # not bools or numeric strings either
                 raise TypeError(f"got {v.dtype}")
             if holds_bool(values):
-                raise TypeError("got a bool among them")
+                raise TypeError("it holds a bool (True / False)")
             req.values.extend(v.astype(np.float32).reshape(-1).tolist())
         except (TypeError, ValueError) as e:
             raise ValueError(f"values: must be real numbers ({e})") from None
@@ -293,21 +294,38 @@ def _pem(value: str | os.PathLike | bytes | None, field: str) -> bytes | None:
             raise ValueError(f"{field}: cannot read {str(value)!r}: {e.strerror or e}") from e
     if b"-----BEGIN " not in data:
         raise ValueError(f"{field}: {where} is not PEM (no '-----BEGIN ' line)")
+    if b"ENCRYPTED" in data:  # "BEGIN ENCRYPTED PRIVATE KEY" / "Proc-Type: 4,ENCRYPTED"
+        raise ValueError(
+            f"{field}: {where} is encrypted (has a passphrase); gRPC needs a plain key"
+        )
     return data
 
 
-_PORT = re.compile(r":(\d+)$")
+def _ca(value, field: str) -> bytes | None:
+    """`_pem` of CA certificates that OpenSSL can load (else the channel failed only at
+    connect, UNAVAILABLE, naming no flag)."""
+    data = _pem(value, field)
+    if data is not None:
+        try:
+            ssl.create_default_context(cadata=data.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as e:
+            raise ValueError(f"{field}: holds no certificate OpenSSL can load ({e})") from None
+    return data
+
+
+# one TCP address: host:port, [v6]:port, dns:[//authority/]host:port, ipv4:a:port, ipv6:[a]:port
+# (other targets, as unix:/path, vsock:cid:port or lists of addresses, are taken as given)
+_TCP_TARGET = re.compile(r"(?:dns:(?://[^/]*/)?|ipv4:|ipv6:)?(\[[^\]]*\]|[^:\[\]/]*):(\d+)")
 
 
 def _target(target) -> str:
-    """A gRPC target ("host:port", "dns:///host:port", "unix:/path", ...); ValueError for one
-    that is not a string, or a port outside [1, 65535] (grpc took it modulo 65536: another
-    server)."""
+    """A gRPC target; ValueError for one that is not a string, or a TCP port outside
+    [1, 65535] (grpc took it modulo 65536: another server)."""
     if not isinstance(target, str) or not target:
         raise ValueError(f"target (--server): must be host:port, got {target!r}")
-    port = _PORT.search(target)
-    if port and not target.startswith("unix") and not 1 <= int(port.group(1)) <= 65535:
-        raise ValueError(f"target (--server): port {port.group(1)} is outside [1, 65535]")
+    tcp = _TCP_TARGET.fullmatch(target)
+    if tcp and not 1 <= int(tcp.group(2)) <= 65535:
+        raise ValueError(f"target (--server): port {tcp.group(2)} is outside [1, 65535]")
     return target
 
 
@@ -330,7 +348,7 @@ def channel_credentials(
     if (client_cert is None) != (client_key is None):
         raise ValueError("client_cert/client_key: give both for mTLS, or neither")
     return grpc.ssl_channel_credentials(
-        root_certificates=_pem(root_certificates, "root_certificates (--tls-ca)"),
+        root_certificates=_ca(root_certificates, "root_certificates (--tls-ca)"),
         private_key=_pem(client_key, "client_key (--tls-key)"),
         certificate_chain=_pem(client_cert, "client_cert (--tls-cert)"),
     )
@@ -542,12 +560,13 @@ class ClientSession:
     def __repr__(self) -> str:
         return f"ClientSession(id={self.id!r}, position={self.position})"
 
-    def rewind(self, position: int) -> int:
+    def rewind(self, position: int, timeout: float | None = None) -> int:
         """Return the session to an earlier position within the server's rewind window;
-        returns it (OUT_OF_RANGE outside the window)."""
+        returns it (OUT_OF_RANGE outside the window). timeout: this call's, in seconds
+        (default: the client's)."""
         s = self.client.stub.RewindSession(
             pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1)),
-            **self.client._kw(self.id),
+            **self.client._kw(self.id, timeout),
         )
         self.position = s.position
         return s.position
@@ -692,6 +711,7 @@ class AsyncClient(_Base):
         else:
             self.channel = grpc.aio.secure_channel(target, self.credentials, options=self.options)
         self.stub = pb_grpc.StreamingInferenceStub(self.channel)
+        self.closed = False  # its streams' sends say so when it closes under them
 
     async def info(self) -> pb.ModelInfo:
         return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
@@ -733,6 +753,7 @@ class AsyncClient(_Base):
         return AsyncClientSession(self, "", 0).generate(prompt, **kw)
 
     async def close(self) -> None:
+        self.closed = True
         await self.channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -876,7 +897,7 @@ class AsyncStreamHandle:
                 await self._call.write(req)
                 resp = await self._call.read()  # raises the stream's error status
             except asyncio.CancelledError:
-                if _cancelling():
+                if not (self._closed or self.session.client.closed) or _cancelling():
                     raise  # this task was cancelled
                 raise self._closed_error() from None  # a close() cancelled the call under it
         if resp is grpc.aio.EOF:
@@ -908,10 +929,10 @@ class AsyncStreamHandle:
 
 
 def _cancelling() -> bool:
-    """Whether the current task is being cancelled (Python 3.11+ tells; before it, assume
-    it is: the CancelledError is raised as it came)."""
+    """Whether the current task is being cancelled (Python 3.11+ tells; before it, not known:
+    False, so a close() under a send is said as such)."""
     task = asyncio.current_task()
-    return task is None or getattr(task, "cancelling", lambda: 1)() > 0
+    return task is not None and getattr(task, "cancelling", lambda: 0)() > 0
 
 
 # --- `ssmstream generate` -------------------------------------------------------------------
@@ -919,36 +940,47 @@ def _cancelling() -> bool:
 
 def _say_kept(a, session, printed: int, cut: bool = False) -> None:
     """After a generation on a session that stays (--keep-session, --session). The last token
-    printed is not fed: it starts the session's next prompt. A cut generation (Ctrl-C, a
-    closed pipe, an error) may have fed tokens sampled after it that were never printed: the
-    session is rewound to the position of the last one printed (where that fails, stderr
-    says how to do it). A new kept session's id and position go to stderr."""
+    received is not fed: it starts the session's next prompt. A cut generation (Ctrl-C, a
+    closed pipe, an error) may have fed tokens sampled after it that never arrived: a new
+    kept session (its id is known only here) is rewound to the position of the last one
+    received; for a --session, which other clients may use, and where the rewind fails,
+    stderr says how to do it. A new kept session's id and position go to stderr."""
     if session is None or not session.id or not (a.keep_session or a.session):
         return
     if cut and printed:
-        position = session.position
-        try:
-            _rewind_after_cut(session, position)
-        except grpc.RpcError as e:
+        position, why = session.position, ""
+        if not a.session:
+            try:
+                _rewind_after_cut(session, position)
+                why = None
+            except grpc.RpcError as e:
+                why = f" ({e.code().name}: {e.details()})"
+            except KeyboardInterrupt:
+                why = " (interrupted)"
+        if why is not None:
             sys.stderr.write(
                 f"ssmstream generate: the session may hold tokens sampled after the last one "
-                f"printed ({e.code().name}: {e.details()}); to drop them: --session "
-                f"{session.id} --rewind-to {position}\n"
+                f"received{why}; to drop them: --session {session.id} --rewind-to {position}\n"
             )
     if a.keep_session and not a.session:
         sys.stderr.write(f"session: {session.id} (position {session.position})\n")
 
 
-def _rewind_after_cut(session: ClientSession, position: int, tries: int = 40) -> None:
-    """Rewind to `position`, waiting (up to ~1 s) for the cancelled Generate to let go of
-    the session (FAILED_PRECONDITION "attached" / "in flight" until the server sees it)."""
-    for attempt in range(tries):
+def _rewind_after_cut(session: ClientSession, position: int, wait: float = 2.0) -> None:
+    """Rewind to `position` within `wait` seconds: each try has what is left of them as its
+    deadline, and a refusal because the cancelled Generate still holds the session
+    (FAILED_PRECONDITION "attached to an open Generate", until the server sees the cancel)
+    is tried again."""
+    end = time.monotonic() + wait
+    while True:
         try:
-            session.rewind(position)
+            session.rewind(position, timeout=max(0.05, end - time.monotonic()))
             return
         except grpc.RpcError as e:
-            busy = e.code() == grpc.StatusCode.FAILED_PRECONDITION and resumable_error(e)
-            if not busy or attempt == tries - 1:
+            ours = e.code() == grpc.StatusCode.FAILED_PRECONDITION and "open Generate" in (
+                e.details() or ""
+            )
+            if not ours or time.monotonic() >= end:
                 raise
             time.sleep(0.025)
 

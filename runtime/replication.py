@@ -102,8 +102,9 @@ from .errors import (
     ModelError,
     SessionBusy,
     Unavailable,
+    check_session_id,
 )
-from .sessions import Session, SessionStore, check_session_id
+from .sessions import Session, SessionStore
 from .snapshots import SnapshotKey
 
 log = logging.getLogger(__name__)

@@ -54,6 +54,7 @@ from .metrics import FeaturesCollector, ServerMetrics
 from .prefix_cache import entry_bytes
 from .service import DRAINING, ServiceLimits, SessionService
 from .servicer import StreamingInferenceServicer, max_send_bytes
+from .sessions import STORE_FILE
 from .snapshots import SnapshotKey
 from .status import SERVICE_NAME, DecodeGuard
 
@@ -136,8 +137,6 @@ def check_files(config: ServerConfig) -> None:
             except (OSError, ssl.SSLError) as e:
                 raise InvalidInput("tls_client_ca", f"cannot load {c.tls_client_ca}: {e}") from None
     if c.state_dir:
-        from .sessions import STORE_FILE
-
         d = Path(c.state_dir)
         saved = d / STORE_FILE
         if saved.exists() and not saved.is_file():
@@ -150,6 +149,20 @@ def check_files(config: ServerConfig) -> None:
         if Path(c.port_file).is_dir():
             raise InvalidInput("port_file", f"{c.port_file} is a directory, not a file")
         _check_writable(d, "port_file", "the port file is written there once serving")
+
+
+def _set_aside(saved: Path) -> str:
+    """An older save that a failed shutdown save did not replace, renamed so that the next
+    start does not restore older positions (and sessions closed since) as if they were the
+    last; what became of it, for the log."""
+    if not saved.is_file():
+        return "there is no older save"
+    stale = saved.with_name(saved.name + ".stale")
+    try:
+        os.replace(saved, stale)
+    except OSError as e:
+        return f"the older save {saved} is left as it is ({e.strerror or e}): remove it"
+    return f"the older save is kept as {stale}, which the next start does not load"
 
 
 class _Encrypted(Exception):
@@ -465,10 +478,11 @@ class Server:
             try:
                 self.store.save(self.config.state_dir)
             except OSError as e:  # a full disk: the sessions are lost; exit status 1
-                self.unsaved = len(self.store)
+                self.unsaved = max(1, len(self.store))
                 log.error(
-                    "--state-dir: cannot save %d sessions to %s (%s): they are lost",
-                    self.unsaved, self.config.state_dir, e.strerror or e,
+                    "--state-dir: cannot save %d sessions to %s (%s): they are lost; %s",
+                    len(self.store), self.config.state_dir, e.strerror or e,
+                    _set_aside(Path(self.config.state_dir) / STORE_FILE),
                 )  # fmt: skip
         if self.store is not None and self.store.replication is not None:
             if save:  # written, leases released

@@ -47,13 +47,14 @@ from .errors import (
     SessionNotFound,
     Unavailable,
     as_array,
+    check_session_id,
     integer,
     real_number,
 )
 from .generation import GenerateConfig, Generated, Generation
 from .history import CheckpointBudget, History
 from .prefix_cache import PrefixCache
-from .sessions import Session, SessionStore, check_session_id
+from .sessions import Session, SessionStore
 from .snapshots import BYTES_LIKE, snapshot_position
 
 # what a Stream ended by the drain is told, by where its session lives on (see `draining_says`)

@@ -35,6 +35,7 @@ from .status import check_decoded, deadline_passed, end_as_expired, grpc_errors
 log = logging.getLogger(__name__)
 
 SERVER_VERSION = "0.1.0"
+CANCEL_WAIT = 0.005  # seconds a Stream whose requests ended waits for a client's cancel
 
 # --- protobuf ↔ arrays (pure helpers) -------------------------------------------------------
 
@@ -288,8 +289,9 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 if self.service.draining:  # do not wait for a next request that would be refused
                     raise Unavailable(self.service.draining_says)
             # a client's cancel ends the requests as a half-close does, and grpc cancels this
-            # task right after: let it land here, so that the call counts as CANCELLED
-            await asyncio.sleep(0)
+            # task when the call's close reaches the event loop: let it land here, so that
+            # the call counts as CANCELLED (one that comes later ends the call as OK)
+            await asyncio.sleep(CANCEL_WAIT)
         except asyncio.CancelledError:
             if a.drained:
                 raise Unavailable(self.service.draining_says) from None

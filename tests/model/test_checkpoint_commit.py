@@ -78,3 +78,25 @@ def test_an_interrupt_between_the_renames_still_commits_the_whole_checkpoint(tmp
     assert (tmp_path / "x.bin").read_text() == "2"
     assert json.loads((tmp_path / "config.json").read_text())["step"] == 2
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_save_that_runs_out_of_disk_leaves_no_partial_files(tmp_path, monkeypatch):
+    """A full disk: the temporary files written so far would keep it full; they are removed
+    and the previous checkpoint stays whole."""
+    from ssmstream.model import SSMConfig, SSMNetwork, load_checkpoint, save_checkpoint
+
+    net = SSMNetwork(SSMConfig(**MODEL, d_input=1))
+    save_checkpoint(net, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = type(tmp_path).write_text
+
+    def write_text(self, *a, **kw):
+        if self.name == "config.json.tmp":
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(tmp_path), "write_text", write_text)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(net, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    load_checkpoint(tmp_path)

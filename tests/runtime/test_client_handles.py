@@ -16,7 +16,7 @@ import uuid
 import grpc
 import numpy as np
 import pytest
-from grpc_helpers import position_on_server, serve, target
+from grpc_helpers import make_certs, position_on_server, serve, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime import client as client_mod
 from ssmstream.runtime.auth import ANONYMOUS
@@ -50,7 +50,8 @@ def test_counts_stop_at_the_uint32_field_and_name_the_argument():
     with pytest.raises(ValueError) as e:
         step_request("s", tokens=[1], output="top_k", top_k=2**32)
     assert (
-        str(e.value) == "top_k: must be at most 4294967295 (the size of its field), got 4294967296"
+        str(e.value)
+        == "top_k: must be at most 4294967295 (the largest its field holds), got 4294967296"
     )
     with pytest.raises(ValueError) as e:
         generate_request("s", [1], max_new_tokens=2**32)
@@ -118,15 +119,14 @@ def test_check_generate_bounds_are_inclusive_and_ids_non_negative():
         assert str(e.value) == msg
 
 
-def test_root_certificates_alone_mean_tls():
-    assert channel_credentials() is None
-    assert isinstance(channel_credentials(root_certificates=b"-----BEGIN "), grpc_creds())
-
-
-def grpc_creds():
+def test_root_certificates_alone_mean_tls(tmp_path):
     import grpc
 
-    return grpc.ChannelCredentials
+    assert channel_credentials() is None
+    ca = make_certs(tmp_path).ca.read_bytes()
+    assert isinstance(channel_credentials(root_certificates=ca), grpc.ChannelCredentials)
+    with pytest.raises(ValueError, match="^root_certificates .*holds no certificate"):
+        channel_credentials(root_certificates=b"-----BEGIN \n")
 
 
 def test_a_new_session_id_is_a_uuid4():
@@ -473,14 +473,16 @@ def test_outputs_are_none_unless_the_step_asked_for_them(toy_server):
 
 
 class _InterruptedSession(_FakeSession):
-    rewound: list[int] = []
+    def __init__(self, tokens):
+        super().__init__(tokens)
+        self.rewound = []  # (position, timeout) of each rewind
 
     def generate(self, prompt, **kw):
         yield from super().generate(prompt, **kw)
         raise KeyboardInterrupt
 
-    def rewind(self, position):
-        self.rewound.append(position)
+    def rewind(self, position, timeout=None):
+        self.rewound.append((position, timeout))
         return position
 
 
@@ -489,7 +491,7 @@ class _DrainedSession(_FakeSession):
         yield from super().generate(prompt, **kw)
         raise _Unavailable()
 
-    def rewind(self, position):
+    def rewind(self, position, timeout=None):
         raise _Unavailable()
 
 
@@ -514,7 +516,7 @@ def test_a_generation_cut_by_a_drain_names_the_kept_session(monkeypatch, capsys)
     # drops them cannot reach a draining server, so the command that does it is printed
     assert said.err == (
         "ssmstream generate: UNAVAILABLE: server is shutting down; resume after the restart\n"
-        "ssmstream generate: the session may hold tokens sampled after the last one printed "
+        "ssmstream generate: the session may hold tokens sampled after the last one received "
         "(UNAVAILABLE: server is shutting down; resume after the restart); to drop them: "
         "--session fake --rewind-to 3\n"
         "session: fake (position 3)\n"
@@ -525,13 +527,46 @@ def test_ctrl_c_exits_130_naming_the_kept_session(monkeypatch, capsys):
     """Ctrl-C during the generation: exit status 128 + SIGINT, one line as every command
     says it (on a line of its own after the tokens), the kept session named."""
     fake = _fake_client(monkeypatch, 256, [0x61, 0x62])
-    fake.session = lambda self, session_id: _InterruptedSession([0x61, 0x62])
+    held = _InterruptedSession([0x61, 0x62])
+    fake.session = lambda self, session_id: held
     argv = ["--server", "x:1", "--max-new-tokens", "2", "--keep-session", "hi"]
     assert generate_main(argv) == 130
     said = capsys.readouterr()
     assert said.out == "ab"
     assert said.err == "\nssmstream generate: interrupted\nsession: fake (position 3)\n"
-    assert _InterruptedSession.rewound == [3]  # to the last token printed, which is not fed
+    # rewound to the last token received, which is not fed; within a deadline of its own
+    ((position, timeout),) = held.rewound
+    assert position == 3 and 0 < timeout <= 2.0
+
+
+def test_ctrl_c_does_not_rewind_a_session_given_by_id(monkeypatch, capsys):
+    """Other clients may use a --session: a cut generation says how to rewind it, and does
+    not, where a new --keep-session one (its id known only to this command) is rewound."""
+    fake = _fake_client(monkeypatch, 256, [0x61, 0x62])
+    held = _InterruptedSession([0x61, 0x62])
+    fake.session = lambda self, session_id: held
+    argv = ["--server", "x:1", "--max-new-tokens", "2", "--session", "theirs", "hi"]
+    assert generate_main(argv) == 130
+    assert held.rewound == []
+    assert capsys.readouterr().err == (
+        "\nssmstream generate: interrupted\nssmstream generate: the session may hold tokens "
+        "sampled after the last one received; to drop them: --session fake --rewind-to 3\n"
+    )
+
+
+def test_a_second_ctrl_c_during_the_rewind_says_how_to_do_it(monkeypatch, capsys):
+    class Twice(_InterruptedSession):
+        def rewind(self, position, timeout=None):
+            raise KeyboardInterrupt
+
+    fake = _fake_client(monkeypatch, 256, [0x61, 0x62])
+    fake.session = lambda self, session_id: Twice([0x61, 0x62])
+    argv = ["--server", "x:1", "--max-new-tokens", "2", "--keep-session", "hi"]
+    assert generate_main(argv) == 130
+    assert capsys.readouterr().err.endswith(
+        "last one received (interrupted); to drop them: --session fake --rewind-to 3\n"
+        "session: fake (position 3)\n"
+    )
 
 
 def test_a_send_interrupted_while_it_waits_ends_the_stream_instead_of_answering_late(toy_server):

@@ -162,3 +162,21 @@ def test_pack_state_takes_a_list_as_the_array_and_refuses_ints(toy_sig):
         store.restore(store.pack_state(bad, 3), "n")
     refused("state", store.pack_state, np.arange(toy_sig.state_size), 3)
     refused("state", store.pack_state, state[:-1], 3)
+
+
+def test_minus_inf_logits_are_a_mask_not_a_corrupt_state():
+    gen = Generation(GenerateConfig.check(4, 3, seed=0))
+    tokens = {gen(np.array([0.0, -np.inf, 1.0, 2.0]), 5 + i).token for i in range(3)}
+    assert 1 not in tokens  # probability 0, as the sampler documents
+
+
+@pytest.mark.parametrize(
+    "value, has",
+    [([1, 2, 3], False), ([1, True], True), ((1, (2, (3, np.True_))), True),
+     ([[1, 2], [3, 4]], False), ([np.array([1]), np.array([False])], True), (np.array([1]), False),
+     ([1.0, 2.5], False), ([], False)],
+)  # fmt: skip
+def test_holds_bool_looks_inside_nested_lists_and_arrays(value, has):
+    from ssmstream.runtime.errors import holds_bool
+
+    assert holds_bool(value) is has

@@ -87,6 +87,25 @@ def test_a_rewind_memory_below_one_byte_is_a_limit_not_none(tiny_token_model):
     assert checkpoint_bytes(1e-7) == checkpoint_bytes(2e-6) < checkpoint_bytes(0)
 
 
+def test_a_failed_shutdown_save_sets_the_older_save_aside_and_exits_1(
+    tiny_token_model, tmp_path, monkeypatch
+):
+    """The older sessions.bin would have been restored at the next start: older positions,
+    sessions closed since back again. Status 1 also when no session was live."""
+    state = tmp_path / "state"
+    with serve(tiny_token_model["model_dir"], state_dir=str(state)) as srv:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            c.create_session("s1").close()
+        srv.server.store.save(state)  # an older save, holding nothing live now
+
+        def full(directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(srv.server.store, "save", full)
+    assert srv.server.unsaved == 1
+    assert sorted(p.name for p in state.iterdir()) == ["sessions.bin.stale", "snapshot.key"]
+
+
 def test_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     store = SessionStore(4, capacity=2)
     store.create("p", "a")
@@ -131,14 +150,9 @@ def test_a_stream_cancelled_while_it_waits_for_a_request_counts_as_cancelled(met
         before = scrape(metered.server.metrics_port).get(key, 0.0)
         for _ in range(3):
             one_stream(cancel)
-        deadline = time.monotonic() + 10
-        while True:
-            got = scrape(metered.server.metrics_port).get(key, 0.0) - before
-            if got >= 3 or time.monotonic() > deadline or not cancel:
-                return got
-            time.sleep(0.05)
+        time.sleep(0.5)  # a count that came late would be here by now
+        return scrape(metered.server.metrics_port).get(key, 0.0) - before
 
-    time.sleep(0.2)
     assert cancelled_after(cancel=False) == 0  # a half-close is a normal end
     assert cancelled_after(cancel=True) == 3
 
