@@ -118,7 +118,8 @@ class ServerConfig:
         1024.0,
         "sessions",
         "MiB of rewind checkpoints all sessions may hold together; past it, the session that "
-        "grows drops its own oldest checkpoints (its rewind window shrinks); 0: no limit",
+        "grows drops its own oldest checkpoints (its rewind window shrinks), down to its "
+        "newest (one state per session may pass the bound); 0: no limit",
     )
     prefix_cache_mb: float = _option(
         64.0,
@@ -170,7 +171,9 @@ class ServerConfig:
     max_message_bytes: int = _option(
         4 * 1024 * 1024,
         "limits",
-        "largest request message accepted (larger: RESOURCE_EXHAUSTED)",
+        "largest message either way: a larger request is RESOURCE_EXHAUSTED, and so is a "
+        "Step whose OUTPUT_ALL response would be larger, before it steps (the default is "
+        "what gRPC clients receive by default)",
     )
     max_concurrent_rpcs: int = _option(
         0, "limits", "RPCs in flight at once (more: RESOURCE_EXHAUSTED); 0: no limit"

@@ -24,7 +24,8 @@ that session's step: each history has a lock, and a released history ignores lat
 
 Bytes per session are bounded: at most 2·W / Q + 3 checkpoints of S × 4 bytes (each is
 more than Q inputs past the one two before it; fed by whole chunks or single steps they are
-Q apart, W / Q + 2 of them) and W + Q inputs (`max_bytes`). All sessions' checkpoints
+Q apart, W / Q + 2 of them) and W + Q inputs, kept as rows of one array with at most 2 Q
+rows spare (`max_bytes`). All sessions' checkpoints
 together are bounded by a shared `CheckpointBudget` (the server's --rewind-memory-mb): a
 session that would take the total past it drops its own oldest checkpoints first, so its
 window shrinks instead (and `max_bytes` counts at most the budget for one session).
@@ -58,6 +59,53 @@ class CheckpointBudget:
         return bool(self.limit) and self.used > self.limit
 
 
+class _Rows:
+    """A session's kept inputs u[base : position] as rows of one array, grown and compacted
+    `spare` rows at a time (a list of one array per input cost ~100 bytes of object each:
+    13× the 8 bytes of a token). Holds at most `spare` rows more than it keeps, and twice
+    that right after a cut."""
+
+    def __init__(self, spare: int):
+        self.spare = max(1, spare)
+        self._a: np.ndarray | None = None
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows kept (the array has at most 2 `spare` rows more)."""
+        return 0 if self._a is None else self._n * self._a[:1].nbytes
+
+    def extend(self, rows: np.ndarray) -> None:
+        """Append rows [T] (tokens) or [T, d_in] (values)."""
+        n, T = self._n, rows.shape[0]
+        if self._a is None or n + T > self._a.shape[0]:
+            grown = np.empty((n + T + self.spare, *rows.shape[1:]), rows.dtype)
+            if n:
+                grown[:n] = self._a[:n]
+            self._a = grown
+        self._a[n : n + T] = rows
+        self._n = n + T
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """A copy of rows [start, stop)."""
+        return np.empty(0) if self._a is None else self._a[start:stop].copy()
+
+    def cut(self, start: int, stop: int | None = None) -> None:
+        """Keep only rows [start, stop) (stop None: to the end), moved to the front."""
+        stop = self._n if stop is None else stop
+        if start and self._a is not None:
+            self._a[: stop - start] = self._a[start:stop]  # overlapping: numpy copies safely
+        self._n = stop - start
+        if self._a is not None and self._a.shape[0] > self._n + 2 * self.spare:
+            self._a = self._a[: self._n + self.spare].copy()  # give back what a cut freed
+
+    def clear(self) -> None:
+        self._a, self._n = None, 0
+
+
 class History:
     """One session's rewind history (see the module docstring).
 
@@ -81,7 +129,7 @@ class History:
         self.released = False  # the session is gone: nothing more is recorded
         self._lock = threading.Lock()  # the worker's updates vs the event loop's release
         self._checkpoints: deque[tuple[int, np.ndarray]] = deque()
-        self._inputs: list = []  # u[base : position], one entry per input
+        self._inputs = _Rows(self.chunk)  # u[base : position], one row per input
         self._start(position, state)
 
     def _start(self, position: int, state: np.ndarray) -> None:
@@ -121,13 +169,12 @@ class History:
         checkpoints = (2 * (window // chunk) + 3) * 4 * state_size
         if limit:
             checkpoints = min(checkpoints, max(limit, 4 * state_size))
-        return checkpoints + (window + chunk) * input_bytes
+        return checkpoints + (window + 3 * chunk) * input_bytes  # W + Q kept, 2 Q spare
 
     @property
     def nbytes(self) -> int:
         with self._lock:
-            per_input = self._inputs[0].nbytes if self._inputs else 0
-            return sum(x.nbytes for _, x in self._checkpoints) + len(self._inputs) * per_input
+            return sum(x.nbytes for _, x in self._checkpoints) + self._inputs.nbytes
 
     @property
     def oldest(self) -> int:
@@ -158,7 +205,7 @@ class History:
             if end in states:
                 self._start(end, states[end])
             return
-        self._inputs.extend(np.array(inputs))  # one row per input (a copy: not the caller's)
+        self._inputs.extend(inputs)  # copied in: not the caller's array
         self.position, self.furthest = end, max(self.furthest, end)
         # keep checkpoints at most Q apart: a state is kept when Q inputs passed since the last
         # checkpoint, or when the next state there is would be more than Q past it
@@ -189,7 +236,7 @@ class History:
             if self.released:
                 return
             if end - 1 == self.position and end - self._checkpoints[-1][0] < self.chunk:
-                self._inputs.append(inputs[0].copy())
+                self._inputs.extend(inputs)
                 self.position, self.furthest = end, max(self.furthest, end)
                 self._trim()  # the oldest checkpoint may have left the window
                 return
@@ -206,7 +253,7 @@ class History:
             self._drop_oldest()
         base = self._checkpoints[0][0]
         if base > self._base:
-            del self._inputs[: base - self._base]
+            self._inputs.cut(base - self._base)
             self._base = base
 
     def plan(self, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,8 +272,8 @@ class History:
                     f"session reached, and not before its first checkpoint)",
                 )
             c, x = next((c, x) for c, x in reversed(self._checkpoints) if c <= position)
-            rows = self._inputs[c - self._base : position - self._base]
-            return x.copy(), np.array(rows) if rows else np.empty(0)
+            rows = self._inputs.rows(c - self._base, position - self._base)
+            return x.copy(), rows if len(rows) else np.empty(0)
 
     def rewound(self, position: int) -> None:
         """The session is back at `position` (within the window): forget what came after (the
@@ -236,5 +283,5 @@ class History:
                 return
             while self._checkpoints[-1][0] > position:
                 self.budget.add(-self._checkpoints.pop()[1].nbytes)
-            del self._inputs[position - self._base :]
+            self._inputs.cut(0, position - self._base)
             self.position = position

@@ -41,6 +41,7 @@ import threading
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
@@ -332,6 +333,16 @@ class Server:
                 "nothing will be cached; use 0 to turn the cache off",
                 c.prefix_cache_mb,
                 smallest,
+            )
+        # a RestoreSession / CreateSession carries a snapshot, an id (<= 128 B) and a ttl
+        restore = len(self.store.pack_state(np.zeros(self.engine.state_size, np.float32), 0))
+        if c.max_message_bytes < restore + 160:
+            log.warning(
+                "--max-message-bytes %d is less than a request carrying a snapshot of this "
+                "model (about %d bytes): RestoreSession and CreateSession with a snapshot will "
+                "be refused; raise it",
+                c.max_message_bytes,
+                restore + 160,
             )
         if c.state_dir:
             self.service.draining_says = DRAINING["state_dir"]

@@ -93,8 +93,11 @@ def check_output_selection(req: pb.StepRequest, info: dict) -> None:
 
 
 def max_send_bytes(config: ServerConfig) -> int:
-    """The largest response message the server sends (grpc.max_send_message_length)."""
-    return max(config.max_message_bytes, 64 * 1024 * 1024)
+    """The largest response message the server sends (grpc.max_send_message_length): the
+    largest request it takes, --max-message-bytes, whose default is what a gRPC client
+    receives by default (4 MiB): a larger response would fail in the client after its step
+    applied."""
+    return config.max_message_bytes
 
 
 def check_response_size(rows: int, d_output: int, max_send: int) -> None:
@@ -104,8 +107,8 @@ def check_response_size(rows: int, d_output: int, max_send: int) -> None:
     if size > max_send:
         raise LimitExceeded(
             f"output: OUTPUT_ALL of {rows} inputs x {d_output} outputs is about {size} bytes, "
-            f"more than the largest response ({max_send} bytes); send fewer inputs per request "
-            f"or ask for OUTPUT_LAST"
+            f"more than the largest response (max_message_bytes={max_send}); send fewer inputs "
+            f"per request or ask for OUTPUT_LAST"
         )
 
 

@@ -139,10 +139,11 @@ class Malformed:
 def check_decoded(request) -> None:
     """Raise InvalidInput when `request` is a Malformed placeholder (no-op otherwise)."""
     if isinstance(request, Malformed):
-        raise InvalidInput(
-            "request",
-            f"not a valid protobuf message of this RPC ({type(request.error).__name__})",
-        )
+        raise InvalidInput("request", _not_a_message(request))
+
+
+def _not_a_message(request: Malformed) -> str:
+    return f"not a valid protobuf message of this RPC ({type(request.error).__name__})"
 
 
 def _guard_deserializer(deserialize):
@@ -156,18 +157,71 @@ def _guard_deserializer(deserialize):
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
-    """Bytes that are not a valid request message become a `Malformed` placeholder, which
-    the servicer refuses with INVALID_ARGUMENT (`check_decoded`, via `grpc_errors` and per
-    Stream message), instead of grpc's UNKNOWN and a logged traceback. Only this service's
-    methods are guarded; their behaviors are not wrapped (no cost per message)."""
+    """Bytes that are not a valid request message become a `Malformed` placeholder, refused
+    with INVALID_ARGUMENT instead of grpc's UNKNOWN and a logged traceback (an ERROR log line
+    per call: the health Check needs no token). This service's servicer refuses it itself
+    (`check_decoded`, via `grpc_errors` and per Stream message: its behaviors are not
+    wrapped, no cost per message); the other services' behaviors (health, reflection) are
+    wrapped to refuse it before they see it."""
 
     def __init__(self, prefix: str = f"/{SERVICE_NAME}/"):
         self.prefix = prefix
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self.prefix):
+        if handler is None or handler.request_deserializer is None:
             return handler
-        return handler._replace(
+        handler = handler._replace(
             request_deserializer=_guard_deserializer(handler.request_deserializer)
         )
+        if handler_call_details.method.startswith(self.prefix):
+            return handler
+        return _refusing_malformed(handler)
+
+
+async def _refuse(request: Malformed, context) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {_not_a_message(request)}")
+
+
+async def _checked(requests, context):
+    async for request in requests:
+        if isinstance(request, Malformed):
+            await _refuse(request, context)
+        yield request
+
+
+async def _result(value):
+    return await value if inspect.isawaitable(value) else value
+
+
+def _refusing_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` (of an async servicer) with a Malformed request refused before its
+    behavior runs; for streamed requests, as each arrives. A behavior that streams its
+    responses is wrapped in its own style: an async generator, or a coroutine that writes
+    them with context.write (grpc refuses a mix of the two)."""
+    kind = next(k for k in _KINDS if getattr(handler, k) is not None)
+    behavior = getattr(handler, kind)
+    streamed_requests = kind.startswith("stream_")
+
+    async def arguments(request, context):
+        if streamed_requests:
+            return _checked(request, context)
+        if isinstance(request, Malformed):
+            await _refuse(request, context)
+        return request
+
+    if kind.endswith("_stream") and inspect.isasyncgenfunction(behavior):
+
+        async def wrapped(request, context):
+            async for response in behavior(await arguments(request, context), context):
+                yield response
+
+    else:
+
+        async def wrapped(request, context):
+            return await _result(behavior(await arguments(request, context), context))
+
+    return handler._replace(**{kind: wrapped})
+
+
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")

@@ -32,8 +32,9 @@ def test_limits_say_what_the_server_keeps(client, toy):
     lim = client.info().limits
     assert lim.rewind_window == 12 and lim.prefix_cache_bytes == 2**20
     assert lim.prefix_cache_scope == "principal"
-    # at most 2 · 12 / 4 + 3 checkpoints of S float32 and 12 + 4 int64 inputs
-    assert lim.checkpoint_bytes_per_session == (2 * 12 // 4 + 3) * 4 * toy["S"] + (12 + 4) * 8
+    # at most 2 · 12 / 4 + 3 checkpoints of S float32 and 12 + 4 int64 inputs kept, with up
+    # to 2 · 4 rows spare in their array
+    assert lim.checkpoint_bytes_per_session == (2 * 12 // 4 + 3) * 4 * toy["S"] + (12 + 12) * 8
 
 
 def test_create_with_a_prompt_starts_from_the_cache(client, toy):

@@ -62,7 +62,10 @@ def test_a_stream_cancelled_while_its_creating_response_is_written_keeps_the_ses
     Generates cancelled right after their first token, under load): the session stays, at
     the position the response reports, until it is closed or its TTL ends."""
     wide = make_toy(tmp_path / "wide", "tokens", d_out=4096)
-    with serve(wide["model_dir"]) as srv, Client(target(srv), timeout=10) as c:
+    with (
+        serve(wide["model_dir"], max_message_bytes=32 << 20) as srv,
+        Client(target(srv), timeout=10) as c,
+    ):
         store = srv.server.store
         requests: queue.Queue = queue.Queue()
         call = c.stub.Stream(iter(requests.get, None))

@@ -775,3 +775,28 @@ def test_eviction_takes_from_the_scope_holding_the_most_so_others_hits_stay():
     assert c.lookup("bob", prompt(1)).tokens == 0
     assert [c.lookup("bob", prompt(n)).tokens for n in (2, 3)] == [4, 4]
     assert [c.lookup("alice", prompt(n)).tokens for n in (18, 19)] == [4, 4]
+
+
+@pytest.mark.parametrize("by", ["steps", "prefills"])
+def test_kept_inputs_cost_their_bytes_not_an_object_each(by):
+    """The inputs kept for replay were one numpy array per input (~100 bytes of object for an
+    8-byte token): a server's memory for rewind was ~5× what it reported. In one array they
+    cost their bytes; what the process holds stays within max_bytes (checkpoints of small
+    states add their arrays' object headers, hence the margin)."""
+    import tracemalloc
+
+    S, W, Q = 64, 4096, 64
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        h = History(W, Q, 0, np.zeros(S, np.float32))
+        state = np.zeros(S, np.float32)
+        for p in range(1, W + 5 * Q + 1) if by == "steps" else ():
+            h.step(np.array([p % 256]), p, lambda: state)
+        for end in range(Q, W + 5 * Q + 1, Q) if by == "prefills" else ():
+            h.record(np.arange(Q, dtype=np.int64), end, {end: state})
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert len(h._inputs) >= W
+    assert held <= 1.5 * History.max_bytes(W, Q, S, 8), (held, History.max_bytes(W, Q, S, 8))

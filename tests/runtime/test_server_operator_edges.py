@@ -185,3 +185,77 @@ def test_info_of_files_it_cannot_read_says_so(tiny_token_model, monkeypatch, cap
     assert "unreadable (Permission denied)" in capsys.readouterr().out
     with pytest.raises(Exception, match=r"step\.onnx \(step graph\) cannot be read: Permission"):
         manifest_module.load_manifest(model)
+
+
+@pytest.mark.parametrize(
+    "method, kind",
+    [("/grpc.health.v1.Health/Check", "unary_unary"),
+     ("/grpc.health.v1.Health/Watch", "unary_stream"),
+     ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream")],
+)  # fmt: skip
+def test_garbage_to_health_and_reflection_is_invalid_argument_not_a_logged_error(
+    metered, method, kind, caplog
+):
+    """The health Check needs no token: each garbage request had logged a traceback at ERROR
+    (and answered UNKNOWN), a log flood open to anyone."""
+    with grpc.insecure_channel(f"127.0.0.1:{metered.port}") as ch:
+        call = getattr(ch, kind)(method)  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as e:
+            if kind == "unary_unary":
+                call(b"\xff\xff\xff", timeout=10)
+            elif kind == "unary_stream":
+                list(call(b"\xff\xff\xff", timeout=10))
+            else:
+                list(call(iter([b"\xff\xff\xff"]), timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == (
+            "request: not a valid protobuf message of this RPC (DecodeError)"
+        )
+        # a valid request still gets its answer
+        ok = ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
+        assert ok == b"\x08\x01"  # SERVING
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_message_limit_below_a_snapshot_is_warned_of_at_start(tiny_token_model, caplog):
+    """The server refused its own snapshots (RESOURCE_EXHAUSTED), with nothing said."""
+    words = "is less than a request carrying a snapshot of this model"
+    with serve(tiny_token_model["model_dir"]) as srv:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            snap = c.create_session().snapshot()
+    assert words not in caplog.text
+    with serve(tiny_token_model["model_dir"], max_message_bytes=len(snap)) as srv:
+        assert words in caplog.text
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.restore(snap)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_an_output_all_larger_than_the_message_limit_is_refused_before_it_steps(
+    tiny_token_model,
+):
+    """The response limit was 64 MiB whatever --max-message-bytes said: a response past a
+    default gRPC client's 4 MiB failed in that client after the step had applied (its retry
+    applied it again). Responses are held to --max-message-bytes, which is checked before
+    the step."""
+    limit = 64 * 1024
+    with serve(tiny_token_model["model_dir"], max_message_bytes=limit) as srv:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:  # grpc's default limits
+            stub = pb_grpc.StreamingInferenceStub(ch)
+            V = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).vocab_size
+            sid = stub.CreateSession(pb.CreateSessionRequest(), timeout=10).session_id
+            fits = (limit - 256) // (4 * V)
+            r = stub.Step(
+                pb.StepRequest(session_id=sid, tokens=[1] * fits, output=pb.OUTPUT_ALL), timeout=30
+            )
+            assert r.position == fits
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Step(
+                    pb.StepRequest(session_id=sid, tokens=[1] * (fits + 1), output=pb.OUTPUT_ALL),
+                    timeout=30,
+                )
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_message_bytes=65536" in e.value.details()
+            snap = stub.SnapshotSession(pb.SnapshotRequest(session_id=sid), timeout=10)
+            assert snap.position == fits  # nothing applied

@@ -234,18 +234,18 @@ def test_generate_without_a_seed_asks_for_an_unseeded_generation():
 def test_output_all_of_a_values_model_counts_rows_not_values():
     """A values request of T rows × d_input values answers T output rows: the response size
     check counts rows (counting values refused answers that fit)."""
-    d_in, d_out = 8, 2**20  # 4 MiB per output row; the response limit is 64 MiB
+    d_in, d_out = 8, 2**16  # 256 KiB per output row; the response limit is 4 MiB
     servicer, _ = _servicer({"input_kind": "values", "d_input": d_in, "d_output": d_out})
-    assert servicer.max_send == 64 * 2**20
+    assert servicer.max_send == 4 * 2**20  # --max-message-bytes: a gRPC client's default
 
     def request(rows):
         values = np.ones(rows * d_in, np.float32).tolist()
         return pb.StepRequest(values=values, output=pb.OUTPUT_ALL)
 
-    tokens, values = servicer._check_request(request(8))  # 32 MiB: fits
-    assert tokens.size == 0 and values.shape == (8 * d_in,)
-    with pytest.raises(errors.LimitExceeded, match="^output: OUTPUT_ALL of 17 inputs x 1048576"):
-        servicer._check_request(request(17))  # 68 MiB
+    tokens, values = servicer._check_request(request(15))  # 3.75 MiB: fits
+    assert tokens.size == 0 and values.shape == (15 * d_in,)
+    with pytest.raises(errors.LimitExceeded, match="^output: OUTPUT_ALL of 16 inputs x 65536"):
+        servicer._check_request(request(16))  # 4 MiB and the message's other fields
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,7 @@ def test_limits_report_the_rewind_checkpoint_bytes_per_session(stub, toy_token_m
     assert lim.rewind_window == 4096
     # History.max_bytes: at most 2 * W / chunk + 3 checkpoints of S float32, W + chunk int64 inputs
     W, chunk, S = 4096, toy_token_model["chunk"], toy_token_model["S"]
-    assert lim.checkpoint_bytes_per_session == (2 * W // chunk + 3) * 4 * S + (W + chunk) * 8
+    assert lim.checkpoint_bytes_per_session == (2 * W // chunk + 3) * 4 * S + (W + 3 * chunk) * 8
 
 
 def test_metrics_listen_only_on_the_host_they_are_given():

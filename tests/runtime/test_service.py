@@ -1132,7 +1132,7 @@ def test_a_values_models_rewind_bound_counts_its_input_rows(toy_sig):
         return bound, held
 
     bound, held = run(main())
-    assert bound == (2 * W // Q + 3) * 4 * S + (W + Q) * 4 * I
+    assert bound == (2 * W // Q + 3) * 4 * S + (W + 3 * Q) * 4 * I  # 2 Q rows spare
     assert all(stats == own for stats, own in held)
     assert 0 < max(own for _, own in held) <= bound
 
@@ -1159,7 +1159,7 @@ def test_the_rewind_bound_counts_at_most_the_memory_limit_of_checkpoints(toy_sig
         return bound, held
 
     bound, held = run(main())
-    inputs = (W + Q) * 4 * I
+    inputs = (W + 3 * Q) * 4 * I  # kept and spare rows
     assert bound == max(limit, 4 * S) + inputs < (2 * W // Q + 3) * 4 * S + inputs
     assert max(held) <= bound and max(held) > states * 4 * S  # the limit is reached, not passed
 

@@ -196,7 +196,11 @@ class Details:
         self.method = method
 
 
-def test_decode_guard_wraps_only_this_service_s_methods():
+def test_decode_guard_wraps_the_behaviors_of_other_services_only():
+    """This service's servicer refuses a Malformed request itself (its behaviors are not
+    wrapped: no cost per message); another service's (health, reflection) is refused before
+    its behavior runs."""
+
     def deserialize(data: bytes):
         raise ValueError("not protobuf")
 
@@ -209,8 +213,9 @@ def test_decode_guard_wraps_only_this_service_s_methods():
     other = asyncio.run(
         guard.intercept_service(continuation, Details("/grpc.health.v1.Health/Check"))
     )
-    assert other is handler  # another service's handler: untouched
+    assert other.unary_unary is not handler.unary_unary
+    assert isinstance(other.request_deserializer(b"\xff"), Malformed)
     ours = asyncio.run(guard.intercept_service(continuation, Details(f"/{SERVICE_NAME}/Step")))
-    assert ours is not handler
+    assert ours is not handler and ours.unary_unary is handler.unary_unary
     placeholder = ours.request_deserializer(b"\xff")
     assert isinstance(placeholder, Malformed) and str(placeholder.error) == "not protobuf"
