@@ -307,8 +307,9 @@ def _ca(value, field: str) -> bytes | None:
     data = _pem(value, field)
     if data is not None:
         try:
-            ssl.create_default_context(cadata=data.decode("ascii", "replace"))
-        except (ssl.SSLError, ValueError) as e:
+            # PEM blocks are ASCII; comments (an issuer's name) may not be: dropped
+            ssl.create_default_context(cadata=data.decode("ascii", "ignore"))
+        except (ssl.SSLError, ValueError, TypeError) as e:
             raise ValueError(f"{field}: holds no certificate OpenSSL can load ({e})") from None
     return data
 

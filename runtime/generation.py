@@ -125,7 +125,8 @@ class Generation:
 
     def __call__(self, logits: np.ndarray, position: int) -> Generated:
         """The next token from logits [V] (call at most max_new_tokens times)."""
-        if np.isnan(logits).any() or np.isposinf(logits).any():  # -inf: a token masked out
+        # -inf is a token masked out, unless every token is
+        if np.isnan(logits).any() or np.isposinf(logits).any() or np.isneginf(logits).all():
             raise CorruptState(
                 f"the model's outputs at position {position} are NaN or inf; the state is unusable"
             )

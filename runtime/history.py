@@ -60,50 +60,63 @@ class CheckpointBudget:
 
 
 class _Rows:
-    """A session's kept inputs u[base : position] as rows of one array, grown and compacted
-    `spare` rows at a time (a list of one array per input cost ~100 bytes of object each:
-    13× the 8 bytes of a token). Holds at most `spare` rows more than it keeps, and twice
-    that right after a cut."""
+    """A session's kept inputs u[base : position] as rows of one ring buffer (a list of one
+    array per input cost ~100 bytes of object each: 13× the 8 bytes of a token). Dropping
+    rows at either end moves none; the buffer grows `spare` rows past what it must hold and
+    gives back what a cut frees past 2 `spare` rows."""
 
     def __init__(self, spare: int):
         self.spare = max(1, spare)
-        self._a: np.ndarray | None = None
-        self._n = 0
+        self._a: np.ndarray | None = None  # [capacity] | [capacity, d_in]
+        self._head = self._n = 0  # the first row's index in _a; rows kept
 
     def __len__(self) -> int:
         return self._n
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the rows kept (the array has at most 2 `spare` rows more)."""
+        """Bytes of the rows kept (the buffer has at most 2 `spare` rows more)."""
         return 0 if self._a is None else self._n * self._a[:1].nbytes
-
-    def extend(self, rows: np.ndarray) -> None:
-        """Append rows [T] (tokens) or [T, d_in] (values)."""
-        n, T = self._n, rows.shape[0]
-        if self._a is None or n + T > self._a.shape[0]:
-            grown = np.empty((n + T + self.spare, *rows.shape[1:]), rows.dtype)
-            if n:
-                grown[:n] = self._a[:n]
-            self._a = grown
-        self._a[n : n + T] = rows
-        self._n = n + T
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """A copy of rows [start, stop)."""
-        return np.empty(0) if self._a is None else self._a[start:stop].copy()
+        if self._a is None:
+            return np.empty(0)
+        cap, i, k = len(self._a), (self._head + start) % len(self._a), stop - start
+        if i + k <= cap:
+            return self._a[i : i + k].copy()
+        return np.concatenate([self._a[i:], self._a[: i + k - cap]])
+
+    def extend(self, rows: np.ndarray) -> None:
+        """Append rows [T] (tokens) or [T, d_in] (values)."""
+        T = rows.shape[0]
+        if self._a is None or self._n + T > len(self._a):
+            self._resize(self._n + T + self.spare, rows)
+        cap = len(self._a)
+        i = (self._head + self._n) % cap
+        if i + T <= cap:
+            self._a[i : i + T] = rows
+        else:  # wraps around
+            self._a[i:] = rows[: cap - i]
+            self._a[: T - (cap - i)] = rows[cap - i :]
+        self._n += T
 
     def cut(self, start: int, stop: int | None = None) -> None:
-        """Keep only rows [start, stop) (stop None: to the end), moved to the front."""
+        """Keep only rows [start, stop) (stop None: to the end)."""
         stop = self._n if stop is None else stop
-        if start and self._a is not None:
-            self._a[: stop - start] = self._a[start:stop]  # overlapping: numpy copies safely
+        if self._a is not None:
+            self._head = (self._head + start) % len(self._a)
         self._n = stop - start
-        if self._a is not None and self._a.shape[0] > self._n + 2 * self.spare:
-            self._a = self._a[: self._n + self.spare].copy()  # give back what a cut freed
+        if self._a is not None and len(self._a) > self._n + 2 * self.spare:
+            self._resize(self._n + self.spare, self._a)  # give back what the cut freed
+
+    def _resize(self, capacity: int, like: np.ndarray) -> None:
+        grown = np.empty((capacity, *like.shape[1:]), like.dtype)
+        grown[: self._n] = self.rows(0, self._n) if self._n else grown[:0]
+        self._a, self._head = grown, 0
 
     def clear(self) -> None:
-        self._a, self._n = None, 0
+        self._a, self._head, self._n = None, 0, 0
 
 
 class History:

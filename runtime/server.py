@@ -156,10 +156,10 @@ def _set_aside(saved: Path) -> str:
     """An older save that a failed shutdown save did not replace, renamed so that the next
     start does not restore older positions (and sessions closed since) as if they were the
     last; what became of it, for the log."""
-    if not saved.is_file():
-        return "there is no older save"
     stale = saved.with_name(saved.name + ".stale")
     try:
+        if not saved.is_file():
+            return "there is no older save"
         os.replace(saved, stale)
     except OSError as e:
         return f"the older save {saved} is left as it is ({e.strerror or e}): remove it"
@@ -351,7 +351,7 @@ class Server:
 
         options = [
             ("grpc.max_receive_message_length", c.max_message_bytes),
-            ("grpc.max_send_message_length", max_send_bytes(c)),
+            ("grpc.max_send_message_length", max_send_bytes(c, e.d_output, e.state_size)),
             ("grpc.so_reuseport", 0),
         ]
         interceptors = [

@@ -92,12 +92,13 @@ def check_output_selection(req: pb.StepRequest, info: dict) -> None:
         raise InvalidInput("top_k", "is only used with output=OUTPUT_TOP_K")
 
 
-def max_send_bytes(config: ServerConfig) -> int:
+def max_send_bytes(config: ServerConfig, d_output: int, state_size: int) -> int:
     """The largest response message the server sends (grpc.max_send_message_length): the
     largest request it takes, --max-message-bytes, whose default is what a gRPC client
-    receives by default (4 MiB): a larger response would fail in the client after its step
-    applied."""
-    return config.max_message_bytes
+    receives by default (4 MiB: a larger response would fail in the client after its step
+    applied), but never less than the responses no call can do without: one row of outputs
+    (OUTPUT_LAST) and a snapshot, with 1 KiB for their other fields."""
+    return max(config.max_message_bytes, 4 * max(d_output, state_size) + 1024)
 
 
 def check_response_size(rows: int, d_output: int, max_send: int) -> None:
@@ -107,8 +108,8 @@ def check_response_size(rows: int, d_output: int, max_send: int) -> None:
     if size > max_send:
         raise LimitExceeded(
             f"output: OUTPUT_ALL of {rows} inputs x {d_output} outputs is about {size} bytes, "
-            f"more than the largest response (max_message_bytes={max_send}); send fewer inputs "
-            f"per request or ask for OUTPUT_LAST"
+            f"more than the largest response ({max_send} bytes: --max-message-bytes); send "
+            f"fewer inputs per request or ask for OUTPUT_LAST"
         )
 
 
@@ -190,8 +191,8 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     def __init__(self, service: SessionService, config: ServerConfig, metrics: ServerMetrics):
         self.service, self.config, self.metrics = service, config, metrics
         self.info = service.info
-        self.max_send = max_send_bytes(config)
         self.d_output = int(self.info["d_output"])
+        self.max_send = max_send_bytes(config, self.d_output, int(self.info["state_size"]))
         self.d_input = int(self.info.get("d_input") or 1)  # values per input row
 
     def _check_request(self, req: pb.StepRequest) -> tuple[np.ndarray, np.ndarray]:

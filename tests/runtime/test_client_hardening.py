@@ -254,11 +254,12 @@ def test_ctrl_c_prints_the_kept_session_and_no_traceback(byte_server):
     assert p.returncode == 130 and err.startswith("ssmstream generate: interrupted\nsession: "), err
     # (--ids: each id ends its line, so no newline comes first)
     # the session holds the prompt and the ids received but the last (the next prompt starts
-    # with it; the last may be unprinted, the Ctrl-C landing before its write), not the ids
-    # the server sampled and fed after it that never arrived
+    # with it), not the ids the server sampled and fed after it that never arrived: what the
+    # CLI says is where the session is (the last ids received may be unprinted: the Ctrl-C
+    # can land before their writes)
     sid, position = re.search(r"session: (\S+) \(position (\d+)\)", err).groups()
     assert int(position) == position_on_server(byte_server, sid)
-    assert printed <= int(position) <= printed + 1  # 1 prompt token + received - 1
+    assert int(position) >= printed  # 1 prompt token + received - 1
 
 
 @pytest.fixture(scope="module")
@@ -607,3 +608,11 @@ def test_an_async_send_in_flight_when_the_handle_closes_is_cancelled_not_a_cance
         if got != "returned":
             break
     assert got == (grpc.StatusCode.CANCELLED, "this stream was closed", False)
+
+
+def test_a_ca_bundle_with_non_ascii_comments_loads(certs, tmp_path):
+    """OpenSSL loads a bundle whose comments name issuers in UTF-8 (older certifi ones); the
+    client's check raised a TypeError on it."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("# Issuer: Főtanúsítvány\n".encode() + certs.ca.read_bytes())
+    assert Client("127.0.0.1:1", root_certificates=str(bundle)).credentials is not None

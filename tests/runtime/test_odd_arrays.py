@@ -180,3 +180,9 @@ def test_holds_bool_looks_inside_nested_lists_and_arrays(value, has):
     from ssmstream.runtime.errors import holds_bool
 
     assert holds_bool(value) is has
+
+
+def test_logits_that_are_all_minus_inf_are_a_corrupt_state_not_a_bad_argument():
+    gen = Generation(GenerateConfig.check(4, 3, seed=0))
+    with pytest.raises(CorruptState):
+        gen(np.full(4, -np.inf), 5)

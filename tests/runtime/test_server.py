@@ -592,7 +592,7 @@ def test_unknown_method_and_raw_garbage_keep_the_server_healthy(server, client):
 def test_an_output_all_too_large_to_answer_is_refused_before_it_applies(tmp_path, make_toy):
     """Step / Stream with OUTPUT_ALL whose outputs would not fit in one response: refused
     with RESOURCE_EXHAUSTED naming `output`, the session unchanged; OUTPUT_LAST of the same
-    inputs is answered (here 1,000 inputs x 20,000 outputs: 80 MB > 64 MiB)."""
+    inputs is answered (here 1,000 inputs x 20,000 outputs: 80 MB > 4 MiB)."""
     wide = make_toy(tmp_path / "wide", "tokens", d_out=20000)
     cfg = ServerConfig(model_dir=str(wide["model_dir"]), port=0, device="cpu", grace=0.2)
     with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=60) as c:

@@ -229,7 +229,26 @@ def test_a_message_limit_below_a_snapshot_is_warned_of_at_start(tiny_token_model
         with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
             with pytest.raises(grpc.RpcError) as e:
                 c.restore(snap)
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # what the server sends is never held below a snapshot or a row of outputs
+            s = c.create_session()
+            assert s.step(tokens=[1, 2, 3]).position == 3
+            assert len(s.snapshot()) == len(snap) and c.info().state_size > 0
+
+
+def test_a_row_of_outputs_is_sent_whatever_the_message_limit(make_toy, tmp_path):
+    """With the send limit held to --max-message-bytes, an OUTPUT_LAST of a wide model had
+    failed after its step applied (RESOURCE_EXHAUSTED "Sent message larger than max")."""
+    wide = make_toy(tmp_path / "wide", "tokens", d_out=20000)  # 80 KB of outputs a row
+    with serve(wide["model_dir"], max_message_bytes=64 * 1024) as srv:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            s = c.create_session()
+            r = s.step(tokens=[1, 2, 3])
+            assert r.position == 3 and r.outputs.shape == (1, 20000)
+            with pytest.raises(grpc.RpcError) as e:
+                s.step(tokens=[1, 2], output="all")  # 160 KB: refused, not applied
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert s.snapshot() and s.position == 3
 
 
 def test_an_output_all_larger_than_the_message_limit_is_refused_before_it_steps(
@@ -256,6 +275,23 @@ def test_an_output_all_larger_than_the_message_limit_is_refused_before_it_steps(
                     timeout=30,
                 )
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "max_message_bytes=65536" in e.value.details()
+            assert "(65536 bytes: --max-message-bytes)" in e.value.details()
             snap = stub.SnapshotSession(pb.SnapshotRequest(session_id=sid), timeout=10)
             assert snap.position == fits  # nothing applied
+
+
+def test_setting_the_older_save_aside_never_raises(tmp_path, monkeypatch):
+    """It runs where a save just failed (a failing disk, a stale NFS mount): is_file() may
+    raise too, and the shutdown must still log and finish."""
+    from ssmstream.runtime.server import _set_aside
+
+    saved = tmp_path / "sessions.bin"
+    saved.write_bytes(b"older")
+    assert "kept as" in _set_aside(saved) and (tmp_path / "sessions.bin.stale").exists()
+    assert _set_aside(saved) == "there is no older save"
+
+    def failing(self, *a, **kw):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(pathlib.Path, "is_file", failing)
+    assert "is left as it is (Input/output error)" in _set_aside(saved)

@@ -235,7 +235,8 @@ def test_output_all_of_a_values_model_counts_rows_not_values():
     """A values request of T rows × d_input values answers T output rows: the response size
     check counts rows (counting values refused answers that fit)."""
     d_in, d_out = 8, 2**16  # 256 KiB per output row; the response limit is 4 MiB
-    servicer, _ = _servicer({"input_kind": "values", "d_input": d_in, "d_output": d_out})
+    info = {"input_kind": "values", "d_input": d_in, "d_output": d_out, "state_size": 4}
+    servicer, _ = _servicer(info)
     assert servicer.max_send == 4 * 2**20  # --max-message-bytes: a gRPC client's default
 
     def request(rows):
