@@ -127,4 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ssmstream.runtime.cli import run_command
+
+    sys.exit(run_command(main, "edge_embed.py"))

@@ -122,5 +122,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    from ssmstream.runtime.cli import run_command
+
+    sys.exit(run_command(main, "plot_basis.py"))

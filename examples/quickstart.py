@@ -158,7 +158,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--prompt: give at least one character")
     if a.max_new_tokens < 1:
         p.error(f"--max-new-tokens: must be at least 1, got {a.max_new_tokens}")
-    a.workdir.mkdir(parents=True, exist_ok=True)
+    if a.verify_steps < 1:
+        p.error(f"--verify-steps: must be at least 1, got {a.verify_steps}")
+    try:
+        a.workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--workdir: cannot make {a.workdir}: {e.strerror or e}")
+    # SIGTERM (timeout, a cancelled CI job, kill) stops the server as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return demo(p, a)
+    except subprocess.CalledProcessError as e:  # the command said why, on its stderr
+        return e.returncode
+
+
+def demo(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     model_dir = a.workdir / "model"
     if not (a.ckpt / "model.safetensors").is_file():
         p.error(f"--ckpt: {a.ckpt} has no model.safetensors (an `ssmstream train` checkpoint)")
@@ -199,4 +213,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ssmstream.runtime.cli import run_command
+
+    sys.exit(run_command(main, "quickstart.py"))

@@ -284,5 +284,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    from ssmstream.runtime.cli import run_command
+
+    sys.exit(run_command(main, "rescale_dt.py"))

@@ -40,7 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     token = os.environ.get("SSMSTREAM_TOKEN")  # bearer token, if the server wants one
-    with Client(a.server, token=token, root_certificates=a.tls_ca) as client:
+    try:
+        client = Client(a.server, token=token, root_certificates=a.tls_ca)
+    except ValueError as e:  # a bad --server or --tls-ca, named
+        p.error(str(e))
+    try:
+        return stream(p, a, client)
+    except grpc.RpcError as e:  # the server is unreachable or went away: one line
+        print(f"stream_client.py: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+
+
+def stream(p: argparse.ArgumentParser, a: argparse.Namespace, client: Client) -> int:
+    with client:
         info = client.info()
         log.info(
             "model %r: %s, state %d floats (%d bytes per session), provider %s",
@@ -79,7 +91,8 @@ def run(a, info, data: bytes, sessions: list) -> int:
             for t in range(32):
                 u = [math.sin(0.3 * t)] * info.d_input
                 r = stream.send(values=u)
-                log.info("t=%2d  u=%+.3f  y=%s", t, u[0], r.outputs[0].round(3).tolist())
+                y = ", ".join(f"{v:+.3f}" for v in r.outputs[0])
+                log.info("t=%2d  u=%+.3f  y=[%s]", t, u[0], y)
         return 0
     with session.open_stream() as stream:  # all bytes but the last: Generate starts there
         for b in data[:-1]:
@@ -102,4 +115,6 @@ def run(a, info, data: bytes, sessions: list) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ssmstream.runtime.cli import run_command
+
+    sys.exit(run_command(main, "stream_client.py"))

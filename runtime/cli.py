@@ -45,17 +45,24 @@ def stdout_closed() -> int:
     return 141
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def run_command(run, name: str) -> int:
+    """`run()`'s status, with the conventions of every command: Ctrl-C ends it with one line
+    ("NAME: interrupted") and 130, a closed stdout pipe quietly with 141 (the examples use
+    it too)."""
     try:
-        status = _run(argv)
+        status = int(run() or 0)
         sys.stdout.flush()  # a buffered stdout meets a closed pipe here, not at exit
         return status
     except KeyboardInterrupt:
-        print(f"{' '.join(['ssmstream', *argv[:1]])}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT
     except BrokenPipeError:
         return stdout_closed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return run_command(lambda: _run(argv), " ".join(["ssmstream", *argv[:1]]))
 
 
 def _run(argv: list[str]) -> int:

@@ -35,3 +35,52 @@ def test_bad_flag_is_a_usage_error(qs, tmp_path, argv):
     with pytest.raises(SystemExit) as e:
         qs.main(["--workdir", str(tmp_path), *argv])
     assert e.value.code == 2
+
+
+def test_bad_flags_passed_on_are_usage_errors_not_tracebacks(qs, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for argv, says in [
+        (["--verify-steps", "-1"], "--verify-steps: must be at least 1"),
+        (["--workdir", str(a_file)], "--workdir: cannot make"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            qs.main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_command_that_fails_ends_the_demo_with_its_status(qs, tmp_path, monkeypatch):
+    """The command printed why (its one line): no CalledProcessError traceback after it."""
+    import subprocess
+
+    def failing(*a, **k):
+        raise subprocess.CalledProcessError(2, ["ssmstream", "generate"])
+
+    monkeypatch.setattr(qs, "demo", lambda p, a: failing())
+    assert qs.main(["--workdir", str(tmp_path)]) == 2
+
+
+def test_sigterm_ends_the_demo_through_its_cleanup(qs, tmp_path, monkeypatch):
+    """`timeout`, a cancelled CI job or `kill` send SIGTERM: the demo's `finally` (which
+    stops its server) runs, and the status is 128 + 15."""
+    import os
+    import signal
+    import time
+
+    cleaned = []
+
+    def demo(p, a):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        finally:
+            cleaned.append(True)
+
+    monkeypatch.setattr(qs, "demo", demo)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            qs.main(["--workdir", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert e.value.code == 143 and cleaned == [True]

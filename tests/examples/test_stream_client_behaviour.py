@@ -41,23 +41,21 @@ def test_values_model_streams_all_channels_through_one_state(sc, values_toy, cap
     assert [t for t, _, _ in rows] == list(range(32))
     u = np.array([[math.sin(0.3 * t)] * 3 for t in range(32)])[None]  # [1, 32, 3]
     want, _ = values_toy["reference"](u, np.zeros((1, values_toy["S"])))  # [1, 32, 5]
-    got = np.array([y for _, _, y in rows])  # [32, 5], rounded to 3 decimals
+    got = np.array([[float(v) for v in y.split(", ")] for _, _, y in rows])  # [32, 5], 3 decimals
     np.testing.assert_allclose(got, want[0], atol=1.5e-3, rtol=0)
     np.testing.assert_allclose([u0 for _, u0, _ in rows], u[0, :, 0], rtol=0, atol=1e-12)
 
 
 def test_bearer_token_comes_from_the_environment(sc, byte_toy, monkeypatch, tmp_path, capsys):
     """A server that requires a bearer token accepts the one in SSMSTREAM_TOKEN."""
-    import grpc
 
     tokens = tmp_path / "tokens"
     tokens.write_text("tok-0123456789abcdef alice\n")
     with grpc_helpers.serve(byte_toy["model_dir"], auth_tokens=str(tokens)) as srv:
         argv = ["ab", "--server", grpc_helpers.target(srv), "--max-new-tokens", "2"]
         monkeypatch.delenv("SSMSTREAM_TOKEN", raising=False)
-        with pytest.raises(grpc.RpcError) as e:
-            sc.main(argv)
-        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert sc.main(argv) == 1  # one line, no traceback
+        assert capsys.readouterr().err.startswith("stream_client.py: UNAUTHENTICATED: ")
         monkeypatch.setenv("SSMSTREAM_TOKEN", "tok-0123456789abcdef")
         assert sc.main(argv) == 0
     assert "--- fork " in capsys.readouterr().out
@@ -82,22 +80,40 @@ def test_a_bad_sampling_flag_is_a_usage_error_before_any_session(
     assert says in capsys.readouterr().err
 
 
-def test_sessions_are_closed_when_a_continuation_fails(sc, byte_toy, monkeypatch):
-    """An error after the fork (here the second Generate) still closes both sessions."""
+def test_sessions_are_closed_when_a_continuation_fails(sc, byte_toy, monkeypatch, capsys):
+    """An error after the fork (here the second Generate) still closes both sessions, and
+    is said in one line (status 1), not a traceback."""
     import grpc
     from ssmstream.runtime import client as client_mod
+
+    class Gone(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "the server went away"
 
     real, calls = client_mod.ClientSession.generate, []
 
     def generate(self, *a, **kw):
         calls.append(self.id)
         if len(calls) == 2:
-            raise grpc.RpcError("the server went away")
+            raise Gone()
         return real(self, *a, **kw)
 
     monkeypatch.setattr(client_mod.ClientSession, "generate", generate)
     with grpc_helpers.serve(byte_toy["model_dir"]) as srv:
-        with pytest.raises(grpc.RpcError):
-            sc.main(["abc", "--server", grpc_helpers.target(srv), "--max-new-tokens", "2"])
+        assert sc.main(["abc", "--server", grpc_helpers.target(srv), "--max-new-tokens", "2"]) == 1
+        assert capsys.readouterr().err == ("stream_client.py: UNAVAILABLE: the server went away\n")
         stats = srv.server.store.stats()
         assert (stats["created"], stats["forked"], len(srv.server.store)) == (1, 1, 0)
+
+
+def test_an_unreachable_server_or_a_bad_tls_file_is_one_line(sc, tmp_path, capsys):
+    assert sc.main(["abc", "--server", "127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err.startswith("stream_client.py: UNAVAILABLE: ")
+    with pytest.raises(SystemExit) as e:
+        sc.main(["abc", "--tls-ca", str(tmp_path / "none.pem")])
+    assert e.value.code == 2 and "root_certificates (--tls-ca): cannot read" in (
+        capsys.readouterr().err
+    )
