@@ -47,7 +47,7 @@ from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .cli import stdout_closed
-from .errors import check_session_id, holds_bool, integer
+from .errors import as_array, check_session_id, integer
 from .sampling import check_params
 from .snapshots import BYTES_LIKE
 
@@ -92,12 +92,7 @@ def _ints(name: str, xs) -> list[int]:
     naming `name` for anything but integers (a float is not truncated)."""
     if isinstance(xs, (bytes, bytearray)) or (isinstance(xs, memoryview) and xs.format in "Bc"):
         xs = np.frombuffer(xs, dtype=np.uint8)
-    try:
-        a = np.asarray(xs if xs is not None else [])
-    except (ValueError, TypeError) as e:  # ragged
-        raise ValueError(f"{name}: must be a flat sequence of integers ({e})") from None
-    if holds_bool(xs):  # numpy made [65, True] the ids [65, 1]
-        raise ValueError(f"{name}: holds a bool (True / False) among its numbers")
+    a = as_array(xs if xs is not None else [], name)  # ragged, or a bool among ints: named
     if a.dtype.kind in "fO" and isinstance(xs, (list, tuple)) and all(type(x) is int for x in xs):
         # Python ints past int64, which numpy made floats or objects
         wide = next((x for x in xs if not -(2**63) <= x <= 2**63 - 1), None)
@@ -192,12 +187,10 @@ def step_request(
     if tokens is not None:
         req.tokens.extend(_ints("tokens", tokens))
     if values is not None:
+        v = as_array(values, "values")  # ragged, or a bool among floats: named
         try:
-            v = np.asarray(values)
             if v.size and v.dtype.kind not in "fiu":  # not bools or numeric strings either
                 raise TypeError(f"got {v.dtype}")
-            if holds_bool(values):
-                raise TypeError("it holds a bool (True / False)")
             req.values.extend(v.astype(np.float32).reshape(-1).tolist())
         except (TypeError, ValueError) as e:
             raise ValueError(f"values: must be real numbers ({e})") from None
@@ -949,15 +942,8 @@ def _say_kept(a, session, printed: int, cut: bool = False) -> None:
     if session is None or not session.id or not (a.keep_session or a.session):
         return
     if cut and printed:
-        position, why = session.position, ""
-        if not a.session:
-            try:
-                _rewind_after_cut(session, position)
-                why = None
-            except grpc.RpcError as e:
-                why = f" ({e.code().name}: {e.details()})"
-            except KeyboardInterrupt:
-                why = " (interrupted)"
+        position = session.position
+        why = "" if a.session else _rewind_after_cut(session, position)
         if why is not None:
             sys.stderr.write(
                 f"ssmstream generate: the session may hold tokens sampled after the last one "
@@ -967,23 +953,26 @@ def _say_kept(a, session, printed: int, cut: bool = False) -> None:
         sys.stderr.write(f"session: {session.id} (position {session.position})\n")
 
 
-def _rewind_after_cut(session: ClientSession, position: int, wait: float = 2.0) -> None:
-    """Rewind to `position` within `wait` seconds: each try has what is left of them as its
-    deadline, and a refusal because the cancelled Generate still holds the session
-    (FAILED_PRECONDITION "attached to an open Generate", until the server sees the cancel)
-    is tried again."""
+def _rewind_after_cut(session: ClientSession, position: int, wait: float = 2.0) -> str | None:
+    """Rewind to `position` within `wait` seconds: None, or why it was not (" (CODE:
+    details)", " (interrupted)"). Each try has what is left of the time as its deadline; a
+    refusal because the cancelled Generate still holds the session (FAILED_PRECONDITION
+    "attached to an open Generate", until the server sees the cancel) is tried again."""
     end = time.monotonic() + wait
-    while True:
-        try:
-            session.rewind(position, timeout=max(0.05, end - time.monotonic()))
-            return
-        except grpc.RpcError as e:
-            ours = e.code() == grpc.StatusCode.FAILED_PRECONDITION and "open Generate" in (
-                e.details() or ""
-            )
-            if not ours or time.monotonic() >= end:
-                raise
-            time.sleep(0.025)
+    try:
+        while True:
+            try:
+                session.rewind(position, timeout=max(0.05, end - time.monotonic()))
+                return None
+            except grpc.RpcError as e:
+                ours = e.code() == grpc.StatusCode.FAILED_PRECONDITION and "open Generate" in (
+                    e.details() or ""
+                )
+                if not ours or time.monotonic() >= end:
+                    return f" ({e.code().name}: {e.details()})"
+                time.sleep(0.025)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        return " (interrupted)"
 
 
 def build_parser() -> argparse.ArgumentParser:

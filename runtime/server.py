@@ -41,7 +41,6 @@ import threading
 from pathlib import Path
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
@@ -54,7 +53,7 @@ from .health import Health
 from .metrics import FeaturesCollector, ServerMetrics
 from .prefix_cache import entry_bytes
 from .service import DRAINING, ServiceLimits, SessionService
-from .servicer import StreamingInferenceServicer, max_send_bytes
+from .servicer import StreamingInferenceServicer, max_send_bytes, snapshot_message_bytes
 from .sessions import STORE_FILE
 from .snapshots import SnapshotKey
 from .status import SERVICE_NAME, DecodeGuard
@@ -334,15 +333,14 @@ class Server:
                 c.prefix_cache_mb,
                 smallest,
             )
-        # a RestoreSession / CreateSession carries a snapshot, an id (<= 128 B) and a ttl
-        restore = len(self.store.pack_state(np.zeros(self.engine.state_size, np.float32), 0))
-        if c.max_message_bytes < restore + 160:
+        restore = snapshot_message_bytes(self.engine.state_size)
+        if c.max_message_bytes < restore:
             log.warning(
                 "--max-message-bytes %d is less than a request carrying a snapshot of this "
-                "model (about %d bytes): RestoreSession and CreateSession with a snapshot will "
+                "model (up to %d bytes): RestoreSession and CreateSession with a snapshot will "
                 "be refused; raise it",
                 c.max_message_bytes,
-                restore + 160,
+                restore,
             )
         if c.state_dir:
             self.service.draining_says = DRAINING["state_dir"]

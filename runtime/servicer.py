@@ -98,7 +98,13 @@ def max_send_bytes(config: ServerConfig, d_output: int, state_size: int) -> int:
     receives by default (4 MiB: a larger response would fail in the client after its step
     applied), but never less than the responses no call can do without: one row of outputs
     (OUTPUT_LAST) and a snapshot, with 1 KiB for their other fields."""
-    return max(config.max_message_bytes, 4 * max(d_output, state_size) + 1024)
+    return max(config.max_message_bytes, 4 * d_output + 1024, snapshot_message_bytes(state_size))
+
+
+def snapshot_message_bytes(state_size: int) -> int:
+    """The most bytes a message carrying one snapshot takes: the state's 4·S, with 1 KiB for
+    the snapshot's header and signature and the message's other fields (an id of <= 128)."""
+    return 4 * state_size + 1024
 
 
 def check_response_size(rows: int, d_output: int, max_send: int) -> None:
