@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=d.dtype,
+        choices=DTYPES,
         help=f"variant: {' | '.join(DTYPES)} (fp16: GPU, weights/activations half, state "
         "float32; int8: edge CPU, dynamic int8 MatMuls) (default: %(default)s)",
     )
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_flags(parser, args)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("ssmstream").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from .exporter import export_model
@@ -112,6 +115,20 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_manifest(load_manifest(out), out))
     return 0
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A flag value ExportConfig refuses is a usage error (status 2) naming the flag, found
+    before the checkpoint is read."""
+    try:
+        ExportConfig(
+            dt_scale=args.dt_scale,
+            chunk=args.chunk,
+            max_chunks=args.max_chunks,
+            verify_steps=args.verify_steps,
+        )
+    except ExportError as e:  # its messages begin with the field's name
+        parser.error(f"argument --{str(e).split()[0].replace('_', '-')}: {e}")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
