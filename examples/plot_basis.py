@@ -124,4 +124,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 if __name__ == "__main__":
     from ssmstream.runtime.cli import run_command
 
-    sys.exit(run_command(main, "plot_basis.py"))
+    sys.exit(run_command(lambda: main() and 0, "plot_basis.py"))  # main returns the PNGs

@@ -20,6 +20,8 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,6 +174,23 @@ def test_rescale_report_prints_the_numbers(rescaled, rescale_mod):
     assert f"{res['rescaled_over_r']:.2f}×" in text
 
 
+def _run_example(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_rescale_as_a_command_ends_with_status_0(rescaled):
+    # python examples/rescale_dt.py: the command's status, not main()'s numbers (a dict, which
+    # is no exit status); its log says what it did, not the export libraries' INFO chatter
+    res, work = rescaled
+    done = _run_example("examples/rescale_dt.py", "--work", str(work), "--reuse", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["mse_r"] == pytest.approx(res["mse_r"], rel=1e-6)
+    assert "reusing the export in" in done.stderr and "Traceback" not in done.stderr
+    assert "PassManager" not in done.stderr and "initializer" not in done.stderr
+
+
 def test_rescale_bad_arguments(rescale_mod, tmp_path, capsys):
     for factor in ("0", "inf"):
         with pytest.raises(SystemExit) as e:
@@ -205,6 +224,14 @@ def test_plot_basis_writes_trained_and_init_pngs(tmp_path, capsys):
         mod.main([str(SIGNAL), "--out", str(tmp_path / "x.png"), "--layer", "2"])
     assert "layer must be in [0, 2), got 2" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_basis_as_a_command_ends_with_status_0(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "basis.png"
+    done = _run_example("examples/plot_basis.py", str(SIGNAL), "--out", str(out), "--no-init")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_bytes().startswith(PNG) and "Traceback" not in done.stderr
 
 
 # --- benchmarks/run_all.py --report-only ---------------------------------------------------
