@@ -85,9 +85,9 @@ def check_output_selection(req: pb.StepRequest, info: dict) -> None:
     if req.output == pb.OUTPUT_TOP_K:
         if info["input_kind"] != "tokens":
             raise InvalidInput("output", "OUTPUT_TOP_K needs a token model (logits)")
-        V = int(info["vocab_size"])
-        if not 1 <= req.top_k <= V:
-            raise InvalidInput("top_k", f"must be in [1, vocab_size={V}] with OUTPUT_TOP_K")
+        D = int(info["d_output"])  # the logits ranked (the vocabulary's, as the export writes)
+        if not 1 <= req.top_k <= D:
+            raise InvalidInput("top_k", f"must be in [1, d_output={D}] with OUTPUT_TOP_K")
     elif req.top_k:
         raise InvalidInput("top_k", "is only used with output=OUTPUT_TOP_K")
 

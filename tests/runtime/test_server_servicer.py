@@ -40,6 +40,8 @@ VALUES = {"input_kind": "values", "vocab_size": None, "d_input": 3, "d_output": 
     [
         (pb.StepRequest(output=pb.OUTPUT_TOP_K, top_k=0), TOKENS, "top_k"),
         (pb.StepRequest(output=pb.OUTPUT_TOP_K, top_k=11), TOKENS, "top_k"),
+        # fewer outputs than the vocabulary (a model config allows it): ranks the outputs
+        (pb.StepRequest(output=pb.OUTPUT_TOP_K, top_k=7), {**TOKENS, "d_output": 6}, "top_k"),
         (pb.StepRequest(output=pb.OUTPUT_LAST, top_k=3), TOKENS, "top_k"),
         (pb.StepRequest(output=pb.OUTPUT_TOP_K, top_k=1), VALUES, "output"),
         (pb.StepRequest(output=7), TOKENS, "output"),
