@@ -62,9 +62,11 @@ def save_checkpoint(
         # written like the other files (safetensors' save_file makes them 0600 whatever the umask)
         (path / "model.safetensors.tmp").write_bytes(save(tensors))
         (path / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    except OSError:  # a full disk: no partial files left to keep it full
+    except BaseException as e:  # a full disk, Ctrl-C: no partial files left (to keep it full)
         for name in names:
             (path / f"{name}.tmp").unlink(missing_ok=True)
+        if isinstance(e, RuntimeError):  # torch.save says a failed write (ENOSPC) this way
+            raise OSError(f"cannot write the checkpoint to {path}: {e}") from e
         raise
     _commit(path, names)
     (path / "train_log.jsonl").touch()
@@ -117,6 +119,10 @@ def load_checkpoint(
         device = torch.device(map_location)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"map_location: {map_location!r} is not a torch device: {e}") from e
+    try:
+        torch.empty(0, device=device)  # a device this torch build or machine lacks
+    except (RuntimeError, AssertionError) as e:  # torch built without CUDA: AssertionError
+        raise ValueError(f"map_location: {map_location!r} is not available here: {e}") from e
     path = Path(path)
     meta = read_checkpoint_meta(path)
     try:
@@ -144,5 +150,9 @@ def load_checkpoint(
                 f"{weights}: tensor {k!r} has shape {tuple(v.shape)}, "
                 f"config.json wants {tuple(expected[k].shape)}"
             )
+        if not v.is_floating_point():  # load_state_dict would cast it without a word
+            raise CheckpointError(f"{weights}: tensor {k!r} is {v.dtype}, not floating point")
+        if not torch.isfinite(v).all():  # training refuses to save these (TrainingDiverged)
+            raise CheckpointError(f"{weights}: tensor {k!r} holds NaN or infinite values")
     net.load_state_dict(state)
     return net.to(device).eval()

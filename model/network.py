@@ -107,9 +107,11 @@ class SSMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> SSMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
         if unknown:
             raise ValueError(f"unknown config fields {unknown}")
+        if missing:  # a default would make it another model (zoh for bilinear, alpha 0.5)
+            raise ValueError(f"missing config fields {missing} (a saved config names them all)")
         return cls(**d)
 
 

@@ -361,6 +361,7 @@ def _save(
     step: int,
     cfg: TrainConfig,
     last_eval: dict | None,
+    world_size: int,
     ddp: dict | None = None,
 ) -> None:
     """The checkpoint whose config.json names its step, with the optimizer state (one commit:
@@ -372,6 +373,7 @@ def _save(
         "train": cfg.to_dict(),
         "train_state": TRAIN_STATE,
         "eval": last_eval,
+        "world_size": world_size,  # processes (torchrun): the global batch is batch_size × it
     }
     if ddp is not None:
         extra["ddp"] = ddp
@@ -383,7 +385,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # a bad byte: a bad line
         try:
             if json.loads(line)["step"] <= step:
                 keep.append(line)
@@ -403,8 +405,9 @@ RESUME_MAY_CHANGE = frozenset(
 
 
 def _resume(
-    out: Path, model_cfg: SSMConfig | None, cfg: TrainConfig, device
-) -> tuple[SSMNetwork, dict, int]:
+    out: Path, model_cfg: SSMConfig | None, cfg: TrainConfig, device, world_size: int
+) -> tuple[SSMNetwork, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, int]:
+    """The checkpoint's network, optimizer and schedule as saved, and its step."""
     meta = read_checkpoint_meta(out)
     saved = meta.get("train")
     if isinstance(saved, dict):  # the run continues exactly only with the same schedule/data
@@ -426,10 +429,21 @@ def _resume(
                 " and ".join(moved),
                 ", ".join(f"{k}={now[k]!r}, saved {saved[k]!r}" for k in moved),
             )
+    if (saved_world := meta.get("world_size", 1)) != world_size:
+        log.warning(
+            "resuming %s with %d process(es), saved with %s: the run continues with a global "
+            "batch of %d × batch_size, so not as one long run would",
+            out, world_size, saved_world, world_size,
+        )  # fmt: skip
     net = load_checkpoint(out).to(device).train()
     if model_cfg is not None and model_cfg.to_dict() != net.cfg.to_dict():
         log.warning("resuming %s: its model config is used, not the one given", out)
-    state_file = out / meta.get("train_state", TRAIN_STATE)
+    name = meta.get("train_state", TRAIN_STATE)
+    if not (isinstance(name, str) and name and Path(name).name == name):
+        raise ValueError(
+            f"cannot resume: {out / 'config.json'}: train_state {name!r} is not a file name"
+        )
+    state_file = out / name
     if not state_file.is_file():
         raise ValueError(f"cannot resume: {state_file} is missing")
     try:
@@ -448,7 +462,31 @@ def _resume(
             f"cannot resume: {state_file} is at step {state['step']} but config.json "
             f"at step {meta.get('step')}"
         )
-    return net, state, state["step"]
+    opt, sched = make_optimizer(net, cfg)
+    try:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _check_optimizer_state(opt)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise ValueError(
+            f"cannot resume: {state_file} does not fit the checkpoint's model "
+            f"({e.__class__.__name__}: {e}); resume from a complete checkpoint, or start a "
+            "new --out"
+        ) from e
+    return net, opt, sched, state["step"]
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Each parameter's saved moments have its shape (load_state_dict does not check; another
+    model's state would fail at the first step, deep inside the optimizer)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                    raise ValueError(
+                        f"optimizer state {key!r} of shape {tuple(v.shape)} for a parameter of "
+                        f"shape {tuple(p.shape)}"
+                    )
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -514,15 +552,12 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
 
 def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batches: Batches):
     if cfg.resume:
-        net, state, step = _resume(out, model_cfg, cfg, device)
+        net, opt, sched, step = _resume(out, model_cfg, cfg, device, dist.world_size)
         check_model_for_task(net.cfg, cfg.task)
     else:
         torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-        net, state, step = SSMNetwork(model_cfg).to(device).train(), None, 0
-    opt, sched = make_optimizer(net, cfg)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        net, step = SSMNetwork(model_cfg).to(device).train(), 0
+        opt, sched = make_optimizer(net, cfg)
     model = net
     if dist.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -598,12 +633,12 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
                 _append(log_path, {"step": step, "eval": last_eval})
                 log.info("step %d: eval %s", step, _fmt(last_eval))
             if dist.is_main and step % save_every == 0 and step < end:
-                _save(out, net, opt, sched, step, cfg, last_eval)
+                _save(out, net, opt, sched, step, cfg, last_eval, dist.world_size)
     bar.close()
     if step > start:
         extra = _ddp_report(net, dist) if dist.world_size > 1 else None
         if dist.is_main:
-            _save(out, net, opt, sched, step, cfg, last_eval, extra)
+            _save(out, net, opt, sched, step, cfg, last_eval, dist.world_size, extra)
     return TrainResult(net.eval(), out, step, last_eval)
 
 
@@ -740,13 +775,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[SSMConfig, TrainConfig]:
-    """Map parsed flags onto (SSMConfig, TrainConfig); ValueError names a bad field."""
+def configs_from_args(args: argparse.Namespace) -> tuple[SSMConfig | None, TrainConfig]:
+    """Map parsed flags onto (SSMConfig, TrainConfig); ValueError names a bad field. With
+    --resume the model is the checkpoint's (None): its flags are not checked against the
+    defaults of those not given."""
     pick = lambda cls: {  # noqa: E731
         f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in _SKIP
     }
     signal = SignalConfig(**pick(SignalConfig))
     train_cfg = TrainConfig(**pick(TrainConfig), signal=signal)
+    if train_cfg.resume:
+        return None, train_cfg
     return default_model_config(train_cfg.task, **pick(SSMConfig)), train_cfg
 
 
@@ -793,10 +832,10 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, train_cfg = configs_from_args(args)
         if train_cfg.resume:
             _warn_of_ignored_model_flags(Path(train_cfg.out), model_flags_given(argv))
-        result = fit(None if train_cfg.resume else model_cfg, train_cfg)
+        result = fit(model_cfg, train_cfg)
     except ValueError as e:
         parser.error(str(e))
-    except TrainingDiverged as e:  # valid flags, a run that did not work out: no traceback
+    except (TrainingDiverged, OSError) as e:  # valid flags, a run that did not work out
         log.error("ssmstream train: %s", e)
         return 1
     if dist.is_main:

@@ -9,7 +9,9 @@ config each give a CheckpointError (a ValueError) whose message names the file a
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,40 @@ def test_corrupt_config(ckpt, text, message):
 def test_invalid_model_config(ckpt, changes, message):
     edit_config(ckpt, **changes)
     with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("field", ["discretization", "alpha", "glu"])
+def test_a_config_missing_a_field_is_refused_not_defaulted(ckpt, field):
+    # a default would load another model (zoh for bilinear, alpha 0.5): the save writes them all
+    meta = json.loads((ckpt / "config.json").read_text())
+    del meta["model"][field]
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"missing config fields \['{field}'\]"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_weights_that_are_not_floating_point_are_refused(ckpt, dtype):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(ckpt / "model.safetensors")
+    name = sorted(state)[0]
+    state[name] = state[name].to(dtype)  # load_state_dict would cast it back without a word
+    save_file(state, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{name}' is {dtype}, not float")):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_weights_that_are_not_finite_are_refused(ckpt, bad):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(ckpt / "model.safetensors")
+    name = sorted(state)[-1]
+    state[name].view(-1)[0] = bad
+    save_file(state, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' holds NaN or infinite values"):
         load_checkpoint(ckpt)
 
 
@@ -273,6 +309,12 @@ def test_map_location_is_the_returned_networks_device(ckpt):
     assert not net.training
     with pytest.raises(ValueError, match=r"map_location: 'gpu0' is not a torch device"):
         load_checkpoint(ckpt, map_location="gpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_map_location_of_a_device_this_machine_lacks_is_a_value_error(ckpt):
+    with pytest.raises(ValueError, match=r"map_location: 'cuda' is not available here"):
+        load_checkpoint(ckpt, map_location="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -100,3 +100,21 @@ def test_a_save_that_runs_out_of_disk_leaves_no_partial_files(tmp_path, monkeypa
         save_checkpoint(net, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     load_checkpoint(tmp_path)
+
+
+def test_a_torch_save_that_fails_mid_write_leaves_no_partial_files(tmp_path):
+    """torch.save reports a full disk as a RuntimeError (its zip writer): the partial file is
+    removed all the same, and the error is an OSError naming the checkpoint."""
+    from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
+
+    net = SSMNetwork(SSMConfig(**MODEL, d_input=1))
+    save_checkpoint(net, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def half_written(path):
+        path.write_bytes(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25280")
+
+    with pytest.raises(OSError, match=f"cannot write the checkpoint to {tmp_path}: .*enforce"):
+        save_checkpoint(net, tmp_path, also={"train_state.pt": half_written})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

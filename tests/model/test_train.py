@@ -900,3 +900,92 @@ def test_the_optimizer_sees_gradients_clipped_to_grad_clip(tmp_path, monkeypatch
     assert len(raw) == len(at_step) == 4
     assert all(r > clip for r in raw)  # every step needed clipping
     assert at_step == pytest.approx([min(r, clip) for r in raw], rel=1e-4)
+
+
+def _copy(run, to):
+    shutil.copytree(run, to)
+    return to
+
+
+def test_resume_refuses_a_training_state_that_does_not_fit_its_model(stopped_run, tmp_path):
+    # another run's train_state.pt at the same step had failed deep inside AdamW at the first
+    # step; a damaged one with a KeyError; config.json's train_state null with a TypeError
+    other = tmp_path / "other"
+    fit(_signal_model(d_model=16), _signal_cfg(other, stop_after=3))
+    out = _copy(stopped_run, tmp_path / "o")
+    shutil.copy(other / "train_state.pt", out / "train_state.pt")
+    with pytest.raises(ValueError, match=r"train_state.pt does not fit the checkpoint's model"):
+        fit(None, _signal_cfg(out, resume=True))
+    for damaged in ({"optimizer": {}}, {"scheduler": {}}):
+        state = torch.load(stopped_run / "train_state.pt", weights_only=True)
+        torch.save({**state, **damaged}, out / "train_state.pt")
+        with pytest.raises(ValueError, match=r"does not fit the checkpoint's model \(KeyError"):
+            fit(None, _signal_cfg(out, resume=True))
+    shutil.copy(stopped_run / "train_state.pt", out / "train_state.pt")
+    meta = json.loads((out / "config.json").read_text())
+    for name in (None, 5, "", "../o/train_state.pt"):
+        (out / "config.json").write_text(json.dumps({**meta, "train_state": name}))
+        with pytest.raises(ValueError, match=f"train_state {re.escape(repr(name))} is not a file"):
+            fit(None, _signal_cfg(out, resume=True))
+    assert json.loads((stopped_run / "config.json").read_text())["step"] == 3
+
+
+def test_resume_drops_a_log_line_that_is_not_utf8(stopped_run, tmp_path, caplog):
+    out = _copy(stopped_run, tmp_path / "o")
+    with (out / "train_log.jsonl").open("ab") as f:
+        f.write(b'{"step": 1, "x": "\xff"\n')
+    with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
+        assert fit(None, _signal_cfg(out, resume=True)).step == 6
+    assert any("dropping unreadable log line" in r.getMessage() for r in caplog.records)
+
+
+def test_every_save_records_the_process_count_and_a_resume_with_another_warns(
+    stopped_run, tmp_path, caplog
+):
+    # torchrun's processes each take batch_size: resumed with another count, the global batch
+    # changes, which the run says (as for another device)
+    assert json.loads((stopped_run / "config.json").read_text())["world_size"] == 1
+    out = _copy(stopped_run, tmp_path / "o")
+    meta = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**meta, "world_size": 2}))
+    with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
+        assert fit(None, _signal_cfg(out, resume=True)).step == 6
+    said = [r.getMessage() for r in caplog.records if "process(es)" in r.getMessage()]
+    assert len(said) == 1 and "with 1 process(es), saved with 2" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
+        fit(None, _signal_cfg(_copy(stopped_run, tmp_path / "o2"), resume=True))
+    assert not [r for r in caplog.records if "process(es)" in r.getMessage()]
+
+
+def test_cli_resume_takes_the_runs_own_model_flags(tmp_path, caplog):
+    # --heads 3 with the checkpoint's d_model 6 had been checked against the default d_model
+    argv = ["--task", "signal", "--rate", "4", "--duration", "8", "--steps", "4"]
+    argv += ["--warmup-steps", "1", "--batch-size", "2", "--no-progress", "--threads", "1"]
+    argv += ["--out", str(tmp_path / "o")]
+    model = ["--d-model", "6", "--heads", "3", "--n-layers", "1", "--d-state", "4"]
+    assert main([*argv, *model, "--stop-after", "2"]) == 0
+    assert main([*argv, "--resume", "--heads", "3"]) == 0
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["step"] == 4
+
+
+def test_cli_a_save_that_fails_says_so_in_one_line_and_leaves_no_partial_file(
+    tmp_path, monkeypatch, caplog
+):
+    # torch.save reports a full disk as a RuntimeError: exit 1 with one line, no *.tmp left
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25280")
+
+    monkeypatch.setattr(train_mod.torch, "save", full_disk)
+    argv = ["--task", "signal", "--rate", "4", "--duration", "8", "--steps", "2"]
+    argv += ["--warmup-steps", "1", "--batch-size", "2", "--no-progress", "--threads", "1"]
+    argv += ["--d-model", "8", "--n-layers", "1", "--d-state", "4", "--out", str(tmp_path / "o")]
+    with caplog.at_level(logging.ERROR, logger=train_mod.__name__):
+        assert main(argv) == 1
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert said == [
+        f"ssmstream train: cannot write the checkpoint to {tmp_path / 'o'}: [enforce fail at "
+        "inline_container.cc:672] . unexpected pos 25280"
+    ]
+    assert not list((tmp_path / "o").glob("*.tmp"))
