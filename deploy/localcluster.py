@@ -50,6 +50,17 @@ def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = 
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def _started(proc: subprocess.Popen, wait) -> None:
+    """`wait()` for `proc` to be ready; if anything ends the wait (it exited, a deadline, a
+    SIGTERM or Ctrl-C while it starts), stop the process before the error goes on: a process
+    that is not yet its owner's would be left running."""
+    try:
+        wait()
+    except BaseException:
+        _stop(proc)
+        raise
+
+
 def _stop(proc: subprocess.Popen | None, sig=signal.SIGKILL, timeout: float = 10.0) -> None:
     if proc is not None and proc.poll() is None:
         proc.send_signal(sig)
@@ -82,7 +93,7 @@ class RedisProcess:
              "--appendonly", "no", "--dir", str(self.workdir), "--logfile", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_port(self.port, proc=self.proc)
+        _started(self.proc, lambda: wait_port(self.port, proc=self.proc))
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -128,7 +139,7 @@ class NginxProcess:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         try:
-            wait_port(self.port, proc=self.proc)
+            _started(self.proc, lambda: wait_port(self.port, proc=self.proc))
         except RuntimeError:
             raise RuntimeError(f"nginx failed: {self.proc.stderr.read().decode()}") from None
 
@@ -157,14 +168,16 @@ class ReplicaProcess:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        _started(self.proc, self._wait_for_port_file)
+        ports = json.loads(self.port_file.read_text())
+        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+
+    def _wait_for_port_file(self) -> None:
         deadline = time.monotonic() + 120
         while not self.port_file.is_file():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                _stop(self.proc)
-                raise RuntimeError(f"replica {name} did not start:\n{self.log.read_text()}")
+                raise RuntimeError(f"replica {self.name} did not start:\n{self.log.read_text()}")
             time.sleep(0.05)
-        ports = json.loads(self.port_file.read_text())
-        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
 
     @property
     def address(self) -> str:
@@ -241,14 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas < 1:
         p.error(f"--replicas: must be >= 1, got {args.replicas}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ssmstream-cluster-"))
-    cluster = LocalCluster(
-        args.model_dir, workdir, args.replicas, args.persist_every, args.lease_ttl
-    )
+    # SIGTERM stops it as Ctrl-C does; set before anything starts, so that one while the
+    # cluster starts stops what has started (LocalCluster does)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        cluster = LocalCluster(
+            args.model_dir, workdir, args.replicas, args.persist_every, args.lease_ttl
+        )
+    except KeyboardInterrupt:
+        print("stopped while starting", flush=True)
+        return 130
     print(f"nginx (clients connect here): {cluster.address}")
     for r in cluster.replicas:
         print(f"{r.name}: {r.address}  metrics http://127.0.0.1:{r.metrics_port}/metrics")
     print(f"redis: {cluster.redis.url}\nlogs: {workdir}\nCtrl-C stops.", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
         while True:
             time.sleep(3600)

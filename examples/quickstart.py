@@ -66,13 +66,16 @@ def start_server(model_dir: Path, workdir: Path, device: str) -> tuple[subproces
     )  # fmt: skip
     print("== starting:", " ".join(cmd[3:]))
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not port_file.is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            sys.exit(f"the server did not start; see {workdir / 'server.log'}")
-        time.sleep(0.1)
-    ports = json.loads(port_file.read_text())
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.is_file():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"the server did not start; see {workdir / 'server.log'}")
+            time.sleep(0.1)
+        ports = json.loads(port_file.read_text())
+    except BaseException:  # also SIGTERM (SystemExit) or Ctrl-C while it starts: stop it
+        stop_server(proc)
+        raise
     port = ports["port"]
     print(f"== serving on 127.0.0.1:{port} (log: {workdir / 'server.log'})")
     return proc, f"127.0.0.1:{port}", ports["metrics_port"]

@@ -84,3 +84,32 @@ def test_sigterm_ends_the_demo_through_its_cleanup(qs, tmp_path, monkeypatch):
     finally:
         signal.signal(signal.SIGTERM, old)
     assert e.value.code == 143 and cleaned == [True]
+
+
+def test_a_sigterm_while_the_server_starts_stops_the_server(qs, tmp_path, monkeypatch):
+    # quickstart's SIGTERM handler raises SystemExit; it had landed in the wait for the port
+    # file, outside the try that stops the server: the server kept running, orphaned
+    started, real_popen, real_sleep = [], qs.subprocess.Popen, qs.time.sleep
+
+    def popen(*a, **k):
+        started.append(real_popen(*a, **k))
+        return started[-1]
+
+    def sleep(seconds):  # the first wait is where SIGTERM lands; later ones are stop_server's
+        if len(started) == 1 and not hasattr(sleep, "done"):
+            sleep.done = True
+            raise SystemExit(128 + 15)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(qs.subprocess, "Popen", popen)
+    monkeypatch.setattr(qs.time, "sleep", sleep)
+    try:
+        with pytest.raises(SystemExit) as e:
+            qs.start_server(tmp_path / "model", tmp_path, "cpu")
+        assert e.value.code == 143 and len(started) == 1
+        assert started[0].poll() is not None  # stopped and reaped, not left running
+    finally:
+        for proc in started:  # a failing run leaves no server behind either
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -212,6 +212,59 @@ def test_replica_that_exits_is_reported_at_once_with_its_log(monkeypatch, tmp_pa
     assert time.monotonic() - t0 < 5  # not the 120 s deadline
 
 
+def test_a_replica_interrupted_while_it_starts_is_stopped(monkeypatch, tmp_path):
+    # a SIGTERM (localcluster's handler: KeyboardInterrupt) in the wait for its port file had
+    # left the replica running in its own session, orphaned
+    monkeypatch.setattr(lc.sys, "executable", fake_python(tmp_path, "serve"))
+    started, real_popen, real_sleep = [], lc.subprocess.Popen, lc.time.sleep
+
+    def popen(*a, **k):
+        started.append(real_popen(*a, **k))
+        return started[-1]
+
+    def sleep(seconds):
+        if not hasattr(sleep, "done"):
+            sleep.done = True
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+
+    monkeypatch.setattr(lc.subprocess, "Popen", popen)
+    monkeypatch.setattr(lc.time, "sleep", sleep)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lc.ReplicaProcess("model", [], tmp_path, "r3")
+        assert len(started) == 1 and started[0].poll() is not None
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_redis_interrupted_while_it_starts_is_stopped(monkeypatch, tmp_path):
+    require("redis-server")
+    started, real_popen = [], lc.subprocess.Popen
+
+    def popen(*a, **k):
+        started.append(real_popen(*a, **k))
+        return started[-1]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lc.subprocess, "Popen", popen)
+    monkeypatch.setattr(lc, "wait_port", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lc.RedisProcess(tmp_path)
+        assert len(started) == 1 and started[0].poll() is not None
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 # --- LocalCluster / main (stand-in processes) -------------------------------------------
 
 
@@ -313,6 +366,29 @@ def test_main_prints_the_addresses_and_stops_the_cluster(monkeypatch, tmp_path, 
     assert out[0] == "nginx (clients connect here): 127.0.0.1:8000"
     assert out[1] == "replica-1: 127.0.0.1:5001  metrics http://127.0.0.1:9101/metrics"
     assert out[2] == "redis: redis://127.0.0.1:7/0" and out[-1] == "stopping"
+
+
+def test_main_stopped_while_the_cluster_starts_says_so(monkeypatch, tmp_path, capsys):
+    # its SIGTERM handler is set before the cluster starts (it was set after: a SIGTERM while
+    # redis and the replicas started killed main and left them running)
+    seen = {}
+
+    class StartingCluster:
+        def __init__(self, *args):
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+            raise KeyboardInterrupt  # what that handler raises; LocalCluster stops its parts
+
+    monkeypatch.setattr(lc, "LocalCluster", StartingCluster)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        rc = lc.main(["mdir", "--replicas", "1", "--workdir", str(tmp_path)])
+    except KeyboardInterrupt:  # not pytest's own: fail this test, not the session
+        pytest.fail("main let the KeyboardInterrupt out")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert rc == 130
+    assert seen["handler"] not in (old, signal.SIG_DFL)
+    assert capsys.readouterr().out.splitlines() == ["stopped while starting"]
 
 
 def test_localcluster_takes_a_relative_workdir_and_refuses_no_replicas(
