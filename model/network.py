@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,20 @@ class SSMConfig:
     glu: bool = True
 
     def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "d_input",
+            "d_output",
+            "d_model",
+            "n_layers",
+            "d_state",
+            "heads",
+        ):
+            v = getattr(self, name)  # 8.0 from a config.json failed deep in torch
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        if not isinstance(self.glu, bool):  # "no" would be true
+            raise ValueError(f"glu must be true or false, got {self.glu!r}")
         if (self.vocab_size is None) == (self.d_input is None):
             raise ValueError("exactly one of vocab_size (tokens) or d_input (signals) must be set")
         for name in ("vocab_size", "d_input"):

@@ -132,6 +132,9 @@ def test_corrupt_config(ckpt, text, message):
         ({"discretization": "rk4"}, "invalid model config: unknown discretization 'rk4'"),
         ({"colour": "red"}, r"invalid model config: unknown config fields \['colour'\]"),
         ({"d_model": "wide"}, "invalid model config"),
+        ({"heads": 2.0}, r"invalid model config: heads must be an integer, got 2\.0"),
+        ({"n_layers": True}, "invalid model config: n_layers must be an integer, got True"),
+        ({"glu": "no"}, "invalid model config: glu must be true or false, got 'no'"),
     ],
 )
 def test_invalid_model_config(ckpt, changes, message):
