@@ -50,7 +50,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -69,6 +68,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SIGNAL_CKPT = ROOT / "examples" / "checkpoints" / "signal"
 
 
+MAX_FACTOR = 256
+
+
 @dataclasses.dataclass
 class RescaleConfig:
     """What the demonstration runs (the CLI flags map onto these)."""
@@ -84,8 +86,8 @@ class RescaleConfig:
     threads: int | None = 1  # onnxruntime intra-op threads
 
     def __post_init__(self):
-        if not 0 < self.factor < math.inf:
-            raise ValueError(f"factor must be positive and finite, got {self.factor}")
+        if not 0 < self.factor <= MAX_FACTOR:  # it streams c·r samples, one step at a time
+            raise ValueError(f"factor must be in (0, {MAX_FACTOR}], got {self.factor}")
         if self.signals < 1:
             raise ValueError(f"signals must be at least 1, got {self.signals}")
         if not (Path(self.ckpt) / "config.json").is_file():

@@ -75,6 +75,9 @@ def basis_functions(layer: SSM, t: Tensor, head: int = 0, input: int = 0) -> Ten
     return torch.exp(A[:, None] * t[None, :]) * B[:, None]  # [N/2, T]
 
 
+MAX_LENGTH = 1 << 16  # samples a plot shows at most
+
+
 def default_length(layer: SSM, head: int = 0) -> int:
     """Samples until the slowest mode of `head` has decayed by e^{-4} (clipped to 32..4096)."""
     decay = torch.exp(layer.log_A_real[head]).min().item() * torch.exp(layer.log_dt[head]).item()
@@ -105,8 +108,8 @@ def plot_layer(
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     L = default_length(layer, head) if length is None else length
-    if L <= 1:
-        raise ValueError(f"length must be at least 2, got {L}")
+    if not 2 <= L <= MAX_LENGTH:  # more samples than a figure has pixels only use memory
+        raise ValueError(f"length must be in [2, {MAX_LENGTH}], got {L}")
     Figure, Canvas = _figure_class()
 
     dt = torch.exp(layer.log_dt[head]).item()

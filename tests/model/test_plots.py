@@ -66,8 +66,10 @@ def test_bad_arguments(tmp_path, capsys):
         basis_functions(layer, torch.zeros(2), input=1)
     with pytest.raises(ValueError, match="n_modes"):
         plot_layer(layer, tmp_path / "a.png", n_modes=0)
-    with pytest.raises(ValueError, match="length"):
+    with pytest.raises(ValueError, match=r"^length must be in \[2, 65536\], got 1$"):
         plot_layer(layer, tmp_path / "a.png", length=1)
+    with pytest.raises(ValueError, match=r"^length must be in \[2, 65536\], got 1000000000$"):
+        plot_layer(layer, tmp_path / "a.png", length=10**9)  # had tried to allocate it
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing-ckpt")])
     assert "missing-ckpt" in capsys.readouterr().err
