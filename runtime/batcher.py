@@ -382,6 +382,7 @@ class Batcher:
             self._ready(req)
         self._recent.pop(key, None)
         self._recent[key] = req.enqueued
+        self._active(req.enqueued)  # drops the stale: only 1-input steps did (one per session)
         if not self._pump_soon:  # after the other requests of this loop iteration arrived
             self._pump_soon = True
             loop.call_soon(self._pump)

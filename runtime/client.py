@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import contextlib
 import os
 import queue
 import re
@@ -872,6 +873,9 @@ class AsyncStreamHandle:
         self._call = session.client.stub.Stream(metadata=session.client._md(session.id))
         self._turn = asyncio.Lock()  # one write and its read at a time
         self._closed = False
+        self._loop = None  # the call's, where __del__ cancels it (None: made outside a loop)
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
 
     async def send(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
@@ -914,6 +918,18 @@ class AsyncStreamHandle:
         self._closed = True
         await self._call.done_writing()
         self._call.cancel()
+
+    def __del__(self) -> None:
+        """Dropped unclosed: cancel the call, which grpc.aio keeps (and the server its Stream,
+        the session attached to it) until the channel closes. On the call's loop, whichever
+        thread drops the handle; nothing once that loop is closed."""
+        with contextlib.suppress(AttributeError, RuntimeError):  # half-built; loop closed
+            if self._closed:
+                return
+            if self._loop is None:
+                self._call.cancel()
+            else:
+                self._loop.call_soon_threadsafe(self._call.cancel)
 
     async def __aenter__(self) -> AsyncStreamHandle:
         return self

@@ -1413,3 +1413,19 @@ def test_a_request_handed_back_early_is_finished_once_so_its_sessions_queue_stay
         expected.append(y[0])
     for (y, _), want in zip(got[:3], expected):
         np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sessions_seen_only_in_prefills_do_not_pile_up(toy_tok):
+    # the activity record had been pruned only on the 1-input paths: a server that only ever
+    # prefilled (prompts, multi-token Steps, rewinds) kept one entry per session it had served
+    async def main():
+        batcher, store = await started(toy_tok, max_batch_delay=0.0, activity_window=1e-9)
+        for _ in range(200):
+            s = store.create()
+            await batcher.step(s, np.arange(3) % 11)
+            store.close(s.id)
+        recent = len(batcher._recent)
+        await batcher.close()
+        return recent
+
+    assert run(main()) <= 1

@@ -616,3 +616,33 @@ def test_a_ca_bundle_with_non_ascii_comments_loads(certs, tmp_path):
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes("# Issuer: Főtanúsítvány\n".encode() + certs.ca.read_bytes())
     assert Client("127.0.0.1:1", root_certificates=str(bundle)).credentials is not None
+
+
+def test_an_async_stream_handle_dropped_unclosed_ends_its_stream(srv):
+    # grpc.aio kept a dropped handle's call, and the server its Stream with the session
+    # attached, until the channel closed (~25 KB a handle in the client, one open Stream each)
+    async def run():
+        async with AsyncClient(target(srv), timeout=10) as c:
+            s = await c.create_session()
+            h = s.open_stream()
+            await h.send(tokens=[1])
+            del h  # not closed
+            gc.collect()
+            deadline = time.monotonic() + 20
+            while True:  # attached to the dropped one, a new Stream is refused until it ends
+                again = s.open_stream()
+                try:
+                    r = await again.send(tokens=[2])
+                    break
+                except grpc.aio.AioRpcError as e:
+                    if "attached to an open" not in (e.details() or ""):
+                        raise
+                    if time.monotonic() > deadline:
+                        pytest.fail("the dropped handle's Stream is still attached")
+                    await asyncio.sleep(0.1)
+                finally:
+                    await again.close()
+            await s.close()
+            return r.position
+
+    assert asyncio.run(asyncio.wait_for(run(), 60)) == 2
