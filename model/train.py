@@ -385,12 +385,14 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text(errors="replace").splitlines():  # a bad byte: a bad line
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode()  # a byte that is not UTF-8 makes the line unreadable
             if json.loads(line)["step"] <= step:
                 keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            log.warning("%s: dropping unreadable log line %r", path, line[:80])
+        except (ValueError, KeyError, TypeError):  # ValueError: not UTF-8, not JSON
+            shown = raw.decode(errors="replace")[:80]
+            log.warning("%s: dropping unreadable log line %r", path, shown)
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -429,7 +431,9 @@ def _resume(
                 " and ".join(moved),
                 ", ".join(f"{k}={now[k]!r}, saved {saved[k]!r}" for k in moved),
             )
-    if (saved_world := meta.get("world_size", 1)) != world_size:
+    # runs saved before the key existed recorded it only in a multi-process run's last save
+    saved_world = meta.get("world_size") or (meta.get("ddp") or {}).get("world_size")
+    if saved_world is not None and saved_world != world_size:
         log.warning(
             "resuming %s with %d process(es), saved with %s: the run continues with a global "
             "batch of %d × batch_size, so not as one long run would",

@@ -933,10 +933,12 @@ def test_resume_refuses_a_training_state_that_does_not_fit_its_model(stopped_run
 def test_resume_drops_a_log_line_that_is_not_utf8(stopped_run, tmp_path, caplog):
     out = _copy(stopped_run, tmp_path / "o")
     with (out / "train_log.jsonl").open("ab") as f:
-        f.write(b'{"step": 1, "x": "\xff"\n')
+        f.write(b'{"step": 1, "x": "\xff"}\n')  # well-formed JSON, one byte not UTF-8
     with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
         assert fit(None, _signal_cfg(out, resume=True)).step == 6
     assert any("dropping unreadable log line" in r.getMessage() for r in caplog.records)
+    assert b"\xff" not in (out / "train_log.jsonl").read_bytes()
+    assert _log_lines(out) and not [e for e in _log_lines(out) if "x" in e]
 
 
 def test_every_save_records_the_process_count_and_a_resume_with_another_warns(
@@ -989,3 +991,21 @@ def test_cli_a_save_that_fails_says_so_in_one_line_and_leaves_no_partial_file(
         "inline_container.cc:672] . unexpected pos 25280"
     ]
     assert not list((tmp_path / "o").glob("*.tmp"))
+
+
+def test_resume_of_a_checkpoint_saved_before_world_size_was_recorded(stopped_run, tmp_path, caplog):
+    # the count was then only in a multi-process run's last save (ddp.world_size); without
+    # either key it is not known, and nothing is said
+    out = _copy(stopped_run, tmp_path / "o")
+    meta = json.loads((out / "config.json").read_text())
+    del meta["world_size"]
+    for ddp, warned in ((None, False), ({"world_size": 1}, False), ({"world_size": 2}, True)):
+        (out / "config.json").write_text(json.dumps({**meta, **({"ddp": ddp} if ddp else {})}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=train_mod.__name__):
+            train_mod._resume(out, None, _signal_cfg(out, resume=True), torch.device("cpu"), 1)
+        said = [r.getMessage() for r in caplog.records if "process(es)" in r.getMessage()]
+        if warned:
+            assert len(said) == 1 and "with 1 process(es), saved with 2" in said[0]
+        else:
+            assert said == []
