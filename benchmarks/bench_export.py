@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_all import cpu_model  # noqa: E402
+from run_all import cpu_model, exit_on_sigterm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = [256, 1024, 4096, 16384, 65536]
@@ -804,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         common = dict(model_dir=model, ckpt=ckpt)
         res: dict = {
             "machine": machine(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),  # when taken (run_all's report shows it)
             "load_before": load_before,
             "model": m["model"],
             "state_size": m["state_size"],
@@ -872,4 +873,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a SIGTERM stops the server it starts and removes the temporary models
     sys.exit(main())

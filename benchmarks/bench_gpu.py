@@ -54,6 +54,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_all import dir_with, exit_on_sigterm  # noqa: E402
+
 log = logging.getLogger("bench_gpu")
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("torch_eager", "ort_fp32", "ort_fp16", "ort_slab", "ort_slab_fp16", "ort_slab_graph")
@@ -74,11 +77,11 @@ class BenchConfig:
     d_model: int = 256
     n_layers: int = 4
     d_state: int = 64
-    work: str = ".gpu_bench"
+    work: str = str(ROOT / ".gpu_bench")  # in the repository, wherever it is run from
     model_dir: str | None = None
     fp16_model_dir: str | None = None
     ckpt: str | None = None
-    out: str = "benchmarks/results/bench_gpu"
+    out: str = str(ROOT / "benchmarks" / "results" / "bench_gpu")
     threads: int | None = None
     prepare_only: bool = False
     bandwidth_gbs: float = H200_GBS  # the device's memory bandwidth, for the state floor
@@ -101,30 +104,43 @@ class BenchConfig:
 
 
 def prepare_models(cfg: BenchConfig) -> dict[str, Path | None]:
-    """{"ckpt", "fp32", "fp16"} directories, made in cfg.work where not given."""
+    """{"ckpt", "fp32", "fp16"} directories, made in cfg.work where not given; made again
+    where the cached ones are of another size than the flags ask (or another checkpoint's)."""
     work = Path(cfg.work)
     ckpt = Path(cfg.ckpt) if cfg.ckpt else work / "ckpt"
     fp32 = Path(cfg.model_dir) if cfg.model_dir else work / "fp32"
     fp16 = Path(cfg.fp16_model_dir) if cfg.fp16_model_dir else None
     if cfg.fp16_model_dir is None and cfg.model_dir is None:
         fp16 = work / "fp16"
-    if not (ckpt / "config.json").exists():
+    if cfg.ckpt is None:
         import torch
         from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
 
-        torch.manual_seed(0)
         mcfg = SSMConfig(
             vocab_size=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.n_layers, d_state=cfg.d_state
         )
-        save_checkpoint(SSMNetwork(mcfg).eval(), ckpt)
-        log.info("random checkpoint %s (S=%d)", ckpt, mcfg.state_size)
-    for dtype, d in (("fp32", fp32), ("fp16", fp16)):
-        if d is not None and not (d / "manifest.json").exists():
+        if _recorded(ckpt / "config.json") != mcfg.to_dict():
+            torch.manual_seed(0)
+            save_checkpoint(SSMNetwork(mcfg).eval(), ckpt)
+            log.info("random checkpoint %s (S=%d)", ckpt, mcfg.state_size)
+    for dtype, d, given in (("fp32", fp32, cfg.model_dir), ("fp16", fp16, cfg.fp16_model_dir)):
+        if d is None or given:  # a given model exists (parse_args checked) and is used as is
+            continue
+        if _recorded(d / "manifest.json") != _recorded(ckpt / "config.json"):
             from ssmstream.export import export_model
 
             log.info("exporting %s -> %s", dtype, d)
             export_model(ckpt, d, dtype=dtype, prefill=False, verify=False, overwrite=True)
     return {"ckpt": ckpt, "fp32": fp32, "fp16": fp16}
+
+
+def _recorded(path: Path) -> dict | None:
+    """The network config a checkpoint's config.json or a model's manifest.json records
+    (its "model"); None where there is none."""
+    try:
+        return json.loads(path.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # --- runners: each returns step(x [B] int64) -> (y [B, V] host array, bytes moved) -----------
@@ -529,10 +545,15 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--n-layers", type=int, default=d.n_layers)
     p.add_argument("--d-state", type=int, default=d.d_state)
-    p.add_argument("--work", default=d.work, help="where missing models are made")
-    p.add_argument("--model-dir", help="an exported fp32 model (default: made in --work)")
-    p.add_argument("--fp16-model-dir", help="an exported fp16 model of the same checkpoint")
-    p.add_argument("--ckpt", help="the checkpoint of --model-dir (for torch_eager)")
+    p.add_argument("--work", default=d.work, help="where missing models are made (a cache)")
+    model, checkpoint = dir_with("manifest.json"), dir_with("config.json")
+    p.add_argument(
+        "--model-dir", type=model, help="an exported fp32 model (default: made in --work)"
+    )
+    p.add_argument(
+        "--fp16-model-dir", type=model, help="an exported fp16 model of the same checkpoint"
+    )
+    p.add_argument("--ckpt", type=checkpoint, help="the checkpoint of --model-dir (torch_eager)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--out", default=d.out, help="output path without suffix")
     p.add_argument("--prepare-only", action="store_true", help="make the models and stop")
@@ -562,9 +583,18 @@ def parse_args(argv=None) -> BenchConfig:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    if cfg.prepare_only:
+    if cfg.prepare_only:  # exports need no GPU
         print(json.dumps({k: str(v) for k, v in prepare_models(cfg).items()}))
         return 0
+    if cfg.device == "cuda":  # else every variant would fail, one by one, after the exports
+        from ssmstream.runtime.providers import cuda_usable
+
+        usable, why = cuda_usable()
+        if not usable:
+            print(
+                f"bench_gpu: CUDA is not usable: {why} (--device cpu: a smoke run)", file=sys.stderr
+            )
+            return 1
     rep = run(cfg)
     for path in write(rep, cfg.out):
         print(path)
@@ -573,4 +603,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # an export under way removes its temporary directory
     sys.exit(main())

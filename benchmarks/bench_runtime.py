@@ -133,6 +133,14 @@ def export_sources_sha() -> str:
     return h.hexdigest()
 
 
+def _stamp(model_dir: Path) -> Path:
+    """The file recording the sources a cached export was made by: beside its directory, not
+    in it (the exporter overwrites only a directory that holds nothing but a model). One left
+    inside by an older version of this script is removed, for the same reason."""
+    (model_dir / ".export-sources-sha256").unlink(missing_ok=True)
+    return model_dir.with_name(model_dir.name + ".sources-sha256")
+
+
 def prepare_model(cfg: BenchConfig) -> Path:
     """The model dir to benchmark: --model, or a random-init export cached in work_dir
     (re-exported when the model config or the model/export sources changed)."""
@@ -145,7 +153,7 @@ def prepare_model(cfg: BenchConfig) -> Path:
     if cfg.ckpt:
         ckpt = Path(cfg.ckpt)
         model_dir = Path(cfg.work_dir) / f"ckpt-{ckpt.absolute().name}"
-        stamp = model_dir / ".export-sources-sha256"
+        stamp = _stamp(model_dir)
         sources = (
             export_sources_sha()
             + hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
@@ -160,7 +168,7 @@ def prepare_model(cfg: BenchConfig) -> Path:
     )
     work = Path(cfg.work_dir)
     model_dir = work / f"model-v{cfg.vocab_size}-d{cfg.d_model}-l{cfg.n_layers}-n{cfg.d_state}"
-    manifest, stamp = model_dir / "manifest.json", model_dir / ".export-sources-sha256"
+    manifest, stamp = model_dir / "manifest.json", _stamp(model_dir)
     sources = export_sources_sha()
     if (
         manifest.exists()
@@ -726,6 +734,7 @@ def run(cfg: BenchConfig) -> dict:
         "model": {k: info[k] for k in ("name", "vocab_size", "state_size", "d_output", "dtype")},
         "provider": engine.provider,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),  # when taken (run_all's report shows it)
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     previous = Path(cfg.out) / f"{cfg.name}.json"
@@ -826,4 +835,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from run_all import exit_on_sigterm
+
+    exit_on_sigterm()  # an export under way removes its temporary directory
     sys.exit(main())

@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
 from localcluster import LocalCluster, ReplicaProcess  # noqa: E402
+from run_all import dir_with, exit_on_sigterm, int_at_least  # noqa: E402
 from ssmstream.runtime.client import AsyncClient, resumable_error  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -273,17 +274,17 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--model",
-        default=None,
+        type=dir_with("manifest.json"),
         help="exported model dir (ssmstream export); default: the shipped byte-lm checkpoint, "
         "exported into --work-dir (again only when model/ or export/ changed)",
     )
     p.add_argument(
         "--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "ssmstream-bench-scaleout"
     )
-    p.add_argument("--clients", type=int, default=32, help="concurrent Stream clients")
+    p.add_argument("--clients", type=int_at_least(1), default=32, help="concurrent Stream clients")
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--replicas", type=int_at_least(1), nargs="+", default=[1, 2, 3])
     p.add_argument("--persist-every", default="100ms", help="mode of the throughput runs")
     p.add_argument("--lease-ttl", type=float, nargs="+", default=[1.0, 3.0],
                    help="failover runs, one per lease TTL")  # fmt: skip
@@ -320,4 +321,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a SIGTERM stops the replicas, redis and nginx it started
     sys.exit(main())

@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_all import cpu_model  # noqa: E402
+from run_all import cpu_model, dir_with, exit_on_sigterm, int_at_least, ints_at_least  # noqa: E402
 
 log = logging.getLogger("bench_server")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -220,13 +220,19 @@ class ServerProc:
         with pinned(cpus):  # inherited across fork and exec (no preexec_fn: this process
             # may run gRPC threads, and Python code between fork and exec can deadlock)
             self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while not port_file.is_file():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server failed to start:\n{self.log_path.read_text()}")
-            time.sleep(0.05)
-        ports = json.loads(port_file.read_text())
-        self.port, self.metrics_port = ports["port"], ports.get("metrics_port")
+        try:
+            deadline = time.monotonic() + 120
+            while not port_file.is_file():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server failed to start:\n{self.log_path.read_text()}")
+                time.sleep(0.05)
+            ports = json.loads(port_file.read_text())
+            self.port, self.metrics_port = ports["port"], ports.get("metrics_port")
+        except BaseException:  # not started, or interrupted while starting: leave no process
+            self.proc.kill()
+            self.proc.wait()
+            self._log.close()
+            raise
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -932,26 +938,42 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     d = BenchConfig()
-    p.add_argument("--model", default=d.model, help="exported model dir (default: build one)")
+    p.add_argument(
+        "--model", type=dir_with("manifest.json"), help="exported model dir (default: build one)"
+    )
     p.add_argument("--d-model", type=int, default=d.d_model, help="random model: d_model")
     p.add_argument("--n-layers", type=int, default=d.n_layers, help="random model: layers")
     p.add_argument("--d-state", type=int, default=d.d_state, help="random model: d_state")
-    p.add_argument("--clients", default="1,16,64,256", help="comma-separated client counts")
-    p.add_argument("--budget", type=int, default=d.budget, help="measured tokens per run")
-    p.add_argument("--tokens-per-client", type=int, default=0, help="override the budget split")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="batching on: max batch")
+    p.add_argument(
+        "--clients", type=ints_at_least(1), default=d.clients, help="comma-separated client counts"
+    )
+    p.add_argument(
+        "--budget", type=int_at_least(1), default=d.budget, help="measured tokens per run"
+    )
+    p.add_argument(
+        "--tokens-per-client", type=int_at_least(0), default=0,
+        help="override the budget split (0: the budget's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-batch", type=int_at_least(1), default=d.max_batch, help="batching on: max batch"
+    )
     p.add_argument("--max-batch-delay", type=float, default=d.max_batch_delay, help="seconds")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--client-procs", type=int, default=0, help="client processes; 0: min(4, CPUs)")
     p.add_argument(
-        "--threads", type=int, default=None, help="onnxruntime threads (server and bare step)"
+        "--client-procs", type=int_at_least(0), default=0, help="client processes; 0: min(4, CPUs)"
+    )
+    p.add_argument(
+        "--threads", type=int_at_least(1), help="onnxruntime threads (server and bare step)"
     )
     p.add_argument("--no-echo", action="store_true", help="skip the bare grpc.aio echo floor")
     p.add_argument(
         "--server-cpus", default=None, help="CPU list for servers and bare engine, e.g. 0 or 0,1"
     )
     p.add_argument(
-        "--repeats", type=int, default=d.repeats, help="rounds; each row is the median round"
+        "--repeats",
+        type=int_at_least(1),
+        default=d.repeats,
+        help="rounds; each row is the median round",
     )
     p.add_argument(
         "--server-arg", action="append", default=[], dest="server_args",
@@ -966,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
         d_model=a.d_model,
         n_layers=a.n_layers,
         d_state=a.d_state,
-        clients=tuple(int(c) for c in a.clients.split(",")),
+        clients=a.clients,
         budget=a.budget,
         tokens_per_client=a.tokens_per_client,
         max_batch=a.max_batch,
@@ -1006,4 +1028,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a SIGTERM stops the servers and removes the temporary model
     sys.exit(main())

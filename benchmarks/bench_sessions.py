@@ -52,7 +52,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import EchoProc  # noqa: E402
-from run_all import cpu_model  # noqa: E402
+from run_all import cpu_model, dir_with, exit_on_sigterm, int_at_least  # noqa: E402
 
 log = logging.getLogger("bench_sessions")
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,8 @@ SHIPPED = ROOT / "examples" / "checkpoints" / "byte-lm"
 class Server:
     """`ssmstream serve` in a subprocess on 127.0.0.1 (an ephemeral port)."""
 
+    START_SECONDS = 120.0  # to write its port file
+
     def __init__(self, model: str, *flags: str):
         self.dir = tempfile.mkdtemp(prefix="bench-sessions-")
         port_file = os.path.join(self.dir, "port.json")
@@ -70,16 +72,26 @@ class Server:
                "--port-file", port_file, "--device", "cpu", "--log-level", "WARNING",
                *flags]  # fmt: skip
         self.proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 120
-        while not os.path.exists(port_file):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {cmd}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{json.loads(Path(port_file).read_text())['port']}"
+        try:
+            deadline = time.monotonic() + self.START_SECONDS
+            while not os.path.exists(port_file):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: {cmd}")
+                time.sleep(0.05)
+            self.address = f"127.0.0.1:{json.loads(Path(port_file).read_text())['port']}"
+        except BaseException:  # not started, or interrupted while starting: leave nothing
+            self.proc.kill()
+            self.proc.wait()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -105,10 +117,10 @@ def run(model: str, T: int, rounds: int, seed: int = 0, cache_mb: float = 16) ->
 
     rng = np.random.default_rng(seed)
     load_at_start = list(os.getloadavg())
-    on = Server(model, "--prefix-cache-mb", str(cache_mb))
-    off = Server(model, "--prefix-cache-mb", "0")
-    echo = None
-    try:
+    on = off = echo = None
+    try:  # each server started is stopped, also when a later one fails to start
+        on = Server(model, "--prefix-cache-mb", str(cache_mb))
+        off = Server(model, "--prefix-cache-mb", "0")
         with Client(on.address, timeout=120) as c_on, Client(off.address, timeout=120) as c_off:
             info = c_on.info()
             echo = EchoProc(info.d_output)
@@ -162,10 +174,9 @@ def run(model: str, T: int, rounds: int, seed: int = 0, cache_mb: float = 16) ->
                 if top > s.position:  # back to where the window was
                     s.step(tokens=rng.integers(0, V, top - s.position).tolist(), output="none")
     finally:
-        on.stop()
-        off.stop()
-        if echo is not None:
-            echo.stop()
+        for server in (on, off, echo):
+            if server is not None:
+                server.stop()
     times |= {"rewind": rewind, "chunk_step_and_snapshot": replay}
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {
@@ -175,6 +186,7 @@ def run(model: str, T: int, rounds: int, seed: int = 0, cache_mb: float = 16) ->
         "cache_mb": cache_mb,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
         "cpu": cpu_model(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),  # when taken (run_all's report shows it)
         "load_avg_start": load_at_start,
         "load_avg": list(os.getloadavg()),
         "median_s": med,
@@ -228,9 +240,15 @@ def report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=None, help="exported model dir (default: export byte-lm)")
-    p.add_argument("--prompt-len", type=int, default=1024, help="T, prompt tokens")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measure")
+    p.add_argument(
+        "--model",
+        type=dir_with("manifest.json"),
+        help="exported model dir (default: export byte-lm)",
+    )
+    p.add_argument("--prompt-len", type=int_at_least(1), default=1024, help="T, prompt tokens")
+    p.add_argument(
+        "--rounds", type=int_at_least(1), default=15, help="interleaved rounds per measure"
+    )
     p.add_argument(
         "--cache-mb", type=float, default=16, help="the prefix cache, filled before the rounds"
     )
@@ -255,4 +273,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a SIGTERM stops the servers and removes the temporary model
     sys.exit(main())

@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import ServerProc  # noqa: E402
+from run_all import dir_with, exit_on_sigterm, int_at_least, ints_at_least  # noqa: E402
 
 log = logging.getLogger("profile_server")
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,10 +160,18 @@ def report(results: list[dict], seconds: int, rate: int, model: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=None, help="exported model dir (default: export byte-lm)")
-    p.add_argument("--clients", default="1,64", help="comma-separated client counts")
-    p.add_argument("--seconds", type=int, default=1, help="profile length per client count")
-    p.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    p.add_argument(
+        "--model",
+        type=dir_with("manifest.json"),
+        help="exported model dir (default: export byte-lm)",
+    )
+    p.add_argument(
+        "--clients", type=ints_at_least(1), default=(1, 64), help="comma-separated client counts"
+    )
+    p.add_argument(
+        "--seconds", type=int_at_least(1), default=1, help="profile length per client count"
+    )
+    p.add_argument("--rate", type=int_at_least(1), default=500, help="py-spy samples per second")
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             model = str(export_model(SHIPPED, Path(tmp) / "model"))
             label = f"{SHIPPED.relative_to(ROOT)} (exported)"
         results = []
-        for C in (int(c) for c in a.clients.split(",")):
+        for C in a.clients:
             log.info("profiling the server at %d client(s)", C)
             results.append(profile(model, C, a.seconds, a.rate, Path(tmp), out))
     text = report(results, a.seconds, a.rate, label)
@@ -188,4 +197,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a SIGTERM stops the server and removes the temporary model
     sys.exit(main())

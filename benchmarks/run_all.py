@@ -39,9 +39,11 @@ import logging
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +57,64 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 QUICK_RESULTS = Path("/tmp/ssmstream-bench-quick")
 STATUS_FILE = "run_all.json"  # what the last run_all did (exit codes, seconds)
+
+
+# --- what the benchmark scripts share ----------------------------------------------------
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143) in the main thread: by default it ends the process
+    at once, skipping the `finally` blocks that stop a benchmark's servers and remove its
+    temporary directories (run_all's --timeout and Ctrl-C send it; so does `kill`). A second
+    SIGTERM ends the process at once, as before. For a script's `__main__` block: a process
+    wide setting, not one for a `main()` that tests or other scripts call."""
+    if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise SystemExit(128 + signum)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low (else a usage error that names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def ints_at_least(low: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers, each >= low ("1,16,64")."""
+    one = int_at_least(low)
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(one(x) for x in text.split(",") if x.strip())
+        if not values:
+            raise argparse.ArgumentTypeError("no values given")
+        return values
+
+    return parse
+
+
+def dir_with(name: str) -> Callable[[str], str]:
+    """An argparse type: a directory holding the file `name` (manifest.json: an exported
+    model; config.json: a checkpoint), checked before any work starts."""
+
+    def parse(text: str) -> str:
+        if not (Path(text) / name).is_file():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a directory holding {name}")
+        return text
+
+    return parse
 
 
 # --- the benchmarks ----------------------------------------------------------------------
@@ -71,12 +131,17 @@ class Bench:
     results: str = ""  # base name of its result files (default: the script's stem)
     out_prefix: bool = False  # its --out is a path without suffix, not a directory
     needs_cuda: bool = False  # run by default only where CUDA is usable
+    # its quick run caches its exported model in OUT/runtime-model (--work-dir): one cache
+    # per results directory, so two checkouts do not share one
+    quick_cache: bool = False
 
     def __post_init__(self):
         self.results = self.results or Path(self.script).stem
 
     def command(self, out: Path, quick: bool) -> list[str]:
         args = self.quick if quick else self.full
+        if quick and self.quick_cache:
+            args = [*args, "--work-dir", str(out / "runtime-model")]
         dest = out / self.results if self.out_prefix else out
         return [sys.executable, str(HERE / self.script), *args, "--out", str(dest)]
 
@@ -102,14 +167,16 @@ BENCHMARKS = [
     Bench(
         "runtime",
         "bench_runtime.py",
-        quick=[*_TINY, *_SHORT, "--work-dir", str(QUICK_RESULTS / "runtime-model")],
+        quick=[*_TINY, *_SHORT],
+        quick_cache=True,
     ),
     Bench(
         "runtime_small",  # the same with a small state (S = 2048): where batching pays most
         "bench_runtime.py",
         full=_SMALL,
-        quick=[*_SMALL, *_SHORT, "--work-dir", str(QUICK_RESULTS / "runtime-model")],
+        quick=[*_SMALL, *_SHORT],
         results="bench_runtime_small",
+        quick_cache=True,
     ),
     Bench(
         "runtime_shipped",  # the shipped byte-level LM (S = 16,384): the realistic case
@@ -125,9 +192,9 @@ BENCHMARKS = [
             "1",
             "--overhead-calls",
             "500",
-        ]
-        + ["--work-dir", str(QUICK_RESULTS / "runtime-model")],
+        ],
         results="bench_runtime_shipped",
+        quick_cache=True,
     ),
     Bench(
         "server",
@@ -149,20 +216,22 @@ BY_NAME = {b.name: b for b in BENCHMARKS}
 
 
 def run_one(cmd: list[str], timeout: float | None) -> int | str:
-    """Run one benchmark in its own process group; on timeout or Ctrl-C stop the whole group
-    (benchmarks start servers and worker processes of their own)."""
+    """Run one benchmark in its own process group; on timeout, Ctrl-C or SIGTERM stop the
+    whole group (benchmarks start servers and worker processes of their own)."""
     proc = subprocess.Popen(cmd, cwd=HERE.parent, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _stop_group(proc)
         return "timeout"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         _stop_group(proc)
         raise
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM first: each benchmark then stops its servers and removes its temporary
+    directories (exit_on_sigterm); SIGKILL after a grace period."""
     for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -1062,6 +1131,19 @@ def _model_of(res: dict, name: str) -> str:
     return ""
 
 
+def _written(r: dict, path: Path) -> str:
+    """When a result was taken: the time its JSON records (meta.time, meta.date or a
+    top-level time / when, by benchmark), else its file's mtime, which a fresh clone or a
+    copy resets: marked as such."""
+    meta = r.get("meta") if isinstance(r.get("meta"), dict) else {}
+    for when in (meta.get("time"), meta.get("date"), r.get("time"), r.get("when")):
+        try:
+            return f"{datetime.datetime.fromisoformat(when):%Y-%m-%d %H:%M}"
+        except (TypeError, ValueError):
+            continue
+    return f"{datetime.datetime.fromtimestamp(path.stat().st_mtime):%Y-%m-%d %H:%M} (file time)"
+
+
 def _shown(path: Path) -> str:
     """A results path as the reader knows it: relative to the repository when inside it."""
     try:
@@ -1090,12 +1172,16 @@ def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]
     missed = [r for r in rows if r.met is False]
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     now = datetime.datetime.now().isoformat(timespec="seconds")
+    rebuild = "python benchmarks/run_all.py --report-only"  # with the paths it was built from
+    if results.resolve() != RESULTS.resolve():
+        rebuild += f" --results {shlex.quote(_shown(results))}"
+    if report.resolve() != (results / "REPORT.md").resolve():
+        rebuild += f" --report {shlex.quote(_shown(report))}"
     lines = [
         "# ssmstream — benchmark report",
         "",
         f"Built {now} by `benchmarks/run_all.py` from the results in "
-        f"`{_shown(results)}/` (rebuild: `python benchmarks/run_all.py "
-        "--report-only`; rerun everything: `make bench`).",
+        f"`{_shown(results)}/` (rebuild: `{rebuild}`; rerun everything: `make bench`).",
         "",
         "## Machine",
         "",
@@ -1117,14 +1203,14 @@ def render(res: dict, results: Path, report: Path, plots: dict[str, Path | None]
         if name not in res:
             lines.append(f"| {name} | no results yet | | | |")
             continue
-        when = datetime.datetime.fromtimestamp((results / f"{name}.json").stat().st_mtime)
+        when = _written(res[name], results / f"{name}.json")
         try:
             model = _model_of(res, name)
         except (KeyError, TypeError, AttributeError) as e:  # an older or partial result
             model = f"not recorded ({type(e).__name__}: {e})"
         lines.append(
             f"| [{name}]({_rel(results / f'{name}.md', report.parent)}) | "
-            f"{when:%Y-%m-%d %H:%M} | {_cpu_of(res, name)} | {_load(res, name)} | {model} |"
+            f"{when} | {_cpu_of(res, name)} | {_load(res, name)} | {model} |"
         )
     lines += [
         "",
@@ -1273,4 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ssmstream.runtime.cli import run_command
+
+    exit_on_sigterm()  # a `kill` of run_all stops the running benchmark's group too (run_one)
+    sys.exit(run_command(main, "run_all.py"))

@@ -45,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import BenchConfig, ServerProc, build_model  # noqa: E402
+from run_all import dir_with, exit_on_sigterm  # noqa: E402
 
 log = logging.getLogger("soak")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -367,7 +368,10 @@ def _plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     d = SoakConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=None, help="exported token model dir (default: build one)")
+    p.add_argument(
+        "--model", type=dir_with("manifest.json"),
+        help="exported token model dir (default: build one)",
+    )  # fmt: skip
     p.add_argument("--sessions", type=int, default=d.sessions, help="concurrent sessions C")
     p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per session N")
     p.add_argument("--client-procs", type=int, default=d.client_procs, help="client processes")
@@ -411,4 +415,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a SIGTERM stops the server and removes the temporary model
     sys.exit(main())

@@ -461,3 +461,39 @@ def test_a_runtime_benchmark_of_a_given_checkpoint_is_labelled_by_it_not_by_unus
     assert label == "examples/checkpoints/byte-lm; S = 16,384; CPUExecutionProvider"
     res["bench_runtime_shipped"]["config"] = {**config, "ckpt": None}
     assert ra._model_of(res, "bench_runtime_shipped").startswith("d_model 128, 4 layers, N 64;")
+
+
+def test_quick_runtime_model_cache_is_per_results_dir(ra, tmp_path):
+    """The quick runs cached their model in one fixed /tmp dir, shared by every checkout."""
+    for name in ("runtime", "runtime_small", "runtime_shipped"):
+        cmd = ra.BY_NAME[name].command(tmp_path, quick=True)
+        assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / "runtime-model")
+        assert "--work-dir" not in ra.BY_NAME[name].command(tmp_path, quick=False)
+
+
+def test_results_written_is_the_time_the_json_records(ra, tmp_path):
+    """Not the file's mtime (a fresh clone's time): that only where nothing is recorded."""
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    assert ra._written({"meta": {"time": "2026-11-25T23:58:41"}}, path) == "2026-11-25 23:58"
+    assert ra._written({"meta": {"date": "2026-12-05 07:23"}}, path) == "2026-12-05 07:23"
+    assert ra._written({"when": "2026-01-02 03:04:05"}, path) == "2026-01-02 03:04"
+    assert ra._written({"time": "2026-01-02T03:04:05"}, path) == "2026-01-02 03:04"
+    assert ra._written({"meta": {"time": None}}, path).endswith("(file time)")
+    server = _server([_run(1, True)])["bench_server"]
+    server["meta"]["time"] = "2020-02-03T04:05:06"
+    server["config"] = {"d_model": 8, "n_layers": 1, "d_state": 4}
+    (tmp_path / "bench_server.json").write_text(json.dumps(server))
+    assert ra.main(["--report-only", "--results", str(tmp_path)]) == 0
+    lines = (tmp_path / "REPORT.md").read_text().splitlines()
+    row = next(x for x in lines if x.startswith("| [bench_server]"))
+    assert row.split(" | ")[1] == "2020-02-03 04:05"
+
+
+def test_rebuild_hint_names_the_results_and_report_it_was_built_from(ra, tmp_path):
+    assert ra.main(["--report-only", "--results", str(tmp_path)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert f"(rebuild: `python benchmarks/run_all.py --report-only --results {tmp_path}`;" in text
+    report = tmp_path / "other" / "R.md"
+    assert ra.main(["--report-only", "--results", str(tmp_path), "--report", str(report)]) == 0
+    assert f"--report-only --results {tmp_path} --report {report}`;" in report.read_text()

@@ -1,0 +1,167 @@
+"""The benchmarks leave nothing behind and survive their own caches: SIGTERM stops their
+servers and removes their temporary directories (run_all.exit_on_sigterm), a server that does
+not start is killed and its directory removed, one that did start is stopped when the next
+fails, and a cached export made by other sources (or of other sizes) is made again."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from scripts import ROOT, load_script
+
+build_toy = load_script("tests/runtime/conftest.py").build_toy
+
+
+def test_exit_on_sigterm_raises_system_exit_143_once():
+    ra = load_script("benchmarks/run_all.py")
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        ra.exit_on_sigterm()
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between two bytecodes
+        assert e.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second one: at once
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+# --- bench_sessions' servers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """Where tempfile puts the servers' directories (to see that they are removed)."""
+    d = tmp_path / "scratch"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def test_a_server_that_does_not_start_leaves_no_directory(tmp_path, scratch):
+    bench = load_script("benchmarks/bench_sessions.py")
+    with pytest.raises(RuntimeError, match="server did not start"):
+        bench.Server(str(tmp_path / "no-such-model"))
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_server_past_its_start_deadline_is_killed(tmp_path, scratch, monkeypatch):
+    bench = load_script("benchmarks/bench_sessions.py")
+    toy = build_toy(tmp_path / "toy", V=11, d_out=11)
+    started = []
+
+    class Popen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(bench.subprocess, "Popen", Popen)
+    monkeypatch.setattr(bench.Server, "START_SECONDS", 0.2)  # before it writes its port file
+    with pytest.raises(RuntimeError, match="server did not start"):
+        bench.Server(str(toy["model_dir"]))
+    assert started[0].returncode == -signal.SIGKILL
+    assert list(scratch.iterdir()) == []
+
+
+def test_the_first_server_is_stopped_when_the_second_fails_to_start(monkeypatch):
+    bench = load_script("benchmarks/bench_sessions.py")
+    made = []
+
+    class Server:
+        def __init__(self, model, *flags):
+            if made:
+                raise RuntimeError("server did not start")
+            made.append(self)
+            self.stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    monkeypatch.setattr(bench, "Server", Server)
+    with pytest.raises(RuntimeError, match="server did not start"):
+        bench.run("model", T=4, rounds=1)
+    assert made[0].stopped
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_sigterm_to_bench_sessions_stops_its_servers_and_removes_its_directories(tmp_path):
+    """SIGTERM to the benchmark alone (as `kill PID`): its servers had kept running."""
+    toy = build_toy(tmp_path / "toy", V=11, d_out=11)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench_sessions.py"), "--model",
+           str(toy["model_dir"]), "--prompt-len", "16", "--rounds", "100000",
+           "--cache-mb", "0.01", "--out", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(scratch.glob("bench-sessions-*/port.json"))) < 2:  # both servers up
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        servers = _descendants(proc.pid)
+        assert servers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [pid for pid in servers if _running(pid)] == []
+    assert list(scratch.glob("bench-sessions-*")) == []  # the servers' and the model's dirs
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+# --- cached exports -----------------------------------------------------------------------------
+
+
+def test_bench_runtime_reexports_its_cache_after_the_sources_change(tmp_path, monkeypatch):
+    """The stamp it wrote into the model dir made the exporter refuse to overwrite it."""
+    import ssmstream.export
+
+    br = load_script("benchmarks/bench_runtime.py")
+    quick = functools.partial(ssmstream.export.export_model, prefill=False, verify=False)
+    monkeypatch.setattr(ssmstream.export, "export_model", quick)  # the same overwrite checks
+    cfg = br.BenchConfig(work_dir=str(tmp_path), vocab_size=16, d_model=8, n_layers=1, d_state=4)
+    model = br.prepare_model(cfg)
+    first = (model / "manifest.json").stat().st_mtime_ns
+    assert br.prepare_model(cfg) == model  # the same sources: the cache is used
+    assert (model / "manifest.json").stat().st_mtime_ns == first
+    monkeypatch.setattr(br, "export_sources_sha", lambda: "model/ or export/ edited")
+    assert br.prepare_model(cfg) == model
+    assert (model / "manifest.json").stat().st_mtime_ns != first  # exported again
+    assert not (model / ".export-sources-sha256").exists()
+
+
+def test_bench_gpu_remakes_its_cached_models_when_the_size_flags_change(tmp_path):
+    bg = load_script("benchmarks/bench_gpu.py")
+    sizes = dict(vocab=16, d_model=8, n_layers=1, d_state=4)
+    models = bg.prepare_models(bg.BenchConfig(device="cpu", work=str(tmp_path), **sizes))
+    for d in (models["fp32"], models["fp16"]):
+        assert json.loads((d / "manifest.json").read_text())["model"]["d_state"] == 4
+    models = bg.prepare_models(
+        bg.BenchConfig(device="cpu", work=str(tmp_path), **{**sizes, "d_state": 8})
+    )
+    assert json.loads((models["ckpt"] / "config.json").read_text())["model"]["d_state"] == 8
+    for d in (models["fp32"], models["fp16"]):
+        assert json.loads((d / "manifest.json").read_text())["model"]["d_state"] == 8
