@@ -770,11 +770,11 @@ class AsyncClientSession:
     def __repr__(self) -> str:
         return f"AsyncClientSession(id={self.id!r}, position={self.position})"
 
-    async def rewind(self, position: int) -> int:
+    async def rewind(self, position: int, timeout: float | None = None) -> int:
         """As ClientSession.rewind."""
         s = await self.client.stub.RewindSession(
             pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1)),
-            **self.client._kw(self.id),
+            **self.client._kw(self.id, timeout),
         )
         self.position = s.position
         return s.position

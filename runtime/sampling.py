@@ -4,7 +4,8 @@ Given logits z ∈ R^V for a vocabulary of V tokens:
 
     greedy (temperature = 0):  t = argmax_v z_v
     temperature τ > 0:         p_v = exp(z_v / τ) / Σ_w exp(z_w / τ)
-    top-k (k > 0):             keep the k most likely tokens, renormalize
+    top-k (k > 0):             keep the k most likely tokens (and any tied with the k-th),
+                               renormalize
     top-p (0 < p < 1):         keep the smallest set of most likely tokens whose
                                probability sums to ≥ p (nucleus sampling), renormalize
 
@@ -29,7 +30,7 @@ class SamplingConfig:
     """How to pick the next token.
 
     temperature: 0 → greedy (argmax); > 0 divides the logits.
-    top_k: 0 → off; else keep the k most likely tokens.
+    top_k: 0 → off; else keep the k most likely tokens (and any tied with the k-th).
     top_p: 1.0 → off; else nucleus sampling with mass p, 0 < p ≤ 1.
     seed: None → nondeterministic; else the seed of the generator.
     """

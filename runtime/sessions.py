@@ -51,6 +51,7 @@ from .errors import (
     InvalidInput,
     LimitExceeded,
     ModelError,
+    OutOfRange,
     SessionBusy,
     SessionNotFound,
     Unavailable,
@@ -533,16 +534,14 @@ class SessionStore:
         or the arguments are malformed. Returns the new position.
         """
         consumed = integer(consumed, "consumed")
-        new_state = np.asarray(new_state)
-        if new_state.shape != (self.state_size,):
-            raise InvalidInput(
-                "new_state", f"must have shape [{self.state_size}], got {new_state.shape}"
-            )
-        if new_state.dtype != np.float32:
-            raise InvalidInput("new_state", f"must be float32, got {new_state.dtype}")
-
+        new_state = self._row(new_state, "new_state")
         with self._lock:
             self._check_live(s)
+            if consumed > MAX_POSITION - s._position:  # no snapshot or save could hold it
+                raise OutOfRange(
+                    "consumed", f"{consumed} inputs would take the session at position "
+                    f"{s._position} past the largest position, 2**63 - 1",
+                )  # fmt: skip
             self._wait_returned(s)
             self.slab.write(s._slot, new_state)
             results = self._advance([s], consumed)
@@ -551,13 +550,22 @@ class SessionStore:
             raise result
         return result
 
+    def _row(self, state, field: str) -> np.ndarray:
+        """A session's state as given to commit or rewind: float32 [S], else InvalidInput."""
+        state = np.asarray(state)
+        if state.shape != (self.state_size,):
+            raise InvalidInput(field, f"must have shape [{self.state_size}], got {state.shape}")
+        if state.dtype != np.float32:
+            raise InvalidInput(field, f"must be float32, got {state.dtype}")
+        return state
+
     def rewind(self, s: Session, state: np.ndarray, position: int) -> None:
         """Set a session back to an earlier `position` with `state` [S] (the caller computed
         it from the session's History). All or nothing, like commit."""
+        state = self._row(state, "state")
         with self._lock:
             self._check_live(s)
-            if not 0 <= position <= s._position:
-                raise InvalidInput("position", f"must be in [0, {s._position}], got {position}")
+            position = integer(position, "position", 0, s._position)
             self._wait_returned(s)
             self.slab.write(s._slot, state)
             s._position = position

@@ -603,3 +603,22 @@ def test_a_send_interrupted_while_it_waits_ends_the_stream_instead_of_answering_
             time.sleep(0.01)  # the server lets go of the ended stream
         assert s.step(tokens=[7]).position in (3, 6)  # the interrupted request: applied or not
         s.close()
+
+
+@pytest.mark.parametrize(
+    "sync, aio",
+    [("Client", "AsyncClient"), ("ClientSession", "AsyncClientSession"),
+     ("StreamHandle", "AsyncStreamHandle")],
+)  # fmt: skip
+def test_the_async_client_has_every_method_of_the_sync_one_with_its_parameters(sync, aio):
+    # "same methods as Client, awaited": AsyncClientSession.rewind had lacked timeout=
+    import inspect
+
+    from ssmstream.runtime import client
+
+    sync, aio = getattr(client, sync), getattr(client, aio)
+    for name, f in inspect.getmembers(sync, inspect.isfunction):
+        if not name.startswith("_"):
+            assert hasattr(aio, name), f"{aio.__name__}.{name} is missing"
+            params = [list(inspect.signature(g).parameters) for g in (f, getattr(aio, name))]
+            assert params[0] == params[1], f"{aio.__name__}.{name}: {params[1]} != {params[0]}"

@@ -20,6 +20,7 @@ from ssmstream.runtime.errors import (
     InvalidInput,
     LimitExceeded,
     ModelError,
+    OutOfRange,
     SessionBusy,
     SessionNotFound,
     Unavailable,
@@ -27,6 +28,7 @@ from ssmstream.runtime.errors import (
 from ssmstream.runtime.sessions import STORE_FILE, SessionStore, check_session_id
 from ssmstream.runtime.snapshots import (
     _STORE_HEAD,
+    MAX_POSITION,
     MIN_KEY_BYTES,
     STORE_MAGIC,
     VERSION,
@@ -957,10 +959,48 @@ def test_rewind_refuses_a_negative_position_and_changes_nothing():
     with pytest.raises(InvalidInput) as e:
         store.rewind(s, np.zeros(4, np.float32), -1)
     assert e.value.field == "position"
-    assert str(e.value) == "position: must be in [0, 3], got -1"
+    assert str(e.value) == "position: must be an integer in [0, 3], got -1"
     assert s.position == 3 and np.array_equal(store.read(s), x)
     store.rewind(s, np.zeros(4, np.float32), 0)
     assert s.position == 0
+
+
+@pytest.mark.parametrize(
+    "state, position, field",
+    [
+        (np.zeros(4, np.float32), 1.5, "position"),  # had been stored: no snapshot took it
+        (np.zeros(4, np.float32), True, "position"),
+        (np.zeros(3, np.float32), 1, "state"),
+        (np.array(["a"] * 4), 1, "state"),  # had been numpy's ValueError
+        (np.zeros(4, np.float64), 1, "state"),
+    ],
+)
+def test_rewind_refuses_a_malformed_position_or_state_and_changes_nothing(state, position, field):
+    store = SessionStore(4, capacity=2)
+    s = store.create("p", "a")
+    x = np.arange(4, dtype=np.float32)
+    store.commit(s, x, 3)
+    with pytest.raises(InvalidInput) as e:
+        store.rewind(s, state, position)
+    assert e.value.field == field
+    assert s.position == 3 and type(s.position) is int and np.array_equal(store.read(s), x)
+    store.snapshot("a", "p")  # still whole
+
+
+def test_commit_past_the_largest_position_is_refused_and_changes_nothing(tmp_path):
+    # it had been committed: its snapshot was refused, and the saved file it went into
+    # refused at the next load, with every other session in it
+    store = SessionStore(4, capacity=2, snapshot_key=KEY)
+    s = store.create("p", "a")
+    x = np.arange(4, dtype=np.float32)
+    store.commit(s, x, MAX_POSITION - 2)
+    with pytest.raises(OutOfRange) as e:
+        store.commit(s, np.ones(4, np.float32), 3)
+    assert e.value.field == "consumed" and "past the largest position, 2**63 - 1" in str(e.value)
+    assert s.position == MAX_POSITION - 2 and np.array_equal(store.read(s), x)
+    assert store.commit(s, x, 2) == MAX_POSITION  # up to the largest itself
+    store.save(tmp_path)
+    assert SessionStore(4, capacity=2, snapshot_key=KEY).load(tmp_path) == 1
 
 
 def test_a_rewind_restarts_the_idle_timer():
