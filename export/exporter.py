@@ -586,9 +586,11 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
                         f"a temporary sibling '.NAME.<8 hex>.tmp' ({len(tmp.name)} characters, "
                         "more than the filesystem allows); use a shorter name"
                     ) from e
-                raise ExportError(
-                    f"--out {out_dir}: cannot write into {parent}: {e.strerror or e}"
-                ) from e
+                why = e.strerror or e
+                if isinstance(e, (FileExistsError, NotADirectoryError)):  # a file on the path
+                    file = next(p for p in (parent, *parent.parents) if p.exists())
+                    why = f"{file} is not a directory"
+                raise ExportError(f"--out {out_dir}: cannot write into {parent}: {why}") from e
 
 
 def _graph_files(model_dir: Path) -> list[str]:

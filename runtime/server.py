@@ -55,7 +55,7 @@ from .prefix_cache import entry_bytes
 from .service import DRAINING, ServiceLimits, SessionService
 from .servicer import StreamingInferenceServicer, max_send_bytes, snapshot_message_bytes
 from .sessions import STORE_FILE
-from .snapshots import SnapshotKey
+from .snapshots import KEY_FILE, SnapshotKey
 from .status import SERVICE_NAME, DecodeGuard
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,11 @@ def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
     if config.snapshot_key:
         return SnapshotKey.from_file(config.snapshot_key)
     if config.state_dir:
-        return SnapshotKey.in_dir(config.state_dir)
+        try:
+            return SnapshotKey.in_dir(config.state_dir)
+        except OSError as e:  # a full disk
+            key = Path(config.state_dir) / KEY_FILE
+            raise InvalidInput("state_dir", f"cannot write {key}: {e.strerror or e}") from e
     if config.state_store == "memory":
         log.warning(
             "snapshots are signed with a random key: they are valid until this server stops "
@@ -535,9 +539,9 @@ def _write_port_file(path: str, port: int, metrics_port: int | None) -> str:
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:  # a full disk: the check at start wrote an empty file only
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise InvalidInput("port_file", f"cannot write {path}: {e.strerror or e}") from e
     return text
 
 

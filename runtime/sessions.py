@@ -736,6 +736,7 @@ class SessionStore:
 
     def _save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
+        self.snapshot_key.keep()  # removed with the directory: the file is unreadable without it
         path = directory / STORE_FILE
         with self._lock:
             self._wait_returned()

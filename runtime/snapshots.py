@@ -59,6 +59,26 @@ _KEY_ID, _MAC = 8, 32
 _TRAILER = _KEY_ID + _MAC
 
 
+def _write_key(path: Path, secret: bytes) -> bool:
+    """Write a key file (mode 0600) whole to a private file, then link it into place: servers
+    starting together on one directory never read a half-written key, and all of them end up
+    with the one linked first. False when another process linked one meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:  # another process made it meanwhile: use theirs
+        return False
+    finally:
+        tmp.unlink()
+
+
 class SnapshotKey:
     """The server's signing key. `sign(body)` appends key id + HMAC; `verify` checks them."""
 
@@ -67,6 +87,7 @@ class SnapshotKey:
             raise InvalidInput("snapshot_key", f"must be at least {MIN_KEY_BYTES} bytes")
         self.secret = secret
         self.id = hmac.new(secret, b"ssmstream snapshot key id", hashlib.sha256).digest()[:_KEY_ID]
+        self.path: Path | None = None  # the file it was read from (see `keep`)
 
     @classmethod
     def generate(cls) -> SnapshotKey:
@@ -91,7 +112,9 @@ class SnapshotKey:
                 path,
                 mode,
             )
-        return cls(secret)
+        key = cls(secret)
+        key.path = Path(path)
+        return key
 
     @classmethod
     def in_dir(cls, directory: str | os.PathLike) -> SnapshotKey:
@@ -101,23 +124,16 @@ class SnapshotKey:
         starting together on one directory never read a half-written key, and all of them
         end up with the one that was linked first."""
         path = Path(directory) / KEY_FILE
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            secret = cls.generate().secret + b"\n"
-            tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secret)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, path)
-                log.info("created snapshot signing key %s", path)
-            except FileExistsError:  # another process made it meanwhile: use theirs
-                pass
-            finally:
-                tmp.unlink()
+        if not path.exists() and _write_key(path, cls.generate().secret):
+            log.info("created snapshot signing key %s", path)
         return cls.from_file(path)
+
+    def keep(self) -> None:
+        """Write the key back to the file it was read from when that file is gone (its
+        directory removed while the server ran): the sessions file saved beside it, signed
+        with it, loads only with it. Called before each save."""
+        if self.path is not None and not self.path.exists() and _write_key(self.path, self.secret):
+            log.warning("snapshot key %s was gone; written back for the sessions saved", self.path)
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self.secret, body, hashlib.sha256).digest()

@@ -205,3 +205,19 @@ def test_a_bad_flag_value_is_a_usage_error_naming_it(tmp_path, capsys, flags, sa
     err = capsys.readouterr().err
     assert err.startswith("usage: ssmstream export") and says in err
     assert "does not exist" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_during_the_export_is_one_line(tmp_path, capsys, monkeypatch):
+    # onnx.save's OSError (ENOSPC, EFBIG) had ended the command in a traceback
+    import ssmstream.export.exporter as exporter
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporter, "export_model", full)
+    rc = export_cli.main([str(tmp_path / "ck"), "--out", str(tmp_path / "o"), "-q"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert (
+        err == f"ssmstream export: error: cannot write {tmp_path / 'o'}: No space left on device\n"
+    )

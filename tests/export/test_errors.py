@@ -64,8 +64,11 @@ def test_corrupt_checkpoint(token_ckpt, tmp_path):
 def test_unwritable_out(token_ckpt, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    with pytest.raises(ExportError, match=r"--out .*a_file/model: cannot write into"):
+    with pytest.raises(ExportError, match=r"--out .*a_file/model: cannot write into") as e:
         export_model(token_ckpt, blocker / "model", **EXPORT)
+    assert str(e.value).endswith(f"{blocker} is not a directory")  # not "File exists"
+    with pytest.raises(ExportError, match=rf"{blocker} is not a directory$"):
+        export_model(token_ckpt, blocker / "deeper" / "model", **EXPORT)
     assert leftovers(tmp_path) == []
 
 

@@ -377,8 +377,8 @@ def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, t
     # a port file that cannot be written after all (made a directory since) leaves no temp
     from ssmstream.runtime.server import _write_port_file
 
-    with pytest.raises(OSError):
-        _write_port_file(str(tmp_path / "a-dir"), 1234, None)
+    with pytest.raises(InvalidInput, match=r"^port_file: cannot write .*a-dir: Is a directory$"):
+        _write_port_file(str(tmp_path / "a-dir"), 1234, None)  # named: --port-file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "garbage.pem"]
 
 

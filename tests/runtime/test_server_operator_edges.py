@@ -76,6 +76,22 @@ def test_a_port_file_directory_that_cannot_be_written_is_refused_naming_it(tmp_p
     assert list(d.iterdir()) == []
 
 
+def test_a_full_disk_for_the_new_snapshot_key_names_the_state_dir(tmp_path, monkeypatch):
+    # the start had ended in "ssmstream serve: [Errno 28] No space left on device" alone
+    import ssmstream.runtime.snapshots as snapshots
+    from ssmstream.runtime.server import snapshot_key
+
+    def full(path, secret):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(snapshots, "_write_key", full)
+    with pytest.raises(InvalidInput) as e:
+        snapshot_key(ServerConfig(model_dir="m", state_dir=str(tmp_path / "state")))
+    assert e.value.field == "state_dir"
+    key = tmp_path / "state" / "snapshot.key"
+    assert str(e.value) == f"state_dir: cannot write {key}: No space left on device"
+
+
 def test_a_rewind_memory_below_one_byte_is_a_limit_not_none(tiny_token_model):
     def checkpoint_bytes(mb: float) -> int:
         with serve(tiny_token_model["model_dir"], rewind_memory_mb=mb) as s:

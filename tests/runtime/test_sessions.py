@@ -1178,3 +1178,25 @@ def test_a_fork_never_evicts_its_parent_to_make_room_for_the_child():
         store.fork(s.id)
     assert s.live and not s.pinned and len(store) == 1 and store.stats()["forked"] == 0
     np.testing.assert_array_equal(store.read(s), np.full(4, 7.0, np.float32))
+
+
+@pytest.mark.parametrize("removed", ["the directory", "the key"])
+def test_a_save_writes_back_the_key_removed_from_its_directory(tmp_path, removed, caplog):
+    # the key lived only in the server's memory: the save succeeded, the next start made a
+    # new key and refused the file (every session lost, while the shutdown said "saved")
+    import shutil
+
+    d = tmp_path / "state"
+    store = SessionStore(4, capacity=2, snapshot_key=SnapshotKey.in_dir(d))
+    s = store.create("p", "a")
+    store.commit(s, np.arange(4, dtype=np.float32), 5)
+    if removed == "the directory":
+        shutil.rmtree(d)
+    else:
+        (d / "snapshot.key").unlink()
+    with caplog.at_level(logging.WARNING):
+        store.save(d)
+    assert any("was gone; written back" in r.getMessage() for r in caplog.records)
+    assert stat.S_IMODE((d / "snapshot.key").stat().st_mode) == 0o600
+    again = SessionStore(4, capacity=2, snapshot_key=SnapshotKey.in_dir(d))
+    assert again.load(d) == 1 and again.get("a", "p").position == 5
