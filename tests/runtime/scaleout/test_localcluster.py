@@ -212,15 +212,28 @@ def test_replica_that_exits_is_reported_at_once_with_its_log(monkeypatch, tmp_pa
     assert time.monotonic() - t0 < 5  # not the 120 s deadline
 
 
-def test_a_replica_interrupted_while_it_starts_is_stopped(monkeypatch, tmp_path):
+@pytest.fixture
+def started(monkeypatch) -> list[subprocess.Popen]:
+    """The processes localcluster starts in the test; any still running at its end killed."""
+    procs, real_popen = [], lc.subprocess.Popen
+
+    def popen(*a, **k):
+        procs.append(real_popen(*a, **k))
+        return procs[-1]
+
+    monkeypatch.setattr(lc.subprocess, "Popen", popen)
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_replica_interrupted_while_it_starts_is_stopped(monkeypatch, tmp_path, started):
     # a SIGTERM (localcluster's handler: KeyboardInterrupt) in the wait for its port file had
     # left the replica running in its own session, orphaned
     monkeypatch.setattr(lc.sys, "executable", fake_python(tmp_path, "serve"))
-    started, real_popen, real_sleep = [], lc.subprocess.Popen, lc.time.sleep
-
-    def popen(*a, **k):
-        started.append(real_popen(*a, **k))
-        return started[-1]
+    real_sleep = lc.time.sleep
 
     def sleep(seconds):
         if not hasattr(sleep, "done"):
@@ -228,41 +241,22 @@ def test_a_replica_interrupted_while_it_starts_is_stopped(monkeypatch, tmp_path)
             raise KeyboardInterrupt
         real_sleep(seconds)
 
-    monkeypatch.setattr(lc.subprocess, "Popen", popen)
     monkeypatch.setattr(lc.time, "sleep", sleep)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            lc.ReplicaProcess("model", [], tmp_path, "r3")
-        assert len(started) == 1 and started[0].poll() is not None
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with pytest.raises(KeyboardInterrupt):
+        lc.ReplicaProcess("model", [], tmp_path, "r3")
+    assert len(started) == 1 and started[0].poll() is not None
 
 
-def test_redis_interrupted_while_it_starts_is_stopped(monkeypatch, tmp_path):
+def test_redis_interrupted_while_it_starts_is_stopped(monkeypatch, tmp_path, started):
     require("redis-server")
-    started, real_popen = [], lc.subprocess.Popen
-
-    def popen(*a, **k):
-        started.append(real_popen(*a, **k))
-        return started[-1]
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lc.subprocess, "Popen", popen)
     monkeypatch.setattr(lc, "wait_port", interrupted)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            lc.RedisProcess(tmp_path)
-        assert len(started) == 1 and started[0].poll() is not None
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with pytest.raises(KeyboardInterrupt):
+        lc.RedisProcess(tmp_path)
+    assert len(started) == 1 and started[0].poll() is not None
 
 
 # --- LocalCluster / main (stand-in processes) -------------------------------------------
