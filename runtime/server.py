@@ -439,10 +439,15 @@ class Server:
             await asyncio.sleep(0.25)
 
     async def _save_loop(self) -> None:
-        """Save the sessions every --save-interval seconds; a failed save is logged and the
-        next one tried (a full disk must not end periodic saves, nor the one at shutdown)."""
+        """Start a save of the sessions every --save-interval seconds (on a fixed schedule, not
+        the interval after the last one ended: a save of many sessions takes a while); a save
+        still running when the next is due delays it. A failed save is logged and the next one
+        tried (a full disk must not end periodic saves, nor the one at shutdown)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.config.save_interval)
+            due = max(due + self.config.save_interval, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
                 await asyncio.to_thread(self.store.save, self.config.state_dir)
             except Exception:

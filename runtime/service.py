@@ -153,7 +153,8 @@ class SessionService:
         if not math.isfinite(ttl) or not 0 < ttl <= self.limits.max_ttl:
             raise InvalidInput(
                 "ttl_seconds",
-                f"must be in (0, {self.limits.max_ttl:g}] seconds (0: default), got {ttl:g}",
+                f"must be finite, in (0, {self.limits.max_ttl:g}] seconds (0: default), got "
+                f"{ttl:g}",
             )
         return ttl
 

@@ -829,3 +829,30 @@ def test_a_start_up_error_about_a_setting_names_its_flag(tiny_token_model, tmp_p
     assert said.startswith(f"ssmstream serve: --snapshot-key: {key} holds 5 bytes"), said
     assert server_module.with_flags("not_a_field: x") == "not_a_field: x"
     assert server_module.with_flags("tls_cert/tls_key: both") == "--tls-cert/--tls-key: both"
+
+
+def test_periodic_saves_start_on_a_fixed_schedule(tmp_path):
+    # the next save had been due --save-interval after the last one ended: with saves that
+    # take a while, a SIGKILL lost up to interval + 2 saves' time, not interval + one
+    import asyncio
+    import types
+
+    starts = []
+
+    def save(directory):  # a save of many sessions: 0.15 s
+        starts.append(time.monotonic())
+        time.sleep(0.15)
+
+    fake = types.SimpleNamespace(
+        config=types.SimpleNamespace(save_interval=0.2, state_dir=str(tmp_path)),
+        store=types.SimpleNamespace(save=save),
+    )
+
+    async def run():
+        task = asyncio.create_task(server_module.Server._save_loop(fake))
+        await asyncio.sleep(1.1)
+        task.cancel()
+
+    asyncio.run(run())
+    gaps = np.diff(starts)
+    assert len(starts) >= 4 and np.all(gaps < 0.3), gaps  # 0.2 s apart, not 0.35

@@ -492,7 +492,9 @@ def test_a_ttl_equal_to_the_server_limit_is_accepted(toy_tok):
         assert s.ttl == 60.0
         with pytest.raises(InvalidInput) as e:
             await svc.create("p", "b", ttl=60.5)
-        assert str(e.value) == "ttl_seconds: must be in (0, 60] seconds (0: default), got 60.5"
+        assert str(e.value) == (
+            "ttl_seconds: must be finite, in (0, 60] seconds (0: default), got 60.5"
+        )
         await svc.batcher.close()
 
     run(main())

@@ -1200,3 +1200,41 @@ def test_a_save_writes_back_the_key_removed_from_its_directory(tmp_path, removed
     assert stat.S_IMODE((d / "snapshot.key").stat().st_mode) == 0o600
     again = SessionStore(4, capacity=2, snapshot_key=SnapshotKey.in_dir(d))
     assert again.load(d) == 1 and again.get("a", "p").position == 5
+
+
+def test_a_save_copies_a_part_of_the_rows_per_hold_of_the_lock(tmp_path, monkeypatch):
+    # it had held the store's lock for the whole slab's copy: every step waited that long
+    # (0.75 s at 1,024 sessions of 128 KiB); each part's rows are still copied with their
+    # positions under one hold, so each saved session is consistent with its position
+    import threading
+
+    import ssmstream.runtime.sessions as sessions_mod
+
+    monkeypatch.setattr(sessions_mod, "SAVE_PART_BYTES", 2 * 4 * 4)  # S = 4: two rows a part
+    store = SessionStore(4, capacity=8, snapshot_key=KEY)
+    ids = [f"s{i}" for i in range(5)]
+    for i in ids:
+        store.create("p", i)
+    parts, real = [], store.slab.read_rows
+    monkeypatch.setattr(
+        store.slab, "read_rows", lambda slots: parts.append(len(slots)) or real(slots)
+    )
+    stepped, stop = store.get("s3", "p"), threading.Event()
+
+    def steps():  # the state is its position, in every float
+        while not stop.is_set():
+            store.commit(stepped, np.full(4, stepped.position + 1, np.float32), 1)
+
+    t = threading.Thread(target=steps)
+    t.start()
+    try:
+        for _ in range(20):
+            store.save(tmp_path)
+            again = SessionStore(4, capacity=8, snapshot_key=KEY)
+            assert again.load(tmp_path) == 5
+            s = again.get("s3", "p")
+            assert np.array_equal(again.read(s), np.full(4, s.position, np.float32))
+    finally:
+        stop.set()
+        t.join()
+    assert parts[:3] == [2, 2, 1] and stepped.position > 0
