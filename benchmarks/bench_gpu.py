@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ssmstream.runtime.manifest import sha256_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_all import dir_with, exit_on_sigterm  # noqa: E402
@@ -126,12 +127,21 @@ def prepare_models(cfg: BenchConfig) -> dict[str, Path | None]:
     for dtype, d, given in (("fp32", fp32, cfg.model_dir), ("fp16", fp16, cfg.fp16_model_dir)):
         if d is None or given:  # a given model exists (parse_args checked) and is used as is
             continue
-        if _recorded(d / "manifest.json") != _recorded(ckpt / "config.json"):
+        if _exported_from(d) != sha256_file(ckpt / "model.safetensors"):
             from ssmstream.export import export_model
 
             log.info("exporting %s -> %s", dtype, d)
             export_model(ckpt, d, dtype=dtype, prefill=False, verify=False, overwrite=True)
     return {"ckpt": ckpt, "fp32": fp32, "fp16": fp16}
+
+
+def _exported_from(model_dir: Path) -> str | None:
+    """The sha256 of the weights a model was exported from (its manifest's source); None
+    where there is no model."""
+    try:
+        return json.loads((model_dir / "manifest.json").read_text())["source"]["weights_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _recorded(path: Path) -> dict | None:

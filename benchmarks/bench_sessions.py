@@ -35,6 +35,7 @@ Writes benchmarks/results/bench_sessions.{json,md}. Dimension letters: T prompt 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -174,9 +175,10 @@ def run(model: str, T: int, rounds: int, seed: int = 0, cache_mb: float = 16) ->
                 if top > s.position:  # back to where the window was
                     s.step(tokens=rng.integers(0, V, top - s.position).tolist(), output="none")
     finally:
-        for server in (on, off, echo):
-            if server is not None:
-                server.stop()
+        with contextlib.ExitStack() as stopping:  # each stopped, though one stop is interrupted
+            for server in (on, off, echo):
+                if server is not None:
+                    stopping.callback(server.stop)
     times |= {"rewind": rewind, "chunk_step_and_snapshot": replay}
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {

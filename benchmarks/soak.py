@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -267,8 +268,9 @@ def run_soak(model_dir: Path, cfg: SoakConfig, workdir: Path) -> dict:
         sampler.stop()
         checked = verify(target, Path(model_dir), results, cfg, V)
     finally:
-        sampler.stop()
-        server.stop()
+        with contextlib.ExitStack() as stopping:  # the server stopped, though SIGTERM lands
+            stopping.callback(server.stop)  # in the sampler's stop (callbacks run last first)
+            stopping.callback(sampler.stop)
         exit_code = server.proc.returncode
     lat_ms = 1e3 * np.asarray([x for r in results for x in r["lat"]], dtype=np.float64)
     errors: dict[str, int] = {}

@@ -538,12 +538,12 @@ class SessionStore:
         new_state = self._row(new_state, "new_state")
         with self._lock:
             self._check_live(s)
+            self._wait_returned(s)  # a step may advance it meanwhile
             if consumed > MAX_POSITION - s._position:  # no snapshot or save could hold it
                 raise OutOfRange(
                     "consumed", f"{consumed} inputs would take the session at position "
                     f"{s._position} past the largest position, 2**63 - 1",
                 )  # fmt: skip
-            self._wait_returned(s)
             self.slab.write(s._slot, new_state)
             results = self._advance([s], consumed)
         (result,) = self._write_through([s], consumed, results)

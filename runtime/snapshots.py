@@ -87,7 +87,7 @@ class SnapshotKey:
             raise InvalidInput("snapshot_key", f"must be at least {MIN_KEY_BYTES} bytes")
         self.secret = secret
         self.id = hmac.new(secret, b"ssmstream snapshot key id", hashlib.sha256).digest()[:_KEY_ID]
-        self.path: Path | None = None  # the file it was read from (see `keep`)
+        self.path: Path | None = None  # in_dir's: the file `keep` writes back
 
     @classmethod
     def generate(cls) -> SnapshotKey:
@@ -112,9 +112,7 @@ class SnapshotKey:
                 path,
                 mode,
             )
-        key = cls(secret)
-        key.path = Path(path)
-        return key
+        return cls(secret)
 
     @classmethod
     def in_dir(cls, directory: str | os.PathLike) -> SnapshotKey:
@@ -126,14 +124,29 @@ class SnapshotKey:
         path = Path(directory) / KEY_FILE
         if not path.exists() and _write_key(path, cls.generate().secret):
             log.info("created snapshot signing key %s", path)
-        return cls.from_file(path)
+        key = cls.from_file(path)
+        key.path = path
+        return key
 
     def keep(self) -> None:
-        """Write the key back to the file it was read from when that file is gone (its
-        directory removed while the server ran): the sessions file saved beside it, signed
-        with it, loads only with it. Called before each save."""
-        if self.path is not None and not self.path.exists() and _write_key(self.path, self.secret):
-            log.warning("snapshot key %s was gone; written back for the sessions saved", self.path)
+        """An `in_dir` key: write it back when its file is gone (the directory removed while
+        the server ran), as the sessions file saved beside it loads only with it. Called
+        before each save; a key file that cannot be written is logged and the save goes on
+        (an operator's --snapshot-key file is never written)."""
+        if self.path is None or self.path.exists():
+            return
+        try:
+            if _write_key(self.path, self.secret):
+                log.warning(
+                    "snapshot key %s was gone; written back for the sessions saved", self.path
+                )
+        except OSError as e:
+            log.error(
+                "snapshot key %s is gone and cannot be written back (%s): the sessions saved "
+                "beside it load only with it",
+                self.path,
+                e.strerror or e,
+            )
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self.secret, body, hashlib.sha256).digest()

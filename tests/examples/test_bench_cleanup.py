@@ -92,6 +92,32 @@ def test_the_first_server_is_stopped_when_the_second_fails_to_start(monkeypatch)
     assert made[0].stopped
 
 
+def test_a_sigterm_during_one_servers_stop_still_stops_the_others(monkeypatch):
+    # exit_on_sigterm raises SystemExit wherever the signal lands, also inside the first
+    # stop() of the cleanup: the servers after it were left running
+    bench = load_script("benchmarks/bench_sessions.py")
+    made = []
+
+    class Server:
+        def __init__(self, model, *flags):
+            made.append(self)
+            self.address, self.stopped = "127.0.0.1:1", False
+
+        def stop(self):
+            self.stopped = True
+            if self is made[0]:
+                raise SystemExit(143)
+
+    def no_client(*a, **k):
+        raise RuntimeError("no server here")
+
+    monkeypatch.setattr(bench, "Server", Server)
+    monkeypatch.setattr("ssmstream.runtime.client.Client", no_client)
+    with pytest.raises(SystemExit):
+        bench.run("model", T=4, rounds=1)
+    assert len(made) == 2 and all(s.stopped for s in made)
+
+
 def _descendants(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -165,3 +191,25 @@ def test_bench_gpu_remakes_its_cached_models_when_the_size_flags_change(tmp_path
     assert json.loads((models["ckpt"] / "config.json").read_text())["model"]["d_state"] == 8
     for d in (models["fp32"], models["fp16"]):
         assert json.loads((d / "manifest.json").read_text())["model"]["d_state"] == 8
+
+
+def test_bench_gpu_remakes_its_cached_models_for_another_checkpoint_of_the_same_size(tmp_path):
+    # the cache had been kept when the network config matched: torch_eager then ran the
+    # given checkpoint and the ORT variants another one's weights
+    import torch
+    from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
+    from ssmstream.runtime.manifest import sha256_file
+
+    bg = load_script("benchmarks/bench_gpu.py")
+    cfg = SSMConfig(vocab_size=16, d_model=8, n_layers=1, d_state=4)
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        save_checkpoint(SSMNetwork(cfg), tmp_path / name)
+        models = bg.prepare_models(
+            bg.BenchConfig(device="cpu", work=str(tmp_path / "work"), ckpt=str(tmp_path / name))
+        )
+        weights = sha256_file(tmp_path / name / "model.safetensors")
+        for d in (models["fp32"], models["fp16"]):
+            assert (
+                json.loads((d / "manifest.json").read_text())["source"]["weights_sha256"] == weights
+            )

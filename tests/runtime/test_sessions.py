@@ -11,6 +11,7 @@ import math
 import os
 import stat
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -1238,3 +1239,58 @@ def test_a_save_copies_a_part_of_the_rows_per_hold_of_the_lock(tmp_path, monkeyp
         stop.set()
         t.join()
     assert parts[:3] == [2, 2, 1] and stepped.position > 0
+
+
+def test_an_operators_snapshot_key_file_is_never_written_back(tmp_path):
+    # only the key a state dir keeps is: a --snapshot-key file removed was the operator's doing
+    key_file = tmp_path / "secrets" / "key"
+    key_file.parent.mkdir()
+    key_file.write_bytes(SECRET)
+    store = SessionStore(4, capacity=2, snapshot_key=SnapshotKey.from_file(key_file))
+    store.create("p", "a")
+    key_file.unlink()
+    store.save(tmp_path / "state")
+    assert not key_file.exists() and (tmp_path / "state" / STORE_FILE).exists()
+
+
+def test_a_key_that_cannot_be_written_back_does_not_fail_the_save(tmp_path, monkeypatch, caplog):
+    import ssmstream.runtime.snapshots as snapshots
+
+    d = tmp_path / "state"
+    store = SessionStore(4, capacity=2, snapshot_key=SnapshotKey.in_dir(d))
+    store.create("p", "a")
+    (d / "snapshot.key").unlink()
+
+    def read_only(path, secret):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(snapshots, "_write_key", read_only)
+    with caplog.at_level(logging.ERROR):
+        store.save(d)
+    assert (d / STORE_FILE).exists()
+    assert any(
+        "cannot be written back (Read-only file system)" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_a_commit_waiting_for_its_lent_row_checks_the_largest_position_after(monkeypatch):
+    import threading
+
+    store = SessionStore(4, capacity=2)
+    s = store.create("p", "a")
+    store.commit(s, np.zeros(4, np.float32), MAX_POSITION - 1)
+    (lent,) = store.lend([s])
+    errors = []
+
+    def commit():
+        try:
+            store.commit(s, np.ones(4, np.float32), 1)
+        except OutOfRange as e:
+            errors.append(e)
+
+    t = threading.Thread(target=commit)
+    t.start()
+    time.sleep(0.1)  # the commit waits for the row
+    assert store.give_back([lent], 1) == [MAX_POSITION]
+    t.join(10)
+    assert len(errors) == 1 and s.position == MAX_POSITION
