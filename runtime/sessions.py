@@ -67,8 +67,8 @@ from .snapshots import (
     check_state,
     decode_session_file,
     decode_snapshot,
-    encode_session_file,
     encode_snapshot,
+    write_session_file,
 )
 
 log = logging.getLogger(__name__)
@@ -758,9 +758,9 @@ class SessionStore:
                      "ttl": s._ttl, "incarnation": s._incarnation}
                     for s in sessions
                 ]  # fmt: skip
-        states = np.concatenate(states) if states else np.empty((0, self.state_size), np.float32)
-        usable = np.isfinite(states).all(axis=1)  # [n]
-        if not usable.all():  # a load would refuse the file: they stay out of it
+        usable = [np.isfinite(part).all(axis=1) for part in states]  # [k] each
+        if not all(ok.all() for ok in usable):  # a load would refuse the file: left out
+            usable = np.concatenate(usable)
             bad = [h["id"] for h, ok in zip(saved, usable) if not ok]
             log.warning(
                 "not saved: %d sessions whose state contains NaN or inf (unusable; a load "
@@ -768,14 +768,16 @@ class SessionStore:
                 len(bad),
                 bad[:5],
             )
-            saved, states = [h for h, ok in zip(saved, usable) if ok], states[usable]
+            saved = [h for h, ok in zip(saved, usable) if ok]
+            states = [part[np.isfinite(part).all(axis=1)] for part in states]
         header = {"model_sha": self.model_sha, "state_size": self.state_size, "sessions": saved}
-        data = encode_session_file(self.snapshot_key, header, states)
         tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
         try:  # owner-only, as the key beside it: the file holds every conversation's state
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 os.fchmod(f.fileno(), 0o600)  # a temp file left by a crash may have other bits
-                f.write(data)
+                # part by part: no copy of all the states at once (each a GIL-held memcpy
+                # that stalled the steps of the event loop)
+                write_session_file(f, self.snapshot_key, header, states)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -260,9 +261,21 @@ def decode_snapshot(
 
 def encode_session_file(key: SnapshotKey, header: dict, states: np.ndarray) -> bytes:
     """Signed session-file bytes: the JSON header and states float32 [n, S]."""
+    f = io.BytesIO()
+    write_session_file(f, key, header, [states])
+    return f.getvalue()
+
+
+def write_session_file(f, key: SnapshotKey, header: dict, parts: list[np.ndarray]) -> None:
+    """`encode_session_file`'s bytes written to the binary file `f`, the states given as
+    parts (float32 [k, S] each, in order), none copied whole: body | key id | HMAC of both."""
     head = json.dumps(header, allow_nan=True).encode()
-    body = _STORE_HEAD.pack(STORE_MAGIC, VERSION, len(head)) + head
-    return key.sign(body + states.astype("<f4", copy=False).tobytes())
+    mac = hmac.new(key.secret, digestmod=hashlib.sha256)
+    rows = (np.ascontiguousarray(p, dtype="<f4").reshape(-1).view(np.uint8) for p in parts)
+    for data in (_STORE_HEAD.pack(STORE_MAGIC, VERSION, len(head)) + head, *rows, key.id):
+        mac.update(data)
+        f.write(data)
+    f.write(mac.digest())
 
 
 def decode_session_file(key: SnapshotKey, data: bytes, path: Path) -> tuple[dict, np.ndarray]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -1294,3 +1295,20 @@ def test_a_commit_waiting_for_its_lent_row_checks_the_largest_position_after(mon
     assert store.give_back([lent], 1) == [MAX_POSITION]
     t.join(10)
     assert len(errors) == 1 and s.position == MAX_POSITION
+
+
+def test_a_session_file_written_part_by_part_is_the_one_encoded_whole():
+    import io
+
+    from ssmstream.runtime.snapshots import encode_session_file, write_session_file
+
+    rng = np.random.default_rng(0)
+    states = rng.standard_normal((7, 4)).astype(np.float32)
+    header = {"model_sha": "m", "state_size": 4, "sessions": [{"id": str(i)} for i in range(7)]}
+    f = io.BytesIO()
+    write_session_file(f, KEY, header, [states[:3], states[3:3], states[3:]])
+    assert f.getvalue() == encode_session_file(KEY, header, states)
+    head = json.dumps(header).encode()  # and that is the format: header, rows, key id, HMAC
+    body = struct.pack("<8sII", STORE_MAGIC, VERSION, len(head)) + head + states.tobytes()
+    body += KEY.id
+    assert f.getvalue() == body + hmac.new(SECRET, body, hashlib.sha256).digest()
