@@ -113,13 +113,18 @@ def nginx_config(listen: int, upstreams: list[int], workdir: Path) -> str:
     conf, n = re.subn(r"(?m)^(\s*)listen\s+\S*50051", rf"\g<1>listen 127.0.0.1:{listen}", conf)
     if n != 1:
         raise ValueError(f"{NGINX_CONF}: no `listen 50051` line")
-    conf = conf.replace("/var/log/nginx/", f"{workdir}/")
+    q = lambda name: _quoted(f"{workdir}/{name}")  # noqa: E731 (a space, `;` in the path)
+    conf = re.sub(r"/var/log/nginx/(\S+?);", lambda m: f"{q(m.group(1))};", conf)
     temps = "".join(
-        f"    {k}_temp_path {workdir}/{k};\n"
-        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        f"    {k}_temp_path {q(k)};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     conf = conf.replace("http {\n", "http {\n" + temps, 1)
-    return f"pid {workdir}/nginx.pid;\nerror_log {workdir}/error.log info;\n" + conf
+    return f"pid {q('nginx.pid')};\nerror_log {q('error.log')} info;\n" + conf
+
+
+def _quoted(path: str) -> str:
+    """A path as one nginx config word, whatever it holds."""
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class NginxProcess:
@@ -156,9 +161,10 @@ class ReplicaProcess:
 
     def __init__(self, model_dir, args: list[str], workdir: Path, name: str):
         self.name = name
-        self.port_file = Path(workdir) / f"{name}.port.json"
+        self.port_file = Path(workdir).absolute() / f"{name}.port.json"  # not read as a flag
         self.log = Path(workdir) / f"{name}.log"
         self.port_file.unlink(missing_ok=True)
+        model_dir = Path(model_dir).absolute()
         cmd = [sys.executable, "-m", "ssmstream.runtime.server", str(model_dir), "--port", "0",
                "--metrics-port", "0", "--port-file", str(self.port_file), "--replica-id", name,
                *args]  # fmt: skip
@@ -205,7 +211,7 @@ class LocalCluster:
         lease_ttl: float = 3.0,
         extra_args: tuple[str, ...] = (),
     ):
-        workdir = Path(workdir)
+        workdir = Path(workdir).absolute()  # "-m" would be read as a flag by the replicas
         workdir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisProcess(workdir)
         self.replicas: list[ReplicaProcess] = []

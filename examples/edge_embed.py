@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 
@@ -52,7 +53,7 @@ def run_tokens(
         the generated tokens: equal to a fresh `eng.generate(prompt, ...)` with the same
         arguments, since the stream is continued from its state before the last prompt byte.
     """
-    prompt = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)  # [T] bytes
+    prompt = np.frombuffer(os.fsencode(text), dtype=np.uint8).astype(np.int64)  # [T] bytes given
     if eng.vocab_size < 256:
         prompt %= eng.vocab_size  # a toy vocabulary: still runs, output is not text
     # 1. token by token: the recurrence, O(1) per token

@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model"
     )
     a = p.parse_args(argv)
+    # absolute: a relative path starting with "-" would be read as a flag by the commands
+    a.ckpt, a.workdir = a.ckpt.absolute(), a.workdir.absolute()
     if not a.prompt:
         p.error("--prompt: give at least one character")
     if a.max_new_tokens < 1:

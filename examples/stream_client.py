@@ -62,7 +62,7 @@ def stream(p: argparse.ArgumentParser, a: argparse.Namespace, client: Client) ->
             info.state_bytes,
             info.provider,
         )
-        data = a.text.encode("utf-8")
+        data = os.fsencode(a.text)  # the bytes given, also ones not UTF-8 (as `generate`)
         if info.input_kind == "tokens":  # every check before a session is made
             if len(data) < 2:
                 p.error("text: give at least two bytes")

@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssmstream export: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk while the graphs were written (nothing is left)
-        print(
-            f"ssmstream export: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr
-        )
+        where = e.filename or args.out
+        print(f"ssmstream export: error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     if not args.quiet:
         from ssmstream.runtime.manifest import format_manifest, load_manifest

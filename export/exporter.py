@@ -62,6 +62,7 @@ from ssmstream.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     METADATA_KEY,
+    name_problem,
     sha256_file,
 )
 
@@ -593,6 +594,15 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
                 raise ExportError(f"--out {out_dir}: cannot write into {parent}: {why}") from e
 
 
+def _resolved(out_dir) -> Path:
+    """--out made absolute, its links followed; a link loop is an ExportError (Path.resolve
+    raises RuntimeError for it on Python 3.11)."""
+    try:
+        return Path(out_dir).resolve()
+    except (RuntimeError, OSError) as e:
+        raise ExportError(f"--out {out_dir}: {e}") from e
+
+
 def _graph_files(model_dir: Path) -> list[str]:
     """The graph files an existing model's manifest names (none when it does not parse)."""
     try:
@@ -641,8 +651,11 @@ def export_network(
     cfg = ExportConfig(dtype=dtype, dt_scale=dt_scale, prefill=prefill, verify=verify, **options)
     if not isinstance(net, SSMNetwork):
         raise ExportError(f"net must be an SSMNetwork, got {type(net).__name__}")
-    out_dir = Path(out_dir).resolve()  # `.` and `..` have no name of their own
-    name = cfg.name or out_dir.name
+    out_dir = _resolved(out_dir)  # `.` and `..` have no name of their own
+    name = out_dir.name if cfg.name is None else cfg.name
+    if why := name_problem(name):
+        flag = "--name" if cfg.name is not None else f"--out's name (give --name): {out_dir.name!r}"
+        raise ExportError(f"{flag}: the model name {why}")
     tmp = _prepare_out(out_dir, cfg.overwrite)
     modes = [(m, m.training) for m in net.modules()]  # the caller's, each module's kept
     net.eval()
@@ -708,7 +721,7 @@ def export_model(
             f"{str(ckpt_dir)!r}?): export once it has finished"
         )
     ckpt = Path(ckpt_dir).resolve()
-    if Path(out_dir).resolve() in (ckpt, *ckpt.parents):
+    if _resolved(out_dir) in (ckpt, *ckpt.parents):
         raise ExportError(f"--out {out_dir} holds the checkpoint {ckpt_dir}: choose another --out")
     source = {"checkpoint": str(Path(ckpt_dir).absolute()), "weights_sha256": sha}
     return export_network(net, out_dir, dtype, dt_scale, prefill, verify, source=source, **options)

@@ -93,9 +93,12 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     """config.json of a checkpoint directory, validated."""
     path = Path(path)
     cfg_file = path / "config.json"
-    if not path.is_dir():
-        what = "is a file, not a directory" if path.exists() else "does not exist"
-        raise CheckpointError(f"checkpoint directory {str(path)!r} {what}")
+    try:
+        if not path.is_dir():
+            what = "is a file, not a directory" if path.exists() else "does not exist"
+            raise CheckpointError(f"checkpoint directory {str(path)!r} {what}")
+    except OSError as e:  # a name too long, a link loop
+        raise CheckpointError(f"checkpoint directory {str(path)!r}: {e.strerror or e}") from e
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} is missing: not an ssmstream checkpoint directory")
     try:

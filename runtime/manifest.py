@@ -67,12 +67,29 @@ def _graph_sha(path: Path, name: str) -> str:
         raise ModelError(f"{path} ({name} graph) cannot be read: {e.strerror or e}") from None
 
 
+def name_problem(name) -> str | None:
+    """Why a model name cannot be used (it goes into logs, metrics, GetModelInfo's UTF-8
+    string and `ssmstream info`'s table), or None: a non-empty string of printable UTF-8."""
+    if not isinstance(name, str) or not name:
+        return f"must be a non-empty string, got {name!r}"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a file name's bytes that are not UTF-8
+        return f"is not valid UTF-8: {name!r}"
+    if not name.isprintable():  # a newline would forge a line of the logs or the table
+        return f"holds control characters: {name!r}"
+    return None
+
+
 def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     """Read and validate MODEL_DIR/manifest.json; with check_sha, verify every graph file."""
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
-    if not path.is_file():
-        raise ModelError(f"{path} is missing: not an exported ssmstream model directory")
+    try:
+        if not path.is_file():
+            raise ModelError(f"{path} is missing: not an exported ssmstream model directory")
+    except OSError as e:  # a name too long
+        raise ModelError(f"{path} cannot be read: {e.strerror or e}") from None
     try:
         m = json.loads(path.read_text())
     except OSError as e:  # a root-owned 0600 file, a directory's permissions
@@ -89,6 +106,8 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     missing = [k for k in REQUIRED if k not in m]
     if missing:
         raise ModelError(f"{path}: missing fields {missing}")
+    if why := name_problem(m["name"]):
+        raise ModelError(f"{path}: name {why}")
     if m["input_kind"] not in ("tokens", "values"):
         raise ModelError(
             f"{path}: input_kind must be 'tokens' or 'values', got {m['input_kind']!r}"

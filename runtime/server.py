@@ -25,6 +25,7 @@ Lifecycle:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -545,7 +546,8 @@ def _write_port_file(path: str, port: int, metrics_port: int | None) -> str:
             f.write(text)
         os.replace(tmp, path)
     except OSError as e:  # a full disk: the check at start wrote an empty file only
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # its name too long: no file, nor an unlink
+            Path(tmp).unlink(missing_ok=True)
         raise InvalidInput("port_file", f"cannot write {path}: {e.strerror or e}") from e
     return text
 

@@ -84,3 +84,16 @@ def test_cli_device_reaches_the_engine(edge, byte_toy, monkeypatch, device):
             "--threads", "1"]  # fmt: skip
     assert edge.main(argv) == 0
     assert seen == [{"device": device, "threads": 1}]
+
+
+def test_a_prompt_that_is_not_utf8_is_fed_as_its_bytes(edge, byte_toy, caplog):
+    # "caf\xe9" from a Latin-1 terminal: it had raised UnicodeEncodeError
+    from ssmstream.runtime import Engine
+
+    caplog.set_level("INFO", logger="edge_embed")
+    eng = Engine(byte_toy["model_dir"], device="cpu", threads=1)
+    edge.run_tokens(eng, "caf\udce9", 2, 0.0, 0)
+    (guesses,) = _logged(caplog, "next-token guesses")
+    prompt = np.array([[99, 97, 102, 0xE9]]) % eng.vocab_size  # the bytes given
+    ys, _ = byte_toy["reference"](prompt, np.zeros((1, byte_toy["S"])))  # [1, T, V]
+    assert guesses[0] == [int(t) for t in np.argsort(-ys[0, -1])[:3]]

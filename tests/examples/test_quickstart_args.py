@@ -113,3 +113,11 @@ def test_a_sigterm_while_the_server_starts_stops_the_server(qs, tmp_path, monkey
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_relative_workdir_starting_with_a_dash_is_not_read_as_a_flag(qs, tmp_path, monkeypatch):
+    # "-m/model" went to `ssmstream serve` as an argument: "expected one argument"
+    monkeypatch.chdir(tmp_path)
+    build_toy(tmp_path / "-m" / "model", "tokens", V=256, d_out=256)
+    assert qs.main(["--workdir=-m", "--max-new-tokens", "4"]) == 0
+    assert (tmp_path / "-m" / "server.log").is_file()

@@ -117,3 +117,11 @@ def test_an_unreachable_server_or_a_bad_tls_file_is_one_line(sc, tmp_path, capsy
     assert e.value.code == 2 and "root_certificates (--tls-ca): cannot read" in (
         capsys.readouterr().err
     )
+
+
+def test_a_prompt_that_is_not_utf8_is_sent_as_its_bytes(sc, byte_toy):
+    # a command-line argument with a byte that is not UTF-8 arrives surrogate-escaped: it
+    # had raised UnicodeEncodeError (`ssmstream generate` sends os.fsencode's bytes)
+    with grpc_helpers.serve(byte_toy["model_dir"]) as srv:
+        argv = ["caf\udce9", "--server", grpc_helpers.target(srv), "--max-new-tokens", "2"]
+        assert sc.main(argv) == 0

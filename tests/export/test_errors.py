@@ -72,6 +72,32 @@ def test_unwritable_out(token_ckpt, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "name, out, says",
+    [
+        ("bad\udcffname", "m", "--name: the model name is not valid UTF-8"),
+        ("two\nlines", "m", "--name: the model name holds control characters"),
+        ("", "m", "--name: the model name must be a non-empty string"),
+        (None, "v\udcffdir", "--out's name (give --name): 'v\\udcffdir': the model name is not"),
+    ],
+)
+def test_a_model_name_that_cannot_be_shown_is_refused_before_any_work(
+    token_ckpt, tmp_path, name, out, says
+):
+    with pytest.raises(ExportError) as e:
+        export_model(token_ckpt, tmp_path / out, name=name, **EXPORT)
+    assert says in str(e.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_an_out_that_is_a_link_loop_is_an_export_error(token_ckpt, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for out in (tmp_path / "a", tmp_path / "a" / "sub"):
+        with pytest.raises(ExportError, match=rf"^--out {out}: "):
+            export_model(token_ckpt, out, **EXPORT)
+
+
 def test_existing_out_needs_overwrite(token_ckpt, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

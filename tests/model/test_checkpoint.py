@@ -350,3 +350,8 @@ def test_extra_may_not_replace_a_checkpoint_field(tmp_path, key):
     assert not (tmp_path / "c").exists()
     save_checkpoint(net, tmp_path / "c", extra={"step": 1})
     assert load_checkpoint(tmp_path / "c").cfg == net.cfg
+
+
+def test_a_checkpoint_dir_whose_name_is_too_long_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="File name too long"):
+        load_checkpoint(tmp_path / ("c" * 300))

@@ -142,6 +142,23 @@ def test_a_manifest_missing_required_fields_names_them(tmp_path):
         load_manifest(_model(tmp_path, change))
 
 
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("bad\udcffname", "is not valid UTF-8"),  # a non-UTF-8 dir name: INTERNAL on GetModelInfo
+        ("two\nlines", "holds control characters"),  # forged lines in logs and `info`
+        ("", "must be a non-empty string"),
+        (7, "must be a non-empty string"),
+    ],
+)
+def test_a_manifest_whose_name_cannot_be_shown_is_refused(tmp_path, name, why):
+    def change(m):
+        m["name"] = name
+
+    with pytest.raises(ModelError, match=rf"manifest\.json: name {why}"):
+        load_manifest(_model(tmp_path, change))
+
+
 def test_info_shows_the_tolerances_with_their_digits(tmp_path):
     """int8's tolerances (0.05, 0.15) as they are: `.0e` showed 0.15 as "1e-01"."""
     from ssmstream.runtime.manifest import format_manifest
@@ -192,3 +209,9 @@ def test_info_shows_hand_edited_fields_without_a_traceback(tmp_path, field, valu
         passed = value["passed"]
         verdict = ("passed" if passed else "FAILED") if isinstance(passed, bool) else "unknown"
         assert any(line.split() == ["parity", verdict] for line in text.splitlines())
+
+
+def test_a_model_dir_whose_name_is_too_long_is_a_model_error(tmp_path):
+    # Path.is_file raises ENAMETOOLONG: `info`, `verify`, `bench` had ended in a traceback
+    with pytest.raises(ModelError, match=r"manifest\.json cannot be read: File name too long"):
+        load_manifest(tmp_path / ("m" * 300))

@@ -379,6 +379,8 @@ def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, t
 
     with pytest.raises(InvalidInput, match=r"^port_file: cannot write .*a-dir: Is a directory$"):
         _write_port_file(str(tmp_path / "a-dir"), 1234, None)  # named: --port-file
+    with pytest.raises(InvalidInput, match=r"^port_file: cannot write .*: File name too long$"):
+        _write_port_file(str(tmp_path / ("p" * 250)), 1234, None)  # its temp file's name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "garbage.pem"]
 
 

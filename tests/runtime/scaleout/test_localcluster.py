@@ -112,8 +112,8 @@ def test_redis_missing_binary_says_which_package(monkeypatch, tmp_path):
 def test_nginx_config_points_the_shipped_config_at_local_replicas(tmp_path):
     conf = lc.nginx_config(41234, [1111, 2222], tmp_path)
     lines = conf.splitlines()
-    assert lines[0] == f"pid {tmp_path}/nginx.pid;"
-    assert lines[1] == f"error_log {tmp_path}/error.log info;"
+    assert lines[0] == f'pid "{tmp_path}/nginx.pid";'
+    assert lines[1] == f'error_log "{tmp_path}/error.log" info;'
     servers = [ln.strip() for ln in lines if ln.strip().startswith("server 127.0.0.1:")]
     assert servers == ["server 127.0.0.1:1111 max_fails=1 fail_timeout=2s;",
                        "server 127.0.0.1:2222 max_fails=1 fail_timeout=2s;"]  # fmt: skip
@@ -127,7 +127,7 @@ def test_nginx_config_points_the_shipped_config_at_local_replicas(tmp_path):
     assert not any("50051" in ln for ln in code)
     assert "/var/log/nginx" not in conf  # logs in the workdir
     for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        assert f"    {k}_temp_path {tmp_path}/{k};" in lines
+        assert f'    {k}_temp_path "{tmp_path}/{k}";' in lines
 
 
 def test_nginx_config_refuses_a_config_it_cannot_rewrite(monkeypatch, tmp_path):
@@ -383,6 +383,17 @@ def test_main_stopped_while_the_cluster_starts_says_so(monkeypatch, tmp_path, ca
     assert rc == 130
     assert seen["handler"] not in (old, signal.SIG_DFL)
     assert capsys.readouterr().out.splitlines() == ["stopped while starting"]
+
+
+def test_nginx_runs_in_a_workdir_whose_path_has_a_space_quote_or_semicolon(tmp_path):
+    # the paths went into its config unquoted: "invalid number of arguments in pid directive"
+    require("nginx")
+    nginx = lc.NginxProcess([lc.free_port()], tmp_path / 'my "cluster"; dir')
+    try:
+        assert nginx.proc.poll() is None
+        assert (tmp_path / 'my "cluster"; dir' / "nginx.pid").is_file()
+    finally:
+        nginx.stop()
 
 
 def test_localcluster_takes_a_relative_workdir_and_refuses_no_replicas(
