@@ -114,7 +114,7 @@ def nginx_config(listen: int, upstreams: list[int], workdir: Path) -> str:
     if n != 1:
         raise ValueError(f"{NGINX_CONF}: no `listen 50051` line")
     q = lambda name: _quoted(f"{workdir}/{name}")  # noqa: E731 (a space, `;` in the path)
-    conf = re.sub(r"/var/log/nginx/(\S+?);", lambda m: f"{q(m.group(1))};", conf)
+    conf = re.sub(r"/var/log/nginx/([^\s;]+)", lambda m: q(m.group(1)), conf)
     temps = "".join(
         f"    {k}_temp_path {q(k)};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from pathlib import Path
 
 from .errors import ModelError
@@ -76,8 +77,8 @@ def name_problem(name) -> str | None:
         name.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: a file name's bytes that are not UTF-8
         return f"is not valid UTF-8: {name!r}"
-    if not name.isprintable():  # a newline would forge a line of the logs or the table
-        return f"holds control characters: {name!r}"
+    if any(unicodedata.category(c) == "Cc" or c in "\u2028\u2029" for c in name):
+        return f"holds a control character or line break: {name!r}"  # a forged log line
     return None
 
 

@@ -76,7 +76,7 @@ def test_unwritable_out(token_ckpt, tmp_path):
     "name, out, says",
     [
         ("bad\udcffname", "m", "--name: the model name is not valid UTF-8"),
-        ("two\nlines", "m", "--name: the model name holds control characters"),
+        ("two\nlines", "m", "--name: the model name holds a control character or line break"),
         ("", "m", "--name: the model name must be a non-empty string"),
         (None, "v\udcffdir", "--out's name (give --name): 'v\\udcffdir': the model name is not"),
     ],

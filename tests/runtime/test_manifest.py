@@ -146,7 +146,8 @@ def test_a_manifest_missing_required_fields_names_them(tmp_path):
     "name, why",
     [
         ("bad\udcffname", "is not valid UTF-8"),  # a non-UTF-8 dir name: INTERNAL on GetModelInfo
-        ("two\nlines", "holds control characters"),  # forged lines in logs and `info`
+        ("two\nlines", "holds a control character or line break"),  # forged log lines
+        ("two\u2028lines", "holds a control character or line break"),
         ("", "must be a non-empty string"),
         (7, "must be a non-empty string"),
     ],
@@ -215,3 +216,17 @@ def test_a_model_dir_whose_name_is_too_long_is_a_model_error(tmp_path):
     # Path.is_file raises ENAMETOOLONG: `info`, `verify`, `bench` had ended in a traceback
     with pytest.raises(ModelError, match=r"manifest\.json cannot be read: File name too long"):
         load_manifest(tmp_path / ("m" * 300))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["my model", "模型", "café", "family👨\u200d👩\u200d👧", "نیم\u200cفاصله", "model\u00a0v2",
+     "model\u3000v2", "soft\u00adhyphen"],
+)  # fmt: skip
+def test_names_of_any_script_and_emoji_load(tmp_path, name):
+    # joiners, no-break and ideographic spaces are not control characters: models exported
+    # with such names before names were checked load as they did
+    def change(m):
+        m["name"] = name
+
+    assert load_manifest(_model(tmp_path, change))["name"] == name

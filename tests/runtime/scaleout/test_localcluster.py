@@ -130,6 +130,19 @@ def test_nginx_config_points_the_shipped_config_at_local_replicas(tmp_path):
         assert f'    {k}_temp_path "{tmp_path}/{k}";' in lines
 
 
+def test_nginx_config_moves_every_log_path_into_the_workdir(monkeypatch, tmp_path):
+    # a log directive with more words after its path (a format, a level) kept /var/log/nginx
+    conf = tmp_path / "nginx.conf"
+    extra = "    access_log /var/log/nginx/access.log combined;\n"
+    extra += "    error_log /var/log/nginx/e.log warn;\n"
+    conf.write_text(lc.NGINX_CONF.read_text().replace("http {\n", "http {\n" + extra, 1))
+    monkeypatch.setattr(lc, "NGINX_CONF", conf)
+    out = lc.nginx_config(41234, [1111], tmp_path / "w d")
+    assert "/var/log/nginx" not in out
+    assert f'access_log "{tmp_path}/w d/access.log" combined;' in out
+    assert f'error_log "{tmp_path}/w d/e.log" warn;' in out
+
+
 def test_nginx_config_refuses_a_config_it_cannot_rewrite(monkeypatch, tmp_path):
     shipped = lc.NGINX_CONF.read_text()
     bad = tmp_path / "nginx.conf"
