@@ -145,8 +145,8 @@ def _exported_from(model_dir: Path) -> str | None:
 
 
 def _recorded(path: Path) -> dict | None:
-    """The network config a checkpoint's config.json or a model's manifest.json records
-    (its "model"); None where there is none."""
+    """The network config a checkpoint's config.json records (its "model"); None where
+    there is none."""
     try:
         return json.loads(path.read_text()).get("model")
     except (OSError, ValueError, AttributeError):

@@ -755,12 +755,22 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    from run_all import dir_with
+
     d = BenchConfig()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", help="exported model dir (default: export a random-init model)")
-    p.add_argument("--ckpt", help="a checkpoint dir to export once (into --work-dir) and measure")
+    p.add_argument(
+        "--model",
+        type=dir_with("manifest.json"),
+        help="exported model dir (default: export a random-init model)",
+    )
+    p.add_argument(
+        "--ckpt",
+        type=dir_with("config.json"),
+        help="a checkpoint dir to export once (into --work-dir) and measure",
+    )
     p.add_argument("--work-dir", default=d.work_dir, help="where the random-init model is cached")
     p.add_argument("--d-model", type=int, default=d.d_model, help="random-init model width")
     p.add_argument("--n-layers", type=int, default=d.n_layers, help="random-init model depth")

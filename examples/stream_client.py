@@ -109,7 +109,7 @@ def run(a, info, data: bytes, sessions: list) -> int:
                             temperature=a.temperature, seed=seed):  # fmt: skip
             if g.token < 256:  # a byte; larger ids (a vocabulary past bytes) are not text
                 out.append(g.token)
-        text = a.text + out.decode("utf-8", errors="replace")
+        text = (data + out).decode("utf-8", errors="replace")  # the prompt's bytes too
         sys.stdout.write(f"--- {name} {s.id} (seed {seed}) ---\n{text}\n")
     return 0
 

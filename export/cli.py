@@ -15,6 +15,8 @@ import signal
 import sys
 import threading
 
+from ssmstream.runtime.manifest import name_problem
+
 from .exporter import DTYPES, ExportConfig, ExportError, abandon_exports
 
 
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssmstream export: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk while the graphs were written (nothing is left)
-        where = e.filename or args.out
-        print(f"ssmstream export: error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
+        where = e.filename or args.out  # read or written: a checkpoint's file, or --out's
+        print(f"ssmstream export: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     if not args.quiet:
         from ssmstream.runtime.manifest import format_manifest, load_manifest
@@ -133,6 +135,8 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         )
     except ExportError as e:  # its messages begin with the field's name
         parser.error(f"argument --{str(e).split()[0].replace('_', '-')}: {e}")
+    if args.name is not None and (why := name_problem(args.name)):
+        parser.error(f"argument --name: the model name {why}")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

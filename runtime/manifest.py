@@ -70,7 +70,8 @@ def _graph_sha(path: Path, name: str) -> str:
 
 def name_problem(name) -> str | None:
     """Why a model name cannot be used (it goes into logs, metrics, GetModelInfo's UTF-8
-    string and `ssmstream info`'s table), or None: a non-empty string of printable UTF-8."""
+    string and `ssmstream info`'s table), or None: a non-empty UTF-8 string without control
+    characters or line breaks (a forged log line); any script, joiners and spaces are fine."""
     if not isinstance(name, str) or not name:
         return f"must be a non-empty string, got {name!r}"
     try:

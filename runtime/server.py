@@ -193,11 +193,13 @@ def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
     if config.snapshot_key:
         return SnapshotKey.from_file(config.snapshot_key)
     if config.state_dir:
+        key = Path(config.state_dir) / KEY_FILE
         try:
             return SnapshotKey.in_dir(config.state_dir)
         except OSError as e:  # a full disk
-            key = Path(config.state_dir) / KEY_FILE
             raise InvalidInput("state_dir", f"cannot write {key}: {e.strerror or e}") from e
+        except InvalidInput as e:  # the key file's own reading: said of --state-dir, not
+            raise InvalidInput("state_dir", str(e).partition(": ")[2]) from e  # --snapshot-key
     if config.state_store == "memory":
         log.warning(
             "snapshots are signed with a random key: they are valid until this server stops "

@@ -520,13 +520,12 @@ class SessionStore:
             return results
         return self.replication.committed(sessions, results, force)
 
-    def _wait_returned(self, s: Session | None = None) -> None:
-        """Wait (the caller holds the lock) until s's row (None: every row) is not lent;
-        then s must still be live (SessionNotFound)."""
-        while s._lent if s is not None else self._lent:
+    def _wait_returned(self, s: Session) -> None:
+        """Wait (the caller holds the lock) until s's row is not lent; then s must still be
+        live (SessionNotFound)."""
+        while s._lent:
             self._returned.wait()
-        if s is not None:
-            self._check_live(s)
+        self._check_live(s)
 
     def commit(self, s: Session, new_state: np.ndarray, consumed: int) -> int:
         """Write the session's new state [S] and advance its position by `consumed`.

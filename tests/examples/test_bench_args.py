@@ -22,6 +22,8 @@ BAD = [
     ("benchmarks/bench_scaleout.py", ["--clients", "0"], "--clients"),
     ("benchmarks/bench_scaleout.py", ["--replicas", "2", "0"], "--replicas"),
     ("benchmarks/soak.py", ["--model", "{missing}"], "--model"),
+    ("benchmarks/bench_runtime.py", ["--model", "{missing}"], "--model"),
+    ("benchmarks/bench_runtime.py", ["--ckpt", "{missing}"], "--ckpt"),
     ("benchmarks/bench_gpu.py", ["--model-dir", "{missing}"], "--model-dir"),
     ("benchmarks/bench_gpu.py", ["--ckpt", "{missing}"], "--ckpt"),
 ]

@@ -125,3 +125,17 @@ def test_a_prompt_that_is_not_utf8_is_sent_as_its_bytes(sc, byte_toy):
     with grpc_helpers.serve(byte_toy["model_dir"]) as srv:
         argv = ["caf\udce9", "--server", grpc_helpers.target(srv), "--max-new-tokens", "2"]
         assert sc.main(argv) == 0
+
+
+def test_a_prompt_that_is_not_utf8_is_printed_replaced_not_raised(sc, byte_toy, monkeypatch):
+    # the continuation was printed with the prompt's str: its lone surrogate made a UTF-8
+    # stdout raise after both sessions had generated
+    import io
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as a UTF-8 terminal
+    monkeypatch.setattr("sys.stdout", out)
+    with grpc_helpers.serve(byte_toy["model_dir"]) as srv:
+        argv = ["caf\udce9", "--server", grpc_helpers.target(srv), "--max-new-tokens", "2"]
+        assert sc.main(argv) == 0
+    out.flush()
+    assert out.buffer.getvalue().count("caf\ufffd".encode()) == 2

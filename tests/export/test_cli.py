@@ -195,6 +195,8 @@ def test_onnxslim_log_says_which_graph_was_kept(monkeypatch, caplog):
         (["--dt-scale", "-1"], "argument --dt-scale: dt_scale must be positive, got -1.0"),
         (["--dt-scale", "nan"], "argument --dt-scale: dt_scale must be a finite number"),
         (["--verify-steps", "0"], "argument --verify-steps: verify_steps must be positive"),
+        (["--name="], "argument --name: the model name must be a non-empty string"),
+        (["--name", "a\tb"], "argument --name: the model name holds a control character"),
     ],
 )
 def test_a_bad_flag_value_is_a_usage_error_naming_it(tmp_path, capsys, flags, says):
@@ -218,6 +220,4 @@ def test_a_full_disk_during_the_export_is_one_line(tmp_path, capsys, monkeypatch
     rc = export_cli.main([str(tmp_path / "ck"), "--out", str(tmp_path / "o"), "-q"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert (
-        err == f"ssmstream export: error: cannot write {tmp_path / 'o'}: No space left on device\n"
-    )
+    assert err == f"ssmstream export: error: {tmp_path / 'o'}: No space left on device\n"

@@ -311,3 +311,13 @@ def test_setting_the_older_save_aside_never_raises(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pathlib.Path, "is_file", failing)
     assert "is left as it is (Input/output error)" in _set_aside(saved)
+
+
+def test_a_state_dirs_snapshot_key_that_cannot_be_read_names_the_state_dir(tmp_path):
+    # it had named --snapshot-key, a flag not given
+    from ssmstream.runtime.server import snapshot_key
+
+    (tmp_path / "state" / "snapshot.key").mkdir(parents=True)  # a directory, not a key
+    with pytest.raises(InvalidInput) as e:
+        snapshot_key(ServerConfig(model_dir="m", state_dir=str(tmp_path / "state")))
+    assert e.value.field == "state_dir" and "snapshot.key: Is a directory" in str(e.value)
