@@ -419,10 +419,14 @@ class SessionStore:
         with self._lock:
             return self._evict_idle_locked()
 
+    def _current(self, s: Session) -> bool:
+        """s is live and still the session of its id here (not closed, evicted, replaced)."""
+        return s._live and self._sessions.get(s._id) is s
+
     def _check_live(self, s: Session) -> None:
         if not isinstance(s, Session):
             raise InvalidInput("session", f"must be a Session, got {type(s).__name__}")
-        if not s._live or self._sessions.get(s._id) is not s:
+        if not self._current(s):
             raise s.gone()
 
     def pin(self, s: Session) -> None:
@@ -463,7 +467,7 @@ class SessionStore:
         """(state [S], position) of a live session, read together; None when it is gone or
         its row is being stepped right now (no waiting: for the replication's writes)."""
         with self._lock:
-            if s._lent or not s._live or self._sessions.get(s._id) is not s:
+            if s._lent or not self._current(s):
                 return None
             return self.slab.read(s._slot), s._position
 
@@ -472,7 +476,7 @@ class SessionStore:
         them in the slab (Engine.run_slots) until `give_back`. Meanwhile reading their
         states waits, and the slot of one closed meanwhile is not reused."""
         with self._lock:
-            lent = [s for s in sessions if s._live and self._sessions.get(s._id) is s]
+            lent = [s for s in sessions if self._current(s)]
             if any(s._lent for s in lent) or len(set(map(id, lent))) < len(lent):
                 raise SessionBusy("a session's row is lent to a step already (or given twice)")
             for s in lent:
@@ -502,7 +506,7 @@ class SessionStore:
         results: list[int | SessionNotFound] = []
         now = self.clock()
         for s in sessions:
-            if not s._live or self._sessions.get(s._id) is not s:
+            if not self._current(s):
                 results.append(s.gone())
                 continue
             s._position += consumed
@@ -750,7 +754,7 @@ class SessionStore:
                 sessions = live[i : i + part]
                 while any(s._lent for s in sessions):
                     self._returned.wait()
-                sessions = [s for s in sessions if s._live and self._sessions.get(s._id) is s]
+                sessions = [s for s in sessions if self._current(s)]
                 states.append(self.slab.read_rows([s._slot for s in sessions]))  # [k, S]
                 saved += [
                     {"id": s._id, "principal": s._principal, "position": s._position,
@@ -759,16 +763,16 @@ class SessionStore:
                 ]  # fmt: skip
         usable = [np.isfinite(part).all(axis=1) for part in states]  # [k] each
         if not all(ok.all() for ok in usable):  # a load would refuse the file: left out
-            usable = np.concatenate(usable)
-            bad = [h["id"] for h, ok in zip(saved, usable) if not ok]
+            flat = np.concatenate(usable)  # [n]
+            bad = [h["id"] for h, ok in zip(saved, flat) if not ok]
             log.warning(
                 "not saved: %d sessions whose state contains NaN or inf (unusable; a load "
                 "would refuse the file): %s",
                 len(bad),
                 bad[:5],
             )
-            saved = [h for h, ok in zip(saved, usable) if ok]
-            states = [part[np.isfinite(part).all(axis=1)] for part in states]
+            saved = [h for h, ok in zip(saved, flat) if ok]
+            states = [part[ok] for part, ok in zip(states, usable)]
         header = {"model_sha": self.model_sha, "state_size": self.state_size, "sessions": saved}
         tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
         try:  # owner-only, as the key beside it: the file holds every conversation's state
