@@ -200,11 +200,6 @@ def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
             raise InvalidInput("state_dir", f"cannot write {key}: {e.strerror or e}") from e
         except InvalidInput as e:  # the key file's own reading: said of --state-dir, not
             raise InvalidInput("state_dir", str(e).partition(": ")[2]) from e  # --snapshot-key
-    if config.state_store == "memory":
-        log.warning(
-            "snapshots are signed with a random key: they are valid until this server stops "
-            "(give --snapshot-key or --state-dir to keep them valid across restarts)"
-        )
     return None
 
 
@@ -226,6 +221,7 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._serving = False  # a start that failed undoes itself without drain/stop logs
         self._port_file: str | None = None  # the text this server wrote to --port-file
         self.unsaved = 0  # sessions whose last steps the shutdown could not write
 
@@ -267,6 +263,11 @@ class Server:
                 cuda_options={"use_tf32": c.tf32, "enable_cuda_graph": c.cuda_graphs},
             )
         info = self.engine.info
+        if key is None and c.state_store == "memory":
+            log.warning(
+                "snapshots are signed with a random key: they are valid until this server stops "
+                "(give --snapshot-key or --state-dir to keep them valid across restarts)"
+            )
         store_args = dict(
             state_size=int(info["state_size"]),
             capacity=c.max_sessions,
@@ -385,6 +386,7 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {c.address}: address in use or not available here")
         await self._grpc.start()
+        self._serving = True
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.store.replication is not None:
@@ -469,11 +471,13 @@ class Server:
             if self._port_file is not None:
                 _remove_port_file(self.config.port_file, self._port_file)
             self._stopped.set()
-        log.info("stopped")
+        if self._serving:
+            log.info("stopped")
 
     async def _shut_down(self, grace: float | None, save: bool) -> None:
         grace = self.config.grace if grace is None else grace
-        log.info("draining: refusing new work, %gs grace for in-flight requests", grace)
+        if self._serving:
+            log.info("draining: refusing new work, %gs grace for in-flight requests", grace)
         self.metrics.draining.set(1)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()

@@ -833,6 +833,22 @@ def test_a_start_up_error_about_a_setting_names_its_flag(tiny_token_model, tmp_p
     assert server_module.with_flags("tls_cert/tls_key: both") == "--tls-cert/--tls-key: both"
 
 
+def test_a_start_that_fails_logs_only_its_error(tiny_token_model, tmp_path, caplog):
+    # a model dir that is not one had logged the random snapshot key's warning, then
+    # 'draining: refusing new work' and 'stopped' for a server that never served
+    caplog.set_level("INFO", logger=server_module.__name__)
+    assert server_module.main([str(tmp_path / "missing"), "--port", "0"]) == 2
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("ERROR", f"ssmstream serve: {tmp_path / 'missing'}/manifest.json is missing: "
+                     "not an exported ssmstream model directory")], said  # fmt: skip
+    caplog.clear()
+    with BackgroundServer(ServerConfig(model_dir=str(tiny_token_model["model_dir"]), port=0)):
+        pass
+    said = caplog.text
+    for line in ("signed with a random key", "serving model", "draining: refusing", "stopped"):
+        assert line in said, (line, said)
+
+
 def test_periodic_saves_start_on_a_fixed_schedule(tmp_path):
     # the next save had been due --save-interval after the last one ended: with saves that
     # take a while, a SIGKILL lost up to interval + 2 saves' time, not interval + one
