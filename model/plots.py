@@ -104,6 +104,9 @@ def plot_layer(
         the PNG's path.
     """
     _check_index("head", head, layer.heads)
+    out = os.fspath(path)
+    if out.endswith((os.sep, os.altsep or os.sep)) or os.path.isdir(out):  # Path() drops the /
+        raise ValueError(f"path: {out} is a directory; give the PNG file to write")
     for name, value in (("n_modes", n_modes), ("n_kernels", n_kernels)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -138,8 +141,6 @@ def plot_layer(
     if title:
         fig.suptitle(title)
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"out: {path} is a directory; give the PNG file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, format="png")  # PNG whatever the name ends in: written as named
     log.info("wrote %s", path)
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             n_kernels=args.n_kernels,
         )
     except (ValueError, ImportError) as e:
-        parser.error(str(e))
+        said = str(e)
+        parser.error("--out: " + said.removeprefix("path: ") if said.startswith("path: ") else said)
     except OSError as e:  # --out cannot be written
         parser.error(f"--out {args.out}: cannot write it: {e.strerror or e}")
     return 0

@@ -672,6 +672,11 @@ def _check_creatable(out: Path) -> None:
     a refused command changes nothing)."""
     base = out.absolute()
     while not base.exists():
+        if base.is_symlink():  # mkdir would fail on it with EEXIST
+            raise ValueError(
+                f"out: cannot create {out}: {base} is a symlink to {os.readlink(base)}, "
+                "which does not resolve to a directory"
+            )
         base = base.parent
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"out: cannot create {out}: {base} is not a writable directory")

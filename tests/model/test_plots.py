@@ -74,8 +74,27 @@ def test_bad_arguments(tmp_path, capsys):
         main([str(tmp_path / "missing-ckpt")])
     assert "missing-ckpt" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
-    with pytest.raises(ValueError, match="^out: .* is a directory"):
+    with pytest.raises(ValueError, match="^path: .* is a directory"):
         plot_layer(layer, tmp_path)
+
+
+def test_an_out_that_names_a_directory_is_refused_naming_the_flag(tmp_path, capsys):
+    # `--out new/` had written a file named `new` (the slash dropped by Path)
+    torch.manual_seed(0)
+    save_checkpoint(SSMNetwork(SSMConfig(vocab_size=256, d_model=8, d_state=8)), tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    for out in (tmp_path / "d", f"{tmp_path / 'new'}/"):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / "c"), "--out", str(out)])
+        assert e.value.code == 2
+        said = capsys.readouterr().err.splitlines()[-1]
+        assert (
+            said
+            == f"ssmstream plot: error: --out: {out} is a directory; give the PNG file to write"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d"] and not any(
+        (tmp_path / "d").iterdir()
+    )
 
 
 def test_plot_writes_the_file_it_names_whatever_its_suffix(tmp_path):

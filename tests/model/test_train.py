@@ -361,6 +361,16 @@ def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
     cases.append(
         (["--resume", "--d-model", "8", "--out", str(tmp_path / "null-model")], "invalid model")
     )
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "ckpt")  # had been EEXIST, after
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # the data loaded, naming no flag
+    for name, target in (("dangling", tmp_path / "gone" / "ckpt"), ("loop", tmp_path / "loop")):
+        cases.append(
+            (
+                ["--out", str(tmp_path / name)],
+                f"out: cannot create {tmp_path / name}: {tmp_path / name} is a symlink to "
+                f"{target}, which does not resolve to a directory",
+            )
+        )
     (tmp_path / "stopped").mkdir()  # an earlier run's log: a refused command keeps it
     (tmp_path / "stopped" / "train_log.jsonl").write_text('{"step": 3}\n')
     cases.append(
