@@ -51,8 +51,22 @@ def export(ckpt: Path, model_dir: Path, verify_steps: int) -> bool:
         "export", str(ckpt), "--out", str(model_dir), "--force",
         "--verify-steps", str(verify_steps),
     )  # fmt: skip
-    subprocess.run(cmd, check=True)
+    run(cmd)
     return True
+
+
+def run(cmd: list[str]) -> None:
+    """subprocess.run(cmd, check=True), except that a SIGTERM or Ctrl-C meanwhile stops the
+    command with SIGTERM and waits for it: subprocess.run SIGKILLs it, and an export killed
+    so leaves its temporary directory behind."""
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except BaseException:
+        stop(proc)
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 def start_server(model_dir: Path, workdir: Path, device: str) -> tuple[subprocess.Popen, str, int]:
@@ -74,7 +88,7 @@ def start_server(model_dir: Path, workdir: Path, device: str) -> tuple[subproces
             time.sleep(0.1)
         ports = json.loads(port_file.read_text())
     except BaseException:  # also SIGTERM (SystemExit) or Ctrl-C while it starts: stop it
-        stop_server(proc)
+        stop(proc)
         raise
     port = ports["port"]
     print(f"== serving on 127.0.0.1:{port} (log: {workdir / 'server.log'})")
@@ -107,7 +121,8 @@ def transfer_report(target: str, metrics_port: int) -> None:
         )
 
 
-def stop_server(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s; reaped."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -192,7 +207,7 @@ def demo(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
         print(f"== ssmstream generate --server {target} {a.prompt!r}\n")
         sys.stdout.write(a.prompt)
         sys.stdout.flush()
-        subprocess.run(
+        run(
             ssmstream(
                 "generate",
                 "--server",
@@ -205,13 +220,12 @@ def demo(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
                 "--",  # the prompt may start with "-"
                 a.prompt,
             ),  # fmt: skip
-            check=True,
         )
         print()
         sessions_demo(target, "    def __init__(self, name):\n        self.", n=60)
         transfer_report(target, metrics_port)
     finally:
-        stop_server(proc)
+        stop(proc)
     state_dir = a.workdir / "state"
     print(f"== server stopped (exit status {proc.returncode}); sessions saved in {state_dir}")
     return 0 if proc.returncode == 0 else 1

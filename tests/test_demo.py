@@ -94,7 +94,7 @@ def test_demo_reuses_an_export_only_of_the_same_weights(demo, tmp_path, monkeypa
     spec.loader.exec_module(quickstart)
     workdir, _ = demo
     ran = []
-    monkeypatch.setattr(quickstart.subprocess, "run", lambda cmd, check: ran.append(cmd))
+    monkeypatch.setattr(quickstart, "run", ran.append)
     assert quickstart.export(CKPT, workdir / "model", 16) is False and ran == []
     other = tmp_path / "model"
     shutil.copytree(workdir / "model", other)

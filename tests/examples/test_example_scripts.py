@@ -200,7 +200,7 @@ def test_quickstart_exports_again_unless_the_export_is_whole_and_passed(quick, m
     whose graph no longer matches its manifest's sha256 (the server would refuse it), is
     exported again."""
     ran = []
-    monkeypatch.setattr(quick.subprocess, "run", lambda cmd, check: ran.append(cmd))
+    monkeypatch.setattr(quick, "run", ran.append)
     model = tmp_path / "model"
     build_toy(model, "tokens", V=256, d_out=256)
     m = json.loads((model / "manifest.json").read_text())
@@ -219,7 +219,7 @@ def test_quickstart_exports_again_unless_the_export_is_whole_and_passed(quick, m
 
 
 def test_quickstart_refuses_a_ckpt_without_weights(quick, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(quick.subprocess, "run", lambda *a, **k: pytest.fail("ran a command"))
+    monkeypatch.setattr(quick, "run", lambda *a, **k: pytest.fail("ran a command"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
         quick.main(["--ckpt", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")])
@@ -259,10 +259,10 @@ def test_quickstart_exit_status_is_the_server_s(quick, monkeypatch, tmp_path, ca
 
     monkeypatch.setattr(quick, "export", lambda *a: False)
     monkeypatch.setattr(quick, "start_server", lambda *a: (Proc(), "127.0.0.1:1", 2))
-    monkeypatch.setattr(quick.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(quick, "run", lambda *a, **k: None)
     monkeypatch.setattr(quick, "sessions_demo", lambda *a, **k: None)
     monkeypatch.setattr(quick, "transfer_report", lambda *a: None)
-    monkeypatch.setattr(quick, "stop_server", lambda proc: None)
+    monkeypatch.setattr(quick, "stop", lambda proc: None)
     assert quick.main(["--workdir", str(work)]) == want
     assert f"server stopped (exit status {server_rc})" in capsys.readouterr().out
 
@@ -454,10 +454,10 @@ def test_sessions_of_a_reused_export_are_kept(quick, monkeypatch, tmp_path):
 
     monkeypatch.setattr(quick, "export", lambda *a: False)  # reused
     monkeypatch.setattr(quick, "start_server", lambda *a: (Proc(), "127.0.0.1:1", 2))
-    monkeypatch.setattr(quick.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(quick, "run", lambda *a, **k: None)
     monkeypatch.setattr(quick, "sessions_demo", lambda *a, **k: None)
     monkeypatch.setattr(quick, "transfer_report", lambda *a: None)
-    monkeypatch.setattr(quick, "stop_server", lambda proc: None)
+    monkeypatch.setattr(quick, "stop", lambda proc: None)
     assert quick.main(["--workdir", str(work)]) == 0
     assert (work / "state" / "old.snap").read_bytes() == b"x"
 

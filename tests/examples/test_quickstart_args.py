@@ -95,7 +95,7 @@ def test_a_sigterm_while_the_server_starts_stops_the_server(qs, tmp_path, monkey
         started.append(real_popen(*a, **k))
         return started[-1]
 
-    def sleep(seconds):  # the first wait is where SIGTERM lands; later ones are stop_server's
+    def sleep(seconds):  # the first wait is where SIGTERM lands; later ones are stop's
         if len(started) == 1 and not hasattr(sleep, "done"):
             sleep.done = True
             raise SystemExit(128 + 15)
@@ -113,6 +113,44 @@ def test_a_sigterm_while_the_server_starts_stops_the_server(qs, tmp_path, monkey
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_sigterm_during_a_command_lets_the_command_clean_up(qs, tmp_path):
+    # subprocess.run SIGKILLed the command when quickstart's SIGTERM handler raised
+    # SystemExit: a `make demo` stopped during the export left the export's temporary dir
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    child = (
+        "import pathlib, signal, sys, time\n"
+        f"done = pathlib.Path({str(tmp_path / 'cleaned')!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (done.write_text('yes'), sys.exit(143)))\n"
+        f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+
+    def terminate_quickstart():
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signal.pthread_kill(main, signal.SIGTERM)  # where `kill` lands in quickstart
+
+    main = threading.main_thread().ident
+    old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as quickstart's main
+    try:
+        threading.Thread(target=terminate_quickstart, daemon=True).start()
+        t0 = time.monotonic()
+        with pytest.raises(SystemExit) as e:
+            qs.run([sys.executable, "-c", child])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert e.value.code == 143 and time.monotonic() - t0 < 30
+    assert (tmp_path / "cleaned").read_text() == "yes"
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        qs.run([sys.executable, "-c", "raise SystemExit(3)"])
+    assert failed.value.returncode == 3
 
 
 def test_a_relative_workdir_starting_with_a_dash_is_not_read_as_a_flag(qs, tmp_path, monkeypatch):
