@@ -32,6 +32,7 @@ import contextlib
 import os
 import queue
 import re
+import signal
 import ssl
 import sys
 import threading
@@ -1082,6 +1083,24 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:  # a bad TLS file or pair, named
         parser.error(str(e))
+    stopped_by = [signal.SIGINT]
+    with contextlib.ExitStack() as undo:
+        if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # a kill, a timeout
+                old = signal.signal(signal.SIGTERM, _interrupt_by(stopped_by))  # as Ctrl-C
+                undo.callback(signal.signal, signal.SIGTERM, old)
+        return _generate(a, parser, client, stop, stopped_by)
+
+
+def _interrupt_by(stopped_by: list):
+    def handler(signum, frame):
+        stopped_by[:] = [signal.Signals(signum)]
+        raise KeyboardInterrupt
+
+    return handler
+
+
+def _generate(a, parser, client: Client, stop: list[int], stopped_by: list) -> int:
     out, session, n = sys.stdout, None, 0
     try:
         info = client.info()
@@ -1125,11 +1144,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as e:  # the client's own argument checks name the argument
         parser.error(str(e))
-    except KeyboardInterrupt:  # Ctrl-C stops the generation; a kept session is still named
-        # on a line of its own: text tokens end mid-line (ids end with a newline)
-        sys.stderr.write(("\n" if n and not a.ids else "") + "ssmstream generate: interrupted\n")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM stops the generation; a kept session is
+        # still named, on a line of its own: text tokens end mid-line (ids end with a newline)
+        sig = stopped_by[0]
+        said = "interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}"
+        sys.stderr.write(("\n" if n and not a.ids else "") + f"ssmstream generate: {said}\n")
         _say_kept(a, session, n, cut=True)
-        return 130  # 128 + SIGINT
+        return 128 + sig
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
         _say_kept(a, session, n, cut=True)  # on stderr: its id is not lost with stdout
         return stdout_closed()

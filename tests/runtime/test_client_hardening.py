@@ -236,7 +236,12 @@ def byte_server(make_toy, tmp_path_factory):
         yield s
 
 
-def test_ctrl_c_prints_the_kept_session_and_no_traceback(byte_server):
+@pytest.mark.parametrize(
+    "sig, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM")]
+)
+def test_ctrl_c_or_sigterm_prints_the_kept_session_and_no_traceback(byte_server, sig, said):
+    # SIGTERM (`kill`, `timeout`) had ended the command with no word: the kept session's id,
+    # which only this command knew, was lost
     cmd = [sys.executable, "-m", "ssmstream.runtime.cli", "generate", "--server",
            target(byte_server), "--max-new-tokens", "100000", "--temperature", "1",
            "--ids", "1", "--keep-session"]  # fmt: skip
@@ -244,14 +249,16 @@ def test_ctrl_c_prints_the_kept_session_and_no_traceback(byte_server):
     try:
         head = p.stdout.read(50)  # tokens are arriving
         assert head
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out, err = p.communicate(timeout=60)
     finally:
         p.kill()
     printed = len((head + out).split())
     err = err.decode(errors="replace")
     assert "Traceback" not in err, err[-300:]
-    assert p.returncode == 130 and err.startswith("ssmstream generate: interrupted\nsession: "), err
+    assert p.returncode == 128 + sig and err.startswith(f"ssmstream generate: {said}\nsession: "), (
+        err
+    )
     # (--ids: each id ends its line, so no newline comes first)
     # the session holds the prompt and the ids received but the last (the next prompt starts
     # with it), not the ids the server sampled and fed after it that never arrived: what the
