@@ -175,12 +175,16 @@ def _no_passphrase():
 
 
 def _check_writable(d: Path, field: str, why: str, create: bool = False) -> None:
-    """InvalidInput naming `field` unless a file can be written in directory d (created
-    first with `create`; what is written there later goes to a temp file, then is renamed)."""
-    probe = d / f".write-test.{os.getpid()}"
+    """InvalidInput naming `field` unless a file can be written in directory d (what is
+    written there later goes to a temp file, then is renamed). create: d may be missing if
+    it could be made (nothing is made here: a start that fails leaves no directory)."""
+    base = d.absolute()
+    while create and not base.exists() and base != base.parent:
+        base = base.parent
+    if base != d.absolute() and not base.is_dir():
+        raise InvalidInput(field, f"cannot write {d} ({base} is not a directory): {why}")
+    probe = base / f".write-test.{os.getpid()}"
     try:
-        if create:
-            d.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -195,6 +199,7 @@ def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
     if config.state_dir:
         key = Path(config.state_dir) / KEY_FILE
         try:
+            key.parent.mkdir(parents=True, exist_ok=True)
             return SnapshotKey.in_dir(config.state_dir)
         except OSError as e:  # a full disk
             raise InvalidInput("state_dir", f"cannot write {key}: {e.strerror or e}") from e
@@ -245,7 +250,7 @@ class Server:
         if c.metrics_port:
             check_bindable(c.host, c.metrics_port, "metrics_port")
         check_files(c)
-        key = snapshot_key(c)  # a --snapshot-key that cannot be read: before the model loads
+        key = SnapshotKey.from_file(c.snapshot_key) if c.snapshot_key else None  # before the
         tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
         if cleartext_tokens(c):
             log.warning(
@@ -263,6 +268,7 @@ class Server:
                 cuda_options={"use_tf32": c.tf32, "enable_cuda_graph": c.cuda_graphs},
             )
         info = self.engine.info
+        key = key or snapshot_key(c)  # model loads; a --state-dir and its key made after it
         if key is None and c.state_store == "memory":
             log.warning(
                 "snapshots are signed with a random key: they are valid until this server stops "

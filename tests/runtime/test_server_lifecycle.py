@@ -586,6 +586,21 @@ def test_a_server_started_with_sighup_ignored_keeps_serving_on_sighup(tiny_token
     assert "SIGHUP received" not in srv.output()
 
 
+def test_a_state_dir_that_cannot_be_made_is_refused_making_nothing(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for d, why in [
+        (tmp_path / "a-file" / "state", f"cannot write {tmp_path / 'a-file' / 'state'} "
+         f"({tmp_path / 'a-file'} is not a directory): sessions are saved there"),
+        (tmp_path / "a-file", f"cannot write {tmp_path / 'a-file'} (Not a directory): "
+         "sessions are saved there"),
+    ]:  # fmt: skip
+        with pytest.raises(InvalidInput) as e:
+            check_files(ServerConfig(model_dir="m", state_dir=str(d)))
+        assert str(e.value) == f"state_dir: {why}"
+    check_files(ServerConfig(model_dir="m", state_dir=str(tmp_path / "new" / "state")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # made at start, not here
+
+
 def test_a_state_dir_whose_sessions_file_is_a_directory_is_refused(tmp_path):
     (tmp_path / "state" / "sessions.bin").mkdir(parents=True)
     with pytest.raises(InvalidInput) as e:
@@ -835,10 +850,18 @@ def test_a_start_up_error_about_a_setting_names_its_flag(tiny_token_model, tmp_p
 
 def test_a_start_that_fails_logs_only_its_error(tiny_token_model, tmp_path, caplog):
     # a model dir that is not one had logged the random snapshot key's warning, then
-    # 'draining: refusing new work' and 'stopped' for a server that never served
+    # 'draining: refusing new work' and 'stopped' for a server that never served; with a
+    # --state-dir it made the directories and a signing key
     caplog.set_level("INFO", logger=server_module.__name__)
     assert server_module.main([str(tmp_path / "missing"), "--port", "0"]) == 2
-    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert (
+        server_module.main(
+            [str(tmp_path / "missing"), "--port", "0", "--state-dir", str(tmp_path / "new" / "s")]
+        )
+        == 2
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    said = [(r.levelname, r.getMessage()) for r in caplog.records][::2]
     assert said == [("ERROR", f"ssmstream serve: {tmp_path / 'missing'}/manifest.json is missing: "
                      "not an exported ssmstream model directory")], said  # fmt: skip
     caplog.clear()
