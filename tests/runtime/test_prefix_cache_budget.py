@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 from ssmstream.runtime.history import CheckpointBudget, History
 from ssmstream.runtime.prefix_cache import PrefixCache, _Entry
@@ -81,3 +83,34 @@ def test_an_entry_larger_than_the_whole_budget_is_not_kept_and_breaks_nothing():
     assert c.lookup("a", np.arange(7, dtype=np.int64)).tokens == 0
     assert c.lookup("b", np.arange(3, dtype=np.int64)).tokens == 3
     assert c.stats()["bytes"] == c.bytes == _entry_bytes(3) and c.stats()["entries"] == 1
+
+
+def test_one_long_prefill_does_not_leave_its_inputs_buffer_behind():
+    """After a long prefill (chunk-end states every Q) only ~W + Q inputs are kept: the
+    ring buffer shrinks too, not just the count History.nbytes reports (which the limits
+    and metrics use): one 4,096-input request must not leave a 4 MB buffer per session."""
+    W, Q, S, I = 64, 8, 16, 256
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        h = History(W, Q, 0, np.zeros(S, np.float32))
+        x = np.ones((4096, I), np.float32)
+        h.record(x, 4096, {e: np.zeros(S, np.float32) for e in range(Q, 4097, Q)})
+        del x
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held <= 1.5 * History.max_bytes(W, Q, S, 4 * I), held
+
+
+def test_a_checkpoint_exactly_a_chunk_past_the_one_two_before_replaces_the_one_between():
+    # a checkpoint no longer needed after a rewind had stayed, counted against
+    # --rewind-memory-mb: the window of every other session shrank sooner
+    S = 3
+    x = lambda v: np.full(S, v, np.float32)  # noqa: E731
+    h = History(window=32, chunk=4, position=0, state=x(0))
+    h.record(np.arange(5), 5, {0: x(0), 2: x(2), 5: x(5)})  # keeps 0, 2
+    h.rewound(4)
+    h.record(np.arange(4), 8, {4: x(4), 8: x(8)})  # 4 is 4 past 0: 2 goes
+    assert h.nbytes == 3 * 4 * S + 8 * 8  # checkpoints 0, 4, 8 and inputs u[0:8]
+    assert h.budget.used == 3 * 4 * S

@@ -7,6 +7,8 @@ temp file of a crashed save."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -210,3 +212,25 @@ def test_stats_free_counts_a_closed_sessions_lent_row_as_taken():
     assert store.stats()["free"] == 1
     store.create()
     assert store.stats()["free"] == 0
+
+
+def test_a_session_closed_while_a_save_waits_is_not_saved_with_a_reused_slots_state(tmp_path):
+    # the save copies its sessions part by part, the lock released in between: a session
+    # closed meanwhile must not come back at the next start with the state of the session
+    # (here another principal's) that took its slot
+    S = 4
+    st = SessionStore(S, capacity=4)
+    a, b = st.create("p", "a"), st.create("p", "b")
+    st.commit(b, np.full(S, 7, np.float32), 3)
+    st.lend([a])  # a step of `a` is in flight: the save waits for its row
+    t = threading.Thread(target=st.save, args=(tmp_path,))
+    t.start()
+    time.sleep(0.2)
+    st.close("b", "p")  # closed meanwhile, and its slot taken by another principal's session
+    c = st.create("q", "c")
+    st.commit(c, np.full(S, 9, np.float32), 1)
+    st.give_back([a], 0)
+    t.join()
+    st2 = SessionStore(S, capacity=4, snapshot_key=st.snapshot_key)
+    assert st2.load(tmp_path) == 1
+    assert [s.id for s in st2.sessions()] == ["a"]
