@@ -7,7 +7,7 @@ See exporter.py (pipeline, graph I/O), modules.py (the export-only torch modules
 math) and verify.py (the parity check).
 """
 
-from .exporter import DTYPES, ExportConfig, ExportError, export_model, export_network
+from .exporter import DTYPES, ExportConfig, ExportError, ExportFailed, export_model, export_network
 from .verify import TOLERANCES, verify_graphs, verify_model
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "TOLERANCES",
     "ExportConfig",
     "ExportError",
+    "ExportFailed",
     "export_model",
     "export_network",
     "verify_graphs",

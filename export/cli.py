@@ -1,8 +1,10 @@
 """`ssmstream export CKPT --out MODEL_DIR`: checkpoint → step.onnx + prefill.onnx + manifest.json.
 
 Writes into a temporary directory next to MODEL_DIR and renames it at the end; on any error
-(missing/corrupt checkpoint, unwritable --out, unknown --dtype, failed parity) it prints
-one clear message, exits non-zero and leaves nothing behind.
+it prints one clear message and leaves nothing behind. Exit status 2 when the flags, the
+checkpoint or --out cannot be used (a bad flag, a missing or corrupt checkpoint, an
+unwritable --out), 1 when the export ran and failed (graphs that fail their parity check, a
+failed int8 quantization, a full disk), 128 + the signal when stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 
 from ssmstream.runtime.manifest import name_problem
 
-from .exporter import DTYPES, ExportConfig, ExportError, abandon_exports
+from .exporter import DTYPES, ExportConfig, ExportError, ExportFailed, abandon_exports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     except ExportError as e:
         print(f"ssmstream export: error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, ExportFailed) else 2
     except OSError as e:  # a full disk while the graphs were written (nothing is left)
         where = e.filename or args.out  # read or written: a checkpoint's file, or --out's
         print(f"ssmstream export: error: {where}: {e.strerror or e}", file=sys.stderr)

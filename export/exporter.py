@@ -84,6 +84,11 @@ class ExportError(ValueError):
     """An export that cannot be done (bad arguments, checkpoint, output dir or parity)."""
 
 
+class ExportFailed(ExportError):
+    """An export that ran and failed: graphs that fail their parity check, an int8
+    quantization that failed (`ssmstream export` exits 1; 2 for the other ExportErrors)."""
+
+
 @dataclass
 class ExportConfig:
     """Options of one export (the CLI flags map onto these).
@@ -398,7 +403,7 @@ def build_graphs(net: SSMNetwork, cfg: ExportConfig, out: Path) -> dict[str, dic
             try:  # the SSM's own products (also the prefill's folded tables) stay float32
                 quantize_int8(fp32, path, non_trunk_matmuls(model, trunk))
             except Exception as e:  # onnxruntime.quantization raises its own types
-                raise ExportError(f"int8 quantization of the {name} graph failed: {e}") from e
+                raise ExportFailed(f"int8 quantization of the {name} graph failed: {e}") from e
             fp32.unlink()
             quantized = onnx.load(path)
             toposort(quantized.graph)  # quantize_dynamic misplaces the If of a prefill graph
@@ -674,7 +679,7 @@ def export_network(
             manifest["parity"] = report
             log.info("verified in %.1f s", time.perf_counter() - t0)
             if not report["passed"]:
-                raise ExportError(
+                raise ExportFailed(
                     "exported graphs fail their parity check, model not written:\n"
                     + json.dumps(report, indent=2)
                 )

@@ -40,7 +40,8 @@ def test_export_cli_writes_a_verified_model(token_ckpt, token_model, tmp_path, c
 
 
 def test_export_cli_errors(token_ckpt, tmp_path, capsys):
-    assert export_cli.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    # status 2 for a checkpoint that cannot be read, as info/verify/serve/plot (it was 1)
+    assert export_cli.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit) as e:  # argparse: --out is required
@@ -207,6 +208,22 @@ def test_a_bad_flag_value_is_a_usage_error_naming_it(tmp_path, capsys, flags, sa
     err = capsys.readouterr().err
     assert err.startswith("usage: ssmstream export") and says in err
     assert "does not exist" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "error, status", [("ExportError", 2), ("ExportFailed", 1)]
+)  # fmt: skip
+def test_an_export_that_ran_and_failed_exits_1_one_that_could_not_run_2(
+    tmp_path, capsys, monkeypatch, error, status
+):
+    import ssmstream.export.exporter as exporter
+
+    def fail(*a, **k):
+        raise getattr(exporter, error)("why")
+
+    monkeypatch.setattr(exporter, "export_model", fail)
+    assert export_cli.main([str(tmp_path / "ck"), "--out", str(tmp_path / "o"), "-q"]) == status
+    assert capsys.readouterr().err == "ssmstream export: error: why\n"
 
 
 def test_a_full_disk_during_the_export_is_one_line(tmp_path, capsys, monkeypatch):

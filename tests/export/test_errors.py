@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from export_helpers import EXPORT
-from ssmstream.export import ExportError, export_model
+from ssmstream.export import ExportError, ExportFailed, export_model
 from ssmstream.export import verify as verify_mod
 from ssmstream.runtime.errors import ModelError
 from ssmstream.runtime.manifest import load_manifest
@@ -176,8 +176,8 @@ def test_failing_parity_is_not_written(token_ckpt, token_model, tmp_path, monkey
     # an impossible tolerance: the (cached) conversion is fine, the verdict is "fail"
     impossible = {"step_vs_torch": 0.0, "prefill_vs_step": 0.0}
     monkeypatch.setitem(verify_mod.TOLERANCES, "fp32", impossible)
-    with pytest.raises(ExportError, match="fail their parity check, model not written"):
-        export_model(token_ckpt, tmp_path / "out", verify_steps=64, **EXPORT)
+    with pytest.raises(ExportFailed, match="fail their parity check, model not written"):
+        export_model(token_ckpt, tmp_path / "out", verify_steps=64, **EXPORT)  # CLI: status 1
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
