@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import typing
@@ -760,10 +761,11 @@ def _add_fields(group, cls, helps: dict, defaults) -> None:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: …)' only where the default says something (not None / False) and
-    the help text does not already speak of it."""
+    the help text does not already state it ("(default …", "default: …", "; default …")."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
+        states = any(w in (action.help or "") for w in ("(default", "default:", "; default"))
+        if action.default is None or action.default is False or states:
             return action.help
         return super()._get_help_string(action)
 
@@ -829,6 +831,27 @@ def _warn_of_ignored_model_flags(out: Path, given: dict) -> None:
         )
 
 
+_FIELDS = "|".join(
+    f.name
+    for cls in (TrainConfig, SSMConfig, SignalConfig)
+    for f in dataclasses.fields(cls)
+    if f.name not in _SKIP
+)
+_FIELD = re.compile(rf"^({_FIELDS})(:| must)|(?<![-\w])({_FIELDS})(=)")
+
+
+def _with_flags(message: str) -> str:
+    """A message about config fields said of their flags: "warmup_steps=50 must be smaller
+    than steps=2" -> "--warmup-steps 50 must be smaller than --steps 2" (a field is named by
+    `name=value` anywhere, or by `name:` / `name must` at the start)."""
+
+    def flag(m: re.Match) -> str:
+        name, after = (m[1], m[2]) if m[1] else (m[3], " ")
+        return "--" + name.replace("_", "-") + after
+
+    return _FIELD.sub(flag, message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -839,11 +862,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         model_cfg, train_cfg = configs_from_args(args)
+    except ValueError as e:  # a flag's value, or flags that do not go together
+        parser.error(_with_flags(str(e)))
+    try:
         if train_cfg.resume:
             _warn_of_ignored_model_flags(Path(train_cfg.out), model_flags_given(argv))
         result = fit(model_cfg, train_cfg)
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError as e:  # what the flags name (--data, --out, a checkpoint) cannot be used
+        print(f"ssmstream train: error: {_with_flags(str(e))}", file=sys.stderr)  # no usage
+        return 2
     except (TrainingDiverged, OSError) as e:  # valid flags, a run that did not work out
         log.error("ssmstream train: %s", e)
         return 1

@@ -172,8 +172,8 @@ class ServerConfig:
         4 * 1024 * 1024,
         "limits",
         "largest message either way: a larger request is RESOURCE_EXHAUSTED, and so is a "
-        "Step whose OUTPUT_ALL response would be larger, before it steps (the default is "
-        "what gRPC clients receive by default)",
+        "Step whose OUTPUT_ALL response would be larger, before it steps; 4 MiB is what "
+        "gRPC clients receive unless told otherwise",
     )
     max_concurrent_rpcs: int = _option(
         0, "limits", "RPCs in flight at once (more: RESOURCE_EXHAUSTED); 0: no limit"
@@ -313,10 +313,11 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: …)' only where the default says something (not None / False) and
-    the help text does not already speak of it."""
+    the help text does not already state it ("(default …", "default: …", "; default …")."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
+        states = any(w in (action.help or "") for w in ("(default", "default:", "; default"))
+        if action.default is None or action.default is False or states:
             return action.help
         return super()._get_help_string(action)
 

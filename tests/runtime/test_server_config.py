@@ -309,6 +309,20 @@ def test_help_shows_no_default_for_flags_whose_default_is_none():
     assert "0: only at shutdown (default: 0.0)" in text  # --save-interval: 0.0 == False
 
 
+def test_every_flag_with_a_default_states_it_in_its_help():
+    # --max-message-bytes showed none: its help said "by default", which hid "(default: …)"
+    from ssmstream.model.train import build_parser as train_parser
+    from ssmstream.runtime.config import build_parser as serve_parser
+
+    for parser in (serve_parser(), train_parser()):
+        formatter = parser._get_formatter()
+        for a in parser._actions:
+            if a.default in (None, False, argparse.SUPPRESS) or not a.option_strings:
+                continue
+            said = formatter._expand_help(a)
+            assert any(w in said for w in ("(default", "default:", "; default")), (a.dest, said)
+
+
 @pytest.mark.parametrize(
     "name, message",
     [
