@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from .config import with_flags
 from .engine import Engine
 from .errors import RuntimeErrorBase
 
@@ -77,10 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="ssmstream bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("model_dir", help="an exported model directory")
-    p.add_argument("--batch", type=int, default=1, help="streams per step call (B)")
-    p.add_argument("--steps", type=int, default=1000, help="timed step calls")
-    p.add_argument("--prefill", type=int, default=256, help="prompt length T (0: skip)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--batch", type=int, default=1, help="streams per step call, B (default: 1)")
+    p.add_argument("--steps", type=int, default=1000, help="timed step calls (default: 1000)")
+    p.add_argument(
+        "--prefill", type=int, default=256, help="prompt length T; 0: skip (default: 256)"
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="where to run: auto uses CUDA when it is usable (default: auto)",
+    )  # fmt: skip
     p.add_argument(
         "--threads", type=int, default=None,
         help="onnxruntime intra-op threads of the prefill graph (default: all cores)",
@@ -110,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("prefill T=%d: %.2f ms vs %.2f ms stepping (%.1fx), state diff %.1e",
                      r["length"], r["prefill_ms"], r["steps_ms"], r["speedup"],
                      r["max_state_diff"])  # fmt: skip
-    except RuntimeErrorBase as e:
-        log.error("ssmstream bench: %s", e)
+    except RuntimeErrorBase as e:  # a model it cannot open, a flag's value (named)
+        log.error("ssmstream bench: error: %s", with_flags(str(e)))
         return 2
     except MemoryError:  # numpy's arrays of --batch states or --prefill inputs
         log.error("ssmstream bench: not enough memory for --batch %d / --prefill %d: give "

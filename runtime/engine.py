@@ -260,7 +260,7 @@ class Engine:
                 raise InvalidInput(
                     "device",
                     f"'cuda' requested but CUDA is not usable: {why} "
-                    "(install onnxruntime-gpu and a CUDA driver, or use device='cpu'/'auto')",
+                    "(install onnxruntime-gpu and a CUDA driver, or choose cpu or auto)",
                 )
             if not usable:
                 log.info("CUDA not usable (%s); running on CPU", why)

@@ -26,6 +26,11 @@ def test_bench_cli(toy_token_model, tmp_path, caplog):
     assert cli.main(argv) == 0
     assert "tokens/s" in caplog.text and "prefill T=9" in caplog.text
     assert cli.main(["bench", str(tmp_path)]) == 2  # not a model dir
+    caplog.clear()
+    assert cli.main(["bench", str(toy_token_model["model_dir"]), "--threads", "0"]) == 2
+    assert caplog.messages == [
+        "ssmstream bench: error: --threads: must be an integer in [1, 1024] or None, got 0"
+    ]
     with pytest.raises(SystemExit):
         cli.main(["bench", str(toy_token_model["model_dir"]), "--batch", "0"])
 
