@@ -109,8 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.text:
         p.error("text: give at least one character")
+    if a.max_new_tokens < 0:
+        p.error(f"--max-new-tokens: must be >= 0, got {a.max_new_tokens}")
+    from ssmstream.runtime.config import with_flags
+    from ssmstream.runtime.errors import InvalidInput, RuntimeErrorBase
+    from ssmstream.runtime.sampling import check_params
+
+    try:  # before the model loads and the prompt is stepped
+        check_params(a.temperature, 0, 1.0)
+    except InvalidInput as e:
+        p.error(f"--{e}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ssmstream.runtime.errors import RuntimeErrorBase
 
     try:
         eng = Engine(a.model_dir, device=a.device, threads=a.threads)
@@ -121,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             run_tokens(eng, a.text, a.max_new_tokens, a.temperature, a.seed)
         else:
             run_values(eng, 200)
-    except RuntimeErrorBase as e:
-        log.error("error: %s", e)
+    except RuntimeErrorBase as e:  # a model it cannot open, a flag's value (named)
+        log.error("edge_embed.py: error: %s", with_flags(str(e)))
         return 2
     return 0
 

@@ -86,6 +86,23 @@ def test_cli_device_reaches_the_engine(edge, byte_toy, monkeypatch, device):
     assert seen == [{"device": device, "threads": 1}]
 
 
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--max-new-tokens", "-5"], "--max-new-tokens: must be >= 0, got -5"),
+        (["--temperature", "-1"], "--temperature: must be finite and >= 0, got -1.0"),
+    ],
+)
+def test_bad_sampling_flags_are_usage_errors_before_the_model_runs(
+    edge, byte_toy, monkeypatch, capsys, flags, said
+):
+    # they had been found after the prompt was stepped and its guesses printed
+    monkeypatch.setattr(edge, "Engine", lambda *a, **k: pytest.fail("opened the model"))
+    with pytest.raises(SystemExit) as e:
+        edge.main([str(byte_toy["model_dir"]), *flags])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: {said}\n")
+
+
 def test_a_prompt_that_is_not_utf8_is_fed_as_its_bytes(edge, byte_toy, caplog):
     # "caf\xe9" from a Latin-1 terminal: it had raised UnicodeEncodeError
     from ssmstream.runtime import Engine
