@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_all import cpu_model, exit_on_sigterm  # noqa: E402
+from run_all import cpu_model, export_model, out_dir, run_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = [256, 1024, 4096, 16384, 65536]
@@ -450,7 +450,6 @@ def machine() -> dict:
 
 def build_model(args, work: Path) -> tuple[Path, Path, float]:
     import torch
-    from ssmstream.export import export_model
     from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
 
     torch.manual_seed(0)
@@ -465,8 +464,6 @@ def build_model(args, work: Path) -> tuple[Path, Path, float]:
 
 def shipped_model(ckpt: Path, work: Path, repeat: int, ttft_rounds: int) -> dict:
     """Export a shipped checkpoint and measure its step, prefill and time to first token."""
-    from ssmstream.export import export_model
-
     t0 = time.perf_counter()
     model = export_model(ckpt, work / "shipped", name=ckpt.name, overwrite=True)
     export_s = time.perf_counter() - t0
@@ -742,7 +739,9 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results dir")
+    ap.add_argument(
+        "--out", type=out_dir, default=str(ROOT / "benchmarks" / "results"), help="results dir"
+    )
     ap.add_argument("--quick", action="store_true", help="small model and short runs (smoke)")
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=256)
@@ -873,5 +872,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # a SIGTERM stops the server it starts and removes the temporary models
-    sys.exit(main())
+    run_script(main, "bench_export.py")  # a SIGTERM stops its server, removes the temporary models

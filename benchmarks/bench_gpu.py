@@ -56,7 +56,7 @@ import numpy as np
 from ssmstream.runtime.manifest import sha256_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_all import dir_with, exit_on_sigterm  # noqa: E402
+from run_all import dir_with, export_model, out_file, run_script  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +128,6 @@ def prepare_models(cfg: BenchConfig) -> dict[str, Path | None]:
         if d is None or given:  # a given model exists (parse_args checked) and is used as is
             continue
         if _exported_from(d) != sha256_file(ckpt / "model.safetensors"):
-            from ssmstream.export import export_model
-
             log.info("exporting %s -> %s", dtype, d)
             export_model(ckpt, d, dtype=dtype, prefill=False, verify=False, overwrite=True)
     return {"ckpt": ckpt, "fp32": fp32, "fp16": fp16}
@@ -565,7 +563,7 @@ def parse_args(argv=None) -> BenchConfig:
     )
     p.add_argument("--ckpt", type=checkpoint, help="the checkpoint of --model-dir (torch_eager)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
-    p.add_argument("--out", default=d.out, help="output path without suffix")
+    p.add_argument("--out", type=out_file, default=d.out, help="output path without suffix")
     p.add_argument("--prepare-only", action="store_true", help="make the models and stop")
     p.add_argument(
         "--bandwidth-gbs", type=float, default=d.bandwidth_gbs,
@@ -613,5 +611,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # an export under way removes its temporary directory
-    sys.exit(main())
+    run_script(main, "bench_gpu.py")  # an export under way removes its temporary directory

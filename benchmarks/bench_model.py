@@ -36,6 +36,9 @@ from ssmstream.model import SSMConfig, SSMNetwork
 from ssmstream.model.train import TrainConfig, loss_fn, make_optimizer
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_all import out_dir, run_script  # noqa: E402
+
 log = logging.getLogger("bench_model")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=d.device, choices=("cpu", "cuda"), help="torch device")
     p.add_argument("--seed", type=int, default=d.seed, help="init and data seed")
-    p.add_argument("--out", default=d.out, help="results directory")
+    p.add_argument("--out", type=out_dir, default=d.out, help="results directory")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -292,4 +295,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "bench_model.py")

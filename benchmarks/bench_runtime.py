@@ -147,7 +147,7 @@ def prepare_model(cfg: BenchConfig) -> Path:
     if cfg.model:
         return Path(cfg.model)
     import torch
-    from ssmstream.export import export_model
+    from run_all import export_model
     from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
 
     if cfg.ckpt:
@@ -755,7 +755,7 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    from run_all import dir_with
+    from run_all import dir_with, out_dir
 
     d = BenchConfig()
     p = argparse.ArgumentParser(
@@ -795,7 +795,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument(
         "--slab-capacity", type=int, default=d.slab_capacity, help="slab rows (slab section)"
     )
-    p.add_argument("--out", default=d.out, help="results directory")
+    p.add_argument("--out", type=out_dir, default=d.out, help="results directory")
     p.add_argument("--name", default=d.name, help="base name of the result files")
     p.add_argument(
         "--sections",
@@ -845,7 +845,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from run_all import exit_on_sigterm
+    from run_all import run_script
 
-    exit_on_sigterm()  # an export under way removes its temporary directory
-    sys.exit(main())
+    run_script(main, "bench_runtime.py")  # an export under way removes its temporary directory

@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
 from localcluster import LocalCluster, ReplicaProcess  # noqa: E402
-from run_all import dir_with, exit_on_sigterm, int_at_least  # noqa: E402
+from run_all import dir_with, int_at_least, out_dir, run_script  # noqa: E402
 from ssmstream.runtime.client import AsyncClient, resumable_error  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -289,12 +289,13 @@ def main(argv=None) -> int:
     p.add_argument("--lease-ttl", type=float, nargs="+", default=[1.0, 3.0],
                    help="failover runs, one per lease TTL")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="1 s points, 8 clients (smoke run)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     a = p.parse_args(argv)
     if a.quick:
         a.seconds, a.warmup, a.clients, a.lease_ttl = 1.0, 0.3, 8, [1.0]
     a.model = a.model or shipped_model(a.work_dir)
     V = vocab(a.model)
+    a.out = Path(a.out)
     a.out.mkdir(parents=True, exist_ok=True)
     res = {
         "meta": {
@@ -321,5 +322,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # a SIGTERM stops the replicas, redis and nginx it started
-    sys.exit(main())
+    run_script(main, "bench_scaleout.py")  # a SIGTERM stops its replicas, redis and nginx

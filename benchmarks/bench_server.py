@@ -69,7 +69,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_all import cpu_model, dir_with, exit_on_sigterm, int_at_least, ints_at_least  # noqa: E402
+from run_all import (  # noqa: E402
+    cpu_model,
+    dir_with,
+    export_model,
+    int_at_least,
+    ints_at_least,
+    out_dir,
+    run_script,
+)
 
 log = logging.getLogger("bench_server")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,7 +125,6 @@ class Run:
 def build_model(cfg: BenchConfig, workdir: Path) -> Path:
     """Export a random-init token model (the server's speed does not depend on training)."""
     import torch
-    from ssmstream.export import export_model
     from ssmstream.model import SSMConfig, SSMNetwork, save_checkpoint
 
     torch.manual_seed(cfg.seed)
@@ -980,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
         help="one more `ssmstream serve` flag for both servers (repeatable), "
         "e.g. --server-arg=--cuda-graphs",
     )  # fmt: skip
-    p.add_argument("--out", default=d.out, help="results directory")
+    p.add_argument("--out", type=out_dir, default=d.out, help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = BenchConfig(
@@ -1028,5 +1035,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # a SIGTERM stops the servers and removes the temporary model
-    sys.exit(main())
+    run_script(main, "bench_server.py")  # a SIGTERM stops the servers, removes the temporary model

@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import EchoProc  # noqa: E402
-from run_all import cpu_model, dir_with, exit_on_sigterm, int_at_least  # noqa: E402
+from run_all import cpu_model, dir_with, export_model, int_at_least, out_dir, run_script  # noqa: E402
 
 log = logging.getLogger("bench_sessions")
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,14 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cache-mb", type=float, default=16, help="the prefix cache, filled before the rounds"
     )
-    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    p.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory(prefix="bench-sessions-model-") as tmp:
         model = a.model
         if model is None:
-            from ssmstream.export import export_model
-
             model = str(export_model(SHIPPED, Path(tmp) / "model"))
         r = run(model, a.prompt_len, a.rounds, cache_mb=a.cache_mb)
     if a.model is None:
@@ -275,5 +273,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # a SIGTERM stops the servers and removes the temporary model
-    sys.exit(main())
+    run_script(main, "bench_sessions.py")  # a SIGTERM stops the servers, removes the model

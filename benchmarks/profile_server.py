@@ -38,7 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import ServerProc  # noqa: E402
-from run_all import dir_with, exit_on_sigterm, int_at_least, ints_at_least  # noqa: E402
+from run_all import (  # noqa: E402
+    dir_with,
+    export_model,
+    int_at_least,
+    ints_at_least,
+    out_dir,
+    run_script,
+)
 
 log = logging.getLogger("profile_server")
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds", type=int_at_least(1), default=1, help="profile length per client count"
     )
     p.add_argument("--rate", type=int_at_least(1), default=500, help="py-spy samples per second")
-    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    p.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if pyspy_path() is None:
@@ -182,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, label = a.model, a.model
         if model is None:
-            from ssmstream.export import export_model
-
             model = str(export_model(SHIPPED, Path(tmp) / "model"))
             label = f"{SHIPPED.relative_to(ROOT)} (exported)"
         results = []
@@ -197,5 +202,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # a SIGTERM stops the server and removes the temporary model
-    sys.exit(main())
+    run_script(main, "profile_server.py")  # a SIGTERM stops the server, removes the temporary model

@@ -33,6 +33,7 @@ C concurrent streams, S packed state size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -45,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,18 +64,80 @@ STATUS_FILE = "run_all.json"  # what the last run_all did (exit codes, seconds)
 
 
 def exit_on_sigterm() -> None:
-    """Make SIGTERM raise SystemExit(143) in the main thread: by default it ends the process
-    at once, skipping the `finally` blocks that stop a benchmark's servers and remove its
+    """Make SIGTERM raise Stopped (a SystemExit(143)) in the main thread: by default it ends the
+    process at once, skipping the `finally` blocks that stop a benchmark's servers and remove its
     temporary directories (run_all's --timeout and Ctrl-C send it; so does `kill`). A second
-    SIGTERM ends the process at once, as before. For a script's `__main__` block: a process
-    wide setting, not one for a `main()` that tests or other scripts call."""
+    SIGTERM ends the process at once, as before. For a script's `__main__` block (run_script):
+    a process wide setting, not one for a `main()` that tests or other scripts call."""
     if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
         signal.signal(signal.SIGTERM, _exit_on_signal)
 
 
+class Stopped(SystemExit):
+    """A benchmark stopped by a signal (exit_on_sigterm): status 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal = signal.Signals(signum)
+
+
 def _exit_on_signal(signum: int, frame) -> None:
     signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise SystemExit(128 + signum)
+    raise Stopped(signum)
+
+
+def run_script(main: Callable[[], int], name: str) -> None:
+    """A benchmark's `__main__`: exit with main()'s status. A SIGTERM stops it with one line
+    ("NAME: stopped by SIGTERM") and 143 after its `finally` blocks ran (exit_on_sigterm);
+    Ctrl-C with one line and 130, a closed stdout pipe with 141 (as the ssmstream commands)."""
+    from ssmstream.runtime.cli import run_command
+
+    exit_on_sigterm()
+    try:
+        status = run_command(main, name)
+    except Stopped as e:
+        print(f"{name}: stopped by {e.signal.name}", file=sys.stderr)
+        status = e.code
+    sys.exit(status)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back until the block ends, then deliver them: Stopped from
+    exit_on_sigterm, KeyboardInterrupt from Ctrl-C. For a torch export, which turns an exception
+    raised inside it into its own (a long traceback, status 1) or loses it (in an import, a
+    __del__; see export/cli.py's _signals_end_the_export). A second signal while held ends the
+    process at once. Signals without a Python handler (default, ignored) are left as they are,
+    as are threads other than the main one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        pending.append(signum)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    held = {s: h for s, h in handlers.items() if callable(h)}
+    for s in held:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)  # its own handler runs now, outside the block
+
+
+def export_model(*args, **kwargs) -> Path:
+    """ssmstream.export.export_model with SIGTERM and SIGINT held until it returns (signals_held):
+    the one export every benchmark calls."""
+    import ssmstream.export
+
+    with signals_held():
+        return ssmstream.export.export_model(*args, **kwargs)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -115,6 +178,34 @@ def dir_with(name: str) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def out_dir(text: str) -> str:
+    """An argparse type: a results directory, or a path where one can be made, that this
+    process can write into; checked before any work starts (and not made here), not after it
+    when the results are written."""
+    if why := _unwritable(Path(text)):
+        raise argparse.ArgumentTypeError(f"cannot write results into {text!r}: {why}")
+    return text
+
+
+def out_file(text: str) -> str:
+    """An argparse type: a file to write (or a path to which suffixes are added), in a
+    directory out_dir accepts."""
+    path = Path(text)
+    if why := "it is a directory" if path.is_dir() else _unwritable(path.parent):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {why}")
+    return text
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why `path` cannot be made or written as a directory; None if it can."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 # --- the benchmarks ----------------------------------------------------------------------
@@ -231,8 +322,9 @@ def run_one(cmd: list[str], timeout: float | None) -> int | str:
 
 def _stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM first: each benchmark then stops its servers and removes its temporary
-    directories (exit_on_sigterm); SIGKILL after a grace period."""
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    directories (exit_on_sigterm); SIGKILL after a grace period, long enough for an export
+    under way to finish first (signals_held: some 35 s for the shipped model on 2 busy cores)."""
+    for sig, grace in ((signal.SIGTERM, 90), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -1324,10 +1416,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--results",
+        type=out_dir,
         default=None,
         help=f"results directory (default: {RESULTS}, or {QUICK_RESULTS} with --quick)",
     )
-    p.add_argument("--report", default=None, help="report to write (default: RESULTS/REPORT.md)")
+    p.add_argument(
+        "--report", type=out_file, default=None, help="report to write (default: RESULTS/REPORT.md)"
+    )
     p.add_argument(
         "--timeout", type=float, default=None, help="seconds per benchmark (none: no limit)"
     )
@@ -1359,7 +1454,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ssmstream.runtime.cli import run_command
-
-    exit_on_sigterm()  # a `kill` of run_all stops the running benchmark's group too (run_one)
-    sys.exit(run_command(main, "run_all.py"))
+    run_script(main, "run_all.py")  # a `kill` of run_all stops the running benchmark's group too

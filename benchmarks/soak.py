@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import BenchConfig, ServerProc, build_model  # noqa: E402
-from run_all import dir_with, exit_on_sigterm  # noqa: E402
+from run_all import dir_with, out_dir, run_script  # noqa: E402
 
 log = logging.getLogger("soak")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction (RSS)")
     p.add_argument("--rss-interval", type=float, default=d.rss_interval, help="seconds")
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds for the streaming")
-    p.add_argument("--out", default=d.out, help="results directory")
+    p.add_argument("--out", type=out_dir, default=d.out, help="results directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -417,5 +417,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # a SIGTERM stops the server and removes the temporary model
-    sys.exit(main())
+    run_script(main, "soak.py")  # a SIGTERM stops the server and removes the temporary model

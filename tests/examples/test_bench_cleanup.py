@@ -126,29 +126,40 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
-def test_sigterm_to_bench_sessions_stops_its_servers_and_removes_its_directories(tmp_path):
-    """SIGTERM to the benchmark alone (as `kill PID`): its servers had kept running."""
+@pytest.mark.parametrize(
+    ("sig", "status", "line"),
+    [(signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGINT, 130, "interrupted")],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_a_signal_to_bench_sessions_stops_its_servers_and_removes_its_directories(
+    sig, status, line, tmp_path
+):
+    """SIGTERM to the benchmark alone (as `kill PID`): its servers had kept running. Ctrl-C
+    (SIGINT) had ended it with a KeyboardInterrupt traceback. Either: one line, 128 + signal."""
     toy = build_toy(tmp_path / "toy", V=11, d_out=11)
-    scratch = tmp_path / "scratch"
+    scratch, log = tmp_path / "scratch", tmp_path / "stderr"
     scratch.mkdir()
     cmd = [sys.executable, str(ROOT / "benchmarks/bench_sessions.py"), "--model",
            str(toy["model_dir"]), "--prompt-len", "16", "--rounds", "100000",
            "--cache-mb", "0.01", "--out", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(scratch)})
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(scratch)}, stderr=err)
     try:
         deadline = time.monotonic() + 60
         while len(list(scratch.glob("bench-sessions-*/port.json"))) < 2:  # both servers up
-            assert proc.poll() is None and time.monotonic() < deadline
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         servers = _descendants(proc.pid)
         assert servers
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 128 + signal.SIGTERM
+        proc.send_signal(sig)
+        assert proc.wait(60) == status, log.read_text()
     finally:
         proc.kill()
         proc.wait()
     assert [pid for pid in servers if _running(pid)] == []
     assert list(scratch.glob("bench-sessions-*")) == []  # the servers' and the model's dirs
+    err = log.read_text()
+    assert err.endswith(f"bench_sessions.py: {line}\n") and "Traceback" not in err, err
 
 
 def _running(pid: int) -> bool:
