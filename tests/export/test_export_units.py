@@ -338,8 +338,45 @@ def test_non_finite_outputs_are_an_infinite_error(monkeypatch):
     assert q["max_rel_output"] == math.inf and q["max_abs_output"] == math.inf and not q["passed"]
 
 
-def test_fp32_tolerance_is_1e4():
-    assert verify_mod.TOLERANCES["fp32"] == {"step_vs_torch": 1e-4, "prefill_vs_step": 1e-4}
+def test_the_tolerances_per_dtype():
+    # export/verify.py says where they come from (~3-10x over what random models measure)
+    assert verify_mod.TOLERANCES == {
+        "fp32": {"step_vs_torch": 1e-4, "prefill_vs_step": 1e-4},
+        "fp16": {"step_vs_torch": 5e-3, "prefill_vs_step": 5e-3},
+        "int8": {"step_vs_torch": 5e-2, "prefill_vs_step": 1.5e-1},
+    }
+
+
+@pytest.mark.parametrize(
+    "dtype, fails, passes", [("fp32", 2e-4, 5e-5), ("fp16", 1e-2, 2e-3), ("int8", 0.3, 0.1)]
+)
+def test_each_dtype_checks_the_prefill_with_its_own_tolerance(monkeypatch, dtype, fails, passes):
+    # the fp16 tolerances were held by no test: a 10x looser one passed every test
+    def off_by(rel):
+        class Off(FakeEngine):
+            def prefill(self, x, state):
+                out, s = self._run(x, state)
+                return out * (1 + rel), s
+
+        return Off
+
+    monkeypatch.setitem(MANIFEST, "dtype", dtype)
+    for rel, passed in ((fails, False), (passes, True)):
+        r = _verify(monkeypatch, off_by(rel))
+        assert r["prefill_vs_step"]["passed"] is passed, (rel, r["prefill_vs_step"])
+
+
+def test_a_prefill_that_mixes_batch_rows_fails(monkeypatch):
+    # verification runs more than one row: a graph right at B = 1 and wrong at B > 1 (a bad
+    # reshape) fails; at batch 1 it had passed
+    class Mixing(FakeEngine):
+        def prefill(self, x, state):
+            out, s = self._run(x, state)
+            out[1:] = out[:1]
+            return out, s
+
+    r = _verify(monkeypatch, Mixing)
+    assert not r["prefill_vs_step"]["passed"] and not r["passed"]
 
 
 def test_verify_model_reports_the_explicit_checkpoint(tmp_path, monkeypatch):

@@ -650,10 +650,14 @@ def test_an_infinite_loss_is_divergence(tmp_path, monkeypatch):
         fit(_signal_model(), _signal_cfg(tmp_path / "o"))
 
 
-def test_weights_that_turn_nan_between_log_lines_are_never_saved(tmp_path, monkeypatch):
-    """The update of step 3 makes a weight NaN (the loss logged every 10 steps would say so
-    only at step 10): the evaluation of step 3 refuses the weights, naming the one, and the
-    checkpoint stays the finite one of step 2, with no NaN evaluation logged."""
+@pytest.mark.parametrize("bad, eval_every", [(3, 3), (4, 5)])
+def test_weights_that_turn_nan_between_log_lines_are_never_saved(
+    tmp_path, monkeypatch, bad, eval_every
+):
+    """The update of step `bad` makes a weight NaN (the loss logged every 10 steps would say
+    so only at step 10): the evaluation (step 3) or the save (step 4, no evaluation due) of
+    that step refuses the weights, naming the one, and the checkpoint stays the finite one of
+    step 2, with no NaN evaluation logged."""
     real = train_mod.make_optimizer
 
     def make_optimizer(net, cfg):
@@ -662,7 +666,7 @@ def test_weights_that_turn_nan_between_log_lines_are_never_saved(tmp_path, monke
 
         def poison(*_):  # after each optimizer step
             n.append(1)
-            if len(n) == 3:
+            if len(n) == bad:
                 with torch.no_grad():
                     net.encoder.bias[0] = math.nan
 
@@ -671,13 +675,24 @@ def test_weights_that_turn_nan_between_log_lines_are_never_saved(tmp_path, monke
 
     monkeypatch.setattr(train_mod, "make_optimizer", make_optimizer)
     out = tmp_path / "o"
-    cfg = _signal_cfg(out, steps=8, log_every=10, eval_every=3, save_every=2)
-    with pytest.raises(TrainingDiverged, match=r"non-finite weights at step 3 \(encoder\.bias\)"):
+    cfg = _signal_cfg(out, steps=8, log_every=10, eval_every=eval_every, save_every=2)
+    with pytest.raises(
+        TrainingDiverged, match=rf"non-finite weights at step {bad} \(encoder\.bias\)"
+    ):
         fit(_signal_model(), cfg)
     assert json.loads((out / "config.json").read_text())["step"] == 2
     net = load_checkpoint(out)
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
-    assert _log_lines(out) == []  # no evaluation ran (the first was due at step 3)
+    assert _log_lines(out) == []  # no evaluation ran (the first was due at step 3 or 5)
+
+
+def test_signal_evaluation_batches_are_not_training_batches(tmp_path):
+    # the signal task has no split: only the seed keeps evaluation off the training data
+    b = train_mod.Batches(_signal_cfg(tmp_path / "o"), None)
+    evals = [x for x, _ in b.eval()]
+    trains = [b.train(r, k)[0] for r in range(2) for k in range(8)]
+    assert evals and not any(torch.equal(e, t) for e in evals for t in trains)
+    assert all(torch.equal(e, f) for e, (f, _) in zip(evals, b.eval()))  # the same each time
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path):
