@@ -800,13 +800,26 @@ def configs_from_args(args: argparse.Namespace) -> tuple[SSMConfig | None, Train
     return default_model_config(train_cfg.task, **pick(SSMConfig)), train_cfg
 
 
-def model_flags_given(argv: list[str] | None) -> dict:
-    """The model flags given on the command line (their defaults are not given), by field."""
-    names = [f.name for f in dataclasses.fields(SSMConfig) if f.name not in _SKIP]
+def model_flags_given(argv: list[str] | None, cls=SSMConfig) -> dict:
+    """The flags of `cls`'s fields given on the command line (their defaults are not given),
+    by field."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in _SKIP]
     probe = build_parser()
     probe.set_defaults(**dict.fromkeys(names))
     args = probe.parse_args(sys.argv[1:] if argv is None else argv)
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _warn_of_flags_that_do_nothing(model_cfg: SSMConfig | None, cfg: TrainConfig, argv) -> None:
+    """Flags given that this run does not use: the signal task's with --task text, --alpha
+    with a discretization other than gbt."""
+    unused = []
+    if cfg.task != "signal":
+        unused += [(k, "--task signal") for k in model_flags_given(argv, SignalConfig)]
+    if model_cfg is not None and model_cfg.discretization != "gbt":
+        unused += [(k, "--discretization gbt") for k in model_flags_given(argv) if k == "alpha"]
+    for name, only in unused:
+        log.warning("--%s: only for %s; ignored", name.replace("_", "-"), only)
 
 
 def _warn_of_ignored_model_flags(out: Path, given: dict) -> None:
@@ -864,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, train_cfg = configs_from_args(args)
     except ValueError as e:  # a flag's value, or flags that do not go together
         parser.error(_with_flags(str(e)))
+    _warn_of_flags_that_do_nothing(model_cfg, train_cfg, argv)
     try:
         if train_cfg.resume:
             _warn_of_ignored_model_flags(Path(train_cfg.out), model_flags_given(argv))

@@ -512,6 +512,28 @@ def test_resolve_device_uses_local_rank_and_auto_picks_cuda(monkeypatch):
     assert resolve_device("auto", node) == torch.device("cpu")
 
 
+@pytest.mark.parametrize(
+    "argv, warned",
+    [
+        (["--rate", "4", "--target", "delay", "--alpha", "0.3"],
+         ["--rate: only for --task signal; ignored", "--target: only for --task signal; ignored",
+          "--alpha: only for --discretization gbt; ignored"]),
+        (["--task", "signal", "--rate", "4", "--discretization", "gbt", "--alpha", "0.3"], []),
+        (["--task", "signal", "--alpha", "0.5"],
+         ["--alpha: only for --discretization gbt; ignored"]),
+    ],
+)  # fmt: skip
+def test_flags_the_run_does_not_use_are_warned_of(argv, warned, caplog):
+    # --alpha without gbt and the signal task's flags with --task text were silently ignored,
+    # while --data with --task signal was warned of
+    from ssmstream.model.train import _warn_of_flags_that_do_nothing, configs_from_args
+
+    model_cfg, cfg = configs_from_args(build_parser().parse_args(argv))
+    with caplog.at_level("WARNING", logger="ssmstream.model.train"):
+        _warn_of_flags_that_do_nothing(model_cfg, cfg, argv)
+    assert caplog.messages == warned
+
+
 def test_errors_about_fields_name_their_flags():
     from ssmstream.model.train import _with_flags
 
