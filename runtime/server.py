@@ -129,9 +129,7 @@ def check_files(config: ServerConfig) -> None:
                 "tls_key", f"{c.tls_key} is encrypted (has a passphrase); gRPC needs a plain key"
             ) from None
         except (OSError, ssl.SSLError) as e:
-            raise InvalidInput(
-                "tls_cert/tls_key", f"cannot load {c.tls_cert} / {c.tls_key}: {e}"
-            ) from None
+            raise InvalidInput(*_tls_problem(c, e)) from None
         if c.tls_client_ca is not None:
             try:
                 ctx.load_verify_locations(c.tls_client_ca)
@@ -164,6 +162,18 @@ def _set_aside(saved: Path) -> str:
     except OSError as e:
         return f"the older save {saved} is left as it is ({e.strerror or e}): remove it"
     return f"the older save is kept as {stale}, which the next start does not load"
+
+
+def _tls_problem(c: ServerConfig, e: Exception) -> tuple[str, str]:
+    """(field, what) for a --tls-cert/--tls-key pair that does not load: the file that is no
+    PEM where one is (OpenSSL says only "[SSL] PEM lib"), else OpenSSL's own words."""
+    for field, path in (("tls_cert", c.tls_cert), ("tls_key", c.tls_key)):
+        try:
+            if b"-----BEGIN " not in Path(path).read_bytes():
+                return field, f"{path} is not PEM (no '-----BEGIN ' line)"
+        except OSError as read:
+            return field, f"cannot read {path}: {read.strerror or read}"
+    return "tls_cert/tls_key", f"cannot load {c.tls_cert} / {c.tls_key}: {e}"
 
 
 class _Encrypted(Exception):

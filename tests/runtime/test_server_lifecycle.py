@@ -351,9 +351,12 @@ def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, t
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    cases = [
-        (dict(tls_cert=str(tmp_path / "garbage.pem"), tls_key=str(tmp_path / "garbage.pem")),
-         "tls_cert/tls_key: cannot load"),
+    certs = make_certs(tmp_path / "certs")
+    garbage, cert, ca = tmp_path / "garbage.pem", str(certs.server_cert), str(certs.ca)
+    cases = [  # a file that is no PEM is named (OpenSSL says only "[SSL] PEM lib")
+        (dict(tls_cert=str(garbage), tls_key=str(garbage)), f"tls_cert: {garbage} is not PEM"),
+        (dict(tls_cert=cert, tls_key=str(garbage)), f"tls_key: {garbage} is not PEM"),
+        (dict(tls_cert=cert, tls_key=ca), f"tls_cert/tls_key: cannot load {cert} / {ca}: "),
         (dict(state_dir=str(tmp_path / "a-file" / "state")), "state_dir: cannot write"),
         (dict(port_file=str(tmp_path / "missing" / "pf.json")), "port_file: "),
         (dict(port_file=str(tmp_path / "a-dir")), "port_file: "),
@@ -372,7 +375,7 @@ def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, t
             assert srv.engine is None  # refused before the slow part
     finally:
         taken.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "garbage.pem"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "certs", "garbage.pem"]
     assert not any((tmp_path / "a-dir").iterdir())
     # a port file that cannot be written after all (made a directory since) leaves no temp
     from ssmstream.runtime.server import _write_port_file
@@ -381,7 +384,7 @@ def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, t
         _write_port_file(str(tmp_path / "a-dir"), 1234, None)  # named: --port-file
     with pytest.raises(InvalidInput, match=r"^port_file: cannot write .*: File name too long$"):
         _write_port_file(str(tmp_path / ("p" * 250)), 1234, None)  # its temp file's name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "garbage.pem"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "certs", "garbage.pem"]
 
 
 def test_a_start_that_fails_after_binding_closes_its_port_and_saves_nothing(
