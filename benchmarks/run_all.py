@@ -106,9 +106,9 @@ def signals_held() -> Iterator[None]:
     """Hold SIGTERM and SIGINT back until the block ends, then deliver them: Stopped from
     exit_on_sigterm, KeyboardInterrupt from Ctrl-C. For a torch export, which turns an exception
     raised inside it into its own (a long traceback, status 1) or loses it (in an import, a
-    __del__; see export/cli.py's _signals_end_the_export). A second signal while held ends the
-    process at once. Signals without a Python handler (default, ignored) are left as they are,
-    as are threads other than the main one."""
+    __del__; see export/cli.py's _signals_end_the_export). The same signal a second time while
+    held ends the process at once. Signals without a Python handler (default, ignored) are
+    left as they are, as are threads other than the main one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -120,9 +120,9 @@ def signals_held() -> Iterator[None]:
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     held = {s: h for s, h in handlers.items() if callable(h)}
-    for s in held:
-        signal.signal(s, hold)
-    try:
+    try:  # handlers put back even if a signal lands between two of these calls
+        for s in held:
+            signal.signal(s, hold)
         yield
     finally:
         for s, handler in held.items():
@@ -200,7 +200,10 @@ def out_file(text: str) -> str:
 
 def _unwritable(path: Path) -> str | None:
     """Why `path` cannot be made or written as a directory; None if it can."""
-    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    try:  # exists() raises for a path below a directory this process cannot search
+        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    except OSError as e:
+        return f"{e.filename or path}: {e.strerror or e}"
     if not existing.is_dir():
         return f"{existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -716,9 +716,13 @@ def export_model(
         try:
             before = sha256_file(weights) if weights.is_file() else None
             net = load_checkpoint(ckpt_dir)
+            sha = sha256_file(weights)
         except CheckpointError as e:
             raise ExportError(f"cannot export checkpoint {str(ckpt_dir)!r}: {e}") from e
-        if (sha := sha256_file(weights)) == before:
+        except OSError as e:  # a file it cannot read (permissions): the checkpoint, not a write
+            where = e.filename or weights
+            raise ExportError(f"cannot read checkpoint file {where}: {e.strerror or e}") from e
+        if sha == before:
             break
     else:
         raise ExportError(
@@ -732,4 +736,11 @@ def export_model(
     return export_network(net, out_dir, dtype, dt_scale, prefill, verify, source=source, **options)
 
 
-__all__ = ["DTYPES", "ExportConfig", "ExportError", "export_model", "export_network"]
+__all__ = [
+    "DTYPES",
+    "ExportConfig",
+    "ExportError",
+    "ExportFailed",
+    "export_model",
+    "export_network",
+]

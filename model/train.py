@@ -850,13 +850,13 @@ _FIELDS = "|".join(
     for f in dataclasses.fields(cls)
     if f.name not in _SKIP
 )
-_FIELD = re.compile(rf"^({_FIELDS})(:| must)|(?<![-\w])({_FIELDS})(=)")
+_FIELD = re.compile(rf"^({_FIELDS})(:| must)|(?<!\S)({_FIELDS})(=)")  # not in a path: /lr=3
 
 
 def _with_flags(message: str) -> str:
     """A message about config fields said of their flags: "warmup_steps=50 must be smaller
     than steps=2" -> "--warmup-steps 50 must be smaller than --steps 2" (a field is named by
-    `name=value` anywhere, or by `name:` / `name must` at the start)."""
+    `name=value` after a space or at the start, or by `name:` / `name must` at the start)."""
 
     def flag(m: re.Match) -> str:
         name, after = (m[1], m[2]) if m[1] else (m[3], " ")

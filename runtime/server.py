@@ -143,11 +143,14 @@ def check_files(config: ServerConfig) -> None:
         _check_writable(d, "state_dir", "sessions are saved there", create=True)
     if c.port_file:
         d = Path(c.port_file).absolute().parent
-        if not d.is_dir():
+        in_state_dir = c.state_dir and d == Path(c.state_dir).absolute()  # made at start
+        if not d.is_dir() and not in_state_dir:
             raise InvalidInput("port_file", f"{Path(c.port_file).parent} is not a directory")
         if Path(c.port_file).is_dir():
             raise InvalidInput("port_file", f"{c.port_file} is a directory, not a file")
-        _check_writable(d, "port_file", "the port file is written there once serving")
+        _check_writable(
+            d, "port_file", "the port file is written there once serving", create=in_state_dir
+        )
 
 
 def _set_aside(saved: Path) -> str:
@@ -190,6 +193,11 @@ def _check_writable(d: Path, field: str, why: str, create: bool = False) -> None
     it could be made (nothing is made here: a start that fails leaves no directory)."""
     base = d.absolute()
     while create and not base.exists() and base != base.parent:
+        if base.is_symlink():  # mkdir would fail on it with EEXIST
+            raise InvalidInput(
+                field, f"cannot write {d} ({base} is a link to {os.readlink(base)}, which does "
+                f"not resolve to a directory): {why}",
+            )  # fmt: skip
         base = base.parent
     if base != d.absolute() and not base.is_dir():
         raise InvalidInput(field, f"cannot write {d} ({base} is not a directory): {why}")
@@ -260,7 +268,7 @@ class Server:
         if c.metrics_port:
             check_bindable(c.host, c.metrics_port, "metrics_port")
         check_files(c)
-        key = SnapshotKey.from_file(c.snapshot_key) if c.snapshot_key else None  # before the
+        key = snapshot_key(c) if c.snapshot_key else None  # an unreadable file: before the
         tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
         if cleartext_tokens(c):
             log.warning(

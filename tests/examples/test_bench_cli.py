@@ -96,6 +96,23 @@ def test_out_dir_refuses_a_directory_it_cannot_write(tmp_path):
         tmp_path.chmod(0o700)
 
 
+def test_out_dir_below_a_directory_it_cannot_search_is_refused_not_a_traceback(
+    tmp_path, monkeypatch
+):
+    # Path.exists() raises PermissionError there (Python 3.11): it escaped argparse
+    ra = load_script("benchmarks/run_all.py")
+    real = Path.exists
+
+    def exists(self, **kw):
+        if tmp_path / "locked" in (self, *self.parents):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, **kw)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    with pytest.raises(argparse.ArgumentTypeError, match="Permission denied"):
+        ra.out_dir(str(tmp_path / "locked" / "results"))
+
+
 # --- a signal during a benchmark's export ------------------------------------------------
 
 

@@ -226,6 +226,27 @@ def test_an_export_that_ran_and_failed_exits_1_one_that_could_not_run_2(
     assert capsys.readouterr().err == "ssmstream export: error: why\n"
 
 
+def test_a_checkpoint_file_it_cannot_read_is_status_2_naming_it(
+    token_ckpt, tmp_path, capsys, monkeypatch
+):
+    # a PermissionError reading the weights had been status 1, as a failed export
+    import ssmstream.export.exporter as exporter
+
+    weights = token_ckpt / "model.safetensors"
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(exporter, "sha256_file", unreadable)
+    assert export_cli.main([str(token_ckpt), "--out", str(tmp_path / "o"), "-q"]) == 2
+    said = capsys.readouterr().err
+    assert (
+        said
+        == f"ssmstream export: error: cannot read checkpoint file {weights}: Permission denied\n"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_full_disk_during_the_export_is_one_line(tmp_path, capsys, monkeypatch):
     # onnx.save's OSError (ENOSPC, EFBIG) had ended the command in a traceback
     import ssmstream.export.exporter as exporter

@@ -547,6 +547,8 @@ def test_errors_about_fields_name_their_flags():
         ("cannot resume: x holds no checkpoint", "cannot resume: x holds no checkpoint"),
         ("duration · rate must be finite, got inf", "duration · rate must be finite, got inf"),
         ("--out x: y", "--out x: y"),
+        ("data path '/runs/lr=3e-4/a.txt' does not exist",  # a path is not a field
+         "data path '/runs/lr=3e-4/a.txt' does not exist"),
     ]:  # fmt: skip
         assert _with_flags(message) == said
 

@@ -591,17 +591,22 @@ def test_a_server_started_with_sighup_ignored_keeps_serving_on_sighup(tiny_token
 
 def test_a_state_dir_that_cannot_be_made_is_refused_making_nothing(tmp_path):
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # mkdir: EEXIST at the first save
     for d, why in [
         (tmp_path / "a-file" / "state", f"cannot write {tmp_path / 'a-file' / 'state'} "
          f"({tmp_path / 'a-file'} is not a directory): sessions are saved there"),
         (tmp_path / "a-file", f"cannot write {tmp_path / 'a-file'} (Not a directory): "
          "sessions are saved there"),
+        (tmp_path / "dangling" / "s", f"cannot write {tmp_path / 'dangling' / 's'} "
+         f"({tmp_path / 'dangling'} is a link to {tmp_path / 'gone'}, which does not resolve to "
+         "a directory): sessions are saved there"),
     ]:  # fmt: skip
         with pytest.raises(InvalidInput) as e:
             check_files(ServerConfig(model_dir="m", state_dir=str(d)))
         assert str(e.value) == f"state_dir: {why}"
-    check_files(ServerConfig(model_dir="m", state_dir=str(tmp_path / "new" / "state")))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # made at start, not here
+    new = tmp_path / "new" / "state"  # its port file too: the state dir is made at start
+    check_files(ServerConfig(model_dir="m", state_dir=str(new), port_file=str(new / "p.json")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "dangling"]  # none made
 
 
 def test_a_state_dir_whose_sessions_file_is_a_directory_is_refused(tmp_path):
@@ -864,9 +869,9 @@ def test_a_start_that_fails_logs_only_its_error(tiny_token_model, tmp_path, capl
         == 2
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    said = [(r.levelname, r.getMessage()) for r in caplog.records][::2]
-    assert said == [("ERROR", f"ssmstream serve: {tmp_path / 'missing'}/manifest.json is missing: "
-                     "not an exported ssmstream model directory")], said  # fmt: skip
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == 2 * [("ERROR", f"ssmstream serve: {tmp_path / 'missing'}/manifest.json is "
+                         "missing: not an exported ssmstream model directory")], said  # fmt: skip
     caplog.clear()
     with BackgroundServer(ServerConfig(model_dir=str(tiny_token_model["model_dir"]), port=0)):
         pass
