@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
 from localcluster import LocalCluster, ReplicaProcess  # noqa: E402
-from run_all import dir_with, int_at_least, out_dir, run_script  # noqa: E402
+from run_all import dir_with, export_model, int_at_least, out_dir, run_script  # noqa: E402
 from ssmstream.runtime.client import AsyncClient, resumable_error  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -97,8 +96,7 @@ def shipped_model(work_dir: Path) -> str:
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ROOT / "examples" / "checkpoints" / "byte-lm"
     print(f"exporting {ckpt} to {out}", flush=True)
-    subprocess.run([sys.executable, "-m", "ssmstream.runtime.cli", "export", str(ckpt),
-                    "--out", str(out), "--force"], check=True)  # fmt: skip
+    export_model(ckpt, out, overwrite=True)  # signals held: a `kill` lets it clean up first
     return str(out)
 
 

@@ -164,11 +164,14 @@ def _exports(tmp_path: Path) -> dict:
         "bench_sessions": lambda: load_script("benchmarks/bench_sessions.py").main(out),
         "profile_server": lambda: load_script("benchmarks/profile_server.py").main(out),
         "soak": lambda: load_script("benchmarks/soak.py").main(out),
+        "bench_scaleout": lambda: load_script("benchmarks/bench_scaleout.py").shipped_model(
+            tmp_path / "scaleout"
+        ),  # it had run `ssmstream export` in a subprocess, SIGKILLed at a SIGTERM
     }
 
 
 EXPORTS = ["bench_server", "bench_export", "bench_export shipped", "bench_runtime", "bench_gpu",
-           "bench_sessions", "profile_server", "soak"]  # fmt: skip
+           "bench_sessions", "profile_server", "soak", "bench_scaleout"]  # fmt: skip
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
