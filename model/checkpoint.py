@@ -108,8 +108,11 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{cfg_file} is not an ssmstream checkpoint config")
     if meta.get("version") != VERSION:
+        v = meta.get("version")
+        newer = isinstance(v, int) and not isinstance(v, bool) and v > VERSION
         raise CheckpointError(
-            f"{cfg_file}: checkpoint version {meta.get('version')} unsupported (want {VERSION})"
+            f"{cfg_file}: checkpoint version {v!r} unsupported (want {VERSION})"
+            + ("; it was written by a newer ssmstream: upgrade this one" if newer else "")
         )
     return meta
 

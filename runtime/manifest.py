@@ -101,10 +101,14 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ModelError(f"{path} is not an ssmstream model manifest")
     if m.get("format_version") != FORMAT_VERSION:
+        v = m.get("format_version")
+        newer = isinstance(v, int) and not isinstance(v, bool) and v > FORMAT_VERSION
         raise ModelError(
-            f"{path}: format_version {m.get('format_version')!r} is not supported "
-            f"(this runtime reads version {FORMAT_VERSION}); re-export the model"
-        )
+            f"{path}: format_version {v!r} is not supported (this runtime reads version "
+            f"{FORMAT_VERSION}); "
+            + ("it was exported by a newer ssmstream: upgrade this one" if newer
+               else "re-export the model")
+        )  # fmt: skip
     missing = [k for k in REQUIRED if k not in m]
     if missing:
         raise ModelError(f"{path}: missing fields {missing}")

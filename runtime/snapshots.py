@@ -188,13 +188,21 @@ def _say(what: str, text: str) -> str:
 
 
 def _check_version(version: int, field: str, what: str) -> None:
+    """A session file (`what` names it) of another version says what to do with it: one of
+    0.1.0 is written at every stop, even with no sessions, and its sessions cannot be carried
+    over (nothing vouches for them)."""
     if version == 1:
+        todo = "; move it aside to start (its sessions cannot be restored)" if what else ""
         raise InvalidInput(
-            field, _say(what, f"is unsigned (format version 1); this server needs {VERSION}")
-        )
+            field,
+            _say(what, f"is unsigned (format version 1, ssmstream 0.1.0); this server needs "
+                 f"{VERSION}{todo}"),
+        )  # fmt: skip
     if version != VERSION:
+        newer = "; it was written by a newer ssmstream" if version > VERSION else ""
         raise InvalidInput(
-            field, _say(what, f"has format version {version}, not supported (want {VERSION})")
+            field,
+            _say(what, f"has format version {version}, not supported (want {VERSION}){newer}"),
         )
 
 

@@ -113,7 +113,7 @@ def test_missing_config(ckpt):
         ('{"format": "ssmstream-checkpoint", "version": 1}', "not an ssmstream checkpoint"),
         (
             '{"format": "ssmstream-checkpoint", "version": 99, "model": {}}',
-            "checkpoint version 99 unsupported",
+            "checkpoint version 99 unsupported \\(want 1\\); it was written by a newer ssmstream",
         ),
     ],
 )

@@ -1156,8 +1156,24 @@ def test_a_signed_snapshot_of_another_format_version_is_refused_naming_it(versio
     with pytest.raises(InvalidInput) as e:
         decode_snapshot(KEY, data, "m", 4)
     assert e.value.field == "snapshot"
-    assert f"has format version {version}, not supported (want 2)" in str(e.value)
+    newer = "; it was written by a newer ssmstream" if version > 2 else ""
+    assert str(e.value).endswith(f"has format version {version}, not supported (want 2){newer}")
     assert decode_snapshot(KEY, forge(np.ones(4, np.float32), 5, "m"), "m", 4)[0] == 5
+
+
+def test_a_session_file_of_0_1_0_says_to_move_it_aside(tmp_path):
+    # 0.1.0 wrote an unsigned file at every stop, even with no sessions: the upgraded server
+    # refused to start without saying what to do
+    from ssmstream.runtime.snapshots import _STORE_HEAD, STORE_MAGIC, decode_session_file
+
+    head = json.dumps({"sessions": []}).encode()
+    data = _STORE_HEAD.pack(STORE_MAGIC, 1, len(head)) + head
+    with pytest.raises(InvalidInput) as e:
+        decode_session_file(KEY, data, tmp_path / "sessions.bin")
+    assert str(e.value) == (
+        f"state_dir: {tmp_path / 'sessions.bin'} is unsigned (format version 1, ssmstream "
+        "0.1.0); this server needs 2; move it aside to start (its sessions cannot be restored)"
+    )
 
 
 def test_a_snapshot_shorter_than_its_signature_is_truncated():
