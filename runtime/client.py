@@ -275,6 +275,18 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
     return req
 
 
+PROMPT_IGNORED = (
+    "prompt: the server created the session without it (a server older than this client, "
+    "which has no prompt field?); the session was closed"
+)
+
+
+def _prompt_ignored(s: pb.Session, prompt: Sequence[int], snapshot: bytes) -> bool:
+    """A new session from a prompt alone is at the prompt's length; an older server drops
+    the field it does not know and answers position 0."""
+    return len(prompt) > 0 and not snapshot and s.position != len(prompt)
+
+
 def _pem(value: str | os.PathLike | bytes | None, field: str) -> bytes | None:
     """PEM bytes, or a PEM file's; ValueError naming `field` for a file it cannot read or
     what is not PEM (grpc's core aborted the process on an empty key or certificate)."""
@@ -441,7 +453,11 @@ class Client(_Base):
             create_request(session_id, ttl, snapshot, prompt),
             **self._kw(session_id),
         )
-        return ClientSession(self, s.session_id, s.position, s.cached_tokens)
+        session = ClientSession(self, s.session_id, s.position, s.cached_tokens)
+        if _prompt_ignored(s, prompt, snapshot):
+            session.close()
+            raise RuntimeError(PROMPT_IGNORED)
+        return session
 
     def session(self, session_id: str, position: int = 0) -> ClientSession:
         """A handle on an existing session (no RPC)."""
@@ -725,7 +741,11 @@ class AsyncClient(_Base):
             create_request(session_id, ttl, snapshot, prompt),
             **self._kw(session_id),
         )
-        return AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
+        session = AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
+        if _prompt_ignored(s, prompt, snapshot):
+            await session.close()
+            raise RuntimeError(PROMPT_IGNORED)
+        return session
 
     def session(self, session_id: str, position: int = 0) -> AsyncClientSession:
         return AsyncClientSession(self, _session_id("session_id", session_id), position)

@@ -653,3 +653,35 @@ def test_an_async_stream_handle_dropped_unclosed_ends_its_stream(srv):
             return r.position
 
     assert asyncio.run(asyncio.wait_for(run(), 60)) == 2
+
+
+def test_a_server_that_drops_the_prompt_is_an_error_not_an_empty_session(byte_server):
+    # a server older than the client ignores CreateSessionRequest.prompt (an unknown field):
+    # the session came back at position 0 without its prompt, and later calls ignored it
+    from ssmstream.protos import inference_pb2 as pb
+
+    def as_an_old_server(create):
+        def call(req, **kw):
+            old = pb.CreateSessionRequest()
+            old.CopyFrom(req)
+            old.ClearField("prompt")
+            return create(old, **kw)
+
+        return call
+
+    before = len(byte_server.server.store)
+    with Client(target(byte_server), timeout=30) as c:
+        assert c.create_session(prompt=[1, 2, 3]).position == 3  # today's server takes it
+        c.stub.CreateSession = as_an_old_server(c.stub.CreateSession)
+        with pytest.raises(RuntimeError, match="^prompt: the server created the session without"):
+            c.create_session(prompt=[1, 2, 3])
+        assert c.create_session().position == 0  # no prompt: nothing to check
+
+    async def async_client():
+        async with AsyncClient(target(byte_server), timeout=30) as c:
+            c.stub.CreateSession = as_an_old_server(c.stub.CreateSession)
+            with pytest.raises(RuntimeError, match="^prompt: the server created"):
+                await c.create_session(prompt=[4, 5])
+
+    asyncio.run(async_client())
+    assert len(byte_server.server.store) == before + 2  # the refused ones were closed
