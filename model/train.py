@@ -519,6 +519,8 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"out: {out} is a file; give a directory for the checkpoint")
     if cfg.resume and not (out / "config.json").is_file():
         raise ValueError(f"cannot resume: {out} holds no checkpoint (config.json missing)")
+    if cfg.resume:
+        read_checkpoint_meta(out)  # CheckpointError (another version, bad JSON) before the data
     if not cfg.resume and (out / "config.json").is_file():
         raise ValueError(f"{out} already holds a checkpoint: pass resume=True / --resume")
     _check_creatable(out)  # before the slow parts, and without making anything yet

@@ -534,6 +534,17 @@ def test_flags_the_run_does_not_use_are_warned_of(argv, warned, caplog):
     assert caplog.messages == warned
 
 
+def test_resume_refuses_a_checkpoint_of_another_version_before_reading_the_data(tmp_path, capsys):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text(
+        json.dumps({"format": "ssmstream-checkpoint", "version": 99, "model": {}})
+    )
+    argv = ["--resume", "--out", str(tmp_path / "ck"), "--data", str(tmp_path / "no-corpus")]
+    assert main([*argv, "--no-progress"]) == 2  # the corpus had been read first
+    said = capsys.readouterr().err
+    assert "checkpoint version 99 unsupported" in said and "no-corpus" not in said, said
+
+
 def test_errors_about_fields_name_their_flags():
     from ssmstream.model.train import _with_flags
 
