@@ -290,8 +290,8 @@ def echo_server(
             return step_response(sid, position, eng.step_slots(x, slot, slab, buf), req)
 
     class Echo(pb_grpc.StreamingInferenceServicer):
-        async def CreateSession(self, request, context):
-            return pb.Session(session_id=sid)
+        async def CreateSession(self, request, context):  # at the prompt's end, as a server
+            return pb.Session(session_id=sid, position=len(request.prompt))
 
         async def CloseSession(self, request, context):
             return pb.Session(session_id=sid)
