@@ -193,8 +193,9 @@ def out_file(text: str) -> str:
     """An argparse type: a file to write (or a path to which suffixes are added), in a
     directory out_dir accepts."""
     path = Path(text)
-    if why := "it is a directory" if path.is_dir() else _unwritable(path.parent):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {why}")
+    why = _unwritable(path.parent)  # first: is_dir() raises below a directory it cannot search
+    if why or path.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {why or 'it is a directory'}")
     return text
 
 

@@ -107,9 +107,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{cfg_file} is not an ssmstream checkpoint config")
-    if meta.get("version") != VERSION:
-        v = meta.get("version")
-        newer = isinstance(v, int) and not isinstance(v, bool) and v > VERSION
+    v = meta.get("version")
+    if type(v) is not int or v != VERSION:  # true, 1.0: not a version
+        newer = type(v) is int and v > VERSION
         raise CheckpointError(
             f"{cfg_file}: checkpoint version {v!r} unsupported (want {VERSION})"
             + ("; it was written by a newer ssmstream: upgrade this one" if newer else "")

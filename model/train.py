@@ -855,14 +855,16 @@ _FIELDS = "|".join(
 _FIELD = re.compile(rf"^({_FIELDS})(:| must)|(?<!\S)({_FIELDS})(=)")  # not in a path: /lr=3
 
 
-def _with_flags(message: str) -> str:
+def _with_flags(message: str, values: bool = True) -> str:
     """A message about config fields said of their flags: "warmup_steps=50 must be smaller
     than steps=2" -> "--warmup-steps 50 must be smaller than --steps 2" (a field is named by
-    `name=value` after a space or at the start, or by `name:` / `name must` at the start)."""
+    `name:` / `name must` at the start, and with `values` by `name=value` after a space or at
+    the start). values=False for messages that quote paths (`--out lr=3e-4`)."""
 
     def flag(m: re.Match) -> str:
-        name, after = (m[1], m[2]) if m[1] else (m[3], " ")
-        return "--" + name.replace("_", "-") + after
+        if not m[1]:
+            return m[0] if not values else "--" + m[3].replace("_", "-") + " "
+        return "--" + m[1].replace("_", "-") + m[2]
 
     return _FIELD.sub(flag, message)
 
@@ -885,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
             _warn_of_ignored_model_flags(Path(train_cfg.out), model_flags_given(argv))
         result = fit(model_cfg, train_cfg)
     except ValueError as e:  # what the flags name (--data, --out, a checkpoint) cannot be used
-        print(f"ssmstream train: error: {_with_flags(str(e))}", file=sys.stderr)  # no usage
+        print(f"ssmstream train: error: {_with_flags(str(e), values=False)}", file=sys.stderr)
         return 2
     except (TrainingDiverged, OSError) as e:  # valid flags, a run that did not work out
         log.error("ssmstream train: %s", e)

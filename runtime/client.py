@@ -281,10 +281,12 @@ PROMPT_IGNORED = (
 )
 
 
-def _prompt_ignored(s: pb.Session, prompt: Sequence[int], snapshot: bytes) -> bool:
-    """A new session from a prompt alone is at the prompt's length; an older server drops
-    the field it does not know and answers position 0."""
-    return len(prompt) > 0 and not snapshot and s.position != len(prompt)
+def _prompt_ignored(req: pb.CreateSessionRequest, s: pb.Session) -> bool:
+    """A server drops a field it does not know: a session created from a prompt is at the
+    prompt's length, and one given a prompt and a snapshot is refused (INVALID_ARGUMENT) by
+    a server that knows prompts."""
+    n = len(req.prompt)
+    return n > 0 and (bool(req.snapshot) or s.position != n)
 
 
 def _pem(value: str | os.PathLike | bytes | None, field: str) -> bytes | None:
@@ -449,13 +451,12 @@ class Client(_Base):
         """A new session; with `prompt`, after it (its longest cached prefix comes from the
         server's prefix cache: `cached_tokens` of the returned handle says how many)."""
         session_id = choose_session_id(session_id)
-        s = self.stub.CreateSession(
-            create_request(session_id, ttl, snapshot, prompt),
-            **self._kw(session_id),
-        )
+        req = create_request(session_id, ttl, snapshot, prompt)
+        s = self.stub.CreateSession(req, **self._kw(session_id))
         session = ClientSession(self, s.session_id, s.position, s.cached_tokens)
-        if _prompt_ignored(s, prompt, snapshot):
-            session.close()
+        if _prompt_ignored(req, s):
+            with contextlib.suppress(grpc.RpcError):
+                session.close()
             raise RuntimeError(PROMPT_IGNORED)
         return session
 
@@ -737,13 +738,12 @@ class AsyncClient(_Base):
     ) -> AsyncClientSession:
         """As Client.create_session."""
         session_id = choose_session_id(session_id)
-        s = await self.stub.CreateSession(
-            create_request(session_id, ttl, snapshot, prompt),
-            **self._kw(session_id),
-        )
+        req = create_request(session_id, ttl, snapshot, prompt)
+        s = await self.stub.CreateSession(req, **self._kw(session_id))
         session = AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
-        if _prompt_ignored(s, prompt, snapshot):
-            await session.close()
+        if _prompt_ignored(req, s):
+            with contextlib.suppress(grpc.RpcError):
+                await session.close()
             raise RuntimeError(PROMPT_IGNORED)
         return session
 

@@ -100,9 +100,9 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
         raise ModelError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ModelError(f"{path} is not an ssmstream model manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        v = m.get("format_version")
-        newer = isinstance(v, int) and not isinstance(v, bool) and v > FORMAT_VERSION
+    v = m.get("format_version")
+    if type(v) is not int or v != FORMAT_VERSION:  # true, 1.0: not a version
+        newer = type(v) is int and v > FORMAT_VERSION
         raise ModelError(
             f"{path}: format_version {v!r} is not supported (this runtime reads version "
             f"{FORMAT_VERSION}); "

@@ -975,8 +975,8 @@ class RedisReplication:
             position, state = self.store.unpack(rec["snap"])
         except InvalidInput as e:
             raise CorruptState(
-                f"session {sid!r}: its copy in the state store is unusable ({e}): close it, or "
-                "restore a good snapshot"
+                f"session {sid!r}: its copy in the state store is unusable ({e}): restore a "
+                "good snapshot into another id (this one is held until its record expires)"
             ) from e
         self.store.install(sid, principal, rec["ttl"], position, state, rec["incarnation"])
         self._pending.discard(sid)

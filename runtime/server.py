@@ -143,7 +143,7 @@ def check_files(config: ServerConfig) -> None:
         _check_writable(d, "state_dir", "sessions are saved there", create=True)
     if c.port_file:
         d = Path(c.port_file).absolute().parent
-        in_state_dir = c.state_dir and d == Path(c.state_dir).absolute()  # made at start
+        in_state_dir = c.state_dir and d.resolve() == Path(c.state_dir).resolve()  # made at start
         if not d.is_dir() and not in_state_dir:
             raise InvalidInput("port_file", f"{Path(c.port_file).parent} is not a directory")
         if Path(c.port_file).is_dir():
@@ -217,7 +217,6 @@ def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
     if config.state_dir:
         key = Path(config.state_dir) / KEY_FILE
         try:
-            key.parent.mkdir(parents=True, exist_ok=True)
             return SnapshotKey.in_dir(config.state_dir)
         except OSError as e:  # a full disk
             raise InvalidInput("state_dir", f"cannot write {key}: {e.strerror or e}") from e
@@ -286,7 +285,12 @@ class Server:
                 cuda_options={"use_tf32": c.tf32, "enable_cuda_graph": c.cuda_graphs},
             )
         info = self.engine.info
-        key = key or snapshot_key(c)  # model loads; a --state-dir and its key made after it
+        if c.state_dir:  # made once the model has opened: a start that fails leaves none
+            try:
+                Path(c.state_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InvalidInput("state_dir", f"cannot make it: {e.strerror or e}") from e
+        key = key or snapshot_key(c)  # model loads; the key beside the sessions after it
         if key is None and c.state_store == "memory":
             log.warning(
                 "snapshots are signed with a random key: they are valid until this server stops "

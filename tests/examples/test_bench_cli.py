@@ -101,7 +101,7 @@ def test_out_dir_below_a_directory_it_cannot_search_is_refused_not_a_traceback(
 ):
     # Path.exists() raises PermissionError there (Python 3.11): it escaped argparse
     ra = load_script("benchmarks/run_all.py")
-    real = Path.exists
+    real, real_is_dir = Path.exists, Path.is_dir
 
     def exists(self, **kw):
         if tmp_path / "locked" in (self, *self.parents):
@@ -109,8 +109,10 @@ def test_out_dir_below_a_directory_it_cannot_search_is_refused_not_a_traceback(
         return real(self, **kw)
 
     monkeypatch.setattr(Path, "exists", exists)
-    with pytest.raises(argparse.ArgumentTypeError, match="Permission denied"):
-        ra.out_dir(str(tmp_path / "locked" / "results"))
+    monkeypatch.setattr(Path, "is_dir", lambda self: exists(self) and real_is_dir(self))
+    for check, name in ((ra.out_dir, "results"), (ra.out_file, "sub/report.md")):
+        with pytest.raises(argparse.ArgumentTypeError, match="Permission denied"):
+            check(str(tmp_path / "locked" / name))
 
 
 # --- a signal during a benchmark's export ------------------------------------------------

@@ -48,6 +48,11 @@ def test_foreign_format_version_is_refused(model_copy):
         "newer ssmstream: upgrade this one$",
     ):  # not "re-export": no torch on edge
         load_manifest(model_copy)
+    for v in (True, 1.0):  # equal to 1 in Python, not a version
+        m["format_version"] = v
+        path.write_text(json.dumps(m))
+        with pytest.raises(ModelError, match=f"format_version {v!r} is not supported .*re-export"):
+            load_manifest(model_copy)
 
 
 def test_missing_checkpoint(tmp_path):

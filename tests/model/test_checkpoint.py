@@ -112,6 +112,14 @@ def test_missing_config(ckpt):
         ('{"format": "pytorch", "model": {}}', "not an ssmstream checkpoint config"),
         ('{"format": "ssmstream-checkpoint", "version": 1}', "not an ssmstream checkpoint"),
         (
+            '{"format": "ssmstream-checkpoint", "version": true, "model": {}}',
+            r"checkpoint version True unsupported \(want 1\)$",
+        ),
+        (
+            '{"format": "ssmstream-checkpoint", "version": 1.0, "model": {}}',
+            r"checkpoint version 1.0 unsupported \(want 1\)$",
+        ),
+        (
             '{"format": "ssmstream-checkpoint", "version": 99, "model": {}}',
             "checkpoint version 99 unsupported \\(want 1\\); it was written by a newer ssmstream",
         ),

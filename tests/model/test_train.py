@@ -562,6 +562,12 @@ def test_errors_about_fields_name_their_flags():
          "data path '/runs/lr=3e-4/a.txt' does not exist"),
     ]:  # fmt: skip
         assert _with_flags(message) == said
+    # what the flags name (paths) are said of at run time, with values=False: fields only
+    # at the start
+    said = _with_flags("out: lr=3e-4 is a file; give a directory", values=False)
+    assert said == "--out: lr=3e-4 is a file; give a directory"
+    said = _with_flags("cannot resume: lr=3e-4 holds no checkpoint", values=False)
+    assert said == "cannot resume: lr=3e-4 holds no checkpoint"
 
 
 def test_help_shows_no_default_none():

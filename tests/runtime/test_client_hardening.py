@@ -672,10 +672,16 @@ def test_a_server_that_drops_the_prompt_is_an_error_not_an_empty_session(byte_se
     before = len(byte_server.server.store)
     with Client(target(byte_server), timeout=30) as c:
         assert c.create_session(prompt=[1, 2, 3]).position == 3  # today's server takes it
-        c.stub.CreateSession = as_an_old_server(c.stub.CreateSession)
+        real = c.stub.CreateSession
+        c.stub.CreateSession = as_an_old_server(real)
         with pytest.raises(RuntimeError, match="^prompt: the server created the session without"):
             c.create_session(prompt=[1, 2, 3])
         assert c.create_session().position == 0  # no prompt: nothing to check
+        snap = c.create_session().snapshot()  # with a snapshot, the prompt is never taken
+        with pytest.raises(RuntimeError, match="^prompt: the server created"):
+            c.create_session(snapshot=snap, prompt=[5, 6])
+        c.stub.CreateSession = real
+        assert c.create_session(prompt=np.array([[1, 2, 3]])).position == 3  # [1, T]: 3
 
     async def async_client():
         async with AsyncClient(target(byte_server), timeout=30) as c:
@@ -684,4 +690,4 @@ def test_a_server_that_drops_the_prompt_is_an_error_not_an_empty_session(byte_se
                 await c.create_session(prompt=[4, 5])
 
     asyncio.run(async_client())
-    assert len(byte_server.server.store) == before + 2  # the refused ones were closed
+    assert len(byte_server.server.store) == before + 4  # the refused ones were closed

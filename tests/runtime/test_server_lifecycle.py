@@ -609,6 +609,24 @@ def test_a_state_dir_that_cannot_be_made_is_refused_making_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "dangling"]  # none made
 
 
+@pytest.mark.parametrize("with_key", [False, True])
+def test_a_port_file_in_a_state_dir_still_to_be_made_is_written(
+    tiny_token_model, tmp_path, with_key
+):
+    # the state dir is made once the model has opened, also when --snapshot-key names the key
+    # (then nothing else made it before the port file was written)
+    key = tmp_path / "k.key"
+    key.write_bytes(b"s" * 32)
+    key.chmod(0o600)
+    state = tmp_path / "new" / "state"
+    cfg = ServerConfig(model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu",
+                       state_dir=str(tmp_path / "new" / ".." / "new" / "state"),
+                       port_file=str(state / "p.json"),
+                       snapshot_key=str(key) if with_key else None)  # fmt: skip
+    with BackgroundServer(cfg) as srv:
+        assert json.loads((state / "p.json").read_text())["port"] == srv.port
+
+
 def test_a_state_dir_whose_sessions_file_is_a_directory_is_refused(tmp_path):
     (tmp_path / "state" / "sessions.bin").mkdir(parents=True)
     with pytest.raises(InvalidInput) as e:
