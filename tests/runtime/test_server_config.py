@@ -339,3 +339,36 @@ def test_a_bool_is_not_a_number_of_seconds_or_mebibytes(name, message):
     with pytest.raises(ValueError, match=rf"^{name}: {message}$"):
         ServerConfig(model_dir="m", **{name: True})
     assert getattr(ServerConfig(model_dir="m", **{name: 1}), name) == 1
+
+
+# --lease-ttl takes the documented closed range [0.05, 3600] seconds.
+@pytest.mark.parametrize("ttl", [0.05, 3600, 3600.0])
+def test_lease_ttl_bounds_are_inclusive(ttl):
+    assert ServerConfig(model_dir="m", lease_ttl=ttl).lease_ttl == ttl
+
+
+@pytest.mark.parametrize("ttl", [0.0499, 3600.001, float("nan")])
+def test_lease_ttl_outside_the_range_is_refused(ttl):
+    with pytest.raises(ValueError, match=r"^lease_ttl: must be in \[0.05, 3600\] seconds"):
+        ServerConfig(model_dir="m", lease_ttl=ttl)
+
+
+# a port one past the largest (65536) is refused naming the flag, not left to bind().
+@pytest.mark.parametrize("name", ["port", "metrics_port"])
+def test_port_65536_is_refused(name):
+    with pytest.raises(ValueError, match=f"^{name}: must be >= 0 and <= 65535, got 65536$"):
+        ServerConfig(model_dir="m", **{name: 65536})
+
+
+# the integer settings whose 0 means "off" accept 0 (and refuse -1).
+@pytest.mark.parametrize(
+    "name", ["rewind_window", "max_sessions_per_principal", "max_concurrent_rpcs"]
+)
+def test_zero_is_accepted_and_minus_one_refused(name):
+    assert getattr(ServerConfig(model_dir="m", **{name: 0}), name) == 0
+    with pytest.raises(ValueError, match=f"^{name}: must be >= 0"):
+        ServerConfig(model_dir="m", **{name: -1})
+
+
+def test_rewind_window_zero_from_the_command_line_turns_rewind_off():
+    assert parse_config(["m", "--rewind-window", "0"]).rewind_window == 0
