@@ -819,7 +819,7 @@ def _warn_of_flags_that_do_nothing(model_cfg: SSMConfig | None, cfg: TrainConfig
     if cfg.task != "signal":
         unused += [(k, "--task signal") for k in model_flags_given(argv, SignalConfig)]
     if model_cfg is not None and model_cfg.discretization != "gbt":
-        unused += [(k, "--discretization gbt") for k in model_flags_given(argv) if k == "alpha"]
+        unused += [("alpha", "--discretization gbt")] if "alpha" in model_flags_given(argv) else []
     for name, only in unused:
         log.warning("--%s: only for %s; ignored", name.replace("_", "-"), only)
 

@@ -540,8 +540,7 @@ class SessionStore:
         consumed = integer(consumed, "consumed")
         new_state = self._row(new_state, "new_state")
         with self._lock:
-            self._check_live(s)
-            self._wait_returned(s)  # a step may advance it meanwhile
+            self._wait_returned(s)  # a step may advance it meanwhile; then s must be live
             if consumed > MAX_POSITION - s._position:  # no snapshot or save could hold it
                 raise OutOfRange(
                     "consumed", f"{consumed} inputs would take the session at position "

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
 import logging
 import os
@@ -267,16 +266,10 @@ def decode_snapshot(
 # --- the session file -----------------------------------------------------------------------
 
 
-def encode_session_file(key: SnapshotKey, header: dict, states: np.ndarray) -> bytes:
-    """Signed session-file bytes: the JSON header and states float32 [n, S]."""
-    f = io.BytesIO()
-    write_session_file(f, key, header, [states])
-    return f.getvalue()
-
-
 def write_session_file(f, key: SnapshotKey, header: dict, parts: list[np.ndarray]) -> None:
-    """`encode_session_file`'s bytes written to the binary file `f`, the states given as
-    parts (float32 [k, S] each, in order), none copied whole: body | key id | HMAC of both."""
+    """A signed session file written to the binary file `f`: the JSON header, then the
+    states given as parts (float32 [k, S] each, in order), none copied whole: body | key id |
+    HMAC of both (what decode_session_file reads)."""
     head = json.dumps(header, allow_nan=True).encode()
     mac = hmac.new(key.secret, digestmod=hashlib.sha256)
     rows = (np.ascontiguousarray(p, dtype="<f4").reshape(-1).view(np.uint8) for p in parts)

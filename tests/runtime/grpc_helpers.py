@@ -15,10 +15,25 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from ssmstream.runtime.auth import ANONYMOUS
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.server import BackgroundServer
+
+
+class RpcFailure(grpc.RpcError):
+    """A call's failure as grpc raises it: code() and details() (None: a status without a
+    message)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str | None = None):
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
 
 
 def serve(model_dir, **kw) -> BackgroundServer:

@@ -271,17 +271,8 @@ def test_client_side_argument_errors_name_the_argument():
 
 def test_resumable_error_names_the_errors_a_failover_causes():
     import grpc
+    from grpc_helpers import RpcFailure as Err
     from ssmstream.runtime.client import resumable_error
-
-    class Err(grpc.RpcError):
-        def __init__(self, code, details):
-            self._c, self._d = code, details
-
-        def code(self):
-            return self._c
-
-        def details(self):
-            return self._d
 
     S = grpc.StatusCode
     assert resumable_error(Err(S.UNAVAILABLE, "server is shutting down"))

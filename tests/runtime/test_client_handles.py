@@ -16,7 +16,7 @@ import uuid
 import grpc
 import numpy as np
 import pytest
-from grpc_helpers import make_certs, position_on_server, serve, target
+from grpc_helpers import RpcFailure, make_certs, position_on_server, serve, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime import client as client_mod
 from ssmstream.runtime.auth import ANONYMOUS
@@ -137,17 +137,8 @@ def test_a_new_session_id_is_a_uuid4():
 
 def test_resumable_error_with_no_details():
     import grpc
+    from grpc_helpers import RpcFailure as Err  # details None: a status without a message
     from ssmstream.runtime.client import resumable_error
-
-    class Err(grpc.RpcError):
-        def __init__(self, code):
-            self._c = code
-
-        def code(self):
-            return self._c
-
-        def details(self):
-            return None  # what grpc gives for a status without a message
 
     S = grpc.StatusCode
     assert resumable_error(Err(S.UNAVAILABLE))
@@ -489,18 +480,16 @@ class _InterruptedSession(_FakeSession):
 class _DrainedSession(_FakeSession):
     def generate(self, prompt, **kw):
         yield from super().generate(prompt, **kw)
-        raise _Unavailable()
+        raise _unavailable()
 
     def rewind(self, position, timeout=None):
-        raise _Unavailable()
+        raise _unavailable()
 
 
-class _Unavailable(grpc.RpcError):
-    def code(self):
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self):
-        return "server is shutting down; resume after the restart"
+def _unavailable() -> RpcFailure:
+    return RpcFailure(
+        grpc.StatusCode.UNAVAILABLE, "server is shutting down; resume after the restart"
+    )
 
 
 def test_a_generation_cut_by_a_drain_names_the_kept_session(monkeypatch, capsys):

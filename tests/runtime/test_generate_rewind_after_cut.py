@@ -5,18 +5,8 @@ gives up at once on any other error."""
 from __future__ import annotations
 
 import grpc
+from grpc_helpers import RpcFailure
 from ssmstream.runtime.client import _rewind_after_cut
-
-
-class _Err(grpc.RpcError):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
 
 
 class _Session:
@@ -30,7 +20,9 @@ class _Session:
         return position
 
 
-BUSY = _Err(grpc.StatusCode.FAILED_PRECONDITION, "session 's' is attached to an open Generate")
+BUSY = RpcFailure(
+    grpc.StatusCode.FAILED_PRECONDITION, "session 's' is attached to an open Generate"
+)
 
 
 def test_a_session_still_held_by_the_cancelled_generate_is_retried_until_it_is_free():
@@ -41,7 +33,7 @@ def test_a_session_still_held_by_the_cancelled_generate_is_retried_until_it_is_f
 
 
 def test_another_error_is_not_retried_and_is_named():
-    s = _Session([_Err(grpc.StatusCode.OUT_OF_RANGE, "beyond the rewind window")])
+    s = _Session([RpcFailure(grpc.StatusCode.OUT_OF_RANGE, "beyond the rewind window")])
     assert _rewind_after_cut(s, 7, wait=5.0) == " (OUT_OF_RANGE: beyond the rewind window)"
     assert len(s.calls) == 1
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from ssmstream.runtime.snapshots import (
     VERSION,
     SnapshotKey,
     decode_snapshot,
+    write_session_file,
 )
 
 SECRET = b"sessions-test-key-0123456789"
@@ -862,7 +864,6 @@ def test_commit_and_give_back_restart_the_idle_timer():
 def test_a_session_file_repeating_an_id_is_refused_whole(tmp_path):
     """A (signed) file naming one id twice adds nothing, and says so."""
     from ssmstream.runtime.sessions import STORE_FILE
-    from ssmstream.runtime.snapshots import encode_session_file
 
     store = SessionStore(4, capacity=4, model_sha="m")
     entry = {"id": "dup", "principal": "p", "position": 1, "ttl": 60.0, "incarnation": "i1"}
@@ -1046,9 +1047,14 @@ def test_restore_is_counted_in_stats():
     assert st["sessions"] == 3
 
 
-def _write_file(tmp_path, store, entries, states):
-    from ssmstream.runtime.snapshots import encode_session_file
+def encode_session_file(key, header: dict, states: np.ndarray) -> bytes:
+    """A whole session file's bytes (write_session_file of one part)."""
+    f = io.BytesIO()
+    write_session_file(f, key, header, [states])
+    return f.getvalue()
 
+
+def _write_file(tmp_path, store, entries, states):
     header = {"model_sha": store.model_sha, "state_size": store.state_size, "sessions": entries}
     (tmp_path / "sessions.bin").write_bytes(
         encode_session_file(store.snapshot_key, header, np.asarray(states, np.float32))
@@ -1314,10 +1320,6 @@ def test_a_commit_waiting_for_its_lent_row_checks_the_largest_position_after(mon
 
 
 def test_a_session_file_written_part_by_part_is_the_one_encoded_whole():
-    import io
-
-    from ssmstream.runtime.snapshots import encode_session_file, write_session_file
-
     rng = np.random.default_rng(0)
     states = rng.standard_normal((7, 4)).astype(np.float32)
     header = {"model_sha": "m", "state_size": 4, "sessions": [{"id": str(i)} for i in range(7)]}
