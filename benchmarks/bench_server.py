@@ -320,7 +320,10 @@ def echo_server(
 
 class EchoProc:
     """echo_server in a process of its own; `port` once it is serving. `step`: echo_server's
-    model, device and threads (echo+step)."""
+    model, device and threads (echo+step). One that does not report its port in time, or whose
+    start is interrupted (Ctrl-C, SIGTERM), is stopped before the exception leaves."""
+
+    START_SECONDS = 60.0
 
     def __init__(self, d_output: int, cpus: tuple[int, ...] | None = None, **step):
         ctx = multiprocessing.get_context("spawn")
@@ -328,7 +331,11 @@ class EchoProc:
         args = (ports, d_output, cpus)
         self.proc = ctx.Process(target=echo_server, args=args, kwargs=step, daemon=True)
         self.proc.start()
-        self.port = ports.get(timeout=60)
+        try:
+            self.port = ports.get(timeout=self.START_SECONDS)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -118,6 +119,22 @@ def test_a_sigterm_during_one_servers_stop_still_stops_the_others(monkeypatch):
     assert len(made) == 2 and all(s.stopped for s in made)
 
 
+def test_an_echo_server_that_does_not_report_its_port_is_stopped():
+    bench = load_script("benchmarks/bench_server.py")
+    started = []
+
+    class EchoProc(bench.EchoProc):
+        START_SECONDS = 0.001  # before the spawned process has imported anything
+
+        def stop(self):
+            started.append(self.proc)
+            super().stop()
+
+    with pytest.raises(queue.Empty):
+        EchoProc(11)
+    assert len(started) == 1 and started[0].exitcode == -signal.SIGTERM
+
+
 def _descendants(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -156,6 +173,11 @@ def test_a_signal_to_bench_sessions_stops_its_servers_and_removes_its_directorie
     finally:
         proc.kill()
         proc.wait()
+    # multiprocessing's resource tracker (of the echo server's queue) ends on its own once the
+    # benchmark has gone: a few milliseconds later
+    deadline = time.monotonic() + 10
+    while [pid for pid in servers if _running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [pid for pid in servers if _running(pid)] == []
     assert list(scratch.glob("bench-sessions-*")) == []  # the servers' and the model's dirs
     err = log.read_text()
