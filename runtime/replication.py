@@ -1101,13 +1101,15 @@ class RedisReplication:
                 if v is not None and v < 0:
                     results[j] = self._lost(s, v)
                     continue
-                self._used.add(s.id)
-                if v is None:
-                    self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
-                else:
-                    self._version[s.id] = v
-                    self._dirty[s.id] = 0
-                if not s.live:
+                here = self.store.local(s.id)
+                if here is None or here is s:  # else its id is a new session's now
+                    self._used.add(s.id)
+                    if v is None:
+                        self._dirty[s.id] = self._dirty.get(s.id, 0) + 1
+                    else:
+                        self._version[s.id] = v
+                        self._dirty[s.id] = 0
+                if not s.live:  # closed since (also after the counts above): forget them
                     self._after_removed(s, v)
             return results
 

@@ -1429,3 +1429,63 @@ def test_sessions_seen_only_in_prefills_do_not_pile_up(toy_tok):
         return recent
 
     assert run(main()) <= 1
+
+
+# A step of a session idle past its TTL (not swept yet) is refused as evicted, whether it
+# runs on the event loop (a lone stream, `inline`) or goes through the worker's queue: the
+# session's state and position stay as they were, as `get` and a queued step say.
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_step_after_the_ttl_is_evicted_inline_or_queued(toy_tok, inline):
+    now = [0.0]
+
+    async def main():
+        store = SessionStore(toy_tok.state_size, capacity=4, ttl=10.0, clock=lambda: now[0])
+        batcher = Batcher(toy_tok, store, max_batch_delay=0.0, activity_window=30.0, inline=inline)
+        await batcher.start()
+        try:
+            s = store.create()
+            await batcher.step(s, np.array([1]))
+            now[0] += 100.0  # idle past its TTL; no sweep ran
+            with pytest.raises(SessionNotFound) as err:
+                await batcher.step(s, np.array([2]))
+            return err.value, s, batcher.stats
+        finally:
+            await batcher.close()
+
+    err, s, stats = asyncio.run(asyncio.wait_for(main(), 60))
+    assert err.reason == "evicted" and err.session_id == s.id
+    assert not s.live and s.position == 1  # the refused step did not apply
+    assert stats.steps == 1 and stats.inline == (1 if inline else 0)  # the first step's path
+
+
+# A batch of one step runs on the event loop (`inline`) only while no other session is
+# active: with two sessions active (each sent a request within the activity window), a step
+# that arrives alone still goes to the worker thread.
+def test_a_lone_step_while_another_session_is_active_runs_on_the_worker(toy_tok, monkeypatch):
+    threads = []
+
+    async def main():
+        store = SessionStore(toy_tok.state_size, capacity=4)
+        batcher = Batcher(toy_tok, store, max_batch_delay=0.0, activity_window=30.0)
+        await batcher.start()
+        real = toy_tok.run_slots
+
+        def run_slots(*args):  # which thread ran each ORT step call
+            threads.append(threading.current_thread().name)
+            return real(*args)
+
+        monkeypatch.setattr(toy_tok, "run_slots", run_slots)
+        try:
+            a, b = store.create(), store.create()
+            out = []
+            for s, t in ((a, 1), (b, 2), (a, 3), (b, 4)):  # one at a time, both active
+                out.append(await batcher.step(s, np.array([t])))
+            return out, batcher.stats
+        finally:
+            await batcher.close()
+
+    out, stats = asyncio.run(asyncio.wait_for(main(), 60))
+    assert [pos for _, pos in out] == [1, 1, 2, 2]
+    # only the first step, before b was active, ran on the event loop
+    assert stats.inline == 1 and stats.steps == 4
+    assert threads == ["MainThread", "ssmstream-engine", "ssmstream-engine", "ssmstream-engine"]

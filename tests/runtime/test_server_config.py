@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import logging
 
 import pytest
+import ssmstream.runtime.server as server_module
 from ssmstream.runtime.auth import TokenTable
 from ssmstream.runtime.config import (
     GROUPS,
@@ -16,6 +18,7 @@ from ssmstream.runtime.config import (
     config_fields,
     parse_config,
 )
+from ssmstream.runtime.replication import RedisBackend, without_password
 
 
 def test_every_config_field_has_exactly_one_flag_with_help():
@@ -372,3 +375,36 @@ def test_zero_is_accepted_and_minus_one_refused(name):
 
 def test_rewind_window_zero_from_the_command_line_turns_rewind_off():
     assert parse_config(["m", "--rewind-window", "0"]).rewind_window == 0
+
+
+# A --state-store URL that passes the flag check (it starts with redis://) but that the
+# redis client refuses (a port that is not a number) ends `ssmstream serve` with exit status 2
+# and one error line naming the problem, not a traceback.
+def test_a_store_url_the_redis_client_refuses_exits_2_naming_it(toy_token_model, caplog):
+    caplog.set_level(logging.ERROR, logger=server_module.__name__)
+    argv = [
+        str(toy_token_model["model_dir"]), "--host", "127.0.0.1", "--port", "0",
+        "--device", "cpu", "--state-store", "redis://127.0.0.1:notaport/0",
+    ]  # fmt: skip
+    assert server_module.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("ssmstream serve: ")
+    assert "port" in errors[0].lower()
+
+
+# The state store's URL goes into logs and errors with its password hidden: the one in the
+# userinfo (redis://:PASSWORD@host) and the one given as a query parameter (?password=...).
+def test_a_password_given_as_a_query_parameter_is_hidden():
+    url = "redis://127.0.0.1:6379/0?password=hunter2&socket_keepalive=true"
+    assert without_password(url) == "redis://127.0.0.1:6379/0?password=***&socket_keepalive=true"
+    backend = RedisBackend(url)  # connects lazily
+    assert "hunter2" not in backend.url
+    assert "hunter2" not in str(backend._reset())
+    assert backend.url.startswith("redis://127.0.0.1:6379/0?")
+
+
+def test_both_passwords_are_hidden_and_a_url_without_one_is_unchanged():
+    url = "rediss://app:s3cret@redis.internal:6380/2?password=other"
+    assert without_password(url) == "rediss://app:***@redis.internal:6380/2?password=***"
+    plain = "redis://127.0.0.1:6379/0?db=1"
+    assert without_password(plain) == plain

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import socket
 import threading
 import time
 
@@ -923,3 +924,67 @@ def test_periodic_saves_start_on_a_fixed_schedule(tmp_path):
     asyncio.run(run())
     gaps = np.diff(starts)
     assert len(starts) >= 4 and np.all(gaps < 0.3), gaps  # 0.2 s apart, not 0.35
+
+
+# A port taken between the start's own check (check_bindable) and grpc's bind: grpc does not
+# bind, and the start fails naming the address (OSError), instead of "serving" on no port.
+def test_a_port_taken_after_the_check_fails_the_start_naming_the_address(
+    toy_token_model, monkeypatch
+):
+    # the check passes (as it did before another process took the port)
+    monkeypatch.setattr(server_module, "check_bindable", lambda *a, **kw: None)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = ServerConfig(
+            model_dir=str(toy_token_model["model_dir"]), host="127.0.0.1", port=port,
+            device="cpu", grace=0.2,
+        )  # fmt: skip
+        srv = BackgroundServer(cfg)
+        try:
+            with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port}"):
+                srv.start()
+            # the failed start undid itself: its event loop thread ended, the loop closed
+            assert not srv._thread.is_alive() and srv.loop.is_closed()
+        finally:
+            srv.stop()  # a no-op after a start that undid itself
+    assert srv.server.port == 0
+    assert srv.server.batcher is not None and not srv.server.batcher.running  # undone
+
+
+# A background task that died of an error (here the idle sweep) does not skip the shutdown:
+# stop() logs it, still saves every session to --state-dir, and a restart continues them.
+def test_a_background_task_that_failed_does_not_skip_the_shutdown_save(
+    toy_token_model, tmp_path, monkeypatch, caplog
+):
+    state_dir = tmp_path / "state"
+    kw = dict(model_dir=str(toy_token_model["model_dir"]), port=0, device="cpu", grace=0.2)
+    caplog.set_level("ERROR", logger=server_module.__name__)
+
+    def broken_sweep(self):
+        raise RuntimeError("idle sweep failed (test)")
+
+    # session_ttl 8 s: the sweep runs every 2 s, and the session is not idle past its TTL
+    srv = BackgroundServer(ServerConfig(state_dir=str(state_dir), session_ttl=8.0, **kw))
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            s = c.create_session(session_id="kept")
+            s.step(tokens=[1, 2, 3])
+        monkeypatch.setattr(SessionStore, "evict_idle", broken_sweep)
+        (sweep,) = [t for t in srv.server._tasks if "_evict_loop" in t.get_coro().__qualname__]
+        deadline = time.monotonic() + 30
+        while not sweep.done():  # its next run raises: the task ends with that error
+            assert time.monotonic() < deadline, "the sweep task did not fail"
+            time.sleep(0.05)
+    finally:
+        srv.stop()  # does not raise the task's error; saves at shutdown
+    monkeypatch.undo()
+    assert any("background task" in r.getMessage() for r in caplog.records)
+    assert (state_dir / "sessions.bin").is_file()
+    with BackgroundServer(ServerConfig(state_dir=str(state_dir), **kw)) as again:
+        with Client(f"127.0.0.1:{again.port}", timeout=30) as c:
+            h = c.session("kept")
+            h.snapshot()
+            assert h.position == 3
