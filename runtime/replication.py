@@ -665,7 +665,6 @@ class RedisReplication:
         self._drops_lock = threading.Lock()  # added under the store's lock, taken by I/O
         self._io = threading.RLock()  # orders writes of one session with its commits
         self.degraded = False
-        self.degraded_since: float | None = None
         self._retry_said = -math.inf  # when a failed write-back was last logged as a warning
         self.counts: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -728,7 +727,7 @@ class RedisReplication:
     def _degrade(self, exc: BaseException) -> None:
         self.counts["errors"] += 1
         if not self.degraded:
-            self.degraded, self.degraded_since = True, time.monotonic()
+            self.degraded = True
             what = "lost its data" if isinstance(exc, StoreReset) else "unavailable"
             log.warning(
                 "state store %s %s (%s): serving the %d sessions held in memory, "
@@ -772,7 +771,7 @@ class RedisReplication:
                 "state store %s: write-back failed (%s); retrying", self.backend.url, e
             )
             return
-        self.degraded, self.degraded_since, self._retry_said = False, None, -math.inf
+        self.degraded, self._retry_said = False, -math.inf
         waiting = len(self._pending)
         log.info(
             "state store %s is back: %d sessions written back and re-leased, %d dropped (moved "
