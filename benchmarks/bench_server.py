@@ -77,6 +77,7 @@ from run_all import (  # noqa: E402
     ints_at_least,
     out_dir,
     run_script,
+    signals_held,
 )
 
 log = logging.getLogger("bench_server")
@@ -330,14 +331,20 @@ class EchoProc:
         ports = ctx.Queue()
         args = (ports, d_output, cpus)
         self.proc = ctx.Process(target=echo_server, args=args, kwargs=step, daemon=True)
-        self.proc.start()
         try:
+            # a signal inside start() (between the spawn and the write of the child's
+            # preparation data) left a child that died on an EOFError traceback, unstopped:
+            # held until start() returns, it lands here, where the child is stopped
+            with signals_held():
+                self.proc.start()
             self.port = ports.get(timeout=self.START_SECONDS)
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
+        if self.proc.pid is None:  # never started
+            return
         self.proc.terminate()
         self.proc.join(10)
 

@@ -135,6 +135,49 @@ def test_an_echo_server_that_does_not_report_its_port_is_stopped():
     assert len(started) == 1 and started[0].exitcode == -signal.SIGTERM
 
 
+SPAWN_THEN_SIGTERM = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import multiprocessing.util as util
+import bench_server
+from run_all import exit_on_sigterm
+
+real = util.spawnv_passfds
+
+def spawn(exe, args, fds):  # the child is spawned; its preparation data is not written yet
+    pid = real(exe, args, fds)
+    if "spawn_main" in str(args):  # (not the resource tracker)
+        print(pid, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # its handler runs here
+    return pid
+
+exit_on_sigterm()
+util.spawnv_passfds = spawn
+bench_server.EchoProc(11)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_a_sigterm_while_the_echo_server_is_spawned_stops_it(tmp_path):
+    """bench_sessions got SIGTERM just as it spawned its echo server (between the spawn and
+    the write of the child's preparation data): the child, not yet known to multiprocessing,
+    died on an EOFError traceback instead of being stopped."""
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-c", SPAWN_THEN_SIGTERM, str(ROOT / "benchmarks")],
+            stdout=subprocess.PIPE, stderr=err, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 143, log.read_text()
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10  # the child ends (or prints its traceback) after the parent
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
 def _descendants(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():

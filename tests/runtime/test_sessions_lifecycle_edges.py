@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -223,9 +222,18 @@ def test_a_session_closed_while_a_save_waits_is_not_saved_with_a_reused_slots_st
     a, b = st.create("p", "a"), st.create("p", "b")
     st.commit(b, np.full(S, 7, np.float32), 3)
     st.lend([a])  # a step of `a` is in flight: the save waits for its row
+    waiting, real_wait = threading.Event(), st._returned.wait
+
+    def wait(*args, **kw):  # the save has taken its list of sessions and waits for a's row
+        waiting.set()
+        return real_wait(*args, **kw)
+
+    st._returned.wait = wait
     t = threading.Thread(target=st.save, args=(tmp_path,))
     t.start()
-    time.sleep(0.2)
+    # a fixed sleep could end before the thread took its list (a loaded machine): it would
+    # then save c as well, never having seen b
+    assert waiting.wait(30), "the save never waited for the lent row"
     st.close("b", "p")  # closed meanwhile, and its slot taken by another principal's session
     c = st.create("q", "c")
     st.commit(c, np.full(S, 9, np.float32), 1)

@@ -1241,6 +1241,7 @@ def test_taking_back_the_lease_of_a_session_held_last_is_one_round_trip(redis_se
     a.fetch(sid)  # loads the script once
     time.sleep(0.4)
     assert not a.held(sid)
+    _long_lease(a)  # (the lease it takes back is held() for 0.15 s of 0.3 s only)
     trips = RoundTrips(monkeypatch)
     a.fetch(sid)
     assert a.held(sid) and len(trips) == 1
@@ -2272,6 +2273,7 @@ def test_another_principal_asking_for_a_session_whose_record_expired_writes_noth
     assert not cli.exists(f"ssmstream:l:{sid}")
     with pytest.raises(SessionNotFound):
         a.get(sid, "mallory")
+    _long_lease(a)
     a.fetch(sid, "alice")  # alice's request writes it back
     rec = a.replication.backend.load(sid)
     assert rec["principal"] == "alice" and a.held(sid, "alice")
@@ -2439,6 +2441,7 @@ def test_a_fetch_arriving_while_a_reclaim_lets_the_copy_go_loads_the_session_afr
     _lapsed(a)
     b.fetch(sid)
     _lapsed(b)  # B's lease lapses too: A may take the session back
+    _long_lease(a)
     fetches = []
     real_drop = a.drop
 
@@ -2461,6 +2464,13 @@ def test_a_fetch_arriving_while_a_reclaim_lets_the_copy_go_loads_the_session_afr
 
 
 # --- copies that moved on give way to new sessions --------------------------------------------
+
+
+def _long_lease(store) -> None:
+    """Leases the store takes from now on last 30 s. A test whose leases had to lapse quickly
+    asserts held() after taking one back: held() is true for half of lease_ttl after the
+    lease was taken (0.1 s of 0.2 s), which a loaded machine can spend before the assert."""
+    store.replication.lease_ttl, store.replication._lease_ms = 30.0, 30_000
 
 
 def _lapsed(*stores) -> None:
@@ -2567,6 +2577,7 @@ def test_a_take_over_into_a_full_store_lets_copies_that_moved_on_give_way(redis_
         b.fetch(sid)
     new = b.create().id
     _lapsed(b)
+    _long_lease(a)
     a.fetch(new)
     assert a.held(new) and a.local(new) is not None
     assert all(a.local(sid) is None for sid in moved)
