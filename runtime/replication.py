@@ -394,9 +394,12 @@ class RedisBackend:
                 "--state-store redis://… needs the redis package: pip install 'ssmstream[redis]'"
             ) from e
         self.url, self.prefix = without_password(url), prefix  # self.url goes into logs
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
-        )
+        try:
+            self.client = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
+            )
+        except ValueError as e:  # a URL the redis client cannot read (a port that is no number)
+            raise ValueError(f"state_store: {e} (in {self.url})") from e
         self.Error = (redis.RedisError, StoreReset)
         self.NoScriptError = redis.exceptions.NoScriptError
         self.generation = ""  # the token of the Redis data set we joined (`join`)

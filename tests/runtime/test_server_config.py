@@ -379,7 +379,7 @@ def test_rewind_window_zero_from_the_command_line_turns_rewind_off():
 
 # A --state-store URL that passes the flag check (it starts with redis://) but that the
 # redis client refuses (a port that is not a number) ends `ssmstream serve` with exit status 2
-# and one error line naming the problem, not a traceback.
+# and one error line naming the flag and the URL, not a traceback.
 def test_a_store_url_the_redis_client_refuses_exits_2_naming_it(toy_token_model, caplog):
     caplog.set_level(logging.ERROR, logger=server_module.__name__)
     argv = [
@@ -388,8 +388,9 @@ def test_a_store_url_the_redis_client_refuses_exits_2_naming_it(toy_token_model,
     ]  # fmt: skip
     assert server_module.main(argv) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and errors[0].startswith("ssmstream serve: ")
-    assert "port" in errors[0].lower()
+    assert len(errors) == 1, errors  # the redis client's words between the flag and the URL
+    assert errors[0].startswith("ssmstream serve: --state-store: ")
+    assert errors[0].endswith(" (in redis://127.0.0.1:notaport/0)")
 
 
 # The state store's URL goes into logs and errors with its password hidden: the one in the

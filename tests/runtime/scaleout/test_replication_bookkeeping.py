@@ -277,3 +277,4 @@ def test_a_replicated_server_writes_behind_while_serving_and_stops_its_store(
     with pytest.raises(Unavailable, match="shutting down"):
         srv.server.store.fetch(sid, ANONYMOUS)  # the final flush ran: no lease is taken
     assert backend.client.get(backend.lease(sid)) is None
+    backend.client.close()
