@@ -1649,11 +1649,13 @@ def test_taking_a_lease_renews_the_records_expiry(redis_server, same_replica):
     assert 80_000 < backend.client.pttl(backend.key(sid)) <= 90_000
 
 
-def test_a_close_of_a_copy_of_the_same_term_leaves_the_replica_serving_it(redis_server):
+@pytest.mark.parametrize("c_idle", [False, True], ids=["c_holds_its_lease", "c_idle"])
+def test_a_close_of_a_copy_of_the_same_term_leaves_the_replica_serving_it(redis_server, c_idle):
     """After an empty restart, B writes back its stale copy (term 0) and C takes the session
     over (term 1, as A's copy) and steps it. A then closes its own copy (term 1): a record
     of the same term with C holding its lease is not A's to delete (only a LOWER term is
-    taken for a stale write-back that the close wins over)."""
+    taken for a stale write-back that the close wins over); nor is it when C is idle and its
+    lease has lapsed (the record's version is not A's copy's)."""
     rng = np.random.default_rng(16)
     b, a, sid, _ = moved(redis_server, rng, ("B", "A"))  # A took it over: term 1
     time.sleep(0.3)
@@ -1662,15 +1664,18 @@ def test_a_close_of_a_copy_of_the_same_term_leaves_the_replica_serving_it(redis_
     b.replication._degrade(RuntimeError("B's background check"))
     b.replication._try_recover()  # B's stale copy (term 0) written back
     b.flush()
-    c = replica(redis_server, "C", lease_ttl=5.0)
+    c = replica(redis_server, "C", lease_ttl=0.2 if c_idle else 5.0)
     c.fetch(sid)  # term 1, holder C
     acked = step(c, sid, rng)
     a.replication._degrade(RuntimeError("A's background check"))
     a.close(sid)  # queued while degraded
+    if c_idle:
+        _lapsed(c)  # nobody holds a lease of it
+        assert c.replication.backend.client.get(c.replication.backend.lease(sid)) is None
     a.replication._try_recover()  # runs the queued delete first
     rec = c.replication.backend.load(sid)
-    assert rec is not None and rec["holder"] == "C"
-    assert c.held(sid)
+    assert rec is not None and (rec["holder"], rec["term"], rec["version"]) == ("C", 1, 4)
+    assert c.held(sid) != c_idle
     np.testing.assert_array_equal(c.unpack(rec["snap"])[1], acked)
 
 

@@ -58,38 +58,6 @@ def test_a_lost_reply_of_an_older_fetch_that_raised_the_term_keeps_the_copy(redi
     assert be.load(sid)["term"] == 1 and a.replication._term[sid] == 1
 
 
-# _DROP compares the version as well as the term: a close of a copy whose term equals the
-# record's, of another holder and another version, must leave the record even when nobody
-# holds its lease any more (the replica serving it is idle and its lease lapsed).
-def test_a_close_of_a_same_term_copy_leaves_an_idle_holders_record(redis_server):
-    rng = np.random.default_rng(42)
-    b = replica(redis_server, "B", lease_ttl=0.2)
-    a = replica(redis_server, "A", lease_ttl=0.2)
-    sid = b.create().id
-    step(b, sid, rng)  # version 2, term 0
-    time.sleep(0.3)  # B's lease lapses; its copy stays
-    a.fetch(sid)  # A takes it over: term 1
-    step(a, sid, rng)  # version 3, term 1
-    time.sleep(0.3)
-    redis_server.stop()
-    redis_server.start()  # empty
-    b.replication._degrade(RuntimeError("B's background check"))
-    b.replication._try_recover()  # B's stale copy (term 0) written back
-    b.flush()
-    c = replica(redis_server, "C", lease_ttl=0.2)
-    c.fetch(sid)  # C takes it over: term 1 (as A's copy), holder C
-    acked = step(c, sid, rng)  # version 4
-    a.replication._degrade(RuntimeError("A's background check"))
-    a.close(sid)  # queued while degraded: A's copy is version 3, term 1
-    time.sleep(0.3)  # C is idle: its lease lapses, nobody holds one
-    assert c.replication.backend.client.get(c.replication.backend.lease(sid)) is None
-    a.replication._try_recover()  # runs the queued delete first
-    rec = c.replication.backend.load(sid)
-    assert rec is not None, "A's close deleted the record C serves"
-    assert (rec["holder"], rec["term"], rec["version"]) == ("C", 1, 4)
-    np.testing.assert_array_equal(c.unpack(rec["snap"])[1], acked)
-
-
 # A session closed between its local commit and its write-through, its id created again on
 # the same replica before that commit's bookkeeping ran: the old incarnation's bookkeeping must
 # not wipe the new session's (its version), else the new session's next write is refused as
