@@ -316,10 +316,16 @@ def test_redis_down_keeps_serving_memory_then_recovers(redis_server, caplog):
         a.replication.stop()
 
 
-def test_a_close_between_the_local_commit_and_the_write_through_fails_nothing(redis_server):
+@pytest.mark.parametrize("id_reused", [False, True], ids=["closed", "closed_and_id_reused"])
+def test_a_close_between_the_local_commit_and_the_write_through_fails_nothing(
+    redis_server, id_reused
+):
     """Rows stepped in the slab are committed locally first, then written through. A session
     of the batch closed in between is simply not written (its step applied); the others are
-    written with their own state and position, and no result turns into an error."""
+    written with their own state and position, and no result turns into an error. With its
+    id created again meanwhile, the closed session's bookkeeping leaves the new session's
+    alone: not its version (its next write would be refused as stale, the session dropped as
+    "moved"), not a count of the old step (the dirty-sessions gauge said 1)."""
     rng = np.random.default_rng(3)
     store = replica(redis_server, "A")
     r = store.replication
@@ -328,12 +334,14 @@ def test_a_close_between_the_local_commit_and_the_write_through_fails_nothing(re
     for s in lent:  # what a slot step does to the rows
         store.slab.write(s.slot, rng.standard_normal(S).astype(np.float32))
     want = store.slab.read(a.slot)
-    real_due, closed = r._due, []
+    real_due, closed, new = r._due, [], []
 
     def due(sid):  # runs after the local commit, before the writes
         if not closed:
             closed.append(sid)
             store.close(b.id)
+            if id_reused:
+                new.append(store.create(session_id=b.id))  # version 1 in Redis
         return real_due(sid)
 
     r._due = due
@@ -344,8 +352,17 @@ def test_a_close_between_the_local_commit_and_the_write_through_fails_nothing(re
     assert position == 1
     np.testing.assert_array_equal(state, want)
     assert store._lent == 0 and not b.live
-    # nothing is left counted as unwritten for the closed session: a clean shutdown says so
-    assert b.id not in r._dirty and r.stats()["dirty"] == 0 and store.flush() == 0
+    # nothing is left counted as unwritten for the closed session
+    assert r._dirty.get(b.id, 0) == 0 and r.stats()["dirty"] == 0
+    if id_reused:
+        (fresh,) = new
+        assert r.backend.load(b.id)["version"] == 1 and store.local(b.id) is fresh
+        last = step(store, b.id, rng)  # its first step: written through, version 2
+        rec = r.backend.load(b.id)
+        assert (rec["version"], rec["incarnation"]) == (2, fresh.incarnation)
+        np.testing.assert_array_equal(store.unpack(rec["snap"])[1], last)
+        assert r.stats()["moved"] == 0 and store.local(b.id) is fresh
+    assert store.flush() == 0  # a clean shutdown
 
 
 def test_a_close_during_a_write_deletes_the_record_it_wrote(redis_server):

@@ -58,42 +58,6 @@ def test_a_lost_reply_of_an_older_fetch_that_raised_the_term_keeps_the_copy(redi
     assert be.load(sid)["term"] == 1 and a.replication._term[sid] == 1
 
 
-# A session closed between its local commit and its write-through, its id created again on
-# the same replica before that commit's bookkeeping ran: the old incarnation's bookkeeping must
-# not wipe the new session's (its version), else the new session's next write is refused as
-# stale and the replica drops its own new session as "moved"; nor count its own step as the
-# new session's (which is written: the dirty-sessions gauge said 1).
-def test_an_id_created_again_during_the_old_sessions_write_through_keeps_its_version(
-    redis_server,
-):
-    rng = np.random.default_rng(43)
-    store = replica(redis_server, "A")
-    r = store.replication
-    a, b = store.create(), store.create()
-    lent = store.lend([a, b])
-    for s in lent:  # what a slot step does to the rows
-        store.slab.write(s.slot, rng.standard_normal(S).astype(np.float32))
-    real_due, new = r._due, []
-
-    def due(sid):  # after the local commit, before the writes (the replication lock held)
-        if not new:
-            store.close(b.id)
-            new.append(store.create(session_id=b.id))  # version 1 in Redis
-        return real_due(sid)
-
-    r._due = due
-    assert store.give_back(lent, 1) == [1, 1]
-    r._due = real_due
-    assert r.backend.load(b.id)["version"] == 1 and r.stats()["dirty"] == 0
-    (fresh,) = new
-    assert fresh.incarnation != b.incarnation and store.local(b.id) is fresh
-    last = step(store, b.id, rng)  # its first step: written through, version 2
-    rec = r.backend.load(b.id)
-    assert (rec["version"], rec["incarnation"]) == (2, fresh.incarnation)
-    np.testing.assert_array_equal(store.unpack(rec["snap"])[1], last)
-    assert r.stats()["moved"] == 0 and store.local(b.id) is fresh
-
-
 # --persist-every N > 1: a session left pending by a write-back (its row was lent while Redis
 # came back empty) is written back by its step's own commit, at once, whatever N says (not
 # only at the Nth step or by the background thread's next period).
