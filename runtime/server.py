@@ -267,7 +267,9 @@ class Server:
         if c.metrics_port:
             check_bindable(c.host, c.metrics_port, "metrics_port")
         check_files(c)
-        key = snapshot_key(c) if c.snapshot_key else None  # an unreadable file: before the
+        # --snapshot-key is read before the model loads (an unreadable file fails fast);
+        # --state-dir's key once the model has opened and the directory is made (below)
+        key = snapshot_key(c) if c.snapshot_key else None
         tokens = TokenTable.from_file(c.auth_tokens) if c.auth_tokens else None
         if cleartext_tokens(c):
             log.warning(
@@ -290,7 +292,7 @@ class Server:
                 Path(c.state_dir).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise InvalidInput("state_dir", f"cannot make it: {e.strerror or e}") from e
-        key = key or snapshot_key(c)  # model loads; the key beside the sessions after it
+        key = key or snapshot_key(c)
         if key is None and c.state_store == "memory":
             log.warning(
                 "snapshots are signed with a random key: they are valid until this server stops "
