@@ -839,6 +839,41 @@ class RedisReplication:
             log.warning("state store failed while loading %r: %s", session_id, e)
             raise Unavailable(f"state store failed while loading {session_id!r}; retry") from e
 
+    def discard(self, session_id: str, principal: str = "") -> bool:
+        """Close a session whose record no snapshot check passes (`fetch` raised
+        CorruptState for it): take its lease and, when the record is still unusable, delete
+        it and its lease, leaving its incarnation's "closed" tombstone. True when deleted;
+        False when the record is usable after all, gone, another principal's, or held
+        elsewhere (nothing changed). Raises Unavailable when Redis is down."""
+        if self.degraded or self._final:
+            raise Unavailable(f"state store is unavailable; retry closing {session_id!r} later")
+        try:
+            with self._io:
+                if self.store.local(session_id) is not None:
+                    return False  # a copy here: an ordinary close
+                code, rec = self.backend.take(
+                    session_id, self.replica_id, self._lease_ms, principal, ("", -1, -1)
+                )
+                # HELD, NO_RECORD, OTHER_PRINCIPAL set no lease; CURRENT and OLDER (which do)
+                # answer only a replica with a copy
+                if code != TAKEN:
+                    return False
+                try:
+                    self.store.unpack(rec["snap"])
+                except InvalidInput:  # still unusable: delete it under our lease (term + 1)
+                    drop = (rec["version"], rec["term"] + 1, record_expire_ms(rec["ttl"]))
+                    self.backend.drop_many(
+                        [(session_id, rec["incarnation"], *drop, "closed")], self.replica_id
+                    )
+                    log.warning("session %s: its unusable record was deleted", session_id)
+                    return True
+                self.backend.untake(session_id, self.replica_id, rec)
+                self.backend.release([session_id], self.replica_id)
+                return False
+        except self.backend.Error as e:
+            self._degrade(e)
+            raise Unavailable(f"state store failed while closing {session_id!r}; retry") from e
+
     def _fetch(self, sid: str, principal: str) -> None:
         """Make `sid` ours in one `_TAKE` per try, waiting (without _io) while another replica
         holds its lease, up to lease_wait."""
@@ -978,7 +1013,7 @@ class RedisReplication:
         except InvalidInput as e:
             raise CorruptState(
                 f"session {sid!r}: its copy in the state store is unusable ({e}): restore a "
-                "good snapshot into another id (this one is held until its record expires)"
+                "good snapshot into another id, or close this one to free it"
             ) from e
         self.store.install(sid, principal, rec["ttl"], position, state, rec["incarnation"])
         self._pending.discard(sid)

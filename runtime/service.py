@@ -40,6 +40,7 @@ import numpy as np
 from .batcher import Batcher
 from .engine import NOT_LOGITS, Engine
 from .errors import (
+    CorruptState,
     InvalidInput,
     LimitExceeded,
     ModelError,
@@ -354,8 +355,19 @@ class SessionService:
         return (await self.create(principal, session_id, ttl, snapshot))[0]
 
     async def close(self, principal: str, session_id: str) -> Session:
-        """Close a session; returns it as it was (its final position)."""
-        s = await self._session(session_id, principal)
+        """Close a session; returns it as it was (its final position). A session whose
+        copy in the state store is unusable (CorruptState) is closed too, and still answers
+        CorruptState: it has no final position to return."""
+        try:
+            s = await self._session(session_id, principal)
+        except CorruptState:
+            pool, loop = self._fetch_pool, asyncio.get_running_loop()
+            if not await loop.run_in_executor(pool, self.store.discard, session_id, principal):
+                raise
+            raise CorruptState(
+                f"session {session_id!r}: its copy in the state store was unusable; it is "
+                "closed, its state lost"
+            ) from None
         self.store.close(s.id, principal)
         return s
 

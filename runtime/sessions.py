@@ -598,6 +598,11 @@ class SessionStore:
         if self.replication is not None and not self.held(session_id, principal):
             self.replication.fetch(session_id, principal)
 
+    def discard(self, session_id: str, principal: str = "") -> bool:
+        """Close a session that `fetch` found unusable in the state store (CorruptState):
+        True when its record was deleted (see RedisReplication.discard; False unreplicated)."""
+        return self.replication is not None and self.replication.discard(session_id, principal)
+
     def local(self, session_id: str) -> Session | None:
         """The live session `session_id` here, whoever owns it (no timer refresh)."""
         return self._sessions.get(session_id)

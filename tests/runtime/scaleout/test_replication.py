@@ -55,6 +55,33 @@ def test_a_take_over_of_a_state_gone_nan_is_data_loss_not_a_bad_snapshot(redis_s
     assert sid not in {x.id for x in b.sessions()}
 
 
+def test_a_close_of_an_unusable_record_deletes_it_and_frees_the_id(redis_server):
+    """`discard` (a close of a session whose record failed the snapshot checks) deletes
+    the record and lease and leaves the "closed" tombstone; a usable record, another
+    principal's, or none is left exactly as it was (its term and holder given back)."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=5.0)
+    backend = b.replication.backend
+    good = a.create("alice").id
+    step(a, good, np.random.default_rng(0), "alice")
+    bad = a.create("alice").id
+    incarnation = a.get(bad, "alice").incarnation
+    a.commit(a.get(bad, "alice"), np.full(S, np.nan, np.float32), 1)
+    time.sleep(0.25)  # A's leases lapse (A "died")
+    before = backend.load(good)
+    assert not b.discard(good, "alice")  # usable: an ordinary fetch loads it
+    assert backend.load(good) == before and backend.client.get(backend.lease(good)) is None
+    assert not b.discard(bad, "mallory")  # another principal's: as an unknown id
+    assert backend.load(bad) is not None
+    with pytest.raises(CorruptState):
+        b.fetch(bad, "alice")
+    assert b.discard(bad, "alice")
+    assert backend.load(bad) is None and backend.client.get(backend.lease(bad)) is None
+    assert backend.gone(bad, incarnation) == "closed"
+    assert not b.discard(bad, "alice")  # gone: nothing to do
+    assert b.create("alice", session_id=bad).position == 0  # the id is free again
+
+
 def test_write_through_another_replica_continues_from_the_last_step(redis_server):
     rng = np.random.default_rng(0)
     a = replica(redis_server, "A", lease_ttl=2.0)
@@ -1408,25 +1435,31 @@ def test_a_queued_delete_of_an_old_incarnation_runs_before_the_id_is_claimed(
     assert r.backend.exists("chat-1")
 
 
+def _service(redis_server, engine, name: str):
+    """A replica's SessionService (rewind window 16) on the toy model, over Redis."""
+    from ssmstream.runtime.batcher import Batcher
+    from ssmstream.runtime.service import ServiceLimits, SessionService
+
+    replication = RedisReplication(
+        url=redis_server.url, persist_every="1", lease_ttl=0.4, replica_id=name
+    )
+    store = SessionStore(engine.state_size, 8, replication=replication, model_sha="sha-A")
+    batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0)
+    return SessionService(engine, store, batcher, ServiceLimits(rewind_window=16))
+
+
 def test_a_session_taken_over_keeps_a_rewind_history_from_there(redis_server, toy_token_model):
     """The service of the replica that takes a session over gives it a rewind history at
     the position it moved at: rewinds reach back to there, not before (they found none)."""
     import asyncio
 
-    from ssmstream.runtime.batcher import Batcher
     from ssmstream.runtime.engine import Engine
     from ssmstream.runtime.errors import OutOfRange
-    from ssmstream.runtime.service import ServiceLimits, SessionService
 
     engine = Engine(toy_token_model["model_dir"], device="cpu", threads=1)
 
-    def service(name: str) -> SessionService:
-        replication = RedisReplication(
-            url=redis_server.url, persist_every="1", lease_ttl=0.4, replica_id=name
-        )
-        store = SessionStore(engine.state_size, 8, replication=replication, model_sha="sha-A")
-        batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0)
-        return SessionService(engine, store, batcher, ServiceLimits(rewind_window=16))
+    def service(name: str):
+        return _service(redis_server, engine, name)
 
     def after(tokens) -> np.ndarray:
         _, s = engine.prefill(np.asarray(tokens, np.int64)[None], engine.new_state())
@@ -1449,6 +1482,36 @@ def test_a_session_taken_over_keeps_a_rewind_history_from_there(redis_server, to
         with pytest.raises(OutOfRange, match="position"):
             await b.rewind("p", s.id, 2)
         await a.batcher.close()
+        await b.batcher.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_close_of_a_session_whose_record_is_unusable_closes_it(redis_server, toy_token_model):
+    """CloseSession on the replica that finds a session's record unusable (its state went
+    NaN where it was stepped) deletes the record: the answer is still DATA_LOSS (no final
+    position to give), and the id is then free; the other sessions are untouched."""
+    import asyncio
+
+    from ssmstream.runtime.engine import Engine
+
+    engine = Engine(toy_token_model["model_dir"], device="cpu", threads=1)
+
+    async def main():
+        a, b = _service(redis_server, engine, "A"), _service(redis_server, engine, "B")
+        await b.batcher.start()
+        bad, _ = await a.create("p")
+        good, _ = await a.create("p")
+        a.store.commit(a.store.get(bad.id, "p"), np.full(engine.state_size, np.nan, np.float32), 1)
+        a.store.flush()  # A lets go of both
+        with pytest.raises(CorruptState, match="unusable; it is closed, its state lost"):
+            await b.close("p", bad.id)
+        assert b.store.replication.backend.load(bad.id) is None
+        with pytest.raises(SessionNotFound):
+            await b.close("p", bad.id)
+        again, _ = await b.create("p", bad.id)
+        assert (again.id, again.position) == (bad.id, 0)
+        assert (await b.close("p", good.id)).position == 0
         await b.batcher.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
