@@ -18,7 +18,7 @@ from ssmstream.runtime.config import (
     config_fields,
     parse_config,
 )
-from ssmstream.runtime.replication import RedisBackend, without_password
+from ssmstream.runtime.redis_backend import RedisBackend, without_password
 
 
 def test_every_config_field_has_exactly_one_flag_with_help():

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 import redis
-from ssmstream.runtime.replication import RedisBackend, RedisReplication
+from ssmstream.runtime.redis_backend import RedisBackend
+from ssmstream.runtime.replication import RedisReplication
 from ssmstream.runtime.sessions import SessionStore
 
 S = 64

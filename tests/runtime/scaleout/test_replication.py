@@ -21,13 +21,8 @@ from ssmstream.runtime.errors import (
     SessionNotFound,
     Unavailable,
 )
-from ssmstream.runtime.replication import (
-    PIPELINE_CALLS,
-    RedisReplication,
-    StoreCollector,
-    parse_persist_every,
-    record_expire_ms,
-)
+from ssmstream.runtime.redis_backend import PIPELINE_CALLS, record_expire_ms
+from ssmstream.runtime.replication import RedisReplication, StoreCollector, parse_persist_every
 from ssmstream.runtime.sessions import SessionStore
 from ssmstream.runtime.snapshots import SnapshotKey
 from stores import S, outage, replica, replies_lost, step

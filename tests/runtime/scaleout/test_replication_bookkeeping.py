@@ -14,7 +14,7 @@ from ssmstream.runtime.auth import ANONYMOUS
 from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.errors import Unavailable
-from ssmstream.runtime.replication import RedisBackend
+from ssmstream.runtime.redis_backend import RedisBackend
 from ssmstream.runtime.server import BackgroundServer
 from stores import S, record, replica, roll_back, step, written
 
