@@ -483,9 +483,13 @@ def base_manifest(net: SSMNetwork, cfg: ExportConfig, name: str, graphs: dict) -
 
 
 def embed_manifest(path: Path, manifest: dict) -> None:
-    """Store the manifest (without the graphs' own sha256/bytes/nodes) in metadata_props."""
+    """Store the manifest (without the graphs' own sha256/bytes/nodes, nor the time of the
+    export) in metadata_props. The step graph's sha256 is the model's identity (snapshots and
+    saved sessions are bound to it): two exports of the same weights with the same options
+    must give the same bytes, not bytes that differ by a timestamp."""
     model = onnx.load(path)
     inner = json.loads(json.dumps(manifest))
+    inner.pop("created", None)  # in manifest.json only
     for g in inner["graphs"].values():
         for k in ("sha256", "bytes", "nodes"):
             g.pop(k, None)

@@ -961,3 +961,21 @@ def test_verify_graphs_of_a_training_network_uses_its_eval_mode(tmp_path):
     assert report["step_vs_torch"]["max_rel"] < 1e-4, report["step_vs_torch"]
     assert report["passed"] is True
     assert net.training  # the caller's network is left as it was
+
+
+def test_two_exports_of_the_same_weights_are_the_same_model(tmp_path, monkeypatch):
+    """The step graph's sha256 is the model's identity: snapshots and a --state-dir's
+    sessions are refused by a server of "another model". Re-exporting the same weights with
+    the same options (a rebuilt Docker image, a second `make demo` workdir) must not make
+    another model: the graphs carry no export time (manifest.json still records it)."""
+    monkeypatch.setattr(exporter, "build_graphs", _stub_graphs)
+    outs = [
+        exporter.export_network(
+            tiny_net(), tmp_path / f"m{i}", prefill=False, verify=False, name="m"
+        )
+        for i in range(2)
+    ]
+    manifests = [json.loads((out / "manifest.json").read_text()) for out in outs]
+    assert manifests[0]["created"] != manifests[1]["created"]
+    shas = {m["graphs"]["step"]["sha256"] for m in manifests}
+    assert len(shas) == 1 and shas == {sha256_file(out / "step.onnx") for out in outs}
