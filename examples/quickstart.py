@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CKPT = ROOT / "examples" / "checkpoints" / "byte-lm"
+TEXT_ONLY = "--ckpt: the demo streams text, so it needs a byte-level token model (vocab 256)"
 
 
 def ssmstream(*args: str) -> list[str]:
@@ -196,12 +197,20 @@ def demo(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     model_dir = a.workdir / "model"
     if not (a.ckpt / "model.safetensors").is_file():
         p.error(f"--ckpt: {a.ckpt} has no model.safetensors (an `ssmstream train` checkpoint)")
+    try:  # before the export replaces the workdir's model and removes its saved sessions
+        model = json.loads((a.ckpt / "config.json").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        model = None  # the export says what is wrong with the checkpoint
+    if isinstance(model, dict) and not (
+        isinstance(model.get("vocab_size"), int) and model["vocab_size"] >= 256
+    ):
+        p.error(TEXT_ONLY)
     if export(a.ckpt, model_dir, a.verify_steps) and (a.workdir / "state").exists():
         print("== removing the sessions saved with the previous export (another model's)")
         shutil.rmtree(a.workdir / "state")
     m = json.loads((model_dir / "manifest.json").read_text())
     if m["input_kind"] != "tokens" or m["vocab_size"] < 256:
-        p.error("--ckpt: the demo streams text, so it needs a byte-level token model (vocab 256)")
+        p.error(TEXT_ONLY)
     proc, target, metrics_port = start_server(model_dir, a.workdir, a.device)
     try:
         print(f"== ssmstream generate --server {target} {a.prompt!r}\n")

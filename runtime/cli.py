@@ -48,7 +48,12 @@ def stdout_closed() -> int:
 def run_command(run, name: str) -> int:
     """`run()`'s status, with the conventions of every command: Ctrl-C ends it with one line
     ("NAME: interrupted") and 130, a closed stdout pipe quietly with 141 (the examples use
-    it too)."""
+    it too). Text stdout cannot encode (a non-UTF-8 locale, PYTHONIOENCODING=ascii: a
+    generated U+FFFD, a model named in another script) is escaped, as Python escapes it on
+    stderr, not an error (a UnicodeEncodeError is a ValueError, which `generate` reports as a
+    bad argument)."""
+    with contextlib.suppress(AttributeError, ValueError):  # not a TextIOWrapper, or closed
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         status = int(run() or 0)
         sys.stdout.flush()  # a buffered stdout meets a closed pipe here, not at exit

@@ -1025,7 +1025,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="prompt text (or comma-separated token ids with --ids)")
     p.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
     p.add_argument("--ids", action="store_true", help="prompt and output are token ids")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=_Default(200),
+        help="tokens to generate (not given: 200, or the server's --max-new-tokens if lower)",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely; 0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 (or 0): off")
@@ -1067,6 +1072,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print tokens, seconds, tokens/s and time to first token on stderr at the end",
     )
     return p
+
+
+class _Default(int):
+    """A flag's default value, told from the same number given on the command line."""
 
 
 def _ids(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]:
@@ -1132,6 +1141,9 @@ def _generate(a, parser, client: Client, stop: list[int], stopped_by: list) -> i
             parser.error("this model is not byte-level: pass token ids with --ids")
         else:
             prompt = list(os.fsencode(a.prompt))  # the bytes given, also ones not UTF-8
+        if isinstance(a.max_new_tokens, _Default) and info.limits.max_new_tokens:
+            # not asked for: as many as this server allows, up to the default
+            a.max_new_tokens = min(a.max_new_tokens, info.limits.max_new_tokens)
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                   top_p=a.top_p, seed=a.seed, stop=stop, keep_session=a.keep_session)  # fmt: skip
         check_generate(generate_request(a.session, prompt, **kw), info)  # before the rewind

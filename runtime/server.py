@@ -331,7 +331,9 @@ class Server:
             self.metrics.registry.register(StoreCollector(replication))
         try:
             slab = self.engine.new_slab(c.max_sessions)  # every session's state, on its device
-        except MemoryError:
+        except (MemoryError, InvalidInput) as e:  # the slab's zeros() names its "capacity"
+            if isinstance(e, InvalidInput) and e.field != "capacity":
+                raise
             need = c.max_sessions * 4 * int(info["state_size"])
             raise InvalidInput(
                 "max_sessions", f"{c.max_sessions} sessions need {need:,} bytes of state: too many"
