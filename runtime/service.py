@@ -29,6 +29,7 @@ Dimension letters: T inputs in one request, I d_input, D d_output, V vocabulary 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import numbers
 from collections.abc import AsyncIterator, Callable
@@ -44,6 +45,7 @@ from .errors import (
     InvalidInput,
     LimitExceeded,
     ModelError,
+    RuntimeErrorBase,
     SessionBusy,
     SessionNotFound,
     Unavailable,
@@ -57,6 +59,8 @@ from .history import CheckpointBudget, History
 from .prefix_cache import PrefixCache
 from .sessions import Session, SessionStore
 from .snapshots import BYTES_LIKE, snapshot_position
+
+log = logging.getLogger(__name__)
 
 # what a Stream ended by the drain is told, by where its session lives on (see `draining_says`)
 DRAINING = {
@@ -463,6 +467,7 @@ class SessionService:
         temporary = not session_id and not keep_session
         a = self.attach(principal, "Generate")
         sent = False  # a new session's id reaches the client with the first token
+        feeding = None  # the position of the token being fed, which was sent
         try:
             if session_id:
                 outputs, position = await a.feed(session_id, x)
@@ -480,14 +485,28 @@ class SessionService:
             sent = True
             yield a.session.id, g
             while not g.last:  # in flight: it finishes while the server drains (its grace)
+                feeding = g.position
                 outputs, position = await a.feed("", np.array([g.token], dtype=np.int64))
+                feeding = None
                 g = gen(outputs[-1], position)
                 yield a.session.id, g
         finally:
+            if feeding is not None and not temporary:
+                await self._unfeed(a.session, feeding)
             a.detach()
             created = not session_id and a.session is not None
             if created and (temporary or not sent):  # not kept, or its id never got out
                 self.discard(a.session, principal)
+
+    async def _unfeed(self, s: Session, position: int) -> None:
+        """A Generate cut while it fed the last token it sent (a cancel, the end of a drain's
+        grace): the session goes back to `position`, that token not fed, as a generation
+        leaves it when it ends; a no-op where the step did not apply. Where it cannot (no
+        rewind window, the session closed, the batcher closing) the session keeps the token."""
+        try:
+            await self.batcher.rewind(s, position)
+        except RuntimeErrorBase as e:
+            log.debug("session %s: the token fed by a cut Generate stays (%s)", s.id, e)
 
     @property
     def attached(self) -> int:

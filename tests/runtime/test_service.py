@@ -205,6 +205,45 @@ def test_generate_is_the_engines_generation_and_feeds_all_but_the_last(toy_tok):
     run(main())
 
 
+@pytest.mark.parametrize("window", [64, 0])
+def test_a_generate_cut_while_it_feeds_a_sent_token_leaves_that_token_unfed(toy_tok, window):
+    """A cancel (a client's, or grpc's at the end of a drain's grace) landing while Generate
+    feeds the token it has just sent, with that step already running: the session goes back
+    to that token's position, as a generation that ends leaves it (the last token sent is
+    the next prompt's first). Without a rewind window it keeps the token. (Steps in the
+    worker, as with other sessions active: a lone stream's inline step cannot be cut.)"""
+
+    async def main():
+        store = SessionStore(toy_tok.state_size, capacity=4)
+        batcher = Batcher(toy_tok, store, max_batch=4, max_batch_delay=0.0, inline=False)
+        await batcher.start()
+        limits = ServiceLimits(max_new_tokens=100, rewind_window=window)
+        svc = SessionService(toy_tok, store, batcher, limits)
+        await svc.create("p", "g")
+        gen = svc.generate("p", "g", [3, 1], max_new_tokens=6, temperature=0.0)
+        sent = [(await gen.__anext__())[1] for _ in range(3)]
+        gate = threading.Event()
+        with inject(toy_tok, gate=gate) as fake:
+            nxt = asyncio.ensure_future(gen.__anext__())  # feeds sent[-1]
+            while not fake.calls:  # its step runs (held at the gate)
+                await asyncio.sleep(0.001)
+            nxt.cancel()
+            await asyncio.sleep(0.01)
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await nxt
+        s = svc.store.get("g", "p")
+        await svc.batcher.close()
+        return sent, s.position, svc.store.read(s)
+
+    sent, position, state = run(main())
+    fed = [3, 1, *[g.token for g in sent]]
+    assert sent[-1].position == 4
+    assert position == (4 if window else 5)
+    want = toy_tok.prefill(np.array([fed[:position]]), toy_tok.new_state())[1][0]
+    np.testing.assert_allclose(state, want, atol=1e-6)
+
+
 def test_generate_needs_a_token_model(toy_sig):
     async def main():
         svc = await started(toy_sig)
