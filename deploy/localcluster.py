@@ -255,11 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=3, help="ssmstream serve processes")
     p.add_argument("--persist-every", default="1", help="as `ssmstream serve --persist-every`")
     p.add_argument("--lease-ttl", type=float, default=3.0, help="as `ssmstream serve`")
-    p.add_argument("--workdir", default=None, help="logs and configs (default: a temp dir)")
+    p.add_argument(  # SUPPRESS: no "(default: None)" after the help
+        "--workdir", default=argparse.SUPPRESS, help="logs and configs (default: a temp dir)"
+    )
     args = p.parse_args(argv)
     if args.replicas < 1:
         p.error(f"--replicas: must be >= 1, got {args.replicas}")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ssmstream-cluster-"))
+    workdir = Path(getattr(args, "workdir", "") or tempfile.mkdtemp(prefix="ssmstream-cluster-"))
     # SIGTERM stops it as Ctrl-C does; set before anything starts, so that one while the
     # cluster starts stops what has started (LocalCluster does)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -288,6 +288,8 @@ class Engine:
         self.cuda_graphs = on_cuda and bool(self.cuda_options.enable_cuda_graph)
         if self.cuda_options.enable_cuda_graph and not on_cuda:
             log.warning("CUDA graphs requested, but the engine runs on %s: not used", self.provider)
+        if self.cuda_options.use_tf32 and not on_cuda:
+            log.warning("TF32 requested, but the engine runs on %s: not used", self.provider)
         self._graph_ids = itertools.count(1)  # one gpu_graph_id per captured bucket
         self._graphs: dict[tuple[int, int], _Graph] = {}  # (id(slab), rows) -> its graph
         self._graph_lock = threading.Lock()  # one graph run (its staging buffers) at a time

@@ -390,6 +390,15 @@ def test_cuda_graphs_asked_of_a_cpu_engine_say_they_are_not_used(tiny_token_mode
     assert "CUDA graphs requested, but the engine runs on CPUExecutionProvider" in caplog.text
 
 
+def test_tf32_asked_of_a_cpu_engine_says_it_is_not_used(tiny_token_model, caplog):
+    """`serve --device cpu --tf32` warns as --cuda-graphs does (it had been silent)."""
+    with caplog.at_level("WARNING", logger="ssmstream.runtime.engine"):
+        Engine(tiny_token_model["model_dir"], device="cpu", cuda_options={"use_tf32": True})
+        Engine(tiny_token_model["model_dir"], device="cpu")
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["TF32 requested, but the engine runs on CPUExecutionProvider: not used"]
+
+
 def test_nbytes_counts_the_scratch_row():
     """nbytes is the buffer's size: with scratch=True it holds capacity + 1 rows."""
     plain, padded = StateSlab(4, 3), StateSlab(4, 3, scratch=True)

@@ -426,3 +426,12 @@ def test_localcluster_takes_a_relative_workdir_and_refuses_no_replicas(
         lc.main(["model", "--replicas", "0", "--workdir", "unused"])
     assert e.value.code == 2 and "--replicas" in capsys.readouterr().err
     assert not (tmp_path / "unused").exists()
+
+
+def test_help_states_each_default_once(capsys):
+    """--workdir's default is a temp dir made at start: its help says so, without
+    argparse's "(default: None)" after it."""
+    with pytest.raises(SystemExit):
+        lc.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "logs and configs (default: a temp dir)" in out and "None" not in out
