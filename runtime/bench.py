@@ -35,6 +35,39 @@ def random_inputs(engine: Engine, rng: np.random.Generator, shape: tuple[int, ..
     return rng.standard_normal((*shape, engine.d_input)).astype(np.float32)
 
 
+# bytes a run needs per state float of --batch (measured ~7: the inputs, the states in and out,
+# onnxruntime's intermediates) and per output float of --prefill (outputs and their copies)
+STEP_BYTES_PER_STATE_FLOAT, PREFILL_BYTES_PER_OUTPUT_FLOAT = 8 * 4, 3 * 4
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None (not known)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def too_large(engine: Engine, batch: int, prefill: int) -> str | None:
+    """Why --batch / --prefill would not fit in the memory available now (the kernel would
+    kill the run instead of numpy refusing it), or None."""
+    free = available_bytes()
+    if free is None:
+        return None
+    for flag, n, need in (
+        ("--batch", batch, batch * engine.state_size * STEP_BYTES_PER_STATE_FLOAT),
+        ("--prefill", prefill, prefill * engine.d_output * PREFILL_BYTES_PER_OUTPUT_FLOAT),
+    ):
+        if need > free:
+            gib = need / 2**30, free / 2**30
+            return f"{flag} {n} needs about {gib[0]:.1f} GiB, {gib[1]:.1f} GiB is available"
+    return None
+
+
 def bench_step(engine: Engine, batch: int, steps: int, seed: int = 0) -> dict:
     """Latency of `steps` calls of Engine.step at batch `batch` (after 10 warm-up calls)."""
     rng = np.random.default_rng(seed)
@@ -106,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         info = engine.info
         log.info("%s: %s, S=%d, %s on %s", info["name"], info["input_kind"],
                  info["state_size"], info["dtype"], engine.provider)  # fmt: skip
+        if (why := too_large(engine, a.batch, a.prefill)) is not None:
+            log.error("ssmstream bench: not enough memory: %s; give a smaller one", why)
+            return 2
         r = bench_step(engine, a.batch, a.steps)
         log.info("step  B=%d: p50 %.1f µs, p99 %.1f µs -> %.0f tokens/s",
                  r["batch"], r["p50_us"], r["p99_us"], r["tokens_per_s"])  # fmt: skip

@@ -125,12 +125,52 @@ def test_bench_refuses_bad_counts_before_loading_the_model(tmp_path, capsys, arg
 
 
 def test_bench_says_when_the_batch_does_not_fit_in_memory(toy_token_model, monkeypatch, caplog):
-    """`--batch 1000000000`: numpy cannot allocate the states; one line, status 2."""
+    """numpy cannot allocate the states (a batch within the estimate of what is available):
+    one line, status 2."""
 
     def too_big(engine, batch, steps):
         raise MemoryError
 
     monkeypatch.setattr(bench, "bench_step", too_big)
-    argv = ["bench", str(toy_token_model["model_dir"]), "--batch", "1000000000"]
+    argv = ["bench", str(toy_token_model["model_dir"]), "--batch", "1000"]
     assert cli.main(argv) == 2
-    assert "not enough memory for --batch 1000000000 / --prefill 256" in caplog.text
+    assert "not enough memory for --batch 1000 / --prefill 256" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--batch", "5000000"], "--batch 5000000 needs about 1.2 GiB, 1.0 GiB is available"),
+        (["--prefill", "100000000"], "--prefill 100000000 needs about 5.6 GiB, 1.0 GiB is"),
+    ],
+)
+def test_bench_refuses_what_would_not_fit_in_the_memory_available(
+    toy_token_model, monkeypatch, caplog, flags, said
+):
+    """A --batch or --prefill whose arrays would take more than the memory available now
+    (the kernel kills the run, where numpy allocates lazily) is refused before it runs:
+    ~32 bytes per state float of the batch (toy S = 8), ~12 per output float of a prompt
+    (toy D = 5)."""
+    ran = []
+
+    def step(engine, batch, steps):
+        ran.append(batch)
+        return {"batch": batch, "p50_us": 1.0, "p99_us": 1.0, "tokens_per_s": 1.0}
+
+    def prefill(engine, length):
+        ran.append(length)
+        return {"length": length, "prefill_ms": 1, "steps_ms": 1, "speedup": 1, "max_state_diff": 0}
+
+    monkeypatch.setattr(bench, "bench_step", step)
+    monkeypatch.setattr(bench, "bench_prefill", prefill)
+    monkeypatch.setattr(bench, "available_bytes", lambda: 2**30)
+    argv = ["bench", str(toy_token_model["model_dir"]), *flags]
+    assert cli.main(argv) == 2
+    assert f"ssmstream bench: not enough memory: {said}" in caplog.text and not ran
+    monkeypatch.setattr(bench, "available_bytes", lambda: None)  # not known: not checked
+    assert cli.main(argv) == 0 and ran
+
+
+def test_available_bytes_reads_meminfo():
+    free = bench.available_bytes()
+    assert free is None or 0 < free < 2**50
