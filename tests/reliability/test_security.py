@@ -108,6 +108,7 @@ def close_all(srv, client: Client, principal: str) -> None:
         (f"Bearer {ALICE}", True),
         (f"bearer {ALICE}", True),  # the scheme is case-insensitive (RFC 7235)
         (f"Bearer   {ALICE}  ", True),  # surrounding blanks
+        (f"  Bearer {ALICE}", True),  # leading blanks: grpc passes them on
         ("Bearer", False),
         (f"Bearer {ALICE[:-1]}", False),  # a prefix of a valid token
         (f"Bearer {ALICE}x", False),

@@ -8,6 +8,7 @@ Dimension letters: V vocabulary (11 for the toy), T inputs per request.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
@@ -184,6 +185,8 @@ def test_async_handles_follow_the_servers_position(toy_server):
             assert (a.cached_tokens, b.cached_tokens) == (0, 6)
             await a.step(tokens=[7])
             assert a.position == 7
+            other = c.session(a.id)  # a handle that saw nothing: its snapshot tells it
+            assert await other.snapshot() and other.position == 7
             r = await c.restore(await a.snapshot())
             assert r.position == 7
             for h in (a, b, r):
@@ -510,6 +513,39 @@ def test_a_generation_cut_by_a_drain_names_the_kept_session(monkeypatch, capsys)
         "--session fake --rewind-to 3\n"
         "session: fake (position 3)\n"
     )
+
+
+def test_a_session_cut_before_any_token_arrived_is_not_told_to_rewind(monkeypatch, capsys):
+    """Nothing received, nothing to drop: "--rewind-to 0" would throw away what the
+    --session held before this command."""
+    fake = _fake_client(monkeypatch, 256, [])
+    fake.session = lambda self, session_id: _DrainedSession([])
+    argv = ["--server", "x:1", "--max-new-tokens", "2", "--session", "theirs", "hi"]
+    assert generate_main(argv) == 1
+    assert capsys.readouterr().err == (
+        "ssmstream generate: UNAVAILABLE: server is shutting down; resume after the restart\n"
+    )
+
+
+def test_a_generate_started_with_sigterm_ignored_leaves_it_ignored(monkeypatch, capsys):
+    """As under nohup or `trap '' TERM`: the command's own SIGTERM handler (stop as Ctrl-C
+    does) is for a SIGTERM that would otherwise kill it, not one its parent chose to ignore."""
+    seen = []
+
+    class Watching(_FakeSession):
+        def generate(self, prompt, **kw):
+            seen.append(signal.getsignal(signal.SIGTERM))
+            yield from super().generate(prompt, **kw)
+
+    fake = _fake_client(monkeypatch, 256, [0x61])
+    fake.session = lambda self, session_id: Watching([0x61])
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert generate_main(["--server", "x:1", "--max-new-tokens", "1", "hi"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert seen == [signal.SIG_IGN] and capsys.readouterr().out == "a\n"
 
 
 def test_ctrl_c_exits_130_naming_the_kept_session(monkeypatch, capsys):

@@ -92,6 +92,13 @@ def test_an_integer_beyond_int64_is_named_not_the_int64_minimum_beside_it():
     assert str(e.value) == f"prompt: must fit in int64, got {2**63}"
 
 
+def test_an_integer_beyond_int64_is_named_not_the_int64_maximum_beside_it():
+    """2**63 - 1 fits int64: the error names the id that does not."""
+    with pytest.raises(ValueError) as e:
+        generate_request("s", [2**63 - 1, 2**64])
+    assert str(e.value) == f"prompt: must fit in int64, got {2**64}"
+
+
 @pytest.fixture(scope="module")
 def srv(toy_token_model):
     with serve(toy_token_model["model_dir"]) as s:
@@ -655,20 +662,23 @@ def test_an_async_stream_handle_dropped_unclosed_ends_its_stream(srv):
     assert asyncio.run(asyncio.wait_for(run(), 60)) == 2
 
 
+def as_an_old_server(create):
+    """A CreateSession stub call as a server older than the client makes it: it ignores
+    CreateSessionRequest.prompt (an unknown field)."""
+    from ssmstream.protos import inference_pb2 as pb
+
+    def call(req, **kw):
+        old = pb.CreateSessionRequest()
+        old.CopyFrom(req)
+        old.ClearField("prompt")
+        return create(old, **kw)
+
+    return call
+
+
 def test_a_server_that_drops_the_prompt_is_an_error_not_an_empty_session(byte_server):
     # a server older than the client ignores CreateSessionRequest.prompt (an unknown field):
     # the session came back at position 0 without its prompt, and later calls ignored it
-    from ssmstream.protos import inference_pb2 as pb
-
-    def as_an_old_server(create):
-        def call(req, **kw):
-            old = pb.CreateSessionRequest()
-            old.CopyFrom(req)
-            old.ClearField("prompt")
-            return create(old, **kw)
-
-        return call
-
     before = len(byte_server.server.store)
     with Client(target(byte_server), timeout=30) as c:
         assert c.create_session(prompt=[1, 2, 3]).position == 3  # today's server takes it
@@ -691,3 +701,21 @@ def test_a_server_that_drops_the_prompt_is_an_error_not_an_empty_session(byte_se
 
     asyncio.run(async_client())
     assert len(byte_server.server.store) == before + 4  # the refused ones were closed
+
+
+def test_a_server_that_drops_the_prompt_beside_a_snapshot_at_its_length_is_an_error(
+    byte_server,
+):
+    """Today's server refuses a prompt with a snapshot; an older one restores the snapshot
+    alone. One at the prompt's length comes back where the prompt would have left it: the
+    position cannot tell, the snapshot does."""
+    with Client(target(byte_server), timeout=30) as c:
+        s = c.create_session()
+        s.step(tokens=[7, 8])
+        snap = s.snapshot()
+        s.close()
+        before = len(byte_server.server.store)
+        c.stub.CreateSession = as_an_old_server(c.stub.CreateSession)
+        with pytest.raises(RuntimeError, match="^prompt: the server created the session without"):
+            c.create_session(snapshot=snap, prompt=[5, 6])
+        assert len(byte_server.server.store) == before  # the refused one was closed

@@ -30,6 +30,8 @@ def test_a_session_still_held_by_the_cancelled_generate_is_retried_until_it_is_f
     assert _rewind_after_cut(s, 7, wait=5.0) is None
     assert [p for p, _ in s.calls] == [7, 7, 7]
     assert all(0 < t <= 5.0 for _, t in s.calls)  # each try's deadline: what is left
+    first, second, third = (t for _, t in s.calls)
+    assert first > second > third  # less on each try
 
 
 def test_another_error_is_not_retried_and_is_named():
@@ -42,3 +44,4 @@ def test_retries_stop_when_the_wait_is_over():
     s = _Session([BUSY] * 1000)
     why = _rewind_after_cut(s, 7, wait=0.2)
     assert why == f" (FAILED_PRECONDITION: {BUSY.details()})" and 1 < len(s.calls) < 1000
+    assert min(t for _, t in s.calls) >= 0.05  # the last try too (a timeout <= 0 is refused)

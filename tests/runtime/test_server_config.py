@@ -198,6 +198,7 @@ def test_token_table_maps_tokens_to_principals(tmp_path):
         ("tok alice\ntok bob\n", r":2: duplicate token"),
         ("# nothing\n", "empty"),
         ("tok alice\ntok\xff bob\n", r":2: not valid UTF-8$"),  # no byte of it quoted
+        ("tok alice\ntok\x7f bob\n", r":2: the token must be visible ASCII"),  # DEL
     ],
 )
 def test_bad_token_file_names_the_line_not_the_token(tmp_path, text, match):

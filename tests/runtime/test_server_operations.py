@@ -56,6 +56,36 @@ def test_health_check_answers_while_the_rpc_limit_is_taken_by_streams(toy_token_
             assert s.step(tokens=[3]).position == 3
 
 
+def test_a_health_watch_takes_a_slot_and_a_refused_call_gives_none_back(toy_token_model):
+    """--max-concurrent-rpcs 1: an open health Watch (only Check is exempt) takes the slot;
+    with an open Stream holding it, a refused Stream or call leaves it taken (a refusal that
+    gave back a slot it never took let the next call in, past the limit)."""
+    exhausted = (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 "1 calls in flight (--max-concurrent-rpcs); retry later")  # fmt: skip
+    with serve(toy_token_model["model_dir"], max_concurrent_rpcs=1) as srv:
+        with Client(target(srv), timeout=30) as c, grpc.insecure_channel(target(srv)) as ch:
+            s = c.create_session()
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+            assert next(watch).status == HEALTH.SERVING
+            assert _code_of(c.info) == exhausted
+            watch.cancel()
+            deadline = time.monotonic() + 10
+            while True:  # the Watch's slot comes back as it ends
+                try:
+                    c.info()
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, "the cancelled Watch kept its slot"
+                    time.sleep(0.05)
+            with s.open_stream() as a:
+                a.send(tokens=[1])  # the slot is taken
+                with c.session(s.id).open_stream() as b:
+                    assert _code_of(lambda: b.send(tokens=[2])) == exhausted
+                for _ in range(2):
+                    assert _code_of(c.info) == exhausted
+                assert a.send(tokens=[3]).position == 2
+
+
 def test_a_health_watch_ends_at_the_shutdown_after_not_serving(toy_token_model, tmp_path):
     """A load balancer's open Watch gets NOT_SERVING and its stream ends: an idle server
     stops at once, not after its whole --grace (30 s here: a bound well under it holds on a

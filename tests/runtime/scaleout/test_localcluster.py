@@ -87,6 +87,11 @@ def test_redis_restarts_empty_on_the_same_port(tmp_path):
     try:
         port = r.port
         assert r.url == f"redis://127.0.0.1:{port}/0"
+        db = redis_py.Redis.from_url(r.url)
+        # no persistence (no RDB save points, no append-only file), on 127.0.0.1 only
+        assert db.config_get("save") == {"save": ""}
+        assert db.config_get("appendonly") == {"appendonly": "no"}
+        assert db.config_get("bind") == {"bind": "127.0.0.1"}
         redis_py.Redis.from_url(r.url).set("k", "v")
         time.sleep(1.2)  # past an everysec fsync of an append-only file, were there one
         r.stop()
@@ -340,6 +345,70 @@ def test_cluster_that_fails_to_start_stops_what_it_started(monkeypatch, tmp_path
     assert started[0].terminated
 
 
+def test_cluster_interrupted_while_it_starts_stops_what_it_started(monkeypatch, tmp_path):
+    # main's SIGTERM handler raises KeyboardInterrupt, which is no Exception
+    started = []
+
+    class InterruptedReplica:
+        def __init__(self, model_dir, args, workdir, name):
+            if started:
+                raise KeyboardInterrupt
+            started.append(self)
+
+        def terminate(self, timeout=30.0):
+            self.terminated = True
+
+    FakeRedis.made.clear()
+    monkeypatch.setattr(lc, "RedisProcess", FakeRedis)
+    monkeypatch.setattr(lc, "ReplicaProcess", InterruptedReplica)
+    with pytest.raises(KeyboardInterrupt):
+        lc.LocalCluster("m", tmp_path, 3)
+    (redis,) = FakeRedis.made
+    assert redis.stopped and started[0].terminated
+
+
+def test_paths_reach_the_replicas_absolute_not_as_flags(monkeypatch, tmp_path):
+    """A relative model dir or workdir named "-m" would be read as a flag by the replica's
+    argument parser (and redis-server's): every path on their command lines is absolute."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lc.sys, "executable", fake_python(tmp_path, "serve"))
+    (tmp_path / "-w").mkdir()
+    r = lc.ReplicaProcess("-m", [], Path("-w"), "r5")
+    try:
+        cmd = r.proc.args
+        assert cmd[3] == str(tmp_path / "-m")
+        assert cmd[cmd.index("--port-file") + 1] == str(tmp_path / "-w" / "r5.port.json")
+    finally:
+        r.kill()
+    got = {}
+
+    class Recording(FakeRedis):
+        def __init__(self, workdir):
+            super().__init__(workdir)
+            got["redis"] = workdir
+
+    class Replica:
+        def __init__(self, model_dir, args, workdir, name):
+            got["replica"], self.port = workdir, 1
+
+        def terminate(self, timeout=30.0):
+            pass
+
+    class Nginx:
+        def __init__(self, upstreams, workdir):
+            got["nginx"], self.address = workdir, "127.0.0.1:9"
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(lc, "RedisProcess", Recording)
+    monkeypatch.setattr(lc, "ReplicaProcess", Replica)
+    monkeypatch.setattr(lc, "NginxProcess", Nginx)
+    lc.LocalCluster("m", "-c", 1).stop()
+    assert got == {"redis": tmp_path / "-c", "replica": tmp_path / "-c",
+                   "nginx": tmp_path / "-c" / "nginx"}  # fmt: skip
+
+
 def test_main_prints_the_addresses_and_stops_the_cluster(monkeypatch, tmp_path, capsys):
     got = {}
 
@@ -405,6 +474,18 @@ def test_nginx_runs_in_a_workdir_whose_path_has_a_space_quote_or_semicolon(tmp_p
     try:
         assert nginx.proc.poll() is None
         assert (tmp_path / 'my "cluster"; dir' / "nginx.pid").is_file()
+    finally:
+        nginx.stop()
+
+
+def test_nginx_runs_in_a_workdir_whose_path_has_a_backslash(tmp_path):
+    # nginx reads a backslash in a quoted word as an escape (backslash-t: a tab): doubled
+    require("nginx")
+    workdir = tmp_path / "back\\tslash"
+    nginx = lc.NginxProcess([lc.free_port()], workdir)
+    try:
+        assert nginx.proc.poll() is None
+        assert (workdir / "nginx.pid").is_file()
     finally:
         nginx.stop()
 
