@@ -36,13 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--tls-ca", default=None, help="PEM CA of a TLS server")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", default=None, help="PEM client key (mTLS)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     token = os.environ.get("SSMSTREAM_TOKEN")  # bearer token, if the server wants one
     try:
-        client = Client(a.server, token=token, root_certificates=a.tls_ca)
-    except ValueError as e:  # a bad --server or --tls-ca, named
+        client = Client(
+            a.server,
+            token=token,
+            root_certificates=a.tls_ca,
+            client_cert=a.tls_cert,
+            client_key=a.tls_key,
+        )
+    except ValueError as e:  # a bad --server or TLS file, named
         p.error(str(e))
     try:
         return stream(p, a, client)

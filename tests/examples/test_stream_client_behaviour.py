@@ -117,6 +117,14 @@ def test_an_unreachable_server_or_a_bad_tls_file_is_one_line(sc, tmp_path, capsy
     assert e.value.code == 2 and "root_certificates (--tls-ca): cannot read" in (
         capsys.readouterr().err
     )
+    with pytest.raises(SystemExit) as e:  # the mTLS pair goes to the client, which needs both
+        sc.main(["abc", "--tls-ca", str(tmp_path / "none.pem"), "--tls-cert", "c.pem"])
+    assert e.value.code == 2 and "client_cert/client_key: give both for mTLS" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as e:
+        sc.main(["abc", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", "k.pem"])
+    assert e.value.code == 2 and "client_key (--tls-key): cannot read" in capsys.readouterr().err
 
 
 def test_a_prompt_that_is_not_utf8_is_sent_as_its_bytes(sc, byte_toy):
