@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    token = os.environ.get("SSMSTREAM_TOKEN")  # bearer token, if the server wants one
+    token = os.environ.get("SSMSTREAM_TOKEN", "").strip() or None  # if the server wants one
     try:
         client = Client(
             a.server,

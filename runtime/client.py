@@ -167,7 +167,7 @@ def _token(token: str) -> str:
     """A bearer token as HTTP/2 metadata carries it: visible ASCII (a trailing newline from a
     file, a space or a non-ASCII character made every call fail with INTERNAL)."""
     if not isinstance(token, str) or not token.isascii() or not token.isprintable() or " " in token:
-        raise ValueError("token: must be visible ASCII characters (strip the newline of a file)")
+        raise ValueError("token: must be visible ASCII characters (no blanks, no newline)")
     return token
 
 
@@ -1103,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = Client(
             a.server,
-            token=os.environ.get(a.token_env) or None,
+            token=os.environ.get(a.token_env, "").strip() or None,  # blanks around: as the server
             tls=a.tls,
             root_certificates=a.tls_ca,
             client_cert=a.tls_cert,

@@ -348,6 +348,9 @@ def test_the_token_comes_from_the_token_env_variable(monkeypatch):
     monkeypatch.setenv("SSMSTREAM_TOKEN", "")
     assert generate_main(["--server", "x:1", "--max-new-tokens", "1", "hi"]) == 0
     assert fake.token is None  # an empty variable is no token
+    monkeypatch.setenv("SSMSTREAM_TOKEN", " s3cret\n")  # blanks around it, as the server reads
+    assert generate_main(["--server", "x:1", "--max-new-tokens", "1", "hi"]) == 0
+    assert fake.token == "s3cret"
 
 
 def test_no_token_is_a_missing_token_not_an_invalid_one(toy_token_model, tmp_path):
