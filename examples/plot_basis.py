@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     try:
         paths = plot_basis(a.ckpt, a.out, a.layer, a.head, a.length, a.init, a.seed)
     except (ValueError, ImportError, OSError) as e:  # OSError: --out cannot be written
-        parser.error(str(e))
+        said = str(e)  # the plot's `path` is this script's --out
+        parser.error("--out: " + said.removeprefix("path: ") if said.startswith("path: ") else said)
     return paths
 
 

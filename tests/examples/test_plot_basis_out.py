@@ -20,3 +20,12 @@ def test_unwritable_out_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit) as e:  # today: FileExistsError/NotADirectoryError
         pb.main(["--out", str(blocker / "x.png"), "--no-init", "--length", "32"])
     assert e.value.code == 2
+
+
+def test_an_out_that_is_a_directory_names_out(tmp_path, capsys):
+    """As `ssmstream plot --out DIR`: the message names --out (it named the plot's `path`)."""
+    pb = load_script("examples/plot_basis.py")
+    with pytest.raises(SystemExit) as e:
+        pb.main(["--out", str(tmp_path), "--no-init", "--length", "32"])
+    assert e.value.code == 2
+    assert f"error: --out: {tmp_path} is a directory" in capsys.readouterr().err
