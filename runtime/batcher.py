@@ -713,6 +713,8 @@ class Batcher:
             )
         if h is None:
             return OutOfRange("position", f"session {s.id!r} has no rewind history (rewind is off)")
+        if r.rewind_to == s.position:  # already there: its state as it is, no replay
+            return np.empty((0, self.engine.d_output), dtype=np.float32), r.rewind_to
         try:
             state, inputs = h.plan(r.rewind_to)  # [S], [n] | [n, d_in]
             if len(inputs):

@@ -490,9 +490,11 @@ class SessionService:
                 feeding = None
                 g = gen(outputs[-1], position)
                 yield a.session.id, g
-        finally:
-            if feeding is not None and not temporary:
+        except asyncio.CancelledError:  # a cut: a client's cancel, the end of a drain's grace
+            if feeding is not None and not temporary:  # still attached: nothing steps between
                 await self._unfeed(a.session, feeding)
+            raise
+        finally:  # also when another cancel lands in that rewind
             a.detach()
             created = not session_id and a.session is not None
             if created and (temporary or not sent):  # not kept, or its id never got out
@@ -501,12 +503,13 @@ class SessionService:
     async def _unfeed(self, s: Session, position: int) -> None:
         """A Generate cut while it fed the last token it sent (a cancel, the end of a drain's
         grace): the session goes back to `position`, that token not fed, as a generation
-        leaves it when it ends; a no-op where the step did not apply. Where it cannot (no
-        rewind window, the session closed, the batcher closing) the session keeps the token."""
+        leaves it when it ends (nothing to do where the step did not apply: the batcher's
+        rewind to the position a session is at does nothing). Where it cannot (no rewind
+        window, the session closed, the batcher closing) the session keeps the token."""
         try:
             await self.batcher.rewind(s, position)
         except RuntimeErrorBase as e:
-            log.debug("session %s: the token fed by a cut Generate stays (%s)", s.id, e)
+            log.info("session %s: the token a cut Generate was feeding stays fed (%s)", s.id, e)
 
     @property
     def attached(self) -> int:

@@ -205,33 +205,46 @@ def test_generate_is_the_engines_generation_and_feeds_all_but_the_last(toy_tok):
     run(main())
 
 
+async def _generating(engine, window: int):
+    """A service (steps in the worker, as with other sessions active: a lone stream's inline
+    step cannot be cut) whose Generate on session "g" (prompt [3, 1]) has sent 3 tokens:
+    (service, the generator, the tokens sent)."""
+    store = SessionStore(engine.state_size, capacity=4)
+    batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0, inline=False)
+    await batcher.start()
+    limits = ServiceLimits(max_new_tokens=100, rewind_window=window)
+    svc = SessionService(engine, store, batcher, limits)
+    await svc.create("p", "g")
+    gen = svc.generate("p", "g", [3, 1], max_new_tokens=6, temperature=0.0)
+    return svc, gen, [(await gen.__anext__())[1] for _ in range(3)]
+
+
+async def _cut_while_feeding(engine, gen, cancels: int = 1) -> None:
+    """Cancel the generator's next step while it feeds the last token sent, that step running
+    (held at a gate), `cancels` times (the later ones while the cut's rewind waits for it)."""
+    gate = threading.Event()
+    with inject(engine, gate=gate) as fake:
+        nxt = asyncio.ensure_future(gen.__anext__())
+        while not fake.calls:
+            await asyncio.sleep(0.001)
+        for _ in range(cancels):
+            nxt.cancel()
+            await asyncio.sleep(0.01)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await nxt
+
+
 @pytest.mark.parametrize("window", [64, 0])
 def test_a_generate_cut_while_it_feeds_a_sent_token_leaves_that_token_unfed(toy_tok, window):
     """A cancel (a client's, or grpc's at the end of a drain's grace) landing while Generate
     feeds the token it has just sent, with that step already running: the session goes back
     to that token's position, as a generation that ends leaves it (the last token sent is
-    the next prompt's first). Without a rewind window it keeps the token. (Steps in the
-    worker, as with other sessions active: a lone stream's inline step cannot be cut.)"""
+    the next prompt's first). Without a rewind window it keeps the token."""
 
     async def main():
-        store = SessionStore(toy_tok.state_size, capacity=4)
-        batcher = Batcher(toy_tok, store, max_batch=4, max_batch_delay=0.0, inline=False)
-        await batcher.start()
-        limits = ServiceLimits(max_new_tokens=100, rewind_window=window)
-        svc = SessionService(toy_tok, store, batcher, limits)
-        await svc.create("p", "g")
-        gen = svc.generate("p", "g", [3, 1], max_new_tokens=6, temperature=0.0)
-        sent = [(await gen.__anext__())[1] for _ in range(3)]
-        gate = threading.Event()
-        with inject(toy_tok, gate=gate) as fake:
-            nxt = asyncio.ensure_future(gen.__anext__())  # feeds sent[-1]
-            while not fake.calls:  # its step runs (held at the gate)
-                await asyncio.sleep(0.001)
-            nxt.cancel()
-            await asyncio.sleep(0.01)
-            gate.set()
-            with pytest.raises(asyncio.CancelledError):
-                await nxt
+        svc, gen, sent = await _generating(toy_tok, window)
+        await _cut_while_feeding(toy_tok, gen)
         s = svc.store.get("g", "p")
         await svc.batcher.close()
         return sent, s.position, svc.store.read(s)
@@ -242,6 +255,41 @@ def test_a_generate_cut_while_it_feeds_a_sent_token_leaves_that_token_unfed(toy_
     assert position == (4 if window else 5)
     want = toy_tok.prefill(np.array([fed[:position]]), toy_tok.new_state())[1][0]
     np.testing.assert_allclose(state, want, atol=1e-6)
+
+
+def test_a_second_cancel_during_the_cuts_rewind_still_lets_go_of_the_session(toy_tok):
+    """A cancel that lands while the cut's rewind waits (a client's cancel, then grpc's at the
+    end of the grace): the Generate still detaches, so the session can be closed."""
+
+    async def main():
+        svc, gen, _ = await _generating(toy_tok, 64)
+        await _cut_while_feeding(toy_tok, gen, cancels=2)
+        attached = svc.attached
+        closed = await svc.close("p", "g")
+        await svc.batcher.close()
+        return attached, closed.id
+
+    assert run(main()) == (0, "g")
+
+
+def test_a_failed_feed_is_no_cut_and_queues_no_rewind(toy_tok):
+    """An error of the step that feeds a sent token (onnxruntime failed: nothing applied;
+    or a state gone NaN, which the client is told) leaves the session as the error says:
+    only a cancel takes the token back. A rewind to where a session is replays nothing."""
+
+    async def main():
+        svc, gen, sent = await _generating(toy_tok, 64)
+        with inject(toy_tok, fail=1), pytest.raises(EngineFailure):
+            await gen.__anext__()
+        s = svc.store.get("g", "p")
+        rewinds, position = svc.batcher.stats.rewinds, s.position
+        with inject(toy_tok, "prefill") as replays:
+            await svc.rewind("p", "g", position)
+        await svc.batcher.close()
+        return sent, rewinds, position, replays.calls
+
+    sent, rewinds, position, replays = run(main())
+    assert (rewinds, position, replays) == (0, sent[-1].position, [])
 
 
 def test_generate_needs_a_token_model(toy_sig):
