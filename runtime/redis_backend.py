@@ -480,14 +480,14 @@ class RedisBackend:
     def tomb(self, session_id: str, incarnation: str) -> str:
         return f"{self.prefix}:x:{session_id}:{incarnation}"
 
-    def drop_many(self, items: Sequence[tuple], owner: str) -> None:
+    def drop_many(self, items: Sequence[tuple], owner: str) -> list[bool]:
         """Delete closed (or evicted) sessions' records and leases, pipelined; items:
         (session_id, incarnation, version, term, tombstone expire ms (0: none), "closed" |
         "evicted"), as `_DROP` decides: not another incarnation's record, nor a newer copy
         (another version or term, -1: any; or a lease another replica holds), except a record
         of a lower term (a stale copy written back); each leaves the tombstone of its
         incarnation and reason, so a replica holding an old copy knows it is gone, not lost.
-        Refusals are logged."""
+        Refusals are logged. Returns, per item, whether it was deleted."""
         codes = self._run([
             (self._drop,
              (self.key(sid), self.lease(sid), self.tomb(sid, incarnation), self._generation_key),
@@ -500,6 +500,7 @@ class RedisBackend:
             if not code:
                 log.info("session %s: its keys were left (another incarnation, or another "
                          "replica's newer copy)", sid)  # fmt: skip
+        return [code == 1 for code in codes]
 
     def gone(self, session_id: str, incarnation: str) -> str | None:
         """ "closed" | "evicted" when that incarnation of `session_id` ended (its tombstone),

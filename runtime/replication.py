@@ -92,6 +92,7 @@ from .errors import (
     CorruptState,
     InvalidInput,
     LimitExceeded,
+    ModelError,
     SessionBusy,
     Unavailable,
     check_session_id,
@@ -361,12 +362,13 @@ class RedisReplication:
             log.warning("state store failed while loading %r: %s", session_id, e)
             raise Unavailable(f"state store failed while loading {session_id!r}; retry") from e
 
-    def discard(self, session_id: str, principal: str = "") -> bool:
+    def close_unusable(self, session_id: str, principal: str = "") -> bool:
         """Close a session whose record no snapshot check passes (`fetch` raised
         CorruptState for it): take its lease and, when the record is still unusable, delete
         it and its lease, leaving its incarnation's "closed" tombstone. True when deleted;
-        False when the record is usable after all, gone, another principal's, or held
-        elsewhere (nothing changed). Raises Unavailable when Redis is down."""
+        False, nothing changed, when the record is usable after all (or another model's), gone
+        or another principal's. Raises SessionBusy while another replica holds its lease,
+        Unavailable when Redis is down."""
         if self.degraded or self._final:
             raise Unavailable(f"state store is unavailable; retry closing {session_id!r} later")
         try:
@@ -378,20 +380,27 @@ class RedisReplication:
                 )
                 # HELD, NO_RECORD, OTHER_PRINCIPAL set no lease; CURRENT and OLDER (which do)
                 # answer only a replica with a copy
+                if code == HELD:
+                    raise SessionBusy(f"session {session_id!r} is held by replica {rec!r}; retry")
                 if code != TAKEN:
                     return False
+                deleted = False
                 try:
                     self.store.unpack(rec["snap"])
                 except InvalidInput:  # still unusable: delete it under our lease (term + 1)
                     drop = (rec["version"], rec["term"] + 1, record_expire_ms(rec["ttl"]))
-                    self.backend.drop_many(
+                    (deleted,) = self.backend.drop_many(
                         [(session_id, rec["incarnation"], *drop, "closed")], self.replica_id
                     )
+                except ModelError:  # another model's: usable where that model serves
+                    pass
+                finally:
+                    if not deleted:  # the take-over undone, as a failed fetch undoes it
+                        self.backend.untake(session_id, self.replica_id, rec)
+                        self.backend.release([session_id], self.replica_id)
+                if deleted:
                     log.warning("session %s: its unusable record was deleted", session_id)
-                    return True
-                self.backend.untake(session_id, self.replica_id, rec)
-                self.backend.release([session_id], self.replica_id)
-                return False
+                return deleted
         except self.backend.Error as e:
             self._degrade(e)
             raise Unavailable(f"state store failed while closing {session_id!r}; retry") from e

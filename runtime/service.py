@@ -364,14 +364,16 @@ class SessionService:
         CorruptState: it has no final position to return."""
         try:
             s = await self._session(session_id, principal)
-        except CorruptState:
+        except CorruptState as e:
             pool, loop = self._fetch_pool, asyncio.get_running_loop()
-            if not await loop.run_in_executor(pool, self.store.discard, session_id, principal):
-                raise
-            raise CorruptState(
-                f"session {session_id!r}: its copy in the state store was unusable; it is "
-                "closed, its state lost"
-            ) from None
+            close = self.store.close_unusable
+            if await loop.run_in_executor(pool, close, session_id, principal):
+                why = f" ({e.__cause__})" if e.__cause__ is not None else ""  # the failed check
+                raise CorruptState(
+                    f"session {session_id!r}: its copy in the state store was unusable{why}; "
+                    "it is closed, its state lost"
+                ) from None
+            s = await self._session(session_id, principal)  # usable after all, or gone
         self.store.close(s.id, principal)
         return s
 

@@ -598,10 +598,11 @@ class SessionStore:
         if self.replication is not None and not self.held(session_id, principal):
             self.replication.fetch(session_id, principal)
 
-    def discard(self, session_id: str, principal: str = "") -> bool:
+    def close_unusable(self, session_id: str, principal: str = "") -> bool:
         """Close a session that `fetch` found unusable in the state store (CorruptState):
-        True when its record was deleted (see RedisReplication.discard; False unreplicated)."""
-        return self.replication is not None and self.replication.discard(session_id, principal)
+        True when its record was deleted (RedisReplication.close_unusable; False unreplicated)."""
+        r = self.replication
+        return r is not None and r.close_unusable(session_id, principal)
 
     def local(self, session_id: str) -> Session | None:
         """The live session `session_id` here, whoever owns it (no timer refresh)."""

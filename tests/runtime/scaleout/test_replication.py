@@ -51,29 +51,38 @@ def test_a_take_over_of_a_state_gone_nan_is_data_loss_not_a_bad_snapshot(redis_s
 
 
 def test_a_close_of_an_unusable_record_deletes_it_and_frees_the_id(redis_server):
-    """`discard` (a close of a session whose record failed the snapshot checks) deletes
-    the record and lease and leaves the "closed" tombstone; a usable record, another
-    principal's, or none is left exactly as it was (its term and holder given back)."""
+    """`close_unusable` (a close of a session whose record failed the snapshot checks)
+    deletes the record and lease and leaves the "closed" tombstone; a usable record, another
+    model's, another principal's, or none is left exactly as it was (its term and holder given
+    back, the lease let go); one whose lease another replica holds is busy."""
     a = replica(redis_server, "A", lease_ttl=0.2)
     b = replica(redis_server, "B", lease_ttl=5.0, lease_wait=5.0)
+    other = replica(redis_server, "C", lease_ttl=30.0, model_sha="sha-other")
     backend = b.replication.backend
     good = a.create("alice").id
     step(a, good, np.random.default_rng(0), "alice")
+    foreign = other.create("alice").id
+    with pytest.raises(SessionBusy, match="held by replica 'C'"):
+        b.close_unusable(foreign, "alice")
+    other.flush()  # C lets go of its lease
     bad = a.create("alice").id
     incarnation = a.get(bad, "alice").incarnation
     a.commit(a.get(bad, "alice"), np.full(S, np.nan, np.float32), 1)
     time.sleep(0.25)  # A's leases lapse (A "died")
     before = backend.load(good)
-    assert not b.discard(good, "alice")  # usable: an ordinary fetch loads it
+    assert not b.close_unusable(good, "alice")  # usable: an ordinary fetch loads it
     assert backend.load(good) == before and backend.client.get(backend.lease(good)) is None
-    assert not b.discard(bad, "mallory")  # another principal's: as an unknown id
+    before = backend.load(foreign)
+    assert not b.close_unusable(foreign, "alice")  # another model's: usable where it serves
+    assert backend.load(foreign) == before and backend.client.get(backend.lease(foreign)) is None
+    assert not b.close_unusable(bad, "mallory")  # another principal's: as an unknown id
     assert backend.load(bad) is not None
     with pytest.raises(CorruptState):
         b.fetch(bad, "alice")
-    assert b.discard(bad, "alice")
+    assert b.close_unusable(bad, "alice")
     assert backend.load(bad) is None and backend.client.get(backend.lease(bad)) is None
     assert backend.gone(bad, incarnation) == "closed"
-    assert not b.discard(bad, "alice")  # gone: nothing to do
+    assert not b.close_unusable(bad, "alice")  # gone: nothing to do
     assert b.create("alice", session_id=bad).position == 0  # the id is free again
 
 
@@ -1497,9 +1506,11 @@ def test_close_of_a_session_whose_record_is_unusable_closes_it(redis_server, toy
         await b.batcher.start()
         bad, _ = await a.create("p")
         good, _ = await a.create("p")
-        a.store.commit(a.store.get(bad.id, "p"), np.full(engine.state_size, np.nan, np.float32), 1)
+        nan = np.full(engine.state_size, np.nan, np.float32)
+        a.store.commit(a.store.get(bad.id, "p"), nan, 1)
         a.store.flush()  # A lets go of both
-        with pytest.raises(CorruptState, match="unusable; it is closed, its state lost"):
+        closed = r"was unusable \(snapshot: .*\); it is closed, its state lost"
+        with pytest.raises(CorruptState, match=closed):
             await b.close("p", bad.id)
         assert b.store.replication.backend.load(bad.id) is None
         with pytest.raises(SessionNotFound):
