@@ -483,13 +483,15 @@ def base_manifest(net: SSMNetwork, cfg: ExportConfig, name: str, graphs: dict) -
 
 
 def embed_manifest(path: Path, manifest: dict) -> None:
-    """Store the manifest (without the graphs' own sha256/bytes/nodes, nor the time of the
-    export) in metadata_props. The step graph's sha256 is the model's identity (snapshots and
-    saved sessions are bound to it): two exports of the same weights with the same options
-    must give the same bytes, not bytes that differ by a timestamp."""
+    """Store the manifest (without the graphs' own sha256/bytes/nodes, the time of the export,
+    nor where the checkpoint was read from) in metadata_props. The step graph's sha256 is the
+    model's identity (snapshots and saved sessions are bound to it): two exports of the same
+    weights with the same options and libraries must give the same bytes, not bytes that
+    differ by a timestamp or a directory."""
     model = onnx.load(path)
     inner = json.loads(json.dumps(manifest))
     inner.pop("created", None)  # in manifest.json only
+    inner.get("source", {}).pop("checkpoint", None)  # its weights_sha256 stays
     for g in inner["graphs"].values():
         for k in ("sha256", "bytes", "nodes"):
             g.pop(k, None)

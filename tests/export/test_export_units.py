@@ -967,15 +967,22 @@ def test_two_exports_of_the_same_weights_are_the_same_model(tmp_path, monkeypatc
     """The step graph's sha256 is the model's identity: snapshots and a --state-dir's
     sessions are refused by a server of "another model". Re-exporting the same weights with
     the same options (a rebuilt Docker image, a second `make demo` workdir) must not make
-    another model: the graphs carry no export time (manifest.json still records it)."""
+    another model: the graphs carry neither the export's time nor the checkpoint's directory
+    (a second clone, a moved checkout; manifest.json still records both)."""
     monkeypatch.setattr(exporter, "build_graphs", _stub_graphs)
     outs = [
         exporter.export_network(
-            tiny_net(), tmp_path / f"m{i}", prefill=False, verify=False, name="m"
-        )
+            tiny_net(),
+            tmp_path / f"m{i}",
+            prefill=False,
+            verify=False,
+            name="m",
+            source={"checkpoint": f"/ckpt{i}", "weights_sha256": "ab12"},
+        )  # fmt: skip
         for i in range(2)
     ]
     manifests = [json.loads((out / "manifest.json").read_text()) for out in outs]
     assert manifests[0]["created"] != manifests[1]["created"]
+    assert [m["source"]["checkpoint"] for m in manifests] == ["/ckpt0", "/ckpt1"]
     shas = {m["graphs"]["step"]["sha256"] for m in manifests}
     assert len(shas) == 1 and shas == {sha256_file(out / "step.onnx") for out in outs}
