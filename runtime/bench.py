@@ -18,6 +18,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -41,15 +42,22 @@ STEP_BYTES_PER_STATE_FLOAT, PREFILL_BYTES_PER_OUTPUT_FLOAT = 8 * 4, 3 * 4
 
 
 def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), else None (not known)."""
+    """The memory a run may still take (Linux): MemAvailable of /proc/meminfo, or less where
+    a cgroup (v2: a container's) limit leaves less; None where not known."""
+    found = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            found += [int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def too_large(engine: Engine, batch: int, prefill: int) -> str | None:

@@ -1029,7 +1029,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens",
         type=int,
         default=_Default(200),
-        help="tokens to generate (not given: 200, or the server's --max-new-tokens if lower)",
+        help="tokens to generate (default: %(default)s, or the server's --max-new-tokens if lower)",
     )
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely; 0: off")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import types
 
 import numpy as np
@@ -171,6 +172,18 @@ def test_bench_refuses_what_would_not_fit_in_the_memory_available(
     assert cli.main(argv) == 0 and ran
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")
 def test_available_bytes_reads_meminfo():
-    free = bench.available_bytes()
-    assert free is None or 0 < free < 2**50
+    with open("/proc/meminfo") as f:
+        total = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemTotal:"))
+    assert 0 < bench.available_bytes() <= total
+
+
+def test_available_bytes_takes_a_cgroup_limit_that_leaves_less(monkeypatch, tmp_path):
+    (tmp_path / "memory.max").write_text("3000000\n")
+    (tmp_path / "memory.current").write_text("1000000\n")
+    real = bench.Path
+    monkeypatch.setattr(bench, "Path", lambda p: tmp_path if p == "/sys/fs/cgroup" else real(p))
+    assert bench.available_bytes() == 2_000_000  # well below MemAvailable
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: MemAvailable
+    assert bench.available_bytes() > 2_000_000
