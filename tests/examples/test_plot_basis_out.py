@@ -23,7 +23,7 @@ def test_unwritable_out_is_a_usage_error(tmp_path):
 
 
 def test_an_out_that_is_a_directory_names_out(tmp_path, capsys):
-    """As `ssmstream plot --out DIR`: the message names --out (it named the plot's `path`)."""
+    """As `ssmstream plot --out DIR`: the message names --out, not the plot's `path`."""
     pb = load_script("examples/plot_basis.py")
     with pytest.raises(SystemExit) as e:
         pb.main(["--out", str(tmp_path), "--no-init", "--length", "32"])

@@ -1,7 +1,6 @@
 """examples/quickstart.py (`make demo`) with a --ckpt that is no byte-level LM (the shipped
 signal model): refused before the export replaces the workdir's model and before the
-sessions the previous demo saved there are removed (it exported, deleted `state/`, and only
-then said the demo needs a byte-level token model)."""
+sessions the previous demo saved there are removed."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Output a text stdout cannot encode (a non-UTF-8 locale, PYTHONIOENCODING=ascii) is escaped
 by every command, not a traceback (`info` of a model named in another script) nor a usage
-error (`generate`, whose ValueError handler took the UnicodeEncodeError for a bad flag)."""
+error (`generate`, whose ValueError handler would take a UnicodeEncodeError for a bad flag)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_run_command_escapes_what_stdout_cannot_encode(monkeypatch):
 
 def test_generate_text_on_an_ascii_stdout_is_not_a_usage_error(make_toy, tmp_path):
     """A byte-level model sampling bytes >= 128 (hot temperature): `ssmstream generate` on an
-    ASCII stdout prints them escaped and exits 0 (it printed its usage, exit 2)."""
+    ASCII stdout prints them escaped and exits 0, without its usage."""
     from ssmstream.runtime.config import ServerConfig
     from ssmstream.runtime.server import BackgroundServer
 

@@ -1,7 +1,6 @@
-"""A `--max-sessions` whose state slab cannot be allocated is refused naming the flag: the
-refusal said "capacity: an array of N × S cannot be allocated" (the slab's own argument),
-and the server's message for it ("--max-sessions: N sessions need … bytes") was never
-reached, as the slab turns numpy's MemoryError into InvalidInput("capacity", …)."""
+"""A `--max-sessions` whose state slab cannot be allocated is refused naming the flag and the
+bytes it needs, not the slab's own argument (`capacity`, which the slab names when it turns
+numpy's MemoryError into InvalidInput)."""
 
 from __future__ import annotations
 

@@ -391,7 +391,7 @@ def test_cuda_graphs_asked_of_a_cpu_engine_say_they_are_not_used(tiny_token_mode
 
 
 def test_tf32_asked_of_a_cpu_engine_says_it_is_not_used(tiny_token_model, caplog):
-    """`serve --device cpu --tf32` warns as --cuda-graphs does (it had been silent)."""
+    """`serve --device cpu --tf32` warns that TF32 is not used, as --cuda-graphs does."""
     with caplog.at_level("WARNING", logger="ssmstream.runtime.engine"):
         Engine(tiny_token_model["model_dir"], device="cpu", cuda_options={"use_tf32": True})
         Engine(tiny_token_model["model_dir"], device="cpu")
