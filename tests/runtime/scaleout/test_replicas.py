@@ -251,7 +251,11 @@ def test_two_replicas_on_one_session_never_interleave(cluster_factory, engine):
 
 
 def test_redis_down_degrades_health_and_recovers(cluster_factory, engine):
-    c = cluster_factory(n=1, lease_ttl=0.5)
+    # the step right after Redis goes down is served from memory while the replica holds the
+    # session's lease (for half the TTL after its last renewal), before it noticed the outage:
+    # a 0.5 s lease gave 0.25 s, which a loaded machine could spend between the two steps
+    # (the step then needed Redis: UNAVAILABLE "state store failed while loading; retry")
+    c = cluster_factory(n=1, lease_ttl=3.0)
     (r,) = c.replicas
     V = int(engine.info["vocab_size"])
     toks = session_tokens(7, 8, V)
@@ -298,7 +302,7 @@ def test_redis_down_degrades_health_and_recovers(cluster_factory, engine):
 def test_a_shutdown_that_cannot_write_its_last_steps_exits_1(cluster_factory, engine):
     """Redis down at SIGTERM: the steps served from memory since cannot be written; the
     replica says so and exits 1 (0 would read as a clean stop that lost nothing)."""
-    c = cluster_factory(n=1, lease_ttl=0.5)
+    c = cluster_factory(n=1, lease_ttl=3.0)  # held across the outage's start: see above
     (r,) = c.replicas
     V = int(engine.info["vocab_size"])
     with Client(r.address, timeout=30) as client:

@@ -898,6 +898,7 @@ def test_a_stale_copy_written_back_first_and_stepped_still_loses(redis_server):
     however many versions it wrote."""
     rng = np.random.default_rng(31)
     a, b, sid, newest, _ = moved_then_emptied(redis_server, rng)
+    _long_lease(a)  # (the lease its write-back takes is held() for 0.1 s of 0.2 s only)
     a.replication._try_recover()  # A writes back first and takes the lease
     assert not a.replication.degraded and a.held(sid)
     step(a, sid, rng)  # a request routed back to A
@@ -1953,6 +1954,7 @@ def test_a_session_pending_its_write_back_counts_as_held(redis_server):
     redis_server.start()  # empty
     a.replication._degrade(RuntimeError("test"))
     time.sleep(0.3)  # the lease A had is long gone
+    _long_lease(a)  # (the lease the commit's write-back takes is held() for 0.1 s of 0.2 s only)
     (s,) = a.lend([a.get(sid)])
     a.replication._try_recover()
     assert not a.replication.degraded and not a.replication.backend.exists(sid)
@@ -2602,6 +2604,10 @@ def test_copies_that_may_be_the_only_ones_or_are_busy_stay(redis_server):
     b = replica(redis_server, "B", lease_ttl=5.0)
     lost, busy, idle = a.create().id, a.create().id, a.create().id
     _lapsed(a)
+    # leases of 3 s from here on: a reclaim that dropped nothing is not repeated for 1 s, not
+    # 0.2 s, which the next create's claim and release round trips can outlast on a loaded
+    # machine (the reclaim then ran again and let the unpinned copy go)
+    a.replication.lease_ttl, a.replication._lease_ms = 3.0, 3000
     held = a.create().id  # its lease is fresh
     redis.Redis.from_url(redis_server.url).delete(f"ssmstream:s:{lost}")
     b.fetch(busy)
