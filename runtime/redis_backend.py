@@ -64,7 +64,9 @@ return 0
 # KEYS session, lease, generation; ARGV owner, expected version, snap, principal, ttl, expire ms
 # (0: none), incarnation, generation token, term, lease ms. A lease no one holds over a record
 # that is exactly our copy (incarnation, term, version, us its holder: our lease lapsed, or
-# older data lack it, and no one took the session over since) is taken back.
+# older data lack it, and no one took the session over since) is taken back; so is the lease of
+# a new session's first write (version 0, no record) that no one holds (its claim lapsed), and
+# a first write's lease runs from that write.
 # The new version, or -1 (lease not ours) / -2 (version or term moved on: we are stale) / -3
 # (the generation token is not ours: Redis lost its data, or another replica saw that first) /
 # -6 (the record we build on is gone: it expired, or Redis evicted it; or it is a stale copy of
@@ -94,6 +96,13 @@ end
 -- (written back after the record vanished, or older data that lack our take-over); ours wins
 if h[1] ~= false and h[4] == ARGV[7] and tonumber(h[2] or '0') < tonumber(ARGV[9])
    and (cur == false or cur == ARGV[1]) then return -6 end
+-- a new session's first write (version 0, no record yet) under no one else's lease: the lease
+-- is taken (again) from now, as the claim took it: a claim that lapsed before this write (a
+-- slow reply, the wait for a write in flight) is not lost while no one else claimed the id
+if h[1] == false and tonumber(ARGV[2]) == 0 and (cur == false or cur == ARGV[1]) then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[10])
+  cur = ARGV[1]
+end
 if cur ~= ARGV[1] then return -1 end
 if h[1] == false and tonumber(ARGV[2]) > 0 then return -6 end
 local v = tonumber(h[1] or '0')

@@ -629,6 +629,9 @@ class RedisReplication:
         try:
             with self._io:
                 self._write_current([s])
+            # refused (and dropped here): another replica claimed the id after our claim lapsed
+            if self.store.local(s.id) is not s:
+                raise InvalidInput("session_id", f"{s.id!r} is already in use")
             if not keep_lease:
                 self._lease_until.pop(s.id, None)
                 self.backend.release([s.id], self.replica_id)

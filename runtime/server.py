@@ -544,6 +544,8 @@ class Server:
         if self.store is not None and self.store.replication is not None:
             if save:  # written, leases released
                 self.unsaved = await asyncio.to_thread(self.store.flush, True)
+            if self.service is not None:  # fetches still running end (the flush refuses leases)
+                await self.service.fetches_ended()
             self.store.replication.stop()
         self.metrics.close()
 
@@ -633,6 +635,8 @@ class BackgroundServer:
         if self._thread.is_alive():
             try:
                 self.call(self.server.stop(grace), timeout=60 + (grace or 0))
+                # no job of the loop's executor (a periodic save, to_thread) outlives the loop
+                self.call(self.loop.shutdown_default_executor(), timeout=60)
             finally:
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self._thread.join(10)

@@ -313,6 +313,13 @@ class SessionService:
         if self._fetch_pool is not None:
             self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
+    async def fetches_ended(self) -> None:
+        """Wait until the fetch pool's threads have ended (after `shutdown`; a fetch waiting
+        for a lease ends once the store's final flush ran): none is left to hand its result
+        to the event loop after the loop closed."""
+        if self._fetch_pool is not None:
+            await asyncio.to_thread(self._fetch_pool.shutdown, True)
+
     # --- unary operations ------------------------------------------------------------------
 
     async def create(

@@ -167,6 +167,58 @@ def test_the_redis_password_never_reaches_the_log(toy_token_model, caplog):
     assert password not in logged
 
 
+def test_a_fetch_still_running_at_the_stop_has_ended_when_stop_returns(toy_token_model, caplog):
+    """A fetch from the shared store in progress when the server stops (a lease wait, a
+    Redis call timing out; here 1 s) ends before stop() returns: no fetch thread hands its
+    result to the event loop after the loop closed."""
+    pytest.importorskip("redis")
+    from ssmstream.runtime.errors import Unavailable
+
+    caplog.set_level(logging.WARNING)
+    srv = serve(toy_token_model["model_dir"], state_store="redis://127.0.0.1:1/0").start()
+    started, ended = threading.Event(), threading.Event()
+
+    def slow_fetch(session_id, principal=""):
+        started.set()
+        time.sleep(1.0)
+        ended.set()
+        raise Unavailable("retry")
+
+    srv.server.store.replication.fetch = slow_fetch
+    with Client(target(srv), timeout=30) as c:
+        step = threading.Thread(target=_code_of, args=(lambda: c.session("s-1").step([1]),))
+        step.start()
+        try:
+            assert started.wait(30)
+        finally:
+            srv.stop(grace=0.1)
+            ended_at_stop = ended.is_set()
+            step.join(30)
+    assert ended_at_stop
+    assert not [r for r in caplog.records if r.name == "concurrent.futures"]
+
+
+def test_an_executor_job_still_running_at_the_stop_has_ended_when_stop_returns(
+    toy_token_model,
+):
+    """A job of the server loop's default executor (a periodic save, anything run with
+    asyncio.to_thread) still running when the server stops ends before stop() returns."""
+    srv = serve(toy_token_model["model_dir"]).start()
+    started, ended = threading.Event(), threading.Event()
+
+    def job():
+        started.set()
+        time.sleep(1.0)
+        ended.set()
+
+    srv.loop.call_soon_threadsafe(srv.loop.run_in_executor, None, job)
+    try:
+        assert started.wait(30)
+    finally:
+        srv.stop()
+    assert ended.is_set()
+
+
 @pytest.mark.parametrize("state_dir", [False, True])
 def test_a_stream_ended_by_the_drain_is_told_what_becomes_of_its_session(
     toy_token_model, tmp_path, state_dir

@@ -1647,6 +1647,63 @@ def test_a_create_is_two_round_trips_and_its_first_write_is_a_plain_write(
     assert a.replication.counts["writes"] == 2
 
 
+def test_a_create_whose_claim_lapsed_before_its_first_write_keeps_its_session(
+    redis_server, monkeypatch
+):
+    """The first write of a new session takes its lease again where the claim's lapsed
+    meanwhile and no one claimed the id since: here the create waits longer than the lease
+    for a write of other sessions in flight (it holds _io) between its claim and its first
+    write. The session is created, written and leased, not dropped as "moved"."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    r = a.replication
+    claim = r.claim
+
+    def claim_then_wait_for_a_write(session_id):
+        got = claim(session_id)
+        held = threading.Event()
+
+        def write_in_flight():
+            with r._io:
+                held.set()
+                time.sleep(0.35)  # a slow write-through of other sessions: the claim lapses
+
+        threading.Thread(target=write_in_flight).start()
+        held.wait()
+        return got
+
+    monkeypatch.setattr(r, "claim", claim_then_wait_for_a_write)
+    s = a.create("alice")
+    assert a.get(s.id, "alice") is s and r.counts["moved"] == 0
+    rec = r.backend.load(s.id)
+    assert (rec["version"], rec["term"], rec["holder"]) == (1, 0, "A")
+    assert r.backend.client.get(r.backend.lease(s.id)) == b"A"
+
+
+def test_a_create_whose_id_another_replica_claimed_after_its_claim_lapsed_is_refused(
+    redis_server, monkeypatch
+):
+    """A's claim of "chat-1" lapses before its first write and B claims and creates
+    "chat-1" meanwhile: A's first write is refused (B holds the lease), and A's create is
+    refused as a claim of an id in use is, rather than returning a session A dropped."""
+    a = replica(redis_server, "A", lease_ttl=0.2)
+    b = replica(redis_server, "B", lease_ttl=5.0)
+    claim = a.replication.backend.claim
+
+    def slow_claim(*args):
+        got = claim(*args)
+        time.sleep(0.3)  # A's claim lapses; B claims the id and writes its session
+        b.create("bob", session_id="chat-1")
+        return got
+
+    monkeypatch.setattr(a.replication.backend, "claim", slow_claim)
+    with pytest.raises(InvalidInput, match="already in use"):
+        a.create("alice", session_id="chat-1")
+    assert a.local("chat-1") is None
+    rec = b.replication.backend.load("chat-1")
+    assert (rec["principal"], rec["version"], rec["holder"]) == ("bob", 1, "B")
+    assert b.get("chat-1", "bob").live
+
+
 def test_a_stale_copy_of_the_same_version_but_an_older_term_cannot_overwrite(redis_server):
     """B took the session over (its term went up; the version did not: B has not stepped it)
     and let go. A's copy has the record's version but the older term: even holding the lease
