@@ -5,7 +5,9 @@
   into the largest scope);
 - a lookup that finds nothing is counted as a miss;
 - a checkpoint budget used exactly up to its limit is not "over": the session's oldest
-  checkpoint stays, so the whole window is reachable.
+  checkpoint stays, so the whole window is reachable;
+- scopes whose inserts kept nothing leave no bookkeeping behind;
+- a recorded checkpoint is a copy of the caller's state.
 """
 
 from __future__ import annotations
@@ -114,3 +116,30 @@ def test_a_checkpoint_exactly_a_chunk_past_the_one_two_before_replaces_the_one_b
     h.record(np.arange(4), 8, {4: x(4), 8: x(8)})  # 4 is 4 past 0: 2 goes
     assert h.nbytes == 3 * 4 * S + 8 * 8  # checkpoints 0, 4, 8 and inputs u[0:8]
     assert h.budget.used == 3 * 4 * S
+
+
+def test_scopes_whose_inserts_kept_nothing_leave_no_bookkeeping_behind():
+    """Many principals each inserting only prompts too big to keep: no scope is left
+    holding an empty entry table (one per principal would grow without bound), and a
+    scope that fits still hits."""
+    c = PrefixCache(_entry_bytes(3), chunk=Q, model_sha="m")
+    for k in range(50):
+        assert c.insert(f"principal:{k}", np.arange(7, dtype=np.int64), _states(7, k)) == 0
+    assert c._entries == {} and c._scope_bytes == {}
+    assert c.insert("b", np.arange(3, dtype=np.int64), _states(3, 2.0)) == 1
+    assert list(c._entries) == ["b"] and c.lookup("b", np.arange(3, dtype=np.int64)).tokens == 3
+
+
+def test_a_checkpoint_is_a_copy_of_the_state_it_was_given():
+    """A recorded state (not the prefix cache's shared ones) is copied: the caller may
+    reuse its array afterwards, and a rewind still starts from the state as it was."""
+    start = np.zeros(S, np.float32)
+    h = History(16, Q, 0, start)
+    after4 = np.full(S, 4, np.float32)
+    h.record(np.arange(4, dtype=np.int64), 4, {4: after4})
+    start[:] = after4[:] = -1.0  # the caller's buffers, reused
+    x0, _ = h.plan(2)
+    x4, rows = h.plan(4)
+    np.testing.assert_array_equal(x0, np.zeros(S, np.float32))
+    np.testing.assert_array_equal(x4, np.full(S, 4, np.float32))
+    assert rows.size == 0

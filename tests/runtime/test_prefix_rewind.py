@@ -800,3 +800,30 @@ def test_kept_inputs_cost_their_bytes_not_an_object_each(by):
         tracemalloc.stop()
     assert len(h._inputs) >= W
     assert held <= 1.5 * History.max_bytes(W, Q, S, 8), (held, History.max_bytes(W, Q, S, 8))
+
+
+def test_after_a_rewind_the_positions_it_left_are_outside_the_window():
+    """The window's top is the session's position, not the furthest it reached: after a
+    rewind to 5 from 9, planning 6 is OutOfRange naming [oldest, 5] (the inputs after 5 are
+    forgotten), while 5 still plans from the checkpoint at 4 with input 4."""
+    h = History(window=16, chunk=4, position=0, state=_x(0))
+    for p in range(1, 10):
+        h.step(np.array([p - 1], np.int64), p, lambda p=p: _x(p))
+    h.rewound(5)
+    for ahead in (6, 9):
+        with pytest.raises(OutOfRange, match=r"outside the rewind window \[0, 5\]"):
+            h.plan(ahead)
+    x, rows = h.plan(5)
+    np.testing.assert_array_equal(x, _x(4))
+    assert rows.tolist() == [4]
+
+
+def test_a_rewind_that_lands_after_release_is_ignored():
+    """A replayed rewind the worker reports after the session closed (its history released)
+    changes nothing and raises nothing: the budget stays at 0 and the history stays empty."""
+    budget = CheckpointBudget()
+    h = History(window=16, chunk=4, position=0, state=_x(0), budget=budget)
+    h.record(np.arange(6, dtype=np.int64), 6, {4: _x(4), 6: _x(6)})
+    h.release()
+    h.rewound(2)
+    assert budget.used == 0 and h.nbytes == 0 and h.released

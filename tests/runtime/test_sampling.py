@@ -278,3 +278,52 @@ def test_ints_beyond_float_range_are_refused_naming_the_field(kwargs, field, wor
     with pytest.raises(InvalidInput) as e:
         SamplingConfig(**kwargs)
     assert e.value.field == field and words in str(e.value)
+
+
+class _FixedDraw:
+    """A stand-in generator whose uniform draw is always `u` (numpy's `random()` gives
+    values in [0, 1), 0.0 included)."""
+
+    def __init__(self, u: float):
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+@pytest.mark.parametrize(
+    "logits, kwargs",
+    [
+        (np.array([-np.inf, 0.0, 0.3]), {}),  # a masked token first
+        (np.array([0.1, 2.0, 1.5, 0.0]), {"top_k": 2}),  # filtered out by top-k
+        (np.array([0.1, 2.0, 1.5, 0.0]), {"top_p": 0.5}),  # filtered out by top-p
+    ],
+)
+def test_the_lowest_draw_picks_the_first_token_that_has_probability(logits, kwargs):
+    """A uniform draw of exactly 0 selects the first token of positive probability, never
+    a token of probability 0 before it (masked by -inf or filtered out)."""
+    p = probabilities(logits, 1.0, **kwargs)
+    want = int(np.flatnonzero(p > 0)[0])
+    assert p[0] == 0.0
+    assert sample(logits, 1.0, rng=_FixedDraw(0.0), **kwargs) == want
+
+
+def test_top_p_one_is_off_and_keeps_tokens_of_tiny_probability():
+    """top_p = 1 filters nothing: a token whose probability is below float64 resolution
+    next to 1 (the running sum already reads 1.0 before it) keeps its probability."""
+    logits = np.array([0.0, -40.0, -45.0])
+    p = probabilities(logits, 1.0, top_p=1.0)
+    want = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(p, want, rtol=1e-12, atol=0)
+    assert (p > 0).all()
+
+
+def test_logprobs_of_large_logits_are_finite_and_exact():
+    """The log-probability a generated token reports is log_softmax of the logits, also for
+    logits whose exponentials overflow float64 (only their differences matter)."""
+    logits = np.array([1000.0, 999.0, -1000.0], np.float32)
+    cfg = GenerateConfig.check(3, 1, temperature=0.0)
+    g = Generation(cfg)(logits, position=4)
+    want = -np.log1p(np.exp(-1.0) + np.exp(-2000.0))  # token 0 against the others
+    assert g.token == 0 and g.finish == FINISH_MAX
+    assert g.logprob == pytest.approx(want, rel=1e-12)

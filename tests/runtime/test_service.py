@@ -1486,3 +1486,93 @@ def test_a_call_from_another_event_loop_is_refused_and_applies_nothing(toy_tok):
             await svc.batcher.close()
 
     run(main())
+
+
+def test_generate_on_an_existing_session_never_calls_handed_out(toy_tok):
+    """`handed_out` is called only for a session the Generate made (just before its id goes
+    out); generating on the caller's own session never calls it, and a new one's is called
+    once, with that session."""
+
+    async def main():
+        svc = await started(toy_tok)
+        await svc.create("p", "a")
+        own, new = [], []
+        async for _ in svc.generate("p", "a", [3, 1], 3, 0.0, handed_out=own.append):
+            pass
+        made = [
+            sid
+            async for sid, _ in svc.generate(
+                "p", "", [3, 1], 3, 0.0, keep_session=True, handed_out=new.append
+            )
+        ]
+        await svc.batcher.close()
+        return own, new, made
+
+    own, new, made = run(main())
+    assert own == []
+    assert [s.id for s in new] == made[:1] and len(set(made)) == 1
+
+
+def test_a_stream_created_session_whose_response_was_delivered_stays_after_detach(toy_tok):
+    """A first step's response reported delivered without `handed_out` (the transport wrote
+    it): the session that step created is the client's and stays open at detach, at the
+    position and state of the inputs it was fed."""
+
+    async def main():
+        svc = await started(toy_tok)
+        a = svc.attach("p")
+        await a.step("", tokens=[4, 5, 6])
+        sid = a.session.id
+        a.delivered()
+        a.detach()
+        s = svc.store.get(sid, "p")
+        state = svc.store.read(s)
+        await svc.batcher.close()
+        return s.live, s.position, state
+
+    live, position, state = run(main())
+    _, want = toy_tok.prefill(np.array([[4, 5, 6]]), toy_tok.new_state())
+    assert live and position == 3
+    np.testing.assert_allclose(state, want[0], atol=1e-5)
+
+
+def test_a_stream_whose_session_another_replica_evicted_is_told_evicted(toy_tok):
+    """With a shared store, the attached session is not held here and the fetch finds it
+    evicted elsewhere (idle past its TTL): the Stream's next step is NOT_FOUND "evicted",
+    as the store says, not "closed"."""
+
+    async def main():
+        svc = await started(toy_tok)
+        a = await _attached_stream(svc)
+        a.delivered()
+        _not_held(svc, lambda sid, principal: svc.store.drop(a.session, "evicted"))
+        with pytest.raises(SessionNotFound) as e:
+            await a.step("", tokens=[2])
+        a.detach()
+        svc._fetch_pool.shutdown()
+        await svc.batcher.close()
+        return e.value
+
+    err = run(main())
+    assert (err.session_id, err.reason) == ("a", "evicted")
+
+
+def test_a_loaded_session_with_a_step_in_flight_gets_its_history_after_that_step(toy_tok):
+    """A session loaded from elsewhere (no history) whose step is still in flight (pinned)
+    is not given a history by a request meanwhile (its state is that step's to change); the
+    first request once the step is done gives it one, starting where the session is then."""
+
+    async def main():
+        svc = await started(toy_tok, REWIND)
+        s = svc.store.install("a", "p", 60.0, 5, toy_tok.new_state()[0], "elsewhere")
+        svc.store.pin(s)  # what a step in flight holds
+        await svc.snapshot("p", "a")
+        during = s.history
+        svc.store.unpin(s)
+        await svc.snapshot("p", "a")
+        after = s.history
+        await svc.batcher.close()
+        return during, after
+
+    during, after = run(main())
+    assert during is None and after is not None and after.oldest == 5

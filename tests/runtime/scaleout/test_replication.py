@@ -2879,3 +2879,18 @@ def test_a_replica_shut_down_lets_no_copy_go(redis_server):
     assert a.flush(final=True) == 0
     assert a.replication.reclaim() == 0 and a.replication.reclaim(sid) == 0
     assert a.local(sid) is not None
+
+
+def test_a_drained_stream_on_a_replica_is_told_to_resume_on_another(redis_server, toy_token_model):
+    """What a Stream the drain ends is told, on a replica with a shared state store: its
+    session is in the store and resumes on another replica (not that it ends with the
+    server, as without a store)."""
+    from ssmstream.runtime.engine import Engine
+
+    engine = Engine(toy_token_model["model_dir"], device="cpu", threads=1)
+    svc = _service(redis_server, engine, "A")
+    svc.shutdown()
+    assert svc.draining_says == (
+        "server is shutting down; the session is in the shared state store, resume on "
+        "another replica"
+    )
