@@ -36,8 +36,8 @@ def random_inputs(engine: Engine, rng: np.random.Generator, shape: tuple[int, ..
     return rng.standard_normal((*shape, engine.d_input)).astype(np.float32)
 
 
-# bytes a run needs per state float of --batch (measured ~7: the inputs, the states in and out,
-# onnxruntime's intermediates) and per output float of --prefill (outputs and their copies)
+# bytes a run needs per state float of --batch (measured: ~7 floats, for the states in and out,
+# the inputs and onnxruntime's intermediates) and per output float of --prefill (its copies)
 STEP_BYTES_PER_STATE_FLOAT, PREFILL_BYTES_PER_OUTPUT_FLOAT = 8 * 4, 3 * 4
 
 

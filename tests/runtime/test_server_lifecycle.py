@@ -410,16 +410,34 @@ def test_a_start_that_fails_after_binding_closes_its_port_and_saves_nothing(
     assert not (tmp_path / "state" / "sessions.bin").exists()
 
 
-def test_a_slab_too_large_for_memory_names_max_sessions(tiny_token_model, monkeypatch):
-    eng = Engine(tiny_token_model["model_dir"], device="cpu")
+@pytest.mark.parametrize("where", ["slab", "engine"])
+def test_a_slab_too_large_for_memory_names_max_sessions(
+    tiny_token_model, monkeypatch, caplog, where
+):
+    """A `--max-sessions` whose state slab cannot be allocated is refused naming the flag and
+    the bytes it needs: the slab's own refusal (numpy's MemoryError as InvalidInput naming its
+    argument, `capacity`) or a MemoryError from elsewhere in the allocation."""
+    import logging
 
-    def no_memory(capacity):
+    import ssmstream.runtime.slab as slab
+
+    def refused(shape, dtype, field):  # what zeros() raises for numpy's MemoryError
+        raise InvalidInput(field, f"an array of {shape[0]} × {shape[1]} cannot be allocated")
+
+    def no_memory(self, capacity):
         raise MemoryError
 
-    monkeypatch.setattr(eng, "new_slab", no_memory)
-    cfg = ServerConfig(model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu")
-    _, err = _start(cfg, eng)
-    assert str(err).startswith("max_sessions: 1024 sessions need")
+    if where == "slab":
+        monkeypatch.setattr(slab, "zeros", refused)
+    else:
+        monkeypatch.setattr(Engine, "new_slab", no_memory)
+    argv = [str(tiny_token_model["model_dir"]), "--port", "0", "--device", "cpu",
+            "--max-sessions", "1000"]  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="ssmstream.runtime.server"):
+        assert server_module.main(argv) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert message.startswith("ssmstream serve: --max-sessions: 1000 sessions need ")
+    assert "too many" in message and "capacity" not in message
 
 
 def test_config_takes_a_bracketed_ipv6_host_and_refuses_one_port_for_both():
