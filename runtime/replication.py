@@ -260,7 +260,7 @@ class RedisReplication:
                 "persistence and failover paused until they are written back",
                 self.backend.url,
                 what,
-                exc,
+                str(exc),  # not the exception: a kept log record would keep its frames
                 len(self.store),
             )
 
@@ -294,7 +294,7 @@ class RedisReplication:
             if loud:
                 self._retry_said = now
             (log.warning if loud else log.debug)(
-                "state store %s: write-back failed (%s); retrying", self.backend.url, e
+                "state store %s: write-back failed (%s); retrying", self.backend.url, str(e)
             )
             return
         self.degraded, self._retry_said = False, -math.inf
@@ -359,7 +359,7 @@ class RedisReplication:
             self._fetch(session_id, principal)
         except self.backend.Error as e:
             self._degrade(e)
-            log.warning("state store failed while loading %r: %s", session_id, e)
+            log.warning("state store failed while loading %r: %s", session_id, str(e))
             raise Unavailable(f"state store failed while loading {session_id!r}; retry") from e
 
     def close_unusable(self, session_id: str, principal: str = "") -> bool:
@@ -735,7 +735,7 @@ class RedisReplication:
             try:
                 self.backend.release(let_go, self.replica_id)
             except self.backend.Error as e:  # written: the lease just lapses
-                log.warning("state store: releasing %d leases failed: %s", len(let_go), e)
+                log.warning("state store: releasing %d leases failed: %s", len(let_go), str(e))
         return codes
 
     def _write(self, rows: list[tuple]) -> list[tuple[int, int]]:
