@@ -214,6 +214,10 @@ def test_bad_states_and_arguments(tok_engine):
         eng.step(np.array([1]), np.zeros((1, 64), dtype=np.int32))
     with pytest.raises(InvalidInput, match="batch"):
         eng.new_state(0)
+    for kwargs, field in (({"max_batch": 0}, "max_batch"), ({"chunk_bytes": 0}, "chunk_bytes")):
+        with pytest.raises(InvalidInput, match="must be a positive integer, got 0") as e:
+            eng.step_buffers(**kwargs)
+        assert e.value.field == field
     with pytest.raises(InvalidInput, match="inputs"):
         eng.prefill(np.array([1, 2, 3]), eng.new_state())  # needs [B, T]
     # a float64 state is accepted and converted (its values kept), giving the float32 result
@@ -392,6 +396,22 @@ def test_generate_seeded_stop_and_state_in_place(tok_engine):
     it.close()
     _, s2 = eng.prefill(np.array([[5, 6, *first]]), eng.new_state())
     np.testing.assert_allclose(state2, s2, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_starts_from_the_state_it_was_given_and_checked(toy_tok):
+    """The state is checked when generate is called and the prompt consumed at the first
+    next(): what the caller writes into the array in between is not read (a NaN there
+    would reach the sampler unchecked), and the array is still updated at the end."""
+    eng = toy_tok
+    given = (np.random.default_rng(4).standard_normal(eng.state_size) * 0.3).astype(np.float32)
+    want_state = given.copy()
+    want = list(eng.generate([1, 2], state=want_state, max_new_tokens=3, seed=4))
+    state = given.copy()
+    tokens = eng.generate([1, 2], state=state, max_new_tokens=3, seed=4)
+    state[:] = np.nan
+    assert list(tokens) == want
+    np.testing.assert_array_equal(state, want_state)
+    assert not np.array_equal(want_state, given)
 
 
 def test_generate_nothing_still_consumes_the_prompt_into_the_state(tok_engine):

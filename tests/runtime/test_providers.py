@@ -169,6 +169,7 @@ def test_session_options_optimize_fully_and_never_spin_unless_asked():
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 1)
+    assert so.log_severity_level == 3  # errors only: no warnings at every session start
     for pool in ("intra_op", "inter_op"):
         assert so.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"
         spin = session_options(2, spinning=True)
@@ -180,3 +181,24 @@ def test_a_build_without_the_cuda_provider_is_not_usable_even_with_a_driver(monk
     monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     monkeypatch.setattr(providers.ctypes, "CDLL", lambda name: Driver())
     assert providers.cuda_usable() == (False, "this onnxruntime build has no CUDAExecutionProvider")
+
+
+def test_default_cuda_options_are_the_documented_provider_strings():
+    """What an engine with no cuda_options asks the CUDA provider for, string by string."""
+    assert CudaOptions().provider_options("step") == {
+        "device_id": "0",
+        "arena_extend_strategy": "kNextPowerOfTwo",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "use_tf32": "0",
+        "enable_cuda_graph": "0",
+    }
+
+
+def test_default_threads_counts_the_cores_this_process_may_run_on(monkeypatch):
+    monkeypatch.setattr(providers.os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    assert providers.default_threads() == 3
+    monkeypatch.delattr(providers.os, "sched_getaffinity")  # not on Linux: every core
+    monkeypatch.setattr(providers.os, "cpu_count", lambda: 6)
+    assert providers.default_threads() == 6
+    monkeypatch.setattr(providers.os, "cpu_count", lambda: None)  # unknown: one
+    assert providers.default_threads() == 1

@@ -36,6 +36,7 @@ from ssmstream.runtime.snapshots import (
     STORE_MAGIC,
     VERSION,
     SnapshotKey,
+    decode_session_file,
     decode_snapshot,
     write_session_file,
 )
@@ -398,6 +399,7 @@ def test_forged_unsigned_and_foreign_key_snapshots_are_refused(engine):
         # the trailer (with the key id) cut off, or the state cut short: truncated, not a
         # wrong key (which would send an operator off changing --snapshot-key)
         "truncated": good[:-7],
+        "truncated   ": good[:-1],  # its last byte only
         "truncated ": good[: len(good) // 2],
         "truncated  ": good[: SNAP_HEAD.size - 3],  # inside the header: not "not a snapshot"
         # bytes appended (a newline when saved to a file): not a wrong key either
@@ -1006,6 +1008,19 @@ def test_commit_past_the_largest_position_is_refused_and_changes_nothing(tmp_pat
     assert SessionStore(4, capacity=2, snapshot_key=KEY).load(tmp_path) == 1
 
 
+def test_sessions_that_never_expire_are_saved_and_loaded(tmp_path):
+    """ttl = math.inf (never expire) is written into the file's JSON header as it is."""
+    store = SessionStore(4, capacity=2, ttl=math.inf, snapshot_key=KEY)
+    x = np.arange(4, dtype=np.float32)
+    store.commit(store.create("p", "a"), x, 3)
+    store.save(tmp_path)
+    again = SessionStore(4, capacity=2, ttl=math.inf, snapshot_key=KEY)
+    assert again.load(tmp_path) == 1
+    s = again.get("a", "p")
+    assert s.ttl == math.inf and s.position == 3
+    np.testing.assert_array_equal(again.read(s), x)
+
+
 def test_a_rewind_restarts_the_idle_timer():
     """A rewind is an access: the session's idle time starts again."""
     clock = FakeClock()
@@ -1156,6 +1171,13 @@ def test_a_key_shorter_than_16_bytes_is_refused_however_it_is_made(n):
     assert SnapshotKey(b"k" * 16).secret == b"k" * 16
 
 
+@pytest.mark.parametrize("secret", ["k" * 32, bytearray(b"k" * 32), None])
+def test_a_key_that_is_not_bytes_is_refused_naming_the_field(secret):
+    with pytest.raises(InvalidInput) as e:
+        SnapshotKey(secret)
+    assert e.value.field == "snapshot_key"
+
+
 @pytest.mark.parametrize("version", [0, 3])
 def test_a_signed_snapshot_of_another_format_version_is_refused_naming_it(version):
     data = forge(np.zeros(4, np.float32), 5, "m", version=version)
@@ -1180,6 +1202,24 @@ def test_a_session_file_of_0_1_0_says_to_move_it_aside(tmp_path):
         f"state_dir: {tmp_path / 'sessions.bin'} is unsigned (format version 1, ssmstream "
         "0.1.0); this server needs 2; move it aside to start (its sessions cannot be restored)"
     )
+
+
+def test_bytes_without_the_magic_are_neither_a_snapshot_nor_a_session_file(tmp_path):
+    """The magic is checked before anything else the bytes say: a version or a signature
+    check would otherwise answer for bytes that never were a snapshot or a session file."""
+    snap = forge(np.ones(4, np.float32), 5, "m")
+    for data in (b"SSMSNAPX" + snap[8:], b"\0" * len(snap)):
+        with pytest.raises(InvalidInput) as e:
+            decode_snapshot(KEY, data, "m", 4)
+        assert str(e.value) == "snapshot: is not an ssmstream session snapshot"
+    header = {"model_sha": "m", "state_size": 4, "sessions": []}
+    path = tmp_path / STORE_FILE
+    stored = encode_session_file(KEY, header, np.zeros((0, 4), np.float32))
+    assert decode_session_file(KEY, stored, path)[0] == header
+    for data in (b"SSMSTORX" + stored[8:], b"\0" * len(stored)):
+        with pytest.raises(InvalidInput) as e:
+            decode_session_file(KEY, data, path)
+        assert str(e.value) == f"state_dir: {path} is not an ssmstream session store"
 
 
 def test_a_snapshot_shorter_than_its_signature_is_truncated():

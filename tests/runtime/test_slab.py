@@ -55,6 +55,15 @@ def test_a_graph_without_state_has_no_slot_graph():
         slot_model(identity_model(), 4)
 
 
+@pytest.mark.parametrize("field, name", [("input", "state"), ("output", "state_out")])
+def test_a_step_graph_with_a_second_state_has_no_slot_graph(toy_tok, field, name):
+    m = onnx.load_from_string((toy_tok.model_dir / "step.onnx").read_bytes())
+    values = getattr(m.graph, field)
+    values.append(next(v for v in values if v.name == name))
+    with pytest.raises(ModelError, match=f"no single state input and .*'{name}': 2"):
+        slot_model(m.SerializeToString(), toy_tok.state_size)
+
+
 # --- slot steps ------------------------------------------------------------------------
 
 
@@ -195,11 +204,14 @@ def test_row_operations_move_single_rows_and_count_them():
     slab.copy(2, 4)
     np.testing.assert_array_equal(slab.read(4), [1, 2, 3])
     np.testing.assert_array_equal(slab.read_rows([4, 0]), [[1, 2, 3], [0, 0, 0]])
+    slab.read(4)[:] = 9  # host copies: writing them leaves the slab as it was
+    slab.read_rows([4])[:] = 9
+    np.testing.assert_array_equal(slab.array[4], [1, 2, 3])
     slab.zero(2)
     np.testing.assert_array_equal(slab.array[2], [0, 0, 0])
     st = slab.stats
-    assert (st.rows_in, st.rows_out) == (3, 4)  # write, copy, zero in; copy, read, 2 out
-    assert (st.bytes_in, st.bytes_out) == (36, 48)
+    assert (st.rows_in, st.rows_out) == (3, 6)  # write, copy, zero in; copy, 2 reads, 3 out
+    assert (st.bytes_in, st.bytes_out) == (36, 72)
     for bad, match in ((5, "outside"), (-1, "outside"), (True, "integer"), (1.0, "integer")):
         with pytest.raises(InvalidInput, match=match):
             slab.read(bad)
@@ -208,6 +220,9 @@ def test_row_operations_move_single_rows_and_count_them():
     for bad in (0, -2, "8"):
         with pytest.raises(InvalidInput, match="capacity"):
             StateSlab(bad, 3)
+        with pytest.raises(InvalidInput) as e:
+            StateSlab(3, bad)
+        assert e.value.field == "state_size"
     with pytest.raises(InvalidInput, match="device"):
         StateSlab(2, 3, device="tpu")
 
@@ -423,6 +438,7 @@ def test_unsigned_slots_are_accepted(toy_tok):
     np.testing.assert_array_equal(
         slab.check_slots(np.array([3, 1], dtype=np.uint8)), np.array([[3], [1]], dtype=np.int64)
     )
+    assert slab.check_slots(np.array([3, 1], dtype=np.uint8)).dtype == np.int64
 
 
 def test_copy_names_the_bad_destination():
@@ -452,6 +468,9 @@ def test_read_rows_counts_every_row_and_names_the_slots_field():
     rows = slab.read_rows([0, 2, 3])
     assert rows.shape == (3, 2)
     assert slab.stats.rows_out - before == 3 and slab.stats.bytes_out == 3 * 8
+    # numpy integers are slot numbers too (a slot array's elements)
+    np.testing.assert_array_equal(slab.read_rows(np.array([3, 0])), rows[[2, 0]])
+    np.testing.assert_array_equal(slab.read(np.int64(2)), rows[1])
     with pytest.raises(InvalidInput) as e:
         slab.read_rows([1, 4])
     assert e.value.field == "slots"
@@ -460,7 +479,12 @@ def test_read_rows_counts_every_row_and_names_the_slots_field():
 
 @pytest.mark.parametrize(
     "slots, words",
-    [([[0], [1]], "int64 (2, 1)"), ([], "float64 (0,)"), (np.empty(0, np.int64), "int64 (0,)")],
+    [
+        ([[0], [1]], "int64 (2, 1)"),
+        ([], "float64 (0,)"),
+        (np.empty(0, np.int64), "int64 (0,)"),
+        (1, "int64 ()"),
+    ],
 )
 def test_slots_that_are_not_a_non_empty_vector_are_refused(slots, words):
     with pytest.raises(InvalidInput) as e:
