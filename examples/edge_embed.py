@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--max-new-tokens: must be >= 0, got {a.max_new_tokens}")
     from ssmstream.runtime.config import with_flags
     from ssmstream.runtime.errors import InvalidInput, RuntimeErrorBase
-    from ssmstream.runtime.sampling import check_params
+    from ssmstream.runtime.sampling import SamplingConfig
 
     try:  # before the model loads and the prompt is stepped
-        check_params(a.temperature, 0, 1.0)
+        SamplingConfig(temperature=a.temperature, seed=a.seed)
     except InvalidInput as e:
         p.error(f"--{e}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

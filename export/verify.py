@@ -283,4 +283,12 @@ def verify_model(
             )
     report = verify_graphs(model_dir, manifest, net, steps=steps)
     report["checkpoint"] = str(ckpt) if ckpt is not None else None
+    skipped = report.get("step_vs_torch")
+    if ckpt is None and isinstance(skipped, dict) and "skipped" in skipped:  # why, and what to do
+        skipped["skipped"] = (
+            f"the checkpoint recorded in the manifest, {recorded}, is not there any more; "
+            "pass --ckpt"
+            if isinstance(recorded, str) and recorded
+            else "no checkpoint given or recorded in the manifest; pass --ckpt"
+        )
     return report

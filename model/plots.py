@@ -105,6 +105,8 @@ def plot_layer(
     """
     _check_index("head", head, layer.heads)
     out = os.fspath(path)
+    if not out.strip():  # "" would be the working directory ("cannot write it: Is a directory")
+        raise ValueError(f"path: must name the PNG file to write, got {out!r}")
     if out.endswith((os.sep, os.altsep or os.sep)) or os.path.isdir(out):  # Path() drops the /
         raise ValueError(f"path: {out} is a directory; give the PNG file to write")
     for name, value in (("n_modes", n_modes), ("n_kernels", n_kernels)):

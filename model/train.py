@@ -818,6 +818,14 @@ def _warn_of_flags_that_do_nothing(model_cfg: SSMConfig | None, cfg: TrainConfig
     unused = []
     if cfg.task != "signal":
         unused += [(k, "--task signal") for k in model_flags_given(argv, SignalConfig)]
+    else:  # the text task's own flags (--data is warned of when the data is read)
+        given = model_flags_given(argv, TrainConfig)
+        unused += [(k, "--task text") for k in ("seq_len", "glob", "val_fraction") if k in given]
+        signal = model_flags_given(argv, SignalConfig)
+        if "horizon" in signal and cfg.signal.target != "next":
+            unused.append(("horizon", "--target next"))
+        if "tau" in signal and cfg.signal.target == "next":
+            unused.append(("tau", "--target lowpass or delay"))
     if model_cfg is not None and model_cfg.discretization != "gbt":
         unused += [("alpha", "--discretization gbt")] if "alpha" in model_flags_given(argv) else []
     for name, only in unused:
@@ -869,6 +877,13 @@ def _with_flags(message: str, values: bool = True) -> str:
     return _FIELD.sub(flag, message)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation that failed: MemoryError, torch's OutOfMemoryError (CUDA),
+    or the RuntimeError of torch's CPU allocator ("can't allocate memory")."""
+    oom = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -891,6 +906,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (TrainingDiverged, OSError) as e:  # valid flags, a run that did not work out
         log.error("ssmstream train: %s", e)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # torch's allocator: a RuntimeError on the CPU
+        if not out_of_memory(e):
+            raise
+        said = (str(e).splitlines() or [""])[0]
+        log.error(
+            "ssmstream train: out of memory (%s): use a smaller --batch-size, sequence "
+            "(--seq-len; --duration × --rate for --task signal) or model (--d-model, "
+            "--n-layers, --d-state)",
+            said or type(e).__name__,
+        )
         return 1
     if dist.is_main:
         log.info("checkpoint at step %d: %s", result.step, result.checkpoint)

@@ -666,6 +666,21 @@ class ClientSession:
         return s.position
 
 
+class _StreamEnded(grpc.RpcError):
+    """CANCELLED, what `StreamHandle.send` raises once its handle has ended (the status the
+    async handle raises)."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return self._details
+
+
 class StreamHandle:
     """A bidi Stream fed from a queue: each `send` writes one request and waits for its
     response. `close()` (or leaving the `with` block) ends the stream; the session stays."""
@@ -676,6 +691,7 @@ class StreamHandle:
         self.session = session
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
+        self._ended: str | None = None  # why sends are refused: closed, or interrupted
         self._call = session.client.stub.Stream(
             iter(self._q.get, self._END), metadata=session.client._md(session.id)
         )
@@ -684,20 +700,27 @@ class StreamHandle:
 
     def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         with self._lock:  # the session's id and position follow the responses in order
+            if self._ended:  # said as the async handle says it, not grpc's "Locally cancelled"
+                raise _StreamEnded(self._ended)
             self._q.put(step_request(self.session.id, tokens, values, output, top_k))
             try:
                 r = StepResult.from_proto(next(self._call))
             except grpc.RpcError:
                 raise
             except BaseException:  # interrupted while it waited (Ctrl-C): the response still
-                self.close()  # due would answer the next send; later sends raise CANCELLED
-                raise
+                self._end("this stream was cancelled by an earlier send's interruption")
+                raise  # due would answer the next send; later sends raise CANCELLED
             if not self.session.id:
                 self.session.id = r.session_id
             self.session.position = r.position
         return r
 
     def close(self) -> None:
+        """End the stream; a later `send` raises CANCELLED "this stream was closed"."""
+        self._end("this stream was closed")
+
+    def _end(self, why: str) -> None:
+        self._ended = self._ended or why
         self._q.put(self._END)
         self._call.cancel()
 

@@ -491,7 +491,7 @@ class Engine:
         if self.input_kind == "tokens":
             if x.ndim == 0 and not time_axis:
                 x = x.reshape(1)
-            if x.dtype.kind not in "iu":
+            if x.dtype.kind not in "iu" and x.size:  # an empty list is float64: said empty
                 raise InvalidInput(field, f"tokens must be integers, got dtype {x.dtype}")
             if x.ndim != (2 if time_axis else 1) or x.size == 0:
                 raise InvalidInput(
@@ -792,6 +792,8 @@ class Engine:
         prompt = as_array(prompt, "prompt")
         if prompt.ndim != 1:
             raise InvalidInput("prompt", f"must be one sequence of token ids, got {prompt.shape}")
+        if not prompt.size:  # as the server says it (not the [1, 0] shape checked below)
+            raise InvalidInput("prompt", "needs at least one token")
         p = self.check_inputs(prompt[None], "prompt", time_axis=True)  # [1, T]
         config = GenerateConfig.check(
             self.vocab_size, max_new_tokens, temperature, top_k, top_p, seed, stop

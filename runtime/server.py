@@ -169,13 +169,21 @@ def _set_aside(saved: Path) -> str:
 
 def _tls_problem(c: ServerConfig, e: Exception) -> tuple[str, str]:
     """(field, what) for a --tls-cert/--tls-key pair that does not load: the file that is no
-    PEM where one is (OpenSSL says only "[SSL] PEM lib"), else OpenSSL's own words."""
+    PEM, or PEM without what its flag takes (OpenSSL says only "[SSL] PEM lib"), else
+    OpenSSL's own words."""
+    pem = {}
     for field, path in (("tls_cert", c.tls_cert), ("tls_key", c.tls_key)):
         try:
-            if b"-----BEGIN " not in Path(path).read_bytes():
-                return field, f"{path} is not PEM (no '-----BEGIN ' line)"
+            pem[field] = Path(path).read_bytes()
         except OSError as read:
             return field, f"cannot read {path}: {read.strerror or read}"
+        if b"-----BEGIN " not in pem[field]:
+            return field, f"{path} is not PEM (no '-----BEGIN ' line)"
+    # PEM, but not what the flag takes (the two files swapped, a CA's certificate as the key)
+    if b"-----BEGIN CERTIFICATE-----" not in pem["tls_cert"]:
+        return "tls_cert", f"{c.tls_cert} holds no certificate (no 'BEGIN CERTIFICATE' block)"
+    if b"PRIVATE KEY-----" not in pem["tls_key"]:
+        return "tls_key", f"{c.tls_key} holds no private key (no 'BEGIN … PRIVATE KEY' block)"
     return "tls_cert/tls_key", f"cannot load {c.tls_cert} / {c.tls_key}: {e}"
 
 
@@ -349,7 +357,7 @@ class Server:
         )  # fmt: skip
         if replication is not None:
             replication.start()
-        restored = self.store.load(c.state_dir) if c.state_dir else 0
+        restored = self._load_sessions(key) if c.state_dir else 0
         self.batcher = Batcher(self.engine, self.store, c.max_batch, c.max_batch_delay)
         self.batcher.add_listener(self.metrics.observe_batch)
         await self.batcher.start()
@@ -453,6 +461,25 @@ class Server:
             c.max_message_bytes,
         )
         return self.port
+
+    def _load_sessions(self, key: SnapshotKey | None) -> int:
+        """The sessions saved in --state-dir. Saved beside a snapshot.key that is gone now
+        (this start made a new one), they were signed with the lost key: said so, and the new
+        key removed again, so that the next start says it too (not "another server key")."""
+        try:
+            return self.store.load(self.config.state_dir)
+        except InvalidInput as e:
+            if not (key is not None and key.created and "another server key" in str(e)):
+                raise
+            with contextlib.suppress(OSError):
+                key.path.unlink()
+            saved = Path(self.config.state_dir) / STORE_FILE
+            raise InvalidInput(
+                "state_dir",
+                f"{saved} was signed with the key in {key.path}, which is missing: put that "
+                f"file back (or give the key with --snapshot-key), or move {saved} aside to "
+                "start without its sessions",
+            ) from None
 
     async def _evict_loop(self) -> None:
         period = min(max(self.config.session_ttl / 4, 0.05), 5.0)

@@ -88,6 +88,7 @@ class SnapshotKey:
         self.secret = secret
         self.id = hmac.new(secret, b"ssmstream snapshot key id", hashlib.sha256).digest()[:_KEY_ID]
         self.path: Path | None = None  # in_dir's: the file `keep` writes back
+        self.created = False  # in_dir's: this process made the file (it was missing)
 
     @classmethod
     def generate(cls) -> SnapshotKey:
@@ -122,10 +123,11 @@ class SnapshotKey:
         starting together on one directory never read a half-written key, and all of them
         end up with the one that was linked first."""
         path = Path(directory) / KEY_FILE
-        if not path.exists() and _write_key(path, cls.generate().secret):
+        created = not path.exists() and _write_key(path, cls.generate().secret)
+        if created:
             log.info("created snapshot signing key %s", path)
         key = cls.from_file(path)
-        key.path = path
+        key.path, key.created = path, created
         return key
 
     def keep(self) -> None:

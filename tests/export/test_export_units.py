@@ -798,6 +798,8 @@ def test_step_vs_torch_passes_at_exactly_the_tolerance(monkeypatch):
 def _fake_verify(seen):
     def fake(model_dir, m, n, steps=4096):
         seen.update(net=n, steps=steps)
+        if n is None:  # as verify_graphs says it
+            return {"passed": True, "step_vs_torch": {"skipped": "no torch checkpoint given"}}
         return {"passed": True}
 
     return fake
@@ -817,7 +819,8 @@ def test_verify_model_with_a_recorded_checkpoint_that_lost_its_weights(tmp_path,
 
 
 def test_verify_model_skips_torch_when_the_recorded_checkpoint_is_gone(tmp_path, monkeypatch):
-    """A recorded checkpoint that no longer exists is not an error: no torch reference."""
+    """A recorded checkpoint that no longer exists is not an error: no torch reference. The
+    report says so and what to pass (it said "no torch checkpoint given", which none was)."""
     manifest = {
         "model": tiny_net().cfg.to_dict(),
         "source": {"checkpoint": str(tmp_path / "deleted"), "weights_sha256": "0" * 64},
@@ -827,6 +830,14 @@ def test_verify_model_skips_torch_when_the_recorded_checkpoint_is_gone(tmp_path,
     monkeypatch.setattr(verify_mod, "verify_graphs", _fake_verify(seen))
     report = verify_mod.verify_model(tmp_path / "model", steps=64)
     assert seen == {"net": None, "steps": 64} and report["checkpoint"] is None
+    assert report["step_vs_torch"] == {
+        "skipped": f"the checkpoint recorded in the manifest, {tmp_path / 'deleted'}, is not "
+        "there any more; pass --ckpt"
+    }
+    manifest["source"] = {}  # none recorded (an export_network of a network in memory)
+    assert verify_mod.verify_model(tmp_path / "model")["step_vs_torch"] == {
+        "skipped": "no checkpoint given or recorded in the manifest; pass --ckpt"
+    }
 
 
 @pytest.mark.parametrize("source", [[1], "ck", {"checkpoint": 7}, None])

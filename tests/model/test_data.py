@@ -151,8 +151,14 @@ def test_text_errors(tmp_path, corpus):
         load_text([tmp_path / "empty"])
     with pytest.raises(ValueError, match="empty corpus"):
         load_text([corpus], glob="*.nothing")
-    with pytest.raises(ValueError, match="does-not-exist"):
+    with pytest.raises(ValueError, match="does-not-exist' does not exist$"):
         load_text([tmp_path / "does-not-exist"])
+    # it exists, but is not what a corpus is made of: not said to be missing
+    with pytest.raises(ValueError, match="^data path '/dev/null' is not a regular file or a dir"):
+        load_text(["/dev/null"])
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match=r"dangling' is a link to '.*gone', which does not exist$"):
+        load_text([tmp_path / "dangling"])
     with pytest.raises(ValueError, match="val_fraction"):
         load_text([corpus], val_fraction=0.0)
     with pytest.raises(ValueError, match="too small"):

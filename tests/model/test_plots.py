@@ -95,6 +95,11 @@ def test_an_out_that_names_a_directory_is_refused_naming_the_flag(tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d"] and not any(
         (tmp_path / "d").iterdir()
     )
+    with pytest.raises(SystemExit) as e:  # an empty --out (an unset $VAR)
+        main([str(tmp_path / "c"), "--out", ""])
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2
+    assert said == "ssmstream plot: error: --out: must name the PNG file to write, got ''"
 
 
 def test_plot_writes_the_file_it_names_whatever_its_suffix(tmp_path):

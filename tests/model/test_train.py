@@ -266,6 +266,41 @@ def test_cli_a_run_that_diverges_says_so_without_a_traceback(tmp_path, caplog):
     assert "training diverged: loss nan" in line and "--dt-max" in line
 
 
+CPU_OOM = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+@pytest.mark.parametrize("error", [RuntimeError(CPU_OOM), MemoryError()])
+def test_cli_a_run_that_runs_out_of_memory_says_so_without_a_traceback(
+    tmp_path, monkeypatch, caplog, error
+):
+    """`--task signal --duration 1e9` (or a huge --batch-size, --d-model) made torch's
+    allocator fail: a RuntimeError traceback. Exit 1 and one line naming the flags that size
+    the run; a RuntimeError of another kind is not taken for it."""
+
+    def allocate(*a, **k):
+        raise error
+
+    monkeypatch.setattr(train_mod, "signal_batch", allocate)
+    argv = ["--task", "signal", "--rate", "4", "--duration", "8", "--steps", "2"]
+    argv += ["--warmup-steps", "1", "--d-model", "8", "--n-layers", "1", "--d-state", "4"]
+    argv += ["--no-progress", "--out", str(tmp_path / "o"), "--threads", "1"]
+    assert main(argv) == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith("ssmstream train: out of memory (")
+    assert line.endswith(
+        "use a smaller --batch-size, sequence (--seq-len; --duration × --rate for --task "
+        "signal) or model (--d-model, --n-layers, --d-state)"
+    )
+    assert ("128000000000 bytes" in line) == isinstance(error, RuntimeError)
+    assert not (tmp_path / "o").exists()
+    error = RuntimeError("something else")
+    with pytest.raises(RuntimeError, match="^something else$"):
+        main(argv)
+
+
 def test_cli_names_an_unreadable_corpus_file(tmp_path, monkeypatch, capsys):
     """A file of --data that cannot be read (permissions): a usage error naming it, exit 2,
     no traceback and no checkpoint."""
@@ -521,6 +556,16 @@ def test_resolve_device_uses_local_rank_and_auto_picks_cuda(monkeypatch):
         (["--task", "signal", "--rate", "4", "--discretization", "gbt", "--alpha", "0.3"], []),
         (["--task", "signal", "--alpha", "0.5"],
          ["--alpha: only for --discretization gbt; ignored"]),
+        # the text task's flags with --task signal, and a target's with another target
+        (["--task", "signal", "--seq-len", "99", "--glob", "*.txt", "--val-fraction", "0.2"],
+         ["--seq-len: only for --task text; ignored", "--glob: only for --task text; ignored",
+          "--val-fraction: only for --task text; ignored"]),
+        (["--task", "signal", "--horizon", "0.5"],
+         ["--horizon: only for --target next; ignored"]),
+        (["--task", "signal", "--target", "next", "--tau", "3"],
+         ["--tau: only for --target lowpass or delay; ignored"]),
+        (["--task", "signal", "--target", "next", "--horizon", "0.5"], []),
+        (["--task", "signal", "--target", "delay", "--tau", "3"], []),
     ],
 )  # fmt: skip
 def test_flags_the_run_does_not_use_are_warned_of(argv, warned, caplog):

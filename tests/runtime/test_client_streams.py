@@ -248,6 +248,23 @@ def test_an_async_send_after_close_says_the_stream_was_closed(srv):
     assert got == (grpc.StatusCode.CANCELLED, "this stream was closed")
 
 
+def test_a_sync_send_after_close_says_the_stream_was_closed(srv):
+    """As the async handle does, not grpc's "Locally cancelled by application!"."""
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        st = s.open_stream()
+        st.send(tokens=[1])
+        st.close()
+        with pytest.raises(grpc.RpcError) as e:
+            st.send(tokens=[2])
+        assert (e.value.code(), e.value.details()) == (
+            grpc.StatusCode.CANCELLED,
+            "this stream was closed",
+        )
+        assert s.step(tokens=[3]).position == 2
+        s.close()
+
+
 class _Reset(grpc.RpcError):
     """What a proxy's reset of the Stream raises (INTERNAL RST_STREAM)."""
 

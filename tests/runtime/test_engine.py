@@ -177,6 +177,7 @@ def test_chunked_step_buffers_equal_one_call_per_row(which, request):
         (np.array([1.0]), "integers"),
         (np.array([[1]]), "shape"),
         (np.array([], dtype=np.int64), "shape"),
+        ([], r"must have shape \[B\] \(non-empty\), got \(0,\)$"),  # numpy: float64
         (np.array(["a"]), "integers"),
     ],
 )
@@ -459,8 +460,12 @@ def test_an_edited_or_malformed_manifest_is_refused_naming_the_field(tiny_token_
 
 
 def test_generate_bad_arguments(tok_engine, sig_engine, make_toy, tmp_path):
-    with pytest.raises(InvalidInput, match="prompt"):
-        tok_engine.generate([], max_new_tokens=3)
+    for empty in ([], (), np.array([], dtype=np.int64)):  # not "must be integers" nor [1, 0]
+        with pytest.raises(InvalidInput) as e:
+            tok_engine.generate(empty, max_new_tokens=3)
+        assert str(e.value) == "prompt: needs at least one token"
+    with pytest.raises(InvalidInput, match=r"tokens must have shape \[B, T\] \(non-empty\)"):
+        tok_engine.prefill([[]], tok_engine.new_state())
     with pytest.raises(InvalidInput, match="prompt"):
         tok_engine.generate([99], max_new_tokens=3)
     with pytest.raises(InvalidInput, match="max_new_tokens"):

@@ -354,10 +354,14 @@ def test_start_names_the_flag_whose_file_or_port_cannot_work(tiny_token_model, t
     taken.listen()
     certs = make_certs(tmp_path / "certs")
     garbage, cert, ca = tmp_path / "garbage.pem", str(certs.server_cert), str(certs.ca)
+    key, client_key = str(certs.server_key), str(certs.client_key)
     cases = [  # a file that is no PEM is named (OpenSSL says only "[SSL] PEM lib")
         (dict(tls_cert=str(garbage), tls_key=str(garbage)), f"tls_cert: {garbage} is not PEM"),
         (dict(tls_cert=cert, tls_key=str(garbage)), f"tls_key: {garbage} is not PEM"),
-        (dict(tls_cert=cert, tls_key=ca), f"tls_cert/tls_key: cannot load {cert} / {ca}: "),
+        # PEM, but not what the flag takes: the files swapped, a certificate as the key
+        (dict(tls_cert=key, tls_key=cert), f"tls_cert: {key} holds no certificate"),
+        (dict(tls_cert=cert, tls_key=ca), f"tls_key: {ca} holds no private key"),
+        (dict(tls_cert=cert, tls_key=client_key), f"tls_cert/tls_key: cannot load {cert} / "),
         (dict(state_dir=str(tmp_path / "a-file" / "state")), "state_dir: cannot write"),
         (dict(port_file=str(tmp_path / "missing" / "pf.json")), "port_file: "),
         (dict(port_file=str(tmp_path / "a-dir")), "port_file: "),
@@ -808,6 +812,31 @@ def test_metrics_http_is_closed_when_the_server_stops(toy_token_model):
         srv.stop()
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         scrape(port)
+
+
+def test_sessions_saved_beside_a_lost_key_say_so_at_every_start(tiny_token_model, tmp_path):
+    """A --state-dir whose snapshot.key was lost (sessions.bin kept): the start said the file
+    "is signed with another server key (see --snapshot-key)", which sent one off to another
+    flag, and left the new key it had made, so the next start said it again. It names the
+    missing key file, leaves no new one, and the sessions load once the key is back."""
+    eng = Engine(tiny_token_model["model_dir"], device="cpu")
+    state = tmp_path / "state"
+    key = SnapshotKey.in_dir(state)
+    store = SessionStore(eng.state_size, 4, model_sha=eng.info["step_sha256"], snapshot_key=key)
+    store.create("anonymous", "kept")
+    store.save(state)
+    old_key = (state / "snapshot.key").read_bytes()
+    (state / "snapshot.key").unlink()
+    cfg = ServerConfig(model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu",
+                       state_dir=str(state))  # fmt: skip
+    for _ in range(2):  # the second start says it too
+        _, err = _start(cfg, engine=eng)
+        assert isinstance(err, InvalidInput) and err.field == "state_dir", err
+        assert f"was signed with the key in {state / 'snapshot.key'}, which is missing" in str(err)
+        assert sorted(p.name for p in state.iterdir()) == ["sessions.bin"]
+    (state / "snapshot.key").write_bytes(old_key)
+    srv, err = _start(cfg, engine=eng)
+    assert err is None and srv.store.get("kept", "anonymous").position == 0
 
 
 def test_snapshot_key_file_wins_over_the_state_dir_key(toy_token_model, tmp_path):
