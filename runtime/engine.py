@@ -492,7 +492,7 @@ class Engine:
             if x.ndim == 0 and not time_axis:
                 x = x.reshape(1)
             if x.dtype.kind not in "iu" and x.size:  # an empty list is float64: said empty
-                raise InvalidInput(field, f"tokens must be integers, got dtype {x.dtype}")
+                raise InvalidInput(field, f"must be integer token ids, got dtype {x.dtype}")
             if x.ndim != (2 if time_axis else 1) or x.size == 0:
                 raise InvalidInput(
                     field, f"tokens must have shape [{lead}] (non-empty), got {x.shape}"

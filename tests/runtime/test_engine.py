@@ -174,11 +174,11 @@ def test_chunked_step_buffers_equal_one_call_per_row(which, request):
     [
         (np.array([23]), "outside"),  # vocab_size = 23
         (np.array([-1]), "outside"),
-        (np.array([1.0]), "integers"),
+        (np.array([1.0]), "integer token ids"),
         (np.array([[1]]), "shape"),
         (np.array([], dtype=np.int64), "shape"),
         ([], r"must have shape \[B\] \(non-empty\), got \(0,\)$"),  # numpy: float64
-        (np.array(["a"]), "integers"),
+        (np.array(["a"]), "integer token ids"),
     ],
 )
 def test_bad_tokens_name_the_field_and_change_nothing(tok_engine, inputs, match):

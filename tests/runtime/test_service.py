@@ -1342,9 +1342,9 @@ def test_a_rewinding_session_takes_cached_states_only_a_chunk_apart(toy_tok):
 @pytest.mark.parametrize(
     "tokens, says",
     [
-        ([1.7], "tokens: tokens must be integers, got dtype float64"),
-        ([True], "tokens: tokens must be integers, got dtype bool"),
-        (["5"], "tokens: tokens must be integers, got dtype <U1"),
+        ([1.7], "tokens: must be integer token ids, got dtype float64"),
+        ([True], "tokens: must be integer token ids, got dtype bool"),
+        (["5"], "tokens: must be integer token ids, got dtype <U1"),
         ([2**63], "tokens: token 9223372036854775808 is outside [0, vocab_size=11)"),
         ([[1, 2]], "tokens: tokens must have shape [T] (non-empty), got (1, 2)"),
     ],
