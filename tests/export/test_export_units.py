@@ -273,6 +273,42 @@ def _verify(monkeypatch, engine_cls, steps=32, net=None):
     return verify_mod.verify_graphs("unused", MANIFEST, net, steps=steps)
 
 
+def test_verify_runs_the_whole_requested_length(monkeypatch):
+    """The long check runs all `steps` inputs (the slow modes' error builds up over them), in
+    the steps and in the prefill, and compares the prefill's state at every chunk end."""
+    seen = []
+
+    class Recording(FakeEngine):
+        def prefill_unchecked(self, x, state, ends):
+            seen.append(x.shape)
+            return super().prefill_unchecked(x, state, ends)
+
+    r = _verify(monkeypatch, Recording, steps=200)
+    assert seen == [(2, 200)]
+    assert r["prefill_vs_step"]["lengths"][0] == 200
+    assert r["prefill_vs_step"]["chunk_states_checked"] == 200 // FakeEngine.Q
+
+
+@pytest.mark.parametrize("where", ["output", "state"])
+def test_a_slot_step_one_float32_ulp_off_fails(monkeypatch, where):
+    """The slot step must equal the plain step bit for bit: one ulp off in its output or in
+    the state it writes fails the check (and so the export)."""
+
+    class OneUlpOff(FakeEngine):
+        def step_slots(self, x, slots, slab):
+            out = super().step_slots(x, slots, slab)
+            if where == "state":
+                for r in slots:
+                    slab.rows[int(r)] = np.nextafter(slab.rows[int(r)], np.float32(np.inf))
+                return out
+            return np.nextafter(out, np.float32(np.inf))
+
+    r = _verify(monkeypatch, OneUlpOff)
+    rep = r["slots_vs_step"]
+    assert 0 < rep[f"max_abs_{where}"] < 1e-3
+    assert rep["passed"] is False and r["passed"] is False
+
+
 def test_fake_engine_passes_and_every_chunk_state_is_checked(monkeypatch):
     r = _verify(monkeypatch, FakeEngine)
     assert r["passed"] and r["step_vs_torch"] == {"skipped": "no torch checkpoint given"}

@@ -424,3 +424,19 @@ def test_empty_corpus_error_names_the_glob_and_the_path(tmp_path):
     (tmp_path / "e").mkdir()
     with pytest.raises(ValueError, match=r"no non-empty files matching '\*' under "):
         load_text([tmp_path / "e"])
+
+
+def test_hidden_and_package_directories_and_their_files_are_skipped(tmp_path):
+    """A corpus that is a working tree: nothing under .git or .venv is read (hidden entries
+    are skipped whatever their depth), a hidden file in a visible directory neither, nor what
+    lies in site-packages, dist-packages (Debian's) or __pycache__."""
+    root = tmp_path / "repo"
+    for rel in ("a.txt", "sub/b.txt", ".git/config", ".git/objects/ab/cd", ".venv/lib/x.txt",
+                "sub/.cache/c.txt", "sub/.hidden.txt", "lib/site-packages/s.txt",
+                "lib/dist-packages/d.txt", "sub/__pycache__/p.txt"):  # fmt: skip
+        f = root / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"{rel}\n" * 4)
+    assert [key for _, key in find_files([root])] == ["repo/a.txt", "repo/sub/b.txt"]
+    d = load_text([root], val_fraction=0.5, min_bytes=2)
+    assert d.train.numel() + d.val.numel() == len("a.txt\n" * 4) + len("sub/b.txt\n" * 4)

@@ -207,6 +207,8 @@ def test_parameter_shapes_dt_range_and_state():
     x = layer.initial_state(5)
     assert x.shape == (5, H, N2) and x.dtype == torch.complex64 and not x.any()
     assert layer.double().initial_state(1).dtype == torch.complex128
+    # on the parameters' device ("meta" stands for a GPU here: no data, no CUDA needed)
+    assert layer.to("meta").initial_state(2).device == torch.device("meta")
     assert {id(p) for p in layer.ssm_parameters()} == {
         id(layer.log_A_real),
         id(layer.A_imag),

@@ -321,3 +321,22 @@ def test_step_refuses_a_non_tensor_layer_state_naming_its_type():
         net.step(tok, [states[0], None])
     with pytest.raises(ValueError, match=r"^states\[0\] must be complex \[2, 4, 2\], got list$"):
         net.step(tok, [states[0].tolist(), states[1]])
+
+
+def test_state_layout_of_three_layers_tiles_the_packed_state():
+    """Each layer's offset is the sum of the sizes before it (not just the previous one's),
+    and unpack_state reads each layer from that block: with three layers the third starts at
+    2 · size, where a packed state built by concatenation puts it."""
+    net = SSMNetwork(SSMConfig(vocab_size=8, d_model=4, n_layers=3, d_state=4, heads=2))
+    layout = net.state_layout()  # per layer [2, H=2, N/2=2]: 8 floats
+    assert [(e["layer"], e["offset"], e["size"]) for e in layout] == [
+        (0, 0, 8),
+        (1, 8, 8),
+        (2, 16, 8),
+    ]
+    packed = torch.arange(24, dtype=torch.float32).reshape(1, 24)
+    states = net.unpack_state(packed)
+    for i, x in enumerate(states):
+        block = torch.arange(8 * i, 8 * i + 8, dtype=torch.float32).reshape(2, 2, 2)
+        assert torch.equal(x[0].real, block[0]) and torch.equal(x[0].imag, block[1])
+    assert torch.equal(net.pack_state(states), packed)
