@@ -183,7 +183,7 @@ class _StoreCollector:
         if s is None:
             return
         active = GaugeMetricFamily("ssmstream_sessions_active", "open sessions")
-        active.add_metric([], float(s.get("active", s.get("sessions", 0))))
+        active.add_metric([], float(s.get("sessions", 0)))
         yield active
         capacity = GaugeMetricFamily("ssmstream_sessions_capacity", "state slots")
         capacity.add_metric([], float(s.get("capacity", 0)))
@@ -191,7 +191,7 @@ class _StoreCollector:
         evicted = CounterMetricFamily(
             "ssmstream_sessions_evicted", "sessions evicted by the idle TTL"
         )
-        evicted.add_metric([], float(s.get("evicted", s.get("evictions", 0))))
+        evicted.add_metric([], float(s.get("evicted", 0)))
         yield evicted
         slab = s.get("slab")
         if slab:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamingInference"].full_name
 
-STATUS_OF = (  # first match wins (ModelError before InvalidInput: both are ValueErrors)
+STATUS_OF = (  # first match wins (the classes are disjoint: the order is for reading)
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
