@@ -89,7 +89,8 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     path = model_dir / MANIFEST
     try:
         if not path.is_file():
-            raise ModelError(f"{path} is missing: not an exported ssmstream model directory")
+            what = "is missing" if not path.exists() else "is not a regular file"
+            raise ModelError(f"{path} {what}: not an exported ssmstream model directory")
     except OSError as e:  # a name too long
         raise ModelError(f"{path} cannot be read: {e.strerror or e}") from None
     try:
@@ -158,8 +159,9 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
         if ("chunk" in g) != ("max_len" in g):
             raise ModelError(f"{path}: graphs.{name} needs both 'chunk' and 'max_len', or neither")
         f = model_dir / g["file"]
-        if not f.is_file():
-            raise ModelError(f"{f} ({name} graph) is missing")
+        if not f.is_file():  # a directory, /dev/zero: not a graph file either
+            what = "is missing" if not f.exists() else "is not a regular file"
+            raise ModelError(f"{f} ({name} graph) {what}")
         if check_sha and _graph_sha(f, name) != g["sha256"]:
             raise ModelError(
                 f"{f} ({name} graph) does not match the sha256 in {MANIFEST}: "

@@ -50,10 +50,23 @@ def test_the_hand_written_manifest_loads(tmp_path):
     assert load_manifest(_model(tmp_path))["graphs"]["prefill"]["max_len"] == 16
 
 
-def test_a_manifest_json_that_is_a_directory_is_missing(tmp_path):
+def test_a_manifest_json_that_is_missing_or_a_directory_is_said_as_such(tmp_path):
     d = tmp_path / "m"
-    (d / "manifest.json").mkdir(parents=True)
+    d.mkdir()
     with pytest.raises(ModelError, match=r"manifest\.json is missing: not an exported ssmstream"):
+        load_manifest(d)
+    (d / "manifest.json").mkdir()
+    with pytest.raises(ModelError, match=r"manifest\.json is not a regular file: not an export"):
+        load_manifest(d)
+
+
+def test_a_graph_file_that_is_missing_or_a_directory_is_said_as_such(tmp_path):
+    d = _model(tmp_path)
+    (d / "step.onnx").unlink()
+    with pytest.raises(ModelError, match=r"step\.onnx \(step graph\) is missing$"):
+        load_manifest(d)
+    (d / "step.onnx").mkdir()
+    with pytest.raises(ModelError, match=r"step\.onnx \(step graph\) is not a regular file$"):
         load_manifest(d)
 
 
