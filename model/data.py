@@ -94,12 +94,12 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
                         seen = by_file.setdefault(f.resolve(), (f, key))
                         if key < seen[1]:  # found twice: the smaller key, in any listing order
                             by_file[f.resolve()] = (f, key)
-        elif p.is_symlink():  # a link to nothing (is_file / is_dir follow links)
+        elif p.exists():  # /dev/null, a FIFO, a socket (or a link to one): what a walk skips
+            raise ValueError(f"data path {str(p)!r} is not a regular file or a directory")
+        elif p.is_symlink():  # a link to nothing (exists / is_file / is_dir follow links)
             raise ValueError(
                 f"data path {str(p)!r} is a link to {os.readlink(p)!r}, which does not exist"
             )
-        elif p.exists():  # /dev/null, a FIFO, a socket: what a directory's walk skips too
-            raise ValueError(f"data path {str(p)!r} is not a regular file or a directory")
         else:
             raise ValueError(f"data path {str(p)!r} does not exist")
     for p in named:

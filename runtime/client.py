@@ -706,6 +706,8 @@ class StreamHandle:
             try:
                 r = StepResult.from_proto(next(self._call))
             except grpc.RpcError:
+                if self._ended:  # closed while it waited (another thread): said as above
+                    raise _StreamEnded(self._ended) from None
                 raise
             except BaseException:  # interrupted while it waited (Ctrl-C): the response still
                 self._end("this stream was cancelled by an earlier send's interruption")
@@ -716,7 +718,8 @@ class StreamHandle:
         return r
 
     def close(self) -> None:
-        """End the stream; a later `send` raises CANCELLED "this stream was closed"."""
+        """End the stream; a send in flight or later raises CANCELLED "this stream was
+        closed"."""
         self._end("this stream was closed")
 
     def _end(self, why: str) -> None:

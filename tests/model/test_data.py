@@ -159,6 +159,9 @@ def test_text_errors(tmp_path, corpus):
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     with pytest.raises(ValueError, match=r"dangling' is a link to '.*gone', which does not exist$"):
         load_text([tmp_path / "dangling"])
+    (tmp_path / "to-null").symlink_to("/dev/null")  # it exists: not said to be missing
+    with pytest.raises(ValueError, match="to-null' is not a regular file or a directory$"):
+        load_text([tmp_path / "to-null"])
     with pytest.raises(ValueError, match="val_fraction"):
         load_text([corpus], val_fraction=0.0)
     with pytest.raises(ValueError, match="too small"):

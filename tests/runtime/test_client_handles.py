@@ -625,7 +625,10 @@ def test_a_send_interrupted_while_it_waits_ends_the_stream_instead_of_answering_
                 st.send(tokens=[3, 4, 5])
             with pytest.raises(grpc.RpcError) as e:
                 st.send(tokens=[6])
-            assert e.value.code() == grpc.StatusCode.CANCELLED
+            assert (e.value.code(), e.value.details()) == (
+                grpc.StatusCode.CANCELLED,
+                "this stream was cancelled by an earlier send's interruption",
+            )
         deadline = time.monotonic() + 10
         while toy_server.server.service.attached and time.monotonic() < deadline:
             time.sleep(0.01)  # the server lets go of the ended stream

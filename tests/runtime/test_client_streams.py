@@ -265,6 +265,34 @@ def test_a_sync_send_after_close_says_the_stream_was_closed(srv):
         s.close()
 
 
+def test_a_sync_send_in_flight_when_the_stream_is_closed_says_so(srv):
+    """close() from another thread while a send waits for its response: that send raises
+    CANCELLED "this stream was closed" too (not grpc's "Locally cancelled by application!")."""
+    with Client(target(srv), timeout=10) as c:
+        s = c.create_session()
+        st = s.open_stream()
+
+        class ClosedWhileItWaits:  # another thread's close() lands during the wait
+            def __init__(self, call):
+                self.call = call
+
+            def __next__(self):
+                st.close()
+                return next(self.call)
+
+            def cancel(self):
+                return self.call.cancel()
+
+        st._call = ClosedWhileItWaits(st._call)
+        with pytest.raises(grpc.RpcError) as e:
+            st.send(tokens=[1])
+        assert (e.value.code(), e.value.details()) == (
+            grpc.StatusCode.CANCELLED,
+            "this stream was closed",
+        )
+        s.close()
+
+
 class _Reset(grpc.RpcError):
     """What a proxy's reset of the Stream raises (INTERNAL RST_STREAM)."""
 
