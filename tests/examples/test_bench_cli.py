@@ -189,12 +189,10 @@ def test_a_signal_during_an_export_stops_the_benchmark_after_it(bench, sig, torc
     assert len(torch_like_export.returned) == 1  # it went on to the end, then the stop
 
 
-@pytest.mark.parametrize(
-    ("sig", "status", "line"),
-    [(signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGINT, 130, "interrupted")],
-    ids=["SIGTERM", "SIGINT"],
-)
-def test_a_signal_during_bench_servers_real_export_gives_one_line(sig, status, line, tmp_path):
+def test_a_ctrl_c_during_bench_servers_real_export_gives_one_line(tmp_path):
+    """Ctrl-C inside a real torch.onnx.export (SIGTERM's path, the same handler, is held by
+    the stand-in export above and by bench_sessions' real subprocesses)."""
+    sig, status, line = signal.SIGINT, 130, "interrupted"
     scratch, log = tmp_path / "scratch", tmp_path / "stderr"
     scratch.mkdir()
     cmd = [sys.executable, str(ROOT / "benchmarks/bench_server.py"), "--d-model", "16",

@@ -109,7 +109,8 @@ def test_a_signal_after_the_rename_does_not_claim_nothing_was_written(tmp_path, 
         said.append(exporter.abandon_exports())  # what the handler would learn now
 
     monkeypatch.setattr(exporter, "_commit", commit)
-    out = exporter.export_network(SSMNetwork(SSMConfig(**TOKEN)), tmp_path / "m", verify=False)
+    net = SSMNetwork(SSMConfig(**TOKEN))
+    out = exporter.export_network(net, tmp_path / "m", verify=False, **EXPORT)
     assert said == [0] and (out / "manifest.json").is_file()
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m"]
 
