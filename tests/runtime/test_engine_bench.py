@@ -187,3 +187,62 @@ def test_available_bytes_takes_a_cgroup_limit_that_leaves_less(monkeypatch, tmp_
     assert bench.available_bytes() == 2_000_000  # well below MemAvailable
     (tmp_path / "memory.max").write_text("max\n")  # no limit: MemAvailable
     assert bench.available_bytes() > 2_000_000
+
+
+def test_bench_prefill_reports_how_far_prefill_is_from_stepping(clock):
+    """max_state_diff is prefill's final state against the state after the same inputs
+    stepped one at a time (here prefill ends 0.5 off)."""
+
+    class OffPrefill(FakeEngine):
+        def prefill(self, x, s):
+            y, s = super().prefill(x, s)
+            return y, s + 0.5
+
+    r = bench.bench_prefill(OffPrefill(clock, prefill_s=0.001, step_s=0.001), 6)
+    assert r["max_state_diff"] == pytest.approx(0.5)
+
+
+def test_bench_prefill_times_a_call_after_a_warm_up_call(clock):
+    """The first prefill (onnxruntime's first run of a shape: allocations) is not the one
+    timed."""
+
+    class SlowFirstPrefill(FakeEngine):
+        def prefill(self, x, s):
+            self.clock.t += 1.0 if self.calls == 0 else 0.002
+            self.calls += 1
+            return None, s + x.shape[1]
+
+    r = bench.bench_prefill(SlowFirstPrefill(clock, step_s=0.001), 4)
+    assert r["prefill_ms"] == pytest.approx(2.0)
+
+
+def test_bench_opens_the_engine_with_the_device_and_threads_asked_for(toy_token_model, monkeypatch):
+    made = []
+
+    def engine(model_dir, **kw):
+        made.append(kw)
+        return Engine(
+            model_dir, device="cpu", threads=kw["threads"], step_threads=kw["step_threads"]
+        )
+
+    monkeypatch.setattr(bench, "Engine", engine)
+    model = str(toy_token_model["model_dir"])
+    argv = ["bench", model, "--device", "cuda", "--threads", "1", "--step-threads", "2",
+            "--steps", "2", "--prefill", "0"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert made == [{"device": "cuda", "threads": 1, "step_threads": 2}]
+
+
+def test_available_bytes_is_memavailable_not_memtotal(monkeypatch, tmp_path):
+    import io
+
+    meminfo = "MemTotal:       8388608 kB\nMemFree:  1024 kB\nMemAvailable:   1048576 kB\n"
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        return io.StringIO(meminfo) if path == "/proc/meminfo" else real_open(path, *a, **kw)
+
+    monkeypatch.setattr(bench, "open", fake_open, raising=False)
+    real = bench.Path
+    monkeypatch.setattr(bench, "Path", lambda p: tmp_path if p == "/sys/fs/cgroup" else real(p))
+    assert bench.available_bytes() == 1048576 * 1024  # no cgroup files here: MemAvailable

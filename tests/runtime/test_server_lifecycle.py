@@ -1035,3 +1035,106 @@ def test_a_background_task_that_failed_does_not_skip_the_shutdown_save(
             h = c.session("kept")
             h.snapshot()
             assert h.position == 3
+
+
+@pytest.mark.parametrize("given", ["state_dir_key", "snapshot_key_flag"])
+def test_sessions_signed_with_another_key_leave_the_key_file_as_it_was(
+    toy_token_model, tmp_path, given
+):
+    """A sessions.bin signed with another key (copied from another server) fails the start,
+    saying so; the key in use, which this start did not make, is left as it was: only a key
+    the start itself made is removed again."""
+    eng = Engine(toy_token_model["model_dir"], device="cpu")
+    state = tmp_path / "state"
+    other = SessionStore(eng.state_size, 4, model_sha=eng.info["step_sha256"],
+                         snapshot_key=SnapshotKey(b"another-servers-key-0123456789ab"))  # fmt: skip
+    other.create("anonymous", "theirs")
+    other.save(state)
+    key = state / "snapshot.key" if given == "state_dir_key" else tmp_path / "flag.key"
+    key.write_bytes(b"the-key-this-server-signs-with-0123")
+    key.chmod(0o600)
+    cfg = ServerConfig(
+        model_dir=str(toy_token_model["model_dir"]), port=0, device="cpu", state_dir=str(state),
+        snapshot_key=str(key) if given == "snapshot_key_flag" else None,
+    )  # fmt: skip
+    _, err = _start(cfg, engine=eng)
+    assert isinstance(err, InvalidInput) and "another server key" in str(err), repr(err)
+    assert key.read_bytes() == b"the-key-this-server-signs-with-0123"
+
+
+def test_without_a_save_interval_sessions_are_saved_only_at_shutdown(toy_token_model, tmp_path):
+    """--save-interval 0 (the default): no periodic saves, the sessions reach --state-dir
+    when the server stops."""
+    state = tmp_path / "state"
+    cfg = ServerConfig(model_dir=str(toy_token_model["model_dir"]), port=0, device="cpu",
+                       grace=0.1, state_dir=str(state), save_interval=0.0)  # fmt: skip
+    with BackgroundServer(cfg) as srv:
+        tasks = [t.get_coro().__qualname__ for t in srv.server._tasks]
+        assert not any("_save_loop" in name for name in tasks), tasks
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            c.create_session(session_id="kept")
+        time.sleep(0.2)  # a periodic save with no interval would have written by now
+        assert not (state / "sessions.bin").exists()
+    assert (state / "sessions.bin").is_file()
+
+
+@pytest.mark.parametrize("ttl, period", [(0.1, 0.05), (8.0, 2.0), (600.0, 5.0), (1e9, 5.0)])
+def test_the_idle_sweep_runs_every_quarter_ttl_within_its_bounds(monkeypatch, ttl, period):
+    """Sessions idle past their TTL are swept every TTL/4, at least every 5 s (a long TTL
+    must not keep expired sessions counted for minutes) and at most every 0.05 s."""
+    import types
+
+    slept = []
+
+    class Swept(Exception):
+        pass
+
+    async def sleep(seconds):
+        slept.append(seconds)
+        raise Swept
+
+    monkeypatch.setattr(server_module.asyncio, "sleep", sleep)
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(session_ttl=ttl))
+    with pytest.raises(Swept):
+        server_module.Server._evict_loop(fake).send(None)
+    assert slept == [pytest.approx(period)]
+
+
+def test_a_shutdown_that_raises_still_removes_the_port_file(toy_token_model, tmp_path):
+    """An error in the shutdown itself (here the batcher's close) is raised, and the port
+    file, which names a port nobody listens on any more, is removed all the same."""
+    import asyncio
+
+    pf = tmp_path / "port.json"
+    srv = server_module.Server(ServerConfig(model_dir=str(toy_token_model["model_dir"]),
+                                            port=0, device="cpu", port_file=str(pf)))  # fmt: skip
+
+    async def go():
+        await srv.start()
+        assert pf.is_file()
+        real_close = srv.batcher.close
+
+        async def broken_close():
+            await real_close()
+            raise RuntimeError("close failed (test)")
+
+        srv.batcher.close = broken_close
+        with pytest.raises(RuntimeError, match="close failed"):
+            await srv.stop(0)
+
+    asyncio.run(go())
+    assert not pf.exists()
+
+
+def test_a_port_file_rewritten_for_the_same_port_and_pid_is_not_removed(tmp_path):
+    """Two servers that share a --port-file, both pid 1 on the same port (containers): the
+    one stopping first must not remove the file the other wrote over its own."""
+    from ssmstream.runtime.server import _remove_port_file, _write_port_file
+
+    pf = str(tmp_path / "port.json")
+    first = _write_port_file(pf, 50051, 9100)
+    second = _write_port_file(pf, 50051, 9100)
+    _remove_port_file(pf, first)
+    assert (tmp_path / "port.json").read_text() == second
+    _remove_port_file(pf, second)
+    assert not (tmp_path / "port.json").exists()

@@ -89,6 +89,16 @@ def test_every_rpc_needs_a_valid_token(auth_server, caplog):
         assert secret not in caplog.text, "a token was logged"
 
 
+def test_each_refused_call_counts_as_unauthenticated_in_the_metrics(auth_server):
+    refused = {"code": "UNAUTHENTICATED"}
+    registry = auth_server.server.metrics.registry
+    before = registry.get_sample_value("ssmstream_errors_total", refused) or 0.0
+    with Client(f"127.0.0.1:{auth_server.port}", token="wrong-token-5b1e", timeout=30) as c:
+        for _ in range(2):
+            assert code_of(c.info)[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert registry.get_sample_value("ssmstream_errors_total", refused) == before + 2
+
+
 def test_another_principals_session_does_not_exist(auth_server, tiny_token_model):
     target = f"127.0.0.1:{auth_server.port}"
     with Client(target, token=ALICE, timeout=30) as alice, Client(target, token=BOB) as bob:

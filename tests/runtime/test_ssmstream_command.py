@@ -13,9 +13,10 @@ from ssmstream.runtime import cli
 
 
 def test_usage_and_usage_errors(capsys):
-    assert cli.main(["--help"]) == 0
-    out, err = capsys.readouterr()
-    assert out.startswith("usage: ssmstream <command>") and "serve" in out and not err
+    for asked in ("--help", "-h"):
+        assert cli.main([asked]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("usage: ssmstream <command>") and "serve" in out and not err
     for argv in ([], ["no-such-command"]):
         assert cli.main(argv) == 2
         out, err = capsys.readouterr()
@@ -67,3 +68,23 @@ def test_a_closed_stdout_pipe_ends_quietly_with_141(toy_token_model, argv):
     finally:
         os.close(w)
     assert (p.returncode, p.stderr.decode()) == (141, "")
+
+
+@pytest.mark.parametrize(
+    "name, said",
+    [
+        ("export", "ssmstream export: needs the 'onnx' package: pip install 'ssmstream[export]'"),
+        ("info", "ssmstream info: needs the 'onnx' package, which is not installed"),
+    ],
+)
+def test_a_missing_package_names_the_extra_that_installs_it(monkeypatch, capsys, name, said):
+    """A command whose module cannot be imported says which package is missing and, where
+    an optional extra brings it, the pip command; exit 2."""
+    import importlib
+
+    def missing(path):
+        raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    assert cli.main([name, "x"]) == 2
+    assert capsys.readouterr() == ("", said + "\n")
