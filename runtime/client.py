@@ -666,19 +666,11 @@ class ClientSession:
         return s.position
 
 
-class _StreamEnded(grpc.RpcError):
-    """CANCELLED, what `StreamHandle.send` raises once its handle has ended (the status the
-    async handle raises)."""
-
-    def __init__(self, details: str):
-        super().__init__(details)
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
-
-    def details(self) -> str:
-        return self._details
+def _cancelled(details: str) -> grpc.aio.AioRpcError:
+    """CANCELLED with `details`: what a stream handle's send raises once the handle ended."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
 
 
 class StreamHandle:
@@ -701,13 +693,13 @@ class StreamHandle:
     def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         with self._lock:  # the session's id and position follow the responses in order
             if self._ended:  # said as the async handle says it, not grpc's "Locally cancelled"
-                raise _StreamEnded(self._ended)
+                raise _cancelled(self._ended)
             self._q.put(step_request(self.session.id, tokens, values, output, top_k))
             try:
                 r = StepResult.from_proto(next(self._call))
             except grpc.RpcError:
                 if self._ended:  # closed while it waited (another thread): said as above
-                    raise _StreamEnded(self._ended) from None
+                    raise _cancelled(self._ended) from None
                 raise
             except BaseException:  # interrupted while it waited (Ctrl-C): the response still
                 self._end("this stream was cancelled by an earlier send's interruption")
@@ -933,10 +925,7 @@ class AsyncStreamHandle:
                 raise self._closed_error()
             if self._call.done():  # ended by an earlier request's error: raise that status
                 if self._call.cancelled():  # an earlier send was cancelled (a timeout)
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                        details="this stream was cancelled by an earlier send's cancellation",
-                    )  # fmt: skip
+                    raise _cancelled("this stream was cancelled by an earlier send's cancellation")
                 await self._call.read()
             try:
                 await self._call.write(req)
@@ -955,10 +944,7 @@ class AsyncStreamHandle:
 
     def _closed_error(self) -> grpc.aio.AioRpcError:
         what = "this stream" if self._closed else "the stream's client"
-        return grpc.aio.AioRpcError(
-            grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-            details=f"{what} was closed",
-        )  # fmt: skip
+        return _cancelled(f"{what} was closed")
 
     async def close(self) -> None:
         """End the stream; a send in flight raises CANCELLED "this stream was closed"."""

@@ -56,7 +56,7 @@ from .prefix_cache import entry_bytes
 from .service import DRAINING, ServiceLimits, SessionService
 from .servicer import StreamingInferenceServicer, max_send_bytes, snapshot_message_bytes
 from .sessions import STORE_FILE
-from .snapshots import KEY_FILE, SnapshotKey
+from .snapshots import KEY_FILE, OtherKey, SnapshotKey
 from .status import SERVICE_NAME, DecodeGuard
 
 log = logging.getLogger(__name__)
@@ -468,8 +468,8 @@ class Server:
         key removed again, so that the next start says it too (not "another server key")."""
         try:
             return self.store.load(self.config.state_dir)
-        except InvalidInput as e:
-            if not (key is not None and key.created and "another server key" in str(e)):
+        except OtherKey:
+            if key is None or not key.created:
                 raise
             with contextlib.suppress(OSError):
                 key.path.unlink()

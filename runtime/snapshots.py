@@ -79,6 +79,10 @@ def _write_key(path: Path, secret: bytes) -> bool:
         tmp.unlink()
 
 
+class OtherKey(InvalidInput):
+    """Signed bytes whose key id is not this key's: signed by another server's key."""
+
+
 class SnapshotKey:
     """The server's signing key. `sign(body)` appends key id + HMAC; `verify` checks them."""
 
@@ -176,7 +180,7 @@ class SnapshotKey:
             )
         key_id = data[-_TRAILER:-_MAC]
         if not hmac.compare_digest(key_id, self.id):
-            raise InvalidInput(
+            raise OtherKey(
                 field, _say(what, "is signed with another server key (see --snapshot-key)")
             )
         if not hmac.compare_digest(self._mac(data[:-_MAC]), data[-_MAC:]):
