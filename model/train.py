@@ -558,9 +558,20 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
 
 
 def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batches: Batches):
+    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     if cfg.resume:
         net, opt, sched, step = _resume(out, model_cfg, cfg, device, dist.world_size)
         check_model_for_task(net.cfg, cfg.task)
+        if end < step:  # a run does not go back: refused, and nothing in `out` changes
+            raise ValueError(
+                f"cannot resume {out}: stop_after={cfg.stop_after} is before its checkpoint's "
+                f"step {step} (a resumed run goes on from there); pass a later --stop-after or "
+                "leave it out"
+            )
+        if end == step:  # at its --stop-after, or complete: nothing changes in `out` either
+            if dist.is_main:
+                log.info("%s is at step %d of %d already: nothing to do", out, step, cfg.steps)
+            return TrainResult(net.eval(), out, step, None)
     else:
         torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         net, step = SSMNetwork(model_cfg).to(device).train(), 0
@@ -570,7 +581,7 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
-    start, end = step, (min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps)
+    start = step
     save_every = cfg.save_every or cfg.eval_every
     log_path = out / LOG_FILE
     eval_batches = batches.eval() if dist.is_main else []

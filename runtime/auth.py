@@ -80,6 +80,11 @@ class TokenTable:
             if token in tokens:
                 raise ValueError(f"auth_tokens: {path}:{n}: duplicate token")
             tokens[token] = principal
+        if not tokens:
+            raise ValueError(
+                f"auth_tokens: {path} holds no '<token> <principal>' line (only blank lines "
+                "and # comments)"
+            )
         log.info("auth: %d tokens for %d principals", len(tokens), len(set(tokens.values())))
         return cls(tokens)
 

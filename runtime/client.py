@@ -14,7 +14,8 @@
 Errors are `grpc.RpcError` with the server's status code and a message naming the field.
 
 TLS: `tls=True` (system roots) or `root_certificates=PEM path/bytes`; mTLS adds
-`client_cert` and `client_key`. Auth: `token=` sends `authorization: Bearer <token>`.
+`client_cert` and `client_key`. Auth: `token=` (a str of visible ASCII; None or "": no
+token) sends `authorization: Bearer <token>`.
 
 Scale-out: every call about a session sends `x-session-id: <id>` metadata, which a sticky
 proxy hashes (deploy/nginx); new session ids are chosen here (uuid4) so that even the
@@ -166,7 +167,12 @@ def _timeout(v) -> float | None:
 def _token(token: str) -> str:
     """A bearer token as HTTP/2 metadata carries it: visible ASCII (a trailing newline from a
     file, a space or a non-ASCII character made every call fail with INTERNAL)."""
-    if not isinstance(token, str) or not token.isascii() or not token.isprintable() or " " in token:
+    if not isinstance(token, str):  # bytes would go out as "Bearer b'...'"
+        raise ValueError(
+            f"token: must be a str (None: no token), got {type(token).__name__}"
+            + ("; decode it first" if isinstance(token, (bytes, bytearray)) else "")
+        )
+    if not token.isascii() or not token.isprintable() or " " in token:
         raise ValueError("token: must be visible ASCII characters (no blanks, no newline)")
     return token
 
@@ -380,7 +386,9 @@ class _Base:
     ):
         self.target = _target(target)
         self.timeout = _timeout(timeout)
-        self.metadata = (("authorization", f"Bearer {_token(token)}"),) if token else ()
+        self.metadata = (
+            () if token in (None, "") else (("authorization", f"Bearer {_token(token)}"),)
+        )
         self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
         # grpc takes the first of repeated channel args: the caller's go before the default
         self.options = [*options, ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -611,14 +619,18 @@ class ClientSession:
     ) -> Iterator[StepResult]:
         """One Stream request per item of `inputs` (token lists, or value arrays with
         kind="values"); yields one StepResult per item, in order. An item the client refuses
-        ends the requests there: its ValueError is raised after the earlier items' results."""
+        ends the requests there: its ValueError is raised after the earlier items' results.
+        Closing the iterator early cancels the call."""
         reqs = _Requests(self, kind, output, top_k)
+        call = self.client.stub.Stream(reqs.of(inputs), metadata=self.client._md(self.id))
         try:
-            for resp in self.client.stub.Stream(reqs.of(inputs), metadata=self.client._md(self.id)):
+            for resp in call:
                 yield reqs.result(resp)
         except grpc.RpcError as e:
             reqs.raise_refused(e)
             raise
+        finally:  # left early (close, Ctrl-C): no more inputs are sent, even while a
+            call.cancel()  # traceback (the REPL's last one) still holds the call
         reqs.raise_refused()
 
     def open_stream(self) -> StreamHandle:
@@ -742,10 +754,19 @@ class AsyncClient(_Base):
         else:
             self.channel = grpc.aio.secure_channel(target, self.credentials, options=self.options)
         self.stub = pb_grpc.StreamingInferenceStub(self.channel)
-        self.closed = False  # its streams' sends say so when it closes under them
+        self.closed = False  # its calls and streams' sends say so when it closes under them
+
+    async def _unary(self, call):
+        """A unary call's response (grpc.aio raises asyncio.CancelledError for a call that
+        close() ended: said as CANCELLED, see _closed_under)."""
+        try:
+            return await call
+        except asyncio.CancelledError:
+            _closed_under(self)
+            raise
 
     async def info(self) -> pb.ModelInfo:
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
+        return await self._unary(self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw()))
 
     async def create_session(
         self,
@@ -757,7 +778,7 @@ class AsyncClient(_Base):
         """As Client.create_session."""
         session_id = choose_session_id(session_id)
         req = create_request(session_id, ttl, snapshot, prompt)
-        s = await self.stub.CreateSession(req, **self._kw(session_id))
+        s = await self._unary(self.stub.CreateSession(req, **self._kw(session_id)))
         session = AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
         if _prompt_ignored(req, s):
             with contextlib.suppress(grpc.RpcError):
@@ -772,13 +793,15 @@ class AsyncClient(_Base):
         self, snapshot: bytes, session_id: str = "", ttl: float = 0.0
     ) -> AsyncClientSession:
         session_id = choose_session_id(session_id)
-        s = await self.stub.RestoreSession(
-            pb.RestoreRequest(
-                snapshot=_bytes("snapshot", snapshot),
-                session_id=session_id,
-                ttl_seconds=_number("ttl", ttl),
-            ),
-            **self._kw(session_id),
+        s = await self._unary(
+            self.stub.RestoreSession(
+                pb.RestoreRequest(
+                    snapshot=_bytes("snapshot", snapshot),
+                    session_id=session_id,
+                    ttl_seconds=_number("ttl", ttl),
+                ),
+                **self._kw(session_id),
+            )
         )
         return AsyncClientSession(self, s.session_id, s.position)
 
@@ -787,6 +810,7 @@ class AsyncClient(_Base):
         return AsyncClientSession(self, "", 0).generate(prompt, **kw)
 
     async def close(self) -> None:
+        """Close the channel; a call in flight raises CANCELLED "the client was closed"."""
         self.closed = True
         await self.channel.close()
 
@@ -811,9 +835,13 @@ class AsyncClientSession:
 
     async def rewind(self, position: int, timeout: float | None = None) -> int:
         """As ClientSession.rewind."""
-        s = await self.client.stub.RewindSession(
-            pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1)),
-            **self.client._kw(self.id, timeout),
+        s = await self.client._unary(
+            self.client.stub.RewindSession(
+                pb.RewindRequest(
+                    session_id=self.id, position=_count("position", position, 2**64 - 1)
+                ),
+                **self.client._kw(self.id, timeout),
+            )
         )
         self.position = s.position
         return s.position
@@ -822,7 +850,8 @@ class AsyncClientSession:
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
         req = step_request(self.id, tokens, values, output, top_k)
-        r = StepResult.from_proto(await self.client.stub.Step(req, **self.client._kw(self.id)))
+        call = self.client.stub.Step(req, **self.client._kw(self.id))
+        r = StepResult.from_proto(await self.client._unary(call))
         self.position = r.position
         return r
 
@@ -841,8 +870,10 @@ class AsyncClientSession:
     ) -> AsyncIterator[pb.GenerateResponse]:
         check_generate(req, await self.client.info())
         await self.rewind(position)
-        async for r in self.generate(prompt, **kw):
-            yield r
+        # closed with this one (aclose, a break): `async for` alone left the Generate open
+        async with contextlib.aclosing(self.generate(prompt, **kw)) as generation:
+            async for r in generation:
+                yield r
 
     async def stream(
         self, inputs: Iterable, output: str = "last", top_k: int = 0, kind: str = "tokens"
@@ -857,6 +888,9 @@ class AsyncClientSession:
                 yield reqs.result(resp)
         except grpc.RpcError as e:
             reqs.raise_refused(e)
+            raise
+        except asyncio.CancelledError:
+            _closed_under(self.client)
             raise
         finally:  # left early (break, aclose): no more inputs are sent
             call.cancel()
@@ -875,29 +909,38 @@ class AsyncClientSession:
                     self.id = r.session_id
                 self.position = r.position
                 yield r
+        except asyncio.CancelledError:
+            _closed_under(self.client)
+            raise
         finally:
             call.cancel()
 
     async def snapshot(self) -> bytes:
-        snap = await self.client.stub.SnapshotSession(
-            pb.SnapshotRequest(session_id=self.id), **self.client._kw(self.id)
+        snap = await self.client._unary(
+            self.client.stub.SnapshotSession(
+                pb.SnapshotRequest(session_id=self.id), **self.client._kw(self.id)
+            )
         )
         self.position = snap.position
         return snap.data
 
     async def fork(self, new_session_id: str = "") -> AsyncClientSession:
-        s = await self.client.stub.ForkSession(
-            pb.ForkRequest(
-                session_id=self.id,
-                new_session_id=choose_session_id(new_session_id, "new_session_id"),
-            ),
-            **self.client._kw(self.id),
+        s = await self.client._unary(
+            self.client.stub.ForkSession(
+                pb.ForkRequest(
+                    session_id=self.id,
+                    new_session_id=choose_session_id(new_session_id, "new_session_id"),
+                ),
+                **self.client._kw(self.id),
+            )
         )
         return AsyncClientSession(self.client, s.session_id, s.position)
 
     async def close(self) -> int:
-        s = await self.client.stub.CloseSession(
-            pb.CloseSessionRequest(session_id=self.id), **self.client._kw(self.id)
+        s = await self.client._unary(
+            self.client.stub.CloseSession(
+                pb.CloseSessionRequest(session_id=self.id), **self.client._kw(self.id)
+            )
         )
         self.position = s.position
         return s.position
@@ -921,8 +964,8 @@ class AsyncStreamHandle:
     ) -> StepResult:
         req = step_request(self.session.id, tokens, values, output, top_k)
         async with self._turn:
-            if self._closed:  # grpc.aio would raise CancelledError, as if the task was
-                raise self._closed_error()
+            if self._closed or self.session.client.closed:  # grpc.aio would raise
+                raise self._closed_error()  # CancelledError, as if the task was
             if self._call.done():  # ended by an earlier request's error: raise that status
                 if self._call.cancelled():  # an earlier send was cancelled (a timeout)
                     raise _cancelled("this stream was cancelled by an earlier send's cancellation")
@@ -969,6 +1012,15 @@ class AsyncStreamHandle:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def _closed_under(client: AsyncClient) -> None:
+    """In an `except asyncio.CancelledError`: where the client's close() ended the call (and
+    the task itself is not being cancelled), raise CANCELLED "the client was closed", as the
+    sync client raises an RpcError (not CancelledError: a task cancelled though nothing
+    cancelled it, which ends the caller's gather or TaskGroup as if it was cancelled)."""
+    if client.closed and not _cancelling():
+        raise _cancelled("the client was closed") from None
 
 
 def _cancelling() -> bool:

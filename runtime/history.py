@@ -24,8 +24,9 @@ that session's step: each history has a lock, and a released history ignores lat
 
 Bytes per session are bounded: at most 2·W / Q + 3 checkpoints of S × 4 bytes (each is
 more than Q inputs past the one two before it; fed by whole chunks or single steps they are
-Q apart, W / Q + 2 of them) and W + Q inputs, kept as rows of one array with at most 2 Q
-rows spare (`max_bytes`). All sessions' checkpoints
+Q apart, W / Q + 2 of them) and W + Q inputs (W + the most inputs between two checkpoints,
+where they can be more than Q apart), kept as rows of one array with at most 2 Q rows spare
+(`max_bytes`). All sessions' checkpoints
 together are bounded by a shared `CheckpointBudget` (the server's --rewind-memory-mb): a
 session that would take the total past it drops its own oldest checkpoints first, so its
 window shrinks instead (and `max_bytes` counts at most the budget for one session).
@@ -174,15 +175,22 @@ class History:
 
     @staticmethod
     def max_bytes(
-        window: int, chunk: int, state_size: int, input_bytes: int, limit: int = 0
+        window: int,
+        chunk: int,
+        state_size: int,
+        input_bytes: int,
+        limit: int = 0,
+        spacing: int | None = None,
     ) -> int:
         """The most bytes one session's history can hold; under a CheckpointBudget `limit`
         its checkpoints hold at most the limit (one at least: a session past it keeps its
-        newest)."""
+        newest). spacing: the most inputs between two checkpoints (default: the chunk; more
+        where requests leave states only at their ends: no chunk-end states)."""
         checkpoints = (2 * (window // chunk) + 3) * 4 * state_size
         if limit:
             checkpoints = min(checkpoints, max(limit, 4 * state_size))
-        return checkpoints + (window + 3 * chunk) * input_bytes  # W + Q kept, 2 Q spare
+        gap = max(chunk, spacing or chunk)
+        return checkpoints + (window + gap + 2 * chunk) * input_bytes  # W + gap kept, 2 Q spare
 
     @property
     def nbytes(self) -> int:

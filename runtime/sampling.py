@@ -8,6 +8,7 @@ Given logits z ∈ R^V for a vocabulary of V tokens:
                                renormalize
     top-p (0 < p < 1):         keep the smallest set of most likely tokens whose
                                probability sums to ≥ p (nucleus sampling), renormalize
+                               (p = 0 or 1: off; 0 is the wire's default, as k = 0)
 
 Filters apply in that order (temperature, then top-k, then top-p). A seeded
 `numpy.random.Generator` makes a sample reproducible.
@@ -31,7 +32,7 @@ class SamplingConfig:
 
     temperature: 0 → greedy (argmax); > 0 divides the logits.
     top_k: 0 → off; else keep the k most likely tokens (and any tied with the k-th).
-    top_p: 1.0 → off; else nucleus sampling with mass p, 0 < p ≤ 1.
+    top_p: 0 or 1 → off; else nucleus sampling with mass p, 0 < p < 1.
     seed: None → nondeterministic; else the seed of the generator.
     """
 
@@ -59,8 +60,8 @@ def check_params(temperature: float, top_k: int, top_p: float) -> tuple[float, i
         raise InvalidInput("temperature", f"must be finite and >= 0, got {t}")
     k = integer(top_k, "top_k", note=" (0 = off)")
     p = real_number(top_p, "top_p", "a real number")
-    if not 0.0 < p <= 1.0:
-        raise InvalidInput("top_p", f"must be in (0, 1] (1 = off), got {p}")
+    if not 0.0 <= p <= 1.0:
+        raise InvalidInput("top_p", f"must be in [0, 1] (0 or 1 = off), got {p}")
     return t, k, p
 
 
@@ -104,7 +105,7 @@ def _probabilities(z: np.ndarray, temperature: float, top_k: int, top_p: float) 
         kth = np.partition(p, V - top_k)[V - top_k]
         p[p < kth] = 0.0
     p /= p.sum()
-    if top_p < 1.0:
+    if 0 < top_p < 1.0:
         order = np.argsort(-p, kind="stable")  # [V] most likely first
         cum = np.cumsum(p[order])  # [V]
         keep = int(np.searchsorted(cum, top_p, side="left")) + 1  # smallest prefix with mass >= p

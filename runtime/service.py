@@ -235,17 +235,23 @@ class SessionService:
         if self.limits.rewind_window <= 0:
             return 0
         per_input = 8 if self.engine.input_kind == "tokens" else 4 * self.engine.d_input
+        # without chunk-end states a request (or a prompt's cached pieces) leaves states only
+        # where it ends, or a prefill call does: checkpoints up to one request apart
+        spacing = None if self.engine.prefill_chunk_states else self.limits.max_tokens_per_request
         return History.max_bytes(
             self.limits.rewind_window,
             self.chunk,
             self.engine.state_size,
             per_input,
             self.checkpoint_budget.limit,
+            spacing,
         )
 
     def feature_stats(self) -> dict:
         """The prefix cache's counters and the bytes of rewind history all sessions hold."""
-        held = sum(s.history.nbytes for s in self.store.sessions() if s.history is not None)
+        # each history read once: a scrape runs in its own thread while a session may drop it
+        histories = [s.history for s in self.store.sessions()]
+        held = sum(h.nbytes for h in histories if h is not None)
         return {"prefix_cache": self.prefix_cache.stats(), "checkpoint_bytes": held}
 
     def _scope(self, principal: str) -> str:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 
 import numpy as np
@@ -168,15 +169,17 @@ def model_info(info: dict, config: ServerConfig, checkpoint_bytes: int) -> pb.Mo
             max_new_tokens=config.max_new_tokens,
             rewind_window=config.rewind_window,
             checkpoint_bytes_per_session=checkpoint_bytes,
-            prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
+            prefix_cache_bytes=math.ceil(config.prefix_cache_mb * 2**20),  # as the server's
             prefix_cache_scope=config.prefix_cache_scope,
         ),
     )
 
 
-def session_message(s, cached_tokens: int = 0) -> pb.Session:
+def session_message(s, cached_tokens: int = 0, position: int | None = None) -> pb.Session:
+    """position: the one to report (default: the session's now)."""
+    position = s.position if position is None else position
     return pb.Session(
-        session_id=s.id, position=s.position, ttl_seconds=s.ttl, cached_tokens=cached_tokens
+        session_id=s.id, position=position, ttl_seconds=s.ttl, cached_tokens=cached_tokens
     )
 
 
@@ -269,7 +272,8 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
     @grpc_errors
     async def RewindSession(self, request, context):
         s = await self.service.rewind(current_principal(), request.session_id, request.position)
-        return session_message(s)
+        # where the rewind left it: a Step queued behind the rewind may have moved it on since
+        return session_message(s, position=request.position)
 
     @grpc_errors
     async def Step(self, request, context):

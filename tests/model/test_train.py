@@ -1146,3 +1146,67 @@ def test_resume_of_a_checkpoint_saved_before_world_size_was_recorded(stopped_run
             assert len(said) == 1 and "with 1 process(es), saved with 2" in said[0]
         else:
             assert said == []
+
+
+def _files(out: Path) -> dict:
+    """Every file of a run directory: its bytes and modification time."""
+    return {
+        p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
+
+
+SIGNAL_ARGV = [
+    "--task", "signal", "--rate", "4", "--duration", "8", "--steps", "6", "--warmup-steps", "1",
+    "--batch-size", "2", "--log-every", "2", "--eval-every", "3", "--eval-batches", "1",
+    "--no-progress", "--threads", "1", "--resume",
+]  # fmt: skip  # _signal_cfg's run
+
+
+def test_resume_with_a_stop_after_before_the_checkpoint_is_refused_changing_nothing(
+    stopped_run, tmp_path, capsys
+):
+    """The run stopped at 3: --stop-after 2 cannot be met (the log said "steps 3 → 2", the
+    command succeeded and the log was rewritten without its torn last line)."""
+    out = _copy(stopped_run, tmp_path / "o")
+    with (out / "train_log.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 1.0\n')  # a torn line, which a resume drops
+    before = _files(out)
+
+    def refusal(stop_after):
+        return (
+            f"cannot resume {out}: stop_after={stop_after} is before its checkpoint's step 3 "
+            "(a resumed run goes on from there); pass a later --stop-after or leave it out"
+        )
+
+    for stop_after in (1, 2):
+        with pytest.raises(ValueError) as e:
+            fit(None, _signal_cfg(out, resume=True, stop_after=stop_after))
+        assert str(e.value) == refusal(stop_after)
+        assert _files(out) == before
+    assert main([*SIGNAL_ARGV, "--out", str(out), "--stop-after", "2"]) == 2
+    assert capsys.readouterr().err == f"ssmstream train: error: {refusal(2)}\n"
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("complete", [False, True], ids=["at-its-stop-after", "complete"])
+def test_resume_at_the_step_it_would_stop_at_does_nothing(stopped_run, tmp_path, caplog, complete):
+    """At its --stop-after (3), or complete (--steps 6): one line says there is nothing to
+    do, and no file of the run changes (the log was rewritten)."""
+    out = _copy(stopped_run, tmp_path / "o")
+    if complete:
+        assert fit(None, _signal_cfg(out, resume=True)).step == 6
+    step, stop_after = (6, None) if complete else (3, 3)
+    with (out / "train_log.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 1.0\n')
+    before = _files(out)
+    caplog.clear()  # the completing run's lines (logged where an earlier test set INFO)
+    with caplog.at_level(logging.INFO, logger=train_mod.__name__):
+        assert fit(None, _signal_cfg(out, resume=True, stop_after=stop_after)).step == step
+        argv = [*SIGNAL_ARGV, "--out", str(out)]
+        assert main(argv + (["--stop-after", "3"] if stop_after else [])) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == train_mod.__name__]
+    nothing = f"{out} is at step {step} of 6 already: nothing to do"
+    assert said == [nothing, nothing, f"checkpoint at step {step}: {out}"]
+    assert _files(out) == before

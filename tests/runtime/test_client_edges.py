@@ -229,3 +229,23 @@ def test_generate_cli_ignores_blank_items_in_id_lists(toy_server, capsys):
     argv = _cli(toy_server, "--temperature", "0", "--max-new-tokens", "4", "--stop", " , ")
     assert generate_main([*argv, "1,2, "]) == 0
     assert [int(t) for t in capsys.readouterr().out.split()] == want
+
+
+def test_closing_an_async_regenerate_early_cancels_its_generate_at_once(toy_server):
+    """aclose() of a regenerate cancels its Generate call before it returns, as a generate's
+    does (the call stayed open until the garbage collector closed the generation inside)."""
+
+    async def run():
+        async with AsyncClient(target(toy_server), timeout=10) as c:
+            calls, real = [], c.stub.Generate
+            c.stub.Generate = lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1]
+            s, t = [await c.create_session(prompt=PROMPT) for _ in range(2)]
+            ended = []
+            for g in (s.generate([1], max_new_tokens=50), t.regenerate(3, [1], max_new_tokens=50)):
+                async for _ in g:
+                    break
+                await g.aclose()
+                ended.append(calls[-1].cancelled())
+            return ended
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == [True, True]

@@ -636,6 +636,49 @@ def test_a_send_interrupted_while_it_waits_ends_the_stream_instead_of_answering_
         s.close()
 
 
+def test_a_stream_interrupted_while_it_waits_cancels_its_call(toy_server):
+    """Ctrl-C while a sync stream() waits for a response cancels the call, as generate's
+    does: while anything held the call (the interrupt's traceback does, as the REPL's last
+    one), grpc went on sending the caller's inputs, the session kept advancing and stayed
+    attached to the Stream."""
+
+    class Interrupted:  # the wait for the second response is interrupted
+        def __init__(self, call):
+            self.call, self.waits = call, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.waits += 1
+            if self.waits == 2:
+                raise KeyboardInterrupt
+            return next(self.call)
+
+        def cancel(self):
+            return self.call.cancel()
+
+    def inputs():
+        while True:
+            yield [1]
+
+    with Client(target(toy_server), timeout=10) as c:
+        calls, real = [], c.stub.Stream
+        c.stub.Stream = lambda *a, **kw: calls.append(Interrupted(real(*a, **kw))) or calls[-1]
+        s = c.create_session()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in s.stream(inputs()):
+                pass
+        assert calls[0].call.cancelled()
+        deadline = time.monotonic() + 10
+        while toy_server.server.service.attached and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server lets go of the ended stream
+        at = position_on_server(toy_server, s.id)
+        time.sleep(0.05)
+        assert s.step(tokens=[2]).position == at + 1  # no input arrived after the cancel
+        s.close()
+
+
 @pytest.mark.parametrize(
     "sync, aio",
     [("Client", "AsyncClient"), ("ClientSession", "AsyncClientSession"),

@@ -437,6 +437,33 @@ def test_a_token_with_a_space_is_refused_naming_it():
             AsyncClient("127.0.0.1:1", token=token, timeout=10)
 
 
+@pytest.mark.parametrize(
+    "token, said",
+    [
+        (b"tok-0123", "token: must be a str (None: no token), got bytes; decode it first"),
+        (bytearray(b"t"), "token: must be a str (None: no token), got bytearray; decode it first"),
+        (b"", "token: must be a str (None: no token), got bytes; decode it first"),
+        (0, "token: must be a str (None: no token), got int"),
+        ("tok 0123", "token: must be visible ASCII characters (no blanks, no newline)"),
+        ("tok-0123\n", "token: must be visible ASCII characters (no blanks, no newline)"),
+        ("tök-0123", "token: must be visible ASCII characters (no blanks, no newline)"),
+    ],
+    ids=["bytes", "bytearray", "empty-bytes", "zero", "space", "newline", "non-ascii"],
+)
+def test_a_token_that_is_no_str_of_visible_ascii_is_refused_at_construction(token, said):
+    """Bytes were refused as not visible ASCII; a falsy non-str (b"", 0) was taken as no
+    token. Each is a ValueError naming `token` before any call (port 1: nothing listens);
+    None and "" send no token."""
+    for cls in (Client, AsyncClient):
+        with pytest.raises(ValueError) as e:
+            cls("127.0.0.1:1", token=token, timeout=10)
+        assert str(e.value) == said
+    with Client("127.0.0.1:1", token=None) as none, Client("127.0.0.1:1", token="") as empty:
+        assert none.metadata == empty.metadata == ()
+    with Client("127.0.0.1:1", token="t-1") as one:
+        assert one.metadata == (("authorization", "Bearer t-1"),)
+
+
 def test_close_ends_the_stream_handles_still_held_open(srv):
     """Client.close() closes the handles the caller still holds: their request threads end
     (not only those of handles dropped without close)."""

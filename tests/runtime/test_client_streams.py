@@ -311,12 +311,22 @@ class _ResetAfterTheAnswers:
     """A Stream stub that answers every request it reads, then fails with _Reset."""
 
     def Stream(self, requests, metadata=None):  # noqa: N802 - the stub's method name
-        def responses():
-            for n, req in enumerate(requests, 1):
-                yield _answers(req, n)
-            raise _Reset()
+        return _Call(requests)
 
-        return responses()
+
+class _Call:
+    """The answers as grpc's call gives them: an iterable with cancel()."""
+
+    def __init__(self, requests):
+        self.requests = requests
+
+    def __iter__(self):
+        for n, req in enumerate(self.requests, 1):
+            yield _answers(req, n)
+        raise _Reset()
+
+    def cancel(self):
+        return True
 
 
 class _AsyncResetAfterTheAnswers:

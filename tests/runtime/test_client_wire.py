@@ -192,3 +192,19 @@ def test_a_send_whose_task_is_cancelled_as_its_handle_closes_stays_cancelled(rec
             return task.cancelled()
 
     assert asyncio.run(asyncio.wait_for(run(), 30)) is True
+
+
+def test_an_async_send_after_its_client_closed_says_the_client_was_closed(recorder):
+    """Not "cancelled by an earlier send's cancellation": no send was cancelled."""
+
+    async def run():
+        c = AsyncClient(recorder.target, timeout=10)
+        h = c.session("s-1").open_stream()
+        assert (await h.send(tokens=[1, 2])).position == 2
+        await c.close()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await h.send(tokens=[3])
+        return e.value.code(), e.value.details()
+
+    got = asyncio.run(asyncio.wait_for(run(), 30))
+    assert got == (grpc.StatusCode.CANCELLED, "the stream's client was closed")

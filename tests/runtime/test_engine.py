@@ -471,7 +471,7 @@ def test_generate_bad_arguments(tok_engine, sig_engine, make_toy, tmp_path):
     with pytest.raises(InvalidInput, match="max_new_tokens"):
         tok_engine.generate([1], max_new_tokens=-1)
     with pytest.raises(InvalidInput, match="top_p"):
-        tok_engine.generate([1], top_p=0.0)
+        tok_engine.generate([1], top_p=-0.1)
     with pytest.raises(InvalidInput, match="state"):
         tok_engine.generate([1], state=np.zeros(3, dtype=np.float32))
     for stop in ([99], ["a"], [1.5], 5, None):

@@ -5,6 +5,7 @@ session reported at each position as it went."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -827,3 +828,30 @@ def test_a_rewind_that_lands_after_release_is_ignored():
     h.release()
     h.rewound(2)
     assert budget.used == 0 and h.nbytes == 0 and h.released
+
+
+def test_without_chunk_states_a_session_holds_at_most_the_bytes_the_limits_say(make_toy, tmp_path):
+    """An older export's prefill leaves a state only where each call ends (here 48 inputs
+    apart), so a session keeps the inputs since a checkpoint that far back:
+    checkpoint_bytes_per_session (GetModelInfo) still bounds what it holds."""
+    toy = make_toy(tmp_path / "old", chunk_states=False)
+    manifest = toy["model_dir"] / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["graphs"]["prefill"]["max_len"] = 48  # one call for a whole request
+    manifest.write_text(json.dumps(m))
+    engine = Engine(toy["model_dir"], device="cpu", threads=1)
+
+    async def main():
+        svc = await started(engine, rewind_window=8, max_tokens_per_request=48)
+        s, _ = await svc.create("p")
+        await svc.step("p", s.id, np.arange(48) % V)  # states at 0 and 48 only
+        assert [c for c, _ in s.history._checkpoints] == [0, 48]
+        assert s.history.nbytes == 2 * 4 * S + 48 * 8
+        assert s.history.nbytes <= svc.checkpoint_bytes_per_session()
+        await svc.rewind("p", s.id, 40)  # the window's start: 40 inputs replayed from 0
+        np.testing.assert_allclose(
+            svc.store.read(s), fresh_state(engine, np.arange(40) % V), atol=1e-5
+        )
+        await svc.batcher.close()
+
+    run(main())

@@ -97,7 +97,8 @@ def test_seeded_samplers_repeat_and_minus_inf_is_never_drawn():
         ({"temperature": "hot"}, "temperature"),
         ({"top_k": -1}, "top_k"),
         ({"top_k": 2.5}, "top_k"),
-        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"seed": -3}, "seed"),
     ],
@@ -162,6 +163,27 @@ def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_p_exactly():
     np.testing.assert_array_equal(probabilities(logits, top_p=0.75), [2 / 3, 1 / 3, 0.0])
     rng = np.random.default_rng(0)
     assert {sample(logits, top_p=0.5, rng=rng) for _ in range(50)} == {0}
+
+
+@pytest.mark.parametrize("off", [0, 0.0, -0.0])
+def test_top_p_zero_is_off_as_on_the_wire(off):
+    """0 is the wire's default and means off there (as top_k = 0): in process too, the
+    distribution and the seeded draws are those of top_p = 1 (0 was refused)."""
+    logits = np.log(np.array([0.5, 0.25, 0.125, 0.125]))
+    p = probabilities(logits, top_p=off)
+    np.testing.assert_allclose(p, [0.5, 0.25, 0.125, 0.125], rtol=1e-12)
+    np.testing.assert_array_equal(p, probabilities(logits, top_p=1.0))
+    rng_off, rng_full = np.random.default_rng(4), np.random.default_rng(4)
+    draws = [sample(logits, top_p=off, rng=rng_off) for _ in range(20)]
+    assert draws == [sample(logits, top_p=1.0, rng=rng_full) for _ in range(20)]
+    assert set(draws) == {0, 1, 2, 3}  # every token is drawn: no nucleus
+    off_sampler = Sampler(SamplingConfig(top_p=off, seed=3))
+    full_sampler = Sampler(SamplingConfig(top_p=1.0, seed=3))
+    assert [off_sampler(logits) for _ in range(20)] == [full_sampler(logits) for _ in range(20)]
+    for bad in (-0.01, 1.01, float("nan")):
+        with pytest.raises(InvalidInput) as e:
+            SamplingConfig(top_p=bad)
+        assert str(e.value) == f"top_p: must be in [0, 1] (0 or 1 = off), got {bad}"
 
 
 V = 5
@@ -269,8 +291,8 @@ def test_any_real_or_integer_type_samples_as_its_python_value(kwargs, reference)
     "kwargs, field, words",
     [
         ({"temperature": 10**400}, "temperature", "must be finite and >= 0, got inf"),
-        ({"top_p": 10**400}, "top_p", "must be in (0, 1] (1 = off), got inf"),
-        ({"top_p": -(10**400)}, "top_p", "must be in (0, 1] (1 = off), got -inf"),
+        ({"top_p": 10**400}, "top_p", "must be in [0, 1] (0 or 1 = off), got inf"),
+        ({"top_p": -(10**400)}, "top_p", "must be in [0, 1] (0 or 1 = off), got -inf"),
     ],
 )
 def test_ints_beyond_float_range_are_refused_naming_the_field(kwargs, field, words):

@@ -256,6 +256,18 @@ def test_generate_with_seed_is_reproducible(client, engine):
     assert a != greedy_reference(engine, prompt, 12)
 
 
+def test_top_p_zero_is_off_in_process_as_over_the_wire(client, engine):
+    """top_p = 0 (the wire's default, "off") gives the tokens of top_p = 1 for the same seed,
+    from Engine.generate (which refused 0) and from the server alike."""
+    prompt = tokens_for(engine, 3, seed=11).tolist()
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=5)
+    full = list(engine.generate(prompt, top_p=1.0, **kw))
+    assert full != greedy_reference(engine, prompt, 12)  # sampled, not the smallest nucleus
+    for off in (0, 0.0):
+        assert list(engine.generate(prompt, top_p=off, **kw)) == full
+        assert [r.token for r in client.generate(prompt, top_p=off, **kw)] == full
+
+
 def test_generate_cancel_leaves_session_consistent(client, engine):
     prompt = tokens_for(engine, 3, seed=10)
     s = client.create_session()

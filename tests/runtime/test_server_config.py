@@ -196,7 +196,7 @@ def test_token_table_maps_tokens_to_principals(tmp_path):
     [
         ("only-a-token\n", r":1: expected '<token> <principal>'"),
         ("tok alice\ntok bob\n", r":2: duplicate token"),
-        ("# nothing\n", "empty"),
+        ("# nothing\n", r"tokens holds no '<token> <principal>' line"),
         ("tok alice\ntok\xff bob\n", r":2: not valid UTF-8$"),  # no byte of it quoted
         ("tok alice\ntok\x7f bob\n", r":2: the token must be visible ASCII"),  # DEL
     ],

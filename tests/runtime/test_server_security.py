@@ -74,15 +74,14 @@ def test_every_rpc_needs_a_valid_token(auth_server, caplog):
                     code, msg = code_of(fn)
                     assert code == grpc.StatusCode.UNAUTHENTICATED, (name, token, code)
                     assert "bearer token" in msg and (not token or token not in msg)
-        # a malformed header is refused as well
+        # a malformed header, or one with an empty token, is refused as well
         raw = grpc.insecure_channel(target)
-        md = (("authorization", f"Basic {ALICE}"),)
-        code, _ = code_of(
-            lambda: raw.unary_unary("/ssmstream.v1.StreamingInference/GetModelInfo")(
-                pb.GetModelInfoRequest().SerializeToString(), metadata=md, timeout=10
-            )
-        )
-        assert code == grpc.StatusCode.UNAUTHENTICATED
+        info = raw.unary_unary("/ssmstream.v1.StreamingInference/GetModelInfo")
+        for value in (f"Basic {ALICE}", "Bearer ", "Bearer   "):
+            md = (("authorization", value),)
+            with pytest.raises(grpc.RpcError) as e:
+                info(pb.GetModelInfoRequest().SerializeToString(), metadata=md, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, value
         raw.close()
         assert alice.session(sid).step(tokens=[1]).position == 1  # untouched by the above
     for secret in (ALICE, BOB, "wrong-token-5b1e"):
@@ -269,6 +268,38 @@ def test_a_tokens_file_with_a_bom_keeps_its_first_token_and_non_ascii_tokens_are
     assert str(e.value) == (
         f"auth_tokens: {path}:2: the token must be visible ASCII (no client can send another)"
     )
+
+
+NO_TOKEN_LINE = "holds no '<token> <principal>' line (only blank lines and # comments)"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# tokens of the team\n   \n#tok-a alice\n"])
+def test_a_tokens_file_without_a_token_line_is_refused_naming_the_file(tmp_path, caplog, text):
+    """Only blank lines and comments: one error naming the file (it said "the token table is
+    empty" after an info line counting 0 tokens)."""
+    path = tmp_path / "tokens"
+    path.write_text(text)
+    with caplog.at_level(logging.INFO, logger=auth.__name__), pytest.raises(ValueError) as e:
+        TokenTable.from_file(path)
+    assert str(e.value) == f"auth_tokens: {path} {NO_TOKEN_LINE}"
+    assert caplog.records == []
+
+
+def test_serve_with_a_tokens_file_without_a_token_line_exits_2_naming_the_flag(
+    toy_token_model, tmp_path, caplog
+):
+    from ssmstream.runtime import server
+
+    path = tmp_path / "tokens"
+    path.write_text("# no tokens yet\n\n")
+    argv = [
+        str(toy_token_model["model_dir"]), "--host", "127.0.0.1", "--port", "0",
+        "--device", "cpu", "--auth-tokens", str(path),
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="ssmstream.runtime"):
+        assert server.main(argv) == 2
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert said == [f"ssmstream serve: --auth-tokens: {path} {NO_TOKEN_LINE}"]
 
 
 @pytest.mark.parametrize(

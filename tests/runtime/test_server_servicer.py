@@ -358,3 +358,32 @@ def test_a_bin_leaves_the_rate_when_its_second_leaves_the_window():
     assert rate.rate() == 0.0
     rate.add(4)  # a new bin (second 110) starts; second 100's bin is dropped
     assert rate.rate() == 4 / 9.25
+
+
+def test_limits_report_the_prefix_cache_bytes_the_cache_holds(toy_token_model):
+    """A fractional --prefix-cache-mb: GetModelInfo says the byte budget the cache keeps
+    (rounded up, as the server sets it), not one byte less."""
+    with serve(toy_token_model["model_dir"], prefix_cache_mb=0.0002) as srv:  # 209.7 bytes
+        with grpc.insecure_channel(target(srv)) as ch:
+            info = pb_grpc.StreamingInferenceStub(ch).GetModelInfo(pb.GetModelInfoRequest())
+        held = srv.server.service.prefix_cache.max_bytes
+    assert info.limits.prefix_cache_bytes == held == 210
+
+
+def test_a_rewind_answers_the_position_it_went_to():
+    """A Step queued behind a RewindSession may run before the rewind's answer is written:
+    the answer still says the position the rewind left the session at."""
+
+    class Moved:
+        id, position, ttl = "s", 9, 600.0  # a later Step took it from 4 to 9
+
+    class Service:
+        info = {**TOKENS, "state_size": 4}
+
+        async def rewind(self, principal, session_id, position):
+            return Moved()
+
+    servicer = StreamingInferenceServicer(Service(), ServerConfig(model_dir="m"), ServerMetrics())
+    request = pb.RewindRequest(session_id="s", position=4)
+    answer = asyncio.run(servicer.RewindSession(request, None))
+    assert (answer.session_id, answer.position) == ("s", 4)

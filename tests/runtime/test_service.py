@@ -160,7 +160,7 @@ def test_bad_requests_change_nothing(toy_tok):
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": math.nan}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
-        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
         ({"stop": [11]}, "stop_tokens"),
         ({"stop": [0] * 12}, "stop_tokens"),  # more stop tokens than the vocabulary has
         ({"prompt": []}, "prompt"),
@@ -179,6 +179,25 @@ def test_bad_generate_fields_name_the_field(toy_tok, kwargs, field):
         await svc.batcher.close()
 
     run(main())
+
+
+def test_generate_with_top_p_zero_samples_as_top_p_one(toy_tok):
+    """The service takes top_p = 0 as off, as the wire and Engine.generate do (it was
+    refused): the same seed draws the same tokens as top_p = 1."""
+
+    async def main():
+        svc = await started(toy_tok)
+        got = {}
+        for top_p in (0.0, 1.0):
+            args = dict(max_new_tokens=12, temperature=1.0, top_p=top_p, seed=9)
+            got[top_p] = [g.token async for _, g in svc.generate("p", "", [3, 1], **args)]
+        await svc.batcher.close()
+        return got
+
+    got = run(main())
+    in_process = toy_tok.generate([3, 1], max_new_tokens=12, temperature=1.0, seed=9)
+    assert got[0.0] == got[1.0] == list(in_process)
+    assert len(set(got[0.0])) > 1
 
 
 def test_generate_is_the_engines_generation_and_feeds_all_but_the_last(toy_tok):

@@ -1,0 +1,110 @@
+"""AsyncClient.close() while its calls are in flight: every call it ends raises an RpcError
+(CANCELLED "the client was closed"), as the sync client's do, not asyncio.CancelledError,
+which made a task nobody cancelled end as cancelled (and an asyncio.gather or TaskGroup
+around it with it). A task that is itself cancelled stays cancelled.
+
+The stand-in server holds every call it gets until the client cancels it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+from ssmstream.protos import inference_pb2 as pb
+from ssmstream.protos import inference_pb2_grpc as pb_grpc
+from ssmstream.runtime.client import AsyncClient
+
+
+class Holder(pb_grpc.StreamingInferenceServicer):
+    """Answers no call: each waits until its client cancels it (at most 30 s)."""
+
+    def __init__(self):
+        self.arrived = threading.Semaphore(0)
+
+    def _hold(self, request, context):
+        self.arrived.release()
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        ended.wait(30)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "held")
+
+    GetModelInfo = CreateSession = RestoreSession = ForkSession = _hold
+    CloseSession = RewindSession = SnapshotSession = Step = _hold
+
+    def Generate(self, request, context):
+        self._hold(request, context)
+        yield pb.GenerateResponse()  # not reached
+
+    def Stream(self, request_iterator, context):
+        next(request_iterator)
+        self._hold(None, context)
+        yield pb.StepResponse()  # not reached
+
+
+@pytest.fixture(scope="module")
+def holder():
+    h = Holder()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_StreamingInferenceServicer_to_server(h, server)
+    h.target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    yield h
+    server.stop(0)
+
+
+async def _first(it):
+    async for r in it:
+        return r
+
+
+CALLS = {
+    "info": lambda c, s: c.info(),
+    "create_session": lambda c, s: c.create_session(),
+    "restore": lambda c, s: c.restore(b"snapshot"),
+    "step": lambda c, s: s.step(tokens=[1]),
+    "rewind": lambda c, s: s.rewind(0),
+    "snapshot": lambda c, s: s.snapshot(),
+    "fork": lambda c, s: s.fork(),
+    "close": lambda c, s: s.close(),
+    "generate": lambda c, s: _first(s.generate([1], max_new_tokens=2)),
+    "stream": lambda c, s: _first(s.stream([[1]])),
+}
+
+
+async def _held(holder, name):
+    """A client and a task whose call `name` the server holds."""
+    c = AsyncClient(holder.target, timeout=10)
+    task = asyncio.ensure_future(CALLS[name](c, c.session("s-1")))
+    assert await asyncio.to_thread(holder.arrived.acquire, True, 10)
+    return c, task
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_a_call_in_flight_when_its_async_client_closes_is_cancelled_not_a_cancelled_task(
+    holder, name
+):
+    async def run():
+        c, task = await _held(holder, name)
+        await c.close()
+        with pytest.raises(grpc.RpcError) as e:
+            await task
+        return e.value.code(), e.value.details(), task.cancelled()
+
+    got = asyncio.run(asyncio.wait_for(run(), 20))
+    assert got == (grpc.StatusCode.CANCELLED, "the client was closed", False)
+
+
+@pytest.mark.parametrize("name", ["step", "generate"])
+def test_a_call_whose_task_is_cancelled_as_its_client_closes_stays_cancelled(holder, name):
+    async def run():
+        c, task = await _held(holder, name)
+        task.cancel()
+        await c.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return task.cancelled()
+
+    assert asyncio.run(asyncio.wait_for(run(), 20)) is True
