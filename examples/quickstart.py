@@ -186,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         p.error(f"--workdir: cannot make {a.workdir}: {e.strerror or e}")
     # SIGTERM (timeout, a cancelled CI job, kill) stops the server as Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         return demo(p, a)
     except subprocess.CalledProcessError as e:  # the command said why, on its stderr
         return e.returncode
+    finally:  # a caller that runs main() in-process gets its own handler back
+        signal.signal(signal.SIGTERM, before)
 
 
 def demo(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:

@@ -7,10 +7,17 @@ The tests that stop a command with Ctrl-C (SIGINT) or a closed terminal (SIGHUP)
 signals to child processes, which inherit an ignored signal: a suite started in the background
 (`cmd &`, where the shell ignores SIGINT) or under nohup (SIGHUP) would see them ignored. The
 suite starts its children with both signals as a terminal leaves them.
+
+A test that leaves a signal handler of its own (or of a script's `main` it ran in-process)
+changes how the rest of the run stops: a SIGTERM from `timeout` or a cancelled CI job became a
+SystemExit raised wherever the suite happened to be. Each test must leave SIGTERM, SIGINT and
+SIGHUP as it found them.
 """
 
 import importlib.util
 import signal
+
+import pytest
 
 if importlib.util.find_spec("torch") is not None:
     import torch
@@ -21,3 +28,16 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_left_as_found():
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    yield
+    left = {s.name: h for s, h in before.items() if signal.getsignal(s) is not h}
+    for s in STOP_SIGNALS:
+        signal.signal(s, before[s])  # the next tests run as if it had
+    assert not left, f"the test left its own handlers of {sorted(left)}"
