@@ -40,6 +40,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import secrets
 import shutil
@@ -124,10 +125,22 @@ class ExportConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ExportError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
-        if not (isinstance(self.dt_scale, (int, float)) and math.isfinite(self.dt_scale)):
+        for name in ("prefill", "verify", "optimize", "overwrite", "progress"):
+            v = getattr(self, name)  # overwrite="no" would replace the model
+            if not isinstance(v, bool):
+                raise ExportError(f"{name} must be true or false, got {v!r}")
+        for name in ("chunk", "max_chunks", "verify_steps", "opset"):
+            v = getattr(self, name)  # 4.0 passed the range checks and failed deep in torch
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ExportError(f"{name} must be an integer, got {v!r}")
+            setattr(self, name, int(v))  # numpy's ints: the manifest is JSON
+        if isinstance(self.dt_scale, bool) or not (
+            isinstance(self.dt_scale, numbers.Real) and math.isfinite(self.dt_scale)
+        ):
             raise ExportError(f"dt_scale must be a finite number, got {self.dt_scale!r}")
         if self.dt_scale <= 0:
             raise ExportError(f"dt_scale must be positive, got {self.dt_scale}")
+        self.dt_scale = float(self.dt_scale)
         if self.chunk < 2 or self.chunk & (self.chunk - 1):
             raise ExportError(f"chunk must be a power of two >= 2, got {self.chunk}")
         if not 3 <= self.max_chunks <= 256:  # tracing needs an example below the maximum

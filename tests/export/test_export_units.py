@@ -52,6 +52,16 @@ def identity_model(pad: int = 0, n_nodes: int = 1) -> onnx.ModelProto:
         (dict(verify_steps=0), "verify_steps must be positive, got 0"),
         (dict(opset=17), "opset must be >= 18, got 17"),
         (dict(dt_scale="2"), "dt_scale must be a finite number, got '2'"),
+        (dict(dt_scale=True), "dt_scale must be a finite number, got True"),
+        (dict(chunk=8.0), "chunk must be an integer, got 8.0"),
+        (dict(chunk="8"), "chunk must be an integer, got '8'"),
+        (dict(max_chunks=4.0), "max_chunks must be an integer, got 4.0"),
+        (dict(max_chunks=True), "max_chunks must be an integer, got True"),
+        (dict(verify_steps=2.5), "verify_steps must be an integer, got 2.5"),
+        (dict(opset=20.0), "opset must be an integer, got 20.0"),
+        (dict(overwrite="no"), "overwrite must be true or false, got 'no'"),
+        (dict(verify="false"), "verify must be true or false, got 'false'"),
+        (dict(prefill=0), "prefill must be true or false, got 0"),
     ],
 )
 def test_export_config_bounds(kwargs, message):
@@ -160,6 +170,17 @@ def test_conversion_cache_key_includes_dt_scale(counted_conversions):
     _convert(net, ExportConfig(optimize=False), calls)  # same content: reused
     _convert(net, ExportConfig(optimize=False, dt_scale=0.5), calls)  # other Δ: converted
     assert calls == [1.0, 0.5]
+
+
+def test_numpy_integers_and_floats_are_taken_as_options(counted_conversions):
+    """Options from a numpy sweep (np.int64 chunk sizes, a np.float32 Δ scale) convert and
+    land in the manifest as JSON numbers."""
+    cfg = ExportConfig(
+        optimize=False, chunk=np.int64(8), max_chunks=np.int32(4), dt_scale=np.float32(0.5)
+    )
+    _convert(tiny_net(), cfg, counted_conversions, graph="prefill")
+    entry = {"chunk": cfg.chunk, "max_len": cfg.max_len, "dt_scale": cfg.dt_scale}
+    assert json.loads(json.dumps(entry)) == {"chunk": 8, "max_len": 32, "dt_scale": 0.5}
 
 
 def test_conversion_cache_key_includes_the_weights(counted_conversions):
