@@ -563,10 +563,15 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
         net, opt, sched, step = _resume(out, model_cfg, cfg, device, dist.world_size)
         check_model_for_task(net.cfg, cfg.task)
         if end < step:  # a run does not go back: refused, and nothing in `out` changes
+            # steps can differ only from a checkpoint that did not record its training config
+            said, fix = (
+                (f"stop_after={cfg.stop_after}", "pass a later --stop-after or leave it out")
+                if end == cfg.stop_after
+                else (f"steps={cfg.steps}", "pass the run's --steps")
+            )
             raise ValueError(
-                f"cannot resume {out}: stop_after={cfg.stop_after} is before its checkpoint's "
-                f"step {step} (a resumed run goes on from there); pass a later --stop-after or "
-                "leave it out"
+                f"cannot resume {out}: {said} is before its checkpoint's step {step} (a resumed "
+                f"run goes on from there); {fix}"
             )
         if end == step:  # at its --stop-after, or complete: nothing changes in `out` either
             if dist.is_main:

@@ -1018,7 +1018,9 @@ def _closed_under(client: AsyncClient) -> None:
     """In an `except asyncio.CancelledError`: where the client's close() ended the call (and
     the task itself is not being cancelled), raise CANCELLED "the client was closed", as the
     sync client raises an RpcError (not CancelledError: a task cancelled though nothing
-    cancelled it, which ends the caller's gather or TaskGroup as if it was cancelled)."""
+    cancelled it, which ends the caller's gather or TaskGroup as if it was cancelled). Before
+    Python 3.11 a task does not tell it is being cancelled: one cancelled as its client closes
+    raises CANCELLED too."""
     if client.closed and not _cancelling():
         raise _cancelled("the client was closed") from None
 

@@ -293,6 +293,11 @@ class ServerConfig:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """--prefix-cache-mb in bytes, rounded up (what the cache holds and GetModelInfo says)."""
+        return math.ceil(self.prefix_cache_mb * 2**20)
+
 
 INT32, UINT32 = 2**31 - 1, 2**32 - 1
 MAX_SECONDS = 1e9  # about 31 years: larger durations overflow Redis's millisecond expiries

@@ -369,7 +369,7 @@ class Server:
             c.session_ttl,
             rewind_window=c.rewind_window,
             rewind_memory_bytes=math.ceil(c.rewind_memory_mb * 2**20),  # > 0: a limit
-            prefix_cache_bytes=math.ceil(c.prefix_cache_mb * 2**20),
+            prefix_cache_bytes=c.prefix_cache_bytes,
             prefix_cache_scope=c.prefix_cache_scope,
         )
         self.service = SessionService(self.engine, self.store, self.batcher, limits)

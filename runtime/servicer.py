@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
 
 import numpy as np
@@ -169,7 +168,7 @@ def model_info(info: dict, config: ServerConfig, checkpoint_bytes: int) -> pb.Mo
             max_new_tokens=config.max_new_tokens,
             rewind_window=config.rewind_window,
             checkpoint_bytes_per_session=checkpoint_bytes,
-            prefix_cache_bytes=math.ceil(config.prefix_cache_mb * 2**20),  # as the server's
+            prefix_cache_bytes=config.prefix_cache_bytes,
             prefix_cache_scope=config.prefix_cache_scope,
         ),
     )

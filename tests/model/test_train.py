@@ -1210,3 +1210,19 @@ def test_resume_at_the_step_it_would_stop_at_does_nothing(stopped_run, tmp_path,
     nothing = f"{out} is at step {step} of 6 already: nothing to do"
     assert said == [nothing, nothing, f"checkpoint at step {step}: {out}"]
     assert _files(out) == before
+
+
+def test_resume_of_an_older_checkpoint_with_fewer_steps_names_steps(stopped_run, tmp_path):
+    """A checkpoint saved before its training config was recorded takes another --steps: one
+    before the checkpoint's step is refused naming steps, not the --stop-after not given."""
+    out = _copy(stopped_run, tmp_path / "o")
+    meta = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**meta, "train": None}))
+    before = _files(out)
+    with pytest.raises(ValueError) as e:
+        fit(None, _signal_cfg(out, resume=True, steps=2))
+    assert str(e.value) == (
+        f"cannot resume {out}: steps=2 is before its checkpoint's step 3 (a resumed run goes "
+        "on from there); pass the run's --steps"
+    )
+    assert _files(out) == before

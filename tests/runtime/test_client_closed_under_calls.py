@@ -8,6 +8,7 @@ The stand-in server holds every call it gets until the client cancels it."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from concurrent import futures
 
@@ -97,6 +98,9 @@ def test_a_call_in_flight_when_its_async_client_closes_is_cancelled_not_a_cancel
     assert got == (grpc.StatusCode.CANCELLED, "the client was closed", False)
 
 
+@pytest.mark.skipif(  # before it, a close under the call is taken as what ended it
+    sys.version_info < (3, 11), reason="a task tells it is being cancelled from Python 3.11"
+)
 @pytest.mark.parametrize("name", ["step", "generate"])
 def test_a_call_whose_task_is_cancelled_as_its_client_closes_stays_cancelled(holder, name):
     async def run():

@@ -10,6 +10,7 @@ server ends the Stream after its first request, with no response)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from concurrent import futures
 
@@ -178,6 +179,9 @@ def test_an_async_send_in_flight_when_its_client_closes_says_the_client_was_clos
     assert got == (grpc.StatusCode.CANCELLED, "the stream's client was closed", False)
 
 
+@pytest.mark.skipif(  # before it, a close under the call is taken as what ended it
+    sys.version_info < (3, 11), reason="a task tells it is being cancelled from Python 3.11"
+)
 def test_a_send_whose_task_is_cancelled_as_its_handle_closes_stays_cancelled(recorder):
     """The task was cancelled: that wins over the close under it (an RpcError would be
     raised into a task its owner cancelled)."""
