@@ -12,6 +12,10 @@ A test that leaves a signal handler of its own (or of a script's `main` it ran i
 changes how the rest of the run stops: a SIGTERM from `timeout` or a cancelled CI job became a
 SystemExit raised wherever the suite happened to be. Each test must leave SIGTERM, SIGINT and
 SIGHUP as it found them.
+
+`graphs_without_torch` stands a one-node graph in for each torch → ONNX conversion (seconds
+each): for tests of what an export or a benchmark does around its graphs (manifests, caches,
+renames), not of the graphs.
 """
 
 import importlib.util
@@ -41,3 +45,23 @@ def _signal_handlers_left_as_found():
     for s in STOP_SIGNALS:
         signal.signal(s, before[s])  # the next tests run as if it had
     assert not left, f"the test left its own handlers of {sorted(left)}"
+
+
+@pytest.fixture
+def graphs_without_torch(monkeypatch):
+    """export_network writes a one-node graph in place of each converted one (and keeps it
+    out of this process's conversion cache): for tests of what happens around the graphs."""
+    import onnx
+    from ssmstream.export import exporter
+
+    h = onnx.helper
+
+    def one_node(*args, **kwargs) -> onnx.ModelProto:
+        x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+        y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+        graph = h.make_graph([h.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        return h.make_model(graph, opset_imports=[h.make_opsetid("", 20)])
+
+    monkeypatch.setattr(exporter, "_CONVERTED", type(exporter._CONVERTED)())
+    monkeypatch.setattr(exporter, "torch_to_onnx", one_node)
+    monkeypatch.setattr(exporter, "slim", lambda m: m)

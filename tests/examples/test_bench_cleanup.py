@@ -237,7 +237,9 @@ def _running(pid: int) -> bool:
 # --- cached exports -----------------------------------------------------------------------------
 
 
-def test_bench_runtime_reexports_its_cache_after_the_sources_change(tmp_path, monkeypatch):
+def test_bench_runtime_reexports_its_cache_after_the_sources_change(
+    tmp_path, monkeypatch, graphs_without_torch
+):
     """The stamp it wrote into the model dir made the exporter refuse to overwrite it."""
     import ssmstream.export
 
@@ -255,7 +257,9 @@ def test_bench_runtime_reexports_its_cache_after_the_sources_change(tmp_path, mo
     assert not (model / ".export-sources-sha256").exists()
 
 
-def test_bench_gpu_remakes_its_cached_models_when_the_size_flags_change(tmp_path):
+def test_bench_gpu_remakes_its_cached_models_when_the_size_flags_change(
+    tmp_path, graphs_without_torch
+):
     bg = load_script("benchmarks/bench_gpu.py")
     sizes = dict(vocab=16, d_model=8, n_layers=1, d_state=4)
     models = bg.prepare_models(bg.BenchConfig(device="cpu", work=str(tmp_path), **sizes))
@@ -269,7 +273,9 @@ def test_bench_gpu_remakes_its_cached_models_when_the_size_flags_change(tmp_path
         assert json.loads((d / "manifest.json").read_text())["model"]["d_state"] == 8
 
 
-def test_bench_gpu_remakes_its_cached_models_for_another_checkpoint_of_the_same_size(tmp_path):
+def test_bench_gpu_remakes_its_cached_models_for_another_checkpoint_of_the_same_size(
+    tmp_path, graphs_without_torch
+):
     # the cache had been kept when the network config matched: torch_eager then ran the
     # given checkpoint and the ORT variants another one's weights
     import torch

@@ -12,8 +12,6 @@ steps them one at a time.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,12 +27,10 @@ def edge():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
+    from ssmstream.export import export_model  # in this process: torch is imported already
+
     out = tmp_path_factory.mktemp("edge") / "byte-lm"
-    cmd = [sys.executable, "-m", "ssmstream.runtime.cli", "export", str(CKPT), "--out", str(out),
-           "--chunk", "16", "--max-chunks", "4", "--verify-steps", "256", "-q"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return out
+    return export_model(CKPT, out, chunk=16, max_chunks=4, verify_steps=256, progress=False)
 
 
 @pytest.mark.parametrize(

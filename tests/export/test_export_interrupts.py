@@ -98,7 +98,9 @@ def test_a_signal_while_the_model_is_renamed_into_place_lets_the_renames_finish(
     assert signal.getsignal(signal.SIGTERM) is before and exporter.abandon_exports() == 0
 
 
-def test_a_signal_after_the_rename_does_not_claim_nothing_was_written(tmp_path, monkeypatch):
+def test_a_signal_after_the_rename_does_not_claim_nothing_was_written(
+    tmp_path, monkeypatch, graphs_without_torch
+):
     """A signal right after the new model was renamed into place (before export_network
     returned): the model is complete, so the handler says only "stopped by", not
     "nothing written" — the temporary directory is off the list as it is renamed."""
@@ -136,7 +138,9 @@ def _saving_trainer(monkeypatch, ckpt, saves: int):
     return seen
 
 
-def test_weights_saved_during_the_load_are_loaded_again(token_ckpt, tmp_path, monkeypatch):
+def test_weights_saved_during_the_load_are_loaded_again(
+    token_ckpt, tmp_path, monkeypatch, graphs_without_torch
+):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(token_ckpt, ckpt)
     seen = _saving_trainer(monkeypatch, ckpt, saves=1)

@@ -1012,8 +1012,8 @@ def test_a_background_task_that_failed_does_not_skip_the_shutdown_save(
     def broken_sweep(self):
         raise RuntimeError("idle sweep failed (test)")
 
-    # session_ttl 60 s: the sweep runs every 5 s, and the session is not idle past its TTL
-    srv = BackgroundServer(ServerConfig(state_dir=str(state_dir), session_ttl=60.0, **kw))
+    # session_ttl 8 s: the sweep runs every 2 s, and the session is not idle past its TTL
+    srv = BackgroundServer(ServerConfig(state_dir=str(state_dir), session_ttl=8.0, **kw))
     srv.start()
     try:
         with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
