@@ -756,17 +756,17 @@ class AsyncClient(_Base):
         self.stub = pb_grpc.StreamingInferenceStub(self.channel)
         self.closed = False  # its calls and streams' sends say so when it closes under them
 
-    async def _unary(self, call):
-        """A unary call's response (grpc.aio raises asyncio.CancelledError for a call that
+    async def _unary(self, rpc, request, session_id: str = "", timeout: float | None = None):
+        """`rpc(request)`'s response (grpc.aio raises asyncio.CancelledError for a call that
         close() ended: said as CANCELLED, see _closed_under)."""
         try:
-            return await call
+            return await rpc(request, **self._kw(session_id, timeout))
         except asyncio.CancelledError:
             _closed_under(self)
             raise
 
     async def info(self) -> pb.ModelInfo:
-        return await self._unary(self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw()))
+        return await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
     async def create_session(
         self,
@@ -778,7 +778,7 @@ class AsyncClient(_Base):
         """As Client.create_session."""
         session_id = choose_session_id(session_id)
         req = create_request(session_id, ttl, snapshot, prompt)
-        s = await self._unary(self.stub.CreateSession(req, **self._kw(session_id)))
+        s = await self._unary(self.stub.CreateSession, req, session_id)
         session = AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
         if _prompt_ignored(req, s):
             with contextlib.suppress(grpc.RpcError):
@@ -793,16 +793,12 @@ class AsyncClient(_Base):
         self, snapshot: bytes, session_id: str = "", ttl: float = 0.0
     ) -> AsyncClientSession:
         session_id = choose_session_id(session_id)
-        s = await self._unary(
-            self.stub.RestoreSession(
-                pb.RestoreRequest(
-                    snapshot=_bytes("snapshot", snapshot),
-                    session_id=session_id,
-                    ttl_seconds=_number("ttl", ttl),
-                ),
-                **self._kw(session_id),
-            )
+        req = pb.RestoreRequest(
+            snapshot=_bytes("snapshot", snapshot),
+            session_id=session_id,
+            ttl_seconds=_number("ttl", ttl),
         )
+        s = await self._unary(self.stub.RestoreSession, req, session_id)
         return AsyncClientSession(self, s.session_id, s.position)
 
     def generate(self, prompt: Sequence[int], **kw) -> AsyncIterator[pb.GenerateResponse]:
@@ -835,14 +831,8 @@ class AsyncClientSession:
 
     async def rewind(self, position: int, timeout: float | None = None) -> int:
         """As ClientSession.rewind."""
-        s = await self.client._unary(
-            self.client.stub.RewindSession(
-                pb.RewindRequest(
-                    session_id=self.id, position=_count("position", position, 2**64 - 1)
-                ),
-                **self.client._kw(self.id, timeout),
-            )
-        )
+        req = pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1))
+        s = await self.client._unary(self.client.stub.RewindSession, req, self.id, timeout)
         self.position = s.position
         return s.position
 
@@ -850,8 +840,7 @@ class AsyncClientSession:
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
         req = step_request(self.id, tokens, values, output, top_k)
-        call = self.client.stub.Step(req, **self.client._kw(self.id))
-        r = StepResult.from_proto(await self.client._unary(call))
+        r = StepResult.from_proto(await self.client._unary(self.client.stub.Step, req, self.id))
         self.position = r.position
         return r
 
@@ -916,32 +905,21 @@ class AsyncClientSession:
             call.cancel()
 
     async def snapshot(self) -> bytes:
-        snap = await self.client._unary(
-            self.client.stub.SnapshotSession(
-                pb.SnapshotRequest(session_id=self.id), **self.client._kw(self.id)
-            )
-        )
+        req = pb.SnapshotRequest(session_id=self.id)
+        snap = await self.client._unary(self.client.stub.SnapshotSession, req, self.id)
         self.position = snap.position
         return snap.data
 
     async def fork(self, new_session_id: str = "") -> AsyncClientSession:
-        s = await self.client._unary(
-            self.client.stub.ForkSession(
-                pb.ForkRequest(
-                    session_id=self.id,
-                    new_session_id=choose_session_id(new_session_id, "new_session_id"),
-                ),
-                **self.client._kw(self.id),
-            )
+        req = pb.ForkRequest(
+            session_id=self.id, new_session_id=choose_session_id(new_session_id, "new_session_id")
         )
+        s = await self.client._unary(self.client.stub.ForkSession, req, self.id)
         return AsyncClientSession(self.client, s.session_id, s.position)
 
     async def close(self) -> int:
-        s = await self.client._unary(
-            self.client.stub.CloseSession(
-                pb.CloseSessionRequest(session_id=self.id), **self.client._kw(self.id)
-            )
-        )
+        req = pb.CloseSessionRequest(session_id=self.id)
+        s = await self.client._unary(self.client.stub.CloseSession, req, self.id)
         self.position = s.position
         return s.position
 

@@ -180,16 +180,16 @@ class History:
         state_size: int,
         input_bytes: int,
         limit: int = 0,
-        spacing: int | None = None,
+        spacing: int = 0,
     ) -> int:
         """The most bytes one session's history can hold; under a CheckpointBudget `limit`
         its checkpoints hold at most the limit (one at least: a session past it keeps its
-        newest). spacing: the most inputs between two checkpoints (default: the chunk; more
+        newest). spacing: the most inputs between two checkpoints (0: the chunk; more
         where requests leave states only at their ends: no chunk-end states)."""
         checkpoints = (2 * (window // chunk) + 3) * 4 * state_size
         if limit:
             checkpoints = min(checkpoints, max(limit, 4 * state_size))
-        gap = max(chunk, spacing or chunk)
+        gap = max(chunk, spacing)
         return checkpoints + (window + gap + 2 * chunk) * input_bytes  # W + gap kept, 2 Q spare
 
     @property

@@ -237,7 +237,7 @@ class SessionService:
         per_input = 8 if self.engine.input_kind == "tokens" else 4 * self.engine.d_input
         # without chunk-end states a request (or a prompt's cached pieces) leaves states only
         # where it ends, or a prefill call does: checkpoints up to one request apart
-        spacing = None if self.engine.prefill_chunk_states else self.limits.max_tokens_per_request
+        spacing = 0 if self.engine.prefill_chunk_states else self.limits.max_tokens_per_request
         return History.max_bytes(
             self.limits.rewind_window,
             self.chunk,

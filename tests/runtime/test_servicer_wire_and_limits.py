@@ -158,8 +158,15 @@ def test_a_session_made_after_the_calls_deadline_is_closed_again(rpc, req):
     servicer = StreamingInferenceServicer(service, ServerConfig(model_dir="m"), metrics)
     reply = asyncio.run(getattr(servicer, rpc)(req, _Context(5.0)))
     assert reply.session_id == "made" and service.discarded == []
+    _assert_discarded_past_the_deadline(
+        lambda: asyncio.run(getattr(servicer, rpc)(req, _Context(0.0))), service, metrics
+    )
+
+
+def _assert_discarded_past_the_deadline(call, service, metrics) -> None:
+    """`call` past its deadline: cancelled, its new session discarded, DEADLINE_EXCEEDED counted."""
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(getattr(servicer, rpc)(req, _Context(0.0)))
+        call()
     assert service.discarded == ["made"]
     code = {"code": "DEADLINE_EXCEEDED"}
     assert metrics.registry.get_sample_value("ssmstream_errors_total", code) == 1.0
@@ -202,11 +209,7 @@ def test_a_session_a_stream_made_after_the_calls_deadline_is_closed_again():
 
     (reply,) = asyncio.run(run(5.0))
     assert (reply.session_id, reply.position) == ("made", 1) and service.discarded == []
-    with pytest.raises(asyncio.CancelledError):
-        asyncio.run(run(0.0))
-    assert service.discarded == ["made"]
-    code = {"code": "DEADLINE_EXCEEDED"}
-    assert metrics.registry.get_sample_value("ssmstream_errors_total", code) == 1.0
+    _assert_discarded_past_the_deadline(lambda: asyncio.run(run(0.0)), service, metrics)
 
 
 def test_a_session_a_generate_made_after_the_calls_deadline_is_closed_again():
@@ -222,8 +225,4 @@ def test_a_session_a_generate_made_after_the_calls_deadline_is_closed_again():
 
     (reply,) = asyncio.run(run(5.0))
     assert (reply.session_id, reply.token) == ("made", 4) and service.discarded == []
-    with pytest.raises(asyncio.CancelledError):
-        asyncio.run(run(0.0))
-    assert service.discarded == ["made"]
-    code = {"code": "DEADLINE_EXCEEDED"}
-    assert metrics.registry.get_sample_value("ssmstream_errors_total", code) == 1.0
+    _assert_discarded_past_the_deadline(lambda: asyncio.run(run(0.0)), service, metrics)
