@@ -42,6 +42,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -593,6 +594,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
                 "them or choose another --out"
             )
     parent = out_dir.parent
+    _warn_leftovers(out_dir)
     made = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again on failure
     while True:
         tmp = parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
@@ -616,6 +618,27 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
                     file = next(p for p in (parent, *parent.parents) if p.exists())
                     why = f"{file} is not a directory"
                 raise ExportError(f"--out {out_dir}: cannot write into {parent}: {why}") from e
+
+
+def _warn_leftovers(out_dir: Path) -> None:
+    """Log the temporary siblings of out_dir (`.NAME.<8 characters>.tmp` or `.old`) that an
+    export killed outright (SIGKILL, the out-of-memory killer, a power cut) could not remove.
+    They are left in place: another export into the same directory may be writing one now."""
+    ours = re.compile(re.escape(f".{out_dir.name}.") + r"[0-9a-z_]{8}\.(tmp|old)")
+    with contextlib.suppress(OSError):
+        found = sorted(
+            p.name
+            for p in out_dir.parent.iterdir()
+            if ours.fullmatch(p.name) and p.is_dir() and p not in _underway.dirs
+        )
+        if found:
+            log.warning(
+                "%s beside %s: left by an export that was killed, or written by another export "
+                "now; remove once no export into %s runs",
+                ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else ""),
+                out_dir.name,
+                out_dir,
+            )
 
 
 def _resolved(out_dir) -> Path:

@@ -170,3 +170,28 @@ def test_a_signal_ignored_when_the_export_starts_stays_ignored(monkeypatch):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_leftovers_of_a_killed_export_are_named_and_left_alone(
+    tmp_path, caplog, graphs_without_torch
+):
+    """SIGKILL leaves the temporary directory behind (no handler runs): the next export into
+    the same --out names it in a warning and leaves it (another export may be writing it); a
+    sibling model's leftovers are not named."""
+    for name in (".m.deadbeef.tmp", ".m.x1_y2z3w.old", ".m.v2.0badf00d.tmp", ".m.cafe.tmp"):
+        (tmp_path / name).mkdir()
+    net = SSMNetwork(SSMConfig(**TOKEN))
+    with caplog.at_level("WARNING", logger="ssmstream"):
+        exporter.export_network(net, tmp_path / "m", verify=False, **EXPORT)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(".m.deadbeef.tmp, .m.x1_y2z3w.old beside m: left by an export")
+    assert {x.name for x in tmp_path.iterdir()} == {
+        "m",
+        ".m.deadbeef.tmp",
+        ".m.x1_y2z3w.old",
+        ".m.v2.0badf00d.tmp",
+        ".m.cafe.tmp",
+    }
+    caplog.clear()
+    exporter.export_network(net, tmp_path / "fresh", verify=False, **EXPORT)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
