@@ -333,9 +333,10 @@ def _add_flag(group, f: dataclasses.Field, kind: type) -> None:
     if f.metadata["group"] is None:
         group.add_argument(f.name, type=kind, **meta)
     elif kind is bool:
-        group.add_argument(
+        action = group.add_argument(
             _flag_name(f.name), action=argparse.BooleanOptionalAction, default=f.default, **meta
         )
+        action.help = meta.get("help")  # Python 3.10's action appends "(default: …)" itself
     else:
         group.add_argument(_flag_name(f.name), type=kind, default=f.default, **meta)
 
