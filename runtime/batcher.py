@@ -18,7 +18,8 @@ Rules:
 - A step request waits at most `max_batch_delay` seconds for others to join its batch, and
   not at all when waiting cannot help: when the batch is full (`max_batch`) or already holds
   the next step of every *active* session (one that sent a request within the last
-  `activity_window` seconds). So a lone stream never sits out the delay.
+  `activity_window` seconds and is still open). So a lone stream never sits out the delay,
+  also right after other sessions closed.
 - onnxruntime runs in one dedicated worker thread; the event loop only moves requests
   between queues. A batch larger than one ORT call hands each
   call's results back as soon as it is done: those clients' next requests are queued
@@ -203,7 +204,8 @@ class Batcher:
         # keyed by (id, incarnation): a new session under a closed one's id shares nothing
         self._waiting: dict[tuple, deque[_Request]] = {}  # behind a session's running request
         self._busy: set[tuple] = set()  # sessions with a request ready or running
-        self._recent: dict[tuple, float] = {}  # session -> last request time, oldest first
+        # session key -> (its last request's time, the session), oldest first
+        self._recent: dict[tuple, tuple[float, Session]] = {}
         # a batch holds distinct sessions: never more rows than the store has
         self._buffers = engine.step_buffers(min(self.max_batch, store.capacity))
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -317,7 +319,7 @@ class Batcher:
     ) -> tuple[np.ndarray, int]:
         """A lone stream's step, run at once (see `inline`): its (outputs, position)."""
         req = _Request(s, x, None, now, states=states)
-        self._recent[_key(s)] = now
+        self._recent[_key(s)] = now, s
         self.store.pin(s)
         try:
             (result,) = self._run_inline([req], self._run_steps)
@@ -381,7 +383,7 @@ class Batcher:
             self._idle.clear()
             self._ready(req)
         self._recent.pop(key, None)
-        self._recent[key] = req.enqueued
+        self._recent[key] = req.enqueued, s
         self._active(req.enqueued)  # drops the stale: only 1-input steps did (one per session)
         if not self._pump_soon:  # after the other requests of this loop iteration arrived
             self._pump_soon = True
@@ -411,7 +413,7 @@ class Batcher:
         """Sessions that sent a request within the activity window."""
         horizon = now - self.activity_window
         while self._recent:
-            key, t = next(iter(self._recent.items()))
+            key, (t, _) = next(iter(self._recent.items()))
             if t >= horizon or key in self._busy:
                 break
             del self._recent[key]
@@ -420,7 +422,13 @@ class Batcher:
     def _complete(self, now: float) -> bool:
         """True when waiting cannot grow the batch: full, or every active session is in it."""
         n = len(self._steps)
-        return n >= self.max_batch or n + len(self._prefills) >= self._active(now)
+        if n >= self.max_batch or n + len(self._prefills) >= self._active(now):
+            return True
+        # a session closed or evicted since its last request sends no more: not waited for
+        ended = [k for k, (_, s) in self._recent.items() if not s.live and k not in self._busy]
+        for key in ended:
+            del self._recent[key]
+        return bool(ended) and n + len(self._prefills) >= len(self._recent)
 
     def _pump(self) -> None:
         """Start the next job if the worker is free. Runs on the event loop whenever that can

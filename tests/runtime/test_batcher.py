@@ -305,6 +305,29 @@ def test_a_lone_stream_does_not_sit_out_the_batch_delay(toy_tok):
     assert run(main()) < 4.0  # 8 steps, each would wait 5 s if it sat out the delay
 
 
+def test_a_stream_left_alone_by_closed_and_evicted_sessions_does_not_sit_out_the_delay(toy_tok):
+    """Sessions that stepped within the activity window and then ended (closed, evicted)
+    send no more: the remaining stream's steps are not held back waiting for them."""
+
+    async def main():
+        batcher, store = await started(toy_tok, max_batch=64, max_batch_delay=5.0)
+        s, others = store.create(), [store.create(ttl=0.01) for _ in range(3)]
+        await asyncio.gather(*(batcher.step(x, np.array([1])) for x in [s, *others]))
+        store.close(others[0].id)
+        store.close(others[1].id)
+        await asyncio.sleep(0.02)
+        assert store.evict_idle() == [others[2].id]
+        t0 = time.perf_counter()
+        for t in range(4):
+            await batcher.step(s, np.array([t]))
+        elapsed = time.perf_counter() - t0
+        await batcher.close()
+        return elapsed, batcher.stats.inline
+
+    elapsed, inline = run(main())
+    assert elapsed < 4.0 and inline >= 3  # each step would wait 5 s; the lone ones run inline
+
+
 def test_steps_arriving_together_share_one_call_and_listeners_see_it(toy_tok):
     sizes = []
 
