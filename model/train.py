@@ -778,12 +778,13 @@ def _add_fields(group, cls, helps: dict, defaults) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: …)' only where the default says something (not None / False) and
-    the help text does not already state it ("(default …", "default: …", "; default …")."""
+    """Shows '(default: …)' only where the default says something (not None / False / "")
+    and the help text does not already state it ("(default …", "default: …", "; default …").
+    (runtime/cli.py has the same for the runtime's commands: model imports no runtime.)"""
 
     def _get_help_string(self, action):
         states = any(w in (action.help or "") for w in ("(default", "default:", "; default"))
-        if action.default is None or action.default is False or states:
+        if action.default is None or action.default is False or action.default == "" or states:
             return action.help
         return super()._get_help_string(action)
 

@@ -8,10 +8,23 @@ a tool those signals stop.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import os
 import sys
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: …)' only where the default says something (not None / False / "")
+    and the help text does not already state it ("(default …", "default: …", "; default …")."""
+
+    def _get_help_string(self, action):
+        states = any(w in (action.help or "") for w in ("(default", "default:", "; default"))
+        if action.default is None or action.default is False or action.default == "" or states:
+            return action.help
+        return super()._get_help_string(action)
+
 
 # name -> (module with main(argv), one-line help, the pyproject extra it needs beyond the
 # runtime's own dependencies or "")

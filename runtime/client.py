@@ -49,7 +49,7 @@ import numpy as np
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
-from .cli import stdout_closed
+from .cli import HelpFormatter, stdout_closed
 from .errors import as_array, check_session_id, integer
 from .sampling import check_params
 from .snapshots import BYTES_LIKE
@@ -1064,7 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
             "bytes for a byte-level model (vocab >= 256), or token ids with --ids; the "
             "continuation is printed as it arrives."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("prompt", help="prompt text (or comma-separated token ids with --ids)")
     p.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")

@@ -16,6 +16,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from .cli import HelpFormatter
 from .providers import MAX_THREADS
 
 GROUPS: dict[str, str | None] = {  # flag groups of `--help`, in order: title -> description
@@ -314,17 +315,6 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     if value < low or (high is not None and value > high):
         upper = f" and <= {high}" if high is not None else ""
         raise ValueError(f"{name}: must be >= {low}{upper}, got {value}")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: …)' only where the default says something (not None / False) and
-    the help text does not already state it ("(default …", "default: …", "; default …")."""
-
-    def _get_help_string(self, action):
-        states = any(w in (action.help or "") for w in ("(default", "default:", "; default"))
-        if action.default is None or action.default is False or states:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _add_flag(group, f: dataclasses.Field, kind: type) -> None:

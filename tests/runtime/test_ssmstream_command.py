@@ -31,6 +31,18 @@ def test_each_command_routes_to_its_own_parser(name, capsys):
     assert capsys.readouterr().out.startswith(f"usage: ssmstream {name} ")
 
 
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_no_help_shows_an_empty_default(name, capsys):
+    """A flag whose default is None, False or "" says in its help what that means;
+    "(default: None)", "(default: False)" and "(default: )" tell the reader nothing."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for empty in ("(default: None)", "(default: False)", "(default: )"):
+        assert empty not in text
+
+
 def test_ssmstream_info_through_the_dispatcher(toy_token_model, tmp_path, capsys):
     model_dir = str(toy_token_model["model_dir"])
     assert cli.main(["info", model_dir, "--json"]) == 0
