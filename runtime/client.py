@@ -258,7 +258,8 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
         )
     if not 1 <= len(req.prompt) <= limits.max_tokens_per_request:
         raise ValueError(
-            f"prompt: needs 1 to {limits.max_tokens_per_request} tokens, got {len(req.prompt)}"
+            f"prompt: needs 1 to {limits.max_tokens_per_request} tokens (the server's "
+            f"--max-tokens-per-request), got {len(req.prompt)}"
         )
     if not 1 <= req.max_new_tokens <= limits.max_new_tokens:
         raise ValueError(
@@ -268,8 +269,9 @@ def check_generate(req: pb.GenerateRequest, info: pb.ModelInfo) -> pb.GenerateRe
     if len(req.stop_tokens) > V:  # repeats count, as on the server
         raise ValueError(f"stop: has more than vocab_size={V} tokens")
     for name, ids in (("prompt", req.prompt), ("stop", req.stop_tokens)):
-        if any(not 0 <= t < V for t in ids):
-            raise ValueError(f"{name}: tokens must be in [0, vocab_size={V})")
+        bad = next((t for t in ids if not 0 <= t < V), None)
+        if bad is not None:  # as the server says it
+            raise ValueError(f"{name}: token {bad} is outside [0, vocab_size={V})")
     if req.top_k > V:
         raise ValueError(f"top_k: must be in [0, vocab_size={V}] (0: off), got {req.top_k}")
     if limits.max_message_bytes and req.ByteSize() > limits.max_message_bytes:

@@ -27,7 +27,7 @@ def test_stream_client_survives_tokens_above_255(tmp_path, capsys):
 
 
 def test_not_byte_level_model_error_names_an_existing_argument(tmp_path, capsys):
-    """On a vocab-11 model the usage error reads "--prompt: tokens must be in [0,
+    """On a vocab-11 model the usage error read "--prompt: token 97 is outside [0,
     vocab_size=11)": stream_client.py has no --prompt flag (the prompt is the positional
     `text`), because examples/stream_client.py:61-62 turns any check_generate field into
     `--field`."""

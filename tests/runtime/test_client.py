@@ -349,17 +349,21 @@ def test_check_generate_refuses_what_the_server_would_naming_the_field():
             "prompt: Generate samples token ids from the outputs; "
             "d_output=12 is more than vocab_size=10",
         ),
-        (generate_request("s", [1] * 5), info(), "prompt: needs 1 to 4 tokens, got 5"),
+        (
+            generate_request("s", [1] * 5),
+            info(),
+            "prompt: needs 1 to 4 tokens (the server's --max-tokens-per-request), got 5",
+        ),
         (
             generate_request("s", [1], max_new_tokens=65),
             info(),
             "max_new_tokens: must be an integer in [1, 64], got 65",
         ),
-        (generate_request("s", [10]), info(), "prompt: tokens must be in [0, vocab_size=10)"),
+        (generate_request("s", [10]), info(), "prompt: token 10 is outside [0, vocab_size=10)"),
         (
             generate_request("s", [1], stop=[10]),
             info(),
-            "stop: tokens must be in [0, vocab_size=10)",
+            "stop: token 10 is outside [0, vocab_size=10)",
         ),
         (
             generate_request("s", [1], top_k=11),

@@ -112,8 +112,8 @@ def test_check_generate_bounds_are_inclusive_and_ids_non_negative():
     ok = generate_request("s", [0, 9, 9, 9], max_new_tokens=64, stop=[0])
     assert check_generate(ok, _info()) is ok  # 4 tokens, 64 new: both limits allowed
     for req, msg in (
-        (generate_request("s", [-1]), "prompt: tokens must be in [0, vocab_size=10)"),
-        (generate_request("s", [1], stop=[-2]), "stop: tokens must be in [0, vocab_size=10)"),
+        (generate_request("s", [-1]), "prompt: token -1 is outside [0, vocab_size=10)"),
+        (generate_request("s", [1], stop=[-2]), "stop: token -2 is outside [0, vocab_size=10)"),
     ):
         with pytest.raises(ValueError) as e:
             check_generate(req, _info())
