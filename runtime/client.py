@@ -13,6 +13,15 @@
 `AsyncClient` / `AsyncClientSession` are the same API with `await` (and `async for`).
 Errors are `grpc.RpcError` with the server's status code and a message naming the field.
 
+Closed clients: a call that close() ends, or one made after it, raises `grpc.RpcError`
+CANCELLED "the client was closed" (a stream handle's send: "the stream's client was closed"),
+in both clients. An `AsyncClient` may be made outside any event loop (at module level): its
+channel opens on the first call, in that call's loop, and again in a later loop (successive
+`asyncio.run()` calls); a loop of another thread is refused (RuntimeError) while the loop
+the channel was opened in still runs. A session handle's `position` is the server's answer
+to its latest call, also when threads call through it at once (an answer that arrives after
+a further one does not take it back).
+
 TLS: `tls=True` (system roots) or `root_certificates=PEM path/bytes`; mTLS adds
 `client_cert` and `client_key`. Auth: `token=` (a str of visible ASCII; None or "": no
 token) sends `authorization: Bearer <token>`.
@@ -373,7 +382,8 @@ def channel_credentials(
 
 
 class _Base:
-    """What the sync and async clients share: target, credentials, metadata."""
+    """What the sync and async clients share: target, credentials, metadata, and calls made
+    after close() (`stub`)."""
 
     def __init__(
         self,
@@ -394,6 +404,24 @@ class _Base:
         self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
         # grpc takes the first of repeated channel args: the caller's go before the default
         self.options = [*options, ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        self.closed = False  # close() was called: every call then raises CANCELLED (`stub`)
+        self._stub = None
+
+    @property
+    def stub(self) -> pb_grpc.StreamingInferenceStub:
+        """The generated stub every call goes through; once close() was called, CANCELLED
+        "the client was closed", the same for every call (grpc raised ValueError or
+        UsageError about its channel)."""
+        if self.closed:
+            raise _cancelled(CLIENT_CLOSED)
+        return self._open()
+
+    @stub.setter
+    def stub(self, stub) -> None:  # a stand-in for the server's (tests)
+        self._stub = stub
+
+    def _open(self) -> pb_grpc.StreamingInferenceStub:
+        return self._stub
 
     def _kw(self, session_id: str = "", timeout: float | None = None) -> dict:
         t = self.timeout if timeout is None else _timeout(timeout)
@@ -444,12 +472,23 @@ class Client(_Base):
             self.channel = grpc.insecure_channel(target, options=self.options)
         else:
             self.channel = grpc.secure_channel(target, self.credentials, options=self.options)
-        self.stub = pb_grpc.StreamingInferenceStub(self.channel)
+        self._stub = pb_grpc.StreamingInferenceStub(self.channel)
         self._handles: weakref.WeakSet[StreamHandle] = weakref.WeakSet()  # closed with it
         self._handles_lock = threading.Lock()  # handles are opened from any thread
 
+    def _call(self, rpc, *args, **kw):
+        """`rpc(*args, **kw)`, a unary call's response or a streaming call (see _closed_sync)."""
+        try:
+            return rpc(*args, **kw)
+        except (grpc.RpcError, ValueError) as e:
+            _closed_sync(self, e)
+            raise
+
+    def _unary(self, rpc, request, session_id: str = "", timeout: float | None = None):
+        return self._call(rpc, request, **self._kw(session_id, timeout))
+
     def info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw())
+        return self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
     def create_session(
         self,
@@ -462,7 +501,7 @@ class Client(_Base):
         server's prefix cache: `cached_tokens` of the returned handle says how many)."""
         session_id = choose_session_id(session_id)
         req = create_request(session_id, ttl, snapshot, prompt)
-        s = self.stub.CreateSession(req, **self._kw(session_id))
+        s = self._unary(self.stub.CreateSession, req, session_id)
         session = ClientSession(self, s.session_id, s.position, s.cached_tokens)
         if _prompt_ignored(req, s):
             with contextlib.suppress(grpc.RpcError):
@@ -476,14 +515,12 @@ class Client(_Base):
 
     def restore(self, snapshot: bytes, session_id: str = "", ttl: float = 0.0) -> ClientSession:
         session_id = choose_session_id(session_id)
-        s = self.stub.RestoreSession(
-            pb.RestoreRequest(
-                snapshot=_bytes("snapshot", snapshot),
-                session_id=session_id,
-                ttl_seconds=_number("ttl", ttl),
-            ),
-            **self._kw(session_id),
+        req = pb.RestoreRequest(
+            snapshot=_bytes("snapshot", snapshot),
+            session_id=session_id,
+            ttl_seconds=_number("ttl", ttl),
         )
+        s = self._unary(self.stub.RestoreSession, req, session_id)
         return ClientSession(self, s.session_id, s.position)
 
     def generate(self, prompt: Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
@@ -491,11 +528,14 @@ class Client(_Base):
         return ClientSession(self, "", 0).generate(prompt, **kw)
 
     def close(self) -> None:
-        """Close the channel, and the stream handles left open (their request threads end)."""
+        """Close the channel, and the stream handles left open (their request threads end;
+        a send raises CANCELLED "the stream's client was closed"). A call in flight, or made
+        later, raises CANCELLED "the client was closed"; closing again does nothing."""
+        self.closed = True
         with self._handles_lock:
             handles = list(self._handles)
         for h in handles:
-            h.close()
+            h._end("the stream's client was closed")
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -516,6 +556,7 @@ class _Requests:
         self.session, self.kind, self.output, self.top_k = session, kind, output, top_k
         self.refused: Exception | None = None  # also the caller's iterable's own error
         self.sent = self.answered = 0
+        self.mark = session._asked()
 
     def _make(self, x) -> pb.StepRequest | None:
         try:
@@ -562,7 +603,7 @@ class _Requests:
         r = StepResult.from_proto(resp)
         if not self.session.id:
             self.session.id = r.session_id
-        self.session.position = r.position
+        self.mark = self.session._answered(self.mark, r.position)
         return r
 
     def raise_refused(self, cause: BaseException | None = None) -> None:
@@ -573,12 +614,42 @@ class _Requests:
             raise self.refused from cause
 
 
-class ClientSession:
-    """A session on the server; `position` follows the responses this handle saw."""
+class _Handle:
+    """What the sync and async session handles share: the session's id, and its position as
+    the server's answers to this handle's calls tell it (`_answered`)."""
 
-    def __init__(self, client: Client, session_id: str, position: int = 0, cached_tokens: int = 0):
+    def __init__(self, client, session_id: str, position: int = 0, cached_tokens: int = 0):
         self.client, self.id, self.position = client, session_id, position
         self.cached_tokens = cached_tokens  # prompt inputs the prefix cache served at creation
+        self._answers = 0  # answers taken so far
+        self._lock = threading.Lock()  # threads' calls on one handle answer at once
+
+    def _asked(self) -> int:
+        """Before a request: the mark its answer is taken with."""
+        return self._answers
+
+    def _answered(self, mark: int, position: int) -> int:
+        """Take the position the server answered to a request made at `mark`; returns the
+        mark of the next request of the same call (a stream's). An answer no other answer
+        came before (since its request) is the session's position, also where it is behind
+        this handle's (a rewind; another client's too). One that others' overlapped is taken
+        only if it is further: the server answers a session's requests in turn and, but for
+        a rewind, never with a position before an earlier answer's, so a smaller one is an
+        earlier answer arriving late (a thread's step answered before another's, whose answer
+        it then overwrote). A rewind racing another call of the same handle is the caller's
+        race: which of them the server took last, the answers do not tell."""
+        with self._lock:
+            if mark == self._answers or position > self.position:
+                self.position = position
+            self._answers += 1
+            return self._answers
+
+
+class ClientSession(_Handle):
+    """A session on the server; `position` follows the responses this handle saw (several
+    threads' calls on it included: see _Handle._answered)."""
+
+    client: Client
 
     def __repr__(self) -> str:
         return f"ClientSession(id={self.id!r}, position={self.position})"
@@ -587,11 +658,10 @@ class ClientSession:
         """Return the session to an earlier position within the server's rewind window;
         returns it (OUT_OF_RANGE outside the window). timeout: this call's, in seconds
         (default: the client's)."""
-        s = self.client.stub.RewindSession(
-            pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1)),
-            **self.client._kw(self.id, timeout),
-        )
-        self.position = s.position
+        req = pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1))
+        mark = self._asked()
+        s = self.client._unary(self.client.stub.RewindSession, req, self.id, timeout)
+        self._answered(mark, s.position)
         return s.position
 
     def regenerate(
@@ -612,8 +682,9 @@ class ClientSession:
     def step(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
         """Feed T inputs (unary Step); returns the selected outputs."""
         req = step_request(self.id, tokens, values, output, top_k)
-        r = StepResult.from_proto(self.client.stub.Step(req, **self.client._kw(self.id)))
-        self.position = r.position
+        mark = self._asked()
+        r = StepResult.from_proto(self.client._unary(self.client.stub.Step, req, self.id))
+        self._answered(mark, r.position)
         return r
 
     def stream(
@@ -624,12 +695,15 @@ class ClientSession:
         ends the requests there: its ValueError is raised after the earlier items' results.
         Closing the iterator early cancels the call."""
         reqs = _Requests(self, kind, output, top_k)
-        call = self.client.stub.Stream(reqs.of(inputs), metadata=self.client._md(self.id))
+        call = self.client._call(
+            self.client.stub.Stream, reqs.of(inputs), metadata=self.client._md(self.id)
+        )
         try:
             for resp in call:
                 yield reqs.result(resp)
         except grpc.RpcError as e:
             reqs.raise_refused(e)
+            _closed_sync(self.client, e)
             raise
         finally:  # left early (close, Ctrl-C): no more inputs are sent, even while a
             call.cancel()  # traceback (the REPL's last one) still holds the call
@@ -644,40 +718,56 @@ class ClientSession:
         `kw` are generate_request's (max_new_tokens, temperature, top_k, top_p, seed, stop,
         keep_session). Closing the iterator early cancels the call."""
         req = generate_request(self.id, prompt, **kw)
-        call = self.client.stub.Generate(req, metadata=self.client._md(self.id))
+        mark = self._asked()
+        call = self.client._call(self.client.stub.Generate, req, metadata=self.client._md(self.id))
         try:
             for r in call:
                 if not self.id:
                     self.id = r.session_id
-                self.position = r.position
+                mark = self._answered(mark, r.position)
                 yield r
+        except grpc.RpcError as e:
+            _closed_sync(self.client, e)
+            raise
         finally:
             call.cancel()
 
     def snapshot(self) -> bytes:
-        snap = self.client.stub.SnapshotSession(
-            pb.SnapshotRequest(session_id=self.id), **self.client._kw(self.id)
-        )
-        self.position = snap.position
+        mark = self._asked()
+        req = pb.SnapshotRequest(session_id=self.id)
+        snap = self.client._unary(self.client.stub.SnapshotSession, req, self.id)
+        self._answered(mark, snap.position)
         return snap.data
 
     def fork(self, new_session_id: str = "") -> ClientSession:
-        s = self.client.stub.ForkSession(
-            pb.ForkRequest(
-                session_id=self.id,
-                new_session_id=choose_session_id(new_session_id, "new_session_id"),
-            ),
-            **self.client._kw(self.id),
+        req = pb.ForkRequest(
+            session_id=self.id, new_session_id=choose_session_id(new_session_id, "new_session_id")
         )
+        s = self.client._unary(self.client.stub.ForkSession, req, self.id)
         return ClientSession(self.client, s.session_id, s.position)
 
     def close(self) -> int:
         """Free the session on the server; returns its final position."""
-        s = self.client.stub.CloseSession(
-            pb.CloseSessionRequest(session_id=self.id), **self.client._kw(self.id)
-        )
-        self.position = s.position
+        mark = self._asked()
+        req = pb.CloseSessionRequest(session_id=self.id)
+        s = self.client._unary(self.client.stub.CloseSession, req, self.id)
+        self._answered(mark, s.position)
         return s.position
+
+
+CLIENT_CLOSED = "the client was closed"
+
+
+def _closed_sync(client: Client, e: Exception) -> None:
+    """In an `except` around a sync call: where the client's close() ended the call (grpc:
+    CANCELLED "Channel closed!") or came as it began (grpc: ValueError "Cannot invoke RPC on
+    closed channel!", a close in another thread after the call took the stub), raise
+    CANCELLED "the client was closed", as a call made after close() and AsyncClient's do."""
+    if client.closed and (
+        isinstance(e, ValueError)
+        or (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.CANCELLED)
+    ):
+        raise _cancelled(CLIENT_CLOSED) from None
 
 
 def _cancelled(details: str) -> grpc.aio.AioRpcError:
@@ -698,8 +788,9 @@ class StreamHandle:
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._ended: str | None = None  # why sends are refused: closed, or interrupted
-        self._call = session.client.stub.Stream(
-            iter(self._q.get, self._END), metadata=session.client._md(session.id)
+        client = session.client
+        self._call = client._call(
+            client.stub.Stream, iter(self._q.get, self._END), metadata=client._md(session.id)
         )
         with session.client._handles_lock:
             session.client._handles.add(self)
@@ -708,7 +799,9 @@ class StreamHandle:
         with self._lock:  # the session's id and position follow the responses in order
             if self._ended:  # said as the async handle says it, not grpc's "Locally cancelled"
                 raise _cancelled(self._ended)
-            self._q.put(step_request(self.session.id, tokens, values, output, top_k))
+            req = step_request(self.session.id, tokens, values, output, top_k)
+            mark = self.session._asked()
+            self._q.put(req)
             try:
                 r = StepResult.from_proto(next(self._call))
             except grpc.RpcError:
@@ -720,7 +813,7 @@ class StreamHandle:
                 raise  # due would answer the next send; later sends raise CANCELLED
             if not self.session.id:
                 self.session.id = r.session_id
-            self.session.position = r.position
+            self.session._answered(mark, r.position)
         return r
 
     def close(self) -> None:
@@ -747,16 +840,49 @@ class StreamHandle:
 
 
 class AsyncClient(_Base):
-    """The asyncio client (grpc.aio); same methods as Client, awaited."""
+    """The asyncio client (grpc.aio); same methods as Client, awaited. It may be made outside
+    the event loop that uses it (at import time, before `asyncio.run`): its channel opens on
+    the first call, in that call's loop (see `_open`)."""
 
     def __init__(self, target: str, token: str | None = None, tls: bool = False, **kw):
         super().__init__(target, token, tls, **kw)
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the channel's (None: no loop ran)
+
+    @property
+    def channel(self) -> grpc.aio.Channel | None:
+        """The running event loop's channel (opened here if not yet; None: never opened)."""
+        if not self.closed:
+            self._open()
+        return self._channel
+
+    def _open(self) -> pb_grpc.StreamingInferenceStub:
+        """The stub of a channel of the running event loop: grpc.aio binds a channel to the loop
+        it is made in (one made before `asyncio.run` failed every call "attached to a different
+        loop"), so it is made on first use, and again in a later loop (another `asyncio.run`):
+        the earlier loop's is dropped. RuntimeError where that loop still runs (one
+        client used from two threads' loops at once): a client per loop, then."""
+        loop = _running_loop()  # None: grpc.aio takes the thread's event loop
+        if self._stub is not None and loop in (self._loop, None):
+            return self._stub
+        if self._loop is not None and self._loop.is_running():
+            raise RuntimeError(
+                "AsyncClient: its channel belongs to an event loop running in another thread; "
+                "use one AsyncClient per event loop"
+            )
         if self.credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=self.options)
+            self._channel = grpc.aio.insecure_channel(self.target, options=self.options)
         else:
-            self.channel = grpc.aio.secure_channel(target, self.credentials, options=self.options)
-        self.stub = pb_grpc.StreamingInferenceStub(self.channel)
-        self.closed = False  # its calls and streams' sends say so when it closes under them
+            self._channel = grpc.aio.secure_channel(
+                self.target, self.credentials, options=self.options
+            )
+        self._stub = pb_grpc.StreamingInferenceStub(self._channel)
+        self._loop = loop
+        return self._stub
+
+    @_Base.stub.setter
+    def stub(self, stub) -> None:  # a stand-in for the server's (tests), in this loop
+        self._stub, self._loop = stub, _running_loop()
 
     async def _unary(self, rpc, request, session_id: str = "", timeout: float | None = None):
         """`rpc(request)`'s response (grpc.aio raises asyncio.CancelledError for a call that
@@ -808,9 +934,12 @@ class AsyncClient(_Base):
         return AsyncClientSession(self, "", 0).generate(prompt, **kw)
 
     async def close(self) -> None:
-        """Close the channel; a call in flight raises CANCELLED "the client was closed"."""
+        """Close the channel; a call in flight, or made later, raises CANCELLED "the client was
+        closed" (a stream handle's send: "the stream's client was closed"); closing again
+        does nothing."""
         self.closed = True
-        await self.channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -819,14 +948,10 @@ class AsyncClient(_Base):
         await self.close()
 
 
-class AsyncClientSession:
-    """A session seen through an AsyncClient."""
+class AsyncClientSession(_Handle):
+    """A session seen through an AsyncClient (`position`: as ClientSession's)."""
 
-    def __init__(
-        self, client: AsyncClient, session_id: str, position: int = 0, cached_tokens: int = 0
-    ):
-        self.client, self.id, self.position = client, session_id, position
-        self.cached_tokens = cached_tokens
+    client: AsyncClient
 
     def __repr__(self) -> str:
         return f"AsyncClientSession(id={self.id!r}, position={self.position})"
@@ -834,16 +959,18 @@ class AsyncClientSession:
     async def rewind(self, position: int, timeout: float | None = None) -> int:
         """As ClientSession.rewind."""
         req = pb.RewindRequest(session_id=self.id, position=_count("position", position, 2**64 - 1))
+        mark = self._asked()
         s = await self.client._unary(self.client.stub.RewindSession, req, self.id, timeout)
-        self.position = s.position
+        self._answered(mark, s.position)
         return s.position
 
     async def step(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
         req = step_request(self.id, tokens, values, output, top_k)
+        mark = self._asked()
         r = StepResult.from_proto(await self.client._unary(self.client.stub.Step, req, self.id))
-        self.position = r.position
+        self._answered(mark, r.position)
         return r
 
     def regenerate(
@@ -893,12 +1020,13 @@ class AsyncClientSession:
     async def generate(self, prompt: Sequence[int], **kw) -> AsyncIterator[pb.GenerateResponse]:
         """As ClientSession.generate; an async iterator."""
         req = generate_request(self.id, prompt, **kw)
+        mark = self._asked()
         call = self.client.stub.Generate(req, metadata=self.client._md(self.id))
         try:
             async for r in call:
                 if not self.id:
                     self.id = r.session_id
-                self.position = r.position
+                mark = self._answered(mark, r.position)
                 yield r
         except asyncio.CancelledError:
             _closed_under(self.client)
@@ -908,8 +1036,9 @@ class AsyncClientSession:
 
     async def snapshot(self) -> bytes:
         req = pb.SnapshotRequest(session_id=self.id)
+        mark = self._asked()
         snap = await self.client._unary(self.client.stub.SnapshotSession, req, self.id)
-        self.position = snap.position
+        self._answered(mark, snap.position)
         return snap.data
 
     async def fork(self, new_session_id: str = "") -> AsyncClientSession:
@@ -921,8 +1050,9 @@ class AsyncClientSession:
 
     async def close(self) -> int:
         req = pb.CloseSessionRequest(session_id=self.id)
+        mark = self._asked()
         s = await self.client._unary(self.client.stub.CloseSession, req, self.id)
-        self.position = s.position
+        self._answered(mark, s.position)
         return s.position
 
 
@@ -935,15 +1065,14 @@ class AsyncStreamHandle:
         self._call = session.client.stub.Stream(metadata=session.client._md(session.id))
         self._turn = asyncio.Lock()  # one write and its read at a time
         self._closed = False
-        self._loop = None  # the call's, where __del__ cancels it (None: made outside a loop)
-        with contextlib.suppress(RuntimeError):
-            self._loop = asyncio.get_running_loop()
+        self._loop = _running_loop()  # the call's, where __del__ cancels it (None: no loop)
 
     async def send(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
         req = step_request(self.session.id, tokens, values, output, top_k)
         async with self._turn:
+            mark = self.session._asked()
             if self._closed or self.session.client.closed:  # grpc.aio would raise
                 raise self._closed_error()  # CancelledError, as if the task was
             if self._call.done():  # ended by an earlier request's error: raise that status
@@ -962,7 +1091,7 @@ class AsyncStreamHandle:
         r = StepResult.from_proto(resp)
         if not self.session.id:
             self.session.id = r.session_id
-        self.session.position = r.position
+        self.session._answered(mark, r.position)
         return r
 
     def _closed_error(self) -> grpc.aio.AioRpcError:
@@ -1003,6 +1132,13 @@ def _closed_under(client: AsyncClient) -> None:
     raises CANCELLED too."""
     if client.closed and not _cancelling():
         raise _cancelled("the client was closed") from None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # called outside a running loop
+        return None
 
 
 def _cancelling() -> bool:

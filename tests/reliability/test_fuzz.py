@@ -13,6 +13,10 @@ session that no payload names must keep exactly the reference's state.
 Covered in tests/runtime (not repeated): one garbage payload each for Step, Stream, Generate
 and an unknown method (test_unknown_method_and_raw_garbage_keep_the_server_healthy).
 
+RewindSession also gets well-formed requests at random positions (in the window, before it,
+ahead of the session up to 2**64 - 1, on sessions a Stream is attached to): each one leaves
+the session at the reference's state where it was rewound to, or where it was.
+
 Dimension letters: V vocabulary (11), S state size (8).
 """
 
@@ -26,12 +30,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_helpers import Ref, assert_matches, serve, target
+from rel_helpers import Ref, assert_matches, idle, serve, target, wait_until
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.runtime.client import Client
 
 C = grpc.StatusCode
 ALLOWED = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.RESOURCE_EXHAUSTED, C.FAILED_PRECONDITION}
+ALSO_ALLOWED = {"RewindSession": {C.OUT_OF_RANGE}}  # a position ahead or outside the window
+WINDOW, CHUNK = 8, 4  # the server's --rewind-window; the toy's prefill chunk
 SERVICE = pb.DESCRIPTOR.services_by_name["StreamingInference"]
 SEED_ID = "fuzz-seed"
 
@@ -54,6 +60,7 @@ SEEDS = {  # one valid request per RPC, to mutate
     "SnapshotSession": pb.SnapshotRequest(session_id=SEED_ID),
     "RestoreSession": pb.RestoreRequest(snapshot=b"SSMSNAP\0" + bytes(80), session_id="fz"),
     "ForkSession": pb.ForkRequest(session_id=SEED_ID, new_session_id="fuzz-fork"),
+    "RewindSession": pb.RewindRequest(session_id=SEED_ID, position=3),
 }
 
 
@@ -98,7 +105,8 @@ def raw_call(channel: grpc.Channel, name: str, messages: list[bytes]) -> grpc.St
 
 @pytest.fixture(scope="module")
 def fuzz_server(toy):
-    kw = dict(max_new_tokens=8, max_tokens_per_request=32, max_message_bytes=64 * 1024)
+    kw = dict(max_new_tokens=8, max_tokens_per_request=32, max_message_bytes=64 * 1024,
+              rewind_window=WINDOW)  # fmt: skip
     with serve(toy, max_sessions=4096, **kw) as srv, Client(target(srv), timeout=30) as c:
         control, ref = c.create_session(), Ref(toy)
         ref.feed([5, 6, 7])
@@ -114,7 +122,8 @@ def test_random_payloads_get_a_client_error_and_the_server_stays_healthy(name, f
         client.session(SEED_ID).close()  # a fresh seed session for each RPC
     except grpc.RpcError:
         pass
-    client.create_session(session_id=SEED_ID)
+    client.create_session(session_id=SEED_ID, prompt=[1, 2, 3, 4, 5, 6])  # a history to rewind
+    allowed = ALLOWED | ALSO_ALLOWED.get(name, set())
     seen: dict[grpc.StatusCode, int] = {}
     n_messages = st.integers(1, 3) if SERVICE.methods_by_name[name].client_streaming else st.just(1)
 
@@ -130,7 +139,7 @@ def test_random_payloads_get_a_client_error_and_the_server_stays_healthy(name, f
         messages = [data.draw(payloads(name)) for _ in range(data.draw(n_messages))]
         code = raw_call(client.channel, name, messages)
         seen[code] = seen.get(code, 0) + 1
-        assert code in ALLOWED, (name, code, messages)
+        assert code in allowed, (name, code, messages)
 
     fuzz()
     assert sum(seen.values()) >= 60 and set(seen) - {C.OK}, seen  # it did get refusals
@@ -142,3 +151,71 @@ def test_random_payloads_get_a_client_error_and_the_server_stays_healthy(name, f
     assert_matches(control, ref)  # untouched by anything the fuzzer sent
     nxt = control.step(tokens=[8]).outputs[0]
     np.testing.assert_allclose(nxt, ref.feed([8])[-1], atol=1e-4, rtol=1e-4)
+
+
+def _rewind_position(rng: np.random.Generator, kind: str, n: int) -> int:
+    """A position of `kind` for a session at position n (see the test below)."""
+    if kind == "in":
+        return int(rng.integers(max(0, n - WINDOW), n, endpoint=True))
+    if kind == "just before":  # where the checkpoint the window starts from still is
+        return int(rng.integers(max(0, n - WINDOW - CHUNK), n - WINDOW))
+    if kind == "before":
+        return int(rng.integers(0, n - WINDOW))
+    if kind == "ahead":
+        return n + int(rng.integers(1, 4))
+    if kind == "far":
+        return int(rng.integers(2**63 - 1, 2**64 - 1, dtype=np.uint64, endpoint=True))
+    return int(rng.integers(0, n + 3))  # attached: anywhere
+
+
+def test_rewind_to_random_positions_lands_on_the_reference_or_changes_nothing(
+    fuzz_server, toy, caplog
+):
+    """60 sessions fed random tokens in random pieces, each rewound to a random position of
+    one kind in turn: in the window (the last WINDOW inputs: the state of the reference
+    there), before it (OUT_OF_RANGE, also within a chunk of it, where the checkpoint the
+    window starts from still is), ahead of the session or far ahead up to 2**64 - 1
+    (OUT_OF_RANGE), or anywhere with a Stream attached (FAILED_PRECONDITION). A refused
+    rewind changes nothing."""
+    srv, client, control, ref = fuzz_server
+    caplog.set_level(logging.WARNING)
+    rng = np.random.default_rng(0)
+    kinds = ("in", "just before", "before", "ahead", "far", "attached")
+    seen: dict[tuple[str, grpc.StatusCode], int] = {}
+    for i in range(60):
+        kind = kinds[i % len(kinds)]
+        n = int(rng.integers(WINDOW + 1 if "before" in kind else 0, 25))
+        tokens = rng.integers(0, 11, n).tolist()
+        position = _rewind_position(rng, kind, n)
+        s, at = client.create_session(), 0
+        while at < n:
+            piece = int(rng.integers(1, 7))
+            s.step(tokens=tokens[at : at + piece])
+            at += piece
+        stream = s.open_stream() if kind == "attached" else None
+        if stream is not None:
+            stream.send(tokens=[7])  # the session is attached to it from here
+            tokens.append(7)
+        try:
+            s.rewind(position)
+            code = C.OK
+        except grpc.RpcError as e:
+            code = e.code()
+        finally:
+            if stream is not None:
+                stream.close()
+        want = {"in": C.OK, "attached": C.FAILED_PRECONDITION}.get(kind, C.OUT_OF_RANGE)
+        assert code == want, (kind, tokens, position, code)
+        seen[kind, code] = seen.get((kind, code), 0) + 1
+        expected, fed = Ref(toy), tokens[:position] if code == C.OK else tokens
+        if fed:
+            expected.feed(fed)
+        if stream is not None:  # the closed Stream detaches soon after
+            wait_until(lambda: idle(srv), what="the closed Stream to detach")
+        assert_matches(s, expected)
+        s.close()
+
+    assert len(seen) == len(kinds), seen
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors[:3]]
+    assert_matches(control, ref)

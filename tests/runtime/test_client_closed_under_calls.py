@@ -1,7 +1,9 @@
 """AsyncClient.close() while its calls are in flight: every call it ends raises an RpcError
 (CANCELLED "the client was closed"), as the sync client's do, not asyncio.CancelledError,
 which made a task nobody cancelled end as cancelled (and an asyncio.gather or TaskGroup
-around it with it). A task that is itself cancelled stays cancelled.
+around it with it). A task that is itself cancelled stays cancelled. The sync client's calls
+say the same (grpc said "Channel closed!"), as do calls made after close()
+(test_client_after_close.py).
 
 The stand-in server holds every call it gets until the client cancels it."""
 
@@ -16,7 +18,7 @@ import grpc
 import pytest
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
-from ssmstream.runtime.client import AsyncClient
+from ssmstream.runtime.client import AsyncClient, Client
 
 
 class Holder(pb_grpc.StreamingInferenceServicer):
@@ -112,3 +114,31 @@ def test_a_call_whose_task_is_cancelled_as_its_client_closes_stays_cancelled(hol
         return task.cancelled()
 
     assert asyncio.run(asyncio.wait_for(run(), 20)) is True
+
+
+SYNC_CALLS = {
+    "info": lambda c, s: c.info(),
+    "step": lambda c, s: s.step(tokens=[1]),
+    "rewind": lambda c, s: s.rewind(0),
+    "generate": lambda c, s: next(s.generate([1], max_new_tokens=2)),
+    "stream": lambda c, s: next(s.stream([[1]])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_CALLS))
+def test_a_call_in_flight_when_its_sync_client_closes_says_the_client_was_closed(holder, name):
+    c = Client(holder.target, timeout=10)
+    said = []
+
+    def call():
+        try:
+            SYNC_CALLS[name](c, c.session("s-1"))
+        except grpc.RpcError as e:
+            said.append((e.code(), e.details()))
+
+    t = threading.Thread(target=call)
+    t.start()
+    assert holder.arrived.acquire(timeout=10)
+    c.close()
+    t.join(10)
+    assert said == [(grpc.StatusCode.CANCELLED, "the client was closed")]

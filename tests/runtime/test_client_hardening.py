@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from grpc_helpers import make_certs, position_on_server, serve, target
 from ssmstream.runtime.client import (
+    CLIENT_CLOSED,
     AsyncClient,
     Client,
     channel_credentials,
@@ -506,23 +507,26 @@ def test_closing_an_async_generate_early_stops_the_generation(byte_server):
 
 
 def test_leaving_the_with_block_closes_the_channel_in_both_clients(srv):
-    """After the `with` block no call goes out: grpc refuses an RPC on the closed channel."""
+    """After the `with` block no call goes out: the channel is closed (grpc refuses an RPC on
+    it), and the client's calls raise CANCELLED "the client was closed"."""
     with Client(target(srv), timeout=10) as c:
         assert c.info().vocab_size > 0
     with pytest.raises(ValueError, match="closed channel"):
+        c.channel.unary_unary("/ssmstream.v1.StreamingInference/GetModelInfo")(b"")
+    with pytest.raises(grpc.RpcError) as e:
         c.info()
+    assert (e.value.code(), e.value.details()) == (grpc.StatusCode.CANCELLED, CLIENT_CLOSED)
 
     async def run():
         async with AsyncClient(target(srv), timeout=10) as c:
             assert (await c.info()).vocab_size > 0
-        try:
+        with pytest.raises(grpc.aio.UsageError, match="closed"):
+            await c.channel.unary_unary("/ssmstream.v1.StreamingInference/GetModelInfo")(b"")
+        with pytest.raises(grpc.RpcError) as e:
             await c.info()
-        except BaseException as e:  # noqa: BLE001
-            return e
-        return None
+        return e.value.code(), e.value.details()
 
-    e = asyncio.run(asyncio.wait_for(run(), 30))
-    assert isinstance(e, grpc.aio.UsageError) and "closed" in str(e), repr(e)
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == (grpc.StatusCode.CANCELLED, CLIENT_CLOSED)
 
 
 @pytest.mark.parametrize("field, flag", [("root_certificates", "--tls-ca"),
