@@ -12,7 +12,8 @@ last `val_fraction` of them are val. A batch is B random contiguous windows of L
 bytes: inputs x = w[:L], targets y = w[1:]. Bits per byte = loss in nats / ln 2.
 
 Signal. Sums of K sinusoids  u(t) = Σ_k a_k sin(2π f_k t + φ_k)  on t ∈ [0, T),
-sampled at `rate` samples per unit time (L = T · rate samples, t_i = i / rate).
+sampled at `rate` samples per unit time (L = T · rate samples, t_i = i / rate), with
+f_k log-uniform in [freq_min, freq_max], a_k ~ N(0, 1/K) and φ_k uniform in [0, 2π).
 Targets are defined in continuous time, so the same task can be sampled at rate r and
 2r (the Δ-rescaling demonstration):
 
@@ -40,6 +41,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .network import number_fields
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,8 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
         glob: file-name pattern inside directories; None → "*.py" for the default
             corpus and every file otherwise. Explicitly named files are always taken.
     Raises:
-        ValueError naming the path that does not exist, or the two files that would
-        share a key (e.g. two directories of the same name).
+        ValueError naming the path that does not exist, a directory that cannot be read, or
+        the two files that would share a key (e.g. two directories of the same name).
     """
     by_file: dict[Path, tuple[Path, str]] = {}  # resolved path -> (path, key)
     named = []
@@ -82,7 +85,7 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
         elif p.is_dir():
             pattern = glob or "*"
             top = Path(os.path.abspath(p)).name  # `--data .` is keyed by the folder's name
-            for root, dirs, names in os.walk(p):
+            for root, dirs, names in os.walk(p, onerror=_unreadable_dir):
                 dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS]
                 for d in dirs:
                     if Path(root, d).is_symlink():
@@ -112,6 +115,12 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
                 "(their directories have the same name); pass their parent directory instead"
             )
     return sorted(by_file.values(), key=lambda item: item[1])
+
+
+def _unreadable_dir(e: OSError) -> None:
+    """os.walk's onerror: a directory that cannot be listed (permissions) would be skipped
+    without a word, leaving a smaller corpus and another split (or an "empty corpus")."""
+    raise ValueError(f"data: cannot read the directory {e.filename}: {e.strerror or e}") from e
 
 
 def _is_val(key: str, val_fraction: float) -> bool:
@@ -238,6 +247,11 @@ class SignalConfig:
     horizon: float | None = None
 
     def __post_init__(self):
+        number_fields(
+            self,
+            ints=("n_components",),
+            floats=("rate", "duration", "freq_min", "freq_max", "tau", "horizon"),
+        )
         for name in ("rate", "duration", "tau"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")

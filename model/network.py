@@ -31,6 +31,30 @@ from .layers import INITS, SSM
 from .ssm import METHODS
 
 
+def number_fields(cfg, ints: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> None:
+    """Check that the named fields of a config dataclass hold numbers (ValueError naming the
+    field: an integer for `ints`, any real number for `floats`; None only where that is the
+    field's default) and make numpy scalars plain int / float: config.json and the training
+    log are written by the json module, which refuses numpy's (a run would fail at its
+    first save)."""
+    optional = {f.name for f in dataclasses.fields(cfg) if f.default is None}
+
+    def given(name: str, kind: type, word: str) -> bool:
+        v = getattr(cfg, name)
+        if v is None and name in optional:
+            return False
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise ValueError(f"{name} must be {word}, got {v!r}")
+        return True
+
+    for name in ints:
+        if given(name, numbers.Integral, "an integer") and type(getattr(cfg, name)) is not int:
+            setattr(cfg, name, int(getattr(cfg, name)))
+    for name in floats:  # an int stays an int (1 is a valid alpha)
+        if given(name, numbers.Real, "a number") and type(getattr(cfg, name)) not in (int, float):
+            setattr(cfg, name, float(getattr(cfg, name)))
+
+
 @dataclass
 class SSMConfig:
     """Network hyper-parameters (stored as config.json in a checkpoint).
@@ -55,18 +79,12 @@ class SSMConfig:
     glu: bool = True
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "d_input",
-            "d_output",
-            "d_model",
-            "n_layers",
-            "d_state",
-            "heads",
-        ):
-            v = getattr(self, name)  # 8.0 from a config.json failed deep in torch
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
+        # 8.0 from a config.json failed deep in torch, "0.001" with a bare TypeError
+        number_fields(
+            self,
+            ints=("vocab_size", "d_input", "d_output", "d_model", "n_layers", "d_state", "heads"),
+            floats=("alpha", "dt_min", "dt_max", "dropout"),
+        )
         if not isinstance(self.glu, bool):  # "no" would be true
             raise ValueError(f"glu must be true or false, got {self.glu!r}")
         if (self.vocab_size is None) == (self.d_input is None):
@@ -80,6 +98,11 @@ class SSMConfig:
         for name in ("d_output", "d_model", "n_layers", "d_state"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model == 1:  # LayerNorm over one channel outputs its bias, whatever the input
+            raise ValueError(
+                "d_model must be at least 2, got 1: the LayerNorm of each block over a single "
+                "channel is constant, so the network would ignore its input"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         # The layer checks these too; checking here makes a bad config fail when it is

@@ -127,7 +127,7 @@ def test_keys_do_not_depend_on_how_the_directory_is_named_or_listed(tmp_path, mo
     monkeypatch.chdir(corpus)
     assert [k for _, k in find_files(["."])] == [k for _, k in named]
     walk = os.walk
-    monkeypatch.setattr(os, "walk", lambda p: ((r, d, n[::-1]) for r, d, n in walk(p)))
+    monkeypatch.setattr(os, "walk", lambda p, **kw: ((r, d, n[::-1]) for r, d, n in walk(p, **kw)))
     assert [k for _, k in find_files(["."])] == [k for _, k in named]  # listed the other way
     with caplog.at_level("INFO", logger="ssmstream.model.data"):
         d = load_text([corpus], val_fraction=0.5)
