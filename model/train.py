@@ -160,6 +160,9 @@ class TrainConfig:
                   "eval_every", "eval_batches", "save_every", "seed", "threads"),
             floats=("val_fraction", "lr", "ssm_lr", "weight_decay", "min_lr_ratio", "grad_clip"),
         )  # fmt: skip
+        for name in ("resume", "progress"):  # "no" would be true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
         if self.device not in DEVICES:

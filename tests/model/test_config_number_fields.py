@@ -82,3 +82,11 @@ def test_numpy_numbers_train_and_save_as_plain_json(tmp_path):
     assert meta["model"]["d_model"] == 4 and meta["model"]["alpha"] == 0.25
     assert meta["train"]["steps"] == 2 and meta["train"]["signal"]["rate"] == 4.0
     assert load_checkpoint(result.checkpoint).cfg == model
+
+
+@pytest.mark.parametrize("name", ["resume", "progress"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_train_config_refuses_a_flag_that_is_not_true_or_false(name, value):
+    """From Python a string "no" counted as true (the command line gives bools)."""
+    with pytest.raises(ValueError, match=f"^{name} must be true or false, got {value!r}$"):
+        TrainConfig(**{name: value})
