@@ -59,6 +59,21 @@ def init_A(init: str, H: int, N2: int) -> tuple[Tensor, Tensor]:
     return re.expand(H, N2).clone(), im.expand(H, N2).clone()  # -Re A, Im A: [H, N/2]
 
 
+# Δ is a float32 parameter: outside float32's positive normal range it would be inf or 0
+# (the loss NaN from the first step, or a layer with no dynamics)
+DT_RANGE = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max))
+
+
+def check_dt_range(dt_min: float, dt_max: float) -> None:
+    """ValueError unless DT_RANGE[0] <= dt_min <= dt_max <= DT_RANGE[1]."""
+    low, high = DT_RANGE
+    if not low <= dt_min <= dt_max <= high:
+        raise ValueError(
+            f"need {low:.3g} <= dt_min <= dt_max <= {high:.3g} (float32's range), got "
+            f"dt_min={dt_min}, dt_max={dt_max}"
+        )
+
+
 class SSM(nn.Module):
     """Diagonal SSM layer over [B, L, D] (see module docstring).
 
@@ -97,10 +112,7 @@ class SSM(nn.Module):
             )
         if discretization == "gbt" and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if not 0 < dt_min <= dt_max < math.inf:
-            raise ValueError(
-                f"need 0 < dt_min <= dt_max < inf, got dt_min={dt_min}, dt_max={dt_max}"
-            )
+        check_dt_range(dt_min, dt_max)
         self.d_model, self.d_state, self.heads = d_model, d_state, heads
         self.discretization, self.alpha = discretization, alpha
         H, M, N2 = heads, d_model // heads, d_state // 2

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers import INITS, SSM
+from .layers import INITS, SSM, check_dt_range
 from .ssm import METHODS
 
 
@@ -121,10 +121,7 @@ class SSMConfig:
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0 < self.dt_min <= self.dt_max < math.inf:
-            raise ValueError(
-                f"need 0 < dt_min <= dt_max < inf, got dt_min={self.dt_min}, dt_max={self.dt_max}"
-            )
+        check_dt_range(self.dt_min, self.dt_max)
 
     @property
     def input_kind(self) -> str:

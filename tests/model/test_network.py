@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from ssmstream.model import (
     SSMConfig,
     SSMNetwork,
 )
+from ssmstream.model.layers import SSM
 from ssmstream.model.network import Block
 
 L = 1024
@@ -237,11 +239,20 @@ def _tiny(**kw) -> SSMNetwork:
     )
 
 
-def test_config_refuses_an_infinite_dt_max_naming_it():
-    with pytest.raises(
-        ValueError, match=r"need 0 < dt_min <= dt_max < inf, got dt_min=0.001, dt_max=inf"
-    ):
-        SSMConfig(vocab_size=16, d_model=8, d_state=4, dt_max=math.inf)
+@pytest.mark.parametrize(
+    "dt_min, dt_max", [(1e-3, math.inf), (1e-3, 1e300), (1e-300, 1e-3), (0.0, 1e-3), (0.1, 0.01)]
+)
+def test_config_refuses_a_dt_range_float32_cannot_hold_naming_it(dt_min, dt_max):
+    """Δ is a float32 parameter: dt_max = 1e300 made it inf (the loss NaN from the first
+    step, said as "training diverged"), dt_min = 1e-300 made it 0."""
+    want = re.escape(
+        "need 1.18e-38 <= dt_min <= dt_max <= 3.4e+38 (float32's range), got "
+        f"dt_min={dt_min}, dt_max={dt_max}"
+    )
+    with pytest.raises(ValueError, match=want):
+        SSMConfig(vocab_size=16, d_model=8, d_state=4, dt_min=dt_min, dt_max=dt_max)
+    with pytest.raises(ValueError, match=want):
+        SSM(4, 4, dt_min=dt_min, dt_max=dt_max)
 
 
 def test_config_accepts_alpha_zero_and_one():
