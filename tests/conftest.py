@@ -1,7 +1,9 @@
 """Suite-wide settings.
 
 torch's intra-op threads spin-wait on the tiny tensors of these tests; on the 2-core CI machine
-one thread is several times faster overall, so the suite pins torch to one thread.
+one thread is several times faster overall, so the suite pins torch to one thread, and its
+child processes (commands, scripts, the README's blocks, the demo) start with OMP_NUM_THREADS=1
+unless the environment sets it.
 
 The tests that stop a command with Ctrl-C (SIGINT) or a closed terminal (SIGHUP) send those
 signals to child processes, which inherit an ignored signal: a suite started in the background
@@ -19,10 +21,12 @@ renames), not of the graphs.
 """
 
 import importlib.util
+import os
 import signal
 
 import pytest
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch's threads in the suite's children
 if importlib.util.find_spec("torch") is not None:
     import torch
 

@@ -5,10 +5,14 @@ every ```python block runs as written, each as a script in its own empty directo
 The Python blocks use what the tour makes: its export in /tmp/ssm-model and its server on
 127.0.0.1:50051. Here the export goes to a temp directory and the server (`ssmstream serve` of
 that export) to a free port; those two strings are the only change made to a block before it
-runs."""
+runs. The run block's commands go through the `ssmstream` entry point (`main(argv)`, what the
+console script calls) in this process, which has torch and onnxruntime imported already."""
 
+import contextlib
 import importlib
+import io
 import json
+import logging
 import re
 import shlex
 import signal
@@ -86,6 +90,30 @@ def _cli(*argv: str) -> list[str]:
     return [sys.executable, "-m", "ssmstream.runtime.cli", *argv]
 
 
+def _run_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """`ssmstream ARGV` from the repository root, run by the command's entry point in this
+    process: its status and what it printed. The logging it sets up is taken back after."""
+    from ssmstream.runtime.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root, ours = logging.getLogger(), logging.getLogger("ssmstream")
+    handlers, level = list(root.handlers), ours.level
+    try:
+        with (
+            contextlib.chdir(ROOT),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        root.handlers[:] = handlers
+        ours.setLevel(level)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def tour(tmp_path_factory) -> tuple[Path, list[tuple[str, subprocess.CompletedProcess]]]:
     """The run block with its model directory in a temp dir: (model dir, [(line, result)]),
@@ -94,8 +122,7 @@ def tour(tmp_path_factory) -> tuple[Path, list[tuple[str, subprocess.CompletedPr
     (run_lines,) = [lines for run, lines in shell_blocks(README) if run]
     done = []
     for line in run_lines:
-        argv = ssmstream_argv(line.replace(TOUR_MODEL, str(model)))
-        r = subprocess.run(_cli(*argv), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        r = _run_in_process(ssmstream_argv(line.replace(TOUR_MODEL, str(model))))
         done.append((line, r))
         if r.returncode != 0:
             break

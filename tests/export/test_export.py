@@ -355,15 +355,18 @@ def test_int8_variant(int8_model, token_model):
 
 
 def test_int8_quantizes_the_same_trunk_weights_in_both_graphs_of_a_values_model(
-    signal_ckpt, signal_net, tmp_path
+    signal_ckpt, signal_net, signal_model, tmp_path
 ):
     """A values model's prefill graph holds its encoder weight transposed, folded into a
     constant of another name: it stayed float32 there while the step graph quantized it,
     so the two graphs computed the first layer differently. Both quantize every trunk Linear
-    (the quantized weights dequantize to the trunk's, within one uint8 step) and nothing else."""
+    (the quantized weights dequantize to the trunk's, within one uint8 step) and nothing else.
+    With signal_model's options: its fp32 graphs come from this process's conversion cache."""
     from ssmstream.export.modules import Trunk
 
-    model = export_model(signal_ckpt, tmp_path / "int8", dtype="int8", verify=False, **EXPORT)
+    model = export_model(
+        signal_ckpt, tmp_path / "int8", dtype="int8", dt_scale=DT_SCALE, verify=False, **EXPORT
+    )
     linears = [m.weight.detach().numpy() for m in Trunk(signal_net, torch.float32).modules()
                if isinstance(m, torch.nn.Linear)]  # fmt: skip
     for graph in ("step", "prefill"):
