@@ -204,7 +204,6 @@ class SessionStore:
         self._max_gone = integer(tombstones, "tombstones")
         self._lock = threading.RLock()
         self._returned = threading.Condition(self._lock)  # notified by give_back
-        self._lent = 0  # sessions whose rows are lent out
         self._save_lock = threading.Lock()  # one save at a time: they share the temp file
         self._counts = Counter()
         self._full_logged = -math.inf  # when the last "store full" warning was logged
@@ -481,7 +480,6 @@ class SessionStore:
                 raise SessionBusy("a session's row is lent to a step already (or given twice)")
             for s in lent:
                 s._lent = True
-            self._lent += len(lent)
             return lent
 
     def give_back(self, sessions: Sequence[Session], consumed: int) -> list[int | SessionNotFound]:
@@ -495,7 +493,6 @@ class SessionStore:
             results = self._advance(sessions, consumed)
             for s in sessions:
                 lent, s._lent = s._lent, False
-                self._lent -= lent
                 if lent and not s._live:  # _remove left the slot to us
                     heapq.heappush(self._free, s._slot)
             self._returned.notify_all()
