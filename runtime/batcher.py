@@ -218,6 +218,7 @@ class Batcher:
         self._prefill_turn = False  # after a step batch, a waiting prefill goes first
         self._pump_soon = False  # a _pump is scheduled for the end of this loop iteration
         self._timer: asyncio.TimerHandle | None = None  # the batch delay's deadline
+        self._ended_seen = 0  # store.ended when `_complete` last dropped ended sessions
         self._idle: asyncio.Event | None = None
         self._closing = False
 
@@ -425,10 +426,17 @@ class Batcher:
         if n >= self.max_batch or n + len(self._prefills) >= self._active(now):
             return True
         # a session closed or evicted since its last request sends no more: not waited for
-        ended = [k for k, (_, s) in self._recent.items() if not s.live and k not in self._busy]
-        for key in ended:
-            del self._recent[key]
-        return bool(ended) and n + len(self._prefills) >= len(self._recent)
+        # (looked for when sessions ended since the last look; one still busy, again later)
+        ended = self.store.ended
+        if ended == self._ended_seen:
+            return False
+        gone = [k for k, (_, s) in self._recent.items() if not s.live]
+        for key in gone:
+            if key not in self._busy:
+                del self._recent[key]
+        if not any(key in self._busy for key in gone):
+            self._ended_seen = ended
+        return n + len(self._prefills) >= len(self._recent)
 
     def _pump(self) -> None:
         """Start the next job if the worker is free. Runs on the event loop whenever that can

@@ -206,6 +206,7 @@ class SessionStore:
         self._returned = threading.Condition(self._lock)  # notified by give_back
         self._save_lock = threading.Lock()  # one save at a time: they share the temp file
         self._counts = Counter()
+        self.ended = 0  # sessions removed so far (closed, evicted, moved): the batcher's cue
         self._full_logged = -math.inf  # when the last "store full" warning was logged
         self.replication = replication
         if replication is not None:
@@ -308,6 +309,7 @@ class SessionStore:
         while len(self._gone) > self._max_gone:
             self._gone.popitem(last=False)
         self._counts[reason] += 1
+        self.ended += 1
         if s.history is not None:
             s.history.release()
         if self.replication is not None:
