@@ -606,8 +606,9 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
         except OSError as e:
             del _underway.dirs[tmp]
             if not (isinstance(e, FileExistsError) and parent.is_dir()):  # else: another's name
+                too_long = e.errno == errno.ENAMETOOLONG and parent.is_dir()  # the tmp's name
                 _remove_empty(made)
-                if e.errno == errno.ENAMETOOLONG and parent.is_dir():
+                if too_long:
                     raise ExportError(
                         f"--out {out_dir}: the name is too long: the export first writes into "
                         f"a temporary sibling '.NAME.<8 hex>.tmp' ({len(tmp.name)} characters, "
