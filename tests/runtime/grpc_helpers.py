@@ -1,6 +1,6 @@
 """Helpers of the gRPC tests (tests/runtime/test_server*.py, test_client*.py): certificates
 made with the openssl CLI, a server in this process or a subprocess that reports its port, a
-metrics scrape."""
+stand-in servicer served for client tests, a metrics scrape."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.auth import ANONYMOUS
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.server import BackgroundServer
@@ -40,6 +44,20 @@ def serve(model_dir, **kw) -> BackgroundServer:
     """A server in this process (CPU, port 0, short grace); use it as a context manager."""
     cfg = ServerConfig(model_dir=str(model_dir), port=0, device="cpu", grace=0.2, **kw)
     return BackgroundServer(cfg)
+
+
+@contextmanager
+def stand_in(servicer, workers: int = 4) -> Iterator:
+    """Serve `servicer` (a stand-in for the server's, for client tests) on 127.0.0.1; sets
+    its `target`. Stopped at the end."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_StreamingInferenceServicer_to_server(servicer, server)
+    servicer.target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        yield servicer
+    finally:
+        server.stop(0)
 
 
 def target(srv) -> str:

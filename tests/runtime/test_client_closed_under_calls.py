@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from concurrent import futures
 
 import grpc
 import pytest
+from grpc_helpers import stand_in
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.client import AsyncClient, Client
@@ -49,13 +49,8 @@ class Holder(pb_grpc.StreamingInferenceServicer):
 
 @pytest.fixture(scope="module")
 def holder():
-    h = Holder()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_StreamingInferenceServicer_to_server(h, server)
-    h.target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
-    yield h
-    server.stop(0)
+    with stand_in(Holder()) as h:
+        yield h
 
 
 async def _first(it):

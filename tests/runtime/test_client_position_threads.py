@@ -13,9 +13,8 @@ import asyncio
 import threading
 from concurrent import futures
 
-import grpc
 import pytest
-from grpc_helpers import position_on_server, serve, target
+from grpc_helpers import position_on_server, serve, stand_in, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.client import AsyncClient, Client
@@ -47,14 +46,9 @@ class Counter(pb_grpc.StreamingInferenceServicer):
 
 @pytest.fixture()
 def counter():
-    c = Counter()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_StreamingInferenceServicer_to_server(c, server)
-    c.target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
-    yield c
-    c.release.set()
-    server.stop(0)
+    with stand_in(Counter()) as c:
+        yield c
+        c.release.set()
 
 
 def test_a_late_answer_does_not_take_a_sync_handles_position_back(counter):

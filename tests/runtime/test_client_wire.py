@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from concurrent import futures
 
 import grpc
 import pytest
+from grpc_helpers import stand_in
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.client import AsyncClient, Client
@@ -83,14 +83,8 @@ class Recorder(pb_grpc.StreamingInferenceServicer):
 
 @pytest.fixture
 def recorder():
-    rec = Recorder()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_StreamingInferenceServicer_to_server(rec, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    rec.target = f"127.0.0.1:{port}"
-    yield rec
-    server.stop(0)
+    with stand_in(Recorder(), workers=8) as rec:
+        yield rec
 
 
 # what each call sends as x-session-id: the id of the session it is about (a fork: its source)
