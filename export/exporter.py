@@ -58,6 +58,7 @@ import onnxruntime as ort
 import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
 from ssmstream.model.checkpoint import CheckpointError
+from ssmstream.model.network import check_fields
 from ssmstream.runtime.manifest import (
     DTYPES,
     FORMAT,
@@ -126,15 +127,14 @@ class ExportConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ExportError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
-        for name in ("prefill", "verify", "optimize", "overwrite", "progress"):
-            v = getattr(self, name)  # overwrite="no" would replace the model
-            if not isinstance(v, bool):
-                raise ExportError(f"{name} must be true or false, got {v!r}")
-        for name in ("chunk", "max_chunks", "verify_steps", "opset"):
-            v = getattr(self, name)  # 4.0 passed the range checks and failed deep in torch
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise ExportError(f"{name} must be an integer, got {v!r}")
-            setattr(self, name, int(v))  # numpy's ints: the manifest is JSON
+        try:  # overwrite="no" would replace the model; chunk=4.0 failed deep in torch
+            check_fields(
+                self,
+                ints=("chunk", "max_chunks", "verify_steps", "opset"),
+                bools=("prefill", "verify", "optimize", "overwrite", "progress"),
+            )
+        except ValueError as e:
+            raise ExportError(str(e)) from None
         if isinstance(self.dt_scale, bool) or not (
             isinstance(self.dt_scale, numbers.Real) and math.isfinite(self.dt_scale)
         ):

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .network import number_fields
+from .network import check_fields
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class SignalConfig:
     horizon: float | None = None
 
     def __post_init__(self):
-        number_fields(
+        check_fields(
             self,
             ints=("n_components",),
             floats=("rate", "duration", "freq_min", "freq_max", "tau", "horizon"),

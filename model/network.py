@@ -31,12 +31,15 @@ from .layers import INITS, SSM, check_dt_range
 from .ssm import METHODS
 
 
-def number_fields(cfg, ints: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> None:
-    """Check that the named fields of a config dataclass hold numbers (ValueError naming the
-    field: an integer for `ints`, any real number for `floats`; None only where that is the
-    field's default) and make numpy scalars plain int / float: config.json and the training
-    log are written by the json module, which refuses numpy's (a run would fail at its
-    first save)."""
+def check_fields(cfg, ints=(), floats=(), bools=()) -> None:
+    """Check the types of the named fields of a config dataclass (ValueError naming the
+    field): an integer for `ints`, any real number for `floats` (None only where that is the
+    field's default), true or false for `bools` ("no" would be true). numpy scalars become
+    plain int / float: config.json, the training log and a manifest are written by the json
+    module, which refuses numpy's (a run would fail at its first save)."""
+    for name in bools:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
     optional = {f.name for f in dataclasses.fields(cfg) if f.default is None}
 
     def given(name: str, kind: type, word: str) -> bool:
@@ -80,13 +83,12 @@ class SSMConfig:
 
     def __post_init__(self):
         # 8.0 from a config.json failed deep in torch, "0.001" with a bare TypeError
-        number_fields(
+        check_fields(
             self,
             ints=("vocab_size", "d_input", "d_output", "d_model", "n_layers", "d_state", "heads"),
             floats=("alpha", "dt_min", "dt_max", "dropout"),
+            bools=("glu",),
         )
-        if not isinstance(self.glu, bool):  # "no" would be true
-            raise ValueError(f"glu must be true or false, got {self.glu!r}")
         if (self.vocab_size is None) == (self.d_input is None):
             raise ValueError("exactly one of vocab_size (tokens) or d_input (signals) must be set")
         for name in ("vocab_size", "d_input"):

@@ -69,7 +69,7 @@ from .data import (
     text_batch,
 )
 from .layers import INITS
-from .network import SSMConfig, SSMNetwork, number_fields
+from .network import SSMConfig, SSMNetwork, check_fields
 from .ssm import METHODS
 
 log = logging.getLogger(__name__)
@@ -154,15 +154,13 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.signal, dict):
             self.signal = SignalConfig(**self.signal)
-        number_fields(
+        check_fields(
             self,
             ints=("seq_len", "batch_size", "steps", "stop_after", "warmup_steps", "log_every",
                   "eval_every", "eval_batches", "save_every", "seed", "threads"),
             floats=("val_fraction", "lr", "ssm_lr", "weight_decay", "min_lr_ratio", "grad_clip"),
+            bools=("resume", "progress"),
         )  # fmt: skip
-        for name in ("resume", "progress"):  # "no" would be true
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
         if self.device not in DEVICES:

@@ -1131,7 +1131,7 @@ def _closed_under(client: AsyncClient) -> None:
     Python 3.11 a task does not tell it is being cancelled: one cancelled as its client closes
     raises CANCELLED too."""
     if client.closed and not _cancelling():
-        raise _cancelled("the client was closed") from None
+        raise _cancelled(CLIENT_CLOSED) from None
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
