@@ -756,6 +756,7 @@ class ClientSession(_Handle):
 
 
 CLIENT_CLOSED = "the client was closed"
+STREAM_CLOSE_WAIT = 1.0  # seconds a stream's close waits for the server to end the call
 
 
 def _closed_sync(client: Client, e: Exception) -> None:
@@ -818,7 +819,15 @@ class StreamHandle:
 
     def close(self) -> None:
         """End the stream; a send in flight or later raises CANCELLED "this stream was
-        closed"."""
+        closed". With no send in flight the requests end (a half-close) and this waits for
+        the server to end the call (STREAM_CLOSE_WAIT at most): the session is let go of
+        when it returns, and the call ends OK, not CANCELLED."""
+        if not (self._ended or self._lock.locked()):  # (a send taking the lock now: refused)
+            self._ended = "this stream was closed"
+            self._q.put(self._END)
+            done = threading.Event()
+            self._call.add_done_callback(lambda _: done.set())
+            done.wait(STREAM_CLOSE_WAIT)
         self._end("this stream was closed")
 
     def _end(self, why: str) -> None:
@@ -1099,9 +1108,14 @@ class AsyncStreamHandle:
         return _cancelled(f"{what} was closed")
 
     async def close(self) -> None:
-        """End the stream; a send in flight raises CANCELLED "this stream was closed"."""
-        self._closed = True
+        """End the stream; a send in flight raises CANCELLED "this stream was closed". With
+        no send in flight this waits for the server to end the call after the requests end
+        (STREAM_CLOSE_WAIT at most), as StreamHandle.close does."""
+        idle, self._closed = not self._turn.locked(), True
         await self._call.done_writing()
+        if idle:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._call.code(), STREAM_CLOSE_WAIT)
         self._call.cancel()
 
     def __del__(self) -> None:

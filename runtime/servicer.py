@@ -35,7 +35,6 @@ from .status import check_decoded, deadline_passed, end_as_expired, grpc_errors
 log = logging.getLogger(__name__)
 
 SERVER_VERSION = "0.1.0"
-CANCEL_WAIT = 0.005  # seconds a Stream whose requests ended waits for a client's cancel
 
 # --- protobuf ↔ arrays (pure helpers) -------------------------------------------------------
 
@@ -302,9 +301,10 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
                 if self.service.draining:  # do not wait for a next request that would be refused
                     raise Unavailable(self.service.draining_says)
             # a client's cancel ends the requests as a half-close does, and grpc cancels this
-            # task when the call's close reaches the event loop: let it land here, so that
-            # the call counts as CANCELLED (one that comes later ends the call as OK)
-            await asyncio.sleep(CANCEL_WAIT)
+            # task when the call's close reaches the event loop, most often in this loop turn:
+            # let it land here, so that the call counts as CANCELLED. One that comes later
+            # ends the call as OK (waiting for it would hold every half-closed stream's end)
+            await asyncio.sleep(0)
         except asyncio.CancelledError:
             if a.drained:
                 raise Unavailable(self.service.draining_says) from None
