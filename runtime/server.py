@@ -482,10 +482,24 @@ class Server:
             ) from None
 
     async def _evict_loop(self) -> None:
+        """Evict the sessions idle past their TTL every TTL/4 (0.05 to 5 s). A sweep that
+        fails is logged, with its traceback the first time in a row, and the next one tried:
+        a sweep that ended would leave idle sessions holding their slots until the server is
+        full."""
         period = min(max(self.config.session_ttl / 4, 0.05), 5.0)
+        failed = 0  # sweeps failed in a row
         while True:
             await asyncio.sleep(period)
-            self.store.evict_idle()
+            try:
+                self.store.evict_idle()
+            except Exception:
+                failed += 1
+                if failed == 1:
+                    log.exception("idle-session sweep failed; trying again every %gs", period)
+                continue
+            if failed:
+                log.info("idle-session sweep works again after %d failed sweeps", failed)
+                failed = 0
 
     async def _watch_store(self) -> None:
         """Health of STATE_STORE_HEALTH follows the shared store: NOT_SERVING while degraded
@@ -561,12 +575,16 @@ class Server:
         if save and self.config.state_dir and self.store is not None:
             try:
                 self.store.save(self.config.state_dir)
-            except OSError as e:  # a full disk: the sessions are lost; exit status 1
+            except Exception as e:  # a full disk: the sessions are lost; exit status 1
+                # any other error too (with its traceback): the older save is set aside and
+                # the rest of the shutdown (the metrics exporter's close) still runs
                 self.unsaved = max(1, len(self.store))
                 log.error(
                     "--state-dir: cannot save %d sessions to %s (%s): they are lost; %s",
-                    len(self.store), self.config.state_dir, e.strerror or e,
+                    len(self.store), self.config.state_dir,
+                    getattr(e, "strerror", None) or str(e) or type(e).__name__,
                     _set_aside(Path(self.config.state_dir) / STORE_FILE),
+                    exc_info=not isinstance(e, OSError),
                 )  # fmt: skip
         if self.store is not None and self.store.replication is not None:
             if save:  # written, leases released
