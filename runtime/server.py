@@ -249,6 +249,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health: Health | None = None
         self._tasks: list[asyncio.Task] = []
+        self._hurried: asyncio.Future | None = None  # a second signal's stop(0)
         self._stopped = asyncio.Event()
         self._stopping = False
         self._serving = False  # a start that failed undoes itself without drain/stop logs
@@ -616,8 +617,8 @@ class Server:
 
     def _hurry(self) -> None:
         log.info("second signal: ending the grace period now")
-        if self._grpc is not None:
-            asyncio.ensure_future(self._grpc.stop(0))
+        if self._grpc is not None:  # held: the loop keeps only a weak reference to a task
+            self._hurried = asyncio.ensure_future(self._grpc.stop(0))
 
 
 def _write_port_file(path: str, port: int, metrics_port: int | None) -> str:
