@@ -103,12 +103,14 @@ class PrefixCache:
         limit: int | None = None,
         chain: bool = False,
         gap: int | None = None,
+        count: bool = True,
     ) -> CacheHit:
         """The longest cached prefix of `prompt` (int64 [T]) of at most `limit` tokens.
 
         chain: also the states after the cached pieces up to it, in `states` (a session
         that may rewind into the prompt takes them as checkpoints); with `gap`, the longest
         prefix reached through cached pieces at most `gap` inputs apart, from 0.
+        count=False leaves the hit or miss to be counted (`count`) once the prompt was used.
         """
         if not self.enabled or not len(prompt):
             return CacheHit(0)
@@ -127,15 +129,27 @@ class PrefixCache:
                 if not chain:
                     break
         if not found:
-            self.counts["misses"] += 1
+            if count:
+                self.count(0)
             return CacheHit(0)
         for _, key, _ in reversed(found):  # a prompt's first pieces are evicted last
             entries.move_to_end(key)
         end, _, e = found[-1]
-        self.counts["hits"] += 1
-        self.counts["cached_tokens"] += end
+        if count:
+            self.count(end)
         states = {end: e.state for end, _, e in found} if chain else None
         return CacheHit(end, e.state.copy(), e.output.copy(), states)
+
+    def count(self, tokens: int) -> None:
+        """Count a lookup made with count=False: a hit that served `tokens` inputs (0: a
+        miss). Nothing while the cache is off (its lookups count nothing either)."""
+        if not self.enabled:
+            return
+        if tokens:
+            self.counts["hits"] += 1
+            self.counts["cached_tokens"] += tokens
+        else:
+            self.counts["misses"] += 1
 
     def insert(
         self, scope: str, prompt: np.ndarray, states: dict[int, tuple[np.ndarray, np.ndarray]]

@@ -260,12 +260,14 @@ class SessionService:
     async def _feed_prompt(self, s: Session, principal: str, prompt: np.ndarray) -> tuple:
         """Feed a new session (nobody else holds it yet) its prompt, from the prompt's longest
         cached prefix; cache the states after the prompt's pieces. Returns (the output of
-        the last prompt input [D], how many prompt inputs the cache served)."""
+        the last prompt input [D], how many prompt inputs the cache served). The caller
+        counts the lookup (`prefix_cache.count`) once the session is handed out: a call
+        that fails counts no hit or miss."""
         cache, scope = self.prefix_cache, self._scope(principal)
         # a session that may rewind takes the cached states as checkpoints, as far as they
         # lie at most a chunk apart (as a prefill's would; without chunk states, any)
         gap = self.chunk if self.engine.prefill_chunk_states else None
-        hit = cache.lookup(scope, prompt, chain=s.history is not None, gap=gap)
+        hit = cache.lookup(scope, prompt, chain=s.history is not None, gap=gap, count=False)
         if hit.tokens:
             self.store.commit(s, hit.state, hit.tokens)
             if s.history is not None:  # as if prefilled: a rewind may go into the prompt
@@ -335,10 +337,14 @@ class SessionService:
         ttl: float = 0.0,
         snapshot: bytes = b"",
         prompt=(),
+        handed_out: Callable[[Session], object] | None = None,
     ) -> tuple[Session, int]:
         """A new session at position 0, from a snapshot, or after a prompt (fed from its
         longest cached prefix); `session_id` "" lets the store choose. Returns the session
-        and how many prompt inputs the prefix cache served."""
+        and how many prompt inputs the prefix cache served. `handed_out(session)` is called
+        for a session made from a prompt once the prompt is fed, as Generate's (the server
+        ends the call there when its deadline passed: the session is closed again and the
+        prompt's cache lookup not counted)."""
         self._on_loop()
         self._open()
         ttl_ = self._ttl(ttl)
@@ -359,9 +365,12 @@ class SessionService:
             return s, 0
         try:
             _, cached = await self._feed_prompt(s, principal, x)
+            if handed_out is not None:
+                handed_out(s)
         except BaseException:  # the client never got the id: undo the session
             self.discard(s, principal)
             raise
+        self.prefix_cache.count(cached)
         return s, cached
 
     async def restore(
@@ -489,12 +498,14 @@ class SessionService:
                 logits = outputs[-1]
             else:  # a new session: the prompt's prefix may come from the cache
                 a.adopt(self._track(self.store.create(principal)))
-                logits, _ = await self._feed_prompt(a.session, principal, x)
+                logits, cached = await self._feed_prompt(a.session, principal, x)
                 position = len(x)
             gen = Generation(config)
             g = gen(logits, position)
-            if handed_out is not None and not session_id:
-                handed_out(a.session)
+            if not session_id:
+                if handed_out is not None:
+                    handed_out(a.session)
+                self.prefix_cache.count(cached)
             # handed out: a cancel from here on may come after the client read the id (as
             # the first response's write ends), so a kept session stays from here
             sent = True

@@ -230,16 +230,20 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
 
     @grpc_errors
     async def CreateSession(self, request, context):
+        handed_out = functools.partial(self._handed_out, context=context)
         s, cached = await self.service.create(
             current_principal(),
             request.session_id,
             request.ttl_seconds,
             request.snapshot,
             request_arrays(request.prompt, ())[0],
+            handed_out,
         )
-        if request.prompt:
+        if request.prompt:  # handed out by `create`, once its prompt was fed
             self.metrics.count_tokens("CreateSession", len(request.prompt))
-        return session_message(self._handed_out(s, context), cached)
+        else:
+            handed_out(s)
+        return session_message(s, cached)
 
     @grpc_errors
     async def CloseSession(self, request, context):
