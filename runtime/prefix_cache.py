@@ -12,7 +12,8 @@ A lookup hashes the prompt's pieces and takes the longest prefix that has an ent
 stored prefix equals the prompt's (so a match is exact: a hash is never trusted alone; the
 prefix costs 8 bytes a token, an eighth of a 64 KiB state at 1,024 tokens). When the entries'
 bytes exceed `max_bytes`, the scope holding the most bytes gives up its least recently used
-entries first.
+entries first (found through a heap of the scopes' sizes: O(log scopes) an eviction, so many
+tenants do not slow each insert down).
 
 `scope` separates tenants: by default each principal has its own entries (a cache shared
 across principals would tell one tenant, by timing, which prompts another sent); the
@@ -27,6 +28,7 @@ Dimension letters: T prompt length, Q chunk, S state size, D output width.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -75,6 +77,7 @@ class PrefixCache:
         self.max_bytes, self.chunk, self.model_sha = int(max_bytes), int(chunk), model_sha
         self._entries: dict[str, OrderedDict[bytes, _Entry]] = {}  # scope -> its LRU entries
         self._scope_bytes: dict[str, int] = {}
+        self._largest: list[tuple[int, str]] = []  # heap of (-bytes, scope); stale ones too
         self.bytes = 0
         self.counts = {"hits": 0, "misses": 0, "cached_tokens": 0, "evictions": 0}
 
@@ -174,18 +177,38 @@ class PrefixCache:
             self._scope_bytes[scope] = self._scope_bytes.get(scope, 0) + e.nbytes
             self.bytes += e.nbytes
             added += 1
+        if added:
+            self._sized(scope)
         while self.bytes > self.max_bytes:
-            largest = max(self._scope_bytes, key=self._scope_bytes.__getitem__)
+            largest = self._largest_scope()
             _, old = self._entries[largest].popitem(last=False)
             self._scope_bytes[largest] -= old.nbytes
             self.bytes -= old.nbytes
             self.counts["evictions"] += 1
             if not self._entries[largest]:
                 del self._entries[largest], self._scope_bytes[largest]
+            else:
+                self._sized(largest)
         if not entries and scope in self._entries:  # nothing of it was kept (or ever added)
             del self._entries[scope]
             self._scope_bytes.pop(scope, None)
         return added
+
+    def _sized(self, scope: str) -> None:
+        """Note a scope's new size in the heap (its older sizes there go stale)."""
+        if len(self._largest) > 4 * len(self._scope_bytes) + 64:  # mostly stale: rebuild
+            self._largest = [(-b, s) for s, b in self._scope_bytes.items()]
+            heapq.heapify(self._largest)
+        else:
+            heapq.heappush(self._largest, (-self._scope_bytes[scope], scope))
+
+    def _largest_scope(self) -> str:
+        """The scope holding the most bytes (of equal ones, the least by name)."""
+        while True:
+            neg, scope = self._largest[0]
+            if self._scope_bytes.get(scope) == -neg:
+                return scope
+            heapq.heappop(self._largest)
 
     def stats(self) -> dict:
         entries = sum(len(e) for e in self._entries.values())

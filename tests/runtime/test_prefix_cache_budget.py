@@ -7,11 +7,15 @@
 - a checkpoint budget used exactly up to its limit is not "over": the session's oldest
   checkpoint stays, so the whole window is reachable;
 - scopes whose inserts kept nothing leave no bookkeeping behind;
+- the largest scope is found through a heap: it picks the scope a scan of every scope picks,
+  at every eviction of a random run, and an insert does not slow down with the number of
+  scopes (a scan made it ~4.8 ms at 10,000 principals);
 - a recorded checkpoint is a copy of the caller's state.
 """
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import numpy as np
@@ -43,6 +47,59 @@ def test_a_smaller_scopes_insert_evicts_from_the_largest_scope():
     assert c.stats()["evictions"] == 1 and c.stats()["entries"] == 4
     assert [c.lookup("small", p).tokens for p in small] == [3, 3]
     assert [c.lookup("big", p).tokens for p in big] == [0, 3, 3]
+
+
+class ScanningCache(PrefixCache):
+    """The largest scope found by scanning every scope (ties: the least name)."""
+
+    def _sized(self, scope):
+        pass
+
+    def _largest_scope(self):
+        return min(self._scope_bytes, key=lambda s: (-self._scope_bytes[s], s))
+
+
+def test_the_heap_evicts_from_the_scope_a_scan_finds_largest():
+    rng = np.random.default_rng(0)
+    budget = 12 * _entry_bytes(4)
+    caches = [PrefixCache(budget, chunk=Q, model_sha="m"), ScanningCache(budget, Q, "m")]
+    evictions = 0
+    for i in range(600):
+        scope = f"p{rng.integers(0, 7) ** 2 % 11}"  # uneven: some scopes far more often
+        prompt = rng.integers(0, 3, size=int(rng.integers(1, 13)))
+        ends = range(Q, len(prompt) + Q, Q)  # each piece's end (the last one: the prompt's)
+        states = {min(e, len(prompt)): (np.full(S, i, np.float32), np.zeros(D, np.float32))
+                  for e in ends}  # fmt: skip
+        added = [c.insert(scope, prompt, states) for c in caches]
+        assert added[0] == added[1]
+        heap, scan = caches
+        assert heap.bytes == scan.bytes <= budget
+        assert heap._scope_bytes == scan._scope_bytes
+        assert {s: list(e) for s, e in heap._entries.items()} == {
+            s: list(e) for s, e in scan._entries.items()
+        }
+        evictions = heap.counts["evictions"]
+    assert evictions > 200  # the run was under pressure
+
+
+def test_an_insert_does_not_slow_down_with_the_number_of_scopes():
+    st = (np.zeros(S, np.float32), np.zeros(D, np.float32))
+
+    def insert_cost(scopes: int) -> float:
+        c = PrefixCache(2 * scopes * _entry_bytes(Q), chunk=Q, model_sha="m")
+        for p in range(scopes):
+            c.insert(f"p{p}", np.arange(2 * Q) + p, {Q: st, 2 * Q: st})
+        best = float("inf")
+        for r in range(5):
+            t0 = time.perf_counter()
+            for i in range(50):
+                prompt = np.arange(2 * Q) + 10**6 + 100 * r + i
+                c.insert(f"p{i % scopes}", prompt, {Q: st, 2 * Q: st})  # evicts two
+            best = min(best, time.perf_counter() - t0)
+        assert c.counts["evictions"] >= 400
+        return best
+
+    assert insert_cost(5000) < 6 * insert_cost(5)
 
 
 def test_a_lookup_that_finds_nothing_counts_a_miss():
