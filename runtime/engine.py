@@ -534,7 +534,11 @@ class Engine:
         if s.dtype != np.float32:
             if s.dtype.kind != "f":
                 raise InvalidInput(field, f"must be float32, got {s.dtype}")
-            s = s.astype(np.float32)
+            with np.errstate(over="ignore"):  # an overflow to inf is reported just below
+                s32 = s.astype(np.float32)
+            if (np.isinf(s32) & np.isfinite(s)).any():
+                raise InvalidInput(field, "has values beyond the float32 range (±3.4e38)")
+            s = s32
         return np.ascontiguousarray(s)
 
     # --- running -------------------------------------------------------------------------
@@ -772,7 +776,8 @@ class Engine:
             state: None (start from zeros) or a finite float32 [S] / [1, S] array, updated in place:
                 once iteration has started and the iterator ends or is closed, it holds the
                 state after the prompt and every token yielded (the step for the last one
-                runs only then). The prompt is consumed at the first `next()`.
+                runs only then). The prompt is consumed at the first `next()`, as it was
+                when generate was called.
             max_new_tokens: at most this many tokens are yielded.
             temperature, top_k, top_p, seed: see runtime/sampling.py.
             stop: token ids that end the generation (the stop token is yielded).
@@ -794,7 +799,9 @@ class Engine:
             raise InvalidInput("prompt", f"must be one sequence of token ids, got {prompt.shape}")
         if not prompt.size:  # as the server says it (not the [1, 0] shape checked below)
             raise InvalidInput("prompt", "needs at least one token")
-        p = self.check_inputs(prompt[None], "prompt", time_axis=True)  # [1, T]
+        # a copy: the prompt is fed at the first next(), and the caller's array (which the
+        # check may hand back as it is) may have been written since
+        p = self.check_inputs(prompt[None], "prompt", time_axis=True).copy()  # [1, T]
         config = GenerateConfig.check(
             self.vocab_size, max_new_tokens, temperature, top_k, top_p, seed, stop
         )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidInput, integer, real_number
+from .errors import InvalidInput, as_array, integer, real_number
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def check_params(temperature: float, top_k: int, top_p: float) -> tuple[float, i
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits)
+    z = as_array(logits, "logits")  # a ragged list or a bool among floats: refused, named
     if z.ndim != 1 or z.shape[0] == 0:
         raise InvalidInput("logits", f"must be a non-empty 1-D array [V], got shape {z.shape}")
     if not np.issubdtype(z.dtype, np.floating):
@@ -133,6 +133,10 @@ def sample(
         the token id, an int in [0, V).
     """
     params = check_params(temperature, top_k, top_p)
+    if rng is not None and not callable(getattr(rng, "random", None)):  # a Generator's draw
+        raise InvalidInput(
+            "rng", f"must be a numpy.random.Generator or None, got {type(rng).__name__}"
+        )
     return _sample(_check_logits(logits), *params, rng)
 
 
@@ -154,6 +158,10 @@ class Sampler:
     """
 
     def __init__(self, config: SamplingConfig | None = None):
+        if config is not None and not isinstance(config, SamplingConfig):
+            raise InvalidInput(
+                "config", f"must be a SamplingConfig or None, got {type(config).__name__}"
+            )
         self.config = config or SamplingConfig()
 
     @functools.cached_property

@@ -116,7 +116,8 @@ class SessionService:
     # --- checks: the one place ---------------------------------------------------------
 
     def inputs(self, tokens, values, field: str = "") -> np.ndarray:
-        """A request's inputs as the model takes them: int64 [T] or float32 [T, I].
+        """A request's inputs as the model takes them: int64 [T] or float32 [T, I], an array of
+        their own (not the caller's).
 
         tokens: integers [n] or one integer (empty if not sent); values: floats [n] row-major
         or [n / d_input, d_input], one float for d_input = 1 (empty if not sent); field: the
@@ -148,7 +149,9 @@ class SessionService:
                 f"{name}: {T} inputs in one request exceed "
                 f"max_tokens_per_request={self.limits.max_tokens_per_request}"
             )
-        return self.engine.check_inputs(x, name, lead="T")
+        # a copy: the request may wait in the batcher's queue, and the caller's array (which
+        # the check may hand back as it is) may be written meanwhile
+        return self.engine.check_inputs(x, name, lead="T").copy()
 
     def _ttl(self, value: float | None) -> float | None:
         """0 or None → None (the server default); else 0 < ttl ≤ the server's --session-ttl."""
@@ -173,6 +176,13 @@ class SessionService:
         `generate`); a Stream's later steps meet the batcher's own check."""
         if self.batcher is not None:
             self.batcher.check_loop()
+
+    @staticmethod
+    def _callback(value, field: str) -> None:
+        """A callback argument: callable or None, else TypeError naming it (not when it is
+        called, after the request applied)."""
+        if value is not None and not callable(value):
+            raise TypeError(f"{field}: must be callable or None, got {type(value).__name__}")
 
     @staticmethod
     def _ref(session_id: str, field: str = "session_id") -> str:
@@ -347,6 +357,7 @@ class SessionService:
         prompt's cache lookup not counted)."""
         self._on_loop()
         self._open()
+        self._callback(handed_out, "handed_out")
         ttl_ = self._ttl(ttl)
         sid = check_session_id(session_id) if session_id else None
         if not isinstance(snapshot, BYTES_LIKE):
@@ -442,6 +453,7 @@ class SessionService:
     def attach(self, principal: str, rpc: str = "Stream", on_drain: Callable | None = None):
         """An Attachment that steps one session for a Stream (see Attachment); `detach()`
         it when the Stream ends."""
+        self._callback(on_drain, "on_drain")
         a = Attachment(self, principal, rpc, on_drain)
         self._open_attachments.add(a)
         return a
@@ -473,6 +485,7 @@ class SessionService:
             raise ModelError("Generate needs a token model; this model takes values (use Step)")
         if self.engine.d_output > self.engine.vocab_size:
             raise ModelError(NOT_LOGITS.format(self.engine.d_output, self.engine.vocab_size))
+        self._callback(handed_out, "handed_out")
         x = self.inputs(prompt, (), field="prompt")
         config = GenerateConfig.check(
             self.engine.vocab_size,

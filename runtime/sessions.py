@@ -539,6 +539,7 @@ class SessionStore:
         consumed = integer(consumed, "consumed")
         new_state = self._row(new_state, "new_state")
         with self._lock:
+            self._check_live(s)  # a Session (InvalidInput naming it), live
             self._wait_returned(s)  # a step may advance it meanwhile; then s must be live
             if consumed > MAX_POSITION - s._position:  # no snapshot or save could hold it
                 raise OutOfRange(

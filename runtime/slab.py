@@ -197,7 +197,7 @@ class StateSlab:
         self.state_size = integer(state_size, "state_size", 1)
         if device not in ("cpu", "cuda"):
             raise InvalidInput("device", f"must be 'cpu' or 'cuda', got {device!r}")
-        self.device, self.device_id = device, int(device_id)
+        self.device, self.device_id = device, integer(device_id, "device_id")
         self.row_bytes = 4 * self.state_size
         # one more row for the padding of CUDA graph buckets: slots never name it
         self.scratch = self.capacity if scratch else None
