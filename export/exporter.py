@@ -92,6 +92,13 @@ class ExportFailed(ExportError):
     quantization that failed (`ssmstream export` exits 1; 2 for the other ExportErrors)."""
 
 
+# a chunk's positions are float32 in the prefill graph: exact up to 2**24
+MAX_CHUNK = 2**24
+# the parity check runs one step call per position and holds all its outputs [B, L, V] and
+# their torch reference at once: 256 × the default length is already a long check
+MAX_VERIFY_STEPS = 2**20
+
+
 @dataclass
 class ExportConfig:
     """Options of one export (the CLI flags map onto these).
@@ -144,10 +151,16 @@ class ExportConfig:
         self.dt_scale = float(self.dt_scale)
         if self.chunk < 2 or self.chunk & (self.chunk - 1):
             raise ExportError(f"chunk must be a power of two >= 2, got {self.chunk}")
+        if self.chunk > MAX_CHUNK:
+            raise ExportError(f"chunk must be at most {MAX_CHUNK}, got {self.chunk}")
         if not 3 <= self.max_chunks <= 256:  # tracing needs an example below the maximum
             raise ExportError(f"max_chunks must be in [3, 256], got {self.max_chunks}")
         if self.verify_steps < 1:
             raise ExportError(f"verify_steps must be positive, got {self.verify_steps}")
+        if self.verify_steps > MAX_VERIFY_STEPS:
+            raise ExportError(
+                f"verify_steps must be at most {MAX_VERIFY_STEPS}, got {self.verify_steps}"
+            )
         if self.opset < 18:
             raise ExportError(f"opset must be >= 18, got {self.opset}")
 

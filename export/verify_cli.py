@@ -17,6 +17,8 @@ import sys
 from ssmstream.model.checkpoint import CheckpointError
 from ssmstream.runtime.errors import ModelError
 
+from .exporter import MAX_VERIFY_STEPS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -74,12 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         print("ssmstream verify: error: --steps must be positive", file=sys.stderr)
         return 2
+    if args.steps > MAX_VERIFY_STEPS:
+        print(f"ssmstream verify: error: --steps must be at most {MAX_VERIFY_STEPS}, got "
+              f"{args.steps}", file=sys.stderr)  # fmt: skip
+        return 2
     from .verify import verify_model
 
     try:
         report = verify_model(args.model_dir, args.ckpt, steps=args.steps)
     except (ModelError, CheckpointError) as e:
-        print(f"ssmstream verify: error: {e}", file=sys.stderr)
+        said = f"--ckpt: {e}" if isinstance(e, CheckpointError) and args.ckpt is not None else e
+        print(f"ssmstream verify: error: {said}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["passed"] else 1

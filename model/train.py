@@ -908,6 +908,18 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
+def size_overflow(e: BaseException) -> bool:
+    """Whether `e` is a size too large to allocate at all (a --batch-size of 2**62, a
+    --d-model of 2**70): an OverflowError, or torch's RuntimeError / TypeError saying a size
+    overflowed ("Storage size calculation overflowed", "Overflow when unpacking long", "an int
+    that cannot be represented as a SymInt")."""
+    said = str(e).lower()
+    return isinstance(e, OverflowError) or (
+        isinstance(e, (RuntimeError, TypeError))
+        and ("overflow" in said or "cannot be represented" in said)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -931,14 +943,14 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingDiverged, OSError) as e:  # valid flags, a run that did not work out
         log.error("ssmstream train: %s", e)
         return 1
-    except (MemoryError, RuntimeError) as e:  # torch's allocator: a RuntimeError on the CPU
-        if not out_of_memory(e):
+    except (MemoryError, RuntimeError, OverflowError, TypeError) as e:  # torch's sizes
+        if not (out_of_memory(e) or size_overflow(e)):
             raise
         said = (str(e).splitlines() or [""])[0]
         log.error(
             "ssmstream train: out of memory (%s): use a smaller --batch-size, sequence "
-            "(--seq-len; --duration × --rate for --task signal) or model (--d-model, "
-            "--n-layers, --d-state)",
+            "(--seq-len; --duration × --rate and --n-components for --task signal) or model "
+            "(--d-model, --n-layers, --d-state)",
             said or type(e).__name__,
         )
         return 1

@@ -60,15 +60,17 @@ def available_bytes() -> int | None:
     return min(found) if found else None
 
 
-def too_large(engine: Engine, batch: int, prefill: int) -> str | None:
-    """Why --batch / --prefill would not fit in the memory available now (the kernel would
-    kill the run instead of numpy refusing it), or None."""
+def too_large(engine: Engine, batch: int, prefill: int, steps: int = 0) -> str | None:
+    """Why --batch / --prefill / --steps would not fit in the memory available now (the kernel
+    would kill the run instead of numpy refusing it), or None. --steps holds every step's
+    inputs (8-byte tokens or float32 values) and its time at once."""
     free = available_bytes()
     if free is None:
         return None
     for flag, n, need in (
         ("--batch", batch, batch * engine.state_size * STEP_BYTES_PER_STATE_FLOAT),
         ("--prefill", prefill, prefill * engine.d_output * PREFILL_BYTES_PER_OUTPUT_FLOAT),
+        ("--steps", steps, (steps + 10) * (batch * (engine.d_input or 2) * 4 + 8)),
     ):
         if need > free:
             gib = need / 2**30, free / 2**30
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         info = engine.info
         log.info("%s: %s, S=%d, %s on %s", info["name"], info["input_kind"],
                  info["state_size"], info["dtype"], engine.provider)  # fmt: skip
-        if (why := too_large(engine, a.batch, a.prefill)) is not None:
+        if (why := too_large(engine, a.batch, a.prefill, a.steps)) is not None:
             log.error("ssmstream bench: not enough memory: %s; give a smaller one", why)
             return 2
         r = bench_step(engine, a.batch, a.steps)

@@ -1282,6 +1282,12 @@ def _ids(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]:
         raise
 
 
+# Client's TLS arguments -> the `ssmstream generate` flags that give them
+_TLS_FLAGS = {
+    "root_certificates": "--tls-ca", "client_cert": "--tls-cert", "client_key": "--tls-key"
+}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -1290,6 +1296,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rewind-to needs --session")
     if a.rewind_to is not None and a.rewind_to < 0:
         parser.error(f"--rewind-to: must be a position >= 0, got {a.rewind_to}")
+    if not a.server.isprintable():  # a control character, a lone surrogate (a codec error)
+        parser.error(f"--server: not a host:port address, got {a.server!r}")
     if not a.timeout > 0:  # NaN too: every call would fail DEADLINE_EXCEEDED
         parser.error(f"--timeout: must be > 0 seconds (inf: no limit), got {a.timeout}")
     try:  # the sampling flags, checked as the request will be, before any call
@@ -1306,7 +1314,10 @@ def main(argv: list[str] | None = None) -> int:
             client_key=a.tls_key,
             timeout=a.timeout if a.timeout < 1e9 else None,  # grpc takes no larger deadline
         )
-    except ValueError as e:  # a bad TLS file or pair, named
+    except ValueError as e:  # a bad TLS file or pair, named by its flag
+        names, sep, what = str(e).partition(": ")
+        if sep and all(n in _TLS_FLAGS for n in names.split("/")):
+            parser.error("/".join(_TLS_FLAGS[n] for n in names.split("/")) + f": {what}")
         parser.error(str(e))
     stopped_by = [signal.SIGINT]
     with contextlib.ExitStack() as undo:

@@ -102,7 +102,9 @@ def check_bindable(host: str, port: int, field: str = "port") -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as e:
-        raise InvalidInput("host", f"cannot listen on {host}: {e.strerror or e}") from None
+        raise InvalidInput("host", f"cannot listen on {host!r}: {e.strerror or e}") from None
+    except UnicodeError as e:  # not a name the idna codec encodes: a label over 63 characters
+        raise InvalidInput("host", f"cannot listen on {host!r}: not a host name ({e})") from None
     family, kind, proto, _, addr = infos[0]
     try:
         with socket.socket(family, kind, proto) as s:

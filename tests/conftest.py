@@ -21,6 +21,7 @@ renames), not of the graphs.
 """
 
 import importlib.util
+import logging
 import os
 import signal
 
@@ -49,6 +50,17 @@ def _signal_handlers_left_as_found():
     for s in STOP_SIGNALS:
         signal.signal(s, before[s])  # the next tests run as if it had
     assert not left, f"the test left its own handlers of {sorted(left)}"
+
+
+@pytest.fixture(autouse=True)
+def _log_levels_left_as_found():
+    """A command's main run in-process sets the levels it runs at (`export -q`: the
+    ssmstream logger at WARNING): the next tests see the levels they would alone."""
+    loggers = [logging.getLogger(), logging.getLogger("ssmstream")]
+    before = [lg.level for lg in loggers]
+    yield
+    for lg, level in zip(loggers, before):
+        lg.setLevel(level)
 
 
 @pytest.fixture

@@ -936,7 +936,8 @@ def test_verify_cli_missing_ckpt_is_exit_2(tmp_path, monkeypatch, capsys):
     assert verify_cli.main([str(tmp_path), "--ckpt", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert (
-        err.startswith("ssmstream verify: error: checkpoint directory") and "does not exist" in err
+        err.startswith("ssmstream verify: error: --ckpt: checkpoint directory")
+        and "does not exist" in err
     )
 
 

@@ -291,8 +291,8 @@ def test_cli_a_run_that_runs_out_of_memory_says_so_without_a_traceback(
     (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert line.startswith("ssmstream train: out of memory (")
     assert line.endswith(
-        "use a smaller --batch-size, sequence (--seq-len; --duration × --rate for --task "
-        "signal) or model (--d-model, --n-layers, --d-state)"
+        "use a smaller --batch-size, sequence (--seq-len; --duration × --rate and "
+        "--n-components for --task signal) or model (--d-model, --n-layers, --d-state)"
     )
     assert ("128000000000 bytes" in line) == isinstance(error, RuntimeError)
     assert not (tmp_path / "o").exists()

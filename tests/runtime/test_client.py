@@ -310,7 +310,7 @@ def test_resumable_error_names_the_errors_a_failover_causes():
         (["--top-k", "-1"], "top_k: "),
         (["--stop", "99999999999999999999"], "stop: "),
         (["--tls-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
-        (["--tls-cert", "/etc/hostname"], "client_cert/client_key: "),
+        (["--tls-cert", "/etc/hostname"], "--tls-cert/--tls-key: "),
         (["--session", "s", "--rewind-to", "-1"], "--rewind-to: "),
         (["--timeout", "0"], "--timeout: "),  # every call would fail DEADLINE_EXCEEDED
         (["--timeout", "nan"], "--timeout: "),

@@ -234,7 +234,7 @@ def test_generate_cli_with_an_empty_tls_ca_does_not_talk_plaintext(plaintext_ser
         generate_main(argv)
     assert e.value.code == 2
     said = capsys.readouterr()
-    assert said.out == "" and "root_certificates: is empty" in said.err
+    assert said.out == "" and "--tls-ca: is empty" in said.err
 
 
 @pytest.fixture(scope="module")
