@@ -68,8 +68,8 @@ def test_a_session_made_after_the_calls_deadline_is_closed_again(srv, stub, monk
     when the deadline passed while the session was made, that response is not sent."""
     svc = srv.server.service
     parent = stub.CreateSession(pb.CreateSessionRequest(prompt=[1, 2])).session_id
-    # what takes too long: the operation itself, or the step that feeds the new session
-    owner, name = (svc, rpc) if rpc in ("create", "fork") else (svc.batcher, "step")
+    # what takes too long: the fork itself, or the step that feeds the new session its prompt
+    owner, name = (svc, rpc) if rpc == "fork" else (svc.batcher, "step")
     real, ended = getattr(owner, name), []
 
     async def late(*args, **kw):
@@ -83,7 +83,9 @@ def test_a_session_made_after_the_calls_deadline_is_closed_again(srv, stub, monk
     monkeypatch.setattr(owner, name, late)
     before = len(svc.store)
     call = {
-        "create": lambda: stub.CreateSession(pb.CreateSessionRequest(prompt=[3]), timeout=0.3),
+        "create": lambda: stub.CreateSession(  # a prompt no earlier test cached: it is stepped
+            pb.CreateSessionRequest(prompt=[7, 3, 9]), timeout=0.3
+        ),
         "fork": lambda: stub.ForkSession(pb.ForkRequest(session_id=parent), timeout=0.3),
         "generate": lambda: list(
             stub.Generate(
