@@ -152,8 +152,9 @@ class StepBuffers:
     `Engine.step` runs as onnxruntime calls of at most `chunk_rows` streams (`chunk_bytes` of
     state each, at least one stream; the Batcher splits its slot steps the same way); one
     IOBinding per (first row, rows) is cached, and one per (slab, B) for slot steps. Use one
-    StepBuffers from one thread at a time; the arrays a step returns are views that the next
-    step with these buffers overwrites.
+    StepBuffers from one thread at a time (steps of two threads through one at once write
+    each other's rows: wrong results, not an error); the arrays a step returns are views
+    that the next step with these buffers overwrites.
     """
 
     def __init__(self, engine: Engine, max_batch: int, chunk_bytes: int = STEP_CHUNK_BYTES):
@@ -228,7 +229,9 @@ class Engine:
     prefill graph), prefill_max_len, prefill_any_length (the prefill graph takes a padded last
     chunk: prompts of any length run in it), cuda_graphs (slot steps replay CUDA graphs),
     slot_row_bytes ((in, out) host<->device bytes per row of a slot step).
-    Thread-safe: concurrent `step` calls may come from several threads (StepBuffers excepted).
+    Thread-safe: `step`, `prefill` and `generate` calls may come from several threads at
+    once. StepBuffers excepted: one shared by threads at once gives wrong outputs and states,
+    and nothing checks (use a StepBuffers per thread).
     """
 
     def __init__(

@@ -162,7 +162,8 @@ class SessionStore:
         clock: a monotonic clock in seconds (tests pass a fake one).
         tombstones: how many closed/evicted ids to remember for `get`'s reason.
 
-    Thread-safe: every method takes the store's lock.
+    Thread-safe: every method that reads or changes sessions takes the store's lock (`len`,
+    `held` and `local` read one entry without it; `pack_state` and `unpack` touch none).
     """
 
     def __init__(
