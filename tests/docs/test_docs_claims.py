@@ -24,19 +24,11 @@ import pytest
 import yaml
 from google.protobuf import json_format
 from ssmstream.protos import inference_pb2
+from test_readme import PARSERS  # ssmstream subcommand -> module with build_parser()
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = ["README.md", "docs/guarantees.md", "docs/scaleout.md", "docs/theory.md"]
 TEXT = {page: (ROOT / page).read_text() for page in PAGES}
-PARSERS = {  # ssmstream subcommand -> module with build_parser()
-    "train": "ssmstream.model.train",
-    "export": "ssmstream.export.cli",
-    "verify": "ssmstream.export.verify_cli",
-    "info": "ssmstream.runtime.info",
-    "serve": "ssmstream.runtime.config",
-    "generate": "ssmstream.runtime.client",
-    "plot": "ssmstream.model.plots",
-}
 OTHER_TOOLS = {  # flags of other programs the pages show: pip, torchrun, docker compose
     "--index-url", "--nproc-per-node", "--build",
 }  # fmt: skip
