@@ -20,7 +20,9 @@ channel opens on the first call, in that call's loop, and again in a later loop 
 `asyncio.run()` calls); a loop of another thread is refused (RuntimeError) while the loop
 the channel was opened in still runs. A session handle's `position` is the server's answer
 to its latest call, also when threads call through it at once (an answer that arrives after
-a further one does not take it back).
+a further one does not take it back). An asyncio call that is cancelled (a timeout
+included) raises CancelledError (TimeoutError): a session that a cancelled `create_session`,
+`restore` or `fork` may have made under an id this client chose is closed again.
 
 TLS: `tls=True` (system roots) or `root_certificates=PEM path/bytes`; mTLS adds
 `client_cert` and `client_key`. Auth: `token=` (a str of visible ASCII; None or "": no
@@ -857,6 +859,7 @@ class AsyncClient(_Base):
         super().__init__(target, token, tls, **kw)
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the channel's (None: no loop ran)
+        self._undoing: set[asyncio.Task] = set()  # closes of sessions cancelled calls made
 
     @property
     def channel(self) -> grpc.aio.Channel | None:
@@ -902,6 +905,26 @@ class AsyncClient(_Base):
             _closed_under(self)
             raise
 
+    async def _make(self, rpc, request, session_id: str, made: str, chosen: bool):
+        """`_unary` (about `session_id`) for a call that makes the session `made`. Cancelled
+        (a timeout), the server may have made it and answered, the answer unread: where this
+        client chose the id (the caller does not know it), the session is closed in the
+        background (NOT_FOUND where it was not made), not left holding a slot until its TTL;
+        that close is sent as about `session_id`, to the replica the call went to."""
+        try:
+            return await self._unary(rpc, request, session_id)
+        except asyncio.CancelledError:
+            if chosen:  # (close() may follow: the stub now)
+                undo = self._undo(self._stub.CloseSession, made, session_id)
+                task = asyncio.get_running_loop().create_task(undo)
+                self._undoing.add(task)
+                task.add_done_callback(self._undoing.discard)
+            raise
+
+    async def _undo(self, close, made: str, session_id: str) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            await close(pb.CloseSessionRequest(session_id=made), **self._kw(session_id))
+
     async def info(self) -> pb.ModelInfo:
         return await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
@@ -913,9 +936,9 @@ class AsyncClient(_Base):
         prompt: Sequence[int] = (),
     ) -> AsyncClientSession:
         """As Client.create_session."""
-        session_id = choose_session_id(session_id)
+        chosen, session_id = not session_id, choose_session_id(session_id)
         req = create_request(session_id, ttl, snapshot, prompt)
-        s = await self._unary(self.stub.CreateSession, req, session_id)
+        s = await self._make(self.stub.CreateSession, req, session_id, session_id, chosen)
         session = AsyncClientSession(self, s.session_id, s.position, s.cached_tokens)
         if _prompt_ignored(req, s):
             with contextlib.suppress(grpc.RpcError):
@@ -929,13 +952,13 @@ class AsyncClient(_Base):
     async def restore(
         self, snapshot: bytes, session_id: str = "", ttl: float = 0.0
     ) -> AsyncClientSession:
-        session_id = choose_session_id(session_id)
+        chosen, session_id = not session_id, choose_session_id(session_id)
         req = pb.RestoreRequest(
             snapshot=_bytes("snapshot", snapshot),
             session_id=session_id,
             ttl_seconds=_number("ttl", ttl),
         )
-        s = await self._unary(self.stub.RestoreSession, req, session_id)
+        s = await self._make(self.stub.RestoreSession, req, session_id, session_id, chosen)
         return AsyncClientSession(self, s.session_id, s.position)
 
     def generate(self, prompt: Sequence[int], **kw) -> AsyncIterator[pb.GenerateResponse]:
@@ -945,8 +968,12 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         """Close the channel; a call in flight, or made later, raises CANCELLED "the client was
         closed" (a stream handle's send: "the stream's client was closed"); closing again
-        does nothing."""
+        does nothing. The closes of sessions that cancelled calls made are waited for
+        (STREAM_CLOSE_WAIT at most)."""
         self.closed = True
+        undoing = [t for t in self._undoing if t.get_loop() is _running_loop()]
+        if undoing:
+            await asyncio.wait(undoing, timeout=STREAM_CLOSE_WAIT)
         if self._channel is not None:
             await self._channel.close()
 
@@ -1051,10 +1078,10 @@ class AsyncClientSession(_Handle):
         return snap.data
 
     async def fork(self, new_session_id: str = "") -> AsyncClientSession:
-        req = pb.ForkRequest(
-            session_id=self.id, new_session_id=choose_session_id(new_session_id, "new_session_id")
-        )
-        s = await self.client._unary(self.client.stub.ForkSession, req, self.id)
+        new_id = choose_session_id(new_session_id, "new_session_id")
+        req = pb.ForkRequest(session_id=self.id, new_session_id=new_id)
+        fork = self.client.stub.ForkSession
+        s = await self.client._make(fork, req, self.id, new_id, not new_session_id)
         return AsyncClientSession(self.client, s.session_id, s.position)
 
     async def close(self) -> int:
@@ -1112,11 +1139,13 @@ class AsyncStreamHandle:
         no send in flight this waits for the server to end the call after the requests end
         (STREAM_CLOSE_WAIT at most), as StreamHandle.close does."""
         idle, self._closed = not self._turn.locked(), True
-        await self._call.done_writing()
-        if idle:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._call.code(), STREAM_CLOSE_WAIT)
-        self._call.cancel()
+        try:
+            await self._call.done_writing()
+            if idle:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._call.code(), STREAM_CLOSE_WAIT)
+        finally:  # this close cancelled too (a timeout): the call ends all the same
+            self._call.cancel()
 
     def __del__(self) -> None:
         """Dropped unclosed: cancel the call, which grpc.aio keeps (and the server its Stream,
