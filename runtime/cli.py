@@ -50,6 +50,15 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def said_of_flags(message: str, flags: dict[str, str]) -> str:
+    """A message "name: what" (or "a/b: what") about names `flags` maps to command-line
+    flags, said of the flags ("--flag: what"); any other message as it is."""
+    names, sep, what = message.partition(":")
+    if not sep or not all(n in flags for n in names.split("/")):
+        return message
+    return "/".join(flags[n] for n in names.split("/")) + f": {what.strip()}"
+
+
 def stdout_closed() -> int:
     """After a BrokenPipeError on stdout (the reader went away): no second error from the
     interpreter's flush at exit; returns 141 (128 + SIGPIPE), as the shell reports it."""

@@ -60,7 +60,7 @@ import numpy as np
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
-from .cli import HelpFormatter, stdout_closed
+from .cli import HelpFormatter, said_of_flags, stdout_closed
 from .errors import as_array, check_session_id, integer
 from .sampling import check_params
 from .snapshots import BYTES_LIKE
@@ -1344,10 +1344,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=a.timeout if a.timeout < 1e9 else None,  # grpc takes no larger deadline
         )
     except ValueError as e:  # a bad TLS file or pair, named by its flag
-        names, sep, what = str(e).partition(": ")
-        if sep and all(n in _TLS_FLAGS for n in names.split("/")):
-            parser.error("/".join(_TLS_FLAGS[n] for n in names.split("/")) + f": {what}")
-        parser.error(str(e))
+        parser.error(said_of_flags(str(e), _TLS_FLAGS))
     stopped_by = [signal.SIGINT]
     with contextlib.ExitStack() as undo:
         if threading.current_thread() is threading.main_thread():  # signal.signal's own rule

@@ -16,7 +16,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-from .cli import HelpFormatter
+from .cli import HelpFormatter, said_of_flags
 from .providers import MAX_THREADS
 
 GROUPS: dict[str, str | None] = {  # flag groups of `--help`, in order: title -> description
@@ -386,11 +386,7 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
 def with_flags(message: str) -> str:
     """A message "field: what" (or "a/b: what") about ServerConfig fields, said of their flags:
     "--field: what"; any other message as it is."""
-    names, sep, what = message.partition(":")
-    fields = {f.name for f in dataclasses.fields(ServerConfig)}
-    if not sep or not all(n in fields for n in names.split("/")):
-        return message
-    return "/".join(_flag_name(n) for n in names.split("/")) + f": {what.strip()}"
+    return said_of_flags(message, {n: _flag_name(n) for n in config_fields()})
 
 
 def config_fields() -> list[str]:

@@ -352,9 +352,9 @@ class SessionService:
         """A new session at position 0, from a snapshot, or after a prompt (fed from its
         longest cached prefix); `session_id` "" lets the store choose. Returns the session
         and how many prompt inputs the prefix cache served. `handed_out(session)` is called
-        for a session made from a prompt once the prompt is fed, as Generate's (the server
-        ends the call there when its deadline passed: the session is closed again and the
-        prompt's cache lookup not counted)."""
+        once the session is made (its prompt fed), as Generate's: where it raises (the
+        server ends the call there when its deadline passed) the session is closed again
+        and a prompt's cache lookup not counted."""
         self._on_loop()
         self._open()
         self._callback(handed_out, "handed_out")
@@ -370,18 +370,18 @@ class SessionService:
                 raise InvalidInput("prompt", "needs a token model; this model takes values")
             x = self.inputs(prompt, (), field="prompt")
         if snapshot:
-            return self._track(self.store.restore(snapshot, principal, sid, ttl_)), 0
-        s = self._track(self.store.create(principal, sid, ttl_))
-        if not prompt.size:
-            return s, 0
+            s = self._track(self.store.restore(snapshot, principal, sid, ttl_))
+        else:
+            s = self._track(self.store.create(principal, sid, ttl_))
         try:
-            _, cached = await self._feed_prompt(s, principal, x)
+            cached = (await self._feed_prompt(s, principal, x))[1] if prompt.size else 0
             if handed_out is not None:
                 handed_out(s)
         except BaseException:  # the client never got the id: undo the session
             self.discard(s, principal)
             raise
-        self.prefix_cache.count(cached)
+        if prompt.size:
+            self.prefix_cache.count(cached)
         return s, cached
 
     async def restore(

@@ -230,19 +230,16 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
 
     @grpc_errors
     async def CreateSession(self, request, context):
-        handed_out = functools.partial(self._handed_out, context=context)
         s, cached = await self.service.create(
             current_principal(),
             request.session_id,
             request.ttl_seconds,
             request.snapshot,
             request_arrays(request.prompt, ())[0],
-            handed_out,
+            functools.partial(self._handed_out, context=context),
         )
-        if request.prompt:  # handed out by `create`, once its prompt was fed
+        if request.prompt:
             self.metrics.count_tokens("CreateSession", len(request.prompt))
-        else:
-            handed_out(s)
         return session_message(s, cached)
 
     @grpc_errors

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.auth import ANONYMOUS
 from ssmstream.runtime.config import ServerConfig
@@ -58,6 +60,21 @@ def stand_in(servicer, workers: int = 4) -> Iterator:
         yield servicer
     finally:
         server.stop(0)
+
+
+class Deaf(pb_grpc.StreamingInferenceServicer):
+    """A stand-in that answers a Stream's first request, then never ends the call (not even
+    on a half-close) until its client cancels it: `ended` (the latest call's) is set then."""
+
+    def __init__(self):
+        self.ended = threading.Event()
+
+    def Stream(self, request_iterator, context):
+        next(request_iterator)
+        self.ended = ended = threading.Event()
+        yield pb.StepResponse(session_id="s-1", position=1)
+        context.add_callback(ended.set)
+        ended.wait(30)
 
 
 def target(srv) -> str:

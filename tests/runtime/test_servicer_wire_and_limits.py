@@ -95,7 +95,9 @@ class _MakesSessions:
         return types.SimpleNamespace(id="made", position=0, ttl=60.0)
 
     async def create(self, *args):
-        return self._new(), 0
+        s = self._new()
+        args[-1](s)  # handed_out: create hands the session out (the servicer's deadline check)
+        return s, 0
 
     async def fork(self, *args):
         return self._new()

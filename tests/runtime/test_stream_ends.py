@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import queue
 import statistics
-import threading
 import time
 
 import grpc
 import pytest
-from grpc_helpers import scrape, serve, stand_in, target
+from grpc_helpers import Deaf, scrape, serve, stand_in, target
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime import client as client_mod
@@ -73,18 +72,6 @@ def test_a_closed_async_stream_handle_ends_ok_and_has_let_the_session_go(metered
     asyncio.run(main())
     time.sleep(0.3)
     assert cancelled_count(metered) == before
-
-
-class Deaf(pb_grpc.StreamingInferenceServicer):
-    """Answers a Stream's first request, then never ends the call (not even on a
-    half-close) until its client cancels it."""
-
-    def Stream(self, request_iterator, context):
-        next(request_iterator)
-        yield pb.StepResponse(session_id="s-1", position=1)
-        ended = threading.Event()
-        context.add_callback(ended.set)
-        ended.wait(30)
 
 
 @pytest.fixture(scope="module")
