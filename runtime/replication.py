@@ -229,6 +229,7 @@ class RedisReplication:
         if self.persist_interval:
             period = min(period, self.persist_interval)
         next_renew = 0.0
+        failed = 0  # rounds failed in a row by anything but Redis
         while not self._stop.wait(period):
             try:
                 if self.degraded:
@@ -245,8 +246,14 @@ class RedisReplication:
                 self._delete_dropped()
             except self.backend.Error as e:
                 self._degrade(e)
-            except Exception:  # the thread must survive anything
-                log.exception("state store background work failed")
+            except Exception:  # the thread must survive anything; its traceback said once
+                failed += 1
+                if failed == 1:
+                    log.exception("state store background work failed; again every %gs", period)
+                continue
+            if failed:
+                log.info("state store background work works again after %d failed rounds", failed)
+                failed = 0
 
     # --- health ------------------------------------------------------------------------
 

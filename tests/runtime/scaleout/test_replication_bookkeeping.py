@@ -210,3 +210,41 @@ def test_a_replicated_server_writes_behind_while_serving_and_stops_its_store(
         srv.server.store.fetch(sid, ANONYMOUS)  # the final flush ran: no lease is taken
     assert backend.client.get(backend.lease(sid)) is None
     backend.client.close()
+
+
+def test_a_background_round_that_fails_logs_its_traceback_once_and_goes_on(
+    redis_server, caplog, monkeypatch
+):
+    """A failure that is not Redis's (a bug in a round) is logged with its traceback the
+    first time in a row, not every period (one a second per server until it is fixed); the
+    rounds go on, and the round that works again says so and writes what was left."""
+    rng = np.random.default_rng(43)
+    a = replica(redis_server, "A", persist_every="20ms", lease_ttl=5.0)
+    real, calls = a.replication._write_dirty, []
+
+    def broken_five_times():
+        calls.append(time.monotonic())
+        if len(calls) <= 5:
+            raise RuntimeError("a bug in a round")
+        real()
+
+    monkeypatch.setattr(a.replication, "_write_dirty", broken_five_times)
+    sid = a.create().id
+    last = step(a, sid, rng)
+    caplog.set_level("INFO", logger="ssmstream")
+    a.replication.start()
+    try:
+        deadline = time.monotonic() + 10
+        while written(a, sid)[0] < 1:
+            assert time.monotonic() < deadline, "the step was not written after the failures"
+            time.sleep(0.01)
+    finally:
+        a.replication.stop()
+    failed = [r for r in caplog.records if "background work failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info and failed[0].levelname == "ERROR"
+    again = [r for r in caplog.records if "works again" in r.getMessage()]
+    assert [r.getMessage() for r in again] == [
+        "state store background work works again after 5 failed rounds"
+    ]
+    np.testing.assert_array_equal(written(a, sid)[1], last)
+    assert len(calls) >= 6 and not a.replication.degraded
