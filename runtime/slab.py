@@ -36,7 +36,6 @@ import onnxruntime as ort
 
 from .errors import EngineFailure, InvalidInput, ModelError, as_array, integer, zeros
 
-SLOT_INPUTS = ("slab", "slots")  # the slot graph's inputs besides the step graph's `input`
 SLOT_OUTPUT = "slab_out"
 
 # --- ONNX protobuf wire format: just enough to write and edit a ModelProto -----------------
