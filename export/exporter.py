@@ -614,7 +614,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
         _underway.dirs[tmp] = made  # before it exists: no signal can land between the two
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir(mode=0o700)
+            tmp.mkdir()  # the mode the model dir gets: the umask's
             return tmp
         except OSError as e:
             del _underway.dirs[tmp]
@@ -675,9 +675,6 @@ def _graph_files(model_dir: Path) -> list[str]:
 
 def _commit(tmp: Path, out_dir: Path) -> None:
     """Rename tmp into out_dir (replacing an existing one only after the new one is complete)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # made 0700; the model dir follows the umask
     _underway.renaming = True
     try:
         old = None

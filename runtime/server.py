@@ -211,7 +211,9 @@ def _check_writable(d: Path, field: str, why: str, create: bool = False) -> None
         base = base.parent
     if base != d.absolute() and not base.is_dir():
         raise InvalidInput(field, f"cannot write {d} ({base} is not a directory): {why}")
-    probe = base / f".write-test.{os.getpid()}"
+    # a name no one can guess: a link put at a name known beforehand (in a directory others
+    # may write, such as /tmp) would have the file it points to truncated here
+    probe = base / f".write-test.{os.getpid()}.{secrets.token_hex(8)}"
     try:
         probe.write_bytes(b"")
         probe.unlink()

@@ -782,8 +782,12 @@ class SessionStore:
         header = {"model_sha": self.model_sha, "state_size": self.state_size, "sessions": saved}
         tmp = path.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
         try:  # owner-only, as the key beside it: the file holds every conversation's state
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                os.fchmod(f.fileno(), 0o600)  # a temp file left by a crash may have other bits
+            # made anew, never opened through what is there: a temp file left by a crash may
+            # have other bits, and a link at its name would have the states written over the
+            # file it points to
+            tmp.unlink(missing_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            with open(os.open(tmp, flags, 0o600), "wb") as f:
                 # part by part: no copy of all the states at once (each a GIL-held memcpy
                 # that stalled the steps of the event loop)
                 write_session_file(f, self.snapshot_key, header, states)

@@ -586,18 +586,27 @@ def test_export_creates_missing_parent_directories(tmp_path, monkeypatch):
     assert out == tmp_path / "a" / "b" / "m" and (out / "manifest.json").is_file()
 
 
-def test_commit_leaves_the_process_umask_as_it_was(tmp_path):
-    """_commit reads the umask with os.umask(0) and must put it back."""
-    old = os.umask(0o027)
+def test_an_export_never_opens_the_process_umask(tmp_path, monkeypatch):
+    """The model dir gets the umask's mode, which the export must not learn by setting the
+    umask to 0 for a moment: files and directories that other threads of the process make
+    in that moment would be writable by everyone. The umask stays as it was."""
+    real, set_to = os.umask, []
+
+    def umask(mask):
+        set_to.append(mask)
+        return real(mask)
+
+    old = real(0o027)
     try:
-        tmp = tmp_path / "tmp"
-        tmp.mkdir()
-        exporter._commit(tmp, tmp_path / "model")
-        now = os.umask(0o027)
+        monkeypatch.setattr(os, "umask", umask)
+        out = tmp_path / "m"
+        exporter._commit(exporter._prepare_out(out, overwrite=False), out)  # made, then renamed
+        monkeypatch.setattr(os, "umask", real)
+        now = real(0o027)
     finally:
-        os.umask(old)
-    assert now == 0o027
-    assert (tmp_path / "model").is_dir() and not tmp.exists()
+        real(old)
+    assert 0 not in set_to and now == 0o027
+    assert oct(out.stat().st_mode & 0o777) == oct(0o750)
 
 
 def test_slim_log_says_larger_not_more_nodes_for_an_equal_node_count(monkeypatch, caplog):

@@ -3,7 +3,8 @@
 - a `--tls-key` with a passphrase is refused naming it (OpenSSL had asked for the passphrase
   on the terminal, and without one the error read "[Errno 22] Invalid argument");
 - a `--port-file` directory the server cannot write is refused before the model loads (it
-  was found after the server was serving, naming no flag);
+  was found after the server was serving, naming no flag); that check writes nothing through
+  a link another user put in the directory;
 - a positive `--rewind-memory-mb` below one byte is a limit, not "0: no limit";
 - a save that fails (a full disk) leaves no partial temp file to keep the disk full;
 - `ssmstream info` of a manifest or graph it cannot read says so (a traceback).
@@ -49,6 +50,22 @@ def test_a_tls_key_with_a_passphrase_is_refused_naming_it(tmp_path):
         check_files(cfg)
     assert e.value.field == "tls_key"
     assert str(e.value).endswith("enc.key is encrypted (has a passphrase); gRPC needs a plain key")
+
+
+def test_the_write_check_of_a_shared_directory_writes_through_no_planted_link(tmp_path):
+    """The start's check that --port-file's and --state-dir's directories are writable
+    writes a probe file there: one at a name known beforehand (the pid) would be written
+    through a link that another user of the directory put at that name, truncating the
+    file it points to."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the server's to write")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / f".write-test.{os.getpid()}").symlink_to(victim)
+    check_files(ServerConfig(model_dir="m", port_file=str(shared / "port.json"),
+                             state_dir=str(shared / "state")))  # fmt: skip
+    assert victim.read_bytes() == b"not the server's to write"
+    assert [p.name for p in shared.iterdir()] == [f".write-test.{os.getpid()}"]  # no probe left
 
 
 def test_a_port_file_directory_that_cannot_be_written_is_refused_naming_it(tmp_path, monkeypatch):

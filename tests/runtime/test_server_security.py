@@ -248,6 +248,47 @@ def test_each_refused_call_is_reported_to_on_denied_with_its_method():
     assert denied == [step, generate]
 
 
+def test_a_refused_call_s_request_is_never_parsed():
+    """Before the token is checked, grpc has read a request of up to --max-message-bytes;
+    a refused call must not have it decoded as well (a message of repeated ints takes ~15
+    times its bytes once parsed): the deserializer runs for an accepted call only."""
+    parsed = []
+
+    def deserialize(data: bytes) -> bytes:
+        parsed.append(len(data))
+        return data
+
+    async def behavior(request, context):
+        return b"ok"
+
+    handler = grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=deserialize)
+    service = grpc.method_handlers_generic_handler("t.S", {"M": handler})
+    interceptor = auth.AuthInterceptor(auth.TokenTable({"tok-a": "alice"}))
+
+    async def go() -> list:
+        server = grpc.aio.server(interceptors=[interceptor])
+        server.add_generic_rpc_handlers((service,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                call = ch.unary_unary("/t.S/M")
+                for token in ("nope", None, "tok-a"):
+                    md = () if token is None else (("authorization", f"Bearer {token}"),)
+                    try:
+                        await call(b"x" * 1000, metadata=md, timeout=10)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as e:
+                        codes.append(e.code())
+        finally:
+            await server.stop(0)
+        return codes
+
+    assert asyncio.run(go()) == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [grpc.StatusCode.OK]
+    assert parsed == [1000]  # the accepted call's request only
+
+
 def test_a_tokens_path_that_is_not_a_file_is_a_value_error_naming_the_flag(tmp_path):
     """A directory or a missing path is ValueError 'auth_tokens: PATH is not a file'
     (what main reports as a usage error), not an IsADirectoryError / FileNotFoundError."""

@@ -2,7 +2,7 @@
 incarnation, what a dropped copy answers, TTLs through restore / save / load, a session file
 that exactly fills the store and one that overfills it (nothing loaded), free slots while a
 closed session's row is still lent, NaN TTLs, a slab of the wrong capacity, and a save over the
-temp file of a crashed save."""
+temp file of a crashed save or a link planted at its name."""
 
 from __future__ import annotations
 
@@ -174,6 +174,37 @@ def test_save_over_a_leftover_temp_file_still_writes_an_owner_only_file(tmp_path
     assert not leftover.exists()
     again = SessionStore(4, capacity=2, snapshot_key=store.snapshot_key)
     assert again.load(tmp_path) == 1
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_save_never_writes_through_a_link_at_its_temp_name(tmp_path, link):
+    """A link that another user of a shared --state-dir put at the temp file's name is
+    replaced, not written through: the file it points to keeps its bytes and mode, and the
+    sessions file saved is a file of its own that loads."""
+    import os
+    import stat
+
+    from ssmstream.runtime.sessions import STORE_FILE
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the server's to write")
+    os.chmod(victim, 0o644)
+    state = tmp_path / "state"
+    state.mkdir()
+    planted = state / f".{STORE_FILE}.{os.getpid()}.tmp"
+    if link == "symlink":
+        planted.symlink_to(victim)
+    else:
+        os.link(victim, planted)
+    store = SessionStore(4, capacity=2)
+    store.create("p", "a")
+    path = store.save(state)
+    assert victim.read_bytes() == b"not the server's to write"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert not path.is_symlink() and path.stat().st_ino != victim.stat().st_ino
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = SessionStore(4, capacity=2, snapshot_key=store.snapshot_key)
+    assert again.load(state) == 1
 
 
 def test_load_with_too_few_free_slots_adds_no_session(tmp_path):
