@@ -15,6 +15,18 @@ stays cheap.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers see of the names imported lazily below
+    from .batcher import Batcher as Batcher
+    from .engine import Engine as Engine
+    from .engine import StepBuffers as StepBuffers
+    from .sampling import Sampler as Sampler
+    from .sampling import SamplingConfig as SamplingConfig
+    from .sampling import sample as sample
+    from .sessions import Session as Session
+    from .sessions import SessionStore as SessionStore
+    from .slab import StateSlab as StateSlab
 
 _EXPORTS = {
     "Engine": "engine",

@@ -51,7 +51,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +63,7 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from .cli import HelpFormatter, said_of_flags, stdout_closed
 from .errors import as_array, check_session_id, integer
 from .sampling import check_params
-from .snapshots import BYTES_LIKE
+from .snapshots import BYTES_LIKE, BytesLike
 
 OUTPUTS = {
     "last": pb.OUTPUT_LAST,
@@ -218,13 +218,13 @@ def step_request(
 
 def generate_request(
     session_id: str,
-    prompt: Sequence[int],
+    prompt: Sequence[int] | np.ndarray,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
-    stop: Sequence[int] = (),
+    stop: Sequence[int] | np.ndarray = (),
     keep_session: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; ValueError naming the argument for a value of the wrong type or
@@ -245,7 +245,10 @@ def generate_request(
 
 
 def create_request(
-    session_id: str, ttl: float = 0.0, snapshot: bytes = b"", prompt: Sequence[int] = ()
+    session_id: str,
+    ttl: float = 0.0,
+    snapshot: BytesLike = b"",
+    prompt: Sequence[int] | np.ndarray = (),
 ) -> pb.CreateSessionRequest:
     """A CreateSessionRequest; ValueError naming the argument, as generate_request."""
     return pb.CreateSessionRequest(
@@ -496,8 +499,8 @@ class Client(_Base):
         self,
         session_id: str = "",
         ttl: float = 0.0,
-        snapshot: bytes = b"",
-        prompt: Sequence[int] = (),
+        snapshot: BytesLike = b"",
+        prompt: Sequence[int] | np.ndarray = (),
     ) -> ClientSession:
         """A new session; with `prompt`, after it (its longest cached prefix comes from the
         server's prefix cache: `cached_tokens` of the returned handle says how many)."""
@@ -515,7 +518,7 @@ class Client(_Base):
         """A handle on an existing session (no RPC)."""
         return ClientSession(self, _session_id("session_id", session_id), position)
 
-    def restore(self, snapshot: bytes, session_id: str = "", ttl: float = 0.0) -> ClientSession:
+    def restore(self, snapshot: BytesLike, session_id: str = "", ttl: float = 0.0) -> ClientSession:
         session_id = choose_session_id(session_id)
         req = pb.RestoreRequest(
             snapshot=_bytes("snapshot", snapshot),
@@ -525,7 +528,9 @@ class Client(_Base):
         s = self._unary(self.stub.RestoreSession, req, session_id)
         return ClientSession(self, s.session_id, s.position)
 
-    def generate(self, prompt: Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
+    def generate(
+        self, prompt: Sequence[int] | np.ndarray, **kw
+    ) -> Generator[pb.GenerateResponse, None, None]:
         """Generate on a temporary session (closed at the end); see ClientSession.generate."""
         return ClientSession(self, "", 0).generate(prompt, **kw)
 
@@ -667,8 +672,8 @@ class ClientSession(_Handle):
         return s.position
 
     def regenerate(
-        self, position: int, prompt: Sequence[int], **kw
-    ) -> Iterator[pb.GenerateResponse]:
+        self, position: int, prompt: Sequence[int] | np.ndarray, **kw
+    ) -> Generator[pb.GenerateResponse, None, None]:
         """Rewind to `position`, then generate after `prompt` (pass another seed for another
         continuation): the one call behind "regenerate this answer". The arguments are
         checked here (against the model's `info()`), so a refused call changes nothing; the
@@ -677,7 +682,9 @@ class ClientSession(_Handle):
         check_generate(generate_request(self.id, prompt, **kw), self.client.info())
         return self._regenerate(position, prompt, kw)
 
-    def _regenerate(self, position: int, prompt, kw: dict) -> Iterator[pb.GenerateResponse]:
+    def _regenerate(
+        self, position: int, prompt, kw: dict
+    ) -> Generator[pb.GenerateResponse, None, None]:
         self.rewind(position)
         yield from self.generate(prompt, **kw)
 
@@ -691,7 +698,7 @@ class ClientSession(_Handle):
 
     def stream(
         self, inputs: Iterable, output: str = "last", top_k: int = 0, kind: str = "tokens"
-    ) -> Iterator[StepResult]:
+    ) -> Generator[StepResult, None, None]:
         """One Stream request per item of `inputs` (token lists, or value arrays with
         kind="values"); yields one StepResult per item, in order. An item the client refuses
         ends the requests there: its ValueError is raised after the earlier items' results.
@@ -715,7 +722,9 @@ class ClientSession(_Handle):
         """An interactive Stream: `send(tokens=...)` returns that request's result."""
         return StreamHandle(self)
 
-    def generate(self, prompt: Sequence[int], **kw) -> Iterator[pb.GenerateResponse]:
+    def generate(
+        self, prompt: Sequence[int] | np.ndarray, **kw
+    ) -> Generator[pb.GenerateResponse, None, None]:
         """Server-side sampling; yields one GenerateResponse per token as it arrives.
         `kw` are generate_request's (max_new_tokens, temperature, top_k, top_p, seed, stop,
         keep_session). Closing the iterator early cancels the call."""
@@ -932,8 +941,8 @@ class AsyncClient(_Base):
         self,
         session_id: str = "",
         ttl: float = 0.0,
-        snapshot: bytes = b"",
-        prompt: Sequence[int] = (),
+        snapshot: BytesLike = b"",
+        prompt: Sequence[int] | np.ndarray = (),
     ) -> AsyncClientSession:
         """As Client.create_session."""
         chosen, session_id = not session_id, choose_session_id(session_id)
@@ -950,7 +959,7 @@ class AsyncClient(_Base):
         return AsyncClientSession(self, _session_id("session_id", session_id), position)
 
     async def restore(
-        self, snapshot: bytes, session_id: str = "", ttl: float = 0.0
+        self, snapshot: BytesLike, session_id: str = "", ttl: float = 0.0
     ) -> AsyncClientSession:
         chosen, session_id = not session_id, choose_session_id(session_id)
         req = pb.RestoreRequest(
@@ -961,7 +970,9 @@ class AsyncClient(_Base):
         s = await self._make(self.stub.RestoreSession, req, session_id, session_id, chosen)
         return AsyncClientSession(self, s.session_id, s.position)
 
-    def generate(self, prompt: Sequence[int], **kw) -> AsyncIterator[pb.GenerateResponse]:
+    def generate(
+        self, prompt: Sequence[int] | np.ndarray, **kw
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """As Client.generate (a temporary session); an async iterator."""
         return AsyncClientSession(self, "", 0).generate(prompt, **kw)
 
@@ -1010,8 +1021,8 @@ class AsyncClientSession(_Handle):
         return r
 
     def regenerate(
-        self, position: int, prompt: Sequence[int], **kw
-    ) -> AsyncIterator[pb.GenerateResponse]:
+        self, position: int, prompt: Sequence[int] | np.ndarray, **kw
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """As ClientSession.regenerate: rewind to `position`, then generate after `prompt`
         (the arguments' types checked here; the model's ranges, then the rewind, when
         iteration starts)."""
@@ -1021,7 +1032,7 @@ class AsyncClientSession(_Handle):
 
     async def _regenerate(
         self, position: int, prompt, kw: dict, req: pb.GenerateRequest
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         check_generate(req, await self.client.info())
         await self.rewind(position)
         # closed with this one (aclose, a break): `async for` alone left the Generate open
@@ -1031,7 +1042,7 @@ class AsyncClientSession(_Handle):
 
     async def stream(
         self, inputs: Iterable, output: str = "last", top_k: int = 0, kind: str = "tokens"
-    ) -> AsyncIterator[StepResult]:
+    ) -> AsyncGenerator[StepResult, None]:
         """As ClientSession.stream: one Stream request per item of `inputs` (an iterable or
         an async iterable), one StepResult per item, in order."""
         reqs = _Requests(self, kind, output, top_k)
@@ -1053,7 +1064,9 @@ class AsyncClientSession(_Handle):
     def open_stream(self) -> AsyncStreamHandle:
         return AsyncStreamHandle(self)
 
-    async def generate(self, prompt: Sequence[int], **kw) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(
+        self, prompt: Sequence[int] | np.ndarray, **kw
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """As ClientSession.generate; an async iterator."""
         req = generate_request(self.id, prompt, **kw)
         mark = self._asked()

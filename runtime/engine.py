@@ -52,7 +52,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -760,7 +760,7 @@ class Engine:
 
     def generate(
         self,
-        prompt: Iterable[int],
+        prompt: int | Iterable[int],
         state: np.ndarray | None = None,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
@@ -768,7 +768,7 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Iterable[int] = (),
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, None]:
         """Stream sampled tokens after `prompt` (token models only).
 
         Args:
@@ -831,7 +831,7 @@ class Engine:
             s0 = self.new_state(1)
         return self._generate(p, s0, target, config)
 
-    def _generate(self, prompt, s, target, config: GenerateConfig) -> Iterator[int]:
+    def _generate(self, prompt, s, target, config: GenerateConfig) -> Generator[int, None, None]:
         """Drive the generation loop (runtime/generation.py) on one state [1, S]."""
         logits, s = self.prefill_unchecked(prompt, s)  # [1, T, V], [1, S]
         if config.max_new_tokens == 0:  # nothing to sample: the state holds the prompt

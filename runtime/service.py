@@ -32,7 +32,7 @@ import asyncio
 import logging
 import math
 import numbers
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -58,7 +58,7 @@ from .generation import GenerateConfig, Generated, Generation
 from .history import CheckpointBudget, History
 from .prefix_cache import PrefixCache
 from .sessions import Session, SessionStore
-from .snapshots import BYTES_LIKE, snapshot_position
+from .snapshots import BYTES_LIKE, BytesLike, snapshot_position
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +344,8 @@ class SessionService:
         self,
         principal: str,
         session_id: str = "",
-        ttl: float = 0.0,
-        snapshot: bytes = b"",
+        ttl: float | None = 0.0,
+        snapshot: BytesLike = b"",
         prompt=(),
         handed_out: Callable[[Session], object] | None = None,
     ) -> tuple[Session, int]:
@@ -385,7 +385,7 @@ class SessionService:
         return s, cached
 
     async def restore(
-        self, principal: str, snapshot: bytes, session_id: str = "", ttl: float = 0.0
+        self, principal: str, snapshot: BytesLike, session_id: str = "", ttl: float | None = 0.0
     ) -> Session:
         if isinstance(snapshot, BYTES_LIKE) and not snapshot:
             raise InvalidInput("snapshot", "is empty")  # (`create` checks the type)
@@ -471,7 +471,7 @@ class SessionService:
         stop=(),
         keep_session: bool = False,
         handed_out: Callable[[Session], object] | None = None,
-    ) -> AsyncIterator[tuple[str, Generated]]:
+    ) -> AsyncGenerator[tuple[str, Generated], None]:
         """Feed `prompt` (tokens, at least one), then yield (session id, Generated) per token,
         each before it is fed; the last one is not fed. Without a session_id a new session is
         used (closed at the end unless keep_session). Sampling: runtime/sampling.py;

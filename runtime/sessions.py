@@ -63,6 +63,7 @@ from .errors import (
 from .slab import StateSlab
 from .snapshots import (
     MAX_POSITION,
+    BytesLike,
     SnapshotKey,
     check_state,
     decode_session_file,
@@ -485,7 +486,9 @@ class SessionStore:
                 s._lent = True
             return lent
 
-    def give_back(self, sessions: Sequence[Session], consumed: int) -> list[int | SessionNotFound]:
+    def give_back(
+        self, sessions: Sequence[Session], consumed: int
+    ) -> list[int | SessionNotFound | Unavailable]:
         """End `lend`: advance each session still live by `consumed` (0 when the step failed
         and wrote nothing); returns per session its new position, or the error of one closed
         or evicted meanwhile (its slot is freed now) or, replicated, moved elsewhere."""
@@ -501,9 +504,11 @@ class SessionStore:
             self._returned.notify_all()
         return self._write_through(sessions, consumed, results)
 
-    def _advance(self, sessions: Sequence[Session], consumed: int) -> list[int | SessionNotFound]:
+    def _advance(
+        self, sessions: Sequence[Session], consumed: int
+    ) -> list[int | SessionNotFound | Unavailable]:
         """Add `consumed` to the position of each live session (caller holds the lock)."""
-        results: list[int | SessionNotFound] = []
+        results: list[int | SessionNotFound | Unavailable] = []
         now = self.clock()
         for s in sessions:
             if not self._current(s):
@@ -688,13 +693,13 @@ class SessionStore:
         with self._lock:
             return self._pack(self.get(session_id, principal))
 
-    def unpack(self, data: bytes) -> tuple[int, np.ndarray]:
+    def unpack(self, data: BytesLike) -> tuple[int, np.ndarray]:
         """Verify a snapshot -> (position, state [S]). Raises InvalidInput / ModelError."""
         return decode_snapshot(self.snapshot_key, data, self.model_sha, self.state_size)
 
     def restore(
         self,
-        data: bytes,
+        data: BytesLike,
         principal: str = "",
         session_id: str | None = None,
         ttl: float | None = None,

@@ -291,7 +291,7 @@ class StateSlab:
         self._copy(("cuda", self._ptr(slot)), ("cpu", row.ctypes.data), 1)
         return row
 
-    def read_rows(self, slots: Sequence[int]) -> np.ndarray:
+    def read_rows(self, slots: Sequence[int] | np.ndarray) -> np.ndarray:
         """Host copies of several rows: float32 [k, S] (k = 0 allowed). On CUDA, each run of
         consecutive slots is one copy (live sessions sit packed at the low slots)."""
         slots = [self._check_slot(s, "slots") for s in slots]

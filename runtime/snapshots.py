@@ -51,6 +51,7 @@ STORE_MAGIC = b"SSMSTOR\0"
 VERSION = 2  # 1: sha256 checksum only (unsigned), refused
 KEY_FILE = "snapshot.key"
 BYTES_LIKE = (bytes, bytearray, memoryview)  # what a snapshot may come as
+BytesLike = bytes | bytearray | memoryview  # the same, as a type
 MAX_POSITION = 2**63 - 1  # positions count on from here (the wire has uint64)
 MIN_KEY_BYTES = 16
 _SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
@@ -237,7 +238,7 @@ def snapshot_position(data: bytes) -> int:
 
 
 def decode_snapshot(
-    key: SnapshotKey, data: bytes, model_sha: str, state_size: int
+    key: SnapshotKey, data: BytesLike, model_sha: str, state_size: int
 ) -> tuple[int, np.ndarray]:
     """Verify a snapshot → (position, state float32 [S]).
 
