@@ -138,6 +138,17 @@ class SSMConfig:
         """S: float32 numbers of packed state per session."""
         return self.n_layers * self.n_heads * self.d_state
 
+    @property
+    def n_parameters(self) -> int:
+        """Parameters of SSMNetwork(self), counted from the config alone (nothing is built:
+        a config too large for memory can be refused first)."""
+        D, N, H = self.d_model, self.d_state, self.n_heads
+        encoder = self.vocab_size * D if self.input_kind == "tokens" else (self.d_input + 1) * D
+        ssm = 2 * H * (N // 2) + 2 * N * D + D + H  # A re, im [H, N/2]; B, C [D·N/2, 2]; D; Δ
+        out = 2 * D * (D + 1) if self.glu else D * (D + 1)  # Linear(D, 2D) + GLU, or (D, D)
+        block = 2 * D + ssm + out  # LayerNorm, SSM, output projection
+        return encoder + self.n_layers * block + 2 * D + (D + 1) * self.d_output
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -534,6 +534,7 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
     if not cfg.resume:
         model_cfg = model_cfg if model_cfg is not None else default_model_config(cfg.task)
         check_model_for_task(model_cfg, cfg.task)
+        check_fits(model_cfg, device)
     text = None
     if cfg.task == "signal" and cfg.data is not None:
         log.warning("task 'signal' generates its data: data=%s is ignored", cfg.data)
@@ -899,6 +900,38 @@ def _with_flags(message: str, values: bool = True) -> str:
         return "--" + m[1].replace("_", "-") + m[2]
 
     return _FIELD.sub(flag, message)
+
+
+# float32 copies of each parameter a training step holds: the weights, their gradients and
+# AdamW's two moments
+TRAIN_COPIES = 4
+
+
+def machine_bytes() -> int | None:
+    """This machine's memory (os.sysconf), or None where it is not known."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(model_cfg: SSMConfig, device: torch.device) -> None:
+    """ValueError naming the model's flags when its parameters cannot fit in this machine's
+    memory, before a module is built (an --n-layers of 2**70 would build layers until the
+    machine ran out; what fits the machine but not the memory free now ends in train's
+    out-of-memory error). On CPU a step holds TRAIN_COPIES of them; on CUDA the model is built
+    in host memory first, one copy."""
+    total = machine_bytes()
+    if total is None:
+        return
+    n = model_cfg.n_parameters
+    need = n * 4 * (TRAIN_COPIES if device.type == "cpu" else 1)
+    if need > total:
+        raise ValueError(
+            f"not enough memory: a model of {n:,} parameters needs about {need / 2**30:,.1f} "
+            f"GiB to train, more than this machine's {total / 2**30:,.1f} GiB: use a smaller "
+            "--d-model, --n-layers or --d-state"
+        )
 
 
 def out_of_memory(e: BaseException) -> bool:

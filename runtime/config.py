@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
+import socket
 import typing
 from dataclasses import dataclass, field
 
@@ -34,6 +36,9 @@ GROUPS: dict[str, str | None] = {  # flag groups of `--help`, in order: title ->
 }
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# seconds: the idle sweep runs every TTL/4, but at most every 0.05 s (Server._evict_loop), so
+# a shorter TTL is not kept to; one of 1e-9 expires every session before its next call
+MIN_SESSION_TTL = 0.2
 
 
 def _option(default, group: str | None, help: str, **argparse_kwargs):
@@ -89,7 +94,9 @@ class ServerConfig:
         0, "sessions", "open sessions one principal may hold; 0: no limit"
     )
     session_ttl: float = _option(
-        600.0, "sessions", "seconds a session may stay idle before it is evicted"
+        600.0,
+        "sessions",
+        f"seconds a session may stay idle before it is evicted (at least {MIN_SESSION_TTL:g})",
     )
     state_dir: str | None = _option(
         None,
@@ -235,19 +242,18 @@ class ServerConfig:
             raise ValueError(
                 f"prefix_cache_scope: must be principal or global, got {self.prefix_cache_scope!r}"
             )
-        for name, low_exclusive in (
-            ("session_ttl", True),
-            ("max_batch_delay", False),
-            ("grace", False),
-            ("save_interval", False),
+        for name, low in (
+            ("session_ttl", MIN_SESSION_TTL),
+            ("max_batch_delay", 0),
+            ("grace", 0),
+            ("save_interval", 0),
         ):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{name}: must be a finite number of seconds, got {value!r}")
-            if value < 0 or (low_exclusive and value == 0) or value > MAX_SECONDS:
-                bound = "> 0" if low_exclusive else ">= 0"
+            if not low <= value <= MAX_SECONDS:
                 raise ValueError(
-                    f"{name}: must be {bound} and <= {MAX_SECONDS:g} seconds, got {value}"
+                    f"{name}: must be >= {low:g} and <= {MAX_SECONDS:g} seconds, got {value}"
                 )
         if self.max_batch_delay >= 10:
             raise ValueError(f"max_batch_delay: must be < 10 seconds, got {self.max_batch_delay}")
@@ -270,6 +276,12 @@ class ServerConfig:
             self.host = self.host[1:-1]
         if not self.host:
             raise ValueError("host: must not be empty")
+        full = _shorthand_ipv4(self.host)
+        if full is not None:
+            raise ValueError(
+                f"host: {self.host!r} is an IPv4 address written short, which gRPC reads "
+                f"otherwise or not at all; write it in full (the system reads it as {full})"
+            )
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError(f"metrics_port: {self.metrics_port} is the gRPC --port too")
         if self.state_store != "memory":
@@ -307,6 +319,24 @@ MAX_SECONDS = 1e9  # about 31 years: larger durations overflow Redis's milliseco
 def _is_number(value) -> bool:
     """int or float, not bool (True is an int to Python, not a number of seconds to us)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shorthand_ipv4(host: str) -> str | None:
+    """The dotted quad the system reads in an IPv4 address written short ("0", "127.1",
+    "0x7f.1", "0127.0.0.1": octal), or None. gRPC's resolver (c-ares) takes most of these
+    for names it cannot find, so the bind fails once the model has loaded, and reads leading
+    zeros as decimal: another address than the system's."""
+    if any(c.isspace() for c in host):  # inet_aton ignores what follows a space
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None  # written in full
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except (OSError, ValueError):  # a name (ValueError: a NUL or a lone surrogate)
+        return None
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:

@@ -160,7 +160,7 @@ REFUSED = {
         "--lr": NON_INTEGERS + [NEG, ZERO],
         "--min-lr-ratio": NON_INTEGERS + [NEG, HUGE],
         "--n-components": EVERY,
-        "--n-layers": NON_INTEGERS + [NEG, ZERO],
+        "--n-layers": NON_INTEGERS + [NEG, ZERO, HUGE],
         "--out": [EMPTY, NINF, AFILE],
         "--rate": EVERY,
         "--save-every": NON_INTEGERS + [NEG, ZERO],
@@ -226,7 +226,7 @@ REFUSED = {
         "--auth-tokens": EVERY,
         "--device": EVERY,
         "--grace": NON_INTEGERS + [NEG, HUGE],
-        "--host": [EMPTY, NINF, SURROGATE],  # a word may resolve where DNS answers
+        "--host": [EMPTY, NINF, SURROGATE, ZERO],  # a word may resolve where DNS answers
         "--lease-ttl": EVERY,
         "--log-level": EVERY,
         "--max-batch": EVERY,
@@ -366,6 +366,37 @@ def test_serve_host_the_idna_codec_refuses_is_named(run, host):
     status, said = run(["serve", "{work}/model", "--port", "0", "--host", host])
     assert status == 2
     assert said.startswith(f"ssmstream serve: --host: cannot listen on {host!r}: not a host name (")
+
+
+@pytest.mark.parametrize("host, full", [("0", "0.0.0.0"), ("127.1", "127.0.0.1")])
+def test_serve_host_written_short_is_refused_before_the_model_loads(run, host, full):
+    """The system reads "0" as 0.0.0.0, gRPC's resolver as a name it cannot find: the bind
+    failed once the model had loaded, with an error that did not name --host."""
+    assert run(["serve", "{work}/model", "--port", "0", "--host", host]) == (
+        2,
+        f"ssmstream serve: error: --host: {host!r} is an IPv4 address written short, which "
+        f"gRPC reads otherwise or not at all; write it in full (the system reads it as {full})",
+    )
+
+
+def test_serve_snapshot_key_too_short_to_sign_is_refused_before_the_model_loads(
+    run, tmp_path, monkeypatch
+):
+    """A key of one byte would make every signature forgeable: refused, naming the flag and
+    the minimum, before the engine opens the model."""
+    from ssmstream.runtime import engine
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("serve opened the model before reading --snapshot-key")
+
+    monkeypatch.setattr(engine, "Engine", no_engine)
+    key = tmp_path / "short.key"
+    key.write_bytes(b"k\n")
+    key.chmod(0o600)
+    assert run(["serve", "{work}/model", "--port", "0", "--snapshot-key", str(key)]) == (
+        2,
+        f"ssmstream serve: --snapshot-key: {key} holds 1 bytes; use at least 16",
+    )
 
 
 @pytest.mark.parametrize("command", list(BASE))

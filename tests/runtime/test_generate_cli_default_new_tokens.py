@@ -1,6 +1,7 @@
 """`ssmstream generate` without --max-new-tokens on a server whose --max-new-tokens is below the
 flag's default (200): it generates what the server allows, not a usage error about a flag
-the user never gave ("max_new_tokens: must be an integer in [1, 50], got 200")."""
+the user never gave ("max_new_tokens: must be an integer in [1, 50], got 200"). A prompt
+longer than the server's --max-tokens-per-request is one line naming that limit."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ssmstream.runtime.server import BackgroundServer
 def low_limit_server(tiny_token_model):
     cfg = ServerConfig(
         model_dir=str(tiny_token_model["model_dir"]), port=0, device="cpu", grace=0.2,
-        max_new_tokens=50,
+        max_new_tokens=50, max_tokens_per_request=8,
     )  # fmt: skip
     with BackgroundServer(cfg) as srv:
         yield srv
@@ -33,3 +34,18 @@ def test_an_explicit_value_over_the_limit_is_still_refused(low_limit_server, cap
         cli.main([*argv, "--max-new-tokens", "200"])
     assert e.value.code == 2
     assert "max_new_tokens: must be an integer in [1, 50], got 200" in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_server_takes_is_one_line_naming_the_limit(
+    low_limit_server, capsys
+):
+    argv = ["generate", "--server", f"127.0.0.1:{low_limit_server.port}", "--ids"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, ",".join(["1"] * 9)])
+    assert e.value.code == 2
+    said = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith((" ", "usage:"))]
+    assert said == [
+        "ssmstream generate: error: prompt: needs 1 to 8 tokens (the server's "
+        "--max-tokens-per-request), got 9"
+    ]
+    assert cli.main([*argv, ",".join(["1"] * 8), "--max-new-tokens", "1"]) == 0

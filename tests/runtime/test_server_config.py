@@ -164,6 +164,43 @@ def test_bad_flag_exits_naming_the_flag(capsys):
     assert "--max-batch: must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("ttl", [1e-9, 0.05, 0.1999])
+def test_a_session_ttl_shorter_than_the_idle_sweep_keeps_to_is_refused(ttl, capsys):
+    """The idle sweep runs every TTL/4, at most every 0.05 s: a TTL under 0.2 s is not kept
+    to, and one of 1e-9 s expired every session before its next call."""
+    with pytest.raises(ValueError) as e:
+        ServerConfig(model_dir="m", session_ttl=ttl)
+    assert str(e.value) == f"session_ttl: must be >= 0.2 and <= 1e+09 seconds, got {ttl}"
+    with pytest.raises(SystemExit) as ex:
+        parse_config(["m", "--session-ttl", str(ttl)])
+    assert ex.value.code == 2
+    assert (
+        f"--session-ttl: must be >= 0.2 and <= 1e+09 seconds, got {ttl}" in capsys.readouterr().err
+    )
+    assert ServerConfig(model_dir="m", session_ttl=0.2).session_ttl == 0.2
+
+
+@pytest.mark.parametrize("host", ["0", "127.1", "0x7f.0.0.1", "2130706433", "0127.0.0.1"])
+def test_an_ipv4_address_written_short_is_refused_with_the_address_in_full(host):
+    """gRPC's resolver takes these for names it cannot find (or reads a leading zero as
+    decimal where the system reads octal): the error names --host and the address the
+    system's resolver makes of it."""
+    import socket
+
+    full = socket.getaddrinfo(host, 0, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    with pytest.raises(ValueError) as e:
+        ServerConfig(model_dir="m", host=host)
+    assert str(e.value) == (
+        f"host: {host!r} is an IPv4 address written short, which gRPC reads otherwise or not "
+        f"at all; write it in full (the system reads it as {full})"
+    )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1", "::", "[::1]", "localhost", "cafe"])
+def test_addresses_in_full_and_names_are_left_to_the_bind(host):
+    assert ServerConfig(model_dir="m", host=host).host == host.strip("[]")
+
+
 def test_ipv6_address_is_bracketed():
     assert ServerConfig(model_dir="m", host="::1", port=5).address == "[::1]:5"
     assert ServerConfig(model_dir="m", port=5).address == "127.0.0.1:5"

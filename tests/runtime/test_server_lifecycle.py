@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from ssmstream.runtime.client import Client
-from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.config import MIN_SESSION_TTL, ServerConfig
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import InvalidInput
 from ssmstream.runtime.server import BackgroundServer, check_files
@@ -1084,7 +1084,9 @@ def test_without_a_save_interval_sessions_are_saved_only_at_shutdown(toy_token_m
     assert (state / "sessions.bin").is_file()
 
 
-@pytest.mark.parametrize("ttl, period", [(0.1, 0.05), (8.0, 2.0), (600.0, 5.0), (1e9, 5.0)])
+@pytest.mark.parametrize(
+    "ttl, period", [(0.1, 0.05), (MIN_SESSION_TTL, 0.05), (8.0, 2.0), (600.0, 5.0), (1e9, 5.0)]
+)
 def test_the_idle_sweep_runs_every_quarter_ttl_within_its_bounds(monkeypatch, ttl, period):
     """Sessions idle past their TTL are swept every TTL/4, at least every 5 s (a long TTL
     must not keep expired sessions counted for minutes) and at most every 0.05 s."""
