@@ -286,9 +286,14 @@ class ServerConfig:
             raise ValueError(f"metrics_port: {self.metrics_port} is the gRPC --port too")
         if self.state_store != "memory":
             if not self.state_store.startswith(("redis://", "rediss://", "unix://")):
+                from .redis_backend import without_password  # the error is printed and logged
+
+                try:
+                    shown = repr(without_password(self.state_store))
+                except ValueError:  # not a URL at all ("redis://[::1" say): nothing to show
+                    shown = "a string that is no URL"
                 raise ValueError(
-                    f"state_store: must be memory or a redis://host:port/db URL, "
-                    f"got {self.state_store!r}"
+                    f"state_store: must be memory or a redis://host:port/db URL, got {shown}"
                 )
             if self.state_dir is not None:
                 raise ValueError(

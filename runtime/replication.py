@@ -120,18 +120,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-_PERSIST_RE = re.compile(r"^\s*(\d+)\s*(ms)?\s*$")
+_PERSIST_RE = re.compile(r"^\s*(\d{1,10})\s*(ms)?\s*$")
+MAX_PERSIST_STEPS = 10**9  # a larger N writes nothing a session will live to see
+MAX_PERSIST_MS = 3_600_000  # an hour: the longest --lease-ttl
 
 
 def parse_persist_every(text: str) -> tuple[int, float]:
     """`--persist-every`: "N" → (N steps, 0.0); "Nms" → (0, N / 1000 seconds)."""
     m = _PERSIST_RE.match(str(text))
-    if not m or int(m.group(1)) < 1:
+    n = int(m.group(1)) if m else 0
+    if not 1 <= n <= (MAX_PERSIST_MS if m and m.group(2) else MAX_PERSIST_STEPS):
         raise ValueError(
-            f"persist_every: must be N (write every Nth step; 1 = write-through) or Nms "
-            f"(write behind every N milliseconds) with N >= 1, got {text!r}"
+            f"persist_every: must be N (write every Nth step, 1 = write-through; N <= "
+            f"{MAX_PERSIST_STEPS:g}) or Nms (write behind every N milliseconds; N <= "
+            f"{MAX_PERSIST_MS}) with N >= 1, got {text!r}"
         )
-    n = int(m.group(1))
     return (0, n / 1000.0) if m.group(2) else (n, 0.0)
 
 

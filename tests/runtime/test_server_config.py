@@ -304,10 +304,30 @@ def test_a_tls_redis_url_is_a_state_store():
         ServerConfig(model_dir="m", state_store="http://h:6379")
 
 
-@pytest.mark.parametrize("value", ["0", "fast", "10s", ""])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("Redis://:hunter2@h:6379/0", "'redis://:***@h:6379/0'"),
+        ("http://u:hunter2@h/0?password=hunter2", "'http://u:***@h/0?password=***'"),
+        ("http://[::1:hunter2@h", "a string that is no URL"),
+    ],
+)
+def test_a_refused_state_store_url_is_said_without_its_password(url, shown):
+    """The error is printed and logged: a URL refused for its scheme (Redis:// is not
+    redis://) shows no password, as the server's logs of the store do."""
+    with pytest.raises(ValueError) as e:
+        ServerConfig(model_dir="m", state_store=url)
+    assert str(e.value) == f"state_store: must be memory or a redis://host:port/db URL, got {shown}"
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "fast", "10s", "", "1000000001", "3600001ms", "9" * 400 + "ms", "9" * 5000]
+)
 def test_a_bad_persist_every_is_refused_when_the_config_is_built(value, capsys):
     """--persist-every is checked in ServerConfig (a usage error naming the flag), not
-    only when a shared store starts."""
+    only when a shared store starts; N is at most 10^9 steps or an hour of milliseconds (a
+    400-digit interval overflowed a float, a 5000-digit one Python's int parsing, and any
+    larger N wrote nothing a session would live to see)."""
     with pytest.raises(ValueError) as e:
         ServerConfig(model_dir="m", persist_every=value)
     assert str(e.value).startswith("persist_every: must be N (write every Nth step")
@@ -316,6 +336,11 @@ def test_a_bad_persist_every_is_refused_when_the_config_is_built(value, capsys):
         parse_config(["m", "--persist-every", value])
     assert ex.value.code == 2
     assert "--persist-every: must be N" in capsys.readouterr().err
+
+
+def test_the_largest_persist_every_values_are_taken():
+    assert ServerConfig(model_dir="m", persist_every="1000000000").persist_every == "1000000000"
+    assert parse_config(["m", "--persist-every", "3600000ms"]).persist_every == "3600000ms"
 
 
 def test_grace_zero_is_a_valid_stop_at_once():
