@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,7 @@ class TextData:
 
 
 def load_text(
-    paths: list[str | os.PathLike] | None = None,
+    paths: Sequence[str | os.PathLike] | None = None,
     glob: str | None = None,
     val_fraction: float = 0.05,
     min_bytes: int = 2,

@@ -665,7 +665,8 @@ class BackgroundServer:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     @property
-    def port(self) -> int:
+    def port(self) -> int | None:
+        """The gRPC port the server listens on; None until start()."""
         return self.server.port
 
     def start(self) -> BackgroundServer:

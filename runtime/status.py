@@ -15,6 +15,7 @@ import asyncio
 import functools
 import inspect
 import logging
+from typing import NoReturn
 
 import grpc
 from ssmstream.protos import inference_pb2 as pb
@@ -65,7 +66,7 @@ def deadline_passed(context) -> bool:
     return left is not None and left <= 0
 
 
-def end_as_expired() -> None:
+def end_as_expired() -> NoReturn:
     """End a call whose deadline passed as grpc ends a call it cancels (`grpc_errors`
     counts the DEADLINE_EXCEEDED its client got)."""
     raise asyncio.CancelledError
