@@ -285,7 +285,8 @@ class FeaturesCollector:
     """The session features' metrics, from SessionService.feature_stats() at each scrape:
 
     ssmstream_prefix_cache_{hits,misses,cached_tokens,evictions}_total, _bytes, _entries;
-    ssmstream_rewind_checkpoint_bytes (rewind history held by all sessions).
+    ssmstream_rewind_checkpoint_bytes (rewind history held by all sessions);
+    ssmstream_streams_open (Stream and Generate calls open now).
     """
 
     def __init__(self, stats: Callable[[], dict]):
@@ -313,4 +314,7 @@ class FeaturesCollector:
             "ssmstream_rewind_checkpoint_bytes",
             "bytes of rewind history (checkpoints and inputs) held by all sessions",
             value=s["checkpoint_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "ssmstream_streams_open", "Stream and Generate calls open now", value=s["streams_open"]
         )

@@ -258,11 +258,16 @@ class SessionService:
         )
 
     def feature_stats(self) -> dict:
-        """The prefix cache's counters and the bytes of rewind history all sessions hold."""
+        """The prefix cache's counters, the bytes of rewind history all sessions hold and the
+        Streams and Generates open now."""
         # each history read once: a scrape runs in its own thread while a session may drop it
         histories = [s.history for s in self.store.sessions()]
         held = sum(h.nbytes for h in histories if h is not None)
-        return {"prefix_cache": self.prefix_cache.stats(), "checkpoint_bytes": held}
+        return {
+            "prefix_cache": self.prefix_cache.stats(),
+            "checkpoint_bytes": held,
+            "streams_open": self.open_streams,
+        }
 
     def _scope(self, principal: str) -> str:
         return "" if self.limits.prefix_cache_scope == "global" else f"principal:{principal}"

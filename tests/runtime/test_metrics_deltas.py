@@ -434,6 +434,7 @@ def test_a_step_of_a_session_attached_to_a_stream_counts_only_its_error(server, 
     call = stub.Stream(requests_(), timeout=10)
     next(call)
     streamed = {**tokens("Stream", 1), **requests("Stream", 1), **batches(1)}
+    streamed["ssmstream_streams_open"] = 1  # open while the Step below is refused
     assert settled_changes(server, before, streamed) == streamed  # counted after its write
     step = pb.StepRequest(session_id=sid, tokens=[1])
     got = changed_by(server, lambda: code_of(lambda: stub.Step(step, timeout=10)))

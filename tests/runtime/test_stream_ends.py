@@ -149,3 +149,31 @@ def test_a_stream_cancelled_while_it_waits_for_a_request_counts_as_cancelled(met
 
     assert cancelled_after(cancel=False, n=3) == 0  # a half-close is a normal end
     assert cancelled_after(cancel=True, n=10) >= 6
+
+
+def test_the_streams_open_gauge_counts_open_streams_and_generates(metered):
+    """ssmstream_streams_open is the server's count of open Stream and Generate calls at
+    each scrape: up while they are open, down once they end."""
+
+    def gauge():
+        return scrape(metered.server.metrics_port)["ssmstream_streams_open"]
+
+    with Client(target(metered), timeout=10) as c:
+        a, b = c.create_session(), c.create_session()
+        assert gauge() == 0
+        with a.open_stream() as sa:
+            sa.send(tokens=[1])
+            assert gauge() == 1 == metered.server.service.open_streams
+            with b.open_stream() as sb:
+                sb.send(tokens=[2])
+                assert gauge() == 2
+            assert gauge() == 1
+        assert gauge() == 0
+        it = a.generate([1, 2], max_new_tokens=100)
+        next(it)
+        assert gauge() == 1
+        it.close()
+        deadline = time.monotonic() + 5
+        while gauge() != 0:
+            assert time.monotonic() < deadline, "the closed Generate stayed open"
+            time.sleep(0.01)
