@@ -5,7 +5,8 @@
   session is let go of when close() returns (it was a moment later);
 - a close waits STREAM_CLOSE_WAIT at most for a server that does not end the call;
 - a half-closed Stream ends at once (the server held each one 5 ms for a cancel that might
-  follow), and a cancel that reaches the server while it waits for a request still counts.
+  follow), and a cancel that reaches the server while it waits for a request still counts;
+- the ssmstream_streams_open gauge counts a call until it has ended.
 """
 
 from __future__ import annotations
