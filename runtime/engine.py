@@ -551,7 +551,9 @@ class Engine:
 
         Args:
             inputs: tokens int [B] (or a scalar) | values float [B, d_in].
-            states: float32 [B, S].
+            states: float32 [B, S]. Not checked for NaN or inf (np.isfinite added 17% at
+                B = 1 and 30% at B = 64 to the shipped model's step on a 2-core CPU): a
+                state gone bad gives NaN outputs; `generate` refuses one.
             out: optional StepBuffers (B <= out.max_batch) to write into instead of allocating.
         Returns:
             (outputs [B, d_out], new_states float32 [B, S]); `states` is not modified.
