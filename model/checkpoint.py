@@ -42,9 +42,10 @@ def save_checkpoint(
     beside the reserved keys `format`, `version` and `model` (ValueError if it names one).
     `also`: {file name: a function writing that file to the path it is given} (the optimizer
     state), saved with the weights.
-    Every file is written whole to a temporary name first; then all are renamed, config.json
-    last, and the renames finish even when interrupted (Ctrl-C) between two of them: an
-    interrupted save leaves the previous checkpoint or this one, never a mix.
+    Every file is written whole to a temporary name first (made anew: a link at that name is
+    replaced, never written through); then all are renamed, config.json last, and the
+    renames finish even when interrupted (Ctrl-C) between two of them: an interrupted save
+    leaves the previous checkpoint or this one, never a mix.
     """
     meta = {"format": FORMAT, "version": VERSION, "model": net.cfg.to_dict()}
     if reserved := sorted(meta.keys() & (extra or {}).keys()):
@@ -58,10 +59,13 @@ def save_checkpoint(
     names = [*(also or {}), "model.safetensors", "config.json"]
     try:
         for name, write in (also or {}).items():
+            open_new(path / f"{name}.tmp").close()  # what the writer opens is this save's file
             write(path / f"{name}.tmp")
         # written like the other files (safetensors' save_file makes them 0600 whatever the umask)
-        (path / "model.safetensors.tmp").write_bytes(save(tensors))
-        (path / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+        with open_new(path / "model.safetensors.tmp") as f:
+            f.write(save(tensors))
+        with open_new(path / "config.json.tmp", "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
     except BaseException as e:  # a full disk, Ctrl-C: no partial files left (to keep it full)
         for name in names:
             (path / f"{name}.tmp").unlink(missing_ok=True)
@@ -69,8 +73,20 @@ def save_checkpoint(
             raise OSError(f"cannot write the checkpoint to {path}: {e}") from e
         raise
     _commit(path, names)
-    (path / "train_log.jsonl").touch()
+    try:  # made when missing, never through a link at its name (which touch would follow)
+        os.close(os.open(path / "train_log.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        pass
     return path
+
+
+def open_new(path: Path, mode: str = "wb"):
+    """`path` opened for writing as a new file (mode 0666 less the umask). Whatever was at
+    that name is removed first, never opened: a symbolic or hard link that another user of
+    the directory put there does not have the file it points to written over."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # EXCL: nor through a link
+    return open(fd, mode)
 
 
 def _commit(path: Path, names: list[str]) -> None:

@@ -58,7 +58,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    open_new,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from .data import (
     SIGNAL_TARGETS,
     VOCAB_SIZE,
@@ -389,11 +395,17 @@ def _save(
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from."""
-    if not path.is_file():
+    """Drop log lines written after the checkpoint we resume from. The log is written anew:
+    a link at its name is replaced, not written through (a symbolic one is not read either)."""
+    if path.is_symlink():
+        log.warning("%s is a symbolic link, not followed: the log starts anew", path)
+        lines = []
+    elif not path.is_file():
         return
+    else:
+        lines = path.read_bytes().splitlines()
     keep = []
-    for raw in path.read_bytes().splitlines():
+    for raw in lines:
         try:
             line = raw.decode()  # a byte that is not UTF-8 makes the line unreadable
             if json.loads(line)["step"] <= step:
@@ -401,7 +413,8 @@ def _truncate_log(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):  # ValueError: not UTF-8, not JSON
             shown = raw.decode(errors="replace")[:80]
             log.warning("%s: dropping unreadable log line %r", path, shown)
-    path.write_text("".join(line + "\n" for line in keep))
+    with open_new(path, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
 
 
 # what a resumed run may change: where and how it reports, and where it runs (device and
@@ -602,7 +615,7 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
         out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             _truncate_log(log_path, step)
-        elif log_path.exists():  # a run stopped before its first checkpoint left it
+        elif os.path.lexists(log_path):  # a run stopped before its first checkpoint left it
             log.info("%s: replacing the log of an earlier run that saved no checkpoint", out)
             log_path.unlink()
         n_params = sum(p.numel() for p in net.parameters())
@@ -710,7 +723,9 @@ def _check_creatable(out: Path) -> None:
 
 
 def _append(path: Path, entry: dict) -> None:
-    with path.open("a") as f:
+    """One line added to the log, never through a symbolic link at its name (OSError)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # POSIX
+    with open(os.open(path, flags, 0o666), "a") as f:
         f.write(json.dumps(entry) + "\n")
 
 

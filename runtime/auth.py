@@ -24,6 +24,8 @@ from pathlib import Path
 
 import grpc
 
+from .secret_files import warn_unless_private
+
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
@@ -85,6 +87,9 @@ class TokenTable:
                 f"auth_tokens: {path} holds no '<token> <principal>' line (only blank lines "
                 "and # comments)"
             )
+        warn_unless_private(
+            path, "bearer tokens file", "whoever reads it can call this server as its principals"
+        )
         log.info("auth: %d tokens for %d principals", len(tokens), len(set(tokens.values())))
         return cls(tokens)
 

@@ -53,6 +53,7 @@ from .errors import InvalidInput, RuntimeErrorBase
 from .health import Health
 from .metrics import FeaturesCollector, ServerMetrics
 from .prefix_cache import entry_bytes
+from .secret_files import warn_unless_private
 from .service import DRAINING, ServiceLimits, SessionService
 from .servicer import StreamingInferenceServicer, max_send_bytes, snapshot_message_bytes
 from .sessions import STORE_FILE
@@ -75,8 +76,12 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None:
         return None
     ca = _read(config.tls_client_ca)
+    key = _read(config.tls_key)
+    warn_unless_private(
+        config.tls_key, "TLS private key", "whoever reads it can pose as this server"
+    )
     return grpc.ssl_server_credentials(
-        [(_read(config.tls_key), _read(config.tls_cert))],
+        [(key, _read(config.tls_cert))],
         root_certificates=ca,
         require_client_auth=ca is not None,
     )

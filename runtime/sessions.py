@@ -66,9 +66,9 @@ from .snapshots import (
     BytesLike,
     SnapshotKey,
     check_state,
-    decode_session_file,
     decode_snapshot,
     encode_snapshot,
+    read_session_file,
     write_session_file,
 )
 
@@ -791,7 +791,7 @@ class SessionStore:
             # have other bits, and a link at its name would have the states written over the
             # file it points to
             tmp.unlink(missing_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # EXCL: not through a link either
             with open(os.open(tmp, flags, 0o600), "wb") as f:
                 # part by part: no copy of all the states at once (each a GIL-held memcpy
                 # that stalled the steps of the event loop)
@@ -824,7 +824,7 @@ class SessionStore:
         if not path.is_file():
             log.info("no saved sessions at %s", path)
             return 0
-        header, states = decode_session_file(self.snapshot_key, path.read_bytes(), path)
+        header, states = read_session_file(self.snapshot_key, path)
         try:
             S = int(header["state_size"])
             entries = [

@@ -23,8 +23,9 @@ that does not match the header; then what a signature cannot vouch for: another 
 (ModelError), a state that is not finite, a position beyond MAX_POSITION.
 
 The key: `--snapshot-key FILE`, else `snapshot.key` in `--state-dir` (created 0600 on
-first start), else the shared store's key (one per Redis, so every replica shares it),
-else a random key for this process only (snapshots then die with the process).
+first start; refused when another user owns it), else the shared store's key (one per
+Redis, so every replica shares it), else a random key for this process only (snapshots then
+die with the process).
 
 Dimension letters: S packed state size, n sessions in a file.
 """
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput, ModelError
+from .secret_files import warn_unless_private
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,39 @@ def _write_key(path: Path, secret: bytes) -> bool:
         tmp.unlink()
 
 
+def _check_owner(path: Path) -> None:
+    """InvalidInput when the key file in the state directory (or the link at its name) belongs
+    to another user than the one this process runs as: whoever could write the directory
+    before the first start may have put it there, knowing the key, to forge snapshots. A key
+    given with --snapshot-key is the operator's choice and not checked. (Not on Windows: no
+    user ids.)"""
+    if not hasattr(os, "geteuid"):
+        return
+    me = os.geteuid()
+    try:
+        link, file = os.lstat(path), os.stat(path)
+    except OSError:  # from_file says what is wrong with it
+        return
+    target = os.path.realpath(path)
+    for st, what in ((link, str(path)), (file, f"{target}, which {path} links to")):
+        if st.st_uid != me:
+            raise InvalidInput(
+                "snapshot_key",
+                f"{what} belongs to {_user(st.st_uid)}, not to {_user(me)}, the user this "
+                "server runs as: whoever put it there may know the key and forge snapshots; "
+                "remove it (a new key is made) or pass it with --snapshot-key to use it",
+            )
+
+
+def _user(uid: int) -> str:
+    import pwd  # POSIX only: _check_owner runs only where there are user ids
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:  # no passwd entry (a container's arbitrary uid)
+        return f"uid {uid}"
+
+
 class OtherKey(InvalidInput):
     """Signed bytes whose key id is not this key's: signed by another server's key."""
 
@@ -104,20 +139,15 @@ class SnapshotKey:
         """The key in a file (its bytes, surrounding whitespace stripped)."""
         try:
             secret = Path(path).read_bytes().strip()
-            mode = os.stat(path).st_mode & 0o777
         except OSError as e:
             raise InvalidInput("snapshot_key", f"cannot read {path}: {e.strerror}") from e
         if len(secret) < MIN_KEY_BYTES:
             raise InvalidInput(
                 "snapshot_key", f"{path} holds {len(secret)} bytes; use at least {MIN_KEY_BYTES}"
             )
-        if mode & 0o077:
-            log.warning(
-                "snapshot key %s is readable by other users (mode %o): whoever reads it can sign "
-                "snapshots this server accepts; chmod 600 it",
-                path,
-                mode,
-            )
+        warn_unless_private(
+            path, "snapshot key", "whoever reads it can sign snapshots this server accepts"
+        )
         return cls(secret)
 
     @classmethod
@@ -126,11 +156,13 @@ class SnapshotKey:
 
         A new key is written whole to a private file and then linked into place, so servers
         starting together on one directory never read a half-written key, and all of them
-        end up with the one that was linked first."""
+        end up with the one that was linked first. A key file that belongs to another user
+        (or a link to one) is refused: see `_check_owner`."""
         path = Path(directory) / KEY_FILE
         created = not path.exists() and _write_key(path, cls.generate().secret)
         if created:
             log.info("created snapshot signing key %s", path)
+        _check_owner(path)
         key = cls.from_file(path)
         key.path, key.created = path, created
         return key
@@ -167,18 +199,7 @@ class SnapshotKey:
         """The body of signed bytes, else InvalidInput naming the failed check. size: the
         length the (not yet verified) header declares, so a truncated file or snapshot says
         so rather than failing the key check (the key id is in the trailer it lost)."""
-        if len(data) < _TRAILER:
-            raise InvalidInput(field, _say(what, "is truncated"))
-        if len(data) < size:  # the header is not verified yet: it may be the forged part
-            raise InvalidInput(
-                field,
-                _say(what, "is truncated (shorter than its header says) or was tampered with"),
-            )
-        if size and len(data) > size:  # bytes appended (the key id is read from the end)
-            raise InvalidInput(
-                field,
-                _say(what, "is longer than its header says (bytes appended) or was tampered with"),
-            )
+        _check_length(len(data), size, field, what)
         key_id = data[-_TRAILER:-_MAC]
         if not hmac.compare_digest(key_id, self.id):
             raise OtherKey(
@@ -187,6 +208,22 @@ class SnapshotKey:
         if not hmac.compare_digest(self._mac(data[:-_MAC]), data[-_MAC:]):
             raise InvalidInput(field, _say(what, "was tampered with (signature mismatch)"))
         return data[:-_TRAILER]
+
+
+def _check_length(length: int, size: int, field: str, what: str) -> None:
+    """InvalidInput when signed bytes of `length` cannot hold their trailer, or differ from
+    the `size` their (not yet verified) header declares (0: not known)."""
+    if length < _TRAILER:
+        raise InvalidInput(field, _say(what, "is truncated"))
+    if length < size:  # the header is not verified yet: it may be the forged part
+        raise InvalidInput(
+            field, _say(what, "is truncated (shorter than its header says) or was tampered with")
+        )
+    if size and length > size:  # bytes appended (the key id is read from the end)
+        raise InvalidInput(
+            field,
+            _say(what, "is longer than its header says (bytes appended) or was tampered with"),
+        )
 
 
 def _say(what: str, text: str) -> str:
@@ -286,6 +323,46 @@ def write_session_file(f, key: SnapshotKey, header: dict, parts: list[np.ndarray
     f.write(mac.digest())
 
 
+def read_session_file(key: SnapshotKey, path: Path) -> tuple[dict, np.ndarray]:
+    """decode_session_file of the file at `path`, whose head is checked before the rest is
+    read: a file that is not a session store (a link to some large file) is refused after
+    its first 16 bytes, one whose size differs from what its header declares after the
+    header (the messages are decode_session_file's)."""
+    what = str(path)
+    with open(path, "rb") as f:
+        length = os.fstat(f.fileno()).st_size
+        data = f.read(_STORE_HEAD.size)
+        o = _store_head(data, what)
+        data += f.read(max(0, min(o, length) - len(data)))  # the header, within the file
+        size = _store_header(data, o)[2]
+        _check_length(length, size, "state_dir", what)
+        data += f.read()  # the length the header declares (all of it: a header not JSON)
+    return decode_session_file(key, data, path)
+
+
+def _store_head(data: bytes, what: str) -> int:
+    """Where the JSON header of session-file bytes ends, from their magic, version and header
+    length; InvalidInput for another file or version."""
+    if len(data) < _STORE_HEAD.size or not data.startswith(STORE_MAGIC):
+        raise InvalidInput("state_dir", f"{what} is not an ssmstream session store")
+    _, version, hlen = _STORE_HEAD.unpack_from(data)
+    _check_version(version, "state_dir", what)
+    return _STORE_HEAD.size + hlen
+
+
+def _store_header(data: bytes, o: int) -> tuple[dict | None, Exception | None, int]:
+    """(header, None, the file size it declares), or (None, why it is unreadable, the least
+    size it declares, or 0). The header is read before the signature is checked, to tell a
+    truncated file from one signed with another key by the length it declares; it is
+    trusted only after the check."""
+    try:
+        header = json.loads(data[_STORE_HEAD.size : o])
+        S, n = int(header["state_size"]), len(header["sessions"])
+        return header, None, o + 4 * n * S + _TRAILER
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+        return None, e, (o + _TRAILER if len(data) < o else 0)
+
+
 def decode_session_file(key: SnapshotKey, data: bytes, path: Path) -> tuple[dict, np.ndarray]:
     """Verify session-file bytes → (JSON header, states float32 [n, S]).
 
@@ -293,22 +370,12 @@ def decode_session_file(key: SnapshotKey, data: bytes, path: Path) -> tuple[dict
     checks the header's model, ids and limits.
     """
     what = str(path)
-    if len(data) < _STORE_HEAD.size or not data.startswith(STORE_MAGIC):
-        raise InvalidInput("state_dir", f"{what} is not an ssmstream session store")
-    _, version, hlen = _STORE_HEAD.unpack_from(data)
-    _check_version(version, "state_dir", what)
-    # the header is read before the signature is checked, to tell a truncated file from one
-    # signed with another key by the length it declares; it is trusted only after the check
-    o = _STORE_HEAD.size + hlen
-    try:
-        header = json.loads(data[_STORE_HEAD.size : o])
-        S, n = int(header["state_size"]), len(header["sessions"])
-        bad, size = None, o + 4 * n * S + _TRAILER
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
-        bad, size = e, (o + _TRAILER if len(data) < o else 0)
+    o = _store_head(data, what)
+    header, bad, size = _store_header(data, o)
     body = key.verify(data, "state_dir", what, size)
     if bad is not None:
         raise InvalidInput("state_dir", f"{what}: bad header: {bad}") from bad
+    S, n = int(header["state_size"]), len(header["sessions"])
     if len(body) != o + 4 * n * S:
         raise InvalidInput("state_dir", f"{what}: length does not match its header")
     states = np.frombuffer(body, dtype="<f4", count=n * S, offset=o).reshape(n, S)  # [n, S]

@@ -88,14 +88,14 @@ def test_a_save_that_runs_out_of_disk_leaves_no_partial_files(tmp_path, monkeypa
     net = SSMNetwork(SSMConfig(**MODEL, d_input=1))
     save_checkpoint(net, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    real = type(tmp_path).write_text
+    real = ckpt_mod.open_new
 
-    def write_text(self, *a, **kw):
-        if self.name == "config.json.tmp":
+    def open_new(path, *a, **kw):
+        if path.name == "config.json.tmp":
             raise OSError(28, "No space left on device")
-        return real(self, *a, **kw)
+        return real(path, *a, **kw)
 
-    monkeypatch.setattr(type(tmp_path), "write_text", write_text)
+    monkeypatch.setattr(ckpt_mod, "open_new", open_new)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(net, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
