@@ -64,10 +64,10 @@ three full passes instead of two. That CumSum in the heads-first layout [H, B, n
 (no Transposes of E and of the chunk starts) is slower: onnxruntime's ReduceSum over the
 re/im axis with 16-float inner runs made the whole call 9.9 ms instead of 7.7 ms. A step as
 a per-head MatMul with a block-diagonal [2·N/2, 2·N/2] matrix takes ~27 µs. Not tried in
-the graph: the Toeplitz product transposed, [H, Q, Q] @ [H, Q, B·n], is ~30-40% faster
-alone than [H, B·n, Q] @ [H, Q, Q] (its per-call tables, ~4 MB a shipped layer, come from
-L3/DRAM), but it wants the trunk's rows in (t, b, j) order, and then the chunk states need
-element-strided Transposes (~0.3 ms a layer in onnxruntime).
+the graph: the per-head products transposed (Toepᵀ @ Uᵀ + Fᵀ @ Shᵀ and Gᵀ @ Uᵀ) are 9-11%
+faster alone (the Toeplitz one by itself 2-40%, by the run), but they want the trunk's rows
+in (t, b, j) order, and the element-strided Transposes of the chunk states and per-head
+ones of the inputs that needs take 143-269 µs each against 24-48 µs for today's.
 Where a call's time goes (a 256-wide, 4-layer, N = 128 SISO model, T = 1,024, ~27 ms on a
 2-core Intel Xeon): ~9.4 ms in the 12 per-head MatMuls, which read ~80 MB of tables a call
 (G and F 8 MB a layer each, the Toeplitz 4 MB): one of them takes ~0.5 ms alone with its
@@ -87,6 +87,19 @@ tables read: its 12 MatMuls summed 10.0 ms instead of 10.3 in one run's node pro
 ~9.4 ms above is another run's; per-head products run at ~40% of a dense layer's GFLOP/s
 whatever their table's size), and the state term's operand with B·n innermost needs an
 element-strided Transpose (+2 ms a layer).
+Also dropped (shipped model, interleaved A/B in one process; ~1% is the noise floor): the
+carry step as S·[Re P; Re P] + swap(S)·[−Im P; Im P] + E (Gather, Mul, Mul, Add: no
+Unsqueeze or ReduceSum, bit-identical) 0.99-1.00× (probe model 1.01-1.07×); a blocked carry
+(local scans within 4 groups of 4 chunks, 4 steps across, one fix-up; or 2 and 4 chunks a
+step) has half the nodes but does 2-4× the elementwise work broadcast along a middle axis,
+which onnxruntime runs slowly: 1.2-2× the unrolled carry alone; alternating the re/im axis
+with keepdims ReduceSum 1.3×; the logits as MatMul + Add on [B, T, D] (no output copy, but
+the bias then takes a pass of its own) 1.005-1.012×; chunk_states as one Concat of per-layer
+cuts 1.00-1.06×; a Transpose before GELU so that both GLU Gemms read untransposed 0.99-1.04×;
+one MatMul [U | Sh] @ [Toep; F] for the two products and the Add (no faster alone); Q = 32
+or 128 (slower). onnxruntime's SkipLayerNormalization fusion (residual Add + the next
+LayerNorm) cannot apply: it wants static dims after the first and an Add read only by the
+LayerNorm.
 
 Dimension letters: B batch, T length, D d_model, H heads, M head width (= P outputs),
 N state (N/2 complex modes, written n), Q chunk length, S packed state.
