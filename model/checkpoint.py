@@ -85,7 +85,8 @@ def open_new(path: Path, mode: str = "wb"):
     that name is removed first, never opened: a symbolic or hard link that another user of
     the directory put there does not have the file it points to written over."""
     path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # EXCL: nor through a link
+    # EXCL: nor through a link; BINARY: Windows opens an os.open file in text mode without it
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     return open(fd, mode)
 
 

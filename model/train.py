@@ -724,7 +724,8 @@ def _check_creatable(out: Path) -> None:
 
 def _append(path: Path, entry: dict) -> None:
     """One line added to the log, never through a symbolic link at its name (OSError)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # POSIX
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT  # + not through a link, binary on Windows
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     with open(os.open(path, flags, 0o666), "a") as f:
         f.write(json.dumps(entry) + "\n")
 

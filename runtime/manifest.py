@@ -94,7 +94,7 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     except OSError as e:  # a name too long
         raise ModelError(f"{path} cannot be read: {e.strerror or e}") from None
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8, whatever the locale
     except OSError as e:  # a root-owned 0600 file, a directory's permissions
         raise ModelError(f"{path} cannot be read: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit int, deep nesting

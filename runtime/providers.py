@@ -177,7 +177,8 @@ def cuda_usable() -> tuple[bool, str]:
     without a GPU, or CUDA_VISIBLE_DEVICES="", loads but has none)."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "this onnxruntime build has no CUDAExecutionProvider"
-    names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or ""]
+    # the driver is libcuda on Linux, nvcuda.dll on Windows (find_library looks for cuda.dll)
+    names = ["libcuda.so.1", "libcuda.so", "nvcuda.dll", ctypes.util.find_library("cuda") or ""]
     for name in filter(None, names):
         try:
             driver = ctypes.CDLL(name)

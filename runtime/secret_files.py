@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
 
 def warn_unless_private(path: str | os.PathLike, what: str, risk: str) -> None:
     """Log a warning naming `path` when group or others may read or write it. `what` names
-    the file ("snapshot key"), `risk` says what a reader of it can do."""
+    the file ("snapshot key"), `risk` says what a reader of it can do. Not on Windows: there
+    a file's mode is 0666 or 0444 whoever may read it (its access list says who may)."""
+    if sys.platform == "win32":
+        return
     try:
         mode = os.stat(path).st_mode & 0o777
     except OSError:  # gone since it was read: what was read is used, nothing to say

@@ -64,7 +64,10 @@ log = logging.getLogger(__name__)
 
 STATE_STORE_HEALTH = "ssmstream.StateStore"  # health service name of the shared state store
 # each starts a graceful stop; SIGHUP (a closed terminal) only where it is not ignored (nohup)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# and where there is one (not on Windows)
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)
 
 
 def _read(path: str | None) -> bytes | None:
@@ -615,19 +618,31 @@ class Server:
         stop = asyncio.Event()
         received: list[str] = []
         signals = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-        for sig in signals:
-            loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
-        await self.start()
-        await stop.wait()
-        log.info("%s received", received[0])
-        for sig in signals:
-            loop.add_signal_handler(sig, self._hurry)
-        await self.stop()
+        with contextlib.ExitStack() as undo:
+            for sig in signals:
+                _on_signal(loop, sig, lambda s=sig: (received.append(s.name), stop.set()), undo)
+            await self.start()
+            await stop.wait()
+            log.info("%s received", received[0])
+            for sig in signals:
+                _on_signal(loop, sig, self._hurry, undo)
+            await self.stop()
 
     def _hurry(self) -> None:
         log.info("second signal: ending the grace period now")
         if self._grpc is not None:  # held: the loop keeps only a weak reference to a task
             self._hurried = asyncio.ensure_future(self._grpc.stop(0))
+
+
+def _on_signal(loop: asyncio.AbstractEventLoop, sig, callback, undo: contextlib.ExitStack):
+    """callback() on `loop` at `sig`. Where the loop takes no signal handlers (Windows' event
+    loops), a handler of the signal module hands it to the loop; `undo` puts back the handler
+    it replaced."""
+    try:
+        loop.add_signal_handler(sig, callback)
+    except NotImplementedError:
+        old = signal.signal(sig, lambda signum, frame: loop.call_soon_threadsafe(callback))
+        undo.callback(signal.signal, sig, old)
 
 
 def _write_port_file(path: str, port: int, metrics_port: int | None) -> str:

@@ -63,6 +63,7 @@ from .errors import (
 from .slab import StateSlab
 from .snapshots import (
     MAX_POSITION,
+    O_BINARY,
     BytesLike,
     SnapshotKey,
     check_state,
@@ -791,7 +792,7 @@ class SessionStore:
             # have other bits, and a link at its name would have the states written over the
             # file it points to
             tmp.unlink(missing_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # EXCL: not through a link either
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY  # EXCL: nor through a link
             with open(os.open(tmp, flags, 0o600), "wb") as f:
                 # part by part: no copy of all the states at once (each a GIL-held memcpy
                 # that stalled the steps of the event loop)

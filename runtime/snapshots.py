@@ -60,6 +60,9 @@ _SNAP_HEAD = struct.Struct("<8sIQQH")  # magic, version, S, position, sha length
 _STORE_HEAD = struct.Struct("<8sII")  # magic, version, JSON header length
 _KEY_ID, _MAC = 8, 32
 _TRAILER = _KEY_ID + _MAC
+# os.open's files are opened in text mode on Windows (a written \n becomes \r\n) unless
+# O_BINARY is given; there is no such flag elsewhere
+O_BINARY = getattr(os, "O_BINARY", 0)
 
 
 def _write_key(path: Path, secret: bytes) -> bool:
@@ -68,7 +71,7 @@ def _write_key(path: Path, secret: bytes) -> bool:
     with the one linked first. False when another process linked one meanwhile."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(secret + b"\n")
