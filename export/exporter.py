@@ -45,6 +45,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 import warnings
@@ -614,7 +615,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
         _underway.dirs[tmp] = made  # before it exists: no signal can land between the two
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()  # the mode the model dir gets: the umask's
+            tmp.mkdir(mode=0o700)  # no one else writes (or links) into it while it is made
             return tmp
         except OSError as e:
             del _underway.dirs[tmp]
@@ -675,6 +676,11 @@ def _graph_files(model_dir: Path) -> list[str]:
 
 def _commit(tmp: Path, out_dir: Path) -> None:
     """Rename tmp into out_dir (replacing an existing one only after the new one is complete)."""
+    probe = tmp / ".mode"  # made with the umask's mode, which the model dir gets (the umask
+    probe.mkdir()  # is not read by setting it: it is the process's, other threads' too)
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.rmdir()
+    os.chmod(tmp, mode)
     _underway.renaming = True
     try:
         old = None

@@ -944,10 +944,19 @@ def check_fits(model_cfg: SSMConfig, device: torch.device) -> None:
     need = n * 4 * (TRAIN_COPIES if device.type == "cpu" else 1)
     if need > total:
         raise ValueError(
-            f"not enough memory: a model of {n:,} parameters needs about {need / 2**30:,.1f} "
-            f"GiB to train, more than this machine's {total / 2**30:,.1f} GiB: use a smaller "
-            "--d-model, --n-layers or --d-state"
+            f"not enough memory: a model of {_count(n)} parameters needs about "
+            f"{_count(need / 2**30 if need < 2**1000 else need >> 30)} GiB to train, more than "
+            f"this machine's {total / 2**30:,.1f} GiB: use a smaller --d-model, --n-layers or "
+            "--d-state"
         )
+
+
+def _count(x: int | float) -> str:
+    """x in a message: 1,234 (a float to one decimal), or 10^k past 10^18 (a count of
+    thousands of digits cannot be printed, nor one past 10^308 turned into a float)."""
+    if x < 10**18:
+        return f"{x:,.1f}" if isinstance(x, float) else f"{x:,}"
+    return f"10^{math.floor(math.log10(x))}"
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -286,14 +286,16 @@ class ServerConfig:
             raise ValueError(f"metrics_port: {self.metrics_port} is the gRPC --port too")
         if self.state_store != "memory":
             if not self.state_store.startswith(("redis://", "rediss://", "unix://")):
-                from .redis_backend import without_password  # the error is printed and logged
-
-                try:
-                    shown = repr(without_password(self.state_store))
-                except ValueError:  # not a URL at all ("redis://[::1" say): nothing to show
-                    shown = "a string that is no URL"
+                # the error is printed and logged: only the scheme, as written, is shown (a
+                # URL mistyped, "redis:/u:PASSWORD@h", does not parse to hide its password)
+                scheme, sep, _ = self.state_store.partition("://")
+                if sep and not set(scheme) & set(":@/"):
+                    shown = f"one that starts {scheme + sep!r}"
+                else:
+                    shown = "a value that does not start with a scheme (such as redis://)"
                 raise ValueError(
-                    f"state_store: must be memory or a redis://host:port/db URL, got {shown}"
+                    f"state_store: must be memory or a redis://host:port/db URL, got {shown} "
+                    "(the rest is not shown: it may hold a password)"
                 )
             if self.state_dir is not None:
                 raise ValueError(

@@ -249,6 +249,7 @@ class RedisReplication:
                 self._delete_dropped()
             except self.backend.Error as e:
                 self._degrade(e)
+                continue  # a failed round too: not one that works again
             except Exception:  # the thread must survive anything; its traceback said once
                 failed += 1
                 if failed == 1:

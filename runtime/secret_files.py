@@ -28,5 +28,9 @@ def warn_unless_private(path: str | os.PathLike, what: str, risk: str) -> None:
         return
     if mode & 0o077:
         log.warning(
-            "%s %s is readable by other users (mode %o): %s; chmod 600 it", what, path, mode, risk
+            "%s %s is readable or writable by other users (mode %o): %s; chmod 600 it",
+            what,
+            path,
+            mode,
+            risk,
         )

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import stat
 
 import numpy as np
 import onnx
@@ -607,6 +608,25 @@ def test_an_export_never_opens_the_process_umask(tmp_path, monkeypatch):
         real(old)
     assert 0 not in set_to and now == 0o027
     assert oct(out.stat().st_mode & 0o777) == oct(0o750)
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o022, 0o077], ids=oct)
+def test_an_export_is_made_in_a_directory_only_its_user_can_write(tmp_path, mask):
+    """While the files are written no one else can put anything in the temporary directory
+    (a link there, at a name the export writes, would be written through), whatever the
+    umask; the model directory then gets the umask's mode, as any directory made here."""
+    old = os.umask(mask)
+    try:
+        tmp = exporter._prepare_out(tmp_path / "m", overwrite=False)
+        made = stat.S_IMODE(tmp.stat().st_mode)
+        exporter._commit(tmp, tmp_path / "m")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert oct(made) == oct(0o700)
+    assert oct(stat.S_IMODE((tmp_path / "m").stat().st_mode)) == oct(0o777 & ~mask)
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o777 & ~mask
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
 
 
 def test_slim_log_says_larger_not_more_nodes_for_an_equal_node_count(monkeypatch, caplog):

@@ -106,3 +106,18 @@ def test_a_new_run_removes_a_dangling_link_at_the_log(tmp_path):
     fit(default_model_config("signal", **MODEL), _cfg(out, steps=2))
     assert not os.path.lexists(tmp_path / "made-elsewhere")
     assert trained_steps(out / LOG_FILE) == [1, 2]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="no O_NOFOLLOW (Windows)")
+def test_a_log_line_is_never_appended_through_a_symbolic_link(tmp_path, victim):
+    """A link put at the log's name while a run goes on (after its start made the log anew)
+    is refused at the next line, not appended through."""
+    from ssmstream.model.train import _append
+
+    log = tmp_path / LOG_FILE
+    _append(log, {"step": 1})
+    log.unlink()
+    log.symlink_to(victim)
+    with pytest.raises(OSError):
+        _append(log, {"step": 2})
+    assert untouched(victim)

@@ -78,3 +78,30 @@ def test_machine_bytes_is_the_memory_proc_meminfo_reports():
         int(x.split()[1]) for x in meminfo.read_text().splitlines() if x.startswith("MemTotal:")
     )
     assert abs(train_mod.machine_bytes() - kib * 1024) < 2**16  # the same, to a page or so
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"--d-model": 10**200},  # GiB past what a float holds
+        {"--n-layers": 10**400},
+        {"--d-model": 10**2200, "--n-layers": 10**2200},  # a count past 4,300 digits
+    ],
+    ids=["d-model", "n-layers", "both"],
+)
+def test_cli_refuses_a_model_of_sizes_too_large_to_print(tmp_path, capsys, flags):
+    """Sizes whose parameter count no float holds (or str() prints) are refused as the
+    others are: status 2, the count as a power of ten, the flags named."""
+    argv = ["--task", "signal", "--steps", "1", "--warmup-steps", "0", "--d-state", "2"]
+    argv += ["--no-progress", "--out", str(tmp_path / "o")]
+    for flag, value in flags.items():
+        argv += [flag, str(value)]
+    kw = {"d_model": 128, "n_layers": 4} | {k[2:].replace("-", "_"): v for k, v in flags.items()}
+    n = SSMConfig(d_input=1, d_state=2, **kw).n_parameters
+    digits = len(str(n // 10**4000)) + 4000 if n > 10**4000 else len(str(n))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ssmstream train: error: not enough memory: a model of 10^{digits - 1} ")
+    assert err.endswith(" GiB: use a smaller --d-model, --n-layers or --d-state\n")
+    assert not (tmp_path / "o").exists()

@@ -272,6 +272,6 @@ def test_a_key_file_readable_or_writable_by_group_or_others_warns(tmp_path, capl
     path = tmp_path / "k.key"
     path.write_bytes(b"x" * 32)
     path.chmod(mode)
-    with caplog.at_level("WARNING", logger="ssmstream.runtime.snapshots"):
+    with caplog.at_level("WARNING", logger="ssmstream.runtime.secret_files"):
         SnapshotKey.from_file(path)
-    assert f"is readable by other users (mode {mode:o})" in caplog.text
+    assert f"is readable or writable by other users (mode {mode:o})" in caplog.text

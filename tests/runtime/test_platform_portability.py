@@ -196,7 +196,7 @@ def test_no_mode_warning_for_secret_files_on_windows(monkeypatch, tmp_path, capl
     path.chmod(0o666)  # what os.stat says of any writable file on Windows
     with caplog.at_level(logging.WARNING, logger="ssmstream.runtime.secret_files"):
         secret_files.warn_unless_private(path, "snapshot key", "anyone may sign")
-        assert "readable by other users (mode 666)" in caplog.text  # here it means it
+        assert "readable or writable by other users (mode 666)" in caplog.text  # here it means it
         caplog.clear()
         monkeypatch.setattr(sys, "platform", "win32")
         secret_files.warn_unless_private(path, "snapshot key", "anyone may sign")

@@ -63,7 +63,8 @@ def test_a_secret_file_others_can_read_is_used_with_one_warning(
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     if mode & 0o077:
         assert len(said) == 1
-        assert said[0].startswith(f"{what} {path} is readable by other users (mode {mode:o}): ")
+        others = f"is readable or writable by other users (mode {mode:o}): "
+        assert said[0].startswith(f"{what} {path} {others}")
         assert said[0].endswith("; chmod 600 it")
     else:
         assert said == []
@@ -162,4 +163,4 @@ def test_a_snapshot_key_flag_takes_a_file_of_another_user(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         key = snapshot_key(ServerConfig(model_dir="m", snapshot_key=str(path)))
     assert key.id == SnapshotKey(SECRET).id
-    assert f"snapshot key {path} is readable by other users (mode 644)" in caplog.text
+    assert f"snapshot key {path} is readable or writable by other users (mode 644)" in caplog.text

@@ -304,20 +304,33 @@ def test_a_tls_redis_url_is_a_state_store():
         ServerConfig(model_dir="m", state_store="http://h:6379")
 
 
+NO_SCHEME = "a value that does not start with a scheme (such as redis://)"
+
+
 @pytest.mark.parametrize(
     "url, shown",
     [
-        ("Redis://:hunter2@h:6379/0", "'redis://:***@h:6379/0'"),
-        ("http://u:hunter2@h/0?password=hunter2", "'http://u:***@h/0?password=***'"),
-        ("http://[::1:hunter2@h", "a string that is no URL"),
+        ("Redis://:hunter2@h:6379/0", "one that starts 'Redis://'"),
+        ("http://u:hunter2@h/0?password=hunter2", "one that starts 'http://'"),
+        ("http://[::1:hunter2@h", "one that starts 'http://'"),
+        (" redis://u:hunter2@h", "one that starts ' redis://'"),
+        ("redis:/u:hunter2@h:6379", NO_SCHEME),  # mistyped: no URL a parser could hide it in
+        ("redis//:hunter2@h", NO_SCHEME),
+        ("u:hunter2@h:6379", NO_SCHEME),
+        ("u:hunter2@h://0", NO_SCHEME),
     ],
 )
 def test_a_refused_state_store_url_is_said_without_its_password(url, shown):
     """The error is printed and logged: a URL refused for its scheme (Redis:// is not
-    redis://) shows no password, as the server's logs of the store do."""
+    redis://) shows the scheme as written and nothing after it, so no password, whether or
+    not the rest parses as a URL."""
     with pytest.raises(ValueError) as e:
         ServerConfig(model_dir="m", state_store=url)
-    assert str(e.value) == f"state_store: must be memory or a redis://host:port/db URL, got {shown}"
+    assert str(e.value) == (
+        f"state_store: must be memory or a redis://host:port/db URL, got {shown} (the rest is "
+        "not shown: it may hold a password)"
+    )
+    assert "hunter2" not in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -697,14 +697,14 @@ def test_a_key_file_others_can_read_is_used_with_a_warning(tmp_path, caplog):
     group or others gets a warning naming it (the key made by in_dir is 0600: none)."""
     made = SnapshotKey.in_dir(tmp_path)
     assert stat.S_IMODE((tmp_path / "snapshot.key").stat().st_mode) == 0o600
-    assert "readable by other users" not in caplog.text
+    assert "readable or writable by other users" not in caplog.text
     shared = tmp_path / "shared.key"
     shared.write_bytes((tmp_path / "snapshot.key").read_bytes())
     shared.chmod(0o644)
-    with caplog.at_level("WARNING", logger="ssmstream.runtime.snapshots"):
+    with caplog.at_level("WARNING", logger="ssmstream.runtime.secret_files"):
         key = SnapshotKey.from_file(shared)
     assert key.id == made.id
-    assert f"snapshot key {shared} is readable by other users (mode 644)" in caplog.text
+    assert f"snapshot key {shared} is readable or writable by other users (mode 644)" in caplog.text
     with pytest.raises(InvalidInput, match="snapshot_key: .* holds 3 bytes"):
         shared.write_bytes(b"abc")
         SnapshotKey.from_file(shared)

@@ -248,3 +248,40 @@ def test_a_background_round_that_fails_logs_its_traceback_once_and_goes_on(
     ]
     np.testing.assert_array_equal(written(a, sid)[1], last)
     assert len(calls) >= 6 and not a.replication.degraded
+
+
+def test_a_round_that_fails_in_redis_is_not_said_to_work_again(redis_server, caplog, monkeypatch):
+    """Rounds that failed by a bug, then one that Redis fails: that round degrades the store,
+    it does not work again. "works again" is said once a round has run whole, after the
+    store is back."""
+    rng = np.random.default_rng(47)
+    a = replica(redis_server, "A", persist_every="20ms", lease_ttl=5.0)
+    real, calls = a.replication._write_dirty, []
+
+    def broken_then_redis_down():
+        calls.append(time.monotonic())
+        if len(calls) <= 3:
+            raise RuntimeError("a bug in a round")
+        if len(calls) == 4:
+            raise redis.ConnectionError("Connection refused")
+        real()
+
+    monkeypatch.setattr(a.replication, "_write_dirty", broken_then_redis_down)
+    sid = a.create().id
+    last = step(a, sid, rng)
+    caplog.set_level("INFO", logger="ssmstream")
+    a.replication.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any("works again" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "no round worked again"
+            time.sleep(0.01)
+    finally:
+        a.replication.stop()
+    said = [r.getMessage() for r in caplog.records]
+    down = next(i for i, m in enumerate(said) if "unavailable (Connection refused)" in m)
+    back = next(i for i, m in enumerate(said) if " is back: " in m)
+    again = [i for i, m in enumerate(said) if "works again" in m]
+    assert len(again) == 1 and down < back < again[0], said
+    assert said[again[0]] == "state store background work works again after 3 failed rounds"
+    np.testing.assert_array_equal(written(a, sid)[1], last)
