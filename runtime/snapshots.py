@@ -23,7 +23,7 @@ that does not match the header; then what a signature cannot vouch for: another 
 (ModelError), a state that is not finite, a position beyond MAX_POSITION.
 
 The key: `--snapshot-key FILE`, else `snapshot.key` in `--state-dir` (created 0600 on
-first start; refused when another user owns it), else the shared store's key (one per
+first start; warned of when another user owns it), else the shared store's key (one per
 Redis, so every replica shares it), else a random key for this process only (snapshots then
 die with the process).
 
@@ -85,12 +85,13 @@ def _write_key(path: Path, secret: bytes) -> bool:
         tmp.unlink()
 
 
-def _check_owner(path: Path) -> None:
-    """InvalidInput when the key file in the state directory (or the link at its name) belongs
+def _warn_owner(path: Path) -> None:
+    """A warning when the key file in the state directory (or the link at its name) belongs
     to another user than the one this process runs as: whoever could write the directory
-    before the first start may have put it there, knowing the key, to forge snapshots. A key
-    given with --snapshot-key is the operator's choice and not checked. (Not on Windows: no
-    user ids.)"""
+    before the first start may have put it there, knowing the key, to forge snapshots. Not a
+    refusal: a network filesystem that maps owners (NFS's root squashing) shows the key a
+    server made itself as another user's, at every start. A key given with --snapshot-key is
+    the operator's choice and not looked at. (Not on Windows: no user ids.)"""
     if not hasattr(os, "geteuid"):
         return
     me = os.geteuid()
@@ -101,16 +102,17 @@ def _check_owner(path: Path) -> None:
     target = os.path.realpath(path)
     for st, what in ((link, str(path)), (file, f"{target}, which {path} links to")):
         if st.st_uid != me:
-            raise InvalidInput(
-                "snapshot_key",
-                f"{what} belongs to {_user(st.st_uid)}, not to {_user(me)}, the user this "
-                "server runs as: whoever put it there may know the key and forge snapshots; "
-                "remove it (a new key is made) or pass it with --snapshot-key to use it",
-            )
+            log.warning(
+                "snapshot key %s belongs to %s, not to %s, the user this server runs as: "
+                "whoever put it there may know the key and forge snapshots; unless that user "
+                "is meant (a filesystem that maps owners), remove it (a new key is made)",
+                what, _user(st.st_uid), _user(me),
+            )  # fmt: skip
+            return
 
 
 def _user(uid: int) -> str:
-    import pwd  # POSIX only: _check_owner runs only where there are user ids
+    import pwd  # POSIX only: _warn_owner runs only where there are user ids
 
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
@@ -160,12 +162,12 @@ class SnapshotKey:
         A new key is written whole to a private file and then linked into place, so servers
         starting together on one directory never read a half-written key, and all of them
         end up with the one that was linked first. A key file that belongs to another user
-        (or a link to one) is refused: see `_check_owner`."""
+        (or a link to one) is warned of: see `_warn_owner`."""
         path = Path(directory) / KEY_FILE
         created = not path.exists() and _write_key(path, cls.generate().secret)
         if created:
             log.info("created snapshot signing key %s", path)
-        _check_owner(path)
+        _warn_owner(path)
         key = cls.from_file(path)
         key.path, key.created = path, created
         return key

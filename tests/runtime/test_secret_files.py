@@ -1,7 +1,8 @@
 """Files holding a secret that the server reads at start: the snapshot key, the bearer tokens
 (--auth-tokens) and the TLS private key (--tls-key) each get one warning naming them when
 group or others may read them; a snapshot.key in --state-dir that another user owns (or a
-link to one) is refused, while --snapshot-key FILE takes a file of any owner.
+link to one) is used with a warning naming file and owner (a filesystem that maps owners
+shows the server's own key so), while --snapshot-key FILE's owner is not looked at.
 
 Cases that need a file of another user are made by chown to `nobody` when the tests run as
 root; otherwise with a file root owns (or skipped when there is none to use)."""
@@ -17,7 +18,6 @@ import pytest
 from grpc_helpers import make_certs
 from ssmstream.runtime.auth import TokenTable
 from ssmstream.runtime.config import ServerConfig
-from ssmstream.runtime.errors import InvalidInput
 from ssmstream.runtime.server import server_credentials, snapshot_key
 from ssmstream.runtime.snapshots import KEY_FILE, SnapshotKey
 
@@ -86,31 +86,36 @@ def user(uid: int) -> str:
     return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
 
 
-REFUSED = (
+WARNED = (
     ", the user this server runs as: whoever put it there may know the key and forge "
-    "snapshots; remove it (a new key is made) or pass it with --snapshot-key to use it"
+    "snapshots; unless that user is meant (a filesystem that maps owners), remove it (a new "
+    "key is made)"
 )
 
 
-def test_a_state_dir_key_that_another_user_owns_is_refused_naming_file_and_owner(tmp_path):
+def warned(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "belongs to" in r.getMessage()]
+
+
+def test_a_state_dir_key_that_another_user_owns_is_warned_of_naming_file_and_owner(
+    tmp_path, caplog
+):
     state = tmp_path / "state"
     state.mkdir()
     key = others_file(state / KEY_FILE)
     if key is None:
         pytest.skip("a file of another user is made with chown, as root")
     owner = key.stat().st_uid
-    with pytest.raises(InvalidInput) as e:
-        SnapshotKey.in_dir(state)
-    said = f"{key} belongs to {user(owner)}, not to {user(os.geteuid())}{REFUSED}"
-    assert str(e.value) == f"snapshot_key: {said}"
-    # at the server's start: said of --state-dir, in one line
-    with pytest.raises(InvalidInput) as e:
-        snapshot_key(ServerConfig(model_dir="m", state_dir=str(state)))
-    assert str(e.value) == f"state_dir: {said}" and "\n" not in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="ssmstream"):
+        used = SnapshotKey.in_dir(state)
+        at_start = snapshot_key(ServerConfig(model_dir="m", state_dir=str(state)))
+    said = f"snapshot key {key} belongs to {user(owner)}, not to {user(os.geteuid())}{WARNED}"
+    assert warned(caplog) == [said, said]
+    assert used.id == at_start.id == SnapshotKey(SECRET).id
     assert key.read_bytes() == SECRET  # left as it was: no new key made over it
 
 
-def test_a_state_dir_key_that_links_to_a_file_of_another_user_is_refused(tmp_path):
+def test_a_state_dir_key_that_links_to_a_file_of_another_user_is_warned_of(tmp_path, caplog):
     state = tmp_path / "state"
     state.mkdir()
     target = others_file(tmp_path / "elsewhere.key")
@@ -120,14 +125,14 @@ def test_a_state_dir_key_that_links_to_a_file_of_another_user_is_refused(tmp_pat
             pytest.skip("no file of another user to link to")
     (state / KEY_FILE).symlink_to(target)
     owner = os.stat(target).st_uid
-    with pytest.raises(InvalidInput) as e:
+    with caplog.at_level(logging.WARNING, logger="ssmstream"):
         SnapshotKey.in_dir(state)
     link = state / KEY_FILE
     said = f"{os.path.realpath(target)}, which {link} links to belongs to {user(owner)}"
-    assert str(e.value) == f"snapshot_key: {said}, not to {user(os.geteuid())}{REFUSED}"
+    assert warned(caplog) == [f"snapshot key {said}, not to {user(os.geteuid())}{WARNED}"]
 
 
-def test_a_state_dir_key_behind_a_link_that_another_user_made_is_refused(tmp_path):
+def test_a_state_dir_key_behind_a_link_that_another_user_made_is_warned_of(tmp_path, caplog):
     """The file is the server user's own (its content known to whoever linked to it)."""
     if not ROOT:
         pytest.skip("a link of another user is made with lchown, as root")
@@ -139,11 +144,10 @@ def test_a_state_dir_key_behind_a_link_that_another_user_made_is_refused(tmp_pat
     link.symlink_to(mine)
     nobody = pwd.getpwnam("nobody").pw_uid
     os.lchown(link, nobody, -1)
-    with pytest.raises(InvalidInput) as e:
-        SnapshotKey.in_dir(state)
-    assert (
-        str(e.value) == f"snapshot_key: {link} belongs to {user(nobody)}, not to {user(0)}{REFUSED}"
-    )
+    with caplog.at_level(logging.WARNING, logger="ssmstream"):
+        assert SnapshotKey.in_dir(state).id == SnapshotKey(SECRET).id
+    said = f"snapshot key {link} belongs to {user(nobody)}, not to {user(0)}{WARNED}"
+    assert warned(caplog) == [said]
 
 
 def test_the_server_users_own_state_dir_key_is_used(tmp_path):
