@@ -105,6 +105,25 @@ def test_export_targets_judge_each_number():
     ]
 
 
+def test_export_steps_are_taken_at_their_faster_thread_count_per_batch_size():
+    """The step the prefill target divides by is the fastest of its runs at B = 1 (the
+    runtime's 1 thread where that wins), and each batch size takes its own fastest run."""
+    be = load_script("benchmarks/bench_export.py")
+
+    def run(threads, b1, b64):
+        return {"threads": threads, "batch": {"1": {"median_ms": b1}, "64": {"median_ms": b64}}}
+
+    runs = [run(None, 0.53, 26.0), run(1, 0.45, 41.0), run(None, 0.57, 27.0), run(1, 0.48, 45.8)]
+    best = be.fastest_per_batch(runs)
+    assert best["threads"] == {"1": 1, "64": None}
+    assert {B: s["median_ms"] for B, s in best["batch"].items()} == {"1": 0.45, "64": 26.0}
+    assert be._threads(best["threads"]) == "1 thread at B = 1, all cores at B = 64"
+    res = {"prefill": {"T": 1024, "prefill": {"median_ms": 10.0}}, "step": {"ort": best}}
+    res["parity"] = {"prefill_vs_step": {"max_rel_output": 0, "max_rel_state": 0},
+                     "step_vs_torch": {"max_rel": 0}}  # fmt: skip
+    assert be.targets(res)[0]["value"] == pytest.approx(1024 * 0.45 / 10)
+
+
 # --- soak: rss_summary ------------------------------------------------------------------------
 
 
