@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import ssmstream.runtime
-from ssmstream.runtime import providers, secret_files
+from ssmstream.runtime import secret_files
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.server import Server
 from ssmstream.runtime.sessions import SessionStore
@@ -163,29 +163,6 @@ def test_the_session_file_and_the_key_are_written_in_binary_mode(monkeypatch, tm
     loaded = SessionStore(4, snapshot_key=SnapshotKey.in_dir(state))
     assert loaded.load(state) == 1
     np.testing.assert_array_equal(loaded.read(loaded.get(s.id)), row)
-
-
-def test_cuda_is_found_through_the_windows_driver(monkeypatch):
-    """Windows' CUDA driver is nvcuda.dll (there is no libcuda, and find_library("cuda")
-    looks for cuda.dll): with onnxruntime-gpu and a GPU there, CUDA is usable."""
-
-    class Driver:
-        def cuInit(self, flags):
-            return 0
-
-        def cuDeviceGetCount(self, n):
-            n.contents.value = 1
-            return 0
-
-    def cdll(name):
-        if name != "nvcuda.dll":
-            raise OSError(f"{name}: cannot be loaded")
-        return Driver()
-
-    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CUDAExecutionProvider"])
-    monkeypatch.setattr(providers.ctypes, "CDLL", cdll)
-    monkeypatch.setattr(providers.ctypes.util, "find_library", lambda name: None)
-    assert providers.cuda_usable() == (True, "")
 
 
 def test_no_mode_warning_for_secret_files_on_windows(monkeypatch, tmp_path, caplog):

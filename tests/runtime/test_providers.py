@@ -131,6 +131,21 @@ def test_cuda_usable_tries_the_next_driver_name_when_one_does_not_load(monkeypat
     assert tried[:2] == ["libcuda.so.1", "libcuda.so"]
 
 
+def test_cuda_is_found_through_the_windows_driver(monkeypatch):
+    """Windows' CUDA driver is nvcuda.dll (there is no libcuda, and find_library("cuda")
+    looks for cuda.dll): with onnxruntime-gpu and a GPU there, CUDA is usable."""
+
+    def cdll(name):
+        if name != "nvcuda.dll":
+            raise OSError(f"{name}: cannot be loaded")
+        return Driver()
+
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(providers.ctypes, "CDLL", cdll)
+    monkeypatch.setattr(providers.ctypes.util, "find_library", lambda name: None)
+    assert providers.cuda_usable() == (True, "")
+
+
 @pytest.mark.parametrize(
     "kwargs, field, words",
     [
