@@ -212,6 +212,18 @@ def test_a_replicated_server_writes_behind_while_serving_and_stops_its_store(
     backend.client.close()
 
 
+def rounds_until(store, done, what: str) -> None:
+    """Run the replication's background rounds until done() (10 s at most, else `what`)."""
+    store.replication.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+    finally:
+        store.replication.stop()
+
+
 def test_a_background_round_that_fails_logs_its_traceback_once_and_goes_on(
     redis_server, caplog, monkeypatch
 ):
@@ -232,14 +244,7 @@ def test_a_background_round_that_fails_logs_its_traceback_once_and_goes_on(
     sid = a.create().id
     last = step(a, sid, rng)
     caplog.set_level("INFO", logger="ssmstream")
-    a.replication.start()
-    try:
-        deadline = time.monotonic() + 10
-        while written(a, sid)[0] < 1:
-            assert time.monotonic() < deadline, "the step was not written after the failures"
-            time.sleep(0.01)
-    finally:
-        a.replication.stop()
+    rounds_until(a, lambda: written(a, sid)[0] >= 1, "the step was not written after the failures")
     failed = [r for r in caplog.records if "background work failed" in r.getMessage()]
     assert len(failed) == 1 and failed[0].exc_info and failed[0].levelname == "ERROR"
     again = [r for r in caplog.records if "works again" in r.getMessage()]
@@ -270,14 +275,8 @@ def test_a_round_that_fails_in_redis_is_not_said_to_work_again(redis_server, cap
     sid = a.create().id
     last = step(a, sid, rng)
     caplog.set_level("INFO", logger="ssmstream")
-    a.replication.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not any("works again" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, "no round worked again"
-            time.sleep(0.01)
-    finally:
-        a.replication.stop()
+    worked = lambda: any("works again" in r.getMessage() for r in caplog.records)  # noqa: E731
+    rounds_until(a, worked, "no round worked again")
     said = [r.getMessage() for r in caplog.records]
     down = next(i for i, m in enumerate(said) if "unavailable (Connection refused)" in m)
     back = next(i for i, m in enumerate(said) if " is back: " in m)
