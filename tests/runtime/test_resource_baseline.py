@@ -508,4 +508,8 @@ def test_every_resource_returns_to_its_baseline_after_chaos(limited_server, no_c
     while not _threads() <= threads0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sorted(_threads() - threads0) == []
+    deadline = time.monotonic() + 2  # a file descriptor may close a moment after its call
+    # ended (once in a full run: 42 open against 37 at the start, 39 allowed)
+    while _fds() > fds0 + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _fds() <= fds0 + 2
