@@ -1,5 +1,6 @@
-"""The runtime's own error types, and the argument checks shared by its modules and its
-client (`integer`, `real_number`, `as_array`, `zeros`, `check_session_id`). The gRPC server
+"""The runtime's own error types, the argument checks shared by its modules and its
+client (`integer`, `real_number`, `as_array`, `zeros`, `check_session_id`), and `FailureRun`,
+how its background loops log their failures. The gRPC server
 maps each type to one status code (in one place, runtime/status.py); library users catch
 them directly.
 
@@ -19,6 +20,7 @@ them directly.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import re
@@ -164,3 +166,24 @@ def check_session_id(session_id, field: str = "session_id") -> str:
 
 # what a client is told of a server bug (the details and traceback go to the server log only)
 INTERNAL_ERROR = "internal error (see the server log)"
+
+
+class FailureRun:
+    """The failures in a row of a task run every `period` seconds (a background loop): the
+    first is logged with its traceback, the others only counted, and the run that works again
+    says after how many. A loop that logged every failure would fill the log while the cause
+    lasts. `failure()` goes in the loop's `except`, `success()` after a run that worked."""
+
+    def __init__(self, logger: logging.Logger, what: str, period: float, runs: str):
+        self.logger, self.what, self.period, self.runs = logger, what, period, runs
+        self.failed = 0  # runs failed in a row
+
+    def failure(self) -> None:
+        self.failed += 1
+        if self.failed == 1:
+            self.logger.exception("%s failed; trying again every %gs", self.what, self.period)
+
+    def success(self) -> None:
+        if self.failed:
+            self.logger.info("%s works again after %d failed %s", self.what, self.failed, self.runs)
+            self.failed = 0

@@ -90,6 +90,7 @@ import numpy as np
 
 from .errors import (
     CorruptState,
+    FailureRun,
     InvalidInput,
     LimitExceeded,
     ModelError,
@@ -232,7 +233,7 @@ class RedisReplication:
         if self.persist_interval:
             period = min(period, self.persist_interval)
         next_renew = 0.0
-        failed = 0  # rounds failed in a row by anything but Redis
+        run = FailureRun(log, "state store background work", period, "rounds")  # not Redis's
         while not self._stop.wait(period):
             try:
                 if self.degraded:
@@ -250,14 +251,10 @@ class RedisReplication:
             except self.backend.Error as e:
                 self._degrade(e)
                 continue  # a failed round too: not one that works again
-            except Exception:  # the thread must survive anything; its traceback said once
-                failed += 1
-                if failed == 1:
-                    log.exception("state store background work failed; again every %gs", period)
+            except Exception:  # the thread must survive anything
+                run.failure()
                 continue
-            if failed:
-                log.info("state store background work works again after %d failed rounds", failed)
-                failed = 0
+            run.success()
 
     # --- health ------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 from .admission import RpcLimit
 from .auth import AuthInterceptor, TokenTable
 from .config import ServerConfig, parse_config, with_flags
-from .errors import InvalidInput, RuntimeErrorBase
+from .errors import FailureRun, InvalidInput, RuntimeErrorBase
 from .health import Health
 from .metrics import FeaturesCollector, ServerMetrics
 from .prefix_cache import entry_bytes
@@ -500,19 +500,15 @@ class Server:
         a sweep that ended would leave idle sessions holding their slots until the server is
         full."""
         period = min(max(self.config.session_ttl / 4, 0.05), 5.0)
-        failed = 0  # sweeps failed in a row
+        run = FailureRun(log, "idle-session sweep", period, "sweeps")
         while True:
             await asyncio.sleep(period)
             try:
                 self.store.evict_idle()
             except Exception:
-                failed += 1
-                if failed == 1:
-                    log.exception("idle-session sweep failed; trying again every %gs", period)
+                run.failure()
                 continue
-            if failed:
-                log.info("idle-session sweep works again after %d failed sweeps", failed)
-                failed = 0
+            run.success()
 
     async def _watch_store(self) -> None:
         """Health of STATE_STORE_HEALTH follows the shared store: NOT_SERVING while degraded

@@ -339,10 +339,10 @@ def read_session_file(key: SnapshotKey, path: Path) -> tuple[dict, np.ndarray]:
         data = f.read(_STORE_HEAD.size)
         o = _store_head(data, what)
         data += f.read(max(0, min(o, length) - len(data)))  # the header, within the file
-        size = _store_header(data, o)[2]
-        _check_length(length, size, "state_dir", what)
+        parsed = _store_header(data, o)
+        _check_length(length, parsed[2], "state_dir", what)
         data += f.read()  # the length the header declares (all of it: a header not JSON)
-    return decode_session_file(key, data, path)
+    return _verified_store(key, data, what, o, parsed)
 
 
 def _store_head(data: bytes, what: str) -> int:
@@ -376,7 +376,13 @@ def decode_session_file(key: SnapshotKey, data: bytes, path: Path) -> tuple[dict
     """
     what = str(path)
     o = _store_head(data, what)
-    header, bad, size = _store_header(data, o)
+    return _verified_store(key, data, what, o, _store_header(data, o))
+
+
+def _verified_store(key: SnapshotKey, data: bytes, what: str, o: int, parsed: tuple):
+    """decode_session_file's checks after the head, from the header as _store_header read
+    it (`parsed`: read once, also by read_session_file before the rest of the file)."""
+    header, bad, size = parsed
     body = key.verify(data, "state_dir", what, size)
     if bad is not None:
         raise InvalidInput("state_dir", f"{what}: bad header: {bad}") from bad
