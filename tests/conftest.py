@@ -15,6 +15,11 @@ changes how the rest of the run stops: a SIGTERM from `timeout` or a cancelled C
 SystemExit raised wherever the suite happened to be. Each test must leave SIGTERM, SIGINT and
 SIGHUP as it found them.
 
+`readme_tour` runs the README's run block (export, info and verify of the shipped checkpoint)
+once per run, in this process; `shipped_export` is its model directory, which the README's,
+the demo's and the edge example's tests share instead of each exporting that checkpoint
+(~30 s an export).
+
 `graphs_without_torch` stands a one-node graph in for each torch → ONNX conversion (seconds
 each): for tests of what an export or a benchmark does around its graphs (manifests, caches,
 renames), not of the graphs.
@@ -61,6 +66,26 @@ def _log_levels_left_as_found():
     yield
     for lg, level in zip(loggers, before):
         lg.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def readme_tour(tmp_path_factory):
+    """(model directory, [(command line, its result)]) of the README's run block, run as
+    written but for the model directory (tests/readme_tour.py)."""
+    from readme_tour import run_tour
+
+    model = tmp_path_factory.mktemp("tour") / "ssm-model"
+    return model, run_tour(model)
+
+
+@pytest.fixture(scope="session")
+def shipped_export(readme_tour):
+    """The shipped checkpoint's export as the README's tour makes it (read-only: copy it to
+    change it)."""
+    model, done = readme_tour
+    if any(r.returncode != 0 for _, r in done):
+        pytest.fail("the README tour's export failed (see test_readme_run_block_runs)")
+    return model
 
 
 @pytest.fixture

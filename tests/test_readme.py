@@ -8,59 +8,24 @@ that export) to a free port; those two strings are the only change made to a blo
 runs. The run block's commands go through the `ssmstream` entry point (`main(argv)`, what the
 console script calls) in this process, which has torch and onnxruntime imported already."""
 
-import contextlib
 import importlib
-import io
 import json
-import logging
 import re
-import shlex
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-TOUR_MODEL = "/tmp/ssm-model"  # where the tour exports to
-TOUR_SERVER = "127.0.0.1:50051"  # where the tour serves it
-PARSERS = {  # subcommand -> module with build_parser()
-    "train": "ssmstream.model.train",
-    "export": "ssmstream.export.cli",
-    "verify": "ssmstream.export.verify_cli",
-    "info": "ssmstream.runtime.info",
-    "serve": "ssmstream.runtime.config",
-    "generate": "ssmstream.runtime.client",
-    "plot": "ssmstream.model.plots",
-}
-
-
-def shell_blocks(text: str) -> list[tuple[bool, list[str]]]:
-    """(marked to run, logical command lines) of each ```sh block."""
-    blocks = []
-    for m in re.finditer(r"(<!-- readme-test: run -->\n)?```sh\n(.*?)```", text, re.S):
-        joined = m.group(2).replace("\\\n", " ")
-        lines = [
-            re.sub(r"\s+#.*$", "", ln).strip().rstrip("&").strip() for ln in joined.splitlines()
-        ]
-        blocks.append((m.group(1) is not None, [ln for ln in lines if ln]))
-    return blocks
-
-
-def ssmstream_argv(line: str) -> list[str] | None:
-    """The ssmstream argv of a command line (`ssmstream X …` or `torchrun … -m MODULE …`)."""
-    words = shlex.split(line)
-    if words[0] == "ssmstream":
-        return words[1:]
-    if words[0] == "torchrun" and "-m" in words:
-        module = words[words.index("-m") + 1]
-        name = {v: k for k, v in PARSERS.items()}[module]
-        return [name, *words[words.index("-m") + 2 :]]
-    return None
-
+from readme_tour import (
+    PARSERS,
+    README,
+    ROOT,
+    TOUR_MODEL,
+    TOUR_SERVER,
+    shell_blocks,
+    ssmstream_argv,
+)
 
 COMMANDS = [
     argv for _, lines in shell_blocks(README) for ln in lines if (argv := ssmstream_argv(ln))
@@ -90,67 +55,20 @@ def _cli(*argv: str) -> list[str]:
     return [sys.executable, "-m", "ssmstream.runtime.cli", *argv]
 
 
-def _run_in_process(argv: list[str]) -> subprocess.CompletedProcess:
-    """`ssmstream ARGV` from the repository root, run by the command's entry point in this
-    process: its status and what it printed. The logging it sets up is taken back after."""
-    from ssmstream.runtime.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    root, ours = logging.getLogger(), logging.getLogger("ssmstream")
-    handlers, level = list(root.handlers), ours.level
-    try:
-        with (
-            contextlib.chdir(ROOT),
-            contextlib.redirect_stdout(out),
-            contextlib.redirect_stderr(err),
-        ):
-            try:
-                code = main(argv)
-            except SystemExit as e:  # argparse's usage errors
-                code = e.code if isinstance(e.code, int) else 1
-    finally:
-        root.handlers[:] = handlers
-        ours.setLevel(level)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-
-
-@pytest.fixture(scope="module")
-def tour(tmp_path_factory) -> tuple[Path, list[tuple[str, subprocess.CompletedProcess]]]:
-    """The run block with its model directory in a temp dir: (model dir, [(line, result)]),
-    up to the first command that fails."""
-    model = tmp_path_factory.mktemp("tour") / "ssm-model"
-    (run_lines,) = [lines for run, lines in shell_blocks(README) if run]
-    done = []
-    for line in run_lines:
-        r = _run_in_process(ssmstream_argv(line.replace(TOUR_MODEL, str(model))))
-        done.append((line, r))
-        if r.returncode != 0:
-            break
-    return model, done
-
-
-def test_readme_run_block_runs(tour):
-    _, done = tour
+def test_readme_run_block_runs(readme_tour):
+    _, done = readme_tour
     for line, r in done:
         assert r.returncode == 0, f"{line}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
 
 
 @pytest.fixture(scope="module")
-def tour_model(tour) -> Path:
-    model, done = tour
-    if any(r.returncode != 0 for _, r in done):
-        pytest.fail("the tour's export failed (see test_readme_run_block_runs)")
-    return model
-
-
-@pytest.fixture(scope="module")
-def tour_server(tour_model, tmp_path_factory):
+def tour_server(shipped_export, tmp_path_factory):
     """`ssmstream serve` of the tour's export on a free port; yields its address."""
     work = tmp_path_factory.mktemp("serve")
     port_file = work / "port.json"
     with open(work / "server.log", "w") as log:
         proc = subprocess.Popen(
-            _cli("serve", str(tour_model), "--port", "0", "--port-file", str(port_file)),
+            _cli("serve", str(shipped_export), "--port", "0", "--port-file", str(port_file)),
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
@@ -178,7 +96,7 @@ def test_readme_python_blocks_use_the_tour():
 def test_readme_python_block_runs(block, request, tmp_path):
     code = block
     if TOUR_MODEL in code:
-        code = code.replace(TOUR_MODEL, str(request.getfixturevalue("tour_model")))
+        code = code.replace(TOUR_MODEL, str(request.getfixturevalue("shipped_export")))
     if TOUR_SERVER in code:
         code = code.replace(TOUR_SERVER, request.getfixturevalue("tour_server"))
     script = tmp_path / "block.py"
