@@ -9,7 +9,9 @@ number of tokens. Tokens are never logged.
 `AuthInterceptor` checks every RPC except the open ones (grpc.health.v1, so load
 balancers can probe without a token) and hands the principal to the handler through a
 context variable (`current_principal()`). Without a tokens file every caller is the
-principal `anonymous`. A session belongs to the principal that created it.
+principal `anonymous`. A session belongs to the principal that created it. Refused calls
+are logged at most once every REFUSALS_LOGGED_EVERY seconds (`RefusalLog`: a caller without
+a token could otherwise write a log line per call); the metric counts each.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import inspect
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +35,7 @@ ANONYMOUS = "anonymous"
 # health Check stays open for load balancers and probes; Watch (a stream that never ends
 # by itself) needs a token: anonymous watches would take --max-concurrent-rpcs from clients
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/Check",)
+REFUSALS_LOGGED_EVERY = 10.0  # seconds
 
 _principal: contextvars.ContextVar[str] = contextvars.ContextVar(
     "ssmstream_principal", default=ANONYMOUS
@@ -156,6 +160,25 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
     return handler._replace(request_deserializer=None, **aborts)
 
 
+class RefusalLog:
+    """Logs a refused call at once, then none for `every` seconds: those are counted and the
+    next line logged says how many there were."""
+
+    def __init__(self, every: float = REFUSALS_LOGGED_EVERY, clock=time.monotonic):
+        self.every, self.clock = every, clock
+        self.quiet_until = -float("inf")
+        self.unlogged = 0  # refusals since the last line
+
+    def refused(self, method: str, reason: str) -> None:
+        now = self.clock()
+        if now < self.quiet_until:
+            self.unlogged += 1
+            return
+        more = f"; {self.unlogged} more since the previous line" if self.unlogged else ""
+        log.info("auth: refused %s (%s)%s", method, reason, more)
+        self.unlogged, self.quiet_until = 0, now + self.every
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Resolve the caller's principal for every RPC; refuse unknown callers.
 
@@ -172,6 +195,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.tokens = tokens
         self.open_prefixes = open_prefixes
         self.on_denied = on_denied
+        self.refusals = RefusalLog()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -189,7 +213,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 for k, _ in handler_call_details.invocation_metadata or ()
             )
             reason = "invalid bearer token" if has_header else "missing bearer token"
-            log.info("auth: refused %s (%s)", method, reason)
+            self.refusals.refused(method, reason)
             if self.on_denied is not None:
                 self.on_denied(method)
             return _denied(handler, f"{reason}: send metadata 'authorization: Bearer <token>'")

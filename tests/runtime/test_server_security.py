@@ -248,6 +248,43 @@ def test_each_refused_call_is_reported_to_on_denied_with_its_method():
     assert denied == [step, generate]
 
 
+def test_refused_calls_in_a_loop_are_one_log_line_and_each_is_counted(caplog):
+    """A caller without a token that calls in a loop gets one log line per
+    REFUSALS_LOGGED_EVERY seconds (the first at once), not one per call; each call still
+    reaches on_denied (the metric). The next line logged says how many went unlogged."""
+    caplog.set_level(logging.INFO, logger="ssmstream.runtime.auth")
+    now = [100.0]
+    denied = []
+    interceptor = auth.AuthInterceptor(auth.TokenTable({"tok-a": "alice"}), on_denied=denied.append)
+    interceptor.refusals = auth.RefusalLog(clock=lambda: now[0])
+
+    async def behavior(request, context):
+        return b"ok"
+
+    async def continuation(details):
+        return grpc.unary_unary_rpc_method_handler(behavior)
+
+    step = "/ssmstream.v1.StreamingInference/Step"
+    first = f"auth: refused {step} (missing bearer token)"
+
+    def refuse(n: int) -> None:
+        for _ in range(n):
+            details = SimpleNamespace(method=step, invocation_metadata=())
+            asyncio.run(interceptor.intercept_service(continuation, details))
+            now[0] += 0.01
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "auth: refused" in r.getMessage()]
+
+    refuse(200)  # 2 s of calls
+    assert len(denied) == 200
+    assert lines() == [first]
+    now[0] = 100.0 + auth.REFUSALS_LOGGED_EVERY
+    refuse(2)
+    assert lines() == [first, f"{first}; 199 more since the previous line"]
+    assert len(denied) == 202
+
+
 def test_a_refused_call_s_request_is_never_parsed():
     """Before the token is checked, grpc has read a request of up to --max-message-bytes;
     a refused call must not have it decoded as well (a message of repeated ints takes ~15
