@@ -592,6 +592,11 @@ class PrefillGraph(nn.Module):
                     k += size
                 return torch.cat(parts, 1).reshape(final.shape)
 
-            # an If in the graph: the tail is computed only when the last chunk has padding
-            final = torch.cond(r == self.chunk, whole, partial, (r, final, *flat))
+            # an If in the graph: the tail is computed only when the last chunk has padding.
+            # Called eagerly (tests), the branch is taken directly: torch.cond compiles both
+            # with dynamo for each new shape, ~2 s each time
+            if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+                final = torch.cond(r == self.chunk, whole, partial, (r, final, *flat))
+            else:
+                final = (whole if bool(r == self.chunk) else partial)(r, final, *flat)
         return tr.output(z).reshape(Bsz, T, -1), final, packed[:, 1 : n + 1]
