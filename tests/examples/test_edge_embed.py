@@ -6,8 +6,9 @@ The example steps its prompt token by token, then continues the stream from its 
 token twice, or dropping one, changes the continuation.
 
 The model is the shipped byte-level checkpoint as the README's tour exports it (64-token
-prefill chunks): the fresh generation runs each prompt through the prefill graph (whole chunks
-and a padded last one) while the example steps it one token at a time.
+prefill chunks): the fresh generation runs the longer prompts through the prefill graph (a
+padded chunk alone; whole chunks and a padded one in one call) and steps the short ones, while
+the example steps every prompt one token at a time.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import pytest
 from scripts import load_script
 
-FIB = (  # 139 bytes
-    "def fibonacci(n):\n    if n < 2:\n        return n\n"
-    "    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\nprint([fibonacci(i) for i in range(12)])\n"
+FIB = "def fibonacci(n):\n    if n < 2:\n        return n\n"  # 49 bytes
+FIB_CALLED = (  # 151 bytes
+    FIB + "    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n"
+    "print([fibonacci(i) for i in range(12)])  # 12 terms\n"
 )
 
 
@@ -30,7 +32,8 @@ def edge():
     ("text", "temperature", "seed"),
     [
         ("The state space model ", 0.8, 0),
-        (FIB, 0.8, 7),  # 2 whole prefill chunks and a padded one
+        (FIB, 0.8, 7),  # one padded prefill chunk
+        (FIB_CALLED, 0.8, 5),  # 2 whole prefill chunks and a padded one, in one call
         ("import os\n", 0.0, 0),  # greedy
         ("x", 1.0, 3),  # a one-byte prompt
     ],
@@ -43,6 +46,8 @@ def test_continuation_equals_a_fresh_generate(edge, shipped_export, text, temper
         Engine(shipped_export, device="cpu", threads=1), text, n, temperature, seed
     )
     fresh = Engine(shipped_export, device="cpu", threads=1)
+    if len(text) > 32:  # the fresh generation prefills all of it, the padded chunk too
+        assert fresh._prefill_span(len(text)) == len(text)
     want = list(fresh.generate(list(text.encode()), max_new_tokens=n, temperature=temperature,
                                seed=seed))  # fmt: skip
     assert len(want) == n
