@@ -115,6 +115,8 @@ from ssmstream.model import SSMNetwork
 from ssmstream.model.layers import SSM
 from torch import Tensor, nn
 
+# whether torch.export is tracing (torch >= 2.6; before, always taken as yes)
+_EXPORTING = getattr(torch.compiler, "is_exporting", lambda: True)
 # dtypes of the weights/activations for each export variant (the SSM recurrence and the
 # state always stay float32: an fp16 state drifts over long streams).
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}
@@ -594,8 +596,8 @@ class PrefillGraph(nn.Module):
 
             # an If in the graph: the tail is computed only when the last chunk has padding.
             # Called eagerly (tests), the branch is taken directly: torch.cond compiles both
-            # with dynamo for each new shape, ~2 s each time
-            if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            # with dynamo for each new shape, ~2 s each time (torch < 2.6 cannot tell)
+            if _EXPORTING() or torch.compiler.is_compiling():
                 final = torch.cond(r == self.chunk, whole, partial, (r, final, *flat))
             else:
                 final = (whole if bool(r == self.chunk) else partial)(r, final, *flat)
