@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import statistics
 import time
 
 import grpc
@@ -105,21 +104,24 @@ def test_a_close_waits_for_the_server_at_most_stream_close_wait(deaf, monkeypatc
 
 def test_a_half_closed_stream_ends_at_once(metered):
     """A Stream of one request, then a half-close, against a unary Step: the call ends
-    right after its response (it was held 5 ms: a difference of ≥ 5 ms every time)."""
+    right after its response (it was held 5 ms: a difference of ≥ 5 ms every time). The
+    fastest of each are compared: a hold adds to every call, a loaded machine only to some
+    (a median once read 4.8 ms over a Step's; the fastest read 1.2-2.5 ms over on a loaded
+    machine, 6.6 ms with the hold)."""
     with grpc.insecure_channel(target(metered)) as ch:
         stub = pb_grpc.StreamingInferenceStub(ch)
         sid = stub.CreateSession(pb.CreateSessionRequest()).session_id
         req = pb.StepRequest(session_id=sid, tokens=[1])
         streams, steps = [], []
-        for _ in range(15):  # interleaved: load slows both alike
+        for _ in range(20):  # interleaved: load slows both alike
             t0 = time.perf_counter()
             assert len(list(stub.Stream(iter([req])))) == 1
             t1 = time.perf_counter()
             stub.Step(req)
             streams.append(t1 - t0)
             steps.append(time.perf_counter() - t1)
-    extra = statistics.median(streams) - statistics.median(steps)
-    assert extra < 0.0035, f"a one-request Stream takes {extra * 1e3:.2f} ms more than a Step"
+    extra = min(streams) - min(steps)
+    assert extra < 0.0045, f"a one-request Stream takes {extra * 1e3:.2f} ms more than a Step"
 
 
 def test_a_stream_cancelled_while_it_waits_for_a_request_counts_as_cancelled(metered):
