@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 from ssmstream.runtime import Engine
+from ssmstream.runtime.cli import HelpFormatter
 
 log = logging.getLogger("edge_embed")
 
@@ -95,8 +96,12 @@ def run_values(eng: Engine, steps: int) -> None:
             log.info("t=%4d  input %s  output %s", k, np.round(u[k], 3), np.round(y[0], 3))
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The docstring as written above the options; each option's default in its help."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("model_dir", help="an exported model directory (ssmstream export)")
     p.add_argument("text", nargs="?", default="The state space model ", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=80, help="tokens to generate")

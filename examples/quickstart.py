@@ -162,8 +162,12 @@ def sessions_demo(target: str, prompt: str, n: int) -> None:
             sys.exit("snapshot/fork/restore diverged")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written above the options; each option's default in its help."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint to export and serve")
     p.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="export, logs and state")
     p.add_argument("--prompt", default="def fibonacci(n):\n    ", help="prompt text")

@@ -19,6 +19,7 @@ import os
 import sys
 
 import grpc
+from ssmstream.runtime.cli import HelpFormatter
 from ssmstream.runtime.client import Client, check_generate, generate_request
 
 log = logging.getLogger("stream_client")
@@ -28,8 +29,12 @@ def show(b: int) -> str:
     return repr(chr(b)) if 32 <= b < 127 else f"0x{b:02x}"
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The docstring as written above the options; each option's default in its help."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("text", nargs="?", default="def fibonacci(n):\n", help="prompt text")
     p.add_argument("--server", default="127.0.0.1:50051", help="server host:port")
     p.add_argument("--max-new-tokens", type=int, default=120, help="continuation length")

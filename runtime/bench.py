@@ -116,7 +116,7 @@ def bench_prefill(engine: Engine, length: int, seed: int = 0) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ssmstream bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         "--step-threads", type=int, default=None,
         help="intra-op threads of the step graph (default: 1, as `ssmstream serve`)",
     )  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.batch < 1 or a.steps < 1 or a.prefill < 0:

@@ -1328,6 +1328,11 @@ def _ids(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]:
 _TLS_FLAGS = {
     "root_certificates": "--tls-ca", "client_cert": "--tls-cert", "client_key": "--tls-key"
 }  # fmt: skip
+# the request's sampling fields -> the `ssmstream generate` flags that give them
+_SAMPLING_FLAGS = {
+    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+    "top_p": "--top-p", "seed": "--seed", "stop": "--stop",
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1340,12 +1345,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rewind-to: must be a position >= 0, got {a.rewind_to}")
     if not a.server.isprintable():  # a control character, a lone surrogate (a codec error)
         parser.error(f"--server: not a host:port address, got {a.server!r}")
+    if a.server.endswith(":"):  # an empty $PORT: grpc would take port 443
+        parser.error(f"--server: no port after the ':', got {a.server!r}")
     if not a.timeout > 0:  # NaN too: every call would fail DEADLINE_EXCEEDED
         parser.error(f"--timeout: must be > 0 seconds (inf: no limit), got {a.timeout}")
     try:  # the sampling flags, checked as the request will be, before any call
         generate_request("", [], a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stop)
+        check_params(a.temperature, a.top_k, a.top_p or 1.0)  # the ranges that need no model
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(said_of_flags(str(e), _SAMPLING_FLAGS))
     try:
         client = Client(
             a.server,
@@ -1418,10 +1426,16 @@ def _generate(a, parser, client: Client, stop: list[int], stopped_by: list) -> i
             )
     except grpc.RpcError as e:
         sys.stderr.write(f"ssmstream generate: {e.code().name}: {e.details()}\n")
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # where this command takes a token
+            given = "is empty" if not os.environ.get(a.token_env, "").strip() else "is set"
+            sys.stderr.write(
+                f"ssmstream generate: the bearer token is read from ${a.token_env} (--token-env "
+                f"names another variable), which {given}\n"
+            )
         _say_kept(a, session, n, cut=True)  # a drain cut it: the kept session resumes later
         return 1
-    except ValueError as e:  # the client's own argument checks name the argument
-        parser.error(str(e))
+    except ValueError as e:  # the client's own argument checks name the argument, as its flag
+        parser.error(said_of_flags(str(e), _SAMPLING_FLAGS))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM stops the generation; a kept session is
         # still named, on a line of its own: text tokens end mid-line (ids end with a newline)
         sig = stopped_by[0]

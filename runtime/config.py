@@ -86,7 +86,7 @@ class ServerConfig:
         False,
         "engine",
         "on CUDA, capture the batched step once per batch bucket (1, 2, 4, ... max_batch) and "
-        "replay it: fewer kernel launches per token",
+        "replay it: fewer kernel launches per token; default: off",
     )
 
     max_sessions: int = _option(1024, "sessions", "state slots (sessions in all)")

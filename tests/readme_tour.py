@@ -26,6 +26,7 @@ PARSERS = {  # subcommand -> module with build_parser()
     "serve": "ssmstream.runtime.config",
     "generate": "ssmstream.runtime.client",
     "plot": "ssmstream.model.plots",
+    "bench": "ssmstream.runtime.bench",
 }
 
 

@@ -37,6 +37,13 @@ def test_readme_has_the_two_commands_and_commands_to_check():
     assert len(COMMANDS) >= 15
 
 
+def test_readme_shows_every_command_ssmstream_has():
+    from ssmstream.runtime.cli import COMMANDS as SUBCOMMANDS
+
+    assert set(PARSERS) == set(SUBCOMMANDS)
+    assert {argv[0] for argv in COMMANDS} == set(SUBCOMMANDS)
+
+
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a)[:60] for a in COMMANDS])
 def test_readme_command_parses(argv):
     parser = importlib.import_module(PARSERS[argv[0]]).build_parser()

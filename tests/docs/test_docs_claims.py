@@ -5,12 +5,14 @@ tests/test_readme.py runs the README's commands and Python blocks, and
 tests/test_doc_references.py holds the tests the docs cite, the guarantees page's flags and the
 metrics named in full. This module holds the rest that a reader acts on: every `--flag` any
 page names is an option of a command (and the scale-out page's are `ssmstream serve`'s), the
-defaults the pages state are the parsers', the `ssmstream` lines of docs/ parse, the Envoy
-example routes on the header the clients send to the Service deploy/k8s defines, the
-state-store metrics the scale-out page abbreviates (`…_loads_total`) are exported, the grpcurl
-lines name real methods and fields, the RPCs the README lists are the service's, the Python
-names the pages cite exist, every repository path and link they name is there, and the
-`top_k` range the .proto states is the server's."""
+defaults the pages state are the parsers' (a flag "off by default" is off, and its --help says
+so), the variable `ssmstream generate` takes its bearer token from is the one the README
+names, the `ssmstream` lines of docs/ parse, the Envoy example routes on the header the
+clients send to the Service deploy/k8s defines, the state-store metrics the scale-out page
+abbreviates (`…_loads_total`) are exported, the grpcurl lines name real methods and fields, the
+RPCs the README lists are the service's, the Python names the pages cite exist, every
+repository path and link they name is there, and the `top_k` range the .proto states is the
+server's."""
 
 from __future__ import annotations
 
@@ -91,6 +93,25 @@ def test_the_defaults_the_pages_state_are_the_serve_parsers():
             isinstance(default, (int, float)) and float(value) == float(default)
         )
         assert same, f"{page}: {flag} (default {value}); the parser's default is {default!r}"
+
+
+def test_a_flag_a_page_calls_off_by_default_is_off_and_its_help_says_so():
+    said = [
+        (page, flag)
+        for page, text in TEXT.items()
+        for flag in re.findall(r"`(--[a-z0-9-]+)` is\s+off by default", text)
+    ]
+    assert said
+    actions = {o: a for a in parser("serve")._actions for o in a.option_strings}
+    for page, flag in said:
+        action = actions[flag]
+        assert action.default is False, (page, flag, action.default)
+        assert "default: off" in action.help, (page, flag, action.help)
+
+
+def test_the_readme_names_the_variable_generate_takes_its_token_from():
+    variable = parser("generate").get_default("token_env")
+    assert f"`${variable}`" in TEXT["README.md"] and "`--token-env`" in TEXT["README.md"]
 
 
 def sh_lines(text: str) -> list[str]:

@@ -602,3 +602,24 @@ def test_json_flag_prints_the_returned_numbers(rescale_mod, monkeypatch, capsys)
     rescale_mod.main([])
     out = capsys.readouterr().out
     assert out.startswith("3 held-out signals, target power 2.0000; ")
+
+
+# --- every example's --help ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script, said",
+    [
+        ("examples/quickstart.py", "tokens to generate (default: 200)"),
+        ("examples/edge_embed.py", "tokens to generate (default: 80)"),
+        ("examples/stream_client.py", "server host:port (default: 127.0.0.1:50051)"),
+    ],
+)
+def test_an_examples_help_states_the_defaults_below_its_docstring_as_written(script, said, capsys):
+    module = load_script(script)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and said in " ".join(out.split())
+    indented = [ln for ln in module.__doc__.splitlines() if ln.startswith("    ")]
+    assert indented and all(ln in out.splitlines() for ln in indented)  # commands, code: kept

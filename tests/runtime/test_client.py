@@ -208,8 +208,8 @@ def test_generate_cli_reports_server_errors(server, capsys):
     # what the model info tells is checked before any call that changes something: exit 2
     V = server.server.engine.vocab_size
     for flags, words in (
-        (["--max-new-tokens", "0"], "max_new_tokens: "),
-        (["--top-k", str(V + 1)], "top_k: "),
+        (["--max-new-tokens", "0"], "error: --max-new-tokens: "),
+        (["--top-k", str(V + 1)], "error: --top-k: "),
     ):
         with pytest.raises(SystemExit) as e:
             cli.main(["generate", "--server", f"127.0.0.1:{server.port}", "--ids", "1", *flags])
@@ -305,14 +305,17 @@ def test_resumable_error_names_the_errors_a_failover_causes():
 @pytest.mark.parametrize(
     "flags, words",
     [
-        (["--max-new-tokens", "-1"], "max_new_tokens: "),
-        (["--seed", "-5"], "seed: "),
-        (["--top-k", "-1"], "top_k: "),
-        (["--stop", "99999999999999999999"], "stop: "),
+        (["--max-new-tokens", "-1"], "error: --max-new-tokens: "),  # said of the flag given
+        (["--seed", "-5"], "error: --seed: "),
+        (["--top-k", "-1"], "error: --top-k: "),
+        (["--top-p", "2"], "error: --top-p: must be in [0, 1]"),
+        (["--temperature", "nan"], "error: --temperature: must be finite"),
+        (["--stop", "99999999999999999999"], "error: --stop: "),
         (["--tls-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
         (["--tls-cert", "/etc/hostname"], "--tls-cert/--tls-key: "),
         (["--session", "s", "--rewind-to", "-1"], "--rewind-to: "),
         (["--timeout", "0"], "--timeout: "),  # every call would fail DEADLINE_EXCEEDED
+        (["--server", "127.0.0.1:"], "--server: no port"),  # not grpc's default port, 443
         (["--timeout", "nan"], "--timeout: "),
     ],
 )

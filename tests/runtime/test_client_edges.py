@@ -197,7 +197,7 @@ def test_regenerate_with_more_stop_tokens_than_the_vocabulary_does_not_rewind(to
         with pytest.raises(SystemExit) as e:
             generate_main([*argv, "--max-new-tokens", "2", "1"])
         assert e.value.code == 2
-        assert "stop: has more than vocab_size=11 tokens" in capsys.readouterr().err
+        assert "error: --stop: has more than vocab_size=11 tokens" in capsys.readouterr().err
         assert position_on_server(toy_server, s.id) == len(PROMPT)
         assert [t.token for t in s.generate([1], max_new_tokens=1, stop=[1] * 11)]  # 11: taken
         s.close()

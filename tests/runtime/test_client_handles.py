@@ -353,9 +353,12 @@ def test_the_token_comes_from_the_token_env_variable(monkeypatch):
     assert fake.token == "s3cret"
 
 
-def test_no_token_is_a_missing_token_not_an_invalid_one(toy_token_model, tmp_path):
+def test_no_token_is_a_missing_token_not_an_invalid_one(
+    toy_token_model, tmp_path, monkeypatch, capsys
+):
     """Against a server with --auth-tokens, a client given no token (None or "") sends no
-    authorization header: the server says the token is missing (not that "None" is invalid)."""
+    authorization header: the server says the token is missing (not that "None" is invalid).
+    `ssmstream generate` refused for its token says where it takes one from."""
     f = tmp_path / "tokens"
     f.write_text("tok-0123456789abcdef alice\n")
     with serve(toy_token_model["model_dir"], auth_tokens=str(f)) as srv:
@@ -367,6 +370,16 @@ def test_no_token_is_a_missing_token_not_an_invalid_one(toy_token_model, tmp_pat
             assert e.value.details().startswith("missing bearer token: ")
         with Client(target(srv), token="tok-0123456789abcdef", timeout=10) as c:
             assert c.info().input_kind == "tokens"
+        argv = ["--server", target(srv), "--ids", "1", "--max-new-tokens", "1"]
+        for value, said in (("", "is empty"), ("tok-wrong", "is set")):
+            monkeypatch.setenv("SSMSTREAM_TOKEN", value)
+            assert generate_main(argv) == 1
+            assert capsys.readouterr().err.splitlines()[1:] == [
+                "ssmstream generate: the bearer token is read from $SSMSTREAM_TOKEN "
+                f"(--token-env names another variable), which {said}"
+            ]
+        monkeypatch.setenv("SSMSTREAM_TOKEN", "tok-0123456789abcdef")
+        assert generate_main(argv) == 0
 
 
 SMALL = [("grpc.max_receive_message_length", 100)]  # bytes; a [10, 5] float32 answer is ~240

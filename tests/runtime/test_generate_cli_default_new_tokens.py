@@ -33,7 +33,9 @@ def test_an_explicit_value_over_the_limit_is_still_refused(low_limit_server, cap
     with pytest.raises(SystemExit) as e:
         cli.main([*argv, "--max-new-tokens", "200"])
     assert e.value.code == 2
-    assert "max_new_tokens: must be an integer in [1, 50], got 200" in capsys.readouterr().err
+    assert "error: --max-new-tokens: must be an integer in [1, 50], got 200" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_prompt_longer_than_the_server_takes_is_one_line_naming_the_limit(
