@@ -60,7 +60,7 @@ protos: $(STAMP)
 	$(BIN)/python -m ssmstream.protos.generate
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .demo
 
 # export the shipped checkpoint, serve it on 127.0.0.1, stream a generation, snapshot/fork, stop
 demo: $(STAMP)

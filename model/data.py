@@ -99,20 +99,20 @@ def find_files(paths: list[str | os.PathLike], glob: str | None = None) -> list[
                         if key < seen[1]:  # found twice: the smaller key, in any listing order
                             by_file[f.resolve()] = (f, key)
         elif p.exists():  # /dev/null, a FIFO, a socket (or a link to one): what a walk skips
-            raise ValueError(f"data path {str(p)!r} is not a regular file or a directory")
+            raise ValueError(f"data: {str(p)!r} is not a regular file or a directory")
         elif p.is_symlink():  # a link to nothing (exists / is_file / is_dir follow links)
             raise ValueError(
-                f"data path {str(p)!r} is a link to {os.readlink(p)!r}, which does not exist"
+                f"data: {str(p)!r} is a link to {os.readlink(p)!r}, which does not exist"
             )
         else:
-            raise ValueError(f"data path {str(p)!r} does not exist")
+            raise ValueError(f"data: {str(p)!r} does not exist")
     for p in named:
         by_file.setdefault(p.resolve(), (p, p.as_posix()))
     keys: dict[str, Path] = {}
     for path, key in by_file.values():
         if keys.setdefault(key, path) is not path:
             raise ValueError(
-                f"data paths {str(keys[key])!r} and {str(path)!r} have the same key {key!r} "
+                f"data: {str(keys[key])!r} and {str(path)!r} have the same key {key!r} "
                 "(their directories have the same name); pass their parent directory instead"
             )
     return sorted(by_file.values(), key=lambda item: item[1])

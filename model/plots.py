@@ -27,6 +27,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -178,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the arguments plot_checkpoint's messages start with, and the flags that give them
+_ARGUMENT = re.compile(r"^(path|layer|head|length|n_modes|n_kernels)(:| must)")
+
+
+def _said_of_flags(message: str) -> str:
+    """ "layer must be in [0, 4), got 5" -> "--layer must …"; "path: …" -> "--out: …"."""
+
+    def flag(m: re.Match) -> str:
+        return ("--out" if m[1] == "path" else "--" + m[1].replace("_", "-")) + m[2]
+
+    return _ARGUMENT.sub(flag, message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -193,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             n_kernels=args.n_kernels,
         )
     except (ValueError, ImportError) as e:
-        said = str(e)
-        parser.error("--out: " + said.removeprefix("path: ") if said.startswith("path: ") else said)
+        parser.error(_said_of_flags(str(e)))
     except OSError as e:  # --out cannot be written
         parser.error(f"--out {args.out}: cannot write it: {e.strerror or e}")
     return 0

@@ -359,7 +359,7 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
+            raise ValueError("device: 'cuda' requested but CUDA is not available")
         return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

@@ -210,6 +210,9 @@ def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
     else:
         inp = f"values, d_input {m.get('d_input')}"
     S = m["state_size"]
+    n_layers, method = cfg.get("n_layers"), cfg.get("discretization")
+    if method == "gbt" and cfg.get("alpha") is not None:
+        method = f"gbt α={cfg['alpha']}"
     rows = [
         ("name", str(m["name"])),
         ("format", f"{m.get('format')} v{m.get('format_version')}"),
@@ -217,9 +220,8 @@ def _rows(m: dict, model_dir: Path) -> list[tuple[str, str]]:
         ("output", f"{m['d_output']} per position"),
         (
             "network",
-            f"{cfg.get('n_layers')} layers, d_model {cfg.get('d_model')}, d_state "
-            f"{cfg.get('d_state')}, heads {heads}, {cfg.get('discretization')}, "
-            f"{cfg.get('init')}",
+            f"{n_layers} layer{'' if n_layers == 1 else 's'}, d_model {cfg.get('d_model')}, "
+            f"d_state {cfg.get('d_state')}, heads {heads}, {method}, {cfg.get('init')}",
         ),
         ("state", f"S = {S} {m.get('state_dtype', 'float32')} ({_bytes(4 * S)} per session)"),
     ]

@@ -154,7 +154,7 @@ def test_text_errors(tmp_path, corpus):
     with pytest.raises(ValueError, match="does-not-exist' does not exist$"):
         load_text([tmp_path / "does-not-exist"])
     # it exists, but is not what a corpus is made of: not said to be missing
-    with pytest.raises(ValueError, match="^data path '/dev/null' is not a regular file or a dir"):
+    with pytest.raises(ValueError, match="^data: '/dev/null' is not a regular file or a dir"):
         load_text(["/dev/null"])
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     with pytest.raises(ValueError, match=r"dangling' is a link to '.*gone', which does not exist$"):

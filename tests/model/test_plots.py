@@ -58,6 +58,29 @@ def test_plot_checkpoint_cli(tmp_path):
         plot_checkpoint(tmp_path / "ckpt", tmp_path / "x.png", layer=2)
 
 
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--layer", "2"], "--layer must be in [0, 2), got 2"),
+        (["--head", "8"], "--head must be in [0, 8), got 8"),
+        (["--n-modes", "0"], "--n-modes must be positive, got 0"),
+        (["--n-kernels", "0"], "--n-kernels must be positive, got 0"),
+        (["--length", "1"], "--length must be in [2, 65536], got 1"),
+        (["--out", ""], "--out: must name the PNG file to write, got ''"),
+    ],
+)
+def test_plot_cli_errors_name_the_flag(tmp_path, capsys, flags, said):
+    """The command's usage errors say the flag (`--n-modes`), not plot_checkpoint's
+    argument (`n_modes`)."""
+    torch.manual_seed(0)
+    save_checkpoint(SSMNetwork(SSMConfig(vocab_size=4, d_model=8, n_layers=2, d_state=4)),
+                    tmp_path / "ckpt")  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "k.png"), *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"ssmstream plot: error: {said}"
+
+
 def test_bad_arguments(tmp_path, capsys):
     layer = SSM(4, d_state=4)
     with pytest.raises(ValueError, match="head must be in"):

@@ -385,7 +385,7 @@ def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
         (["--out", str(tmp_path / "a-file")], "is a file; give a directory"),
         (["--out", str(tmp_path / "a-file" / "ckpt")], "out: cannot create"),
         (["--data", str(tmp_path / "empty")], "empty corpus"),
-        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--data", str(tmp_path / "missing")], f"--data: {str(tmp_path / 'missing')!r} does not"),
         (["--out", str(result.checkpoint)], "already holds a checkpoint"),
         (["--resume", "--out", str(tmp_path / "nothing")], "cannot resume"),
         (["--out", ""], "out must name a directory"),
@@ -394,7 +394,7 @@ def test_cli_rejects_bad_data_and_dirs(trained, tmp_path, capsys):
         (["--data", str(tmp_path / "empty"), " "], "data: an empty path"),
     ]
     if not torch.cuda.is_available():
-        cases.append((["--device", "cuda"], "CUDA is not available"))
+        cases.append((["--device", "cuda"], "--device: 'cuda' requested but CUDA is not available"))
     (tmp_path / "null-model").mkdir()  # config.json whose model is not an object
     meta = json.loads((result.checkpoint / "config.json").read_text())
     (tmp_path / "null-model" / "config.json").write_text(
@@ -603,8 +603,8 @@ def test_errors_about_fields_name_their_flags():
         ("cannot resume: x holds no checkpoint", "cannot resume: x holds no checkpoint"),
         ("duration · rate must be finite, got inf", "duration · rate must be finite, got inf"),
         ("--out x: y", "--out x: y"),
-        ("data path '/runs/lr=3e-4/a.txt' does not exist",  # a path is not a field
-         "data path '/runs/lr=3e-4/a.txt' does not exist"),
+        ("data: '/runs/lr=3e-4/a.txt' does not exist",  # a path is not a field
+         "--data: '/runs/lr=3e-4/a.txt' does not exist"),
     ]:  # fmt: skip
         assert _with_flags(message) == said
     # what the flags name (paths) are said of at run time, with values=False: fields only

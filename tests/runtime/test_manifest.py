@@ -193,6 +193,26 @@ def test_info_shows_the_tolerances_with_their_digits(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "model, said",
+    [
+        ({"n_layers": 1, "discretization": "gbt", "alpha": 0.3}, "1 layer, d_model 8, "),
+        ({"n_layers": 1, "discretization": "gbt", "alpha": 0.3}, ", gbt α=0.3, s4d-lin"),
+        ({"n_layers": 2, "discretization": "zoh", "alpha": 0.3}, "2 layers, d_model 8, "),
+        ({"n_layers": 2, "discretization": "zoh", "alpha": 0.3}, ", zoh, s4d-lin"),
+    ],
+)
+def test_info_says_layer_counts_and_gbt_s_alpha(tmp_path, model, said):
+    """`ssmstream info` says "1 layer" (not "1 layers") and a gbt network's α, which sets its
+    discretization (the others have no α: one given is unused and not shown)."""
+    from ssmstream.runtime.manifest import format_manifest
+
+    base = {"d_model": 8, "d_state": 4, "heads": None, "init": "s4d-lin"}
+    d = _model(tmp_path, lambda m: m.update(model={**base, **model}))
+    (row,) = [ln for ln in format_manifest(load_manifest(d), d).splitlines() if "d_model" in ln]
+    assert said in row, row
+
+
+@pytest.mark.parametrize(
     "field, value",
     [
         ("model", None),
