@@ -88,6 +88,8 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
     try:
+        if not model_dir.exists():  # a mistyped directory: said as export and plot say it
+            raise ModelError(f"{model_dir} does not exist")
         if not path.is_file():
             what = "is missing" if not path.exists() else "is not a regular file"
             raise ModelError(f"{path} {what}: not an exported ssmstream model directory")

@@ -110,6 +110,9 @@ def test_info_prints_a_table(token_model, capsys):
 
 def test_info_errors_and_modified_graph(token_model, tmp_path, capsys):
     assert info.main([str(tmp_path / "nothing")]) == 2
+    assert f"{tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert info.main([str(tmp_path / "empty")]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
     shutil.copytree(token_model, tmp_path / "m")
     (tmp_path / "m" / "step.onnx").write_bytes(b"x")

@@ -262,8 +262,11 @@ def test_engine_failure_is_wrapped(toy_tok, monkeypatch):
 
 
 def test_model_dir_errors(toy_token_model, tmp_path):
-    with pytest.raises(ModelError, match="missing"):
+    with pytest.raises(ModelError, match="nothing does not exist"):
         Engine(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="manifest.json is missing"):
+        Engine(tmp_path / "empty")
     bad = tmp_path / "tampered"
     shutil.copytree(toy_token_model["model_dir"], bad)
     with open(bad / "step.onnx", "ab") as f:

@@ -52,6 +52,8 @@ def test_the_hand_written_manifest_loads(tmp_path):
 
 def test_a_manifest_json_that_is_missing_or_a_directory_is_said_as_such(tmp_path):
     d = tmp_path / "m"
+    with pytest.raises(ModelError, match=rf"^{re.escape(str(d))} does not exist$"):
+        load_manifest(d)  # a mistyped directory: said as the export says it
     d.mkdir()
     with pytest.raises(ModelError, match=r"manifest\.json is missing: not an exported ssmstream"):
         load_manifest(d)
