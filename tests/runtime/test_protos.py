@@ -61,6 +61,9 @@ def test_the_stubs_accept_the_runtime_floors_pyproject_declares():
     grpc_stub = (generate.PROTO_DIR / "inference_pb2_grpc.py").read_bytes()
     (grpc_stamp,) = GRPC_STAMP.findall(grpc_stub)
     assert _version(grpc_stamp.decode()) <= _floor("grpcio")
+    # the dev extra pins the generator that stamped them, so `make protos` gives them back
+    pin = re.search(r'"grpcio-tools==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin and pin[1] == grpc_stamp.decode(), pin
     pb2 = (generate.PROTO_DIR / "inference_pb2.py").read_bytes()
     stamps = PROTOBUF_STAMP.findall(pb2)
     comment = next(s[0] for s in stamps if s[0])
