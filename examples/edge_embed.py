@@ -103,7 +103,12 @@ class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("model_dir", help="an exported model directory (ssmstream export)")
-    p.add_argument("text", nargs="?", default="The state space model ", help="prompt text")
+    p.add_argument(
+        "text",
+        nargs="?",
+        default="The state space model ",
+        help="prompt text (default: %(default)r)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=80, help="tokens to generate")
     p.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)"

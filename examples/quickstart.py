@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="checkpoint to export and serve")
     p.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="export, logs and state")
-    p.add_argument("--prompt", default="def fibonacci(n):\n    ", help="prompt text")
+    p.add_argument(
+        "--prompt",
+        default="def fibonacci(n):\n    ",
+        help=r"prompt text (default: 'def fibonacci(n):\n' and 4 spaces)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--verify-steps", type=int, default=4096, help="export parity length")
     p.add_argument(

@@ -35,7 +35,9 @@ class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
-    p.add_argument("text", nargs="?", default="def fibonacci(n):\n", help="prompt text")
+    p.add_argument(
+        "text", nargs="?", default="def fibonacci(n):\n", help="prompt text (default: %(default)r)"
+    )
     p.add_argument("--server", default="127.0.0.1:50051", help="server host:port")
     p.add_argument("--max-new-tokens", type=int, default=120, help="continuation length")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
