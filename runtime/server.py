@@ -451,8 +451,13 @@ class Server:
             self._tasks.append(asyncio.create_task(self._save_loop()))
         if c.port_file:
             self._port_file = _write_port_file(c.port_file, self.port, self.metrics_port)
+        r = self.store.replication  # sessions live in the shared store: none restored here
+        sessions = f"restored {restored} sessions"
+        if r is not None:
+            sessions = f"sessions in {r.backend.url} (persist every {r.persist_every}, lease "
+            sessions += f"{r.lease_ttl:g}s)"
         log.info(
-            "serving model %r (%s, S=%d, %s) on %s:%d via %s%s%s; restored %d sessions; "
+            "serving model %r (%s, S=%d, %s) on %s:%d via %s%s%s; %s; "
             "limits: max_sessions=%d per_principal=%s ttl=%gs max_batch=%d delay=%gms "
             "tokens/request=%d message=%dB",
             info.get("name"),
@@ -464,7 +469,7 @@ class Server:
             info.get("provider"),
             " with TLS" + (" (mTLS)" if c.tls_client_ca else "") if credentials else "",
             ", bearer auth" if tokens else "",
-            restored,
+            sessions,
             c.max_sessions,
             c.max_sessions_per_principal or "none",
             c.session_ttl,

@@ -167,8 +167,9 @@ class SessionService:
         return ttl
 
     def _open(self) -> None:
-        if self.draining:
-            raise Unavailable("server is shutting down; retry on the restarted server")
+        if self.draining:  # with a shared store the proxy's next replica serves it now
+            where = "the restarted server" if self.store.replication is None else "another replica"
+            raise Unavailable(f"server is shutting down; retry on {where}")
 
     def _on_loop(self) -> None:
         """Every operation runs on the loop that started the batcher (RuntimeError, nothing

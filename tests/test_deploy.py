@@ -67,6 +67,32 @@ def test_kubernetes_example_hashes_the_clients_header():
     assert mount["mountPath"] == "/data" and "--appendonly" in redis["containers"][0]["args"]
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert docs[f"PersistentVolumeClaim/{claim}"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Redis has no password (it holds the sessions and the snapshot key): only the replicas'
+    # pods may connect to it
+    redis_pods = docs["Deployment/ssmstream-redis"]["spec"]["selector"]["matchLabels"]
+    (policy,) = [d["spec"] for d in docs.values() if d["kind"] == "NetworkPolicy"
+                 and d["spec"]["podSelector"]["matchLabels"] == redis_pods]  # fmt: skip
+    assert policy["policyTypes"] == ["Ingress"]
+    assert [rule["from"] for rule in policy["ingress"]] == [
+        [{"podSelector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}]
+    ]
+
+
+def test_the_orchestrators_wait_out_the_servers_grace_before_they_kill_it():
+    """SIGTERM, then SIGKILL after the orchestrator's grace period: it must outlast the
+    server's --grace, or a drain that uses it is killed before the sessions are written."""
+    grace = parse_config(["model"]).grace
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    for name, svc in compose["services"].items():
+        if name.startswith("replica-"):
+            stop = svc["stop_grace_period"]
+            assert stop.endswith("s") and float(stop[:-1]) > grace, (name, stop)
+    text = (DEPLOY / "k8s" / "ssmstream.yaml").read_text()
+    (dep,) = [d for d in yaml.safe_load_all(text) if d["metadata"]["name"] == "ssmstream"
+              and d["kind"] == "Deployment"]  # fmt: skip
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+    docker_stop = re.search(r"docker stop -t (\d+)", (ROOT / "Dockerfile").read_text())
+    assert int(docker_stop.group(1)) > grace
 
 
 def test_the_client_sends_the_header_the_proxies_hash():

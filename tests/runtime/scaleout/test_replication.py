@@ -2884,11 +2884,19 @@ def test_a_replica_shut_down_lets_no_copy_go(redis_server):
 def test_a_drained_stream_on_a_replica_is_told_to_resume_on_another(redis_server, toy_token_model):
     """What a Stream the drain ends is told, on a replica with a shared state store: its
     session is in the store and resumes on another replica (not that it ends with the
-    server, as without a store)."""
+    server, as without a store). New work refused while it drains is sent on to another
+    replica too, not told to wait for this one's restart."""
+    import asyncio
+
     from ssmstream.runtime.engine import Engine
 
     engine = Engine(toy_token_model["model_dir"], device="cpu", threads=1)
     svc = _service(redis_server, engine, "A")
+    svc.drain()
+    with pytest.raises(Unavailable) as e:
+        asyncio.run(svc.create("p", "new"))
+    assert str(e.value) == "server is shutting down; retry on another replica"
+    assert svc.store.local("new") is None
     svc.shutdown()
     assert svc.draining_says == (
         "server is shutting down; the session is in the shared state store, resume on "

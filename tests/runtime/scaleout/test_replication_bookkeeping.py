@@ -5,6 +5,7 @@ server's background thread (written behind while it serves, stopped with it)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -175,10 +176,12 @@ def test_a_close_during_a_write_behind_leaves_no_bookkeeping(redis_server):
 
 # A server with --state-store runs the replication's background thread while it serves
 # (write-behind: a step is in Redis within the interval, long before the shutdown) and at
-# stop flushes with `final` (a fetch after it takes no lease) and ends that thread.
+# stop flushes with `final` (a fetch after it takes no lease) and ends that thread. Its
+# start line names the store (no sessions are restored from a --state-dir).
 def test_a_replicated_server_writes_behind_while_serving_and_stops_its_store(
-    toy_token_model, redis_server
+    toy_token_model, redis_server, caplog
 ):
+    caplog.set_level(logging.INFO, logger="ssmstream.runtime.server")
     cfg = ServerConfig(
         model_dir=str(toy_token_model["model_dir"]), host="127.0.0.1", port=0, device="cpu",
         grace=0.2, state_store=redis_server.url, persist_every="50ms", lease_ttl=5.0,
@@ -187,6 +190,9 @@ def test_a_replicated_server_writes_behind_while_serving_and_stops_its_store(
     backend = RedisBackend(redis_server.url, timeout=2.0)
     srv = BackgroundServer(cfg).start()
     try:
+        (serving,) = [r.getMessage() for r in caplog.records if "serving model" in r.msg]
+        assert f"; sessions in {redis_server.url} (persist every 50ms, lease 5s); " in serving
+        assert "restored" not in serving
         replication = srv.server.store.replication
         thread = replication._thread
         with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
