@@ -229,6 +229,36 @@ def _check_writable(d: Path, field: str, why: str, create: bool = False) -> None
         raise InvalidInput(field, f"cannot write {d} ({e.strerror or e}): {why}") from None
 
 
+LOCK_FILE = "lock"  # in --state-dir: locked while a server uses the directory
+
+
+def lock_state_dir(d: Path) -> int | None:
+    """A descriptor that holds an exclusive lock on d/LOCK_FILE while it stays open (the
+    process's end lets it go too), or InvalidInput naming --state-dir when another server
+    holds it: two servers saving to one directory overwrite each other's sessions. None where
+    there is no flock (Windows: not checked)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = d / LOCK_FILE
+    try:  # O_NOFOLLOW: a link planted there is not followed
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as e:
+        raise InvalidInput("state_dir", f"cannot open {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InvalidInput(
+            "state_dir", f"{d} is in use by another server (pid {holder}): give each its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
     """--snapshot-key FILE, else DIR/snapshot.key of --state-dir; None: the store decides
     (one key per Redis for a shared store, else a random key for this process)."""
@@ -266,6 +296,7 @@ class Server:
         self._stopping = False
         self._serving = False  # a start that failed undoes itself without drain/stop logs
         self._port_file: str | None = None  # the text this server wrote to --port-file
+        self._state_lock: int | None = None  # lock_state_dir's descriptor
         self.unsaved = 0  # sessions whose last steps the shutdown could not write
 
     async def start(self) -> int:
@@ -313,6 +344,7 @@ class Server:
                 Path(c.state_dir).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise InvalidInput("state_dir", f"cannot make it: {e.strerror or e}") from e
+            self._state_lock = lock_state_dir(Path(c.state_dir))  # before its files are read
         key = key or snapshot_key(c)
         if key is None and c.state_store == "memory":
             log.warning(
@@ -557,6 +589,9 @@ class Server:
         finally:  # also when the shutdown save failed: no port file names a port that is gone
             if self._port_file is not None:
                 _remove_port_file(self.config.port_file, self._port_file)
+            if self._state_lock is not None:  # after the last save: the next server may load
+                os.close(self._state_lock)
+                self._state_lock = None
             self._stopped.set()
         if self._serving:
             log.info("stopped")

@@ -835,7 +835,7 @@ def test_sessions_saved_beside_a_lost_key_say_so_at_every_start(tiny_token_model
         _, err = _start(cfg, engine=eng)
         assert isinstance(err, InvalidInput) and err.field == "state_dir", err
         assert f"was signed with the key in {state / 'snapshot.key'}, which is missing" in str(err)
-        assert sorted(p.name for p in state.iterdir()) == ["sessions.bin"]
+        assert sorted(p.name for p in state.iterdir()) == ["lock", "sessions.bin"]
     (state / "snapshot.key").write_bytes(old_key)
     srv, err = _start(cfg, engine=eng)
     assert err is None and srv.store.get("kept", "anonymous").position == 0
@@ -1145,3 +1145,25 @@ def test_a_port_file_rewritten_for_the_same_port_and_pid_is_not_removed(tmp_path
     assert (tmp_path / "port.json").read_text() == second
     _remove_port_file(pf, second)
     assert not (tmp_path / "port.json").exists()
+
+
+def test_a_state_dir_another_server_uses_is_refused_until_it_stops(toy_token_model, tmp_path):
+    """Two servers saving to one --state-dir overwrite each other's sessions: a second
+    server on a directory in use does not start (naming --state-dir and the holder's pid)
+    and leaves the first serving; once the first has stopped (its last save written), the
+    directory is free and the session it saved loads."""
+    import os
+
+    state = str(tmp_path / "state")
+    with serve(toy_token_model["model_dir"], state_dir=state) as first:
+        with Client(target(first), timeout=30) as c:
+            c.create_session(session_id="kept").step(tokens=[1, 2])
+        with pytest.raises(InvalidInput) as e:
+            serve(toy_token_model["model_dir"], state_dir=state).start()
+        assert e.value.field == "state_dir"
+        assert f"{state} is in use by another server (pid {os.getpid()})" in str(e.value)
+        with Client(target(first), timeout=30) as c:
+            assert c.session("kept").step(tokens=[3]).position == 3
+    with serve(toy_token_model["model_dir"], state_dir=state) as second:
+        with Client(target(second), timeout=30) as c:
+            assert c.session("kept").step(tokens=[4]).position == 4

@@ -132,7 +132,7 @@ def test_a_failed_shutdown_save_sets_the_older_save_aside_and_exits_1(
 
         monkeypatch.setattr(srv.server.store, "save", full)
     assert srv.server.unsaved == 1
-    assert sorted(p.name for p in state.iterdir()) == ["sessions.bin.stale", "snapshot.key"]
+    assert sorted(p.name for p in state.iterdir()) == ["lock", "sessions.bin.stale", "snapshot.key"]
 
 
 def test_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
