@@ -248,12 +248,17 @@ def lock_state_dir(d: Path) -> int | None:
         raise InvalidInput("state_dir", f"cannot open {path}: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise InvalidInput(
             "state_dir", f"{d} is in use by another server (pid {holder}): give each its own"
         ) from None
+    except OSError as e:  # a filesystem without locks (ENOLCK, EOPNOTSUPP): serve unchecked
+        os.close(fd)
+        log.warning("--state-dir: cannot lock %s (%s): a second server on it goes unnoticed",
+                    path, e.strerror or e)  # fmt: skip
+        return None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -1167,3 +1167,20 @@ def test_a_state_dir_another_server_uses_is_refused_until_it_stops(toy_token_mod
     with serve(toy_token_model["model_dir"], state_dir=state) as second:
         with Client(target(second), timeout=30) as c:
             assert c.session("kept").step(tokens=[4]).position == 4
+
+
+def test_a_state_dir_whose_filesystem_has_no_locks_is_served_unchecked(
+    tmp_path, monkeypatch, caplog
+):
+    """A filesystem without flock (ENOLCK): the server serves, warning that a second server
+    would go unnoticed; not refused as if another server held the directory."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level("WARNING", logger="ssmstream.runtime.server")
+    assert server_module.lock_state_dir(tmp_path) is None
+    assert f"cannot lock {tmp_path / 'lock'} (No locks available)" in caplog.text
