@@ -27,7 +27,6 @@ import argparse
 import logging
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import load_checkpoint
+from .flags import said_of_flags
 from .layers import SSM
 from .train import HelpFormatter
 
@@ -179,17 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# the arguments plot_checkpoint's messages start with, and the flags that give them
-_ARGUMENT = re.compile(r"^(path|layer|head|length|n_modes|n_kernels)(:| must)")
-
-
-def _said_of_flags(message: str) -> str:
-    """ "layer must be in [0, 4), got 5" -> "--layer must …"; "path: …" -> "--out: …"."""
-
-    def flag(m: re.Match) -> str:
-        return ("--out" if m[1] == "path" else "--" + m[1].replace("_", "-")) + m[2]
-
-    return _ARGUMENT.sub(flag, message)
+# the arguments plot_checkpoint's messages start with (path is given by --out)
+_ARGUMENTS = ("path", "layer", "head", "length", "n_modes", "n_kernels")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             n_kernels=args.n_kernels,
         )
     except (ValueError, ImportError) as e:
-        parser.error(_said_of_flags(str(e)))
+        parser.error(said_of_flags(str(e), _ARGUMENTS, values=False, flags={"path": "--out"}))
     except OSError as e:  # --out cannot be written
         parser.error(f"--out {args.out}: cannot write it: {e.strerror or e}")
     return 0

@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 import typing
@@ -74,6 +73,7 @@ from .data import (
     signal_batch,
     text_batch,
 )
+from .flags import said_of_flags
 from .layers import INITS
 from .network import SSMConfig, SSMNetwork, check_fields
 from .ssm import METHODS
@@ -895,27 +895,17 @@ def _warn_of_ignored_model_flags(out: Path, given: dict) -> None:
         )
 
 
-_FIELDS = "|".join(
+_FIELDS = [
     f.name
     for cls in (TrainConfig, SSMConfig, SignalConfig)
     for f in dataclasses.fields(cls)
     if f.name not in _SKIP
-)
-_FIELD = re.compile(rf"^({_FIELDS})(:| must)|(?<!\S)({_FIELDS})(=)")  # not in a path: /lr=3
+]
 
 
 def _with_flags(message: str, values: bool = True) -> str:
-    """A message about config fields said of their flags: "warmup_steps=50 must be smaller
-    than steps=2" -> "--warmup-steps 50 must be smaller than --steps 2" (a field is named by
-    `name:` / `name must` at the start, and with `values` by `name=value` after a space or at
-    the start). values=False for messages that quote paths (`--out lr=3e-4`)."""
-
-    def flag(m: re.Match) -> str:
-        if not m[1]:
-            return m[0] if not values else "--" + m[3].replace("_", "-") + " "
-        return "--" + m[1].replace("_", "-") + m[2]
-
-    return _FIELD.sub(flag, message)
+    """A message about config fields said of their flags (`flags.said_of_flags`)."""
+    return said_of_flags(message, _FIELDS, values)
 
 
 # float32 copies of each parameter a training step holds: the weights, their gradients and

@@ -230,6 +230,21 @@ def rounds_until(store, done, what: str) -> None:
         store.replication.stop()
 
 
+def failing_rounds(store, monkeypatch, *errors: Exception) -> list[float]:
+    """The store's background rounds raise `errors`, one a round, then run as they do; returns
+    the rounds' start times (it grows as they run)."""
+    real, calls = store.replication._write_dirty, []
+
+    def round_():
+        calls.append(time.monotonic())
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        real()
+
+    monkeypatch.setattr(store.replication, "_write_dirty", round_)
+    return calls
+
+
 def test_a_background_round_that_fails_logs_its_traceback_once_and_goes_on(
     redis_server, caplog, monkeypatch
 ):
@@ -238,15 +253,7 @@ def test_a_background_round_that_fails_logs_its_traceback_once_and_goes_on(
     rounds go on, and the round that works again says so and writes what was left."""
     rng = np.random.default_rng(43)
     a = replica(redis_server, "A", persist_every="20ms", lease_ttl=5.0)
-    real, calls = a.replication._write_dirty, []
-
-    def broken_five_times():
-        calls.append(time.monotonic())
-        if len(calls) <= 5:
-            raise RuntimeError("a bug in a round")
-        real()
-
-    monkeypatch.setattr(a.replication, "_write_dirty", broken_five_times)
+    calls = failing_rounds(a, monkeypatch, *(RuntimeError("a bug in a round") for _ in range(5)))
     sid = a.create().id
     last = step(a, sid, rng)
     caplog.set_level("INFO", logger="ssmstream")
@@ -267,17 +274,8 @@ def test_a_round_that_fails_in_redis_is_not_said_to_work_again(redis_server, cap
     store is back."""
     rng = np.random.default_rng(47)
     a = replica(redis_server, "A", persist_every="20ms", lease_ttl=5.0)
-    real, calls = a.replication._write_dirty, []
-
-    def broken_then_redis_down():
-        calls.append(time.monotonic())
-        if len(calls) <= 3:
-            raise RuntimeError("a bug in a round")
-        if len(calls) == 4:
-            raise redis.ConnectionError("Connection refused")
-        real()
-
-    monkeypatch.setattr(a.replication, "_write_dirty", broken_then_redis_down)
+    bugs = (RuntimeError("a bug in a round") for _ in range(3))
+    failing_rounds(a, monkeypatch, *bugs, redis.ConnectionError("Connection refused"))
     sid = a.create().id
     last = step(a, sid, rng)
     caplog.set_level("INFO", logger="ssmstream")

@@ -1,0 +1,30 @@
+"""Errors about a function's arguments or config fields, said of the command-line flags that
+give them: "warmup_steps=50 must be smaller than steps=2" -> "--warmup-steps 50 must be
+smaller than --steps 2" (`ssmstream train`, `ssmstream plot`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+
+def said_of_flags(
+    message: str, names: Iterable[str], values: bool = True, flags: dict[str, str] | None = None
+) -> str:
+    """`message` with each of `names` it starts with (`name:` / `name must`) and, with
+    `values`, each `name=value` after a space or at the start, said as its flag: `--name`
+    (underscores as dashes) or `flags[name]`. values=False for messages that quote paths
+    (`--out lr=3e-4`)."""
+    alt = "|".join(names)
+    pattern = re.compile(rf"^({alt})(:| must)|(?<!\S)({alt})(=)")  # not in a path: /lr=3
+    flags = flags or {}
+
+    def flag(name: str) -> str:
+        return flags.get(name, "--" + name.replace("_", "-"))
+
+    def sub(m: re.Match) -> str:
+        if not m[1]:
+            return flag(m[3]) + " " if values else m[0]
+        return flag(m[1]) + m[2]
+
+    return pattern.sub(sub, message)
