@@ -91,8 +91,8 @@ class RedisProcess:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--logfile", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip  (its own session: see ReplicaProcess; it stops after the replicas)
         _started(self.proc, lambda: wait_port(self.port, proc=self.proc))
 
     def stop(self) -> None:
@@ -141,8 +141,8 @@ class NginxProcess:
         self.conf.write_text(nginx_config(self.port, upstreams, self.workdir))
         self.proc = subprocess.Popen(
             [binary, "-p", str(self.workdir), "-c", str(self.conf), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip  (its own session: see ReplicaProcess)
         try:
             _started(self.proc, lambda: wait_port(self.port, proc=self.proc))
         except RuntimeError:
@@ -169,8 +169,9 @@ class ReplicaProcess:
                "--metrics-port", "0", "--port-file", str(self.port_file), "--replica-id", name,
                *args]  # fmt: skip
         with open(self.log, "w") as log:
-            # its own session: Ctrl-C reaches only localcluster, whose stop() sends one SIGTERM
-            # (a second signal would end the replica's grace period at once)
+            # its own session, as Redis's and nginx's: Ctrl-C reaches only localcluster, whose
+            # stop() sends one SIGTERM (a second signal would end the replica's grace period at
+            # once), and stops Redis after the replicas wrote their sessions to it
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )

@@ -183,6 +183,51 @@ def test_nginx_stop_is_graceful_and_frees_the_port(tmp_path):
         assert s.connect_ex(("127.0.0.1", ng.port)) != 0
 
 
+STARTER = """import sys, time
+sys.path.insert(0, {deploy!r})
+import localcluster as lc
+redis = lc.RedisProcess({workdir!r})
+nginx = lc.NginxProcess([lc.free_port()], {workdir!r} + "/ng")
+print(redis.proc.pid, nginx.proc.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_in_the_terminal_reaches_neither_redis_nor_nginx(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the foreground process group) is for localcluster
+    alone: its stop() drains the replicas, which write their sessions to Redis, and only
+    then stops Redis (had Redis had the SIGINT too, it would be gone before they drain)."""
+    require("redis-server"), require("nginx")
+    code = STARTER.format(deploy=str(Path(lc.__file__).parent), workdir=str(tmp_path))
+    proc = subprocess.Popen(  # a terminal's foreground group: SIGINT at its default
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    try:
+        assert len(pids) == 2
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(10) != 0  # the starter got it (KeyboardInterrupt)...
+        time.sleep(0.3)  # (time for Redis and nginx to exit, had they had it)
+        for pid in pids:  # ...and neither of them: both still run
+            assert _alive(pid), pid
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process (not our child: its parent exited) runs and is no zombie (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # --- ReplicaProcess (with a stand-in for `python -m ssmstream.runtime.server`) ------------
 
 
