@@ -166,10 +166,17 @@ class SessionService:
             )
         return ttl
 
-    def _open(self) -> None:
-        if self.draining:  # with a shared store the proxy's next replica serves it now
-            where = "the restarted server" if self.store.replication is None else "another replica"
-            raise Unavailable(f"server is shutting down; retry on {where}")
+    def _open(self, session: bool = True) -> None:
+        """While draining, refuse new work saying where to go: a call on a session is told
+        where that session lives on (`draining_says`: nowhere without --state-dir or
+        --state-store), a new session where to make it (with a shared store the proxy's next
+        replica serves it now)."""
+        if not self.draining:
+            return
+        if session:
+            raise Unavailable(self.draining_says)
+        where = "the restarted server" if self.store.replication is None else "another replica"
+        raise Unavailable(f"server is shutting down; retry on {where}")
 
     def _on_loop(self) -> None:
         """Every operation runs on the loop that started the batcher (RuntimeError, nothing
@@ -362,7 +369,7 @@ class SessionService:
         server ends the call there when its deadline passed) the session is closed again
         and a prompt's cache lookup not counted."""
         self._on_loop()
-        self._open()
+        self._open(session=False)
         self._callback(handed_out, "handed_out")
         ttl_ = self._ttl(ttl)
         sid = check_session_id(session_id) if session_id else None
@@ -486,7 +493,7 @@ class SessionService:
         the first token (the server ends the call there when its deadline passed: the
         session is then closed again, as when the call ends before that token)."""
         self._on_loop()
-        self._open()
+        self._open(session=bool(session_id))
         if self.engine.input_kind != "tokens":
             raise ModelError("Generate needs a token model; this model takes values (use Step)")
         if self.engine.d_output > self.engine.vocab_size:
@@ -589,7 +596,7 @@ class Attachment:
     async def step(self, session_id: str, tokens=(), values=()) -> tuple:
         """(outputs [T, D], position); an empty session_id on the first step creates a
         session (see the class docstring)."""
-        self.service._open()
+        self.service._open(session=bool(session_id) or self.session is not None)
         x = self.service.inputs(tokens, values)
         return await self.feed(session_id, x, create=self.session is None and not session_id)
 

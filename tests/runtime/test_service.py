@@ -618,7 +618,8 @@ def test_fork_is_refused_while_draining_and_creates_nothing(toy_tok):
         svc.drain()
         with pytest.raises(Unavailable) as e:
             await svc.fork("p", "a", "b")
-        assert str(e.value) == "server is shutting down; retry on the restarted server"
+        # without --state-dir the parent ends with the server: no restarted server to go to
+        assert str(e.value) == "server is shutting down; its sessions end with it"
         assert len(svc.store) == 1 and svc.store.local("b") is None
         await svc.batcher.close()
 
@@ -940,7 +941,7 @@ def test_an_idle_stream_step_after_drain_is_refused_and_steps_nothing(toy_tok):
         svc.drain()
         with pytest.raises(Unavailable) as e:
             await a.step("a", tokens=[3])
-        assert str(e.value) == "server is shutting down; retry on the restarted server"
+        assert str(e.value) == "server is shutting down; its sessions end with it"
         assert svc.store.get("a", "p").position == 2
         a.detach()
         await svc.batcher.close()
@@ -1145,7 +1146,48 @@ def test_rewind_is_refused_while_draining(toy_tok):
         await svc.batcher.close()
         return str(e.value), pos
 
-    assert run(main()) == ("server is shutting down; retry on the restarted server", 3)
+    assert run(main()) == ("server is shutting down; its sessions end with it", 3)
+
+
+@pytest.mark.parametrize("says", ["memory", "state_dir"])
+def test_while_draining_a_session_s_call_hears_where_it_lives_on_a_new_one_where_to_go(
+    toy_tok, says
+):
+    """A call on a session is told what becomes of that session (nothing survives without
+    --state-dir: no "retry on the restarted server" for it); a new session, be it created,
+    a temporary Generate's or a Stream's first, is told to retry on the restarted server."""
+    from ssmstream.runtime.service import DRAINING
+
+    async def main():
+        svc = await started(toy_tok, REWIND)
+        svc.draining_says = DRAINING[says]  # as the server sets it with --state-dir
+        await svc.create("p", "a")
+        svc.drain()
+        said = {}
+        calls = {
+            "step": lambda: svc.step("p", "a", tokens=[1]),
+            "rewind": lambda: svc.rewind("p", "a", 0),
+            "fork": lambda: svc.fork("p", "a", "b"),
+            "generate a": lambda: anext(svc.generate("p", "a", [1], 2)),
+            "stream a": lambda: svc.attach("p").step("a", tokens=[1]),
+            "create": lambda: svc.create("p", "c"),
+            "generate": lambda: anext(svc.generate("p", "", [1], 2)),
+            "stream": lambda: svc.attach("p").step("", tokens=[1]),
+        }
+        for name, call in calls.items():
+            with pytest.raises(Unavailable) as e:
+                await call()
+            said[name] = str(e.value)
+        assert svc.store.get("a", "p").position == 0 and len(svc.store) == 1
+        await svc.batcher.close()
+        return said
+
+    said = run(main())
+    new = "server is shutting down; retry on the restarted server"
+    assert said == {
+        **dict.fromkeys(["step", "rewind", "fork", "generate a", "stream a"], DRAINING[says]),
+        **dict.fromkeys(["create", "generate", "stream"], new),
+    }
 
 
 def test_a_session_a_stream_created_can_rewind(toy_tok):
