@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import os
+import platform
 import sys
 
 
@@ -47,7 +49,22 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: ssmstream <command> [options]   (ssmstream <command> --help)", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_, _) in COMMANDS.items()]
+    lines += ["", "ssmstream --version: this package's, onnxruntime's and Python's versions"]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """`ssmstream --version`: "ssmstream X (onnxruntime Y, Python Z)", from the installed
+    packages' metadata (nothing imported: it answers where onnxruntime would not load)."""
+
+    def installed(*names: str) -> str:
+        for name in names:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return importlib.metadata.version(name)
+        return "not installed"
+
+    ort = installed("onnxruntime-gpu", "onnxruntime")
+    return f"ssmstream {installed('ssmstream')} (onnxruntime {ort}, Python {platform.python_version()})"
 
 
 def said_of_flags(message: str, flags: dict[str, str]) -> str:
@@ -96,6 +113,9 @@ def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):  # asked for: stdout, 0; missing: stderr, 2
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"ssmstream: unknown command {name!r}\n\n{usage()}", file=sys.stderr)

@@ -23,6 +23,23 @@ def test_usage_and_usage_errors(capsys):
         assert not out and "usage: ssmstream <command>" in err
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_names_the_installed_packages(flag, capsys):
+    import importlib.metadata
+    import platform
+
+    import onnxruntime
+
+    assert cli.main([flag]) == 0
+    out, err = capsys.readouterr()
+    want = importlib.metadata.version("ssmstream")
+    assert out == (
+        f"ssmstream {want} (onnxruntime {onnxruntime.__version__}, "
+        f"Python {platform.python_version()})\n"
+    )
+    assert not err and "ssmstream --version" in cli.usage()
+
+
 @pytest.mark.parametrize("name", ["info", "serve", "generate", "bench"])  # torch-free: fast
 def test_each_command_routes_to_its_own_parser(name, capsys):
     with pytest.raises(SystemExit) as e:
