@@ -63,8 +63,8 @@ def version() -> str:
                 return importlib.metadata.version(name)
         return "not installed"
 
-    ort = installed("onnxruntime-gpu", "onnxruntime")
-    return f"ssmstream {installed('ssmstream')} (onnxruntime {ort}, Python {platform.python_version()})"
+    own, ort = installed("ssmstream"), installed("onnxruntime-gpu", "onnxruntime")
+    return f"ssmstream {own} (onnxruntime {ort}, Python {platform.python_version()})"
 
 
 def said_of_flags(message: str, flags: dict[str, str]) -> str:
