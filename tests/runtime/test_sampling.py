@@ -43,7 +43,7 @@ def brute_force(logits, temperature, top_k, top_p) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "temperature, top_k, top_p",
-    list(itertools.product([0.5, 1.0, 2.0], [0, 1, 3, 10], [1.0, 0.9, 0.3])),
+    list(itertools.product([0.5, 1.0, 2.0], [0, 1, 3, 9, 10, 11], [1.0, 0.9, 0.3])),  # V = 10
 )
 def test_probabilities_match_brute_force(temperature, top_k, top_p):
     logits = np.random.default_rng(0).standard_normal(10) * 2
