@@ -64,3 +64,37 @@ def test_a_top_k_past_the_vocabulary_is_named_first_as_the_client_names_it(bad):
     info.limits.max_tokens_per_request, info.limits.max_new_tokens = 8, 8
     with pytest.raises(ValueError, match=r"^top_k: "):
         check_generate(req, info)
+
+
+def test_stop_tokens_end_at_the_vocabulary_and_are_read_no_further_than_one_past_it():
+    """A stop token must be an id of the vocabulary: V - 1 is one, V is not. An iterable of
+    stop tokens is read no further than vocab_size + 1 items (an endless one is refused, not
+    looped over)."""
+    assert GenerateConfig.check(V, 2, stop=[V - 1]).stop == {V - 1}
+    with pytest.raises(InvalidInput, match=rf"^stop: token {V} is outside \[0, vocab_size={V}\)"):
+        GenerateConfig.check(V, 2, stop=[V])
+    read = []
+
+    def endless():
+        while True:
+            read.append(0)
+            assert len(read) <= 10 * V, "read on past vocab_size + 1"  # (not forever)
+            yield 0
+
+    with pytest.raises(InvalidInput, match=rf"^stop: has more than vocab_size={V} tokens$"):
+        GenerateConfig.check(V, 2, stop=endless())
+    assert len(read) == V + 1
+
+
+def test_a_token_masked_by_minus_inf_is_never_drawn_and_is_no_corrupt_state():
+    """-inf logits mask tokens (probability 0); only all -inf, NaN or +inf are a state the
+    model cannot go on from (CorruptState)."""
+    from ssmstream.runtime.errors import CorruptState
+    from ssmstream.runtime.generation import Generation
+
+    gen = Generation(GenerateConfig.check(3, 50, temperature=1.0, seed=0))
+    drawn = {gen(np.array([-np.inf, 0.0, 0.5]), 7).token for _ in range(50)}
+    assert drawn == {1, 2}
+    for bad in ([-np.inf] * 3, [0.0, np.nan, 0.0], [0.0, np.inf, 0.0]):
+        with pytest.raises(CorruptState, match="at position 7 are NaN or inf"):
+            Generation(GenerateConfig.check(3, 5))(np.array(bad), 7)
