@@ -11,7 +11,9 @@
         snap = s.snapshot(); s2 = c.restore(snap); s3 = s.fork(); s.close()
 
 `AsyncClient` / `AsyncClientSession` are the same API with `await` (and `async for`).
-Errors are `grpc.RpcError` with the server's status code and a message naming the field.
+Errors are `grpc.RpcError` with the server's status code and a message naming the field; an
+argument the client checks itself (its type, the range its field holds) raises ValueError
+naming the argument, before any request is sent.
 
 Closed clients: a call that close() ends, or one made after it, raises `grpc.RpcError`
 CANCELLED "the client was closed" (a stream handle's send: "the stream's client was closed"),
@@ -51,7 +53,15 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,9 +220,14 @@ def step_request(
         try:
             if v.size and v.dtype.kind not in "fiu":  # not bools or numeric strings either
                 raise TypeError(f"got {v.dtype}")
-            req.values.extend(v.astype(np.float32).reshape(-1).tolist())
+            with np.errstate(over="ignore"):  # past float32's range: refused below
+                f = v.astype(np.float32).reshape(-1)
         except (TypeError, ValueError) as e:
             raise ValueError(f"values: must be real numbers ({e})") from None
+        big = v.reshape(-1)[np.isinf(f) & np.isfinite(v.reshape(-1))]  # (sent as inf, before)
+        if big.size:
+            raise ValueError(f"values: must fit in float32 (|x| <= 3.4e38), got {float(big[0])!r}")
+        req.values.extend(f.tolist())
     return req
 
 
@@ -386,6 +401,23 @@ def channel_credentials(
     )
 
 
+def _options(options) -> list[tuple[str, object]]:
+    """grpc channel options: (name, value) pairs (None: none), else ValueError naming
+    `options` (grpc failed with a bare unpacking error, the asyncio client only at its first
+    call, and took a two-character string as a pair)."""
+    if options is None:
+        return []
+    if isinstance(options, (str, bytes, dict)) or not isinstance(options, Iterable):
+        raise ValueError(
+            f"options: must be (name, value) pairs, as grpc's channel options, got {options!r}"
+        )
+    pairs = list(options)
+    for o in pairs:
+        if not (isinstance(o, (tuple, list)) and len(o) == 2 and isinstance(o[0], (str, bytes))):
+            raise ValueError(f"options: must be (name, value) pairs, got {o!r} among them")
+    return [tuple(o) for o in pairs]
+
+
 class _Base:
     """What the sync and async clients share: target, credentials, metadata, and calls made
     after close() (`stub`)."""
@@ -399,7 +431,7 @@ class _Base:
         client_cert=None,
         client_key=None,
         timeout: float | None = None,
-        options: Sequence[tuple[str, object]] = (),
+        options: Sequence[tuple[str, object]] | None = (),
     ):
         self.target = _target(target)
         self.timeout = _timeout(timeout)
@@ -408,7 +440,7 @@ class _Base:
         )
         self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
         # grpc takes the first of repeated channel args: the caller's go before the default
-        self.options = [*options, ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        self.options = [*_options(options), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         self.closed = False  # close() was called: every call then raises CANCELLED (`stub`)
         self._stub = None
 
@@ -469,7 +501,16 @@ def choose_session_id(session_id: str = "", field: str = "session_id") -> str:
 
 
 class Client(_Base):
-    """Blocking client (see the module docstring). Use as a context manager or close()."""
+    """Blocking client (see the module docstring). Use as a context manager or close().
+
+    Args:
+        target: "host:port" (or any gRPC target).
+        token: bearer token (None or "": none); tls: TLS with the system roots.
+        root_certificates, client_cert, client_key: PEM file paths or bytes (any implies
+            TLS; the last two for mTLS, both or neither).
+        timeout: seconds for each unary call (None: no limit; `rewind` takes its own).
+        options: grpc channel options, (name, value) pairs (None: none).
+    """
 
     def __init__(self, target: str, token: str | None = None, tls: bool = False, **kw):
         super().__init__(target, token, tls, **kw)
@@ -515,8 +556,10 @@ class Client(_Base):
         return session
 
     def session(self, session_id: str, position: int = 0) -> ClientSession:
-        """A handle on an existing session (no RPC)."""
-        return ClientSession(self, _session_id("session_id", session_id), position)
+        """A handle on an existing session (no RPC); `position`: where it is, as far as the
+        caller knows (each call's answer sets it)."""
+        sid = _session_id("session_id", session_id)
+        return ClientSession(self, sid, _count("position", position, 2**64 - 1))
 
     def restore(self, snapshot: BytesLike, session_id: str = "", ttl: float = 0.0) -> ClientSession:
         session_id = choose_session_id(session_id)
@@ -550,6 +593,19 @@ class Client(_Base):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_inputs(inputs, asynchronous: bool = False) -> None:
+    """A Stream's `inputs`: an iterable (or, for the asyncio client, an async iterable), else
+    ValueError naming it (grpc failed the call with UNKNOWN "Exception iterating requests!",
+    and grpc.aio cancelled it: a CancelledError that nothing had asked for)."""
+    if isinstance(inputs, Iterable) or (asynchronous and isinstance(inputs, AsyncIterable)):
+        return
+    what = "an iterable or an async iterable" if asynchronous else "an iterable"
+    also = "; an async iterable needs AsyncClient" if isinstance(inputs, AsyncIterable) else ""
+    raise ValueError(
+        f"inputs: must be {what} of inputs (one request each), got {type(inputs).__name__}{also}"
+    )
 
 
 class _Requests:
@@ -703,6 +759,7 @@ class ClientSession(_Handle):
         kind="values"); yields one StepResult per item, in order. An item the client refuses
         ends the requests there: its ValueError is raised after the earlier items' results.
         Closing the iterator early cancels the call."""
+        _check_inputs(inputs)
         reqs = _Requests(self, kind, output, top_k)
         call = self.client._call(
             self.client.stub.Stream, reqs.of(inputs), metadata=self.client._md(self.id)
@@ -956,7 +1013,9 @@ class AsyncClient(_Base):
         return session
 
     def session(self, session_id: str, position: int = 0) -> AsyncClientSession:
-        return AsyncClientSession(self, _session_id("session_id", session_id), position)
+        """As Client.session."""
+        sid = _session_id("session_id", session_id)
+        return AsyncClientSession(self, sid, _count("position", position, 2**64 - 1))
 
     async def restore(
         self, snapshot: BytesLike, session_id: str = "", ttl: float = 0.0
@@ -1045,6 +1104,7 @@ class AsyncClientSession(_Handle):
     ) -> AsyncGenerator[StepResult, None]:
         """As ClientSession.stream: one Stream request per item of `inputs` (an iterable or
         an async iterable), one StepResult per item, in order."""
+        _check_inputs(inputs, asynchronous=True)
         reqs = _Requests(self, kind, output, top_k)
         made = reqs.of_async(inputs) if hasattr(inputs, "__aiter__") else reqs.of(inputs)
         call = self.client.stub.Stream(made, metadata=self.client._md(self.id))

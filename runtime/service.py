@@ -6,7 +6,9 @@
 Every operation takes the caller's principal and works on that principal's sessions:
 create / close / step / attach (a Stream) / generate / snapshot / restore / fork. Inputs
 are validated here, once, before anything changes (a rejected request applies nothing);
-the store, batcher and engine behind it trust what they get.
+the store, batcher and engine behind it trust what they get. An error names the parameter
+as these methods call it (`ttl`, `stop`); the servicer says the request's field instead
+(`ttl_seconds`, `stop_tokens`).
 
 Rules that live here:
 - Locality: with a shared state store a session is made local (`store.fetch`, off the
@@ -157,10 +159,10 @@ class SessionService:
         """0 or None → None (the server default); else 0 < ttl ≤ the server's --session-ttl."""
         if value is None or (isinstance(value, numbers.Real) and value == 0):
             return None
-        ttl = real_number(value, "ttl_seconds", "a number of seconds")
+        ttl = real_number(value, "ttl", "a number of seconds")
         if not math.isfinite(ttl) or not 0 < ttl <= self.limits.max_ttl:
             raise InvalidInput(
-                "ttl_seconds",
+                "ttl",
                 f"must be finite, in (0, {self.limits.max_ttl:g}] seconds (0: default), got "
                 f"{ttl:g}",
             )
@@ -363,7 +365,8 @@ class SessionService:
         handed_out: Callable[[Session], object] | None = None,
     ) -> tuple[Session, int]:
         """A new session at position 0, from a snapshot, or after a prompt (fed from its
-        longest cached prefix); `session_id` "" lets the store choose. Returns the session
+        longest cached prefix); `session_id` "" lets the store choose; `ttl`: the seconds it
+        may stay idle (0 or None: the store's default; at most `max_ttl`). Returns the session
         and how many prompt inputs the prefix cache served. `handed_out(session)` is called
         once the session is made (its prompt fed), as Generate's: where it raises (the
         server ends the call there when its deadline passed) the session is closed again
@@ -510,7 +513,6 @@ class SessionService:
             stop,
             max_limit=self.limits.max_new_tokens,
             min_new_tokens=1,
-            stop_field="stop_tokens",
         )
         if session_id:
             check_session_id(session_id)
@@ -592,6 +594,7 @@ class Attachment:
         self.session: Session | None = None
         self.idle, self.drained = True, False
         self._new: Session | None = None  # created by the first step, its id not yet out
+        self.detached = False  # detach() was called: steps are refused
 
     async def step(self, session_id: str, tokens=(), values=()) -> tuple:
         """(outputs [T, D], position); an empty session_id on the first step creates a
@@ -601,7 +604,10 @@ class Attachment:
         return await self.feed(session_id, x, create=self.session is None and not session_id)
 
     async def feed(self, session_id: str, inputs: np.ndarray, create: bool = False) -> tuple:
-        """`step` for inputs already checked (SessionService.inputs)."""
+        """`step` for inputs already checked (SessionService.inputs). RuntimeError once
+        detached (nothing applied: another attachment may hold the session by then)."""
+        if self.detached:
+            raise RuntimeError(f"this {self.rpc}'s attachment was detached; attach() another")
         svc = self.service
         self.idle = False
         try:
@@ -679,6 +685,8 @@ class Attachment:
         return s
 
     def detach(self) -> None:
+        """Let go of the session (its id may be attached again); later steps are refused."""
+        self.detached = True
         self.service._open_attachments.discard(self)
         if self._new is not None:  # cancelled before the new session's id got out
             self.service.discard(self._new, self.principal)

@@ -5,7 +5,8 @@
   * turns outputs into a response (output selection: last row, all rows, top-k
     log-probs, nothing; refused before the call when the model cannot answer it),
   * counts tokens and request latency in the metrics,
-  * maps runtime errors to status codes — in one place, `grpc_errors`.
+  * maps runtime errors to status codes — in one place, `grpc_errors` — naming the
+    request's field where the service's parameter is called otherwise (`as_sent`).
 
 Dimension letters: T inputs in one request, V vocabulary size, D d_output, I d_input,
 K top-k.
@@ -181,6 +182,23 @@ def session_message(s, cached_tokens: int = 0, position: int | None = None) -> p
     )
 
 
+# the SessionService parameters whose request fields are named otherwise
+FIELD_OF_PARAMETER = {"ttl": "ttl_seconds", "stop": "stop_tokens"}
+
+
+@contextlib.contextmanager
+def as_sent():
+    """An InvalidInput about a service parameter that the request calls otherwise
+    (FIELD_OF_PARAMETER) names the request's field: the client sent `stop_tokens`."""
+    try:
+        yield
+    except InvalidInput as e:
+        field = FIELD_OF_PARAMETER.get(e.field)
+        if field is None:
+            raise
+        raise InvalidInput(field, str(e)[len(e.field) + 2 :]) from None
+
+
 _FINISH = {
     None: pb.FINISH_NONE,
     FINISH_MAX: pb.FINISH_MAX_TOKENS,
@@ -230,14 +248,15 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
 
     @grpc_errors
     async def CreateSession(self, request, context):
-        s, cached = await self.service.create(
-            current_principal(),
-            request.session_id,
-            request.ttl_seconds,
-            request.snapshot,
-            request_arrays(request.prompt, ())[0],
-            functools.partial(self._handed_out, context=context),
-        )
+        with as_sent():
+            s, cached = await self.service.create(
+                current_principal(),
+                request.session_id,
+                request.ttl_seconds,
+                request.snapshot,
+                request_arrays(request.prompt, ())[0],
+                functools.partial(self._handed_out, context=context),
+            )
         if request.prompt:
             self.metrics.count_tokens("CreateSession", len(request.prompt))
         return session_message(s, cached)
@@ -258,9 +277,10 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
 
     @grpc_errors
     async def RestoreSession(self, request, context):
-        s = await self.service.restore(
-            current_principal(), request.snapshot, request.session_id, request.ttl_seconds
-        )
+        with as_sent():
+            s = await self.service.restore(
+                current_principal(), request.snapshot, request.session_id, request.ttl_seconds
+            )
         return session_message(self._handed_out(s, context))
 
     @grpc_errors
@@ -329,16 +349,17 @@ class StreamingInferenceServicer(pb_grpc.StreamingInferenceServicer):
             handed_out=lambda s: self._handed_out(s, context),
         )
         t0, n = time.perf_counter(), len(request.prompt)
-        async with contextlib.aclosing(stream):
-            async for sid, g in stream:
-                self.metrics.count_tokens("Generate", n)
-                self.metrics.observe_request("Generate", time.perf_counter() - t0, g.index == 0)
-                yield pb.GenerateResponse(
-                    session_id=sid,
-                    token=g.token,
-                    logprob=g.logprob,
-                    position=g.position,
-                    index=g.index,
-                    finish_reason=_FINISH[g.finish],
-                )
-                t0, n = time.perf_counter(), 1
+        with as_sent():  # a refused argument named as the request's field
+            async with contextlib.aclosing(stream):
+                async for sid, g in stream:
+                    self.metrics.count_tokens("Generate", n)
+                    self.metrics.observe_request("Generate", time.perf_counter() - t0, g.index == 0)
+                    yield pb.GenerateResponse(
+                        session_id=sid,
+                        token=g.token,
+                        logprob=g.logprob,
+                        position=g.position,
+                        index=g.index,
+                        finish_reason=_FINISH[g.finish],
+                    )
+                    t0, n = time.perf_counter(), 1

@@ -161,8 +161,8 @@ def test_bad_requests_change_nothing(toy_tok):
         ({"temperature": math.nan}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": -0.5}, "top_p"),
-        ({"stop": [11]}, "stop_tokens"),
-        ({"stop": [0] * 12}, "stop_tokens"),  # more stop tokens than the vocabulary has
+        ({"stop": [11]}, "stop"),
+        ({"stop": [0] * 12}, "stop"),  # more stop tokens than the vocabulary has
         ({"prompt": []}, "prompt"),
         ({"prompt": [11]}, "prompt"),
     ],
@@ -590,7 +590,7 @@ def test_draining_refuses_new_work_and_ends_idle_attachments(toy_tok):
 
 
 def test_a_ttl_equal_to_the_server_limit_is_accepted(toy_tok):
-    """ttl_seconds is in (0, --session-ttl], the bound included."""
+    """ttl is in (0, --session-ttl], the bound included."""
 
     async def main():
         svc = await started(toy_tok)
@@ -598,9 +598,7 @@ def test_a_ttl_equal_to_the_server_limit_is_accepted(toy_tok):
         assert s.ttl == 60.0
         with pytest.raises(InvalidInput) as e:
             await svc.create("p", "b", ttl=60.5)
-        assert str(e.value) == (
-            "ttl_seconds: must be finite, in (0, 60] seconds (0: default), got 60.5"
-        )
+        assert str(e.value) == "ttl: must be finite, in (0, 60] seconds (0: default), got 60.5"
         await svc.batcher.close()
 
     run(main())
@@ -771,7 +769,7 @@ def test_rewind_refuses_a_bool_position_and_changes_nothing(toy_tok):
 
 
 def test_an_infinite_ttl_is_refused_even_without_a_server_limit(toy_tok):
-    """ttl_seconds must be finite; with --session-ttl unlimited
+    """ttl must be finite; with --session-ttl unlimited
     (max_ttl = inf) a client must still not make a session that never expires."""
     import math
 
@@ -780,7 +778,7 @@ def test_an_infinite_ttl_is_refused_even_without_a_server_limit(toy_tok):
         for bad in (math.inf, math.nan, -1.0, 10**400):  # 10**400: beyond float range
             with pytest.raises(InvalidInput) as e:
                 await svc.create("p", "a", ttl=bad)
-            assert e.value.field == "ttl_seconds"
+            assert e.value.field == "ttl"
         assert len(svc.store) == 0
         s, _ = await svc.create("p", "a", ttl=1e9)
         assert s.ttl == 1e9
@@ -1446,7 +1444,7 @@ def test_a_scalar_token_is_one_input_and_ttl_none_is_the_default(toy_tok):
             assert p.position == 1
             assert np.array_equal(svc.store.read(p), svc.store.read(s))
             for bad in ("5", True, [1]):
-                with pytest.raises(InvalidInput, match=r"^ttl_seconds: must be a number"):
+                with pytest.raises(InvalidInput, match=r"^ttl: must be a number"):
                     await svc.create("p", ttl=bad)
         finally:
             await svc.batcher.close()
