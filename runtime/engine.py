@@ -248,8 +248,8 @@ class Engine:
         threads = integer(threads, "threads", 1, MAX_THREADS, none=True)
         step_threads = integer(step_threads, "step_threads", 1, MAX_THREADS, none=True)
         self.cuda_options = CudaOptions.parse(cuda_options)
+        m = self.manifest = load_manifest(model_dir, check_sha=check_sha)  # (checks the path)
         self.model_dir = Path(model_dir)
-        m = self.manifest = load_manifest(self.model_dir, check_sha=check_sha)
         self.name = str(m["name"])
         self.input_kind = m["input_kind"]
         self.vocab_size = m.get("vocab_size")

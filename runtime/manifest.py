@@ -42,7 +42,7 @@ import os
 import unicodedata
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import InvalidInput, ModelError
 
 FORMAT = "ssmstream-model"
 FORMAT_VERSION = 1
@@ -85,11 +85,18 @@ def name_problem(name) -> str | None:
 
 def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
     """Read and validate MODEL_DIR/manifest.json; with check_sha, verify every graph file."""
+    if not isinstance(model_dir, (str, os.PathLike)):  # None: pathlib's TypeError said less
+        raise InvalidInput("model_dir", f"must be a path, got {type(model_dir).__name__}")
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
     try:
         if not model_dir.exists():  # a mistyped directory: said as export and plot say it
             raise ModelError(f"{model_dir} does not exist")
+        if model_dir.is_file():  # its manifest.json or a graph given: not "….json/manifest.json"
+            raise ModelError(
+                f"{model_dir} is a file: give the exported model's directory (the one that "
+                f"holds {MANIFEST})"
+            )
         if not path.is_file():
             what = "is missing" if not path.exists() else "is not a regular file"
             raise ModelError(f"{path} {what}: not an exported ssmstream model directory")

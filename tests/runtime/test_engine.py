@@ -267,6 +267,16 @@ def test_model_dir_errors(toy_token_model, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="manifest.json is missing"):
         Engine(tmp_path / "empty")
+    manifest = toy_token_model["model_dir"] / "manifest.json"
+    for path in (manifest, str(manifest)):  # the file, not its directory
+        with pytest.raises(ModelError) as e:
+            Engine(path)
+        assert str(e.value) == (
+            f"{manifest} is a file: give the exported model's directory (the one that holds "
+            "manifest.json)"
+        )
+    with pytest.raises(InvalidInput, match=r"^model_dir: must be a path, got NoneType$"):
+        Engine(None)
     bad = tmp_path / "tampered"
     shutil.copytree(toy_token_model["model_dir"], bad)
     with open(bad / "step.onnx", "ab") as f:
