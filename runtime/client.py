@@ -213,6 +213,11 @@ def step_request(
         output=OUTPUTS[output],
         top_k=_count("top_k", top_k),
     )
+    # the server's rule, said in this API's words (it says output=OUTPUT_TOP_K)
+    if req.top_k and output != "top_k":
+        raise ValueError(f"top_k: is only used with output='top_k', got output={output!r}")
+    if not req.top_k and output == "top_k":
+        raise ValueError("top_k: must be >= 1 with output='top_k'")
     if tokens is not None:
         req.tokens.extend(_ints("tokens", tokens))
     if values is not None:

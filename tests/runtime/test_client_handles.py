@@ -76,6 +76,26 @@ def test_numpy_floats_are_numbers():
     assert create_request("s", ttl=np.float64(2.5)).ttl_seconds == 2.5
 
 
+@pytest.mark.parametrize(
+    "kw, said",
+    [
+        ({"top_k": 3}, "top_k: is only used with output='top_k', got output='last'"),
+        (
+            {"top_k": 3, "output": "all"},
+            "top_k: is only used with output='top_k', got output='all'",
+        ),
+        ({"output": "top_k"}, "top_k: must be >= 1 with output='top_k'"),
+    ],
+)
+def test_top_k_and_output_top_k_go_together_said_in_this_api_s_words(kw, said):
+    """The server's rule (top_k with OUTPUT_TOP_K only, and >= 1 there), checked before
+    the call in the names a Python caller writes (the server says output=OUTPUT_TOP_K)."""
+    with pytest.raises(ValueError) as e:
+        step_request("s", tokens=[1], **kw)
+    assert str(e.value) == said
+    assert step_request("s", tokens=[1], output="top_k", top_k=3).top_k == 3
+
+
 def test_a_2d_token_array_is_sent_row_major():
     assert list(step_request("s", tokens=np.array([[1, 2], [3, 4]])).tokens) == [1, 2, 3, 4]
     assert list(generate_request("s", [[5], [6]]).prompt) == [5, 6]
