@@ -1490,7 +1490,10 @@ def _generate(a, parser, client: Client, stop: list[int], stopped_by: list) -> i
                 f"first token after {1000 * (first or 0):.1f} ms]\n"
             )
     except grpc.RpcError as e:
-        sys.stderr.write(f"ssmstream generate: {e.code().name}: {e.details()}\n")
+        details = e.details() or ""
+        if a.rewind_to is not None and not n:  # the rewind's `position` is --rewind-to here
+            details = said_of_flags(details, {"position": "--rewind-to"})
+        sys.stderr.write(f"ssmstream generate: {e.code().name}: {details}\n")
         if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # where this command takes a token
             given = "is empty" if not os.environ.get(a.token_env, "").strip() else "is set"
             sys.stderr.write(

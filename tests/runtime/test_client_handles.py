@@ -311,6 +311,23 @@ def test_rewind_to_zero_rewinds_to_the_start(toy_server, capsys):
         assert s.close() == 1
 
 
+def test_a_rewind_the_server_refuses_is_said_of_the_flag(toy_server, capsys):
+    """The server's `position: …` is this command's --rewind-to; nothing is generated and
+    the session stays where it was."""
+    with Client(target(toy_server), timeout=10) as c:
+        s = c.create_session(prompt=[1, 2, 3])
+        argv = ["--server", target(toy_server), "--ids", "--session", s.id, "--rewind-to", "9",
+                "--max-new-tokens", "1", "4"]  # fmt: skip
+        assert generate_main(argv) == 1
+        out, err = capsys.readouterr()
+        assert not out
+        assert err == (
+            "ssmstream generate: OUT_OF_RANGE: --rewind-to: 9 is ahead of the session (at "
+            "position 3)\n"
+        )
+        assert s.close() == 3
+
+
 class _FakeSession:
     def __init__(self, tokens):
         self.id, self.position, self.tokens = "fake", 0, tokens
