@@ -491,6 +491,7 @@ class Engine:
                 if lo >= 0 and hi < self.vocab_size:
                     return x
         lead = lead or ("B, T" if time_axis else "B")
+        kind = "" if field == self.input_kind else f"{self.input_kind} "  # not "tokens: tokens …"
         if self.input_kind == "tokens":
             if x.ndim == 0 and not time_axis:
                 x = x.reshape(1)
@@ -498,7 +499,7 @@ class Engine:
                 raise InvalidInput(field, f"must be integer token ids, got dtype {x.dtype}")
             if x.ndim != (2 if time_axis else 1) or x.size == 0:
                 raise InvalidInput(
-                    field, f"tokens must have shape [{lead}] (non-empty), got {x.shape}"
+                    field, f"{kind}must have shape [{lead}] (non-empty), got {x.shape}"
                 )
             if x.dtype.kind == "u":
                 bad = x >= self.vocab_size
@@ -509,19 +510,20 @@ class Engine:
                 raise InvalidInput(field, f"token {v} is outside [0, vocab_size={self.vocab_size})")
             return np.ascontiguousarray(x, dtype=np.int64)
         if x.dtype.kind not in "fiu":
-            raise InvalidInput(field, f"values must be real numbers, got dtype {x.dtype}")
+            raise InvalidInput(field, f"{kind}must be real numbers, got dtype {x.dtype}")
         rank = 3 if time_axis else 2
         if x.ndim != rank or x.shape[-1] != self.d_input or x.size == 0:
             raise InvalidInput(
-                field, f"values must have shape [{lead}, d_input={self.d_input}], got {x.shape}"
+                field, f"{kind}must have shape [{lead}, d_input={self.d_input}], got {x.shape}"
             )
         with np.errstate(over="ignore"):  # an overflow to inf is reported just below
             x = np.ascontiguousarray(x, dtype=self._step_in_dtype)
         if not np.isfinite(x).all():
-            raise InvalidInput(field, "values contain NaN or inf (or overflow float32)")
+            raise InvalidInput(field, f"{kind}contain NaN or inf (or overflow float32)")
         if self._value_limit is not None and np.abs(x).max() > self._value_limit:
             raise InvalidInput(
-                field, f"values beyond ±{self._value_limit:g} overflow this fp16 export's inputs"
+                field,
+                f"{kind or 'any '}beyond ±{self._value_limit:g} overflow this fp16 export's inputs",
             )
         return x
 

@@ -1405,7 +1405,7 @@ def test_a_rewinding_session_takes_cached_states_only_a_chunk_apart(toy_tok):
         ([True], "tokens: must be integer token ids, got dtype bool"),
         (["5"], "tokens: must be integer token ids, got dtype <U1"),
         ([2**63], "tokens: token 9223372036854775808 is outside [0, vocab_size=11)"),
-        ([[1, 2]], "tokens: tokens must have shape [T] (non-empty), got (1, 2)"),
+        ([[1, 2]], "tokens: must have shape [T] (non-empty), got (1, 2)"),
     ],
     ids=repr,
 )
@@ -1422,7 +1422,9 @@ def test_in_process_tokens_are_checked_not_converted(toy_tok, tokens, says):
             assert str(e.value) == says
             with pytest.raises(InvalidInput) as e:
                 await svc.create("p", prompt=tokens)
-            assert str(e.value) == says.replace("tokens: ", "prompt: ", 1)
+            # (the prompt's field is not the input kind's name: it is said, as Engine says it)
+            prompt_says = says.replace("tokens: must have", "tokens: tokens must have")
+            assert str(e.value) == prompt_says.replace("tokens: ", "prompt: ", 1)
             assert s.position == 0 and len(svc.store) == 1
         finally:
             await svc.batcher.close()
@@ -1465,7 +1467,7 @@ def test_values_rows_must_be_d_input_wide(toy_sig):
             ref, _ = await svc.create("p")
             with pytest.raises(InvalidInput) as e:
                 await svc.step("p", s.id, values=rows.reshape(3, 2))
-            assert str(e.value) == "values: values must have shape [T, d_input=3], got (3, 2)"
+            assert str(e.value) == "values: must have shape [T, d_input=3], got (3, 2)"
             assert s.position == 0
             out, _ = await svc.step("p", s.id, values=rows)
             want, _ = await svc.step("p", ref.id, values=rows.ravel().tolist())
