@@ -148,16 +148,19 @@ def _with_principal(handler: grpc.RpcMethodHandler, principal: str) -> grpc.RpcM
 
 
 def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that fails with UNAUTHENTICATED, without parsing the
-    request: an unknown caller makes the server hold the bytes it sent, not the message
-    they decode to (repeated ints take ~15 times their bytes once parsed)."""
+    """A handler that fails with UNAUTHENTICATED as the call starts, before any of its
+    request is read. grpc reads a unary request whole (up to --max-message-bytes) before the
+    behavior runs: an unknown caller that sent all of a large message but its last byte, on
+    many calls at once, had the server hold that much per call for as long as it liked. So
+    the refusal takes the requests as a stream it never reads (the caller sees no
+    difference), and parses nothing."""
 
-    async def abort(request, context):
+    async def abort(requests, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-    aborts = {k: abort for k in kinds if getattr(handler, k) is not None}
-    return handler._replace(request_deserializer=None, **aborts)
+    kinds = dict.fromkeys(("unary_unary", "unary_stream", "stream_unary", "stream_stream"))
+    kinds["stream_stream" if handler.response_streaming else "stream_unary"] = abort
+    return handler._replace(request_streaming=True, request_deserializer=None, **kinds)
 
 
 class RefusalLog:

@@ -762,11 +762,34 @@ class BackgroundServer:
         self.stop()
 
 
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise this process's soft limit of open files to its hard limit (POSIX; elsewhere a
+    no-op); returns (before, after) when it changed. Every client connection holds a file
+    descriptor from its TCP accept on, before any token is checked: at a soft limit of 1024
+    (the default of a login shell or a systemd service), a thousand idle connections that
+    anyone can open left no descriptor to accept the next client (nor for a periodic save)."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):  # refused (a limit the kernel caps lower): serve as it is
+        return None
+    return soft, want
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if (raised := raise_open_files_limit()) is not None:
+        log.info("open files limit raised from %d to %d (one per client connection)", *raised)
     server = Server(config)
     try:
         asyncio.run(server.run())
