@@ -53,6 +53,12 @@ def test_health_serves_overall_and_per_service(server):
         with pytest.raises(grpc.RpcError) as e:
             stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert e.value.details() == "unknown service 'no.such.Service'"
+        # a long name (no token needed to send it) is not sent back whole
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert e.value.details() == f"unknown service '{'x' * 64}…'"
 
 
 def test_reflection_lists_the_services_and_describes_the_proto(server):
