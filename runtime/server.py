@@ -280,6 +280,24 @@ def snapshot_key(config: ServerConfig) -> SnapshotKey | None:
     return None
 
 
+class _ResponseToAGoneClient(logging.Filter):
+    """grpc logs an ERROR with a traceback ("ExecuteBatchError raised in core by servicer
+    method") when a Stream's or Generate's response cannot be sent because its client went
+    away while the send waited (a client that stopped reading, then cancelled): any client
+    can cause one at will, each call. The call ends as a cancel does (the session detached,
+    nothing lost), so the record is said at DEBUG without its traceback, or not at all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("ExecuteBatchError raised in core by servicer"):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+RESPONSE_TO_A_GONE_CLIENT = _ResponseToAGoneClient()
+
+
 class Server:
     """One serving process's parts; `await start()`, then `await stop()` (or `run()`).
 
@@ -290,6 +308,7 @@ class Server:
         self.config = config
         self.engine = engine
         self.metrics = ServerMetrics()
+        logging.getLogger("grpc._cython.cygrpc").addFilter(RESPONSE_TO_A_GONE_CLIENT)  # (once)
         self.store = self.batcher = self.service = self.servicer = None
         self.port: int | None = None
         self.metrics_port: int | None = None
