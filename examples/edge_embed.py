@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("text: give at least one character")
     if a.max_new_tokens < 0:
         p.error(f"--max-new-tokens: must be >= 0, got {a.max_new_tokens}")
+    from ssmstream.runtime.cli import said_of_flags
     from ssmstream.runtime.config import with_flags
     from ssmstream.runtime.errors import InvalidInput, RuntimeErrorBase
     from ssmstream.runtime.sampling import SamplingConfig
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before the model loads and the prompt is stepped
         SamplingConfig(temperature=a.temperature, seed=a.seed)
     except InvalidInput as e:
-        p.error(f"--{e}")
+        p.error(said_of_flags(str(e), {"temperature": "--temperature", "seed": "--seed"}))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:

@@ -73,7 +73,8 @@ def said_of_flags(message: str, flags: dict[str, str]) -> str:
     names, sep, what = message.partition(":")
     if not sep or not all(n in flags for n in names.split("/")):
         return message
-    return "/".join(flags[n] for n in names.split("/")) + f": {what.strip()}"
+    what = what.strip().replace(" or None, got", ", got")  # a flag is never given None
+    return "/".join(flags[n] for n in names.split("/")) + f": {what}"
 
 
 def stdout_closed() -> int:

@@ -91,7 +91,7 @@ def test_cli_device_reaches_the_engine(edge, byte_toy, monkeypatch, device):
     [
         (["--max-new-tokens", "-5"], "--max-new-tokens: must be >= 0, got -5"),
         (["--temperature", "-1"], "--temperature: must be finite and >= 0, got -1.0"),
-        (["--seed", "-1"], "--seed: must be an integer >= 0 or None, got -1"),
+        (["--seed", "-1"], "--seed: must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_sampling_flags_are_usage_errors_before_the_model_runs(

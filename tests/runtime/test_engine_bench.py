@@ -30,7 +30,7 @@ def test_bench_cli(toy_token_model, tmp_path, caplog):
     caplog.clear()
     assert cli.main(["bench", str(toy_token_model["model_dir"]), "--threads", "0"]) == 2
     assert caplog.messages == [
-        "ssmstream bench: error: --threads: must be an integer in [1, 1024] or None, got 0"
+        "ssmstream bench: error: --threads: must be an integer in [1, 1024], got 0"
     ]
     with pytest.raises(SystemExit):
         cli.main(["bench", str(toy_token_model["model_dir"]), "--batch", "0"])
