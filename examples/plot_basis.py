@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
+from ssmstream.model.flags import said_of_flags
 from ssmstream.model.plots import default_length, plot_layer
 from ssmstream.model.train import HelpFormatter
 
@@ -55,12 +56,13 @@ def plot_basis(
     net = load_checkpoint(ckpt)
     if not 0 <= layer < len(net.ssms):
         raise ValueError(f"layer must be in [0, {len(net.ssms)}), got {layer}")
-    out = Path(out)
+    if init and not -(2**63) <= seed < 2**64:  # torch.manual_seed's range, before any PNG
+        raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {seed}")
     name = Path(ckpt).resolve().name
     paths = [
         plot_layer(
             net.ssms[layer],
-            out,
+            out,  # as given: plot_layer refuses a trailing '/', which Path() would drop
             head=head,
             length=length,
             title=f"{name}: layer {layer} of {len(net.ssms)}, trained",
@@ -74,13 +76,17 @@ def plot_basis(
         paths.append(
             plot_layer(
                 fresh.ssms[layer],
-                out.with_name(f"{out.stem}_init{out.suffix or '.png'}"),
+                paths[0].with_name(f"{paths[0].stem}_init{paths[0].suffix or '.png'}"),
                 head=head,
                 length=L,
                 title=f"{name}: layer {layer}, at initialization ({net.cfg.init}, seed {seed})",
             )
         )
     return paths
+
+
+# the arguments the errors of plot_basis (and plot_layer) start with, said as flags
+ARGUMENTS = ("path", "layer", "head", "length", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,9 +122,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         paths = plot_basis(a.ckpt, a.out, a.layer, a.head, a.length, a.init, a.seed)
-    except (ValueError, ImportError, OSError) as e:  # OSError: --out cannot be written
-        said = str(e)  # the plot's `path` is this script's --out
-        parser.error("--out: " + said.removeprefix("path: ") if said.startswith("path: ") else said)
+    except (ValueError, ImportError) as e:  # the plot's `path` is this script's --out
+        parser.error(said_of_flags(str(e), ARGUMENTS, values=False, flags={"path": "--out"}))
+    except OSError as e:  # --out (or a directory on its way) cannot be written, or a file read
+        where = Path(e.filename or a.out)
+        out = Path(a.out).resolve()
+        if where.resolve() in (out, *out.parents):
+            parser.error(f"--out {where}: cannot write it: {e.strerror or e}")
+        parser.error(f"{where}: cannot read it: {e.strerror or e}")
     return paths
 
 

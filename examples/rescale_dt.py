@@ -59,8 +59,10 @@ import numpy as np
 import torch
 from ssmstream.export import export_model
 from ssmstream.model.data import SignalConfig, signal_batch
+from ssmstream.model.flags import said_of_flags
 from ssmstream.model.train import HelpFormatter
 from ssmstream.runtime import Engine
+from ssmstream.runtime.providers import MAX_THREADS
 
 log = logging.getLogger("rescale_dt")
 
@@ -90,8 +92,12 @@ class RescaleConfig:
             raise ValueError(f"factor must be in (0, {MAX_FACTOR}], got {self.factor}")
         if self.signals < 1:
             raise ValueError(f"signals must be at least 1, got {self.signals}")
+        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:  # before exports
+            raise ValueError(f"threads must be in [1, {MAX_THREADS}], got {self.threads}")
         if not (Path(self.ckpt) / "config.json").is_file():
-            raise ValueError(f"ckpt {self.ckpt!r} is not a checkpoint directory (no config.json)")
+            raise ValueError(f"ckpt: {self.ckpt!r} is not a checkpoint directory (no config.json)")
 
 
 def training_signal(ckpt: str | Path) -> SignalConfig:
@@ -99,7 +105,7 @@ def training_signal(ckpt: str | Path) -> SignalConfig:
     meta = json.loads((Path(ckpt) / "config.json").read_text())
     train = meta.get("train") or {}
     if train.get("task") != "signal" or "signal" not in train:
-        raise ValueError(f"ckpt {str(ckpt)!r} was not trained on the signal task")
+        raise ValueError(f"ckpt: {str(ckpt)!r} was not trained on the signal task")
     return SignalConfig(**train["signal"])
 
 
@@ -224,6 +230,9 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+FIELDS = [f.name for f in dataclasses.fields(RescaleConfig)]  # each is its --flag
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = RescaleConfig()
     p = argparse.ArgumentParser(
@@ -281,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
             threads=a.threads,
         )
         res = run(cfg)
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError as e:  # RescaleConfig's messages start with the field: said as its flag
+        parser.error(said_of_flags(str(e), FIELDS, values=False))
     print(json.dumps(res, indent=2) if a.json else report(res))
     return res
 

@@ -60,6 +60,7 @@ import torch
 from ssmstream.model import SSMNetwork, load_checkpoint
 from ssmstream.model.checkpoint import CheckpointError
 from ssmstream.model.network import check_fields
+from ssmstream.model.train import machine_bytes
 from ssmstream.runtime.manifest import (
     DTYPES,
     FORMAT,
@@ -236,9 +237,14 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxslim the graph; keep the result only when it has no more nodes and no more bytes."""
     import onnxslim
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        slimmed = onnxslim.slim(model)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            slimmed = onnxslim.slim(model)
+    except Exception as e:  # its own types: e.g. a folded graph past protobuf's 2 GB (--chunk)
+        said = (str(e).splitlines() or [""])[0]
+        log.warning("onnxslim failed (%s: %s); kept the original graph", type(e).__name__, said)
+        return model
     before = (len(model.graph.node), model.ByteSize())
     after = (len(slimmed.graph.node), slimmed.ByteSize())
     keep = after[0] <= before[0] and after[1] <= before[1] * 1.05
@@ -591,7 +597,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
         what = "a file" if not out_dir.is_dir() else "a directory"
         raise ExportError(
             f"--out {out_dir} already exists ({what}); choose another, or replace a model "
-            "with --force (overwrite=True)"
+            "with --force"
         )
     if out_dir.exists() and not (out_dir / MANIFEST).is_file():
         raise ExportError(
@@ -658,7 +664,10 @@ def _warn_leftovers(out_dir: Path) -> None:
 
 def _resolved(out_dir) -> Path:
     """--out made absolute, its links followed; a link loop is an ExportError (Path.resolve
-    raises RuntimeError for it on Python 3.11)."""
+    raises RuntimeError for it on Python 3.11); an empty one (it would be the working
+    directory) is an ExportError too."""
+    if isinstance(out_dir, str) and not out_dir.strip():
+        raise ExportError(f"--out must name the model directory to create, got {out_dir!r}")
     try:
         return Path(out_dir).resolve()
     except (RuntimeError, OSError) as e:
@@ -697,6 +706,38 @@ def _commit(tmp: Path, out_dir: Path) -> None:
         _underway.renaming = False
 
 
+def _check_stable(net: SSMNetwork, dt_scale: float) -> None:
+    """ExportFailed when a mode grows (`SSMNetwork.growing_modes`): the model's outputs grow
+    without bound over a stream, and its parity check would fail on non-finite numbers."""
+    n, modes, largest = net.growing_modes(dt_scale)
+    if n:
+        cfg = net.cfg
+        method = f"gbt α={cfg.alpha}" if cfg.discretization == "gbt" else cfg.discretization
+        scaled = f" × --dt-scale {dt_scale:g}" if dt_scale != 1 else ""
+        raise ExportFailed(
+            f"the model is unstable: {n} of {modes} modes grow (|Ā| up "
+            f"to {largest:.4g} > 1) under {method} at their Δ{scaled}, "
+            "so its outputs grow without bound over a stream; train it with a smaller --dt-max "
+            "or an A-stable --discretization (zoh, bilinear, backward_euler, gbt with --alpha "
+            ">= 0.5)"
+        )
+
+
+def _check_tables_fit(net: SSMNetwork, chunk: int) -> None:
+    """ExportError naming --chunk when the prefill graph's Toeplitz tables alone (each kernel-
+    path layer's [H, Q·M, Q·M] float32, built at export and held by every session that opens
+    the graph) exceed this machine's memory: the export would only end in the out-of-memory
+    killer (a --chunk of 2**20 asks for terabytes)."""
+    need = sum(s.heads * (chunk * s.M) ** 2 * 4 for s in net.ssms if not s.uses_mode_path)
+    total = machine_bytes()
+    if total is not None and need > total:
+        raise ExportError(
+            f"--chunk {chunk}: the prefill graph's Toeplitz tables take {need / 2**30:,.1f} GiB "
+            f"(heads × (chunk · head width)² float32 per layer), more than this machine's "
+            f"{total / 2**30:,.1f} GiB: use a smaller --chunk"
+        )
+
+
 def export_network(
     net: SSMNetwork,
     out_dir: str | os.PathLike,
@@ -716,6 +757,9 @@ def export_network(
     if not isinstance(net, SSMNetwork):
         raise ExportError(f"net must be an SSMNetwork, got {type(net).__name__}")
     out_dir = _resolved(out_dir)  # `.` and `..` have no name of their own
+    _check_stable(net, cfg.dt_scale)
+    if cfg.prefill:
+        _check_tables_fit(net, cfg.chunk)
     name = out_dir.name if cfg.name is None else cfg.name
     if why := name_problem(name):
         flag = "--name" if cfg.name is not None else f"--out's name (give --name): {out_dir.name!r}"

@@ -117,7 +117,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     except OSError as e:  # a name too long, a link loop
         raise CheckpointError(f"checkpoint directory {str(path)!r}: {e.strerror or e}") from e
     if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file} is missing: not an ssmstream checkpoint directory")
+        exported = (path / "manifest.json").is_file()  # `ssmstream export`'s output, not its input
+        hint = " (it holds an exported model; give the checkpoint it came from)" if exported else ""
+        raise CheckpointError(f"{cfg_file} is missing: not an ssmstream checkpoint directory{hint}")
     try:
         meta = json.loads(cfg_file.read_text())
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit int, deep nesting

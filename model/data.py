@@ -196,7 +196,7 @@ def load_text(
         if len(data) < min_bytes:
             raise ValueError(
                 f"corpus too small: the {side} split has {len(data)} bytes, "
-                f"need at least {min_bytes} (seq_len + 1)"
+                f"need at least {min_bytes} (--seq-len + 1)"
             )
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
     return TextData(as_tensor(train_bytes), as_tensor(val_bytes), names["train"], names["val"])

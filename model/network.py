@@ -19,6 +19,7 @@ Dimension letters: B batch, L length, D d_model, H heads, N d_state, S packed st
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -209,6 +210,17 @@ class SSMNetwork(nn.Module):
     @property
     def ssms(self) -> list[SSM]:
         return [b.ssm for b in self.blocks]
+
+    @torch.no_grad()
+    def growing_modes(self, dt_scale: float = 1.0) -> tuple[int, int, float]:
+        """(modes whose |Ā| > 1, all modes, the largest |Ā|) with Δ scaled by dt_scale, in
+        float64 (a float32 |Ā| of a mode barely decaying, small Δ, may round above 1; one
+        whose Re A underflowed to 0 is 1 exactly). A growing mode (forward Euler, or gbt with
+        α < ½, at too large a Δ·|A|: docs/theory.md §2) makes the outputs grow without bound
+        over a stream."""
+        mags = [layer.double().discrete(dt_scale)[0].abs() for layer in copy.deepcopy(self.ssms)]
+        grow = sum(int((m > 1 + 1e-12).sum()) for m in mags)  # past float64 rounding
+        return grow, sum(m.numel() for m in mags), max(float(m.max()) for m in mags)
 
     def _check_input(self, inp: Tensor, time_axis: bool) -> None:
         cfg, lead = self.cfg, ("B, L" if time_axis else "B")

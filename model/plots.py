@@ -150,12 +150,19 @@ def plot_layer(
     return path
 
 
+# what `ssmstream train` writes into a checkpoint directory: a plot does not replace them
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "train_state.pt")
+
+
 def plot_checkpoint(
     ckpt: str | os.PathLike, path: str | os.PathLike, layer: int = 0, **kwargs
 ) -> Path:
-    """`plot_layer` of layer `layer` of a checkpoint directory."""
+    """`plot_layer` of layer `layer` of a checkpoint directory (never to one of its files)."""
     net = load_checkpoint(ckpt)
     _check_index("layer", layer, len(net.ssms))
+    own = {(Path(ckpt) / name).resolve() for name in CHECKPOINT_FILES}
+    if os.fspath(path).strip() and Path(path).resolve() in own:
+        raise ValueError(f"path: {path} is a file of the checkpoint; give another PNG file")
     title = f"{Path(ckpt).name}: layer {layer} of {len(net.ssms)}"
     return plot_layer(net.ssms[layer], path, title=title, **kwargs)
 

@@ -120,9 +120,16 @@ class TrainConfig:
         metadata=_help("text files/directories (default: the Python stdlib's .py sources)"),
     )
     glob: str | None = field(
-        default=None, metadata=_help("file pattern inside --data directories (default: all)")
+        default=None,
+        metadata=_help("file-name pattern, at any depth in --data directories (default: all)"),
     )
-    val_fraction: float = field(default=0.05, metadata=_help("share of files held out for eval"))
+    val_fraction: float = field(
+        default=0.05,
+        metadata=_help(
+            "share of files held out for eval (of the bytes, the corpus's tail, when too few "
+            "files leave a split empty)"
+        ),
+    )
     seq_len: int = field(default=256, metadata=_help("L, bytes per training window (text)"))
     batch_size: int = field(default=16, metadata=_help("B, sequences per step and process"))
     steps: int = field(default=1000, metadata=_help("length of the schedule in optimizer steps"))
@@ -193,6 +200,11 @@ class TrainConfig:
         if self.warmup_steps >= self.steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}"
+            )
+        if self.glob is not None and "/" in self.glob:  # it would match no file, at any depth
+            raise ValueError(
+                f"glob: {self.glob!r} holds a '/': the pattern is matched against file names, "
+                "at any depth below the --data directories (e.g. '*.txt')"
             )
         if self.data is not None and not self.data:
             raise ValueError("data must name at least one file or directory")
@@ -542,7 +554,9 @@ def _fit(model_cfg: SSMConfig | None, cfg: TrainConfig) -> TrainResult:
     if cfg.resume:
         read_checkpoint_meta(out)  # CheckpointError (another version, bad JSON) before the data
     if not cfg.resume and (out / "config.json").is_file():
-        raise ValueError(f"{out} already holds a checkpoint: pass resume=True / --resume")
+        raise ValueError(
+            f"{out} already holds a checkpoint: continue it with --resume, or give another --out"
+        )
     _check_creatable(out)  # before the slow parts, and without making anything yet
     if not cfg.resume:
         model_cfg = model_cfg if model_cfg is not None else default_model_config(cfg.task)
@@ -602,6 +616,8 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
         torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         net, step = SSMNetwork(model_cfg).to(device).train(), 0
         opt, sched = make_optimizer(net, cfg)
+        if dist.is_main:
+            _warn_of_growing_modes(net)
     model = net
     if dist.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -684,6 +700,24 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
         if dist.is_main:
             _save(out, net, opt, sched, step, cfg, last_eval, dist.world_size, extra)
     return TrainResult(net.eval(), out, step, last_eval)
+
+
+def _warn_of_growing_modes(net: SSMNetwork) -> None:
+    """A warning when modes grow at initialization (|Ā| > 1: forward Euler, or gbt with
+    α < ½, at too large a Δ·|A|; docs/theory.md §2): short training windows may not show it,
+    but such a model diverges over a long stream and `ssmstream export` refuses it."""
+    n, modes, largest = net.growing_modes()
+    if n:
+        cfg = net.cfg
+        log.warning(
+            "%d of %d modes grow at initialization (|Ā| up to %.3g > 1): --discretization %s%s "
+            "is stable only for small Δ·|A|; the model may diverge, and one that keeps such "
+            "modes cannot be exported: use a smaller --dt-max (now %g) or an A-stable "
+            "discretization (zoh, bilinear, backward_euler, gbt with --alpha >= 0.5)",
+            n, modes, largest,
+            cfg.discretization, f" --alpha {cfg.alpha}" if cfg.discretization == "gbt" else "",
+            cfg.dt_max,
+        )  # fmt: skip
 
 
 def weights_sha256(net: nn.Module) -> str:
@@ -903,9 +937,16 @@ _FIELDS = [
 ]
 
 
-def _with_flags(message: str, values: bool = True) -> str:
-    """A message about config fields said of their flags (`flags.said_of_flags`)."""
-    return said_of_flags(message, _FIELDS, values)
+def _with_flags(message: str, values: bool = True, paths: tuple[str, ...] = ()) -> str:
+    """A message about config fields said of their flags (`flags.said_of_flags`; `paths` are
+    kept as they are)."""
+    return said_of_flags(message, _FIELDS, values, paths=paths)
+
+
+def _paths_given(cfg: TrainConfig) -> tuple[str, ...]:
+    """The paths --out and --data gave, as the run's messages print them."""
+    given = [cfg.out, *(cfg.data or ())]
+    return tuple({*map(str, given), *(str(Path(p)) for p in given)})
 
 
 # float32 copies of each parameter a training step holds: the weights, their gradients and
@@ -986,7 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
             _warn_of_ignored_model_flags(Path(train_cfg.out), model_flags_given(argv))
         result = fit(model_cfg, train_cfg)
     except ValueError as e:  # what the flags name (--data, --out, a checkpoint) cannot be used
-        print(f"ssmstream train: error: {_with_flags(str(e), values=False)}", file=sys.stderr)
+        said = _with_flags(str(e), paths=_paths_given(train_cfg))
+        print(f"ssmstream train: error: {said}", file=sys.stderr)
         return 2
     except (TrainingDiverged, OSError) as e:  # valid flags, a run that did not work out
         log.error("ssmstream train: %s", e)

@@ -1186,7 +1186,8 @@ def test_resume_with_a_stop_after_before_the_checkpoint_is_refused_changing_noth
         assert str(e.value) == refusal(stop_after)
         assert _files(out) == before
     assert main([*SIGNAL_ARGV, "--out", str(out), "--stop-after", "2"]) == 2
-    assert capsys.readouterr().err == f"ssmstream train: error: {refusal(2)}\n"
+    said = refusal(2).replace("stop_after=2", "--stop-after 2")  # the CLI says the flag
+    assert capsys.readouterr().err == f"ssmstream train: error: {said}\n"
     assert _files(out) == before
 
 

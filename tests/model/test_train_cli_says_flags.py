@@ -1,0 +1,98 @@
+"""`ssmstream train`'s errors about a run say the flags, not the config fields: a resume whose
+flags differ from the run's, a --stop-after before the checkpoint, an --out that holds a
+checkpoint, a corpus too small for --seq-len; the paths --out and --data gave are printed as
+given, even where they look like `name=value`. A refused command leaves the checkpoint as it
+was."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from ssmstream.model.train import main
+
+# a signal run: 4 samples per step, one layer of width 8
+RUN = [
+    "--task", "signal", "--rate", "4", "--duration", "2", "--steps", "4", "--warmup-steps", "1",
+    "--batch-size", "1", "--log-every", "2", "--eval-every", "2", "--eval-batches", "1",
+    "--d-model", "8", "--n-layers", "1", "--d-state", "4", "--no-progress", "--threads", "1",
+]  # fmt: skip
+
+
+def _files(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> Path:
+    """A run stopped at step 2 of 4, in a directory named like a flag's value."""
+    out = tmp_path_factory.mktemp("runs") / "lr=3e-4"
+    assert main([*RUN, "--out", str(out), "--stop-after", "2"]) == 0
+    return out
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line: no traceback
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (["--lr", "0.01", "--seed", "3"], "--lr 0.01 (saved: 0.002), --seed 3 (saved: 0); "),
+        (["--steps", "6"], "--steps 6 (saved: 4); pass the run's original values"),
+        (["--stop-after", "1"], "--stop-after 1 is before its checkpoint's step 2"),
+    ],
+)
+def test_a_refused_resume_names_the_flags_and_keeps_the_checkpoint(stopped, capsys, extra, said):
+    before = _files(stopped)
+    line = _error([*RUN, "--out", str(stopped), "--resume", *extra], capsys)
+    assert line.startswith(f"ssmstream train: error: cannot resume {stopped}: "), line
+    assert said in line
+    assert "=" not in line.replace(str(stopped), "")  # no `field=value` outside the path
+    assert _files(stopped) == before
+
+
+def test_an_out_holding_a_checkpoint_says_resume_as_the_flag(stopped, capsys):
+    before = _files(stopped)
+    line = _error([*RUN, "--out", str(stopped)], capsys)
+    assert line == (
+        f"ssmstream train: error: {stopped} already holds a checkpoint: continue it with "
+        "--resume, or give another --out"
+    )
+    assert _files(stopped) == before
+
+
+def test_a_corpus_too_small_for_the_window_says_seq_len(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("hi\n")
+    out = tmp_path / "o"
+    line = _error(["--data", str(tmp_path / "tiny.txt"), "--seq-len", "16", "--out", str(out)],
+                  capsys)  # fmt: skip
+    assert line.endswith("need at least 17 (--seq-len + 1)"), line
+    assert not out.exists()
+
+
+def test_an_out_named_like_a_flag_value_is_printed_as_given(stopped, capsys, monkeypatch):
+    monkeypatch.chdir(stopped.parent)  # --out lr=3e-4, relative: a word of the message
+    line = _error([*RUN, "--out", "lr=3e-4", "--resume", "--lr", "0.01"], capsys)
+    assert line.startswith("ssmstream train: error: cannot resume lr=3e-4: --lr 0.01 (saved:"), line
+
+
+def test_a_glob_with_a_slash_is_refused_naming_glob(tmp_path, capsys):
+    """--glob is matched against file names, so '**/*.txt' matched nothing ("empty corpus"
+    for a directory full of .txt files); it is refused saying how the pattern is used."""
+    (tmp_path / "text" / "sub").mkdir(parents=True)
+    (tmp_path / "text" / "sub" / "a.txt").write_text("x" * 100)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:  # a usage error, found before any file is read
+        main(["--data", str(tmp_path / "text"), "--glob", "**/*.txt", "--out", str(out)])
+    assert e.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        "ssmstream train: error: --glob: '**/*.txt' holds a '/': the pattern is matched against "
+        "file names, at any depth below the --data directories (e.g. '*.txt')"
+    )
+    assert not out.exists()
