@@ -99,7 +99,9 @@ def load_manifest(model_dir: str | os.PathLike, check_sha: bool = True) -> dict:
             )
         if not path.is_file():
             what = "is missing" if not path.exists() else "is not a regular file"
-            raise ModelError(f"{path} {what}: not an exported ssmstream model directory")
+            trained = (model_dir / "config.json").is_file()  # `ssmstream train`'s output
+            hint = f" ({model_dir} is a checkpoint: export it first)" if trained else ""
+            raise ModelError(f"{path} {what}: not an exported ssmstream model directory{hint}")
     except OSError as e:  # a name too long
         raise ModelError(f"{path} cannot be read: {e.strerror or e}") from None
     try:

@@ -277,6 +277,15 @@ def test_model_dir_errors(toy_token_model, tmp_path):
         )
     with pytest.raises(InvalidInput, match=r"^model_dir: must be a path, got NoneType$"):
         Engine(None)
+    ckpt = tmp_path / "ckpt"  # what `ssmstream train` writes, given before its export
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    with pytest.raises(ModelError) as e:
+        Engine(ckpt)
+    assert str(e.value) == (
+        f"{ckpt / 'manifest.json'} is missing: not an exported ssmstream model directory "
+        f"({ckpt} is a checkpoint: export it first)"
+    )
     bad = tmp_path / "tampered"
     shutil.copytree(toy_token_model["model_dir"], bad)
     with open(bad / "step.onnx", "ab") as f:
