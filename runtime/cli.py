@@ -38,7 +38,7 @@ COMMANDS = {
     ),
     "info": ("ssmstream.runtime.info", "print an exported model's manifest as a table", ""),
     "serve": ("ssmstream.runtime.server", "serve an exported model over gRPC", "serve"),
-    "generate": ("ssmstream.runtime.client", "stream a generation from a running server", ""),
+    "generate": ("ssmstream.runtime.generate", "stream a generation from a running server", ""),
     "bench": ("ssmstream.runtime.bench", "quick step-latency benchmark of an exported model", ""),
     "plot": (
         "ssmstream.model.plots", "plot SSM basis functions and kernels of a checkpoint", "plots"

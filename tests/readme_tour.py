@@ -24,7 +24,7 @@ PARSERS = {  # subcommand -> module with build_parser()
     "verify": "ssmstream.export.verify_cli",
     "info": "ssmstream.runtime.info",
     "serve": "ssmstream.runtime.config",
-    "generate": "ssmstream.runtime.client",
+    "generate": "ssmstream.runtime.generate",
     "plot": "ssmstream.model.plots",
     "bench": "ssmstream.runtime.bench",
 }

@@ -35,6 +35,7 @@ RUNTIME_EDGE = {
     "health",
     "admission",
     "client",
+    "generate",
     "cli",
     "auth",
     "metrics",
@@ -42,7 +43,7 @@ RUNTIME_EDGE = {
     "bench",
     "info",
 }
-ADAPTERS = {"servicer", "status", "server", "health", "admission", "client"}
+ADAPTERS = {"servicer", "status", "server", "health", "admission", "client", "generate"}
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "ssmstream.protos")
 
 

@@ -81,7 +81,7 @@ raise SystemExit(main(json.loads(sys.argv[3])))
     "command, extras, modules",
     [
         ("serve", ["serve"], ["ssmstream.runtime.server", "ssmstream.runtime.metrics"]),
-        ("generate", [], ["ssmstream.runtime.client"]),
+        ("generate", [], ["ssmstream.runtime.generate", "ssmstream.runtime.client"]),
         ("info", [], ["ssmstream.runtime.info"]),
         ("bench", [], ["ssmstream.runtime.bench"]),
         ("train", ["train"], ["ssmstream.model.train"]),

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from rel_helpers import Ref, assert_matches, code_of, serve, target
 from ssmstream.runtime.client import Client
-from ssmstream.runtime.client import main as generate_main
+from ssmstream.runtime.generate import main as generate_main
 
 C = grpc.StatusCode
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from grpc_helpers import position_on_server, serve, target
 from ssmstream.protos import inference_pb2 as pb
-from ssmstream.runtime import client as client_mod
+from ssmstream.runtime import generate as generate_mod
 from ssmstream.runtime.client import (
     AsyncClient,
     Client,
@@ -22,7 +22,7 @@ from ssmstream.runtime.client import (
     generate_request,
     step_request,
 )
-from ssmstream.runtime.client import main as generate_main
+from ssmstream.runtime.generate import main as generate_main
 
 PROMPT = [1, 2, 3, 4, 5, 6]
 
@@ -181,7 +181,7 @@ def test_generate_cli_shows_only_ids_below_256_as_bytes(monkeypatch, capsys):
         def close(self):
             pass
 
-    monkeypatch.setattr(client_mod, "Client", FakeClient)
+    monkeypatch.setattr(generate_mod, "Client", FakeClient)
     assert generate_main(["--server", "x:1", "--max-new-tokens", "3", "hi"]) == 0
     assert capsys.readouterr().out == "ab\n"
 

@@ -29,7 +29,7 @@ from ssmstream.runtime.client import (
     generate_request,
     step_request,
 )
-from ssmstream.runtime.client import main as generate_main
+from ssmstream.runtime.generate import main as generate_main
 
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"  # the shape only
 

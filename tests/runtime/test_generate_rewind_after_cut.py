@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grpc
 from grpc_helpers import RpcFailure
-from ssmstream.runtime.client import _rewind_after_cut
+from ssmstream.runtime.generate import _rewind_after_cut
 
 
 class _Session:

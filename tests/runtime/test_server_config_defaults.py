@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from ssmstream.runtime import client
+from ssmstream.runtime import generate
 from ssmstream.runtime.config import ServerConfig, build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_the_server_listens_where_the_generate_client_connects_by_default():
     """A server started without --host/--port is reachable by `ssmstream generate` without
     --server, and only from this machine (README: 127.0.0.1 unless --host says otherwise)."""
     cfg = ServerConfig(model_dir="m")
-    assert cfg.address == client.build_parser().get_default("server") == "127.0.0.1:50051"
+    assert cfg.address == generate.build_parser().get_default("server") == "127.0.0.1:50051"
 
 
 def test_the_default_settings_keep_tenants_apart_and_fit_a_grpc_clients_receive_limit():
