@@ -1179,15 +1179,17 @@ class AsyncStreamHandle:
     async def send(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
-        req = step_request(self.session.id, tokens, values, output, top_k)
         async with self._turn:
-            mark = self.session._asked()
             if self._closed or self.session.client.closed:  # grpc.aio would raise
                 raise self._closed_error()  # CancelledError, as if the task was
             if self._call.done():  # ended by an earlier request's error: raise that status
                 if self._call.cancelled():  # an earlier send was cancelled (a timeout)
                     raise _cancelled("this stream was cancelled by an earlier send's cancellation")
                 await self._call.read()
+            # made at its turn, as the sync handle makes it: a closed stream is said first,
+            # and the id is the one the earlier sends' answers gave a new session
+            req = step_request(self.session.id, tokens, values, output, top_k)
+            mark = self.session._asked()
             try:
                 await self._call.write(req)
                 resp = await self._call.read()  # raises the stream's error status

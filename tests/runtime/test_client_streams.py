@@ -229,9 +229,10 @@ def test_the_servers_error_for_an_item_wins_over_a_later_refused_one(srv):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "999" in details
 
 
-def test_an_async_send_after_close_says_the_stream_was_closed(srv):
+@pytest.mark.parametrize("tokens", [[2], [0.5]], ids=["valid", "refused"])
+def test_an_async_send_after_close_says_the_stream_was_closed(srv, tokens):
     """The CANCELLED status of a send on a closed handle says so (not that an earlier send
-    was cancelled)."""
+    was cancelled), before its inputs are looked at, as the sync handle says it."""
 
     async def run():
         async with AsyncClient(target(srv), timeout=10) as c:
@@ -240,7 +241,7 @@ def test_an_async_send_after_close_says_the_stream_was_closed(srv):
             await st.send(tokens=[1])
             await st.close()
             with pytest.raises(grpc.RpcError) as e:
-                await st.send(tokens=[2])
+                await st.send(tokens=tokens)
             await s.close()
             return e.value.code(), e.value.details()
 
@@ -248,7 +249,8 @@ def test_an_async_send_after_close_says_the_stream_was_closed(srv):
     assert got == (grpc.StatusCode.CANCELLED, "this stream was closed")
 
 
-def test_a_sync_send_after_close_says_the_stream_was_closed(srv):
+@pytest.mark.parametrize("tokens", [[2], [0.5]], ids=["valid", "refused"])
+def test_a_sync_send_after_close_says_the_stream_was_closed(srv, tokens):
     """As the async handle does, not grpc's "Locally cancelled by application!"."""
     with Client(target(srv), timeout=10) as c:
         s = c.create_session()
@@ -256,7 +258,7 @@ def test_a_sync_send_after_close_says_the_stream_was_closed(srv):
         st.send(tokens=[1])
         st.close()
         with pytest.raises(grpc.RpcError) as e:
-            st.send(tokens=[2])
+            st.send(tokens=tokens)
         assert (e.value.code(), e.value.details()) == (
             grpc.StatusCode.CANCELLED,
             "this stream was closed",
