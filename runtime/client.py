@@ -158,6 +158,11 @@ def _number(name: str, v) -> float:
         raise ValueError(f"{name}: must be a number in float range, got {v!r}") from None
 
 
+def _ttl(ttl) -> float:
+    """A session's idle seconds: None or 0 is the server's default (as SessionService takes it)."""
+    return 0.0 if ttl is None else _number("ttl", ttl)
+
+
 # the smallest positive float32: a top_p below it would be 0 on the wire, which means "off"
 _TINY = float(np.nextafter(np.float32(0), np.float32(1)))
 
@@ -268,7 +273,7 @@ def create_request(
     """A CreateSessionRequest; ValueError naming the argument, as generate_request."""
     return pb.CreateSessionRequest(
         session_id=_session_id("session_id", session_id),
-        ttl_seconds=_number("ttl", ttl),
+        ttl_seconds=_ttl(ttl),
         snapshot=_bytes("snapshot", snapshot),
         prompt=_ints("prompt", prompt),
     )
@@ -566,7 +571,7 @@ class Client(_Base):
         req = pb.RestoreRequest(
             snapshot=_bytes("snapshot", snapshot),
             session_id=session_id,
-            ttl_seconds=_number("ttl", ttl),
+            ttl_seconds=_ttl(ttl),
         )
         s = self._unary(self.stub.RestoreSession, req, session_id)
         return ClientSession(self, s.session_id, s.position)
@@ -1024,7 +1029,7 @@ class AsyncClient(_Base):
         req = pb.RestoreRequest(
             snapshot=_bytes("snapshot", snapshot),
             session_id=session_id,
-            ttl_seconds=_number("ttl", ttl),
+            ttl_seconds=_ttl(ttl),
         )
         s = await self._make(self.stub.RestoreSession, req, session_id, session_id, chosen)
         return AsyncClientSession(self, s.session_id, s.position)

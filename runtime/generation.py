@@ -58,7 +58,7 @@ class GenerateConfig:
         """A checked config; InvalidInput names the first bad field.
 
         max_new_tokens must lie in [min_new_tokens, max_limit] (no upper bound when None);
-        top_k in [0, vocab_size]; stop tokens (any iterable) in [0, vocab_size), at most
+        top_k in [0, vocab_size]; stop tokens (any iterable; None: none) in [0, vocab_size), at most
         vocab_size of them (reading stops there: a request cannot make the server loop over
         millions).
         """
@@ -72,6 +72,7 @@ class GenerateConfig:
                 "top_k", f"must be in [0, vocab_size={vocab_size}] (0: off), got {top_k}"
             )
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        stop = () if stop is None else stop  # none, as the clients take it
         if not isinstance(stop, Iterable) or (isinstance(stop, np.ndarray) and stop.ndim == 0):
             raise InvalidInput(stop_field, f"must be an iterable of token ids, got {stop!r}")
         stop = list(itertools.islice(stop, vocab_size + 1))  # any iterable; never more

@@ -262,11 +262,13 @@ def test_client_side_argument_errors_name_the_argument():
             (lambda: c.session("s").rewind(-1), "position"),
             (lambda: c.create_session(prompt=[1.5]), "prompt"),
             (lambda: c.create_session(ttl="soon"), "ttl"),
-            (lambda: c.restore(b"snap", ttl=None), "ttl"),
+            (lambda: c.restore(b"snap", ttl=[1]), "ttl"),
         ):
             with pytest.raises(ValueError, match=f"^{field}: "):
                 call()
     assert list(create_request("s", 2, b"", b"hi").prompt) == [104, 105]
+    # None: the server's default TTL (0 on the wire), as SessionService takes it
+    assert create_request("s", None).ttl_seconds == create_request("s").ttl_seconds == 0
 
 
 def test_resumable_error_names_the_errors_a_failover_causes():

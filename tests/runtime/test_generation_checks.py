@@ -66,6 +66,12 @@ def test_a_top_k_past_the_vocabulary_is_named_first_as_the_client_names_it(bad):
         check_generate(req, info)
 
 
+def test_stop_none_is_no_stop_token_as_the_clients_take_it(toy_tok):
+    assert GenerateConfig.check(V, 2, stop=None).stop == frozenset()
+    kw = dict(max_new_tokens=6, temperature=1.3, seed=4)
+    assert list(toy_tok.generate([2, 7], stop=None, **kw)) == list(toy_tok.generate([2, 7], **kw))
+
+
 def test_stop_tokens_end_at_the_vocabulary_and_are_read_no_further_than_one_past_it():
     """A stop token must be an id of the vocabulary: V - 1 is one, V is not. An iterable of
     stop tokens is read no further than vocab_size + 1 items (an endless one is refused, not
