@@ -496,7 +496,7 @@ def test_generate_bad_arguments(tok_engine, sig_engine, make_toy, tmp_path):
         tok_engine.generate([1], top_p=-0.1)
     with pytest.raises(InvalidInput, match="state"):
         tok_engine.generate([1], state=np.zeros(3, dtype=np.float32))
-    for stop in ([99], ["a"], [1.5], 5, None):
+    for stop in ([99], ["a"], [1.5], 5):  # (None: no stop token)
         with pytest.raises(InvalidInput, match="stop"):
             tok_engine.generate([1], stop=stop)
     for prompt in (None, [[1], [2, 3]], np.array([[1, 2]]), 1.5):
