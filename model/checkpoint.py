@@ -24,6 +24,7 @@ from .network import SSMConfig, SSMNetwork
 
 FORMAT = "ssmstream-checkpoint"
 VERSION = 1
+FILES = ("config.json", "model.safetensors", "train_log.jsonl")  # what save_checkpoint writes
 
 
 class CheckpointError(ValueError):

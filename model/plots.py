@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import load_checkpoint
+from .checkpoint import FILES, load_checkpoint
 from .flags import said_of_flags
 from .layers import SSM
-from .train import HelpFormatter
+from .train import TRAIN_STATE, HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def plot_layer(
 
 
 # what `ssmstream train` writes into a checkpoint directory: a plot does not replace them
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "train_log.jsonl", "train_state.pt")
+CHECKPOINT_FILES = (*FILES, TRAIN_STATE)
 
 
 def plot_checkpoint(
