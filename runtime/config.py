@@ -207,6 +207,22 @@ class ServerConfig:
     grace: float = _option(
         10.0, "operations", "seconds in-flight requests get to finish after SIGTERM/SIGINT/SIGHUP"
     )
+    keepalive: float = _option(
+        60.0,
+        "network",
+        "seconds between the server's HTTP/2 pings on a connection with calls open: a client "
+        "that stops answering (frozen, or gone without closing its socket) is disconnected "
+        "--keepalive-timeout later and its calls end; 0 turns the pings off",
+    )
+    keepalive_timeout: float = _option(
+        20.0, "network", "seconds a client has to answer a keepalive ping"
+    )
+    max_connection_idle: float = _option(
+        600.0,
+        "network",
+        "seconds a connection may stay open with no call before the server closes it (clients "
+        "reconnect on their next call); 0: never",
+    )
     port_file: str | None = _option(
         None,
         "network",
@@ -254,6 +270,17 @@ class ServerConfig:
             if not low <= value <= MAX_SECONDS:
                 raise ValueError(
                     f"{name}: must be >= {low:g} and <= {MAX_SECONDS:g} seconds, got {value}"
+                )
+        for name, off in (
+            ("keepalive", 0),
+            ("keepalive_timeout", None),
+            ("max_connection_idle", 0),
+        ):
+            value = getattr(self, name)  # whole milliseconds, as grpc takes them
+            if not _is_number(value) or not (value == off or 0.001 <= value <= MAX_GRPC_SECONDS):
+                zero = "0 or " if off == 0 else ""
+                raise ValueError(
+                    f"{name}: must be {zero}in [0.001, {MAX_GRPC_SECONDS}] seconds, got {value!r}"
                 )
         if self.max_batch_delay >= 10:
             raise ValueError(f"max_batch_delay: must be < 10 seconds, got {self.max_batch_delay}")
@@ -321,6 +348,7 @@ class ServerConfig:
 
 INT32, UINT32 = 2**31 - 1, 2**32 - 1
 MAX_SECONDS = 1e9  # about 31 years: larger durations overflow Redis's millisecond expiries
+MAX_GRPC_SECONDS = INT32 // 1000  # about 24 days: grpc takes its times as int32 milliseconds
 
 
 def _is_number(value) -> bool:
