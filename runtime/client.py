@@ -66,7 +66,7 @@ import numpy as np
 from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
-from .errors import as_array, check_session_id, integer
+from .errors import as_array, as_tokens, check_session_id, integer
 from .sampling import check_params
 from .snapshots import BYTES_LIKE, BytesLike
 
@@ -107,11 +107,9 @@ class StepResult:
 
 
 def _ints(name: str, xs) -> list[int]:
-    """Token ids as ints (bytes are ids 0..255, as a byte-level model reads them); ValueError
-    naming `name` for anything but integers (a float is not truncated)."""
-    if isinstance(xs, (bytes, bytearray)) or (isinstance(xs, memoryview) and xs.format in "Bc"):
-        xs = np.frombuffer(xs, dtype=np.uint8)
-    a = as_array(xs if xs is not None else [], name)  # ragged, or a bool among ints: named
+    """Token ids as ints, row-major (bytes are ids 0..255, as a byte-level model reads
+    them); ValueError naming `name` for anything but integers (a float is not truncated)."""
+    a = as_tokens(xs if xs is not None else [], name)  # ragged, or a bool among ints: named
     if a.dtype.kind in "fO" and isinstance(xs, (list, tuple)) and all(type(x) is int for x in xs):
         # Python ints past int64, which numpy made floats or objects
         wide = next((x for x in xs if not -(2**63) <= x <= 2**63 - 1), None)

@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineFailure, InvalidInput, ModelError, as_array, integer, zeros
+from .errors import EngineFailure, InvalidInput, ModelError, as_array, as_tokens, integer, zeros
 from .generation import GenerateConfig, Generation
 from .manifest import METADATA_KEY, load_manifest
 from .providers import (
@@ -483,7 +483,7 @@ class Engine:
         dimensions in messages (default "B" / "B, T"; the Batcher checks one request, "T").
         Returns a C-contiguous int64 / float32 (the graph's input dtype) array.
         """
-        x = as_array(inputs, field)
+        x = as_tokens(inputs, field) if self.input_kind == "tokens" else as_array(inputs, field)
         if x.dtype == np.int64 and x.ndim == (2 if time_axis else 1) and x.size:
             # fast path for the common case: int64 tokens of the right rank
             if self.input_kind == "tokens" and x.flags.c_contiguous:

@@ -126,6 +126,16 @@ def as_array(value, field: str) -> np.ndarray:
     return a
 
 
+def as_tokens(value, field: str) -> np.ndarray:
+    """as_array for token ids: bytes, a bytearray or a memoryview of bytes are the byte
+    values 0..255 (a byte-level model's ids), in every API that takes tokens."""
+    if isinstance(value, (bytes, bytearray)) or (
+        isinstance(value, memoryview) and value.format in "Bc"
+    ):
+        return np.frombuffer(bytes(value), dtype=np.uint8)
+    return as_array(value, field)
+
+
 def holds_bool(value) -> bool:
     """Whether a list or tuple (nested too) holds a bool among its items (by their types:
     ~15 ns an item)."""

@@ -52,6 +52,7 @@ from .errors import (
     SessionNotFound,
     Unavailable,
     as_array,
+    as_tokens,
     check_session_id,
     integer,
     real_number,
@@ -127,7 +128,7 @@ class SessionService:
         before it is checked: floats, bools or strings as tokens are refused, not truncated.
         Raises InvalidInput naming the field, LimitExceeded for T > max_tokens_per_request.
         """
-        tokens, values = as_array(tokens, field or "tokens"), as_array(values, field or "values")
+        tokens, values = as_tokens(tokens, field or "tokens"), as_array(values, field or "values")
         if self.engine.input_kind == "tokens":
             name = field or "tokens"
             if values.size:
@@ -378,7 +379,7 @@ class SessionService:
         sid = check_session_id(session_id) if session_id else None
         if not isinstance(snapshot, BYTES_LIKE):
             raise InvalidInput("snapshot", f"must be bytes, got {type(snapshot).__name__}")
-        prompt = as_array(prompt, "prompt")
+        prompt = as_tokens(prompt, "prompt")
         if prompt.size:
             if snapshot:
                 raise InvalidInput("prompt", "cannot be combined with a snapshot")

@@ -65,7 +65,7 @@ TOKEN_ENGINE = [
     P(lambda e, s, g: e.step([True], s), "inputs", id="step-bool-token"),
     P(lambda e, s, g: e.step(np.array([1], dtype=object), s), "inputs", id="step-object-array"),
     P(lambda e, s, g: e.step("1", s), "inputs", id="step-string"),
-    P(lambda e, s, g: e.step(b"\x01", s), "inputs", id="step-bytes"),
+    P(lambda e, s, g: e.step(b"\xff", s), "inputs", id="step-bytes-past-vocab"),  # byte 255
     P(lambda e, s, g: e.step(None, s), "inputs", id="step-none"),
     P(lambda e, s, g: e.step(np.float32(1), s), "inputs", id="step-numpy-float-scalar"),
     P(lambda e, s, g: e.step([[1]], s), "inputs", id="step-2d"),
