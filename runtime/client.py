@@ -67,6 +67,8 @@ from ssmstream.protos import inference_pb2 as pb
 from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .errors import as_array, as_tokens, check_session_id, integer
+from .keepalive import MAX_SECONDS as MAX_KEEPALIVE
+from .keepalive import MIN_CLIENT_PING_INTERVAL, keepalive_options
 from .sampling import check_params
 from .snapshots import BYTES_LIKE, BytesLike
 
@@ -181,6 +183,23 @@ def _timeout(v) -> float | None:
     if not t > 0:
         raise ValueError(f"timeout: must be > 0 seconds (None or inf: no limit), got {v!r}")
     return None if t >= 1e9 else t
+
+
+def _keepalive(seconds, timeout) -> list[tuple[str, int]]:
+    """The channel's keepalive options; ValueError naming `keepalive` (0 or at least
+    MIN_CLIENT_PING_INTERVAL: a server refuses pings more often, with GOAWAY) or
+    `keepalive_timeout` (> 0)."""
+    s, t = _number("keepalive", seconds), _number("keepalive_timeout", timeout)
+    if not (s == 0 or MIN_CLIENT_PING_INTERVAL <= s <= MAX_KEEPALIVE):
+        raise ValueError(
+            f"keepalive: must be 0 (no pings) or in [{MIN_CLIENT_PING_INTERVAL:g}, "
+            f"{MAX_KEEPALIVE}] seconds, got {seconds!r}"
+        )
+    if not 0.001 <= t <= MAX_KEEPALIVE:
+        raise ValueError(
+            f"keepalive_timeout: must be in [0.001, {MAX_KEEPALIVE}] seconds, got {timeout!r}"
+        )
+    return keepalive_options(s, t)
 
 
 def _token(token: str) -> str:
@@ -435,6 +454,8 @@ class _Base:
         client_key=None,
         timeout: float | None = None,
         options: Sequence[tuple[str, object]] | None = (),
+        keepalive: float = 300.0,
+        keepalive_timeout: float = 20.0,
     ):
         self.target = _target(target)
         self.timeout = _timeout(timeout)
@@ -442,8 +463,12 @@ class _Base:
             () if token in (None, "") else (("authorization", f"Bearer {_token(token)}"),)
         )
         self.credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
-        # grpc takes the first of repeated channel args: the caller's go before the default
-        self.options = [*_options(options), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        # grpc takes the first of repeated channel args: the caller's go before the defaults
+        self.options = [
+            *_options(options),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            *_keepalive(keepalive, keepalive_timeout),
+        ]
         self.closed = False  # close() was called: every call then raises CANCELLED (`stub`)
         self._stub = None
 
@@ -513,6 +538,11 @@ class Client(_Base):
             TLS; the last two for mTLS, both or neither).
         timeout: seconds for each unary call (None: no limit; `rewind` takes its own).
         options: grpc channel options, (name, value) pairs (None: none).
+        keepalive: seconds between pings while calls are open (0: none, else >= 1); a server
+            that does not answer one within `keepalive_timeout` seconds (stopped, or gone
+            without closing the connection) ends them with UNAVAILABLE, as an open Stream
+            would otherwise wait for it forever. The default, 5 minutes, is what any gRPC
+            server takes; `ssmstream serve` takes pings as often as every second.
     """
 
     def __init__(self, target: str, token: str | None = None, tls: bool = False, **kw):

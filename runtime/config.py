@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .cli import HelpFormatter, said_of_flags
+from .keepalive import MAX_SECONDS as MAX_GRPC_SECONDS
 from .providers import MAX_THREADS
 
 GROUPS: dict[str, str | None] = {  # flag groups of `--help`, in order: title -> description
@@ -348,7 +349,6 @@ class ServerConfig:
 
 INT32, UINT32 = 2**31 - 1, 2**32 - 1
 MAX_SECONDS = 1e9  # about 31 years: larger durations overflow Redis's millisecond expiries
-MAX_GRPC_SECONDS = INT32 // 1000  # about 24 days: grpc takes its times as int32 milliseconds
 
 
 def _is_number(value) -> bool:

@@ -48,9 +48,10 @@ from ssmstream.protos import inference_pb2_grpc as pb_grpc
 
 from .admission import RpcLimit
 from .auth import AuthInterceptor, TokenTable
-from .config import INT32, ServerConfig, parse_config, with_flags
+from .config import ServerConfig, parse_config, with_flags
 from .errors import FailureRun, InvalidInput, RuntimeErrorBase
 from .health import Health
+from .keepalive import MIN_CLIENT_PING_INTERVAL, keepalive_options
 from .metrics import FeaturesCollector, ServerMetrics
 from .prefix_cache import entry_bytes
 from .secret_files import warn_unless_private
@@ -783,22 +784,15 @@ class BackgroundServer:
 
 
 def connection_options(c: ServerConfig) -> list[tuple[str, int]]:
-    """grpc's options for --keepalive, --keepalive-timeout and --max-connection-idle.
-
-    The server pings a connection with calls open every --keepalive seconds, with no cap on
-    pings while no data flows (grpc's default stops at 2), so a peer that stops answering is
-    dropped and its calls end: otherwise its Stream held its session's attachment and an RPC
-    slot until the TCP connection died, hours later where nothing closes it. Every ping gets
-    --keepalive-timeout (`ping_timeout_ms`): a keepalive ping is skipped while another ping
-    (grpc's bandwidth probe) is in flight, and that one's own timeout is far longer."""
+    """grpc's options for --keepalive, --keepalive-timeout and --max-connection-idle, and
+    the clients' pings the server takes (runtime/keepalive.py). A client that stops answering
+    is dropped and its calls end: its Stream had held its session's attachment and an RPC slot
+    until the TCP connection died, hours later where nothing closes it."""
     ms = lambda seconds: max(1, round(seconds * 1000))  # noqa: E731
-    options = [("grpc.keepalive_time_ms", ms(c.keepalive) if c.keepalive else INT32)]
-    if c.keepalive:
-        options += [
-            ("grpc.keepalive_timeout_ms", ms(c.keepalive_timeout)),
-            ("grpc.http2.ping_timeout_ms", ms(c.keepalive_timeout)),
-            ("grpc.http2.max_pings_without_data", 0),
-        ]
+    options = [
+        *keepalive_options(c.keepalive, c.keepalive_timeout),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(MIN_CLIENT_PING_INTERVAL)),
+    ]
     if c.max_connection_idle:
         options.append(("grpc.max_connection_idle_ms", ms(c.max_connection_idle)))
     return options
