@@ -152,8 +152,9 @@ class TrainConfig:
     resume: bool = field(
         default=False,
         metadata=_help(
-            "continue the run saved in --out (its model config is used: model flags that "
-            "differ are ignored, with a warning)"
+            "continue the run saved in --out: training flags not given take the run's saved "
+            "values (but --stop-after); its model config is used (model flags that differ are "
+            "ignored, with a warning)"
         ),
     )
     device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
@@ -453,8 +454,9 @@ def _resume(
         if differ:
             got = ", ".join(f"{k}={now[k]!r} (saved: {saved[k]!r})" for k in differ)
             raise ValueError(
-                f"cannot resume {out}: {got}; pass the run's original values (use --stop-after "
-                "to stop a run early and --resume to continue it)"
+                f"cannot resume {out}: {got}; a resumed run keeps its schedule and data: leave "
+                "these out (the command line takes the saved values) or pass the saved ones "
+                "(use --stop-after to stop a run early and --resume to continue it)"
             )
         if moved := [k for k in RUN_ON if k in saved and saved[k] != now[k]]:
             log.warning(
@@ -907,6 +909,35 @@ def _warn_of_flags_that_do_nothing(model_cfg: SSMConfig | None, cfg: TrainConfig
         log.warning("--%s: only for %s; ignored", name.replace("_", "-"), only)
 
 
+# a resumed run's flags not given are the saved run's, but these: it runs to --steps unless
+# told to stop again, and --out / --resume say what to resume
+NOT_CARRIED_ON_RESUME = frozenset({"out", "resume", "stop_after"})
+
+
+def _saved_flags_as_defaults(args: argparse.Namespace, argv) -> list[str]:
+    """With --resume, the training (and signal-task) flags not given take the saved run's
+    values, so that `--out DIR --resume` continues a run without its flags repeated; flags
+    given are checked against the saved ones by fit. Returns the flags taken, by field."""
+    try:
+        saved = read_checkpoint_meta(Path(args.out)).get("train")
+    except CheckpointError:
+        return []  # nothing to resume, or a malformed checkpoint: fit says which
+    if not isinstance(saved, dict):
+        return []
+    taken = []
+    for cls, values in ((TrainConfig, saved), (SignalConfig, saved.get("signal"))):
+        given = model_flags_given(argv, cls)
+        for f in dataclasses.fields(cls):
+            name = f.name
+            if name in given or name in NOT_CARRIED_ON_RESUME or name in _SKIP:
+                continue
+            if isinstance(values, dict) and name in values and hasattr(args, name):
+                if getattr(args, name) != values[name]:
+                    setattr(args, name, values[name])
+                    taken.append(name)
+    return taken
+
+
 def _warn_of_ignored_model_flags(out: Path, given: dict) -> None:
     """A resumed run keeps its checkpoint's model: warn of the model flags given that say
     otherwise (they are ignored)."""
@@ -1017,6 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if dist.is_main else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.resume and (taken := _saved_flags_as_defaults(args, argv)):
+        log.info(
+            "resuming %s with its saved %s",
+            args.out,
+            ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)!r}" for k in taken),
+        )
     try:
         model_cfg, train_cfg = configs_from_args(args)
     except ValueError as e:  # a flag's value, or flags that do not go together

@@ -7,6 +7,7 @@ was."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def _error(argv: list[str], capsys) -> str:
     "extra, said",
     [
         (["--lr", "0.01", "--seed", "3"], "--lr 0.01 (saved: 0.002), --seed 3 (saved: 0); "),
-        (["--steps", "6"], "--steps 6 (saved: 4); pass the run's original values"),
+        (["--steps", "6"], "--steps 6 (saved: 4); a resumed run keeps its schedule and data"),
         (["--stop-after", "1"], "--stop-after 1 is before its checkpoint's step 2"),
     ],
 )
@@ -96,3 +97,23 @@ def test_a_glob_with_a_slash_is_refused_naming_glob(tmp_path, capsys):
         "file names, at any depth below the --data directories (e.g. '*.txt')"
     )
     assert not out.exists()
+
+
+def test_a_resume_without_the_runs_flags_continues_it_as_with_them(tmp_path, caplog):
+    """`--out DIR --resume` takes the saved run's training flags: its checkpoint is the one a
+    resume repeating every flag writes, bit for bit."""
+    caplog.set_level(logging.INFO)
+    runs = {}
+    for name, resume in (("repeated", [*RUN]), ("left-out", ["--no-progress"])):
+        out = tmp_path / name
+        assert main([*RUN, "--out", str(out), "--stop-after", "2"]) == 0
+        caplog.clear()
+        assert main([*resume, "--out", str(out), "--resume"]) == 0
+        runs[name] = _files(out)["model.safetensors"]
+        said = [r.getMessage() for r in caplog.records if "with its saved" in r.getMessage()]
+        if name == "left-out":  # the flags taken, as flags, with their values
+            assert len(said) == 1 and "--steps 4" in said[0] and "--rate 4" in said[0], said
+            assert "--stop-after" not in said[0]
+        else:
+            assert said == []
+    assert runs["left-out"] == runs["repeated"]
