@@ -23,12 +23,13 @@ def keepalive_options(seconds: float, timeout: float) -> list[tuple[str, int]]:
     if not seconds:
         return [("grpc.keepalive_time_ms", INT32)]
     return [
-        ("grpc.keepalive_time_ms", _ms(seconds)),
-        ("grpc.keepalive_timeout_ms", _ms(timeout)),
-        ("grpc.http2.ping_timeout_ms", _ms(timeout)),
+        ("grpc.keepalive_time_ms", milliseconds(seconds)),
+        ("grpc.keepalive_timeout_ms", milliseconds(timeout)),
+        ("grpc.http2.ping_timeout_ms", milliseconds(timeout)),
         ("grpc.http2.max_pings_without_data", 0),
     ]
 
 
-def _ms(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
+    """grpc's int milliseconds for a positive number of seconds (at least 1)."""
     return max(1, round(seconds * 1000))

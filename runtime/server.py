@@ -51,7 +51,7 @@ from .auth import AuthInterceptor, TokenTable
 from .config import ServerConfig, parse_config, with_flags
 from .errors import FailureRun, InvalidInput, RuntimeErrorBase
 from .health import Health
-from .keepalive import MIN_CLIENT_PING_INTERVAL, keepalive_options
+from .keepalive import MIN_CLIENT_PING_INTERVAL, keepalive_options, milliseconds
 from .metrics import FeaturesCollector, ServerMetrics
 from .prefix_cache import entry_bytes
 from .secret_files import warn_unless_private
@@ -788,13 +788,12 @@ def connection_options(c: ServerConfig) -> list[tuple[str, int]]:
     the clients' pings the server takes (runtime/keepalive.py). A client that stops answering
     is dropped and its calls end: its Stream had held its session's attachment and an RPC slot
     until the TCP connection died, hours later where nothing closes it."""
-    ms = lambda seconds: max(1, round(seconds * 1000))  # noqa: E731
     options = [
         *keepalive_options(c.keepalive, c.keepalive_timeout),
-        ("grpc.http2.min_ping_interval_without_data_ms", ms(MIN_CLIENT_PING_INTERVAL)),
+        ("grpc.http2.min_ping_interval_without_data_ms", milliseconds(MIN_CLIENT_PING_INTERVAL)),
     ]
     if c.max_connection_idle:
-        options.append(("grpc.max_connection_idle_ms", ms(c.max_connection_idle)))
+        options.append(("grpc.max_connection_idle_ms", milliseconds(c.max_connection_idle)))
     return options
 
 
