@@ -157,7 +157,7 @@ class NginxProcess:
 
 
 class ReplicaProcess:
-    """`python -m ssmstream.runtime.server MODEL_DIR --port 0 --metrics-port 0 ...`."""
+    """`ssmstream serve MODEL_DIR --port 0 --metrics-port 0 ...` (with this Python)."""
 
     def __init__(self, model_dir, args: list[str], workdir: Path, name: str):
         self.name = name
@@ -165,9 +165,9 @@ class ReplicaProcess:
         self.log = Path(workdir) / f"{name}.log"
         self.port_file.unlink(missing_ok=True)
         model_dir = Path(model_dir).absolute()
-        cmd = [sys.executable, "-m", "ssmstream.runtime.server", str(model_dir), "--port", "0",
-               "--metrics-port", "0", "--port-file", str(self.port_file), "--replica-id", name,
-               *args]  # fmt: skip
+        cmd = [sys.executable, "-m", "ssmstream.runtime.cli", "serve", str(model_dir),
+               "--port", "0", "--metrics-port", "0", "--port-file", str(self.port_file),
+               "--replica-id", name, *args]  # fmt: skip
         with open(self.log, "w") as log:
             # its own session, as Redis's and nginx's: Ctrl-C reaches only localcluster, whose
             # stop() sends one SIGTERM (a second signal would end the replica's grace period at

@@ -66,7 +66,10 @@ class TokenTable:
         if not path.is_file():
             raise ValueError(f"auth_tokens: {path} is not a file")
         tokens: dict[str, str] = {}
-        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # an editor's UTF-8 BOM
+        try:
+            data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # an editor's UTF-8 BOM
+        except OSError as e:  # no permission to read it: said of the flag, as other files are
+            raise ValueError(f"auth_tokens: cannot read {path}: {e.strerror or e}") from None
         for n, raw in enumerate(data.splitlines(), start=1):
             try:
                 line = raw.decode("utf-8").strip()

@@ -122,6 +122,13 @@ def _run(argv: list[str]) -> int:
         print(f"ssmstream: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     path, _, extra = COMMANDS[name]
+    # read once, when grpc loads: before the command's module imports it (where grpc is
+    # loaded already, as in a program that calls main(), it would change nothing). Unset,
+    # grpc's core logs at INFO: a line on stderr for each connection that fails its TLS
+    # handshake (on a server: a plaintext client, a port scanner, as often as anyone
+    # connects; on a client: beside the command's own one-line error)
+    if "grpc" not in sys.modules:
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         module = importlib.import_module(path)
     except ModuleNotFoundError as e:  # an extra not installed: say which

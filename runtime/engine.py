@@ -66,6 +66,7 @@ from .providers import (
     STEP_THREADS,
     CudaOptions,
     cuda_usable,
+    default_threads,
     session_options,
     trim_heap,
 )
@@ -343,9 +344,11 @@ class Engine:
             self._slot_session = self._open(graphs["step"]["file"], opts, providers, slot_graph)
         self.info = self._make_info()
         cuda = f" {self.cuda_options.provider_options()}" if self.device == "cuda" else ""
+        pool = f"; prefill on {threads or default_threads()} threads" if "prefill" in graphs else ""
         log.info(
-            "opened %s (%s, S=%d, %s) on %s%s", self.name, self.input_kind, self.state_size,
-            m["dtype"], self.provider, cuda,
+            "opened %r from %s (step sha256 %s…; %s, S=%d, %s) on %s%s%s", self.name,
+            self.model_dir, self.info["step_sha256"][:12], self.input_kind, self.state_size,
+            m["dtype"], self.provider, cuda, pool,
         )  # fmt: skip
 
     # --- opening -------------------------------------------------------------------------

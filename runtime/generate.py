@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--server: not a host:port address, got {a.server!r}")
     if a.server.endswith(":"):  # an empty $PORT: grpc would take port 443
         parser.error(f"--server: no port after the ':', got {a.server!r}")
+    if a.max_new_tokens < 1:  # every server's lower bound: said before any call
+        parser.error(f"--max-new-tokens: must be an integer >= 1, got {a.max_new_tokens}")
     if not a.timeout > 0:  # NaN too: every call would fail DEADLINE_EXCEEDED
         parser.error(f"--timeout: must be > 0 seconds (inf: no limit), got {a.timeout}")
     try:  # the sampling flags, checked as the request will be, before any call

@@ -24,6 +24,9 @@
     ssmstream_sessions_active              open sessions (from SessionStore.stats())
     ssmstream_sessions_evicted_total       sessions evicted by the idle TTL
     ssmstream_draining                     1 while shutting down
+    process_*                              the process's CPU seconds, resident and virtual
+                                           memory, open and most file descriptors, start
+                                           time (prometheus-client's ProcessCollector; Linux)
 
 Each server owns its CollectorRegistry, so several servers in one process (tests) do
 not collide.
@@ -46,7 +49,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -131,7 +140,12 @@ class _HotCollector:
     def collect(self):
         m = self.m
         for name, doc, values in (
-            ("ssmstream_tokens", "inputs consumed + tokens generated", m._tokens),
+            (
+                "ssmstream_tokens",
+                "inputs consumed: Step and Stream inputs, prompts, and each generated token "
+                "but the last (fed back to the model)",
+                m._tokens,
+            ),
             ("ssmstream_requests", "requests handled", m._requests),
         ):
             family = CounterMetricFamily(name, doc, labels=["rpc"])
@@ -221,6 +235,7 @@ class ServerMetrics:
             "ssmstream_errors", "RPCs ended with a non-OK status", ["code"], registry=r
         )
         self.draining = Gauge("ssmstream_draining", "1 while shutting down", registry=r)
+        ProcessCollector(registry=r)  # memory and descriptors, as the default registry has
         self._tokens: dict[str, int] = {}  # rpc -> tokens
         self._requests: dict[str, int] = {}  # rpc -> requests
         self._latency: dict[str, _Histogram] = {}  # rpc -> seconds per request
@@ -271,7 +286,8 @@ class ServerMetrics:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._http = server
         bound = server.server_address[1]
-        log.info("metrics on http://%s:%d/metrics", host, bound)
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL has it
+        log.info("metrics on http://%s:%d/metrics", shown, bound)
         return bound
 
     def close(self) -> None:

@@ -36,22 +36,49 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import InvalidInput, integer
 
+CGROUP_ROOT = "/sys/fs/cgroup"  # a container's own cgroup (its cgroup namespace)
+
 
 def default_threads() -> int:
-    """Physical-ish core count available to this process (at least 1)."""
+    """Physical-ish core count available to this process (at least 1): the cores it may run
+    on, or fewer where a CPU quota caps them (`cpu_quota`)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         n = os.cpu_count() or 1
-    return max(1, n)
+    quota = cpu_quota()
+    return max(1, n if quota is None else min(n, quota))
+
+
+def cpu_quota(root: str | None = None) -> int | None:
+    """The cores a cgroup CPU quota lets this process use, rounded up (`docker run --cpus
+    1.5`, a Kubernetes CPU limit: 2); None without one. The quota does not show in the
+    affinity mask: a container limited to 2 of a host's 64 cores would run 64 threads,
+    throttled to 2 cores' time."""
+    root = CGROUP_ROOT if root is None else root
+    try:  # cgroup v2: "max 100000" (no quota) or "<quota> <period>" in microseconds
+        quota, period = Path(root, "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:  # cgroup v1: a quota of -1 is none
+            quota = Path(root, "cpu", "cpu.cfs_quota_us").read_text()
+            period = Path(root, "cpu", "cpu.cfs_period_us").read_text()
+        except OSError:
+            return None
+    try:
+        quota, period = int(quota), int(period)
+    except ValueError:  # "max"
+        return None
+    return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
 
 
 STEP_THREADS = 1  # intra-op threads of the step graph (see the module docstring)

@@ -522,7 +522,7 @@ class Server:
             info["input_kind"],
             int(info["state_size"]),
             info.get("dtype"),
-            c.host,
+            c.address.rpartition(":")[0],  # an IPv6 address bracketed, as in a URL
             self.port,
             info.get("provider"),
             " with TLS" + (" (mTLS)" if c.tls_client_ca else "") if credentials else "",

@@ -95,6 +95,31 @@ def test_the_orchestrators_wait_out_the_servers_grace_before_they_kill_it():
     assert int(docker_stop.group(1)) > grace
 
 
+def test_the_kubernetes_memory_request_covers_what_the_replicas_flags_let_them_hold():
+    """A replica at its bounds holds the state slab, the rewind checkpoints (one state per
+    session may pass --rewind-memory-mb) and the prefix cache: a request below that lets the
+    scheduler pack pods onto memory they will use, and the kubelet evicts first the pods
+    using more than they asked for."""
+    from ssmstream.model.checkpoint import read_checkpoint_meta
+    from ssmstream.model.network import SSMConfig
+
+    ckpt = ROOT / "examples" / "checkpoints" / "byte-lm"  # what the image serves
+    state = 4 * SSMConfig.from_dict(read_checkpoint_meta(ckpt)["model"]).state_size
+    text = (DEPLOY / "k8s" / "ssmstream.yaml").read_text()
+    (dep,) = [d for d in yaml.safe_load_all(text) if d["metadata"]["name"] == "ssmstream"
+              and d["kind"] == "Deployment"]  # fmt: skip
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    config = parse_config(serve_args(container["command"]))
+    held = (
+        2 * config.max_sessions * state  # the slab, and one checkpoint per session
+        + config.rewind_memory_mb * 2**20
+        + config.prefix_cache_mb * 2**20
+    )
+    amount = container["resources"]["requests"]["memory"]
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", amount).groups()
+    assert int(number) * {"Mi": 2**20, "Gi": 2**30}[unit] >= held, (amount, held / 2**20)
+
+
 def test_the_client_sends_the_header_the_proxies_hash():
     from ssmstream.runtime.client import Client
 

@@ -249,3 +249,17 @@ def test_closing_an_async_regenerate_early_cancels_its_generate_at_once(toy_serv
             return ended
 
     assert asyncio.run(asyncio.wait_for(run(), 30)) == [True, True]
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_a_max_new_tokens_below_one_is_refused_before_any_call(n, monkeypatch, capsys):
+    """No server takes 0 tokens: `--max-new-tokens 0` was sent, so with the server down it
+    said UNAVAILABLE, not the flag; and -1 was refused as "must be an integer >= 0"."""
+    monkeypatch.setattr(generate_mod, "Client", lambda *a, **k: pytest.fail("called"))
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--server", "127.0.0.1:1", "--max-new-tokens", n, "hi"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        err[-1] == f"ssmstream generate: error: --max-new-tokens: must be an integer >= 1, got {n}"
+    )

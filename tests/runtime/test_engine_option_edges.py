@@ -51,6 +51,23 @@ def test_threads_and_step_threads_reach_their_own_graphs(toy_token_model):
     assert _threads(eng.step_session) == 1
 
 
+def test_the_open_log_line_names_the_directory_the_model_and_the_prefill_threads(
+    toy_token_model, caplog
+):
+    """What a server's log says it loaded: two exports that share a name (a model and its
+    retrained successor) differ in their directory and step graph; and the prefill pool's
+    size, which a container's CPU quota may set."""
+    d = toy_token_model["model_dir"]
+    with caplog.at_level("INFO", logger="ssmstream.runtime.engine"):
+        eng = Engine(d, device="cpu", threads=3)
+    sha = eng.info["step_sha256"]
+    opened = [r.getMessage() for r in caplog.records if r.getMessage().startswith("opened ")]
+    assert opened == [
+        f"opened {eng.name!r} from {d} (step sha256 {sha[:12]}…; tokens, S={eng.state_size}, "
+        "fp32) on CPUExecutionProvider; prefill on 3 threads"
+    ]
+
+
 # --- device -----------------------------------------------------------------------------
 
 

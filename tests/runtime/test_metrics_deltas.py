@@ -14,6 +14,7 @@ import concurrent.futures
 import functools
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -186,6 +187,24 @@ def test_step_stream_and_session_calls_count_their_requests_and_tokens(server, s
     assert got == batches(1)  # the inputs since the checkpoint before it, replayed in one call
     ids = (sid, out[0].session_id, fork["f"].session_id, restored["r"].session_id)
     assert changed_by(server, lambda: close(stub, *ids)) == sessions(-4)
+
+
+def test_the_tokens_help_text_says_what_a_generate_adds_to_it(server, stub):
+    """A dashboard reads the counter by its HELP line: 4 tokens generated from a 2-token
+    prompt add 5 (the last generated token is not fed), not 2 + 4 as "inputs consumed +
+    tokens generated" said."""
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    (help_line,) = [
+        ln for ln in text.splitlines() if ln.startswith("# HELP ssmstream_tokens_total")
+    ]
+    assert help_line == (
+        "# HELP ssmstream_tokens_total inputs consumed: Step and Stream inputs, prompts, and "
+        "each generated token but the last (fed back to the model)"
+    )
+    req = pb.GenerateRequest(prompt=[7, 8], max_new_tokens=4, temperature=0.0)
+    got = changed_by(server, lambda: list(stub.Generate(req, timeout=10)))
+    assert got['ssmstream_tokens_total{rpc="Generate"}'] == 2 + 4 - 1
 
 
 def test_generate_counts_its_prompt_the_tokens_fed_back_and_one_request(server, stub):

@@ -40,3 +40,24 @@ def test_closing_the_exporter_stops_its_thread_and_frees_its_port():
     assert not [t for t in started if t.is_alive()]
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_the_process_metrics_say_this_processs_memory_and_descriptors():
+    """What an operator watches beside the server's own counters: resident memory against
+    the container's request, open descriptors against the limit `serve` raises at start
+    (each client connection holds one). The server's own registry had none of them."""
+    import os
+    import resource
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("prometheus-client reads them from /proc")
+    m = ServerMetrics()
+    value = m.registry.get_sample_value
+    rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert abs(value("process_resident_memory_bytes") - rss) < 64 << 20
+    assert value("process_open_fds") == pytest.approx(len(os.listdir("/proc/self/fd")), abs=4)
+    assert value("process_max_fds") == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert value("process_cpu_seconds_total") > 0

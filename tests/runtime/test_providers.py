@@ -209,7 +209,8 @@ def test_default_cuda_options_are_the_documented_provider_strings():
     }
 
 
-def test_default_threads_counts_the_cores_this_process_may_run_on(monkeypatch):
+def test_default_threads_counts_the_cores_this_process_may_run_on(monkeypatch, tmp_path):
+    monkeypatch.setattr(providers, "CGROUP_ROOT", str(tmp_path))  # no CPU quota there
     monkeypatch.setattr(providers.os, "sched_getaffinity", lambda pid: {0, 5, 7})
     assert providers.default_threads() == 3
     monkeypatch.delattr(providers.os, "sched_getaffinity")  # not on Linux: every core
@@ -217,3 +218,26 @@ def test_default_threads_counts_the_cores_this_process_may_run_on(monkeypatch):
     assert providers.default_threads() == 6
     monkeypatch.setattr(providers.os, "cpu_count", lambda: None)  # unknown: one
     assert providers.default_threads() == 1
+
+
+@pytest.mark.parametrize(
+    "files, cores",
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, docker run --cpus 1.5
+        ({"cpu.max": "max 100000\n"}, None),  # v2 without a quota
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files (not Linux, not a container)
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_default_threads(monkeypatch, tmp_path, files, cores):
+    """A container limited to a few of a host's cores (docker --cpus, a Kubernetes CPU
+    limit) still sees every core in its affinity mask: the prefill pool would run a thread
+    per host core, throttled to the quota's time."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(providers, "CGROUP_ROOT", str(tmp_path), raising=False)
+    monkeypatch.setattr(providers.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert providers.default_threads() == (64 if cores is None else cores)
+    assert providers.session_options().intra_op_num_threads == (64 if cores is None else cores)

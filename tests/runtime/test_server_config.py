@@ -485,3 +485,33 @@ def test_both_passwords_are_hidden_and_a_url_without_one_is_unchanged():
     assert without_password(url) == "rediss://app:***@redis.internal:6380/2?password=***"
     plain = "redis://127.0.0.1:6379/0?db=1"
     assert without_password(plain) == plain
+
+
+# A tokens file the server may not read (root-owned, mode 600, a server running as another
+# user) ends `ssmstream serve` with one error line naming --auth-tokens and the file, before
+# the model loads, as an unreadable --snapshot-key or --tls-key does.
+def test_a_tokens_file_that_cannot_be_read_exits_2_naming_the_flag(
+    toy_token_model, tmp_path, monkeypatch, caplog
+):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-a alice\n")
+    real_read = server_module.Path.read_bytes
+
+    def read_bytes(self):  # a test run as root reads past any mode: refused here instead
+        if self == tokens:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(server_module.Path, "read_bytes", read_bytes)
+    with pytest.raises(ValueError) as e:
+        TokenTable.from_file(tokens)
+    assert str(e.value) == f"auth_tokens: cannot read {tokens}: Permission denied"
+    caplog.set_level(logging.INFO)
+    argv = [
+        str(toy_token_model["model_dir"]), "--port", "0", "--device", "cpu",
+        "--auth-tokens", str(tokens),
+    ]  # fmt: skip
+    assert server_module.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"ssmstream serve: --auth-tokens: cannot read {tokens}: Permission denied"]
+    assert not any(r.getMessage().startswith("opened ") for r in caplog.records)  # not loaded

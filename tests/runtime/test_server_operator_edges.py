@@ -306,3 +306,26 @@ def test_a_state_dirs_snapshot_key_that_cannot_be_read_names_the_state_dir(tmp_p
     with pytest.raises(InvalidInput) as e:
         snapshot_key(ServerConfig(model_dir="m", state_dir=str(tmp_path / "state")))
     assert e.value.field == "state_dir" and "snapshot.key: Is a directory" in str(e.value)
+
+
+def test_the_start_lines_give_an_ipv6_address_as_a_url_has_it(tiny_token_model, caplog):
+    """`--host ::1`: the start lines said `on ::1:PORT` and `http://::1:PORT/metrics`, which
+    no client or browser takes; the address is bracketed, and the metrics URL logged works."""
+    import socket
+    import urllib.request
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with caplog.at_level("INFO", logger="ssmstream.runtime"):
+        with serve(tiny_token_model["model_dir"], host="::1", metrics_port=0) as srv:
+            said = [r.getMessage() for r in caplog.records]
+            (serving,) = [m for m in said if m.startswith("serving model ")]
+            assert f" on [::1]:{srv.port} via " in serving
+            url = f"http://[::1]:{srv.server.metrics_port}/metrics"
+            assert f"metrics on {url}" in said
+            assert b"ssmstream_sessions_active" in urllib.request.urlopen(url, timeout=10).read()
+            with Client(f"[::1]:{srv.port}", timeout=10) as c:
+                assert c.info().state_size > 0

@@ -428,3 +428,73 @@ def test_the_start_logs_the_clear_text_warning(tiny_token_model, tmp_path, caplo
         with BackgroundServer(cfg):
             pass
     assert says in caplog.text
+
+
+def test_plaintext_connections_to_a_tls_server_write_no_log_line_each(tiny_token_model, tmp_path):
+    """Unless GRPC_VERBOSITY says otherwise, grpc's core logs at INFO: `ssmstream serve`
+    wrote "Handshake failed with error SSL_ERROR_SSL …" on stderr for every connection that
+    did not speak TLS, which anyone who reaches the port can open in a loop."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    certs = make_certs(tmp_path / "certs")
+    port_file, log = tmp_path / "port.json", tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    cmd = [sys.executable, "-m", "ssmstream.runtime.cli", "serve",
+           str(tiny_token_model["model_dir"]), "--host", "127.0.0.1", "--port", "0",
+           "--device", "cpu", "--port-file", str(port_file), "--grace", "0.2",
+           "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key)]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = json.loads(port_file.read_text())["port"]
+        for _ in range(3):  # an HTTP/1 request where a TLS handshake is due: refused
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.recv(100)
+        with Client(f"127.0.0.1:{port}", root_certificates=certs.ca.read_bytes()) as c:
+            assert c.info().state_size > 0  # a TLS client is served
+        # the other way round, a TLS client of a port that does not speak TLS: the command's
+        # one error line, and no line of grpc's own
+        with socket.create_server(("127.0.0.1", 0)) as plain:
+            answer = threading.Thread(target=_answer_in_plaintext, args=(plain,), daemon=True)
+            answer.start()
+            gen = subprocess.run(
+                [sys.executable, "-m", "ssmstream.runtime.cli", "generate", "--server",
+                 f"127.0.0.1:{plain.getsockname()[1]}", "--tls-ca", str(certs.ca),
+                 "--timeout", "5", "x"],
+                capture_output=True, text=True, env=env, timeout=60,
+            )  # fmt: skip
+        assert gen.returncode == 1
+        assert gen.stderr.splitlines()[0].startswith("ssmstream generate: UNAVAILABLE: ")
+        assert len(gen.stderr.splitlines()) == 1, gen.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert "with TLS" in text  # the start line says it serves TLS
+    assert "Handshake failed" not in text, text
+
+
+def _answer_in_plaintext(listener) -> None:
+    """Answer each connection to `listener` with an HTTP/1 error, as a plaintext server
+    answers a TLS hello, until the listener closes."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
