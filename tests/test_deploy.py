@@ -137,3 +137,16 @@ def test_serve_refuses_bad_scale_out_flags_naming_them(bad, capsys):
     err = capsys.readouterr().err
     assert any(flag in err for flag in ("--state-store", "--persist-every", "--state-dir",
                                         "--lease-ttl")), err  # fmt: skip
+
+
+def test_kubernetes_waits_for_a_slow_start_before_its_liveness_probe():
+    """The gRPC port opens only once the model is loaded (and sessions restored): a liveness
+    probe from the start, with a fixed initial delay, restarts a replica that loads slower
+    in a loop. A startup probe holds it off; it gives a minute at least."""
+    text = (DEPLOY / "k8s" / "ssmstream.yaml").read_text()
+    (dep,) = [d for d in yaml.safe_load_all(text) if d["metadata"]["name"] == "ssmstream"
+              and d["kind"] == "Deployment"]  # fmt: skip
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    start = container["startupProbe"]
+    assert start["grpc"]["port"] == container["livenessProbe"]["grpc"]["port"] == 50051
+    assert start.get("periodSeconds", 10) * start.get("failureThreshold", 3) >= 60
