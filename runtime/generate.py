@@ -249,6 +249,8 @@ def _generate(a, parser, client: Client, stop: list[int], stopped_by: list) -> i
                 f"ssmstream generate: the bearer token is read from ${a.token_env} (--token-env "
                 f"names another variable), which {given}\n"
             )
+        if hint := _tls_hint(e, tls=bool(a.tls or a.tls_ca or a.tls_cert)):
+            sys.stderr.write(f"ssmstream generate: {hint}\n")
         _say_kept(a, session, n, cut=True)  # a drain cut it: the kept session resumes later
         return 1
     except ValueError as e:  # the client's own argument checks name the argument, as its flag
@@ -266,6 +268,23 @@ def _generate(a, parser, client: Client, stop: list[int], stopped_by: list) -> i
     finally:
         client.close()
     return 0
+
+
+def _tls_hint(e: grpc.RpcError, tls: bool) -> str | None:
+    """What to try where a connection failed as a TLS mismatch does: grpc says "Socket
+    closed" of a plaintext client that a TLS server hangs up on, and "Tls handshake failed" of
+    a TLS client that reached a plaintext server, neither naming TLS as the cause."""
+    details = e.details() or ""
+    if e.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    if not tls and "Socket closed" in details:
+        return "if the server uses TLS, connect with --tls (system roots) or --tls-ca FILE"
+    if tls and "handshake failed" in details.lower():
+        return (
+            "the TLS handshake failed: the server may be plaintext (leave out --tls and "
+            "--tls-ca), or its certificate not one --tls-ca (or the system roots) verifies"
+        )
+    return None
 
 
 if __name__ == "__main__":

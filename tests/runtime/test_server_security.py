@@ -20,6 +20,7 @@ from ssmstream.runtime import auth
 from ssmstream.runtime.auth import TokenTable
 from ssmstream.runtime.client import Client
 from ssmstream.runtime.config import ServerConfig
+from ssmstream.runtime.generate import main as generate_main
 from ssmstream.runtime.server import BackgroundServer
 
 ALICE, BOB = "tok-alice-3f9a1c", "tok-bob-77e2d0"
@@ -196,6 +197,28 @@ def test_tls_server_talks_tls_only(tiny_token_model, certs):
         with Client(target, root_certificates=certs.client_cert, timeout=5) as wrong_ca:
             code, _ = code_of(wrong_ca.info)
             assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_generate_says_what_to_try_where_tls_does_not_match(tiny_token_model, certs, capsys):
+    """grpc says "Socket closed" of a plaintext client that a TLS server hangs up on, and
+    "Tls handshake failed" of a TLS client of a plaintext server: the command says which
+    flags to try."""
+    tls = {"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key)}
+    for kw, flags, hint in (
+        (tls, [], "if the server uses TLS, connect with --tls (system roots) or --tls-ca FILE"),
+        ({}, ["--tls-ca", str(certs.ca)], "the TLS handshake failed: the server may be plaintext"),
+    ):
+        cfg = ServerConfig(tiny_token_model["model_dir"], port=0, device="cpu", grace=0.2, **kw)
+        with BackgroundServer(cfg) as srv:
+            argv = ["--server", f"127.0.0.1:{srv.port}", "--timeout", "5", *flags, "x"]
+            assert generate_main(argv) == 1
+        said = capsys.readouterr().err.splitlines()
+        assert said[0].startswith("ssmstream generate: UNAVAILABLE: "), said
+        assert said[1].startswith(f"ssmstream generate: {hint}"), said
+    # a server that is not there: no TLS hint
+    assert generate_main(["--server", "127.0.0.1:1", "--timeout", "5", "x"]) == 1
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and said[0].startswith("ssmstream generate: UNAVAILABLE: "), said
 
 
 def test_mtls_requires_a_client_certificate(tiny_token_model, certs):
@@ -474,8 +497,10 @@ def test_plaintext_connections_to_a_tls_server_write_no_log_line_each(tiny_token
                 capture_output=True, text=True, env=env, timeout=60,
             )  # fmt: skip
         assert gen.returncode == 1
-        assert gen.stderr.splitlines()[0].startswith("ssmstream generate: UNAVAILABLE: ")
-        assert len(gen.stderr.splitlines()) == 1, gen.stderr
+        said = gen.stderr.splitlines()
+        assert said[0].startswith("ssmstream generate: UNAVAILABLE: ")
+        assert said[1].startswith("ssmstream generate: the TLS handshake failed: "), said
+        assert len(said) == 2, gen.stderr  # the command's lines only
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
