@@ -46,6 +46,6 @@ WORKDIR /home/ssm
 USER ssm
 EXPOSE 50051
 VOLUME ["/var/lib/ssmstream"]
-# grpc.health.v1 over plaintext (replace it when serving with --tls-cert)
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=3).status; sys.exit(0 if s == h.HealthCheckResponse.SERVING else 1)"]
+# grpc.health.v1 Check (no token needed); serving with --tls-cert, add --tls-ca (or --tls)
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s CMD ["ssmstream", "health", "--server", "127.0.0.1:50051"]
 ENTRYPOINT ["ssmstream", "serve", "/srv/model", "--host", "0.0.0.0", "--port", "50051", "--state-dir", "/var/lib/ssmstream"]

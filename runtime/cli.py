@@ -39,6 +39,7 @@ COMMANDS = {
     "info": ("ssmstream.runtime.info", "print an exported model's manifest as a table", ""),
     "serve": ("ssmstream.runtime.server", "serve an exported model over gRPC", "serve"),
     "generate": ("ssmstream.runtime.generate", "stream a generation from a running server", ""),
+    "health": ("ssmstream.runtime.probe", "ask a running server whether it is serving", ""),
     "bench": ("ssmstream.runtime.bench", "quick step-latency benchmark of an exported model", ""),
     "plot": (
         "ssmstream.model.plots", "plot SSM basis functions and kernels of a checkpoint", "plots"

@@ -16,6 +16,7 @@ import grpc
 
 from .cli import HelpFormatter, said_of_flags, stdout_closed
 from .client import Client, ClientSession, check_generate, generate_request
+from .client_flags import add_connection_flags, connect, tls_hint
 from .sampling import check_params
 
 
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     p.add_argument("prompt", help="prompt text (or comma-separated token ids with --ids)")
-    p.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
+    add_connection_flags(p, 30.0, "seconds for each unary call (not the generation); inf: no limit")
     p.add_argument("--ids", action="store_true", help="prompt and output are token ids")
     p.add_argument(
         "--max-new-tokens",
@@ -106,16 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="SSMSTREAM_TOKEN",
         help="environment variable holding the bearer token (tokens stay out of argv)",
     )
-    p.add_argument("--tls", action="store_true", help="use TLS with the system roots")
-    p.add_argument("--tls-ca", default=None, help="PEM CA to verify the server (implies TLS)")
-    p.add_argument("--tls-cert", default=None, help="PEM client certificate (mTLS)")
-    p.add_argument("--tls-key", default=None, help="PEM client key (mTLS)")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        help="seconds for each unary call (not the generation); inf: no limit",
-    )
     p.add_argument(
         "--stats",
         action="store_true",
@@ -136,10 +127,6 @@ def _ids(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]:
         raise
 
 
-# Client's TLS arguments -> the `ssmstream generate` flags that give them
-_TLS_FLAGS = {
-    "root_certificates": "--tls-ca", "client_cert": "--tls-cert", "client_key": "--tls-key"
-}  # fmt: skip
 # the request's sampling fields -> the `ssmstream generate` flags that give them
 _SAMPLING_FLAGS = {
     "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
@@ -155,31 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rewind-to needs --session")
     if a.rewind_to is not None and a.rewind_to < 0:
         parser.error(f"--rewind-to: must be a position >= 0, got {a.rewind_to}")
-    if not a.server.isprintable():  # a control character, a lone surrogate (a codec error)
-        parser.error(f"--server: not a host:port address, got {a.server!r}")
-    if a.server.endswith(":"):  # an empty $PORT: grpc would take port 443
-        parser.error(f"--server: no port after the ':', got {a.server!r}")
     if a.max_new_tokens < 1:  # every server's lower bound: said before any call
         parser.error(f"--max-new-tokens: must be an integer >= 1, got {a.max_new_tokens}")
-    if not a.timeout > 0:  # NaN too: every call would fail DEADLINE_EXCEEDED
-        parser.error(f"--timeout: must be > 0 seconds (inf: no limit), got {a.timeout}")
     try:  # the sampling flags, checked as the request will be, before any call
         generate_request("", [], a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stop)
         check_params(a.temperature, a.top_k, a.top_p or 1.0)  # the ranges that need no model
     except ValueError as e:
         parser.error(said_of_flags(str(e), _SAMPLING_FLAGS))
-    try:
-        client = Client(
-            a.server,
-            token=os.environ.get(a.token_env, "").strip() or None,  # blanks around: as the server
-            tls=a.tls,
-            root_certificates=a.tls_ca,
-            client_cert=a.tls_cert,
-            client_key=a.tls_key,
-            timeout=a.timeout if a.timeout < 1e9 else None,  # grpc takes no larger deadline
-        )
-    except ValueError as e:  # a bad TLS file or pair, named by its flag
-        parser.error(said_of_flags(str(e), _TLS_FLAGS))
+    token = os.environ.get(a.token_env, "").strip() or None  # blanks around: as the server
+    client = connect(a, parser, token=token)
     stopped_by = [signal.SIGINT]
     with contextlib.ExitStack() as undo:
         if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
@@ -249,7 +220,7 @@ def _generate(a, parser, client: Client, stop: list[int], stopped_by: list) -> i
                 f"ssmstream generate: the bearer token is read from ${a.token_env} (--token-env "
                 f"names another variable), which {given}\n"
             )
-        if hint := _tls_hint(e, tls=bool(a.tls or a.tls_ca or a.tls_cert)):
+        if hint := tls_hint(e, a):
             sys.stderr.write(f"ssmstream generate: {hint}\n")
         _say_kept(a, session, n, cut=True)  # a drain cut it: the kept session resumes later
         return 1
@@ -268,23 +239,6 @@ def _generate(a, parser, client: Client, stop: list[int], stopped_by: list) -> i
     finally:
         client.close()
     return 0
-
-
-def _tls_hint(e: grpc.RpcError, tls: bool) -> str | None:
-    """What to try where a connection failed as a TLS mismatch does: grpc says "Socket
-    closed" of a plaintext client that a TLS server hangs up on, and "Tls handshake failed" of
-    a TLS client that reached a plaintext server, neither naming TLS as the cause."""
-    details = e.details() or ""
-    if e.code() != grpc.StatusCode.UNAVAILABLE:
-        return None
-    if not tls and "Socket closed" in details:
-        return "if the server uses TLS, connect with --tls (system roots) or --tls-ca FILE"
-    if tls and "handshake failed" in details.lower():
-        return (
-            "the TLS handshake failed: the server may be plaintext (leave out --tls and "
-            "--tls-ca), or its certificate not one --tls-ca (or the system roots) verifies"
-        )
-    return None
 
 
 if __name__ == "__main__":

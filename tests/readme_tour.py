@@ -27,6 +27,7 @@ PARSERS = {  # subcommand -> module with build_parser()
     "generate": "ssmstream.runtime.generate",
     "plot": "ssmstream.model.plots",
     "bench": "ssmstream.runtime.bench",
+    "health": "ssmstream.runtime.probe",
 }
 
 

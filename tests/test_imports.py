@@ -36,6 +36,8 @@ RUNTIME_EDGE = {
     "admission",
     "client",
     "generate",
+    "client_flags",
+    "probe",
     "cli",
     "auth",
     "metrics",
@@ -43,7 +45,10 @@ RUNTIME_EDGE = {
     "bench",
     "info",
 }
-ADAPTERS = {"servicer", "status", "server", "health", "admission", "client", "generate"}
+ADAPTERS = {
+    "servicer", "status", "server", "health", "admission", "client", "generate", "client_flags",
+    "probe",
+}  # fmt: skip
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "ssmstream.protos")
 
 

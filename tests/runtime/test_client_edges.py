@@ -14,7 +14,7 @@ import time
 import pytest
 from grpc_helpers import position_on_server, serve, target
 from ssmstream.protos import inference_pb2 as pb
-from ssmstream.runtime import generate as generate_mod
+from ssmstream.runtime import client_flags
 from ssmstream.runtime.client import (
     AsyncClient,
     Client,
@@ -181,7 +181,7 @@ def test_generate_cli_shows_only_ids_below_256_as_bytes(monkeypatch, capsys):
         def close(self):
             pass
 
-    monkeypatch.setattr(generate_mod, "Client", FakeClient)
+    monkeypatch.setattr(client_flags, "Client", FakeClient)
     assert generate_main(["--server", "x:1", "--max-new-tokens", "3", "hi"]) == 0
     assert capsys.readouterr().out == "ab\n"
 
@@ -255,7 +255,7 @@ def test_closing_an_async_regenerate_early_cancels_its_generate_at_once(toy_serv
 def test_a_max_new_tokens_below_one_is_refused_before_any_call(n, monkeypatch, capsys):
     """No server takes 0 tokens: `--max-new-tokens 0` was sent, so with the server down it
     said UNAVAILABLE, not the flag; and -1 was refused as "must be an integer >= 0"."""
-    monkeypatch.setattr(generate_mod, "Client", lambda *a, **k: pytest.fail("called"))
+    monkeypatch.setattr(client_flags, "Client", lambda *a, **k: pytest.fail("called"))
     with pytest.raises(SystemExit) as e:
         generate_main(["--server", "127.0.0.1:1", "--max-new-tokens", n, "hi"])
     assert e.value.code == 2

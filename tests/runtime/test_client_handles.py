@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from grpc_helpers import RpcFailure, make_certs, position_on_server, serve, target
 from ssmstream.protos import inference_pb2 as pb
-from ssmstream.runtime import generate as generate_mod
+from ssmstream.runtime import client_flags
 from ssmstream.runtime.auth import ANONYMOUS
 from ssmstream.runtime.client import (
     AsyncClient,
@@ -355,7 +355,7 @@ def _fake_client(monkeypatch, vocab, tokens):
         def close(self):
             pass
 
-    monkeypatch.setattr(generate_mod, "Client", FakeClient)
+    monkeypatch.setattr(client_flags, "Client", FakeClient)
     return FakeClient
 
 
