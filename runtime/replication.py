@@ -32,6 +32,7 @@ fetch (make a session local), held, flush (shutdown) — through its public API 
               loses at most the last N-1 acknowledged steps of each session;
       "Nms"   write-behind: dirty sessions are written every N milliseconds in the
               background: a replica that dies loses at most the last N ms (+ one write).
+  A temporary session (a Generate's without a session id) is never written (`keep_local`).
   New, restored and forked sessions are written at once; everything dirty is written (and
   every record that went back to older data or vanished), and every lease released, on
   `flush` (graceful shutdown), so a drained replica's sessions continue elsewhere at once.
@@ -189,6 +190,7 @@ class RedisReplication:
         # then served from memory without a lease
         self._pending: set[str] = set()
         self._unleased: set[str] = set()  # forks made while degraded: let go once written back
+        self._local: set[str] = set()  # temporary sessions: kept here only (`keep_local`)
         # closed/evicted sessions whose keys are still to delete: (id, incarnation) ->
         # (version, term, expire ms, "closed" | "evicted")
         self._drops: dict[tuple[str, str], tuple[int, int, int, str]] = {}
@@ -292,7 +294,7 @@ class RedisReplication:
             self.backend.join()
             self._delete_dropped()  # first: a closed incarnation's record must not stay
             with self._io:
-                live = self.store.sessions()
+                live = self._shared()
                 self._pending.update(s.id for s in live)
                 self._write_current(live)
                 kept = sum(1 for s in live if self.store.local(s.id) is s)
@@ -338,9 +340,10 @@ class RedisReplication:
 
     def held(self, session_id: str) -> bool:
         """True when the lease of a session that is here is safely ours, or Redis is down, or
-        the session is pending a write-back (which takes the lease)."""
+        the session is pending a write-back (which takes the lease), or kept here only."""
         return (
             self.degraded
+            or session_id in self._local
             or session_id in self._pending
             or self._lease_until.get(session_id, 0.0) > time.monotonic()
         )
@@ -613,6 +616,16 @@ class RedisReplication:
             self._degrade(e)
         return sid
 
+    def keep_local(self, s: Session) -> None:
+        """A new session that stays here only (a temporary one): not claimed, written, leased
+        or written back; its close or eviction leaves nothing to delete. Called under the
+        store's lock, before its first step."""
+        self._local.add(s.id)
+
+    def _shared(self) -> list[Session]:
+        """The store's sessions, less those kept here only."""
+        return [s for s in self.store.sessions() if s.id not in self._local]
+
     def release(self, session_id: str) -> None:
         """Let go of a claimed id whose session was not made after all (the create's own
         error is what its caller raises: a Redis error here only degrades the store)."""
@@ -659,7 +672,11 @@ class RedisReplication:
         its result stays)."""
         results = list(results)
         with self._io:  # the versions and dirty counts change only under _io
-            ok = [j for j, r in enumerate(results) if not isinstance(r, BaseException)]
+            ok = [
+                j
+                for j, r in enumerate(results)
+                if not isinstance(r, BaseException) and sessions[j].id not in self._local
+            ]
             for j in ok:  # stepped here: its lease stays here (before a write-back lets go)
                 self._unleased.discard(sessions[j].id)
             due = [] if self.degraded else [j for j in ok if force or self._due(sessions[j].id)]
@@ -836,7 +853,7 @@ class RedisReplication:
         The term stays: a copy from a take-over
         the older data lack (a higher term) still wins where it turns up. Caller holds _io.
         Returns how many."""
-        live = self.store.sessions()
+        live = self._shared()
         clean = [s for s in live if not self._dirty.get(s.id) and s.id not in self._pending]
         behind = []
         for s, head in zip(clean, self.backend.heads([s.id for s in clean])):
@@ -867,6 +884,9 @@ class RedisReplication:
     def removed(self, s: Session, reason: str) -> None:
         """A session left the store (under the store's lock: bookkeeping only, no I/O);
         the keys of a closed or evicted one are deleted by `closed` or the background thread."""
+        if s.id in self._local:  # nothing of it in Redis
+            self._local.discard(s.id)
+            return
         self._lease_until.pop(s.id, None)
         self._dirty.pop(s.id, None)
         self._used.discard(s.id)

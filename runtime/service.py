@@ -526,7 +526,7 @@ class SessionService:
                 outputs, position = await a.feed(session_id, x)
                 logits = outputs[-1]
             else:  # a new session: the prompt's prefix may come from the cache
-                a.adopt(self._track(self.store.create(principal)))
+                a.adopt(self._track(self.store.create(principal, shared=not temporary)))
                 logits, cached = await self._feed_prompt(a.session, principal, x)
                 position = len(x)
             gen = Generation(config)

@@ -347,9 +347,15 @@ class SessionStore:
     # --- public API --------------------------------------------------------------------
 
     def create(
-        self, principal: str = "", session_id: str | None = None, ttl: float | None = None
+        self,
+        principal: str = "",
+        session_id: str | None = None,
+        ttl: float | None = None,
+        shared: bool = True,
     ) -> Session:
-        """A new session with a zero state at position 0.
+        """A new session with a zero state at position 0. shared=False: one with a new id
+        (session_id is not used) that the replication never writes nor leases, for a
+        temporary session, which ends with the request that made it on this replica.
 
         Raises InvalidInput (bad or duplicate session_id, bad ttl) or LimitExceeded
         (store full after evicting idle sessions, or the principal's limit reached).
@@ -360,7 +366,17 @@ class SessionStore:
             self._counts["created"] += 1  # after its checks: a refused create is not counted
             return s
 
-        return self._add(session_id, make)
+        r = self.replication
+        if shared or r is None:
+            return self._add(session_id, make)
+
+        def make_local():  # no claim, no first write: the replication only learns to skip it
+            with self._lock:
+                s = make(None)
+                r.keep_local(s)
+                return s
+
+        return r.with_room(make_local)
 
     def _add(self, session_id: str | None, make: Callable, keep_lease: bool = True) -> Session:
         """A new session from `make(id)` (run under the lock), with the replication's claim of
