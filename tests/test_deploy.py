@@ -150,3 +150,16 @@ def test_kubernetes_waits_for_a_slow_start_before_its_liveness_probe():
     start = container["startupProbe"]
     assert start["grpc"]["port"] == container["livenessProbe"]["grpc"]["port"] == 50051
     assert start.get("periodSeconds", 10) * start.get("failureThreshold", 3) >= 60
+
+
+def test_kubernetes_pods_say_where_their_metrics_are():
+    text = (DEPLOY / "k8s" / "ssmstream.yaml").read_text()
+    (dep,) = [d for d in yaml.safe_load_all(text) if d["metadata"]["name"] == "ssmstream"
+              and d["kind"] == "Deployment"]  # fmt: skip
+    template = dep["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    port = parse_config(serve_args(container["command"])).metrics_port
+    assert template["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+    }
