@@ -852,6 +852,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ssmstream train",
+        usage="%(prog)s [options]",  # short: every flag would take 23 lines above an error
         description="Train an S4D-style SSM network in convolutional mode and write a "
         "checkpoint directory (config.json, model.safetensors, train_log.jsonl, "
         "train_state.pt). Under `torchrun --nproc-per-node N` it runs "

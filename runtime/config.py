@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     from the field's type, default and metadata (help, group, metavar, choices)."""
     p = argparse.ArgumentParser(
         prog="ssmstream serve",
+        # short: a usage error's line is not lost under 30 lines of every flag (--help has them)
+        usage="%(prog)s MODEL_DIR [options]",
         description=(
             "Serve an exported SSM model (step.onnx + prefill.onnx + manifest.json) over "
             "gRPC (service ssmstream.v1.StreamingInference), keeping one hidden state per "

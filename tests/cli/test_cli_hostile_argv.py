@@ -459,3 +459,16 @@ def test_a_model_or_checkpoint_that_is_not_one_is_named(run, work, command, path
     status, said = run([command, path, *BASE[command][1:]])
     shown = path.replace("{work}", str(work))
     assert status == 2 and (_shows(said, shown) or "config.json" in said), said
+
+
+@pytest.mark.parametrize("command", ["serve", "train"])
+def test_a_usage_error_is_not_buried_under_every_flag(command, capsys):
+    """The commands with dozens of flags print a one-line usage above the error (their
+    --help has every flag): argparse's full usage took 23-30 lines."""
+    from ssmstream.runtime import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *(["m"] if command == "serve" else []), "--no-such-flag"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"usage: ssmstream {command} "), err
