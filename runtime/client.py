@@ -1248,7 +1248,10 @@ class AsyncStreamHandle:
         (STREAM_CLOSE_WAIT at most), as StreamHandle.close does."""
         idle, self._closed = not self._turn.locked(), True
         try:
-            await self._call.done_writing()
+            # a call ending under it (a send's task cancelled just before) refuses the
+            # half-close with grpc's ExecuteBatchError: the call ends all the same (below)
+            with contextlib.suppress(Exception):
+                await self._call.done_writing()
             if idle:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._call.code(), STREAM_CLOSE_WAIT)

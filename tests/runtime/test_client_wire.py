@@ -192,6 +192,29 @@ def test_a_send_whose_task_is_cancelled_as_its_handle_closes_stays_cancelled(rec
     assert asyncio.run(asyncio.wait_for(run(), 30)) is True
 
 
+def test_an_async_close_under_a_call_that_is_ending_still_ends_it(recorder):
+    """A send's task cancelled just before its handle closes: grpc may be ending the call as
+    close() half-closes it, and refuse the half-close (its ExecuteBatchError), which close()
+    raised instead of ending the stream."""
+    from grpc._cython import cygrpc
+
+    async def run():
+        async with AsyncClient(recorder.target, timeout=10) as c:
+            h, task = await _send_held(c, recorder)
+
+            async def refused():
+                raise cygrpc.ExecuteBatchError('Failed "execute_batch"')
+
+            h._call.done_writing = refused
+            task.cancel()
+            await h.close()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return h._call.cancelled()
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) is True
+
+
 def test_an_async_send_after_its_client_closed_says_the_client_was_closed(recorder):
     """Not "cancelled by an earlier send's cancellation": no send was cancelled."""
 
