@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if not 0 <= a.wait < 1e9:  # NaN too
-        parser.error(f"--wait: must be >= 0 seconds, got {a.wait}")
+        parser.error(f"--wait: must be >= 0 and < 1e9 seconds, got {a.wait}")
     # a refused connection is retried after 0.1-0.5 s, not grpc's backoff of 1 s growing to 2
     # minutes: --wait sees a server that comes up when it comes up
     backoff = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]

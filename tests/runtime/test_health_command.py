@@ -91,8 +91,8 @@ def test_tls(toy_token_model, tmp_path, capsys):
     "argv, said",
     [
         (["--timeout", "0"], "--timeout: must be > 0 seconds"),
-        (["--wait", "-1"], "--wait: must be >= 0 seconds"),
-        (["--wait", "nan"], "--wait: must be >= 0 seconds"),
+        (["--wait", "-1"], "--wait: must be >= 0 and < 1e9 seconds"),
+        (["--wait", "nan"], "--wait: must be >= 0 and < 1e9 seconds"),
         (["--server", "127.0.0.1:"], "--server: no port after the ':'"),
         (["--tls-ca", ""], "--tls-ca: is empty"),
     ],
