@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 import pytest
+from async_helpers import run
+from async_helpers import started_batcher as started
 from faults import inject
 from ssmstream.runtime.batcher import Batcher
 from ssmstream.runtime.engine import Engine
@@ -29,17 +31,6 @@ from ssmstream.runtime.slab import StateSlab
 from ssmstream.runtime.snapshots import MAX_POSITION
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def started(engine, **kw) -> tuple[Batcher, SessionStore]:
-    store = SessionStore(engine.state_size, capacity=kw.pop("capacity", 64))
-    batcher = Batcher(engine, store, **kw)
-    await batcher.start()
-    return batcher, store
 
 
 def alone(engine: Engine, requests: list[np.ndarray]) -> list[np.ndarray]:

@@ -7,21 +7,10 @@ import asyncio
 
 import numpy as np
 import pytest
-from ssmstream.runtime.batcher import Batcher
-from ssmstream.runtime.sessions import SessionStore
+from async_helpers import run
+from async_helpers import started_batcher as started
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def started(engine, **kw) -> tuple[Batcher, SessionStore]:
-    store = SessionStore(engine.state_size, capacity=kw.pop("capacity", 64))
-    batcher = Batcher(engine, store, **kw)
-    await batcher.start()
-    return batcher, store
 
 
 def test_sessions_that_queued_requests_leave_no_queue_behind(toy_tok):

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from async_helpers import run, started_service
 from faults import inject
 from ssmstream.runtime.batcher import Batcher
 from ssmstream.runtime.errors import (
@@ -31,15 +32,8 @@ from ssmstream.runtime.snapshots import MAX_POSITION
 LIMITS = ServiceLimits(max_tokens_per_request=8, max_new_tokens=100, max_ttl=60.0)
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
 async def started(engine, limits: ServiceLimits = LIMITS) -> SessionService:
-    store = SessionStore(engine.state_size, capacity=16)
-    batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0)
-    await batcher.start()
-    return SessionService(engine, store, batcher, limits)
+    return await started_service(engine, limits)
 
 
 @pytest.mark.parametrize(

@@ -6,23 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ssmstream.runtime.batcher import Batcher
+from async_helpers import run, started_service
 from ssmstream.runtime.errors import Unavailable
 from ssmstream.runtime.service import DRAINING, ServiceLimits, SessionService
-from ssmstream.runtime.sessions import SessionStore
 
 LIMITS = ServiceLimits(max_tokens_per_request=8, max_new_tokens=100, max_ttl=60.0)
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
 async def started(engine) -> SessionService:
-    store = SessionStore(engine.state_size, capacity=16)
-    batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0)
-    await batcher.start()
-    return SessionService(engine, store, batcher, LIMITS)
+    return await started_service(engine, LIMITS)
 
 
 def test_an_attached_streams_next_step_while_draining_is_told_where_its_session_lives_on(toy_tok):

@@ -19,7 +19,8 @@ import asyncio
 
 import numpy as np
 import pytest
-from ssmstream.runtime.batcher import Batcher
+from async_helpers import run
+from async_helpers import started_service as started
 from ssmstream.runtime.config import ServerConfig
 from ssmstream.runtime.engine import Engine
 from ssmstream.runtime.errors import ModelError
@@ -27,17 +28,6 @@ from ssmstream.runtime.service import ServiceLimits, SessionService
 from ssmstream.runtime.sessions import SessionStore
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def started(engine, limits: ServiceLimits) -> SessionService:
-    store = SessionStore(engine.state_size, capacity=16)
-    batcher = Batcher(engine, store, max_batch=4, max_batch_delay=0.0)
-    await batcher.start()
-    return SessionService(engine, store, batcher, limits)
 
 
 @pytest.fixture(scope="module")
