@@ -59,7 +59,7 @@ def test_a_frozen_clients_stream_ends_and_frees_its_session(toy_token_model, kee
             assert proc.stdout.readline() == "attached\n"
             os.kill(proc.pid, signal.SIGSTOP)
             with Client(target(srv), timeout=5) as c:
-                deadline = time.monotonic() + 4
+                deadline = time.monotonic() + (4 if keepalive else 2)  # (pings: ~1 s)
                 while _refused(c) and time.monotonic() < deadline:
                     time.sleep(0.1)
                 if not keepalive:  # nothing watches the connection: the slot stays taken
@@ -139,7 +139,7 @@ def test_a_stream_to_a_frozen_server_ends_at_the_client(toy_token_model, tmp_pat
 
             sender = threading.Thread(target=send, daemon=True)
             sender.start()
-            sender.join(5)
+            sender.join(5 if keepalive else 2)  # (pings: ~1 s)
             if not keepalive:  # nothing watches the connection: the send still waits
                 assert sender.is_alive()
                 return
