@@ -60,12 +60,12 @@ def default_threads() -> int:
     return max(1, n if quota is None else min(n, quota))
 
 
-def cpu_quota(root: str | None = None) -> int | None:
+def cpu_quota() -> int | None:
     """The cores a cgroup CPU quota lets this process use, rounded up (`docker run --cpus
     1.5`, a Kubernetes CPU limit: 2); None without one. The quota does not show in the
     affinity mask: a container limited to 2 of a host's 64 cores would run 64 threads,
     throttled to 2 cores' time."""
-    root = CGROUP_ROOT if root is None else root
+    root = CGROUP_ROOT  # read at each call (tests point it elsewhere)
     try:  # cgroup v2: "max 100000" (no quota) or "<quota> <period>" in microseconds
         quota, period = Path(root, "cpu.max").read_text().split()[:2]
     except (OSError, ValueError):
