@@ -482,8 +482,9 @@ class Engine:
 
         time_axis=False: tokens int [B] (a scalar is [1]) or values float [B, d_in].
         time_axis=True:  tokens int [B, T] or values float [B, T, d_in], T >= 1.
-        Tokens must lie in [0, vocab_size); values must be finite. `lead` names the leading
-        dimensions in messages (default "B" / "B, T"; the Batcher checks one request, "T").
+        Tokens must lie in [0, vocab_size) (bytes are byte ids); values must be finite. `lead`
+        names the leading dimensions in messages (default "B" / "B, T"; the Batcher checks one
+        request, "T").
         Returns a C-contiguous int64 / float32 (the graph's input dtype) array.
         """
         x = as_tokens(inputs, field) if self.input_kind == "tokens" else as_array(inputs, field)

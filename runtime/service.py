@@ -122,11 +122,12 @@ class SessionService:
         """A request's inputs as the model takes them: int64 [T] or float32 [T, I], an array of
         their own (not the caller's).
 
-        tokens: integers [n] or one integer (empty if not sent); values: floats [n] row-major
-        or [n / d_input, d_input], one float for d_input = 1 (empty if not sent); field: the
-        name to report for the inputs ("tokens"/"values" by default). Nothing is converted
-        before it is checked: floats, bools or strings as tokens are refused, not truncated.
-        Raises InvalidInput naming the field, LimitExceeded for T > max_tokens_per_request.
+        tokens: integers [n] or one integer, or bytes (byte ids) (empty if not sent); values:
+        floats [n] row-major or [n / d_input, d_input], one float for d_input = 1 (empty if not
+        sent); field: the name to report for the inputs ("tokens"/"values" by default). Nothing
+        is converted before it is checked: floats, bools or strings as tokens are refused, not
+        truncated. Raises InvalidInput naming the field, LimitExceeded for T >
+        max_tokens_per_request.
         """
         tokens, values = as_tokens(tokens, field or "tokens"), as_array(values, field or "values")
         if self.engine.input_kind == "tokens":
