@@ -718,8 +718,7 @@ def _check_stable(net: SSMNetwork, dt_scale: float) -> None:
             f"the model is unstable: {n} of {modes} modes grow (|Ā| up "
             f"to {largest:.4g} > 1) under {method} at their Δ{scaled}, "
             "so its outputs grow without bound over a stream; train it with a smaller --dt-max "
-            "or an A-stable --discretization (zoh, bilinear, backward_euler, gbt with --alpha "
-            ">= 0.5)"
+            f"or {SSMNetwork.A_STABLE}"
         )
 
 

@@ -211,6 +211,12 @@ class SSMNetwork(nn.Module):
     def ssms(self) -> list[SSM]:
         return [b.ssm for b in self.blocks]
 
+    # where modes grow, what to train with instead of a smaller --dt-max (said by `ssmstream
+    # train` and `ssmstream export`)
+    A_STABLE = (
+        "an A-stable --discretization (zoh, bilinear, backward_euler, gbt with --alpha >= 0.5)"
+    )
+
     @torch.no_grad()
     def growing_modes(self, dt_scale: float = 1.0) -> tuple[int, int, float]:
         """(modes whose |Ā| > 1, all modes, the largest |Ā|) with Δ scaled by dt_scale, in

@@ -714,11 +714,10 @@ def _warn_of_growing_modes(net: SSMNetwork) -> None:
         log.warning(
             "%d of %d modes grow at initialization (|Ā| up to %.3g > 1): --discretization %s%s "
             "is stable only for small Δ·|A|; the model may diverge, and one that keeps such "
-            "modes cannot be exported: use a smaller --dt-max (now %g) or an A-stable "
-            "discretization (zoh, bilinear, backward_euler, gbt with --alpha >= 0.5)",
+            "modes cannot be exported: use a smaller --dt-max (now %g) or %s",
             n, modes, largest,
             cfg.discretization, f" --alpha {cfg.alpha}" if cfg.discretization == "gbt" else "",
-            cfg.dt_max,
+            cfg.dt_max, SSMNetwork.A_STABLE,
         )  # fmt: skip
 
 

@@ -66,7 +66,6 @@ from .providers import (
     STEP_THREADS,
     CudaOptions,
     cuda_usable,
-    default_threads,
     session_options,
     trim_heap,
 )
@@ -344,7 +343,12 @@ class Engine:
             self._slot_session = self._open(graphs["step"]["file"], opts, providers, slot_graph)
         self.info = self._make_info()
         cuda = f" {self.cuda_options.provider_options()}" if self.device == "cuda" else ""
-        pool = f"; prefill on {threads or default_threads()} threads" if "prefill" in graphs else ""
+        prefill = self._prefill_session  # its pool's size as the session holds it
+        pool = (
+            f"; prefill on {prefill.get_session_options().intra_op_num_threads} threads"
+            if prefill is not None
+            else ""
+        )
         log.info(
             "opened %r from %s (step sha256 %s…; %s, S=%d, %s) on %s%s%s", self.name,
             self.model_dir, self.info["step_sha256"][:12], self.input_kind, self.state_size,
