@@ -397,7 +397,7 @@ def _save(
     extra = {
         "step": step,
         "task": cfg.task,
-        "train": cfg.to_dict(),
+        "train": _as_saved(cfg.to_dict()),
         "train_state": TRAIN_STATE,
         "eval": last_eval,
         "world_size": world_size,  # processes (torchrun): the global batch is batch_size × it
@@ -440,6 +440,16 @@ RESUME_MAY_CHANGE = frozenset(
 )  # fmt: skip
 
 
+def _as_saved(train: dict) -> dict:
+    """A run's training config as its checkpoint records it and a resume compares it: --data
+    paths absolute, so that a resume from another working directory reads the same files (a
+    checkpoint that recorded them relative is read from the working directory, as before)."""
+    data = train.get("data")
+    if isinstance(data, list) and all(isinstance(p, (str, os.PathLike)) for p in data):
+        train = {**train, "data": [os.path.abspath(p) for p in data]}
+    return train
+
+
 def _resume(
     out: Path, model_cfg: SSMConfig | None, cfg: TrainConfig, device, world_size: int
 ) -> tuple[SSMNetwork, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, int]:
@@ -447,7 +457,7 @@ def _resume(
     meta = read_checkpoint_meta(out)
     saved = meta.get("train")
     if isinstance(saved, dict):  # the run continues exactly only with the same schedule/data
-        now = cfg.to_dict()
+        now, saved = _as_saved(cfg.to_dict()), _as_saved(saved)
         differ = sorted(
             k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]
         )

@@ -7,6 +7,7 @@ was."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -117,3 +118,25 @@ def test_a_resume_without_the_runs_flags_continues_it_as_with_them(tmp_path, cap
         else:
             assert said == []
     assert runs["left-out"] == runs["repeated"]
+
+
+def test_a_resume_from_another_directory_reads_the_data_the_run_read(tmp_path, monkeypatch):
+    """A run given a relative --data records it absolute: `--out DIR --resume` from another
+    working directory reads the same corpus (it read a path relative to the new directory,
+    and found nothing there), and the same relative --data from the run's own directory is
+    still the same data."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (run / "corpus").mkdir(parents=True)
+    elsewhere.mkdir()
+    (run / "corpus" / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    argv = ["--steps", "3", "--warmup-steps", "1", "--seq-len", "16", "--batch-size", "2",
+            "--d-model", "8", "--n-layers", "1", "--d-state", "4", "--eval-batches", "1",
+            "--threads", "1", "--no-progress"]  # fmt: skip
+    monkeypatch.chdir(run)
+    assert main([*argv, "--data", "corpus", "--out", "ckpt", "--stop-after", "1"]) == 0
+    saved = json.loads((run / "ckpt" / "config.json").read_text())["train"]["data"]
+    assert saved == [str(run / "corpus")]
+    assert main(["--data", "corpus", "--out", "ckpt", "--stop-after", "2", "--resume"]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert main(["--out", str(run / "ckpt"), "--resume", "--no-progress"]) == 0
+    assert json.loads((run / "ckpt" / "config.json").read_text())["step"] == 3
