@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime intra-op threads of the prefill graph (default: all cores; the "
+        "step runs on the calling thread)",
+    )
     a = p.parse_args(argv)
     if not a.text:
         p.error("text: give at least one character")

@@ -6,10 +6,12 @@
     out, s = eng.step(np.array([tok]), s)       # one token -> logits [1, V]
 
 Modules: engine (Engine, StepBuffers), slab (StateSlab: every session's state on the engine's
-device), sessions (SessionStore, Session), batcher (Batcher),
+device), sessions (SessionStore, Session), batcher (Batcher), service (SessionService,
+ServiceLimits: the server's session operations in-process, without gRPC), snapshots
+(SnapshotKey: signs snapshots; `SnapshotKey.in_dir` keeps one across restarts),
 sampling (sample, Sampler, SamplingConfig), errors, manifest; the gRPC server, servicer and
-client sit on top of these. Names are imported lazily, so `import ssmstream.runtime.cli`
-stays cheap.
+client (Client, AsyncClient) sit on top of these. Names are imported lazily, so
+`import ssmstream.runtime.cli` stays cheap.
 """
 
 from __future__ import annotations

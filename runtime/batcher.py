@@ -230,6 +230,7 @@ class Batcher:
 
     @property
     def running(self) -> bool:
+        """Whether `start` was called and `close` has not ended the worker thread."""
         return self._worker is not None
 
     async def start(self) -> None:

@@ -70,7 +70,8 @@ class ServerConfig:
     threads: int | None = _option(
         None,
         "engine",
-        "onnxruntime intra-op threads (default: all cores available to this process)",
+        "onnxruntime intra-op threads of the prefill graph (default: all cores available to "
+        "this process; the step's: --step-threads)",
     )
     step_threads: int | None = _option(
         None,

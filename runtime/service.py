@@ -72,6 +72,7 @@ DRAINING = {
     "shared": "server is shutting down; the session is in the shared state store, resume on "
     "another replica",
 }
+PREFIX_CACHE_SCOPES = ("principal", "global")  # a cache per principal, or one for all
 FETCH_THREADS = 16  # threads loading sessions from a shared state store
 FETCHES_PER_PRINCIPAL = 4  # of them, what one principal's requests may hold at a time
 
@@ -90,13 +91,54 @@ class ServiceLimits:
     prefix_cache_bytes: int = 0
     prefix_cache_scope: str = "principal"  # or "global"
 
+    def __post_init__(self):
+        """Refuse a bad field naming it (InvalidInput), as the server's flags are refused:
+        an embedding program's typo must not turn a feature off or every request away."""
+        for name, low in (
+            ("max_tokens_per_request", 1),
+            ("max_new_tokens", 1),
+            ("rewind_window", 0),
+            ("rewind_memory_bytes", 0),
+            ("prefix_cache_bytes", 0),
+        ):
+            object.__setattr__(self, name, integer(getattr(self, name), name, low))
+        ttl = real_number(self.max_ttl, "max_ttl", "a number of seconds")
+        if not ttl > 0:  # NaN too
+            raise InvalidInput("max_ttl", f"must be > 0 seconds (math.inf: no bound), got {ttl}")
+        object.__setattr__(self, "max_ttl", ttl)
+        if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+            raise InvalidInput(
+                "prefix_cache_scope",
+                f"must be one of {PREFIX_CACHE_SCOPES}, got {self.prefix_cache_scope!r}",
+            )
+
+
+def _check_parts(engine: Engine, store: SessionStore, batcher: Batcher, limits) -> None:
+    """A service's parts belong together (InvalidInput naming the one that does not): the
+    batcher steps the sessions of its own store with its own engine, so a service over
+    another store would have its sessions' steps answered NOT_FOUND, and one over another
+    engine would check inputs against another model."""
+    if not isinstance(limits, ServiceLimits):
+        raise InvalidInput("limits", f"must be a ServiceLimits, got {type(limits).__name__}")
+    if store.state_size != engine.state_size:
+        raise InvalidInput(
+            "store", f"state size {store.state_size} != the engine's {engine.state_size}"
+        )
+    if batcher is not None and (batcher.engine is not engine or batcher.store is not store):
+        raise InvalidInput(
+            "batcher", "steps another engine or store than the service's: make it with "
+            "Batcher(engine, store) of the same two",
+        )  # fmt: skip
+
 
 class SessionService:
-    """The session operations for one engine, store and batcher (see the module docstring)."""
+    """The session operations for one engine, store and batcher (see the module docstring);
+    the batcher is Batcher(engine, store) of the same two."""
 
     def __init__(
         self, engine: Engine, store: SessionStore, batcher: Batcher, limits: ServiceLimits
     ):
+        _check_parts(engine, store, batcher, limits)
         self.engine, self.store, self.batcher, self.limits = engine, store, batcher, limits
         self.info = engine.info
         self.draining = False
@@ -405,6 +447,9 @@ class SessionService:
     async def restore(
         self, principal: str, snapshot: BytesLike, session_id: str = "", ttl: float | None = 0.0
     ) -> Session:
+        """A new session of `principal` holding a snapshot's state and position (`create`
+        with a snapshot). A snapshot that is empty, corrupt, signed with another key
+        (InvalidInput) or of another model (ModelError) is refused before anything changes."""
         if isinstance(snapshot, BYTES_LIKE) and not snapshot:
             raise InvalidInput("snapshot", "is empty")  # (`create` checks the type)
         return (await self.create(principal, session_id, ttl, snapshot))[0]
@@ -435,6 +480,9 @@ class SessionService:
         return data, snapshot_position(data)
 
     async def fork(self, principal: str, session_id: str, new_session_id: str = "") -> Session:
+        """A new session of `principal` with a copy of the state and position of
+        `session_id` (`new_session_id` "" lets the store choose its id); the two then go on
+        independently. Its rewind history starts at the fork: it cannot go back before it."""
         self._open()
         parent = await self._session(session_id, principal)
         new_id = check_session_id(new_session_id, "new_session_id") if new_session_id else None
@@ -470,7 +518,10 @@ class SessionService:
 
     def attach(self, principal: str, rpc: str = "Stream", on_drain: Callable | None = None):
         """An Attachment that steps one session for a Stream (see Attachment); `detach()`
-        it when the Stream ends."""
+        it when the Stream ends. A session its first step creates (session_id "") is
+        closed again at `detach()` unless a step's response was marked `delivered()` (or its
+        id `handed_out()`): the transport's rule for an id that never reached its client. An
+        in-process caller marks each response it used."""
         self._callback(on_drain, "on_drain")
         a = Attachment(self, principal, rpc, on_drain)
         self._open_attachments.add(a)

@@ -187,6 +187,16 @@ class SessionStore:
         if not isinstance(model_sha, str) or not model_sha.isascii() or len(model_sha) > 1024:
             raise InvalidInput("model_sha", f"must be an ASCII string, got {model_sha!r}")
         self.ttl = _check_ttl(ttl)
+        if snapshot_key is not None and not isinstance(snapshot_key, SnapshotKey):
+            raise InvalidInput(  # raw bytes would fail only at the first snapshot
+                "snapshot_key",
+                "must be a SnapshotKey (SnapshotKey(secret), SnapshotKey.from_file(path), "
+                f"SnapshotKey.in_dir(directory)) or None, got {type(snapshot_key).__name__}",
+            )
+        if slab is not None and not isinstance(slab, StateSlab):
+            raise InvalidInput(
+                "slab", f"must be a StateSlab (Engine.new_slab) or None, got {type(slab).__name__}"
+            )
         self.max_per_principal = max_per_principal
         self.model_sha = model_sha
         self.snapshot_key = snapshot_key or SnapshotKey.generate()
@@ -226,6 +236,9 @@ class SessionStore:
         return self.slab.row_bytes
 
     def stats(self) -> dict:
+        """Counts for metrics and logs: live sessions, capacity and free slots, the slab's
+        size, device and bytes moved, and the sessions created, closed, evicted, restored
+        and forked so far."""
         with self._lock:
             return {
                 "sessions": len(self._sessions),
@@ -460,6 +473,7 @@ class SessionStore:
             s._pins += 1
 
     def unpin(self, s: Session) -> None:
+        """End a `pin`: the step is done; the session's idle time counts from now."""
         with self._lock:
             s._pins = max(0, s._pins - 1)
             s._last_used = self.clock()

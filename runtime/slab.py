@@ -324,6 +324,7 @@ class StateSlab:
             self._copy(("cpu", state.ctypes.data), ("cuda", self._ptr(slot)), 1)
 
     def zero(self, slot: int) -> None:
+        """Row `slot` = zeros: the state of a stream before its first input."""
         self.write(slot, np.zeros(self.state_size, dtype=np.float32))
 
     def copy(self, src: int, dst: int) -> None:

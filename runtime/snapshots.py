@@ -137,6 +137,8 @@ class SnapshotKey:
 
     @classmethod
     def generate(cls) -> SnapshotKey:
+        """A random key: snapshots it signs are valid only while this object lives (keep
+        one across processes with `in_dir` or `from_file`)."""
         return cls(secrets.token_hex(32).encode())
 
     @classmethod

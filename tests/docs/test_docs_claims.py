@@ -6,13 +6,13 @@ tests/test_doc_references.py holds the tests the docs cite, the guarantees page'
 metrics named in full. This module holds the rest that a reader acts on: every `--flag` any
 page names is an option of a command (and the scale-out page's are `ssmstream serve`'s), the
 defaults the pages state are the parsers' (a flag "off by default" is off, and its --help says
-so), the variable `ssmstream generate` takes its bearer token from is the one the README
-names, the `ssmstream` lines of docs/ parse, the Envoy example routes on the header the
-clients send to the Service deploy/k8s defines, the state-store metrics the scale-out page
-abbreviates (`…_loads_total`) are exported, the grpcurl lines name real methods and fields, the
-RPCs the README lists are the service's, the Python names the pages cite exist, every
-repository path and link they name is there, and the `top_k` range the .proto states is the
-server's."""
+so) and the clients' (`keepalive`), the variable `ssmstream generate` takes its bearer token
+from is the one the README names, the `ssmstream` lines of docs/ parse, the Envoy example
+routes on the header the clients send to the Service deploy/k8s defines, the state-store
+metrics the scale-out page abbreviates (`…_loads_total`) are exported, the grpcurl lines name
+real methods and fields, the RPCs the README lists are the service's, the Python names the
+pages cite exist, every repository path and link they name is there, and the `top_k` range
+the .proto states is the server's."""
 
 from __future__ import annotations
 
@@ -68,12 +68,17 @@ def test_the_scale_out_pages_flags_are_serves():
     assert {"--state-store", "--persist-every", "--lease-ttl", "--replicas"} <= flags(text)
 
 
+# "`NAME` … (default V": a few words after the name, on its line or wrapped onto the next
+DEFAULT_STATED = r"`({name})`[^`(\n]{{0,12}}(?:\n\s*)?\(default `?([\w.]+)"
+
+
 def stated_defaults() -> list[tuple[str, str, str]]:
-    """(page, flag, value) of each "`--flag` … (default V" a page states, and the default of
-    the --persist-every modes' table ("| `Nms` (default `100ms`) |")."""
+    """(page, flag, value) of each "`--flag` … (default V" a page states (the words between
+    them may wrap onto the next line), and the default of the --persist-every modes' table
+    ("| `Nms` (default `100ms`) |")."""
     found = []
     for page, text in TEXT.items():
-        for flag, value in re.findall(r"`(--[a-z-]+)`[^`(\n]{0,12}\(default `?([\w.]+)", text):
+        for flag, value in re.findall(DEFAULT_STATED.format(name="--[a-z-]+"), text):
             found.append((page, flag, value))
         if "--persist-every" in text:
             for value in re.findall(r"\| `Nms` \(default `(\w+)`\)", text):
@@ -85,6 +90,7 @@ def test_the_defaults_the_pages_state_are_the_serve_parsers():
     stated = stated_defaults()
     assert {f for _, f, _ in stated} >= {
         "--prefix-cache-mb", "--rewind-window", "--rewind-memory-mb", "--persist-every",
+        "--keepalive", "--max-connection-idle",
     }  # fmt: skip
     defaults = {o: a.default for a in parser("serve")._actions for o in a.option_strings}
     for page, flag, value in stated:
@@ -107,6 +113,20 @@ def test_a_flag_a_page_calls_off_by_default_is_off_and_its_help_says_so():
         action = actions[flag]
         assert action.default is False, (page, flag, action.default)
         assert "default: off" in action.help, (page, flag, action.help)
+
+
+def test_the_client_keepalive_the_readme_states_is_the_clients_default():
+    """The README's "every `keepalive` seconds (default N" and "`keepalive_timeout` (N s)":
+    the grpc options a Client and an AsyncClient made without them put on their channel."""
+    from ssmstream.runtime.client import AsyncClient, Client
+
+    text = TEXT["README.md"]
+    (every,) = re.findall(DEFAULT_STATED.format(name="keepalive"), text)
+    (within,) = re.findall(r"`keepalive_timeout` \((\d+) s\)", text)
+    for cls in (Client, AsyncClient):
+        options = dict(cls("127.0.0.1:1").options)  # no connection is made
+        assert options["grpc.keepalive_time_ms"] == 1000 * int(every[1]), cls
+        assert options["grpc.keepalive_timeout_ms"] == 1000 * int(within), cls
 
 
 def test_the_readme_names_the_variable_generate_takes_its_token_from():
