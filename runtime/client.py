@@ -117,11 +117,42 @@ def _ints(name: str, xs) -> list[int]:
         wide = next((x for x in xs if not -(2**63) <= x <= 2**63 - 1), None)
         if wide is not None:
             raise ValueError(f"{name}: must fit in int64, got {wide!r}")
+    if a.ndim == 0 and isinstance(xs, Iterator):  # numpy keeps it whole, as one object
+        raise ValueError(
+            f"{name}: must be a list, bytes or an array of integers, got a "
+            f"{type(xs).__name__} (make it a list first)"
+        )
+    if isinstance(xs, str):  # text, where a byte-level model reads bytes
+        raise ValueError(
+            f"{name}: must be integers (token ids), got the text {xs!r}; "
+            "a byte-level model takes its bytes (b'...', or text.encode())"
+        )
     if a.size and a.dtype.kind not in "iu":
-        raise ValueError(f"{name}: must be integers, got {a.reshape(-1)[0]!r} ({a.dtype})")
+        raise ValueError(f"{name}: must be integers, got {_not_an_integer(a, xs)!r} ({a.dtype})")
     if a.size and (a.min() < -(2**63) or a.max() > 2**63 - 1):  # would wrap in int64
         raise ValueError(f"{name}: must fit in int64, got {a.max()!r}")
     return a.astype(np.int64).reshape(-1).tolist()
+
+
+def _not_an_integer(a: np.ndarray, xs):
+    """The first item of `a` (numpy's array of `xs`, what was given) that is not an integer:
+    an error names it, not the first item ([1, None] is an object array whose first item is
+    fine, [1, 2.5] a float one); the first item where none is found (a float array of whole
+    numbers: 1.0 is no token id either)."""
+    flat = a.reshape(-1)
+    if a.dtype.kind in "US":  # numpy made every item a str: the first that was one
+        given = xs if isinstance(xs, (list, tuple)) else ()
+        bad = (x for x in given if isinstance(x, str))
+    elif a.dtype.kind == "O":
+        ok = (int, np.integer)
+        bad = (x for x in flat if isinstance(x, bool) or not isinstance(x, ok))
+    elif a.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = iter(flat[~(flat == np.round(flat))])
+    else:
+        bad = iter(())
+    first = next(bad, flat[0])
+    return first.item() if isinstance(first, np.generic) else first
 
 
 def _session_id(name: str, v) -> str:
