@@ -96,6 +96,7 @@ class StepResult:
 
     @classmethod
     def from_proto(cls, r: pb.StepResponse) -> StepResult:
+        """The arrays of a StepResponse (its flat `outputs` reshaped to [rows, cols])."""
         out = None
         if r.rows:
             out = np.asarray(r.outputs, dtype=np.float32).reshape(r.rows, r.cols)  # [rows, D]
@@ -598,6 +599,10 @@ class Client(_Base):
         return self._call(rpc, request, **self._kw(session_id, timeout))
 
     def info(self) -> pb.ModelInfo:
+        """The served model and the server's limits (GetModelInfo): input_kind ("tokens" or
+        "values"), vocab_size, d_input, d_output, step_sha256 (the model's identity, which
+        snapshots are bound to), and `limits` (max_tokens_per_request, max_new_tokens,
+        rewind_window, session_ttl_seconds, ...): the ranges requests must keep to."""
         return self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
     def create_session(
@@ -626,6 +631,11 @@ class Client(_Base):
         return ClientSession(self, sid, _count("position", position, 2**64 - 1))
 
     def restore(self, snapshot: BytesLike, session_id: str = "", ttl: float = 0.0) -> ClientSession:
+        """A new session from `snapshot()` bytes, at the snapshot's state and position (the
+        original goes on unchanged). The server accepts snapshots signed with its key
+        (--snapshot-key, or --state-dir's) of the model it serves: others are refused,
+        INVALID_ARGUMENT or FAILED_PRECONDITION saying which check failed. session_id: ""
+        picks a new id; ttl: idle seconds (0: the server's default)."""
         session_id = choose_session_id(session_id)
         req = pb.RestoreRequest(
             snapshot=_bytes("snapshot", snapshot),
@@ -865,6 +875,9 @@ class ClientSession(_Handle):
             call.cancel()
 
     def snapshot(self) -> bytes:
+        """The session's state and position as signed bytes, for `Client.restore` (here or
+        on a server with the same key and model); the handle's `position` becomes the
+        server's (a way to read it after a cancelled call)."""
         mark = self._asked()
         req = pb.SnapshotRequest(session_id=self.id)
         snap = self.client._unary(self.client.stub.SnapshotSession, req, self.id)
@@ -872,6 +885,8 @@ class ClientSession(_Handle):
         return snap.data
 
     def fork(self, new_session_id: str = "") -> ClientSession:
+        """A new session with a copy of this one's state and position (no bytes leave the
+        server); the two then go on independently. new_session_id: "" picks one."""
         req = pb.ForkRequest(
             session_id=self.id, new_session_id=choose_session_id(new_session_id, "new_session_id")
         )
@@ -929,6 +944,10 @@ class StreamHandle:
             session.client._handles.add(self)
 
     def send(self, tokens=None, values=None, output: str = "last", top_k: int = 0) -> StepResult:
+        """Write one request on the stream and wait for its response (arguments as
+        ClientSession.step's). A server error ends the stream: that send raises it as a
+        grpc.RpcError, and so does every later send (the refused request changed nothing:
+        open another stream to go on)."""
         with self._lock:  # the session's id and position follow the responses in order
             if self._ended:  # said as the async handle says it, not grpc's "Locally cancelled"
                 raise _cancelled(self._ended)
@@ -1056,6 +1075,7 @@ class AsyncClient(_Base):
             await close(pb.CloseSessionRequest(session_id=made), **self._kw(session_id))
 
     async def info(self) -> pb.ModelInfo:
+        """As Client.info."""
         return await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
     async def create_session(
@@ -1084,6 +1104,7 @@ class AsyncClient(_Base):
     async def restore(
         self, snapshot: BytesLike, session_id: str = "", ttl: float = 0.0
     ) -> AsyncClientSession:
+        """As Client.restore."""
         chosen, session_id = not session_id, choose_session_id(session_id)
         req = pb.RestoreRequest(
             snapshot=_bytes("snapshot", snapshot),
@@ -1137,6 +1158,7 @@ class AsyncClientSession(_Handle):
     async def step(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
+        """As ClientSession.step."""
         req = step_request(self.id, tokens, values, output, top_k)
         mark = self._asked()
         r = StepResult.from_proto(await self.client._unary(self.client.stub.Step, req, self.id))
@@ -1186,6 +1208,8 @@ class AsyncClientSession(_Handle):
         reqs.raise_refused()
 
     def open_stream(self) -> AsyncStreamHandle:
+        """As ClientSession.open_stream: `await send(tokens=...)` returns that request's
+        result; use it as `async with` (or await its close())."""
         return AsyncStreamHandle(self)
 
     async def generate(
@@ -1208,6 +1232,7 @@ class AsyncClientSession(_Handle):
             call.cancel()
 
     async def snapshot(self) -> bytes:
+        """As ClientSession.snapshot."""
         req = pb.SnapshotRequest(session_id=self.id)
         mark = self._asked()
         snap = await self.client._unary(self.client.stub.SnapshotSession, req, self.id)
@@ -1215,6 +1240,7 @@ class AsyncClientSession(_Handle):
         return snap.data
 
     async def fork(self, new_session_id: str = "") -> AsyncClientSession:
+        """As ClientSession.fork."""
         new_id = choose_session_id(new_session_id, "new_session_id")
         req = pb.ForkRequest(session_id=self.id, new_session_id=new_id)
         fork = self.client.stub.ForkSession
@@ -1222,6 +1248,7 @@ class AsyncClientSession(_Handle):
         return AsyncClientSession(self.client, s.session_id, s.position)
 
     async def close(self) -> int:
+        """As ClientSession.close."""
         req = pb.CloseSessionRequest(session_id=self.id)
         mark = self._asked()
         s = await self.client._unary(self.client.stub.CloseSession, req, self.id)
@@ -1243,6 +1270,7 @@ class AsyncStreamHandle:
     async def send(
         self, tokens=None, values=None, output: str = "last", top_k: int = 0
     ) -> StepResult:
+        """As StreamHandle.send."""
         async with self._turn:
             if self._closed or self.session.client.closed:  # grpc.aio would raise
                 raise self._closed_error()  # CancelledError, as if the task was
