@@ -43,22 +43,13 @@ def _say_kept(a, session, printed: int, cut: bool = False) -> None:
 
 def _rewind_after_cut(session: ClientSession, position: int, wait: float = 2.0) -> str | None:
     """Rewind to `position` within `wait` seconds: None, or why it was not (" (CODE:
-    details)", " (interrupted)"). Each try has what is left of the time as its deadline; a
-    refusal because the cancelled Generate still holds the session (FAILED_PRECONDITION
-    "attached to an open Generate", until the server sees the cancel) is tried again."""
-    end = time.monotonic() + wait
+    details)", " (interrupted)"). The server holds the rewind until the cancelled Generate
+    has let go of the session."""
     try:
-        while True:
-            try:
-                session.rewind(position, timeout=max(0.05, end - time.monotonic()))
-                return None
-            except grpc.RpcError as e:
-                ours = e.code() == grpc.StatusCode.FAILED_PRECONDITION and "open Generate" in (
-                    e.details() or ""
-                )
-                if not ours or time.monotonic() >= end:
-                    return f" ({e.code().name}: {e.details()})"
-                time.sleep(0.025)
+        session.rewind(position, timeout=wait)
+        return None
+    except grpc.RpcError as e:
+        return f" ({e.code().name}: {e.details()})"
     except KeyboardInterrupt:  # a second Ctrl-C
         return " (interrupted)"
 

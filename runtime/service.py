@@ -75,6 +75,10 @@ DRAINING = {
 PREFIX_CACHE_SCOPES = ("principal", "global")  # a cache per principal, or one for all
 FETCH_THREADS = 16  # threads loading sessions from a shared state store
 FETCHES_PER_PRINCIPAL = 4  # of them, what one principal's requests may hold at a time
+# seconds a call on a session waits for the Stream or Generate holding it to let go before
+# FAILED_PRECONDITION: a client that cuts its call (a `break` out of a generation) and goes on
+# with the session at once is often ahead of the server's cancel of that call, by milliseconds
+DETACH_WAIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,18 @@ class SessionService:
         holder = self._attached.get((s.id, s.incarnation))
         if holder is not None:
             raise SessionBusy(f"session {s.id!r} is attached to an open {holder.rpc}")
+
+    async def _wait_detached(self, s: Session) -> None:
+        """Wait up to DETACH_WAIT for the Stream or Generate holding `s` (if any) to let go;
+        SessionBusy if it still holds it then. A call that was cut lets go as soon as the
+        server runs its cancel; one in use holds on, and the wait ends in the refusal."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DETACH_WAIT
+        while (holder := self._attached.get((s.id, s.incarnation))) is not None:
+            try:
+                await asyncio.wait_for(holder.let_go.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                self._check_detached(s)  # another call may have attached meanwhile
 
     def _track(self, s: Session) -> Session:
         """Give a session this service made, loaded or took over its rewind History (when
@@ -500,7 +516,7 @@ class SessionService:
         self._ref(session_id)  # the request's fields in order: session_id, then the inputs
         x = self.inputs(tokens, values)
         s = await self._session(session_id, principal)  # NOT_FOUND before FAILED_PRECONDITION
-        self._check_detached(s)
+        await self._wait_detached(s)
         return await self.batcher.step(s, x)
 
     async def rewind(self, principal: str, session_id: str, position: int) -> Session:
@@ -509,7 +525,7 @@ class SessionService:
         it); refused while a Stream or Generate is attached."""
         self._open()
         s = await self._session(session_id, principal)
-        self._check_detached(s)
+        await self._wait_detached(s)
         position = integer(position, "position")
         await self.batcher.rewind(s, position)  # ahead or outside: checked at its turn
         return s
@@ -648,6 +664,7 @@ class Attachment:
         self.idle, self.drained = True, False
         self._new: Session | None = None  # created by the first step, its id not yet out
         self.detached = False  # detach() was called: steps are refused
+        self.let_go = asyncio.Event()  # set at detach: the session is free for other calls
 
     async def step(self, session_id: str, tokens=(), values=()) -> tuple:
         """(outputs [T, D], position); an empty session_id on the first step creates a
@@ -691,6 +708,7 @@ class Attachment:
             s = svc._track(svc.store.create(self.principal))
         else:
             s = await svc._session(session_id, self.principal)
+            await svc._wait_detached(s)
         try:
             self.adopt(s)
         except SessionBusy:
@@ -747,3 +765,4 @@ class Attachment:
         s = self.session
         if s is not None and self.service._attached.get((s.id, s.incarnation)) is self:
             del self.service._attached[s.id, s.incarnation]
+        self.let_go.set()
