@@ -1,7 +1,8 @@
-"""help() on the in-process API answers: every public method and property of the classes an
-embedding program calls (the Engine, the session store and service, the batcher, snapshot
-keys, state slabs, step buffers, the sampler) has a docstring, and help(ssmstream.runtime)
-names every class the README imports from the package."""
+"""help() answers: every public method and property of the classes an embedding program
+calls (the Engine, the session store and service, the batcher, snapshot keys, state slabs,
+step buffers, the sampler) and of those an application of a server calls (both clients,
+their session handles, stream handles and step results) has a docstring, and
+help(ssmstream.runtime) names every class the README imports from the package."""
 
 from __future__ import annotations
 
@@ -11,17 +12,29 @@ from pathlib import Path
 
 import pytest
 from ssmstream.runtime import Batcher, Engine, Sampler, SessionStore, StateSlab, StepBuffers
+from ssmstream.runtime.client import (
+    AsyncClient,
+    AsyncClientSession,
+    AsyncStreamHandle,
+    Client,
+    ClientSession,
+    StepResult,
+    StreamHandle,
+)
 from ssmstream.runtime.service import Attachment, SessionService
 from ssmstream.runtime.snapshots import SnapshotKey
 
 CLASSES = [
     Engine, SessionStore, Batcher, SessionService, Attachment, SnapshotKey, StateSlab,
     StepBuffers, Sampler,
+    Client, ClientSession, StreamHandle, AsyncClient, AsyncClientSession, AsyncStreamHandle,
+    StepResult,
 ]  # fmt: skip
 
 
 def undocumented(cls: type) -> list[str]:
-    """The public methods and properties `cls` defines whose docstring is missing or blank."""
+    """The public methods and properties `cls` defines whose docstring is missing or blank
+    (an inherited one is its base class's to say)."""
     names = []
     for name, member in vars(cls).items():
         if name.startswith("_"):
@@ -36,7 +49,7 @@ def undocumented(cls: type) -> list[str]:
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=[c.__name__ for c in CLASSES])
-def test_every_public_method_of_the_in_process_api_says_what_it_does(cls):
+def test_every_public_method_says_what_it_does(cls):
     assert undocumented(cls) == [], f"{cls.__name__}: no docstring"
 
 
@@ -51,6 +64,9 @@ def test_undocumented_finds_a_method_without_a_docstring():
         def silent(self):
             pass
 
+        async def quiet(self):
+            pass
+
         @property
         def value(self):
             return 1
@@ -62,7 +78,7 @@ def test_undocumented_finds_a_method_without_a_docstring():
         def _private(self):
             pass
 
-    assert undocumented(Half) == ["blank", "silent", "value", "make"]
+    assert undocumented(Half) == ["blank", "silent", "quiet", "value", "make"]
 
 
 def test_help_of_the_package_names_every_class_the_readme_imports_from_it():
