@@ -49,7 +49,9 @@ def discretize(
     gbt(α):  dA = (1 + (1-α) dt A) / (1 - α dt A),   dB = dt B / (1 - α dt A)
              (α=0 euler, α=½ bilinear, α=1 backward_euler)
     zoh:     dA = exp(dt A),                          dB = (exp(dt A) - 1) / A · B
-             (exp(dt A) - 1 as expm1, so it keeps float32 precision at small dt)
+             (exp(dt A) - 1 as expm1, so it keeps float32 precision at small dt; written
+             dt · φ(dt A) · B with φ(z) = (e^z - 1) / z and φ(0) = 1, so a mode whose dt·A is 0
+             or subnormal, Re A underflowed with Im A = 0, is the integrator dB = dt B, not NaN)
 
     Args:
         A: [..., N] complex diagonal of the state matrix.
@@ -61,9 +63,18 @@ def discretize(
     a = _check_method(method, alpha)
     dtA = dt * A
     if a < 0:  # zoh
-        return torch.exp(dtA), _expm1(dtA) / A * B
+        return torch.exp(dtA), dt * _phi(dtA) * B
     denom = 1 - a * dtA
     return (1 + (1 - a) * dtA) / denom, dt * B / denom
+
+
+def _phi(z: Tensor) -> Tensor:
+    """(e^z - 1) / z, with its limit 1 + z/2 where |z| is below the dtype's eps (exact there
+    to rounding; a complex division by such a z, a subnormal or 0, gives NaN). The division
+    is taken at 1 there, so the gradient stays finite too."""
+    small = z.abs() < torch.finfo(z.real.dtype).eps
+    safe = torch.where(small, torch.ones_like(z), z)
+    return torch.where(small, 1 + z / 2, _expm1(safe) / safe)
 
 
 def _expm1(z: Tensor) -> Tensor:
