@@ -392,6 +392,51 @@ def test_non_finite_outputs_are_an_infinite_error(monkeypatch):
     assert q["max_rel_output"] == math.inf and q["max_abs_output"] == math.inf and not q["passed"]
 
 
+def test_a_prefill_error_of_exactly_the_tolerance_passes(monkeypatch):
+    class OffPrefill(FakeEngine):  # outputs 0.1% off the steps (its states are right)
+        def prefill(self, x, state):
+            out, s = super().prefill(x, state)
+            return out * np.float32(1.001), s
+
+    r = _verify(monkeypatch, OffPrefill, steps=16)["prefill_vs_step"]
+    worst = max(r["max_rel_output"], r["max_rel_state"])
+    assert 5e-4 < worst < 2e-3 and r["passed"] is False  # over fp32's 1e-4
+    monkeypatch.setitem(verify_mod.TOLERANCES, "fp32",
+                        {"step_vs_torch": 1e-4, "prefill_vs_step": worst})  # fmt: skip
+    again = _verify(monkeypatch, OffPrefill, steps=16)
+    assert again["prefill_vs_step"]["max_rel_output"] == worst
+    assert again["prefill_vs_step"]["passed"] is True and again["passed"] is True
+
+
+def test_the_report_counts_only_the_chunk_states_the_prefill_gave(monkeypatch):
+    class FirstChunkEndOnly(FakeEngine):
+        def prefill_unchecked(self, x, state, ends):
+            got: dict = {}
+            out = super().prefill_unchecked(x, state, got)
+            ends[self.Q] = got[self.Q]
+            return out
+
+    r = _verify(monkeypatch, FirstChunkEndOnly, steps=16)["prefill_vs_step"]
+    assert r["chunk_states_checked"] == 1  # not the 16 / 4 the steps recorded
+
+
+def test_a_slot_step_that_clears_the_other_rows_fails():
+    """A scatter over the whole slab zeroes the rows it was not given."""
+
+    class ClearsOtherRows(FakeEngine):
+        def step_slots(self, x, slots, slab):
+            out = super().step_slots(x, slots, slab)
+            for row in set(range(len(slab.rows))) - set(map(int, slots)):
+                slab.rows[row] = 0
+            return out
+
+    rng = np.random.default_rng(0)
+    states = rng.standard_normal((2, 2)).astype(np.float32)
+    rep = verify_mod.slots_vs_step(ClearsOtherRows(), MANIFEST, states, rng, steps=2)
+    assert rep["max_abs_output"] == rep["max_abs_state"] == 0.0
+    assert rep["other_rows_untouched"] is False and rep["passed"] is False
+
+
 def test_the_tolerances_per_dtype():
     # export/verify.py says where they come from (~3-10x over what random models measure)
     assert verify_mod.TOLERANCES == {
