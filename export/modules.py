@@ -551,7 +551,6 @@ class PrefillGraph(nn.Module):
         super().__init__()
         self.trunk = Trunk(net, COMPUTE_DTYPES[dtype])
         self.chunk, self.max_chunks = chunk, max_chunks
-        self.max_len = chunk * max_chunks
         self.ssms = nn.ModuleList(
             PrefillSSM(s, dt_scale, chunk, max_chunks, mode_path) for s in net.ssms
         )
