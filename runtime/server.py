@@ -591,13 +591,16 @@ class Server:
     async def _save_loop(self) -> None:
         """Start a save of the sessions every --save-interval seconds (on a fixed schedule, not
         the interval after the last one ended: a save of many sessions takes a while); a save
-        still running when the next is due delays it. A failed save is logged and the next one
-        tried (a full disk must not end periodic saves, nor the one at shutdown)."""
+        still running when the next is due delays it, and one of a store unchanged since the
+        last save is skipped (it would write the same file). A failed save is logged and the
+        next one tried (a full disk must not end periodic saves, nor the one at shutdown)."""
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
             due = max(due + self.config.save_interval, loop.time())
             await asyncio.sleep(due - loop.time())
+            if not self.store.unsaved:
+                continue
             try:
                 await asyncio.to_thread(self.store.save, self.config.state_dir)
             except Exception:

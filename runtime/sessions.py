@@ -220,6 +220,9 @@ class SessionStore:
         self._save_lock = threading.Lock()  # one save at a time: they share the temp file
         self._counts = Counter()
         self.ended = 0  # sessions removed so far (closed, evicted, moved): the batcher's cue
+        # changes to what a save writes (sessions made or removed, states and positions
+        # written), and their count when the last successful save began: see `unsaved`
+        self._changes, self._saved_changes = 0, -1
         self._full_logged = -math.inf  # when the last "store full" warning was logged
         self.replication = replication
         if replication is not None:
@@ -307,6 +310,7 @@ class SessionStore:
         self.slab.zero(slot)
         s = Session(session_id, principal, slot, position, self.clock(), ttl, incarnation)
         self._sessions[session_id] = s
+        self._changes += 1
         self._per_principal[principal] += 1
         self._gone.pop(session_id, None)
         return s
@@ -314,6 +318,7 @@ class SessionStore:
     def _remove(self, s: Session, reason: str) -> None:
         """Unregister and free the slot. Caller holds the lock."""
         del self._sessions[s._id]
+        self._changes += 1
         s._live, s._ended = False, reason
         if not s._lent:  # else give_back frees it: no new session gets a row being written
             heapq.heappush(self._free, s._slot)
@@ -548,6 +553,7 @@ class SessionStore:
             s._position += consumed
             s._last_used = now
             results.append(s._position)
+        self._changes += consumed > 0
         return results
 
     def _write_through(
@@ -610,6 +616,7 @@ class SessionStore:
             self.slab.write(s._slot, state)
             s._position = position
             s._last_used = self.clock()
+            self._changes += 1
         # replicated: written now, whatever --persist-every says (a replica that takes the
         # session over must continue from here, not from the state before the rewind)
         (result,) = self._write_through([s], 1, [position], force=True)
@@ -678,6 +685,7 @@ class SessionStore:
                     s.history = None
             s._position = position
             self.slab.write(s._slot, state)
+            self._changes += 1
             return s
 
     def drop(self, s: Session, reason: str = "moved") -> None:
@@ -771,6 +779,13 @@ class SessionStore:
 
     # --- persistence ---------------------------------------------------------------------
 
+    @property
+    def unsaved(self) -> bool:
+        """Whether a session was made, removed, stepped or rewound since the last successful
+        `save` began (True before the first): a periodic save of an idle store would write
+        the same file again."""
+        return self._changes != self._saved_changes
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write every live session to directory/sessions.bin atomically (temp file + rename);
         sessions idle past their TTL are evicted first, as the sweep would.
@@ -786,7 +801,7 @@ class SessionStore:
         path = directory / STORE_FILE
         with self._lock:
             self._evict_idle_locked()  # past their TTL: evicted now, not saved for a restart
-            live = list(self._sessions.values())
+            live, changes = list(self._sessions.values()), self._changes
         # copied a few MiB of rows at a time, each row with its position: steps wait for the
         # lock one part's copy long, not the whole slab's (128 MiB: ~0.4 s)
         part = max(1, SAVE_PART_BYTES // (4 * self.state_size))
@@ -833,6 +848,7 @@ class SessionStore:
         except BaseException:  # a full disk: no partial file left to keep it full
             tmp.unlink(missing_ok=True)
             raise
+        self._saved_changes = changes
         log.info("saved %d sessions to %s", len(saved), path)
         return path
 

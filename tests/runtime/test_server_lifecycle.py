@@ -246,9 +246,10 @@ def test_a_failed_periodic_save_is_retried_and_the_shutdown_save_still_runs(
     def failed_saves() -> int:
         return sum("periodic save" in r.getMessage() for r in caplog.records)
 
-    def saves_fail() -> None:
+    def saves_fail(s) -> None:
         """The fault: a directory where sessions.bin goes, until the next periodic save has
-        failed on it (a save that lands between the unlink and the mkdir is simply undone)."""
+        failed on it (a save that lands between the unlink and the mkdir is simply undone).
+        A step of `s` makes the store unsaved (a store unchanged is not saved again)."""
         failed = failed_saves()
         while True:
             saved.unlink(missing_ok=True)
@@ -257,6 +258,7 @@ def test_a_failed_periodic_save_is_retried_and_the_shutdown_save_still_runs(
                 break
             except FileExistsError:
                 continue
+        s.step(tokens=[9])
         wait_for(lambda: failed_saves() > failed, "a periodic save to fail")
 
     try:
@@ -264,11 +266,11 @@ def test_a_failed_periodic_save_is_retried_and_the_shutdown_save_still_runs(
             s = c.create_session(session_id="kept")
             s.step(tokens=[1, 2, 3])
             wait_for(saved.is_file, "a periodic save")
-            saves_fail()
+            saves_fail(s)
             saved.rmdir()  # gone again
             s.step(tokens=[4])
             wait_for(saved.is_file, "a periodic save after the failed one")  # they went on
-            saves_fail()  # failing again when the server stops
+            saves_fail(s)  # failing again when the server stops
             saved.rmdir()
     finally:
         srv.stop()  # does not raise the periodic save's error; saves at shutdown
@@ -277,7 +279,7 @@ def test_a_failed_periodic_save_is_retried_and_the_shutdown_save_still_runs(
         with Client(f"127.0.0.1:{again.port}", timeout=30) as c:
             h = c.session("kept")
             h.snapshot()
-            assert h.position == 4
+            assert h.position == 6
 
 
 def test_restart_on_the_same_state_dir_continues_exactly(tiny_token_model, tmp_path):
@@ -967,7 +969,7 @@ def test_periodic_saves_start_on_a_fixed_schedule(tmp_path):
 
     fake = types.SimpleNamespace(
         config=types.SimpleNamespace(save_interval=0.2, state_dir=str(tmp_path)),
-        store=types.SimpleNamespace(save=save),
+        store=types.SimpleNamespace(save=save, unsaved=True),
     )
 
     async def run():
