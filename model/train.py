@@ -721,14 +721,37 @@ def _warn_of_growing_modes(net: SSMNetwork) -> None:
     n, modes, largest = net.growing_modes()
     if n:
         cfg = net.cfg
+        limit = _stable_dt_limit(net)
+        or_ = " or "
+        if limit <= cfg.dt_min:  # e.g. the fastest S4D-Lin modes at the default --d-state
+            or_ = (
+                f" and --dt-min (now {cfg.dt_min:g}): every mode is stable only for "
+                f"Δ < {limit:.3g}; or "
+            )
         log.warning(
             "%d of %d modes grow at initialization (|Ā| up to %.3g > 1): --discretization %s%s "
             "is stable only for small Δ·|A|; the model may diverge, and one that keeps such "
-            "modes cannot be exported: use a smaller --dt-max (now %g) or %s",
+            "modes cannot be exported: use a smaller --dt-max (now %g)%s%s",
             n, modes, largest,
             cfg.discretization, f" --alpha {cfg.alpha}" if cfg.discretization == "gbt" else "",
-            cfg.dt_max, SSMNetwork.A_STABLE,
+            cfg.dt_max, or_, SSMNetwork.A_STABLE,
         )  # fmt: skip
+
+
+def _stable_dt_limit(net: SSMNetwork) -> float:
+    """The largest Δ at which every mode of `net` is stable under gbt(α < ½) (forward Euler
+    is α = 0): |Ā| < 1 ⇔ Δ < −2 Re A / ((1 − 2α)|A|²), docs/theory.md §2; inf otherwise."""
+    cfg = net.cfg
+    alpha = {"euler": 0.0, "gbt": cfg.alpha}.get(cfg.discretization, 1.0)
+    if alpha >= 0.5:
+        return math.inf
+    limit = math.inf
+    with torch.no_grad():
+        for layer in net.ssms:
+            re = torch.exp(layer.log_A_real.double())  # −Re A
+            bound = 2 * re / ((1 - 2 * alpha) * (re**2 + layer.A_imag.double() ** 2))
+            limit = min(limit, float(bound.min()))
+    return limit
 
 
 def weights_sha256(net: nn.Module) -> str:
