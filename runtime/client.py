@@ -568,7 +568,8 @@ class Client(_Base):
         token: bearer token (None or "": none); tls: TLS with the system roots.
         root_certificates, client_cert, client_key: PEM file paths or bytes (any implies
             TLS; the last two for mTLS, both or neither).
-        timeout: seconds for each unary call (None: no limit; `rewind` takes its own).
+        timeout: seconds for each unary call (None: no limit; `rewind` takes its own, and
+            `generate` one for the whole generation).
         options: grpc channel options, (name, value) pairs (None: none).
         keepalive: seconds between pings while calls are open (0: none, else >= 1); a server
             that does not answer one within `keepalive_timeout` seconds (stopped, or gone
@@ -802,15 +803,17 @@ class ClientSession(_Handle):
         return s.position
 
     def regenerate(
-        self, position: int, prompt: Sequence[int] | np.ndarray, **kw
+        self, position: int, prompt: Sequence[int] | np.ndarray, timeout=None, **kw
     ) -> Generator[pb.GenerateResponse, None, None]:
         """Rewind to `position`, then generate after `prompt` (pass another seed for another
         continuation): the one call behind "regenerate this answer". The arguments are
         checked here (against the model's `info()`), so a refused call changes nothing; the
-        rewind runs when iteration starts, as the Generate does."""
+        rewind runs when iteration starts, as the Generate does. `timeout`: the
+        generation's, as `generate`'s."""
         _count("position", position, 2**64 - 1)
+        _timeout(timeout)
         check_generate(generate_request(self.id, prompt, **kw), self.client.info())
-        return self._regenerate(position, prompt, kw)
+        return self._regenerate(position, prompt, {**kw, "timeout": timeout})
 
     def _regenerate(
         self, position: int, prompt, kw: dict
@@ -854,14 +857,18 @@ class ClientSession(_Handle):
         return StreamHandle(self)
 
     def generate(
-        self, prompt: Sequence[int] | np.ndarray, **kw
+        self, prompt: Sequence[int] | np.ndarray, timeout=None, **kw
     ) -> Generator[pb.GenerateResponse, None, None]:
         """Server-side sampling; yields one GenerateResponse per token as it arrives.
         `kw` are generate_request's (max_new_tokens, temperature, top_k, top_p, seed, stop,
-        keep_session). Closing the iterator early cancels the call."""
+        keep_session). Closing the iterator early cancels the call. `timeout`: seconds the
+        whole generation may take (None: no limit; the Client's `timeout` is each unary
+        call's): past it the iterator raises DEADLINE_EXCEEDED, and the server has stopped
+        the generation as for a cancel."""
         req = generate_request(self.id, prompt, **kw)
+        md, deadline = self.client._md(self.id), _timeout(timeout)
         mark = self._asked()
-        call = self.client._call(self.client.stub.Generate, req, metadata=self.client._md(self.id))
+        call = self.client._call(self.client.stub.Generate, req, metadata=md, timeout=deadline)
         try:
             for r in call:
                 if not self.id:
@@ -1166,14 +1173,15 @@ class AsyncClientSession(_Handle):
         return r
 
     def regenerate(
-        self, position: int, prompt: Sequence[int] | np.ndarray, **kw
+        self, position: int, prompt: Sequence[int] | np.ndarray, timeout=None, **kw
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """As ClientSession.regenerate: rewind to `position`, then generate after `prompt`
         (the arguments' types checked here; the model's ranges, then the rewind, when
         iteration starts)."""
         req = generate_request(self.id, prompt, **kw)
         _count("position", position, 2**64 - 1)
-        return self._regenerate(position, prompt, kw, req)
+        _timeout(timeout)
+        return self._regenerate(position, prompt, {**kw, "timeout": timeout}, req)
 
     async def _regenerate(
         self, position: int, prompt, kw: dict, req: pb.GenerateRequest
@@ -1213,12 +1221,13 @@ class AsyncClientSession(_Handle):
         return AsyncStreamHandle(self)
 
     async def generate(
-        self, prompt: Sequence[int] | np.ndarray, **kw
+        self, prompt: Sequence[int] | np.ndarray, timeout=None, **kw
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """As ClientSession.generate; an async iterator."""
+        """As ClientSession.generate (`timeout`: the whole generation's); an async iterator."""
         req = generate_request(self.id, prompt, **kw)
+        md, deadline = self.client._md(self.id), _timeout(timeout)
         mark = self._asked()
-        call = self.client.stub.Generate(req, metadata=self.client._md(self.id))
+        call = self.client.stub.Generate(req, metadata=md, timeout=deadline)
         try:
             async for r in call:
                 if not self.id:
