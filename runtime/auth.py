@@ -222,5 +222,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self.refusals.refused(method, reason)
             if self.on_denied is not None:
                 self.on_denied(method)
-            return _denied(handler, f"{reason}: send metadata 'authorization: Bearer <token>'")
+            return _denied(  # said for any gRPC client, and for ours
+                handler,
+                f"{reason}: send metadata 'authorization: Bearer <token>' (ssmstream's Python "
+                "clients: Client(token=...) or AsyncClient(token=...))",
+            )
         return _with_principal(handler, principal)

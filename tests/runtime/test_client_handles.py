@@ -405,6 +405,7 @@ def test_no_token_is_a_missing_token_not_an_invalid_one(
                     c.info()
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert e.value.details().startswith("missing bearer token: ")
+            assert "Client(token=...)" in e.value.details()  # how this client sends one
         with Client(target(srv), token="tok-0123456789abcdef", timeout=10) as c:
             assert c.info().input_kind == "tokens"
         argv = ["--server", target(srv), "--ids", "1", "--max-new-tokens", "1"]
