@@ -142,8 +142,7 @@ def _not_an_integer(a: np.ndarray, xs):
     numbers: 1.0 is no token id either)."""
     flat = a.reshape(-1)
     if a.dtype.kind in "US":  # numpy made every item a str: the first that was one
-        given = xs if isinstance(xs, (list, tuple)) else ()
-        bad = (x for x in given if isinstance(x, str))
+        bad = (x for x in _leaves(xs) if isinstance(x, str))
     elif a.dtype.kind == "O":
         ok = (int, np.integer)
         bad = (x for x in flat if isinstance(x, bool) or not isinstance(x, ok))
@@ -154,6 +153,16 @@ def _not_an_integer(a: np.ndarray, xs):
         bad = iter(())
     first = next(bad, flat[0])
     return first.item() if isinstance(first, np.generic) else first
+
+
+def _leaves(xs):
+    """The items of nested lists and tuples `xs`, row-major (numpy's order); nothing for
+    anything else (an array of str: each item is one)."""
+    for x in xs if isinstance(xs, (list, tuple)) else ():
+        if isinstance(x, (list, tuple)):
+            yield from _leaves(x)
+        else:
+            yield x
 
 
 def _session_id(name: str, v) -> str:

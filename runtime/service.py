@@ -17,7 +17,8 @@ Rules that live here:
   one fetch, and one principal has at most FETCHES_PER_PRINCIPAL in the pool at a time, so
   no client can keep the others' sessions from loading.
 - Attachment: a Stream or Generate attaches to one session *incarnation*; other Steps,
-  Streams and Generates of it are refused (SessionBusy) until it detaches. Once that
+  Rewinds, Streams and Generates of it wait up to DETACH_WAIT for it to detach (a call its
+  client cut lets go within milliseconds), then are refused (SessionBusy). Once that
   session is closed, the attachment's next step is NOT_FOUND — also when a new session
   took its id meanwhile, which the attachment neither blocks nor reaches.
 - Draining: after `drain()` new work is refused (Unavailable) and idle attachments are
@@ -522,7 +523,7 @@ class SessionService:
     async def rewind(self, principal: str, session_id: str, position: int) -> Session:
         """Return a session to an earlier `position` within the rewind window (OutOfRange
         outside it, or ahead of the session when its turn comes after the steps queued before
-        it); refused while a Stream or Generate is attached."""
+        it); refused while a Stream or Generate is attached (after DETACH_WAIT)."""
         self._open()
         s = await self._session(session_id, principal)
         await self._wait_detached(s)

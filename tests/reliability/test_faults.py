@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rel_helpers import Ref, code_of, decode_snapshot, idle, serve, target
 from rel_helpers import wait_until as wait
 from ssmstream.protos import inference_pb2 as pb
+from ssmstream.runtime import service as service_module
 from ssmstream.runtime.client import AsyncClient, Client
 
 C = grpc.StatusCode
@@ -189,7 +190,10 @@ def test_stream_cancelled_while_its_creating_request_runs_leaves_no_session(
 # --- competing attachments ------------------------------------------------------------------
 
 
-def test_generate_and_stream_exclude_each_other(srv, client, toy):
+def test_generate_and_stream_exclude_each_other(srv, client, toy, monkeypatch):
+    # each refusal below waits DETACH_WAIT while the Generate runs on: a short wait keeps the
+    # tokens it generates meanwhile (a few hundred here) well under the reference's count
+    monkeypatch.setattr(service_module, "DETACH_WAIT", 0.05)
     tokens = seq(2, 6)
     s = client.create_session()
     with Client(target(srv), timeout=30) as other:
@@ -214,9 +218,9 @@ def test_generate_and_stream_exclude_each_other(srv, client, toy):
         gen.close()  # cancels
         wait(lambda: idle(srv), what="the cancelled Generate to end")
         # the session is consistent and free again
-        greedy = Ref(toy).greedy(tokens[:4], 30_000)  # each refusal above waited DETACH_WAIT
+        greedy = Ref(toy).greedy(tokens[:4], 5000)
         p = check_consistent(toy, client, s.id, [*tokens[:4], *greedy])
-        assert 5 <= p < 30_004
+        assert 5 <= p < 5004
         assert theirs.step(tokens=[1]).position == p + 1
     s.close()
 

@@ -20,6 +20,7 @@ NAMED = [
     ([[1, 2], [3, 4.5]], "got 4.5 (float64)"),
     ([7.0, 8], "got 7.0 (float64)"),  # whole numbers as floats: the first is named
     ([1, "a"], "got 'a' (<U21)"),
+    ([[1, 2], [3, "a"]], "got 'a' (<U21)"),  # numpy made the ints '1', '2', '3' too
     ([1, 2, True, None], "got True (object)"),
     ("hi", "got the text 'hi'; a byte-level model takes its bytes (b'...', or text.encode())"),
     (iter([1, 2]), "must be a list, bytes or an array of integers, got a list_iterator"),
