@@ -32,6 +32,7 @@ Dimension letters: T inputs in one request, I d_input, D d_output, V vocabulary 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import numbers
@@ -80,6 +81,13 @@ FETCHES_PER_PRINCIPAL = 4  # of them, what one principal's requests may hold at 
 # FAILED_PRECONDITION: a client that cuts its call (a `break` out of a generation) and goes on
 # with the session at once is often ahead of the server's cancel of that call, by milliseconds
 DETACH_WAIT = 0.5
+# what the transport's call has left, in seconds (None: no deadline): set for each call by
+# the gRPC servicer, so that the wait above ends in its refusal before the call's deadline
+# (a DEADLINE_EXCEEDED instead would leave the client unsure whether the call applied)
+call_time_left: contextvars.ContextVar[Callable[[], float | None]] = contextvars.ContextVar(
+    "call_time_left", default=lambda: None
+)
+REFUSAL_TIME = 0.05  # seconds of a call's time left kept for its refusal to reach the client
 
 
 @dataclass(frozen=True)
@@ -295,7 +303,10 @@ class SessionService:
         SessionBusy if it still holds it then. A call that was cut lets go as soon as the
         server runs its cancel; one in use holds on, and the wait ends in the refusal."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + DETACH_WAIT
+        wait, left = DETACH_WAIT, call_time_left.get()()
+        if left is not None:
+            wait = min(wait, left - REFUSAL_TIME)
+        deadline = loop.time() + wait
         while (holder := self._attached.get((s.id, s.incarnation))) is not None:
             try:
                 await asyncio.wait_for(holder.let_go.wait(), max(0.0, deadline - loop.time()))

@@ -33,6 +33,7 @@ from .errors import (
     SessionNotFound,
     Unavailable,
 )
+from .service import call_time_left
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,13 @@ def end_as_expired() -> NoReturn:
     raise asyncio.CancelledError
 
 
+def _sees_deadline(context) -> None:
+    """The service's waits see what the call's deadline leaves (a test's stand-in context
+    may be None: no deadline)."""
+    if context is not None:
+        call_time_left.set(context.time_remaining)
+
+
 def grpc_errors(method):
     """Decorator for servicer methods (coroutines or async generators): runtime errors
     end the RPC with their status code (`status_of`), anything unexpected with INTERNAL
@@ -79,7 +87,8 @@ def grpc_errors(method):
     request that did not decode (DecodeGuard) is INVALID_ARGUMENT. A call whose deadline
     passed meanwhile ends quietly (`end_as_expired`); one that grpc cancelled (the client
     cancelled it, its deadline passed, the server stopped) counts as CANCELLED or
-    DEADLINE_EXCEEDED."""
+    DEADLINE_EXCEEDED. The service sees what the call's deadline leaves (`call_time_left`).
+    """
 
     async def fail(self, exc: Exception, context) -> None:
         code, message = status_of(exc)
@@ -100,6 +109,7 @@ def grpc_errors(method):
 
         @functools.wraps(method)
         async def gen(self, request, context):
+            _sees_deadline(context)
             try:
                 check_decoded(request)
                 async for response in method(self, request, context):
@@ -116,6 +126,7 @@ def grpc_errors(method):
 
     @functools.wraps(method)
     async def call(self, request, context):
+        _sees_deadline(context)
         try:
             check_decoded(request)
             return await method(self, request, context)

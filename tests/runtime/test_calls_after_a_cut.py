@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import numpy as np
 import pytest
 from async_helpers import run, started_service
@@ -134,3 +135,37 @@ def test_after_a_break_the_next_call_on_the_session_is_served(real):
             for _ in s.stream([[1], [2]]):
                 break
             s.step(tokens=[3])
+
+
+def test_the_wait_ends_before_the_calls_deadline(toy_tok):
+    """With less time left than DETACH_WAIT (call_time_left, which the servicer sets), the
+    refusal comes REFUSAL_TIME before the deadline: a clean FAILED_PRECONDITION, not a
+    DEADLINE_EXCEEDED that may or may not have applied."""
+
+    async def main():
+        svc = await started_service(toy_tok, LIMITS)
+        await svc.create("p", "s")
+        a = svc.attach("p")
+        await a.step("s", [1])
+        service_module.call_time_left.set(lambda: 0.15)
+        t0 = time.monotonic()
+        with pytest.raises(SessionBusy):
+            await svc.step("p", "s", [2])
+        assert time.monotonic() - t0 < 0.15  # 0.1 s: 0.15 left less REFUSAL_TIME
+        a.detach()
+        await svc.batcher.close()
+
+    run(main())
+
+
+def test_a_step_with_a_short_deadline_on_a_held_session_is_refused_not_expired(real):
+    with Client(target(real), timeout=30) as c:
+        s = c.create_session()
+        with s.open_stream() as st:  # holds the session while it is open
+            st.send(tokens=[1])
+            t0 = time.monotonic()
+            with Client(target(real), timeout=0.3) as short, pytest.raises(grpc.RpcError) as e:
+                short.session(s.id).step(tokens=[2])
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value
+            assert time.monotonic() - t0 < 0.3
+        assert s.step(tokens=[3]).position == 2  # the refused step changed nothing
