@@ -450,6 +450,16 @@ def _as_saved(train: dict) -> dict:
     return train
 
 
+def _moved(saved_data) -> bool:
+    """Whether a run's saved --data paths (a list) all no longer exist: its corpus moved (or
+    was deleted), and a resume may name where it is now."""
+    return (
+        bool(saved_data)
+        and isinstance(saved_data, list)
+        and not any(os.path.exists(p) for p in saved_data)
+    )
+
+
 def _resume(
     out: Path, model_cfg: SSMConfig | None, cfg: TrainConfig, device, world_size: int
 ) -> tuple[SSMNetwork, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, int]:
@@ -461,6 +471,14 @@ def _resume(
         differ = sorted(
             k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]
         )
+        if "data" in differ and _moved(saved["data"]):
+            differ.remove("data")  # the saved paths are gone: the corpus moved to the given ones
+            log.warning(
+                "resuming %s: its --data %s no longer exists; reading %s as the same corpus",
+                out,
+                " ".join(saved["data"]),
+                " ".join(now["data"] or ()),
+            )
         if differ:
             got = ", ".join(f"{k}={now[k]!r} (saved: {saved[k]!r})" for k in differ)
             raise ValueError(

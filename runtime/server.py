@@ -599,7 +599,7 @@ class Server:
         while True:
             due = max(due + self.config.save_interval, loop.time())
             await asyncio.sleep(due - loop.time())
-            if not self.store.unsaved:
+            if not self.store.changed_since_save:
                 continue
             try:
                 await asyncio.to_thread(self.store.save, self.config.state_dir)

@@ -536,9 +536,9 @@ class SessionService:
         outside it, or ahead of the session when its turn comes after the steps queued before
         it); refused while a Stream or Generate is attached (after DETACH_WAIT)."""
         self._open()
+        position = integer(position, "position")  # refused before any wait
         s = await self._session(session_id, principal)
         await self._wait_detached(s)
-        position = integer(position, "position")
         await self.batcher.rewind(s, position)  # ahead or outside: checked at its turn
         return s
 

@@ -221,7 +221,7 @@ class SessionStore:
         self._counts = Counter()
         self.ended = 0  # sessions removed so far (closed, evicted, moved): the batcher's cue
         # changes to what a save writes (sessions made or removed, states and positions
-        # written), and their count when the last successful save began: see `unsaved`
+        # written), and their count when the last successful save began: see `changed_since_save`
         self._changes, self._saved_changes = 0, -1
         self._full_logged = -math.inf  # when the last "store full" warning was logged
         self.replication = replication
@@ -780,7 +780,7 @@ class SessionStore:
     # --- persistence ---------------------------------------------------------------------
 
     @property
-    def unsaved(self) -> bool:
+    def changed_since_save(self) -> bool:
         """Whether a session was made, removed, stepped or rewound since the last successful
         `save` began (True before the first): a periodic save of an idle store would write
         the same file again."""

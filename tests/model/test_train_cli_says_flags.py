@@ -140,3 +140,27 @@ def test_a_resume_from_another_directory_reads_the_data_the_run_read(tmp_path, m
     monkeypatch.chdir(elsewhere)
     assert main(["--out", str(run / "ckpt"), "--resume", "--no-progress"]) == 0
     assert json.loads((run / "ckpt" / "config.json").read_text())["step"] == 3
+
+
+def test_a_run_whose_corpus_moved_resumes_with_the_new_data_given(tmp_path, caplog, capsys):
+    """The saved --data paths no longer exist: a resume without --data says which path is
+    missing, one with --data where the corpus is now goes on (a warning names both), and
+    while the saved corpus exists another --data is still refused."""
+    old, new, other = tmp_path / "old", tmp_path / "new", tmp_path / "other"
+    for d in (old, other):
+        d.mkdir()
+        (d / "a.txt").write_text(f"{d.name}: the quick brown fox jumps over the lazy dog\n" * 40)
+    out = tmp_path / "ckpt"
+    argv = ["--steps", "3", "--warmup-steps", "1", "--seq-len", "16", "--batch-size", "2",
+            "--d-model", "8", "--n-layers", "1", "--d-state", "4", "--eval-batches", "1",
+            "--threads", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--data", str(old), "--stop-after", "1"]) == 0
+    assert main([*argv, "--data", str(other), "--resume", "--stop-after", "2"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    old.rename(new)
+    assert main(["--out", str(out), "--resume", "--no-progress"]) == 2
+    assert str(old) in capsys.readouterr().err
+    caplog.set_level(logging.WARNING)
+    assert main(["--out", str(out), "--resume", "--no-progress", "--data", str(new)]) == 0
+    assert f"its --data {old} no longer exists; reading {new}" in caplog.text
+    assert json.loads((out / "config.json").read_text())["step"] == 3

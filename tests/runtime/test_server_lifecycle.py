@@ -969,7 +969,7 @@ def test_periodic_saves_start_on_a_fixed_schedule(tmp_path):
 
     fake = types.SimpleNamespace(
         config=types.SimpleNamespace(save_interval=0.2, state_dir=str(tmp_path)),
-        store=types.SimpleNamespace(save=save, unsaved=True),
+        store=types.SimpleNamespace(save=save, changed_since_save=True),
     )
 
     async def run():

@@ -1,8 +1,8 @@
-"""`SessionStore.unsaved` says whether a save would write something new: every change to
-what a sessions file holds (a session made, restored, forked, stepped, rewound, closed,
-evicted or installed) sets it, and only a successful save clears it; reads, touches and a
-step that wrote nothing do not. The server's periodic save skips a store that is not
-unsaved: an idle server with --save-interval rewrote the same file, and logged it, every
+"""`SessionStore.changed_since_save` says whether a save would write something new: every
+change to what a sessions file holds (a session made, restored, forked, stepped, rewound,
+closed, evicted or installed) sets it, and only a successful save clears it; reads, touches
+and a step that wrote nothing do not. The server's periodic save skips a store that has not
+changed: an idle server with --save-interval rewrote the same file, and logged it, every
 interval."""
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ def state(x: float) -> np.ndarray:
     return np.full(S, x, np.float32)
 
 
-def test_each_change_sets_unsaved_and_a_save_clears_it(tmp_path):
+def test_each_change_is_seen_and_a_save_clears_it(tmp_path):
     clock = Clock()
     store = SessionStore(S, capacity=8, ttl=10.0, clock=clock)
-    assert store.unsaved  # never saved
+    assert store.changed_since_save  # never saved
     store.save(tmp_path)
-    assert not store.unsaved
+    assert not store.changed_since_save
 
     changes = {
         "create": lambda: store.create("p", "a"),
@@ -51,34 +51,34 @@ def test_each_change_sets_unsaved_and_a_save_clears_it(tmp_path):
     }
     for name, change in changes.items():
         change()
-        assert store.unsaved, name
+        assert store.changed_since_save, name
         store.save(tmp_path)
-        assert not store.unsaved, name
+        assert not store.changed_since_save, name
 
     a = store.get("a", "p")
     store.read(a)
     store.snapshot("a", "p")
     store.give_back(store.lend([a]), 0)  # a step that failed: nothing written
-    assert not store.unsaved
+    assert not store.changed_since_save
     clock.now = 100.0  # both idle past their TTL
-    assert store.evict_idle() and store.unsaved
+    assert store.evict_idle() and store.changed_since_save
 
 
-def test_a_failed_save_leaves_the_store_unsaved(tmp_path):
+def test_a_failed_save_leaves_the_store_changed(tmp_path):
     store = SessionStore(S, capacity=2)
     store.create("p", "a")
     (tmp_path / STORE_FILE).mkdir()  # where the file goes
     with pytest.raises(OSError):
         store.save(tmp_path)
-    assert store.unsaved
+    assert store.changed_since_save
     (tmp_path / STORE_FILE).rmdir()
     store.save(tmp_path)
-    assert not store.unsaved
+    assert not store.changed_since_save
 
 
 def test_a_change_during_a_save_is_saved_by_the_next(tmp_path, monkeypatch):
     """The count is taken as the save starts: a step while the file is written leaves the
-    store unsaved after that save."""
+    store changed after that save."""
     from ssmstream.runtime import sessions as sessions_module
 
     store = SessionStore(S, capacity=2)
@@ -91,7 +91,7 @@ def test_a_change_during_a_save_is_saved_by_the_next(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sessions_module, "write_session_file", write_and_step)
     store.save(tmp_path)
-    assert store.unsaved
+    assert store.changed_since_save
 
 
 def test_an_idle_server_does_not_rewrite_its_sessions_file(toy_token_model, tmp_path):
@@ -104,7 +104,7 @@ def test_an_idle_server_does_not_rewrite_its_sessions_file(toy_token_model, tmp_
             deadline = time.monotonic() + 30
             # a save of the step has ended (not only one of the session before it, which a
             # fixed pause read as idle on a loaded machine): no save runs from here on
-            while srv.server.store.unsaved:
+            while srv.server.store.changed_since_save:
                 assert time.monotonic() < deadline, "no periodic save"
                 time.sleep(0.02)
             first = saved.stat().st_mtime_ns, saved.stat().st_ino
