@@ -195,8 +195,9 @@ def load_text(
     for side, data in (("train", train_bytes), ("val", val_bytes)):
         if len(data) < min_bytes:
             raise ValueError(
-                f"corpus too small: the {side} split has {len(data)} bytes, "
-                f"need at least {min_bytes} (--seq-len + 1)"
+                f"corpus too small: the {side} split has {len(data)} of its {total} bytes, "
+                f"need at least {min_bytes} (--seq-len + 1) in train and in val: add text "
+                "to --data or use a smaller --seq-len"
             )
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
     return TextData(as_tensor(train_bytes), as_tensor(val_bytes), names["train"], names["val"])

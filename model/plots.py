@@ -24,6 +24,7 @@ length, T time points.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -87,6 +88,11 @@ def default_length(layer: SSM, head: int = 0) -> int:
     return max(32, math.ceil(4.0 / decay))
 
 
+def _not_a_dir(path: Path) -> bool:
+    """Whether `path` exists as something other than a directory (a file, a device)."""
+    return path.exists() and not path.is_dir()
+
+
 @torch.no_grad()
 def plot_layer(
     layer: SSM,
@@ -144,7 +150,14 @@ def plot_layer(
     if title:
         fig.suptitle(title)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # mkdir: "File exists", "Not a dir…"
+        in_the_way = next((p for p in reversed(path.parents) if _not_a_dir(p)), None)
+        if in_the_way is None:
+            raise
+        what = f"{in_the_way} is not a directory"
+        raise NotADirectoryError(errno.ENOTDIR, what) from e
     fig.savefig(path, dpi=110, format="png")  # PNG whatever the name ends in: written as named
     log.info("wrote %s", path)
     return path

@@ -45,7 +45,10 @@ import json
 import logging
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -460,12 +463,28 @@ def _moved(saved_data) -> bool:
     )
 
 
+def _run_in_brief(cfg: TrainConfig) -> str:
+    """The flags that say what a run learns from and for how long, as given or defaulted."""
+    said = [f"--task {cfg.task}"]
+    if cfg.task == "text":
+        data = " ".join(map(str, cfg.data)) if cfg.data else "(the standard library's sources)"
+        said += [f"--data {data}", f"--seq-len {cfg.seq_len}"]
+    return ", ".join([*said, f"--steps {cfg.steps}"])
+
+
 def _resume(
     out: Path, model_cfg: SSMConfig | None, cfg: TrainConfig, device, world_size: int
 ) -> tuple[SSMNetwork, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, int]:
     """The checkpoint's network, optimizer and schedule as saved, and its step."""
     meta = read_checkpoint_meta(out)
     saved = meta.get("train")
+    if not isinstance(saved, dict):  # save_checkpoint's own, or a hand-made config.json
+        log.warning(
+            "resuming %s: its config.json records no training flags, so none are checked or "
+            "carried over: the run continues with the flags given and the defaults of the "
+            "others (%s): pass the run's own",
+            out, _run_in_brief(cfg),
+        )  # fmt: skip
     if isinstance(saved, dict):  # the run continues exactly only with the same schedule/data
         now, saved = _as_saved(cfg.to_dict()), _as_saved(saved)
         differ = sorted(
@@ -673,8 +692,9 @@ def _loop(model_cfg, cfg: TrainConfig, dist: DistInfo, device, out: Path, batche
     )
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_window, t_window = 0, 0.0
-    # log lines go above the progress bar instead of through it
-    with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
+    # log lines go above the progress bar instead of through it; the bar is closed however
+    # the loop ends (Ctrl-C: the line that says so goes below it, not into it)
+    with bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
         while step < end:
             t0 = time.perf_counter()
             torch.manual_seed(derived_seed(cfg.seed, "dropout", dist.rank, step))
@@ -1091,6 +1111,55 @@ def size_overflow(e: BaseException) -> bool:
     )
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """SIGTERM during a run (a timeout, `docker stop`, a scheduler's preemption): a
+    KeyboardInterrupt, so that what finishes its work before a Ctrl-C ends the run (the
+    renames of a checkpoint being saved) does so before SIGTERM too, and the run ends saying
+    where it can resume from."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_stops_training():
+    """SIGTERM raises TrainingStopped in the main thread (Python runs the handler between
+    bytecodes, as it raises KeyboardInterrupt for SIGINT, so a checkpoint being saved is
+    left whole: see save_checkpoint); a SIGTERM ignored when we started stays ignored, and
+    the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    ):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TrainingStopped(signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def stopped_message(out: Path, signum: int) -> str:
+    """What a stopped run leaves: the step of the checkpoint in `out` and the command that
+    continues it, or that there is none yet (training steps after the last save are lost)."""
+    name = signal.Signals(signum).name
+    try:
+        step = read_checkpoint_meta(out).get("step")
+    except CheckpointError:
+        step = None
+    if not isinstance(step, int) or isinstance(step, bool):
+        return f"stopped by {name} before the first checkpoint: {out} holds no run to resume"
+    return (
+        f"stopped by {name}; {out} holds the checkpoint of step {step}: continue with "
+        f"`ssmstream train --out {shlex.quote(str(out))} --resume`"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -1113,7 +1182,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if train_cfg.resume:
             _warn_of_ignored_model_flags(Path(train_cfg.out), model_flags_given(argv))
-        result = fit(model_cfg, train_cfg)
+        with _sigterm_stops_training():
+            result = fit(model_cfg, train_cfg)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (TrainingStopped)
+        signum = e.signum if isinstance(e, TrainingStopped) else signal.SIGINT
+        if dist.is_main:
+            said = stopped_message(Path(train_cfg.out), signum)
+            print(f"ssmstream train: {said}", file=sys.stderr)
+        return 128 + signum
     except ValueError as e:  # what the flags name (--data, --out, a checkpoint) cannot be used
         said = _with_flags(str(e), paths=_paths_given(train_cfg))
         print(f"ssmstream train: error: {said}", file=sys.stderr)

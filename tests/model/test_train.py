@@ -890,7 +890,7 @@ def test_text_corpus_needs_seq_len_plus_one_bytes_per_split(tmp_path):
     (tmp_path / "c.txt").write_bytes(bytes(range(33)))  # split by bytes: 16 train, 17 val
     cfg = TrainConfig(data=[str(tmp_path / "c.txt")], out=str(tmp_path / "o"), seq_len=16,
                       batch_size=2, steps=2, warmup_steps=0, progress=False, threads=1)  # fmt: skip
-    with pytest.raises(ValueError, match=r"train split has 16 bytes, need at least 17"):
+    with pytest.raises(ValueError, match=r"train split has 16 of its 33 bytes, need at least 17"):
         fit(default_model_config("text", **MODEL), cfg)
 
 

@@ -73,7 +73,10 @@ def test_a_corpus_too_small_for_the_window_says_seq_len(tmp_path, capsys):
     out = tmp_path / "o"
     line = _error(["--data", str(tmp_path / "tiny.txt"), "--seq-len", "16", "--out", str(out)],
                   capsys)  # fmt: skip
-    assert line.endswith("need at least 17 (--seq-len + 1)"), line
+    assert line.endswith(
+        "corpus too small: the train split has 0 of its 3 bytes, need at least 17 "
+        "(--seq-len + 1) in train and in val: add text to --data or use a smaller --seq-len"
+    ), line
     assert not out.exists()
 
 
