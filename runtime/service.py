@@ -32,6 +32,7 @@ Dimension letters: T inputs in one request, I d_input, D d_output, V vocabulary 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
@@ -308,10 +309,10 @@ class SessionService:
             wait = min(wait, left - REFUSAL_TIME)
         deadline = loop.time() + wait
         while (holder := self._attached.get((s.id, s.incarnation))) is not None:
-            try:
-                await asyncio.wait_for(holder.let_go.wait(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                self._check_detached(s)  # another call may have attached meanwhile
+            if loop.time() >= deadline:  # held still (by it, or by a call that came between)
+                self._check_detached(s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(holder.let_go.wait(), deadline - loop.time())
 
     def _track(self, s: Session) -> Session:
         """Give a session this service made, loaded or took over its rewind History (when
