@@ -812,7 +812,7 @@ class ClientSession(_Handle):
         return s.position
 
     def regenerate(
-        self, position: int, prompt: Sequence[int] | np.ndarray, timeout=None, **kw
+        self, position: int, prompt: Sequence[int] | np.ndarray, timeout: float | None = None, **kw
     ) -> Generator[pb.GenerateResponse, None, None]:
         """Rewind to `position`, then generate after `prompt` (pass another seed for another
         continuation): the one call behind "regenerate this answer". The arguments are
@@ -866,7 +866,7 @@ class ClientSession(_Handle):
         return StreamHandle(self)
 
     def generate(
-        self, prompt: Sequence[int] | np.ndarray, timeout=None, **kw
+        self, prompt: Sequence[int] | np.ndarray, timeout: float | None = None, **kw
     ) -> Generator[pb.GenerateResponse, None, None]:
         """Server-side sampling; yields one GenerateResponse per token as it arrives.
         `kw` are generate_request's (max_new_tokens, temperature, top_k, top_p, seed, stop,
@@ -1182,7 +1182,7 @@ class AsyncClientSession(_Handle):
         return r
 
     def regenerate(
-        self, position: int, prompt: Sequence[int] | np.ndarray, timeout=None, **kw
+        self, position: int, prompt: Sequence[int] | np.ndarray, timeout: float | None = None, **kw
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """As ClientSession.regenerate: rewind to `position`, then generate after `prompt`
         (the arguments' types checked here; the model's ranges, then the rewind, when
@@ -1230,7 +1230,7 @@ class AsyncClientSession(_Handle):
         return AsyncStreamHandle(self)
 
     async def generate(
-        self, prompt: Sequence[int] | np.ndarray, timeout=None, **kw
+        self, prompt: Sequence[int] | np.ndarray, timeout: float | None = None, **kw
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """As ClientSession.generate (`timeout`: the whole generation's); an async iterator."""
         req = generate_request(self.id, prompt, **kw)
