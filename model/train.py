@@ -1168,7 +1168,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if dist.is_main else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.resume and (taken := _saved_flags_as_defaults(args, argv)):
+    taken = _saved_flags_as_defaults(args, argv) if args.resume else []
+    if taken:
         log.info(
             "resuming %s with its saved %s",
             args.out,
@@ -1192,6 +1193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     except ValueError as e:  # what the flags name (--data, --out, a checkpoint) cannot be used
         said = _with_flags(str(e), paths=_paths_given(train_cfg))
+        if "data" in taken and _moved(train_cfg.data):  # the saved corpus is gone
+            said += " (the run's saved --data: if its corpus moved, give --data where it is now)"
         print(f"ssmstream train: error: {said}", file=sys.stderr)
         return 2
     except (TrainingDiverged, OSError) as e:  # valid flags, a run that did not work out

@@ -162,7 +162,8 @@ def test_a_run_whose_corpus_moved_resumes_with_the_new_data_given(tmp_path, capl
     assert "cannot resume" in capsys.readouterr().err
     old.rename(new)
     assert main(["--out", str(out), "--resume", "--no-progress"]) == 2
-    assert str(old) in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert str(old) in said and "give --data where it is now" in said
     caplog.set_level(logging.WARNING)
     assert main(["--out", str(out), "--resume", "--no-progress", "--data", str(new)]) == 0
     assert f"its --data {old} no longer exists; reading {new}" in caplog.text
