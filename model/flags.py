@@ -8,6 +8,11 @@ import re
 from collections.abc import Iterable
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field: `--` and its name with dashes."""
+    return "--" + name.replace("_", "-")
+
+
 def said_of_flags(
     message: str,
     names: Iterable[str],
@@ -30,7 +35,7 @@ def said_of_flags(
     ]
 
     def flag(name: str) -> str:
-        return flags.get(name, "--" + name.replace("_", "-"))
+        return flags.get(name, flag_of(name))
 
     def sub(m: re.Match) -> str:
         if not m[1]:

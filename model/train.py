@@ -76,7 +76,7 @@ from .data import (
     signal_batch,
     text_batch,
 )
-from .flags import said_of_flags
+from .flags import flag_of, said_of_flags
 from .layers import INITS
 from .network import SSMConfig, SSMNetwork, check_fields
 from .ssm import METHODS
@@ -886,7 +886,7 @@ def _add_fields(group, cls, helps: dict, defaults) -> None:
     for f in dataclasses.fields(cls):
         if f.name in _SKIP:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f.name)
         default = getattr(defaults, f.name)
         text = helps.get(f.name) or f.metadata.get("help", "")
         kind = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
@@ -977,7 +977,7 @@ def _warn_of_flags_that_do_nothing(model_cfg: SSMConfig | None, cfg: TrainConfig
     if model_cfg is not None and model_cfg.discretization != "gbt":
         unused += [("alpha", "--discretization gbt")] if "alpha" in model_flags_given(argv) else []
     for name, only in unused:
-        log.warning("--%s: only for %s; ignored", name.replace("_", "-"), only)
+        log.warning("%s: only for %s; ignored", flag_of(name), only)
 
 
 # a resumed run's flags not given are the saved run's, but these: it runs to --steps unless
@@ -1020,9 +1020,7 @@ def _warn_of_ignored_model_flags(out: Path, given: dict) -> None:
         return  # a malformed config: fit says so
     differ = {k: v for k, v in given.items() if k in saved and saved[k] != v}
     if differ:
-        got = ", ".join(
-            f"--{k.replace('_', '-')} {v} (saved: {saved[k]!r})" for k, v in differ.items()
-        )
+        got = ", ".join(f"{flag_of(k)} {v} (saved: {saved[k]!r})" for k, v in differ.items())
         log.warning(
             "resuming %s: ignoring %s: a resumed run keeps its checkpoint's model (train a new "
             "model into another --out to change it)",
@@ -1173,7 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "resuming %s with its saved %s",
             args.out,
-            ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)!r}" for k in taken),
+            ", ".join(f"{flag_of(k)} {getattr(args, k)!r}" for k in taken),
         )
     try:
         model_cfg, train_cfg = configs_from_args(args)

@@ -303,6 +303,8 @@ class SessionService:
         """Wait up to DETACH_WAIT for the Stream or Generate holding `s` (if any) to let go;
         SessionBusy if it still holds it then. A call that was cut lets go as soon as the
         server runs its cancel; one in use holds on, and the wait ends in the refusal."""
+        if (s.id, s.incarnation) not in self._attached:  # the common case: nothing to wait for
+            return
         loop = asyncio.get_running_loop()
         wait, left = DETACH_WAIT, call_time_left.get()()
         if left is not None:

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from async_helpers import run
+from async_helpers import run, stepped_with_history
 from async_helpers import started_batcher as started
 from faults import inject
 from ssmstream.runtime.batcher import Batcher
@@ -962,14 +962,9 @@ def test_a_prefill_offers_the_state_it_began_at_as_a_checkpoint(toy_tok):
     """History checkpoints stay at most Q apart: a prefill
     that starts 3 inputs after the last checkpoint and ends 7 after it keeps the state it
     began at, so a rewind into it replays fewer than Q inputs (Q = 4)."""
-    from ssmstream.runtime.history import History
 
     async def main():
-        batcher, store = await started(toy_tok, max_batch_delay=0.0)
-        s = store.create()
-        s.history = History(8, 4, 0, store.read(s))
-        for t in (1, 2, 3):
-            await batcher.step(s, np.array([t]))
+        batcher, store, s = await stepped_with_history(toy_tok)
         at3 = store.read(s).copy()
         await batcher.step(s, np.array([4, 5, 6, 7]))
         state, inputs = s.history.plan(6)

@@ -7,7 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from async_helpers import run
+from async_helpers import run, stepped_with_history
 from async_helpers import started_batcher as started
 
 pytestmark = pytest.mark.timeout(120)
@@ -84,14 +84,8 @@ def test_a_session_closed_while_its_step_was_queued_is_not_waited_for_afterwards
 
 def test_a_rewind_to_the_position_a_session_is_at_replays_nothing(toy_tok):
     # already there: its state stays as it is, bit for bit, and no onnxruntime call runs
-    from ssmstream.runtime.history import History
-
     async def main():
-        batcher, store = await started(toy_tok, max_batch_delay=0.0)
-        s = store.create()
-        s.history = History(8, 4, 0, store.read(s))
-        for t in (1, 2, 3):
-            await batcher.step(s, np.array([t]))
+        batcher, store, s = await stepped_with_history(toy_tok)
         before, calls = store.read(s).copy(), batcher.stats.batches
         position = await batcher.rewind(s, 3)
         after, calls_after = store.read(s).copy(), batcher.stats.batches
